@@ -1,0 +1,412 @@
+//! The configuration the control side hands to lb-core: virtual services, their backends, and the
+//! node-wide settings the rewrite needs. Plain data with no I/O; a YAML file, a Kubernetes feed or a test
+//! builds it, and the table builder (see `service`) validates it whole before any worker sees it.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use core::str::FromStr;
+use core::time::Duration;
+
+/// Transport protocol of a virtual service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    /// TCP (IP protocol 6).
+    Tcp,
+    /// UDP (IP protocol 17).
+    Udp,
+}
+
+impl Protocol {
+    /// The IP protocol number.
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+        }
+    }
+
+    /// The protocol for an IP protocol number, if it is one a service can carry.
+    pub const fn from_number(n: u8) -> Option<Self> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+/// What identifies a virtual service: the VIP, the port and the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Virtual IP address the clients connect to.
+    pub vip: IpAddr,
+    /// Destination port on the VIP.
+    pub port: u16,
+    /// Transport protocol.
+    pub proto: Protocol,
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.proto {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        match self.vip {
+            IpAddr::V4(a) => write!(f, "{proto} {a}:{}", self.port),
+            IpAddr::V6(a) => write!(f, "{proto} [{a}]:{}", self.port),
+        }
+    }
+}
+
+/// How a forwarded frame reaches its backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ForwardMode {
+    /// Full NAT: destination rewritten to the backend, source to the node's SNAT address and a port
+    /// the node owns; replies are translated back. The backend needs no special routing.
+    Nat,
+    /// Direct server return (IPVS "DR"): only the Ethernet destination changes to the backend's MAC.
+    /// The backend holds the VIP on a loopback and answers the client directly.
+    Dsr,
+    /// IP-in-IP (IPVS "TUN"): the frame is wrapped in an outer IP header of the same family, from the
+    /// node's tunnel address to the backend.
+    IpIp,
+    /// GUE (Generic UDP Encapsulation, variant 0) to the given UDP port on the backend; the outer UDP
+    /// source port comes from the flow hash so the backend's NIC spreads flows across queues.
+    Gue {
+        /// Destination UDP port of the outer header.
+        port: u16,
+    },
+}
+
+/// A backend-selection algorithm, chosen per service by name as `ipvsadm -s` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SchedulerKind {
+    /// Weighted Maglev consistent hashing over the 5-tuple ("mh", "maglev").
+    Maglev,
+    /// Weighted rendezvous (highest random weight) hashing ("hrw", "rendezvous").
+    Rendezvous,
+    /// L3 ECMP next-hop selection over (source, destination), hash-threshold ("ecmp").
+    Ecmp,
+    /// Round robin ("rr").
+    RoundRobin,
+    /// Weighted round robin ("wrr").
+    WeightedRoundRobin,
+    /// Least connections, counted per core ("lc").
+    LeastConnections,
+    /// Weighted least connections, counted per core ("wlc").
+    WeightedLeastConnections,
+    /// Source hashing ("sh").
+    SourceHashing,
+    /// Destination hashing ("dh").
+    DestinationHashing,
+    /// Shortest expected delay ("sed").
+    ShortestExpectedDelay,
+    /// Never queue ("nq").
+    NeverQueue,
+}
+
+impl SchedulerKind {
+    /// Every scheduler, in the order `ipvsadm` documents its names.
+    pub const ALL: [SchedulerKind; 11] = [
+        SchedulerKind::RoundRobin,
+        SchedulerKind::WeightedRoundRobin,
+        SchedulerKind::LeastConnections,
+        SchedulerKind::WeightedLeastConnections,
+        SchedulerKind::DestinationHashing,
+        SchedulerKind::SourceHashing,
+        SchedulerKind::ShortestExpectedDelay,
+        SchedulerKind::NeverQueue,
+        SchedulerKind::Maglev,
+        SchedulerKind::Rendezvous,
+        SchedulerKind::Ecmp,
+    ];
+
+    /// The short name, as `ipvsadm -Ln` prints it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SchedulerKind::Maglev => "mh",
+            SchedulerKind::Rendezvous => "hrw",
+            SchedulerKind::Ecmp => "ecmp",
+            SchedulerKind::RoundRobin => "rr",
+            SchedulerKind::WeightedRoundRobin => "wrr",
+            SchedulerKind::LeastConnections => "lc",
+            SchedulerKind::WeightedLeastConnections => "wlc",
+            SchedulerKind::SourceHashing => "sh",
+            SchedulerKind::DestinationHashing => "dh",
+            SchedulerKind::ShortestExpectedDelay => "sed",
+            SchedulerKind::NeverQueue => "nq",
+        }
+    }
+}
+
+impl fmt::Display for SchedulerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A scheduler name that is not one of [`SchedulerKind::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scheduler {0:?}: expected one of rr, wrr, lc, wlc, dh, sh, sed, nq, mh (maglev), hrw (rendezvous), ecmp")]
+pub struct UnknownScheduler(pub String);
+
+impl FromStr for SchedulerKind {
+    type Err = UnknownScheduler;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let kind = match s.to_ascii_lowercase().as_str() {
+            "mh" | "maglev" => SchedulerKind::Maglev,
+            "hrw" | "rendezvous" => SchedulerKind::Rendezvous,
+            "ecmp" => SchedulerKind::Ecmp,
+            "rr" => SchedulerKind::RoundRobin,
+            "wrr" => SchedulerKind::WeightedRoundRobin,
+            "lc" => SchedulerKind::LeastConnections,
+            "wlc" => SchedulerKind::WeightedLeastConnections,
+            "sh" => SchedulerKind::SourceHashing,
+            "dh" => SchedulerKind::DestinationHashing,
+            "sed" => SchedulerKind::ShortestExpectedDelay,
+            "nq" => SchedulerKind::NeverQueue,
+            _ => return Err(UnknownScheduler(String::from(s))),
+        };
+        Ok(kind)
+    }
+}
+
+/// Whether a backend takes new flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum BackendState {
+    /// Takes new flows in proportion to its weight.
+    #[default]
+    Active,
+    /// Keeps the flows it has and takes no new ones (Kubernetes "serving but terminating", a failed
+    /// health check with a keep policy, or weight 0).
+    Draining,
+}
+
+/// One backend of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendConfig {
+    /// The backend's address. Must be of the VIP's family in NAT and tunnel modes.
+    pub addr: IpAddr,
+    /// The backend's port; for DSR and tunnel modes it must equal the service port.
+    pub port: u16,
+    /// Relative weight; 0 takes no new flows, as [`BackendState::Draining`].
+    pub weight: u32,
+    /// The backend's (or its next hop's) MAC address. `None` uses the node's gateway MAC.
+    pub mac: Option<[u8; 6]>,
+    /// Active or draining.
+    pub state: BackendState,
+}
+
+/// What happens to an established flow whose backend left the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RemovedBackendPolicy {
+    /// Pick a new backend for the flow's next packet (right for UDP and for stateless backends).
+    #[default]
+    Reschedule,
+    /// Drop the flow's packets (counted) so the client sees the failure quickly.
+    Drop,
+}
+
+/// An address prefix, as in `10.0.0.0/8` or `2001:db8::/32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix_len: u8,
+}
+
+/// A prefix that does not parse or whose length is too long for its family.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid CIDR {0:?}: expected ADDRESS/LENGTH with length at most 32 (IPv4) or 128 (IPv6)")]
+pub struct InvalidCidr(pub String);
+
+impl Cidr {
+    /// The prefix `addr/prefix_len`, with host bits cleared; `None` if the length is too long.
+    pub fn new(addr: IpAddr, prefix_len: u8) -> Option<Self> {
+        let addr = match addr {
+            IpAddr::V4(a) if prefix_len <= 32 => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0);
+                IpAddr::V4(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) if prefix_len <= 128 => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(prefix_len)).unwrap_or(0);
+                IpAddr::V6(Ipv6Addr::from(u128::from(a) & mask))
+            }
+            _ => return None,
+        };
+        Some(Cidr { addr, prefix_len })
+    }
+
+    /// The network address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length in bits.
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    /// True if `ip` lies inside this prefix (never across families).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match Cidr::new(ip, self.prefix_len) {
+            Some(c) => c.addr == self.addr,
+            None => false,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = InvalidCidr;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || InvalidCidr(String::from(s));
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a.parse::<IpAddr>().map_err(|_| bad())?, l.parse::<u8>().map_err(|_| bad())?),
+            None => {
+                let a = s.parse::<IpAddr>().map_err(|_| bad())?;
+                (a, if a.is_ipv4() { 32 } else { 128 })
+            }
+        };
+        Cidr::new(addr, len).ok_or_else(bad)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+/// One virtual service and everything about how it balances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    /// A name for logs, metrics and errors (e.g. `default/web:http`).
+    pub name: String,
+    /// VIP, port and protocol.
+    pub key: ServiceKey,
+    /// The backends; may be empty (then new flows are dropped and counted as `NoBackend`).
+    pub backends: Vec<BackendConfig>,
+    /// Backend selection for new flows.
+    pub scheduler: SchedulerKind,
+    /// How frames reach the chosen backend.
+    pub mode: ForwardMode,
+    /// ClientIP session affinity: while a client has been seen within this time, its new flows go to
+    /// the same backend. `None` disables it. Kubernetes' default timeout is 10800 s.
+    pub affinity_timeout: Option<Duration>,
+    /// When non-empty, only clients inside one of these prefixes reach the service; others are
+    /// dropped and counted as `SourceNotAllowed`.
+    pub source_ranges: Vec<Cidr>,
+    /// Maglev table size (prime); `None` picks one from the backend count.
+    pub maglev_table_size: Option<u32>,
+    /// What to do with established flows whose backend was removed.
+    pub on_backend_removed: RemovedBackendPolicy,
+}
+
+/// Idle timeouts for conntrack entries, IPVS-like by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP after the first SYN, before the handshake completes.
+    pub tcp_syn: Duration,
+    /// Established TCP.
+    pub tcp_established: Duration,
+    /// TCP after a FIN.
+    pub tcp_fin: Duration,
+    /// TCP after both FINs or an RST.
+    pub tcp_time_wait: Duration,
+    /// UDP.
+    pub udp: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tcp_syn: Duration::from_secs(60),
+            tcp_established: Duration::from_secs(900),
+            tcp_fin: Duration::from_secs(120),
+            tcp_time_wait: Duration::from_secs(120),
+            udp: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Node-wide settings the rewrite needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// MAC address of the port frames leave by (Ethernet source of every transmitted frame).
+    pub local_mac: [u8; 6],
+    /// Next-hop MAC for destinations with no MAC of their own (backends without `mac`).
+    pub gateway_mac: Option<[u8; 6]>,
+    /// Source address for full NAT of IPv4 services.
+    pub snat_v4: Option<Ipv4Addr>,
+    /// Source address for full NAT of IPv6 services.
+    pub snat_v6: Option<Ipv6Addr>,
+    /// Source ports the node owns for full NAT, inclusive.
+    pub snat_ports: (u16, u16),
+    /// Outer source address for IPv4 tunnels.
+    pub tunnel_src_v4: Option<Ipv4Addr>,
+    /// Outer source address for IPv6 tunnels.
+    pub tunnel_src_v6: Option<Ipv6Addr>,
+    /// Seed of the flow hash; give every node behind one ECMP router the same seed.
+    pub hash_seed: u64,
+    /// Conntrack idle timeouts.
+    pub timeouts: Timeouts,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            local_mac: [0x02, 0, 0, 0, 0, 1],
+            gateway_mac: None,
+            snat_v4: None,
+            snat_v6: None,
+            snat_ports: (32768, 60999),
+            tunnel_src_v4: None,
+            tunnel_src_v6: None,
+            hash_seed: 0,
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+/// The whole configuration: node settings and services. Validated whole by the table builder.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Config {
+    /// Node-wide settings.
+    pub node: NodeConfig,
+    /// The virtual services.
+    pub services: Vec<ServiceConfig>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    #[test]
+    fn cidr_parse_contains_and_errors() {
+        let c: Cidr = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(c.to_string(), "10.0.0.0/8");
+        assert!(c.contains("10.200.0.1".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(!c.contains("::a01:203".parse().unwrap()));
+        let c6: Cidr = "2001:db8::/32".parse().unwrap();
+        assert!(c6.contains("2001:db8:1::1".parse().unwrap()));
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("1.2.3.4".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+        assert_eq!("1.2.3.4".parse::<Cidr>().unwrap().prefix_len(), 32);
+    }
+
+    #[test]
+    fn scheduler_names_round_trip() {
+        for k in SchedulerKind::ALL {
+            assert_eq!(k.name().parse::<SchedulerKind>().unwrap(), k);
+        }
+        assert_eq!("Maglev".parse::<SchedulerKind>().unwrap(), SchedulerKind::Maglev);
+        let err = "lblc".parse::<SchedulerKind>().unwrap_err();
+        assert!(err.to_string().contains("lblc"));
+    }
+}

@@ -1,0 +1,138 @@
+//! A frame buffer lent by the I/O layer, and the worker's verdict on it.
+//!
+//! The I/O layer owns the memory (an AF_XDP UMEM chunk, a pcap record, a test vector) and lends each
+//! frame as a [`Frame`]: the whole chunk, with the packet at `start..start + len`. Bytes before `start`
+//! are headroom the rewrite may grow into (tunnel encapsulation); bytes after are tailroom.
+//! [`Frame::HEADROOM_NEEDED`] says how much headroom the worker may use.
+
+/// One frame, borrowed mutably for the length of a burst.
+#[derive(Debug)]
+pub struct Frame<'a> {
+    buf: &'a mut [u8],
+    start: usize,
+    len: usize,
+}
+
+/// What the caller does with a frame after [`crate::Worker::process_burst`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit the (rewritten) frame out of the port it came in on.
+    Tx,
+    /// Not for the load balancer: hand it to the host's network stack unchanged.
+    Pass,
+    /// Drop it. The reason has been counted already.
+    Drop,
+}
+
+impl<'a> Frame<'a> {
+    /// Headroom, in bytes, that the largest encapsulation may prepend: an outer IPv6 header (40),
+    /// a UDP header (8) and a GUE header (4), rounded up. Give every frame at least this much, or
+    /// tunnel-mode frames are dropped and counted as `NoHeadroom`.
+    pub const HEADROOM_NEEDED: usize = 64;
+
+    /// A frame whose packet is `buf[start..start + len]`. Out-of-range values are clamped to the
+    /// buffer, never a panic.
+    pub fn new(buf: &'a mut [u8], start: usize, len: usize) -> Self {
+        let start = start.min(buf.len());
+        let len = len.min(buf.len() - start);
+        Frame { buf, start, len }
+    }
+
+    /// A frame that fills the whole buffer, with no headroom.
+    pub fn whole(buf: &'a mut [u8]) -> Self {
+        let len = buf.len();
+        Frame { buf, start: 0, len }
+    }
+
+    /// The packet bytes.
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+
+    /// The packet bytes, mutably.
+    pub fn data_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+
+    /// Offset of the packet's first byte in the buffer (the headroom left before it).
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Packet length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the packet has no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes of headroom before the packet.
+    pub fn headroom(&self) -> usize {
+        self.start
+    }
+
+    /// Grows the packet by `n` bytes at the front and returns the whole packet, or `None` (frame
+    /// unchanged) when the headroom is short.
+    pub fn push_front(&mut self, n: usize) -> Option<&mut [u8]> {
+        if n > self.start {
+            return None;
+        }
+        self.start -= n;
+        self.len += n;
+        Some(self.data_mut())
+    }
+
+    /// Shrinks the packet by `n` bytes at the front, or returns `None` (frame unchanged) when the
+    /// packet is shorter than `n`.
+    pub fn pull_front(&mut self, n: usize) -> Option<&mut [u8]> {
+        if n > self.len {
+            return None;
+        }
+        self.start += n;
+        self.len -= n;
+        Some(self.data_mut())
+    }
+
+    /// Sets the packet length, keeping the start; `None` (unchanged) if it would pass the buffer's end.
+    pub fn set_len(&mut self, len: usize) -> Option<()> {
+        if self.start + len > self.buf.len() {
+            return None;
+        }
+        self.len = len;
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_and_pull_respect_bounds() {
+        let mut buf = [0u8; 16];
+        buf[4..8].copy_from_slice(&[1, 2, 3, 4]);
+        let mut f = Frame::new(&mut buf, 4, 4);
+        assert_eq!(f.data(), &[1, 2, 3, 4]);
+        assert!(f.push_front(5).is_none());
+        assert_eq!(f.len(), 4);
+        f.push_front(4).unwrap().copy_from_slice(&[9, 9, 9, 9, 1, 2, 3, 4]);
+        assert_eq!(f.headroom(), 0);
+        assert_eq!(f.pull_front(4).unwrap(), &[1, 2, 3, 4]);
+        assert!(f.pull_front(5).is_none());
+        assert!(f.set_len(13).is_none());
+        assert!(f.set_len(12).is_some());
+    }
+
+    #[test]
+    fn new_clamps_out_of_range() {
+        let mut buf = [0u8; 8];
+        let f = Frame::new(&mut buf, 6, 100);
+        assert_eq!((f.start(), f.len()), (6, 2));
+        let mut buf = [0u8; 8];
+        let f = Frame::new(&mut buf, 100, 1);
+        assert_eq!((f.start(), f.len()), (8, 0));
+    }
+}
