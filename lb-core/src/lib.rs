@@ -21,6 +21,7 @@ extern crate alloc;
 
 pub mod config;
 pub mod frame;
+pub mod packet;
 pub mod time;
 
 pub use frame::{Frame, Verdict};
