@@ -17,6 +17,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod bpf;
 mod chunk;
 pub mod device;
 pub mod memory;
