@@ -21,10 +21,12 @@ pub mod bpf;
 mod chunk;
 pub mod device;
 pub mod memory;
+pub mod netns;
 pub mod pcap;
 pub mod poll;
 pub mod processor;
 pub mod stop;
+pub mod xsk;
 
 pub use device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
 pub use memory::{MemoryConfig, MemoryDevice};
@@ -35,3 +37,4 @@ pub use poll::{
 };
 pub use processor::{BurstProcessor, MacRewrite};
 pub use stop::StopFlag;
+pub use xsk::{BusyPoll, CopyMode, XskConfig, XskDevice, XskError, XskStats};
