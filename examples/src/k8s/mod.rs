@@ -3,6 +3,7 @@
 //! that keeps them current ([`feed`]).
 
 pub mod annotations;
+pub mod feed;
 pub mod translate;
 
 pub use translate::{Skipped, Translation, translate};
