@@ -7,8 +7,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo test --workspace --all-targets
-cargo test --workspace --doc
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --all-targets 2>&1 | tee "$log"
+cargo test --workspace --doc 2>&1 | tee -a "$log"
 
 fuzz_seconds=${FUZZ_SECONDS:-60}
 if [ "$fuzz_seconds" -gt 0 ] && [ -f fuzz/Cargo.toml ]; then
@@ -23,3 +25,7 @@ if [ "$fuzz_seconds" -gt 0 ] && [ -f fuzz/Cargo.toml ]; then
     echo "== fuzz: skipped (cargo-fuzz not installed: cargo install cargo-fuzz)"
   fi
 fi
+
+# One closing line over every cargo test binary above, so a reader of the log sees the whole count.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1); if ($(i) ~ /^ignored/) s += $(i-1) } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
