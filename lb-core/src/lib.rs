@@ -20,6 +20,7 @@
 extern crate alloc;
 
 pub mod config;
+pub mod forward;
 pub mod frame;
 pub mod packet;
 pub mod time;
