@@ -1,7 +1,7 @@
 //! Frames for the rewrite tests, written with etherparse's header types and checksum code (an
 //! implementation independent of lb-core's): a readable [`Spec`] of a TCP or UDP packet, and the
 //! expected tunnel encapsulations.
-#![allow(dead_code, clippy::unwrap_used, reason = "shared by several test binaries; unwraps fail the test")]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used, reason = "shared by several test binaries; unwraps fail the test")]
 
 use std::net::IpAddr;
 
