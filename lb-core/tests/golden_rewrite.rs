@@ -352,7 +352,6 @@ fn tunnel_without_headroom_leaves_the_frame_alone() {
     let err = forward::gue::encap(&mut frame, &parsed, &t, GUE_PORT).unwrap_err();
     assert_eq!(err, RewriteError::NoHeadroom { needed: 52, have: 51 });
     assert_eq!((frame.start(), frame.len()), (51, input.len()));
-    drop(frame);
     assert_eq!(buf, before);
     // Mixed tunnel endpoint families are refused too.
     let bad = TunnelTarget { src: addr::tunnel4(), dst: f.backend, macs: TO_BACKEND, flow_hash: 0 };

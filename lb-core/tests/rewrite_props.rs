@@ -5,7 +5,8 @@
 //! - NAT then the reverse NAT restores the original frame (bar TTL and MACs), and a backend's reply
 //!   translated for the client is exactly the frame etherparse builds for it;
 //! - a tunnel carries the original IP packet unchanged;
-//! - parse never panics on arbitrary bytes or on mutated valid frames, and the rewrite never panics
+//! - parse never panics on arbitrary bytes or on mutated valid frames, its hand-written common case
+//!   agrees with the etherparse-based general parser on all of them, and the rewrite never panics
 //!   on whatever parses.
 #![allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
 
@@ -154,10 +155,8 @@ proptest! {
         let p = packet::parse(&out).unwrap();
         prop_assert_eq!(p.flow, to_backend);
         prop_assert_eq!(p.ttl, s.ttl - 1);
-        if let Transport::Udp { zero_checksum: true, .. } = s.transport {
-            if v4 {
-                prop_assert_eq!(&out[p.l4_offset as usize + 6..p.l4_offset as usize + 8], &[0, 0]);
-            }
+        if let (Transport::Udp { zero_checksum: true, .. }, true) = (&s.transport, v4) {
+            prop_assert_eq!(&out[p.l4_offset as usize + 6..p.l4_offset as usize + 8], &[0, 0]);
         }
         // The same frame's reverse translation: back to the client's flow, MACs restored.
         if s.ttl > 2 {
@@ -275,7 +274,13 @@ fn icmp_error_for(s: &Spec) -> Vec<u8> {
 /// Parses `bytes`; when it parses, checks the offsets and runs every rewrite (which may refuse, but
 /// must not panic), and checks that a NAT-ed ICMP error still verifies.
 fn exercise(bytes: &[u8]) -> Result<(), TestCaseError> {
-    let Ok(p) = packet::parse(bytes) else { return Ok(()) };
+    // The hand-written common case agrees with the etherparse-based general parser.
+    let general = packet::parse_general(bytes);
+    if let Some(common) = packet::parse_common(bytes) {
+        prop_assert_eq!(Ok(common), general);
+    }
+    prop_assert_eq!(packet::parse(bytes), general);
+    let Ok(p) = general else { return Ok(()) };
     let end = (p.l3_offset + p.ip_len) as usize;
     prop_assert!(end <= bytes.len());
     prop_assert!(p.l3_offset <= p.l4_offset && p.l4_offset as usize <= end);
@@ -350,5 +355,23 @@ proptest! {
             let q = (e2.inner_l3_offset - p2.l3_offset) as usize;
             check_ip(&ip[q..])?;
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    /// Every generated TCP/UDP frame takes the fast path or not exactly when it should, with the
+    /// same result as the general parser; IPv4 options push it to the general path.
+    #[test]
+    fn common_parse_agrees_with_general(s in spec()) {
+        let bytes = s.frame();
+        let common = packet::parse_common(&bytes);
+        prop_assert_eq!(common.is_some(), s.options.is_empty());
+        let general = packet::parse_general(&bytes).unwrap();
+        if let Some(c) = common {
+            prop_assert_eq!(c, general);
+        }
+        prop_assert_eq!(general.flow, flow_of(&s));
     }
 }

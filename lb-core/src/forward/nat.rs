@@ -44,56 +44,100 @@ pub fn rewrite(frame: &mut Frame<'_>, p: &Parsed, t: &NatTarget) -> Result<(), R
     if t.flow.family() != family {
         return Err(RewriteError::FamilyMismatch { packet: family, target: t.flow.family() });
     }
-    let quote = match p.l4 {
-        L4::Tcp | L4::Udp => None,
-        L4::IcmpError(e) => Some(e),
-        _ => return Err(RewriteError::Untranslatable { proto: p.flow.proto() }),
-    };
-    let (l3, end) = ip_range(frame, p)?;
-    let pkt = frame.data_mut();
-    let ttl_at = l3 + if family == Family::V4 { 8 } else { 7 };
-    let ttl = field::<1>(pkt, ttl_at)?[0];
-    if ttl <= 1 {
-        return Err(RewriteError::TtlExpired { ttl });
+    if !matches!(p.l4, L4::Tcp | L4::Udp | L4::IcmpError(_)) {
+        return Err(RewriteError::Untranslatable { proto: p.flow.proto() });
     }
+    let (l3, end) = ip_range(frame, p)?;
     let l4 = p.l4_offset as usize;
     if l4 < l3 || l4 > end {
         return Err(RewriteError::Inconsistent);
     }
-
-    // Outer addresses, and the pseudo-header part of the transport checksum.
-    let mut addrs = ChecksumDelta::default();
-    let (src_at, dst_at) = match family {
-        Family::V4 => (l3 + 12, l3 + 16),
-        Family::V6 => (l3 + 8, l3 + 24),
+    let pkt = frame.data_mut();
+    // Addresses and TTL first: they fail (TTL expired) before anything is written.
+    let addrs = match family {
+        Family::V4 => rewrite_ipv4(pkt, l3, &t.flow)?,
+        Family::V6 => rewrite_ipv6(pkt, l3, &t.flow)?,
     };
-    replace(pkt, src_at, t.flow.src_wire(), &mut addrs)?;
-    replace(pkt, dst_at, t.flow.dst_wire(), &mut addrs)?;
-    match family {
-        Family::V4 => {
-            let mut header = addrs;
-            let proto = field::<1>(pkt, l3 + 9)?[0];
-            replace16(pkt, l3 + 8, u16::from_be_bytes([ttl - 1, proto]), &mut header)?;
-            patch_checksum(pkt, l3 + 10, header)?;
-        }
-        Family::V6 => field::<1>(pkt, ttl_at)?[0] = ttl - 1,
-    }
-
-    match quote {
-        None if p.fragment == Fragment::Later => {}
-        None => {
-            let mut l4_delta = addrs;
-            replace16(pkt, l4, t.flow.src_port(), &mut l4_delta)?;
-            replace16(pkt, l4 + 2, t.flow.dst_port(), &mut l4_delta)?;
-            fix_l4_checksum(pkt, l4, p.flow.proto(), family, l4_delta, end)?;
-        }
-        Some(e) => {
+    match p.l4 {
+        L4::IcmpError(e) => {
             let mut icmp = if family == Family::V6 { addrs } else { ChecksumDelta::default() };
             translate_quote(pkt, &e, &t.flow.reverse(), family, &mut icmp)?;
             patch_checksum(pkt, l4 + 2, icmp)?;
         }
+        _ if p.fragment == Fragment::Later => {}
+        _ => rewrite_ports(pkt, l4, end, p.flow.proto(), family, addrs, &t.flow)?,
     }
     set_macs(pkt, &t.macs)
+}
+
+/// IPv4 address bytes of an IPv4 [`FlowKey`] address (stored IPv4-mapped).
+fn v4_octets(a: &[u8; 16]) -> [u8; 4] {
+    [a[12], a[13], a[14], a[15]]
+}
+
+/// Sets the IPv4 header's addresses and decrements its TTL, patching its checksum; returns the
+/// address change for the transport checksum's pseudo-header.
+fn rewrite_ipv4(pkt: &mut [u8], l3: usize, to: &FlowKey) -> Result<ChecksumDelta, RewriteError> {
+    let h = field::<20>(pkt, l3)?;
+    let ttl = h[8];
+    if ttl <= 1 {
+        return Err(RewriteError::TtlExpired { ttl });
+    }
+    let (src, dst) = (v4_octets(to.src_bytes()), v4_octets(to.dst_bytes()));
+    let mut addrs = ChecksumDelta::default();
+    addrs.replace_array(&[h[12], h[13], h[14], h[15]], &src);
+    addrs.replace_array(&[h[16], h[17], h[18], h[19]], &dst);
+    h[12..16].copy_from_slice(&src);
+    h[16..20].copy_from_slice(&dst);
+    let mut header = addrs;
+    header.replace16(u16::from_be_bytes([ttl, h[9]]), u16::from_be_bytes([ttl - 1, h[9]]));
+    h[8] = ttl - 1;
+    let c = header.apply(u16::from_be_bytes([h[10], h[11]]));
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    Ok(addrs)
+}
+
+/// Sets the IPv6 header's addresses and decrements its hop limit; returns the address change.
+fn rewrite_ipv6(pkt: &mut [u8], l3: usize, to: &FlowKey) -> Result<ChecksumDelta, RewriteError> {
+    let h = field::<40>(pkt, l3)?;
+    let ttl = h[7];
+    if ttl <= 1 {
+        return Err(RewriteError::TtlExpired { ttl });
+    }
+    let mut addrs = ChecksumDelta::default();
+    let (old_src, old_dst) = (field::<16>(h, 8)?, *to.src_bytes());
+    addrs.replace_array(old_src, &old_dst);
+    *old_src = old_dst;
+    let old = field::<16>(h, 24)?;
+    addrs.replace_array(old, to.dst_bytes());
+    *old = *to.dst_bytes();
+    h[7] = ttl - 1;
+    Ok(addrs)
+}
+
+/// Sets the TCP or UDP ports and patches the transport checksum for them and the addresses.
+fn rewrite_ports(
+    pkt: &mut [u8],
+    l4: usize,
+    end: usize,
+    proto: u8,
+    family: Family,
+    addrs: ChecksumDelta,
+    to: &FlowKey,
+) -> Result<(), RewriteError> {
+    if l4 + 8 > end {
+        return Err(RewriteError::Inconsistent);
+    }
+    let ports = field::<8>(pkt, l4)?;
+    let old = u32::from_be_bytes([ports[0], ports[1], ports[2], ports[3]]);
+    let new = (u32::from(to.src_port()) << 16) | u32::from(to.dst_port());
+    ports[..4].copy_from_slice(&new.to_be_bytes());
+    let mut delta = addrs;
+    delta.replace32(old, new);
+    if !fix_l4_checksum(pkt, l4, proto, family, delta, end)? {
+        return Err(RewriteError::Inconsistent);
+    }
+    Ok(())
 }
 
 /// Patches the TCP or UDP checksum of the header at `l4` if it lies before `end`.
