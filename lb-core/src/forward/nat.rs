@@ -105,12 +105,12 @@ fn rewrite_ipv6(pkt: &mut [u8], l3: usize, to: &FlowKey) -> Result<ChecksumDelta
         return Err(RewriteError::TtlExpired { ttl });
     }
     let mut addrs = ChecksumDelta::default();
-    let (old_src, old_dst) = (field::<16>(h, 8)?, *to.src_bytes());
-    addrs.replace_array(old_src, &old_dst);
-    *old_src = old_dst;
-    let old = field::<16>(h, 24)?;
-    addrs.replace_array(old, to.dst_bytes());
-    *old = *to.dst_bytes();
+    let src = field::<16>(h, 8)?;
+    addrs.replace_array(src, to.src_bytes());
+    *src = *to.src_bytes();
+    let dst = field::<16>(h, 24)?;
+    addrs.replace_array(dst, to.dst_bytes());
+    *dst = *to.dst_bytes();
     h[7] = ttl - 1;
     Ok(addrs)
 }
