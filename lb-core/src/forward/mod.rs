@@ -140,20 +140,6 @@ fn patch_checksum(buf: &mut [u8], at: usize, delta: ChecksumDelta) -> Result<(),
     write16(buf, at, delta.apply(old))
 }
 
-/// Patches a UDP checksum: an IPv4 checksum of 0 means "none" and stays 0; a result of 0 is sent as
-/// 0xffff (RFC 768), which IPv6 requires anyway.
-fn patch_udp_checksum(buf: &mut [u8], at: usize, family: Family, delta: ChecksumDelta) -> Result<(), RewriteError> {
-    let old = read16(buf, at)?;
-    if old == 0 && family == Family::V4 {
-        return Ok(());
-    }
-    let new = match delta.apply(old) {
-        0 => 0xffff,
-        c => c,
-    };
-    write16(buf, at, new)
-}
-
 /// Offset of the checksum field in a TCP or UDP header.
 fn l4_checksum_offset(proto: u8) -> Option<usize> {
     match proto {
