@@ -376,3 +376,42 @@ proptest! {
         prop_assert_eq!(general.flow, flow_of(&s));
     }
 }
+
+proptest! {
+    /// `Parsed` is plain data: a rewrite handed one that does not belong to the frame (offsets and
+    /// lengths changed at random, or taken from another frame) refuses or rewrites, never panics.
+    #[test]
+    fn rewrite_never_panics_on_a_foreign_parse(
+        a in spec(),
+        b in spec(),
+        icmp in any::<bool>(),
+        l3 in prop::option::of(0u32..200),
+        l4 in prop::option::of(0u32..300),
+        ip_len in prop::option::of(0u32..400),
+        inner in prop::option::of((0u32..300, 0u32..300, 0u32..400)),
+    ) {
+        let from = if icmp { icmp_error_for(&a) } else { a.frame() };
+        let mut p = packet::parse(&from).unwrap();
+        p.l3_offset = l3.unwrap_or(p.l3_offset);
+        p.l4_offset = l4.unwrap_or(p.l4_offset);
+        p.ip_len = ip_len.unwrap_or(p.ip_len);
+        if let (L4::IcmpError(e), Some((i3, i4, end))) = (&mut p.l4, inner) {
+            (e.inner_l3_offset, e.inner_l4_offset, e.end) = (i3, i4, end);
+        }
+        let bytes = b.frame();
+        let v4 = p.family() == packet::Family::V4;
+        let nat = NatTarget { flow: FlowKey::from_ips(addr_of(v4, [1; 16]), addr_of(v4, [2; 16]), 6, 1, 2).unwrap(), macs: TO_BACKEND };
+        let tunnel = TunnelTarget { src: addr_of(!v4, [1; 16]), dst: addr_of(!v4, [2; 16]), macs: TO_BACKEND, flow_hash: 3 };
+        for headroom in [0, HEADROOM] {
+            for mode in 0..3 {
+                let mut buf = buffer(&bytes, headroom);
+                let mut frame = Frame::new(&mut buf, headroom, bytes.len());
+                let _ = match mode {
+                    0 => forward::nat::rewrite(&mut frame, &p, &nat),
+                    1 => forward::ipip::encap(&mut frame, &p, &tunnel),
+                    _ => forward::gue::encap(&mut frame, &p, &tunnel, GUE_PORT),
+                };
+            }
+        }
+    }
+}

@@ -7,7 +7,7 @@
 //! | [`ipip`] (IPVS "TUN") | MACs; outer IPv4 (protocol 4 / 41) or IPv6 (next header 41 / 4) header prepended | + 20 or 40 |
 //! | [`gue`] (Katran) | MACs; outer IP + UDP + 4-byte GUE header prepended | + 32 or 52 |
 //!
-//! Every function takes the frame, the [`Parsed`](crate::packet::Parsed) result of the same frame and a
+//! Every function takes the frame, the [`Parsed`] result of the same frame and a
 //! target, allocates nothing and never panics: offsets from the parse are re-checked against the
 //! frame, and a mismatch is a [`RewriteError`], as are an expired TTL, a family mismatch or too little
 //! headroom. On error the frame may be partly rewritten and must be dropped (the worker counts the
