@@ -25,6 +25,7 @@ pub mod schedule;
 pub mod service;
 pub mod stats;
 pub mod frame;
+pub mod packet;
 pub mod time;
 
 pub use frame::{Frame, Verdict};
