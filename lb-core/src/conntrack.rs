@@ -84,6 +84,19 @@ impl ConnKey {
         }
     }
 
+    /// The key of a parsed flow.
+    #[inline]
+    pub fn from_flow(f: &crate::packet::FlowKey) -> Self {
+        ConnKey {
+            src: *f.src_bytes(),
+            dst: *f.dst_bytes(),
+            sport: f.src_port(),
+            dport: f.dst_port(),
+            proto: f.proto(),
+            flags: if f.family() == crate::packet::Family::V6 { FLAG_V6 } else { 0 },
+        }
+    }
+
     /// The key of a ClientIP affinity record: one per (client address, service).
     pub fn affinity(client: IpAddr, vip: IpAddr, port: u16, proto: u8) -> Self {
         let mut k = ConnKey::flow(client, vip, 0, port, proto);
