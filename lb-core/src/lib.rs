@@ -21,6 +21,7 @@ extern crate alloc;
 
 pub mod config;
 pub mod conntrack;
+pub mod forward;
 pub mod schedule;
 pub mod service;
 pub mod stats;
