@@ -25,11 +25,11 @@
 //! - Full NAT: each core takes a disjoint share of `NodeConfig::snat_ports` ([`snat_port_share`]);
 //!   replies must reach the core that owns their destination port (the I/O layer steers them, see
 //!   [`snat_port_owner`]). Replies are sent to `NodeConfig::gateway_mac`.
-//! - ICMP errors to a VIP follow the flow they quote (DSR and tunnel modes forward them unchanged to the
-//!   flow's backend). ICMP errors about NAT flows are not translated yet and are counted as
-//!   [`DropReason::Unsupported`]. Other ICMP to a VIP (echo) passes to the kernel.
-
-mod rewrite;
+//! - ICMP errors follow the flow they quote: to a VIP, to the flow's backend (DSR and tunnels carry
+//!   them unchanged, NAT translates the error and its quote); to a SNAT address, back to the client
+//!   translated. Errors about untracked flows are counted as [`DropReason::IcmpNoFlow`] or
+//!   [`DropReason::NoReverseFlow`]. Other ICMP to a VIP (echo) passes to the kernel.
+//! - Rewrites are lb-core's [`forward`] module; headroom needed: [`Frame::HEADROOM_NEEDED`].
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -40,13 +40,13 @@ use lb_hash::FlowHasher;
 
 use crate::config::{ForwardMode, Protocol, RemovedBackendPolicy, ServiceKey, Timeouts};
 use crate::conntrack::{ConnKey, ConnState, ConntrackTable, Entry, EntryKind, NO_LINK, WAYS};
+use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
 use crate::frame::{Frame, Verdict};
-use crate::packet::{self, Disposition, Fragment, L4, ParseError, Parsed, TcpFlags};
+use crate::packet::{self, Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
 use crate::schedule::{CoreState, FlowInput, Scheduler};
 use crate::service::{Service, Tables};
 use crate::stats::{DropReason, Stats};
 use crate::time::Instant;
-use rewrite::{Macs, Tunnel};
 
 /// Conntrack buckets swept for expired entries per burst (see [`ConntrackTable::sweep_bucket`]).
 const SWEEP_BUCKETS_PER_BURST: usize = 4;
@@ -330,27 +330,21 @@ impl Core {
         let backend = service.backends.get(backend_index).ok_or(DropReason::NoBackend)?;
         let node = tables.node();
         let macs = Macs { src: node.local_mac, dst: backend.mac };
-        let rewritten = match service.mode {
+        match service.mode {
             ForwardMode::Nat => {
-                let (snat, snat_port) = match (p.flow.dst_ip(), node.snat_v4, node.snat_v6) {
-                    (IpAddr::V4(_), Some(a), _) => (IpAddr::V4(a), self.snat_port_of(index)),
-                    (IpAddr::V6(_), _, Some(a)) => (IpAddr::V6(a), self.snat_port_of(index)),
-                    _ => return Err(DropReason::NoSnatPort),
-                };
-                rewrite::nat(frame, p, (snat, snat_port), (backend.addr, backend.port), macs)
+                let to = self.nat_target_of(tables, index, backend).ok_or(DropReason::NoSnatPort)?;
+                forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
             }
-            ForwardMode::Dsr => rewrite::dsr(frame, macs),
+            ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs)?,
             ForwardMode::IpIp => {
-                let src = tunnel_source(tables, p).ok_or(DropReason::Unsupported)?;
-                rewrite::encapsulate(frame, p, Tunnel::IpIp, src, backend.addr, macs)
+                let t = tunnel_target(tables, backend.addr, macs, flow_hash).ok_or(DropReason::Unsupported)?;
+                forward::ipip::encap(frame, p, &t)?;
             }
             ForwardMode::Gue { port } => {
-                let src = tunnel_source(tables, p).ok_or(DropReason::Unsupported)?;
-                let sport = gue_source_port(flow_hash);
-                rewrite::encapsulate(frame, p, Tunnel::Gue { sport, dport: port }, src, backend.addr, macs)
+                let t = tunnel_target(tables, backend.addr, macs, flow_hash).ok_or(DropReason::Unsupported)?;
+                forward::gue::encap(frame, p, &t, port)?;
             }
-        };
-        rewritten?;
+        }
         if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
             c.packets += 1;
             c.bytes += p.ip_len as u64;
@@ -469,41 +463,42 @@ impl Core {
         Ok((index, backend_index))
     }
 
-    /// A reply from a backend to the SNAT address: find its NAT flow and translate it back.
+    /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow): find its NAT
+    /// flow by the reverse entry and translate it back to VIP -> client.
     fn nat_reply(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, now: u32) -> Outcome {
-        match p.l4 {
-            L4::Tcp | L4::Udp => {}
-            L4::IcmpError(_) => return Err(DropReason::Unsupported),
+        let key = match p.l4 {
+            L4::Tcp | L4::Udp => ConnKey::from_flow(&p.flow),
+            L4::IcmpError(e) => ConnKey::from_flow(&e.inner.reverse()),
             _ => return Ok(Verdict::Pass),
-        }
+        };
         if p.fragment != Fragment::None {
             return Err(DropReason::Fragment);
         }
-        let key = conn_key(p);
         let index = self.conntrack.find(&key, key.hash()).ok_or(DropReason::NoReverseFlow)?;
         if !self.conntrack.is_live(index, now) {
             return Err(DropReason::NoReverseFlow);
         }
         let link = self.conntrack.get(index).map(|e| e.link).ok_or(DropReason::NoReverseFlow)?;
         let forward = self.conntrack.get_mut(link).ok_or(DropReason::NoReverseFlow)?;
-        advance(forward, p.tcp_flags, false, &self.timeouts, now);
-        let client = (forward.key.src_ip(), forward.key.sport);
-        let vip = (forward.key.dst_ip(), forward.key.dport);
+        if !matches!(p.l4, L4::IcmpError(_)) {
+            advance(forward, p.tcp_flags, false, &self.timeouts, now);
+        }
+        let to = flow_key(&forward.key).ok_or(DropReason::NoReverseFlow)?.reverse();
         let node = tables.node();
         let macs = Macs { src: node.local_mac, dst: node.gateway_mac.unwrap_or(node.local_mac) };
-        rewrite::nat(frame, p, vip, client, macs)?;
+        forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
         self.stats.reverse_nat += 1;
         Ok(Verdict::Tx)
     }
 
     /// An ICMP error addressed to a VIP, about the flow `flow` (client to VIP): send it where the flow
-    /// goes, unchanged but for the mode's own rewrite.
+    /// goes, with the mode's rewrite (NAT translates the error and its quote).
     fn icmp_error_to_vip(
         &mut self,
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        flow: &packet::FlowKey,
+        flow: &FlowKey,
         now: u32,
     ) -> Outcome {
         let key = ConnKey::from_flow(flow);
@@ -518,19 +513,33 @@ impl Core {
         let macs = Macs { src: tables.node().local_mac, dst: backend.mac };
         let hash = self.hasher.five_tuple(flow.src_ip(), flow.dst_ip(), flow.proto(), flow.src_port(), flow.dst_port());
         match service.mode {
-            ForwardMode::Nat => return Err(DropReason::Unsupported),
-            ForwardMode::Dsr => rewrite::dsr(frame, macs)?,
+            ForwardMode::Nat => {
+                let to = self.nat_target_of(tables, index, backend).ok_or(DropReason::IcmpNoFlow)?;
+                forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
+            }
+            ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs)?,
             ForwardMode::IpIp => {
-                let src = tunnel_source(tables, p).ok_or(DropReason::Unsupported)?;
-                rewrite::encapsulate(frame, p, Tunnel::IpIp, src, backend.addr, macs)?;
+                let t = tunnel_target(tables, backend.addr, macs, hash).ok_or(DropReason::Unsupported)?;
+                forward::ipip::encap(frame, p, &t)?;
             }
             ForwardMode::Gue { port } => {
-                let src = tunnel_source(tables, p).ok_or(DropReason::Unsupported)?;
-                let t = Tunnel::Gue { sport: gue_source_port(hash), dport: port };
-                rewrite::encapsulate(frame, p, t, src, backend.addr, macs)?;
+                let t = tunnel_target(tables, backend.addr, macs, hash).ok_or(DropReason::Unsupported)?;
+                forward::gue::encap(frame, p, &t, port)?;
             }
         }
         Ok(Verdict::Tx)
+    }
+
+    /// The flow a NAT flow's client-to-backend frames leave with: SNAT address and the entry's port
+    /// to the backend.
+    fn nat_target_of(&self, tables: &Tables, index: u32, backend: &crate::service::Backend) -> Option<FlowKey> {
+        let e = self.conntrack.get(index)?;
+        let node = tables.node();
+        let snat = match backend.addr {
+            IpAddr::V4(_) => IpAddr::V4(node.snat_v4?),
+            IpAddr::V6(_) => IpAddr::V6(node.snat_v6?),
+        };
+        FlowKey::from_ips(snat, backend.addr, e.key.proto, e.snat_port, backend.port)
     }
 
     /// A free SNAT port from this core's share for a flow to `backend`: free means no reply key
@@ -549,10 +558,6 @@ impl Core {
             let k = ConnKey::flow(backend, snat, backend_port, port, p.flow.proto());
             self.conntrack.find(&k, k.hash()).is_none().then_some(port)
         })
-    }
-
-    fn snat_port_of(&self, index: u32) -> u16 {
-        self.conntrack.get(index).map_or(0, |e| e.snat_port)
     }
 
     /// Inserts an entry, accounting for whatever it displaced.
@@ -613,18 +618,19 @@ fn conn_key(p: &Parsed) -> ConnKey {
     ConnKey::from_flow(&p.flow)
 }
 
-fn tunnel_source(tables: &Tables, p: &Parsed) -> Option<IpAddr> {
+/// The outer header of a tunnelled frame: from the node's tunnel address of the backend's family.
+fn tunnel_target(tables: &Tables, backend: IpAddr, macs: Macs, flow_hash: u64) -> Option<TunnelTarget> {
     let node = tables.node();
-    match p.family() {
-        packet::Family::V4 => node.tunnel_src_v4.map(IpAddr::V4),
-        packet::Family::V6 => node.tunnel_src_v6.map(IpAddr::V6),
-    }
+    let src = match backend {
+        IpAddr::V4(_) => IpAddr::V4(node.tunnel_src_v4?),
+        IpAddr::V6(_) => IpAddr::V6(node.tunnel_src_v6?),
+    };
+    Some(TunnelTarget { src, dst: backend, macs, flow_hash: (flow_hash >> 32) as u32 })
 }
 
-/// The outer UDP source port of a GUE frame: from the flow hash, in the ephemeral range 32768..=65535,
-/// so the backend's NIC (RSS on the outer header) spreads flows over its queues.
-pub fn gue_source_port(flow_hash: u64) -> u16 {
-    0x8000 | ((flow_hash >> 17) as u16 & 0x7fff)
+/// The packet-level flow key of a conntrack key.
+fn flow_key(k: &ConnKey) -> Option<FlowKey> {
+    FlowKey::from_ips(k.src_ip(), k.dst_ip(), k.proto, k.sport, k.dport)
 }
 
 fn timeout_of(state: ConnState, t: &Timeouts) -> u32 {
