@@ -438,6 +438,7 @@ impl ConntrackTable {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
 mod tests {
     use super::*;
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};

@@ -256,6 +256,7 @@ impl Stats {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
 mod tests {
     use super::*;
 

@@ -120,6 +120,14 @@ struct Core {
     sweep_out: [(u32, Entry); WAYS],
 }
 
+/// A frame's conntrack key with its hash, and its lb-hash 5-tuple hash (for schedulers and GUE).
+#[derive(Debug, Clone, Copy)]
+struct FlowHashes {
+    key: ConnKey,
+    hash: u64,
+    flow_hash: u64,
+}
+
 /// The outcome of the per-packet path before counters: a verdict and the frame's service/backend.
 type Outcome = Result<Verdict, DropReason>;
 
@@ -325,7 +333,7 @@ impl Core {
                 }
                 (index, bi)
             }
-            None => self.new_flow(tables, p, key, hash, flow_hash, service, now)?,
+            None => self.new_flow(tables, p, FlowHashes { key, hash, flow_hash }, service, now)?,
         };
         let backend = service.backends.get(backend_index).ok_or(DropReason::NoBackend)?;
         let node = tables.node();
@@ -358,12 +366,11 @@ impl Core {
         &mut self,
         tables: &Tables,
         p: &Parsed,
-        key: ConnKey,
-        hash: u64,
-        flow_hash: u64,
+        hashes: FlowHashes,
         service: &Service,
         now: u32,
     ) -> Result<(u32, usize), DropReason> {
+        let FlowHashes { key, hash, flow_hash } = hashes;
         let client = p.flow.src_ip();
         let affinity_key = service
             .affinity_timeout_secs
