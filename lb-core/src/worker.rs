@@ -336,22 +336,12 @@ impl Core {
             None => self.new_flow(tables, p, FlowHashes { key, hash, flow_hash }, service, now)?,
         };
         let backend = service.backends.get(backend_index).ok_or(DropReason::NoBackend)?;
-        let node = tables.node();
-        let macs = Macs { src: node.local_mac, dst: backend.mac };
-        match service.mode {
-            ForwardMode::Nat => {
-                let to = self.nat_target_of(tables, index, backend).ok_or(DropReason::NoSnatPort)?;
-                forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
+        if let Err(reason) = self.rewrite(tables, frame, p, service, backend, index, flow_hash) {
+            if known.is_none() {
+                // A flow whose first frame cannot be sent leaves no state behind.
+                self.remove(index);
             }
-            ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs)?,
-            ForwardMode::IpIp => {
-                let t = tunnel_target(tables, backend.addr, macs, flow_hash).ok_or(DropReason::Unsupported)?;
-                forward::ipip::encap(frame, p, &t)?;
-            }
-            ForwardMode::Gue { port } => {
-                let t = tunnel_target(tables, backend.addr, macs, flow_hash).ok_or(DropReason::Unsupported)?;
-                forward::gue::encap(frame, p, &t, port)?;
-            }
+            return Err(reason);
         }
         if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
             c.packets += 1;
@@ -517,24 +507,40 @@ impl Core {
         let (si, bi) = tables.resolve(entry.backend).ok_or(DropReason::IcmpNoFlow)?;
         let service = tables.service(si).ok_or(DropReason::IcmpNoFlow)?;
         let backend = service.backends.get(bi).ok_or(DropReason::IcmpNoFlow)?;
-        let macs = Macs { src: tables.node().local_mac, dst: backend.mac };
         let hash = self.hasher.five_tuple(flow.src_ip(), flow.dst_ip(), flow.proto(), flow.src_port(), flow.dst_port());
+        self.rewrite(tables, frame, p, service, backend, index, hash)?;
+        Ok(Verdict::Tx)
+    }
+
+    /// Rewrites a frame of the flow at conntrack `index` for `backend`, as the service's mode says.
+    #[expect(clippy::too_many_arguments, reason = "the per-packet context, passed by reference, no struct to build per packet")]
+    fn rewrite(
+        &self,
+        tables: &Tables,
+        frame: &mut Frame<'_>,
+        p: &Parsed,
+        service: &Service,
+        backend: &crate::service::Backend,
+        index: u32,
+        flow_hash: u64,
+    ) -> Result<(), DropReason> {
+        let macs = Macs { src: tables.node().local_mac, dst: backend.mac };
         match service.mode {
             ForwardMode::Nat => {
-                let to = self.nat_target_of(tables, index, backend).ok_or(DropReason::IcmpNoFlow)?;
+                let to = self.nat_target_of(tables, index, backend).ok_or(DropReason::NoSnatPort)?;
                 forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
             }
             ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs)?,
             ForwardMode::IpIp => {
-                let t = tunnel_target(tables, backend.addr, macs, hash).ok_or(DropReason::Unsupported)?;
+                let t = tunnel_target(tables, backend.addr, macs, flow_hash).ok_or(DropReason::Unsupported)?;
                 forward::ipip::encap(frame, p, &t)?;
             }
             ForwardMode::Gue { port } => {
-                let t = tunnel_target(tables, backend.addr, macs, hash).ok_or(DropReason::Unsupported)?;
+                let t = tunnel_target(tables, backend.addr, macs, flow_hash).ok_or(DropReason::Unsupported)?;
                 forward::gue::encap(frame, p, &t, port)?;
             }
         }
-        Ok(Verdict::Tx)
+        Ok(())
     }
 
     /// The flow a NAT flow's client-to-backend frames leave with: SNAT address and the entry's port
