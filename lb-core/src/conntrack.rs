@@ -359,6 +359,12 @@ impl ConntrackTable {
     /// Inserts `entry` under `entry.key` (which must not be present; the caller looked it up).
     /// Takes an empty way, else an expired one, else evicts as the module docs say.
     pub fn insert(&mut self, entry: Entry, hash: u64, now: u32) -> Result<Inserted, ConntrackFull> {
+        self.insert_sparing(entry, hash, now, NO_LINK)
+    }
+
+    /// As [`ConntrackTable::insert`], but never displaces the entry at `spare` (the caller's other half
+    /// of a pair being inserted, e.g. a NAT flow's forward entry while its reverse entry goes in).
+    pub fn insert_sparing(&mut self, entry: Entry, hash: u64, now: u32, spare: u32) -> Result<Inserted, ConntrackFull> {
         let range = self.bucket_range(hash);
         let mut empty = None;
         let mut expired = None;
@@ -369,6 +375,9 @@ impl ConntrackTable {
             if t == 0 {
                 empty = Some(i);
                 break;
+            }
+            if i as u32 == spare {
+                continue;
             }
             if expired.is_none() && !self.is_live(i as u32, now) {
                 expired = Some(i);

@@ -247,7 +247,8 @@ pub enum ConfigError {
         /// The backend, `addr:port`.
         backend: String,
     },
-    /// A backend of the other family in a mode that rewrites addresses or builds a same-family tunnel.
+    /// A backend of the other family than the VIP (NAT and tunnels rewrite to one family; for DSR a
+    /// mixed family is a configuration mistake, the backend must hold the VIP).
     #[error("backend {backend} of service {service} is not of the VIP's family ({vip}); {mode} needs one family")]
     FamilyMismatch {
         /// Service name.
@@ -504,7 +505,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             if !seen.insert((b.addr, b.port)) {
                 return Err(ConfigError::DuplicateBackend { service: service(), backend: name() });
             }
-            if s.mode != ForwardMode::Dsr && b.addr.is_ipv4() != vip.is_ipv4() {
+            if b.addr.is_ipv4() != vip.is_ipv4() {
                 return Err(ConfigError::FamilyMismatch {
                     service: service(),
                     backend: name(),

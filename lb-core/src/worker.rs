@@ -408,7 +408,15 @@ impl Core {
             link: NO_LINK,
         };
         advance_new(&mut entry, p.tcp_flags, &self.timeouts, now);
-        let index = self.insert(entry, hash, now)?;
+        let index = self.insert(entry, hash, now, NO_LINK)?;
+        // Counted as soon as it is in the table, so that any removal below un-counts it exactly.
+        if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
+            c.new_flows += 1;
+            c.active_conns += 1;
+        }
+        if let Some(c) = self.stats.service_mut(service.slot.index()) {
+            c.new_flows += 1;
+        }
         if service.mode == ForwardMode::Nat {
             let snat = tables.node();
             let snat_ip = match backend.addr {
@@ -421,7 +429,7 @@ impl Core {
             };
             let rkey = ConnKey::flow(backend.addr, snat_ip, backend.port, snat_port, p.flow.proto());
             let reverse = Entry { key: rkey, kind: EntryKind::Reverse, link: index, ..entry };
-            match self.insert(reverse, rkey.hash(), now) {
+            match self.insert(reverse, rkey.hash(), now, index) {
                 Ok(r) => {
                     if let Some(e) = self.conntrack.get_mut(index) {
                         e.link = r;
@@ -447,15 +455,9 @@ impl Core {
                 link: NO_LINK,
                 ..Entry::default()
             };
-            // Affinity is best effort: a full bucket only costs stickiness.
-            let _ = self.insert(record, h, now);
-        }
-        if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
-            c.new_flows += 1;
-            c.active_conns += 1;
-        }
-        if let Some(c) = self.stats.service_mut(service.slot.index()) {
-            c.new_flows += 1;
+            // Affinity is best effort: a full bucket only costs stickiness. It never displaces the
+            // flow's own entry.
+            let _ = self.insert(record, h, now, index);
         }
         Ok((index, backend_index))
     }
@@ -573,9 +575,9 @@ impl Core {
         })
     }
 
-    /// Inserts an entry, accounting for whatever it displaced.
-    fn insert(&mut self, entry: Entry, hash: u64, now: u32) -> Result<u32, DropReason> {
-        let ins = self.conntrack.insert(entry, hash, now).map_err(|_| DropReason::ConntrackFull)?;
+    /// Inserts an entry (never displacing the entry at `spare`), accounting for whatever it displaced.
+    fn insert(&mut self, entry: Entry, hash: u64, now: u32, spare: u32) -> Result<u32, DropReason> {
+        let ins = self.conntrack.insert_sparing(entry, hash, now, spare).map_err(|_| DropReason::ConntrackFull)?;
         if let Some(d) = ins.displaced {
             if d.evicted {
                 self.stats.conntrack_evictions += 1;
