@@ -28,6 +28,8 @@ pub mod stats;
 pub mod frame;
 pub mod packet;
 pub mod time;
+pub mod worker;
 
 pub use frame::{Frame, Verdict};
 pub use time::Instant;
+pub use worker::{Worker, WorkerConfig};
