@@ -1,0 +1,873 @@
+//! The YAML configuration file: its serde shape and its validation into [`Settings`].
+//!
+//! Parsing is two steps. serde reads the file into loosely typed `File*` structs (addresses and names
+//! as strings, numbers as `u64`), rejecting unknown keys; then [`validate`] checks every field and
+//! collects *all* problems, each naming the field path and the value, e.g.
+//! `services[2].backends[1].weight: 70000 is out of range (0..=65535)`. A file with any problem is
+//! rejected whole, so a reload never applies half a file.
+//!
+//! ```yaml
+//! node:
+//!   local_mac: "02:00:00:00:00:01"
+//!   gateway_mac: "02:00:00:00:00:fe"
+//!   snat_v4: 10.0.0.2
+//!   snat_ports: [32768, 60999]
+//!   timeouts: { tcp_established: 15m, udp: 5m }
+//! interfaces:
+//!   - { name: eth0, queues: [0, 1] }
+//! metrics: { listen: "127.0.0.1:9100" }
+//! kubernetes: { node_name: node-a, node_addresses: [192.168.1.10] }
+//! services:
+//!   - name: web
+//!     vip: 10.0.0.10
+//!     port: 80
+//!     protocol: tcp
+//!     scheduler: mh
+//!     mode: nat                   # nat | dsr | ipip | gue (with gue_port)
+//!     affinity_timeout: 3h
+//!     source_ranges: [10.0.0.0/8]
+//!     health_check: { type: http, path: /healthz, interval: 2s, timeout: 1s, rise: 2, fall: 3, on_failure: drain }
+//!     backends:
+//!       - { addr: 10.1.0.1, port: 8080, weight: 100 }
+//!       - { addr: 10.1.0.2, port: 8080, weight: 100, state: draining }
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use lb_core::config::{
+    BackendConfig, BackendState, Cidr, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy,
+    SchedulerKind, ServiceConfig, ServiceKey, Timeouts,
+};
+use serde::Deserialize;
+
+use super::{
+    FailurePolicy, HealthCheck, InterfaceConfig, KubernetesSettings, Probe, ServiceSpec, Settings,
+};
+
+/// Largest backend weight, as `ipvsadm -w` allows.
+pub const MAX_WEIGHT: u64 = 65535;
+/// Largest Maglev table size accepted (a prime near 2^20, as Katran's largest ring).
+pub const MAX_MAGLEV_TABLE_SIZE: u64 = 1_048_573;
+
+/// One problem in a configuration: the field path, its value, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `services[2].backends[1].weight`.
+    pub field: String,
+    /// The offending value as written.
+    pub value: String,
+    /// What is wrong with it, e.g. `is out of range (0..=65535)`.
+    pub problem: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} {}", self.field, self.value, self.problem)
+    }
+}
+
+/// Why a configuration file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not YAML of the expected shape (unknown key, wrong type...); serde's message
+    /// carries the line and column.
+    #[error("{0}")]
+    Syntax(#[from] serde_yaml::Error),
+    /// The file parsed but some fields are invalid; every problem is listed.
+    #[error("{} invalid field(s):\n  {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+    Invalid(Vec<FieldError>),
+}
+
+// ---------------------------------------------------------------------------------------------
+// The serde shape of the file.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    node: FileNode,
+    #[serde(default)]
+    interfaces: Vec<FileInterface>,
+    #[serde(default)]
+    metrics: Option<FileMetrics>,
+    #[serde(default)]
+    kubernetes: Option<FileKubernetes>,
+    #[serde(default)]
+    services: Vec<FileService>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileNode {
+    local_mac: Option<String>,
+    gateway_mac: Option<String>,
+    snat_v4: Option<String>,
+    snat_v6: Option<String>,
+    snat_ports: Option<(u64, u64)>,
+    tunnel_src_v4: Option<String>,
+    tunnel_src_v6: Option<String>,
+    hash_seed: Option<u64>,
+    #[serde(default)]
+    timeouts: FileTimeouts,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTimeouts {
+    tcp_syn: Option<String>,
+    tcp_established: Option<String>,
+    tcp_fin: Option<String>,
+    tcp_time_wait: Option<String>,
+    udp: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileInterface {
+    name: String,
+    #[serde(default)]
+    queues: Vec<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    listen: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKubernetes {
+    #[serde(default = "yes")]
+    enabled: bool,
+    kubeconfig: Option<PathBuf>,
+    node_name: Option<String>,
+    #[serde(default)]
+    node_addresses: Vec<String>,
+    default_scheduler: Option<String>,
+    default_mode: Option<String>,
+    gue_port: Option<u64>,
+    debounce: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    name: Option<String>,
+    vip: String,
+    port: u64,
+    #[serde(default = "tcp")]
+    protocol: String,
+    #[serde(default = "maglev")]
+    scheduler: String,
+    #[serde(default = "nat")]
+    mode: String,
+    gue_port: Option<u64>,
+    affinity_timeout: Option<String>,
+    #[serde(default)]
+    source_ranges: Vec<String>,
+    maglev_table_size: Option<u64>,
+    on_backend_removed: Option<String>,
+    health_check: Option<FileHealthCheck>,
+    #[serde(default)]
+    backends: Vec<FileBackend>,
+}
+
+fn tcp() -> String {
+    "tcp".into()
+}
+fn maglev() -> String {
+    "mh".into()
+}
+fn nat() -> String {
+    "nat".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackend {
+    addr: String,
+    port: Option<u64>,
+    #[serde(default = "default_weight")]
+    weight: u64,
+    mac: Option<String>,
+    state: Option<String>,
+}
+
+fn default_weight() -> u64 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHealthCheck {
+    #[serde(rename = "type")]
+    kind: String,
+    path: Option<String>,
+    port: Option<u64>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<u64>,
+    fall: Option<u64>,
+    on_failure: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points.
+
+/// Reads and validates the configuration file at `path`.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    parse(&text)
+}
+
+/// Parses and validates a configuration given as YAML text.
+pub fn parse(yaml: &str) -> Result<Settings, ConfigError> {
+    // An empty file is an empty configuration, not a syntax error.
+    let file: FileConfig = if yaml.trim().is_empty() { FileConfig::default() } else { serde_yaml::from_str(yaml)? };
+    validate(&file)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Validation: every check pushes a FieldError and carries on, so one run lists every problem.
+
+/// Collects the problems of one validation run.
+#[derive(Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn push(&mut self, field: impl Into<String>, value: impl fmt::Display, problem: impl Into<String>) {
+        self.0.push(FieldError { field: field.into(), value: value.to_string(), problem: problem.into() });
+    }
+
+    /// Parses `value` with `FromStr`, recording `problem` on failure.
+    fn parse<T: std::str::FromStr>(&mut self, field: &str, value: &str, problem: &str) -> Option<T> {
+        match value.trim().parse() {
+            Ok(v) => Some(v),
+            Err(_) => {
+                self.push(field, quoted(value), problem);
+                None
+            }
+        }
+    }
+
+    fn u16_in(&mut self, field: &str, value: u64, lo: u16) -> Option<u16> {
+        match u16::try_from(value) {
+            Ok(v) if v >= lo => Some(v),
+            _ => {
+                self.push(field, value, format!("is out of range ({lo}..=65535)"));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, field: &str, value: &str) -> Option<Duration> {
+        match parse_duration(value) {
+            Some(d) if !d.is_zero() => Some(d),
+            Some(_) => {
+                self.push(field, quoted(value), "must be longer than zero");
+                None
+            }
+            None => {
+                self.push(field, quoted(value), "is not a duration (e.g. 500ms, 2s, 15m, 3h)");
+                None
+            }
+        }
+    }
+
+    fn mac(&mut self, field: &str, value: &str) -> Option<[u8; 6]> {
+        let m = parse_mac(value);
+        if m.is_none() {
+            self.push(field, quoted(value), "is not a MAC address (e.g. 02:00:00:00:00:01)");
+        }
+        m
+    }
+}
+
+fn quoted(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// Parses `500ms`, `2s`, `15m`, `3h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "" | "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff` (or with `-`).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.trim().split([':', '-']);
+    for byte in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Parses a forwarding mode name; `gue` needs its port.
+pub fn parse_mode(name: &str, gue_port: Option<u16>) -> Result<ForwardMode, String> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "nat" | "masq" => Ok(ForwardMode::Nat),
+        "dsr" | "dr" | "route" => Ok(ForwardMode::Dsr),
+        "ipip" | "tun" | "tunnel" => Ok(ForwardMode::IpIp),
+        "gue" => gue_port.map(|port| ForwardMode::Gue { port }).ok_or_else(|| "needs gue_port".to_string()),
+        _ => Err("is not a forwarding mode (nat, dsr, ipip, gue)".to_string()),
+    }
+}
+
+/// Parses a removed-backend policy name.
+pub fn parse_removed_policy(name: &str) -> Option<RemovedBackendPolicy> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "reschedule" => Some(RemovedBackendPolicy::Reschedule),
+        "drop" => Some(RemovedBackendPolicy::Drop),
+        _ => None,
+    }
+}
+
+/// True if `n` is prime (trial division; table sizes are at most ~2^20).
+pub fn is_prime(n: u64) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
+    let mut p = Problems::default();
+    let node = validate_node(&file.node, &mut p);
+
+    let mut interfaces = Vec::new();
+    let mut names = HashSet::new();
+    for (i, iface) in file.interfaces.iter().enumerate() {
+        let f = format!("interfaces[{i}]");
+        if iface.name.is_empty() || iface.name.len() > 15 {
+            p.push(format!("{f}.name"), quoted(&iface.name), "is not an interface name (1 to 15 characters)");
+        } else if !names.insert(iface.name.clone()) {
+            p.push(format!("{f}.name"), quoted(&iface.name), "appears twice");
+        }
+        let mut queues = Vec::new();
+        for (j, &q) in iface.queues.iter().enumerate() {
+            match u32::try_from(q) {
+                Ok(q) if !queues.contains(&q) => queues.push(q),
+                Ok(_) => p.push(format!("{f}.queues[{j}]"), q, "appears twice"),
+                Err(_) => p.push(format!("{f}.queues[{j}]"), q, "is out of range (0..=4294967295)"),
+            }
+        }
+        if queues.is_empty() {
+            queues.push(0);
+        }
+        interfaces.push(InterfaceConfig { name: iface.name.clone(), queues });
+    }
+
+    let metrics_listen = file
+        .metrics
+        .as_ref()
+        .and_then(|m| p.parse::<SocketAddr>("metrics.listen", &m.listen, "is not ADDRESS:PORT"));
+
+    let kubernetes = file.kubernetes.as_ref().filter(|k| k.enabled).map(|k| validate_kubernetes(k, &mut p));
+
+    let mut services = Vec::new();
+    let mut keys = HashSet::new();
+    for (i, s) in file.services.iter().enumerate() {
+        if let Some(spec) = validate_service(i, s, &node, &mut keys, &mut p) {
+            services.push(spec);
+        }
+    }
+
+    if p.0.is_empty() {
+        Ok(Settings { node, services, interfaces, metrics_listen, kubernetes })
+    } else {
+        Err(ConfigError::Invalid(p.0))
+    }
+}
+
+fn validate_node(n: &FileNode, p: &mut Problems) -> NodeConfig {
+    let mut node = NodeConfig::default();
+    if let Some(m) = &n.local_mac {
+        node.local_mac = p.mac("node.local_mac", m).unwrap_or(node.local_mac);
+    }
+    node.gateway_mac = n.gateway_mac.as_deref().and_then(|m| p.mac("node.gateway_mac", m));
+    node.snat_v4 = n.snat_v4.as_deref().and_then(|a| p.parse::<Ipv4Addr>("node.snat_v4", a, "is not an IPv4 address"));
+    node.snat_v6 = n.snat_v6.as_deref().and_then(|a| p.parse::<Ipv6Addr>("node.snat_v6", a, "is not an IPv6 address"));
+    node.tunnel_src_v4 =
+        n.tunnel_src_v4.as_deref().and_then(|a| p.parse::<Ipv4Addr>("node.tunnel_src_v4", a, "is not an IPv4 address"));
+    node.tunnel_src_v6 =
+        n.tunnel_src_v6.as_deref().and_then(|a| p.parse::<Ipv6Addr>("node.tunnel_src_v6", a, "is not an IPv6 address"));
+    if let Some((lo, hi)) = n.snat_ports {
+        let lo16 = p.u16_in("node.snat_ports[0]", lo, 1);
+        let hi16 = p.u16_in("node.snat_ports[1]", hi, 1);
+        if let (Some(lo), Some(hi)) = (lo16, hi16) {
+            if lo > hi {
+                p.push("node.snat_ports", format!("[{lo}, {hi}]"), "is an empty range (first must be <= second)");
+            }
+            node.snat_ports = (lo, hi);
+        }
+    }
+    if let Some(seed) = n.hash_seed {
+        node.hash_seed = seed;
+    }
+    let t = &n.timeouts;
+    let d = Timeouts::default();
+    let mut get = |name: &str, v: &Option<String>, default: Duration| {
+        v.as_deref().and_then(|v| p.duration(&format!("node.timeouts.{name}"), v)).unwrap_or(default)
+    };
+    node.timeouts = Timeouts {
+        tcp_syn: get("tcp_syn", &t.tcp_syn, d.tcp_syn),
+        tcp_established: get("tcp_established", &t.tcp_established, d.tcp_established),
+        tcp_fin: get("tcp_fin", &t.tcp_fin, d.tcp_fin),
+        tcp_time_wait: get("tcp_time_wait", &t.tcp_time_wait, d.tcp_time_wait),
+        udp: get("udp", &t.udp, d.udp),
+    };
+    node
+}
+
+fn validate_kubernetes(k: &FileKubernetes, p: &mut Problems) -> KubernetesSettings {
+    let mut s = KubernetesSettings { kubeconfig: k.kubeconfig.clone(), node_name: k.node_name.clone(), ..Default::default() };
+    for (i, a) in k.node_addresses.iter().enumerate() {
+        if let Some(ip) = p.parse::<IpAddr>(&format!("kubernetes.node_addresses[{i}]"), a, "is not an IP address") {
+            s.node_addresses.push(ip);
+        }
+    }
+    if let Some(name) = &k.default_scheduler {
+        match name.parse::<SchedulerKind>() {
+            Ok(kind) => s.default_scheduler = kind,
+            Err(e) => p.push("kubernetes.default_scheduler", quoted(name), strip_value(&e.to_string(), name)),
+        }
+    }
+    let gue_port = k.gue_port.and_then(|g| p.u16_in("kubernetes.gue_port", g, 1));
+    if let Some(mode) = &k.default_mode {
+        match parse_mode(mode, gue_port) {
+            Ok(m) => s.default_mode = m,
+            Err(e) => p.push("kubernetes.default_mode", quoted(mode), e),
+        }
+    }
+    if let Some(d) = &k.debounce {
+        match parse_duration(d) {
+            Some(d) => s.debounce = d,
+            None => p.push("kubernetes.debounce", quoted(d), "is not a duration (e.g. 200ms)"),
+        }
+    }
+    s
+}
+
+/// `UnknownScheduler`'s message starts with the value; keep only the explanation after it.
+fn strip_value(msg: &str, value: &str) -> String {
+    msg.replace(&format!("unknown scheduler {value:?}: "), "is not a scheduler: ")
+}
+
+fn validate_service(
+    i: usize,
+    s: &FileService,
+    node: &NodeConfig,
+    keys: &mut HashSet<ServiceKey>,
+    p: &mut Problems,
+) -> Option<ServiceSpec> {
+    let f = format!("services[{i}]");
+    let before = p.0.len();
+    let vip = p.parse::<IpAddr>(&format!("{f}.vip"), &s.vip, "is not an IP address");
+    let port = p.u16_in(&format!("{f}.port"), s.port, 1);
+    let proto = match s.protocol.to_ascii_lowercase().as_str() {
+        "tcp" => Some(Protocol::Tcp),
+        "udp" => Some(Protocol::Udp),
+        _ => {
+            p.push(format!("{f}.protocol"), quoted(&s.protocol), "is not a protocol (tcp, udp)");
+            None
+        }
+    };
+    if let (Some(vip), Some(port), Some(proto)) = (vip, port, proto) {
+        let key = ServiceKey { vip, port, proto };
+        if !keys.insert(key) {
+            p.push(f.clone(), key, "has the same VIP, port and protocol as an earlier service");
+        }
+    }
+    let scheduler = match s.scheduler.parse::<SchedulerKind>() {
+        Ok(k) => Some(k),
+        Err(e) => {
+            p.push(format!("{f}.scheduler"), quoted(&s.scheduler), strip_value(&e.to_string(), &s.scheduler));
+            None
+        }
+    };
+    let gue_port = s.gue_port.and_then(|g| p.u16_in(&format!("{f}.gue_port"), g, 1));
+    let mode = match parse_mode(&s.mode, gue_port) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            p.push(format!("{f}.mode"), quoted(&s.mode), e);
+            None
+        }
+    };
+    let affinity_timeout = s.affinity_timeout.as_deref().and_then(|a| p.duration(&format!("{f}.affinity_timeout"), a));
+    let mut source_ranges = Vec::new();
+    for (j, r) in s.source_ranges.iter().enumerate() {
+        if let Some(c) = p.parse::<Cidr>(&format!("{f}.source_ranges[{j}]"), r, "is not a CIDR (e.g. 10.0.0.0/8)") {
+            if vip.is_some_and(|v| v.is_ipv4() != c.addr().is_ipv4()) {
+                p.push(format!("{f}.source_ranges[{j}]"), quoted(r), "is not of the VIP's address family");
+            }
+            source_ranges.push(c);
+        }
+    }
+    let maglev_table_size = s.maglev_table_size.and_then(|n| {
+        if !is_prime(n) || n > MAX_MAGLEV_TABLE_SIZE {
+            p.push(format!("{f}.maglev_table_size"), n, format!("must be a prime no larger than {MAX_MAGLEV_TABLE_SIZE}"));
+            return None;
+        }
+        u32::try_from(n).ok()
+    });
+    let on_backend_removed = match &s.on_backend_removed {
+        None => RemovedBackendPolicy::default(),
+        Some(v) => parse_removed_policy(v).unwrap_or_else(|| {
+            p.push(format!("{f}.on_backend_removed"), quoted(v), "is not a policy (reschedule, drop)");
+            RemovedBackendPolicy::default()
+        }),
+    };
+    if let (Some(v), Some(m)) = (vip, mode) {
+        match (m, v) {
+            (ForwardMode::Nat, IpAddr::V4(_)) if node.snat_v4.is_none() => {
+                p.push(format!("{f}.mode"), "\"nat\"", "needs node.snat_v4 for an IPv4 VIP")
+            }
+            (ForwardMode::Nat, IpAddr::V6(_)) if node.snat_v6.is_none() => {
+                p.push(format!("{f}.mode"), "\"nat\"", "needs node.snat_v6 for an IPv6 VIP")
+            }
+            (ForwardMode::IpIp | ForwardMode::Gue { .. }, IpAddr::V4(_)) if node.tunnel_src_v4.is_none() => {
+                p.push(format!("{f}.mode"), quoted(&s.mode), "needs node.tunnel_src_v4 for an IPv4 VIP")
+            }
+            (ForwardMode::IpIp | ForwardMode::Gue { .. }, IpAddr::V6(_)) if node.tunnel_src_v6.is_none() => {
+                p.push(format!("{f}.mode"), quoted(&s.mode), "needs node.tunnel_src_v6 for an IPv6 VIP")
+            }
+            _ => {}
+        }
+    }
+    let health_check = s.health_check.as_ref().and_then(|h| validate_health(&format!("{f}.health_check"), h, p));
+
+    let mut backends = Vec::new();
+    let mut seen = HashSet::new();
+    for (j, b) in s.backends.iter().enumerate() {
+        let bf = format!("{f}.backends[{j}]");
+        let addr = p.parse::<IpAddr>(&format!("{bf}.addr"), &b.addr, "is not an IP address");
+        let bport = match b.port {
+            Some(bp) => p.u16_in(&format!("{bf}.port"), bp, 1),
+            None => port,
+        };
+        let weight = if b.weight > MAX_WEIGHT {
+            p.push(format!("{bf}.weight"), b.weight, format!("is out of range (0..={MAX_WEIGHT})"));
+            None
+        } else {
+            u32::try_from(b.weight).ok()
+        };
+        let mac = b.mac.as_deref().and_then(|m| p.mac(&format!("{bf}.mac"), m));
+        let state = match b.state.as_deref().map(str::to_ascii_lowercase).as_deref() {
+            None | Some("active") => BackendState::Active,
+            Some("draining") => BackendState::Draining,
+            Some(_) => {
+                p.push(format!("{bf}.state"), quoted(b.state.as_deref().unwrap_or_default()), "is not a state (active, draining)");
+                BackendState::Active
+            }
+        };
+        if let (Some(a), Some(v)) = (addr, vip)
+            && a.is_ipv4() != v.is_ipv4()
+            && !matches!(mode, Some(ForwardMode::Dsr))
+        {
+            p.push(format!("{bf}.addr"), a, format!("is not of the VIP's address family ({v})"));
+        }
+        if let (Some(bp), Some(sp), Some(m)) = (bport, port, mode)
+            && bp != sp
+            && !matches!(m, ForwardMode::Nat)
+        {
+            p.push(format!("{bf}.port"), bp, format!("must equal the service port {sp} in {} mode", s.mode));
+        }
+        if let (Some(a), Some(bp)) = (addr, bport)
+            && !seen.insert((a, bp))
+        {
+            p.push(bf.clone(), SocketAddr::new(a, bp), "appears twice in this service");
+        }
+        if let (Some(addr), Some(port), Some(weight)) = (addr, bport, weight) {
+            backends.push(BackendConfig { addr, port, weight, mac, state });
+        }
+    }
+
+    if p.0.len() != before {
+        return None;
+    }
+    let key = ServiceKey { vip: vip?, port: port?, proto: proto? };
+    let name = s.name.clone().unwrap_or_else(|| key.to_string());
+    Some(ServiceSpec {
+        config: ServiceConfig {
+            name,
+            key,
+            backends,
+            scheduler: scheduler?,
+            mode: mode?,
+            affinity_timeout,
+            source_ranges,
+            maglev_table_size,
+            on_backend_removed,
+        },
+        health_check,
+    })
+}
+
+fn validate_health(f: &str, h: &FileHealthCheck, p: &mut Problems) -> Option<HealthCheck> {
+    let before = p.0.len();
+    let probe = match h.kind.to_ascii_lowercase().as_str() {
+        "tcp" => Probe::Tcp,
+        "http" => {
+            let path = h.path.clone().unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                p.push(format!("{f}.path"), quoted(&path), "must start with / and hold no spaces");
+            }
+            Probe::Http { path }
+        }
+        _ => {
+            p.push(format!("{f}.type"), quoted(&h.kind), "is not a probe type (tcp, http)");
+            Probe::Tcp
+        }
+    };
+    let mut hc = HealthCheck::with_defaults(probe);
+    hc.port = h.port.and_then(|port| p.u16_in(&format!("{f}.port"), port, 1));
+    if let Some(i) = &h.interval {
+        hc.interval = p.duration(&format!("{f}.interval"), i).unwrap_or(hc.interval);
+    }
+    if let Some(t) = &h.timeout {
+        hc.timeout = p.duration(&format!("{f}.timeout"), t).unwrap_or(hc.timeout);
+    }
+    if hc.timeout > hc.interval {
+        p.push(format!("{f}.timeout"), format!("{:?}", hc.timeout), format!("is longer than the interval {:?}", hc.interval));
+    }
+    for (name, v, slot) in [("rise", h.rise, &mut hc.rise), ("fall", h.fall, &mut hc.fall)] {
+        if let Some(v) = v {
+            match u32::try_from(v) {
+                Ok(n) if (1..=100).contains(&n) => *slot = n,
+                _ => p.push(format!("{f}.{name}"), v, "is out of range (1..=100)"),
+            }
+        }
+    }
+    if let Some(o) = &h.on_failure {
+        hc.on_failure = match o.to_ascii_lowercase().as_str() {
+            "drain" => FailurePolicy::Drain,
+            "remove" => FailurePolicy::Remove,
+            _ => {
+                p.push(format!("{f}.on_failure"), quoted(o), "is not a policy (drain, remove)");
+                FailurePolicy::Drain
+            }
+        };
+    }
+    (p.0.len() == before).then_some(hc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node:
+  local_mac: "02:00:00:00:00:01"
+  gateway_mac: "02:00:00:00:00:fe"
+  snat_v4: 10.0.0.2
+  snat_v6: "fd00::2"
+  tunnel_src_v4: 10.0.0.2
+  snat_ports: [40000, 50000]
+  hash_seed: 7
+  timeouts: { tcp_established: 15m, udp: 30s }
+interfaces:
+  - { name: eth0, queues: [0, 1] }
+metrics: { listen: "127.0.0.1:9100" }
+kubernetes: { node_name: node-a, node_addresses: [192.168.1.10, "fd00::10"], default_scheduler: wrr, debounce: 50ms }
+services:
+  - name: web
+    vip: 10.0.0.10
+    port: 80
+    scheduler: mh
+    maglev_table_size: 65537
+    affinity_timeout: 3h
+    source_ranges: [10.0.0.0/8]
+    on_backend_removed: drop
+    health_check: { type: http, path: /healthz, interval: 2s, timeout: 500ms, rise: 2, fall: 3, on_failure: remove }
+    backends:
+      - { addr: 10.1.0.1, port: 8080, weight: 90 }
+      - { addr: 10.1.0.2, port: 8080, weight: 10, state: draining, mac: "02:aa:bb:cc:dd:ee" }
+  - vip: "fd00::10"
+    port: 53
+    protocol: udp
+    scheduler: rr
+    backends:
+      - { addr: "fd00::1:1" }
+  - name: dsr
+    vip: 10.0.0.11
+    port: 443
+    mode: gue
+    gue_port: 6080
+    backends:
+      - { addr: 10.2.0.1 }
+"#;
+
+    #[test]
+    fn good_file_converts_every_field() {
+        let s = parse(GOOD).unwrap();
+        assert_eq!(s.node.local_mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(s.node.gateway_mac, Some([2, 0, 0, 0, 0, 0xfe]));
+        assert_eq!(s.node.snat_v4, Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(s.node.snat_ports, (40000, 50000));
+        assert_eq!(s.node.hash_seed, 7);
+        assert_eq!(s.node.timeouts.tcp_established, Duration::from_secs(900));
+        assert_eq!(s.node.timeouts.udp, Duration::from_secs(30));
+        assert_eq!(s.node.timeouts.tcp_syn, Timeouts::default().tcp_syn);
+        assert_eq!(s.interfaces, vec![InterfaceConfig { name: "eth0".into(), queues: vec![0, 1] }]);
+        assert_eq!(s.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        let k = s.kubernetes.unwrap();
+        assert_eq!(k.node_name.as_deref(), Some("node-a"));
+        assert_eq!(k.node_addresses.len(), 2);
+        assert_eq!(k.default_scheduler, SchedulerKind::WeightedRoundRobin);
+        assert_eq!(k.debounce, Duration::from_millis(50));
+
+        assert_eq!(s.services.len(), 3);
+        let web = &s.services[0];
+        assert_eq!(web.config.name, "web");
+        assert_eq!(web.config.key.to_string(), "tcp 10.0.0.10:80");
+        assert_eq!(web.config.scheduler, SchedulerKind::Maglev);
+        assert_eq!(web.config.maglev_table_size, Some(65537));
+        assert_eq!(web.config.affinity_timeout, Some(Duration::from_secs(3 * 3600)));
+        assert_eq!(web.config.source_ranges, vec!["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(web.config.on_backend_removed, RemovedBackendPolicy::Drop);
+        assert_eq!(web.config.backends[0].weight, 90);
+        assert_eq!(web.config.backends[1].state, BackendState::Draining);
+        assert_eq!(web.config.backends[1].mac, Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]));
+        let hc = web.health_check.as_ref().unwrap();
+        assert_eq!(hc.probe, Probe::Http { path: "/healthz".into() });
+        assert_eq!((hc.rise, hc.fall, hc.on_failure), (2, 3, FailurePolicy::Remove));
+        assert_eq!(hc.timeout, Duration::from_millis(500));
+
+        let dns = &s.services[1];
+        assert_eq!(dns.config.name, "udp [fd00::10]:53");
+        assert_eq!(dns.config.backends[0].port, 53, "backend port defaults to the service port");
+        assert_eq!(dns.config.backends[0].weight, 1);
+        assert_eq!(s.services[2].config.mode, ForwardMode::Gue { port: 6080 });
+    }
+
+    #[test]
+    fn out_of_range_weight_names_field_and_value() {
+        let yaml = r#"
+node: { snat_v4: 10.0.0.2 }
+services:
+  - { vip: 10.0.0.1, port: 80, backends: [{ addr: 10.1.0.1 }] }
+  - { vip: 10.0.0.2, port: 80, backends: [{ addr: 10.1.0.1 }] }
+  - { vip: 10.0.0.3, port: 80, backends: [{ addr: 10.1.0.1 }, { addr: 10.1.0.2, weight: 70000 }] }
+"#;
+        let err = parse(yaml).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("services[2].backends[1].weight: 70000 is out of range (0..=65535)"), "{msg}");
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let yaml = r#"
+node: { local_mac: "zz:00", snat_ports: [5000, 4000] }
+metrics: { listen: "nowhere" }
+services:
+  - vip: 10.0.0.300
+    port: 0
+    protocol: sctp
+    scheduler: lblc
+    mode: teleport
+    source_ranges: [10.0.0.0/40]
+    maglev_table_size: 65536
+    health_check: { type: icmp, rise: 0, interval: 1s, timeout: 2s }
+    backends: [{ addr: 10.1.0.1, state: sleepy }]
+  - { vip: 10.0.0.1, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 8080 }, { addr: 10.1.0.1, port: 8080 }] }
+  - { vip: 10.0.0.1, port: 80, mode: dsr }
+  - { vip: 10.0.0.2, port: 80, backends: [{ addr: "fd00::1" }] }
+"#;
+        let Err(ConfigError::Invalid(errs)) = parse(yaml) else { panic!("expected Invalid") };
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        for want in [
+            "node.local_mac",
+            "node.snat_ports",
+            "metrics.listen",
+            "services[0].vip",
+            "services[0].port",
+            "services[0].protocol",
+            "services[0].scheduler",
+            "services[0].mode",
+            "services[0].source_ranges[0]",
+            "services[0].maglev_table_size",
+            "services[0].health_check.type",
+            "services[0].health_check.timeout",
+            "services[0].health_check.rise",
+            "services[0].backends[0].state",
+            "services[1].backends[0].port",
+            "services[1].backends[1]",
+            "services[2]",
+            "services[3].mode",
+            "services[3].backends[0].addr",
+        ] {
+            assert!(fields.contains(&want), "missing {want} in {errs:#?}");
+        }
+        let dup = errs.iter().find(|e| e.field == "services[1].backends[1]").unwrap();
+        assert_eq!(dup.to_string(), "services[1].backends[1]: 10.1.0.1:8080 appears twice in this service");
+        let sched = errs.iter().find(|e| e.field == "services[0].scheduler").unwrap();
+        assert!(sched.to_string().starts_with("services[0].scheduler: \"lblc\" is not a scheduler"), "{sched}");
+    }
+
+    #[test]
+    fn unknown_key_is_a_syntax_error_with_its_name() {
+        let err = parse("services:\n  - { vip: 10.0.0.1, port: 80, wieght: 3 }\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Syntax(_)));
+        assert!(err.to_string().contains("wieght"), "{err}");
+    }
+
+    #[test]
+    fn empty_file_is_empty_config() {
+        let s = parse("").unwrap();
+        assert!(s.services.is_empty());
+        assert_eq!(s.node, NodeConfig::default());
+        assert!(s.kubernetes.is_none());
+    }
+
+    #[test]
+    fn small_parsers() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10800"), Some(Duration::from_secs(10800)));
+        assert_eq!(parse_duration("2 h"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("2d"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_mac("02-00-00-00-00-0A"), Some([2, 0, 0, 0, 0, 10]));
+        assert_eq!(parse_mac("02:00:00:00:00"), None);
+        assert_eq!(parse_mac("02:00:00:00:00:00:00"), None);
+        assert!(is_prime(65537) && is_prime(251) && !is_prime(65536) && !is_prime(1));
+    }
+}

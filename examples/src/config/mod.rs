@@ -1,0 +1,141 @@
+//! The binary's desired state, before health checks and before lb-core sees it.
+//!
+//! ```text
+//!  YAML file (file.rs) ──┐
+//!                        ├─► Settings / ServiceSpec ──► control loop: + health overlay ──► lb_core::config::Config
+//!  Kubernetes (k8s/) ────┘                                                                  └► TableBuilder ─► workers
+//! ```
+//! [`Settings`] is what the file says (node, static services, interfaces, metrics, Kubernetes);
+//! [`ServiceSpec`] is one lb-core [`ServiceConfig`] plus what only the control side needs (its health
+//! check). Both sources produce `ServiceSpec`s, so health checks, metrics and listing treat them alike.
+
+pub mod file;
+pub mod reload;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lb_core::config::{ForwardMode, NodeConfig, SchedulerKind, ServiceConfig};
+
+pub use file::{ConfigError, FieldError};
+
+/// A health probe for every backend of one service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// What the probe does.
+    pub probe: Probe,
+    /// Port to probe; `None` probes the backend's own port.
+    pub port: Option<u16>,
+    /// Time between two probes of one backend.
+    pub interval: Duration,
+    /// How long one probe may take before it counts as failed.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a failed backend back.
+    pub rise: u32,
+    /// Consecutive failures that take a healthy backend out.
+    pub fall: u32,
+    /// What a failed backend becomes.
+    pub on_failure: FailurePolicy,
+}
+
+impl HealthCheck {
+    /// A probe with the defaults used when only its kind is given (2 s interval, 1 s timeout,
+    /// rise 2, fall 3, drain on failure), as HAProxy and keepalived use.
+    pub fn with_defaults(probe: Probe) -> Self {
+        HealthCheck {
+            probe,
+            port: None,
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            on_failure: FailurePolicy::Drain,
+        }
+    }
+}
+
+/// The kind of health probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// A TCP connect that completes within the timeout.
+    Tcp,
+    /// An HTTP/1.1 GET of `path` that answers 2xx or 3xx within the timeout.
+    Http {
+        /// Request path, starting with `/`.
+        path: String,
+    },
+}
+
+/// What a backend that failed its health check becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Draining: no new flows, established flows stay (the safe default for TCP).
+    #[default]
+    Drain,
+    /// Removed: established flows follow the service's `on_backend_removed` policy.
+    Remove,
+}
+
+/// One service as the control side knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// What lb-core gets.
+    pub config: ServiceConfig,
+    /// The health check of its backends, if any.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// One NIC and the queues the load balancer serves on it (one poll loop per queue).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterfaceConfig {
+    /// Interface name, e.g. `eth0`.
+    pub name: String,
+    /// Queue ids.
+    pub queues: Vec<u32>,
+}
+
+/// How the Kubernetes feed runs and how it maps Services (see `k8s::translate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesSettings {
+    /// Kubeconfig to use; `None` uses the in-cluster service account or `$KUBECONFIG`.
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (endpoint `nodeName`), for `externalTrafficPolicy: Local`.
+    pub node_name: Option<String>,
+    /// This node's addresses, on which NodePort services listen.
+    pub node_addresses: Vec<IpAddr>,
+    /// Scheduler of Services without the scheduler annotation.
+    pub default_scheduler: SchedulerKind,
+    /// Forwarding mode of Services without the mode annotation.
+    pub default_mode: ForwardMode,
+    /// How long the feed waits for more changes before it rebuilds the configuration.
+    pub debounce: Duration,
+}
+
+impl Default for KubernetesSettings {
+    fn default() -> Self {
+        KubernetesSettings {
+            kubeconfig: None,
+            node_name: None,
+            node_addresses: Vec::new(),
+            default_scheduler: SchedulerKind::Maglev,
+            default_mode: ForwardMode::Nat,
+            debounce: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Everything the configuration file says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Settings {
+    /// Node-wide settings handed to lb-core.
+    pub node: NodeConfig,
+    /// Services written in the file.
+    pub services: Vec<ServiceSpec>,
+    /// Interfaces and queues to serve.
+    pub interfaces: Vec<InterfaceConfig>,
+    /// Address of the HTTP endpoint serving `/metrics` and `/state`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The Kubernetes feed, when enabled.
+    pub kubernetes: Option<KubernetesSettings>,
+}

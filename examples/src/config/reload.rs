@@ -1,0 +1,139 @@
+//! Reloading the configuration file on SIGHUP and when its content changes.
+//!
+//! The watcher polls the file's *content* rather than its mtime: a Kubernetes ConfigMap volume
+//! swaps a `..data` symlink (the file's own mtime may not move), editors replace the inode, and two
+//! writes in one second share an mtime on some filesystems. Files are small, so reading one every
+//! couple of seconds costs nothing and no inotify crate is needed. A file that fails validation is
+//! logged with every problem and the running configuration stays.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use super::Settings;
+use super::file::{self, ConfigError};
+
+/// Remembers the last content seen at a path, to tell when it changed.
+#[derive(Debug)]
+pub struct FileWatch {
+    path: PathBuf,
+    last: Option<u64>,
+}
+
+/// What one check of the file found.
+#[derive(Debug)]
+pub enum Reload {
+    /// The content is what it was; nothing to do.
+    Unchanged,
+    /// The content changed (or a reload was forced) and is valid.
+    Loaded(Box<Settings>),
+    /// The content changed (or a reload was forced) and is rejected; keep the running config.
+    Rejected(ConfigError),
+}
+
+impl FileWatch {
+    /// Watches `path`; the first [`FileWatch::check`] always loads.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        FileWatch { path: path.into(), last: None }
+    }
+
+    /// The watched path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Reads the file; loads it if its content changed since the last check or if `force` (SIGHUP).
+    pub fn check(&mut self, force: bool) -> Reload {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(source) => return Reload::Rejected(ConfigError::Read { path: self.path.clone(), source }),
+        };
+        let mut h = DefaultHasher::new();
+        text.hash(&mut h);
+        let digest = h.finish();
+        if !force && self.last == Some(digest) {
+            return Reload::Unchanged;
+        }
+        // Remember rejected content too, so a bad file is reported once, not every poll.
+        self.last = Some(digest);
+        match file::parse(&text) {
+            Ok(s) => Reload::Loaded(Box::new(s)),
+            Err(e) => Reload::Rejected(e),
+        }
+    }
+}
+
+/// Sends every valid new version of the file to `tx`, on SIGHUP and on content change (polled every
+/// `poll`). Returns when `tx` is closed. The caller loads the first version itself.
+pub async fn watch(mut fw: FileWatch, poll: Duration, tx: mpsc::Sender<Settings>) {
+    #[cfg(unix)]
+    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file change only");
+            None
+        }
+    };
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        #[cfg(unix)]
+        let force = tokio::select! {
+            _ = tick.tick() => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            () = tx.closed() => return,
+        };
+        #[cfg(not(unix))]
+        let force = tokio::select! {
+            _ = tick.tick() => false,
+            () = tx.closed() => return,
+        };
+        match fw.check(force) {
+            Reload::Unchanged => {}
+            Reload::Loaded(s) => {
+                tracing::info!(path = %fw.path().display(), services = s.services.len(), forced = force, "configuration file reloaded");
+                if tx.send(*s).await.is_err() {
+                    return;
+                }
+            }
+            Reload::Rejected(e) => {
+                tracing::error!(path = %fw.path().display(), "configuration file rejected, keeping the running configuration: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("lb-reload-{}-{name}.yaml", std::process::id()))
+    }
+
+    #[test]
+    fn loads_on_change_rejects_bad_and_forces_on_hup() {
+        let path = temp_path("a");
+        std::fs::write(&path, "node: { snat_v4: 10.0.0.2 }\nservices: [{ vip: 10.0.0.1, port: 80 }]\n").unwrap();
+        let mut fw = FileWatch::new(&path);
+        let Reload::Loaded(s) = fw.check(false) else { panic!("first check loads") };
+        assert_eq!(s.services.len(), 1);
+        assert!(matches!(fw.check(false), Reload::Unchanged));
+
+        std::fs::write(&path, "services: [{ vip: 10.0.0.1, port: 99999 }]\n").unwrap();
+        let Reload::Rejected(e) = fw.check(false) else { panic!("bad file is rejected") };
+        assert!(e.to_string().contains("services[0].port: 99999"), "{e}");
+        assert!(matches!(fw.check(false), Reload::Unchanged), "a bad file is reported once");
+
+        std::fs::write(&path, "node: { snat_v4: 10.0.0.2 }\nservices: [{ vip: 10.0.0.1, port: 80 }, { vip: 10.0.0.2, port: 80 }]\n").unwrap();
+        let Reload::Loaded(s) = fw.check(false) else { panic!("fixed file loads") };
+        assert_eq!(s.services.len(), 2);
+        assert!(matches!(fw.check(true), Reload::Loaded(_)), "SIGHUP reloads unchanged content");
+
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(fw.check(false), Reload::Rejected(ConfigError::Read { .. })));
+    }
+}

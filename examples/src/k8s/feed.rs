@@ -1,0 +1,249 @@
+//! The Kubernetes feed: list + watch Services and EndpointSlices, keep a store, translate it.
+//!
+//! kube-rs's [`watcher`] speaks the protocol: an initial list (its `resourceVersion` becomes the watch
+//! start), `watch=true&allowWatchBookmarks=true` from that version, bookmarks moving the version on
+//! without events, a re-list when the server answers 410 Gone (our history is compacted away), and a
+//! re-watch from the last version when the connection drops. We add back-off between failed
+//! attempts ([`WatchStreamExt::backoff`]) and the store.
+//!
+//! The store is applied *atomically per re-list*: `Init` starts a fresh buffer, `InitApply` fills it,
+//! `InitDone` replaces the store, so objects deleted while we were disconnected disappear and nothing
+//! is published from half a list. Nothing is published at all until both resources have listed once,
+//! so a restart never hands the workers Services without their endpoints.
+//!
+//! Every change marks the store dirty; [`Feed::run`] translates at most once per `debounce` and
+//! sends the [`Translation`] to the control loop. Node settings from the configuration file can
+//! change under it ([`NodeView`] over a `watch` channel), which re-translates too.
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::Api;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::utils::Backoff;
+use kube::runtime::watcher::{self, Event, watcher};
+use kube::{Client, Resource, ResourceExt};
+use lb_core::config::NodeConfig;
+use tokio::sync::{mpsc, watch};
+
+use super::translate::{Translation, translate};
+use crate::config::KubernetesSettings;
+
+/// What the translation needs from the configuration file; replaced on reload.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeView {
+    /// Feed settings (node name and addresses, defaults).
+    pub settings: KubernetesSettings,
+    /// Node-wide forwarding settings (which families can be NATed or tunnelled).
+    pub node: NodeConfig,
+}
+
+/// Why the feed could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// The kubeconfig could not be read or used.
+    #[error("kubeconfig {path}: {source}")]
+    Kubeconfig {
+        /// The file.
+        path: String,
+        /// kube's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// No kubeconfig was given and neither in-cluster nor `$KUBECONFIG` configuration works.
+    #[error("no Kubernetes configuration found (in-cluster or $KUBECONFIG): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    /// The client could not be built.
+    #[error("kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+/// Builds a client from the kubeconfig file if one is given, else in-cluster or `$KUBECONFIG`.
+pub async fn client(settings: &KubernetesSettings) -> Result<Client, FeedError> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let err = |e: Box<dyn std::error::Error + Send + Sync>| FeedError::Kubeconfig { path: path.display().to_string(), source: e };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(Box::new(e)))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| err(Box::new(e)))?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Back-off between failed list/watch attempts: exponential with jitter-free doubling, capped.
+#[derive(Debug, Clone)]
+pub struct ExpBackoff {
+    first: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl ExpBackoff {
+    /// Starts at `first`, doubles per failure, never exceeds `max`; resets after a success.
+    pub fn new(first: Duration, max: Duration) -> Self {
+        ExpBackoff { first, max, next: first }
+    }
+}
+
+impl Default for ExpBackoff {
+    /// client-go's reflector values: 800 ms doubling to 30 s.
+    fn default() -> Self {
+        ExpBackoff::new(Duration::from_millis(800), Duration::from_secs(30))
+    }
+}
+
+impl Iterator for ExpBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        Some(d)
+    }
+}
+
+impl Backoff for ExpBackoff {
+    fn reset(&mut self) {
+        self.next = self.first;
+    }
+}
+
+/// One kind of object, stored by `namespace/name`, with a buffer for an in-progress re-list.
+#[derive(Debug)]
+struct Store<K> {
+    objects: HashMap<String, K>,
+    relist: Option<HashMap<String, K>>,
+    listed: bool,
+}
+
+impl<K: Resource + Clone> Store<K> {
+    fn new() -> Self {
+        Store { objects: HashMap::new(), relist: None, listed: false }
+    }
+
+    fn key(obj: &K) -> String {
+        format!("{}/{}", obj.namespace().unwrap_or_default(), obj.name_any())
+    }
+
+    /// Applies one watcher event; true if the visible store changed.
+    fn apply(&mut self, event: Event<K>) -> bool {
+        match event {
+            Event::Apply(obj) => {
+                self.objects.insert(Self::key(&obj), obj);
+                true
+            }
+            Event::Delete(obj) => self.objects.remove(&Self::key(&obj)).is_some(),
+            Event::Init => {
+                self.relist = Some(HashMap::new());
+                false
+            }
+            Event::InitApply(obj) => {
+                self.relist.get_or_insert_with(HashMap::new).insert(Self::key(&obj), obj);
+                false
+            }
+            Event::InitDone => {
+                self.objects = self.relist.take().unwrap_or_default();
+                self.listed = true;
+                true
+            }
+        }
+    }
+}
+
+/// Counters the feed keeps, for logs and `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FeedStats {
+    /// Watch errors (including 410 Gone and dropped connections) after which the watcher recovered.
+    pub watch_errors: u64,
+    /// Translations sent.
+    pub translations: u64,
+}
+
+/// The feed: two watchers, a store, a debounced translation.
+pub struct Feed {
+    client: Client,
+    view: watch::Receiver<NodeView>,
+    backoff: ExpBackoff,
+    watcher_config: watcher::Config,
+}
+
+impl Feed {
+    /// A feed over `client`, reading node settings from `view`.
+    pub fn new(client: Client, view: watch::Receiver<NodeView>) -> Self {
+        Feed { client, view, backoff: ExpBackoff::default(), watcher_config: watcher::Config::default() }
+    }
+
+    /// Replaces the back-off between failed attempts (tests use milliseconds).
+    pub fn with_backoff(mut self, backoff: ExpBackoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Replaces the watch options (e.g. a shorter server-side watch timeout).
+    pub fn with_watcher_config(mut self, config: watcher::Config) -> Self {
+        self.watcher_config = config;
+        self
+    }
+
+    /// Runs until `tx` is closed, sending a translation after every (debounced) change.
+    pub async fn run(self, tx: mpsc::Sender<Translation>) {
+        let services = watcher(Api::<Service>::all(self.client.clone()), self.watcher_config.clone())
+            .backoff(self.backoff.clone());
+        let slices = watcher(Api::<EndpointSlice>::all(self.client.clone()), self.watcher_config.clone())
+            .backoff(self.backoff.clone());
+        run_streams(services, slices, self.view, tx).await;
+    }
+}
+
+/// The feed's loop over any two event streams (the watchers in production).
+async fn run_streams(
+    services: impl Stream<Item = watcher::Result<Event<Service>>>,
+    slices: impl Stream<Item = watcher::Result<Event<EndpointSlice>>>,
+    mut view: watch::Receiver<NodeView>,
+    tx: mpsc::Sender<Translation>,
+) {
+    let mut services = pin!(services);
+    let mut slices = pin!(slices);
+    let mut svc_store = Store::<Service>::new();
+    let mut eps_store = Store::<EndpointSlice>::new();
+    let mut stats = FeedStats::default();
+    let mut due: Option<tokio::time::Instant> = None;
+    let mut view_open = true;
+    loop {
+        let dirty = tokio::select! {
+            ev = services.next() => match ev {
+                Some(Ok(e)) => svc_store.apply(e),
+                Some(Err(e)) => { stats.watch_errors += 1; tracing::warn!(error = %e, "services watch failed; backing off and resuming"); false }
+                None => return,
+            },
+            ev = slices.next() => match ev {
+                Some(Ok(e)) => eps_store.apply(e),
+                Some(Err(e)) => { stats.watch_errors += 1; tracing::warn!(error = %e, "endpointslices watch failed; backing off and resuming"); false }
+                None => return,
+            },
+            changed = view.changed(), if view_open => { view_open = changed.is_ok(); view_open }
+            () = async { match due { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                due = None;
+                let v = view.borrow_and_update().clone();
+                let t = translate(svc_store.objects.values(), eps_store.objects.values(), &v.settings, &v.node);
+                stats.translations += 1;
+                tracing::debug!(services = t.services.len(), skipped = t.skipped.len(), ?stats, "kubernetes translation");
+                if tx.send(t).await.is_err() {
+                    return;
+                }
+                false
+            }
+            () = tx.closed() => return,
+        };
+        // Debounce: the first change after a publish sets the deadline; later ones ride along, so a
+        // steady churn still publishes once per `debounce`.
+        if dirty && due.is_none() && svc_store.listed && eps_store.listed {
+            due = Some(tokio::time::Instant::now() + view.borrow().settings.debounce);
+        }
+    }
+}

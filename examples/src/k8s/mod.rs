@@ -1,0 +1,9 @@
+//! The Kubernetes side: which annotations are read ([`annotations`]), the pure translation of
+//! Services and EndpointSlices into load-balancer services ([`translate`]), and the list/watch feed
+//! that keeps them current ([`feed`]).
+
+pub mod annotations;
+pub mod feed;
+pub mod translate;
+
+pub use translate::{Skipped, Translation, translate};

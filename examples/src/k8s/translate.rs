@@ -1,0 +1,599 @@
+//! The pure translation from Kubernetes Services and EndpointSlices to load-balancer services.
+//!
+//! One Kubernetes Service port becomes one lb-core service per address it is reachable on, as
+//! kube-proxy programs it:
+//!
+//! | reachable on | key | backends | source ranges |
+//! |---|---|---|---|
+//! | each `spec.clusterIPs` (dual-stack) | (cluster IP, `port`) | `internalTrafficPolicy` | - |
+//! | each `spec.externalIPs` | (IP, `port`) | `externalTrafficPolicy` | - |
+//! | every node address (NodePort and LoadBalancer) | (node address, `nodePort`) | `externalTrafficPolicy` | - |
+//! | `spec.loadBalancerIP`, `status.loadBalancer.ingress[].ip` | (IP, `port`) | `externalTrafficPolicy` | `loadBalancerSourceRanges` |
+//!
+//! Backends come from the EndpointSlices labelled `kubernetes.io/service-name`, of the key's address
+//! family, on the slice port with the Service port's name (the slice port already holds the resolved
+//! `targetPort`). Endpoint conditions map to states: `ready` -> Active; `serving && terminating` ->
+//! Draining (keeps its flows, gets no new ones); anything else -> not a backend. A `Local` traffic
+//! policy keeps only endpoints whose `nodeName` is this node; with none left the service stays, with no
+//! backends, so its packets are dropped and counted rather than sent to the host stack.
+//!
+//! ExternalName and headless Services are skipped (debug log). A Service with a bad annotation, or a
+//! key already taken by an older Service, is skipped whole and reported in [`Translation::skipped`].
+//! Nothing here does I/O; the feed calls [`translate`] on its store after every change.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use lb_core::config::{
+    BackendConfig, BackendState, Cidr, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey,
+};
+
+use super::annotations;
+use crate::config::{KubernetesSettings, ServiceSpec};
+
+/// Label tying an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Kubernetes' default ClientIP affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
+
+/// The result of one translation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Translation {
+    /// The services to balance, sorted by name then key.
+    pub services: Vec<ServiceSpec>,
+    /// Services (or single keys) left out because they are wrong or conflict, with the reason.
+    pub skipped: Vec<Skipped>,
+}
+
+/// A Service, or one of its keys, the translation left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// `namespace/name`.
+    pub service: String,
+    /// What is wrong, naming the field or annotation and its value.
+    pub reason: String,
+}
+
+/// One endpoint address on one port, before traffic policy filtering.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    backend: BackendConfig,
+    local: bool,
+}
+
+/// Which of a Service's backends a key uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Cluster IPs: `internalTrafficPolicy`.
+    Internal,
+    /// Node ports, external IPs: `externalTrafficPolicy`.
+    External,
+    /// Load-balancer IPs: `externalTrafficPolicy` and source ranges.
+    LoadBalancer,
+}
+
+/// Translates Services and EndpointSlices into services for this node.
+///
+/// `node` is the file's node settings: keys of a family the node cannot forward in the chosen
+/// mode (no SNAT or tunnel source for it) are skipped here rather than failing the whole update.
+pub fn translate<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    settings: &KubernetesSettings,
+    node: &NodeConfig,
+) -> Translation {
+    let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let ns = slice.metadata.namespace.clone().unwrap_or_default();
+        if let Some(name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+            by_service.entry((ns, name.clone())).or_default().push(slice);
+        }
+    }
+    // Oldest Service first (then by name), so that when two claim one key the older one keeps it,
+    // whatever order the store hands them over in.
+    let mut services: Vec<&Service> = services.into_iter().collect();
+    services.sort_by(|a, b| {
+        let age = |s: &Service| s.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        age(a).cmp(&age(b)).then_with(|| full_name(a).cmp(&full_name(b)))
+    });
+
+    let mut out = Translation::default();
+    let mut taken: HashMap<ServiceKey, String> = HashMap::new();
+    for svc in services {
+        let name = full_name(svc);
+        let ns = svc.metadata.namespace.clone().unwrap_or_default();
+        let own = svc.metadata.name.clone().unwrap_or_default();
+        let slices = by_service.get(&(ns, own)).map(Vec::as_slice).unwrap_or(&[]);
+        match translate_service(svc, &name, slices, settings, node) {
+            Ok((specs, skipped)) => {
+                out.skipped.extend(skipped);
+                for spec in specs {
+                    if let Some(owner) = taken.get(&spec.config.key) {
+                        out.skipped.push(Skipped {
+                            service: name.clone(),
+                            reason: format!("{} is already used by {owner}", spec.config.key),
+                        });
+                        continue;
+                    }
+                    taken.insert(spec.config.key, name.clone());
+                    out.services.push(spec);
+                }
+            }
+            Err(reason) => out.skipped.push(Skipped { service: name, reason }),
+        }
+    }
+    out.services.sort_by(|a, b| a.config.name.cmp(&b.config.name).then(a.config.key.cmp(&b.config.key)));
+    for s in &out.skipped {
+        tracing::warn!(service = %s.service, "kubernetes service skipped: {}", s.reason);
+    }
+    out
+}
+
+fn full_name(svc: &Service) -> String {
+    format!(
+        "{}/{}",
+        svc.metadata.namespace.as_deref().unwrap_or_default(),
+        svc.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+type ServiceResult = Result<(Vec<ServiceSpec>, Vec<Skipped>), String>;
+
+fn translate_service(
+    svc: &Service,
+    name: &str,
+    slices: &[&EndpointSlice],
+    settings: &KubernetesSettings,
+    node: &NodeConfig,
+) -> ServiceResult {
+    let Some(spec) = &svc.spec else {
+        tracing::debug!(service = name, "skipping service without spec");
+        return Ok((Vec::new(), Vec::new()));
+    };
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if kind == "ExternalName" {
+        tracing::debug!(service = name, "skipping ExternalName service: DNS only, nothing to balance");
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let cluster_ips: Vec<&str> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.as_deref().into_iter().collect(),
+    };
+    if cluster_ips.iter().any(|ip| ip.eq_ignore_ascii_case("None")) {
+        tracing::debug!(service = name, "skipping headless service: clients reach pods directly");
+        return Ok((Vec::new(), Vec::new()));
+    }
+
+    let ann = annotations::service(svc.metadata.annotations.as_ref())?;
+    let scheduler = ann.scheduler.unwrap_or(settings.default_scheduler);
+    let mode = ann.mode.unwrap_or(settings.default_mode);
+    let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u64::try_from(t).ok())
+            .filter(|&t| t > 0)
+            .map_or(DEFAULT_AFFINITY_TIMEOUT, Duration::from_secs)
+    });
+    let mut source_ranges = Vec::new();
+    for r in spec.load_balancer_source_ranges.iter().flatten() {
+        source_ranges.push(
+            r.trim()
+                .parse::<Cidr>()
+                .map_err(|_| format!("spec.loadBalancerSourceRanges: {r:?} is not a CIDR"))?,
+        );
+    }
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let weights: Vec<u32> = slices
+        .iter()
+        .map(|s| annotations::weight(s.metadata.annotations.as_ref()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("EndpointSlice: {e}"))?;
+
+    let mut out = Vec::new();
+    let mut skipped = Vec::new();
+    for port in spec.ports.iter().flatten() {
+        let proto = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            other => {
+                tracing::debug!(service = name, protocol = other, "skipping port: protocol not balanced");
+                continue;
+            }
+        };
+        let Ok(svc_port) = u16::try_from(port.port) else {
+            return Err(format!("spec.ports[].port: {} is out of range", port.port));
+        };
+        let port_name = port.name.as_deref().unwrap_or("");
+        let endpoints = endpoints_for(slices, &weights, port_name, proto, settings.node_name.as_deref());
+
+        let mut keys: Vec<(IpAddr, u16, Reach)> = Vec::new();
+        let mut push_ip = |ip: &str, port: u16, reach: Reach, field: &str| match ip.trim().parse::<IpAddr>() {
+            Ok(ip) => keys.push((ip, port, reach)),
+            Err(_) => tracing::debug!(service = name, field, value = ip, "ignoring unparsable address"),
+        };
+        for ip in &cluster_ips {
+            push_ip(ip, svc_port, Reach::Internal, "spec.clusterIPs");
+        }
+        for ip in spec.external_ips.iter().flatten() {
+            push_ip(ip, svc_port, Reach::External, "spec.externalIPs");
+        }
+        if kind == "LoadBalancer" {
+            for ip in spec.load_balancer_ip.iter().filter(|s| !s.is_empty()) {
+                push_ip(ip, svc_port, Reach::LoadBalancer, "spec.loadBalancerIP");
+            }
+            let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+            for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()) {
+                push_ip(ip, svc_port, Reach::LoadBalancer, "status.loadBalancer.ingress[].ip");
+            }
+        }
+        if matches!(kind, "NodePort" | "LoadBalancer")
+            && let Some(np) = node_port(port)
+        {
+            // Like kube-proxy's per-family proxiers: node ports only on addresses of the Service's families.
+            let families: Vec<bool> = cluster_ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()).map(|ip| ip.is_ipv4()).collect();
+            for ip in settings.node_addresses.iter().filter(|ip| families.contains(&ip.is_ipv4())) {
+                keys.push((*ip, np, Reach::External));
+            }
+        }
+
+        let mut seen = HashSet::new();
+        for (vip, key_port, reach) in keys {
+            let key = ServiceKey { vip, port: key_port, proto };
+            if !seen.insert(key) {
+                continue; // e.g. loadBalancerIP repeated in status
+            }
+            let local_only = match reach {
+                Reach::Internal => internal_local,
+                Reach::External | Reach::LoadBalancer => external_local,
+            };
+            let backends: Vec<BackendConfig> = endpoints
+                .iter()
+                .filter(|e| e.backend.addr.is_ipv4() == vip.is_ipv4() && (!local_only || e.local))
+                .map(|e| e.backend.clone())
+                .collect();
+            if let Some(why) = cannot_forward(mode, key, target_port(port), &backends, node) {
+                skipped.push(Skipped { service: name.to_string(), reason: why });
+                continue;
+            }
+            let shown = if port_name.is_empty() { port.port.to_string() } else { port_name.to_string() };
+            out.push(ServiceSpec {
+                config: ServiceConfig {
+                    name: format!("{name}:{shown}"),
+                    key,
+                    backends,
+                    scheduler,
+                    mode,
+                    affinity_timeout,
+                    source_ranges: if reach == Reach::LoadBalancer { source_ranges.clone() } else { Vec::new() },
+                    maglev_table_size: ann.maglev_table_size,
+                    on_backend_removed: ann.on_backend_removed.unwrap_or_default(),
+                },
+                health_check: ann.health_check.clone(),
+            });
+        }
+    }
+    Ok((out, skipped))
+}
+
+fn node_port(port: &ServicePort) -> Option<u16> {
+    port.node_port.and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0)
+}
+
+/// Why `key` cannot be served in `mode` on this node, if it cannot.
+fn cannot_forward(
+    mode: ForwardMode,
+    key: ServiceKey,
+    target_port: Option<u16>,
+    backends: &[BackendConfig],
+    node: &NodeConfig,
+) -> Option<String> {
+    let v4 = key.vip.is_ipv4();
+    let missing = match mode {
+        ForwardMode::Nat if v4 && node.snat_v4.is_none() => Some("node.snat_v4"),
+        ForwardMode::Nat if !v4 && node.snat_v6.is_none() => Some("node.snat_v6"),
+        ForwardMode::IpIp | ForwardMode::Gue { .. } if v4 && node.tunnel_src_v4.is_none() => Some("node.tunnel_src_v4"),
+        ForwardMode::IpIp | ForwardMode::Gue { .. } if !v4 && node.tunnel_src_v6.is_none() => Some("node.tunnel_src_v6"),
+        _ => None,
+    };
+    if let Some(field) = missing {
+        return Some(format!("{key}: forwarding needs {field} in the configuration file"));
+    }
+    // Judge by the numeric targetPort when there is one, so the decision does not flip as endpoints come and go.
+    let other = target_port.or_else(|| backends.first().map(|b| b.port)).filter(|&p| p != key.port);
+    if mode != ForwardMode::Nat
+        && let Some(p) = other
+    {
+        return Some(format!("{key}: target port {p} differs from the service port, which only NAT mode can translate"));
+    }
+    None
+}
+
+/// The numeric `targetPort` (defaults to `port`); `None` for a named one.
+fn target_port(port: &ServicePort) -> Option<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match &port.target_port {
+        None => u16::try_from(port.port).ok(),
+        Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+        Some(IntOrString::String(_)) => None,
+    }
+}
+
+/// Every endpoint address serving `port_name`/`proto`, deduplicated (an endpoint moving between
+/// slices can appear in two; the better state wins).
+fn endpoints_for(
+    slices: &[&EndpointSlice],
+    weights: &[u32],
+    port_name: &str,
+    proto: Protocol,
+    node_name: Option<&str>,
+) -> Vec<Endpoint> {
+    let mut found: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
+    for (slice, &weight) in slices.iter().zip(weights) {
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue; // FQDN slices carry names, not addresses
+        }
+        let target = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && match p.protocol.as_deref().unwrap_or("TCP") {
+                    "TCP" => proto == Protocol::Tcp,
+                    "UDP" => proto == Protocol::Udp,
+                    _ => false,
+                }
+        });
+        let Some(target_port) = target.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let c = ep.conditions.as_ref();
+            // API semantics: a nil `ready` means ready; nil `serving` follows `ready`; nil `terminating` is false.
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            let state = if ready {
+                BackendState::Active
+            } else if serving && terminating {
+                BackendState::Draining
+            } else {
+                continue;
+            };
+            // Addresses are fungible; consumers may use the first only (EndpointSlice API).
+            let Some(addr) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let local = node_name.is_some() && ep.node_name.as_deref() == node_name;
+            let e = Endpoint { backend: BackendConfig { addr, port: target_port, weight, mac: None, state }, local };
+            match found.get(&(addr, target_port)) {
+                Some(prev) if prev.backend.state == BackendState::Active => {}
+                _ => {
+                    found.insert((addr, target_port), e);
+                }
+            }
+        }
+    }
+    found.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    use lb_core::config::{RemovedBackendPolicy, SchedulerKind};
+
+    use super::*;
+    use crate::config::Probe;
+
+    macro_rules! fixture {
+        ($name:literal) => {
+            serde_json::from_str(include_str!(concat!("../../tests/fixtures/", $name))).unwrap()
+        };
+    }
+
+    fn settings() -> KubernetesSettings {
+        KubernetesSettings {
+            node_name: Some("node-a".into()),
+            node_addresses: vec!["192.168.1.10".parse().unwrap(), "fd00::10".parse().unwrap()],
+            ..Default::default()
+        }
+    }
+
+    fn node() -> NodeConfig {
+        NodeConfig {
+            snat_v4: Some(Ipv4Addr::new(192, 168, 1, 10)),
+            snat_v6: Some("fd00::10".parse::<Ipv6Addr>().unwrap()),
+            ..Default::default()
+        }
+    }
+
+    fn find<'a>(t: &'a Translation, key: &str) -> &'a ServiceConfig {
+        &t.services.iter().find(|s| s.config.key.to_string() == key).unwrap_or_else(|| panic!("no {key} in {t:#?}")).config
+    }
+
+    fn backends(s: &ServiceConfig) -> Vec<(String, BackendState, u32)> {
+        s.backends
+            .iter()
+            .map(|b| (std::net::SocketAddr::new(b.addr, b.port).to_string(), b.state, b.weight))
+            .collect()
+    }
+
+    #[test]
+    fn cluster_ip_dual_stack_conditions_ports_and_affinity() {
+        let svc: Service = fixture!("service-web.json");
+        let v4: EndpointSlice = fixture!("endpointslice-web-ipv4.json");
+        let v6: EndpointSlice = fixture!("endpointslice-web-ipv6.json");
+        let t = translate([&svc], [&v4, &v6], &settings(), &node());
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        // 2 ports x 2 cluster IPs.
+        assert_eq!(t.services.len(), 4);
+        let http = find(&t, "tcp 10.96.12.34:80");
+        assert_eq!(http.name, "shop/web:http");
+        assert_eq!(http.scheduler, SchedulerKind::WeightedRoundRobin);
+        assert_eq!(http.affinity_timeout, Some(Duration::from_secs(600)));
+        assert!(http.source_ranges.is_empty());
+        // ready -> Active, serving+terminating -> Draining, not serving -> gone; named targetPort "http" -> 8080.
+        assert_eq!(
+            backends(http),
+            vec![
+                ("10.244.1.5:8080".into(), BackendState::Active, 100),
+                ("10.244.1.9:8080".into(), BackendState::Draining, 100),
+                ("10.244.2.7:8080".into(), BackendState::Active, 100),
+            ]
+        );
+        let metrics = find(&t, "tcp 10.96.12.34:9090");
+        assert!(metrics.backends.iter().all(|b| b.port == 9090));
+        let http6 = find(&t, "tcp [fd00:10:96::1234]:80");
+        assert_eq!(backends(http6), vec![("[fd00:10:244:1::5]:8080".into(), BackendState::Active, 100)]);
+        let spec = t.services.iter().find(|s| s.config.key == http.key).unwrap();
+        assert_eq!(spec.health_check.as_ref().unwrap().probe, Probe::Http { path: "/healthz".into() });
+    }
+
+    #[test]
+    fn node_port_with_local_policy_keeps_only_this_nodes_endpoints() {
+        let svc: Service = fixture!("service-api-nodeport-local.json");
+        let slice: EndpointSlice = fixture!("endpointslice-api.json");
+        // The endpoints run on node-b and node-c.
+        let t = translate([&svc], [&slice], &settings(), &node());
+        let cluster = find(&t, "tcp 10.96.40.2:80");
+        assert_eq!(cluster.name, "shop/api:80");
+        assert_eq!(cluster.backends.len(), 2, "internalTrafficPolicy Cluster keeps all");
+        assert_eq!(cluster.affinity_timeout, None);
+        let np = find(&t, "tcp 192.168.1.10:30080");
+        assert!(np.backends.is_empty(), "Local with no local endpoint: kept, empty, so drops are counted");
+        // Single-stack IPv4: no node port on the node's IPv6 address.
+        assert!(t.services.iter().all(|s| s.config.key.vip.is_ipv4()), "{t:#?}");
+
+        let on_b = KubernetesSettings { node_name: Some("node-b".into()), ..settings() };
+        let t = translate([&svc], [&slice], &on_b, &node());
+        assert_eq!(backends(find(&t, "tcp 192.168.1.10:30080")), vec![("10.244.2.20:8080".into(), BackendState::Active, 100)]);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_filters_cluster_ip() {
+        let mut svc: Service = fixture!("service-api-nodeport-local.json");
+        let slice: EndpointSlice = fixture!("endpointslice-api.json");
+        svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        let on_c = KubernetesSettings { node_name: Some("node-c".into()), ..settings() };
+        let t = translate([&svc], [&slice], &on_c, &node());
+        assert_eq!(backends(find(&t, "tcp 10.96.40.2:80")), vec![("10.244.3.21:8080".into(), BackendState::Active, 100)]);
+    }
+
+    #[test]
+    fn load_balancer_ips_source_ranges_node_ports_and_udp() {
+        let svc: Service = fixture!("service-edge-loadbalancer.json");
+        let slice: EndpointSlice = fixture!("endpointslice-edge.json");
+        let t = translate([&svc], [&slice], &settings(), &node());
+        let keys: Vec<String> = t.services.iter().map(|s| s.config.key.to_string()).collect();
+        for want in [
+            "tcp 10.96.7.7:443",
+            "tcp 203.0.113.10:443",
+            "tcp 203.0.113.11:443",
+            "tcp 192.168.1.10:31443",
+            "udp 203.0.113.11:443",
+            "udp 192.168.1.10:31443",
+        ] {
+            assert!(keys.contains(&want.to_string()), "missing {want} in {keys:?}");
+        }
+        let lb = find(&t, "tcp 203.0.113.11:443");
+        assert_eq!(lb.source_ranges.len(), 2);
+        assert!(lb.source_ranges[0].contains("198.51.100.7".parse().unwrap()));
+        assert!(find(&t, "tcp 10.96.7.7:443").source_ranges.is_empty(), "source ranges are for LB IPs only");
+        assert!(find(&t, "tcp 192.168.1.10:31443").source_ranges.is_empty());
+        assert_eq!(lb.maglev_table_size, Some(65537));
+        assert_eq!(lb.on_backend_removed, RemovedBackendPolicy::Drop);
+        assert_eq!(lb.scheduler, SchedulerKind::Maglev, "default scheduler");
+        let quic = find(&t, "udp 203.0.113.11:443");
+        assert_eq!(quic.name, "ingress/edge:quic");
+        assert_eq!(backends(quic), vec![("10.244.1.30:8443".into(), BackendState::Active, 100)]);
+    }
+
+    #[test]
+    fn external_name_and_headless_are_skipped_quietly() {
+        let a: Service = fixture!("service-external-name.json");
+        let b: Service = fixture!("service-headless.json");
+        let t = translate([&a, &b], [], &settings(), &node());
+        assert!(t.services.is_empty());
+        assert!(t.skipped.is_empty(), "skipping them is not an error");
+    }
+
+    #[test]
+    fn canary_weights_from_two_slices() {
+        let svc: Service = fixture!("service-checkout-canary.json");
+        let stable: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
+        let next: EndpointSlice = fixture!("endpointslice-checkout-next.json");
+        let t = translate([&svc], [&next, &stable], &settings(), &node());
+        assert_eq!(
+            backends(find(&t, "tcp 10.96.80.80:80")),
+            vec![
+                ("10.244.4.10:8080".into(), BackendState::Active, 90),
+                ("10.244.5.10:8080".into(), BackendState::Active, 10),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_annotation_skips_only_that_service() {
+        let mut svc: Service = fixture!("service-checkout-canary.json");
+        let good: Service = fixture!("service-web.json");
+        let mut stable: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
+        stable.metadata.annotations.as_mut().unwrap().insert(annotations::WEIGHT.into(), "ninety".into());
+        let t = translate([&svc, &good], [&stable], &settings(), &node());
+        assert_eq!(t.skipped.len(), 1);
+        assert_eq!(t.skipped[0].service, "shop/checkout");
+        assert!(t.skipped[0].reason.contains("\"ninety\""), "{}", t.skipped[0].reason);
+        assert!(t.services.iter().all(|s| !s.config.name.starts_with("shop/checkout")));
+        assert!(!t.services.is_empty(), "the other service stays");
+
+        svc.metadata.annotations.as_mut().unwrap().insert(annotations::SCHEDULER.into(), "fastest".into());
+        let t = translate([&svc], [], &settings(), &node());
+        assert!(t.skipped[0].reason.contains("lb.example.dev/scheduler"), "{:?}", t.skipped);
+    }
+
+    #[test]
+    fn key_conflict_keeps_the_older_service() {
+        let older: Service = fixture!("service-edge-loadbalancer.json");
+        let mut newer: Service = fixture!("service-edge-loadbalancer.json");
+        newer.metadata.name = Some("edge-copy".into());
+        newer.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-11-03T00:00:00Z".parse().unwrap(),
+        ));
+        newer.spec.as_mut().unwrap().cluster_ips = Some(vec!["10.96.7.8".into()]);
+        let t = translate([&newer, &older], [], &settings(), &node());
+        assert!(find(&t, "tcp 203.0.113.11:443").name.starts_with("ingress/edge:"));
+        assert!(find(&t, "tcp 10.96.7.8:443").name.starts_with("ingress/edge-copy:"));
+        assert!(t.skipped.iter().any(|s| s.service == "ingress/edge-copy" && s.reason.contains("203.0.113.11")));
+    }
+
+    #[test]
+    fn modes_the_node_cannot_serve_skip_keys() {
+        let svc: Service = fixture!("service-web.json");
+        let v4: EndpointSlice = fixture!("endpointslice-web-ipv4.json");
+        let only_v4 = NodeConfig { snat_v6: None, ..node() };
+        let t = translate([&svc], [&v4], &settings(), &only_v4);
+        assert_eq!(t.services.len(), 2, "IPv6 keys skipped: {t:#?}");
+        assert!(t.skipped.iter().all(|s| s.reason.contains("node.snat_v6")));
+
+        let dsr = KubernetesSettings { default_mode: ForwardMode::Dsr, ..settings() };
+        let t = translate([&svc], [&v4], &dsr, &node());
+        // http: 80 -> 8080 (named "http") cannot be DSR; metrics: 9090 -> 9090 can. The IPv6 http
+        // key has no endpoints here, so only its (IPv4) twin reveals the mismatch.
+        assert!(t.services.iter().all(|s| s.config.key.port == 9090 || !s.config.key.vip.is_ipv4()), "{t:#?}");
+        assert!(t.skipped.iter().any(|s| s.reason.contains("only NAT")));
+    }
+
+    #[test]
+    fn affinity_default_timeout_and_nil_conditions() {
+        let mut svc: Service = fixture!("service-checkout-canary.json");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.session_affinity = Some("ClientIP".into());
+        let mut slice: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
+        slice.endpoints[0].conditions = None;
+        let t = translate([&svc], [&slice], &settings(), &node());
+        let s = find(&t, "tcp 10.96.80.80:80");
+        assert_eq!(s.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
+        assert_eq!(s.backends[0].state, BackendState::Active, "nil conditions mean ready");
+    }
+}
