@@ -6,3 +6,4 @@
 
 pub mod config;
 pub mod k8s;
+pub mod health;
