@@ -20,7 +20,12 @@
 extern crate alloc;
 
 pub mod config;
+pub mod conntrack;
+pub mod schedule;
+pub mod service;
+pub mod stats;
 pub mod frame;
+pub mod packet;
 pub mod time;
 
 pub use frame::{Frame, Verdict};

@@ -1,2 +1,40 @@
-//! AF_XDP I/O for the load balancer. Filled in by issue 5.
-#![forbid(unsafe_code)]
+//! Moves frames between real queues and a per-core frame processor: AF_XDP sockets (UMEM and rings),
+//! the XDP program that steers VIP traffic to them, pinned poll loops, and memory and pcap devices
+//! that let the same loop run in tests and replays.
+//!
+//! lb-io knows nothing of load balancing: a [`BurstProcessor`] (in the load balancer,
+//! `lb_core::worker::Worker`) turns bursts into verdicts; lb-io receives, hands over, transmits.
+//!
+//! ```text
+//!  NIC queue ──XDP program (VIP? redirect : XDP_PASS)──► XSK RX ring ─┐
+//!                                                                    ▼
+//!   control thread ──update_channel──► PollLoop (pinned core): receive ► process_burst ► settle ► flush
+//!         ▲                                 │                                               │
+//!         └──────── retired state ──────────┘                       XSK TX ring ◄──────────┘
+//! ```
+//! This is the only crate of the workspace with `unsafe` (system calls, the UMEM and ring mappings);
+//! every block says why it holds.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod bpf;
+mod chunk;
+pub mod device;
+pub mod memory;
+pub mod netns;
+pub mod pcap;
+pub mod poll;
+pub mod processor;
+pub mod stop;
+pub mod xsk;
+
+pub use device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
+pub use memory::{MemoryConfig, MemoryDevice};
+pub use pcap::PcapDevice;
+pub use poll::{
+    LoopConfig, LoopCounters, LoopGone, LoopReport, LoopStats, PollLoop, SpawnError,
+    UpdateReceiver, UpdateSender, pin_to_core, update_channel,
+};
+pub use processor::{BurstProcessor, MacRewrite};
+pub use stop::StopFlag;
+pub use xsk::{BusyPoll, CopyMode, XskConfig, XskDevice, XskError, XskStats};

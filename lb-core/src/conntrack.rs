@@ -1,0 +1,575 @@
+//! The per-core connection table: which backend each flow goes to, and in which TCP state it is.
+//!
+//! ```text
+//!   hash(key) ──► bucket (8 ways) ──► tags [u16; 8]  (one cache line holds 4 buckets' tags)
+//!                                     entries [Entry; 8] (64 bytes each, compared only on a tag hit)
+//! ```
+//! A set-associative table, like a CPU cache: capacity is fixed when the table is built (rounded up to a
+//! power of two number of 8-way buckets) and the storage is two boxed slices that are never resized, so
+//! the table cannot grow and cannot allocate after construction. An entry never moves once written, so
+//! its index is a stable handle: a NAT flow's forward and reverse entries point at each other by index.
+//!
+//! Expired entries are reclaimed lazily: a lookup that finds one removes it, an insert reuses its way,
+//! and [`ConntrackTable::sweep_bucket`] (called a few buckets per burst by the worker) reclaims the rest
+//! so per-backend connection counts stay honest.
+//!
+//! When every way of a bucket is live, an insert evicts, in this order: the oldest half-open entry
+//! (TCP SYN seen, or UDP seen in one direction once), then the oldest closing entry (FIN, RST, time-wait)
+//! or affinity record. It never evicts a live established flow: then the insert fails and the caller
+//! counts [`DropReason::ConntrackFull`](crate::stats::DropReason::ConntrackFull). A SYN flood therefore
+//! only ever replaces its own half-open entries and cannot push established connections out.
+//!
+//! Times are whole seconds (`u32`) to keep an entry within 64 bytes.
+
+use alloc::boxed::Box;
+use alloc::vec;
+use core::net::IpAddr;
+
+use crate::service::BackendRef;
+
+/// Ways per bucket.
+pub const WAYS: usize = 8;
+
+/// What a conntrack entry is keyed by: the 5-tuple as received, addresses as 16 bytes (IPv4 mapped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    /// Source address (IPv4 as `::ffff:a.b.c.d`).
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Source port (0 for an affinity record).
+    pub sport: u16,
+    /// Destination port.
+    pub dport: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Bit 0: IPv6. Bit 1: affinity record (client address to backend, not a flow).
+    pub flags: u8,
+}
+
+const FLAG_V6: u8 = 1;
+const FLAG_AFFINITY: u8 = 2;
+
+/// The 16-byte form of an address as a [`ConnKey`] stores it.
+pub fn addr_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The address a [`ConnKey`] stored, given its family.
+pub fn addr_from_bytes(b: [u8; 16], v6: bool) -> IpAddr {
+    let a = core::net::Ipv6Addr::from(b);
+    if v6 {
+        IpAddr::V6(a)
+    } else {
+        match a.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(a),
+        }
+    }
+}
+
+impl ConnKey {
+    /// The key of a flow.
+    pub fn flow(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> Self {
+        ConnKey {
+            src: addr_bytes(src),
+            dst: addr_bytes(dst),
+            sport,
+            dport,
+            proto,
+            flags: if src.is_ipv6() { FLAG_V6 } else { 0 },
+        }
+    }
+
+    /// The key of a ClientIP affinity record: one per (client address, service).
+    pub fn affinity(client: IpAddr, vip: IpAddr, port: u16, proto: u8) -> Self {
+        let mut k = ConnKey::flow(client, vip, 0, port, proto);
+        k.flags |= FLAG_AFFINITY;
+        k
+    }
+
+    /// True for an IPv6 flow.
+    pub fn is_v6(&self) -> bool {
+        self.flags & FLAG_V6 != 0
+    }
+
+    /// Source address.
+    pub fn src_ip(&self) -> IpAddr {
+        addr_from_bytes(self.src, self.is_v6())
+    }
+
+    /// Destination address.
+    pub fn dst_ip(&self) -> IpAddr {
+        addr_from_bytes(self.dst, self.is_v6())
+    }
+
+    /// A 64-bit hash of the key. Hand-written rather than a `Hasher` because it is on the fast path
+    /// and works on whole words: four 64-bit loads, multiply-fold, and a final avalanche (fmix64).
+    pub fn hash(&self) -> u64 {
+        const K: u64 = 0x9E37_79B9_7F4A_7C15;
+        let w = |b: &[u8; 16], hi: bool| -> u64 {
+            let mut x = [0u8; 8];
+            let part = if hi { &b[8..] } else { &b[..8] };
+            x.copy_from_slice(part);
+            u64::from_le_bytes(x)
+        };
+        let tail = (u64::from(self.sport) << 32)
+            | (u64::from(self.dport) << 16)
+            | (u64::from(self.proto) << 8)
+            | u64::from(self.flags);
+        let mut h = K;
+        for word in [w(&self.src, false), w(&self.src, true), w(&self.dst, false), w(&self.dst, true), tail] {
+            h = (h ^ word).wrapping_mul(K).rotate_left(29);
+        }
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+}
+
+/// Where a flow is in its life, which sets its idle timeout and how readily it is evicted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(u8)]
+pub enum ConnState {
+    /// TCP: only the client has spoken (a SYN, or a mid-stream segment of a flow we had not seen).
+    /// Half-open: evicted first.
+    #[default]
+    SynSeen,
+    /// TCP: the client acknowledged (the handshake completed, or a second mid-stream segment).
+    Established,
+    /// TCP: one side sent a FIN.
+    Closing,
+    /// TCP: both sides sent a FIN, or either sent an RST.
+    TimeWait,
+    /// UDP seen once in one direction. Half-open: evicted first.
+    UdpNew,
+    /// UDP seen twice or answered.
+    UdpAssured,
+    /// A ClientIP affinity record; lives for the service's affinity timeout.
+    Affinity,
+}
+
+impl ConnState {
+    /// Eviction class: 0 = half-open, 1 = closing or affinity, 2 = never evicted while live.
+    fn eviction_class(self) -> u8 {
+        match self {
+            ConnState::SynSeen | ConnState::UdpNew => 0,
+            ConnState::Closing | ConnState::TimeWait | ConnState::Affinity => 1,
+            ConnState::Established | ConnState::UdpAssured => 2,
+        }
+    }
+}
+
+/// Whether an entry is a client flow, the reply side of a NAT flow, or an affinity record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(u8)]
+pub enum EntryKind {
+    /// Keyed by the client's 5-tuple towards the VIP.
+    #[default]
+    Forward,
+    /// Keyed by the backend's reply 5-tuple towards the SNAT address; `link` is the forward entry.
+    /// It lives exactly as long as its forward entry.
+    Reverse,
+    /// Keyed by [`ConnKey::affinity`].
+    Affinity,
+}
+
+/// One tracked flow (or affinity record). At most 64 bytes (a test holds this).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Entry {
+    /// The key the entry was inserted under.
+    pub key: ConnKey,
+    /// TCP/UDP state.
+    pub state: ConnState,
+    /// Forward, reverse or affinity.
+    pub kind: EntryKind,
+    /// Bit 0: the client sent a FIN; bit 1: the backend sent a FIN (seen only in NAT mode).
+    pub fins: u8,
+    /// Second (of the caller's clock) at which the entry expires.
+    pub expires: u32,
+    /// The backend the flow goes to.
+    pub backend: BackendRef,
+    /// Full NAT: the source port this core chose for the flow (0 otherwise).
+    pub snat_port: u16,
+    /// Index of the paired entry (forward <-> reverse), [`NO_LINK`] if none.
+    pub link: u32,
+}
+
+/// `Entry::link` of an entry with no pair.
+pub const NO_LINK: u32 = u32::MAX;
+
+impl Entry {
+    /// True when the entry has expired at `now` (seconds).
+    pub fn is_expired(&self, now: u32) -> bool {
+        now >= self.expires
+    }
+}
+
+/// An insert that found no way it may use: every entry of the bucket is a live established flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConntrackFull;
+
+/// What an insert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inserted {
+    /// Index of the new entry.
+    pub index: u32,
+    /// The entry that was there before (expired, or evicted), which the caller must account for
+    /// (connection counts, its paired entry).
+    pub displaced: Option<Displaced>,
+}
+
+/// An entry removed to make room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Displaced {
+    /// Its index (now reused).
+    pub index: u32,
+    /// The entry as it was.
+    pub entry: Entry,
+    /// True if it was live and evicted, false if it had expired.
+    pub evicted: bool,
+}
+
+/// The per-core connection table. See the module docs.
+#[derive(Debug)]
+pub struct ConntrackTable {
+    /// One per way; 0 means empty.
+    tags: Box<[u16]>,
+    entries: Box<[Entry]>,
+    bucket_mask: usize,
+    len: usize,
+    sweep_cursor: usize,
+}
+
+fn tag_of(hash: u64) -> u16 {
+    ((hash >> 48) as u16) | 1
+}
+
+impl ConntrackTable {
+    /// A table with room for at least `capacity` entries (rounded up to a power of two times 8 ways,
+    /// at least one bucket). All memory is allocated here, once.
+    pub fn with_capacity(capacity: usize) -> Self {
+        let buckets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
+        ConntrackTable {
+            tags: vec![0u16; buckets * WAYS].into_boxed_slice(),
+            entries: vec![Entry::default(); buckets * WAYS].into_boxed_slice(),
+            bucket_mask: buckets - 1,
+            len: 0,
+            sweep_cursor: 0,
+        }
+    }
+
+    /// Entries the table holds at most. Fixed for the table's life.
+    pub fn capacity(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Occupied entries, including expired ones not yet reclaimed.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no entry is occupied.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn bucket_range(&self, hash: u64) -> core::ops::Range<usize> {
+        let b = (hash as usize) & self.bucket_mask;
+        b * WAYS..(b + 1) * WAYS
+    }
+
+    /// The index of the entry with this key, if any (expired or not). `hash` is `key.hash()`.
+    pub fn find(&self, key: &ConnKey, hash: u64) -> Option<u32> {
+        let tag = tag_of(hash);
+        let range = self.bucket_range(hash);
+        let tags = self.tags.get(range.clone())?;
+        for (way, t) in tags.iter().enumerate() {
+            if *t == tag {
+                let i = range.start + way;
+                if self.entries.get(i).is_some_and(|e| e.key == *key) {
+                    return Some(i as u32);
+                }
+            }
+        }
+        None
+    }
+
+    /// The entry at `index`, if occupied.
+    pub fn get(&self, index: u32) -> Option<&Entry> {
+        let i = index as usize;
+        if *self.tags.get(i)? == 0 {
+            return None;
+        }
+        self.entries.get(i)
+    }
+
+    /// The entry at `index`, mutably, if occupied.
+    pub fn get_mut(&mut self, index: u32) -> Option<&mut Entry> {
+        let i = index as usize;
+        if *self.tags.get(i)? == 0 {
+            return None;
+        }
+        self.entries.get_mut(i)
+    }
+
+    /// True if the entry at `index` is occupied and live at `now`. A reverse entry is live while its
+    /// forward entry is live and still points back at it.
+    pub fn is_live(&self, index: u32, now: u32) -> bool {
+        let Some(e) = self.get(index) else { return false };
+        match e.kind {
+            EntryKind::Reverse => match self.get(e.link) {
+                Some(f) => f.kind == EntryKind::Forward && f.link == index && !f.is_expired(now),
+                None => false,
+            },
+            _ => !e.is_expired(now),
+        }
+    }
+
+    /// Removes the entry at `index` and returns it.
+    pub fn remove(&mut self, index: u32) -> Option<Entry> {
+        let i = index as usize;
+        let tag = self.tags.get_mut(i)?;
+        if *tag == 0 {
+            return None;
+        }
+        *tag = 0;
+        self.len -= 1;
+        self.entries.get(i).copied()
+    }
+
+    /// Inserts `entry` under `entry.key` (which must not be present; the caller looked it up).
+    /// Takes an empty way, else an expired one, else evicts as the module docs say.
+    pub fn insert(&mut self, entry: Entry, hash: u64, now: u32) -> Result<Inserted, ConntrackFull> {
+        let range = self.bucket_range(hash);
+        let mut empty = None;
+        let mut expired = None;
+        // (class, expires, index) of the best eviction candidate so far.
+        let mut victim: Option<(u8, u32, usize)> = None;
+        for i in range {
+            let Some(&t) = self.tags.get(i) else { return Err(ConntrackFull) };
+            if t == 0 {
+                empty = Some(i);
+                break;
+            }
+            if expired.is_none() && !self.is_live(i as u32, now) {
+                expired = Some(i);
+                continue;
+            }
+            let Some(e) = self.entries.get(i) else { return Err(ConntrackFull) };
+            let class = match e.kind {
+                // A reverse entry goes with its forward entry, never on its own.
+                EntryKind::Reverse => continue,
+                _ => e.state.eviction_class(),
+            };
+            if class < 2 && victim.is_none_or(|(c, x, _)| (class, e.expires) < (c, x)) {
+                victim = Some((class, e.expires, i));
+            }
+        }
+        let (slot, displaced) = match (empty, expired, victim) {
+            (Some(i), _, _) => (i, None),
+            (None, Some(i), _) => (i, Some((i, false))),
+            (None, None, Some((_, _, i))) => (i, Some((i, true))),
+            (None, None, None) => return Err(ConntrackFull),
+        };
+        let displaced = displaced.and_then(|(i, evicted)| {
+            let old = *self.entries.get(i)?;
+            Some(Displaced { index: i as u32, entry: old, evicted })
+        });
+        if displaced.is_none() {
+            self.len += 1;
+        }
+        let (Some(t), Some(e)) = (self.tags.get_mut(slot), self.entries.get_mut(slot)) else {
+            return Err(ConntrackFull);
+        };
+        *t = tag_of(hash);
+        *e = entry;
+        Ok(Inserted { index: slot as u32, displaced })
+    }
+
+    /// Reclaims the expired entries of the next bucket (round robin over the table), writing them
+    /// to `out` with their indices; returns how many. Reverse entries whose forward entry is gone are
+    /// reclaimed too.
+    pub fn sweep_bucket(&mut self, now: u32, out: &mut [(u32, Entry); WAYS]) -> usize {
+        let b = self.sweep_cursor & self.bucket_mask;
+        self.sweep_cursor = self.sweep_cursor.wrapping_add(1);
+        let mut n = 0;
+        for i in b * WAYS..(b + 1) * WAYS {
+            let idx = i as u32;
+            if self.tags.get(i).is_some_and(|t| *t != 0) && !self.is_live(idx, now) {
+                // Forward entries first take their reverse entry with them in the caller; a lone
+                // reverse entry is reclaimed here.
+                if let (Some(e), Some(slot)) = (self.remove(idx), out.get_mut(n)) {
+                    *slot = (idx, e);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Every occupied entry with its index (for the control side and tests; not the fast path).
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &Entry)> + '_ {
+        self.tags
+            .iter()
+            .zip(self.entries.iter())
+            .enumerate()
+            .filter(|(_, (t, _))| **t != 0)
+            .map(|(i, (_, e))| (i as u32, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    fn key(n: u32) -> ConnKey {
+        ConnKey::flow(
+            IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | n)),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            (n % 60000) as u16 + 1024,
+            80,
+            6,
+        )
+    }
+
+    fn entry(k: ConnKey, state: ConnState, expires: u32) -> Entry {
+        Entry { key: k, state, expires, link: NO_LINK, ..Entry::default() }
+    }
+
+    #[test]
+    fn entry_fits_a_cache_line() {
+        assert!(core::mem::size_of::<Entry>() <= 64, "Entry is {} bytes", core::mem::size_of::<Entry>());
+    }
+
+    #[test]
+    fn key_round_trips_addresses_of_both_families() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
+        let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 9));
+        let k = ConnKey::flow(v4, v4, 1, 2, 17);
+        assert_eq!(k.src_ip(), v4);
+        let k6 = ConnKey::flow(v6, v6, 1, 2, 17);
+        assert_eq!(k6.dst_ip(), v6);
+        assert_ne!(k.hash(), ConnKey::flow(v4, v4, 2, 1, 17).hash());
+    }
+
+    #[test]
+    fn insert_find_remove() {
+        let mut t = ConntrackTable::with_capacity(64);
+        assert_eq!(t.capacity(), 64);
+        let k = key(1);
+        let ins = t.insert(entry(k, ConnState::Established, 100), k.hash(), 0).unwrap();
+        assert_eq!(ins.displaced, None);
+        assert_eq!(t.find(&k, k.hash()), Some(ins.index));
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.remove(ins.index).unwrap().key, k);
+        assert_eq!(t.find(&k, k.hash()), None);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn expired_way_is_reused_and_reported() {
+        let mut t = ConntrackTable::with_capacity(8); // one bucket
+        for n in 0..8 {
+            let k = key(n);
+            t.insert(entry(k, ConnState::Established, 10 + n), k.hash(), 0).unwrap();
+        }
+        let k = key(100);
+        let ins = t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 11).unwrap();
+        let d = ins.displaced.unwrap();
+        assert!(!d.evicted);
+        assert!(d.entry.expires <= 11, "reused a live entry: {d:?}");
+        assert_eq!(t.len(), 8);
+    }
+
+    #[test]
+    fn syn_flood_never_evicts_established() {
+        // One bucket: 6 established flows and a flood of SYNs from other clients.
+        let mut t = ConntrackTable::with_capacity(8);
+        for n in 0..6 {
+            let k = key(n);
+            t.insert(entry(k, ConnState::Established, 1000), k.hash(), 0).unwrap();
+        }
+        for n in 1000..3000 {
+            let k = key(n);
+            let ins = t.insert(entry(k, ConnState::SynSeen, 60 + n), k.hash(), 1).unwrap();
+            if let Some(d) = ins.displaced {
+                assert_eq!(d.entry.state, ConnState::SynSeen, "a SYN pushed out {d:?}");
+            }
+        }
+        for n in 0..6 {
+            let k = key(n);
+            assert!(t.find(&k, k.hash()).is_some(), "established flow {n} was evicted");
+        }
+    }
+
+    #[test]
+    fn oldest_half_open_goes_first_then_closing_then_full() {
+        let mut t = ConntrackTable::with_capacity(8);
+        for n in 0..6 {
+            let k = key(n);
+            t.insert(entry(k, ConnState::Established, 1000), k.hash(), 0).unwrap();
+        }
+        let (a, b) = (key(50), key(51));
+        t.insert(entry(a, ConnState::Closing, 100), a.hash(), 0).unwrap();
+        t.insert(entry(b, ConnState::SynSeen, 200), b.hash(), 0).unwrap();
+        let c = key(52);
+        let d = t.insert(entry(c, ConnState::Established, 900), c.hash(), 0).unwrap().displaced.unwrap();
+        assert_eq!((d.entry.key, d.evicted), (b, true), "half-open goes before closing");
+        let e = key(53);
+        let d = t.insert(entry(e, ConnState::Established, 900), e.hash(), 0).unwrap().displaced.unwrap();
+        assert_eq!(d.entry.key, a);
+        let f = key(54);
+        assert_eq!(t.insert(entry(f, ConnState::SynSeen, 60), f.hash(), 0), Err(ConntrackFull));
+        assert_eq!(t.len(), 8);
+    }
+
+    #[test]
+    fn reverse_entry_lives_with_its_forward_entry() {
+        let mut t = ConntrackTable::with_capacity(64);
+        let (fk, rk) = (key(1), key(2));
+        let f = t.insert(entry(fk, ConnState::Established, 100), fk.hash(), 0).unwrap().index;
+        let mut r = entry(rk, ConnState::Established, 0);
+        r.kind = EntryKind::Reverse;
+        r.link = f;
+        let r = t.insert(r, rk.hash(), 0).unwrap().index;
+        t.get_mut(f).unwrap().link = r;
+        assert!(t.is_live(r, 50), "reverse entry follows the live forward entry, not its own expiry");
+        assert!(!t.is_live(r, 100));
+        t.remove(f);
+        assert!(!t.is_live(r, 0));
+        let mut out = [(0, Entry::default()); WAYS];
+        let mut swept = 0;
+        for _ in 0..t.capacity() / WAYS {
+            swept += t.sweep_bucket(0, &mut out);
+        }
+        assert_eq!(swept, 1);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn sweep_reclaims_only_expired() {
+        let mut t = ConntrackTable::with_capacity(1024);
+        for n in 0..500 {
+            let k = key(n);
+            let exp = if n % 2 == 0 { 10 } else { 1000 };
+            t.insert(entry(k, ConnState::UdpAssured, exp), k.hash(), 0).unwrap();
+        }
+        let mut out = [(0, Entry::default()); WAYS];
+        let mut swept = 0;
+        for _ in 0..t.capacity() / WAYS {
+            let n = t.sweep_bucket(10, &mut out);
+            for (_, e) in &out[..n] {
+                assert_eq!(e.expires, 10);
+            }
+            swept += n;
+        }
+        assert_eq!((swept, t.len()), (250, 250));
+    }
+}

@@ -1,0 +1,214 @@
+//! [`FlowKey`]: the 5-tuple that names a flow across lb-core (conntrack key, hash input, NAT target).
+//!
+//! Addresses of both families live in one `[u8; 16]` so the key is a fixed 38 bytes and needs no
+//! enum match to hash or compare: an IPv4 address is stored IPv4-mapped (`::ffff:a.b.c.d`, RFC 4291
+//! §2.5.5.2) and the [`Family`] byte keeps an IPv6 packet that carries mapped addresses apart from an
+//! IPv4 one.
+
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::config::Protocol;
+
+/// IP version of a packet or flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl Family {
+    /// The family of `ip`.
+    pub const fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+}
+
+/// Source and destination address, IP protocol and ports of one direction of a flow.
+///
+/// For ICMP echo the identifier stands in for both ports (as Linux conntrack does), so a request and
+/// its reply have reversed keys. For protocols without ports, and for non-first fragments (see
+/// [`crate::packet::Fragment::Later`]), both ports are 0: such frames can only be matched by
+/// (source, destination, protocol), see [`FlowKey::three_tuple`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    src: [u8; 16],
+    dst: [u8; 16],
+    src_port: u16,
+    dst_port: u16,
+    proto: u8,
+    family: Family,
+}
+
+/// `::ffff:0:0/96`, the prefix of an IPv4-mapped address.
+const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
+
+const fn map_v4(a: [u8; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[10] = 0xff;
+    out[11] = 0xff;
+    out[12] = a[0];
+    out[13] = a[1];
+    out[14] = a[2];
+    out[15] = a[3];
+    out
+}
+
+const fn unmap_v4(a: &[u8; 16]) -> [u8; 4] {
+    [a[12], a[13], a[14], a[15]]
+}
+
+impl FlowKey {
+    /// An IPv4 flow.
+    pub const fn v4(src: [u8; 4], dst: [u8; 4], proto: u8, src_port: u16, dst_port: u16) -> Self {
+        FlowKey { src: map_v4(src), dst: map_v4(dst), src_port, dst_port, proto, family: Family::V4 }
+    }
+
+    /// An IPv6 flow.
+    pub const fn v6(src: [u8; 16], dst: [u8; 16], proto: u8, src_port: u16, dst_port: u16) -> Self {
+        FlowKey { src, dst, src_port, dst_port, proto, family: Family::V6 }
+    }
+
+    /// A flow between two addresses of one family; `None` when the families differ.
+    pub fn from_ips(src: IpAddr, dst: IpAddr, proto: u8, src_port: u16, dst_port: u16) -> Option<Self> {
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => Some(FlowKey::v4(s.octets(), d.octets(), proto, src_port, dst_port)),
+            (IpAddr::V6(s), IpAddr::V6(d)) => Some(FlowKey::v6(s.octets(), d.octets(), proto, src_port, dst_port)),
+            _ => None,
+        }
+    }
+
+    /// The same flow seen from the other end: addresses and ports swapped.
+    #[must_use]
+    pub const fn reverse(&self) -> Self {
+        FlowKey {
+            src: self.dst,
+            dst: self.src,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            proto: self.proto,
+            family: self.family,
+        }
+    }
+
+    /// The key with both ports zeroed: what a non-first fragment can be matched by.
+    #[must_use]
+    pub const fn three_tuple(&self) -> Self {
+        FlowKey { src_port: 0, dst_port: 0, ..*self }
+    }
+
+    /// The key with the given ports.
+    #[must_use]
+    pub const fn with_ports(&self, src_port: u16, dst_port: u16) -> Self {
+        FlowKey { src_port, dst_port, ..*self }
+    }
+
+    /// IP version of the flow.
+    pub const fn family(&self) -> Family {
+        self.family
+    }
+
+    /// IP protocol number (6 TCP, 17 UDP, 1 ICMP, 58 ICMPv6, ...).
+    pub const fn proto(&self) -> u8 {
+        self.proto
+    }
+
+    /// The protocol as a service carries it, if it is TCP or UDP.
+    pub const fn protocol(&self) -> Option<Protocol> {
+        Protocol::from_number(self.proto)
+    }
+
+    /// Source port (ICMP echo identifier; 0 when the packet has no ports).
+    pub const fn src_port(&self) -> u16 {
+        self.src_port
+    }
+
+    /// Destination port (ICMP echo identifier; 0 when the packet has no ports).
+    pub const fn dst_port(&self) -> u16 {
+        self.dst_port
+    }
+
+    /// Source address.
+    pub fn src_ip(&self) -> IpAddr {
+        match self.family {
+            Family::V4 => IpAddr::V4(Ipv4Addr::from(unmap_v4(&self.src))),
+            Family::V6 => IpAddr::V6(Ipv6Addr::from(self.src)),
+        }
+    }
+
+    /// Destination address.
+    pub fn dst_ip(&self) -> IpAddr {
+        match self.family {
+            Family::V4 => IpAddr::V4(Ipv4Addr::from(unmap_v4(&self.dst))),
+            Family::V6 => IpAddr::V6(Ipv6Addr::from(self.dst)),
+        }
+    }
+
+    /// Source address as 16 bytes (IPv4-mapped for IPv4), e.g. as hash input.
+    pub const fn src_bytes(&self) -> &[u8; 16] {
+        &self.src
+    }
+
+    /// Destination address as 16 bytes (IPv4-mapped for IPv4), e.g. as hash input.
+    pub const fn dst_bytes(&self) -> &[u8; 16] {
+        &self.dst
+    }
+
+    /// Source address bytes in wire form: 4 bytes for IPv4, 16 for IPv6.
+    pub fn src_wire(&self) -> &[u8] {
+        wire(&self.src, self.family)
+    }
+
+    /// Destination address bytes in wire form: 4 bytes for IPv4, 16 for IPv6.
+    pub fn dst_wire(&self) -> &[u8] {
+        wire(&self.dst, self.family)
+    }
+}
+
+fn wire(a: &[u8; 16], family: Family) -> &[u8] {
+    match family {
+        Family::V4 => a.split_at(V4_MAPPED_PREFIX.len()).1,
+        Family::V6 => a,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fits_a_conntrack_entry() {
+        assert!(core::mem::size_of::<FlowKey>() <= 40, "{}", core::mem::size_of::<FlowKey>());
+    }
+
+    #[test]
+    fn v4_is_mapped_and_round_trips() {
+        let k = FlowKey::v4([10, 0, 0, 1], [192, 168, 1, 2], 6, 40000, 80);
+        assert_eq!(k.src_bytes(), &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]);
+        assert_eq!(k.src_ip(), "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(k.dst_ip(), "192.168.1.2".parse::<IpAddr>().unwrap());
+        assert_eq!(k.src_wire(), &[10, 0, 0, 1]);
+        assert_eq!(k.protocol(), Some(Protocol::Tcp));
+        // An IPv6 packet carrying the same mapped addresses is a different flow.
+        let m = FlowKey::v6(*k.src_bytes(), *k.dst_bytes(), 6, 40000, 80);
+        assert_ne!(k, m);
+        assert_eq!(m.src_wire().len(), 16);
+    }
+
+    #[test]
+    fn reverse_swaps_ends_and_is_an_involution() {
+        let k = FlowKey::from_ips("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap(), 17, 5353, 53)
+            .unwrap();
+        let r = k.reverse();
+        assert_eq!((r.src_ip(), r.src_port()), (k.dst_ip(), k.dst_port()));
+        assert_eq!((r.dst_ip(), r.dst_port()), (k.src_ip(), k.src_port()));
+        assert_eq!(r.reverse(), k);
+        assert_eq!(k.three_tuple().src_port(), 0);
+        assert!(FlowKey::from_ips("10.0.0.1".parse().unwrap(), "::1".parse().unwrap(), 6, 1, 2).is_none());
+    }
+}

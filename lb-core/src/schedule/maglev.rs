@@ -1,0 +1,33 @@
+//! Maglev ("mh"): a weighted Maglev table from lb-hash, indexed by the hash of the 5-tuple (Maglev, NSDI'16):
+//! consistent, so flows move little when backends change and every node agrees.
+
+use lb_hash::{BuildError, MaglevTable, maglev_table_size_for};
+
+use super::{CoreState, FlowInput, HashedSelection, Scheduler};
+use crate::service::Backend;
+
+/// Maglev over a weighted Maglev table.
+#[derive(Debug, Clone)]
+pub struct Maglev {
+    selection: HashedSelection,
+}
+
+impl Maglev {
+    /// Built from the service's backends; `size` is the Maglev table size (prime), `None` for
+    /// lb-hash's choice for the backend count (a prime of at least 100 entries per backend).
+    pub fn new(backends: &[Backend], size: Option<u32>) -> Result<Self, BuildError> {
+        let selection = HashedSelection::new(backends, |hb| {
+            let t = MaglevTable::new(hb, size.unwrap_or_else(|| maglev_table_size_for(hb.len())))?;
+            let order = t.backends().iter().map(|b| b.id).collect();
+            Ok((t.into(), order))
+        })?;
+        Ok(Maglev { selection })
+    }
+}
+
+impl Scheduler for Maglev {
+    #[inline]
+    fn pick(&self, flow: &FlowInput, _backends: &[Backend], _core: &mut CoreState<'_>) -> Option<usize> {
+        self.selection.pick(flow.flow_hash)
+    }
+}

@@ -1,0 +1,277 @@
+//! Backend selection for new flows, one scheduler per file behind the [`Scheduler`] trait.
+//!
+//! A scheduler is chosen per service by [`SchedulerKind`] (the `ipvsadm -s` names). Its read-only part
+//! (eligible backends, a Maglev table, a weighted round-robin sequence) is built by the control side
+//! into the service's [`Tables`](crate::service::Tables); its mutable part is per core and lives in the
+//! [`Worker`](crate::Worker): a cursor per service (rr, wrr) and the core's connection count per backend
+//! (lc, wlc, sed, nq).
+//!
+//! **Per core.** "Least connections" means the connections *this core* tracks to each backend (its
+//! conntrack entries that point at the backend), not a node-wide count: cores share nothing on the fast
+//! path. With RSS spreading flows evenly over cores this approximates the node-wide choice; each core
+//! balances its own share. Round-robin cursors are per core too, so two cores may both start at the
+//! first backend.
+//!
+//! Only backends that take new flows (active, weight above 0) are ever picked; draining backends keep
+//! their established flows through conntrack.
+//!
+//! | kind | file | picks by |
+//! |---|---|---|
+//! | rr | `round_robin` | cursor over eligible backends |
+//! | wrr | `weighted_round_robin` | cursor over a precomputed smooth weighted sequence |
+//! | lc | `least_connections` | fewest connections on this core |
+//! | wlc | `weighted_least_connections` | fewest connections per unit of weight |
+//! | sed | `shortest_expected_delay` | smallest (connections + 1) / weight |
+//! | nq | `never_queue` | an idle backend if any, else as sed |
+//! | sh | `source_hashing` | Maglev table over the client address hash (lb-hash) |
+//! | dh | `destination_hashing` | Maglev table over the destination address hash (lb-hash) |
+//! | mh | `maglev` | Maglev table over the 5-tuple hash (lb-hash) |
+//! | hrw | `rendezvous` | weighted rendezvous over the 5-tuple hash (lb-hash) |
+//! | ecmp | `ecmp` | RFC 2992 hash-threshold over the (source, destination) hash (lb-hash) |
+
+mod destination_hashing;
+mod ecmp;
+mod least_connections;
+mod maglev;
+mod never_queue;
+mod rendezvous;
+mod round_robin;
+mod shortest_expected_delay;
+mod source_hashing;
+mod weighted_least_connections;
+mod weighted_round_robin;
+
+pub use destination_hashing::DestinationHashing;
+pub use ecmp::Ecmp;
+pub use least_connections::LeastConnections;
+pub use maglev::Maglev;
+pub use never_queue::NeverQueue;
+pub use rendezvous::Rendezvous;
+pub use round_robin::RoundRobin;
+pub use shortest_expected_delay::ShortestExpectedDelay;
+pub use source_hashing::SourceHashing;
+pub use weighted_least_connections::WeightedLeastConnections;
+pub use weighted_round_robin::WeightedRoundRobin;
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::net::{IpAddr, SocketAddr};
+
+use lb_hash::{AnySelector, BackendId, BuildError, FlowHasher, Selector};
+
+use crate::config::SchedulerKind;
+use crate::service::Backend;
+use crate::stats::BackendCounters;
+
+/// What a scheduler sees of a new flow.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowInput {
+    /// Client address.
+    pub src: IpAddr,
+    /// Destination (the VIP).
+    pub dst: IpAddr,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Client port.
+    pub sport: u16,
+    /// Service port.
+    pub dport: u16,
+    /// The lb-hash 5-tuple hash of the flow (computed once per packet by the worker).
+    pub flow_hash: u64,
+    /// The node's flow hasher, for schedulers that hash another key (sh, dh, ecmp).
+    pub hasher: FlowHasher,
+}
+
+/// The per-core, mutable side of scheduling for one service.
+#[derive(Debug)]
+pub struct CoreState<'a> {
+    /// This core's cursor for the service (rr, wrr).
+    pub cursor: &'a mut u32,
+    /// This core's counters, indexed by backend slot (lc, wlc, sed, nq read `active_conns`).
+    pub conns: &'a [BackendCounters],
+}
+
+impl CoreState<'_> {
+    /// Connections this core tracks to `backend`.
+    pub fn active(&self, backend: &Backend) -> u64 {
+        self.conns.get(backend.slot().index()).map_or(0, |c| c.active_conns)
+    }
+
+    /// Advances the cursor and returns its previous value.
+    pub fn next_cursor(&mut self) -> u32 {
+        let c = *self.cursor;
+        *self.cursor = c.wrapping_add(1);
+        c
+    }
+}
+
+/// Picks a backend for a new flow.
+pub trait Scheduler {
+    /// Index into `backends` (the service's backends, as the scheduler was built from) of the backend
+    /// for a new flow, or `None` when no backend takes new flows. Never allocates, never panics.
+    fn pick(&self, flow: &FlowInput, backends: &[Backend], core: &mut CoreState<'_>) -> Option<usize>;
+}
+
+/// A service's scheduler, dispatched by `match` (no virtual call on the fast path).
+#[derive(Debug, Clone)]
+pub enum ServiceScheduler {
+    /// rr
+    RoundRobin(RoundRobin),
+    /// wrr
+    WeightedRoundRobin(WeightedRoundRobin),
+    /// lc
+    LeastConnections(LeastConnections),
+    /// wlc
+    WeightedLeastConnections(WeightedLeastConnections),
+    /// sed
+    ShortestExpectedDelay(ShortestExpectedDelay),
+    /// nq
+    NeverQueue(NeverQueue),
+    /// sh
+    SourceHashing(SourceHashing),
+    /// dh
+    DestinationHashing(DestinationHashing),
+    /// mh
+    Maglev(Maglev),
+    /// hrw
+    Rendezvous(Rendezvous),
+    /// ecmp
+    Ecmp(Ecmp),
+}
+
+impl ServiceScheduler {
+    /// Builds the scheduler of `kind` over `backends` (the control side; allocates).
+    /// `maglev_size` is the table size for mh, sh and dh (`None`: lb-hash's size for the backend count).
+    pub fn build(kind: SchedulerKind, backends: &[Backend], maglev_size: Option<u32>) -> Result<Self, BuildError> {
+        Ok(match kind {
+            SchedulerKind::RoundRobin => Self::RoundRobin(RoundRobin::new(backends)),
+            SchedulerKind::WeightedRoundRobin => Self::WeightedRoundRobin(WeightedRoundRobin::new(backends)),
+            SchedulerKind::LeastConnections => Self::LeastConnections(LeastConnections::new(backends)),
+            SchedulerKind::WeightedLeastConnections => {
+                Self::WeightedLeastConnections(WeightedLeastConnections::new(backends))
+            }
+            SchedulerKind::ShortestExpectedDelay => Self::ShortestExpectedDelay(ShortestExpectedDelay::new(backends)),
+            SchedulerKind::NeverQueue => Self::NeverQueue(NeverQueue::new(backends)),
+            SchedulerKind::SourceHashing => Self::SourceHashing(SourceHashing::new(backends, maglev_size)?),
+            SchedulerKind::DestinationHashing => Self::DestinationHashing(DestinationHashing::new(backends, maglev_size)?),
+            SchedulerKind::Maglev => Self::Maglev(Maglev::new(backends, maglev_size)?),
+            SchedulerKind::Rendezvous => Self::Rendezvous(Rendezvous::new(backends)?),
+            SchedulerKind::Ecmp => Self::Ecmp(Ecmp::new(backends)?),
+        })
+    }
+
+    /// Which scheduler this is.
+    pub fn kind(&self) -> SchedulerKind {
+        match self {
+            Self::RoundRobin(_) => SchedulerKind::RoundRobin,
+            Self::WeightedRoundRobin(_) => SchedulerKind::WeightedRoundRobin,
+            Self::LeastConnections(_) => SchedulerKind::LeastConnections,
+            Self::WeightedLeastConnections(_) => SchedulerKind::WeightedLeastConnections,
+            Self::ShortestExpectedDelay(_) => SchedulerKind::ShortestExpectedDelay,
+            Self::NeverQueue(_) => SchedulerKind::NeverQueue,
+            Self::SourceHashing(_) => SchedulerKind::SourceHashing,
+            Self::DestinationHashing(_) => SchedulerKind::DestinationHashing,
+            Self::Maglev(_) => SchedulerKind::Maglev,
+            Self::Rendezvous(_) => SchedulerKind::Rendezvous,
+            Self::Ecmp(_) => SchedulerKind::Ecmp,
+        }
+    }
+}
+
+impl Scheduler for ServiceScheduler {
+    #[inline]
+    fn pick(&self, flow: &FlowInput, backends: &[Backend], core: &mut CoreState<'_>) -> Option<usize> {
+        match self {
+            Self::RoundRobin(s) => s.pick(flow, backends, core),
+            Self::WeightedRoundRobin(s) => s.pick(flow, backends, core),
+            Self::LeastConnections(s) => s.pick(flow, backends, core),
+            Self::WeightedLeastConnections(s) => s.pick(flow, backends, core),
+            Self::ShortestExpectedDelay(s) => s.pick(flow, backends, core),
+            Self::NeverQueue(s) => s.pick(flow, backends, core),
+            Self::SourceHashing(s) => s.pick(flow, backends, core),
+            Self::DestinationHashing(s) => s.pick(flow, backends, core),
+            Self::Maglev(s) => s.pick(flow, backends, core),
+            Self::Rendezvous(s) => s.pick(flow, backends, core),
+            Self::Ecmp(s) => s.pick(flow, backends, core),
+        }
+    }
+}
+
+/// Indices of the backends that take new flows.
+fn eligible(backends: &[Backend]) -> Box<[u16]> {
+    backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.takes_new_flows())
+        .filter_map(|(i, _)| u16::try_from(i).ok())
+        .collect()
+}
+
+/// The eligible backend with the smallest cost, comparing costs `(numerator, weight)` as fractions by
+/// cross-multiplying (no division, no float). Ties go to the earlier backend, as IPVS does.
+fn least_cost(
+    eligible: &[u16],
+    backends: &[Backend],
+    cost: impl Fn(&Backend) -> (u64, u64),
+) -> Option<usize> {
+    let mut best: Option<(usize, u64, u64)> = None;
+    for &i in eligible {
+        let i = usize::from(i);
+        let Some(b) = backends.get(i) else { continue };
+        let (n, w) = cost(b);
+        let better = match best {
+            None => true,
+            Some((_, bn, bw)) => u128::from(n) * u128::from(bw) < u128::from(bn) * u128::from(w),
+        };
+        if better {
+            best = Some((i, n, w));
+        }
+    }
+    best.map(|(i, _, _)| i)
+}
+
+/// An lb-hash selector over the service's backends, with the map from the selector's index (backends
+/// sorted by [`BackendId`]) to the service's backend index. `None` when no backend takes new flows.
+#[derive(Debug, Clone)]
+struct HashedSelection {
+    selector: Option<AnySelector>,
+    to_backend: Box<[u16]>,
+}
+
+/// The lb-hash view of the service's backends: identity from address and port, weight 0 when the
+/// backend takes no new flows (lb-hash keeps its index but gives it nothing).
+fn hash_backends(backends: &[Backend]) -> Vec<lb_hash::Backend> {
+    backends
+        .iter()
+        .map(|b| lb_hash::Backend {
+            id: BackendId::from_socket_addr(SocketAddr::new(b.addr, b.port)),
+            weight: if b.takes_new_flows() { b.weight } else { 0 },
+        })
+        .collect()
+}
+
+impl HashedSelection {
+    fn new(
+        backends: &[Backend],
+        build: impl FnOnce(&[lb_hash::Backend]) -> Result<(AnySelector, Vec<BackendId>), BuildError>,
+    ) -> Result<Self, BuildError> {
+        let hb = hash_backends(backends);
+        if !hb.iter().any(lb_hash::Backend::is_serving) {
+            return Ok(HashedSelection { selector: None, to_backend: Box::new([]) });
+        }
+        let (selector, order) = build(&hb)?;
+        let to_backend = order
+            .iter()
+            .map(|id| hb.iter().position(|b| b.id == *id).and_then(|i| u16::try_from(i).ok()).unwrap_or(u16::MAX))
+            .collect();
+        Ok(HashedSelection { selector: Some(selector), to_backend })
+    }
+
+    #[inline]
+    fn pick(&self, hash: u64) -> Option<usize> {
+        let i = self.selector.as_ref()?.select(hash)?;
+        let b = *self.to_backend.get(i as usize)?;
+        (b != u16::MAX).then_some(usize::from(b))
+    }
+}
+

@@ -1,0 +1,697 @@
+//! Virtual services and their backends, as the fast path reads them: [`Tables`], built whole by the
+//! control side's [`TableBuilder`] and swapped into each worker between bursts.
+//!
+//! ```text
+//!   Config ──► TableBuilder::build ──► validate whole ──► Arc<Tables> ──► Worker::swap_tables
+//!                (keeps slot numbers          │ error: nothing changes, old tables keep serving
+//!                 across builds)              ▼
+//!              Tables: (VIP, port, proto) ─► Service { backends, scheduler, mode, affinity, ranges }
+//!                      VIP set (VIP but no such port: counted drop; not a VIP: pass to the kernel)
+//!                      backend slot ─► (service, backend) for conntrack entries
+//! ```
+//!
+//! **Slots.** Every service and every backend (a service key plus the backend's address and port) gets
+//! a slot number that the builder keeps across builds, with a generation that changes when a slot is
+//! reused. Conntrack entries name their backend by [`BackendRef`] (slot + generation), so a flow keeps its
+//! backend across any table swap that keeps the backend (weight changes, other backends added or
+//! removed), and a flow whose backend left is recognised as such even if the slot went to a newcomer.
+//! Per-core counters are indexed by slot; [`Limits`] bound the slot numbers so a worker sizes its
+//! arrays once.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::net::IpAddr;
+
+use hashbrown::{HashMap, HashSet};
+
+use crate::config::{
+    BackendState, Cidr, Config, ForwardMode, NodeConfig, RemovedBackendPolicy, SchedulerKind, ServiceKey,
+};
+use crate::schedule::ServiceScheduler;
+
+/// A service's stable slot number (index of its per-core counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct ServiceSlot(pub u32);
+
+impl ServiceSlot {
+    /// As an index.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A backend's stable slot number (index of its per-core counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct BackendSlot(pub u32);
+
+impl BackendSlot {
+    /// As an index.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// How a conntrack entry names its backend: slot and generation. Generation 0 names nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct BackendRef {
+    /// The backend's slot.
+    pub slot: u32,
+    /// The slot's generation when the backend got it.
+    pub generation: u32,
+}
+
+/// Upper bounds on slot numbers, so that a worker sizes its per-slot arrays once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Services at most.
+    pub max_services: usize,
+    /// Backends (summed over services) at most.
+    pub max_backends: usize,
+}
+
+impl Default for Limits {
+    /// 131 072 services and 262 144 backends: about 12 MiB of counters per core.
+    fn default() -> Self {
+        Limits { max_services: 1 << 17, max_backends: 1 << 18 }
+    }
+}
+
+/// The most backends one service may have (backend indices are `u16`).
+pub const MAX_BACKENDS_PER_SERVICE: usize = u16::MAX as usize;
+
+/// One backend of a built service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// Address.
+    pub addr: IpAddr,
+    /// Port (equal to the service port except in NAT mode).
+    pub port: u16,
+    /// Weight; 0 takes no new flows.
+    pub weight: u32,
+    /// Active or draining.
+    pub state: BackendState,
+    /// Ethernet destination for frames to this backend (its own MAC or the node's gateway).
+    pub mac: [u8; 6],
+    /// Slot and generation.
+    pub id: BackendRef,
+}
+
+impl Backend {
+    /// True when the backend takes new flows (active and weight above 0).
+    pub fn takes_new_flows(&self) -> bool {
+        self.state == BackendState::Active && self.weight > 0
+    }
+
+    /// The backend's slot.
+    pub fn slot(&self) -> BackendSlot {
+        BackendSlot(self.id.slot)
+    }
+}
+
+/// One built virtual service.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// Name for logs and errors.
+    pub name: String,
+    /// VIP, port, protocol.
+    pub key: ServiceKey,
+    /// Stable slot.
+    pub slot: ServiceSlot,
+    /// The slot's generation when the service got it.
+    pub generation: u32,
+    /// Forwarding mode.
+    pub mode: ForwardMode,
+    /// ClientIP affinity timeout in seconds, if enabled.
+    pub affinity_timeout_secs: Option<u32>,
+    /// Allowed client prefixes; empty allows all.
+    pub source_ranges: Vec<Cidr>,
+    /// What happens to flows whose backend left.
+    pub on_backend_removed: RemovedBackendPolicy,
+    /// The backends, sorted by lb-hash identity (address and port).
+    pub backends: Vec<Backend>,
+    /// New-flow selection.
+    pub scheduler: ServiceScheduler,
+}
+
+impl Service {
+    /// True when `client` may use the service.
+    #[inline]
+    pub fn allows(&self, client: IpAddr) -> bool {
+        self.source_ranges.is_empty() || self.source_ranges.iter().any(|c| c.contains(client))
+    }
+}
+
+/// Where a backend slot lives in one version of the tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct BackendLocation {
+    generation: u32,
+    service: u32,
+    backend: u16,
+}
+
+/// Everything the fast path reads: read-only, shared by `Arc`, replaced whole.
+#[derive(Debug)]
+pub struct Tables {
+    node: NodeConfig,
+    services: Vec<Service>,
+    by_key: HashMap<ServiceKey, u32>,
+    vips: HashSet<IpAddr>,
+    backend_locations: Vec<BackendLocation>,
+    limits: Limits,
+    version: u64,
+}
+
+impl Tables {
+    /// The service at (VIP, port, protocol), with its index in [`Tables::services`].
+    #[inline]
+    pub fn lookup(&self, key: &ServiceKey) -> Option<(usize, &Service)> {
+        let i = *self.by_key.get(key)? as usize;
+        Some((i, self.services.get(i)?))
+    }
+
+    /// True if `ip` is the VIP of some service.
+    #[inline]
+    pub fn is_vip(&self, ip: IpAddr) -> bool {
+        self.vips.contains(&ip)
+    }
+
+    /// True if `ip` is one of the node's SNAT addresses (where NAT replies arrive).
+    #[inline]
+    pub fn is_snat_addr(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.node.snat_v4 == Some(a),
+            IpAddr::V6(a) => self.node.snat_v6 == Some(a),
+        }
+    }
+
+    /// The (service index, backend index) a conntrack entry's backend has in these tables, or `None`
+    /// when that backend is no longer in its service.
+    #[inline]
+    pub fn resolve(&self, r: BackendRef) -> Option<(usize, usize)> {
+        let loc = self.backend_locations.get(r.slot as usize)?;
+        (r.generation != 0 && loc.generation == r.generation).then_some((loc.service as usize, usize::from(loc.backend)))
+    }
+
+    /// Every service.
+    pub fn services(&self) -> &[Service] {
+        &self.services
+    }
+
+    /// The service at an index from [`Tables::lookup`] or [`Tables::resolve`].
+    #[inline]
+    pub fn service(&self, index: usize) -> Option<&Service> {
+        self.services.get(index)
+    }
+
+    /// Node settings.
+    pub fn node(&self) -> &NodeConfig {
+        &self.node
+    }
+
+    /// The slot limits of the builder that built these tables.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Counts builds of one builder: 1 for the first.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Backend slots this version uses (for a worker to notice slots handed to new backends).
+    pub(crate) fn backend_slot_generations(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        self.backend_locations.iter().enumerate().filter(|(_, l)| l.generation != 0).map(|(i, l)| (i, l.generation))
+    }
+}
+
+/// Why a configuration was rejected. Each message names the service and the value to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Two services share (VIP, port, protocol).
+    #[error("services {first} and {second} both use {key}: each VIP, port and protocol may have one service")]
+    DuplicateService {
+        /// The shared key.
+        key: ServiceKey,
+        /// The first service's name.
+        first: String,
+        /// The second service's name.
+        second: String,
+    },
+    /// One backend listed twice in a service.
+    #[error("backend {backend} appears twice in service {service}")]
+    DuplicateBackend {
+        /// Service name.
+        service: String,
+        /// The backend, `addr:port`.
+        backend: String,
+    },
+    /// A backend of the other family in a mode that rewrites addresses or builds a same-family tunnel.
+    #[error("backend {backend} of service {service} is not of the VIP's family ({vip}); {mode} needs one family")]
+    FamilyMismatch {
+        /// Service name.
+        service: String,
+        /// The backend, `addr:port`.
+        backend: String,
+        /// The VIP.
+        vip: IpAddr,
+        /// The mode.
+        mode: &'static str,
+    },
+    /// A NAT service whose family has no SNAT address.
+    #[error("service {service} uses NAT on {family} VIP {vip} but node.{field} is not set")]
+    MissingSnatAddress {
+        /// Service name.
+        service: String,
+        /// "IPv4" or "IPv6".
+        family: &'static str,
+        /// The VIP.
+        vip: IpAddr,
+        /// `snat_v4` or `snat_v6`.
+        field: &'static str,
+    },
+    /// A tunnel service whose family has no tunnel source address.
+    #[error("service {service} uses {mode} on {family} VIP {vip} but node.{field} is not set")]
+    MissingTunnelSource {
+        /// Service name.
+        service: String,
+        /// The mode.
+        mode: &'static str,
+        /// "IPv4" or "IPv6".
+        family: &'static str,
+        /// The VIP.
+        vip: IpAddr,
+        /// `tunnel_src_v4` or `tunnel_src_v6`.
+        field: &'static str,
+    },
+    /// A DSR or tunnel backend on another port: those modes cannot change the destination port.
+    #[error("backend {backend} of service {service} uses port {port}, but {mode} cannot change ports: use {service_port}")]
+    PortRemap {
+        /// Service name.
+        service: String,
+        /// The backend, `addr:port`.
+        backend: String,
+        /// The backend's port.
+        port: u16,
+        /// The service's port.
+        service_port: u16,
+        /// The mode.
+        mode: &'static str,
+    },
+    /// A backend with no MAC address and no node gateway MAC to fall back to.
+    #[error("backend {backend} of service {service} has no mac and node.gateway_mac is not set")]
+    NoMac {
+        /// Service name.
+        service: String,
+        /// The backend, `addr:port`.
+        backend: String,
+    },
+    /// A GUE service with destination port 0.
+    #[error("service {service} uses GUE with UDP port 0: give the port the backends decapsulate on")]
+    GuePortZero {
+        /// Service name.
+        service: String,
+    },
+    /// An unusable SNAT port range.
+    #[error("node.snat_ports {first}-{last} is empty or starts at 0: give first <= last, first >= 1")]
+    BadSnatPorts {
+        /// First port.
+        first: u16,
+        /// Last port.
+        last: u16,
+    },
+    /// A node address (SNAT or tunnel source) that is also a VIP, so replies could not be told apart.
+    #[error("node.{field} {addr} is also the VIP of service {service}")]
+    NodeAddressIsVip {
+        /// `snat_v4`, `snat_v6`, `tunnel_src_v4` or `tunnel_src_v6`.
+        field: &'static str,
+        /// The address.
+        addr: IpAddr,
+        /// Service name.
+        service: String,
+    },
+    /// An affinity timeout of zero or beyond `u32` seconds.
+    #[error("service {service} has affinity timeout {secs} s: use 1 to 4294967295 s (Kubernetes' default is 10800)")]
+    BadAffinityTimeout {
+        /// Service name.
+        service: String,
+        /// The timeout in seconds.
+        secs: u64,
+    },
+    /// A Maglev table size lb-hash cannot build.
+    #[error("service {service}: {source}")]
+    Selection {
+        /// Service name.
+        service: String,
+        /// lb-hash's reason.
+        source: lb_hash::BuildError,
+    },
+    /// More backends in one service than backend indices can hold.
+    #[error("service {service} has {count} backends; at most {max} are supported")]
+    TooManyBackendsInService {
+        /// Service name.
+        service: String,
+        /// Backends given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// More services than the builder's limit.
+    #[error("{count} services configured; this table builder holds at most {max} (Limits::max_services)")]
+    TooManyServices {
+        /// Services given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// More backends, summed over services, than the builder's limit.
+    #[error("{count} backends configured over all services; this table builder holds at most {max} (Limits::max_backends)")]
+    TooManyBackends {
+        /// Backends given.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// Hands out slot numbers, reusing freed ones with a new generation.
+#[derive(Debug, Clone, Default)]
+struct SlotAllocator {
+    generations: Vec<u32>,
+    free: Vec<u32>,
+}
+
+impl SlotAllocator {
+    fn alloc(&mut self, limit: usize) -> Option<(u32, u32)> {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None if self.generations.len() < limit => {
+                self.generations.push(0);
+                u32::try_from(self.generations.len() - 1).ok()?
+            }
+            None => return None,
+        };
+        let g = self.generations.get_mut(slot as usize)?;
+        *g = g.wrapping_add(1).max(1);
+        Some((slot, *g))
+    }
+
+    fn release(&mut self, slot: u32) {
+        self.free.push(slot);
+    }
+}
+
+type BackendKey = (ServiceKey, IpAddr, u16);
+
+/// Builds [`Tables`] from a [`Config`], keeping slot numbers stable across builds.
+#[derive(Debug, Clone, Default)]
+pub struct TableBuilder {
+    limits: Limits,
+    service_slots: HashMap<ServiceKey, (u32, u32)>,
+    backend_slots: HashMap<BackendKey, (u32, u32)>,
+    services: SlotAllocator,
+    backends: SlotAllocator,
+    version: u64,
+}
+
+fn backend_name(addr: IpAddr, port: u16) -> String {
+    match addr {
+        IpAddr::V4(a) => format!("{a}:{port}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}"),
+    }
+}
+
+fn mode_name(mode: ForwardMode) -> &'static str {
+    match mode {
+        ForwardMode::Nat => "NAT",
+        ForwardMode::Dsr => "DSR",
+        ForwardMode::IpIp => "IP-in-IP",
+        ForwardMode::Gue { .. } => "GUE",
+    }
+}
+
+/// Checks the whole configuration; the first problem found is returned.
+pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
+    let node = &cfg.node;
+    let mut keys: HashMap<ServiceKey, &str> = HashMap::with_capacity(cfg.services.len());
+    let uses_nat = cfg.services.iter().any(|s| s.mode == ForwardMode::Nat);
+    let (first, last) = node.snat_ports;
+    if uses_nat && (first == 0 || first > last) {
+        return Err(ConfigError::BadSnatPorts { first, last });
+    }
+    let node_addrs = [
+        ("snat_v4", node.snat_v4.map(IpAddr::V4)),
+        ("snat_v6", node.snat_v6.map(IpAddr::V6)),
+        ("tunnel_src_v4", node.tunnel_src_v4.map(IpAddr::V4)),
+        ("tunnel_src_v6", node.tunnel_src_v6.map(IpAddr::V6)),
+    ];
+    for s in &cfg.services {
+        let service = || s.name.clone();
+        if let Some(prev) = keys.insert(s.key, &s.name) {
+            return Err(ConfigError::DuplicateService { key: s.key, first: String::from(prev), second: service() });
+        }
+        let vip = s.key.vip;
+        for (field, addr) in node_addrs {
+            if addr == Some(vip) {
+                return Err(ConfigError::NodeAddressIsVip { field, addr: vip, service: service() });
+            }
+        }
+        if s.backends.len() > MAX_BACKENDS_PER_SERVICE {
+            return Err(ConfigError::TooManyBackendsInService {
+                service: service(),
+                count: s.backends.len(),
+                max: MAX_BACKENDS_PER_SERVICE,
+            });
+        }
+        if let Some(t) = s.affinity_timeout {
+            let secs = t.as_secs();
+            if secs == 0 || secs > u64::from(u32::MAX) {
+                return Err(ConfigError::BadAffinityTimeout { service: service(), secs });
+            }
+        }
+        match (s.mode, vip) {
+            (ForwardMode::Nat, IpAddr::V4(_)) if node.snat_v4.is_none() => {
+                return Err(ConfigError::MissingSnatAddress { service: service(), family: "IPv4", vip, field: "snat_v4" });
+            }
+            (ForwardMode::Nat, IpAddr::V6(_)) if node.snat_v6.is_none() => {
+                return Err(ConfigError::MissingSnatAddress { service: service(), family: "IPv6", vip, field: "snat_v6" });
+            }
+            (ForwardMode::IpIp | ForwardMode::Gue { .. }, IpAddr::V4(_)) if node.tunnel_src_v4.is_none() => {
+                return Err(ConfigError::MissingTunnelSource {
+                    service: service(),
+                    mode: mode_name(s.mode),
+                    family: "IPv4",
+                    vip,
+                    field: "tunnel_src_v4",
+                });
+            }
+            (ForwardMode::IpIp | ForwardMode::Gue { .. }, IpAddr::V6(_)) if node.tunnel_src_v6.is_none() => {
+                return Err(ConfigError::MissingTunnelSource {
+                    service: service(),
+                    mode: mode_name(s.mode),
+                    family: "IPv6",
+                    vip,
+                    field: "tunnel_src_v6",
+                });
+            }
+            (ForwardMode::Gue { port: 0 }, _) => return Err(ConfigError::GuePortZero { service: service() }),
+            _ => {}
+        }
+        let mut seen: HashSet<(IpAddr, u16)> = HashSet::with_capacity(s.backends.len());
+        for b in &s.backends {
+            let name = || backend_name(b.addr, b.port);
+            if !seen.insert((b.addr, b.port)) {
+                return Err(ConfigError::DuplicateBackend { service: service(), backend: name() });
+            }
+            if s.mode != ForwardMode::Dsr && b.addr.is_ipv4() != vip.is_ipv4() {
+                return Err(ConfigError::FamilyMismatch {
+                    service: service(),
+                    backend: name(),
+                    vip,
+                    mode: mode_name(s.mode),
+                });
+            }
+            if s.mode != ForwardMode::Nat && b.port != s.key.port {
+                return Err(ConfigError::PortRemap {
+                    service: service(),
+                    backend: name(),
+                    port: b.port,
+                    service_port: s.key.port,
+                    mode: mode_name(s.mode),
+                });
+            }
+            if b.mac.is_none() && node.gateway_mac.is_none() {
+                return Err(ConfigError::NoMac { service: service(), backend: name() });
+            }
+        }
+        if let Some(size) = s.maglev_table_size {
+            let hashed =
+                matches!(s.scheduler, SchedulerKind::Maglev | SchedulerKind::SourceHashing | SchedulerKind::DestinationHashing);
+            if hashed {
+                check_maglev_size(size, s.backends.len()).map_err(|source| ConfigError::Selection { service: service(), source })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The size checks lb-hash makes, done even when no backend serves yet (so a bad size is reported
+/// when the service is configured, not later when a backend becomes ready).
+fn check_maglev_size(size: u32, backends: usize) -> Result<(), lb_hash::BuildError> {
+    use lb_hash::{BuildError, MaglevTable, is_prime, maglev_table_size_for};
+    if size > MaglevTable::MAX_SIZE {
+        return Err(BuildError::TableSizeTooLarge { size, max: MaglevTable::MAX_SIZE });
+    }
+    if !is_prime(size) {
+        let mut next = size.saturating_add(1);
+        while !is_prime(next) && next < u32::MAX {
+            next += 1;
+        }
+        return Err(BuildError::TableSizeNotPrime { size, next_prime: next });
+    }
+    if (size as usize) < backends {
+        return Err(BuildError::TableSizeTooSmall { size, backends, min: maglev_table_size_for(backends) });
+    }
+    Ok(())
+}
+
+impl TableBuilder {
+    /// A builder with the default [`Limits`].
+    pub fn new() -> Self {
+        TableBuilder::default()
+    }
+
+    /// A builder with the given limits.
+    pub fn with_limits(limits: Limits) -> Self {
+        TableBuilder { limits, ..TableBuilder::default() }
+    }
+
+    /// The limits this builder enforces.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Validates `cfg` whole and builds its tables. On error nothing changes: the builder's slots stay
+    /// as they were and the caller keeps serving its current tables.
+    pub fn build(&mut self, cfg: &Config) -> Result<Arc<Tables>, ConfigError> {
+        validate(cfg)?;
+        if cfg.services.len() > self.limits.max_services {
+            return Err(ConfigError::TooManyServices { count: cfg.services.len(), max: self.limits.max_services });
+        }
+        let total_backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+        if total_backends > self.limits.max_backends {
+            return Err(ConfigError::TooManyBackends { count: total_backends, max: self.limits.max_backends });
+        }
+
+        // Work on copies of the slot state; commit only on success.
+        let mut service_alloc = self.services.clone();
+        let mut backend_alloc = self.backends.clone();
+        let wanted_services: HashSet<ServiceKey> = cfg.services.iter().map(|s| s.key).collect();
+        let wanted_backends: HashSet<BackendKey> =
+            cfg.services.iter().flat_map(|s| s.backends.iter().map(move |b| (s.key, b.addr, b.port))).collect();
+        let mut service_slots = self.service_slots.clone();
+        service_slots.retain(|k, (slot, _)| {
+            let keep = wanted_services.contains(k);
+            if !keep {
+                service_alloc.release(*slot);
+            }
+            keep
+        });
+        let mut backend_slots = self.backend_slots.clone();
+        backend_slots.retain(|k, (slot, _)| {
+            let keep = wanted_backends.contains(k);
+            if !keep {
+                backend_alloc.release(*slot);
+            }
+            keep
+        });
+
+        let node = cfg.node.clone();
+        let mut services = Vec::with_capacity(cfg.services.len());
+        let mut by_key = HashMap::with_capacity(cfg.services.len());
+        let mut vips = HashSet::new();
+        let mut backend_locations: Vec<BackendLocation> = Vec::new();
+        for (si, sc) in cfg.services.iter().enumerate() {
+            let (slot, generation) = match service_slots.get(&sc.key) {
+                Some(&s) => s,
+                None => {
+                    let s = service_alloc.alloc(self.limits.max_services).ok_or(ConfigError::TooManyServices {
+                        count: cfg.services.len(),
+                        max: self.limits.max_services,
+                    })?;
+                    service_slots.insert(sc.key, s);
+                    s
+                }
+            };
+            let mut backends = Vec::with_capacity(sc.backends.len());
+            for bc in &sc.backends {
+                let bkey = (sc.key, bc.addr, bc.port);
+                let (bslot, bgen) = match backend_slots.get(&bkey) {
+                    Some(&s) => s,
+                    None => {
+                        let s = backend_alloc
+                            .alloc(self.limits.max_backends)
+                            .ok_or(ConfigError::TooManyBackends { count: total_backends, max: self.limits.max_backends })?;
+                        backend_slots.insert(bkey, s);
+                        s
+                    }
+                };
+                backends.push(Backend {
+                    addr: bc.addr,
+                    port: bc.port,
+                    weight: bc.weight,
+                    state: bc.state,
+                    mac: bc.mac.or(node.gateway_mac).unwrap_or_default(),
+                    id: BackendRef { slot: bslot, generation: bgen },
+                });
+            }
+            backends.sort_by_key(|b| lb_hash::BackendId::from_socket_addr(core::net::SocketAddr::new(b.addr, b.port)));
+            for (bi, b) in backends.iter().enumerate() {
+                let i = b.id.slot as usize;
+                if backend_locations.len() <= i {
+                    backend_locations.resize(i + 1, BackendLocation::default());
+                }
+                if let Some(loc) = backend_locations.get_mut(i) {
+                    *loc = BackendLocation {
+                        generation: b.id.generation,
+                        service: u32::try_from(si).unwrap_or(u32::MAX),
+                        backend: u16::try_from(bi).unwrap_or(u16::MAX),
+                    };
+                }
+            }
+            let scheduler = ServiceScheduler::build(sc.scheduler, &backends, sc.maglev_table_size)
+                .map_err(|source| ConfigError::Selection { service: sc.name.clone(), source })?;
+            by_key.insert(sc.key, u32::try_from(si).unwrap_or(u32::MAX));
+            vips.insert(sc.key.vip);
+            services.push(Service {
+                name: sc.name.clone(),
+                key: sc.key,
+                slot: ServiceSlot(slot),
+                generation,
+                mode: sc.mode,
+                affinity_timeout_secs: sc.affinity_timeout.map(|t| u32::try_from(t.as_secs()).unwrap_or(u32::MAX)),
+                source_ranges: sc.source_ranges.clone(),
+                on_backend_removed: sc.on_backend_removed,
+                backends,
+                scheduler,
+            });
+        }
+
+        self.services = service_alloc;
+        self.backends = backend_alloc;
+        self.service_slots = service_slots;
+        self.backend_slots = backend_slots;
+        self.version += 1;
+        Ok(Arc::new(Tables {
+            node,
+            services,
+            by_key,
+            vips,
+            backend_locations,
+            limits: self.limits,
+            version: self.version,
+        }))
+    }
+}
+

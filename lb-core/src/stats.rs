@@ -1,0 +1,276 @@
+//! Per-core counters: one per drop reason, per service and per backend, as plain integers.
+//!
+//! A [`Worker`](crate::Worker) owns one [`Stats`] and bumps it on the fast path with no atomics and no
+//! allocation (every array is sized when the worker is built). The control side reads a copy (for
+//! example a `Stats::clone` sent back on request) and sums the cores with [`Stats::merge`]. Every path
+//! that drops a frame has its own [`DropReason`], so no packet disappears without a number going up.
+//!
+//! Service and backend counters are indexed by the stable slot numbers that
+//! [`TableBuilder`](crate::service::TableBuilder) hands out ([`ServiceSlot`](crate::service::ServiceSlot),
+//! [`BackendSlot`](crate::service::BackendSlot)), so they survive table swaps.
+
+use alloc::boxed::Box;
+use alloc::vec;
+use core::fmt;
+
+/// Why a frame was dropped. One counter each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum DropReason {
+    /// Headers that contradict themselves (bad IHL, length fields past the frame, bad version).
+    Malformed,
+    /// The frame ends inside a header the load balancer needs.
+    Truncated,
+    /// Addressed to a VIP but with a protocol or header chain the load balancer does not handle.
+    Unsupported,
+    /// An IPv4 or IPv6 fragment addressed to a VIP. Without reassembly the non-first fragments carry
+    /// no ports, so they cannot follow their flow; like Katran we drop every fragment and count it.
+    Fragment,
+    /// Addressed to a VIP on a port and protocol that no service uses.
+    NoService,
+    /// The service has no backend that takes new flows.
+    NoBackend,
+    /// The client is outside the service's allowed source ranges.
+    SourceNotAllowed,
+    /// The flow's backend left the service and the service's policy is to drop such flows.
+    BackendRemoved,
+    /// No conntrack slot could be freed for a new flow without evicting a live established one.
+    ConntrackFull,
+    /// Full NAT found no free source port in this core's share of the node's SNAT ports.
+    NoSnatPort,
+    /// IPv4 TTL or IPv6 hop limit would reach zero on a routed (NAT) rewrite.
+    TtlExpired,
+    /// The frame lacks the headroom a tunnel header needs (see [`Frame::HEADROOM_NEEDED`](crate::Frame::HEADROOM_NEEDED)).
+    NoHeadroom,
+    /// A reply to the SNAT address that matches no tracked NAT flow.
+    NoReverseFlow,
+    /// An ICMP error about a flow the load balancer does not track.
+    IcmpNoFlow,
+}
+
+impl DropReason {
+    /// The number of reasons (length of [`Stats::drops`]).
+    pub const COUNT: usize = 14;
+
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::Malformed,
+        DropReason::Truncated,
+        DropReason::Unsupported,
+        DropReason::Fragment,
+        DropReason::NoService,
+        DropReason::NoBackend,
+        DropReason::SourceNotAllowed,
+        DropReason::BackendRemoved,
+        DropReason::ConntrackFull,
+        DropReason::NoSnatPort,
+        DropReason::TtlExpired,
+        DropReason::NoHeadroom,
+        DropReason::NoReverseFlow,
+        DropReason::IcmpNoFlow,
+    ];
+
+    /// A short snake_case name for metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::Truncated => "truncated",
+            DropReason::Unsupported => "unsupported",
+            DropReason::Fragment => "fragment",
+            DropReason::NoService => "no_service",
+            DropReason::NoBackend => "no_backend",
+            DropReason::SourceNotAllowed => "source_not_allowed",
+            DropReason::BackendRemoved => "backend_removed",
+            DropReason::ConntrackFull => "conntrack_full",
+            DropReason::NoSnatPort => "no_snat_port",
+            DropReason::TtlExpired => "ttl_expired",
+            DropReason::NoHeadroom => "no_headroom",
+            DropReason::NoReverseFlow => "no_reverse_flow",
+            DropReason::IcmpNoFlow => "icmp_no_flow",
+        }
+    }
+
+    /// Index into [`Stats::drops`].
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Traffic of one virtual service on one core.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServiceCounters {
+    /// Frames forwarded to a backend (client to backend direction).
+    pub packets: u64,
+    /// Bytes of those frames, as received.
+    pub bytes: u64,
+    /// Flows scheduled to a backend.
+    pub new_flows: u64,
+    /// Frames addressed to the service and dropped (any reason).
+    pub drops: u64,
+}
+
+/// Traffic of one backend on one core.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendCounters {
+    /// Frames forwarded to the backend.
+    pub packets: u64,
+    /// Bytes of those frames, as received.
+    pub bytes: u64,
+    /// Flows scheduled to the backend.
+    pub new_flows: u64,
+    /// Conntrack entries of this core that point at the backend now (what the lc family reads).
+    pub active_conns: u64,
+}
+
+/// All counters of one core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    /// Frames seen.
+    pub rx: u64,
+    /// Frames given [`Verdict::Tx`](crate::Verdict::Tx).
+    pub tx: u64,
+    /// Frames given [`Verdict::Pass`](crate::Verdict::Pass).
+    pub passed: u64,
+    /// NAT replies translated back to the client.
+    pub reverse_nat: u64,
+    /// Conntrack entries evicted to make room for a new flow.
+    pub conntrack_evictions: u64,
+    /// Frames dropped, indexed by [`DropReason::index`].
+    pub drops: [u64; DropReason::COUNT],
+    services: Box<[ServiceCounters]>,
+    backends: Box<[BackendCounters]>,
+}
+
+impl Stats {
+    /// Zeroed counters with room for `services` service slots and `backends` backend slots.
+    pub fn new(services: usize, backends: usize) -> Self {
+        Stats {
+            rx: 0,
+            tx: 0,
+            passed: 0,
+            reverse_nat: 0,
+            conntrack_evictions: 0,
+            drops: [0; DropReason::COUNT],
+            services: vec![ServiceCounters::default(); services].into_boxed_slice(),
+            backends: vec![BackendCounters::default(); backends].into_boxed_slice(),
+        }
+    }
+
+    /// The count of one drop reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// All drops, every reason.
+    pub fn dropped_total(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+
+    /// Counters of a service slot (zero for a slot out of range).
+    pub fn service(&self, slot: crate::service::ServiceSlot) -> ServiceCounters {
+        self.services.get(slot.index()).copied().unwrap_or_default()
+    }
+
+    /// Counters of a backend slot (zero for a slot out of range).
+    pub fn backend(&self, slot: crate::service::BackendSlot) -> BackendCounters {
+        self.backends.get(slot.index()).copied().unwrap_or_default()
+    }
+
+    /// Adds another core's counters into these (the control side's sum across cores).
+    pub fn merge(&mut self, other: &Stats) {
+        self.rx += other.rx;
+        self.tx += other.tx;
+        self.passed += other.passed;
+        self.reverse_nat += other.reverse_nat;
+        self.conntrack_evictions += other.conntrack_evictions;
+        for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
+            *a += b;
+        }
+        for (a, b) in self.services.iter_mut().zip(other.services.iter()) {
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+            a.new_flows += b.new_flows;
+            a.drops += b.drops;
+        }
+        for (a, b) in self.backends.iter_mut().zip(other.backends.iter()) {
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+            a.new_flows += b.new_flows;
+            a.active_conns += b.active_conns;
+        }
+    }
+
+    pub(crate) fn count_drop(&mut self, reason: DropReason) {
+        self.drops[reason.index()] += 1;
+    }
+
+    pub(crate) fn service_mut(&mut self, slot: usize) -> Option<&mut ServiceCounters> {
+        self.services.get_mut(slot)
+    }
+
+    pub(crate) fn backend_mut(&mut self, slot: usize) -> Option<&mut BackendCounters> {
+        self.backends.get_mut(slot)
+    }
+
+    /// Clears the counters of a backend slot that the table builder handed to a new backend.
+    pub(crate) fn reset_backend(&mut self, slot: usize) {
+        if let Some(b) = self.backends.get_mut(slot) {
+            *b = BackendCounters::default();
+        }
+    }
+
+    /// Clears the counters of a service slot that the table builder handed to a new service.
+    pub(crate) fn reset_service(&mut self, slot: usize) {
+        if let Some(s) = self.services.get_mut(slot) {
+            *s = ServiceCounters::default();
+        }
+    }
+
+    /// Active connections per backend slot, as the lc family of schedulers reads them.
+    pub(crate) fn backends(&self) -> &[BackendCounters] {
+        &self.backends
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_dense_and_named_uniquely() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r} is out of order");
+        }
+        for a in DropReason::ALL {
+            for b in DropReason::ALL {
+                assert!(a == b || a.name() != b.name());
+            }
+        }
+    }
+
+    #[test]
+    fn merge_sums_every_counter() {
+        let mut a = Stats::new(2, 2);
+        let mut b = Stats::new(2, 2);
+        a.count_drop(DropReason::NoBackend);
+        b.count_drop(DropReason::NoBackend);
+        b.count_drop(DropReason::Malformed);
+        b.rx = 5;
+        b.service_mut(1).unwrap().packets = 7;
+        a.backend_mut(0).unwrap().active_conns = 3;
+        b.backend_mut(0).unwrap().active_conns = 4;
+        a.merge(&b);
+        assert_eq!(a.dropped(DropReason::NoBackend), 2);
+        assert_eq!(a.dropped(DropReason::Malformed), 1);
+        assert_eq!(a.dropped_total(), 3);
+        assert_eq!(a.rx, 5);
+        assert_eq!(a.services[1].packets, 7);
+        assert_eq!(a.backends[0].active_conns, 7);
+    }
+}

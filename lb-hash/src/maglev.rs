@@ -1,0 +1,414 @@
+//! Weighted Maglev (Eisenbud et al., NSDI'16): a lookup table of `M` entries, `M` prime, each entry
+//! naming a backend; a flow goes to `table[hash % M]`.
+//!
+//! # Building the table
+//! Every serving backend (weight > 0) has a permutation of the table's slots derived from its
+//! [`BackendId`] alone, so every node computes the same one:
+//!
+//! ```text
+//! offset = FlowHasher(seed 0).words(MaglevOffset, [id]) % M
+//! skip   = FlowHasher(seed 0).words(MaglevSkip,   [id]) % (M - 1) + 1
+//! permutation[j] = (offset + j * skip) % M          (a full cycle because M is prime)
+//! ```
+//!
+//! Backends, sorted by identity, take turns; on its turn a backend claims the next slot of its
+//! permutation that is still free. Weights enter in two places:
+//! - **quota**: backend `i` ends with exactly `floor(M * w_i / W)` entries, plus one for the
+//!   `M - sum(floor)` backends with the largest remainders (ties to the smaller identity), so every
+//!   backend is within one entry of its weighted ideal `M * w_i / W`;
+//! - **turn rate**: each round a backend gains `rate_i = ceil(64 * w_i / w_max)` credits and takes a
+//!   turn when it holds 64, so heavy backends claim their preferred slots early, as light ones do
+//!   theirs, and a backend whose quota is met stops taking turns.
+//!
+//! With equal weights this is exactly the paper's algorithm (everyone takes a turn every round; the
+//! last partial round goes to the first backends in order). Weight 0 backends keep their index in
+//! [`MaglevTable::backends`] but own no entry.
+//!
+//! # Why it is fast
+//! Offsets and skips are computed once per backend; the walk along a permutation is an add and a
+//! conditional subtract (no `%`); occupancy is probed in a bitset of `M` bits (8 KiB for 65537, in L1)
+//! instead of the table; entries are `u16`, so a 65537-entry table is 128 KiB. Lookup replaces the
+//! 64-bit division by Lemire's exact "fastmod" (three multiplies), which gives the same `hash % M`.
+//!
+//! # Guarantees (property tests in `tests/maglev_props.rs`)
+//! - the same table whatever order the backends come in;
+//! - balance: every backend within one entry of `M * w_i / W` (so within 1 % of its weighted ideal
+//!   for equal weights and `M >= 100 x N`);
+//! - disruption: removing a backend moves its own entries and, between the survivors, few others
+//!   (at most 1 % of the table for `M >= 100 x N`); adding it back restores the table exactly.
+
+use alloc::boxed::Box;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt;
+
+use crate::backend::{Backend, BackendId, position_of, sorted_backends};
+use crate::error::BuildError;
+use crate::flow::{FlowHasher, KeyKind};
+
+/// Credits a backend needs for one turn; the turn rate of the heaviest backend.
+const TURN: u32 = 64;
+
+/// Whether `n` is prime (trial division by 6k +- 1; at most ~10^4 steps for a `u32`).
+#[must_use]
+pub const fn is_prime(n: u32) -> bool {
+    if n < 4 {
+        return n >= 2;
+    }
+    if n.is_multiple_of(2) || n.is_multiple_of(3) {
+        return false;
+    }
+    let mut d: u32 = 5;
+    // d * d <= n, written without overflow.
+    while d <= n / d {
+        if n.is_multiple_of(d) || n.is_multiple_of(d + 2) {
+            return false;
+        }
+        d += 6;
+    }
+    true
+}
+
+/// The smallest prime `>= n`, or the largest `u32` prime if there is none.
+const fn next_prime(n: u32) -> u32 {
+    let mut p = n;
+    while !is_prime(p) {
+        if p == u32::MAX {
+            return 4_294_967_291;
+        }
+        p += 1;
+    }
+    p
+}
+
+/// The smallest prime `>= 100 x backends` (at least 101): a table size that keeps every backend
+/// within 1 % of its share. `backends` above [`MaglevTable::MAX_BACKENDS`] count as that maximum.
+#[must_use]
+pub const fn maglev_table_size_for(backends: usize) -> u32 {
+    let n = if backends == 0 {
+        1
+    } else if backends > MaglevTable::MAX_BACKENDS {
+        MaglevTable::MAX_BACKENDS
+    } else {
+        backends
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "n <= 65536, so 100 n fits a u32")]
+    next_prime(100 * n as u32)
+}
+
+/// A built Maglev lookup table: read-only, shared by the fast path, replaced whole.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MaglevTable {
+    backends: Box<[Backend]>,
+    entries: Box<[u16]>,
+    size: u32,
+    /// Lemire's `ceil(2^128 / size)`, for the exact `hash % size` without a division.
+    fastmod: u128,
+}
+
+impl fmt::Debug for MaglevTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MaglevTable")
+            .field("size", &self.size)
+            .field("backends", &self.backends)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One serving backend's state while the table fills.
+#[derive(Clone, Copy)]
+struct Filler {
+    /// Next candidate slot of its permutation.
+    next: u32,
+    skip: u32,
+    credit: u32,
+    rate: u32,
+    claimed: u32,
+    quota: u32,
+    index: u16,
+}
+
+impl MaglevTable {
+    /// The table size used when none is given: prime, 2^16 + 1, good for up to 655 backends.
+    pub const DEFAULT_SIZE: u32 = 65_537;
+    /// The largest table size accepted (2^27 entries, 256 MiB of `u16`).
+    pub const MAX_SIZE: u32 = 1 << 27;
+    /// The most backends a table can index (entries are `u16`).
+    pub const MAX_BACKENDS: usize = 1 << 16;
+
+    /// Builds the table for `backends` with [`Self::DEFAULT_SIZE`] entries.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn with_default_size(backends: &[Backend]) -> Result<Self, BuildError> {
+        Self::new(backends, Self::DEFAULT_SIZE)
+    }
+
+    /// Builds the table of `size` entries for `backends`, given in any order.
+    ///
+    /// # Errors
+    /// `size` not prime, above [`Self::MAX_SIZE`] or below the number of serving backends; an empty
+    /// backend set, a duplicate identity, all weights 0, more than [`Self::MAX_BACKENDS`] backends.
+    pub fn new(backends: &[Backend], size: u32) -> Result<Self, BuildError> {
+        if size > Self::MAX_SIZE {
+            return Err(BuildError::TableSizeTooLarge { size, max: Self::MAX_SIZE });
+        }
+        if !is_prime(size) {
+            return Err(BuildError::TableSizeNotPrime { size, next_prime: next_prime(size) });
+        }
+        if backends.len() > Self::MAX_BACKENDS {
+            return Err(BuildError::TooManyBackends {
+                count: backends.len(),
+                max: Self::MAX_BACKENDS,
+                selector: "Maglev",
+            });
+        }
+        let backends = sorted_backends(backends)?;
+        let serving = backends.iter().filter(|b| b.is_serving()).count();
+        if (size as usize) < serving {
+            return Err(BuildError::TableSizeTooSmall {
+                size,
+                backends: serving,
+                min: maglev_table_size_for(serving),
+            });
+        }
+        let entries = fill(&backends, size);
+        Ok(Self { backends, entries, size, fastmod: u128::MAX / u128::from(size) + 1 })
+    }
+
+    /// The backend index for a flow hash: `entries()[hash % size()]`.
+    #[must_use]
+    #[inline]
+    pub fn lookup(&self, hash: u64) -> Option<u32> {
+        self.entries.get(self.slot(hash)).map(|&e| u32::from(e))
+    }
+
+    /// `hash % size()`, computed with Lemire's fastmod (exact for every 64-bit hash).
+    #[must_use]
+    #[inline]
+    pub fn slot(&self, hash: u64) -> usize {
+        let low = self.fastmod.wrapping_mul(u128::from(hash));
+        let d = u128::from(self.size);
+        let bottom = ((low & u128::from(u64::MAX)) * d) >> 64;
+        let top = (low >> 64) * d;
+        // The result is < size <= MAX_SIZE, so it fits any usize of 32 bits or more.
+        ((bottom + top) >> 64) as usize
+    }
+
+    /// The table size `M`.
+    #[must_use]
+    pub const fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// The entries: `entries()[slot]` is an index into [`Self::backends`].
+    #[must_use]
+    pub fn entries(&self) -> &[u16] {
+        &self.entries
+    }
+
+    /// The backends the table was built from, sorted by identity (weight 0 ones included).
+    #[must_use]
+    pub fn backends(&self) -> &[Backend] {
+        &self.backends
+    }
+
+    /// The index of the backend with identity `id`.
+    #[must_use]
+    pub fn position(&self, id: BackendId) -> Option<u32> {
+        position_of(&self.backends, id)
+    }
+
+    /// How many entries each backend owns, by index into [`Self::backends`].
+    #[must_use]
+    pub fn entry_counts(&self) -> Vec<u32> {
+        let mut counts = vec![0u32; self.backends.len()];
+        for &e in &*self.entries {
+            if let Some(c) = counts.get_mut(usize::from(e)) {
+                *c += 1;
+            }
+        }
+        counts
+    }
+}
+
+/// Exact weighted quotas: `floor(M w_i / W)` plus one for the largest remainders (ties: first index).
+fn quotas(weights: &[u32], m: u32) -> Vec<u32> {
+    let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
+    let mut quota = Vec::with_capacity(weights.len());
+    let mut remainder = Vec::with_capacity(weights.len());
+    for &w in weights {
+        let share = u128::from(m) * u128::from(w);
+        #[expect(clippy::cast_possible_truncation, reason = "share / total <= m, a u32")]
+        quota.push((share / total) as u32);
+        remainder.push(share % total);
+    }
+    let given: u32 = quota.iter().sum();
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    order.sort_by(|&a, &b| remainder[b].cmp(&remainder[a]).then(a.cmp(&b)));
+    for &i in order.iter().take((m - given) as usize) {
+        quota[i] += 1;
+    }
+    quota
+}
+
+/// Fills the table; `backends` is sorted, valid, and `m` is a prime >= the serving count.
+fn fill(backends: &[Backend], m: u32) -> Box<[u16]> {
+    let hasher = FlowHasher::new(0);
+    let serving: Vec<(u16, Backend)> = backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.is_serving())
+        .map(|(i, b)| {
+            #[expect(clippy::cast_possible_truncation, reason = "at most MAX_BACKENDS = 2^16 backends")]
+            (i as u16, *b)
+        })
+        .collect();
+    let weights: Vec<u32> = serving.iter().map(|(_, b)| b.weight).collect();
+    let quota = quotas(&weights, m);
+    let w_max = u64::from(weights.iter().copied().max().unwrap_or(1));
+    let m64 = u64::from(m);
+
+    let mut fillers: Vec<Filler> = serving
+        .iter()
+        .zip(&quota)
+        .filter(|&(_, &q)| q > 0)
+        .map(|(&(index, b), &quota)| {
+            let offset = hasher.words(KeyKind::MaglevOffset, &[b.id.0]) % m64;
+            let skip = hasher.words(KeyKind::MaglevSkip, &[b.id.0]) % (m64 - 1).max(1) + 1;
+            let rate = (u64::from(b.weight) * u64::from(TURN)).div_ceil(w_max);
+            #[expect(clippy::cast_possible_truncation, reason = "offset, skip < m and rate <= TURN")]
+            Filler {
+                next: offset as u32,
+                skip: skip as u32,
+                credit: 0,
+                rate: rate as u32,
+                claimed: 0,
+                quota,
+                index,
+            }
+        })
+        .collect();
+
+    let mut entries = vec![0u16; m as usize].into_boxed_slice();
+    let mut occupied = vec![0u64; m.div_ceil(64) as usize];
+    // Every round each unfinished backend gains credit; it claims a slot per TURN credits. The sum of
+    // quotas is m, so while anyone is unfinished a free slot exists and the walk ends.
+    while !fillers.is_empty() {
+        let mut someone_finished = false;
+        for f in &mut fillers {
+            f.credit += f.rate;
+            if f.credit < TURN {
+                continue;
+            }
+            f.credit -= TURN;
+            let mut c = f.next;
+            while occupied[(c >> 6) as usize] >> (c & 63) & 1 != 0 {
+                c += f.skip;
+                if c >= m {
+                    c -= m;
+                }
+            }
+            occupied[(c >> 6) as usize] |= 1 << (c & 63);
+            entries[c as usize] = f.index;
+            c += f.skip;
+            if c >= m {
+                c -= m;
+            }
+            f.next = c;
+            f.claimed += 1;
+            someone_finished |= f.claimed == f.quota;
+        }
+        if someone_finished {
+            fillers.retain(|f| f.claimed < f.quota);
+        }
+    }
+    entries
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn equal(n: u64) -> Vec<Backend> {
+        (0..n).map(|i| Backend::new(1000 + i, 1)).collect()
+    }
+
+    #[test]
+    fn primes() {
+        let small: Vec<u32> = (0..40).filter(|&n| is_prime(n)).collect();
+        assert_eq!(small, [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37]);
+        assert!(is_prime(65_537) && is_prime(655_373) && is_prime(4_294_967_291));
+        assert!(!is_prime(65_535) && !is_prime(25) && !is_prime(4_294_967_295));
+        assert!(!is_prime(65_521 * 65_519));
+        assert_eq!(maglev_table_size_for(0), 101);
+        assert_eq!(maglev_table_size_for(10), 1009);
+        assert_eq!(maglev_table_size_for(1000), 100_003);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_the_value() {
+        let b = equal(3);
+        assert_eq!(
+            MaglevTable::new(&b, 65_536),
+            Err(BuildError::TableSizeNotPrime { size: 65_536, next_prime: 65_537 })
+        );
+        assert_eq!(MaglevTable::new(&b, 1), Err(BuildError::TableSizeNotPrime { size: 1, next_prime: 2 }));
+        assert_eq!(
+            MaglevTable::new(&b, 2),
+            Err(BuildError::TableSizeTooSmall { size: 2, backends: 3, min: 307 })
+        );
+        assert!(matches!(
+            MaglevTable::new(&b, MaglevTable::MAX_SIZE + 1),
+            Err(BuildError::TableSizeTooLarge { .. })
+        ));
+        // Draining backends need no slot.
+        let mut drained = equal(3);
+        drained[2].weight = 0;
+        assert!(MaglevTable::new(&drained, 2).is_ok());
+    }
+
+    #[test]
+    fn bad_backend_sets_are_refused() {
+        assert_eq!(MaglevTable::new(&[], 13), Err(BuildError::NoBackends));
+        assert_eq!(
+            MaglevTable::new(&[Backend::new(7, 1), Backend::new(7, 2)], 13),
+            Err(BuildError::DuplicateBackend { id: BackendId(7) })
+        );
+        assert_eq!(
+            MaglevTable::new(&[Backend::new(7, 0)], 13),
+            Err(BuildError::AllWeightsZero { count: 1 })
+        );
+    }
+
+    #[test]
+    fn every_slot_belongs_to_a_serving_backend_and_quotas_hold() {
+        let backends = [Backend::new(5, 3), Backend::new(9, 0), Backend::new(1, 1), Backend::new(4, 2)];
+        let t = MaglevTable::new(&backends, 601).expect("valid");
+        // Sorted: ids 1, 4, 5, 9 with weights 1, 2, 3, 0; W = 6; ideal 100.17, 200.33, 300.5, 0.
+        assert_eq!(t.entry_counts(), [100, 200, 301, 0]);
+        assert_eq!(t.position(BackendId(9)), Some(3));
+    }
+
+    #[test]
+    fn lookup_is_the_entry_at_hash_mod_size() {
+        let t = MaglevTable::new(&equal(7), 1009).expect("valid");
+        let mut x = 0x1234_5678_9abc_def0u64;
+        for hash in [0, 1, 1008, 1009, u64::MAX, u64::MAX - 1, 1 << 63] {
+            assert_eq!(t.slot(hash), (hash % 1009) as usize);
+        }
+        for _ in 0..10_000 {
+            x = crate::flow::fmix64(x.wrapping_add(0x9e37_79b9_7f4a_7c15));
+            assert_eq!(t.slot(x), (x % 1009) as usize);
+            assert_eq!(t.lookup(x), Some(u32::from(t.entries()[(x % 1009) as usize])));
+        }
+    }
+
+    #[test]
+    fn quotas_are_within_one_entry() {
+        let q = quotas(&[1, 1, 1], 7);
+        assert_eq!(q, [3, 2, 2]);
+        let q = quotas(&[u32::MAX, 1], 65_537);
+        assert_eq!(q, [65_537, 0]);
+    }
+}

@@ -1,0 +1,393 @@
+//! The bpf(2) system call, just the commands lb-io needs: create and update maps, load a program,
+//! attach it with a BPF link, and run it on a test frame. The instruction builder is in [`asm`], the
+//! VIP-steering XDP program in [`xdp`].
+
+pub mod asm;
+pub mod xdp;
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+/// An error from bpf(2), with the command and, for a refused program, the verifier's log.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// The kernel refused a command.
+    #[error("bpf({command}) failed: {source}{}", hint(source))]
+    Syscall {
+        /// The bpf(2) command.
+        command: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The verifier rejected the program.
+    #[error("the verifier rejected the XDP program: {source}\n{log}")]
+    Verifier {
+        /// The OS error.
+        source: std::io::Error,
+        /// The verifier's log.
+        log: String,
+    },
+    /// The program could not be assembled (a bug in the program text).
+    #[error(transparent)]
+    Asm(#[from] asm::AsmError),
+}
+
+fn hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EPERM) => " (needs root or CAP_BPF + CAP_NET_ADMIN)",
+        Some(libc::ENOSYS) => " (kernel built without BPF)",
+        _ => "",
+    }
+}
+
+impl BpfError {
+    /// True when the kernel refused for lack of privilege or support (tests skip on this).
+    pub fn is_refused(&self) -> bool {
+        let e = match self {
+            BpfError::Syscall { source, .. } | BpfError::Verifier { source, .. } => source,
+            BpfError::Asm(_) => return false,
+        };
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EPERM | libc::EACCES | libc::ENOSYS)
+        )
+    }
+}
+
+/// Runs bpf(`cmd`, `attr`), returning the non-negative result.
+fn sys_bpf<T>(cmd: libc::c_long, command: &'static str, attr: &mut T) -> Result<i64, BpfError> {
+    // SAFETY: `attr` is a live, exclusively borrowed `repr(C)` attribute block of the layout the kernel
+    // expects for `cmd`, and its size is passed with it; pointers inside it refer to buffers that the
+    // callers keep alive across this call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(BpfError::Syscall {
+            command,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(rc)
+}
+
+fn owned_fd(fd: i64) -> OwnedFd {
+    // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// A BPF map with fixed-size keys and values, owned by its file descriptor.
+#[derive(Debug)]
+pub struct Map {
+    fd: OwnedFd,
+    key_size: usize,
+    value_size: usize,
+}
+
+/// `BPF_MAP_TYPE_HASH`.
+pub const MAP_TYPE_HASH: u32 = 1;
+/// `BPF_MAP_TYPE_XSKMAP`: queue index -> AF_XDP socket.
+pub const MAP_TYPE_XSKMAP: u32 = 17;
+
+impl Map {
+    /// Creates a map of `map_type`.
+    pub fn create(
+        map_type: u32,
+        key_size: usize,
+        value_size: usize,
+        max_entries: u32,
+    ) -> Result<Self, BpfError> {
+        let mut attr = MapCreateAttr {
+            map_type,
+            key_size: key_size as u32,
+            value_size: value_size as u32,
+            max_entries,
+            map_flags: 0,
+        };
+        let fd = sys_bpf(BPF_MAP_CREATE, "BPF_MAP_CREATE", &mut attr)?;
+        Ok(Map {
+            fd: owned_fd(fd),
+            key_size,
+            value_size,
+        })
+    }
+
+    /// The map's file descriptor.
+    pub fn fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    fn check(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), BpfError> {
+        let bad = key.len() != self.key_size || value.is_some_and(|v| v.len() != self.value_size);
+        if bad {
+            return Err(BpfError::Syscall {
+                command: "map element (size check)",
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        Ok(())
+    }
+
+    /// Inserts or replaces `key -> value`.
+    pub fn update(&self, key: &[u8], value: &[u8]) -> Result<(), BpfError> {
+        self.check(key, Some(value))?;
+        let mut attr = MapElemAttr {
+            map_fd: self.fd() as u32,
+            key: key.as_ptr() as u64,
+            value: value.as_ptr() as u64,
+            ..MapElemAttr::default()
+        };
+        sys_bpf(BPF_MAP_UPDATE_ELEM, "BPF_MAP_UPDATE_ELEM", &mut attr).map(|_| ())
+    }
+
+    /// Removes `key`; `Ok(false)` if it was not there.
+    pub fn delete(&self, key: &[u8]) -> Result<bool, BpfError> {
+        self.check(key, None)?;
+        let mut attr = MapElemAttr {
+            map_fd: self.fd() as u32,
+            key: key.as_ptr() as u64,
+            ..MapElemAttr::default()
+        };
+        match sys_bpf(BPF_MAP_DELETE_ELEM, "BPF_MAP_DELETE_ELEM", &mut attr) {
+            Ok(_) => Ok(true),
+            Err(BpfError::Syscall { source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True if `key` is present.
+    pub fn contains(&self, key: &[u8]) -> Result<bool, BpfError> {
+        self.check(key, None)?;
+        let mut value = vec![0u8; self.value_size];
+        let mut attr = MapElemAttr {
+            map_fd: self.fd() as u32,
+            key: key.as_ptr() as u64,
+            value: value.as_mut_ptr() as u64,
+            ..MapElemAttr::default()
+        };
+        match sys_bpf(BPF_MAP_LOOKUP_ELEM, "BPF_MAP_LOOKUP_ELEM", &mut attr) {
+            Ok(_) => Ok(true),
+            Err(BpfError::Syscall { source, .. })
+                if source.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `BPF_PROG_TYPE_XDP`.
+const PROG_TYPE_XDP: u32 = 6;
+/// `BPF_XDP` attach type.
+const ATTACH_TYPE_XDP: u32 = 37;
+
+/// A loaded program.
+#[derive(Debug)]
+pub struct Program {
+    fd: OwnedFd,
+}
+
+impl Program {
+    /// Loads an XDP program named `name` (at most 15 bytes shown).
+    pub fn load_xdp(name: &str, insns: &[asm::Insn]) -> Result<Self, BpfError> {
+        let license = c"GPL";
+        let mut prog_name = [0u8; 16];
+        for (d, s) in prog_name.iter_mut().zip(name.bytes().take(15)) {
+            *d = s;
+        }
+        let mut attr = ProgLoadAttr {
+            prog_type: PROG_TYPE_XDP,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            prog_name,
+            expected_attach_type: ATTACH_TYPE_XDP,
+            ..ProgLoadAttr::default()
+        };
+        match sys_bpf(BPF_PROG_LOAD, "BPF_PROG_LOAD", &mut attr) {
+            Ok(fd) => Ok(Program { fd: owned_fd(fd) }),
+            Err(BpfError::Syscall { source, .. })
+                if source.raw_os_error() == Some(libc::EACCES)
+                    || source.raw_os_error() == Some(libc::EINVAL) =>
+            {
+                // Load again with the verifier's log so the error says why.
+                let mut log = vec![0u8; 1 << 16];
+                attr.log_level = 1;
+                attr.log_size = log.len() as u32;
+                attr.log_buf = log.as_mut_ptr() as u64;
+                let _ = sys_bpf(BPF_PROG_LOAD, "BPF_PROG_LOAD", &mut attr);
+                let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+                Err(BpfError::Verifier {
+                    source,
+                    log: String::from_utf8_lossy(&log[..end]).into_owned(),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The program's file descriptor.
+    pub fn fd(&self) -> i32 {
+        self.fd.as_raw_fd()
+    }
+
+    /// Runs the program once on `frame` (BPF_PROG_TEST_RUN) and returns its XDP action.
+    pub fn test_run(&self, frame: &[u8]) -> Result<u32, BpfError> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut attr = TestRunAttr {
+            prog_fd: self.fd() as u32,
+            data_size_in: frame.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ..TestRunAttr::default()
+        };
+        sys_bpf(BPF_PROG_TEST_RUN, "BPF_PROG_TEST_RUN", &mut attr)?;
+        Ok(attr.retval)
+    }
+
+    /// Attaches the program to interface `ifindex` with a BPF link; it stays attached while the
+    /// returned [`Link`] lives and detaches by itself when the link is dropped or the process dies.
+    pub fn attach_xdp(&self, ifindex: u32, mode: AttachMode) -> Result<Link, BpfError> {
+        let mut attr = LinkCreateAttr {
+            prog_fd: self.fd() as u32,
+            target_ifindex: ifindex,
+            attach_type: ATTACH_TYPE_XDP,
+            flags: mode.flags(),
+            ..LinkCreateAttr::default()
+        };
+        let fd = sys_bpf(BPF_LINK_CREATE, "BPF_LINK_CREATE", &mut attr)?;
+        Ok(Link {
+            _fd: owned_fd(fd),
+            ifindex,
+            mode,
+        })
+    }
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+    _target: [u64; 4],
+}
+
+/// Where in the receive path an XDP program runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Let the kernel choose (native when the driver has it).
+    Auto,
+    /// In the driver (veth, most 10G+ NICs); fastest.
+    Native,
+    /// After the socket buffer is built; works everywhere, slowest.
+    Generic,
+}
+
+impl AttachMode {
+    const fn flags(self) -> u32 {
+        match self {
+            AttachMode::Auto => 0,
+            AttachMode::Generic => 1 << 1,
+            AttachMode::Native => 1 << 2,
+        }
+    }
+}
+
+/// An attached program; dropping it detaches the program.
+#[derive(Debug)]
+pub struct Link {
+    _fd: OwnedFd,
+    ifindex: u32,
+    mode: AttachMode,
+}
+
+impl Link {
+    /// The interface the program is attached to.
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// The mode it was attached in.
+    pub fn mode(&self) -> AttachMode {
+        self.mode
+    }
+}

@@ -1,0 +1,178 @@
+//! A capture-file device: reads frames from a pcap file, writes transmitted frames to another, and
+//! gives the loop the capture's timestamps as its clock so a replay is deterministic.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::Path;
+use std::time::Duration;
+
+use lb_core::{Frame, Instant};
+use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
+
+use crate::chunk::ChunkPool;
+use crate::device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
+
+/// Buffer size: a full Ethernet frame with a VLAN tag, plus headroom.
+const BUFFER_SIZE: usize = 2048;
+/// Headroom before each packet, as an AF_XDP UMEM gives (XDP_PACKET_HEADROOM).
+const HEADROOM: usize = 256;
+
+/// Reads one capture, writes another.
+pub struct PcapDevice {
+    pool: ChunkPool,
+    reader: PcapReader<BufReader<File>>,
+    writer: PcapWriter<BufWriter<File>>,
+    in_path: String,
+    out_path: String,
+    at_end: bool,
+    /// Timestamp of the last frame received, used as the loop's clock and as the output timestamp.
+    last_ts: Duration,
+    /// Frames skipped because they were longer than a buffer (jumbo frames).
+    oversize: u64,
+    read_error: Option<String>,
+}
+
+impl std::fmt::Debug for PcapDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PcapDevice")
+            .field("in", &self.in_path)
+            .field("out", &self.out_path)
+            .finish()
+    }
+}
+
+impl PcapDevice {
+    /// Opens `input` for reading and creates `output` (truncating it).
+    pub fn open(input: &Path, output: &Path) -> Result<Self, DeviceError> {
+        let in_path = input.display().to_string();
+        let out_path = output.display().to_string();
+        let file = File::open(input).map_err(|e| DeviceError::Io {
+            op: "open",
+            device: in_path.clone(),
+            source: e,
+        })?;
+        let reader = PcapReader::new(BufReader::new(file)).map_err(|e| DeviceError::Pcap {
+            op: "read",
+            path: in_path.clone(),
+            message: e.to_string(),
+        })?;
+        let file = File::create(output).map_err(|e| DeviceError::Io {
+            op: "create",
+            device: out_path.clone(),
+            source: e,
+        })?;
+        let writer = PcapWriter::new(BufWriter::new(file)).map_err(|e| DeviceError::Pcap {
+            op: "write",
+            path: out_path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(PcapDevice {
+            pool: ChunkPool::new(MAX_BURST * 2, BUFFER_SIZE, HEADROOM),
+            reader,
+            writer,
+            in_path,
+            out_path,
+            at_end: false,
+            last_ts: Duration::ZERO,
+            oversize: 0,
+            read_error: None,
+        })
+    }
+
+    /// Frames skipped because they did not fit a buffer.
+    pub fn oversize_dropped(&self) -> u64 {
+        self.oversize
+    }
+
+    /// Flushes the output file; call once the loop has stopped.
+    pub fn finish(mut self) -> Result<(), DeviceError> {
+        use std::io::Write;
+        let path = self.out_path.clone();
+        self.flush()?;
+        self.writer
+            .into_writer()
+            .flush()
+            .map_err(|e| DeviceError::Io {
+                op: "write",
+                device: path,
+                source: e,
+            })
+    }
+}
+
+impl Device for PcapDevice {
+    fn receive<'a>(&'a mut self, frames: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
+        if let Some(message) = self.read_error.take() {
+            return Err(DeviceError::Pcap {
+                op: "read",
+                path: self.in_path.clone(),
+                message,
+            });
+        }
+        let room = self.pool.packet_room();
+        let reader = &mut self.reader;
+        let at_end = &mut self.at_end;
+        let last_ts = &mut self.last_ts;
+        let oversize = &mut self.oversize;
+        let read_error = &mut self.read_error;
+        let count = self.pool.lend(frames, |buf| {
+            loop {
+                match reader.next_packet() {
+                    None => {
+                        *at_end = true;
+                        return None;
+                    }
+                    Some(Err(e)) => {
+                        *at_end = true;
+                        *read_error = Some(e.to_string());
+                        return None;
+                    }
+                    Some(Ok(pkt)) if pkt.data.len() > room => *oversize += 1,
+                    Some(Ok(pkt)) => {
+                        *last_ts = pkt.timestamp;
+                        buf.get_mut(..pkt.data.len())?.copy_from_slice(&pkt.data);
+                        return Some(pkt.data.len());
+                    }
+                }
+            }
+        });
+        let clock = Instant::from_nanos(u64::try_from(self.last_ts.as_nanos()).unwrap_or(u64::MAX));
+        Ok(Received {
+            count,
+            clock: Some(clock),
+        })
+    }
+
+    fn settle(&mut self, spans: &[Option<Span>]) -> Result<usize, DeviceError> {
+        Ok(self.pool.settle(spans))
+    }
+
+    fn flush(&mut self) -> Result<FlushProgress, DeviceError> {
+        let writer = &mut self.writer;
+        let ts = self.last_ts;
+        let path = &self.out_path;
+        self.pool.flush(usize::MAX, |bytes| {
+            let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+            writer
+                .write_packet(&PcapPacket::new(ts, len, bytes))
+                .map(|_| ())
+                .map_err(|e| DeviceError::Pcap {
+                    op: "write",
+                    path: path.clone(),
+                    message: e.to_string(),
+                })
+        })
+    }
+
+    fn pending_tx(&self) -> usize {
+        self.pool.pending()
+    }
+
+    fn discard_pending(&mut self) -> usize {
+        self.pool.discard()
+    }
+
+    fn at_end(&self) -> bool {
+        self.at_end && self.read_error.is_none()
+    }
+}

@@ -1,0 +1,693 @@
+//! The per-core poll loop: one device, one processor, one pinned thread.
+//!
+//! ```text
+//! loop {
+//!     stop?                       -> flush what is queued, leave
+//!     control update waiting?     -> processor.apply(update); send the old state back
+//!     transmit side behind?       -> flush; no progress => counted back-off, give up after a limit
+//!     n = device.receive(burst)   -> none: flush / wait (idle) / leave at the end of a capture
+//!     processor.process_burst(frames[..n], now, verdicts)
+//!     device.settle(Tx frames => transmit, the rest => recycle)
+//!     TX batch full or flush deadline passed -> device.flush()
+//! }
+//! ```
+//! The burst arrays live on the stack; nothing in the round allocates, locks or panics.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use lb_core::{Frame, Instant, Verdict};
+
+use crate::device::{Device, DeviceError, MAX_BURST, Span};
+use crate::processor::BurstProcessor;
+use crate::stop::StopFlag;
+
+/// Tuning of one poll loop.
+#[derive(Debug, Clone, Copy)]
+pub struct LoopConfig {
+    /// Frames per receive, at most [`MAX_BURST`].
+    pub burst: usize,
+    /// Flush once this many frames are queued for transmission (copy-mode AF_XDP sends at most 32 per
+    /// kick).
+    pub tx_batch: usize,
+    /// Flush at least this often while frames are queued, so a lone frame never waits for company.
+    pub flush_interval: Duration,
+    /// Stop receiving while this many frames wait for the transmit side (back-pressure, not drops).
+    pub max_pending_tx: usize,
+    /// Empty receive rounds before the loop calls [`Device::wait`]; `usize::MAX` spins (busy poll).
+    pub idle_spins: usize,
+    /// How long [`Device::wait`] may block when idle.
+    pub idle_wait: Duration,
+    /// Flushes without progress in a row after which the queued frames are dropped (counted) rather
+    /// than waiting on a stuck ring forever.
+    pub max_stalled_flushes: u32,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig {
+            burst: MAX_BURST,
+            tx_batch: 32,
+            flush_interval: Duration::from_micros(50),
+            max_pending_tx: 4 * MAX_BURST,
+            idle_spins: 64,
+            idle_wait: Duration::from_millis(10),
+            max_stalled_flushes: 1000,
+        }
+    }
+}
+
+/// What one loop did, as plain numbers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoopStats {
+    /// Frames received.
+    pub rx: u64,
+    /// Frames the processor marked Tx and the device queued.
+    pub tx: u64,
+    /// Frames with verdict Pass (recycled: an AF_XDP socket cannot hand a frame back to the kernel;
+    /// the XDP program keeps non-VIP traffic in the kernel so these are rare).
+    pub pass: u64,
+    /// Frames with verdict Drop.
+    pub drop: u64,
+    /// Non-empty bursts.
+    pub bursts: u64,
+    /// Control updates applied.
+    pub updates: u64,
+    /// Flushes that moved nothing while frames were queued.
+    pub stalled_flushes: u64,
+    /// Frames dropped because the transmit side stayed stuck for `max_stalled_flushes` flushes.
+    pub tx_abandoned: u64,
+    /// Times the loop blocked in [`Device::wait`].
+    pub idle_waits: u64,
+}
+
+/// Live counters of a running loop, published once per round (plain stores, one writer).
+#[derive(Debug, Default)]
+pub struct LoopCounters {
+    rx: AtomicU64,
+    tx: AtomicU64,
+    pass: AtomicU64,
+    drop: AtomicU64,
+    stalled_flushes: AtomicU64,
+    tx_abandoned: AtomicU64,
+}
+
+impl LoopCounters {
+    fn publish(&self, s: &LoopStats) {
+        self.rx.store(s.rx, Ordering::Relaxed);
+        self.tx.store(s.tx, Ordering::Relaxed);
+        self.pass.store(s.pass, Ordering::Relaxed);
+        self.drop.store(s.drop, Ordering::Relaxed);
+        self.stalled_flushes
+            .store(s.stalled_flushes, Ordering::Relaxed);
+        self.tx_abandoned.store(s.tx_abandoned, Ordering::Relaxed);
+    }
+
+    /// A snapshot (fields not published live are zero).
+    pub fn snapshot(&self) -> LoopStats {
+        LoopStats {
+            rx: self.rx.load(Ordering::Relaxed),
+            tx: self.tx.load(Ordering::Relaxed),
+            pass: self.pass.load(Ordering::Relaxed),
+            drop: self.drop.load(Ordering::Relaxed),
+            stalled_flushes: self.stalled_flushes.load(Ordering::Relaxed),
+            tx_abandoned: self.tx_abandoned.load(Ordering::Relaxed),
+            ..LoopStats::default()
+        }
+    }
+}
+
+/// The control side's end of a loop's update channel.
+#[derive(Debug)]
+pub struct UpdateSender<U> {
+    updates: Sender<U>,
+    retired: Receiver<U>,
+}
+
+/// The loop's end of the update channel.
+#[derive(Debug)]
+pub struct UpdateReceiver<U> {
+    updates: Receiver<U>,
+    retired: Sender<U>,
+    /// A retired state the control side had no room for yet; sent before any new update is applied,
+    /// so the loop never drops one itself.
+    parked: Option<U>,
+}
+
+/// Updates not yet applied when the control side sends a new one, and retired states not yet
+/// collected, are bounded by this many.
+const UPDATE_QUEUE: usize = 8;
+
+/// A bounded channel pair: updates to the loop, retired states back to the control side.
+pub fn update_channel<U>() -> (UpdateSender<U>, UpdateReceiver<U>) {
+    let (tx, rx) = crossbeam_channel::bounded(UPDATE_QUEUE);
+    let (rtx, rrx) = crossbeam_channel::bounded(UPDATE_QUEUE);
+    (
+        UpdateSender {
+            updates: tx,
+            retired: rrx,
+        },
+        UpdateReceiver {
+            updates: rx,
+            retired: rtx,
+            parked: None,
+        },
+    )
+}
+
+/// The loop has gone (stopped or failed); the update was not delivered.
+#[derive(Debug, thiserror::Error)]
+#[error("the poll loop has stopped; update not delivered")]
+pub struct LoopGone;
+
+impl<U> UpdateSender<U> {
+    /// Sends an update, blocking while the loop has [`UPDATE_QUEUE`] unapplied ones, and drops the
+    /// states the loop retired so far (here, on the control thread).
+    pub fn send(&self, update: U) -> Result<(), LoopGone> {
+        self.collect_retired();
+        self.updates.send(update).map_err(|_| LoopGone)
+    }
+
+    /// Drops retired states sent back by the loop; returns how many.
+    pub fn collect_retired(&self) -> usize {
+        self.retired.try_iter().count()
+    }
+
+    /// Waits up to `timeout` for the loop to retire one state (i.e. to have applied an update).
+    pub fn wait_retired(&self, timeout: Duration) -> Option<U> {
+        self.retired.recv_timeout(timeout).ok()
+    }
+}
+
+impl<U> UpdateReceiver<U> {
+    /// Applies at most one waiting update to `processor`; returns true if one was applied.
+    fn poll<P: BurstProcessor<Update = U>>(&mut self, processor: &mut P) -> bool {
+        if let Some(old) = self.parked.take() {
+            match self.retired.try_send(old) {
+                Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+                Err(TrySendError::Full(old)) => {
+                    self.parked = Some(old);
+                    return false;
+                }
+            }
+        }
+        match self.updates.try_recv() {
+            Ok(update) => {
+                let old = processor.apply(update);
+                if let Err(TrySendError::Full(old)) = self.retired.try_send(old) {
+                    self.parked = Some(old);
+                }
+                true
+            }
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => false,
+        }
+    }
+}
+
+/// One device, one processor, the update channel and the stop flag.
+pub struct PollLoop<D, P: BurstProcessor> {
+    device: D,
+    processor: P,
+    updates: UpdateReceiver<P::Update>,
+    stop: StopFlag,
+    config: LoopConfig,
+    counters: Arc<LoopCounters>,
+    stats: LoopStats,
+    clock: std::time::Instant,
+}
+
+impl<D: std::fmt::Debug, P: BurstProcessor> std::fmt::Debug for PollLoop<D, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PollLoop")
+            .field("device", &self.device)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+/// What a finished loop hands back: its parts and its numbers.
+#[derive(Debug)]
+pub struct LoopReport<D, P> {
+    /// The device (e.g. to finish a capture file or read its statistics).
+    pub device: D,
+    /// The processor (e.g. to read a worker's counters).
+    pub processor: P,
+    /// The loop's own counters.
+    pub stats: LoopStats,
+}
+
+impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
+    /// A loop over `device` and `processor`, taking updates from `updates`, stopping on `stop`.
+    pub fn new(
+        device: D,
+        processor: P,
+        updates: UpdateReceiver<P::Update>,
+        stop: StopFlag,
+        config: LoopConfig,
+    ) -> Self {
+        let config = LoopConfig {
+            burst: config.burst.clamp(1, MAX_BURST),
+            tx_batch: config.tx_batch.max(1),
+            ..config
+        };
+        PollLoop {
+            device,
+            processor,
+            updates,
+            stop,
+            config,
+            counters: Arc::default(),
+            stats: LoopStats::default(),
+            clock: std::time::Instant::now(),
+        }
+    }
+
+    /// Live counters, readable from another thread while the loop runs.
+    pub fn counters(&self) -> Arc<LoopCounters> {
+        Arc::clone(&self.counters)
+    }
+
+    /// Runs until the stop flag is set or a finite device reaches its end and has sent everything.
+    pub fn run(mut self) -> Result<LoopReport<D, P>, DeviceError> {
+        let mut idle = 0usize;
+        let mut stalls = 0u32;
+        let mut last_flush = self.clock.elapsed();
+        loop {
+            if self.stop.is_set() {
+                break;
+            }
+            if self.updates.poll(&mut self.processor) {
+                self.stats.updates += 1;
+            }
+            if self.device.pending_tx() >= self.config.max_pending_tx {
+                self.flush_or_back_off(&mut stalls)?;
+                continue;
+            }
+            match self.round()? {
+                0 if self.device.pending_tx() > 0 => {
+                    self.flush_or_back_off(&mut stalls)?;
+                    last_flush = self.clock.elapsed();
+                }
+                0 if self.device.at_end() => break,
+                0 => {
+                    idle += 1;
+                    if idle >= self.config.idle_spins {
+                        idle = 0;
+                        self.stats.idle_waits += 1;
+                        self.device.wait(self.config.idle_wait)?;
+                    }
+                }
+                _ => {
+                    idle = 0;
+                    let now = self.clock.elapsed();
+                    if self.device.pending_tx() >= self.config.tx_batch
+                        || now.saturating_sub(last_flush) >= self.config.flush_interval
+                    {
+                        self.flush_or_back_off(&mut stalls)?;
+                        last_flush = now;
+                    }
+                }
+            }
+            self.counters.publish(&self.stats);
+        }
+        self.drain(&mut stalls)?;
+        self.counters.publish(&self.stats);
+        Ok(LoopReport {
+            device: self.device,
+            processor: self.processor,
+            stats: self.stats,
+        })
+    }
+
+    /// Receives one burst, runs the processor on it and settles it; returns the burst size.
+    fn round(&mut self) -> Result<usize, DeviceError> {
+        let burst = self.config.burst;
+        let mut frames: [Frame<'_>; MAX_BURST] = std::array::from_fn(|_| Frame::whole(&mut []));
+        let received = self.device.receive(&mut frames[..burst])?;
+        let n = received.count.min(burst);
+        if n == 0 {
+            return Ok(0);
+        }
+        let now = match received.clock {
+            Some(t) => t,
+            None => Instant::from_nanos(
+                u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            ),
+        };
+        let mut verdicts = [Verdict::Pass; MAX_BURST];
+        self.processor
+            .process_burst(&mut frames[..n], now, &mut verdicts[..n]);
+        let mut spans: [Option<Span>; MAX_BURST] = [None; MAX_BURST];
+        for ((frame, verdict), span) in frames
+            .iter()
+            .zip(verdicts.iter())
+            .zip(spans.iter_mut())
+            .take(n)
+        {
+            match verdict {
+                Verdict::Tx => *span = Some(Span::of(frame)),
+                Verdict::Pass => self.stats.pass += 1,
+                #[allow(
+                    clippy::unneeded_struct_pattern,
+                    reason = "matches Drop with or without a reason payload"
+                )]
+                Verdict::Drop { .. } => self.stats.drop += 1,
+            }
+        }
+        self.stats.rx += n as u64;
+        self.stats.bursts += 1;
+        self.stats.tx += self.device.settle(&spans[..n])? as u64;
+        Ok(n)
+    }
+
+    /// Flushes; when nothing moves, backs off (spin, then yield, then a short sleep) and, after
+    /// `max_stalled_flushes` in a row, abandons the queued frames (counted).
+    fn flush_or_back_off(&mut self, stalls: &mut u32) -> Result<(), DeviceError> {
+        let progress = self.device.flush()?;
+        if progress.submitted > 0 || progress.completed > 0 || progress.pending == 0 {
+            *stalls = 0;
+            return Ok(());
+        }
+        *stalls += 1;
+        self.stats.stalled_flushes += 1;
+        if *stalls >= self.config.max_stalled_flushes {
+            self.stats.tx_abandoned += self.device.discard_pending() as u64;
+            *stalls = 0;
+        } else if *stalls > 64 {
+            std::thread::sleep(Duration::from_micros(u64::from((*stalls).min(1000))));
+        } else if *stalls > 8 {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
+        Ok(())
+    }
+
+    /// On the way out: send what is queued, giving up (counted) on a stuck ring.
+    fn drain(&mut self, stalls: &mut u32) -> Result<(), DeviceError> {
+        while self.device.pending_tx() > 0 {
+            self.flush_or_back_off(stalls)?;
+        }
+        // One more flush reaps completions of the last submissions.
+        self.device.flush()?;
+        Ok(())
+    }
+}
+
+impl<D, P> PollLoop<D, P>
+where
+    D: Device + Send + 'static,
+    P: BurstProcessor + Send + 'static,
+{
+    /// Runs the loop on its own thread named `name`, pinned to `core` when given (a core that does
+    /// not exist is reported as an error by the thread before it polls).
+    pub fn spawn(
+        self,
+        name: String,
+        core: Option<usize>,
+    ) -> std::io::Result<JoinHandle<Result<LoopReport<D, P>, SpawnError>>> {
+        std::thread::Builder::new().name(name).spawn(move || {
+            if let Some(core) = core {
+                pin_to_core(core)?;
+            }
+            self.run().map_err(SpawnError::Device)
+        })
+    }
+}
+
+/// Why a spawned loop ended in error.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The core to pin to does not exist or refused the thread.
+    #[error(
+        "cannot pin the poll loop to core {0}: it does not exist or the affinity mask excludes it"
+    )]
+    Pin(usize),
+    /// The device failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+/// Pins the calling thread to `core` (an index into the cores this process may use).
+pub fn pin_to_core(core: usize) -> Result<(), SpawnError> {
+    let ids = core_affinity::get_core_ids().unwrap_or_default();
+    let id = ids
+        .into_iter()
+        .find(|c| c.id == core)
+        .ok_or(SpawnError::Pin(core))?;
+    if core_affinity::set_for_current(id) {
+        Ok(())
+    } else {
+        Err(SpawnError::Pin(core))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{MemoryConfig, MemoryDevice};
+    use crate::processor::MacRewrite;
+
+    const SRC: [u8; 6] = [2, 0, 0, 0, 0, 0xaa];
+    const DST: [u8; 6] = [2, 0, 0, 0, 0, 0xbb];
+
+    fn frame(i: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f[14..16].copy_from_slice(&i.to_be_bytes());
+        f
+    }
+
+    fn device_with(n: u16, config: MemoryConfig) -> MemoryDevice {
+        let mut d = MemoryDevice::new(config);
+        for i in 0..n {
+            d.push_rx(&frame(i));
+        }
+        d
+    }
+
+    fn run<P: BurstProcessor>(
+        dev: MemoryDevice,
+        p: P,
+        config: LoopConfig,
+    ) -> LoopReport<MemoryDevice, P> {
+        let (_tx, rx) = update_channel();
+        PollLoop::new(dev, p, rx, StopFlag::new(), config)
+            .run()
+            .unwrap()
+    }
+
+    #[test]
+    fn forwards_every_frame_in_order_and_recycles_every_buffer() {
+        // 1000 frames through a 64-buffer pool: buffers must come back or the loop would starve.
+        let dev = device_with(
+            1000,
+            MemoryConfig {
+                buffers: 64,
+                ..MemoryConfig::default()
+            },
+        );
+        let mut dev = dev;
+        dev.push_rx(&[1, 2, 3]); // a runt: Pass, recycled
+        let mut r = run(
+            dev,
+            MacRewrite { src: SRC, dst: DST },
+            LoopConfig::default(),
+        );
+        let out = r.device.take_transmitted();
+        assert_eq!(out.len(), 1000);
+        for (i, f) in out.iter().enumerate() {
+            assert_eq!(&f[..6], &DST);
+            assert_eq!(&f[6..12], &SRC);
+            assert_eq!(u16::from_be_bytes([f[14], f[15]]), i as u16);
+        }
+        assert_eq!(
+            (r.stats.rx, r.stats.tx, r.stats.pass, r.stats.tx_abandoned),
+            (1001, 1000, 1, 0)
+        );
+        assert_eq!(r.device.unaccounted_buffers(), 0);
+    }
+
+    #[test]
+    fn slow_transmit_side_is_back_pressure_not_loss() {
+        let cfg = MemoryConfig {
+            buffers: 32,
+            tx_per_flush: 3,
+            ..MemoryConfig::default()
+        };
+        let loop_cfg = LoopConfig {
+            max_pending_tx: 16,
+            ..LoopConfig::default()
+        };
+        let mut r = run(
+            device_with(500, cfg),
+            MacRewrite { src: SRC, dst: DST },
+            loop_cfg,
+        );
+        assert_eq!(r.device.take_transmitted().len(), 500);
+        assert_eq!(r.stats.tx_abandoned, 0);
+    }
+
+    #[test]
+    fn stuck_transmit_ring_is_abandoned_after_counted_stalls() {
+        let cfg = MemoryConfig {
+            buffers: 32,
+            tx_per_flush: 0,
+            ..MemoryConfig::default()
+        };
+        let loop_cfg = LoopConfig {
+            max_pending_tx: 16,
+            max_stalled_flushes: 5,
+            ..LoopConfig::default()
+        };
+        let mut r = run(
+            device_with(100, cfg),
+            MacRewrite { src: SRC, dst: DST },
+            loop_cfg,
+        );
+        assert!(r.device.take_transmitted().is_empty());
+        assert_eq!(r.stats.rx, 100);
+        assert_eq!(r.stats.tx_abandoned, 100);
+        // Every give-up came after exactly `max_stalled_flushes` fruitless flushes.
+        assert!(
+            r.stats.stalled_flushes >= 5 && r.stats.stalled_flushes.is_multiple_of(5),
+            "{:?}",
+            r.stats
+        );
+        assert_eq!(r.device.unaccounted_buffers(), 0);
+    }
+
+    #[test]
+    fn stop_flag_ends_the_loop_before_any_receive() {
+        let stop = StopFlag::new();
+        stop.stop();
+        let (_tx, rx) = update_channel();
+        let r = PollLoop::new(
+            device_with(10, MemoryConfig::default()),
+            MacRewrite { src: SRC, dst: DST },
+            rx,
+            stop,
+            LoopConfig::default(),
+        )
+        .run()
+        .unwrap();
+        assert_eq!(r.stats.rx, 0);
+    }
+
+    /// Records the generation it saw in each burst.
+    struct Tagger {
+        generation: Box<u32>,
+        seen: Vec<u32>,
+    }
+
+    impl BurstProcessor for Tagger {
+        type Update = Box<u32>;
+        fn process_burst(
+            &mut self,
+            frames: &mut [Frame<'_>],
+            _now: Instant,
+            verdicts: &mut [Verdict],
+        ) {
+            self.seen.push(*self.generation);
+            for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+                f.data_mut()[0] = *self.generation as u8;
+                *v = Verdict::Tx;
+            }
+        }
+        fn apply(&mut self, update: Box<u32>) -> Box<u32> {
+            std::mem::replace(&mut self.generation, update)
+        }
+    }
+
+    #[test]
+    fn updates_are_applied_between_bursts_and_old_state_comes_back() {
+        let (tx, rx) = update_channel();
+        tx.send(Box::new(7)).unwrap();
+        let dev = device_with(200, MemoryConfig::default());
+        let cfg = LoopConfig {
+            burst: 16,
+            ..LoopConfig::default()
+        };
+        let mut r = PollLoop::new(
+            dev,
+            Tagger {
+                generation: Box::new(1),
+                seen: vec![],
+            },
+            rx,
+            StopFlag::new(),
+            cfg,
+        )
+        .run()
+        .unwrap();
+        assert_eq!(r.stats.updates, 1);
+        assert_eq!(r.processor.seen.len(), 200usize.div_ceil(16));
+        assert!(r.processor.seen.iter().all(|&g| g == 7));
+        assert!(r.device.take_transmitted().iter().all(|f| f[0] == 7));
+        // The replaced state was sent back to be dropped here, on the control side.
+        assert_eq!(tx.wait_retired(Duration::ZERO).map(|b| *b), Some(1));
+    }
+
+    #[test]
+    fn a_spawned_loop_takes_live_updates_and_stops_on_the_flag() {
+        // A device that never ends: the loop must leave on the stop flag.
+        struct Endless(MemoryDevice);
+        impl Device for Endless {
+            fn receive<'a>(
+                &'a mut self,
+                f: &mut [Frame<'a>],
+            ) -> Result<crate::Received, DeviceError> {
+                self.0.push_rx(&frame(0));
+                self.0.receive(f)
+            }
+            fn settle(&mut self, s: &[Option<Span>]) -> Result<usize, DeviceError> {
+                self.0.settle(s)
+            }
+            fn flush(&mut self) -> Result<crate::FlushProgress, DeviceError> {
+                let p = self.0.flush();
+                self.0.take_transmitted();
+                p
+            }
+            fn pending_tx(&self) -> usize {
+                self.0.pending_tx()
+            }
+            fn discard_pending(&mut self) -> usize {
+                self.0.discard_pending()
+            }
+        }
+        let (tx, rx) = update_channel();
+        let stop = StopFlag::new();
+        let lp = PollLoop::new(
+            Endless(MemoryDevice::new(MemoryConfig::default())),
+            Tagger {
+                generation: Box::new(0),
+                seen: vec![],
+            },
+            rx,
+            stop.clone(),
+            LoopConfig::default(),
+        );
+        let h = lp.spawn("test-loop".into(), None).unwrap();
+        // Each update is applied while the loop runs and retires the one before it, in order.
+        let mut retired = Vec::new();
+        for g in 1..=20u32 {
+            tx.send(Box::new(g)).unwrap();
+            match tx.wait_retired(Duration::from_secs(10)) {
+                Some(b) => retired.push(*b),
+                None => panic!("loop stopped applying updates; retired so far: {retired:?}"),
+            }
+        }
+        assert_eq!(retired, (0..20).collect::<Vec<_>>());
+        stop.stop();
+        let r = h.join().unwrap().unwrap();
+        assert_eq!(r.stats.updates, 20);
+        assert_eq!(*r.processor.generation, 20);
+        assert!(
+            r.processor.seen.windows(2).all(|w| w[0] <= w[1]),
+            "generations go forward only"
+        );
+    }
+}

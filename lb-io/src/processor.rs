@@ -1,0 +1,75 @@
+//! What the poll loop calls on each burst. lb-io knows nothing of load balancing: anything that turns
+//! a burst of frames into verdicts can sit in the loop: `lb_core::worker::Worker` in the load
+//! balancer, [`MacRewrite`] as the bare "receive, rewrite, transmit" floor in benchmarks and tests.
+
+use lb_core::{Frame, Instant, Verdict};
+
+/// A per-core frame processor driven by a poll loop.
+pub trait BurstProcessor {
+    /// What the control side sends to replace the processor's shared state (e.g. `Arc<Tables>`).
+    type Update: Send + 'static;
+
+    /// Decides a verdict for every frame (`verdicts.len() == frames.len()`), rewriting frames to
+    /// transmit in place.
+    fn process_burst(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]);
+
+    /// Installs `update` between bursts and returns the state it replaces, which the loop sends back
+    /// to the control side so it is dropped there, never on the fast path.
+    fn apply(&mut self, update: Self::Update) -> Self::Update;
+}
+
+/// The floor of any forwarder: rewrite the Ethernet addresses and transmit, with no other work.
+/// Frames shorter than an Ethernet header get [`Verdict::Pass`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MacRewrite {
+    /// Ethernet source written into every frame (the port's own MAC).
+    pub src: [u8; 6],
+    /// Ethernet destination written into every frame (the next hop).
+    pub dst: [u8; 6],
+}
+
+impl BurstProcessor for MacRewrite {
+    type Update = MacRewrite;
+
+    fn process_burst(&mut self, frames: &mut [Frame<'_>], _now: Instant, verdicts: &mut [Verdict]) {
+        for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
+            *verdict = match frame.data_mut().get_mut(..12) {
+                Some(macs) => {
+                    macs[..6].copy_from_slice(&self.dst);
+                    macs[6..].copy_from_slice(&self.src);
+                    Verdict::Tx
+                }
+                None => Verdict::Pass,
+            };
+        }
+    }
+
+    fn apply(&mut self, update: MacRewrite) -> MacRewrite {
+        std::mem::replace(self, update)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rewrites_macs_and_passes_runts() {
+        let mut p = MacRewrite {
+            src: [2, 0, 0, 0, 0, 1],
+            dst: [2, 0, 0, 0, 0, 2],
+        };
+        let mut a = [0xffu8; 20];
+        let mut b = [0xffu8; 11];
+        let mut frames = [Frame::whole(&mut a), Frame::whole(&mut b)];
+        let mut v = [Verdict::Pass; 2];
+        p.process_burst(&mut frames, Instant::ZERO, &mut v);
+        assert_eq!(v, [Verdict::Tx, Verdict::Pass]);
+        assert_eq!(
+            &frames[0].data()[..12],
+            &[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1]
+        );
+        assert_eq!(frames[0].data()[12..], [0xff; 8]);
+        assert_eq!(frames[1].data(), &[0xff; 11]);
+    }
+}

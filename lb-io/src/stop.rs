@@ -1,0 +1,57 @@
+//! Clean shutdown: a flag every poll loop checks once per round, set by the program or by SIGINT /
+//! SIGTERM once [`StopFlag::watch_signals`] installed the handler.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Set from the signal handler; a static because a handler can touch nothing else.
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_sig: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    SIGNALLED.store(true, Ordering::Relaxed);
+}
+
+/// A cloneable "please stop" flag.
+#[derive(Debug, Clone, Default)]
+pub struct StopFlag(Arc<AtomicBool>);
+
+impl StopFlag {
+    /// A flag that is not set.
+    pub fn new() -> Self {
+        StopFlag::default()
+    }
+
+    /// Asks every loop holding a clone to stop after its current round.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// True once [`StopFlag::stop`] was called or SIGINT / SIGTERM arrived (after `watch_signals`).
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed) || SIGNALLED.load(Ordering::Relaxed)
+    }
+
+    /// True once SIGINT or SIGTERM arrived.
+    pub fn signalled() -> bool {
+        SIGNALLED.load(Ordering::Relaxed)
+    }
+
+    /// Installs the SIGINT / SIGTERM handler that sets every flag. Idempotent.
+    pub fn watch_signals() -> std::io::Result<()> {
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value, and `on_signal` is
+            // async-signal-safe (one atomic store) and lives for the whole program.
+            let rc = unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut())
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,87 @@
+//! The same poll loop replays a capture: frames in from one pcap file, rewritten frames out to another,
+//! with the capture's timestamps as the loop's clock.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lb_core::{Frame, Instant, Verdict};
+use lb_io::{BurstProcessor, LoopConfig, PcapDevice, PollLoop, StopFlag, update_channel};
+use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
+
+/// Transmits even-numbered frames with byte 14 set to the second of `now`, drops the rest by Pass.
+struct EvenOnly;
+
+impl BurstProcessor for EvenOnly {
+    type Update = ();
+    fn process_burst(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
+        for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+            let d = f.data_mut();
+            *v = if d[15] % 2 == 0 {
+                d[14] = now.as_secs() as u8;
+                Verdict::Tx
+            } else {
+                Verdict::Pass
+            };
+        }
+    }
+    fn apply(&mut self, update: ()) {
+        update
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("lb-io-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn replays_a_capture_with_its_own_clock() {
+    let input = scratch("in.pcap");
+    let output = scratch("out.pcap");
+    {
+        let mut w = PcapWriter::new(std::fs::File::create(&input).unwrap()).unwrap();
+        for i in 0u8..100 {
+            let mut f = vec![0u8; 64];
+            f[15] = i;
+            w.write_packet(&PcapPacket::new(Duration::from_secs(u64::from(i)), 64, &f))
+                .unwrap();
+        }
+        // A frame larger than a buffer is skipped and counted, not truncated.
+        w.write_packet(&PcapPacket::new(
+            Duration::from_secs(200),
+            4000,
+            &[0u8; 4000],
+        ))
+        .unwrap();
+    }
+    let dev = PcapDevice::open(&input, &output).unwrap();
+    let (_tx, rx) = update_channel();
+    let report = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), LoopConfig::default())
+        .run()
+        .unwrap();
+    assert_eq!(
+        (report.stats.rx, report.stats.tx, report.stats.pass),
+        (100, 50, 50)
+    );
+    assert_eq!(report.device.oversize_dropped(), 1);
+    report.device.finish().unwrap();
+
+    let mut r = PcapReader::new(std::fs::File::open(&output).unwrap()).unwrap();
+    let mut seen = Vec::new();
+    while let Some(p) = r.next_packet() {
+        let p = p.unwrap();
+        // The clock the worker saw is the timestamp of the burst's last frame: never earlier than
+        // the frame's own, and never from the future of the capture.
+        assert!(u64::from(p.data[14]) >= u64::from(p.data[15]) && p.data[14] < 100);
+        seen.push(p.data[15]);
+    }
+    assert_eq!(seen, (0..100).step_by(2).collect::<Vec<u8>>());
+    let _ = std::fs::remove_file(input);
+    let _ = std::fs::remove_file(output);
+}
+
+#[test]
+fn a_missing_capture_names_the_file() {
+    let err = PcapDevice::open(&scratch("does-not-exist.pcap"), &scratch("x.pcap")).unwrap_err();
+    assert!(err.to_string().contains("does-not-exist.pcap"), "{err}");
+}
