@@ -7,3 +7,4 @@
 pub mod config;
 pub mod k8s;
 pub mod health;
+pub mod control;
