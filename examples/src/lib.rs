@@ -8,3 +8,5 @@ pub mod config;
 pub mod k8s;
 pub mod health;
 pub mod control;
+pub mod list;
+pub mod metrics;
