@@ -149,7 +149,8 @@ impl<S: TablesSink> Control<S> {
                 }
             }
         }
-        let desired = desired_services(file.as_ref().unwrap_or(&self.file), kubernetes.as_ref().unwrap_or(&self.kubernetes));
+        let (desired, left_out) =
+            desired_services(file.as_ref().unwrap_or(&self.file), kubernetes.as_ref().unwrap_or(&self.kubernetes));
         let mut built = desired.clone();
         apply_health(&mut built, &down);
         let config = Config {
@@ -174,7 +175,7 @@ impl<S: TablesSink> Control<S> {
                 // Forget health of backends that left (their probes stopped).
                 let status = self.health.status();
                 self.down.retain(|t| status.lock().map(|s| s.contains_key(t)).unwrap_or(true));
-                let k8s_skipped = self.kubernetes.skipped.len();
+                let k8s_skipped = self.kubernetes.skipped.len() + left_out.len();
                 self.live.send_modify(|l| {
                     l.tables = Some(tables.clone());
                     l.services = built;
@@ -208,20 +209,116 @@ impl<S: TablesSink> Control<S> {
     }
 }
 
-/// The file's services plus the cluster's, the file winning a shared key.
-fn desired_services(file: &Settings, k8s: &Translation) -> Vec<ServiceSpec> {
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The initial configuration was rejected by lb-core.
+    #[error("initial configuration: {0}")]
+    Initial(#[from] ControlError),
+    /// The Kubernetes client could not be built.
+    #[error(transparent)]
+    Kubernetes(#[from] crate::k8s::feed::FeedError),
+    /// The metrics address could not be bound.
+    #[error("metrics.listen {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
+}
+
+/// Runs the whole control side until `stop` completes: the initial configuration (already loaded from
+/// `path`; `NODE_NAME`/`NODE_IPS` fill its Kubernetes gaps), file reloads (SIGHUP, content change
+/// polled every 2 s), the Kubernetes feed if the file enables it, health checks, and the metrics
+/// endpoint if `metrics.listen` is set. Tables go to `sink` (one update sender per worker).
+pub async fn run_control_plane<S: TablesSink + 'static>(
+    path: std::path::PathBuf,
+    mut settings: Settings,
+    sink: S,
+    stats: Arc<dyn crate::metrics::StatsSource>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    use crate::config::reload::{FileWatch, watch as watch_file};
+    use crate::k8s::feed::{Feed, NodeView, client};
+
+    settings.fill_from_env(|k| std::env::var(k).ok());
+    let mut control = Control::new(sink);
+    control.apply(ControlInput::File(Box::new(settings.clone())))?;
+    let (in_tx, in_rx) = mpsc::channel::<ControlInput>(64);
+
+    // Kubernetes feed, with node settings that follow file reloads.
+    let (view_tx, view_rx) = watch::channel(NodeView {
+        settings: settings.kubernetes.clone().unwrap_or_default(),
+        node: settings.node.clone(),
+    });
+    if let Some(k) = &settings.kubernetes {
+        let feed = Feed::new(client(k).await?, view_rx);
+        let (k_tx, mut k_rx) = mpsc::channel(4);
+        tokio::spawn(feed.run(k_tx));
+        let in_tx = in_tx.clone();
+        tokio::spawn(async move {
+            while let Some(t) = k_rx.recv().await {
+                if in_tx.send(ControlInput::Kubernetes(t)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    // File reloads. The first check only records the content already loaded.
+    let mut fw = FileWatch::new(path);
+    let _ = fw.check(false);
+    let (f_tx, mut f_rx) = mpsc::channel::<Settings>(4);
+    tokio::spawn(watch_file(fw, std::time::Duration::from_secs(2), f_tx));
+    let file_in = in_tx.clone();
+    tokio::spawn(async move {
+        while let Some(mut s) = f_rx.recv().await {
+            s.fill_from_env(|k| std::env::var(k).ok());
+            let _ = view_tx.send(NodeView { settings: s.kubernetes.clone().unwrap_or_default(), node: s.node.clone() });
+            if file_in.send(ControlInput::File(Box::new(s))).await.is_err() {
+                return;
+            }
+        }
+    });
+
+    if let Some(addr) = settings.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Metrics { addr, source })?;
+        tracing::info!(%addr, "serving /metrics and /state");
+        tokio::spawn(crate::metrics::serve(listener, control.subscribe(), stats));
+    }
+
+    drop(in_tx);
+    tokio::select! {
+        () = control.run(in_rx) => {}
+        () = stop => tracing::info!("control plane stopping"),
+    }
+    Ok(())
+}
+
+/// The file's services plus the cluster's. The file wins a shared key, and a Kubernetes service that
+/// lb-core rejects on its own (e.g. a Maglev table size too small for its endpoints) is left out, so
+/// one bad Service cannot block every later cluster update. Returns the reasons for what was left out.
+fn desired_services(file: &Settings, k8s: &Translation) -> (Vec<ServiceSpec>, Vec<String>) {
     let taken: HashMap<ServiceKey, &str> = file.services.iter().map(|s| (s.config.key, s.config.name.as_str())).collect();
     let mut out = file.services.clone();
+    let mut left_out = Vec::new();
     for s in &k8s.services {
-        match taken.get(&s.config.key) {
-            Some(owner) => tracing::warn!(
-                service = %s.config.name, key = %s.config.key, file_service = owner,
-                "kubernetes service left out: the configuration file already serves this key"
-            ),
-            None => out.push(s.clone()),
+        if let Some(owner) = taken.get(&s.config.key) {
+            left_out.push(format!("{} ({}): the file's service {owner} already uses this key", s.config.name, s.config.key));
+            continue;
         }
+        let alone = Config { node: file.node.clone(), services: vec![s.config.clone()] };
+        if let Err(e) = lb_core::service::validate(&alone) {
+            left_out.push(format!("{} ({}): {e}", s.config.name, s.config.key));
+            continue;
+        }
+        out.push(s.clone());
     }
-    out
+    for why in &left_out {
+        tracing::warn!("kubernetes service left out: {why}");
+    }
+    (out, left_out)
 }
 
 #[cfg(test)]
@@ -252,15 +349,14 @@ services:
         let first = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
         assert_eq!(sink.0.lock().unwrap().len(), 1);
 
-        // Valid YAML, but lb-core rejects it whole: NAT on an IPv6 VIP with no node.snat_v6 is caught
-        // by the file validation, so use what only the table builder sees: a Kubernetes service whose
-        // backend is of the other family.
-        let mut bad = Translation::default();
-        let mut svc = parse(GOOD).unwrap().services.remove(0);
+        // A file update that lb-core rejects whole (one service's backend is of the other family;
+        // built by hand because the file validation would already catch it).
+        let mut bad = parse(GOOD).unwrap();
+        let mut svc = bad.services[0].clone();
         svc.config.key = ServiceKey { port: 81, ..svc.config.key };
         svc.config.backends[0].addr = "fd00::1".parse().unwrap();
         bad.services.push(svc);
-        let err = control.apply(ControlInput::Kubernetes(bad)).unwrap_err();
+        let err = control.apply(ControlInput::File(Box::new(bad))).unwrap_err();
         assert!(err.to_string().contains("fd00::1"), "{err}");
         assert_eq!(sink.0.lock().unwrap().len(), 1, "nothing published");
         {
@@ -270,7 +366,7 @@ services:
             assert!(l.last_error.as_deref().unwrap().contains("fd00::1"));
         }
 
-        // The rejected translation was not kept: a health event rebuilds from the old state.
+        // The rejected file was not kept: a health event rebuilds from the old state.
         let target = Target { service: first.services()[0].key, backend: "10.1.0.2:8080".parse().unwrap() };
         let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: false })).unwrap();
         assert_eq!(t.services().len(), 1);
@@ -304,5 +400,22 @@ services:
         let names: Vec<&str> = t.services().iter().map(|s| s.name.as_str()).collect();
         assert_eq!(t.services().len(), 2, "{names:?}");
         assert!(t.lookup(&key).is_some_and(|(_, s)| s.name == "web"));
+
+        // A Kubernetes service lb-core rejects on its own is left out; the rest of the update applies.
+        let mut k8s = Translation::default();
+        let mut bad = parse(GOOD).unwrap().services.remove(0);
+        bad.config.name = "default/bad:http".into();
+        bad.config.key.port = 9000;
+        bad.config.backends[1].addr = "fd00::2".parse().unwrap();
+        let mut good = bad.clone();
+        good.config.name = "default/good:http".into();
+        good.config.key.port = 9001;
+        good.config.backends[1].addr = "10.1.0.3".parse().unwrap();
+        k8s.services = vec![bad, good];
+        let live = control.subscribe();
+        let t = control.apply(ControlInput::Kubernetes(k8s)).unwrap();
+        let names: Vec<&str> = t.services().iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"default/good:http") && !names.contains(&"default/bad:http"), "{names:?}");
+        assert_eq!(live.borrow().k8s_skipped, 1);
     }
 }

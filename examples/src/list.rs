@@ -129,6 +129,13 @@ pub fn fetch(addr: SocketAddr, timeout: Duration) -> Result<StateView, ListError
     serde_json::from_str(body).map_err(|e| bad(format!("state JSON: {e}")))
 }
 
+/// `lb list`: fetches the state from `addr` and prints it to stdout.
+pub fn print(addr: SocketAddr) -> Result<(), ListError> {
+    let view = fetch(addr, Duration::from_secs(5))?;
+    print!("{}", format_ipvsadm(&view));
+    Ok(())
+}
+
 fn endpoint(addr: IpAddr, port: u16) -> String {
     SocketAddr::new(addr, port).to_string()
 }
