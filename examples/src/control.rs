@@ -42,6 +42,12 @@ impl TablesSink for Vec<lb_io::poll::UpdateSender<Arc<Tables>>> {
     }
 }
 
+impl TablesSink for mpsc::UnboundedSender<Arc<Tables>> {
+    fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+        self.send(tables.clone()).map_err(|_| "tables receiver dropped".to_string())
+    }
+}
+
 /// A sink that keeps every published version (tests, and `lb list` without workers).
 #[derive(Debug, Clone, Default)]
 pub struct RecordingSink(pub Arc<std::sync::Mutex<Vec<Arc<Tables>>>>);
@@ -58,6 +64,8 @@ impl TablesSink for RecordingSink {
 pub enum ControlInput {
     /// A new, already validated configuration file.
     File(Box<Settings>),
+    /// A new version of the file failed validation (already logged); counted as a rejected update.
+    FileRejected(String),
     /// A new translation of the cluster.
     Kubernetes(Translation),
     /// A backend changed health.
@@ -89,6 +97,9 @@ pub enum ControlError {
     /// lb-core rejected the configuration.
     #[error("configuration rejected: {0}")]
     Rejected(#[from] lb_core::service::ConfigError),
+    /// The configuration file failed validation.
+    #[error("configuration file rejected: {0}")]
+    File(String),
     /// A worker could not be reached.
     #[error("tables built but not delivered: {0}")]
     Publish(String),
@@ -140,6 +151,13 @@ impl<S: TablesSink> Control<S> {
         let (mut file, mut kubernetes, mut down) = (None, None, self.down.clone());
         match input {
             ControlInput::File(s) => file = Some(*s),
+            ControlInput::FileRejected(why) => {
+                self.live.send_modify(|l| {
+                    l.rejected += 1;
+                    l.last_error = Some(why.clone());
+                });
+                return Err(ControlError::File(why));
+            }
             ControlInput::Kubernetes(t) => kubernetes = Some(t),
             ControlInput::Health(e) => {
                 if e.healthy {
@@ -228,71 +246,105 @@ pub enum StartError {
     },
 }
 
-/// Runs the whole control side until `stop` completes: the initial configuration (already loaded from
-/// `path`; `NODE_NAME`/`NODE_IPS` fill its Kubernetes gaps), file reloads (SIGHUP, content change
-/// polled every 2 s), the Kubernetes feed if the file enables it, health checks, and the metrics
-/// endpoint if `metrics.listen` is set. Tables go to `sink` (one update sender per worker).
-pub async fn run_control_plane<S: TablesSink + 'static>(
-    path: std::path::PathBuf,
-    mut settings: Settings,
-    sink: S,
-    stats: Arc<dyn crate::metrics::StatsSource>,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<(), StartError> {
-    use crate::config::reload::{FileWatch, watch as watch_file};
-    use crate::k8s::feed::{Feed, NodeView, client};
+/// The whole control side of a running instance: the control loop and every task that feeds it.
+pub struct ControlPlane<S: TablesSink> {
+    control: Control<S>,
+    inputs: mpsc::Receiver<ControlInput>,
+}
 
-    settings.fill_from_env(|k| std::env::var(k).ok());
-    let mut control = Control::new(sink);
-    control.apply(ControlInput::File(Box::new(settings.clone())))?;
-    let (in_tx, in_rx) = mpsc::channel::<ControlInput>(64);
+impl<S: TablesSink + 'static> ControlPlane<S> {
+    /// Starts the control side: applies the initial configuration (already loaded from `path`;
+    /// `NODE_NAME`/`NODE_IPS` fill its Kubernetes gaps) and spawns file reloads (SIGHUP, content
+    /// change polled every `poll`), the Kubernetes feed if the file enables it, and the metrics
+    /// endpoint if `metrics.listen` is set. Tables go to `sink` (one update sender per worker).
+    pub async fn start(
+        path: std::path::PathBuf,
+        mut settings: Settings,
+        sink: S,
+        stats: Arc<dyn crate::metrics::StatsSource>,
+        poll: std::time::Duration,
+    ) -> Result<Self, StartError> {
+        use crate::config::reload::{FileWatch, watch as watch_file};
+        use crate::k8s::feed::{Feed, NodeView, client};
 
-    // Kubernetes feed, with node settings that follow file reloads.
-    let (view_tx, view_rx) = watch::channel(NodeView {
-        settings: settings.kubernetes.clone().unwrap_or_default(),
-        node: settings.node.clone(),
-    });
-    if let Some(k) = &settings.kubernetes {
-        let feed = Feed::new(client(k).await?, view_rx);
-        let (k_tx, mut k_rx) = mpsc::channel(4);
-        tokio::spawn(feed.run(k_tx));
-        let in_tx = in_tx.clone();
+        settings.fill_from_env(|k| std::env::var(k).ok());
+        let mut control = Control::new(sink);
+        control.apply(ControlInput::File(Box::new(settings.clone())))?;
+        let (in_tx, inputs) = mpsc::channel::<ControlInput>(64);
+
+        // Kubernetes feed, with node settings that follow file reloads.
+        let (view_tx, view_rx) = watch::channel(NodeView {
+            settings: settings.kubernetes.clone().unwrap_or_default(),
+            node: settings.node.clone(),
+        });
+        if let Some(k) = &settings.kubernetes {
+            let feed = Feed::new(client(k).await?, view_rx);
+            let (k_tx, mut k_rx) = mpsc::channel(4);
+            tokio::spawn(feed.run(k_tx));
+            let in_tx = in_tx.clone();
+            tokio::spawn(async move {
+                while let Some(t) = k_rx.recv().await {
+                    if in_tx.send(ControlInput::Kubernetes(t)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+
+        // File reloads. The first check only records the content already loaded.
+        let mut fw = FileWatch::new(path);
+        let _ = fw.check(false);
+        let (f_tx, mut f_rx) = mpsc::channel(4);
+        tokio::spawn(watch_file(fw, poll, f_tx));
         tokio::spawn(async move {
-            while let Some(t) = k_rx.recv().await {
-                if in_tx.send(ControlInput::Kubernetes(t)).await.is_err() {
+            while let Some(reload) = f_rx.recv().await {
+                let input = match reload {
+                    Ok(mut s) => {
+                        s.fill_from_env(|k| std::env::var(k).ok());
+                        let view = NodeView { settings: s.kubernetes.clone().unwrap_or_default(), node: s.node.clone() };
+                        let _ = view_tx.send(view);
+                        ControlInput::File(Box::new(s))
+                    }
+                    Err(e) => ControlInput::FileRejected(e.to_string()),
+                };
+                if in_tx.send(input).await.is_err() {
                     return;
                 }
             }
         });
-    }
 
-    // File reloads. The first check only records the content already loaded.
-    let mut fw = FileWatch::new(path);
-    let _ = fw.check(false);
-    let (f_tx, mut f_rx) = mpsc::channel::<Settings>(4);
-    tokio::spawn(watch_file(fw, std::time::Duration::from_secs(2), f_tx));
-    let file_in = in_tx.clone();
-    tokio::spawn(async move {
-        while let Some(mut s) = f_rx.recv().await {
-            s.fill_from_env(|k| std::env::var(k).ok());
-            let _ = view_tx.send(NodeView { settings: s.kubernetes.clone().unwrap_or_default(), node: s.node.clone() });
-            if file_in.send(ControlInput::File(Box::new(s))).await.is_err() {
-                return;
-            }
+        if let Some(addr) = settings.metrics_listen {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Metrics { addr, source })?;
+            tracing::info!(%addr, "serving /metrics and /state");
+            tokio::spawn(crate::metrics::serve(listener, control.subscribe(), stats));
         }
-    });
-
-    if let Some(addr) = settings.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Metrics { addr, source })?;
-        tracing::info!(%addr, "serving /metrics and /state");
-        tokio::spawn(crate::metrics::serve(listener, control.subscribe(), stats));
+        Ok(ControlPlane { control, inputs })
     }
 
-    drop(in_tx);
-    tokio::select! {
-        () = control.run(in_rx) => {}
-        () = stop => tracing::info!("control plane stopping"),
+    /// A receiver of the live state.
+    pub fn live(&self) -> watch::Receiver<LiveState> {
+        self.control.subscribe()
     }
+
+    /// Applies inputs until `stop` completes.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            () = self.control.run(self.inputs) => {}
+            () = stop => tracing::info!("control plane stopping"),
+        }
+    }
+}
+
+/// [`ControlPlane::start`] then [`ControlPlane::run`], polling the file every 2 s.
+pub async fn run_control_plane<S: TablesSink + 'static>(
+    path: std::path::PathBuf,
+    settings: Settings,
+    sink: S,
+    stats: Arc<dyn crate::metrics::StatsSource>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    ControlPlane::start(path, settings, sink, stats, std::time::Duration::from_secs(2)).await?.run(stop).await;
     Ok(())
 }
 
