@@ -89,6 +89,8 @@ pub struct LiveState {
     pub last_error: Option<String>,
     /// Kubernetes Services (or keys) skipped by the last translation.
     pub k8s_skipped: usize,
+    /// The Kubernetes feed's counters, when the feed runs.
+    pub feed: Option<Arc<crate::k8s::feed::FeedCounters>>,
 }
 
 /// Why an update was not applied.
@@ -279,6 +281,8 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
         });
         if let Some(k) = &settings.kubernetes {
             let feed = Feed::new(client(k).await?, view_rx);
+            let counters = feed.counters();
+            control.live.send_modify(|l| l.feed = Some(counters));
             let (k_tx, mut k_rx) = mpsc::channel(4);
             tokio::spawn(feed.run(k_tx));
             let in_tx = in_tx.clone();

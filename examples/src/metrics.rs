@@ -314,6 +314,17 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
     f.line("lb_tables_version", "", view.version);
     f.head("lb_kubernetes_skipped", "gauge", "Kubernetes Services or keys left out by the last translation.");
     f.line("lb_kubernetes_skipped", "", live.k8s_skipped);
+    if let Some(feed) = &live.feed {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (name, help, v) in [
+            ("lb_kubernetes_watch_errors_total", "List/watch errors (410 Gone, dropped connections), each followed by back-off and recovery.", &feed.watch_errors),
+            ("lb_kubernetes_lists_total", "Complete lists and re-lists applied.", &feed.lists),
+            ("lb_kubernetes_translations_total", "Translations sent to the control loop.", &feed.translations),
+        ] {
+            f.head(name, "counter", help);
+            f.line(name, "", v.load(Relaxed));
+        }
+    }
     out
 }
 

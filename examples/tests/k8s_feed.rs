@@ -67,6 +67,7 @@ async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
     let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
     let (tx, mut rx) = mpsc::channel(16);
     let feed = Feed::new(client, view_rx).with_backoff(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50)));
+    let counters = feed.counters();
     let feed_task = tokio::spawn(feed.run(tx));
 
     // 1. Initial list, then a watch from the list's version with bookmarks on.
@@ -141,6 +142,12 @@ async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
     // 7. And the stream keeps working after all that.
     api.upsert(SERVICES, web);
     until(&mut rx, "web back", |t| backends(t, "tcp 10.96.12.34:80").is_some()).await;
+    use std::sync::atomic::Ordering::Relaxed;
+    // The 410 is an error event; a dropped connection usually just ends the stream (resumed without
+    // an error), though the HTTP client may report the cut body as one.
+    let errors = counters.watch_errors.load(Relaxed);
+    assert!((1..=2).contains(&errors), "the 410 is counted: {errors}");
+    assert_eq!(counters.lists.load(Relaxed), 3, "two initial lists and one re-list, no more");
 
     drop(rx);
     tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();

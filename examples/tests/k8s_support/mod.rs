@@ -129,7 +129,7 @@ impl FakeApi {
         let c = st.collections.get_mut(path).unwrap();
         c.objects.remove(deleted_unseen).unwrap();
         c.history.clear();
-        c.compacted_below = rv + 1;
+        c.compacted_below = rv; // a watch from the current version (a fresh list) is fine
         let line = gone_line(rv);
         for w in c.watchers.drain(..) {
             let _ = w.send(WatchMsg::Line(line.clone()));
