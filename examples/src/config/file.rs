@@ -1,7 +1,7 @@
 //! The YAML configuration file: its serde shape and its validation into [`Settings`].
 //!
 //! Parsing is two steps. serde reads the file into loosely typed `File*` structs (addresses and names
-//! as strings, numbers as `u64`), rejecting unknown keys; then [`validate`] checks every field and
+//! as strings, numbers as `u64`), rejecting unknown keys; then `validate` checks every field and
 //! collects *all* problems, each naming the field path and the value, e.g.
 //! `services[2].backends[1].weight: 70000 is out of range (0..=65535)`. A file with any problem is
 //! rejected whole, so a reload never applies half a file.

@@ -1,6 +1,6 @@
 //! The Kubernetes feed: list + watch Services and EndpointSlices, keep a store, translate it.
 //!
-//! kube-rs's [`watcher`] speaks the protocol: an initial list (its `resourceVersion` becomes the watch
+//! kube-rs's [`watcher()`] speaks the protocol: an initial list (its `resourceVersion` becomes the watch
 //! start), `watch=true&allowWatchBookmarks=true` from that version, bookmarks moving the version on
 //! without events, a re-list when the server answers 410 Gone (our history is compacted away), and a
 //! re-watch from the last version when the connection drops. We add back-off between failed
