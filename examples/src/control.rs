@@ -352,6 +352,62 @@ pub async fn run_control_plane<S: TablesSink + 'static>(
     Ok(())
 }
 
+/// Why `lb run` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration file is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The control plane could not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The tokio runtime could not be built.
+    #[error("control runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// `lb run`'s control side, blocking: loads `path`, runs the control plane on a small tokio runtime
+/// of its own (the workers' cores stay free) until SIGINT or SIGTERM. With no `sink` workers (e.g.
+/// `interfaces: []`) it still builds and serves the tables on `/state`, a dry run of the translation.
+pub fn run_blocking<S: TablesSink + 'static>(
+    path: &std::path::Path,
+    sink: S,
+    stats: Arc<dyn crate::metrics::StatsSource>,
+) -> Result<(), RunError> {
+    let settings = crate::config::file::load(path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lb-control")
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    rt.block_on(async {
+        let stop = async {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{SignalKind, signal};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        };
+        run_control_plane(path.to_owned(), settings, sink, stats, stop).await
+    })?;
+    Ok(())
+}
+
 /// The file's services plus the cluster's. The file wins a shared key, and a Kubernetes service that
 /// lb-core rejects on its own (e.g. a Maglev table size too small for its endpoints) is left out, so
 /// one bad Service cannot block every later cluster update. Returns the reasons for what was left out.
