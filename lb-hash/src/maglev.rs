@@ -39,7 +39,7 @@
 //! `M / N` entries to be shared evenly, but which survivor first reaches each freed slot is random, so
 //! survivors that inherit more than their share must hand some on; that evening-out is about
 //! `1 / sqrt(M)` of the table whatever `N` is. Tables of 20011 entries or more stay under 1 %
-//! (property-tested); the default 65537 stays under 0.5 %.
+//! (property-tested); at the default 65537 the worst measured was 0.44 %.
 //!
 //! # Why it is fast
 //! Offsets and skips are computed once per backend; stepping along a permutation is an add and a
