@@ -47,11 +47,23 @@ struct Family {
 }
 
 fn v4() -> Family {
-    Family { client: addr::client4(), vip: addr::vip4(), snat: addr::snat4(), tunnel: addr::tunnel4(), backend: addr::backend4() }
+    Family {
+        client: addr::client4(),
+        vip: addr::vip4(),
+        snat: addr::snat4(),
+        tunnel: addr::tunnel4(),
+        backend: addr::backend4(),
+    }
 }
 
 fn v6() -> Family {
-    Family { client: addr::client6(), vip: addr::vip6(), snat: addr::snat6(), tunnel: addr::tunnel6(), backend: addr::backend6() }
+    Family {
+        client: addr::client6(),
+        vip: addr::vip6(),
+        snat: addr::snat6(),
+        tunnel: addr::tunnel6(),
+        backend: addr::backend6(),
+    }
 }
 
 fn spec(proto: Proto, src: IpAddr, dst: IpAddr, sport: u16, dport: u16) -> Spec {
@@ -207,7 +219,12 @@ fn gue_carries_ipv4_over_ipv6() {
     let f6 = v6();
     let input = Spec::tcp(f4.client, f4.vip, CPORT, VPORT);
     let t = TunnelTarget { src: f6.tunnel, dst: f6.backend, macs: TO_BACKEND, flow_hash: HASH };
-    let outer = Outer { src: f6.tunnel, dst: f6.backend, gue: Some((forward::gue::source_port(HASH), GUE_PORT)), flow_label: HASH };
+    let outer = Outer {
+        src: f6.tunnel,
+        dst: f6.backend,
+        gue: Some((forward::gue::source_port(HASH), GUE_PORT)),
+        flow_label: HASH,
+    };
     let got = run(&input.frame(), |fr, pa| forward::gue::encap(fr, pa, &t, GUE_PORT)).unwrap();
     assert_frame("GUE 4in6", &got, &encapsulated(&input, &outer, MAC_NODE, MAC_BACKEND));
 }
@@ -334,7 +351,11 @@ fn refusals() {
     assert!(matches!(err, RewriteError::FamilyMismatch { .. }), "{err:?}");
     // ICMP echo has no ports to translate.
     let mut echo = Vec::new();
-    PacketBuilder::ethernet2(MAC_ROUTER, MAC_NODE).ipv4([198, 51, 100, 7], [192, 0, 2, 10], 64).icmpv4_echo_request(1, 1).write(&mut echo, b"x").unwrap();
+    PacketBuilder::ethernet2(MAC_ROUTER, MAC_NODE)
+        .ipv4([198, 51, 100, 7], [192, 0, 2, 10], 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut echo, b"x")
+        .unwrap();
     let err = run(&echo, |fr, pa| forward::nat::rewrite(fr, pa, &target)).unwrap_err();
     assert_eq!(err, RewriteError::Untranslatable { proto: 1 });
 }

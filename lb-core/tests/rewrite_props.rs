@@ -27,11 +27,7 @@ const GUE_PORT: u16 = 6080;
 const TO_BACKEND: Macs = Macs { src: MAC_NODE, dst: MAC_BACKEND };
 
 fn addr_of(v4: bool, raw: [u8; 16]) -> IpAddr {
-    if v4 {
-        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(raw))
-    }
+    if v4 { IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3])) } else { IpAddr::V6(Ipv6Addr::from(raw)) }
 }
 
 prop_compose! {

@@ -218,8 +218,26 @@ fn encapsulate<'f>(
             let [s0, s1, s2, s3] = s.octets();
             let [d0, d1, d2, d3] = d.octets();
             let mut h = [
-                0x45, tos, tl_hi, tl_lo, id_hi, id_lo, df, 0, OUTER_TTL, next_header, 0, 0, s0, s1, s2, s3, d0, d1,
-                d2, d3,
+                0x45,
+                tos,
+                tl_hi,
+                tl_lo,
+                id_hi,
+                id_lo,
+                df,
+                0,
+                OUTER_TTL,
+                next_header,
+                0,
+                0,
+                s0,
+                s1,
+                s2,
+                s3,
+                d0,
+                d1,
+                d2,
+                d3,
             ];
             let c = checksum::finish(checksum::sum(&h)).to_be_bytes();
             h[10] = c[0];

@@ -20,10 +20,8 @@
 //! already accounts for them), so every fragment of a datagram must get the same target.
 
 use super::checksum::ChecksumDelta;
-use super::{
-    RewriteError, ip_range, l4_checksum_offset, patch_checksum, replace, replace16, set_macs,
-};
 use super::{Macs, field};
+use super::{RewriteError, ip_range, l4_checksum_offset, patch_checksum, replace, replace16, set_macs};
 use crate::frame::Frame;
 use crate::packet::{Family, FlowKey, Fragment, IcmpError, L4, Parsed, proto};
 
@@ -188,9 +186,8 @@ fn translate_quote(
         let new = addrs.apply(old);
         replace16(pkt, csum_at, new, icmp)?;
     }
-    let ports = e.inner_fragment != Fragment::Later
-        && matches!(e.inner.proto(), proto::TCP | proto::UDP)
-        && l4 + 4 <= end;
+    let ports =
+        e.inner_fragment != Fragment::Later && matches!(e.inner.proto(), proto::TCP | proto::UDP) && l4 + 4 <= end;
     if ports {
         let mut ports = ChecksumDelta::default();
         replace16(pkt, l4, inner.src_port(), &mut ports)?;

@@ -202,8 +202,8 @@ mod tests {
 
     #[test]
     fn reverse_swaps_ends_and_is_an_involution() {
-        let k = FlowKey::from_ips("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap(), 17, 5353, 53)
-            .unwrap();
+        let k =
+            FlowKey::from_ips("2001:db8::1".parse().unwrap(), "2001:db8::2".parse().unwrap(), 17, 5353, 53).unwrap();
         let r = k.reverse();
         assert_eq!((r.src_ip(), r.src_port()), (k.dst_ip(), k.dst_port()));
         assert_eq!((r.dst_ip(), r.dst_port()), (k.src_ip(), k.src_port()));

@@ -32,8 +32,8 @@ pub use flow::{Family, FlowKey};
 
 use etherparse::err::{LenError, ipv4, ipv6_exts, tcp};
 use etherparse::{
-    EtherType, Ethernet2HeaderSlice, Ipv4HeaderSlice, Ipv6ExtensionSlice, Ipv6ExtensionsSlice,
-    Ipv6HeaderSlice, SingleVlanHeaderSlice, TcpHeaderSlice,
+    EtherType, Ethernet2HeaderSlice, Ipv4HeaderSlice, Ipv6ExtensionSlice, Ipv6ExtensionsSlice, Ipv6HeaderSlice,
+    SingleVlanHeaderSlice, TcpHeaderSlice,
 };
 
 /// Length of an Ethernet II header.
@@ -355,6 +355,7 @@ fn is_vlan_tpid(ether_type: u16) -> bool {
 /// The fast path of [`parse`]: `Some` only for an unfragmented TCP or UDP packet over IPv4 without
 /// options or IPv6 without extension headers, behind at most two VLAN tags, that is valid as far as
 /// [`parse_general`] checks; `None` for everything else (which [`parse_general`] then sorts out).
+#[inline]
 pub fn parse_common(frame: &[u8]) -> Option<Parsed> {
     let eth = frame.first_chunk::<ETHERNET_LEN>()?;
     let mut ether_type = u16::from_be_bytes([eth[12], eth[13]]);
@@ -450,9 +451,7 @@ pub fn parse_general(frame: &[u8]) -> Result<Parsed, ParseError> {
     };
     let l4_offset = l3 + net.l4_start;
     let (flow, l4, tcp_flags) = match l4 {
-        Transport::Ports { kind, src_port, dst_port, flags } => {
-            (net.flow(src_port, dst_port), kind, TcpFlags(flags))
-        }
+        Transport::Ports { kind, src_port, dst_port, flags } => (net.flow(src_port, dst_port), kind, TcpFlags(flags)),
         Transport::None(kind) => (net.flow(0, 0), kind, TcpFlags(0)),
         Transport::IcmpError { kind, quote_start, quote_end } => {
             let quote = ip.get(quote_start..quote_end).unwrap_or_default();
@@ -510,10 +509,19 @@ impl Net {
 
 /// The transport layer, as far as the flow key needs it.
 enum Transport {
-    Ports { kind: L4, src_port: u16, dst_port: u16, flags: u8 },
+    Ports {
+        kind: L4,
+        src_port: u16,
+        dst_port: u16,
+        flags: u8,
+    },
     None(L4),
     /// An ICMP error; the quote is `ip[quote_start..quote_end]`.
-    IcmpError { kind: IcmpErrorKind, quote_start: usize, quote_end: usize },
+    IcmpError {
+        kind: IcmpErrorKind,
+        quote_start: usize,
+        quote_end: usize,
+    },
 }
 
 fn v4_to_16(a: [u8; 4]) -> [u8; 16] {
@@ -572,9 +580,9 @@ fn parse_ipv4(ip: &[u8], quote: bool) -> Result<(Net, Transport), ParseError> {
 fn parse_ipv6(ip: &[u8], quote: bool) -> Result<(Net, Transport), ParseError> {
     let h = Ipv6HeaderSlice::from_slice(ip).map_err(|e| match e {
         etherparse::err::ipv6::HeaderSliceError::Len(e) => truncated(Layer::Ipv6, e),
-        etherparse::err::ipv6::HeaderSliceError::Content(
-            etherparse::err::ipv6::HeaderError::UnexpectedVersion { version_number },
-        ) => ParseError::BadIpVersion { version: version_number, expected: 6 },
+        etherparse::err::ipv6::HeaderSliceError::Content(etherparse::err::ipv6::HeaderError::UnexpectedVersion {
+            version_number,
+        }) => ParseError::BadIpVersion { version: version_number, expected: 6 },
     })?;
     let header_len = h.slice().len();
     let total_len = header_len + usize::from(h.payload_length());
@@ -670,12 +678,7 @@ fn parse_transport(net: &Net, payload: &[u8], quote: bool) -> Result<Transport, 
                 }
             })?;
             let flags = tcp.slice().get(13).copied().unwrap_or(0);
-            Ok(Transport::Ports {
-                kind: L4::Tcp,
-                src_port: tcp.source_port(),
-                dst_port: tcp.destination_port(),
-                flags,
-            })
+            Ok(Transport::Ports { kind: L4::Tcp, src_port: tcp.source_port(), dst_port: tcp.destination_port(), flags })
         }
         proto::UDP => {
             if payload.len() < 8 {

@@ -6,8 +6,8 @@ extern crate std;
 use super::*;
 use alloc::vec::Vec;
 use etherparse::{
-    IpFragOffset, IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv4Options, Ipv6Extensions,
-    Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader, PacketBuilder, VlanId,
+    IpFragOffset, IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv4Options, Ipv6Extensions, Ipv6FragmentHeader,
+    Ipv6Header, Ipv6RawExtHeader, PacketBuilder, VlanId,
 };
 
 const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 0xa];
@@ -185,7 +185,11 @@ fn ipv6_fragment_header() {
 #[test]
 fn icmp_echo_uses_the_identifier_as_ports() {
     let mut v = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(C4, V4, 64).icmpv4_echo_request(0x1234, 1).write(&mut v, b"ping").unwrap();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(C4, V4, 64)
+        .icmpv4_echo_request(0x1234, 1)
+        .write(&mut v, b"ping")
+        .unwrap();
     let p = parse(&v).unwrap();
     assert_eq!(p.l4, L4::IcmpEcho { reply: false });
     assert_eq!(p.flow, FlowKey::v4(C4, V4, 1, 0x1234, 0x1234));

@@ -1,7 +1,12 @@
 //! Frames for the rewrite tests, written with etherparse's header types and checksum code (an
 //! implementation independent of lb-core's): a readable [`Spec`] of a TCP or UDP packet, and the
 //! expected tunnel encapsulations.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, reason = "shared by several test binaries; unwraps fail the test")]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    reason = "shared by several test binaries; unwraps fail the test"
+)]
 
 use std::net::IpAddr;
 
@@ -14,16 +19,36 @@ use lb_core::Frame;
 /// The client, the VIP, the node's SNAT and tunnel addresses, and a backend, per family.
 pub mod addr {
     use std::net::IpAddr;
-    pub fn client4() -> IpAddr { "198.51.100.7".parse().unwrap() }
-    pub fn vip4() -> IpAddr { "192.0.2.10".parse().unwrap() }
-    pub fn snat4() -> IpAddr { "10.0.0.1".parse().unwrap() }
-    pub fn tunnel4() -> IpAddr { "10.0.0.2".parse().unwrap() }
-    pub fn backend4() -> IpAddr { "10.1.0.5".parse().unwrap() }
-    pub fn client6() -> IpAddr { "2001:db8:c::7".parse().unwrap() }
-    pub fn vip6() -> IpAddr { "2001:db8:f::10".parse().unwrap() }
-    pub fn snat6() -> IpAddr { "fd00::1".parse().unwrap() }
-    pub fn tunnel6() -> IpAddr { "fd00::2".parse().unwrap() }
-    pub fn backend6() -> IpAddr { "fd00:1::5".parse().unwrap() }
+    pub fn client4() -> IpAddr {
+        "198.51.100.7".parse().unwrap()
+    }
+    pub fn vip4() -> IpAddr {
+        "192.0.2.10".parse().unwrap()
+    }
+    pub fn snat4() -> IpAddr {
+        "10.0.0.1".parse().unwrap()
+    }
+    pub fn tunnel4() -> IpAddr {
+        "10.0.0.2".parse().unwrap()
+    }
+    pub fn backend4() -> IpAddr {
+        "10.1.0.5".parse().unwrap()
+    }
+    pub fn client6() -> IpAddr {
+        "2001:db8:c::7".parse().unwrap()
+    }
+    pub fn vip6() -> IpAddr {
+        "2001:db8:f::10".parse().unwrap()
+    }
+    pub fn snat6() -> IpAddr {
+        "fd00::1".parse().unwrap()
+    }
+    pub fn tunnel6() -> IpAddr {
+        "fd00::2".parse().unwrap()
+    }
+    pub fn backend6() -> IpAddr {
+        "fd00:1::5".parse().unwrap()
+    }
 }
 
 /// The upstream router, this node, and a backend.
@@ -113,8 +138,12 @@ impl Spec {
         let (proto, l4) = self.transport_bytes();
         let mut out = Vec::new();
         match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => self.ipv4_header(s.octets(), d.octets(), proto, l4.len()).write(&mut out).unwrap(),
-            (IpAddr::V6(s), IpAddr::V6(d)) => self.ipv6_header(s.octets(), d.octets(), proto, l4.len()).write(&mut out).unwrap(),
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                self.ipv4_header(s.octets(), d.octets(), proto, l4.len()).write(&mut out).unwrap()
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                self.ipv6_header(s.octets(), d.octets(), proto, l4.len()).write(&mut out).unwrap()
+            }
             _ => panic!("mixed families"),
         }
         out.extend_from_slice(&l4);
@@ -173,8 +202,12 @@ impl Spec {
             Transport::Udp { .. } => (IpNumber::UDP, 8),
         };
         let (v4, v6) = match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => (Some(self.ipv4_header(s.octets(), d.octets(), proto, hdr_len + self.payload.len())), None),
-            (IpAddr::V6(s), IpAddr::V6(d)) => (None, Some(self.ipv6_header(s.octets(), d.octets(), proto, hdr_len + self.payload.len()))),
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                (Some(self.ipv4_header(s.octets(), d.octets(), proto, hdr_len + self.payload.len())), None)
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                (None, Some(self.ipv6_header(s.octets(), d.octets(), proto, hdr_len + self.payload.len())))
+            }
             _ => panic!("mixed families"),
         };
         match self.transport {
@@ -221,9 +254,14 @@ pub fn l2(src_mac: [u8; 6], dst_mac: [u8; 6], vlans: &[u16], ether_type: EtherTy
     Ethernet2Header { source: src_mac, destination: dst_mac, ether_type: first }.write(&mut out).unwrap();
     for (i, id) in vlans.iter().enumerate() {
         let next = if i + 1 == vlans.len() { ether_type } else { EtherType::VLAN_TAGGED_FRAME };
-        SingleVlanHeader { pcp: Default::default(), drop_eligible_indicator: false, vlan_id: VlanId::try_new(*id).unwrap(), ether_type: next }
-            .write(&mut out)
-            .unwrap();
+        SingleVlanHeader {
+            pcp: Default::default(),
+            drop_eligible_indicator: false,
+            vlan_id: VlanId::try_new(*id).unwrap(),
+            ether_type: next,
+        }
+        .write(&mut out)
+        .unwrap();
     }
     out
 }
@@ -257,7 +295,13 @@ pub fn encapsulated(inner: &Spec, outer: &Outer, src_mac: [u8; 6], dst_mac: [u8;
                 u
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
-                let h = Ipv6Header { payload_length: (8 + udp_payload.len()) as u16, next_header: IpNumber::UDP, source: s.octets(), destination: d.octets(), ..Default::default() };
+                let h = Ipv6Header {
+                    payload_length: (8 + udp_payload.len()) as u16,
+                    next_header: IpNumber::UDP,
+                    source: s.octets(),
+                    destination: d.octets(),
+                    ..Default::default()
+                };
                 UdpHeader::with_ipv6_checksum(sport, dport, &h, &udp_payload).unwrap()
             }
             _ => panic!("mixed outer families"),
