@@ -313,6 +313,35 @@ impl ConntrackTable {
         None
     }
 
+    /// Loads the buckets of `hashes`, then the entries whose tags match, so that the cache misses of a
+    /// whole batch overlap instead of each lookup waiting for its own. Plain loads in two tight loops
+    /// (lb-core has no `unsafe`, so no prefetch instruction); what they read is only folded into a
+    /// value kept from the optimiser.
+    pub fn warm(&self, hashes: impl Iterator<Item = Option<u64>> + Clone) {
+        let mut fold = 0u16;
+        for h in hashes.clone().flatten() {
+            let b = (h as usize) & self.bucket_mask;
+            if let Some(t) = self.tags.get(b * WAYS) {
+                fold ^= *t;
+            }
+        }
+        let mut fold32 = u32::from(fold);
+        for h in hashes.flatten() {
+            let tag = tag_of(h);
+            let range = self.bucket_range(h);
+            if let Some(tags) = self.tags.get(range.clone()) {
+                for (way, t) in tags.iter().enumerate() {
+                    if *t == tag
+                        && let Some(e) = self.entries.get(range.start + way)
+                    {
+                        fold32 ^= e.expires;
+                    }
+                }
+            }
+        }
+        core::hint::black_box(fold32);
+    }
+
     /// The entry at `index`, if occupied.
     pub fn get(&self, index: u32) -> Option<&Entry> {
         let i = index as usize;
