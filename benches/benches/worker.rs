@@ -108,25 +108,33 @@ fn established(c: &mut Criterion) {
     let mut g = c.benchmark_group("worker_established");
     g.throughput(Throughput::Elements(BURST as u64));
     let mut bufs = Box::new([[0u8; HEADROOM + 128]; BURST]);
-    for services in [10usize, 100_000] {
-        for (mode_name, mode) in [("dsr", ForwardMode::Dsr), ("nat", ForwardMode::Nat)] {
+    let cases = [
+        (10usize, "dsr", ForwardMode::Dsr, ESTABLISHED_FLOWS),
+        (10, "nat", ForwardMode::Nat, ESTABLISHED_FLOWS),
+        (100_000, "dsr", ForwardMode::Dsr, ESTABLISHED_FLOWS),
+        (100_000, "nat", ForwardMode::Nat, ESTABLISHED_FLOWS),
+        // 1 024 flows: everything the path touches stays in cache; the compute floor.
+        (10, "dsr_cache_hot", ForwardMode::Dsr, 1024),
+    ];
+    for (services, mode_name, mode, n_flows) in cases {
+        {
             let tables = TableBuilder::new().build(&config(services, mode)).unwrap();
             let mut w = Worker::new(tables, WorkerConfig::single_core(CONNTRACK));
             // Establish the flows (SYN then ACK), spread over the services.
             let flows: Vec<[u8; 60]> =
-                (0..ESTABLISHED_FLOWS).map(|i| tcp_frame(client(i), sport(i), vip(i % services), ACK)).collect();
+                (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), ACK)).collect();
             let syns: Vec<[u8; 60]> =
-                (0..ESTABLISHED_FLOWS).map(|i| tcp_frame(client(i), sport(i), vip(i % services), SYN)).collect();
+                (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), SYN)).collect();
             for chunk in syns.chunks(BURST).chain(flows.chunks(BURST)) {
                 assert_eq!(burst(&mut w, &mut bufs, chunk, Instant::from_secs(1)), BURST);
             }
             // Bursts walk the flows with a stride, so consecutive bursts touch unrelated entries.
-            let order: Vec<[u8; 60]> = (0..ESTABLISHED_FLOWS).map(|i| flows[(i * 7919) % ESTABLISHED_FLOWS]).collect();
+            let order: Vec<[u8; 60]> = (0..n_flows).map(|i| flows[(i * 7919) % n_flows]).collect();
             let mut k = 0;
             g.bench_function(BenchmarkId::new(mode_name, format!("{services}_services")), |b| {
                 b.iter(|| {
                     let chunk = &order[k..k + BURST];
-                    k = (k + BURST) % ESTABLISHED_FLOWS;
+                    k = (k + BURST) % n_flows;
                     black_box(burst(&mut w, &mut bufs, chunk, Instant::from_secs(2)))
                 });
             });

@@ -383,7 +383,13 @@ impl Core {
             }
         }
 
-        let flow_hash = self.hasher.five_tuple(client, p.flow.dst_ip(), p.flow.proto(), p.flow.src_port(), p.flow.dst_port());
+        // The lb-hash flow hash: schedulers need it for new flows, tunnels for the outer header.
+        let needs_flow_hash = known.is_none() || matches!(service.mode, ForwardMode::IpIp | ForwardMode::Gue { .. });
+        let flow_hash = if needs_flow_hash {
+            self.hasher.five_tuple(client, p.flow.dst_ip(), p.flow.proto(), p.flow.src_port(), p.flow.dst_port())
+        } else {
+            0
+        };
         let (index, backend_index) = match known {
             Some((index, bi)) => {
                 if let Some(e) = self.conntrack.get_mut(index) {
