@@ -313,33 +313,22 @@ impl ConntrackTable {
         None
     }
 
-    /// Loads the buckets of `hashes`, then the entries whose tags match, so that the cache misses of a
-    /// whole batch overlap instead of each lookup waiting for its own. Plain loads in two tight loops
-    /// (lb-core has no `unsafe`, so no prefetch instruction); what they read is only folded into a
-    /// value kept from the optimiser.
-    pub fn warm(&self, hashes: impl Iterator<Item = Option<u64>> + Clone) {
-        let mut fold = 0u16;
-        for h in hashes.clone().flatten() {
-            let b = (h as usize) & self.bucket_mask;
-            if let Some(t) = self.tags.get(b * WAYS) {
-                fold ^= *t;
-            }
-        }
-        let mut fold32 = u32::from(fold);
-        for h in hashes.flatten() {
-            let tag = tag_of(h);
-            let range = self.bucket_range(h);
-            if let Some(tags) = self.tags.get(range.clone()) {
-                for (way, t) in tags.iter().enumerate() {
-                    if *t == tag
-                        && let Some(e) = self.entries.get(range.start + way)
-                    {
-                        fold32 ^= e.expires;
-                    }
-                }
-            }
-        }
-        core::hint::black_box(fold32);
+    /// The first tag of the bucket of `hash`: a load whose only purpose is to bring the bucket into
+    /// the cache ahead of [`ConntrackTable::find`] (see the worker's batch passes).
+    #[inline]
+    pub fn touch_bucket(&self, hash: u64) -> u16 {
+        let b = (hash as usize) & self.bucket_mask;
+        self.tags.get(b * WAYS).copied().unwrap_or(0)
+    }
+
+    /// The first entry of the bucket of `hash` whose tag matches (the key is not compared): a likely
+    /// hit, read ahead of [`ConntrackTable::find`] so its cache miss overlaps others.
+    #[inline]
+    pub fn likely_entry(&self, hash: u64) -> Option<&Entry> {
+        let tag = tag_of(hash);
+        let range = self.bucket_range(hash);
+        let way = self.tags.get(range.clone())?.iter().position(|t| *t == tag)?;
+        self.entries.get(range.start + way)
     }
 
     /// The entry at `index`, if occupied.

@@ -194,9 +194,9 @@ impl Worker {
             for a in &mut ahead {
                 a.find_service(tables);
             }
-            // 2. Pull the batch's conntrack buckets and entries into the cache, all loads in flight
-            //    together rather than one cache miss after another in step 3.
-            core.conntrack.warm(ahead.iter().map(|a| a.conn_hash));
+            // 2. Pull what step 3 will read into the cache, all loads of the batch in flight together
+            //    rather than one cache miss after another.
+            core.warm(tables, &ahead);
             // 3. Decide each frame.
             for ((frame, verdict), a) in frames.iter_mut().zip(verdicts.iter_mut()).zip(&ahead) {
                 core.stats.rx += 1;
@@ -288,6 +288,39 @@ impl Core {
         self.timeouts = node.timeouts;
     }
 
+    /// Reads, in three tight loops over the batch, what deciding its frames will read: conntrack
+    /// buckets and the services' records; then the likely conntrack entries and per-service counters;
+    /// then each entry's backend location and counters. Each loop's loads are independent, so their
+    /// cache misses overlap. (lb-core has no `unsafe`, hence plain loads rather than prefetch
+    /// instructions; the values are only folded into one kept from the optimiser.)
+    fn warm(&self, tables: &Tables, ahead: &[Lookahead; BATCH]) {
+        let mut fold = 0u64;
+        for a in ahead {
+            if let Some(h) = a.conn_hash {
+                fold ^= u64::from(self.conntrack.touch_bucket(h));
+            }
+            if let Some(s) = a.service.and_then(|i| tables.service(i)) {
+                fold ^= u64::from(s.slot.0);
+            }
+        }
+        for a in ahead {
+            if let Some(e) = a.conn_hash.and_then(|h| self.conntrack.likely_entry(h)) {
+                fold ^= u64::from(e.expires);
+            }
+            if let Some(s) = a.service.and_then(|i| tables.service(i)) {
+                fold ^= self.stats.service(s.slot).packets;
+                fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
+            }
+        }
+        for a in ahead {
+            if let Some(e) = a.conn_hash.and_then(|h| self.conntrack.likely_entry(h)) {
+                fold ^= tables.resolve(e.backend).map_or(0, |(s, _)| s as u64);
+                fold ^= self.stats.backend(crate::service::BackendSlot(e.backend.slot)).packets;
+            }
+        }
+        core::hint::black_box(fold);
+    }
+
     /// Reclaims expired entries of a few conntrack buckets.
     fn sweep(&mut self, now: u32) {
         for _ in 0..SWEEP_BUCKETS_PER_BURST {
@@ -312,7 +345,7 @@ impl Core {
             return Err(DropReason::Fragment);
         }
         let hash = ahead.conn_hash.unwrap_or_else(|| conn_key(p).hash());
-        let outcome = self.forward_to_service(tables, frame, p, hash, service_index, service, now);
+        let outcome = self.forward_to_service(tables, frame, p, hash, (service_index, service), now);
         if let Some(c) = self.stats.service_mut(service.slot.index()) {
             match outcome {
                 Ok(Verdict::Tx) => {
@@ -353,8 +386,7 @@ impl Core {
         frame: &mut Frame<'_>,
         p: &Parsed,
         hash: u64,
-        service_index: usize,
-        service: &Service,
+        (service_index, service): (usize, &Service),
         now: u32,
     ) -> Outcome {
         let client = p.flow.src_ip();
