@@ -1,2 +1,67 @@
-//! The sample load balancer binary. Filled in by issues 5 and 6.
-fn main() {}
+//! `lb`: the sample load balancer binary. Each subcommand lives in its own module under `cmd/`.
+//!
+//! ```text
+//! lb run     --config lb.yaml          serve the configured interfaces and queues (issue 6)
+//! lb list    ...                       show services, backends and counters of a running lb (issue 6)
+//! lb replay  --in x.pcap --out y.pcap  run the fast path over a capture, no root
+//! lb demo    [--mode nat|dsr|ipip]     build namespaces, balance real TCP/UDP flows, clean up (root)
+//! ```
+
+#![allow(
+    unreachable_pub,
+    reason = "a binary: `pub` marks what a subcommand module offers the others"
+)]
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// A userspace packet-processing load balancer (AF_XDP, Maglev, conntrack, NAT / DSR / IP-in-IP).
+#[derive(Debug, Parser)]
+#[command(name = "lb", version)]
+struct Cli {
+    /// Log filter (tracing-subscriber EnvFilter syntax), e.g. `info` or `lb_io=debug`.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the configured interfaces and queues (filled in by issue 6).
+    Run(cmd::run::Args),
+    /// Show services, backends and counters of a running load balancer (filled in by issue 6).
+    List(cmd::list::Args),
+    /// Run the fast path over a pcap capture and write the transmitted frames to another.
+    Replay(cmd::replay::Args),
+    /// Build private network namespaces, balance real TCP and UDP flows over AF_XDP, clean up.
+    Demo(cmd::demo::Args),
+    /// A demo backend server (started by `lb demo` inside a backend namespace).
+    #[command(hide = true)]
+    DemoBackend(cmd::demo::BackendArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => cmd::run::main(args),
+        Command::List(args) => cmd::list::main(args),
+        Command::Replay(args) => cmd::replay::main(args),
+        Command::Demo(args) => cmd::demo::main(args),
+        Command::DemoBackend(args) => cmd::demo::backend_main(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

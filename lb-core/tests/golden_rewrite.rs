@@ -356,5 +356,20 @@ fn tunnel_without_headroom_leaves_the_frame_alone() {
     // Mixed tunnel endpoint families are refused too.
     let bad = TunnelTarget { src: addr::tunnel4(), dst: f.backend, macs: TO_BACKEND, flow_hash: 0 };
     let err = run(&input, |fr, pa| forward::ipip::encap(fr, pa, &bad)).unwrap_err();
-    assert!(matches!(err, RewriteError::FamilyMismatch { .. }), "{err:?}");
+    assert_eq!(err, RewriteError::MixedTunnelFamilies);
+}
+
+/// An inner IPv4 packet without DF: the outer header leaves DF clear too and carries the inner
+/// identification, so a fragmenting router downstream has a usable one.
+#[test]
+fn ipip_copies_df_and_identification() {
+    let f = v4();
+    let mut input = Spec::tcp(f.client, f.vip, CPORT, VPORT);
+    input.fragmentable_id = Some(0xbeef);
+    let t = TunnelTarget { src: f.tunnel, dst: f.backend, macs: TO_BACKEND, flow_hash: 0 };
+    let outer = Outer { src: f.tunnel, dst: f.backend, gue: None, flow_label: 0 };
+    let got = run(&input.frame(), |fr, pa| forward::ipip::encap(fr, pa, &t)).unwrap();
+    let want = encapsulated(&input, &outer, MAC_NODE, MAC_BACKEND);
+    assert_eq!(&want[14 + 4..14 + 8], &[0xbe, 0xef, 0, 0], "the expectation itself: id copied, DF clear");
+    assert_frame("IPIP without DF", &got, &want);
 }

@@ -46,6 +46,7 @@ prop_compose! {
         ttl in 2u8..=255,
         tos in any::<u8>(),
         flow_label in any::<u32>(),
+        fragmentable_id in any::<Option<u16>>(),
         options in (0usize..=10).prop_flat_map(|words| prop::collection::vec(any::<u8>(), words * 4)),
         vlans in prop::collection::vec(1u16..4095, 0..=2),
         payload in prop::collection::vec(any::<u8>(), 0..300),
@@ -65,6 +66,7 @@ prop_compose! {
             tos,
             options: if v4 { options } else { vec![] },
             flow_label,
+            fragmentable_id,
             transport,
             payload,
         }
@@ -170,14 +172,13 @@ proptest! {
     /// The backend's reply (built by etherparse), translated for the client, is exactly the reply
     /// etherparse builds from the VIP to the client.
     #[test]
-    fn nat_reply_to_client(s in spec(), vip in any::<[u8; 16]>(), vport in any::<u16>()) {
+    fn nat_reply_to_client(s in spec(), vip in any::<[u8; 16]>(), client in any::<[u8; 16]>(), vport in any::<u16>(), cport in any::<u16>()) {
         // `s` plays the backend's reply BACKEND:b -> SNAT:s.
         let v4 = s.src.is_ipv4();
-        let client_flow = flow_of(&s).with_ports(0, 0);
-        let (client_port, vip_ip) = (s.ports().0 ^ 0x5555, addr_of(v4, vip));
-        let target = FlowKey::from_ips(vip_ip, client_flow.src_ip(), client_flow.proto(), vport, client_port).unwrap();
+        let (vip, client) = (addr_of(v4, vip), addr_of(v4, client));
+        let target = FlowKey::from_ips(vip, client, flow_of(&s).proto(), vport, cport).unwrap();
         let out = rewritten(&s.frame(), |f, p| forward::nat::rewrite(f, p, &NatTarget { flow: target, macs: Macs { src: MAC_NODE, dst: MAC_ROUTER } })).unwrap();
-        let mut want = s.translated(vip_ip, vport, client_flow.src_ip(), client_port);
+        let mut want = s.translated(vip, vport, client, cport);
         want.ttl -= 1;
         (want.src_mac, want.dst_mac) = (MAC_NODE, MAC_ROUTER);
         check_frame(&out)?;
@@ -373,5 +374,44 @@ proptest! {
             prop_assert_eq!(c, general);
         }
         prop_assert_eq!(general.flow, flow_of(&s));
+    }
+}
+
+proptest! {
+    /// `Parsed` is plain data: a rewrite handed one that does not belong to the frame (offsets and
+    /// lengths changed at random, or taken from another frame) refuses or rewrites, never panics.
+    #[test]
+    fn rewrite_never_panics_on_a_foreign_parse(
+        a in spec(),
+        b in spec(),
+        icmp in any::<bool>(),
+        l3 in prop::option::of(0u32..200),
+        l4 in prop::option::of(0u32..300),
+        ip_len in prop::option::of(0u32..400),
+        inner in prop::option::of((0u32..300, 0u32..300, 0u32..400)),
+    ) {
+        let from = if icmp { icmp_error_for(&a) } else { a.frame() };
+        let mut p = packet::parse(&from).unwrap();
+        p.l3_offset = l3.unwrap_or(p.l3_offset);
+        p.l4_offset = l4.unwrap_or(p.l4_offset);
+        p.ip_len = ip_len.unwrap_or(p.ip_len);
+        if let (L4::IcmpError(e), Some((i3, i4, end))) = (&mut p.l4, inner) {
+            (e.inner_l3_offset, e.inner_l4_offset, e.end) = (i3, i4, end);
+        }
+        let bytes = b.frame();
+        let v4 = p.family() == packet::Family::V4;
+        let nat = NatTarget { flow: FlowKey::from_ips(addr_of(v4, [1; 16]), addr_of(v4, [2; 16]), 6, 1, 2).unwrap(), macs: TO_BACKEND };
+        let tunnel = TunnelTarget { src: addr_of(!v4, [1; 16]), dst: addr_of(!v4, [2; 16]), macs: TO_BACKEND, flow_hash: 3 };
+        for headroom in [0, HEADROOM] {
+            for mode in 0..3 {
+                let mut buf = buffer(&bytes, headroom);
+                let mut frame = Frame::new(&mut buf, headroom, bytes.len());
+                let _ = match mode {
+                    0 => forward::nat::rewrite(&mut frame, &p, &nat),
+                    1 => forward::ipip::encap(&mut frame, &p, &tunnel),
+                    _ => forward::gue::encap(&mut frame, &p, &tunnel, GUE_PORT),
+                };
+            }
+        }
     }
 }

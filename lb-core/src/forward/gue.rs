@@ -15,13 +15,14 @@
 //! as RFC 8086 advises for source-port entropy) and stable per flow, so the backend's NIC spreads
 //! flows over its queues (RSS) and routers over their paths (ECMP). The outer UDP checksum is 0 over
 //! IPv4 (allowed by RFC 768 and the GUE draft) and computed over IPv6, where a zero checksum is only
-//! accepted by receivers configured for it (RFC 6935); that sum covers the whole inner packet, the
-//! one full checksum any mode computes.
+//! accepted by receivers configured for it (RFC 6935); that sum covers the whole inner packet, but
+//! reads only its IP header when the inner TCP/UDP checksum already vouches for the rest (see
+//! `inner_sum`).
 
-use super::checksum::{finish, pseudo_header, sum};
+use super::checksum::{finish, fold, pseudo_header, sum};
 use super::{RewriteError, TunnelTarget, encapsulate, inner_proto, write16};
 use crate::frame::Frame;
-use crate::packet::{Parsed, proto};
+use crate::packet::{Family, Fragment, L4, Parsed, proto};
 use core::net::IpAddr;
 
 /// Length of the UDP header plus the GUE variant 0 base header.
@@ -44,8 +45,10 @@ pub fn encap(frame: &mut Frame<'_>, p: &Parsed, t: &TunnelTarget, port: u16) -> 
     let gue = [0, inner_proto(p.family()), 0, 0];
     buf.get_mut(udp + 8..udp + 12).ok_or(RewriteError::Inconsistent)?.copy_from_slice(&gue);
     if let (IpAddr::V6(s), IpAddr::V6(d)) = (t.src, t.dst) {
-        let datagram = buf.get(udp..).ok_or(RewriteError::Inconsistent)?;
-        let acc = pseudo_header(&s.octets(), &d.octets(), proto::UDP, u32::from(udp_len16)) + sum(datagram);
+        let (headers, inner) = buf.get(udp..).ok_or(RewriteError::Inconsistent)?.split_at(UDP_GUE_LEN);
+        let acc = pseudo_header(&s.octets(), &d.octets(), proto::UDP, u32::from(udp_len16))
+            + sum(headers)
+            + inner_sum(inner, p);
         let c = match finish(acc) {
             0 => 0xffff,
             c => c,
@@ -53,4 +56,36 @@ pub fn encap(frame: &mut Frame<'_>, p: &Parsed, t: &TunnelTarget, port: u16) -> 
         write16(buf, udp + 6, c)?;
     }
     Ok(())
+}
+
+/// Unfolded one's-complement sum of the inner IP packet, for the outer UDP checksum.
+///
+/// When the inner transport checksum covers everything after the inner IP header (TCP, or UDP
+/// with a checksum; not fragmented; no IPv4 options or IPv6 extension headers, which can change the
+/// pseudo-header's destination), that part sums to the complement of its pseudo-header, which is
+/// what a valid checksum means, so only the IP header is read: Linux calls this local checksum
+/// offload (LCO). It makes GUE over IPv6 cost the same for every packet size. Should the inner
+/// checksum be wrong, the outer one is wrong by the same amount, and the backend drops the packet
+/// at the UDP layer instead of at TCP: the same fate. Any other packet is summed byte by byte.
+fn inner_sum(inner: &[u8], p: &Parsed) -> u64 {
+    let header_len = p.l4_offset.saturating_sub(p.l3_offset) as usize;
+    let (header, segment) = inner.split_at_checked(header_len).unwrap_or((inner, &[]));
+    let checksummed = match p.l4 {
+        L4::Tcp => segment.len() >= 20,
+        L4::Udp => segment.get(6..8).is_some_and(|c| c != [0, 0]),
+        _ => false,
+    };
+    let addrs = match (p.family(), header_len) {
+        (Family::V4, 20) => header.get(12..16).zip(header.get(16..20)),
+        (Family::V6, 40) => header.get(8..24).zip(header.get(24..40)),
+        _ => None,
+    };
+    match addrs {
+        Some((src, dst)) if checksummed && p.fragment == Fragment::None => {
+            let len = u32::try_from(segment.len()).unwrap_or(u32::MAX);
+            let pseudo = pseudo_header(src, dst, p.flow.proto(), len);
+            sum(header) + u64::from(!fold(pseudo))
+        }
+        _ => sum(inner),
+    }
 }

@@ -6,9 +6,13 @@
 //! VIP on a loopback, answers the client directly.
 //!
 //! The outer header: IPv4 with DSCP/ECN copied from the inner packet, DF copied from the inner IPv4
-//! packet (always set for IPv6), identification 0, TTL 64, checksum computed over its 20 bytes; or
+//! packet (always set for IPv6), identification 0 when DF is set and the inner one otherwise, TTL 64,
+//! checksum computed over its 20 bytes; or
 //! IPv6 with the traffic class copied, the flow label taken from the flow hash and hop limit 64.
-//! The frame grows by 20 or 40 bytes at the front; the Ethernet header and VLAN tags move with it.
+//! The frame grows by 20 or 40 bytes at the front; the Ethernet header and VLAN tags move with it,
+//! Ethernet padding is dropped. The inner packet is not touched (its TTL included). The frame may
+//! now exceed the path MTU: give backends' links room for the outer headers (as with any IPVS TUN
+//! or Katran setup); no ICMP "fragmentation needed" is generated here.
 
 use super::{RewriteError, TunnelTarget, encapsulate, inner_proto};
 use crate::frame::Frame;

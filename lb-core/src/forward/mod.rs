@@ -7,7 +7,7 @@
 //! | [`ipip`] (IPVS "TUN") | MACs; outer IPv4 (protocol 4 / 41) or IPv6 (next header 41 / 4) header prepended | + 20 or 40 |
 //! | [`gue`] (Katran) | MACs; outer IP + UDP + 4-byte GUE header prepended | + 32 or 52 |
 //!
-//! Every function takes the frame, the [`Parsed`](crate::packet::Parsed) result of the same frame and a
+//! Every function takes the frame, the [`Parsed`] result of the same frame and a
 //! target, allocates nothing and never panics: offsets from the parse are re-checked against the
 //! frame, and a mismatch is a [`RewriteError`], as are an expired TTL, a family mismatch or too little
 //! headroom. On error the frame may be partly rewritten and must be dropped (the worker counts the
@@ -59,8 +59,7 @@ pub enum RewriteError {
         /// The TTL found.
         ttl: u8,
     },
-    /// The target's addresses are of another IP family than the packet (NAT), or the tunnel's two
-    /// addresses differ in family.
+    /// The NAT target's addresses are of another IP family than the packet (no NAT46/64).
     #[error("address family mismatch between packet ({packet:?}) and target ({target:?})")]
     FamilyMismatch {
         /// The packet's family.
@@ -68,6 +67,9 @@ pub enum RewriteError {
         /// The target's family.
         target: Family,
     },
+    /// A tunnel's source and destination addresses are of different families.
+    #[error("tunnel source and destination addresses are of different IP families")]
+    MixedTunnelFamilies,
     /// The frame has less headroom than the encapsulation needs.
     #[error("encapsulation needs {needed} bytes of headroom, frame has {have}")]
     NoHeadroom {
@@ -138,20 +140,6 @@ fn patch_checksum(buf: &mut [u8], at: usize, delta: ChecksumDelta) -> Result<(),
     write16(buf, at, delta.apply(old))
 }
 
-/// Patches a UDP checksum: an IPv4 checksum of 0 means "none" and stays 0; a result of 0 is sent as
-/// 0xffff (RFC 768), which IPv6 requires anyway.
-fn patch_udp_checksum(buf: &mut [u8], at: usize, family: Family, delta: ChecksumDelta) -> Result<(), RewriteError> {
-    let old = read16(buf, at)?;
-    if old == 0 && family == Family::V4 {
-        return Ok(());
-    }
-    let new = match delta.apply(old) {
-        0 => 0xffff,
-        c => c,
-    };
-    write16(buf, at, new)
-}
-
 /// Offset of the checksum field in a TCP or UDP header.
 fn l4_checksum_offset(proto: u8) -> Option<usize> {
     match proto {
@@ -175,10 +163,6 @@ fn ip_range(frame: &Frame<'_>, p: &Parsed) -> Result<(usize, usize), RewriteErro
     Ok((l3, end))
 }
 
-fn family_of(ip: IpAddr) -> Family {
-    Family::of(ip)
-}
-
 /// Prepends an outer IP header (and `extra` more bytes for the caller, e.g. UDP + GUE) in front of
 /// the IP packet, moving the Ethernet header and its VLAN tags to the new front. Returns the frame's
 /// bytes and the offset just after the outer IP header. The frame is unchanged on error.
@@ -190,9 +174,9 @@ fn encapsulate<'f>(
     extra: usize,
 ) -> Result<(&'f mut [u8], usize), RewriteError> {
     let (l3, end) = ip_range(frame, p)?;
-    let outer_family = family_of(t.src);
-    if family_of(t.dst) != outer_family {
-        return Err(RewriteError::FamilyMismatch { packet: family_of(t.src), target: family_of(t.dst) });
+    let outer_family = Family::of(t.src);
+    if Family::of(t.dst) != outer_family {
+        return Err(RewriteError::MixedTunnelFamilies);
     }
     let outer_ip_len = match outer_family {
         Family::V4 => 20,
@@ -209,9 +193,9 @@ fn encapsulate<'f>(
     }
     // Read what the outer header copies from the inner one before anything moves.
     let inner = frame.data().get(l3..l3 + 8).ok_or(RewriteError::Inconsistent)?;
-    let (tos, inner_df) = match p.family() {
-        Family::V4 => (inner[1], inner[6] & 0x40 != 0),
-        Family::V6 => ((inner[0] << 4) | (inner[1] >> 4), true),
+    let (tos, inner_df, inner_id) = match p.family() {
+        Family::V4 => (inner[1], inner[6] & 0x40 != 0, [inner[4], inner[5]]),
+        Family::V6 => ((inner[0] << 4) | (inner[1] >> 4), true, [0, 0]),
     };
     // Drop Ethernet padding so it does not end up inside the outer packet.
     frame.set_len(end).ok_or(RewriteError::Inconsistent)?;
@@ -227,12 +211,15 @@ fn encapsulate<'f>(
     match (t.src, t.dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let total = u16::try_from(outer_total).map_err(|_| RewriteError::TooBig { len: outer_total })?;
-            let df = if inner_df { 0x40 } else { 0 };
+            // An atomic datagram (DF set) needs no identification (RFC 6864); one that may be
+            // fragmented on the way takes the inner packet's, unique per source as the sender keeps it.
+            let (df, [id_hi, id_lo]) = if inner_df { (0x40, [0, 0]) } else { (0, inner_id) };
             let [tl_hi, tl_lo] = total.to_be_bytes();
             let [s0, s1, s2, s3] = s.octets();
             let [d0, d1, d2, d3] = d.octets();
             let mut h = [
-                0x45, tos, tl_hi, tl_lo, 0, 0, df, 0, OUTER_TTL, next_header, 0, 0, s0, s1, s2, s3, d0, d1, d2, d3,
+                0x45, tos, tl_hi, tl_lo, id_hi, id_lo, df, 0, OUTER_TTL, next_header, 0, 0, s0, s1, s2, s3, d0, d1,
+                d2, d3,
             ];
             let c = checksum::finish(checksum::sum(&h)).to_be_bytes();
             h[10] = c[0];

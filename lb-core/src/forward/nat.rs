@@ -21,7 +21,7 @@
 
 use super::checksum::ChecksumDelta;
 use super::{
-    RewriteError, ip_range, l4_checksum_offset, patch_checksum, patch_udp_checksum, replace, replace16, set_macs,
+    RewriteError, ip_range, l4_checksum_offset, patch_checksum, replace, replace16, set_macs,
 };
 use super::{Macs, field};
 use crate::frame::Frame;
@@ -77,6 +77,7 @@ fn v4_octets(a: &[u8; 16]) -> [u8; 4] {
 
 /// Sets the IPv4 header's addresses and decrements its TTL, patching its checksum; returns the
 /// address change for the transport checksum's pseudo-header.
+#[inline]
 fn rewrite_ipv4(pkt: &mut [u8], l3: usize, to: &FlowKey) -> Result<ChecksumDelta, RewriteError> {
     let h = field::<20>(pkt, l3)?;
     let ttl = h[8];
@@ -98,6 +99,7 @@ fn rewrite_ipv4(pkt: &mut [u8], l3: usize, to: &FlowKey) -> Result<ChecksumDelta
 }
 
 /// Sets the IPv6 header's addresses and decrements its hop limit; returns the address change.
+#[inline]
 fn rewrite_ipv6(pkt: &mut [u8], l3: usize, to: &FlowKey) -> Result<ChecksumDelta, RewriteError> {
     let h = field::<40>(pkt, l3)?;
     let ttl = h[7];
@@ -105,17 +107,18 @@ fn rewrite_ipv6(pkt: &mut [u8], l3: usize, to: &FlowKey) -> Result<ChecksumDelta
         return Err(RewriteError::TtlExpired { ttl });
     }
     let mut addrs = ChecksumDelta::default();
-    let (old_src, old_dst) = (field::<16>(h, 8)?, *to.src_bytes());
-    addrs.replace_array(old_src, &old_dst);
-    *old_src = old_dst;
-    let old = field::<16>(h, 24)?;
-    addrs.replace_array(old, to.dst_bytes());
-    *old = *to.dst_bytes();
+    let src = field::<16>(h, 8)?;
+    addrs.replace_array(src, to.src_bytes());
+    *src = *to.src_bytes();
+    let dst = field::<16>(h, 24)?;
+    addrs.replace_array(dst, to.dst_bytes());
+    *dst = *to.dst_bytes();
     h[7] = ttl - 1;
     Ok(addrs)
 }
 
 /// Sets the TCP or UDP ports and patches the transport checksum for them and the addresses.
+#[inline]
 fn rewrite_ports(
     pkt: &mut [u8],
     l4: usize,
@@ -125,40 +128,36 @@ fn rewrite_ports(
     addrs: ChecksumDelta,
     to: &FlowKey,
 ) -> Result<(), RewriteError> {
-    if l4 + 8 > end {
-        return Err(RewriteError::Inconsistent);
-    }
-    let ports = field::<8>(pkt, l4)?;
-    let old = u32::from_be_bytes([ports[0], ports[1], ports[2], ports[3]]);
     let new = (u32::from(to.src_port()) << 16) | u32::from(to.dst_port());
-    ports[..4].copy_from_slice(&new.to_be_bytes());
     let mut delta = addrs;
-    delta.replace32(old, new);
-    if !fix_l4_checksum(pkt, l4, proto, family, delta, end)? {
-        return Err(RewriteError::Inconsistent);
+    // One bounds check covers ports and checksum: 18 bytes of TCP header, 8 of UDP.
+    if proto == proto::TCP {
+        if l4 + 18 > end {
+            return Err(RewriteError::Inconsistent);
+        }
+        let h = field::<18>(pkt, l4)?;
+        delta.replace32(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), new);
+        h[..4].copy_from_slice(&new.to_be_bytes());
+        let c = delta.apply(u16::from_be_bytes([h[16], h[17]]));
+        h[16..18].copy_from_slice(&c.to_be_bytes());
+    } else {
+        if l4 + 8 > end {
+            return Err(RewriteError::Inconsistent);
+        }
+        let h = field::<8>(pkt, l4)?;
+        delta.replace32(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), new);
+        h[..4].copy_from_slice(&new.to_be_bytes());
+        let old = u16::from_be_bytes([h[6], h[7]]);
+        // An IPv4 checksum of 0 means "none" and stays 0; a result of 0 is sent as 0xffff (RFC 768).
+        if old != 0 || family == Family::V6 {
+            let c = match delta.apply(old) {
+                0 => 0xffff,
+                c => c,
+            };
+            h[6..8].copy_from_slice(&c.to_be_bytes());
+        }
     }
     Ok(())
-}
-
-/// Patches the TCP or UDP checksum of the header at `l4` if it lies before `end`.
-fn fix_l4_checksum(
-    pkt: &mut [u8],
-    l4: usize,
-    proto: u8,
-    family: Family,
-    delta: ChecksumDelta,
-    end: usize,
-) -> Result<bool, RewriteError> {
-    let Some(at) = l4_checksum_offset(proto).map(|o| l4 + o) else { return Ok(false) };
-    if at + 2 > end {
-        return Ok(false);
-    }
-    if proto == proto::UDP {
-        patch_udp_checksum(pkt, at, family, delta)?;
-    } else {
-        patch_checksum(pkt, at, delta)?;
-    }
-    Ok(true)
 }
 
 /// Rewrites the packet quoted by an ICMP error to `inner` (addresses, and ports when it has them),

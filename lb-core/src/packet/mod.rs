@@ -9,12 +9,17 @@
 //!                                                                          └─ NDP, other        -> no ports
 //! ```
 //!
-//! The headers are read with etherparse's header slices (`Ethernet2HeaderSlice`,
-//! `SingleVlanHeaderSlice`, `Ipv4HeaderSlice`, `Ipv6HeaderSlice`, `Ipv6ExtensionsSlice`,
-//! `TcpHeaderSlice`, `UdpHeaderSlice`) rather than `SlicedPacket`: the rewrite needs offsets, the first
-//! fragment of a datagram still carries ports (which `SlicedPacket` does not parse), IPv6 payload
-//! length 0 must not silently mean "rest of the frame", and an ICMP error's quoted packet is parsed
-//! with the same code as the outer one.
+//! Two paths give one result. [`parse_general`] reads any frame with etherparse's header slices
+//! (`Ethernet2HeaderSlice`, `SingleVlanHeaderSlice`, `Ipv4HeaderSlice`, `Ipv6HeaderSlice`,
+//! `Ipv6ExtensionsSlice`, `TcpHeaderSlice`) rather than `SlicedPacket`: the rewrite needs offsets, the
+//! first fragment of a datagram still carries ports (which `SlicedPacket` does not parse), IPv6
+//! payload length 0 must not silently mean "rest of the frame", and an ICMP error's quoted packet is
+//! parsed with the same code as the outer one. [`parse_common`] reads the frames that make up nearly
+//! all traffic (TCP/UDP, no IPv4 options, no IPv6 extension headers, not fragmented) by hand with one
+//! bounds check per header, because the general path measured about 490 instructions per frame
+//! against 175 (callgrind, release build); it returns `None`, never an error, for anything else.
+//! [`parse`] tries the first and falls back to the second; property tests check that they agree on
+//! every generated and mutated frame (a fuzz target should compare them too).
 //!
 //! [`parse`] never panics and never allocates, whatever the bytes. Everything after the IP packet's
 //! own length (Ethernet padding of short frames) is ignored. Checksums are not verified here: a
@@ -167,7 +172,7 @@ pub enum L4 {
     Other,
 }
 
-/// The result of [`parse`]: everything the worker and the rewrite need, in 120-odd bytes, `Copy`.
+/// The result of [`parse`]: everything the worker and the rewrite need, in 116 bytes, `Copy`.
 ///
 /// Offsets are from the first byte of the frame. `l3_offset + ip_len` never exceeds the frame length;
 /// bytes after it are Ethernet padding.
@@ -334,8 +339,7 @@ fn off(n: usize) -> u32 {
 /// The common case (up to two VLAN tags, IPv4 without options or IPv6 without extension headers,
 /// not fragmented, TCP or UDP) is read by [`parse_common`] with one bounds check per header; every
 /// other frame, and every error, goes through [`parse_general`], built on etherparse. Both give the
-/// same result for every frame (a property test and the fuzz target compare them): the split is a
-/// measured one, the general path costs about four times the instructions of the common one.
+/// same result for every frame; the module documentation says why there are two.
 #[inline]
 pub fn parse(frame: &[u8]) -> Result<Parsed, ParseError> {
     match parse_common(frame) {

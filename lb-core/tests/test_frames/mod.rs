@@ -55,6 +55,9 @@ pub struct Spec {
     /// IPv4 options, a multiple of 4 bytes up to 40.
     pub options: Vec<u8>,
     pub flow_label: u32,
+    /// IPv4: `None` sets DF with identification 0 (etherparse's default); `Some(id)` clears DF and
+    /// uses `id`.
+    pub fragmentable_id: Option<u16>,
     pub transport: Transport,
     pub payload: Vec<u8>,
 }
@@ -72,6 +75,7 @@ impl Spec {
             tos: 0,
             options: vec![],
             flow_label: 0,
+            fragmentable_id: None,
             transport: Transport::Tcp { sport, dport, seq: 1000, syn: true, ack: false, fin: false },
             payload: b"GET / HTTP/1.1\r\n".to_vec(),
         }
@@ -138,6 +142,10 @@ impl Spec {
         h.dscp = IpDscp::try_new(self.tos >> 2).unwrap();
         h.ecn = IpEcn::try_new(self.tos & 3).unwrap();
         h.options = Ipv4Options::try_from(&self.options[..]).unwrap();
+        if let Some(id) = self.fragmentable_id {
+            h.dont_fragment = false;
+            h.identification = id;
+        }
         h.set_payload_len(l4_len).unwrap();
         h.header_checksum = h.calc_header_checksum();
         h
@@ -268,8 +276,11 @@ pub fn encapsulated(inner: &Spec, outer: &Outer, src_mac: [u8; 6], dst_mac: [u8;
             let mut h = Ipv4Header::new(0, 64, proto, s.octets(), d.octets()).unwrap();
             h.dscp = IpDscp::try_new(inner.tos >> 2).unwrap();
             h.ecn = IpEcn::try_new(inner.tos & 3).unwrap();
-            // Ipv4Header::new sets DF; lb-core copies it from an IPv4 inner packet, which
-            // etherparse also builds with DF set, and sets it for IPv6.
+            // DF copied from an IPv4 inner packet (set for IPv6); without DF the inner identification.
+            if let (Some(id), true) = (inner.fragmentable_id, inner.src.is_ipv4()) {
+                h.dont_fragment = false;
+                h.identification = id;
+            }
             h.set_payload_len(after_ip.len()).unwrap();
             h.write(&mut out).unwrap();
         }
