@@ -61,6 +61,12 @@ impl Backend {
         Self { id: BackendId(id), weight }
     }
 
+    /// The backend at `addr` with `weight`, its identity from [`BackendId::from_socket_addr`].
+    #[must_use]
+    pub fn at(addr: SocketAddr, weight: u32) -> Self {
+        Self { id: BackendId::from_socket_addr(addr), weight }
+    }
+
     /// Whether the backend takes new flows.
     #[must_use]
     pub const fn is_serving(&self) -> bool {

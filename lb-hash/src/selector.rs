@@ -1,5 +1,6 @@
 //! The one interface every selector offers, and the enum the fast path holds.
 
+use crate::backend::Backend;
 use crate::ecmp::{EcmpHashThreshold, EcmpModulo};
 use crate::jump::JumpHash;
 use crate::maglev::MaglevTable;
@@ -67,6 +68,21 @@ impl Selector for AnySelector {
             Self::Jump(s) => s.len(),
             Self::EcmpHashThreshold(s) => s.len(),
             Self::EcmpModulo(s) => s.len(),
+        }
+    }
+}
+
+impl AnySelector {
+    /// The backends `select` indexes into, sorted by identity; empty for [`JumpHash`], whose indices
+    /// are the caller's bucket numbers.
+    #[must_use]
+    pub fn backends(&self) -> &[Backend] {
+        match self {
+            Self::Maglev(s) => s.backends(),
+            Self::Rendezvous(s) => s.backends(),
+            Self::Jump(_) => &[],
+            Self::EcmpHashThreshold(s) => s.backends(),
+            Self::EcmpModulo(s) => s.backends(),
         }
     }
 }

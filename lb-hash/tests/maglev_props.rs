@@ -25,6 +25,18 @@ fn owners(t: &MaglevTable) -> Vec<BackendId> {
     t.entries().iter().map(|&e| t.backends()[usize::from(e)].id).collect()
 }
 
+/// Entries whose owner changed between two survivors; fails if the removed backend still owns any.
+fn moved_between_survivors(before: &MaglevTable, after: &MaglevTable, removed: BackendId) -> Result<u32, TestCaseError> {
+    let mut between = 0;
+    for (o, n) in owners(before).iter().zip(&owners(after)) {
+        prop_assert_ne!(*n, removed);
+        if *o != removed && o != n {
+            between += 1;
+        }
+    }
+    Ok(between)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -83,9 +95,10 @@ proptest! {
         prop_assert_eq!(a.backends(), b.backends());
     }
 
-    /// Removing a backend moves all of its entries and at most 1 % of the table between the
-    /// survivors; adding it back restores the table exactly. Holds for M >= 100 x N once M is at
-    /// least 20011 (see the module comment of `maglev` for smaller tables).
+    /// Removing a backend moves all of its entries and few others; adding it back restores the
+    /// table exactly. The bound asserted is the one that holds over many thousands of random sets
+    /// (worst seen: 2.1 % at M = 65537): see the `maglev` module comment for why 1 % is not a
+    /// worst-case bound.
     #[test]
     fn removing_a_backend_disrupts_little_and_adding_it_back_restores(
         ids in ids(2..=200),
@@ -93,22 +106,15 @@ proptest! {
         pick in any::<u32>(),
     ) {
         let set: Vec<Backend> = ids.iter().map(|&id| Backend::new(id, 1)).collect();
-        let m = prime_at_least((100 * set.len() as u32).max(20_011), pick);
+        let m = prime_at_least((100 * set.len() as u32).max(65_537), pick);
         let removed = set[which.index(set.len())].id;
         let survivors: Vec<Backend> = set.iter().copied().filter(|b| b.id != removed).collect();
 
         let before = MaglevTable::new(&set, m).expect("valid set");
         let after = MaglevTable::new(&survivors, m).expect("valid set");
-        let (old, new) = (owners(&before), owners(&after));
-        let mut between = 0u32;
-        for (o, n) in old.iter().zip(&new) {
-            prop_assert_ne!(*n, removed);
-            if *o != removed && o != n {
-                between += 1;
-            }
-        }
+        let between = moved_between_survivors(&before, &after, removed)?;
         prop_assert!(
-            f64::from(between) <= 0.01 * f64::from(m),
+            f64::from(between) <= 0.03 * f64::from(m),
             "{between} of {m} entries moved between survivors of {} backends", set.len()
         );
 
@@ -116,6 +122,23 @@ proptest! {
         back.push(Backend::new(removed.0, 1));
         let restored = MaglevTable::new(&back, m).expect("valid set");
         prop_assert_eq!(restored.entries(), before.entries());
+    }
+
+    /// Removing each backend in turn moves, on average, at most 1 % of the table between the
+    /// survivors (worst average seen over thousands of sets: 0.76 % at M = 65537).
+    #[test]
+    fn removals_move_under_one_percent_on_average(ids in ids(3..=12), pick in any::<u32>()) {
+        let set: Vec<Backend> = ids.iter().map(|&id| Backend::new(id, 1)).collect();
+        let m = prime_at_least(65_537, pick);
+        let before = MaglevTable::new(&set, m).expect("valid set");
+        let mut total = 0u32;
+        for b in &set {
+            let survivors: Vec<Backend> = set.iter().copied().filter(|s| s.id != b.id).collect();
+            let after = MaglevTable::new(&survivors, m).expect("valid set");
+            total += moved_between_survivors(&before, &after, b.id)?;
+        }
+        let mean = f64::from(total) / set.len() as f64;
+        prop_assert!(mean <= 0.01 * f64::from(m), "on average {mean} of {m} entries moved between survivors");
     }
 
     /// Draining (weight 0) gives exactly the table without the backend, by owner identity, while
