@@ -11,6 +11,11 @@
 //!  every other outcome: Drop(reason), counted in Stats::drops
 //! ```
 //!
+//! Frames are decided in batches of 16: one pass parses them, hashes their flows and looks up their
+//! services, then tight loops of plain loads pull the conntrack buckets and entries, service records and
+//! counters the batch will need into the cache, so their misses overlap; then each frame is decided in
+//! order, exactly as if alone (a test holds that).
+//!
 //! Everything a worker touches per packet was allocated in [`Worker::new`]: the conntrack table, the
 //! per-slot counters and scheduler cursors. [`Worker::swap_tables`] installs new [`Tables`] between
 //! bursts and hands the old ones back, so they are freed off the fast path; conntrack survives.
