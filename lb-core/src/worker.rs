@@ -429,9 +429,8 @@ impl Core {
         };
         let (index, backend_index) = match known {
             Some((index, bi)) => {
-                if let Some(e) = self.conntrack.get_mut(index) {
-                    advance(e, flags, true, &self.timeouts, now);
-                }
+                let timeouts = &self.timeouts;
+                self.conntrack.update(index, |e| advance(e, flags, true, timeouts, now));
                 (index, bi)
             }
             None => self.new_flow(tables, p, FlowHashes { key, hash, flow_hash }, service, now)?,
@@ -532,9 +531,7 @@ impl Core {
             let reverse = Entry { key: rkey, kind: EntryKind::Reverse, link: index, ..entry };
             match self.insert(reverse, rkey.hash(), now, index) {
                 Ok(r) => {
-                    if let Some(e) = self.conntrack.get_mut(index) {
-                        e.link = r;
-                    }
+                    self.conntrack.update(index, |e| e.link = r);
                 }
                 Err(e) => {
                     self.remove(index);
@@ -579,11 +576,17 @@ impl Core {
             return Err(DropReason::NoReverseFlow);
         }
         let link = self.conntrack.get(index).map(|e| e.link).ok_or(DropReason::NoReverseFlow)?;
-        let forward = self.conntrack.get_mut(link).ok_or(DropReason::NoReverseFlow)?;
-        if !matches!(p.l4, L4::IcmpError(_)) {
-            advance(forward, p.tcp_flags, false, &self.timeouts, now);
-        }
-        let to = flow_key(&forward.key).ok_or(DropReason::NoReverseFlow)?.reverse();
+        let (flags, timeouts, is_error) = (p.tcp_flags, &self.timeouts, matches!(p.l4, L4::IcmpError(_)));
+        let client_key = self
+            .conntrack
+            .update(link, |forward| {
+                if !is_error {
+                    advance(forward, flags, false, timeouts, now);
+                }
+                forward.key
+            })
+            .ok_or(DropReason::NoReverseFlow)?;
+        let to = flow_key(&client_key).ok_or(DropReason::NoReverseFlow)?.reverse();
         let node = tables.node();
         let macs = Macs { src: node.local_mac, dst: node.gateway_mac.unwrap_or(node.local_mac) };
         forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
