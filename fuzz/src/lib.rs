@@ -125,6 +125,7 @@ impl FrameSpec {
 }
 
 /// Ethernet + IP + TCP/UDP, built by etherparse.
+#[allow(clippy::too_many_arguments, reason = "one argument per header field the fuzzer controls")]
 pub fn build(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, tcp: bool, flags: u8, ttl: u8, payload: usize) -> Vec<u8> {
     let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xc1], [2, 0, 0, 0, 0, 1]);
     let ip = match (src, dst) {
