@@ -253,14 +253,38 @@ pub struct Displaced {
 pub struct ConntrackTable {
     /// One per way; 0 means empty.
     tags: Box<[u16]>,
+    /// Per way, the entry's `expires`: with the class bits of the tag, what eviction and expiry read
+    /// without touching the 64-byte entries (one cache line per bucket instead of eight).
+    expiries: Box<[u32]>,
     entries: Box<[Entry]>,
     bucket_mask: usize,
     len: usize,
     sweep_cursor: usize,
 }
 
+/// A way's tag: bit 0 set when occupied, bits 1-2 the eviction class ([`CLASS_REVERSE`] for reverse
+/// entries), bits 3-15 from the hash.
 fn tag_of(hash: u64) -> u16 {
-    ((hash >> 48) as u16) | 1
+    ((hash >> 48) as u16 & !0x7) | 1
+}
+
+/// The tag without its class bits, as [`tag_of`] gives it.
+fn tag_hash(t: u16) -> u16 {
+    t & !0x6
+}
+
+/// Class bits of a reverse entry (never evicted on its own).
+const CLASS_REVERSE: u16 = 3;
+
+fn class_bits(e: &Entry) -> u16 {
+    match e.kind {
+        EntryKind::Reverse => CLASS_REVERSE,
+        _ => u16::from(e.state.eviction_class()),
+    }
+}
+
+fn class_of(t: u16) -> u16 {
+    (t >> 1) & 3
 }
 
 impl ConntrackTable {
@@ -270,6 +294,7 @@ impl ConntrackTable {
         let buckets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
         ConntrackTable {
             tags: vec![0u16; buckets * WAYS].into_boxed_slice(),
+            expiries: vec![0u32; buckets * WAYS].into_boxed_slice(),
             entries: vec![Entry::default(); buckets * WAYS].into_boxed_slice(),
             bucket_mask: buckets - 1,
             len: 0,
@@ -303,7 +328,7 @@ impl ConntrackTable {
         let range = self.bucket_range(hash);
         let tags = self.tags.get(range.clone())?;
         for (way, t) in tags.iter().enumerate() {
-            if *t == tag {
+            if tag_hash(*t) == tag {
                 let i = range.start + way;
                 if self.entries.get(i).is_some_and(|e| e.key == *key) {
                     return Some(i as u32);
@@ -311,6 +336,24 @@ impl ConntrackTable {
             }
         }
         None
+    }
+
+    /// The first tag of the bucket of `hash`: a load whose only purpose is to bring the bucket into
+    /// the cache ahead of [`ConntrackTable::find`] (see the worker's batch passes).
+    #[inline]
+    pub fn touch_bucket(&self, hash: u64) -> u16 {
+        let b = (hash as usize) & self.bucket_mask;
+        self.tags.get(b * WAYS).copied().unwrap_or(0)
+    }
+
+    /// The first entry of the bucket of `hash` whose tag matches (the key is not compared): a likely
+    /// hit, read ahead of [`ConntrackTable::find`] so its cache miss overlaps others.
+    #[inline]
+    pub fn likely_entry(&self, hash: u64) -> Option<&Entry> {
+        let tag = tag_of(hash);
+        let range = self.bucket_range(hash);
+        let way = self.tags.get(range.clone())?.iter().position(|t| tag_hash(*t) == tag)?;
+        self.entries.get(range.start + way)
     }
 
     /// The entry at `index`, if occupied.
@@ -322,25 +365,37 @@ impl ConntrackTable {
         self.entries.get(i)
     }
 
-    /// The entry at `index`, mutably, if occupied.
-    pub fn get_mut(&mut self, index: u32) -> Option<&mut Entry> {
+    /// Changes the entry at `index` with `f` (state, expiry, link; not its key) and returns what `f`
+    /// returns, or `None` if the way is empty. Keeps the tag's class and the expiry array in step.
+    pub fn update<R>(&mut self, index: u32, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
         let i = index as usize;
-        if *self.tags.get(i)? == 0 {
+        let t = self.tags.get_mut(i)?;
+        if *t == 0 {
             return None;
         }
-        self.entries.get_mut(i)
+        let e = self.entries.get_mut(i)?;
+        let r = f(e);
+        *t = (*t & !0x6) | (class_bits(e) << 1);
+        if let Some(x) = self.expiries.get_mut(i) {
+            *x = e.expires;
+        }
+        Some(r)
     }
 
     /// True if the entry at `index` is occupied and live at `now`. A reverse entry is live while its
     /// forward entry is live and still points back at it.
     pub fn is_live(&self, index: u32, now: u32) -> bool {
-        let Some(e) = self.get(index) else { return false };
-        match e.kind {
-            EntryKind::Reverse => match self.get(e.link) {
-                Some(f) => f.kind == EntryKind::Forward && f.link == index && !f.is_expired(now),
-                None => false,
-            },
-            _ => !e.is_expired(now),
+        let i = index as usize;
+        match self.tags.get(i) {
+            None | Some(0) => false,
+            Some(&t) if class_of(t) == CLASS_REVERSE => {
+                let Some(e) = self.entries.get(i) else { return false };
+                match self.get(e.link) {
+                    Some(f) => f.kind == EntryKind::Forward && f.link == index && !f.is_expired(now),
+                    None => false,
+                }
+            }
+            Some(_) => self.expiries.get(i).is_some_and(|x| now < *x),
         }
     }
 
@@ -368,8 +423,9 @@ impl ConntrackTable {
         let range = self.bucket_range(hash);
         let mut empty = None;
         let mut expired = None;
-        // (class, expires, index) of the best eviction candidate so far.
-        let mut victim: Option<(u8, u32, usize)> = None;
+        // (class, expires, index) of the best eviction candidate so far. Only the tags and the expiry
+        // array are read here, except for reverse entries, whose life is their forward entry's.
+        let mut victim: Option<(u16, u32, usize)> = None;
         for i in range {
             let Some(&t) = self.tags.get(i) else { return Err(ConntrackFull) };
             if t == 0 {
@@ -383,14 +439,10 @@ impl ConntrackTable {
                 expired = Some(i);
                 continue;
             }
-            let Some(e) = self.entries.get(i) else { return Err(ConntrackFull) };
-            let class = match e.kind {
-                // A reverse entry goes with its forward entry, never on its own.
-                EntryKind::Reverse => continue,
-                _ => e.state.eviction_class(),
-            };
-            if class < 2 && victim.is_none_or(|(c, x, _)| (class, e.expires) < (c, x)) {
-                victim = Some((class, e.expires, i));
+            let class = class_of(t);
+            let expires = self.expiries.get(i).copied().unwrap_or(0);
+            if class < 2 && victim.is_none_or(|(c, x, _)| (class, expires) < (c, x)) {
+                victim = Some((class, expires, i));
             }
         }
         let (slot, displaced) = match (empty, expired, victim) {
@@ -406,10 +458,12 @@ impl ConntrackTable {
         if displaced.is_none() {
             self.len += 1;
         }
-        let (Some(t), Some(e)) = (self.tags.get_mut(slot), self.entries.get_mut(slot)) else {
+        let (Some(t), Some(x), Some(e)) = (self.tags.get_mut(slot), self.expiries.get_mut(slot), self.entries.get_mut(slot))
+        else {
             return Err(ConntrackFull);
         };
-        *t = tag_of(hash);
+        *t = tag_of(hash) | (class_bits(&entry) << 1);
+        *x = entry.expires;
         *e = entry;
         Ok(Inserted { index: slot as u32, displaced })
     }
@@ -554,6 +608,27 @@ mod tests {
     }
 
     #[test]
+    fn update_keeps_eviction_class_and_expiry_in_step() {
+        let mut t = ConntrackTable::with_capacity(8);
+        let mut idx = vec![];
+        for n in 0..8 {
+            let k = key(n);
+            idx.push(t.insert(entry(k, ConnState::SynSeen, 100), k.hash(), 0).unwrap().index);
+        }
+        // Established now: no longer evictable.
+        for &i in &idx {
+            t.update(i, |e| e.state = ConnState::Established).unwrap();
+        }
+        let k = key(99);
+        assert_eq!(t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 0), Err(ConntrackFull));
+        // A refreshed expiry counts: entry 0 expires at 5, the rest stay live at 50.
+        t.update(idx[0], |e| e.expires = 5).unwrap();
+        assert!(!t.is_live(idx[0], 50) && t.is_live(idx[1], 50));
+        let d = t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 50).unwrap().displaced.unwrap();
+        assert_eq!((d.index, d.evicted), (idx[0], false));
+    }
+
+    #[test]
     fn reverse_entry_lives_with_its_forward_entry() {
         let mut t = ConntrackTable::with_capacity(64);
         let (fk, rk) = (key(1), key(2));
@@ -562,7 +637,7 @@ mod tests {
         r.kind = EntryKind::Reverse;
         r.link = f;
         let r = t.insert(r, rk.hash(), 0).unwrap().index;
-        t.get_mut(f).unwrap().link = r;
+        t.update(f, |e| e.link = r).unwrap();
         assert!(t.is_live(r, 50), "reverse entry follows the live forward entry, not its own expiry");
         assert!(!t.is_live(r, 100));
         t.remove(f);

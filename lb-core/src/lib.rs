@@ -8,7 +8,7 @@
 //! ```text
 //!   frames, now ──► Worker::process_burst ──► verdicts (+ frames rewritten in place)
 //!                     │ parse (packet)
-//!                     │ service lookup (service::ServiceTable, read-only, swapped whole)
+//!                     │ service lookup (service::Tables, read-only, swapped whole)
 //!                     │ conntrack lookup (conntrack, per core)
 //!                     │ on miss: scheduler pick (schedule) + conntrack insert
 //!                     │ rewrite: NAT / DSR / IP-in-IP / GUE (forward)

@@ -308,6 +308,12 @@ pub enum ConfigError {
         /// The backend, `addr:port`.
         backend: String,
     },
+    /// A NAT service with nowhere to send the translated replies.
+    #[error("service {service} uses NAT, whose replies to clients go to node.gateway_mac, which is not set")]
+    NoGatewayForNat {
+        /// Service name.
+        service: String,
+    },
     /// A GUE service with destination port 0.
     #[error("service {service} uses GUE with UDP port 0: give the port the backends decapsulate on")]
     GuePortZero {
@@ -497,6 +503,9 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
                 });
             }
             (ForwardMode::Gue { port: 0 }, _) => return Err(ConfigError::GuePortZero { service: service() }),
+            (ForwardMode::Nat, _) if node.gateway_mac.is_none() => {
+                return Err(ConfigError::NoGatewayForNat { service: service() });
+            }
             _ => {}
         }
         let mut seen: HashSet<(IpAddr, u16)> = HashSet::with_capacity(s.backends.len());
@@ -726,6 +735,7 @@ mod tests {
 
     fn good() -> Config {
         let mut cfg = Config::default();
+        cfg.node.gateway_mac = Some([2, 0, 0, 0, 0, 0xfe]);
         cfg.node.snat_v4 = Some("10.0.0.100".parse().unwrap());
         cfg.node.tunnel_src_v4 = Some("10.0.0.101".parse().unwrap());
         cfg.services = vec![
@@ -786,6 +796,8 @@ mod tests {
 
         let mut c = good();
         c.services[1].backends[0].mac = None;
+        c.node.gateway_mac = None;
+        c.services.remove(0);
         rejects(&c, "backend 10.0.0.9:53 of service dns has no mac and node.gateway_mac is not set");
 
         let mut c = good();
@@ -803,6 +815,11 @@ mod tests {
         let mut c = good();
         c.node.snat_v4 = Some("192.0.2.1".parse().unwrap());
         rejects(&c, "node.snat_v4 192.0.2.1 is also the VIP of service web");
+
+        let mut c = good();
+        c.node.gateway_mac = None;
+        c.services[1].backends[0].mac = Some([2, 0, 0, 0, 0, 1]);
+        rejects(&c, "service web uses NAT, whose replies to clients go to node.gateway_mac, which is not set");
 
         let mut c = good();
         c.services[1].mode = ForwardMode::Gue { port: 0 };

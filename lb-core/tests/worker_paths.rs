@@ -84,3 +84,38 @@ fn established_flow_keeps_its_backend() {
         assert_eq!(out[..6], first[..6]);
     }
 }
+
+#[test]
+fn a_burst_decides_exactly_as_frames_one_by_one() {
+    use lb_core::{Frame, Instant};
+    let cfg = all_modes_config();
+    let mut frames_in = vec![];
+    for i in 0..45u16 {
+        let (vip, client) = if i % 3 == 0 { ("2001:db8::1", "2001:db8:ff::7") } else { ("192.0.2.1", "198.51.100.7") };
+        let port = 80 + i % 5; // 84: no such service
+        frames_in.push(match i % 4 {
+            0 => tcp(v4(client), 1000 + i % 7, v4(vip), port, Tcp::Syn, b"a"),
+            1 => tcp(v4(client), 1000 + i % 7, v4(vip), port, Tcp::Ack, b"b"),
+            2 => udp(v4(client), 2000 + i % 3, v4(vip), port, b"c"),
+            _ => {
+                let mut f = tcp(v4(client), 1, v4(vip), port, Tcp::Syn, b"");
+                f.truncate(20 + usize::from(i));
+                f
+            }
+        });
+    }
+    // One by one.
+    let mut w1 = worker(&cfg);
+    let one: Vec<_> = frames_in.iter().map(|f| run(&mut w1, f, secs(1))).collect();
+    // As one burst of 45 (batches of 16, 16 and 13).
+    let mut w2 = worker(&cfg);
+    let mut bufs: Vec<Vec<u8>> = frames_in.iter().map(|f| [vec![0; HEADROOM], f.clone(), vec![0; 64]].concat()).collect();
+    let mut frames: Vec<Frame<'_>> =
+        bufs.iter_mut().zip(&frames_in).map(|(b, f)| Frame::new(b, HEADROOM, f.len())).collect();
+    let mut verdicts = vec![Verdict::Pass; frames.len()];
+    w2.process_burst(&mut frames, Instant::from_secs(1), &mut verdicts);
+    for (i, ((v, out), f)) in one.iter().zip(&frames).enumerate() {
+        assert_eq!((*v, out.as_slice()), (verdicts[i], f.data()), "frame {i}");
+    }
+    assert_eq!(w1.stats(), w2.stats());
+}

@@ -1,0 +1,185 @@
+//! lb-core `Worker::process_burst`: nanoseconds per packet for bursts of 64 frames, on established
+//! flows and on new flows, with 10 and 100 000 services and a 1 M-entry conntrack table.
+//!
+//! Each iteration copies 64 template frames into the burst's buffers (NAT and tunnel rewrites change
+//! them) and processes the burst; `copy_only` measures the copy alone in the same run, as a baseline
+//! to subtract. Frames are hand-built Ethernet + IPv4 + TCP with valid lengths (the worker does not
+//! verify checksums). Figures and the command are in BENCHMARKS.md, section "lb-core".
+#![allow(missing_docs, clippy::unwrap_used, reason = "a benchmark binary")]
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use lb_core::config::{
+    BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy, SchedulerKind,
+    ServiceConfig, ServiceKey,
+};
+use lb_core::service::TableBuilder;
+use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
+
+const BURST: usize = 64;
+const HEADROOM: usize = Frame::HEADROOM_NEEDED;
+const CONNTRACK: usize = 1 << 20;
+/// Established flows the worker holds while the established benchmark runs.
+const ESTABLISHED_FLOWS: usize = 65_536;
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000 + i as u32 + 1)
+}
+
+fn config(services: usize, mode: ForwardMode) -> Config {
+    let node = NodeConfig {
+        gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]),
+        snat_v4: Some(Ipv4Addr::new(172, 16, 0, 1)),
+        tunnel_src_v4: Some(Ipv4Addr::new(172, 16, 0, 2)),
+        snat_ports: (1024, 65535),
+        ..NodeConfig::default()
+    };
+    let services = (0..services)
+        .map(|i| ServiceConfig {
+            name: format!("svc{i}"),
+            key: ServiceKey { vip: IpAddr::V4(vip(i)), port: 80, proto: Protocol::Tcp },
+            backends: (0..2)
+                .map(|b| BackendConfig {
+                    addr: IpAddr::V4(Ipv4Addr::from(0xac10_0000 + (i as u32) * 2 + b + 10)),
+                    port: 80,
+                    weight: 1,
+                    mac: None,
+                    state: BackendState::Active,
+                })
+                .collect(),
+            scheduler: SchedulerKind::Maglev,
+            mode,
+            affinity_timeout: None,
+            source_ranges: vec![],
+            maglev_table_size: None,
+            on_backend_removed: RemovedBackendPolicy::Reschedule,
+        })
+        .collect();
+    Config { node, services }
+}
+
+/// Ethernet + IPv4 + TCP (20-byte header) + 6 bytes of payload: a 60-byte minimum frame.
+fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, flags: u8) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0xc1]);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&46u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let tcp = &mut f[34..54];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    f
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn client(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0xc000_0000 + (i as u32 >> 14))
+}
+
+fn sport(i: usize) -> u16 {
+    1024 + (i & 0x3fff) as u16
+}
+
+/// Processes `templates` (64 at a time) through `w`, copying each into the burst buffers first.
+fn burst(w: &mut Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templates: &[[u8; 60]], now: Instant) -> usize {
+    for (b, t) in bufs.iter_mut().zip(templates) {
+        b[HEADROOM..HEADROOM + 60].copy_from_slice(t);
+    }
+    let mut it = bufs.iter_mut();
+    let mut frames: [Frame<'_>; BURST] = std::array::from_fn(|_| Frame::new(it.next().unwrap(), HEADROOM, 60));
+    let mut verdicts = [Verdict::Pass; BURST];
+    w.process_burst(&mut frames, now, &mut verdicts);
+    verdicts.iter().filter(|v| **v == Verdict::Tx).count()
+}
+
+fn established(c: &mut Criterion) {
+    let mut g = c.benchmark_group("worker_established");
+    g.throughput(Throughput::Elements(BURST as u64));
+    let mut bufs = Box::new([[0u8; HEADROOM + 128]; BURST]);
+    let cases = [
+        (10usize, "dsr", ForwardMode::Dsr, ESTABLISHED_FLOWS),
+        (10, "nat", ForwardMode::Nat, ESTABLISHED_FLOWS),
+        (100_000, "dsr", ForwardMode::Dsr, ESTABLISHED_FLOWS),
+        (100_000, "nat", ForwardMode::Nat, ESTABLISHED_FLOWS),
+        // 1 024 flows: everything the path touches stays in cache; the compute floor.
+        (10, "dsr_cache_hot", ForwardMode::Dsr, 1024),
+    ];
+    for (services, mode_name, mode, n_flows) in cases {
+        {
+            let tables = TableBuilder::new().build(&config(services, mode)).unwrap();
+            let mut w = Worker::new(tables, WorkerConfig::single_core(CONNTRACK));
+            // Establish the flows (SYN then ACK), spread over the services.
+            let flows: Vec<[u8; 60]> =
+                (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), ACK)).collect();
+            let syns: Vec<[u8; 60]> =
+                (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), SYN)).collect();
+            for chunk in syns.chunks(BURST).chain(flows.chunks(BURST)) {
+                assert_eq!(burst(&mut w, &mut bufs, chunk, Instant::from_secs(1)), BURST);
+            }
+            // Bursts walk the flows with a stride, so consecutive bursts touch unrelated entries.
+            let order: Vec<[u8; 60]> = (0..n_flows).map(|i| flows[(i * 7919) % n_flows]).collect();
+            let mut k = 0;
+            g.bench_function(BenchmarkId::new(mode_name, format!("{services}_services")), |b| {
+                b.iter(|| {
+                    let chunk = &order[k..k + BURST];
+                    k = (k + BURST) % n_flows;
+                    black_box(burst(&mut w, &mut bufs, chunk, Instant::from_secs(2)))
+                });
+            });
+        }
+    }
+    g.bench_function("copy_only", |b| {
+        let t = [tcp_frame(client(1), 1, vip(0), ACK); BURST];
+        b.iter(|| {
+            for (buf, t) in bufs.iter_mut().zip(&t) {
+                buf[HEADROOM..HEADROOM + 60].copy_from_slice(t);
+            }
+            black_box(&bufs);
+        });
+    });
+    g.finish();
+}
+
+fn new_flows(c: &mut Criterion) {
+    let mut g = c.benchmark_group("worker_new_flows");
+    g.throughput(Throughput::Elements(BURST as u64));
+    let mut bufs = Box::new([[0u8; HEADROOM + 128]; BURST]);
+    for services in [10usize, 100_000] {
+        let tables = TableBuilder::new().build(&config(services, ForwardMode::Dsr)).unwrap();
+        let mut w = Worker::new(tables, WorkerConfig::single_core(CONNTRACK));
+        let mut templates = [tcp_frame(client(0), 1, vip(0), SYN); BURST];
+        let mut n: usize = 0;
+        g.bench_function(BenchmarkId::new("dsr_syn", format!("{services}_services")), |b| {
+            b.iter(|| {
+                // A never-seen client address and port for every frame.
+                for t in templates.iter_mut() {
+                    n += 1;
+                    t[26..30].copy_from_slice(&(0x6400_0000u32 + (n as u32 >> 16)).to_be_bytes());
+                    t[34..36].copy_from_slice(&(n as u16).to_be_bytes());
+                    t[30..34].copy_from_slice(&vip(n % services).octets());
+                }
+                black_box(burst(&mut w, &mut bufs, &templates, Instant::from_secs(1)))
+            });
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3)).sample_size(30);
+    targets = established, new_flows
+}
+criterion_main!(benches);
