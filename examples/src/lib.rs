@@ -6,3 +6,7 @@
 
 pub mod config;
 pub mod k8s;
+pub mod health;
+pub mod control;
+pub mod list;
+pub mod metrics;

@@ -84,6 +84,19 @@ impl ConnKey {
         }
     }
 
+    /// The key of a parsed flow.
+    #[inline]
+    pub fn from_flow(f: &crate::packet::FlowKey) -> Self {
+        ConnKey {
+            src: *f.src_bytes(),
+            dst: *f.dst_bytes(),
+            sport: f.src_port(),
+            dport: f.dst_port(),
+            proto: f.proto(),
+            flags: if f.family() == crate::packet::Family::V6 { FLAG_V6 } else { 0 },
+        }
+    }
+
     /// The key of a ClientIP affinity record: one per (client address, service).
     pub fn affinity(client: IpAddr, vip: IpAddr, port: u16, proto: u8) -> Self {
         let mut k = ConnKey::flow(client, vip, 0, port, proto);
@@ -346,6 +359,12 @@ impl ConntrackTable {
     /// Inserts `entry` under `entry.key` (which must not be present; the caller looked it up).
     /// Takes an empty way, else an expired one, else evicts as the module docs say.
     pub fn insert(&mut self, entry: Entry, hash: u64, now: u32) -> Result<Inserted, ConntrackFull> {
+        self.insert_sparing(entry, hash, now, NO_LINK)
+    }
+
+    /// As [`ConntrackTable::insert`], but never displaces the entry at `spare` (the caller's other half
+    /// of a pair being inserted, e.g. a NAT flow's forward entry while its reverse entry goes in).
+    pub fn insert_sparing(&mut self, entry: Entry, hash: u64, now: u32, spare: u32) -> Result<Inserted, ConntrackFull> {
         let range = self.bucket_range(hash);
         let mut empty = None;
         let mut expired = None;
@@ -356,6 +375,9 @@ impl ConntrackTable {
             if t == 0 {
                 empty = Some(i);
                 break;
+            }
+            if i as u32 == spare {
+                continue;
             }
             if expired.is_none() && !self.is_live(i as u32, now) {
                 expired = Some(i);
@@ -425,6 +447,7 @@ impl ConntrackTable {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
 mod tests {
     use super::*;
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};

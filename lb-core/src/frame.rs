@@ -20,8 +20,8 @@ pub enum Verdict {
     Tx,
     /// Not for the load balancer: hand it to the host's network stack unchanged.
     Pass,
-    /// Drop it. The reason has been counted already.
-    Drop,
+    /// Drop it. The reason has been counted already (in [`crate::stats::Stats::drops`]).
+    Drop(crate::stats::DropReason),
 }
 
 impl<'a> Frame<'a> {

@@ -21,12 +21,15 @@ extern crate alloc;
 
 pub mod config;
 pub mod conntrack;
+pub mod forward;
 pub mod schedule;
 pub mod service;
 pub mod stats;
 pub mod frame;
 pub mod packet;
 pub mod time;
+pub mod worker;
 
 pub use frame::{Frame, Verdict};
 pub use time::Instant;
+pub use worker::{Worker, WorkerConfig};

@@ -247,7 +247,8 @@ pub enum ConfigError {
         /// The backend, `addr:port`.
         backend: String,
     },
-    /// A backend of the other family in a mode that rewrites addresses or builds a same-family tunnel.
+    /// A backend of the other family than the VIP (NAT and tunnels rewrite to one family; for DSR a
+    /// mixed family is a configuration mistake, the backend must hold the VIP).
     #[error("backend {backend} of service {service} is not of the VIP's family ({vip}); {mode} needs one family")]
     FamilyMismatch {
         /// Service name.
@@ -504,7 +505,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             if !seen.insert((b.addr, b.port)) {
                 return Err(ConfigError::DuplicateBackend { service: service(), backend: name() });
             }
-            if s.mode != ForwardMode::Dsr && b.addr.is_ipv4() != vip.is_ipv4() {
+            if b.addr.is_ipv4() != vip.is_ipv4() {
                 return Err(ConfigError::FamilyMismatch {
                     service: service(),
                     backend: name(),
@@ -695,3 +696,173 @@ impl TableBuilder {
     }
 }
 
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
+mod tests {
+    use super::*;
+    use crate::config::{BackendConfig, Protocol, ServiceConfig};
+    use alloc::string::ToString;
+    use alloc::vec;
+    use core::time::Duration;
+
+    fn backend(addr: &str, port: u16) -> BackendConfig {
+        BackendConfig { addr: addr.parse().unwrap(), port, weight: 1, mac: Some([2, 0, 0, 0, 0, 9]), state: BackendState::Active }
+    }
+
+    fn service(name: &str, vip: &str, port: u16, mode: ForwardMode, backends: Vec<BackendConfig>) -> ServiceConfig {
+        ServiceConfig {
+            name: name.to_string(),
+            key: ServiceKey { vip: vip.parse().unwrap(), port, proto: Protocol::Tcp },
+            backends,
+            scheduler: SchedulerKind::Maglev,
+            mode,
+            affinity_timeout: None,
+            source_ranges: vec![],
+            maglev_table_size: None,
+            on_backend_removed: RemovedBackendPolicy::Reschedule,
+        }
+    }
+
+    fn good() -> Config {
+        let mut cfg = Config::default();
+        cfg.node.snat_v4 = Some("10.0.0.100".parse().unwrap());
+        cfg.node.tunnel_src_v4 = Some("10.0.0.101".parse().unwrap());
+        cfg.services = vec![
+            service("web", "192.0.2.1", 80, ForwardMode::Nat, vec![backend("10.0.0.7", 8080), backend("10.0.0.8", 8080)]),
+            service("dns", "192.0.2.1", 53, ForwardMode::Dsr, vec![backend("10.0.0.9", 53)]),
+        ];
+        cfg
+    }
+
+    fn rejects(cfg: &Config, needle: &str) {
+        let mut b = TableBuilder::new();
+        let err = b.build(cfg).unwrap_err().to_string();
+        assert!(err.contains(needle), "error {err:?} should mention {needle:?}");
+    }
+
+    #[test]
+    fn good_config_builds_and_looks_up() {
+        let t = TableBuilder::new().build(&good()).unwrap();
+        let key = ServiceKey { vip: "192.0.2.1".parse().unwrap(), port: 80, proto: Protocol::Tcp };
+        assert_eq!(t.lookup(&key).unwrap().1.name, "web");
+        assert!(t.is_vip("192.0.2.1".parse().unwrap()));
+        assert!(!t.is_vip("192.0.2.2".parse().unwrap()));
+        assert!(t.lookup(&ServiceKey { port: 81, ..key }).is_none());
+        assert!(t.is_snat_addr("10.0.0.100".parse().unwrap()));
+        for s in t.services() {
+            for (i, b) in s.backends.iter().enumerate() {
+                assert_eq!(t.resolve(b.id).map(|(_, bi)| bi), Some(i));
+            }
+        }
+    }
+
+    #[test]
+    fn every_rule_names_service_and_value() {
+        let mut c = good();
+        c.services[0].backends.push(backend("10.0.0.7", 8080));
+        rejects(&c, "backend 10.0.0.7:8080 appears twice in service web");
+
+        let mut c = good();
+        c.services[1].key.port = 80;
+        rejects(&c, "services web and dns both use tcp 192.0.2.1:80");
+
+        let mut c = good();
+        c.services[0].backends.push(backend("fd00::7", 8080));
+        rejects(&c, "backend [fd00::7]:8080 of service web is not of the VIP's family");
+
+        let mut c = good();
+        c.node.snat_v4 = None;
+        rejects(&c, "service web uses NAT on IPv4 VIP 192.0.2.1 but node.snat_v4 is not set");
+
+        let mut c = good();
+        c.services[1].mode = ForwardMode::IpIp;
+        c.node.tunnel_src_v4 = None;
+        rejects(&c, "service dns uses IP-in-IP on IPv4 VIP 192.0.2.1 but node.tunnel_src_v4 is not set");
+
+        let mut c = good();
+        c.services[1].backends[0].port = 5353;
+        rejects(&c, "backend 10.0.0.9:5353 of service dns uses port 5353, but DSR cannot change ports: use 53");
+
+        let mut c = good();
+        c.services[1].backends[0].mac = None;
+        rejects(&c, "backend 10.0.0.9:53 of service dns has no mac and node.gateway_mac is not set");
+
+        let mut c = good();
+        c.services[0].maglev_table_size = Some(1000);
+        rejects(&c, "service web: Maglev table size 1000 is not prime: use a prime such as 1009");
+
+        let mut c = good();
+        c.services[0].affinity_timeout = Some(Duration::ZERO);
+        rejects(&c, "service web has affinity timeout 0 s");
+
+        let mut c = good();
+        c.node.snat_ports = (5000, 4000);
+        rejects(&c, "node.snat_ports 5000-4000");
+
+        let mut c = good();
+        c.node.snat_v4 = Some("192.0.2.1".parse().unwrap());
+        rejects(&c, "node.snat_v4 192.0.2.1 is also the VIP of service web");
+
+        let mut c = good();
+        c.services[1].mode = ForwardMode::Gue { port: 0 };
+        rejects(&c, "service dns uses GUE with UDP port 0");
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let mut b = TableBuilder::with_limits(Limits { max_services: 1, max_backends: 10 });
+        assert!(matches!(b.build(&good()), Err(ConfigError::TooManyServices { count: 2, max: 1 })));
+        let mut b = TableBuilder::with_limits(Limits { max_services: 10, max_backends: 2 });
+        assert!(matches!(b.build(&good()), Err(ConfigError::TooManyBackends { count: 3, max: 2 })));
+    }
+
+    #[test]
+    fn failed_build_changes_no_slot() {
+        let mut b = TableBuilder::new();
+        let t1 = b.build(&good()).unwrap();
+        let mut bad = good();
+        bad.services.push(service("new", "192.0.2.9", 80, ForwardMode::Dsr, vec![backend("10.9.9.9", 80)]));
+        bad.services[0].backends.push(backend("10.0.0.7", 8080));
+        assert!(b.build(&bad).is_err());
+        let t2 = b.build(&good()).unwrap();
+        let ids = |t: &Tables| -> Vec<(ServiceSlot, Vec<BackendRef>)> {
+            t.services().iter().map(|s| (s.slot, s.backends.iter().map(|b| b.id).collect())).collect()
+        };
+        assert_eq!(ids(&t1), ids(&t2));
+        assert_eq!(t2.version(), 2);
+    }
+
+    #[test]
+    fn slots_are_stable_and_reused_with_a_new_generation() {
+        let mut b = TableBuilder::new();
+        let t1 = b.build(&good()).unwrap();
+        let old = t1.services()[0].backends.iter().find(|x| x.addr == "10.0.0.7".parse::<IpAddr>().unwrap()).unwrap().id;
+        // Weight change: same slot and generation.
+        let mut c = good();
+        c.services[0].backends[0].weight = 5;
+        let t2 = b.build(&c).unwrap();
+        assert_eq!(t2.resolve(old).map(|(s, _)| s), Some(0));
+        // Removed: the reference no longer resolves, and a newcomer that gets the slot has a new generation.
+        c.services[0].backends.remove(0);
+        let t3 = b.build(&c).unwrap();
+        assert_eq!(t3.resolve(old), None);
+        c.services[0].backends.push(backend("10.0.0.77", 8080));
+        let t4 = b.build(&c).unwrap();
+        let newcomer = t4.services()[0].backends.iter().find(|x| x.addr == "10.0.0.77".parse::<IpAddr>().unwrap()).unwrap().id;
+        assert_eq!(newcomer.slot, old.slot);
+        assert_ne!(newcomer.generation, old.generation);
+        assert_eq!(t4.resolve(old), None);
+    }
+
+    #[test]
+    fn source_ranges_filter_clients() {
+        let mut c = good();
+        c.services[0].source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+        let t = TableBuilder::new().build(&c).unwrap();
+        let s = &t.services()[0];
+        assert!(s.allows("198.51.100.9".parse().unwrap()));
+        assert!(!s.allows("203.0.113.9".parse().unwrap()));
+        assert!(t.services()[1].allows("203.0.113.9".parse().unwrap()));
+    }
+}

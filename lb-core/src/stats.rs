@@ -46,11 +46,13 @@ pub enum DropReason {
     NoReverseFlow,
     /// An ICMP error about a flow the load balancer does not track.
     IcmpNoFlow,
+    /// The encapsulated packet would be longer than an IP length field holds.
+    TooBig,
 }
 
 impl DropReason {
     /// The number of reasons (length of [`Stats::drops`]).
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 15;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -68,6 +70,7 @@ impl DropReason {
         DropReason::NoHeadroom,
         DropReason::NoReverseFlow,
         DropReason::IcmpNoFlow,
+        DropReason::TooBig,
     ];
 
     /// A short snake_case name for metrics labels.
@@ -87,6 +90,7 @@ impl DropReason {
             DropReason::NoHeadroom => "no_headroom",
             DropReason::NoReverseFlow => "no_reverse_flow",
             DropReason::IcmpNoFlow => "icmp_no_flow",
+            DropReason::TooBig => "too_big",
         }
     }
 
@@ -99,6 +103,21 @@ impl DropReason {
 impl fmt::Display for DropReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+impl From<crate::forward::RewriteError> for DropReason {
+    fn from(e: crate::forward::RewriteError) -> Self {
+        use crate::forward::RewriteError;
+        match e {
+            RewriteError::TtlExpired { .. } => DropReason::TtlExpired,
+            RewriteError::NoHeadroom { .. } => DropReason::NoHeadroom,
+            RewriteError::TooBig { .. } => DropReason::TooBig,
+            RewriteError::FamilyMismatch { .. }
+            | RewriteError::MixedTunnelFamilies
+            | RewriteError::Untranslatable { .. } => DropReason::Unsupported,
+            RewriteError::Inconsistent => DropReason::Malformed,
+        }
     }
 }
 
@@ -239,6 +258,7 @@ impl Stats {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
 mod tests {
     use super::*;
 

@@ -47,7 +47,11 @@ use crate::error::BuildError;
 use crate::flow::{FlowHasher, KeyKind};
 
 /// Credits a backend needs for one turn; the turn rate of the heaviest backend.
-const TURN: u32 = 64;
+const TURN: u8 = 64;
+
+/// When this few slots are free, the fill switches from simulating turns to computing, for each
+/// unfinished backend, the turn at which it next reaches a free slot (same result, fewer steps).
+const TAIL_FREE_SLOTS: usize = 64;
 
 /// Whether `n` is prime (trial division by 6k +- 1; at most ~10^4 steps for a `u32`).
 #[must_use]
@@ -115,17 +119,19 @@ impl fmt::Debug for MaglevTable {
     }
 }
 
-/// One serving backend's state while the table fills.
+/// One serving backend's state while the table fills (16 bytes, so 1000 backends stay in L1).
 #[derive(Clone, Copy)]
 struct Filler {
-    /// Next candidate slot of its permutation.
+    /// Next slot of its permutation it will visit.
     next: u32,
     skip: u32,
-    credit: u32,
-    rate: u32,
-    claimed: u32,
-    quota: u32,
+    /// Entries still to claim (its quota minus claims so far).
+    left: u32,
     index: u16,
+    /// Credits gained per round, `1..=TURN`.
+    rate: u8,
+    /// Credits held, `< TURN` between rounds.
+    credit: u8,
 }
 
 impl MaglevTable {
@@ -173,7 +179,7 @@ impl MaglevTable {
             });
         }
         let entries = fill(&backends, size);
-        Ok(Self { backends, entries, size, fastmod: u128::MAX / u128::from(size) + 1 })
+        Ok(Self { backends, entries, size, fastmod: fastmod_multiplier(size) })
     }
 
     /// The backend index for a flow hash: `entries()[hash % size()]`.
@@ -187,12 +193,8 @@ impl MaglevTable {
     #[must_use]
     #[inline]
     pub fn slot(&self, hash: u64) -> usize {
-        let low = self.fastmod.wrapping_mul(u128::from(hash));
-        let d = u128::from(self.size);
-        let bottom = ((low & u128::from(u64::MAX)) * d) >> 64;
-        let top = (low >> 64) * d;
         // The result is < size <= MAX_SIZE, so it fits any usize of 32 bits or more.
-        ((bottom + top) >> 64) as usize
+        fastmod(hash, self.fastmod, self.size) as usize
     }
 
     /// The table size `M`.
@@ -252,8 +254,31 @@ fn quotas(weights: &[u32], m: u32) -> Vec<u32> {
     quota
 }
 
+/// Lemire's multiplier `ceil(2^128 / d)` for [`fastmod`].
+const fn fastmod_multiplier(d: u32) -> u128 {
+    u128::MAX / (d as u128) + 1
+}
+
+/// `a % d` for any 64-bit `a`, by Lemire, Kaser and Kurz's direct remainder ("Faster remainder by
+/// direct computation", 2019): three multiplies instead of a 64-bit division.
+#[inline(always)]
+const fn fastmod(a: u64, multiplier: u128, d: u32) -> u32 {
+    let low = multiplier.wrapping_mul(a as u128);
+    let d = d as u128;
+    let bottom = ((low & (u64::MAX as u128)) * d) >> 64;
+    let top = (low >> 64) * d;
+    #[expect(clippy::cast_possible_truncation, reason = "the remainder is below d, a u32")]
+    let r = ((bottom + top) >> 64) as u32;
+    r
+}
+
 /// Fills the table; `backends` is sorted, valid, and `m` is a prime >= the serving count.
 fn fill(backends: &[Backend], m: u32) -> Box<[u16]> {
+    fill_switching_at(backends, m, TAIL_FREE_SLOTS)
+}
+
+/// [`fill`], switching to the tail computation at `tail_free_slots` free slots (tests compare values).
+fn fill_switching_at(backends: &[Backend], m: u32, tail_free_slots: usize) -> Box<[u16]> {
     let hasher = FlowHasher::new(0);
     let serving: Vec<(u16, Backend)> = backends
         .iter()
@@ -273,57 +298,146 @@ fn fill(backends: &[Backend], m: u32) -> Box<[u16]> {
         .iter()
         .zip(&quota)
         .filter(|&(_, &q)| q > 0)
-        .map(|(&(index, b), &quota)| {
+        .map(|(&(index, b), &left)| {
             let offset = hasher.words(KeyKind::MaglevOffset, &[b.id.0]) % m64;
             let skip = hasher.words(KeyKind::MaglevSkip, &[b.id.0]) % (m64 - 1).max(1) + 1;
             let rate = (u64::from(b.weight) * u64::from(TURN)).div_ceil(w_max);
             #[expect(clippy::cast_possible_truncation, reason = "offset, skip < m and rate <= TURN")]
-            Filler {
-                next: offset as u32,
-                skip: skip as u32,
-                credit: 0,
-                rate: rate as u32,
-                claimed: 0,
-                quota,
-                index,
-            }
+            Filler { next: offset as u32, skip: skip as u32, left, index, rate: rate as u8, credit: 0 }
         })
         .collect();
 
+    // One bit per slot, plus slot m, always occupied, where finished backends are parked.
+    let mut occupied = vec![0u64; (m as usize + 1).div_ceil(64)];
+    occupied[(m >> 6) as usize] |= 1 << (m & 63);
+    // Claims in the order they happen, written without a branch and scattered into the table after.
+    let mut claims = Claims { packed: vec![0u64; m as usize + 1], len: 0 };
+    let stop = tail_free_slots.min(m as usize);
+    if fillers.iter().all(|f| f.rate == TURN) {
+        rounds::<false>(&mut fillers, &mut occupied, &mut claims, m, stop);
+        tail::<false>(&mut fillers, &occupied, &mut claims, m);
+    } else {
+        rounds::<true>(&mut fillers, &mut occupied, &mut claims, m, stop);
+        tail::<true>(&mut fillers, &occupied, &mut claims, m);
+    }
     let mut entries = vec![0u16; m as usize].into_boxed_slice();
-    let mut occupied = vec![0u64; m.div_ceil(64) as usize];
-    // Every round each unfinished backend gains credit; it claims a slot per TURN credits. The sum of
-    // quotas is m, so while anyone is unfinished a free slot exists and the walk ends.
-    while !fillers.is_empty() {
-        let mut someone_finished = false;
-        for f in &mut fillers {
-            f.credit += f.rate;
-            if f.credit < TURN {
-                continue;
-            }
-            f.credit -= TURN;
-            let mut c = f.next;
-            while occupied[(c >> 6) as usize] >> (c & 63) & 1 != 0 {
-                c += f.skip;
-                if c >= m {
-                    c -= m;
-                }
-            }
-            occupied[(c >> 6) as usize] |= 1 << (c & 63);
-            entries[c as usize] = f.index;
-            c += f.skip;
-            if c >= m {
-                c -= m;
-            }
-            f.next = c;
-            f.claimed += 1;
-            someone_finished |= f.claimed == f.quota;
-        }
-        if someone_finished {
-            fillers.retain(|f| f.claimed < f.quota);
-        }
+    for &claim in claims.packed.iter().take(claims.len) {
+        #[expect(clippy::cast_possible_truncation, reason = "unpacking the 16-bit index")]
+        let index = claim as u16;
+        entries[(claim >> 16) as usize] = index;
     }
     entries
+}
+
+/// Claims in order: `slot << 16 | backend index`.
+struct Claims {
+    packed: Vec<u64>,
+    len: usize,
+}
+
+/// Runs whole rounds of turns while more than `stop` slots are free. On its turn a backend visits
+/// the next slot of its permutation and claims it if it is free and its quota is not met.
+fn rounds<const WEIGHTED: bool>(
+    fillers: &mut Vec<Filler>,
+    occupied: &mut [u64],
+    claims: &mut Claims,
+    m: u32,
+    stop: usize,
+) {
+    let mut finished = 0usize;
+    while claims.len + stop < m as usize {
+        for f in fillers.iter_mut() {
+            if WEIGHTED {
+                f.credit += f.rate;
+                if f.credit < TURN {
+                    continue;
+                }
+                f.credit -= TURN;
+            }
+            let c = f.next;
+            let word = &mut occupied[(c >> 6) as usize];
+            let bit = 1u64 << (c & 63);
+            let take = *word & bit == 0;
+            *word |= bit;
+            // At most m claims happen, so len <= m and the buffer (m + 1 long) holds the write.
+            claims.packed[claims.len] = u64::from(c) << 16 | u64::from(f.index);
+            claims.len += usize::from(take);
+            f.left -= u32::from(take);
+            let next = c + f.skip;
+            f.next = if next >= m { next - m } else { next };
+            if f.left == 0 {
+                // Park it on the always-occupied slot m: it visits only that from now on.
+                f.next = m;
+                f.skip = m;
+                finished += 1;
+                f.left = u32::MAX;
+            }
+        }
+        // Finished backends cost a wasted visit each round; drop them once they are a quarter.
+        if finished * 4 > fillers.len() {
+            fillers.retain(|f| f.next != m);
+            finished = 0;
+        }
+    }
+}
+
+/// The inverse of `a` modulo the prime `m` (extended Euclid); `a` is in `1..m`.
+fn inverse_mod(a: u32, m: u32) -> u64 {
+    let (mut r0, mut r1) = (i64::from(m), i64::from(a));
+    let (mut t0, mut t1) = (0i64, 1i64);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (t0, t1) = (t1, t0 - q * t1);
+    }
+    u64::try_from(t0.rem_euclid(i64::from(m))).unwrap_or(0)
+}
+
+/// Finishes the fill from a round boundary with few free slots, with the same outcome as running the
+/// rounds on: instead of visiting mostly occupied slots, compute for every unfinished backend the
+/// round at which its permutation next reaches each free slot, and apply claims in (round, turn order).
+fn tail<const WEIGHTED: bool>(fillers: &mut Vec<Filler>, occupied: &[u64], claims: &mut Claims, m: u32) {
+    fillers.retain(|f| f.next != m);
+    let mut free: Vec<u32> = (0..m).filter(|&c| occupied[(c >> 6) as usize] >> (c & 63) & 1 == 0).collect();
+    let multiplier = fastmod_multiplier(m);
+    let inverse: Vec<u64> = fillers.iter().map(|f| inverse_mod(f.skip, m)).collect();
+    // The round (from now) at which backend `i` reaches slot `c`: its k-th visit from now, where
+    // next + k skip = c (mod m), happens in round k, or with weights when its credit first allows.
+    let round_of = |i: usize, c: u32| -> u64 {
+        let f = &fillers[i];
+        let distance = if c >= f.next { c - f.next } else { c + m - f.next };
+        let k = u64::from(fastmod(u64::from(distance) * inverse[i], multiplier, m));
+        if WEIGHTED {
+            (u64::from(TURN) * (k + 1) - u64::from(f.credit)).div_ceil(u64::from(f.rate)) - 1
+        } else {
+            k
+        }
+    };
+    let best_of = |i: usize, free: &[u32]| -> (u64, u32) {
+        free.iter().map(|&c| (round_of(i, c), c)).min().unwrap_or((u64::MAX, 0))
+    };
+    let mut best: Vec<(u64, u32)> = (0..fillers.len()).map(|i| best_of(i, &free)).collect();
+    let mut left: Vec<u32> = fillers.iter().map(|f| f.left).collect();
+    loop {
+        // The next claim: earliest round, then earliest in turn order.
+        let Some((winner, &(_, slot))) = best
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| left[i] > 0)
+            .min_by_key(|&(i, &(round, _))| (round, i))
+        else {
+            break;
+        };
+        claims.packed[claims.len] = u64::from(slot) << 16 | u64::from(fillers[winner].index);
+        claims.len += 1;
+        left[winner] -= 1;
+        free.retain(|&c| c != slot);
+        for i in 0..fillers.len() {
+            if left[i] > 0 && best[i].1 == slot {
+                best[i] = best_of(i, &free);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -401,6 +515,49 @@ mod tests {
             x = crate::flow::fmix64(x.wrapping_add(0x9e37_79b9_7f4a_7c15));
             assert_eq!(t.slot(x), (x % 1009) as usize);
             assert_eq!(t.lookup(x), Some(u32::from(t.entries()[(x % 1009) as usize])));
+        }
+    }
+
+    #[test]
+    fn the_tail_computation_gives_the_same_table_as_running_every_turn() {
+        let mut x = 7u64;
+        let mut next = || {
+            x = crate::flow::fmix64(x.wrapping_add(0x9e37_79b9_7f4a_7c15));
+            x
+        };
+        for (n, m) in [(1usize, 101u32), (3, 101), (10, 1009), (37, 4001), (200, 20_011)] {
+            for weighted in [false, true] {
+                let backends: Vec<Backend> = (0..n)
+                    .map(|_| Backend::new(next(), if weighted { (next() % 5) as u32 } else { 1 }))
+                    .collect();
+                let Ok(sorted) = sorted_backends(&backends) else { continue };
+                let every_turn = fill_switching_at(&sorted, m, 0);
+                for switch in [1, 64, 500] {
+                    assert_eq!(fill_switching_at(&sorted, m, switch), every_turn, "n {n} m {m} switch {switch}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fastmod_is_the_remainder() {
+        for d in [2u32, 3, 101, 65_537, 655_373, MaglevTable::MAX_SIZE - 1] {
+            let mul = fastmod_multiplier(d);
+            let mut x = u64::from(d);
+            for a in [0, 1, u64::from(d) - 1, u64::from(d), u64::MAX, u64::MAX - 1] {
+                assert_eq!(fastmod(a, mul, d), (a % u64::from(d)) as u32);
+            }
+            for _ in 0..1000 {
+                x = crate::flow::fmix64(x.wrapping_add(1));
+                assert_eq!(fastmod(x, mul, d), (x % u64::from(d)) as u32);
+            }
+        }
+    }
+
+    #[test]
+    fn inverse_mod_inverts() {
+        for (a, m) in [(1u32, 101u32), (100, 101), (12_345, 65_537), (65_536, 65_537)] {
+            assert_eq!(u64::from(a) * inverse_mod(a, m) % u64::from(m), 1);
         }
     }
 

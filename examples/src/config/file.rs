@@ -1,7 +1,7 @@
 //! The YAML configuration file: its serde shape and its validation into [`Settings`].
 //!
 //! Parsing is two steps. serde reads the file into loosely typed `File*` structs (addresses and names
-//! as strings, numbers as `u64`), rejecting unknown keys; then [`validate`] checks every field and
+//! as strings, numbers as `u64`), rejecting unknown keys; then `validate` checks every field and
 //! collects *all* problems, each naming the field path and the value, e.g.
 //! `services[2].backends[1].weight: 70000 is out of range (0..=65535)`. A file with any problem is
 //! rejected whole, so a reload never applies half a file.
@@ -402,6 +402,9 @@ fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         .and_then(|m| p.parse::<SocketAddr>("metrics.listen", &m.listen, "is not ADDRESS:PORT"));
 
     let kubernetes = file.kubernetes.as_ref().filter(|k| k.enabled).map(|k| validate_kubernetes(k, &mut p));
+    if kubernetes.is_some() && node.gateway_mac.is_none() {
+        p.push("node.gateway_mac", "(none)", "is needed by the Kubernetes feed (endpoints have no MAC of their own)");
+    }
 
     let mut services = Vec::new();
     let mut keys = HashSet::new();
@@ -591,6 +594,9 @@ fn validate_service(
             u32::try_from(b.weight).ok()
         };
         let mac = b.mac.as_deref().and_then(|m| p.mac(&format!("{bf}.mac"), m));
+        if b.mac.is_none() && node.gateway_mac.is_none() {
+            p.push(format!("{bf}.mac"), "(none)", "is needed when node.gateway_mac is not set");
+        }
         let state = match b.state.as_deref().map(str::to_ascii_lowercase).as_deref() {
             None | Some("active") => BackendState::Active,
             Some("draining") => BackendState::Draining,

@@ -139,3 +139,51 @@ pub struct Settings {
     /// The Kubernetes feed, when enabled.
     pub kubernetes: Option<KubernetesSettings>,
 }
+
+impl Settings {
+    /// Fills what the file left out of the Kubernetes settings from the downward API's environment:
+    /// `NODE_NAME` (spec.nodeName) and `NODE_IPS` (status.hostIPs, comma-separated). Unparsable
+    /// addresses are skipped with a warning.
+    pub fn fill_from_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        let Some(k) = self.kubernetes.as_mut() else { return };
+        if k.node_name.is_none() {
+            k.node_name = var("NODE_NAME").filter(|n| !n.is_empty());
+        }
+        if k.node_addresses.is_empty()
+            && let Some(ips) = var("NODE_IPS")
+        {
+            for ip in ips.split([',', ' ']).filter(|s| !s.is_empty()) {
+                match ip.parse() {
+                    Ok(ip) => k.node_addresses.push(ip),
+                    Err(_) => tracing::warn!(value = ip, "NODE_IPS holds something that is not an IP address"),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_fills_only_what_the_file_left_out() {
+        let env = |k: &str| match k {
+            "NODE_NAME" => Some("node-a".to_string()),
+            "NODE_IPS" => Some("192.168.1.10,fd00::10,bogus".to_string()),
+            _ => None,
+        };
+        let mut s = Settings { kubernetes: Some(KubernetesSettings::default()), ..Default::default() };
+        s.fill_from_env(env);
+        let k = s.kubernetes.as_ref().unwrap();
+        assert_eq!(k.node_name.as_deref(), Some("node-a"));
+        assert_eq!(k.node_addresses, vec!["192.168.1.10".parse::<IpAddr>().unwrap(), "fd00::10".parse().unwrap()]);
+
+        let mut s = Settings {
+            kubernetes: Some(KubernetesSettings { node_name: Some("file".into()), ..Default::default() }),
+            ..Default::default()
+        };
+        s.fill_from_env(env);
+        assert_eq!(s.kubernetes.unwrap().node_name.as_deref(), Some("file"), "the file wins");
+    }
+}

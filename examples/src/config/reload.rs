@@ -66,9 +66,10 @@ impl FileWatch {
     }
 }
 
-/// Sends every valid new version of the file to `tx`, on SIGHUP and on content change (polled every
-/// `poll`). Returns when `tx` is closed. The caller loads the first version itself.
-pub async fn watch(mut fw: FileWatch, poll: Duration, tx: mpsc::Sender<Settings>) {
+/// Sends every new version of the file to `tx`, on SIGHUP and on content change (polled every
+/// `poll`): the settings if valid, else the error (already logged) so the control loop can count it.
+/// Returns when `tx` is closed. The caller loads the first version itself.
+pub async fn watch(mut fw: FileWatch, poll: Duration, tx: mpsc::Sender<Result<Settings, ConfigError>>) {
     #[cfg(unix)]
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(s) => Some(s),
@@ -95,12 +96,15 @@ pub async fn watch(mut fw: FileWatch, poll: Duration, tx: mpsc::Sender<Settings>
             Reload::Unchanged => {}
             Reload::Loaded(s) => {
                 tracing::info!(path = %fw.path().display(), services = s.services.len(), forced = force, "configuration file reloaded");
-                if tx.send(*s).await.is_err() {
+                if tx.send(Ok(*s)).await.is_err() {
                     return;
                 }
             }
             Reload::Rejected(e) => {
                 tracing::error!(path = %fw.path().display(), "configuration file rejected, keeping the running configuration: {e}");
+                if tx.send(Err(e)).await.is_err() {
+                    return;
+                }
             }
         }
     }

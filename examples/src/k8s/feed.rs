@@ -1,6 +1,6 @@
 //! The Kubernetes feed: list + watch Services and EndpointSlices, keep a store, translate it.
 //!
-//! kube-rs's [`watcher`] speaks the protocol: an initial list (its `resourceVersion` becomes the watch
+//! kube-rs's [`watcher()`] speaks the protocol: an initial list (its `resourceVersion` becomes the watch
 //! start), `watch=true&allowWatchBookmarks=true` from that version, bookmarks moving the version on
 //! without events, a re-list when the server answers 410 Gone (our history is compacted away), and a
 //! re-watch from the last version when the connection drops. We add back-off between failed
@@ -17,6 +17,8 @@
 
 use std::collections::HashMap;
 use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -131,7 +133,7 @@ impl<K: Resource + Clone> Store<K> {
     }
 
     /// Applies one watcher event; true if the visible store changed.
-    fn apply(&mut self, event: Event<K>) -> bool {
+    fn apply(&mut self, event: Event<K>, counters: &FeedCounters) -> bool {
         match event {
             Event::Apply(obj) => {
                 self.objects.insert(Self::key(&obj), obj);
@@ -147,6 +149,7 @@ impl<K: Resource + Clone> Store<K> {
                 false
             }
             Event::InitDone => {
+                counters.lists.fetch_add(1, Ordering::Relaxed);
                 self.objects = self.relist.take().unwrap_or_default();
                 self.listed = true;
                 true
@@ -156,12 +159,15 @@ impl<K: Resource + Clone> Store<K> {
 }
 
 /// Counters the feed keeps, for logs and `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FeedStats {
-    /// Watch errors (including 410 Gone and dropped connections) after which the watcher recovered.
-    pub watch_errors: u64,
-    /// Translations sent.
-    pub translations: u64,
+#[derive(Debug, Default)]
+pub struct FeedCounters {
+    /// List/watch errors (410 Gone, dropped connections, refused requests); each is followed by a
+    /// back-off and a resumed watch or a re-list.
+    pub watch_errors: AtomicU64,
+    /// Complete (re-)lists applied.
+    pub lists: AtomicU64,
+    /// Translations sent to the control loop.
+    pub translations: AtomicU64,
 }
 
 /// The feed: two watchers, a store, a debounced translation.
@@ -170,12 +176,24 @@ pub struct Feed {
     view: watch::Receiver<NodeView>,
     backoff: ExpBackoff,
     watcher_config: watcher::Config,
+    counters: Arc<FeedCounters>,
 }
 
 impl Feed {
     /// A feed over `client`, reading node settings from `view`.
     pub fn new(client: Client, view: watch::Receiver<NodeView>) -> Self {
-        Feed { client, view, backoff: ExpBackoff::default(), watcher_config: watcher::Config::default() }
+        Feed {
+            client,
+            view,
+            backoff: ExpBackoff::default(),
+            watcher_config: watcher::Config::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    /// The feed's counters (shared; they keep counting while the feed runs).
+    pub fn counters(&self) -> Arc<FeedCounters> {
+        self.counters.clone()
     }
 
     /// Replaces the back-off between failed attempts (tests use milliseconds).
@@ -196,7 +214,7 @@ impl Feed {
             .backoff(self.backoff.clone());
         let slices = watcher(Api::<EndpointSlice>::all(self.client.clone()), self.watcher_config.clone())
             .backoff(self.backoff.clone());
-        run_streams(services, slices, self.view, tx).await;
+        run_streams(services, slices, self.view, tx, self.counters).await;
     }
 }
 
@@ -206,24 +224,24 @@ async fn run_streams(
     slices: impl Stream<Item = watcher::Result<Event<EndpointSlice>>>,
     mut view: watch::Receiver<NodeView>,
     tx: mpsc::Sender<Translation>,
+    counters: Arc<FeedCounters>,
 ) {
     let mut services = pin!(services);
     let mut slices = pin!(slices);
     let mut svc_store = Store::<Service>::new();
     let mut eps_store = Store::<EndpointSlice>::new();
-    let mut stats = FeedStats::default();
     let mut due: Option<tokio::time::Instant> = None;
     let mut view_open = true;
     loop {
         let dirty = tokio::select! {
             ev = services.next() => match ev {
-                Some(Ok(e)) => svc_store.apply(e),
-                Some(Err(e)) => { stats.watch_errors += 1; tracing::warn!(error = %e, "services watch failed; backing off and resuming"); false }
+                Some(Ok(e)) => svc_store.apply(e, &counters),
+                Some(Err(e)) => { counters.watch_errors.fetch_add(1, Ordering::Relaxed); tracing::warn!(error = %e, "services watch failed; backing off and resuming"); false }
                 None => return,
             },
             ev = slices.next() => match ev {
-                Some(Ok(e)) => eps_store.apply(e),
-                Some(Err(e)) => { stats.watch_errors += 1; tracing::warn!(error = %e, "endpointslices watch failed; backing off and resuming"); false }
+                Some(Ok(e)) => eps_store.apply(e, &counters),
+                Some(Err(e)) => { counters.watch_errors.fetch_add(1, Ordering::Relaxed); tracing::warn!(error = %e, "endpointslices watch failed; backing off and resuming"); false }
                 None => return,
             },
             changed = view.changed(), if view_open => { view_open = changed.is_ok(); view_open }
@@ -231,8 +249,8 @@ async fn run_streams(
                 due = None;
                 let v = view.borrow_and_update().clone();
                 let t = translate(svc_store.objects.values(), eps_store.objects.values(), &v.settings, &v.node);
-                stats.translations += 1;
-                tracing::debug!(services = t.services.len(), skipped = t.skipped.len(), ?stats, "kubernetes translation");
+                counters.translations.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(services = t.services.len(), skipped = t.skipped.len(), "kubernetes translation");
                 if tx.send(t).await.is_err() {
                     return;
                 }

@@ -1,5 +1,5 @@
 //! The Kubernetes side: which annotations are read ([`annotations`]), the pure translation of
-//! Services and EndpointSlices into load-balancer services ([`translate`]), and the list/watch feed
+//! Services and EndpointSlices into load-balancer services ([`translate`](mod@translate)), and the list/watch feed
 //! that keeps them current ([`feed`]).
 
 pub mod annotations;

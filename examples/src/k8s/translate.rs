@@ -597,3 +597,71 @@ mod tests {
         assert_eq!(s.backends[0].state, BackendState::Active, "nil conditions mean ready");
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointConditions, EndpointPort};
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn cond() -> impl Strategy<Value = Option<bool>> {
+        prop_oneof![Just(None), Just(Some(true)), Just(Some(false))]
+    }
+
+    prop_compose! {
+        fn endpoint()(ready in cond(), serving in cond(), terminating in cond(), node in 0u8..3, host in 1u8..50)
+            -> (SliceEndpoint, (Option<bool>, Option<bool>, Option<bool>)) {
+            (SliceEndpoint {
+                addresses: vec![format!("10.244.{node}.{host}")],
+                conditions: Some(EndpointConditions { ready, serving, terminating }),
+                node_name: Some(format!("node-{node}")),
+                ..Default::default()
+            }, (ready, serving, terminating))
+        }
+    }
+
+    proptest! {
+        /// Whatever the conditions and placement: an endpoint is Active iff ready (nil = ready),
+        /// Draining iff not ready but serving and terminating, and absent otherwise; Local keeps
+        /// exactly this node's endpoints.
+        #[test]
+        fn conditions_and_locality(eps in proptest::collection::vec(endpoint(), 0..12), local in any::<bool>()) {
+            let mut svc: Service = serde_json::from_str(include_str!("../../tests/fixtures/service-api-nodeport-local.json")).unwrap();
+            svc.spec.as_mut().unwrap().internal_traffic_policy = Some(if local { "Local" } else { "Cluster" }.into());
+            let slice = EndpointSlice {
+                address_type: "IPv4".into(),
+                endpoints: eps.iter().map(|(e, _)| e.clone()).collect(),
+                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    name: Some("api-x".into()),
+                    namespace: Some("shop".into()),
+                    labels: Some([(SERVICE_NAME_LABEL.to_string(), "api".to_string())].into()),
+                    ..Default::default()
+                },
+                ports: Some(vec![EndpointPort { name: Some(String::new()), port: Some(8080), protocol: Some("TCP".into()), app_protocol: None }]),
+            };
+            let settings = KubernetesSettings { node_name: Some("node-0".into()), ..Default::default() };
+            let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
+            let t = translate([&svc], [&slice], &settings, &node);
+            let cluster = t.services.iter().find(|s| s.config.key.port == 80).unwrap();
+            // Expected: an address seen twice keeps the Active state if any occurrence is Active.
+            let mut want: BTreeMap<IpAddr, BackendState> = BTreeMap::new();
+            for (e, (ready, serving, terminating)) in &eps {
+                if local && e.node_name.as_deref() != Some("node-0") { continue; }
+                let ready = ready.unwrap_or(true);
+                let serving = serving.unwrap_or(ready);
+                let state = if ready { BackendState::Active }
+                    else if serving && terminating.unwrap_or(false) { BackendState::Draining }
+                    else { continue };
+                let addr: IpAddr = e.addresses[0].parse().unwrap();
+                match want.get(&addr) {
+                    Some(BackendState::Active) => {}
+                    _ => { want.insert(addr, state); }
+                }
+            }
+            let got: BTreeMap<IpAddr, BackendState> = cluster.config.backends.iter().map(|b| (b.addr, b.state)).collect();
+            prop_assert_eq!(got, want);
+            prop_assert!(cluster.config.backends.iter().all(|b| b.port == 8080 && b.weight == annotations::DEFAULT_WEIGHT));
+        }
+    }
+}

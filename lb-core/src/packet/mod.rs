@@ -9,12 +9,17 @@
 //!                                                                          └─ NDP, other        -> no ports
 //! ```
 //!
-//! The headers are read with etherparse's header slices (`Ethernet2HeaderSlice`,
-//! `SingleVlanHeaderSlice`, `Ipv4HeaderSlice`, `Ipv6HeaderSlice`, `Ipv6ExtensionsSlice`,
-//! `TcpHeaderSlice`, `UdpHeaderSlice`) rather than `SlicedPacket`: the rewrite needs offsets, the first
-//! fragment of a datagram still carries ports (which `SlicedPacket` does not parse), IPv6 payload
-//! length 0 must not silently mean "rest of the frame", and an ICMP error's quoted packet is parsed
-//! with the same code as the outer one.
+//! Two paths give one result. [`parse_general`] reads any frame with etherparse's header slices
+//! (`Ethernet2HeaderSlice`, `SingleVlanHeaderSlice`, `Ipv4HeaderSlice`, `Ipv6HeaderSlice`,
+//! `Ipv6ExtensionsSlice`, `TcpHeaderSlice`) rather than `SlicedPacket`: the rewrite needs offsets, the
+//! first fragment of a datagram still carries ports (which `SlicedPacket` does not parse), IPv6
+//! payload length 0 must not silently mean "rest of the frame", and an ICMP error's quoted packet is
+//! parsed with the same code as the outer one. [`parse_common`] reads the frames that make up nearly
+//! all traffic (TCP/UDP, no IPv4 options, no IPv6 extension headers, not fragmented) by hand with one
+//! bounds check per header, because the general path measured about 490 instructions per frame
+//! against 175 (callgrind, release build); it returns `None`, never an error, for anything else.
+//! [`parse`] tries the first and falls back to the second; property tests check that they agree on
+//! every generated and mutated frame (a fuzz target should compare them too).
 //!
 //! [`parse`] never panics and never allocates, whatever the bytes. Everything after the IP packet's
 //! own length (Ethernet padding of short frames) is ignored. Checksums are not verified here: a
@@ -167,7 +172,7 @@ pub enum L4 {
     Other,
 }
 
-/// The result of [`parse`]: everything the worker and the rewrite need, in 120-odd bytes, `Copy`.
+/// The result of [`parse`]: everything the worker and the rewrite need, in 116 bytes, `Copy`.
 ///
 /// Offsets are from the first byte of the frame. `l3_offset + ip_len` never exceeds the frame length;
 /// bytes after it are Ethernet padding.
@@ -330,7 +335,95 @@ fn off(n: usize) -> u32 {
 }
 
 /// Parses an Ethernet II frame. Never panics, never allocates.
+///
+/// The common case (up to two VLAN tags, IPv4 without options or IPv6 without extension headers,
+/// not fragmented, TCP or UDP) is read by [`parse_common`] with one bounds check per header; every
+/// other frame, and every error, goes through [`parse_general`], built on etherparse. Both give the
+/// same result for every frame; the module documentation says why there are two.
+#[inline]
 pub fn parse(frame: &[u8]) -> Result<Parsed, ParseError> {
+    match parse_common(frame) {
+        Some(p) => Ok(p),
+        None => parse_general(frame),
+    }
+}
+
+fn is_vlan_tpid(ether_type: u16) -> bool {
+    matches!(ether_type, 0x8100 | 0x88a8 | 0x9100)
+}
+
+/// The fast path of [`parse`]: `Some` only for an unfragmented TCP or UDP packet over IPv4 without
+/// options or IPv6 without extension headers, behind at most two VLAN tags, that is valid as far as
+/// [`parse_general`] checks; `None` for everything else (which [`parse_general`] then sorts out).
+pub fn parse_common(frame: &[u8]) -> Option<Parsed> {
+    let eth = frame.first_chunk::<ETHERNET_LEN>()?;
+    let mut ether_type = u16::from_be_bytes([eth[12], eth[13]]);
+    let mut l3 = ETHERNET_LEN;
+    let mut vlan_tags = 0u8;
+    while is_vlan_tpid(ether_type) {
+        if vlan_tags == MAX_VLAN_TAGS {
+            return None;
+        }
+        let tag = frame.get(l3..)?.first_chunk::<VLAN_TAG_LEN>()?;
+        ether_type = u16::from_be_bytes([tag[2], tag[3]]);
+        l3 += VLAN_TAG_LEN;
+        vlan_tags += 1;
+    }
+    let ip = frame.get(l3..)?;
+    let (flow_of, l4_start, ip_len, ttl, proto): (FlowKey, usize, usize, u8, u8) = match ether_type {
+        0x0800 => {
+            let h = ip.first_chunk::<20>()?;
+            let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            let frag = u16::from_be_bytes([h[6], h[7]]) & 0x3fff;
+            if h[0] != 0x45 || total < 20 || total > ip.len() || frag != 0 {
+                return None;
+            }
+            let key = FlowKey::v4([h[12], h[13], h[14], h[15]], [h[16], h[17], h[18], h[19]], h[9], 0, 0);
+            (key, 20, total, h[8], h[9])
+        }
+        0x86dd => {
+            let h = ip.first_chunk::<40>()?;
+            let total = 40 + usize::from(u16::from_be_bytes([h[4], h[5]]));
+            if h[0] >> 4 != 6 || total > ip.len() {
+                return None;
+            }
+            let src = *h[8..24].first_chunk::<16>()?;
+            let dst = *h[24..40].first_chunk::<16>()?;
+            (FlowKey::v6(src, dst, h[6], 0, 0), 40, total, h[7], h[6])
+        }
+        _ => return None,
+    };
+    let l4 = ip.get(l4_start..ip_len)?;
+    let (kind, flags) = match proto {
+        proto::TCP => {
+            let t = l4.first_chunk::<20>()?;
+            let data_offset = usize::from(t[12] >> 4);
+            if data_offset < 5 || data_offset * 4 > l4.len() {
+                return None;
+            }
+            (L4::Tcp, t[13])
+        }
+        proto::UDP if l4.len() >= 8 => (L4::Udp, 0),
+        _ => return None,
+    };
+    let ports = l4.first_chunk::<4>()?;
+    let flow = flow_of.with_ports(u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
+    Some(Parsed {
+        flow,
+        l4: kind,
+        vlan_tags,
+        l3_offset: off(l3),
+        l4_offset: off(l3 + l4_start),
+        ip_len: off(ip_len),
+        ttl,
+        tcp_flags: TcpFlags(flags),
+        fragment: Fragment::None,
+    })
+}
+
+/// [`parse`] for any frame, through etherparse's header slices; the reference [`parse_common`] must
+/// agree with.
+pub fn parse_general(frame: &[u8]) -> Result<Parsed, ParseError> {
     let eth = Ethernet2HeaderSlice::from_slice(frame).map_err(|e| truncated(Layer::Ethernet, e))?;
     let mut ether_type = eth.ether_type();
     let mut l3 = ETHERNET_LEN;

@@ -298,3 +298,9 @@ fn every_prefix_of_valid_frames_parses_or_errors_without_panic() {
         }
     }
 }
+
+#[test]
+fn parsed_is_small() {
+    std::println!("Parsed: {} bytes", core::mem::size_of::<Parsed>());
+    assert!(core::mem::size_of::<Parsed>() <= 128);
+}

@@ -275,3 +275,6 @@ impl HashedSelection {
     }
 }
 
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,533 @@
+//! The control loop: every configuration input ends here, is built into tables, and reaches the workers.
+//!
+//! ```text
+//!  file reload ──┐                                   ┌─ ok:  publish Arc<Tables> to every worker,
+//!  Kubernetes  ──┼─► candidate desired state ─► TableBuilder::build      commit the candidate, resync probes
+//!  health event ─┘   (file + k8s + health overlay)   └─ err: log, count, keep the running state
+//! ```
+//!
+//! An input is applied to a *copy* of the current desired state; only if lb-core's
+//! [`TableBuilder`] accepts the whole resulting configuration does the copy become current and the
+//! tables go out. So a bad file, a bad Kubernetes translation or anything in between is rejected whole
+//! and the workers keep the tables they have. Tables reach the workers through a [`TablesSink`] (lb-io's
+//! per-loop update channels in the binary, a recorder in tests); workers swap them between bursts.
+//!
+//! Kubernetes services whose key a file service already uses are left out (the file wins, logged),
+//! so one conflicting Service cannot block every later cluster update.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use lb_core::config::{Config, ServiceKey};
+use lb_core::service::{TableBuilder, Tables};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{ServiceSpec, Settings};
+use crate::health::{HealthChecker, HealthEvent, StatusTable, Target, apply_health};
+use crate::k8s::Translation;
+
+/// Where built tables go: every core's worker.
+pub trait TablesSink: Send {
+    /// Hands `tables` to every worker; an error names the worker that is gone.
+    fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String>;
+}
+
+impl TablesSink for Vec<lb_io::poll::UpdateSender<Arc<Tables>>> {
+    fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+        for (i, tx) in self.iter().enumerate() {
+            // Bounded channel: blocks only if a loop has 8 unapplied updates, i.e. it is stuck.
+            tx.send(tables.clone()).map_err(|e| format!("worker {i}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl TablesSink for mpsc::UnboundedSender<Arc<Tables>> {
+    fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+        self.send(tables.clone()).map_err(|_| "tables receiver dropped".to_string())
+    }
+}
+
+/// A sink that keeps every published version (tests, and `lb list` without workers).
+#[derive(Debug, Clone, Default)]
+pub struct RecordingSink(pub Arc<std::sync::Mutex<Vec<Arc<Tables>>>>);
+
+impl TablesSink for RecordingSink {
+    fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+        self.0.lock().map_err(|_| "recorder poisoned".to_string())?.push(tables.clone());
+        Ok(())
+    }
+}
+
+/// One input to the control loop.
+#[derive(Debug)]
+pub enum ControlInput {
+    /// A new, already validated configuration file.
+    File(Box<Settings>),
+    /// A new version of the file failed validation (already logged); counted as a rejected update.
+    FileRejected(String),
+    /// A new translation of the cluster.
+    Kubernetes(Translation),
+    /// A backend changed health.
+    Health(HealthEvent),
+}
+
+/// What the running instance serves, for `/metrics` and `lb list`.
+#[derive(Debug, Clone, Default)]
+pub struct LiveState {
+    /// The tables the workers have (None before the first successful build).
+    pub tables: Option<Arc<Tables>>,
+    /// The services as built (health overlay applied), in table order.
+    pub services: Vec<ServiceSpec>,
+    /// Health of checked backends.
+    pub health: StatusTable,
+    /// Updates applied.
+    pub applied: u64,
+    /// Updates rejected.
+    pub rejected: u64,
+    /// Why the last rejected update was rejected.
+    pub last_error: Option<String>,
+    /// Kubernetes Services (or keys) skipped by the last translation.
+    pub k8s_skipped: usize,
+    /// The Kubernetes feed's counters, when the feed runs.
+    pub feed: Option<Arc<crate::k8s::feed::FeedCounters>>,
+}
+
+/// Why an update was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// lb-core rejected the configuration.
+    #[error("configuration rejected: {0}")]
+    Rejected(#[from] lb_core::service::ConfigError),
+    /// The configuration file failed validation.
+    #[error("configuration file rejected: {0}")]
+    File(String),
+    /// A worker could not be reached.
+    #[error("tables built but not delivered: {0}")]
+    Publish(String),
+}
+
+/// The control loop's state.
+pub struct Control<S: TablesSink> {
+    builder: TableBuilder,
+    sink: S,
+    file: Settings,
+    kubernetes: Translation,
+    down: HashSet<Target>,
+    health: HealthChecker,
+    health_rx: mpsc::Receiver<HealthEvent>,
+    live: watch::Sender<LiveState>,
+}
+
+impl<S: TablesSink> Control<S> {
+    /// A control loop publishing to `sink`. Nothing is built until the first input; call it with the
+    /// initial file via [`Control::apply`]. Must be created inside a tokio runtime (probe tasks).
+    pub fn new(sink: S) -> Self {
+        let (health_tx, health_rx) = mpsc::channel(256);
+        let health = HealthChecker::new(health_tx);
+        let live = watch::Sender::new(LiveState { health: health.status(), ..Default::default() });
+        Control {
+            builder: TableBuilder::new(),
+            sink,
+            file: Settings::default(),
+            kubernetes: Translation::default(),
+            down: HashSet::new(),
+            health,
+            health_rx,
+            live,
+        }
+    }
+
+    /// A receiver of the live state (for the metrics endpoint and `lb list`).
+    pub fn subscribe(&self) -> watch::Receiver<LiveState> {
+        self.live.subscribe()
+    }
+
+    /// The sink (e.g. to inspect a recorder).
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
+    /// Applies one input: build, publish, commit; or reject and keep everything as it was.
+    pub fn apply(&mut self, input: ControlInput) -> Result<Arc<Tables>, ControlError> {
+        let (mut file, mut kubernetes, mut down) = (None, None, self.down.clone());
+        match input {
+            ControlInput::File(s) => file = Some(*s),
+            ControlInput::FileRejected(why) => {
+                self.live.send_modify(|l| {
+                    l.rejected += 1;
+                    l.last_error = Some(why.clone());
+                });
+                return Err(ControlError::File(why));
+            }
+            ControlInput::Kubernetes(t) => kubernetes = Some(t),
+            ControlInput::Health(e) => {
+                if e.healthy {
+                    down.remove(&e.target);
+                } else {
+                    down.insert(e.target);
+                }
+            }
+        }
+        let (desired, left_out) =
+            desired_services(file.as_ref().unwrap_or(&self.file), kubernetes.as_ref().unwrap_or(&self.kubernetes));
+        let mut built = desired.clone();
+        apply_health(&mut built, &down);
+        let config = Config {
+            node: file.as_ref().unwrap_or(&self.file).node.clone(),
+            services: built.iter().map(|s| s.config.clone()).collect(),
+        };
+        let result = self
+            .builder
+            .build(&config)
+            .map_err(ControlError::from)
+            .and_then(|t| self.sink.publish(&t).map(|()| t).map_err(ControlError::Publish));
+        match result {
+            Ok(tables) => {
+                if let Some(f) = file {
+                    self.file = f;
+                }
+                if let Some(k) = kubernetes {
+                    self.kubernetes = k;
+                }
+                self.down = down;
+                self.health.sync(&desired);
+                // Forget health of backends that left (their probes stopped).
+                let status = self.health.status();
+                self.down.retain(|t| status.lock().map(|s| s.contains_key(t)).unwrap_or(true));
+                let k8s_skipped = self.kubernetes.skipped.len() + left_out.len();
+                self.live.send_modify(|l| {
+                    l.tables = Some(tables.clone());
+                    l.services = built;
+                    l.applied += 1;
+                    l.k8s_skipped = k8s_skipped;
+                });
+                tracing::info!(version = tables.version(), services = tables.services().len(), "tables published to workers");
+                Ok(tables)
+            }
+            Err(e) => {
+                tracing::error!("update rejected, workers keep the running tables: {e}");
+                self.live.send_modify(|l| {
+                    l.rejected += 1;
+                    l.last_error = Some(e.to_string());
+                });
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs until `inputs` closes, applying inputs and health events as they come.
+    pub async fn run(mut self, mut inputs: mpsc::Receiver<ControlInput>) {
+        loop {
+            let input = tokio::select! {
+                i = inputs.recv() => match i { Some(i) => i, None => return },
+                Some(e) = self.health_rx.recv() => ControlInput::Health(e),
+            };
+            // Errors are logged and counted in apply.
+            let _ = self.apply(input);
+        }
+    }
+}
+
+/// Why the control plane could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The initial configuration was rejected by lb-core.
+    #[error("initial configuration: {0}")]
+    Initial(#[from] ControlError),
+    /// The Kubernetes client could not be built.
+    #[error(transparent)]
+    Kubernetes(#[from] crate::k8s::feed::FeedError),
+    /// The metrics address could not be bound.
+    #[error("metrics.listen {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The bind error.
+        source: std::io::Error,
+    },
+}
+
+/// The whole control side of a running instance: the control loop and every task that feeds it.
+pub struct ControlPlane<S: TablesSink> {
+    control: Control<S>,
+    inputs: mpsc::Receiver<ControlInput>,
+}
+
+impl<S: TablesSink + 'static> ControlPlane<S> {
+    /// Starts the control side: applies the initial configuration (already loaded from `path`;
+    /// `NODE_NAME`/`NODE_IPS` fill its Kubernetes gaps) and spawns file reloads (SIGHUP, content
+    /// change polled every `poll`), the Kubernetes feed if the file enables it, and the metrics
+    /// endpoint if `metrics.listen` is set. Tables go to `sink` (one update sender per worker).
+    pub async fn start(
+        path: std::path::PathBuf,
+        mut settings: Settings,
+        sink: S,
+        stats: Arc<dyn crate::metrics::StatsSource>,
+        poll: std::time::Duration,
+    ) -> Result<Self, StartError> {
+        use crate::config::reload::{FileWatch, watch as watch_file};
+        use crate::k8s::feed::{Feed, NodeView, client};
+
+        settings.fill_from_env(|k| std::env::var(k).ok());
+        let mut control = Control::new(sink);
+        control.apply(ControlInput::File(Box::new(settings.clone())))?;
+        let (in_tx, inputs) = mpsc::channel::<ControlInput>(64);
+
+        // Kubernetes feed, with node settings that follow file reloads.
+        let (view_tx, view_rx) = watch::channel(NodeView {
+            settings: settings.kubernetes.clone().unwrap_or_default(),
+            node: settings.node.clone(),
+        });
+        if let Some(k) = &settings.kubernetes {
+            let feed = Feed::new(client(k).await?, view_rx);
+            let counters = feed.counters();
+            control.live.send_modify(|l| l.feed = Some(counters));
+            let (k_tx, mut k_rx) = mpsc::channel(4);
+            tokio::spawn(feed.run(k_tx));
+            let in_tx = in_tx.clone();
+            tokio::spawn(async move {
+                while let Some(t) = k_rx.recv().await {
+                    if in_tx.send(ControlInput::Kubernetes(t)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+
+        // File reloads. The first check only records the content already loaded.
+        let mut fw = FileWatch::new(path);
+        let _ = fw.check(false);
+        let (f_tx, mut f_rx) = mpsc::channel(4);
+        tokio::spawn(watch_file(fw, poll, f_tx));
+        tokio::spawn(async move {
+            while let Some(reload) = f_rx.recv().await {
+                let input = match reload {
+                    Ok(mut s) => {
+                        s.fill_from_env(|k| std::env::var(k).ok());
+                        let view = NodeView { settings: s.kubernetes.clone().unwrap_or_default(), node: s.node.clone() };
+                        let _ = view_tx.send(view);
+                        ControlInput::File(Box::new(s))
+                    }
+                    Err(e) => ControlInput::FileRejected(e.to_string()),
+                };
+                if in_tx.send(input).await.is_err() {
+                    return;
+                }
+            }
+        });
+
+        if let Some(addr) = settings.metrics_listen {
+            let listener =
+                tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Metrics { addr, source })?;
+            tracing::info!(%addr, "serving /metrics and /state");
+            tokio::spawn(crate::metrics::serve(listener, control.subscribe(), stats));
+        }
+        Ok(ControlPlane { control, inputs })
+    }
+
+    /// A receiver of the live state.
+    pub fn live(&self) -> watch::Receiver<LiveState> {
+        self.control.subscribe()
+    }
+
+    /// Applies inputs until `stop` completes.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        tokio::select! {
+            () = self.control.run(self.inputs) => {}
+            () = stop => tracing::info!("control plane stopping"),
+        }
+    }
+}
+
+/// [`ControlPlane::start`] then [`ControlPlane::run`], polling the file every 2 s.
+pub async fn run_control_plane<S: TablesSink + 'static>(
+    path: std::path::PathBuf,
+    settings: Settings,
+    sink: S,
+    stats: Arc<dyn crate::metrics::StatsSource>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    ControlPlane::start(path, settings, sink, stats, std::time::Duration::from_secs(2)).await?.run(stop).await;
+    Ok(())
+}
+
+/// Why `lb run` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration file is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The control plane could not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The tokio runtime could not be built.
+    #[error("control runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// `lb run`'s control side, blocking: loads `path`, runs the control plane on a small tokio runtime
+/// of its own (the workers' cores stay free) until SIGINT or SIGTERM. With no `sink` workers (e.g.
+/// `interfaces: []`) it still builds and serves the tables on `/state`, a dry run of the translation.
+pub fn run_blocking<S: TablesSink + 'static>(
+    path: &std::path::Path,
+    sink: S,
+    stats: Arc<dyn crate::metrics::StatsSource>,
+) -> Result<(), RunError> {
+    let settings = crate::config::file::load(path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("lb-control")
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    rt.block_on(async {
+        let stop = async {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{SignalKind, signal};
+                match signal(SignalKind::terminate()) {
+                    Ok(mut term) => {
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            _ = term.recv() => {}
+                        }
+                    }
+                    Err(_) => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        };
+        run_control_plane(path.to_owned(), settings, sink, stats, stop).await
+    })?;
+    Ok(())
+}
+
+/// The file's services plus the cluster's. The file wins a shared key, and a Kubernetes service that
+/// lb-core rejects on its own (e.g. a Maglev table size too small for its endpoints) is left out, so
+/// one bad Service cannot block every later cluster update. Returns the reasons for what was left out.
+fn desired_services(file: &Settings, k8s: &Translation) -> (Vec<ServiceSpec>, Vec<String>) {
+    let taken: HashMap<ServiceKey, &str> = file.services.iter().map(|s| (s.config.key, s.config.name.as_str())).collect();
+    let mut out = file.services.clone();
+    let mut left_out = Vec::new();
+    for s in &k8s.services {
+        if let Some(owner) = taken.get(&s.config.key) {
+            left_out.push(format!("{} ({}): the file's service {owner} already uses this key", s.config.name, s.config.key));
+            continue;
+        }
+        let alone = Config { node: file.node.clone(), services: vec![s.config.clone()] };
+        if let Err(e) = lb_core::service::validate(&alone) {
+            left_out.push(format!("{} ({}): {e}", s.config.name, s.config.key));
+            continue;
+        }
+        out.push(s.clone());
+    }
+    for why in &left_out {
+        tracing::warn!("kubernetes service left out: {why}");
+    }
+    (out, left_out)
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_core::config::{BackendState, ServiceKey};
+
+    use super::*;
+    use crate::config::file::parse;
+
+    const GOOD: &str = r#"
+node: { snat_v4: 10.0.0.2, gateway_mac: "02:00:00:00:00:fe" }
+services:
+  - name: web
+    vip: 10.0.0.10
+    port: 80
+    backends: [{ addr: 10.1.0.1, port: 8080 }, { addr: 10.1.0.2, port: 8080 }]
+"#;
+
+    fn backends(t: &Tables) -> Vec<(String, BackendState)> {
+        t.services()[0].backends.iter().map(|b| (format!("{}:{}", b.addr, b.port), b.state)).collect()
+    }
+
+    #[tokio::test]
+    async fn rejected_update_keeps_the_running_tables() {
+        let sink = RecordingSink::default();
+        let mut control = Control::new(sink.clone());
+        let live = control.subscribe();
+        let first = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        assert_eq!(sink.0.lock().unwrap().len(), 1);
+
+        // A file update that lb-core rejects whole (one service's backend is of the other family;
+        // built by hand because the file validation would already catch it).
+        let mut bad = parse(GOOD).unwrap();
+        let mut svc = bad.services[0].clone();
+        svc.config.key = ServiceKey { port: 81, ..svc.config.key };
+        svc.config.backends[0].addr = "fd00::1".parse().unwrap();
+        bad.services.push(svc);
+        let err = control.apply(ControlInput::File(Box::new(bad))).unwrap_err();
+        assert!(err.to_string().contains("fd00::1"), "{err}");
+        assert_eq!(sink.0.lock().unwrap().len(), 1, "nothing published");
+        {
+            let l = live.borrow();
+            assert!(Arc::ptr_eq(l.tables.as_ref().unwrap(), &first), "live state still the first tables");
+            assert_eq!((l.applied, l.rejected), (1, 1));
+            assert!(l.last_error.as_deref().unwrap().contains("fd00::1"));
+        }
+
+        // The rejected file was not kept: a health event rebuilds from the old state.
+        let target = Target { service: first.services()[0].key, backend: "10.1.0.2:8080".parse().unwrap() };
+        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: false })).unwrap();
+        assert_eq!(t.services().len(), 1);
+        // The file service has no health check, so the overlay leaves it alone.
+        assert_eq!(backends(&t), vec![("10.1.0.1:8080".into(), BackendState::Active), ("10.1.0.2:8080".into(), BackendState::Active)]);
+    }
+
+    #[tokio::test]
+    async fn health_overlay_and_file_wins_over_kubernetes() {
+        let sink = RecordingSink::default();
+        let mut control = Control::new(sink.clone());
+        // Probes go to loopback only (nothing listens there; one probe per hour, fall 3: no transition).
+        let yaml = GOOD.replace("10.1.0.", "127.0.0.") + "    health_check: { type: tcp, interval: 1h, timeout: 1s }\n";
+        let settings = parse(&yaml).unwrap();
+        let key = settings.services[0].config.key;
+        control.apply(ControlInput::File(Box::new(settings))).unwrap();
+        let target = Target { service: key, backend: "127.0.0.2:8080".parse().unwrap() };
+        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: false })).unwrap();
+        assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Draining));
+        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: true })).unwrap();
+        assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Active));
+
+        // A Kubernetes service on the same key is left out; one on another key is added.
+        let mut k8s = Translation::default();
+        let mut same = parse(GOOD).unwrap().services.remove(0);
+        same.config.name = "default/web:http".into();
+        let mut other = same.clone();
+        other.config.key.port = 8443;
+        k8s.services = vec![same, other];
+        let t = control.apply(ControlInput::Kubernetes(k8s)).unwrap();
+        let names: Vec<&str> = t.services().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(t.services().len(), 2, "{names:?}");
+        assert!(t.lookup(&key).is_some_and(|(_, s)| s.name == "web"));
+
+        // A Kubernetes service lb-core rejects on its own is left out; the rest of the update applies.
+        let mut k8s = Translation::default();
+        let mut bad = parse(GOOD).unwrap().services.remove(0);
+        bad.config.name = "default/bad:http".into();
+        bad.config.key.port = 9000;
+        bad.config.backends[1].addr = "fd00::2".parse().unwrap();
+        let mut good = bad.clone();
+        good.config.name = "default/good:http".into();
+        good.config.key.port = 9001;
+        good.config.backends[1].addr = "10.1.0.3".parse().unwrap();
+        k8s.services = vec![bad, good];
+        let live = control.subscribe();
+        let t = control.apply(ControlInput::Kubernetes(k8s)).unwrap();
+        let names: Vec<&str> = t.services().iter().map(|s| s.name.as_str()).collect();
+        assert!(names.contains(&"default/good:http") && !names.contains(&"default/bad:http"), "{names:?}");
+        assert_eq!(live.borrow().k8s_skipped, 1);
+    }
+}

@@ -1,0 +1,373 @@
+//! Health checks of backends, on the control side (tokio), never on the fast path.
+//!
+//! One task per (service, backend) probes at the check's interval: a TCP connect, or an HTTP/1.1 GET
+//! that must answer 2xx or 3xx, each bounded by the timeout. `fall` consecutive failures take a
+//! healthy backend down, `rise` consecutive successes bring it back (as HAProxy and keepalived do);
+//! every transition is logged and counted and sent as a [`HealthEvent`] to the control loop, which
+//! applies [`apply_health`]: a down backend becomes Draining (no new flows, established flows stay)
+//! or is removed (established flows then follow the service's `on_backend_removed`).
+//!
+//! Backends start *up*: a restart of the load balancer must not take every backend out of service
+//! for `fall` intervals. [`HealthChecker::sync`] starts and stops probe tasks as services change.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lb_core::config::{BackendState, ServiceKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::config::{FailurePolicy, HealthCheck, Probe, ServiceSpec};
+
+/// Identifies one probed backend: the service and the backend's own address and port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Target {
+    /// The service.
+    pub service: ServiceKey,
+    /// The backend (its service address, not the probe port).
+    pub backend: SocketAddr,
+}
+
+/// A backend changed health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthEvent {
+    /// Which backend.
+    pub target: Target,
+    /// Its new health.
+    pub healthy: bool,
+}
+
+/// What the checker knows about one backend, for `/metrics` and `lb list`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetStatus {
+    /// Current health.
+    pub healthy: bool,
+    /// Probes run.
+    pub probes: u64,
+    /// Probes failed.
+    pub failures: u64,
+    /// Up -> down transitions.
+    pub went_down: u64,
+    /// Down -> up transitions.
+    pub went_up: u64,
+    /// The last failure, for logs and `lb list`.
+    pub last_error: Option<String>,
+}
+
+/// Shared table of every probed backend's status.
+pub type StatusTable = Arc<Mutex<HashMap<Target, TargetStatus>>>;
+
+/// Runs one probe of `addr` under `check.timeout`; the error says what failed.
+pub async fn probe(check: &HealthCheck, addr: SocketAddr) -> Result<(), String> {
+    match tokio::time::timeout(check.timeout, probe_inner(&check.probe, addr)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("timed out after {:?}", check.timeout)),
+    }
+}
+
+async fn probe_inner(probe: &Probe, addr: SocketAddr) -> Result<(), String> {
+    let mut conn = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    let Probe::Http { path } = probe else { return Ok(()) };
+    let host = match addr {
+        SocketAddr::V4(a) => a.to_string(),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+    // Only the status line matters; read until its end (bounded).
+    let mut buf = Vec::with_capacity(128);
+    let mut chunk = [0u8; 128];
+    while !buf.contains(&b'\n') {
+        let n = conn.read(&mut chunk).await.map_err(|e| format!("receive: {e}"))?;
+        if n == 0 || buf.len() > 1024 {
+            return Err("no HTTP status line".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .filter(|_| line.starts_with("HTTP/1."))
+        .ok_or_else(|| format!("bad status line {:?}", line.lines().next().unwrap_or_default()))?;
+    if (200..400).contains(&status) { Ok(()) } else { Err(format!("HTTP status {status}")) }
+}
+
+/// Starts and stops probe tasks as the set of checked backends changes.
+pub struct HealthChecker {
+    events: mpsc::Sender<HealthEvent>,
+    status: StatusTable,
+    tasks: HashMap<Target, (HealthCheck, JoinHandle<()>)>,
+}
+
+impl HealthChecker {
+    /// A checker sending transitions to `events`.
+    pub fn new(events: mpsc::Sender<HealthEvent>) -> Self {
+        HealthChecker { events, status: StatusTable::default(), tasks: HashMap::new() }
+    }
+
+    /// The shared status table.
+    pub fn status(&self) -> StatusTable {
+        self.status.clone()
+    }
+
+    /// The backends currently down.
+    pub fn down(&self) -> HashSet<Target> {
+        lock(&self.status).iter().filter(|(_, s)| !s.healthy).map(|(t, _)| *t).collect()
+    }
+
+    /// Probes exactly the backends of `services` that have a health check: new ones start (up),
+    /// gone ones stop and are forgotten, ones whose check changed restart. Must run inside tokio.
+    pub fn sync(&mut self, services: &[ServiceSpec]) {
+        let mut wanted: HashMap<Target, HealthCheck> = HashMap::new();
+        for s in services {
+            let Some(check) = &s.health_check else { continue };
+            for b in &s.config.backends {
+                wanted.insert(Target { service: s.config.key, backend: SocketAddr::new(b.addr, b.port) }, check.clone());
+            }
+        }
+        self.tasks.retain(|target, (check, task)| {
+            let keep = wanted.get(target) == Some(check);
+            if !keep {
+                task.abort();
+                lock(&self.status).remove(target);
+            }
+            keep
+        });
+        for (target, check) in wanted {
+            if self.tasks.contains_key(&target) {
+                continue;
+            }
+            lock(&self.status).insert(target, TargetStatus { healthy: true, ..Default::default() });
+            let task = tokio::spawn(run_target(target, check.clone(), self.status.clone(), self.events.clone()));
+            self.tasks.insert(target, (check, task));
+        }
+    }
+}
+
+impl Drop for HealthChecker {
+    fn drop(&mut self) {
+        for (_, task) in self.tasks.values() {
+            task.abort();
+        }
+    }
+}
+
+fn lock(t: &StatusTable) -> std::sync::MutexGuard<'_, HashMap<Target, TargetStatus>> {
+    // A panicking probe task cannot leave the table half-written (each update is one assignment).
+    t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn run_target(target: Target, check: HealthCheck, status: StatusTable, events: mpsc::Sender<HealthEvent>) {
+    let addr = SocketAddr::new(target.backend.ip(), check.port.unwrap_or(target.backend.port()));
+    let mut tick = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut healthy, mut streak) = (true, 0u32);
+    loop {
+        tick.tick().await;
+        let result = probe(&check, addr).await;
+        // Count consecutive results against the current state: failures while up, successes while down.
+        if result.is_ok() == healthy {
+            streak = 0;
+        } else {
+            streak += 1;
+        }
+        let flip = streak >= if healthy { check.fall } else { check.rise };
+        {
+            let mut table = lock(&status);
+            let Some(s) = table.get_mut(&target) else { return }; // stopped by sync
+            s.probes += 1;
+            if let Err(e) = &result {
+                s.failures += 1;
+                s.last_error = Some(e.clone());
+            }
+            if flip {
+                healthy = !healthy;
+                streak = 0;
+                s.healthy = healthy;
+                if healthy {
+                    s.went_up += 1;
+                } else {
+                    s.went_down += 1;
+                }
+            }
+        }
+        if flip {
+            if healthy {
+                tracing::info!(service = %target.service, backend = %target.backend, "backend recovered: {} successful probes", check.rise);
+            } else {
+                tracing::warn!(service = %target.service, backend = %target.backend, error = result.as_ref().err().map(String::as_str).unwrap_or(""), "backend failed: {} failed probes", check.fall);
+            }
+            if events.send(HealthEvent { target, healthy }).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Applies health to desired services: a down backend of a checked service becomes Draining or is
+/// removed, per its check's [`FailurePolicy`].
+pub fn apply_health(services: &mut [ServiceSpec], down: &HashSet<Target>) {
+    if down.is_empty() {
+        return;
+    }
+    for s in services {
+        let Some(check) = &s.health_check else { continue };
+        let key = s.config.key;
+        let is_down = |b: &lb_core::config::BackendConfig| {
+            down.contains(&Target { service: key, backend: SocketAddr::new(b.addr, b.port) })
+        };
+        match check.on_failure {
+            FailurePolicy::Drain => {
+                for b in &mut s.config.backends {
+                    if is_down(b) {
+                        b.state = BackendState::Draining;
+                    }
+                }
+            }
+            FailurePolicy::Remove => s.config.backends.retain(|b| !is_down(b)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU16, Ordering};
+
+    use lb_core::config::{BackendConfig, ForwardMode, Protocol, SchedulerKind, ServiceConfig};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    fn check(probe: Probe) -> HealthCheck {
+        HealthCheck {
+            probe,
+            port: None,
+            interval: Duration::from_millis(5),
+            timeout: Duration::from_secs(2),
+            rise: 2,
+            fall: 2,
+            on_failure: FailurePolicy::Drain,
+        }
+    }
+
+    fn service(backend: SocketAddr, hc: HealthCheck) -> ServiceSpec {
+        ServiceSpec {
+            config: ServiceConfig {
+                name: "t".into(),
+                key: ServiceKey { vip: "10.0.0.1".parse().unwrap(), port: 80, proto: Protocol::Tcp },
+                backends: vec![BackendConfig {
+                    addr: backend.ip(),
+                    port: backend.port(),
+                    weight: 1,
+                    mac: None,
+                    state: BackendState::Active,
+                }],
+                scheduler: SchedulerKind::Maglev,
+                mode: ForwardMode::Nat,
+                affinity_timeout: None,
+                source_ranges: vec![],
+                maglev_table_size: None,
+                on_backend_removed: Default::default(),
+            },
+            health_check: Some(hc),
+        }
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<HealthEvent>) -> HealthEvent {
+        tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("no health event").expect("closed")
+    }
+
+    #[tokio::test]
+    async fn tcp_check_goes_down_when_listener_closes_and_up_when_it_returns() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut hc = HealthChecker::new(tx);
+        let svc = service(addr, check(Probe::Tcp));
+        hc.sync(std::slice::from_ref(&svc));
+        let target = Target { service: svc.config.key, backend: addr };
+
+        drop(listener);
+        assert_eq!(next(&mut rx).await, HealthEvent { target, healthy: false });
+        assert_eq!(hc.down(), HashSet::from([target]));
+        let st = hc.status().lock().unwrap()[&target].clone();
+        assert_eq!(st.went_down, 1);
+        assert!(st.failures >= 2 && st.last_error.as_deref().unwrap_or("").contains("connect"), "{st:?}");
+
+        let _listener = TcpListener::bind(addr).await.unwrap();
+        assert_eq!(next(&mut rx).await, HealthEvent { target, healthy: true });
+        assert!(hc.down().is_empty());
+        assert_eq!(hc.status().lock().unwrap()[&target].went_up, 1);
+
+        // Removing the service stops its probes and forgets it.
+        hc.sync(&[]);
+        assert!(hc.status().lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn http_check_follows_status_codes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let code = Arc::new(AtomicU16::new(200));
+        let (path_tx, mut path_rx) = mpsc::unbounded_channel();
+        let served = code.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let _ = path_tx.send(req.lines().next().unwrap_or_default().to_string());
+                let c = served.load(Ordering::SeqCst);
+                let _ = s.write_all(format!("HTTP/1.1 {c} X\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+            }
+        });
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut hc = HealthChecker::new(tx);
+        let svc = service(addr, check(Probe::Http { path: "/healthz".into() }));
+        hc.sync(std::slice::from_ref(&svc));
+        assert_eq!(path_rx.recv().await.unwrap(), "GET /healthz HTTP/1.1");
+
+        code.store(503, Ordering::SeqCst);
+        assert!(!next(&mut rx).await.healthy);
+        let target = Target { service: svc.config.key, backend: addr };
+        assert_eq!(hc.status().lock().unwrap()[&target].last_error.as_deref(), Some("HTTP status 503"));
+        code.store(302, Ordering::SeqCst);
+        assert!(next(&mut rx).await.healthy, "3xx counts as up");
+    }
+
+    #[tokio::test]
+    async fn probe_times_out_on_silent_server() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts (the kernel completes the handshake) but never answers the GET.
+        let hc = HealthCheck { timeout: Duration::from_millis(50), ..check(Probe::Http { path: "/".into() }) };
+        let err = probe(&hc, addr).await.unwrap_err();
+        assert!(err.contains("timed out"), "{err}");
+        drop(listener);
+    }
+
+    #[test]
+    fn apply_health_drains_or_removes_per_policy() {
+        let addr: SocketAddr = "10.1.0.1:80".parse().unwrap();
+        let mut drain = vec![service(addr, check(Probe::Tcp))];
+        let target = Target { service: drain[0].config.key, backend: addr };
+        let down = HashSet::from([target]);
+        apply_health(&mut drain, &down);
+        assert_eq!(drain[0].config.backends[0].state, BackendState::Draining);
+
+        let mut remove = vec![service(addr, HealthCheck { on_failure: FailurePolicy::Remove, ..check(Probe::Tcp) })];
+        apply_health(&mut remove, &down);
+        assert!(remove[0].config.backends.is_empty());
+
+        let mut unchecked = vec![ServiceSpec { health_check: None, ..service(addr, check(Probe::Tcp)) }];
+        apply_health(&mut unchecked, &down);
+        assert_eq!(unchecked[0].config.backends[0].state, BackendState::Active, "no check, no overlay");
+    }
+}

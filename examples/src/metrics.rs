@@ -1,0 +1,478 @@
+//! Observability: per-core counter snapshots summed into Prometheus text (`/metrics`) and a JSON view
+//! of the live state (`/state`, what `lb list` prints), served over HTTP on the control side.
+//!
+//! Workers never share counters: each core's [`lb_core::stats::Stats`] is copied out (a
+//! [`CoreSnapshot`], taken by whoever owns the workers, through [`StatsSource`]) and the copies are
+//! summed here per service slot and backend slot of the current tables. The exposition format is
+//! written by hand: every value comes from a snapshot at scrape time, so a metrics registry (which
+//! wants to own the values) would only add a copy.
+//!
+//! The HTTP server is a few lines over tokio: GET only, one request per connection, bounded head,
+//! bounded time. It serves two read-only routes to scrapers and `lb list`, nothing else.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use lb_core::config::{BackendState, ForwardMode, Protocol};
+use lb_core::service::Tables;
+use lb_core::stats::{BackendCounters, DropReason, ServiceCounters, Stats};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::control::LiveState;
+use crate::health::Target;
+use crate::list::{BackendView, ServiceView, StateView};
+
+/// A copy of one core's counters, taken outside the fast path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CoreSnapshot {
+    /// Frames received.
+    pub rx: u64,
+    /// Frames transmitted.
+    pub tx: u64,
+    /// Frames passed to the kernel.
+    pub passed: u64,
+    /// Drops by reason, indexed by [`DropReason::index`].
+    pub drops: [u64; DropReason::COUNT],
+    /// Service counters by service slot.
+    pub services: HashMap<u32, ServiceCounters>,
+    /// Backend counters by backend slot.
+    pub backends: HashMap<u32, BackendCounters>,
+    /// Conntrack entries in use on this core.
+    pub conntrack_entries: u64,
+    /// Conntrack capacity of this core.
+    pub conntrack_capacity: u64,
+}
+
+impl CoreSnapshot {
+    /// Copies the counters of every slot `tables` uses out of one core's `stats`.
+    pub fn from_stats(stats: &Stats, tables: &Tables, conntrack_entries: u64, conntrack_capacity: u64) -> Self {
+        let mut s = CoreSnapshot {
+            rx: stats.rx,
+            tx: stats.tx,
+            passed: stats.passed,
+            drops: stats.drops,
+            conntrack_entries,
+            conntrack_capacity,
+            ..Default::default()
+        };
+        for svc in tables.services() {
+            s.services.insert(svc.slot.0, stats.service(svc.slot));
+            for b in &svc.backends {
+                s.backends.insert(b.id.slot, stats.backend(b.slot()));
+            }
+        }
+        s
+    }
+}
+
+/// Where per-core snapshots come from (the owner of the workers).
+pub trait StatsSource: Send + Sync {
+    /// One snapshot per core, as recent as the source has.
+    fn snapshots(&self) -> Vec<CoreSnapshot>;
+}
+
+impl<F: Fn() -> Vec<CoreSnapshot> + Send + Sync> StatsSource for F {
+    fn snapshots(&self) -> Vec<CoreSnapshot> {
+        self()
+    }
+}
+
+/// The sum of all cores.
+#[derive(Debug, Clone, Default)]
+struct Totals {
+    rx: u64,
+    tx: u64,
+    passed: u64,
+    drops: [u64; DropReason::COUNT],
+    services: HashMap<u32, ServiceCounters>,
+    backends: HashMap<u32, BackendCounters>,
+}
+
+fn sum(cores: &[CoreSnapshot]) -> Totals {
+    let mut t = Totals::default();
+    for c in cores {
+        t.rx += c.rx;
+        t.tx += c.tx;
+        t.passed += c.passed;
+        for (a, b) in t.drops.iter_mut().zip(c.drops) {
+            *a += b;
+        }
+        for (slot, s) in &c.services {
+            let a = t.services.entry(*slot).or_default();
+            a.packets += s.packets;
+            a.bytes += s.bytes;
+            a.new_flows += s.new_flows;
+            a.drops += s.drops;
+        }
+        for (slot, b) in &c.backends {
+            let a = t.backends.entry(*slot).or_default();
+            a.packets += b.packets;
+            a.bytes += b.bytes;
+            a.new_flows += b.new_flows;
+            a.active_conns += b.active_conns;
+        }
+    }
+    t
+}
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+    }
+}
+
+/// The forwarding method as `ipvsadm -Ln` names it.
+pub fn forward_name(mode: ForwardMode) -> &'static str {
+    match mode {
+        ForwardMode::Nat => "Masq",
+        ForwardMode::Dsr => "Route",
+        ForwardMode::IpIp => "Tunnel",
+        ForwardMode::Gue { .. } => "GUE",
+    }
+}
+
+/// The live state with summed counters, as `/state` serves it.
+pub fn state_view(live: &LiveState, cores: &[CoreSnapshot]) -> StateView {
+    let totals = sum(cores);
+    let health = live.health.lock().map(|h| h.clone()).unwrap_or_default();
+    let mut view = StateView {
+        version: live.tables.as_ref().map_or(0, |t| t.version()),
+        applied: live.applied,
+        rejected: live.rejected,
+        last_error: live.last_error.clone(),
+        conntrack_entries: cores.iter().map(|c| c.conntrack_entries).sum(),
+        conntrack_capacity: cores.iter().map(|c| c.conntrack_capacity).sum(),
+        services: Vec::new(),
+    };
+    let Some(tables) = &live.tables else { return view };
+    for svc in tables.services() {
+        let sc = totals.services.get(&svc.slot.0).copied().unwrap_or_default();
+        view.services.push(ServiceView {
+            name: svc.name.clone(),
+            proto: proto_name(svc.key.proto).to_string(),
+            vip: svc.key.vip,
+            port: svc.key.port,
+            scheduler: svc.scheduler.kind().name().to_string(),
+            forward: forward_name(svc.mode).to_string(),
+            persistent_secs: svc.affinity_timeout_secs,
+            packets: sc.packets,
+            bytes: sc.bytes,
+            new_flows: sc.new_flows,
+            drops: sc.drops,
+            backends: svc
+                .backends
+                .iter()
+                .map(|b| {
+                    let bc = totals.backends.get(&b.id.slot).copied().unwrap_or_default();
+                    let target = Target { service: svc.key, backend: SocketAddr::new(b.addr, b.port) };
+                    BackendView {
+                        addr: b.addr,
+                        port: b.port,
+                        weight: b.weight,
+                        draining: b.state == BackendState::Draining,
+                        healthy: health.get(&target).map(|h| h.healthy),
+                        active_conns: bc.active_conns,
+                        packets: bc.packets,
+                        bytes: bc.bytes,
+                        new_flows: bc.new_flows,
+                    }
+                })
+                .collect(),
+        });
+    }
+    view
+}
+
+/// Escapes a Prometheus label value.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+    fn line(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "{name} {value}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+/// Renders the Prometheus text exposition (format 0.0.4) of the live state and the summed cores.
+pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
+    let totals = sum(cores);
+    let view = state_view(live, cores);
+    let mut out = String::with_capacity(4096);
+    let mut f = Family { out: &mut out };
+
+    for (name, help, v) in [
+        ("lb_rx_packets_total", "Frames received by the workers.", totals.rx),
+        ("lb_tx_packets_total", "Frames transmitted by the workers.", totals.tx),
+        ("lb_passed_packets_total", "Frames passed to the kernel (not for a VIP).", totals.passed),
+    ] {
+        f.head(name, "counter", help);
+        f.line(name, "", v);
+    }
+    f.head("lb_dropped_packets_total", "counter", "Frames dropped, by reason.");
+    for r in DropReason::ALL {
+        f.line("lb_dropped_packets_total", &format!("reason=\"{}\"", r.name()), totals.drops[r.index()]);
+    }
+    f.head("lb_conntrack_entries", "gauge", "Connection-table entries in use, per core.");
+    for (i, c) in cores.iter().enumerate() {
+        f.line("lb_conntrack_entries", &format!("core=\"{i}\""), c.conntrack_entries);
+    }
+    f.head("lb_conntrack_capacity", "gauge", "Connection-table capacity, per core.");
+    for (i, c) in cores.iter().enumerate() {
+        f.line("lb_conntrack_capacity", &format!("core=\"{i}\""), c.conntrack_capacity);
+    }
+
+    let svc_labels = |s: &ServiceView| {
+        format!("service=\"{}\",proto=\"{}\",vip=\"{}\",port=\"{}\"", esc(&s.name), s.proto, s.vip, s.port)
+    };
+    type SvcField = fn(&ServiceView) -> u64;
+    let svc_families: [(&str, &str, SvcField); 4] = [
+        ("lb_service_packets_total", "Frames forwarded for the service.", |s| s.packets),
+        ("lb_service_bytes_total", "Bytes forwarded for the service.", |s| s.bytes),
+        ("lb_service_new_flows_total", "Flows scheduled for the service.", |s| s.new_flows),
+        ("lb_service_dropped_packets_total", "Frames for the service that were dropped.", |s| s.drops),
+    ];
+    for (name, help, get) in svc_families {
+        f.head(name, "counter", help);
+        for s in &view.services {
+            f.line(name, &svc_labels(s), get(s));
+        }
+    }
+    f.head("lb_service_backends", "gauge", "Backends of the service taking new flows.");
+    for s in &view.services {
+        let n = s.backends.iter().filter(|b| !b.draining && b.weight > 0).count();
+        f.line("lb_service_backends", &svc_labels(s), n);
+    }
+
+    type BackendField = fn(&BackendView) -> u64;
+    let backend_families: [(&str, &str, &str, BackendField); 6] = [
+        ("lb_backend_packets_total", "counter", "Frames forwarded to the backend.", |b| b.packets),
+        ("lb_backend_bytes_total", "counter", "Bytes forwarded to the backend.", |b| b.bytes),
+        ("lb_backend_new_flows_total", "counter", "Flows scheduled to the backend.", |b| b.new_flows),
+        ("lb_backend_active_connections", "gauge", "Connection-table entries pointing at the backend.", |b| b.active_conns),
+        ("lb_backend_weight", "gauge", "Configured weight.", |b| u64::from(b.weight)),
+        ("lb_backend_draining", "gauge", "1 when the backend keeps its flows but takes no new ones.", |b| u64::from(b.draining)),
+    ];
+    for (name, kind, help, get) in backend_families {
+        f.head(name, kind, help);
+        for s in &view.services {
+            for b in &s.backends {
+                f.line(name, &format!("{},backend=\"{}\"", svc_labels(s), SocketAddr::new(b.addr, b.port)), get(b));
+            }
+        }
+    }
+
+    let health = live.health.lock().map(|h| h.clone()).unwrap_or_default();
+    let mut targets: Vec<_> = health.iter().collect();
+    targets.sort_by_key(|(t, _)| **t);
+    let names: HashMap<_, _> = view.services.iter().map(|s| ((s.vip, s.port, s.proto.as_str()), s.name.as_str())).collect();
+    let target_labels = |t: &Target| {
+        let name = names.get(&(t.service.vip, t.service.port, proto_name(t.service.proto))).copied().unwrap_or("");
+        format!(
+            "service=\"{}\",proto=\"{}\",vip=\"{}\",port=\"{}\",backend=\"{}\"",
+            esc(name),
+            proto_name(t.service.proto),
+            t.service.vip,
+            t.service.port,
+            t.backend
+        )
+    };
+    f.head("lb_backend_healthy", "gauge", "1 when the backend passes its health check.");
+    for (t, s) in &targets {
+        f.line("lb_backend_healthy", &target_labels(t), u8::from(s.healthy));
+    }
+    f.head("lb_health_check_failures_total", "counter", "Failed health probes.");
+    for (t, s) in &targets {
+        f.line("lb_health_check_failures_total", &target_labels(t), s.failures);
+    }
+    f.head("lb_health_transitions_total", "counter", "Health changes, by direction.");
+    for (t, s) in &targets {
+        f.line("lb_health_transitions_total", &format!("{},to=\"down\"", target_labels(t)), s.went_down);
+        f.line("lb_health_transitions_total", &format!("{},to=\"up\"", target_labels(t)), s.went_up);
+    }
+
+    f.head("lb_config_updates_total", "counter", "Configuration updates, by result.");
+    f.line("lb_config_updates_total", "result=\"applied\"", live.applied);
+    f.line("lb_config_updates_total", "result=\"rejected\"", live.rejected);
+    f.head("lb_tables_version", "gauge", "Version of the tables the workers serve.");
+    f.line("lb_tables_version", "", view.version);
+    f.head("lb_kubernetes_skipped", "gauge", "Kubernetes Services or keys left out by the last translation.");
+    f.line("lb_kubernetes_skipped", "", live.k8s_skipped);
+    if let Some(feed) = &live.feed {
+        use std::sync::atomic::Ordering::Relaxed;
+        for (name, help, v) in [
+            ("lb_kubernetes_watch_errors_total", "List/watch errors (410 Gone, dropped connections), each followed by back-off and recovery.", &feed.watch_errors),
+            ("lb_kubernetes_lists_total", "Complete lists and re-lists applied.", &feed.lists),
+            ("lb_kubernetes_translations_total", "Translations sent to the control loop.", &feed.translations),
+        ] {
+            f.head(name, "counter", help);
+            f.line(name, "", v.load(Relaxed));
+        }
+    }
+    out
+}
+
+/// Serves `GET /metrics` and `GET /state` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, live: watch::Receiver<LiveState>, source: std::sync::Arc<dyn StatsSource>) {
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics accept failed");
+                continue;
+            }
+        };
+        let live = live.clone();
+        let source = source.clone();
+        tokio::spawn(async move {
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(5), answer(sock, live, source)).await {
+                tracing::debug!(%peer, error = %e, "metrics request timed out");
+            }
+        });
+    }
+}
+
+async fn answer(mut sock: TcpStream, live: watch::Receiver<LiveState>, source: std::sync::Arc<dyn StatsSource>) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match sock.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+        if head.len() > 8192 {
+            return;
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut words = text.split_whitespace();
+    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, ctype, body) = match (method, path) {
+        ("GET", "/metrics") => {
+            let cores = source.snapshots();
+            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(&live.borrow(), &cores))
+        }
+        ("GET", "/state") => {
+            let cores = source.snapshots();
+            let view = state_view(&live.borrow(), &cores);
+            ("200 OK", "application/json", serde_json::to_string(&view).unwrap_or_default())
+        }
+        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics or /state\n".to_string()),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+    };
+    let resp = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let _ = sock.write_all(resp.as_bytes()).await;
+    let _ = sock.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::file::parse;
+    use crate::control::{Control, ControlInput, RecordingSink};
+
+    const YAML: &str = r#"
+node: { snat_v4: 10.0.0.2, gateway_mac: "02:00:00:00:00:fe" }
+services:
+  - name: "web \"main\""
+    vip: 10.0.0.10
+    port: 80
+    scheduler: wlc
+    affinity_timeout: 600
+    backends: [{ addr: 10.1.0.1, port: 8080, weight: 3 }, { addr: 10.1.0.2, port: 8080, state: draining }]
+  - { name: dns, vip: 10.0.0.53, port: 53, protocol: udp, scheduler: rr, backends: [{ addr: 10.1.0.9 }] }
+"#;
+
+    /// Two cores with different counts for the same slots.
+    fn cores(tables: &Tables) -> Vec<CoreSnapshot> {
+        let web = &tables.services()[0];
+        (1..=2u64)
+            .map(|k| {
+                let mut c = CoreSnapshot { rx: 100 * k, tx: 90 * k, conntrack_entries: 10 * k, conntrack_capacity: 1000, ..Default::default() };
+                c.drops[DropReason::NoBackend.index()] = k;
+                c.services.insert(web.slot.0, ServiceCounters { packets: 50 * k, bytes: 5000 * k, new_flows: 5 * k, drops: k });
+                c.backends.insert(web.backends[0].id.slot, BackendCounters { packets: 40 * k, bytes: 4000, new_flows: 4, active_conns: 2 * k });
+                c
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn metrics_sum_cores_and_label_everything() {
+        let mut control = Control::new(RecordingSink::default());
+        let tables = control.apply(ControlInput::File(Box::new(parse(YAML).unwrap()))).unwrap();
+        let live = control.subscribe().borrow().clone();
+        let text = render(&live, &cores(&tables));
+        let web = r#"service="web \"main\"",proto="tcp",vip="10.0.0.10",port="80""#;
+        for want in [
+            "lb_rx_packets_total 300".to_string(),
+            "lb_dropped_packets_total{reason=\"no_backend\"} 3".into(),
+            "lb_dropped_packets_total{reason=\"conntrack_full\"} 0".into(),
+            "lb_conntrack_entries{core=\"1\"} 20".into(),
+            format!("lb_service_packets_total{{{web}}} 150"),
+            format!("lb_service_backends{{{web}}} 1"),
+            format!("lb_backend_active_connections{{{web},backend=\"10.1.0.1:8080\"}} 6"),
+            format!("lb_backend_draining{{{web},backend=\"10.1.0.2:8080\"}} 1"),
+            format!("lb_backend_weight{{{web},backend=\"10.1.0.1:8080\"}} 3"),
+            "lb_config_updates_total{result=\"applied\"} 1".into(),
+            "# TYPE lb_backend_active_connections gauge".into(),
+        ] {
+            assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
+        }
+        // Every sample line is NAME{labels} VALUE or NAME VALUE with a number.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = l.rsplit(' ').next().unwrap();
+            assert!(value.parse::<f64>().is_ok(), "bad sample {l:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn http_serves_metrics_and_state() {
+        let mut control = Control::new(RecordingSink::default());
+        let tables = control.apply(ControlInput::File(Box::new(parse(YAML).unwrap()))).unwrap();
+        let snaps = cores(&tables);
+        let source: Arc<dyn StatsSource> = Arc::new(move || snaps.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(listener, control.subscribe(), source));
+
+        let get = |path: &'static str| async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let m = get("/metrics").await;
+        assert!(m.starts_with("HTTP/1.1 200 OK\r\n") && m.contains("text/plain; version=0.0.4"));
+        assert!(m.contains("lb_tx_packets_total 270"));
+        let s = get("/state").await;
+        let body = s.split("\r\n\r\n").nth(1).unwrap();
+        let view: StateView = serde_json::from_str(body).unwrap();
+        assert_eq!(view.services.len(), 2);
+        assert_eq!(view.conntrack_entries, 30);
+        let web = view.services.iter().find(|s| s.port == 80).unwrap();
+        assert_eq!((web.scheduler.as_str(), web.persistent_secs), ("wlc", Some(600)));
+        assert_eq!(web.backends[0].active_conns, 6);
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    }
+}

@@ -1,0 +1,143 @@
+//! The whole control side of `lb run`: configuration file + Kubernetes feed (against the local
+//! list/watch server) + control loop, publishing tables to a channel where the workers would be.
+//! Checks that cluster changes reach the published tables, that a backend keeps its slot (so its
+//! established flows keep their backend) across updates, that a Service lb-core rejects is left out
+//! without blocking others, and that a bad file reload is rejected while the tables keep serving.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lb_core::config::BackendState;
+use lb_core::service::Tables;
+use lb_examples::config::file;
+use lb_examples::control::ControlPlane;
+use lb_examples::metrics::{CoreSnapshot, StatsSource};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+mod k8s_support;
+use k8s_support::{FAILSAFE, FakeApi, SERVICES, SLICES, endpoint, fixture, kubeconfig, start};
+
+async fn until(rx: &mut mpsc::UnboundedReceiver<Arc<Tables>>, what: &str, pred: impl Fn(&Tables) -> bool) -> Arc<Tables> {
+    tokio::time::timeout(FAILSAFE, async {
+        loop {
+            let t = rx.recv().await.expect("control plane stopped");
+            if pred(&t) {
+                return t;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no tables with {what}"))
+}
+
+fn names(t: &Tables) -> Vec<String> {
+    t.services().iter().map(|s| format!("{} {}", s.name, s.key)).collect()
+}
+
+fn has(t: &Tables, key: &str) -> bool {
+    t.services().iter().any(|s| s.key.to_string() == key)
+}
+
+fn file_yaml(kubeconfig: &std::path::Path, extra_service: bool) -> String {
+    let mut y = format!(
+        r#"
+node: {{ snat_v4: 192.168.1.10, gateway_mac: "02:00:00:00:00:fe" }}
+kubernetes:
+  kubeconfig: {}
+  node_name: node-a
+  node_addresses: [192.168.1.10]
+  debounce: 5ms
+services:
+  - {{ name: static, vip: 10.0.0.10, port: 80, backends: [{{ addr: 10.1.0.1 }}] }}
+"#,
+        kubeconfig.display()
+    );
+    if extra_service {
+        y.push_str("  - { name: static2, vip: 10.0.0.11, port: 80, backends: [{ addr: 10.1.0.2 }] }\n");
+    }
+    y
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
+    let api = FakeApi::new();
+    let mut web = fixture("service-web.json");
+    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
+    api.upsert(SERVICES, web);
+    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    let (port, _reqs) = start(api.clone()).await;
+    let dir = std::env::temp_dir().join(format!("lb-k8s-control-{}", std::process::id()));
+    let kc = kubeconfig(&dir, port);
+    let path = dir.join("lb.yaml");
+    std::fs::write(&path, file_yaml(&kc, false)).unwrap();
+    let settings = file::load(&path).unwrap();
+
+    let (sink, mut tables) = mpsc::unbounded_channel();
+    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
+    let plane = ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)).await.unwrap();
+    let mut live = plane.live();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(plane.run(async move {
+        let _ = stop_rx.await;
+    }));
+
+    // The file's service first, then the cluster's.
+    let t = until(&mut tables, "the file service", |t| has(t, "tcp 10.0.0.10:80")).await;
+    assert_eq!(t.services().len(), 1, "{:?}", names(&t));
+    let t = until(&mut tables, "shop/web", |t| has(t, "tcp 10.96.12.34:80")).await;
+    let web = t.services().iter().find(|s| s.key.to_string() == "tcp 10.96.12.34:80").unwrap();
+    let states: Vec<_> = web.backends.iter().map(|b| (b.addr.to_string(), b.state)).collect();
+    assert!(states.contains(&("10.244.1.9".into(), BackendState::Draining)), "{states:?}");
+    let kept = web.backends.iter().find(|b| b.addr.to_string() == "10.244.2.7").unwrap().id;
+
+    // The terminating endpoint goes away; the one that stays keeps its slot and generation, which is
+    // what conntrack entries hold, so its established flows keep their backend across the swap.
+    let mut slice = fixture("endpointslice-web-ipv4.json");
+    slice["endpoints"] = json!([endpoint("10.244.1.5", "node-a", true, true, false), endpoint("10.244.2.7", "node-b", true, true, false)]);
+    api.upsert(SLICES, slice);
+    let t = until(&mut tables, "terminating endpoint gone", |t| {
+        t.services().iter().any(|s| s.key.to_string() == "tcp 10.96.12.34:80" && s.backends.len() == 2)
+    })
+    .await;
+    let web = t.services().iter().find(|s| s.key.to_string() == "tcp 10.96.12.34:80").unwrap();
+    assert_eq!(web.backends.iter().find(|b| b.addr.to_string() == "10.244.2.7").unwrap().id, kept);
+
+    // A Service whose Maglev table is too small for its endpoints is rejected by lb-core; it is left
+    // out and a good Service added with it still arrives.
+    let mut small = fixture("service-checkout-canary.json");
+    small["metadata"]["annotations"]["lb.example.dev/maglev-table-size"] = json!("2");
+    api.upsert(SERVICES, small);
+    let mut three = fixture("endpointslice-checkout-stable.json");
+    three["endpoints"] = json!([
+        endpoint("10.244.4.10", "node-a", true, true, false),
+        endpoint("10.244.4.11", "node-a", true, true, false),
+        endpoint("10.244.4.12", "node-a", true, true, false)
+    ]);
+    api.upsert(SLICES, three);
+    api.upsert(SERVICES, fixture("service-edge-loadbalancer.json"));
+    let t = until(&mut tables, "edge", |t| has(t, "tcp 203.0.113.11:443")).await;
+    assert!(!has(&t, "tcp 10.96.80.80:80"), "checkout has a too-small Maglev table: {:?}", names(&t));
+    assert!(live.borrow().k8s_skipped >= 1);
+
+    // A bad file reload is rejected (seen in the live state) and publishes nothing; a good one applies.
+    let before = live.borrow().rejected;
+    std::fs::write(&path, file_yaml(&kc, false).replace("addr: 10.1.0.1 }", "addr: 10.1.0.1, weight: 70000 }")).unwrap();
+    let err = tokio::time::timeout(FAILSAFE, live.wait_for(|l| l.rejected > before))
+        .await
+        .expect("bad reload counted")
+        .unwrap()
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(err.contains("services[0].backends[0].weight: 70000"), "{err}");
+    assert!(tables.try_recv().is_err(), "nothing published for a bad file");
+    std::fs::write(&path, file_yaml(&kc, true)).unwrap();
+    let t = until(&mut tables, "static2 after reload", |t| has(t, "tcp 10.0.0.11:80")).await;
+    assert!(has(&t, "tcp 203.0.113.11:443") && has(&t, "tcp 10.0.0.10:80"), "{:?}", names(&t));
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,308 @@
+//! A local Kubernetes API server speaking the real list/watch protocol, for the k8s_* tests.
+//!
+//! Hand-written HTTP/1.1 on 127.0.0.1. It keeps Services and EndpointSlices with a global
+//! resourceVersion and an event history, as etcd does: a list returns the objects and the current
+//! version; `watch=true&resourceVersion=N` replays the history after N and then streams live events as
+//! chunked JSON lines; a version older than the compacted history gets a 410 Gone ERROR event.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+pub const FAILSAFE: Duration = Duration::from_secs(30);
+
+pub const SERVICES: &str = "/api/v1/services";
+pub const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+
+/// A request the server received.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub path: String,
+    pub query: HashMap<String, String>,
+}
+
+impl Request {
+    pub fn is_watch(&self) -> bool {
+        self.query.get("watch").is_some_and(|v| v == "true" || v == "1")
+    }
+    pub fn rv(&self) -> Option<u64> {
+        self.query.get("resourceVersion").and_then(|v| v.parse().ok())
+    }
+}
+
+pub enum WatchMsg {
+    Line(String),
+    /// Close the connection abruptly (no terminating chunk).
+    Drop,
+}
+
+#[derive(Default)]
+pub struct Collection {
+    objects: BTreeMap<String, Value>,
+    history: Vec<(u64, String)>,
+    compacted_below: u64,
+    watchers: Vec<mpsc::UnboundedSender<WatchMsg>>,
+}
+
+pub struct State {
+    rv: u64,
+    collections: HashMap<&'static str, Collection>,
+}
+
+#[derive(Clone)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+}
+
+pub fn key(obj: &Value) -> String {
+    format!("{}/{}", obj["metadata"]["namespace"].as_str().unwrap(), obj["metadata"]["name"].as_str().unwrap())
+}
+
+pub fn event_line(kind: &str, obj: &Value) -> String {
+    format!("{}\n", json!({ "type": kind, "object": obj }))
+}
+
+impl FakeApi {
+    pub fn new() -> Self {
+        let mut collections = HashMap::new();
+        collections.insert(SERVICES, Collection::default());
+        collections.insert(SLICES, Collection::default());
+        FakeApi { state: Arc::new(Mutex::new(State { rv: 100, collections })) }
+    }
+
+    pub fn rv(&self) -> u64 {
+        self.state.lock().unwrap().rv
+    }
+
+    /// Stores `obj` and tells watchers (ADDED or MODIFIED), as the apiserver does on a write.
+    pub fn upsert(&self, path: &'static str, mut obj: Value) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let c = st.collections.get_mut(path).unwrap();
+        let kind = if c.objects.insert(key(&obj), obj.clone()).is_some() { "MODIFIED" } else { "ADDED" };
+        let line = event_line(kind, &obj);
+        c.history.push((rv, line.clone()));
+        c.watchers.retain(|w| w.send(WatchMsg::Line(line.clone())).is_ok());
+    }
+
+    pub fn delete(&self, path: &'static str, k: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let c = st.collections.get_mut(path).unwrap();
+        let mut obj = c.objects.remove(k).unwrap();
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let line = event_line("DELETED", &obj);
+        c.history.push((rv, line.clone()));
+        c.watchers.retain(|w| w.send(WatchMsg::Line(line.clone())).is_ok());
+    }
+
+    /// Sends a BOOKMARK at the current version to the watchers of `path`; returns the version.
+    pub fn bookmark(&self, path: &'static str) -> u64 {
+        let mut st = self.state.lock().unwrap();
+        let rv = st.rv;
+        let (kind, api_version) = if path == SERVICES { ("Service", "v1") } else { ("EndpointSlice", "discovery.k8s.io/v1") };
+        let line = format!(
+            "{}\n",
+            json!({ "type": "BOOKMARK", "object": { "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": rv.to_string() } } })
+        );
+        let c = st.collections.get_mut(path).unwrap();
+        c.watchers.retain(|w| w.send(WatchMsg::Line(line.clone())).is_ok());
+        rv
+    }
+
+    /// Deletes an object *without* an event and compacts the history, then answers live watchers with
+    /// 410 Gone: the client has missed something and must re-list.
+    pub fn lose_history_and_expire(&self, path: &'static str, deleted_unseen: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.rv += 1;
+        let rv = st.rv;
+        let c = st.collections.get_mut(path).unwrap();
+        c.objects.remove(deleted_unseen).unwrap();
+        c.history.clear();
+        c.compacted_below = rv; // a watch from the current version (a fresh list) is fine
+        let line = gone_line(rv);
+        for w in c.watchers.drain(..) {
+            let _ = w.send(WatchMsg::Line(line.clone()));
+            let _ = w.send(WatchMsg::Drop);
+        }
+    }
+
+    /// Closes every live watch connection on `path` abruptly.
+    pub fn drop_watches(&self, path: &'static str) {
+        let mut st = self.state.lock().unwrap();
+        for w in st.collections.get_mut(path).unwrap().watchers.drain(..) {
+            let _ = w.send(WatchMsg::Drop);
+        }
+    }
+}
+
+pub fn gone_line(rv: u64) -> String {
+    format!(
+        "{}\n",
+        json!({ "type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("too old resource version: 1 ({rv})"), "reason": "Expired", "code": 410 } })
+    )
+}
+
+pub async fn serve(api: FakeApi, listener: TcpListener, requests: mpsc::UnboundedSender<Request>) {
+    loop {
+        let Ok((sock, _)) = listener.accept().await else { return };
+        let api = api.clone();
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let _ = handle(api, sock, requests).await;
+        });
+    }
+}
+
+pub async fn handle(api: FakeApi, mut sock: TcpStream, requests: mpsc::UnboundedSender<Request>) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = sock.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+    let (path, qs) = target.split_once('?').unwrap_or((&target, ""));
+    let query: HashMap<String, String> =
+        qs.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let req = Request { path: path.to_string(), query };
+    let _ = requests.send(req.clone());
+    let Some(path) = [SERVICES, SLICES].into_iter().find(|p| *p == req.path) else {
+        let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
+        let resp = format!("HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        return sock.write_all(resp.as_bytes()).await;
+    };
+
+    if !req.is_watch() {
+        let body = {
+            let st = api.state.lock().unwrap();
+            let c = &st.collections[path];
+            let (kind, api_version) = if path == SERVICES { ("ServiceList", "v1") } else { ("EndpointSliceList", "discovery.k8s.io/v1") };
+            json!({ "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": st.rv.to_string() },
+                    "items": c.objects.values().collect::<Vec<_>>() })
+            .to_string()
+        };
+        let resp = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return sock.write_all(resp.as_bytes()).await;
+    }
+
+    // A watch: replay the history after the requested version (or 410 if it is compacted away),
+    // then register for live events.
+    let since = req.rv().unwrap_or(0);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    {
+        let mut st = api.state.lock().unwrap();
+        let rv = st.rv;
+        let c = st.collections.get_mut(path).unwrap();
+        if since < c.compacted_below {
+            let _ = tx.send(WatchMsg::Line(gone_line(rv)));
+        } else {
+            for (v, line) in &c.history {
+                if *v > since {
+                    let _ = tx.send(WatchMsg::Line(line.clone()));
+                }
+            }
+            c.watchers.push(tx);
+        }
+    }
+    sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await?;
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            WatchMsg::Line(line) => {
+                sock.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).await?;
+            }
+            WatchMsg::Drop => return Ok(()), // socket closed mid-stream, no final chunk
+        }
+    }
+    // The sender went away after a 410 reply: end the stream cleanly.
+    sock.write_all(b"0\r\n\r\n").await
+}
+
+pub fn fixture(name: &str) -> Value {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// The requests the server received, in order; requests not yet matched wait in `pending`.
+pub struct Requests {
+    rx: mpsc::UnboundedReceiver<Request>,
+    pending: Vec<Request>,
+}
+
+impl Requests {
+    /// The first request (pending or new) satisfying `pred`; others stay pending.
+    pub async fn next(&mut self, what: &str, pred: impl Fn(&Request) -> bool) -> Request {
+        if let Some(i) = self.pending.iter().position(&pred) {
+            return self.pending.remove(i);
+        }
+        tokio::time::timeout(FAILSAFE, async {
+            loop {
+                let r = self.rx.recv().await.expect("server stopped");
+                if pred(&r) {
+                    return r;
+                }
+                self.pending.push(r);
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no request: {what}"))
+    }
+
+    /// Forgets the requests received so far and not matched.
+    pub fn clear(&mut self) {
+        self.pending.clear();
+        while self.rx.try_recv().is_ok() {}
+    }
+}
+
+
+/// Starts the server on 127.0.0.1; returns its port and the log of requests.
+pub async fn start(api: FakeApi) -> (u16, Requests) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (req_tx, req_rx) = mpsc::unbounded_channel();
+    tokio::spawn(serve(api, listener, req_tx));
+    (port, Requests { rx: req_rx, pending: Vec::new() })
+}
+
+/// Writes a kubeconfig for `http://127.0.0.1:port` into `dir`.
+pub fn kubeconfig(dir: &Path, port: u16) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\n\
+             users:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: test\n\
+             current-context: fake\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A JSON endpoint with conditions.
+pub fn endpoint(ip: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Value {
+    json!({ "addresses": [ip], "nodeName": node,
+            "conditions": { "ready": ready, "serving": serving, "terminating": terminating } })
+}

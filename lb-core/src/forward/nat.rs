@@ -1,0 +1,214 @@
+//! Full NAT (kube-proxy with masquerade, IPVS "FULLNAT"): both addresses and both ports change, so
+//! the backend answers the node and needs no special routing.
+//!
+//! ```text
+//!  client -> VIP        CLIENT:c  -> VIP:v        ==rewrite(to backend)==>  SNAT:s    -> BACKEND:b
+//!  backend -> client    BACKEND:b -> SNAT:s       ==rewrite(to client)===>  VIP:v     -> CLIENT:c
+//! ```
+//!
+//! One function, [`rewrite`], does both directions: the [`NatTarget`] says the flow the frame leaves
+//! with. ICMP errors about a translated connection are translated too (as Linux conntrack's
+//! `nf_nat_icmp_reply_translation` does): the outer addresses become the target's, and the quoted
+//! packet, which travelled the other way, gets the target's addresses and ports reversed; the quoted
+//! IPv4 header checksum, the quoted TCP/UDP checksum when the quote holds it, and the ICMP checksum are
+//! patched. The worker finds the connection of an ICMP error by `IcmpError::inner.reverse()` and
+//! passes the same target as for that direction's data packets.
+//!
+//! TTL / hop limit is decremented, as a router does; a frame that arrives with 1 or 0 is refused with
+//! [`RewriteError::TtlExpired`]. Checksums are patched incrementally (RFC 1624), never recomputed. A
+//! non-first fragment has no ports: only its addresses change (the first fragment's transport checksum
+//! already accounts for them), so every fragment of a datagram must get the same target.
+
+use super::checksum::ChecksumDelta;
+use super::{
+    RewriteError, ip_range, l4_checksum_offset, patch_checksum, replace, replace16, set_macs,
+};
+use super::{Macs, field};
+use crate::frame::Frame;
+use crate::packet::{Family, FlowKey, Fragment, IcmpError, L4, Parsed, proto};
+
+/// The flow a NAT-ed frame leaves with, and its Ethernet addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NatTarget {
+    /// Source and destination address and port after translation. Towards a backend:
+    /// `(SNAT address, SNAT port) -> (backend, backend port)`; towards a client:
+    /// `(VIP, service port) -> (client, client port)`. Its protocol is not used.
+    pub flow: FlowKey,
+    /// Ethernet addresses.
+    pub macs: Macs,
+}
+
+/// Translates the frame in place to `t`; see the module documentation.
+pub fn rewrite(frame: &mut Frame<'_>, p: &Parsed, t: &NatTarget) -> Result<(), RewriteError> {
+    let family = p.family();
+    if t.flow.family() != family {
+        return Err(RewriteError::FamilyMismatch { packet: family, target: t.flow.family() });
+    }
+    if !matches!(p.l4, L4::Tcp | L4::Udp | L4::IcmpError(_)) {
+        return Err(RewriteError::Untranslatable { proto: p.flow.proto() });
+    }
+    let (l3, end) = ip_range(frame, p)?;
+    let l4 = p.l4_offset as usize;
+    if l4 < l3 || l4 > end {
+        return Err(RewriteError::Inconsistent);
+    }
+    let pkt = frame.data_mut();
+    // Addresses and TTL first: they fail (TTL expired) before anything is written.
+    let addrs = match family {
+        Family::V4 => rewrite_ipv4(pkt, l3, &t.flow)?,
+        Family::V6 => rewrite_ipv6(pkt, l3, &t.flow)?,
+    };
+    match p.l4 {
+        L4::IcmpError(e) => {
+            let mut icmp = if family == Family::V6 { addrs } else { ChecksumDelta::default() };
+            translate_quote(pkt, &e, &t.flow.reverse(), family, &mut icmp)?;
+            patch_checksum(pkt, l4 + 2, icmp)?;
+        }
+        _ if p.fragment == Fragment::Later => {}
+        _ => rewrite_ports(pkt, l4, end, p.flow.proto(), family, addrs, &t.flow)?,
+    }
+    set_macs(pkt, &t.macs)
+}
+
+/// IPv4 address bytes of an IPv4 [`FlowKey`] address (stored IPv4-mapped).
+fn v4_octets(a: &[u8; 16]) -> [u8; 4] {
+    [a[12], a[13], a[14], a[15]]
+}
+
+/// Sets the IPv4 header's addresses and decrements its TTL, patching its checksum; returns the
+/// address change for the transport checksum's pseudo-header.
+#[inline]
+fn rewrite_ipv4(pkt: &mut [u8], l3: usize, to: &FlowKey) -> Result<ChecksumDelta, RewriteError> {
+    let h = field::<20>(pkt, l3)?;
+    let ttl = h[8];
+    if ttl <= 1 {
+        return Err(RewriteError::TtlExpired { ttl });
+    }
+    let (src, dst) = (v4_octets(to.src_bytes()), v4_octets(to.dst_bytes()));
+    let mut addrs = ChecksumDelta::default();
+    addrs.replace_array(&[h[12], h[13], h[14], h[15]], &src);
+    addrs.replace_array(&[h[16], h[17], h[18], h[19]], &dst);
+    h[12..16].copy_from_slice(&src);
+    h[16..20].copy_from_slice(&dst);
+    let mut header = addrs;
+    header.replace16(u16::from_be_bytes([ttl, h[9]]), u16::from_be_bytes([ttl - 1, h[9]]));
+    h[8] = ttl - 1;
+    let c = header.apply(u16::from_be_bytes([h[10], h[11]]));
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    Ok(addrs)
+}
+
+/// Sets the IPv6 header's addresses and decrements its hop limit; returns the address change.
+#[inline]
+fn rewrite_ipv6(pkt: &mut [u8], l3: usize, to: &FlowKey) -> Result<ChecksumDelta, RewriteError> {
+    let h = field::<40>(pkt, l3)?;
+    let ttl = h[7];
+    if ttl <= 1 {
+        return Err(RewriteError::TtlExpired { ttl });
+    }
+    let mut addrs = ChecksumDelta::default();
+    let src = field::<16>(h, 8)?;
+    addrs.replace_array(src, to.src_bytes());
+    *src = *to.src_bytes();
+    let dst = field::<16>(h, 24)?;
+    addrs.replace_array(dst, to.dst_bytes());
+    *dst = *to.dst_bytes();
+    h[7] = ttl - 1;
+    Ok(addrs)
+}
+
+/// Sets the TCP or UDP ports and patches the transport checksum for them and the addresses.
+#[inline]
+fn rewrite_ports(
+    pkt: &mut [u8],
+    l4: usize,
+    end: usize,
+    proto: u8,
+    family: Family,
+    addrs: ChecksumDelta,
+    to: &FlowKey,
+) -> Result<(), RewriteError> {
+    let new = (u32::from(to.src_port()) << 16) | u32::from(to.dst_port());
+    let mut delta = addrs;
+    // One bounds check covers ports and checksum: 18 bytes of TCP header, 8 of UDP.
+    if proto == proto::TCP {
+        if l4 + 18 > end {
+            return Err(RewriteError::Inconsistent);
+        }
+        let h = field::<18>(pkt, l4)?;
+        delta.replace32(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), new);
+        h[..4].copy_from_slice(&new.to_be_bytes());
+        let c = delta.apply(u16::from_be_bytes([h[16], h[17]]));
+        h[16..18].copy_from_slice(&c.to_be_bytes());
+    } else {
+        if l4 + 8 > end {
+            return Err(RewriteError::Inconsistent);
+        }
+        let h = field::<8>(pkt, l4)?;
+        delta.replace32(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), new);
+        h[..4].copy_from_slice(&new.to_be_bytes());
+        let old = u16::from_be_bytes([h[6], h[7]]);
+        // An IPv4 checksum of 0 means "none" and stays 0; a result of 0 is sent as 0xffff (RFC 768).
+        if old != 0 || family == Family::V6 {
+            let c = match delta.apply(old) {
+                0 => 0xffff,
+                c => c,
+            };
+            h[6..8].copy_from_slice(&c.to_be_bytes());
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites the packet quoted by an ICMP error to `inner` (addresses, and ports when it has them),
+/// patching its own checksums, and records every changed word in `icmp` for the ICMP checksum.
+fn translate_quote(
+    pkt: &mut [u8],
+    e: &IcmpError,
+    inner: &FlowKey,
+    family: Family,
+    icmp: &mut ChecksumDelta,
+) -> Result<(), RewriteError> {
+    let (l3, l4, end) = (e.inner_l3_offset as usize, e.inner_l4_offset as usize, e.end as usize);
+    if !(l3 <= l4 && l4 <= end && end <= pkt.len()) {
+        return Err(RewriteError::Inconsistent);
+    }
+    let mut addrs = ChecksumDelta::default();
+    let (src_at, dst_at) = match family {
+        Family::V4 => (l3 + 12, l3 + 16),
+        Family::V6 => (l3 + 8, l3 + 24),
+    };
+    replace(pkt, src_at, inner.src_wire(), &mut addrs)?;
+    replace(pkt, dst_at, inner.dst_wire(), &mut addrs)?;
+    icmp.add(addrs);
+    if family == Family::V4 {
+        // The quoted IPv4 header checksum: its own change is a change of the ICMP payload too.
+        let csum_at = l3 + 10;
+        let old = super::read16(pkt, csum_at)?;
+        let new = addrs.apply(old);
+        replace16(pkt, csum_at, new, icmp)?;
+    }
+    let ports = e.inner_fragment != Fragment::Later
+        && matches!(e.inner.proto(), proto::TCP | proto::UDP)
+        && l4 + 4 <= end;
+    if ports {
+        let mut ports = ChecksumDelta::default();
+        replace16(pkt, l4, inner.src_port(), &mut ports)?;
+        replace16(pkt, l4 + 2, inner.dst_port(), &mut ports)?;
+        icmp.add(ports);
+        let mut l4_delta = addrs;
+        l4_delta.add(ports);
+        if let Some(at) = l4_checksum_offset(e.inner.proto()).map(|o| l4 + o).filter(|at| at + 2 <= end) {
+            let old = super::read16(pkt, at)?;
+            let keep_zero = old == 0 && family == Family::V4 && e.inner.proto() == proto::UDP;
+            if !keep_zero {
+                let new = match l4_delta.apply(old) {
+                    0 if e.inner.proto() == proto::UDP => 0xffff,
+                    c => c,
+                };
+                replace16(pkt, at, new, icmp)?;
+            }
+        }
+    }
+    Ok(())
+}

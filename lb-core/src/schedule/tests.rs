@@ -1,0 +1,153 @@
+//! Each scheduler against the behaviour its ipvsadm name promises.
+#![allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::net::{IpAddr, Ipv4Addr};
+
+use lb_hash::FlowHasher;
+
+use super::*;
+use crate::config::BackendState;
+use crate::service::{Backend, BackendRef};
+use crate::stats::BackendCounters;
+
+fn backends(weights: &[u32]) -> Vec<Backend> {
+    weights
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| Backend {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, i as u8 + 1)),
+            port: 80,
+            weight: w,
+            state: BackendState::Active,
+            mac: [0; 6],
+            id: BackendRef { slot: i as u32, generation: 1 },
+        })
+        .collect()
+}
+
+fn flow(client: u32, sport: u16) -> FlowInput {
+    let hasher = FlowHasher::new(1);
+    let src = IpAddr::V4(Ipv4Addr::from(0xc633_6400 | client));
+    let dst = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+    FlowInput { src, dst, proto: 6, sport, dport: 80, flow_hash: hasher.five_tuple(src, dst, 6, sport, 80), hasher }
+}
+
+fn picks(kind: SchedulerKind, b: &[Backend], conns: &[BackendCounters], n: usize) -> Vec<usize> {
+    let s = ServiceScheduler::build(kind, b, None).unwrap();
+    let mut cursor = 0;
+    (0..n)
+        .map(|i| {
+            let mut core = CoreState { cursor: &mut cursor, conns };
+            s.pick(&flow(i as u32, 1000 + i as u16), b, &mut core).unwrap()
+        })
+        .collect()
+}
+
+fn conns(active: &[u64]) -> Vec<BackendCounters> {
+    active.iter().map(|&a| BackendCounters { active_conns: a, ..BackendCounters::default() }).collect()
+}
+
+fn histogram(p: &[usize], n: usize) -> Vec<usize> {
+    let mut h = vec![0; n];
+    for &i in p {
+        h[i] += 1;
+    }
+    h
+}
+
+#[test]
+fn round_robin_cycles_over_active_backends_only() {
+    let mut b = backends(&[1, 1, 0, 1]);
+    b[3].state = BackendState::Draining;
+    assert_eq!(picks(SchedulerKind::RoundRobin, &b, &[], 4), vec![0, 1, 0, 1]);
+}
+
+#[test]
+fn weighted_round_robin_is_proportional_and_interleaved() {
+    let b = backends(&[5, 1, 1]);
+    let p = picks(SchedulerKind::WeightedRoundRobin, &b, &[], 70);
+    assert_eq!(histogram(&p, 3), vec![50, 10, 10]);
+    // Interleaved: every window of one period (7 picks) holds exactly the 5:1:1 shares, so the light
+    // backends are not starved for a whole run of the heavy one.
+    for w in p.windows(7) {
+        assert_eq!(histogram(w, 3), vec![5, 1, 1], "{p:?}");
+    }
+}
+
+#[test]
+fn weighted_round_robin_scales_huge_weights() {
+    let b = backends(&[1_000_000, 1]);
+    // Every backend still appears: the light one is picked within one sequence length.
+    let p = picks(SchedulerKind::WeightedRoundRobin, &b, &[], 4096);
+    assert!(p.contains(&1));
+}
+
+#[test]
+fn least_connections_family_reads_this_cores_counts() {
+    let b = backends(&[1, 1, 1]);
+    assert_eq!(picks(SchedulerKind::LeastConnections, &b, &conns(&[5, 2, 9]), 1), vec![1]);
+    // wlc: 4/4 beats 2/1.
+    let b = backends(&[4, 1, 1]);
+    assert_eq!(picks(SchedulerKind::WeightedLeastConnections, &b, &conns(&[4, 2, 3]), 1), vec![0]);
+    // sed: (0+1)/1 = 1 vs (3+1)/8 = 0.5.
+    let b = backends(&[1, 8]);
+    assert_eq!(picks(SchedulerKind::ShortestExpectedDelay, &b, &conns(&[0, 3]), 1), vec![1]);
+    // nq: the idle backend wins even against a better sed score.
+    assert_eq!(picks(SchedulerKind::NeverQueue, &b, &conns(&[0, 3]), 1), vec![0]);
+    assert_eq!(picks(SchedulerKind::NeverQueue, &b, &conns(&[1, 3]), 1), vec![1]);
+}
+
+#[test]
+fn hashing_schedulers_are_deterministic_and_skip_draining() {
+    let mut b = backends(&[1, 1, 1, 1]);
+    b[2].state = BackendState::Draining;
+    for kind in [
+        SchedulerKind::Maglev,
+        SchedulerKind::Rendezvous,
+        SchedulerKind::Ecmp,
+        SchedulerKind::SourceHashing,
+        SchedulerKind::DestinationHashing,
+    ] {
+        let p1 = picks(kind, &b, &[], 400);
+        let p2 = picks(kind, &b, &[], 400);
+        assert_eq!(p1, p2, "{kind}");
+        assert!(!p1.contains(&2), "{kind} picked a draining backend");
+        if kind != SchedulerKind::DestinationHashing {
+            let h = histogram(&p1, 4);
+            assert!(h[0] > 50 && h[1] > 50 && h[3] > 50, "{kind} spreads: {h:?}");
+        }
+    }
+}
+
+#[test]
+fn source_hashing_and_ecmp_ignore_ports() {
+    let b = backends(&[1, 1, 1, 1]);
+    for kind in [SchedulerKind::SourceHashing, SchedulerKind::Ecmp] {
+        let s = ServiceScheduler::build(kind, &b, None).unwrap();
+        let mut cursor = 0;
+        for client in 0..50 {
+            let mut core = CoreState { cursor: &mut cursor, conns: &[] };
+            let a = s.pick(&flow(client, 1000), &b, &mut core);
+            let c = s.pick(&flow(client, 2000), &b, &mut core);
+            assert_eq!(a, c, "{kind}: one client, one backend");
+        }
+    }
+}
+
+#[test]
+fn no_eligible_backend_means_none() {
+    let mut b = backends(&[0, 1]);
+    b[1].state = BackendState::Draining;
+    for kind in SchedulerKind::ALL {
+        let s = ServiceScheduler::build(kind, &b, None).unwrap();
+        assert_eq!(s.kind(), kind);
+        let mut cursor = 0;
+        let mut core = CoreState { cursor: &mut cursor, conns: &[] };
+        assert_eq!(s.pick(&flow(1, 1), &b, &mut core), None, "{kind}");
+    }
+    let s = ServiceScheduler::build(SchedulerKind::Maglev, &[], None).unwrap();
+    let mut cursor = 0;
+    assert_eq!(s.pick(&flow(1, 1), &[], &mut CoreState { cursor: &mut cursor, conns: &[] }), None);
+}

@@ -1,0 +1,697 @@
+//! The per-core fast path: a [`Worker`] turns a burst of frames and the time into verdicts, rewriting
+//! forwarded frames in place.
+//!
+//! ```text
+//!  frame ─► parse ─┬─ not IP / not ours ─────────────────────────────────────────────► Pass
+//!                  ├─ to a SNAT address: reply of a NAT flow ─► reverse entry ─► un-NAT ─► Tx
+//!                  └─ to a VIP ─► service (VIP, port, proto) ─► source ranges ─► conntrack
+//!                                   hit: same backend (unless it left: policy)      │ miss: affinity,
+//!                                   scheduler pick, SNAT port, insert ◄────────────┘
+//!                                 ─► rewrite (NAT / DSR / IP-in-IP / GUE) ─► counters ─► Tx
+//!  every other outcome: Drop(reason), counted in Stats::drops
+//! ```
+//!
+//! Everything a worker touches per packet was allocated in [`Worker::new`]: the conntrack table, the
+//! per-slot counters and scheduler cursors. [`Worker::swap_tables`] installs new [`Tables`] between
+//! bursts and hands the old ones back, so they are freed off the fast path; conntrack survives.
+//!
+//! **Choices a network engineer should know.**
+//! - Fragments to a VIP (first or later) are dropped and counted as [`DropReason::Fragment`]: without
+//!   reassembly the later fragments carry no ports and cannot follow their flow (Katran does the same).
+//! - A TCP segment of an unknown flow is scheduled even without SYN, so flows survive a restart of the
+//!   load balancer (consistent schedulers give the same backend); the entry stays half-open until the
+//!   client's next segment, so a stream of random ACKs cannot fill the table with established entries.
+//! - UDP entries are half-open until a second packet or a reply is seen.
+//! - Full NAT: each core takes a disjoint share of `NodeConfig::snat_ports` ([`snat_port_share`]);
+//!   replies must reach the core that owns their destination port (the I/O layer steers them, see
+//!   [`snat_port_owner`]). Replies are sent to `NodeConfig::gateway_mac`.
+//! - ICMP errors follow the flow they quote: to a VIP, to the flow's backend (DSR and tunnels carry
+//!   them unchanged, NAT translates the error and its quote); to a SNAT address, back to the client
+//!   translated. Errors about untracked flows are counted as [`DropReason::IcmpNoFlow`] or
+//!   [`DropReason::NoReverseFlow`]. Other ICMP to a VIP (echo) passes to the kernel.
+//! - Rewrites are lb-core's [`forward`] module; headroom needed: [`Frame::HEADROOM_NEEDED`].
+
+use alloc::boxed::Box;
+use alloc::sync::Arc;
+use alloc::vec;
+use core::net::IpAddr;
+
+use lb_hash::FlowHasher;
+
+use crate::config::{ForwardMode, Protocol, RemovedBackendPolicy, ServiceKey, Timeouts};
+use crate::conntrack::{ConnKey, ConnState, ConntrackTable, Entry, EntryKind, NO_LINK, WAYS};
+use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
+use crate::frame::{Frame, Verdict};
+use crate::packet::{self, Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
+use crate::schedule::{CoreState, FlowInput, Scheduler};
+use crate::service::{Service, Tables};
+use crate::stats::{DropReason, Stats};
+use crate::time::Instant;
+
+/// Conntrack buckets swept for expired entries per burst (see [`ConntrackTable::sweep_bucket`]).
+const SWEEP_BUCKETS_PER_BURST: usize = 4;
+/// Candidate SNAT ports tried for a new NAT flow before giving up with [`DropReason::NoSnatPort`].
+const SNAT_PORT_TRIES: u32 = 32;
+
+/// How a worker is sized and which share of the node it owns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Conntrack entries (rounded up to a power of two times 8). A NAT flow takes two.
+    pub conntrack_capacity: usize,
+    /// This worker's index among the node's workers, `0..core_count`.
+    pub core_index: u16,
+    /// How many workers share the node (and its SNAT ports).
+    pub core_count: u16,
+}
+
+impl WorkerConfig {
+    /// One worker that owns the whole node.
+    pub fn single_core(conntrack_capacity: usize) -> Self {
+        WorkerConfig { conntrack_capacity, core_index: 0, core_count: 1 }
+    }
+}
+
+/// The SNAT ports (inclusive) that worker `core_index` of `core_count` allocates from: the node's range
+/// cut into equal, disjoint slices (the last takes the remainder). `None` when the slice is empty.
+pub fn snat_port_share(ports: (u16, u16), core_index: u16, core_count: u16) -> Option<(u16, u16)> {
+    let (first, last) = ports;
+    if first == 0 || first > last || core_count == 0 || core_index >= core_count {
+        return None;
+    }
+    let total = u32::from(last) - u32::from(first) + 1;
+    let per = total / u32::from(core_count);
+    if per == 0 {
+        return None;
+    }
+    let lo = u32::from(first) + per * u32::from(core_index);
+    let hi = if core_index + 1 == core_count { u32::from(last) } else { lo + per - 1 };
+    Some((u16::try_from(lo).ok()?, u16::try_from(hi).ok()?))
+}
+
+/// The worker that owns SNAT port `port`, for steering NAT replies to the right core.
+pub fn snat_port_owner(ports: (u16, u16), core_count: u16, port: u16) -> Option<u16> {
+    (0..core_count).find(|&c| snat_port_share(ports, c, core_count).is_some_and(|(lo, hi)| (lo..=hi).contains(&port)))
+}
+
+/// One core's load balancer. See the module docs.
+#[derive(Debug)]
+pub struct Worker {
+    tables: Arc<Tables>,
+    core: Core,
+}
+
+/// Everything a worker owns and mutates; kept apart from the shared tables so the per-packet path can
+/// borrow both at once (no reference-count traffic per packet).
+#[derive(Debug)]
+struct Core {
+    conntrack: ConntrackTable,
+    stats: Stats,
+    /// Scheduler cursor per service slot (rr, wrr).
+    cursors: Box<[u32]>,
+    /// Generation each service slot's counters and cursor belong to.
+    service_generations: Box<[u32]>,
+    /// Generation each backend slot's counters belong to.
+    backend_generations: Box<[u32]>,
+    config: WorkerConfig,
+    /// This core's SNAT ports, inclusive.
+    snat_ports: Option<(u16, u16)>,
+    hasher: FlowHasher,
+    timeouts: Timeouts,
+    sweep_out: [(u32, Entry); WAYS],
+}
+
+/// A frame's conntrack key with its hash, and its lb-hash 5-tuple hash (for schedulers and GUE).
+#[derive(Debug, Clone, Copy)]
+struct FlowHashes {
+    key: ConnKey,
+    hash: u64,
+    flow_hash: u64,
+}
+
+/// The outcome of the per-packet path before counters: a verdict and the frame's service/backend.
+type Outcome = Result<Verdict, DropReason>;
+
+impl Worker {
+    /// A worker serving `tables`. Allocates everything the fast path will use, once.
+    pub fn new(tables: Arc<Tables>, config: WorkerConfig) -> Worker {
+        let limits = tables.limits();
+        let core = Core {
+            conntrack: ConntrackTable::with_capacity(config.conntrack_capacity),
+            stats: Stats::new(limits.max_services, limits.max_backends),
+            cursors: vec![0; limits.max_services].into_boxed_slice(),
+            service_generations: vec![0; limits.max_services].into_boxed_slice(),
+            backend_generations: vec![0; limits.max_backends].into_boxed_slice(),
+            snat_ports: None,
+            hasher: FlowHasher::new(tables.node().hash_seed),
+            timeouts: tables.node().timeouts,
+            sweep_out: [(0, Entry::default()); WAYS],
+            config,
+        };
+        let mut w = Worker { tables: tables.clone(), core };
+        w.install(tables);
+        w
+    }
+
+    /// Installs new tables between bursts and returns the old ones (drop them off the fast path).
+    /// Conntrack survives: flows keep their backends wherever the new tables still have them.
+    pub fn swap_tables(&mut self, tables: Arc<Tables>) -> Arc<Tables> {
+        self.install(tables)
+    }
+
+    fn install(&mut self, tables: Arc<Tables>) -> Arc<Tables> {
+        self.core.install(&tables);
+        core::mem::replace(&mut self.tables, tables)
+    }
+
+    /// The tables in use.
+    pub fn tables(&self) -> &Arc<Tables> {
+        &self.tables
+    }
+
+    /// This core's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.core.stats
+    }
+
+    /// This core's connection table (read-only; for inspection and tests).
+    pub fn conntrack(&self) -> &ConntrackTable {
+        &self.core.conntrack
+    }
+
+    /// Decides a verdict for each frame (pairs `frames[i]` with `verdicts[i]`; extra entries of the
+    /// longer slice are left alone) and rewrites frames to transmit in place. Then reclaims a few
+    /// buckets of expired conntrack entries.
+    pub fn process_burst(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
+        let now_s = secs(now);
+        let tables = &*self.tables;
+        let core = &mut self.core;
+        for (frame, verdict) in frames.iter_mut().zip(verdicts.iter_mut()) {
+            core.stats.rx += 1;
+            *verdict = match core.process_frame(tables, frame, now_s) {
+                Ok(Verdict::Tx) => {
+                    core.stats.tx += 1;
+                    Verdict::Tx
+                }
+                Ok(Verdict::Pass) => {
+                    core.stats.passed += 1;
+                    Verdict::Pass
+                }
+                Ok(Verdict::Drop(reason)) | Err(reason) => {
+                    core.stats.count_drop(reason);
+                    Verdict::Drop(reason)
+                }
+            };
+        }
+        core.sweep(now_s);
+    }
+}
+
+impl Core {
+    fn install(&mut self, tables: &Tables) {
+        // Slots handed to a new service or backend start with zeroed counters.
+        for s in tables.services() {
+            let i = s.slot.index();
+            if let Some(g) = self.service_generations.get_mut(i)
+                && *g != s.generation
+            {
+                *g = s.generation;
+                self.stats.reset_service(i);
+                if let Some(c) = self.cursors.get_mut(i) {
+                    *c = 0;
+                }
+            }
+        }
+        for (i, generation) in tables.backend_slot_generations() {
+            if let Some(g) = self.backend_generations.get_mut(i)
+                && *g != generation
+            {
+                *g = generation;
+                self.stats.reset_backend(i);
+            }
+        }
+        let node = tables.node();
+        self.snat_ports = snat_port_share(node.snat_ports, self.config.core_index, self.config.core_count);
+        self.hasher = FlowHasher::new(node.hash_seed);
+        self.timeouts = node.timeouts;
+    }
+
+    /// Reclaims expired entries of a few conntrack buckets.
+    fn sweep(&mut self, now: u32) {
+        for _ in 0..SWEEP_BUCKETS_PER_BURST {
+            let n = self.conntrack.sweep_bucket(now, &mut self.sweep_out);
+            for k in 0..n.min(WAYS) {
+                let (index, entry) = self.sweep_out[k];
+                self.forget(index, &entry);
+            }
+        }
+    }
+
+    /// The whole decision for one frame.
+    fn process_frame(&mut self, tables: &Tables, frame: &mut Frame<'_>, now: u32) -> Outcome {
+        let p = match packet::parse(frame.data()) {
+            Ok(p) => p,
+            Err(e) => return parse_failure(&e),
+        };
+        let dst = p.flow.dst_ip();
+        if !tables.is_vip(dst) {
+            if tables.is_snat_addr(dst) {
+                return self.nat_reply(tables, frame, &p, now);
+            }
+            return Ok(Verdict::Pass);
+        }
+        if p.fragment != Fragment::None {
+            return Err(DropReason::Fragment);
+        }
+        let proto = match p.l4 {
+            L4::Tcp => Protocol::Tcp,
+            L4::Udp => Protocol::Udp,
+            L4::IcmpError(e) => return self.icmp_error_to_vip(tables, frame, &p, &e.inner.reverse(), now),
+            L4::IcmpEcho { .. } | L4::Ndp | L4::OtherIcmp => return Ok(Verdict::Pass),
+            L4::Other => return Err(DropReason::Unsupported),
+        };
+
+        // Service lookup: O(1) in the number of services.
+        let key = ServiceKey { vip: dst, port: p.flow.dst_port(), proto };
+        let Some((service_index, service)) = tables.lookup(&key) else {
+            return Err(DropReason::NoService);
+        };
+        let outcome = self.forward_to_service(tables, frame, &p, service_index, service, now);
+        if let Some(c) = self.stats.service_mut(service.slot.index()) {
+            match outcome {
+                Ok(Verdict::Tx) => {
+                    c.packets += 1;
+                    c.bytes += p.ip_len as u64;
+                }
+                _ => c.drops += 1,
+            }
+        }
+        outcome
+    }
+
+    /// Source check, conntrack, scheduling and rewrite for a frame addressed to `service`.
+    fn forward_to_service(
+        &mut self,
+        tables: &Tables,
+        frame: &mut Frame<'_>,
+        p: &Parsed,
+        service_index: usize,
+        service: &Service,
+        now: u32,
+    ) -> Outcome {
+        let client = p.flow.src_ip();
+        if !service.allows(client) {
+            return Err(DropReason::SourceNotAllowed);
+        }
+        let key = conn_key(p);
+        let hash = key.hash();
+        let flags = p.tcp_flags;
+
+        // Conntrack lookup: an established flow keeps its backend across table swaps.
+        let mut known = None;
+        if let Some(index) = self.conntrack.find(&key, hash) {
+            let entry = self.conntrack.get(index).copied().unwrap_or_default();
+            let restart = flags.is_syn_only() && entry.state == ConnState::TimeWait;
+            if entry.is_expired(now) || restart {
+                self.remove(index);
+            } else {
+                match tables.resolve(entry.backend) {
+                    Some((si, bi)) if si == service_index => known = Some((index, bi)),
+                    _ if service.on_backend_removed == RemovedBackendPolicy::Drop => {
+                        self.remove(index);
+                        return Err(DropReason::BackendRemoved);
+                    }
+                    _ => self.remove(index),
+                }
+            }
+        }
+
+        let flow_hash = self.hasher.five_tuple(client, p.flow.dst_ip(), p.flow.proto(), p.flow.src_port(), p.flow.dst_port());
+        let (index, backend_index) = match known {
+            Some((index, bi)) => {
+                if let Some(e) = self.conntrack.get_mut(index) {
+                    advance(e, flags, true, &self.timeouts, now);
+                }
+                (index, bi)
+            }
+            None => self.new_flow(tables, p, FlowHashes { key, hash, flow_hash }, service, now)?,
+        };
+        let backend = service.backends.get(backend_index).ok_or(DropReason::NoBackend)?;
+        if let Err(reason) = self.rewrite(tables, frame, p, service, backend, index, flow_hash) {
+            if known.is_none() {
+                // A flow whose first frame cannot be sent leaves no state behind.
+                self.remove(index);
+            }
+            return Err(reason);
+        }
+        if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
+            c.packets += 1;
+            c.bytes += p.ip_len as u64;
+        }
+        Ok(Verdict::Tx)
+    }
+
+    /// A flow conntrack does not know: affinity or scheduler, SNAT port, conntrack insert.
+    /// Returns the forward entry's index and the backend's index in the service.
+    fn new_flow(
+        &mut self,
+        tables: &Tables,
+        p: &Parsed,
+        hashes: FlowHashes,
+        service: &Service,
+        now: u32,
+    ) -> Result<(u32, usize), DropReason> {
+        let FlowHashes { key, hash, flow_hash } = hashes;
+        let client = p.flow.src_ip();
+        let affinity_key = service
+            .affinity_timeout_secs
+            .map(|t| (ConnKey::affinity(client, service.key.vip, service.key.port, service.key.proto.number()), t));
+        let sticky = affinity_key.and_then(|(k, _)| {
+            let i = self.conntrack.find(&k, k.hash())?;
+            let e = self.conntrack.get(i).filter(|e| !e.is_expired(now))?;
+            let (si, bi) = tables.resolve(e.backend)?;
+            let b = tables.service(si)?.backends.get(bi)?;
+            (b.takes_new_flows() && tables.service(si)?.slot == service.slot).then_some(bi)
+        });
+        let backend_index = match sticky {
+            Some(bi) => bi,
+            None => {
+                let flow = FlowInput {
+                    src: client,
+                    dst: p.flow.dst_ip(),
+                    proto: p.flow.proto(),
+                    sport: p.flow.src_port(),
+                    dport: p.flow.dst_port(),
+                    flow_hash,
+                    hasher: self.hasher,
+                };
+                let slot = service.slot.index();
+                let mut spare = 0;
+                let cursor = self.cursors.get_mut(slot).unwrap_or(&mut spare);
+                let mut core = CoreState { cursor, conns: self.stats.backends() };
+                service.scheduler.pick(&flow, &service.backends, &mut core).ok_or(DropReason::NoBackend)?
+            }
+        };
+        let backend = service.backends.get(backend_index).ok_or(DropReason::NoBackend)?;
+
+        let snat_port = match service.mode {
+            ForwardMode::Nat => self.pick_snat_port(tables, p, backend.addr, backend.port, flow_hash).ok_or(DropReason::NoSnatPort)?,
+            _ => 0,
+        };
+        let mut entry = Entry {
+            key,
+            state: if p.l4 == L4::Udp { ConnState::UdpNew } else { ConnState::SynSeen },
+            kind: EntryKind::Forward,
+            fins: 0,
+            expires: 0,
+            backend: backend.id,
+            snat_port,
+            link: NO_LINK,
+        };
+        advance_new(&mut entry, p.tcp_flags, &self.timeouts, now);
+        let index = self.insert(entry, hash, now, NO_LINK)?;
+        // Counted as soon as it is in the table, so that any removal below un-counts it exactly.
+        if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
+            c.new_flows += 1;
+            c.active_conns += 1;
+        }
+        if let Some(c) = self.stats.service_mut(service.slot.index()) {
+            c.new_flows += 1;
+        }
+        if service.mode == ForwardMode::Nat {
+            let snat = tables.node();
+            let snat_ip = match backend.addr {
+                IpAddr::V4(_) => snat.snat_v4.map(IpAddr::V4),
+                IpAddr::V6(_) => snat.snat_v6.map(IpAddr::V6),
+            };
+            let Some(snat_ip) = snat_ip else {
+                self.remove(index);
+                return Err(DropReason::NoSnatPort);
+            };
+            let rkey = ConnKey::flow(backend.addr, snat_ip, backend.port, snat_port, p.flow.proto());
+            let reverse = Entry { key: rkey, kind: EntryKind::Reverse, link: index, ..entry };
+            match self.insert(reverse, rkey.hash(), now, index) {
+                Ok(r) => {
+                    if let Some(e) = self.conntrack.get_mut(index) {
+                        e.link = r;
+                    }
+                }
+                Err(e) => {
+                    self.remove(index);
+                    return Err(e);
+                }
+            }
+        }
+        if let Some((k, timeout)) = affinity_key {
+            let h = k.hash();
+            if let Some(i) = self.conntrack.find(&k, h) {
+                self.remove(i);
+            }
+            let record = Entry {
+                key: k,
+                state: ConnState::Affinity,
+                kind: EntryKind::Affinity,
+                expires: now.saturating_add(timeout),
+                backend: backend.id,
+                link: NO_LINK,
+                ..Entry::default()
+            };
+            // Affinity is best effort: a full bucket only costs stickiness. It never displaces the
+            // flow's own entry.
+            let _ = self.insert(record, h, now, index);
+        }
+        Ok((index, backend_index))
+    }
+
+    /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow): find its NAT
+    /// flow by the reverse entry and translate it back to VIP -> client.
+    fn nat_reply(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, now: u32) -> Outcome {
+        let key = match p.l4 {
+            L4::Tcp | L4::Udp => ConnKey::from_flow(&p.flow),
+            L4::IcmpError(e) => ConnKey::from_flow(&e.inner.reverse()),
+            _ => return Ok(Verdict::Pass),
+        };
+        if p.fragment != Fragment::None {
+            return Err(DropReason::Fragment);
+        }
+        let index = self.conntrack.find(&key, key.hash()).ok_or(DropReason::NoReverseFlow)?;
+        if !self.conntrack.is_live(index, now) {
+            return Err(DropReason::NoReverseFlow);
+        }
+        let link = self.conntrack.get(index).map(|e| e.link).ok_or(DropReason::NoReverseFlow)?;
+        let forward = self.conntrack.get_mut(link).ok_or(DropReason::NoReverseFlow)?;
+        if !matches!(p.l4, L4::IcmpError(_)) {
+            advance(forward, p.tcp_flags, false, &self.timeouts, now);
+        }
+        let to = flow_key(&forward.key).ok_or(DropReason::NoReverseFlow)?.reverse();
+        let node = tables.node();
+        let macs = Macs { src: node.local_mac, dst: node.gateway_mac.unwrap_or(node.local_mac) };
+        forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
+        self.stats.reverse_nat += 1;
+        Ok(Verdict::Tx)
+    }
+
+    /// An ICMP error addressed to a VIP, about the flow `flow` (client to VIP): send it where the flow
+    /// goes, with the mode's rewrite (NAT translates the error and its quote).
+    fn icmp_error_to_vip(
+        &mut self,
+        tables: &Tables,
+        frame: &mut Frame<'_>,
+        p: &Parsed,
+        flow: &FlowKey,
+        now: u32,
+    ) -> Outcome {
+        let key = ConnKey::from_flow(flow);
+        let index = self.conntrack.find(&key, key.hash()).ok_or(DropReason::IcmpNoFlow)?;
+        if !self.conntrack.is_live(index, now) {
+            return Err(DropReason::IcmpNoFlow);
+        }
+        let entry = self.conntrack.get(index).copied().ok_or(DropReason::IcmpNoFlow)?;
+        let (si, bi) = tables.resolve(entry.backend).ok_or(DropReason::IcmpNoFlow)?;
+        let service = tables.service(si).ok_or(DropReason::IcmpNoFlow)?;
+        let backend = service.backends.get(bi).ok_or(DropReason::IcmpNoFlow)?;
+        let hash = self.hasher.five_tuple(flow.src_ip(), flow.dst_ip(), flow.proto(), flow.src_port(), flow.dst_port());
+        self.rewrite(tables, frame, p, service, backend, index, hash)?;
+        Ok(Verdict::Tx)
+    }
+
+    /// Rewrites a frame of the flow at conntrack `index` for `backend`, as the service's mode says.
+    #[expect(clippy::too_many_arguments, reason = "the per-packet context, passed by reference, no struct to build per packet")]
+    fn rewrite(
+        &self,
+        tables: &Tables,
+        frame: &mut Frame<'_>,
+        p: &Parsed,
+        service: &Service,
+        backend: &crate::service::Backend,
+        index: u32,
+        flow_hash: u64,
+    ) -> Result<(), DropReason> {
+        let macs = Macs { src: tables.node().local_mac, dst: backend.mac };
+        match service.mode {
+            ForwardMode::Nat => {
+                let to = self.nat_target_of(tables, index, backend).ok_or(DropReason::NoSnatPort)?;
+                forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
+            }
+            ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs)?,
+            ForwardMode::IpIp => {
+                let t = tunnel_target(tables, backend.addr, macs, flow_hash).ok_or(DropReason::Unsupported)?;
+                forward::ipip::encap(frame, p, &t)?;
+            }
+            ForwardMode::Gue { port } => {
+                let t = tunnel_target(tables, backend.addr, macs, flow_hash).ok_or(DropReason::Unsupported)?;
+                forward::gue::encap(frame, p, &t, port)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The flow a NAT flow's client-to-backend frames leave with: SNAT address and the entry's port
+    /// to the backend.
+    fn nat_target_of(&self, tables: &Tables, index: u32, backend: &crate::service::Backend) -> Option<FlowKey> {
+        let e = self.conntrack.get(index)?;
+        let node = tables.node();
+        let snat = match backend.addr {
+            IpAddr::V4(_) => IpAddr::V4(node.snat_v4?),
+            IpAddr::V6(_) => IpAddr::V6(node.snat_v6?),
+        };
+        FlowKey::from_ips(snat, backend.addr, e.key.proto, e.snat_port, backend.port)
+    }
+
+    /// A free SNAT port from this core's share for a flow to `backend`: free means no reply key
+    /// (backend, SNAT address, backend port, port) is tracked. Starts at a hash-chosen port and probes.
+    fn pick_snat_port(&self, tables: &Tables, p: &Parsed, backend: IpAddr, backend_port: u16, flow_hash: u64) -> Option<u16> {
+        let (lo, hi) = self.snat_ports?;
+        let node = tables.node();
+        let snat = match backend {
+            IpAddr::V4(_) => IpAddr::V4(node.snat_v4?),
+            IpAddr::V6(_) => IpAddr::V6(node.snat_v6?),
+        };
+        let span = u32::from(hi) - u32::from(lo) + 1;
+        let start = (flow_hash >> 32) as u32 % span;
+        (0..SNAT_PORT_TRIES.min(span)).find_map(|i| {
+            let port = u16::try_from(u32::from(lo) + (start + i) % span).ok()?;
+            let k = ConnKey::flow(backend, snat, backend_port, port, p.flow.proto());
+            self.conntrack.find(&k, k.hash()).is_none().then_some(port)
+        })
+    }
+
+    /// Inserts an entry (never displacing the entry at `spare`), accounting for whatever it displaced.
+    fn insert(&mut self, entry: Entry, hash: u64, now: u32, spare: u32) -> Result<u32, DropReason> {
+        let ins = self.conntrack.insert_sparing(entry, hash, now, spare).map_err(|_| DropReason::ConntrackFull)?;
+        if let Some(d) = ins.displaced {
+            if d.evicted {
+                self.stats.conntrack_evictions += 1;
+            }
+            self.forget(d.index, &d.entry);
+        }
+        Ok(ins.index)
+    }
+
+    /// Removes the entry at `index` and everything that hangs on it.
+    fn remove(&mut self, index: u32) {
+        if let Some(e) = self.conntrack.remove(index) {
+            self.forget(index, &e);
+        }
+    }
+
+    /// Accounts for an entry that left the table (already removed): the backend's connection count,
+    /// and the paired reverse entry of a NAT flow.
+    fn forget(&mut self, index: u32, e: &Entry) {
+        if e.kind != EntryKind::Forward {
+            return;
+        }
+        let slot = e.backend.slot as usize;
+        if self.backend_generations.get(slot) == Some(&e.backend.generation)
+            && let Some(c) = self.stats.backend_mut(slot)
+        {
+            c.active_conns = c.active_conns.saturating_sub(1);
+        }
+        if e.link != NO_LINK
+            && self.conntrack.get(e.link).is_some_and(|r| r.kind == EntryKind::Reverse && r.link == index)
+        {
+            self.conntrack.remove(e.link);
+        }
+    }
+}
+
+/// Pass or drop for a frame that did not parse.
+fn parse_failure(e: &ParseError) -> Outcome {
+    match e.disposition() {
+        Disposition::Pass => Ok(Verdict::Pass),
+        Disposition::Drop => Err(match e {
+            ParseError::Truncated { .. } | ParseError::TinyFragment { .. } => DropReason::Truncated,
+            _ => DropReason::Malformed,
+        }),
+    }
+}
+
+fn secs(now: Instant) -> u32 {
+    u32::try_from(now.as_secs()).unwrap_or(u32::MAX)
+}
+
+fn conn_key(p: &Parsed) -> ConnKey {
+    ConnKey::from_flow(&p.flow)
+}
+
+/// The outer header of a tunnelled frame: from the node's tunnel address of the backend's family.
+fn tunnel_target(tables: &Tables, backend: IpAddr, macs: Macs, flow_hash: u64) -> Option<TunnelTarget> {
+    let node = tables.node();
+    let src = match backend {
+        IpAddr::V4(_) => IpAddr::V4(node.tunnel_src_v4?),
+        IpAddr::V6(_) => IpAddr::V6(node.tunnel_src_v6?),
+    };
+    Some(TunnelTarget { src, dst: backend, macs, flow_hash: (flow_hash >> 32) as u32 })
+}
+
+/// The packet-level flow key of a conntrack key.
+fn flow_key(k: &ConnKey) -> Option<FlowKey> {
+    FlowKey::from_ips(k.src_ip(), k.dst_ip(), k.proto, k.sport, k.dport)
+}
+
+fn timeout_of(state: ConnState, t: &Timeouts) -> u32 {
+    let d = match state {
+        ConnState::SynSeen => t.tcp_syn,
+        ConnState::Established => t.tcp_established,
+        ConnState::Closing => t.tcp_fin,
+        ConnState::TimeWait => t.tcp_time_wait,
+        ConnState::UdpNew | ConnState::UdpAssured | ConnState::Affinity => t.udp,
+    };
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// The state of a new entry from its first packet's TCP flags.
+fn advance_new(e: &mut Entry, flags: TcpFlags, t: &Timeouts, now: u32) {
+    if e.state == ConnState::SynSeen {
+        if flags.contains(TcpFlags::RST) {
+            e.state = ConnState::TimeWait;
+        } else if flags.contains(TcpFlags::FIN) {
+            e.state = ConnState::Closing;
+            e.fins = 1;
+        }
+    }
+    e.expires = now.saturating_add(timeout_of(e.state, t));
+}
+
+/// The state after a packet of a known flow, from the client (`from_client`) or the backend (NAT
+/// replies). IPVS-like: the client's ACK after SYN establishes, a FIN closes, both FINs or an RST
+/// reach time-wait. Each packet refreshes the idle timeout of the state it leaves the flow in.
+fn advance(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &Timeouts, now: u32) {
+    e.state = match e.state {
+        ConnState::UdpNew | ConnState::UdpAssured => ConnState::UdpAssured,
+        ConnState::Affinity => ConnState::Affinity,
+        s if flags.contains(TcpFlags::RST) => {
+            let _ = s;
+            ConnState::TimeWait
+        }
+        s if flags.contains(TcpFlags::FIN) => {
+            let _ = s;
+            e.fins |= if from_client { 1 } else { 2 };
+            if e.fins == 3 { ConnState::TimeWait } else { ConnState::Closing }
+        }
+        ConnState::SynSeen if from_client && flags.contains(TcpFlags::ACK) && !flags.contains(TcpFlags::SYN) => {
+            ConnState::Established
+        }
+        s => s,
+    };
+    e.expires = now.saturating_add(timeout_of(e.state, t));
+}
