@@ -593,13 +593,18 @@ impl XskDevice {
             // SAFETY: `base` is a free chunk start inside the UMEM (from our free list, so neither the
             // kernel nor a lent frame holds it); the slice covers that chunk only and ends before
             // this function returns.
-            let chunk = unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(base as usize), size) };
+            let chunk =
+                unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(base as usize), size) };
             let len = chunk.get_mut(headroom..).map_or(0, &mut write);
             if len == 0 || headroom + len > size {
                 self.free.push(base);
                 continue;
             }
-            self.pending.push_back(libc::xdp_desc { addr: base + headroom as u64, len: len as u32, options: 0 });
+            self.pending.push_back(libc::xdp_desc {
+                addr: base + headroom as u64,
+                len: len as u32,
+                options: 0,
+            });
             queued += 1;
         }
         queued

@@ -11,7 +11,10 @@ use std::time::{Duration, Instant as StdInstant};
 use lb_core::Frame;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
-use lb_io::{BusyPoll, Device, LoopConfig, MacRewrite, PollLoop, StopFlag, XskConfig, XskDevice, update_channel};
+use lb_io::{
+    BusyPoll, Device, LoopConfig, MacRewrite, PollLoop, StopFlag, XskConfig, XskDevice,
+    update_channel,
+};
 
 use super::CmdResult;
 
@@ -80,7 +83,8 @@ pub struct ForwardArgs {
 }
 
 fn mac_of(iface: &str) -> Result<[u8; 6], String> {
-    let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).map_err(|e| format!("{iface}: {e}"))?;
+    let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))
+        .map_err(|e| format!("{iface}: {e}"))?;
     lb_io::netns::parse_mac(text.trim()).ok_or_else(|| format!("{iface}: bad MAC {text:?}"))
 }
 
@@ -88,22 +92,38 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     lb_io::netns::parse_mac(s).ok_or_else(|| format!("bad MAC {s:?}: expected aa:bb:cc:dd:ee:ff"))
 }
 
-fn open(iface: &str, steer: &[IpAddr], busy: bool) -> Result<(VipSteering, XskDevice, lb_io::bpf::Link), String> {
+fn open(
+    iface: &str,
+    steer: &[IpAddr],
+    busy: bool,
+) -> Result<(VipSteering, XskDevice, lb_io::bpf::Link), String> {
     let mut steering = VipSteering::load(SteeringConfig::default()).map_err(|e| e.to_string())?;
-    steering.set_vips(steer.iter().copied()).map_err(|e| e.to_string())?;
+    steering
+        .set_vips(steer.iter().copied())
+        .map_err(|e| e.to_string())?;
     let mut cfg = XskConfig::new(iface, 0);
     if busy {
-        cfg.busy_poll = Some(BusyPoll { usecs: 20, budget: 64 });
+        cfg.busy_poll = Some(BusyPoll {
+            usecs: 20,
+            budget: 64,
+        });
     }
     let dev = XskDevice::open(&cfg).map_err(|e| e.to_string())?;
-    steering.set_socket(0, dev.fd()).map_err(|e| e.to_string())?;
+    steering
+        .set_socket(0, dev.fd())
+        .map_err(|e| e.to_string())?;
     let idx = lb_io::xsk::ifindex(iface).ok_or_else(|| format!("no interface {iface}"))?;
-    let link = steering.attach(idx, AttachMode::Native).map_err(|e| e.to_string())?;
+    let link = steering
+        .attach(idx, AttachMode::Native)
+        .map_err(|e| e.to_string())?;
     Ok((steering, dev, link))
 }
 
 fn ipv4_checksum(h: &[u8]) -> u16 {
-    let mut sum: u32 = h.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -191,9 +211,17 @@ pub fn gen_main(a: GenArgs) -> CmdResult {
         let none = [None; 64];
         dev.settle(&none[..got])?;
     }
-    let measured = start.elapsed().saturating_sub(measure_start.unwrap_or_default()).as_secs_f64();
+    let measured = start
+        .elapsed()
+        .saturating_sub(measure_start.unwrap_or_default())
+        .as_secs_f64();
     latencies.sort_unstable();
-    let pct = |p: f64| latencies.get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     let rx_pps = (received - rx_at_start) as f64 / measured;
     let tx_pps = (sent - sent_at_start) as f64 / measured;
     println!(
@@ -203,7 +231,10 @@ pub fn gen_main(a: GenArgs) -> CmdResult {
         latencies.len()
     );
     let s = dev.stats();
-    eprintln!("gen AF_XDP: rx_dropped {} rx_ring_full {} fill_empty {} tx_kicks {}", s.rx_dropped, s.rx_ring_full, s.rx_fill_ring_empty, s.tx_kicks);
+    eprintln!(
+        "gen AF_XDP: rx_dropped {} rx_ring_full {} fill_empty {} tx_kicks {}",
+        s.rx_dropped, s.rx_ring_full, s.rx_fill_ring_empty, s.tx_kicks
+    );
     Ok(())
 }
 
@@ -215,19 +246,37 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
     }
     let (_steering, dev, _link) = open(&a.iface, &a.steer, a.busy_poll)?;
     let config = LoopConfig {
-        idle_spins: if a.busy_poll { usize::MAX } else { LoopConfig::default().idle_spins },
+        idle_spins: if a.busy_poll {
+            usize::MAX
+        } else {
+            LoopConfig::default().idle_spins
+        },
         ..LoopConfig::default()
     };
     let (_tx, rx) = update_channel();
     println!("ready");
     let stats = match a.processor.as_str() {
         "floor" => {
-            let dst = parse_mac(a.dst_mac.as_deref().ok_or("--dst-mac is required for the floor")?)?;
-            let p = MacRewrite { src: mac_of(&a.iface)?, dst };
-            PollLoop::new(dev, p, rx, StopFlag::new(), config).run()?.stats
+            let dst = parse_mac(
+                a.dst_mac
+                    .as_deref()
+                    .ok_or("--dst-mac is required for the floor")?,
+            )?;
+            let p = MacRewrite {
+                src: mac_of(&a.iface)?,
+                dst,
+            };
+            PollLoop::new(dev, p, rx, StopFlag::new(), config)
+                .run()?
+                .stats
         }
-        other => return Err(format!("unknown --processor {other:?} (this build has: floor)").into()),
+        other => {
+            return Err(format!("unknown --processor {other:?} (this build has: floor)").into());
+        }
     };
-    eprintln!("forwarder: rx {} tx {} pass {} drop {} stalled {}", stats.rx, stats.tx, stats.pass, stats.drop, stats.stalled_flushes);
+    eprintln!(
+        "forwarder: rx {} tx {} pass {} drop {} stalled {}",
+        stats.rx, stats.tx, stats.pass, stats.drop, stats.stalled_flushes
+    );
     Ok(())
 }
