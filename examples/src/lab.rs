@@ -388,9 +388,11 @@ impl Lab {
     }
 }
 
-/// Builds the fast path's tables from a configuration.
-pub fn tables(config: &Config) -> Result<Arc<Tables>, LabError> {
-    Ok(TableBuilder::new().build(config)?)
+/// Builds the fast path's tables with `builder`. Keep one builder for the life of a load balancer:
+/// it keeps backend slots stable across builds, which is what lets established flows keep their
+/// backend when the tables are swapped (a fresh builder renumbers them).
+pub fn tables(builder: &mut TableBuilder, config: &Config) -> Result<Arc<Tables>, LabError> {
+    Ok(builder.build(config)?)
 }
 
 /// What the load balancer thread hands back when it stops.

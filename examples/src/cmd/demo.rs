@@ -174,7 +174,8 @@ pub fn main(args: Args) -> CmdResult {
     } else {
         AttachMode::Native
     };
-    let lb = start_lb(&lab, tables(&config)?, args.core, attach)?;
+    let mut builder = lb_core::service::TableBuilder::new();
+    let lb = start_lb(&lab, tables(&mut builder, &config)?, args.core, attach)?;
     println!(
         "load balancer attached to {}-lb eth0 queue 0 (AF_XDP); sending {} flows per protocol and family",
         lab.tag, args.flows
