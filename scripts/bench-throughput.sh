@@ -63,13 +63,21 @@ start_fwd() { # args...
 stop_fwd() { kill -INT "$FWD_PID"; wait "$FWD_PID" || true; FWD_PID=""; cat "/tmp/$TAG.fwd" >&2; }
 
 field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
-declare -A PPS P50 P99
+l0_tx() { ip netns exec "$L" cat /sys/class/net/l0/statistics/tx_packets; }
+now() { date +%s.%N; }
+declare -A PPS RET P50 P99
 
+# Forwarded pps = frames the LB namespace transmitted on l0 while the generator ran at full speed
+# (the forwarder's own output, whatever the generator manages to take back); returned pps = what came
+# back to the generator's socket.
 run_case() { # name receive-address
-  local out lat
+  local out lat tx0 tx1 t0 t1
+  tx0=$(l0_tx); t0=$(now)
   out=$(gen 0 "$2"); echo "  $1 max:      $out" >&2
+  tx1=$(l0_tx); t1=$(now)
+  PPS[$1]=$(awk -v a="$tx0" -v b="$tx1" -v s="$t0" -v e="$t1" 'BEGIN { printf "%.0f", (b - a) / (e - s) }')
+  RET[$1]=$(echo "$out" | field rx_pps)
   lat=$(gen "$LAT_RATE" "$2"); echo "  $1 ${LAT_RATE}pps: $lat" >&2
-  PPS[$1]=$(echo "$out" | field rx_pps)
   P50[$1]=$(echo "$lat" | field p50_us); P99[$1]=$(echo "$lat" | field p99_us)
 }
 
@@ -95,7 +103,7 @@ YAML
 if start_fwd --processor lb --config "/tmp/$TAG.yaml" --steer $VIP --steer $SNAT && sleep 0.2 && kill -0 "$FWD_PID" 2>/dev/null; then
   run_case lb $BACKEND; stop_fwd
 else
-  echo "  (b) not available in this build:" >&2; cat "/tmp/$TAG.fwd" >&2; FWD_PID=""; PPS[lb]=0; P50[lb]=0; P99[lb]=0
+  echo "  (b) not available in this build:" >&2; cat "/tmp/$TAG.fwd" >&2; FWD_PID=""; PPS[lb]=0; RET[lb]=0; P50[lb]=0; P99[lb]=0
 fi
 
 echo "== (c) kernel: nftables DNAT + SNAT, forwarding" >&2
@@ -113,6 +121,6 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 echo
 echo "machine: $(uname -r), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "command: scripts/bench-throughput.sh $SECS   (GEN_CORE=$GEN_CORE FWD_CORE=$FWD_CORE LAT_RATE=$LAT_RATE)"
-printf "| path | pps (one core) | p50 us @%s pps | p99 us @%s pps |\n|---|---|---|---|\n" "$LAT_RATE" "$LAT_RATE"
-for k in floor lb nft; do printf "| %s | %s | %s | %s |\n" "$k" "${PPS[$k]}" "${P50[$k]}" "${P99[$k]}"; done
+printf "| path | forwarded pps (one core) | returned pps | p50 us @%s pps | p99 us @%s pps |\n|---|---|---|---|---|\n" "$LAT_RATE" "$LAT_RATE"
+for k in floor lb nft; do printf "| %s | %s | %s | %s | %s |\n" "$k" "${PPS[$k]}" "${RET[$k]}" "${P50[$k]}" "${P99[$k]}"; done
 echo "(b)/(a) = $(ratio "${PPS[lb]}" "${PPS[floor]}")   (b)/(c) = $(ratio "${PPS[lb]}" "${PPS[nft]}")"

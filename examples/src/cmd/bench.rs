@@ -198,18 +198,23 @@ pub fn gen_main(a: GenArgs) -> CmdResult {
             let d = f.data();
             // UDP payload of an IPv4 frame: after the IP header (IHL) and 8 bytes of UDP.
             let off = 14 + usize::from(d.get(14).copied().unwrap_or(0) & 0x0f) * 4 + 8;
-            if d.get(off..off + 2) == Some(&MAGIC[..]) {
-                if let Some(ts) = d.get(off + 2..off + 10) {
-                    let ts = u64::from_be_bytes(ts.try_into().unwrap_or([0; 8]));
-                    if measure_start.is_some() && latencies.len() < latencies.capacity() {
-                        latencies.push(now.saturating_sub(ts).min(u64::from(u32::MAX)) as u32);
-                    }
-                    received += 1;
+            if d.get(off..off + 2) == Some(&MAGIC[..])
+                && let Some(ts) = d.get(off + 2..off + 10)
+            {
+                let ts = u64::from_be_bytes(ts.try_into().unwrap_or([0; 8]));
+                if measure_start.is_some() && latencies.len() < latencies.capacity() {
+                    latencies.push(now.saturating_sub(ts).min(u64::from(u32::MAX)) as u32);
                 }
+                received += 1;
             }
         }
         let none = [None; 64];
         dev.settle(&none[..got])?;
+        // At a fixed rate, sleep in poll() until a frame returns (or 1 ms) instead of spinning, so the
+        // interface's NAPI thread on this core gets the CPU and latency is not our own scheduling.
+        if a.rate > 0 && got == 0 && budget == 0 {
+            dev.wait(Duration::from_millis(1))?;
+        }
     }
     let measured = start
         .elapsed()
@@ -245,7 +250,7 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
         lb_io::pin_to_core(c)?;
     }
     let (_steering, dev, _link) = open(&a.iface, &a.steer, a.busy_poll)?;
-    let config = LoopConfig {
+    let config_loop = LoopConfig {
         idle_spins: if a.busy_poll {
             usize::MAX
         } else {
@@ -266,7 +271,7 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
                 src: mac_of(&a.iface)?,
                 dst,
             };
-            PollLoop::new(dev, p, rx, StopFlag::new(), config)
+            PollLoop::new(dev, p, rx, StopFlag::new(), config_loop)
                 .run()?
                 .stats
         }
