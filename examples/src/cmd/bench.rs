@@ -108,7 +108,21 @@ fn open(
             budget: 64,
         });
     }
-    let dev = XskDevice::open(&cfg).map_err(|e| e.to_string())?;
+    // The kernel releases a closed AF_XDP socket's queue binding asynchronously: a run right after
+    // another may see EBUSY for a moment. Retry a bounded number of times.
+    let mut tries = 0;
+    let dev = loop {
+        match XskDevice::open(&cfg) {
+            Ok(d) => break d,
+            Err(lb_io::XskError::Sys { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) && tries < 100 =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
     steering
         .set_socket(0, dev.fd())
         .map_err(|e| e.to_string())?;
@@ -258,7 +272,6 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
         },
         ..LoopConfig::default()
     };
-    let (_tx, rx) = update_channel();
     println!("ready");
     let stats = match a.processor.as_str() {
         "floor" => {
@@ -271,13 +284,44 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
                 src: mac_of(&a.iface)?,
                 dst,
             };
+            let (_updates, rx) = update_channel();
             PollLoop::new(dev, p, rx, StopFlag::new(), config_loop)
                 .run()?
                 .stats
         }
-        other => {
-            return Err(format!("unknown --processor {other:?} (this build has: floor)").into());
+        "lb" => {
+            let path = a
+                .config
+                .as_deref()
+                .ok_or("--config is required for --processor lb")?;
+            let settings = lb_examples::config::file::load(path)?;
+            let config = lb_core::config::Config {
+                node: settings.node.clone(),
+                services: settings.services.iter().map(|s| s.config.clone()).collect(),
+            };
+            let tables = lb_core::service::TableBuilder::new().build(&config)?;
+            let worker = lb_core::worker::Worker::new(
+                tables,
+                lb_core::worker::WorkerConfig::single_core(1 << 20),
+            );
+            let (_updates, rx) = update_channel();
+            let report = PollLoop::new(dev, worker, rx, StopFlag::new(), config_loop).run()?;
+            let w = report.processor.stats();
+            eprintln!(
+                "worker: rx {} tx {} dropped {} passed {}",
+                w.rx,
+                w.tx,
+                w.dropped_total(),
+                w.passed
+            );
+            for reason in lb_core::stats::DropReason::ALL {
+                if w.dropped(reason) > 0 {
+                    eprintln!("  drop {reason}: {}", w.dropped(reason));
+                }
+            }
+            report.stats
         }
+        other => return Err(format!("unknown --processor {other:?} (floor or lb)").into()),
     };
     eprintln!(
         "forwarder: rx {} tx {} pass {} drop {} stalled {}",
