@@ -285,9 +285,9 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
                 dst,
             };
             let (_updates, rx) = update_channel();
-            PollLoop::new(dev, p, rx, StopFlag::new(), config_loop)
-                .run()?
-                .stats
+            let report = PollLoop::new(dev, p, rx, StopFlag::new(), config_loop).run()?;
+            print_xsk(&report.device);
+            report.stats
         }
         "lb" => {
             let path = a
@@ -328,4 +328,12 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
         stats.rx, stats.tx, stats.pass, stats.drop, stats.stalled_flushes
     );
     Ok(())
+}
+
+fn print_xsk(dev: &XskDevice) {
+    let s = dev.stats();
+    eprintln!(
+        "forwarder AF_XDP: rx_dropped {} rx_ring_full {} fill_empty {} tx_kicks {} rx_wakeups {}",
+        s.rx_dropped, s.rx_ring_full, s.rx_fill_ring_empty, s.tx_kicks, s.rx_wakeups
+    );
 }
