@@ -18,6 +18,8 @@ FWD_CORE=${FWD_CORE:-1}
 LAT_RATE=${LAT_RATE:-20000}
 # Core of the LB interface's NAPI thread (the kernel's receive work, and all of nftables' work).
 NAPI_CORE=${NAPI_CORE:-$FWD_CORE}
+# BUSY_POLL=1: the forwarder spins and busy-polls (SO_PREFER_BUSY_POLL, SO_BUSY_POLL_BUDGET).
+BUSY=""; [ "${BUSY_POLL:-0}" = 1 ] && BUSY="--busy-poll"
 TAG="lbb$$"
 G="${TAG}g"; L="${TAG}l"
 VIP=10.78.0.100; BACKEND=10.78.0.50; SNAT=10.78.0.3; CLIENT=10.78.0.1
@@ -57,7 +59,7 @@ gen() { # rate receive-address
 }
 
 start_fwd() { # args...
-  ip netns exec "$L" "$LB" --log warn bench-forward --iface l0 --core "$FWD_CORE" "$@" > "/tmp/$TAG.fwd" 2>&1 &
+  ip netns exec "$L" "$LB" --log warn bench-forward --iface l0 --core "$FWD_CORE" $BUSY "$@" > "/tmp/$TAG.fwd" 2>&1 &
   FWD_PID=$!
   for _ in $(seq 100); do grep -q ready "/tmp/$TAG.fwd" 2>/dev/null && break; sleep 0.05; done
   napi "$L" l0 "$NAPI_CORE"; napi "$G" g0 "$GEN_CORE"
@@ -122,7 +124,7 @@ run_case nft $BACKEND
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 echo
 echo "machine: $(uname -r), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "command: scripts/bench-throughput.sh $SECS   (GEN_CORE=$GEN_CORE FWD_CORE=$FWD_CORE NAPI_CORE=$NAPI_CORE LAT_RATE=$LAT_RATE)"
+echo "command: scripts/bench-throughput.sh $SECS   (GEN_CORE=$GEN_CORE FWD_CORE=$FWD_CORE NAPI_CORE=$NAPI_CORE BUSY_POLL=${BUSY_POLL:-0} LAT_RATE=$LAT_RATE)"
 printf "| path | forwarded pps (one core) | returned pps | p50 us @%s pps | p99 us @%s pps |\n|---|---|---|---|---|\n" "$LAT_RATE" "$LAT_RATE"
 for k in floor lb nft; do printf "| %s | %s | %s | %s | %s |\n" "$k" "${PPS[$k]}" "${RET[$k]}" "${P50[$k]}" "${P99[$k]}"; done
 echo "(b)/(a) = $(ratio "${PPS[lb]}" "${PPS[floor]}")   (b)/(c) = $(ratio "${PPS[lb]}" "${PPS[nft]}")"

@@ -323,6 +323,8 @@ pub struct XskDevice {
     zero_copy: bool,
     /// Chunks in the UMEM.
     frames: usize,
+    /// Busy polling configured: every empty receive makes a system call that polls the NAPI.
+    busy_poll: bool,
     name: String,
     kicks: u64,
     wakeups: u64,
@@ -497,6 +499,7 @@ impl XskDevice {
             in_flight: 0,
             zero_copy: false,
             frames: config.frames as usize,
+            busy_poll: config.busy_poll.is_some(),
             name: format!("{}#{}", config.interface, config.queue),
             kicks: 0,
             wakeups: 0,
@@ -698,7 +701,8 @@ impl Device for XskDevice {
         let want = frames.len().min(MAX_BURST) as u32;
         let n = self.rx.available(want);
         if n == 0 {
-            if self.fill.needs_wakeup() {
+            // With busy polling, the empty receive itself drives the queue's NAPI (recvfrom busy-polls).
+            if self.busy_poll || self.fill.needs_wakeup() {
                 self.wake_rx();
             }
             return Ok(Received::frames(0));
