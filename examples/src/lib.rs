@@ -10,3 +10,4 @@ pub mod health;
 pub mod control;
 pub mod list;
 pub mod metrics;
+pub mod lab;

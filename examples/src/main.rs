@@ -40,6 +40,12 @@ enum Command {
     /// A demo backend server (started by `lb demo` inside a backend namespace).
     #[command(hide = true)]
     DemoBackend(cmd::demo::BackendArgs),
+    /// Traffic generator of scripts/bench-throughput.sh.
+    #[command(hide = true)]
+    BenchGen(cmd::bench::GenArgs),
+    /// Forwarder of scripts/bench-throughput.sh.
+    #[command(hide = true)]
+    BenchForward(cmd::bench::ForwardArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +62,8 @@ fn main() -> std::process::ExitCode {
         Command::Replay(args) => cmd::replay::main(args),
         Command::Demo(args) => cmd::demo::main(args),
         Command::DemoBackend(args) => cmd::demo::backend_main(args),
+        Command::BenchGen(args) => cmd::bench::gen_main(args),
+        Command::BenchForward(args) => cmd::bench::forward_main(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

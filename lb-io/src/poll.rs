@@ -350,11 +350,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
             match verdict {
                 Verdict::Tx => *span = Some(Span::of(frame)),
                 Verdict::Pass => self.stats.pass += 1,
-                #[allow(
-                    clippy::unneeded_struct_pattern,
-                    reason = "matches Drop with or without a reason payload"
-                )]
-                Verdict::Drop { .. } => self.stats.drop += 1,
+                Verdict::Drop(_) => self.stats.drop += 1,
             }
         }
         self.stats.rx += n as u64;

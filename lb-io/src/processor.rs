@@ -49,6 +49,20 @@ impl BurstProcessor for MacRewrite {
     }
 }
 
+/// The load balancer: lb-core's per-core worker. Updates are whole new tables; the old ones go back
+/// to the control side to be dropped there.
+impl BurstProcessor for lb_core::worker::Worker {
+    type Update = std::sync::Arc<lb_core::service::Tables>;
+
+    fn process_burst(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
+        lb_core::worker::Worker::process_burst(self, frames, now, verdicts);
+    }
+
+    fn apply(&mut self, update: Self::Update) -> Self::Update {
+        self.swap_tables(update)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -321,6 +321,10 @@ pub struct XskDevice {
     /// Descriptors on the TX ring not yet completed.
     in_flight: usize,
     zero_copy: bool,
+    /// Chunks in the UMEM.
+    frames: usize,
+    /// Busy polling configured: every empty receive makes a system call that polls the NAPI.
+    busy_poll: bool,
     name: String,
     kicks: u64,
     wakeups: u64,
@@ -494,6 +498,8 @@ impl XskDevice {
             pending: VecDeque::with_capacity(config.frames as usize),
             in_flight: 0,
             zero_copy: false,
+            frames: config.frames as usize,
+            busy_poll: config.busy_poll.is_some(),
             name: format!("{}#{}", config.interface, config.queue),
             kicks: 0,
             wakeups: 0,
@@ -574,6 +580,37 @@ impl XskDevice {
             tx_kicks: self.kicks,
             rx_wakeups: self.wakeups,
         }
+    }
+
+    /// Queues up to `n` new frames for transmission, each written by `write` into a free chunk (it
+    /// gets the chunk from the packet's first byte on and returns the packet length; 0 skips).
+    /// Returns how many were queued; send them with [`Device::flush`]. For traffic generators.
+    pub fn transmit_new(&mut self, n: usize, mut write: impl FnMut(&mut [u8]) -> usize) -> usize {
+        // Keep half the free chunks for the receive side.
+        let reserve = self.frames / 4;
+        let mut queued = 0;
+        let headroom = 256usize;
+        let size = self.frame_size as usize;
+        while queued < n && self.free.len() > reserve {
+            let Some(base) = self.free.pop() else { break };
+            // SAFETY: `base` is a free chunk start inside the UMEM (from our free list, so neither the
+            // kernel nor a lent frame holds it); the slice covers that chunk only and ends before
+            // this function returns.
+            let chunk =
+                unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(base as usize), size) };
+            let len = chunk.get_mut(headroom..).map_or(0, &mut write);
+            if len == 0 || headroom + len > size {
+                self.free.push(base);
+                continue;
+            }
+            self.pending.push_back(libc::xdp_desc {
+                addr: base + headroom as u64,
+                len: len as u32,
+                options: 0,
+            });
+            queued += 1;
+        }
+        queued
     }
 
     /// Moves up to `max` free chunks to the fill ring, in steps, taking whatever room there is.
@@ -664,7 +701,8 @@ impl Device for XskDevice {
         let want = frames.len().min(MAX_BURST) as u32;
         let n = self.rx.available(want);
         if n == 0 {
-            if self.fill.needs_wakeup() {
+            // With busy polling, the empty receive itself drives the queue's NAPI (recvfrom busy-polls).
+            if self.busy_poll || self.fill.needs_wakeup() {
                 self.wake_rx();
             }
             return Ok(Received::frames(0));

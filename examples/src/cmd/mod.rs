@@ -1,5 +1,6 @@
 //! One module per subcommand of `lb`.
 
+pub mod bench;
 pub mod demo;
 pub mod list;
 pub mod replay;

@@ -9,6 +9,9 @@ use lb_io::{
     update_channel,
 };
 
+use lb_core::stats::DropReason;
+use lb_core::worker::{Worker, WorkerConfig};
+
 use super::CmdResult;
 
 /// Arguments of `lb replay`.
@@ -29,16 +32,39 @@ pub struct Args {
 /// Runs the replay and prints per-verdict counts.
 pub fn main(args: Args) -> CmdResult {
     let device = PcapDevice::open(&args.input, &args.output)?;
-    if args.config.is_some() {
-        return Err("--config needs the lb-core worker, which is not in this build yet".into());
-    }
-    let processor = MacRewrite {
-        src: [0x02, 0, 0, 0, 0, 1],
-        dst: [0x02, 0, 0, 0, 0, 2],
+    let Some(path) = &args.config else {
+        let processor = MacRewrite {
+            src: [0x02, 0, 0, 0, 0, 1],
+            dst: [0x02, 0, 0, 0, 0, 2],
+        };
+        let (stats, device) = replay(device, processor)?;
+        device.finish()?;
+        print_counts(&stats);
+        return Ok(());
     };
-    let (stats, device) = replay(device, processor)?;
-    device.finish()?;
-    print_counts(&stats);
+    let settings = lb_examples::config::file::load(path)?;
+    let config = lb_core::config::Config {
+        node: settings.node.clone(),
+        services: settings.services.iter().map(|s| s.config.clone()).collect(),
+    };
+    let tables = lb_core::service::TableBuilder::new().build(&config)?;
+    let worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
+    let (_updates, rx) = update_channel();
+    let report = PollLoop::new(device, worker, rx, StopFlag::new(), LoopConfig::default()).run()?;
+    let skipped = report.device.oversize_dropped();
+    report.device.finish()?;
+    print_counts(&report.stats);
+    let w = report.processor.stats();
+    println!("  of which reverse NAT {:>5}", w.reverse_nat);
+    for reason in DropReason::ALL {
+        let n = w.dropped(reason);
+        if n > 0 {
+            println!("  drop {:<20} {n:>5}", reason.name());
+        }
+    }
+    if skipped > 0 {
+        println!("  skipped (longer than a 2 KiB buffer) {skipped}");
+    }
     Ok(())
 }
 

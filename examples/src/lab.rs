@@ -1,0 +1,497 @@
+//! A private network for the demo, the integration tests and anyone trying the load balancer: a
+//! bridge, a client, the load balancer and three backends, each in its own network namespace, and the
+//! load balancer running over AF_XDP inside its namespace.
+//!
+//! ```text
+//!            ns <tag>-sw: bridge br0 (no multicast snooping)
+//!   ┌─────────┬──────┴──────┬─────────┬─────────┐
+//!  cl         lb            b1        b2        b3        (one namespace each, eth0 on the bridge)
+//!  client     AF_XDP on eth0 queue 0; the XDP program steers the VIPs and SNAT addresses to the
+//!  10.77.0.10 socket, everything else stays in the lb namespace's kernel
+//!  fd77::10   10.77.0.2 / fd77::2                     10.77.0.11-13 / fd77::11-13
+//! ```
+//! VIPs 10.77.0.100 and fd77::100, TCP and UDP port 80. Names carry a tag with the process id; the
+//! [`Lab`] guard kills the backends and removes every namespace on drop, and namespaces left by a
+//! killed run are swept at the next start.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, mpsc};
+
+use lb_core::config::{
+    BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy,
+    SchedulerKind, ServiceConfig, ServiceKey,
+};
+use lb_core::service::{TableBuilder, Tables};
+use lb_core::worker::{Worker, WorkerConfig};
+use lb_io::bpf::AttachMode;
+use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
+use lb_io::netns::{Netns, enter_netns, format_mac, run};
+use lb_io::{
+    LoopConfig, LoopStats, PollLoop, StopFlag, UpdateSender, XskConfig, XskDevice, XskStats,
+    update_channel,
+};
+
+/// The IPv4 VIP.
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+/// The IPv6 VIP.
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x100);
+/// The load balancer's source address for full NAT (steered to the socket like a VIP).
+pub const SNAT4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 3);
+/// The IPv6 SNAT address.
+pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 3);
+/// The client's addresses.
+pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
+/// The client's IPv6 address.
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x10);
+/// Service port.
+pub const PORT: u16 = 80;
+/// Backend names (each answers with its name).
+pub const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
+
+/// The error of an IP-in-IP lab on a kernel that cannot decapsulate (tests skip on it).
+pub const NO_TUNNELS: &str = "this kernel has no ipip / ip6_tunnel support (no tunl0 / ip6tnl0 device), so backends cannot decapsulate IP-in-IP";
+
+/// Boxed error of lab setup, with a message naming the step.
+pub type LabError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How the load balancer reaches the backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Full NAT: backends see the load balancer's SNAT address and answer through it.
+    Nat,
+    /// Direct server return: only the Ethernet destination changes; backends hold the VIP and answer
+    /// the client directly.
+    Dsr,
+    /// IP-in-IP: frames are wrapped towards the backend, which decapsulates and answers directly.
+    Ipip,
+}
+
+impl Mode {
+    /// lb-core's forwarding mode.
+    pub fn forward_mode(self) -> ForwardMode {
+        match self {
+            Mode::Nat => ForwardMode::Nat,
+            Mode::Dsr => ForwardMode::Dsr,
+            Mode::Ipip => ForwardMode::IpIp,
+        }
+    }
+}
+
+/// One backend of the lab.
+#[derive(Debug)]
+pub struct LabBackend {
+    /// Its name (`b1`...), also what it answers with.
+    pub name: &'static str,
+    /// Its namespace.
+    pub ns: Netns,
+    /// IPv4 address on eth0.
+    pub v4: Ipv4Addr,
+    /// IPv6 address on eth0.
+    pub v6: Ipv6Addr,
+    /// MAC of eth0.
+    pub mac: [u8; 6],
+}
+
+/// Everything the lab created; dropping it kills the backends and removes the namespaces.
+#[derive(Debug)]
+pub struct Lab {
+    /// Name tag (`<prefix><pid>`).
+    pub tag: String,
+    /// The forwarding mode the backends were set up for.
+    pub mode: Mode,
+    children: Vec<Child>,
+    /// The client namespace.
+    pub client: Netns,
+    /// The client's MAC.
+    pub client_mac: [u8; 6],
+    /// The load balancer's namespace.
+    pub lb: Netns,
+    /// The load balancer's MAC on eth0.
+    pub lb_mac: [u8; 6],
+    /// The backends.
+    pub backends: Vec<LabBackend>,
+    /// The bridge namespace (dropped last).
+    _switch: Netns,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Removes namespaces `<prefix><pid>-*` whose process no longer exists (a run killed with SIGKILL).
+fn sweep_stale(prefix: &str) {
+    let Ok(list) = run("ip", &["netns", "list"]) else {
+        return;
+    };
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let Some((pid, _)) = rest.split_once('-') else {
+            continue;
+        };
+        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+            tracing::info!("removing namespace {name} left by a killed run");
+            let _ = run("ip", &["netns", "del", name]);
+        }
+    }
+}
+
+impl Lab {
+    /// Builds the namespaces, bridge and addresses for `mode`, and starts a backend server in each
+    /// backend namespace with `backend_exe demo-backend` (the `lb` binary). `prefix` must be unique
+    /// per kind of caller (e.g. `lbd` for the demo, one per test) so parallel runs do not clash.
+    pub fn build(prefix: &str, mode: Mode, backend_exe: &Path) -> Result<Lab, LabError> {
+        sweep_stale(prefix);
+        let tag = format!("{prefix}{}", std::process::id());
+        let sw = Netns::create(&format!("{tag}-sw"))?;
+        // No multicast snooping: neighbour solicitations reach every port from the first packet.
+        sw.ip(&[
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+            "mcast_snooping",
+            "0",
+        ])?;
+        sw.ip(&["link", "set", "br0", "up"])?;
+        let attach = |role: &str, v4: &str, v6: &str| -> Result<Netns, LabError> {
+            let ns = Netns::create(&format!("{tag}-{role}"))?;
+            ns.ip(&[
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                role,
+                "netns",
+                sw.name(),
+            ])?;
+            sw.ip(&["link", "set", role, "master", "br0", "up"])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.ip(&["addr", "add", v4, "dev", "eth0"])?;
+            ns.ip(&["addr", "add", v6, "dev", "eth0", "nodad"])?;
+            Ok(ns)
+        };
+        let client = attach("cl", &format!("{CLIENT4}/24"), &format!("{CLIENT6}/64"))?;
+        let lb = attach("lb", "10.77.0.2/24", "fd77::2/64")?;
+        let lb_mac = lb.mac("eth0")?;
+        let client_mac = client.mac("eth0")?;
+        let mut backends = Vec::new();
+        for (i, name) in BACKENDS.iter().enumerate() {
+            let v4 = Ipv4Addr::new(10, 77, 0, 11 + i as u8);
+            let v6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x11 + i as u16);
+            let ns = attach(name, &format!("{v4}/24"), &format!("{v6}/64"))?;
+            let mac = ns.mac("eth0")?;
+            backends.push(LabBackend {
+                name,
+                ns,
+                v4,
+                v6,
+                mac,
+            });
+        }
+        // Senders compute full checksums (a forwarded frame with a partial one fails at the receiver).
+        client.checksum_offload_off("eth0")?;
+        for b in &backends {
+            b.ns.checksum_offload_off("eth0")?;
+        }
+        // The client reaches the VIPs at the load balancer's MAC (an ARP/NDP responder would do this).
+        let lb_mac_s = format_mac(lb_mac);
+        for vip in [VIP4.to_string(), VIP6.to_string()] {
+            client.ip(&[
+                "neigh",
+                "replace",
+                &vip,
+                "lladdr",
+                &lb_mac_s,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        let client_mac_s = format_mac(client_mac);
+        for b in &backends {
+            match mode {
+                Mode::Nat => {
+                    for snat in [SNAT4.to_string(), SNAT6.to_string()] {
+                        b.ns.ip(&[
+                            "neigh",
+                            "replace",
+                            &snat,
+                            "lladdr",
+                            &lb_mac_s,
+                            "dev",
+                            "eth0",
+                            "nud",
+                            "permanent",
+                        ])?;
+                    }
+                }
+                Mode::Dsr | Mode::Ipip => {
+                    b.ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
+                    b.ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
+                    // A backend answering from the VIP would solicit the client's MAC with the VIP as
+                    // source; the client ignores that (it maps the VIP to the load balancer), so the
+                    // first IPv6 reply waits out NDP's retries. Real DSR setups pin this the same way.
+                    for addr in [CLIENT4.to_string(), CLIENT6.to_string()] {
+                        b.ns.ip(&[
+                            "neigh",
+                            "replace",
+                            &addr,
+                            "lladdr",
+                            &client_mac_s,
+                            "dev",
+                            "eth0",
+                            "nud",
+                            "permanent",
+                        ])?;
+                    }
+                }
+            }
+            if mode == Mode::Ipip {
+                // The fallback tunnel devices take IP-in-IP from any source; no reverse-path filter
+                // (the inner source, the client, is not reachable through the tunnel).
+                let _ = run("modprobe", &["ipip"]);
+                let _ = run("modprobe", &["ip6_tunnel"]);
+                if b.ns.ip(&["link", "show", "tunl0"]).is_err()
+                    || b.ns.ip(&["link", "show", "ip6tnl0"]).is_err()
+                {
+                    return Err(NO_TUNNELS.into());
+                }
+                b.ns.ip(&["link", "set", "tunl0", "up"])?;
+                b.ns.ip(&["link", "set", "ip6tnl0", "up"])?;
+                for key in [
+                    "net.ipv4.conf.all.rp_filter",
+                    "net.ipv4.conf.default.rp_filter",
+                    "net.ipv4.conf.tunl0.rp_filter",
+                ] {
+                    b.ns.exec("sysctl", &["-qw", &format!("{key}=0")])?;
+                }
+            }
+        }
+        let mut lab = Lab {
+            tag,
+            mode,
+            children: Vec::new(),
+            client,
+            client_mac,
+            lb,
+            lb_mac,
+            backends,
+            _switch: sw,
+        };
+        let exe = backend_exe.to_string_lossy().into_owned();
+        for i in 0..lab.backends.len() {
+            let b = &lab.backends[i];
+            let mut args = vec![
+                "netns".to_string(),
+                "exec".into(),
+                b.ns.name().to_string(),
+                exe.clone(),
+            ];
+            args.extend([
+                "demo-backend".to_string(),
+                "--name".into(),
+                b.name.to_string(),
+            ]);
+            let mut udp = vec![b.v4.to_string(), b.v6.to_string()];
+            if mode != Mode::Nat {
+                udp.extend([VIP4.to_string(), VIP6.to_string()]);
+            }
+            for addr in udp {
+                args.extend(["--udp-bind".to_string(), addr]);
+            }
+            let name = b.name;
+            let mut child = Command::new("ip")
+                .args(&args)
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let out = child.stdout.take().ok_or("backend stdout")?;
+            lab.children.push(child);
+            // Readiness: the backend prints `ready` once its sockets are bound.
+            let mut line = String::new();
+            BufReader::new(out).read_line(&mut line)?;
+            if line.trim() != "ready" {
+                return Err(format!("backend {name} did not start (said {line:?})").into());
+            }
+        }
+        Ok(lab)
+    }
+
+    /// The load balancer's configuration: TCP and UDP port 80 on both VIPs, Maglev over the three
+    /// backends, in the lab's mode, with `policy` for flows whose backend is removed.
+    pub fn config(&self, backends: &[&str], policy: RemovedBackendPolicy) -> Config {
+        let node = NodeConfig {
+            local_mac: self.lb_mac,
+            gateway_mac: Some(self.client_mac),
+            snat_v4: Some(SNAT4),
+            snat_v6: Some(SNAT6),
+            tunnel_src_v4: Some(Ipv4Addr::new(10, 77, 0, 2)),
+            tunnel_src_v6: Some(Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2)),
+            ..NodeConfig::default()
+        };
+        let mut services = Vec::new();
+        for (proto, pname) in [(Protocol::Tcp, "tcp"), (Protocol::Udp, "udp")] {
+            for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+                let fam = if vip.is_ipv4() { "v4" } else { "v6" };
+                services.push(ServiceConfig {
+                    name: format!("demo-{pname}-{fam}"),
+                    key: ServiceKey {
+                        vip,
+                        port: PORT,
+                        proto,
+                    },
+                    backends: self
+                        .backends
+                        .iter()
+                        .filter(|b| backends.contains(&b.name))
+                        .map(|b| BackendConfig {
+                            addr: if vip.is_ipv4() {
+                                IpAddr::V4(b.v4)
+                            } else {
+                                IpAddr::V6(b.v6)
+                            },
+                            port: PORT,
+                            weight: 1,
+                            mac: Some(b.mac),
+                            state: BackendState::Active,
+                        })
+                        .collect(),
+                    scheduler: SchedulerKind::Maglev,
+                    mode: self.mode.forward_mode(),
+                    affinity_timeout: None,
+                    source_ranges: Vec::new(),
+                    maglev_table_size: None,
+                    on_backend_removed: policy,
+                });
+            }
+        }
+        Config { node, services }
+    }
+
+    /// The backend whose IPv4 or IPv6 address is `addr`.
+    pub fn backend_named(&self, name: &str) -> Option<&LabBackend> {
+        self.backends.iter().find(|b| b.name == name)
+    }
+}
+
+/// Builds the fast path's tables with `builder`. Keep one builder for the life of a load balancer:
+/// it keeps backend slots stable across builds, which is what lets established flows keep their
+/// backend when the tables are swapped (a fresh builder renumbers them).
+pub fn tables(builder: &mut TableBuilder, config: &Config) -> Result<Arc<Tables>, LabError> {
+    Ok(builder.build(config)?)
+}
+
+/// What the load balancer thread hands back when it stops.
+#[derive(Debug)]
+pub struct LbOutcome {
+    /// The poll loop's counters.
+    pub stats: LoopStats,
+    /// The AF_XDP socket's counters.
+    pub xsk: XskStats,
+    /// Whether the socket ran in zero-copy mode.
+    pub zero_copy: bool,
+    /// The worker, with its counters and connection table.
+    pub worker: Worker,
+}
+
+/// A running load balancer: its thread, its update channel and its stop flag.
+#[derive(Debug)]
+pub struct RunningLb {
+    /// Sends new tables to the worker (swapped between bursts; old ones come back to be dropped here).
+    pub updates: UpdateSender<Arc<Tables>>,
+    stop: StopFlag,
+    thread: std::thread::JoinHandle<Result<LbOutcome, String>>,
+}
+
+impl RunningLb {
+    /// Stops the poll loop and returns what it did.
+    pub fn stop(self) -> Result<LbOutcome, String> {
+        self.stop.stop();
+        self.thread
+            .join()
+            .map_err(|_| "the load balancer thread panicked".to_string())?
+    }
+}
+
+/// Starts the load balancer in the lab's LB namespace with `tables` (steering every VIP and SNAT
+/// address to the socket); returns once it is attached and polling.
+pub fn start_lb(
+    lab: &Lab,
+    tables: Arc<Tables>,
+    core: Option<usize>,
+    mode: AttachMode,
+) -> Result<RunningLb, String> {
+    let ns = lab.lb.name().to_string();
+    let mut steer: Vec<IpAddr> = tables.services().iter().map(|s| s.key.vip).collect();
+    steer.extend([IpAddr::V4(SNAT4), IpAddr::V6(SNAT6)]);
+    let stop = StopFlag::new();
+    let loop_stop = stop.clone();
+    let (updates, updates_rx) = update_channel();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let thread = std::thread::Builder::new()
+        .name("lb-poll-q0".into())
+        .spawn(move || {
+            let setup = || -> Result<_, String> {
+                enter_netns(&ns).map_err(|e| format!("entering {ns}: {e}"))?;
+                if let Some(c) = core {
+                    lb_io::pin_to_core(c).map_err(|e| e.to_string())?;
+                }
+                let mut steering =
+                    VipSteering::load(SteeringConfig::default()).map_err(|e| e.to_string())?;
+                steering.set_vips(steer).map_err(|e| e.to_string())?;
+                let dev = XskDevice::open(&XskConfig::new("eth0", 0)).map_err(|e| e.to_string())?;
+                steering
+                    .set_socket(0, dev.fd())
+                    .map_err(|e| e.to_string())?;
+                let ifindex =
+                    lb_io::xsk::ifindex("eth0").ok_or("eth0 missing in the LB namespace")?;
+                let link = steering.attach(ifindex, mode).map_err(|e| e.to_string())?;
+                Ok((steering, dev, link))
+            };
+            let (steering, dev, link) = match setup() {
+                Ok(parts) => parts,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.clone()));
+                    return Err(e);
+                }
+            };
+            let zero_copy = dev.is_zero_copy();
+            let worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
+            let _ = ready_tx.send(Ok(()));
+            let report =
+                PollLoop::new(dev, worker, updates_rx, loop_stop, LoopConfig::default()).run();
+            drop(link);
+            drop(steering);
+            let report = report.map_err(|e| e.to_string())?;
+            Ok(LbOutcome {
+                stats: report.stats,
+                xsk: report.device.stats(),
+                zero_copy,
+                worker: report.processor,
+            })
+        })
+        .map_err(|e| e.to_string())?;
+    match ready_rx.recv() {
+        Ok(Ok(())) => Ok(RunningLb {
+            updates,
+            stop,
+            thread,
+        }),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("the load balancer thread ended during setup".into()),
+    }
+}

@@ -1,0 +1,252 @@
+//! The load balancer end to end: real kernel TCP clients in one namespace talk to real servers in
+//! three backend namespaces through lb-core's worker running over AF_XDP in a fourth, in NAT and DSR
+//! modes (IP-in-IP where the kernel can decapsulate), IPv4 and IPv6. Then a backend is removed while
+//! connections are held: its connections end (the policy reschedules them and the new backend, which
+//! has no such connection, resets them), and every other held connection keeps working.
+//!
+//! Synchronisation is by events only: backends print `ready` when bound; the load balancer signals
+//! when it is attached; a table swap is confirmed by the worker handing the old tables back.
+//! Needs root (namespaces, XDP, AF_XDP); skips with the reason otherwise. Runs in CI as root.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
+use std::time::Duration;
+
+use lb_core::config::RemovedBackendPolicy;
+use lb_core::service::TableBuilder;
+use lb_examples::lab::{
+    BACKENDS, CLIENT4, CLIENT6, Lab, Mode, NO_TUNNELS, PORT, VIP4, VIP6, start_lb, tables,
+};
+use lb_io::bpf::AttachMode;
+use lb_io::netns::{can_create_namespaces, enter_netns};
+
+const CONNS_PER_FAMILY: usize = 12;
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn vips() -> [IpAddr; 2] {
+    [IpAddr::V4(VIP4), IpAddr::V6(VIP6)]
+}
+
+/// Sends `msg` and returns the answering backend's name.
+fn ask(conn: &mut TcpStream, msg: &str) -> std::io::Result<String> {
+    conn.write_all(msg.as_bytes())?;
+    let mut buf = [0u8; 256];
+    let n = conn.read(&mut buf)?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let (name, echoed) = reply.split_once(' ').unwrap_or((&reply, ""));
+    assert_eq!(echoed, msg, "the backend echoes what it got");
+    Ok(name.to_string())
+}
+
+fn udp_ask(vip: IpAddr, msg: &str) -> std::io::Result<String> {
+    let local = if vip.is_ipv4() {
+        SocketAddr::from((CLIENT4, 0))
+    } else {
+        SocketAddr::from((CLIENT6, 0))
+    };
+    let s = UdpSocket::bind(local)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.connect((vip, PORT))?;
+    s.send(msg.as_bytes())?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n])
+        .split(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// Builds the lab and starts the load balancer, or says why this machine cannot.
+fn lab(
+    prefix: &str,
+    mode: Mode,
+    builder: &mut TableBuilder,
+) -> Option<(Lab, lb_examples::lab::RunningLb)> {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return None;
+    }
+    let lab = match Lab::build(prefix, mode, Path::new(env!("CARGO_BIN_EXE_lb"))) {
+        Ok(l) => l,
+        Err(e) if e.to_string() == NO_TUNNELS => {
+            println!("SKIPPED: {e}");
+            return None;
+        }
+        Err(e) => panic!("building the lab: {e}"),
+    };
+    let config = lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule);
+    match start_lb(
+        &lab,
+        tables(builder, &config).unwrap(),
+        None,
+        AttachMode::Native,
+    ) {
+        Ok(lb) => Some((lab, lb)),
+        Err(e) if e.contains("Operation not permitted") || e.contains("not supported") => {
+            println!("SKIPPED: the kernel refused XDP / AF_XDP: {e}");
+            None
+        }
+        Err(e) => panic!("starting the load balancer: {e}"),
+    }
+}
+
+/// Held TCP connections and UDP flows through the VIPs, then a backend removed mid-run.
+fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendPolicy) {
+    // One builder for the load balancer's life: backend slots stay stable across table builds.
+    let mut builder = TableBuilder::new();
+    let Some((lab, lb)) = lab(prefix, mode, &mut builder) else {
+        return;
+    };
+
+    // The client side runs in its own thread, inside the client namespace.
+    let client_ns = lab.client.name().to_string();
+    let (to_client, client_rx) = std::sync::mpsc::channel::<()>();
+    let (from_client, phase) = std::sync::mpsc::channel::<BTreeMap<String, usize>>();
+    let client = std::thread::spawn(move || {
+        enter_netns(&client_ns).unwrap();
+        let mut conns = Vec::new();
+        for vip in vips() {
+            for i in 0..CONNS_PER_FAMILY {
+                let mut c = TcpStream::connect_timeout(&SocketAddr::new(vip, PORT), IO_TIMEOUT)
+                    .unwrap_or_else(|e| panic!("connect to {vip} #{i}: {e}"));
+                c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let name = ask(&mut c, &format!("hello {i}"))
+                    .unwrap_or_else(|e| panic!("first answer {vip} #{i}: {e}"));
+                conns.push((vip, c, name));
+            }
+        }
+        // A connection keeps its backend for every message.
+        for (i, (vip, c, name)) in conns.iter_mut().enumerate() {
+            assert_eq!(
+                &ask(c, &format!("again {i}")).unwrap(),
+                name,
+                "{vip} #{i} changed backend"
+            );
+        }
+        let mut udp = BTreeMap::new();
+        for vip in vips() {
+            for i in 0..CONNS_PER_FAMILY {
+                let name = udp_ask(vip, &format!("datagram {i}"))
+                    .unwrap_or_else(|e| panic!("UDP {vip} #{i}: {e}"));
+                *udp.entry(format!("udp {name}")).or_insert(0) += 1;
+            }
+        }
+        let mut spread = udp;
+        for (_, _, name) in &conns {
+            *spread.entry(name.clone()).or_insert(0) += 1;
+        }
+        from_client.send(spread).unwrap();
+
+        // Phase 2: b2 has been removed from every service.
+        client_rx.recv().unwrap();
+        let (mut survived, mut ended) = (0, 0);
+        for (_, c, _) in conns.iter_mut() {
+            // Connections whose frames are dropped end by this timeout.
+            c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        }
+        for (i, (vip, c, name)) in conns.iter_mut().enumerate() {
+            match ask(c, &format!("after {i}")) {
+                Ok(now) => {
+                    assert_ne!(
+                        name, "b2",
+                        "{vip} #{i} on the removed backend still answered (as {now})"
+                    );
+                    assert_eq!(&now, name, "{vip} #{i} moved from {name} to {now}");
+                    survived += 1;
+                }
+                Err(e) => {
+                    assert_eq!(name, "b2", "{vip} #{i} on {name} broke: {e}");
+                    ended += 1;
+                }
+            }
+        }
+        // New connections go to the remaining backends only.
+        let mut fresh = BTreeMap::new();
+        for vip in vips() {
+            for i in 0..CONNS_PER_FAMILY {
+                let mut c =
+                    TcpStream::connect_timeout(&SocketAddr::new(vip, PORT), IO_TIMEOUT).unwrap();
+                c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                *fresh
+                    .entry(ask(&mut c, &format!("new {i}")).unwrap())
+                    .or_insert(0) += 1;
+            }
+        }
+        (survived, ended, fresh)
+    });
+
+    let spread = phase.recv().expect("client phase 1");
+    println!("{mode:?} spread before removal: {spread:?}");
+    // Maglev over three equal backends: with 24 connections each backend gets some.
+    for b in BACKENDS {
+        assert!(
+            spread.get(b).copied().unwrap_or(0) > 0,
+            "{b} got no TCP connection: {spread:?}"
+        );
+    }
+    let on_b2 = spread.get("b2").copied().unwrap_or(0);
+
+    // Remove b2 while the connections are held; the old tables coming back proves the swap happened.
+    let without_b2 = lab.config(&["b1", "b3"], policy);
+    lb.updates
+        .send(tables(&mut builder, &without_b2).unwrap())
+        .unwrap();
+    assert!(
+        lb.updates.wait_retired(Duration::from_secs(10)).is_some(),
+        "the worker never applied the update"
+    );
+    to_client.send(()).unwrap();
+
+    let (survived, ended, fresh) = client.join().expect("client thread");
+    println!(
+        "{mode:?} after removal: survived {survived}, ended {ended}, new connections {fresh:?}"
+    );
+    assert_eq!(ended, on_b2, "exactly b2's connections ended");
+    assert_eq!(survived, 2 * CONNS_PER_FAMILY - on_b2);
+    assert!(
+        !fresh.contains_key("b2"),
+        "a new connection went to the removed backend: {fresh:?}"
+    );
+
+    let outcome = lb.stop().unwrap();
+    let w = outcome.worker.stats();
+    assert_eq!(
+        outcome.stats.rx, w.rx,
+        "every frame the socket received went through the worker"
+    );
+    assert_eq!(outcome.stats.tx, w.tx);
+    if mode == Mode::Nat {
+        assert!(
+            w.reverse_nat > 0,
+            "NAT replies come back through the load balancer"
+        );
+    } else {
+        assert_eq!(
+            w.reverse_nat, 0,
+            "{mode:?} replies go straight to the client"
+        );
+    }
+    drop(lab);
+}
+
+#[test]
+fn nat_v4_and_v6_balance_and_survive_a_backend_removal() {
+    balance_and_survive_removal("lbtn", Mode::Nat, RemovedBackendPolicy::Reschedule);
+}
+
+#[test]
+fn dsr_v4_and_v6_balance_and_survive_a_backend_removal() {
+    balance_and_survive_removal("lbtd", Mode::Dsr, RemovedBackendPolicy::Drop);
+}
+
+#[test]
+fn ipip_v4_and_v6_balance_and_survive_a_backend_removal() {
+    balance_and_survive_removal("lbti", Mode::Ipip, RemovedBackendPolicy::Drop);
+}

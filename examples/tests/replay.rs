@@ -1,0 +1,126 @@
+//! `lb replay` end to end, without root: a capture with frames for a service, for a VIP port with no
+//! service and for an address that is not a VIP goes through the worker; the output capture holds
+//! the NAT-rewritten frames and the counts name each verdict.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
+
+fn checksum(h: &[u8]) -> u16 {
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet/IPv4/UDP frame (UDP checksum 0, IPv4 header checksum right).
+fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x99, 0x08, 0x00];
+    let mut ip = vec![0x45, 0, 0, 32, 0, 1, 0x40, 0, 64, 17, 0, 0];
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = checksum(&ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&[0, 12, 0, 0, b'p', b'i', b'n', b'g']);
+    f
+}
+
+#[test]
+fn replay_counts_verdicts_and_writes_rewritten_frames() {
+    let dir = std::env::temp_dir().join(format!("lb-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, output, config) = (
+        dir.join("in.pcap"),
+        dir.join("out.pcap"),
+        dir.join("lb.yaml"),
+    );
+    std::fs::write(
+        &config,
+        r#"
+node:
+  local_mac: "02:00:00:00:00:01"
+  gateway_mac: "02:00:00:00:00:99"
+  snat_v4: 10.0.0.2
+services:
+  - name: dns
+    vip: 10.0.0.10
+    port: 53
+    protocol: udp
+    scheduler: mh
+    mode: nat
+    backends:
+      - { addr: 10.1.0.1, port: 5353, weight: 1, mac: "02:00:00:00:01:01" }
+"#,
+    )
+    .unwrap();
+    {
+        let mut w = PcapWriter::new(std::fs::File::create(&input).unwrap()).unwrap();
+        let frames = [
+            udp4([192, 0, 2, 1], [10, 0, 0, 10], 40000, 53), // the service
+            udp4([192, 0, 2, 2], [10, 0, 0, 10], 40001, 53), // the service, another flow
+            udp4([192, 0, 2, 1], [10, 0, 0, 10], 40000, 54), // a VIP port without a service
+            udp4([192, 0, 2, 1], [10, 9, 9, 9], 40000, 53),  // not a VIP
+        ];
+        for (i, f) in frames.iter().enumerate() {
+            w.write_packet(&PcapPacket::new(
+                Duration::from_secs(i as u64),
+                f.len() as u32,
+                f,
+            ))
+            .unwrap();
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["--log", "warn", "replay", "--in"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&output)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let count = |label: &str| -> u64 {
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no {label:?} in\n{text}"));
+        line.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    assert_eq!(count("frames read"), 4, "{text}");
+    assert_eq!(count("tx (written)"), 2, "{text}");
+    assert_eq!(count("pass"), 1, "{text}");
+    assert_eq!(count("drop no_service"), 1, "{text}");
+
+    let mut r = PcapReader::new(std::fs::File::open(&output).unwrap()).unwrap();
+    let mut n = 0;
+    while let Some(p) = r.next_packet() {
+        let d = p.unwrap().data.into_owned();
+        assert_eq!(&d[..6], &[0x02, 0, 0, 0, 1, 1], "to the backend's MAC");
+        assert_eq!(&d[26..30], &[10, 0, 0, 2], "from the SNAT address");
+        assert_eq!(&d[30..34], &[10, 1, 0, 1], "to the backend");
+        assert_eq!(
+            u16::from_be_bytes([d[36], d[37]]),
+            5353,
+            "to the backend's port"
+        );
+        assert_eq!(checksum(&d[14..34]), 0, "IPv4 header checksum still right");
+        n += 1;
+    }
+    assert_eq!(n, 2);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Throughput and latency of one forwarding core, three ways, in the same run, on the same namespaces,
+# generator and pinned cores:
+#   (a) floor: a bare AF_XDP receive -> MAC rewrite -> transmit loop (lb bench-forward --processor floor)
+#   (b) lb:    the load balancer, Maglev + conntrack + full NAT       (lb bench-forward --processor lb)
+#   (c) nft:   the kernel doing the same job with nftables DNAT + SNAT (kube-proxy's nftables mode)
+# The generator (lb bench-gen, AF_XDP, 60-byte UDP, many flows, send timestamp in the payload) runs on
+# GEN_CORE; the forwarder and the LB interface's threaded NAPI run on FWD_CORE. Offered load is "as
+# fast as the generator can"; latency is measured in a second pass at a fixed, light rate.
+# Only traffic between two namespaces this script makes (10.78.0.0/24); everything is removed on exit.
+# Needs root, iproute2, nftables. Usage: scripts/bench-throughput.sh [seconds per run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECS=${1:-5}
+GEN_CORE=${GEN_CORE:-0}
+FWD_CORE=${FWD_CORE:-1}
+LAT_RATE=${LAT_RATE:-20000}
+# Core of the LB interface's NAPI thread (the kernel's receive work, and all of nftables' work).
+NAPI_CORE=${NAPI_CORE:-$FWD_CORE}
+# BUSY_POLL=1: the forwarder spins and busy-polls (SO_PREFER_BUSY_POLL, SO_BUSY_POLL_BUDGET).
+BUSY=""; [ "${BUSY_POLL:-0}" = 1 ] && BUSY="--busy-poll"
+TAG="lbb$$"
+G="${TAG}g"; L="${TAG}l"
+VIP=10.78.0.100; BACKEND=10.78.0.50; SNAT=10.78.0.3; CLIENT=10.78.0.1
+
+cargo build --release -q -p lb-examples --bin lb
+LB="$PWD/target/release/lb"
+
+FWD_PID=""
+cleanup() {
+  [ -n "$FWD_PID" ] && kill "$FWD_PID" 2>/dev/null && wait "$FWD_PID" 2>/dev/null || true
+  ip netns del "$G" 2>/dev/null || true
+  ip netns del "$L" 2>/dev/null || true
+  rm -f "/tmp/$TAG.yaml"
+}
+trap cleanup EXIT INT TERM
+
+ip netns add "$G"; ip netns add "$L"
+for ns in "$G" "$L"; do ip -n "$ns" link set lo up; done
+ip -n "$G" link add g0 type veth peer name l0 netns "$L"
+ip -n "$G" addr add $CLIENT/24 dev g0; ip -n "$L" addr add 10.78.0.2/24 dev l0
+ip -n "$G" link set g0 up; ip -n "$L" link set l0 up
+ip netns exec "$G" ethtool -K g0 tx off >/dev/null
+ip netns exec "$L" ethtool -K l0 tx off >/dev/null
+GMAC=$(ip netns exec "$G" cat /sys/class/net/g0/address)
+LMAC=$(ip netns exec "$L" cat /sys/class/net/l0/address)
+ip -n "$L" neigh replace $BACKEND lladdr "$GMAC" dev l0 nud permanent
+
+# Threaded NAPI for both veth ends, pinned: the LB side's with the forwarder, the generator's with it.
+napi() { # ns dev core
+  ip netns exec "$1" sh -c "echo 1 > /sys/class/net/$2/threaded" 2>/dev/null || return 0
+  for pid in $(pgrep -f "napi/$2-" || true); do taskset -pc "$3" "$pid" >/dev/null || true; done
+}
+
+gen() { # rate receive-address
+  ip netns exec "$G" "$LB" --log warn bench-gen --iface g0 --core "$GEN_CORE" --dst-mac "$LMAC" \
+    --src-ip $CLIENT --dst-ip $VIP --flows 1024 --rate "$1" --duration "$SECS" --receive "$2"
+}
+
+start_fwd() { # args...
+  ip netns exec "$L" "$LB" --log warn bench-forward --iface l0 --core "$FWD_CORE" $BUSY "$@" > "/tmp/$TAG.fwd" 2>&1 &
+  FWD_PID=$!
+  for _ in $(seq 100); do grep -q ready "/tmp/$TAG.fwd" 2>/dev/null && break; sleep 0.05; done
+  napi "$L" l0 "$NAPI_CORE"; napi "$G" g0 "$GEN_CORE"
+}
+stop_fwd() { kill -INT "$FWD_PID"; wait "$FWD_PID" || true; FWD_PID=""; cat "/tmp/$TAG.fwd" >&2; }
+
+field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
+l0_tx() { ip netns exec "$L" cat /sys/class/net/l0/statistics/tx_packets; }
+now() { date +%s.%N; }
+declare -A PPS RET P50 P99
+
+# Forwarded pps = frames the LB namespace transmitted on l0 while the generator ran at full speed
+# (the forwarder's own output, whatever the generator manages to take back); returned pps = what came
+# back to the generator's socket.
+run_case() { # name receive-address
+  local out lat tx0 tx1 t0 t1
+  tx0=$(l0_tx); t0=$(now)
+  out=$(gen 0 "$2"); echo "  $1 max:      $out" >&2
+  tx1=$(l0_tx); t1=$(now)
+  PPS[$1]=$(awk -v a="$tx0" -v b="$tx1" -v s="$t0" -v e="$t1" 'BEGIN { printf "%.0f", (b - a) / (e - s) }')
+  RET[$1]=$(echo "$out" | field rx_pps)
+  lat=$(gen "$LAT_RATE" "$2"); echo "  $1 ${LAT_RATE}pps: $lat" >&2
+  P50[$1]=$(echo "$lat" | field p50_us); P99[$1]=$(echo "$lat" | field p99_us)
+}
+
+echo "== (a) floor: AF_XDP receive, MAC rewrite, transmit" >&2
+start_fwd --processor floor --dst-mac "$GMAC" --steer $VIP
+run_case floor $VIP; stop_fwd
+
+echo "== (b) load balancer: Maglev + conntrack + NAT" >&2
+cat > "/tmp/$TAG.yaml" <<YAML
+node:
+  local_mac: "$LMAC"
+  snat_v4: $SNAT
+services:
+  - name: bench
+    vip: $VIP
+    port: 80
+    protocol: udp
+    scheduler: mh
+    mode: nat
+    backends:
+      - { addr: $BACKEND, port: 80, weight: 1, mac: "$GMAC" }
+YAML
+if start_fwd --processor lb --config "/tmp/$TAG.yaml" --steer $VIP --steer $SNAT && sleep 0.2 && kill -0 "$FWD_PID" 2>/dev/null; then
+  run_case lb $BACKEND; stop_fwd
+else
+  echo "  (b) not available in this build:" >&2; cat "/tmp/$TAG.fwd" >&2; FWD_PID=""; PPS[lb]=0; RET[lb]=0; P50[lb]=0; P99[lb]=0
+fi
+
+echo "== (c) kernel: nftables DNAT + SNAT, forwarding" >&2
+ip netns exec "$L" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.l0.send_redirects=0
+ip netns exec "$L" nft -f - <<NFT
+table ip lbbench {
+  chain pre { type nat hook prerouting priority -100; ip daddr $VIP udp dport 80 dnat to $BACKEND; }
+  chain post { type nat hook postrouting priority 100; ip daddr $BACKEND snat to $SNAT; }
+}
+NFT
+napi "$L" l0 "$NAPI_CORE"; napi "$G" g0 "$GEN_CORE"
+run_case nft $BACKEND
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+echo
+echo "machine: $(uname -r), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "command: scripts/bench-throughput.sh $SECS   (GEN_CORE=$GEN_CORE FWD_CORE=$FWD_CORE NAPI_CORE=$NAPI_CORE BUSY_POLL=${BUSY_POLL:-0} LAT_RATE=$LAT_RATE)"
+printf "| path | forwarded pps (one core) | returned pps | p50 us @%s pps | p99 us @%s pps |\n|---|---|---|---|---|\n" "$LAT_RATE" "$LAT_RATE"
+for k in floor lb nft; do printf "| %s | %s | %s | %s | %s |\n" "$k" "${PPS[$k]}" "${RET[$k]}" "${P50[$k]}" "${P99[$k]}"; done
+echo "(b)/(a) = $(ratio "${PPS[lb]}" "${PPS[floor]}")   (b)/(c) = $(ratio "${PPS[lb]}" "${PPS[nft]}")"
