@@ -113,7 +113,9 @@ impl From<crate::forward::RewriteError> for DropReason {
             RewriteError::TtlExpired { .. } => DropReason::TtlExpired,
             RewriteError::NoHeadroom { .. } => DropReason::NoHeadroom,
             RewriteError::TooBig { .. } => DropReason::TooBig,
-            RewriteError::FamilyMismatch { .. } | RewriteError::Untranslatable { .. } => DropReason::Unsupported,
+            RewriteError::FamilyMismatch { .. }
+            | RewriteError::MixedTunnelFamilies
+            | RewriteError::Untranslatable { .. } => DropReason::Unsupported,
             RewriteError::Inconsistent => DropReason::Malformed,
         }
     }
