@@ -48,6 +48,66 @@ impl TablesSink for mpsc::UnboundedSender<Arc<Tables>> {
     }
 }
 
+/// The load balancer as a poll loop sees it: lb-core's [`Worker`](lb_core::worker::Worker), plus a
+/// copy of its counters published about once a second for `/metrics` (into preallocated buffers,
+/// under `try_lock`, so the poll thread neither allocates nor waits).
+pub struct LbProcessor {
+    worker: lb_core::worker::Worker,
+    local: crate::metrics::CoreCounters,
+    shared: Arc<std::sync::Mutex<crate::metrics::CoreCounters>>,
+    next_publish: lb_core::Instant,
+}
+
+/// How often a poll loop publishes its counters.
+pub const PUBLISH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl LbProcessor {
+    /// Wraps `worker`; returns the processor and the buffer its counters appear in.
+    pub fn new(worker: lb_core::worker::Worker) -> (Self, Arc<std::sync::Mutex<crate::metrics::CoreCounters>>) {
+        let limits = worker.tables().limits();
+        let shared = Arc::new(std::sync::Mutex::new(crate::metrics::CoreCounters::with_capacity(limits)));
+        let p = LbProcessor {
+            worker,
+            local: crate::metrics::CoreCounters::with_capacity(limits),
+            shared: shared.clone(),
+            next_publish: lb_core::Instant::from_nanos(0),
+        };
+        (p, shared)
+    }
+
+    /// The worker.
+    pub fn worker(&self) -> &lb_core::worker::Worker {
+        &self.worker
+    }
+
+    fn publish(&mut self) {
+        let ct = self.worker.conntrack();
+        self.local.fill(self.worker.stats(), self.worker.tables(), ct.len(), ct.capacity());
+        if let Ok(mut shared) = self.shared.try_lock() {
+            std::mem::swap(&mut *shared, &mut self.local);
+        }
+    }
+}
+
+impl lb_io::BurstProcessor for LbProcessor {
+    type Update = Arc<Tables>;
+
+    fn process_burst(&mut self, frames: &mut [lb_core::Frame<'_>], now: lb_core::Instant, verdicts: &mut [lb_core::Verdict]) {
+        self.worker.process_burst(frames, now, verdicts);
+        if now >= self.next_publish {
+            self.publish();
+            self.next_publish = now.saturating_add(PUBLISH_EVERY);
+        }
+    }
+
+    fn apply(&mut self, update: Arc<Tables>) -> Arc<Tables> {
+        let old = self.worker.swap_tables(update);
+        // Counters of the new tables' slots show up at once, not a second later.
+        self.publish();
+        old
+    }
+}
+
 /// A sink that keeps every published version (tests, and `lb list` without workers).
 #[derive(Debug, Clone, Default)]
 pub struct RecordingSink(pub Arc<std::sync::Mutex<Vec<Arc<Tables>>>>);
@@ -451,6 +511,81 @@ services:
 
     fn backends(t: &Tables) -> Vec<(String, BackendState)> {
         t.services()[0].backends.iter().map(|b| (format!("{}:{}", b.addr, b.port), b.state)).collect()
+    }
+
+    /// Ethernet + IPv4 + TCP SYN with valid checksums.
+    fn syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        fn sum(data: &[u8], mut acc: u32) -> u32 {
+            for c in data.chunks(2) {
+                acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+            acc
+        }
+        fn fold(mut acc: u32) -> u16 {
+            while acc > 0xffff {
+                acc = (acc & 0xffff) + (acc >> 16);
+            }
+            !(acc as u16)
+        }
+        let mut f = vec![0u8; 14 + 20 + 20];
+        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0xaa]);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&dst);
+        let c = fold(sum(ip, 0));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let tcp = &mut f[34..54];
+        tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+        tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+        tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x02;
+        tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&src);
+        pseudo.extend_from_slice(&dst);
+        pseudo.extend_from_slice(&[0, 6, 0, 20]);
+        let c = fold(sum(tcp, sum(&pseudo, 0)));
+        tcp[16..18].copy_from_slice(&c.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn lb_processor_forwards_and_publishes_counters() {
+        use lb_io::BurstProcessor;
+        let settings = parse(GOOD).unwrap();
+        let mut builder = TableBuilder::new();
+        let config = Config { node: settings.node.clone(), services: settings.services.iter().map(|s| s.config.clone()).collect() };
+        let tables = builder.build(&config).unwrap();
+        let worker = lb_core::worker::Worker::new(tables.clone(), lb_core::worker::WorkerConfig::single_core(1024));
+        let (mut p, shared) = LbProcessor::new(worker);
+
+        let mut buf = vec![0u8; 64 + 54];
+        buf[64..].copy_from_slice(&syn([192, 0, 2, 1], 40000, [10, 0, 0, 10], 80));
+        let mut frames = [lb_core::Frame::new(&mut buf, 64, 54)];
+        let mut verdicts = [lb_core::Verdict::Pass];
+        p.process_burst(&mut frames, lb_core::Instant::from_secs(1), &mut verdicts);
+        assert_eq!(verdicts[0], lb_core::Verdict::Tx);
+
+        let snap = shared.lock().unwrap().to_snapshot();
+        assert_eq!((snap.rx, snap.tx), (1, 1));
+        let svc = &tables.services()[0];
+        assert_eq!(snap.services[&svc.slot.0].new_flows, 1);
+        let per_backend: u64 = svc.backends.iter().map(|b| snap.backends[&b.id.slot].active_conns).sum();
+        assert_eq!(per_backend, 1, "one backend holds the new flow");
+        assert!(snap.conntrack_entries >= 1 && snap.conntrack_capacity >= 1024);
+
+        // A table swap hands the old tables back (to be dropped on the control side).
+        let next = builder.build(&config).unwrap();
+        let old = p.apply(next.clone());
+        assert!(Arc::ptr_eq(&old, &tables));
+        assert!(Arc::ptr_eq(p.worker().tables(), &next));
     }
 
     #[tokio::test]

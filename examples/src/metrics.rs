@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lb_core::config::{BackendState, ForwardMode, Protocol};
@@ -66,6 +67,79 @@ impl CoreSnapshot {
             }
         }
         s
+    }
+}
+
+/// One core's counters in a buffer sized once, so the poll thread can copy them out without
+/// allocating: only the slots the current tables use are copied, into vectors reserved for the
+/// builder's [`Limits`](lb_core::service::Limits).
+#[derive(Debug, Clone, Default)]
+pub struct CoreCounters {
+    rx: u64,
+    tx: u64,
+    passed: u64,
+    drops: [u64; DropReason::COUNT],
+    services: Vec<(u32, ServiceCounters)>,
+    backends: Vec<(u32, BackendCounters)>,
+    conntrack_entries: u64,
+    conntrack_capacity: u64,
+}
+
+impl CoreCounters {
+    /// A buffer with room for every slot `limits` allows.
+    pub fn with_capacity(limits: lb_core::service::Limits) -> Self {
+        CoreCounters {
+            services: Vec::with_capacity(limits.max_services),
+            backends: Vec::with_capacity(limits.max_backends),
+            ..Default::default()
+        }
+    }
+
+    /// Copies `stats` for the slots `tables` uses. Never allocates when `tables` is within the
+    /// limits this buffer was sized for (the table builder guarantees it).
+    pub fn fill(&mut self, stats: &Stats, tables: &Tables, conntrack_entries: usize, conntrack_capacity: usize) {
+        self.rx = stats.rx;
+        self.tx = stats.tx;
+        self.passed = stats.passed;
+        self.drops = stats.drops;
+        self.conntrack_entries = conntrack_entries as u64;
+        self.conntrack_capacity = conntrack_capacity as u64;
+        self.services.clear();
+        self.backends.clear();
+        for s in tables.services() {
+            if self.services.len() < self.services.capacity() {
+                self.services.push((s.slot.0, stats.service(s.slot)));
+            }
+            for b in &s.backends {
+                if self.backends.len() < self.backends.capacity() {
+                    self.backends.push((b.id.slot, stats.backend(b.slot())));
+                }
+            }
+        }
+    }
+
+    /// The snapshot the metrics side sums (allocates; control side only).
+    pub fn to_snapshot(&self) -> CoreSnapshot {
+        CoreSnapshot {
+            rx: self.rx,
+            tx: self.tx,
+            passed: self.passed,
+            drops: self.drops,
+            services: self.services.iter().copied().collect(),
+            backends: self.backends.iter().copied().collect(),
+            conntrack_entries: self.conntrack_entries,
+            conntrack_capacity: self.conntrack_capacity,
+        }
+    }
+}
+
+/// Per-core counter buffers the poll threads publish into and `/metrics` reads.
+#[derive(Debug, Clone, Default)]
+pub struct PublishedCounters(pub Vec<Arc<Mutex<CoreCounters>>>);
+
+impl StatsSource for PublishedCounters {
+    fn snapshots(&self) -> Vec<CoreSnapshot> {
+        self.0.iter().filter_map(|c| c.lock().ok().map(|c| c.to_snapshot())).collect()
     }
 }
 
@@ -329,7 +403,7 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
 }
 
 /// Serves `GET /metrics` and `GET /state` on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, live: watch::Receiver<LiveState>, source: std::sync::Arc<dyn StatsSource>) {
+pub async fn serve(listener: TcpListener, live: watch::Receiver<LiveState>, source: Arc<dyn StatsSource>) {
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -348,7 +422,7 @@ pub async fn serve(listener: TcpListener, live: watch::Receiver<LiveState>, sour
     }
 }
 
-async fn answer(mut sock: TcpStream, live: watch::Receiver<LiveState>, source: std::sync::Arc<dyn StatsSource>) {
+async fn answer(mut sock: TcpStream, live: watch::Receiver<LiveState>, source: Arc<dyn StatsSource>) {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -384,8 +458,6 @@ async fn answer(mut sock: TcpStream, live: watch::Receiver<LiveState>, source: s
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::config::file::parse;
     use crate::control::{Control, ControlInput, RecordingSink};
