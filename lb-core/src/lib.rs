@@ -14,6 +14,67 @@
 //!                     │ rewrite: NAT / DSR / IP-in-IP / GUE (forward)
 //!                     └ counters (stats)
 //! ```
+//!
+//! Embedding it takes four calls: build the tables on the control side, give each core a worker, hand
+//! it bursts, and swap new tables in between bursts.
+//!
+//! ```
+//! use core::net::IpAddr;
+//! use lb_core::config::{BackendConfig, BackendState, Config, ForwardMode, Protocol, RemovedBackendPolicy,
+//!     SchedulerKind, ServiceConfig, ServiceKey};
+//! use lb_core::service::TableBuilder;
+//! use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
+//!
+//! let vip: IpAddr = "192.0.2.10".parse().unwrap();
+//! let backend = |last: u8| BackendConfig {
+//!     addr: IpAddr::from([10, 0, 0, last]), port: 80, weight: 1,
+//!     mac: Some([2, 0xbe, 0, 0, 0, last]), state: BackendState::Active,
+//! };
+//! let mut config = Config::default();
+//! config.services.push(ServiceConfig {
+//!     name: "web".into(),
+//!     key: ServiceKey { vip, port: 80, proto: Protocol::Tcp },
+//!     backends: vec![backend(1), backend(2), backend(3)],
+//!     scheduler: SchedulerKind::Maglev,
+//!     mode: ForwardMode::Dsr,
+//!     affinity_timeout: None,
+//!     source_ranges: vec![],
+//!     maglev_table_size: None,
+//!     on_backend_removed: RemovedBackendPolicy::Reschedule,
+//! });
+//!
+//! // Control side: validate the whole configuration and build the tables (Maglev rings and all).
+//! // Keep one builder for the process's life: it keeps backend slots stable across rebuilds.
+//! let mut builder = TableBuilder::new();
+//! let tables = builder.build(&config).expect("valid config");
+//! // One worker per core, sized once; nothing allocates after this.
+//! let mut worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
+//!
+//! // A TCP SYN from a client to the VIP, with headroom in front for tunnel modes.
+//! let mut buf = vec![0u8; Frame::HEADROOM_NEEDED];
+//! etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xc1], [2, 0, 0, 0, 0, 1])
+//!     .ipv4([198, 51, 100, 7], [192, 0, 2, 10], 64)
+//!     .tcp(40000, 80, 1, 64240)
+//!     .syn()
+//!     .write(&mut buf, &[])
+//!     .unwrap();
+//! let len = buf.len() - Frame::HEADROOM_NEEDED;
+//! let mut frames = [Frame::new(&mut buf, Frame::HEADROOM_NEEDED, len)];
+//! let mut verdicts = [Verdict::Tx; 1];
+//! worker.process_burst(&mut frames, Instant::from_secs(1), &mut verdicts);
+//!
+//! // DSR: only the Ethernet destination changed, to the chosen backend's MAC.
+//! assert_eq!(verdicts[0], Verdict::Tx);
+//! let dst_mac = &frames[0].data()[..6];
+//! assert_eq!(&dst_mac[..5], &[2, 0xbe, 0, 0, 0]);
+//! assert!((1..=3).contains(&dst_mac[5]));
+//! assert_eq!(worker.stats().tx, 1);
+//!
+//! // Later, between bursts: a new configuration replaces the tables whole; conntrack survives.
+//! config.services[0].backends.pop();
+//! let old = worker.swap_tables(builder.build(&config).expect("valid config"));
+//! drop(old); // freed here, on the control side, never inside the burst
+//! ```
 #![no_std]
 #![forbid(unsafe_code)]
 
