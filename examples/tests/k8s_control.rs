@@ -119,7 +119,20 @@ async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
     api.upsert(SERVICES, fixture("service-edge-loadbalancer.json"));
     let t = until(&mut tables, "edge", |t| has(t, "tcp 203.0.113.11:443")).await;
     assert!(!has(&t, "tcp 10.96.80.80:80"), "checkout has a too-small Maglev table: {:?}", names(&t));
-    assert!(live.borrow().k8s_skipped >= 1);
+    // Tables go to the workers before the live state is updated, and the checkout Service and its
+    // slice may arrive in separate updates: wait for the skip to be recorded, then catch the channel up
+    // to the tables the live state holds, so the bad-file check below sees only what that publishes.
+    let seen = tokio::time::timeout(FAILSAFE, live.wait_for(|l| l.k8s_skipped >= 1))
+        .await
+        .expect("checkout skipped")
+        .unwrap()
+        .tables
+        .clone()
+        .unwrap();
+    assert!(!has(&seen, "tcp 10.96.80.80:80"), "{:?}", names(&seen));
+    if t.version() != seen.version() {
+        until(&mut tables, "the tables the live state holds", |t| t.version() == seen.version()).await;
+    }
 
     // A bad file reload is rejected (seen in the live state) and publishes nothing; a good one applies.
     let before = live.borrow().rejected;
