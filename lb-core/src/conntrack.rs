@@ -14,8 +14,8 @@
 //! so per-backend connection counts stay honest.
 //!
 //! When every way of a bucket is live, an insert evicts, in this order: the oldest half-open entry
-//! (TCP SYN seen, or UDP seen in one direction once), then the oldest closing entry (FIN, RST, time-wait)
-//! or affinity record. It never evicts a live established flow: then the insert fails and the caller
+//! (TCP SYN seen, or UDP seen in one direction once), then the oldest closing entry (FIN, RST, time-wait),
+//! affinity record or backend-gone tombstone. It never evicts a live established flow: then the insert fails and the caller
 //! counts [`DropReason::ConntrackFull`](crate::stats::DropReason::ConntrackFull). A SYN flood therefore
 //! only ever replaces its own half-open entries and cannot push established connections out.
 //!
@@ -165,6 +165,11 @@ pub enum ConnState {
     UdpAssured,
     /// A ClientIP affinity record; lives for the service's affinity timeout.
     Affinity,
+    /// A tombstone: the flow's backend left a service whose policy is
+    /// [`RemovedBackendPolicy::Drop`](crate::config::RemovedBackendPolicy::Drop). Every packet of the
+    /// flow is dropped until the flow ends or idles out, so its retransmissions are not scheduled
+    /// elsewhere. Holds no backend connection and no reverse entry; evicted like a closing entry.
+    BackendGone,
 }
 
 impl ConnState {
@@ -172,7 +177,7 @@ impl ConnState {
     fn eviction_class(self) -> u8 {
         match self {
             ConnState::SynSeen | ConnState::UdpNew => 0,
-            ConnState::Closing | ConnState::TimeWait | ConnState::Affinity => 1,
+            ConnState::Closing | ConnState::TimeWait | ConnState::Affinity | ConnState::BackendGone => 1,
             ConnState::Established | ConnState::UdpAssured => 2,
         }
     }
@@ -201,7 +206,8 @@ pub struct Entry {
     pub state: ConnState,
     /// Forward, reverse or affinity.
     pub kind: EntryKind,
-    /// Bit 0: the client sent a FIN; bit 1: the backend sent a FIN (seen only in NAT mode).
+    /// Bit 0: the client sent a FIN; bit 1: the backend sent a FIN (seen only in NAT mode);
+    /// [`GONE_CLOSED`]: a [`ConnState::BackendGone`] flow saw the client's FIN or RST.
     pub fins: u8,
     /// Second (of the caller's clock) at which the entry expires.
     pub expires: u32,
@@ -212,6 +218,10 @@ pub struct Entry {
     /// Index of the paired entry (forward <-> reverse), [`NO_LINK`] if none.
     pub link: u32,
 }
+
+/// `Entry::fins` bit of a [`ConnState::BackendGone`] tombstone whose client sent a FIN or RST: it
+/// lives only for the close timeout, and a new SYN on its 5-tuple starts a new flow.
+pub const GONE_CLOSED: u8 = 4;
 
 /// `Entry::link` of an entry with no pair.
 pub const NO_LINK: u32 = u32::MAX;
@@ -626,6 +636,23 @@ mod tests {
         assert!(!t.is_live(idx[0], 50) && t.is_live(idx[1], 50));
         let d = t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 50).unwrap().displaced.unwrap();
         assert_eq!((d.index, d.evicted), (idx[0], false));
+    }
+
+    #[test]
+    fn backend_gone_tombstone_yields_to_a_live_flow() {
+        let mut t = ConntrackTable::with_capacity(8);
+        let mut idx = vec![];
+        for n in 0..8 {
+            let k = key(n);
+            idx.push(t.insert(entry(k, ConnState::Established, 1000), k.hash(), 0).unwrap().index);
+        }
+        let k = key(99);
+        assert_eq!(t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 0), Err(ConntrackFull));
+        // The same entry, now a tombstone (still live until its own expiry): a new flow may take it.
+        t.update(idx[3], |e| e.state = ConnState::BackendGone).unwrap();
+        assert!(t.is_live(idx[3], 0));
+        let d = t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 0).unwrap().displaced.unwrap();
+        assert_eq!((d.index, d.evicted, d.entry.state), (idx[3], true, ConnState::BackendGone));
     }
 
     #[test]

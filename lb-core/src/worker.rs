@@ -34,6 +34,11 @@
 //!   them unchanged, NAT translates the error and its quote); to a SNAT address, back to the client
 //!   translated. Errors about untracked flows are counted as [`DropReason::IcmpNoFlow`] or
 //!   [`DropReason::NoReverseFlow`]. Other ICMP to a VIP (echo) passes to the kernel.
+//! - [`RemovedBackendPolicy::Drop`]: the first packet of a flow whose backend left turns its entry
+//!   into a [`ConnState::BackendGone`] tombstone, and every packet of that 5-tuple (retransmissions,
+//!   ACKs, a SYN) is dropped as [`DropReason::BackendRemoved`] until the tombstone idles out or, after
+//!   the client's FIN or RST, its time-wait timeout ends (a SYN then starts a new flow). Tombstones
+//!   count as no backend's connection, keep no NAT reverse entry, and are evicted like closing flows.
 //! - Rewrites are lb-core's [`forward`] module; headroom needed: [`Frame::HEADROOM_NEEDED`].
 
 use alloc::boxed::Box;
@@ -44,7 +49,7 @@ use core::net::IpAddr;
 use lb_hash::FlowHasher;
 
 use crate::config::{ForwardMode, Protocol, RemovedBackendPolicy, ServiceKey, Timeouts};
-use crate::conntrack::{ConnKey, ConnState, ConntrackTable, Entry, EntryKind, NO_LINK, WAYS};
+use crate::conntrack::{ConnKey, ConnState, ConntrackTable, Entry, EntryKind, GONE_CLOSED, NO_LINK, WAYS};
 use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
 use crate::frame::{Frame, Verdict};
 use crate::packet::{self, Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
@@ -55,6 +60,8 @@ use crate::time::Instant;
 
 /// Conntrack buckets swept for expired entries per burst (see [`ConntrackTable::sweep_bucket`]).
 const SWEEP_BUCKETS_PER_BURST: usize = 4;
+/// IP protocol number of UDP.
+const UDP: u8 = 17;
 /// Candidate SNAT ports tried for a new NAT flow before giving up with [`DropReason::NoSnatPort`].
 const SNAT_PORT_TRIES: u32 = 32;
 
@@ -405,14 +412,28 @@ impl Core {
         let mut known = None;
         if let Some(index) = self.conntrack.find(&key, hash) {
             let entry = self.conntrack.get(index).copied().unwrap_or_default();
-            let restart = flags.is_syn_only() && entry.state == ConnState::TimeWait;
-            if entry.is_expired(now) || restart {
+            let closed = match entry.state {
+                ConnState::TimeWait => true,
+                ConnState::BackendGone => entry.fins & GONE_CLOSED != 0,
+                _ => false,
+            };
+            let drop_policy = service.on_backend_removed == RemovedBackendPolicy::Drop;
+            if entry.is_expired(now) || (flags.is_syn_only() && closed) {
+                self.remove(index);
+            } else if entry.state == ConnState::BackendGone {
+                // A tombstone: the flow's backend left; its packets fail here rather than reach
+                // another backend (unless the policy became Reschedule since).
+                if drop_policy {
+                    let timeouts = &self.timeouts;
+                    self.conntrack.update(index, |e| advance(e, flags, true, timeouts, now));
+                    return Err(DropReason::BackendRemoved);
+                }
                 self.remove(index);
             } else {
                 match tables.resolve(entry.backend) {
                     Some((si, bi)) if si == service_index => known = Some((index, bi)),
-                    _ if service.on_backend_removed == RemovedBackendPolicy::Drop => {
-                        self.remove(index);
+                    _ if drop_policy => {
+                        self.bury(index, flags, now);
                         return Err(DropReason::BackendRemoved);
                     }
                     _ => self.remove(index),
@@ -610,6 +631,9 @@ impl Core {
             return Err(DropReason::IcmpNoFlow);
         }
         let entry = self.conntrack.get(index).copied().ok_or(DropReason::IcmpNoFlow)?;
+        if entry.state == ConnState::BackendGone {
+            return Err(DropReason::BackendRemoved);
+        }
         let (si, bi) = tables.resolve(entry.backend).ok_or(DropReason::IcmpNoFlow)?;
         let service = tables.service(si).ok_or(DropReason::IcmpNoFlow)?;
         let backend = service.backends.get(bi).ok_or(DropReason::IcmpNoFlow)?;
@@ -691,6 +715,21 @@ impl Core {
         Ok(ins.index)
     }
 
+    /// Turns the forward entry at `index`, whose backend left, into a [`ConnState::BackendGone`]
+    /// tombstone: it stops counting as a connection of its backend, its NAT reverse entry goes (the
+    /// backend's replies then translate to nothing), and `flags` (the packet that found it) apply.
+    fn bury(&mut self, index: u32, flags: TcpFlags, now: u32) {
+        let Some(e) = self.conntrack.get(index).copied() else { return };
+        self.forget(index, &e);
+        let timeouts = &self.timeouts;
+        self.conntrack.update(index, |e| {
+            e.state = ConnState::BackendGone;
+            e.fins = 0;
+            e.link = NO_LINK;
+            advance(e, flags, true, timeouts, now);
+        });
+    }
+
     /// Removes the entry at `index` and everything that hangs on it.
     fn remove(&mut self, index: u32) {
         if let Some(e) = self.conntrack.remove(index) {
@@ -701,7 +740,8 @@ impl Core {
     /// Accounts for an entry that left the table (already removed): the backend's connection count,
     /// and the paired reverse entry of a NAT flow.
     fn forget(&mut self, index: u32, e: &Entry) {
-        if e.kind != EntryKind::Forward {
+        // A tombstone was forgotten when it was buried.
+        if e.kind != EntryKind::Forward || e.state == ConnState::BackendGone {
             return;
         }
         let slot = e.backend.slot as usize;
@@ -759,6 +799,8 @@ fn timeout_of(state: ConnState, t: &Timeouts) -> u32 {
         ConnState::Closing => t.tcp_fin,
         ConnState::TimeWait => t.tcp_time_wait,
         ConnState::UdpNew | ConnState::UdpAssured | ConnState::Affinity => t.udp,
+        // The flow's own idle timeout; `advance` shortens it once the client closes.
+        ConnState::BackendGone => t.tcp_established,
     };
     u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
 }
@@ -779,7 +821,25 @@ fn advance_new(e: &mut Entry, flags: TcpFlags, t: &Timeouts, now: u32) {
 /// The state after a packet of a known flow, from the client (`from_client`) or the backend (NAT
 /// replies). IPVS-like: the client's ACK after SYN establishes, a FIN closes, both FINs or an RST
 /// reach time-wait. Each packet refreshes the idle timeout of the state it leaves the flow in.
+///
+/// A [`ConnState::BackendGone`] tombstone stays one: any packet refreshes its idle timeout (UDP's for
+/// a UDP flow), until the client's FIN or RST starts a fixed time-wait timeout that later packets do
+/// not extend.
 fn advance(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &Timeouts, now: u32) {
+    if e.state == ConnState::BackendGone {
+        if e.fins & GONE_CLOSED == 0 {
+            let timeout = if from_client && (flags.contains(TcpFlags::FIN) || flags.contains(TcpFlags::RST)) {
+                e.fins |= GONE_CLOSED;
+                timeout_of(ConnState::TimeWait, t)
+            } else if e.key.proto == UDP {
+                timeout_of(ConnState::UdpAssured, t)
+            } else {
+                timeout_of(ConnState::BackendGone, t)
+            };
+            e.expires = now.saturating_add(timeout);
+        }
+        return;
+    }
     e.state = match e.state {
         ConnState::UdpNew | ConnState::UdpAssured => ConnState::UdpAssured,
         ConnState::Affinity => ConnState::Affinity,

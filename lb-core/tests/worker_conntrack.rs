@@ -259,3 +259,158 @@ fn icmp_error_follows_its_flow_to_the_backend() {
         .unwrap();
     assert_eq!(run(&mut w, &icmp, secs(2)).0, Verdict::Drop(DropReason::IcmpNoFlow));
 }
+
+/// A DSR service with the Drop policy, two round-robin backends and short timeouts; `flows` TCP flows
+/// from clients `0..flows` (port 1000) handshake at 1 s. Returns the worker, the builder's config and
+/// the backend (MAC byte) of each flow.
+fn drop_policy_setup(capacity: usize, flows: u32) -> (Worker, Config, Vec<u8>, TableBuilder) {
+    let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
+    cfg.services[0].on_backend_removed = RemovedBackendPolicy::Drop;
+    cfg.node.timeouts.tcp_established = dur(300);
+    cfg.node.timeouts.tcp_time_wait = dur(30);
+    let mut b = TableBuilder::new();
+    let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(capacity));
+    let mut on = vec![];
+    for i in 0..flows {
+        let (v, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+        assert_eq!(v, Verdict::Tx);
+        on.push(dsr_backend(&out));
+        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1)).0, Verdict::Tx);
+    }
+    (w, cfg, on, b)
+}
+
+/// Removes backend 10.1.0.1 (MAC byte 1) from the TCP service. `b` built the running tables (a
+/// builder keeps backend slots stable across builds).
+fn remove_first_backend(w: &mut Worker, cfg: &mut Config, b: &mut TableBuilder) {
+    cfg.services[0].backends.retain(|b| b.addr != v4("10.1.0.1"));
+    w.swap_tables(b.build(cfg).unwrap());
+}
+
+fn state_of(w: &Worker, c: std::net::IpAddr, sport: u16) -> Option<(ConnState, u32)> {
+    let key = ConnKey::flow(c, v4(VIP), sport, 80, 6);
+    w.conntrack().iter().find(|(_, e)| e.key == key).map(|(_, e)| (e.state, e.expires))
+}
+
+#[test]
+fn drop_policy_drops_every_later_packet_of_the_flow_and_schedules_new_ones() {
+    let (mut w, mut cfg, on, mut b) = drop_policy_setup(1024, 2);
+    assert_eq!(on, vec![1, 2], "round robin");
+    remove_first_backend(&mut w, &mut cfg, &mut b);
+    let survivor = w.tables().services()[0].backends[0].slot();
+    let before = w.stats().backend(survivor);
+    let c = client(0);
+    // What a client of the dead backend sends next: its data, the same segment retransmitted, a bare
+    // ACK (which for an unknown flow would be picked up mid-stream), a window probe, a SYN.
+    let packets = [
+        tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"GET / HTTP/1.1\r\n"),
+        tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"GET / HTTP/1.1\r\n"),
+        tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""),
+        tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"x"),
+        tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""),
+    ];
+    for (k, p) in packets.iter().enumerate() {
+        let (v, _) = run(&mut w, p, secs(2 + k as u64));
+        assert_eq!(v, Verdict::Drop(DropReason::BackendRemoved), "packet {k} of the flow");
+    }
+    assert_eq!(w.stats().dropped(DropReason::BackendRemoved), packets.len() as u64);
+    assert_eq!(w.stats().backend(survivor), before, "a packet of the dead backend's flow reached the survivor");
+    assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::BackendGone));
+    // The tombstone is nobody's connection; the survivor's own flow is untouched.
+    assert_eq!(w.stats().backend(survivor).active_conns, 1);
+    assert_eq!(run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b"y"), secs(3)).0, Verdict::Tx);
+    // A new connection from the same client is scheduled normally.
+    let (v, out) = run(&mut w, &tcp(c, 1001, v4(VIP), 80, Tcp::Syn, b""), secs(10));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
+    assert_eq!(w.stats().backend(survivor).active_conns, 2);
+    // The tombstone keeps dropping beside it.
+    assert_eq!(run(&mut w, &packets[0], secs(11)).0, Verdict::Drop(DropReason::BackendRemoved));
+}
+
+#[test]
+fn drop_policy_tombstone_idles_out_then_the_tuple_is_new() {
+    let (mut w, mut cfg, _, mut b) = drop_policy_setup(1024, 1);
+    remove_first_backend(&mut w, &mut cfg, &mut b);
+    let (c, ack) = (client(0), tcp(client(0), 1000, v4(VIP), 80, Tcp::Ack, b"data"));
+    assert_eq!(run(&mut w, &ack, secs(2)).0, Verdict::Drop(DropReason::BackendRemoved));
+    assert_eq!(state_of(&w, c, 1000), Some((ConnState::BackendGone, 302)));
+    // Each packet refreshes the idle timeout (300 s)...
+    assert_eq!(run(&mut w, &ack, secs(200)).0, Verdict::Drop(DropReason::BackendRemoved));
+    assert_eq!(run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(303)).0, Verdict::Drop(DropReason::BackendRemoved));
+    // ...and after 300 s of silence the tombstone is gone: a SYN on the same tuple is a new flow.
+    let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(604));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
+    assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::SynSeen));
+    assert_eq!(w.stats().dropped(DropReason::BackendRemoved), 3);
+}
+
+#[test]
+fn drop_policy_tombstone_closes_on_the_clients_rst() {
+    let (mut w, mut cfg, _, mut b) = drop_policy_setup(1024, 1);
+    remove_first_backend(&mut w, &mut cfg, &mut b);
+    let c = client(0);
+    assert_eq!(run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(2)).0, Verdict::Drop(DropReason::BackendRemoved));
+    assert_eq!(run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Rst, b""), secs(3)).0, Verdict::Drop(DropReason::BackendRemoved));
+    // Time-wait (30 s) from the RST, not extended by the stragglers after it.
+    assert_eq!(state_of(&w, c, 1000), Some((ConnState::BackendGone, 33)));
+    assert_eq!(run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(20)).0, Verdict::Drop(DropReason::BackendRemoved));
+    assert_eq!(state_of(&w, c, 1000), Some((ConnState::BackendGone, 33)));
+    // The client reuses its port for a new connection: scheduled.
+    let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(21));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
+}
+
+#[test]
+fn drop_policy_tombstones_yield_their_room_to_live_flows() {
+    // One 8-way bucket, full of established flows; half lose their backend.
+    let (mut w, mut cfg, on, mut b) = drop_policy_setup(8, 8);
+    remove_first_backend(&mut w, &mut cfg, &mut b);
+    let dead: Vec<u32> = (0..8).filter(|&i| on[i as usize] == 1).collect();
+    assert_eq!(dead.len(), 4);
+    for &i in &dead {
+        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2)).0, Verdict::Drop(DropReason::BackendRemoved));
+    }
+    // New clients complete their handshakes (a half-open entry would be the next victim itself).
+    for i in 100..104 {
+        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(3)).0, Verdict::Tx, "client {i}");
+        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(3)).0, Verdict::Tx, "client {i}");
+    }
+    assert_eq!(w.stats().conntrack_evictions, 4);
+    assert!(w.conntrack().iter().all(|(_, e)| e.state != ConnState::BackendGone));
+    for i in (0..8).filter(|i| !dead.contains(i)) {
+        assert_eq!(state_of(&w, client(i), 1000).map(|s| s.0), Some(ConnState::Established));
+    }
+}
+
+#[test]
+fn drop_policy_nat_flow_keeps_no_reverse_translation() {
+    let mut cfg = all_modes_config();
+    cfg.services[0].on_backend_removed = RemovedBackendPolicy::Drop;
+    cfg.services[0].scheduler = SchedulerKind::RoundRobin;
+    let mut b = TableBuilder::new();
+    let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    let c = client(5);
+    let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+    assert_eq!(v, Verdict::Tx);
+    let s = seen(&out);
+    run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+    // While the backend serves, its reply translates back to the client.
+    assert_eq!(run(&mut w, &tcp(s.dst, 8080, s.src, s.sport, Tcp::Ack, b""), secs(1)).0, Verdict::Tx);
+    cfg.services[0].backends.retain(|b| b.addr != s.dst);
+    w.swap_tables(b.build(&cfg).unwrap());
+    for t in 2..5 {
+        let (v, _) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(t));
+        assert_eq!(v, Verdict::Drop(DropReason::BackendRemoved));
+    }
+    // The old backend's late reply (say its RST) reaches no one.
+    let (v, _) = run(&mut w, &tcp(s.dst, 8080, s.src, s.sport, Tcp::Rst, b""), secs(5));
+    assert_eq!(v, Verdict::Drop(DropReason::NoReverseFlow));
+    assert_eq!(w.conntrack().iter().filter(|(_, e)| e.kind == lb_core::conntrack::EntryKind::Reverse).count(), 0);
+    assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::BackendGone));
+    // A new connection from the client goes to the survivor, with a working reverse path.
+    let (v, out) = run(&mut w, &tcp(c, 1001, v4(VIP), 80, Tcp::Syn, b""), secs(6));
+    assert_eq!(v, Verdict::Tx);
+    let n = seen(&out);
+    assert_ne!(n.dst, s.dst);
+    assert_eq!(run(&mut w, &tcp(n.dst, 8080, n.src, n.sport, Tcp::Ack, b""), secs(6)).0, Verdict::Tx);
+}
