@@ -1,12 +1,16 @@
 //! The per-core connection table: which backend each flow goes to, and in which TCP state it is.
 //!
 //! ```text
-//!   hash(key) ──► bucket (8 ways) ──► tags [u16; 8]  (one cache line holds 4 buckets' tags)
-//!                                     entries [Entry; 8] (64 bytes each, compared only on a tag hit)
+//!   hash(key) ──► bucket (8 ways, 576 bytes) ──► head: tags [u16; 8], expiries [u32; 8] (one cache line)
+//!                                               entries [Entry; 8] (one cache line each, compared only
+//!                                                                   on a tag hit)
 //! ```
 //! A set-associative table, like a CPU cache: capacity is fixed when the table is built (rounded up to a
-//! power of two number of 8-way buckets) and the storage is two boxed slices that are never resized, so
-//! the table cannot grow and cannot allocate after construction. An entry never moves once written, so
+//! power of two number of 8-way buckets) and the storage is one boxed slice of buckets that is never
+//! resized, so the table cannot grow and cannot allocate after construction. A bucket keeps its head
+//! and its entries together, so a lookup touches two cache lines of one memory page (with 4 KiB pages
+//! and a table far larger than the TLB reaches, separate tag, expiry and entry arrays cost a page walk
+//! each), and eviction reads only the head. An entry never moves once written, so
 //! its index is a stable handle: a NAT flow's forward and reverse entries point at each other by index.
 //!
 //! Expired entries are reclaimed lazily: a lookup that finds one removes it, an insert reuses its way,
@@ -261,15 +265,40 @@ pub struct Displaced {
 /// The per-core connection table. See the module docs.
 #[derive(Debug)]
 pub struct ConntrackTable {
-    /// One per way; 0 means empty.
-    tags: Box<[u16]>,
-    /// Per way, the entry's `expires`: with the class bits of the tag, what eviction and expiry read
-    /// without touching the 64-byte entries (one cache line per bucket instead of eight).
-    expiries: Box<[u32]>,
-    entries: Box<[Entry]>,
+    buckets: Box<[Bucket]>,
     bucket_mask: usize,
     len: usize,
     sweep_cursor: usize,
+}
+
+/// One bucket: its head line, then its ways' entries, one cache line each. An entry's index (its stable
+/// handle) is `bucket * WAYS + way`.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C)]
+struct Bucket {
+    head: BucketHead,
+    entries: [Way; WAYS],
+}
+
+/// What lookup, expiry and eviction read first, in one cache line.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct BucketHead {
+    /// One per way; 0 means empty.
+    tags: [u16; WAYS],
+    /// Per way, the entry's `expires`: with the class bits of the tag, what eviction and expiry read
+    /// without touching the entries.
+    expiries: [u32; WAYS],
+}
+
+/// An entry alone in its cache line (an [`Entry`] is 60 bytes; packed, most would straddle two lines).
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Way(Entry);
+
+/// Bucket and way of an entry index.
+fn split(index: usize) -> (usize, usize) {
+    (index / WAYS, index % WAYS)
 }
 
 /// A way's tag: bit 0 set when occupied, bits 1-2 the eviction class ([`CLASS_REVERSE`] for reverse
@@ -303,9 +332,7 @@ impl ConntrackTable {
     pub fn with_capacity(capacity: usize) -> Self {
         let buckets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
         ConntrackTable {
-            tags: vec![0u16; buckets * WAYS].into_boxed_slice(),
-            expiries: vec![0u32; buckets * WAYS].into_boxed_slice(),
-            entries: vec![Entry::default(); buckets * WAYS].into_boxed_slice(),
+            buckets: vec![Bucket::default(); buckets].into_boxed_slice(),
             bucket_mask: buckets - 1,
             len: 0,
             sweep_cursor: 0,
@@ -314,7 +341,7 @@ impl ConntrackTable {
 
     /// Entries the table holds at most. Fixed for the table's life.
     pub fn capacity(&self) -> usize {
-        self.entries.len()
+        self.buckets.len() * WAYS
     }
 
     /// Occupied entries, including expired ones not yet reclaimed.
@@ -327,33 +354,27 @@ impl ConntrackTable {
         self.len == 0
     }
 
-    fn bucket_range(&self, hash: u64) -> core::ops::Range<usize> {
-        let b = (hash as usize) & self.bucket_mask;
-        b * WAYS..(b + 1) * WAYS
+    /// The bucket a hash maps to.
+    #[inline]
+    fn bucket_of(&self, hash: u64) -> Option<&Bucket> {
+        self.buckets.get((hash as usize) & self.bucket_mask)
     }
 
     /// The index of the entry with this key, if any (expired or not). `hash` is `key.hash()`.
+    #[inline]
     pub fn find(&self, key: &ConnKey, hash: u64) -> Option<u32> {
         let tag = tag_of(hash);
-        let range = self.bucket_range(hash);
-        let tags = self.tags.get(range.clone())?;
-        for (way, t) in tags.iter().enumerate() {
-            if tag_hash(*t) == tag {
-                let i = range.start + way;
-                if self.entries.get(i).is_some_and(|e| e.key == *key) {
-                    return Some(i as u32);
-                }
-            }
-        }
-        None
+        let b = (hash as usize) & self.bucket_mask;
+        let bucket = self.buckets.get(b)?;
+        let way = bucket.head.tags.iter().zip(&bucket.entries).position(|(t, e)| tag_hash(*t) == tag && e.0.key == *key)?;
+        Some((b * WAYS + way) as u32)
     }
 
-    /// The first tag of the bucket of `hash`: a load whose only purpose is to bring the bucket into
-    /// the cache ahead of [`ConntrackTable::find`] (see the worker's batch passes).
+    /// The first tag of the bucket of `hash`: a load whose only purpose is to bring the bucket's head
+    /// into the cache ahead of [`ConntrackTable::find`] (see the worker's batch passes).
     #[inline]
     pub fn touch_bucket(&self, hash: u64) -> u16 {
-        let b = (hash as usize) & self.bucket_mask;
-        self.tags.get(b * WAYS).copied().unwrap_or(0)
+        self.bucket_of(hash).map_or(0, |b| b.head.tags[0])
     }
 
     /// The first entry of the bucket of `hash` whose tag matches (the key is not compared): a likely
@@ -361,64 +382,67 @@ impl ConntrackTable {
     #[inline]
     pub fn likely_entry(&self, hash: u64) -> Option<&Entry> {
         let tag = tag_of(hash);
-        let range = self.bucket_range(hash);
-        let way = self.tags.get(range.clone())?.iter().position(|t| tag_hash(*t) == tag)?;
-        self.entries.get(range.start + way)
+        let bucket = self.bucket_of(hash)?;
+        let way = bucket.head.tags.iter().position(|t| tag_hash(*t) == tag)?;
+        bucket.entries.get(way).map(|w| &w.0)
     }
 
     /// The entry at `index`, if occupied.
+    #[inline]
     pub fn get(&self, index: u32) -> Option<&Entry> {
-        let i = index as usize;
-        if *self.tags.get(i)? == 0 {
+        let (b, w) = split(index as usize);
+        let bucket = self.buckets.get(b)?;
+        if *bucket.head.tags.get(w)? == 0 {
             return None;
         }
-        self.entries.get(i)
+        bucket.entries.get(w).map(|e| &e.0)
     }
 
     /// Changes the entry at `index` with `f` (state, expiry, link; not its key) and returns what `f`
-    /// returns, or `None` if the way is empty. Keeps the tag's class and the expiry array in step.
+    /// returns, or `None` if the way is empty. Keeps the tag's class and the head's expiry in step.
+    #[inline]
     pub fn update<R>(&mut self, index: u32, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
-        let i = index as usize;
-        let t = self.tags.get_mut(i)?;
+        let (b, w) = split(index as usize);
+        let Bucket { head, entries } = self.buckets.get_mut(b)?;
+        let (t, x, e) = (head.tags.get_mut(w)?, head.expiries.get_mut(w)?, &mut entries.get_mut(w)?.0);
         if *t == 0 {
             return None;
         }
-        let e = self.entries.get_mut(i)?;
         let r = f(e);
         *t = (*t & !0x6) | (class_bits(e) << 1);
-        if let Some(x) = self.expiries.get_mut(i) {
-            *x = e.expires;
-        }
+        *x = e.expires;
         Some(r)
     }
 
     /// True if the entry at `index` is occupied and live at `now`. A reverse entry is live while its
     /// forward entry is live and still points back at it.
     pub fn is_live(&self, index: u32, now: u32) -> bool {
-        let i = index as usize;
-        match self.tags.get(i) {
+        let (b, w) = split(index as usize);
+        let Some(bucket) = self.buckets.get(b) else { return false };
+        match bucket.head.tags.get(w) {
             None | Some(0) => false,
             Some(&t) if class_of(t) == CLASS_REVERSE => {
-                let Some(e) = self.entries.get(i) else { return false };
-                match self.get(e.link) {
+                let Some(e) = bucket.entries.get(w) else { return false };
+                match self.get(e.0.link) {
                     Some(f) => f.kind == EntryKind::Forward && f.link == index && !f.is_expired(now),
                     None => false,
                 }
             }
-            Some(_) => self.expiries.get(i).is_some_and(|x| now < *x),
+            Some(_) => bucket.head.expiries.get(w).is_some_and(|x| now < *x),
         }
     }
 
     /// Removes the entry at `index` and returns it.
     pub fn remove(&mut self, index: u32) -> Option<Entry> {
-        let i = index as usize;
-        let tag = self.tags.get_mut(i)?;
+        let (b, w) = split(index as usize);
+        let bucket = self.buckets.get_mut(b)?;
+        let tag = bucket.head.tags.get_mut(w)?;
         if *tag == 0 {
             return None;
         }
         *tag = 0;
         self.len -= 1;
-        self.entries.get(i).copied()
+        bucket.entries.get(w).map(|e| e.0)
     }
 
     /// Inserts `entry` under `entry.key` (which must not be present; the caller looked it up).
@@ -430,52 +454,51 @@ impl ConntrackTable {
     /// As [`ConntrackTable::insert`], but never displaces the entry at `spare` (the caller's other half
     /// of a pair being inserted, e.g. a NAT flow's forward entry while its reverse entry goes in).
     pub fn insert_sparing(&mut self, entry: Entry, hash: u64, now: u32, spare: u32) -> Result<Inserted, ConntrackFull> {
-        let range = self.bucket_range(hash);
+        let b = (hash as usize) & self.bucket_mask;
+        let Some(bucket) = self.buckets.get(b) else { return Err(ConntrackFull) };
         let mut empty = None;
         let mut expired = None;
-        // (class, expires, index) of the best eviction candidate so far. Only the tags and the expiry
-        // array are read here, except for reverse entries, whose life is their forward entry's.
+        // (class, expires, way) of the best eviction candidate so far. Only the head is read here,
+        // except for reverse entries, whose life is their forward entry's.
         let mut victim: Option<(u16, u32, usize)> = None;
-        for i in range {
-            let Some(&t) = self.tags.get(i) else { return Err(ConntrackFull) };
+        for (way, (&t, &expires)) in bucket.head.tags.iter().zip(&bucket.head.expiries).enumerate() {
             if t == 0 {
-                empty = Some(i);
+                empty = Some(way);
                 break;
             }
-            if i as u32 == spare {
+            let index = (b * WAYS + way) as u32;
+            if index == spare {
                 continue;
             }
-            if expired.is_none() && !self.is_live(i as u32, now) {
-                expired = Some(i);
+            if expired.is_none() && !self.is_live(index, now) {
+                expired = Some(way);
                 continue;
             }
             let class = class_of(t);
-            let expires = self.expiries.get(i).copied().unwrap_or(0);
             if class < 2 && victim.is_none_or(|(c, x, _)| (class, expires) < (c, x)) {
-                victim = Some((class, expires, i));
+                victim = Some((class, expires, way));
             }
         }
-        let (slot, displaced) = match (empty, expired, victim) {
-            (Some(i), _, _) => (i, None),
-            (None, Some(i), _) => (i, Some((i, false))),
-            (None, None, Some((_, _, i))) => (i, Some((i, true))),
+        let (way, evicted) = match (empty, expired, victim) {
+            (Some(w), _, _) => (w, None),
+            (None, Some(w), _) => (w, Some(false)),
+            (None, None, Some((_, _, w))) => (w, Some(true)),
             (None, None, None) => return Err(ConntrackFull),
         };
-        let displaced = displaced.and_then(|(i, evicted)| {
-            let old = *self.entries.get(i)?;
-            Some(Displaced { index: i as u32, entry: old, evicted })
-        });
-        if displaced.is_none() {
-            self.len += 1;
-        }
-        let (Some(t), Some(x), Some(e)) = (self.tags.get_mut(slot), self.expiries.get_mut(slot), self.entries.get_mut(slot))
+        let index = b * WAYS + way;
+        let Bucket { head, entries } = self.buckets.get_mut(b).ok_or(ConntrackFull)?;
+        let (Some(t), Some(x), Some(e)) = (head.tags.get_mut(way), head.expiries.get_mut(way), entries.get_mut(way))
         else {
             return Err(ConntrackFull);
         };
+        let displaced = evicted.map(|evicted| Displaced { index: index as u32, entry: e.0, evicted });
         *t = tag_of(hash) | (class_bits(&entry) << 1);
         *x = entry.expires;
-        *e = entry;
-        Ok(Inserted { index: slot as u32, displaced })
+        e.0 = entry;
+        if displaced.is_none() {
+            self.len += 1;
+        }
+        Ok(Inserted { index: index as u32, displaced })
     }
 
     /// Reclaims the expired entries of the next bucket (round robin over the table), writing them
@@ -487,7 +510,7 @@ impl ConntrackTable {
         let mut n = 0;
         for i in b * WAYS..(b + 1) * WAYS {
             let idx = i as u32;
-            if self.tags.get(i).is_some_and(|t| *t != 0) && !self.is_live(idx, now) {
+            if self.get(idx).is_some() && !self.is_live(idx, now) {
                 // Forward entries first take their reverse entry with them in the caller; a lone
                 // reverse entry is reclaimed here.
                 if let (Some(e), Some(slot)) = (self.remove(idx), out.get_mut(n)) {
@@ -501,12 +524,16 @@ impl ConntrackTable {
 
     /// Every occupied entry with its index (for the control side and tests; not the fast path).
     pub fn iter(&self) -> impl Iterator<Item = (u32, &Entry)> + '_ {
-        self.tags
-            .iter()
-            .zip(self.entries.iter())
-            .enumerate()
-            .filter(|(_, (t, _))| **t != 0)
-            .map(|(i, (_, e))| (i as u32, e))
+        self.buckets.iter().enumerate().flat_map(|(b, bucket)| {
+            bucket
+                .head
+                .tags
+                .iter()
+                .zip(&bucket.entries)
+                .enumerate()
+                .filter(|(_, (t, _))| **t != 0)
+                .map(move |(w, (_, e))| ((b * WAYS + w) as u32, &e.0))
+        })
     }
 }
 
@@ -533,6 +560,11 @@ mod tests {
     #[test]
     fn entry_fits_a_cache_line() {
         assert!(core::mem::size_of::<Entry>() <= 64, "Entry is {} bytes", core::mem::size_of::<Entry>());
+        // A bucket is its head line plus one line per way, each line-aligned.
+        assert_eq!(core::mem::size_of::<BucketHead>(), 64);
+        assert_eq!(core::mem::size_of::<Way>(), 64);
+        assert_eq!(core::mem::size_of::<Bucket>(), 64 * (WAYS + 1));
+        assert_eq!(core::mem::align_of::<Bucket>(), 64);
     }
 
     #[test]
