@@ -47,15 +47,11 @@ pub struct FlowKey {
 /// `::ffff:0:0/96`, the prefix of an IPv4-mapped address.
 const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 
+/// Built as one 128-bit value rather than byte by byte, so the 16 bytes are written whole and the
+/// conntrack hash's 64-bit loads of them are forwarded from the store (byte stores followed by wider
+/// loads stall the load until the stores retire; it showed in profiles of the fast path).
 const fn map_v4(a: [u8; 4]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[10] = 0xff;
-    out[11] = 0xff;
-    out[12] = a[0];
-    out[13] = a[1];
-    out[14] = a[2];
-    out[15] = a[3];
-    out
+    (0xffff_0000_0000u128 | u32::from_be_bytes(a) as u128).to_be_bytes()
 }
 
 const fn unmap_v4(a: &[u8; 16]) -> [u8; 4] {
