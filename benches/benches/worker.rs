@@ -5,11 +5,18 @@
 //! them) and processes the burst; `copy_only` measures the copy alone in the same run, as a baseline
 //! to subtract. Frames are hand-built Ethernet + IPv4 + TCP with valid lengths (the worker does not
 //! verify checksums). Figures and the command are in BENCHMARKS.md, section "lb-core".
+//!
+//! Time is the benchmark thread's CPU time ([`ThreadCpuTime`]), not wall time: on a shared machine
+//! wall time also counts the slices other processes run while this thread waits for a core, which
+//! made repeated runs differ by 2x. On an idle, dedicated core the two agree.
 #![allow(missing_docs, clippy::unwrap_used, reason = "a benchmark binary")]
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
+use std::time::Duration;
+
+use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use lb_core::config::{
     BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy, SchedulerKind,
@@ -17,6 +24,61 @@ use lb_core::config::{
 };
 use lb_core::service::TableBuilder;
 use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
+
+/// Criterion measurement: CPU time of the measuring thread (`CLOCK_THREAD_CPUTIME_ID`), in ns.
+struct ThreadCpuTime;
+
+impl Measurement for ThreadCpuTime {
+    type Intermediate = cpu_time::ThreadTime;
+    type Value = Duration;
+
+    fn start(&self) -> Self::Intermediate {
+        cpu_time::ThreadTime::now()
+    }
+    fn end(&self, start: Self::Intermediate) -> Self::Value {
+        start.elapsed()
+    }
+    fn add(&self, a: &Self::Value, b: &Self::Value) -> Self::Value {
+        *a + *b
+    }
+    fn zero(&self) -> Self::Value {
+        Duration::ZERO
+    }
+    fn to_f64(&self, value: &Self::Value) -> f64 {
+        value.as_nanos() as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        &CpuTimeFormatter
+    }
+}
+
+/// Formats [`ThreadCpuTime`] values as durations and throughputs as elements per second.
+struct CpuTimeFormatter;
+
+impl ValueFormatter for CpuTimeFormatter {
+    fn scale_values(&self, ns: f64, values: &mut [f64]) -> &'static str {
+        let (factor, unit) = match ns {
+            n if n < 1e3 => (1.0, "ns"),
+            n if n < 1e6 => (1e-3, "µs"),
+            n if n < 1e9 => (1e-6, "ms"),
+            _ => (1e-9, "s"),
+        };
+        values.iter_mut().for_each(|v| *v *= factor);
+        unit
+    }
+    fn scale_throughputs(&self, _ns: f64, throughput: &Throughput, values: &mut [f64]) -> &'static str {
+        let per_iter = match *throughput {
+            Throughput::Elements(n) | Throughput::ElementsAndBytes { elements: n, .. } => n as f64,
+            Throughput::Bytes(n) | Throughput::BytesDecimal(n) => n as f64,
+            Throughput::Bits(n) => n as f64,
+        };
+        values.iter_mut().for_each(|v| *v = per_iter * 1e9 / *v / 1e6);
+        "Melem/s"
+    }
+    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
+        "ns"
+    }
+}
 
 const BURST: usize = 64;
 const HEADROOM: usize = Frame::HEADROOM_NEEDED;
@@ -104,7 +166,7 @@ fn burst(w: &mut Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templates: &[
     verdicts.iter().filter(|v| **v == Verdict::Tx).count()
 }
 
-fn established(c: &mut Criterion) {
+fn established(c: &mut Criterion<ThreadCpuTime>) {
     let mut g = c.benchmark_group("worker_established");
     g.throughput(Throughput::Elements(BURST as u64));
     let mut bufs = Box::new([[0u8; HEADROOM + 128]; BURST]);
@@ -155,7 +217,7 @@ fn established(c: &mut Criterion) {
     g.finish();
 }
 
-fn new_flows(c: &mut Criterion) {
+fn new_flows(c: &mut Criterion<ThreadCpuTime>) {
     let mut g = c.benchmark_group("worker_new_flows");
     g.throughput(Throughput::Elements(BURST as u64));
     let mut bufs = Box::new([[0u8; HEADROOM + 128]; BURST]);
@@ -185,7 +247,11 @@ fn new_flows(c: &mut Criterion) {
 
 criterion_group! {
     name = benches;
-    config = Criterion::default().warm_up_time(std::time::Duration::from_secs(1)).measurement_time(std::time::Duration::from_secs(3)).sample_size(30);
+    config = Criterion::default()
+        .with_measurement(ThreadCpuTime)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(30);
     targets = established, new_flows
 }
 criterion_main!(benches);
