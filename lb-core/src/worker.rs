@@ -11,9 +11,11 @@
 //!  every other outcome: Drop(reason), counted in Stats::drops
 //! ```
 //!
-//! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them, hashes their flows and looks up their
-//! services, then tight loops of plain loads pull the conntrack buckets and entries, service records and
-//! counters the batch will need into the cache, so their misses overlap; then each frame is decided in
+//! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them and
+//! hashes their flows; then tight loops of plain loads pull what the batch will need into the cache in
+//! three rounds, each needing only the one before (conntrack bucket heads and service index slots;
+//! likely entries and service records; counters, backends and backend locations), with the service
+//! lookups between the first two, so the misses of a round overlap; then each frame is decided in
 //! order, exactly as if alone (a test holds that).
 //!
 //! Everything a worker touches per packet was allocated in [`Worker::new`]: the conntrack table, the
@@ -48,7 +50,7 @@ use core::net::IpAddr;
 
 use lb_hash::FlowHasher;
 
-use crate::config::{ForwardMode, Protocol, RemovedBackendPolicy, ServiceKey, Timeouts};
+use crate::config::{ForwardMode, RemovedBackendPolicy, Timeouts};
 use crate::conntrack::{ConnKey, ConnState, ConntrackTable, Entry, EntryKind, GONE_CLOSED, NO_LINK, WAYS};
 use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
 use crate::frame::{Frame, Verdict};
@@ -201,16 +203,17 @@ impl Worker {
         let tables = &*self.tables;
         let core = &mut self.core;
         for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
-            // 1. Parse every frame of the batch, hash its flow and find its service.
+            // 1. Parse every frame of the batch and hash its flow.
             let ahead = &mut self.ahead[..frames.len().min(BATCH)];
             for (a, frame) in ahead.iter_mut().zip(frames.iter()) {
                 a.fill(frame.data());
             }
+            // 2. Find each frame's service, and pull what step 3 will read into the cache, all loads
+            //    of the batch in flight together rather than one cache miss after another.
+            core.warm_first(tables, ahead);
             for a in ahead.iter_mut() {
                 a.find_service(tables);
             }
-            // 2. Pull what step 3 will read into the cache, all loads of the batch in flight together
-            //    rather than one cache miss after another.
             core.warm(tables, ahead);
             // 3. Decide each frame.
             for ((frame, verdict), a) in frames.iter_mut().zip(verdicts.iter_mut()).zip(ahead.iter()) {
@@ -266,13 +269,9 @@ impl Lookahead {
     /// Service lookup: O(1) in the number of services.
     fn find_service(&mut self, tables: &Tables) {
         let Ok(p) = &self.parsed else { return };
-        let proto = match p.l4 {
-            L4::Tcp => Protocol::Tcp,
-            L4::Udp => Protocol::Udp,
-            _ => return,
-        };
-        let key = ServiceKey { vip: p.flow.dst_ip(), port: p.flow.dst_port(), proto };
-        self.service = tables.lookup(&key).map(|(i, _)| i);
+        if matches!(p.l4, L4::Tcp | L4::Udp) {
+            self.service = tables.lookup_flow(&p.flow);
+        }
     }
 }
 
@@ -305,31 +304,42 @@ impl Core {
         self.timeouts = node.timeouts;
     }
 
-    /// Reads, in three tight loops over the batch, what deciding its frames will read: conntrack
-    /// buckets and the services' records; then the likely conntrack entries and per-service counters;
-    /// then each entry's backend location and counters. Each loop's loads are independent, so their
-    /// cache misses overlap. (lb-core has no `unsafe`, hence plain loads rather than prefetch
-    /// instructions; the values are only folded into one kept from the optimiser.)
-    fn warm(&self, tables: &Tables, ahead: &[Lookahead]) {
+    /// Reads what depends only on the frames' hashes: each conntrack bucket's head and the service
+    /// index slot where each lookup starts. One tight loop of independent loads, so the batch's cache
+    /// misses overlap. (lb-core has no `unsafe`, hence plain loads rather than prefetch instructions;
+    /// the values are only folded into one kept from the optimiser.)
+    fn warm_first(&self, tables: &Tables, ahead: &[Lookahead]) {
         let mut fold = 0u64;
         for a in ahead {
             if let Some(h) = a.conn_hash {
                 fold ^= u64::from(self.conntrack.touch_bucket(h));
+            }
+            if let Ok(p) = &a.parsed {
+                fold ^= u64::from(tables.touch_lookup(&p.flow));
+            }
+        }
+        core::hint::black_box(fold);
+    }
+
+    /// Reads, in two more tight loops over the batch, what deciding its frames will read once the
+    /// services are known: the likely conntrack entries and the services' records (their first
+    /// line: slot, mode, backends); then the per-service counters, the backends, and each entry's
+    /// backend location and counters.
+    fn warm(&self, tables: &Tables, ahead: &[Lookahead]) {
+        let mut fold = 0u64;
+        for a in ahead {
+            if let Some(e) = a.conn_hash.and_then(|h| self.conntrack.likely_entry(h)) {
+                fold ^= u64::from(e.expires);
             }
             if let Some(s) = a.service.and_then(|i| tables.service(i)) {
                 fold ^= u64::from(s.slot.0);
             }
         }
         for a in ahead {
-            if let Some(e) = a.conn_hash.and_then(|h| self.conntrack.likely_entry(h)) {
-                fold ^= u64::from(e.expires);
-            }
             if let Some(s) = a.service.and_then(|i| tables.service(i)) {
                 fold ^= self.stats.service(s.slot).packets;
                 fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
             }
-        }
-        for a in ahead {
             if let Some(e) = a.conn_hash.and_then(|h| self.conntrack.likely_entry(h)) {
                 fold ^= tables.resolve(e.backend).map_or(0, |(s, _)| s as u64);
                 fold ^= self.stats.backend(crate::service::BackendSlot(e.backend.slot)).packets;
