@@ -416,8 +416,8 @@ impl Core {
         (service_index, service): (usize, &Service),
         now: u32,
     ) -> Outcome {
-        let client = p.flow.src_ip();
-        if !service.allows(client) {
+        // (Most services allow every client: then no address is built for the check.)
+        if !service.source_ranges.is_empty() && !service.allows(p.flow.src_ip()) {
             return Err(DropReason::SourceNotAllowed);
         }
         let key = conn_key(p);
@@ -459,7 +459,8 @@ impl Core {
         // The lb-hash flow hash: schedulers need it for new flows, tunnels for the outer header.
         let needs_flow_hash = known.is_none() || matches!(service.mode, ForwardMode::IpIp | ForwardMode::Gue { .. });
         let flow_hash = if needs_flow_hash {
-            self.hasher.five_tuple(client, p.flow.dst_ip(), p.flow.proto(), p.flow.src_port(), p.flow.dst_port())
+            let f = &p.flow;
+            self.hasher.five_tuple(f.src_ip(), f.dst_ip(), f.proto(), f.src_port(), f.dst_port())
         } else {
             0
         };
@@ -658,6 +659,7 @@ impl Core {
     }
 
     /// Rewrites a frame of the flow at conntrack `index` for `backend`, as the service's mode says.
+    #[inline]
     #[expect(clippy::too_many_arguments, reason = "the per-packet context, passed by reference, no struct to build per packet")]
     fn rewrite(
         &self,
