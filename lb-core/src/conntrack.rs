@@ -387,6 +387,26 @@ impl ConntrackTable {
         bucket.entries.get(way).map(|w| &w.0)
     }
 
+    /// The entry an insert under `hash` would most likely displace, judged from the bucket's head
+    /// alone (the oldest half-open, else closing, entry; `None` when a way is free): read ahead of an
+    /// insert for a new flow so its cache miss overlaps others, as [`ConntrackTable::likely_entry`]
+    /// is for a hit.
+    #[inline]
+    pub fn likely_victim(&self, hash: u64) -> Option<&Entry> {
+        let bucket = self.bucket_of(hash)?;
+        let mut victim: Option<(u16, u32, usize)> = None;
+        for (way, (&t, &expires)) in bucket.head.tags.iter().zip(&bucket.head.expiries).enumerate() {
+            if t == 0 {
+                return None;
+            }
+            let class = class_of(t);
+            if class < 2 && victim.is_none_or(|(c, x, _)| (class, expires) < (c, x)) {
+                victim = Some((class, expires, way));
+            }
+        }
+        bucket.entries.get(victim?.2).map(|w| &w.0)
+    }
+
     /// The entry at `index`, if occupied.
     #[inline]
     pub fn get(&self, index: u32) -> Option<&Entry> {
@@ -647,6 +667,24 @@ mod tests {
         let f = key(54);
         assert_eq!(t.insert(entry(f, ConnState::SynSeen, 60), f.hash(), 0), Err(ConntrackFull));
         assert_eq!(t.len(), 8);
+    }
+
+    #[test]
+    fn likely_victim_is_what_an_insert_displaces() {
+        let mut t = ConntrackTable::with_capacity(8); // one bucket
+        let k = key(100);
+        for n in 0..7 {
+            let kn = key(n);
+            t.insert(entry(kn, ConnState::Established, 1000), kn.hash(), 0).unwrap();
+            assert_eq!(t.likely_victim(k.hash()), None, "a free way: nothing to displace");
+        }
+        let half_open = key(50);
+        t.insert(entry(half_open, ConnState::SynSeen, 300), half_open.hash(), 0).unwrap();
+        assert_eq!(t.likely_victim(k.hash()).map(|e| e.key), Some(half_open));
+        let d = t.insert(entry(k, ConnState::SynSeen, 400), k.hash(), 0).unwrap().displaced.unwrap();
+        assert_eq!(d.entry.key, half_open);
+        // Now the oldest half-open entry is the one just inserted (the rest are established).
+        assert_eq!(t.likely_victim(key(101).hash()).map(|e| e.key), Some(k));
     }
 
     #[test]

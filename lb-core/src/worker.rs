@@ -322,13 +322,14 @@ impl Core {
     }
 
     /// Reads, in two more tight loops over the batch, what deciding its frames will read once the
-    /// services are known: the likely conntrack entries and the services' records (their first
-    /// line: slot, mode, backends); then the per-service counters, the backends, and each entry's
-    /// backend location and counters.
+    /// services are known: the likely conntrack entries (the flow's own, or for a new flow the one
+    /// its insert will displace) and the services' records (their first line: slot, mode, backends);
+    /// then the per-service counters, the backends, and each entry's backend location and counters.
     fn warm(&self, tables: &Tables, ahead: &[Lookahead]) {
+        let likely = |h: u64| self.conntrack.likely_entry(h).or_else(|| self.conntrack.likely_victim(h));
         let mut fold = 0u64;
         for a in ahead {
-            if let Some(e) = a.conn_hash.and_then(|h| self.conntrack.likely_entry(h)) {
+            if let Some(e) = a.conn_hash.and_then(likely) {
                 fold ^= u64::from(e.expires);
             }
             if let Some(s) = a.service.and_then(|i| tables.service(i)) {
@@ -340,7 +341,7 @@ impl Core {
                 fold ^= self.stats.service(s.slot).packets;
                 fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
             }
-            if let Some(e) = a.conn_hash.and_then(|h| self.conntrack.likely_entry(h)) {
+            if let Some(e) = a.conn_hash.and_then(likely) {
                 fold ^= tables.resolve(e.backend).map_or(0, |(s, _)| s as u64);
                 fold ^= self.stats.backend(crate::service::BackendSlot(e.backend.slot)).packets;
             }
