@@ -10,9 +10,10 @@
 //!  10.77.0.10 socket, everything else stays in the lb namespace's kernel
 //!  fd77::10   10.77.0.2 / fd77::2                     10.77.0.11-13 / fd77::11-13
 //! ```
-//! VIPs 10.77.0.100 and fd77::100, TCP and UDP port 80. Names carry a tag with the process id; the
-//! [`Lab`] guard kills the backends and removes every namespace on drop, and namespaces left by a
-//! killed run are swept at the next start.
+//! VIPs 10.77.0.100 and fd77::100, TCP and UDP port 80. [`Lab::add_router`] also makes the bridge a
+//! router (10.77.0.1 / fd77::1), the next hop for backends known by address only. Names carry a
+//! tag with the process id; the [`Lab`] guard kills the backends and removes every namespace on
+//! drop, and namespaces left by a killed run are swept at the next start.
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -48,6 +49,8 @@ pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
 pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x10);
 /// Service port.
 pub const PORT: u16 = 80;
+/// The bridge's MAC once [`Lab::add_router`] made it a router.
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x01];
 /// Backend names (each answers with its name).
 pub const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
 
@@ -382,7 +385,29 @@ impl Lab {
         Config { node, services }
     }
 
-    /// The backend whose IPv4 or IPv6 address is `addr`.
+    /// Makes the bridge a router for the lab's subnets (10.77.0.1 / fd77::1, MAC [`ROUTER_MAC`]) and
+    /// returns its MAC: the `node.gateway_mac` for backends with no MAC of their own, as the
+    /// Kubernetes feed's endpoints (addresses only; a node's gateway routes to pod IPs). Frames the
+    /// load balancer sends there are routed to the backend or client their IP names. Call once.
+    pub fn add_router(&self) -> Result<[u8; 6], LabError> {
+        let sw = &self._switch;
+        // Pinned, so it does not follow the lowest port MAC as bridges do.
+        sw.ip(&["link", "set", "br0", "address", &format_mac(ROUTER_MAC)])?;
+        sw.ip(&["addr", "add", "10.77.0.1/24", "dev", "br0"])?;
+        sw.ip(&["addr", "add", "fd77::1/64", "dev", "br0", "nodad"])?;
+        for key in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            // Routed out of the port it came in on: no redirects towards the SNAT addresses or VIPs.
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.br0.send_redirects=0",
+        ] {
+            sw.exec("sysctl", &["-qw", key])?;
+        }
+        Ok(ROUTER_MAC)
+    }
+
+    /// The backend called `name` (`b1`...).
     pub fn backend_named(&self, name: &str) -> Option<&LabBackend> {
         self.backends.iter().find(|b| b.name == name)
     }
