@@ -13,9 +13,10 @@
 //!    to the terminating one keep working while it terminates, new connections avoid it, and once it
 //!    is gone its connections end as the Service's `on-backend-removed` annotation says (reset by the
 //!    backend they are rescheduled to, or dropped so the client's read times out).
-//! 2. Bad configuration file reloads (broken YAML; a field out of range) are rejected, counted and
-//!    named in the live state, nothing reaches the worker, held and new connections keep being served
-//!    by the running tables, and later cluster changes and a good reload still apply.
+//! 2. Bad configuration file reloads (broken YAML; a field out of range; a file lb-core's table builder
+//!    refuses) are rejected, counted and explained in the live state, nothing reaches the worker, held
+//!    and new connections keep being served by the running tables, and later cluster changes (built
+//!    on the old file, not the rejected one) and a good reload still apply.
 //!
 //! Endpoints carry addresses only, so the load balancer sends to `node.gateway_mac`: the lab's bridge,
 //! made a router, routes to the backends as a node's gateway routes to pod IPs.
@@ -420,7 +421,8 @@ impl Harness {
         // The control plane owns the poll loop's update sender, as in `lb run`.
         let (placeholder, _) = update_channel();
         let published = Arc::new(AtomicUsize::new(0));
-        let sink = SwappedSink { updates: std::mem::replace(&mut lb.updates, placeholder), published: published.clone() };
+        let sink =
+            SwappedSink { updates: std::mem::replace(&mut lb.updates, placeholder), published: published.clone() };
         let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
         let plane = rt
             .block_on(ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)))
@@ -448,7 +450,10 @@ impl Harness {
         found.unwrap_or_else(|| {
             let l = self.live.borrow();
             let now = l.tables.as_ref().map(|t| states(&self.lab, t, PORT));
-            panic!("the control plane never reached {what}; it has {now:?}, rejected {}: {:?}", l.rejected, l.last_error)
+            panic!(
+                "the control plane never reached {what}; it has {now:?}, rejected {}: {:?}",
+                l.rejected, l.last_error
+            )
         })
     }
 
@@ -541,7 +546,9 @@ fn drain_then_remove(prefix: &str, policy: RemovedBackendPolicy) {
             };
             match now {
                 Err(e) if want.contains(e) => ended += 1,
-                other => panic!("held connection #{i} to the removed {victim}: {other:?}, policy {policy:?} wants {want:?}"),
+                other => {
+                    panic!("held connection #{i} to the removed {victim}: {other:?}, policy {policy:?} wants {want:?}")
+                }
             }
         } else {
             match now {
@@ -590,28 +597,41 @@ fn rejected_file_reloads_leave_the_running_tables_serving() {
     };
     let published = h.published.load(Ordering::SeqCst);
 
-    // Two bad reloads: YAML that does not parse, and a valid shape with a weight out of range.
+    // Three bad reloads: YAML that does not parse; a weight out of range (the file validation
+    // refuses it); a Maglev table too small for its backends (valid as a file, refused whole by
+    // lb-core's table builder).
     let broken = format!("{good}  - {{ name: half, vip: [\n");
-    let b1 = h.lab.backend_named("b1").unwrap().v4;
+    let [b1, b2, b3] = ["b1", "b2", "b3"].map(|n| h.lab.backend_named(n).unwrap().v4);
     let out_of_range = file_yaml(
         &h.lab,
         h.gateway,
         &h.kubeconfig,
-        &format!("  - {{ name: heavy, vip: {VIP4}, port: {FILE_PORT}, backends: [{{ addr: {b1}, port: {PORT}, weight: 70000 }}] }}"),
+        &format!(
+            "  - {{ name: heavy, vip: {VIP4}, port: {FILE_PORT}, backends: [{{ addr: {b1}, port: {PORT}, weight: 70000 }}] }}"
+        ),
     );
-    for (n, (bad, names)) in [(broken.as_str(), None), (out_of_range.as_str(), Some("services[0].backends[0].weight: 70000"))]
-        .into_iter()
-        .enumerate()
-    {
+    let too_small = file_yaml(
+        &h.lab,
+        h.gateway,
+        &h.kubeconfig,
+        &format!(
+            "  - {{ name: small, vip: {VIP4}, port: {FILE_PORT}, maglev_table_size: 2,\n      \
+             backends: [{{ addr: {b1}, port: {PORT} }}, {{ addr: {b2}, port: {PORT} }}, {{ addr: {b3}, port: {PORT} }}] }}"
+        ),
+    );
+    let bad_reloads = [
+        (broken.as_str(), "did not find expected"),
+        (out_of_range.as_str(), "services[0].backends[0].weight: 70000 is out of range"),
+        (too_small.as_str(), "configuration rejected: service small: Maglev table size 2 is too small for 3"),
+    ];
+    for (n, &(bad, names)) in bad_reloads.iter().enumerate() {
         let n = n as u64 + 1;
         write_file(&h.path, bad);
         let l = h.wait(&format!("bad reload {n} counted"), |l| l.rejected >= n);
         let why = l.last_error.clone().unwrap();
         println!("bad reload {n} rejected: {why}");
         assert_eq!(l.rejected, n, "one rejection per bad reload");
-        if let Some(field) = names {
-            assert!(why.contains(field), "the error names the field and value: {why}");
-        }
+        assert!(why.contains(names), "the error says what is wrong ({names:?}): {why}");
         assert_eq!(l.applied, applied, "nothing applied");
         assert!(Arc::ptr_eq(l.tables.as_ref().unwrap(), &running), "the running tables stay");
         assert_eq!(h.published.load(Ordering::SeqCst), published, "a rejected update reached the worker");
@@ -642,8 +662,10 @@ fn rejected_file_reloads_leave_the_running_tables_serving() {
         ),
     );
     write_file(&h.path, &with_static);
-    let l = h.wait("the good reload", |l| l.tables.as_ref().is_some_and(|t| t.services().iter().any(|s| s.key.port == FILE_PORT)));
-    assert_eq!(l.rejected, 2);
+    let l = h.wait("the good reload", |l| {
+        l.tables.as_ref().is_some_and(|t| t.services().iter().any(|s| s.key.port == FILE_PORT))
+    });
+    assert_eq!(l.rejected, bad_reloads.len() as u64);
     assert_eq!(states(&h.lab, l.tables.as_ref().unwrap(), PORT), expected(&cluster), "the cluster's services stay");
     let fresh = client.fresh(CONNS_PER_FAMILY / 2, FILE_PORT);
     assert_eq!(fresh, BTreeMap::from([("b1".to_string(), CONNS_PER_FAMILY)]), "port {FILE_PORT} goes to b1");
