@@ -14,6 +14,11 @@
 //! router (10.77.0.1 / fd77::1), the next hop for backends known by address only. Names carry a
 //! tag with the process id; the [`Lab`] guard kills the backends and removes every namespace on
 //! drop, and namespaces left by a killed run are swept at the next start.
+//!
+//! In the tunnel modes (IP-in-IP, GUE) the backends decapsulate with the kernel's `tunl0` /
+//! `ip6tnl0` devices (and `fou` for GUE) where the kernel has them, and otherwise with the lab's
+//! userspace [`decap::Decapsulator`] (raw / UDP sockets feeding a TUN interface in each backend
+//! namespace). [`Lab::decap`] says which one a run uses; the tests and the demo print it.
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -35,6 +40,9 @@ use lb_io::{
     update_channel,
 };
 
+pub mod decap;
+use decap::{DecapStats, Decapsulator, TunnelEnds};
+
 /// The IPv4 VIP.
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 /// The IPv6 VIP.
@@ -53,9 +61,16 @@ pub const PORT: u16 = 80;
 pub const ROUTER_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x01];
 /// Backend names (each answers with its name).
 pub const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
+/// The load balancer's IPv4 tunnel source (its eth0 address).
+pub const TUNNEL_SRC4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// The load balancer's IPv6 tunnel source.
+pub const TUNNEL_SRC6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+/// The UDP port backends take GUE on.
+pub const GUE_PORT: u16 = 6080;
 
-/// The error of an IP-in-IP lab on a kernel that cannot decapsulate (tests skip on it).
-pub const NO_TUNNELS: &str = "this kernel has no ipip / ip6_tunnel support (no tunl0 / ip6tnl0 device), so backends cannot decapsulate IP-in-IP";
+/// The error of a tunnel-mode lab on a kernel that can decapsulate neither itself nor through a TUN
+/// device (tests skip on it).
+pub const NO_TUNNELS: &str = "this kernel can neither decapsulate (no tunl0 / ip6tnl0 device) nor give the lab a TUN device (/dev/net/tun) to do it in userspace";
 
 /// Boxed error of lab setup, with a message naming the step.
 pub type LabError = Box<dyn std::error::Error + Send + Sync>;
@@ -70,6 +85,8 @@ pub enum Mode {
     Dsr,
     /// IP-in-IP: frames are wrapped towards the backend, which decapsulates and answers directly.
     Ipip,
+    /// GUE (variant 0) to UDP port [`GUE_PORT`]: as IP-in-IP, behind an outer UDP + GUE header.
+    Gue,
 }
 
 impl Mode {
@@ -79,6 +96,34 @@ impl Mode {
             Mode::Nat => ForwardMode::Nat,
             Mode::Dsr => ForwardMode::Dsr,
             Mode::Ipip => ForwardMode::IpIp,
+            Mode::Gue => ForwardMode::Gue { port: GUE_PORT },
+        }
+    }
+
+    /// True for the modes whose backends decapsulate (IP-in-IP, GUE).
+    pub fn is_tunnel(self) -> bool {
+        matches!(self, Mode::Ipip | Mode::Gue)
+    }
+}
+
+/// Who takes the tunnel headers off at the backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecapPath {
+    /// The backend kernel's tunnel devices (`tunl0` / `ip6tnl0`, behind `fou` for GUE).
+    Kernel,
+    /// The lab's [`decap::Decapsulator`]: sockets in each backend namespace feeding a TUN interface.
+    Userspace,
+}
+
+impl std::fmt::Display for DecapPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecapPath::Kernel => f.write_str("the kernel's tunnel devices (tunl0 / ip6tnl0)"),
+            DecapPath::Userspace => write!(
+                f,
+                "the lab's userspace decapsulator (this kernel has no tunl0 / ip6tnl0): raw / UDP sockets -> TUN {} in each backend namespace",
+                decap::TUN_NAME
+            ),
         }
     }
 }
@@ -105,6 +150,10 @@ pub struct Lab {
     pub tag: String,
     /// The forwarding mode the backends were set up for.
     pub mode: Mode,
+    /// Who decapsulates at the backends (tunnel modes only).
+    pub decap: Option<DecapPath>,
+    /// The userspace decapsulators, one per backend, named by backend (stopped first on drop).
+    decapsulators: Vec<(&'static str, Decapsulator)>,
     children: Vec<Child>,
     /// The client namespace.
     pub client: Netns,
@@ -122,6 +171,7 @@ pub struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.decapsulators.clear();
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
@@ -226,6 +276,8 @@ impl Lab {
             ])?;
         }
         let client_mac_s = format_mac(client_mac);
+        let mut decap = None;
+        let mut decapsulators = Vec::new();
         for b in &backends {
             match mode {
                 Mode::Nat => {
@@ -243,7 +295,7 @@ impl Lab {
                         ])?;
                     }
                 }
-                Mode::Dsr | Mode::Ipip => {
+                Mode::Dsr | Mode::Ipip | Mode::Gue => {
                     b.ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
                     b.ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
                     // A backend answering from the VIP would solicit the client's MAC with the VIP as
@@ -264,30 +316,37 @@ impl Lab {
                     }
                 }
             }
-            if mode == Mode::Ipip {
-                // The fallback tunnel devices take IP-in-IP from any source; no reverse-path filter
-                // (the inner source, the client, is not reachable through the tunnel).
-                let _ = run("modprobe", &["ipip"]);
-                let _ = run("modprobe", &["ip6_tunnel"]);
-                if b.ns.ip(&["link", "show", "tunl0"]).is_err()
-                    || b.ns.ip(&["link", "show", "ip6tnl0"]).is_err()
-                {
-                    return Err(NO_TUNNELS.into());
-                }
-                b.ns.ip(&["link", "set", "tunl0", "up"])?;
-                b.ns.ip(&["link", "set", "ip6tnl0", "up"])?;
-                for key in [
-                    "net.ipv4.conf.all.rp_filter",
-                    "net.ipv4.conf.default.rp_filter",
-                    "net.ipv4.conf.tunl0.rp_filter",
-                ] {
-                    b.ns.exec("sysctl", &["-qw", &format!("{key}=0")])?;
-                }
+            if mode.is_tunnel() {
+                let path = if kernel_decap(&b.ns, mode)? {
+                    DecapPath::Kernel
+                } else {
+                    let ends = TunnelEnds {
+                        local_v4: b.v4,
+                        local_v6: b.v6,
+                        remote_v4: TUNNEL_SRC4,
+                        remote_v6: TUNNEL_SRC6,
+                    };
+                    let d = Decapsulator::start(&b.ns, mode.forward_mode(), ends).map_err(|e| {
+                        if Path::new("/dev/net/tun").exists() {
+                            e
+                        } else {
+                            LabError::from(NO_TUNNELS)
+                        }
+                    })?;
+                    decapsulators.push((b.name, d));
+                    DecapPath::Userspace
+                };
+                decap = Some(path);
             }
+        }
+        if let Some(path) = decap {
+            tracing::info!("backends decapsulate with {path}");
         }
         let mut lab = Lab {
             tag,
             mode,
+            decap,
+            decapsulators,
             children: Vec::new(),
             client,
             client_mac,
@@ -342,8 +401,8 @@ impl Lab {
             gateway_mac: Some(self.client_mac),
             snat_v4: Some(SNAT4),
             snat_v6: Some(SNAT6),
-            tunnel_src_v4: Some(Ipv4Addr::new(10, 77, 0, 2)),
-            tunnel_src_v6: Some(Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2)),
+            tunnel_src_v4: Some(TUNNEL_SRC4),
+            tunnel_src_v6: Some(TUNNEL_SRC6),
             ..NodeConfig::default()
         };
         let mut services = Vec::new();
@@ -407,10 +466,51 @@ impl Lab {
         Ok(ROUTER_MAC)
     }
 
+    /// What each backend's userspace decapsulator did so far, by backend name (empty unless
+    /// [`Lab::decap`] is [`DecapPath::Userspace`]).
+    pub fn decap_stats(&self) -> Vec<(&'static str, DecapStats)> {
+        self.decapsulators
+            .iter()
+            .map(|(name, d)| (*name, d.stats()))
+            .collect()
+    }
+
     /// The backend called `name` (`b1`...).
     pub fn backend_named(&self, name: &str) -> Option<&LabBackend> {
         self.backends.iter().find(|b| b.name == name)
     }
+}
+
+/// Sets up the kernel's own decapsulation for `mode` in a backend namespace: the fallback tunnel
+/// devices `tunl0` / `ip6tnl0` (they take IP-in-IP from any source) and, for GUE, `fou` on
+/// [`GUE_PORT`] handing the inner packets to them. False when this kernel lacks any of it.
+fn kernel_decap(ns: &Netns, mode: Mode) -> Result<bool, LabError> {
+    let _ = run("modprobe", &["ipip"]);
+    let _ = run("modprobe", &["ip6_tunnel"]);
+    if ns.ip(&["link", "show", "tunl0"]).is_err() || ns.ip(&["link", "show", "ip6tnl0"]).is_err() {
+        return Ok(false);
+    }
+    if mode == Mode::Gue {
+        let _ = run("modprobe", &["fou"]);
+        let _ = run("modprobe", &["fou6"]);
+        let port = GUE_PORT.to_string();
+        if ns.ip(&["fou", "add", "port", &port, "gue"]).is_err()
+            || ns.ip(&["-6", "fou", "add", "port", &port, "gue"]).is_err()
+        {
+            return Ok(false);
+        }
+    }
+    ns.ip(&["link", "set", "tunl0", "up"])?;
+    ns.ip(&["link", "set", "ip6tnl0", "up"])?;
+    // No reverse-path filter: the inner source, the client, is not reachable through the tunnel.
+    for key in [
+        "net.ipv4.conf.all.rp_filter",
+        "net.ipv4.conf.default.rp_filter",
+        "net.ipv4.conf.tunl0.rp_filter",
+    ] {
+        ns.exec("sysctl", &["-qw", &format!("{key}=0")])?;
+    }
+    Ok(true)
 }
 
 /// Builds the fast path's tables with `builder`. Keep one builder for the life of a load balancer:

@@ -1,8 +1,10 @@
 //! The load balancer end to end: real kernel TCP clients in one namespace talk to real servers in
-//! three backend namespaces through lb-core's worker running over AF_XDP in a fourth, in NAT and DSR
-//! modes (IP-in-IP where the kernel can decapsulate), IPv4 and IPv6. Then a backend is removed while
-//! connections are held: its connections end (the policy reschedules them and the new backend, which
-//! has no such connection, resets them), and every other held connection keeps working.
+//! three backend namespaces through lb-core's worker running over AF_XDP in a fourth, in NAT, DSR,
+//! IP-in-IP and GUE modes, IPv4 and IPv6. In the tunnel modes the backends decapsulate with the
+//! kernel's tunnel devices where it has them, else with the lab's userspace decapsulator (a TUN
+//! interface per backend, the same kernel TCP behind it); each run prints which. Then a backend is
+//! removed while connections are held: its connections end (dropped, or rescheduled to a backend that
+//! has no such connection and resets them), and every other held connection keeps working.
 //!
 //! Synchronisation is by events only: backends print `ready` when bound; the load balancer signals
 //! when it is attached; a table swap is confirmed by the worker handing the old tables back.
@@ -81,6 +83,9 @@ fn lab(
         }
         Err(e) => panic!("building the lab: {e}"),
     };
+    if let Some(path) = lab.decap {
+        println!("{mode:?}: backends decapsulate with {path}");
+    }
     let config = lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule);
     match start_lb(
         &lab,
@@ -215,6 +220,13 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
         "a new connection went to the removed backend: {fresh:?}"
     );
 
+    // The userspace decapsulators passed every tunnelled packet on and refused none.
+    for (name, d) in lab.decap_stats() {
+        println!("{mode:?} decapsulator {name}: {d:?}");
+        assert!(d.packets > 0, "{name}'s decapsulator got nothing: {d:?}");
+        assert_eq!(d.dropped, 0, "{name}'s decapsulator refused packets: {d:?}");
+    }
+
     let outcome = lb.stop().unwrap();
     let w = outcome.worker.stats();
     assert_eq!(
@@ -249,4 +261,9 @@ fn dsr_v4_and_v6_balance_and_survive_a_backend_removal() {
 #[test]
 fn ipip_v4_and_v6_balance_and_survive_a_backend_removal() {
     balance_and_survive_removal("lbti", Mode::Ipip, RemovedBackendPolicy::Drop);
+}
+
+#[test]
+fn gue_v4_and_v6_balance_and_survive_a_backend_removal() {
+    balance_and_survive_removal("lbtg", Mode::Gue, RemovedBackendPolicy::Reschedule);
 }
