@@ -65,6 +65,27 @@ fn udp_ask(vip: IpAddr, msg: &str) -> std::io::Result<String> {
         .to_string())
 }
 
+/// ICMP errors a backend's kernel sent so far: IPv4 destination unreachable (protocol unreachable
+/// for a tunnel protocol nobody took) and ICMPv6 parameter problem (its IPv6 counterpart).
+fn icmp_errors_sent(ns: &lb_io::netns::Netns) -> (u64, u64) {
+    let snmp = ns.exec("cat", &["/proc/net/snmp"]).unwrap();
+    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp: "));
+    let (names, values) = (icmp.next().unwrap(), icmp.next().unwrap());
+    let v4 = names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "OutDestUnreachs")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap();
+    let snmp6 = ns.exec("cat", &["/proc/net/snmp6"]).unwrap();
+    let v6 = snmp6
+        .lines()
+        .find_map(|l| l.strip_prefix("Icmp6OutParmProblems"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    (v4, v6)
+}
+
 /// Builds the lab and starts the load balancer, or says why this machine cannot.
 fn lab(
     prefix: &str,
@@ -220,11 +241,22 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
         "a new connection went to the removed backend: {fresh:?}"
     );
 
-    // The userspace decapsulators passed every tunnelled packet on and refused none.
+    // The userspace decapsulators passed every tunnelled packet on and refused none, and taking
+    // the packets off the kernel kept it from answering them with ICMP errors.
     for (name, d) in lab.decap_stats() {
         println!("{mode:?} decapsulator {name}: {d:?}");
         assert!(d.packets > 0, "{name}'s decapsulator got nothing: {d:?}");
         assert_eq!(d.dropped, 0, "{name}'s decapsulator refused packets: {d:?}");
+    }
+    if mode.is_tunnel() {
+        for b in &lab.backends {
+            assert_eq!(
+                icmp_errors_sent(&b.ns),
+                (0, 0),
+                "{} sent ICMP destination unreachable / parameter problem",
+                b.name
+            );
+        }
     }
 
     let outcome = lb.stop().unwrap();
