@@ -210,7 +210,7 @@ enum Strip {
 }
 
 impl Strip {
-    fn apply<'p>(self, read: &'p [u8], from: IpAddr) -> Result<&'p [u8], DecapError> {
+    fn apply(self, read: &[u8], from: IpAddr) -> Result<&[u8], DecapError> {
         match self {
             Strip::IpIp4 { src, dst } => ipip4(read, src, dst),
             Strip::IpIp6 { src } => {
