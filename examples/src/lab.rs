@@ -340,7 +340,7 @@ impl Lab {
             }
         }
         if let Some(path) = decap {
-            tracing::info!("backends decapsulate with {path}");
+            tracing::debug!("backends decapsulate with {path}");
         }
         let mut lab = Lab {
             tag,
