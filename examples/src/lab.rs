@@ -18,7 +18,8 @@
 //! In the tunnel modes (IP-in-IP, GUE) the backends decapsulate with the kernel's `tunl0` /
 //! `ip6tnl0` devices (and `fou` for GUE) where the kernel has them, and otherwise with the lab's
 //! userspace [`decap::Decapsulator`] (raw / UDP sockets feeding a TUN interface in each backend
-//! namespace). [`Lab::decap`] says which one a run uses; the tests and the demo print it.
+//! namespace). [`Lab::decap`] says which one a run uses; the tests and the demo print it. The load
+//! balancer's and the backends' links then get an MTU of [`TUNNEL_MTU`], room for the outer headers.
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -67,6 +68,9 @@ pub const TUNNEL_SRC4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 pub const TUNNEL_SRC6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
 /// The UDP port backends take GUE on.
 pub const GUE_PORT: u16 = 6080;
+/// MTU of the load balancer's and the backends' links in the tunnel modes: the client's 1500 plus
+/// the largest encapsulation, GUE over IPv6 (40 + 8 + 4 bytes).
+pub const TUNNEL_MTU: u16 = 1500 + 52;
 
 /// The error of a tunnel-mode lab on a kernel that can decapsulate neither itself nor through a TUN
 /// device (tests skip on it).
@@ -259,6 +263,17 @@ impl Lab {
         client.checksum_offload_off("eth0")?;
         for b in &backends {
             b.ns.checksum_offload_off("eth0")?;
+        }
+        if mode.is_tunnel() {
+            // Room for the outer headers on the load balancer -> backend links, as any IPVS TUN or
+            // Katran setup needs: a full-size client segment grows past 1500 bytes when wrapped.
+            let mtu = TUNNEL_MTU.to_string();
+            lb.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+            sw.ip(&["link", "set", "lb", "mtu", &mtu])?;
+            for b in &backends {
+                b.ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+                sw.ip(&["link", "set", b.name, "mtu", &mtu])?;
+            }
         }
         // The client reaches the VIPs at the load balancer's MAC (an ARP/NDP responder would do this).
         let lb_mac_s = format_mac(lb_mac);

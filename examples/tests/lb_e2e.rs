@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ use lb_io::netns::{can_create_namespaces, enter_netns};
 
 const CONNS_PER_FAMILY: usize = 12;
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bytes of one bulk exchange: many full-size segments each way.
+const BULK: usize = 64 * 1024;
 
 fn vips() -> [IpAddr; 2] {
     [IpAddr::V4(VIP4), IpAddr::V6(VIP6)]
@@ -44,6 +46,24 @@ fn ask(conn: &mut TcpStream, msg: &str) -> std::io::Result<String> {
     let (name, echoed) = reply.split_once(' ').unwrap_or((&reply, ""));
     assert_eq!(echoed, msg, "the backend echoes what it got");
     Ok(name.to_string())
+}
+
+/// Sends [`BULK`] bytes on a new connection and reads the echo to its end: full-size segments both
+/// ways (in the tunnel modes, encapsulated frames past 1500 bytes). Returns the answering backend.
+fn bulk(vip: IpAddr) -> std::io::Result<String> {
+    let mut c = TcpStream::connect_timeout(&SocketAddr::new(vip, PORT), IO_TIMEOUT)?;
+    c.set_read_timeout(Some(IO_TIMEOUT))?;
+    c.write_all(&[b'x'; BULK])?;
+    c.shutdown(Shutdown::Write)?;
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply)?;
+    // The backend echoes each read it makes as "<name> <bytes>".
+    let reply = String::from_utf8_lossy(&reply);
+    let name = reply.split(' ').next().unwrap_or_default().to_string();
+    let body = reply.replace(&format!("{name} "), "");
+    assert_eq!(body.len(), BULK, "{vip}: echoed bytes");
+    assert!(body.bytes().all(|b| b == b'x'), "{vip}: echo corrupted");
+    Ok(name)
 }
 
 fn udp_ask(vip: IpAddr, msg: &str) -> std::io::Result<String> {
@@ -155,6 +175,9 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
                 name,
                 "{vip} #{i} changed backend"
             );
+        }
+        for vip in vips() {
+            bulk(vip).unwrap_or_else(|e| panic!("bulk exchange through {vip}: {e}"));
         }
         let mut udp = BTreeMap::new();
         for vip in vips() {
