@@ -316,7 +316,7 @@ fn open_sockets(mode: ForwardMode, ends: TunnelEnds) -> std::io::Result<Vec<(Udp
                 ),
             ]
         }
-        _ => {
+        ForwardMode::IpIp => {
             let v4 = Socket::new(
                 Domain::IPV4,
                 Type::RAW,
@@ -345,6 +345,12 @@ fn open_sockets(mode: ForwardMode, ends: TunnelEnds) -> std::io::Result<Vec<(Udp
                     },
                 ),
             ]
+        }
+        other => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{other:?} has no tunnel to decapsulate"),
+            ));
         }
     };
     for (s, _) in &sockets {
