@@ -335,7 +335,8 @@ struct Slots {
 
 impl Slots {
     fn new(m: u32) -> Self {
-        let mut occupied = vec![0u64; (m as usize + 1).div_ceil(64)];
+        // A power of two long, so [`walk`] indexes it with a mask and no bounds check.
+        let mut occupied = vec![0u64; (m as usize + 1).div_ceil(64).next_power_of_two()];
         occupied[(m >> 6) as usize] |= 1 << (m & 63);
         Self { occupied, entries: vec![0u16; m as usize + 1], claimed: 0 }
     }
@@ -438,8 +439,9 @@ fn rounds<const WEIGHTED: bool>(fillers: &mut Vec<Filler>, slots: &mut Slots, m:
                 f.left = u32::MAX;
             }
         }
-        // Finished backends cost a wasted visit each round; drop them once they are a quarter.
-        if finished * 4 > fillers.len() {
+        // Finished backends cost a wasted visit each round (and queue on one word of the bitset);
+        // drop them once they are a sixteenth (measured: a quarter made the phase 25 % slower).
+        if finished * 16 > fillers.len() {
             fillers.retain(|f| f.next != m);
             finished = 0;
         }
@@ -457,16 +459,18 @@ fn walk(occupied: &[u64], mut c: u32, back: u32, m: u32) -> (u32, u64) {
     let s2 = m - step(m - s1, s1, m);
     let s3 = m - step(m - s2, s1, m);
     let s4 = m - step(m - s3, s1, m);
-    let free = |c: u32| (!occupied[(c >> 6) as usize] >> (c & 63) & 1) as u32;
+    let mask = occupied.len() - 1;
+    // The low bit of the result is 1 if slot c is taken.
+    let taken = |c: u32| occupied[(c >> 6) as usize & mask] >> (c & 63);
     let mut d = 0u64;
     loop {
         let c1 = step(c, s1, m);
         let c2 = step(c, s2, m);
         let c3 = step(c, s3, m);
         let c4 = step(c, s4, m);
-        let hits = free(c1) | free(c2) << 1 | free(c3) << 2 | free(c4) << 3;
-        if hits != 0 {
-            let k = hits.trailing_zeros();
+        let (t1, t2, t3, t4) = (taken(c1), taken(c2), taken(c3), taken(c4));
+        if t1 & t2 & t3 & t4 & 1 == 0 {
+            let k = (!(t1 & 1 | (t2 & 1) << 1 | (t3 & 1) << 2 | (t4 & 1) << 3)).trailing_zeros();
             let found = match k { 0 => c1, 1 => c2, 2 => c3, _ => c4 };
             return (found, d + u64::from(k) + 1);
         }
@@ -587,7 +591,7 @@ fn tail<const WEIGHTED: bool>(all: &[Filler], wake: &[u64], slots: &mut Slots, m
         return;
     }
     let mut free: Vec<u32> = Vec::new();
-    for (w, &word) in slots.occupied.iter().enumerate() {
+    for (w, &word) in slots.occupied.iter().enumerate().take((m as usize).div_ceil(64)) {
         let mut bits = !word;
         while bits != 0 {
             #[expect(clippy::cast_possible_truncation, reason = "a slot number, below m")]
