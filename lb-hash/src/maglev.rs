@@ -425,11 +425,12 @@ fn rounds<const WEIGHTED: bool>(fillers: &mut Vec<Filler>, slots: &mut Slots, m:
             }
             let c = f.next;
             let word = &mut occupied[(c >> 6) as usize];
-            let take = *word >> (c & 63) & 1 == 0;
+            // Whether the slot was taken, as a number (the compiler then tests the bit only once).
+            let taken = u32::from(*word >> (c & 63) & 1 == 1);
             *word |= 1 << (c & 63);
-            entries[core::hint::select_unpredictable(take, c, m) as usize] = f.index;
-            claimed += usize::from(take);
-            f.left -= u32::from(take);
+            entries[core::hint::select_unpredictable(taken == 0, c, m) as usize] = f.index;
+            claimed += (taken ^ 1) as usize;
+            f.left -= taken ^ 1;
             f.next = step(c, f.back, m);
             if f.left == 0 {
                 // Park it on the always-occupied slot m: it visits only that from now on.
