@@ -312,7 +312,7 @@ const fn fastmod(a: u64, multiplier: u128, d: u32) -> u32 {
 }
 
 /// Fills the table; `backends` is sorted, valid, and `m` is a prime >= the serving count.
-pub fn fill(backends: &[Backend], m: u32) -> Box<[u16]> {
+fn fill(backends: &[Backend], m: u32) -> Box<[u16]> {
     fill_with(backends, m, TAIL_FREE_SLOTS, true, RING)
 }
 
@@ -450,9 +450,9 @@ fn rounds<const WEIGHTED: bool>(fillers: &mut Vec<Filler>, slots: &mut Slots, m:
     slots.claimed = claimed;
 }
 
-/// Walks from `c` along a permutation with step `skip` to the next free slot; returns it and the
-/// number of steps. Four steps per iteration, computed from `c` in parallel (`k skip mod m`
-/// precomputed), so the loop is bound by throughput rather than by the chain of additions.
+/// Walks from `c` along a permutation (step `m - back`) to the next free slot; returns it and the
+/// number of steps. Four steps per iteration, each computed from `c` with a precomputed multiple of
+/// the step, and one branch for all four, so the loop is bound by throughput, not by a chain.
 #[inline(always)]
 fn walk(occupied: &[u64], mut c: u32, back: u32, m: u32) -> (u32, u64) {
     // Backs of 1, 2, 3 and 4 steps: m - k skip mod m.
@@ -494,7 +494,7 @@ fn events_equal_weights(fillers: &mut [Filler], slots: &mut Slots, m: u32, stop:
     let mask = ring as u64 - 1;
     let mut head = vec![NONE; ring];
     let mut link = vec![NONE; n];
-    // Wake-ups at least RING rounds ahead, moved into the ring when their window comes.
+    // Wake-ups past the ring's current window of rounds, moved into the ring when theirs comes.
     let mut far: Vec<u32> = Vec::new();
     // Every unfinished backend visits its next slot in round 0 (parked ones sit on slot m).
     for (i, f) in fillers.iter().enumerate() {
