@@ -275,6 +275,15 @@ impl MaglevTable {
 
 /// Exact weighted quotas: `floor(M w_i / W)` plus one for the largest remainders (ties: first index).
 fn quotas(weights: &[u32], m: u32) -> Vec<u32> {
+    if let Some(&first) = weights.first()
+        && weights.iter().all(|&w| w == first)
+        && let Ok(n) = u32::try_from(weights.len())
+    {
+        // Equal weights: every remainder is the same, so the first `m % n` get the extra entry
+        // (what the general rule below gives, without a division and a sort per backend).
+        let extra = (m % n) as usize;
+        return (0..weights.len()).map(|i| m / n + u32::from(i < extra)).collect();
+    }
     let total: u128 = weights.iter().map(|&w| u128::from(w)).sum();
     let mut quota = Vec::with_capacity(weights.len());
     let mut remainder = Vec::with_capacity(weights.len());
@@ -775,6 +784,9 @@ mod tests {
     fn quotas_are_within_one_entry() {
         let q = quotas(&[1, 1, 1], 7);
         assert_eq!(q, [3, 2, 2]);
+        // Equal weights above 1 take the same shortcut and give the same quotas.
+        assert_eq!(quotas(&[5, 5, 5], 7), [3, 2, 2]);
+        assert_eq!(quotas(&[5, 5, 6], 7), [2, 2, 3]);
         let q = quotas(&[u32::MAX, 1], 65_537);
         assert_eq!(q, [65_537, 0]);
     }
