@@ -364,7 +364,13 @@ impl Slots {
 /// [`fill`], switching to the tail computation at `tail_free_slots` free slots, and with equal
 /// weights simulating by events (with a wake-up ring of `ring` rounds, a power of two) or by rounds
 /// (the tests check that all choices agree).
-fn fill_with(backends: &[Backend], m: u32, tail_free_slots: usize, events: bool, ring: usize) -> Box<[u16]> {
+fn fill_with(
+    backends: &[Backend],
+    m: u32,
+    tail_free_slots: usize,
+    events: bool,
+    ring: usize,
+) -> Box<[u16]> {
     let hasher = FlowHasher::new(0);
     let serving: Vec<(u16, Backend)> = backends
         .iter()
@@ -389,7 +395,8 @@ fn fill_with(backends: &[Backend], m: u32, tail_free_slots: usize, events: bool,
             let skip = hasher.words(KeyKind::MaglevSkip, &[b.id.0]) % (m64 - 1).max(1) + 1;
             let rate = (u64::from(b.weight) * u64::from(TURN)).div_ceil(w_max);
             #[expect(clippy::cast_possible_truncation, reason = "offset, skip < m and rate <= TURN")]
-            Filler { next: offset as u32, back: (m64 - skip) as u32, left, index, rate: rate as u8, credit: 0 }
+            let (next, back, rate) = (offset as u32, (m64 - skip) as u32, rate as u8);
+            Filler { next, back, left, index, rate, credit: 0 }
         })
         .collect();
 
@@ -505,7 +512,13 @@ fn walk(occupied: &[u64], mut c: u32, back: u32, m: u32) -> (u32, u64) {
 /// slots are free.
 // Kept out of line: inlined into `fill_with` it loses registers and runs 30 % slower (measured).
 #[inline(never)]
-fn events_equal_weights(fillers: &mut [Filler], slots: &mut Slots, m: u32, stop: usize, ring: usize) -> Vec<u64> {
+fn events_equal_weights(
+    fillers: &mut [Filler],
+    slots: &mut Slots,
+    m: u32,
+    stop: usize,
+    ring: usize,
+) -> Vec<u64> {
     const NONE: u32 = u32::MAX;
     let n = fillers.len();
     let mut wake = vec![0u64; n];
@@ -529,7 +542,7 @@ fn events_equal_weights(fillers: &mut [Filler], slots: &mut Slots, m: u32, stop:
         #[expect(clippy::cast_possible_truncation, reason = "masked to the ring size")]
         let bucket = (t & mask) as usize;
         if bucket == 0 && !far.is_empty() {
-            // A new window of RING rounds: bring in the far wake-ups that fall in it.
+            // A new window of `ring` rounds: bring in the far wake-ups that fall in it.
             far.retain(|&i| {
                 let w = wake[i as usize];
                 if w < t + ring as u64 {
@@ -751,7 +764,10 @@ mod tests {
                     // Rings of 1 and 4 rounds send most wake-ups through the list of later ones.
                     for (events, ring) in [(false, RING), (true, RING), (true, 1), (true, 4)] {
                         let table = fill_with(&sorted, m, switch, events, ring);
-                        assert_eq!(table, every_turn, "n {n} m {m} switch {switch} events {events} ring {ring}");
+                        assert_eq!(
+                            table, every_turn,
+                            "n {n} m {m} switch {switch} events {events} ring {ring}"
+                        );
                     }
                 }
             }
