@@ -10,9 +10,16 @@
 //!  10.77.0.10 socket, everything else stays in the lb namespace's kernel
 //!  fd77::10   10.77.0.2 / fd77::2                     10.77.0.11-13 / fd77::11-13
 //! ```
-//! VIPs 10.77.0.100 and fd77::100, TCP and UDP port 80. Names carry a tag with the process id; the
-//! [`Lab`] guard kills the backends and removes every namespace on drop, and namespaces left by a
-//! killed run are swept at the next start.
+//! VIPs 10.77.0.100 and fd77::100, TCP and UDP port 80. [`Lab::add_router`] also makes the bridge a
+//! router (10.77.0.1 / fd77::1), the next hop for backends known by address only. Names carry a
+//! tag with the process id; the [`Lab`] guard kills the backends and removes every namespace on
+//! drop, and namespaces left by a killed run are swept at the next start.
+//!
+//! In the tunnel modes (IP-in-IP, GUE) the backends decapsulate with the kernel's `tunl0` /
+//! `ip6tnl0` devices (and `fou` for GUE) where the kernel has them, and otherwise with the lab's
+//! userspace [`decap::Decapsulator`] (raw / UDP sockets feeding a TUN interface in each backend
+//! namespace). [`Lab::decap`] says which one a run uses; the tests and the demo print it. The load
+//! balancer's and the backends' links then get an MTU of [`TUNNEL_MTU`], room for the outer headers.
 
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -34,6 +41,9 @@ use lb_io::{
     update_channel,
 };
 
+pub mod decap;
+use decap::{DecapStats, Decapsulator, TunnelEnds};
+
 /// The IPv4 VIP.
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 /// The IPv6 VIP.
@@ -48,11 +58,23 @@ pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 10);
 pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x10);
 /// Service port.
 pub const PORT: u16 = 80;
+/// The bridge's MAC once [`Lab::add_router`] made it a router.
+pub const ROUTER_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x01];
 /// Backend names (each answers with its name).
 pub const BACKENDS: [&str; 3] = ["b1", "b2", "b3"];
+/// The load balancer's IPv4 tunnel source (its eth0 address).
+pub const TUNNEL_SRC4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+/// The load balancer's IPv6 tunnel source.
+pub const TUNNEL_SRC6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+/// The UDP port backends take GUE on.
+pub const GUE_PORT: u16 = 6080;
+/// MTU of the load balancer's and the backends' links in the tunnel modes: the client's 1500 plus
+/// the largest encapsulation, GUE over IPv6 (40 + 8 + 4 bytes).
+pub const TUNNEL_MTU: u16 = 1500 + 52;
 
-/// The error of an IP-in-IP lab on a kernel that cannot decapsulate (tests skip on it).
-pub const NO_TUNNELS: &str = "this kernel has no ipip / ip6_tunnel support (no tunl0 / ip6tnl0 device), so backends cannot decapsulate IP-in-IP";
+/// The error of a tunnel-mode lab on a kernel that can decapsulate neither itself nor through a TUN
+/// device (tests skip on it).
+pub const NO_TUNNELS: &str = "this kernel can neither decapsulate (no tunl0 / ip6tnl0 device) nor give the lab a TUN device (/dev/net/tun) to do it in userspace";
 
 /// Boxed error of lab setup, with a message naming the step.
 pub type LabError = Box<dyn std::error::Error + Send + Sync>;
@@ -67,6 +89,8 @@ pub enum Mode {
     Dsr,
     /// IP-in-IP: frames are wrapped towards the backend, which decapsulates and answers directly.
     Ipip,
+    /// GUE (variant 0) to UDP port [`GUE_PORT`]: as IP-in-IP, behind an outer UDP + GUE header.
+    Gue,
 }
 
 impl Mode {
@@ -76,6 +100,34 @@ impl Mode {
             Mode::Nat => ForwardMode::Nat,
             Mode::Dsr => ForwardMode::Dsr,
             Mode::Ipip => ForwardMode::IpIp,
+            Mode::Gue => ForwardMode::Gue { port: GUE_PORT },
+        }
+    }
+
+    /// True for the modes whose backends decapsulate (IP-in-IP, GUE).
+    pub fn is_tunnel(self) -> bool {
+        matches!(self, Mode::Ipip | Mode::Gue)
+    }
+}
+
+/// Who takes the tunnel headers off at the backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecapPath {
+    /// The backend kernel's tunnel devices (`tunl0` / `ip6tnl0`, behind `fou` for GUE).
+    Kernel,
+    /// The lab's [`decap::Decapsulator`]: sockets in each backend namespace feeding a TUN interface.
+    Userspace,
+}
+
+impl std::fmt::Display for DecapPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecapPath::Kernel => f.write_str("the kernel's tunnel devices (tunl0 / ip6tnl0)"),
+            DecapPath::Userspace => write!(
+                f,
+                "the lab's userspace decapsulator (this kernel has no tunl0 / ip6tnl0): raw / UDP sockets -> TUN {} in each backend namespace",
+                decap::TUN_NAME
+            ),
         }
     }
 }
@@ -102,6 +154,10 @@ pub struct Lab {
     pub tag: String,
     /// The forwarding mode the backends were set up for.
     pub mode: Mode,
+    /// Who decapsulates at the backends (tunnel modes only).
+    pub decap: Option<DecapPath>,
+    /// The userspace decapsulators, one per backend, named by backend (stopped first on drop).
+    decapsulators: Vec<(&'static str, Decapsulator)>,
     children: Vec<Child>,
     /// The client namespace.
     pub client: Netns,
@@ -119,6 +175,7 @@ pub struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        self.decapsulators.clear();
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
@@ -207,6 +264,17 @@ impl Lab {
         for b in &backends {
             b.ns.checksum_offload_off("eth0")?;
         }
+        if mode.is_tunnel() {
+            // Room for the outer headers on the load balancer -> backend links, as any IPVS TUN or
+            // Katran setup needs: a full-size client segment grows past 1500 bytes when wrapped.
+            let mtu = TUNNEL_MTU.to_string();
+            lb.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+            sw.ip(&["link", "set", "lb", "mtu", &mtu])?;
+            for b in &backends {
+                b.ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+                sw.ip(&["link", "set", b.name, "mtu", &mtu])?;
+            }
+        }
         // The client reaches the VIPs at the load balancer's MAC (an ARP/NDP responder would do this).
         let lb_mac_s = format_mac(lb_mac);
         for vip in [VIP4.to_string(), VIP6.to_string()] {
@@ -223,6 +291,8 @@ impl Lab {
             ])?;
         }
         let client_mac_s = format_mac(client_mac);
+        let mut decap = None;
+        let mut decapsulators = Vec::new();
         for b in &backends {
             match mode {
                 Mode::Nat => {
@@ -240,7 +310,7 @@ impl Lab {
                         ])?;
                     }
                 }
-                Mode::Dsr | Mode::Ipip => {
+                Mode::Dsr | Mode::Ipip | Mode::Gue => {
                     b.ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
                     b.ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
                     // A backend answering from the VIP would solicit the client's MAC with the VIP as
@@ -261,30 +331,37 @@ impl Lab {
                     }
                 }
             }
-            if mode == Mode::Ipip {
-                // The fallback tunnel devices take IP-in-IP from any source; no reverse-path filter
-                // (the inner source, the client, is not reachable through the tunnel).
-                let _ = run("modprobe", &["ipip"]);
-                let _ = run("modprobe", &["ip6_tunnel"]);
-                if b.ns.ip(&["link", "show", "tunl0"]).is_err()
-                    || b.ns.ip(&["link", "show", "ip6tnl0"]).is_err()
-                {
-                    return Err(NO_TUNNELS.into());
-                }
-                b.ns.ip(&["link", "set", "tunl0", "up"])?;
-                b.ns.ip(&["link", "set", "ip6tnl0", "up"])?;
-                for key in [
-                    "net.ipv4.conf.all.rp_filter",
-                    "net.ipv4.conf.default.rp_filter",
-                    "net.ipv4.conf.tunl0.rp_filter",
-                ] {
-                    b.ns.exec("sysctl", &["-qw", &format!("{key}=0")])?;
-                }
+            if mode.is_tunnel() {
+                let path = if kernel_decap(&b.ns, mode)? {
+                    DecapPath::Kernel
+                } else {
+                    let ends = TunnelEnds {
+                        local_v4: b.v4,
+                        local_v6: b.v6,
+                        remote_v4: TUNNEL_SRC4,
+                        remote_v6: TUNNEL_SRC6,
+                    };
+                    let d = Decapsulator::start(&b.ns, mode.forward_mode(), ends).map_err(|e| {
+                        if Path::new("/dev/net/tun").exists() {
+                            e
+                        } else {
+                            LabError::from(NO_TUNNELS)
+                        }
+                    })?;
+                    decapsulators.push((b.name, d));
+                    DecapPath::Userspace
+                };
+                decap = Some(path);
             }
+        }
+        if let Some(path) = decap {
+            tracing::debug!("backends decapsulate with {path}");
         }
         let mut lab = Lab {
             tag,
             mode,
+            decap,
+            decapsulators,
             children: Vec::new(),
             client,
             client_mac,
@@ -339,8 +416,8 @@ impl Lab {
             gateway_mac: Some(self.client_mac),
             snat_v4: Some(SNAT4),
             snat_v6: Some(SNAT6),
-            tunnel_src_v4: Some(Ipv4Addr::new(10, 77, 0, 2)),
-            tunnel_src_v6: Some(Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2)),
+            tunnel_src_v4: Some(TUNNEL_SRC4),
+            tunnel_src_v6: Some(TUNNEL_SRC6),
             ..NodeConfig::default()
         };
         let mut services = Vec::new();
@@ -382,10 +459,73 @@ impl Lab {
         Config { node, services }
     }
 
-    /// The backend whose IPv4 or IPv6 address is `addr`.
+    /// Makes the bridge a router for the lab's subnets (10.77.0.1 / fd77::1, MAC [`ROUTER_MAC`]) and
+    /// returns its MAC: the `node.gateway_mac` for backends with no MAC of their own, as the
+    /// Kubernetes feed's endpoints (addresses only; a node's gateway routes to pod IPs). Frames the
+    /// load balancer sends there are routed to the backend or client their IP names. Call once.
+    pub fn add_router(&self) -> Result<[u8; 6], LabError> {
+        let sw = &self._switch;
+        // Pinned, so it does not follow the lowest port MAC as bridges do.
+        sw.ip(&["link", "set", "br0", "address", &format_mac(ROUTER_MAC)])?;
+        sw.ip(&["addr", "add", "10.77.0.1/24", "dev", "br0"])?;
+        sw.ip(&["addr", "add", "fd77::1/64", "dev", "br0", "nodad"])?;
+        for key in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            // Routed out of the port it came in on: no redirects towards the SNAT addresses or VIPs.
+            "net.ipv4.conf.all.send_redirects=0",
+            "net.ipv4.conf.br0.send_redirects=0",
+        ] {
+            sw.exec("sysctl", &["-qw", key])?;
+        }
+        Ok(ROUTER_MAC)
+    }
+
+    /// What each backend's userspace decapsulator did so far, by backend name (empty unless
+    /// [`Lab::decap`] is [`DecapPath::Userspace`]).
+    pub fn decap_stats(&self) -> Vec<(&'static str, DecapStats)> {
+        self.decapsulators
+            .iter()
+            .map(|(name, d)| (*name, d.stats()))
+            .collect()
+    }
+
+    /// The backend called `name` (`b1`...).
     pub fn backend_named(&self, name: &str) -> Option<&LabBackend> {
         self.backends.iter().find(|b| b.name == name)
     }
+}
+
+/// Sets up the kernel's own decapsulation for `mode` in a backend namespace: the fallback tunnel
+/// devices `tunl0` / `ip6tnl0` (they take IP-in-IP from any source) and, for GUE, `fou` on
+/// [`GUE_PORT`] handing the inner packets to them. False when this kernel lacks any of it.
+fn kernel_decap(ns: &Netns, mode: Mode) -> Result<bool, LabError> {
+    let _ = run("modprobe", &["ipip"]);
+    let _ = run("modprobe", &["ip6_tunnel"]);
+    if ns.ip(&["link", "show", "tunl0"]).is_err() || ns.ip(&["link", "show", "ip6tnl0"]).is_err() {
+        return Ok(false);
+    }
+    if mode == Mode::Gue {
+        let _ = run("modprobe", &["fou"]);
+        let _ = run("modprobe", &["fou6"]);
+        let port = GUE_PORT.to_string();
+        if ns.ip(&["fou", "add", "port", &port, "gue"]).is_err()
+            || ns.ip(&["-6", "fou", "add", "port", &port, "gue"]).is_err()
+        {
+            return Ok(false);
+        }
+    }
+    ns.ip(&["link", "set", "tunl0", "up"])?;
+    ns.ip(&["link", "set", "ip6tnl0", "up"])?;
+    // No reverse-path filter: the inner source, the client, is not reachable through the tunnel.
+    for key in [
+        "net.ipv4.conf.all.rp_filter",
+        "net.ipv4.conf.default.rp_filter",
+        "net.ipv4.conf.tunl0.rp_filter",
+    ] {
+        ns.exec("sysctl", &["-qw", &format!("{key}=0")])?;
+    }
+    Ok(true)
 }
 
 /// Builds the fast path's tables with `builder`. Keep one builder for the life of a load balancer:

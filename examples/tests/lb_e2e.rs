@@ -1,8 +1,10 @@
 //! The load balancer end to end: real kernel TCP clients in one namespace talk to real servers in
-//! three backend namespaces through lb-core's worker running over AF_XDP in a fourth, in NAT and DSR
-//! modes (IP-in-IP where the kernel can decapsulate), IPv4 and IPv6. Then a backend is removed while
-//! connections are held: its connections end (the policy reschedules them and the new backend, which
-//! has no such connection, resets them), and every other held connection keeps working.
+//! three backend namespaces through lb-core's worker running over AF_XDP in a fourth, in NAT, DSR,
+//! IP-in-IP and GUE modes, IPv4 and IPv6. In the tunnel modes the backends decapsulate with the
+//! kernel's tunnel devices where it has them, else with the lab's userspace decapsulator (a TUN
+//! interface per backend, the same kernel TCP behind it); each run prints which. Then a backend is
+//! removed while connections are held: its connections end (dropped, or rescheduled to a backend that
+//! has no such connection and resets them), and every other held connection keeps working.
 //!
 //! Synchronisation is by events only: backends print `ready` when bound; the load balancer signals
 //! when it is attached; a table swap is confirmed by the worker handing the old tables back.
@@ -11,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::path::Path;
 use std::time::Duration;
 
@@ -25,6 +27,8 @@ use lb_io::netns::{can_create_namespaces, enter_netns};
 
 const CONNS_PER_FAMILY: usize = 12;
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
+/// Bytes of one bulk exchange: many full-size segments each way.
+const BULK: usize = 64 * 1024;
 
 fn vips() -> [IpAddr; 2] {
     [IpAddr::V4(VIP4), IpAddr::V6(VIP6)]
@@ -42,6 +46,24 @@ fn ask(conn: &mut TcpStream, msg: &str) -> std::io::Result<String> {
     let (name, echoed) = reply.split_once(' ').unwrap_or((&reply, ""));
     assert_eq!(echoed, msg, "the backend echoes what it got");
     Ok(name.to_string())
+}
+
+/// Sends [`BULK`] bytes on a new connection and reads the echo to its end: full-size segments both
+/// ways (in the tunnel modes, encapsulated frames past 1500 bytes). Returns the answering backend.
+fn bulk(vip: IpAddr) -> std::io::Result<String> {
+    let mut c = TcpStream::connect_timeout(&SocketAddr::new(vip, PORT), IO_TIMEOUT)?;
+    c.set_read_timeout(Some(IO_TIMEOUT))?;
+    c.write_all(&[b'x'; BULK])?;
+    c.shutdown(Shutdown::Write)?;
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply)?;
+    // The backend echoes each read it makes as "<name> <bytes>".
+    let reply = String::from_utf8_lossy(&reply);
+    let name = reply.split(' ').next().unwrap_or_default().to_string();
+    let body = reply.replace(&format!("{name} "), "");
+    assert_eq!(body.len(), BULK, "{vip}: echoed bytes");
+    assert!(body.bytes().all(|b| b == b'x'), "{vip}: echo corrupted");
+    Ok(name)
 }
 
 fn udp_ask(vip: IpAddr, msg: &str) -> std::io::Result<String> {
@@ -63,6 +85,27 @@ fn udp_ask(vip: IpAddr, msg: &str) -> std::io::Result<String> {
         .to_string())
 }
 
+/// ICMP errors a backend's kernel sent so far: IPv4 destination unreachable (protocol unreachable
+/// for a tunnel protocol nobody took) and ICMPv6 parameter problem (its IPv6 counterpart).
+fn icmp_errors_sent(ns: &lb_io::netns::Netns) -> (u64, u64) {
+    let snmp = ns.exec("cat", &["/proc/net/snmp"]).unwrap();
+    let mut icmp = snmp.lines().filter(|l| l.starts_with("Icmp: "));
+    let (names, values) = (icmp.next().unwrap(), icmp.next().unwrap());
+    let v4 = names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "OutDestUnreachs")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap();
+    let snmp6 = ns.exec("cat", &["/proc/net/snmp6"]).unwrap();
+    let v6 = snmp6
+        .lines()
+        .find_map(|l| l.strip_prefix("Icmp6OutParmProblems"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    (v4, v6)
+}
+
 /// Builds the lab and starts the load balancer, or says why this machine cannot.
 fn lab(
     prefix: &str,
@@ -81,6 +124,9 @@ fn lab(
         }
         Err(e) => panic!("building the lab: {e}"),
     };
+    if let Some(path) = lab.decap {
+        println!("{mode:?}: backends decapsulate with {path}");
+    }
     let config = lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule);
     match start_lb(
         &lab,
@@ -129,6 +175,9 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
                 name,
                 "{vip} #{i} changed backend"
             );
+        }
+        for vip in vips() {
+            bulk(vip).unwrap_or_else(|e| panic!("bulk exchange through {vip}: {e}"));
         }
         let mut udp = BTreeMap::new();
         for vip in vips() {
@@ -215,6 +264,24 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
         "a new connection went to the removed backend: {fresh:?}"
     );
 
+    // The userspace decapsulators passed every tunnelled packet on and refused none, and taking
+    // the packets off the kernel kept it from answering them with ICMP errors.
+    for (name, d) in lab.decap_stats() {
+        println!("{mode:?} decapsulator {name}: {d:?}");
+        assert!(d.packets > 0, "{name}'s decapsulator got nothing: {d:?}");
+        assert_eq!(d.dropped, 0, "{name}'s decapsulator refused packets: {d:?}");
+    }
+    if mode.is_tunnel() {
+        for b in &lab.backends {
+            assert_eq!(
+                icmp_errors_sent(&b.ns),
+                (0, 0),
+                "{} sent ICMP destination unreachable / parameter problem",
+                b.name
+            );
+        }
+    }
+
     let outcome = lb.stop().unwrap();
     let w = outcome.worker.stats();
     assert_eq!(
@@ -249,4 +316,9 @@ fn dsr_v4_and_v6_balance_and_survive_a_backend_removal() {
 #[test]
 fn ipip_v4_and_v6_balance_and_survive_a_backend_removal() {
     balance_and_survive_removal("lbti", Mode::Ipip, RemovedBackendPolicy::Drop);
+}
+
+#[test]
+fn gue_v4_and_v6_balance_and_survive_a_backend_removal() {
+    balance_and_survive_removal("lbtg", Mode::Gue, RemovedBackendPolicy::Reschedule);
 }

@@ -26,6 +26,7 @@ pub mod pcap;
 pub mod poll;
 pub mod processor;
 pub mod stop;
+pub mod tun;
 pub mod xsk;
 
 pub use device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};

@@ -168,6 +168,9 @@ pub fn main(args: Args) -> CmdResult {
         "namespaces: {}-{{sw,cl,lb,b1,b2,b3}}, mode {:?}",
         lab.tag, args.mode
     );
+    if let Some(path) = lab.decap {
+        println!("backends decapsulate with {path}");
+    }
     let config = lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule);
     let attach = if args.generic {
         AttachMode::Generic
