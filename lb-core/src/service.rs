@@ -854,6 +854,22 @@ mod tests {
     }
 
     #[test]
+    fn hot_service_fields_share_the_first_cache_line() {
+        use core::mem::{align_of, offset_of, size_of};
+        assert_eq!(align_of::<Service>(), 64);
+        for end in [
+            offset_of!(Service, slot) + size_of::<ServiceSlot>(),
+            offset_of!(Service, mode) + size_of::<ForwardMode>(),
+            offset_of!(Service, on_backend_removed) + size_of::<RemovedBackendPolicy>(),
+            offset_of!(Service, backends) + size_of::<Vec<Backend>>(),
+            offset_of!(Service, source_ranges) + size_of::<Vec<Cidr>>(),
+        ] {
+            assert!(end <= 64, "a hot field of Service ends at byte {end}");
+        }
+        assert_eq!(size_of::<IndexSlot>(), 32);
+    }
+
+    #[test]
     fn service_index_finds_every_service_and_nothing_else() {
         // 3 000 services on IPv4 and IPv6 VIPs, several ports and both protocols per VIP, including
         // an IPv6 VIP that is the IPv4-mapped form of an IPv4 one (a different family: a different key).
