@@ -93,6 +93,7 @@ echo "== (b) load balancer: Maglev + conntrack + NAT" >&2
 cat > "/tmp/$TAG.yaml" <<YAML
 node:
   local_mac: "$LMAC"
+  gateway_mac: "$GMAC"
   snat_v4: $SNAT
 services:
   - name: bench
