@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --all-targets 2>&1 | tee "$log"
+cargo test --workspace --all-targets --no-fail-fast 2>&1 | tee "$log"
 cargo test --workspace --doc 2>&1 | tee -a "$log"
 
 fuzz_seconds=${FUZZ_SECONDS:-60}
