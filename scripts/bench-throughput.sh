@@ -53,16 +53,26 @@ napi() { # ns dev core
   for pid in $(pgrep -f "napi/$2-" || true); do taskset -pc "$3" "$pid" >/dev/null || true; done
 }
 
+# g0's NAPI can only be made threaded once the generator has attached its XDP program (veth has no
+# NAPI before; the sysfs write fails). Without it, g0's receive work (the generator's return traffic,
+# redirected and copied into its socket) runs as softirq inside the forwarder's own sendto, on the
+# forwarder's core, and is charged to the path under test.
 gen() { # rate receive-address
+  local pid rc=0
   ip netns exec "$G" "$LB" --log warn bench-gen --iface g0 --core "$GEN_CORE" --dst-mac "$LMAC" \
-    --src-ip $CLIENT --dst-ip $VIP --flows 1024 --rate "$1" --duration "$SECS" --receive "$2"
+    --src-ip $CLIENT --dst-ip $VIP --flows 1024 --rate "$1" --duration "$SECS" --receive "$2" &
+  pid=$!
+  for _ in $(seq 200); do ip -n "$G" link show g0 | grep -q xdp && break; sleep 0.01; done
+  napi "$G" g0 "$GEN_CORE"
+  wait "$pid" || rc=$?
+  return $rc
 }
 
 start_fwd() { # args...
   ip netns exec "$L" "$LB" --log warn bench-forward --iface l0 --core "$FWD_CORE" $BUSY "$@" > "/tmp/$TAG.fwd" 2>&1 &
   FWD_PID=$!
   for _ in $(seq 100); do grep -q ready "/tmp/$TAG.fwd" 2>/dev/null && break; sleep 0.05; done
-  napi "$L" l0 "$NAPI_CORE"; napi "$G" g0 "$GEN_CORE"
+  napi "$L" l0 "$NAPI_CORE"
 }
 stop_fwd() { kill -INT "$FWD_PID"; wait "$FWD_PID" || true; FWD_PID=""; cat "/tmp/$TAG.fwd" >&2; }
 
@@ -119,7 +129,7 @@ table ip lbbench {
   chain post { type nat hook postrouting priority 100; ip daddr $BACKEND snat to $SNAT; }
 }
 NFT
-napi "$L" l0 "$NAPI_CORE"; napi "$G" g0 "$GEN_CORE"
+napi "$L" l0 "$NAPI_CORE"
 run_case nft $BACKEND
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
