@@ -29,8 +29,6 @@ use lb_core::Frame;
 
 use crate::device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
 
-/// Frames a copy-mode `sendto` transmits per call (the kernel's TX_BATCH_SIZE).
-const KICK_BATCH: usize = 32;
 /// Chunks handed to the fill ring per refill step (the ring takes what fits, never all-or-nothing).
 const REFILL_STEP: u32 = 64;
 /// Upper bound on kicks in one flush, so a ring that never drains cannot hold the loop.
@@ -249,6 +247,12 @@ impl<T: Copy> Ring<T> {
         self.cached_prod = self.cached_prod.wrapping_add(1);
     }
 
+    /// Slots published but not yet taken by the kernel (refreshes the kernel's consumer index).
+    fn unconsumed(&mut self) -> u32 {
+        self.cached_cons = self.consumer().load(Ordering::Acquire);
+        self.cached_prod.wrapping_sub(self.cached_cons)
+    }
+
     /// Publishes the slots written so far.
     fn submit(&mut self) {
         self.producer().store(self.cached_prod, Ordering::Release);
@@ -318,8 +322,6 @@ pub struct XskDevice {
     lent_n: usize,
     /// Descriptors waiting for room on the TX ring.
     pending: VecDeque<libc::xdp_desc>,
-    /// Descriptors on the TX ring not yet completed.
-    in_flight: usize,
     zero_copy: bool,
     /// Chunks in the UMEM.
     frames: usize,
@@ -496,7 +498,6 @@ impl XskDevice {
             lent: [0; MAX_BURST],
             lent_n: 0,
             pending: VecDeque::with_capacity(config.frames as usize),
-            in_flight: 0,
             zero_copy: false,
             frames: config.frames as usize,
             busy_poll: config.busy_poll.is_some(),
@@ -641,7 +642,6 @@ impl XskDevice {
         if n > 0 {
             self.completion.release();
         }
-        self.in_flight = self.in_flight.saturating_sub(n as usize);
         n as usize
     }
 
@@ -696,7 +696,12 @@ impl XskDevice {
 impl Device for XskDevice {
     fn receive<'a>(&'a mut self, frames: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
         debug_assert_eq!(self.lent_n, 0, "receive called twice without settle");
-        // Keep the fill ring stocked, a step at a time.
+        // Take back the chunks the kernel has finished sending, then keep the fill ring stocked, a
+        // step at a time. Reaping here rather than only in `flush` matters: once nothing waits to be
+        // sent the loop stops flushing, and the chunks on the completion ring would otherwise stay
+        // there while the fill ring runs dry and the kernel drops what arrives (measured: 0.69 M
+        // fill-ring-empty drops in a 4 s run of the floor loop).
+        self.reap();
         self.refill(REFILL_STEP * 2);
         let want = frames.len().min(MAX_BURST) as u32;
         let n = self.rx.available(want);
@@ -763,13 +768,19 @@ impl Device for XskDevice {
         }
         if submitted > 0 {
             self.tx.submit();
-            self.in_flight += submitted;
         }
-        // Copy mode transmits at most 32 frames per system call: one kick per 32 in flight.
-        if self.in_flight > 0 && (self.tx.needs_wakeup() || !self.zero_copy) {
-            let kicks = self.in_flight.div_ceil(KICK_BATCH).min(MAX_KICKS_PER_FLUSH);
-            for _ in 0..kicks {
+        // Copy mode transmits at most 32 frames per system call: kick while the kernel has not yet
+        // taken everything off the TX ring. Counting what it has not taken (rather than what is not
+        // yet completed: a sent frame completes only when the peer frees its copy) avoids kicks
+        // that find the ring empty; a kick that moves nothing (the driver is busy) ends the round.
+        if self.tx.unconsumed() > 0 && (self.tx.needs_wakeup() || !self.zero_copy) {
+            for _ in 0..MAX_KICKS_PER_FLUSH {
+                let before = self.tx.unconsumed();
                 self.kick_tx()?;
+                let after = self.tx.unconsumed();
+                if after == 0 || after == before {
+                    break;
+                }
             }
         }
         completed += self.reap();
