@@ -7,11 +7,12 @@
 //! Prot LocalAddress:Port Scheduler Flags
 //!   -> RemoteAddress:Port           Forward Weight ActiveConn InActConn
 //! TCP  10.96.12.34:80 wlc persistent 600
-//!   -> 10.244.1.5:8080              Masq    100    12         -
-//!   -> 10.244.1.9:8080              Masq    100    3          -          draining
+//!   -> 10.244.1.5:8080              Masq    100    12         4
+//!   -> 10.244.1.9:8080              Masq    100    3          0          draining
 //! ```
-//! Columns and widths follow ipvsadm. `InActConn` prints `-`: lb-core's per-backend counters hold
-//! the connection-table entries of a backend (ActiveConn) but do not split them by TCP state yet.
+//! Columns and widths follow ipvsadm, and so do the counts: ActiveConn is the backend's TCP
+//! connections in the established state, InActConn its other connection-table entries (handshakes,
+//! closing, time-wait, UDP), summed over the cores.
 //! A trailing word marks a backend that is draining or failing its health check.
 
 use std::io::{Read, Write};
@@ -83,6 +84,9 @@ pub struct BackendView {
     pub healthy: Option<bool>,
     /// Connection-table entries pointing at it.
     pub active_conns: u64,
+    /// Of those, TCP connections in the established state (ipvsadm's ActiveConn; the rest is InActConn).
+    #[serde(default)]
+    pub established_conns: u64,
     /// Frames forwarded.
     pub packets: u64,
     /// Bytes forwarded.
@@ -159,8 +163,8 @@ pub fn format_ipvsadm(view: &StateView) -> String {
                 endpoint(b.addr, b.port),
                 s.forward,
                 b.weight,
-                b.active_conns,
-                "-"
+                b.established_conns,
+                b.active_conns.saturating_sub(b.established_conns)
             );
             let mark = match (b.healthy, b.draining) {
                 (Some(false), _) => " down",
@@ -188,13 +192,14 @@ mod tests {
 
     #[test]
     fn prints_like_ipvsadm() {
-        let b = |addr: &str, port, weight, conns, draining, healthy| BackendView {
+        let b = |addr: &str, port, weight, (conns, established), draining, healthy| BackendView {
             addr: addr.parse().unwrap(),
             port,
             weight,
             draining,
             healthy,
             active_conns: conns,
+            established_conns: established,
             packets: 0,
             bytes: 0,
             new_flows: 0,
@@ -217,8 +222,8 @@ mod tests {
                     new_flows: 0,
                     drops: 0,
                     backends: vec![
-                        b("10.244.1.5", 8080, 100, 12, false, Some(true)),
-                        b("10.244.1.9", 8080, 100, 3, true, None),
+                        b("10.244.1.5", 8080, 100, (16, 12), false, Some(true)),
+                        b("10.244.1.9", 8080, 100, (3, 3), true, None),
                     ],
                 },
                 ServiceView {
@@ -233,7 +238,7 @@ mod tests {
                     bytes: 0,
                     new_flows: 0,
                     drops: 0,
-                    backends: vec![b("fd00::1:1", 53, 1, 0, false, Some(false))],
+                    backends: vec![b("fd00::1:1", 53, 1, (5, 0), false, Some(false))],
                 },
             ],
             ..Default::default()
@@ -243,10 +248,10 @@ lb userspace load balancer (tables version 7, connections 15/65536)
 Prot LocalAddress:Port Scheduler Flags
   -> RemoteAddress:Port           Forward Weight ActiveConn InActConn
 TCP  10.96.12.34:80 wlc persistent 600
-  -> 10.244.1.5:8080              Masq    100    12         -
-  -> 10.244.1.9:8080              Masq    100    3          -          draining
+  -> 10.244.1.5:8080              Masq    100    12         4
+  -> 10.244.1.9:8080              Masq    100    3          0          draining
 UDP  [fd00::53]:53 rr
-  -> [fd00::1:1]:53               Route   1      0          -          down
+  -> [fd00::1:1]:53               Route   1      0          5          down
 ";
         assert_eq!(format_ipvsadm(&view), want);
     }

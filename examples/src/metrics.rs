@@ -188,6 +188,7 @@ fn sum(cores: &[CoreSnapshot]) -> Totals {
             a.bytes += b.bytes;
             a.new_flows += b.new_flows;
             a.active_conns += b.active_conns;
+            a.established_conns += b.established_conns;
         }
     }
     t
@@ -251,6 +252,7 @@ pub fn state_view(live: &LiveState, cores: &[CoreSnapshot]) -> StateView {
                         draining: b.state == BackendState::Draining,
                         healthy: health.get(&target).map(|h| h.healthy),
                         active_conns: bc.active_conns,
+                        established_conns: bc.established_conns,
                         packets: bc.packets,
                         bytes: bc.bytes,
                         new_flows: bc.new_flows,
@@ -335,11 +337,12 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
     }
 
     type BackendField = fn(&BackendView) -> u64;
-    let backend_families: [(&str, &str, &str, BackendField); 6] = [
+    let backend_families: [(&str, &str, &str, BackendField); 7] = [
         ("lb_backend_packets_total", "counter", "Frames forwarded to the backend.", |b| b.packets),
         ("lb_backend_bytes_total", "counter", "Bytes forwarded to the backend.", |b| b.bytes),
         ("lb_backend_new_flows_total", "counter", "Flows scheduled to the backend.", |b| b.new_flows),
         ("lb_backend_active_connections", "gauge", "Connection-table entries pointing at the backend.", |b| b.active_conns),
+        ("lb_backend_established_connections", "gauge", "Of those, TCP connections in the established state.", |b| b.established_conns),
         ("lb_backend_weight", "gauge", "Configured weight.", |b| u64::from(b.weight)),
         ("lb_backend_draining", "gauge", "1 when the backend keeps its flows but takes no new ones.", |b| u64::from(b.draining)),
     ];
@@ -482,7 +485,7 @@ services:
                 let mut c = CoreSnapshot { rx: 100 * k, tx: 90 * k, conntrack_entries: 10 * k, conntrack_capacity: 1000, ..Default::default() };
                 c.drops[DropReason::NoBackend.index()] = k;
                 c.services.insert(web.slot.0, ServiceCounters { packets: 50 * k, bytes: 5000 * k, new_flows: 5 * k, drops: k });
-                c.backends.insert(web.backends[0].id.slot, BackendCounters { packets: 40 * k, bytes: 4000, new_flows: 4, active_conns: 2 * k });
+                c.backends.insert(web.backends[0].id.slot, BackendCounters { packets: 40 * k, bytes: 4000, new_flows: 4, active_conns: 2 * k, established_conns: k });
                 c
             })
             .collect()

@@ -41,7 +41,7 @@ fn run_dry_then_list() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("TCP  10.0.0.10:80 wlc persistent 600\n"), "{text}");
-    assert!(text.contains("  -> 10.1.0.1:8080                Masq    3      0          -\n"), "{text}");
+    assert!(text.contains("  -> 10.1.0.1:8080                Masq    3      0          0\n"), "{text}");
     assert!(text.contains("draining"), "{text}");
     assert!(status.success(), "lb run stops cleanly on SIGTERM: {status:?}");
 }

@@ -145,6 +145,9 @@ pub struct BackendCounters {
     pub new_flows: u64,
     /// Conntrack entries of this core that point at the backend now (what the lc family reads).
     pub active_conns: u64,
+    /// Of those, TCP connections in the established state: ipvsadm's ActiveConn. The others
+    /// (handshake, closing, time-wait, UDP) are its InActConn.
+    pub established_conns: u64,
 }
 
 /// All counters of one core.
@@ -222,6 +225,7 @@ impl Stats {
             a.bytes += b.bytes;
             a.new_flows += b.new_flows;
             a.active_conns += b.active_conns;
+            a.established_conns += b.established_conns;
         }
     }
 

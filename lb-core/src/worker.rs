@@ -56,7 +56,7 @@ use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
 use crate::frame::{Frame, Verdict};
 use crate::packet::{self, Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
 use crate::schedule::{CoreState, FlowInput, Scheduler};
-use crate::service::{Service, Tables};
+use crate::service::{BackendRef, Service, Tables};
 use crate::stats::{DropReason, Stats};
 use crate::time::Instant;
 
@@ -468,7 +468,10 @@ impl Core {
         let (index, backend_index) = match known {
             Some((index, bi)) => {
                 let timeouts = &self.timeouts;
-                self.conntrack.update(index, |e| advance(e, flags, true, timeouts, now));
+                let change = self.conntrack.update(index, |e| (e.backend, advance(e, flags, true, timeouts, now)));
+                if let Some((backend, change)) = change {
+                    self.count_established(backend, change);
+                }
                 (index, bi)
             }
             None => self.new_flow(tables, p, FlowHashes { key, hash, flow_hash }, service, now)?,
@@ -615,15 +618,14 @@ impl Core {
         }
         let link = self.conntrack.get(index).map(|e| e.link).ok_or(DropReason::NoReverseFlow)?;
         let (flags, timeouts, is_error) = (p.tcp_flags, &self.timeouts, matches!(p.l4, L4::IcmpError(_)));
-        let client_key = self
+        let (client_key, backend, change) = self
             .conntrack
             .update(link, |forward| {
-                if !is_error {
-                    advance(forward, flags, false, timeouts, now);
-                }
-                forward.key
+                let change = if is_error { 0 } else { advance(forward, flags, false, timeouts, now) };
+                (forward.key, forward.backend, change)
             })
             .ok_or(DropReason::NoReverseFlow)?;
+        self.count_established(backend, change);
         let to = flow_key(&client_key).ok_or(DropReason::NoReverseFlow)?.reverse();
         let node = tables.node();
         let macs = Macs { src: node.local_mac, dst: node.gateway_mac.unwrap_or(node.local_mac) };
@@ -755,6 +757,18 @@ impl Core {
         }
     }
 
+    /// Moves a flow of `backend` into (`change` = 1) or out of (-1) the established count that
+    /// `lb list` shows as ActiveConn; a backend that has since left (another generation) is not counted.
+    fn count_established(&mut self, backend: BackendRef, change: i8) {
+        let slot = backend.slot as usize;
+        if change == 0 || self.backend_generations.get(slot) != Some(&backend.generation) {
+            return;
+        }
+        if let Some(c) = self.stats.backend_mut(slot) {
+            c.established_conns = if change > 0 { c.established_conns + 1 } else { c.established_conns.saturating_sub(1) };
+        }
+    }
+
     /// Accounts for an entry that left the table (already removed): the backend's connection count,
     /// and the paired reverse entry of a NAT flow.
     fn forget(&mut self, index: u32, e: &Entry) {
@@ -767,6 +781,9 @@ impl Core {
             && let Some(c) = self.stats.backend_mut(slot)
         {
             c.active_conns = c.active_conns.saturating_sub(1);
+            if e.state == ConnState::Established {
+                c.established_conns = c.established_conns.saturating_sub(1);
+            }
         }
         if e.link != NO_LINK
             && self.conntrack.get(e.link).is_some_and(|r| r.kind == EntryKind::Reverse && r.link == index)
@@ -843,7 +860,10 @@ fn advance_new(e: &mut Entry, flags: TcpFlags, t: &Timeouts, now: u32) {
 /// A [`ConnState::BackendGone`] tombstone stays one: any packet refreshes its idle timeout (UDP's for
 /// a UDP flow), until the client's FIN or RST starts a fixed time-wait timeout that later packets do
 /// not extend.
-fn advance(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &Timeouts, now: u32) {
+///
+/// Returns 1 when the flow became established, -1 when it left that state, 0 otherwise.
+fn advance(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &Timeouts, now: u32) -> i8 {
+    let was_established = e.state == ConnState::Established;
     if e.state == ConnState::BackendGone {
         if e.fins & GONE_CLOSED == 0 {
             let timeout = if from_client && (flags.contains(TcpFlags::FIN) || flags.contains(TcpFlags::RST)) {
@@ -856,7 +876,7 @@ fn advance(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &Timeouts, now:
             };
             e.expires = now.saturating_add(timeout);
         }
-        return;
+        return 0;
     }
     e.state = match e.state {
         ConnState::UdpNew | ConnState::UdpAssured => ConnState::UdpAssured,
@@ -876,4 +896,5 @@ fn advance(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &Timeouts, now:
         s => s,
     };
     e.expires = now.saturating_add(timeout_of(e.state, t));
+    i8::from(e.state == ConnState::Established) - i8::from(was_established)
 }

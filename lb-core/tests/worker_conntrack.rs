@@ -414,3 +414,28 @@ fn drop_policy_nat_flow_keeps_no_reverse_translation() {
     assert_ne!(n.dst, s.dst);
     assert_eq!(run(&mut w, &tcp(n.dst, 8080, n.src, n.sport, Tcp::Ack, b""), secs(6)).0, Verdict::Tx);
 }
+
+#[test]
+fn established_count_follows_tcp_states_as_ipvsadm_active_conn() {
+    let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1"]);
+    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(64));
+    let slot = w.tables().services()[0].backends[0].slot();
+    let counts = |w: &Worker| (w.stats().backend(slot).active_conns, w.stats().backend(slot).established_conns);
+    for i in 0..3 {
+        run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+    }
+    assert_eq!(counts(&w), (3, 0), "handshakes are inactive");
+    for i in 0..3 {
+        run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2));
+        run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(2));
+    }
+    assert_eq!(counts(&w), (3, 3), "an ACK after the SYN establishes, once");
+    run(&mut w, &tcp(client(0), 1000, v4(VIP), 80, Tcp::Fin, b""), secs(3));
+    run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Rst, b""), secs(3));
+    assert_eq!(counts(&w), (3, 1), "closing and time-wait are inactive");
+    // Idle out: the established flow and the closing ones leave the table, every count returns to zero.
+    for _ in 0..4 {
+        run(&mut w, &udp(client(999), 53, v4("192.0.2.99"), 80, b"pass"), secs(10_000));
+    }
+    assert_eq!(counts(&w), (0, 0));
+}
