@@ -176,19 +176,10 @@ fn sum(cores: &[CoreSnapshot]) -> Totals {
             *a += b;
         }
         for (slot, s) in &c.services {
-            let a = t.services.entry(*slot).or_default();
-            a.packets += s.packets;
-            a.bytes += s.bytes;
-            a.new_flows += s.new_flows;
-            a.drops += s.drops;
+            t.services.entry(*slot).or_default().add(s);
         }
         for (slot, b) in &c.backends {
-            let a = t.backends.entry(*slot).or_default();
-            a.packets += b.packets;
-            a.bytes += b.bytes;
-            a.new_flows += b.new_flows;
-            a.active_conns += b.active_conns;
-            a.established_conns += b.established_conns;
+            t.backends.entry(*slot).or_default().add(b);
         }
     }
     t

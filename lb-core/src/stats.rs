@@ -134,6 +134,16 @@ pub struct ServiceCounters {
     pub drops: u64,
 }
 
+impl ServiceCounters {
+    /// Adds another core's counters for the same service into these.
+    pub fn add(&mut self, other: &ServiceCounters) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+        self.drops += other.drops;
+    }
+}
+
 /// Traffic of one backend on one core.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendCounters {
@@ -148,6 +158,17 @@ pub struct BackendCounters {
     /// Of those, TCP connections in the established state: ipvsadm's ActiveConn. The others
     /// (handshake, closing, time-wait, UDP) are its InActConn.
     pub established_conns: u64,
+}
+
+impl BackendCounters {
+    /// Adds another core's counters for the same backend into these.
+    pub fn add(&mut self, other: &BackendCounters) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.new_flows += other.new_flows;
+        self.active_conns += other.active_conns;
+        self.established_conns += other.established_conns;
+    }
 }
 
 /// All counters of one core.
@@ -215,17 +236,10 @@ impl Stats {
             *a += b;
         }
         for (a, b) in self.services.iter_mut().zip(other.services.iter()) {
-            a.packets += b.packets;
-            a.bytes += b.bytes;
-            a.new_flows += b.new_flows;
-            a.drops += b.drops;
+            a.add(b);
         }
         for (a, b) in self.backends.iter_mut().zip(other.backends.iter()) {
-            a.packets += b.packets;
-            a.bytes += b.bytes;
-            a.new_flows += b.new_flows;
-            a.active_conns += b.active_conns;
-            a.established_conns += b.established_conns;
+            a.add(b);
         }
     }
 
