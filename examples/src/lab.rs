@@ -278,17 +278,7 @@ impl Lab {
         // The client reaches the VIPs at the load balancer's MAC (an ARP/NDP responder would do this).
         let lb_mac_s = format_mac(lb_mac);
         for vip in [VIP4.to_string(), VIP6.to_string()] {
-            client.ip(&[
-                "neigh",
-                "replace",
-                &vip,
-                "lladdr",
-                &lb_mac_s,
-                "dev",
-                "eth0",
-                "nud",
-                "permanent",
-            ])?;
+            client.static_neighbour(&vip, &lb_mac_s, "eth0")?;
         }
         let client_mac_s = format_mac(client_mac);
         let mut decap = None;
@@ -297,17 +287,7 @@ impl Lab {
             match mode {
                 Mode::Nat => {
                     for snat in [SNAT4.to_string(), SNAT6.to_string()] {
-                        b.ns.ip(&[
-                            "neigh",
-                            "replace",
-                            &snat,
-                            "lladdr",
-                            &lb_mac_s,
-                            "dev",
-                            "eth0",
-                            "nud",
-                            "permanent",
-                        ])?;
+                        b.ns.static_neighbour(&snat, &lb_mac_s, "eth0")?;
                     }
                 }
                 Mode::Dsr | Mode::Ipip | Mode::Gue => {
@@ -317,17 +297,7 @@ impl Lab {
                     // source; the client ignores that (it maps the VIP to the load balancer), so the
                     // first IPv6 reply waits out NDP's retries. Real DSR setups pin this the same way.
                     for addr in [CLIENT4.to_string(), CLIENT6.to_string()] {
-                        b.ns.ip(&[
-                            "neigh",
-                            "replace",
-                            &addr,
-                            "lladdr",
-                            &client_mac_s,
-                            "dev",
-                            "eth0",
-                            "nud",
-                            "permanent",
-                        ])?;
+                        b.ns.static_neighbour(&addr, &client_mac_s, "eth0")?;
                     }
                 }
             }

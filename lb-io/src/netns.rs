@@ -68,6 +68,11 @@ impl Netns {
         run("ip", &full)
     }
 
+    /// Adds (or replaces) a permanent neighbour entry: `addr` is at `mac` on `dev`.
+    pub fn static_neighbour(&self, addr: &str, mac: &str, dev: &str) -> Result<(), CommandError> {
+        self.ip(&["neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent"]).map(|_| ())
+    }
+
     /// Runs `program args...` inside the namespace.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<String, CommandError> {
         let mut full = vec!["netns", "exec", self.name.as_str(), program];

@@ -79,28 +79,8 @@ fn udp_to_the_vip_is_reflected_through_af_xdp_and_other_traffic_stays_in_the_ker
         .unwrap();
     client.checksum_offload_off("c0").unwrap();
     let lb_mac = format_mac(lb.mac("l0").unwrap());
-    client
-        .ip(&[
-            "neigh",
-            "replace",
-            &VIP4.to_string(),
-            "lladdr",
-            &lb_mac,
-            "dev",
-            "c0",
-        ])
-        .unwrap();
-    client
-        .ip(&[
-            "neigh",
-            "replace",
-            &VIP6.to_string(),
-            "lladdr",
-            &lb_mac,
-            "dev",
-            "c0",
-        ])
-        .unwrap();
+    client.static_neighbour(&VIP4.to_string(), &lb_mac, "c0").unwrap();
+    client.static_neighbour(&VIP6.to_string(), &lb_mac, "c0").unwrap();
 
     // The load balancer's side: program, socket and loop, in its own thread inside its namespace.
     let stop = StopFlag::new();
