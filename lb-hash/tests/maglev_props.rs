@@ -3,8 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use lb_hash::flow::KeyKind;
-use lb_hash::{Backend, BackendId, FlowHasher, MaglevTable, is_prime, maglev_table_size_for};
+use lb_hash::{Backend, BackendId, MaglevTable, is_prime, maglev_table_size_for};
 use proptest::prelude::*;
 
 /// Unique backend identities.
@@ -26,25 +25,84 @@ fn owners(t: &MaglevTable) -> Vec<BackendId> {
     t.entries().iter().map(|&e| t.backends()[usize::from(e)].id).collect()
 }
 
-/// Entries whose owner changed between two survivors; fails if the removed backend still owns any.
-fn moved_between_survivors(before: &MaglevTable, after: &MaglevTable, removed: BackendId) -> Result<u32, TestCaseError> {
-    let mut between = 0;
+/// Entries that moved when `removed` left: its own (all must move, to survivors) and those whose
+/// owner changed from one survivor to another.
+fn moved(before: &MaglevTable, after: &MaglevTable, removed: BackendId) -> Result<(u32, u32), TestCaseError> {
+    let (mut own, mut between) = (0, 0);
     for (o, n) in owners(before).iter().zip(&owners(after)) {
         prop_assert_ne!(*n, removed);
-        if *o != removed && o != n {
+        if *o == removed {
+            own += 1;
+        } else if o != n {
             between += 1;
         }
     }
-    Ok(between)
+    Ok((own, between))
 }
 
-/// Whether no two backends share a Maglev skip at table size `m` (the formula in the `maglev` module
-/// comment). Two that do walk the same permutation shifted by a constant and compete for the same
-/// slots; the disruption bounds below do not hold for them (see "Skip collisions" in that comment).
-fn distinct_skips(ids: &[u64], m: u32) -> bool {
-    let h = FlowHasher::new(0);
-    let skips: BTreeSet<u64> = ids.iter().map(|&id| h.words(KeyKind::MaglevSkip, &[id]) % u64::from(m - 1) + 1).collect();
-    skips.len() == ids.len()
+/// The share of the table (in %) that moved between survivors, for each of up to four removals
+/// (one at a time) from each of `sets` sets of `n` random identities, sorted. A fixed generator, so
+/// the sample is the same on every run: the tests below check the distribution the `maglev` module
+/// comment reports, not a bound that holds for every set (there is none; see that comment).
+fn disruption_sample(n: usize, m: u32, sets: usize) -> Vec<f64> {
+    let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ (n as u64) << 32 ^ u64::from(m);
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut shares = Vec::new();
+    for _ in 0..sets {
+        let set: Vec<Backend> = (0..n).map(|_| Backend::new(next(), 1)).collect();
+        let before = MaglevTable::new(&set, m).expect("valid set");
+        for removed in set.iter().take(4).map(|b| b.id) {
+            let survivors: Vec<Backend> = set.iter().copied().filter(|b| b.id != removed).collect();
+            let after = MaglevTable::new(&survivors, m).expect("valid set");
+            let (_, between) = moved(&before, &after, removed).expect("the removed backend keeps no entry");
+            shares.push(f64::from(between) / f64::from(m) * 100.0);
+        }
+    }
+    shares.sort_by(f64::total_cmp);
+    shares
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+/// The value below which `q` of the sorted sample lies.
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+/// At the default size, few entries move between survivors: under 0.5 % on average and under 1 %
+/// for 99 % of removals, for small and large sets (the long tail of single removals above 1 % is
+/// rarer than one in a hundred; see the `maglev` module comment).
+#[test]
+fn disruption_at_the_default_size_is_under_one_percent_at_the_99th_percentile() {
+    let m = MaglevTable::DEFAULT_SIZE;
+    for (n, sets) in [(3, 100), (4, 75), (8, 50), (12, 40), (30, 25), (200, 10)] {
+        let s = disruption_sample(n, m, sets);
+        let (avg, p99) = (mean(&s), percentile(&s, 0.99));
+        println!("N = {n}, M = {m}, {} removals: mean {avg:.3} %, p99 {p99:.3} %, max {:.3} %", s.len(), s[s.len() - 1]);
+        assert!(avg <= 0.5, "N = {n}: mean {avg} % of the table moved between survivors");
+        assert!(p99 <= 1.0, "N = {n}: 99th percentile {p99} % of the table moved between survivors");
+    }
+}
+
+/// At the smallest recommended size, `M = 100 N` (`maglev_table_size_for`), the mean stays under 1 %
+/// from N = 100 up; at N = 10 (M = 1009) it is above the 1 % no rule with exact quotas can reach
+/// there (about 1.1 %; see the `maglev` module comment) and stays under 2 %.
+#[test]
+fn disruption_at_one_hundred_entries_per_backend() {
+    for (n, sets, bound) in [(10, 100, 2.0), (100, 10, 1.0), (200, 5, 1.0)] {
+        let m = maglev_table_size_for(n);
+        let s = disruption_sample(n, m, sets);
+        let avg = mean(&s);
+        println!("N = {n}, M = {m}, {} removals: mean {avg:.3} %, max {:.3} %", s.len(), s[s.len() - 1]);
+        assert!(avg <= bound, "N = {n}, M = {m}: mean {avg} % of the table moved between survivors");
+    }
 }
 
 proptest! {
@@ -105,52 +163,30 @@ proptest! {
         prop_assert_eq!(a.backends(), b.backends());
     }
 
-    /// Removing a backend moves all of its entries and few others; adding it back restores the
-    /// table exactly. The bound asserted is the one that holds over many thousands of random sets
-    /// (worst seen: 2.1 % at M = 65537): see the `maglev` module comment for why 1 % is not a
-    /// worst-case bound.
+    /// Removing a backend moves all of its entries (to survivors only), and adding it back restores
+    /// the table exactly, for any set. How many other entries move is a distribution, checked on
+    /// fixed samples below.
     #[test]
-    fn removing_a_backend_disrupts_little_and_adding_it_back_restores(
+    fn removing_a_backend_moves_its_entries_and_adding_it_back_restores(
         ids in ids(2..=200),
         which in any::<prop::sample::Index>(),
         pick in any::<u32>(),
     ) {
         let set: Vec<Backend> = ids.iter().map(|&id| Backend::new(id, 1)).collect();
-        let m = prime_at_least((100 * set.len() as u32).max(65_537), pick);
-        prop_assume!(distinct_skips(&ids, m));
+        let m = prime_at_least(100 * set.len() as u32, pick);
         let removed = set[which.index(set.len())].id;
         let survivors: Vec<Backend> = set.iter().copied().filter(|b| b.id != removed).collect();
 
         let before = MaglevTable::new(&set, m).expect("valid set");
         let after = MaglevTable::new(&survivors, m).expect("valid set");
-        let between = moved_between_survivors(&before, &after, removed)?;
-        prop_assert!(
-            f64::from(between) <= 0.03 * f64::from(m),
-            "{between} of {m} entries moved between survivors of {} backends", set.len()
-        );
+        let (own, between) = moved(&before, &after, removed)?;
+        prop_assert_eq!(own as usize, before.entry_counts()[before.position(removed).expect("in set") as usize] as usize);
+        prop_assert!(between < m);
 
         let mut back = survivors.clone();
         back.push(Backend::new(removed.0, 1));
         let restored = MaglevTable::new(&back, m).expect("valid set");
         prop_assert_eq!(restored.entries(), before.entries());
-    }
-
-    /// Removing each backend in turn moves, on average, at most 1 % of the table between the
-    /// survivors (worst average seen over thousands of sets: 0.76 % at M = 65537).
-    #[test]
-    fn removals_move_under_one_percent_on_average(ids in ids(3..=12), pick in any::<u32>()) {
-        let set: Vec<Backend> = ids.iter().map(|&id| Backend::new(id, 1)).collect();
-        let m = prime_at_least(65_537, pick);
-        prop_assume!(distinct_skips(&ids, m));
-        let before = MaglevTable::new(&set, m).expect("valid set");
-        let mut total = 0u32;
-        for b in &set {
-            let survivors: Vec<Backend> = set.iter().copied().filter(|s| s.id != b.id).collect();
-            let after = MaglevTable::new(&survivors, m).expect("valid set");
-            total += moved_between_survivors(&before, &after, b.id)?;
-        }
-        let mean = f64::from(total) / set.len() as f64;
-        prop_assert!(mean <= 0.01 * f64::from(m), "on average {mean} of {m} entries moved between survivors");
     }
 
     /// Draining (weight 0) gives exactly the table without the backend, by owner identity, while
