@@ -1,11 +1,12 @@
-//! Least connections ("lc"): the eligible backend with the fewest connections tracked by this core.
+//! Least connections ("lc"): the eligible backend with the smallest connection overhead on this core,
+//! established TCP connections weighing 256 and other entries 1, as IPVS ([`CoreState::overhead`]).
 
 use alloc::boxed::Box;
 
 use super::{CoreState, FlowInput, Scheduler, eligible, least_cost};
 use crate::service::Backend;
 
-/// Least connections, counted per core (see the module docs of `schedule`).
+/// Least connection overhead, counted per core (see the module docs of `schedule`).
 #[derive(Debug, Clone)]
 pub struct LeastConnections {
     eligible: Box<[u16]>,
@@ -20,6 +21,6 @@ impl LeastConnections {
 
 impl Scheduler for LeastConnections {
     fn pick(&self, _flow: &FlowInput, backends: &[Backend], core: &mut CoreState<'_>) -> Option<usize> {
-        least_cost(&self.eligible, backends, |b| (core.active(b), 1))
+        least_cost(&self.eligible, backends, |b| (core.overhead(b), 1))
     }
 }

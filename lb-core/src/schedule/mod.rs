@@ -19,10 +19,15 @@
 //! |---|---|---|
 //! | rr | `round_robin` | cursor over eligible backends |
 //! | wrr | `weighted_round_robin` | cursor over a precomputed smooth weighted sequence |
-//! | lc | `least_connections` | fewest connections on this core |
-//! | wlc | `weighted_least_connections` | fewest connections per unit of weight |
+//! | lc | `least_connections` | smallest overhead on this core (established x 256 + other entries, as IPVS) |
+//! | wlc | `weighted_least_connections` | smallest overhead per unit of weight |
 //! | sed | `shortest_expected_delay` | smallest (connections + 1) / weight |
 //! | nq | `never_queue` | an idle backend if any, else as sed |
+//!
+//! lc and wlc weigh connections as IPVS does (`ip_vs_dest_conn_overhead`): an established TCP
+//! connection counts 256, every other tracked entry 1. sed and nq count every tracked entry alike;
+//! IPVS counts only its active connections there, which never include UDP, so a UDP service under
+//! IPVS sed sends every new flow to the heaviest backend: not copied.
 //! | sh | `source_hashing` | Maglev table over the client address hash (lb-hash) |
 //! | dh | `destination_hashing` | Maglev table over the destination address hash (lb-hash) |
 //! | mh | `maglev` | Maglev table over the 5-tuple hash (lb-hash) |
@@ -95,6 +100,17 @@ impl CoreState<'_> {
     /// Connections this core tracks to `backend`.
     pub fn active(&self, backend: &Backend) -> u64 {
         self.conns.get(backend.slot().index()).map_or(0, |c| c.active_conns)
+    }
+
+    /// IPVS's connection overhead for `backend` on this core (`ip_vs_dest_conn_overhead`): an
+    /// established TCP connection weighs 256, any other tracked entry (handshake, closing,
+    /// time-wait, UDP) weighs 1, so a burst of half-open or short UDP flows does not outweigh long
+    /// established ones. What lc and wlc compare.
+    pub fn overhead(&self, backend: &Backend) -> u64 {
+        self.conns.get(backend.slot().index()).map_or(0, |c| {
+            let established = c.established_conns.min(c.active_conns);
+            (established << 8) + (c.active_conns - established)
+        })
     }
 
     /// Advances the cursor and returns its previous value.

@@ -84,6 +84,38 @@ fn weighted_round_robin_scales_huge_weights() {
     assert!(p.contains(&1));
 }
 
+/// Counters with `active` tracked entries of which `established` are established TCP connections.
+fn conns_established(counts: &[(u64, u64)]) -> Vec<BackendCounters> {
+    counts
+        .iter()
+        .map(|&(active, established)| BackendCounters {
+            active_conns: active,
+            established_conns: established,
+            ..BackendCounters::default()
+        })
+        .collect()
+}
+
+#[test]
+fn lc_and_wlc_weigh_an_established_connection_as_256_other_entries() {
+    let b = backends(&[1, 1]);
+    // Backend 0: 1 established (256); backend 1: 200 half-open or UDP entries (200).
+    let c = conns_established(&[(1, 1), (200, 0)]);
+    assert_eq!(picks(SchedulerKind::LeastConnections, &b, &c, 1), vec![1]);
+    // 300 other entries outweigh one established connection.
+    let c = conns_established(&[(1, 1), (300, 0)]);
+    assert_eq!(picks(SchedulerKind::LeastConnections, &b, &c, 1), vec![0]);
+    // wlc: backend 0 (weight 2) with 1 established = 128 per unit; backend 1 with 2 established
+    // + 10 others = 522 per unit.
+    let b = backends(&[2, 1]);
+    let c = conns_established(&[(1, 1), (12, 2)]);
+    assert_eq!(picks(SchedulerKind::WeightedLeastConnections, &b, &c, 1), vec![0]);
+    // sed counts entries alike: (1+1)/1 vs (0+1)/1 even though backend 0's entry is not established.
+    let b = backends(&[1, 1]);
+    let c = conns_established(&[(1, 0), (0, 0)]);
+    assert_eq!(picks(SchedulerKind::ShortestExpectedDelay, &b, &c, 1), vec![1]);
+}
+
 #[test]
 fn least_connections_family_reads_this_cores_counts() {
     let b = backends(&[1, 1, 1]);
