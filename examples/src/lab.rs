@@ -524,16 +524,27 @@ pub struct RunningLb {
     /// Sends new tables to the worker (swapped between bursts; old ones come back to be dropped here).
     pub updates: UpdateSender<Arc<Tables>>,
     stop: StopFlag,
-    thread: std::thread::JoinHandle<Result<LbOutcome, String>>,
+    /// `None` once [`RunningLb::stop`] has joined it.
+    thread: Option<std::thread::JoinHandle<Result<LbOutcome, String>>>,
 }
 
 impl RunningLb {
     /// Stops the poll loop and returns what it did.
-    pub fn stop(self) -> Result<LbOutcome, String> {
+    pub fn stop(mut self) -> Result<LbOutcome, String> {
         self.stop.stop();
-        self.thread
-            .join()
-            .map_err(|_| "the load balancer thread panicked".to_string())?
+        let thread = self.thread.take().ok_or("the load balancer was already stopped")?;
+        thread.join().map_err(|_| "the load balancer thread panicked".to_string())?
+    }
+}
+
+impl Drop for RunningLb {
+    /// A test that fails before calling [`RunningLb::stop`] still stops the poll loop (and closes its
+    /// socket) before the lab's namespaces go away, instead of leaving it polling a deleted veth.
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop.stop();
+            let _ = thread.join();
+        }
     }
 }
 
@@ -599,7 +610,7 @@ pub fn start_lb(
         Ok(Ok(())) => Ok(RunningLb {
             updates,
             stop,
-            thread,
+            thread: Some(thread),
         }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err("the load balancer thread ended during setup".into()),
