@@ -28,6 +28,12 @@ use crate::k8s::Translation;
 
 /// Where built tables go: every core's worker.
 pub trait TablesSink: Send {
+    /// Refuses a configuration these workers cannot serve, before anything is built (so the table
+    /// builder's slot numbering never runs ahead of what the workers hold). Default: all are fine.
+    fn check(&self, _config: &Config) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Hands `tables` to every worker; an error names the worker that is gone.
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String>;
 }
@@ -165,6 +171,9 @@ pub enum ControlError {
     /// A worker could not be reached.
     #[error("tables built but not delivered: {0}")]
     Publish(String),
+    /// The workers cannot serve this configuration as they run (e.g. NAT over several queues).
+    #[error("configuration refused by the data plane: {0}")]
+    Unservable(String),
 }
 
 /// The control loop's state.
@@ -238,9 +247,10 @@ impl<S: TablesSink> Control<S> {
             services: built.iter().map(|s| s.config.clone()).collect(),
         };
         let result = self
-            .builder
-            .build(&config)
-            .map_err(ControlError::from)
+            .sink
+            .check(&config)
+            .map_err(ControlError::Unservable)
+            .and_then(|()| self.builder.build(&config).map_err(ControlError::from))
             .and_then(|t| self.sink.publish(&t).map(|()| t).map_err(ControlError::Publish));
         match result {
             Ok(tables) => {
@@ -619,6 +629,50 @@ services:
         assert_eq!(t.services().len(), 1);
         // The file service has no health check, so the overlay leaves it alone.
         assert_eq!(backends(&t), vec![("10.1.0.1:8080".into(), BackendState::Active), ("10.1.0.2:8080".into(), BackendState::Active)]);
+    }
+
+    /// A sink that refuses configurations with more than `max_services` services.
+    struct PickySink {
+        recorder: RecordingSink,
+        max_services: usize,
+    }
+
+    impl TablesSink for PickySink {
+        fn check(&self, config: &Config) -> Result<(), String> {
+            if config.services.len() > self.max_services {
+                return Err(format!("{} services, these workers serve {}", config.services.len(), self.max_services));
+            }
+            Ok(())
+        }
+
+        fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+            self.recorder.publish(tables)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_configuration_the_workers_refuse_is_rejected_before_it_is_built() {
+        let recorder = RecordingSink::default();
+        let mut control = Control::new(PickySink { recorder: recorder.clone(), max_services: 1 });
+        let live = control.subscribe();
+        let first = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+
+        let mut two = parse(GOOD).unwrap();
+        let mut svc = two.services[0].clone();
+        svc.config.key = ServiceKey { port: 81, ..svc.config.key };
+        two.services.push(svc);
+        let err = control.apply(ControlInput::File(Box::new(two))).unwrap_err();
+        assert!(matches!(err, ControlError::Unservable(_)), "{err}");
+        assert!(err.to_string().contains("2 services, these workers serve 1"), "{err}");
+        assert_eq!(recorder.0.lock().unwrap().len(), 1, "nothing published");
+        {
+            let l = live.borrow();
+            assert!(Arc::ptr_eq(l.tables.as_ref().unwrap(), &first));
+            assert_eq!((l.applied, l.rejected), (1, 1));
+        }
+        // Nothing was built either: the next accepted version follows the first one directly.
+        let again = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        assert_eq!(again.version(), first.version() + 1);
     }
 
     #[tokio::test]

@@ -11,9 +11,9 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use lb_core::config::Config;
+use lb_core::config::{Config, ForwardMode};
 use lb_core::service::{TableBuilder, Tables};
-use lb_core::worker::{Worker, WorkerConfig};
+use lb_core::worker::{Worker, WorkerConfig, snat_port_share};
 use lb_examples::control::{LbProcessor, TablesSink, run_blocking};
 use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
@@ -37,15 +37,45 @@ pub struct Args {
     /// Attach the XDP program in generic (SKB) mode instead of native.
     #[arg(long)]
     pub generic: bool,
+    /// Serve NAT services with several poll loops: say that each loop's queue receives the replies
+    /// to its own SNAT port share (logged at start), e.g. by NIC flow-steering rules. Without it,
+    /// NAT services are refused when more than one queue is served: RSS would deliver most replies
+    /// to a core that does not own their SNAT port, and those connections would fail.
+    #[arg(long)]
+    pub nat_replies_steered: bool,
 }
 
 /// Sends tables to every loop, then steers exactly their VIPs and SNAT addresses to the sockets.
 struct Workers {
     loops: Vec<UpdateSender<Arc<Tables>>>,
     steering: Vec<VipSteering>,
+    /// Whether NAT replies reach the loop that owns their SNAT port (`--nat-replies-steered`).
+    nat_replies_steered: bool,
+}
+
+/// Refuses NAT services when `loops` poll loops share the node and nothing steers their replies: a
+/// reply is translated back only by the core that owns its SNAT port (`snat_port_owner`), and the
+/// NIC's RSS hash sends it to any queue.
+fn check_nat_replies(config: &Config, loops: usize, steered: bool) -> Result<(), String> {
+    if loops <= 1 || steered {
+        return Ok(());
+    }
+    match config.services.iter().find(|s| s.mode == ForwardMode::Nat) {
+        Some(s) => Err(format!(
+            "service {} uses NAT, but {loops} poll loops run and nothing steers NAT replies to the loop that \
+             owns their SNAT port: serve NAT on one queue, or steer each loop's SNAT port share (logged at \
+             start) to its queue and pass --nat-replies-steered",
+            s.name
+        )),
+        None => Ok(()),
+    }
 }
 
 impl TablesSink for Workers {
+    fn check(&self, config: &Config) -> Result<(), String> {
+        check_nat_replies(config, self.loops.len(), self.nat_replies_steered)
+    }
+
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.loops.publish(tables)?;
         let node = tables.node();
@@ -72,14 +102,8 @@ pub fn main(args: Args) -> CmdResult {
     let queues: Vec<(String, u32)> =
         settings.interfaces.iter().flat_map(|i| i.queues.iter().map(move |q| (i.name.clone(), *q))).collect();
     let cores = u16::try_from(queues.len()).map_err(|_| "too many queues")?;
-    if cores > 1 && settings.services.iter().any(|s| s.config.mode == lb_core::config::ForwardMode::Nat) {
-        tracing::warn!(
-            "NAT with {cores} queues: replies must reach the core owning their SNAT port; the steering program \
-             does not route them by port yet, so run NAT on one queue per node"
-        );
-    }
     let mode = if args.generic { AttachMode::Generic } else { AttachMode::Auto };
-    let mut workers = Workers { loops: Vec::new(), steering: Vec::new() };
+    let mut workers = Workers { loops: Vec::new(), steering: Vec::new(), nat_replies_steered: args.nat_replies_steered };
     let mut counters = PublishedCounters::default();
     let mut handles = Vec::new();
     let mut links = Vec::new();
@@ -89,11 +113,15 @@ pub fn main(args: Args) -> CmdResult {
             let i = handles.len();
             let dev = XskDevice::open(&XskConfig::new(&iface.name, q))?;
             steering.set_socket(q, dev.fd())?;
+            let core_index = u16::try_from(i)?;
             let worker = Worker::new(empty.clone(), WorkerConfig {
                 conntrack_capacity: args.conntrack_entries,
-                core_index: u16::try_from(i)?,
+                core_index,
                 core_count: cores,
             });
+            if let Some((lo, hi)) = snat_port_share(settings.node.snat_ports, core_index, cores) {
+                tracing::info!(interface = %iface.name, queue = q, "NAT replies to SNAT ports {lo}-{hi} must reach this queue");
+            }
             let (processor, published) = LbProcessor::new(worker);
             counters.0.push(published);
             let (tx, rx) = update_channel();
@@ -119,4 +147,46 @@ pub fn main(args: Args) -> CmdResult {
     drop(links);
     result?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use lb_core::config::{Config, ForwardMode};
+    use lb_core::worker::snat_port_owner;
+
+    use super::check_nat_replies;
+
+    /// Two services, DSR and NAT, as a configuration file gives them.
+    fn config() -> Config {
+        let settings = lb_examples::config::file::parse(
+            r#"
+node:
+  local_mac: "02:00:00:00:00:01"
+  gateway_mac: "02:00:00:00:00:fe"
+  snat_v4: 10.0.0.2
+  snat_ports: [40000, 50000]
+services:
+  - { name: dsr, vip: 10.0.0.10, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 80, mac: "02:aa:bb:cc:dd:ee" }] }
+  - { name: nat, vip: 10.0.0.11, port: 80, mode: nat, backends: [{ addr: 10.1.0.2, port: 8080 }] }
+"#,
+        )
+        .expect("valid file");
+        Config { node: settings.node, services: settings.services.into_iter().map(|s| s.config).collect() }
+    }
+
+    #[test]
+    fn nat_over_several_queues_is_refused_unless_replies_are_steered() {
+        let cfg = config();
+        assert_eq!(cfg.services[1].mode, ForwardMode::Nat);
+        assert!(check_nat_replies(&cfg, 1, false).is_ok(), "one loop owns every SNAT port");
+        let err = check_nat_replies(&cfg, 4, false).expect_err("NAT over 4 unsteered queues");
+        assert!(err.contains("service nat uses NAT") && err.contains("--nat-replies-steered"), "{err}");
+        assert!(check_nat_replies(&cfg, 4, true).is_ok());
+        let dsr_only = Config { node: cfg.node.clone(), services: cfg.services[..1].to_vec() };
+        assert!(check_nat_replies(&dsr_only, 4, false).is_ok(), "DSR needs no reply path");
+        // The shares the log names partition the range: every port has exactly one owner.
+        for port in [40000, 42500, 45000, 50000] {
+            assert!(snat_port_owner(cfg.node.snat_ports, 4, port).is_some(), "port {port}");
+        }
+    }
 }
