@@ -16,15 +16,32 @@
 //! so one conflicting Service cannot block every later cluster update.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use lb_core::config::{Config, ServiceKey};
+use lb_core::config::{Config, ForwardMode, ServiceKey};
 use lb_core::service::{TableBuilder, Tables};
+use lb_io::bpf::xdp::SteeringSet;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{ServiceSpec, Settings};
 use crate::health::{HealthChecker, HealthEvent, StatusTable, Target, apply_health};
 use crate::k8s::Translation;
+
+/// What the XDP program must steer to the sockets for `tables`: each service's (VIP, port, protocol),
+/// and, when a service uses full NAT, the SNAT addresses with the node's SNAT port range (the replies).
+/// Everything else to those addresses stays with the kernel (see `lb_io::bpf::xdp`).
+pub fn steering_for(tables: &Tables) -> SteeringSet {
+    let services = tables.services();
+    let node = tables.node();
+    let mut set = SteeringSet::default();
+    set.services = services.iter().map(|s| (s.key.vip, s.key.port, s.key.proto.number())).collect();
+    if services.iter().any(|s| s.mode == ForwardMode::Nat) {
+        let snat = [node.snat_v4.map(IpAddr::V4), node.snat_v6.map(IpAddr::V6)];
+        set.snat = snat.into_iter().flatten().map(|a| (a, node.snat_ports)).collect();
+    }
+    set
+}
 
 /// Where built tables go: every core's worker.
 pub trait TablesSink: Send {
@@ -629,6 +646,40 @@ services:
         assert_eq!(t.services().len(), 1);
         // The file service has no health check, so the overlay leaves it alone.
         assert_eq!(backends(&t), vec![("10.1.0.1:8080".into(), BackendState::Active), ("10.1.0.2:8080".into(), BackendState::Active)]);
+    }
+
+    #[test]
+    fn steering_covers_each_service_and_the_snat_range_only_with_nat() {
+        let yaml = |mode: &str| {
+            format!(
+                r#"
+node:
+  local_mac: "02:00:00:00:00:01"
+  gateway_mac: "02:00:00:00:00:fe"
+  snat_v4: 10.0.0.2
+  snat_v6: "fd00::2"
+  snat_ports: [40000, 50000]
+services:
+  - {{ name: a, vip: 10.0.0.10, port: 80, mode: dsr, backends: [{{ addr: 10.1.0.1, port: 80, mac: "02:aa:bb:cc:dd:ee" }}] }}
+  - {{ name: b, vip: 10.0.0.10, port: 53, protocol: udp, mode: {mode}, backends: [{{ addr: 10.1.0.2, port: 53, mac: "02:aa:bb:cc:dd:ef" }}] }}
+"#
+            )
+        };
+        let build = |yaml: &str| {
+            let settings = parse(yaml).unwrap();
+            let config = Config { node: settings.node, services: settings.services.into_iter().map(|s| s.config).collect() };
+            TableBuilder::new().build(&config).unwrap()
+        };
+        let vip: IpAddr = "10.0.0.10".parse().unwrap();
+        let nat = steering_for(&build(&yaml("nat")));
+        assert_eq!(nat.services.iter().copied().collect::<Vec<_>>(), [(vip, 53, 17), (vip, 80, 6)]);
+        let snat: Vec<(IpAddr, (u16, u16))> = nat.snat.iter().map(|(&a, &p)| (a, p)).collect();
+        assert_eq!(snat, [("10.0.0.2".parse().unwrap(), (40000, 50000)), ("fd00::2".parse().unwrap(), (40000, 50000))]);
+        assert!(nat.whole.is_empty());
+        // Without a NAT service the SNAT addresses (perhaps the node's own) are left alone.
+        let dsr = steering_for(&build(&yaml("dsr")));
+        assert_eq!(dsr.services, nat.services);
+        assert!(dsr.snat.is_empty());
     }
 
     /// A sink that refuses configurations with more than `max_services` services.

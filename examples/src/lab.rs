@@ -523,12 +523,28 @@ pub struct LbOutcome {
 pub struct RunningLb {
     /// Sends new tables to the worker (swapped between bursts; old ones come back to be dropped here).
     pub updates: UpdateSender<Arc<Tables>>,
+    /// The XDP program's maps: what is steered to the socket. Steers the first tables' services;
+    /// [`RunningLb::update`] keeps it in step with new tables, as `lb run` does. A caller that sends
+    /// tables itself takes it (`None` after).
+    pub steering: Option<VipSteering>,
     stop: StopFlag,
     /// `None` once [`RunningLb::stop`] has joined it.
     thread: Option<std::thread::JoinHandle<Result<LbOutcome, String>>>,
 }
 
 impl RunningLb {
+    /// Sends `tables` to the worker and steers their services (new ones first in the maps, so no
+    /// frame of a service the worker now serves is passed to the kernel); returns once the worker
+    /// has swapped them in.
+    pub fn update(&mut self, tables: &Arc<Tables>, wait: std::time::Duration) -> Result<(), String> {
+        self.updates.send(tables.clone()).map_err(|e| e.to_string())?;
+        self.updates.wait_retired(wait).ok_or("the worker did not apply the tables")?;
+        match &mut self.steering {
+            Some(s) => s.set(crate::control::steering_for(tables)).map_err(|e| format!("steering: {e}")),
+            None => Err("the steering maps were taken".into()),
+        }
+    }
+
     /// Stops the poll loop and returns what it did.
     pub fn stop(mut self) -> Result<LbOutcome, String> {
         self.stop.stop();
@@ -557,12 +573,11 @@ pub fn start_lb(
     mode: AttachMode,
 ) -> Result<RunningLb, String> {
     let ns = lab.lb.name().to_string();
-    let mut steer: Vec<IpAddr> = tables.services().iter().map(|s| s.key.vip).collect();
-    steer.extend([IpAddr::V4(SNAT4), IpAddr::V6(SNAT6)]);
+    let steer = crate::control::steering_for(&tables);
     let stop = StopFlag::new();
     let loop_stop = stop.clone();
     let (updates, updates_rx) = update_channel();
-    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<VipSteering, String>>();
     let thread = std::thread::Builder::new()
         .name("lb-poll-q0".into())
         .spawn(move || {
@@ -573,7 +588,7 @@ pub fn start_lb(
                 }
                 let mut steering =
                     VipSteering::load(SteeringConfig::default()).map_err(|e| e.to_string())?;
-                steering.set_vips(steer).map_err(|e| e.to_string())?;
+                steering.set(steer).map_err(|e| e.to_string())?;
                 let dev = XskDevice::open(&XskConfig::new("eth0", 0)).map_err(|e| e.to_string())?;
                 steering
                     .set_socket(0, dev.fd())
@@ -592,11 +607,11 @@ pub fn start_lb(
             };
             let zero_copy = dev.is_zero_copy();
             let worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
-            let _ = ready_tx.send(Ok(()));
+            // The maps go to the caller; the program stays attached while `link` lives here.
+            let _ = ready_tx.send(Ok(steering));
             let report =
                 PollLoop::new(dev, worker, updates_rx, loop_stop, LoopConfig::default()).run();
             drop(link);
-            drop(steering);
             let report = report.map_err(|e| e.to_string())?;
             Ok(LbOutcome {
                 stats: report.stats,
@@ -607,8 +622,9 @@ pub fn start_lb(
         })
         .map_err(|e| e.to_string())?;
     match ready_rx.recv() {
-        Ok(Ok(())) => Ok(RunningLb {
+        Ok(Ok(steering)) => Ok(RunningLb {
             updates,
+            steering: Some(steering),
             stop,
             thread: Some(thread),
         }),

@@ -37,10 +37,11 @@ use std::time::Duration;
 use lb_core::config::{BackendState, Protocol, RemovedBackendPolicy};
 use lb_core::service::{TableBuilder, Tables};
 use lb_examples::config::file;
-use lb_examples::control::{ControlPlane, LiveState, TablesSink};
+use lb_examples::control::{ControlPlane, LiveState, TablesSink, steering_for};
 use lb_examples::lab::{BACKENDS, Lab, Mode, PORT, RunningLb, SNAT4, SNAT6, VIP4, VIP6, start_lb, tables};
 use lb_examples::metrics::{CoreSnapshot, StatsSource};
 use lb_io::bpf::AttachMode;
+use lb_io::bpf::xdp::VipSteering;
 use lb_io::netns::{can_create_namespaces, enter_netns, format_mac};
 use lb_io::{UpdateSender, update_channel};
 use serde_json::{Value, json};
@@ -64,9 +65,11 @@ fn vips() -> [IpAddr; 2] {
 }
 
 /// The binary's sink (lb-io's update sender of the poll loop), which then waits for the worker to hand
-/// the old tables back: once the control loop records tables in the live state, the worker uses them.
+/// the old tables back (once the control loop records tables in the live state, the worker uses them)
+/// and steers their services, as `lb run` does.
 struct SwappedSink {
     updates: UpdateSender<Arc<Tables>>,
+    steering: VipSteering,
     published: Arc<AtomicUsize>,
 }
 
@@ -74,6 +77,7 @@ impl TablesSink for SwappedSink {
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.updates.send(tables.clone()).map_err(|e| e.to_string())?;
         self.updates.wait_retired(FAILSAFE).ok_or("the worker did not apply the tables")?;
+        self.steering.set(steering_for(tables)).map_err(|e| e.to_string())?;
         self.published.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -422,7 +426,11 @@ impl Harness {
         let (placeholder, _) = update_channel();
         let published = Arc::new(AtomicUsize::new(0));
         let sink =
-            SwappedSink { updates: std::mem::replace(&mut lb.updates, placeholder), published: published.clone() };
+            SwappedSink {
+                updates: std::mem::replace(&mut lb.updates, placeholder),
+                steering: lb.steering.take().expect("the lab's steering maps"),
+                published: published.clone(),
+            };
         let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
         let plane = rt
             .block_on(ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)))

@@ -147,7 +147,7 @@ fn lab(
 fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendPolicy) {
     // One builder for the load balancer's life: backend slots stay stable across table builds.
     let mut builder = TableBuilder::new();
-    let Some((lab, lb)) = lab(prefix, mode, &mut builder) else {
+    let Some((lab, mut lb)) = lab(prefix, mode, &mut builder) else {
         return;
     };
 
@@ -244,13 +244,8 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
 
     // Remove b2 while the connections are held; the old tables coming back proves the swap happened.
     let without_b2 = lab.config(&["b1", "b3"], policy);
-    lb.updates
-        .send(tables(&mut builder, &without_b2).unwrap())
-        .unwrap();
-    assert!(
-        lb.updates.wait_retired(Duration::from_secs(10)).is_some(),
-        "the worker never applied the update"
-    );
+    lb.update(&tables(&mut builder, &without_b2).unwrap(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("the worker never applied the update: {e}"));
     to_client.send(()).unwrap();
 
     let (survived, ended, fresh) = client.join().expect("client thread");

@@ -7,14 +7,13 @@
 //! kernel. The control side builds tables, sends them to every loop, then updates the steered VIPs.
 //! With `interfaces: []` it runs the control plane alone: a dry run whose tables `lb list` shows.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use lb_core::config::{Config, ForwardMode};
 use lb_core::service::{TableBuilder, Tables};
 use lb_core::worker::{Worker, WorkerConfig, snat_port_share};
-use lb_examples::control::{LbProcessor, TablesSink, run_blocking};
+use lb_examples::control::{LbProcessor, TablesSink, run_blocking, steering_for};
 use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
@@ -45,7 +44,7 @@ pub struct Args {
     pub nat_replies_steered: bool,
 }
 
-/// Sends tables to every loop, then steers exactly their VIPs and SNAT addresses to the sockets.
+/// Sends tables to every loop, then steers exactly their services and NAT replies to the sockets.
 struct Workers {
     loops: Vec<UpdateSender<Arc<Tables>>>,
     steering: Vec<VipSteering>,
@@ -78,14 +77,9 @@ impl TablesSink for Workers {
 
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.loops.publish(tables)?;
-        let node = tables.node();
-        let mut addrs: Vec<IpAddr> = tables.services().iter().map(|s| s.key.vip).collect();
-        addrs.extend(node.snat_v4.map(IpAddr::V4));
-        addrs.extend(node.snat_v6.map(IpAddr::V6));
-        addrs.sort();
-        addrs.dedup();
+        let want = steering_for(tables);
         for s in &mut self.steering {
-            s.set_vips(addrs.iter().copied()).map_err(|e| format!("steering VIPs: {e}"))?;
+            s.set(want.clone()).map_err(|e| format!("steering services: {e}"))?;
         }
         Ok(())
     }

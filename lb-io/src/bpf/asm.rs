@@ -95,7 +95,13 @@ const BPF_MEM: u8 = 0x60;
 const BPF_IMM: u8 = 0x00;
 const BPF_K: u8 = 0x00;
 const BPF_X: u8 = 0x08;
+const BPF_ALU: u8 = 0x04;
 const BPF_ADD: u8 = 0x00;
+const BPF_LSH: u8 = 0x60;
+const BPF_AND: u8 = 0x50;
+const BPF_END: u8 = 0xd0;
+/// With `BPF_END`: convert to big-endian (a byte swap on little-endian hosts).
+const BPF_TO_BE: u8 = 0x08;
 const BPF_MOV: u8 = 0xb0;
 const BPF_JA: u8 = 0x00;
 const BPF_CALL: u8 = 0x80;
@@ -195,6 +201,26 @@ impl Asm {
     /// `dst += imm` (64-bit).
     pub fn add_imm(&mut self, dst: Reg, imm: i32) -> &mut Self {
         self.push(Insn::new(BPF_ALU64 | BPF_ADD | BPF_K, dst, Reg::R0, 0, imm))
+    }
+
+    /// `dst += src` (64-bit).
+    pub fn add(&mut self, dst: Reg, src: Reg) -> &mut Self {
+        self.push(Insn::new(BPF_ALU64 | BPF_ADD | BPF_X, dst, src, 0, 0))
+    }
+
+    /// `dst &= imm` (64-bit, imm sign-extended).
+    pub fn and_imm(&mut self, dst: Reg, imm: i32) -> &mut Self {
+        self.push(Insn::new(BPF_ALU64 | BPF_AND | BPF_K, dst, Reg::R0, 0, imm))
+    }
+
+    /// `dst <<= imm` (64-bit).
+    pub fn lsh_imm(&mut self, dst: Reg, imm: i32) -> &mut Self {
+        self.push(Insn::new(BPF_ALU64 | BPF_LSH | BPF_K, dst, Reg::R0, 0, imm))
+    }
+
+    /// `dst = htobe16(dst)`: the low 16 bits from network order to a number (upper bits cleared).
+    pub fn be16(&mut self, dst: Reg) -> &mut Self {
+        self.push(Insn::new(BPF_ALU | BPF_END | BPF_TO_BE, dst, Reg::R0, 0, 16))
     }
 
     /// `dst = *(size *)(src + off)`.
@@ -299,6 +325,17 @@ const BPF_DW_SIZE: u8 = 0x18;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn alu_encodings_match_the_kernel_opcodes() {
+        let mut a = Asm::new();
+        a.add(Reg::R1, Reg::R2).and_imm(Reg::R3, 0xf).lsh_imm(Reg::R3, 2).be16(Reg::R4).ret(0);
+        let insns = a.finish().unwrap();
+        // BPF_ALU64|BPF_ADD|BPF_X, BPF_ALU64|BPF_AND|BPF_K, BPF_ALU64|BPF_LSH|BPF_K,
+        // BPF_ALU|BPF_END|BPF_TO_BE (include/uapi/linux/bpf_common.h, bpf.h).
+        let got: Vec<(u8, u8, i32)> = insns[..4].iter().map(|i| (i.code, i.regs, i.imm)).collect();
+        assert_eq!(got, [(0x0f, 0x21, 0), (0x57, 0x03, 0xf), (0x67, 0x03, 2), (0xdc, 0x04, 16)]);
+    }
 
     #[test]
     fn encodes_like_the_kernel_headers() {

@@ -1,14 +1,27 @@
-//! The XDP program that steers VIP traffic to the AF_XDP sockets and leaves everything else to the
-//! kernel.
+//! The XDP program that steers load-balancer traffic to the AF_XDP sockets and leaves everything else
+//! to the kernel, as Katran's program does in BPF.
 //!
-//! For each frame: parse Ethernet (with at most one 802.1Q tag), take the IPv4 or IPv6 destination,
-//! look it up in the VIP map (16-byte keys; IPv4 as `::ffff:a.b.c.d`); on a hit, `bpf_redirect_map`
-//! to the XSKMAP slot of the frame's RX queue, else `XDP_PASS`. So SSH, kubelet, routing protocols and
-//! every other host packet stay in the kernel. ARP (and NDP, which is addressed to solicited-node
-//! multicast, never to the VIP) goes to the `neighbour` hook, which passes for now; a responder for
-//! VIP addresses plugs in there. The control side edits the VIP map live; the program never changes.
+//! For each frame: parse Ethernet (with at most one 802.1Q tag) and IPv4 / IPv6, look the destination
+//! address up in the address map (16-byte keys; IPv4 as `::ffff:a.b.c.d`). No entry: `XDP_PASS`. An
+//! entry says what of that address's traffic the load balancer wants:
+//! - **services** (a VIP): TCP and UDP frames whose (address, destination port, protocol) is in the
+//!   service map;
+//! - **SNAT port range** (a full-NAT source address, which may be the node's own): TCP and UDP frames to a
+//!   port in the range, the replies of NAT flows;
+//! - **whole address**: every frame (tests and benchmarks);
+//!
+//! and for services and SNAT addresses also: ICMP errors (IPv4 types 3, 11, 12; ICMPv6 types below 128),
+//! which lb-core translates for the flow they quote; IPv4 fragments and IPv6 extension headers (0, 43,
+//! 44, 60), which lb-core parses or counts; frames too short for their L4 header, which lb-core counts.
+//! Everything else to those addresses (ping, SSH to a node address used for SNAT, a port no service
+//! has) passes to the kernel, so it is answered or refused there instead of being dropped in userspace.
+//! Steered frames go to the XSKMAP slot of their RX queue (`bpf_redirect_map`).
+//!
+//! ARP (and NDP, which is addressed to solicited-node multicast, never to the VIP) goes to the
+//! `neighbour` hook, which passes for now; a responder for VIP addresses plugs in there. The control
+//! side edits both maps live; the program never changes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 use super::asm::{Asm, Cond, Reg, Size};
@@ -59,8 +72,10 @@ pub enum MissingSocket {
 pub struct SteeringConfig {
     /// Highest RX queue index + 1 that may have a socket.
     pub queues: u32,
-    /// Most VIP addresses.
+    /// Most steered addresses (VIPs and SNAT addresses).
     pub max_vips: u32,
+    /// Most (address, port, protocol) services.
+    pub max_services: u32,
     /// What a VIP frame gets on a queue without a socket.
     pub missing_socket: MissingSocket,
 }
@@ -70,6 +85,7 @@ impl Default for SteeringConfig {
         SteeringConfig {
             queues: 64,
             max_vips: 4096,
+            max_services: 1 << 17,
             missing_socket: MissingSocket::Pass,
         }
     }
@@ -98,27 +114,80 @@ pub fn vip_key(ip: IpAddr) -> [u8; 16] {
     }
 }
 
-/// Builds the program text with `vips` and `xsks` as the map descriptors.
+/// Address-map value flags (`AddrEntry::flags`).
+const STEER_WHOLE: u32 = 1;
+const STEER_SERVICES: u32 = 2;
+const STEER_SNAT: u32 = 4;
+
+/// The address map's value: which traffic to the address is steered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct AddrEntry {
+    flags: u32,
+    /// The SNAT port range, inclusive (with [`STEER_SNAT`]).
+    ports: (u16, u16),
+}
+
+impl AddrEntry {
+    /// The 8 bytes the program reads: flags (u32), first port (u16), last port (u16), native order.
+    fn bytes(self) -> [u8; 8] {
+        let mut v = [0u8; 8];
+        v[..4].copy_from_slice(&self.flags.to_ne_bytes());
+        v[4..6].copy_from_slice(&self.ports.0.to_ne_bytes());
+        v[6..].copy_from_slice(&self.ports.1.to_ne_bytes());
+        v
+    }
+}
+
+/// The service map key: address, destination port (network order), protocol, a zero byte.
+fn service_key(addr: IpAddr, port: u16, proto: u8) -> [u8; 20] {
+    let mut k = [0u8; 20];
+    k[..16].copy_from_slice(&vip_key(addr));
+    k[16..18].copy_from_slice(&port.to_be_bytes());
+    k[18] = proto;
+    k
+}
+
+/// Stack slots of the program (offsets from r10): the 20-byte service key (its first 16 bytes are the
+/// address key) and the address entry found.
+const KEY: i16 = -24;
+const KEY_PORT: i16 = -8;
+const KEY_PROTO: i16 = -6;
+const KEY_PAD: i16 = -5;
+const ENTRY_FLAGS: i16 = -32;
+const ENTRY_FIRST_PORT: i16 = -28;
+const ENTRY_LAST_PORT: i16 = -26;
+
+/// Builds the program text with `addrs`, `services` and `xsks` as the map descriptors.
+///
+/// Registers across the lookups: r6 = ctx, r7 = the L4 header (a packet pointer), r8 = the L4
+/// protocol, r9 = 1 if the frame goes to userspace whatever its port (IPv4 fragment or bad header
+/// length, IPv6 extension header).
 pub fn steering_program(
-    vips: i32,
+    addrs: i32,
+    services: i32,
     xsks: i32,
     missing_socket: MissingSocket,
 ) -> Result<Vec<super::asm::Insn>, BpfError> {
     use Reg::*;
     let mut a = Asm::new();
     let pass = a.new_label();
+    let redirect = a.new_label();
     let vlan = a.new_label();
     let neighbour = a.new_label();
     let lookup = a.new_label();
+    let icmp4 = a.new_label();
+    let icmp6 = a.new_label();
+    let ports = a.new_label();
+    let service = a.new_label();
     let v4 = [a.new_label(), a.new_label()];
     let v6 = [a.new_label(), a.new_label()];
+    let v4_bad_header = [a.new_label(), a.new_label()];
+    let v6_extension = [a.new_label(), a.new_label()];
     // Offsets of the L3 header: untagged, one 802.1Q tag.
     const L3: [i16; 2] = [14, 18];
 
     // r6 = ctx (kept across helper calls); r2 = data; r3 = data_end.
-    a.mov(R6, R1)
-        .load(Size::W, R2, R6, XDP_MD_DATA)
-        .load(Size::W, R3, R6, XDP_MD_DATA_END);
+    a.mov(R6, R1).load(Size::W, R2, R6, XDP_MD_DATA).load(Size::W, R3, R6, XDP_MD_DATA_END);
 
     // Ethernet header present? Dispatch on the ethertype.
     a.mov(R4, R2).add_imm(R4, 14).jmp(Cond::Gt, R4, R3, pass);
@@ -130,10 +199,7 @@ pub fn steering_program(
         .ja(pass);
 
     // One VLAN tag: the inner ethertype sits 4 bytes later.
-    a.bind(vlan)
-        .mov(R4, R2)
-        .add_imm(R4, 18)
-        .jmp(Cond::Gt, R4, R3, pass);
+    a.bind(vlan).mov(R4, R2).add_imm(R4, 18).jmp(Cond::Gt, R4, R3, pass);
     a.load(Size::H, R5, R2, 16)
         .jmp_imm(Cond::Eq, R5, ethertype(0x0800), v4[1])
         .jmp_imm(Cond::Eq, R5, ethertype(0x86dd), v6[1])
@@ -141,40 +207,108 @@ pub fn steering_program(
         .ja(pass);
 
     for (i, l3) in L3.into_iter().enumerate() {
-        // IPv4: key = ::ffff:<daddr> on the stack at fp-16.
-        a.bind(v4[i])
-            .mov(R4, R2)
-            .add_imm(R4, i32::from(l3) + 20)
-            .jmp(Cond::Gt, R4, R3, pass);
+        // IPv4: key = ::ffff:<daddr>; r8 = protocol; r9 = fragment bits (MF, offset); r7 = L4.
+        a.bind(v4[i]).mov(R4, R2).add_imm(R4, i32::from(l3) + 20).jmp(Cond::Gt, R4, R3, pass);
         a.load(Size::W, R5, R2, l3 + 16)
-            .store_imm(Size::DW, R10, -16, 0)
-            .store_imm(Size::W, R10, -8, i32::from_ne_bytes([0, 0, 0xff, 0xff]))
-            .store(Size::W, R10, -4, R5)
+            .store_imm(Size::DW, R10, KEY, 0)
+            .store_imm(Size::W, R10, KEY + 8, i32::from_ne_bytes([0, 0, 0xff, 0xff]))
+            .store(Size::W, R10, KEY + 12, R5);
+        // Bytes 6-7 loaded as one u16: the flags/offset field with the MF bit and the 13-bit offset
+        // in the mask 0xff3f, whatever the host's byte order (DF, 0x40 in byte 6, is not in it).
+        a.load(Size::B, R8, R2, l3 + 9)
+            .load(Size::H, R9, R2, l3 + 6)
+            .and_imm(R9, i32::from(u16::from_ne_bytes([0x3f, 0xff])))
+            .load(Size::B, R5, R2, l3)
+            .and_imm(R5, 0xf)
+            .lsh_imm(R5, 2)
+            .jmp_imm(Cond::Lt, R5, 20, v4_bad_header[i])
+            .mov(R7, R2)
+            .add(R7, R5)
+            .add_imm(R7, i32::from(l3))
             .ja(lookup);
-        // IPv6: key = daddr.
-        a.bind(v6[i])
-            .mov(R4, R2)
-            .add_imm(R4, i32::from(l3) + 40)
-            .jmp(Cond::Gt, R4, R3, pass);
+        a.bind(v4_bad_header[i]).mov(R7, R2).mov_imm(R9, 1).ja(lookup);
+
+        // IPv6: key = daddr; r8 = next header; r7 = the header after the fixed one.
+        a.bind(v6[i]).mov(R4, R2).add_imm(R4, i32::from(l3) + 40).jmp(Cond::Gt, R4, R3, pass);
         a.load(Size::DW, R5, R2, l3 + 24)
-            .store(Size::DW, R10, -16, R5)
+            .store(Size::DW, R10, KEY, R5)
             .load(Size::DW, R5, R2, l3 + 32)
-            .store(Size::DW, R10, -8, R5)
-            .ja(lookup);
+            .store(Size::DW, R10, KEY + 8, R5)
+            .load(Size::B, R8, R2, l3 + 6)
+            .mov(R7, R2)
+            .add_imm(R7, i32::from(l3) + 40)
+            .mov_imm(R9, 0);
+        for ext in [0, 43, 44, 60] {
+            a.jmp_imm(Cond::Eq, R8, ext, v6_extension[i]);
+        }
+        a.ja(lookup);
+        a.bind(v6_extension[i]).mov_imm(R9, 1).ja(lookup);
     }
 
-    // VIP? Then to the socket of this RX queue (the fallback action if the slot is empty).
-    a.bind(lookup)
-        .ld_map_fd(R1, vips)
-        .mov(R2, R10)
-        .add_imm(R2, -16)
-        .call(HELPER_MAP_LOOKUP_ELEM);
+    // An address the load balancer wants something of? Keep its entry on the stack.
+    a.bind(lookup).ld_map_fd(R1, addrs).mov(R2, R10).add_imm(R2, i32::from(KEY)).call(HELPER_MAP_LOOKUP_ELEM);
     a.jmp_imm(Cond::Eq, R0, 0, pass);
+    a.load(Size::W, R1, R0, 0)
+        .store(Size::W, R10, ENTRY_FLAGS, R1)
+        .load(Size::H, R2, R0, 4)
+        .store(Size::H, R10, ENTRY_FIRST_PORT, R2)
+        .load(Size::H, R2, R0, 6)
+        .store(Size::H, R10, ENTRY_LAST_PORT, R2);
+    a.and_imm(R1, STEER_WHOLE as i32).jmp_imm(Cond::Ne, R1, 0, redirect);
+    a.jmp_imm(Cond::Ne, R9, 0, redirect);
+    // data_end again (the helper call clobbered r3).
+    a.load(Size::W, R3, R6, XDP_MD_DATA_END)
+        .jmp_imm(Cond::Eq, R8, 6, ports)
+        .jmp_imm(Cond::Eq, R8, 17, ports)
+        .jmp_imm(Cond::Eq, R8, 1, icmp4)
+        .jmp_imm(Cond::Eq, R8, 58, icmp6)
+        .ja(pass);
+
+    // ICMP: errors (destination unreachable, time exceeded, parameter problem) quote a flow; a frame
+    // too short for the type goes to userspace to be counted.
+    a.bind(icmp4).mov(R4, R7).add_imm(R4, 1).jmp(Cond::Gt, R4, R3, redirect);
+    a.load(Size::B, R4, R7, 0)
+        .jmp_imm(Cond::Eq, R4, 3, redirect)
+        .jmp_imm(Cond::Eq, R4, 11, redirect)
+        .jmp_imm(Cond::Eq, R4, 12, redirect)
+        .ja(pass);
+    // ICMPv6: types below 128 are errors.
+    a.bind(icmp6).mov(R4, R7).add_imm(R4, 1).jmp(Cond::Gt, R4, R3, redirect);
+    a.load(Size::B, R4, R7, 0).jmp_imm(Cond::Lt, R4, 128, redirect).ja(pass);
+
+    // TCP / UDP: r4 = the destination port as on the wire.
+    a.bind(ports).mov(R4, R7).add_imm(R4, 4).jmp(Cond::Gt, R4, R3, redirect);
+    a.load(Size::H, R4, R7, 2);
+    // In the SNAT range? (port as a number in r5)
+    a.load(Size::W, R1, R10, ENTRY_FLAGS).and_imm(R1, STEER_SNAT as i32).jmp_imm(Cond::Eq, R1, 0, service);
+    a.mov(R5, R4)
+        .be16(R5)
+        .load(Size::H, R1, R10, ENTRY_FIRST_PORT)
+        .jmp(Cond::Lt, R5, R1, service)
+        .load(Size::H, R1, R10, ENTRY_LAST_PORT)
+        .jmp(Cond::Gt, R5, R1, service)
+        .ja(redirect);
+    // A service on this (address, port, protocol)?
+    a.bind(service)
+        .load(Size::W, R1, R10, ENTRY_FLAGS)
+        .and_imm(R1, STEER_SERVICES as i32)
+        .jmp_imm(Cond::Eq, R1, 0, pass);
+    a.store(Size::H, R10, KEY_PORT, R4)
+        .store(Size::B, R10, KEY_PROTO, R8)
+        .store_imm(Size::B, R10, KEY_PAD, 0)
+        .ld_map_fd(R1, services)
+        .mov(R2, R10)
+        .add_imm(R2, i32::from(KEY))
+        .call(HELPER_MAP_LOOKUP_ELEM)
+        .jmp_imm(Cond::Eq, R0, 0, pass);
+
+    // To the socket of this RX queue (the fallback action if the slot is empty).
     let fallback = match missing_socket {
         MissingSocket::Pass => XDP_PASS,
         MissingSocket::Drop => XDP_DROP,
     };
-    a.load(Size::W, R2, R6, XDP_MD_RX_QUEUE_INDEX)
+    a.bind(redirect)
+        .load(Size::W, R2, R6, XDP_MD_RX_QUEUE_INDEX)
         .ld_map_fd(R1, xsks)
         .mov_imm(R3, fallback)
         .call(HELPER_REDIRECT_MAP)
@@ -187,70 +321,128 @@ pub fn steering_program(
     Ok(a.finish()?)
 }
 
-/// The loaded steering program with its two maps: VIP addresses and queue -> socket.
+/// What the steering program sends to the sockets; everything else to these addresses, and all
+/// traffic to other addresses, stays with the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SteeringSet {
+    /// Virtual services as (VIP, port, IP protocol number: 6 TCP, 17 UDP).
+    pub services: BTreeSet<(IpAddr, u16, u8)>,
+    /// Full-NAT source addresses with their port range (inclusive).
+    pub snat: BTreeMap<IpAddr, (u16, u16)>,
+    /// Addresses whose every frame is steered (tests and benchmarks).
+    pub whole: BTreeSet<IpAddr>,
+}
+
+impl SteeringSet {
+    /// The address map this set needs.
+    fn addresses(&self) -> BTreeMap<IpAddr, AddrEntry> {
+        let mut m: BTreeMap<IpAddr, AddrEntry> = BTreeMap::new();
+        for &(vip, _, _) in &self.services {
+            m.entry(vip).or_default().flags |= STEER_SERVICES;
+        }
+        for (&addr, &ports) in &self.snat {
+            let e = m.entry(addr).or_default();
+            e.flags |= STEER_SNAT;
+            e.ports = ports;
+        }
+        for &addr in &self.whole {
+            m.entry(addr).or_default().flags |= STEER_WHOLE;
+        }
+        m
+    }
+}
+
+/// The loaded steering program with its maps: addresses, services, and queue -> socket.
 #[derive(Debug)]
 pub struct VipSteering {
     program: Program,
-    vips: Map,
+    addrs: Map,
+    services: Map,
     xsks: Map,
-    current: BTreeSet<IpAddr>,
+    current: SteeringSet,
 }
 
 impl VipSteering {
     /// Creates the maps and loads the program.
     pub fn load(config: SteeringConfig) -> Result<Self, BpfError> {
-        let vips = Map::create(MAP_TYPE_HASH, 16, 4, config.max_vips.max(1))?;
+        let addrs = Map::create(MAP_TYPE_HASH, 16, 8, config.max_vips.max(1))?;
+        let services = Map::create(MAP_TYPE_HASH, 20, 4, config.max_services.max(1))?;
         let xsks = Map::create(MAP_TYPE_XSKMAP, 4, 4, config.queues.max(1))?;
-        let insns = steering_program(vips.fd(), xsks.fd(), config.missing_socket)?;
+        let insns = steering_program(addrs.fd(), services.fd(), xsks.fd(), config.missing_socket)?;
         let program = Program::load_xdp("lb_vip_steer", &insns)?;
-        Ok(VipSteering {
-            program,
-            vips,
-            xsks,
-            current: BTreeSet::new(),
-        })
+        Ok(VipSteering { program, addrs, services, xsks, current: SteeringSet::default() })
     }
 
-    /// Starts steering frames for `vip` (takes effect for the next frame).
+    /// Makes the kernel maps steer exactly `want`: new entries first, then stale ones removed, so
+    /// traffic that stays steered is never passed to the kernel in between.
+    pub fn set(&mut self, want: SteeringSet) -> Result<(), BpfError> {
+        let (old, new) = (self.current.addresses(), want.addresses());
+        for &(addr, port, proto) in want.services.difference(&self.current.services) {
+            self.services.update(&service_key(addr, port, proto), &1u32.to_ne_bytes())?;
+        }
+        for (addr, entry) in &new {
+            if old.get(addr) != Some(entry) {
+                self.addrs.update(&vip_key(*addr), &entry.bytes())?;
+            }
+        }
+        for addr in old.keys().filter(|a| !new.contains_key(a)) {
+            self.addrs.delete(&vip_key(*addr))?;
+        }
+        for &(addr, port, proto) in self.current.services.difference(&want.services) {
+            self.services.delete(&service_key(addr, port, proto))?;
+        }
+        self.current = want;
+        Ok(())
+    }
+
+    /// Steers the services and SNAT ranges given, keeping the whole-address entries.
+    pub fn set_services(
+        &mut self,
+        services: impl IntoIterator<Item = (IpAddr, u16, u8)>,
+        snat: impl IntoIterator<Item = (IpAddr, (u16, u16))>,
+    ) -> Result<(), BpfError> {
+        let want = SteeringSet {
+            services: services.into_iter().collect(),
+            snat: snat.into_iter().collect(),
+            whole: self.current.whole.clone(),
+        };
+        self.set(want)
+    }
+
+    /// Starts steering every frame to `vip` (takes effect for the next frame).
     pub fn add_vip(&mut self, vip: IpAddr) -> Result<(), BpfError> {
-        self.vips.update(&vip_key(vip), &1u32.to_ne_bytes())?;
-        self.current.insert(vip);
-        Ok(())
+        let mut want = self.current.clone();
+        want.whole.insert(vip);
+        self.set(want)
     }
 
-    /// Stops steering frames for `vip`.
+    /// Stops steering every frame to `vip` (its services and SNAT range, if any, stay).
     pub fn remove_vip(&mut self, vip: IpAddr) -> Result<(), BpfError> {
-        self.vips.delete(&vip_key(vip))?;
-        self.current.remove(&vip);
-        Ok(())
+        let mut want = self.current.clone();
+        want.whole.remove(&vip);
+        self.set(want)
     }
 
-    /// Makes the VIP set exactly `vips`: adds the new ones first, then removes the old ones.
+    /// Makes the whole-address set exactly `vips`, keeping services and SNAT ranges.
     pub fn set_vips(&mut self, vips: impl IntoIterator<Item = IpAddr>) -> Result<(), BpfError> {
-        let want: BTreeSet<IpAddr> = vips.into_iter().collect();
-        for &v in want.difference(&self.current.clone()) {
-            self.add_vip(v)?;
-        }
-        for v in self.current.clone().difference(&want) {
-            self.remove_vip(*v)?;
-        }
-        Ok(())
+        let mut want = self.current.clone();
+        want.whole = vips.into_iter().collect();
+        self.set(want)
     }
 
-    /// True if the kernel map holds `vip`.
+    /// True if the kernel's address map holds `vip` (for any kind of steering).
     pub fn has_vip(&self, vip: IpAddr) -> Result<bool, BpfError> {
-        self.vips.contains(&vip_key(vip))
+        self.addrs.contains(&vip_key(vip))
     }
 
-    /// The VIPs as the control side set them.
-    pub fn vips(&self) -> impl Iterator<Item = &IpAddr> {
-        self.current.iter()
+    /// What is steered, as the control side set it.
+    pub fn steering(&self) -> &SteeringSet {
+        &self.current
     }
 
     /// Sends frames of RX queue `queue` to the AF_XDP socket `xsk_fd`.
     pub fn set_socket(&self, queue: u32, xsk_fd: i32) -> Result<(), BpfError> {
-        self.xsks
-            .update(&queue.to_ne_bytes(), &(xsk_fd as u32).to_ne_bytes())
+        self.xsks.update(&queue.to_ne_bytes(), &(xsk_fd as u32).to_ne_bytes())
     }
 
     /// Attaches to interface `ifindex`; detached when the returned link drops.
@@ -388,6 +580,108 @@ mod tests {
         s.set_vips([IpAddr::V4(VIP4)]).unwrap();
         assert!(s.has_vip(IpAddr::V4(VIP4)).unwrap() && !s.has_vip(IpAddr::V6(VIP6)).unwrap());
         assert_eq!(s.test_run(&v6(VIP6, None)).unwrap(), kernel);
+    }
+
+    /// An IPv4 frame to `dst` with protocol `proto`, the flags/offset field `frag` and `l4` after a
+    /// 20-byte header (checksums do not matter to the classifier).
+    fn v4_with(dst: Ipv4Addr, proto: u8, frag: u16, l4: &[u8]) -> Vec<u8> {
+        let mut f = eth(0x0800, None);
+        let len = (20 + l4.len()) as u16;
+        f.extend_from_slice(&[0x45, 0]);
+        f.extend_from_slice(&len.to_be_bytes());
+        f.extend_from_slice(&[0, 0]);
+        f.extend_from_slice(&frag.to_be_bytes());
+        f.extend_from_slice(&[64, proto, 0, 0, 10, 77, 0, 1]);
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(l4);
+        f
+    }
+
+    fn v6_with(dst: Ipv6Addr, next: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = eth(0x86dd, None);
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+        f.extend_from_slice(&[next, 64]);
+        f.extend_from_slice(&Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1).octets());
+        f.extend_from_slice(&dst.octets());
+        f.extend_from_slice(l4);
+        f
+    }
+
+    /// A TCP or UDP header's first 8 bytes from port 40000 to `port`.
+    fn ports(port: u16) -> Vec<u8> {
+        let mut h = 40000u16.to_be_bytes().to_vec();
+        h.extend_from_slice(&port.to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0, 0]);
+        h
+    }
+
+    /// An ICMP header of `kind` (type) with 4 bytes of rest.
+    fn icmp(kind: u8) -> Vec<u8> {
+        vec![kind, 0, 0, 0, 0, 0, 0, 0]
+    }
+
+    #[test]
+    fn steers_service_ports_snat_replies_and_icmp_errors_and_passes_the_rest() {
+        let Some(mut s) = steering() else { return };
+        let node = Ipv4Addr::new(10, 77, 0, 2);
+        s.set_services(
+            [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V4(VIP4), 53, 17), (IpAddr::V6(VIP6), 443, 6)],
+            [(IpAddr::V4(node), (40000, 40999))],
+        )
+        .unwrap();
+        let steered = XdpAction::Drop;
+        let kernel = XdpAction::Pass;
+        let mut ihl6 = v4_with(VIP4, 6, 0, &[[0u8; 4].as_slice(), &ports(80)].concat());
+        ihl6[14] = 0x46; // a 24-byte header with one option word: the ports move 4 bytes on
+        let mut ihl4 = v4_with(VIP4, 6, 0, &ports(80));
+        ihl4[14] = 0x44; // a header length below 20 bytes: malformed, lb-core counts it
+        let cases: Vec<(&str, Vec<u8>, XdpAction)> = vec![
+            ("TCP to a service port", v4_with(VIP4, 6, 0, &ports(80)), steered),
+            ("TCP to the VIP on a port no service has", v4_with(VIP4, 6, 0, &ports(22)), kernel),
+            ("UDP to a UDP service", v4_with(VIP4, 17, 0, &ports(53)), steered),
+            ("TCP to a port only a UDP service has", v4_with(VIP4, 6, 0, &ports(53)), kernel),
+            ("TCP to a service port after IPv4 options", ihl6, steered),
+            ("IPv4 header length below 20", ihl4, steered),
+            ("a later IPv4 fragment (no ports in it)", v4_with(VIP4, 6, 185, &[0u8; 8]), steered),
+            ("a first IPv4 fragment (MF set)", v4_with(VIP4, 6, 0x2000, &ports(22)), steered),
+            ("DF set is not a fragment", v4_with(VIP4, 6, 0x4000, &ports(22)), kernel),
+            ("ping to the VIP", v4_with(VIP4, 1, 0, &icmp(8)), kernel),
+            ("destination unreachable to the VIP", v4_with(VIP4, 1, 0, &icmp(3)), steered),
+            ("time exceeded to the VIP", v4_with(VIP4, 1, 0, &icmp(11)), steered),
+            ("TCP header cut before the ports", v4_with(VIP4, 6, 0, &[0x9c, 0x40, 0]), steered),
+            ("GRE to the VIP", v4_with(VIP4, 47, 0, &[0u8; 8]), kernel),
+            ("a NAT reply to the node's SNAT range", v4_with(node, 6, 0, &ports(40500)), steered),
+            ("the range's last port", v4_with(node, 17, 0, &ports(40999)), steered),
+            ("SSH to the node address used for SNAT", v4_with(node, 6, 0, &ports(22)), kernel),
+            ("just past the range", v4_with(node, 6, 0, &ports(41000)), kernel),
+            ("ping to the node", v4_with(node, 1, 0, &icmp(8)), kernel),
+            ("an ICMP error about a NAT flow", v4_with(node, 1, 0, &icmp(3)), steered),
+            ("TCP to an IPv6 service", v6_with(VIP6, 6, &ports(443)), steered),
+            ("TCP to the IPv6 VIP on another port", v6_with(VIP6, 6, &ports(80)), kernel),
+            ("ICMPv6 echo to the VIP", v6_with(VIP6, 58, &icmp(128)), kernel),
+            ("ICMPv6 packet too big to the VIP", v6_with(VIP6, 58, &icmp(2)), steered),
+            ("IPv6 fragment header", v6_with(VIP6, 44, &[6, 0, 0, 1, 0, 0, 0, 1]), steered),
+            ("IPv6 hop-by-hop options", v6_with(VIP6, 0, &[6, 0, 0, 0, 0, 0, 0, 0]), steered),
+            ("TCP to another address", v4_with(Ipv4Addr::new(10, 77, 0, 9), 6, 0, &ports(80)), kernel),
+        ];
+        for (name, frame, want) in cases {
+            assert_eq!(s.test_run(&frame).unwrap(), want, "{name}");
+        }
+
+        // Live edits: a service removed passes at once; the address goes when its last use does.
+        s.set_services([(IpAddr::V4(VIP4), 53, 17)], []).unwrap();
+        assert_eq!(s.test_run(&v4_with(VIP4, 6, 0, &ports(80))).unwrap(), kernel);
+        assert_eq!(s.test_run(&v4_with(VIP4, 17, 0, &ports(53))).unwrap(), steered);
+        assert_eq!(s.test_run(&v4_with(node, 6, 0, &ports(40500))).unwrap(), kernel);
+        assert!(!s.has_vip(IpAddr::V4(node)).unwrap() && !s.has_vip(IpAddr::V6(VIP6)).unwrap());
+        // A whole-address entry on top of a service steers everything, and leaves the service when
+        // removed.
+        s.add_vip(IpAddr::V4(VIP4)).unwrap();
+        assert_eq!(s.test_run(&v4_with(VIP4, 1, 0, &icmp(8))).unwrap(), steered);
+        s.remove_vip(IpAddr::V4(VIP4)).unwrap();
+        assert_eq!(s.test_run(&v4_with(VIP4, 1, 0, &icmp(8))).unwrap(), kernel);
+        assert_eq!(s.test_run(&v4_with(VIP4, 17, 0, &ports(53))).unwrap(), steered);
     }
 
     #[test]
