@@ -6,7 +6,7 @@
 //!            ns <tag>-sw: bridge br0 (no multicast snooping)
 //!   ┌─────────┬──────┴──────┬─────────┬─────────┐
 //!  cl         lb            b1        b2        b3        (one namespace each, eth0 on the bridge)
-//!  client     AF_XDP on eth0 queue 0; the XDP program steers the VIPs and SNAT addresses to the
+//!  client     AF_XDP on eth0 queue 0; the XDP program steers the services and NAT replies to the
 //!  10.77.0.10 socket, everything else stays in the lb namespace's kernel
 //!  fd77::10   10.77.0.2 / fd77::2                     10.77.0.11-13 / fd77::11-13
 //! ```

@@ -6,7 +6,8 @@
 //!                (keeps slot numbers          │ error: nothing changes, old tables keep serving
 //!                 across builds)              ▼
 //!              Tables: (VIP, port, proto) ─► Service { backends, scheduler, mode, affinity, ranges }
-//!                      VIP set (VIP but no such port: counted drop; not a VIP: pass to the kernel)
+//!                      VIP set (VIP but no such port: counted drop; not a VIP: pass to the kernel;
+//!                      lb-io's XDP program already leaves both to the kernel)
 //!                      backend slot ─► (service, backend) for conntrack entries
 //! ```
 //!

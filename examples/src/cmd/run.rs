@@ -2,9 +2,10 @@
 //! reloads, Kubernetes feed, health checks, `/metrics`, `/state`) of `lb_examples::control`.
 //!
 //! One poll loop per (interface, queue): an AF_XDP socket, lb-core's `Worker` (as
-//! `lb_examples::control::LbProcessor`) and an update channel. Per interface, the VIP-steering XDP
-//! program sends frames for VIPs and SNAT addresses to the sockets; everything else stays with the
-//! kernel. The control side builds tables, sends them to every loop, then updates the steered VIPs.
+//! `lb_examples::control::LbProcessor`) and an update channel. Per interface, the steering XDP program
+//! sends the services' frames (VIP, port, protocol) and NAT replies to the sockets; everything else
+//! stays with the kernel. The control side builds tables, sends them to every loop, then updates the
+//! steering maps (`control::steering_for`).
 //! With `interfaces: []` it runs the control plane alone: a dry run whose tables `lb list` shows.
 
 use std::path::PathBuf;
