@@ -684,6 +684,115 @@ mod tests {
         assert_eq!(s.test_run(&v4_with(VIP4, 17, 0, &ports(53))).unwrap(), steered);
     }
 
+    /// The steering rules of the module comment, written plainly over the frame's bytes: whether the
+    /// program must send `frame` to the socket under `set`.
+    fn model(set: &SteeringSet, frame: &[u8]) -> bool {
+        let be16 = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+        if frame.len() < 14 {
+            return false;
+        }
+        let (l3, ethertype) = match be16(12) {
+            0x8100 if frame.len() >= 18 => (18, be16(16)),
+            0x8100 => return false,
+            t => (14, t),
+        };
+        let (key, proto, l4, always): ([u8; 16], u8, usize, bool) = match ethertype {
+            0x0800 if frame.len() >= l3 + 20 => {
+                let mut key = Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().octets();
+                key[12..].copy_from_slice(&frame[l3 + 16..l3 + 20]);
+                let ihl = usize::from(frame[l3] & 0xf) * 4;
+                let fragment = be16(l3 + 6) & 0x3fff != 0;
+                (key, frame[l3 + 9], l3 + ihl, fragment || ihl < 20)
+            }
+            0x86dd if frame.len() >= l3 + 40 => {
+                let key: [u8; 16] = frame[l3 + 24..l3 + 40].try_into().unwrap();
+                let next = frame[l3 + 6];
+                (key, next, l3 + 40, [0, 43, 44, 60].contains(&next))
+            }
+            _ => return false,
+        };
+        let Some((addr, entry)) = set.addresses().into_iter().find(|(a, _)| vip_key(*a) == key) else {
+            return false;
+        };
+        if entry.flags & STEER_WHOLE != 0 || always {
+            return true;
+        }
+        match proto {
+            6 | 17 => {
+                if frame.len() < l4 + 4 {
+                    return true;
+                }
+                let port = be16(l4 + 2);
+                (entry.flags & STEER_SNAT != 0 && (entry.ports.0..=entry.ports.1).contains(&port))
+                    || set.services.contains(&(addr, port, proto))
+            }
+            1 => frame.len() < l4 + 1 || [3, 11, 12].contains(&frame[l4]),
+            58 => frame.len() < l4 + 1 || frame[l4] < 128,
+            _ => false,
+        }
+    }
+
+    thread_local! {
+        /// One loaded program for all cases of the property test (loading takes milliseconds).
+        static LOADED: std::cell::RefCell<Option<Option<VipSteering>>> = const { std::cell::RefCell::new(None) };
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 3000, ..Default::default() })]
+
+        /// For frames built from the values the rules care about (and cut anywhere in their second
+        /// half), the program's verdict is the model's: steered exactly when the rules say.
+        #[test]
+        fn the_program_steers_exactly_what_the_rules_say(
+            vlan in proptest::prelude::any::<bool>(),
+            v6 in proptest::prelude::any::<bool>(),
+            dst in 0usize..4,
+            proto in proptest::sample::select(vec![6u8, 17, 1, 58, 47, 0, 44, 43, 60]),
+            port in proptest::sample::select(vec![80u16, 53, 443, 22, 39999, 40000, 40500, 40999, 41000]),
+            ihl in proptest::sample::select(vec![5u8, 6, 4, 0, 15]),
+            frag in proptest::sample::select(vec![0u16, 0x4000, 0x2000, 0x0001, 0x1fff, 0x8000]),
+            icmp_type in proptest::sample::select(vec![0u8, 2, 3, 4, 8, 11, 12, 13, 127, 128, 129, 135, 255]),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let node = Ipv4Addr::new(10, 77, 0, 2);
+            let node6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+            let set = SteeringSet {
+                services: [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V4(VIP4), 53, 17), (IpAddr::V6(VIP6), 443, 6)].into(),
+                snat: [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))].into(),
+                whole: BTreeSet::new(),
+            };
+            let mut l4 = match proto {
+                1 | 58 => icmp(icmp_type),
+                _ => ports(port),
+            };
+            l4.extend_from_slice(&[0u8; 8]);
+            let mut frame = if v6 {
+                let dst = [VIP6, node6, VIP4.to_ipv6_mapped(), Ipv6Addr::LOCALHOST][dst];
+                v6_with(dst, proto, &l4)
+            } else {
+                let dst = [VIP4, node, Ipv4Addr::new(10, 77, 0, 9), VIP4][dst];
+                let mut options = vec![0u8; usize::from(ihl.saturating_sub(5)) * 4];
+                options.extend_from_slice(&l4);
+                let mut f = v4_with(dst, proto, frag, &options);
+                f[14] = 0x40 | ihl;
+                f
+            };
+            if vlan {
+                frame.splice(12..12, [0x81, 0x00, 0x00, 0x2a]);
+            }
+            let len = cut.index(frame.len() + 1);
+            frame.truncate(len.max(frame.len() / 2));
+            let verdict = LOADED.with(|l| {
+                let mut l = l.borrow_mut();
+                let s = l.get_or_insert_with(steering).as_mut()?;
+                s.set(set.clone()).unwrap();
+                Some(s.test_run(&frame).unwrap())
+            });
+            let Some(verdict) = verdict else { return Ok(()) };
+            proptest::prop_assert_eq!(verdict == XdpAction::Drop, model(&set, &frame), "frame {:02x?}", frame);
+        }
+    }
+
     #[test]
     fn an_empty_socket_slot_falls_back_to_pass_by_default() {
         let s = match VipSteering::load(SteeringConfig::default()) {
