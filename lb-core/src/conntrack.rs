@@ -177,6 +177,18 @@ pub enum ConnState {
 }
 
 impl ConnState {
+    /// Every state, in `repr(u8)` order.
+    pub const ALL: [ConnState; 8] = [
+        ConnState::SynSeen,
+        ConnState::Established,
+        ConnState::Closing,
+        ConnState::TimeWait,
+        ConnState::UdpNew,
+        ConnState::UdpAssured,
+        ConnState::Affinity,
+        ConnState::BackendGone,
+    ];
+
     /// Eviction class: 0 = half-open, 1 = closing or affinity, 2 = never evicted while live.
     fn eviction_class(self) -> u8 {
         match self {
@@ -585,6 +597,13 @@ mod tests {
         assert_eq!(core::mem::size_of::<Way>(), 64);
         assert_eq!(core::mem::size_of::<Bucket>(), 64 * (WAYS + 1));
         assert_eq!(core::mem::align_of::<Bucket>(), 64);
+    }
+
+    #[test]
+    fn all_states_are_listed_in_repr_order() {
+        for (i, s) in ConnState::ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i, "{s:?}");
+        }
     }
 
     #[test]
