@@ -86,7 +86,7 @@ impl Default for Limits {
 pub const MAX_BACKENDS_PER_SERVICE: usize = u16::MAX as usize;
 
 /// One backend of a built service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backend {
     /// Address.
     pub addr: IpAddr,
@@ -151,12 +151,30 @@ impl Service {
     }
 }
 
-/// Where a backend slot lives in one version of the tables.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Where a backend slot lives in one version of the tables, and a copy of the backend itself: an
+/// established packet finds everything its rewrite needs in this one line, instead of also reading
+/// its service's backend array (one DRAM miss fewer per packet with 100 000 services).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C, align(64))]
 struct BackendLocation {
     generation: u32,
     service: u32,
     backend: u16,
+    record: Backend,
+}
+
+impl Default for BackendLocation {
+    fn default() -> Self {
+        let record = Backend {
+            addr: IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
+            port: 0,
+            weight: 0,
+            state: BackendState::Active,
+            mac: [0; 6],
+            id: BackendRef::default(),
+        };
+        BackendLocation { generation: 0, service: 0, backend: 0, record }
+    }
 }
 
 /// Everything the fast path reads: read-only, shared by `Arc`, replaced whole.
@@ -230,6 +248,14 @@ impl Tables {
     pub fn resolve(&self, r: BackendRef) -> Option<(usize, usize)> {
         let loc = self.backend_locations.get(r.slot as usize)?;
         (r.generation != 0 && loc.generation == r.generation).then_some((loc.service as usize, usize::from(loc.backend)))
+    }
+
+    /// As [`Tables::resolve`], with the backend itself (a copy kept beside its location, so this reads
+    /// one cache line): the service index and the backend, or `None` when it left its service.
+    #[inline]
+    pub fn resolve_backend(&self, r: BackendRef) -> Option<(usize, &Backend)> {
+        let loc = self.backend_locations.get(r.slot as usize)?;
+        (r.generation != 0 && loc.generation == r.generation).then_some((loc.service as usize, &loc.record))
     }
 
     /// Every service.
@@ -795,6 +821,7 @@ impl TableBuilder {
                         generation: b.id.generation,
                         service: u32::try_from(si).unwrap_or(u32::MAX),
                         backend: u16::try_from(bi).unwrap_or(u16::MAX),
+                        record: *b,
                     };
                 }
             }
@@ -934,6 +961,29 @@ mod tests {
         let mut b = TableBuilder::new();
         let err = b.build(cfg).unwrap_err().to_string();
         assert!(err.contains(needle), "error {err:?} should mention {needle:?}");
+    }
+
+    #[test]
+    fn backend_location_is_one_cache_line() {
+        assert_eq!(core::mem::size_of::<BackendLocation>(), 64);
+    }
+
+    #[test]
+    fn resolve_backend_returns_the_backend_while_it_stays() {
+        let mut b = TableBuilder::new();
+        let t = b.build(&good()).unwrap();
+        for (si, s) in t.services().iter().enumerate() {
+            for be in &s.backends {
+                assert_eq!(t.resolve_backend(be.id), Some((si, be)));
+            }
+        }
+        let gone = t.services()[0].backends[0];
+        let mut cfg = good();
+        cfg.services[0].backends.retain(|bc| (bc.addr, bc.port) != (gone.addr, gone.port));
+        let t2 = b.build(&cfg).unwrap();
+        assert_eq!(t2.resolve_backend(gone.id), None);
+        let kept = t.services()[0].backends[1];
+        assert_eq!(t2.resolve_backend(kept.id).map(|(si, be)| (si, be.addr)), Some((0, kept.addr)));
     }
 
     #[test]
