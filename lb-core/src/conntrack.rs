@@ -502,11 +502,13 @@ impl ConntrackTable {
             if index == spare {
                 continue;
             }
-            if expired.is_none() && !self.is_live(index, now) {
+            let class = class_of(t);
+            // `is_live` from the head words already in hand; only a reverse entry needs its forward
+            // entry (calling `is_live` for every way was a fifth of a new flow's instructions).
+            if expired.is_none() && !(if class == CLASS_REVERSE { self.is_live(index, now) } else { now < expires }) {
                 expired = Some(way);
                 continue;
             }
-            let class = class_of(t);
             if class < 2 && victim.is_none_or(|(c, x, _)| (class, expires) < (c, x)) {
                 victim = Some((class, expires, way));
             }
