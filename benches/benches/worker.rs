@@ -18,10 +18,7 @@ use std::time::Duration;
 
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use lb_core::config::{
-    BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy, SchedulerKind,
-    ServiceConfig, ServiceKey,
-};
+use lb_core::config::{BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
 use lb_core::service::TableBuilder;
 use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
 
@@ -99,10 +96,8 @@ fn config(services: usize, mode: ForwardMode) -> Config {
         ..NodeConfig::default()
     };
     let services = (0..services)
-        .map(|i| ServiceConfig {
-            name: format!("svc{i}"),
-            key: ServiceKey { vip: IpAddr::V4(vip(i)), port: 80, proto: Protocol::Tcp },
-            backends: (0..2)
+        .map(|i| {
+            let backends = (0..2)
                 .map(|b| BackendConfig {
                     addr: IpAddr::V4(Ipv4Addr::from(0xac10_0000 + (i as u32) * 2 + b + 10)),
                     port: 80,
@@ -110,13 +105,8 @@ fn config(services: usize, mode: ForwardMode) -> Config {
                     mac: None,
                     state: BackendState::Active,
                 })
-                .collect(),
-            scheduler: SchedulerKind::Maglev,
-            mode,
-            affinity_timeout: None,
-            source_ranges: vec![],
-            maglev_table_size: None,
-            on_backend_removed: RemovedBackendPolicy::Reschedule,
+                .collect();
+            ServiceConfig::new(format!("svc{i}"), ServiceKey { vip: IpAddr::V4(vip(i)), port: 80, proto: Protocol::Tcp }, mode, backends)
         })
         .collect();
     Config { node, services }

@@ -194,7 +194,7 @@ impl Tables {
     #[inline]
     pub fn lookup(&self, key: &ServiceKey) -> Option<(usize, &Service)> {
         let v6 = key.vip.is_ipv6();
-        let i = self.index.get(&addr_bytes(key.vip), v6, key.port, key.proto.number())?;
+        let i = self.index.get(&addr_bytes(key.vip), v6, key.port, key.proto.number())?.index as usize;
         Some((i, self.services.get(i)?))
     }
 
@@ -218,12 +218,13 @@ impl Tables {
     /// protocol), for [`Tables::service`]. The fast path's lookup: no `IpAddr` built, one cache line read.
     #[inline]
     pub fn lookup_flow(&self, flow: &FlowKey) -> Option<usize> {
-        self.lookup_flow_hashed(flow, self.lookup_hash(flow))
+        self.lookup_flow_hashed(flow, self.lookup_hash(flow)).map(|s| s.index as usize)
     }
 
-    /// [`Tables::lookup_flow`] with the flow's [`Tables::lookup_hash`] already computed.
+    /// [`Tables::lookup_flow`] with the flow's [`Tables::lookup_hash`] already computed, giving the
+    /// service's [`ServiceSummary`] (its index and what a packet of a known flow needs of it).
     #[inline]
-    pub fn lookup_flow_hashed(&self, flow: &FlowKey, hash: u64) -> Option<usize> {
+    pub fn lookup_flow_hashed(&self, flow: &FlowKey, hash: u64) -> Option<ServiceSummary> {
         self.index.get_hashed(hash, flow.dst_bytes(), flow.family() == Family::V6, flow.dst_port(), flow.proto())
     }
 
@@ -301,9 +302,9 @@ struct ServiceIndex {
     mask: usize,
 }
 
-/// One slot of the [`ServiceIndex`]; two per cache line.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[repr(C, align(32))]
+/// One slot of the [`ServiceIndex`], one cache line: the key and the service's [`ServiceSummary`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(C, align(64))]
 struct IndexSlot {
     /// The VIP as 16 bytes (IPv4-mapped for IPv4), as a [`FlowKey`] holds it.
     vip: [u8; 16],
@@ -311,7 +312,37 @@ struct IndexSlot {
     proto: u8,
     /// 0: empty; 4 or 6: the VIP's IP version.
     family: u8,
-    service: u32,
+    service: ServiceSummary,
+}
+
+impl Default for IndexSlot {
+    fn default() -> Self {
+        let service = ServiceSummary {
+            index: 0,
+            slot: ServiceSlot(0),
+            mode: ForwardMode::Dsr,
+            on_backend_removed: RemovedBackendPolicy::Reschedule,
+            all_clients: true,
+        };
+        IndexSlot { vip: [0; 16], port: 0, proto: 0, family: 0, service }
+    }
+}
+
+/// What deciding a packet of a known flow needs of its [`Service`], copied into the service index so
+/// that such a packet never reads the `Service` record: with 100 000 services that record was a
+/// cache miss of its own on every packet (the index slot grew from 32 to 64 bytes for it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceSummary {
+    /// Index in [`Tables::services`].
+    pub index: u32,
+    /// [`Service::slot`].
+    pub slot: ServiceSlot,
+    /// [`Service::mode`].
+    pub mode: ForwardMode,
+    /// [`Service::on_backend_removed`].
+    pub on_backend_removed: RemovedBackendPolicy,
+    /// True when [`Service::source_ranges`] is empty (every client allowed).
+    pub all_clients: bool,
 }
 
 impl ServiceIndex {
@@ -324,7 +355,13 @@ impl ServiceIndex {
                 port: s.key.port,
                 proto: s.key.proto.number(),
                 family: if s.key.vip.is_ipv6() { 6 } else { 4 },
-                service: u32::try_from(i).unwrap_or(u32::MAX),
+                service: ServiceSummary {
+                    index: u32::try_from(i).unwrap_or(u32::MAX),
+                    slot: s.slot,
+                    mode: s.mode,
+                    on_backend_removed: s.on_backend_removed,
+                    all_clients: s.source_ranges.is_empty(),
+                },
             };
             // Keys are unique (the builder rejects duplicates) and the array is at most half full.
             let mut at = index_hash(&slot.vip, slot.port, slot.proto) as usize & index.mask;
@@ -342,13 +379,13 @@ impl ServiceIndex {
     /// The service index stored for the key, if any. Ends at the first empty slot, which exists
     /// because the array is at most half full.
     #[inline]
-    fn get(&self, vip: &[u8; 16], v6: bool, port: u16, proto: u8) -> Option<usize> {
+    fn get(&self, vip: &[u8; 16], v6: bool, port: u16, proto: u8) -> Option<ServiceSummary> {
         self.get_hashed(index_hash(vip, port, proto), vip, v6, port, proto)
     }
 
     /// [`ServiceIndex::get`] with `index_hash(vip, port, proto)` already computed.
     #[inline]
-    fn get_hashed(&self, hash: u64, vip: &[u8; 16], v6: bool, port: u16, proto: u8) -> Option<usize> {
+    fn get_hashed(&self, hash: u64, vip: &[u8; 16], v6: bool, port: u16, proto: u8) -> Option<ServiceSummary> {
         let family = if v6 { 6 } else { 4 };
         let mut at = hash as usize & self.mask;
         loop {
@@ -357,7 +394,7 @@ impl ServiceIndex {
                 return None;
             }
             if s.vip == *vip && s.port == port && s.proto == proto && s.family == family {
-                return Some(s.service as usize);
+                return Some(s.service);
             }
             at = (at + 1) & self.mask;
         }
@@ -875,17 +912,7 @@ mod tests {
     }
 
     fn service(name: &str, vip: &str, port: u16, mode: ForwardMode, backends: Vec<BackendConfig>) -> ServiceConfig {
-        ServiceConfig {
-            name: name.to_string(),
-            key: ServiceKey { vip: vip.parse().unwrap(), port, proto: Protocol::Tcp },
-            backends,
-            scheduler: SchedulerKind::Maglev,
-            mode,
-            affinity_timeout: None,
-            source_ranges: vec![],
-            maglev_table_size: None,
-            on_backend_removed: RemovedBackendPolicy::Reschedule,
-        }
+        ServiceConfig::new(name, ServiceKey { vip: vip.parse().unwrap(), port, proto: Protocol::Tcp }, mode, backends)
     }
 
     fn good() -> Config {
@@ -913,7 +940,7 @@ mod tests {
         ] {
             assert!(end <= 64, "a hot field of Service ends at byte {end}");
         }
-        assert_eq!(size_of::<IndexSlot>(), 32);
+        assert_eq!(size_of::<IndexSlot>(), 64);
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them and
 //! hashes their flows; then tight loops of plain loads pull what the batch will need into the cache in
 //! three rounds, each needing only the one before (conntrack bucket heads and service index slots;
-//! likely entries and service records; counters, backends and backend locations), with the service
-//! lookups between the first two, so the misses of a round overlap; then each frame is decided in
+//! likely entries, service counters and, for likely new flows, service records; backend locations
+//! and counters, and for likely new flows the backends), with the service lookups between the
+//! first two, so the misses of a round overlap; then each frame is decided in
 //! order, exactly as if alone (a test holds that).
 //!
 //! Everything a worker touches per packet was allocated in [`Worker::new`]: the conntrack table, the
@@ -56,7 +57,7 @@ use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
 use crate::frame::{Frame, Verdict};
 use crate::packet::{self, Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
 use crate::schedule::{CoreState, FlowInput, Scheduler};
-use crate::service::{BackendRef, Service, Tables};
+use crate::service::{BackendRef, Service, ServiceSummary, Tables};
 use crate::stats::{DropReason, Stats};
 use crate::time::Instant;
 
@@ -250,8 +251,8 @@ struct Lookahead {
     conn_hash: Option<u64>,
     /// [`Tables::lookup_hash`] of the frame's flow (0 when it did not parse).
     lookup_hash: u64,
-    /// Index of the service at the frame's (destination, port, protocol), if any.
-    service: Option<usize>,
+    /// The service at the frame's (destination, port, protocol), if any.
+    service: Option<ServiceSummary>,
     /// The backend of the conntrack entry the warm-up read for this frame (its own, or the one its
     /// insert will likely displace), kept so the second warm-up round does not search the bucket again.
     likely_backend: Option<BackendRef>,
@@ -340,9 +341,10 @@ impl Core {
 
     /// Reads, in two more tight loops over the batch, what deciding its frames will read once the
     /// services are known: the likely conntrack entries (the flow's own, or for a new flow the one
-    /// its insert will displace) and the services' records (their first line: slot, mode, backends);
-    /// then the per-service counters, each entry's backend location (which holds a copy of the
-    /// backend) and counters, and for a likely new flow the service's backends (for the scheduler).
+    /// its insert will displace), the per-service counters, and for a likely new flow its service's
+    /// record; then each entry's backend location (which holds a copy of the backend) and counters,
+    /// and for a likely new flow the service's backends (for the scheduler). A frame of a known flow
+    /// reads no `Service` record at all: its index slot holds the [`ServiceSummary`].
     fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) {
         let mut fold = 0u64;
         for a in ahead.iter_mut() {
@@ -351,16 +353,18 @@ impl Core {
                 a.likely_hit = hit.is_some();
                 a.likely_backend = hit.or_else(|| self.conntrack.likely_victim(h)).map(|e| e.backend);
             }
-            if let Some(s) = a.service.and_then(|i| tables.service(i)) {
-                fold ^= u64::from(s.slot.0);
+            if let Some(s) = a.service {
+                fold ^= self.stats.service(s.slot).packets;
+                // A likely new flow: its service record (scheduler, backends); a known flow needs
+                // only the summary the index slot holds.
+                if !a.likely_hit {
+                    fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
+                }
             }
         }
         for a in ahead.iter() {
-            if let Some(s) = a.service.and_then(|i| tables.service(i)) {
-                fold ^= self.stats.service(s.slot).packets;
-                if !a.likely_hit {
-                    fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
-                }
+            if let Some(s) = a.service.filter(|_| !a.likely_hit).and_then(|s| tables.service(s.index as usize)) {
+                fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
             }
             if let Some(b) = a.likely_backend {
                 fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
@@ -390,15 +394,17 @@ impl Core {
             Ok(p) => p,
             Err(e) => return parse_failure(e),
         };
-        let Some((service_index, service)) = ahead.service.and_then(|i| Some((i, tables.service(i)?))) else {
+        // `service` is only a reference here: its record is read for new flows only (see
+        // `ServiceSummary`).
+        let Some((summary, service)) = ahead.service.and_then(|s| Some((s, tables.service(s.index as usize)?))) else {
             return self.not_for_a_service(tables, frame, p, now);
         };
         if p.fragment != Fragment::None {
             return Err(DropReason::Fragment);
         }
         let hash = ahead.conn_hash.unwrap_or_else(|| conn_key(p).hash());
-        let outcome = self.forward_to_service(tables, frame, p, hash, (service_index, service), now);
-        if let Some(c) = self.stats.service_mut(service.slot.index()) {
+        let outcome = self.forward_to_service(tables, frame, p, hash, (&summary, service), now);
+        if let Some(c) = self.stats.service_mut(summary.slot.index()) {
             match outcome {
                 Ok(Verdict::Tx) => {
                     c.packets += 1;
@@ -438,11 +444,11 @@ impl Core {
         frame: &mut Frame<'_>,
         p: &Parsed,
         hash: u64,
-        (service_index, service): (usize, &Service),
+        (summary, service): (&ServiceSummary, &Service),
         now: u32,
     ) -> Outcome {
         // (Most services allow every client: then no address is built for the check.)
-        if !service.source_ranges.is_empty() && !service.allows(p.flow.src_ip()) {
+        if !summary.all_clients && !service.allows(p.flow.src_ip()) {
             return Err(DropReason::SourceNotAllowed);
         }
         let key = conn_key(p);
@@ -457,7 +463,7 @@ impl Core {
                 ConnState::BackendGone => entry.fins & GONE_CLOSED != 0,
                 _ => false,
             };
-            let drop_policy = service.on_backend_removed == RemovedBackendPolicy::Drop;
+            let drop_policy = summary.on_backend_removed == RemovedBackendPolicy::Drop;
             if entry.is_expired(now) || (flags.is_syn_only() && closed) {
                 self.remove(index);
             } else if entry.state == ConnState::BackendGone {
@@ -471,7 +477,7 @@ impl Core {
                 self.remove(index);
             } else {
                 match tables.resolve_backend(entry.backend) {
-                    Some((si, backend)) if si == service_index => known = Some((index, backend)),
+                    Some((si, backend)) if si == summary.index as usize => known = Some((index, backend)),
                     _ if drop_policy => {
                         self.bury(index, flags, now);
                         return Err(DropReason::BackendRemoved);
@@ -482,7 +488,7 @@ impl Core {
         }
 
         // The lb-hash flow hash: schedulers need it for new flows, tunnels for the outer header.
-        let needs_flow_hash = known.is_none() || matches!(service.mode, ForwardMode::IpIp | ForwardMode::Gue { .. });
+        let needs_flow_hash = known.is_none() || matches!(summary.mode, ForwardMode::IpIp | ForwardMode::Gue { .. });
         let flow_hash = if needs_flow_hash {
             let f = &p.flow;
             self.hasher.five_tuple(f.src_ip(), f.dst_ip(), f.proto(), f.src_port(), f.dst_port())
@@ -503,7 +509,7 @@ impl Core {
                 (index, service.backends.get(bi).ok_or(DropReason::NoBackend)?)
             }
         };
-        if let Err(reason) = self.rewrite(tables, frame, p, service, backend, index, flow_hash) {
+        if let Err(reason) = self.rewrite(tables, frame, p, summary.mode, backend, index, flow_hash) {
             if known.is_none() {
                 // A flow whose first frame cannot be sent leaves no state behind.
                 self.remove(index);
@@ -683,7 +689,7 @@ impl Core {
         let service = tables.service(si).ok_or(DropReason::IcmpNoFlow)?;
         let backend = service.backends.get(bi).ok_or(DropReason::IcmpNoFlow)?;
         let hash = self.hasher.five_tuple(flow.src_ip(), flow.dst_ip(), flow.proto(), flow.src_port(), flow.dst_port());
-        self.rewrite(tables, frame, p, service, backend, index, hash)?;
+        self.rewrite(tables, frame, p, service.mode, backend, index, hash)?;
         Ok(Verdict::Tx)
     }
 
@@ -697,13 +703,13 @@ impl Core {
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        service: &Service,
+        mode: ForwardMode,
         backend: &crate::service::Backend,
         index: u32,
         flow_hash: u64,
     ) -> Result<(), DropReason> {
         let macs = Macs { src: tables.node().local_mac, dst: backend.mac };
-        match service.mode {
+        match mode {
             ForwardMode::Nat => {
                 let to = self.nat_target_of(tables, index, backend).ok_or(DropReason::NoSnatPort)?;
                 forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
