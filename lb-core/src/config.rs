@@ -398,6 +398,7 @@ pub struct Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
 mod tests {
     use super::*;
     use alloc::string::ToString;

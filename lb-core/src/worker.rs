@@ -862,7 +862,7 @@ fn flow_key(k: &ConnKey) -> Option<FlowKey> {
 }
 
 /// Idle timeout in whole seconds per [`ConnState`] (indexed by its `repr(u8)` value), converted once
-/// when tables are installed: converting the `Duration`s per packet was a third of [`advance`]
+/// when tables are installed: converting the `Duration`s per packet was about a quarter of [`advance`]
 /// (callgrind, established packets).
 #[derive(Debug, Clone, Copy)]
 struct StateTimeouts([u32; 8]);
