@@ -304,6 +304,24 @@ pub struct ServiceConfig {
     pub on_backend_removed: RemovedBackendPolicy,
 }
 
+impl ServiceConfig {
+    /// A service with the defaults: Maglev scheduling, no session affinity, every client allowed, the
+    /// Maglev table size picked from the backend count, and flows of a removed backend rescheduled.
+    pub fn new(name: impl Into<String>, key: ServiceKey, mode: ForwardMode, backends: Vec<BackendConfig>) -> Self {
+        ServiceConfig {
+            name: name.into(),
+            key,
+            backends,
+            scheduler: SchedulerKind::Maglev,
+            mode,
+            affinity_timeout: None,
+            source_ranges: Vec::new(),
+            maglev_table_size: None,
+            on_backend_removed: RemovedBackendPolicy::Reschedule,
+        }
+    }
+}
+
 /// Idle timeouts for conntrack entries, IPVS-like by default.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
@@ -380,6 +398,7 @@ pub struct Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
 mod tests {
     use super::*;
     use alloc::string::ToString;

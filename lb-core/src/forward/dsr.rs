@@ -7,6 +7,7 @@ use super::{Macs, RewriteError, set_macs};
 use crate::frame::Frame;
 
 /// Sets the frame's Ethernet source and destination.
+#[inline]
 pub fn rewrite(frame: &mut Frame<'_>, macs: &Macs) -> Result<(), RewriteError> {
     set_macs(frame.data_mut(), macs)
 }

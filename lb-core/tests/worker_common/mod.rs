@@ -9,10 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etherparse::PacketBuilder;
-use lb_core::config::{
-    BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy, SchedulerKind,
-    ServiceConfig, ServiceKey,
-};
+use lb_core::config::{BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
 use lb_core::service::{TableBuilder, Tables};
 use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
 
@@ -54,17 +51,7 @@ pub fn backend(addr: &str, port: u16) -> BackendConfig {
 }
 
 pub fn service(name: &str, vip: &str, port: u16, proto: Protocol, mode: ForwardMode, backends: Vec<BackendConfig>) -> ServiceConfig {
-    ServiceConfig {
-        name: name.to_string(),
-        key: ServiceKey { vip: vip.parse().unwrap(), port, proto },
-        backends,
-        scheduler: SchedulerKind::Maglev,
-        mode,
-        affinity_timeout: None,
-        source_ranges: vec![],
-        maglev_table_size: None,
-        on_backend_removed: RemovedBackendPolicy::Reschedule,
-    }
+    ServiceConfig::new(name, ServiceKey { vip: vip.parse().unwrap(), port, proto }, mode, backends)
 }
 
 /// One service per mode x family x protocol, each with two backends:
