@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use lb_hash::{
-    Backend, EcmpHashThreshold, EcmpModulo, FlowHasher, JumpHash, MaglevTable, Rendezvous, Selector,
-    flow::KeyKind,
+    Backend, EcmpHashThreshold, EcmpModulo, FlowHasher, JumpHash, MaglevTable, Rendezvous, Selector, flow::KeyKind,
 };
 
 const SIZES: [u32; 2] = [65_537, 655_373];

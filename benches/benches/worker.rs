@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use lb_core::config::{BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
+use lb_core::config::{
+    BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey,
+};
 use lb_core::service::TableBuilder;
 use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
 
@@ -106,7 +108,12 @@ fn config(services: usize, mode: ForwardMode) -> Config {
                     state: BackendState::Active,
                 })
                 .collect();
-            ServiceConfig::new(format!("svc{i}"), ServiceKey { vip: IpAddr::V4(vip(i)), port: 80, proto: Protocol::Tcp }, mode, backends)
+            ServiceConfig::new(
+                format!("svc{i}"),
+                ServiceKey { vip: IpAddr::V4(vip(i)), port: 80, proto: Protocol::Tcp },
+                mode,
+                backends,
+            )
         })
         .collect();
     Config { node, services }

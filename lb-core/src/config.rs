@@ -150,7 +150,9 @@ impl fmt::Display for SchedulerKind {
 
 /// A scheduler name that is not one of [`SchedulerKind::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown scheduler {0:?}: expected one of rr, wrr, lc, wlc, dh, sh, sed, nq, mh (maglev), hrw (rendezvous), ecmp")]
+#[error(
+    "unknown scheduler {0:?}: expected one of rr, wrr, lc, wlc, dh, sh, sed, nq, mh (maglev), hrw (rendezvous), ecmp"
+)]
 pub struct UnknownScheduler(pub String);
 
 impl FromStr for SchedulerKind {

@@ -403,7 +403,8 @@ impl ConntrackTable {
         let tag = tag_of(hash);
         let b = (hash as usize) & self.bucket_mask;
         let bucket = self.buckets.get(b)?;
-        let way = bucket.head.tags.iter().zip(&bucket.entries).position(|(t, e)| tag_hash(*t) == tag && e.0.key == *key)?;
+        let way =
+            bucket.head.tags.iter().zip(&bucket.entries).position(|(t, e)| tag_hash(*t) == tag && e.0.key == *key)?;
         Some((b * WAYS + way) as u32)
     }
 

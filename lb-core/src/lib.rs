@@ -83,11 +83,11 @@ extern crate alloc;
 pub mod config;
 pub mod conntrack;
 pub mod forward;
+pub mod frame;
+pub mod packet;
 pub mod schedule;
 pub mod service;
 pub mod stats;
-pub mod frame;
-pub mod packet;
 pub mod time;
 pub mod worker;
 

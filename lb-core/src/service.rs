@@ -249,7 +249,8 @@ impl Tables {
     #[inline]
     pub fn resolve(&self, r: BackendRef) -> Option<(usize, usize)> {
         let loc = self.backend_locations.get(r.slot as usize)?;
-        (r.generation != 0 && loc.generation == r.generation).then_some((loc.service as usize, usize::from(loc.backend)))
+        (r.generation != 0 && loc.generation == r.generation)
+            .then_some((loc.service as usize, usize::from(loc.backend)))
     }
 
     /// As [`Tables::resolve`], with the backend itself (a copy kept beside its location, so this reads
@@ -349,7 +350,8 @@ pub struct ServiceSummary {
 impl ServiceIndex {
     fn new(services: &[Service]) -> Self {
         let len = (services.len() * 2).next_power_of_two().max(2);
-        let mut index = ServiceIndex { slots: alloc::vec![IndexSlot::default(); len].into_boxed_slice(), mask: len - 1 };
+        let mut index =
+            ServiceIndex { slots: alloc::vec![IndexSlot::default(); len].into_boxed_slice(), mask: len - 1 };
         for (i, s) in services.iter().enumerate() {
             let slot = IndexSlot {
                 vip: addr_bytes(s.key.vip),
@@ -480,7 +482,9 @@ pub enum ConfigError {
         field: &'static str,
     },
     /// A DSR or tunnel backend on another port: those modes cannot change the destination port.
-    #[error("backend {backend} of service {service} uses port {port}, but {mode} cannot change ports: use {service_port}")]
+    #[error(
+        "backend {backend} of service {service} uses port {port}, but {mode} cannot change ports: use {service_port}"
+    )]
     PortRemap {
         /// Service name.
         service: String,
@@ -566,7 +570,9 @@ pub enum ConfigError {
         max: usize,
     },
     /// More backends, summed over services, than the builder's limit.
-    #[error("{count} backends configured over all services; this table builder holds at most {max} (Limits::max_backends)")]
+    #[error(
+        "{count} backends configured over all services; this table builder holds at most {max} (Limits::max_backends)"
+    )]
     TooManyBackends {
         /// Backends given.
         count: usize,
@@ -672,10 +678,20 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         }
         match (s.mode, vip) {
             (ForwardMode::Nat, IpAddr::V4(_)) if node.snat_v4.is_none() => {
-                return Err(ConfigError::MissingSnatAddress { service: service(), family: "IPv4", vip, field: "snat_v4" });
+                return Err(ConfigError::MissingSnatAddress {
+                    service: service(),
+                    family: "IPv4",
+                    vip,
+                    field: "snat_v4",
+                });
             }
             (ForwardMode::Nat, IpAddr::V6(_)) if node.snat_v6.is_none() => {
-                return Err(ConfigError::MissingSnatAddress { service: service(), family: "IPv6", vip, field: "snat_v6" });
+                return Err(ConfigError::MissingSnatAddress {
+                    service: service(),
+                    family: "IPv6",
+                    vip,
+                    field: "snat_v6",
+                });
             }
             (ForwardMode::IpIp | ForwardMode::Gue { .. }, IpAddr::V4(_)) if node.tunnel_src_v4.is_none() => {
                 return Err(ConfigError::MissingTunnelSource {
@@ -729,10 +745,13 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             }
         }
         if let Some(size) = s.maglev_table_size {
-            let hashed =
-                matches!(s.scheduler, SchedulerKind::Maglev | SchedulerKind::SourceHashing | SchedulerKind::DestinationHashing);
+            let hashed = matches!(
+                s.scheduler,
+                SchedulerKind::Maglev | SchedulerKind::SourceHashing | SchedulerKind::DestinationHashing
+            );
             if hashed {
-                check_maglev_size(size, s.backends.len()).map_err(|source| ConfigError::Selection { service: service(), source })?;
+                check_maglev_size(size, s.backends.len())
+                    .map_err(|source| ConfigError::Selection { service: service(), source })?;
             }
         }
     }
@@ -832,9 +851,10 @@ impl TableBuilder {
                 let (bslot, bgen) = match backend_slots.get(&bkey) {
                     Some(&s) => s,
                     None => {
-                        let s = backend_alloc
-                            .alloc(self.limits.max_backends)
-                            .ok_or(ConfigError::TooManyBackends { count: total_backends, max: self.limits.max_backends })?;
+                        let s = backend_alloc.alloc(self.limits.max_backends).ok_or(ConfigError::TooManyBackends {
+                            count: total_backends,
+                            max: self.limits.max_backends,
+                        })?;
                         backend_slots.insert(bkey, s);
                         s
                     }
@@ -898,7 +918,6 @@ impl TableBuilder {
     }
 }
 
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
 mod tests {
@@ -909,7 +928,13 @@ mod tests {
     use core::time::Duration;
 
     fn backend(addr: &str, port: u16) -> BackendConfig {
-        BackendConfig { addr: addr.parse().unwrap(), port, weight: 1, mac: Some([2, 0, 0, 0, 0, 9]), state: BackendState::Active }
+        BackendConfig {
+            addr: addr.parse().unwrap(),
+            port,
+            weight: 1,
+            mac: Some([2, 0, 0, 0, 0, 9]),
+            state: BackendState::Active,
+        }
     }
 
     fn service(name: &str, vip: &str, port: u16, mode: ForwardMode, backends: Vec<BackendConfig>) -> ServiceConfig {
@@ -922,7 +947,13 @@ mod tests {
         cfg.node.snat_v4 = Some("10.0.0.100".parse().unwrap());
         cfg.node.tunnel_src_v4 = Some("10.0.0.101".parse().unwrap());
         cfg.services = vec![
-            service("web", "192.0.2.1", 80, ForwardMode::Nat, vec![backend("10.0.0.7", 8080), backend("10.0.0.8", 8080)]),
+            service(
+                "web",
+                "192.0.2.1",
+                80,
+                ForwardMode::Nat,
+                vec![backend("10.0.0.7", 8080), backend("10.0.0.8", 8080)],
+            ),
             service("dns", "192.0.2.1", 53, ForwardMode::Dsr, vec![backend("10.0.0.9", 53)]),
         ];
         cfg
@@ -957,7 +988,13 @@ mod tests {
             let mapped = v4.to_ipv6_mapped();
             for (n, vip) in [IpAddr::V4(v4), IpAddr::V6(v6), IpAddr::V6(mapped)].into_iter().enumerate() {
                 for (port, proto) in [(80, Protocol::Tcp), (443, Protocol::Tcp)] {
-                    let mut sc = service(&alloc::format!("s{i}-{n}-{port}"), "192.0.2.1", port, ForwardMode::Dsr, vec![backend("10.0.0.9", port)]);
+                    let mut sc = service(
+                        &alloc::format!("s{i}-{n}-{port}"),
+                        "192.0.2.1",
+                        port,
+                        ForwardMode::Dsr,
+                        vec![backend("10.0.0.9", port)],
+                    );
                     if vip.is_ipv6() {
                         sc.backends[0].addr = "2001:db8:ffff::9".parse().unwrap();
                     }
@@ -1117,7 +1154,8 @@ mod tests {
     fn slots_are_stable_and_reused_with_a_new_generation() {
         let mut b = TableBuilder::new();
         let t1 = b.build(&good()).unwrap();
-        let old = t1.services()[0].backends.iter().find(|x| x.addr == "10.0.0.7".parse::<IpAddr>().unwrap()).unwrap().id;
+        let old =
+            t1.services()[0].backends.iter().find(|x| x.addr == "10.0.0.7".parse::<IpAddr>().unwrap()).unwrap().id;
         // Weight change: same slot and generation.
         let mut c = good();
         c.services[0].backends[0].weight = 5;
@@ -1129,7 +1167,8 @@ mod tests {
         assert_eq!(t3.resolve(old), None);
         c.services[0].backends.push(backend("10.0.0.77", 8080));
         let t4 = b.build(&c).unwrap();
-        let newcomer = t4.services()[0].backends.iter().find(|x| x.addr == "10.0.0.77".parse::<IpAddr>().unwrap()).unwrap().id;
+        let newcomer =
+            t4.services()[0].backends.iter().find(|x| x.addr == "10.0.0.77".parse::<IpAddr>().unwrap()).unwrap().id;
         assert_eq!(newcomer.slot, old.slot);
         assert_ne!(newcomer.generation, old.generation);
         assert_eq!(t4.resolve(old), None);

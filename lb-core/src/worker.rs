@@ -261,8 +261,14 @@ struct Lookahead {
 }
 
 impl Lookahead {
-    const NONE: Lookahead =
-        Lookahead { parsed: Err(ParseError::Arp), conn_hash: None, lookup_hash: 0, service: None, likely_backend: None, likely_hit: false };
+    const NONE: Lookahead = Lookahead {
+        parsed: Err(ParseError::Arp),
+        conn_hash: None,
+        lookup_hash: 0,
+        service: None,
+        likely_backend: None,
+        likely_hit: false,
+    };
 
     /// Parses `frame` into this slot and hashes its flow.
     #[inline]
@@ -567,7 +573,9 @@ impl Core {
         let backend = service.backends.get(backend_index).ok_or(DropReason::NoBackend)?;
 
         let snat_port = match service.mode {
-            ForwardMode::Nat => self.pick_snat_port(tables, p, backend.addr, backend.port, flow_hash).ok_or(DropReason::NoSnatPort)?,
+            ForwardMode::Nat => {
+                self.pick_snat_port(tables, p, backend.addr, backend.port, flow_hash).ok_or(DropReason::NoSnatPort)?
+            }
             _ => 0,
         };
         let mut entry = Entry {
@@ -697,7 +705,10 @@ impl Core {
     // Always inlined: as a call, its prologue, epilogue and argument passing cost more than the DSR
     // rewrite itself (~20 of ~50 instructions per packet, callgrind).
     #[inline(always)]
-    #[expect(clippy::too_many_arguments, reason = "the per-packet context, passed by reference, no struct to build per packet")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the per-packet context, passed by reference, no struct to build per packet"
+    )]
     fn rewrite(
         &self,
         tables: &Tables,
@@ -741,7 +752,14 @@ impl Core {
 
     /// A free SNAT port from this core's share for a flow to `backend`: free means no reply key
     /// (backend, SNAT address, backend port, port) is tracked. Starts at a hash-chosen port and probes.
-    fn pick_snat_port(&self, tables: &Tables, p: &Parsed, backend: IpAddr, backend_port: u16, flow_hash: u64) -> Option<u16> {
+    fn pick_snat_port(
+        &self,
+        tables: &Tables,
+        p: &Parsed,
+        backend: IpAddr,
+        backend_port: u16,
+        flow_hash: u64,
+    ) -> Option<u16> {
         let (lo, hi) = self.snat_ports?;
         let node = tables.node();
         let snat = match backend {
@@ -799,7 +817,8 @@ impl Core {
             return;
         }
         if let Some(c) = self.stats.backend_mut(slot) {
-            c.established_conns = if change > 0 { c.established_conns + 1 } else { c.established_conns.saturating_sub(1) };
+            c.established_conns =
+                if change > 0 { c.established_conns + 1 } else { c.established_conns.saturating_sub(1) };
         }
     }
 

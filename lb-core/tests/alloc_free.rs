@@ -172,7 +172,14 @@ fn hundred_thousand_mixed_frames_allocate_nothing() {
             // NAT replies.
             5 => mix.push(replies[i % replies.len()].clone()),
             // Not ours: passes.
-            6 => mix.push(tcp(client(i, v6), 1234, if v6 { v4("2001:db8::99") } else { v4("192.0.2.99") }, 80, Tcp::Syn, b"")),
+            6 => mix.push(tcp(
+                client(i, v6),
+                1234,
+                if v6 { v4("2001:db8::99") } else { v4("192.0.2.99") },
+                80,
+                Tcp::Syn,
+                b"",
+            )),
             // Malformed and truncated.
             7 => {
                 let mut f = tcp(client(i, v6), 1, vip, port, Tcp::Syn, b"");

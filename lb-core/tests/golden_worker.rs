@@ -108,7 +108,12 @@ fn tunnelled(input: &[u8], v6: bool, gue: Option<u32>, flow_hash: u32) -> Vec<u8
         h.header_checksum = h.calc_header_checksum();
         h.write(&mut out).unwrap();
         if gue.is_some() {
-            let u = UdpHeader { source_port: sport, destination_port: 6080, length: (8 + gue_payload.len()) as u16, checksum: 0 };
+            let u = UdpHeader {
+                source_port: sport,
+                destination_port: 6080,
+                length: (8 + gue_payload.len()) as u16,
+                checksum: 0,
+            };
             u.write(&mut udp_and_gue).unwrap();
         }
     }
@@ -218,7 +223,12 @@ fn every_drop_reason_has_a_golden_frame() {
     t[22] = 1; // TTL 1 (checksum no longer matters: the TTL check comes first)
     check(&mut w, &t, HEADROOM, DropReason::TtlExpired);
     check(&mut w, &tcp(c, 2, vip, 82, Tcp::Syn, b""), 10, DropReason::NoHeadroom);
-    check(&mut w, &tcp(ip("10.1.0.1"), 8080, ip("10.0.0.100"), 40000, Tcp::Ack, b""), HEADROOM, DropReason::NoReverseFlow);
+    check(
+        &mut w,
+        &tcp(ip("10.1.0.1"), 8080, ip("10.0.0.100"), 40000, Tcp::Ack, b""),
+        HEADROOM,
+        DropReason::NoReverseFlow,
+    );
     // NoSnatPort: the one SNAT port is taken by a flow to the same backend.
     run(&mut w, &tcp(c, 3, vip, 80, Tcp::Syn, b""), secs(10));
     check(&mut w, &tcp(c, 4, vip, 80, Tcp::Syn, b""), HEADROOM, DropReason::NoSnatPort);

@@ -12,7 +12,14 @@ use lb_core::{Verdict, Worker, WorkerConfig};
 use worker_common::*;
 
 fn dsr_config(scheduler: SchedulerKind, backends: &[&str]) -> Config {
-    let mut s = service("web", "192.0.2.1", 80, Protocol::Tcp, ForwardMode::Dsr, backends.iter().map(|b| backend(b, 80)).collect());
+    let mut s = service(
+        "web",
+        "192.0.2.1",
+        80,
+        Protocol::Tcp,
+        ForwardMode::Dsr,
+        backends.iter().map(|b| backend(b, 80)).collect(),
+    );
     s.scheduler = scheduler;
     let mut u = s.clone();
     u.name = "dns".into();
@@ -242,9 +249,9 @@ fn icmp_error_follows_its_flow_to_the_backend() {
     let mut icmp = Vec::new();
     etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LOCAL_MAC)
         .ipv4([203, 0, 113, 1], [192, 0, 2, 1], 64)
-        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
-            next_hop_mtu: 1400,
-        }))
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ))
         .write(&mut icmp, &quoted[..28])
         .unwrap();
     let (v, out) = run(&mut w, &icmp, secs(2));
@@ -336,7 +343,10 @@ fn drop_policy_tombstone_idles_out_then_the_tuple_is_new() {
     assert_eq!(state_of(&w, c, 1000), Some((ConnState::BackendGone, 302)));
     // Each packet refreshes the idle timeout (300 s)...
     assert_eq!(run(&mut w, &ack, secs(200)).0, Verdict::Drop(DropReason::BackendRemoved));
-    assert_eq!(run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(303)).0, Verdict::Drop(DropReason::BackendRemoved));
+    assert_eq!(
+        run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(303)).0,
+        Verdict::Drop(DropReason::BackendRemoved)
+    );
     // ...and after 300 s of silence the tombstone is gone: a SYN on the same tuple is a new flow.
     let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(604));
     assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
@@ -349,11 +359,20 @@ fn drop_policy_tombstone_closes_on_the_clients_rst() {
     let (mut w, mut cfg, _, mut b) = drop_policy_setup(1024, 1);
     remove_first_backend(&mut w, &mut cfg, &mut b);
     let c = client(0);
-    assert_eq!(run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(2)).0, Verdict::Drop(DropReason::BackendRemoved));
-    assert_eq!(run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Rst, b""), secs(3)).0, Verdict::Drop(DropReason::BackendRemoved));
+    assert_eq!(
+        run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(2)).0,
+        Verdict::Drop(DropReason::BackendRemoved)
+    );
+    assert_eq!(
+        run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Rst, b""), secs(3)).0,
+        Verdict::Drop(DropReason::BackendRemoved)
+    );
     // Time-wait (30 s) from the RST, not extended by the stragglers after it.
     assert_eq!(state_of(&w, c, 1000), Some((ConnState::BackendGone, 33)));
-    assert_eq!(run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(20)).0, Verdict::Drop(DropReason::BackendRemoved));
+    assert_eq!(
+        run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(20)).0,
+        Verdict::Drop(DropReason::BackendRemoved)
+    );
     assert_eq!(state_of(&w, c, 1000), Some((ConnState::BackendGone, 33)));
     // The client reuses its port for a new connection: scheduled.
     let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(21));
@@ -368,12 +387,23 @@ fn drop_policy_tombstones_yield_their_room_to_live_flows() {
     let dead: Vec<u32> = (0..8).filter(|&i| on[i as usize] == 1).collect();
     assert_eq!(dead.len(), 4);
     for &i in &dead {
-        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2)).0, Verdict::Drop(DropReason::BackendRemoved));
+        assert_eq!(
+            run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2)).0,
+            Verdict::Drop(DropReason::BackendRemoved)
+        );
     }
     // New clients complete their handshakes (a half-open entry would be the next victim itself).
     for i in 100..104 {
-        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(3)).0, Verdict::Tx, "client {i}");
-        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(3)).0, Verdict::Tx, "client {i}");
+        assert_eq!(
+            run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(3)).0,
+            Verdict::Tx,
+            "client {i}"
+        );
+        assert_eq!(
+            run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(3)).0,
+            Verdict::Tx,
+            "client {i}"
+        );
     }
     assert_eq!(w.stats().conntrack_evictions, 4);
     assert!(w.conntrack().iter().all(|(_, e)| e.state != ConnState::BackendGone));

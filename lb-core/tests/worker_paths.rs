@@ -40,8 +40,11 @@ fn every_mode_and_family_forwards_with_valid_checksums() {
         let client = if vip.is_ipv4() { v4("198.51.100.7") } else { v4("2001:db8:ff::7") };
         for port in 80..=83u16 {
             for is_tcp in [true, false] {
-                let frame =
-                    if is_tcp { tcp(client, 4000, vip, port, Tcp::Syn, b"x") } else { udp(client, 4000, vip, port, b"q") };
+                let frame = if is_tcp {
+                    tcp(client, 4000, vip, port, Tcp::Syn, b"x")
+                } else {
+                    udp(client, 4000, vip, port, b"q")
+                };
                 let (v, out) = run(&mut w, &frame, secs(1));
                 assert_eq!(v, Verdict::Tx, "{vip} port {port} tcp={is_tcp}");
                 let s = seen(&out);
@@ -109,7 +112,8 @@ fn a_burst_decides_exactly_as_frames_one_by_one() {
     let one: Vec<_> = frames_in.iter().map(|f| run(&mut w1, f, secs(1))).collect();
     // As one burst of 45 (batches of 16, 16 and 13).
     let mut w2 = worker(&cfg);
-    let mut bufs: Vec<Vec<u8>> = frames_in.iter().map(|f| [vec![0; HEADROOM], f.clone(), vec![0; 64]].concat()).collect();
+    let mut bufs: Vec<Vec<u8>> =
+        frames_in.iter().map(|f| [vec![0; HEADROOM], f.clone(), vec![0; 64]].concat()).collect();
     let mut frames: Vec<Frame<'_>> =
         bufs.iter_mut().zip(&frames_in).map(|(b, f)| Frame::new(b, HEADROOM, f.len())).collect();
     let mut verdicts = vec![Verdict::Pass; frames.len()];

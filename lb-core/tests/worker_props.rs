@@ -37,7 +37,10 @@ enum Change {
 }
 
 fn change() -> impl Strategy<Value = Change> {
-    prop_oneof![Just(Change::AddBackend), (0usize..16, 0u32..10).prop_map(|(backend, weight)| Change::Weight { backend, weight })]
+    prop_oneof![
+        Just(Change::AddBackend),
+        (0usize..16, 0u32..10).prop_map(|(backend, weight)| Change::Weight { backend, weight })
+    ]
 }
 
 fn scheduler() -> impl Strategy<Value = SchedulerKind> {

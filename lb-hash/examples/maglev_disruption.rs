@@ -46,9 +46,8 @@ fn main() -> ExitCode {
         state ^= state << 17;
         state
     };
-    let owners = |t: &MaglevTable| -> Vec<BackendId> {
-        t.entries().iter().map(|&e| t.backends()[usize::from(e)].id).collect()
-    };
+    let owners =
+        |t: &MaglevTable| -> Vec<BackendId> { t.entries().iter().map(|&e| t.backends()[usize::from(e)].id).collect() };
     let mut shares = Vec::with_capacity(sets * n.min(4));
     for _ in 0..sets {
         let set: Vec<Backend> = (0..n).map(|_| Backend::new(next(), 1)).collect();
@@ -63,8 +62,7 @@ fn main() -> ExitCode {
                 eprintln!("cannot build the table without backend {removed}");
                 return ExitCode::FAILURE;
             };
-            let between =
-                before.iter().zip(&owners(&after)).filter(|&(o, a)| *o != removed && o != a).count();
+            let between = before.iter().zip(&owners(&after)).filter(|&(o, a)| *o != removed && o != a).count();
             shares.push(between as f64 / f64::from(m) * 100.0);
         }
     }

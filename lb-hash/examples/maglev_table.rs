@@ -28,9 +28,7 @@ fn main() -> ExitCode {
         }
     };
     // Identities as a caller would derive them from 10.0.x.y:8080.
-    let backends: Vec<Backend> = (0..n)
-        .map(|i| Backend::new(1 << 48 | (0x0a00_0000 + i) << 16 | 8080, 1))
-        .collect();
+    let backends: Vec<Backend> = (0..n).map(|i| Backend::new(1 << 48 | (0x0a00_0000 + i) << 16 | 8080, 1)).collect();
     let table = match MaglevTable::new(&backends, m) {
         Ok(t) => t,
         Err(e) => {

@@ -26,9 +26,7 @@ impl BackendId {
     #[must_use]
     pub fn from_socket_addr(addr: SocketAddr) -> Self {
         match addr.ip() {
-            IpAddr::V4(ip) => {
-                Self(1 << 48 | u64::from(u32::from(ip)) << 16 | u64::from(addr.port()))
-            }
+            IpAddr::V4(ip) => Self(1 << 48 | u64::from(u32::from(ip)) << 16 | u64::from(addr.port())),
             IpAddr::V6(ip) => {
                 let bits = u128::from(ip);
                 #[expect(clippy::cast_possible_truncation, reason = "splitting 128 bits into two words")]
@@ -93,10 +91,7 @@ pub(crate) fn sorted_backends(backends: &[Backend]) -> Result<Box<[Backend]>, Bu
 
 /// Position of `id` in a slice sorted by identity.
 pub(crate) fn position_of(sorted: &[Backend], id: BackendId) -> Option<u32> {
-    sorted
-        .binary_search_by_key(&id, |b| b.id)
-        .ok()
-        .and_then(|i| u32::try_from(i).ok())
+    sorted.binary_search_by_key(&id, |b| b.id).ok().and_then(|i| u32::try_from(i).ok())
 }
 
 #[cfg(test)]

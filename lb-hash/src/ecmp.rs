@@ -17,11 +17,7 @@ use crate::selector::Selector;
 
 fn serving_indices(backends: &[Backend]) -> Result<Box<[u32]>, BuildError> {
     if u32::try_from(backends.len()).is_err() {
-        return Err(BuildError::TooManyBackends {
-            count: backends.len(),
-            max: u32::MAX as usize,
-            selector: "ECMP",
-        });
+        return Err(BuildError::TooManyBackends { count: backends.len(), max: u32::MAX as usize, selector: "ECMP" });
     }
     Ok(backends.iter().zip(0u32..).filter(|(b, _)| b.is_serving()).map(|(_, i)| i).collect())
 }
@@ -57,8 +53,9 @@ impl EcmpHashThreshold {
                 total
             })
             .collect();
-        let equal_weights =
-            serving.windows(2).all(|p| backends.get(p[0] as usize).map(|b| b.weight) == backends.get(p[1] as usize).map(|b| b.weight));
+        let equal_weights = serving
+            .windows(2)
+            .all(|p| backends.get(p[0] as usize).map(|b| b.weight) == backends.get(p[1] as usize).map(|b| b.weight));
         Ok(Self { backends, serving, ends: ends.into_boxed_slice(), total, equal_weights })
     }
 
@@ -176,8 +173,7 @@ mod tests {
     #[test]
     fn hash_threshold_weights_and_drain() {
         // Weights 1, 0 (drained), 3: the first quarter goes to index 0, the rest to index 2.
-        let e = EcmpHashThreshold::new(&[Backend::new(1, 1), Backend::new(2, 0), Backend::new(3, 3)])
-            .expect("valid");
+        let e = EcmpHashThreshold::new(&[Backend::new(1, 1), Backend::new(2, 0), Backend::new(3, 3)]).expect("valid");
         assert_eq!(e.lookup((1 << 62) - 1), Some(0));
         assert_eq!(e.lookup(1 << 62), Some(2));
         assert_eq!(e.lookup(u64::MAX), Some(2));
@@ -185,8 +181,7 @@ mod tests {
 
     #[test]
     fn modulo_skips_drained_next_hops() {
-        let e = EcmpModulo::new(&[Backend::new(9, 1), Backend::new(5, 0), Backend::new(7, 4)])
-            .expect("valid");
+        let e = EcmpModulo::new(&[Backend::new(9, 1), Backend::new(5, 0), Backend::new(7, 4)]).expect("valid");
         // Sorted: 5 (drained), 7, 9; serving are indices 1 and 2.
         assert_eq!(e.lookup(10), Some(1));
         assert_eq!(e.lookup(11), Some(2));

@@ -398,10 +398,7 @@ mod tests {
         let b4 = Ipv4Addr::new(198, 51, 100, 2);
         let b6: Ipv6Addr = "2001:db8::2".parse().expect("literal");
         assert_eq!(h.five_tuple(a4.into(), b4.into(), 6, 1, 2), h.five_tuple_v4(a4, b4, 6, 1, 2));
-        assert_eq!(
-            h.five_tuple(a4.into(), b6.into(), 6, 1, 2),
-            h.five_tuple_v6(a4.to_ipv6_mapped(), b6, 6, 1, 2)
-        );
+        assert_eq!(h.five_tuple(a4.into(), b6.into(), 6, 1, 2), h.five_tuple_v6(a4.to_ipv6_mapped(), b6, 6, 1, 2));
         assert_eq!(h.three_tuple(b6.into(), b6.into(), 17), h.three_tuple_v6(b6, b6, 17));
         assert_eq!(h.src_dst(a4.into(), b4.into()), h.src_dst_v4(a4, b4));
         assert_eq!(h.source(b6.into()), h.source_v6(b6));

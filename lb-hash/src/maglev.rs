@@ -245,11 +245,7 @@ impl MaglevTable {
         let backends = sorted_backends(backends)?;
         let serving = backends.iter().filter(|b| b.is_serving()).count();
         if (size as usize) < serving {
-            return Err(BuildError::TableSizeTooSmall {
-                size,
-                backends: serving,
-                min: maglev_table_size_for(serving),
-            });
+            return Err(BuildError::TableSizeTooSmall { size, backends: serving, min: maglev_table_size_for(serving) });
         }
         let entries = fill(&backends, size);
         Ok(Self { backends, entries, size, fastmod: fastmod_multiplier(size) })
@@ -398,13 +394,7 @@ impl Slots {
 /// [`fill`], switching to the tail computation at `tail_free_slots` free slots, and with equal
 /// weights simulating by events (with a wake-up ring of `ring` rounds, a power of two) or by rounds
 /// (the tests check that all choices agree).
-fn fill_with(
-    backends: &[Backend],
-    m: u32,
-    tail_free_slots: usize,
-    events: bool,
-    ring: usize,
-) -> Box<[u16]> {
+fn fill_with(backends: &[Backend], m: u32, tail_free_slots: usize, events: bool, ring: usize) -> Box<[u16]> {
     let hasher = FlowHasher::new(0);
     let serving: Vec<(u16, Backend)> = backends
         .iter()
@@ -531,7 +521,12 @@ fn walk(occupied: &[u64], mut c: u32, back: u32, m: u32) -> (u32, u64) {
         let (t1, t2, t3, t4) = (taken(c1), taken(c2), taken(c3), taken(c4));
         if t1 & t2 & t3 & t4 & 1 == 0 {
             let k = (!(t1 & 1 | (t2 & 1) << 1 | (t3 & 1) << 2 | (t4 & 1) << 3)).trailing_zeros();
-            let found = match k { 0 => c1, 1 => c2, 2 => c3, _ => c4 };
+            let found = match k {
+                0 => c1,
+                1 => c2,
+                2 => c3,
+                _ => c4,
+            };
             return (found, d + u64::from(k) + 1);
         }
         c = c4;
@@ -546,13 +541,7 @@ fn walk(occupied: &[u64], mut c: u32, back: u32, m: u32) -> (u32, u64) {
 /// slots are free.
 // Kept out of line: inlined into `fill_with` it loses registers and runs 30 % slower (measured).
 #[inline(never)]
-fn events_equal_weights(
-    fillers: &mut [Filler],
-    slots: &mut Slots,
-    m: u32,
-    stop: usize,
-    ring: usize,
-) -> Vec<u64> {
+fn events_equal_weights(fillers: &mut [Filler], slots: &mut Slots, m: u32, stop: usize, ring: usize) -> Vec<u64> {
     const NONE: u32 = u32::MAX;
     let n = fillers.len();
     let mut wake = vec![0u64; n];
@@ -730,14 +719,8 @@ mod tests {
             Err(BuildError::TableSizeNotPrime { size: 65_536, next_prime: 65_537 })
         );
         assert_eq!(MaglevTable::new(&b, 1), Err(BuildError::TableSizeNotPrime { size: 1, next_prime: 2 }));
-        assert_eq!(
-            MaglevTable::new(&b, 2),
-            Err(BuildError::TableSizeTooSmall { size: 2, backends: 3, min: 307 })
-        );
-        assert!(matches!(
-            MaglevTable::new(&b, MaglevTable::MAX_SIZE + 1),
-            Err(BuildError::TableSizeTooLarge { .. })
-        ));
+        assert_eq!(MaglevTable::new(&b, 2), Err(BuildError::TableSizeTooSmall { size: 2, backends: 3, min: 307 }));
+        assert!(matches!(MaglevTable::new(&b, MaglevTable::MAX_SIZE + 1), Err(BuildError::TableSizeTooLarge { .. })));
         // Draining backends need no slot.
         let mut drained = equal(3);
         drained[2].weight = 0;
@@ -751,10 +734,7 @@ mod tests {
             MaglevTable::new(&[Backend::new(7, 1), Backend::new(7, 2)], 13),
             Err(BuildError::DuplicateBackend { id: BackendId(7) })
         );
-        assert_eq!(
-            MaglevTable::new(&[Backend::new(7, 0)], 13),
-            Err(BuildError::AllWeightsZero { count: 1 })
-        );
+        assert_eq!(MaglevTable::new(&[Backend::new(7, 0)], 13), Err(BuildError::AllWeightsZero { count: 1 }));
     }
 
     #[test]
@@ -789,19 +769,15 @@ mod tests {
         };
         for (n, m) in [(1usize, 101u32), (3, 101), (10, 1009), (37, 4001), (200, 20_011)] {
             for weighted in [false, true] {
-                let backends: Vec<Backend> = (0..n)
-                    .map(|_| Backend::new(next(), if weighted { (next() % 5) as u32 } else { 1 }))
-                    .collect();
+                let backends: Vec<Backend> =
+                    (0..n).map(|_| Backend::new(next(), if weighted { (next() % 5) as u32 } else { 1 })).collect();
                 let Ok(sorted) = sorted_backends(&backends) else { continue };
                 let every_turn = fill_with(&sorted, m, 0, false, RING);
                 for switch in [0, 1, 64, 500] {
                     // Rings of 1 and 4 rounds send most wake-ups through the list of later ones.
                     for (events, ring) in [(false, RING), (true, RING), (true, 1), (true, 4)] {
                         let table = fill_with(&sorted, m, switch, events, ring);
-                        assert_eq!(
-                            table, every_turn,
-                            "n {n} m {m} switch {switch} events {events} ring {ring}"
-                        );
+                        assert_eq!(table, every_turn, "n {n} m {m} switch {switch} events {events} ring {ring}");
                     }
                 }
             }

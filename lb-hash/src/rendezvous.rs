@@ -129,8 +129,7 @@ mod tests {
 
     #[test]
     fn weights_set_the_share_and_drained_get_nothing() {
-        let r = Rendezvous::new(&[Backend::new(30, 1), Backend::new(10, 3), Backend::new(20, 0)])
-            .expect("valid");
+        let r = Rendezvous::new(&[Backend::new(30, 1), Backend::new(10, 3), Backend::new(20, 0)]).expect("valid");
         let mut counts = [0u32; 3];
         for i in 0..40_000u64 {
             let idx = r.lookup(fmix64(i)).expect("serving backend exists");

@@ -85,7 +85,11 @@ fn disruption_at_the_default_size_is_under_one_percent_at_the_99th_percentile() 
     for (n, sets) in [(3, 100), (4, 75), (8, 50), (12, 40), (30, 25), (200, 10)] {
         let s = disruption_sample(n, m, sets);
         let (avg, p99) = (mean(&s), percentile(&s, 0.99));
-        println!("N = {n}, M = {m}, {} removals: mean {avg:.3} %, p99 {p99:.3} %, max {:.3} %", s.len(), s[s.len() - 1]);
+        println!(
+            "N = {n}, M = {m}, {} removals: mean {avg:.3} %, p99 {p99:.3} %, max {:.3} %",
+            s.len(),
+            s[s.len() - 1]
+        );
         assert!(avg <= 0.5, "N = {n}: mean {avg} % of the table moved between survivors");
         assert!(p99 <= 1.0, "N = {n}: 99th percentile {p99} % of the table moved between survivors");
     }

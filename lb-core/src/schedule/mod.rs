@@ -169,7 +169,9 @@ impl ServiceScheduler {
             SchedulerKind::ShortestExpectedDelay => Self::ShortestExpectedDelay(ShortestExpectedDelay::new(backends)),
             SchedulerKind::NeverQueue => Self::NeverQueue(NeverQueue::new(backends)),
             SchedulerKind::SourceHashing => Self::SourceHashing(SourceHashing::new(backends, maglev_size)?),
-            SchedulerKind::DestinationHashing => Self::DestinationHashing(DestinationHashing::new(backends, maglev_size)?),
+            SchedulerKind::DestinationHashing => {
+                Self::DestinationHashing(DestinationHashing::new(backends, maglev_size)?)
+            }
             SchedulerKind::Maglev => Self::Maglev(Maglev::new(backends, maglev_size)?),
             SchedulerKind::Rendezvous => Self::Rendezvous(Rendezvous::new(backends)?),
             SchedulerKind::Ecmp => Self::Ecmp(Ecmp::new(backends)?),
@@ -225,11 +227,7 @@ fn eligible(backends: &[Backend]) -> Box<[u16]> {
 
 /// The eligible backend with the smallest cost, comparing costs `(numerator, weight)` as fractions by
 /// cross-multiplying (no division, no float). Ties go to the earlier backend, as IPVS does.
-fn least_cost(
-    eligible: &[u16],
-    backends: &[Backend],
-    cost: impl Fn(&Backend) -> (u64, u64),
-) -> Option<usize> {
+fn least_cost(eligible: &[u16], backends: &[Backend], cost: impl Fn(&Backend) -> (u64, u64)) -> Option<usize> {
     let mut best: Option<(usize, u64, u64)> = None;
     for &i in eligible {
         let i = usize::from(i);
@@ -290,7 +288,6 @@ impl HashedSelection {
         (b != u16::MAX).then_some(usize::from(b))
     }
 }
-
 
 #[cfg(test)]
 mod tests;

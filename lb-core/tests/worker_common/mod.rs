@@ -1,7 +1,12 @@
 //! Shared by the worker tests: a node and services to test against, frame builders (etherparse's
 //! `PacketBuilder`, an implementation independent of lb-core's rewrite) and a checksum verifier
 //! (smoltcp's, also independent).
-#![allow(dead_code, unreachable_pub, missing_docs, reason = "a test helper module: each test binary uses a different part")]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    missing_docs,
+    reason = "a test helper module: each test binary uses a different part"
+)]
 #![allow(clippy::unwrap_used, clippy::missing_panics_doc, reason = "tests fail loudly")]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -9,7 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etherparse::PacketBuilder;
-use lb_core::config::{BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
+use lb_core::config::{
+    BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey,
+};
 use lb_core::service::{TableBuilder, Tables};
 use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
 
@@ -50,7 +57,14 @@ pub fn backend(addr: &str, port: u16) -> BackendConfig {
     BackendConfig { addr, port, weight: 1, mac: Some(backend_mac(addr)), state: BackendState::Active }
 }
 
-pub fn service(name: &str, vip: &str, port: u16, proto: Protocol, mode: ForwardMode, backends: Vec<BackendConfig>) -> ServiceConfig {
+pub fn service(
+    name: &str,
+    vip: &str,
+    port: u16,
+    proto: Protocol,
+    mode: ForwardMode,
+    backends: Vec<BackendConfig>,
+) -> ServiceConfig {
     ServiceConfig::new(name, ServiceKey { vip: vip.parse().unwrap(), port, proto }, mode, backends)
 }
 
@@ -58,7 +72,12 @@ pub fn service(name: &str, vip: &str, port: u16, proto: Protocol, mode: ForwardM
 /// VIP 192.0.2.1 / 2001:db8::1, ports 80 (NAT), 81 (DSR), 82 (IP-in-IP), 83 (GUE to 6080).
 pub fn all_modes_config() -> Config {
     let mut services = vec![];
-    let modes = [(80, ForwardMode::Nat), (81, ForwardMode::Dsr), (82, ForwardMode::IpIp), (83, ForwardMode::Gue { port: 6080 })];
+    let modes = [
+        (80, ForwardMode::Nat),
+        (81, ForwardMode::Dsr),
+        (82, ForwardMode::IpIp),
+        (83, ForwardMode::Gue { port: 6080 }),
+    ];
     for (port, mode) in modes {
         for proto in [Protocol::Tcp, Protocol::Udp] {
             let bport = if mode == ForwardMode::Nat { 8080 } else { port };
