@@ -29,6 +29,9 @@ use lb_core::Frame;
 
 use crate::device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
 
+/// `XDP_MAX_TX_SKB_BUDGET` from linux/if_xdp.h (6.17+), not yet in the `libc` crate.
+const XDP_MAX_TX_SKB_BUDGET: i32 = 9;
+
 /// Chunks handed to the fill ring per refill step (the ring takes what fits, never all-or-nothing).
 const REFILL_STEP: u32 = 64;
 /// Upper bound on kicks in one flush, so a ring that never drains cannot hold the loop.
@@ -66,14 +69,23 @@ pub struct XskConfig {
     pub frames: u32,
     /// Chunk size: 2048 or 4096.
     pub frame_size: u32,
-    /// Entries in each ring. Power of two.
+    /// Entries in the RX and completion rings. Power of two.
     pub ring_size: u32,
+    /// Entries in the fill ring. Power of two. Chunks waiting here are what the kernel can receive
+    /// into while the loop is busy; when it runs dry the kernel drops after doing the receive work.
+    pub fill_ring_size: u32,
+    /// Entries in the TX ring. Power of two. Chunks queued here wait for the peer; a TX ring much
+    /// deeper than the fill ring lets a slow peer hold the chunks the fill ring needs.
+    pub tx_ring_size: u32,
     /// Extra headroom the kernel leaves before each received packet, on top of its own 256 bytes.
     pub headroom: u32,
     /// Copy or zero-copy.
     pub copy_mode: CopyMode,
     /// Busy polling; `None` leaves the socket interrupt-driven. Refused options are logged, not fatal.
     pub busy_poll: Option<BusyPoll>,
+    /// Copy mode: frames one TX system call may send (XDP_MAX_TX_SKB_BUDGET, Linux 6.17+, between 32
+    /// and `ring_size`); `None` keeps the kernel's 32. Refused (older kernel) is logged, not fatal.
+    pub tx_budget: Option<u32>,
 }
 
 impl XskConfig {
@@ -85,9 +97,12 @@ impl XskConfig {
             frames: 4096,
             frame_size: 4096,
             ring_size: 2048,
+            fill_ring_size: 2048,
+            tx_ring_size: 2048,
             headroom: 0,
             copy_mode: CopyMode::Auto,
             busy_poll: None,
+            tx_budget: None,
         }
     }
 }
@@ -327,6 +342,8 @@ pub struct XskDevice {
     frames: usize,
     /// Busy polling configured: every empty receive makes a system call that polls the NAPI.
     busy_poll: bool,
+    /// Frames the kernel sends per TX kick in copy mode (32 unless XDP_MAX_TX_SKB_BUDGET took).
+    tx_budget: usize,
     name: String,
     kicks: u64,
     wakeups: u64,
@@ -396,7 +413,12 @@ impl XskDevice {
                 source,
             }
         };
-        for (field, value) in [("frames", config.frames), ("ring_size", config.ring_size)] {
+        for (field, value) in [
+            ("frames", config.frames),
+            ("ring_size", config.ring_size),
+            ("fill_ring_size", config.fill_ring_size),
+            ("tx_ring_size", config.tx_ring_size),
+        ] {
             if !value.is_power_of_two() {
                 return Err(XskError::Config {
                     field,
@@ -459,13 +481,13 @@ impl XskDevice {
             tx_metadata_len: 0,
         };
         setsockopt(raw, libc::SOL_XDP, libc::XDP_UMEM_REG, &reg).map_err(sys("XDP_UMEM_REG"))?;
-        for opt in [
-            libc::XDP_UMEM_FILL_RING,
-            libc::XDP_UMEM_COMPLETION_RING,
-            libc::XDP_RX_RING,
-            libc::XDP_TX_RING,
+        for (opt, size) in [
+            (libc::XDP_UMEM_FILL_RING, config.fill_ring_size),
+            (libc::XDP_UMEM_COMPLETION_RING, config.ring_size),
+            (libc::XDP_RX_RING, config.ring_size),
+            (libc::XDP_TX_RING, config.tx_ring_size),
         ] {
-            setsockopt(raw, libc::SOL_XDP, opt, &config.ring_size).map_err(sys("ring size"))?;
+            setsockopt(raw, libc::SOL_XDP, opt, &size).map_err(sys("ring size"))?;
         }
         // SAFETY: xdp_mmap_offsets is plain integers; all-zero is valid.
         let mut off: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
@@ -473,14 +495,19 @@ impl XskDevice {
             .map_err(sys("XDP_MMAP_OFFSETS"))?;
 
         let n = config.ring_size;
-        let fill = Ring::<u64>::map(raw, &off.fr, n, libc::XDP_UMEM_PGOFF_FILL_RING as i64)
-            .map_err(sys("mmap(fill)"))?;
+        let fill = Ring::<u64>::map(
+            raw,
+            &off.fr,
+            config.fill_ring_size,
+            libc::XDP_UMEM_PGOFF_FILL_RING as i64,
+        )
+        .map_err(sys("mmap(fill)"))?;
         let completion =
             Ring::<u64>::map(raw, &off.cr, n, libc::XDP_UMEM_PGOFF_COMPLETION_RING as i64)
                 .map_err(sys("mmap(completion)"))?;
         let rx = Ring::<libc::xdp_desc>::map(raw, &off.rx, n, libc::XDP_PGOFF_RX_RING)
             .map_err(sys("mmap(rx)"))?;
-        let tx = Ring::<libc::xdp_desc>::map(raw, &off.tx, n, libc::XDP_PGOFF_TX_RING)
+        let tx = Ring::<libc::xdp_desc>::map(raw, &off.tx, config.tx_ring_size, libc::XDP_PGOFF_TX_RING)
             .map_err(sys("mmap(tx)"))?;
 
         let mut dev = XskDevice {
@@ -501,12 +528,13 @@ impl XskDevice {
             zero_copy: false,
             frames: config.frames as usize,
             busy_poll: config.busy_poll.is_some(),
+            tx_budget: 32,
             name: format!("{}#{}", config.interface, config.queue),
             kicks: 0,
             wakeups: 0,
         };
-        // Half the chunks wait on the fill ring for packets; the rest cover frames in flight.
-        dev.refill(config.frames / 2);
+        // Up to half the chunks wait on the fill ring for packets; the rest cover frames in flight.
+        dev.refill((config.frames / 2).min(config.fill_ring_size));
 
         if let Some(bp) = config.busy_poll {
             let one: i32 = 1;
@@ -522,6 +550,14 @@ impl XskDevice {
                 if let Err(e) = setsockopt(raw, libc::SOL_SOCKET, opt, &v) {
                     tracing::warn!(device = %dev.name, "{name} refused ({e}); continuing without it");
                 }
+            }
+        }
+
+        if let Some(budget) = config.tx_budget {
+            if let Err(e) = setsockopt(raw, libc::SOL_XDP, XDP_MAX_TX_SKB_BUDGET, &budget) {
+                tracing::warn!(device = %dev.name, budget, "XDP_MAX_TX_SKB_BUDGET refused ({e}); the kernel sends 32 frames per kick");
+            } else {
+                dev.tx_budget = budget as usize;
             }
         }
 
@@ -564,6 +600,20 @@ impl XskDevice {
     /// True when bound in zero-copy mode.
     pub fn is_zero_copy(&self) -> bool {
         self.zero_copy
+    }
+
+    /// The NAPI instance the kernel recorded for this socket on its first received frame
+    /// (SO_INCOMING_NAPI_ID); busy polling drives that NAPI. `None` before a frame arrived, or when
+    /// the driver registered its queue without one (then busy polling cannot work).
+    pub fn napi_id(&self) -> Option<u32> {
+        let mut id: u32 = 0;
+        getsockopt(self.fd(), libc::SOL_SOCKET, libc::SO_INCOMING_NAPI_ID, &mut id).ok()?;
+        (id != 0).then_some(id)
+    }
+
+    /// Frames one TX kick may send in copy mode (what the kernel accepted as XDP_MAX_TX_SKB_BUDGET).
+    pub fn tx_budget(&self) -> usize {
+        self.tx_budget
     }
 
     /// Kernel and device counters.
