@@ -23,6 +23,8 @@ NAPI_CORE=${NAPI_CORE:-$FWD_CORE}
 # --tx-budget 128 --spin"), GEN_MAX_ARGS for the generator's full-speed pass (e.g. "--drop-returns").
 FWD_ARGS=${FWD_ARGS:-}
 GEN_MAX_ARGS=${GEN_MAX_ARGS:-}
+# Nice value of the forwarder, which shares FWD_CORE with l0's NAPI thread (nice 0).
+FWD_NICE=${FWD_NICE:-0}
 # BUSY_POLL=1: the forwarder spins and asks for busy polling (SO_PREFER_BUSY_POLL, SO_BUSY_POLL_BUDGET),
 # with l0's napi_defer_hard_irqs / gro_flush_timeout set. On Linux >= 6.13 this is a no-op for a
 # copy-mode socket: the kernel gives an AF_XDP socket a NAPI id at bind time for zero-copy only, and
@@ -94,7 +96,7 @@ gen() { # rate receive-address
 
 start_fwd() { # args...
   # shellcheck disable=SC2086
-  ip netns exec "$L" "$LB" --log warn bench-forward --iface l0 --core "$FWD_CORE" $BUSY $FWD_ARGS "$@" > "/tmp/$TAG.fwd" 2>&1 &
+  ip netns exec "$L" nice -n "$FWD_NICE" "$LB" --log warn bench-forward --iface l0 --core "$FWD_CORE" $BUSY $FWD_ARGS "$@" > "/tmp/$TAG.fwd" 2>&1 &
   FWD_PID=$!
   for _ in $(seq 100); do grep -q ready "/tmp/$TAG.fwd" 2>/dev/null && break; sleep 0.05; done
   napi "$L" l0 "$NAPI_CORE"
@@ -178,7 +180,7 @@ run_case nft $BACKEND
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 echo
 echo "machine: $(uname -r), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "command: scripts/bench-throughput.sh $SECS   (GEN_CORE=$GEN_CORE FWD_CORE=$FWD_CORE NAPI_CORE=$NAPI_CORE FWD_ARGS=\"$FWD_ARGS\" GEN_MAX_ARGS=\"$GEN_MAX_ARGS\" BUSY_POLL=$BUSY_POLL DEFER_IRQS=$DEFER_IRQS GRO_FLUSH_NS=$GRO_FLUSH_NS NFT_DEFER=${NFT_DEFER:-0 0} LAT_RATE=$LAT_RATE)"
+echo "command: scripts/bench-throughput.sh $SECS   (GEN_CORE=$GEN_CORE FWD_CORE=$FWD_CORE NAPI_CORE=$NAPI_CORE FWD_ARGS=\"$FWD_ARGS\" GEN_MAX_ARGS=\"$GEN_MAX_ARGS\" FWD_NICE=$FWD_NICE BUSY_POLL=$BUSY_POLL DEFER_IRQS=$DEFER_IRQS GRO_FLUSH_NS=$GRO_FLUSH_NS NFT_DEFER=${NFT_DEFER:-0 0} LAT_RATE=$LAT_RATE)"
 printf "| path | forwarded pps (one core) | returned pps | p50 us @%s pps | p99 us @%s pps |\n|---|---|---|---|---|\n" "$LAT_RATE" "$LAT_RATE"
 for k in floor lb nft; do printf "| %s | %s | %s | %s | %s |\n" "$k" "${PPS[$k]}" "${RET[$k]}" "${P50[$k]}" "${P99[$k]}"; done
 echo "(b)/(a) = $(ratio "${PPS[lb]}" "${PPS[floor]}")   (b)/(c) = $(ratio "${PPS[lb]}" "${PPS[nft]}")"

@@ -876,3 +876,50 @@ impl Device for XskDevice {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused_field(config: &XskConfig) -> Option<&'static str> {
+        match XskDevice::open(config) {
+            Err(XskError::Config { field, .. }) => Some(field),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn each_ring_size_must_be_a_power_of_two_and_the_error_names_it() {
+        let good = XskConfig::new("no-such-interface", 0);
+        // A valid config gets past the checks and fails on the interface instead.
+        assert!(matches!(
+            XskDevice::open(&good),
+            Err(XskError::NoInterface(name)) if name == "no-such-interface"
+        ));
+        let fill = XskConfig {
+            fill_ring_size: 3000,
+            ..good.clone()
+        };
+        assert_eq!(refused_field(&fill), Some("fill_ring_size"));
+        let tx = XskConfig {
+            tx_ring_size: 500,
+            ..good.clone()
+        };
+        assert_eq!(refused_field(&tx), Some("tx_ring_size"));
+        let rx = XskConfig {
+            ring_size: 1000,
+            ..good
+        };
+        assert_eq!(refused_field(&rx), Some("ring_size"));
+    }
+
+    #[test]
+    fn the_config_error_message_says_field_value_and_rule() {
+        let config = XskConfig {
+            tx_ring_size: 500,
+            ..XskConfig::new("eth0", 0)
+        };
+        let msg = XskDevice::open(&config).unwrap_err().to_string();
+        assert_eq!(msg, "tx_ring_size = 500 is invalid: must be a power of two");
+    }
+}
