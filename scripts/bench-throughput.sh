@@ -25,6 +25,10 @@ FWD_ARGS=${FWD_ARGS:-}
 GEN_MAX_ARGS=${GEN_MAX_ARGS:-}
 # Nice value of the forwarder, which shares FWD_CORE with l0's NAPI thread (nice 0).
 FWD_NICE=${FWD_NICE:-0}
+# Nice value of the generator, which shares GEN_CORE with g0's NAPI thread (nice 0): a spinning
+# generator at equal weight starves g0's NAPI, the returning frames back up into l0's transmit path,
+# and the figure measures the generator's core instead of the forwarding one.
+GEN_NICE=${GEN_NICE:-0}
 # BUSY_POLL=1: the forwarder spins and asks for busy polling (SO_PREFER_BUSY_POLL, SO_BUSY_POLL_BUDGET),
 # with l0's napi_defer_hard_irqs / gro_flush_timeout set. On Linux >= 6.13 this is a no-op for a
 # copy-mode socket: the kernel gives an AF_XDP socket a NAPI id at bind time for zero-copy only, and
@@ -75,7 +79,7 @@ gen() { # rate receive-address
   local gpid rc=0 extra=""
   [ "$1" = 0 ] && extra=$GEN_MAX_ARGS
   # shellcheck disable=SC2086
-  ip netns exec "$G" "$LB" --log warn bench-gen --iface g0 --core "$GEN_CORE" --dst-mac "$LMAC" \
+  ip netns exec "$G" nice -n "$GEN_NICE" "$LB" --log warn bench-gen --iface g0 --core "$GEN_CORE" --dst-mac "$LMAC" \
     --src-ip $CLIENT --dst-ip $VIP --flows 1024 --rate "$1" --duration "$SECS" --receive "$2" $extra &
   gpid=$!
   for _ in $(seq 200); do ip -n "$G" link show g0 | grep -q xdp && break; sleep 0.01; done
@@ -180,7 +184,7 @@ run_case nft $BACKEND
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 echo
 echo "machine: $(uname -r), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "command: scripts/bench-throughput.sh $SECS   (GEN_CORE=$GEN_CORE FWD_CORE=$FWD_CORE NAPI_CORE=$NAPI_CORE FWD_ARGS=\"$FWD_ARGS\" GEN_MAX_ARGS=\"$GEN_MAX_ARGS\" FWD_NICE=$FWD_NICE BUSY_POLL=$BUSY_POLL DEFER_IRQS=$DEFER_IRQS GRO_FLUSH_NS=$GRO_FLUSH_NS NFT_DEFER=${NFT_DEFER:-0 0} LAT_RATE=$LAT_RATE)"
+echo "command: scripts/bench-throughput.sh $SECS   (GEN_CORE=$GEN_CORE FWD_CORE=$FWD_CORE NAPI_CORE=$NAPI_CORE FWD_ARGS=\"$FWD_ARGS\" GEN_MAX_ARGS=\"$GEN_MAX_ARGS\" FWD_NICE=$FWD_NICE GEN_NICE=$GEN_NICE BUSY_POLL=$BUSY_POLL DEFER_IRQS=$DEFER_IRQS GRO_FLUSH_NS=$GRO_FLUSH_NS NFT_DEFER=${NFT_DEFER:-0 0} LAT_RATE=$LAT_RATE)"
 printf "| path | forwarded pps (one core) | returned pps | p50 us @%s pps | p99 us @%s pps |\n|---|---|---|---|---|\n" "$LAT_RATE" "$LAT_RATE"
 for k in floor lb nft; do printf "| %s | %s | %s | %s | %s |\n" "$k" "${PPS[$k]}" "${RET[$k]}" "${P50[$k]}" "${P99[$k]}"; done
 echo "(b)/(a) = $(ratio "${PPS[lb]}" "${PPS[floor]}")   (b)/(c) = $(ratio "${PPS[lb]}" "${PPS[nft]}")"
