@@ -90,6 +90,8 @@ gen() { # rate receive-address
   if [ "$1" = 0 ]; then
     local tx0 t0 tx1 t1
     sleep 1; tx0=$(l0_tx); t0=$(now)
+    # PERF_DIR=dir: a diagnostic run also records the forwarding core's call graphs over the window.
+    [ -n "${PERF_DIR:-}" ] && perf record -q -g -C "$FWD_CORE" -o "$PERF_DIR/$CASE.data" -- sleep "$((SECS - 1))" 2>/dev/null &
     sleep "$((SECS - 1))"; tx1=$(l0_tx); t1=$(now)
     kill -0 "$gpid" 2>/dev/null || echo "  warning: the generator ended inside the window" >&2
     echo "$tx0 $t0 $tx1 $t1" > "/tmp/$TAG.win"
@@ -117,6 +119,7 @@ declare -A PPS RET P50 P99
 # to the generator's socket over the generator's own measuring window.
 run_case() { # name receive-address
   local out lat
+  CASE=$1
   out=$(gen 0 "$2"); echo "  $1 max:      $out" >&2
   PPS[$1]=$(awk '{ printf "%.0f", ($3 - $1) / ($4 - $2) }' "/tmp/$TAG.win")
   RET[$1]=$(echo "$out" | field rx_pps)
