@@ -102,6 +102,9 @@ pub struct ForwardArgs {
     /// Frames one TX system call may send (XDP_MAX_TX_SKB_BUDGET; the kernel's default is 32).
     #[arg(long)]
     pub tx_budget: Option<u32>,
+    /// Connection-table entries (`lb run`'s default, and the kernel's nf_conntrack_max here).
+    #[arg(long, default_value_t = 1 << 18)]
+    pub conntrack_entries: usize,
 }
 
 fn mac_of(iface: &str) -> Result<[u8; 6], String> {
@@ -347,7 +350,7 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
             let tables = lb_core::service::TableBuilder::new().build(&config)?;
             let worker = lb_core::worker::Worker::new(
                 tables,
-                lb_core::worker::WorkerConfig::single_core(1 << 20),
+                lb_core::worker::WorkerConfig::single_core(a.conntrack_entries),
             );
             let (_updates, rx) = update_channel();
             let report = PollLoop::new(dev, worker, rx, StopFlag::new(), config_loop).run()?;
