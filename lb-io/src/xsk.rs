@@ -86,6 +86,11 @@ pub struct XskConfig {
     /// Copy mode: frames one TX system call may send (XDP_MAX_TX_SKB_BUDGET, Linux 6.17+, between 32
     /// and `ring_size`); `None` keeps the kernel's 32. Refused (older kernel) is logged, not fatal.
     pub tx_budget: Option<u32>,
+    /// Copy mode: the socket's send buffer in bytes (SO_SNDBUFFORCE, else SO_SNDBUF). Every frame
+    /// sent is an skb charged to it until the peer frees it (~0.8 KB for a 60-byte frame), so the
+    /// default (net.core.wmem_default, ~208 KB) stalls TX at ~270 frames in flight behind a slow peer.
+    /// `None` keeps the default. Refused is logged, not fatal.
+    pub send_buffer: Option<u32>,
 }
 
 impl XskConfig {
@@ -103,6 +108,7 @@ impl XskConfig {
             copy_mode: CopyMode::Auto,
             busy_poll: None,
             tx_budget: None,
+            send_buffer: None,
         }
     }
 }
@@ -568,6 +574,15 @@ impl XskDevice {
                 tracing::warn!(device = %dev.name, budget, "XDP_MAX_TX_SKB_BUDGET refused ({e}); the kernel sends 32 frames per kick");
             } else {
                 dev.tx_budget = budget as usize;
+            }
+        }
+
+        if let Some(bytes) = config.send_buffer {
+            let v = i32::try_from(bytes).unwrap_or(i32::MAX);
+            if setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &v).is_err()
+                && let Err(e) = setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDBUF, &v)
+            {
+                tracing::warn!(device = %dev.name, bytes, "SO_SNDBUF refused ({e}); keeping the default");
             }
         }
 

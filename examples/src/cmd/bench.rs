@@ -105,6 +105,9 @@ pub struct ForwardArgs {
     /// Connection-table entries (`lb run`'s default, and the kernel's nf_conntrack_max here).
     #[arg(long, default_value_t = 1 << 18)]
     pub conntrack_entries: usize,
+    /// The socket's send buffer in bytes (copy mode: caps the frames in flight to the peer).
+    #[arg(long)]
+    pub send_buffer: Option<u32>,
 }
 
 fn mac_of(iface: &str) -> Result<[u8; 6], String> {
@@ -305,6 +308,7 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
     cfg.fill_ring_size = a.fill_ring;
     cfg.tx_ring_size = a.tx_ring;
     cfg.tx_budget = a.tx_budget;
+    cfg.send_buffer = a.send_buffer;
     if a.busy_poll {
         cfg.busy_poll = Some(BusyPoll {
             usecs: 20,
