@@ -20,15 +20,18 @@ LAT_RATE=${LAT_RATE:-20000}
 # Core of the LB interface's NAPI thread (the kernel's receive work, and all of nftables' work).
 NAPI_CORE=${NAPI_CORE:-$FWD_CORE}
 # Extra arguments: FWD_ARGS for every bench-forward (e.g. "--frames 16384 --fill-ring 8192 --tx-ring 512
-# --tx-budget 128 --spin"), GEN_MAX_ARGS for the generator's full-speed pass (e.g. "--drop-returns").
+# --tx-budget 128 --send-buffer 4194304 --spin"; the defaults are lb-io's XskConfig::new), GEN_MAX_ARGS
+# for the generator's full-speed pass. By default that pass drops the returning frames in g0's XDP
+# program (--drop-returns): receiving them into the generator's socket costs the generator's core
+# more than the forwarder spends on them, and the figure then measures that core.
 FWD_ARGS=${FWD_ARGS:-}
-GEN_MAX_ARGS=${GEN_MAX_ARGS:-}
+GEN_MAX_ARGS=${GEN_MAX_ARGS:---drop-returns}
 # Nice value of the forwarder, which shares FWD_CORE with l0's NAPI thread (nice 0).
 FWD_NICE=${FWD_NICE:-0}
 # Nice value of the generator, which shares GEN_CORE with g0's NAPI thread (nice 0): a spinning
 # generator at equal weight starves g0's NAPI, the returning frames back up into l0's transmit path,
 # and the figure measures the generator's core instead of the forwarding one.
-GEN_NICE=${GEN_NICE:-0}
+GEN_NICE=${GEN_NICE:-10}
 # BUSY_POLL=1: the forwarder spins and asks for busy polling (SO_PREFER_BUSY_POLL, SO_BUSY_POLL_BUDGET),
 # with l0's napi_defer_hard_irqs / gro_flush_timeout set. On Linux >= 6.13 this is a no-op for a
 # copy-mode socket: the kernel gives an AF_XDP socket a NAPI id at bind time for zero-copy only, and
@@ -114,15 +117,14 @@ l0_tx() { ip netns exec "$L" cat /sys/class/net/l0/statistics/tx_packets; }
 now() { date +%s.%N; }
 declare -A PPS RET P50 P99
 
-# Forwarded pps = frames the LB namespace transmitted on l0 per second over the window above (the
-# forwarder's own output, whatever the generator manages to take back); returned pps = what came back
-# to the generator's socket over the generator's own measuring window.
+# Forwarded pps = frames the LB namespace transmitted on l0 per second over the window above (what g0
+# took from l0); offered pps = what the generator sent over its own measuring window.
 run_case() { # name receive-address
   local out lat
   CASE=$1
   out=$(gen 0 "$2"); echo "  $1 max:      $out" >&2
   PPS[$1]=$(awk '{ printf "%.0f", ($3 - $1) / ($4 - $2) }' "/tmp/$TAG.win")
-  RET[$1]=$(echo "$out" | field rx_pps)
+  RET[$1]=$(echo "$out" | field tx_pps)
   lat=$(gen "$LAT_RATE" "$2"); echo "  $1 ${LAT_RATE}pps: $lat" >&2
   P50[$1]=$(echo "$lat" | field p50_us); P99[$1]=$(echo "$lat" | field p99_us)
 }
@@ -188,6 +190,6 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
 echo
 echo "machine: $(uname -r), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "command: scripts/bench-throughput.sh $SECS   (GEN_CORE=$GEN_CORE FWD_CORE=$FWD_CORE NAPI_CORE=$NAPI_CORE FWD_ARGS=\"$FWD_ARGS\" GEN_MAX_ARGS=\"$GEN_MAX_ARGS\" FWD_NICE=$FWD_NICE GEN_NICE=$GEN_NICE BUSY_POLL=$BUSY_POLL DEFER_IRQS=$DEFER_IRQS GRO_FLUSH_NS=$GRO_FLUSH_NS NFT_DEFER=${NFT_DEFER:-0 0} LAT_RATE=$LAT_RATE)"
-printf "| path | forwarded pps (one core) | returned pps | p50 us @%s pps | p99 us @%s pps |\n|---|---|---|---|---|\n" "$LAT_RATE" "$LAT_RATE"
+printf "| path | forwarded pps (one core) | offered pps | p50 us @%s pps | p99 us @%s pps |\n|---|---|---|---|---|\n" "$LAT_RATE" "$LAT_RATE"
 for k in floor lb nft; do printf "| %s | %s | %s | %s | %s |\n" "$k" "${PPS[$k]}" "${RET[$k]}" "${P50[$k]}" "${P99[$k]}"; done
 echo "(b)/(a) = $(ratio "${PPS[lb]}" "${PPS[floor]}")   (b)/(c) = $(ratio "${PPS[lb]}" "${PPS[nft]}")"

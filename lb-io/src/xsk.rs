@@ -94,7 +94,9 @@ pub struct XskConfig {
 }
 
 impl XskConfig {
-    /// Defaults for `interface` queue `queue`: 4096 chunks of 4 KiB, rings of 2048.
+    /// Defaults for `interface` queue `queue`: 4096 chunks of 4 KiB; fill, RX and completion rings
+    /// of 2048, a TX ring of 512; copy mode sends up to 128 frames per kick with a 4 MiB send
+    /// buffer (BENCHMARKS.md "lb-io / throughput" has the runs behind these numbers).
     pub fn new(interface: &str, queue: u32) -> Self {
         XskConfig {
             interface: interface.to_string(),
@@ -103,12 +105,12 @@ impl XskConfig {
             frame_size: 4096,
             ring_size: 2048,
             fill_ring_size: 2048,
-            tx_ring_size: 2048,
+            tx_ring_size: 512,
             headroom: 0,
             copy_mode: CopyMode::Auto,
             busy_poll: None,
-            tx_budget: None,
-            send_buffer: None,
+            tx_budget: Some(128),
+            send_buffer: Some(4 << 20),
         }
     }
 }

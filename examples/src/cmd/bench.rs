@@ -90,16 +90,16 @@ pub struct ForwardArgs {
     /// Spin instead of sleeping in poll() when idle (without the busy-poll socket options).
     #[arg(long)]
     pub spin: bool,
-    /// UMEM chunks.
-    #[arg(long, default_value_t = 4096)]
-    pub frames: u32,
+    /// UMEM chunks (default: lb-io's `XskConfig::new`, as for every option below).
+    #[arg(long)]
+    pub frames: Option<u32>,
     /// Fill-ring entries.
-    #[arg(long, default_value_t = 2048)]
-    pub fill_ring: u32,
+    #[arg(long)]
+    pub fill_ring: Option<u32>,
     /// TX-ring entries.
-    #[arg(long, default_value_t = 2048)]
-    pub tx_ring: u32,
-    /// Frames one TX system call may send (XDP_MAX_TX_SKB_BUDGET; the kernel's default is 32).
+    #[arg(long)]
+    pub tx_ring: Option<u32>,
+    /// Frames one TX system call may send (XDP_MAX_TX_SKB_BUDGET; the kernel's own default is 32).
     #[arg(long)]
     pub tx_budget: Option<u32>,
     /// Connection-table entries (`lb run`'s default, and the kernel's nf_conntrack_max here).
@@ -180,7 +180,11 @@ pub fn gen_main(a: GenArgs) -> CmdResult {
     }
     StopFlag::watch_signals()?;
     let mut cfg = XskConfig::new(&a.iface, 0);
-    cfg.tx_budget = a.tx_budget;
+    cfg.tx_budget = a.tx_budget.or(cfg.tx_budget);
+    // The generator keeps the kernel's send buffer: it caps the frames in flight towards the
+    // forwarder (back-pressure from a full peer) instead of letting them pile up and drop there.
+    cfg.send_buffer = None;
+    cfg.tx_ring_size = 2048;
     let missing = if a.drop_returns {
         MissingSocket::Drop
     } else {
@@ -304,11 +308,11 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
         lb_io::pin_to_core(c)?;
     }
     let mut cfg = XskConfig::new(&a.iface, 0);
-    cfg.frames = a.frames;
-    cfg.fill_ring_size = a.fill_ring;
-    cfg.tx_ring_size = a.tx_ring;
-    cfg.tx_budget = a.tx_budget;
-    cfg.send_buffer = a.send_buffer;
+    cfg.frames = a.frames.unwrap_or(cfg.frames);
+    cfg.fill_ring_size = a.fill_ring.unwrap_or(cfg.fill_ring_size);
+    cfg.tx_ring_size = a.tx_ring.unwrap_or(cfg.tx_ring_size);
+    cfg.tx_budget = a.tx_budget.or(cfg.tx_budget);
+    cfg.send_buffer = a.send_buffer.or(cfg.send_buffer);
     if a.busy_poll {
         cfg.busy_poll = Some(BusyPoll {
             usecs: 20,
@@ -376,9 +380,24 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
         }
         other => return Err(format!("unknown --processor {other:?} (floor or lb)").into()),
     };
+    // Context switches of this (the loop's) thread: how often it gave the core to l0's NAPI thread.
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    let switches = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map_or("?".to_string(), |v| v.trim().to_string())
+    };
     eprintln!(
-        "forwarder: rx {} tx {} pass {} drop {} stalled {}",
-        stats.rx, stats.tx, stats.pass, stats.drop, stats.stalled_flushes
+        "forwarder: rx {} tx {} pass {} drop {} stalled {} idle_waits {} ctxt_switches voluntary {} involuntary {}",
+        stats.rx,
+        stats.tx,
+        stats.pass,
+        stats.drop,
+        stats.stalled_flushes,
+        stats.idle_waits,
+        switches("voluntary_ctxt_switches:"),
+        switches("nonvoluntary_ctxt_switches:")
     );
     Ok(())
 }
