@@ -47,8 +47,13 @@ TAG="lbb$$"
 G="${TAG}g"; L="${TAG}l"
 VIP=10.78.0.100; BACKEND=10.78.0.50; SNAT=10.78.0.3; CLIENT=10.78.0.1
 
-cargo build --release -q -p lb-examples --bin lb
-LB="$PWD/target/release/lb"
+# LB_BIN=path: use an already built `lb` instead of building it here.
+if [ -n "${LB_BIN:-}" ]; then
+  LB=$(realpath "$LB_BIN")
+else
+  cargo build --release -q -p lb-examples --bin lb
+  LB="$PWD/target/release/lb"
+fi
 
 FWD_PID=""
 cleanup() {
