@@ -28,9 +28,9 @@ FWD_ARGS=${FWD_ARGS:-}
 GEN_MAX_ARGS=${GEN_MAX_ARGS:---drop-returns}
 # Nice value of the forwarder, which shares FWD_CORE with l0's NAPI thread (nice 0). At equal weight
 # the NAPI thread takes ~60 % of the core and keeps receiving frames the forwarder has no time to
-# send (fill-ring-empty drops after the kernel's receive work); a higher weight for the forwarder
-# wastes less. It sleeps in poll() when idle, so the NAPI thread still gets the core then.
-FWD_NICE=${FWD_NICE:--5}
+# send (fill-ring-empty drops after the kernel's receive work). FWD_NICE=-5 was tried: no clear gain
+# within the run-to-run spread (BENCHMARKS.md), so the default stays 0.
+FWD_NICE=${FWD_NICE:-0}
 # Nice value of the generator, which shares GEN_CORE with g0's NAPI thread (nice 0): a spinning
 # generator at equal weight starves g0's NAPI, the returning frames back up into l0's transmit path,
 # and the figure measures the generator's core instead of the forwarding one.
