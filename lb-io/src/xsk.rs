@@ -5,7 +5,7 @@
 //!        ▲                                                                                    │ settle
 //!        ├──────────── recycled (Pass / Drop) ◄──────────────────────────────────────────────┤
 //!        │                                                                                    ▼
-//!        └──── COMPLETION ring ◄──kernel sent── TX ring ◄──flush(): submit + kick per 32── pending TX
+//!        └──── COMPLETION ring ◄──kernel sent── TX ring ◄──flush(): submit + kick (≤ tx_budget)── pending TX
 //! ```
 //! Every frame is one UMEM chunk; the kernel puts a received packet `XDP_PACKET_HEADROOM` (256) plus
 //! the configured headroom into its chunk, so a rewrite can grow the packet at the front (tunnel
@@ -846,7 +846,7 @@ impl Device for XskDevice {
         if submitted > 0 {
             self.tx.submit();
         }
-        // Copy mode transmits at most 32 frames per system call: kick while the kernel has not yet
+        // Copy mode transmits at most `tx_budget` frames per system call: kick while the kernel has not yet
         // taken everything off the TX ring. Counting what it has not taken (rather than what is not
         // yet completed: a sent frame completes only when the peer frees its copy) avoids kicks
         // that find the ring empty; a kick that moves nothing (the driver is busy) ends the round.
