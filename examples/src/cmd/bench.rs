@@ -296,7 +296,8 @@ pub fn gen_main(a: GenArgs) -> CmdResult {
         s.rx_ring_full,
         s.rx_fill_ring_empty,
         s.tx_kicks,
-        dev.napi_id().map_or("none".to_string(), |id| id.to_string())
+        dev.napi_id()
+            .map_or("none".to_string(), |id| id.to_string())
     );
     Ok(())
 }
@@ -411,7 +412,8 @@ fn print_xsk(dev: &XskDevice) {
         s.rx_fill_ring_empty,
         s.tx_kicks,
         s.rx_wakeups,
-        dev.napi_id().map_or("none".to_string(), |id| id.to_string()),
+        dev.napi_id()
+            .map_or("none".to_string(), |id| id.to_string()),
         dev.tx_budget()
     );
 }
