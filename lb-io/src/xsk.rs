@@ -5,7 +5,7 @@
 //!        ▲                                                                                    │ settle
 //!        ├──────────── recycled (Pass / Drop) ◄──────────────────────────────────────────────┤
 //!        │                                                                                    ▼
-//!        └──── COMPLETION ring ◄──kernel sent── TX ring ◄──flush(): submit + kick per 32── pending TX
+//!        └──── COMPLETION ring ◄──kernel sent── TX ring ◄──flush(): submit + kick (≤ tx_budget)── pending TX
 //! ```
 //! Every frame is one UMEM chunk; the kernel puts a received packet `XDP_PACKET_HEADROOM` (256) plus
 //! the configured headroom into its chunk, so a rewrite can grow the packet at the front (tunnel
@@ -28,6 +28,9 @@ use std::time::Duration;
 use lb_core::Frame;
 
 use crate::device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
+
+/// `XDP_MAX_TX_SKB_BUDGET` from linux/if_xdp.h (6.17+), not yet in the `libc` crate.
+const XDP_MAX_TX_SKB_BUDGET: i32 = 9;
 
 /// Chunks handed to the fill ring per refill step (the ring takes what fits, never all-or-nothing).
 const REFILL_STEP: u32 = 64;
@@ -66,18 +69,34 @@ pub struct XskConfig {
     pub frames: u32,
     /// Chunk size: 2048 or 4096.
     pub frame_size: u32,
-    /// Entries in each ring. Power of two.
+    /// Entries in the RX and completion rings. Power of two.
     pub ring_size: u32,
+    /// Entries in the fill ring. Power of two. Chunks waiting here are what the kernel can receive
+    /// into while the loop is busy; when it runs dry the kernel drops after doing the receive work.
+    pub fill_ring_size: u32,
+    /// Entries in the TX ring. Power of two. Chunks queued here wait for the peer; a TX ring much
+    /// deeper than the fill ring lets a slow peer hold the chunks the fill ring needs.
+    pub tx_ring_size: u32,
     /// Extra headroom the kernel leaves before each received packet, on top of its own 256 bytes.
     pub headroom: u32,
     /// Copy or zero-copy.
     pub copy_mode: CopyMode,
     /// Busy polling; `None` leaves the socket interrupt-driven. Refused options are logged, not fatal.
     pub busy_poll: Option<BusyPoll>,
+    /// Copy mode: frames one TX system call may send (XDP_MAX_TX_SKB_BUDGET, Linux 6.17+, between 32
+    /// and `ring_size`); `None` keeps the kernel's 32. Refused (older kernel) is logged, not fatal.
+    pub tx_budget: Option<u32>,
+    /// Copy mode: the socket's send buffer in bytes (SO_SNDBUFFORCE, else SO_SNDBUF). Every frame
+    /// sent is an skb charged to it until the peer frees it (~0.8 KB for a 60-byte frame), so the
+    /// default (net.core.wmem_default, ~208 KB) stalls TX at ~270 frames in flight behind a slow peer.
+    /// `None` keeps the default. Refused is logged, not fatal.
+    pub send_buffer: Option<u32>,
 }
 
 impl XskConfig {
-    /// Defaults for `interface` queue `queue`: 4096 chunks of 4 KiB, rings of 2048.
+    /// Defaults for `interface` queue `queue`: 4096 chunks of 4 KiB; fill, RX and completion rings
+    /// of 2048, a TX ring of 512; copy mode sends up to 128 frames per kick with a 4 MiB send
+    /// buffer (BENCHMARKS.md "lb-io / throughput" has the runs behind these numbers).
     pub fn new(interface: &str, queue: u32) -> Self {
         XskConfig {
             interface: interface.to_string(),
@@ -85,9 +104,13 @@ impl XskConfig {
             frames: 4096,
             frame_size: 4096,
             ring_size: 2048,
+            fill_ring_size: 2048,
+            tx_ring_size: 512,
             headroom: 0,
             copy_mode: CopyMode::Auto,
             busy_poll: None,
+            tx_budget: Some(128),
+            send_buffer: Some(4 << 20),
         }
     }
 }
@@ -327,6 +350,8 @@ pub struct XskDevice {
     frames: usize,
     /// Busy polling configured: every empty receive makes a system call that polls the NAPI.
     busy_poll: bool,
+    /// Frames the kernel sends per TX kick in copy mode (32 unless XDP_MAX_TX_SKB_BUDGET took).
+    tx_budget: usize,
     name: String,
     kicks: u64,
     wakeups: u64,
@@ -396,7 +421,12 @@ impl XskDevice {
                 source,
             }
         };
-        for (field, value) in [("frames", config.frames), ("ring_size", config.ring_size)] {
+        for (field, value) in [
+            ("frames", config.frames),
+            ("ring_size", config.ring_size),
+            ("fill_ring_size", config.fill_ring_size),
+            ("tx_ring_size", config.tx_ring_size),
+        ] {
             if !value.is_power_of_two() {
                 return Err(XskError::Config {
                     field,
@@ -437,7 +467,7 @@ impl XskDevice {
                 std::ptr::null_mut(),
                 umem_len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                 -1,
                 0,
             )
@@ -449,6 +479,16 @@ impl XskDevice {
             ptr: ptr.cast(),
             len: umem_len,
         };
+        // Transparent huge pages where the system allows them (THP "madvise" or "always"): every
+        // packet touches a different chunk, and with 4 KiB pages a 16 MiB UMEM needs 4096 TLB entries
+        // between the kernel's copy and the loop's rewrite. Advice only; refused is not an error.
+        // SAFETY: advice on the mapping created just above, with its exact bounds.
+        unsafe { libc::madvise(ptr, umem_len, libc::MADV_HUGEPAGE) };
+        // Fault every page in now (as MAP_POPULATE did), so the fast path never takes a page fault.
+        for off in (0..umem_len).step_by(4096) {
+            // SAFETY: `off < umem_len`, inside the fresh private mapping nothing else references.
+            unsafe { umem.ptr.add(off).write_volatile(0) };
+        }
 
         let reg = libc::xdp_umem_reg {
             addr: umem.ptr as u64,
@@ -459,13 +499,13 @@ impl XskDevice {
             tx_metadata_len: 0,
         };
         setsockopt(raw, libc::SOL_XDP, libc::XDP_UMEM_REG, &reg).map_err(sys("XDP_UMEM_REG"))?;
-        for opt in [
-            libc::XDP_UMEM_FILL_RING,
-            libc::XDP_UMEM_COMPLETION_RING,
-            libc::XDP_RX_RING,
-            libc::XDP_TX_RING,
+        for (opt, size) in [
+            (libc::XDP_UMEM_FILL_RING, config.fill_ring_size),
+            (libc::XDP_UMEM_COMPLETION_RING, config.ring_size),
+            (libc::XDP_RX_RING, config.ring_size),
+            (libc::XDP_TX_RING, config.tx_ring_size),
         ] {
-            setsockopt(raw, libc::SOL_XDP, opt, &config.ring_size).map_err(sys("ring size"))?;
+            setsockopt(raw, libc::SOL_XDP, opt, &size).map_err(sys("ring size"))?;
         }
         // SAFETY: xdp_mmap_offsets is plain integers; all-zero is valid.
         let mut off: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
@@ -473,14 +513,19 @@ impl XskDevice {
             .map_err(sys("XDP_MMAP_OFFSETS"))?;
 
         let n = config.ring_size;
-        let fill = Ring::<u64>::map(raw, &off.fr, n, libc::XDP_UMEM_PGOFF_FILL_RING as i64)
-            .map_err(sys("mmap(fill)"))?;
+        let fill = Ring::<u64>::map(
+            raw,
+            &off.fr,
+            config.fill_ring_size,
+            libc::XDP_UMEM_PGOFF_FILL_RING as i64,
+        )
+        .map_err(sys("mmap(fill)"))?;
         let completion =
             Ring::<u64>::map(raw, &off.cr, n, libc::XDP_UMEM_PGOFF_COMPLETION_RING as i64)
                 .map_err(sys("mmap(completion)"))?;
         let rx = Ring::<libc::xdp_desc>::map(raw, &off.rx, n, libc::XDP_PGOFF_RX_RING)
             .map_err(sys("mmap(rx)"))?;
-        let tx = Ring::<libc::xdp_desc>::map(raw, &off.tx, n, libc::XDP_PGOFF_TX_RING)
+        let tx = Ring::<libc::xdp_desc>::map(raw, &off.tx, config.tx_ring_size, libc::XDP_PGOFF_TX_RING)
             .map_err(sys("mmap(tx)"))?;
 
         let mut dev = XskDevice {
@@ -501,12 +546,13 @@ impl XskDevice {
             zero_copy: false,
             frames: config.frames as usize,
             busy_poll: config.busy_poll.is_some(),
+            tx_budget: 32,
             name: format!("{}#{}", config.interface, config.queue),
             kicks: 0,
             wakeups: 0,
         };
-        // Half the chunks wait on the fill ring for packets; the rest cover frames in flight.
-        dev.refill(config.frames / 2);
+        // Up to half the chunks wait on the fill ring for packets; the rest cover frames in flight.
+        dev.refill((config.frames / 2).min(config.fill_ring_size));
 
         if let Some(bp) = config.busy_poll {
             let one: i32 = 1;
@@ -522,6 +568,23 @@ impl XskDevice {
                 if let Err(e) = setsockopt(raw, libc::SOL_SOCKET, opt, &v) {
                     tracing::warn!(device = %dev.name, "{name} refused ({e}); continuing without it");
                 }
+            }
+        }
+
+        if let Some(budget) = config.tx_budget {
+            if let Err(e) = setsockopt(raw, libc::SOL_XDP, XDP_MAX_TX_SKB_BUDGET, &budget) {
+                tracing::warn!(device = %dev.name, budget, "XDP_MAX_TX_SKB_BUDGET refused ({e}); the kernel sends 32 frames per kick");
+            } else {
+                dev.tx_budget = budget as usize;
+            }
+        }
+
+        if let Some(bytes) = config.send_buffer {
+            let v = i32::try_from(bytes).unwrap_or(i32::MAX);
+            if setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, &v).is_err()
+                && let Err(e) = setsockopt(raw, libc::SOL_SOCKET, libc::SO_SNDBUF, &v)
+            {
+                tracing::warn!(device = %dev.name, bytes, "SO_SNDBUF refused ({e}); keeping the default");
             }
         }
 
@@ -564,6 +627,20 @@ impl XskDevice {
     /// True when bound in zero-copy mode.
     pub fn is_zero_copy(&self) -> bool {
         self.zero_copy
+    }
+
+    /// The NAPI instance the kernel recorded for this socket on its first received frame
+    /// (SO_INCOMING_NAPI_ID); busy polling drives that NAPI. `None` before a frame arrived, or when
+    /// the driver registered its queue without one (then busy polling cannot work).
+    pub fn napi_id(&self) -> Option<u32> {
+        let mut id: u32 = 0;
+        getsockopt(self.fd(), libc::SOL_SOCKET, libc::SO_INCOMING_NAPI_ID, &mut id).ok()?;
+        (id != 0).then_some(id)
+    }
+
+    /// Frames one TX kick may send in copy mode (what the kernel accepted as XDP_MAX_TX_SKB_BUDGET).
+    pub fn tx_budget(&self) -> usize {
+        self.tx_budget
     }
 
     /// Kernel and device counters.
@@ -769,7 +846,7 @@ impl Device for XskDevice {
         if submitted > 0 {
             self.tx.submit();
         }
-        // Copy mode transmits at most 32 frames per system call: kick while the kernel has not yet
+        // Copy mode transmits at most `tx_budget` frames per system call: kick while the kernel has not yet
         // taken everything off the TX ring. Counting what it has not taken (rather than what is not
         // yet completed: a sent frame completes only when the peer frees its copy) avoids kicks
         // that find the ring empty; a kick that moves nothing (the driver is busy) ends the round.
@@ -824,5 +901,52 @@ impl Device for XskDevice {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused_field(config: &XskConfig) -> Option<&'static str> {
+        match XskDevice::open(config) {
+            Err(XskError::Config { field, .. }) => Some(field),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn each_ring_size_must_be_a_power_of_two_and_the_error_names_it() {
+        let good = XskConfig::new("no-such-interface", 0);
+        // A valid config gets past the checks and fails on the interface instead.
+        assert!(matches!(
+            XskDevice::open(&good),
+            Err(XskError::NoInterface(name)) if name == "no-such-interface"
+        ));
+        let fill = XskConfig {
+            fill_ring_size: 3000,
+            ..good.clone()
+        };
+        assert_eq!(refused_field(&fill), Some("fill_ring_size"));
+        let tx = XskConfig {
+            tx_ring_size: 500,
+            ..good.clone()
+        };
+        assert_eq!(refused_field(&tx), Some("tx_ring_size"));
+        let rx = XskConfig {
+            ring_size: 1000,
+            ..good
+        };
+        assert_eq!(refused_field(&rx), Some("ring_size"));
+    }
+
+    #[test]
+    fn the_config_error_message_says_field_value_and_rule() {
+        let config = XskConfig {
+            tx_ring_size: 500,
+            ..XskConfig::new("eth0", 0)
+        };
+        let msg = XskDevice::open(&config).unwrap_err().to_string();
+        assert_eq!(msg, "tx_ring_size = 500 is invalid: must be a power of two");
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use lb_core::Frame;
 use lb_io::bpf::AttachMode;
-use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
+use lb_io::bpf::xdp::{MissingSocket, SteeringConfig, VipSteering};
 use lb_io::{
     BusyPoll, Device, LoopConfig, MacRewrite, PollLoop, StopFlag, XskConfig, XskDevice,
     update_channel,
@@ -54,6 +54,13 @@ pub struct GenArgs {
     /// Destination addresses of returning frames to steer to this socket.
     #[arg(long = "receive")]
     pub receive: Vec<IpAddr>,
+    /// Drop the returning frames in the XDP program instead of receiving them (no latency, no
+    /// returned count): keeps this core's work per returned frame small at full offered load.
+    #[arg(long)]
+    pub drop_returns: bool,
+    /// Frames one TX system call may send (XDP_MAX_TX_SKB_BUDGET; the kernel's default is 32).
+    #[arg(long)]
+    pub tx_budget: Option<u32>,
 }
 
 /// Arguments of `lb bench-forward`.
@@ -80,6 +87,27 @@ pub struct ForwardArgs {
     /// Busy-poll: spin instead of sleeping in poll() when idle, and ask for SO_PREFER_BUSY_POLL.
     #[arg(long)]
     pub busy_poll: bool,
+    /// Spin instead of sleeping in poll() when idle (without the busy-poll socket options).
+    #[arg(long)]
+    pub spin: bool,
+    /// UMEM chunks (default: lb-io's `XskConfig::new`, as for every option below).
+    #[arg(long)]
+    pub frames: Option<u32>,
+    /// Fill-ring entries.
+    #[arg(long)]
+    pub fill_ring: Option<u32>,
+    /// TX-ring entries.
+    #[arg(long)]
+    pub tx_ring: Option<u32>,
+    /// Frames one TX system call may send (XDP_MAX_TX_SKB_BUDGET; the kernel's own default is 32).
+    #[arg(long)]
+    pub tx_budget: Option<u32>,
+    /// Connection-table entries (`lb run`'s default, and the kernel's nf_conntrack_max here).
+    #[arg(long, default_value_t = 1 << 18)]
+    pub conntrack_entries: usize,
+    /// The socket's send buffer in bytes (copy mode: caps the frames in flight to the peer).
+    #[arg(long)]
+    pub send_buffer: Option<u32>,
 }
 
 fn mac_of(iface: &str) -> Result<[u8; 6], String> {
@@ -93,26 +121,24 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 }
 
 fn open(
-    iface: &str,
+    cfg: &XskConfig,
     steer: &[IpAddr],
-    busy: bool,
+    missing_socket: MissingSocket,
 ) -> Result<(VipSteering, XskDevice, lb_io::bpf::Link), String> {
-    let mut steering = VipSteering::load(SteeringConfig::default()).map_err(|e| e.to_string())?;
+    let iface = cfg.interface.as_str();
+    let mut steering = VipSteering::load(SteeringConfig {
+        missing_socket,
+        ..SteeringConfig::default()
+    })
+    .map_err(|e| e.to_string())?;
     steering
         .set_vips(steer.iter().copied())
         .map_err(|e| e.to_string())?;
-    let mut cfg = XskConfig::new(iface, 0);
-    if busy {
-        cfg.busy_poll = Some(BusyPoll {
-            usecs: 20,
-            budget: 64,
-        });
-    }
     // The kernel releases a closed AF_XDP socket's queue binding asynchronously: a run right after
     // another may see EBUSY for a moment. Retry a bounded number of times.
     let mut tries = 0;
     let dev = loop {
-        match XskDevice::open(&cfg) {
+        match XskDevice::open(cfg) {
             Ok(d) => break d,
             Err(lb_io::XskError::Sys { source, .. })
                 if source.raw_os_error() == Some(libc::EBUSY) && tries < 100 =>
@@ -123,9 +149,12 @@ fn open(
             Err(e) => return Err(e.to_string()),
         }
     };
-    steering
-        .set_socket(0, dev.fd())
-        .map_err(|e| e.to_string())?;
+    // With `MissingSocket::Drop` the socket stays out of the map: steered frames are dropped.
+    if missing_socket == MissingSocket::Pass {
+        steering
+            .set_socket(0, dev.fd())
+            .map_err(|e| e.to_string())?;
+    }
     let idx = lb_io::xsk::ifindex(iface).ok_or_else(|| format!("no interface {iface}"))?;
     let link = steering
         .attach(idx, AttachMode::Native)
@@ -150,7 +179,18 @@ pub fn gen_main(a: GenArgs) -> CmdResult {
         lb_io::pin_to_core(c)?;
     }
     StopFlag::watch_signals()?;
-    let (_steering, mut dev, _link) = open(&a.iface, &a.receive, false)?;
+    let mut cfg = XskConfig::new(&a.iface, 0);
+    cfg.tx_budget = a.tx_budget.or(cfg.tx_budget);
+    // The generator keeps the kernel's send buffer: it caps the frames in flight towards the
+    // forwarder (back-pressure from a full peer) instead of letting them pile up and drop there.
+    cfg.send_buffer = None;
+    cfg.tx_ring_size = 2048;
+    let missing = if a.drop_returns {
+        MissingSocket::Drop
+    } else {
+        MissingSocket::Pass
+    };
+    let (_steering, mut dev, _link) = open(&cfg, &a.receive, missing)?;
     let src_mac = mac_of(&a.iface)?;
     let dst_mac = parse_mac(&a.dst_mac)?;
     let mut template = [0u8; 60];
@@ -251,8 +291,13 @@ pub fn gen_main(a: GenArgs) -> CmdResult {
     );
     let s = dev.stats();
     eprintln!(
-        "gen AF_XDP: rx_dropped {} rx_ring_full {} fill_empty {} tx_kicks {}",
-        s.rx_dropped, s.rx_ring_full, s.rx_fill_ring_empty, s.tx_kicks
+        "gen AF_XDP: rx_dropped {} rx_ring_full {} fill_empty {} tx_kicks {} napi_id {}",
+        s.rx_dropped,
+        s.rx_ring_full,
+        s.rx_fill_ring_empty,
+        s.tx_kicks,
+        dev.napi_id()
+            .map_or("none".to_string(), |id| id.to_string())
     );
     Ok(())
 }
@@ -263,9 +308,21 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
     if let Some(c) = a.core {
         lb_io::pin_to_core(c)?;
     }
-    let (_steering, dev, _link) = open(&a.iface, &a.steer, a.busy_poll)?;
+    let mut cfg = XskConfig::new(&a.iface, 0);
+    cfg.frames = a.frames.unwrap_or(cfg.frames);
+    cfg.fill_ring_size = a.fill_ring.unwrap_or(cfg.fill_ring_size);
+    cfg.tx_ring_size = a.tx_ring.unwrap_or(cfg.tx_ring_size);
+    cfg.tx_budget = a.tx_budget.or(cfg.tx_budget);
+    cfg.send_buffer = a.send_buffer.or(cfg.send_buffer);
+    if a.busy_poll {
+        cfg.busy_poll = Some(BusyPoll {
+            usecs: 20,
+            budget: 64,
+        });
+    }
+    let (_steering, dev, _link) = open(&cfg, &a.steer, MissingSocket::Pass)?;
     let config_loop = LoopConfig {
-        idle_spins: if a.busy_poll {
+        idle_spins: if a.busy_poll || a.spin {
             usize::MAX
         } else {
             LoopConfig::default().idle_spins
@@ -302,10 +359,11 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
             let tables = lb_core::service::TableBuilder::new().build(&config)?;
             let worker = lb_core::worker::Worker::new(
                 tables,
-                lb_core::worker::WorkerConfig::single_core(1 << 20),
+                lb_core::worker::WorkerConfig::single_core(a.conntrack_entries),
             );
             let (_updates, rx) = update_channel();
             let report = PollLoop::new(dev, worker, rx, StopFlag::new(), config_loop).run()?;
+            print_xsk(&report.device);
             let w = report.processor.stats();
             eprintln!(
                 "worker: rx {} tx {} dropped {} passed {}",
@@ -323,9 +381,24 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
         }
         other => return Err(format!("unknown --processor {other:?} (floor or lb)").into()),
     };
+    // Context switches of this (the loop's) thread: how often it gave the core to l0's NAPI thread.
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    let switches = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .map_or("?".to_string(), |v| v.trim().to_string())
+    };
     eprintln!(
-        "forwarder: rx {} tx {} pass {} drop {} stalled {}",
-        stats.rx, stats.tx, stats.pass, stats.drop, stats.stalled_flushes
+        "forwarder: rx {} tx {} pass {} drop {} stalled {} idle_waits {} ctxt_switches voluntary {} involuntary {}",
+        stats.rx,
+        stats.tx,
+        stats.pass,
+        stats.drop,
+        stats.stalled_flushes,
+        stats.idle_waits,
+        switches("voluntary_ctxt_switches:"),
+        switches("nonvoluntary_ctxt_switches:")
     );
     Ok(())
 }
@@ -333,7 +406,14 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
 fn print_xsk(dev: &XskDevice) {
     let s = dev.stats();
     eprintln!(
-        "forwarder AF_XDP: rx_dropped {} rx_ring_full {} fill_empty {} tx_kicks {} rx_wakeups {}",
-        s.rx_dropped, s.rx_ring_full, s.rx_fill_ring_empty, s.tx_kicks, s.rx_wakeups
+        "forwarder AF_XDP: rx_dropped {} rx_ring_full {} fill_empty {} tx_kicks {} rx_wakeups {} napi_id {} tx_budget {}",
+        s.rx_dropped,
+        s.rx_ring_full,
+        s.rx_fill_ring_empty,
+        s.tx_kicks,
+        s.rx_wakeups,
+        dev.napi_id()
+            .map_or("none".to_string(), |id| id.to_string()),
+        dev.tx_budget()
     );
 }
