@@ -115,7 +115,12 @@ impl LbProcessor {
 impl lb_io::BurstProcessor for LbProcessor {
     type Update = Arc<Tables>;
 
-    fn process_burst(&mut self, frames: &mut [lb_core::Frame<'_>], now: lb_core::Instant, verdicts: &mut [lb_core::Verdict]) {
+    fn process_burst(
+        &mut self,
+        frames: &mut [lb_core::Frame<'_>],
+        now: lb_core::Instant,
+        verdicts: &mut [lb_core::Verdict],
+    ) {
         self.worker.process_burst(frames, now, verdicts);
         if now >= self.next_publish {
             self.publish();
@@ -289,7 +294,11 @@ impl<S: TablesSink> Control<S> {
                     l.applied += 1;
                     l.k8s_skipped = k8s_skipped;
                 });
-                tracing::info!(version = tables.version(), services = tables.services().len(), "tables published to workers");
+                tracing::info!(
+                    version = tables.version(),
+                    services = tables.services().len(),
+                    "tables published to workers"
+                );
                 Ok(tables)
             }
             Err(e) => {
@@ -392,7 +401,8 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
                 let input = match reload {
                     Ok(mut s) => {
                         s.fill_from_env(|k| std::env::var(k).ok());
-                        let view = NodeView { settings: s.kubernetes.clone().unwrap_or_default(), node: s.node.clone() };
+                        let view =
+                            NodeView { settings: s.kubernetes.clone().unwrap_or_default(), node: s.node.clone() };
                         let _ = view_tx.send(view);
                         ControlInput::File(Box::new(s))
                     }
@@ -499,12 +509,16 @@ pub fn run_blocking<S: TablesSink + 'static>(
 /// lb-core rejects on its own (e.g. a Maglev table size too small for its endpoints) is left out, so
 /// one bad Service cannot block every later cluster update. Returns the reasons for what was left out.
 fn desired_services(file: &Settings, k8s: &Translation) -> (Vec<ServiceSpec>, Vec<String>) {
-    let taken: HashMap<ServiceKey, &str> = file.services.iter().map(|s| (s.config.key, s.config.name.as_str())).collect();
+    let taken: HashMap<ServiceKey, &str> =
+        file.services.iter().map(|s| (s.config.key, s.config.name.as_str())).collect();
     let mut out = file.services.clone();
     let mut left_out = Vec::new();
     for s in &k8s.services {
         if let Some(owner) = taken.get(&s.config.key) {
-            left_out.push(format!("{} ({}): the file's service {owner} already uses this key", s.config.name, s.config.key));
+            left_out.push(format!(
+                "{} ({}): the file's service {owner} already uses this key",
+                s.config.name, s.config.key
+            ));
             continue;
         }
         let alone = Config { node: file.node.clone(), services: vec![s.config.clone()] };
@@ -588,7 +602,10 @@ services:
         use lb_io::BurstProcessor;
         let settings = parse(GOOD).unwrap();
         let mut builder = TableBuilder::new();
-        let config = Config { node: settings.node.clone(), services: settings.services.iter().map(|s| s.config.clone()).collect() };
+        let config = Config {
+            node: settings.node.clone(),
+            services: settings.services.iter().map(|s| s.config.clone()).collect(),
+        };
         let tables = builder.build(&config).unwrap();
         let worker = lb_core::worker::Worker::new(tables.clone(), lb_core::worker::WorkerConfig::single_core(1024));
         let (mut p, shared) = LbProcessor::new(worker);
@@ -645,7 +662,10 @@ services:
         let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: false })).unwrap();
         assert_eq!(t.services().len(), 1);
         // The file service has no health check, so the overlay leaves it alone.
-        assert_eq!(backends(&t), vec![("10.1.0.1:8080".into(), BackendState::Active), ("10.1.0.2:8080".into(), BackendState::Active)]);
+        assert_eq!(
+            backends(&t),
+            vec![("10.1.0.1:8080".into(), BackendState::Active), ("10.1.0.2:8080".into(), BackendState::Active)]
+        );
     }
 
     #[test]
@@ -667,7 +687,8 @@ services:
         };
         let build = |yaml: &str| {
             let settings = parse(yaml).unwrap();
-            let config = Config { node: settings.node, services: settings.services.into_iter().map(|s| s.config).collect() };
+            let config =
+                Config { node: settings.node, services: settings.services.into_iter().map(|s| s.config).collect() };
             TableBuilder::new().build(&config).unwrap()
         };
         let vip: IpAddr = "10.0.0.10".parse().unwrap();

@@ -76,7 +76,9 @@ async fn probe_inner(probe: &Probe, addr: SocketAddr) -> Result<(), String> {
         SocketAddr::V4(a) => a.to_string(),
         SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
     };
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: lb-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
     conn.write_all(req.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
     // Only the status line matters; read until its end (bounded).
     let mut buf = Vec::with_capacity(128);
@@ -128,7 +130,8 @@ impl HealthChecker {
         for s in services {
             let Some(check) = &s.health_check else { continue };
             for b in &s.config.backends {
-                wanted.insert(Target { service: s.config.key, backend: SocketAddr::new(b.addr, b.port) }, check.clone());
+                wanted
+                    .insert(Target { service: s.config.key, backend: SocketAddr::new(b.addr, b.port) }, check.clone());
             }
         }
         self.tasks.retain(|target, (check, task)| {

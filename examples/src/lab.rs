@@ -28,18 +28,15 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, mpsc};
 
 use lb_core::config::{
-    BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy,
-    SchedulerKind, ServiceConfig, ServiceKey,
+    BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy, SchedulerKind,
+    ServiceConfig, ServiceKey,
 };
 use lb_core::service::{TableBuilder, Tables};
 use lb_core::worker::{Worker, WorkerConfig};
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
 use lb_io::netns::{Netns, enter_netns, format_mac, run};
-use lb_io::{
-    LoopConfig, LoopStats, PollLoop, StopFlag, UpdateSender, XskConfig, XskDevice, XskStats,
-    update_channel,
-};
+use lb_io::{LoopConfig, LoopStats, PollLoop, StopFlag, UpdateSender, XskConfig, XskDevice, XskStats, update_channel};
 
 pub mod decap;
 use decap::{DecapStats, Decapsulator, TunnelEnds};
@@ -211,30 +208,11 @@ impl Lab {
         let tag = format!("{prefix}{}", std::process::id());
         let sw = Netns::create(&format!("{tag}-sw"))?;
         // No multicast snooping: neighbour solicitations reach every port from the first packet.
-        sw.ip(&[
-            "link",
-            "add",
-            "br0",
-            "type",
-            "bridge",
-            "mcast_snooping",
-            "0",
-        ])?;
+        sw.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
         sw.ip(&["link", "set", "br0", "up"])?;
         let attach = |role: &str, v4: &str, v6: &str| -> Result<Netns, LabError> {
             let ns = Netns::create(&format!("{tag}-{role}"))?;
-            ns.ip(&[
-                "link",
-                "add",
-                "eth0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                role,
-                "netns",
-                sw.name(),
-            ])?;
+            ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", role, "netns", sw.name()])?;
             sw.ip(&["link", "set", role, "master", "br0", "up"])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
             ns.ip(&["addr", "add", v4, "dev", "eth0"])?;
@@ -251,13 +229,7 @@ impl Lab {
             let v6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x11 + i as u16);
             let ns = attach(name, &format!("{v4}/24"), &format!("{v6}/64"))?;
             let mac = ns.mac("eth0")?;
-            backends.push(LabBackend {
-                name,
-                ns,
-                v4,
-                v6,
-                mac,
-            });
+            backends.push(LabBackend { name, ns, v4, v6, mac });
         }
         // Senders compute full checksums (a forwarded frame with a partial one fails at the receiver).
         client.checksum_offload_off("eth0")?;
@@ -305,19 +277,10 @@ impl Lab {
                 let path = if kernel_decap(&b.ns, mode)? {
                     DecapPath::Kernel
                 } else {
-                    let ends = TunnelEnds {
-                        local_v4: b.v4,
-                        local_v6: b.v6,
-                        remote_v4: TUNNEL_SRC4,
-                        remote_v6: TUNNEL_SRC6,
-                    };
-                    let d = Decapsulator::start(&b.ns, mode.forward_mode(), ends).map_err(|e| {
-                        if Path::new("/dev/net/tun").exists() {
-                            e
-                        } else {
-                            LabError::from(NO_TUNNELS)
-                        }
-                    })?;
+                    let ends =
+                        TunnelEnds { local_v4: b.v4, local_v6: b.v6, remote_v4: TUNNEL_SRC4, remote_v6: TUNNEL_SRC6 };
+                    let d = Decapsulator::start(&b.ns, mode.forward_mode(), ends)
+                        .map_err(|e| if Path::new("/dev/net/tun").exists() { e } else { LabError::from(NO_TUNNELS) })?;
                     decapsulators.push((b.name, d));
                     DecapPath::Userspace
                 };
@@ -343,17 +306,8 @@ impl Lab {
         let exe = backend_exe.to_string_lossy().into_owned();
         for i in 0..lab.backends.len() {
             let b = &lab.backends[i];
-            let mut args = vec![
-                "netns".to_string(),
-                "exec".into(),
-                b.ns.name().to_string(),
-                exe.clone(),
-            ];
-            args.extend([
-                "demo-backend".to_string(),
-                "--name".into(),
-                b.name.to_string(),
-            ]);
+            let mut args = vec!["netns".to_string(), "exec".into(), b.ns.name().to_string(), exe.clone()];
+            args.extend(["demo-backend".to_string(), "--name".into(), b.name.to_string()]);
             let mut udp = vec![b.v4.to_string(), b.v6.to_string()];
             if mode != Mode::Nat {
                 udp.extend([VIP4.to_string(), VIP6.to_string()]);
@@ -362,10 +316,7 @@ impl Lab {
                 args.extend(["--udp-bind".to_string(), addr]);
             }
             let name = b.name;
-            let mut child = Command::new("ip")
-                .args(&args)
-                .stdout(Stdio::piped())
-                .spawn()?;
+            let mut child = Command::new("ip").args(&args).stdout(Stdio::piped()).spawn()?;
             let out = child.stdout.take().ok_or("backend stdout")?;
             lab.children.push(child);
             // Readiness: the backend prints `ready` once its sockets are bound.
@@ -396,21 +347,13 @@ impl Lab {
                 let fam = if vip.is_ipv4() { "v4" } else { "v6" };
                 services.push(ServiceConfig {
                     name: format!("demo-{pname}-{fam}"),
-                    key: ServiceKey {
-                        vip,
-                        port: PORT,
-                        proto,
-                    },
+                    key: ServiceKey { vip, port: PORT, proto },
                     backends: self
                         .backends
                         .iter()
                         .filter(|b| backends.contains(&b.name))
                         .map(|b| BackendConfig {
-                            addr: if vip.is_ipv4() {
-                                IpAddr::V4(b.v4)
-                            } else {
-                                IpAddr::V6(b.v6)
-                            },
+                            addr: if vip.is_ipv4() { IpAddr::V4(b.v4) } else { IpAddr::V6(b.v6) },
                             port: PORT,
                             weight: 1,
                             mac: Some(b.mac),
@@ -454,10 +397,7 @@ impl Lab {
     /// What each backend's userspace decapsulator did so far, by backend name (empty unless
     /// [`Lab::decap`] is [`DecapPath::Userspace`]).
     pub fn decap_stats(&self) -> Vec<(&'static str, DecapStats)> {
-        self.decapsulators
-            .iter()
-            .map(|(name, d)| (*name, d.stats()))
-            .collect()
+        self.decapsulators.iter().map(|(name, d)| (*name, d.stats())).collect()
     }
 
     /// The backend called `name` (`b1`...).
@@ -488,11 +428,7 @@ fn kernel_decap(ns: &Netns, mode: Mode) -> Result<bool, LabError> {
     ns.ip(&["link", "set", "tunl0", "up"])?;
     ns.ip(&["link", "set", "ip6tnl0", "up"])?;
     // No reverse-path filter: the inner source, the client, is not reachable through the tunnel.
-    for key in [
-        "net.ipv4.conf.all.rp_filter",
-        "net.ipv4.conf.default.rp_filter",
-        "net.ipv4.conf.tunl0.rp_filter",
-    ] {
+    for key in ["net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter", "net.ipv4.conf.tunl0.rp_filter"] {
         ns.exec("sysctl", &["-qw", &format!("{key}=0")])?;
     }
     Ok(true)
@@ -566,12 +502,7 @@ impl Drop for RunningLb {
 
 /// Starts the load balancer in the lab's LB namespace with `tables` (steering every VIP and SNAT
 /// address to the socket); returns once it is attached and polling.
-pub fn start_lb(
-    lab: &Lab,
-    tables: Arc<Tables>,
-    core: Option<usize>,
-    mode: AttachMode,
-) -> Result<RunningLb, String> {
+pub fn start_lb(lab: &Lab, tables: Arc<Tables>, core: Option<usize>, mode: AttachMode) -> Result<RunningLb, String> {
     let ns = lab.lb.name().to_string();
     let steer = crate::control::steering_for(&tables);
     let stop = StopFlag::new();
@@ -586,15 +517,11 @@ pub fn start_lb(
                 if let Some(c) = core {
                     lb_io::pin_to_core(c).map_err(|e| e.to_string())?;
                 }
-                let mut steering =
-                    VipSteering::load(SteeringConfig::default()).map_err(|e| e.to_string())?;
+                let mut steering = VipSteering::load(SteeringConfig::default()).map_err(|e| e.to_string())?;
                 steering.set(steer).map_err(|e| e.to_string())?;
                 let dev = XskDevice::open(&XskConfig::new("eth0", 0)).map_err(|e| e.to_string())?;
-                steering
-                    .set_socket(0, dev.fd())
-                    .map_err(|e| e.to_string())?;
-                let ifindex =
-                    lb_io::xsk::ifindex("eth0").ok_or("eth0 missing in the LB namespace")?;
+                steering.set_socket(0, dev.fd()).map_err(|e| e.to_string())?;
+                let ifindex = lb_io::xsk::ifindex("eth0").ok_or("eth0 missing in the LB namespace")?;
                 let link = steering.attach(ifindex, mode).map_err(|e| e.to_string())?;
                 Ok((steering, dev, link))
             };
@@ -609,25 +536,14 @@ pub fn start_lb(
             let worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
             // The maps go to the caller; the program stays attached while `link` lives here.
             let _ = ready_tx.send(Ok(steering));
-            let report =
-                PollLoop::new(dev, worker, updates_rx, loop_stop, LoopConfig::default()).run();
+            let report = PollLoop::new(dev, worker, updates_rx, loop_stop, LoopConfig::default()).run();
             drop(link);
             let report = report.map_err(|e| e.to_string())?;
-            Ok(LbOutcome {
-                stats: report.stats,
-                xsk: report.device.stats(),
-                zero_copy,
-                worker: report.processor,
-            })
+            Ok(LbOutcome { stats: report.stats, xsk: report.device.stats(), zero_copy, worker: report.processor })
         })
         .map_err(|e| e.to_string())?;
     match ready_rx.recv() {
-        Ok(Ok(steering)) => Ok(RunningLb {
-            updates,
-            steering: Some(steering),
-            stop,
-            thread: Some(thread),
-        }),
+        Ok(Ok(steering)) => Ok(RunningLb { updates, steering: Some(steering), stop, thread: Some(thread) }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err("the load balancer thread ended during setup".into()),
     }

@@ -5,9 +5,9 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod config;
-pub mod k8s;
-pub mod health;
 pub mod control;
+pub mod health;
+pub mod k8s;
+pub mod lab;
 pub mod list;
 pub mod metrics;
-pub mod lab;

@@ -7,10 +7,7 @@
 //! lb demo    [--mode nat|dsr|ipip]     build namespaces, balance real TCP/UDP flows, clean up (root)
 //! ```
 
-#![allow(
-    unreachable_pub,
-    reason = "a binary: `pub` marks what a subcommand module offers the others"
-)]
+#![allow(unreachable_pub, reason = "a binary: `pub` marks what a subcommand module offers the others")]
 
 mod cmd;
 
@@ -51,9 +48,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {

@@ -332,10 +332,16 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
         ("lb_backend_packets_total", "counter", "Frames forwarded to the backend.", |b| b.packets),
         ("lb_backend_bytes_total", "counter", "Bytes forwarded to the backend.", |b| b.bytes),
         ("lb_backend_new_flows_total", "counter", "Flows scheduled to the backend.", |b| b.new_flows),
-        ("lb_backend_active_connections", "gauge", "Connection-table entries pointing at the backend.", |b| b.active_conns),
-        ("lb_backend_established_connections", "gauge", "Of those, TCP connections in the established state.", |b| b.established_conns),
+        ("lb_backend_active_connections", "gauge", "Connection-table entries pointing at the backend.", |b| {
+            b.active_conns
+        }),
+        ("lb_backend_established_connections", "gauge", "Of those, TCP connections in the established state.", |b| {
+            b.established_conns
+        }),
         ("lb_backend_weight", "gauge", "Configured weight.", |b| u64::from(b.weight)),
-        ("lb_backend_draining", "gauge", "1 when the backend keeps its flows but takes no new ones.", |b| u64::from(b.draining)),
+        ("lb_backend_draining", "gauge", "1 when the backend keeps its flows but takes no new ones.", |b| {
+            u64::from(b.draining)
+        }),
     ];
     for (name, kind, help, get) in backend_families {
         f.head(name, kind, help);
@@ -349,7 +355,8 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
     let health = live.health.lock().map(|h| h.clone()).unwrap_or_default();
     let mut targets: Vec<_> = health.iter().collect();
     targets.sort_by_key(|(t, _)| **t);
-    let names: HashMap<_, _> = view.services.iter().map(|s| ((s.vip, s.port, s.proto.as_str()), s.name.as_str())).collect();
+    let names: HashMap<_, _> =
+        view.services.iter().map(|s| ((s.vip, s.port, s.proto.as_str()), s.name.as_str())).collect();
     let target_labels = |t: &Target| {
         let name = names.get(&(t.service.vip, t.service.port, proto_name(t.service.proto))).copied().unwrap_or("");
         format!(
@@ -385,7 +392,11 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
     if let Some(feed) = &live.feed {
         use std::sync::atomic::Ordering::Relaxed;
         for (name, help, v) in [
-            ("lb_kubernetes_watch_errors_total", "List/watch errors (410 Gone, dropped connections), each followed by back-off and recovery.", &feed.watch_errors),
+            (
+                "lb_kubernetes_watch_errors_total",
+                "List/watch errors (410 Gone, dropped connections), each followed by back-off and recovery.",
+                &feed.watch_errors,
+            ),
             ("lb_kubernetes_lists_total", "Complete lists and re-lists applied.", &feed.lists),
             ("lb_kubernetes_translations_total", "Translations sent to the control loop.", &feed.translations),
         ] {
@@ -445,7 +456,10 @@ async fn answer(mut sock: TcpStream, live: watch::Receiver<LiveState>, source: A
         ("GET", _) => ("404 Not Found", "text/plain", "try /metrics or /state\n".to_string()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
     };
-    let resp = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
     let _ = sock.write_all(resp.as_bytes()).await;
     let _ = sock.shutdown().await;
 }
@@ -473,10 +487,28 @@ services:
         let web = &tables.services()[0];
         (1..=2u64)
             .map(|k| {
-                let mut c = CoreSnapshot { rx: 100 * k, tx: 90 * k, conntrack_entries: 10 * k, conntrack_capacity: 1000, ..Default::default() };
+                let mut c = CoreSnapshot {
+                    rx: 100 * k,
+                    tx: 90 * k,
+                    conntrack_entries: 10 * k,
+                    conntrack_capacity: 1000,
+                    ..Default::default()
+                };
                 c.drops[DropReason::NoBackend.index()] = k;
-                c.services.insert(web.slot.0, ServiceCounters { packets: 50 * k, bytes: 5000 * k, new_flows: 5 * k, drops: k });
-                c.backends.insert(web.backends[0].id.slot, BackendCounters { packets: 40 * k, bytes: 4000, new_flows: 4, active_conns: 2 * k, established_conns: k });
+                c.services.insert(
+                    web.slot.0,
+                    ServiceCounters { packets: 50 * k, bytes: 5000 * k, new_flows: 5 * k, drops: k },
+                );
+                c.backends.insert(
+                    web.backends[0].id.slot,
+                    BackendCounters {
+                        packets: 40 * k,
+                        bytes: 4000,
+                        new_flows: 4,
+                        active_conns: 2 * k,
+                        established_conns: k,
+                    },
+                );
                 c
             })
             .collect()

@@ -19,7 +19,11 @@ use tokio::sync::mpsc;
 mod k8s_support;
 use k8s_support::{FAILSAFE, FakeApi, SERVICES, SLICES, endpoint, fixture, kubeconfig, start};
 
-async fn until(rx: &mut mpsc::UnboundedReceiver<Arc<Tables>>, what: &str, pred: impl Fn(&Tables) -> bool) -> Arc<Tables> {
+async fn until(
+    rx: &mut mpsc::UnboundedReceiver<Arc<Tables>>,
+    what: &str,
+    pred: impl Fn(&Tables) -> bool,
+) -> Arc<Tables> {
     tokio::time::timeout(FAILSAFE, async {
         loop {
             let t = rx.recv().await.expect("control plane stopped");
@@ -95,7 +99,10 @@ async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
     // The terminating endpoint goes away; the one that stays keeps its slot and generation, which is
     // what conntrack entries hold, so its established flows keep their backend across the swap.
     let mut slice = fixture("endpointslice-web-ipv4.json");
-    slice["endpoints"] = json!([endpoint("10.244.1.5", "node-a", true, true, false), endpoint("10.244.2.7", "node-b", true, true, false)]);
+    slice["endpoints"] = json!([
+        endpoint("10.244.1.5", "node-a", true, true, false),
+        endpoint("10.244.2.7", "node-b", true, true, false)
+    ]);
     api.upsert(SLICES, slice);
     let t = until(&mut tables, "terminating endpoint gone", |t| {
         t.services().iter().any(|s| s.key.to_string() == "tcp 10.96.12.34:80" && s.backends.len() == 2)
@@ -136,7 +143,8 @@ async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
 
     // A bad file reload is rejected (seen in the live state) and publishes nothing; a good one applies.
     let before = live.borrow().rejected;
-    std::fs::write(&path, file_yaml(&kc, false).replace("addr: 10.1.0.1 }", "addr: 10.1.0.1, weight: 70000 }")).unwrap();
+    std::fs::write(&path, file_yaml(&kc, false).replace("addr: 10.1.0.1 }", "addr: 10.1.0.1, weight: 70000 }"))
+        .unwrap();
     let err = tokio::time::timeout(FAILSAFE, live.wait_for(|l| l.rejected > before))
         .await
         .expect("bad reload counted")

@@ -425,12 +425,11 @@ impl Harness {
         // The control plane owns the poll loop's update sender, as in `lb run`.
         let (placeholder, _) = update_channel();
         let published = Arc::new(AtomicUsize::new(0));
-        let sink =
-            SwappedSink {
-                updates: std::mem::replace(&mut lb.updates, placeholder),
-                steering: lb.steering.take().expect("the lab's steering maps"),
-                published: published.clone(),
-            };
+        let sink = SwappedSink {
+            updates: std::mem::replace(&mut lb.updates, placeholder),
+            steering: lb.steering.take().expect("the lab's steering maps"),
+            published: published.clone(),
+        };
         let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
         let plane = rt
             .block_on(ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)))

@@ -66,7 +66,8 @@ async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
     let client = feed::client(&settings).await.unwrap();
     let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
     let (tx, mut rx) = mpsc::channel(16);
-    let feed = Feed::new(client, view_rx).with_backoff(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50)));
+    let feed =
+        Feed::new(client, view_rx).with_backoff(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50)));
     let counters = feed.counters();
     let feed_task = tokio::spawn(feed.run(tx));
 

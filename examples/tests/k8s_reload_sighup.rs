@@ -13,7 +13,11 @@ async fn sighup_forces_a_reload() {
     // Our own handler first, so the process survives a SIGHUP sent before the watcher has its own.
     let mut ours = signal(SignalKind::hangup()).unwrap();
     let path = std::env::temp_dir().join(format!("lb-sighup-{}.yaml", std::process::id()));
-    std::fs::write(&path, "node: { snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }\nservices: [{ vip: 10.0.0.1, port: 80 }]\n").unwrap();
+    std::fs::write(
+        &path,
+        "node: { snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }\nservices: [{ vip: 10.0.0.1, port: 80 }]\n",
+    )
+    .unwrap();
     let mut fw = FileWatch::new(&path);
     assert!(matches!(fw.check(false), Reload::Loaded(_)));
     let (tx, mut rx) = mpsc::channel(4);
@@ -24,7 +28,8 @@ async fn sighup_forces_a_reload() {
     let reload = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
             // kill(1) rather than libc::kill: no `unsafe` outside lb-io.
-            let sent = std::process::Command::new("kill").args(["-HUP", &std::process::id().to_string()]).status().unwrap();
+            let sent =
+                std::process::Command::new("kill").args(["-HUP", &std::process::id().to_string()]).status().unwrap();
             assert!(sent.success());
             ours.recv().await;
             tokio::select! {

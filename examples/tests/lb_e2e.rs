@@ -19,9 +19,7 @@ use std::time::Duration;
 
 use lb_core::config::RemovedBackendPolicy;
 use lb_core::service::TableBuilder;
-use lb_examples::lab::{
-    BACKENDS, CLIENT4, CLIENT6, Lab, Mode, NO_TUNNELS, PORT, VIP4, VIP6, start_lb, tables,
-};
+use lb_examples::lab::{BACKENDS, CLIENT4, CLIENT6, Lab, Mode, NO_TUNNELS, PORT, VIP4, VIP6, start_lb, tables};
 use lb_io::bpf::AttachMode;
 use lb_io::netns::{can_create_namespaces, enter_netns};
 
@@ -67,22 +65,14 @@ fn bulk(vip: IpAddr) -> std::io::Result<String> {
 }
 
 fn udp_ask(vip: IpAddr, msg: &str) -> std::io::Result<String> {
-    let local = if vip.is_ipv4() {
-        SocketAddr::from((CLIENT4, 0))
-    } else {
-        SocketAddr::from((CLIENT6, 0))
-    };
+    let local = if vip.is_ipv4() { SocketAddr::from((CLIENT4, 0)) } else { SocketAddr::from((CLIENT6, 0)) };
     let s = UdpSocket::bind(local)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
     s.connect((vip, PORT))?;
     s.send(msg.as_bytes())?;
     let mut buf = [0u8; 256];
     let n = s.recv(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n])
-        .split(' ')
-        .next()
-        .unwrap_or_default()
-        .to_string())
+    Ok(String::from_utf8_lossy(&buf[..n]).split(' ').next().unwrap_or_default().to_string())
 }
 
 /// ICMP errors a backend's kernel sent so far: IPv4 destination unreachable (protocol unreachable
@@ -98,20 +88,13 @@ fn icmp_errors_sent(ns: &lb_io::netns::Netns) -> (u64, u64) {
         .and_then(|(_, v)| v.parse().ok())
         .unwrap();
     let snmp6 = ns.exec("cat", &["/proc/net/snmp6"]).unwrap();
-    let v6 = snmp6
-        .lines()
-        .find_map(|l| l.strip_prefix("Icmp6OutParmProblems"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap();
+    let v6 =
+        snmp6.lines().find_map(|l| l.strip_prefix("Icmp6OutParmProblems")).and_then(|v| v.trim().parse().ok()).unwrap();
     (v4, v6)
 }
 
 /// Builds the lab and starts the load balancer, or says why this machine cannot.
-fn lab(
-    prefix: &str,
-    mode: Mode,
-    builder: &mut TableBuilder,
-) -> Option<(Lab, lb_examples::lab::RunningLb)> {
+fn lab(prefix: &str, mode: Mode, builder: &mut TableBuilder) -> Option<(Lab, lb_examples::lab::RunningLb)> {
     if let Err(why) = can_create_namespaces() {
         println!("SKIPPED: {why}");
         return None;
@@ -128,12 +111,7 @@ fn lab(
         println!("{mode:?}: backends decapsulate with {path}");
     }
     let config = lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule);
-    match start_lb(
-        &lab,
-        tables(builder, &config).unwrap(),
-        None,
-        AttachMode::Native,
-    ) {
+    match start_lb(&lab, tables(builder, &config).unwrap(), None, AttachMode::Native) {
         Ok(lb) => Some((lab, lb)),
         Err(e) if e.contains("Operation not permitted") || e.contains("not supported") => {
             println!("SKIPPED: the kernel refused XDP / AF_XDP: {e}");
@@ -163,18 +141,14 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
                 let mut c = TcpStream::connect_timeout(&SocketAddr::new(vip, PORT), IO_TIMEOUT)
                     .unwrap_or_else(|e| panic!("connect to {vip} #{i}: {e}"));
                 c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-                let name = ask(&mut c, &format!("hello {i}"))
-                    .unwrap_or_else(|e| panic!("first answer {vip} #{i}: {e}"));
+                let name =
+                    ask(&mut c, &format!("hello {i}")).unwrap_or_else(|e| panic!("first answer {vip} #{i}: {e}"));
                 conns.push((vip, c, name));
             }
         }
         // A connection keeps its backend for every message.
         for (i, (vip, c, name)) in conns.iter_mut().enumerate() {
-            assert_eq!(
-                &ask(c, &format!("again {i}")).unwrap(),
-                name,
-                "{vip} #{i} changed backend"
-            );
+            assert_eq!(&ask(c, &format!("again {i}")).unwrap(), name, "{vip} #{i} changed backend");
         }
         for vip in vips() {
             bulk(vip).unwrap_or_else(|e| panic!("bulk exchange through {vip}: {e}"));
@@ -182,8 +156,7 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
         let mut udp = BTreeMap::new();
         for vip in vips() {
             for i in 0..CONNS_PER_FAMILY {
-                let name = udp_ask(vip, &format!("datagram {i}"))
-                    .unwrap_or_else(|e| panic!("UDP {vip} #{i}: {e}"));
+                let name = udp_ask(vip, &format!("datagram {i}")).unwrap_or_else(|e| panic!("UDP {vip} #{i}: {e}"));
                 *udp.entry(format!("udp {name}")).or_insert(0) += 1;
             }
         }
@@ -203,10 +176,7 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
         for (i, (vip, c, name)) in conns.iter_mut().enumerate() {
             match ask(c, &format!("after {i}")) {
                 Ok(now) => {
-                    assert_ne!(
-                        name, "b2",
-                        "{vip} #{i} on the removed backend still answered (as {now})"
-                    );
+                    assert_ne!(name, "b2", "{vip} #{i} on the removed backend still answered (as {now})");
                     assert_eq!(&now, name, "{vip} #{i} moved from {name} to {now}");
                     survived += 1;
                 }
@@ -220,12 +190,9 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
         let mut fresh = BTreeMap::new();
         for vip in vips() {
             for i in 0..CONNS_PER_FAMILY {
-                let mut c =
-                    TcpStream::connect_timeout(&SocketAddr::new(vip, PORT), IO_TIMEOUT).unwrap();
+                let mut c = TcpStream::connect_timeout(&SocketAddr::new(vip, PORT), IO_TIMEOUT).unwrap();
                 c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-                *fresh
-                    .entry(ask(&mut c, &format!("new {i}")).unwrap())
-                    .or_insert(0) += 1;
+                *fresh.entry(ask(&mut c, &format!("new {i}")).unwrap()).or_insert(0) += 1;
             }
         }
         (survived, ended, fresh)
@@ -235,10 +202,7 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
     println!("{mode:?} spread before removal: {spread:?}");
     // Maglev over three equal backends: with 24 connections each backend gets some.
     for b in BACKENDS {
-        assert!(
-            spread.get(b).copied().unwrap_or(0) > 0,
-            "{b} got no TCP connection: {spread:?}"
-        );
+        assert!(spread.get(b).copied().unwrap_or(0) > 0, "{b} got no TCP connection: {spread:?}");
     }
     let on_b2 = spread.get("b2").copied().unwrap_or(0);
 
@@ -249,15 +213,10 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
     to_client.send(()).unwrap();
 
     let (survived, ended, fresh) = client.join().expect("client thread");
-    println!(
-        "{mode:?} after removal: survived {survived}, ended {ended}, new connections {fresh:?}"
-    );
+    println!("{mode:?} after removal: survived {survived}, ended {ended}, new connections {fresh:?}");
     assert_eq!(ended, on_b2, "exactly b2's connections ended");
     assert_eq!(survived, 2 * CONNS_PER_FAMILY - on_b2);
-    assert!(
-        !fresh.contains_key("b2"),
-        "a new connection went to the removed backend: {fresh:?}"
-    );
+    assert!(!fresh.contains_key("b2"), "a new connection went to the removed backend: {fresh:?}");
 
     // The userspace decapsulators passed every tunnelled packet on and refused none, and taking
     // the packets off the kernel kept it from answering them with ICMP errors.
@@ -279,21 +238,12 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
 
     let outcome = lb.stop().unwrap();
     let w = outcome.worker.stats();
-    assert_eq!(
-        outcome.stats.rx, w.rx,
-        "every frame the socket received went through the worker"
-    );
+    assert_eq!(outcome.stats.rx, w.rx, "every frame the socket received went through the worker");
     assert_eq!(outcome.stats.tx, w.tx);
     if mode == Mode::Nat {
-        assert!(
-            w.reverse_nat > 0,
-            "NAT replies come back through the load balancer"
-        );
+        assert!(w.reverse_nat > 0, "NAT replies come back through the load balancer");
     } else {
-        assert_eq!(
-            w.reverse_nat, 0,
-            "{mode:?} replies go straight to the client"
-        );
+        assert_eq!(w.reverse_nat, 0, "{mode:?} replies go straight to the client");
     }
     drop(lab);
 }

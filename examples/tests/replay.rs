@@ -9,10 +9,7 @@ use std::time::Duration;
 use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
 
 fn checksum(h: &[u8]) -> u16 {
-    let mut sum: u32 = h
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
+    let mut sum: u32 = h.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -38,11 +35,7 @@ fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
 fn replay_counts_verdicts_and_writes_rewritten_frames() {
     let dir = std::env::temp_dir().join(format!("lb-replay-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (input, output, config) = (
-        dir.join("in.pcap"),
-        dir.join("out.pcap"),
-        dir.join("lb.yaml"),
-    );
+    let (input, output, config) = (dir.join("in.pcap"), dir.join("out.pcap"), dir.join("lb.yaml"));
     std::fs::write(
         &config,
         r#"
@@ -71,12 +64,7 @@ services:
             udp4([192, 0, 2, 1], [10, 9, 9, 9], 40000, 53),  // not a VIP
         ];
         for (i, f) in frames.iter().enumerate() {
-            w.write_packet(&PcapPacket::new(
-                Duration::from_secs(i as u64),
-                f.len() as u32,
-                f,
-            ))
-            .unwrap();
+            w.write_packet(&PcapPacket::new(Duration::from_secs(i as u64), f.len() as u32, f)).unwrap();
         }
     }
     let out = Command::new(env!("CARGO_BIN_EXE_lb"))
@@ -89,11 +77,7 @@ services:
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     let count = |label: &str| -> u64 {
         let line = text
             .lines()
@@ -113,11 +97,7 @@ services:
         assert_eq!(&d[..6], &[0x02, 0, 0, 0, 1, 1], "to the backend's MAC");
         assert_eq!(&d[26..30], &[10, 0, 0, 2], "from the SNAT address");
         assert_eq!(&d[30..34], &[10, 1, 0, 1], "to the backend");
-        assert_eq!(
-            u16::from_be_bytes([d[36], d[37]]),
-            5353,
-            "to the backend's port"
-        );
+        assert_eq!(u16::from_be_bytes([d[36], d[37]]), 5353, "to the backend's port");
         assert_eq!(checksum(&d[14..34]), 0, "IPv4 header checksum still right");
         n += 1;
     }

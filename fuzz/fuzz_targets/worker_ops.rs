@@ -11,18 +11,46 @@ use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, Arbitrary)]
 enum Change {
-    AddBackend { service: u8, which: u8 },
-    RemoveBackend { service: u8 },
-    Weight { service: u8, backend: u8, weight: u8 },
-    Drain { service: u8, backend: u8 },
-    Scheduler { service: u8, kind: u8 },
-    Mode { service: u8, mode: u8 },
-    Affinity { service: u8, secs: Option<u16> },
-    Policy { service: u8, drop: bool },
+    AddBackend {
+        service: u8,
+        which: u8,
+    },
+    RemoveBackend {
+        service: u8,
+    },
+    Weight {
+        service: u8,
+        backend: u8,
+        weight: u8,
+    },
+    Drain {
+        service: u8,
+        backend: u8,
+    },
+    Scheduler {
+        service: u8,
+        kind: u8,
+    },
+    Mode {
+        service: u8,
+        mode: u8,
+    },
+    Affinity {
+        service: u8,
+        secs: Option<u16>,
+    },
+    Policy {
+        service: u8,
+        drop: bool,
+    },
     /// Invalid on purpose: a duplicate backend.
-    Duplicate { service: u8 },
+    Duplicate {
+        service: u8,
+    },
     /// Invalid on purpose: a Maglev size that is not prime.
-    BadMaglevSize { service: u8 },
+    BadMaglevSize {
+        service: u8,
+    },
 }
 
 #[derive(Debug, Arbitrary)]
@@ -88,10 +116,17 @@ fn apply(cfg: &mut lb_core::config::Config, change: &Change, n: usize) -> bool {
         Change::AddBackend { service, which } => {
             let s = &mut cfg.services[svc(service)];
             let v6 = s.key.vip.is_ipv6();
-            let port = s.backends.first().map_or(if s.mode == ForwardMode::Nat { 8080 } else { s.key.port }, |b| b.port);
+            let port =
+                s.backends.first().map_or(if s.mode == ForwardMode::Nat { 8080 } else { s.key.port }, |b| b.port);
             let addr = lb_fuzz::backend_addr(v6, 2 + which % 8);
             if !s.backends.iter().any(|b| b.addr == addr) {
-                s.backends.push(lb_core::config::BackendConfig { addr, port, weight: 1, mac: None, state: BackendState::Active });
+                s.backends.push(lb_core::config::BackendConfig {
+                    addr,
+                    port,
+                    weight: 1,
+                    mac: None,
+                    state: BackendState::Active,
+                });
             }
         }
         Change::RemoveBackend { service } => {
@@ -123,7 +158,8 @@ fn apply(cfg: &mut lb_core::config::Config, change: &Change, n: usize) -> bool {
             }
         }
         Change::Affinity { service, secs } => {
-            cfg.services[svc(service)].affinity_timeout = secs.map(|s| std::time::Duration::from_secs(u64::from(s.max(1))));
+            cfg.services[svc(service)].affinity_timeout =
+                secs.map(|s| std::time::Duration::from_secs(u64::from(s.max(1))));
         }
         Change::Policy { service, drop } => {
             cfg.services[svc(service)].on_backend_removed =
@@ -140,7 +176,10 @@ fn apply(cfg: &mut lb_core::config::Config, change: &Change, n: usize) -> bool {
         Change::BadMaglevSize { service } => {
             let s = &mut cfg.services[svc(service)];
             s.maglev_table_size = Some(1000);
-            return matches!(s.scheduler, SchedulerKind::Maglev | SchedulerKind::SourceHashing | SchedulerKind::DestinationHashing);
+            return matches!(
+                s.scheduler,
+                SchedulerKind::Maglev | SchedulerKind::SourceHashing | SchedulerKind::DestinationHashing
+            );
         }
     }
     false

@@ -25,10 +25,15 @@ pub const SNAT4: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
 pub const SNAT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x100);
 
 pub fn backend_addr(v6: bool, i: u8) -> IpAddr {
-    if v6 { IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, u16::from(i) + 1)) } else { IpAddr::V4(Ipv4Addr::new(10, 1, 0, i + 1)) }
+    if v6 {
+        IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, u16::from(i) + 1))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(10, 1, 0, i + 1))
+    }
 }
 
-pub const MODES: [ForwardMode; 4] = [ForwardMode::Nat, ForwardMode::Dsr, ForwardMode::IpIp, ForwardMode::Gue { port: 6080 }];
+pub const MODES: [ForwardMode; 4] =
+    [ForwardMode::Nat, ForwardMode::Dsr, ForwardMode::IpIp, ForwardMode::Gue { port: 6080 }];
 
 /// Port 80 + mode index, TCP and UDP, IPv4 and IPv6, two backends each.
 pub fn config() -> Config {
@@ -107,7 +112,11 @@ impl FrameSpec {
         let (src, dst, dport) = match self.target {
             t @ 0..=3 => (client, if self.v6 { IpAddr::V6(VIP6) } else { IpAddr::V4(VIP4) }, 80 + u16::from(t)),
             4 => (client, if self.v6 { IpAddr::V6(VIP6) } else { IpAddr::V4(VIP4) }, self.dport),
-            5 => (backend_addr(self.v6, self.client % 2), if self.v6 { IpAddr::V6(SNAT6) } else { IpAddr::V4(SNAT4) }, 40000 + self.dport % 16),
+            5 => (
+                backend_addr(self.v6, self.client % 2),
+                if self.v6 { IpAddr::V6(SNAT6) } else { IpAddr::V4(SNAT4) },
+                40000 + self.dport % 16,
+            ),
             _ => (client, backend_addr(self.v6, 9), self.dport),
         };
         let mut out = build(src, self.sport, dst, dport, self.tcp, self.flags, self.ttl, usize::from(self.payload_len));
@@ -126,7 +135,16 @@ impl FrameSpec {
 
 /// Ethernet + IP + TCP/UDP, built by etherparse.
 #[allow(clippy::too_many_arguments, reason = "one argument per header field the fuzzer controls")]
-pub fn build(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, tcp: bool, flags: u8, ttl: u8, payload: usize) -> Vec<u8> {
+pub fn build(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    tcp: bool,
+    flags: u8,
+    ttl: u8,
+    payload: usize,
+) -> Vec<u8> {
     let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xc1], [2, 0, 0, 0, 0, 1]);
     let ip = match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => eth.ipv4(s.octets(), d.octets(), ttl),

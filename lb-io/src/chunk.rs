@@ -29,9 +29,7 @@ impl ChunkPool {
     /// `count` buffers of `size` bytes; packets are received `headroom` bytes into a buffer.
     pub(crate) fn new(count: usize, size: usize, headroom: usize) -> Self {
         ChunkPool {
-            chunks: (0..count)
-                .map(|_| vec![0u8; size].into_boxed_slice())
-                .collect(),
+            chunks: (0..count).map(|_| vec![0u8; size].into_boxed_slice()).collect(),
             free: (0..count).rev().collect(),
             position: vec![NOT_LENT; count],
             lent: Vec::with_capacity(MAX_BURST),
@@ -42,9 +40,7 @@ impl ChunkPool {
 
     /// Bytes a received packet may occupy in one buffer.
     pub(crate) fn packet_room(&self) -> usize {
-        self.chunks
-            .first()
-            .map_or(0, |c| c.len().saturating_sub(self.headroom))
+        self.chunks.first().map_or(0, |c| c.len().saturating_sub(self.headroom))
     }
 
     /// Lends up to `frames.len()` buffers, filling each with `next` (which copies one packet into the
@@ -125,11 +121,7 @@ impl ChunkPool {
             self.free.push(idx);
             done += 1;
         }
-        Ok(FlushProgress {
-            submitted: done,
-            completed: done,
-            pending: self.tx_queue.len(),
-        })
+        Ok(FlushProgress { submitted: done, completed: done, pending: self.tx_queue.len() })
     }
 
     /// Drops every queued frame, returning its buffer to the pool.

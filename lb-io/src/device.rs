@@ -29,10 +29,7 @@ pub struct Span {
 impl Span {
     /// The span of a frame as it stands.
     pub fn of(frame: &Frame<'_>) -> Self {
-        Span {
-            start: frame.start(),
-            len: frame.len(),
-        }
+        Span { start: frame.start(), len: frame.len() }
     }
 }
 

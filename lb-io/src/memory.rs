@@ -22,12 +22,7 @@ pub struct MemoryConfig {
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        MemoryConfig {
-            buffers: 256,
-            buffer_size: 2048,
-            headroom: 256,
-            tx_per_flush: usize::MAX,
-        }
+        MemoryConfig { buffers: 256, buffer_size: 2048, headroom: 256, tx_per_flush: usize::MAX }
     }
 }
 

@@ -22,18 +22,11 @@ pub fn run(program: &str, args: &[&str]) -> Result<String, CommandError> {
     let out: Output = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| CommandError {
-            command: command.clone(),
-            detail: e.to_string(),
-        })?;
+        .map_err(|e| CommandError { command: command.clone(), detail: e.to_string() })?;
     if !out.status.success() {
         return Err(CommandError {
             command,
-            detail: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+            detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -49,9 +42,7 @@ impl Netns {
     /// Creates namespace `name` with its loopback up.
     pub fn create(name: &str) -> Result<Self, CommandError> {
         run("ip", &["netns", "add", name])?;
-        let ns = Netns {
-            name: name.to_string(),
-        };
+        let ns = Netns { name: name.to_string() };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -89,11 +80,7 @@ impl Netns {
     /// The MAC address of interface `dev` in the namespace.
     pub fn mac(&self, dev: &str) -> Result<[u8; 6], CommandError> {
         let out = self.ip(&["-br", "link", "show", "dev", dev])?;
-        let text = out
-            .split_whitespace()
-            .nth(2)
-            .unwrap_or_default()
-            .to_string();
+        let text = out.split_whitespace().nth(2).unwrap_or_default().to_string();
         parse_mac(&text).ok_or(CommandError {
             command: format!("ip -br link show dev {dev}"),
             detail: format!("no MAC in {out:?}"),
@@ -138,26 +125,12 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
+    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
 }
 
 /// Creates a veth pair: `a` in namespace `ns_a`, `b` in `ns_b`, both up.
 pub fn veth_pair(ns_a: &Netns, a: &str, ns_b: &Netns, b: &str) -> Result<(), CommandError> {
-    ns_a.ip(&[
-        "link",
-        "add",
-        a,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b,
-        "netns",
-        ns_b.name(),
-    ])?;
+    ns_a.ip(&["link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b.name()])?;
     ns_a.ip(&["link", "set", a, "up"])?;
     ns_b.ip(&["link", "set", b, "up"])?;
     Ok(())
@@ -169,9 +142,7 @@ pub fn can_create_namespaces() -> Result<(), String> {
     if unsafe { libc::geteuid() } != 0 {
         return Err("not root (network namespaces, XDP and AF_XDP need root)".into());
     }
-    run("ip", &["-V"])
-        .map(|_| ())
-        .map_err(|e| format!("iproute2 missing: {e}"))
+    run("ip", &["-V"]).map(|_| ()).map_err(|e| format!("iproute2 missing: {e}"))
 }
 
 #[cfg(test)]

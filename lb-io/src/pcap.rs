@@ -34,10 +34,7 @@ pub struct PcapDevice {
 
 impl std::fmt::Debug for PcapDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PcapDevice")
-            .field("in", &self.in_path)
-            .field("out", &self.out_path)
-            .finish()
+        f.debug_struct("PcapDevice").field("in", &self.in_path).field("out", &self.out_path).finish()
     }
 }
 
@@ -46,21 +43,14 @@ impl PcapDevice {
     pub fn open(input: &Path, output: &Path) -> Result<Self, DeviceError> {
         let in_path = input.display().to_string();
         let out_path = output.display().to_string();
-        let file = File::open(input).map_err(|e| DeviceError::Io {
-            op: "open",
-            device: in_path.clone(),
-            source: e,
-        })?;
+        let file = File::open(input).map_err(|e| DeviceError::Io { op: "open", device: in_path.clone(), source: e })?;
         let reader = PcapReader::new(BufReader::new(file)).map_err(|e| DeviceError::Pcap {
             op: "read",
             path: in_path.clone(),
             message: e.to_string(),
         })?;
-        let file = File::create(output).map_err(|e| DeviceError::Io {
-            op: "create",
-            device: out_path.clone(),
-            source: e,
-        })?;
+        let file =
+            File::create(output).map_err(|e| DeviceError::Io { op: "create", device: out_path.clone(), source: e })?;
         let writer = PcapWriter::new(BufWriter::new(file)).map_err(|e| DeviceError::Pcap {
             op: "write",
             path: out_path.clone(),
@@ -89,25 +79,14 @@ impl PcapDevice {
         use std::io::Write;
         let path = self.out_path.clone();
         self.flush()?;
-        self.writer
-            .into_writer()
-            .flush()
-            .map_err(|e| DeviceError::Io {
-                op: "write",
-                device: path,
-                source: e,
-            })
+        self.writer.into_writer().flush().map_err(|e| DeviceError::Io { op: "write", device: path, source: e })
     }
 }
 
 impl Device for PcapDevice {
     fn receive<'a>(&'a mut self, frames: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
         if let Some(message) = self.read_error.take() {
-            return Err(DeviceError::Pcap {
-                op: "read",
-                path: self.in_path.clone(),
-                message,
-            });
+            return Err(DeviceError::Pcap { op: "read", path: self.in_path.clone(), message });
         }
         let room = self.pool.packet_room();
         let reader = &mut self.reader;
@@ -137,10 +116,7 @@ impl Device for PcapDevice {
             }
         });
         let clock = Instant::from_nanos(u64::try_from(self.last_ts.as_nanos()).unwrap_or(u64::MAX));
-        Ok(Received {
-            count,
-            clock: Some(clock),
-        })
+        Ok(Received { count, clock: Some(clock) })
     }
 
     fn settle(&mut self, spans: &[Option<Span>]) -> Result<usize, DeviceError> {
@@ -153,14 +129,11 @@ impl Device for PcapDevice {
         let path = &self.out_path;
         self.pool.flush(usize::MAX, |bytes| {
             let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-            writer
-                .write_packet(&PcapPacket::new(ts, len, bytes))
-                .map(|_| ())
-                .map_err(|e| DeviceError::Pcap {
-                    op: "write",
-                    path: path.clone(),
-                    message: e.to_string(),
-                })
+            writer.write_packet(&PcapPacket::new(ts, len, bytes)).map(|_| ()).map_err(|e| DeviceError::Pcap {
+                op: "write",
+                path: path.clone(),
+                message: e.to_string(),
+            })
         })
     }
 

@@ -101,8 +101,7 @@ impl LoopCounters {
         self.tx.store(s.tx, Ordering::Relaxed);
         self.pass.store(s.pass, Ordering::Relaxed);
         self.drop.store(s.drop, Ordering::Relaxed);
-        self.stalled_flushes
-            .store(s.stalled_flushes, Ordering::Relaxed);
+        self.stalled_flushes.store(s.stalled_flushes, Ordering::Relaxed);
         self.tx_abandoned.store(s.tx_abandoned, Ordering::Relaxed);
     }
 
@@ -145,17 +144,7 @@ const UPDATE_QUEUE: usize = 8;
 pub fn update_channel<U>() -> (UpdateSender<U>, UpdateReceiver<U>) {
     let (tx, rx) = crossbeam_channel::bounded(UPDATE_QUEUE);
     let (rtx, rrx) = crossbeam_channel::bounded(UPDATE_QUEUE);
-    (
-        UpdateSender {
-            updates: tx,
-            retired: rrx,
-        },
-        UpdateReceiver {
-            updates: rx,
-            retired: rtx,
-            parked: None,
-        },
-    )
+    (UpdateSender { updates: tx, retired: rrx }, UpdateReceiver { updates: rx, retired: rtx, parked: None })
 }
 
 /// The loop has gone (stopped or failed); the update was not delivered.
@@ -221,10 +210,7 @@ pub struct PollLoop<D, P: BurstProcessor> {
 
 impl<D: std::fmt::Debug, P: BurstProcessor> std::fmt::Debug for PollLoop<D, P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PollLoop")
-            .field("device", &self.device)
-            .field("stats", &self.stats)
-            .finish()
+        f.debug_struct("PollLoop").field("device", &self.device).field("stats", &self.stats).finish()
     }
 }
 
@@ -248,11 +234,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         stop: StopFlag,
         config: LoopConfig,
     ) -> Self {
-        let config = LoopConfig {
-            burst: config.burst.clamp(1, MAX_BURST),
-            tx_batch: config.tx_batch.max(1),
-            ..config
-        };
+        let config = LoopConfig { burst: config.burst.clamp(1, MAX_BURST), tx_batch: config.tx_batch.max(1), ..config };
         PollLoop {
             device,
             processor,
@@ -315,11 +297,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         }
         self.drain(&mut stalls)?;
         self.counters.publish(&self.stats);
-        Ok(LoopReport {
-            device: self.device,
-            processor: self.processor,
-            stats: self.stats,
-        })
+        Ok(LoopReport { device: self.device, processor: self.processor, stats: self.stats })
     }
 
     /// Receives one burst, runs the processor on it and settles it; returns the burst size.
@@ -333,20 +311,12 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         }
         let now = match received.clock {
             Some(t) => t,
-            None => Instant::from_nanos(
-                u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX),
-            ),
+            None => Instant::from_nanos(u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX)),
         };
         let mut verdicts = [Verdict::Pass; MAX_BURST];
-        self.processor
-            .process_burst(&mut frames[..n], now, &mut verdicts[..n]);
+        self.processor.process_burst(&mut frames[..n], now, &mut verdicts[..n]);
         let mut spans: [Option<Span>; MAX_BURST] = [None; MAX_BURST];
-        for ((frame, verdict), span) in frames
-            .iter()
-            .zip(verdicts.iter())
-            .zip(spans.iter_mut())
-            .take(n)
-        {
+        for ((frame, verdict), span) in frames.iter().zip(verdicts.iter()).zip(spans.iter_mut()).take(n) {
             match verdict {
                 Verdict::Tx => *span = Some(Span::of(frame)),
                 Verdict::Pass => self.stats.pass += 1,
@@ -418,9 +388,7 @@ where
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     /// The core to pin to does not exist or refused the thread.
-    #[error(
-        "cannot pin the poll loop to core {0}: it does not exist or the affinity mask excludes it"
-    )]
+    #[error("cannot pin the poll loop to core {0}: it does not exist or the affinity mask excludes it")]
     Pin(usize),
     /// The device failed.
     #[error(transparent)]
@@ -430,15 +398,8 @@ pub enum SpawnError {
 /// Pins the calling thread to `core` (an index into the cores this process may use).
 pub fn pin_to_core(core: usize) -> Result<(), SpawnError> {
     let ids = core_affinity::get_core_ids().unwrap_or_default();
-    let id = ids
-        .into_iter()
-        .find(|c| c.id == core)
-        .ok_or(SpawnError::Pin(core))?;
-    if core_affinity::set_for_current(id) {
-        Ok(())
-    } else {
-        Err(SpawnError::Pin(core))
-    }
+    let id = ids.into_iter().find(|c| c.id == core).ok_or(SpawnError::Pin(core))?;
+    if core_affinity::set_for_current(id) { Ok(()) } else { Err(SpawnError::Pin(core)) }
 }
 
 #[cfg(test)]
@@ -465,34 +426,18 @@ mod tests {
         d
     }
 
-    fn run<P: BurstProcessor>(
-        dev: MemoryDevice,
-        p: P,
-        config: LoopConfig,
-    ) -> LoopReport<MemoryDevice, P> {
+    fn run<P: BurstProcessor>(dev: MemoryDevice, p: P, config: LoopConfig) -> LoopReport<MemoryDevice, P> {
         let (_tx, rx) = update_channel();
-        PollLoop::new(dev, p, rx, StopFlag::new(), config)
-            .run()
-            .unwrap()
+        PollLoop::new(dev, p, rx, StopFlag::new(), config).run().unwrap()
     }
 
     #[test]
     fn forwards_every_frame_in_order_and_recycles_every_buffer() {
         // 1000 frames through a 64-buffer pool: buffers must come back or the loop would starve.
-        let dev = device_with(
-            1000,
-            MemoryConfig {
-                buffers: 64,
-                ..MemoryConfig::default()
-            },
-        );
+        let dev = device_with(1000, MemoryConfig { buffers: 64, ..MemoryConfig::default() });
         let mut dev = dev;
         dev.push_rx(&[1, 2, 3]); // a runt: Pass, recycled
-        let mut r = run(
-            dev,
-            MacRewrite { src: SRC, dst: DST },
-            LoopConfig::default(),
-        );
+        let mut r = run(dev, MacRewrite { src: SRC, dst: DST }, LoopConfig::default());
         let out = r.device.take_transmitted();
         assert_eq!(out.len(), 1000);
         for (i, f) in out.iter().enumerate() {
@@ -500,59 +445,29 @@ mod tests {
             assert_eq!(&f[6..12], &SRC);
             assert_eq!(u16::from_be_bytes([f[14], f[15]]), i as u16);
         }
-        assert_eq!(
-            (r.stats.rx, r.stats.tx, r.stats.pass, r.stats.tx_abandoned),
-            (1001, 1000, 1, 0)
-        );
+        assert_eq!((r.stats.rx, r.stats.tx, r.stats.pass, r.stats.tx_abandoned), (1001, 1000, 1, 0));
         assert_eq!(r.device.unaccounted_buffers(), 0);
     }
 
     #[test]
     fn slow_transmit_side_is_back_pressure_not_loss() {
-        let cfg = MemoryConfig {
-            buffers: 32,
-            tx_per_flush: 3,
-            ..MemoryConfig::default()
-        };
-        let loop_cfg = LoopConfig {
-            max_pending_tx: 16,
-            ..LoopConfig::default()
-        };
-        let mut r = run(
-            device_with(500, cfg),
-            MacRewrite { src: SRC, dst: DST },
-            loop_cfg,
-        );
+        let cfg = MemoryConfig { buffers: 32, tx_per_flush: 3, ..MemoryConfig::default() };
+        let loop_cfg = LoopConfig { max_pending_tx: 16, ..LoopConfig::default() };
+        let mut r = run(device_with(500, cfg), MacRewrite { src: SRC, dst: DST }, loop_cfg);
         assert_eq!(r.device.take_transmitted().len(), 500);
         assert_eq!(r.stats.tx_abandoned, 0);
     }
 
     #[test]
     fn stuck_transmit_ring_is_abandoned_after_counted_stalls() {
-        let cfg = MemoryConfig {
-            buffers: 32,
-            tx_per_flush: 0,
-            ..MemoryConfig::default()
-        };
-        let loop_cfg = LoopConfig {
-            max_pending_tx: 16,
-            max_stalled_flushes: 5,
-            ..LoopConfig::default()
-        };
-        let mut r = run(
-            device_with(100, cfg),
-            MacRewrite { src: SRC, dst: DST },
-            loop_cfg,
-        );
+        let cfg = MemoryConfig { buffers: 32, tx_per_flush: 0, ..MemoryConfig::default() };
+        let loop_cfg = LoopConfig { max_pending_tx: 16, max_stalled_flushes: 5, ..LoopConfig::default() };
+        let mut r = run(device_with(100, cfg), MacRewrite { src: SRC, dst: DST }, loop_cfg);
         assert!(r.device.take_transmitted().is_empty());
         assert_eq!(r.stats.rx, 100);
         assert_eq!(r.stats.tx_abandoned, 100);
         // Every give-up came after exactly `max_stalled_flushes` fruitless flushes.
-        assert!(
-            r.stats.stalled_flushes >= 5 && r.stats.stalled_flushes.is_multiple_of(5),
-            "{:?}",
-            r.stats
-        );
+        assert!(r.stats.stalled_flushes >= 5 && r.stats.stalled_flushes.is_multiple_of(5), "{:?}", r.stats);
         assert_eq!(r.device.unaccounted_buffers(), 0);
     }
 
@@ -581,12 +496,7 @@ mod tests {
 
     impl BurstProcessor for Tagger {
         type Update = Box<u32>;
-        fn process_burst(
-            &mut self,
-            frames: &mut [Frame<'_>],
-            _now: Instant,
-            verdicts: &mut [Verdict],
-        ) {
+        fn process_burst(&mut self, frames: &mut [Frame<'_>], _now: Instant, verdicts: &mut [Verdict]) {
             self.seen.push(*self.generation);
             for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
                 f.data_mut()[0] = *self.generation as u8;
@@ -603,22 +513,10 @@ mod tests {
         let (tx, rx) = update_channel();
         tx.send(Box::new(7)).unwrap();
         let dev = device_with(200, MemoryConfig::default());
-        let cfg = LoopConfig {
-            burst: 16,
-            ..LoopConfig::default()
-        };
-        let mut r = PollLoop::new(
-            dev,
-            Tagger {
-                generation: Box::new(1),
-                seen: vec![],
-            },
-            rx,
-            StopFlag::new(),
-            cfg,
-        )
-        .run()
-        .unwrap();
+        let cfg = LoopConfig { burst: 16, ..LoopConfig::default() };
+        let mut r = PollLoop::new(dev, Tagger { generation: Box::new(1), seen: vec![] }, rx, StopFlag::new(), cfg)
+            .run()
+            .unwrap();
         assert_eq!(r.stats.updates, 1);
         assert_eq!(r.processor.seen.len(), 200usize.div_ceil(16));
         assert!(r.processor.seen.iter().all(|&g| g == 7));
@@ -632,10 +530,7 @@ mod tests {
         // A device that never ends: the loop must leave on the stop flag.
         struct Endless(MemoryDevice);
         impl Device for Endless {
-            fn receive<'a>(
-                &'a mut self,
-                f: &mut [Frame<'a>],
-            ) -> Result<crate::Received, DeviceError> {
+            fn receive<'a>(&'a mut self, f: &mut [Frame<'a>]) -> Result<crate::Received, DeviceError> {
                 self.0.push_rx(&frame(0));
                 self.0.receive(f)
             }
@@ -658,10 +553,7 @@ mod tests {
         let stop = StopFlag::new();
         let lp = PollLoop::new(
             Endless(MemoryDevice::new(MemoryConfig::default())),
-            Tagger {
-                generation: Box::new(0),
-                seen: vec![],
-            },
+            Tagger { generation: Box::new(0), seen: vec![] },
             rx,
             stop.clone(),
             LoopConfig::default(),
@@ -681,9 +573,6 @@ mod tests {
         let r = h.join().unwrap().unwrap();
         assert_eq!(r.stats.updates, 20);
         assert_eq!(*r.processor.generation, 20);
-        assert!(
-            r.processor.seen.windows(2).all(|w| w[0] <= w[1]),
-            "generations go forward only"
-        );
+        assert!(r.processor.seen.windows(2).all(|w| w[0] <= w[1]), "generations go forward only");
     }
 }

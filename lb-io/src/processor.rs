@@ -69,20 +69,14 @@ mod tests {
 
     #[test]
     fn rewrites_macs_and_passes_runts() {
-        let mut p = MacRewrite {
-            src: [2, 0, 0, 0, 0, 1],
-            dst: [2, 0, 0, 0, 0, 2],
-        };
+        let mut p = MacRewrite { src: [2, 0, 0, 0, 0, 1], dst: [2, 0, 0, 0, 0, 2] };
         let mut a = [0xffu8; 20];
         let mut b = [0xffu8; 11];
         let mut frames = [Frame::whole(&mut a), Frame::whole(&mut b)];
         let mut v = [Verdict::Pass; 2];
         p.process_burst(&mut frames, Instant::ZERO, &mut v);
         assert_eq!(v, [Verdict::Tx, Verdict::Pass]);
-        assert_eq!(
-            &frames[0].data()[..12],
-            &[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1]
-        );
+        assert_eq!(&frames[0].data()[..12], &[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1]);
         assert_eq!(frames[0].data()[12..], [0xff; 8]);
         assert_eq!(frames[1].data(), &[0xff; 11]);
     }

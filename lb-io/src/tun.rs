@@ -18,10 +18,7 @@ pub fn open_tun(name: &str) -> std::io::Result<File> {
             format!("TUN interface name {name:?} must have 1 to 15 bytes and no NUL"),
         ));
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/net/tun")?;
+    let file = OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
     for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
         *dst = src as libc::c_char;
     }

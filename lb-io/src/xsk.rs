@@ -132,10 +132,7 @@ pub enum XskError {
         why: &'static str,
     },
     /// A setup system call failed.
-    #[error(
-        "{op} on {interface} queue {queue} failed: {source}{}",
-        xsk_hint(source)
-    )]
+    #[error("{op} on {interface} queue {queue} failed: {source}{}", xsk_hint(source))]
     Sys {
         /// The call.
         op: &'static str,
@@ -364,40 +361,23 @@ unsafe impl Send for XskDevice {}
 
 impl std::fmt::Debug for XskDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("XskDevice")
-            .field("name", &self.name)
-            .field("zero_copy", &self.zero_copy)
-            .finish()
+        f.debug_struct("XskDevice").field("name", &self.name).field("zero_copy", &self.zero_copy).finish()
     }
 }
 
 fn setsockopt<T>(fd: i32, level: i32, name: i32, value: &T) -> std::io::Result<()> {
     // SAFETY: `value` is a live `T` and its exact size is passed.
     let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
+        libc::setsockopt(fd, level, name, (value as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t)
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 fn getsockopt<T>(fd: i32, level: i32, name: i32, value: &mut T) -> std::io::Result<()> {
     let mut len = std::mem::size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` is a live, exclusively borrowed `T` of plain integers and `len` is its size.
     let rc = unsafe { libc::getsockopt(fd, level, name, (value as *mut T).cast(), &mut len) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 /// The interface index of `name`.
@@ -414,12 +394,7 @@ impl XskDevice {
         let sys = |op: &'static str| {
             let interface = config.interface.clone();
             let queue = config.queue;
-            move |source: std::io::Error| XskError::Sys {
-                op,
-                interface,
-                queue,
-                source,
-            }
+            move |source: std::io::Error| XskError::Sys { op, interface, queue, source }
         };
         for (field, value) in [
             ("frames", config.frames),
@@ -428,11 +403,7 @@ impl XskDevice {
             ("tx_ring_size", config.tx_ring_size),
         ] {
             if !value.is_power_of_two() {
-                return Err(XskError::Config {
-                    field,
-                    value,
-                    why: "must be a power of two",
-                });
+                return Err(XskError::Config { field, value, why: "must be a power of two" });
             }
         }
         if config.frame_size != 2048 && config.frame_size != 4096 {
@@ -449,8 +420,7 @@ impl XskDevice {
                 why: "leaves less than half a chunk for the packet",
             });
         }
-        let ifindex = ifindex(&config.interface)
-            .ok_or_else(|| XskError::NoInterface(config.interface.clone()))?;
+        let ifindex = ifindex(&config.interface).ok_or_else(|| XskError::NoInterface(config.interface.clone()))?;
 
         // SAFETY: plain socket(2) call; the result is checked.
         let raw = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
@@ -475,10 +445,7 @@ impl XskDevice {
         if ptr == libc::MAP_FAILED {
             return Err(sys("mmap(UMEM)")(std::io::Error::last_os_error()));
         }
-        let umem = Mapping {
-            ptr: ptr.cast(),
-            len: umem_len,
-        };
+        let umem = Mapping { ptr: ptr.cast(), len: umem_len };
         // Transparent huge pages where the system allows them (THP "madvise" or "always"): every
         // packet touches a different chunk, and with 4 KiB pages a 16 MiB UMEM needs 4096 TLB entries
         // between the kernel's copy and the loop's rewrite. Advice only; refused is not an error.
@@ -509,22 +476,14 @@ impl XskDevice {
         }
         // SAFETY: xdp_mmap_offsets is plain integers; all-zero is valid.
         let mut off: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
-        getsockopt(raw, libc::SOL_XDP, libc::XDP_MMAP_OFFSETS, &mut off)
-            .map_err(sys("XDP_MMAP_OFFSETS"))?;
+        getsockopt(raw, libc::SOL_XDP, libc::XDP_MMAP_OFFSETS, &mut off).map_err(sys("XDP_MMAP_OFFSETS"))?;
 
         let n = config.ring_size;
-        let fill = Ring::<u64>::map(
-            raw,
-            &off.fr,
-            config.fill_ring_size,
-            libc::XDP_UMEM_PGOFF_FILL_RING as i64,
-        )
-        .map_err(sys("mmap(fill)"))?;
-        let completion =
-            Ring::<u64>::map(raw, &off.cr, n, libc::XDP_UMEM_PGOFF_COMPLETION_RING as i64)
-                .map_err(sys("mmap(completion)"))?;
-        let rx = Ring::<libc::xdp_desc>::map(raw, &off.rx, n, libc::XDP_PGOFF_RX_RING)
-            .map_err(sys("mmap(rx)"))?;
+        let fill = Ring::<u64>::map(raw, &off.fr, config.fill_ring_size, libc::XDP_UMEM_PGOFF_FILL_RING as i64)
+            .map_err(sys("mmap(fill)"))?;
+        let completion = Ring::<u64>::map(raw, &off.cr, n, libc::XDP_UMEM_PGOFF_COMPLETION_RING as i64)
+            .map_err(sys("mmap(completion)"))?;
+        let rx = Ring::<libc::xdp_desc>::map(raw, &off.rx, n, libc::XDP_PGOFF_RX_RING).map_err(sys("mmap(rx)"))?;
         let tx = Ring::<libc::xdp_desc>::map(raw, &off.tx, config.tx_ring_size, libc::XDP_PGOFF_TX_RING)
             .map_err(sys("mmap(tx)"))?;
 
@@ -536,10 +495,7 @@ impl XskDevice {
             completion,
             rx,
             tx,
-            free: (0..u64::from(config.frames))
-                .rev()
-                .map(|i| i * u64::from(config.frame_size))
-                .collect(),
+            free: (0..u64::from(config.frames)).rev().map(|i| i * u64::from(config.frame_size)).collect(),
             lent: [0; MAX_BURST],
             lent_n: 0,
             pending: VecDeque::with_capacity(config.frames as usize),
@@ -559,11 +515,7 @@ impl XskDevice {
             for (name, opt, v) in [
                 ("SO_PREFER_BUSY_POLL", libc::SO_PREFER_BUSY_POLL, one),
                 ("SO_BUSY_POLL", libc::SO_BUSY_POLL, bp.usecs as i32),
-                (
-                    "SO_BUSY_POLL_BUDGET",
-                    libc::SO_BUSY_POLL_BUDGET,
-                    bp.budget as i32,
-                ),
+                ("SO_BUSY_POLL_BUDGET", libc::SO_BUSY_POLL_BUDGET, bp.budget as i32),
             ] {
                 if let Err(e) = setsockopt(raw, libc::SOL_SOCKET, opt, &v) {
                     tracing::warn!(device = %dev.name, "{name} refused ({e}); continuing without it");
@@ -674,18 +626,13 @@ impl XskDevice {
             // SAFETY: `base` is a free chunk start inside the UMEM (from our free list, so neither the
             // kernel nor a lent frame holds it); the slice covers that chunk only and ends before
             // this function returns.
-            let chunk =
-                unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(base as usize), size) };
+            let chunk = unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(base as usize), size) };
             let len = chunk.get_mut(headroom..).map_or(0, &mut write);
             if len == 0 || headroom + len > size {
                 self.free.push(base);
                 continue;
             }
-            self.pending.push_back(libc::xdp_desc {
-                addr: base + headroom as u64,
-                len: len as u32,
-                options: 0,
-            });
+            self.pending.push_back(libc::xdp_desc { addr: base + headroom as u64, len: len as u32, options: 0 });
             queued += 1;
         }
         queued
@@ -726,16 +673,7 @@ impl XskDevice {
     fn kick_tx(&mut self) -> Result<(), DeviceError> {
         self.kicks += 1;
         // SAFETY: a zero-length send with no buffer on our own socket.
-        let rc = unsafe {
-            libc::sendto(
-                self.fd(),
-                std::ptr::null(),
-                0,
-                libc::MSG_DONTWAIT,
-                std::ptr::null(),
-                0,
-            )
-        };
+        let rc = unsafe { libc::sendto(self.fd(), std::ptr::null(), 0, libc::MSG_DONTWAIT, std::ptr::null(), 0) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             // Transient: the ring is busy or the driver has no room; the next flush tries again.
@@ -743,11 +681,7 @@ impl XskDevice {
                 e.raw_os_error(),
                 Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS | libc::EINTR | libc::ENETDOWN)
             ) {
-                return Err(DeviceError::Io {
-                    op: "sendto (TX kick)",
-                    device: self.name.clone(),
-                    source: e,
-                });
+                return Err(DeviceError::Io { op: "sendto (TX kick)", device: self.name.clone(), source: e });
             }
         }
         Ok(())
@@ -807,8 +741,7 @@ impl Device for XskDevice {
             // put it back on the fill or TX ring (in `settle`, after this borrow ends); chunks are
             // disjoint, so the slices of one burst never alias; and they live no longer than `'a`,
             // the borrow of this device that owns the mapping.
-            let buf =
-                unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(base as usize), size) };
+            let buf = unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(base as usize), size) };
             *slot = Frame::new(buf, start, len);
         }
         Ok(Received::frames(n as usize))
@@ -861,11 +794,7 @@ impl Device for XskDevice {
             }
         }
         completed += self.reap();
-        Ok(FlushProgress {
-            submitted,
-            completed,
-            pending: self.pending.len(),
-        })
+        Ok(FlushProgress { submitted, completed, pending: self.pending.len() })
     }
 
     fn pending_tx(&self) -> usize {
@@ -882,22 +811,14 @@ impl Device for XskDevice {
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
         // SAFETY: one valid pollfd for the duration of the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EINTR) {
-                return Err(DeviceError::Io {
-                    op: "poll",
-                    device: self.name.clone(),
-                    source: e,
-                });
+                return Err(DeviceError::Io { op: "poll", device: self.name.clone(), source: e });
             }
         }
         Ok(())
@@ -923,29 +844,17 @@ mod tests {
             XskDevice::open(&good),
             Err(XskError::NoInterface(name)) if name == "no-such-interface"
         ));
-        let fill = XskConfig {
-            fill_ring_size: 3000,
-            ..good.clone()
-        };
+        let fill = XskConfig { fill_ring_size: 3000, ..good.clone() };
         assert_eq!(refused_field(&fill), Some("fill_ring_size"));
-        let tx = XskConfig {
-            tx_ring_size: 500,
-            ..good.clone()
-        };
+        let tx = XskConfig { tx_ring_size: 500, ..good.clone() };
         assert_eq!(refused_field(&tx), Some("tx_ring_size"));
-        let rx = XskConfig {
-            ring_size: 1000,
-            ..good
-        };
+        let rx = XskConfig { ring_size: 1000, ..good };
         assert_eq!(refused_field(&rx), Some("ring_size"));
     }
 
     #[test]
     fn the_config_error_message_says_field_value_and_rule() {
-        let config = XskConfig {
-            tx_ring_size: 500,
-            ..XskConfig::new("eth0", 0)
-        };
+        let config = XskConfig { tx_ring_size: 500, ..XskConfig::new("eth0", 0) };
         let msg = XskDevice::open(&config).unwrap_err().to_string();
         assert_eq!(msg, "tx_ring_size = 500 is invalid: must be a power of two");
     }

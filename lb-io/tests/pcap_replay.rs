@@ -43,26 +43,15 @@ fn replays_a_capture_with_its_own_clock() {
         for i in 0u8..100 {
             let mut f = vec![0u8; 64];
             f[15] = i;
-            w.write_packet(&PcapPacket::new(Duration::from_secs(u64::from(i)), 64, &f))
-                .unwrap();
+            w.write_packet(&PcapPacket::new(Duration::from_secs(u64::from(i)), 64, &f)).unwrap();
         }
         // A frame larger than a buffer is skipped and counted, not truncated.
-        w.write_packet(&PcapPacket::new(
-            Duration::from_secs(200),
-            4000,
-            &[0u8; 4000],
-        ))
-        .unwrap();
+        w.write_packet(&PcapPacket::new(Duration::from_secs(200), 4000, &[0u8; 4000])).unwrap();
     }
     let dev = PcapDevice::open(&input, &output).unwrap();
     let (_tx, rx) = update_channel();
-    let report = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), LoopConfig::default())
-        .run()
-        .unwrap();
-    assert_eq!(
-        (report.stats.rx, report.stats.tx, report.stats.pass),
-        (100, 50, 50)
-    );
+    let report = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), LoopConfig::default()).run().unwrap();
+    assert_eq!((report.stats.rx, report.stats.tx, report.stats.pass), (100, 50, 50));
     assert_eq!(report.device.oversize_dropped(), 1);
     report.device.finish().unwrap();
 

@@ -37,9 +37,7 @@ impl BurstProcessor for Reflect {
                 continue;
             }
             let (addr, alen, l4) = match (d[12], d[13]) {
-                (0x08, 0x00) if d.len() >= 42 && d[23] == 17 => {
-                    (26, 4, 14 + usize::from(d[14] & 0x0f) * 4)
-                }
+                (0x08, 0x00) if d.len() >= 42 && d[23] == 17 => (26, 4, 14 + usize::from(d[14] & 0x0f) * 4),
                 (0x86, 0xdd) if d.len() >= 62 && d[20] == 17 => (22, 16, 54),
                 _ => continue,
             };
@@ -67,16 +65,10 @@ fn udp_to_the_vip_is_reflected_through_af_xdp_and_other_traffic_stays_in_the_ker
     let client = Netns::create(&format!("{tag}c")).unwrap();
     let lb = Netns::create(&format!("{tag}l")).unwrap();
     veth_pair(&client, "c0", &lb, "l0").unwrap();
-    client
-        .ip(&["addr", "add", "10.77.0.1/24", "dev", "c0"])
-        .unwrap();
-    client
-        .ip(&["addr", "add", "fd77::1/64", "dev", "c0", "nodad"])
-        .unwrap();
-    lb.ip(&["addr", "add", "10.77.0.2/24", "dev", "l0"])
-        .unwrap();
-    lb.ip(&["addr", "add", "fd77::2/64", "dev", "l0", "nodad"])
-        .unwrap();
+    client.ip(&["addr", "add", "10.77.0.1/24", "dev", "c0"]).unwrap();
+    client.ip(&["addr", "add", "fd77::1/64", "dev", "c0", "nodad"]).unwrap();
+    lb.ip(&["addr", "add", "10.77.0.2/24", "dev", "l0"]).unwrap();
+    lb.ip(&["addr", "add", "fd77::2/64", "dev", "l0", "nodad"]).unwrap();
     client.checksum_offload_off("c0").unwrap();
     let lb_mac = format_mac(lb.mac("l0").unwrap());
     client.static_neighbour(&VIP4.to_string(), &lb_mac, "c0").unwrap();
@@ -91,19 +83,12 @@ fn udp_to_the_vip_is_reflected_through_af_xdp_and_other_traffic_stays_in_the_ker
         std::thread::spawn(move || {
             let setup = || -> Result<_, String> {
                 enter_netns(&lb_name).map_err(|e| e.to_string())?;
-                let mut steering =
-                    VipSteering::load(SteeringConfig::default()).map_err(|e| e.to_string())?;
-                steering
-                    .set_vips([IpAddr::V4(VIP4), IpAddr::V6(VIP6)])
-                    .map_err(|e| e.to_string())?;
+                let mut steering = VipSteering::load(SteeringConfig::default()).map_err(|e| e.to_string())?;
+                steering.set_vips([IpAddr::V4(VIP4), IpAddr::V6(VIP6)]).map_err(|e| e.to_string())?;
                 let dev = XskDevice::open(&XskConfig::new("l0", 0)).map_err(|e| e.to_string())?;
-                steering
-                    .set_socket(0, dev.fd())
-                    .map_err(|e| e.to_string())?;
+                steering.set_socket(0, dev.fd()).map_err(|e| e.to_string())?;
                 let ifindex = lb_io::xsk::ifindex("l0").ok_or("no l0")?;
-                let link = steering
-                    .attach(ifindex, AttachMode::Native)
-                    .map_err(|e| e.to_string())?;
+                let link = steering.attach(ifindex, AttachMode::Native).map_err(|e| e.to_string())?;
                 Ok((steering, dev, link))
             };
             let (steering, dev, link) = match setup() {
@@ -115,9 +100,7 @@ fn udp_to_the_vip_is_reflected_through_af_xdp_and_other_traffic_stays_in_the_ker
             };
             ready_tx.send(Ok(())).unwrap();
             let (_updates, rx) = update_channel();
-            let report = PollLoop::new(dev, Reflect, rx, stop, LoopConfig::default())
-                .run()
-                .unwrap();
+            let report = PollLoop::new(dev, Reflect, rx, stop, LoopConfig::default()).run().unwrap();
             drop(link);
             drop(steering);
             Some(report.stats)
@@ -139,14 +122,8 @@ fn udp_to_the_vip_is_reflected_through_af_xdp_and_other_traffic_stays_in_the_ker
         enter_netns(&client_name).unwrap();
         let mut got = Vec::new();
         for (local, vip) in [
-            (
-                SocketAddr::from((Ipv4Addr::new(10, 77, 0, 1), 0)),
-                SocketAddr::from((VIP4, 7000)),
-            ),
-            (
-                SocketAddr::from((Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1), 0)),
-                SocketAddr::from((VIP6, 7000)),
-            ),
+            (SocketAddr::from((Ipv4Addr::new(10, 77, 0, 1), 0)), SocketAddr::from((VIP4, 7000))),
+            (SocketAddr::from((Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1), 0)), SocketAddr::from((VIP6, 7000))),
         ] {
             let s = UdpSocket::bind(local).unwrap();
             s.connect(vip).unwrap();
@@ -175,9 +152,7 @@ fn udp_to_the_vip_is_reflected_through_af_xdp_and_other_traffic_stays_in_the_ker
         bound_tx.send(()).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = [0u8; 64];
-        let (n, from) = s
-            .recv_from(&mut buf)
-            .expect("datagram to the LB's own address");
+        let (n, from) = s.recv_from(&mut buf).expect("datagram to the LB's own address");
         s.send_to(&buf[..n], from).unwrap();
     });
     bound_rx.recv().unwrap();

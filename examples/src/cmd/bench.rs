@@ -11,10 +11,7 @@ use std::time::{Duration, Instant as StdInstant};
 use lb_core::Frame;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{MissingSocket, SteeringConfig, VipSteering};
-use lb_io::{
-    BusyPoll, Device, LoopConfig, MacRewrite, PollLoop, StopFlag, XskConfig, XskDevice,
-    update_channel,
-};
+use lb_io::{BusyPoll, Device, LoopConfig, MacRewrite, PollLoop, StopFlag, XskConfig, XskDevice, update_channel};
 
 use super::CmdResult;
 
@@ -111,8 +108,8 @@ pub struct ForwardArgs {
 }
 
 fn mac_of(iface: &str) -> Result<[u8; 6], String> {
-    let text = std::fs::read_to_string(format!("/sys/class/net/{iface}/address"))
-        .map_err(|e| format!("{iface}: {e}"))?;
+    let text =
+        std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).map_err(|e| format!("{iface}: {e}"))?;
     lb_io::netns::parse_mac(text.trim()).ok_or_else(|| format!("{iface}: bad MAC {text:?}"))
 }
 
@@ -126,23 +123,16 @@ fn open(
     missing_socket: MissingSocket,
 ) -> Result<(VipSteering, XskDevice, lb_io::bpf::Link), String> {
     let iface = cfg.interface.as_str();
-    let mut steering = VipSteering::load(SteeringConfig {
-        missing_socket,
-        ..SteeringConfig::default()
-    })
-    .map_err(|e| e.to_string())?;
-    steering
-        .set_vips(steer.iter().copied())
-        .map_err(|e| e.to_string())?;
+    let mut steering =
+        VipSteering::load(SteeringConfig { missing_socket, ..SteeringConfig::default() }).map_err(|e| e.to_string())?;
+    steering.set_vips(steer.iter().copied()).map_err(|e| e.to_string())?;
     // The kernel releases a closed AF_XDP socket's queue binding asynchronously: a run right after
     // another may see EBUSY for a moment. Retry a bounded number of times.
     let mut tries = 0;
     let dev = loop {
         match XskDevice::open(cfg) {
             Ok(d) => break d,
-            Err(lb_io::XskError::Sys { source, .. })
-                if source.raw_os_error() == Some(libc::EBUSY) && tries < 100 =>
-            {
+            Err(lb_io::XskError::Sys { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) && tries < 100 => {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -151,22 +141,15 @@ fn open(
     };
     // With `MissingSocket::Drop` the socket stays out of the map: steered frames are dropped.
     if missing_socket == MissingSocket::Pass {
-        steering
-            .set_socket(0, dev.fd())
-            .map_err(|e| e.to_string())?;
+        steering.set_socket(0, dev.fd()).map_err(|e| e.to_string())?;
     }
     let idx = lb_io::xsk::ifindex(iface).ok_or_else(|| format!("no interface {iface}"))?;
-    let link = steering
-        .attach(idx, AttachMode::Native)
-        .map_err(|e| e.to_string())?;
+    let link = steering.attach(idx, AttachMode::Native).map_err(|e| e.to_string())?;
     Ok((steering, dev, link))
 }
 
 fn ipv4_checksum(h: &[u8]) -> u16 {
-    let mut sum: u32 = h
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
+    let mut sum: u32 = h.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -185,11 +168,7 @@ pub fn gen_main(a: GenArgs) -> CmdResult {
     // forwarder (back-pressure from a full peer) instead of letting them pile up and drop there.
     cfg.send_buffer = None;
     cfg.tx_ring_size = 2048;
-    let missing = if a.drop_returns {
-        MissingSocket::Drop
-    } else {
-        MissingSocket::Pass
-    };
+    let missing = if a.drop_returns { MissingSocket::Drop } else { MissingSocket::Pass };
     let (_steering, mut dev, _link) = open(&cfg, &a.receive, missing)?;
     let src_mac = mac_of(&a.iface)?;
     let dst_mac = parse_mac(&a.dst_mac)?;
@@ -270,10 +249,7 @@ pub fn gen_main(a: GenArgs) -> CmdResult {
             dev.wait(Duration::from_millis(1))?;
         }
     }
-    let measured = start
-        .elapsed()
-        .saturating_sub(measure_start.unwrap_or_default())
-        .as_secs_f64();
+    let measured = start.elapsed().saturating_sub(measure_start.unwrap_or_default()).as_secs_f64();
     latencies.sort_unstable();
     let pct = |p: f64| {
         latencies
@@ -296,8 +272,7 @@ pub fn gen_main(a: GenArgs) -> CmdResult {
         s.rx_ring_full,
         s.rx_fill_ring_empty,
         s.tx_kicks,
-        dev.napi_id()
-            .map_or("none".to_string(), |id| id.to_string())
+        dev.napi_id().map_or("none".to_string(), |id| id.to_string())
     );
     Ok(())
 }
@@ -315,63 +290,38 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
     cfg.tx_budget = a.tx_budget.or(cfg.tx_budget);
     cfg.send_buffer = a.send_buffer.or(cfg.send_buffer);
     if a.busy_poll {
-        cfg.busy_poll = Some(BusyPoll {
-            usecs: 20,
-            budget: 64,
-        });
+        cfg.busy_poll = Some(BusyPoll { usecs: 20, budget: 64 });
     }
     let (_steering, dev, _link) = open(&cfg, &a.steer, MissingSocket::Pass)?;
     let config_loop = LoopConfig {
-        idle_spins: if a.busy_poll || a.spin {
-            usize::MAX
-        } else {
-            LoopConfig::default().idle_spins
-        },
+        idle_spins: if a.busy_poll || a.spin { usize::MAX } else { LoopConfig::default().idle_spins },
         ..LoopConfig::default()
     };
     println!("ready");
     let stats = match a.processor.as_str() {
         "floor" => {
-            let dst = parse_mac(
-                a.dst_mac
-                    .as_deref()
-                    .ok_or("--dst-mac is required for the floor")?,
-            )?;
-            let p = MacRewrite {
-                src: mac_of(&a.iface)?,
-                dst,
-            };
+            let dst = parse_mac(a.dst_mac.as_deref().ok_or("--dst-mac is required for the floor")?)?;
+            let p = MacRewrite { src: mac_of(&a.iface)?, dst };
             let (_updates, rx) = update_channel();
             let report = PollLoop::new(dev, p, rx, StopFlag::new(), config_loop).run()?;
             print_xsk(&report.device);
             report.stats
         }
         "lb" => {
-            let path = a
-                .config
-                .as_deref()
-                .ok_or("--config is required for --processor lb")?;
+            let path = a.config.as_deref().ok_or("--config is required for --processor lb")?;
             let settings = lb_examples::config::file::load(path)?;
             let config = lb_core::config::Config {
                 node: settings.node.clone(),
                 services: settings.services.iter().map(|s| s.config.clone()).collect(),
             };
             let tables = lb_core::service::TableBuilder::new().build(&config)?;
-            let worker = lb_core::worker::Worker::new(
-                tables,
-                lb_core::worker::WorkerConfig::single_core(a.conntrack_entries),
-            );
+            let worker =
+                lb_core::worker::Worker::new(tables, lb_core::worker::WorkerConfig::single_core(a.conntrack_entries));
             let (_updates, rx) = update_channel();
             let report = PollLoop::new(dev, worker, rx, StopFlag::new(), config_loop).run()?;
             print_xsk(&report.device);
             let w = report.processor.stats();
-            eprintln!(
-                "worker: rx {} tx {} dropped {} passed {}",
-                w.rx,
-                w.tx,
-                w.dropped_total(),
-                w.passed
-            );
+            eprintln!("worker: rx {} tx {} dropped {} passed {}", w.rx, w.tx, w.dropped_total(), w.passed);
             for reason in lb_core::stats::DropReason::ALL {
                 if w.dropped(reason) > 0 {
                     eprintln!("  drop {reason}: {}", w.dropped(reason));
@@ -383,12 +333,8 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
     };
     // Context switches of this (the loop's) thread: how often it gave the core to l0's NAPI thread.
     let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
-    let switches = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .map_or("?".to_string(), |v| v.trim().to_string())
-    };
+    let switches =
+        |key: &str| status.lines().find_map(|l| l.strip_prefix(key)).map_or("?".to_string(), |v| v.trim().to_string());
     eprintln!(
         "forwarder: rx {} tx {} pass {} drop {} stalled {} idle_waits {} ctxt_switches voluntary {} involuntary {}",
         stats.rx,
@@ -412,8 +358,7 @@ fn print_xsk(dev: &XskDevice) {
         s.rx_fill_ring_empty,
         s.tx_kicks,
         s.rx_wakeups,
-        dev.napi_id()
-            .map_or("none".to_string(), |id| id.to_string()),
+        dev.napi_id().map_or("none".to_string(), |id| id.to_string()),
         dev.tx_budget()
     );
 }

@@ -114,39 +114,21 @@ fn run_client(client_ns: &str, flows: usize) -> Result<(Spread, usize), String> 
                 s.write_all(format!("hello {i}").as_bytes())?;
                 let mut buf = [0u8; 256];
                 let n = s.read(&mut buf)?;
-                Ok(String::from_utf8_lossy(&buf[..n])
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("?")
-                    .to_string())
+                Ok(String::from_utf8_lossy(&buf[..n]).split_whitespace().next().unwrap_or("?").to_string())
             })();
             let udp = (|| -> std::io::Result<String> {
-                let local = if vip.is_ipv4() {
-                    SocketAddr::from((CLIENT4, 0))
-                } else {
-                    SocketAddr::from((CLIENT6, 0))
-                };
+                let local = if vip.is_ipv4() { SocketAddr::from((CLIENT4, 0)) } else { SocketAddr::from((CLIENT6, 0)) };
                 let s = UdpSocket::bind(local)?;
                 s.set_read_timeout(timeout)?;
                 s.connect(to)?;
                 s.send(format!("hello {i}").as_bytes())?;
                 let mut buf = [0u8; 256];
                 let n = s.recv(&mut buf)?;
-                Ok(String::from_utf8_lossy(&buf[..n])
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("?")
-                    .to_string())
+                Ok(String::from_utf8_lossy(&buf[..n]).split_whitespace().next().unwrap_or("?").to_string())
             })();
             for (proto, r) in [("TCP", tcp), ("UDP", udp)] {
                 match r {
-                    Ok(name) => {
-                        *spread
-                            .entry((proto, family))
-                            .or_default()
-                            .entry(name)
-                            .or_default() += 1
-                    }
+                    Ok(name) => *spread.entry((proto, family)).or_default().entry(name).or_default() += 1,
                     Err(e) => {
                         failed += 1;
                         tracing::warn!("{proto} {family} flow {i} failed: {e}");
@@ -164,19 +146,12 @@ pub fn main(args: Args) -> CmdResult {
     StopFlag::watch_signals()?;
     println!("building namespaces (client, load balancer, 3 backends, bridge) ...");
     let lab = Lab::build("lbd", args.mode, &std::env::current_exe()?)?;
-    println!(
-        "namespaces: {}-{{sw,cl,lb,b1,b2,b3}}, mode {:?}",
-        lab.tag, args.mode
-    );
+    println!("namespaces: {}-{{sw,cl,lb,b1,b2,b3}}, mode {:?}", lab.tag, args.mode);
     if let Some(path) = lab.decap {
         println!("backends decapsulate with {path}");
     }
     let config = lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule);
-    let attach = if args.generic {
-        AttachMode::Generic
-    } else {
-        AttachMode::Native
-    };
+    let attach = if args.generic { AttachMode::Generic } else { AttachMode::Native };
     let mut builder = lb_core::service::TableBuilder::new();
     let lb = start_lb(&lab, tables(&mut builder, &config)?, args.core, attach)?;
     println!(
@@ -192,18 +167,9 @@ pub fn main(args: Args) -> CmdResult {
     let (spread, failed) = client?;
 
     println!();
-    println!(
-        "{:<10} {:>10} {:>10} {:>10} {:>10}",
-        "backend", "TCP IPv4", "TCP IPv6", "UDP IPv4", "UDP IPv6"
-    );
+    println!("{:<10} {:>10} {:>10} {:>10} {:>10}", "backend", "TCP IPv4", "TCP IPv6", "UDP IPv4", "UDP IPv6");
     for name in BACKENDS {
-        let cell = |p, f| {
-            spread
-                .get(&(p, f))
-                .and_then(|m: &BTreeMap<String, usize>| m.get(name))
-                .copied()
-                .unwrap_or(0)
-        };
+        let cell = |p, f| spread.get(&(p, f)).and_then(|m: &BTreeMap<String, usize>| m.get(name)).copied().unwrap_or(0);
         println!(
             "{name:<10} {:>10} {:>10} {:>10} {:>10}",
             cell("TCP", "IPv4"),
@@ -241,13 +207,7 @@ pub fn main(args: Args) -> CmdResult {
                 format!("{} {} new / {} pkts", b.addr, c.new_flows, c.packets)
             })
             .collect();
-        println!(
-            "  {:<14} {} new flows, {} packets: {}",
-            svc.name,
-            sc.new_flows,
-            sc.packets,
-            per.join(", ")
-        );
+        println!("  {:<14} {} new flows, {} packets: {}", svc.name, sc.new_flows, sc.packets, per.join(", "));
     }
     let s = outcome.stats;
     println!(
@@ -257,11 +217,7 @@ pub fn main(args: Args) -> CmdResult {
     let x = outcome.xsk;
     println!(
         "AF_XDP ({}): kernel rx_dropped {} rx_ring_full {} fill_ring_empty {} tx_kicks {} rx_wakeups {}",
-        if outcome.zero_copy {
-            "zero-copy"
-        } else {
-            "copy mode"
-        },
+        if outcome.zero_copy { "zero-copy" } else { "copy mode" },
         x.rx_dropped,
         x.rx_ring_full,
         x.rx_fill_ring_empty,

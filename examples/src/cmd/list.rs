@@ -13,10 +13,7 @@ pub struct Args {
 
 /// Prints the state of the instance at `--endpoint`.
 pub fn main(args: Args) -> CmdResult {
-    let addr = args
-        .endpoint
-        .parse()
-        .map_err(|_| format!("--endpoint {:?} is not ADDRESS:PORT", args.endpoint))?;
+    let addr = args.endpoint.parse().map_err(|_| format!("--endpoint {:?} is not ADDRESS:PORT", args.endpoint))?;
     lb_examples::list::print(addr)?;
     Ok(())
 }

@@ -4,10 +4,7 @@
 
 use std::path::PathBuf;
 
-use lb_io::{
-    BurstProcessor, LoopConfig, LoopStats, MacRewrite, PcapDevice, PollLoop, StopFlag,
-    update_channel,
-};
+use lb_io::{BurstProcessor, LoopConfig, LoopStats, MacRewrite, PcapDevice, PollLoop, StopFlag, update_channel};
 
 use lb_core::stats::DropReason;
 use lb_core::worker::{Worker, WorkerConfig};
@@ -33,10 +30,7 @@ pub struct Args {
 pub fn main(args: Args) -> CmdResult {
     let device = PcapDevice::open(&args.input, &args.output)?;
     let Some(path) = &args.config else {
-        let processor = MacRewrite {
-            src: [0x02, 0, 0, 0, 0, 1],
-            dst: [0x02, 0, 0, 0, 0, 2],
-        };
+        let processor = MacRewrite { src: [0x02, 0, 0, 0, 0, 1], dst: [0x02, 0, 0, 0, 0, 2] };
         let (stats, device) = replay(device, processor)?;
         device.finish()?;
         print_counts(&stats);
@@ -74,14 +68,7 @@ pub fn replay<P: BurstProcessor>(
     processor: P,
 ) -> Result<(LoopStats, PcapDevice), lb_io::DeviceError> {
     let (_updates, rx) = update_channel();
-    let report = PollLoop::new(
-        device,
-        processor,
-        rx,
-        StopFlag::new(),
-        LoopConfig::default(),
-    )
-    .run()?;
+    let report = PollLoop::new(device, processor, rx, StopFlag::new(), LoopConfig::default()).run()?;
     let skipped = report.device.oversize_dropped();
     if skipped > 0 {
         eprintln!("note: {skipped} frames longer than a 2 KiB buffer were skipped");

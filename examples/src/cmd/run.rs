@@ -98,7 +98,8 @@ pub fn main(args: Args) -> CmdResult {
         settings.interfaces.iter().flat_map(|i| i.queues.iter().map(move |q| (i.name.clone(), *q))).collect();
     let cores = u16::try_from(queues.len()).map_err(|_| "too many queues")?;
     let mode = if args.generic { AttachMode::Generic } else { AttachMode::Auto };
-    let mut workers = Workers { loops: Vec::new(), steering: Vec::new(), nat_replies_steered: args.nat_replies_steered };
+    let mut workers =
+        Workers { loops: Vec::new(), steering: Vec::new(), nat_replies_steered: args.nat_replies_steered };
     let mut counters = PublishedCounters::default();
     let mut handles = Vec::new();
     let mut links = Vec::new();
@@ -109,11 +110,10 @@ pub fn main(args: Args) -> CmdResult {
             let dev = XskDevice::open(&XskConfig::new(&iface.name, q))?;
             steering.set_socket(q, dev.fd())?;
             let core_index = u16::try_from(i)?;
-            let worker = Worker::new(empty.clone(), WorkerConfig {
-                conntrack_capacity: args.conntrack_entries,
-                core_index,
-                core_count: cores,
-            });
+            let worker = Worker::new(
+                empty.clone(),
+                WorkerConfig { conntrack_capacity: args.conntrack_entries, core_index, core_count: cores },
+            );
             if let Some((lo, hi)) = snat_port_share(settings.node.snat_ports, core_index, cores) {
                 tracing::info!(interface = %iface.name, queue = q, "NAT replies to SNAT ports {lo}-{hi} must reach this queue");
             }

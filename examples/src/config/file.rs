@@ -39,14 +39,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use lb_core::config::{
-    BackendConfig, BackendState, Cidr, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy,
-    SchedulerKind, ServiceConfig, ServiceKey, Timeouts,
+    BackendConfig, BackendState, Cidr, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy, SchedulerKind,
+    ServiceConfig, ServiceKey, Timeouts,
 };
 use serde::Deserialize;
 
-use super::{
-    FailurePolicy, HealthCheck, InterfaceConfig, KubernetesSettings, Probe, ServiceSpec, Settings,
-};
+use super::{FailurePolicy, HealthCheck, InterfaceConfig, KubernetesSettings, Probe, ServiceSpec, Settings};
 
 /// Largest backend weight, as `ipvsadm -w` allows.
 pub const MAX_WEIGHT: u64 = 65535;
@@ -233,8 +231,7 @@ struct FileHealthCheck {
 
 /// Reads and validates the configuration file at `path`.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
     parse(&text)
 }
 
@@ -396,10 +393,8 @@ fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
         interfaces.push(InterfaceConfig { name: iface.name.clone(), queues });
     }
 
-    let metrics_listen = file
-        .metrics
-        .as_ref()
-        .and_then(|m| p.parse::<SocketAddr>("metrics.listen", &m.listen, "is not ADDRESS:PORT"));
+    let metrics_listen =
+        file.metrics.as_ref().and_then(|m| p.parse::<SocketAddr>("metrics.listen", &m.listen, "is not ADDRESS:PORT"));
 
     let kubernetes = file.kubernetes.as_ref().filter(|k| k.enabled).map(|k| validate_kubernetes(k, &mut p));
     if kubernetes.is_some() && node.gateway_mac.is_none() {
@@ -462,7 +457,8 @@ fn validate_node(n: &FileNode, p: &mut Problems) -> NodeConfig {
 }
 
 fn validate_kubernetes(k: &FileKubernetes, p: &mut Problems) -> KubernetesSettings {
-    let mut s = KubernetesSettings { kubeconfig: k.kubeconfig.clone(), node_name: k.node_name.clone(), ..Default::default() };
+    let mut s =
+        KubernetesSettings { kubeconfig: k.kubeconfig.clone(), node_name: k.node_name.clone(), ..Default::default() };
     for (i, a) in k.node_addresses.iter().enumerate() {
         if let Some(ip) = p.parse::<IpAddr>(&format!("kubernetes.node_addresses[{i}]"), a, "is not an IP address") {
             s.node_addresses.push(ip);
@@ -547,7 +543,11 @@ fn validate_service(
     }
     let maglev_table_size = s.maglev_table_size.and_then(|n| {
         if !is_prime(n) || n > MAX_MAGLEV_TABLE_SIZE {
-            p.push(format!("{f}.maglev_table_size"), n, format!("must be a prime no larger than {MAX_MAGLEV_TABLE_SIZE}"));
+            p.push(
+                format!("{f}.maglev_table_size"),
+                n,
+                format!("must be a prime no larger than {MAX_MAGLEV_TABLE_SIZE}"),
+            );
             return None;
         }
         u32::try_from(n).ok()
@@ -601,7 +601,11 @@ fn validate_service(
             None | Some("active") => BackendState::Active,
             Some("draining") => BackendState::Draining,
             Some(_) => {
-                p.push(format!("{bf}.state"), quoted(b.state.as_deref().unwrap_or_default()), "is not a state (active, draining)");
+                p.push(
+                    format!("{bf}.state"),
+                    quoted(b.state.as_deref().unwrap_or_default()),
+                    "is not a state (active, draining)",
+                );
                 BackendState::Active
             }
         };
@@ -673,7 +677,11 @@ fn validate_health(f: &str, h: &FileHealthCheck, p: &mut Problems) -> Option<Hea
         hc.timeout = p.duration(&format!("{f}.timeout"), t).unwrap_or(hc.timeout);
     }
     if hc.timeout > hc.interval {
-        p.push(format!("{f}.timeout"), format!("{:?}", hc.timeout), format!("is longer than the interval {:?}", hc.interval));
+        p.push(
+            format!("{f}.timeout"),
+            format!("{:?}", hc.timeout),
+            format!("is longer than the interval {:?}", hc.interval),
+        );
     }
     for (name, v, slot) in [("rise", h.rise, &mut hc.rise), ("fall", h.fall, &mut hc.fall)] {
         if let Some(v) = v {

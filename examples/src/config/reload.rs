@@ -132,7 +132,11 @@ mod tests {
         assert!(e.to_string().contains("services[0].port: 99999"), "{e}");
         assert!(matches!(fw.check(false), Reload::Unchanged), "a bad file is reported once");
 
-        std::fs::write(&path, "node: { snat_v4: 10.0.0.2 }\nservices: [{ vip: 10.0.0.1, port: 80 }, { vip: 10.0.0.2, port: 80 }]\n").unwrap();
+        std::fs::write(
+            &path,
+            "node: { snat_v4: 10.0.0.2 }\nservices: [{ vip: 10.0.0.1, port: 80 }, { vip: 10.0.0.2, port: 80 }]\n",
+        )
+        .unwrap();
         let Reload::Loaded(s) = fw.check(false) else { panic!("fixed file loads") };
         assert_eq!(s.services.len(), 2);
         assert!(matches!(fw.check(true), Reload::Loaded(_)), "SIGHUP reloads unchanged content");

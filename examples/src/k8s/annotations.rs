@@ -56,9 +56,10 @@ pub fn service(annotations: Option<&BTreeMap<String, String>>) -> Result<Service
     let Some(a) = annotations else { return Ok(out) };
     let bad = |key: &str, value: &str, why: &str| format!("annotation {key}: {value:?} {why}");
     if let Some(v) = a.get(SCHEDULER) {
-        out.scheduler = Some(v.parse().map_err(|_| {
-            bad(SCHEDULER, v, "is not a scheduler (rr, wrr, lc, wlc, dh, sh, sed, nq, mh, hrw, ecmp)")
-        })?);
+        out.scheduler =
+            Some(v.parse().map_err(|_| {
+                bad(SCHEDULER, v, "is not a scheduler (rr, wrr, lc, wlc, dh, sh, sed, nq, mh, hrw, ecmp)")
+            })?);
     }
     if let Some(v) = a.get(MAGLEV_TABLE_SIZE) {
         let n: u64 = v.trim().parse().map_err(|_| bad(MAGLEV_TABLE_SIZE, v, "is not a number"))?;
@@ -78,8 +79,9 @@ pub fn service(annotations: Option<&BTreeMap<String, String>>) -> Result<Service
         out.mode = Some(parse_mode(name, port).map_err(|e| bad(MODE, v, &e))?);
     }
     if let Some(v) = a.get(ON_BACKEND_REMOVED) {
-        out.on_backend_removed =
-            Some(parse_removed_policy(v).ok_or_else(|| bad(ON_BACKEND_REMOVED, v, "is not a policy (reschedule, drop)"))?);
+        out.on_backend_removed = Some(
+            parse_removed_policy(v).ok_or_else(|| bad(ON_BACKEND_REMOVED, v, "is not a policy (reschedule, drop)"))?,
+        );
     }
     if let Some(v) = a.get(HEALTH_CHECK) {
         let probe = match v.trim().split_once(':') {

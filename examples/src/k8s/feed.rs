@@ -67,7 +67,10 @@ pub enum FeedError {
 pub async fn client(settings: &KubernetesSettings) -> Result<Client, FeedError> {
     let config = match &settings.kubeconfig {
         Some(path) => {
-            let err = |e: Box<dyn std::error::Error + Send + Sync>| FeedError::Kubeconfig { path: path.display().to_string(), source: e };
+            let err = |e: Box<dyn std::error::Error + Send + Sync>| FeedError::Kubeconfig {
+                path: path.display().to_string(),
+                source: e,
+            };
             let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(Box::new(e)))?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await

@@ -181,11 +181,8 @@ fn translate_service(
     });
     let mut source_ranges = Vec::new();
     for r in spec.load_balancer_source_ranges.iter().flatten() {
-        source_ranges.push(
-            r.trim()
-                .parse::<Cidr>()
-                .map_err(|_| format!("spec.loadBalancerSourceRanges: {r:?} is not a CIDR"))?,
-        );
+        source_ranges
+            .push(r.trim().parse::<Cidr>().map_err(|_| format!("spec.loadBalancerSourceRanges: {r:?} is not a CIDR"))?);
     }
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
@@ -236,7 +233,8 @@ fn translate_service(
             && let Some(np) = node_port(port)
         {
             // Like kube-proxy's per-family proxiers: node ports only on addresses of the Service's families.
-            let families: Vec<bool> = cluster_ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()).map(|ip| ip.is_ipv4()).collect();
+            let families: Vec<bool> =
+                cluster_ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()).map(|ip| ip.is_ipv4()).collect();
             for ip in settings.node_addresses.iter().filter(|ip| families.contains(&ip.is_ipv4())) {
                 keys.push((*ip, np, Reach::External));
             }
@@ -298,7 +296,9 @@ fn cannot_forward(
         ForwardMode::Nat if v4 && node.snat_v4.is_none() => Some("node.snat_v4"),
         ForwardMode::Nat if !v4 && node.snat_v6.is_none() => Some("node.snat_v6"),
         ForwardMode::IpIp | ForwardMode::Gue { .. } if v4 && node.tunnel_src_v4.is_none() => Some("node.tunnel_src_v4"),
-        ForwardMode::IpIp | ForwardMode::Gue { .. } if !v4 && node.tunnel_src_v6.is_none() => Some("node.tunnel_src_v6"),
+        ForwardMode::IpIp | ForwardMode::Gue { .. } if !v4 && node.tunnel_src_v6.is_none() => {
+            Some("node.tunnel_src_v6")
+        }
         _ => None,
     };
     if let Some(field) = missing {
@@ -309,7 +309,9 @@ fn cannot_forward(
     if mode != ForwardMode::Nat
         && let Some(p) = other
     {
-        return Some(format!("{key}: target port {p} differs from the service port, which only NAT mode can translate"));
+        return Some(format!(
+            "{key}: target port {p} differs from the service port, which only NAT mode can translate"
+        ));
     }
     None
 }
@@ -410,14 +412,15 @@ mod tests {
     }
 
     fn find<'a>(t: &'a Translation, key: &str) -> &'a ServiceConfig {
-        &t.services.iter().find(|s| s.config.key.to_string() == key).unwrap_or_else(|| panic!("no {key} in {t:#?}")).config
+        &t.services
+            .iter()
+            .find(|s| s.config.key.to_string() == key)
+            .unwrap_or_else(|| panic!("no {key} in {t:#?}"))
+            .config
     }
 
     fn backends(s: &ServiceConfig) -> Vec<(String, BackendState, u32)> {
-        s.backends
-            .iter()
-            .map(|b| (std::net::SocketAddr::new(b.addr, b.port).to_string(), b.state, b.weight))
-            .collect()
+        s.backends.iter().map(|b| (std::net::SocketAddr::new(b.addr, b.port).to_string(), b.state, b.weight)).collect()
     }
 
     #[test]
@@ -468,7 +471,10 @@ mod tests {
 
         let on_b = KubernetesSettings { node_name: Some("node-b".into()), ..settings() };
         let t = translate([&svc], [&slice], &on_b, &node());
-        assert_eq!(backends(find(&t, "tcp 192.168.1.10:30080")), vec![("10.244.2.20:8080".into(), BackendState::Active, 100)]);
+        assert_eq!(
+            backends(find(&t, "tcp 192.168.1.10:30080")),
+            vec![("10.244.2.20:8080".into(), BackendState::Active, 100)]
+        );
     }
 
     #[test]
@@ -478,7 +484,10 @@ mod tests {
         svc.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
         let on_c = KubernetesSettings { node_name: Some("node-c".into()), ..settings() };
         let t = translate([&svc], [&slice], &on_c, &node());
-        assert_eq!(backends(find(&t, "tcp 10.96.40.2:80")), vec![("10.244.3.21:8080".into(), BackendState::Active, 100)]);
+        assert_eq!(
+            backends(find(&t, "tcp 10.96.40.2:80")),
+            vec![("10.244.3.21:8080".into(), BackendState::Active, 100)]
+        );
     }
 
     #[test]
@@ -557,9 +566,8 @@ mod tests {
         let older: Service = fixture!("service-edge-loadbalancer.json");
         let mut newer: Service = fixture!("service-edge-loadbalancer.json");
         newer.metadata.name = Some("edge-copy".into());
-        newer.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            "2026-11-03T00:00:00Z".parse().unwrap(),
-        ));
+        newer.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-11-03T00:00:00Z".parse().unwrap()));
         newer.spec.as_mut().unwrap().cluster_ips = Some(vec!["10.96.7.8".into()]);
         let t = translate([&newer, &older], [], &settings(), &node());
         assert!(find(&t, "tcp 203.0.113.11:443").name.starts_with("ingress/edge:"));

@@ -52,9 +52,7 @@ pub enum DecapError {
         len: usize,
     },
     /// The outer IPv4 header is not a well-formed IPv4 header.
-    #[error(
-        "outer IPv4 header malformed: version {version}, header length {header_len}, total length {total_len}"
-    )]
+    #[error("outer IPv4 header malformed: version {version}, header length {header_len}, total length {total_len}")]
     BadOuterHeader {
         /// The version nibble.
         version: u8,
@@ -101,18 +99,12 @@ pub enum DecapError {
 /// The inner packet of an IPv4-in-IPv4 packet as a raw protocol-4 socket reads it (outer header
 /// included), checked as `ipip`'s receive path would, from `src` to `dst`.
 pub fn ipip4(packet: &[u8], src: Ipv4Addr, dst: Ipv4Addr) -> Result<&[u8], DecapError> {
-    let header = packet
-        .get(..20)
-        .ok_or(DecapError::Truncated { len: packet.len() })?;
+    let header = packet.get(..20).ok_or(DecapError::Truncated { len: packet.len() })?;
     let version = header[0] >> 4;
     let header_len = usize::from(header[0] & 0x0f) * 4;
     let total_len = usize::from(u16::from_be_bytes([header[2], header[3]]));
     if version != 4 || header_len < 20 || total_len < header_len || total_len > packet.len() {
-        return Err(DecapError::BadOuterHeader {
-            version,
-            header_len,
-            total_len,
-        });
+        return Err(DecapError::BadOuterHeader { version, header_len, total_len });
     }
     if header[9] != PROTO_IPV4 {
         return Err(DecapError::WrongProtocol(header[9]));
@@ -121,10 +113,7 @@ pub fn ipip4(packet: &[u8], src: Ipv4Addr, dst: Ipv4Addr) -> Result<&[u8], Decap
     let got_dst = Ipv4Addr::new(header[16], header[17], header[18], header[19]);
     check_source(got_src.into(), src.into())?;
     if got_dst != dst {
-        return Err(DecapError::WrongDestination {
-            got: got_dst.into(),
-            want: dst.into(),
-        });
+        return Err(DecapError::WrongDestination { got: got_dst.into(), want: dst.into() });
     }
     inner(&packet[header_len..total_len], 4)
 }
@@ -132,10 +121,8 @@ pub fn ipip4(packet: &[u8], src: Ipv4Addr, dst: Ipv4Addr) -> Result<&[u8], Decap
 /// The inner packet of a GUE variant 0 payload (what a UDP socket on the GUE port reads), checked as
 /// Linux's `fou` in `gue` mode would.
 pub fn gue(payload: &[u8]) -> Result<&[u8], DecapError> {
-    let header: [u8; 4] = payload
-        .get(..4)
-        .and_then(|h| h.try_into().ok())
-        .ok_or(DecapError::Truncated { len: payload.len() })?;
+    let header: [u8; 4] =
+        payload.get(..4).and_then(|h| h.try_into().ok()).ok_or(DecapError::Truncated { len: payload.len() })?;
     // Version (2 bits) 0, C (1 bit) 0, hlen (5 bits) 0; flags 0.
     if header[0] != 0 || header[2..] != [0, 0] {
         return Err(DecapError::BadGueHeader(header));
@@ -150,10 +137,7 @@ pub fn gue(payload: &[u8]) -> Result<&[u8], DecapError> {
 
 /// `packet`, if it is an IP packet of `version`.
 pub fn inner(packet: &[u8], version: u8) -> Result<&[u8], DecapError> {
-    let got = packet
-        .first()
-        .map(|b| b >> 4)
-        .ok_or(DecapError::Truncated { len: 0 })?;
+    let got = packet.first().map(|b| b >> 4).ok_or(DecapError::Truncated { len: 0 })?;
     if got != version {
         return Err(DecapError::InnerVersion { got, want: version });
     }
@@ -162,11 +146,7 @@ pub fn inner(packet: &[u8], version: u8) -> Result<&[u8], DecapError> {
 
 /// Refuses a packet whose outer source is not the load balancer's tunnel address.
 fn check_source(got: IpAddr, want: IpAddr) -> Result<(), DecapError> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(DecapError::WrongSource { got, want })
-    }
+    if got == want { Ok(()) } else { Err(DecapError::WrongSource { got, want }) }
 }
 
 /// What a [`Decapsulator`] did so far.
@@ -242,10 +222,8 @@ impl Decapsulator {
         // their descriptors then work from any thread.
         let opened = std::thread::spawn(move || -> Result<_, String> {
             enter_netns(&name).map_err(|e| format!("entering {name}: {e}"))?;
-            let tun = lb_io::tun::open_tun(TUN_NAME)
-                .map_err(|e| format!("creating TUN {TUN_NAME} in {name}: {e}"))?;
-            let sockets = open_sockets(mode, ends)
-                .map_err(|e| format!("opening tunnel sockets in {name}: {e}"))?;
+            let tun = lb_io::tun::open_tun(TUN_NAME).map_err(|e| format!("creating TUN {TUN_NAME} in {name}: {e}"))?;
+            let sockets = open_sockets(mode, ends).map_err(|e| format!("opening tunnel sockets in {name}: {e}"))?;
             Ok((tun, sockets))
         })
         .join()
@@ -260,11 +238,8 @@ impl Decapsulator {
         ] {
             ns.exec("sysctl", &["-qw", &format!("{key}=0")])?;
         }
-        let mut decap = Decapsulator {
-            stop: Arc::new(AtomicBool::new(false)),
-            threads: Vec::new(),
-            counters: Arc::default(),
-        };
+        let mut decap =
+            Decapsulator { stop: Arc::new(AtomicBool::new(false)), threads: Vec::new(), counters: Arc::default() };
         for (socket, strip) in sockets {
             let tun = tun.try_clone()?;
             let (stop, counters) = (decap.stop.clone(), decap.counters.clone());
@@ -301,49 +276,17 @@ fn open_sockets(mode: ForwardMode, ends: TunnelEnds) -> std::io::Result<Vec<(Udp
         ForwardMode::Gue { port } => {
             let v4 = UdpSocket::bind((ends.local_v4, port))?;
             let v6 = UdpSocket::bind((ends.local_v6, port))?;
-            vec![
-                (
-                    v4,
-                    Strip::Gue {
-                        src: ends.remote_v4.into(),
-                    },
-                ),
-                (
-                    v6,
-                    Strip::Gue {
-                        src: ends.remote_v6.into(),
-                    },
-                ),
-            ]
+            vec![(v4, Strip::Gue { src: ends.remote_v4.into() }), (v6, Strip::Gue { src: ends.remote_v6.into() })]
         }
         ForwardMode::IpIp => {
-            let v4 = Socket::new(
-                Domain::IPV4,
-                Type::RAW,
-                Some(Protocol::from(i32::from(PROTO_IPV4))),
-            )?;
+            let v4 = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(i32::from(PROTO_IPV4))))?;
             // IPv6 raw reads start after the outer header: the bind makes the kernel check the
             // outer destination.
-            let v6 = Socket::new(
-                Domain::IPV6,
-                Type::RAW,
-                Some(Protocol::from(i32::from(PROTO_IPV6))),
-            )?;
+            let v6 = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(i32::from(PROTO_IPV6))))?;
             v6.bind(&SocketAddr::from((ends.local_v6, 0)).into())?;
             vec![
-                (
-                    v4.into(),
-                    Strip::IpIp4 {
-                        src: ends.remote_v4,
-                        dst: ends.local_v4,
-                    },
-                ),
-                (
-                    v6.into(),
-                    Strip::IpIp6 {
-                        src: ends.remote_v6,
-                    },
-                ),
+                (v4.into(), Strip::IpIp4 { src: ends.remote_v4, dst: ends.local_v4 }),
+                (v6.into(), Strip::IpIp6 { src: ends.remote_v6 }),
             ]
         }
         other => {
@@ -360,23 +303,12 @@ fn open_sockets(mode: ForwardMode, ends: TunnelEnds) -> std::io::Result<Vec<(Udp
 }
 
 /// A decapsulating thread: socket -> checks -> TUN, until `stop`.
-fn decapsulate(
-    socket: &UdpSocket,
-    strip: Strip,
-    mut tun: &File,
-    stop: &AtomicBool,
-    counters: &Counters,
-) {
+fn decapsulate(socket: &UdpSocket, strip: Strip, mut tun: &File, stop: &AtomicBool, counters: &Counters) {
     let mut buf = vec![0u8; 65536];
     while !stop.load(Ordering::Relaxed) {
         let (n, from) = match socket.recv_from(&mut buf) {
             Ok(got) => got,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 continue;
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -388,10 +320,7 @@ fn decapsulate(
         let written = strip
             .apply(&buf[..n], from.ip())
             .map_err(|e| e.to_string())
-            .and_then(|inner| {
-                tun.write_all(inner)
-                    .map_err(|e| format!("writing to {TUN_NAME}: {e}"))
-            });
+            .and_then(|inner| tun.write_all(inner).map_err(|e| format!("writing to {TUN_NAME}: {e}")));
         match written {
             Ok(()) => counters.packets.fetch_add(1, Ordering::Relaxed),
             Err(e) => {
@@ -418,10 +347,7 @@ mod tests {
     /// not the decapsulator's business: the backend's TCP checks the inner one).
     fn tcp_frame(v6: bool) -> Vec<u8> {
         let mut f = vec![0u8; 12];
-        let tcp = [
-            0xc3, 0x50, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0, b'h',
-            b'i',
-        ];
+        let tcp = [0xc3, 0x50, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0, b'h', b'i'];
         if v6 {
             f.extend([0x86, 0xdd, 0x60, 0, 0, 0, 0, tcp.len() as u8, 6, 64]);
             f.extend(Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x10).octets());
@@ -443,17 +369,8 @@ mod tests {
         buf.extend(&plain);
         let mut frame = Frame::new(&mut buf, Frame::HEADROOM_NEEDED, plain.len());
         let p = parse(frame.data()).unwrap();
-        let (src, dst): (IpAddr, IpAddr) = if v6 {
-            (LB6.into(), B6.into())
-        } else {
-            (LB4.into(), B4.into())
-        };
-        let t = TunnelTarget {
-            src,
-            dst,
-            macs: Macs::default(),
-            flow_hash: 0x1234_5678,
-        };
+        let (src, dst): (IpAddr, IpAddr) = if v6 { (LB6.into(), B6.into()) } else { (LB4.into(), B4.into()) };
+        let t = TunnelTarget { src, dst, macs: Macs::default(), flow_hash: 0x1234_5678 };
         match port {
             Some(port) => lb_gue::encap(&mut frame, &p, &t, port).unwrap(),
             None => lb_ipip::encap(&mut frame, &p, &t).unwrap(),
@@ -473,16 +390,10 @@ mod tests {
         let (inner, frame) = encapsulate(true, None);
         assert_eq!(frame[14 + 6], PROTO_IPV6, "outer next header");
         let read = &frame[14 + 40..];
-        assert_eq!(
-            Strip::IpIp6 { src: LB6 }.apply(read, LB6.into()).unwrap(),
-            &inner[..]
-        );
+        assert_eq!(Strip::IpIp6 { src: LB6 }.apply(read, LB6.into()).unwrap(), &inner[..]);
         assert_eq!(
             Strip::IpIp6 { src: LB6 }.apply(read, B6.into()),
-            Err(DecapError::WrongSource {
-                got: B6.into(),
-                want: LB6.into()
-            })
+            Err(DecapError::WrongSource { got: B6.into(), want: LB6.into() })
         );
     }
 
@@ -493,10 +404,7 @@ mod tests {
             let udp = &frame[14 + outer_ip..];
             assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), 6080);
             let src: IpAddr = if v6 { LB6.into() } else { LB4.into() };
-            assert_eq!(
-                Strip::Gue { src }.apply(&udp[8..], src).unwrap(),
-                &inner[..]
-            );
+            assert_eq!(Strip::Gue { src }.apply(&udp[8..], src).unwrap(), &inner[..]);
         }
     }
 
@@ -505,39 +413,18 @@ mod tests {
         let (_, frame) = encapsulate(false, None);
         let outer = &frame[14..];
         let other = Ipv4Addr::new(10, 77, 0, 12);
-        assert_eq!(
-            ipip4(outer, LB4, other),
-            Err(DecapError::WrongDestination {
-                got: B4.into(),
-                want: other.into()
-            })
-        );
-        assert_eq!(
-            ipip4(outer, other, B4),
-            Err(DecapError::WrongSource {
-                got: LB4.into(),
-                want: other.into()
-            })
-        );
+        assert_eq!(ipip4(outer, LB4, other), Err(DecapError::WrongDestination { got: B4.into(), want: other.into() }));
+        assert_eq!(ipip4(outer, other, B4), Err(DecapError::WrongSource { got: LB4.into(), want: other.into() }));
         let mut udp = outer.to_vec();
         udp[9] = 17;
         assert_eq!(ipip4(&udp, LB4, B4), Err(DecapError::WrongProtocol(17)));
-        assert_eq!(
-            ipip4(&outer[..19], LB4, B4),
-            Err(DecapError::Truncated { len: 19 })
-        );
+        assert_eq!(ipip4(&outer[..19], LB4, B4), Err(DecapError::Truncated { len: 19 }));
         // Total length past the bytes read.
-        assert!(matches!(
-            ipip4(&outer[..outer.len() - 1], LB4, B4),
-            Err(DecapError::BadOuterHeader { .. })
-        ));
+        assert!(matches!(ipip4(&outer[..outer.len() - 1], LB4, B4), Err(DecapError::BadOuterHeader { .. })));
         // The announced protocol says IPv4 inside; an IPv6 packet there is refused.
         let mut v6_inside = outer.to_vec();
         v6_inside[20] = 0x60;
-        assert_eq!(
-            ipip4(&v6_inside, LB4, B4),
-            Err(DecapError::InnerVersion { got: 6, want: 4 })
-        );
+        assert_eq!(ipip4(&v6_inside, LB4, B4), Err(DecapError::InnerVersion { got: 6, want: 4 }));
     }
 
     #[test]
@@ -546,15 +433,9 @@ mod tests {
         assert_eq!(gue(&[0, 4, 0, 0, 0x45]).unwrap(), &[0x45]);
         // Variant 1 (direct IP, Katran's choice) is not what lb-core sends.
         assert_eq!(gue(&packet), Err(DecapError::BadGueHeader(packet)));
-        assert_eq!(
-            gue(&[0, 4, 0x80, 0, 0x45]),
-            Err(DecapError::BadGueHeader([0, 4, 0x80, 0]))
-        );
+        assert_eq!(gue(&[0, 4, 0x80, 0, 0x45]), Err(DecapError::BadGueHeader([0, 4, 0x80, 0])));
         assert_eq!(gue(&[0, 17, 0, 0, 0x45]), Err(DecapError::GueProtocol(17)));
-        assert_eq!(
-            gue(&[0, 41, 0, 0, 0x45]),
-            Err(DecapError::InnerVersion { got: 4, want: 6 })
-        );
+        assert_eq!(gue(&[0, 41, 0, 0, 0x45]), Err(DecapError::InnerVersion { got: 4, want: 6 }));
         assert_eq!(gue(&[0, 41]), Err(DecapError::Truncated { len: 2 }));
     }
 }

@@ -110,7 +110,8 @@ impl FakeApi {
     pub fn bookmark(&self, path: &'static str) -> u64 {
         let mut st = self.state.lock().unwrap();
         let rv = st.rv;
-        let (kind, api_version) = if path == SERVICES { ("Service", "v1") } else { ("EndpointSlice", "discovery.k8s.io/v1") };
+        let (kind, api_version) =
+            if path == SERVICES { ("Service", "v1") } else { ("EndpointSlice", "discovery.k8s.io/v1") };
         let line = format!(
             "{}\n",
             json!({ "type": "BOOKMARK", "object": { "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": rv.to_string() } } })
@@ -166,7 +167,11 @@ pub async fn serve(api: FakeApi, listener: TcpListener, requests: mpsc::Unbounde
     }
 }
 
-pub async fn handle(api: FakeApi, mut sock: TcpStream, requests: mpsc::UnboundedSender<Request>) -> std::io::Result<()> {
+pub async fn handle(
+    api: FakeApi,
+    mut sock: TcpStream,
+    requests: mpsc::UnboundedSender<Request>,
+) -> std::io::Result<()> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -185,7 +190,10 @@ pub async fn handle(api: FakeApi, mut sock: TcpStream, requests: mpsc::Unbounded
     let _ = requests.send(req.clone());
     let Some(path) = [SERVICES, SLICES].into_iter().find(|p| *p == req.path) else {
         let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
-        let resp = format!("HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        let resp = format!(
+            "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
         return sock.write_all(resp.as_bytes()).await;
     };
 
@@ -193,7 +201,8 @@ pub async fn handle(api: FakeApi, mut sock: TcpStream, requests: mpsc::Unbounded
         let body = {
             let st = api.state.lock().unwrap();
             let c = &st.collections[path];
-            let (kind, api_version) = if path == SERVICES { ("ServiceList", "v1") } else { ("EndpointSliceList", "discovery.k8s.io/v1") };
+            let (kind, api_version) =
+                if path == SERVICES { ("ServiceList", "v1") } else { ("EndpointSliceList", "discovery.k8s.io/v1") };
             json!({ "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": st.rv.to_string() },
                     "items": c.objects.values().collect::<Vec<_>>() })
             .to_string()
@@ -224,8 +233,10 @@ pub async fn handle(api: FakeApi, mut sock: TcpStream, requests: mpsc::Unbounded
             c.watchers.push(tx);
         }
     }
-    sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-        .await?;
+    sock.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
     while let Some(msg) = rx.recv().await {
         match msg {
             WatchMsg::Line(line) => {
@@ -274,7 +285,6 @@ impl Requests {
         while self.rx.try_recv().is_ok() {}
     }
 }
-
 
 /// Starts the server on 127.0.0.1; returns its port and the log of requests.
 pub async fn start(api: FakeApi) -> (u16, Requests) {

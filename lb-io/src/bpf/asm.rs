@@ -125,12 +125,7 @@ pub struct Insn {
 
 impl Insn {
     const fn new(code: u8, dst: Reg, src: Reg, off: i16, imm: i32) -> Self {
-        Insn {
-            code,
-            regs: (dst as u8) | ((src as u8) << 4),
-            off,
-            imm,
-        }
+        Insn { code, regs: (dst as u8) | ((src as u8) << 4), off, imm }
     }
 }
 
@@ -235,30 +230,14 @@ impl Asm {
 
     /// `*(size *)(dst + off) = imm`.
     pub fn store_imm(&mut self, size: Size, dst: Reg, off: i16, imm: i32) -> &mut Self {
-        self.push(Insn::new(
-            BPF_ST | BPF_MEM | size.code(),
-            dst,
-            Reg::R0,
-            off,
-            imm,
-        ))
+        self.push(Insn::new(BPF_ST | BPF_MEM | size.code(), dst, Reg::R0, off, imm))
     }
 
     /// `dst = map` (the kernel replaces the fd with the map's address at load time).
     pub fn ld_map_fd(&mut self, dst: Reg, fd: i32) -> &mut Self {
         let regs = (dst as u8) | (BPF_PSEUDO_MAP_FD << 4);
-        self.push(Insn {
-            code: BPF_LD | BPF_DW_SIZE | BPF_IMM,
-            regs,
-            off: 0,
-            imm: fd,
-        });
-        self.push(Insn {
-            code: 0,
-            regs: 0,
-            off: 0,
-            imm: 0,
-        })
+        self.push(Insn { code: BPF_LD | BPF_DW_SIZE | BPF_IMM, regs, off: 0, imm: fd });
+        self.push(Insn { code: 0, regs: 0, off: 0, imm: 0 })
     }
 
     /// `if dst <cond> src goto label`.
@@ -270,13 +249,7 @@ impl Asm {
     /// `if dst <cond> imm goto label`.
     pub fn jmp_imm(&mut self, cond: Cond, dst: Reg, imm: i32, label: Label) -> &mut Self {
         self.fixups.push((self.insns.len(), label));
-        self.push(Insn::new(
-            BPF_JMP | cond.code() | BPF_K,
-            dst,
-            Reg::R0,
-            0,
-            imm,
-        ))
+        self.push(Insn::new(BPF_JMP | cond.code() | BPF_K, dst, Reg::R0, 0, imm))
     }
 
     /// `goto label`.
@@ -303,12 +276,7 @@ impl Asm {
     /// Resolves every jump and returns the instructions.
     pub fn finish(mut self) -> Result<Vec<Insn>, AsmError> {
         for &(at, label) in &self.fixups {
-            let to = self
-                .labels
-                .get(label.0)
-                .copied()
-                .flatten()
-                .ok_or(AsmError::Unbound(label.0))?;
+            let to = self.labels.get(label.0).copied().flatten().ok_or(AsmError::Unbound(label.0))?;
             let rel = to as i64 - at as i64 - 1;
             let off = i16::try_from(rel).map_err(|_| AsmError::TooFar { from: at, to })?;
             if let Some(insn) = self.insns.get_mut(at) {
@@ -348,60 +316,12 @@ mod tests {
             .ret(2);
         let insns = a.finish().unwrap();
         // Byte-for-byte what `llvm-objdump -d` shows for the same source.
-        assert_eq!(
-            insns[0],
-            Insn {
-                code: 0x61,
-                regs: 0x12,
-                off: 16,
-                imm: 0
-            }
-        );
-        assert_eq!(
-            insns[1],
-            Insn {
-                code: 0x15,
-                regs: 0x02,
-                off: 2,
-                imm: 0
-            }
-        );
-        assert_eq!(
-            insns[2],
-            Insn {
-                code: 0x18,
-                regs: 0x11,
-                off: 0,
-                imm: 7
-            }
-        );
-        assert_eq!(
-            insns[3],
-            Insn {
-                code: 0,
-                regs: 0,
-                off: 0,
-                imm: 0
-            }
-        );
-        assert_eq!(
-            insns[4],
-            Insn {
-                code: 0xb7,
-                regs: 0x00,
-                off: 0,
-                imm: 2
-            }
-        );
-        assert_eq!(
-            insns[5],
-            Insn {
-                code: 0x95,
-                regs: 0,
-                off: 0,
-                imm: 0
-            }
-        );
+        assert_eq!(insns[0], Insn { code: 0x61, regs: 0x12, off: 16, imm: 0 });
+        assert_eq!(insns[1], Insn { code: 0x15, regs: 0x02, off: 2, imm: 0 });
+        assert_eq!(insns[2], Insn { code: 0x18, regs: 0x11, off: 0, imm: 7 });
+        assert_eq!(insns[3], Insn { code: 0, regs: 0, off: 0, imm: 0 });
+        assert_eq!(insns[4], Insn { code: 0xb7, regs: 0x00, off: 0, imm: 2 });
+        assert_eq!(insns[5], Insn { code: 0x95, regs: 0, off: 0, imm: 0 });
     }
 
     #[test]

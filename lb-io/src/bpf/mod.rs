@@ -54,10 +54,7 @@ impl BpfError {
             BpfError::Syscall { source, .. } | BpfError::Verifier { source, .. } => source,
             BpfError::Asm(_) => return false,
         };
-        matches!(
-            e.raw_os_error(),
-            Some(libc::EPERM | libc::EACCES | libc::ENOSYS)
-        )
+        matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES | libc::ENOSYS))
     }
 }
 
@@ -66,19 +63,9 @@ fn sys_bpf<T>(cmd: libc::c_long, command: &'static str, attr: &mut T) -> Result<
     // SAFETY: `attr` is a live, exclusively borrowed `repr(C)` attribute block of the layout the kernel
     // expects for `cmd`, and its size is passed with it; pointers inside it refer to buffers that the
     // callers keep alive across this call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as libc::c_uint) };
     if rc < 0 {
-        return Err(BpfError::Syscall {
-            command,
-            source: std::io::Error::last_os_error(),
-        });
+        return Err(BpfError::Syscall { command, source: std::io::Error::last_os_error() });
     }
     Ok(rc)
 }
@@ -123,12 +110,7 @@ pub const MAP_TYPE_XSKMAP: u32 = 17;
 
 impl Map {
     /// Creates a map of `map_type`.
-    pub fn create(
-        map_type: u32,
-        key_size: usize,
-        value_size: usize,
-        max_entries: u32,
-    ) -> Result<Self, BpfError> {
+    pub fn create(map_type: u32, key_size: usize, value_size: usize, max_entries: u32) -> Result<Self, BpfError> {
         let mut attr = MapCreateAttr {
             map_type,
             key_size: key_size as u32,
@@ -137,11 +119,7 @@ impl Map {
             map_flags: 0,
         };
         let fd = sys_bpf(BPF_MAP_CREATE, "BPF_MAP_CREATE", &mut attr)?;
-        Ok(Map {
-            fd: owned_fd(fd),
-            key_size,
-            value_size,
-        })
+        Ok(Map { fd: owned_fd(fd), key_size, value_size })
     }
 
     /// The map's file descriptor.
@@ -175,18 +153,10 @@ impl Map {
     /// Removes `key`; `Ok(false)` if it was not there.
     pub fn delete(&self, key: &[u8]) -> Result<bool, BpfError> {
         self.check(key, None)?;
-        let mut attr = MapElemAttr {
-            map_fd: self.fd() as u32,
-            key: key.as_ptr() as u64,
-            ..MapElemAttr::default()
-        };
+        let mut attr = MapElemAttr { map_fd: self.fd() as u32, key: key.as_ptr() as u64, ..MapElemAttr::default() };
         match sys_bpf(BPF_MAP_DELETE_ELEM, "BPF_MAP_DELETE_ELEM", &mut attr) {
             Ok(_) => Ok(true),
-            Err(BpfError::Syscall { source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(false)
-            }
+            Err(BpfError::Syscall { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -203,11 +173,7 @@ impl Map {
         };
         match sys_bpf(BPF_MAP_LOOKUP_ELEM, "BPF_MAP_LOOKUP_ELEM", &mut attr) {
             Ok(_) => Ok(true),
-            Err(BpfError::Syscall { source, .. })
-                if source.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(false)
-            }
+            Err(BpfError::Syscall { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -261,8 +227,7 @@ impl Program {
         match sys_bpf(BPF_PROG_LOAD, "BPF_PROG_LOAD", &mut attr) {
             Ok(fd) => Ok(Program { fd: owned_fd(fd) }),
             Err(BpfError::Syscall { source, .. })
-                if source.raw_os_error() == Some(libc::EACCES)
-                    || source.raw_os_error() == Some(libc::EINVAL) =>
+                if source.raw_os_error() == Some(libc::EACCES) || source.raw_os_error() == Some(libc::EINVAL) =>
             {
                 // Load again with the verifier's log so the error says why.
                 let mut log = vec![0u8; 1 << 16];
@@ -271,10 +236,7 @@ impl Program {
                 attr.log_buf = log.as_mut_ptr() as u64;
                 let _ = sys_bpf(BPF_PROG_LOAD, "BPF_PROG_LOAD", &mut attr);
                 let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-                Err(BpfError::Verifier {
-                    source,
-                    log: String::from_utf8_lossy(&log[..end]).into_owned(),
-                })
+                Err(BpfError::Verifier { source, log: String::from_utf8_lossy(&log[..end]).into_owned() })
             }
             Err(e) => Err(e),
         }
@@ -312,11 +274,7 @@ impl Program {
             ..LinkCreateAttr::default()
         };
         let fd = sys_bpf(BPF_LINK_CREATE, "BPF_LINK_CREATE", &mut attr)?;
-        Ok(Link {
-            _fd: owned_fd(fd),
-            ifindex,
-            mode,
-        })
+        Ok(Link { _fd: owned_fd(fd), ifindex, mode })
     }
 }
 

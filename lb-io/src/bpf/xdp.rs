@@ -82,12 +82,7 @@ pub struct SteeringConfig {
 
 impl Default for SteeringConfig {
     fn default() -> Self {
-        SteeringConfig {
-            queues: 64,
-            max_vips: 4096,
-            max_services: 1 << 17,
-            missing_socket: MissingSocket::Pass,
-        }
+        SteeringConfig { queues: 64, max_vips: 4096, max_services: 1 << 17, missing_socket: MissingSocket::Pass }
     }
 }
 
@@ -289,10 +284,12 @@ pub fn steering_program(
         .jmp(Cond::Gt, R5, R1, service)
         .ja(redirect);
     // A service on this (address, port, protocol)?
-    a.bind(service)
-        .load(Size::W, R1, R10, ENTRY_FLAGS)
-        .and_imm(R1, STEER_SERVICES as i32)
-        .jmp_imm(Cond::Eq, R1, 0, pass);
+    a.bind(service).load(Size::W, R1, R10, ENTRY_FLAGS).and_imm(R1, STEER_SERVICES as i32).jmp_imm(
+        Cond::Eq,
+        R1,
+        0,
+        pass,
+    );
     a.store(Size::H, R10, KEY_PORT, R4)
         .store(Size::B, R10, KEY_PROTO, R8)
         .store_imm(Size::B, R10, KEY_PAD, 0)
@@ -497,9 +494,7 @@ mod tests {
 
     fn arp_for(target: Ipv4Addr) -> Vec<u8> {
         let mut f = eth(0x0806, None);
-        f.extend_from_slice(&[
-            0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 10, 77, 0, 1, 0, 0, 0, 0, 0, 0,
-        ]);
+        f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 10, 77, 0, 1, 0, 0, 0, 0, 0, 0]);
         f.extend_from_slice(&target.octets());
         f
     }
@@ -507,10 +502,7 @@ mod tests {
     /// Loads the program with VIP frames dropped (no socket in the test), so "steered" shows as
     /// Drop and "left to the kernel" as Pass. Skips with a reason when bpf(2) is refused.
     fn steering() -> Option<VipSteering> {
-        let cfg = SteeringConfig {
-            missing_socket: MissingSocket::Drop,
-            ..SteeringConfig::default()
-        };
+        let cfg = SteeringConfig { missing_socket: MissingSocket::Drop, ..SteeringConfig::default() };
         match VipSteering::load(cfg) {
             Ok(s) => Some(s),
             Err(e) if e.is_refused() => {
@@ -533,42 +525,14 @@ mod tests {
             ("IPv6 to the VIP", v6(VIP6, None), steered),
             ("VLAN-tagged IPv4 to the VIP", v4(VIP4, Some(42)), steered),
             ("VLAN-tagged IPv6 to the VIP", v6(VIP6, Some(42)), steered),
-            (
-                "IPv4 to another address",
-                v4(Ipv4Addr::new(10, 77, 0, 101), None),
-                kernel,
-            ),
-            (
-                "IPv6 to another address",
-                v6(Ipv6Addr::LOCALHOST, None),
-                kernel,
-            ),
-            (
-                "IPv4-mapped lookalike of the v4 VIP in IPv6",
-                v6(VIP4.to_ipv6_mapped(), None),
-                steered,
-            ),
+            ("IPv4 to another address", v4(Ipv4Addr::new(10, 77, 0, 101), None), kernel),
+            ("IPv6 to another address", v6(Ipv6Addr::LOCALHOST, None), kernel),
+            ("IPv4-mapped lookalike of the v4 VIP in IPv6", v6(VIP4.to_ipv6_mapped(), None), steered),
             ("ARP asking for the VIP", arp_for(VIP4), kernel),
-            (
-                "IPv4 to the VIP cut after the source address",
-                v4(VIP4, None)[..30].to_vec(),
-                kernel,
-            ),
-            (
-                "IPv6 to the VIP cut inside the destination",
-                v6(VIP6, None)[..50].to_vec(),
-                kernel,
-            ),
-            (
-                "VLAN header cut short",
-                v4(VIP4, Some(1))[..16].to_vec(),
-                kernel,
-            ),
-            (
-                "an IPv4 ethertype and nothing after it",
-                eth(0x0800, None),
-                kernel,
-            ),
+            ("IPv4 to the VIP cut after the source address", v4(VIP4, None)[..30].to_vec(), kernel),
+            ("IPv6 to the VIP cut inside the destination", v6(VIP6, None)[..50].to_vec(), kernel),
+            ("VLAN header cut short", v4(VIP4, Some(1))[..16].to_vec(), kernel),
+            ("an IPv4 ethertype and nothing after it", eth(0x0800, None), kernel),
         ];
         for (name, frame, want) in cases {
             assert_eq!(s.test_run(&frame).unwrap(), want, "{name}");
