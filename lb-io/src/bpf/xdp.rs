@@ -464,36 +464,34 @@ mod tests {
     const VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
     const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x100);
 
-    fn eth(ethertype: u16, vlan: Option<u16>) -> Vec<u8> {
+    fn eth(ethertype: u16) -> Vec<u8> {
         let mut f = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
-        if let Some(tci) = vlan {
-            f.extend_from_slice(&0x8100u16.to_be_bytes());
-            f.extend_from_slice(&tci.to_be_bytes());
-        }
         f.extend_from_slice(&ethertype.to_be_bytes());
         f
     }
 
-    /// An IPv4/UDP frame to `dst` (checksums do not matter to the classifier).
+    /// UDP from port 12345 to port 80, length 8.
+    const UDP_TO_80: [u8; 8] = [0x30, 0x39, 0, 80, 0, 8, 0, 0];
+
+    /// `frame` with an 802.1Q tag `tci` inserted after the MAC addresses, if given.
+    fn tagged(mut frame: Vec<u8>, vlan: Option<u16>) -> Vec<u8> {
+        if let Some(tci) = vlan {
+            frame.splice(12..12, [0x81, 0x00].into_iter().chain(tci.to_be_bytes()));
+        }
+        frame
+    }
+
+    /// An IPv4/UDP frame to `dst`, DF set (checksums do not matter to the classifier).
     fn v4(dst: Ipv4Addr, vlan: Option<u16>) -> Vec<u8> {
-        let mut f = eth(0x0800, vlan);
-        f.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 77, 0, 1]);
-        f.extend_from_slice(&dst.octets());
-        f.extend_from_slice(&[0x30, 0x39, 0, 80, 0, 8, 0, 0]);
-        f
+        tagged(v4_with(dst, 17, 0x4000, &UDP_TO_80), vlan)
     }
 
     fn v6(dst: Ipv6Addr, vlan: Option<u16>) -> Vec<u8> {
-        let mut f = eth(0x86dd, vlan);
-        f.extend_from_slice(&[0x60, 0, 0, 0, 0, 8, 17, 64]);
-        f.extend_from_slice(&Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1).octets());
-        f.extend_from_slice(&dst.octets());
-        f.extend_from_slice(&[0x30, 0x39, 0, 80, 0, 8, 0, 0]);
-        f
+        tagged(v6_with(dst, 17, &UDP_TO_80), vlan)
     }
 
     fn arp_for(target: Ipv4Addr) -> Vec<u8> {
-        let mut f = eth(0x0806, None);
+        let mut f = eth(0x0806);
         f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 10, 77, 0, 1, 0, 0, 0, 0, 0, 0]);
         f.extend_from_slice(&target.octets());
         f
@@ -532,7 +530,7 @@ mod tests {
             ("IPv4 to the VIP cut after the source address", v4(VIP4, None)[..30].to_vec(), kernel),
             ("IPv6 to the VIP cut inside the destination", v6(VIP6, None)[..50].to_vec(), kernel),
             ("VLAN header cut short", v4(VIP4, Some(1))[..16].to_vec(), kernel),
-            ("an IPv4 ethertype and nothing after it", eth(0x0800, None), kernel),
+            ("an IPv4 ethertype and nothing after it", eth(0x0800), kernel),
         ];
         for (name, frame, want) in cases {
             assert_eq!(s.test_run(&frame).unwrap(), want, "{name}");
@@ -549,7 +547,7 @@ mod tests {
     /// An IPv4 frame to `dst` with protocol `proto`, the flags/offset field `frag` and `l4` after a
     /// 20-byte header (checksums do not matter to the classifier).
     fn v4_with(dst: Ipv4Addr, proto: u8, frag: u16, l4: &[u8]) -> Vec<u8> {
-        let mut f = eth(0x0800, None);
+        let mut f = eth(0x0800);
         let len = (20 + l4.len()) as u16;
         f.extend_from_slice(&[0x45, 0]);
         f.extend_from_slice(&len.to_be_bytes());
@@ -562,7 +560,7 @@ mod tests {
     }
 
     fn v6_with(dst: Ipv6Addr, next: u8, l4: &[u8]) -> Vec<u8> {
-        let mut f = eth(0x86dd, None);
+        let mut f = eth(0x86dd);
         f.extend_from_slice(&[0x60, 0, 0, 0]);
         f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
         f.extend_from_slice(&[next, 64]);
@@ -730,7 +728,7 @@ mod tests {
                 _ => ports(port),
             };
             l4.extend_from_slice(&[0u8; 8]);
-            let mut frame = if v6 {
+            let frame = if v6 {
                 let dst = [VIP6, node6, VIP4.to_ipv6_mapped(), Ipv6Addr::LOCALHOST][dst];
                 v6_with(dst, proto, &l4)
             } else {
@@ -741,9 +739,7 @@ mod tests {
                 f[14] = 0x40 | ihl;
                 f
             };
-            if vlan {
-                frame.splice(12..12, [0x81, 0x00, 0x00, 0x2a]);
-            }
+            let mut frame = tagged(frame, vlan.then_some(42));
             let len = cut.index(frame.len() + 1);
             frame.truncate(len.max(frame.len() / 2));
             let verdict = LOADED.with(|l| {
