@@ -748,18 +748,18 @@ mod tests {
     #[test]
     fn changes_from_sorts_moves_by_cause() {
         let m = 1009;
-        let five = MaglevTable::new(&equal(5), m).unwrap();
+        let five = MaglevTable::new(&equal(5), m).expect("valid");
         assert_eq!(five.changes_from(&five), Some(TableChanges { departed: 0, arrived: 0, between_stayed: 0 }));
 
-        let four = MaglevTable::new(&equal(4), m).unwrap();
+        let four = MaglevTable::new(&equal(4), m).expect("valid");
         let share_of_last = five.entry_counts()[4];
-        let removal = four.changes_from(&five).unwrap();
+        let removal = four.changes_from(&five).expect("same size");
         assert_eq!((removal.departed, removal.arrived), (share_of_last, 0));
         let between = five.entries().iter().zip(four.entries()).filter(|&(&a, &b)| a != 4 && a != b).count();
         assert_eq!(removal.between_stayed as usize, between);
 
         // Adding it back: the same entries, seen from the other side.
-        let addition = five.changes_from(&four).unwrap();
+        let addition = five.changes_from(&four).expect("same size");
         assert_eq!(
             addition,
             TableChanges { departed: 0, arrived: share_of_last, between_stayed: removal.between_stayed }
@@ -768,10 +768,10 @@ mod tests {
         // Draining is a departure too, though the backend stays in the table.
         let mut drained = equal(5);
         drained[4].weight = 0;
-        let drained = MaglevTable::new(&drained, m).unwrap();
+        let drained = MaglevTable::new(&drained, m).expect("valid");
         assert_eq!(drained.changes_from(&five), Some(removal));
 
-        assert_eq!(MaglevTable::new(&equal(4), 1013).unwrap().changes_from(&five), None);
+        assert_eq!(MaglevTable::new(&equal(4), 1013).expect("valid").changes_from(&five), None);
     }
 
     #[test]
