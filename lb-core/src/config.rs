@@ -300,7 +300,10 @@ pub struct ServiceConfig {
     /// When non-empty, only clients inside one of these prefixes reach the service; others are
     /// dropped and counted as `SourceNotAllowed`.
     pub source_ranges: Vec<Cidr>,
-    /// Maglev table size (prime); `None` picks one from the backend count.
+    /// Maglev table size (prime) for mh, sh and dh. `None`: 65 537 up to 655 backends (then 655 373,
+    /// 6 553 621), a size that stays put as backends come and go, so a change moves few flows; 128 KiB
+    /// per service. With many services of few backends, a smaller prime (at least 100 per backend:
+    /// `lb_hash::maglev_table_size_for`) saves memory, but then keep it fixed as the set changes.
     pub maglev_table_size: Option<u32>,
     /// What to do with established flows whose backend was removed.
     pub on_backend_removed: RemovedBackendPolicy,
@@ -308,7 +311,7 @@ pub struct ServiceConfig {
 
 impl ServiceConfig {
     /// A service with the defaults: Maglev scheduling, no session affinity, every client allowed, the
-    /// Maglev table size picked from the backend count, and flows of a removed backend rescheduled.
+    /// Maglev table size that stays put as backends come and go, and flows of a removed backend rescheduled.
     pub fn new(name: impl Into<String>, key: ServiceKey, mode: ForwardMode, backends: Vec<BackendConfig>) -> Self {
         ServiceConfig {
             name: name.into(),

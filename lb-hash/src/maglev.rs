@@ -172,6 +172,23 @@ pub const fn maglev_table_size_for(backends: usize) -> u32 {
     next_prime(100 * n as u32)
 }
 
+/// A table size that stays the same while a backend set grows and shrinks: 65 537 (Maglev's and
+/// Katran's default) up to 655 backends, 655 373 up to 6 553, 6 553 621 beyond; each keeps at least
+/// 100 entries per backend. Prefer it to [`maglev_table_size_for`] when backends come and go: a
+/// table of another size shares almost no entries with the old one (`hash % M` changes), so a size
+/// that follows the count moves nearly every flow on every change. The price is memory: 128 KiB of
+/// entries per table at the first step, however few the backends.
+#[must_use]
+pub const fn maglev_table_size_stable_for(backends: usize) -> u32 {
+    if backends <= 655 {
+        65_537
+    } else if backends <= 6_553 {
+        655_373
+    } else {
+        6_553_621
+    }
+}
+
 /// A built Maglev lookup table: read-only, shared by the fast path, replaced whole.
 #[derive(Clone, PartialEq, Eq)]
 pub struct MaglevTable {
@@ -784,6 +801,12 @@ mod tests {
         assert_eq!(maglev_table_size_for(0), 101);
         assert_eq!(maglev_table_size_for(10), 1009);
         assert_eq!(maglev_table_size_for(1000), 100_003);
+        for (n, m) in [(0, 65_537), (655, 65_537), (656, 655_373), (6_553, 655_373), (6_554, 6_553_621)] {
+            assert_eq!(maglev_table_size_stable_for(n), m, "{n} backends");
+            assert!(is_prime(m) && (n == 0 || m as usize >= 100 * n), "{m} for {n} backends");
+        }
+        let most = MaglevTable::MAX_BACKENDS;
+        assert!(maglev_table_size_stable_for(most) as usize >= 100 * most, "the last step serves every count");
     }
 
     #[test]
