@@ -104,6 +104,7 @@
 //! - draining (weight 0) gives the same owners as removing the backend.
 
 use alloc::boxed::Box;
+use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
@@ -193,7 +194,8 @@ pub const fn maglev_table_size_stable_for(backends: usize) -> u32 {
 #[derive(Clone, PartialEq, Eq)]
 pub struct MaglevTable {
     backends: Box<[Backend]>,
-    entries: Box<[u16]>,
+    /// Shared, so a clone (a control plane reusing an unchanged service's table) copies no entries.
+    entries: Arc<[u16]>,
     size: u32,
     /// Lemire's `ceil(2^128 / size)`, for the exact `hash % size` without a division.
     fastmod: u128,
@@ -265,7 +267,7 @@ impl MaglevTable {
             return Err(BuildError::TableSizeTooSmall { size, backends: serving, min: maglev_table_size_for(serving) });
         }
         let entries = fill(&backends, size);
-        Ok(Self { backends, entries, size, fastmod: fastmod_multiplier(size) })
+        Ok(Self { backends, entries: entries.into(), size, fastmod: fastmod_multiplier(size) })
     }
 
     /// The backend index for a flow hash: `entries()[hash % size()]`.
