@@ -14,9 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use lb_core::config::{
-    BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey,
-};
+use lb_core::config::{BackendConfig, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
 use lb_core::service::TableBuilder;
 
 const SERVICES: u32 = 1000;
@@ -27,15 +25,8 @@ fn config(size: Option<u32>, bump: bool) -> Config {
     let services = (0..SERVICES)
         .map(|i| {
             let n = BACKENDS + u32::from(bump && i == 0);
-            let backends = (0..n)
-                .map(|b| BackendConfig {
-                    addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 64 + b)),
-                    port: 80,
-                    weight: 1,
-                    mac: None,
-                    state: BackendState::Active,
-                })
-                .collect();
+            let backends =
+                (0..n).map(|b| BackendConfig::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 64 + b)), 80)).collect();
             ServiceConfig {
                 maglev_table_size: size,
                 ..ServiceConfig::new(

@@ -202,6 +202,13 @@ pub struct BackendConfig {
     pub state: BackendState,
 }
 
+impl BackendConfig {
+    /// An active backend of weight 1 reached through the node's gateway MAC.
+    pub fn new(addr: IpAddr, port: u16) -> Self {
+        BackendConfig { addr, port, weight: 1, mac: None, state: BackendState::Active }
+    }
+}
+
 /// What happens to an established flow whose backend left the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum RemovedBackendPolicy {
