@@ -378,6 +378,12 @@ pub struct NodeConfig {
     pub tunnel_src_v4: Option<Ipv4Addr>,
     /// Outer source address for IPv6 tunnels.
     pub tunnel_src_v6: Option<Ipv6Addr>,
+    /// MTU of the path to tunnel-mode backends. A packet that would exceed it once encapsulated is
+    /// answered with ICMP "fragmentation needed" / "packet too big" for the headers' room (see
+    /// `forward::too_big`). `None`: no check; then give the backends' links room for the outer
+    /// headers (up to 52 bytes), or full-size packets are lost on the way. At least 1332 (IPv6's 1280
+    /// plus GUE over IPv6).
+    pub tunnel_mtu: Option<u16>,
     /// Seed of the flow hash; give every node behind one ECMP router the same seed.
     pub hash_seed: u64,
     /// Conntrack idle timeouts.
@@ -394,6 +400,7 @@ impl Default for NodeConfig {
             snat_ports: (32768, 60999),
             tunnel_src_v4: None,
             tunnel_src_v6: None,
+            tunnel_mtu: None,
             hash_seed: 0,
             timeouts: Timeouts::default(),
         }

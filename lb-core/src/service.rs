@@ -525,6 +525,14 @@ pub enum ConfigError {
         /// Last port.
         last: u16,
     },
+    /// A tunnel path MTU too small for IPv6's minimum packets plus the largest tunnel headers.
+    #[error("node.tunnel_mtu {mtu} is below {min} (IPv6's minimum MTU 1280 plus 52 bytes of GUE over IPv6)")]
+    TunnelMtuTooSmall {
+        /// The MTU given.
+        mtu: u16,
+        /// The least accepted.
+        min: u16,
+    },
     /// A node address (SNAT or tunnel source) that is also a VIP, so replies could not be told apart.
     #[error("node.{field} {addr} is also the VIP of service {service}")]
     NodeAddressIsVip {
@@ -658,6 +666,10 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     let (first, last) = node.snat_ports;
     if uses_nat && (first == 0 || first > last) {
         return Err(ConfigError::BadSnatPorts { first, last });
+    }
+    let min_mtu = crate::forward::too_big::IPV6_MIN_MTU + 52;
+    if let Some(mtu) = node.tunnel_mtu.filter(|&m| m < min_mtu) {
+        return Err(ConfigError::TunnelMtuTooSmall { mtu, min: min_mtu });
     }
     let node_addrs = [
         ("snat_v4", node.snat_v4.map(IpAddr::V4)),
