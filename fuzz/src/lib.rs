@@ -44,6 +44,7 @@ pub fn config() -> Config {
         snat_ports: (40000, 40015),
         tunnel_src_v4: Some(Ipv4Addr::new(10, 0, 0, 101)),
         tunnel_src_v6: Some(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x101)),
+        tunnel_mtu: Some(1400),
         ..NodeConfig::default()
     };
     let mut services = Vec::new();
@@ -68,7 +69,9 @@ pub fn config() -> Config {
                     mode: *mode,
                     affinity_timeout: None,
                     source_ranges: vec![],
-                    maglev_table_size: None,
+                    // Small tables: lb-core's default (65 537 entries) would spend most of each
+                    // run building them (40x fewer runs a minute).
+                    maglev_table_size: Some(251),
                     on_backend_removed: RemovedBackendPolicy::Reschedule,
                 });
             }
@@ -95,6 +98,8 @@ pub struct FrameSpec {
     pub dport: u16,
     pub ttl: u8,
     pub payload_len: u8,
+    /// 1300 more bytes of payload: with the tunnel modes, past [`config`]'s `tunnel_mtu` (ICMP too big).
+    pub big: bool,
     pub headroom: u8,
     /// (offset, xor) pairs applied after building.
     pub mutations: Vec<(u16, u8)>,
@@ -119,7 +124,8 @@ impl FrameSpec {
             ),
             _ => (client, backend_addr(self.v6, 9), self.dport),
         };
-        let mut out = build(src, self.sport, dst, dport, self.tcp, self.flags, self.ttl, usize::from(self.payload_len));
+        let payload = usize::from(self.payload_len) + if self.big { 1300 } else { 0 };
+        let mut out = build(src, self.sport, dst, dport, self.tcp, self.flags, self.ttl, payload);
         for &(at, x) in &self.mutations {
             let n = out.len();
             if n > 0 {

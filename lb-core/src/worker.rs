@@ -759,7 +759,7 @@ impl Core {
         if !forward::too_big::can_signal(frame, p) {
             return Err(DropReason::TooBig);
         }
-        forward::too_big::reply(frame, p, mtu - overhead, node.local_mac)?;
+        forward::too_big::reply(frame, p, mtu.saturating_sub(overhead), node.local_mac)?;
         self.stats.icmp_too_big += 1;
         Ok(true)
     }
