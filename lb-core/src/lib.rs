@@ -84,6 +84,7 @@ pub mod config;
 pub mod conntrack;
 pub mod forward;
 pub mod frame;
+pub mod neighbour;
 pub mod packet;
 pub mod schedule;
 pub mod service;
