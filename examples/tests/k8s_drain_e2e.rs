@@ -37,7 +37,7 @@ use std::time::Duration;
 use lb_core::config::{BackendState, Protocol, RemovedBackendPolicy};
 use lb_core::service::{TableBuilder, Tables};
 use lb_examples::config::file;
-use lb_examples::control::{ControlPlane, LiveState, TablesSink, steering_for};
+use lb_examples::control::{ControlPlane, LiveState, NeighbourResponder, TablesSink, steering_for};
 use lb_examples::lab::{BACKENDS, Lab, Mode, PORT, RunningLb, SNAT4, SNAT6, VIP4, VIP6, start_lb, tables};
 use lb_examples::metrics::{CoreSnapshot, StatsSource};
 use lb_io::bpf::AttachMode;
@@ -77,7 +77,7 @@ impl TablesSink for SwappedSink {
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.updates.send(tables.clone()).map_err(|e| e.to_string())?;
         self.updates.wait_retired(FAILSAFE).ok_or("the worker did not apply the tables")?;
-        self.steering.set(steering_for(tables)).map_err(|e| e.to_string())?;
+        self.steering.set(steering_for(tables, NeighbourResponder::All)).map_err(|e| e.to_string())?;
         self.published.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }

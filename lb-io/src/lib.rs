@@ -20,6 +20,7 @@
 pub mod bpf;
 mod chunk;
 pub mod device;
+pub mod interface;
 pub mod memory;
 pub mod netns;
 pub mod pcap;

@@ -5,7 +5,9 @@
 //! `lb_examples::control::LbProcessor`) and an update channel. Per interface, the steering XDP program
 //! sends the services' frames (VIP, port, protocol) and NAT replies to the sockets; everything else
 //! stays with the kernel. The control side builds tables, sends them to every loop, then updates the
-//! steering maps (`control::steering_for`).
+//! steering maps (`control::steering_for`). Unless `--neighbour-responder off`, each worker also
+//! answers ARP / NDP for the VIPs and NAT source addresses with its interface's MAC (an L2
+//! deployment; see `control::NeighbourResponder` for which addresses).
 //! With `interfaces: []` it runs the control plane alone: a dry run whose tables `lb list` shows.
 
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use lb_core::config::{Config, ForwardMode};
 use lb_core::service::{TableBuilder, Tables};
 use lb_core::worker::{Worker, WorkerConfig, snat_port_share};
-use lb_examples::control::{LbProcessor, TablesSink, run_blocking, steering_for};
+use lb_examples::control::{LbProcessor, NeighbourResponder, TablesSink, run_blocking, steering_for};
 use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
@@ -43,6 +45,11 @@ pub struct Args {
     /// to a core that does not own their SNAT port, and those connections would fail.
     #[arg(long)]
     pub nat_replies_steered: bool,
+    /// Answer ARP and IPv6 neighbour solicitations for the VIPs and NAT source addresses with the
+    /// interface's MAC (needed when the VIPs are not routed to this node): `auto` for the addresses
+    /// no interface of the node holds, `all` for every one, `off` to leave all ARP / NDP to the kernel.
+    #[arg(long, value_enum, default_value_t = NeighbourResponder::Auto)]
+    pub neighbour_responder: NeighbourResponder,
 }
 
 /// Sends tables to every loop, then steers exactly their services and NAT replies to the sockets.
@@ -51,6 +58,8 @@ struct Workers {
     steering: Vec<VipSteering>,
     /// Whether NAT replies reach the loop that owns their SNAT port (`--nat-replies-steered`).
     nat_replies_steered: bool,
+    /// Which addresses ARP / NDP is answered for (`--neighbour-responder`).
+    responder: NeighbourResponder,
 }
 
 /// Refuses NAT services when `loops` poll loops share the node and nothing steers their replies: a
@@ -78,7 +87,7 @@ impl TablesSink for Workers {
 
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.loops.publish(tables)?;
-        let want = steering_for(tables);
+        let want = steering_for(tables, self.responder);
         for s in &mut self.steering {
             s.set(want.clone()).map_err(|e| format!("steering services: {e}"))?;
         }
@@ -98,22 +107,32 @@ pub fn main(args: Args) -> CmdResult {
         settings.interfaces.iter().flat_map(|i| i.queues.iter().map(move |q| (i.name.clone(), *q))).collect();
     let cores = u16::try_from(queues.len()).map_err(|_| "too many queues")?;
     let mode = if args.generic { AttachMode::Generic } else { AttachMode::Auto };
-    let mut workers =
-        Workers { loops: Vec::new(), steering: Vec::new(), nat_replies_steered: args.nat_replies_steered };
+    let mut workers = Workers {
+        loops: Vec::new(),
+        steering: Vec::new(),
+        nat_replies_steered: args.nat_replies_steered,
+        responder: args.neighbour_responder,
+    };
     let mut counters = PublishedCounters::default();
     let mut handles = Vec::new();
     let mut links = Vec::new();
     for iface in &settings.interfaces {
         let steering = VipSteering::load(SteeringConfig::default())?;
+        // The MAC ARP / NDP answers carry: this interface's own.
+        let mac = match args.neighbour_responder {
+            NeighbourResponder::Off => None,
+            _ => Some(lb_io::interface::mac_address(&iface.name).map_err(|e| format!("{}: {e}", iface.name))?),
+        };
         for &q in &iface.queues {
             let i = handles.len();
             let dev = XskDevice::open(&XskConfig::new(&iface.name, q))?;
             steering.set_socket(q, dev.fd())?;
             let core_index = u16::try_from(i)?;
-            let worker = Worker::new(
+            let mut worker = Worker::new(
                 empty.clone(),
                 WorkerConfig { conntrack_capacity: args.conntrack_entries, core_index, core_count: cores },
             );
+            worker.set_neighbour_mac(mac);
             if let Some((lo, hi)) = snat_port_share(settings.node.snat_ports, core_index, cores) {
                 tracing::info!(interface = %iface.name, queue = q, "NAT replies to SNAT ports {lo}-{hi} must reach this queue");
             }

@@ -1,0 +1,122 @@
+//! What the node's interfaces are, as the calling thread's network namespace sees them: an interface's
+//! MAC (the address the ARP / NDP responder answers with) and the node's own IP addresses (which the
+//! kernel already answers for). Read with getifaddrs(3), which asks the kernel over netlink, so a
+//! thread that entered another namespace sees that namespace's interfaces (sysfs would show the
+//! namespace it was mounted in).
+
+use std::ffi::CStr;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// One address entry of an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Ip(IpAddr),
+    Mac([u8; 6]),
+}
+
+/// Every (interface name, address) pair getifaddrs reports, IP and link-layer (Ethernet-sized) alike.
+fn entries() -> io::Result<Vec<(String, Entry)>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: `list` is a valid out-pointer; on success the kernel's list is ours until freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: `at` is a node of the list getifaddrs returned, not yet freed.
+        let ifa = unsafe { &*at };
+        at = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
+            continue;
+        }
+        // SAFETY: getifaddrs gives every node a NUL-terminated name.
+        let name = unsafe { CStr::from_ptr(ifa.ifa_name) }.to_string_lossy().into_owned();
+        // SAFETY: `ifa_addr` is non-null and points at a sockaddr whose family says its full type;
+        // each arm reads only the type its family names.
+        let entry = unsafe {
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    Entry::Ip(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))))
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    Entry::Ip(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)))
+                }
+                libc::AF_PACKET => {
+                    let ll = &*(ifa.ifa_addr as *const libc::sockaddr_ll);
+                    if ll.sll_halen != 6 {
+                        continue;
+                    }
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(&ll.sll_addr[..6]);
+                    Entry::Mac(mac)
+                }
+                _ => continue,
+            }
+        };
+        out.push((name, entry));
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once; nothing points into it any more.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
+}
+
+/// The MAC address of interface `name`.
+pub fn mac_address(name: &str) -> io::Result<[u8; 6]> {
+    entries()?
+        .into_iter()
+        .find_map(|(n, e)| match e {
+            Entry::Mac(mac) if n == name => Some(mac),
+            _ => None,
+        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("interface {name} has no Ethernet address")))
+}
+
+/// Every IP address configured on any interface of this namespace (loopback included).
+pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
+    Ok(entries()?
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            Entry::Ip(ip) => Some(ip),
+            Entry::Mac(_) => None,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_holds_127_0_0_1_and_has_a_zero_mac() {
+        let addrs = local_addresses().unwrap();
+        assert!(addrs.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)), "{addrs:?}");
+        assert_eq!(mac_address("lo").unwrap(), [0; 6]);
+        let err = mac_address("no-such-if0").unwrap_err();
+        assert!(err.to_string().contains("no-such-if0"), "{err}");
+    }
+
+    #[test]
+    fn a_veth_in_a_namespace_reports_its_own_mac_and_address() {
+        use crate::netns::{Netns, can_create_namespaces, enter_netns, parse_mac};
+        if let Err(reason) = can_create_namespaces() {
+            return println!("SKIPPED: {reason}");
+        }
+        let ns = Netns::create(&format!("lbif{}", std::process::id())).unwrap();
+        ns.ip(&["link", "add", "v0", "address", "02:12:34:56:78:9a", "type", "veth", "peer", "name", "v1"]).unwrap();
+        ns.ip(&["addr", "add", "10.99.0.1/24", "dev", "v0"]).unwrap();
+        let name = ns.name().to_string();
+        // In a thread of its own, so this test's thread stays in its namespace.
+        let (mac, addrs) = std::thread::spawn(move || {
+            enter_netns(&name).unwrap();
+            (mac_address("v0").unwrap(), local_addresses().unwrap())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(Some(mac), parse_mac("02:12:34:56:78:9a"));
+        assert!(addrs.contains(&IpAddr::V4(Ipv4Addr::new(10, 99, 0, 1))), "{addrs:?}");
+    }
+}
