@@ -56,8 +56,10 @@ pub enum NeighbourResponder {
 pub fn steering_for(tables: &Tables, responder: NeighbourResponder) -> SteeringSet {
     let services = tables.services();
     let node = tables.node();
-    let mut set = SteeringSet::default();
-    set.services = services.iter().map(|s| (s.key.vip, s.key.port, s.key.proto.number())).collect();
+    let mut set = SteeringSet {
+        services: services.iter().map(|s| (s.key.vip, s.key.port, s.key.proto.number())).collect(),
+        ..SteeringSet::default()
+    };
     if services.iter().any(|s| s.mode == ForwardMode::Nat) {
         let snat = [node.snat_v4.map(IpAddr::V4), node.snat_v6.map(IpAddr::V6)];
         set.snat = snat.into_iter().flatten().map(|a| (a, node.snat_ports)).collect();

@@ -12,6 +12,7 @@
 //!                     │ conntrack lookup (conntrack, per core)
 //!                     │ on miss: scheduler pick (schedule) + conntrack insert
 //!                     │ rewrite: NAT / DSR / IP-in-IP / GUE (forward)
+//!                     │ ARP / NDP asking for a VIP: answered in place (neighbour)
 //!                     └ counters (stats)
 //! ```
 //!

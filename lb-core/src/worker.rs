@@ -43,6 +43,9 @@
 //!   ACKs, a SYN) is dropped as [`DropReason::BackendRemoved`] until the tombstone idles out or, after
 //!   the client's FIN or RST, its time-wait timeout ends (a SYN then starts a new flow). Tombstones
 //!   count as no backend's connection, keep no NAT reverse entry, and are evicted like closing flows.
+//! - ARP requests and IPv6 neighbour solicitations for the tables' VIPs and NAT source addresses are
+//!   answered in place (verdict Tx) once the worker has a MAC ([`Worker::set_neighbour_mac`], off by
+//!   default); all other ARP / NDP passes. See [`crate::neighbour`].
 //! - Rewrites are lb-core's [`forward`] module; headroom needed: [`Frame::HEADROOM_NEEDED`].
 
 use alloc::boxed::Box;
