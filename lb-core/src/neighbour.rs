@@ -284,8 +284,9 @@ fn set_macs(eth: &mut [u8], dst: [u8; 6], src: [u8; 6]) {
     }
 }
 
-/// The solicited-node multicast group of `addr` (ff02::1:ff00:0/104 + its last 24 bits).
-fn solicited_node(addr: Ipv6Addr) -> Ipv6Addr {
+/// The solicited-node multicast group of `addr` (ff02::1:ff00:0/104 + its last 24 bits, RFC 4291),
+/// where neighbour solicitations for `addr` are sent.
+pub fn solicited_node(addr: Ipv6Addr) -> Ipv6Addr {
     let o = addr.octets();
     Ipv6Addr::from([0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, o[13], o[14], o[15]])
 }

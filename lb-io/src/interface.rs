@@ -2,11 +2,13 @@
 //! MAC (the address the ARP / NDP responder answers with) and the node's own IP addresses (which the
 //! kernel already answers for). Read with getifaddrs(3), which asks the kernel over netlink, so a
 //! thread that entered another namespace sees that namespace's interfaces (sysfs would show the
-//! namespace it was mounted in).
+//! namespace it was mounted in). And [`MulticastGroups`]: IPv6 groups held joined on an interface, so
+//! neighbour solicitations for addresses no interface holds still reach the XDP program.
 
+use std::collections::BTreeSet;
 use std::ffi::CStr;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
 
 /// One address entry of an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +88,54 @@ pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
         .collect())
 }
 
+/// IPv6 multicast groups joined on one interface for as long as this lives (dropping it leaves them).
+///
+/// Neighbour solicitations go to the target's solicited-node group. For an address the node does not
+/// hold, nothing joined that group: a NIC's multicast filter drops the frames before XDP sees them,
+/// and an MLD-snooping switch never forwards them to this port. Joining makes the kernel program the
+/// filter and send the MLD reports; the frames themselves are then steered to the responder by XDP.
+#[derive(Debug)]
+pub struct MulticastGroups {
+    /// An unconnected UDP socket that only holds the memberships (bound to an ephemeral port, as
+    /// joining from std needs; nothing is sent to it).
+    socket: UdpSocket,
+    interface: String,
+    ifindex: u32,
+    joined: BTreeSet<Ipv6Addr>,
+}
+
+impl MulticastGroups {
+    /// Holds no group yet on interface `name`.
+    pub fn new(name: &str) -> io::Result<Self> {
+        let ifindex = crate::xsk::ifindex(name)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {name}")))?;
+        let socket = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, 0))?;
+        Ok(MulticastGroups { socket, interface: name.to_string(), ifindex, joined: BTreeSet::new() })
+    }
+
+    /// Makes the joined groups exactly `groups`: joins the new ones, leaves the rest. On an error
+    /// (naming the group) the groups handled so far stay as they are now.
+    pub fn set(&mut self, groups: impl IntoIterator<Item = Ipv6Addr>) -> io::Result<()> {
+        let want: BTreeSet<Ipv6Addr> = groups.into_iter().collect();
+        let context = |what: &str, g: &Ipv6Addr, e: io::Error| {
+            io::Error::new(e.kind(), format!("{what} {g} on {}: {e}", self.interface))
+        };
+        for g in want.difference(&self.joined) {
+            self.socket.join_multicast_v6(g, self.ifindex).map_err(|e| context("joining", g, e))?;
+        }
+        for g in self.joined.difference(&want) {
+            self.socket.leave_multicast_v6(g, self.ifindex).map_err(|e| context("leaving", g, e))?;
+        }
+        self.joined = want;
+        Ok(())
+    }
+
+    /// The groups held now.
+    pub fn joined(&self) -> impl Iterator<Item = &Ipv6Addr> {
+        self.joined.iter()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +168,36 @@ mod tests {
         .unwrap();
         assert_eq!(Some(mac), parse_mac("02:12:34:56:78:9a"));
         assert!(addrs.contains(&IpAddr::V4(Ipv4Addr::new(10, 99, 0, 1))), "{addrs:?}");
+
+        // Joined groups show in the interface's multicast list until set away or dropped.
+        ns.ip(&["link", "set", "v0", "up"]).unwrap();
+        let a = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 0x100);
+        let b = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00, 0x3);
+        let maddr = || ns.ip(&["-6", "maddr", "show", "dev", "v0"]).unwrap();
+        let name = ns.name().to_string();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (step_tx, step) = std::sync::mpsc::channel::<&'static str>();
+        let holder = std::thread::spawn(move || {
+            enter_netns(&name).unwrap();
+            let mut g = MulticastGroups::new("v0").unwrap();
+            g.set([a, b]).unwrap();
+            step_tx.send("both").unwrap();
+            rx.recv().unwrap();
+            g.set([b]).unwrap();
+            assert_eq!(g.joined().copied().collect::<Vec<_>>(), [b]);
+            step_tx.send("one").unwrap();
+            rx.recv().unwrap();
+        });
+        assert_eq!(step.recv().unwrap(), "both");
+        let m = maddr();
+        assert!(m.contains("ff02::1:ff00:100") && m.contains("ff02::1:ff00:3"), "{m}");
+        tx.send(()).unwrap();
+        assert_eq!(step.recv().unwrap(), "one");
+        let m = maddr();
+        assert!(!m.contains("ff02::1:ff00:100") && m.contains("ff02::1:ff00:3"), "{m}");
+        tx.send(()).unwrap();
+        holder.join().unwrap();
+        assert!(!maddr().contains("ff02::1:ff00:3"), "dropping leaves the groups");
+        assert!(MulticastGroups::new("no-such-if0").unwrap_err().to_string().contains("no-such-if0"));
     }
 }

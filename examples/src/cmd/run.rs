@@ -7,9 +7,11 @@
 //! stays with the kernel. The control side builds tables, sends them to every loop, then updates the
 //! steering maps (`control::steering_for`). Unless `--neighbour-responder off`, each worker also
 //! answers ARP / NDP for the VIPs and NAT source addresses with its interface's MAC (an L2
-//! deployment; see `control::NeighbourResponder` for which addresses).
+//! deployment; see `control::NeighbourResponder` for which addresses), and each interface joins the
+//! solicited-node groups of the IPv6 ones (`lb_io::interface::MulticastGroups`).
 //! With `interfaces: []` it runs the control plane alone: a dry run whose tables `lb list` shows.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -20,6 +22,7 @@ use lb_examples::control::{LbProcessor, NeighbourResponder, TablesSink, run_bloc
 use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
+use lb_io::interface::MulticastGroups;
 use lb_io::{LoopConfig, PollLoop, StopFlag, UpdateSender, XskConfig, XskDevice, update_channel};
 
 use super::CmdResult;
@@ -60,6 +63,8 @@ struct Workers {
     nat_replies_steered: bool,
     /// Which addresses ARP / NDP is answered for (`--neighbour-responder`).
     responder: NeighbourResponder,
+    /// Per interface (responder on), the solicited-node groups of the IPv6 addresses answered for.
+    groups: Vec<MulticastGroups>,
 }
 
 /// Refuses NAT services when `loops` poll loops share the node and nothing steers their replies: a
@@ -91,6 +96,20 @@ impl TablesSink for Workers {
         for s in &mut self.steering {
             s.set(want.clone()).map_err(|e| format!("steering services: {e}"))?;
         }
+        // Solicitations for the IPv6 addresses reach this node only if it listens to their groups.
+        let groups: Vec<_> = want
+            .neighbour
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(a) => Some(lb_core::neighbour::solicited_node(*a)),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        for g in &mut self.groups {
+            if let Err(e) = g.set(groups.iter().copied()) {
+                tracing::warn!("{e}; IPv6 neighbour solicitations may not arrive (ip link set IF allmulticast on)");
+            }
+        }
         Ok(())
     }
 }
@@ -112,6 +131,7 @@ pub fn main(args: Args) -> CmdResult {
         steering: Vec::new(),
         nat_replies_steered: args.nat_replies_steered,
         responder: args.neighbour_responder,
+        groups: Vec::new(),
     };
     let mut counters = PublishedCounters::default();
     let mut handles = Vec::new();
@@ -121,7 +141,16 @@ pub fn main(args: Args) -> CmdResult {
         // The MAC ARP / NDP answers carry: this interface's own.
         let mac = match args.neighbour_responder {
             NeighbourResponder::Off => None,
-            _ => Some(lb_io::interface::mac_address(&iface.name).map_err(|e| format!("{}: {e}", iface.name))?),
+            _ => {
+                match MulticastGroups::new(&iface.name) {
+                    Ok(g) => workers.groups.push(g),
+                    Err(e) => tracing::warn!(
+                        "{}: cannot join IPv6 groups ({e}); the responder answers IPv4 only unless solicitations arrive anyway",
+                        iface.name
+                    ),
+                }
+                Some(lb_io::interface::mac_address(&iface.name).map_err(|e| format!("{}: {e}", iface.name))?)
+            }
         };
         for &q in &iface.queues {
             let i = handles.len();
