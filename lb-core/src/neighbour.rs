@@ -195,12 +195,13 @@ impl NeighbourResponder {
         }
         // RFC 4861 7.1.1: hop limit 255, valid checksum, code 0, options of non-zero length (the
         // last three in smoltcp's parse); and for duplicate address detection, to the target's
-        // solicited-node group and with no source link-layer option.
+        // solicited-node group and with no source link-layer option. (A multicast source is no
+        // address to answer: RFC 4291 2.7.)
         let invalid = Answer::Invalid(DropReason::Malformed);
         let parsed = Icmpv6Repr::parse(&src, &dst, &icmp, &ChecksumCapabilities::default());
         let Ok(Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit { lladdr, .. })) = parsed else { return invalid };
         let dad = src.is_unspecified();
-        if hop_limit != 255 || (dad && (lladdr.is_some() || dst != solicited_node(target))) {
+        if hop_limit != 255 || src.is_multicast() || (dad && (lladdr.is_some() || dst != solicited_node(target))) {
             return invalid;
         }
         let (to, to_mac, flags) = if dad {

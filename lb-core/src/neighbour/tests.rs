@@ -259,8 +259,9 @@ fn solicitations_rfc_4861_discards_are_counted_drops_and_unchanged() {
         let dst = Ipv6Addr::from(<[u8; 16]>::try_from(&dad_elsewhere[14 + 24..14 + 40]).unwrap());
         [dad_elsewhere[..14].to_vec(), ipv6_icmp(Ipv6Addr::UNSPECIFIED, dst, 255, icmp)].concat()
     };
-    let cases: [(&str, Vec<u8>); 5] = [
+    let cases: [(&str, Vec<u8>); 6] = [
         ("bad checksum", bad_sum),
+        ("from a multicast source", ns(Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), VIP6, true, 255, None)),
         ("hop limit 64 (routed from elsewhere)", ns(ASKER6, VIP6, true, 64, None)),
         ("an option of length 0", zero_option),
         (
