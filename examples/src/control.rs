@@ -32,13 +32,13 @@ use crate::k8s::Translation;
 /// interface's MAC (`lb run --neighbour-responder`; lb-core's `neighbour` module does the answering).
 ///
 /// An L2 deployment (VIPs on the clients' segment, not routed to the node, MetalLB-L2 style) needs
-/// it; a routed one (VIPs routed to a node address, by BGP or a static route) does not, and there it
-/// is harmless: nobody asks.
+/// it, on one node per segment; a routed one (VIPs routed to a node address, by BGP or a static
+/// route) does not. Off by default: several nodes answering for one VIP (a DaemonSet on one segment)
+/// would move clients between nodes at each answer, and full-NAT connections with them would break.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum NeighbourResponder {
     /// VIPs and NAT source addresses that no interface of the node holds; the node's kernel keeps
     /// answering for its own addresses (a NAT source address that is the node's IP, say).
-    #[default]
     Auto,
     /// Every VIP and NAT source address, the node's own included: the load balancer then answers in
     /// the kernel's place for those (with the same MAC, so harmless, but the kernel no longer sees
@@ -46,6 +46,7 @@ pub enum NeighbourResponder {
     All,
     /// None: every ARP and NDP frame stays with the kernel (VIPs routed to the node, or pinned in the
     /// neighbours' tables).
+    #[default]
     Off,
 }
 

@@ -5,7 +5,7 @@
 //! `lb_examples::control::LbProcessor`) and an update channel. Per interface, the steering XDP program
 //! sends the services' frames (VIP, port, protocol) and NAT replies to the sockets; everything else
 //! stays with the kernel. The control side builds tables, sends them to every loop, then updates the
-//! steering maps (`control::steering_for`). Unless `--neighbour-responder off`, each worker also
+//! steering maps (`control::steering_for`). With `--neighbour-responder auto|all`, each worker also
 //! answers ARP / NDP for the VIPs and NAT source addresses with its interface's MAC (an L2
 //! deployment; see `control::NeighbourResponder` for which addresses), and each interface joins the
 //! solicited-node groups of the IPv6 ones (`lb_io::interface::MulticastGroups`).
@@ -49,9 +49,10 @@ pub struct Args {
     #[arg(long)]
     pub nat_replies_steered: bool,
     /// Answer ARP and IPv6 neighbour solicitations for the VIPs and NAT source addresses with the
-    /// interface's MAC (needed when the VIPs are not routed to this node): `auto` for the addresses
-    /// no interface of the node holds, `all` for every one, `off` to leave all ARP / NDP to the kernel.
-    #[arg(long, value_enum, default_value_t = NeighbourResponder::Auto)]
+    /// interface's MAC (an L2 deployment, VIPs not routed to this node; on one node per segment):
+    /// `auto` for the addresses no interface of the node holds, `all` for every one, `off` (the
+    /// default) to leave all ARP / NDP to the kernel.
+    #[arg(long, value_enum, default_value_t = NeighbourResponder::Off)]
     pub neighbour_responder: NeighbourResponder,
 }
 
