@@ -247,6 +247,56 @@ impl NeighbourResponder {
     }
 }
 
+/// Writes into `buf` the frame that announces `addr` at `mac` to the whole segment, and returns its
+/// length (`None` when `buf` is too short): for IPv4 a gratuitous ARP request (RFC 5227
+/// announcement: sender and target both `addr`, broadcast), for IPv6 an unsolicited Neighbour
+/// Advertisement (RFC 4861 7.2.6: to all nodes, Override set, Solicited clear, `mac` in a target
+/// link-layer option). Neighbours that cached another MAC for `addr` (a load balancer that failed
+/// over, a VIP that moved) update their entry at once instead of when it goes stale.
+pub fn announcement(mac: [u8; 6], addr: IpAddr, buf: &mut [u8]) -> Option<usize> {
+    match addr {
+        IpAddr::V4(a) => {
+            let arp = ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Request,
+                source_hardware_addr: EthernetAddress(mac),
+                source_protocol_addr: a,
+                target_hardware_addr: EthernetAddress([0; 6]),
+                target_protocol_addr: a,
+            };
+            let len = ETHERNET_LEN + arp.buffer_len();
+            let (eth, rest) = buf.get_mut(..len)?.split_at_mut(ETHERNET_LEN);
+            set_macs(eth, [0xff; 6], mac);
+            eth[12..].copy_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+            arp.emit(&mut ArpPacket::new_unchecked(rest));
+            Some(len)
+        }
+        IpAddr::V6(a) => {
+            let advert = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+                flags: NdiscNeighborFlags::OVERRIDE,
+                target_addr: a,
+                lladdr: Some(RawHardwareAddress::from_bytes(&mac)),
+            });
+            let icmp_len = advert.buffer_len();
+            let header = Ipv6Repr {
+                src_addr: a,
+                dst_addr: ALL_NODES,
+                next_header: IpProtocol::Icmpv6,
+                payload_len: icmp_len,
+                hop_limit: 255,
+            };
+            let len = ETHERNET_LEN + IPV6_HEADER_LEN + icmp_len;
+            let (eth, rest) = buf.get_mut(..len)?.split_at_mut(ETHERNET_LEN);
+            set_macs(eth, ALL_NODES_MAC, mac);
+            eth[12..].copy_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+            let mut ip = Ipv6Packet::new_unchecked(rest);
+            header.emit(&mut ip);
+            let mut icmp = Icmpv6Packet::new_unchecked(ip.payload_mut());
+            advert.emit(&a, &ALL_NODES, &mut icmp, &ChecksumCapabilities::default());
+            Some(len)
+        }
+    }
+}
+
 /// Every address a responder answers for under `tables` (VIPs, and the SNAT address of each family
 /// a NAT service uses), possibly with repeats: what the control side steers ARP / NDP for.
 pub fn addresses(tables: &Tables) -> impl Iterator<Item = IpAddr> + '_ {

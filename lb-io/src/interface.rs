@@ -3,12 +3,14 @@
 //! kernel already answers for). Read with getifaddrs(3), which asks the kernel over netlink, so a
 //! thread that entered another namespace sees that namespace's interfaces (sysfs would show the
 //! namespace it was mounted in). And [`MulticastGroups`]: IPv6 groups held joined on an interface, so
-//! neighbour solicitations for addresses no interface holds still reach the XDP program.
+//! neighbour solicitations for addresses no interface holds still reach the XDP program; and
+//! [`PacketSocket`], which sends whole frames (the responder's announcements) through the kernel.
 
 use std::collections::BTreeSet;
 use std::ffi::CStr;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// One address entry of an interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +138,57 @@ impl MulticastGroups {
     }
 }
 
+/// A raw packet socket (AF_PACKET) on one interface: sends whole Ethernet frames through the
+/// kernel's transmit path, beside any AF_XDP socket on the interface. For the control side's few
+/// frames (ARP / NDP announcements), not the fast path.
+#[derive(Debug)]
+pub struct PacketSocket {
+    fd: OwnedFd,
+}
+
+impl PacketSocket {
+    /// A socket that sends on interface `name` and receives nothing.
+    pub fn open(name: &str) -> io::Result<Self> {
+        Self::bound(name, 0)
+    }
+
+    /// A socket on `name` bound for `protocol` (network order in the address, 0: receive nothing).
+    fn bound(name: &str, protocol: u16) -> io::Result<Self> {
+        let ifindex = crate::xsk::ifindex(name)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {name}")))?;
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(protocol)) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = protocol;
+        addr.sll_ifindex = i32::try_from(ifindex).map_err(|_| io::Error::other("interface index out of range"))?;
+        let len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        // SAFETY: `addr` is a valid sockaddr_ll of `len` bytes that outlives the call.
+        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) };
+        if rc != 0 {
+            return Err(io::Error::other(format!("binding a packet socket to {name}: {}", io::Error::last_os_error())));
+        }
+        Ok(PacketSocket { fd })
+    }
+
+    /// Sends `frame` (from its Ethernet header on) out of the interface.
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        // SAFETY: `frame` is valid for `frame.len()` bytes for the duration of the call.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) if n == frame.len() => Ok(()),
+            Ok(n) => Err(io::Error::other(format!("sent {n} of {} bytes", frame.len()))),
+            Err(_) => Err(io::Error::last_os_error()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,6 +200,68 @@ mod tests {
         assert_eq!(mac_address("lo").unwrap(), [0; 6]);
         let err = mac_address("no-such-if0").unwrap_err();
         assert!(err.to_string().contains("no-such-if0"), "{err}");
+    }
+
+    impl PacketSocket {
+        /// A socket receiving every frame of `name`, giving up after `timeout` per receive.
+        fn capture(name: &str, timeout: std::time::Duration) -> io::Result<Self> {
+            let s = Self::bound(name, (libc::ETH_P_ALL as u16).to_be())?;
+            let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: 0 };
+            let len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+            // SAFETY: `tv` is a valid timeval of `len` bytes for the duration of the call.
+            let rc = unsafe {
+                libc::setsockopt(s.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), len)
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(s)
+        }
+
+        /// The next frame received (an error once the timeout passes).
+        fn recv(&self) -> io::Result<Vec<u8>> {
+            let mut buf = vec![0u8; 2048];
+            // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            buf.truncate(usize::try_from(n).map_err(|_| io::Error::last_os_error())?);
+            Ok(buf)
+        }
+    }
+
+    #[test]
+    fn announcements_leave_one_end_of_a_veth_and_arrive_at_the_other_intact() {
+        use crate::netns::{Netns, can_create_namespaces, enter_netns};
+        if let Err(reason) = can_create_namespaces() {
+            return println!("SKIPPED: {reason}");
+        }
+        let ns = Netns::create(&format!("lbps{}", std::process::id())).unwrap();
+        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]).unwrap();
+        ns.ip(&["link", "set", "v0", "up"]).unwrap();
+        ns.ip(&["link", "set", "v1", "up"]).unwrap();
+        let name = ns.name().to_string();
+        std::thread::spawn(move || {
+            enter_netns(&name).unwrap();
+            let mac = mac_address("v0").unwrap();
+            let capture = PacketSocket::capture("v1", std::time::Duration::from_secs(2)).unwrap();
+            let sender = PacketSocket::open("v0").unwrap();
+            let mut buf = [0u8; 128];
+            for addr in
+                [IpAddr::V4(Ipv4Addr::new(10, 98, 0, 100)), IpAddr::V6(Ipv6Addr::new(0xfd98, 0, 0, 0, 0, 0, 0, 0x100))]
+            {
+                let n = lb_core::neighbour::announcement(mac, addr, &mut buf).unwrap();
+                sender.send(&buf[..n]).unwrap();
+                // Other frames (the kernel's own IPv6 chatter) may come first.
+                loop {
+                    let got = capture.recv().unwrap_or_else(|e| panic!("announcement of {addr} never arrived: {e}"));
+                    if got == buf[..n] {
+                        break;
+                    }
+                }
+            }
+            assert!(PacketSocket::open("no-such-if0").unwrap_err().to_string().contains("no-such-if0"));
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -8,9 +8,11 @@
 //! steering maps (`control::steering_for`). With `--neighbour-responder auto|all`, each worker also
 //! answers ARP / NDP for the VIPs and NAT source addresses with its interface's MAC (an L2
 //! deployment; see `control::NeighbourResponder` for which addresses), and each interface joins the
-//! solicited-node groups of the IPv6 ones (`lb_io::interface::MulticastGroups`).
+//! solicited-node groups of the IPv6 ones (`lb_io::interface::MulticastGroups`); addresses new to the
+//! responder are announced once on each interface (gratuitous ARP, unsolicited neighbour advertisement).
 //! With `interfaces: []` it runs the control plane alone: a dry run whose tables `lb list` shows.
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,7 +24,7 @@ use lb_examples::control::{LbProcessor, NeighbourResponder, TablesSink, run_bloc
 use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
-use lb_io::interface::MulticastGroups;
+use lb_io::interface::{MulticastGroups, PacketSocket};
 use lb_io::{LoopConfig, PollLoop, StopFlag, UpdateSender, XskConfig, XskDevice, update_channel};
 
 use super::CmdResult;
@@ -66,6 +68,10 @@ struct Workers {
     responder: NeighbourResponder,
     /// Per interface (responder on), the solicited-node groups of the IPv6 addresses answered for.
     groups: Vec<MulticastGroups>,
+    /// Per interface (responder on), a socket for announcements and the MAC they carry.
+    announcers: Vec<(String, PacketSocket, [u8; 6])>,
+    /// The addresses answered for so far (announced when they joined the set).
+    answered: BTreeSet<IpAddr>,
 }
 
 /// Refuses NAT services when `loops` poll loops share the node and nothing steers their replies: a
@@ -111,6 +117,20 @@ impl TablesSink for Workers {
                 tracing::warn!("{e}; IPv6 neighbour solicitations may not arrive (ip link set IF allmulticast on)");
             }
         }
+        // Addresses new to the responder are announced (gratuitous ARP, unsolicited NA), so
+        // neighbours holding another MAC for them (a previous owner) switch now, not when it goes stale.
+        let mut frame = [0u8; 128];
+        for addr in want.neighbour.difference(&self.answered) {
+            for (name, socket, mac) in &self.announcers {
+                let sent = lb_core::neighbour::announcement(*mac, *addr, &mut frame)
+                    .ok_or_else(|| std::io::Error::other("frame buffer too short"))
+                    .and_then(|n| socket.send(&frame[..n]));
+                if let Err(e) = sent {
+                    tracing::warn!(interface = %name, "announcing {addr}: {e}");
+                }
+            }
+        }
+        self.answered = want.neighbour;
         Ok(())
     }
 }
@@ -133,6 +153,8 @@ pub fn main(args: Args) -> CmdResult {
         nat_replies_steered: args.nat_replies_steered,
         responder: args.neighbour_responder,
         groups: Vec::new(),
+        announcers: Vec::new(),
+        answered: BTreeSet::new(),
     };
     let mut counters = PublishedCounters::default();
     let mut handles = Vec::new();
@@ -150,7 +172,12 @@ pub fn main(args: Args) -> CmdResult {
                         iface.name
                     ),
                 }
-                Some(lb_io::interface::mac_address(&iface.name).map_err(|e| format!("{}: {e}", iface.name))?)
+                let mac = lb_io::interface::mac_address(&iface.name).map_err(|e| format!("{}: {e}", iface.name))?;
+                match PacketSocket::open(&iface.name) {
+                    Ok(s) => workers.announcers.push((iface.name.clone(), s, mac)),
+                    Err(e) => tracing::warn!(interface = %iface.name, "no announcements of the VIPs: {e}"),
+                }
+                Some(mac)
             }
         };
         for &q in &iface.queues {

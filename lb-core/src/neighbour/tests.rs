@@ -363,6 +363,28 @@ fn the_worker_answers_when_given_a_mac_and_passes_otherwise() {
     assert_eq!(run(&mut worker, &arp_frame).0, Verdict::Pass);
 }
 
+#[test]
+fn announcements_are_a_gratuitous_arp_and_an_unsolicited_advertisement() {
+    let mut buf = [0u8; 128];
+    let n = announcement(MAC, IpAddr::V4(VIP4), &mut buf).unwrap();
+    let mut want = eth([0xff; 6], MAC, None, 0x0806);
+    want.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    want.extend_from_slice(&MAC);
+    want.extend_from_slice(&VIP4.octets());
+    want.extend_from_slice(&[0; 6]);
+    want.extend_from_slice(&VIP4.octets());
+    assert_eq!(&buf[..n], &want[..]);
+
+    let n = announcement(MAC, IpAddr::V6(VIP6), &mut buf).unwrap();
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    // Override only: nobody solicited it.
+    assert_eq!(&buf[..n], &na(all_nodes, [0x33, 0x33, 0, 0, 0, 1], VIP6, 0x20, None)[..]);
+    assert_eq!(icmpv6_sum(VIP6, all_nodes, &buf[14 + 40..n]), 0);
+
+    assert_eq!(announcement(MAC, IpAddr::V6(VIP6), &mut [0u8; 85]), None, "one byte short");
+    assert_eq!(announcement(MAC, IpAddr::V4(VIP4), &mut [0u8; 41]), None);
+}
+
 proptest::proptest! {
     /// Whatever bytes a request turns into (any byte changed, any length), the responder never
     /// panics, and a frame it does not answer is left exactly as it was.
