@@ -8,11 +8,14 @@
 # GEN_CORE; the forwarder and the LB interface's threaded NAPI run on FWD_CORE. Offered load is "as
 # fast as the generator can"; latency is measured in a second pass at a fixed, light rate.
 # Only traffic between two namespaces this script makes (10.78.0.0/24); everything is removed on exit.
-# Needs root, iproute2, nftables. Usage: scripts/bench-throughput.sh [seconds per run]
+# Needs root, iproute2, nftables. Usage: scripts/bench-throughput.sh [seconds per pass]
+# ROUNDS=n repeats (a), (b), (c) n times in turn (default 1) and prints every round and the medians:
+# the run-to-run spread on a shared forwarding core is +-20 %, so compare medians of several rounds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECS=${1:-5}
+ROUNDS=${ROUNDS:-1}
 [ "$SECS" -ge 2 ] || { echo "seconds per run must be at least 2 (1 s warm-up + the window)" >&2; exit 2; }
 GEN_CORE=${GEN_CORE:-0}
 FWD_CORE=${FWD_CORE:-1}
@@ -152,11 +155,6 @@ if [ "$BUSY_POLL" = 1 ]; then
   napi_defer "$DEFER_IRQS" "$GRO_FLUSH_NS"
 fi
 
-echo "== (a) floor: AF_XDP receive, MAC rewrite, transmit" >&2
-start_fwd --processor floor --dst-mac "$GMAC" --steer $VIP
-run_case floor $VIP; stop_fwd
-
-echo "== (b) load balancer: Maglev + conntrack + NAT" >&2
 cat > "/tmp/$TAG.yaml" <<YAML
 node:
   local_mac: "$LMAC"
@@ -172,32 +170,66 @@ services:
     backends:
       - { addr: $BACKEND, port: 80, weight: 1, mac: "$GMAC" }
 YAML
-if start_fwd --processor lb --config "/tmp/$TAG.yaml" --steer $VIP --steer $SNAT && sleep 0.2 && kill -0 "$FWD_PID" 2>/dev/null; then
-  run_case lb $BACKEND; stop_fwd
-else
-  echo "  (b) not available in this build:" >&2; cat "/tmp/$TAG.fwd" >&2; FWD_PID=""; PPS[lb]=0; RET[lb]=0; P50[lb]=0; P99[lb]=0
-fi
 
-echo "== (c) kernel: nftables DNAT + SNAT, forwarding" >&2
-ip netns exec "$L" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.l0.send_redirects=0
-ip netns exec "$L" nft -f - <<NFT
+case_floor() {
+  echo "== (a) floor: AF_XDP receive, MAC rewrite, transmit" >&2
+  start_fwd --processor floor --dst-mac "$GMAC" --steer $VIP
+  run_case floor $VIP; stop_fwd
+}
+
+case_lb() {
+  echo "== (b) load balancer: Maglev + conntrack + NAT" >&2
+  if start_fwd --processor lb --config "/tmp/$TAG.yaml" --steer $VIP --steer $SNAT && sleep 0.2 && kill -0 "$FWD_PID" 2>/dev/null; then
+    run_case lb $BACKEND; stop_fwd
+  else
+    echo "  (b) not available in this build:" >&2; cat "/tmp/$TAG.fwd" >&2; FWD_PID=""; PPS[lb]=0; RET[lb]=0; P50[lb]=0; P99[lb]=0
+  fi
+}
+
+case_nft() {
+  echo "== (c) kernel: nftables DNAT + SNAT, forwarding" >&2
+  ip netns exec "$L" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.send_redirects=0 net.ipv4.conf.l0.send_redirects=0
+  ip netns exec "$L" nft -f - <<NFT
 table ip lbbench {
   chain pre { type nat hook prerouting priority -100; ip daddr $VIP udp dport 80 dnat to $BACKEND; }
   chain post { type nat hook postrouting priority 100; ip daddr $BACKEND snat to $SNAT; }
 }
 NFT
-# Without an XDP program veth has no NAPI unless GRO is on; with it, l0's receive and the forwarding
-# run in l0's NAPI thread on NAPI_CORE like (a) and (b), instead of in the generator's sendto on GEN_CORE.
-ip netns exec "$L" ethtool -K l0 gro on >/dev/null
-napi "$L" l0 "$NAPI_CORE"
-# No socket polls l0 here: its NAPI runs as the kernel arms it (NFT_DEFER="2 200000" to try deferral).
-napi_defer ${NFT_DEFER:-0 0}
-run_case nft $BACKEND
+  # Without an XDP program veth has no NAPI unless GRO is on; with it, l0's receive and the forwarding
+  # run in l0's NAPI thread on NAPI_CORE like (a) and (b), instead of in the generator's sendto on GEN_CORE.
+  ip netns exec "$L" ethtool -K l0 gro on >/dev/null
+  napi "$L" l0 "$NAPI_CORE"
+  # No socket polls l0 here: its NAPI runs as the kernel arms it (NFT_DEFER="2 200000" to try deferral).
+  napi_defer ${NFT_DEFER:-0 0}
+  run_case nft $BACKEND
+  # Back to the state (a) and (b) start from, for the next round.
+  ip netns exec "$L" nft delete table ip lbbench
+  ip netns exec "$L" sysctl -qw net.ipv4.ip_forward=0
+  napi_defer 0 0
+  [ "$BUSY_POLL" = 1 ] || ip netns exec "$L" ethtool -K l0 gro off >/dev/null
+}
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+median() { printf "%s\n" "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+declare -a ROWS RA RC FL LB_ NF
+for round in $(seq "$ROUNDS"); do
+  [ "$ROUNDS" -gt 1 ] && echo "==== round $round of $ROUNDS" >&2
+  case_floor; case_lb; case_nft
+  ROWS+=("| $round | ${PPS[floor]} | ${PPS[lb]} | ${PPS[nft]} | $(ratio "${PPS[lb]}" "${PPS[floor]}") | $(ratio "${PPS[lb]}" "${PPS[nft]}") | ${P50[lb]} / ${P99[lb]} | ${P50[nft]} / ${P99[nft]} |")
+  RA+=("$(ratio "${PPS[lb]}" "${PPS[floor]}")"); RC+=("$(ratio "${PPS[lb]}" "${PPS[nft]}")")
+  FL+=("${PPS[floor]}"); LB_+=("${PPS[lb]}"); NF+=("${PPS[nft]}")
+done
+
 echo
 echo "machine: $(uname -r), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-echo "command: scripts/bench-throughput.sh $SECS   (GEN_CORE=$GEN_CORE FWD_CORE=$FWD_CORE NAPI_CORE=$NAPI_CORE FWD_ARGS=\"$FWD_ARGS\" GEN_MAX_ARGS=\"$GEN_MAX_ARGS\" FWD_NICE=$FWD_NICE GEN_NICE=$GEN_NICE BUSY_POLL=$BUSY_POLL DEFER_IRQS=$DEFER_IRQS GRO_FLUSH_NS=$GRO_FLUSH_NS NFT_DEFER=${NFT_DEFER:-0 0} LAT_RATE=$LAT_RATE)"
-printf "| path | forwarded pps (one core) | offered pps | p50 us @%s pps | p99 us @%s pps |\n|---|---|---|---|---|\n" "$LAT_RATE" "$LAT_RATE"
-for k in floor lb nft; do printf "| %s | %s | %s | %s | %s |\n" "$k" "${PPS[$k]}" "${RET[$k]}" "${P50[$k]}" "${P99[$k]}"; done
-echo "(b)/(a) = $(ratio "${PPS[lb]}" "${PPS[floor]}")   (b)/(c) = $(ratio "${PPS[lb]}" "${PPS[nft]}")"
+echo "command: ROUNDS=$ROUNDS scripts/bench-throughput.sh $SECS   (GEN_CORE=$GEN_CORE FWD_CORE=$FWD_CORE NAPI_CORE=$NAPI_CORE FWD_ARGS=\"$FWD_ARGS\" GEN_MAX_ARGS=\"$GEN_MAX_ARGS\" FWD_NICE=$FWD_NICE GEN_NICE=$GEN_NICE BUSY_POLL=$BUSY_POLL DEFER_IRQS=$DEFER_IRQS GRO_FLUSH_NS=$GRO_FLUSH_NS NFT_DEFER=${NFT_DEFER:-0 0} LAT_RATE=$LAT_RATE)"
+if [ "$ROUNDS" = 1 ]; then
+  printf "| path | forwarded pps (one core) | offered pps | p50 us @%s pps | p99 us @%s pps |\n|---|---|---|---|---|\n" "$LAT_RATE" "$LAT_RATE"
+  for k in floor lb nft; do printf "| %s | %s | %s | %s | %s |\n" "$k" "${PPS[$k]}" "${RET[$k]}" "${P50[$k]}" "${P99[$k]}"; done
+  echo "(b)/(a) = $(ratio "${PPS[lb]}" "${PPS[floor]}")   (b)/(c) = $(ratio "${PPS[lb]}" "${PPS[nft]}")"
+else
+  printf "| round | (a) floor | (b) lb | (c) nft | (b)/(a) | (b)/(c) | p50 / p99 us @%s pps (b) | (c) |\n|---|---|---|---|---|---|---|---|\n" "$LAT_RATE"
+  printf "%s\n" "${ROWS[@]}"
+  echo "| median | $(median "${FL[@]}") | $(median "${LB_[@]}") | $(median "${NF[@]}") | $(median "${RA[@]}") | $(median "${RC[@]}") | | |"
+  echo "(b) >= 0.9 (a) in $(printf "%s\n" "${RA[@]}" | awk '$1 >= 0.9' | wc -l) of $ROUNDS rounds; (b) >= (c) in $(printf "%s\n" "${RC[@]}" | awk '$1 >= 1' | wc -l) of $ROUNDS"
+fi

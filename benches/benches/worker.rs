@@ -108,12 +108,17 @@ fn config(services: usize, mode: ForwardMode) -> Config {
                     state: BackendState::Active,
                 })
                 .collect();
-            ServiceConfig::new(
-                format!("svc{i}"),
-                ServiceKey { vip: IpAddr::V4(vip(i)), port: 80, proto: Protocol::Tcp },
-                mode,
-                backends,
-            )
+            ServiceConfig {
+                // 211 entries for 2 backends, as before lb-core's default became 65 537 (128 KiB a
+                // service, 13 GB for 100 000): the per-packet path reads one entry either way.
+                maglev_table_size: Some(lb_hash::maglev_table_size_for(2)),
+                ..ServiceConfig::new(
+                    format!("svc{i}"),
+                    ServiceKey { vip: IpAddr::V4(vip(i)), port: 80, proto: Protocol::Tcp },
+                    mode,
+                    backends,
+                )
+            }
         })
         .collect();
     Config { node, services }

@@ -216,6 +216,48 @@ pub struct LiveState {
     pub k8s_skipped: usize,
     /// The Kubernetes feed's counters, when the feed runs.
     pub feed: Option<Arc<crate::k8s::feed::FeedCounters>>,
+    /// Maglev entries (mh, sh, dh) that changed owner over all applied updates, by cause.
+    pub maglev_moves: MaglevMoves,
+}
+
+/// Maglev table entries that changed owner from one build of a service to the next, summed over
+/// services and updates. With conntrack in front only new flows (and flows another node tracked)
+/// feel a moved entry; `between_kept` is the disruption Maglev keeps small (lb-hash's `maglev` module).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaglevMoves {
+    /// Entries whose backend left or drained.
+    pub departed: u64,
+    /// Entries taken over by a backend that was not serving before.
+    pub arrived: u64,
+    /// Entries moved between backends serving before and after.
+    pub between_kept: u64,
+}
+
+impl MaglevMoves {
+    /// What changed in each service (same VIP, port and protocol) from `before` to `after` whose
+    /// table size stayed; logs each service where entries moved between kept backends.
+    pub fn between(before: &Tables, after: &Tables) -> Self {
+        let mut total = MaglevMoves::default();
+        for new in after.services() {
+            let Some(old) = before.services().iter().find(|o| o.key == new.key) else { continue };
+            let (Some(t1), Some(t0)) = (new.scheduler.maglev_table(), old.scheduler.maglev_table()) else { continue };
+            let Some(c) = t1.changes_from(t0) else { continue };
+            if c.departed + c.arrived + c.between_stayed > 0 {
+                tracing::info!(
+                    service = %new.name,
+                    departed = c.departed,
+                    arrived = c.arrived,
+                    between_kept = c.between_stayed,
+                    "Maglev entries moved: {:.3} % of the table between kept backends",
+                    f64::from(c.between_stayed) * 100.0 / f64::from(t1.size())
+                );
+            }
+            total.departed += u64::from(c.departed);
+            total.arrived += u64::from(c.arrived);
+            total.between_kept += u64::from(c.between_stayed);
+        }
+        total
+    }
 }
 
 /// Why an update was not applied.
@@ -325,7 +367,13 @@ impl<S: TablesSink> Control<S> {
                 let status = self.health.status();
                 self.down.retain(|t| status.lock().map(|s| s.contains_key(t)).unwrap_or(true));
                 let k8s_skipped = self.kubernetes.skipped.len() + left_out.len();
+                let moves = self.live.borrow().tables.as_ref().map(|old| MaglevMoves::between(old, &tables));
                 self.live.send_modify(|l| {
+                    if let Some(m) = moves {
+                        l.maglev_moves.departed += m.departed;
+                        l.maglev_moves.arrived += m.arrived;
+                        l.maglev_moves.between_kept += m.between_kept;
+                    }
                     l.tables = Some(tables.clone());
                     l.services = built;
                     l.applied += 1;
@@ -667,6 +715,37 @@ services:
         let old = p.apply(next.clone());
         assert!(Arc::ptr_eq(&old, &tables));
         assert!(Arc::ptr_eq(p.worker().tables(), &next));
+    }
+
+    /// Each update's Maglev changes are summed in the live state: a removed backend's entries depart,
+    /// its return brings the same number back, and few move between the backends that stayed.
+    #[tokio::test]
+    async fn maglev_moves_are_counted_per_update() {
+        let yaml = |n: usize| {
+            let backends: Vec<String> = (1..=n).map(|i| format!("{{ addr: 10.1.0.{i}, port: 80 }}")).collect();
+            format!(
+                "node: {{ gateway_mac: \"02:00:00:00:00:fe\" }}\nservices:\n  - {{ name: web, vip: 10.0.0.10, port: 80, \
+                 mode: dsr, scheduler: mh, backends: [{}] }}\n",
+                backends.join(", ")
+            )
+        };
+        let sink = RecordingSink::default();
+        let mut control = Control::new(sink.clone());
+        let live = control.subscribe();
+        let five = control.apply(ControlInput::File(Box::new(parse(&yaml(5)).unwrap()))).unwrap();
+        assert_eq!(live.borrow().maglev_moves, MaglevMoves::default(), "nothing to compare the first tables with");
+
+        let table = five.services()[0].scheduler.maglev_table().expect("mh has a Maglev table");
+        let fifth = lb_hash::BackendId::from_socket_addr("10.1.0.5:80".parse().unwrap());
+        let share = u64::from(table.entry_counts()[table.position(fifth).expect("10.1.0.5 in the table") as usize]);
+        control.apply(ControlInput::File(Box::new(parse(&yaml(4)).unwrap()))).unwrap();
+        let after_removal = live.borrow().maglev_moves;
+        assert_eq!((after_removal.departed, after_removal.arrived), (share, 0));
+        assert!(after_removal.between_kept * 50 < u64::from(table.size()), "{after_removal:?}");
+
+        control.apply(ControlInput::File(Box::new(parse(&yaml(5)).unwrap()))).unwrap();
+        let m = live.borrow().maglev_moves;
+        assert_eq!((m.departed, m.arrived, m.between_kept), (share, share, 2 * after_removal.between_kept));
     }
 
     #[tokio::test]

@@ -43,6 +43,8 @@ use lb_io::{LoopConfig, LoopStats, PollLoop, StopFlag, UpdateSender, XskConfig, 
 pub mod decap;
 use decap::{DecapStats, Decapsulator, TunnelEnds};
 
+use crate::control::TablesSink;
+
 /// The IPv4 VIP.
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 /// The IPv6 VIP.
@@ -459,30 +461,41 @@ pub struct LbOutcome {
 /// A running load balancer: its thread, its update channel and its stop flag.
 #[derive(Debug)]
 pub struct RunningLb {
-    /// Sends new tables to the worker (swapped between bursts; old ones come back to be dropped here).
-    pub updates: UpdateSender<Arc<Tables>>,
-    /// The XDP program's maps: what is steered to the socket. Steers the first tables' services;
-    /// [`RunningLb::update`] keeps it in step with new tables, as `lb run` does. A caller that sends
-    /// tables itself takes it (`None` after).
-    pub steering: Option<VipSteering>,
+    /// The worker's update sender and the XDP program's steering maps. Steers the first tables'
+    /// services; [`RunningLb::update`] keeps both in step with new tables, as `lb run` does. A test
+    /// that runs its own control plane takes it as the plane's [`TablesSink`] (`None` after).
+    pub sink: Option<LabSink>,
     stop: StopFlag,
     /// `None` once [`RunningLb::stop`] has joined it.
     thread: Option<std::thread::JoinHandle<Result<LbOutcome, String>>>,
 }
 
-impl RunningLb {
-    /// Sends `tables` to the worker and steers their services (new ones first in the maps, so no
-    /// frame of a service the worker now serves is passed to the kernel); returns once the worker
-    /// has swapped them in.
-    pub fn update(&mut self, tables: &Arc<Tables>, wait: std::time::Duration) -> Result<(), String> {
+/// Hands tables to the lab's poll loop, waits (up to `wait`) until the worker has swapped them in,
+/// then steers their services, so no frame of a service the worker now serves is passed to the kernel.
+#[derive(Debug)]
+pub struct LabSink {
+    updates: UpdateSender<Arc<Tables>>,
+    steering: VipSteering,
+    /// How long the worker may take to apply tables.
+    pub wait: std::time::Duration,
+}
+
+impl TablesSink for LabSink {
+    fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.updates.send(tables.clone()).map_err(|e| e.to_string())?;
-        self.updates.wait_retired(wait).ok_or("the worker did not apply the tables")?;
-        match &mut self.steering {
-            Some(s) => s
-                .set(crate::control::steering_for(tables, NeighbourResponder::All))
-                .map_err(|e| format!("steering: {e}")),
-            None => Err("the steering maps were taken".into()),
-        }
+        self.updates.wait_retired(self.wait).ok_or("the worker did not apply the tables")?;
+        self.steering
+            .set(crate::control::steering_for(tables, NeighbourResponder::All))
+            .map_err(|e| format!("steering: {e}"))
+    }
+}
+
+impl RunningLb {
+    /// Publishes `tables` through [`LabSink`], letting the worker take up to `wait`.
+    pub fn update(&mut self, tables: &Arc<Tables>, wait: std::time::Duration) -> Result<(), String> {
+        let sink = self.sink.as_mut().ok_or("the sink was taken")?;
+        sink.wait = wait;
+        sink.publish(tables)
     }
 
     /// Stops the poll loop and returns what it did.
@@ -552,7 +565,11 @@ pub fn start_lb(lab: &Lab, tables: Arc<Tables>, core: Option<usize>, mode: Attac
         })
         .map_err(|e| e.to_string())?;
     match ready_rx.recv() {
-        Ok(Ok(steering)) => Ok(RunningLb { updates, steering: Some(steering), stop, thread: Some(thread) }),
+        Ok(Ok(steering)) => Ok(RunningLb {
+            sink: Some(LabSink { updates, steering, wait: std::time::Duration::from_secs(10) }),
+            stop,
+            thread: Some(thread),
+        }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err("the load balancer thread ended during setup".into()),
     }

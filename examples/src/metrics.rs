@@ -409,6 +409,16 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
     f.line("lb_config_updates_total", "result=\"rejected\"", live.rejected);
     f.head("lb_tables_version", "gauge", "Version of the tables the workers serve.");
     f.line("lb_tables_version", "", view.version);
+    f.head(
+        "lb_maglev_entries_moved_total",
+        "counter",
+        "Maglev table entries that changed owner across updates: departed (backend left or drained), arrived \
+         (new backend), between_kept (moved between backends serving before and after).",
+    );
+    let m = live.maglev_moves;
+    for (cause, v) in [("departed", m.departed), ("arrived", m.arrived), ("between_kept", m.between_kept)] {
+        f.line("lb_maglev_entries_moved_total", &format!("cause=\"{cause}\""), v);
+    }
     f.head("lb_kubernetes_skipped", "gauge", "Kubernetes Services or keys left out by the last translation.");
     f.line("lb_kubernetes_skipped", "", live.k8s_skipped);
     if let Some(feed) = &live.feed {

@@ -37,13 +37,11 @@ use std::time::Duration;
 use lb_core::config::{BackendState, Protocol, RemovedBackendPolicy};
 use lb_core::service::{TableBuilder, Tables};
 use lb_examples::config::file;
-use lb_examples::control::{ControlPlane, LiveState, NeighbourResponder, TablesSink, steering_for};
-use lb_examples::lab::{BACKENDS, Lab, Mode, PORT, RunningLb, SNAT4, SNAT6, VIP4, VIP6, start_lb, tables};
+use lb_examples::control::{ControlPlane, LiveState, TablesSink};
+use lb_examples::lab::{BACKENDS, Lab, LabSink, Mode, PORT, RunningLb, SNAT4, SNAT6, VIP4, VIP6, start_lb, tables};
 use lb_examples::metrics::{CoreSnapshot, StatsSource};
 use lb_io::bpf::AttachMode;
-use lb_io::bpf::xdp::VipSteering;
 use lb_io::netns::{can_create_namespaces, enter_netns, format_mac};
-use lb_io::{UpdateSender, update_channel};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 
@@ -64,20 +62,16 @@ fn vips() -> [IpAddr; 2] {
     [IpAddr::V4(VIP4), IpAddr::V6(VIP6)]
 }
 
-/// The binary's sink (lb-io's update sender of the poll loop), which then waits for the worker to hand
-/// the old tables back (once the control loop records tables in the live state, the worker uses them)
-/// and steers their services, as `lb run` does.
-struct SwappedSink {
-    updates: UpdateSender<Arc<Tables>>,
-    steering: VipSteering,
+/// The lab's sink (the poll loop's update sender and steering maps, as `lb run` uses them), counting
+/// what it published.
+struct CountedSink {
+    sink: LabSink,
     published: Arc<AtomicUsize>,
 }
 
-impl TablesSink for SwappedSink {
+impl TablesSink for CountedSink {
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
-        self.updates.send(tables.clone()).map_err(|e| e.to_string())?;
-        self.updates.wait_retired(FAILSAFE).ok_or("the worker did not apply the tables")?;
-        self.steering.set(steering_for(tables, NeighbourResponder::All)).map_err(|e| e.to_string())?;
+        self.sink.publish(tables)?;
         self.published.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -423,13 +417,10 @@ impl Harness {
         let settings = file::load(&path).unwrap();
 
         // The control plane owns the poll loop's update sender, as in `lb run`.
-        let (placeholder, _) = update_channel();
         let published = Arc::new(AtomicUsize::new(0));
-        let sink = SwappedSink {
-            updates: std::mem::replace(&mut lb.updates, placeholder),
-            steering: lb.steering.take().expect("the lab's steering maps"),
-            published: published.clone(),
-        };
+        let mut sink = lb.sink.take().expect("the lab's sink");
+        sink.wait = FAILSAFE;
+        let sink = CountedSink { sink, published: published.clone() };
         let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
         let plane = rt
             .block_on(ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)))

@@ -202,6 +202,13 @@ pub struct BackendConfig {
     pub state: BackendState,
 }
 
+impl BackendConfig {
+    /// An active backend of weight 1 reached through the node's gateway MAC.
+    pub fn new(addr: IpAddr, port: u16) -> Self {
+        BackendConfig { addr, port, weight: 1, mac: None, state: BackendState::Active }
+    }
+}
+
 /// What happens to an established flow whose backend left the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum RemovedBackendPolicy {
@@ -300,7 +307,10 @@ pub struct ServiceConfig {
     /// When non-empty, only clients inside one of these prefixes reach the service; others are
     /// dropped and counted as `SourceNotAllowed`.
     pub source_ranges: Vec<Cidr>,
-    /// Maglev table size (prime); `None` picks one from the backend count.
+    /// Maglev table size (prime) for mh, sh and dh. `None`: 65 537 up to 655 backends (then 655 373,
+    /// 6 553 621), a size that stays put as backends come and go, so a change moves few flows; 128 KiB
+    /// per service. With many services of few backends, a smaller prime (at least 100 per backend:
+    /// `lb_hash::maglev_table_size_for`) saves memory, but then keep it fixed as the set changes.
     pub maglev_table_size: Option<u32>,
     /// What to do with established flows whose backend was removed.
     pub on_backend_removed: RemovedBackendPolicy,
@@ -308,7 +318,7 @@ pub struct ServiceConfig {
 
 impl ServiceConfig {
     /// A service with the defaults: Maglev scheduling, no session affinity, every client allowed, the
-    /// Maglev table size picked from the backend count, and flows of a removed backend rescheduled.
+    /// Maglev table size that stays put as backends come and go, and flows of a removed backend rescheduled.
     pub fn new(name: impl Into<String>, key: ServiceKey, mode: ForwardMode, backends: Vec<BackendConfig>) -> Self {
         ServiceConfig {
             name: name.into(),
@@ -368,6 +378,12 @@ pub struct NodeConfig {
     pub tunnel_src_v4: Option<Ipv4Addr>,
     /// Outer source address for IPv6 tunnels.
     pub tunnel_src_v6: Option<Ipv6Addr>,
+    /// MTU of the path to tunnel-mode backends. A packet that would exceed it once encapsulated is
+    /// answered with ICMP "fragmentation needed" / "packet too big" for the headers' room (see
+    /// `forward::too_big`). `None`: no check; then give the backends' links room for the outer
+    /// headers (up to 52 bytes), or full-size packets are lost on the way. At least 1332 (IPv6's 1280
+    /// plus GUE over IPv6).
+    pub tunnel_mtu: Option<u16>,
     /// Seed of the flow hash; give every node behind one ECMP router the same seed.
     pub hash_seed: u64,
     /// Conntrack idle timeouts.
@@ -384,6 +400,7 @@ impl Default for NodeConfig {
             snat_ports: (32768, 60999),
             tunnel_src_v4: None,
             tunnel_src_v6: None,
+            tunnel_mtu: None,
             hash_seed: 0,
             timeouts: Timeouts::default(),
         }

@@ -48,7 +48,9 @@ pub enum DropReason {
     NoReverseFlow,
     /// An ICMP error about a flow the load balancer does not track.
     IcmpNoFlow,
-    /// The encapsulated packet would be longer than an IP length field holds.
+    /// The encapsulated packet would be longer than an IP length field holds, or, with
+    /// `NodeConfig::tunnel_mtu`, than the path to the backend, and its sender cannot be told to send
+    /// less (an IPv4 packet without DF, an ICMP error): see `forward::too_big`.
     TooBig,
 }
 
@@ -184,6 +186,9 @@ pub struct Stats {
     pub passed: u64,
     /// NAT replies translated back to the client.
     pub reverse_nat: u64,
+    /// Packets too big for the tunnel path (`NodeConfig::tunnel_mtu`) answered with ICMP
+    /// "fragmentation needed" / "packet too big" (each also counts at the backend it was headed for).
+    pub icmp_too_big: u64,
     /// Conntrack entries evicted to make room for a new flow.
     pub conntrack_evictions: u64,
     /// ARP requests for the load balancer's addresses answered (see [`crate::neighbour`]).
@@ -204,6 +209,7 @@ impl Stats {
             tx: 0,
             passed: 0,
             reverse_nat: 0,
+            icmp_too_big: 0,
             conntrack_evictions: 0,
             arp_replies: 0,
             ndp_adverts: 0,

@@ -740,7 +740,7 @@ impl Core {
         reason = "the per-packet context, passed by reference, no struct to build per packet"
     )]
     fn rewrite(
-        &self,
+        &mut self,
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
@@ -756,6 +756,7 @@ impl Core {
                 forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
             }
             ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs)?,
+            ForwardMode::IpIp | ForwardMode::Gue { .. } if self.too_big_for_tunnel(tables, frame, p, mode)? => {}
             ForwardMode::IpIp => {
                 let t = tunnel_target(tables, backend.addr, macs, flow_hash).ok_or(DropReason::Unsupported)?;
                 forward::ipip::encap(frame, p, &t)?;
@@ -766,6 +767,31 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// With a tunnel path MTU set, whether the packet would exceed it once encapsulated; if so the
+    /// frame now holds the ICMP error for its sender (to transmit), or it is a counted drop.
+    #[inline]
+    fn too_big_for_tunnel(
+        &mut self,
+        tables: &Tables,
+        frame: &mut Frame<'_>,
+        p: &Parsed,
+        mode: ForwardMode,
+    ) -> Result<bool, DropReason> {
+        let node = tables.node();
+        let Some((mtu, overhead)) = node.tunnel_mtu.zip(forward::too_big::tunnel_overhead(mode, p.family())) else {
+            return Ok(false);
+        };
+        if p.ip_len + u32::from(overhead) <= u32::from(mtu) {
+            return Ok(false);
+        }
+        if !forward::too_big::can_signal(frame, p) {
+            return Err(DropReason::TooBig);
+        }
+        forward::too_big::reply(frame, p, mtu - overhead, node.local_mac)?;
+        self.stats.icmp_too_big += 1;
+        Ok(true)
     }
 
     /// The flow a NAT flow's client-to-backend frames leave with: SNAT address and the entry's port

@@ -9,7 +9,10 @@
 
 use std::process::ExitCode;
 
-use lb_hash::{Backend, BackendId, MaglevTable, is_prime, maglev_table_size_for};
+use lb_hash::{is_prime, maglev_table_size_for};
+
+#[path = "../tests/common/disruption.rs"]
+mod disruption;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,37 +41,15 @@ fn main() -> ExitCode {
         }
     };
 
-    // xorshift64: identities differ from run to run only if the seed does.
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
-    let mut next = || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
-    let owners =
-        |t: &MaglevTable| -> Vec<BackendId> { t.entries().iter().map(|&e| t.backends()[usize::from(e)].id).collect() };
-    let mut shares = Vec::with_capacity(sets * n.min(4));
-    for _ in 0..sets {
-        let set: Vec<Backend> = (0..n).map(|_| Backend::new(next(), 1)).collect();
-        let Ok(before) = MaglevTable::new(&set, m) else {
-            eprintln!("cannot build a table of {m} entries for {n} backends");
+    let shares = match disruption::sample(n, m, sets, 0x9e37_79b9_7f4a_7c15) {
+        Ok(shares) => shares,
+        Err(e) => {
+            eprintln!("cannot build a table: {e}");
             return ExitCode::FAILURE;
-        };
-        let before = owners(&before);
-        for removed in set.iter().take(4).map(|b| b.id) {
-            let survivors: Vec<Backend> = set.iter().copied().filter(|b| b.id != removed).collect();
-            let Ok(after) = MaglevTable::new(&survivors, m) else {
-                eprintln!("cannot build the table without backend {removed}");
-                return ExitCode::FAILURE;
-            };
-            let between = before.iter().zip(&owners(&after)).filter(|&(o, a)| *o != removed && o != a).count();
-            shares.push(between as f64 / f64::from(m) * 100.0);
         }
-    }
-    shares.sort_by(f64::total_cmp);
-    let at = |q: f64| shares[((shares.len() - 1) as f64 * q).round() as usize];
-    let mean = shares.iter().sum::<f64>() / shares.len() as f64;
+    };
+    let at = |q: f64| disruption::percentile(&shares, q);
+    let mean = disruption::mean(&shares);
     println!(
         "N = {n}, M = {m}, {} removals: moved between survivors, % of the table: mean {mean:.3}, \
          p50 {:.3}, p99 {:.3}, p99.9 {:.3}, max {:.3}",

@@ -48,6 +48,6 @@ pub use ecmp::{EcmpHashThreshold, EcmpModulo};
 pub use error::BuildError;
 pub use flow::FlowHasher;
 pub use jump::{JumpHash, jump_consistent_hash};
-pub use maglev::{MaglevTable, is_prime, maglev_table_size_for};
+pub use maglev::{MaglevTable, TableChanges, is_prime, maglev_table_size_for, maglev_table_size_stable_for};
 pub use rendezvous::Rendezvous;
 pub use selector::{AnySelector, Selector};

@@ -104,6 +104,7 @@
 //! - draining (weight 0) gives the same owners as removing the backend.
 
 use alloc::boxed::Box;
+use alloc::sync::Arc;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
@@ -172,11 +173,29 @@ pub const fn maglev_table_size_for(backends: usize) -> u32 {
     next_prime(100 * n as u32)
 }
 
+/// A table size that stays the same while a backend set grows and shrinks: 65 537 (Maglev's and
+/// Katran's default) up to 655 backends, 655 373 up to 6 553, 6 553 621 beyond; each keeps at least
+/// 100 entries per backend. Prefer it to [`maglev_table_size_for`] when backends come and go: a
+/// table of another size shares almost no entries with the old one (`hash % M` changes), so a size
+/// that follows the count moves nearly every flow on every change. The price is memory: 128 KiB of
+/// entries per table at the first step, however few the backends.
+#[must_use]
+pub const fn maglev_table_size_stable_for(backends: usize) -> u32 {
+    if backends <= 655 {
+        65_537
+    } else if backends <= 6_553 {
+        655_373
+    } else {
+        6_553_621
+    }
+}
+
 /// A built Maglev lookup table: read-only, shared by the fast path, replaced whole.
 #[derive(Clone, PartialEq, Eq)]
 pub struct MaglevTable {
     backends: Box<[Backend]>,
-    entries: Box<[u16]>,
+    /// Shared, so a clone (a control plane reusing an unchanged service's table) copies no entries.
+    entries: Arc<[u16]>,
     size: u32,
     /// Lemire's `ceil(2^128 / size)`, for the exact `hash % size` without a division.
     fastmod: u128,
@@ -248,7 +267,7 @@ impl MaglevTable {
             return Err(BuildError::TableSizeTooSmall { size, backends: serving, min: maglev_table_size_for(serving) });
         }
         let entries = fill(&backends, size);
-        Ok(Self { backends, entries, size, fastmod: fastmod_multiplier(size) })
+        Ok(Self { backends, entries: entries.into(), size, fastmod: fastmod_multiplier(size) })
     }
 
     /// The backend index for a flow hash: `entries()[hash % size()]`.
@@ -290,6 +309,37 @@ impl MaglevTable {
         position_of(&self.backends, id)
     }
 
+    /// How the entries changed owner from `before` to this table, by backend identity; `None` if the
+    /// two tables differ in size. With connection tracking in front, only flows without an entry
+    /// feel a moved entry; this is the figure to log when a control plane swaps a table in.
+    #[must_use]
+    pub fn changes_from(&self, before: &Self) -> Option<TableChanges> {
+        if before.size != self.size {
+            return None;
+        }
+        // Per backend index, once: does the old owner still serve, did the new one serve before?
+        let serves_in = |t: &Self, id: BackendId| {
+            t.position(id).and_then(|i| t.backends.get(i as usize)).is_some_and(Backend::is_serving)
+        };
+        let still_serving: Vec<bool> = before.backends.iter().map(|b| serves_in(self, b.id)).collect();
+        let served_before: Vec<bool> = self.backends.iter().map(|b| serves_in(before, b.id)).collect();
+        let mut changes = TableChanges { departed: 0, arrived: 0, between_stayed: 0 };
+        for (&old, &new) in before.entries.iter().zip(&*self.entries) {
+            let (old, new) = (usize::from(old), usize::from(new));
+            if before.backends.get(old).map(|b| b.id) == self.backends.get(new).map(|b| b.id) {
+                continue;
+            }
+            if !still_serving.get(old).copied().unwrap_or(false) {
+                changes.departed += 1;
+            } else if !served_before.get(new).copied().unwrap_or(false) {
+                changes.arrived += 1;
+            } else {
+                changes.between_stayed += 1;
+            }
+        }
+        Some(changes)
+    }
+
     /// How many entries each backend owns, by index into [`Self::backends`].
     #[must_use]
     pub fn entry_counts(&self) -> Vec<u32> {
@@ -301,6 +351,19 @@ impl MaglevTable {
         }
         counts
     }
+}
+
+/// Entries that changed owner between two tables of the same size ([`MaglevTable::changes_from`]).
+/// For one removal, `departed` is the removed backend's share and `between_stayed` the disruption
+/// the `maglev` module comment measures; for one addition, `arrived` is the new backend's share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableChanges {
+    /// Entries whose old owner no longer serves (removed, or drained to weight 0).
+    pub departed: u32,
+    /// Entries of a kept owner that went to a backend that did not serve before.
+    pub arrived: u32,
+    /// Entries that moved from one backend serving in both tables to another.
+    pub between_stayed: u32,
 }
 
 /// Exact weighted quotas: `floor(M w_i / W)` plus one for the largest remainders (ties: first index).
@@ -699,6 +762,37 @@ mod tests {
         (0..n).map(|i| Backend::new(1000 + i, 1)).collect()
     }
 
+    /// `changes_from` sorts every changed entry by why it changed: a removed or drained owner, a new
+    /// backend taking it, or a move between backends serving in both tables.
+    #[test]
+    fn changes_from_sorts_moves_by_cause() {
+        let m = 1009;
+        let five = MaglevTable::new(&equal(5), m).expect("valid");
+        assert_eq!(five.changes_from(&five), Some(TableChanges { departed: 0, arrived: 0, between_stayed: 0 }));
+
+        let four = MaglevTable::new(&equal(4), m).expect("valid");
+        let share_of_last = five.entry_counts()[4];
+        let removal = four.changes_from(&five).expect("same size");
+        assert_eq!((removal.departed, removal.arrived), (share_of_last, 0));
+        let between = five.entries().iter().zip(four.entries()).filter(|&(&a, &b)| a != 4 && a != b).count();
+        assert_eq!(removal.between_stayed as usize, between);
+
+        // Adding it back: the same entries, seen from the other side.
+        let addition = five.changes_from(&four).expect("same size");
+        assert_eq!(
+            addition,
+            TableChanges { departed: 0, arrived: share_of_last, between_stayed: removal.between_stayed }
+        );
+
+        // Draining is a departure too, though the backend stays in the table.
+        let mut drained = equal(5);
+        drained[4].weight = 0;
+        let drained = MaglevTable::new(&drained, m).expect("valid");
+        assert_eq!(drained.changes_from(&five), Some(removal));
+
+        assert_eq!(MaglevTable::new(&equal(4), 1013).expect("valid").changes_from(&five), None);
+    }
+
     #[test]
     fn primes() {
         let small: Vec<u32> = (0..40).filter(|&n| is_prime(n)).collect();
@@ -709,6 +803,12 @@ mod tests {
         assert_eq!(maglev_table_size_for(0), 101);
         assert_eq!(maglev_table_size_for(10), 1009);
         assert_eq!(maglev_table_size_for(1000), 100_003);
+        for (n, m) in [(0, 65_537), (655, 65_537), (656, 655_373), (6_553, 655_373), (6_554, 6_553_621)] {
+            assert_eq!(maglev_table_size_stable_for(n), m, "{n} backends");
+            assert!(is_prime(m) && (n == 0 || m as usize >= 100 * n), "{m} for {n} backends");
+        }
+        let most = MaglevTable::MAX_BACKENDS;
+        assert!(maglev_table_size_stable_for(most) as usize >= 100 * most, "the last step serves every count");
     }
 
     #[test]

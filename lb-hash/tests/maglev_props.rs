@@ -6,6 +6,16 @@ use std::collections::BTreeSet;
 use lb_hash::{Backend, BackendId, MaglevTable, is_prime, maglev_table_size_for};
 use proptest::prelude::*;
 
+#[path = "common/disruption.rs"]
+mod disruption;
+
+use disruption::{mean, percentile};
+
+/// The disruption sample of the tests below: a fixed seed per (n, m), so every run checks the same sets.
+fn disruption_sample(n: usize, m: u32, sets: usize) -> Vec<f64> {
+    disruption::sample(n, m, sets, 0x2545_f491_4f6c_dd1d_u64 ^ (n as u64) << 32 ^ u64::from(m)).expect("valid sets")
+}
+
 /// Unique backend identities.
 fn ids(n: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Vec<u64>> {
     prop::collection::btree_set(any::<u64>(), n).prop_map(|s: BTreeSet<u64>| s.into_iter().collect())
@@ -23,57 +33,6 @@ fn prime_at_least(lo: u32, pick: u32) -> u32 {
 /// The owner identity of every slot.
 fn owners(t: &MaglevTable) -> Vec<BackendId> {
     t.entries().iter().map(|&e| t.backends()[usize::from(e)].id).collect()
-}
-
-/// Entries that moved when `removed` left: its own (all must move, to survivors) and those whose
-/// owner changed from one survivor to another.
-fn moved(before: &MaglevTable, after: &MaglevTable, removed: BackendId) -> Result<(u32, u32), TestCaseError> {
-    let (mut own, mut between) = (0, 0);
-    for (o, n) in owners(before).iter().zip(&owners(after)) {
-        prop_assert_ne!(*n, removed);
-        if *o == removed {
-            own += 1;
-        } else if o != n {
-            between += 1;
-        }
-    }
-    Ok((own, between))
-}
-
-/// The share of the table (in %) that moved between survivors, for each of up to four removals
-/// (one at a time) from each of `sets` sets of `n` random identities, sorted. A fixed generator, so
-/// the sample is the same on every run: the tests below check the distribution the `maglev` module
-/// comment reports, not a bound that holds for every set (there is none; see that comment).
-fn disruption_sample(n: usize, m: u32, sets: usize) -> Vec<f64> {
-    let mut x = 0x2545_f491_4f6c_dd1d_u64 ^ (n as u64) << 32 ^ u64::from(m);
-    let mut next = || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    let mut shares = Vec::new();
-    for _ in 0..sets {
-        let set: Vec<Backend> = (0..n).map(|_| Backend::new(next(), 1)).collect();
-        let before = MaglevTable::new(&set, m).expect("valid set");
-        for removed in set.iter().take(4).map(|b| b.id) {
-            let survivors: Vec<Backend> = set.iter().copied().filter(|b| b.id != removed).collect();
-            let after = MaglevTable::new(&survivors, m).expect("valid set");
-            let (_, between) = moved(&before, &after, removed).expect("the removed backend keeps no entry");
-            shares.push(f64::from(between) / f64::from(m) * 100.0);
-        }
-    }
-    shares.sort_by(f64::total_cmp);
-    shares
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len() as f64
-}
-
-/// The value below which `q` of the sorted sample lies.
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
 /// At the default size, few entries move between survivors: under 0.5 % on average and under 1 %
@@ -183,9 +142,11 @@ proptest! {
 
         let before = MaglevTable::new(&set, m).expect("valid set");
         let after = MaglevTable::new(&survivors, m).expect("valid set");
-        let (own, between) = moved(&before, &after, removed)?;
-        prop_assert_eq!(own as usize, before.entry_counts()[before.position(removed).expect("in set") as usize] as usize);
-        prop_assert!(between < m);
+        let changes = after.changes_from(&before).expect("same size");
+        let own = before.entry_counts()[before.position(removed).expect("in set") as usize];
+        prop_assert_eq!(changes.departed, own);
+        prop_assert_eq!(changes.arrived, 0);
+        prop_assert!(changes.between_stayed < m);
 
         let mut back = survivors.clone();
         back.push(Backend::new(removed.0, 1));

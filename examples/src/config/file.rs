@@ -116,6 +116,7 @@ struct FileNode {
     snat_ports: Option<(u64, u64)>,
     tunnel_src_v4: Option<String>,
     tunnel_src_v6: Option<String>,
+    tunnel_mtu: Option<u64>,
     hash_seed: Option<u64>,
     #[serde(default)]
     timeouts: FileTimeouts,
@@ -437,6 +438,10 @@ fn validate_node(n: &FileNode, p: &mut Problems) -> NodeConfig {
             }
             node.snat_ports = (lo, hi);
         }
+    }
+    if let Some(mtu) = n.tunnel_mtu {
+        // lb-core's least: IPv6's 1280 plus GUE over IPv6.
+        node.tunnel_mtu = p.u16_in("node.tunnel_mtu", mtu, 1332);
     }
     if let Some(seed) = n.hash_seed {
         node.hash_seed = seed;

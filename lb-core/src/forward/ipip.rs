@@ -12,7 +12,8 @@
 //! The frame grows by 20 or 40 bytes at the front; the Ethernet header and VLAN tags move with it,
 //! Ethernet padding is dropped. The inner packet is not touched (its TTL included). The frame may
 //! now exceed the path MTU: give backends' links room for the outer headers (as with any IPVS TUN
-//! or Katran setup); no ICMP "fragmentation needed" is generated here.
+//! or Katran setup), or set `NodeConfig::tunnel_mtu`, and the worker answers a packet that would not
+//! fit with ICMP "fragmentation needed" / "packet too big" instead ([`super::too_big`]).
 
 use super::{RewriteError, TunnelTarget, encapsulate, inner_proto};
 use crate::frame::Frame;

@@ -12,13 +12,15 @@
 //! frame, and a mismatch is a [`RewriteError`], as are an expired TTL, a family mismatch or too little
 //! headroom. On error the frame may be partly rewritten and must be dropped (the worker counts the
 //! reason). Tunnel modes grow the frame into its headroom: [`crate::Frame::HEADROOM_NEEDED`] (64
-//! bytes) covers the largest, GUE over IPv6 (52).
+//! bytes) covers the largest, GUE over IPv6 (52). With `NodeConfig::tunnel_mtu` set, a packet the
+//! tunnel would push past it is answered by [`too_big`] instead.
 
 pub mod checksum;
 pub mod dsr;
 pub mod gue;
 pub mod ipip;
 pub mod nat;
+pub mod too_big;
 
 use core::net::IpAddr;
 

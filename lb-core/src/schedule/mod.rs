@@ -157,7 +157,7 @@ pub enum ServiceScheduler {
 
 impl ServiceScheduler {
     /// Builds the scheduler of `kind` over `backends` (the control side; allocates).
-    /// `maglev_size` is the table size for mh, sh and dh (`None`: lb-hash's size for the backend count).
+    /// `maglev_size` is the table size for mh, sh and dh (`None`: [`lb_hash::maglev_table_size_stable_for`], 65 537 up to 655 backends).
     pub fn build(kind: SchedulerKind, backends: &[Backend], maglev_size: Option<u32>) -> Result<Self, BuildError> {
         Ok(match kind {
             SchedulerKind::RoundRobin => Self::RoundRobin(RoundRobin::new(backends)),
@@ -192,6 +192,24 @@ impl ServiceScheduler {
             Self::Maglev(_) => SchedulerKind::Maglev,
             Self::Rendezvous(_) => SchedulerKind::Rendezvous,
             Self::Ecmp(_) => SchedulerKind::Ecmp,
+        }
+    }
+}
+
+impl ServiceScheduler {
+    /// The Maglev table new flows are picked from (mh, sh and dh), for the control side to compare
+    /// one build with the next ([`lb_hash::MaglevTable::changes_from`]); `None` for other schedulers
+    /// and when no backend takes new flows.
+    pub fn maglev_table(&self) -> Option<&lb_hash::MaglevTable> {
+        let selection = match self {
+            Self::Maglev(s) => &s.selection,
+            Self::SourceHashing(s) => &s.selection,
+            Self::DestinationHashing(s) => &s.selection,
+            _ => return None,
+        };
+        match selection.selector.as_ref()? {
+            AnySelector::Maglev(t) => Some(t),
+            _ => None,
         }
     }
 }
