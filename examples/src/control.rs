@@ -28,10 +28,33 @@ use crate::config::{ServiceSpec, Settings};
 use crate::health::{HealthChecker, HealthEvent, StatusTable, Target, apply_health};
 use crate::k8s::Translation;
 
+/// Which of its addresses the load balancer answers ARP and IPv6 neighbour discovery for, with the
+/// interface's MAC (`lb run --neighbour-responder`; lb-core's `neighbour` module does the answering).
+///
+/// An L2 deployment (VIPs on the clients' segment, not routed to the node, MetalLB-L2 style) needs
+/// it, on one node per segment; a routed one (VIPs routed to a node address, by BGP or a static
+/// route) does not. Off by default: several nodes answering for one VIP (a DaemonSet on one segment)
+/// would move clients between nodes at each answer, and full-NAT connections with them would break.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NeighbourResponder {
+    /// VIPs and NAT source addresses that no interface of the node holds; the node's kernel keeps
+    /// answering for its own addresses (a NAT source address that is the node's IP, say).
+    Auto,
+    /// Every VIP and NAT source address, the node's own included: the load balancer then answers in
+    /// the kernel's place for those (with the same MAC, so harmless, but the kernel no longer sees
+    /// the requests).
+    All,
+    /// None: every ARP and NDP frame stays with the kernel (VIPs routed to the node, or pinned in the
+    /// neighbours' tables).
+    #[default]
+    Off,
+}
+
 /// What the XDP program must steer to the sockets for `tables`: each service's (VIP, port, protocol),
-/// and, when a service uses full NAT, the SNAT addresses with the node's SNAT port range (the replies).
-/// Everything else to those addresses stays with the kernel (see `lb_io::bpf::xdp`).
-pub fn steering_for(tables: &Tables) -> SteeringSet {
+/// and, when a service uses full NAT, the SNAT addresses with the node's SNAT port range (the replies);
+/// and, as `responder` says, ARP requests and neighbour solicitations for the VIPs and NAT source
+/// addresses. Everything else to those addresses stays with the kernel (see `lb_io::bpf::xdp`).
+pub fn steering_for(tables: &Tables, responder: NeighbourResponder) -> SteeringSet {
     let services = tables.services();
     let node = tables.node();
     let mut set = SteeringSet {
@@ -42,6 +65,18 @@ pub fn steering_for(tables: &Tables) -> SteeringSet {
         let snat = [node.snat_v4.map(IpAddr::V4), node.snat_v6.map(IpAddr::V6)];
         set.snat = snat.into_iter().flatten().map(|a| (a, node.snat_ports)).collect();
     }
+    let own: HashSet<IpAddr> = match responder {
+        NeighbourResponder::Off => return set,
+        NeighbourResponder::All => HashSet::new(),
+        NeighbourResponder::Auto => match lb_io::interface::local_addresses() {
+            Ok(own) => own.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!("cannot list the node's addresses ({e}); answering ARP / NDP for all VIPs");
+                HashSet::new()
+            }
+        },
+    };
+    set.neighbour = lb_core::neighbour::addresses(tables).filter(|a| !own.contains(a)).collect();
     set
 }
 
@@ -773,15 +808,44 @@ services:
             TableBuilder::new().build(&config).unwrap()
         };
         let vip: IpAddr = "10.0.0.10".parse().unwrap();
-        let nat = steering_for(&build(&yaml("nat")));
+        let nat = steering_for(&build(&yaml("nat")), NeighbourResponder::Off);
         assert_eq!(nat.services.iter().copied().collect::<Vec<_>>(), [(vip, 53, 17), (vip, 80, 6)]);
         let snat: Vec<(IpAddr, (u16, u16))> = nat.snat.iter().map(|(&a, &p)| (a, p)).collect();
         assert_eq!(snat, [("10.0.0.2".parse().unwrap(), (40000, 50000)), ("fd00::2".parse().unwrap(), (40000, 50000))]);
-        assert!(nat.whole.is_empty());
+        assert!(nat.whole.is_empty() && nat.neighbour.is_empty());
         // Without a NAT service the SNAT addresses (perhaps the node's own) are left alone.
-        let dsr = steering_for(&build(&yaml("dsr")));
+        let dsr = steering_for(&build(&yaml("dsr")), NeighbourResponder::Off);
         assert_eq!(dsr.services, nat.services);
         assert!(dsr.snat.is_empty());
+
+        // The responder answers for the VIP and the SNAT address of the NAT service's family only.
+        let all = steering_for(&build(&yaml("nat")), NeighbourResponder::All);
+        let want: Vec<IpAddr> = vec!["10.0.0.2".parse().unwrap(), vip];
+        assert_eq!(all.neighbour.iter().copied().collect::<Vec<_>>(), want);
+        assert_eq!((all.services, all.snat), (nat.services, nat.snat));
+        let dsr_all = steering_for(&build(&yaml("dsr")), NeighbourResponder::All);
+        assert_eq!(dsr_all.neighbour.iter().copied().collect::<Vec<_>>(), [vip]);
+    }
+
+    #[test]
+    fn auto_leaves_the_nodes_own_addresses_to_the_kernel() {
+        // 127.0.0.1 is on this namespace's loopback; 192.0.2.10 (TEST-NET-1) on no interface.
+        let settings = parse(
+            r#"
+node: { local_mac: "02:00:00:00:00:01" }
+services:
+  - { name: own, vip: 127.0.0.1, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 80, mac: "02:aa:bb:cc:dd:ee" }] }
+  - { name: foreign, vip: 192.0.2.10, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 80, mac: "02:aa:bb:cc:dd:ee" }] }
+"#,
+        )
+        .unwrap();
+        let config =
+            Config { node: settings.node, services: settings.services.into_iter().map(|s| s.config).collect() };
+        let tables = TableBuilder::new().build(&config).unwrap();
+        let auto = steering_for(&tables, NeighbourResponder::Auto);
+        assert_eq!(auto.neighbour.iter().copied().collect::<Vec<_>>(), ["192.0.2.10".parse::<IpAddr>().unwrap()]);
+        let all = steering_for(&tables, NeighbourResponder::All);
+        assert_eq!(all.neighbour.len(), 2);
     }
 
     /// A sink that refuses configurations with more than `max_services` services.

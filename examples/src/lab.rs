@@ -35,6 +35,8 @@ use lb_core::service::{TableBuilder, Tables};
 use lb_core::worker::{Worker, WorkerConfig};
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
+
+use crate::control::NeighbourResponder;
 use lb_io::netns::{Netns, enter_netns, format_mac, run};
 use lb_io::{LoopConfig, LoopStats, PollLoop, StopFlag, UpdateSender, XskConfig, XskDevice, XskStats, update_channel};
 
@@ -249,24 +251,24 @@ impl Lab {
                 sw.ip(&["link", "set", b.name, "mtu", &mtu])?;
             }
         }
-        // The client reaches the VIPs at the load balancer's MAC (an ARP/NDP responder would do this).
-        let lb_mac_s = format_mac(lb_mac);
-        for vip in [VIP4.to_string(), VIP6.to_string()] {
-            client.static_neighbour(&vip, &lb_mac_s, "eth0")?;
-        }
+        // No static neighbour entries for the VIPs (on the client) or the SNAT addresses (on the
+        // backends): the load balancer's ARP / NDP responder answers for them, as in an L2 deployment.
         let client_mac_s = format_mac(client_mac);
         let mut decap = None;
         let mut decapsulators = Vec::new();
         for b in &backends {
             match mode {
-                Mode::Nat => {
-                    for snat in [SNAT4.to_string(), SNAT6.to_string()] {
-                        b.ns.static_neighbour(&snat, &lb_mac_s, "eth0")?;
-                    }
-                }
+                Mode::Nat => {}
                 Mode::Dsr | Mode::Ipip | Mode::Gue => {
                     b.ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
                     b.ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
+                    // The backends hold the VIP too, but must not answer ARP for it (only the load
+                    // balancer does), nor announce it as the source of their own ARP requests: the
+                    // classic LVS-DR settings. (IPv6 answers only for the receiving interface's
+                    // addresses, so the VIP on lo stays silent there.)
+                    for key in ["net.ipv4.conf.all.arp_ignore=1", "net.ipv4.conf.all.arp_announce=2"] {
+                        b.ns.exec("sysctl", &["-qw", key])?;
+                    }
                     // A backend answering from the VIP would solicit the client's MAC with the VIP as
                     // source; the client ignores that (it maps the VIP to the load balancer), so the
                     // first IPv6 reply waits out NDP's retries. Real DSR setups pin this the same way.
@@ -482,7 +484,9 @@ impl TablesSink for LabSink {
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.updates.send(tables.clone()).map_err(|e| e.to_string())?;
         self.updates.wait_retired(self.wait).ok_or("the worker did not apply the tables")?;
-        self.steering.set(crate::control::steering_for(tables)).map_err(|e| format!("steering: {e}"))
+        self.steering
+            .set(crate::control::steering_for(tables, NeighbourResponder::All))
+            .map_err(|e| format!("steering: {e}"))
     }
 }
 
@@ -514,10 +518,12 @@ impl Drop for RunningLb {
 }
 
 /// Starts the load balancer in the lab's LB namespace with `tables` (steering every VIP and SNAT
-/// address to the socket); returns once it is attached and polling.
+/// address to the socket, and ARP / NDP for them to its responder); returns once it is attached and
+/// polling.
 pub fn start_lb(lab: &Lab, tables: Arc<Tables>, core: Option<usize>, mode: AttachMode) -> Result<RunningLb, String> {
     let ns = lab.lb.name().to_string();
-    let steer = crate::control::steering_for(&tables);
+    // Neither the VIPs nor the SNAT addresses are on the LB namespace's interfaces: answer for all.
+    let steer = crate::control::steering_for(&tables, NeighbourResponder::All);
     let stop = StopFlag::new();
     let loop_stop = stop.clone();
     let (updates, updates_rx) = update_channel();
@@ -536,9 +542,11 @@ pub fn start_lb(lab: &Lab, tables: Arc<Tables>, core: Option<usize>, mode: Attac
                 steering.set_socket(0, dev.fd()).map_err(|e| e.to_string())?;
                 let ifindex = lb_io::xsk::ifindex("eth0").ok_or("eth0 missing in the LB namespace")?;
                 let link = steering.attach(ifindex, mode).map_err(|e| e.to_string())?;
-                Ok((steering, dev, link))
+                // The MAC as this thread's namespace reports it: the one ARP / NDP answers carry.
+                let mac = lb_io::interface::mac_address("eth0").map_err(|e| format!("eth0: {e}"))?;
+                Ok((steering, dev, link, mac))
             };
-            let (steering, dev, link) = match setup() {
+            let (steering, dev, link, mac) = match setup() {
                 Ok(parts) => parts,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e.clone()));
@@ -546,7 +554,8 @@ pub fn start_lb(lab: &Lab, tables: Arc<Tables>, core: Option<usize>, mode: Attac
                 }
             };
             let zero_copy = dev.is_zero_copy();
-            let worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
+            let mut worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
+            worker.set_neighbour_mac(Some(mac));
             // The maps go to the caller; the program stays attached while `link` lives here.
             let _ = ready_tx.send(Ok(steering));
             let report = PollLoop::new(dev, worker, updates_rx, loop_stop, LoopConfig::default()).run();

@@ -36,6 +36,10 @@ pub struct CoreSnapshot {
     pub tx: u64,
     /// Frames passed to the kernel.
     pub passed: u64,
+    /// ARP requests answered by the neighbour responder.
+    pub arp_replies: u64,
+    /// IPv6 neighbour solicitations answered by the neighbour responder.
+    pub ndp_adverts: u64,
     /// Drops by reason, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
     /// Service counters by service slot.
@@ -55,6 +59,8 @@ impl CoreSnapshot {
             rx: stats.rx,
             tx: stats.tx,
             passed: stats.passed,
+            arp_replies: stats.arp_replies,
+            ndp_adverts: stats.ndp_adverts,
             drops: stats.drops,
             conntrack_entries,
             conntrack_capacity,
@@ -78,6 +84,8 @@ pub struct CoreCounters {
     rx: u64,
     tx: u64,
     passed: u64,
+    arp_replies: u64,
+    ndp_adverts: u64,
     drops: [u64; DropReason::COUNT],
     services: Vec<(u32, ServiceCounters)>,
     backends: Vec<(u32, BackendCounters)>,
@@ -101,6 +109,8 @@ impl CoreCounters {
         self.rx = stats.rx;
         self.tx = stats.tx;
         self.passed = stats.passed;
+        self.arp_replies = stats.arp_replies;
+        self.ndp_adverts = stats.ndp_adverts;
         self.drops = stats.drops;
         self.conntrack_entries = conntrack_entries as u64;
         self.conntrack_capacity = conntrack_capacity as u64;
@@ -124,6 +134,8 @@ impl CoreCounters {
             rx: self.rx,
             tx: self.tx,
             passed: self.passed,
+            arp_replies: self.arp_replies,
+            ndp_adverts: self.ndp_adverts,
             drops: self.drops,
             services: self.services.iter().copied().collect(),
             backends: self.backends.iter().copied().collect(),
@@ -161,6 +173,8 @@ struct Totals {
     rx: u64,
     tx: u64,
     passed: u64,
+    arp_replies: u64,
+    ndp_adverts: u64,
     drops: [u64; DropReason::COUNT],
     services: HashMap<u32, ServiceCounters>,
     backends: HashMap<u32, BackendCounters>,
@@ -172,6 +186,8 @@ fn sum(cores: &[CoreSnapshot]) -> Totals {
         t.rx += c.rx;
         t.tx += c.tx;
         t.passed += c.passed;
+        t.arp_replies += c.arp_replies;
+        t.ndp_adverts += c.ndp_adverts;
         for (a, b) in t.drops.iter_mut().zip(c.drops) {
             *a += b;
         }
@@ -288,6 +304,12 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
         ("lb_rx_packets_total", "Frames received by the workers.", totals.rx),
         ("lb_tx_packets_total", "Frames transmitted by the workers.", totals.tx),
         ("lb_passed_packets_total", "Frames passed to the kernel (not for a VIP).", totals.passed),
+        ("lb_arp_replies_total", "ARP requests for the load balancer's addresses answered.", totals.arp_replies),
+        (
+            "lb_ndp_adverts_total",
+            "IPv6 neighbour solicitations for the load balancer's addresses answered.",
+            totals.ndp_adverts,
+        ),
     ] {
         f.head(name, "counter", help);
         f.line(name, "", v);
@@ -500,6 +522,8 @@ services:
                 let mut c = CoreSnapshot {
                     rx: 100 * k,
                     tx: 90 * k,
+                    arp_replies: 3 * k,
+                    ndp_adverts: k,
                     conntrack_entries: 10 * k,
                     conntrack_capacity: 1000,
                     ..Default::default()
@@ -533,6 +557,8 @@ services:
         let web = r#"service="web \"main\"",proto="tcp",vip="10.0.0.10",port="80""#;
         for want in [
             "lb_rx_packets_total 300".to_string(),
+            "lb_arp_replies_total 9".into(),
+            "lb_ndp_adverts_total 3".into(),
             "lb_dropped_packets_total{reason=\"no_backend\"} 3".into(),
             "lb_dropped_packets_total{reason=\"conntrack_full\"} 0".into(),
             "lb_conntrack_entries{core=\"1\"} 20".into(),

@@ -6,6 +6,10 @@
 //! removed while connections are held: its connections end (dropped, or rescheduled to a backend that
 //! has no such connection and resets them), and every other held connection keeps working.
 //!
+//! Nothing pins the VIPs' or the SNAT addresses' neighbour entries: the client (and in NAT mode the
+//! backends) resolve them by ARP and NDP, answered by the load balancer's responder; each run checks
+//! that they learned the load balancer's MAC.
+//!
 //! Synchronisation is by events only: backends print `ready` when bound; the load balancer signals
 //! when it is attached; a table swap is confirmed by the worker handing the old tables back.
 //! Needs root (namespaces, XDP, AF_XDP); skips with the reason otherwise. Runs in CI as root.
@@ -19,9 +23,11 @@ use std::time::Duration;
 
 use lb_core::config::RemovedBackendPolicy;
 use lb_core::service::TableBuilder;
-use lb_examples::lab::{BACKENDS, CLIENT4, CLIENT6, Lab, Mode, NO_TUNNELS, PORT, VIP4, VIP6, start_lb, tables};
+use lb_examples::lab::{
+    BACKENDS, CLIENT4, CLIENT6, Lab, Mode, NO_TUNNELS, PORT, SNAT4, SNAT6, VIP4, VIP6, start_lb, tables,
+};
 use lb_io::bpf::AttachMode;
-use lb_io::netns::{can_create_namespaces, enter_netns};
+use lb_io::netns::{Netns, can_create_namespaces, enter_netns, format_mac};
 
 const CONNS_PER_FAMILY: usize = 12;
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
@@ -91,6 +97,22 @@ fn icmp_errors_sent(ns: &lb_io::netns::Netns) -> (u64, u64) {
     let v6 =
         snmp6.lines().find_map(|l| l.strip_prefix("Icmp6OutParmProblems")).and_then(|v| v.trim().parse().ok()).unwrap();
     (v4, v6)
+}
+
+/// The neighbour entry `ns` holds for `addr` on eth0: (link-layer address, state), e.g.
+/// ("02:..", "REACHABLE"); empty strings when there is none.
+fn neighbour_entry(ns: &Netns, addr: IpAddr) -> (String, String) {
+    let out = ns.ip(&["neigh", "show", &addr.to_string(), "dev", "eth0"]).unwrap();
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let mac = words.iter().position(|w| *w == "lladdr").and_then(|i| words.get(i + 1)).copied().unwrap_or_default();
+    (mac.to_string(), words.last().copied().unwrap_or_default().to_string())
+}
+
+/// `ns` resolved `addr` to the load balancer's MAC by asking (ARP / NDP), not from a pinned entry.
+fn assert_resolved_to_lb(lab: &Lab, ns: &Netns, addr: IpAddr) {
+    let (mac, state) = neighbour_entry(ns, addr);
+    assert_eq!(mac, format_mac(lab.lb_mac), "{} resolved {addr} to another MAC ({state})", ns.name());
+    assert!(!["PERMANENT", "FAILED", "INCOMPLETE"].contains(&state.as_str()), "{}: {addr} is {state}", ns.name());
 }
 
 /// Builds the lab and starts the load balancer, or says why this machine cannot.
@@ -236,8 +258,23 @@ fn balance_and_survive_removal(prefix: &str, mode: Mode, policy: RemovedBackendP
         }
     }
 
+    // The client learned the VIPs' MAC from the load balancer's ARP / NDP answers (in DSR and the
+    // tunnel modes the backends hold the VIPs too, and must have kept quiet); in NAT mode the
+    // backends learned the SNAT addresses' MAC the same way.
+    for vip in vips() {
+        assert_resolved_to_lb(&lab, &lab.client, vip);
+    }
+    if mode == Mode::Nat {
+        for b in &lab.backends {
+            assert_resolved_to_lb(&lab, &b.ns, IpAddr::V4(SNAT4));
+            assert_resolved_to_lb(&lab, &b.ns, IpAddr::V6(SNAT6));
+        }
+    }
+
     let outcome = lb.stop().unwrap();
     let w = outcome.worker.stats();
+    println!("{mode:?} responder: {} ARP replies, {} neighbour advertisements", w.arp_replies, w.ndp_adverts);
+    assert!(w.arp_replies > 0 && w.ndp_adverts > 0, "the responder answered ARP and NDP");
     assert_eq!(outcome.stats.rx, w.rx, "every frame the socket received went through the worker");
     assert_eq!(outcome.stats.tx, w.tx);
     if mode == Mode::Nat {

@@ -82,7 +82,10 @@ pub fn config() -> Config {
 
 pub fn worker(builder: &mut TableBuilder, cfg: &Config) -> Worker {
     let tables = builder.build(cfg).expect("the base fuzz config is valid");
-    Worker::new(tables, WorkerConfig::single_core(CONNTRACK))
+    let mut w = Worker::new(tables, WorkerConfig::single_core(CONNTRACK));
+    // ARP and NDP bytes reach the neighbour responder too.
+    w.set_neighbour_mac(Some([0x02, 0, 0, 0, 0, 0x01]));
+    w
 }
 
 /// A frame the fuzzer describes: to a VIP (or the SNAT address, or elsewhere), then byte mutations.

@@ -12,6 +12,7 @@
 //!                     │ conntrack lookup (conntrack, per core)
 //!                     │ on miss: scheduler pick (schedule) + conntrack insert
 //!                     │ rewrite: NAT / DSR / IP-in-IP / GUE (forward)
+//!                     │ ARP / NDP asking for a VIP: answered in place (neighbour)
 //!                     └ counters (stats)
 //! ```
 //!
@@ -84,6 +85,7 @@ pub mod config;
 pub mod conntrack;
 pub mod forward;
 pub mod frame;
+pub mod neighbour;
 pub mod packet;
 pub mod schedule;
 pub mod service;

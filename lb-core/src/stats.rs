@@ -40,7 +40,9 @@ pub enum DropReason {
     NoSnatPort,
     /// IPv4 TTL or IPv6 hop limit would reach zero on a routed (NAT) rewrite.
     TtlExpired,
-    /// The frame lacks the headroom a tunnel header needs (see [`Frame::HEADROOM_NEEDED`](crate::Frame::HEADROOM_NEEDED)).
+    /// The frame lacks the room its rewrite needs: headroom for a tunnel header (see
+    /// [`Frame::HEADROOM_NEEDED`](crate::Frame::HEADROOM_NEEDED)), or tailroom for a neighbour
+    /// advertisement longer than the solicitation it answers.
     NoHeadroom,
     /// A reply to the SNAT address that matches no tracked NAT flow.
     NoReverseFlow,
@@ -189,6 +191,10 @@ pub struct Stats {
     pub icmp_too_big: u64,
     /// Conntrack entries evicted to make room for a new flow.
     pub conntrack_evictions: u64,
+    /// ARP requests for the load balancer's addresses answered (see [`crate::neighbour`]).
+    pub arp_replies: u64,
+    /// IPv6 Neighbour Solicitations for the load balancer's addresses answered.
+    pub ndp_adverts: u64,
     /// Frames dropped, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
     services: Box<[ServiceCounters]>,
@@ -205,6 +211,8 @@ impl Stats {
             reverse_nat: 0,
             icmp_too_big: 0,
             conntrack_evictions: 0,
+            arp_replies: 0,
+            ndp_adverts: 0,
             drops: [0; DropReason::COUNT],
             services: vec![ServiceCounters::default(); services].into_boxed_slice(),
             backends: vec![BackendCounters::default(); backends].into_boxed_slice(),
@@ -238,6 +246,8 @@ impl Stats {
         self.passed += other.passed;
         self.reverse_nat += other.reverse_nat;
         self.conntrack_evictions += other.conntrack_evictions;
+        self.arp_replies += other.arp_replies;
+        self.ndp_adverts += other.ndp_adverts;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }
@@ -306,6 +316,8 @@ mod tests {
         b.count_drop(DropReason::NoBackend);
         b.count_drop(DropReason::Malformed);
         b.rx = 5;
+        b.arp_replies = 2;
+        a.ndp_adverts = 1;
         b.service_mut(1).unwrap().packets = 7;
         a.backend_mut(0).unwrap().active_conns = 3;
         b.backend_mut(0).unwrap().active_conns = 4;
@@ -314,6 +326,7 @@ mod tests {
         assert_eq!(a.dropped(DropReason::Malformed), 1);
         assert_eq!(a.dropped_total(), 3);
         assert_eq!(a.rx, 5);
+        assert_eq!((a.arp_replies, a.ndp_adverts), (2, 1));
         assert_eq!(a.services[1].packets, 7);
         assert_eq!(a.backends[0].active_conns, 7);
     }

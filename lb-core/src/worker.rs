@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!  frame ─► parse ─┬─ not IP / not ours ─────────────────────────────────────────────► Pass
+//!                  ├─ ARP request / IPv6 NS for our address (responder on) ─► answer ─► Tx
 //!                  ├─ to a SNAT address: reply of a NAT flow ─► reverse entry ─► un-NAT ─► Tx
 //!                  └─ to a VIP ─► service (VIP, port, proto) ─► source ranges ─► conntrack
 //!                                   hit: same backend (unless it left: policy)      │ miss: affinity,
@@ -42,6 +43,9 @@
 //!   ACKs, a SYN) is dropped as [`DropReason::BackendRemoved`] until the tombstone idles out or, after
 //!   the client's FIN or RST, its time-wait timeout ends (a SYN then starts a new flow). Tombstones
 //!   count as no backend's connection, keep no NAT reverse entry, and are evicted like closing flows.
+//! - ARP requests and IPv6 neighbour solicitations for the tables' VIPs and NAT source addresses are
+//!   answered in place (verdict Tx) once the worker has a MAC ([`Worker::set_neighbour_mac`], off by
+//!   default); all other ARP / NDP passes. See [`crate::neighbour`].
 //! - Rewrites are lb-core's [`forward`] module; headroom needed: [`Frame::HEADROOM_NEEDED`].
 
 use alloc::boxed::Box;
@@ -55,6 +59,7 @@ use crate::config::{ForwardMode, RemovedBackendPolicy, Timeouts};
 use crate::conntrack::{ConnKey, ConnState, ConntrackTable, Entry, EntryKind, GONE_CLOSED, NO_LINK, WAYS};
 use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
 use crate::frame::{Frame, Verdict};
+use crate::neighbour::NeighbourResponder;
 use crate::packet::{self, Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
 use crate::schedule::{CoreState, FlowInput, Scheduler};
 use crate::service::{BackendRef, Service, ServiceSummary, Tables};
@@ -136,6 +141,8 @@ struct Core {
     hasher: FlowHasher,
     timeouts: StateTimeouts,
     sweep_out: [(u32, Entry); WAYS],
+    /// Answers ARP / NDP for the tables' addresses when set ([`Worker::set_neighbour_mac`]).
+    neighbour: Option<NeighbourResponder>,
 }
 
 /// A frame's conntrack key with its hash, and its lb-hash 5-tuple hash (for schedulers and GUE).
@@ -163,6 +170,7 @@ impl Worker {
             hasher: FlowHasher::new(tables.node().hash_seed),
             timeouts: StateTimeouts::new(&tables.node().timeouts),
             sweep_out: [(0, Entry::default()); WAYS],
+            neighbour: None,
             config,
         };
         let mut w = Worker { tables: tables.clone(), core, ahead: [Lookahead::NONE; BATCH] };
@@ -179,6 +187,13 @@ impl Worker {
     fn install(&mut self, tables: Arc<Tables>) -> Arc<Tables> {
         self.core.install(&tables);
         core::mem::replace(&mut self.tables, tables)
+    }
+
+    /// Answers ARP requests and IPv6 Neighbour Solicitations for the tables' VIPs and NAT source
+    /// addresses with `mac` (the interface's own MAC), or stops answering (`None`, the default: they
+    /// pass to the kernel). See [`crate::neighbour`].
+    pub fn set_neighbour_mac(&mut self, mac: Option<[u8; 6]>) {
+        self.core.neighbour = mac.map(|m| NeighbourResponder::new(m, &self.tables));
     }
 
     /// The tables in use.
@@ -326,6 +341,17 @@ impl Core {
         self.snat_ports = snat_port_share(node.snat_ports, self.config.core_index, self.config.core_count);
         self.hasher = FlowHasher::new(node.hash_seed);
         self.timeouts = StateTimeouts::new(&node.timeouts);
+        if let Some(r) = &mut self.neighbour {
+            r.install(tables);
+        }
+    }
+
+    /// The neighbour responder's answer to an ARP frame or an NDP message, or a pass when it is off.
+    fn answer_neighbour(&mut self, tables: &Tables, frame: &mut Frame<'_>) -> Outcome {
+        match &self.neighbour {
+            Some(r) => r.answer(tables, frame).count(&mut self.stats),
+            None => Ok(Verdict::Pass),
+        }
     }
 
     /// Reads what depends only on the frames' hashes: each conntrack bucket's head and the service
@@ -398,6 +424,7 @@ impl Core {
     fn process_frame(&mut self, tables: &Tables, frame: &mut Frame<'_>, ahead: &Lookahead, now: u32) -> Outcome {
         let p = match &ahead.parsed {
             Ok(p) => p,
+            Err(ParseError::Arp) => return self.answer_neighbour(tables, frame),
             Err(e) => return parse_failure(e),
         };
         // `service` is only a reference here: its record is read for new flows only (see
@@ -425,6 +452,9 @@ impl Core {
     /// A frame that matches no service: ICMP about a flow, a NAT reply, a VIP port nobody serves, or
     /// not load-balancer traffic at all.
     fn not_for_a_service(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, now: u32) -> Outcome {
+        if p.l4 == L4::Ndp {
+            return self.answer_neighbour(tables, frame);
+        }
         let dst = p.flow.dst_ip();
         if tables.is_vip(dst) {
             if p.fragment != Fragment::None {

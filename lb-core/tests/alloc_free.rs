@@ -2,8 +2,9 @@
 //! by a global allocator that tallies every allocation made on this test's thread.
 //!
 //! The mix: new and established TCP and UDP flows, IPv4 and IPv6, every forwarding mode (NAT with its
-//! replies, DSR, IP-in-IP, GUE), ClientIP affinity, traffic that passes (not a VIP), every cheap drop
-//! (malformed, truncated, no service, source not allowed, fragment), and a table swap in the middle.
+//! replies, DSR, IP-in-IP, GUE), ClientIP affinity, traffic that passes (not a VIP), ARP requests and
+//! IPv6 neighbour solicitations for the VIPs (answered), every cheap drop (malformed, truncated, no
+//! service, source not allowed, fragment), and a table swap in the middle.
 #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
 mod worker_common;
@@ -118,6 +119,7 @@ fn hundred_thousand_mixed_frames_allocate_nothing() {
     changed.services[0].backends.push(backend("10.1.0.3", 8080));
     let tables2 = builder.build(&changed).unwrap();
     let mut w = lb_core::Worker::new(tables, lb_core::WorkerConfig::single_core(1 << 16));
+    w.set_neighbour_mac(Some([2, 0, 0, 0, 0, 1]));
 
     let vip4 = v4("192.0.2.1");
     let vip6 = v4("2001:db8::1");
@@ -171,6 +173,8 @@ fn hundred_thousand_mixed_frames_allocate_nothing() {
             4 => mix.push(udp(client(i, v6), 20_000 + (i / 10 % 40_000) as u16, vip, port, b"new")),
             // NAT replies.
             5 => mix.push(replies[i % replies.len()].clone()),
+            // Who has the VIP? Answered in place.
+            6 if i / 10 % 2 == 1 => mix.push(neighbour_request(if i / 10 % 4 == 1 { vip4 } else { vip6 })),
             // Not ours: passes.
             6 => mix.push(tcp(
                 client(i, v6),
@@ -218,4 +222,55 @@ fn hundred_thousand_mixed_frames_allocate_nothing() {
     assert!(tx > FRAMES as u64 / 2, "most frames forward: {t1:?} {t2:?}");
     assert!(drops >= FRAMES as u64 / 10 * 2, "the malformed and unserved frames drop: {t1:?} {t2:?}");
     assert_eq!(w.stats().rx, (warm.len() + FRAMES) as u64);
+    assert_eq!(w.stats().arp_replies + w.stats().ndp_adverts, (FRAMES / 20) as u64, "every request answered");
+    assert!(w.stats().arp_replies > 0 && w.stats().ndp_adverts > 0);
+}
+
+/// An ARP request (IPv4) or a neighbour solicitation with a source link-layer option (IPv6) for `vip`,
+/// built with smoltcp's emitters.
+fn neighbour_request(vip: std::net::IpAddr) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::*;
+    let asker = EthernetAddress([2, 0, 0, 0, 0, 0xc1]);
+    let mut f = vec![0u8; 14];
+    f[6..12].copy_from_slice(&asker.0);
+    match vip {
+        std::net::IpAddr::V4(target) => {
+            f[..6].copy_from_slice(&[0xff; 6]);
+            f[12..14].copy_from_slice(&[0x08, 0x06]);
+            let repr = ArpRepr::EthernetIpv4 {
+                operation: ArpOperation::Request,
+                source_hardware_addr: asker,
+                source_protocol_addr: std::net::Ipv4Addr::new(198, 51, 100, 1),
+                target_hardware_addr: EthernetAddress([0; 6]),
+                target_protocol_addr: target,
+            };
+            f.resize(14 + repr.buffer_len(), 0);
+            repr.emit(&mut ArpPacket::new_unchecked(&mut f[14..]));
+        }
+        std::net::IpAddr::V6(target) => {
+            let o = target.octets();
+            f[..6].copy_from_slice(&[0x33, 0x33, 0xff, o[13], o[14], o[15]]);
+            f[12..14].copy_from_slice(&[0x86, 0xdd]);
+            let src = "2001:db8:ff::1".parse().unwrap();
+            let o = target.octets();
+            let dst = std::net::Ipv6Addr::from([0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, o[13], o[14], o[15]]);
+            let ns = Icmpv6Repr::Ndisc(NdiscRepr::NeighborSolicit {
+                target_addr: target,
+                lladdr: Some(RawHardwareAddress::from_bytes(&asker.0)),
+            });
+            let ip = Ipv6Repr {
+                src_addr: src,
+                dst_addr: dst,
+                next_header: IpProtocol::Icmpv6,
+                payload_len: ns.buffer_len(),
+                hop_limit: 255,
+            };
+            f.resize(14 + 40 + ns.buffer_len(), 0);
+            let mut p = Ipv6Packet::new_unchecked(&mut f[14..]);
+            ip.emit(&mut p);
+            ns.emit(&src, &dst, &mut Icmpv6Packet::new_unchecked(p.payload_mut()), &ChecksumCapabilities::default());
+        }
+    }
+    f
 }

@@ -6,8 +6,8 @@
 //! `lb_core::worker::Worker`) turns bursts into verdicts; lb-io receives, hands over, transmits.
 //!
 //! ```text
-//!  NIC queue ──XDP program (VIP? redirect : XDP_PASS)──► XSK RX ring ─┐
-//!                                                                    ▼
+//!  NIC queue ──XDP program (VIP, or ARP/NDP for one? redirect : XDP_PASS)──► XSK RX ring ─┐
+//!                                                                                         ▼
 //!   control thread ──update_channel──► PollLoop (pinned core): receive ► process_burst ► settle ► flush
 //!         ▲                                 │                                               │
 //!         └──────── retired state ──────────┘                       XSK TX ring ◄──────────┘
@@ -20,6 +20,7 @@
 pub mod bpf;
 mod chunk;
 pub mod device;
+pub mod interface;
 pub mod memory;
 pub mod netns;
 pub mod pcap;

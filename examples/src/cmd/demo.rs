@@ -183,12 +183,14 @@ pub fn main(args: Args) -> CmdResult {
     let w = outcome.worker.stats();
     println!();
     println!(
-        "worker: rx {} tx {} passed {} reverse-NAT {} dropped {}",
+        "worker: rx {} tx {} passed {} reverse-NAT {} dropped {}; answered ARP {} NDP {}",
         w.rx,
         w.tx,
         w.passed,
         w.reverse_nat,
-        w.dropped_total()
+        w.dropped_total(),
+        w.arp_replies,
+        w.ndp_adverts
     );
     for reason in lb_core::stats::DropReason::ALL {
         let n = w.dropped(reason);

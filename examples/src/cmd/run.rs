@@ -5,19 +5,26 @@
 //! `lb_examples::control::LbProcessor`) and an update channel. Per interface, the steering XDP program
 //! sends the services' frames (VIP, port, protocol) and NAT replies to the sockets; everything else
 //! stays with the kernel. The control side builds tables, sends them to every loop, then updates the
-//! steering maps (`control::steering_for`).
+//! steering maps (`control::steering_for`). With `--neighbour-responder auto|all`, each worker also
+//! answers ARP / NDP for the VIPs and NAT source addresses with its interface's MAC (an L2
+//! deployment; see `control::NeighbourResponder` for which addresses), and each interface joins the
+//! solicited-node groups of the IPv6 ones (`lb_io::interface::MulticastGroups`); addresses new to the
+//! responder are announced once on each interface (gratuitous ARP, unsolicited neighbour advertisement).
 //! With `interfaces: []` it runs the control plane alone: a dry run whose tables `lb list` shows.
 
+use std::collections::BTreeSet;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use lb_core::config::{Config, ForwardMode};
 use lb_core::service::{TableBuilder, Tables};
 use lb_core::worker::{Worker, WorkerConfig, snat_port_share};
-use lb_examples::control::{LbProcessor, TablesSink, run_blocking, steering_for};
+use lb_examples::control::{LbProcessor, NeighbourResponder, TablesSink, run_blocking, steering_for};
 use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
+use lb_io::interface::{MulticastGroups, PacketSocket};
 use lb_io::{LoopConfig, PollLoop, StopFlag, UpdateSender, XskConfig, XskDevice, update_channel};
 
 use super::CmdResult;
@@ -43,6 +50,12 @@ pub struct Args {
     /// to a core that does not own their SNAT port, and those connections would fail.
     #[arg(long)]
     pub nat_replies_steered: bool,
+    /// Answer ARP and IPv6 neighbour solicitations for the VIPs and NAT source addresses with the
+    /// interface's MAC (an L2 deployment, VIPs not routed to this node; on one node per segment):
+    /// `auto` for the addresses no interface of the node holds, `all` for every one, `off` (the
+    /// default) to leave all ARP / NDP to the kernel.
+    #[arg(long, value_enum, default_value_t = NeighbourResponder::Off)]
+    pub neighbour_responder: NeighbourResponder,
 }
 
 /// Sends tables to every loop, then steers exactly their services and NAT replies to the sockets.
@@ -51,6 +64,14 @@ struct Workers {
     steering: Vec<VipSteering>,
     /// Whether NAT replies reach the loop that owns their SNAT port (`--nat-replies-steered`).
     nat_replies_steered: bool,
+    /// Which addresses ARP / NDP is answered for (`--neighbour-responder`).
+    responder: NeighbourResponder,
+    /// Per interface (responder on), the solicited-node groups of the IPv6 addresses answered for.
+    groups: Vec<MulticastGroups>,
+    /// Per interface (responder on), a socket for announcements and the MAC they carry.
+    announcers: Vec<(String, PacketSocket, [u8; 6])>,
+    /// The addresses answered for so far (announced when they joined the set).
+    answered: BTreeSet<IpAddr>,
 }
 
 /// Refuses NAT services when `loops` poll loops share the node and nothing steers their replies: a
@@ -78,10 +99,38 @@ impl TablesSink for Workers {
 
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.loops.publish(tables)?;
-        let want = steering_for(tables);
+        let want = steering_for(tables, self.responder);
         for s in &mut self.steering {
             s.set(want.clone()).map_err(|e| format!("steering services: {e}"))?;
         }
+        // Solicitations for the IPv6 addresses reach this node only if it listens to their groups.
+        let groups: Vec<_> = want
+            .neighbour
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(a) => Some(lb_core::neighbour::solicited_node(*a)),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        for g in &mut self.groups {
+            if let Err(e) = g.set(groups.iter().copied()) {
+                tracing::warn!("{e}; IPv6 neighbour solicitations may not arrive (ip link set IF allmulticast on)");
+            }
+        }
+        // Addresses new to the responder are announced (gratuitous ARP, unsolicited NA), so
+        // neighbours holding another MAC for them (a previous owner) switch now, not when it goes stale.
+        let mut frame = [0u8; 128];
+        for addr in want.neighbour.difference(&self.answered) {
+            for (name, socket, mac) in &self.announcers {
+                let sent = lb_core::neighbour::announcement(*mac, *addr, &mut frame)
+                    .ok_or_else(|| std::io::Error::other("frame buffer too short"))
+                    .and_then(|n| socket.send(&frame[..n]));
+                if let Err(e) = sent {
+                    tracing::warn!(interface = %name, "announcing {addr}: {e}");
+                }
+            }
+        }
+        self.answered = want.neighbour;
         Ok(())
     }
 }
@@ -98,22 +147,49 @@ pub fn main(args: Args) -> CmdResult {
         settings.interfaces.iter().flat_map(|i| i.queues.iter().map(move |q| (i.name.clone(), *q))).collect();
     let cores = u16::try_from(queues.len()).map_err(|_| "too many queues")?;
     let mode = if args.generic { AttachMode::Generic } else { AttachMode::Auto };
-    let mut workers =
-        Workers { loops: Vec::new(), steering: Vec::new(), nat_replies_steered: args.nat_replies_steered };
+    let mut workers = Workers {
+        loops: Vec::new(),
+        steering: Vec::new(),
+        nat_replies_steered: args.nat_replies_steered,
+        responder: args.neighbour_responder,
+        groups: Vec::new(),
+        announcers: Vec::new(),
+        answered: BTreeSet::new(),
+    };
     let mut counters = PublishedCounters::default();
     let mut handles = Vec::new();
     let mut links = Vec::new();
     for iface in &settings.interfaces {
         let steering = VipSteering::load(SteeringConfig::default())?;
+        // The MAC ARP / NDP answers carry: this interface's own.
+        let mac = match args.neighbour_responder {
+            NeighbourResponder::Off => None,
+            _ => {
+                match MulticastGroups::new(&iface.name) {
+                    Ok(g) => workers.groups.push(g),
+                    Err(e) => tracing::warn!(
+                        "{}: cannot join IPv6 groups ({e}); the responder answers IPv4 only unless solicitations arrive anyway",
+                        iface.name
+                    ),
+                }
+                let mac = lb_io::interface::mac_address(&iface.name).map_err(|e| format!("{}: {e}", iface.name))?;
+                match PacketSocket::open(&iface.name) {
+                    Ok(s) => workers.announcers.push((iface.name.clone(), s, mac)),
+                    Err(e) => tracing::warn!(interface = %iface.name, "no announcements of the VIPs: {e}"),
+                }
+                Some(mac)
+            }
+        };
         for &q in &iface.queues {
             let i = handles.len();
             let dev = XskDevice::open(&XskConfig::new(&iface.name, q))?;
             steering.set_socket(q, dev.fd())?;
             let core_index = u16::try_from(i)?;
-            let worker = Worker::new(
+            let mut worker = Worker::new(
                 empty.clone(),
                 WorkerConfig { conntrack_capacity: args.conntrack_entries, core_index, core_count: cores },
             );
+            worker.set_neighbour_mac(mac);
             if let Some((lo, hi)) = snat_port_share(settings.node.snat_ports, core_index, cores) {
                 tracing::info!(interface = %iface.name, queue = q, "NAT replies to SNAT ports {lo}-{hi} must reach this queue");
             }

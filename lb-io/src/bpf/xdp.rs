@@ -17,9 +17,18 @@
 //! has) passes to the kernel, so it is answered or refused there instead of being dropped in userspace.
 //! Steered frames go to the XSKMAP slot of their RX queue (`bpf_redirect_map`).
 //!
-//! ARP (and NDP, which is addressed to solicited-node multicast, never to the VIP) goes to the
-//! `neighbour` hook, which passes for now; a responder for VIP addresses plugs in there. The control
-//! side edits both maps live; the program never changes.
+//! **Neighbour discovery** for addresses whose entry has the neighbour flag (the addresses lb-core's
+//! ARP / NDP responder answers for, `lb_core::neighbour`), whatever else the entry steers:
+//! - an ARP request (Ethernet / IPv4, operation 1) whose target protocol address (ARP offset 24) is
+//!   such an address;
+//! - an ICMPv6 Neighbour Solicitation (next header 58 right after the fixed IPv6 header, type 135,
+//!   at least 24 bytes) whose target address (ICMPv6 offset 8) is such an address, whether sent to the
+//!   solicited-node group or (unreachability detection) to the address itself.
+//!
+//! Every other ARP and NDP frame (replies, other targets, the host's own neighbours, anything too
+//! short to hold its target) passes to the kernel, so the host's own ARP / NDP keeps working; without
+//! the flag (responder off) nothing of ARP / NDP is steered. The control side edits the maps live;
+//! the program never changes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
@@ -113,6 +122,7 @@ pub fn vip_key(ip: IpAddr) -> [u8; 16] {
 const STEER_WHOLE: u32 = 1;
 const STEER_SERVICES: u32 = 2;
 const STEER_SNAT: u32 = 4;
+const STEER_NEIGHBOUR: u32 = 8;
 
 /// The address map's value: which traffic to the address is steered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -169,6 +179,9 @@ pub fn steering_program(
     let redirect = a.new_label();
     let vlan = a.new_label();
     let neighbour = a.new_label();
+    let arp = [a.new_label(), a.new_label()];
+    let not_ours = [a.new_label(), a.new_label()];
+    let v6_dst = [a.new_label(), a.new_label()];
     let lookup = a.new_label();
     let icmp4 = a.new_label();
     let icmp6 = a.new_label();
@@ -190,7 +203,7 @@ pub fn steering_program(
         .jmp_imm(Cond::Eq, R5, ethertype(0x0800), v4[0])
         .jmp_imm(Cond::Eq, R5, ethertype(0x86dd), v6[0])
         .jmp_imm(Cond::Eq, R5, ethertype(0x8100), vlan)
-        .jmp_imm(Cond::Eq, R5, ethertype(0x0806), neighbour)
+        .jmp_imm(Cond::Eq, R5, ethertype(0x0806), arp[0])
         .ja(pass);
 
     // One VLAN tag: the inner ethertype sits 4 bytes later.
@@ -198,7 +211,7 @@ pub fn steering_program(
     a.load(Size::H, R5, R2, 16)
         .jmp_imm(Cond::Eq, R5, ethertype(0x0800), v4[1])
         .jmp_imm(Cond::Eq, R5, ethertype(0x86dd), v6[1])
-        .jmp_imm(Cond::Eq, R5, ethertype(0x0806), neighbour)
+        .jmp_imm(Cond::Eq, R5, ethertype(0x0806), arp[1])
         .ja(pass);
 
     for (i, l3) in L3.into_iter().enumerate() {
@@ -223,13 +236,50 @@ pub fn steering_program(
             .ja(lookup);
         a.bind(v4_bad_header[i]).mov(R7, R2).mov_imm(R9, 1).ja(lookup);
 
-        // IPv6: key = daddr; r8 = next header; r7 = the header after the fixed one.
+        // ARP: an Ethernet / IPv4 request (hardware type 1, protocol 0x0800, lengths 6 and 4,
+        // operation 1: the first 8 bytes, as two words); key = ::ffff:<target protocol address>.
+        a.bind(arp[i]).mov(R4, R2).add_imm(R4, i32::from(l3) + 28).jmp(Cond::Gt, R4, R3, pass);
+        a.load(Size::W, R5, R2, l3)
+            .jmp_imm(Cond::Ne, R5, i32::from_ne_bytes([0, 1, 8, 0]), pass)
+            .load(Size::W, R5, R2, l3 + 4)
+            .jmp_imm(Cond::Ne, R5, i32::from_ne_bytes([6, 4, 0, 1]), pass)
+            .load(Size::W, R5, R2, l3 + 24)
+            .store_imm(Size::DW, R10, KEY, 0)
+            .store_imm(Size::W, R10, KEY + 8, i32::from_ne_bytes([0, 0, 0xff, 0xff]))
+            .store(Size::W, R10, KEY + 12, R5)
+            .ja(neighbour);
+
+        // IPv6: r8 = next header. A Neighbour Solicitation is looked up by its target first.
         a.bind(v6[i]).mov(R4, R2).add_imm(R4, i32::from(l3) + 40).jmp(Cond::Gt, R4, R3, pass);
-        a.load(Size::DW, R5, R2, l3 + 24)
+        a.load(Size::B, R8, R2, l3 + 6).jmp_imm(Cond::Ne, R8, 58, v6_dst[i]);
+        a.mov(R4, R2).add_imm(R4, i32::from(l3) + 64).jmp(Cond::Gt, R4, R3, v6_dst[i]);
+        a.load(Size::B, R5, R2, l3 + 40)
+            .jmp_imm(Cond::Ne, R5, 135, v6_dst[i])
+            .load(Size::DW, R5, R2, l3 + 48)
+            .store(Size::DW, R10, KEY, R5)
+            .load(Size::DW, R5, R2, l3 + 56)
+            .store(Size::DW, R10, KEY + 8, R5)
+            .ld_map_fd(R1, addrs)
+            .mov(R2, R10)
+            .add_imm(R2, i32::from(KEY))
+            .call(HELPER_MAP_LOOKUP_ELEM)
+            .jmp_imm(Cond::Eq, R0, 0, not_ours[i])
+            .load(Size::W, R1, R0, 0)
+            .and_imm(R1, STEER_NEIGHBOUR as i32)
+            .jmp_imm(Cond::Ne, R1, 0, redirect);
+        // Not a target of ours: on as any IPv6 frame (the helper call clobbered r2 and r3; r8 is kept).
+        a.bind(not_ours[i])
+            .load(Size::W, R2, R6, XDP_MD_DATA)
+            .load(Size::W, R3, R6, XDP_MD_DATA_END)
+            .mov(R4, R2)
+            .add_imm(R4, i32::from(l3) + 40)
+            .jmp(Cond::Gt, R4, R3, pass);
+        // key = daddr; r7 = the header after the fixed one.
+        a.bind(v6_dst[i])
+            .load(Size::DW, R5, R2, l3 + 24)
             .store(Size::DW, R10, KEY, R5)
             .load(Size::DW, R5, R2, l3 + 32)
             .store(Size::DW, R10, KEY + 8, R5)
-            .load(Size::B, R8, R2, l3 + 6)
             .mov(R7, R2)
             .add_imm(R7, i32::from(l3) + 40)
             .mov_imm(R9, 0);
@@ -311,8 +361,13 @@ pub fn steering_program(
         .call(HELPER_REDIRECT_MAP)
         .exit();
 
-    // ARP for a VIP: hook for a later responder (redirect here once the worker answers ARP / NDP).
-    a.bind(neighbour).ja(pass);
+    // ARP for an address with the neighbour flag: to the responder.
+    a.bind(neighbour).ld_map_fd(R1, addrs).mov(R2, R10).add_imm(R2, i32::from(KEY)).call(HELPER_MAP_LOOKUP_ELEM);
+    a.jmp_imm(Cond::Eq, R0, 0, pass)
+        .load(Size::W, R1, R0, 0)
+        .and_imm(R1, STEER_NEIGHBOUR as i32)
+        .jmp_imm(Cond::Ne, R1, 0, redirect)
+        .ja(pass);
 
     a.bind(pass).ret(XDP_PASS);
     Ok(a.finish()?)
@@ -328,6 +383,9 @@ pub struct SteeringSet {
     pub snat: BTreeMap<IpAddr, (u16, u16)>,
     /// Addresses whose every frame is steered (tests and benchmarks).
     pub whole: BTreeSet<IpAddr>,
+    /// Addresses whose ARP requests and Neighbour Solicitations are steered, for the worker's
+    /// responder to answer (`lb_core::neighbour::addresses`); empty when the responder is off.
+    pub neighbour: BTreeSet<IpAddr>,
 }
 
 impl SteeringSet {
@@ -344,6 +402,9 @@ impl SteeringSet {
         }
         for &addr in &self.whole {
             m.entry(addr).or_default().flags |= STEER_WHOLE;
+        }
+        for &addr in &self.neighbour {
+            m.entry(addr).or_default().flags |= STEER_NEIGHBOUR;
         }
         m
     }
@@ -392,7 +453,7 @@ impl VipSteering {
         Ok(())
     }
 
-    /// Steers the services and SNAT ranges given, keeping the whole-address entries.
+    /// Steers the services and SNAT ranges given, keeping the whole-address and neighbour entries.
     pub fn set_services(
         &mut self,
         services: impl IntoIterator<Item = (IpAddr, u16, u8)>,
@@ -402,7 +463,16 @@ impl VipSteering {
             services: services.into_iter().collect(),
             snat: snat.into_iter().collect(),
             whole: self.current.whole.clone(),
+            neighbour: self.current.neighbour.clone(),
         };
+        self.set(want)
+    }
+
+    /// Makes the set of addresses whose ARP requests and Neighbour Solicitations are steered exactly
+    /// `addrs`, keeping everything else.
+    pub fn set_neighbours(&mut self, addrs: impl IntoIterator<Item = IpAddr>) -> Result<(), BpfError> {
+        let mut want = self.current.clone();
+        want.neighbour = addrs.into_iter().collect();
         self.set(want)
     }
 
@@ -491,10 +561,27 @@ mod tests {
     }
 
     fn arp_for(target: Ipv4Addr) -> Vec<u8> {
+        arp_with(1, target)
+    }
+
+    /// An Ethernet / IPv4 ARP frame with operation `op` (1 request, 2 reply) for `target`.
+    fn arp_with(op: u8, target: Ipv4Addr) -> Vec<u8> {
         let mut f = eth(0x0806);
-        f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 10, 77, 0, 1, 0, 0, 0, 0, 0, 0]);
+        f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, op, 2, 0, 0, 0, 0, 2, 10, 77, 0, 1, 0, 0, 0, 0, 0, 0]);
         f.extend_from_slice(&target.octets());
         f
+    }
+
+    /// An ICMPv6 Neighbour Solicitation for `target` sent to `dst` (checksums do not matter to the
+    /// classifier).
+    fn ns(dst: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+        v6_with(dst, 58, &[[135, 0, 0, 0, 0, 0, 0, 0].as_slice(), &target.octets()].concat())
+    }
+
+    /// The solicited-node group of `a`.
+    fn group(a: Ipv6Addr) -> Ipv6Addr {
+        let o = a.octets();
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(o[13]), u16::from_be_bytes([o[14], o[15]]))
     }
 
     /// Loads the program with VIP frames dropped (no socket in the test), so "steered" shows as
@@ -646,6 +733,50 @@ mod tests {
         assert_eq!(s.test_run(&v4_with(VIP4, 17, 0, &ports(53))).unwrap(), steered);
     }
 
+    #[test]
+    fn steers_arp_requests_and_solicitations_for_neighbour_addresses_only() {
+        let Some(mut s) = steering() else { return };
+        let node = Ipv4Addr::new(10, 77, 0, 2);
+        let other6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x99);
+        s.set_services([(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 80, 6)], [(IpAddr::V4(node), (40000, 40999))])
+            .unwrap();
+        s.set_neighbours([IpAddr::V4(VIP4), IpAddr::V6(VIP6)]).unwrap();
+        let steered = XdpAction::Drop;
+        let kernel = XdpAction::Pass;
+        let mut advert = ns(group(VIP6), VIP6);
+        advert[14 + 40] = 136;
+        let cases: Vec<(&str, Vec<u8>, XdpAction)> = vec![
+            ("ARP request for the VIP", arp_for(VIP4), steered),
+            ("VLAN-tagged ARP request for the VIP", tagged(arp_for(VIP4), Some(42)), steered),
+            ("ARP request for another address", arp_for(Ipv4Addr::new(10, 77, 0, 9)), kernel),
+            ("ARP request for a steered address without the neighbour flag", arp_for(node), kernel),
+            ("ARP reply about the VIP", arp_with(2, VIP4), kernel),
+            ("ARP request cut inside the target address", arp_for(VIP4)[..40].to_vec(), kernel),
+            ("NS for the VIP to its solicited-node group", ns(group(VIP6), VIP6), steered),
+            ("VLAN-tagged NS for the VIP", tagged(ns(group(VIP6), VIP6), Some(42)), steered),
+            ("NS for the VIP sent to the VIP (unreachability detection)", ns(VIP6, VIP6), steered),
+            ("NS for another target", ns(group(other6), other6), kernel),
+            ("NS for another target sent to the VIP", ns(VIP6, other6), kernel),
+            ("NS cut inside the target", ns(group(VIP6), VIP6)[..14 + 40 + 20].to_vec(), kernel),
+            ("NS cut before the ICMPv6 type", ns(group(VIP6), VIP6)[..14 + 40].to_vec(), kernel),
+            ("a neighbour advertisement for the VIP", advert, kernel),
+            ("TCP to the IPv6 service still steered", v6_with(VIP6, 6, &ports(80)), steered),
+            ("ICMPv6 echo to the VIP still passes", v6_with(VIP6, 58, &icmp(128)), kernel),
+        ];
+        for (name, frame, want) in cases {
+            assert_eq!(s.test_run(&frame).unwrap(), want, "{name}");
+        }
+        // Responder off: neighbour discovery is the kernel's again; the services stay steered.
+        s.set_neighbours([]).unwrap();
+        assert_eq!(s.test_run(&arp_for(VIP4)).unwrap(), kernel);
+        assert_eq!(s.test_run(&ns(group(VIP6), VIP6)).unwrap(), kernel);
+        assert_eq!(s.test_run(&v4_with(VIP4, 6, 0, &ports(80))).unwrap(), steered);
+        // A neighbour-only address (no service) is steered for neighbour discovery alone.
+        s.set_neighbours([IpAddr::V6(other6)]).unwrap();
+        assert_eq!(s.test_run(&ns(group(other6), other6)).unwrap(), steered);
+        assert_eq!(s.test_run(&v6_with(other6, 6, &ports(80))).unwrap(), kernel);
+    }
+
     /// The steering rules of the module comment, written plainly over the frame's bytes: whether the
     /// program must send `frame` to the socket under `set`.
     fn model(set: &SteeringSet, frame: &[u8]) -> bool {
@@ -658,6 +789,24 @@ mod tests {
             0x8100 => return false,
             t => (14, t),
         };
+        let neighbour = |key: &[u8]| set.neighbour.iter().any(|a| vip_key(*a) == key);
+        // ARP: an Ethernet / IPv4 request for a neighbour address.
+        if ethertype == 0x0806 {
+            return frame.len() >= l3 + 28
+                && frame[l3..l3 + 8] == [0, 1, 8, 0, 6, 4, 0, 1]
+                && neighbour(
+                    &Ipv4Addr::from(<[u8; 4]>::try_from(&frame[l3 + 24..l3 + 28]).unwrap()).to_ipv6_mapped().octets(),
+                );
+        }
+        // A Neighbour Solicitation for a neighbour address; any other goes on as IPv6.
+        if ethertype == 0x86dd
+            && frame.len() >= l3 + 64
+            && frame[l3 + 6] == 58
+            && frame[l3 + 40] == 135
+            && neighbour(&frame[l3 + 48..l3 + 64])
+        {
+            return true;
+        }
         let (key, proto, l4, always): ([u8; 16], u8, usize, bool) = match ethertype {
             0x0800 if frame.len() >= l3 + 20 => {
                 let mut key = Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().octets();
@@ -708,6 +857,8 @@ mod tests {
         fn the_program_steers_exactly_what_the_rules_say(
             vlan in proptest::prelude::any::<bool>(),
             v6 in proptest::prelude::any::<bool>(),
+            arp_op in proptest::sample::select(vec![0u8, 1, 2]),
+            target in 0usize..4,
             dst in 0usize..4,
             proto in proptest::sample::select(vec![6u8, 17, 1, 58, 47, 0, 44, 43, 60]),
             port in proptest::sample::select(vec![80u16, 53, 443, 22, 39999, 40000, 40500, 40999, 41000]),
@@ -722,13 +873,21 @@ mod tests {
                 services: [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V4(VIP4), 53, 17), (IpAddr::V6(VIP6), 443, 6)].into(),
                 snat: [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))].into(),
                 whole: BTreeSet::new(),
+                // The v6 SNAT address is in the map, but not for neighbour discovery.
+                neighbour: [IpAddr::V4(VIP4), IpAddr::V4(node), IpAddr::V6(VIP6)].into(),
             };
             let mut l4 = match proto {
                 1 | 58 => icmp(icmp_type),
                 _ => ports(port),
             };
+            if proto == 58 && icmp_type == 135 {
+                // A solicitation's target (the 8 header bytes are followed by it).
+                l4.extend_from_slice(&[VIP6, node6, VIP4.to_ipv6_mapped(), Ipv6Addr::LOCALHOST][target].octets());
+            }
             l4.extend_from_slice(&[0u8; 8]);
-            let frame = if v6 {
+            let frame = if arp_op != 0 {
+                arp_with(arp_op, [VIP4, node, Ipv4Addr::new(10, 77, 0, 9), VIP4][target])
+            } else if v6 {
                 let dst = [VIP6, node6, VIP4.to_ipv6_mapped(), Ipv6Addr::LOCALHOST][dst];
                 v6_with(dst, proto, &l4)
             } else {
