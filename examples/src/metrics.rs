@@ -40,6 +40,8 @@ pub struct CoreSnapshot {
     pub arp_replies: u64,
     /// IPv6 neighbour solicitations answered by the neighbour responder.
     pub ndp_adverts: u64,
+    /// Packets too big for the tunnel path answered with ICMP (`node.tunnel_mtu`).
+    pub icmp_too_big: u64,
     /// Drops by reason, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
     /// Service counters by service slot.
@@ -61,6 +63,7 @@ impl CoreSnapshot {
             passed: stats.passed,
             arp_replies: stats.arp_replies,
             ndp_adverts: stats.ndp_adverts,
+            icmp_too_big: stats.icmp_too_big,
             drops: stats.drops,
             conntrack_entries,
             conntrack_capacity,
@@ -86,6 +89,7 @@ pub struct CoreCounters {
     passed: u64,
     arp_replies: u64,
     ndp_adverts: u64,
+    icmp_too_big: u64,
     drops: [u64; DropReason::COUNT],
     services: Vec<(u32, ServiceCounters)>,
     backends: Vec<(u32, BackendCounters)>,
@@ -111,6 +115,7 @@ impl CoreCounters {
         self.passed = stats.passed;
         self.arp_replies = stats.arp_replies;
         self.ndp_adverts = stats.ndp_adverts;
+        self.icmp_too_big = stats.icmp_too_big;
         self.drops = stats.drops;
         self.conntrack_entries = conntrack_entries as u64;
         self.conntrack_capacity = conntrack_capacity as u64;
@@ -136,6 +141,7 @@ impl CoreCounters {
             passed: self.passed,
             arp_replies: self.arp_replies,
             ndp_adverts: self.ndp_adverts,
+            icmp_too_big: self.icmp_too_big,
             drops: self.drops,
             services: self.services.iter().copied().collect(),
             backends: self.backends.iter().copied().collect(),
@@ -175,6 +181,7 @@ struct Totals {
     passed: u64,
     arp_replies: u64,
     ndp_adverts: u64,
+    icmp_too_big: u64,
     drops: [u64; DropReason::COUNT],
     services: HashMap<u32, ServiceCounters>,
     backends: HashMap<u32, BackendCounters>,
@@ -188,6 +195,7 @@ fn sum(cores: &[CoreSnapshot]) -> Totals {
         t.passed += c.passed;
         t.arp_replies += c.arp_replies;
         t.ndp_adverts += c.ndp_adverts;
+        t.icmp_too_big += c.icmp_too_big;
         for (a, b) in t.drops.iter_mut().zip(c.drops) {
             *a += b;
         }
@@ -309,6 +317,11 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
             "lb_ndp_adverts_total",
             "IPv6 neighbour solicitations for the load balancer's addresses answered.",
             totals.ndp_adverts,
+        ),
+        (
+            "lb_icmp_too_big_total",
+            "Packets too big for the tunnel path (node.tunnel_mtu) answered with ICMP fragmentation needed / packet too big.",
+            totals.icmp_too_big,
         ),
     ] {
         f.head(name, "counter", help);
@@ -524,6 +537,7 @@ services:
                     tx: 90 * k,
                     arp_replies: 3 * k,
                     ndp_adverts: k,
+                    icmp_too_big: 2 * k,
                     conntrack_entries: 10 * k,
                     conntrack_capacity: 1000,
                     ..Default::default()
@@ -559,6 +573,7 @@ services:
             "lb_rx_packets_total 300".to_string(),
             "lb_arp_replies_total 9".into(),
             "lb_ndp_adverts_total 3".into(),
+            "lb_icmp_too_big_total 6".into(),
             "lb_dropped_packets_total{reason=\"no_backend\"} 3".into(),
             "lb_dropped_packets_total{reason=\"conntrack_full\"} 0".into(),
             "lb_conntrack_entries{core=\"1\"} 20".into(),
