@@ -408,6 +408,29 @@ impl ConntrackTable {
         Some((b * WAYS + way) as u32)
     }
 
+    /// Finds the entry with this key (`hash` is `key.hash()`) and offers it to `f`, which either
+    /// declines (`None`, and must then leave the entry as it was) or changes it (state, expiry; not
+    /// its key) and returns a value. Returns the entry's index and that value; keeps the tag's class
+    /// and the head's expiry in step, as [`ConntrackTable::update`]. One bucket search for what
+    /// `find`, `get` and `update` did in three (the established-flow fast path).
+    #[inline]
+    pub(crate) fn find_update<R>(
+        &mut self,
+        key: &ConnKey,
+        hash: u64,
+        f: impl FnOnce(&mut Entry) -> Option<R>,
+    ) -> Option<(u32, R)> {
+        let tag = tag_of(hash);
+        let b = (hash as usize) & self.bucket_mask;
+        let Bucket { head, entries } = self.buckets.get_mut(b)?;
+        let way = head.tags.iter().zip(entries.iter()).position(|(t, e)| tag_hash(*t) == tag && e.0.key == *key)?;
+        let (t, x, e) = (head.tags.get_mut(way)?, head.expiries.get_mut(way)?, &mut entries.get_mut(way)?.0);
+        let r = f(e)?;
+        *t = (*t & !0x6) | (class_bits(e) << 1);
+        *x = e.expires;
+        Some(((b * WAYS + way) as u32, r))
+    }
+
     /// The first tag of the bucket of `hash`: a load whose only purpose is to bring the bucket's head
     /// into the cache ahead of [`ConntrackTable::find`] (see the worker's batch passes).
     #[inline]

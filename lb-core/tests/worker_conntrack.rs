@@ -66,6 +66,28 @@ fn removed_backend_policy_reschedule_or_drop() {
 }
 
 #[test]
+fn tables_of_another_builder_never_send_a_flow_to_another_service() {
+    // Builder one: backend 10.1.0.1 of "web" takes the first backend slot.
+    let web = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1"]);
+    let mut w = Worker::new(TableBuilder::new().build(&web).unwrap(), WorkerConfig::single_core(1024));
+    let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+    assert_eq!(dsr_backend(&out), 1);
+    let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+    assert_eq!(dsr_backend(&out), 1);
+    // A second builder numbers slots afresh: the same slot and generation now name a backend of
+    // another service. The flow's backend left "web": it is rescheduled there, never sent to "other".
+    let mut cfg = web.clone();
+    cfg.services[0].backends = vec![backend("10.1.0.2", 80)];
+    cfg.services
+        .insert(0, service("other", "192.0.2.9", 80, Protocol::Tcp, ForwardMode::Dsr, vec![backend("10.1.0.9", 80)]));
+    w.swap_tables(TableBuilder::new().build(&cfg).unwrap());
+    for _ in 0..2 {
+        let (v, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2));
+        assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
+    }
+}
+
+#[test]
 fn draining_backend_keeps_its_flows_and_gets_no_new_ones() {
     let mut cfg = dsr_config(SchedulerKind::Maglev, &["10.1.0.1", "10.1.0.2"]);
     let mut b = TableBuilder::new();
