@@ -329,6 +329,14 @@ impl Lookahead {
 impl Core {
     fn install(&mut self, tables: &Tables) {
         self.slots_trusted &= tables.lineage() == self.lineage;
+        // A service's counters are its backends' sums: what a backend leaving it had counted stays
+        // with the service.
+        let generations = &self.backend_generations;
+        self.stats.retire_backends(|service_slot, b| {
+            let generation = generations.get(b).copied().unwrap_or(0);
+            let r = BackendRef { slot: u32::try_from(b).unwrap_or(u32::MAX), generation };
+            tables.resolve(r).and_then(|(si, _)| tables.service(si)).is_some_and(|s| s.slot.index() == service_slot)
+        });
         // Slots handed to a new service or backend start with zeroed counters.
         for s in tables.services() {
             let i = s.slot.index();
@@ -350,6 +358,9 @@ impl Core {
                 self.stats.reset_backend(i);
             }
         }
+        self.stats.map_backends(
+            tables.services().iter().map(|s| (s.slot.index(), s.backends.iter().map(|b| b.slot().index()))),
+        );
         let node = tables.node();
         self.snat_ports = snat_port_share(node.snat_ports, self.config.core_index, self.config.core_count);
         self.hasher = FlowHasher::new(node.hash_seed);
@@ -396,14 +407,13 @@ impl Core {
 
     /// Reads, in two more tight loops over the batch, what deciding its frames will read once the
     /// services are known: each likely entry's backend location (which holds a copy of the backend
-    /// and its service's summary) and counters, and for a likely new flow its service's record and
-    /// counters; then the service counters of a likely hit (named by its location) and, for a
-    /// likely new flow, the service's backends (for the scheduler).
+    /// and its service's summary) and counters, and for a likely new flow its service's record;
+    /// then, for a likely new flow, the service's backends (for the scheduler). (Service counters
+    /// are their backends' sums: a packet adds to its backend's only.)
     fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) {
         let mut fold = 0u64;
         for a in ahead.iter() {
             if let Some(s) = a.service {
-                fold ^= self.stats.service(s.slot).packets;
                 fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
             }
             if let Some(b) = a.likely_backend {
@@ -417,10 +427,6 @@ impl Core {
         for a in ahead.iter() {
             if let Some(s) = a.service.and_then(|s| tables.service(s.index as usize)) {
                 fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
-            } else if let Some(b) = a.likely_backend.filter(|_| a.likely_hit)
-                && let Some((s, _)) = tables.resolve_known(b)
-            {
-                fold ^= self.stats.service(s.slot).packets;
             }
         }
         core::hint::black_box(fold);
@@ -461,14 +467,11 @@ impl Core {
         }
         let hash = ahead.conn_hash.unwrap_or_else(|| conn_key(p).hash());
         let outcome = self.forward_to_service(tables, frame, p, hash, (&summary, service), now);
-        if let Some(c) = self.stats.service_mut(summary.slot.index()) {
-            match outcome {
-                Ok(Verdict::Tx) => {
-                    c.packets += 1;
-                    c.bytes += p.ip_len as u64;
-                }
-                _ => c.drops += 1,
-            }
+        // Forwarded packets count at their backend only (see `stats`).
+        if !matches!(outcome, Ok(Verdict::Tx))
+            && let Some(c) = self.stats.service_mut(summary.slot.index())
+        {
+            c.drops += 1;
         }
         outcome
     }
@@ -525,14 +528,10 @@ impl Core {
             }
             Err(reason) => Err(reason),
         };
-        if let Some(c) = self.stats.service_mut(summary.slot.index()) {
-            match outcome {
-                Ok(_) => {
-                    c.packets += 1;
-                    c.bytes += u64::from(p.ip_len);
-                }
-                Err(_) => c.drops += 1,
-            }
+        if !matches!(outcome, Ok(Verdict::Tx))
+            && let Some(c) = self.stats.service_mut(summary.slot.index())
+        {
+            c.drops += 1;
         }
         Some(outcome)
     }
@@ -709,9 +708,6 @@ impl Core {
         if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
             c.new_flows += 1;
             c.active_conns += 1;
-        }
-        if let Some(c) = self.stats.service_mut(service.slot.index()) {
-            c.new_flows += 1;
         }
         if service.mode == ForwardMode::Nat {
             let snat = tables.node();

@@ -204,6 +204,49 @@ fn expired_flows_are_reclaimed_and_counts_fall() {
 }
 
 #[test]
+fn service_counters_keep_what_a_departed_backend_counted_and_start_at_zero_on_a_reused_slot() {
+    let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
+    let mut b = TableBuilder::new();
+    let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    let slot = w.tables().services()[0].slot;
+    let frame = |i, flags| tcp(client(i), 1000, v4(VIP), 80, flags, b"");
+    let mut bytes = 0;
+    for i in 0..4 {
+        for flags in [Tcp::Syn, Tcp::Ack] {
+            let f = frame(i, flags);
+            assert_eq!(run(&mut w, &f, secs(1)).0, Verdict::Tx);
+            bytes += (f.len() - 14) as u64;
+        }
+    }
+    // A frame the service drops counts as its drop, not as its traffic.
+    let mut blocked = cfg.clone();
+    blocked.services[0].source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+    w.swap_tables(b.build(&blocked).unwrap());
+    assert_eq!(run(&mut w, &frame(0, Tcp::Ack), secs(1)).0, Verdict::Drop(DropReason::SourceNotAllowed));
+    let counted = w.stats().service(slot);
+    assert_eq!((counted.packets, counted.bytes, counted.new_flows, counted.drops), (8, bytes, 4, 1));
+    // Backend 10.1.0.1 leaves: what it carried stays the service's.
+    cfg.services[0].backends.retain(|b| b.addr != v4("10.1.0.1"));
+    w.swap_tables(b.build(&cfg).unwrap());
+    assert_eq!(w.stats().service(slot), counted);
+    let (v, out) = run(&mut w, &frame(9, Tcp::Syn), secs(2));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
+    let after = w.stats().service(slot);
+    assert_eq!((after.packets, after.new_flows, after.drops), (9, 5, 1));
+    // The service goes; a new one takes its slot: its counters start at zero.
+    let web = cfg.services.remove(0);
+    w.swap_tables(b.build(&cfg).unwrap());
+    let mut other = web.clone();
+    other.name = "other".into();
+    other.key.vip = v4("192.0.2.7");
+    cfg.services.push(other);
+    w.swap_tables(b.build(&cfg).unwrap());
+    let reused = w.tables().services().iter().find(|s| s.name == "other").unwrap();
+    assert_eq!(reused.slot, slot, "the builder reuses the freed slot");
+    assert_eq!(w.stats().service(slot), Default::default());
+}
+
+#[test]
 fn snat_ports_are_unique_per_backend_and_run_out_counted() {
     let mut cfg = all_modes_config();
     cfg.services[0].backends.truncate(1);
