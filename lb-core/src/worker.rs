@@ -11,13 +11,18 @@
 //!  every other outcome: Drop(reason), counted in Stats::drops
 //! ```
 //!
+//! A frame of an established flow takes a shortcut with the same outcome: its conntrack entry names
+//! its backend, and the backend's location in the tables holds what the decision needs of the
+//! service ([`ServiceSummary`]), so no service lookup happens (a backend slot belongs to one service
+//! key for good; tombstones, expired entries, source ranges and departed backends take the full path).
+//!
 //! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them and
-//! hashes their flows; then tight loops of plain loads pull what the batch will need into the cache in
-//! three rounds, each needing only the one before (conntrack bucket heads and service index slots;
-//! likely entries, service counters and, for likely new flows, service records; backend locations
-//! and counters, and for likely new flows the backends), with the service lookups between the
-//! first two, so the misses of a round overlap; then each frame is decided in
-//! order, exactly as if alone (a test holds that).
+//! hashes their 5-tuples; then tight loops of plain loads pull what the batch will need into the cache
+//! in rounds, each needing only the one before (conntrack bucket heads; likely entries, and for frames
+//! without a likely hit the service index slots; backend locations and counters, and for likely new
+//! flows the service records; for likely new flows the backends), with the service lookups after the
+//! second, so the misses of a round overlap; then each frame is decided in order, exactly as if alone
+//! (a test holds that).
 //!
 //! Everything a worker touches per packet was allocated in [`Worker::new`]: the conntrack table, the
 //! per-slot counters and scheduler cursors. [`Worker::swap_tables`] installs new [`Tables`] between
