@@ -262,6 +262,8 @@ struct Lookahead {
     parsed: Result<Parsed, ParseError>,
     /// Conntrack hash of the frame's own 5-tuple; `None` when it has no ports.
     conn_hash: Option<u64>,
+    /// The conntrack key that hash is of (valid with `conn_hash`), built once per frame.
+    conn_key: ConnKey,
     /// [`Tables::lookup_hash`] of the frame's flow, once `needs_service` is set.
     lookup_hash: u64,
     /// True for a frame whose service the batch passes look up: every parsed frame but those with a
@@ -280,6 +282,7 @@ impl Lookahead {
     const NONE: Lookahead = Lookahead {
         parsed: Err(ParseError::Arp),
         conn_hash: None,
+        conn_key: ConnKey { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, proto: 0, flags: 0 },
         lookup_hash: 0,
         needs_service: false,
         service: None,
@@ -300,7 +303,10 @@ impl Lookahead {
         // A frame with ports learns in the second warm-up round whether it needs its service
         // looked up; any other parsed frame does.
         (self.conn_hash, self.needs_service, self.lookup_hash) = match &self.parsed {
-            Ok(p) if p.has_ports() => (Some(ConnKey::from_flow(&p.flow).hash()), false, 0),
+            Ok(p) if p.has_ports() => {
+                self.conn_key = ConnKey::from_flow(&p.flow);
+                (Some(self.conn_key.hash()), false, 0)
+            }
             Ok(p) => (None, true, tables.lookup_hash(&p.flow)),
             Err(_) => (None, false, 0),
         };
@@ -456,7 +462,7 @@ impl Core {
         };
         if ahead.likely_hit
             && let Some(hash) = ahead.conn_hash
-            && let Some(outcome) = self.forward_established(tables, frame, p, hash, now)
+            && let Some(outcome) = self.forward_established(tables, frame, p, (&ahead.conn_key, hash), now)
         {
             return outcome;
         }
@@ -470,8 +476,15 @@ impl Core {
         if p.fragment != Fragment::None {
             return Err(DropReason::Fragment);
         }
-        let hash = ahead.conn_hash.unwrap_or_else(|| conn_key(p).hash());
-        let outcome = self.forward_to_service(tables, frame, p, hash, (&summary, service), now);
+        let computed;
+        let (key, hash) = match ahead.conn_hash {
+            Some(hash) => (&ahead.conn_key, hash),
+            None => {
+                computed = conn_key(p);
+                (&computed, computed.hash())
+            }
+        };
+        let outcome = self.forward_to_service(tables, frame, p, (key, hash), (&summary, service), now);
         // Forwarded packets count at their backend only (see `stats`).
         if !matches!(outcome, Ok(Verdict::Tx))
             && let Some(c) = self.stats.service_mut(summary.slot.index())
@@ -494,16 +507,15 @@ impl Core {
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        hash: u64,
+        (key, hash): (&ConnKey, u64),
         now: u32,
     ) -> Option<Outcome> {
         if p.fragment != Fragment::None || !self.slots_trusted {
             return None;
         }
-        let key = conn_key(p);
         let flags = p.tcp_flags;
         let timeouts = &self.timeouts;
-        let (index, (summary, backend, change)) = self.conntrack.find_update(&key, hash, |e| {
+        let (index, (summary, backend, change)) = self.conntrack.find_update(key, hash, |e| {
             let usable = match e.state {
                 ConnState::BackendGone => false,
                 ConnState::TimeWait => !flags.is_syn_only(),
@@ -568,7 +580,7 @@ impl Core {
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        hash: u64,
+        (key, hash): (&ConnKey, u64),
         (summary, service): (&ServiceSummary, &Service),
         now: u32,
     ) -> Outcome {
@@ -576,12 +588,11 @@ impl Core {
         if !summary.all_clients && !service.allows(p.flow.src_ip()) {
             return Err(DropReason::SourceNotAllowed);
         }
-        let key = conn_key(p);
         let flags = p.tcp_flags;
 
         // Conntrack lookup: an established flow keeps its backend across table swaps.
         let mut known = None;
-        if let Some(index) = self.conntrack.find(&key, hash) {
+        if let Some(index) = self.conntrack.find(key, hash) {
             let entry = self.conntrack.get(index).copied().unwrap_or_default();
             let closed = match entry.state {
                 ConnState::TimeWait => true,
@@ -630,7 +641,7 @@ impl Core {
                 (index, backend)
             }
             None => {
-                let (index, bi) = self.new_flow(tables, p, FlowHashes { key, hash, flow_hash }, service, now)?;
+                let (index, bi) = self.new_flow(tables, p, FlowHashes { key: *key, hash, flow_hash }, service, now)?;
                 (index, service.backends.get(bi).ok_or(DropReason::NoBackend)?)
             }
         };
