@@ -200,6 +200,8 @@ pub struct Stats {
     /// worker runs.
     spans: Box<[(u32, u32)]>,
     members: Box<[u32]>,
+    /// True once `spans` and `members` describe installed tables.
+    mapped: bool,
 }
 
 impl Stats {
@@ -216,6 +218,7 @@ impl Stats {
             backends: vec![BackendCounters::default(); backends].into_boxed_slice(),
             spans: vec![(0, 0); services].into_boxed_slice(),
             members: vec![0; backends].into_boxed_slice(),
+            mapped: false,
         }
     }
 
@@ -231,7 +234,8 @@ impl Stats {
 
     /// Counters of a service slot (zero for a slot out of range): its drops, and its backends'
     /// packets, bytes and new flows summed (including backends that have left it). Merged stats
-    /// sum the backends of the merging copy's tables: exact once every core runs the same tables.
+    /// sum the backends of the merging copy's tables (a total started with [`Stats::new`] takes the
+    /// first merged core's): exact once every core runs the same tables.
     pub fn service(&self, slot: crate::service::ServiceSlot) -> ServiceCounters {
         let mut c = self.services.get(slot.index()).copied().unwrap_or_default();
         for b in self.service_backends(slot.index()) {
@@ -270,6 +274,12 @@ impl Stats {
         }
         for (a, b) in self.backends.iter_mut().zip(other.backends.iter()) {
             a.add(b);
+        }
+        // A total started from `Stats::new` takes the first core's map of services to backends.
+        if !self.mapped && other.mapped {
+            self.spans.iter_mut().zip(other.spans.iter()).for_each(|(a, b)| *a = *b);
+            self.members.iter_mut().zip(other.members.iter()).for_each(|(a, b)| *a = *b);
+            self.mapped = true;
         }
     }
 
@@ -312,6 +322,7 @@ impl Stats {
         services: impl Iterator<Item = (usize, impl Iterator<Item = usize> + 'a)>,
     ) {
         self.spans.iter_mut().for_each(|s| *s = (0, 0));
+        self.mapped = true;
         let mut at = 0usize;
         for (slot, backends) in services {
             let start = at;
@@ -384,6 +395,11 @@ mod tests {
         let mut m = a.clone();
         m.merge(&b);
         assert_eq!(m.service(ServiceSlot(1)).packets, 14);
+        // A total started empty takes the cores' map of services to backends.
+        let mut total = Stats::new(2, 4);
+        total.merge(&a);
+        total.merge(&b);
+        assert_eq!(total.service(ServiceSlot(1)), m.service(ServiceSlot(1)));
         // Backend 2 leaves service 1 and its slot is cleared: the service keeps its 4 packets.
         a.retire_backends(|_, backend| backend != 2);
         a.reset_backend(2);
