@@ -45,13 +45,17 @@ impl<'a> Frame<'a> {
     }
 
     /// The packet bytes.
+    #[inline]
     pub fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.start + self.len]
+        // `start + len <= buf.len()` holds by construction (`new` clamps, the rest keep it); `get`
+        // leaves no panic path even so, and inlined the check mostly folds into the caller's.
+        self.buf.get(self.start..self.start.saturating_add(self.len)).unwrap_or_default()
     }
 
     /// The packet bytes, mutably.
+    #[inline]
     pub fn data_mut(&mut self) -> &mut [u8] {
-        &mut self.buf[self.start..self.start + self.len]
+        self.buf.get_mut(self.start..self.start.saturating_add(self.len)).unwrap_or_default()
     }
 
     /// Offset of the packet's first byte in the buffer (the headroom left before it).

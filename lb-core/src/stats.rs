@@ -8,6 +8,12 @@
 //! Service and backend counters are indexed by the stable slot numbers that
 //! [`TableBuilder`](crate::service::TableBuilder) hands out ([`ServiceSlot`](crate::service::ServiceSlot),
 //! [`BackendSlot`](crate::service::BackendSlot)), so they survive table swaps.
+//!
+//! A forwarded packet or a new flow is counted once, at its backend: a service's packets, bytes
+//! and new flows are the sums over its backends, added up when [`Stats::service`] is asked (plus
+//! what backends that have since left the service had counted, folded into the service when the
+//! worker installed the tables without them). Counting at the service too cost the fast path a
+//! cache line per packet (with 100 000 services, a miss). Drops are counted at the service.
 
 use alloc::boxed::Box;
 use alloc::vec;
@@ -125,7 +131,7 @@ impl From<crate::forward::RewriteError> for DropReason {
     }
 }
 
-/// Traffic of one virtual service on one core.
+/// Traffic of one virtual service on one core (summed over its backends, see the module docs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServiceCounters {
     /// Frames forwarded to a backend (client to backend direction).
@@ -197,8 +203,16 @@ pub struct Stats {
     pub ndp_adverts: u64,
     /// Frames dropped, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
+    /// Per service slot: its drops, and the packets, bytes and new flows of backends that have left
+    /// it (the rest is summed from `backends` when asked).
     services: Box<[ServiceCounters]>,
     backends: Box<[BackendCounters]>,
+    /// Per service slot, the range of `members` that lists its backends' slots in the tables the
+    /// worker runs.
+    spans: Box<[(u32, u32)]>,
+    members: Box<[u32]>,
+    /// True once `spans` and `members` describe installed tables.
+    mapped: bool,
 }
 
 impl Stats {
@@ -216,6 +230,9 @@ impl Stats {
             drops: [0; DropReason::COUNT],
             services: vec![ServiceCounters::default(); services].into_boxed_slice(),
             backends: vec![BackendCounters::default(); backends].into_boxed_slice(),
+            spans: vec![(0, 0); services].into_boxed_slice(),
+            members: vec![0; backends].into_boxed_slice(),
+            mapped: false,
         }
     }
 
@@ -229,9 +246,26 @@ impl Stats {
         self.drops.iter().sum()
     }
 
-    /// Counters of a service slot (zero for a slot out of range).
+    /// Counters of a service slot (zero for a slot out of range): its drops, and its backends'
+    /// packets, bytes and new flows summed (including backends that have left it). Merged stats
+    /// sum the backends of the merging copy's tables (a total started with [`Stats::new`] takes the
+    /// first merged core's): exact once every core runs the same tables.
     pub fn service(&self, slot: crate::service::ServiceSlot) -> ServiceCounters {
-        self.services.get(slot.index()).copied().unwrap_or_default()
+        let mut c = self.services.get(slot.index()).copied().unwrap_or_default();
+        for b in self.service_backends(slot.index()) {
+            if let Some(bc) = self.backends.get(*b as usize) {
+                c.packets += bc.packets;
+                c.bytes += bc.bytes;
+                c.new_flows += bc.new_flows;
+            }
+        }
+        c
+    }
+
+    /// The backend slots of service slot `slot` in the tables the worker runs.
+    fn service_backends(&self, slot: usize) -> &[u32] {
+        let (start, len) = self.spans.get(slot).copied().unwrap_or_default();
+        self.members.get(start as usize..(start as usize).saturating_add(len as usize)).unwrap_or_default()
     }
 
     /// Counters of a backend slot (zero for a slot out of range).
@@ -257,6 +291,12 @@ impl Stats {
         for (a, b) in self.backends.iter_mut().zip(other.backends.iter()) {
             a.add(b);
         }
+        // A total started from `Stats::new` takes the first core's map of services to backends.
+        if !self.mapped && other.mapped {
+            self.spans.iter_mut().zip(other.spans.iter()).for_each(|(a, b)| *a = *b);
+            self.members.iter_mut().zip(other.members.iter()).for_each(|(a, b)| *a = *b);
+            self.mapped = true;
+        }
     }
 
     pub(crate) fn count_drop(&mut self, reason: DropReason) {
@@ -269,6 +309,51 @@ impl Stats {
 
     pub(crate) fn backend_mut(&mut self, slot: usize) -> Option<&mut BackendCounters> {
         self.backends.get_mut(slot)
+    }
+
+    /// Folds the packets, bytes and new flows of every backend that is no longer one of its
+    /// service's backends (`stays(service slot, backend slot)` says false) into that service's own
+    /// counters, so its sums do not drop when a backend leaves. Then [`Stats::map_backends`].
+    pub(crate) fn retire_backends(&mut self, stays: impl Fn(usize, usize) -> bool) {
+        for slot in 0..self.spans.len() {
+            let (start, len) = self.spans.get(slot).copied().unwrap_or_default();
+            for k in start as usize..start as usize + len as usize {
+                let Some(&b) = self.members.get(k) else { break };
+                if stays(slot, b as usize) {
+                    continue;
+                }
+                if let (Some(bc), Some(sc)) = (self.backends.get(b as usize), self.services.get_mut(slot)) {
+                    sc.packets += bc.packets;
+                    sc.bytes += bc.bytes;
+                    sc.new_flows += bc.new_flows;
+                }
+            }
+        }
+    }
+
+    /// Records which backend slots each service slot has (from the tables being installed);
+    /// services or backends beyond the arrays are left out.
+    pub(crate) fn map_backends<'a>(
+        &mut self,
+        services: impl Iterator<Item = (usize, impl Iterator<Item = usize> + 'a)>,
+    ) {
+        self.spans.iter_mut().for_each(|s| *s = (0, 0));
+        self.mapped = true;
+        let mut at = 0usize;
+        for (slot, backends) in services {
+            let start = at;
+            for b in backends {
+                if let Some(m) = self.members.get_mut(at)
+                    && b < self.backends.len()
+                {
+                    *m = u32::try_from(b).unwrap_or(u32::MAX);
+                    at += 1;
+                }
+            }
+            if let Some(span) = self.spans.get_mut(slot) {
+                *span = (u32::try_from(start).unwrap_or(u32::MAX), u32::try_from(at - start).unwrap_or(0));
+            }
+        }
     }
 
     /// Clears the counters of a backend slot that the table builder handed to a new backend.
@@ -306,6 +391,36 @@ mod tests {
                 assert!(a == b || a.name() != b.name());
             }
         }
+    }
+
+    #[test]
+    fn a_service_counts_what_its_backends_count_and_keeps_what_leavers_counted() {
+        use crate::service::ServiceSlot;
+        let mut a = Stats::new(2, 4);
+        a.map_backends([(1usize, vec![0usize, 2])].into_iter().map(|(s, b)| (s, b.into_iter())));
+        for (slot, packets) in [(0, 3), (1, 100), (2, 4)] {
+            let c = a.backend_mut(slot).unwrap();
+            (c.packets, c.bytes, c.new_flows) = (packets, 10 * packets, 1);
+        }
+        a.service_mut(1).unwrap().drops = 2;
+        let expect = ServiceCounters { packets: 7, bytes: 70, new_flows: 2, drops: 2 };
+        assert_eq!(a.service(ServiceSlot(1)), expect);
+        assert_eq!(a.service(ServiceSlot(0)), ServiceCounters::default());
+        // Another core's counters merge into the same sums.
+        let b = a.clone();
+        let mut m = a.clone();
+        m.merge(&b);
+        assert_eq!(m.service(ServiceSlot(1)).packets, 14);
+        // A total started empty takes the cores' map of services to backends.
+        let mut total = Stats::new(2, 4);
+        total.merge(&a);
+        total.merge(&b);
+        assert_eq!(total.service(ServiceSlot(1)), m.service(ServiceSlot(1)));
+        // Backend 2 leaves service 1 and its slot is cleared: the service keeps its 4 packets.
+        a.retire_backends(|_, backend| backend != 2);
+        a.reset_backend(2);
+        a.map_backends([(1usize, vec![0usize])].into_iter().map(|(s, b)| (s, b.into_iter())));
+        assert_eq!(a.service(ServiceSlot(1)), expect);
     }
 
     #[test]

@@ -12,13 +12,18 @@
 //!  every other outcome: Drop(reason), counted in Stats::drops
 //! ```
 //!
+//! A frame of an established flow takes a shortcut with the same outcome: its conntrack entry names
+//! its backend, and the backend's location in the tables holds what the decision needs of the
+//! service ([`ServiceSummary`]), so no service lookup happens (a backend slot belongs to one service
+//! key for good; tombstones, expired entries, source ranges and departed backends take the full path).
+//!
 //! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them and
-//! hashes their flows; then tight loops of plain loads pull what the batch will need into the cache in
-//! three rounds, each needing only the one before (conntrack bucket heads and service index slots;
-//! likely entries, service counters and, for likely new flows, service records; backend locations
-//! and counters, and for likely new flows the backends), with the service lookups between the
-//! first two, so the misses of a round overlap; then each frame is decided in
-//! order, exactly as if alone (a test holds that).
+//! hashes their 5-tuples; then tight loops of plain loads pull what the batch will need into the cache
+//! in rounds, each needing only the one before (conntrack bucket heads; likely entries, and for frames
+//! without a likely hit the service index slots; backend locations and counters, and for likely new
+//! flows the service records; for likely new flows the backends), with the service lookups after the
+//! second, so the misses of a round overlap; then each frame is decided in order, exactly as if alone
+//! (a test holds that).
 //!
 //! Everything a worker touches per packet was allocated in [`Worker::new`]: the conntrack table, the
 //! per-slot counters and scheduler cursors. [`Worker::swap_tables`] installs new [`Tables`] between
@@ -143,6 +148,11 @@ struct Core {
     sweep_out: [(u32, Entry); WAYS],
     /// Answers ARP / NDP for the tables' addresses when set ([`Worker::set_neighbour_mac`]).
     neighbour: Option<NeighbourResponder>,
+    /// [`Tables::lineage`] of the first tables installed.
+    lineage: usize,
+    /// True while every table set installed came from that one lineage, so a conntrack entry's
+    /// backend slot names its service (what [`Core::forward_established`] relies on).
+    slots_trusted: bool,
 }
 
 /// A frame's conntrack key with its hash, and its lb-hash 5-tuple hash (for schedulers and GUE).
@@ -171,6 +181,8 @@ impl Worker {
             timeouts: StateTimeouts::new(&tables.node().timeouts),
             sweep_out: [(0, Entry::default()); WAYS],
             neighbour: None,
+            lineage: tables.lineage(),
+            slots_trusted: true,
             config,
         };
         let mut w = Worker { tables: tables.clone(), core, ahead: [Lookahead::NONE; BATCH] };
@@ -194,6 +206,13 @@ impl Worker {
     /// pass to the kernel). See [`crate::neighbour`].
     pub fn set_neighbour_mac(&mut self, mac: Option<[u8; 6]>) {
         self.core.neighbour = mac.map(|m| NeighbourResponder::new(m, &self.tables));
+    }
+
+    /// Whether packets of established flows are decided from their conntrack entry and their
+    /// backend's location line alone (no service lookup): true while every entry was made under
+    /// tables of one [`Tables::lineage`], or the table was empty when tables of another came.
+    pub fn trusts_backend_slots(&self) -> bool {
+        self.core.slots_trusted
     }
 
     /// The tables in use.
@@ -227,6 +246,7 @@ impl Worker {
             // 2. Find each frame's service, and pull what step 3 will read into the cache, all loads
             //    of the batch in flight together rather than one cache miss after another.
             core.warm_first(tables, ahead);
+            core.warm_second(tables, ahead);
             for a in ahead.iter_mut() {
                 a.find_service(tables);
             }
@@ -264,12 +284,17 @@ struct Lookahead {
     parsed: Result<Parsed, ParseError>,
     /// Conntrack hash of the frame's own 5-tuple; `None` when it has no ports.
     conn_hash: Option<u64>,
-    /// [`Tables::lookup_hash`] of the frame's flow (0 when it did not parse).
+    /// The conntrack key that hash is of (valid with `conn_hash`), built once per frame.
+    conn_key: ConnKey,
+    /// [`Tables::lookup_hash`] of the frame's flow, once `needs_service` is set.
     lookup_hash: u64,
-    /// The service at the frame's (destination, port, protocol), if any.
+    /// True for a frame whose service the batch passes look up: every parsed frame but those with a
+    /// likely conntrack hit, which take their service from their backend's location instead.
+    needs_service: bool,
+    /// The service at the frame's (destination, port, protocol), if `needs_service` and any.
     service: Option<ServiceSummary>,
     /// The backend of the conntrack entry the warm-up read for this frame (its own, or the one its
-    /// insert will likely displace), kept so the second warm-up round does not search the bucket again.
+    /// insert will likely displace), kept so the later warm-up rounds do not search the bucket again.
     likely_backend: Option<BackendRef>,
     /// True when that entry is a tag hit, i.e. most likely the frame's own flow.
     likely_hit: bool,
@@ -279,7 +304,9 @@ impl Lookahead {
     const NONE: Lookahead = Lookahead {
         parsed: Err(ParseError::Arp),
         conn_hash: None,
+        conn_key: ConnKey { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, proto: 0, flags: 0 },
         lookup_hash: 0,
+        needs_service: false,
         service: None,
         likely_backend: None,
         likely_hit: false,
@@ -295,10 +322,15 @@ impl Lookahead {
             Some(p) => self.parsed = Ok(p),
             None => self.parsed = packet::parse_general(frame),
         }
-        (self.conn_hash, self.lookup_hash) = match &self.parsed {
-            Ok(p) if p.has_ports() => (Some(ConnKey::from_flow(&p.flow).hash()), tables.lookup_hash(&p.flow)),
-            Ok(p) => (None, tables.lookup_hash(&p.flow)),
-            Err(_) => (None, 0),
+        // A frame with ports learns in the second warm-up round whether it needs its service
+        // looked up; any other parsed frame does.
+        (self.conn_hash, self.needs_service, self.lookup_hash) = match &self.parsed {
+            Ok(p) if p.has_ports() => {
+                self.conn_key = ConnKey::from_flow(&p.flow);
+                (Some(self.conn_key.hash()), false, 0)
+            }
+            Ok(p) => (None, true, tables.lookup_hash(&p.flow)),
+            Err(_) => (None, false, 0),
         };
         self.service = None;
         self.likely_backend = None;
@@ -308,14 +340,43 @@ impl Lookahead {
     /// Service lookup: O(1) in the number of services.
     fn find_service(&mut self, tables: &Tables) {
         let Ok(p) = &self.parsed else { return };
-        if matches!(p.l4, L4::Tcp | L4::Udp) {
+        if self.needs_service && matches!(p.l4, L4::Tcp | L4::Udp) {
             self.service = tables.lookup_flow_hashed(&p.flow, self.lookup_hash);
+        }
+    }
+
+    /// The frame's service: the batch passes' answer, or (for a frame they did not look up, whose
+    /// likely conntrack hit did not take the established path) a lookup now.
+    #[inline]
+    fn service(&self, tables: &Tables, p: &Parsed) -> Option<ServiceSummary> {
+        if self.needs_service {
+            self.service
+        } else if matches!(p.l4, L4::Tcp | L4::Udp) {
+            tables.lookup_flow_hashed(&p.flow, tables.lookup_hash(&p.flow))
+        } else {
+            None
         }
     }
 }
 
 impl Core {
     fn install(&mut self, tables: &Tables) {
+        if self.conntrack.is_empty() {
+            // No entry names a backend slot yet (e.g. `lb run` starts its workers on empty tables of
+            // a builder of its own): any lineage may be trusted from here.
+            self.lineage = tables.lineage();
+            self.slots_trusted = true;
+        } else {
+            self.slots_trusted &= tables.lineage() == self.lineage;
+        }
+        // A service's counters are its backends' sums: what a backend leaving it had counted stays
+        // with the service.
+        let generations = &self.backend_generations;
+        self.stats.retire_backends(|service_slot, b| {
+            let generation = generations.get(b).copied().unwrap_or(0);
+            let r = BackendRef { slot: u32::try_from(b).unwrap_or(u32::MAX), generation };
+            tables.resolve(r).and_then(|(si, _)| tables.service(si)).is_some_and(|s| s.slot.index() == service_slot)
+        });
         // Slots handed to a new service or backend start with zeroed counters.
         for s in tables.services() {
             let i = s.slot.index();
@@ -337,6 +398,9 @@ impl Core {
                 self.stats.reset_backend(i);
             }
         }
+        self.stats.map_backends(
+            tables.services().iter().map(|s| (s.slot.index(), s.backends.iter().map(|b| b.slot().index()))),
+        );
         let node = tables.node();
         self.snat_ports = snat_port_share(node.snat_ports, self.config.core_index, self.config.core_count);
         self.hasher = FlowHasher::new(node.hash_seed);
@@ -354,17 +418,38 @@ impl Core {
         }
     }
 
-    /// Reads what depends only on the frames' hashes: each conntrack bucket's head and the service
-    /// index slot where each lookup starts. One tight loop of independent loads, so the batch's cache
-    /// misses overlap. (lb-core has no `unsafe`, hence plain loads rather than prefetch instructions;
-    /// the values are only folded into one kept from the optimiser.)
+    /// Reads what depends only on the frames' hashes: each conntrack bucket's head (and, for a frame
+    /// without ports, the service index slot where its lookup starts). One tight loop of independent
+    /// loads, so the batch's cache misses overlap. (lb-core has no `unsafe`, hence plain loads rather
+    /// than prefetch instructions; the values are only folded into one kept from the optimiser.)
     fn warm_first(&self, tables: &Tables, ahead: &[Lookahead]) {
         let mut fold = 0u64;
         for a in ahead {
             if let Some(h) = a.conn_hash {
                 fold ^= u64::from(self.conntrack.touch_bucket(h));
+            } else if a.needs_service {
+                fold ^= u64::from(tables.touch_lookup(a.lookup_hash));
             }
-            if a.parsed.is_ok() {
+        }
+        core::hint::black_box(fold);
+    }
+
+    /// The second round, once the bucket heads are in: the likely conntrack entry of each frame
+    /// (its own flow's, or for a new flow the one its insert will displace). A frame without a
+    /// likely hit will need its service: hash its key and read the index slot its lookup starts at.
+    /// A likely hit needs no lookup: its backend's location holds its service's summary.
+    fn warm_second(&self, tables: &Tables, ahead: &mut [Lookahead]) {
+        let mut fold = 0u64;
+        for a in ahead.iter_mut() {
+            let Some(h) = a.conn_hash else { continue };
+            let hit = self.conntrack.likely_entry(h);
+            a.likely_hit = hit.is_some();
+            a.likely_backend = hit.or_else(|| self.conntrack.likely_victim(h)).map(|e| e.backend);
+            if !a.likely_hit
+                && let Ok(p) = &a.parsed
+            {
+                a.needs_service = true;
+                a.lookup_hash = tables.lookup_hash(&p.flow);
                 fold ^= u64::from(tables.touch_lookup(a.lookup_hash));
             }
         }
@@ -372,31 +457,15 @@ impl Core {
     }
 
     /// Reads, in two more tight loops over the batch, what deciding its frames will read once the
-    /// services are known: the likely conntrack entries (the flow's own, or for a new flow the one
-    /// its insert will displace), the per-service counters, and for a likely new flow its service's
-    /// record; then each entry's backend location (which holds a copy of the backend) and counters,
-    /// and for a likely new flow the service's backends (for the scheduler). A frame of a known flow
-    /// reads no `Service` record at all: its index slot holds the [`ServiceSummary`].
+    /// services are known: each likely entry's backend location (which holds a copy of the backend
+    /// and its service's summary) and counters, and for a likely new flow its service's record;
+    /// then, for a likely new flow, the service's backends (for the scheduler). (Service counters
+    /// are their backends' sums: a packet adds to its backend's only.)
     fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) {
         let mut fold = 0u64;
-        for a in ahead.iter_mut() {
-            if let Some(h) = a.conn_hash {
-                let hit = self.conntrack.likely_entry(h);
-                a.likely_hit = hit.is_some();
-                a.likely_backend = hit.or_else(|| self.conntrack.likely_victim(h)).map(|e| e.backend);
-            }
-            if let Some(s) = a.service {
-                fold ^= self.stats.service(s.slot).packets;
-                // A likely new flow: its service record (scheduler, backends); a known flow needs
-                // only the summary the index slot holds.
-                if !a.likely_hit {
-                    fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
-                }
-            }
-        }
         for a in ahead.iter() {
-            if let Some(s) = a.service.filter(|_| !a.likely_hit).and_then(|s| tables.service(s.index as usize)) {
-                fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
+            if let Some(s) = a.service {
+                fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
             }
             if let Some(b) = a.likely_backend {
                 fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
@@ -404,6 +473,11 @@ impl Core {
                 // at one slot in eight.
                 let c = self.stats.backend(crate::service::BackendSlot(b.slot));
                 fold ^= c.packets ^ c.bytes;
+            }
+        }
+        for a in ahead.iter() {
+            if let Some(s) = a.service.and_then(|s| tables.service(s.index as usize)) {
+                fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
             }
         }
         core::hint::black_box(fold);
@@ -427,26 +501,97 @@ impl Core {
             Err(ParseError::Arp) => return self.answer_neighbour(tables, frame),
             Err(e) => return parse_failure(e),
         };
+        if ahead.likely_hit
+            && let Some(hash) = ahead.conn_hash
+            && let Some(outcome) = self.forward_established(tables, frame, p, (&ahead.conn_key, hash), now)
+        {
+            return outcome;
+        }
         // `service` is only a reference here: its record is read for new flows only (see
         // `ServiceSummary`).
-        let Some((summary, service)) = ahead.service.and_then(|s| Some((s, tables.service(s.index as usize)?))) else {
+        let Some((summary, service)) =
+            ahead.service(tables, p).and_then(|s| Some((s, tables.service(s.index as usize)?)))
+        else {
             return self.not_for_a_service(tables, frame, p, now);
         };
         if p.fragment != Fragment::None {
             return Err(DropReason::Fragment);
         }
-        let hash = ahead.conn_hash.unwrap_or_else(|| conn_key(p).hash());
-        let outcome = self.forward_to_service(tables, frame, p, hash, (&summary, service), now);
-        if let Some(c) = self.stats.service_mut(summary.slot.index()) {
-            match outcome {
-                Ok(Verdict::Tx) => {
-                    c.packets += 1;
-                    c.bytes += p.ip_len as u64;
-                }
-                _ => c.drops += 1,
+        let computed;
+        let (key, hash) = match ahead.conn_hash {
+            Some(hash) => (&ahead.conn_key, hash),
+            None => {
+                computed = conn_key(p);
+                (&computed, computed.hash())
             }
+        };
+        let outcome = self.forward_to_service(tables, frame, p, (key, hash), (&summary, service), now);
+        // Forwarded packets count at their backend only (see `stats`).
+        if !matches!(outcome, Ok(Verdict::Tx))
+            && let Some(c) = self.stats.service_mut(summary.slot.index())
+        {
+            c.drops += 1;
         }
         outcome
+    }
+
+    /// The established-flow path: a frame of a tracked, live flow whose backend is still in its
+    /// service. Everything it needs comes from the conntrack entry and the backend's location (which
+    /// holds the service's summary), so it neither looks the service up nor reads its record. Gives
+    /// exactly the outcome the general path would (the entry's key is the frame's 5-tuple, so its
+    /// destination is the service key that the backend slot's key includes); returns `None`, having
+    /// changed nothing, for every other case (tombstone, expired, SYN on a closed flow, backend
+    /// gone, source ranges to check, tables of another lineage), which the general path then takes.
+    #[inline(always)]
+    fn forward_established(
+        &mut self,
+        tables: &Tables,
+        frame: &mut Frame<'_>,
+        p: &Parsed,
+        (key, hash): (&ConnKey, u64),
+        now: u32,
+    ) -> Option<Outcome> {
+        if p.fragment != Fragment::None || !self.slots_trusted {
+            return None;
+        }
+        let flags = p.tcp_flags;
+        let timeouts = &self.timeouts;
+        let (index, (summary, backend, change)) = self.conntrack.find_update(key, hash, |e| {
+            let usable = match e.state {
+                ConnState::BackendGone => false,
+                ConnState::TimeWait => !flags.is_syn_only(),
+                _ => true,
+            };
+            if !usable || e.kind != EntryKind::Forward || e.is_expired(now) {
+                return None;
+            }
+            let (summary, backend) = tables.resolve_known(e.backend).filter(|(s, _)| s.all_clients)?;
+            let change = advance(e, flags, true, timeouts, now);
+            Some((summary, backend, change))
+        })?;
+        self.count_established(backend.id, change);
+        let flow_hash = if matches!(summary.mode, ForwardMode::IpIp | ForwardMode::Gue { .. }) {
+            let f = &p.flow;
+            self.hasher.five_tuple(f.src_ip(), f.dst_ip(), f.proto(), f.src_port(), f.dst_port())
+        } else {
+            0
+        };
+        let outcome = match self.rewrite(tables, frame, p, summary.mode, backend, index, flow_hash) {
+            Ok(()) => {
+                if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
+                    c.packets += 1;
+                    c.bytes += u64::from(p.ip_len);
+                }
+                Ok(Verdict::Tx)
+            }
+            Err(reason) => Err(reason),
+        };
+        if !matches!(outcome, Ok(Verdict::Tx))
+            && let Some(c) = self.stats.service_mut(summary.slot.index())
+        {
+            c.drops += 1;
+        }
+        Some(outcome)
     }
 
     /// A frame that matches no service: ICMP about a flow, a NAT reply, a VIP port nobody serves, or
@@ -479,7 +624,7 @@ impl Core {
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        hash: u64,
+        (key, hash): (&ConnKey, u64),
         (summary, service): (&ServiceSummary, &Service),
         now: u32,
     ) -> Outcome {
@@ -487,12 +632,11 @@ impl Core {
         if !summary.all_clients && !service.allows(p.flow.src_ip()) {
             return Err(DropReason::SourceNotAllowed);
         }
-        let key = conn_key(p);
         let flags = p.tcp_flags;
 
         // Conntrack lookup: an established flow keeps its backend across table swaps.
         let mut known = None;
-        if let Some(index) = self.conntrack.find(&key, hash) {
+        if let Some(index) = self.conntrack.find(key, hash) {
             let entry = self.conntrack.get(index).copied().unwrap_or_default();
             let closed = match entry.state {
                 ConnState::TimeWait => true,
@@ -541,7 +685,7 @@ impl Core {
                 (index, backend)
             }
             None => {
-                let (index, bi) = self.new_flow(tables, p, FlowHashes { key, hash, flow_hash }, service, now)?;
+                let (index, bi) = self.new_flow(tables, p, FlowHashes { key: *key, hash, flow_hash }, service, now)?;
                 (index, service.backends.get(bi).ok_or(DropReason::NoBackend)?)
             }
         };
@@ -624,9 +768,6 @@ impl Core {
         if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
             c.new_flows += 1;
             c.active_conns += 1;
-        }
-        if let Some(c) = self.stats.service_mut(service.slot.index()) {
-            c.new_flows += 1;
         }
         if service.mode == ForwardMode::Nat {
             let snat = tables.node();

@@ -66,6 +66,48 @@ fn removed_backend_policy_reschedule_or_drop() {
 }
 
 #[test]
+fn tables_of_another_builder_never_send_a_flow_to_another_service() {
+    // Builder one: backend 10.1.0.1 of "web" takes the first backend slot.
+    let web = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1"]);
+    let mut w = Worker::new(TableBuilder::new().build(&web).unwrap(), WorkerConfig::single_core(1024));
+    let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+    assert_eq!(dsr_backend(&out), 1);
+    let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+    assert_eq!(dsr_backend(&out), 1);
+    // A second builder numbers slots afresh: the same slot and generation now name a backend of
+    // another service. The flow's backend left "web": it is rescheduled there, never sent to "other".
+    let mut cfg = web.clone();
+    cfg.services[0].backends = vec![backend("10.1.0.2", 80)];
+    cfg.services
+        .insert(0, service("other", "192.0.2.9", 80, Protocol::Tcp, ForwardMode::Dsr, vec![backend("10.1.0.9", 80)]));
+    assert!(w.trusts_backend_slots());
+    w.swap_tables(TableBuilder::new().build(&cfg).unwrap());
+    assert!(!w.trusts_backend_slots(), "entries of the first builder's slots are in the table");
+    for _ in 0..2 {
+        let (v, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2));
+        assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
+    }
+}
+
+/// `lb run` starts its workers on empty tables of a builder of its own, then gets the control
+/// plane's: with no entry in the table yet, the new lineage is trusted and established flows keep
+/// the shortcut (decided from their backend's location line).
+#[test]
+fn tables_of_another_builder_are_trusted_while_the_table_is_empty() {
+    let empty = Config { node: dsr_config(SchedulerKind::Maglev, &[]).node, services: vec![] };
+    let mut w = Worker::new(TableBuilder::new().build(&empty).unwrap(), WorkerConfig::single_core(1024));
+    let web = dsr_config(SchedulerKind::Maglev, &["10.1.0.1", "10.1.0.2"]);
+    let mut control = TableBuilder::new();
+    w.swap_tables(control.build(&web).unwrap());
+    assert!(w.trusts_backend_slots());
+    let (_, first) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+    let (v, again) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+    assert_eq!((v, dsr_backend(&again)), (Verdict::Tx, dsr_backend(&first)));
+    w.swap_tables(control.build(&web).unwrap());
+    assert!(w.trusts_backend_slots(), "same builder, same lineage");
+}
+
+#[test]
 fn draining_backend_keeps_its_flows_and_gets_no_new_ones() {
     let mut cfg = dsr_config(SchedulerKind::Maglev, &["10.1.0.1", "10.1.0.2"]);
     let mut b = TableBuilder::new();
@@ -179,6 +221,49 @@ fn expired_flows_are_reclaimed_and_counts_fall() {
     }
     let active: u64 = slots.iter().map(|&s| w.stats().backend(s).active_conns).sum();
     assert_eq!((active, w.conntrack().len()), (0, 0));
+}
+
+#[test]
+fn service_counters_keep_what_a_departed_backend_counted_and_start_at_zero_on_a_reused_slot() {
+    let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
+    let mut b = TableBuilder::new();
+    let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    let slot = w.tables().services()[0].slot;
+    let frame = |i, flags| tcp(client(i), 1000, v4(VIP), 80, flags, b"");
+    let mut bytes = 0;
+    for i in 0..4 {
+        for flags in [Tcp::Syn, Tcp::Ack] {
+            let f = frame(i, flags);
+            assert_eq!(run(&mut w, &f, secs(1)).0, Verdict::Tx);
+            bytes += (f.len() - 14) as u64;
+        }
+    }
+    // A frame the service drops counts as its drop, not as its traffic.
+    let mut blocked = cfg.clone();
+    blocked.services[0].source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
+    w.swap_tables(b.build(&blocked).unwrap());
+    assert_eq!(run(&mut w, &frame(0, Tcp::Ack), secs(1)).0, Verdict::Drop(DropReason::SourceNotAllowed));
+    let counted = w.stats().service(slot);
+    assert_eq!((counted.packets, counted.bytes, counted.new_flows, counted.drops), (8, bytes, 4, 1));
+    // Backend 10.1.0.1 leaves: what it carried stays the service's.
+    cfg.services[0].backends.retain(|b| b.addr != v4("10.1.0.1"));
+    w.swap_tables(b.build(&cfg).unwrap());
+    assert_eq!(w.stats().service(slot), counted);
+    let (v, out) = run(&mut w, &frame(9, Tcp::Syn), secs(2));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
+    let after = w.stats().service(slot);
+    assert_eq!((after.packets, after.new_flows, after.drops), (9, 5, 1));
+    // The service goes; a new one takes its slot: its counters start at zero.
+    let web = cfg.services.remove(0);
+    w.swap_tables(b.build(&cfg).unwrap());
+    let mut other = web.clone();
+    other.name = "other".into();
+    other.key.vip = v4("192.0.2.7");
+    cfg.services.push(other);
+    w.swap_tables(b.build(&cfg).unwrap());
+    let reused = w.tables().services().iter().find(|s| s.name == "other").unwrap();
+    assert_eq!(reused.slot, slot, "the builder reuses the freed slot");
+    assert_eq!(w.stats().service(slot), Default::default());
 }
 
 #[test]
