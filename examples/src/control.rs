@@ -206,7 +206,7 @@ pub struct LiveState {
     pub services: Vec<ServiceSpec>,
     /// Health of checked backends.
     pub health: StatusTable,
-    /// Updates applied.
+    /// Updates applied (built and published; one that changes nothing the workers serve is not).
     pub applied: u64,
     /// Updates rejected.
     pub rejected: u64,
@@ -287,6 +287,8 @@ pub struct Control<S: TablesSink> {
     health: HealthChecker,
     health_rx: mpsc::Receiver<HealthEvent>,
     live: watch::Sender<LiveState>,
+    /// The configuration the workers' tables were built from.
+    running: Option<Config>,
 }
 
 impl<S: TablesSink> Control<S> {
@@ -305,6 +307,7 @@ impl<S: TablesSink> Control<S> {
             health,
             health_rx,
             live,
+            running: None,
         }
     }
 
@@ -347,14 +350,27 @@ impl<S: TablesSink> Control<S> {
             node: file.as_ref().unwrap_or(&self.file).node.clone(),
             services: built.iter().map(|s| s.config.clone()).collect(),
         };
-        let result = self
-            .sink
-            .check(&config)
-            .map_err(ControlError::Unservable)
-            .and_then(|()| self.builder.build(&config).map_err(ControlError::from))
-            .and_then(|t| self.sink.publish(&t).map(|()| t).map_err(ControlError::Publish));
+        // An update that changes nothing the workers serve (a re-list, a touched file, a health
+        // event already applied) keeps the running tables: no rebuild, no swap, not counted.
+        let unchanged = match &self.running {
+            Some(running) if *running == config => self.live.borrow().tables.clone(),
+            _ => None,
+        };
+        let changed = unchanged.is_none();
+        let result = match unchanged {
+            Some(tables) => Ok(tables),
+            None => self
+                .sink
+                .check(&config)
+                .map_err(ControlError::Unservable)
+                .and_then(|()| self.builder.build(&config).map_err(ControlError::from))
+                .and_then(|t| self.sink.publish(&t).map(|()| t).map_err(ControlError::Publish)),
+        };
         match result {
             Ok(tables) => {
+                if changed {
+                    self.running = Some(config);
+                }
                 if let Some(f) = file {
                     self.file = f;
                 }
@@ -367,7 +383,13 @@ impl<S: TablesSink> Control<S> {
                 let status = self.health.status();
                 self.down.retain(|t| status.lock().map(|s| s.contains_key(t)).unwrap_or(true));
                 let k8s_skipped = self.kubernetes.skipped.len() + left_out.len();
-                let moves = self.live.borrow().tables.as_ref().map(|old| MaglevMoves::between(old, &tables));
+                let moves = self
+                    .live
+                    .borrow()
+                    .tables
+                    .as_ref()
+                    .filter(|_| changed)
+                    .map(|old| MaglevMoves::between(old, &tables));
                 self.live.send_modify(|l| {
                     if let Some(m) = moves {
                         l.maglev_moves.departed += m.departed;
@@ -376,14 +398,18 @@ impl<S: TablesSink> Control<S> {
                     }
                     l.tables = Some(tables.clone());
                     l.services = built;
-                    l.applied += 1;
+                    l.applied += u64::from(changed);
                     l.k8s_skipped = k8s_skipped;
                 });
-                tracing::info!(
-                    version = tables.version(),
-                    services = tables.services().len(),
-                    "tables published to workers"
-                );
+                if changed {
+                    tracing::info!(
+                        version = tables.version(),
+                        services = tables.services().len(),
+                        "tables published to workers"
+                    );
+                } else {
+                    tracing::debug!("update changes nothing the workers serve: running tables kept");
+                }
                 Ok(tables)
             }
             Err(e) => {
@@ -888,8 +914,28 @@ services:
             assert_eq!((l.applied, l.rejected), (1, 1));
         }
         // Nothing was built either: the next accepted version follows the first one directly.
-        let again = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let mut changed = parse(GOOD).unwrap();
+        changed.services[0].config.backends[0].weight = 2;
+        let again = control.apply(ControlInput::File(Box::new(changed))).unwrap();
         assert_eq!(again.version(), first.version() + 1);
+    }
+
+    /// An update that changes nothing the workers serve (the same file again) is neither built nor
+    /// published nor counted; the running tables stay.
+    #[tokio::test]
+    async fn an_update_that_changes_nothing_keeps_the_running_tables() {
+        let sink = RecordingSink::default();
+        let mut control = Control::new(sink.clone());
+        let live = control.subscribe();
+        let first = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let same = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        assert!(Arc::ptr_eq(&first, &same));
+        assert_eq!(sink.0.lock().unwrap().len(), 1, "published once");
+        assert_eq!(live.borrow().applied, 1);
+        let mut changed = parse(GOOD).unwrap();
+        changed.services[0].config.backends[0].weight = 2;
+        let next = control.apply(ControlInput::File(Box::new(changed))).unwrap();
+        assert_eq!((next.version(), sink.0.lock().unwrap().len(), live.borrow().applied), (first.version() + 1, 2, 2));
     }
 
     #[tokio::test]
