@@ -11,6 +11,11 @@
 
 mod cmd;
 
+/// lb-core's big tables (connection tables, Maglev tables) on transparent huge pages: one TLB entry
+/// covers 2 MiB of them instead of 4 KiB (see `lb_io::alloc`).
+#[global_allocator]
+static ALLOC: lb_io::HugePageAlloc = lb_io::HugePageAlloc;
+
 use clap::{Parser, Subcommand};
 
 /// A userspace packet-processing load balancer (AF_XDP, Maglev, conntrack, NAT / DSR / IP-in-IP).

@@ -17,6 +17,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod alloc;
 pub mod bpf;
 mod chunk;
 pub mod device;
@@ -30,6 +31,7 @@ pub mod stop;
 pub mod tun;
 pub mod xsk;
 
+pub use alloc::HugePageAlloc;
 pub use device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
 pub use memory::{MemoryConfig, MemoryDevice};
 pub use pcap::PcapDevice;
