@@ -7,9 +7,10 @@
 //! "always" its pages are 2 MiB. Smaller allocations go to the system allocator unchanged. lb-core
 //! stays allocator-agnostic (`no_std`, the embedder chooses); the `lb` binary installs this one:
 //!
-//! ```ignore
+//! ```no_run
 //! #[global_allocator]
 //! static ALLOC: lb_io::HugePageAlloc = lb_io::HugePageAlloc;
+//! # fn main() {}
 //! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
