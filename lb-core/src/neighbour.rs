@@ -220,30 +220,55 @@ impl NeighbourResponder {
             };
             (src, asker, NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::OVERRIDE)
         };
-        let advert = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
-            flags,
-            target_addr: target,
-            lladdr: Some(RawHardwareAddress::from_bytes(&self.mac)),
-        });
-        let icmp_len = advert.buffer_len();
-        let header = Ipv6Repr {
-            src_addr: target,
-            dst_addr: to,
-            next_header: IpProtocol::Icmpv6,
-            payload_len: icmp_len,
-            hop_limit: 255,
-        };
-        let ip_len = IPV6_HEADER_LEN + icmp_len;
-        if frame.set_len(l3 + ip_len).is_none() {
+        let advert = Advert { mac: self.mac, target, to, flags };
+        if frame.set_len(l3 + advert.ip_len()).is_none() {
             return Answer::Invalid(DropReason::NoHeadroom);
         }
         let Some((eth, ip)) = split(frame.data_mut(), l3) else { return Answer::NotOurs };
         set_macs(eth, to_mac, self.mac);
-        // `ip` is exactly `ip_len` bytes: the 40-byte header and the advertisement's own length.
+        advert.emit(ip);
+        Answer::NeighbourAdvert
+    }
+}
+
+/// A Neighbour Advertisement from `target` (at `mac`, in a target link-layer option) to `to`: what
+/// both an answer to a solicitation and an unsolicited announcement send.
+struct Advert {
+    mac: [u8; 6],
+    target: Ipv6Addr,
+    to: Ipv6Addr,
+    flags: NdiscNeighborFlags,
+}
+
+impl Advert {
+    fn icmp(&self) -> Icmpv6Repr<'_> {
+        Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+            flags: self.flags,
+            target_addr: self.target,
+            lladdr: Some(RawHardwareAddress::from_bytes(&self.mac)),
+        })
+    }
+
+    /// Length of the IPv6 packet: the 40-byte header and the advertisement.
+    fn ip_len(&self) -> usize {
+        IPV6_HEADER_LEN + self.icmp().buffer_len()
+    }
+
+    /// Writes the IPv6 packet into `ip`, which must be exactly [`Self::ip_len`] bytes (the length
+    /// smoltcp's emitters need to never panic).
+    fn emit(&self, ip: &mut [u8]) {
+        let icmp = self.icmp();
+        let header = Ipv6Repr {
+            src_addr: self.target,
+            dst_addr: self.to,
+            next_header: IpProtocol::Icmpv6,
+            payload_len: icmp.buffer_len(),
+            hop_limit: 255,
+        };
         let mut ip = Ipv6Packet::new_unchecked(ip);
         header.emit(&mut ip);
-        advert.emit(&target, &to, &mut Icmpv6Packet::new_unchecked(ip.payload_mut()), &ChecksumCapabilities::default());
-        Answer::NeighbourAdvert
+        let mut packet = Icmpv6Packet::new_unchecked(ip.payload_mut());
+        icmp.emit(&self.target, &self.to, &mut packet, &ChecksumCapabilities::default());
     }
 }
 
@@ -271,27 +296,12 @@ pub fn announcement(mac: [u8; 6], addr: IpAddr, buf: &mut [u8]) -> Option<usize>
             Some(len)
         }
         IpAddr::V6(a) => {
-            let advert = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
-                flags: NdiscNeighborFlags::OVERRIDE,
-                target_addr: a,
-                lladdr: Some(RawHardwareAddress::from_bytes(&mac)),
-            });
-            let icmp_len = advert.buffer_len();
-            let header = Ipv6Repr {
-                src_addr: a,
-                dst_addr: ALL_NODES,
-                next_header: IpProtocol::Icmpv6,
-                payload_len: icmp_len,
-                hop_limit: 255,
-            };
-            let len = ETHERNET_LEN + IPV6_HEADER_LEN + icmp_len;
+            let advert = Advert { mac, target: a, to: ALL_NODES, flags: NdiscNeighborFlags::OVERRIDE };
+            let len = ETHERNET_LEN + advert.ip_len();
             let (eth, rest) = buf.get_mut(..len)?.split_at_mut(ETHERNET_LEN);
             set_macs(eth, ALL_NODES_MAC, mac);
             eth[12..].copy_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
-            let mut ip = Ipv6Packet::new_unchecked(rest);
-            header.emit(&mut ip);
-            let mut icmp = Icmpv6Packet::new_unchecked(ip.payload_mut());
-            advert.emit(&a, &ALL_NODES, &mut icmp, &ChecksumCapabilities::default());
+            advert.emit(rest);
             Some(len)
         }
     }
