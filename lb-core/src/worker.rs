@@ -526,12 +526,7 @@ impl Core {
             }
         };
         let outcome = self.forward_to_service(tables, frame, p, (key, hash), (&summary, service), now);
-        // Forwarded packets count at their backend only (see `stats`).
-        if !matches!(outcome, Ok(Verdict::Tx))
-            && let Some(c) = self.stats.service_mut(summary.slot.index())
-        {
-            c.drops += 1;
-        }
+        self.count_service_drop(&summary, &outcome);
         outcome
     }
 
@@ -571,27 +566,42 @@ impl Core {
         })?;
         self.count_established(backend.id, change);
         let flow_hash = if matches!(summary.mode, ForwardMode::IpIp | ForwardMode::Gue { .. }) {
-            let f = &p.flow;
-            self.hasher.five_tuple(f.src_ip(), f.dst_ip(), f.proto(), f.src_port(), f.dst_port())
+            self.flow_hash(&p.flow)
         } else {
             0
         };
-        let outcome = match self.rewrite(tables, frame, p, summary.mode, backend, index, flow_hash) {
-            Ok(()) => {
-                if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
-                    c.packets += 1;
-                    c.bytes += u64::from(p.ip_len);
-                }
-                Ok(Verdict::Tx)
-            }
-            Err(reason) => Err(reason),
-        };
+        let outcome = self.rewrite(tables, frame, p, summary.mode, backend, index, flow_hash).map(|()| {
+            self.count_forwarded(backend, p);
+            Verdict::Tx
+        });
+        self.count_service_drop(&summary, &outcome);
+        Some(outcome)
+    }
+
+    /// The lb-hash 5-tuple hash of `f` (schedulers for new flows, tunnels for the outer header).
+    #[inline]
+    fn flow_hash(&self, f: &FlowKey) -> u64 {
+        self.hasher.five_tuple(f.src_ip(), f.dst_ip(), f.proto(), f.src_port(), f.dst_port())
+    }
+
+    /// A packet forwarded to `backend` counts at the backend only: its service's packets and bytes
+    /// are its backends' sums (see `stats`).
+    #[inline]
+    fn count_forwarded(&mut self, backend: &crate::service::Backend, p: &Parsed) {
+        if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
+            c.packets += 1;
+            c.bytes += u64::from(p.ip_len);
+        }
+    }
+
+    /// A frame of the service that was not forwarded counts as one of its drops.
+    #[inline]
+    fn count_service_drop(&mut self, summary: &ServiceSummary, outcome: &Outcome) {
         if !matches!(outcome, Ok(Verdict::Tx))
             && let Some(c) = self.stats.service_mut(summary.slot.index())
         {
             c.drops += 1;
         }
-        Some(outcome)
     }
 
     /// A frame that matches no service: ICMP about a flow, a NAT reply, a VIP port nobody serves, or
@@ -669,12 +679,7 @@ impl Core {
 
         // The lb-hash flow hash: schedulers need it for new flows, tunnels for the outer header.
         let needs_flow_hash = known.is_none() || matches!(summary.mode, ForwardMode::IpIp | ForwardMode::Gue { .. });
-        let flow_hash = if needs_flow_hash {
-            let f = &p.flow;
-            self.hasher.five_tuple(f.src_ip(), f.dst_ip(), f.proto(), f.src_port(), f.dst_port())
-        } else {
-            0
-        };
+        let flow_hash = if needs_flow_hash { self.flow_hash(&p.flow) } else { 0 };
         let (index, backend) = match known {
             Some((index, backend)) => {
                 let timeouts = &self.timeouts;
@@ -696,10 +701,7 @@ impl Core {
             }
             return Err(reason);
         }
-        if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
-            c.packets += 1;
-            c.bytes += p.ip_len as u64;
-        }
+        self.count_forwarded(backend, p);
         Ok(Verdict::Tx)
     }
 
@@ -867,7 +869,7 @@ impl Core {
         let (si, bi) = tables.resolve(entry.backend).ok_or(DropReason::IcmpNoFlow)?;
         let service = tables.service(si).ok_or(DropReason::IcmpNoFlow)?;
         let backend = service.backends.get(bi).ok_or(DropReason::IcmpNoFlow)?;
-        let hash = self.hasher.five_tuple(flow.src_ip(), flow.dst_ip(), flow.proto(), flow.src_port(), flow.dst_port());
+        let hash = self.flow_hash(flow);
         self.rewrite(tables, frame, p, service.mode, backend, index, hash)?;
         Ok(Verdict::Tx)
     }
