@@ -239,7 +239,7 @@ impl MaglevMoves {
     pub fn between(before: &Tables, after: &Tables) -> Self {
         let mut total = MaglevMoves::default();
         for new in after.services() {
-            let Some(old) = before.services().iter().find(|o| o.key == new.key) else { continue };
+            let Some((_, old)) = before.lookup(&new.key) else { continue };
             let (Some(t1), Some(t0)) = (new.scheduler.maglev_table(), old.scheduler.maglev_table()) else { continue };
             let Some(c) = t1.changes_from(t0) else { continue };
             if c.departed + c.arrived + c.between_stayed > 0 {
