@@ -735,7 +735,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     if uses_nat && (first == 0 || first > last) {
         return Err(ConfigError::BadSnatPorts { first, last });
     }
-    let min_mtu = crate::forward::too_big::IPV6_MIN_MTU + 52;
+    let min_mtu = crate::forward::too_big::MIN_TUNNEL_MTU;
     if let Some(mtu) = node.tunnel_mtu.filter(|&m| m < min_mtu) {
         return Err(ConfigError::TunnelMtuTooSmall { mtu, min: min_mtu });
     }

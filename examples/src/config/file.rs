@@ -440,8 +440,7 @@ fn validate_node(n: &FileNode, p: &mut Problems) -> NodeConfig {
         }
     }
     if let Some(mtu) = n.tunnel_mtu {
-        // lb-core's least: IPv6's 1280 plus GUE over IPv6.
-        node.tunnel_mtu = p.u16_in("node.tunnel_mtu", mtu, 1332);
+        node.tunnel_mtu = p.u16_in("node.tunnel_mtu", mtu, lb_core::forward::too_big::MIN_TUNNEL_MTU);
     }
     if let Some(seed) = n.hash_seed {
         node.hash_seed = seed;

@@ -151,15 +151,19 @@ fn l4_checksum_offset(proto: u8) -> Option<usize> {
     }
 }
 
+/// Length of an IP header without options or extension headers: 20 for IPv4, 40 for IPv6.
+const fn ip_header_len(family: Family) -> usize {
+    match family {
+        Family::V4 => 20,
+        Family::V6 => 40,
+    }
+}
+
 /// The IP packet's bounds in the frame, `l3_offset..l3_offset + ip_len`, checked.
 fn ip_range(frame: &Frame<'_>, p: &Parsed) -> Result<(usize, usize), RewriteError> {
     let l3 = p.l3_offset as usize;
     let end = l3.checked_add(p.ip_len as usize).ok_or(RewriteError::Inconsistent)?;
-    let min = match p.family() {
-        Family::V4 => 20,
-        Family::V6 => 40,
-    };
-    if end > frame.len() || (p.ip_len as usize) < min || l3 < 14 {
+    if end > frame.len() || (p.ip_len as usize) < ip_header_len(p.family()) || l3 < 14 {
         return Err(RewriteError::Inconsistent);
     }
     Ok((l3, end))
@@ -180,10 +184,7 @@ fn encapsulate<'f>(
     if Family::of(t.dst) != outer_family {
         return Err(RewriteError::MixedTunnelFamilies);
     }
-    let outer_ip_len = match outer_family {
-        Family::V4 => 20,
-        Family::V6 => 40,
-    };
+    let outer_ip_len = ip_header_len(outer_family);
     let grow = outer_ip_len + extra;
     let inner_len = end - l3;
     let outer_total = grow + inner_len;

@@ -30,19 +30,21 @@ const MAX_ERROR_V4: usize = 576;
 const MAX_ERROR_V6: usize = 1280;
 /// IPv6's minimum link MTU: no path may report less (RFC 8200 5).
 pub const IPV6_MIN_MTU: u16 = 1280;
+/// The least `NodeConfig::tunnel_mtu` accepted: IPv6's minimum packet behind the largest tunnel
+/// headers (GUE over IPv6, 52 bytes).
+#[expect(clippy::cast_possible_truncation, reason = "40 + 12 bytes")]
+pub const MIN_TUNNEL_MTU: u16 = IPV6_MIN_MTU + (super::ip_header_len(Family::V6) + super::gue::UDP_GUE_LEN) as u16;
 
 /// Bytes a tunnel mode puts in front of a packet of `family`: the outer IP header (of the packet's
 /// own family: tunnel backends share the VIP's), plus UDP and GUE for GUE; `None` for other modes.
 pub fn tunnel_overhead(mode: ForwardMode, family: Family) -> Option<u16> {
-    let ip = match family {
-        Family::V4 => 20,
-        Family::V6 => 40,
+    let ip = super::ip_header_len(family);
+    let bytes = match mode {
+        ForwardMode::IpIp => ip,
+        ForwardMode::Gue { .. } => ip + super::gue::UDP_GUE_LEN,
+        ForwardMode::Nat | ForwardMode::Dsr => return None,
     };
-    match mode {
-        ForwardMode::IpIp => Some(ip),
-        ForwardMode::Gue { .. } => Some(ip + 8 + 4),
-        ForwardMode::Nat | ForwardMode::Dsr => None,
-    }
+    u16::try_from(bytes).ok()
 }
 
 /// Whether the packet can be told to shrink: TCP, UDP or another non-error packet, and for IPv4 one
@@ -62,9 +64,11 @@ pub fn can_signal(frame: &Frame<'_>, p: &Parsed) -> bool {
 /// headroom. On error the frame may be partly rewritten and must be dropped.
 pub fn reply(frame: &mut Frame<'_>, p: &Parsed, mtu: u16, local_mac: [u8; 6]) -> Result<(), RewriteError> {
     let (l3, end) = super::ip_range(frame, p)?;
-    let (header, max) = match p.family() {
-        Family::V4 => (20 + 8, MAX_ERROR_V4),
-        Family::V6 => (40 + 8, MAX_ERROR_V6),
+    // The new IP header and the 8-byte ICMP header go in front of the quote.
+    let header = super::ip_header_len(p.family()) + 8;
+    let max = match p.family() {
+        Family::V4 => MAX_ERROR_V4,
+        Family::V6 => MAX_ERROR_V6,
     };
     let quote = (end - l3).min(max - header);
     let client_mac: [u8; 6] =
