@@ -1,0 +1,261 @@
+//! The cases of the lb-core `Worker::process_burst` benchmarks, shared by `worker.rs` (the system
+//! allocator) and `worker_hugepages.rs` (`lb_io::HugePageAlloc`, as the `lb` binary installs it):
+//! nanoseconds per packet for bursts of 64 frames, on established flows and on new flows, with 10
+//! and 100 000 services and a 1 M-entry conntrack table.
+//!
+//! Each iteration copies 64 template frames into the burst's buffers (NAT and tunnel rewrites change
+//! them) and processes the burst; `copy_only` measures the copy alone in the same run, as a baseline
+//! to subtract. Frames are hand-built Ethernet + IPv4 + TCP with valid lengths (the worker does not
+//! verify checksums). Figures and the command are in BENCHMARKS.md, section "lb-core".
+//!
+//! Time is the benchmark thread's CPU time ([`ThreadCpuTime`]), not wall time: on a shared machine
+//! wall time also counts the slices other processes run while this thread waits for a core, which
+//! made repeated runs differ by 2x. On an idle, dedicated core the two agree.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+
+pub(crate) use std::time::Duration;
+
+use criterion::measurement::{Measurement, ValueFormatter};
+use criterion::{BenchmarkId, Criterion, Throughput};
+use lb_core::config::{
+    BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey,
+};
+use lb_core::service::TableBuilder;
+use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
+
+/// Criterion measurement: CPU time of the measuring thread (`CLOCK_THREAD_CPUTIME_ID`), in ns.
+pub(crate) struct ThreadCpuTime;
+
+impl Measurement for ThreadCpuTime {
+    type Intermediate = cpu_time::ThreadTime;
+    type Value = Duration;
+
+    fn start(&self) -> Self::Intermediate {
+        cpu_time::ThreadTime::now()
+    }
+    fn end(&self, start: Self::Intermediate) -> Self::Value {
+        start.elapsed()
+    }
+    fn add(&self, a: &Self::Value, b: &Self::Value) -> Self::Value {
+        *a + *b
+    }
+    fn zero(&self) -> Self::Value {
+        Duration::ZERO
+    }
+    fn to_f64(&self, value: &Self::Value) -> f64 {
+        value.as_nanos() as f64
+    }
+    fn formatter(&self) -> &dyn ValueFormatter {
+        &CpuTimeFormatter
+    }
+}
+
+/// Formats [`ThreadCpuTime`] values as durations and throughputs as elements per second.
+struct CpuTimeFormatter;
+
+impl ValueFormatter for CpuTimeFormatter {
+    fn scale_values(&self, ns: f64, values: &mut [f64]) -> &'static str {
+        let (factor, unit) = match ns {
+            n if n < 1e3 => (1.0, "ns"),
+            n if n < 1e6 => (1e-3, "µs"),
+            n if n < 1e9 => (1e-6, "ms"),
+            _ => (1e-9, "s"),
+        };
+        values.iter_mut().for_each(|v| *v *= factor);
+        unit
+    }
+    fn scale_throughputs(&self, _ns: f64, throughput: &Throughput, values: &mut [f64]) -> &'static str {
+        let per_iter = match *throughput {
+            Throughput::Elements(n) | Throughput::ElementsAndBytes { elements: n, .. } => n as f64,
+            Throughput::Bytes(n) | Throughput::BytesDecimal(n) => n as f64,
+            Throughput::Bits(n) => n as f64,
+        };
+        values.iter_mut().for_each(|v| *v = per_iter * 1e9 / *v / 1e6);
+        "Melem/s"
+    }
+    fn scale_for_machines(&self, _values: &mut [f64]) -> &'static str {
+        "ns"
+    }
+}
+
+const BURST: usize = 64;
+const HEADROOM: usize = Frame::HEADROOM_NEEDED;
+const CONNTRACK: usize = 1 << 20;
+/// Established flows the worker holds while the established benchmark runs.
+const ESTABLISHED_FLOWS: usize = 65_536;
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000 + i as u32 + 1)
+}
+
+fn config(services: usize, mode: ForwardMode) -> Config {
+    let node = NodeConfig {
+        gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]),
+        snat_v4: Some(Ipv4Addr::new(172, 16, 0, 1)),
+        tunnel_src_v4: Some(Ipv4Addr::new(172, 16, 0, 2)),
+        snat_ports: (1024, 65535),
+        ..NodeConfig::default()
+    };
+    let services = (0..services)
+        .map(|i| {
+            let backends = (0..2)
+                .map(|b| BackendConfig {
+                    addr: IpAddr::V4(Ipv4Addr::from(0xac10_0000 + (i as u32) * 2 + b + 10)),
+                    port: 80,
+                    weight: 1,
+                    mac: None,
+                    state: BackendState::Active,
+                })
+                .collect();
+            ServiceConfig {
+                // 211 entries for 2 backends, as before lb-core's default became 65 537 (128 KiB a
+                // service, 13 GB for 100 000): the per-packet path reads one entry either way.
+                maglev_table_size: Some(lb_hash::maglev_table_size_for(2)),
+                ..ServiceConfig::new(
+                    format!("svc{i}"),
+                    ServiceKey { vip: IpAddr::V4(vip(i)), port: 80, proto: Protocol::Tcp },
+                    mode,
+                    backends,
+                )
+            }
+        })
+        .collect();
+    Config { node, services }
+}
+
+/// Ethernet + IPv4 + TCP (20-byte header) + 6 bytes of payload: a 60-byte minimum frame.
+fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, flags: u8) -> [u8; 60] {
+    let mut f = [0u8; 60];
+    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0xc1]);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&46u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let tcp = &mut f[34..54];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = flags;
+    f
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn client(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(0xc000_0000 + (i as u32 >> 14))
+}
+
+fn sport(i: usize) -> u16 {
+    1024 + (i & 0x3fff) as u16
+}
+
+/// Processes `templates` (64 at a time) through `w`, copying each into the burst buffers first.
+fn burst(w: &mut Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templates: &[[u8; 60]], now: Instant) -> usize {
+    for (b, t) in bufs.iter_mut().zip(templates) {
+        b[HEADROOM..HEADROOM + 60].copy_from_slice(t);
+    }
+    let mut it = bufs.iter_mut();
+    let mut frames: [Frame<'_>; BURST] = std::array::from_fn(|_| Frame::new(it.next().unwrap(), HEADROOM, 60));
+    let mut verdicts = [Verdict::Pass; BURST];
+    w.process_burst(&mut frames, now, &mut verdicts);
+    verdicts.iter().filter(|v| **v == Verdict::Tx).count()
+}
+
+pub(crate) fn established(c: &mut Criterion<ThreadCpuTime>, group: &str) {
+    let mut g = c.benchmark_group(group);
+    g.throughput(Throughput::Elements(BURST as u64));
+    let mut bufs = Box::new([[0u8; HEADROOM + 128]; BURST]);
+    let cases = [
+        (10usize, "dsr", ForwardMode::Dsr, ESTABLISHED_FLOWS),
+        (10, "nat", ForwardMode::Nat, ESTABLISHED_FLOWS),
+        (100_000, "dsr", ForwardMode::Dsr, ESTABLISHED_FLOWS),
+        (100_000, "nat", ForwardMode::Nat, ESTABLISHED_FLOWS),
+        // 1 024 flows: everything the path touches stays in cache; the compute floor.
+        (10, "dsr_cache_hot", ForwardMode::Dsr, 1024),
+    ];
+    for (services, mode_name, mode, n_flows) in cases {
+        // Built on first use, so a filtered run builds only the cases it measures.
+        let mut state: Option<(Worker, Vec<[u8; 60]>)> = None;
+        let mut k = 0;
+        g.bench_function(BenchmarkId::new(mode_name, format!("{services}_services")), |b| {
+            let (w, order) = state.get_or_insert_with(|| {
+                let tables = TableBuilder::new().build(&config(services, mode)).unwrap();
+                let mut w = Worker::new(tables, WorkerConfig::single_core(CONNTRACK));
+                // Establish the flows (SYN then ACK), spread over the services.
+                let flows: Vec<[u8; 60]> =
+                    (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), ACK)).collect();
+                let syns: Vec<[u8; 60]> =
+                    (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), SYN)).collect();
+                for chunk in syns.chunks(BURST).chain(flows.chunks(BURST)) {
+                    assert_eq!(burst(&mut w, &mut bufs, chunk, Instant::from_secs(1)), BURST);
+                }
+                // Bursts walk the flows with a stride, so consecutive bursts touch unrelated entries.
+                let order = (0..n_flows).map(|i| flows[(i * 7919) % n_flows]).collect();
+                (w, order)
+            });
+            b.iter(|| {
+                let chunk = &order[k..k + BURST];
+                k = (k + BURST) % n_flows;
+                black_box(burst(w, &mut bufs, chunk, Instant::from_secs(2)))
+            });
+        });
+    }
+    g.bench_function("copy_only", |b| {
+        let t = [tcp_frame(client(1), 1, vip(0), ACK); BURST];
+        b.iter(|| {
+            for (buf, t) in bufs.iter_mut().zip(&t) {
+                buf[HEADROOM..HEADROOM + 60].copy_from_slice(t);
+            }
+            black_box(&bufs);
+        });
+    });
+    g.finish();
+}
+
+pub(crate) fn new_flows(c: &mut Criterion<ThreadCpuTime>, group: &str) {
+    let mut g = c.benchmark_group(group);
+    g.throughput(Throughput::Elements(BURST as u64));
+    let mut bufs = Box::new([[0u8; HEADROOM + 128]; BURST]);
+    for services in [10usize, 100_000] {
+        let mut worker: Option<Worker> = None;
+        let mut templates = [tcp_frame(client(0), 1, vip(0), SYN); BURST];
+        let mut n: usize = 0;
+        // A never-seen client address and port for every frame.
+        let mut next_syns = move |templates: &mut [[u8; 60]; BURST]| {
+            for t in templates.iter_mut() {
+                n += 1;
+                t[26..30].copy_from_slice(&(0x6400_0000u32 + (n as u32 >> 16)).to_be_bytes());
+                t[34..36].copy_from_slice(&(n as u16).to_be_bytes());
+                t[30..34].copy_from_slice(&vip(n % services).octets());
+            }
+        };
+        g.bench_function(BenchmarkId::new("dsr_syn", format!("{services}_services")), |b| {
+            let w = worker.get_or_insert_with(|| {
+                let tables = TableBuilder::new().build(&config(services, ForwardMode::Dsr)).unwrap();
+                let mut w = Worker::new(tables, WorkerConfig::single_core(CONNTRACK));
+                // Fill the table first, so every measured SYN meets the steady state of a SYN flood
+                // (a full table, each insert evicting the oldest half-open entry) however many
+                // iterations the run has (callgrind runs few).
+                for _ in 0..CONNTRACK / BURST {
+                    next_syns(&mut templates);
+                    burst(&mut w, &mut bufs, &templates, Instant::from_secs(1));
+                }
+                w
+            });
+            b.iter(|| {
+                next_syns(&mut templates);
+                black_box(burst(w, &mut bufs, &templates, Instant::from_secs(1)))
+            });
+        });
+    }
+    g.finish();
+}
+
