@@ -258,4 +258,3 @@ pub(crate) fn new_flows(c: &mut Criterion<ThreadCpuTime>, group: &str) {
     }
     g.finish();
 }
-
