@@ -298,6 +298,9 @@ struct Lookahead {
     likely_backend: Option<BackendRef>,
     /// True when that entry is a tag hit, i.e. most likely the frame's own flow.
     likely_hit: bool,
+    /// The lb-hash 5-tuple hash of a likely new flow of a service (its scheduler's input), computed
+    /// in the warm-up to read ahead what the scheduler will read; `None` for any other frame.
+    flow_hash: Option<u64>,
 }
 
 impl Lookahead {
@@ -310,6 +313,7 @@ impl Lookahead {
         service: None,
         likely_backend: None,
         likely_hit: false,
+        flow_hash: None,
     };
 
     /// Parses `frame` into this slot and hashes its flow.
@@ -335,6 +339,7 @@ impl Lookahead {
         self.service = None;
         self.likely_backend = None;
         self.likely_hit = false;
+        self.flow_hash = None;
     }
 
     /// Service lookup: O(1) in the number of services.
@@ -459,8 +464,9 @@ impl Core {
     /// Reads, in two more tight loops over the batch, what deciding its frames will read once the
     /// services are known: each likely entry's backend location (which holds a copy of the backend
     /// and its service's summary) and counters, and for a likely new flow its service's record;
-    /// then, for a likely new flow, the service's backends (for the scheduler). (Service counters
-    /// are their backends' sums: a packet adds to its backend's only.)
+    /// then, for a likely new flow, the service's backends and (Maglev) the table entry and index map
+    /// its pick will read, from the flow's scheduler hash, computed here once and kept for the
+    /// decision. (Service counters are their backends' sums: a packet adds to its backend's only.)
     fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) {
         let mut fold = 0u64;
         for a in ahead.iter() {
@@ -475,9 +481,19 @@ impl Core {
                 fold ^= c.packets ^ c.bytes;
             }
         }
-        for a in ahead.iter() {
+        for a in ahead.iter_mut() {
             if let Some(s) = a.service.and_then(|s| tables.service(s.index as usize)) {
                 fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
+                // A likely new flow: its scheduler's hash, kept for the decision, and (Maglev) the
+                // table entry and index map the pick will read.
+                if !a.likely_hit
+                    && let Ok(p) = &a.parsed
+                    && p.has_ports()
+                {
+                    let h = self.flow_hash(&p.flow);
+                    a.flow_hash = Some(h);
+                    fold ^= u64::from(s.scheduler.touch(h));
+                }
             }
         }
         core::hint::black_box(fold);
@@ -525,7 +541,7 @@ impl Core {
                 (&computed, computed.hash())
             }
         };
-        let outcome = self.forward_to_service(tables, frame, p, (key, hash), (&summary, service), now);
+        let outcome = self.forward_to_service(tables, frame, p, (key, hash, ahead.flow_hash), (&summary, service), now);
         self.count_service_drop(&summary, &outcome);
         outcome
     }
@@ -634,7 +650,7 @@ impl Core {
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        (key, hash): (&ConnKey, u64),
+        (key, hash, flow_hash): (&ConnKey, u64, Option<u64>),
         (summary, service): (&ServiceSummary, &Service),
         now: u32,
     ) -> Outcome {
@@ -679,7 +695,11 @@ impl Core {
 
         // The lb-hash flow hash: schedulers need it for new flows, tunnels for the outer header.
         let needs_flow_hash = known.is_none() || matches!(summary.mode, ForwardMode::IpIp | ForwardMode::Gue { .. });
-        let flow_hash = if needs_flow_hash { self.flow_hash(&p.flow) } else { 0 };
+        let flow_hash = match flow_hash {
+            _ if !needs_flow_hash => 0,
+            Some(h) => h,
+            None => self.flow_hash(&p.flow),
+        };
         let (index, backend) = match known {
             Some((index, backend)) => {
                 let timeouts = &self.timeouts;

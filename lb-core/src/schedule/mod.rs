@@ -214,6 +214,20 @@ impl ServiceScheduler {
     }
 }
 
+impl ServiceScheduler {
+    /// For Maglev (mh), reads the table entry and the index map that picking a backend for a flow
+    /// with lb-hash 5-tuple hash `flow_hash` will read: loads whose only purpose is to bring those
+    /// lines in ahead of [`Scheduler::pick`] (the worker's batch passes). 0 for other schedulers,
+    /// whose picks read nothing the batch passes do not (or hash something else: sh, dh).
+    #[inline]
+    pub fn touch(&self, flow_hash: u64) -> u32 {
+        match self {
+            Self::Maglev(s) => s.selection.touch(flow_hash),
+            _ => 0,
+        }
+    }
+}
+
 impl Scheduler for ServiceScheduler {
     #[inline]
     fn pick(&self, flow: &FlowInput, backends: &[Backend], core: &mut CoreState<'_>) -> Option<usize> {
@@ -297,6 +311,13 @@ impl HashedSelection {
             .map(|id| hb.iter().position(|b| b.id == *id).and_then(|i| u16::try_from(i).ok()).unwrap_or(u16::MAX))
             .collect();
         Ok(HashedSelection { selector: Some(selector), to_backend })
+    }
+
+    /// See [`ServiceScheduler::touch`].
+    #[inline]
+    fn touch(&self, hash: u64) -> u32 {
+        let Some(AnySelector::Maglev(table)) = self.selector.as_ref() else { return 0 };
+        table.lookup(hash).unwrap_or(0) ^ u32::from(self.to_backend.first().copied().unwrap_or(0))
     }
 
     #[inline]
