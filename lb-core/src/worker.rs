@@ -496,6 +496,14 @@ impl Core {
                 }
             }
         }
+        // Then the counters of the backend a likely new flow's pick will give.
+        for a in ahead.iter() {
+            if let (Some(h), Some(s)) = (a.flow_hash, a.service.and_then(|s| tables.service(s.index as usize)))
+                && let Some(b) = s.scheduler.likely_pick(h).and_then(|i| s.backends.get(i))
+            {
+                fold ^= self.stats.backend(b.slot()).packets;
+            }
+        }
         core::hint::black_box(fold);
     }
 

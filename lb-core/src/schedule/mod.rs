@@ -226,6 +226,17 @@ impl ServiceScheduler {
             _ => 0,
         }
     }
+
+    /// For Maglev (mh), the backend [`Scheduler::pick`] will give a flow with lb-hash 5-tuple hash
+    /// `flow_hash` (a pure function of the tables): the worker reads that backend's counters ahead.
+    /// `None` for other schedulers.
+    #[inline]
+    pub fn likely_pick(&self, flow_hash: u64) -> Option<usize> {
+        match self {
+            Self::Maglev(s) => s.selection.pick(flow_hash),
+            _ => None,
+        }
+    }
 }
 
 impl Scheduler for ServiceScheduler {
