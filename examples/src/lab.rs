@@ -22,7 +22,7 @@
 //! balancer's and the backends' links then get an MTU of [`TUNNEL_MTU`], room for the outer headers.
 
 use std::io::{BufRead, BufReader};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, mpsc};
@@ -31,8 +31,10 @@ use lb_core::config::{
     BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy, SchedulerKind,
     ServiceConfig, ServiceKey,
 };
+use lb_core::schedule::{CoreState, FlowInput, Scheduler};
 use lb_core::service::{TableBuilder, Tables};
 use lb_core::worker::{Worker, WorkerConfig};
+use lb_hash::FlowHasher;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
 
@@ -407,6 +409,32 @@ impl Lab {
     /// The backend called `name` (`b1`...).
     pub fn backend_named(&self, name: &str) -> Option<&LabBackend> {
         self.backends.iter().find(|b| b.name == name)
+    }
+
+    /// The backend (`b1`...) `tables` send a new `proto` flow from `client` to `vip`'s service
+    /// port to: lb-core's own scheduler over the same hash the worker computes, so a test can
+    /// check that the backend which answered is the one the load balancer had to pick. Only for
+    /// schedulers that depend on nothing but the flow (mh, as [`Lab::config`] sets, sh, dh, hrw,
+    /// ecmp); `None` when no service or backend matches.
+    pub fn scheduled_backend(
+        &self,
+        tables: &Tables,
+        proto: Protocol,
+        client: SocketAddr,
+        vip: IpAddr,
+    ) -> Option<&'static str> {
+        let (_, service) = tables.lookup(&ServiceKey { vip, port: PORT, proto })?;
+        let hasher = FlowHasher::new(tables.node().hash_seed);
+        let (src, sport, proto) = (client.ip(), client.port(), proto.number());
+        let flow_hash = hasher.five_tuple(src, vip, proto, sport, PORT);
+        let flow = FlowInput { src, dst: vip, proto, sport, dport: PORT, flow_hash, hasher };
+        let mut cursor = 0;
+        let mut core = CoreState { cursor: &mut cursor, conns: &[] };
+        let picked = service.backends.get(service.scheduler.pick(&flow, &service.backends, &mut core)?)?;
+        self.backends
+            .iter()
+            .find(|b| IpAddr::V4(b.v4) == picked.addr || IpAddr::V6(b.v6) == picked.addr)
+            .map(|b| b.name)
     }
 }
 
