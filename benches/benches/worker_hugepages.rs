@@ -7,27 +7,8 @@
 #[global_allocator]
 static ALLOC: lb_io::HugePageAlloc = lb_io::HugePageAlloc;
 
+#[macro_use]
 #[path = "common/worker_cases.rs"]
 mod cases;
 
-use cases::{Duration, ThreadCpuTime};
-use criterion::{Criterion, criterion_group, criterion_main};
-
-fn established(c: &mut Criterion<ThreadCpuTime>) {
-    cases::established(c, "worker_established_hugepages");
-}
-
-fn new_flows(c: &mut Criterion<ThreadCpuTime>) {
-    cases::new_flows(c, "worker_new_flows_hugepages");
-}
-
-criterion_group! {
-    name = benches;
-    config = Criterion::default()
-        .with_measurement(ThreadCpuTime)
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(3))
-        .sample_size(30);
-    targets = established, new_flows
-}
-criterion_main!(benches);
+worker_benches!("worker_established_hugepages", "worker_new_flows_hugepages");

@@ -12,10 +12,41 @@
 //! wall time also counts the slices other processes run while this thread waits for a core, which
 //! made repeated runs differ by 2x. On an idle, dedicated core the two agree.
 
+/// The bench binary's groups and `main`: both case groups under the given names, with the shared
+/// criterion configuration. Used at the root of `worker.rs` and `worker_hugepages.rs`, after
+/// `#[macro_use] mod cases;`.
+macro_rules! worker_benches {
+    ($established:literal, $new_flows:literal) => {
+        fn established(c: &mut criterion::Criterion<cases::ThreadCpuTime>) {
+            cases::established(c, $established);
+        }
+
+        fn new_flows(c: &mut criterion::Criterion<cases::ThreadCpuTime>) {
+            cases::new_flows(c, $new_flows);
+        }
+
+        criterion::criterion_group! {
+            name = benches;
+            config = cases::criterion();
+            targets = established, new_flows
+        }
+        criterion::criterion_main!(benches);
+    };
+}
+
+/// Criterion with [`ThreadCpuTime`], 1 s of warm-up, 3 s of measurement and 30 samples a point.
+pub(crate) fn criterion() -> Criterion<ThreadCpuTime> {
+    Criterion::default()
+        .with_measurement(ThreadCpuTime)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(30)
+}
+
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
-pub(crate) use std::time::Duration;
+use std::time::Duration;
 
 use criterion::measurement::{Measurement, ValueFormatter};
 use criterion::{BenchmarkId, Criterion, Throughput};
