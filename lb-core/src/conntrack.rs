@@ -698,6 +698,64 @@ mod tests {
             let slow = table.choose_way_with_reverse(0, &head, now, spare_way);
             proptest::prop_assert_eq!(fast, slow);
         }
+
+        /// Any sequence of inserts (some displacing), removals and in-place updates keeps the
+        /// table in step with a model: an occupied way's head mirrors its entry's class and expiry
+        /// (eviction and sweeping read only the head); every key the model holds is found at the
+        /// index its insert returned, every key it dropped is not; the count agrees.
+        #[test]
+        fn lookups_and_heads_agree_with_a_model(
+            ops in proptest::collection::vec((0u8..4, 0u32..40, 0u32..8, 0u8..8), 1..300),
+        ) {
+            let mut t = ConntrackTable::with_capacity(4 * WAYS);
+            // The model: the index each of the 40 keys is at, if present.
+            let mut model = [None::<u32>; 40];
+            let mut now = 0u32;
+            for (op, n, x, s) in ops {
+                let k = key(n);
+                let h = k.hash();
+                let state = ConnState::ALL[usize::from(s) % ConnState::ALL.len()];
+                match op {
+                    0 if model[n as usize].is_none() => {
+                        if let Ok(ins) = t.insert(entry(k, state, now + x), h, now) {
+                            if let Some(d) = ins.displaced {
+                                let gone = (0..40).find(|&m| key(m) == d.entry.key).unwrap();
+                                proptest::prop_assert_eq!(model[gone as usize].take(), Some(d.index));
+                            }
+                            model[n as usize] = Some(ins.index);
+                        }
+                    }
+                    1 => {
+                        if let Some(i) = model[n as usize].take() {
+                            proptest::prop_assert_eq!(t.remove(i).map(|e| e.key), Some(k));
+                        }
+                    }
+                    2 => {
+                        let r = t.find_update(&k, h, |e| {
+                            e.state = state;
+                            e.expires = now + x;
+                            Some(())
+                        });
+                        proptest::prop_assert_eq!(r.map(|(i, ())| i), model[n as usize]);
+                    }
+                    _ => now += x,
+                }
+                for bucket in t.buckets.iter() {
+                    for w in 0..WAYS {
+                        let (tag, e) = (bucket.head.tags[w], &bucket.entries[w].0);
+                        if tag != 0 {
+                            proptest::prop_assert_eq!(class_of(tag), class_bits(e));
+                            proptest::prop_assert_eq!(bucket.head.expiries[w], e.expires);
+                        }
+                    }
+                }
+                for n in 0..40 {
+                    let k = key(n);
+                    proptest::prop_assert_eq!(t.find(&k, k.hash()), model[n as usize], "key {}", n);
+                }
+                proptest::prop_assert_eq!(t.len(), model.iter().flatten().count());
+            }
+        }
     }
 
     fn key(n: u32) -> ConnKey {
