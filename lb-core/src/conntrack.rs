@@ -642,10 +642,20 @@ impl ConntrackTable {
     pub fn sweep_bucket(&mut self, now: u32, out: &mut [(u32, Entry); WAYS]) -> usize {
         let b = self.sweep_cursor & self.bucket_mask;
         self.sweep_cursor = self.sweep_cursor.wrapping_add(1);
+        // First the ways that may be dead, from the head alone: expired, or a reverse entry (whose
+        // life is its forward entry's). Most buckets have none, and then this is all a sweep costs.
+        let Some(head) = self.buckets.get(b).map(|bucket| bucket.head) else { return 0 };
+        let mut suspects = 0u32;
+        for way in 0..WAYS {
+            let (t, expires) = (head.tags[way], head.expiries[way]);
+            let maybe_dead = t != 0 && (class_of(t) == CLASS_REVERSE || now >= expires);
+            suspects |= u32::from(maybe_dead) << way;
+        }
         let mut n = 0;
-        for i in b * WAYS..(b + 1) * WAYS {
-            let idx = i as u32;
-            if self.get(idx).is_some() && !self.is_live(idx, now) {
+        while suspects != 0 {
+            let idx = (b * WAYS + suspects.trailing_zeros() as usize) as u32;
+            suspects &= suspects - 1;
+            if !self.is_live(idx, now) {
                 // Forward entries first take their reverse entry with them in the caller; a lone
                 // reverse entry is reclaimed here.
                 if let (Some(e), Some(slot)) = (self.remove(idx), out.get_mut(n)) {
@@ -699,13 +709,13 @@ mod tests {
             proptest::prop_assert_eq!(fast, slow);
         }
 
-        /// Any sequence of inserts (some displacing), removals and in-place updates keeps the
+        /// Any sequence of inserts (some displacing), removals, in-place updates and sweeps keeps the
         /// table in step with a model: an occupied way's head mirrors its entry's class and expiry
         /// (eviction and sweeping read only the head); every key the model holds is found at the
         /// index its insert returned, every key it dropped is not; the count agrees.
         #[test]
         fn lookups_and_heads_agree_with_a_model(
-            ops in proptest::collection::vec((0u8..4, 0u32..40, 0u32..8, 0u8..8), 1..300),
+            ops in proptest::collection::vec((0u8..5, 0u32..40, 0u32..8, 0u8..8), 1..300),
         ) {
             let mut t = ConntrackTable::with_capacity(4 * WAYS);
             // The model: the index each of the 40 keys is at, if present.
@@ -737,6 +747,22 @@ mod tests {
                             Some(())
                         });
                         proptest::prop_assert_eq!(r.map(|(i, ())| i), model[n as usize]);
+                    }
+                    3 => {
+                        // A sweep takes exactly the expired entries of its bucket.
+                        let mut out = [(0u32, Entry::default()); WAYS];
+                        let b = t.sweep_cursor & t.bucket_mask;
+                        let expired = (0..40u32)
+                            .filter(|&m| model[m as usize].is_some_and(|i| i as usize / WAYS == b))
+                            .filter(|&m| t.get(model[m as usize].unwrap()).unwrap().is_expired(now))
+                            .count();
+                        let swept = t.sweep_bucket(now, &mut out);
+                        proptest::prop_assert_eq!(swept, expired);
+                        for (i, e) in &out[..swept] {
+                            proptest::prop_assert!(e.is_expired(now));
+                            let gone = (0..40).find(|&m| key(m) == e.key).unwrap();
+                            proptest::prop_assert_eq!(model[gone as usize].take(), Some(*i));
+                        }
                     }
                     _ => now += x,
                 }
