@@ -4,7 +4,6 @@
 
 use arbitrary::Arbitrary;
 use lb_core::Instant;
-use lb_core::service::TableBuilder;
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Debug, Arbitrary)]
@@ -14,7 +13,7 @@ enum Input {
 }
 
 fuzz_target!(|frames: Vec<Input>| {
-    let mut builder = TableBuilder::with_limits(lb_fuzz::LIMITS);
+    let mut builder = lb_fuzz::builder();
     let mut w = lb_fuzz::worker(&mut builder, &lb_fuzz::config());
     for (t, f) in frames.iter().take(256).enumerate() {
         let (bytes, headroom) = match f {

@@ -5,7 +5,6 @@
 
 use arbitrary::Arbitrary;
 use lb_core::config::{BackendState, ForwardMode, RemovedBackendPolicy, SchedulerKind};
-use lb_core::service::TableBuilder;
 use lb_core::{Instant, Verdict};
 use libfuzzer_sys::fuzz_target;
 
@@ -63,7 +62,7 @@ enum Op {
 
 fuzz_target!(|ops: Vec<Op>| {
     let mut cfg = lb_fuzz::config();
-    let mut builder = TableBuilder::with_limits(lb_fuzz::LIMITS);
+    let mut builder = lb_fuzz::builder();
     let mut w = lb_fuzz::worker(&mut builder, &cfg);
     let mut now = 1u64;
     let mut last_nat: Option<Vec<u8>> = None;
