@@ -461,12 +461,14 @@ impl Core {
         core::hint::black_box(fold);
     }
 
-    /// Reads, in two more tight loops over the batch, what deciding its frames will read once the
-    /// services are known: each likely entry's backend location (which holds a copy of the backend
-    /// and its service's summary) and counters, and for a likely new flow its service's record;
-    /// then, for a likely new flow, the service's backends and (Maglev) the table entry and index map
-    /// its pick will read, from the flow's scheduler hash, computed here once and kept for the
-    /// decision. (Service counters are their backends' sums: a packet adds to its backend's only.)
+    /// Reads, in three more tight loops over the batch, what deciding its frames will read once the
+    /// services are known: for a likely hit its backend's location (which holds a copy of the
+    /// backend and its service's summary) and counters; for a likely new flow the generation and
+    /// counters of the backend whose entry its insert will displace, and its service's first line;
+    /// then the service's scheduler line, backends and (Maglev) the table entry (and index map, if
+    /// any) its pick will read, from the flow's scheduler hash, computed here once and kept for the
+    /// decision; then the picked backend's counters. (Service counters are their backends' sums: a
+    /// packet adds to its backend's only.)
     fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) {
         let mut fold = 0u64;
         for a in ahead.iter() {
@@ -474,7 +476,13 @@ impl Core {
                 fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
             }
             if let Some(b) = a.likely_backend {
-                fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
+                if a.likely_hit {
+                    fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
+                } else {
+                    // The entry a new flow's insert will likely displace: forgetting it reads
+                    // its backend's generation and counters (not its location).
+                    fold ^= u64::from(self.backend_generations.get(b.slot as usize).copied().unwrap_or(0));
+                }
                 // Both fields the packet adds to: a 40-byte counter record straddles two lines
                 // at one slot in eight.
                 let c = self.stats.backend(crate::service::BackendSlot(b.slot));

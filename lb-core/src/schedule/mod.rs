@@ -292,7 +292,10 @@ fn least_cost(eligible: &[u16], backends: &[Backend], cost: impl Fn(&Backend) ->
 #[derive(Debug, Clone)]
 struct HashedSelection {
     selector: Option<AnySelector>,
-    to_backend: Box<[u16]>,
+    /// `None` when the map is the identity, as it is whenever the service's backends are sorted by
+    /// identity as the tables keep them: a new flow's pick then reads no map (a small allocation of
+    /// its own, one more cache line per new flow when the services outnumber the cache).
+    to_backend: Option<Box<[u16]>>,
 }
 
 /// The lb-hash view of the service's backends: identity from address and port, weight 0 when the
@@ -314,27 +317,32 @@ impl HashedSelection {
     ) -> Result<Self, BuildError> {
         let hb = hash_backends(backends);
         if !hb.iter().any(lb_hash::Backend::is_serving) {
-            return Ok(HashedSelection { selector: None, to_backend: Box::new([]) });
+            return Ok(HashedSelection { selector: None, to_backend: None });
         }
         let (selector, order) = build(&hb)?;
-        let to_backend = order
+        let to_backend: Box<[u16]> = order
             .iter()
             .map(|id| hb.iter().position(|b| b.id == *id).and_then(|i| u16::try_from(i).ok()).unwrap_or(u16::MAX))
             .collect();
-        Ok(HashedSelection { selector: Some(selector), to_backend })
+        let identity = to_backend.len() == hb.len() && to_backend.iter().enumerate().all(|(i, &b)| usize::from(b) == i);
+        Ok(HashedSelection { selector: Some(selector), to_backend: (!identity).then_some(to_backend) })
     }
 
     /// See [`ServiceScheduler::touch`].
     #[inline]
     fn touch(&self, hash: u64) -> u32 {
         let Some(AnySelector::Maglev(table)) = self.selector.as_ref() else { return 0 };
-        table.lookup(hash).unwrap_or(0) ^ u32::from(self.to_backend.first().copied().unwrap_or(0))
+        let map = self.to_backend.as_ref().and_then(|m| m.first().copied()).unwrap_or(0);
+        table.lookup(hash).unwrap_or(0) ^ u32::from(map)
     }
 
     #[inline]
     fn pick(&self, hash: u64) -> Option<usize> {
         let i = self.selector.as_ref()?.select(hash)?;
-        let b = *self.to_backend.get(i as usize)?;
+        let b = match &self.to_backend {
+            None => return usize::try_from(i).ok(),
+            Some(map) => *map.get(i as usize)?,
+        };
         (b != u16::MAX).then_some(usize::from(b))
     }
 }

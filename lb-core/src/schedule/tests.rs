@@ -183,3 +183,38 @@ fn no_eligible_backend_means_none() {
     let mut cursor = 0;
     assert_eq!(s.pick(&flow(1, 1), &[], &mut CoreState { cursor: &mut cursor, conns: &[] }), None);
 }
+
+/// The hashing schedulers map lb-hash's order (backends sorted by identity) back to the service's
+/// order: the same backend set in any order gives every flow the same backend, whether the map is
+/// the identity (skipped on the fast path) or not.
+#[test]
+fn hashing_schedulers_pick_by_backend_not_by_position() {
+    let sorted = {
+        // The order the tables keep: lb-hash identity, so the Maglev map is the identity.
+        let mut b = backends(&[1, 2, 1, 3, 1]);
+        b.sort_by_key(|b| BackendId::from_socket_addr(SocketAddr::new(b.addr, b.port)));
+        b
+    };
+    let shuffled: Vec<Backend> = [3, 0, 4, 1, 2].iter().map(|&i| sorted[i]).collect();
+    let maglev = |b: &[Backend]| match ServiceScheduler::build(SchedulerKind::Maglev, b, None).unwrap() {
+        ServiceScheduler::Maglev(m) => m.selection.to_backend.is_none(),
+        _ => unreachable!(),
+    };
+    assert!(maglev(&sorted), "sorted backends need no map");
+    assert!(!maglev(&shuffled), "shuffled backends need one");
+    for kind in [
+        SchedulerKind::Maglev,
+        SchedulerKind::Rendezvous,
+        SchedulerKind::Ecmp,
+        SchedulerKind::SourceHashing,
+        SchedulerKind::DestinationHashing,
+    ] {
+        let a = picks(kind, &sorted, &[], 300);
+        let b = picks(kind, &shuffled, &[], 300);
+        let addr = |p: &[usize], b: &[Backend]| p.iter().map(|&i| b[i].addr).collect::<Vec<_>>();
+        assert_eq!(addr(&a, &sorted), addr(&b, &shuffled), "{kind}");
+        if kind != SchedulerKind::DestinationHashing {
+            assert!(histogram(&a, 5).iter().filter(|&&n| n > 0).count() >= 4, "{kind} spreads");
+        }
+    }
+}
