@@ -476,13 +476,7 @@ impl Core {
                 fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
             }
             if let Some(b) = a.likely_backend {
-                if a.likely_hit {
-                    fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
-                } else {
-                    // The entry a new flow's insert will likely displace: forgetting it reads
-                    // its backend's generation and counters (not its location).
-                    fold ^= u64::from(self.backend_generations.get(b.slot as usize).copied().unwrap_or(0));
-                }
+                fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
                 // Both fields the packet adds to: a 40-byte counter record straddles two lines
                 // at one slot in eight.
                 let c = self.stats.backend(crate::service::BackendSlot(b.slot));
@@ -504,12 +498,16 @@ impl Core {
                 }
             }
         }
-        // Then the counters of the backend a likely new flow's pick will give.
+        // Then the counters of the backend a likely new flow's pick will give, and the generation of
+        // the backend whose entry its insert will likely displace (forgetting that entry reads it).
         for a in ahead.iter() {
-            if let (Some(h), Some(s)) = (a.flow_hash, a.service.and_then(|s| tables.service(s.index as usize)))
-                && let Some(b) = s.scheduler.likely_pick(h).and_then(|i| s.backends.get(i))
-            {
-                fold ^= self.stats.backend(b.slot()).packets;
+            if let (Some(h), Some(s)) = (a.flow_hash, a.service.and_then(|s| tables.service(s.index as usize))) {
+                if let Some(b) = s.scheduler.likely_pick(h).and_then(|i| s.backends.get(i)) {
+                    fold ^= self.stats.backend(b.slot()).packets;
+                }
+                if let Some(b) = a.likely_backend {
+                    fold ^= u64::from(self.backend_generations.get(b.slot as usize).copied().unwrap_or(0));
+                }
             }
         }
         core::hint::black_box(fold);
