@@ -462,13 +462,13 @@ impl Core {
     }
 
     /// Reads, in three more tight loops over the batch, what deciding its frames will read once the
-    /// services are known: for a likely hit its backend's location (which holds a copy of the
-    /// backend and its service's summary) and counters; for a likely new flow the generation and
-    /// counters of the backend whose entry its insert will displace, and its service's first line;
-    /// then the service's scheduler line, backends and (Maglev) the table entry (and index map, if
-    /// any) its pick will read, from the flow's scheduler hash, computed here once and kept for the
-    /// decision; then the picked backend's counters. (Service counters are their backends' sums: a
-    /// packet adds to its backend's only.)
+    /// services are known: the backend location (a copy of the backend and its service's summary) and
+    /// counters of each likely entry (the frame's own, or the one a new flow's insert will displace),
+    /// and a likely new flow's service line; then that service's scheduler line, backends and
+    /// (Maglev) the table entry (and index map, if any) its pick will read, from the flow's scheduler
+    /// hash, computed here once and kept for the decision; then the picked backend's counters and the
+    /// displaced entry's backend generation. (Service counters are their backends' sums: a packet
+    /// adds to its backend's only.)
     fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) {
         let mut fold = 0u64;
         for a in ahead.iter() {
