@@ -117,7 +117,7 @@ impl Backend {
 
 /// One built virtual service.
 ///
-/// `repr(C)`, line-aligned, laid out for a flow's first packet, the only one that reads this record
+/// `repr(C)`, line-aligned, laid out for a flow's first packet, this record's reader on the fast path
 /// (an established flow's packets find what they need in their backend's location): line 0 holds all
 /// that a new flow reads besides its scheduler (backends, key, slot, affinity, mode, policy), the
 /// scheduler starts line 1, and what the per-packet path never reads comes last. The worker's batch
