@@ -751,16 +751,12 @@ impl Core {
     ) -> Result<(u32, usize), DropReason> {
         let FlowHashes { key, hash, flow_hash } = hashes;
         let client = p.flow.src_ip();
-        let affinity_key = service
-            .affinity_timeout_secs
-            .map(|t| (ConnKey::affinity(client, service.key.vip, service.key.port, service.key.proto.number()), t));
-        let sticky = affinity_key.and_then(|(k, _)| {
-            let i = self.conntrack.find(&k, k.hash())?;
-            let e = self.conntrack.get(i).filter(|e| !e.is_expired(now))?;
-            let (si, bi) = tables.resolve(e.backend)?;
-            let b = tables.service(si)?.backends.get(bi)?;
-            (b.takes_new_flows() && tables.service(si)?.slot == service.slot).then_some(bi)
-        });
+        // ClientIP affinity, when the service has it (kept out of line: most services do not, and
+        // building its key in the common path cost every new flow ~25 instructions).
+        let sticky = match service.affinity_timeout_secs {
+            Some(_) => self.sticky_backend(tables, service, client, now),
+            None => None,
+        };
         let backend_index = match sticky {
             Some(bi) => bi,
             None => {
@@ -827,25 +823,51 @@ impl Core {
                 }
             }
         }
-        if let Some((k, timeout)) = affinity_key {
-            let h = k.hash();
-            if let Some(i) = self.conntrack.find(&k, h) {
-                self.remove(i);
-            }
-            let record = Entry {
-                key: k,
-                state: ConnState::Affinity,
-                kind: EntryKind::Affinity,
-                expires: now.saturating_add(timeout),
-                backend: backend.id,
-                link: NO_LINK,
-                ..Entry::default()
-            };
-            // Affinity is best effort: a full bucket only costs stickiness. It never displaces the
-            // flow's own entry.
-            let _ = self.insert(record, h, now, index);
+        if let Some(timeout) = service.affinity_timeout_secs {
+            self.record_affinity(service, client, backend.id, (index, timeout), now);
         }
         Ok((index, backend_index))
+    }
+
+    /// The client's affinity record for `service`, if live: the index of the backend it names, when
+    /// that backend is still in the service and takes new flows.
+    #[inline(never)]
+    fn sticky_backend(&self, tables: &Tables, service: &Service, client: IpAddr, now: u32) -> Option<usize> {
+        let k = affinity_key(service, client);
+        let i = self.conntrack.find(&k, k.hash())?;
+        let e = self.conntrack.get(i).filter(|e| !e.is_expired(now))?;
+        let (si, bi) = tables.resolve(e.backend)?;
+        let b = tables.service(si)?.backends.get(bi)?;
+        (b.takes_new_flows() && tables.service(si)?.slot == service.slot).then_some(bi)
+    }
+
+    /// Records (or renews) the client's affinity to `backend` for `timeout` seconds, never
+    /// displacing the new flow's own entry at `flow_index`.
+    #[inline(never)]
+    fn record_affinity(
+        &mut self,
+        service: &Service,
+        client: IpAddr,
+        backend: BackendRef,
+        (flow_index, timeout): (u32, u32),
+        now: u32,
+    ) {
+        let k = affinity_key(service, client);
+        let h = k.hash();
+        if let Some(i) = self.conntrack.find(&k, h) {
+            self.remove(i);
+        }
+        let record = Entry {
+            key: k,
+            state: ConnState::Affinity,
+            kind: EntryKind::Affinity,
+            expires: now.saturating_add(timeout),
+            backend,
+            link: NO_LINK,
+            ..Entry::default()
+        };
+        // Affinity is best effort: a full bucket only costs stickiness.
+        let _ = self.insert(record, h, now, flow_index);
     }
 
     /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow): find its NAT
@@ -1077,6 +1099,11 @@ impl Core {
             self.conntrack.remove(e.link);
         }
     }
+}
+
+/// The conntrack key of `client`'s ClientIP affinity record for `service`.
+fn affinity_key(service: &Service, client: IpAddr) -> ConnKey {
+    ConnKey::affinity(client, service.key.vip, service.key.port, service.key.proto.number())
 }
 
 /// Pass or drop for a frame that did not parse.
