@@ -49,6 +49,15 @@ fn conns(active: &[u64]) -> Vec<BackendCounters> {
     active.iter().map(|&a| BackendCounters { active_conns: a, ..BackendCounters::default() }).collect()
 }
 
+/// The schedulers that pick through an lb-hash selector.
+const HASHING: [SchedulerKind; 5] = [
+    SchedulerKind::Maglev,
+    SchedulerKind::Rendezvous,
+    SchedulerKind::Ecmp,
+    SchedulerKind::SourceHashing,
+    SchedulerKind::DestinationHashing,
+];
+
 fn histogram(p: &[usize], n: usize) -> Vec<usize> {
     let mut h = vec![0; n];
     for &i in p {
@@ -135,13 +144,7 @@ fn least_connections_family_reads_this_cores_counts() {
 fn hashing_schedulers_are_deterministic_and_skip_draining() {
     let mut b = backends(&[1, 1, 1, 1]);
     b[2].state = BackendState::Draining;
-    for kind in [
-        SchedulerKind::Maglev,
-        SchedulerKind::Rendezvous,
-        SchedulerKind::Ecmp,
-        SchedulerKind::SourceHashing,
-        SchedulerKind::DestinationHashing,
-    ] {
+    for kind in HASHING {
         let p1 = picks(kind, &b, &[], 400);
         let p2 = picks(kind, &b, &[], 400);
         assert_eq!(p1, p2, "{kind}");
@@ -202,13 +205,7 @@ fn hashing_schedulers_pick_by_backend_not_by_position() {
     };
     assert!(maglev(&sorted), "sorted backends need no map");
     assert!(!maglev(&shuffled), "shuffled backends need one");
-    for kind in [
-        SchedulerKind::Maglev,
-        SchedulerKind::Rendezvous,
-        SchedulerKind::Ecmp,
-        SchedulerKind::SourceHashing,
-        SchedulerKind::DestinationHashing,
-    ] {
+    for kind in HASHING {
         let a = picks(kind, &sorted, &[], 300);
         let b = picks(kind, &shuffled, &[], 300);
         let addr = |p: &[usize], b: &[Backend]| p.iter().map(|&i| b[i].addr).collect::<Vec<_>>();
