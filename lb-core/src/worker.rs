@@ -838,8 +838,8 @@ impl Core {
         let i = self.conntrack.find(&k, k.hash())?;
         let e = self.conntrack.get(i).filter(|e| !e.is_expired(now))?;
         let (si, bi) = tables.resolve(e.backend)?;
-        let b = tables.service(si)?.backends.get(bi)?;
-        (b.takes_new_flows() && tables.service(si)?.slot == service.slot).then_some(bi)
+        let s = tables.service(si)?;
+        (s.backends.get(bi)?.takes_new_flows() && s.slot == service.slot).then_some(bi)
     }
 
     /// Records (or renews) the client's affinity to `backend` for `timeout` seconds, never
