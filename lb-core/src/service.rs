@@ -233,7 +233,47 @@ impl Tables {
     /// service's [`ServiceSummary`] (its index and what a packet of a known flow needs of it).
     #[inline]
     pub fn lookup_flow_hashed(&self, flow: &FlowKey, hash: u64) -> Option<ServiceSummary> {
-        self.index.get_hashed(hash, flow.dst_bytes(), flow.family() == Family::V6, flow.dst_port(), flow.proto())
+        self.lookup_flow_ring(flow, hash).map(|(s, _)| s)
+    }
+
+    /// [`Tables::lookup_flow_hashed`], with where the service's ring is (for [`Tables::ring_backend`]).
+    #[inline]
+    pub(crate) fn lookup_flow_ring(&self, flow: &FlowKey, hash: u64) -> Option<(ServiceSummary, RingRef)> {
+        let (at, slot) = self.index.get_hashed(
+            hash,
+            flow.dst_bytes(),
+            flow.family() == Family::V6,
+            flow.dst_port(),
+            flow.proto(),
+        )?;
+        let ring = match slot.ring {
+            Some(_) => RingRef(u32::try_from(at).unwrap_or(u32::MAX)),
+            None => RingRef::NONE,
+        };
+        Some((slot.service, ring))
+    }
+
+    /// The backend slot a new flow with lb-hash 5-tuple hash `flow_hash` gets from `ring` (the
+    /// service's Maglev pick: one entry of its ring, found from its index slot), or `None` when the
+    /// service has no ring.
+    ///
+    /// `hash % size` by a hardware division, where [`lb_hash::MaglevTable`] multiplies by a
+    /// precomputed 128-bit inverse (Lemire's fastmod): that inverse does not fit the index slot
+    /// beside the ring, and keeping it elsewhere would be one more cache line per new flow. A 64-bit
+    /// division takes 10-18 cycles on this project's AMD Zen 3/4 machines (Agner Fog's tables; older
+    /// Intel cores take up to ~90), once per new flow.
+    #[inline]
+    pub(crate) fn ring_slot(&self, ring: RingRef, flow_hash: u64) -> Option<u32> {
+        let entries = self.index.slots.get(ring.0 as usize)?.ring.as_deref()?;
+        let at = flow_hash.checked_rem(entries.len() as u64)?;
+        entries.get(usize::try_from(at).ok()?).copied()
+    }
+
+    /// The backend [`Tables::ring_slot`] names: the copy kept in its location, one cache line.
+    #[inline]
+    pub(crate) fn ring_backend(&self, ring: RingRef, flow_hash: u64) -> Option<&Backend> {
+        let loc = self.backend_locations.get(self.ring_slot(ring, flow_hash)? as usize)?;
+        (loc.generation != 0).then_some(&loc.record)
     }
 
     /// True if `ip` is the VIP of some service.
@@ -327,7 +367,7 @@ struct ServiceIndex {
 }
 
 /// One slot of the [`ServiceIndex`], one cache line: the key and the service's [`ServiceSummary`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[repr(C, align(64))]
 struct IndexSlot {
     /// The VIP as 16 bytes (IPv4-mapped for IPv4), as a [`FlowKey`] holds it.
@@ -337,6 +377,32 @@ struct IndexSlot {
     /// 0: empty; 4 or 6: the VIP's IP version.
     family: u8,
     service: ServiceSummary,
+    /// The service's Maglev table with entries naming backend slots, when new flows may pick from
+    /// it alone (see [`RingRef`]).
+    ring: Option<Arc<[u32]>>,
+}
+
+/// Names a service whose new flows pick their backend from its ring: the service's Maglev (mh)
+/// table with entries naming backend slots, which its service index slot points to. A new flow's
+/// pick then goes index slot (already read by the lookup) -> ring entry -> that backend's location,
+/// and reads neither the service record nor its scheduler nor its backends: with 100 000 services
+/// each of those was a cache miss per new flow, in a dependent round of its own (Katran lays its
+/// rings out alike). Services with ClientIP affinity, other schedulers, or no backend taking new
+/// flows have none ([`RingRef::NONE`]) and pick through their record. A ring names exactly the
+/// backends the scheduler's own table does (a test holds the two equal). The value is the index
+/// slot's position, so the worker's per-frame record holds no pointer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RingRef(u32);
+
+impl RingRef {
+    /// No ring.
+    pub(crate) const NONE: RingRef = RingRef(u32::MAX);
+
+    /// True when the service has a ring.
+    #[inline]
+    pub(crate) fn is_some(self) -> bool {
+        self != Self::NONE
+    }
 }
 
 impl Default for IndexSlot {
@@ -348,7 +414,7 @@ impl Default for IndexSlot {
             on_backend_removed: RemovedBackendPolicy::Reschedule,
             all_clients: true,
         };
-        IndexSlot { vip: [0; 16], port: 0, proto: 0, family: 0, service }
+        IndexSlot { vip: [0; 16], port: 0, proto: 0, family: 0, service, ring: None }
     }
 }
 
@@ -399,6 +465,10 @@ impl ServiceIndex {
                 proto: s.key.proto.number(),
                 family: if s.key.vip.is_ipv6() { 6 } else { 4 },
                 service: ServiceSummary::of(i, s.slot, s.mode, s.on_backend_removed, &s.source_ranges),
+                ring: match s.affinity_timeout_secs {
+                    None => s.scheduler.ring().filter(|r| !r.is_empty()).cloned(),
+                    Some(_) => None,
+                },
             };
             // Keys are unique (the builder rejects duplicates) and the array is at most half full.
             let mut at = index_hash(&slot.vip, slot.port, slot.proto) as usize & index.mask;
@@ -417,12 +487,13 @@ impl ServiceIndex {
     /// because the array is at most half full.
     #[inline]
     fn get(&self, vip: &[u8; 16], v6: bool, port: u16, proto: u8) -> Option<ServiceSummary> {
-        self.get_hashed(index_hash(vip, port, proto), vip, v6, port, proto)
+        self.get_hashed(index_hash(vip, port, proto), vip, v6, port, proto).map(|(_, s)| s.service)
     }
 
-    /// [`ServiceIndex::get`] with `index_hash(vip, port, proto)` already computed.
+    /// [`ServiceIndex::get`] with `index_hash(vip, port, proto)` already computed, giving the slot
+    /// and its position.
     #[inline]
-    fn get_hashed(&self, hash: u64, vip: &[u8; 16], v6: bool, port: u16, proto: u8) -> Option<ServiceSummary> {
+    fn get_hashed(&self, hash: u64, vip: &[u8; 16], v6: bool, port: u16, proto: u8) -> Option<(usize, &IndexSlot)> {
         let family = if v6 { 6 } else { 4 };
         let mut at = hash as usize & self.mask;
         loop {
@@ -431,7 +502,7 @@ impl ServiceIndex {
                 return None;
             }
             if s.vip == *vip && s.port == port && s.proto == proto && s.family == family {
-                return Some(s.service);
+                return Some((at, s));
             }
             at = (at + 1) & self.mask;
         }
@@ -1115,6 +1186,50 @@ mod tests {
         bad.services[1].maglev_table_size = Some(1000);
         assert!(b.build(&bad).is_err());
         assert_eq!(entries(&third, 1), entries(&b.build(&cfg).unwrap(), 1));
+    }
+
+    /// A Maglev service's ring gives every flow hash the backend its scheduler picks (weights, a
+    /// draining backend and a shuffled configuration order included); a service the worker must not
+    /// pick from a ring (another scheduler, ClientIP affinity, no backend taking new flows) has none.
+    #[test]
+    fn rings_give_the_schedulers_pick() {
+        let mut cfg = good();
+        let web = &mut cfg.services[0];
+        web.backends = vec![backend("10.0.0.9", 8080), backend("10.0.0.7", 8080), backend("10.0.0.8", 8080)];
+        web.backends[1].weight = 3;
+        web.backends[2].state = BackendState::Draining;
+        let one = || vec![backend("10.0.0.20", 80)];
+        let mut sticky = service("sticky", "192.0.2.2", 80, ForwardMode::Dsr, one());
+        sticky.affinity_timeout = Some(Duration::from_secs(60));
+        let mut rr = service("rr", "192.0.2.3", 80, ForwardMode::Dsr, one());
+        rr.scheduler = crate::config::SchedulerKind::RoundRobin;
+        let mut idle = service("idle", "192.0.2.4", 80, ForwardMode::Dsr, one());
+        idle.backends[0].state = BackendState::Draining;
+        cfg.services.extend([sticky, rr, idle]);
+        let t = TableBuilder::new().build(&cfg).unwrap();
+        let ring_of = |s: &Service| {
+            let vip = addr_bytes(s.key.vip);
+            let (port, proto) = (s.key.port, s.key.proto.number());
+            let (at, slot) =
+                t.index.get_hashed(index_hash(&vip, port, proto), &vip, s.key.vip.is_ipv6(), port, proto).unwrap();
+            if slot.ring.is_some() { RingRef(at as u32) } else { RingRef::NONE }
+        };
+        for s in &t.services()[..2] {
+            let ring = ring_of(s);
+            assert!(ring.is_some(), "{}", s.name);
+            let mut seen = HashSet::new();
+            for i in 0..20_000u64 {
+                let h = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i << 7);
+                let want = s.scheduler.likely_pick(h).map(|bi| s.backends[bi].id);
+                assert_eq!(t.ring_backend(ring, h).map(|b| b.id), want, "{} hash {h:#x}", s.name);
+                seen.insert(want);
+            }
+            let serving = s.backends.iter().filter(|b| b.takes_new_flows()).count();
+            assert_eq!(seen.len(), serving, "{}: every serving backend is in the ring", s.name);
+        }
+        for s in &t.services()[2..] {
+            assert!(!ring_of(s).is_some(), "{} has no ring", s.name);
+        }
     }
 
     #[test]

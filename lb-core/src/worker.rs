@@ -16,13 +16,18 @@
 //! its backend, and the backend's location in the tables holds what the decision needs of the
 //! service ([`ServiceSummary`]), so no service lookup happens (a backend slot belongs to one service
 //! key for good; tombstones, expired entries, source ranges and departed backends take the full path).
+//! A new flow of a Maglev service without ClientIP affinity takes one too: the service's index slot
+//! says where its Maglev table lies in the tables' flat ring array, whose entries name backend slots,
+//! so the pick reads one ring entry and the backend's location, and neither the service record nor its
+//! scheduler nor its backends (Katran's layout; the ring names exactly the scheduler's picks).
 //!
 //! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them and
 //! hashes their 5-tuples; then tight loops of plain loads pull what the batch will need into the cache
 //! in rounds, each needing only the one before (conntrack bucket heads; likely entries, and for frames
 //! without a likely hit the service index slots; backend locations and counters, and for likely new
-//! flows the service records; for likely new flows the backends), with the service lookups after the
-//! second, so the misses of a round overlap; then each frame is decided in order, exactly as if alone
+//! flows their ring entries or, for services without a ring, the service records, then their
+//! schedulers' tables; last the picked backends' locations and counters), with the service lookups
+//! after the second, so the misses of a round overlap; then each frame is decided in order, exactly as if alone
 //! (a test holds that).
 //!
 //! Everything a worker touches per packet was allocated in [`Worker::new`]: the conntrack table, the
@@ -67,7 +72,7 @@ use crate::frame::{Frame, Verdict};
 use crate::neighbour::NeighbourResponder;
 use crate::packet::{self, Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
 use crate::schedule::{CoreState, FlowInput, Scheduler};
-use crate::service::{BackendRef, Service, ServiceSummary, Tables};
+use crate::service::{Backend, BackendRef, RingRef, Service, ServiceSummary, Tables};
 use crate::stats::{DropReason, Stats};
 use crate::time::Instant;
 
@@ -291,8 +296,9 @@ struct Lookahead {
     /// True for a frame whose service the batch passes look up: every parsed frame but those with a
     /// likely conntrack hit, which take their service from their backend's location instead.
     needs_service: bool,
-    /// The service at the frame's (destination, port, protocol), if `needs_service` and any.
-    service: Option<ServiceSummary>,
+    /// The service at the frame's (destination, port, protocol), if `needs_service` and any, with
+    /// where its ring is (a Maglev service's new flows pick from it).
+    service: Option<(ServiceSummary, RingRef)>,
     /// The backend of the conntrack entry the warm-up read for this frame (its own, or the one its
     /// insert will likely displace), kept so the later warm-up rounds do not search the bucket again.
     likely_backend: Option<BackendRef>,
@@ -346,18 +352,18 @@ impl Lookahead {
     fn find_service(&mut self, tables: &Tables) {
         let Ok(p) = &self.parsed else { return };
         if self.needs_service && matches!(p.l4, L4::Tcp | L4::Udp) {
-            self.service = tables.lookup_flow_hashed(&p.flow, self.lookup_hash);
+            self.service = tables.lookup_flow_ring(&p.flow, self.lookup_hash);
         }
     }
 
     /// The frame's service: the batch passes' answer, or (for a frame they did not look up, whose
     /// likely conntrack hit did not take the established path) a lookup now.
     #[inline]
-    fn service(&self, tables: &Tables, p: &Parsed) -> Option<ServiceSummary> {
+    fn service(&self, tables: &Tables, p: &Parsed) -> Option<(ServiceSummary, RingRef)> {
         if self.needs_service {
             self.service
         } else if matches!(p.l4, L4::Tcp | L4::Udp) {
-            tables.lookup_flow_hashed(&p.flow, tables.lookup_hash(&p.flow))
+            tables.lookup_flow_ring(&p.flow, tables.lookup_hash(&p.flow))
         } else {
             None
         }
@@ -464,16 +470,21 @@ impl Core {
     /// Reads, in three more tight loops over the batch, what deciding its frames will read once the
     /// services are known: the backend location (a copy of the backend and its service's summary) and
     /// counters of each likely entry (the frame's own, or the one a new flow's insert will displace),
-    /// and a likely new flow's service line; then that service's scheduler line, backends and
-    /// (Maglev) the table entry (and index map, if any) its pick will read, from the flow's scheduler
-    /// hash, computed here once and kept for the decision; then the picked backend's counters and the
-    /// displaced entry's backend generation. (Service counters are their backends' sums: a packet
-    /// adds to its backend's only.)
+    /// and for a likely new flow its ring entry (from the flow's scheduler hash, computed here once
+    /// and kept for the decision) or, for a service without a ring, its service line, then that
+    /// service's scheduler line, backends and (Maglev) the table entry its pick will read; last the
+    /// picked backend's location and counters and the displaced entry's backend generation.
+    /// (Service counters are their backends' sums: a packet adds to its backend's only.)
     fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) {
         let mut fold = 0u64;
-        for a in ahead.iter() {
-            if let Some(s) = a.service {
-                fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
+        for a in ahead.iter_mut() {
+            if let Some((s, ring)) = a.service {
+                if !ring.is_some() {
+                    fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
+                } else if let Some(h) = self.likely_new_flow_hash(a) {
+                    a.flow_hash = Some(h);
+                    fold ^= u64::from(tables.ring_slot(ring, h).unwrap_or(0));
+                }
             }
             if let Some(b) = a.likely_backend {
                 fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
@@ -484,33 +495,50 @@ impl Core {
             }
         }
         for a in ahead.iter_mut() {
-            if let Some(s) = a.service.and_then(|s| tables.service(s.index as usize)) {
+            let Some((s, ring)) = a.service else { continue };
+            if ring.is_some() {
+                continue;
+            }
+            if let Some(s) = tables.service(s.index as usize) {
                 fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
                 // A likely new flow: its scheduler's hash, kept for the decision, and (Maglev) the
                 // table entry and index map the pick will read.
-                if !a.likely_hit
-                    && let Ok(p) = &a.parsed
-                    && p.has_ports()
-                {
-                    let h = self.flow_hash(&p.flow);
+                if let Some(h) = self.likely_new_flow_hash(a) {
                     a.flow_hash = Some(h);
                     fold ^= u64::from(s.scheduler.touch(h));
                 }
             }
         }
-        // Then the counters of the backend a likely new flow's pick will give, and the generation of
-        // the backend whose entry its insert will likely displace (forgetting that entry reads it).
+        // Then the location and counters of the backend a likely new flow's pick will give, and the
+        // generation of the backend whose entry its insert will likely displace (forgetting that
+        // entry reads it).
         for a in ahead.iter() {
-            if let (Some(h), Some(s)) = (a.flow_hash, a.service.and_then(|s| tables.service(s.index as usize))) {
-                if let Some(b) = s.scheduler.likely_pick(h).and_then(|i| s.backends.get(i)) {
-                    fold ^= self.stats.backend(b.slot()).packets;
-                }
-                if let Some(b) = a.likely_backend {
-                    fold ^= u64::from(self.backend_generations.get(b.slot as usize).copied().unwrap_or(0));
-                }
+            let (Some(h), Some((s, ring))) = (a.flow_hash, a.service) else { continue };
+            let picked = if ring.is_some() {
+                tables.ring_backend(ring, h)
+            } else {
+                tables
+                    .service(s.index as usize)
+                    .and_then(|s| s.scheduler.likely_pick(h).and_then(|i| s.backends.get(i)))
+            };
+            if let Some(b) = picked {
+                fold ^= self.stats.backend(b.slot()).packets;
+            }
+            if let Some(b) = a.likely_backend {
+                fold ^= u64::from(self.backend_generations.get(b.slot as usize).copied().unwrap_or(0));
             }
         }
         core::hint::black_box(fold);
+    }
+
+    /// The lb-hash 5-tuple hash of a frame the warm-up judges a likely new flow (no likely conntrack
+    /// hit, ports), its scheduler's input; `None` for any other frame.
+    #[inline]
+    fn likely_new_flow_hash(&self, a: &Lookahead) -> Option<u64> {
+        match &a.parsed {
+            Ok(p) if !a.likely_hit && p.has_ports() => Some(self.flow_hash(&p.flow)),
+            _ => None,
+        }
     }
 
     /// Reclaims expired entries of a few conntrack buckets.
@@ -539,8 +567,8 @@ impl Core {
         }
         // `service` is only a reference here: its record is read for new flows only (see
         // `ServiceSummary`).
-        let Some((summary, service)) =
-            ahead.service(tables, p).and_then(|s| Some((s, tables.service(s.index as usize)?)))
+        let Some((summary, ring, service)) =
+            ahead.service(tables, p).and_then(|(s, ring)| Some((s, ring, tables.service(s.index as usize)?)))
         else {
             return self.not_for_a_service(tables, frame, p, now);
         };
@@ -555,7 +583,8 @@ impl Core {
                 (&computed, computed.hash())
             }
         };
-        let outcome = self.forward_to_service(tables, frame, p, (key, hash, ahead.flow_hash), (&summary, service), now);
+        let outcome =
+            self.forward_to_service(tables, frame, p, (key, hash, ahead.flow_hash), (&summary, ring, service), now);
         self.count_service_drop(&summary, &outcome);
         outcome
     }
@@ -665,7 +694,7 @@ impl Core {
         frame: &mut Frame<'_>,
         p: &Parsed,
         (key, hash, flow_hash): (&ConnKey, u64, Option<u64>),
-        (summary, service): (&ServiceSummary, &Service),
+        (summary, ring, service): (&ServiceSummary, RingRef, &Service),
         now: u32,
     ) -> Outcome {
         // (Most services allow every client: then no address is built for the check.)
@@ -724,8 +753,8 @@ impl Core {
                 (index, backend)
             }
             None => {
-                let (index, bi) = self.new_flow(tables, p, FlowHashes { key: *key, hash, flow_hash }, service, now)?;
-                (index, service.backends.get(bi).ok_or(DropReason::NoBackend)?)
+                let hashes = FlowHashes { key: *key, hash, flow_hash };
+                self.new_flow(tables, p, hashes, (summary, ring, service), now)?
             }
         };
         if let Err(reason) = self.rewrite(tables, frame, p, summary.mode, backend, index, flow_hash) {
@@ -739,20 +768,91 @@ impl Core {
         Ok(Verdict::Tx)
     }
 
-    /// A flow conntrack does not know: affinity or scheduler, SNAT port, conntrack insert.
-    /// Returns the forward entry's index and the backend's index in the service.
-    fn new_flow(
+    /// A flow conntrack does not know: backend, SNAT port, conntrack insert. Returns the forward
+    /// entry's index and the backend.
+    fn new_flow<'t>(
         &mut self,
-        tables: &Tables,
+        tables: &'t Tables,
         p: &Parsed,
         hashes: FlowHashes,
-        service: &Service,
+        (summary, ring, service): (&ServiceSummary, RingRef, &'t Service),
         now: u32,
-    ) -> Result<(u32, usize), DropReason> {
+    ) -> Result<(u32, &'t Backend), DropReason> {
         let FlowHashes { key, hash, flow_hash } = hashes;
+        let backend = self.pick_backend(tables, p, flow_hash, ring, service, now)?;
+        let snat_port = match summary.mode {
+            ForwardMode::Nat => {
+                self.pick_snat_port(tables, p, backend.addr, backend.port, flow_hash).ok_or(DropReason::NoSnatPort)?
+            }
+            _ => 0,
+        };
+        let mut entry = Entry {
+            key,
+            state: if p.l4 == L4::Udp { ConnState::UdpNew } else { ConnState::SynSeen },
+            kind: EntryKind::Forward,
+            fins: 0,
+            expires: 0,
+            backend: backend.id,
+            snat_port,
+            link: NO_LINK,
+        };
+        advance_new(&mut entry, p.tcp_flags, &self.timeouts, now);
+        let index = self.insert(entry, hash, now, NO_LINK)?;
+        // Counted as soon as it is in the table, so that any removal below un-counts it exactly.
+        if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
+            c.new_flows += 1;
+            c.active_conns += 1;
+        }
+        if summary.mode == ForwardMode::Nat {
+            let snat = tables.node();
+            let snat_ip = match backend.addr {
+                IpAddr::V4(_) => snat.snat_v4.map(IpAddr::V4),
+                IpAddr::V6(_) => snat.snat_v6.map(IpAddr::V6),
+            };
+            let Some(snat_ip) = snat_ip else {
+                self.remove(index);
+                return Err(DropReason::NoSnatPort);
+            };
+            let rkey = ConnKey::flow(backend.addr, snat_ip, backend.port, snat_port, p.flow.proto());
+            let reverse = Entry { key: rkey, kind: EntryKind::Reverse, link: index, ..entry };
+            match self.insert(reverse, rkey.hash(), now, index) {
+                Ok(r) => {
+                    self.conntrack.update(index, |e| e.link = r);
+                }
+                Err(e) => {
+                    self.remove(index);
+                    return Err(e);
+                }
+            }
+        }
+        // (A service with a ring has no affinity.)
+        if !ring.is_some()
+            && let Some(timeout) = service.affinity_timeout_secs
+        {
+            self.record_affinity(service, p.flow.src_ip(), backend.id, (index, timeout), now);
+        }
+        Ok((index, backend))
+    }
+
+    /// The backend for a new flow: the service's ring entry when it has a ring (Maglev without
+    /// affinity: no service record, scheduler or backend array read), else the client's ClientIP
+    /// affinity or the service's scheduler.
+    #[inline]
+    fn pick_backend<'t>(
+        &mut self,
+        tables: &'t Tables,
+        p: &Parsed,
+        flow_hash: u64,
+        ring: RingRef,
+        service: &'t Service,
+        now: u32,
+    ) -> Result<&'t Backend, DropReason> {
+        if ring.is_some() {
+            return tables.ring_backend(ring, flow_hash).ok_or(DropReason::NoBackend);
+        }
         let client = p.flow.src_ip();
         // ClientIP affinity, when the service has it: kept out of line, as most services do not,
-        // and the optional key kept across this function cost every new flow ~70 instructions
+        // and the optional key kept across `new_flow` cost every new flow ~70 instructions
         // (callgrind, 1394 -> 1322 per SYN when it moved out).
         let sticky = match service.affinity_timeout_secs {
             Some(_) => self.sticky_backend(tables, service, client, now),
@@ -777,57 +877,7 @@ impl Core {
                 service.scheduler.pick(&flow, &service.backends, &mut core).ok_or(DropReason::NoBackend)?
             }
         };
-        let backend = service.backends.get(backend_index).ok_or(DropReason::NoBackend)?;
-
-        let snat_port = match service.mode {
-            ForwardMode::Nat => {
-                self.pick_snat_port(tables, p, backend.addr, backend.port, flow_hash).ok_or(DropReason::NoSnatPort)?
-            }
-            _ => 0,
-        };
-        let mut entry = Entry {
-            key,
-            state: if p.l4 == L4::Udp { ConnState::UdpNew } else { ConnState::SynSeen },
-            kind: EntryKind::Forward,
-            fins: 0,
-            expires: 0,
-            backend: backend.id,
-            snat_port,
-            link: NO_LINK,
-        };
-        advance_new(&mut entry, p.tcp_flags, &self.timeouts, now);
-        let index = self.insert(entry, hash, now, NO_LINK)?;
-        // Counted as soon as it is in the table, so that any removal below un-counts it exactly.
-        if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
-            c.new_flows += 1;
-            c.active_conns += 1;
-        }
-        if service.mode == ForwardMode::Nat {
-            let snat = tables.node();
-            let snat_ip = match backend.addr {
-                IpAddr::V4(_) => snat.snat_v4.map(IpAddr::V4),
-                IpAddr::V6(_) => snat.snat_v6.map(IpAddr::V6),
-            };
-            let Some(snat_ip) = snat_ip else {
-                self.remove(index);
-                return Err(DropReason::NoSnatPort);
-            };
-            let rkey = ConnKey::flow(backend.addr, snat_ip, backend.port, snat_port, p.flow.proto());
-            let reverse = Entry { key: rkey, kind: EntryKind::Reverse, link: index, ..entry };
-            match self.insert(reverse, rkey.hash(), now, index) {
-                Ok(r) => {
-                    self.conntrack.update(index, |e| e.link = r);
-                }
-                Err(e) => {
-                    self.remove(index);
-                    return Err(e);
-                }
-            }
-        }
-        if let Some(timeout) = service.affinity_timeout_secs {
-            self.record_affinity(service, client, backend.id, (index, timeout), now);
-        }
-        Ok((index, backend_index))
+        service.backends.get(backend_index).ok_or(DropReason::NoBackend)
     }
 
     /// The client's affinity record for `service`, if live: the index of the backend it names, when

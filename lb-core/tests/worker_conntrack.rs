@@ -554,3 +554,35 @@ fn established_count_follows_tcp_states_as_ipvsadm_active_conn() {
     }
     assert_eq!(counts(&w), (0, 0));
 }
+
+/// A Maglev service's new flows go to the backend its scheduler picks for the flow's lb-hash 5-tuple
+/// hash, whether the worker takes it from the flat ring (no affinity) or from the scheduler (with
+/// ClientIP affinity, the general path), with weights and a draining backend in the set; and the
+/// flows' packets after the first stay there.
+#[test]
+fn maglev_new_flows_get_the_schedulers_pick_on_either_path() {
+    let backends = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"];
+    for affinity in [None, Some(dur(600))] {
+        let mut cfg = dsr_config(SchedulerKind::Maglev, &backends);
+        cfg.services[0].backends[1].weight = 4;
+        cfg.services[0].backends[3].state = BackendState::Draining;
+        cfg.services[0].affinity_timeout = affinity;
+        let tables = TableBuilder::new().build(&cfg).unwrap();
+        let svc = tables.services()[0].clone();
+        let hasher = lb_hash::FlowHasher::new(node().hash_seed);
+        let mut w = Worker::new(tables, WorkerConfig::single_core(1 << 14));
+        let mut per_backend = [0u32; 5];
+        for i in 0..2000 {
+            let (c, sport) = (client(i), 1000 + (i % 7) as u16);
+            let h = hasher.five_tuple(c, v4(VIP), 6, sport, 80);
+            let want = svc.scheduler.likely_pick(h).map(|bi| svc.backends[bi].mac[5]).unwrap();
+            let (v, out) = run(&mut w, &tcp(c, sport, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+            assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, want), "flow {i}, affinity {affinity:?}");
+            let (_, out) = run(&mut w, &tcp(c, sport, v4(VIP), 80, Tcp::Ack, b""), secs(2));
+            assert_eq!(dsr_backend(&out), want);
+            per_backend[usize::from(want)] += 1;
+        }
+        assert_eq!(per_backend[4], 0, "the draining backend takes no new flow");
+        assert!(per_backend[2] > 2 * per_backend[1], "weight 4 against 1: {per_backend:?}");
+    }
+}

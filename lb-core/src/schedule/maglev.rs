@@ -1,6 +1,8 @@
 //! Maglev ("mh"): a weighted Maglev table from lb-hash, indexed by the hash of the 5-tuple (Maglev, NSDI'16):
 //! consistent, so flows move little when backends change and every node agrees.
 
+use alloc::sync::Arc;
+
 use lb_hash::{BuildError, MaglevTable, maglev_table_size_stable_for};
 
 use super::{CoreState, FlowInput, HashedSelection, Scheduler};
@@ -10,6 +12,12 @@ use crate::service::Backend;
 #[derive(Debug, Clone)]
 pub struct Maglev {
     pub(super) selection: HashedSelection,
+    /// The table again, each entry naming its backend's slot (`Backend::id`) rather than its index:
+    /// what a worker's new flows pick from through the service index, reading neither the service
+    /// record nor this scheduler (see [`crate::service::Tables`]). Shared by the clones a builder keeps
+    /// while the service's backends stay the same (their slots stay too). `None` when no backend
+    /// takes new flows.
+    pub(super) ring: Option<Arc<[u32]>>,
 }
 
 impl Maglev {
@@ -21,7 +29,10 @@ impl Maglev {
             let order = t.backends().iter().map(|b| b.id).collect();
             Ok((t.into(), order))
         })?;
-        Ok(Maglev { selection })
+        let ring = selection.table_backends().and_then(|entries| {
+            entries.map(|bi| bi.and_then(|bi| backends.get(bi)).map(|b| b.id.slot)).collect::<Option<Arc<[u32]>>>()
+        });
+        Ok(Maglev { selection, ring })
     }
 }
 

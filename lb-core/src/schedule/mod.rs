@@ -59,6 +59,7 @@ pub use weighted_least_connections::WeightedLeastConnections;
 pub use weighted_round_robin::WeightedRoundRobin;
 
 use alloc::boxed::Box;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::net::{IpAddr, SocketAddr};
 
@@ -239,6 +240,17 @@ impl ServiceScheduler {
     }
 }
 
+impl ServiceScheduler {
+    /// For Maglev (mh), its table with entries naming backend slots (see [`Maglev`]'s `ring`); `None`
+    /// for other schedulers and when no backend takes new flows.
+    pub(crate) fn ring(&self) -> Option<&Arc<[u32]>> {
+        match self {
+            Self::Maglev(s) => s.ring.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 impl Scheduler for ServiceScheduler {
     #[inline]
     fn pick(&self, flow: &FlowInput, backends: &[Backend], core: &mut CoreState<'_>) -> Option<usize> {
@@ -338,7 +350,18 @@ impl HashedSelection {
 
     #[inline]
     fn pick(&self, hash: u64) -> Option<usize> {
-        let i = self.selector.as_ref()?.select(hash)?;
+        self.backend_of(self.selector.as_ref()?.select(hash)?)
+    }
+
+    /// For a Maglev selector, the service's backend index of each table entry, in table order.
+    fn table_backends(&self) -> Option<impl Iterator<Item = Option<usize>> + '_> {
+        let Some(AnySelector::Maglev(table)) = self.selector.as_ref() else { return None };
+        Some(table.entries().iter().map(|&e| self.backend_of(u32::from(e))))
+    }
+
+    /// The service's backend index of the selector's backend `i`.
+    #[inline]
+    fn backend_of(&self, i: u32) -> Option<usize> {
         let b = match &self.to_backend {
             None => return usize::try_from(i).ok(),
             Some(map) => *map.get(i as usize)?,
