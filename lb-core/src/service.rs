@@ -1169,6 +1169,9 @@ mod tests {
         cfg.services[1].backends.push(backend("10.0.0.10", 53));
         let second = b.build(&cfg).unwrap();
         assert_eq!(entries(&first, 0), entries(&second, 0), "web unchanged: its table is reused");
+        let ring = |t: &Tables, i: usize| t.services()[i].scheduler.ring().unwrap().as_ptr();
+        assert_eq!(ring(&first, 0), ring(&second, 0), "and its ring of backend slots");
+        assert_ne!(ring(&first, 1), ring(&second, 1));
         assert_ne!(entries(&first, 1), entries(&second, 1), "dns gained a backend: rebuilt");
         let fresh = TableBuilder::new().build(&cfg).unwrap();
         for i in 0..2 {

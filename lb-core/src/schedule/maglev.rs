@@ -29,9 +29,7 @@ impl Maglev {
             let order = t.backends().iter().map(|b| b.id).collect();
             Ok((t.into(), order))
         })?;
-        let ring = selection.table_backends().and_then(|entries| {
-            entries.map(|bi| bi.and_then(|bi| backends.get(bi)).map(|b| b.id.slot)).collect::<Option<Arc<[u32]>>>()
-        });
+        let ring = selection.slot_ring(backends);
         Ok(Maglev { selection, ring })
     }
 }
