@@ -366,7 +366,8 @@ struct ServiceIndex {
     mask: usize,
 }
 
-/// One slot of the [`ServiceIndex`], one cache line: the key and the service's [`ServiceSummary`].
+/// One slot of the [`ServiceIndex`], one cache line: the key, the service's [`ServiceSummary`] and its
+/// ring, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[repr(C, align(64))]
 struct IndexSlot {
@@ -386,8 +387,8 @@ struct IndexSlot {
 /// table with entries naming backend slots, which its service index slot points to. A new flow's
 /// pick then goes index slot (already read by the lookup) -> ring entry -> that backend's location,
 /// and reads neither the service record nor its scheduler nor its backends: with 100 000 services
-/// each of those was a cache miss per new flow, in a dependent round of its own (Katran lays its
-/// rings out alike). Services with ClientIP affinity, other schedulers, or no backend taking new
+/// each of those was a cache miss per new flow, in a dependent round of its own (Katran's VIP entry
+/// leads to its ring of backend ids the same way). Services with ClientIP affinity, other schedulers, or no backend taking new
 /// flows have none ([`RingRef::NONE`]) and pick through their record. A ring names exactly the
 /// backends the scheduler's own table does (a test holds the two equal). The value is the index
 /// slot's position, so the worker's per-frame record holds no pointer.
@@ -402,6 +403,12 @@ impl RingRef {
     #[inline]
     pub(crate) fn is_some(self) -> bool {
         self != Self::NONE
+    }
+
+    /// True when it has none.
+    #[inline]
+    pub(crate) fn is_none(self) -> bool {
+        self == Self::NONE
     }
 }
 
@@ -1231,7 +1238,7 @@ mod tests {
             assert_eq!(seen.len(), serving, "{}: every serving backend is in the ring", s.name);
         }
         for s in &t.services()[2..] {
-            assert!(!ring_of(s).is_some(), "{} has no ring", s.name);
+            assert!(ring_of(s).is_none(), "{} has no ring", s.name);
         }
     }
 

@@ -17,9 +17,9 @@
 //! service ([`ServiceSummary`]), so no service lookup happens (a backend slot belongs to one service
 //! key for good; tombstones, expired entries, source ranges and departed backends take the full path).
 //! A new flow of a Maglev service without ClientIP affinity takes one too: the service's index slot
-//! says where its Maglev table lies in the tables' flat ring array, whose entries name backend slots,
-//! so the pick reads one ring entry and the backend's location, and neither the service record nor its
-//! scheduler nor its backends (Katran's layout; the ring names exactly the scheduler's picks).
+//! points to its ring (its Maglev table with entries naming backend slots), so the pick reads one
+//! ring entry and the backend's location, and neither the service record nor its scheduler nor its
+//! backends (the ring names exactly the scheduler's picks).
 //!
 //! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them and
 //! hashes their 5-tuples; then tight loops of plain loads pull what the batch will need into the cache
@@ -27,8 +27,8 @@
 //! without a likely hit the service index slots; backend locations and counters, and for likely new
 //! flows their ring entries or, for services without a ring, the service records, then their
 //! schedulers' tables; last the picked backends' locations and counters), with the service lookups
-//! after the second, so the misses of a round overlap; then each frame is decided in order, exactly as if alone
-//! (a test holds that).
+//! after the second, so the misses of a round overlap; then each frame is decided in order, exactly
+//! as if alone (a test holds that).
 //!
 //! Everything a worker touches per packet was allocated in [`Worker::new`]: the conntrack table, the
 //! per-slot counters and scheduler cursors. [`Worker::swap_tables`] installs new [`Tables`] between
@@ -479,7 +479,7 @@ impl Core {
         let mut fold = 0u64;
         for a in ahead.iter_mut() {
             if let Some((s, ring)) = a.service {
-                if !ring.is_some() {
+                if ring.is_none() {
                     fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
                 } else if let Some(h) = self.likely_new_flow_hash(a) {
                     a.flow_hash = Some(h);
@@ -826,7 +826,7 @@ impl Core {
             }
         }
         // (A service with a ring has no affinity.)
-        if !ring.is_some()
+        if ring.is_none()
             && let Some(timeout) = service.affinity_timeout_secs
         {
             self.record_affinity(service, p.flow.src_ip(), backend.id, (index, timeout), now);
