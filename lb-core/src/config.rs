@@ -309,7 +309,8 @@ pub struct ServiceConfig {
     pub source_ranges: Vec<Cidr>,
     /// Maglev table size (prime) for mh, sh and dh. `None`: 65 537 up to 655 backends (then 655 373,
     /// 6 553 621), a size that stays put as backends come and go, so a change moves few flows; 128 KiB
-    /// per service. With many services of few backends, a smaller prime (at least 100 per backend:
+    /// per service, and for mh without affinity 256 KiB more for the ring of backend slots new flows
+    /// pick from (see the worker). With many services of few backends, a smaller prime (at least 100 per backend:
     /// `lb_hash::maglev_table_size_for`) saves memory, but then keep it fixed as the set changes.
     pub maglev_table_size: Option<u32>,
     /// What to do with established flows whose backend was removed.
