@@ -388,10 +388,11 @@ struct IndexSlot {
 /// pick then goes index slot (already read by the lookup) -> ring entry -> that backend's location,
 /// and reads neither the service record nor its scheduler nor its backends: with 100 000 services
 /// each of those was a cache miss per new flow, in a dependent round of its own (Katran's VIP entry
-/// leads to its ring of backend ids the same way). Services with ClientIP affinity, other schedulers, or no backend taking new
-/// flows have none ([`RingRef::NONE`]) and pick through their record. A ring names exactly the
-/// backends the scheduler's own table does (a test holds the two equal). The value is the index
-/// slot's position, so the worker's per-frame record holds no pointer.
+/// leads to its ring of backend ids the same way). Services with ClientIP affinity, other
+/// schedulers, or no backend taking new flows have none ([`RingRef::NONE`]) and pick through their
+/// record. A ring names exactly the backends the scheduler's own table does (a test holds the two
+/// equal). The value is the index slot's position, so the worker's per-frame record holds no
+/// pointer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RingRef(u32);
 
@@ -1217,12 +1218,11 @@ mod tests {
         idle.backends[0].state = BackendState::Draining;
         cfg.services.extend([sticky, rr, idle]);
         let t = TableBuilder::new().build(&cfg).unwrap();
+        // The worker's lookup, for a client's flow to the service.
         let ring_of = |s: &Service| {
-            let vip = addr_bytes(s.key.vip);
-            let (port, proto) = (s.key.port, s.key.proto.number());
-            let (at, slot) =
-                t.index.get_hashed(index_hash(&vip, port, proto), &vip, s.key.vip.is_ipv6(), port, proto).unwrap();
-            if slot.ring.is_some() { RingRef(at as u32) } else { RingRef::NONE }
+            let client = "198.51.100.1".parse().unwrap();
+            let flow = FlowKey::from_ips(client, s.key.vip, s.key.proto.number(), 40_000, s.key.port).unwrap();
+            t.lookup_flow_ring(&flow, t.lookup_hash(&flow)).unwrap().1
         };
         for s in &t.services()[..2] {
             let ring = ring_of(s);
