@@ -6,7 +6,9 @@
 //! Each iteration copies 64 template frames into the burst's buffers (NAT and tunnel rewrites change
 //! them) and processes the burst; `copy_only` measures the copy alone in the same run, as a baseline
 //! to subtract. Frames are hand-built Ethernet + IPv4 + TCP with valid lengths (the worker does not
-//! verify checksums). Figures and the command are in BENCHMARKS.md, section "lb-core".
+//! verify checksums). `dsr_conntrack_reads_only` measures, on the same worker state, only the two
+//! conntrack reads an established packet cannot avoid (bucket head, then entry): the memory floor of the
+//! established cases. Figures and the command are in BENCHMARKS.md, section "lb-core".
 //!
 //! Time is the benchmark thread's CPU time ([`ThreadCpuTime`]), not wall time: on a shared machine
 //! wall time also counts the slices other processes run while this thread waits for a core, which
@@ -53,6 +55,7 @@ use criterion::{BenchmarkId, Criterion, Throughput};
 use lb_core::config::{
     BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey,
 };
+use lb_core::conntrack::ConnKey;
 use lb_core::service::TableBuilder;
 use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
 
@@ -188,6 +191,32 @@ fn sport(i: usize) -> u16 {
     1024 + (i & 0x3fff) as u16
 }
 
+/// The memory floor of an established packet under the worker's table: copies `templates` into the
+/// burst buffers as [`burst`] does, parses and hashes each, then reads each frame's conntrack bucket
+/// head and (in a second round) its entry, 16 frames at a time, and nothing else.
+fn conntrack_reads(w: &Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templates: &[[u8; 60]]) -> u64 {
+    for (b, t) in bufs.iter_mut().zip(templates) {
+        b[HEADROOM..HEADROOM + 60].copy_from_slice(t);
+    }
+    let table = w.conntrack();
+    let mut fold = 0u64;
+    for batch in bufs.chunks(16) {
+        let mut hashes = [0u64; 16];
+        for (h, b) in hashes.iter_mut().zip(batch) {
+            if let Ok(p) = lb_core::packet::parse(&b[HEADROOM..HEADROOM + 60]) {
+                *h = ConnKey::from_flow(&p.flow).hash();
+            }
+        }
+        for h in hashes {
+            fold ^= u64::from(table.touch_bucket(h));
+        }
+        for h in hashes {
+            fold ^= table.likely_entry(h).map_or(0, |e| u64::from(e.expires));
+        }
+    }
+    fold
+}
+
 /// Processes `templates` (64 at a time) through `w`, copying each into the burst buffers first.
 fn burst(w: &mut Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templates: &[[u8; 60]], now: Instant) -> usize {
     for (b, t) in bufs.iter_mut().zip(templates) {
@@ -238,6 +267,18 @@ pub(crate) fn established(c: &mut Criterion<ThreadCpuTime>, group: &str) {
                 black_box(burst(w, &mut bufs, chunk, Instant::from_secs(2)))
             });
         });
+        if mode == ForwardMode::Dsr && services == 10 {
+            // The same flows, only the conntrack reads an established packet cannot avoid: each
+            // frame's bucket head, then its entry, 16 frames a round, as the worker's warm-up does.
+            g.bench_function(BenchmarkId::new(format!("{mode_name}_conntrack_reads_only"), "10_services"), |b| {
+                let (w, order) = state.as_mut().expect("the case above ran first");
+                b.iter(|| {
+                    let chunk = &order[k..k + BURST];
+                    k = (k + BURST) % n_flows;
+                    black_box(conntrack_reads(w, &mut bufs, chunk))
+                });
+            });
+        }
     }
     g.bench_function("copy_only", |b| {
         let t = [tcp_frame(client(1), 1, vip(0), ACK); BURST];
