@@ -13,6 +13,12 @@
 //! each), and eviction reads only the head. An entry never moves once written, so
 //! its index is a stable handle: a NAT flow's forward and reverse entries point at each other by index.
 //!
+//! Each key has a *home way*, from hash bits that neither the bucket nor the tag use: an insert takes it
+//! when it is free (else the first free way), so in a table that is not nearly full most entries sit
+//! at their home way and the worker's warm-up reads the entry's likely line in the same round as its
+//! bucket's head, rather than one round later (see [`ConntrackTable::touch_bucket_and_home`]). Lookups
+//! try the home way first, then search the head's tags in order, so a key elsewhere is found as well.
+//!
 //! Expired entries are reclaimed lazily: a lookup that finds one removes it, an insert reuses its way,
 //! and [`ConntrackTable::sweep_bucket`] (called a few buckets per burst by the worker) reclaims the rest
 //! so per-backend connection counts stay honest.
@@ -292,6 +298,20 @@ struct Bucket {
     entries: [Way; WAYS],
 }
 
+impl Bucket {
+    /// The way holding `key` (`hash` is `key.hash()`): its home way first, where most keys are,
+    /// then the tags in order.
+    #[inline]
+    fn way_of(&self, key: &ConnKey, hash: u64) -> Option<usize> {
+        let tag = tag_of(hash);
+        let home = home_way(hash);
+        if tag_hash(self.head.tags[home]) == tag && self.entries[home].0.key == *key {
+            return Some(home);
+        }
+        self.head.tags.iter().zip(&self.entries).position(|(t, e)| tag_hash(*t) == tag && e.0.key == *key)
+    }
+}
+
 /// What lookup, expiry and eviction read first, in one cache line.
 #[derive(Debug, Clone, Copy, Default)]
 #[repr(C, align(64))]
@@ -317,6 +337,19 @@ fn split(index: usize) -> (usize, usize) {
 /// entries), bits 3-15 from the hash.
 fn tag_of(hash: u64) -> u16 {
     ((hash >> 48) as u16 & !0x7) | 1
+}
+
+/// The way an insert under `hash` takes when it is free: hash bits 45-47, which neither the bucket
+/// index (the low bits; a table would need 2^45 buckets to reach them) nor the tag (bits 51-63) uses.
+fn home_way(hash: u64) -> usize {
+    ((hash >> 45) as usize) & (WAYS - 1)
+}
+
+/// The way of `ways` (a bit set, not empty) an insert under `hash` takes: its home way if in the
+/// set, else the first.
+fn home_or_first(ways: u32, hash: u64) -> usize {
+    let home = home_way(hash);
+    if ways & (1 << home) != 0 { home } else { ways.trailing_zeros() as usize }
 }
 
 /// The tag without its class bits, as [`tag_of`] gives it.
@@ -400,11 +433,9 @@ impl ConntrackTable {
     /// The index of the entry with this key, if any (expired or not). `hash` is `key.hash()`.
     #[inline]
     pub fn find(&self, key: &ConnKey, hash: u64) -> Option<u32> {
-        let tag = tag_of(hash);
         let b = (hash as usize) & self.bucket_mask;
         let bucket = self.buckets.get(b)?;
-        let way =
-            bucket.head.tags.iter().zip(&bucket.entries).position(|(t, e)| tag_hash(*t) == tag && e.0.key == *key)?;
+        let way = bucket.way_of(key, hash)?;
         Some((b * WAYS + way) as u32)
     }
 
@@ -420,10 +451,10 @@ impl ConntrackTable {
         hash: u64,
         f: impl FnOnce(&mut Entry) -> Option<R>,
     ) -> Option<(u32, R)> {
-        let tag = tag_of(hash);
         let b = (hash as usize) & self.bucket_mask;
-        let Bucket { head, entries } = self.buckets.get_mut(b)?;
-        let way = head.tags.iter().zip(entries.iter()).position(|(t, e)| tag_hash(*t) == tag && e.0.key == *key)?;
+        let bucket = self.buckets.get_mut(b)?;
+        let way = bucket.way_of(key, hash)?;
+        let Bucket { head, entries } = bucket;
         let (t, x, e) = (head.tags.get_mut(way)?, head.expiries.get_mut(way)?, &mut entries.get_mut(way)?.0);
         let r = f(e)?;
         *t = (*t & !0x6) | (class_bits(e) << 1);
@@ -438,13 +469,30 @@ impl ConntrackTable {
         self.bucket_of(hash).map_or(0, |b| b.head.tags[0])
     }
 
-    /// The first entry of the bucket of `hash` whose tag matches (the key is not compared): a likely
-    /// hit, read ahead of [`ConntrackTable::find`] so its cache miss overlaps others.
+    /// As [`ConntrackTable::touch_bucket`], and a word of the home way's entry too, so both lines
+    /// come in together: for a key that is likely present. Its line is the entry's whenever the key
+    /// sits at its home way, which is most keys of a table that is not nearly full (see the module
+    /// docs); otherwise it is a wasted read, and the entry comes one round later, as without this.
+    #[inline]
+    pub fn touch_bucket_and_home(&self, hash: u64) -> u16 {
+        self.bucket_of(hash).map_or(0, |b| {
+            let home = b.entries.get(home_way(hash)).map_or(0, |e| e.0.snat_port);
+            b.head.tags[0] ^ home
+        })
+    }
+
+    /// The entry of the bucket of `hash` whose tag matches, the home way's first (the key is not
+    /// compared): a likely hit, read ahead of [`ConntrackTable::find`] so its cache miss overlaps others.
     #[inline]
     pub fn likely_entry(&self, hash: u64) -> Option<&Entry> {
         let tag = tag_of(hash);
         let bucket = self.bucket_of(hash)?;
-        let way = bucket.head.tags.iter().position(|t| tag_hash(*t) == tag)?;
+        let home = home_way(hash);
+        let way = if tag_hash(bucket.head.tags[home]) == tag {
+            home
+        } else {
+            bucket.head.tags.iter().position(|t| tag_hash(*t) == tag)?
+        };
         bucket.entries.get(way).map(|w| &w.0)
     }
 
@@ -539,9 +587,9 @@ impl ConntrackTable {
         let Some(bucket) = self.buckets.get(b) else { return Err(ConntrackFull) };
         let head = bucket.head;
         let spare_way = if spare as usize / WAYS == b { spare as usize % WAYS } else { WAYS };
-        let (way, evicted) = match Self::choose_way(&head, now, spare_way) {
+        let (way, evicted) = match Self::choose_way(&head, now, spare_way, hash) {
             Some(choice) => choice,
-            None => self.choose_way_with_reverse(b, &head, now, spare_way).ok_or(ConntrackFull)?,
+            None => self.choose_way_with_reverse(b, &head, now, spare_way, hash).ok_or(ConntrackFull)?,
         };
         if way >= WAYS {
             return Err(ConntrackFull);
@@ -562,8 +610,8 @@ impl ConntrackTable {
         Ok(Inserted { index: index as u32, displaced })
     }
 
-    /// The way an insert takes and whether it displaces a live entry: the first empty way
-    /// (`None`), else the first expired one (`Some(false)`), else the eviction victim
+    /// The way an insert under `hash` takes and whether it displaces a live entry: an empty way,
+    /// the home way if empty (`None`), else an expired one, likewise (`Some(false)`), else the eviction victim
     /// (`Some(true)`); way `WAYS` when nothing may go (full). Returns `None` instead when the
     /// bucket is full and holds a reverse entry, whose life is its forward entry's: then
     /// [`ConntrackTable::choose_way_with_reverse`] decides.
@@ -573,7 +621,7 @@ impl ConntrackTable {
     /// scan with its early exits and iterator chain cost ~25 instructions a way, eight ways per
     /// insert into a full bucket (callgrind, new flows).
     #[inline]
-    fn choose_way(head: &BucketHead, now: u32, spare_way: usize) -> Option<(usize, Option<bool>)> {
+    fn choose_way(head: &BucketHead, now: u32, spare_way: usize, hash: u64) -> Option<(usize, Option<bool>)> {
         let (mut empty, mut stale, mut reverse) = (0u32, 0u32, 0u32);
         let mut victim = Victim::NONE;
         for way in 0..WAYS {
@@ -591,15 +639,15 @@ impl ConntrackTable {
                 }
             }
         }
-        // The first empty way wins over anything (the sequential scan stops there).
+        // An empty way wins over anything.
         if empty != 0 {
-            return Some((empty.trailing_zeros() as usize, None));
+            return Some((home_or_first(empty, hash), None));
         }
         if reverse != 0 {
             return None;
         }
         if stale != 0 {
-            return Some((stale.trailing_zeros() as usize, Some(false)));
+            return Some((home_or_first(stale, hash), Some(false)));
         }
         Some((victim.way().unwrap_or(WAYS), Some(true)))
     }
@@ -612,7 +660,12 @@ impl ConntrackTable {
         head: &BucketHead,
         now: u32,
         spare_way: usize,
+        hash: u64,
     ) -> Option<(usize, Option<bool>)> {
+        let home = home_way(hash);
+        if head.tags[home] == 0 {
+            return Some((home, None));
+        }
         let mut expired = WAYS;
         let mut victim = Victim::NONE;
         for way in 0..WAYS {
@@ -620,7 +673,8 @@ impl ConntrackTable {
             if t == 0 {
                 return Some((way, None));
             }
-            if way == spare_way || expired < WAYS {
+            // Once an expired way is found, only the home way can still beat it.
+            if way == spare_way || (expired < WAYS && way != home) {
                 continue;
             }
             // `is_live` from the head words already in hand; only a reverse entry needs its forward
@@ -628,7 +682,9 @@ impl ConntrackTable {
             let live =
                 if class_of(t) == CLASS_REVERSE { self.is_live((b * WAYS + way) as u32, now) } else { now < expires };
             if !live {
-                expired = way;
+                if expired == WAYS || way == home {
+                    expired = way;
+                }
                 continue;
             }
             victim.consider(t, expires, way);
@@ -693,6 +749,7 @@ mod tests {
             ways in proptest::collection::vec((0u16..4, 0u32..6), WAYS),
             now in 0u32..6,
             spare_way in 0usize..=WAYS,
+            hash in proptest::prelude::any::<u64>(),
         ) {
             let mut head = BucketHead::default();
             for (way, &(class, expires)) in ways.iter().enumerate() {
@@ -701,8 +758,8 @@ mod tests {
                 head.expiries[way] = expires;
             }
             let table = ConntrackTable::with_capacity(WAYS);
-            let fast = ConntrackTable::choose_way(&head, now, spare_way).filter(|(w, _)| *w < WAYS);
-            let slow = table.choose_way_with_reverse(0, &head, now, spare_way);
+            let fast = ConntrackTable::choose_way(&head, now, spare_way, hash).filter(|(w, _)| *w < WAYS);
+            let slow = table.choose_way_with_reverse(0, &head, now, spare_way, hash);
             proptest::prop_assert_eq!(fast, slow);
         }
 
@@ -891,6 +948,41 @@ mod tests {
         let f = key(54);
         assert_eq!(t.insert(entry(f, ConnState::SynSeen, 60), f.hash(), 0), Err(ConntrackFull));
         assert_eq!(t.len(), 8);
+    }
+
+    #[test]
+    fn inserts_take_their_home_way_when_it_is_free() {
+        let mut t = ConntrackTable::with_capacity(WAYS); // one bucket
+        let mut taken = 0u32;
+        for n in 0..WAYS as u32 {
+            let k = key(n);
+            let h = k.hash();
+            let free = !taken;
+            let index = t.insert(entry(k, ConnState::Established, 100), h, 0).unwrap().index;
+            let expected = if free & (1 << home_way(h)) != 0 { home_way(h) } else { free.trailing_zeros() as usize };
+            assert_eq!(index as usize, expected, "key {n}");
+            taken |= 1 << index;
+            assert_eq!(t.find(&k, h), Some(index));
+            assert_eq!(t.likely_entry(h).map(|e| e.key), Some(k));
+        }
+    }
+
+    #[test]
+    fn a_key_whose_home_way_holds_another_with_its_tag_is_still_found() {
+        // Two keys of one bucket with the same tag and home way: the second cannot sit at home, and
+        // the home way's tag matches it, so only the key comparison tells them apart.
+        let mut t = ConntrackTable::with_capacity(WAYS);
+        let sign = |k: &ConnKey| (tag_of(k.hash()), home_way(k.hash()));
+        let first = key(0);
+        let second = (1..1_000_000).map(key).find(|k| sign(k) == sign(&first)).unwrap();
+        let a = t.insert(entry(first, ConnState::Established, 100), first.hash(), 0).unwrap().index;
+        let b = t.insert(entry(second, ConnState::Established, 100), second.hash(), 0).unwrap().index;
+        assert_eq!(a as usize, home_way(first.hash()));
+        assert_ne!(a, b);
+        assert_eq!(t.find(&first, first.hash()), Some(a));
+        assert_eq!(t.find(&second, second.hash()), Some(b));
+        let found = t.find_update(&second, second.hash(), |e| Some(e.key));
+        assert_eq!(found, Some((b, second)));
     }
 
     #[test]

@@ -23,7 +23,8 @@
 //!
 //! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them and
 //! hashes their 5-tuples; then tight loops of plain loads pull what the batch will need into the cache
-//! in rounds, each needing only the one before (conntrack bucket heads; likely entries, and for frames
+//! in rounds, each needing only the one before (conntrack bucket heads with, but for a lone SYN, the
+//! entry at the key's home way, where most keys sit; likely entries (mostly in already), and for frames
 //! without a likely hit the service index slots; backend locations and counters, and for likely new
 //! flows their ring entries or, for services without a ring, the service records, then their
 //! schedulers' tables; last the picked backends' locations and counters), with the service lookups
@@ -429,15 +430,23 @@ impl Core {
         }
     }
 
-    /// Reads what depends only on the frames' hashes: each conntrack bucket's head (and, for a frame
-    /// without ports, the service index slot where its lookup starts). One tight loop of independent
+    /// Reads what depends only on the frames' hashes: each conntrack bucket's head and, for a frame
+    /// other than a lone SYN, the entry at its key's home way (its own entry, mostly; see
+    /// [`crate::conntrack`]), and for a frame without ports the service index slot where its lookup
+    /// starts. One tight loop of independent
     /// loads, so the batch's cache misses overlap. (lb-core has no `unsafe`, hence plain loads rather
     /// than prefetch instructions; the values are only folded into one kept from the optimiser.)
     fn warm_first(&self, tables: &Tables, ahead: &[Lookahead]) {
         let mut fold = 0u64;
         for a in ahead {
             if let Some(h) = a.conn_hash {
-                fold ^= u64::from(self.conntrack.touch_bucket(h));
+                // A lone SYN most likely starts a flow: its home entry would be a wasted read.
+                let syn = matches!(&a.parsed, Ok(p) if p.tcp_flags.is_syn_only());
+                fold ^= u64::from(if syn {
+                    self.conntrack.touch_bucket(h)
+                } else {
+                    self.conntrack.touch_bucket_and_home(h)
+                });
             } else if a.needs_service {
                 fold ^= u64::from(tables.touch_lookup(a.lookup_hash));
             }

@@ -6,8 +6,9 @@
 //! Each iteration copies 64 template frames into the burst's buffers (NAT and tunnel rewrites change
 //! them) and processes the burst; `copy_only` measures the copy alone in the same run, as a baseline
 //! to subtract. Frames are hand-built Ethernet + IPv4 + TCP with valid lengths (the worker does not
-//! verify checksums). `dsr_conntrack_reads_only` measures, on the same worker state, only the two
-//! conntrack reads an established packet cannot avoid (bucket head, then entry): the memory floor of the
+//! verify checksums). `dsr_conntrack_reads_only` measures, on the same worker state, only the
+//! conntrack reads an established packet cannot avoid, as the worker's warm-up issues them (bucket
+//! head with the home way's entry, then the entry the tags point to): the memory floor of the
 //! established cases. Figures and the command are in BENCHMARKS.md, section "lb-core".
 //!
 //! Time is the benchmark thread's CPU time ([`ThreadCpuTime`]), not wall time: on a shared machine
@@ -193,7 +194,7 @@ fn sport(i: usize) -> u16 {
 
 /// The memory floor of an established packet under the worker's table: copies `templates` into the
 /// burst buffers as [`burst`] does, parses and hashes each, then reads each frame's conntrack bucket
-/// head and (in a second round) its entry, 16 frames at a time, and nothing else.
+/// head and home entry and (in a second round) its entry, 16 frames at a time, and nothing else.
 fn conntrack_reads(w: &Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templates: &[[u8; 60]]) -> u64 {
     for (b, t) in bufs.iter_mut().zip(templates) {
         b[HEADROOM..HEADROOM + 60].copy_from_slice(t);
@@ -208,7 +209,7 @@ fn conntrack_reads(w: &Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templat
             }
         }
         for h in hashes {
-            fold ^= u64::from(table.touch_bucket(h));
+            fold ^= u64::from(table.touch_bucket_and_home(h));
         }
         for h in hashes {
             fold ^= table.likely_entry(h).map_or(0, |e| u64::from(e.expires));
