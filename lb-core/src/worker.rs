@@ -433,9 +433,9 @@ impl Core {
     /// Reads what depends only on the frames' hashes: each conntrack bucket's head and, for a frame
     /// other than a lone SYN, the entry at its key's home way (its own entry, mostly; see
     /// [`crate::conntrack`]), and for a frame without ports the service index slot where its lookup
-    /// starts. One tight loop of independent
-    /// loads, so the batch's cache misses overlap. (lb-core has no `unsafe`, hence plain loads rather
-    /// than prefetch instructions; the values are only folded into one kept from the optimiser.)
+    /// starts. One tight loop of independent loads, so the batch's cache misses overlap. (lb-core
+    /// has no `unsafe`, hence plain loads rather than prefetch instructions; the values are only
+    /// folded into one kept from the optimiser.)
     fn warm_first(&self, tables: &Tables, ahead: &[Lookahead]) {
         let mut fold = 0u64;
         for a in ahead {

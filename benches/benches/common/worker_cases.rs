@@ -270,7 +270,8 @@ pub(crate) fn established(c: &mut Criterion<ThreadCpuTime>, group: &str) {
         });
         if mode == ForwardMode::Dsr && services == 10 {
             // The same flows, only the conntrack reads an established packet cannot avoid: each
-            // frame's bucket head, then its entry, 16 frames a round, as the worker's warm-up does.
+            // frame's bucket head and home entry, then its entry, 16 frames a round, as the worker's
+            // warm-up does.
             g.bench_function(BenchmarkId::new(format!("{mode_name}_conntrack_reads_only"), "10_services"), |b| {
                 let (w, order) = state.as_mut().expect("the case above ran first");
                 b.iter(|| {
