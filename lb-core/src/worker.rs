@@ -280,6 +280,17 @@ impl Worker {
     }
 }
 
+/// The flow a NAT flow's client-to-backend frames leave with: the SNAT address and the flow's SNAT
+/// port (from its conntrack entry) to the backend.
+fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend: &crate::service::Backend) -> Option<FlowKey> {
+    let node = tables.node();
+    let snat = match backend.addr {
+        IpAddr::V4(_) => IpAddr::V4(node.snat_v4?),
+        IpAddr::V6(_) => IpAddr::V6(node.snat_v6?),
+    };
+    FlowKey::from_ips(snat, backend.addr, proto, snat_port, backend.port)
+}
+
 /// Frames decided together: the first passes over a batch (parse, hash, service lookup, cache warm-up)
 /// let the memory accesses of different frames overlap.
 const BATCH: usize = 16;
@@ -619,7 +630,7 @@ impl Core {
         }
         let flags = p.tcp_flags;
         let timeouts = &self.timeouts;
-        let (index, (summary, backend, change)) = self.conntrack.find_update(key, hash, |e| {
+        let (_, (summary, backend, change, snat_port)) = self.conntrack.find_update(key, hash, |e| {
             let usable = match e.state {
                 ConnState::BackendGone => false,
                 ConnState::TimeWait => !flags.is_syn_only(),
@@ -630,7 +641,7 @@ impl Core {
             }
             let (summary, backend) = tables.resolve_known(e.backend).filter(|(s, _)| s.all_clients)?;
             let change = advance(e, flags, true, timeouts, now);
-            Some((summary, backend, change))
+            Some((summary, backend, change, e.snat_port))
         })?;
         self.count_established(backend.id, change);
         let flow_hash = if matches!(summary.mode, ForwardMode::IpIp | ForwardMode::Gue { .. }) {
@@ -638,7 +649,7 @@ impl Core {
         } else {
             0
         };
-        let outcome = self.rewrite(tables, frame, p, summary.mode, backend, index, flow_hash).map(|()| {
+        let outcome = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, flow_hash).map(|()| {
             self.count_forwarded(backend, p);
             Verdict::Tx
         });
@@ -766,7 +777,8 @@ impl Core {
                 self.new_flow(tables, p, hashes, (summary, ring, service), now)?
             }
         };
-        if let Err(reason) = self.rewrite(tables, frame, p, summary.mode, backend, index, flow_hash) {
+        let snat_port = self.conntrack.get(index).map_or(0, |e| e.snat_port);
+        if let Err(reason) = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, flow_hash) {
             if known.is_none() {
                 // A flow whose first frame cannot be sent leaves no state behind.
                 self.remove(index);
@@ -986,7 +998,7 @@ impl Core {
         let service = tables.service(si).ok_or(DropReason::IcmpNoFlow)?;
         let backend = service.backends.get(bi).ok_or(DropReason::IcmpNoFlow)?;
         let hash = self.flow_hash(flow);
-        self.rewrite(tables, frame, p, service.mode, backend, index, hash)?;
+        self.rewrite(tables, frame, p, service.mode, backend, entry.snat_port, hash)?;
         Ok(Verdict::Tx)
     }
 
@@ -1005,13 +1017,13 @@ impl Core {
         p: &Parsed,
         mode: ForwardMode,
         backend: &crate::service::Backend,
-        index: u32,
+        snat_port: u16,
         flow_hash: u64,
     ) -> Result<(), DropReason> {
         let macs = Macs { src: tables.node().local_mac, dst: backend.mac };
         match mode {
             ForwardMode::Nat => {
-                let to = self.nat_target_of(tables, index, backend).ok_or(DropReason::NoSnatPort)?;
+                let to = nat_target_of(tables, p.flow.proto(), snat_port, backend).ok_or(DropReason::NoSnatPort)?;
                 forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
             }
             ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs)?,
@@ -1051,18 +1063,6 @@ impl Core {
         forward::too_big::reply(frame, p, mtu.saturating_sub(overhead), node.local_mac)?;
         self.stats.icmp_too_big += 1;
         Ok(true)
-    }
-
-    /// The flow a NAT flow's client-to-backend frames leave with: SNAT address and the entry's port
-    /// to the backend.
-    fn nat_target_of(&self, tables: &Tables, index: u32, backend: &crate::service::Backend) -> Option<FlowKey> {
-        let e = self.conntrack.get(index)?;
-        let node = tables.node();
-        let snat = match backend.addr {
-            IpAddr::V4(_) => IpAddr::V4(node.snat_v4?),
-            IpAddr::V6(_) => IpAddr::V6(node.snat_v6?),
-        };
-        FlowKey::from_ips(snat, backend.addr, e.key.proto, e.snat_port, backend.port)
     }
 
     /// A free SNAT port from this core's share for a flow to `backend`: free means no reply key
