@@ -763,21 +763,25 @@ impl Core {
             Some(h) => h,
             None => self.flow_hash(&p.flow),
         };
-        let (index, backend) = match known {
+        let (index, backend, snat_port) = match known {
             Some((index, backend)) => {
                 let timeouts = &self.timeouts;
-                let change = self.conntrack.update(index, |e| (e.backend, advance(e, flags, true, timeouts, now)));
-                if let Some((backend, change)) = change {
-                    self.count_established(backend, change);
-                }
-                (index, backend)
+                let change =
+                    self.conntrack.update(index, |e| (e.backend, advance(e, flags, true, timeouts, now), e.snat_port));
+                let snat_port = match change {
+                    Some((backend, change, snat_port)) => {
+                        self.count_established(backend, change);
+                        snat_port
+                    }
+                    None => 0,
+                };
+                (index, backend, snat_port)
             }
             None => {
                 let hashes = FlowHashes { key: *key, hash, flow_hash };
                 self.new_flow(tables, p, hashes, (summary, ring, service), now)?
             }
         };
-        let snat_port = self.conntrack.get(index).map_or(0, |e| e.snat_port);
         if let Err(reason) = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, flow_hash) {
             if known.is_none() {
                 // A flow whose first frame cannot be sent leaves no state behind.
@@ -790,7 +794,7 @@ impl Core {
     }
 
     /// A flow conntrack does not know: backend, SNAT port, conntrack insert. Returns the forward
-    /// entry's index and the backend.
+    /// entry's index, the backend and the SNAT port (0 but in NAT mode).
     fn new_flow<'t>(
         &mut self,
         tables: &'t Tables,
@@ -798,7 +802,7 @@ impl Core {
         hashes: FlowHashes,
         (summary, ring, service): (&ServiceSummary, RingRef, &'t Service),
         now: u32,
-    ) -> Result<(u32, &'t Backend), DropReason> {
+    ) -> Result<(u32, &'t Backend, u16), DropReason> {
         let FlowHashes { key, hash, flow_hash } = hashes;
         let backend = self.pick_backend(tables, p, flow_hash, ring, service, now)?;
         let snat_port = match summary.mode {
@@ -852,7 +856,7 @@ impl Core {
         {
             self.record_affinity(service, p.flow.src_ip(), backend.id, (index, timeout), now);
         }
-        Ok((index, backend))
+        Ok((index, backend, snat_port))
     }
 
     /// The backend for a new flow: the service's ring entry when it has a ring (Maglev without
