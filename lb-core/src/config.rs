@@ -391,6 +391,17 @@ pub struct NodeConfig {
     pub timeouts: Timeouts,
 }
 
+impl NodeConfig {
+    /// The full-NAT source address for frames to a backend at `backend`: `snat_v4` or `snat_v6`
+    /// by its family, if set.
+    pub fn snat_addr_for(&self, backend: IpAddr) -> Option<IpAddr> {
+        match backend {
+            IpAddr::V4(_) => self.snat_v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.snat_v6.map(IpAddr::V6),
+        }
+    }
+}
+
 impl Default for NodeConfig {
     fn default() -> Self {
         NodeConfig {

@@ -283,11 +283,7 @@ impl Worker {
 /// The flow a NAT flow's client-to-backend frames leave with: the SNAT address and the flow's SNAT
 /// port (from its conntrack entry) to the backend.
 fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend: &crate::service::Backend) -> Option<FlowKey> {
-    let node = tables.node();
-    let snat = match backend.addr {
-        IpAddr::V4(_) => IpAddr::V4(node.snat_v4?),
-        IpAddr::V6(_) => IpAddr::V6(node.snat_v6?),
-    };
+    let snat = tables.node().snat_addr_for(backend.addr)?;
     FlowKey::from_ips(snat, backend.addr, proto, snat_port, backend.port)
 }
 
@@ -829,12 +825,7 @@ impl Core {
             c.active_conns += 1;
         }
         if summary.mode == ForwardMode::Nat {
-            let snat = tables.node();
-            let snat_ip = match backend.addr {
-                IpAddr::V4(_) => snat.snat_v4.map(IpAddr::V4),
-                IpAddr::V6(_) => snat.snat_v6.map(IpAddr::V6),
-            };
-            let Some(snat_ip) = snat_ip else {
+            let Some(snat_ip) = tables.node().snat_addr_for(backend.addr) else {
                 self.remove(index);
                 return Err(DropReason::NoSnatPort);
             };
@@ -1080,11 +1071,7 @@ impl Core {
         flow_hash: u64,
     ) -> Option<u16> {
         let (lo, hi) = self.snat_ports?;
-        let node = tables.node();
-        let snat = match backend {
-            IpAddr::V4(_) => IpAddr::V4(node.snat_v4?),
-            IpAddr::V6(_) => IpAddr::V6(node.snat_v6?),
-        };
+        let snat = tables.node().snat_addr_for(backend)?;
         let span = u32::from(hi) - u32::from(lo) + 1;
         let start = (flow_hash >> 32) as u32 % span;
         (0..SNAT_PORT_TRIES.min(span)).find_map(|i| {
