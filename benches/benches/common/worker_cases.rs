@@ -192,13 +192,18 @@ fn sport(i: usize) -> u16 {
     1024 + (i & 0x3fff) as u16
 }
 
+/// Copies `templates` into the burst buffers, after the headroom.
+fn copy_templates(bufs: &mut [[u8; HEADROOM + 128]; BURST], templates: &[[u8; 60]]) {
+    for (b, t) in bufs.iter_mut().zip(templates) {
+        b[HEADROOM..HEADROOM + 60].copy_from_slice(t);
+    }
+}
+
 /// The memory floor of an established packet under the worker's table: copies `templates` into the
 /// burst buffers as [`burst`] does, parses and hashes each, then reads each frame's conntrack bucket
 /// head and home entry and (in a second round) its entry, 16 frames at a time, and nothing else.
 fn conntrack_reads(w: &Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templates: &[[u8; 60]]) -> u64 {
-    for (b, t) in bufs.iter_mut().zip(templates) {
-        b[HEADROOM..HEADROOM + 60].copy_from_slice(t);
-    }
+    copy_templates(bufs, templates);
     let table = w.conntrack();
     let mut fold = 0u64;
     for batch in bufs.chunks(16) {
@@ -220,14 +225,31 @@ fn conntrack_reads(w: &Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templat
 
 /// Processes `templates` (64 at a time) through `w`, copying each into the burst buffers first.
 fn burst(w: &mut Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templates: &[[u8; 60]], now: Instant) -> usize {
-    for (b, t) in bufs.iter_mut().zip(templates) {
-        b[HEADROOM..HEADROOM + 60].copy_from_slice(t);
-    }
+    copy_templates(bufs, templates);
     let mut it = bufs.iter_mut();
     let mut frames: [Frame<'_>; BURST] = std::array::from_fn(|_| Frame::new(it.next().unwrap(), HEADROOM, 60));
     let mut verdicts = [Verdict::Pass; BURST];
     w.process_burst(&mut frames, now, &mut verdicts);
     verdicts.iter().filter(|v| **v == Verdict::Tx).count()
+}
+
+/// A worker holding `n_flows` established flows (SYN then ACK) spread over `services` services, and
+/// the order the bursts walk them in: with a stride, so consecutive bursts touch unrelated entries.
+fn established_worker(
+    bufs: &mut [[u8; HEADROOM + 128]; BURST],
+    services: usize,
+    mode: ForwardMode,
+    n_flows: usize,
+) -> (Worker, Vec<[u8; 60]>) {
+    let tables = TableBuilder::new().build(&config(services, mode)).unwrap();
+    let mut w = Worker::new(tables, WorkerConfig::single_core(CONNTRACK));
+    let flows: Vec<[u8; 60]> = (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), ACK)).collect();
+    let syns: Vec<[u8; 60]> = (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), SYN)).collect();
+    for chunk in syns.chunks(BURST).chain(flows.chunks(BURST)) {
+        assert_eq!(burst(&mut w, bufs, chunk, Instant::from_secs(1)), BURST);
+    }
+    let order = (0..n_flows).map(|i| flows[(i * 7919) % n_flows]).collect();
+    (w, order)
 }
 
 pub(crate) fn established(c: &mut Criterion<ThreadCpuTime>, group: &str) {
@@ -247,21 +269,7 @@ pub(crate) fn established(c: &mut Criterion<ThreadCpuTime>, group: &str) {
         let mut state: Option<(Worker, Vec<[u8; 60]>)> = None;
         let mut k = 0;
         g.bench_function(BenchmarkId::new(mode_name, format!("{services}_services")), |b| {
-            let (w, order) = state.get_or_insert_with(|| {
-                let tables = TableBuilder::new().build(&config(services, mode)).unwrap();
-                let mut w = Worker::new(tables, WorkerConfig::single_core(CONNTRACK));
-                // Establish the flows (SYN then ACK), spread over the services.
-                let flows: Vec<[u8; 60]> =
-                    (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), ACK)).collect();
-                let syns: Vec<[u8; 60]> =
-                    (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), SYN)).collect();
-                for chunk in syns.chunks(BURST).chain(flows.chunks(BURST)) {
-                    assert_eq!(burst(&mut w, &mut bufs, chunk, Instant::from_secs(1)), BURST);
-                }
-                // Bursts walk the flows with a stride, so consecutive bursts touch unrelated entries.
-                let order = (0..n_flows).map(|i| flows[(i * 7919) % n_flows]).collect();
-                (w, order)
-            });
+            let (w, order) = state.get_or_insert_with(|| established_worker(&mut bufs, services, mode, n_flows));
             b.iter(|| {
                 let chunk = &order[k..k + BURST];
                 k = (k + BURST) % n_flows;
@@ -273,7 +281,7 @@ pub(crate) fn established(c: &mut Criterion<ThreadCpuTime>, group: &str) {
             // frame's bucket head and home entry, then its entry, 16 frames a round, as the worker's
             // warm-up does.
             g.bench_function(BenchmarkId::new(format!("{mode_name}_conntrack_reads_only"), "10_services"), |b| {
-                let (w, order) = state.as_mut().expect("the case above ran first");
+                let (w, order) = state.get_or_insert_with(|| established_worker(&mut bufs, services, mode, n_flows));
                 b.iter(|| {
                     let chunk = &order[k..k + BURST];
                     k = (k + BURST) % n_flows;
@@ -285,9 +293,7 @@ pub(crate) fn established(c: &mut Criterion<ThreadCpuTime>, group: &str) {
     g.bench_function("copy_only", |b| {
         let t = [tcp_frame(client(1), 1, vip(0), ACK); BURST];
         b.iter(|| {
-            for (buf, t) in bufs.iter_mut().zip(&t) {
-                buf[HEADROOM..HEADROOM + 60].copy_from_slice(t);
-            }
+            copy_templates(&mut bufs, &t);
             black_box(&bufs);
         });
     });
