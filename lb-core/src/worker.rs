@@ -255,6 +255,11 @@ impl Worker {
             core.warm_second(tables, ahead);
             for a in ahead.iter_mut() {
                 a.find_service(tables);
+                // A likely new flow of a service: its scheduler's hash, computed here (not among the
+                // warm-up's loads) and kept for the decision.
+                if a.service.is_some() {
+                    a.flow_hash = core.likely_new_flow_hash(a);
+                }
             }
             core.warm(tables, ahead);
             // 3. Decide each frame.
@@ -465,18 +470,38 @@ impl Core {
     /// (its own flow's, or for a new flow the one its insert will displace). A frame without a
     /// likely hit will need its service: hash its key and read the index slot its lookup starts at.
     /// A likely hit needs no lookup: its backend's location holds its service's summary.
+    ///
+    /// A likely hit's entry line mostly came with its head (its home way), so it is read at once. A
+    /// likely new flow's two reads (the victim entry, the index slot) wait for a second loop that
+    /// only loads: a load that misses holds up retirement and the core runs ahead only as far as its
+    /// reorder window (a few hundred instructions), so with the victim choice and the lookup hash
+    /// between them a batch's new flows had their misses one or two at a time rather than together.
     fn warm_second(&self, tables: &Tables, ahead: &mut [Lookahead]) {
-        let mut fold = 0u64;
-        for a in ahead.iter_mut() {
+        let mut victims: [Option<&Entry>; BATCH] = [None; BATCH];
+        let mut new_flows = false;
+        for (a, victim) in ahead.iter_mut().zip(victims.iter_mut()) {
             let Some(h) = a.conn_hash else { continue };
-            let hit = self.conntrack.likely_entry(h);
-            a.likely_hit = hit.is_some();
-            a.likely_backend = hit.or_else(|| self.conntrack.likely_victim(h)).map(|e| e.backend);
-            if !a.likely_hit
-                && let Ok(p) = &a.parsed
-            {
+            if let Some(e) = self.conntrack.likely_entry(h) {
+                a.likely_hit = true;
+                a.likely_backend = Some(e.backend);
+                continue;
+            }
+            *victim = self.conntrack.likely_victim(h);
+            if let Ok(p) = &a.parsed {
                 a.needs_service = true;
                 a.lookup_hash = tables.lookup_hash(&p.flow);
+            }
+            new_flows = true;
+        }
+        if !new_flows {
+            return;
+        }
+        let mut fold = 0u64;
+        for (a, victim) in ahead.iter_mut().zip(victims.iter()) {
+            if let Some(e) = victim {
+                a.likely_backend = Some(e.backend);
+            }
+            if a.needs_service && a.conn_hash.is_some() {
                 fold ^= u64::from(tables.touch_lookup(a.lookup_hash));
             }
         }
@@ -486,10 +511,10 @@ impl Core {
     /// Reads, in three more tight loops over the batch, what deciding its frames will read once the
     /// services are known: the backend location (a copy of the backend and its service's summary) and
     /// counters of each likely entry (the frame's own, or the one a new flow's insert will displace),
-    /// and for a likely new flow its ring entry (from the flow's scheduler hash, computed here once
-    /// and kept for the decision) or, for a service without a ring, its service line, then that
-    /// service's scheduler line, backends and (Maglev) the table entry its pick will read; last the
-    /// picked backend's location and counters and the displaced entry's backend generation.
+    /// and for a likely new flow its ring entry (from the flow's scheduler hash, computed with its
+    /// service lookup and kept for the decision) or, for a service without a ring, its service line,
+    /// then that service's scheduler line, backends and (Maglev) the table entry its pick will read;
+    /// last the picked backend's location and counters and the displaced entry's backend generation.
     /// (Service counters are their backends' sums: a packet adds to its backend's only.)
     fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) {
         let mut fold = 0u64;
@@ -497,8 +522,7 @@ impl Core {
             if let Some((s, ring)) = a.service {
                 if ring.is_none() {
                     fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
-                } else if let Some(h) = self.likely_new_flow_hash(a) {
-                    a.flow_hash = Some(h);
+                } else if let Some(h) = a.flow_hash {
                     fold ^= u64::from(tables.ring_slot(ring, h).unwrap_or(0));
                 }
             }
@@ -517,10 +541,8 @@ impl Core {
             }
             if let Some(s) = tables.service(s.index as usize) {
                 fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
-                // A likely new flow: its scheduler's hash, kept for the decision, and (Maglev) the
-                // table entry and index map the pick will read.
-                if let Some(h) = self.likely_new_flow_hash(a) {
-                    a.flow_hash = Some(h);
+                // A likely new flow: (Maglev) the table entry and index map the pick will read.
+                if let Some(h) = a.flow_hash {
                     fold ^= u64::from(s.scheduler.touch(h));
                 }
             }
