@@ -269,6 +269,12 @@ impl Tables {
         entries.get(usize::try_from(at).ok()?).copied()
     }
 
+    /// Reads the location of backend slot `slot` (the fast path's read-ahead; the value means nothing).
+    #[inline]
+    pub(crate) fn touch_location(&self, slot: u32) -> u32 {
+        self.backend_locations.get(slot as usize).map_or(0, |loc| loc.generation)
+    }
+
     /// The backend [`Tables::ring_slot`] names: the copy kept in its location, one cache line.
     #[inline]
     pub(crate) fn ring_backend(&self, ring: RingRef, flow_hash: u64) -> Option<&Backend> {

@@ -73,7 +73,7 @@ use crate::frame::{Frame, Verdict};
 use crate::neighbour::NeighbourResponder;
 use crate::packet::{self, Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
 use crate::schedule::{CoreState, FlowInput, Scheduler};
-use crate::service::{Backend, BackendRef, RingRef, Service, ServiceSummary, Tables};
+use crate::service::{Backend, BackendRef, BackendSlot, RingRef, Service, ServiceSummary, Tables};
 use crate::stats::{DropReason, Stats};
 use crate::time::Instant;
 
@@ -527,10 +527,14 @@ impl Core {
                 }
             }
             if let Some(b) = a.likely_backend {
-                fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
+                // The location only for the frame's own entry: forgetting a displaced entry reads
+                // its backend's generation and counters, not its location.
+                if a.likely_hit {
+                    fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
+                }
                 // Both fields the packet adds to: a 40-byte counter record straddles two lines
                 // at one slot in eight.
-                let c = self.stats.backend(crate::service::BackendSlot(b.slot));
+                let c = self.stats.backend(BackendSlot(b.slot));
                 fold ^= c.packets ^ c.bytes;
             }
         }
@@ -549,18 +553,23 @@ impl Core {
         }
         // Then the location and counters of the backend a likely new flow's pick will give, and the
         // generation of the backend whose entry its insert will likely displace (forgetting that
-        // entry reads it).
+        // entry reads it). A ring entry is the backend's slot: its location and counters are read
+        // side by side from it, not the counters through the location (one miss after another).
         for a in ahead.iter() {
             let (Some(h), Some((s, ring))) = (a.flow_hash, a.service) else { continue };
             let picked = if ring.is_some() {
-                tables.ring_backend(ring, h)
+                tables.ring_slot(ring, h).map(|slot| {
+                    fold ^= u64::from(tables.touch_location(slot));
+                    BackendSlot(slot)
+                })
             } else {
                 tables
                     .service(s.index as usize)
                     .and_then(|s| s.scheduler.likely_pick(h).and_then(|i| s.backends.get(i)))
+                    .map(Backend::slot)
             };
-            if let Some(b) = picked {
-                fold ^= self.stats.backend(b.slot()).packets;
+            if let Some(slot) = picked {
+                fold ^= self.stats.backend(slot).packets;
             }
             if let Some(b) = a.likely_backend {
                 fold ^= u64::from(self.backend_generations.get(b.slot as usize).copied().unwrap_or(0));
