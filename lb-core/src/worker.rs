@@ -501,6 +501,7 @@ impl Core {
             if let Some(e) = victim {
                 a.likely_backend = Some(e.backend);
             }
+            // (A frame without ports had its index slot read in the first round.)
             if a.needs_service && a.conn_hash.is_some() {
                 fold ^= u64::from(tables.touch_lookup(a.lookup_hash));
             }
@@ -509,9 +510,9 @@ impl Core {
     }
 
     /// Reads, in three more tight loops over the batch, what deciding its frames will read once the
-    /// services are known: the backend location (a copy of the backend and its service's summary) and
-    /// counters of each likely entry (the frame's own, or the one a new flow's insert will displace),
-    /// and for a likely new flow its ring entry (from the flow's scheduler hash, computed with its
+    /// services are known: the backend location (a copy of the backend and its service's summary) of
+    /// each likely hit, the backend counters of each likely entry (the frame's own, or the one a new
+    /// flow's insert will displace), and for a likely new flow its ring entry (from the flow's scheduler hash, computed with its
     /// service lookup and kept for the decision) or, for a service without a ring, its service line,
     /// then that service's scheduler line, backends and (Maglev) the table entry its pick will read;
     /// last the picked backend's location and counters and the displaced entry's backend generation.
