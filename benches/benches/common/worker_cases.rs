@@ -304,7 +304,11 @@ pub(crate) fn new_flows(c: &mut Criterion<ThreadCpuTime>, group: &str) {
     let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(BURST as u64));
     let mut bufs = Box::new([[0u8; HEADROOM + 128]; BURST]);
-    for services in [10usize, 100_000] {
+    for (mode, name, services) in [
+        (ForwardMode::Dsr, "dsr_syn", 10usize),
+        (ForwardMode::Dsr, "dsr_syn", 100_000),
+        (ForwardMode::Nat, "nat_syn", 10),
+    ] {
         let mut worker: Option<Worker> = None;
         let mut templates = [tcp_frame(client(0), 1, vip(0), SYN); BURST];
         let mut n: usize = 0;
@@ -317,9 +321,9 @@ pub(crate) fn new_flows(c: &mut Criterion<ThreadCpuTime>, group: &str) {
                 t[30..34].copy_from_slice(&vip(n % services).octets());
             }
         };
-        g.bench_function(BenchmarkId::new("dsr_syn", format!("{services}_services")), |b| {
+        g.bench_function(BenchmarkId::new(name, format!("{services}_services")), |b| {
             let w = worker.get_or_insert_with(|| {
-                let tables = TableBuilder::new().build(&config(services, ForwardMode::Dsr)).unwrap();
+                let tables = TableBuilder::new().build(&config(services, mode)).unwrap();
                 let mut w = Worker::new(tables, WorkerConfig::single_core(CONNTRACK));
                 // Fill the table first, so every measured SYN meets the steady state of a SYN flood
                 // (a full table, each insert evicting the oldest half-open entry) however many
