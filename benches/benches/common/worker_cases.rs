@@ -1,7 +1,8 @@
 //! The cases of the lb-core `Worker::process_burst` benchmarks, shared by `worker.rs` (the system
 //! allocator) and `worker_hugepages.rs` (`lb_io::HugePageAlloc`, as the `lb` binary installs it):
 //! nanoseconds per packet for bursts of 64 frames, on established flows and on new flows, with 10
-//! and 100 000 services and a 1 M-entry conntrack table.
+//! and 100 000 services and a 1 M-entry conntrack table (new flows also in full-NAT mode, where each
+//! flow takes a forward and a reverse entry).
 //!
 //! Each iteration copies 64 template frames into the burst's buffers (NAT and tunnel rewrites change
 //! them) and processes the burst; `copy_only` measures the copy alone in the same run, as a baseline
