@@ -19,6 +19,12 @@
 //! bucket's head, rather than one round later (see [`ConntrackTable::touch_bucket_and_home`]). Lookups
 //! try the home way first, then search the head's tags in order, so a key elsewhere is found as well.
 //!
+//! A NAT flow's reverse entry lives as long as its forward entry. Its way's head expiry holds a
+//! *vouch* instead of its own expiry: a second before which the forward entry is known to be live and
+//! to link back, which the table keeps a lower bound of the forward entry's expiry on every write
+//! (see `Pairing`), so inserts and sweeps judge a reverse way from the head and read the forward
+//! entry (in another bucket) only once the vouch has run out.
+//!
 //! Expired entries are reclaimed lazily: a lookup that finds one removes it, an insert reuses its way,
 //! and [`ConntrackTable::sweep_bucket`] (called a few buckets per burst by the worker) reclaims the rest
 //! so per-backend connection counts stay honest.
@@ -280,6 +286,62 @@ pub struct Displaced {
     pub evicted: bool,
 }
 
+/// What a way's head expiry says, given what it held before and the entry now there: a forward or
+/// affinity entry's own expiry; for a reverse entry, its *vouch*, kept across the reverse entry's own
+/// updates (and dropped if it is re-linked).
+#[inline]
+fn head_expiry(e: &Entry, current: u32, before: Pairing) -> u32 {
+    match (e.kind, before) {
+        (EntryKind::Reverse, Pairing::Reverse { link }) if link == e.link => current,
+        (EntryKind::Reverse, _) => 0,
+        _ => e.expires,
+    }
+}
+
+/// An entry's part in a NAT pair, as far as the vouch goes.
+///
+/// A reverse entry lives as long as its forward entry (the one its `link` names) is live and links
+/// back. Checking that reads the forward entry, in another bucket: an insert into a bucket of
+/// reverse entries did it for each, two dependent cache misses apiece, on every NAT flow's two
+/// inserts. So a reverse way's head expiry holds instead a *vouch*: a second before which its
+/// forward entry is known live and linked back, kept a lower bound of that entry's expiry. The table
+/// keeps it so on every write: a reverse entry goes in unvouched (0); a forward entry that links to
+/// it vouches with its expiry, and again whenever that expiry falls (a FIN, an RST; a rising expiry
+/// leaves the old vouch true); one that unlinks, is removed or is displaced withdraws it. So
+/// `now < vouch` proves liveness without the remote read, and only an expired vouch (a forward entry
+/// older than its first expiry, or gone) takes it. A property test holds the vouch to the definition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pairing {
+    /// A forward entry linked to the reverse entry at `link`, with its expiry.
+    Forward { link: u32, expires: u32 },
+    /// A reverse entry of the forward entry at `link`.
+    Reverse { link: u32 },
+    /// Anything else.
+    None,
+}
+
+impl Pairing {
+    /// True when a change from `self` to `after` may leave a vouch untrue (see
+    /// [`ConntrackTable::repair_vouch`]); false for the common write, a forward entry's expiry rising.
+    #[inline]
+    fn needs_repair(self, after: Pairing) -> bool {
+        match (self, after) {
+            (Pairing::Forward { link: a, expires: x }, Pairing::Forward { link: b, expires: y }) => a != b || y < x,
+            (Pairing::Forward { .. }, _) | (_, Pairing::Forward { .. }) => true,
+            _ => false,
+        }
+    }
+
+    #[inline]
+    fn of(e: &Entry) -> Pairing {
+        match e.kind {
+            EntryKind::Forward if e.link != NO_LINK => Pairing::Forward { link: e.link, expires: e.expires },
+            EntryKind::Reverse => Pairing::Reverse { link: e.link },
+            _ => Pairing::None,
+        }
+    }
+}
+
 /// The per-core connection table. See the module docs.
 #[derive(Debug)]
 pub struct ConntrackTable {
@@ -441,7 +503,7 @@ impl ConntrackTable {
 
     /// Finds the entry with this key (`hash` is `key.hash()`) and offers it to `f`, which either
     /// declines (`None`, and must then leave the entry as it was) or changes it (state, expiry; not
-    /// its key) and returns a value. Returns the entry's index and that value; keeps the tag's class
+    /// its key, kind or link) and returns a value. Returns the entry's index and that value; keeps the tag's class
     /// and the head's expiry in step, as [`ConntrackTable::update`]. One bucket search for what
     /// `find`, `get` and `update` did in three (the established-flow fast path).
     #[inline]
@@ -456,10 +518,22 @@ impl ConntrackTable {
         let way = bucket.way_of(key, hash)?;
         let Bucket { head, entries } = bucket;
         let (t, x, e) = (head.tags.get_mut(way)?, head.expiries.get_mut(way)?, &mut entries.get_mut(way)?.0);
+        let old_expires = e.expires;
+        #[cfg(debug_assertions)]
+        let pairing = (e.kind, e.link);
         let r = f(e)?;
+        #[cfg(debug_assertions)]
+        debug_assert!((e.kind, e.link) == pairing, "find_update changes neither kind nor link");
         *t = (*t & !0x6) | (class_bits(e) << 1);
-        *x = e.expires;
-        Some(((b * WAYS + way) as u32, r))
+        let index = (b * WAYS + way) as u32;
+        if e.kind != EntryKind::Reverse && (e.link == NO_LINK || e.expires >= old_expires) {
+            // The common write (a packet refreshing its flow): no vouch to repair.
+            *x = e.expires;
+        } else {
+            let before = (e.kind, e.link, old_expires);
+            self.rewrite_paired(index, before);
+        }
+        Some((index, r))
     }
 
     /// The first tag of the bucket of `hash`: a load whose only purpose is to bring the bucket's head
@@ -528,7 +602,8 @@ impl ConntrackTable {
     }
 
     /// Changes the entry at `index` with `f` (state, expiry, link; not its key) and returns what `f`
-    /// returns, or `None` if the way is empty. Keeps the tag's class and the head's expiry in step.
+    /// returns, or `None` if the way is empty. Keeps the tag's class and the head's expiry (or a
+    /// reverse entry's vouch, see `Pairing`) in step.
     #[inline]
     pub fn update<R>(&mut self, index: u32, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
         let (b, w) = split(index as usize);
@@ -537,10 +612,66 @@ impl ConntrackTable {
         if *t == 0 {
             return None;
         }
+        let before = (e.kind, e.link, e.expires);
         let r = f(e);
         *t = (*t & !0x6) | (class_bits(e) << 1);
-        *x = e.expires;
+        if e.expires >= before.2 && e.link == before.1 && e.kind == before.0 && e.kind != EntryKind::Reverse {
+            *x = e.expires;
+        } else {
+            self.rewrite_paired(index, before);
+        }
         Some(r)
+    }
+
+    /// The head expiry of the way at `index` after a write that changed its entry from `before`
+    /// (kind, link, expiry), for an entry that is or was part of a NAT pair, and the vouch repairs
+    /// that write needs (see [`Pairing`]).
+    #[cold]
+    #[inline(never)]
+    fn rewrite_paired(&mut self, index: u32, before: (EntryKind, u32, u32)) {
+        let (b, w) = split(index as usize);
+        let Some(Bucket { head, entries }) = self.buckets.get_mut(b) else { return };
+        let (Some(x), Some(e)) = (head.expiries.get_mut(w), entries.get(w)) else { return };
+        let e = e.0;
+        let before = Pairing::of(&Entry { kind: before.0, link: before.1, expires: before.2, ..e });
+        *x = head_expiry(&e, *x, before);
+        let after = Pairing::of(&e);
+        if before.needs_repair(after) {
+            self.repair_vouch(index, before, after);
+        }
+    }
+
+    /// Keeps the vouch of a forward entry's reverse entry true after the forward entry at `index`
+    /// changed from `before` to `after` (see [`Pairing`]): a reverse entry it no longer points at
+    /// loses its vouch; the one it points at is vouched for until the forward entry's new expiry when
+    /// it is new or that expiry fell (a later expiry leaves the old vouch a true lower bound).
+    fn repair_vouch(&mut self, index: u32, before: Pairing, after: Pairing) {
+        if let Pairing::Forward { link, .. } = before
+            && !matches!(after, Pairing::Forward { link: l, .. } if l == link)
+        {
+            self.vouch(index, link, 0);
+        }
+        if let Pairing::Forward { link, expires } = after {
+            let new_link = !matches!(before, Pairing::Forward { link: l, .. } if l == link);
+            let fell = matches!(before, Pairing::Forward { expires: old, .. } if expires < old);
+            if new_link || fell {
+                self.vouch(index, link, expires);
+            }
+        }
+    }
+
+    /// Sets the vouch of the reverse entry at `reverse` to `until` if it is a reverse entry paired
+    /// with the forward entry at `forward`.
+    fn vouch(&mut self, forward: u32, reverse: u32, until: u32) {
+        let (b, w) = split(reverse as usize);
+        let Some(Bucket { head, entries }) = self.buckets.get_mut(b) else { return };
+        if let (Some(&t), Some(x), Some(e)) = (head.tags.get(w), head.expiries.get_mut(w), entries.get(w))
+            && t != 0
+            && class_of(t) == CLASS_REVERSE
+            && e.0.link == forward
+        {
+            *x = until;
+        }
     }
 
     /// True if the entry at `index` is occupied and live at `now`. A reverse entry is live while its
@@ -551,13 +682,20 @@ impl ConntrackTable {
         match bucket.head.tags.get(w) {
             None | Some(0) => false,
             Some(&t) if class_of(t) == CLASS_REVERSE => {
-                let Some(e) = bucket.entries.get(w) else { return false };
-                match self.get(e.0.link) {
-                    Some(f) => f.kind == EntryKind::Forward && f.link == index && !f.is_expired(now),
-                    None => false,
-                }
+                // Vouched for (see `Pairing`), or else asked of the forward entry.
+                bucket.head.expiries.get(w).is_some_and(|x| now < *x) || self.forward_is_live(index, now)
             }
             Some(_) => bucket.head.expiries.get(w).is_some_and(|x| now < *x),
+        }
+    }
+
+    /// The definition of a reverse entry's liveness: its forward entry is live and links back.
+    fn forward_is_live(&self, index: u32, now: u32) -> bool {
+        let (b, w) = split(index as usize);
+        let Some(e) = self.buckets.get(b).and_then(|bucket| bucket.entries.get(w)) else { return false };
+        match self.get(e.0.link) {
+            Some(f) => f.kind == EntryKind::Forward && f.link == index && !f.is_expired(now),
+            None => false,
         }
     }
 
@@ -571,7 +709,11 @@ impl ConntrackTable {
         }
         *tag = 0;
         self.len -= 1;
-        bucket.entries.get(w).map(|e| e.0)
+        let e = bucket.entries.get(w).map(|e| e.0)?;
+        if let Pairing::Forward { link, .. } = Pairing::of(&e) {
+            self.vouch(index, link, 0);
+        }
+        Some(e)
     }
 
     /// Inserts `entry` under `entry.key` (which must not be present; the caller looked it up).
@@ -602,10 +744,14 @@ impl ConntrackTable {
         };
         let displaced = evicted.map(|evicted| Displaced { index: index as u32, entry: e.0, evicted });
         *t = tag_of(hash) | (class_bits(&entry) << 1);
-        *x = entry.expires;
+        // A reverse entry starts unvouched: its forward entry vouches when it links to it.
+        *x = if entry.kind == EntryKind::Reverse { 0 } else { entry.expires };
         e.0 = entry;
         if displaced.is_none() {
             self.len += 1;
+        }
+        if let Some(Pairing::Forward { link, .. }) = displaced.map(|d| Pairing::of(&d.entry)) {
+            self.vouch(index as u32, link, 0);
         }
         Ok(Inserted { index: index as u32, displaced })
     }
@@ -679,8 +825,11 @@ impl ConntrackTable {
             }
             // `is_live` from the head words already in hand; only a reverse entry needs its forward
             // entry (calling `is_live` for every way was a fifth of a new flow's instructions).
-            let live =
-                if class_of(t) == CLASS_REVERSE { self.is_live((b * WAYS + way) as u32, now) } else { now < expires };
+            let live = if class_of(t) == CLASS_REVERSE {
+                now < expires || self.is_live((b * WAYS + way) as u32, now)
+            } else {
+                now < expires
+            };
             if !live {
                 if expired == WAYS || way == home {
                     expired = way;
@@ -707,7 +856,12 @@ impl ConntrackTable {
         for way in 0..WAYS {
             let (t, expires) = (head.tags[way], head.expiries[way]);
             let idx = (b * WAYS + way) as u32;
-            let dead = t != 0 && if class_of(t) == CLASS_REVERSE { !self.is_live(idx, now) } else { now >= expires };
+            let dead = t != 0
+                && if class_of(t) == CLASS_REVERSE {
+                    now >= expires && !self.is_live(idx, now)
+                } else {
+                    now >= expires
+                };
             if dead {
                 // Forward entries first take their reverse entry with them in the caller; a lone
                 // reverse entry is reclaimed here.
@@ -742,6 +896,85 @@ mod tests {
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     proptest::proptest! {
+        /// A reverse entry's vouch (see `Pairing`) never says live what the definition (its forward
+        /// entry live and linked back) does not: NAT pairs made as the worker makes them, forward
+        /// expiries that rise and fall, unlinks, removals of either half, lone inserts that
+        /// displace, sweeps and time steps, on a two-bucket table, checked after every step. (Fails
+        /// when a removal, a displacement, an unlink or a falling expiry leaves the vouch alone.)
+        #[test]
+        fn a_vouch_never_outlives_its_forward_entry(
+            ops in proptest::collection::vec((0u8..8, 0u32..12, 0u32..8), 1..200),
+        ) {
+            let mut t = ConntrackTable::with_capacity(2 * WAYS);
+            let mut now = 0u32;
+            let mut out = [(0u32, Entry::default()); WAYS];
+            let forward = |t: &ConntrackTable, n: u32| t.find(&key(n), key(n).hash());
+            for (op, n, x) in ops {
+                match op {
+                    0 => {
+                        let (fk, rk) = (key(n), key(n + 100));
+                        if forward(&t, n).is_none() && t.find(&rk, rk.hash()).is_none()
+                            && let Ok(f) = t.insert(entry(fk, ConnState::SynSeen, now + x), fk.hash(), now)
+                        {
+                            let mut r = entry(rk, ConnState::SynSeen, now + x);
+                            r.kind = EntryKind::Reverse;
+                            r.link = f.index;
+                            if let Ok(ri) = t.insert_sparing(r, rk.hash(), now, f.index) {
+                                t.update(f.index, |e| e.link = ri.index);
+                            }
+                        }
+                    }
+                    1 => {
+                        if let Some(i) = forward(&t, n) {
+                            t.update(i, |e| e.expires = now + x);
+                        }
+                    }
+                    2 => {
+                        if let Some(i) = forward(&t, n) {
+                            t.find_update(&key(n), key(n).hash(), |e| {
+                                e.expires = now + x;
+                                Some(())
+                            });
+                            let _ = i;
+                        }
+                    }
+                    3 => {
+                        if let Some(i) = forward(&t, n) {
+                            t.update(i, |e| e.link = NO_LINK);
+                        }
+                    }
+                    4 => {
+                        if let Some(i) = forward(&t, n) {
+                            t.remove(i);
+                        }
+                    }
+                    5 => {
+                        let rk = key(n + 100);
+                        if let Some(i) = t.find(&rk, rk.hash()) {
+                            t.remove(i);
+                        }
+                    }
+                    6 => {
+                        let k = key(n + 200);
+                        if t.find(&k, k.hash()).is_none() {
+                            let _ = t.insert(entry(k, ConnState::SynSeen, now + x), k.hash(), now);
+                        }
+                        t.sweep_bucket(now, &mut out);
+                    }
+                    _ => now += x,
+                }
+                for (b, bucket) in t.buckets.iter().enumerate() {
+                    for w in 0..WAYS {
+                        let (tag, vouch) = (bucket.head.tags[w], bucket.head.expiries[w]);
+                        let index = (b * WAYS + w) as u32;
+                        if tag != 0 && class_of(tag) == CLASS_REVERSE && now < vouch {
+                            proptest::prop_assert!(t.forward_is_live(index, now), "way {} vouched until {} at {}", index, vouch, now);
+                        }
+                    }
+                }
+            }
+        }
+
         /// The one-pass choice agrees with the sequential scan on every head without reverse
         /// entries: same way, same displacement, same refusal.
         #[test]
@@ -1039,6 +1272,34 @@ mod tests {
         assert!(t.is_live(idx[3], 0));
         let d = t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 0).unwrap().displaced.unwrap();
         assert_eq!((d.index, d.evicted, d.entry.state), (idx[3], true, ConnState::BackendGone));
+    }
+
+    /// The vouch engages: once the forward entry links to its reverse entry, the reverse way's head
+    /// holds the forward entry's expiry (so inserts and sweeps judge it without reading the forward
+    /// entry), follows it down, and keeps it when it rises; past it the forward entry is asked.
+    #[test]
+    fn a_forward_entry_vouches_for_its_reverse_entry() {
+        let mut t = ConntrackTable::with_capacity(64);
+        let (fk, rk) = (key(1), key(2));
+        let f = t.insert(entry(fk, ConnState::SynSeen, 60), fk.hash(), 0).unwrap().index;
+        let mut r = entry(rk, ConnState::SynSeen, 60);
+        r.kind = EntryKind::Reverse;
+        r.link = f;
+        let r = t.insert_sparing(r, rk.hash(), 0, f).unwrap().index;
+        let vouch = |t: &ConntrackTable| t.buckets[r as usize / WAYS].head.expiries[r as usize % WAYS];
+        assert_eq!(vouch(&t), 0, "unvouched until its forward entry links to it");
+        t.update(f, |e| e.link = r).unwrap();
+        assert_eq!(vouch(&t), 60);
+        t.update(f, |e| e.expires = 900).unwrap();
+        assert_eq!(vouch(&t), 60, "a rising expiry leaves the vouch");
+        assert!(t.is_live(r, 100), "past the vouch, the forward entry answers");
+        t.update(f, |e| e.expires = 30).unwrap();
+        assert_eq!(vouch(&t), 30, "a falling expiry lowers it");
+        t.update(r, |e| e.expires = 5000).unwrap();
+        assert_eq!(vouch(&t), 30, "the reverse entry's own updates do not touch it");
+        t.remove(f);
+        assert_eq!(vouch(&t), 0);
+        assert!(!t.is_live(r, 0));
     }
 
     #[test]
