@@ -913,15 +913,8 @@ mod tests {
                 match op {
                     0 => {
                         let (fk, rk) = (key(n), key(n + 100));
-                        if forward(&t, n).is_none() && t.find(&rk, rk.hash()).is_none()
-                            && let Ok(f) = t.insert(entry(fk, ConnState::SynSeen, now + x), fk.hash(), now)
-                        {
-                            let mut r = entry(rk, ConnState::SynSeen, now + x);
-                            r.kind = EntryKind::Reverse;
-                            r.link = f.index;
-                            if let Ok(ri) = t.insert_sparing(r, rk.hash(), now, f.index) {
-                                t.update(f.index, |e| e.link = ri.index);
-                            }
+                        if forward(&t, n).is_none() && t.find(&rk, rk.hash()).is_none() {
+                            nat_pair(&mut t, (fk, rk), (now + x, now + x), now);
                         }
                     }
                     1 => {
@@ -1082,6 +1075,24 @@ mod tests {
 
     fn entry(k: ConnKey, state: ConnState, expires: u32) -> Entry {
         Entry { key: k, state, expires, link: NO_LINK, ..Entry::default() }
+    }
+
+    /// A NAT pair made as the worker makes it: the forward entry under `fk`, the reverse entry under
+    /// `rk` pointing at it (never displacing it), then the forward entry's link. Their indices, or
+    /// `None` if either insert found no room (a forward entry already in stays).
+    fn nat_pair(
+        t: &mut ConntrackTable,
+        (fk, rk): (ConnKey, ConnKey),
+        (fx, rx): (u32, u32),
+        now: u32,
+    ) -> Option<(u32, u32)> {
+        let f = t.insert(entry(fk, ConnState::SynSeen, fx), fk.hash(), now).ok()?.index;
+        let mut r = entry(rk, ConnState::SynSeen, rx);
+        r.kind = EntryKind::Reverse;
+        r.link = f;
+        let r = t.insert_sparing(r, rk.hash(), now, f).ok()?.index;
+        t.update(f, |e| e.link = r);
+        Some((f, r))
     }
 
     #[test]
@@ -1280,14 +1291,11 @@ mod tests {
     #[test]
     fn a_forward_entry_vouches_for_its_reverse_entry() {
         let mut t = ConntrackTable::with_capacity(64);
-        let (fk, rk) = (key(1), key(2));
-        let f = t.insert(entry(fk, ConnState::SynSeen, 60), fk.hash(), 0).unwrap().index;
-        let mut r = entry(rk, ConnState::SynSeen, 60);
-        r.kind = EntryKind::Reverse;
-        r.link = f;
-        let r = t.insert_sparing(r, rk.hash(), 0, f).unwrap().index;
+        let (f, r) = nat_pair(&mut t, (key(1), key(2)), (60, 60), 0).unwrap();
         let vouch = |t: &ConntrackTable| t.buckets[r as usize / WAYS].head.expiries[r as usize % WAYS];
-        assert_eq!(vouch(&t), 0, "unvouched until its forward entry links to it");
+        assert_eq!(vouch(&t), 60, "vouched for once the forward entry links to it");
+        t.update(f, |e| e.link = NO_LINK).unwrap();
+        assert_eq!(vouch(&t), 0, "and not once it unlinks");
         t.update(f, |e| e.link = r).unwrap();
         assert_eq!(vouch(&t), 60);
         t.update(f, |e| e.expires = 900).unwrap();
@@ -1305,13 +1313,7 @@ mod tests {
     #[test]
     fn reverse_entry_lives_with_its_forward_entry() {
         let mut t = ConntrackTable::with_capacity(64);
-        let (fk, rk) = (key(1), key(2));
-        let f = t.insert(entry(fk, ConnState::Established, 100), fk.hash(), 0).unwrap().index;
-        let mut r = entry(rk, ConnState::Established, 0);
-        r.kind = EntryKind::Reverse;
-        r.link = f;
-        let r = t.insert(r, rk.hash(), 0).unwrap().index;
-        t.update(f, |e| e.link = r).unwrap();
+        let (f, r) = nat_pair(&mut t, (key(1), key(2)), (100, 0), 0).unwrap();
         assert!(t.is_live(r, 50), "reverse entry follows the live forward entry, not its own expiry");
         assert!(!t.is_live(r, 100));
         t.remove(f);
