@@ -334,12 +334,26 @@ impl Pairing {
 
     #[inline]
     fn of(e: &Entry) -> Pairing {
-        match e.kind {
-            EntryKind::Forward if e.link != NO_LINK => Pairing::Forward { link: e.link, expires: e.expires },
-            EntryKind::Reverse => Pairing::Reverse { link: e.link },
+        Pairing::from_parts(e.kind, e.link, e.expires)
+    }
+
+    /// The pairing of an entry of this kind, link and expiry.
+    #[inline]
+    fn from_parts(kind: EntryKind, link: u32, expires: u32) -> Pairing {
+        match kind {
+            EntryKind::Forward if link != NO_LINK => Pairing::Forward { link, expires },
+            EntryKind::Reverse => Pairing::Reverse { link },
             _ => Pairing::None,
         }
     }
+}
+
+/// True when writing `e`, whose kind and link are unchanged and whose expiry was `old_expires`,
+/// leaves no vouch to keep: its head expiry is then simply its own. The common write, a packet
+/// refreshing a flow, takes this test alone; every other goes to `ConntrackTable::rewrite_paired`.
+#[inline]
+fn plain_head_write(e: &Entry, old_expires: u32) -> bool {
+    e.kind != EntryKind::Reverse && (e.link == NO_LINK || e.expires >= old_expires)
 }
 
 /// The per-core connection table. See the module docs.
@@ -526,8 +540,7 @@ impl ConntrackTable {
         debug_assert!((e.kind, e.link) == pairing, "find_update changes neither kind nor link");
         *t = (*t & !0x6) | (class_bits(e) << 1);
         let index = (b * WAYS + way) as u32;
-        if e.kind != EntryKind::Reverse && (e.link == NO_LINK || e.expires >= old_expires) {
-            // The common write (a packet refreshing its flow): no vouch to repair.
+        if plain_head_write(e, old_expires) {
             *x = e.expires;
         } else {
             let before = (e.kind, e.link, old_expires);
@@ -615,7 +628,7 @@ impl ConntrackTable {
         let before = (e.kind, e.link, e.expires);
         let r = f(e);
         *t = (*t & !0x6) | (class_bits(e) << 1);
-        if e.expires >= before.2 && e.link == before.1 && e.kind == before.0 && e.kind != EntryKind::Reverse {
+        if (e.kind, e.link) == (before.0, before.1) && plain_head_write(e, before.2) {
             *x = e.expires;
         } else {
             self.rewrite_paired(index, before);
@@ -633,7 +646,7 @@ impl ConntrackTable {
         let Some(Bucket { head, entries }) = self.buckets.get_mut(b) else { return };
         let (Some(x), Some(e)) = (head.expiries.get_mut(w), entries.get(w)) else { return };
         let e = e.0;
-        let before = Pairing::of(&Entry { kind: before.0, link: before.1, expires: before.2, ..e });
+        let before = Pairing::from_parts(before.0, before.1, before.2);
         *x = head_expiry(&e, *x, before);
         let after = Pairing::of(&e);
         if before.needs_repair(after) {
@@ -961,7 +974,13 @@ mod tests {
                         let (tag, vouch) = (bucket.head.tags[w], bucket.head.expiries[w]);
                         let index = (b * WAYS + w) as u32;
                         if tag != 0 && class_of(tag) == CLASS_REVERSE && now < vouch {
-                            proptest::prop_assert!(t.forward_is_live(index, now), "way {} vouched until {} at {}", index, vouch, now);
+                            proptest::prop_assert!(
+                                t.forward_is_live(index, now),
+                                "way {} vouched until {} at {}",
+                                index,
+                                vouch,
+                                now
+                            );
                         }
                     }
                 }

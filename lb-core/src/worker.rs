@@ -287,7 +287,7 @@ impl Worker {
 
 /// The flow a NAT flow's client-to-backend frames leave with: the SNAT address and the flow's SNAT
 /// port (from its conntrack entry) to the backend.
-fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend: &crate::service::Backend) -> Option<FlowKey> {
+fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend: &Backend) -> Option<FlowKey> {
     let snat = tables.node().snat_addr_for(backend.addr)?;
     FlowKey::from_ips(snat, backend.addr, proto, snat_port, backend.port)
 }
@@ -512,10 +512,11 @@ impl Core {
     /// Reads, in three more tight loops over the batch, what deciding its frames will read once the
     /// services are known: the backend location (a copy of the backend and its service's summary) of
     /// each likely hit, the backend counters of each likely entry (the frame's own, or the one a new
-    /// flow's insert will displace), and for a likely new flow its ring entry (from the flow's scheduler hash, computed with its
-    /// service lookup and kept for the decision) or, for a service without a ring, its service line,
-    /// then that service's scheduler line, backends and (Maglev) the table entry its pick will read;
-    /// last the picked backend's location and counters and the displaced entry's backend generation.
+    /// flow's insert will displace), and for a likely new flow its ring entry (from the flow's
+    /// scheduler hash, computed with its service lookup and kept for the decision) or, for a service
+    /// without a ring, its service line, then that service's scheduler line, backends and (Maglev) the
+    /// table entry its pick will read; last the picked backend's location and counters and the
+    /// displaced entry's backend generation.
     /// (Service counters are their backends' sums: a packet adds to its backend's only.)
     fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) {
         let mut fold = 0u64;
@@ -694,7 +695,7 @@ impl Core {
     /// A packet forwarded to `backend` counts at the backend only: its service's packets and bytes
     /// are its backends' sums (see `stats`).
     #[inline]
-    fn count_forwarded(&mut self, backend: &crate::service::Backend, p: &Parsed) {
+    fn count_forwarded(&mut self, backend: &Backend, p: &Parsed) {
         if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
             c.packets += 1;
             c.bytes += u64::from(p.ip_len);
@@ -1043,7 +1044,7 @@ impl Core {
         frame: &mut Frame<'_>,
         p: &Parsed,
         mode: ForwardMode,
-        backend: &crate::service::Backend,
+        backend: &Backend,
         snat_port: u16,
         flow_hash: u64,
     ) -> Result<(), DropReason> {
