@@ -737,6 +737,7 @@ impl ConntrackTable {
 
     /// As [`ConntrackTable::insert`], but never displaces the entry at `spare` (the caller's other half
     /// of a pair being inserted, e.g. a NAT flow's forward entry while its reverse entry goes in).
+    #[inline]
     pub fn insert_sparing(&mut self, entry: Entry, hash: u64, now: u32, spare: u32) -> Result<Inserted, ConntrackFull> {
         let b = (hash as usize) & self.bucket_mask;
         let Some(bucket) = self.buckets.get(b) else { return Err(ConntrackFull) };
@@ -771,9 +772,11 @@ impl ConntrackTable {
 
     /// The way an insert under `hash` takes and whether it displaces a live entry: an empty way,
     /// the home way if empty (`None`), else an expired one, likewise (`Some(false)`), else the eviction victim
-    /// (`Some(true)`); way `WAYS` when nothing may go (full). Returns `None` instead when the
-    /// bucket is full and holds a reverse entry, whose life is its forward entry's: then
-    /// [`ConntrackTable::choose_way_with_reverse`] decides.
+    /// (`Some(true)`); way `WAYS` when nothing may go (full). A reverse entry is never a victim, and
+    /// one whose vouch holds (see [`Pairing`]) is live, so it is passed over here. Returns `None`
+    /// instead when the bucket is full and holds a reverse entry whose vouch has run out, whose life
+    /// is then its forward entry's, in another bucket: [`ConntrackTable::choose_way_with_reverse`]
+    /// decides.
     ///
     /// One pass that only sets bits and keeps a minimum, over a copy of the head with plain
     /// indices (in bounds by construction), so it compiles to straight-line code: the sequential
@@ -789,7 +792,9 @@ impl ConntrackTable {
             if t == 0 {
                 empty |= bit;
             } else if class_of(t) == CLASS_REVERSE {
-                reverse |= bit;
+                if now >= expires {
+                    reverse |= bit;
+                }
             } else if way != spare_way {
                 if now >= expires {
                     stale |= bit;
@@ -987,25 +992,38 @@ mod tests {
             }
         }
 
-        /// The one-pass choice agrees with the sequential scan on every head without reverse
-        /// entries: same way, same displacement, same refusal.
+        /// The one-pass choice agrees with the sequential scan on every head it decides (same way,
+        /// same displacement, same refusal), and leaves to the scan exactly the full heads holding a
+        /// reverse entry whose vouch has run out.
         #[test]
         fn one_pass_way_choice_matches_the_sequential_scan(
-            ways in proptest::collection::vec((0u16..4, 0u32..6), WAYS),
+            ways in proptest::collection::vec((0u16..5, 0u32..6), WAYS),
             now in 0u32..6,
             spare_way in 0usize..=WAYS,
             hash in proptest::prelude::any::<u64>(),
         ) {
             let mut head = BucketHead::default();
             for (way, &(class, expires)) in ways.iter().enumerate() {
-                // class 3 stands for an empty way here (a reverse entry is class 3 in a tag).
-                head.tags[way] = if class == 3 { 0 } else { 0x100 | (class << 1) | 1 };
+                // 3 stands for an empty way here, 4 for a reverse entry vouched for until `expires`
+                // (the table below holds no forward entries: once its vouch runs out, it is dead).
+                head.tags[way] = match class {
+                    3 => 0,
+                    4 => 0x100 | (CLASS_REVERSE << 1) | 1,
+                    _ => 0x100 | (class << 1) | 1,
+                };
                 head.expiries[way] = expires;
             }
             let table = ConntrackTable::with_capacity(WAYS);
-            let fast = ConntrackTable::choose_way(&head, now, spare_way, hash).filter(|(w, _)| *w < WAYS);
             let slow = table.choose_way_with_reverse(0, &head, now, spare_way, hash);
-            proptest::prop_assert_eq!(fast, slow);
+            let full = ways.iter().all(|&(class, _)| class != 3);
+            let lapsed = ways.iter().any(|&(class, expires)| class == 4 && now >= expires);
+            match ConntrackTable::choose_way(&head, now, spare_way, hash) {
+                Some(fast) => {
+                    proptest::prop_assert!(!(full && lapsed));
+                    proptest::prop_assert_eq!(Some(fast).filter(|(w, _)| *w < WAYS), slow);
+                }
+                None => proptest::prop_assert!(full && lapsed),
+            }
         }
 
         /// Any sequence of inserts (some displacing), removals, in-place updates and sweeps keeps the
