@@ -285,6 +285,14 @@ impl Worker {
     }
 }
 
+/// A full-NAT flow's SNAT port with the conntrack key its replies arrive under and that key's hash.
+#[derive(Debug, Clone, Copy)]
+struct ReplyKey {
+    port: u16,
+    key: ConnKey,
+    hash: u64,
+}
+
 /// The flow a NAT flow's client-to-backend frames leave with: the SNAT address and the flow's SNAT
 /// port (from its conntrack entry) to the backend.
 fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend: &Backend) -> Option<FlowKey> {
@@ -834,12 +842,14 @@ impl Core {
     ) -> Result<(u32, &'t Backend, u16), DropReason> {
         let FlowHashes { key, hash, flow_hash } = hashes;
         let backend = self.pick_backend(tables, p, flow_hash, ring, service, now)?;
-        let snat_port = match summary.mode {
+        // Full NAT: the SNAT port, with the reply key it frees up and that key's hash.
+        let reply = match summary.mode {
             ForwardMode::Nat => {
-                self.pick_snat_port(tables, p, backend.addr, backend.port, flow_hash).ok_or(DropReason::NoSnatPort)?
+                Some(self.pick_snat_port(tables, p, backend.addr, backend.port, flow_hash).ok_or(DropReason::NoSnatPort)?)
             }
-            _ => 0,
+            _ => None,
         };
+        let snat_port = reply.map_or(0, |r| r.port);
         let mut entry = Entry {
             key,
             state: if p.l4 == L4::Udp { ConnState::UdpNew } else { ConnState::SynSeen },
@@ -857,14 +867,9 @@ impl Core {
             c.new_flows += 1;
             c.active_conns += 1;
         }
-        if summary.mode == ForwardMode::Nat {
-            let Some(snat_ip) = tables.node().snat_addr_for(backend.addr) else {
-                self.remove(index);
-                return Err(DropReason::NoSnatPort);
-            };
-            let rkey = ConnKey::flow(backend.addr, snat_ip, backend.port, snat_port, p.flow.proto());
-            let reverse = Entry { key: rkey, kind: EntryKind::Reverse, link: index, ..entry };
-            match self.insert(reverse, rkey.hash(), now, index) {
+        if let Some(reply) = reply {
+            let reverse = Entry { key: reply.key, kind: EntryKind::Reverse, link: index, ..entry };
+            match self.insert(reverse, reply.hash, now, index) {
                 Ok(r) => {
                     self.conntrack.update(index, |e| e.link = r);
                 }
@@ -1102,15 +1107,18 @@ impl Core {
         backend: IpAddr,
         backend_port: u16,
         flow_hash: u64,
-    ) -> Option<u16> {
+    ) -> Option<ReplyKey> {
         let (lo, hi) = self.snat_ports?;
         let snat = tables.node().snat_addr_for(backend)?;
         let span = u32::from(hi) - u32::from(lo) + 1;
         let start = (flow_hash >> 32) as u32 % span;
+        // The key is built once and only its port changes between probes.
+        let mut key = ConnKey::flow(backend, snat, backend_port, 0, p.flow.proto());
         (0..SNAT_PORT_TRIES.min(span)).find_map(|i| {
             let port = u16::try_from(u32::from(lo) + (start + i) % span).ok()?;
-            let k = ConnKey::flow(backend, snat, backend_port, port, p.flow.proto());
-            self.conntrack.find(&k, k.hash()).is_none().then_some(port)
+            key.dport = port;
+            let hash = key.hash();
+            self.conntrack.find(&key, hash).is_none().then_some(ReplyKey { port, key, hash })
         })
     }
 
