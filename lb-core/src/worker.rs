@@ -1283,7 +1283,25 @@ fn advance_new(e: &mut Entry, flags: TcpFlags, t: &StateTimeouts, now: u32) {
 /// not extend.
 ///
 /// Returns 1 when the flow became established, -1 when it left that state, 0 otherwise.
+#[inline]
 fn advance(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &StateTimeouts, now: u32) -> i8 {
+    // Most packets: an established TCP flow's segment without SYN, FIN or RST only renews its
+    // expiry (`advance_any` would do the same; a test holds them equal), so it skips the state
+    // match: -27 instructions a packet on the established path (callgrind, 586 -> 559).
+    if is_renewal(e, flags) {
+        e.expires = now.saturating_add(timeout_of(ConnState::Established, t));
+        return 0;
+    }
+    advance_any(e, flags, from_client, t, now)
+}
+
+/// True for a packet [`advance`] takes as a plain renewal of an established flow.
+fn is_renewal(e: &Entry, flags: TcpFlags) -> bool {
+    e.state == ConnState::Established && flags.0 & (TcpFlags::SYN | TcpFlags::FIN | TcpFlags::RST) == 0
+}
+
+/// [`advance`] for any entry and packet.
+fn advance_any(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &StateTimeouts, now: u32) -> i8 {
     let was_established = e.state == ConnState::Established;
     if e.state == ConnState::BackendGone {
         if e.fins & GONE_CLOSED == 0 {
@@ -1318,4 +1336,36 @@ fn advance(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &StateTimeouts,
     };
     e.expires = now.saturating_add(timeout_of(e.state, t));
     i8::from(e.state == ConnState::Established) - i8::from(was_established)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conntrack::EntryKind;
+
+    /// The renewal shortcut in `advance` decides every packet it takes exactly as the full state
+    /// machine would: every state, every flag byte, both directions, every `fins` value. (It fails
+    /// if the shortcut also took, say, FIN segments, which move an established flow to closing.)
+    #[test]
+    fn advance_renewal_shortcut_matches_the_state_machine() {
+        let t = StateTimeouts::new(&Timeouts::default());
+        let mut taken = 0;
+        for state in ConnState::ALL {
+            for fins in [0, 1, 2, 3, GONE_CLOSED] {
+                for flags in 0..=u8::MAX {
+                    for from_client in [true, false] {
+                        let e = Entry { state, fins, kind: EntryKind::Forward, expires: 5, ..Entry::default() };
+                        let (mut fast, mut full) = (e, e);
+                        let flags = TcpFlags(flags);
+                        let a = advance(&mut fast, flags, from_client, &t, 100);
+                        let b = advance_any(&mut full, flags, from_client, &t, 100);
+                        assert_eq!((a, fast), (b, full), "{state:?} fins {fins} flags {:#04x}", flags.0);
+                        taken += usize::from(is_renewal(&e, flags));
+                    }
+                }
+            }
+        }
+        // Established, any fins, the 32 flag bytes without SYN, FIN and RST, both ways.
+        assert_eq!(taken, 5 * 32 * 2);
+    }
 }
