@@ -285,6 +285,12 @@ impl Worker {
     }
 }
 
+/// The lb-hash 5-tuple hash of `f` under `hasher` (see [`Core::flow_hash`]).
+#[inline]
+fn flow_hash_with(hasher: &FlowHasher, f: &FlowKey) -> u64 {
+    hasher.five_tuple(f.src_ip(), f.dst_ip(), f.proto(), f.src_port(), f.dst_port())
+}
+
 /// A full-NAT flow's SNAT port with the conntrack key its replies arrive under and that key's hash.
 #[derive(Debug, Clone, Copy)]
 struct ReplyKey {
@@ -681,12 +687,7 @@ impl Core {
             Some((summary, backend, change, e.snat_port))
         })?;
         self.count_established(backend.id, change);
-        let flow_hash = if matches!(summary.mode, ForwardMode::IpIp | ForwardMode::Gue { .. }) {
-            self.flow_hash(&p.flow)
-        } else {
-            0
-        };
-        let outcome = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, flow_hash).map(|()| {
+        let outcome = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, None).map(|()| {
             self.count_forwarded(backend, p);
             Verdict::Tx
         });
@@ -697,7 +698,7 @@ impl Core {
     /// The lb-hash 5-tuple hash of `f` (schedulers for new flows, tunnels for the outer header).
     #[inline]
     fn flow_hash(&self, f: &FlowKey) -> u64 {
-        self.hasher.five_tuple(f.src_ip(), f.dst_ip(), f.proto(), f.src_port(), f.dst_port())
+        flow_hash_with(&self.hasher, f)
     }
 
     /// A packet forwarded to `backend` counts at the backend only: its service's packets and bytes
@@ -819,7 +820,7 @@ impl Core {
                 self.new_flow(tables, p, hashes, (summary, ring, service), now)?
             }
         };
-        if let Err(reason) = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, flow_hash) {
+        if let Err(reason) = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, Some(flow_hash)) {
             if known.is_none() {
                 // A flow whose first frame cannot be sent leaves no state behind.
                 self.remove(index);
@@ -1031,7 +1032,7 @@ impl Core {
         let service = tables.service(si).ok_or(DropReason::IcmpNoFlow)?;
         let backend = service.backends.get(bi).ok_or(DropReason::IcmpNoFlow)?;
         let hash = self.flow_hash(flow);
-        self.rewrite(tables, frame, p, service.mode, backend, entry.snat_port, hash)?;
+        self.rewrite(tables, frame, p, service.mode, backend, entry.snat_port, Some(hash))?;
         Ok(Verdict::Tx)
     }
 
@@ -1051,8 +1052,12 @@ impl Core {
         mode: ForwardMode,
         backend: &Backend,
         snat_port: u16,
-        flow_hash: u64,
+        flow_hash: Option<u64>,
     ) -> Result<(), DropReason> {
+        // A tunnel's outer source port comes from the flow hash: the caller's, else `p`'s flow's
+        // (computed only here, so the other modes skip a second match on the mode).
+        let hasher = self.hasher;
+        let flow_hash = || flow_hash.unwrap_or_else(|| flow_hash_with(&hasher, &p.flow));
         // Built in each arm rather than once above: DSR's then goes straight into the frame (a
         // copy built before the match cost 16 instructions a DSR packet, callgrind).
         let macs = || Macs { src: tables.node().local_mac, dst: backend.mac };
@@ -1064,11 +1069,11 @@ impl Core {
             ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs())?,
             ForwardMode::IpIp | ForwardMode::Gue { .. } if self.too_big_for_tunnel(tables, frame, p, mode)? => {}
             ForwardMode::IpIp => {
-                let t = tunnel_target(tables, backend.addr, macs(), flow_hash).ok_or(DropReason::Unsupported)?;
+                let t = tunnel_target(tables, backend.addr, macs(), flow_hash()).ok_or(DropReason::Unsupported)?;
                 forward::ipip::encap(frame, p, &t)?;
             }
             ForwardMode::Gue { port } => {
-                let t = tunnel_target(tables, backend.addr, macs(), flow_hash).ok_or(DropReason::Unsupported)?;
+                let t = tunnel_target(tables, backend.addr, macs(), flow_hash()).ok_or(DropReason::Unsupported)?;
                 forward::gue::encap(frame, p, &t, port)?;
             }
         }
