@@ -357,6 +357,16 @@ fn is_vlan_tpid(ether_type: u16) -> bool {
 /// [`parse_general`] checks; `None` for everything else (which [`parse_general`] then sorts out).
 #[inline]
 pub fn parse_common(frame: &[u8]) -> Option<Parsed> {
+    let mut out = Err(ParseError::Arp);
+    parse_common_into(frame, &mut out)?;
+    out.ok()
+}
+
+/// [`parse_common`] writing its `Some` straight into `out` as `Ok` (and leaving `out` alone for its
+/// `None`): the worker's batch slot is a `Result`, and converting the returned `Option` into it
+/// copied the 116-byte `Parsed` once more (26 instructions a packet, callgrind).
+#[inline]
+pub(crate) fn parse_common_into(frame: &[u8], out: &mut Result<Parsed, ParseError>) -> Option<()> {
     let eth = frame.first_chunk::<ETHERNET_LEN>()?;
     let mut ether_type = u16::from_be_bytes([eth[12], eth[13]]);
     let mut l3 = ETHERNET_LEN;
@@ -412,7 +422,7 @@ pub fn parse_common(frame: &[u8]) -> Option<Parsed> {
     };
     let ports = l4.first_chunk::<4>()?;
     let flow = flow_of.with_ports(u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
-    Some(Parsed {
+    *out = Ok(Parsed {
         flow,
         l4: kind,
         vlan_tags,
@@ -422,7 +432,8 @@ pub fn parse_common(frame: &[u8]) -> Option<Parsed> {
         ttl,
         tcp_flags: TcpFlags(flags),
         fragment: Fragment::None,
-    })
+    });
+    Some(())
 }
 
 /// [`parse`] for any frame, through etherparse's header slices; the reference [`parse_common`] must
