@@ -844,9 +844,9 @@ impl Core {
         let backend = self.pick_backend(tables, p, flow_hash, ring, service, now)?;
         // Full NAT: the SNAT port, with the reply key it frees up and that key's hash.
         let reply = match summary.mode {
-            ForwardMode::Nat => {
-                Some(self.pick_snat_port(tables, p, backend.addr, backend.port, flow_hash).ok_or(DropReason::NoSnatPort)?)
-            }
+            ForwardMode::Nat => Some(
+                self.pick_snat_port(tables, p, backend.addr, backend.port, flow_hash).ok_or(DropReason::NoSnatPort)?,
+            ),
             _ => None,
         };
         let snat_port = reply.map_or(0, |r| r.port);
