@@ -1056,7 +1056,7 @@ impl Core {
         // A tunnel's outer source port comes from the flow hash: the caller's, else `p`'s flow's
         // (computed only here, so the other modes skip a second match on the mode).
         let hasher = self.hasher;
-        let flow_hash = || flow_hash.unwrap_or_else(|| flow_hash_with(&hasher, &p.flow));
+        let tunnel_hash = || flow_hash.unwrap_or_else(|| flow_hash_with(&hasher, &p.flow));
         // Built in each arm rather than once above: DSR's then goes straight into the frame (a
         // copy built before the match cost 16 instructions a DSR packet, callgrind).
         let macs = || Macs { src: tables.node().local_mac, dst: backend.mac };
@@ -1068,11 +1068,11 @@ impl Core {
             ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs())?,
             ForwardMode::IpIp | ForwardMode::Gue { .. } if self.too_big_for_tunnel(tables, frame, p, mode)? => {}
             ForwardMode::IpIp => {
-                let t = tunnel_target(tables, backend.addr, macs(), flow_hash()).ok_or(DropReason::Unsupported)?;
+                let t = tunnel_target(tables, backend.addr, macs(), tunnel_hash()).ok_or(DropReason::Unsupported)?;
                 forward::ipip::encap(frame, p, &t)?;
             }
             ForwardMode::Gue { port } => {
-                let t = tunnel_target(tables, backend.addr, macs(), flow_hash()).ok_or(DropReason::Unsupported)?;
+                let t = tunnel_target(tables, backend.addr, macs(), tunnel_hash()).ok_or(DropReason::Unsupported)?;
                 forward::gue::encap(frame, p, &t, port)?;
             }
         }
