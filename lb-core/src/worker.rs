@@ -793,14 +793,9 @@ impl Core {
             }
         }
 
-        // The lb-hash flow hash: schedulers need it for new flows, tunnels for the outer header.
-        let needs_flow_hash = known.is_none() || matches!(summary.mode, ForwardMode::IpIp | ForwardMode::Gue { .. });
-        let flow_hash = match flow_hash {
-            _ if !needs_flow_hash => 0,
-            Some(h) => h,
-            None => self.flow_hash(&p.flow),
-        };
-        let (index, backend, snat_port) = match known {
+        // The lb-hash flow hash: a new flow's scheduler needs it here; a tunnel's outer header gets
+        // it from the rewrite, which computes it when it is not passed in.
+        let (index, backend, snat_port, flow_hash) = match known {
             Some((index, backend)) => {
                 let timeouts = &self.timeouts;
                 let change =
@@ -812,14 +807,16 @@ impl Core {
                     }
                     None => 0,
                 };
-                (index, backend, snat_port)
+                (index, backend, snat_port, flow_hash)
             }
             None => {
+                let flow_hash = flow_hash.unwrap_or_else(|| self.flow_hash(&p.flow));
                 let hashes = FlowHashes { key: *key, hash, flow_hash };
-                self.new_flow(tables, p, hashes, (summary, ring, service), now)?
+                let (index, backend, snat_port) = self.new_flow(tables, p, hashes, (summary, ring, service), now)?;
+                (index, backend, snat_port, Some(flow_hash))
             }
         };
-        if let Err(reason) = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, Some(flow_hash)) {
+        if let Err(reason) = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, flow_hash) {
             if known.is_none() {
                 // A flow whose first frame cannot be sent leaves no state behind.
                 self.remove(index);
