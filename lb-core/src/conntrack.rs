@@ -841,10 +841,11 @@ impl ConntrackTable {
             if way == spare_way || (expired < WAYS && way != home) {
                 continue;
             }
-            // `is_live` from the head words already in hand; only a reverse entry needs its forward
-            // entry (calling `is_live` for every way was a fifth of a new flow's instructions).
+            // `is_live` from the head words already in hand; only a reverse entry whose vouch has run
+            // out needs its forward entry (calling `is_live` for every way was a fifth of a new
+            // flow's instructions).
             let live = if class_of(t) == CLASS_REVERSE {
-                now < expires || self.is_live((b * WAYS + way) as u32, now)
+                now < expires || self.forward_is_live((b * WAYS + way) as u32, now)
             } else {
                 now < expires
             };
@@ -876,7 +877,7 @@ impl ConntrackTable {
             let idx = (b * WAYS + way) as u32;
             let dead = t != 0
                 && if class_of(t) == CLASS_REVERSE {
-                    now >= expires && !self.is_live(idx, now)
+                    now >= expires && !self.forward_is_live(idx, now)
                 } else {
                     now >= expires
                 };
@@ -941,13 +942,10 @@ mod tests {
                         }
                     }
                     2 => {
-                        if let Some(i) = forward(&t, n) {
-                            t.find_update(&key(n), key(n).hash(), |e| {
-                                e.expires = now + x;
-                                Some(())
-                            });
-                            let _ = i;
-                        }
+                        t.find_update(&key(n), key(n).hash(), |e| {
+                            e.expires = now + x;
+                            Some(())
+                        });
                     }
                     3 => {
                         if let Some(i) = forward(&t, n) {
