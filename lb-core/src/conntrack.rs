@@ -447,6 +447,68 @@ fn class_of(t: u16) -> u16 {
     (t >> 1) & 3
 }
 
+/// Every way of a bucket, as a bit set.
+const WAY_BITS: u32 = (1 << WAYS) - 1;
+
+/// Bit 0 of each 16-bit lane of a word.
+const LANES: u64 = 0x0001_0001_0001_0001;
+
+/// Four ways' tags from way `first` on, one per 16-bit lane, way `first` in the lowest.
+#[inline(always)]
+fn tag_word(tags: &[u16; WAYS], first: usize) -> u64 {
+    let t = |i: usize| u64::from(tags[(first + i) % WAYS]);
+    t(0) | t(1) << 16 | t(2) << 32 | t(3) << 48
+}
+
+/// Bit 0 of each lane (the others clear) packed into bits 0-3: a multiply moves the four bits next
+/// to each other without carries (lane k's bit lands at 45 + k; every other product bit elsewhere).
+#[inline(always)]
+fn gather_lanes(x: u64) -> u32 {
+    ((x.wrapping_mul(1 | 1 << 15 | 1 << 30 | 1 << 45) >> 45) & 0xf) as u32
+}
+
+/// Bit 0 set in each lane of `x` that is zero (exact: no lane's carry reaches another).
+#[inline(always)]
+fn zero_lanes(x: u64) -> u64 {
+    const LOW15: u64 = 0x7fff * LANES;
+    (!(((x & LOW15) + LOW15) | x) >> 15) & LANES
+}
+
+/// The ways of a bucket head, as bit sets (bit `w` for way `w`), computed four ways to a word.
+struct WayMasks {
+    empty: u32,
+    /// Reverse entries.
+    reverse: u32,
+    /// Occupied, eviction class 0 (half-open) or 1 (closing).
+    half_open: u32,
+    closing: u32,
+    /// `now` before the way's head expiry (for a reverse way, its vouch).
+    live: u32,
+}
+
+impl WayMasks {
+    #[inline(always)]
+    fn of(head: &BucketHead, now: u32) -> WayMasks {
+        let (mut empty, mut reverse, mut half_open, mut closing) = (0, 0, 0, 0);
+        for (i, first) in [0, 4].into_iter().enumerate() {
+            let t = tag_word(&head.tags, first);
+            let (lo, hi) = ((t >> 1) & LANES, (t >> 2) & LANES);
+            let zero = zero_lanes(t);
+            let shift = 4 * i;
+            empty |= gather_lanes(zero) << shift;
+            reverse |= gather_lanes(lo & hi) << shift;
+            // Class 0 and occupied: the class bits clear, the occupied bit (bit 0) set.
+            half_open |= gather_lanes(!lo & !hi & t & LANES) << shift;
+            closing |= gather_lanes(lo & !hi) << shift;
+        }
+        let mut live = 0;
+        for w in 0..WAYS {
+            live |= u32::from(now < head.expiries[w]) << w;
+        }
+        WayMasks { empty, reverse, half_open, closing, live }
+    }
+}
+
 /// The eviction candidate of a bucket: the way with the lowest (class, expiry), among classes 0
 /// and 1. Kept as one word, class above expiry, so each way costs one compare (comparing the pair
 /// as a tuple in an `Option` was about a tenth of a new flow's instructions, callgrind).
@@ -583,24 +645,17 @@ impl ConntrackTable {
         bucket.entries.get(way).map(|w| &w.0)
     }
 
-    /// The entry an insert under `hash` would most likely displace, judged from the bucket's head
-    /// alone (the oldest half-open, else closing, entry; `None` when a way is free): read ahead of an
-    /// insert for a new flow so its cache miss overlaps others, as [`ConntrackTable::likely_entry`]
-    /// is for a hit.
+    /// The way an insert under `hash` at `now` would take, judged from the bucket's head alone as
+    /// the insert judges it: its entry (the one it would displace, or a free way's old contents)
+    /// and whether it displaces one (an expired entry, or the oldest half-open, else closing,
+    /// entry). `None` when nothing may go or the choice needs a reverse entry's forward entry. Read
+    /// ahead of an insert for a new flow, so the line the insert reads and writes is in the cache by
+    /// then, as [`ConntrackTable::likely_entry`] is for a hit.
     #[inline]
-    pub fn likely_victim(&self, hash: u64) -> Option<&Entry> {
+    pub fn likely_insert(&self, hash: u64, now: u32) -> Option<(&Entry, bool)> {
         let bucket = self.bucket_of(hash)?;
-        let head = &bucket.head;
-        let mut victim = Victim::NONE;
-        // A counted loop over plain indices, as in `insert_sparing`.
-        for way in 0..WAYS {
-            let t = head.tags[way];
-            if t == 0 {
-                return None;
-            }
-            victim.consider(t, head.expiries[way], way);
-        }
-        bucket.entries.get(victim.way()?).map(|w| &w.0)
+        let (way, displaces) = Self::choose_way(&bucket.head, now, WAYS, hash)?;
+        bucket.entries.get(way).map(|w| (&w.0, displaces.is_some()))
     }
 
     /// The entry at `index`, if occupied.
@@ -778,42 +833,39 @@ impl ConntrackTable {
     /// is then its forward entry's, in another bucket: [`ConntrackTable::choose_way_with_reverse`]
     /// decides.
     ///
-    /// One pass that only sets bits and keeps a minimum, over a copy of the head with plain
-    /// indices (in bounds by construction), so it compiles to straight-line code: the sequential
-    /// scan with its early exits and iterator chain cost ~25 instructions a way, eight ways per
-    /// insert into a full bucket (callgrind, new flows).
+    /// No branch depends on a single way: the head is turned into bit sets of ways ([`WayMasks`]),
+    /// four ways to a word, and the oldest candidate is a minimum over words holding each way's
+    /// expiry and index. A pass testing each way in turn (and the sequential scan before it) took
+    /// a branch or two a way, which a head of mixed empty, expired and live ways makes
+    /// unpredictable: new flows into a half-full table measured ~260 -> ~140 ns with this form
+    /// (BENCHMARKS.md, lb-core, session 13).
     #[inline]
     fn choose_way(head: &BucketHead, now: u32, spare_way: usize, hash: u64) -> Option<(usize, Option<bool>)> {
-        let (mut empty, mut stale, mut reverse) = (0u32, 0u32, 0u32);
-        let mut victim = Victim::NONE;
-        for way in 0..WAYS {
-            let (t, expires) = (head.tags[way], head.expiries[way]);
-            let bit = 1u32 << way;
-            if t == 0 {
-                empty |= bit;
-            } else if class_of(t) == CLASS_REVERSE {
-                if now >= expires {
-                    reverse |= bit;
-                }
-            } else if way != spare_way {
-                if now >= expires {
-                    stale |= bit;
-                } else {
-                    victim.consider(t, expires, way);
-                }
-            }
-        }
+        let m = WayMasks::of(head, now);
         // An empty way wins over anything.
-        if empty != 0 {
-            return Some((home_or_first(empty, hash), None));
+        if m.empty != 0 {
+            return Some((home_or_first(m.empty, hash), None));
         }
-        if reverse != 0 {
+        if m.reverse & !m.live != 0 {
             return None;
         }
+        let others = !m.reverse & !(1u32 << spare_way) & WAY_BITS;
+        let stale = others & !m.live;
         if stale != 0 {
             return Some((home_or_first(stale, hash), Some(false)));
         }
-        Some((victim.way().unwrap_or(WAYS), Some(true)))
+        // The oldest live half-open entry, else the oldest live closing one; the first of equals.
+        let half_open = m.half_open & others;
+        let candidates = if half_open != 0 { half_open } else { m.closing & others };
+        // Each way's (expiry, way) in one word, non-candidates the maximum; the minimum taken as a
+        // tree, three compares deep rather than eight in a row.
+        let key = |w: usize| {
+            let k = (u64::from(head.expiries[w]) << 3) | w as u64;
+            if candidates & (1 << w) != 0 { k } else { u64::MAX }
+        };
+        let min4 = |w: usize| key(w).min(key(w + 1)).min(key(w + 2).min(key(w + 3)));
+        let oldest = min4(0).min(min4(4));
+        Some((if oldest == u64::MAX { WAYS } else { (oldest & 7) as usize }, Some(true)))
     }
 
     /// [`ConntrackTable::choose_way`] for a head holding a reverse entry: the sequential scan, which
@@ -995,32 +1047,60 @@ mod tests {
         /// reverse entry whose vouch has run out.
         #[test]
         fn one_pass_way_choice_matches_the_sequential_scan(
-            ways in proptest::collection::vec((0u16..5, 0u32..6), WAYS),
+            ways in proptest::collection::vec((0u16..5, 0u32..6, proptest::prelude::any::<u16>()), WAYS),
             now in 0u32..6,
             spare_way in 0usize..=WAYS,
             hash in proptest::prelude::any::<u64>(),
         ) {
             let mut head = BucketHead::default();
-            for (way, &(class, expires)) in ways.iter().enumerate() {
+            for (way, &(class, expires, bits)) in ways.iter().enumerate() {
                 // 3 stands for an empty way here, 4 for a reverse entry vouched for until `expires`
                 // (the table below holds no forward entries: once its vouch runs out, it is dead).
+                let bits = bits & !0x7;
                 head.tags[way] = match class {
                     3 => 0,
-                    4 => 0x100 | (CLASS_REVERSE << 1) | 1,
-                    _ => 0x100 | (class << 1) | 1,
+                    4 => bits | (CLASS_REVERSE << 1) | 1,
+                    _ => bits | (class << 1) | 1,
                 };
                 head.expiries[way] = expires;
             }
             let table = ConntrackTable::with_capacity(WAYS);
             let slow = table.choose_way_with_reverse(0, &head, now, spare_way, hash);
-            let full = ways.iter().all(|&(class, _)| class != 3);
-            let lapsed = ways.iter().any(|&(class, expires)| class == 4 && now >= expires);
+            let full = ways.iter().all(|&(class, ..)| class != 3);
+            let lapsed = ways.iter().any(|&(class, expires, _)| class == 4 && now >= expires);
             match ConntrackTable::choose_way(&head, now, spare_way, hash) {
                 Some(fast) => {
                     proptest::prop_assert!(!(full && lapsed));
                     proptest::prop_assert_eq!(Some(fast).filter(|(w, _)| *w < WAYS), slow);
                 }
                 None => proptest::prop_assert!(full && lapsed),
+            }
+        }
+
+        /// `likely_insert` names the way an insert then takes and whether it displaces an entry, for
+        /// a bucket of any mix of free, expired, half-open, closing and established ways.
+        #[test]
+        fn likely_insert_names_the_way_an_insert_takes(
+            ways in proptest::collection::vec((0u8..4, 0u32..6), 0..=WAYS),
+            now in 0u32..6,
+            n in 1000u32..,
+        ) {
+            let mut t = ConntrackTable::with_capacity(WAYS); // one bucket
+            for (i, &(class, expires)) in ways.iter().enumerate() {
+                let state = [ConnState::SynSeen, ConnState::Closing, ConnState::Affinity, ConnState::Established];
+                let k = key(i as u32);
+                // At most eight entries into eight ways: each takes a free one.
+                let ins = t.insert(entry(k, state[usize::from(class)], expires), k.hash(), 0).unwrap();
+                proptest::prop_assert!(ins.displaced.is_none());
+            }
+            let k = key(n);
+            let likely = t.likely_insert(k.hash(), now).map(|(e, displaces)| (e as *const Entry, displaces));
+            match t.insert(entry(k, ConnState::SynSeen, now + 60), k.hash(), now) {
+                Ok(ins) => {
+                    let taken = t.get(ins.index).map(|e| e as *const Entry);
+                    proptest::prop_assert_eq!(likely, taken.map(|e| (e, ins.displaced.is_some())));
+                }
+                Err(ConntrackFull) => proptest::prop_assert_eq!(likely, None),
             }
         }
 
@@ -1262,24 +1342,6 @@ mod tests {
         assert_eq!(t.find(&second, second.hash()), Some(b));
         let found = t.find_update(&second, second.hash(), |e| Some(e.key));
         assert_eq!(found, Some((b, second)));
-    }
-
-    #[test]
-    fn likely_victim_is_what_an_insert_displaces() {
-        let mut t = ConntrackTable::with_capacity(8); // one bucket
-        let k = key(100);
-        for n in 0..7 {
-            let kn = key(n);
-            t.insert(entry(kn, ConnState::Established, 1000), kn.hash(), 0).unwrap();
-            assert_eq!(t.likely_victim(k.hash()), None, "a free way: nothing to displace");
-        }
-        let half_open = key(50);
-        t.insert(entry(half_open, ConnState::SynSeen, 300), half_open.hash(), 0).unwrap();
-        assert_eq!(t.likely_victim(k.hash()).map(|e| e.key), Some(half_open));
-        let d = t.insert(entry(k, ConnState::SynSeen, 400), k.hash(), 0).unwrap().displaced.unwrap();
-        assert_eq!(d.entry.key, half_open);
-        // Now the oldest half-open entry is the one just inserted (the rest are established).
-        assert_eq!(t.likely_victim(key(101).hash()).map(|e| e.key), Some(k));
     }
 
     #[test]

@@ -24,8 +24,9 @@
 //! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them and
 //! hashes their 5-tuples; then tight loops of plain loads pull what the batch will need into the cache
 //! in rounds, each needing only the one before (conntrack bucket heads with, but for a lone SYN, the
-//! entry at the key's home way, where most keys sit; likely entries (mostly in already), and for frames
-//! without a likely hit the service index slots; backend locations and counters, and for likely new
+//! entry at the key's home way, where most keys sit; likely entries (mostly in already) or, for a
+//! likely new flow, the way its insert will take, and for frames without a likely hit the service
+//! index slots; backend locations and counters, and for likely new
 //! flows their ring entries or, for services without a ring, the service records, then their
 //! schedulers' tables; last the picked backends' locations and counters), with the service lookups
 //! after the second, so the misses of a round overlap; then each frame is decided in order, exactly
@@ -252,7 +253,7 @@ impl Worker {
             // 2. Find each frame's service, and pull what step 3 will read into the cache, all loads
             //    of the batch in flight together rather than one cache miss after another.
             core.warm_first(tables, ahead);
-            core.warm_second(tables, ahead);
+            core.warm_second(tables, ahead, now_s);
             for a in ahead.iter_mut() {
                 a.find_service(tables);
                 // A likely new flow of a service: its scheduler's hash, computed here (not among the
@@ -480,17 +481,19 @@ impl Core {
     }
 
     /// The second round, once the bucket heads are in: the likely conntrack entry of each frame
-    /// (its own flow's, or for a new flow the one its insert will displace). A frame without a
-    /// likely hit will need its service: hash its key and read the index slot its lookup starts at.
-    /// A likely hit needs no lookup: its backend's location holds its service's summary.
+    /// (its own flow's, or for a new flow the way its insert will take: the entry it displaces, or
+    /// the free way's line, which the insert writes). A frame without a likely hit will need its
+    /// service: hash its key and read the index slot its lookup starts at. A likely hit needs no
+    /// lookup: its backend's location holds its service's summary.
     ///
     /// A likely hit's entry line mostly came with its head (its home way), so it is read at once. A
-    /// likely new flow's two reads (the victim entry, the index slot) wait for a second loop that
+    /// likely new flow's two reads (the insert's way, the index slot) wait for a second loop that
     /// only loads: a load that misses holds up retirement and the core runs ahead only as far as its
     /// reorder window (a few hundred instructions), so with the victim choice and the lookup hash
     /// between them a batch's new flows had their misses one or two at a time rather than together.
-    fn warm_second(&self, tables: &Tables, ahead: &mut [Lookahead]) {
-        let mut victims: [Option<&Entry>; BATCH] = [None; BATCH];
+    fn warm_second(&self, tables: &Tables, ahead: &mut [Lookahead], now: u32) {
+        // Per frame, the entry at the way its insert will take, and whether it displaces one.
+        let mut victims: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
         let mut new_flows = false;
         for (a, victim) in ahead.iter_mut().zip(victims.iter_mut()) {
             let Some(h) = a.conn_hash else { continue };
@@ -499,7 +502,7 @@ impl Core {
                 a.likely_backend = Some(e.backend);
                 continue;
             }
-            *victim = self.conntrack.likely_victim(h);
+            *victim = self.conntrack.likely_insert(h, now);
             if let Ok(p) = &a.parsed {
                 a.needs_service = true;
                 a.lookup_hash = tables.lookup_hash(&p.flow);
@@ -511,8 +514,10 @@ impl Core {
         }
         let mut fold = 0u64;
         for (a, victim) in ahead.iter_mut().zip(victims.iter()) {
-            if let Some(e) = victim {
-                a.likely_backend = Some(e.backend);
+            match victim {
+                Some((e, true)) => a.likely_backend = Some(e.backend),
+                Some((e, false)) => fold ^= u64::from(e.expires),
+                None => {}
             }
             // (A frame without ports had its index slot read in the first round.)
             if a.needs_service && a.conn_hash.is_some() {
