@@ -482,13 +482,11 @@ struct WayMasks {
     /// Occupied, eviction class 0 (half-open) or 1 (closing).
     half_open: u32,
     closing: u32,
-    /// `now` before the way's head expiry (for a reverse way, its vouch).
-    live: u32,
 }
 
 impl WayMasks {
     #[inline(always)]
-    fn of(head: &BucketHead, now: u32) -> WayMasks {
+    fn of(head: &BucketHead) -> WayMasks {
         let (mut empty, mut reverse, mut half_open, mut closing) = (0, 0, 0, 0);
         for (i, first) in [0, 4].into_iter().enumerate() {
             let t = tag_word(&head.tags, first);
@@ -501,11 +499,17 @@ impl WayMasks {
             half_open |= gather_lanes(!lo & !hi & t & LANES) << shift;
             closing |= gather_lanes(lo & !hi) << shift;
         }
+        WayMasks { empty, reverse, half_open, closing }
+    }
+
+    /// The ways whose head expiry (for a reverse way, its vouch) is after `now`.
+    #[inline(always)]
+    fn live(head: &BucketHead, now: u32) -> u32 {
         let mut live = 0;
         for w in 0..WAYS {
             live |= u32::from(now < head.expiries[w]) << w;
         }
-        WayMasks { empty, reverse, half_open, closing, live }
+        live
     }
 }
 
@@ -841,16 +845,17 @@ impl ConntrackTable {
     /// (BENCHMARKS.md, lb-core, session 13).
     #[inline]
     fn choose_way(head: &BucketHead, now: u32, spare_way: usize, hash: u64) -> Option<(usize, Option<bool>)> {
-        let m = WayMasks::of(head, now);
+        let m = WayMasks::of(head);
         // An empty way wins over anything.
         if m.empty != 0 {
             return Some((home_or_first(m.empty, hash), None));
         }
-        if m.reverse & !m.live != 0 {
+        let live = WayMasks::live(head, now);
+        if m.reverse & !live != 0 {
             return None;
         }
         let others = !m.reverse & !(1u32 << spare_way) & WAY_BITS;
-        let stale = others & !m.live;
+        let stale = others & !live;
         if stale != 0 {
             return Some((home_or_first(stale, hash), Some(false)));
         }
