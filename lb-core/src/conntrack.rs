@@ -453,7 +453,8 @@ const WAY_BITS: u32 = (1 << WAYS) - 1;
 /// Bit 0 of each 16-bit lane of a word.
 const LANES: u64 = 0x0001_0001_0001_0001;
 
-/// Four ways' tags from way `first` on, one per 16-bit lane, way `first` in the lowest.
+/// Four ways' tags from way `first` (0 or 4) on, one per 16-bit lane, way `first` in the lowest
+/// (`% WAYS` lets the compiler see every index in bounds).
 #[inline(always)]
 fn tag_word(tags: &[u16; WAYS], first: usize) -> u64 {
     let t = |i: usize| u64::from(tags[(first + i) % WAYS]);
