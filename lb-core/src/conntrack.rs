@@ -475,7 +475,8 @@ fn zero_lanes(x: u64) -> u64 {
     (!(((x & LOW15) + LOW15) | x) >> 15) & LANES
 }
 
-/// The ways of a bucket head, as bit sets (bit `w` for way `w`), computed four ways to a word.
+/// The ways of a bucket head by their tags, as bit sets (bit `w` for way `w`), computed four ways to a
+/// word.
 struct WayMasks {
     empty: u32,
     /// Reverse entries.
@@ -502,16 +503,16 @@ impl WayMasks {
         }
         WayMasks { empty, reverse, half_open, closing }
     }
+}
 
-    /// The ways whose head expiry (for a reverse way, its vouch) is after `now`.
-    #[inline(always)]
-    fn live(head: &BucketHead, now: u32) -> u32 {
-        let mut live = 0;
-        for w in 0..WAYS {
-            live |= u32::from(now < head.expiries[w]) << w;
-        }
-        live
+/// The ways of a bucket head whose expiry (for a reverse way, its vouch) is after `now`, as a bit set.
+#[inline(always)]
+fn live_ways(head: &BucketHead, now: u32) -> u32 {
+    let mut live = 0;
+    for w in 0..WAYS {
+        live |= u32::from(now < head.expiries[w]) << w;
     }
+    live
 }
 
 /// The eviction candidate of a bucket: the way with the lowest (class, expiry), among classes 0
@@ -851,7 +852,7 @@ impl ConntrackTable {
         if m.empty != 0 {
             return Some((home_or_first(m.empty, hash), None));
         }
-        let live = WayMasks::live(head, now);
+        let live = live_ways(head, now);
         if m.reverse & !live != 0 {
             return None;
         }

@@ -489,20 +489,20 @@ impl Core {
     /// A likely hit's entry line mostly came with its head (its home way), so it is read at once. A
     /// likely new flow's two reads (the insert's way, the index slot) wait for a second loop that
     /// only loads: a load that misses holds up retirement and the core runs ahead only as far as its
-    /// reorder window (a few hundred instructions), so with the victim choice and the lookup hash
+    /// reorder window (a few hundred instructions), so with the way choice and the lookup hash
     /// between them a batch's new flows had their misses one or two at a time rather than together.
     fn warm_second(&self, tables: &Tables, ahead: &mut [Lookahead], now: u32) {
         // Per frame, the entry at the way its insert will take, and whether it displaces one.
-        let mut victims: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
+        let mut insert_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
         let mut new_flows = false;
-        for (a, victim) in ahead.iter_mut().zip(victims.iter_mut()) {
+        for (a, way) in ahead.iter_mut().zip(insert_ways.iter_mut()) {
             let Some(h) = a.conn_hash else { continue };
             if let Some(e) = self.conntrack.likely_entry(h) {
                 a.likely_hit = true;
                 a.likely_backend = Some(e.backend);
                 continue;
             }
-            *victim = self.conntrack.likely_insert(h, now);
+            *way = self.conntrack.likely_insert(h, now);
             if let Ok(p) = &a.parsed {
                 a.needs_service = true;
                 a.lookup_hash = tables.lookup_hash(&p.flow);
@@ -513,8 +513,8 @@ impl Core {
             return;
         }
         let mut fold = 0u64;
-        for (a, victim) in ahead.iter_mut().zip(victims.iter()) {
-            match victim {
+        for (a, way) in ahead.iter_mut().zip(insert_ways.iter()) {
+            match way {
                 Some((e, true)) => a.likely_backend = Some(e.backend),
                 Some((e, false)) => fold ^= u64::from(e.expires),
                 None => {}
