@@ -1,7 +1,7 @@
 //! The per-core connection table: which backend each flow goes to, and in which TCP state it is.
 //!
 //! ```text
-//!   hash(key) ──► bucket (8 ways, 576 bytes) ──► head: tags [u16; 8], expiries [u32; 8] (one cache line)
+//!   hash(key) ──► bucket (8 ways, 576 bytes) ──► head: tags [u16; 8], expiries [u32; 8], classes (one line)
 //!                                               entries [Entry; 8] (one cache line each, compared only
 //!                                                                   on a tag hit)
 //! ```
@@ -381,10 +381,10 @@ impl Bucket {
     fn way_of(&self, key: &ConnKey, hash: u64) -> Option<usize> {
         let tag = tag_of(hash);
         let home = home_way(hash);
-        if tag_hash(self.head.tags[home]) == tag && self.entries[home].0.key == *key {
+        if self.head.tags[home] == tag && self.entries[home].0.key == *key {
             return Some(home);
         }
-        self.head.tags.iter().zip(&self.entries).position(|(t, e)| tag_hash(*t) == tag && e.0.key == *key)
+        self.head.tags.iter().zip(&self.entries).position(|(t, e)| *t == tag && e.0.key == *key)
     }
 }
 
@@ -394,9 +394,47 @@ impl Bucket {
 struct BucketHead {
     /// One per way; 0 means empty.
     tags: [u16; WAYS],
-    /// Per way, the entry's `expires`: with the class bits of the tag, what eviction and expiry read
-    /// without touching the entries.
+    /// Per way, the entry's `expires`: with `classes`, what eviction and expiry read without
+    /// touching the entries.
     expiries: [u32; WAYS],
+    /// The ways of each eviction class (see [`class_bits`]), a byte per class: bit `w` of byte `c`
+    /// is set when way `w` is occupied and its entry is of class `c`; an empty way has no bit set.
+    /// Kept as bit sets rather than bits in each tag so an insert's way choice reads them in one
+    /// word (computing them from per-tag class bits was ~80 instructions a choice, callgrind).
+    classes: u32,
+}
+
+/// Bit 0 of each byte of a word: way 0 of every class in [`BucketHead::classes`].
+const CLASS_LANES: u32 = 0x0101_0101;
+
+impl BucketHead {
+    /// Eviction class of way `w` (of an occupied way; 4 for an empty one).
+    #[inline]
+    fn class(&self, w: usize) -> u16 {
+        (((self.classes >> (w % WAYS)) & CLASS_LANES).trailing_zeros() / 8) as u16
+    }
+
+    /// Puts way `w` in eviction class `class` (0 to 3), out of any other.
+    #[inline]
+    fn set_class(&mut self, w: usize, class: u16) {
+        let w = w % WAYS;
+        self.classes = (self.classes & !(CLASS_LANES << w)) | (1 << (8 * usize::from(class & 3) + w));
+    }
+
+    /// Takes way `w` out of every class (it is being emptied).
+    #[inline]
+    fn clear_class(&mut self, w: usize) {
+        self.classes &= !(CLASS_LANES << (w % WAYS));
+    }
+
+    /// Occupies way `w` with a tag and an entry of class `class`: the tag, class and head expiry.
+    #[inline]
+    fn fill(&mut self, w: usize, tag: u16, class: u16, expiry: u32) {
+        if let (Some(t), Some(x)) = (self.tags.get_mut(w), self.expiries.get_mut(w)) {
+            (*t, *x) = (tag, expiry);
+        }
+        self.set_class(w, class);
+    }
 }
 
 /// An entry alone in its cache line (an [`Entry`] is 60 bytes; packed, most would straddle two lines).
@@ -409,14 +447,13 @@ fn split(index: usize) -> (usize, usize) {
     (index / WAYS, index % WAYS)
 }
 
-/// A way's tag: bit 0 set when occupied, bits 1-2 the eviction class ([`CLASS_REVERSE`] for reverse
-/// entries), bits 3-15 from the hash.
+/// A way's tag: bit 0 set when occupied, bits 1-15 from the hash.
 fn tag_of(hash: u64) -> u16 {
-    ((hash >> 48) as u16 & !0x7) | 1
+    (hash >> 48) as u16 | 1
 }
 
 /// The way an insert under `hash` takes when it is free: hash bits 45-47, which neither the bucket
-/// index (the low bits; a table would need 2^45 buckets to reach them) nor the tag (bits 51-63) uses.
+/// index (the low bits; a table would need 2^45 buckets to reach them) nor the tag (bits 49-63) uses.
 fn home_way(hash: u64) -> usize {
     ((hash >> 45) as usize) & (WAYS - 1)
 }
@@ -426,11 +463,6 @@ fn home_way(hash: u64) -> usize {
 fn home_or_first(ways: u32, hash: u64) -> usize {
     let home = home_way(hash);
     if ways & (1 << home) != 0 { home } else { ways.trailing_zeros() as usize }
-}
-
-/// The tag without its class bits, as [`tag_of`] gives it.
-fn tag_hash(t: u16) -> u16 {
-    t & !0x6
 }
 
 /// Class bits of a reverse entry (never evicted on its own).
@@ -443,40 +475,10 @@ fn class_bits(e: &Entry) -> u16 {
     }
 }
 
-fn class_of(t: u16) -> u16 {
-    (t >> 1) & 3
-}
-
 /// Every way of a bucket, as a bit set.
 const WAY_BITS: u32 = (1 << WAYS) - 1;
 
-/// Bit 0 of each 16-bit lane of a word.
-const LANES: u64 = 0x0001_0001_0001_0001;
-
-/// Four ways' tags from way `first` (0 or 4) on, one per 16-bit lane, way `first` in the lowest
-/// (`% WAYS` lets the compiler see every index in bounds).
-#[inline(always)]
-fn tag_word(tags: &[u16; WAYS], first: usize) -> u64 {
-    let t = |i: usize| u64::from(tags[(first + i) % WAYS]);
-    t(0) | t(1) << 16 | t(2) << 32 | t(3) << 48
-}
-
-/// Bit 0 of each lane (the others clear) packed into bits 0-3: a multiply moves the four bits next
-/// to each other without carries (lane k's bit lands at 45 + k; every other product bit elsewhere).
-#[inline(always)]
-fn gather_lanes(x: u64) -> u32 {
-    ((x.wrapping_mul(1 | 1 << 15 | 1 << 30 | 1 << 45) >> 45) & 0xf) as u32
-}
-
-/// Bit 0 set in each lane of `x` that is zero (exact: no lane's carry reaches another).
-#[inline(always)]
-fn zero_lanes(x: u64) -> u64 {
-    const LOW15: u64 = 0x7fff * LANES;
-    (!(((x & LOW15) + LOW15) | x) >> 15) & LANES
-}
-
-/// The ways of a bucket head by their tags, as bit sets (bit `w` for way `w`), computed four ways to a
-/// word.
+/// The ways of a bucket head by class, as bit sets (bit `w` for way `w`), from its class bytes.
 struct WayMasks {
     empty: u32,
     /// Reverse entries.
@@ -489,19 +491,14 @@ struct WayMasks {
 impl WayMasks {
     #[inline(always)]
     fn of(head: &BucketHead) -> WayMasks {
-        let (mut empty, mut reverse, mut half_open, mut closing) = (0, 0, 0, 0);
-        for (i, first) in [0, 4].into_iter().enumerate() {
-            let t = tag_word(&head.tags, first);
-            let (lo, hi) = ((t >> 1) & LANES, (t >> 2) & LANES);
-            let zero = zero_lanes(t);
-            let shift = 4 * i;
-            empty |= gather_lanes(zero) << shift;
-            reverse |= gather_lanes(lo & hi) << shift;
-            // Class 0 and occupied: the class bits clear, the occupied bit (bit 0) set.
-            half_open |= gather_lanes(!lo & !hi & t & LANES) << shift;
-            closing |= gather_lanes(lo & !hi) << shift;
+        let c = head.classes;
+        let occupied = (c | c >> 8 | c >> 16 | c >> 24) & WAY_BITS;
+        WayMasks {
+            empty: !occupied & WAY_BITS,
+            reverse: c >> (8 * CLASS_REVERSE),
+            half_open: c & WAY_BITS,
+            closing: (c >> 8) & WAY_BITS,
         }
-        WayMasks { empty, reverse, half_open, closing }
     }
 }
 
@@ -527,8 +524,7 @@ impl Victim {
     const NONE: Victim = Victim { key: u64::MAX, way: WAYS };
 
     #[inline]
-    fn consider(&mut self, tag: u16, expires: u32, way: usize) {
-        let class = class_of(tag);
+    fn consider(&mut self, class: u16, expires: u32, way: usize) {
         let key = (u64::from(class) << 32) | u64::from(expires);
         if class < 2 && key < self.key {
             *self = Victim { key, way };
@@ -585,7 +581,7 @@ impl ConntrackTable {
 
     /// Finds the entry with this key (`hash` is `key.hash()`) and offers it to `f`, which either
     /// declines (`None`, and must then leave the entry as it was) or changes it (state, expiry; not
-    /// its key, kind or link) and returns a value. Returns the entry's index and that value; keeps the tag's class
+    /// its key, kind or link) and returns a value. Returns the entry's index and that value; keeps the way's class
     /// and the head's expiry in step, as [`ConntrackTable::update`]. One bucket search for what
     /// `find`, `get` and `update` did in three (the established-flow fast path).
     #[inline]
@@ -599,17 +595,19 @@ impl ConntrackTable {
         let bucket = self.buckets.get_mut(b)?;
         let way = bucket.way_of(key, hash)?;
         let Bucket { head, entries } = bucket;
-        let (t, x, e) = (head.tags.get_mut(way)?, head.expiries.get_mut(way)?, &mut entries.get_mut(way)?.0);
+        let e = &mut entries.get_mut(way)?.0;
         let old_expires = e.expires;
         #[cfg(debug_assertions)]
         let pairing = (e.kind, e.link);
         let r = f(e)?;
         #[cfg(debug_assertions)]
         debug_assert!((e.kind, e.link) == pairing, "find_update changes neither kind nor link");
-        *t = (*t & !0x6) | (class_bits(e) << 1);
+        head.set_class(way, class_bits(e));
         let index = (b * WAYS + way) as u32;
         if plain_head_write(e, old_expires) {
-            *x = e.expires;
+            if let Some(x) = head.expiries.get_mut(way) {
+                *x = e.expires;
+            }
         } else {
             let before = (e.kind, e.link, old_expires);
             self.rewrite_paired(index, before);
@@ -643,11 +641,7 @@ impl ConntrackTable {
         let tag = tag_of(hash);
         let bucket = self.bucket_of(hash)?;
         let home = home_way(hash);
-        let way = if tag_hash(bucket.head.tags[home]) == tag {
-            home
-        } else {
-            bucket.head.tags.iter().position(|t| tag_hash(*t) == tag)?
-        };
+        let way = if bucket.head.tags[home] == tag { home } else { bucket.head.tags.iter().position(|t| *t == tag)? };
         bucket.entries.get(way).map(|w| &w.0)
     }
 
@@ -676,21 +670,23 @@ impl ConntrackTable {
     }
 
     /// Changes the entry at `index` with `f` (state, expiry, link; not its key) and returns what `f`
-    /// returns, or `None` if the way is empty. Keeps the tag's class and the head's expiry (or a
+    /// returns, or `None` if the way is empty. Keeps the way's class and the head's expiry (or a
     /// reverse entry's vouch, see `Pairing`) in step.
     #[inline]
     pub fn update<R>(&mut self, index: u32, f: impl FnOnce(&mut Entry) -> R) -> Option<R> {
         let (b, w) = split(index as usize);
         let Bucket { head, entries } = self.buckets.get_mut(b)?;
-        let (t, x, e) = (head.tags.get_mut(w)?, head.expiries.get_mut(w)?, &mut entries.get_mut(w)?.0);
-        if *t == 0 {
+        let e = &mut entries.get_mut(w)?.0;
+        if *head.tags.get(w)? == 0 {
             return None;
         }
         let before = (e.kind, e.link, e.expires);
         let r = f(e);
-        *t = (*t & !0x6) | (class_bits(e) << 1);
+        head.set_class(w, class_bits(e));
         if (e.kind, e.link) == (before.0, before.1) && plain_head_write(e, before.2) {
-            *x = e.expires;
+            if let Some(x) = head.expiries.get_mut(w) {
+                *x = e.expires;
+            }
         } else {
             self.rewrite_paired(index, before);
         }
@@ -739,9 +735,10 @@ impl ConntrackTable {
     fn vouch(&mut self, forward: u32, reverse: u32, until: u32) {
         let (b, w) = split(reverse as usize);
         let Some(Bucket { head, entries }) = self.buckets.get_mut(b) else { return };
+        let class = head.class(w);
         if let (Some(&t), Some(x), Some(e)) = (head.tags.get(w), head.expiries.get_mut(w), entries.get(w))
             && t != 0
-            && class_of(t) == CLASS_REVERSE
+            && class == CLASS_REVERSE
             && e.0.link == forward
         {
             *x = until;
@@ -755,7 +752,7 @@ impl ConntrackTable {
         let Some(bucket) = self.buckets.get(b) else { return false };
         match bucket.head.tags.get(w) {
             None | Some(0) => false,
-            Some(&t) if class_of(t) == CLASS_REVERSE => {
+            Some(_) if bucket.head.class(w) == CLASS_REVERSE => {
                 // Vouched for (see `Pairing`), or else asked of the forward entry.
                 bucket.head.expiries.get(w).is_some_and(|x| now < *x) || self.forward_is_live(index, now)
             }
@@ -782,6 +779,7 @@ impl ConntrackTable {
             return None;
         }
         *tag = 0;
+        bucket.head.clear_class(w);
         self.len -= 1;
         let e = bucket.entries.get(w).map(|e| e.0)?;
         if let Pairing::Forward { link, .. } = Pairing::of(&e) {
@@ -813,14 +811,11 @@ impl ConntrackTable {
         }
         let index = b * WAYS + way;
         let Bucket { head, entries } = self.buckets.get_mut(b).ok_or(ConntrackFull)?;
-        let (Some(t), Some(x), Some(e)) = (head.tags.get_mut(way), head.expiries.get_mut(way), entries.get_mut(way))
-        else {
-            return Err(ConntrackFull);
-        };
+        let Some(e) = entries.get_mut(way) else { return Err(ConntrackFull) };
         let displaced = evicted.map(|evicted| Displaced { index: index as u32, entry: e.0, evicted });
-        *t = tag_of(hash) | (class_bits(&entry) << 1);
         // A reverse entry starts unvouched: its forward entry vouches when it links to it.
-        *x = if entry.kind == EntryKind::Reverse { 0 } else { entry.expires };
+        let expiry = if entry.kind == EntryKind::Reverse { 0 } else { entry.expires };
+        head.fill(way, tag_of(hash), class_bits(&entry), expiry);
         e.0 = entry;
         if displaced.is_none() {
             self.len += 1;
@@ -839,8 +834,8 @@ impl ConntrackTable {
     /// is then its forward entry's, in another bucket: [`ConntrackTable::choose_way_with_reverse`]
     /// decides.
     ///
-    /// No branch depends on a single way: the head is turned into bit sets of ways ([`WayMasks`]),
-    /// four ways to a word, and the oldest candidate is a minimum over words holding each way's
+    /// No branch depends on a single way: the head's class bytes are bit sets of ways ([`WayMasks`]),
+    /// the live ways another, and the oldest candidate is a minimum over words holding each way's
     /// expiry and index. A pass testing each way in turn (and the sequential scan before it) took
     /// a branch or two a way, which a head of mixed empty, expired and live ways makes
     /// unpredictable: new flows into a half-full table measured ~260 -> ~140 ns with this form
@@ -903,7 +898,8 @@ impl ConntrackTable {
             // `is_live` from the head words already in hand; only a reverse entry whose vouch has run
             // out needs its forward entry (calling `is_live` for every way was a fifth of a new
             // flow's instructions).
-            let live = if class_of(t) == CLASS_REVERSE {
+            let class = head.class(way);
+            let live = if class == CLASS_REVERSE {
                 now < expires || self.forward_is_live((b * WAYS + way) as u32, now)
             } else {
                 now < expires
@@ -914,7 +910,7 @@ impl ConntrackTable {
                 }
                 continue;
             }
-            victim.consider(t, expires, way);
+            victim.consider(class, expires, way);
         }
         if expired < WAYS { Some((expired, Some(false))) } else { victim.way().map(|w| (w, Some(true))) }
     }
@@ -935,7 +931,7 @@ impl ConntrackTable {
             let (t, expires) = (head.tags[way], head.expiries[way]);
             let idx = (b * WAYS + way) as u32;
             let dead = t != 0
-                && if class_of(t) == CLASS_REVERSE {
+                && if head.class(way) == CLASS_REVERSE {
                     now >= expires && !self.forward_is_live(idx, now)
                 } else {
                     now >= expires
@@ -1035,7 +1031,7 @@ mod tests {
                     for w in 0..WAYS {
                         let (tag, vouch) = (bucket.head.tags[w], bucket.head.expiries[w]);
                         let index = (b * WAYS + w) as u32;
-                        if tag != 0 && class_of(tag) == CLASS_REVERSE && now < vouch {
+                        if tag != 0 && bucket.head.class(w) == CLASS_REVERSE && now < vouch {
                             proptest::prop_assert!(
                                 t.forward_is_live(index, now),
                                 "way {} vouched until {} at {}",
@@ -1063,13 +1059,11 @@ mod tests {
             for (way, &(class, expires, bits)) in ways.iter().enumerate() {
                 // 3 stands for an empty way here, 4 for a reverse entry vouched for until `expires`
                 // (the table below holds no forward entries: once its vouch runs out, it is dead).
-                let bits = bits & !0x7;
-                head.tags[way] = match class {
-                    3 => 0,
-                    4 => bits | (CLASS_REVERSE << 1) | 1,
-                    _ => bits | (class << 1) | 1,
-                };
-                head.expiries[way] = expires;
+                match class {
+                    3 => {}
+                    4 => head.fill(way, bits | 1, CLASS_REVERSE, expires),
+                    _ => head.fill(way, bits | 1, class, expires),
+                }
             }
             let table = ConntrackTable::with_capacity(WAYS);
             let slow = table.choose_way_with_reverse(0, &head, now, spare_way, hash);
@@ -1171,8 +1165,10 @@ mod tests {
                     for w in 0..WAYS {
                         let (tag, e) = (bucket.head.tags[w], &bucket.entries[w].0);
                         if tag != 0 {
-                            proptest::prop_assert_eq!(class_of(tag), class_bits(e));
+                            proptest::prop_assert_eq!(bucket.head.class(w), class_bits(e));
                             proptest::prop_assert_eq!(bucket.head.expiries[w], e.expires);
+                        } else {
+                            proptest::prop_assert_eq!((bucket.head.classes >> w) & CLASS_LANES, 0, "empty way {} in a class", w);
                         }
                     }
                 }
