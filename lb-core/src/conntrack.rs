@@ -658,6 +658,17 @@ impl ConntrackTable {
         bucket.entries.get(way).map(|w| (&w.0, displaces.is_some()))
     }
 
+    /// A load from the head line and from the entry line of the way at `index`: brings both into
+    /// the cache ahead of a write that reads them (a NAT flow's reverse entry, unlinked when its
+    /// forward entry is displaced).
+    #[inline]
+    pub fn touch_index(&self, index: u32) -> u32 {
+        let (b, w) = split(index as usize);
+        self.buckets
+            .get(b)
+            .map_or(0, |bucket| u32::from(bucket.head.tags[0]) ^ bucket.entries.get(w).map_or(0, |e| e.0.link))
+    }
+
     /// The entry at `index`, if occupied.
     #[inline]
     pub fn get(&self, index: u32) -> Option<&Entry> {

@@ -262,7 +262,10 @@ impl Worker {
                     a.flow_hash = core.likely_new_flow_hash(a);
                 }
             }
-            core.warm(tables, ahead);
+            let nat = core.warm(tables, ahead);
+            if nat {
+                core.warm_nat(tables, ahead, now_s);
+            }
             // 3. Decide each frame.
             for ((frame, verdict), a) in frames.iter_mut().zip(verdicts.iter_mut()).zip(ahead.iter()) {
                 core.stats.rx += 1;
@@ -290,6 +293,15 @@ impl Worker {
 #[inline]
 fn flow_hash_with(hasher: &FlowHasher, f: &FlowKey) -> u64 {
     hasher.five_tuple(f.src_ip(), f.dst_ip(), f.proto(), f.src_port(), f.dst_port())
+}
+
+/// The first probe of a SNAT port search: its reply key (port set), the core's port range (first
+/// port and span) and the first port's offset in it.
+struct SnatProbe {
+    key: ConnKey,
+    lo: u16,
+    span: u32,
+    start: u32,
 }
 
 /// A full-NAT flow's SNAT port with the conntrack key its replies arrive under and that key's hash.
@@ -527,6 +539,57 @@ impl Core {
         core::hint::black_box(fold);
     }
 
+    /// For the likely new full-NAT flows of the batch, reads ahead the lines their second half will
+    /// touch, each a miss in another bucket that would otherwise come one after another per flow:
+    /// first the reverse entry of the NAT flow the forward insert will displace (unlinked with it)
+    /// and the bucket head and home line of the reply key the SNAT port search tries first; then the
+    /// line the reverse entry's insert will take in that bucket; then the reverse entry of the NAT
+    /// flow that insert will displace. Only Maglev services with a ring (the backend known from its
+    /// ring entry without a scheduler). Nothing for a batch without such a flow.
+    #[inline(never)]
+    fn warm_nat(&self, tables: &Tables, ahead: &[Lookahead], now: u32) {
+        let mut reply_hashes = [None; BATCH];
+        let mut nat = false;
+        let mut fold = 0u64;
+        for (a, reply) in ahead.iter().zip(reply_hashes.iter_mut()) {
+            let (Some(fh), Some((s, ring)), Ok(p)) = (a.flow_hash, a.service, &a.parsed) else { continue };
+            if s.mode != ForwardMode::Nat || ring.is_none() {
+                continue;
+            }
+            // The way choice again (its head is in the cache): carrying the displaced entry's link
+            // over from `warm_second` in the batch slot cost the DSR cases' new flows 3-5 %.
+            if let Some(h) = a.conn_hash
+                && let Some((e, true)) = self.conntrack.likely_insert(h, now)
+                && e.kind == EntryKind::Forward
+                && e.link != NO_LINK
+            {
+                fold ^= u64::from(self.conntrack.touch_index(e.link));
+            }
+            let Some(b) = tables.ring_backend(ring, fh) else { continue };
+            let Some(probe) = self.snat_probe(tables, p.flow.proto(), b.addr, b.port, fh) else { continue };
+            let rh = probe.key.hash();
+            fold ^= u64::from(self.conntrack.touch_bucket_and_home(rh));
+            *reply = Some(rh);
+            nat = true;
+        }
+        if !nat {
+            return;
+        }
+        let mut links = [NO_LINK; BATCH];
+        for (reply, link) in reply_hashes.iter().zip(links.iter_mut()) {
+            let Some(rh) = *reply else { continue };
+            match self.conntrack.likely_insert(rh, now) {
+                Some((e, true)) if e.kind == EntryKind::Forward => *link = e.link,
+                Some((e, _)) => fold ^= u64::from(e.expires),
+                None => {}
+            }
+        }
+        for &link in links.iter().filter(|&&l| l != NO_LINK) {
+            fold ^= u64::from(self.conntrack.touch_index(link));
+        }
+        core::hint::black_box(fold);
+    }
+
     /// Reads, in three more tight loops over the batch, what deciding its frames will read once the
     /// services are known: the backend location (a copy of the backend and its service's summary) of
     /// each likely hit, the backend counters of each likely entry (the frame's own, or the one a new
@@ -535,11 +598,14 @@ impl Core {
     /// without a ring, its service line, then that service's scheduler line, backends and (Maglev) the
     /// table entry its pick will read; last the picked backend's location and counters and the
     /// displaced entry's backend generation.
-    /// (Service counters are their backends' sums: a packet adds to its backend's only.)
-    fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) {
+    /// (Service counters are their backends' sums: a packet adds to its backend's only.) Returns whether
+    /// the batch holds a likely new flow of a full-NAT service (see [`Core::warm_nat`]).
+    fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) -> bool {
         let mut fold = 0u64;
+        let mut nat = false;
         for a in ahead.iter_mut() {
             if let Some((s, ring)) = a.service {
+                nat |= s.mode == ForwardMode::Nat;
                 if ring.is_none() {
                     fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
                 } else if let Some(h) = a.flow_hash {
@@ -596,6 +662,7 @@ impl Core {
             }
         }
         core::hint::black_box(fold);
+        nat
     }
 
     /// The lb-hash 5-tuple hash of a frame the warm-up judges a likely new flow (no likely conntrack
@@ -1116,18 +1183,33 @@ impl Core {
         backend_port: u16,
         flow_hash: u64,
     ) -> Option<ReplyKey> {
-        let (lo, hi) = self.snat_ports?;
-        let snat = tables.node().snat_addr_for(backend)?;
-        let span = u32::from(hi) - u32::from(lo) + 1;
-        let start = (flow_hash >> 32) as u32 % span;
+        let SnatProbe { mut key, lo, span, start } =
+            self.snat_probe(tables, p.flow.proto(), backend, backend_port, flow_hash)?;
         // The key is built once and only its port changes between probes.
-        let mut key = ConnKey::flow(backend, snat, backend_port, 0, p.flow.proto());
         (0..SNAT_PORT_TRIES.min(span)).find_map(|i| {
             let port = u16::try_from(u32::from(lo) + (start + i) % span).ok()?;
             key.dport = port;
             let hash = key.hash();
             self.conntrack.find(&key, hash).is_none().then_some(ReplyKey { port, key, hash })
         })
+    }
+
+    /// Where the SNAT port search for a flow to `backend` starts (see [`Core::pick_snat_port`]).
+    #[inline]
+    fn snat_probe(
+        &self,
+        tables: &Tables,
+        proto: u8,
+        backend: IpAddr,
+        backend_port: u16,
+        flow_hash: u64,
+    ) -> Option<SnatProbe> {
+        let (lo, hi) = self.snat_ports?;
+        let snat = tables.node().snat_addr_for(backend)?;
+        let span = u32::from(hi) - u32::from(lo) + 1;
+        let start = (flow_hash >> 32) as u32 % span;
+        let port = u16::try_from(u32::from(lo) + start).ok()?;
+        Some(SnatProbe { key: ConnKey::flow(backend, snat, backend_port, port, proto), lo, span, start })
     }
 
     /// Inserts an entry (never displacing the entry at `spare`), accounting for whatever it displaced.

@@ -332,6 +332,7 @@ pub(crate) fn new_flows(c: &mut Criterion<ThreadCpuTime>, group: &str) {
         (ForwardMode::Dsr, "dsr_syn_half_full", 100_000),
         (ForwardMode::Nat, "nat_syn_half_full", 10),
         (ForwardMode::Dsr, "dsr_syn_cache_hot", 10),
+        (ForwardMode::Nat, "nat_syn_cache_hot", 10),
     ] {
         let per_second =
             if name.ends_with("half_full") { HALF_FULL_BURSTS_PER_SECOND } else { FLOOD_BURSTS_PER_SECOND };
