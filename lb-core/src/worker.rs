@@ -150,6 +150,9 @@ struct Core {
     config: WorkerConfig,
     /// This core's SNAT ports, inclusive.
     snat_ports: Option<(u16, u16)>,
+    /// Per backend slot, where this core's next SNAT port search for a flow to it starts (an
+    /// offset into `snat_ports`; see [`Core::pick_snat_port`]).
+    snat_next: Box<[u16]>,
     hasher: FlowHasher,
     timeouts: StateTimeouts,
     sweep_out: [(u32, Entry); WAYS],
@@ -184,6 +187,7 @@ impl Worker {
             service_generations: vec![0; limits.max_services].into_boxed_slice(),
             backend_generations: vec![0; limits.max_backends].into_boxed_slice(),
             snat_ports: None,
+            snat_next: vec![0; limits.max_backends].into_boxed_slice(),
             hasher: FlowHasher::new(tables.node().hash_seed),
             timeouts: StateTimeouts::new(&tables.node().timeouts),
             sweep_out: [(0, Entry::default()); WAYS],
@@ -549,7 +553,10 @@ impl Core {
     #[inline(never)]
     fn warm_nat(&self, tables: &Tables, ahead: &[Lookahead], now: u32) {
         let mut reply_hashes = [None; BATCH];
-        let mut nat = false;
+        // The backend slots of the batch's NAT flows so far: each earlier flow to the same backend
+        // moves that backend's first SNAT probe on by one.
+        let mut slots = [u32::MAX; BATCH];
+        let mut nat = 0;
         let mut fold = 0u64;
         for (a, reply) in ahead.iter().zip(reply_hashes.iter_mut()) {
             let (Some(fh), Some((s, ring)), Ok(p)) = (a.flow_hash, a.service, &a.parsed) else { continue };
@@ -566,13 +573,18 @@ impl Core {
                 fold ^= u64::from(self.conntrack.touch_index(e.link));
             }
             let Some(b) = tables.ring_backend(ring, fh) else { continue };
-            let Some(probe) = self.snat_probe(tables, p.flow.proto(), b.addr, b.port, fh) else { continue };
+            let slot = b.slot().index() as u32;
+            let earlier = slots.iter().take(nat).filter(|&&s| s == slot).count() as u32;
+            let Some(probe) = self.snat_probe(tables, p.flow.proto(), b, earlier) else { continue };
             let rh = probe.key.hash();
             fold ^= u64::from(self.conntrack.touch_bucket_and_home(rh));
             *reply = Some(rh);
-            nat = true;
+            if let Some(s) = slots.get_mut(nat) {
+                *s = slot;
+            }
+            nat += 1;
         }
-        if !nat {
+        if nat == 0 {
             return;
         }
         let mut links = [NO_LINK; BATCH];
@@ -913,9 +925,9 @@ impl Core {
         let backend = self.pick_backend(tables, p, flow_hash, ring, service, now)?;
         // Full NAT: the SNAT port, with the reply key it frees up and that key's hash.
         let reply = match summary.mode {
-            ForwardMode::Nat => Some(
-                self.pick_snat_port(tables, p, backend.addr, backend.port, flow_hash).ok_or(DropReason::NoSnatPort)?,
-            ),
+            ForwardMode::Nat => {
+                Some(self.pick_snat_port(tables, p.flow.proto(), backend).ok_or(DropReason::NoSnatPort)?)
+            }
             _ => None,
         };
         let snat_port = reply.map_or(0, |r| r.port);
@@ -1174,42 +1186,43 @@ impl Core {
     }
 
     /// A free SNAT port from this core's share for a flow to `backend`: free means no reply key
-    /// (backend, SNAT address, backend port, port) is tracked. Starts at a hash-chosen port and probes.
-    fn pick_snat_port(
-        &self,
-        tables: &Tables,
-        p: &Parsed,
-        backend: IpAddr,
-        backend_port: u16,
-        flow_hash: u64,
-    ) -> Option<ReplyKey> {
-        let SnatProbe { mut key, lo, span, start } =
-            self.snat_probe(tables, p.flow.proto(), backend, backend_port, flow_hash)?;
+    /// (backend, SNAT address, backend port, port) is tracked. Probes from the port after the last
+    /// one this core gave a flow to this backend, as RFC 6056's per-destination counter does (its
+    /// algorithm 4, the backend being the destination): a port comes back to a backend only after
+    /// every other port of the share has gone to it, so the first probe is free while the backend
+    /// holds fewer of this core's flows than the share has ports, and a backend's old connection on
+    /// a port (its TIME-WAIT) is as long gone as it can be. (A start from the flow hash met one of a
+    /// busy backend's flows as often as the share was in use, ~40 % of new flows in the NAT flood
+    /// benchmark, each collision a cache miss in another bucket, and reused a port at random.)
+    fn pick_snat_port(&mut self, tables: &Tables, proto: u8, backend: &Backend) -> Option<ReplyKey> {
+        let SnatProbe { mut key, lo, span, start } = self.snat_probe(tables, proto, backend, 0)?;
+        let tries = SNAT_PORT_TRIES.min(span);
         // The key is built once and only its port changes between probes.
-        (0..SNAT_PORT_TRIES.min(span)).find_map(|i| {
+        let found = (0..tries).find_map(|i| {
             let port = u16::try_from(u32::from(lo) + (start + i) % span).ok()?;
             key.dport = port;
             let hash = key.hash();
-            self.conntrack.find(&key, hash).is_none().then_some(ReplyKey { port, key, hash })
-        })
+            self.conntrack.find(&key, hash).is_none().then_some((i, ReplyKey { port, key, hash }))
+        });
+        // Past the port given out, or past every port tried.
+        let next = start + found.as_ref().map_or(tries, |(i, _)| i + 1);
+        if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
+            *n = u16::try_from(next % span).unwrap_or(0);
+        }
+        found.map(|(_, reply)| reply)
     }
 
-    /// Where the SNAT port search for a flow to `backend` starts (see [`Core::pick_snat_port`]).
+    /// Where the SNAT port search for a flow to `backend` starts, `ahead` flows to the same backend
+    /// later (the warm-up's guess for the later flows of a batch; see [`Core::pick_snat_port`]).
     #[inline]
-    fn snat_probe(
-        &self,
-        tables: &Tables,
-        proto: u8,
-        backend: IpAddr,
-        backend_port: u16,
-        flow_hash: u64,
-    ) -> Option<SnatProbe> {
+    fn snat_probe(&self, tables: &Tables, proto: u8, backend: &Backend, ahead: u32) -> Option<SnatProbe> {
         let (lo, hi) = self.snat_ports?;
-        let snat = tables.node().snat_addr_for(backend)?;
+        let snat = tables.node().snat_addr_for(backend.addr)?;
         let span = u32::from(hi) - u32::from(lo) + 1;
-        let start = (flow_hash >> 32) as u32 % span;
+        let next = self.snat_next.get(backend.slot().index()).copied().unwrap_or(0);
+        let start = (u32::from(next) + ahead) % span;
         let port = u16::try_from(u32::from(lo) + start).ok()?;
-        Some(SnatProbe { key: ConnKey::flow(backend, snat, backend_port, port, proto), lo, span, start })
+        Some(SnatProbe { key: ConnKey::flow(backend.addr, snat, backend.port, port, proto), lo, span, start })
     }
 
     /// Inserts an entry (never displacing the entry at `spare`), accounting for whatever it displaced.

@@ -283,6 +283,37 @@ fn snat_ports_are_unique_per_backend_and_run_out_counted() {
     assert_eq!(v, Verdict::Drop(DropReason::NoSnatPort));
 }
 
+/// SNAT ports go to a backend in turn (RFC 6056's per-destination counter): each new flow takes
+/// the port after the last one its backend was given, skipping ports still in use, and a port
+/// comes back to the backend only after the rest of the range has gone to it.
+#[test]
+fn snat_ports_go_to_a_backend_in_turn() {
+    let mut cfg = all_modes_config();
+    cfg.services[0].backends.truncate(1);
+    cfg.node.snat_ports = (40000, 40005);
+    let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(1024));
+    let syn = |w: &mut Worker, i: u32, at: u64| {
+        let (v, out) = run(w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(at));
+        assert_eq!(v, Verdict::Tx, "client {i}");
+        seen(&out).sport
+    };
+    let first: Vec<u16> = (0..4).map(|i| syn(&mut w, i, 1)).collect();
+    assert_eq!(first, [40000, 40001, 40002, 40003]);
+    // The flows of 40001 and 40003 are established; those of 40000 and 40002 never are, and once
+    // their entries expire the sweep (a few buckets each burst, empty bursts too) reclaims them.
+    for i in [1, 3] {
+        run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2));
+    }
+    let later = 600;
+    for _ in 0..1024 {
+        w.process_burst(&mut [], secs(later), &mut []);
+    }
+    assert_eq!(w.conntrack().len(), 4, "two NAT flows, two entries each");
+    // The two never-used ports first, then the freed ones, passing over those in use.
+    let next: Vec<u16> = (10..14).map(|i| syn(&mut w, i, later)).collect();
+    assert_eq!(next, [40004, 40005, 40000, 40002]);
+}
+
 #[test]
 fn snat_port_shares_are_disjoint_and_cover_the_range() {
     use lb_core::worker::{snat_port_owner, snat_port_share};
