@@ -549,36 +549,37 @@ impl Core {
     /// and the bucket head and home line of the reply key the SNAT port search tries first; then the
     /// line the reverse entry's insert will take in that bucket; then the reverse entry of the NAT
     /// flow that insert will displace. Only Maglev services with a ring (the backend known from its
-    /// ring entry without a scheduler). Nothing for a batch without such a flow.
+    /// ring entry without a scheduler). As in [`Core::warm_second`], each round computes what to
+    /// read in one loop (from lines already in the cache) and reads it in another that only loads,
+    /// so the batch's misses are in flight together.
     #[inline(never)]
     fn warm_nat(&self, tables: &Tables, ahead: &[Lookahead], now: u32) {
+        // Per frame: the displaced NAT flow's reverse entry, and the first SNAT probe's reply hash.
+        let mut links = [NO_LINK; BATCH];
         let mut reply_hashes = [None; BATCH];
         // The backend slots of the batch's NAT flows so far: each earlier flow to the same backend
         // moves that backend's first SNAT probe on by one.
         let mut slots = [u32::MAX; BATCH];
         let mut nat = 0;
-        let mut fold = 0u64;
-        for (a, reply) in ahead.iter().zip(reply_hashes.iter_mut()) {
+        for ((a, link), reply) in ahead.iter().zip(links.iter_mut()).zip(reply_hashes.iter_mut()) {
             let (Some(fh), Some((s, ring)), Ok(p)) = (a.flow_hash, a.service, &a.parsed) else { continue };
             if s.mode != ForwardMode::Nat || ring.is_none() {
                 continue;
             }
-            // The way choice again (its head is in the cache): carrying the displaced entry's link
-            // over from `warm_second` in the batch slot cost the DSR cases' new flows 3-5 %.
+            // The way choice again (its head and the displaced entry are in the cache): carrying
+            // the displaced entry's link over from `warm_second` in the batch slot cost the DSR
+            // cases' new flows 3-5 %.
             if let Some(h) = a.conn_hash
                 && let Some((e, true)) = self.conntrack.likely_insert(h, now)
                 && e.kind == EntryKind::Forward
-                && e.link != NO_LINK
             {
-                fold ^= u64::from(self.conntrack.touch_index(e.link));
+                *link = e.link;
             }
             let Some(b) = tables.ring_backend(ring, fh) else { continue };
             let slot = b.slot().index() as u32;
             let earlier = slots.iter().take(nat).filter(|&&s| s == slot).count() as u32;
             let Some(probe) = self.snat_probe(tables, p.flow.proto(), b, earlier) else { continue };
-            let rh = probe.key.hash();
-            fold ^= u64::from(self.conntrack.touch_bucket_and_home(rh));
-            *reply = Some(rh);
+            *reply = Some(probe.key.hash());
             if let Some(s) = slots.get_mut(nat) {
                 *s = slot;
             }
@@ -587,10 +588,24 @@ impl Core {
         if nat == 0 {
             return;
         }
-        let mut links = [NO_LINK; BATCH];
-        for (reply, link) in reply_hashes.iter().zip(links.iter_mut()) {
-            let Some(rh) = *reply else { continue };
-            match self.conntrack.likely_insert(rh, now) {
+        let mut fold = 0u64;
+        for (&link, reply) in links.iter().zip(reply_hashes.iter()) {
+            if link != NO_LINK {
+                fold ^= u64::from(self.conntrack.touch_index(link));
+            }
+            if let Some(rh) = *reply {
+                fold ^= u64::from(self.conntrack.touch_bucket_and_home(rh));
+            }
+        }
+        let mut insert_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
+        for (reply, way) in reply_hashes.iter().zip(insert_ways.iter_mut()) {
+            if let Some(rh) = *reply {
+                *way = self.conntrack.likely_insert(rh, now);
+            }
+        }
+        for (way, link) in insert_ways.iter().zip(links.iter_mut()) {
+            *link = NO_LINK;
+            match way {
                 Some((e, true)) if e.kind == EntryKind::Forward => *link = e.link,
                 Some((e, _)) => fold ^= u64::from(e.expires),
                 None => {}
