@@ -257,7 +257,7 @@ impl Worker {
             // 2. Find each frame's service, and pull what step 3 will read into the cache, all loads
             //    of the batch in flight together rather than one cache miss after another.
             core.warm_first(tables, ahead);
-            core.warm_second(tables, ahead, now_s);
+            let insert_ways = core.warm_second(tables, ahead, now_s);
             for a in ahead.iter_mut() {
                 a.find_service(tables);
                 // A likely new flow of a service: its scheduler's hash, computed here (not among the
@@ -268,7 +268,7 @@ impl Worker {
             }
             let nat = core.warm(tables, ahead);
             if nat {
-                core.warm_nat(tables, ahead, now_s);
+                core.warm_nat(tables, ahead, &insert_ways, now_s);
             }
             // 3. Decide each frame.
             for ((frame, verdict), a) in frames.iter_mut().zip(verdicts.iter_mut()).zip(ahead.iter()) {
@@ -507,7 +507,9 @@ impl Core {
     /// only loads: a load that misses holds up retirement and the core runs ahead only as far as its
     /// reorder window (a few hundred instructions), so with the way choice and the lookup hash
     /// between them a batch's new flows had their misses one or two at a time rather than together.
-    fn warm_second(&self, tables: &Tables, ahead: &mut [Lookahead], now: u32) {
+    /// Returns, per frame, the entry at the way its insert will take and whether it displaces it
+    /// (for [`Core::warm_nat`]).
+    fn warm_second(&self, tables: &Tables, ahead: &mut [Lookahead], now: u32) -> [Option<(&Entry, bool)>; BATCH] {
         // Per frame, the entry at the way its insert will take, and whether it displaces one.
         let mut insert_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
         let mut new_flows = false;
@@ -526,7 +528,7 @@ impl Core {
             new_flows = true;
         }
         if !new_flows {
-            return;
+            return insert_ways;
         }
         let mut fold = 0u64;
         for (a, way) in ahead.iter_mut().zip(insert_ways.iter()) {
@@ -541,6 +543,7 @@ impl Core {
             }
         }
         core::hint::black_box(fold);
+        insert_ways
     }
 
     /// For the likely new full-NAT flows of the batch, reads ahead the lines their second half will
@@ -549,11 +552,12 @@ impl Core {
     /// and the bucket head and home line of the reply key the SNAT port search tries first; then the
     /// line the reverse entry's insert will take in that bucket; then the reverse entry of the NAT
     /// flow that insert will displace. Only Maglev services with a ring (the backend known from its
-    /// ring entry without a scheduler). As in [`Core::warm_second`], each round computes what to
+    /// ring entry without a scheduler). `forward_ways` are [`Core::warm_second`]'s insert ways (the
+    /// forward inserts'; their lines are in the cache). As in `warm_second`, each round computes what to
     /// read in one loop (from lines already in the cache) and reads it in another that only loads,
     /// so the batch's misses are in flight together.
     #[inline(never)]
-    fn warm_nat(&self, tables: &Tables, ahead: &[Lookahead], now: u32) {
+    fn warm_nat(&self, tables: &Tables, ahead: &[Lookahead], forward_ways: &[Option<(&Entry, bool)>; BATCH], now: u32) {
         // Per frame: the displaced NAT flow's reverse entry, and the first SNAT probe's reply hash.
         let mut links = [NO_LINK; BATCH];
         let mut reply_hashes = [None; BATCH];
@@ -561,16 +565,13 @@ impl Core {
         // moves that backend's first SNAT probe on by one.
         let mut slots = [u32::MAX; BATCH];
         let mut nat = 0;
-        for ((a, link), reply) in ahead.iter().zip(links.iter_mut()).zip(reply_hashes.iter_mut()) {
+        let frames = ahead.iter().zip(forward_ways).zip(links.iter_mut()).zip(reply_hashes.iter_mut());
+        for (((a, forward_way), link), reply) in frames {
             let (Some(fh), Some((s, ring)), Ok(p)) = (a.flow_hash, a.service, &a.parsed) else { continue };
             if s.mode != ForwardMode::Nat || ring.is_none() {
                 continue;
             }
-            // The way choice again (its head and the displaced entry are in the cache): carrying
-            // the displaced entry's link over from `warm_second` in the batch slot cost the DSR
-            // cases' new flows 3-5 %.
-            if let Some(h) = a.conn_hash
-                && let Some((e, true)) = self.conntrack.likely_insert(h, now)
+            if let Some((e, true)) = forward_way
                 && e.kind == EntryKind::Forward
             {
                 *link = e.link;
