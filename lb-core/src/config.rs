@@ -373,7 +373,10 @@ pub struct NodeConfig {
     pub snat_v4: Option<Ipv4Addr>,
     /// Source address for full NAT of IPv6 services.
     pub snat_v6: Option<Ipv6Addr>,
-    /// Source ports the node owns for full NAT, inclusive.
+    /// Source ports the node owns for full NAT, inclusive. Each worker owns a share
+    /// (`worker::snat_port_share`) and gives its ports to each backend in turn, the port after the
+    /// last one that backend was given, skipping ports still in use (RFC 6056's per-destination
+    /// counter), so a port returns to a backend only after the rest of the share has.
     pub snat_ports: (u16, u16),
     /// Outer source address for IPv4 tunnels.
     pub tunnel_src_v4: Option<Ipv4Addr>,
