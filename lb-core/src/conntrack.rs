@@ -746,9 +746,9 @@ impl ConntrackTable {
     fn vouch(&mut self, forward: u32, reverse: u32, until: u32) {
         let (b, w) = split(reverse as usize);
         let Some(Bucket { head, entries }) = self.buckets.get_mut(b) else { return };
+        // An empty way is in no class.
         let class = head.class(w);
-        if let (Some(&t), Some(x), Some(e)) = (head.tags.get(w), head.expiries.get_mut(w), entries.get(w))
-            && t != 0
+        if let (Some(x), Some(e)) = (head.expiries.get_mut(w), entries.get(w))
             && class == CLASS_REVERSE
             && e.0.link == forward
         {

@@ -598,21 +598,22 @@ impl Core {
                 fold ^= u64::from(self.conntrack.touch_bucket_and_home(rh));
             }
         }
-        let mut insert_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
-        for (reply, way) in reply_hashes.iter().zip(insert_ways.iter_mut()) {
+        let mut reverse_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
+        for (reply, way) in reply_hashes.iter().zip(reverse_ways.iter_mut()) {
             if let Some(rh) = *reply {
                 *way = self.conntrack.likely_insert(rh, now);
             }
         }
-        for (way, link) in insert_ways.iter().zip(links.iter_mut()) {
-            *link = NO_LINK;
+        // Per frame: the reverse entry of the NAT flow the reverse insert will displace.
+        let mut reply_links = [NO_LINK; BATCH];
+        for (way, link) in reverse_ways.iter().zip(reply_links.iter_mut()) {
             match way {
                 Some((e, true)) if e.kind == EntryKind::Forward => *link = e.link,
                 Some((e, _)) => fold ^= u64::from(e.expires),
                 None => {}
             }
         }
-        for &link in links.iter().filter(|&&l| l != NO_LINK) {
+        for &link in reply_links.iter().filter(|&&l| l != NO_LINK) {
             fold ^= u64::from(self.conntrack.touch_index(link));
         }
         core::hint::black_box(fold);
