@@ -275,6 +275,16 @@ pub struct Inserted {
     pub displaced: Option<Displaced>,
 }
 
+/// An insert's way choice made ahead of it (see [`ConntrackTable::insert_hinted`]): the version of
+/// its bucket's head the choice was made from, and the choice. Eight bytes (it rides in the
+/// worker's per-frame batch record); the bucket is the hash's, which the insert is given again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct InsertHint {
+    version: u32,
+    way: u8,
+    evicted: Option<bool>,
+}
+
 /// An entry removed to make room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Displaced {
@@ -402,6 +412,9 @@ struct BucketHead {
     /// Kept as bit sets rather than bits in each tag so an insert's way choice reads them in one
     /// word (computing them from per-tag class bits was ~80 instructions a choice, callgrind).
     classes: u32,
+    /// Counts the writes to this head (any tag, expiry or class): an insert's way choice made ahead
+    /// ([`InsertHint`]) holds while it is unchanged, since the choice is a function of the head.
+    version: u32,
 }
 
 /// Bit 0 of each byte of a word: way 0 of every class in [`BucketHead::classes`].
@@ -419,12 +432,35 @@ impl BucketHead {
     fn set_class(&mut self, w: usize, class: u16) {
         let w = w % WAYS;
         self.classes = (self.classes & !(CLASS_LANES << w)) | (1 << (8 * usize::from(class & 3) + w));
+        self.version = self.version.wrapping_add(1);
     }
 
     /// Takes way `w` out of every class (it is being emptied).
     #[inline]
     fn clear_class(&mut self, w: usize) {
         self.classes &= !(CLASS_LANES << (w % WAYS));
+        self.version = self.version.wrapping_add(1);
+    }
+
+    /// Puts way `w` in eviction class `class` with head expiry `expiry`: [`BucketHead::set_class`] and
+    /// [`BucketHead::set_expiry`] with one version step (a packet refreshing its flow writes both).
+    #[inline]
+    fn set_class_and_expiry(&mut self, w: usize, class: u16, expiry: u32) {
+        let w = w % WAYS;
+        self.classes = (self.classes & !(CLASS_LANES << w)) | (1 << (8 * usize::from(class & 3) + w));
+        if let Some(x) = self.expiries.get_mut(w) {
+            *x = expiry;
+        }
+        self.version = self.version.wrapping_add(1);
+    }
+
+    /// Sets way `w`'s head expiry (its entry's, or a reverse entry's vouch).
+    #[inline]
+    fn set_expiry(&mut self, w: usize, expiry: u32) {
+        if let Some(x) = self.expiries.get_mut(w) {
+            *x = expiry;
+        }
+        self.version = self.version.wrapping_add(1);
     }
 
     /// Occupies way `w` with a tag and an entry of class `class`: the tag, class and head expiry.
@@ -602,13 +638,11 @@ impl ConntrackTable {
         let r = f(e)?;
         #[cfg(debug_assertions)]
         debug_assert!((e.kind, e.link) == pairing, "find_update changes neither kind nor link");
-        head.set_class(way, class_bits(e));
         let index = (b * WAYS + way) as u32;
         if plain_head_write(e, old_expires) {
-            if let Some(x) = head.expiries.get_mut(way) {
-                *x = e.expires;
-            }
+            head.set_class_and_expiry(way, class_bits(e), e.expires);
         } else {
+            head.set_class(way, class_bits(e));
             let before = (e.kind, e.link, old_expires);
             self.rewrite_paired(index, before);
         }
@@ -653,9 +687,18 @@ impl ConntrackTable {
     /// then, as [`ConntrackTable::likely_entry`] is for a hit.
     #[inline]
     pub fn likely_insert(&self, hash: u64, now: u32) -> Option<(&Entry, bool)> {
+        self.likely_insert_hint(hash, now).map(|(e, displaces, _)| (e, displaces))
+    }
+
+    /// [`ConntrackTable::likely_insert`], with the choice as an [`InsertHint`] that an insert under
+    /// the same `hash` at the same `now` may take instead of choosing again
+    /// ([`ConntrackTable::insert_hinted`]).
+    #[inline]
+    pub(crate) fn likely_insert_hint(&self, hash: u64, now: u32) -> Option<(&Entry, bool, InsertHint)> {
         let bucket = self.bucket_of(hash)?;
-        let (way, displaces) = Self::choose_way(&bucket.head, now, WAYS, hash)?;
-        bucket.entries.get(way).map(|w| (&w.0, displaces.is_some()))
+        let (way, evicted) = Self::choose_way(&bucket.head, now, WAYS, hash)?;
+        let hint = InsertHint { version: bucket.head.version, way: way as u8, evicted };
+        bucket.entries.get(way).map(|w| (&w.0, evicted.is_some(), hint))
     }
 
     /// A load from the head line and from the entry line of the way at `index`: brings both into
@@ -693,12 +736,10 @@ impl ConntrackTable {
         }
         let before = (e.kind, e.link, e.expires);
         let r = f(e);
-        head.set_class(w, class_bits(e));
         if (e.kind, e.link) == (before.0, before.1) && plain_head_write(e, before.2) {
-            if let Some(x) = head.expiries.get_mut(w) {
-                *x = e.expires;
-            }
+            head.set_class_and_expiry(w, class_bits(e), e.expires);
         } else {
+            head.set_class(w, class_bits(e));
             self.rewrite_paired(index, before);
         }
         Some(r)
@@ -712,10 +753,10 @@ impl ConntrackTable {
     fn rewrite_paired(&mut self, index: u32, before: (EntryKind, u32, u32)) {
         let (b, w) = split(index as usize);
         let Some(Bucket { head, entries }) = self.buckets.get_mut(b) else { return };
-        let (Some(x), Some(e)) = (head.expiries.get_mut(w), entries.get(w)) else { return };
+        let (Some(&x), Some(e)) = (head.expiries.get(w), entries.get(w)) else { return };
         let e = e.0;
         let before = Pairing::from_parts(before.0, before.1, before.2);
-        *x = head_expiry(&e, *x, before);
+        head.set_expiry(w, head_expiry(&e, x, before));
         let after = Pairing::of(&e);
         if before.needs_repair(after) {
             self.repair_vouch(index, before, after);
@@ -747,12 +788,8 @@ impl ConntrackTable {
         let (b, w) = split(reverse as usize);
         let Some(Bucket { head, entries }) = self.buckets.get_mut(b) else { return };
         // An empty way is in no class.
-        let class = head.class(w);
-        if let (Some(x), Some(e)) = (head.expiries.get_mut(w), entries.get(w))
-            && class == CLASS_REVERSE
-            && e.0.link == forward
-        {
-            *x = until;
+        if head.class(w) == CLASS_REVERSE && entries.get(w).is_some_and(|e| e.0.link == forward) {
+            head.set_expiry(w, until);
         }
     }
 
@@ -809,11 +846,36 @@ impl ConntrackTable {
     /// of a pair being inserted, e.g. a NAT flow's forward entry while its reverse entry goes in).
     #[inline]
     pub fn insert_sparing(&mut self, entry: Entry, hash: u64, now: u32, spare: u32) -> Result<Inserted, ConntrackFull> {
+        self.insert_hinted(entry, hash, now, spare, None)
+    }
+
+    /// As [`ConntrackTable::insert_sparing`], taking the way `hint` names when it still holds: made by
+    /// [`ConntrackTable::likely_insert_hint`] for the same `hash` and `now` (the caller's promise,
+    /// checked in debug builds, where the choice is made again and compared) and the bucket's head
+    /// unchanged since (its version). A new flow's way choice (~100 instructions) then runs once, in
+    /// the warm-up, rather than twice.
+    #[inline]
+    pub(crate) fn insert_hinted(
+        &mut self,
+        entry: Entry,
+        hash: u64,
+        now: u32,
+        spare: u32,
+        hint: Option<InsertHint>,
+    ) -> Result<Inserted, ConntrackFull> {
         let b = (hash as usize) & self.bucket_mask;
         let Some(bucket) = self.buckets.get(b) else { return Err(ConntrackFull) };
         let head = bucket.head;
         let spare_way = if spare as usize / WAYS == b { spare as usize % WAYS } else { WAYS };
-        let (way, evicted) = match Self::choose_way(&head, now, spare_way, hash) {
+        let choice = match hint {
+            Some(h) if h.version == head.version && spare_way == WAYS => {
+                let choice = (usize::from(h.way), h.evicted);
+                debug_assert_eq!(Self::choose_way(&head, now, WAYS, hash), Some(choice), "a stale insert hint");
+                Some(choice)
+            }
+            _ => Self::choose_way(&head, now, spare_way, hash),
+        };
+        let (way, evicted) = match choice {
             Some(choice) => choice,
             None => self.choose_way_with_reverse(b, &head, now, spare_way, hash).ok_or(ConntrackFull)?,
         };

@@ -68,7 +68,7 @@ use core::net::IpAddr;
 use lb_hash::FlowHasher;
 
 use crate::config::{ForwardMode, RemovedBackendPolicy, Timeouts};
-use crate::conntrack::{ConnKey, ConnState, ConntrackTable, Entry, EntryKind, GONE_CLOSED, NO_LINK, WAYS};
+use crate::conntrack::{ConnKey, ConnState, ConntrackTable, Entry, EntryKind, GONE_CLOSED, InsertHint, NO_LINK, WAYS};
 use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
 use crate::frame::{Frame, Verdict};
 use crate::neighbour::NeighbourResponder;
@@ -171,6 +171,8 @@ struct FlowHashes {
     key: ConnKey,
     hash: u64,
     flow_hash: u64,
+    /// The warm-up's choice of the way the flow's insert takes, if it made one.
+    insert_hint: Option<InsertHint>,
 }
 
 /// The outcome of the per-packet path before counters: a verdict and the frame's service/backend.
@@ -351,6 +353,9 @@ struct Lookahead {
     /// The lb-hash 5-tuple hash of a likely new flow of a service (its scheduler's input), computed
     /// in the warm-up to read ahead what the scheduler will read; `None` for any other frame.
     flow_hash: Option<u64>,
+    /// For a likely new flow, the way its insert will take, as the warm-up chose it (to read its
+    /// line ahead): the insert takes it rather than choosing again if the bucket is unchanged.
+    insert_hint: Option<InsertHint>,
 }
 
 impl Lookahead {
@@ -364,6 +369,7 @@ impl Lookahead {
         likely_backend: None,
         likely_hit: false,
         flow_hash: None,
+        insert_hint: None,
     };
 
     /// Parses `frame` into this slot and hashes its flow.
@@ -389,6 +395,7 @@ impl Lookahead {
         self.likely_backend = None;
         self.likely_hit = false;
         self.flow_hash = None;
+        self.insert_hint = None;
     }
 
     /// Service lookup: O(1) in the number of services.
@@ -520,7 +527,10 @@ impl Core {
                 a.likely_backend = Some(e.backend);
                 continue;
             }
-            *way = self.conntrack.likely_insert(h, now);
+            if let Some((e, displaces, hint)) = self.conntrack.likely_insert_hint(h, now) {
+                *way = Some((e, displaces));
+                a.insert_hint = Some(hint);
+            }
             if let Ok(p) = &a.parsed {
                 a.needs_service = true;
                 a.lookup_hash = tables.lookup_hash(&p.flow);
@@ -746,8 +756,8 @@ impl Core {
                 (&computed, computed.hash())
             }
         };
-        let outcome =
-            self.forward_to_service(tables, frame, p, (key, hash, ahead.flow_hash), (&summary, ring, service), now);
+        let hashes = (key, hash, ahead.flow_hash, ahead.insert_hint);
+        let outcome = self.forward_to_service(tables, frame, p, hashes, (&summary, ring, service), now);
         self.count_service_drop(&summary, &outcome);
         outcome
     }
@@ -851,7 +861,7 @@ impl Core {
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        (key, hash, flow_hash): (&ConnKey, u64, Option<u64>),
+        (key, hash, flow_hash, insert_hint): (&ConnKey, u64, Option<u64>, Option<InsertHint>),
         (summary, ring, service): (&ServiceSummary, RingRef, &Service),
         now: u32,
     ) -> Outcome {
@@ -912,7 +922,7 @@ impl Core {
             }
             None => {
                 let flow_hash = flow_hash.unwrap_or_else(|| self.flow_hash(&p.flow));
-                let hashes = FlowHashes { key: *key, hash, flow_hash };
+                let hashes = FlowHashes { key: *key, hash, flow_hash, insert_hint };
                 let (index, backend, snat_port) = self.new_flow(tables, p, hashes, (summary, ring, service), now)?;
                 (index, backend, snat_port, Some(flow_hash))
             }
@@ -938,7 +948,7 @@ impl Core {
         (summary, ring, service): (&ServiceSummary, RingRef, &'t Service),
         now: u32,
     ) -> Result<(u32, &'t Backend, u16), DropReason> {
-        let FlowHashes { key, hash, flow_hash } = hashes;
+        let FlowHashes { key, hash, flow_hash, insert_hint } = hashes;
         let backend = self.pick_backend(tables, p, flow_hash, ring, service, now)?;
         // Full NAT: the SNAT port, with the reply key it frees up and that key's hash.
         let reply = match summary.mode {
@@ -959,7 +969,7 @@ impl Core {
             link: NO_LINK,
         };
         advance_new(&mut entry, p.tcp_flags, &self.timeouts, now);
-        let index = self.insert(entry, hash, now, NO_LINK)?;
+        let index = self.insert(entry, hash, now, NO_LINK, insert_hint)?;
         // Counted as soon as it is in the table, so that any removal below un-counts it exactly.
         if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
             c.new_flows += 1;
@@ -967,7 +977,7 @@ impl Core {
         }
         if let Some(reply) = reply {
             let reverse = Entry { key: reply.key, kind: EntryKind::Reverse, link: index, ..entry };
-            match self.insert(reverse, reply.hash, now, index) {
+            match self.insert(reverse, reply.hash, now, index, None) {
                 Ok(r) => {
                     self.conntrack.update(index, |e| e.link = r);
                 }
@@ -1070,7 +1080,7 @@ impl Core {
             ..Entry::default()
         };
         // Affinity is best effort: a full bucket only costs stickiness.
-        let _ = self.insert(record, h, now, flow_index);
+        let _ = self.insert(record, h, now, flow_index, None);
     }
 
     /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow): find its NAT
@@ -1242,9 +1252,17 @@ impl Core {
         Some(SnatProbe { key: ConnKey::flow(backend.addr, snat, backend.port, port, proto), lo, span, start })
     }
 
-    /// Inserts an entry (never displacing the entry at `spare`), accounting for whatever it displaced.
-    fn insert(&mut self, entry: Entry, hash: u64, now: u32, spare: u32) -> Result<u32, DropReason> {
-        let ins = self.conntrack.insert_sparing(entry, hash, now, spare).map_err(|_| DropReason::ConntrackFull)?;
+    /// Inserts an entry (never displacing the entry at `spare`; into the way `hint` names if it still
+    /// holds), accounting for whatever it displaced.
+    fn insert(
+        &mut self,
+        entry: Entry,
+        hash: u64,
+        now: u32,
+        spare: u32,
+        hint: Option<InsertHint>,
+    ) -> Result<u32, DropReason> {
+        let ins = self.conntrack.insert_hinted(entry, hash, now, spare, hint).map_err(|_| DropReason::ConntrackFull)?;
         if let Some(d) = ins.displaced {
             if d.evicted {
                 self.stats.conntrack_evictions += 1;
