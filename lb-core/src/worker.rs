@@ -68,7 +68,9 @@ use core::net::IpAddr;
 use lb_hash::FlowHasher;
 
 use crate::config::{ForwardMode, RemovedBackendPolicy, Timeouts};
-use crate::conntrack::{ConnKey, ConnState, ConntrackTable, Entry, EntryKind, GONE_CLOSED, InsertHint, NO_LINK, WAYS};
+use crate::conntrack::{
+    ConnKey, ConnState, ConntrackTable, Entry, EntryKind, GONE_CLOSED, InsertHint, Likely, NO_LINK, WAYS,
+};
 use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
 use crate::frame::{Frame, Verdict};
 use crate::neighbour::NeighbourResponder;
@@ -522,14 +524,17 @@ impl Core {
         let mut new_flows = false;
         for (a, way) in ahead.iter_mut().zip(insert_ways.iter_mut()) {
             let Some(h) = a.conn_hash else { continue };
-            if let Some(e) = self.conntrack.likely_entry(h) {
-                a.likely_hit = true;
-                a.likely_backend = Some(e.backend);
-                continue;
-            }
-            if let Some((e, displaces, hint)) = self.conntrack.likely_insert_hint(h, now) {
-                *way = Some((e, displaces));
-                a.insert_hint = Some(hint);
+            match self.conntrack.likely(h, now) {
+                Likely::Hit(e) => {
+                    a.likely_hit = true;
+                    a.likely_backend = Some(e.backend);
+                    continue;
+                }
+                Likely::Insert { entry, displaces, hint } => {
+                    *way = Some((entry, displaces));
+                    a.insert_hint = Some(hint);
+                }
+                Likely::Unknown => {}
             }
             if let Ok(p) = &a.parsed {
                 a.needs_service = true;
@@ -873,7 +878,7 @@ impl Core {
 
         // Conntrack lookup: an established flow keeps its backend across table swaps.
         let mut known = None;
-        if let Some(index) = self.conntrack.find(key, hash) {
+        if let Some(index) = self.conntrack.find_hinted(key, hash, insert_hint) {
             let entry = self.conntrack.get(index).copied().unwrap_or_default();
             let closed = match entry.state {
                 ConnState::TimeWait => true,

@@ -617,3 +617,69 @@ fn maglev_new_flows_get_the_schedulers_pick_on_either_path() {
         assert!(per_backend[2] > 2 * per_backend[1], "weight 4 against 1: {per_backend:?}");
     }
 }
+
+/// Runs `frames` through the worker as one burst (full headroom each); returns each verdict and
+/// frame after.
+fn run_burst(w: &mut Worker, frames: &[Vec<u8>], now: lb_core::Instant) -> Vec<(Verdict, Vec<u8>)> {
+    let mut bufs: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|f| {
+            let mut buf = vec![0u8; HEADROOM + f.len() + 64];
+            buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
+            buf
+        })
+        .collect();
+    let mut burst: Vec<lb_core::Frame<'_>> =
+        bufs.iter_mut().zip(frames).map(|(buf, f)| lb_core::Frame::new(buf, HEADROOM, f.len())).collect();
+    let mut verdicts = vec![Verdict::Pass; frames.len()];
+    w.process_burst(&mut burst, now, &mut verdicts);
+    verdicts.into_iter().zip(burst.iter().map(|f| f.data().to_vec())).collect()
+}
+
+/// The frames of one burst see what the frames before them did to conntrack, although the warm-up
+/// read every frame's bucket (and chose the way each new flow's insert would take) before any was
+/// decided: with a single 8-way bucket, a SYN repeated later in the burst finds the entry its
+/// first copy made, an ACK after it finds the flow, and new flows beyond the bucket's ways evict
+/// the half-open entries that frames before them inserted. (Debug builds also check every way an
+/// insert takes from the warm-up's choice, and every lookup the warm-up's choice spares, against
+/// the answer computed again.)
+#[test]
+fn a_bursts_frames_see_the_conntrack_changes_of_the_frames_before_them() {
+    let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"]);
+    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(8));
+    assert_eq!(w.conntrack().capacity(), 8, "one bucket");
+    let syn = |i: u32| tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b"");
+    let ack = |i: u32| tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b"");
+    // Six flows' SYNs, each sent again six frames later, then the first four flows' ACKs.
+    let mut burst: Vec<Vec<u8>> = (0..6).chain(0..6).map(syn).collect();
+    burst.extend((0..4).map(ack));
+    let out = run_burst(&mut w, &burst, secs(1));
+    assert!(out.iter().all(|(v, _)| *v == Verdict::Tx), "{:?}", out.iter().map(|o| o.0).collect::<Vec<_>>());
+    // Round robin over four backends: a repeated SYN taken for a new flow would get another one.
+    for i in 0..6 {
+        assert_eq!(dsr_backend(&out[i].1), dsr_backend(&out[i + 6].1), "flow {i}'s repeated SYN");
+    }
+    for i in 0..4 {
+        assert_eq!(dsr_backend(&out[i].1), dsr_backend(&out[i + 12].1), "flow {i}'s ACK");
+    }
+    assert_eq!(w.conntrack().len(), 6);
+    for i in 0..6u32 {
+        let want = if i < 4 { ConnState::Established } else { ConnState::SynSeen };
+        assert_eq!(state_of(&w, client(i), 1000).map(|(s, _)| s), Some(want), "flow {i}");
+    }
+    // Four more flows in one burst: two fill the free ways, two evict the two half-open flows
+    // (the oldest half-open first; established flows stay).
+    let burst: Vec<Vec<u8>> = (6..10).map(syn).collect();
+    let out = run_burst(&mut w, &burst, secs(2));
+    assert!(out.iter().all(|(v, _)| *v == Verdict::Tx));
+    assert_eq!(w.conntrack().len(), 8);
+    assert_eq!(w.stats().conntrack_evictions, 2);
+    for i in 0..10u32 {
+        let want = match i {
+            0..4 => Some(ConnState::Established),
+            4..6 => None,
+            _ => Some(ConnState::SynSeen),
+        };
+        assert_eq!(state_of(&w, client(i), 1000).map(|(s, _)| s), want, "flow {i}");
+    }
+}
