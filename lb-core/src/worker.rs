@@ -169,8 +169,8 @@ struct Core {
 
 /// A frame's conntrack key with its hash, and its lb-hash 5-tuple hash (for schedulers and GUE).
 #[derive(Debug, Clone, Copy)]
-struct FlowHashes {
-    key: ConnKey,
+struct FlowHashes<'k> {
+    key: &'k ConnKey,
     hash: u64,
     flow_hash: u64,
     /// The warm-up's choice of the way the flow's insert takes, if it made one.
@@ -927,7 +927,7 @@ impl Core {
             }
             None => {
                 let flow_hash = flow_hash.unwrap_or_else(|| self.flow_hash(&p.flow));
-                let hashes = FlowHashes { key: *key, hash, flow_hash, insert_hint };
+                let hashes = FlowHashes { key, hash, flow_hash, insert_hint };
                 let (index, backend, snat_port) = self.new_flow(tables, p, hashes, (summary, ring, service), now)?;
                 (index, backend, snat_port, Some(flow_hash))
             }
@@ -949,7 +949,7 @@ impl Core {
         &mut self,
         tables: &'t Tables,
         p: &Parsed,
-        hashes: FlowHashes,
+        hashes: FlowHashes<'_>,
         (summary, ring, service): (&ServiceSummary, RingRef, &'t Service),
         now: u32,
     ) -> Result<(u32, &'t Backend, u16), DropReason> {
@@ -964,7 +964,7 @@ impl Core {
         };
         let snat_port = reply.map_or(0, |r| r.port);
         let mut entry = Entry {
-            key,
+            key: *key,
             state: if p.l4 == L4::Udp { ConnState::UdpNew } else { ConnState::SynSeen },
             kind: EntryKind::Forward,
             fins: 0,
