@@ -155,6 +155,11 @@ struct Core {
     /// Per backend slot, where this core's next SNAT port search for a flow to it starts (an
     /// offset into `snat_ports`; see [`Core::pick_snat_port`]).
     snat_next: Box<[u16]>,
+    /// For the batch being decided, when `reply_hints_live`: per frame, the warm-up's guess at a
+    /// full-NAT flow's reply key (its hash) with the conntrack's hint for it ([`Core::warm_nat`]).
+    reply_hints: [Option<ReplyHint>; BATCH],
+    /// False for a batch without likely full-NAT new flows, whose `reply_hints` are left as they were.
+    reply_hints_live: bool,
     hasher: FlowHasher,
     timeouts: StateTimeouts,
     sweep_out: [(u32, Entry); WAYS],
@@ -175,7 +180,14 @@ struct FlowHashes<'k> {
     flow_hash: u64,
     /// The warm-up's choice of the way the flow's insert takes, if it made one.
     insert_hint: Option<InsertHint>,
+    /// The frame's place in its batch, where [`Core::reply_hints`] keeps a full-NAT flow's reply
+    /// hint.
+    slot: usize,
 }
+
+/// A full-NAT flow's first SNAT probe as the warm-up guessed it: the reply key's hash, and the
+/// conntrack's [`InsertHint`] for it (the key absent, and the way its insert takes).
+type ReplyHint = (u64, InsertHint);
 
 /// The outcome of the per-packet path before counters: a verdict and the frame's service/backend.
 type Outcome = Result<Verdict, DropReason>;
@@ -192,6 +204,8 @@ impl Worker {
             backend_generations: vec![0; limits.max_backends].into_boxed_slice(),
             snat_ports: None,
             snat_next: vec![0; limits.max_backends].into_boxed_slice(),
+            reply_hints: [None; BATCH],
+            reply_hints_live: false,
             hasher: FlowHasher::new(tables.node().hash_seed),
             timeouts: StateTimeouts::new(&tables.node().timeouts),
             sweep_out: [(0, Entry::default()); WAYS],
@@ -271,13 +285,15 @@ impl Worker {
                 }
             }
             let nat = core.warm(tables, ahead);
-            if nat {
-                core.warm_nat(tables, ahead, &insert_ways, now_s);
+            let reply_hints = nat.then(|| core.warm_nat(tables, ahead, &insert_ways, now_s));
+            core.reply_hints_live = nat;
+            if let Some(hints) = reply_hints {
+                core.reply_hints = hints;
             }
             // 3. Decide each frame.
-            for ((frame, verdict), a) in frames.iter_mut().zip(verdicts.iter_mut()).zip(ahead.iter()) {
+            for (i, ((frame, verdict), a)) in frames.iter_mut().zip(verdicts.iter_mut()).zip(ahead.iter()).enumerate() {
                 core.stats.rx += 1;
-                *verdict = match core.process_frame(tables, frame, a, now_s) {
+                *verdict = match core.process_frame(tables, frame, (a, i), now_s) {
                     Ok(Verdict::Tx) => {
                         core.stats.tx += 1;
                         Verdict::Tx
@@ -571,8 +587,17 @@ impl Core {
     /// forward inserts'; their lines are in the cache). As in `warm_second`, each round computes what to
     /// read in one loop (from lines already in the cache) and reads it in another that only loads,
     /// so the batch's misses are in flight together.
+    ///
+    /// Returns, per frame, its first SNAT probe's reply hash with the conntrack's insert hint for
+    /// it, when no entry holds that key's tag (the port is then most likely free).
     #[inline(never)]
-    fn warm_nat(&self, tables: &Tables, ahead: &[Lookahead], forward_ways: &[Option<(&Entry, bool)>; BATCH], now: u32) {
+    fn warm_nat(
+        &self,
+        tables: &Tables,
+        ahead: &[Lookahead],
+        forward_ways: &[Option<(&Entry, bool)>; BATCH],
+        now: u32,
+    ) -> [Option<ReplyHint>; BATCH] {
         // Per frame: the displaced NAT flow's reverse entry, and the first SNAT probe's reply hash.
         let mut links = [NO_LINK; BATCH];
         let mut reply_hashes = [None; BATCH];
@@ -601,8 +626,9 @@ impl Core {
             }
             nat += 1;
         }
+        let mut hints = [None; BATCH];
         if nat == 0 {
-            return;
+            return hints;
         }
         let mut fold = 0u64;
         for (&link, reply) in links.iter().zip(reply_hashes.iter()) {
@@ -614,9 +640,12 @@ impl Core {
             }
         }
         let mut reverse_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
-        for (reply, way) in reply_hashes.iter().zip(reverse_ways.iter_mut()) {
-            if let Some(rh) = *reply {
-                *way = self.conntrack.likely_insert(rh, now);
+        for ((reply, way), hint) in reply_hashes.iter().zip(reverse_ways.iter_mut()).zip(hints.iter_mut()) {
+            if let Some(rh) = *reply
+                && let Likely::Insert { entry, displaces, hint: h } = self.conntrack.likely(rh, now)
+            {
+                *way = Some((entry, displaces));
+                *hint = Some((rh, h));
             }
         }
         // Per frame: the reverse entry of the NAT flow the reverse insert will displace.
@@ -632,6 +661,7 @@ impl Core {
             fold ^= u64::from(self.conntrack.touch_index(link));
         }
         core::hint::black_box(fold);
+        hints
     }
 
     /// Reads, in three more tight loops over the batch, what deciding its frames will read once the
@@ -731,7 +761,13 @@ impl Core {
     }
 
     /// The whole decision for one frame.
-    fn process_frame(&mut self, tables: &Tables, frame: &mut Frame<'_>, ahead: &Lookahead, now: u32) -> Outcome {
+    fn process_frame(
+        &mut self,
+        tables: &Tables,
+        frame: &mut Frame<'_>,
+        (ahead, slot): (&Lookahead, usize),
+        now: u32,
+    ) -> Outcome {
         let p = match &ahead.parsed {
             Ok(p) => p,
             Err(ParseError::Arp) => return self.answer_neighbour(tables, frame),
@@ -761,7 +797,7 @@ impl Core {
                 (&computed, computed.hash())
             }
         };
-        let hashes = (key, hash, ahead.flow_hash, ahead.insert_hint);
+        let hashes = (key, hash, ahead.flow_hash, ahead.insert_hint, slot);
         let outcome = self.forward_to_service(tables, frame, p, hashes, (&summary, ring, service), now);
         self.count_service_drop(&summary, &outcome);
         outcome
@@ -866,7 +902,7 @@ impl Core {
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        (key, hash, flow_hash, insert_hint): (&ConnKey, u64, Option<u64>, Option<InsertHint>),
+        (key, hash, flow_hash, insert_hint, slot): (&ConnKey, u64, Option<u64>, Option<InsertHint>, usize),
         (summary, ring, service): (&ServiceSummary, RingRef, &Service),
         now: u32,
     ) -> Outcome {
@@ -927,7 +963,7 @@ impl Core {
             }
             None => {
                 let flow_hash = flow_hash.unwrap_or_else(|| self.flow_hash(&p.flow));
-                let hashes = FlowHashes { key, hash, flow_hash, insert_hint };
+                let hashes = FlowHashes { key, hash, flow_hash, insert_hint, slot };
                 let (index, backend, snat_port) = self.new_flow(tables, p, hashes, (summary, ring, service), now)?;
                 (index, backend, snat_port, Some(flow_hash))
             }
@@ -953,12 +989,13 @@ impl Core {
         (summary, ring, service): (&ServiceSummary, RingRef, &'t Service),
         now: u32,
     ) -> Result<(u32, &'t Backend, u16), DropReason> {
-        let FlowHashes { key, hash, flow_hash, insert_hint } = hashes;
+        let FlowHashes { key, hash, flow_hash, insert_hint, slot } = hashes;
         let backend = self.pick_backend(tables, p, flow_hash, ring, service, now)?;
         // Full NAT: the SNAT port, with the reply key it frees up and that key's hash.
         let reply = match summary.mode {
             ForwardMode::Nat => {
-                Some(self.pick_snat_port(tables, p.flow.proto(), backend).ok_or(DropReason::NoSnatPort)?)
+                let reply = self.pick_snat_port(tables, p.flow.proto(), backend, self.reply_hint(slot));
+                Some(reply.ok_or(DropReason::NoSnatPort)?)
             }
             _ => None,
         };
@@ -982,7 +1019,8 @@ impl Core {
         }
         if let Some(reply) = reply {
             let reverse = Entry { key: reply.key, kind: EntryKind::Reverse, link: index, ..entry };
-            match self.insert(reverse, reply.hash, now, index, None) {
+            let hint = self.reply_hint(slot).filter(|(h, _)| *h == reply.hash).map(|(_, hint)| hint);
+            match self.insert(reverse, reply.hash, now, index, hint) {
                 Ok(r) => {
                     self.conntrack.update(index, |e| e.link = r);
                 }
@@ -1226,7 +1264,13 @@ impl Core {
     /// a port (its TIME-WAIT) is as long gone as it can be. (A start from the flow hash met one of a
     /// busy backend's flows as often as the share was in use, ~40 % of new flows in the NAT flood
     /// benchmark, each collision a cache miss in another bucket, and reused a port at random.)
-    fn pick_snat_port(&mut self, tables: &Tables, proto: u8, backend: &Backend) -> Option<ReplyKey> {
+    fn pick_snat_port(
+        &mut self,
+        tables: &Tables,
+        proto: u8,
+        backend: &Backend,
+        hint: Option<ReplyHint>,
+    ) -> Option<ReplyKey> {
         let SnatProbe { mut key, lo, span, start } = self.snat_probe(tables, proto, backend, 0)?;
         let tries = SNAT_PORT_TRIES.min(span);
         // The key is built once and only its port changes between probes.
@@ -1234,7 +1278,9 @@ impl Core {
             let port = u16::try_from(u32::from(lo) + (start + i) % span).ok()?;
             key.dport = port;
             let hash = key.hash();
-            self.conntrack.find(&key, hash).is_none().then_some((i, ReplyKey { port, key, hash }))
+            // The warm-up's guess, if this is the key it guessed, may spare the lookup.
+            let hint = hint.filter(|(h, _)| *h == hash).map(|(_, hint)| hint);
+            self.conntrack.find_hinted(&key, hash, hint).is_none().then_some((i, ReplyKey { port, key, hash }))
         });
         // Past the port given out, or past every port tried.
         let next = start + found.as_ref().map_or(tries, |(i, _)| i + 1);
@@ -1242,6 +1288,12 @@ impl Core {
             *n = u16::try_from(next % span).unwrap_or(0);
         }
         found.map(|(_, reply)| reply)
+    }
+
+    /// The reply hint of the frame at `slot` of the batch being decided, if the warm-up made one.
+    #[inline]
+    fn reply_hint(&self, slot: usize) -> Option<ReplyHint> {
+        if self.reply_hints_live { self.reply_hints.get(slot).copied().flatten() } else { None }
     }
 
     /// Where the SNAT port search for a flow to `backend` starts, `ahead` flows to the same backend
