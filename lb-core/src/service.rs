@@ -214,12 +214,16 @@ impl Tables {
         index_hash(flow.dst_bytes(), flow.dst_port(), flow.proto())
     }
 
-    /// Reads the index slot where the lookup of a flow with [`Tables::lookup_hash`] `hash` starts: a
-    /// load whose only purpose is to bring that cache line in ahead of the lookup (see the worker's
-    /// batch passes).
+    /// Reads the index slot where the lookup of a flow with [`Tables::lookup_hash`] `hash` starts,
+    /// and the one after it: loads whose only purpose is to bring those cache lines in ahead of the
+    /// lookup (see the worker's batch passes). The index probes linearly and is at most half full,
+    /// so ~30 % of lookups read a second slot (with 100 000 services, ~0.3 misses a new flow outside
+    /// the warm-up, callgrind).
     #[inline]
     pub fn touch_lookup(&self, hash: u64) -> u8 {
-        self.index.slots.get(hash as usize & self.index.mask).map_or(0, |s| s.family)
+        let at = hash as usize & self.index.mask;
+        let family = |i: usize| self.index.slots.get(i & self.index.mask).map_or(0, |s| s.family);
+        family(at) ^ family(at + 1)
     }
 
     /// The index of the service a parsed flow is addressed to (its destination, destination port and
