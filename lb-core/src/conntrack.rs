@@ -455,16 +455,14 @@ impl BucketHead {
         self.version = self.version.wrapping_add(1);
     }
 
-    /// Puts way `w` in eviction class `class` with head expiry `expiry`: [`BucketHead::set_class`] and
-    /// [`BucketHead::set_expiry`] with one version step (a packet refreshing its flow writes both).
+    /// [`BucketHead::set_class`] and [`BucketHead::set_expiry`] with one version step (a packet
+    /// refreshing its flow writes both).
     #[inline]
     fn set_class_and_expiry(&mut self, w: usize, class: u16, expiry: u32) {
-        let w = w % WAYS;
-        self.classes = (self.classes & !(CLASS_LANES << w)) | (1 << (8 * usize::from(class & 3) + w));
+        self.set_class(w, class);
         if let Some(x) = self.expiries.get_mut(w) {
             *x = expiry;
         }
-        self.version = self.version.wrapping_add(1);
     }
 
     /// Sets way `w`'s head expiry (its entry's, or a reverse entry's vouch).
@@ -723,14 +721,12 @@ impl ConntrackTable {
     /// Saves a new flow's search of every way (~40 instructions).
     #[inline]
     pub(crate) fn find_hinted(&self, key: &ConnKey, hash: u64, hint: Option<InsertHint>) -> Option<u32> {
-        let b = (hash as usize) & self.bucket_mask;
-        let bucket = self.buckets.get(b)?;
+        let bucket = self.bucket_of(hash)?;
         if hint.is_some_and(|h| h.version == bucket.head.version) {
             debug_assert!(bucket.way_of(key, hash).is_none(), "a key present under an insert hint");
             return None;
         }
-        let way = bucket.way_of(key, hash)?;
-        Some((b * WAYS + way) as u32)
+        self.find(key, hash)
     }
 
     /// [`ConntrackTable::likely_insert`], with the choice as an [`InsertHint`] (see

@@ -172,7 +172,8 @@ struct Core {
     slots_trusted: bool,
 }
 
-/// A frame's conntrack key with its hash, and its lb-hash 5-tuple hash (for schedulers and GUE).
+/// A new flow's conntrack key with its hash, its lb-hash 5-tuple hash (for schedulers and GUE), and
+/// what the warm-up chose ahead for its inserts.
 #[derive(Debug, Clone, Copy)]
 struct FlowHashes<'k> {
     key: &'k ConnKey,
