@@ -269,7 +269,12 @@ impl Tables {
     #[inline]
     pub(crate) fn ring_slot(&self, ring: RingRef, flow_hash: u64) -> Option<u32> {
         let entries = self.index.slots.get(ring.0 as usize)?.ring.as_deref()?;
-        let at = flow_hash.checked_rem(entries.len() as u64)?;
+        // `hash % M` as the scheduler's table computes it. For the default size the divisor is a
+        // constant, which compiles to multiplies and shifts rather than a 64-bit division (a new
+        // flow takes this remainder three times: twice in the warm-up, once for its pick).
+        const DEFAULT_SIZE: u64 = lb_hash::MaglevTable::DEFAULT_SIZE as u64;
+        let len = entries.len() as u64;
+        let at = if len == DEFAULT_SIZE { flow_hash % DEFAULT_SIZE } else { flow_hash.checked_rem(len)? };
         entries.get(usize::try_from(at).ok()?).copied()
     }
 
