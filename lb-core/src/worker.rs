@@ -190,6 +190,13 @@ struct FlowHashes<'k> {
 /// conntrack's [`InsertHint`] for it (the key absent, and the way its insert takes).
 type ReplyHint = (u64, InsertHint);
 
+/// The insert hint of a reply hint, if the guess was the key of `hash` (the port search may have
+/// moved on to another port).
+#[inline]
+fn hint_for(reply_hint: Option<ReplyHint>, hash: u64) -> Option<InsertHint> {
+    reply_hint.filter(|(h, _)| *h == hash).map(|(_, hint)| hint)
+}
+
 /// The outcome of the per-packet path before counters: a verdict and the frame's service/backend.
 type Outcome = Result<Verdict, DropReason>;
 
@@ -693,12 +700,8 @@ impl Core {
                 if a.likely_hit {
                     fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
                 }
-                // Its first and last fields: a 40-byte counter record straddles two lines at half
-                // the slots, and a packet adds to `packets` and `bytes`, a displaced entry takes
-                // from `active_conns` and perhaps `established_conns` (reading `packets` and
-                // `bytes` alone left ~0.2 misses a new flow at 100 000 services, callgrind).
-                let c = self.stats.backend(BackendSlot(b.slot));
-                fold ^= c.packets ^ c.established_conns;
+                // Its counters: a packet adds to them, a displaced entry's backend loses a connection.
+                fold ^= self.stats.touch_backend(BackendSlot(b.slot));
             }
         }
         for a in ahead.iter_mut() {
@@ -732,10 +735,7 @@ impl Core {
                     .map(Backend::slot)
             };
             if let Some(slot) = picked {
-                // Both lines of a straddling record: a new flow adds to `new_flows` and
-                // `active_conns` too.
-                let c = self.stats.backend(slot);
-                fold ^= c.packets ^ c.established_conns;
+                fold ^= self.stats.touch_backend(slot);
             }
             if let Some(b) = a.likely_backend {
                 fold ^= u64::from(self.backend_generations.get(b.slot as usize).copied().unwrap_or(0));
@@ -998,9 +998,10 @@ impl Core {
         let FlowHashes { key, hash, flow_hash, insert_hint, slot } = hashes;
         let backend = self.pick_backend(tables, p, flow_hash, ring, service, now)?;
         // Full NAT: the SNAT port, with the reply key it frees up and that key's hash.
+        let reply_hint = self.reply_hint(slot);
         let reply = match summary.mode {
             ForwardMode::Nat => {
-                let reply = self.pick_snat_port(tables, p.flow.proto(), backend, self.reply_hint(slot));
+                let reply = self.pick_snat_port(tables, p.flow.proto(), backend, reply_hint);
                 Some(reply.ok_or(DropReason::NoSnatPort)?)
             }
             _ => None,
@@ -1025,8 +1026,7 @@ impl Core {
         }
         if let Some(reply) = reply {
             let reverse = Entry { key: reply.key, kind: EntryKind::Reverse, link: index, ..entry };
-            let hint = self.reply_hint(slot).filter(|(h, _)| *h == reply.hash).map(|(_, hint)| hint);
-            match self.insert(reverse, reply.hash, now, index, hint) {
+            match self.insert(reverse, reply.hash, now, index, hint_for(reply_hint, reply.hash)) {
                 Ok(r) => {
                     self.conntrack.update(index, |e| e.link = r);
                 }
@@ -1285,8 +1285,8 @@ impl Core {
             key.dport = port;
             let hash = key.hash();
             // The warm-up's guess, if this is the key it guessed, may spare the lookup.
-            let hint = hint.filter(|(h, _)| *h == hash).map(|(_, hint)| hint);
-            self.conntrack.find_hinted(&key, hash, hint).is_none().then_some((i, ReplyKey { port, key, hash }))
+            let found = self.conntrack.find_hinted(&key, hash, hint_for(hint, hash));
+            found.is_none().then_some((i, ReplyKey { port, key, hash }))
         });
         // Past the port given out, or past every port tried.
         let next = start + found.as_ref().map_or(tries, |(i, _)| i + 1);

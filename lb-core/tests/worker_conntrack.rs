@@ -618,24 +618,6 @@ fn maglev_new_flows_get_the_schedulers_pick_on_either_path() {
     }
 }
 
-/// Runs `frames` through the worker as one burst (full headroom each); returns each verdict and
-/// frame after.
-fn run_burst(w: &mut Worker, frames: &[Vec<u8>], now: lb_core::Instant) -> Vec<(Verdict, Vec<u8>)> {
-    let mut bufs: Vec<Vec<u8>> = frames
-        .iter()
-        .map(|f| {
-            let mut buf = vec![0u8; HEADROOM + f.len() + 64];
-            buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
-            buf
-        })
-        .collect();
-    let mut burst: Vec<lb_core::Frame<'_>> =
-        bufs.iter_mut().zip(frames).map(|(buf, f)| lb_core::Frame::new(buf, HEADROOM, f.len())).collect();
-    let mut verdicts = vec![Verdict::Pass; frames.len()];
-    w.process_burst(&mut burst, now, &mut verdicts);
-    verdicts.into_iter().zip(burst.iter().map(|f| f.data().to_vec())).collect()
-}
-
 /// The frames of one burst see what the frames before them did to conntrack, although the warm-up
 /// read every frame's bucket (and chose the way each new flow's insert would take) before any was
 /// decided: with a single 8-way bucket, a SYN repeated later in the burst finds the entry its

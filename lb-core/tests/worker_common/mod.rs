@@ -152,12 +152,25 @@ pub fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, payload: &[u8]) -> 
 
 /// Runs one frame (with full headroom) through the worker; returns the verdict and the frame after.
 pub fn run(w: &mut Worker, bytes: &[u8], now: Instant) -> (Verdict, Vec<u8>) {
-    let mut buf = vec![0u8; HEADROOM + bytes.len() + 64];
-    buf[HEADROOM..HEADROOM + bytes.len()].copy_from_slice(bytes);
-    let mut frames = [Frame::new(&mut buf, HEADROOM, bytes.len())];
-    let mut verdicts = [Verdict::Pass];
-    w.process_burst(&mut frames, now, &mut verdicts);
-    (verdicts[0], frames[0].data().to_vec())
+    run_burst(w, &[bytes.to_vec()], now).pop().unwrap()
+}
+
+/// Runs `frames` through the worker as one burst (full headroom each); returns each verdict and
+/// frame after.
+pub fn run_burst(w: &mut Worker, frames: &[Vec<u8>], now: Instant) -> Vec<(Verdict, Vec<u8>)> {
+    let mut bufs: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|f| {
+            let mut buf = vec![0u8; HEADROOM + f.len() + 64];
+            buf[HEADROOM..HEADROOM + f.len()].copy_from_slice(f);
+            buf
+        })
+        .collect();
+    let mut burst: Vec<Frame<'_>> =
+        bufs.iter_mut().zip(frames).map(|(buf, f)| Frame::new(buf, HEADROOM, f.len())).collect();
+    let mut verdicts = vec![Verdict::Pass; frames.len()];
+    w.process_burst(&mut burst, now, &mut verdicts);
+    verdicts.into_iter().zip(burst.iter().map(|f| f.data().to_vec())).collect()
 }
 
 /// The parsed view of a frame, with smoltcp verifying every checksum on the way: outer IPv4 header,
