@@ -270,8 +270,7 @@ impl Tables {
     pub(crate) fn ring_slot(&self, ring: RingRef, flow_hash: u64) -> Option<u32> {
         let entries = self.index.slots.get(ring.0 as usize)?.ring.as_deref()?;
         // `hash % M` as the scheduler's table computes it. For the default size the divisor is a
-        // constant, which compiles to multiplies and shifts rather than a 64-bit division (a new
-        // flow takes this remainder three times: twice in the warm-up, once for its pick).
+        // constant, which compiles to multiplies and shifts rather than a 64-bit division.
         const DEFAULT_SIZE: u64 = lb_hash::MaglevTable::DEFAULT_SIZE as u64;
         let len = entries.len() as u64;
         let at = if len == DEFAULT_SIZE { flow_hash % DEFAULT_SIZE } else { flow_hash.checked_rem(len)? };
@@ -287,7 +286,13 @@ impl Tables {
     /// The backend [`Tables::ring_slot`] names: the copy kept in its location, one cache line.
     #[inline]
     pub(crate) fn ring_backend(&self, ring: RingRef, flow_hash: u64) -> Option<&Backend> {
-        let loc = self.backend_locations.get(self.ring_slot(ring, flow_hash)? as usize)?;
+        self.backend_in_slot(self.ring_slot(ring, flow_hash)?)
+    }
+
+    /// The backend in slot `slot` (a ring entry's value), if the slot holds one.
+    #[inline]
+    pub(crate) fn backend_in_slot(&self, slot: u32) -> Option<&Backend> {
+        let loc = self.backend_locations.get(slot as usize)?;
         (loc.generation != 0).then_some(&loc.record)
     }
 

@@ -181,6 +181,9 @@ struct FlowHashes<'k> {
     flow_hash: u64,
     /// The warm-up's choice of the way the flow's insert takes, if it made one.
     insert_hint: Option<InsertHint>,
+    /// The backend slot the flow's ring entry names, if the warm-up read it (see
+    /// [`Lookahead::ring_slot`]).
+    ring_slot: Option<u32>,
     /// The frame's place in its batch, where [`Core::reply_hints`] keeps a full-NAT flow's reply
     /// hint.
     slot: usize,
@@ -379,6 +382,10 @@ struct Lookahead {
     /// The lb-hash 5-tuple hash of a likely new flow of a service (its scheduler's input), computed
     /// in the warm-up to read ahead what the scheduler will read; `None` for any other frame.
     flow_hash: Option<u64>,
+    /// For a likely new flow of a service with a ring, the backend slot its ring entry names, read
+    /// in the warm-up (from `flow_hash`) and kept for its pick: the ring entry's remainder and
+    /// lookups are then done once rather than three times.
+    ring_slot: Option<u32>,
     /// For a likely new flow, the way its insert will take, as the warm-up chose it (to read its
     /// line ahead): the insert takes it rather than choosing again if the bucket is unchanged.
     insert_hint: Option<InsertHint>,
@@ -395,6 +402,7 @@ impl Lookahead {
         likely_backend: None,
         likely_hit: false,
         flow_hash: None,
+        ring_slot: None,
         insert_hint: None,
     };
 
@@ -404,23 +412,36 @@ impl Lookahead {
         // `packet::parse` spelled out, so the result is written straight into this slot: through
         // `parse`'s Option-to-Result step the 116-byte `Parsed` was built, then copied (~29
         // instructions per packet, callgrind), and through `parse_common`'s `Option` once more (14).
-        if packet::parse_common_into(frame, &mut self.parsed).is_none() {
-            self.parsed = packet::parse_general(frame);
-        }
         // A frame with ports learns in the second warm-up round whether it needs its service
-        // looked up; any other parsed frame does.
-        (self.conn_hash, self.needs_service, self.lookup_hash) = match &self.parsed {
-            Ok(p) if p.has_ports() => {
-                self.conn_key = ConnKey::from_flow(&p.flow);
-                (Some(self.conn_key.hash()), false, 0)
+        // looked up; any other parsed frame does. The fast parser's frames all have ports, and its
+        // flow comes back in registers (reading the slot back was ~10 instructions, callgrind).
+        let flow = match packet::parse_common_into(frame, &mut self.parsed) {
+            Some(flow) => Some(flow),
+            None => {
+                self.parsed = packet::parse_general(frame);
+                match &self.parsed {
+                    Ok(p) if p.has_ports() => Some(p.flow),
+                    Ok(p) => {
+                        (self.conn_hash, self.needs_service, self.lookup_hash) =
+                            (None, true, tables.lookup_hash(&p.flow));
+                        None
+                    }
+                    Err(_) => {
+                        (self.conn_hash, self.needs_service, self.lookup_hash) = (None, false, 0);
+                        None
+                    }
+                }
             }
-            Ok(p) => (None, true, tables.lookup_hash(&p.flow)),
-            Err(_) => (None, false, 0),
         };
+        if let Some(flow) = flow {
+            self.conn_key = ConnKey::from_flow(&flow);
+            (self.conn_hash, self.needs_service, self.lookup_hash) = (Some(self.conn_key.hash()), false, 0);
+        }
         self.service = None;
         self.likely_backend = None;
         self.likely_hit = false;
         self.flow_hash = None;
+        self.ring_slot = None;
         self.insert_hint = None;
     }
 
@@ -615,8 +636,9 @@ impl Core {
         let mut nat = 0;
         let frames = ahead.iter().zip(forward_ways).zip(links.iter_mut()).zip(reply_hashes.iter_mut());
         for (((a, forward_way), link), reply) in frames {
-            let (Some(fh), Some((s, ring)), Ok(p)) = (a.flow_hash, a.service, &a.parsed) else { continue };
-            if s.mode != ForwardMode::Nat || ring.is_none() {
+            // (Only a likely new flow of a ring service has its ring slot.)
+            let (Some(ring_slot), Some((s, _)), Ok(p)) = (a.ring_slot, a.service, &a.parsed) else { continue };
+            if s.mode != ForwardMode::Nat {
                 continue;
             }
             if let Some((e, true)) = forward_way
@@ -624,7 +646,7 @@ impl Core {
             {
                 *link = e.link;
             }
-            let Some(b) = tables.ring_backend(ring, fh) else { continue };
+            let Some(b) = tables.backend_in_slot(ring_slot) else { continue };
             let slot = b.slot().index() as u32;
             let earlier = slots.iter().take(nat).filter(|&&s| s == slot).count() as u32;
             let Some(probe) = self.snat_probe(tables, p.flow.proto(), b, earlier) else { continue };
@@ -691,7 +713,7 @@ impl Core {
                 if ring.is_none() {
                     fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
                 } else if let Some(h) = a.flow_hash {
-                    fold ^= u64::from(tables.ring_slot(ring, h).unwrap_or(0));
+                    a.ring_slot = tables.ring_slot(ring, h);
                 }
             }
             if let Some(b) = a.likely_backend {
@@ -724,7 +746,7 @@ impl Core {
         for a in ahead.iter() {
             let (Some(h), Some((s, ring))) = (a.flow_hash, a.service) else { continue };
             let picked = if ring.is_some() {
-                tables.ring_slot(ring, h).map(|slot| {
+                a.ring_slot.map(|slot| {
                     fold ^= u64::from(tables.touch_location(slot));
                     BackendSlot(slot)
                 })
@@ -803,7 +825,7 @@ impl Core {
                 (&computed, computed.hash())
             }
         };
-        let hashes = (key, hash, ahead.flow_hash, ahead.insert_hint, slot);
+        let hashes = (key, hash, ahead.flow_hash, ahead.ring_slot, ahead.insert_hint, slot);
         let outcome = self.forward_to_service(tables, frame, p, hashes, (&summary, ring, service), now);
         self.count_service_drop(&summary, &outcome);
         outcome
@@ -908,7 +930,14 @@ impl Core {
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        (key, hash, flow_hash, insert_hint, slot): (&ConnKey, u64, Option<u64>, Option<InsertHint>, usize),
+        (key, hash, flow_hash, ring_slot, insert_hint, slot): (
+            &ConnKey,
+            u64,
+            Option<u64>,
+            Option<u32>,
+            Option<InsertHint>,
+            usize,
+        ),
         (summary, ring, service): (&ServiceSummary, RingRef, &Service),
         now: u32,
     ) -> Outcome {
@@ -968,8 +997,12 @@ impl Core {
                 (index, backend, snat_port, flow_hash)
             }
             None => {
-                let flow_hash = flow_hash.unwrap_or_else(|| self.flow_hash(&p.flow));
-                let hashes = FlowHashes { key, hash, flow_hash, insert_hint, slot };
+                // (The warm-up's ring slot comes from its flow hash: both or neither.)
+                let (flow_hash, ring_slot) = match flow_hash {
+                    Some(h) => (h, ring_slot),
+                    None => (self.flow_hash(&p.flow), None),
+                };
+                let hashes = FlowHashes { key, hash, flow_hash, insert_hint, ring_slot, slot };
                 let (index, backend, snat_port) = self.new_flow(tables, p, hashes, (summary, ring, service), now)?;
                 (index, backend, snat_port, Some(flow_hash))
             }
@@ -995,8 +1028,8 @@ impl Core {
         (summary, ring, service): (&ServiceSummary, RingRef, &'t Service),
         now: u32,
     ) -> Result<(u32, &'t Backend, u16), DropReason> {
-        let FlowHashes { key, hash, flow_hash, insert_hint, slot } = hashes;
-        let backend = self.pick_backend(tables, p, flow_hash, ring, service, now)?;
+        let FlowHashes { key, hash, flow_hash, insert_hint, ring_slot, slot } = hashes;
+        let backend = self.pick_backend(tables, p, (flow_hash, ring_slot), ring, service, now)?;
         // Full NAT: the SNAT port, with the reply key it frees up and that key's hash.
         let reply_hint = self.reply_hint(slot);
         let reply = match summary.mode {
@@ -1053,13 +1086,21 @@ impl Core {
         &mut self,
         tables: &'t Tables,
         p: &Parsed,
-        flow_hash: u64,
+        (flow_hash, ring_slot): (u64, Option<u32>),
         ring: RingRef,
         service: &'t Service,
         now: u32,
     ) -> Result<&'t Backend, DropReason> {
         if ring.is_some() {
-            return tables.ring_backend(ring, flow_hash).ok_or(DropReason::NoBackend);
+            let backend = match ring_slot {
+                Some(slot) => tables.backend_in_slot(slot),
+                None => tables.ring_backend(ring, flow_hash),
+            };
+            debug_assert!(
+                backend.map(|b| b.id) == tables.ring_backend(ring, flow_hash).map(|b| b.id),
+                "the warm-up's ring slot is the flow's ring entry"
+            );
+            return backend.ok_or(DropReason::NoBackend);
         }
         let client = p.flow.src_ip();
         // ClientIP affinity, when the service has it: kept out of line, as most services do not,
