@@ -413,8 +413,12 @@ impl Lookahead {
         // `parse`'s Option-to-Result step the 116-byte `Parsed` was built, then copied (~29
         // instructions per packet, callgrind), and through `parse_common`'s `Option` once more (14).
         // A frame with ports learns in the second warm-up round whether it needs its service
-        // looked up; any other parsed frame does. The fast parser's frames all have ports, and its
-        // flow comes back in registers (reading the slot back was ~10 instructions, callgrind).
+        // looked up; any other parsed frame does. The fast parser's frames all have ports, and it
+        // returns their flow, so the key and its hash come from registers. Reading the slot back
+        // loaded each address as one 16-byte vector from the two 8-byte stores the parser had just
+        // made, and a load spanning two stores cannot be forwarded from them: it waited for both to
+        // reach the cache, twice a packet, ahead of the conntrack hash (25-35 % of an established
+        // packet's time; BENCHMARKS.md, lb-core, session 16).
         let flow = match packet::parse_common_into(frame, &mut self.parsed) {
             Some(flow) => Some(flow),
             None => {
