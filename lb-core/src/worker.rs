@@ -160,6 +160,11 @@ struct Core {
     reply_hints: [Option<ReplyHint>; BATCH],
     /// False for a batch without likely full-NAT new flows, whose `reply_hints` are left as they were.
     reply_hints_live: bool,
+    /// Where a full-NAT rewrite's target is built, a field at a time, for the rewrite to read. Built
+    /// on the stack and passed by reference, it was copied whole right after its fields were
+    /// written, and the copy's loads each spanned two of those stores (a MAC is written as 4 + 2
+    /// bytes), which the core cannot forward from: each waited for the stores to reach the cache.
+    nat_target: NatTarget,
     hasher: FlowHasher,
     timeouts: StateTimeouts,
     sweep_out: [(u32, Entry); WAYS],
@@ -217,6 +222,7 @@ impl Worker {
             snat_next: vec![0; limits.max_backends].into_boxed_slice(),
             reply_hints: [None; BATCH],
             reply_hints_live: false,
+            nat_target: NatTarget { flow: FlowKey::v4([0; 4], [0; 4], 0, 0, 0), macs: Macs::default() },
             hasher: FlowHasher::new(tables.node().hash_seed),
             timeouts: StateTimeouts::new(&tables.node().timeouts),
             sweep_out: [(0, Entry::default()); WAYS],
@@ -1264,8 +1270,14 @@ impl Core {
         let macs = || Macs { src: tables.node().local_mac, dst: backend.mac };
         match mode {
             ForwardMode::Nat => {
-                let to = nat_target_of(tables, p.flow.proto(), snat_port, backend).ok_or(DropReason::NoSnatPort)?;
-                forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs: macs() })?;
+                // (`let else` rather than `ok_or(..)?`: the 40-byte key then goes straight into the
+                // target rather than through an `Option` and a `Result`.)
+                let Some(flow) = nat_target_of(tables, p.flow.proto(), snat_port, backend) else {
+                    return Err(DropReason::NoSnatPort);
+                };
+                let t = &mut self.nat_target;
+                (t.flow, t.macs.src, t.macs.dst) = (flow, tables.node().local_mac, backend.mac);
+                forward::nat::rewrite(frame, p, &self.nat_target)?;
             }
             ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs())?,
             ForwardMode::IpIp | ForwardMode::Gue { .. } if self.too_big_for_tunnel(tables, frame, p, mode)? => {}
