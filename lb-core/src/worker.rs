@@ -1210,8 +1210,10 @@ impl Core {
         self.count_established(backend, change);
         let to = flow_key(&client_key).ok_or(DropReason::NoReverseFlow)?.reverse();
         let node = tables.node();
-        let macs = Macs { src: node.local_mac, dst: node.gateway_mac.unwrap_or(node.local_mac) };
-        forward::nat::rewrite(frame, p, &NatTarget { flow: to, macs })?;
+        // (Built in place, as in `Core::rewrite`; see `Core::nat_target`.)
+        let t = &mut self.nat_target;
+        (t.flow, t.macs.src, t.macs.dst) = (to, node.local_mac, node.gateway_mac.unwrap_or(node.local_mac));
+        forward::nat::rewrite(frame, p, &self.nat_target)?;
         self.stats.reverse_nat += 1;
         Ok(Verdict::Tx)
     }
