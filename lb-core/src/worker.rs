@@ -458,8 +458,14 @@ impl Lookahead {
     /// Service lookup: O(1) in the number of services.
     fn find_service(&mut self, tables: &Tables) {
         let Ok(p) = &self.parsed else { return };
-        if self.needs_service && matches!(p.l4, L4::Tcp | L4::Udp) {
-            self.service = tables.lookup_flow_ring(&p.flow, self.lookup_hash);
+        // (`fill` set `service` to `None`.) Only a found service is written: assigning the lookup's
+        // `Option` joined its two paths through a stack copy whose loads spanned two of its stores,
+        // which the core cannot forward from (a store-forwarding stall a new flow).
+        if self.needs_service
+            && matches!(p.l4, L4::Tcp | L4::Udp)
+            && let Some(found) = tables.lookup_flow_ring(&p.flow, self.lookup_hash)
+        {
+            self.service = Some(found);
         }
     }
 
@@ -1345,14 +1351,18 @@ impl Core {
             let hash = key.hash();
             // The warm-up's guess, if this is the key it guessed, may spare the lookup.
             let found = self.conntrack.find_hinted(&key, hash, hint_for(hint, hash));
-            found.is_none().then_some((i, ReplyKey { port, key, hash }))
+            found.is_none().then_some((i, port, hash))
         });
         // Past the port given out, or past every port tried.
-        let next = start + found.as_ref().map_or(tries, |(i, _)| i + 1);
+        let next = start + found.map_or(tries, |(i, _, _)| i + 1);
         if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
             *n = u16::try_from(next % span).unwrap_or(0);
         }
-        found.map(|(_, reply)| reply)
+        // The reply key built afresh rather than copied from `key`, whose copy's loads would span
+        // the port store just made (a store-forwarding stall).
+        let (_, port, hash) = found?;
+        let snat = tables.node().snat_addr_for(backend.addr)?;
+        Some(ReplyKey { port, key: ConnKey::flow(backend.addr, snat, backend.port, port, proto), hash })
     }
 
     /// The reply hint of the frame at `slot` of the batch being decided, if the warm-up made one.
