@@ -870,11 +870,13 @@ impl ConntrackTable {
         *tag = 0;
         bucket.head.clear_class(w);
         self.len -= 1;
-        let e = bucket.entries.get(w).map(|e| e.0)?;
-        if let Pairing::Forward { link, .. } = Pairing::of(&e) {
+        if let Pairing::Forward { link, .. } = Pairing::of(&bucket.entries.get(w)?.0) {
             self.vouch(index, link, 0);
         }
-        Some(e)
+        // Copied from the table once the vouch is done (which leaves this entry alone): a copy
+        // taken before it was spilled around the call and read back across its own stores, which
+        // the core cannot forward from (a store-forwarding stall a displaced NAT flow).
+        self.buckets.get(b)?.entries.get(w).map(|e| e.0)
     }
 
     /// Inserts `entry` under `entry.key` (which must not be present; the caller looked it up).
