@@ -165,6 +165,8 @@ struct Core {
     /// written, and the copy's loads each spanned two of those stores (a MAC is written as 4 + 2
     /// bytes), which the core cannot forward from: each waited for the stores to reach the cache.
     nat_target: NatTarget,
+    /// A tunnel's outer header, built in place for the same reason as `nat_target`.
+    tunnel_target: TunnelTarget,
     hasher: FlowHasher,
     timeouts: StateTimeouts,
     sweep_out: [(u32, Entry); WAYS],
@@ -223,6 +225,12 @@ impl Worker {
             reply_hints: [None; BATCH],
             reply_hints_live: false,
             nat_target: NatTarget { flow: FlowKey::v4([0; 4], [0; 4], 0, 0, 0), macs: Macs::default() },
+            tunnel_target: TunnelTarget {
+                src: IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
+                dst: IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
+                macs: Macs::default(),
+                flow_hash: 0,
+            },
             hasher: FlowHasher::new(tables.node().hash_seed),
             timeouts: StateTimeouts::new(&tables.node().timeouts),
             sweep_out: [(0, Entry::default()); WAYS],
@@ -1289,13 +1297,15 @@ impl Core {
             }
             ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs())?,
             ForwardMode::IpIp | ForwardMode::Gue { .. } if self.too_big_for_tunnel(tables, frame, p, mode)? => {}
-            ForwardMode::IpIp => {
-                let t = tunnel_target(tables, backend.addr, macs(), tunnel_hash()).ok_or(DropReason::Unsupported)?;
-                forward::ipip::encap(frame, p, &t)?;
-            }
-            ForwardMode::Gue { port } => {
-                let t = tunnel_target(tables, backend.addr, macs(), tunnel_hash()).ok_or(DropReason::Unsupported)?;
-                forward::gue::encap(frame, p, &t, port)?;
+            ForwardMode::IpIp | ForwardMode::Gue { .. } => {
+                let src = tunnel_src(tables, backend.addr).ok_or(DropReason::Unsupported)?;
+                let t = &mut self.tunnel_target;
+                (t.src, t.dst, t.flow_hash) = (src, backend.addr, (tunnel_hash() >> 32) as u32);
+                (t.macs.src, t.macs.dst) = (tables.node().local_mac, backend.mac);
+                match mode {
+                    ForwardMode::Gue { port } => forward::gue::encap(frame, p, &self.tunnel_target, port)?,
+                    _ => forward::ipip::encap(frame, p, &self.tunnel_target)?,
+                }
             }
         }
         Ok(())
@@ -1487,14 +1497,13 @@ fn conn_key(p: &Parsed) -> ConnKey {
     ConnKey::from_flow(&p.flow)
 }
 
-/// The outer header of a tunnelled frame: from the node's tunnel address of the backend's family.
-fn tunnel_target(tables: &Tables, backend: IpAddr, macs: Macs, flow_hash: u64) -> Option<TunnelTarget> {
+/// The outer source address of a tunnelled frame: the node's tunnel address of the backend's family.
+fn tunnel_src(tables: &Tables, backend: IpAddr) -> Option<IpAddr> {
     let node = tables.node();
-    let src = match backend {
+    Some(match backend {
         IpAddr::V4(_) => IpAddr::V4(node.tunnel_src_v4?),
         IpAddr::V6(_) => IpAddr::V6(node.tunnel_src_v6?),
-    };
-    Some(TunnelTarget { src, dst: backend, macs, flow_hash: (flow_hash >> 32) as u32 })
+    })
 }
 
 /// The packet-level flow key of a conntrack key.
