@@ -361,6 +361,12 @@ struct ReplyKey {
     hash: u64,
 }
 
+/// The conntrack key a NAT flow's replies arrive under: from the backend to the SNAT address and port.
+#[inline]
+fn reply_key(backend: &Backend, snat: IpAddr, snat_port: u16, proto: u8) -> ConnKey {
+    ConnKey::flow(backend.addr, snat, backend.port, snat_port, proto)
+}
+
 /// The flow a NAT flow's client-to-backend frames leave with: the SNAT address and the flow's SNAT
 /// port (from its conntrack entry) to the backend.
 fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend: &Backend) -> Option<FlowKey> {
@@ -1277,13 +1283,10 @@ impl Core {
         snat_port: u16,
         flow_hash: Option<u64>,
     ) -> Result<(), DropReason> {
-        // A tunnel's outer source port comes from the flow hash: the caller's, else `p`'s flow's
-        // (computed only here, so the other modes skip a second match on the mode).
-        let hasher = self.hasher;
-        let tunnel_hash = || flow_hash.unwrap_or_else(|| flow_hash_with(&hasher, &p.flow));
-        // Built in each arm rather than once above: DSR's then goes straight into the frame (a
-        // copy built before the match cost 16 instructions a DSR packet, callgrind).
-        let macs = || Macs { src: tables.node().local_mac, dst: backend.mac };
+        // The MACs are written in each arm, into the frame (DSR) or the target the rewrite reads
+        // (`Core::nat_target`, `Core::tunnel_target`), never into a copy built before the match (16
+        // instructions a DSR packet, callgrind, and a store-forwarding stall a NAT one).
+        let local_mac = tables.node().local_mac;
         match mode {
             ForwardMode::Nat => {
                 // (`let else` rather than `ok_or(..)?`: the 40-byte key then goes straight into the
@@ -1292,16 +1295,19 @@ impl Core {
                     return Err(DropReason::NoSnatPort);
                 };
                 let t = &mut self.nat_target;
-                (t.flow, t.macs.src, t.macs.dst) = (flow, tables.node().local_mac, backend.mac);
+                (t.flow, t.macs.src, t.macs.dst) = (flow, local_mac, backend.mac);
                 forward::nat::rewrite(frame, p, &self.nat_target)?;
             }
-            ForwardMode::Dsr => forward::dsr::rewrite(frame, &macs())?,
+            ForwardMode::Dsr => forward::dsr::rewrite(frame, &Macs { src: local_mac, dst: backend.mac })?,
             ForwardMode::IpIp | ForwardMode::Gue { .. } if self.too_big_for_tunnel(tables, frame, p, mode)? => {}
             ForwardMode::IpIp | ForwardMode::Gue { .. } => {
                 let src = tunnel_src(tables, backend.addr).ok_or(DropReason::Unsupported)?;
+                // The outer source port (GUE) or flow label (IPv6) comes from the flow hash: the
+                // caller's, else `p`'s flow's, computed only here.
+                let hash = flow_hash.unwrap_or_else(|| self.flow_hash(&p.flow));
                 let t = &mut self.tunnel_target;
-                (t.src, t.dst, t.flow_hash) = (src, backend.addr, (tunnel_hash() >> 32) as u32);
-                (t.macs.src, t.macs.dst) = (tables.node().local_mac, backend.mac);
+                (t.src, t.dst, t.flow_hash) = (src, backend.addr, (hash >> 32) as u32);
+                (t.macs.src, t.macs.dst) = (local_mac, backend.mac);
                 match mode {
                     ForwardMode::Gue { port } => forward::gue::encap(frame, p, &self.tunnel_target, port)?,
                     _ => forward::ipip::encap(frame, p, &self.tunnel_target)?,
@@ -1372,7 +1378,7 @@ impl Core {
         // the port store just made (a store-forwarding stall).
         let (_, port, hash) = found?;
         let snat = tables.node().snat_addr_for(backend.addr)?;
-        Some(ReplyKey { port, key: ConnKey::flow(backend.addr, snat, backend.port, port, proto), hash })
+        Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash })
     }
 
     /// The reply hint of the frame at `slot` of the batch being decided, if the warm-up made one.
@@ -1391,7 +1397,7 @@ impl Core {
         let next = self.snat_next.get(backend.slot().index()).copied().unwrap_or(0);
         let start = (u32::from(next) + ahead) % span;
         let port = u16::try_from(u32::from(lo) + start).ok()?;
-        Some(SnatProbe { key: ConnKey::flow(backend.addr, snat, backend.port, port, proto), lo, span, start })
+        Some(SnatProbe { key: reply_key(backend, snat, port, proto), lo, span, start })
     }
 
     /// Inserts an entry (never displacing the entry at `spare`; into the way `hint` names if it still
