@@ -69,10 +69,10 @@ const FLAG_AFFINITY: u8 = 2;
 /// The 16-byte form of an address as a [`ConnKey`] stores it.
 pub fn addr_bytes(ip: IpAddr) -> [u8; 16] {
     match ip {
-        // One 128-bit value rather than `to_ipv6_mapped().octets()`, which wrote the 16 bytes one at
-        // a time: a key built so and then read whole (hashed, compared, copied) loaded across several
-        // of those byte stores, which the core cannot forward from (as `FlowKey`'s addresses).
-        IpAddr::V4(a) => (0xffff_0000_0000u128 | u128::from(a.to_bits())).to_be_bytes(),
+        // `FlowKey`'s mapping, one 128-bit value, rather than `to_ipv6_mapped().octets()`, which
+        // wrote the 16 bytes one at a time: a key built so and then read whole (hashed, compared,
+        // copied) loaded across several of those byte stores, which the core cannot forward from.
+        IpAddr::V4(a) => crate::packet::map_v4(a.octets()),
         IpAddr::V6(a) => a.octets(),
     }
 }

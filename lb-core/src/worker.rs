@@ -348,6 +348,8 @@ fn flow_hash_with(hasher: &FlowHasher, f: &FlowKey) -> u64 {
 /// port and span) and the first port's offset in it.
 struct SnatProbe {
     key: ConnKey,
+    /// The SNAT address of the backend's family (the key's destination).
+    snat: IpAddr,
     lo: u16,
     span: u32,
     start: u32,
@@ -439,34 +441,30 @@ impl Lookahead {
         // made, and a load spanning two stores cannot be forwarded from them: it waited for both to
         // reach the cache, twice a packet, ahead of the conntrack hash (25-35 % of an established
         // packet's time; BENCHMARKS.md, lb-core, session 16).
-        let flow = match packet::parse_common_into(frame, &mut self.parsed) {
-            Some(flow) => Some(flow),
-            None => {
-                self.parsed = packet::parse_general(frame);
-                match &self.parsed {
-                    Ok(p) if p.has_ports() => Some(p.flow),
-                    Ok(p) => {
-                        (self.conn_hash, self.needs_service, self.lookup_hash) =
-                            (None, true, tables.lookup_hash(&p.flow));
-                        None
-                    }
-                    Err(_) => {
-                        (self.conn_hash, self.needs_service, self.lookup_hash) = (None, false, 0);
-                        None
-                    }
-                }
-            }
-        };
-        if let Some(flow) = flow {
-            self.conn_key = ConnKey::from_flow(&flow);
-            (self.conn_hash, self.needs_service, self.lookup_hash) = (Some(self.conn_key.hash()), false, 0);
-        }
         self.service = None;
         self.likely_backend = None;
         self.likely_hit = false;
         self.flow_hash = None;
         self.ring_slot = None;
         self.insert_hint = None;
+        let flow = match packet::parse_common_into(frame, &mut self.parsed) {
+            Some(flow) => flow,
+            None => {
+                self.parsed = packet::parse_general(frame);
+                match &self.parsed {
+                    Ok(p) if p.has_ports() => p.flow,
+                    parsed => {
+                        (self.conn_hash, self.needs_service, self.lookup_hash) = match parsed {
+                            Ok(p) => (None, true, tables.lookup_hash(&p.flow)),
+                            Err(_) => (None, false, 0),
+                        };
+                        return;
+                    }
+                }
+            }
+        };
+        self.conn_key = ConnKey::from_flow(&flow);
+        (self.conn_hash, self.needs_service, self.lookup_hash) = (Some(self.conn_key.hash()), false, 0);
     }
 
     /// Service lookup: O(1) in the number of services.
@@ -1230,10 +1228,7 @@ impl Core {
         self.count_established(backend, change);
         let to = flow_key(&client_key).ok_or(DropReason::NoReverseFlow)?.reverse();
         let node = tables.node();
-        // (Built in place, as in `Core::rewrite`; see `Core::nat_target`.)
-        let t = &mut self.nat_target;
-        (t.flow, t.macs.src, t.macs.dst) = (to, node.local_mac, node.gateway_mac.unwrap_or(node.local_mac));
-        forward::nat::rewrite(frame, p, &self.nat_target)?;
+        self.nat_rewrite(frame, p, to, (node.local_mac, node.gateway_mac.unwrap_or(node.local_mac)))?;
         self.stats.reverse_nat += 1;
         Ok(Verdict::Tx)
     }
@@ -1294,9 +1289,7 @@ impl Core {
                 let Some(flow) = nat_target_of(tables, p.flow.proto(), snat_port, backend) else {
                     return Err(DropReason::NoSnatPort);
                 };
-                let t = &mut self.nat_target;
-                (t.flow, t.macs.src, t.macs.dst) = (flow, local_mac, backend.mac);
-                forward::nat::rewrite(frame, p, &self.nat_target)?;
+                self.nat_rewrite(frame, p, flow, (local_mac, backend.mac))?;
             }
             ForwardMode::Dsr => forward::dsr::rewrite(frame, &Macs { src: local_mac, dst: backend.mac })?,
             ForwardMode::IpIp | ForwardMode::Gue { .. } if self.too_big_for_tunnel(tables, frame, p, mode)? => {}
@@ -1315,6 +1308,21 @@ impl Core {
             }
         }
         Ok(())
+    }
+
+    /// [`forward::nat::rewrite`] to `flow` with Ethernet addresses `(src, dst)`, its target built in
+    /// place in [`Core::nat_target`] (which says why).
+    #[inline(always)]
+    fn nat_rewrite(
+        &mut self,
+        frame: &mut Frame<'_>,
+        p: &Parsed,
+        flow: FlowKey,
+        (src, dst): ([u8; 6], [u8; 6]),
+    ) -> Result<(), forward::RewriteError> {
+        let t = &mut self.nat_target;
+        (t.flow, t.macs.src, t.macs.dst) = (flow, src, dst);
+        forward::nat::rewrite(frame, p, &self.nat_target)
     }
 
     /// With a tunnel path MTU set, whether the packet would exceed it once encapsulated; if so the
@@ -1358,7 +1366,7 @@ impl Core {
         backend: &Backend,
         hint: Option<ReplyHint>,
     ) -> Option<ReplyKey> {
-        let SnatProbe { mut key, lo, span, start } = self.snat_probe(tables, proto, backend, 0)?;
+        let SnatProbe { mut key, snat, lo, span, start } = self.snat_probe(tables, proto, backend, 0)?;
         let tries = SNAT_PORT_TRIES.min(span);
         // The key is built once and only its port changes between probes.
         let found = (0..tries).find_map(|i| {
@@ -1377,7 +1385,6 @@ impl Core {
         // The reply key built afresh rather than copied from `key`, whose copy's loads would span
         // the port store just made (a store-forwarding stall).
         let (_, port, hash) = found?;
-        let snat = tables.node().snat_addr_for(backend.addr)?;
         Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash })
     }
 
@@ -1397,7 +1404,7 @@ impl Core {
         let next = self.snat_next.get(backend.slot().index()).copied().unwrap_or(0);
         let start = (u32::from(next) + ahead) % span;
         let port = u16::try_from(u32::from(lo) + start).ok()?;
-        Some(SnatProbe { key: reply_key(backend, snat, port, proto), lo, span, start })
+        Some(SnatProbe { key: reply_key(backend, snat, port, proto), snat, lo, span, start })
     }
 
     /// Inserts an entry (never displacing the entry at `spare`; into the way `hint` names if it still

@@ -50,7 +50,7 @@ const V4_MAPPED_PREFIX: [u8; 12] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff];
 /// Built as one 128-bit value rather than byte by byte, so the 16 bytes are written whole and the
 /// conntrack hash's 64-bit loads of them are forwarded from the store (byte stores followed by wider
 /// loads stall the load until the stores retire; it showed in profiles of the fast path).
-const fn map_v4(a: [u8; 4]) -> [u8; 16] {
+pub(crate) const fn map_v4(a: [u8; 4]) -> [u8; 16] {
     (0xffff_0000_0000u128 | u32::from_be_bytes(a) as u128).to_be_bytes()
 }
 

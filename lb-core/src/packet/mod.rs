@@ -28,6 +28,7 @@
 
 mod flow;
 
+pub(crate) use flow::map_v4;
 pub use flow::{Family, FlowKey};
 
 use etherparse::err::{LenError, ipv4, ipv6_exts, tcp};
