@@ -1,6 +1,6 @@
 //! DestinationHashing ("dh"): a weighted Maglev table from lb-hash, indexed by the hash of the destination address (IPVS's cache-cluster scheduler; for a single VIP every flow has the same destination, so it sends a service's traffic to one backend).
 
-use lb_hash::{BuildError, MaglevTable, maglev_table_size_stable_for};
+use lb_hash::BuildError;
 
 use super::{CoreState, FlowInput, HashedSelection, Scheduler};
 use crate::service::Backend;
@@ -15,11 +15,7 @@ impl DestinationHashing {
     /// Built from the service's backends; `size` is the Maglev table size (prime), `None` for
     /// lb-hash's size that stays put as backends come and go (65 537 up to 655 backends).
     pub fn new(backends: &[Backend], size: Option<u32>) -> Result<Self, BuildError> {
-        let selection = HashedSelection::new(backends, |hb| {
-            let t = MaglevTable::new(hb, size.unwrap_or_else(|| maglev_table_size_stable_for(hb.len())))?;
-            let order = t.backends().iter().map(|b| b.id).collect();
-            Ok((t.into(), order))
-        })?;
+        let selection = HashedSelection::maglev(backends, size)?;
         Ok(DestinationHashing { selection })
     }
 }

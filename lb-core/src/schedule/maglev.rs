@@ -3,7 +3,7 @@
 
 use alloc::sync::Arc;
 
-use lb_hash::{BuildError, MaglevTable, maglev_table_size_stable_for};
+use lb_hash::BuildError;
 
 use super::{CoreState, FlowInput, HashedSelection, Scheduler};
 use crate::service::Backend;
@@ -24,11 +24,7 @@ impl Maglev {
     /// Built from the service's backends; `size` is the Maglev table size (prime), `None` for
     /// lb-hash's size that stays put as backends come and go (65 537 up to 655 backends).
     pub fn new(backends: &[Backend], size: Option<u32>) -> Result<Self, BuildError> {
-        let selection = HashedSelection::new(backends, |hb| {
-            let t = MaglevTable::new(hb, size.unwrap_or_else(|| maglev_table_size_stable_for(hb.len())))?;
-            let order = t.backends().iter().map(|b| b.id).collect();
-            Ok((t.into(), order))
-        })?;
+        let selection = HashedSelection::maglev(backends, size)?;
         let ring = selection.slot_ring(backends);
         Ok(Maglev { selection, ring })
     }

@@ -323,6 +323,17 @@ fn hash_backends(backends: &[Backend]) -> Vec<lb_hash::Backend> {
 }
 
 impl HashedSelection {
+    /// Over a weighted Maglev table of `size` entries (prime; `None`: lb-hash's size that stays put as
+    /// backends come and go, 65 537 up to 655 backends): what mh, sh and dh pick from.
+    fn maglev(backends: &[Backend], size: Option<u32>) -> Result<Self, BuildError> {
+        Self::new(backends, |hb| {
+            let t =
+                lb_hash::MaglevTable::new(hb, size.unwrap_or_else(|| lb_hash::maglev_table_size_stable_for(hb.len())))?;
+            let order = t.backends().iter().map(|b| b.id).collect();
+            Ok((t.into(), order))
+        })
+    }
+
     fn new(
         backends: &[Backend],
         build: impl FnOnce(&[lb_hash::Backend]) -> Result<(AnySelector, Vec<BackendId>), BuildError>,
