@@ -338,12 +338,6 @@ impl Worker {
     }
 }
 
-/// The lb-hash 5-tuple hash of `f` under `hasher` (see [`Core::flow_hash`]).
-#[inline]
-fn flow_hash_with(hasher: &FlowHasher, f: &FlowKey) -> u64 {
-    hasher.five_tuple(f.src_ip(), f.dst_ip(), f.proto(), f.src_port(), f.dst_port())
-}
-
 /// The first probe of a SNAT port search: its reply key (port set), the core's port range (first
 /// port and span) and the first port's offset in it.
 struct SnatProbe {
@@ -905,7 +899,7 @@ impl Core {
     /// The lb-hash 5-tuple hash of `f` (schedulers for new flows, tunnels for the outer header).
     #[inline]
     fn flow_hash(&self, f: &FlowKey) -> u64 {
-        flow_hash_with(&self.hasher, f)
+        self.hasher.five_tuple(f.src_ip(), f.dst_ip(), f.proto(), f.src_port(), f.dst_port())
     }
 
     /// A packet forwarded to `backend` counts at the backend only: its service's packets and bytes
