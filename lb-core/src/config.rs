@@ -403,6 +403,15 @@ impl NodeConfig {
             IpAddr::V6(_) => self.snat_v6.map(IpAddr::V6),
         }
     }
+
+    /// The outer source address of a tunnelled frame (IP-in-IP, GUE) to a backend at `backend`:
+    /// `tunnel_src_v4` or `tunnel_src_v6` by its family, if set.
+    pub fn tunnel_src_for(&self, backend: IpAddr) -> Option<IpAddr> {
+        match backend {
+            IpAddr::V4(_) => self.tunnel_src_v4.map(IpAddr::V4),
+            IpAddr::V6(_) => self.tunnel_src_v6.map(IpAddr::V6),
+        }
+    }
 }
 
 impl Default for NodeConfig {

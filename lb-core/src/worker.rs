@@ -1288,7 +1288,7 @@ impl Core {
             ForwardMode::Dsr => forward::dsr::rewrite(frame, &Macs { src: local_mac, dst: backend.mac })?,
             ForwardMode::IpIp | ForwardMode::Gue { .. } if self.too_big_for_tunnel(tables, frame, p, mode)? => {}
             ForwardMode::IpIp | ForwardMode::Gue { .. } => {
-                let src = tunnel_src(tables, backend.addr).ok_or(DropReason::Unsupported)?;
+                let src = tables.node().tunnel_src_for(backend.addr).ok_or(DropReason::Unsupported)?;
                 // The outer source port (GUE) or flow label (IPv6) comes from the flow hash: the
                 // caller's, else `p`'s flow's, computed only here.
                 let hash = flow_hash.unwrap_or_else(|| self.flow_hash(&p.flow));
@@ -1502,15 +1502,6 @@ fn secs(now: Instant) -> u32 {
 
 fn conn_key(p: &Parsed) -> ConnKey {
     ConnKey::from_flow(&p.flow)
-}
-
-/// The outer source address of a tunnelled frame: the node's tunnel address of the backend's family.
-fn tunnel_src(tables: &Tables, backend: IpAddr) -> Option<IpAddr> {
-    let node = tables.node();
-    Some(match backend {
-        IpAddr::V4(_) => IpAddr::V4(node.tunnel_src_v4?),
-        IpAddr::V6(_) => IpAddr::V6(node.tunnel_src_v6?),
-    })
 }
 
 /// The packet-level flow key of a conntrack key.
