@@ -59,6 +59,11 @@
 //!   answered in place (verdict Tx) once the worker has a MAC ([`Worker::set_neighbour_mac`], off by
 //!   default); all other ARP / NDP passes. See [`crate::neighbour`].
 //! - Rewrites are lb-core's [`forward`] module; headroom needed: [`Frame::HEADROOM_NEEDED`].
+//!
+//! **Where the parts are.** This file holds the per-packet path, from [`Worker::process_burst`]
+//! through `Core::process_frame` to the rewrite, and the bookkeeping around conntrack entries.
+//! Beside it: `batch`, the first passes over a batch (parse, hash, cache warm-up); `snat`, full
+//! NAT's port shares and port search; `state`, a conntrack entry's TCP/UDP states and timeouts.
 
 use alloc::boxed::Box;
 use alloc::sync::Arc;
@@ -67,25 +72,28 @@ use core::net::IpAddr;
 
 use lb_hash::FlowHasher;
 
-use crate::config::{ForwardMode, RemovedBackendPolicy, Timeouts};
-use crate::conntrack::{
-    ConnKey, ConnState, ConntrackTable, Entry, EntryKind, GONE_CLOSED, InsertHint, Likely, NO_LINK, WAYS,
-};
+use crate::config::{ForwardMode, RemovedBackendPolicy};
+use crate::conntrack::{ConnKey, ConnState, ConntrackTable, Entry, EntryKind, GONE_CLOSED, InsertHint, NO_LINK, WAYS};
 use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
 use crate::frame::{Frame, Verdict};
 use crate::neighbour::NeighbourResponder;
-use crate::packet::{self, Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
+use crate::packet::{Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
 use crate::schedule::{CoreState, FlowInput, Scheduler};
-use crate::service::{Backend, BackendRef, BackendSlot, RingRef, Service, ServiceSummary, Tables};
+use crate::service::{Backend, BackendRef, RingRef, Service, ServiceSummary, Tables};
 use crate::stats::{DropReason, Stats};
 use crate::time::Instant;
 
+mod batch;
+mod snat;
+mod state;
+
+use batch::{BATCH, Lookahead};
+use snat::{ReplyHint, hint_for, nat_target_of};
+pub use snat::{snat_port_owner, snat_port_share};
+use state::{StateTimeouts, advance, advance_new};
+
 /// Conntrack buckets swept for expired entries per burst (see [`ConntrackTable::sweep_bucket`]).
 const SWEEP_BUCKETS_PER_BURST: usize = 4;
-/// IP protocol number of UDP.
-const UDP: u8 = 17;
-/// Candidate SNAT ports tried for a new NAT flow before giving up with [`DropReason::NoSnatPort`].
-const SNAT_PORT_TRIES: u32 = 32;
 
 /// How a worker is sized and which share of the node it owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,29 +112,6 @@ impl WorkerConfig {
         WorkerConfig { conntrack_capacity, core_index: 0, core_count: 1 }
     }
 }
-
-/// The SNAT ports (inclusive) that worker `core_index` of `core_count` allocates from: the node's range
-/// cut into equal, disjoint slices (the last takes the remainder). `None` when the slice is empty.
-pub fn snat_port_share(ports: (u16, u16), core_index: u16, core_count: u16) -> Option<(u16, u16)> {
-    let (first, last) = ports;
-    if first == 0 || first > last || core_count == 0 || core_index >= core_count {
-        return None;
-    }
-    let total = u32::from(last) - u32::from(first) + 1;
-    let per = total / u32::from(core_count);
-    if per == 0 {
-        return None;
-    }
-    let lo = u32::from(first) + per * u32::from(core_index);
-    let hi = if core_index + 1 == core_count { u32::from(last) } else { lo + per - 1 };
-    Some((u16::try_from(lo).ok()?, u16::try_from(hi).ok()?))
-}
-
-/// The worker that owns SNAT port `port`, for steering NAT replies to the right core.
-pub fn snat_port_owner(ports: (u16, u16), core_count: u16, port: u16) -> Option<u16> {
-    (0..core_count).find(|&c| snat_port_share(ports, c, core_count).is_some_and(|(lo, hi)| (lo..=hi).contains(&port)))
-}
-
 /// One core's load balancer. See the module docs.
 #[derive(Debug)]
 pub struct Worker {
@@ -194,17 +179,6 @@ struct FlowHashes<'k> {
     /// The frame's place in its batch, where [`Core::reply_hints`] keeps a full-NAT flow's reply
     /// hint.
     slot: usize,
-}
-
-/// A full-NAT flow's first SNAT probe as the warm-up guessed it: the reply key's hash, and the
-/// conntrack's [`InsertHint`] for it (the key absent, and the way its insert takes).
-type ReplyHint = (u64, InsertHint);
-
-/// The insert hint of a reply hint, if the guess was the key of `hash` (the port search may have
-/// moved on to another port).
-#[inline]
-fn hint_for(reply_hint: Option<ReplyHint>, hash: u64) -> Option<InsertHint> {
-    reply_hint.filter(|(h, _)| *h == hash).map(|(_, hint)| hint)
 }
 
 /// The outcome of the per-packet path before counters: a verdict and the frame's service/backend.
@@ -338,157 +312,6 @@ impl Worker {
     }
 }
 
-/// The first probe of a SNAT port search: its reply key (port set), the core's port range (first
-/// port and span) and the first port's offset in it.
-struct SnatProbe {
-    key: ConnKey,
-    /// The SNAT address of the backend's family (the key's destination).
-    snat: IpAddr,
-    lo: u16,
-    span: u32,
-    start: u32,
-}
-
-/// A full-NAT flow's SNAT port with the conntrack key its replies arrive under and that key's hash.
-#[derive(Debug, Clone, Copy)]
-struct ReplyKey {
-    port: u16,
-    key: ConnKey,
-    hash: u64,
-}
-
-/// The conntrack key a NAT flow's replies arrive under: from the backend to the SNAT address and port.
-#[inline]
-fn reply_key(backend: &Backend, snat: IpAddr, snat_port: u16, proto: u8) -> ConnKey {
-    ConnKey::flow(backend.addr, snat, backend.port, snat_port, proto)
-}
-
-/// The flow a NAT flow's client-to-backend frames leave with: the SNAT address and the flow's SNAT
-/// port (from its conntrack entry) to the backend.
-fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend: &Backend) -> Option<FlowKey> {
-    let snat = tables.node().snat_addr_for(backend.addr)?;
-    FlowKey::from_ips(snat, backend.addr, proto, snat_port, backend.port)
-}
-
-/// Frames decided together: the first passes over a batch (parse, hash, service lookup, cache warm-up)
-/// let the memory accesses of different frames overlap.
-const BATCH: usize = 16;
-
-/// What the first passes over a batch learned about one frame, before any state changes.
-#[derive(Debug, Clone, Copy)]
-struct Lookahead {
-    parsed: Result<Parsed, ParseError>,
-    /// Conntrack hash of the frame's own 5-tuple; `None` when it has no ports.
-    conn_hash: Option<u64>,
-    /// The conntrack key that hash is of (valid with `conn_hash`), built once per frame.
-    conn_key: ConnKey,
-    /// [`Tables::lookup_hash`] of the frame's flow, once `needs_service` is set.
-    lookup_hash: u64,
-    /// True for a frame whose service the batch passes look up: every parsed frame but those with a
-    /// likely conntrack hit, which take their service from their backend's location instead.
-    needs_service: bool,
-    /// The service at the frame's (destination, port, protocol), if `needs_service` and any, with
-    /// where its ring is (a Maglev service's new flows pick from it).
-    service: Option<(ServiceSummary, RingRef)>,
-    /// The backend of the conntrack entry the warm-up read for this frame (its own, or the one its
-    /// insert will likely displace), kept so the later warm-up rounds do not search the bucket again.
-    likely_backend: Option<BackendRef>,
-    /// True when that entry is a tag hit, i.e. most likely the frame's own flow.
-    likely_hit: bool,
-    /// The lb-hash 5-tuple hash of a likely new flow of a service (its scheduler's input), computed
-    /// in the warm-up to read ahead what the scheduler will read; `None` for any other frame.
-    flow_hash: Option<u64>,
-    /// For a likely new flow of a service with a ring, the backend slot its ring entry names, read
-    /// in the warm-up (from `flow_hash`) and kept for its pick: the ring entry's remainder and
-    /// lookups are then done once rather than three times.
-    ring_slot: Option<u32>,
-    /// For a likely new flow, the way its insert will take, as the warm-up chose it (to read its
-    /// line ahead): the insert takes it rather than choosing again if the bucket is unchanged.
-    insert_hint: Option<InsertHint>,
-}
-
-impl Lookahead {
-    const NONE: Lookahead = Lookahead {
-        parsed: Err(ParseError::Arp),
-        conn_hash: None,
-        conn_key: ConnKey { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, proto: 0, flags: 0 },
-        lookup_hash: 0,
-        needs_service: false,
-        service: None,
-        likely_backend: None,
-        likely_hit: false,
-        flow_hash: None,
-        ring_slot: None,
-        insert_hint: None,
-    };
-
-    /// Parses `frame` into this slot and hashes its flow.
-    #[inline]
-    fn fill(&mut self, tables: &Tables, frame: &[u8]) {
-        // `packet::parse` spelled out, so the result is written straight into this slot: through
-        // `parse`'s Option-to-Result step the 116-byte `Parsed` was built, then copied (~29
-        // instructions per packet, callgrind), and through `parse_common`'s `Option` once more (14).
-        // A frame with ports learns in the second warm-up round whether it needs its service
-        // looked up; any other parsed frame does. The fast parser's frames all have ports, and it
-        // returns their flow, so the key and its hash come from registers. Reading the slot back
-        // loaded each address as one 16-byte vector from the two 8-byte stores the parser had just
-        // made, and a load spanning two stores cannot be forwarded from them: it waited for both to
-        // reach the cache, twice a packet, ahead of the conntrack hash (25-35 % of an established
-        // packet's time; BENCHMARKS.md, lb-core, session 16).
-        self.service = None;
-        self.likely_backend = None;
-        self.likely_hit = false;
-        self.flow_hash = None;
-        self.ring_slot = None;
-        self.insert_hint = None;
-        let flow = match packet::parse_common_into(frame, &mut self.parsed) {
-            Some(flow) => flow,
-            None => {
-                self.parsed = packet::parse_general(frame);
-                match &self.parsed {
-                    Ok(p) if p.has_ports() => p.flow,
-                    parsed => {
-                        (self.conn_hash, self.needs_service, self.lookup_hash) = match parsed {
-                            Ok(p) => (None, true, tables.lookup_hash(&p.flow)),
-                            Err(_) => (None, false, 0),
-                        };
-                        return;
-                    }
-                }
-            }
-        };
-        self.conn_key = ConnKey::from_flow(&flow);
-        (self.conn_hash, self.needs_service, self.lookup_hash) = (Some(self.conn_key.hash()), false, 0);
-    }
-
-    /// Service lookup: O(1) in the number of services.
-    fn find_service(&mut self, tables: &Tables) {
-        let Ok(p) = &self.parsed else { return };
-        // (`fill` set `service` to `None`.) Only a found service is written: assigning the lookup's
-        // `Option` joined its two paths through a stack copy whose loads spanned two of its stores,
-        // which the core cannot forward from (a store-forwarding stall a new flow).
-        if self.needs_service
-            && matches!(p.l4, L4::Tcp | L4::Udp)
-            && let Some(found) = tables.lookup_flow_ring(&p.flow, self.lookup_hash)
-        {
-            self.service = Some(found);
-        }
-    }
-
-    /// The frame's service: the batch passes' answer, or (for a frame they did not look up, whose
-    /// likely conntrack hit did not take the established path) a lookup now.
-    #[inline]
-    fn service(&self, tables: &Tables, p: &Parsed) -> Option<(ServiceSummary, RingRef)> {
-        if self.needs_service {
-            self.service
-        } else if matches!(p.l4, L4::Tcp | L4::Udp) {
-            tables.lookup_flow_ring(&p.flow, tables.lookup_hash(&p.flow))
-        } else {
-            None
-        }
-    }
-}
-
 impl Core {
     fn install(&mut self, tables: &Tables) {
         if self.conntrack.is_empty() {
@@ -545,257 +368,6 @@ impl Core {
         match &self.neighbour {
             Some(r) => r.answer(tables, frame).count(&mut self.stats),
             None => Ok(Verdict::Pass),
-        }
-    }
-
-    /// Reads what depends only on the frames' hashes: each conntrack bucket's head and, for a frame
-    /// other than a lone SYN, the entry at its key's home way (its own entry, mostly; see
-    /// [`crate::conntrack`]), and for a frame without ports the service index slot where its lookup
-    /// starts. One tight loop of independent loads, so the batch's cache misses overlap. (lb-core
-    /// has no `unsafe`, hence plain loads rather than prefetch instructions; the values are only
-    /// folded into one kept from the optimiser.)
-    fn warm_first(&self, tables: &Tables, ahead: &[Lookahead]) {
-        let mut fold = 0u64;
-        for a in ahead {
-            if let Some(h) = a.conn_hash {
-                // A lone SYN most likely starts a flow: its home entry would be a wasted read.
-                let syn = matches!(&a.parsed, Ok(p) if p.tcp_flags.is_syn_only());
-                fold ^= u64::from(if syn {
-                    self.conntrack.touch_bucket(h)
-                } else {
-                    self.conntrack.touch_bucket_and_home(h)
-                });
-            } else if a.needs_service {
-                fold ^= u64::from(tables.touch_lookup(a.lookup_hash));
-            }
-        }
-        core::hint::black_box(fold);
-    }
-
-    /// The second round, once the bucket heads are in: the likely conntrack entry of each frame
-    /// (its own flow's, or for a new flow the way its insert will take: the entry it displaces, or
-    /// the free way's line, which the insert writes). A frame without a likely hit will need its
-    /// service: hash its key and read the index slot its lookup starts at. A likely hit needs no
-    /// lookup: its backend's location holds its service's summary.
-    ///
-    /// A likely hit's entry line mostly came with its head (its home way), so it is read at once. A
-    /// likely new flow's two reads (the insert's way, the index slot) wait for a second loop that
-    /// only loads: a load that misses holds up retirement and the core runs ahead only as far as its
-    /// reorder window (a few hundred instructions), so with the way choice and the lookup hash
-    /// between them a batch's new flows had their misses one or two at a time rather than together.
-    /// Returns, per frame, the entry at the way its insert will take and whether it displaces it
-    /// (for [`Core::warm_nat`]).
-    fn warm_second(&self, tables: &Tables, ahead: &mut [Lookahead], now: u32) -> [Option<(&Entry, bool)>; BATCH] {
-        // Per frame, the entry at the way its insert will take, and whether it displaces one.
-        let mut insert_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
-        let mut new_flows = false;
-        for (a, way) in ahead.iter_mut().zip(insert_ways.iter_mut()) {
-            let Some(h) = a.conn_hash else { continue };
-            match self.conntrack.likely(h, now) {
-                Likely::Hit(e) => {
-                    a.likely_hit = true;
-                    a.likely_backend = Some(e.backend);
-                    continue;
-                }
-                Likely::Insert { entry, displaces, hint } => {
-                    *way = Some((entry, displaces));
-                    a.insert_hint = Some(hint);
-                }
-                Likely::Unknown => {}
-            }
-            if let Ok(p) = &a.parsed {
-                a.needs_service = true;
-                a.lookup_hash = tables.lookup_hash(&p.flow);
-            }
-            new_flows = true;
-        }
-        if !new_flows {
-            return insert_ways;
-        }
-        let mut fold = 0u64;
-        for (a, way) in ahead.iter_mut().zip(insert_ways.iter()) {
-            match way {
-                Some((e, true)) => a.likely_backend = Some(e.backend),
-                Some((e, false)) => fold ^= u64::from(e.expires),
-                None => {}
-            }
-            // (A frame without ports had its index slot read in the first round.)
-            if a.needs_service && a.conn_hash.is_some() {
-                fold ^= u64::from(tables.touch_lookup(a.lookup_hash));
-            }
-        }
-        core::hint::black_box(fold);
-        insert_ways
-    }
-
-    /// For the likely new full-NAT flows of the batch, reads ahead the lines their second half will
-    /// touch, each a miss in another bucket that would otherwise come one after another per flow:
-    /// first the reverse entry of the NAT flow the forward insert will displace (unlinked with it)
-    /// and the bucket head and home line of the reply key the SNAT port search tries first; then the
-    /// line the reverse entry's insert will take in that bucket; then the reverse entry of the NAT
-    /// flow that insert will displace. Only Maglev services with a ring (the backend known from its
-    /// ring entry without a scheduler). `forward_ways` are [`Core::warm_second`]'s insert ways (the
-    /// forward inserts'; their lines are in the cache). As in `warm_second`, each round computes what to
-    /// read in one loop (from lines already in the cache) and reads it in another that only loads,
-    /// so the batch's misses are in flight together.
-    ///
-    /// Returns, per frame, its first SNAT probe's reply hash with the conntrack's insert hint for
-    /// it, when no entry holds that key's tag (the port is then most likely free).
-    #[inline(never)]
-    fn warm_nat(
-        &self,
-        tables: &Tables,
-        ahead: &[Lookahead],
-        forward_ways: &[Option<(&Entry, bool)>; BATCH],
-        now: u32,
-    ) -> [Option<ReplyHint>; BATCH] {
-        // Per frame: the displaced NAT flow's reverse entry, and the first SNAT probe's reply hash.
-        let mut links = [NO_LINK; BATCH];
-        let mut reply_hashes = [None; BATCH];
-        // The backend slots of the batch's NAT flows so far: each earlier flow to the same backend
-        // moves that backend's first SNAT probe on by one.
-        let mut slots = [u32::MAX; BATCH];
-        let mut nat = 0;
-        let frames = ahead.iter().zip(forward_ways).zip(links.iter_mut()).zip(reply_hashes.iter_mut());
-        for (((a, forward_way), link), reply) in frames {
-            // (Only a likely new flow of a ring service has its ring slot.)
-            let (Some(ring_slot), Some((s, _)), Ok(p)) = (a.ring_slot, a.service, &a.parsed) else { continue };
-            if s.mode != ForwardMode::Nat {
-                continue;
-            }
-            if let Some((e, true)) = forward_way
-                && e.kind == EntryKind::Forward
-            {
-                *link = e.link;
-            }
-            let Some(b) = tables.backend_in_slot(ring_slot) else { continue };
-            let slot = b.slot().index() as u32;
-            let earlier = slots.iter().take(nat).filter(|&&s| s == slot).count() as u32;
-            let Some(probe) = self.snat_probe(tables, p.flow.proto(), b, earlier) else { continue };
-            *reply = Some(probe.key.hash());
-            if let Some(s) = slots.get_mut(nat) {
-                *s = slot;
-            }
-            nat += 1;
-        }
-        let mut hints = [None; BATCH];
-        if nat == 0 {
-            return hints;
-        }
-        let mut fold = 0u64;
-        for (&link, reply) in links.iter().zip(reply_hashes.iter()) {
-            if link != NO_LINK {
-                fold ^= u64::from(self.conntrack.touch_index(link));
-            }
-            if let Some(rh) = *reply {
-                fold ^= u64::from(self.conntrack.touch_bucket_and_home(rh));
-            }
-        }
-        let mut reverse_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
-        for ((reply, way), hint) in reply_hashes.iter().zip(reverse_ways.iter_mut()).zip(hints.iter_mut()) {
-            if let Some(rh) = *reply
-                && let Likely::Insert { entry, displaces, hint: h } = self.conntrack.likely(rh, now)
-            {
-                *way = Some((entry, displaces));
-                *hint = Some((rh, h));
-            }
-        }
-        // Per frame: the reverse entry of the NAT flow the reverse insert will displace.
-        let mut reply_links = [NO_LINK; BATCH];
-        for (way, link) in reverse_ways.iter().zip(reply_links.iter_mut()) {
-            match way {
-                Some((e, true)) if e.kind == EntryKind::Forward => *link = e.link,
-                Some((e, _)) => fold ^= u64::from(e.expires),
-                None => {}
-            }
-        }
-        for &link in reply_links.iter().filter(|&&l| l != NO_LINK) {
-            fold ^= u64::from(self.conntrack.touch_index(link));
-        }
-        core::hint::black_box(fold);
-        hints
-    }
-
-    /// Reads, in three more tight loops over the batch, what deciding its frames will read once the
-    /// services are known: the backend location (a copy of the backend and its service's summary) of
-    /// each likely hit, the backend counters of each likely entry (the frame's own, or the one a new
-    /// flow's insert will displace), and for a likely new flow its ring entry (from the flow's
-    /// scheduler hash, computed with its service lookup and kept for the decision) or, for a service
-    /// without a ring, its service line, then that service's scheduler line, backends and (Maglev) the
-    /// table entry its pick will read; last the picked backend's location and counters and the
-    /// displaced entry's backend generation.
-    /// (Service counters are their backends' sums: a packet adds to its backend's only.) Returns whether
-    /// the batch holds a likely new flow of a full-NAT service (see [`Core::warm_nat`]).
-    fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) -> bool {
-        let mut fold = 0u64;
-        let mut nat = false;
-        for a in ahead.iter_mut() {
-            if let Some((s, ring)) = a.service {
-                nat |= s.mode == ForwardMode::Nat;
-                if ring.is_none() {
-                    fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
-                } else if let Some(h) = a.flow_hash {
-                    a.ring_slot = tables.ring_slot(ring, h);
-                }
-            }
-            if let Some(b) = a.likely_backend {
-                // The location only for the frame's own entry: forgetting a displaced entry reads
-                // its backend's generation and counters, not its location.
-                if a.likely_hit {
-                    fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
-                }
-                // Its counters: a packet adds to them, a displaced entry's backend loses a connection.
-                fold ^= self.stats.touch_backend(BackendSlot(b.slot));
-            }
-        }
-        for a in ahead.iter_mut() {
-            let Some((s, ring)) = a.service else { continue };
-            if ring.is_some() {
-                continue;
-            }
-            if let Some(s) = tables.service(s.index as usize) {
-                fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
-                // A likely new flow: (Maglev) the table entry and index map the pick will read.
-                if let Some(h) = a.flow_hash {
-                    fold ^= u64::from(s.scheduler.touch(h));
-                }
-            }
-        }
-        // Then the location and counters of the backend a likely new flow's pick will give, and the
-        // generation of the backend whose entry its insert will likely displace (forgetting that
-        // entry reads it). A ring entry is the backend's slot: its location and counters are read
-        // side by side from it, not the counters through the location (one miss after another).
-        for a in ahead.iter() {
-            let (Some(h), Some((s, ring))) = (a.flow_hash, a.service) else { continue };
-            let picked = if ring.is_some() {
-                a.ring_slot.map(|slot| {
-                    fold ^= u64::from(tables.touch_location(slot));
-                    BackendSlot(slot)
-                })
-            } else {
-                tables
-                    .service(s.index as usize)
-                    .and_then(|s| s.scheduler.likely_pick(h).and_then(|i| s.backends.get(i)))
-                    .map(Backend::slot)
-            };
-            if let Some(slot) = picked {
-                fold ^= self.stats.touch_backend(slot);
-            }
-            if let Some(b) = a.likely_backend {
-                fold ^= u64::from(self.backend_generations.get(b.slot as usize).copied().unwrap_or(0));
-            }
-        }
-        core::hint::black_box(fold);
-        nat
-    }
-
-    /// The lb-hash 5-tuple hash of a frame the warm-up judges a likely new flow (no likely conntrack
-    /// hit, ports), its scheduler's input; `None` for any other frame.
-    #[inline]
-    fn likely_new_flow_hash(&self, a: &Lookahead) -> Option<u64> {
-        match &a.parsed {
-            Ok(p) if !a.likely_hit && p.has_ports() => Some(self.flow_hash(&p.flow)),
-            _ => None,
         }
     }
 
@@ -1344,63 +916,6 @@ impl Core {
         Ok(true)
     }
 
-    /// A free SNAT port from this core's share for a flow to `backend`: free means no reply key
-    /// (backend, SNAT address, backend port, port) is tracked. Probes from the port after the last
-    /// one this core gave a flow to this backend, as RFC 6056's per-destination counter does (its
-    /// algorithm 4, the backend being the destination): a port comes back to a backend only after
-    /// every other port of the share has gone to it, so the first probe is free while the backend
-    /// holds fewer of this core's flows than the share has ports, and a backend's old connection on
-    /// a port (its TIME-WAIT) is as long gone as it can be. (A start from the flow hash met one of a
-    /// busy backend's flows as often as the share was in use, ~40 % of new flows in the NAT flood
-    /// benchmark, each collision a cache miss in another bucket, and reused a port at random.)
-    fn pick_snat_port(
-        &mut self,
-        tables: &Tables,
-        proto: u8,
-        backend: &Backend,
-        hint: Option<ReplyHint>,
-    ) -> Option<ReplyKey> {
-        let SnatProbe { mut key, snat, lo, span, start } = self.snat_probe(tables, proto, backend, 0)?;
-        let tries = SNAT_PORT_TRIES.min(span);
-        // The key is built once and only its port changes between probes.
-        let found = (0..tries).find_map(|i| {
-            let port = u16::try_from(u32::from(lo) + (start + i) % span).ok()?;
-            key.dport = port;
-            let hash = key.hash();
-            // The warm-up's guess, if this is the key it guessed, may spare the lookup.
-            let found = self.conntrack.find_hinted(&key, hash, hint_for(hint, hash));
-            found.is_none().then_some((i, port, hash))
-        });
-        // Past the port given out, or past every port tried.
-        let next = start + found.map_or(tries, |(i, _, _)| i + 1);
-        if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
-            *n = u16::try_from(next % span).unwrap_or(0);
-        }
-        // The reply key built afresh rather than copied from `key`, whose copy's loads would span
-        // the port store just made (a store-forwarding stall).
-        let (_, port, hash) = found?;
-        Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash })
-    }
-
-    /// The reply hint of the frame at `slot` of the batch being decided, if the warm-up made one.
-    #[inline]
-    fn reply_hint(&self, slot: usize) -> Option<ReplyHint> {
-        if self.reply_hints_live { self.reply_hints.get(slot).copied().flatten() } else { None }
-    }
-
-    /// Where the SNAT port search for a flow to `backend` starts, `ahead` flows to the same backend
-    /// later (the warm-up's guess for the later flows of a batch; see [`Core::pick_snat_port`]).
-    #[inline]
-    fn snat_probe(&self, tables: &Tables, proto: u8, backend: &Backend, ahead: u32) -> Option<SnatProbe> {
-        let (lo, hi) = self.snat_ports?;
-        let snat = tables.node().snat_addr_for(backend.addr)?;
-        let span = u32::from(hi) - u32::from(lo) + 1;
-        let next = self.snat_next.get(backend.slot().index()).copied().unwrap_or(0);
-        let start = (u32::from(next) + ahead) % span;
-        let port = u16::try_from(u32::from(lo) + start).ok()?;
-        Some(SnatProbe { key: reply_key(backend, snat, port, proto), snat, lo, span, start })
-    }
-
     /// Inserts an entry (never displacing the entry at `spare`; into the way `hint` names if it still
     /// holds), accounting for whatever it displaced.
     fn insert(
@@ -1507,142 +1022,4 @@ fn conn_key(p: &Parsed) -> ConnKey {
 /// The packet-level flow key of a conntrack key.
 fn flow_key(k: &ConnKey) -> Option<FlowKey> {
     FlowKey::from_ips(k.src_ip(), k.dst_ip(), k.proto, k.sport, k.dport)
-}
-
-/// Idle timeout in whole seconds per [`ConnState`] (indexed by its `repr(u8)` value), converted once
-/// when tables are installed: converting the `Duration`s per packet was about a quarter of [`advance`]
-/// (callgrind, established packets).
-#[derive(Debug, Clone, Copy)]
-struct StateTimeouts([u32; 8]);
-
-impl StateTimeouts {
-    fn new(t: &Timeouts) -> Self {
-        let secs = |state| {
-            let d = match state {
-                ConnState::SynSeen => t.tcp_syn,
-                ConnState::Established => t.tcp_established,
-                ConnState::Closing => t.tcp_fin,
-                ConnState::TimeWait => t.tcp_time_wait,
-                ConnState::UdpNew | ConnState::UdpAssured | ConnState::Affinity => t.udp,
-                // The flow's own idle timeout; `advance` shortens it once the client closes.
-                ConnState::BackendGone => t.tcp_established,
-            };
-            u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
-        };
-        StateTimeouts(ConnState::ALL.map(secs))
-    }
-}
-
-fn timeout_of(state: ConnState, t: &StateTimeouts) -> u32 {
-    // `& 7`: eight states, so the index is in bounds by construction (no check, no panic path).
-    t.0[state as usize & 7]
-}
-
-/// The state of a new entry from its first packet's TCP flags.
-fn advance_new(e: &mut Entry, flags: TcpFlags, t: &StateTimeouts, now: u32) {
-    if e.state == ConnState::SynSeen {
-        if flags.contains(TcpFlags::RST) {
-            e.state = ConnState::TimeWait;
-        } else if flags.contains(TcpFlags::FIN) {
-            e.state = ConnState::Closing;
-            e.fins = 1;
-        }
-    }
-    e.expires = now.saturating_add(timeout_of(e.state, t));
-}
-
-/// The state after a packet of a known flow, from the client (`from_client`) or the backend (NAT
-/// replies). IPVS-like: the client's ACK after SYN establishes, a FIN closes, both FINs or an RST
-/// reach time-wait. Each packet refreshes the idle timeout of the state it leaves the flow in.
-///
-/// A [`ConnState::BackendGone`] tombstone stays one: any packet refreshes its idle timeout (UDP's for
-/// a UDP flow), until the client's FIN or RST starts a fixed time-wait timeout that later packets do
-/// not extend.
-///
-/// Returns 1 when the flow became established, -1 when it left that state, 0 otherwise.
-#[inline]
-fn advance(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &StateTimeouts, now: u32) -> i8 {
-    // Most packets: an established TCP flow's segment without SYN, FIN or RST only renews its
-    // expiry (`advance_any` would do the same; a test holds them equal), so it skips the state
-    // match: -27 instructions a packet on the established path (callgrind, 586 -> 559).
-    if is_renewal(e, flags) {
-        e.expires = now.saturating_add(timeout_of(ConnState::Established, t));
-        return 0;
-    }
-    advance_any(e, flags, from_client, t, now)
-}
-
-/// True for a packet [`advance`] takes as a plain renewal of an established flow.
-fn is_renewal(e: &Entry, flags: TcpFlags) -> bool {
-    e.state == ConnState::Established && flags.0 & (TcpFlags::SYN | TcpFlags::FIN | TcpFlags::RST) == 0
-}
-
-/// [`advance`] for any entry and packet.
-fn advance_any(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &StateTimeouts, now: u32) -> i8 {
-    let was_established = e.state == ConnState::Established;
-    if e.state == ConnState::BackendGone {
-        if e.fins & GONE_CLOSED == 0 {
-            let timeout = if from_client && (flags.contains(TcpFlags::FIN) || flags.contains(TcpFlags::RST)) {
-                e.fins |= GONE_CLOSED;
-                timeout_of(ConnState::TimeWait, t)
-            } else if e.key.proto == UDP {
-                timeout_of(ConnState::UdpAssured, t)
-            } else {
-                timeout_of(ConnState::BackendGone, t)
-            };
-            e.expires = now.saturating_add(timeout);
-        }
-        return 0;
-    }
-    e.state = match e.state {
-        ConnState::UdpNew | ConnState::UdpAssured => ConnState::UdpAssured,
-        ConnState::Affinity => ConnState::Affinity,
-        s if flags.contains(TcpFlags::RST) => {
-            let _ = s;
-            ConnState::TimeWait
-        }
-        s if flags.contains(TcpFlags::FIN) => {
-            let _ = s;
-            e.fins |= if from_client { 1 } else { 2 };
-            if e.fins == 3 { ConnState::TimeWait } else { ConnState::Closing }
-        }
-        ConnState::SynSeen if from_client && flags.contains(TcpFlags::ACK) && !flags.contains(TcpFlags::SYN) => {
-            ConnState::Established
-        }
-        s => s,
-    };
-    e.expires = now.saturating_add(timeout_of(e.state, t));
-    i8::from(e.state == ConnState::Established) - i8::from(was_established)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::conntrack::EntryKind;
-
-    /// The renewal shortcut in `advance` decides every packet it takes exactly as the full state
-    /// machine would: every state, every flag byte, both directions, every `fins` value. (It fails
-    /// if the shortcut also took, say, FIN segments, which move an established flow to closing.)
-    #[test]
-    fn advance_renewal_shortcut_matches_the_state_machine() {
-        let t = StateTimeouts::new(&Timeouts::default());
-        let mut taken = 0;
-        for state in ConnState::ALL {
-            for fins in [0, 1, 2, 3, GONE_CLOSED] {
-                for flags in 0..=u8::MAX {
-                    for from_client in [true, false] {
-                        let e = Entry { state, fins, kind: EntryKind::Forward, expires: 5, ..Entry::default() };
-                        let (mut fast, mut full) = (e, e);
-                        let flags = TcpFlags(flags);
-                        let a = advance(&mut fast, flags, from_client, &t, 100);
-                        let b = advance_any(&mut full, flags, from_client, &t, 100);
-                        assert_eq!((a, fast), (b, full), "{state:?} fins {fins} flags {:#04x}", flags.0);
-                        taken += usize::from(is_renewal(&e, flags));
-                    }
-                }
-            }
-        }
-        // Established, any fins, the 32 flag bytes without SYN, FIN and RST, both ways.
-        assert_eq!(taken, 5 * 32 * 2);
-    }
 }

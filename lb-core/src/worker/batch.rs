@@ -1,0 +1,387 @@
+//! The first passes over a batch of frames: parse and hash each, then warm the cache for what
+//! deciding them will read, in rounds of independent loads so the batch's misses overlap (see the
+//! module docs of [`crate::worker`]). Nothing here changes state; [`Core::process_frame`] then
+//! decides each frame exactly as if alone.
+
+use super::{Core, ReplyHint};
+use crate::config::ForwardMode;
+use crate::conntrack::{ConnKey, Entry, EntryKind, InsertHint, Likely, NO_LINK};
+use crate::packet::{self, L4, ParseError, Parsed};
+use crate::service::{Backend, BackendRef, BackendSlot, RingRef, ServiceSummary, Tables};
+
+/// Frames decided together: the first passes over a batch (parse, hash, service lookup, cache warm-up)
+/// let the memory accesses of different frames overlap.
+pub(super) const BATCH: usize = 16;
+
+/// What the first passes over a batch learned about one frame, before any state changes.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Lookahead {
+    pub(super) parsed: Result<Parsed, ParseError>,
+    /// Conntrack hash of the frame's own 5-tuple; `None` when it has no ports.
+    pub(super) conn_hash: Option<u64>,
+    /// The conntrack key that hash is of (valid with `conn_hash`), built once per frame.
+    pub(super) conn_key: ConnKey,
+    /// [`Tables::lookup_hash`] of the frame's flow, once `needs_service` is set.
+    pub(super) lookup_hash: u64,
+    /// True for a frame whose service the batch passes look up: every parsed frame but those with a
+    /// likely conntrack hit, which take their service from their backend's location instead.
+    pub(super) needs_service: bool,
+    /// The service at the frame's (destination, port, protocol), if `needs_service` and any, with
+    /// where its ring is (a Maglev service's new flows pick from it).
+    pub(super) service: Option<(ServiceSummary, RingRef)>,
+    /// The backend of the conntrack entry the warm-up read for this frame (its own, or the one its
+    /// insert will likely displace), kept so the later warm-up rounds do not search the bucket again.
+    pub(super) likely_backend: Option<BackendRef>,
+    /// True when that entry is a tag hit, i.e. most likely the frame's own flow.
+    pub(super) likely_hit: bool,
+    /// The lb-hash 5-tuple hash of a likely new flow of a service (its scheduler's input), computed
+    /// in the warm-up to read ahead what the scheduler will read; `None` for any other frame.
+    pub(super) flow_hash: Option<u64>,
+    /// For a likely new flow of a service with a ring, the backend slot its ring entry names, read
+    /// in the warm-up (from `flow_hash`) and kept for its pick: the ring entry's remainder and
+    /// lookups are then done once rather than three times.
+    pub(super) ring_slot: Option<u32>,
+    /// For a likely new flow, the way its insert will take, as the warm-up chose it (to read its
+    /// line ahead): the insert takes it rather than choosing again if the bucket is unchanged.
+    pub(super) insert_hint: Option<InsertHint>,
+}
+
+impl Lookahead {
+    pub(super) const NONE: Lookahead = Lookahead {
+        parsed: Err(ParseError::Arp),
+        conn_hash: None,
+        conn_key: ConnKey { src: [0; 16], dst: [0; 16], sport: 0, dport: 0, proto: 0, flags: 0 },
+        lookup_hash: 0,
+        needs_service: false,
+        service: None,
+        likely_backend: None,
+        likely_hit: false,
+        flow_hash: None,
+        ring_slot: None,
+        insert_hint: None,
+    };
+
+    /// Parses `frame` into this slot and hashes its flow.
+    #[inline]
+    pub(super) fn fill(&mut self, tables: &Tables, frame: &[u8]) {
+        // `packet::parse` spelled out, so the result is written straight into this slot: through
+        // `parse`'s Option-to-Result step the 116-byte `Parsed` was built, then copied (~29
+        // instructions per packet, callgrind), and through `parse_common`'s `Option` once more (14).
+        // A frame with ports learns in the second warm-up round whether it needs its service
+        // looked up; any other parsed frame does. The fast parser's frames all have ports, and it
+        // returns their flow, so the key and its hash come from registers. Reading the slot back
+        // loaded each address as one 16-byte vector from the two 8-byte stores the parser had just
+        // made, and a load spanning two stores cannot be forwarded from them: it waited for both to
+        // reach the cache, twice a packet, ahead of the conntrack hash (25-35 % of an established
+        // packet's time; BENCHMARKS.md, lb-core, session 16).
+        self.service = None;
+        self.likely_backend = None;
+        self.likely_hit = false;
+        self.flow_hash = None;
+        self.ring_slot = None;
+        self.insert_hint = None;
+        let flow = match packet::parse_common_into(frame, &mut self.parsed) {
+            Some(flow) => flow,
+            None => {
+                self.parsed = packet::parse_general(frame);
+                match &self.parsed {
+                    Ok(p) if p.has_ports() => p.flow,
+                    parsed => {
+                        (self.conn_hash, self.needs_service, self.lookup_hash) = match parsed {
+                            Ok(p) => (None, true, tables.lookup_hash(&p.flow)),
+                            Err(_) => (None, false, 0),
+                        };
+                        return;
+                    }
+                }
+            }
+        };
+        self.conn_key = ConnKey::from_flow(&flow);
+        (self.conn_hash, self.needs_service, self.lookup_hash) = (Some(self.conn_key.hash()), false, 0);
+    }
+
+    /// Service lookup: O(1) in the number of services.
+    pub(super) fn find_service(&mut self, tables: &Tables) {
+        let Ok(p) = &self.parsed else { return };
+        // (`fill` set `service` to `None`.) Only a found service is written: assigning the lookup's
+        // `Option` joined its two paths through a stack copy whose loads spanned two of its stores,
+        // which the core cannot forward from (a store-forwarding stall a new flow).
+        if self.needs_service
+            && matches!(p.l4, L4::Tcp | L4::Udp)
+            && let Some(found) = tables.lookup_flow_ring(&p.flow, self.lookup_hash)
+        {
+            self.service = Some(found);
+        }
+    }
+
+    /// The frame's service: the batch passes' answer, or (for a frame they did not look up, whose
+    /// likely conntrack hit did not take the established path) a lookup now.
+    #[inline]
+    pub(super) fn service(&self, tables: &Tables, p: &Parsed) -> Option<(ServiceSummary, RingRef)> {
+        if self.needs_service {
+            self.service
+        } else if matches!(p.l4, L4::Tcp | L4::Udp) {
+            tables.lookup_flow_ring(&p.flow, tables.lookup_hash(&p.flow))
+        } else {
+            None
+        }
+    }
+}
+
+impl Core {
+    /// Reads what depends only on the frames' hashes: each conntrack bucket's head and, for a frame
+    /// other than a lone SYN, the entry at its key's home way (its own entry, mostly; see
+    /// [`crate::conntrack`]), and for a frame without ports the service index slot where its lookup
+    /// starts. One tight loop of independent loads, so the batch's cache misses overlap. (lb-core
+    /// has no `unsafe`, hence plain loads rather than prefetch instructions; the values are only
+    /// folded into one kept from the optimiser.)
+    pub(super) fn warm_first(&self, tables: &Tables, ahead: &[Lookahead]) {
+        let mut fold = 0u64;
+        for a in ahead {
+            if let Some(h) = a.conn_hash {
+                // A lone SYN most likely starts a flow: its home entry would be a wasted read.
+                let syn = matches!(&a.parsed, Ok(p) if p.tcp_flags.is_syn_only());
+                fold ^= u64::from(if syn {
+                    self.conntrack.touch_bucket(h)
+                } else {
+                    self.conntrack.touch_bucket_and_home(h)
+                });
+            } else if a.needs_service {
+                fold ^= u64::from(tables.touch_lookup(a.lookup_hash));
+            }
+        }
+        core::hint::black_box(fold);
+    }
+
+    /// The second round, once the bucket heads are in: the likely conntrack entry of each frame
+    /// (its own flow's, or for a new flow the way its insert will take: the entry it displaces, or
+    /// the free way's line, which the insert writes). A frame without a likely hit will need its
+    /// service: hash its key and read the index slot its lookup starts at. A likely hit needs no
+    /// lookup: its backend's location holds its service's summary.
+    ///
+    /// A likely hit's entry line mostly came with its head (its home way), so it is read at once. A
+    /// likely new flow's two reads (the insert's way, the index slot) wait for a second loop that
+    /// only loads: a load that misses holds up retirement and the core runs ahead only as far as its
+    /// reorder window (a few hundred instructions), so with the way choice and the lookup hash
+    /// between them a batch's new flows had their misses one or two at a time rather than together.
+    /// Returns, per frame, the entry at the way its insert will take and whether it displaces it
+    /// (for [`Core::warm_nat`]).
+    pub(super) fn warm_second(
+        &self,
+        tables: &Tables,
+        ahead: &mut [Lookahead],
+        now: u32,
+    ) -> [Option<(&Entry, bool)>; BATCH] {
+        // Per frame, the entry at the way its insert will take, and whether it displaces one.
+        let mut insert_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
+        let mut new_flows = false;
+        for (a, way) in ahead.iter_mut().zip(insert_ways.iter_mut()) {
+            let Some(h) = a.conn_hash else { continue };
+            match self.conntrack.likely(h, now) {
+                Likely::Hit(e) => {
+                    a.likely_hit = true;
+                    a.likely_backend = Some(e.backend);
+                    continue;
+                }
+                Likely::Insert { entry, displaces, hint } => {
+                    *way = Some((entry, displaces));
+                    a.insert_hint = Some(hint);
+                }
+                Likely::Unknown => {}
+            }
+            if let Ok(p) = &a.parsed {
+                a.needs_service = true;
+                a.lookup_hash = tables.lookup_hash(&p.flow);
+            }
+            new_flows = true;
+        }
+        if !new_flows {
+            return insert_ways;
+        }
+        let mut fold = 0u64;
+        for (a, way) in ahead.iter_mut().zip(insert_ways.iter()) {
+            match way {
+                Some((e, true)) => a.likely_backend = Some(e.backend),
+                Some((e, false)) => fold ^= u64::from(e.expires),
+                None => {}
+            }
+            // (A frame without ports had its index slot read in the first round.)
+            if a.needs_service && a.conn_hash.is_some() {
+                fold ^= u64::from(tables.touch_lookup(a.lookup_hash));
+            }
+        }
+        core::hint::black_box(fold);
+        insert_ways
+    }
+
+    /// For the likely new full-NAT flows of the batch, reads ahead the lines their second half will
+    /// touch, each a miss in another bucket that would otherwise come one after another per flow:
+    /// first the reverse entry of the NAT flow the forward insert will displace (unlinked with it)
+    /// and the bucket head and home line of the reply key the SNAT port search tries first; then the
+    /// line the reverse entry's insert will take in that bucket; then the reverse entry of the NAT
+    /// flow that insert will displace. Only Maglev services with a ring (the backend known from its
+    /// ring entry without a scheduler). `forward_ways` are [`Core::warm_second`]'s insert ways (the
+    /// forward inserts'; their lines are in the cache). As in `warm_second`, each round computes what to
+    /// read in one loop (from lines already in the cache) and reads it in another that only loads,
+    /// so the batch's misses are in flight together.
+    ///
+    /// Returns, per frame, its first SNAT probe's reply hash with the conntrack's insert hint for
+    /// it, when no entry holds that key's tag (the port is then most likely free).
+    #[inline(never)]
+    pub(super) fn warm_nat(
+        &self,
+        tables: &Tables,
+        ahead: &[Lookahead],
+        forward_ways: &[Option<(&Entry, bool)>; BATCH],
+        now: u32,
+    ) -> [Option<ReplyHint>; BATCH] {
+        // Per frame: the displaced NAT flow's reverse entry, and the first SNAT probe's reply hash.
+        let mut links = [NO_LINK; BATCH];
+        let mut reply_hashes = [None; BATCH];
+        // The backend slots of the batch's NAT flows so far: each earlier flow to the same backend
+        // moves that backend's first SNAT probe on by one.
+        let mut slots = [u32::MAX; BATCH];
+        let mut nat = 0;
+        let frames = ahead.iter().zip(forward_ways).zip(links.iter_mut()).zip(reply_hashes.iter_mut());
+        for (((a, forward_way), link), reply) in frames {
+            // (Only a likely new flow of a ring service has its ring slot.)
+            let (Some(ring_slot), Some((s, _)), Ok(p)) = (a.ring_slot, a.service, &a.parsed) else { continue };
+            if s.mode != ForwardMode::Nat {
+                continue;
+            }
+            if let Some((e, true)) = forward_way
+                && e.kind == EntryKind::Forward
+            {
+                *link = e.link;
+            }
+            let Some(b) = tables.backend_in_slot(ring_slot) else { continue };
+            let slot = b.slot().index() as u32;
+            let earlier = slots.iter().take(nat).filter(|&&s| s == slot).count() as u32;
+            let Some(probe) = self.snat_probe(tables, p.flow.proto(), b, earlier) else { continue };
+            *reply = Some(probe.key.hash());
+            if let Some(s) = slots.get_mut(nat) {
+                *s = slot;
+            }
+            nat += 1;
+        }
+        let mut hints = [None; BATCH];
+        if nat == 0 {
+            return hints;
+        }
+        let mut fold = 0u64;
+        for (&link, reply) in links.iter().zip(reply_hashes.iter()) {
+            if link != NO_LINK {
+                fold ^= u64::from(self.conntrack.touch_index(link));
+            }
+            if let Some(rh) = *reply {
+                fold ^= u64::from(self.conntrack.touch_bucket_and_home(rh));
+            }
+        }
+        let mut reverse_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
+        for ((reply, way), hint) in reply_hashes.iter().zip(reverse_ways.iter_mut()).zip(hints.iter_mut()) {
+            if let Some(rh) = *reply
+                && let Likely::Insert { entry, displaces, hint: h } = self.conntrack.likely(rh, now)
+            {
+                *way = Some((entry, displaces));
+                *hint = Some((rh, h));
+            }
+        }
+        // Per frame: the reverse entry of the NAT flow the reverse insert will displace.
+        let mut reply_links = [NO_LINK; BATCH];
+        for (way, link) in reverse_ways.iter().zip(reply_links.iter_mut()) {
+            match way {
+                Some((e, true)) if e.kind == EntryKind::Forward => *link = e.link,
+                Some((e, _)) => fold ^= u64::from(e.expires),
+                None => {}
+            }
+        }
+        for &link in reply_links.iter().filter(|&&l| l != NO_LINK) {
+            fold ^= u64::from(self.conntrack.touch_index(link));
+        }
+        core::hint::black_box(fold);
+        hints
+    }
+
+    /// Reads, in three more tight loops over the batch, what deciding its frames will read once the
+    /// services are known: the backend location (a copy of the backend and its service's summary) of
+    /// each likely hit, the backend counters of each likely entry (the frame's own, or the one a new
+    /// flow's insert will displace), and for a likely new flow its ring entry (from the flow's
+    /// scheduler hash, computed with its service lookup and kept for the decision) or, for a service
+    /// without a ring, its service line, then that service's scheduler line, backends and (Maglev) the
+    /// table entry its pick will read; last the picked backend's location and counters and the
+    /// displaced entry's backend generation.
+    /// (Service counters are their backends' sums: a packet adds to its backend's only.) Returns whether
+    /// the batch holds a likely new flow of a full-NAT service (see [`Core::warm_nat`]).
+    pub(super) fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) -> bool {
+        let mut fold = 0u64;
+        let mut nat = false;
+        for a in ahead.iter_mut() {
+            if let Some((s, ring)) = a.service {
+                nat |= s.mode == ForwardMode::Nat;
+                if ring.is_none() {
+                    fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
+                } else if let Some(h) = a.flow_hash {
+                    a.ring_slot = tables.ring_slot(ring, h);
+                }
+            }
+            if let Some(b) = a.likely_backend {
+                // The location only for the frame's own entry: forgetting a displaced entry reads
+                // its backend's generation and counters, not its location.
+                if a.likely_hit {
+                    fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
+                }
+                // Its counters: a packet adds to them, a displaced entry's backend loses a connection.
+                fold ^= self.stats.touch_backend(BackendSlot(b.slot));
+            }
+        }
+        for a in ahead.iter_mut() {
+            let Some((s, ring)) = a.service else { continue };
+            if ring.is_some() {
+                continue;
+            }
+            if let Some(s) = tables.service(s.index as usize) {
+                fold ^= s.backends.first().map_or(0, |b| u64::from(b.port));
+                // A likely new flow: (Maglev) the table entry and index map the pick will read.
+                if let Some(h) = a.flow_hash {
+                    fold ^= u64::from(s.scheduler.touch(h));
+                }
+            }
+        }
+        // Then the location and counters of the backend a likely new flow's pick will give, and the
+        // generation of the backend whose entry its insert will likely displace (forgetting that
+        // entry reads it). A ring entry is the backend's slot: its location and counters are read
+        // side by side from it, not the counters through the location (one miss after another).
+        for a in ahead.iter() {
+            let (Some(h), Some((s, ring))) = (a.flow_hash, a.service) else { continue };
+            let picked = if ring.is_some() {
+                a.ring_slot.map(|slot| {
+                    fold ^= u64::from(tables.touch_location(slot));
+                    BackendSlot(slot)
+                })
+            } else {
+                tables
+                    .service(s.index as usize)
+                    .and_then(|s| s.scheduler.likely_pick(h).and_then(|i| s.backends.get(i)))
+                    .map(Backend::slot)
+            };
+            if let Some(slot) = picked {
+                fold ^= self.stats.touch_backend(slot);
+            }
+            if let Some(b) = a.likely_backend {
+                fold ^= u64::from(self.backend_generations.get(b.slot as usize).copied().unwrap_or(0));
+            }
+        }
+        core::hint::black_box(fold);
+        nat
+    }
+
+    /// The lb-hash 5-tuple hash of a frame the warm-up judges a likely new flow (no likely conntrack
+    /// hit, ports), its scheduler's input; `None` for any other frame.
+    #[inline]
+    pub(super) fn likely_new_flow_hash(&self, a: &Lookahead) -> Option<u64> {
+        match &a.parsed {
+            Ok(p) if !a.likely_hit && p.has_ports() => Some(self.flow_hash(&p.flow)),
+            _ => None,
+        }
+    }
+}

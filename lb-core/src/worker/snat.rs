@@ -1,0 +1,137 @@
+//! Full NAT's source ports: each core's share of the node's range, and the search for a free port
+//! for a new flow to a backend (with the batch warm-up's guess at its first probe).
+
+use core::net::IpAddr;
+
+use super::Core;
+use crate::conntrack::{ConnKey, InsertHint};
+use crate::packet::FlowKey;
+use crate::service::{Backend, Tables};
+
+/// Candidate SNAT ports tried for a new NAT flow before giving up with
+/// [`DropReason::NoSnatPort`](crate::stats::DropReason::NoSnatPort).
+const SNAT_PORT_TRIES: u32 = 32;
+
+/// The SNAT ports (inclusive) that worker `core_index` of `core_count` allocates from: the node's range
+/// cut into equal, disjoint slices (the last takes the remainder). `None` when the slice is empty.
+pub fn snat_port_share(ports: (u16, u16), core_index: u16, core_count: u16) -> Option<(u16, u16)> {
+    let (first, last) = ports;
+    if first == 0 || first > last || core_count == 0 || core_index >= core_count {
+        return None;
+    }
+    let total = u32::from(last) - u32::from(first) + 1;
+    let per = total / u32::from(core_count);
+    if per == 0 {
+        return None;
+    }
+    let lo = u32::from(first) + per * u32::from(core_index);
+    let hi = if core_index + 1 == core_count { u32::from(last) } else { lo + per - 1 };
+    Some((u16::try_from(lo).ok()?, u16::try_from(hi).ok()?))
+}
+
+/// The worker that owns SNAT port `port`, for steering NAT replies to the right core.
+pub fn snat_port_owner(ports: (u16, u16), core_count: u16, port: u16) -> Option<u16> {
+    (0..core_count).find(|&c| snat_port_share(ports, c, core_count).is_some_and(|(lo, hi)| (lo..=hi).contains(&port)))
+}
+
+/// A full-NAT flow's first SNAT probe as the warm-up guessed it: the reply key's hash, and the
+/// conntrack's [`InsertHint`] for it (the key absent, and the way its insert takes).
+pub(super) type ReplyHint = (u64, InsertHint);
+
+/// The insert hint of a reply hint, if the guess was the key of `hash` (the port search may have
+/// moved on to another port).
+#[inline]
+pub(super) fn hint_for(reply_hint: Option<ReplyHint>, hash: u64) -> Option<InsertHint> {
+    reply_hint.filter(|(h, _)| *h == hash).map(|(_, hint)| hint)
+}
+
+/// The first probe of a SNAT port search: its reply key (port set), the core's port range (first
+/// port and span) and the first port's offset in it.
+pub(super) struct SnatProbe {
+    pub(super) key: ConnKey,
+    /// The SNAT address of the backend's family (the key's destination).
+    pub(super) snat: IpAddr,
+    pub(super) lo: u16,
+    pub(super) span: u32,
+    pub(super) start: u32,
+}
+
+/// A full-NAT flow's SNAT port with the conntrack key its replies arrive under and that key's hash.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ReplyKey {
+    pub(super) port: u16,
+    pub(super) key: ConnKey,
+    pub(super) hash: u64,
+}
+
+/// The conntrack key a NAT flow's replies arrive under: from the backend to the SNAT address and port.
+#[inline]
+fn reply_key(backend: &Backend, snat: IpAddr, snat_port: u16, proto: u8) -> ConnKey {
+    ConnKey::flow(backend.addr, snat, backend.port, snat_port, proto)
+}
+
+/// The flow a NAT flow's client-to-backend frames leave with: the SNAT address and the flow's SNAT
+/// port (from its conntrack entry) to the backend.
+pub(super) fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend: &Backend) -> Option<FlowKey> {
+    let snat = tables.node().snat_addr_for(backend.addr)?;
+    FlowKey::from_ips(snat, backend.addr, proto, snat_port, backend.port)
+}
+
+impl Core {
+    /// A free SNAT port from this core's share for a flow to `backend`: free means no reply key
+    /// (backend, SNAT address, backend port, port) is tracked. Probes from the port after the last
+    /// one this core gave a flow to this backend, as RFC 6056's per-destination counter does (its
+    /// algorithm 4, the backend being the destination): a port comes back to a backend only after
+    /// every other port of the share has gone to it, so the first probe is free while the backend
+    /// holds fewer of this core's flows than the share has ports, and a backend's old connection on
+    /// a port (its TIME-WAIT) is as long gone as it can be. (A start from the flow hash met one of a
+    /// busy backend's flows as often as the share was in use, ~40 % of new flows in the NAT flood
+    /// benchmark, each collision a cache miss in another bucket, and reused a port at random.)
+    pub(super) fn pick_snat_port(
+        &mut self,
+        tables: &Tables,
+        proto: u8,
+        backend: &Backend,
+        hint: Option<ReplyHint>,
+    ) -> Option<ReplyKey> {
+        let SnatProbe { mut key, snat, lo, span, start } = self.snat_probe(tables, proto, backend, 0)?;
+        let tries = SNAT_PORT_TRIES.min(span);
+        // The key is built once and only its port changes between probes.
+        let found = (0..tries).find_map(|i| {
+            let port = u16::try_from(u32::from(lo) + (start + i) % span).ok()?;
+            key.dport = port;
+            let hash = key.hash();
+            // The warm-up's guess, if this is the key it guessed, may spare the lookup.
+            let found = self.conntrack.find_hinted(&key, hash, hint_for(hint, hash));
+            found.is_none().then_some((i, port, hash))
+        });
+        // Past the port given out, or past every port tried.
+        let next = start + found.map_or(tries, |(i, _, _)| i + 1);
+        if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
+            *n = u16::try_from(next % span).unwrap_or(0);
+        }
+        // The reply key built afresh rather than copied from `key`, whose copy's loads would span
+        // the port store just made (a store-forwarding stall).
+        let (_, port, hash) = found?;
+        Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash })
+    }
+
+    /// The reply hint of the frame at `slot` of the batch being decided, if the warm-up made one.
+    #[inline]
+    pub(super) fn reply_hint(&self, slot: usize) -> Option<ReplyHint> {
+        if self.reply_hints_live { self.reply_hints.get(slot).copied().flatten() } else { None }
+    }
+
+    /// Where the SNAT port search for a flow to `backend` starts, `ahead` flows to the same backend
+    /// later (the warm-up's guess for the later flows of a batch; see [`Core::pick_snat_port`]).
+    #[inline]
+    pub(super) fn snat_probe(&self, tables: &Tables, proto: u8, backend: &Backend, ahead: u32) -> Option<SnatProbe> {
+        let (lo, hi) = self.snat_ports?;
+        let snat = tables.node().snat_addr_for(backend.addr)?;
+        let span = u32::from(hi) - u32::from(lo) + 1;
+        let next = self.snat_next.get(backend.slot().index()).copied().unwrap_or(0);
+        let start = (u32::from(next) + ahead) % span;
+        let port = u16::try_from(u32::from(lo) + start).ok()?;
+        Some(SnatProbe { key: reply_key(backend, snat, port, proto), snat, lo, span, start })
+    }
+}
