@@ -112,6 +112,7 @@ impl WorkerConfig {
         WorkerConfig { conntrack_capacity, core_index: 0, core_count: 1 }
     }
 }
+
 /// One core's load balancer. See the module docs.
 #[derive(Debug)]
 pub struct Worker {
