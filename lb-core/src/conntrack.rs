@@ -663,23 +663,27 @@ impl ConntrackTable {
         Some((index, r))
     }
 
-    /// The first tag of the bucket of `hash`: a load whose only purpose is to bring the bucket's head
-    /// into the cache ahead of [`ConntrackTable::find`] (see the worker's batch passes).
+    /// Brings the head of the bucket of `hash` into the cache ahead of [`ConntrackTable::find`] (a
+    /// prefetch hint, see the worker's batch passes); changes nothing.
     #[inline]
-    pub fn touch_bucket(&self, hash: u64) -> u16 {
-        self.bucket_of(hash).map_or(0, |b| b.head.tags[0])
+    pub fn touch_bucket(&self, hash: u64) {
+        if let Some(b) = self.bucket_of(hash) {
+            lb_prefetch::line(&b.head);
+        }
     }
 
-    /// As [`ConntrackTable::touch_bucket`], and a word of the home way's entry too, so both lines
-    /// come in together: for a key that is likely present. Its line is the entry's whenever the key
-    /// sits at its home way, which is most keys of a table that is not nearly full (see the module
-    /// docs); otherwise it is a wasted read, and the entry comes one round later, as without this.
+    /// As [`ConntrackTable::touch_bucket`], and the home way's entry too, so both lines come in
+    /// together: for a key that is likely present. Its line is the entry's whenever the key sits at
+    /// its home way, which is most keys of a table that is not nearly full (see the module docs);
+    /// otherwise it is a wasted read, and the entry comes one round later, as without this.
     #[inline]
-    pub fn touch_bucket_and_home(&self, hash: u64) -> u16 {
-        self.bucket_of(hash).map_or(0, |b| {
-            let home = b.entries.get(home_way(hash)).map_or(0, |e| e.0.snat_port);
-            b.head.tags[0] ^ home
-        })
+    pub fn touch_bucket_and_home(&self, hash: u64) {
+        if let Some(b) = self.bucket_of(hash) {
+            lb_prefetch::line(&b.head);
+            if let Some(e) = b.entries.get(home_way(hash)) {
+                lb_prefetch::line(e);
+            }
+        }
     }
 
     /// The entry of the bucket of `hash` whose tag matches, the home way's first (the key is not
@@ -742,15 +746,18 @@ impl ConntrackTable {
         bucket.entries.get(way).map(|w| (&w.0, evicted.is_some(), hint))
     }
 
-    /// A load from the head line and from the entry line of the way at `index`: brings both into
-    /// the cache ahead of a write that reads them (a NAT flow's reverse entry, unlinked when its
+    /// Brings the head line and the entry line of the way at `index` into the cache (prefetch
+    /// hints) ahead of a write that reads them (a NAT flow's reverse entry, unlinked when its
     /// forward entry is displaced).
     #[inline]
-    pub fn touch_index(&self, index: u32) -> u32 {
+    pub fn touch_index(&self, index: u32) {
         let (b, w) = split(index as usize);
-        self.buckets
-            .get(b)
-            .map_or(0, |bucket| u32::from(bucket.head.tags[0]) ^ bucket.entries.get(w).map_or(0, |e| e.0.link))
+        if let Some(bucket) = self.buckets.get(b) {
+            lb_prefetch::line(&bucket.head);
+            if let Some(e) = bucket.entries.get(w) {
+                lb_prefetch::line(e);
+            }
+        }
     }
 
     /// The entry at `index`, if occupied.

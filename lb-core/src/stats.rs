@@ -273,15 +273,17 @@ impl Stats {
         self.backends.get(slot.index()).copied().unwrap_or_default()
     }
 
-    /// Reads a backend slot's counter record where a packet or a new flow will write it, ahead of
-    /// the writes (the worker's warm-up; the value means nothing): its first and last fields, since a
+    /// Brings a backend slot's counter record into the cache where a packet or a new flow will write
+    /// it, ahead of the writes (the worker's warm-up, prefetch hints): both its lines, since a
     /// 40-byte record straddles two cache lines at half the slots and a packet adds to `packets` and
     /// `bytes`, a new flow to `new_flows` and `active_conns`, a displaced flow takes from
     /// `active_conns` and perhaps `established_conns` (reading the first line alone left ~0.5 misses a
     /// new flow at 100 000 services, callgrind).
     #[inline]
-    pub(crate) fn touch_backend(&self, slot: crate::service::BackendSlot) -> u64 {
-        self.backends.get(slot.index()).map_or(0, |c| c.packets ^ c.established_conns)
+    pub(crate) fn touch_backend(&self, slot: crate::service::BackendSlot) {
+        if let Some(c) = self.backends.get(slot.index()) {
+            lb_prefetch::lines(c);
+        }
     }
 
     /// Adds another core's counters into these (the control side's sum across cores).

@@ -204,8 +204,9 @@ fn copy_templates(bufs: &mut [[u8; HEADROOM + 128]; BURST], templates: &[[u8; 60
 }
 
 /// The memory floor of an established packet under the worker's table: copies `templates` into the
-/// burst buffers as [`burst`] does, parses and hashes each, then reads each frame's conntrack bucket
-/// head and home entry and (in a second round) its entry, 16 frames at a time, and nothing else.
+/// burst buffers as [`burst`] does, parses and hashes each, then prefetches each frame's conntrack
+/// bucket head and home entry, as the worker's first warm-up round does, and (in a second round) reads
+/// its entry, 16 frames at a time, and nothing else.
 fn conntrack_reads(w: &Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templates: &[[u8; 60]]) -> u64 {
     copy_templates(bufs, templates);
     let table = w.conntrack();
@@ -218,7 +219,7 @@ fn conntrack_reads(w: &Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templat
             }
         }
         for h in hashes {
-            fold ^= u64::from(table.touch_bucket_and_home(h));
+            table.touch_bucket_and_home(h);
         }
         for h in hashes {
             fold ^= table.likely_entry(h).map_or(0, |e| u64::from(e.expires));

@@ -132,25 +132,22 @@ impl Core {
     /// Reads what depends only on the frames' hashes: each conntrack bucket's head and, for a frame
     /// other than a lone SYN, the entry at its key's home way (its own entry, mostly; see
     /// [`crate::conntrack`]), and for a frame without ports the service index slot where its lookup
-    /// starts. One tight loop of independent loads, so the batch's cache misses overlap. (lb-core
-    /// has no `unsafe`, hence plain loads rather than prefetch instructions; the values are only
-    /// folded into one kept from the optimiser.)
+    /// starts. One tight loop of prefetch hints ([`lb_prefetch`]), so the batch's cache misses
+    /// overlap.
     pub(super) fn warm_first(&self, tables: &Tables, ahead: &[Lookahead]) {
-        let mut fold = 0u64;
         for a in ahead {
             if let Some(h) = a.conn_hash {
                 // A lone SYN most likely starts a flow: its home entry would be a wasted read.
                 let syn = matches!(&a.parsed, Ok(p) if p.tcp_flags.is_syn_only());
-                fold ^= u64::from(if syn {
-                    self.conntrack.touch_bucket(h)
+                if syn {
+                    self.conntrack.touch_bucket(h);
                 } else {
-                    self.conntrack.touch_bucket_and_home(h)
-                });
+                    self.conntrack.touch_bucket_and_home(h);
+                }
             } else if a.needs_service {
-                fold ^= u64::from(tables.touch_lookup(a.lookup_hash));
+                tables.touch_lookup(a.lookup_hash);
             }
         }
-        core::hint::black_box(fold);
     }
 
     /// The second round, once the bucket heads are in: the likely conntrack entry of each frame
@@ -161,9 +158,11 @@ impl Core {
     ///
     /// A likely hit's entry line mostly came with its head (its home way), so it is read at once. A
     /// likely new flow's two reads (the insert's way, the index slot) wait for a second loop that
-    /// only loads: a load that misses holds up retirement and the core runs ahead only as far as its
-    /// reorder window (a few hundred instructions), so with the way choice and the lookup hash
-    /// between them a batch's new flows had their misses one or two at a time rather than together.
+    /// only prefetches, so the way choice and the lookup hash do not stand between them. A plain
+    /// load that misses cannot retire until its line arrives, and the core runs ahead only as far
+    /// as its reorder window (a few hundred instructions): with plain loads the rounds had their
+    /// misses a few at a time rather than together. A prefetch retires at once (session 18, in
+    /// BENCHMARKS.md: 12-15 % off new flows with 100 000 services).
     /// Returns, per frame, the entry at the way its insert will take and whether it displaces it
     /// (for [`Core::warm_nat`]).
     pub(super) fn warm_second(
@@ -198,19 +197,17 @@ impl Core {
         if !new_flows {
             return insert_ways;
         }
-        let mut fold = 0u64;
         for (a, way) in ahead.iter_mut().zip(insert_ways.iter()) {
             match way {
                 Some((e, true)) => a.likely_backend = Some(e.backend),
-                Some((e, false)) => fold ^= u64::from(e.expires),
+                Some((e, false)) => lb_prefetch::line(*e),
                 None => {}
             }
             // (A frame without ports had its index slot read in the first round.)
             if a.needs_service && a.conn_hash.is_some() {
-                fold ^= u64::from(tables.touch_lookup(a.lookup_hash));
+                tables.touch_lookup(a.lookup_hash);
             }
         }
-        core::hint::black_box(fold);
         insert_ways
     }
 
@@ -222,8 +219,8 @@ impl Core {
     /// flow that insert will displace. Only Maglev services with a ring (the backend known from its
     /// ring entry without a scheduler). `forward_ways` are [`Core::warm_second`]'s insert ways (the
     /// forward inserts'; their lines are in the cache). As in `warm_second`, each round computes what to
-    /// read in one loop (from lines already in the cache) and reads it in another that only loads,
-    /// so the batch's misses are in flight together.
+    /// read in one loop (from lines already in the cache) and prefetches it in another, so the
+    /// batch's misses are in flight together.
     ///
     /// Returns, per frame, its first SNAT probe's reply hash with the conntrack's insert hint for
     /// it, when no entry holds that key's tag (the port is then most likely free).
@@ -268,13 +265,12 @@ impl Core {
         if nat == 0 {
             return hints;
         }
-        let mut fold = 0u64;
         for (&link, reply) in links.iter().zip(reply_hashes.iter()) {
             if link != NO_LINK {
-                fold ^= u64::from(self.conntrack.touch_index(link));
+                self.conntrack.touch_index(link);
             }
             if let Some(rh) = *reply {
-                fold ^= u64::from(self.conntrack.touch_bucket_and_home(rh));
+                self.conntrack.touch_bucket_and_home(rh);
             }
         }
         let mut reverse_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
@@ -291,14 +287,13 @@ impl Core {
         for (way, link) in reverse_ways.iter().zip(reply_links.iter_mut()) {
             match way {
                 Some((e, true)) if e.kind == EntryKind::Forward => *link = e.link,
-                Some((e, _)) => fold ^= u64::from(e.expires),
+                Some((e, _)) => lb_prefetch::line(*e),
                 None => {}
             }
         }
         for &link in reply_links.iter().filter(|&&l| l != NO_LINK) {
-            fold ^= u64::from(self.conntrack.touch_index(link));
+            self.conntrack.touch_index(link);
         }
-        core::hint::black_box(fold);
         hints
     }
 
@@ -328,10 +323,10 @@ impl Core {
                 // The location only for the frame's own entry: forgetting a displaced entry reads
                 // its backend's generation and counters, not its location.
                 if a.likely_hit {
-                    fold ^= tables.resolve(b).map_or(0, |(s, _)| s as u64);
+                    tables.touch_location(b.slot);
                 }
                 // Its counters: a packet adds to them, a displaced entry's backend loses a connection.
-                fold ^= self.stats.touch_backend(BackendSlot(b.slot));
+                self.stats.touch_backend(BackendSlot(b.slot));
             }
         }
         for a in ahead.iter_mut() {
@@ -355,7 +350,7 @@ impl Core {
             let (Some(h), Some((s, ring))) = (a.flow_hash, a.service) else { continue };
             let picked = if ring.is_some() {
                 a.ring_slot.map(|slot| {
-                    fold ^= u64::from(tables.touch_location(slot));
+                    tables.touch_location(slot);
                     BackendSlot(slot)
                 })
             } else {
@@ -365,10 +360,12 @@ impl Core {
                     .map(Backend::slot)
             };
             if let Some(slot) = picked {
-                fold ^= self.stats.touch_backend(slot);
+                self.stats.touch_backend(slot);
             }
-            if let Some(b) = a.likely_backend {
-                fold ^= u64::from(self.backend_generations.get(b.slot as usize).copied().unwrap_or(0));
+            if let Some(b) = a.likely_backend
+                && let Some(generation) = self.backend_generations.get(b.slot as usize)
+            {
+                lb_prefetch::line(generation);
             }
         }
         core::hint::black_box(fold);

@@ -22,8 +22,9 @@
 //! backends (the ring names exactly the scheduler's picks).
 //!
 //! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them and
-//! hashes their 5-tuples; then tight loops of plain loads pull what the batch will need into the cache
-//! in rounds, each needing only the one before (conntrack bucket heads with, but for a lone SYN, the
+//! hashes their 5-tuples; then tight loops of prefetch hints ([`lb_prefetch`]; plain loads where a
+//! later round needs the value) pull what the batch will need into the cache in rounds, each needing
+//! only the one before (conntrack bucket heads with, but for a lone SYN, the
 //! entry at the key's home way, where most keys sit; likely entries (mostly in already) or, for a
 //! likely new flow, the way its insert will take, and for frames without a likely hit the service
 //! index slots; backend locations and counters, and for likely new
