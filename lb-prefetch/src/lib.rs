@@ -4,17 +4,24 @@
 //! lb-core's worker reads ahead, for a batch of frames, the cache lines that deciding them will
 //! touch: conntrack buckets and entries, service index slots, backend locations and counters. It did
 //! so with plain loads, whose values it folded and threw away. A plain load that misses cannot retire
-//! until its line arrives. The core then runs ahead only as far as its reorder window, so the misses
-//! of one warm-up round were in flight a few at a time. A prefetch retires at once, so every miss of a
-//! round is in flight together. With 100 000 services, where each of those lines is a miss, that took
-//! 12-17 % off new flows and 9-12 % off established packets (BENCHMARKS.md, lb-core, session 18).
+//! until its line arrives, and the core runs ahead only as far as its reorder window; a prefetch
+//! retires at once. Measured against plain loads in four same-run comparisons, prefetches took 2-17 %
+//! off the cases where those lines miss: new flows and established packets with 100 000 services, and
+//! full-NAT new flows (BENCHMARKS.md, lb-core, session 18).
 //!
 //! On x86-64 this is `PREFETCHT0` (into every cache level). Elsewhere it is a one-byte volatile load
-//! of the same line: what the warm-up did before, so behaviour is the same on every target.
+//! of the same line, much what the warm-up did before.
 //!
 //! A prefetch is only a hint: it never faults and never changes memory or program state, for any
 //! address. The functions take references, so the address is always a live value's anyway.
+//!
+//! The project keeps `unsafe` in lb-io, where the kernel interfaces are; this crate is the one
+//! other place, because lb-core cannot depend on lb-io (lb-io is built on it) and a prefetch
+//! cannot be written without `unsafe` on stable Rust (`core::intrinsics::prefetch_read_data` is
+//! unstable, and the `_mm_prefetch` intrinsic is safe only inside `#[target_feature]` functions,
+//! which are themselves `unsafe` to call from lb-core's callers). Each block says why it holds.
 #![no_std]
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 /// Hints the CPU to bring the cache line that holds the start of `x` into every cache level.
 /// Changes nothing the program can observe.

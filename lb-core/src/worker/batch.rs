@@ -158,11 +158,11 @@ impl Core {
     ///
     /// A likely hit's entry line mostly came with its head (its home way), so it is read at once. A
     /// likely new flow's two reads (the insert's way, the index slot) wait for a second loop that
-    /// only prefetches, so the way choice and the lookup hash do not stand between them. A plain
+    /// only prefetches, so the way choice and the lookup hash do not stand between them. (A plain
     /// load that misses cannot retire until its line arrives, and the core runs ahead only as far
-    /// as its reorder window (a few hundred instructions): with plain loads the rounds had their
-    /// misses a few at a time rather than together. A prefetch retires at once (session 18, in
-    /// BENCHMARKS.md: 12-15 % off new flows with 100 000 services).
+    /// as its reorder window, a few hundred instructions; a prefetch retires at once. That is the
+    /// likely reason prefetches measured 3-17 % faster here than plain loads with 100 000
+    /// services: BENCHMARKS.md, lb-core, session 18.)
     /// Returns, per frame, the entry at the way its insert will take and whether it displaces it
     /// (for [`Core::warm_nat`]).
     pub(super) fn warm_second(
