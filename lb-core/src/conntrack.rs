@@ -401,6 +401,15 @@ struct Bucket {
 }
 
 impl Bucket {
+    /// Prefetch hints for the head line and the entry line of way `way`.
+    #[inline]
+    fn touch_head_and_way(&self, way: usize) {
+        lb_prefetch::line(&self.head);
+        if let Some(e) = self.entries.get(way) {
+            lb_prefetch::line(e);
+        }
+    }
+
     /// The way holding `key` (`hash` is `key.hash()`): its home way first, where most keys are,
     /// then the tags in order.
     #[inline]
@@ -679,10 +688,7 @@ impl ConntrackTable {
     #[inline]
     pub fn touch_bucket_and_home(&self, hash: u64) {
         if let Some(b) = self.bucket_of(hash) {
-            lb_prefetch::line(&b.head);
-            if let Some(e) = b.entries.get(home_way(hash)) {
-                lb_prefetch::line(e);
-            }
+            b.touch_head_and_way(home_way(hash));
         }
     }
 
@@ -753,10 +759,7 @@ impl ConntrackTable {
     pub fn touch_index(&self, index: u32) {
         let (b, w) = split(index as usize);
         if let Some(bucket) = self.buckets.get(b) {
-            lb_prefetch::line(&bucket.head);
-            if let Some(e) = bucket.entries.get(w) {
-                lb_prefetch::line(e);
-            }
+            bucket.touch_head_and_way(w);
         }
     }
 
