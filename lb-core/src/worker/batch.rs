@@ -1,5 +1,5 @@
 //! The first passes over a batch of frames: parse and hash each, then warm the cache for what
-//! deciding them will read, in rounds of independent loads so the batch's misses overlap (see the
+//! deciding them will read, in rounds of independent prefetch hints so the batch's misses overlap (see the
 //! module docs of [`crate::worker`]). Nothing here changes state; [`Core::process_frame`] then
 //! decides each frame exactly as if alone.
 
