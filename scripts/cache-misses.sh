@@ -4,6 +4,10 @@
 # line and the chain of functions inlined into it (addr2line -i). The simulated last level is the L2
 # by default, since lb-core's per-packet reads are sized against it. The simulation has no hardware
 # prefetcher: a miss it counts may cost nothing on a real core (BENCHMARKS.md, lb-core, session 17).
+# It also ignores prefetch instructions (checked with a C loop: the same misses with and without
+# _mm_prefetch), so since the warm-up prefetches (session 18) a line's miss is counted where the
+# decision first reads it, not in the warm-up round that brought it in: the total per packet still
+# counts the lines that missed, but their place is the reader's. Session 17's table predates this.
 #
 # Usage: scripts/cache-misses.sh CASE [TOP] [EVENT]
 #   CASE   a worker_hugepages case, e.g. 'worker_new_flows_hugepages/dsr_syn/100000_services'
