@@ -77,7 +77,8 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// 131 072 services and 262 144 backends: about 12 MiB of counters per core.
+    /// 131 072 services and 262 144 backends: about 20 MiB of counters per core (32 bytes a service
+    /// slot, a 64-byte line a backend slot: [`crate::stats::BackendCounters`]).
     fn default() -> Self {
         Limits { max_services: 1 << 17, max_backends: 1 << 18 }
     }

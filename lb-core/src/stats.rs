@@ -19,6 +19,8 @@ use alloc::boxed::Box;
 use alloc::vec;
 use core::fmt;
 
+use crate::service::BackendRef;
+
 /// Why a frame was dropped. One counter each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
@@ -154,8 +156,15 @@ impl ServiceCounters {
     }
 }
 
-/// Traffic of one backend on one core.
+/// Traffic of one backend on one core, and which backend that is.
+///
+/// One cache line a backend slot (`align(64)`; the counters and `generation` take 44 bytes). A new
+/// flow writes its backend's counters and forgetting the flow it displaces reads the generation of
+/// that flow's backend and takes from its counters: with 40-byte records (half of them across two
+/// lines) and the generations in an array of their own, those were ~2.2 cache misses a new flow at
+/// 100 000 services, now ~1 (callgrind's cache simulation, BENCHMARKS.md, lb-core, session 19).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C, align(64))]
 pub struct BackendCounters {
     /// Frames forwarded to the backend.
     pub packets: u64,
@@ -168,10 +177,15 @@ pub struct BackendCounters {
     /// Of those, TCP connections in the established state: ipvsadm's ActiveConn. The others
     /// (handshake, closing, time-wait, UDP) are its InActConn.
     pub established_conns: u64,
+    /// The generation of the backend in this slot that these counters count
+    /// ([`BackendRef::generation`]): the worker sets it, and zeroes the counters, when it installs
+    /// tables that hand the slot to another backend. A conntrack entry naming another generation is
+    /// not counted here. Not a counter: [`BackendCounters::add`] leaves it as it is.
+    pub generation: u32,
 }
 
 impl BackendCounters {
-    /// Adds another core's counters for the same backend into these.
+    /// Adds another core's counters for the same backend into these (all but `generation`).
     pub fn add(&mut self, other: &BackendCounters) {
         self.packets += other.packets;
         self.bytes += other.bytes;
@@ -273,16 +287,13 @@ impl Stats {
         self.backends.get(slot.index()).copied().unwrap_or_default()
     }
 
-    /// Brings a backend slot's counter record into the cache where a packet or a new flow will write
-    /// it, ahead of the writes (the worker's warm-up, prefetch hints): both its lines, since a
-    /// 40-byte record straddles two cache lines at half the slots and a packet adds to `packets` and
-    /// `bytes`, a new flow to `new_flows` and `active_conns`, a displaced flow takes from
-    /// `active_conns` and perhaps `established_conns` (reading the first line alone left ~0.5 misses a
-    /// new flow at 100 000 services, callgrind).
+    /// Brings a backend slot's counter record (one line) into the cache where a packet or a new flow
+    /// will write it, or a displaced flow read its generation and take from it, ahead of the
+    /// accesses (the worker's warm-up, a prefetch hint).
     #[inline]
     pub(crate) fn touch_backend(&self, slot: crate::service::BackendSlot) {
         if let Some(c) = self.backends.get(slot.index()) {
-            lb_prefetch::lines(c);
+            lb_prefetch::line(c);
         }
     }
 
@@ -324,18 +335,31 @@ impl Stats {
         self.backends.get_mut(slot)
     }
 
+    /// The counters of the backend `r` names, if its slot's counters count that backend (the same
+    /// generation); `None` for a backend that has since left the slot.
+    #[inline]
+    pub(crate) fn backend_of(&mut self, r: BackendRef) -> Option<&mut BackendCounters> {
+        self.backends.get_mut(r.slot as usize).filter(|c| c.generation == r.generation)
+    }
+
+    /// The generation of the backend a slot's counters count ([`BackendCounters::generation`]).
+    pub(crate) fn backend_generation(&self, slot: usize) -> Option<u32> {
+        self.backends.get(slot).map(|c| c.generation)
+    }
+
     /// Folds the packets, bytes and new flows of every backend that is no longer one of its
-    /// service's backends (`stays(service slot, backend slot)` says false) into that service's own
+    /// service's backends (`stays(service slot, backend slot, its generation)` says false) into that service's own
     /// counters, so its sums do not drop when a backend leaves. Then [`Stats::map_backends`].
-    pub(crate) fn retire_backends(&mut self, stays: impl Fn(usize, usize) -> bool) {
+    pub(crate) fn retire_backends(&mut self, stays: impl Fn(usize, usize, u32) -> bool) {
         for slot in 0..self.spans.len() {
             let (start, len) = self.spans.get(slot).copied().unwrap_or_default();
             for k in start as usize..start as usize + len as usize {
                 let Some(&b) = self.members.get(k) else { break };
-                if stays(slot, b as usize) {
+                let Some(bc) = self.backends.get(b as usize) else { continue };
+                if stays(slot, b as usize, bc.generation) {
                     continue;
                 }
-                if let (Some(bc), Some(sc)) = (self.backends.get(b as usize), self.services.get_mut(slot)) {
+                if let Some(sc) = self.services.get_mut(slot) {
                     sc.packets += bc.packets;
                     sc.bytes += bc.bytes;
                     sc.new_flows += bc.new_flows;
@@ -369,10 +393,11 @@ impl Stats {
         }
     }
 
-    /// Clears the counters of a backend slot that the table builder handed to a new backend.
-    pub(crate) fn reset_backend(&mut self, slot: usize) {
+    /// Clears the counters of a backend slot that the table builder handed to a new backend, of
+    /// generation `generation`.
+    pub(crate) fn reset_backend(&mut self, slot: usize, generation: u32) {
         if let Some(b) = self.backends.get_mut(slot) {
-            *b = BackendCounters::default();
+            *b = BackendCounters { generation, ..BackendCounters::default() };
         }
     }
 
@@ -430,8 +455,8 @@ mod tests {
         total.merge(&b);
         assert_eq!(total.service(ServiceSlot(1)), m.service(ServiceSlot(1)));
         // Backend 2 leaves service 1 and its slot is cleared: the service keeps its 4 packets.
-        a.retire_backends(|_, backend| backend != 2);
-        a.reset_backend(2);
+        a.retire_backends(|_, backend, _| backend != 2);
+        a.reset_backend(2, 1);
         a.map_backends([(1usize, vec![0usize])].into_iter().map(|(s, b)| (s, b.into_iter())));
         assert_eq!(a.service(ServiceSlot(1)), expect);
     }

@@ -267,6 +267,44 @@ fn service_counters_keep_what_a_departed_backend_counted_and_start_at_zero_on_a_
 }
 
 #[test]
+fn a_reused_backend_slot_counts_only_its_new_backends_connections() {
+    let mut cfg = dsr_config(SchedulerKind::LeastConnections, &["10.1.0.1", "10.1.0.2"]);
+    let mut b = TableBuilder::new();
+    let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(64));
+    let slot_of = |w: &Worker, addr: &str| {
+        w.tables().services()[1].backends.iter().find(|b| b.addr == v4(addr)).map(|b| b.slot())
+    };
+    // Ten UDP flows, five to each backend (lc).
+    for i in 0..10 {
+        assert_eq!(run(&mut w, &udp(client(i), 53, v4(VIP), 80, b"q"), secs(1)).0, Verdict::Tx);
+    }
+    let old = slot_of(&w, "10.1.0.1").unwrap();
+    assert_eq!(w.stats().backend(old).active_conns, 5);
+    // 10.1.0.1 leaves the UDP service, then 10.1.0.3 joins it and is handed the freed slot. Its
+    // five flows stay in the table, naming the slot under the old backend's generation.
+    cfg.services[1].backends.retain(|b| b.addr != v4("10.1.0.1"));
+    w.swap_tables(b.build(&cfg).unwrap());
+    cfg.services[1].backends.push(backend("10.1.0.3", 80));
+    w.swap_tables(b.build(&cfg).unwrap());
+    assert_eq!(slot_of(&w, "10.1.0.3"), Some(old), "the builder reuses the freed slot");
+    let fresh = w.stats().backend(old);
+    assert_eq!((fresh.packets, fresh.new_flows, fresh.active_conns), (0, 0, 0), "a new backend starts at zero");
+    // Two new flows, both to the new backend (lc: 0 against 5).
+    for i in 10..12 {
+        assert_eq!(run(&mut w, &udp(client(i), 53, v4(VIP), 80, b"q"), secs(299)).0, Verdict::Tx);
+    }
+    assert_eq!(w.stats().backend(old).active_conns, 2);
+    // The ten first flows time out and are swept (4 buckets a burst, 8 here): the old backend's
+    // five leaving must not take from the new backend's count.
+    for _ in 0..2 {
+        run(&mut w, &udp(client(999), 53, v4("192.0.2.99"), 80, b"pass"), secs(302));
+    }
+    assert_eq!(w.conntrack().len(), 2);
+    assert_eq!(w.stats().backend(old).active_conns, 2);
+    assert_eq!(w.stats().backend(slot_of(&w, "10.1.0.2").unwrap()).active_conns, 0);
+}
+
+#[test]
 fn snat_ports_are_unique_per_backend_and_run_out_counted() {
     let mut cfg = all_modes_config();
     cfg.services[0].backends.truncate(1);

@@ -303,8 +303,7 @@ impl Core {
     /// flow's insert will displace), and for a likely new flow its ring entry (from the flow's
     /// scheduler hash, computed with its service lookup and kept for the decision) or, for a service
     /// without a ring, its service line, then that service's scheduler line, backends and (Maglev) the
-    /// table entry its pick will read; last the picked backend's location and counters and the
-    /// displaced entry's backend generation.
+    /// table entry its pick will read; last the picked backend's location and counters.
     /// (Service counters are their backends' sums: a packet adds to its backend's only.) Returns whether
     /// the batch holds a likely new flow of a full-NAT service (see [`Core::warm_nat`]).
     pub(super) fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) -> bool {
@@ -321,7 +320,7 @@ impl Core {
             }
             if let Some(b) = a.likely_backend {
                 // The location only for the frame's own entry: forgetting a displaced entry reads
-                // its backend's generation and counters, not its location.
+                // its backend's counters (with their generation), not its location.
                 if a.likely_hit {
                     tables.touch_location(b.slot);
                 }
@@ -342,10 +341,9 @@ impl Core {
                 }
             }
         }
-        // Then the location and counters of the backend a likely new flow's pick will give, and the
-        // generation of the backend whose entry its insert will likely displace (forgetting that
-        // entry reads it). A ring entry is the backend's slot: its location and counters are read
-        // side by side from it, not the counters through the location (one miss after another).
+        // Then the location and counters of the backend a likely new flow's pick will give. A ring
+        // entry is the backend's slot: its location and counters are read side by side from it, not
+        // the counters through the location (one miss after another).
         for a in ahead.iter() {
             let (Some(h), Some((s, ring))) = (a.flow_hash, a.service) else { continue };
             let picked = if ring.is_some() {
@@ -361,11 +359,6 @@ impl Core {
             };
             if let Some(slot) = picked {
                 self.stats.touch_backend(slot);
-            }
-            if let Some(b) = a.likely_backend
-                && let Some(generation) = self.backend_generations.get(b.slot as usize)
-            {
-                lb_prefetch::line(generation);
             }
         }
         core::hint::black_box(fold);

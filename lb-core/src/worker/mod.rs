@@ -134,8 +134,6 @@ struct Core {
     cursors: Box<[u32]>,
     /// Generation each service slot's counters and cursor belong to.
     service_generations: Box<[u32]>,
-    /// Generation each backend slot's counters belong to.
-    backend_generations: Box<[u32]>,
     config: WorkerConfig,
     /// This core's SNAT ports, inclusive.
     snat_ports: Option<(u16, u16)>,
@@ -195,7 +193,6 @@ impl Worker {
             stats: Stats::new(limits.max_services, limits.max_backends),
             cursors: vec![0; limits.max_services].into_boxed_slice(),
             service_generations: vec![0; limits.max_services].into_boxed_slice(),
-            backend_generations: vec![0; limits.max_backends].into_boxed_slice(),
             snat_ports: None,
             snat_next: vec![0; limits.max_backends].into_boxed_slice(),
             reply_hints: [None; BATCH],
@@ -326,9 +323,7 @@ impl Core {
         }
         // A service's counters are its backends' sums: what a backend leaving it had counted stays
         // with the service.
-        let generations = &self.backend_generations;
-        self.stats.retire_backends(|service_slot, b| {
-            let generation = generations.get(b).copied().unwrap_or(0);
+        self.stats.retire_backends(|service_slot, b, generation| {
             let r = BackendRef { slot: u32::try_from(b).unwrap_or(u32::MAX), generation };
             tables.resolve(r).and_then(|(si, _)| tables.service(si)).is_some_and(|s| s.slot.index() == service_slot)
         });
@@ -346,11 +341,10 @@ impl Core {
             }
         }
         for (i, generation) in tables.backend_slot_generations() {
-            if let Some(g) = self.backend_generations.get_mut(i)
-                && *g != generation
+            if let Some(g) = self.stats.backend_generation(i)
+                && g != generation
             {
-                *g = generation;
-                self.stats.reset_backend(i);
+                self.stats.reset_backend(i, generation);
             }
         }
         self.stats.map_backends(
@@ -963,11 +957,10 @@ impl Core {
     /// Moves a flow of `backend` into (`change` = 1) or out of (-1) the established count that
     /// `lb list` shows as ActiveConn; a backend that has since left (another generation) is not counted.
     fn count_established(&mut self, backend: BackendRef, change: i8) {
-        let slot = backend.slot as usize;
-        if change == 0 || self.backend_generations.get(slot) != Some(&backend.generation) {
+        if change == 0 {
             return;
         }
-        if let Some(c) = self.stats.backend_mut(slot) {
+        if let Some(c) = self.stats.backend_of(backend) {
             c.established_conns =
                 if change > 0 { c.established_conns + 1 } else { c.established_conns.saturating_sub(1) };
         }
@@ -980,10 +973,7 @@ impl Core {
         if e.kind != EntryKind::Forward || e.state == ConnState::BackendGone {
             return;
         }
-        let slot = e.backend.slot as usize;
-        if self.backend_generations.get(slot) == Some(&e.backend.generation)
-            && let Some(c) = self.stats.backend_mut(slot)
-        {
+        if let Some(c) = self.stats.backend_of(e.backend) {
             c.active_conns = c.active_conns.saturating_sub(1);
             if e.state == ConnState::Established {
                 c.established_conns = c.established_conns.saturating_sub(1);
