@@ -429,7 +429,7 @@ impl Lab {
         let flow_hash = hasher.five_tuple(src, vip, proto, sport, PORT);
         let flow = FlowInput { src, dst: vip, proto, sport, dport: PORT, flow_hash, hasher };
         let mut cursor = 0;
-        let mut core = CoreState { cursor: &mut cursor, conns: &[] };
+        let mut core = CoreState::new(&mut cursor);
         let picked = service.backends.get(service.scheduler.pick(&flow, &service.backends, &mut core)?)?;
         self.backends
             .iter()

@@ -555,7 +555,6 @@ services:
                         new_flows: 4,
                         active_conns: 2 * k,
                         established_conns: k,
-                        generation: 0,
                     },
                 );
                 c

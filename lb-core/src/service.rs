@@ -78,7 +78,7 @@ pub struct Limits {
 
 impl Default for Limits {
     /// 131 072 services and 262 144 backends: about 20 MiB of counters per core (32 bytes a service
-    /// slot, a 64-byte line a backend slot: [`crate::stats::BackendCounters`]).
+    /// slot, a 64-byte cache line a backend slot: its counters and its backend's generation).
     fn default() -> Self {
         Limits { max_services: 1 << 17, max_backends: 1 << 18 }
     }

@@ -156,15 +156,8 @@ impl ServiceCounters {
     }
 }
 
-/// Traffic of one backend on one core, and which backend that is.
-///
-/// One cache line a backend slot (`align(64)`; the counters and `generation` take 44 bytes). A new
-/// flow writes its backend's counters and forgetting the flow it displaces reads the generation of
-/// that flow's backend and takes from its counters: with 40-byte records (half of them across two
-/// lines) and the generations in an array of their own, those were ~2.2 cache misses a new flow at
-/// 100 000 services, now ~1 (callgrind's cache simulation, BENCHMARKS.md, lb-core, session 19).
+/// Traffic of one backend on one core.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[repr(C, align(64))]
 pub struct BackendCounters {
     /// Frames forwarded to the backend.
     pub packets: u64,
@@ -177,15 +170,27 @@ pub struct BackendCounters {
     /// Of those, TCP connections in the established state: ipvsadm's ActiveConn. The others
     /// (handshake, closing, time-wait, UDP) are its InActConn.
     pub established_conns: u64,
-    /// The generation of the backend in this slot that these counters count
-    /// ([`BackendRef::generation`]): the worker sets it, and zeroes the counters, when it installs
-    /// tables that hand the slot to another backend. A conntrack entry naming another generation is
-    /// not counted here. Not a counter: [`BackendCounters::add`] leaves it as it is.
-    pub generation: u32,
+}
+
+/// One backend slot's counters on one core, with the generation of the backend they count
+/// ([`BackendRef::generation`]): the worker sets it, and zeroes the counters, when it installs
+/// tables that hand the slot to another backend, and a conntrack entry naming another generation is
+/// not counted here.
+///
+/// One cache line a slot (`align(64)`; 44 bytes used). A new flow writes its backend's counters, and
+/// forgetting the flow it displaces reads the generation of that flow's backend and takes from its
+/// counters: with 40-byte records (half of them across two lines) and the generations in an array
+/// of their own, those were ~2.6 cache misses a new flow at 100 000 services, now ~2
+/// (callgrind's cache simulation, BENCHMARKS.md, lb-core, session 19).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C, align(64))]
+pub(crate) struct BackendLine {
+    pub(crate) counters: BackendCounters,
+    pub(crate) generation: u32,
 }
 
 impl BackendCounters {
-    /// Adds another core's counters for the same backend into these (all but `generation`).
+    /// Adds another core's counters for the same backend into these.
     pub fn add(&mut self, other: &BackendCounters) {
         self.packets += other.packets;
         self.bytes += other.bytes;
@@ -220,7 +225,7 @@ pub struct Stats {
     /// Per service slot: its drops, and the packets, bytes and new flows of backends that have left
     /// it (the rest is summed from `backends` when asked).
     services: Box<[ServiceCounters]>,
-    backends: Box<[BackendCounters]>,
+    backends: Box<[BackendLine]>,
     /// Per service slot, the range of `members` that lists its backends' slots in the tables the
     /// worker runs.
     spans: Box<[(u32, u32)]>,
@@ -243,7 +248,7 @@ impl Stats {
             ndp_adverts: 0,
             drops: [0; DropReason::COUNT],
             services: vec![ServiceCounters::default(); services].into_boxed_slice(),
-            backends: vec![BackendCounters::default(); backends].into_boxed_slice(),
+            backends: vec![BackendLine::default(); backends].into_boxed_slice(),
             spans: vec![(0, 0); services].into_boxed_slice(),
             members: vec![0; backends].into_boxed_slice(),
             mapped: false,
@@ -267,7 +272,7 @@ impl Stats {
     pub fn service(&self, slot: crate::service::ServiceSlot) -> ServiceCounters {
         let mut c = self.services.get(slot.index()).copied().unwrap_or_default();
         for b in self.service_backends(slot.index()) {
-            if let Some(bc) = self.backends.get(*b as usize) {
+            if let Some(BackendLine { counters: bc, .. }) = self.backends.get(*b as usize) {
                 c.packets += bc.packets;
                 c.bytes += bc.bytes;
                 c.new_flows += bc.new_flows;
@@ -284,7 +289,7 @@ impl Stats {
 
     /// Counters of a backend slot (zero for a slot out of range).
     pub fn backend(&self, slot: crate::service::BackendSlot) -> BackendCounters {
-        self.backends.get(slot.index()).copied().unwrap_or_default()
+        self.backends.get(slot.index()).map(|b| b.counters).unwrap_or_default()
     }
 
     /// Brings a backend slot's counter record (one line) into the cache where a packet or a new flow
@@ -313,7 +318,7 @@ impl Stats {
             a.add(b);
         }
         for (a, b) in self.backends.iter_mut().zip(other.backends.iter()) {
-            a.add(b);
+            a.counters.add(&b.counters);
         }
         // A total started from `Stats::new` takes the first core's map of services to backends.
         if !self.mapped && other.mapped {
@@ -332,17 +337,17 @@ impl Stats {
     }
 
     pub(crate) fn backend_mut(&mut self, slot: usize) -> Option<&mut BackendCounters> {
-        self.backends.get_mut(slot)
+        self.backends.get_mut(slot).map(|b| &mut b.counters)
     }
 
     /// The counters of the backend `r` names, if its slot's counters count that backend (the same
     /// generation); `None` for a backend that has since left the slot.
     #[inline]
     pub(crate) fn backend_of(&mut self, r: BackendRef) -> Option<&mut BackendCounters> {
-        self.backends.get_mut(r.slot as usize).filter(|c| c.generation == r.generation)
+        self.backends.get_mut(r.slot as usize).filter(|b| b.generation == r.generation).map(|b| &mut b.counters)
     }
 
-    /// The generation of the backend a slot's counters count ([`BackendCounters::generation`]).
+    /// The generation of the backend a slot's counters count.
     pub(crate) fn backend_generation(&self, slot: usize) -> Option<u32> {
         self.backends.get(slot).map(|c| c.generation)
     }
@@ -355,8 +360,8 @@ impl Stats {
             let (start, len) = self.spans.get(slot).copied().unwrap_or_default();
             for k in start as usize..start as usize + len as usize {
                 let Some(&b) = self.members.get(k) else { break };
-                let Some(bc) = self.backends.get(b as usize) else { continue };
-                if stays(slot, b as usize, bc.generation) {
+                let Some(BackendLine { counters: bc, generation }) = self.backends.get(b as usize) else { continue };
+                if stays(slot, b as usize, *generation) {
                     continue;
                 }
                 if let Some(sc) = self.services.get_mut(slot) {
@@ -397,7 +402,7 @@ impl Stats {
     /// generation `generation`.
     pub(crate) fn reset_backend(&mut self, slot: usize, generation: u32) {
         if let Some(b) = self.backends.get_mut(slot) {
-            *b = BackendCounters { generation, ..BackendCounters::default() };
+            *b = BackendLine { counters: BackendCounters::default(), generation };
         }
     }
 
@@ -409,7 +414,7 @@ impl Stats {
     }
 
     /// Active connections per backend slot, as the lc family of schedulers reads them.
-    pub(crate) fn backends(&self) -> &[BackendCounters] {
+    pub(crate) fn backends(&self) -> &[BackendLine] {
         &self.backends
     }
 }
@@ -481,6 +486,6 @@ mod tests {
         assert_eq!(a.rx, 5);
         assert_eq!((a.arp_replies, a.ndp_adverts), (2, 1));
         assert_eq!(a.services[1].packets, 7);
-        assert_eq!(a.backends[0].active_conns, 7);
+        assert_eq!(a.backends[0].counters.active_conns, 7);
     }
 }

@@ -67,7 +67,7 @@ use lb_hash::{AnySelector, BackendId, BuildError, FlowHasher, Selector};
 
 use crate::config::SchedulerKind;
 use crate::service::Backend;
-use crate::stats::BackendCounters;
+use crate::stats::BackendLine;
 
 /// What a scheduler sees of a new flow.
 #[derive(Debug, Clone, Copy)]
@@ -94,13 +94,19 @@ pub struct CoreState<'a> {
     /// This core's cursor for the service (rr, wrr).
     pub cursor: &'a mut u32,
     /// This core's counters, indexed by backend slot (lc, wlc, sed, nq read `active_conns`).
-    pub conns: &'a [BackendCounters],
+    pub(crate) conns: &'a [BackendLine],
 }
 
-impl CoreState<'_> {
+impl<'a> CoreState<'a> {
+    /// A core state with `cursor` and no connection counts (every backend has none), for picking
+    /// outside a worker, e.g. to ask which backend a flow would go to.
+    pub fn new(cursor: &'a mut u32) -> Self {
+        CoreState { cursor, conns: &[] }
+    }
+
     /// Connections this core tracks to `backend`.
     pub fn active(&self, backend: &Backend) -> u64 {
-        self.conns.get(backend.slot().index()).map_or(0, |c| c.active_conns)
+        self.conns.get(backend.slot().index()).map_or(0, |c| c.counters.active_conns)
     }
 
     /// IPVS's connection overhead for `backend` on this core (`ip_vs_dest_conn_overhead`): an
@@ -108,7 +114,8 @@ impl CoreState<'_> {
     /// time-wait, UDP) weighs 1, so a burst of half-open or short UDP flows does not outweigh long
     /// established ones. What lc and wlc compare.
     pub fn overhead(&self, backend: &Backend) -> u64 {
-        self.conns.get(backend.slot().index()).map_or(0, |c| {
+        self.conns.get(backend.slot().index()).map_or(0, |line| {
+            let c = &line.counters;
             let established = c.established_conns.min(c.active_conns);
             (established << 8) + (c.active_conns - established)
         })

@@ -10,7 +10,7 @@ use lb_hash::FlowHasher;
 use super::*;
 use crate::config::BackendState;
 use crate::service::{Backend, BackendRef};
-use crate::stats::BackendCounters;
+use crate::stats::{BackendCounters, BackendLine};
 
 fn backends(weights: &[u32]) -> Vec<Backend> {
     weights
@@ -34,7 +34,7 @@ fn flow(client: u32, sport: u16) -> FlowInput {
     FlowInput { src, dst, proto: 6, sport, dport: 80, flow_hash: hasher.five_tuple(src, dst, 6, sport, 80), hasher }
 }
 
-fn picks(kind: SchedulerKind, b: &[Backend], conns: &[BackendCounters], n: usize) -> Vec<usize> {
+fn picks(kind: SchedulerKind, b: &[Backend], conns: &[BackendLine], n: usize) -> Vec<usize> {
     let s = ServiceScheduler::build(kind, b, None).unwrap();
     let mut cursor = 0;
     (0..n)
@@ -45,8 +45,9 @@ fn picks(kind: SchedulerKind, b: &[Backend], conns: &[BackendCounters], n: usize
         .collect()
 }
 
-fn conns(active: &[u64]) -> Vec<BackendCounters> {
-    active.iter().map(|&a| BackendCounters { active_conns: a, ..BackendCounters::default() }).collect()
+/// Counters with `active` tracked entries.
+fn conns(active: &[u64]) -> Vec<BackendLine> {
+    conns_established(&active.iter().map(|&a| (a, 0)).collect::<Vec<_>>())
 }
 
 /// The schedulers that pick through an lb-hash selector.
@@ -94,13 +95,12 @@ fn weighted_round_robin_scales_huge_weights() {
 }
 
 /// Counters with `active` tracked entries of which `established` are established TCP connections.
-fn conns_established(counts: &[(u64, u64)]) -> Vec<BackendCounters> {
+fn conns_established(counts: &[(u64, u64)]) -> Vec<BackendLine> {
     counts
         .iter()
-        .map(|&(active, established)| BackendCounters {
-            active_conns: active,
-            established_conns: established,
-            ..BackendCounters::default()
+        .map(|&(active, established)| BackendLine {
+            counters: BackendCounters { active_conns: active, established_conns: established, ..Default::default() },
+            generation: 0,
         })
         .collect()
 }
@@ -163,7 +163,7 @@ fn source_hashing_and_ecmp_ignore_ports() {
         let s = ServiceScheduler::build(kind, &b, None).unwrap();
         let mut cursor = 0;
         for client in 0..50 {
-            let mut core = CoreState { cursor: &mut cursor, conns: &[] };
+            let mut core = CoreState::new(&mut cursor);
             let a = s.pick(&flow(client, 1000), &b, &mut core);
             let c = s.pick(&flow(client, 2000), &b, &mut core);
             assert_eq!(a, c, "{kind}: one client, one backend");
@@ -179,12 +179,12 @@ fn no_eligible_backend_means_none() {
         let s = ServiceScheduler::build(kind, &b, None).unwrap();
         assert_eq!(s.kind(), kind);
         let mut cursor = 0;
-        let mut core = CoreState { cursor: &mut cursor, conns: &[] };
+        let mut core = CoreState::new(&mut cursor);
         assert_eq!(s.pick(&flow(1, 1), &b, &mut core), None, "{kind}");
     }
     let s = ServiceScheduler::build(SchedulerKind::Maglev, &[], None).unwrap();
     let mut cursor = 0;
-    assert_eq!(s.pick(&flow(1, 1), &[], &mut CoreState { cursor: &mut cursor, conns: &[] }), None);
+    assert_eq!(s.pick(&flow(1, 1), &[], &mut CoreState::new(&mut cursor)), None);
 }
 
 /// The hashing schedulers map lb-hash's order (backends sorted by identity) back to the service's
