@@ -353,8 +353,9 @@ impl Stats {
     }
 
     /// Folds the packets, bytes and new flows of every backend that is no longer one of its
-    /// service's backends (`stays(service slot, backend slot, its generation)` says false) into that service's own
-    /// counters, so its sums do not drop when a backend leaves. Then [`Stats::map_backends`].
+    /// service's backends (`stays(service slot, backend slot, the slot's generation)` says false)
+    /// into that service's own counters, so its sums do not drop when a backend leaves. Then
+    /// [`Stats::map_backends`].
     pub(crate) fn retire_backends(&mut self, stays: impl Fn(usize, usize, u32) -> bool) {
         for slot in 0..self.spans.len() {
             let (start, len) = self.spans.get(slot).copied().unwrap_or_default();
