@@ -13,7 +13,7 @@
 //! of the same line, much what the warm-up did before.
 //!
 //! A prefetch is only a hint: it never faults and never changes memory or program state, for any
-//! address. The functions take references, so the address is always a live value's anyway.
+//! address. The function takes a reference, so the address is always a live value's anyway.
 //!
 //! The project keeps `unsafe` in lb-io, where the kernel interfaces are; this crate is the one
 //! other place, because lb-core cannot depend on lb-io (lb-io is built on it) and a prefetch
@@ -32,21 +32,8 @@ pub fn line<T: ?Sized>(x: &T) {
     }
 }
 
-/// As [`line()`], for every cache line `x` spans, not only the first. For a value that may straddle
-/// two lines (up to 64 bytes, not aligned to them), its first and last bytes name them both.
-#[inline(always)]
-pub fn lines<T: ?Sized>(x: &T) {
-    let size = core::mem::size_of_val(x);
-    if size != 0 {
-        let first = core::ptr::from_ref(x).cast::<u8>();
-        at(first);
-        // In bounds: the value's last byte.
-        at(first.wrapping_add(size - 1));
-    }
-}
-
-/// The hint for the line holding the byte at `p`, which points into a live value (both callers
-/// above make sure of that).
+/// The hint for the line holding the byte at `p`, which points into a live value (the caller
+/// above makes sure of that).
 #[inline(always)]
 fn at(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
@@ -57,7 +44,7 @@ fn at(p: *const u8) {
         core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>());
     }
     #[cfg(not(target_arch = "x86_64"))]
-    // SAFETY: `p` points at a byte of a live value (see the callers), readable for the reference's
+    // SAFETY: `p` points at a byte of a live value (see `line`), readable for the reference's
     // lifetime; read as `MaybeUninit<u8>`, so padding bytes are fine too.
     unsafe {
         core::ptr::read_volatile(p.cast::<core::mem::MaybeUninit<u8>>());
@@ -68,15 +55,15 @@ fn at(p: *const u8) {
 mod tests {
     extern crate std;
 
-    use super::{line, lines};
+    use super::line;
 
     #[repr(C, align(64))]
     struct Line([u8; 64]);
 
     /// Every shape of value lb-core hands over is hinted and left as it was: sized and unsized
     /// values, values straddling two lines, the last bytes of an allocation. Zero-sized values and
-    /// empty slices are skipped: their "last byte" would be `size - 1` of 0, which panics in a debug
-    /// build (this test's), so a missing guard fails here.
+    /// empty slices are skipped: their address may dangle, so a missing guard would hint (or, off
+    /// x86-64, load) through a pointer to nothing.
     #[test]
     fn hints_any_value_without_effect() {
         let lines_of = [Line([1; 64]), Line([2; 64])];
@@ -84,14 +71,14 @@ mod tests {
         let straddling: &[u8] = &lines_of[0].0[40..];
         let straddling = [straddling, &lines_of[1].0[..16]].concat();
         line(&lines_of[1]);
-        lines(&lines_of);
-        lines(&straddling[..]);
+        line(&lines_of);
+        line(&straddling[..]);
         let boxed = std::boxed::Box::new([7u8; 3]);
-        lines(&*boxed);
+        line(&*boxed);
+        line(&boxed[2..]);
         line(&());
-        lines(&());
         let empty: &[u32] = &[];
-        lines(empty);
+        line(empty);
         assert_eq!(lines_of[0].0, [1; 64]);
         assert_eq!(lines_of[1].0, [2; 64]);
         assert_eq!(*boxed, [7; 3]);
