@@ -260,6 +260,25 @@ fn nat_keeps_ipv4_udp_zero_checksum() {
     assert_eq!(&got[l4 + 6..l4 + 8], &[0, 0]);
 }
 
+/// An IPv6 UDP datagram with checksum 0 (allowed for tunnels, RFC 6935) keeps 0 through NAT, as
+/// Linux's NAT keeps it: patching 0 would give a checksum certain to be wrong.
+#[test]
+fn nat_keeps_ipv6_udp_zero_checksum() {
+    let f = v6();
+    let input = Spec::udp(f.client, f.vip, CPORT, VPORT);
+    let target = NatTarget { flow: flow(f.snat, SNAT_PORT, f.backend, BPORT, 17), macs: TO_BACKEND };
+    let mut want = input.translated(f.snat, SNAT_PORT, f.backend, BPORT);
+    want.ttl -= 1;
+    (want.src_mac, want.dst_mac) = (MAC_NODE, MAC_BACKEND);
+    let csum = 14 + 40 + 6;
+    let zeroed = |mut frame: Vec<u8>| {
+        frame[csum..csum + 2].copy_from_slice(&[0, 0]);
+        frame
+    };
+    let got = run(&zeroed(input.frame()), |fr, pa| forward::nat::rewrite(fr, pa, &target)).unwrap();
+    assert_frame("NAT UDP6 csum 0", &got, &zeroed(want.frame()));
+}
+
 /// An ICMPv4 "fragmentation needed" from a router on the backend side, about a packet the node sent
 /// (SNAT -> backend), translated for the client: outer VIP -> client, quote client -> VIP.
 fn frag_needed_case(quote_len: Option<usize>) {

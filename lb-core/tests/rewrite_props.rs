@@ -229,6 +229,32 @@ proptest! {
         }
     }
 
+    /// GUE over IPv6 (whose outer UDP checksum is required) for an IPv6 UDP datagram shorter than
+    /// its IP payload, with bytes after it (a surplus area, RFC 768; where UDP options live): the
+    /// outer checksum covers those bytes too, which the inner UDP checksum does not.
+    #[test]
+    fn gue_checksum_covers_a_udp_surplus_area(
+        s in spec(),
+        surplus in prop::collection::vec(any::<u8>(), 1..16),
+        (client, vip) in any::<([u8; 16], [u8; 16])>(),
+        (src, dst) in any::<([u8; 16], [u8; 16])>(),
+    ) {
+        let mut s = s;
+        (s.src, s.dst, s.options) = (addr_of(false, client), addr_of(false, vip), vec![]);
+        let Transport::Udp { sport, dport, .. } = s.transport else { return Ok(()) };
+        s.transport = Transport::Udp { sport, dport, zero_checksum: false };
+        let mut original = s.frame();
+        let l3 = 14 + 4 * s.vlans.len();
+        let payload_len = u16::from_be_bytes([original[l3 + 4], original[l3 + 5]]) + surplus.len() as u16;
+        original[l3 + 4..l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
+        original.extend_from_slice(&surplus);
+        let t = TunnelTarget { src: addr_of(false, src), dst: addr_of(false, dst), macs: TO_BACKEND, flow_hash: 0 };
+        let out = rewritten(&original, |f, p| forward::gue::encap(f, p, &t, GUE_PORT)).unwrap();
+        check_frame_in(&out, Gue::Yes)?;
+        let p = packet::parse(&out).unwrap();
+        prop_assert_eq!(&out[p.l4_offset as usize + 12..], &original[l3..]);
+    }
+
     /// Arbitrary bytes never make parse panic, nor the rewrite of whatever parses.
     #[test]
     fn parse_and_rewrite_never_panic_on_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..400), ethertype in prop::sample::select(vec![0x0800u16, 0x86dd, 0x8100, 0x88a8, 0x0806, 0x1234])) {

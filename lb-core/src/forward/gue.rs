@@ -61,18 +61,24 @@ pub fn encap(frame: &mut Frame<'_>, p: &Parsed, t: &TunnelTarget, port: u16) -> 
 /// Unfolded one's-complement sum of the inner IP packet, for the outer UDP checksum.
 ///
 /// When the inner transport checksum covers everything after the inner IP header (TCP, or UDP
-/// with a checksum; not fragmented; no IPv4 options or IPv6 extension headers, which can change the
-/// pseudo-header's destination), that part sums to the complement of its pseudo-header, which is
-/// what a valid checksum means, so only the IP header is read: Linux calls this local checksum
-/// offload (LCO). It makes GUE over IPv6 cost the same for every packet size. Should the inner
-/// checksum be wrong, the outer one is wrong by the same amount, and the backend drops the packet
-/// at the UDP layer instead of at TCP: the same fate. Any other packet is summed byte by byte.
+/// with a checksum and a length that spans the IP payload; not fragmented; no IPv4 options or IPv6
+/// extension headers, which can change the pseudo-header's destination), that part sums to the
+/// complement of its pseudo-header, which is what a valid checksum means, so only the IP header is
+/// read: Linux calls this local checksum offload (LCO). It makes GUE over IPv6 cost the same for
+/// every packet size. Should the inner checksum be wrong, the outer one is wrong by the same amount,
+/// and the backend drops the packet at the UDP layer instead of at TCP: the same fate. Any other
+/// packet is summed byte by byte.
 fn inner_sum(inner: &[u8], p: &Parsed) -> u64 {
     let header_len = p.l4_offset.saturating_sub(p.l3_offset) as usize;
     let (header, segment) = inner.split_at_checked(header_len).unwrap_or((inner, &[]));
     let checksummed = match p.l4 {
         L4::Tcp => segment.len() >= 20,
-        L4::Udp => segment.get(6..8).is_some_and(|c| c != [0, 0]),
+        // A UDP checksum covers the UDP length's bytes only (RFC 768): with bytes past it in the IP
+        // payload (a surplus area, where UDP options live), the shortcut would leave them out.
+        L4::Udp => {
+            segment.get(6..8).is_some_and(|c| c != [0, 0])
+                && segment.get(4..6).is_some_and(|l| usize::from(u16::from_be_bytes([l[0], l[1]])) == segment.len())
+        }
         _ => false,
     };
     let addrs = match (p.family(), header_len) {

@@ -63,7 +63,7 @@ pub fn rewrite(frame: &mut Frame<'_>, p: &Parsed, t: &NatTarget) -> Result<(), R
             patch_checksum(pkt, l4 + 2, icmp)?;
         }
         _ if p.fragment == Fragment::Later => {}
-        _ => rewrite_ports(pkt, l4, end, p.flow.proto(), family, addrs, &t.flow)?,
+        _ => rewrite_ports(pkt, l4, end, p.flow.proto(), addrs, &t.flow)?,
     }
     set_macs(pkt, &t.macs)
 }
@@ -116,15 +116,14 @@ fn rewrite_ipv6(pkt: &mut [u8], l3: usize, to: &FlowKey) -> Result<ChecksumDelta
 }
 
 /// Sets the TCP or UDP ports and patches the transport checksum for them and the addresses.
-// Always inlined: as a call (LLVM left it out of line) its seven arguments cost ~25 instructions a
-// NAT packet, callgrind.
+// Always inlined: as a call (LLVM left it out of line) its arguments (seven then) cost ~25
+// instructions a NAT packet, callgrind.
 #[inline(always)]
 fn rewrite_ports(
     pkt: &mut [u8],
     l4: usize,
     end: usize,
     proto: u8,
-    family: Family,
     addrs: ChecksumDelta,
     to: &FlowKey,
 ) -> Result<(), RewriteError> {
@@ -148,8 +147,11 @@ fn rewrite_ports(
         delta.replace32(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), new);
         h[..4].copy_from_slice(&new.to_be_bytes());
         let old = u16::from_be_bytes([h[6], h[7]]);
-        // An IPv4 checksum of 0 means "none" and stays 0; a result of 0 is sent as 0xffff (RFC 768).
-        if old != 0 || family == Family::V6 {
+        // A checksum of 0 means "none" and stays 0; a result of 0 is sent as 0xffff (RFC 768).
+        // IPv6 allows 0 only for tunnels (RFC 6935), which accept it where configured to: patching
+        // it would give a checksum certain to be wrong, so it stays 0 there too, as Linux's NAT
+        // keeps it (`__udp_manip_pkt`).
+        if old != 0 {
             let c = match delta.apply(old) {
                 0 => 0xffff,
                 c => c,
@@ -199,7 +201,8 @@ fn translate_quote(
         l4_delta.add(ports);
         if let Some(at) = l4_checksum_offset(e.inner.proto()).map(|o| l4 + o).filter(|at| at + 2 <= end) {
             let old = super::read16(pkt, at)?;
-            let keep_zero = old == 0 && family == Family::V4 && e.inner.proto() == proto::UDP;
+            // As `rewrite_ports`: a UDP checksum of 0 stays 0.
+            let keep_zero = old == 0 && e.inner.proto() == proto::UDP;
             if !keep_zero {
                 let new = match l4_delta.apply(old) {
                     0 if e.inner.proto() == proto::UDP => 0xffff,
