@@ -131,19 +131,27 @@ pub struct UpdateSender<U> {
 pub struct UpdateReceiver<U> {
     updates: Receiver<U>,
     retired: Sender<U>,
-    /// A retired state the control side had no room for yet; sent before any new update is applied,
-    /// so the loop never drops one itself.
+    /// A retired state the control side had no room for; sent before any new update is applied, so
+    /// the loop never drops one itself. With [`RETIRED_QUEUE`] slots this does not happen (see
+    /// there); it is kept for a control side that uses the channel otherwise.
     parked: Option<U>,
 }
 
-/// Updates not yet applied when the control side sends a new one, and retired states not yet
-/// collected, are bounded by this many.
+/// Updates not yet applied when the control side sends a new one are bounded by this many.
 const UPDATE_QUEUE: usize = 8;
+
+/// Room for retired states not yet collected: one more than [`UPDATE_QUEUE`], so the loop never
+/// finds it full. Every [`UpdateSender::send`] collects before it sends; between two collections
+/// the loop can apply at most what was queued at the first (up to `UPDATE_QUEUE`) and the one
+/// update that send adds. With only `UPDATE_QUEUE` slots the ninth was parked, and a parked loop
+/// applies nothing until the control side sends again: after a burst of updates the last one
+/// could wait, unapplied, for as long as the configuration stayed unchanged.
+const RETIRED_QUEUE: usize = UPDATE_QUEUE + 1;
 
 /// A bounded channel pair: updates to the loop, retired states back to the control side.
 pub fn update_channel<U>() -> (UpdateSender<U>, UpdateReceiver<U>) {
     let (tx, rx) = crossbeam_channel::bounded(UPDATE_QUEUE);
-    let (rtx, rrx) = crossbeam_channel::bounded(UPDATE_QUEUE);
+    let (rtx, rrx) = crossbeam_channel::bounded(RETIRED_QUEUE);
     (UpdateSender { updates: tx, retired: rrx }, UpdateReceiver { updates: rx, retired: rtx, parked: None })
 }
 
@@ -523,6 +531,35 @@ mod tests {
         assert!(r.device.take_transmitted().iter().all(|f| f[0] == 7));
         // The replaced state was sent back to be dropped here, on the control side.
         assert_eq!(tx.wait_retired(Duration::ZERO).map(|b| *b), Some(1));
+    }
+
+    /// The loop applies every update sent, the last one included, once the control side stops
+    /// sending, in the worst interleaving for the retired queue: the control side fills the update
+    /// queue, then a `send` collects, finds the queue full and waits while the loop applies one,
+    /// and then the loop runs alone; twice. (With `UPDATE_QUEUE` retired slots the first round
+    /// parked a retired state and the second left its last update unapplied.)
+    #[test]
+    fn the_last_update_of_a_burst_is_applied() {
+        let (tx, mut rx) = update_channel();
+        let mut p = Tagger { generation: Box::new(0), seen: vec![] };
+        let mut sent = 0;
+        for _round in 0..2 {
+            for _ in 0..UPDATE_QUEUE {
+                sent += 1;
+                tx.send(Box::new(sent)).unwrap();
+            }
+            // A blocking `send`, spelled out so the loop runs between its collection and its push.
+            sent += 1;
+            tx.collect_retired();
+            let update = tx.updates.try_send(Box::new(sent)).unwrap_err().into_inner();
+            assert!(rx.poll(&mut p));
+            tx.updates.try_send(update).unwrap();
+            for _ in 0..2 * UPDATE_QUEUE {
+                rx.poll(&mut p);
+            }
+            assert_eq!(*p.generation, sent, "the loop applied up to {}, {sent} sent", p.generation);
+        }
+        assert_eq!(tx.collect_retired(), UPDATE_QUEUE + 1, "every replaced state came back");
     }
 
     #[test]
