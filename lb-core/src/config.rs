@@ -301,8 +301,11 @@ pub struct ServiceConfig {
     pub scheduler: SchedulerKind,
     /// How frames reach the chosen backend.
     pub mode: ForwardMode,
-    /// ClientIP session affinity: while a client has been seen within this time, its new flows go to
-    /// the same backend. `None` disables it. Kubernetes' default timeout is 10800 s.
+    /// ClientIP session affinity: while a client has started a flow within this time, its new flows
+    /// go to the same backend. Each new flow renews it; packets of flows already open do not (as
+    /// kube-proxy's iptables mode, whose `recent` match sees only new connections; IPVS persistence
+    /// also holds while the client has connections open). `None` disables it. Kubernetes' default
+    /// timeout is 10800 s.
     pub affinity_timeout: Option<Duration>,
     /// When non-empty, only clients inside one of these prefixes reach the service; others are
     /// dropped and counted as `SourceNotAllowed`.
