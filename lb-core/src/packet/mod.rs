@@ -10,16 +10,18 @@
 //! ```
 //!
 //! Two paths give one result. [`parse_general`] reads any frame with etherparse's header slices
-//! (`Ethernet2HeaderSlice`, `SingleVlanHeaderSlice`, `Ipv4HeaderSlice`, `Ipv6HeaderSlice`,
-//! `Ipv6ExtensionsSlice`, `TcpHeaderSlice`) rather than `SlicedPacket`: the rewrite needs offsets, the
-//! first fragment of a datagram still carries ports (which `SlicedPacket` does not parse), IPv6
+//! (`Ethernet2HeaderSlice`, `SingleVlanHeaderSlice`, `Ipv4HeaderSlice`, `Ipv6HeaderSlice`, one slice
+//! per IPv6 extension header, `TcpHeaderSlice`) rather than `SlicedPacket`: the rewrite needs offsets,
+//! the first fragment of a datagram still carries ports (which `SlicedPacket` does not parse), IPv6
 //! payload length 0 must not silently mean "rest of the frame", and an ICMP error's quoted packet is
-//! parsed with the same code as the outer one. [`parse_common`] reads the frames that make up nearly
-//! all traffic (TCP/UDP, no IPv4 options, no IPv6 extension headers, not fragmented) by hand with one
-//! bounds check per header, because the general path measured about 490 instructions per frame
-//! against 175 (callgrind, release build); it returns `None`, never an error, for anything else.
-//! [`parse`] tries the first and falls back to the second; property tests check that they agree on
-//! every generated and mutated frame (a fuzz target should compare them too).
+//! parsed with the same code as the outer one. It walks the IPv6 extension chain itself because
+//! `Ipv6ExtensionsSlice` reads on past a later fragment's Fragment header, into data.
+//! [`parse_common`] reads the frames that make up nearly all traffic (TCP/UDP, no IPv4 options, no
+//! IPv6 extension headers, not fragmented) by hand with one bounds check per header, because the
+//! general path measured about 490 instructions per frame against 175 (callgrind, release build); it
+//! returns `None`, never an error, for anything else. [`parse`] tries the first and falls back to the
+//! second; property tests check that they agree on every generated and mutated frame (a fuzz target
+//! should compare them too).
 //!
 //! [`parse`] never panics and never allocates, whatever the bytes. Everything after the IP packet's
 //! own length (Ethernet padding of short frames) is ignored. Checksums are not verified here: a
@@ -31,10 +33,10 @@ mod flow;
 pub(crate) use flow::map_v4;
 pub use flow::{Family, FlowKey};
 
-use etherparse::err::{LenError, ipv4, ipv6_exts, tcp};
+use etherparse::err::{LenError, ip_auth, ipv4, tcp};
 use etherparse::{
-    EtherType, Ethernet2HeaderSlice, Ipv4HeaderSlice, Ipv6ExtensionSlice, Ipv6ExtensionsSlice, Ipv6HeaderSlice,
-    SingleVlanHeaderSlice, TcpHeaderSlice,
+    EtherType, Ethernet2HeaderSlice, IpAuthHeaderSlice, IpNumber, Ipv4HeaderSlice, Ipv6FragmentHeaderSlice,
+    Ipv6HeaderSlice, Ipv6RawExtHeaderSlice, SingleVlanHeaderSlice, TcpHeaderSlice, ip_number,
 };
 
 /// Length of an Ethernet II header.
@@ -611,42 +613,75 @@ fn parse_ipv6(ip: &[u8], quote: bool) -> Result<(Net, Transport), ParseError> {
         total_len
     };
     let payload = ip.get(header_len..ip_len).unwrap_or_default();
-    let (exts, next, rest) = if quote {
-        let (exts, next, rest, err) = Ipv6ExtensionsSlice::from_slice_lax(h.next_header(), payload);
-        if err.is_some() {
-            return Err(ParseError::BadIcmpQuote);
-        }
-        (exts, next, rest)
-    } else {
-        Ipv6ExtensionsSlice::from_slice(h.next_header(), payload).map_err(|e| match e {
-            ipv6_exts::HeaderSliceError::Len(e) => truncated(Layer::Ipv6Extension, e),
-            ipv6_exts::HeaderSliceError::Content(_) => ParseError::BadIpv6Extension,
-        })?
-    };
-    let mut fragment = Fragment::None;
-    if exts.is_fragmenting_payload() {
-        for ext in exts {
-            if let Ipv6ExtensionSlice::Fragment(f) = ext {
-                fragment = match (f.fragment_offset().value(), f.more_fragments()) {
-                    (0, false) => fragment,
-                    (0, true) => Fragment::First,
-                    _ => Fragment::Later,
-                };
-            }
-        }
-    }
+    // In a quote, any error here becomes `BadIcmpQuote` in `parse_quote`.
+    let exts = parse_ipv6_exts(h.next_header(), payload)?;
     let net = Net {
         family: Family::V6,
         src: h.source(),
         dst: h.destination(),
-        proto: next.0,
+        proto: exts.next,
         ttl: h.hop_limit(),
-        fragment,
-        l4_start: ip_len - rest.len(),
+        fragment: exts.fragment,
+        l4_start: header_len + exts.len,
         ip_len,
     };
-    let t = parse_transport(&net, rest, quote)?;
+    let t = parse_transport(&net, payload.get(exts.len..).unwrap_or_default(), quote)?;
     Ok((net, t))
+}
+
+/// The IPv6 extension headers at the start of a packet's payload.
+struct Ipv6Exts {
+    /// Protocol of what follows them: the transport header, or for a later fragment the protocol
+    /// its data continues (the Fragment header's next header).
+    next: u8,
+    /// Bytes of extension headers: the transport header, or a later fragment's data, starts here.
+    len: usize,
+    fragment: Fragment,
+}
+
+/// Walks the IPv6 extension headers at the start of `payload`, `first` naming the first. Stops at
+/// a header that is not an extension header, or right after a Fragment header with a nonzero offset:
+/// what follows it in a later fragment is data, even where it continues a Destination Options header
+/// or AH that the first fragment began (RFC 8200 4.1 puts both in the fragmentable part).
+fn parse_ipv6_exts(first: IpNumber, payload: &[u8]) -> Result<Ipv6Exts, ParseError> {
+    let ext_len = |e: LenError| truncated(Layer::Ipv6Extension, e);
+    let mut next = first;
+    let mut fragment = Fragment::None;
+    // Each header is at least 8 bytes long, so the walk ends.
+    let mut len = 0;
+    loop {
+        let rest = payload.get(len..).unwrap_or_default();
+        let header_len = match next {
+            // Hop-by-hop options must come straight after the IPv6 header (RFC 8200 4.1).
+            ip_number::IPV6_HOP_BY_HOP if len != 0 => return Err(ParseError::BadIpv6Extension),
+            ip_number::IPV6_HOP_BY_HOP | ip_number::IPV6_ROUTE | ip_number::IPV6_DEST_OPTIONS => {
+                let h = Ipv6RawExtHeaderSlice::from_slice(rest).map_err(ext_len)?;
+                next = h.next_header();
+                h.slice().len()
+            }
+            ip_number::IPV6_FRAG => {
+                let h = Ipv6FragmentHeaderSlice::from_slice(rest).map_err(ext_len)?;
+                next = h.next_header();
+                if h.fragment_offset().value() != 0 {
+                    return Ok(Ipv6Exts { next: next.0, len: len + h.slice().len(), fragment: Fragment::Later });
+                }
+                if h.more_fragments() {
+                    fragment = Fragment::First;
+                }
+                h.slice().len()
+            }
+            ip_number::AUTH => {
+                let h = IpAuthHeaderSlice::from_slice(rest).map_err(|e| match e {
+                    ip_auth::HeaderSliceError::Len(e) => ext_len(e),
+                    ip_auth::HeaderSliceError::Content(_) => ParseError::BadIpv6Extension,
+                })?;
+                next = h.next_header();
+                h.slice().len()
+            }
+            _ => return Ok(Ipv6Exts { next: next.0, len, fragment }),
+        };
+        len += header_len;
+    }
 }
 
 fn be16(b: &[u8], at: usize) -> u16 {

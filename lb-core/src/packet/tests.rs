@@ -182,6 +182,143 @@ fn ipv6_fragment_header() {
     assert_eq!((p.fragment, p.flow.dst_port(), p.l4), (Fragment::Later, 0, L4::Tcp));
 }
 
+/// An untagged IPv6 packet whose payload is `payload`, the first header in it named `next`.
+fn v6_raw(next: IpNumber, payload: &[u8]) -> Vec<u8> {
+    let h = Ipv6Header {
+        next_header: next,
+        payload_length: payload.len() as u16,
+        hop_limit: 9,
+        source: C6,
+        destination: V6,
+        ..Default::default()
+    };
+    let mut v = Vec::new();
+    etherparse::Ethernet2Header { source: MAC_A, destination: MAC_B, ether_type: etherparse::EtherType::IPV6 }
+        .write(&mut v)
+        .unwrap();
+    h.write(&mut v).unwrap();
+    v.extend_from_slice(payload);
+    v
+}
+
+/// An IPv6 later fragment (offset 8 bytes, the last one) whose Fragment header names `next`; `data`
+/// is fragment payload, however much it looks like a header.
+fn v6_later_fragment(next: IpNumber, data: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    Ipv6FragmentHeader::new(next, IpFragOffset::try_new(1).unwrap(), false, 0x1234).write(&mut payload).unwrap();
+    payload.extend_from_slice(data);
+    v6_raw(IpNumber::IPV6_FRAGMENTATION_HEADER, &payload)
+}
+
+/// What a later fragment from [`v6_later_fragment`] must parse as: the protocol is the Fragment
+/// header's next header and the payload starts right after the Fragment header.
+fn later_fragment_parsed(next: u8, data_len: usize) -> Parsed {
+    Parsed {
+        flow: FlowKey::v6(C6, V6, next, 0, 0),
+        l4: L4::Other,
+        vlan_tags: 0,
+        l3_offset: 14,
+        l4_offset: 14 + 40 + 8,
+        ip_len: (40 + 8 + data_len) as u32,
+        ttl: 9,
+        tcp_flags: TcpFlags(0),
+        fragment: Fragment::Later,
+    }
+}
+
+/// RFC 8200 4.1 puts Destination Options and AH after the Fragment header, in the fragmentable part:
+/// a later fragment continues that part, so the bytes after its Fragment header are data.
+#[test]
+fn ipv6_later_fragment_data_is_not_parsed_as_extension_headers() {
+    let dest_opts = IpNumber::IPV6_DESTINATION_OPTIONS;
+    let auth = IpNumber::AUTHENTICATION_HEADER;
+    let cases = [
+        // Read as Destination Options: 2048 bytes long, so "truncated".
+        (dest_opts, [6u8, 0xff, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]),
+        // Read as Destination Options: 8 bytes naming UDP, so protocol 17 at the wrong offset.
+        (dest_opts, [17u8, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]),
+        // Read as AH: payload length 0, so "malformed chain".
+        (auth, [6u8, 0, 0, 0, 0, 0, 0, 0, 7, 8, 9, 10, 11, 12, 13, 14]),
+    ];
+    for (next, data) in cases {
+        let f = v6_later_fragment(next, &data);
+        let want = later_fragment_parsed(next.0, data.len());
+        assert_eq!(parse(&f), Ok(want), "next header {}, data {:02x?}", next.0, &data[..2]);
+        assert_eq!(parse_general(&f), Ok(want));
+        assert_eq!(parse_common(&f), None);
+    }
+}
+
+#[test]
+fn icmpv6_error_quoting_a_later_fragment_names_its_three_tuple() {
+    let data = [6u8, 0xff, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
+    let quoted = v6_later_fragment(IpNumber::IPV6_DESTINATION_OPTIONS, &data);
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(V6, C6, 60)
+        .icmpv6_raw(2, 0, 1280u32.to_be_bytes())
+        .write(&mut v, &quoted[14..])
+        .unwrap();
+    let quote_at = 14 + 40 + 8;
+    let want = Parsed {
+        flow: FlowKey::v6(V6, C6, 58, 0, 0),
+        l4: L4::IcmpError(IcmpError {
+            kind: IcmpErrorKind::PacketTooBig { mtu: 1280 },
+            inner: FlowKey::v6(C6, V6, 60, 0, 0),
+            inner_fragment: Fragment::Later,
+            inner_l3_offset: quote_at,
+            inner_l4_offset: quote_at + 40 + 8,
+            end: quote_at + 40 + 8 + data.len() as u32,
+        }),
+        vlan_tags: 0,
+        l3_offset: 14,
+        l4_offset: 14 + 40,
+        ip_len: 40 + 8 + 40 + 8 + data.len() as u32,
+        ttl: 60,
+        tcp_flags: TcpFlags(0),
+        fragment: Fragment::None,
+    };
+    assert_eq!(parse(&v), Ok(want));
+}
+
+#[test]
+fn ipv6_first_fragment_walks_on_to_the_transport_header() {
+    // Fragment (offset 0, more) -> Destination Options (8 bytes) -> UDP.
+    let mut payload = Vec::new();
+    Ipv6FragmentHeader::new(IpNumber::IPV6_DESTINATION_OPTIONS, IpFragOffset::ZERO, true, 1)
+        .write(&mut payload)
+        .unwrap();
+    payload.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+    payload.extend_from_slice(&[0x13, 0x88, 0, 53, 0, 8, 0, 0]);
+    let p = parse(&v6_raw(IpNumber::IPV6_FRAGMENTATION_HEADER, &payload)).unwrap();
+    assert_eq!((p.fragment, p.flow, p.l4_offset), (Fragment::First, FlowKey::v6(C6, V6, 17, 5000, 53), 14 + 40 + 16));
+}
+
+#[test]
+fn malformed_ipv6_extension_chains_keep_their_reasons() {
+    let dest_opts = IpNumber::IPV6_DESTINATION_OPTIONS.0;
+    // Destination Options claiming 2048 bytes, 16 present.
+    let f = v6_raw(IpNumber::IPV6_DESTINATION_OPTIONS, &[6, 0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(parse(&f), Err(ParseError::Truncated { layer: Layer::Ipv6Extension, needed: 2048, len: 16 }));
+    // A Fragment header cut short after a Destination Options header: the length counts from it.
+    let f = v6_raw(IpNumber::IPV6_DESTINATION_OPTIONS, &[44, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0]);
+    assert_eq!(parse(&f), Err(ParseError::Truncated { layer: Layer::Ipv6Extension, needed: 8, len: 4 }));
+    // AH shorter than its 12-byte minimum.
+    let f = v6_raw(IpNumber::AUTHENTICATION_HEADER, &[6, 1, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(parse(&f), Err(ParseError::Truncated { layer: Layer::Ipv6Extension, needed: 12, len: 8 }));
+    // AH with payload length 0.
+    let f = v6_raw(IpNumber::AUTHENTICATION_HEADER, &[6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(parse(&f), Err(ParseError::BadIpv6Extension));
+    // Hop-by-hop anywhere but first.
+    let f = v6_raw(IpNumber::IPV6_DESTINATION_OPTIONS, &[0, 0, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(parse(&f), Err(ParseError::BadIpv6Extension));
+    // Hop-by-hop first is fine: Hop-by-hop -> Destination Options -> UDP.
+    let mut payload = std::vec![dest_opts, 0, 0, 0, 0, 0, 0, 0];
+    payload.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0, 0x13, 0x88, 0, 53, 0, 8, 0, 0]);
+    let p = parse(&v6_raw(IpNumber::IPV6_HEADER_HOP_BY_HOP, &payload)).unwrap();
+    assert_eq!((p.flow.dst_port(), p.l4_offset), (53, 14 + 40 + 16));
+}
+
 #[test]
 fn icmp_echo_uses_the_identifier_as_ports() {
     let mut v = Vec::new();
