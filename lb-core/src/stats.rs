@@ -308,6 +308,7 @@ impl Stats {
         self.tx += other.tx;
         self.passed += other.passed;
         self.reverse_nat += other.reverse_nat;
+        self.icmp_too_big += other.icmp_too_big;
         self.conntrack_evictions += other.conntrack_evictions;
         self.arp_replies += other.arp_replies;
         self.ndp_adverts += other.ndp_adverts;
@@ -475,17 +476,41 @@ mod tests {
         b.count_drop(DropReason::NoBackend);
         b.count_drop(DropReason::Malformed);
         b.rx = 5;
+        (a.tx, b.tx) = (1, 2);
+        b.passed = 3;
+        a.reverse_nat = 4;
+        b.icmp_too_big = 6;
+        (a.conntrack_evictions, b.conntrack_evictions) = (8, 1);
         b.arp_replies = 2;
         a.ndp_adverts = 1;
         b.service_mut(1).unwrap().packets = 7;
         a.backend_mut(0).unwrap().active_conns = 3;
         b.backend_mut(0).unwrap().active_conns = 4;
         a.merge(&b);
+        // Naming every field makes a new counter fail to compile here until this test (and so
+        // `merge`) considers it.
+        let Stats {
+            rx,
+            tx,
+            passed,
+            reverse_nat,
+            icmp_too_big,
+            conntrack_evictions,
+            arp_replies,
+            ndp_adverts,
+            drops: _,
+            services: _,
+            backends: _,
+            spans: _,
+            members: _,
+            mapped: _,
+        } = a;
         assert_eq!(a.dropped(DropReason::NoBackend), 2);
         assert_eq!(a.dropped(DropReason::Malformed), 1);
         assert_eq!(a.dropped_total(), 3);
-        assert_eq!(a.rx, 5);
-        assert_eq!((a.arp_replies, a.ndp_adverts), (2, 1));
+        assert_eq!((rx, tx, passed, reverse_nat), (5, 3, 3, 4));
+        assert_eq!((icmp_too_big, conntrack_evictions), (6, 9));
+        assert_eq!((arp_replies, ndp_adverts), (2, 1));
         assert_eq!(a.services[1].packets, 7);
         assert_eq!(a.backends[0].counters.active_conns, 7);
     }
