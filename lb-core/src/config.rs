@@ -338,7 +338,8 @@ impl ServiceConfig {
     }
 }
 
-/// Idle timeouts for conntrack entries, IPVS-like by default.
+/// Idle timeouts for conntrack entries, IPVS-like by default. Conntrack counts whole seconds, so each
+/// must be 1 s to `u32::MAX` s (fractions are dropped); a table build rejects others.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     /// TCP after the first SYN, before the handshake completes.

@@ -32,7 +32,7 @@ use crate::conntrack::addr_bytes;
 use crate::packet::{Family, FlowKey};
 
 use crate::config::{
-    BackendState, Cidr, Config, ForwardMode, NodeConfig, RemovedBackendPolicy, SchedulerKind, ServiceKey,
+    BackendState, Cidr, Config, ForwardMode, NodeConfig, RemovedBackendPolicy, SchedulerKind, ServiceKey, Timeouts,
 };
 use crate::schedule::ServiceScheduler;
 
@@ -682,6 +682,16 @@ pub enum ConfigError {
         /// Service name.
         service: String,
     },
+    /// A conntrack timeout under one second or beyond `u32` seconds. The worker counts whole
+    /// seconds, so a shorter timeout expires every entry at once: each packet would be a new flow,
+    /// scheduled afresh, and a flow's packets could go to several backends.
+    #[error("node.timeouts.{field} is {value:?}: use 1 to 4294967295 s (conntrack counts whole seconds)")]
+    BadTimeout {
+        /// The timeout's field in `Timeouts`, such as `tcp_established`.
+        field: &'static str,
+        /// The timeout given.
+        value: core::time::Duration,
+    },
     /// An affinity timeout of zero or beyond `u32` seconds.
     #[error("service {service} has affinity timeout {secs} s: use 1 to 4294967295 s (Kubernetes' default is 10800)")]
     BadAffinityTimeout {
@@ -848,6 +858,20 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     let min_mtu = crate::forward::too_big::MIN_TUNNEL_MTU;
     if let Some(mtu) = node.tunnel_mtu.filter(|&m| m < min_mtu) {
         return Err(ConfigError::TunnelMtuTooSmall { mtu, min: min_mtu });
+    }
+    // Named field by field, so a timeout added to `Timeouts` is checked too (or fails to compile).
+    let Timeouts { tcp_syn, tcp_established, tcp_fin, tcp_time_wait, udp } = node.timeouts;
+    let timeouts = [
+        ("tcp_syn", tcp_syn),
+        ("tcp_established", tcp_established),
+        ("tcp_fin", tcp_fin),
+        ("tcp_time_wait", tcp_time_wait),
+        ("udp", udp),
+    ];
+    for (field, value) in timeouts {
+        if value.as_secs() == 0 || value.as_secs() > u64::from(u32::MAX) {
+            return Err(ConfigError::BadTimeout { field, value });
+        }
     }
     let node_addrs = [
         ("snat_v4", node.snat_v4.map(IpAddr::V4)),
@@ -1419,6 +1443,20 @@ mod tests {
         let mut c = good();
         c.services[0].affinity_timeout = Some(Duration::ZERO);
         rejects(&c, "service web has affinity timeout 0 s");
+
+        let mut c = good();
+        c.node.timeouts.tcp_fin = Duration::from_millis(500);
+        rejects(&c, "node.timeouts.tcp_fin is 500ms: use 1 to 4294967295 s");
+        let mut c = good();
+        c.node.timeouts.udp = Duration::ZERO;
+        rejects(&c, "node.timeouts.udp is 0ns");
+        let mut c = good();
+        c.node.timeouts.tcp_established = Duration::from_secs(u64::from(u32::MAX) + 1);
+        rejects(&c, "node.timeouts.tcp_established is 4294967296s");
+        let mut c = good();
+        c.node.timeouts.tcp_syn = Duration::from_secs(1);
+        c.node.timeouts.tcp_time_wait = Duration::from_secs(u64::from(u32::MAX));
+        TableBuilder::new().build(&c).unwrap();
 
         let mut c = good();
         c.node.snat_ports = (5000, 4000);

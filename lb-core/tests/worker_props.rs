@@ -145,7 +145,7 @@ proptest! {
     #[test]
     fn bad_config_is_rejected_whole_and_old_tables_keep_serving(
         flows in 1u32..30,
-        defect in 0usize..6,
+        defect in 0usize..7,
         also_add in any::<bool>(),
     ) {
         let cfg = all_modes_config();
@@ -168,6 +168,8 @@ proptest! {
             2 => bad.services[0].backends[0].addr = v4("fd00::9"),
             3 => bad.node.snat_v4 = None,
             4 => bad.services[4].backends[0].port = 8081,
+            // Whole seconds only: a shorter timeout would expire every entry at once.
+            5 => bad.node.timeouts.tcp_established = std::time::Duration::from_millis(900),
             _ => { let d = bad.services[4].clone(); bad.services.push(d); }
         }
         let old_version = w.tables().version();
