@@ -656,6 +656,22 @@ pub enum ConfigError {
         /// Service name.
         service: String,
     },
+    /// A service on port 0, which no client can connect to (and no frame can name).
+    #[error("service {service} uses {key}: port 0 is not a destination port; give the port clients connect to")]
+    ServicePortZero {
+        /// Service name.
+        service: String,
+        /// The service's key.
+        key: ServiceKey,
+    },
+    /// A backend on port 0: NAT would rewrite the destination port to 0, which no backend listens on.
+    #[error("backend {backend} of service {service} has port 0: give the port the backend listens on")]
+    BackendPortZero {
+        /// Service name.
+        service: String,
+        /// The backend, `addr:port`.
+        backend: String,
+    },
     /// An unusable SNAT port range.
     #[error("node.snat_ports {first}-{last} is empty or starts at 0: give first <= last, first >= 1")]
     BadSnatPorts {
@@ -884,6 +900,9 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         if let Some(prev) = keys.insert(s.key, &s.name) {
             return Err(ConfigError::DuplicateService { key: s.key, first: String::from(prev), second: service() });
         }
+        if s.key.port == 0 {
+            return Err(ConfigError::ServicePortZero { service: service(), key: s.key });
+        }
         let vip = s.key.vip;
         for (field, addr) in node_addrs {
             if addr == Some(vip) {
@@ -957,6 +976,9 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
                     vip,
                     mode: mode_name(s.mode),
                 });
+            }
+            if b.port == 0 {
+                return Err(ConfigError::BackendPortZero { service: service(), backend: name() });
             }
             if s.mode != ForwardMode::Nat && b.port != s.key.port {
                 return Err(ConfigError::PortRemap {
@@ -1457,6 +1479,18 @@ mod tests {
         c.node.timeouts.tcp_syn = Duration::from_secs(1);
         c.node.timeouts.tcp_time_wait = Duration::from_secs(u64::from(u32::MAX));
         TableBuilder::new().build(&c).unwrap();
+
+        let mut c = good();
+        c.services[0].key.port = 0;
+        rejects(&c, "service web uses tcp 192.0.2.1:0: port 0 is not a destination port");
+        // A DSR service whose backends match its port 0 (so no port remap to report).
+        let mut c = good();
+        c.services[1].key.port = 0;
+        c.services[1].backends[0].port = 0;
+        rejects(&c, "service dns uses tcp 192.0.2.1:0: port 0");
+        let mut c = good();
+        c.services[0].backends[1].port = 0;
+        rejects(&c, "backend 10.0.0.8:0 of service web has port 0");
 
         let mut c = good();
         c.node.snat_ports = (5000, 4000);

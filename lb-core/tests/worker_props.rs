@@ -145,7 +145,7 @@ proptest! {
     #[test]
     fn bad_config_is_rejected_whole_and_old_tables_keep_serving(
         flows in 1u32..30,
-        defect in 0usize..7,
+        defect in 0usize..9,
         also_add in any::<bool>(),
     ) {
         let cfg = all_modes_config();
@@ -170,6 +170,9 @@ proptest! {
             4 => bad.services[4].backends[0].port = 8081,
             // Whole seconds only: a shorter timeout would expire every entry at once.
             5 => bad.node.timeouts.tcp_established = std::time::Duration::from_millis(900),
+            // Port 0: a NAT service (backends on 8080, so no port remap to report), a NAT backend.
+            6 => bad.services[0].key.port = 0,
+            7 => bad.services[0].backends[1].port = 0,
             _ => { let d = bad.services[4].clone(); bad.services.push(d); }
         }
         let old_version = w.tables().version();
