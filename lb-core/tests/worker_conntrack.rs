@@ -599,6 +599,47 @@ fn drop_policy_nat_flow_keeps_no_reverse_translation() {
     assert_eq!(run(&mut w, &tcp(n.dst, 8080, n.src, n.sport, Tcp::Ack, b""), secs(6)).0, Verdict::Tx);
 }
 
+/// DSR never sees the backend's FIN, so a flow the client closed stays closing for `tcp_fin`. A new
+/// connection on that 5-tuple (the client reuses its port) restarts the entry half-open on the same
+/// backend, as IPVS does: its ACK establishes it (counted once), its idle timeout is then
+/// `tcp_established`, and it keeps its backend after idling longer than `tcp_fin`.
+#[test]
+fn a_syn_on_a_closing_flow_restarts_it_on_the_same_backend() {
+    let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
+    cfg.node.timeouts.tcp_syn = dur(30);
+    cfg.node.timeouts.tcp_fin = dur(120);
+    cfg.node.timeouts.tcp_established = dur(900);
+    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    let c = client(1);
+    let established = |w: &Worker| -> Vec<u64> {
+        let s = &w.tables().services()[0];
+        s.backends.iter().map(|b| w.stats().backend(b.slot()).established_conns).collect()
+    };
+    let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+    let first = dsr_backend(&out);
+    run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+    run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Fin, b""), secs(2));
+    run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2));
+    assert_eq!(state_of(&w, c, 1000), Some((ConnState::Closing, 122)));
+    assert_eq!(established(&w).iter().sum::<u64>(), 0);
+
+    let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(10));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, first));
+    assert_eq!(state_of(&w, c, 1000), Some((ConnState::SynSeen, 40)));
+    run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(10));
+    run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(11));
+    assert_eq!(state_of(&w, c, 1000), Some((ConnState::Established, 911)));
+    assert_eq!(established(&w).iter().sum::<u64>(), 1, "{:?}", established(&w));
+    // Idle 200 s: past tcp_fin, within tcp_established. Round robin would pick the other backend
+    // for a new flow, so this shows the flow was kept.
+    let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(211));
+    assert_eq!(dsr_backend(&out), first);
+    assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::Established));
+    // Only one new flow was counted: the restart is the same entry.
+    let new_flows: u64 = w.tables().services()[0].backends.iter().map(|b| w.stats().backend(b.slot()).new_flows).sum();
+    assert_eq!(new_flows, 1);
+}
+
 #[test]
 fn established_count_follows_tcp_states_as_ipvsadm_active_conn() {
     let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1"]);

@@ -43,6 +43,10 @@
 //! - A TCP segment of an unknown flow is scheduled even without SYN, so flows survive a restart of the
 //!   load balancer (consistent schedulers give the same backend); the entry stays half-open until the
 //!   client's next segment, so a stream of random ACKs cannot fill the table with established entries.
+//! - A client's SYN on a 5-tuple in time-wait starts a new flow (scheduled afresh); on a closing one
+//!   (one FIN seen; in DSR and tunnel modes the backend's never is) it restarts the flow half-open on
+//!   the same backend, as IPVS does, so a client reusing its port soon after a close is established
+//!   again by its ACK.
 //! - UDP entries are half-open until a second packet or a reply is seen.
 //! - Full NAT: each core takes a disjoint share of `NodeConfig::snat_ports` ([`snat_port_share`]);
 //!   replies must reach the core that owns their destination port (the I/O layer steers them, see

@@ -54,6 +54,12 @@ pub(super) fn advance_new(e: &mut Entry, flags: TcpFlags, t: &StateTimeouts, now
 /// replies). IPVS-like: the client's ACK after SYN establishes, a FIN closes, both FINs or an RST
 /// reach time-wait. Each packet refreshes the idle timeout of the state it leaves the flow in.
 ///
+/// The client's SYN on a closing flow restarts it half-open on the same backend (IPVS's FIN_WAIT,
+/// CLOSE_WAIT, LAST_ACK + SYN -> SYN_RECV, its default `conn_reuse_mode`): in DSR and tunnel modes
+/// the backend's FIN is never seen, so a finished flow stays closing for `tcp_fin`, and a client
+/// reusing its port within that time opens a new connection that must reach established (its count,
+/// its idle timeout). A SYN on a time-wait flow is no packet of it: the worker starts a new flow.
+///
 /// A [`ConnState::BackendGone`] tombstone stays one: any packet refreshes its idle timeout (UDP's for
 /// a UDP flow), until the client's FIN or RST starts a fixed time-wait timeout that later packets do
 /// not extend.
@@ -107,6 +113,10 @@ fn advance_any(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &StateTimeo
         }
         ConnState::SynSeen if from_client && flags.contains(TcpFlags::ACK) && !flags.contains(TcpFlags::SYN) => {
             ConnState::Established
+        }
+        ConnState::Closing if from_client && flags.is_syn_only() => {
+            e.fins = 0;
+            ConnState::SynSeen
         }
         s => s,
     };
