@@ -12,8 +12,10 @@
 //! and the workers keep the tables they have. Tables reach the workers through a [`TablesSink`] (lb-io's
 //! per-loop update channels in the binary, a recorder in tests); workers swap them between bursts.
 //!
-//! Kubernetes services whose key a file service already uses are left out (the file wins, logged),
-//! so one conflicting Service cannot block every later cluster update.
+//! Kubernetes services whose key a file service already uses, that lb-core rejects on their own, or
+//! that the workers cannot serve (the sink's `check`, e.g. NAT over several unsteered queues) are left
+//! out (logged, counted in `lb_kubernetes_skipped`), so one such Service cannot block every later
+//! cluster update. File services get no such leniency: a file the workers refuse is rejected whole.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -342,8 +344,11 @@ impl<S: TablesSink> Control<S> {
                 }
             }
         }
-        let (desired, left_out) =
-            desired_services(file.as_ref().unwrap_or(&self.file), kubernetes.as_ref().unwrap_or(&self.kubernetes));
+        let (desired, left_out) = desired_services(
+            file.as_ref().unwrap_or(&self.file),
+            kubernetes.as_ref().unwrap_or(&self.kubernetes),
+            |c| self.sink.check(c),
+        );
         let mut built = desired.clone();
         apply_health(&mut built, &down);
         let config = Config {
@@ -617,9 +622,16 @@ pub fn run_blocking<S: TablesSink + 'static>(
 }
 
 /// The file's services plus the cluster's. The file wins a shared key, and a Kubernetes service that
-/// lb-core rejects on its own (e.g. a Maglev table size too small for its endpoints) is left out, so
-/// one bad Service cannot block every later cluster update. Returns the reasons for what was left out.
-fn desired_services(file: &Settings, k8s: &Translation) -> (Vec<ServiceSpec>, Vec<String>) {
+/// lb-core rejects on its own (e.g. a Maglev table size too small for its endpoints) or that the
+/// workers refuse on their own (`servable`: e.g. NAT over several queues whose replies nothing
+/// steers) is left out, so one bad Service cannot block every later cluster update. The file's
+/// services are not checked here: a file the workers refuse is rejected whole by the caller.
+/// Returns the reasons for what was left out.
+fn desired_services(
+    file: &Settings,
+    k8s: &Translation,
+    servable: impl Fn(&Config) -> Result<(), String>,
+) -> (Vec<ServiceSpec>, Vec<String>) {
     let taken: HashMap<ServiceKey, &str> =
         file.services.iter().map(|s| (s.config.key, s.config.name.as_str())).collect();
     let mut out = file.services.clone();
@@ -635,6 +647,10 @@ fn desired_services(file: &Settings, k8s: &Translation) -> (Vec<ServiceSpec>, Ve
         let alone = Config { node: file.node.clone(), services: vec![s.config.clone()] };
         if let Err(e) = lb_core::service::validate(&alone) {
             left_out.push(format!("{} ({}): {e}", s.config.name, s.config.key));
+            continue;
+        }
+        if let Err(e) = servable(&alone) {
+            left_out.push(format!("{} ({}): refused by the data plane: {e}", s.config.name, s.config.key));
             continue;
         }
         out.push(s.clone());
@@ -918,6 +934,59 @@ services:
         changed.services[0].config.backends[0].weight = 2;
         let again = control.apply(ControlInput::File(Box::new(changed))).unwrap();
         assert_eq!(again.version(), first.version() + 1);
+    }
+
+    /// A sink that refuses every NAT service, as `lb run` does over several queues whose NAT
+    /// replies nothing steers.
+    struct NatRefusingSink(RecordingSink);
+
+    impl TablesSink for NatRefusingSink {
+        fn check(&self, config: &Config) -> Result<(), String> {
+            match config.services.iter().find(|s| s.mode == ForwardMode::Nat) {
+                Some(s) => Err(format!("service {} uses NAT", s.name)),
+                None => Ok(()),
+            }
+        }
+
+        fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+            self.0.publish(tables)
+        }
+    }
+
+    /// One Kubernetes Service the workers cannot serve is left out and counted; the cluster's other
+    /// Services still arrive. A file service they cannot serve still rejects the whole reload.
+    #[tokio::test]
+    async fn a_kubernetes_service_the_workers_refuse_is_left_out_not_the_whole_update() {
+        let recorder = RecordingSink::default();
+        let mut control = Control::new(NatRefusingSink(recorder.clone()));
+        let live = control.subscribe();
+        let dsr_file = GOOD.replace("port: 80\n", "port: 80\n    mode: dsr\n").replace("port: 8080", "port: 80");
+        control.apply(ControlInput::File(Box::new(parse(&dsr_file).unwrap()))).unwrap();
+
+        let mut nat = parse(GOOD).unwrap().services.remove(0);
+        nat.config.name = "default/nat:http".into();
+        nat.config.key.port = 9000;
+        assert_eq!(nat.config.mode, ForwardMode::Nat);
+        let mut dsr = parse(&dsr_file).unwrap().services.remove(0);
+        dsr.config.name = "default/dsr:http".into();
+        dsr.config.key.port = 9001;
+        for b in &mut dsr.config.backends {
+            b.port = 9001; // DSR cannot change the port
+        }
+        let k8s = Translation { services: vec![nat, dsr], ..Translation::default() };
+        let t = control.apply(ControlInput::Kubernetes(k8s)).unwrap();
+        let names: Vec<&str> = t.services().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"default/dsr:http") && !names.contains(&"default/nat:http"), "{names:?}");
+        {
+            let l = live.borrow();
+            assert_eq!((l.applied, l.rejected, l.k8s_skipped), (2, 0, 1));
+        }
+
+        let err = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap_err();
+        assert!(matches!(err, ControlError::Unservable(_)), "{err}");
+        assert!(err.to_string().contains("service web uses NAT"), "{err}");
+        assert_eq!(recorder.0.lock().unwrap().len(), 2, "the NAT file published nothing");
     }
 
     /// An update that changes nothing the workers serve (the same file again) is neither built nor
