@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::{ServiceSpec, Settings};
 use crate::health::{HealthChecker, HealthEvent, StatusTable, Target, apply_health};
 use crate::k8s::Translation;
+use crate::k8s::feed::NodeView;
 
 /// Which of its addresses the load balancer answers ARP and IPv6 neighbour discovery for, with the
 /// interface's MAC (`lb run --neighbour-responder`; lb-core's `neighbour` module does the answering).
@@ -291,6 +292,9 @@ pub struct Control<S: TablesSink> {
     live: watch::Sender<LiveState>,
     /// The configuration the workers' tables were built from.
     running: Option<Config>,
+    /// The accepted file's node settings, as the Kubernetes feed translates with them. Sent only
+    /// once a file is accepted, so a rejected reload cannot change how cluster Services are served.
+    node_view: Option<watch::Sender<NodeView>>,
 }
 
 impl<S: TablesSink> Control<S> {
@@ -310,7 +314,14 @@ impl<S: TablesSink> Control<S> {
             health_rx,
             live,
             running: None,
+            node_view: None,
         }
+    }
+
+    /// The accepted file's node settings for the Kubernetes feed, updated when a file is accepted
+    /// (and only then: a file that is rejected, by validation, lb-core or the workers, changes nothing).
+    pub fn node_view(&mut self) -> watch::Receiver<NodeView> {
+        self.node_view.get_or_insert_with(|| watch::Sender::new(NodeView::of(&self.file))).subscribe()
     }
 
     /// A receiver of the live state (for the metrics endpoint and `lb list`).
@@ -377,6 +388,14 @@ impl<S: TablesSink> Control<S> {
                     self.running = Some(config);
                 }
                 if let Some(f) = file {
+                    if let Some(view) = &self.node_view {
+                        let new = NodeView::of(&f);
+                        view.send_if_modified(|v| {
+                            let modified = *v != new;
+                            *v = new;
+                            modified
+                        });
+                    }
                     self.file = f;
                 }
                 if let Some(k) = kubernetes {
@@ -479,20 +498,16 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
         poll: std::time::Duration,
     ) -> Result<Self, StartError> {
         use crate::config::reload::{FileWatch, watch as watch_file};
-        use crate::k8s::feed::{Feed, NodeView, client};
+        use crate::k8s::feed::{Feed, client};
 
         settings.fill_from_env(|k| std::env::var(k).ok());
         let mut control = Control::new(sink);
         control.apply(ControlInput::File(Box::new(settings.clone())))?;
         let (in_tx, inputs) = mpsc::channel::<ControlInput>(64);
 
-        // Kubernetes feed, with node settings that follow file reloads.
-        let (view_tx, view_rx) = watch::channel(NodeView {
-            settings: settings.kubernetes.clone().unwrap_or_default(),
-            node: settings.node.clone(),
-        });
+        // Kubernetes feed, with node settings that follow accepted file reloads.
         if let Some(k) = &settings.kubernetes {
-            let feed = Feed::new(client(k).await?, view_rx);
+            let feed = Feed::new(client(k).await?, control.node_view());
             let counters = feed.counters();
             control.live.send_modify(|l| l.feed = Some(counters));
             let (k_tx, mut k_rx) = mpsc::channel(4);
@@ -517,9 +532,6 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
                 let input = match reload {
                     Ok(mut s) => {
                         s.fill_from_env(|k| std::env::var(k).ok());
-                        let view =
-                            NodeView { settings: s.kubernetes.clone().unwrap_or_default(), node: s.node.clone() };
-                        let _ = view_tx.send(view);
                         ControlInput::File(Box::new(s))
                     }
                     Err(e) => ControlInput::FileRejected(e.to_string()),
@@ -987,6 +999,31 @@ services:
         assert!(matches!(err, ControlError::Unservable(_)), "{err}");
         assert!(err.to_string().contains("service web uses NAT"), "{err}");
         assert_eq!(recorder.0.lock().unwrap().len(), 2, "the NAT file published nothing");
+    }
+
+    /// The feed's node view follows accepted files only: one the workers refuse leaves it as it was.
+    #[tokio::test]
+    async fn the_node_view_changes_only_with_an_accepted_file() {
+        let recorder = RecordingSink::default();
+        let mut control = Control::new(PickySink { recorder, max_services: 1 });
+        control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let mut view = control.node_view();
+        assert_eq!(view.borrow_and_update().settings.default_mode, ForwardMode::Nat);
+
+        let dsr = GOOD.replace("services:", "kubernetes: { default_mode: dsr }\nservices:");
+        let mut refused = parse(&dsr).unwrap();
+        let mut svc = refused.services[0].clone();
+        svc.config.key.port = 81;
+        refused.services.push(svc);
+        let err = control.apply(ControlInput::File(Box::new(refused))).unwrap_err();
+        assert!(matches!(err, ControlError::Unservable(_)), "{err}");
+        assert!(!view.has_changed().unwrap(), "a refused file left the view alone");
+
+        control.apply(ControlInput::File(Box::new(parse(&dsr).unwrap()))).unwrap();
+        assert!(view.has_changed().unwrap());
+        assert_eq!(view.borrow_and_update().settings.default_mode, ForwardMode::Dsr);
+        control.apply(ControlInput::File(Box::new(parse(&dsr).unwrap()))).unwrap();
+        assert!(!view.has_changed().unwrap(), "the same file again does not re-translate the cluster");
     }
 
     /// An update that changes nothing the workers serve (the same file again) is neither built nor

@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lb_core::config::BackendState;
+use lb_core::config::{BackendState, ForwardMode};
 use lb_core::service::Tables;
 use lb_examples::config::file;
-use lb_examples::control::ControlPlane;
+use lb_examples::control::{ControlPlane, TablesSink};
 use lb_examples::metrics::{CoreSnapshot, StatsSource};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -157,6 +157,94 @@ async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
     std::fs::write(&path, file_yaml(&kc, true)).unwrap();
     let t = until(&mut tables, "static2 after reload", |t| has(t, "tcp 10.0.0.11:80")).await;
     assert!(has(&t, "tcp 203.0.113.11:443") && has(&t, "tcp 10.0.0.10:80"), "{:?}", names(&t));
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Publishes to a channel and refuses, as workers can, any configuration with a service named
+/// `refused`.
+struct RefusingSink(mpsc::UnboundedSender<Arc<Tables>>);
+
+impl TablesSink for RefusingSink {
+    fn check(&self, config: &lb_core::config::Config) -> Result<(), String> {
+        match config.services.iter().any(|s| s.name == "refused") {
+            true => Err("service refused cannot be served here".into()),
+            false => Ok(()),
+        }
+    }
+
+    fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+        self.0.publish(tables)
+    }
+}
+
+fn mode_of(t: &Tables, key: &str) -> Option<ForwardMode> {
+    t.services().iter().find(|s| s.key.to_string() == key).map(|s| s.mode)
+}
+
+/// A file reload the workers refuse changes nothing, not even how the feed translates the cluster:
+/// its `kubernetes.default_mode` must not reach the feed's node view.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reload_does_not_change_how_cluster_services_are_translated() {
+    let api = FakeApi::new();
+    let mut web = fixture("service-web.json");
+    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
+    api.upsert(SERVICES, web);
+    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    let (port, _reqs) = start(api.clone()).await;
+    let dir = std::env::temp_dir().join(format!("lb-k8s-refused-view-{}", std::process::id()));
+    let kc = kubeconfig(&dir, port);
+    let path = dir.join("lb.yaml");
+    let yaml = |extra_k8s: &str, extra_service: &str| {
+        format!(
+            "node: {{ snat_v4: 192.168.1.10, gateway_mac: \"02:00:00:00:00:fe\" }}\nkubernetes:\n  kubeconfig: {}\n  \
+             node_name: node-a\n  debounce: 5ms\n{extra_k8s}services:\n  - {{ name: static, vip: 10.0.0.10, port: 80, \
+             backends: [{{ addr: 10.1.0.1 }}] }}\n{extra_service}",
+            kc.display()
+        )
+    };
+    std::fs::write(&path, yaml("", "")).unwrap();
+    let settings = file::load(&path).unwrap();
+
+    let (tx, mut tables) = mpsc::unbounded_channel();
+    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
+    let plane =
+        ControlPlane::start(path.clone(), settings, RefusingSink(tx), stats, Duration::from_millis(20)).await.unwrap();
+    let mut live = plane.live();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(plane.run(async move {
+        let _ = stop_rx.await;
+    }));
+    // web's metrics port keeps its number, so it could be DSR; the default mode makes it NAT.
+    let t = until(&mut tables, "web:9090", |t| has(t, "tcp 10.96.12.34:9090")).await;
+    assert_eq!(mode_of(&t, "tcp 10.96.12.34:9090"), Some(ForwardMode::Nat));
+
+    let before = live.borrow().rejected;
+    let refused = "  - { name: refused, vip: 10.0.0.11, port: 80, backends: [{ addr: 10.1.0.2 }] }\n";
+    std::fs::write(&path, yaml("  default_mode: dsr\n", refused)).unwrap();
+    let err = tokio::time::timeout(FAILSAFE, live.wait_for(|l| l.rejected > before))
+        .await
+        .expect("refused reload counted")
+        .unwrap()
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(err.contains("service refused cannot be served here"), "{err}");
+
+    // A cluster change now is translated with the running file's settings: web stays NAT.
+    let mut slice = fixture("endpointslice-web-ipv4.json");
+    slice["endpoints"].as_array_mut().unwrap().push(endpoint("10.244.1.6", "node-a", true, true, false));
+    api.upsert(SLICES, slice);
+    let t = until(&mut tables, "the new endpoint", |t| {
+        t.services().iter().any(|s| {
+            s.key.to_string() == "tcp 10.96.12.34:9090" && s.backends.iter().any(|b| b.addr.to_string() == "10.244.1.6")
+        })
+    })
+    .await;
+    assert_eq!(mode_of(&t, "tcp 10.96.12.34:9090"), Some(ForwardMode::Nat), "{:?}", names(&t));
+    assert!(!has(&t, "tcp 10.0.0.11:80"), "{:?}", names(&t));
 
     stop_tx.send(()).unwrap();
     tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();

@@ -44,6 +44,13 @@ pub struct NodeView {
     pub node: NodeConfig,
 }
 
+impl NodeView {
+    /// What the feed needs of `file`.
+    pub fn of(file: &crate::config::Settings) -> Self {
+        NodeView { settings: file.kubernetes.clone().unwrap_or_default(), node: file.node.clone() }
+    }
+}
+
 /// Why the feed could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
