@@ -278,6 +278,13 @@ pub enum ControlError {
     /// The workers cannot serve this configuration as they run (e.g. NAT over several queues).
     #[error("configuration refused by the data plane: {0}")]
     Unservable(String),
+    /// A reloaded file changes settings that only take effect at start.
+    #[error(
+        "configuration file rejected: {} cannot change while running; restart lb to apply the file (the running \
+         configuration stays)",
+        .0.join(", ")
+    )]
+    NeedsRestart(Vec<&'static str>),
 }
 
 /// The control loop's state.
@@ -292,6 +299,8 @@ pub struct Control<S: TablesSink> {
     live: watch::Sender<LiveState>,
     /// The configuration the workers' tables were built from.
     running: Option<Config>,
+    /// Whether a file has been accepted: from then on, `file` holds what was set up at start.
+    file_accepted: bool,
     /// The accepted file's node settings, as the Kubernetes feed translates with them. Sent only
     /// once a file is accepted, so a rejected reload cannot change how cluster Services are served.
     node_view: Option<watch::Sender<NodeView>>,
@@ -314,6 +323,7 @@ impl<S: TablesSink> Control<S> {
             health_rx,
             live,
             running: None,
+            file_accepted: false,
             node_view: None,
         }
     }
@@ -335,10 +345,21 @@ impl<S: TablesSink> Control<S> {
     }
 
     /// Applies one input: build, publish, commit; or reject and keep everything as it was.
+    ///
+    /// A reloaded file that changes what only a start sets up ([`Settings::restart_needed`]: the
+    /// Kubernetes feed on or off, interfaces, ...) is rejected whole: applying the rest would leave
+    /// the instance running something other than the file says (a removed `kubernetes:` section
+    /// with the feed still serving the cluster, say).
     pub fn apply(&mut self, input: ControlInput) -> Result<Arc<Tables>, ControlError> {
         let (mut file, mut kubernetes, mut down) = (None, None, self.down.clone());
         match input {
-            ControlInput::File(s) => file = Some(*s),
+            ControlInput::File(s) => {
+                let restart = if self.file_accepted { self.file.restart_needed(&s) } else { Vec::new() };
+                if !restart.is_empty() {
+                    return Err(self.reject(ControlError::NeedsRestart(restart)));
+                }
+                file = Some(*s);
+            }
             ControlInput::FileRejected(why) => {
                 self.live.send_modify(|l| {
                     l.rejected += 1;
@@ -388,6 +409,7 @@ impl<S: TablesSink> Control<S> {
                     self.running = Some(config);
                 }
                 if let Some(f) = file {
+                    self.file_accepted = true;
                     if let Some(view) = &self.node_view {
                         let new = NodeView::of(&f);
                         view.send_if_modified(|v| {
@@ -436,15 +458,18 @@ impl<S: TablesSink> Control<S> {
                 }
                 Ok(tables)
             }
-            Err(e) => {
-                tracing::error!("update rejected, workers keep the running tables: {e}");
-                self.live.send_modify(|l| {
-                    l.rejected += 1;
-                    l.last_error = Some(e.to_string());
-                });
-                Err(e)
-            }
+            Err(e) => Err(self.reject(e)),
         }
+    }
+
+    /// Logs and counts a rejected update; the running state stays.
+    fn reject(&self, e: ControlError) -> ControlError {
+        tracing::error!("update rejected, workers keep the running tables: {e}");
+        self.live.send_modify(|l| {
+            l.rejected += 1;
+            l.last_error = Some(e.to_string());
+        });
+        e
     }
 
     /// Runs until `inputs` closes, applying inputs and health events as they come.
@@ -1006,11 +1031,12 @@ services:
     async fn the_node_view_changes_only_with_an_accepted_file() {
         let recorder = RecordingSink::default();
         let mut control = Control::new(PickySink { recorder, max_services: 1 });
-        control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let nat = GOOD.replace("services:", "kubernetes: { default_mode: nat }\nservices:");
+        control.apply(ControlInput::File(Box::new(parse(&nat).unwrap()))).unwrap();
         let mut view = control.node_view();
         assert_eq!(view.borrow_and_update().settings.default_mode, ForwardMode::Nat);
 
-        let dsr = GOOD.replace("services:", "kubernetes: { default_mode: dsr }\nservices:");
+        let dsr = nat.replace("default_mode: nat", "default_mode: dsr");
         let mut refused = parse(&dsr).unwrap();
         let mut svc = refused.services[0].clone();
         svc.config.key.port = 81;
@@ -1024,6 +1050,43 @@ services:
         assert_eq!(view.borrow_and_update().settings.default_mode, ForwardMode::Dsr);
         control.apply(ControlInput::File(Box::new(parse(&dsr).unwrap()))).unwrap();
         assert!(!view.has_changed().unwrap(), "the same file again does not re-translate the cluster");
+    }
+
+    /// A reload that turns the Kubernetes feed off (or on) or changes the interfaces is rejected
+    /// whole with the fields that need a restart; the running file, its cluster Services included,
+    /// stays, and a reload that changes only what can change applies.
+    #[tokio::test]
+    async fn a_reload_that_needs_a_restart_is_rejected_whole() {
+        let sink = RecordingSink::default();
+        let mut control = Control::new(sink.clone());
+        let live = control.subscribe();
+        let with_k8s = GOOD.replace("services:", "kubernetes: { default_mode: nat }\nservices:");
+        control.apply(ControlInput::File(Box::new(parse(&with_k8s).unwrap()))).unwrap();
+        let mut cluster = parse(GOOD).unwrap().services.remove(0);
+        cluster.config.name = "default/web:http".into();
+        cluster.config.key.port = 8443;
+        let k8s = Translation { services: vec![cluster], ..Translation::default() };
+        assert_eq!(control.apply(ControlInput::Kubernetes(k8s)).unwrap().services().len(), 2);
+
+        let mut without_k8s = parse(GOOD).unwrap();
+        without_k8s.services[0].config.backends[0].weight = 7;
+        let err = control.apply(ControlInput::File(Box::new(without_k8s))).unwrap_err();
+        assert!(matches!(err, ControlError::NeedsRestart(_)), "{err}");
+        assert!(
+            err.to_string().contains("kubernetes (the feed on or off) cannot change while running; restart lb"),
+            "{err}"
+        );
+        let moved = with_k8s.replace("services:", "interfaces: [{ name: eth1, queues: [0] }]\nservices:");
+        let err = control.apply(ControlInput::File(Box::new(parse(&moved).unwrap()))).unwrap_err();
+        assert!(err.to_string().contains("interfaces cannot change"), "{err}");
+        assert_eq!(sink.0.lock().unwrap().len(), 2, "nothing published");
+        assert_eq!((live.borrow().applied, live.borrow().rejected), (2, 2));
+
+        let mut weight = parse(&with_k8s).unwrap();
+        weight.services[0].config.backends[0].weight = 7;
+        let t = control.apply(ControlInput::File(Box::new(weight))).unwrap();
+        assert_eq!(t.services().len(), 2, "the cluster's Service is still served");
+        assert_eq!(t.services()[0].backends[0].weight, 7);
     }
 
     /// An update that changes nothing the workers serve (the same file again) is neither built nor

@@ -141,6 +141,25 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// What differs between `self` (the running file) and `new` that only a restart applies: the
+    /// Kubernetes feed on or off and its kubeconfig (the client is built once), the interfaces and
+    /// queues (the poll loops start once), the metrics address (bound once). Empty if none.
+    pub fn restart_needed(&self, new: &Settings) -> Vec<&'static str> {
+        let mut fields = Vec::new();
+        match (&self.kubernetes, &new.kubernetes) {
+            (Some(_), None) | (None, Some(_)) => fields.push("kubernetes (the feed on or off)"),
+            (Some(a), Some(b)) if a.kubeconfig != b.kubeconfig => fields.push("kubernetes.kubeconfig"),
+            _ => {}
+        }
+        if self.interfaces != new.interfaces {
+            fields.push("interfaces");
+        }
+        if self.metrics_listen != new.metrics_listen {
+            fields.push("metrics.listen");
+        }
+        fields
+    }
+
     /// Fills what the file left out of the Kubernetes settings from the downward API's environment:
     /// `NODE_NAME` (spec.nodeName) and `NODE_IPS` (status.hostIPs, comma-separated). Unparsable
     /// addresses are skipped with a warning.
