@@ -50,6 +50,9 @@ use super::{FailurePolicy, HealthCheck, InterfaceConfig, KubernetesSettings, Pro
 pub const MAX_WEIGHT: u64 = 65535;
 /// Largest Maglev table size accepted (a prime near 2^20, as Katran's largest ring).
 pub const MAX_MAGLEV_TABLE_SIZE: u64 = 1_048_573;
+/// Longest `kubernetes.debounce` accepted: cluster changes wait this long at most before they are
+/// served, and the feed's deadline (now + debounce) stays far from the clock's limit.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(60);
 
 /// One problem in a configuration: the field path, its value, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -483,7 +486,12 @@ fn validate_kubernetes(k: &FileKubernetes, p: &mut Problems) -> KubernetesSettin
     }
     if let Some(d) = &k.debounce {
         match parse_duration(d) {
-            Some(d) => s.debounce = d,
+            Some(v) if v <= MAX_DEBOUNCE => s.debounce = v,
+            Some(_) => p.push(
+                "kubernetes.debounce",
+                quoted(d),
+                format!("is longer than {}s: cluster changes would wait that long", MAX_DEBOUNCE.as_secs()),
+            ),
             None => p.push("kubernetes.debounce", quoted(d), "is not a duration (e.g. 200ms)"),
         }
     }
@@ -859,6 +867,22 @@ services:
         assert_eq!(dup.to_string(), "services[1].backends[1]: 10.1.0.1:8080 appears twice in this service");
         let sched = errs.iter().find(|e| e.field == "services[0].scheduler").unwrap();
         assert!(sched.to_string().starts_with("services[0].scheduler: \"lblc\" is not a scheduler"), "{sched}");
+    }
+
+    /// A debounce beyond a minute is refused with its field, so the feed never computes a deadline
+    /// past the clock's end (u64::MAX seconds used to pass and panic the feed task).
+    #[test]
+    fn debounce_longer_than_a_minute_is_refused() {
+        let file =
+            |d: &str| format!("node: {{ gateway_mac: \"02:00:00:00:00:fe\" }}\nkubernetes: {{ debounce: {d} }}\n");
+        assert_eq!(parse(&file("60s")).unwrap().kubernetes.unwrap().debounce, MAX_DEBOUNCE);
+        assert_eq!(parse(&file("0ms")).unwrap().kubernetes.unwrap().debounce, Duration::ZERO);
+        for too_long in ["61s", "2m", "18446744073709551615s"] {
+            let Err(ConfigError::Invalid(errs)) = parse(&file(too_long)) else { panic!("{too_long} accepted") };
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            let msg = errs[0].to_string();
+            assert!(msg.starts_with(&format!("kubernetes.debounce: \"{too_long}\" is longer than 60s")), "{msg}");
+        }
     }
 
     #[test]

@@ -271,7 +271,27 @@ async fn run_streams(
         // Debounce: the first change after a publish sets the deadline; later ones ride along, so a
         // steady churn still publishes once per `debounce`.
         if dirty && due.is_none() && svc_store.listed && eps_store.listed {
-            due = Some(tokio::time::Instant::now() + view.borrow().settings.debounce);
+            due = Some(debounce_deadline(tokio::time::Instant::now(), view.borrow().settings.debounce));
         }
+    }
+}
+
+/// When a translation is due: `debounce` after `now`, capped at the file's limit. The file rejects a
+/// longer one; the cap keeps a view built another way from panicking the feed (an `Instant` past the
+/// clock's end), which would silently stop every later cluster update.
+fn debounce_deadline(now: tokio::time::Instant, debounce: Duration) -> tokio::time::Instant {
+    let debounce = debounce.min(crate::config::file::MAX_DEBOUNCE);
+    now.checked_add(debounce).unwrap_or(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overlong_debounce_is_capped_not_a_panic() {
+        let now = tokio::time::Instant::now();
+        assert_eq!(debounce_deadline(now, Duration::MAX), now + crate::config::file::MAX_DEBOUNCE);
+        assert_eq!(debounce_deadline(now, Duration::from_millis(200)), now + Duration::from_millis(200));
     }
 }
