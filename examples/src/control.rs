@@ -272,8 +272,8 @@ pub enum ControlError {
     /// The configuration file failed validation.
     #[error("configuration file rejected: {0}")]
     File(String),
-    /// A worker could not be reached.
-    #[error("tables built but not delivered: {0}")]
+    /// A worker could not be reached, or a step after delivery (steering maps) failed.
+    #[error("tables built but not (or not fully) delivered: {0}")]
     Publish(String),
     /// The workers cannot serve this configuration as they run (e.g. NAT over several queues).
     #[error("configuration refused by the data plane: {0}")]
@@ -458,7 +458,15 @@ impl<S: TablesSink> Control<S> {
                 }
                 Ok(tables)
             }
-            Err(e) => Err(self.reject(e)),
+            Err(e) => {
+                // A publish that failed part-way may have reached some workers (or all, with a later
+                // step failing): what they hold is no longer known, so the next update is built and
+                // sent even if it equals the configuration last known to run.
+                if matches!(e, ControlError::Publish(_)) {
+                    self.running = None;
+                }
+                Err(self.reject(e))
+            }
         }
     }
 
@@ -925,6 +933,46 @@ services:
         assert_eq!(auto.neighbour.iter().copied().collect::<Vec<_>>(), ["192.0.2.10".parse::<IpAddr>().unwrap()]);
         let all = steering_for(&tables, NeighbourResponder::All);
         assert_eq!(all.neighbour.len(), 2);
+    }
+
+    /// A sink that records every publish and then fails the ones `fail_next` asks to, as `lb run`'s
+    /// does when the steering maps cannot be updated after the workers have the tables.
+    struct FailingAfterDelivery {
+        recorder: RecordingSink,
+        fail_next: bool,
+    }
+
+    impl TablesSink for FailingAfterDelivery {
+        fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+            self.recorder.publish(tables)?;
+            if std::mem::take(&mut self.fail_next) {
+                return Err("steering services: map full".into());
+            }
+            Ok(())
+        }
+    }
+
+    /// After a publish that reached the workers and then failed, the previous configuration again
+    /// is not "unchanged": the workers hold the failed one's tables, so it is built and sent.
+    #[tokio::test]
+    async fn after_a_failed_publish_the_old_configuration_is_sent_again() {
+        let recorder = RecordingSink::default();
+        let mut control = Control::new(FailingAfterDelivery { recorder: recorder.clone(), fail_next: false });
+        let live = control.subscribe();
+        let first = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let mut changed = parse(GOOD).unwrap();
+        changed.services[0].config.backends[0].weight = 2;
+        control.sink.fail_next = true;
+        let err = control.apply(ControlInput::File(Box::new(changed))).unwrap_err();
+        assert!(matches!(err, ControlError::Publish(_)), "{err}");
+        assert_eq!(recorder.0.lock().unwrap().len(), 2, "the failed version reached the workers");
+
+        let again = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let published = recorder.0.lock().unwrap();
+        assert_eq!(published.len(), 3, "the first configuration is sent again");
+        assert!(Arc::ptr_eq(&published[2], &again) && !Arc::ptr_eq(&again, &first));
+        assert_eq!(again.services()[0].backends[0].weight, 1);
+        assert_eq!((live.borrow().applied, live.borrow().rejected), (2, 1));
     }
 
     /// A sink that refuses configurations with more than `max_services` services.

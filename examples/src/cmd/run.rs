@@ -62,6 +62,8 @@ pub struct Args {
 struct Workers {
     loops: Vec<UpdateSender<Arc<Tables>>>,
     steering: Vec<VipSteering>,
+    /// The steering maps' sizes (every interface's program is loaded with these).
+    steering_config: SteeringConfig,
     /// Whether NAT replies reach the loop that owns their SNAT port (`--nat-replies-steered`).
     nat_replies_steered: bool,
     /// Which addresses ARP / NDP is answered for (`--neighbour-responder`).
@@ -92,9 +94,37 @@ fn check_nat_replies(config: &Config, loops: usize, steered: bool) -> Result<(),
     }
 }
 
+/// Refuses a configuration whose steering would not fit the XDP program's maps: its addresses (VIPs,
+/// and the SNAT addresses when a service uses NAT; the responder's addresses are among these) and
+/// its (VIP, port, protocol) services. Checked before anything is built, because a map update that
+/// fails only after the workers have the new tables leaves them serving what is not steered.
+fn check_steering_capacity(config: &Config, steering: &SteeringConfig) -> Result<(), String> {
+    let mut addresses: BTreeSet<IpAddr> = config.services.iter().map(|s| s.key.vip).collect();
+    if config.services.iter().any(|s| s.mode == ForwardMode::Nat) {
+        addresses.extend(config.node.snat_v4.map(IpAddr::V4));
+        addresses.extend(config.node.snat_v6.map(IpAddr::V6));
+    }
+    if addresses.len() > steering.max_vips as usize {
+        return Err(format!(
+            "{} addresses to steer (VIPs and SNAT addresses), the XDP program holds at most {}",
+            addresses.len(),
+            steering.max_vips
+        ));
+    }
+    if config.services.len() > steering.max_services as usize {
+        return Err(format!(
+            "{} services to steer, the XDP program holds at most {}",
+            config.services.len(),
+            steering.max_services
+        ));
+    }
+    Ok(())
+}
+
 impl TablesSink for Workers {
     fn check(&self, config: &Config) -> Result<(), String> {
-        check_nat_replies(config, self.loops.len(), self.nat_replies_steered)
+        check_nat_replies(config, self.loops.len(), self.nat_replies_steered)?;
+        check_steering_capacity(config, &self.steering_config)
     }
 
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
@@ -147,9 +177,11 @@ pub fn main(args: Args) -> CmdResult {
         settings.interfaces.iter().flat_map(|i| i.queues.iter().map(move |q| (i.name.clone(), *q))).collect();
     let cores = u16::try_from(queues.len()).map_err(|_| "too many queues")?;
     let mode = if args.generic { AttachMode::Generic } else { AttachMode::Auto };
+    let steering_config = SteeringConfig::default();
     let mut workers = Workers {
         loops: Vec::new(),
         steering: Vec::new(),
+        steering_config,
         nat_replies_steered: args.nat_replies_steered,
         responder: args.neighbour_responder,
         groups: Vec::new(),
@@ -160,7 +192,7 @@ pub fn main(args: Args) -> CmdResult {
     let mut handles = Vec::new();
     let mut links = Vec::new();
     for iface in &settings.interfaces {
-        let steering = VipSteering::load(SteeringConfig::default())?;
+        let steering = VipSteering::load(steering_config)?;
         // The MAC ARP / NDP answers carry: this interface's own.
         let mac = match args.neighbour_responder {
             NeighbourResponder::Off => None,
@@ -225,7 +257,9 @@ mod tests {
     use lb_core::config::{Config, ForwardMode};
     use lb_core::worker::snat_port_owner;
 
-    use super::check_nat_replies;
+    use lb_io::bpf::xdp::SteeringConfig;
+
+    use super::{check_nat_replies, check_steering_capacity};
 
     /// Two services, DSR and NAT, as a configuration file gives them.
     fn config() -> Config {
@@ -259,5 +293,22 @@ services:
         for port in [40000, 42500, 45000, 50000] {
             assert!(snat_port_owner(cfg.node.snat_ports, 4, port).is_some(), "port {port}");
         }
+    }
+
+    /// A configuration with more addresses or services than the steering maps hold is refused up
+    /// front; the SNAT address counts only when a service uses NAT.
+    #[test]
+    fn steering_beyond_the_maps_is_refused() {
+        let cfg = config();
+        let small = SteeringConfig { max_vips: 2, max_services: 2, ..SteeringConfig::default() };
+        let err = check_steering_capacity(&cfg, &small).expect_err("2 VIPs + the SNAT address");
+        assert!(err.contains("3 addresses to steer") && err.contains("at most 2"), "{err}");
+        let dsr_only = Config { node: cfg.node.clone(), services: cfg.services[..1].to_vec() };
+        let one = SteeringConfig { max_vips: 1, max_services: 1, ..SteeringConfig::default() };
+        assert!(check_steering_capacity(&dsr_only, &one).is_ok(), "no NAT, no SNAT address");
+        let three = SteeringConfig { max_vips: 3, max_services: 1, ..SteeringConfig::default() };
+        let err = check_steering_capacity(&cfg, &three).expect_err("2 services");
+        assert!(err.contains("2 services to steer, the XDP program holds at most 1"), "{err}");
+        assert!(check_steering_capacity(&cfg, &SteeringConfig::default()).is_ok());
     }
 }
