@@ -368,6 +368,11 @@ impl<S: TablesSink> Control<S> {
                 return Err(ControlError::File(why));
             }
             ControlInput::Kubernetes(t) => kubernetes = Some(t),
+            // An event from a probe task since stopped or restarted is stale: its target, if still
+            // probed, starts up again under a new task that reports only changes from there.
+            ControlInput::Health(e) if !self.health.is_current(&e) => {
+                tracing::debug!(service = %e.target.service, backend = %e.target.backend, "stale health event ignored");
+            }
             ControlInput::Health(e) => {
                 if e.healthy {
                     down.remove(&e.target);
@@ -381,6 +386,11 @@ impl<S: TablesSink> Control<S> {
             kubernetes.as_ref().unwrap_or(&self.kubernetes),
             |c| self.sink.check(c),
         );
+        // Backends whose probe (re)starts with this update start up, as their status will say;
+        // kept down, they would drain until a transition the new task never reports.
+        for t in self.health.starting(&desired) {
+            down.remove(&t);
+        }
         let mut built = desired.clone();
         apply_health(&mut built, &down);
         let config = Config {
@@ -862,7 +872,7 @@ services:
 
         // The rejected file was not kept: a health event rebuilds from the old state.
         let target = Target { service: first.services()[0].key, backend: "10.1.0.2:8080".parse().unwrap() };
-        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: false })).unwrap();
+        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: false, generation: 1 })).unwrap();
         assert_eq!(t.services().len(), 1);
         // The file service has no health check, so the overlay leaves it alone.
         assert_eq!(
@@ -1155,6 +1165,33 @@ services:
         assert_eq!((next.version(), sink.0.lock().unwrap().len(), live.borrow().applied), (first.version() + 1, 2, 2));
     }
 
+    /// A backend down when its health check changes comes back Active with the restarted probe (which
+    /// starts up and reports only changes), and a "down" still queued from the old probe is ignored.
+    #[tokio::test]
+    async fn a_restarted_probe_brings_its_backend_back_and_ignores_the_old_probes_events() {
+        let mut control = Control::new(RecordingSink::default());
+        // Probes go to loopback only (nothing listens there; one probe per hour, fall 3: no transition).
+        let file = |interval: &str| {
+            let yaml = GOOD.replace("10.1.0.", "127.0.0.")
+                + &format!("    health_check: {{ type: tcp, interval: {interval}, timeout: 1s }}\n");
+            Box::new(parse(&yaml).unwrap())
+        };
+        let first = control.apply(ControlInput::File(file("1h"))).unwrap();
+        let target = Target { service: first.services()[0].key, backend: "127.0.0.2:8080".parse().unwrap() };
+        let old = control.health.generation(&target).expect("probed");
+        let down = HealthEvent { target, healthy: false, generation: old };
+        let t = control.apply(ControlInput::Health(down)).unwrap();
+        assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Draining));
+
+        let t = control.apply(ControlInput::File(file("2h"))).unwrap();
+        assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Active), "the new probe starts up");
+        assert!(control.health.status().lock().unwrap()[&target].healthy);
+        assert_ne!(control.health.generation(&target), Some(old));
+
+        let t = control.apply(ControlInput::Health(down)).unwrap();
+        assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Active), "the old probe's event is stale");
+    }
+
     #[tokio::test]
     async fn health_overlay_and_file_wins_over_kubernetes() {
         let sink = RecordingSink::default();
@@ -1165,9 +1202,10 @@ services:
         let key = settings.services[0].config.key;
         control.apply(ControlInput::File(Box::new(settings))).unwrap();
         let target = Target { service: key, backend: "127.0.0.2:8080".parse().unwrap() };
-        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: false })).unwrap();
+        let generation = control.health.generation(&target).expect("probed");
+        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: false, generation })).unwrap();
         assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Draining));
-        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: true })).unwrap();
+        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: true, generation })).unwrap();
         assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Active));
 
         // A Kubernetes service on the same key is left out; one on another key is added.

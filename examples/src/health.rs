@@ -39,6 +39,9 @@ pub struct HealthEvent {
     pub target: Target,
     /// Its new health.
     pub healthy: bool,
+    /// The probe task that saw it ([`HealthChecker::generation`]): an event from a task that has
+    /// since been stopped or restarted is stale ([`HealthChecker::is_current`]).
+    pub generation: u64,
 }
 
 /// What the checker knows about one backend, for `/metrics` and `lb list`.
@@ -104,13 +107,16 @@ async fn probe_inner(probe: &Probe, addr: SocketAddr) -> Result<(), String> {
 pub struct HealthChecker {
     events: mpsc::Sender<HealthEvent>,
     status: StatusTable,
-    tasks: HashMap<Target, (HealthCheck, JoinHandle<()>)>,
+    /// Per probed backend: its check, its task's generation, the task.
+    tasks: HashMap<Target, (HealthCheck, u64, JoinHandle<()>)>,
+    /// The generation the next task started gets (never reused).
+    next_generation: u64,
 }
 
 impl HealthChecker {
     /// A checker sending transitions to `events`.
     pub fn new(events: mpsc::Sender<HealthEvent>) -> Self {
-        HealthChecker { events, status: StatusTable::default(), tasks: HashMap::new() }
+        HealthChecker { events, status: StatusTable::default(), tasks: HashMap::new(), next_generation: 1 }
     }
 
     /// The shared status table.
@@ -123,18 +129,35 @@ impl HealthChecker {
         lock(&self.status).iter().filter(|(_, s)| !s.healthy).map(|(t, _)| *t).collect()
     }
 
+    /// The generation of `target`'s probe task, if it is probed.
+    pub fn generation(&self, target: &Target) -> Option<u64> {
+        self.tasks.get(target).map(|(_, g, _)| *g)
+    }
+
+    /// Whether `event` comes from the task probing its target now. One from a stopped or restarted
+    /// task may still be queued; applied, it would mark a backend down that a new task calls up
+    /// and will report nothing more about until it changes.
+    pub fn is_current(&self, event: &HealthEvent) -> bool {
+        self.generation(&event.target) == Some(event.generation)
+    }
+
+    /// The backends of `services` [`sync`](Self::sync) would start or restart: they start up, so
+    /// whatever was known of their health no longer holds.
+    pub fn starting(&self, services: &[ServiceSpec]) -> HashSet<Target> {
+        wanted(services)
+            .into_iter()
+            .filter(|(target, check)| self.tasks.get(target).is_none_or(|(running, _, _)| running != check))
+            .map(|(target, _)| target)
+            .collect()
+    }
+
     /// Probes exactly the backends of `services` that have a health check: new ones start (up),
-    /// gone ones stop and are forgotten, ones whose check changed restart. Must run inside tokio.
-    pub fn sync(&mut self, services: &[ServiceSpec]) {
-        let mut wanted: HashMap<Target, HealthCheck> = HashMap::new();
-        for s in services {
-            let Some(check) = &s.health_check else { continue };
-            for b in &s.config.backends {
-                wanted
-                    .insert(Target { service: s.config.key, backend: SocketAddr::new(b.addr, b.port) }, check.clone());
-            }
-        }
-        self.tasks.retain(|target, (check, task)| {
+    /// gone ones stop and are forgotten, ones whose check changed restart (up, with a new
+    /// generation). Returns the started and restarted ones ([`starting`](Self::starting)). Must run
+    /// inside tokio.
+    pub fn sync(&mut self, services: &[ServiceSpec]) -> HashSet<Target> {
+        let wanted = wanted(services);
+        self.tasks.retain(|target, (check, _, task)| {
             let keep = wanted.get(target) == Some(check);
             if !keep {
                 task.abort();
@@ -142,20 +165,45 @@ impl HealthChecker {
             }
             keep
         });
+        let mut started = HashSet::new();
         for (target, check) in wanted {
             if self.tasks.contains_key(&target) {
                 continue;
             }
+            let generation = self.next_generation;
+            self.next_generation += 1;
             lock(&self.status).insert(target, TargetStatus { healthy: true, ..Default::default() });
-            let task = tokio::spawn(run_target(target, check.clone(), self.status.clone(), self.events.clone()));
-            self.tasks.insert(target, (check, task));
+            let probe = Probing { target, generation, check: check.clone() };
+            let task = tokio::spawn(run_target(probe, self.status.clone(), self.events.clone()));
+            self.tasks.insert(target, (check, generation, task));
+            started.insert(target);
+        }
+        started
+    }
+}
+
+/// Every checked backend of `services` with its check.
+fn wanted(services: &[ServiceSpec]) -> HashMap<Target, HealthCheck> {
+    let mut wanted = HashMap::new();
+    for s in services {
+        let Some(check) = &s.health_check else { continue };
+        for b in &s.config.backends {
+            wanted.insert(Target { service: s.config.key, backend: SocketAddr::new(b.addr, b.port) }, check.clone());
         }
     }
+    wanted
+}
+
+/// What one probe task probes.
+struct Probing {
+    target: Target,
+    generation: u64,
+    check: HealthCheck,
 }
 
 impl Drop for HealthChecker {
     fn drop(&mut self) {
-        for (_, task) in self.tasks.values() {
+        for (_, _, task) in self.tasks.values() {
             task.abort();
         }
     }
@@ -166,7 +214,8 @@ fn lock(t: &StatusTable) -> std::sync::MutexGuard<'_, HashMap<Target, TargetStat
     t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn run_target(target: Target, check: HealthCheck, status: StatusTable, events: mpsc::Sender<HealthEvent>) {
+async fn run_target(probing: Probing, status: StatusTable, events: mpsc::Sender<HealthEvent>) {
+    let Probing { target, generation, check } = probing;
     let addr = SocketAddr::new(target.backend.ip(), check.port.unwrap_or(target.backend.port()));
     let mut tick = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -206,7 +255,7 @@ async fn run_target(target: Target, check: HealthCheck, status: StatusTable, eve
             } else {
                 tracing::warn!(service = %target.service, backend = %target.backend, error = result.as_ref().err().map(String::as_str).unwrap_or(""), "backend failed: {} failed probes", check.fall);
             }
-            if events.send(HealthEvent { target, healthy }).await.is_err() {
+            if events.send(HealthEvent { target, healthy, generation }).await.is_err() {
                 return;
             }
         }
@@ -295,16 +344,17 @@ mod tests {
         let svc = service(addr, check(Probe::Tcp));
         hc.sync(std::slice::from_ref(&svc));
         let target = Target { service: svc.config.key, backend: addr };
+        let generation = hc.generation(&target).unwrap();
 
         drop(listener);
-        assert_eq!(next(&mut rx).await, HealthEvent { target, healthy: false });
+        assert_eq!(next(&mut rx).await, HealthEvent { target, healthy: false, generation });
         assert_eq!(hc.down(), HashSet::from([target]));
         let st = hc.status().lock().unwrap()[&target].clone();
         assert_eq!(st.went_down, 1);
         assert!(st.failures >= 2 && st.last_error.as_deref().unwrap_or("").contains("connect"), "{st:?}");
 
         let _listener = TcpListener::bind(addr).await.unwrap();
-        assert_eq!(next(&mut rx).await, HealthEvent { target, healthy: true });
+        assert_eq!(next(&mut rx).await, HealthEvent { target, healthy: true, generation });
         assert!(hc.down().is_empty());
         assert_eq!(hc.status().lock().unwrap()[&target].went_up, 1);
 
