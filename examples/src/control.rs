@@ -9,7 +9,9 @@
 //! An input is applied to a *copy* of the current desired state; only if lb-core's
 //! [`TableBuilder`] accepts the whole resulting configuration does the copy become current and the
 //! tables go out. So a bad file, a bad Kubernetes translation or anything in between is rejected whole
-//! and the workers keep the tables they have. Tables reach the workers through a [`TablesSink`] (lb-io's
+//! and the workers keep the tables they have. A refused translation is not forgotten, though: it is
+//! still what the cluster wants, so each later input tries it first (a reload may have made room)
+//! and falls back to the running one. Tables reach the workers through a [`TablesSink`] (lb-io's
 //! per-loop update channels in the binary, a recorder in tests); workers swap them between bursts.
 //!
 //! Kubernetes services whose key a file service already uses, that lb-core rejects on their own, or
@@ -292,7 +294,10 @@ pub struct Control<S: TablesSink> {
     builder: TableBuilder,
     sink: S,
     file: Settings,
+    /// The cluster translation that runs.
     kubernetes: Translation,
+    /// The latest translation, when it was refused whole (kept, tried again with each input).
+    pending_kubernetes: Option<Translation>,
     down: HashSet<Target>,
     health: HealthChecker,
     health_rx: mpsc::Receiver<HealthEvent>,
@@ -318,6 +323,7 @@ impl<S: TablesSink> Control<S> {
             sink,
             file: Settings::default(),
             kubernetes: Translation::default(),
+            pending_kubernetes: None,
             down: HashSet::new(),
             health,
             health_rx,
@@ -381,11 +387,66 @@ impl<S: TablesSink> Control<S> {
                 }
             }
         }
-        let (desired, left_out) = desired_services(
-            file.as_ref().unwrap_or(&self.file),
-            kubernetes.as_ref().unwrap_or(&self.kubernetes),
-            |c| self.sink.check(c),
-        );
+        // A translation refused earlier is still the cluster's desired state: every later input
+        // tries it first (a file reload may have made room), then, if it still does not fit, what
+        // runs. A new translation replaces it.
+        let mut pending = if kubernetes.is_none() { self.pending_kubernetes.take() } else { None };
+        let result = match &pending {
+            Some(p) => match self.build(file.as_ref(), Some(p), down.clone()) {
+                Ok(tables) => {
+                    tracing::info!("the cluster translation refused earlier now applies");
+                    self.kubernetes = pending.take().unwrap_or_default();
+                    Ok(tables)
+                }
+                Err(e) => {
+                    tracing::debug!("the cluster translation refused earlier still does not apply: {e}");
+                    self.build(file.as_ref(), None, down)
+                }
+            },
+            None => self.build(file.as_ref(), kubernetes.as_ref(), down),
+        };
+        self.pending_kubernetes = pending;
+        match result {
+            Ok(tables) => {
+                if let Some(f) = file {
+                    self.file_accepted = true;
+                    if let Some(view) = &self.node_view {
+                        let new = NodeView::of(&f);
+                        view.send_if_modified(|v| {
+                            let modified = *v != new;
+                            *v = new;
+                            modified
+                        });
+                    }
+                    self.file = f;
+                }
+                if let Some(k) = kubernetes {
+                    self.kubernetes = k;
+                }
+                Ok(tables)
+            }
+            Err(e) => {
+                if let Some(k) = kubernetes {
+                    self.pending_kubernetes = Some(k);
+                }
+                Err(self.reject(e))
+            }
+        }
+    }
+
+    /// Builds the tables of `file` and `kubernetes` (the running ones where `None`) with `down`
+    /// overlaid, and publishes them unless they change nothing; on success commits the running
+    /// configuration, the down set, the probes and the live state (the caller commits the inputs).
+    fn build(
+        &mut self,
+        file: Option<&Settings>,
+        kubernetes: Option<&Translation>,
+        mut down: HashSet<Target>,
+    ) -> Result<Arc<Tables>, ControlError> {
+        let (desired, left_out) =
+            desired_services(file.unwrap_or(&self.file), kubernetes.unwrap_or(&self.kubernetes), |c| {
+                self.sink.check(c)
+            });
         // Backends whose probe (re)starts with this update start up, as their status will say;
         // kept down, they would drain until a transition the new task never reports.
         for t in self.health.starting(&desired) {
@@ -394,7 +455,7 @@ impl<S: TablesSink> Control<S> {
         let mut built = desired.clone();
         apply_health(&mut built, &down);
         let config = Config {
-            node: file.as_ref().unwrap_or(&self.file).node.clone(),
+            node: file.unwrap_or(&self.file).node.clone(),
             services: built.iter().map(|s| s.config.clone()).collect(),
         };
         // An update that changes nothing the workers serve (a re-list, a touched file, a health
@@ -418,27 +479,12 @@ impl<S: TablesSink> Control<S> {
                 if changed {
                     self.running = Some(config);
                 }
-                if let Some(f) = file {
-                    self.file_accepted = true;
-                    if let Some(view) = &self.node_view {
-                        let new = NodeView::of(&f);
-                        view.send_if_modified(|v| {
-                            let modified = *v != new;
-                            *v = new;
-                            modified
-                        });
-                    }
-                    self.file = f;
-                }
-                if let Some(k) = kubernetes {
-                    self.kubernetes = k;
-                }
                 self.down = down;
                 self.health.sync(&desired);
                 // Forget health of backends that left (their probes stopped).
                 let status = self.health.status();
                 self.down.retain(|t| status.lock().map(|s| s.contains_key(t)).unwrap_or(true));
-                let k8s_skipped = self.kubernetes.skipped.len() + left_out.len();
+                let k8s_skipped = kubernetes.unwrap_or(&self.kubernetes).skipped.len() + left_out.len();
                 let moves = self
                     .live
                     .borrow()
@@ -475,7 +521,7 @@ impl<S: TablesSink> Control<S> {
                 if matches!(e, ControlError::Publish(_)) {
                     self.running = None;
                 }
-                Err(self.reject(e))
+                Err(e)
             }
         }
     }
@@ -1145,6 +1191,42 @@ services:
         let t = control.apply(ControlInput::File(Box::new(weight))).unwrap();
         assert_eq!(t.services().len(), 2, "the cluster's Service is still served");
         assert_eq!(t.services()[0].backends[0].weight, 7);
+    }
+
+    /// A translation refused whole stays the cluster's desired state: other inputs still apply
+    /// meanwhile, and once a file reload makes room it is served without waiting for another one.
+    #[tokio::test]
+    async fn a_refused_translation_applies_once_a_reload_makes_room() {
+        let recorder = RecordingSink::default();
+        let mut control = Control::new(PickySink { recorder: recorder.clone(), max_services: 2 });
+        let live = control.subscribe();
+        control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let cluster: Vec<ServiceSpec> = [9000, 9001]
+            .into_iter()
+            .map(|port| {
+                let mut s = parse(GOOD).unwrap().services.remove(0);
+                s.config.name = format!("default/svc-{port}:http");
+                s.config.key.port = port;
+                s
+            })
+            .collect();
+        let k8s = Translation { services: cluster, ..Translation::default() };
+        let err = control.apply(ControlInput::Kubernetes(k8s)).unwrap_err();
+        assert!(err.to_string().contains("3 services, these workers serve 2"), "{err}");
+
+        // Meanwhile an input that fits (the file with another weight) still applies, without the
+        // cluster's Services and without counting the refused translation again.
+        let mut weight = parse(GOOD).unwrap();
+        weight.services[0].config.backends[0].weight = 2;
+        let t = control.apply(ControlInput::File(Box::new(weight))).unwrap();
+        assert_eq!(t.services().len(), 1);
+        assert_eq!((live.borrow().applied, live.borrow().rejected), (2, 1));
+
+        let no_services = GOOD.split("services:").next().unwrap().to_string() + "services: []\n";
+        let t = control.apply(ControlInput::File(Box::new(parse(&no_services).unwrap()))).unwrap();
+        let names: Vec<&str> = t.services().iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["default/svc-9000:http", "default/svc-9001:http"]);
+        assert_eq!(recorder.0.lock().unwrap().len(), 3);
     }
 
     /// An update that changes nothing the workers serve (the same file again) is neither built nor
