@@ -209,7 +209,8 @@ impl BackendConfig {
     }
 }
 
-/// What happens to an established flow whose backend left the service.
+/// What happens to an established flow whose backend left the service. A service switched into or
+/// out of NAT counts as having new backends: its flows cannot continue in the other mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum RemovedBackendPolicy {
     /// Pick a new backend for the flow's next packet (right for UDP and for stateless backends).
@@ -299,7 +300,8 @@ pub struct ServiceConfig {
     pub backends: Vec<BackendConfig>,
     /// Backend selection for new flows.
     pub scheduler: SchedulerKind,
-    /// How frames reach the chosen backend.
+    /// How frames reach the chosen backend. Flows keep their backend across a change among DSR and
+    /// the tunnels; a change into or out of NAT gives them to `on_backend_removed`.
     pub mode: ForwardMode,
     /// ClientIP session affinity: while a client has started a flow within this time, its new flows
     /// go to the same backend. Each new flow renews it; packets of flows already open do not (as

@@ -11,11 +11,14 @@
 //!                      backend slot ─► (service, backend) for conntrack entries
 //! ```
 //!
-//! **Slots.** Every service and every backend (a service key plus the backend's address and port) gets
-//! a slot number that the builder keeps across builds, with a generation that changes when a slot is
-//! reused. Conntrack entries name their backend by [`BackendRef`] (slot + generation), so a flow keeps its
-//! backend across any table swap that keeps the backend (weight changes, other backends added or
-//! removed), and a flow whose backend left is recognised as such even if the slot went to a newcomer.
+//! **Slots.** Every service and every backend (a service key plus the backend's address and port, and
+//! whether the service uses full NAT) gets a slot number that the builder keeps across builds, with a
+//! generation that changes when a slot is reused. Conntrack entries name their backend by
+//! [`BackendRef`] (slot + generation), so a flow keeps its backend across any table swap that keeps the
+//! backend (weight changes, other backends added or removed), and a flow whose backend left is
+//! recognised as such even if the slot went to a newcomer. A service switched into or out of NAT
+//! has new backends in this sense: its flows, which NAT and the other modes track differently,
+//! follow its [`RemovedBackendPolicy`].
 //! Per-core counters are indexed by slot; [`Limits`] bound the slot numbers so a worker sizes its
 //! arrays once.
 
@@ -32,7 +35,8 @@ use crate::conntrack::addr_bytes;
 use crate::packet::{Family, FlowKey};
 
 use crate::config::{
-    BackendState, Cidr, Config, ForwardMode, NodeConfig, RemovedBackendPolicy, SchedulerKind, ServiceKey, Timeouts,
+    BackendConfig, BackendState, Cidr, Config, ForwardMode, NodeConfig, RemovedBackendPolicy, SchedulerKind,
+    ServiceConfig, ServiceKey, Timeouts,
 };
 use crate::schedule::ServiceScheduler;
 
@@ -781,7 +785,18 @@ impl SlotAllocator {
     }
 }
 
-type BackendKey = (ServiceKey, IpAddr, u16);
+/// What a backend slot stands for: the service key, the backend's address and port, and whether the
+/// service uses full NAT. A NAT flow's entry holds a SNAT port and a reverse entry that a DSR or
+/// tunnel flow's has not, and its backend sees another 4-tuple, so no flow can cross that change:
+/// the backend gets a new slot or generation, and its flows follow the service's
+/// [`RemovedBackendPolicy`] (rescheduled as new flows, or dropped). DSR and the tunnels deliver the
+/// client's own packet, so flows keep their backend across a change among those.
+type BackendKey = (ServiceKey, IpAddr, u16, bool);
+
+/// The slot key of backend `b` of service `s`.
+fn backend_key(s: &ServiceConfig, b: &BackendConfig) -> BackendKey {
+    (s.key, b.addr, b.port, s.mode == ForwardMode::Nat)
+}
 
 /// Builds [`Tables`] from a [`Config`], keeping slot numbers stable across builds.
 #[derive(Debug)]
@@ -805,8 +820,10 @@ pub struct TableBuilder {
 struct SchedulerInputs {
     kind: SchedulerKind,
     maglev_table_size: Option<u32>,
-    /// Address, port, weight and state of each backend, in the service's (sorted) order.
-    backends: Vec<(IpAddr, u16, u32, BackendState)>,
+    /// Address, port, weight, state and slot of each backend, in the service's (sorted) order. A
+    /// Maglev ring names backend slots, so a backend that got another slot (see [`BackendKey`])
+    /// needs a new ring even if nothing else changed.
+    backends: Vec<(IpAddr, u16, u32, BackendState, u32)>,
 }
 
 /// Hands each builder (and each clone of one) its own [`Tables::lineage`].
@@ -1060,7 +1077,7 @@ impl TableBuilder {
         let mut backend_alloc = self.backends.clone();
         let wanted_services: HashSet<ServiceKey> = cfg.services.iter().map(|s| s.key).collect();
         let wanted_backends: HashSet<BackendKey> =
-            cfg.services.iter().flat_map(|s| s.backends.iter().map(move |b| (s.key, b.addr, b.port))).collect();
+            cfg.services.iter().flat_map(|s| s.backends.iter().map(move |b| backend_key(s, b))).collect();
         let mut service_slots = self.service_slots.clone();
         service_slots.retain(|k, (slot, _)| {
             let keep = wanted_services.contains(k);
@@ -1097,7 +1114,7 @@ impl TableBuilder {
             };
             let mut backends = Vec::with_capacity(sc.backends.len());
             for bc in &sc.backends {
-                let bkey = (sc.key, bc.addr, bc.port);
+                let bkey = backend_key(sc, bc);
                 let (bslot, bgen) = match backend_slots.get(&bkey) {
                     Some(&s) => s,
                     None => {
@@ -1142,7 +1159,7 @@ impl TableBuilder {
             let inputs = SchedulerInputs {
                 kind: sc.scheduler,
                 maglev_table_size: sc.maglev_table_size,
-                backends: backends.iter().map(|b| (b.addr, b.port, b.weight, b.state)).collect(),
+                backends: backends.iter().map(|b| (b.addr, b.port, b.weight, b.state, b.id.slot)).collect(),
             };
             let scheduler = match self.schedulers.get(&sc.key) {
                 Some((last, scheduler)) if *last == inputs => scheduler.clone(),
@@ -1556,6 +1573,47 @@ mod tests {
         assert_eq!(newcomer.slot, old.slot);
         assert_ne!(newcomer.generation, old.generation);
         assert_eq!(t4.resolve(old), None);
+    }
+
+    /// A service switched into or out of NAT gets new backend slots or generations (its flows cannot
+    /// cross the switch), and its Maglev ring names the new slots; a switch among DSR and the tunnels
+    /// keeps them.
+    #[test]
+    fn a_switch_into_or_out_of_nat_gives_the_backends_new_slots_and_ring() {
+        let ids = |t: &Tables, i: usize| -> Vec<BackendRef> { t.services()[i].backends.iter().map(|b| b.id).collect() };
+        let mut b = TableBuilder::new();
+        let mut c = good();
+        for be in &mut c.services[0].backends {
+            be.port = 80;
+        }
+        let t1 = b.build(&c).unwrap();
+        c.services[1].mode = ForwardMode::IpIp;
+        let t2 = b.build(&c).unwrap();
+        assert_eq!((ids(&t1, 0), ids(&t1, 1)), (ids(&t2, 0), ids(&t2, 1)));
+
+        // Web leaves NAT. A new service listed first takes one of the slots web's backends free, so
+        // web's backends get other slot numbers, not only new generations.
+        c.services[0].mode = ForwardMode::Dsr;
+        c.services.insert(0, service("new", "192.0.2.9", 80, ForwardMode::Dsr, vec![backend("10.9.9.9", 80)]));
+        let t3 = b.build(&c).unwrap();
+        for old in ids(&t2, 0) {
+            assert_eq!(t3.resolve(old), None, "{old:?}");
+        }
+        let slots: HashSet<u32> = t3.services()[1].backends.iter().map(|b| b.id.slot).collect();
+        let ring = t3.services()[1].scheduler.ring().unwrap();
+        assert!(ring.iter().all(|s| slots.contains(s)), "ring names slots {:?}, web has {slots:?}", {
+            let mut named: Vec<u32> = ring.iter().copied().collect();
+            named.sort_unstable();
+            named.dedup();
+            named
+        });
+
+        // And back into NAT.
+        c.services[1].mode = ForwardMode::Nat;
+        let t4 = b.build(&c).unwrap();
+        for old in ids(&t3, 1) {
+            assert_eq!(t4.resolve(old), None, "{old:?}");
+        }
     }
 
     #[test]

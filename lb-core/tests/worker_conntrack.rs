@@ -599,6 +599,61 @@ fn drop_policy_nat_flow_keeps_no_reverse_translation() {
     assert_eq!(run(&mut w, &tcp(n.dst, 8080, n.src, n.sport, Tcp::Ack, b""), secs(6)).0, Verdict::Tx);
 }
 
+/// A service switched into or out of NAT keeps none of its flows: NAT tracks a flow with a SNAT port
+/// and a reverse entry that a DSR flow has not, and its backend sees another 4-tuple. The flows
+/// follow the removed-backend policy instead: the next packet starts a new flow of the new mode (for
+/// NAT with a SNAT port and a working reply path, not the port 0 a DSR entry holds), or is dropped.
+#[test]
+fn a_switch_into_or_out_of_nat_follows_the_removed_backend_policy() {
+    use lb_core::conntrack::EntryKind;
+    for policy in [RemovedBackendPolicy::Reschedule, RemovedBackendPolicy::Drop] {
+        for (from, to) in [(ForwardMode::Dsr, ForwardMode::Nat), (ForwardMode::Nat, ForwardMode::Dsr)] {
+            let ctx = format!("{policy:?}, {from:?} to {to:?}");
+            let mut cfg = dsr_config(SchedulerKind::Maglev, &["10.1.0.1"]);
+            cfg.services.truncate(1);
+            cfg.services[0].mode = from;
+            cfg.services[0].on_backend_removed = policy;
+            let mut b = TableBuilder::new();
+            let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+            let c = client(1);
+            run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+            run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+            assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::Established), "{ctx}");
+
+            cfg.services[0].mode = to;
+            w.swap_tables(b.build(&cfg).unwrap());
+            let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(2));
+            let reverse = w.conntrack().iter().filter(|(_, e)| e.kind == EntryKind::Reverse).count();
+            if policy == RemovedBackendPolicy::Drop {
+                assert_eq!(v, Verdict::Drop(DropReason::BackendRemoved), "{ctx}");
+                assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::BackendGone), "{ctx}");
+                assert_eq!(reverse, 0, "{ctx}");
+                continue;
+            }
+            assert_eq!(v, Verdict::Tx, "{ctx}");
+            // A new flow, half-open until the client's next segment, counted at the backend.
+            assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::SynSeen), "{ctx}");
+            let slot = w.tables().services()[0].backends[0].slot();
+            let counts = w.stats().backend(slot);
+            assert_eq!((counts.new_flows, counts.active_conns, counts.established_conns), (1, 1, 0), "{ctx}");
+            let s = seen(&out);
+            if to == ForwardMode::Nat {
+                assert_eq!((s.src, s.dst, s.dport), (v4("10.0.0.100"), v4("10.1.0.1"), 80), "{ctx}");
+                assert_ne!(s.sport, 0, "{ctx}");
+                assert_eq!(reverse, 1, "{ctx}");
+                let (v, back) = run(&mut w, &tcp(s.dst, s.dport, s.src, s.sport, Tcp::Ack, b""), secs(2));
+                assert_eq!(v, Verdict::Tx, "{ctx}");
+                let r = seen(&back);
+                assert_eq!((r.src, r.sport, r.dst, r.dport), (v4(VIP), 80, c, 1000), "{ctx}");
+            } else {
+                assert_eq!((s.src, s.sport, s.dst, s.dport), (c, 1000, v4(VIP), 80), "{ctx}");
+                assert_eq!(dsr_backend(&out), 1, "{ctx}");
+                assert_eq!(reverse, 0, "the NAT flow's reverse entry went with it: {ctx}");
+            }
+        }
+    }
+}
+
 /// DSR never sees the backend's FIN, so a flow the client closed stays closing for `tcp_fin`. A new
 /// connection on that 5-tuple (the client reuses its port) restarts the entry half-open on the same
 /// backend, as IPVS does: its ACK establishes it (counted once), its idle timeout is then
