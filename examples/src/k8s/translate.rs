@@ -17,6 +17,11 @@
 //! policy keeps only endpoints whose `nodeName` is this node; with none left the service stays, with no
 //! backends, so its packets are dropped and counted rather than sent to the host stack.
 //!
+//! Terminating fallback (kube-proxy's `CategorizeEndpoints`, KEP-1669): when none of a key's endpoints
+//! (those of its family, and this node's only under `Local`) is ready, its serving-and-terminating
+//! ones are Active instead of Draining, so a single-replica rollout keeps taking new connections. Under
+//! `Local` the test is node-local: ready endpoints on other nodes do not turn this node's off.
+//!
 //! ExternalName and headless Services are skipped (debug log). A Service with a bad annotation, or a
 //! key already taken by an older Service, is skipped whole and reported in [`Translation::skipped`].
 //! Nothing here does I/O; the feed calls [`translate`] on its store after every change.
@@ -250,11 +255,12 @@ fn translate_service(
                 Reach::Internal => internal_local,
                 Reach::External | Reach::LoadBalancer => external_local,
             };
-            let backends: Vec<BackendConfig> = endpoints
+            let mut backends: Vec<BackendConfig> = endpoints
                 .iter()
                 .filter(|e| e.backend.addr.is_ipv4() == vip.is_ipv4() && (!local_only || e.local))
                 .map(|e| e.backend.clone())
                 .collect();
+            serve_terminating_if_none_ready(&mut backends);
             if let Some(why) = cannot_forward(mode, key, target_port(port), &backends, node) {
                 skipped.push(Skipped { service: name.to_string(), reason: why });
                 continue;
@@ -277,6 +283,16 @@ fn translate_service(
         }
     }
     Ok((out, skipped))
+}
+
+/// kube-proxy's terminating-endpoint fallback: with no ready (Active) backend in the set a key uses,
+/// the serving-terminating (Draining) ones take new flows, as better than dropping every new connection.
+fn serve_terminating_if_none_ready(backends: &mut [BackendConfig]) {
+    if backends.iter().all(|b| b.state != BackendState::Active) {
+        for b in backends {
+            b.state = BackendState::Active;
+        }
+    }
 }
 
 fn node_port(port: &ServicePort) -> Option<u16> {
@@ -478,6 +494,41 @@ mod tests {
     }
 
     #[test]
+    fn terminating_endpoints_take_new_flows_while_none_is_ready() {
+        use k8s_openapi::api::discovery::v1::EndpointConditions;
+        let svc: Service = fixture!("service-api-nodeport-local.json");
+        // Rollout of a single replica: the old pod on node-b terminates (still serving), its
+        // replacement on node-c is not ready yet.
+        let mut slice: EndpointSlice = fixture!("endpointslice-api-rollout.json");
+        let on = |n: &str| KubernetesSettings { node_name: Some(n.into()), ..settings() };
+        let old_active = vec![("10.244.2.20:8080".into(), BackendState::Active, 100)];
+        let t = translate([&svc], [&slice], &on("node-b"), &node());
+        assert_eq!(backends(find(&t, "tcp 10.96.40.2:80")), old_active, "Cluster: no ready endpoint anywhere");
+        assert_eq!(backends(find(&t, "tcp 192.168.1.10:30080")), old_active, "Local: none ready on node-b");
+        let t = translate([&svc], [&slice], &on("node-c"), &node());
+        assert!(find(&t, "tcp 192.168.1.10:30080").backends.is_empty(), "Local: node-c has no serving endpoint");
+
+        // The replacement turns ready: the old pod keeps its flows and takes no new ones, except
+        // under Local on its own node, where it is still the only serving endpoint.
+        slice.endpoints[1].conditions =
+            Some(EndpointConditions { ready: Some(true), serving: Some(true), terminating: Some(false) });
+        let t = translate([&svc], [&slice], &on("node-b"), &node());
+        assert_eq!(
+            backends(find(&t, "tcp 10.96.40.2:80")),
+            vec![
+                ("10.244.2.20:8080".into(), BackendState::Draining, 100),
+                ("10.244.3.22:8080".into(), BackendState::Active, 100),
+            ]
+        );
+        assert_eq!(backends(find(&t, "tcp 192.168.1.10:30080")), old_active, "the fallback is node-local");
+        let t = translate([&svc], [&slice], &on("node-c"), &node());
+        assert_eq!(
+            backends(find(&t, "tcp 192.168.1.10:30080")),
+            vec![("10.244.3.22:8080".into(), BackendState::Active, 100)]
+        );
+    }
+
+    #[test]
     fn internal_traffic_policy_local_filters_cluster_ip() {
         let mut svc: Service = fixture!("service-api-nodeport-local.json");
         let slice: EndpointSlice = fixture!("endpointslice-api.json");
@@ -632,7 +683,7 @@ mod proptests {
     proptest! {
         /// Whatever the conditions and placement: an endpoint is Active iff ready (nil = ready),
         /// Draining iff not ready but serving and terminating, and absent otherwise; Local keeps
-        /// exactly this node's endpoints.
+        /// exactly this node's endpoints; with none of those ready, the Draining ones are Active.
         #[test]
         fn conditions_and_locality(eps in proptest::collection::vec(endpoint(), 0..12), local in any::<bool>()) {
             let mut svc: Service = serde_json::from_str(include_str!("../../tests/fixtures/service-api-nodeport-local.json")).unwrap();
@@ -666,6 +717,9 @@ mod proptests {
                     Some(BackendState::Active) => {}
                     _ => { want.insert(addr, state); }
                 }
+            }
+            if !want.values().any(|s| *s == BackendState::Active) {
+                want.values_mut().for_each(|s| *s = BackendState::Active);
             }
             let got: BTreeMap<IpAddr, BackendState> = cluster.config.backends.iter().map(|b| (b.addr, b.state)).collect();
             prop_assert_eq!(got, want);
