@@ -8,7 +8,12 @@
 //! | each `spec.clusterIPs` (dual-stack) | (cluster IP, `port`) | `internalTrafficPolicy` | - |
 //! | each `spec.externalIPs` | (IP, `port`) | `externalTrafficPolicy` | - |
 //! | every node address (NodePort and LoadBalancer) | (node address, `nodePort`) | `externalTrafficPolicy` | - |
-//! | `spec.loadBalancerIP`, `status.loadBalancer.ingress[].ip` | (IP, `port`) | `externalTrafficPolicy` | `loadBalancerSourceRanges` |
+//! | `spec.loadBalancerIP`, `status.loadBalancer.ingress[].ip` (`ipMode` `VIP` or unset) | (IP, `port`) | `externalTrafficPolicy` | `loadBalancerSourceRanges` |
+//!
+//! An ingress IP with any other `ipMode` (`Proxy`, KEP-1860) is not served, as kube-proxy does not
+//! program it: that cloud load balancer proxies to the nodes itself (TLS, PROXY protocol) and
+//! in-cluster clients of the IP must reach it rather than be short-circuited to the endpoints here.
+//! A `spec.loadBalancerIP` that the status lists with such a mode is left out for the same reason.
 //!
 //! Backends come from the EndpointSlices labelled `kubernetes.io/service-name`, of the key's address
 //! family, on the slice port with the Service port's name (the slice port already holds the resolved
@@ -30,7 +35,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_core::config::{
     BackendConfig, BackendState, Cidr, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey,
@@ -226,11 +231,18 @@ fn translate_service(
             push_ip(ip, svc_port, Reach::External, "spec.externalIPs");
         }
         if kind == "LoadBalancer" {
+            let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+            let (vip, proxied): (Vec<&LoadBalancerIngress>, Vec<&LoadBalancerIngress>) =
+                ingress.into_iter().flatten().filter(|i| i.ip.is_some()).partition(|i| is_vip_mode(i));
+            let proxied: Vec<IpAddr> = proxied.iter().filter_map(|i| i.ip.as_deref()?.trim().parse().ok()).collect();
             for ip in spec.load_balancer_ip.iter().filter(|s| !s.is_empty()) {
+                if ip.trim().parse::<IpAddr>().is_ok_and(|a| proxied.contains(&a)) {
+                    tracing::debug!(service = name, ip = %ip, "skipping spec.loadBalancerIP: its ingress is ipMode Proxy");
+                    continue;
+                }
                 push_ip(ip, svc_port, Reach::LoadBalancer, "spec.loadBalancerIP");
             }
-            let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
-            for ip in ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()) {
+            for ip in vip.iter().filter_map(|i| i.ip.as_deref()) {
                 push_ip(ip, svc_port, Reach::LoadBalancer, "status.loadBalancer.ingress[].ip");
             }
         }
@@ -293,6 +305,11 @@ fn serve_terminating_if_none_ready(backends: &mut [BackendConfig]) {
             b.state = BackendState::Active;
         }
     }
+}
+
+/// kube-proxy's `IsVIPMode`: an ingress IP is programmed when its `ipMode` is `VIP` or unset.
+fn is_vip_mode(ingress: &LoadBalancerIngress) -> bool {
+    ingress.ip_mode.as_deref().is_none_or(|m| m == "VIP")
 }
 
 fn node_port(port: &ServicePort) -> Option<u16> {
@@ -568,6 +585,31 @@ mod tests {
         let quic = find(&t, "udp 203.0.113.11:443");
         assert_eq!(quic.name, "ingress/edge:quic");
         assert_eq!(backends(quic), vec![("10.244.1.30:8443".into(), BackendState::Active, 100)]);
+    }
+
+    #[test]
+    fn ingress_ips_in_proxy_mode_are_not_served() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        let keys = |svc: &Service| -> Vec<String> {
+            let t = translate([svc], [], &settings(), &node());
+            t.services.iter().map(|s| s.config.key.to_string()).filter(|k| k.contains("203.0.113.")).collect()
+        };
+        let status = |ingress: serde_json::Value| {
+            Some(serde_json::from_value(serde_json::json!({ "loadBalancer": { "ingress": ingress } })).unwrap())
+        };
+        // 203.0.113.11 proxied by its cloud load balancer, 203.0.113.12 with ipMode unset.
+        svc.status = status(serde_json::json!([
+            { "ip": "203.0.113.11", "ipMode": "Proxy" },
+            { "ip": "203.0.113.12" },
+            { "hostname": "edge.example.net", "ipMode": "Proxy" },
+        ]));
+        assert_eq!(
+            keys(&svc),
+            ["tcp 203.0.113.10:443", "tcp 203.0.113.12:443", "udp 203.0.113.10:443", "udp 203.0.113.12:443"]
+        );
+        // spec.loadBalancerIP given to a Proxy-mode load balancer is not served either.
+        svc.status = status(serde_json::json!([{ "ip": "203.0.113.10", "ipMode": "Proxy" }]));
+        assert!(keys(&svc).is_empty(), "{:?}", keys(&svc));
     }
 
     #[test]
