@@ -8,7 +8,13 @@
 //! | each `spec.clusterIPs` (dual-stack) | (cluster IP, `port`) | `internalTrafficPolicy` | - |
 //! | each `spec.externalIPs` | (IP, `port`) | `externalTrafficPolicy` | - |
 //! | every node address (NodePort and LoadBalancer) | (node address, `nodePort`) | `externalTrafficPolicy` | - |
-//! | `spec.loadBalancerIP`, `status.loadBalancer.ingress[].ip` (`ipMode` `VIP` or unset) | (IP, `port`) | `externalTrafficPolicy` | `loadBalancerSourceRanges` |
+//! | `spec.loadBalancerIP`, `status.loadBalancer.ingress[].ip` (`ipMode` `VIP` or unset) | (IP, `port`) | `externalTrafficPolicy` | `loadBalancerSourceRanges` of the IP's family |
+//!
+//! Source ranges are split by family as kube-proxy's `MapCIDRsByIPFamily` does: an IPv6 key gets the
+//! IPv6 ranges only. When the Service lists ranges but none of the key's family, the key allows every
+//! client, as kube-proxy (which then installs no firewall for that family) does: an IPv4-only list on
+//! a dual-stack Service leaves its IPv6 load-balancer IPs open. Dropping them all instead would
+//! diverge from every other node's kube-proxy; list ranges of both families to restrict both.
 //!
 //! An ingress IP with any other `ipMode` (`Proxy`, KEP-1860) is not served, as kube-proxy does not
 //! program it: that cloud load balancer proxies to the nodes itself (TLS, PROXY protocol) and
@@ -286,7 +292,11 @@ fn translate_service(
                     scheduler,
                     mode,
                     affinity_timeout,
-                    source_ranges: if reach == Reach::LoadBalancer { source_ranges.clone() } else { Vec::new() },
+                    source_ranges: if reach == Reach::LoadBalancer {
+                        source_ranges.iter().filter(|c| c.addr().is_ipv4() == vip.is_ipv4()).copied().collect()
+                    } else {
+                        Vec::new()
+                    },
                     maglev_table_size: ann.maglev_table_size,
                     on_backend_removed: ann.on_backend_removed.unwrap_or_default(),
                 },
@@ -585,6 +595,32 @@ mod tests {
         let quic = find(&t, "udp 203.0.113.11:443");
         assert_eq!(quic.name, "ingress/edge:quic");
         assert_eq!(backends(quic), vec![("10.244.1.30:8443".into(), BackendState::Active, 100)]);
+    }
+
+    #[test]
+    fn source_ranges_apply_per_address_family() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.cluster_ips = Some(vec!["10.96.7.7".into(), "fd00:10:96::707".into()]);
+        spec.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+        spec.ip_family_policy = Some("PreferDualStack".into());
+        svc.status = Some(
+            serde_json::from_value(serde_json::json!({ "loadBalancer": { "ingress": [
+                { "ip": "203.0.113.11", "ipMode": "VIP" }, { "ip": "2001:db8:7::11", "ipMode": "VIP" },
+            ] } }))
+            .unwrap(),
+        );
+        let ranges = |svc: &Service, key: &str| {
+            let t = translate([svc], [], &settings(), &node());
+            find(&t, key).source_ranges.iter().map(ToString::to_string).collect::<Vec<_>>()
+        };
+        // Only IPv4 ranges: the IPv6 LB IP gets none, so every IPv6 client is allowed (kube-proxy).
+        assert_eq!(ranges(&svc, "tcp 203.0.113.11:443"), ["198.51.100.0/24", "192.0.2.128/25"]);
+        assert!(ranges(&svc, "tcp [2001:db8:7::11]:443").is_empty());
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges.as_mut().unwrap().push(" 2001:db8:100::/48".into());
+        assert_eq!(ranges(&svc, "tcp 203.0.113.11:443"), ["198.51.100.0/24", "192.0.2.128/25"]);
+        assert_eq!(ranges(&svc, "tcp [2001:db8:7::11]:443"), ["2001:db8:100::/48"]);
+        assert_eq!(ranges(&svc, "udp [2001:db8:7::11]:443"), ["2001:db8:100::/48"]);
     }
 
     #[test]
