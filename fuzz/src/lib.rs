@@ -82,7 +82,7 @@ pub fn config() -> Config {
 
 /// A builder for one run: a clone of one that has already built [`config`] once in this process, so a
 /// run's first build reuses the 16 Maglev tables instead of building them again (that was about half of
-/// every run's time, perf; a clone has its own lineage, as a fresh builder would).
+/// every run's time, perf).
 pub fn builder() -> TableBuilder {
     thread_local! {
         static WARM: TableBuilder = {

@@ -13,14 +13,30 @@
 //!
 //! **Slots.** Every service and every backend (a service key plus the backend's address and port, and
 //! whether the service uses full NAT) gets a slot number that the builder keeps across builds, with a
-//! generation that changes when a slot is reused. Conntrack entries name their backend by
-//! [`BackendRef`] (slot + generation), so a flow keeps its backend across any table swap that keeps the
-//! backend (weight changes, other backends added or removed), and a flow whose backend left is
-//! recognised as such even if the slot went to a newcomer. A service switched into or out of NAT
-//! has new backends in this sense: its flows, which NAT and the other modes track differently,
-//! follow its [`RemovedBackendPolicy`].
+//! generation. Conntrack entries name their backend by [`BackendRef`] (slot + generation), so a flow
+//! keeps its backend across any table swap that keeps the backend (weight changes, other backends
+//! added or removed), and a flow whose backend left is recognised as such even if the slot went to a
+//! newcomer. A service switched into or out of NAT has new backends in this sense: its flows, which
+//! NAT and the other modes track differently, follow its [`RemovedBackendPolicy`].
 //! Per-core counters are indexed by slot; [`Limits`] bound the slot numbers so a worker sizes its
 //! arrays once.
+//!
+//! **Generations are unique in the process.** One counter, shared by every builder, hands out the
+//! generation of each slot a service or backend gets, so a (slot, generation) pair names the one key
+//! it was made for in tables of any builder: a worker may take tables from a fresh builder (`lb run`
+//! starts its workers on empty tables of its own) or from a clone, and a flow can never land on
+//! another backend, or another service, that another builder numbered alike; nor can that backend's
+//! counters take over its connections. What another builder numbered differently is a departed
+//! backend to the flow, which follows its service's [`RemovedBackendPolicy`]; to keep flows, keep one
+//! builder (or clones of it: a clone keeps the pairs of the keys it has).
+//!
+//! The counter is a `u32`: after about 4.3 billion slot assignments in one process it wraps
+//! (skipping 0), and only then can a pair recur. A recurring pair misleads a worker only if what was
+//! made under the old one is still there when tables giving that slot number that generation
+//! arrive: a conntrack or affinity entry (its flow would go to the newcomer, on the established
+//! path even of another service) or the slot's counters (not zeroed for the newcomer). That takes
+//! 4.3 billion assignments within one entry's idle life (a hundred a second for 16 months) and then
+//! that very slot number: too remote to pay for a wider conntrack entry.
 
 use alloc::format;
 use alloc::string::String;
@@ -199,7 +215,6 @@ pub struct Tables {
     backend_locations: Vec<BackendLocation>,
     limits: Limits,
     version: u64,
-    lineage: usize,
 }
 
 impl Tables {
@@ -343,14 +358,6 @@ impl Tables {
     pub fn resolve_known(&self, r: BackendRef) -> Option<(ServiceSummary, &Backend)> {
         let loc = self.backend_locations.get(r.slot as usize)?;
         (r.generation != 0 && loc.generation == r.generation).then_some((loc.summary, &loc.record))
-    }
-
-    /// Identifies the [`TableBuilder`] (and so the slot numbering) these tables came from: tables of
-    /// one lineage agree on which service a backend slot belongs to (a slot's key includes its
-    /// service's key), so a worker may trust a conntrack entry's backend slot to name the service.
-    /// A clone of a builder starts a lineage of its own.
-    pub fn lineage(&self) -> usize {
-        self.lineage
     }
 
     /// Every service.
@@ -758,10 +765,12 @@ pub enum ConfigError {
     },
 }
 
-/// Hands out slot numbers, reusing freed ones with a new generation.
+/// Hands out slot numbers, reusing freed ones, each time with a new generation from
+/// [`next_generation`].
 #[derive(Debug, Clone, Default)]
 struct SlotAllocator {
-    generations: Vec<u32>,
+    /// Slots handed out so far (free or not): the next new slot's number.
+    len: u32,
     free: Vec<u32>,
 }
 
@@ -769,15 +778,13 @@ impl SlotAllocator {
     fn alloc(&mut self, limit: usize) -> Option<(u32, u32)> {
         let slot = match self.free.pop() {
             Some(s) => s,
-            None if self.generations.len() < limit => {
-                self.generations.push(0);
-                u32::try_from(self.generations.len() - 1).ok()?
+            None if (self.len as usize) < limit => {
+                self.len = self.len.checked_add(1)?;
+                self.len - 1
             }
             None => return None,
         };
-        let g = self.generations.get_mut(slot as usize)?;
-        *g = g.wrapping_add(1).max(1);
-        Some((slot, *g))
+        Some((slot, next_generation()))
     }
 
     fn release(&mut self, slot: u32) {
@@ -799,7 +806,10 @@ fn backend_key(s: &ServiceConfig, b: &BackendConfig) -> BackendKey {
 }
 
 /// Builds [`Tables`] from a [`Config`], keeping slot numbers stable across builds.
-#[derive(Debug)]
+///
+/// A clone keeps the slots and generations of the keys it has; from there on each copy hands out
+/// fresh generations (see the module docs), so the two may feed the same workers.
+#[derive(Debug, Clone, Default)]
 pub struct TableBuilder {
     limits: Limits,
     service_slots: HashMap<ServiceKey, (u32, u32)>,
@@ -811,8 +821,6 @@ pub struct TableBuilder {
     /// only the schedulers whose inputs changed (a 65 537-entry Maglev table takes about a
     /// millisecond; an EndpointSlice change in a cluster of thousands of Services rebuilds one).
     schedulers: HashMap<ServiceKey, (SchedulerInputs, ServiceScheduler)>,
-    /// See [`Tables::lineage`].
-    lineage: usize,
 }
 
 /// What a service's scheduler is built from: equal inputs build an equal scheduler.
@@ -826,39 +834,15 @@ struct SchedulerInputs {
     backends: Vec<(IpAddr, u16, u32, BackendState, u32)>,
 }
 
-/// Hands each builder (and each clone of one) its own [`Tables::lineage`].
-fn next_lineage() -> usize {
-    static NEXT: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(1);
-    NEXT.fetch_add(1, core::sync::atomic::Ordering::Relaxed)
-}
-
-impl Default for TableBuilder {
-    fn default() -> Self {
-        TableBuilder {
-            limits: Limits::default(),
-            service_slots: HashMap::default(),
-            backend_slots: HashMap::default(),
-            services: SlotAllocator::default(),
-            backends: SlotAllocator::default(),
-            version: 0,
-            schedulers: HashMap::default(),
-            lineage: next_lineage(),
-        }
-    }
-}
-
-impl Clone for TableBuilder {
-    /// A copy of the slot state that goes its own way from here: a lineage of its own.
-    fn clone(&self) -> Self {
-        TableBuilder {
-            limits: self.limits,
-            service_slots: self.service_slots.clone(),
-            backend_slots: self.backend_slots.clone(),
-            services: self.services.clone(),
-            backends: self.backends.clone(),
-            version: self.version,
-            schedulers: self.schedulers.clone(),
-            lineage: next_lineage(),
+/// The generation of a slot just handed to a service or backend, by any builder of the process:
+/// each is new, so a (slot, generation) pair names the one key it was made for in any [`Tables`]
+/// (see the module docs). 0 is never handed out ([`BackendRef`]'s "nothing").
+fn next_generation() -> u32 {
+    static NEXT: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(1);
+    loop {
+        let g = NEXT.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+        if g != 0 {
+            return g;
         }
     }
 }
@@ -1197,7 +1181,6 @@ impl TableBuilder {
             backend_locations,
             limits: self.limits,
             version: self.version,
-            lineage: self.lineage,
         }))
     }
 }
@@ -1210,17 +1193,6 @@ mod tests {
     use alloc::string::ToString;
     use alloc::vec;
     use core::time::Duration;
-
-    #[test]
-    fn one_builder_keeps_its_lineage_and_a_clone_starts_its_own() {
-        let cfg = Config::default();
-        let mut a = TableBuilder::new();
-        let first = a.build(&cfg).unwrap().lineage();
-        assert_eq!(a.build(&cfg).unwrap().lineage(), first);
-        let mut b = a.clone();
-        assert_ne!(b.build(&cfg).unwrap().lineage(), first);
-        assert_ne!(TableBuilder::new().build(&cfg).unwrap().lineage(), first);
-    }
 
     fn backend(addr: &str, port: u16) -> BackendConfig {
         BackendConfig {
@@ -1573,6 +1545,57 @@ mod tests {
         assert_eq!(newcomer.slot, old.slot);
         assert_ne!(newcomer.generation, old.generation);
         assert_eq!(t4.resolve(old), None);
+    }
+
+    /// A backend reference resolves only in tables that have the backend it was made for, whichever
+    /// builder made them: a fresh builder numbers the same config alike, but with other
+    /// generations; a clone keeps the references of the keys it has, and after the fork the two hand
+    /// the same slot number to different newcomers, again with other generations.
+    #[test]
+    fn a_backend_reference_resolves_only_to_its_own_backend_in_tables_of_any_builder() {
+        let refs = |t: &Tables| -> Vec<(usize, BackendRef, IpAddr, u16)> {
+            t.services()
+                .iter()
+                .enumerate()
+                .flat_map(|(si, s)| s.backends.iter().map(move |b| (si, b.id, b.addr, b.port)))
+                .collect()
+        };
+        let mut a = TableBuilder::new();
+        let t1 = a.build(&good()).unwrap();
+        let fresh = TableBuilder::new().build(&good()).unwrap();
+        assert_eq!(
+            refs(&t1).iter().map(|r| r.1.slot).collect::<Vec<_>>(),
+            refs(&fresh).iter().map(|r| r.1.slot).collect::<Vec<_>>(),
+            "the same config gets the same slot numbers"
+        );
+        for (_, r, ..) in refs(&t1) {
+            assert_eq!(fresh.resolve(r), None, "{r:?} of the first builder resolves in a fresh builder's tables");
+        }
+        for (_, r, ..) in refs(&fresh) {
+            assert_eq!(t1.resolve(r), None, "{r:?}");
+        }
+        let services =
+            |t: &Tables| -> Vec<(ServiceSlot, u32)> { t.services().iter().map(|s| (s.slot, s.generation)).collect() };
+        for (x, y) in services(&t1).into_iter().zip(services(&fresh)) {
+            assert_ne!(x, y, "service slots of two builders alike");
+        }
+
+        let mut c = a.clone();
+        let tc = c.build(&good()).unwrap();
+        for (si, r, addr, port) in refs(&t1) {
+            let (sj, be) = tc.resolve_backend(r).unwrap();
+            assert_eq!((sj, be.addr, be.port), (si, addr, port));
+        }
+        let (mut ca, mut cc) = (good(), good());
+        ca.services[1].backends.push(backend("10.0.0.10", 53));
+        cc.services[1].backends.push(backend("10.0.0.11", 53));
+        let (ta, tc) = (a.build(&ca).unwrap(), c.build(&cc).unwrap());
+        let newcomer = |t: &Tables, addr: &str| {
+            t.services()[1].backends.iter().find(|b| b.addr == addr.parse::<IpAddr>().unwrap()).unwrap().id
+        };
+        let (na, nc) = (newcomer(&ta, "10.0.0.10"), newcomer(&tc, "10.0.0.11"));
+        assert_eq!(na.slot, nc.slot);
+        assert_eq!((ta.resolve(nc), tc.resolve(na)), (None, None));
     }
 
     /// A service switched into or out of NAT gets new backend slots or generations (its flows cannot

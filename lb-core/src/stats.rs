@@ -7,7 +7,8 @@
 //!
 //! Service and backend counters are indexed by the stable slot numbers that
 //! [`TableBuilder`](crate::service::TableBuilder) hands out ([`ServiceSlot`](crate::service::ServiceSlot),
-//! [`BackendSlot`](crate::service::BackendSlot)), so they survive table swaps.
+//! [`BackendSlot`](crate::service::BackendSlot)), so they survive table swaps. A slot with a new
+//! generation (a newcomer's, or any slot of tables from another builder) starts at zero.
 //!
 //! A forwarded packet or a new flow is counted once, at its backend: a service's packets, bytes
 //! and new flows are the sums over its backends, added up when [`Stats::service`] is asked (plus

@@ -74,15 +74,14 @@ fn tables_of_another_builder_never_send_a_flow_to_another_service() {
     assert_eq!(dsr_backend(&out), 1);
     let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
     assert_eq!(dsr_backend(&out), 1);
-    // A second builder numbers slots afresh: the same slot and generation now name a backend of
-    // another service. The flow's backend left "web": it is rescheduled there, never sent to "other".
+    // A second builder numbers slots afresh: the same slot now holds a backend of another service
+    // (with another generation). The flow's backend left "web": it is rescheduled there, never sent
+    // to "other".
     let mut cfg = web.clone();
     cfg.services[0].backends = vec![backend("10.1.0.2", 80)];
     cfg.services
         .insert(0, service("other", "192.0.2.9", 80, Protocol::Tcp, ForwardMode::Dsr, vec![backend("10.1.0.9", 80)]));
-    assert!(w.trusts_backend_slots());
     w.swap_tables(TableBuilder::new().build(&cfg).unwrap());
-    assert!(!w.trusts_backend_slots(), "entries of the first builder's slots are in the table");
     for _ in 0..2 {
         let (v, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2));
         assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
@@ -90,21 +89,71 @@ fn tables_of_another_builder_never_send_a_flow_to_another_service() {
 }
 
 /// `lb run` starts its workers on empty tables of a builder of its own, then gets the control
-/// plane's: with no entry in the table yet, the new lineage is trusted and established flows keep
-/// the shortcut (decided from their backend's location line).
+/// plane's: flows made under those keep their backends across the control plane's later builds.
 #[test]
-fn tables_of_another_builder_are_trusted_while_the_table_is_empty() {
+fn a_worker_started_on_tables_of_its_own_builder_serves_the_control_planes() {
     let empty = Config { node: dsr_config(SchedulerKind::Maglev, &[]).node, services: vec![] };
     let mut w = Worker::new(TableBuilder::new().build(&empty).unwrap(), WorkerConfig::single_core(1024));
     let web = dsr_config(SchedulerKind::Maglev, &["10.1.0.1", "10.1.0.2"]);
     let mut control = TableBuilder::new();
     w.swap_tables(control.build(&web).unwrap());
-    assert!(w.trusts_backend_slots());
     let (_, first) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
     let (v, again) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
     assert_eq!((v, dsr_backend(&again)), (Verdict::Tx, dsr_backend(&first)));
     w.swap_tables(control.build(&web).unwrap());
-    assert!(w.trusts_backend_slots(), "same builder, same lineage");
+    let (v, again) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2));
+    assert_eq!((v, dsr_backend(&again)), (Verdict::Tx, dsr_backend(&first)));
+}
+
+/// Tables of another builder (here the same backends listed in the other order, so each gets the
+/// other's slot number): a flow's backend is not recognisable there, so the flow follows the
+/// service's `RemovedBackendPolicy` and is never silently sent to the other backend; and no backend's
+/// counters take over another's connections.
+#[test]
+fn tables_of_another_builder_never_move_a_flow_to_another_backend_of_its_service() {
+    for policy in [RemovedBackendPolicy::Drop, RemovedBackendPolicy::Reschedule] {
+        let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
+        cfg.services[0].on_backend_removed = policy;
+        let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+        let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+        assert_eq!(dsr_backend(&out), 1, "rr's first pick");
+        let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+        assert_eq!(dsr_backend(&out), 1);
+        assert_eq!(w.stats().service(w.tables().services()[0].slot).packets, 2);
+
+        let mut other = cfg.clone();
+        other.services.iter_mut().for_each(|s| s.backends.reverse());
+        w.swap_tables(TableBuilder::new().build(&other).unwrap());
+        let web = w.tables().services()[0].clone();
+        let counts = |w: &Worker| -> Vec<(u64, u64)> {
+            web.backends
+                .iter()
+                .map(|b| w.stats().backend(b.slot()))
+                .map(|c| (c.active_conns, c.established_conns))
+                .collect()
+        };
+        assert_eq!(counts(&w), [(0, 0), (0, 0)], "{policy:?}: a backend counts a connection it does not have");
+        // Another builder's service slot is a new slot to the worker (its counters start at zero, as
+        // a newly configured service's would), whichever number it has.
+        assert_eq!(w.stats().service(web.slot).packets, 0, "{policy:?}");
+
+        let (v, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2));
+        match policy {
+            RemovedBackendPolicy::Drop => {
+                assert_eq!(v, Verdict::Drop(DropReason::BackendRemoved));
+                assert_eq!(counts(&w), [(0, 0), (0, 0)]);
+            }
+            RemovedBackendPolicy::Reschedule => {
+                // Scheduled afresh, as a new flow (half-open until its next segment), and counted
+                // once, at the backend it was sent to.
+                assert_eq!(v, Verdict::Tx);
+                let to = web.backends.iter().position(|b| b.mac[5] == dsr_backend(&out)).unwrap();
+                let mut want = [(0, 0), (0, 0)];
+                want[to] = (1, 0);
+                assert_eq!(counts(&w), want);
+            }
+        }
+    }
 }
 
 #[test]

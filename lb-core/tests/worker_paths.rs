@@ -4,8 +4,8 @@
 
 mod worker_common;
 
-use lb_core::Verdict;
 use lb_core::stats::DropReason;
+use lb_core::{Verdict, Worker, WorkerConfig};
 use worker_common::*;
 
 #[test]
@@ -107,11 +107,12 @@ fn a_burst_decides_exactly_as_frames_one_by_one() {
             }
         });
     }
-    // One by one.
-    let mut w1 = worker(&cfg);
+    // One by one. (Both workers run the same tables: their counters name the same generations.)
+    let tables = build(&cfg);
+    let mut w1 = Worker::new(tables.clone(), WorkerConfig::single_core(4096));
     let one: Vec<_> = frames_in.iter().map(|f| run(&mut w1, f, secs(1))).collect();
     // As one burst of 45 (batches of 16, 16 and 13).
-    let mut w2 = worker(&cfg);
+    let mut w2 = Worker::new(tables, WorkerConfig::single_core(4096));
     let mut bufs: Vec<Vec<u8>> =
         frames_in.iter().map(|f| [vec![0; HEADROOM], f.clone(), vec![0; 64]].concat()).collect();
     let mut frames: Vec<Frame<'_>> =

@@ -14,8 +14,9 @@
 //!
 //! A frame of an established flow takes a shortcut with the same outcome: its conntrack entry names
 //! its backend, and the backend's location in the tables holds what the decision needs of the
-//! service ([`ServiceSummary`]), so no service lookup happens (a backend slot belongs to one service
-//! key for good; tombstones, expired entries, source ranges and departed backends take the full path).
+//! service ([`ServiceSummary`]), so no service lookup happens (a backend reference names one backend
+//! of one service key, in tables of any builder: see [`crate::service`]; tombstones, expired
+//! entries, source ranges and departed backends take the full path).
 //! A new flow of a Maglev service without ClientIP affinity takes one too: the service's index slot
 //! points to its ring (its Maglev table with entries naming backend slots), so the pick reads one
 //! ring entry and the backend's location, and neither the service record nor its scheduler nor its
@@ -161,11 +162,6 @@ struct Core {
     sweep_out: [(u32, Entry); WAYS],
     /// Answers ARP / NDP for the tables' addresses when set ([`Worker::set_neighbour_mac`]).
     neighbour: Option<NeighbourResponder>,
-    /// [`Tables::lineage`] of the first tables installed.
-    lineage: usize,
-    /// True while every table set installed came from that one lineage, so a conntrack entry's
-    /// backend slot names its service (what [`Core::forward_established`] relies on).
-    slots_trusted: bool,
 }
 
 /// A new flow's conntrack key with its hash, its lb-hash 5-tuple hash (for schedulers and GUE), and
@@ -212,8 +208,6 @@ impl Worker {
             timeouts: StateTimeouts::new(&tables.node().timeouts),
             sweep_out: [(0, Entry::default()); WAYS],
             neighbour: None,
-            lineage: tables.lineage(),
-            slots_trusted: true,
             config,
         };
         let mut w = Worker { tables: tables.clone(), core, ahead: [Lookahead::NONE; BATCH] };
@@ -237,13 +231,6 @@ impl Worker {
     /// pass to the kernel). See [`crate::neighbour`].
     pub fn set_neighbour_mac(&mut self, mac: Option<[u8; 6]>) {
         self.core.neighbour = mac.map(|m| NeighbourResponder::new(m, &self.tables));
-    }
-
-    /// Whether packets of established flows are decided from their conntrack entry and their
-    /// backend's location line alone (no service lookup): true while every entry was made under
-    /// tables of one [`Tables::lineage`], or the table was empty when tables of another came.
-    pub fn trusts_backend_slots(&self) -> bool {
-        self.core.slots_trusted
     }
 
     /// The tables in use.
@@ -317,14 +304,6 @@ impl Worker {
 
 impl Core {
     fn install(&mut self, tables: &Tables) {
-        if self.conntrack.is_empty() {
-            // No entry names a backend slot yet (e.g. `lb run` starts its workers on empty tables of
-            // a builder of its own): any lineage may be trusted from here.
-            self.lineage = tables.lineage();
-            self.slots_trusted = true;
-        } else {
-            self.slots_trusted &= tables.lineage() == self.lineage;
-        }
         // A service's counters are its backends' sums: what a backend leaving it had counted stays
         // with the service.
         self.stats.retire_backends(|service_slot, b, generation| {
@@ -429,9 +408,10 @@ impl Core {
     /// service. Everything it needs comes from the conntrack entry and the backend's location (which
     /// holds the service's summary), so it neither looks the service up nor reads its record. Gives
     /// exactly the outcome the general path would (the entry's key is the frame's 5-tuple, so its
-    /// destination is the service key that the backend slot's key includes); returns `None`, having
-    /// changed nothing, for every other case (tombstone, expired, SYN on a closed flow, backend
-    /// gone, source ranges to check, tables of another lineage), which the general path then takes.
+    /// destination is the service key that the backend's key includes, and a backend reference
+    /// resolves only to the key it was made for, in tables of any builder: see [`crate::service`]);
+    /// returns `None`, having changed nothing, for every other case (tombstone, expired, SYN on a
+    /// closed flow, backend gone, source ranges to check), which the general path then takes.
     #[inline(always)]
     fn forward_established(
         &mut self,
@@ -441,7 +421,7 @@ impl Core {
         (key, hash): (&ConnKey, u64),
         now: u32,
     ) -> Option<Outcome> {
-        if p.fragment != Fragment::None || !self.slots_trusted {
+        if p.fragment != Fragment::None {
             return None;
         }
         let flags = p.tcp_flags;
@@ -563,6 +543,8 @@ impl Core {
                 }
                 self.remove(index);
             } else {
+                // (A reference resolves only in its own service, but for generations that wrapped:
+                // see `crate::service`. Comparing costs nothing here.)
                 match tables.resolve_backend(entry.backend) {
                     Some((si, backend)) if si == summary.index as usize => known = Some((index, backend)),
                     _ if drop_policy => {
