@@ -87,7 +87,10 @@ pub struct BackendRef {
     pub generation: u32,
 }
 
-/// Upper bounds on slot numbers, so that a worker sizes its per-slot arrays once.
+/// Upper bounds on slot numbers, so that a worker sizes its per-slot arrays once, from its first
+/// tables; it refuses later tables with a larger bound in either field
+/// ([`Worker::swap_tables`](crate::Worker::swap_tables)), so every builder feeding a worker needs
+/// limits no larger than those of the builder that made its first tables.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Services at most.

@@ -221,6 +221,10 @@ pub struct Stats {
     pub arp_replies: u64,
     /// IPv6 Neighbour Solicitations for the load balancer's addresses answered.
     pub ndp_adverts: u64,
+    /// Tables [`Worker::swap_tables`](crate::Worker::swap_tables) refused because their
+    /// [`Limits`](crate::service::Limits) exceed those the worker was built with (it kept serving
+    /// its tables).
+    pub tables_refused: u64,
     /// Frames dropped, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
     /// Per service slot: its drops, and the packets, bytes and new flows of backends that have left
@@ -247,6 +251,7 @@ impl Stats {
             conntrack_evictions: 0,
             arp_replies: 0,
             ndp_adverts: 0,
+            tables_refused: 0,
             drops: [0; DropReason::COUNT],
             services: vec![ServiceCounters::default(); services].into_boxed_slice(),
             backends: vec![BackendLine::default(); backends].into_boxed_slice(),
@@ -313,6 +318,7 @@ impl Stats {
         self.conntrack_evictions += other.conntrack_evictions;
         self.arp_replies += other.arp_replies;
         self.ndp_adverts += other.ndp_adverts;
+        self.tables_refused += other.tables_refused;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }
@@ -484,6 +490,7 @@ mod tests {
         (a.conntrack_evictions, b.conntrack_evictions) = (8, 1);
         b.arp_replies = 2;
         a.ndp_adverts = 1;
+        (a.tables_refused, b.tables_refused) = (2, 5);
         b.service_mut(1).unwrap().packets = 7;
         a.backend_mut(0).unwrap().active_conns = 3;
         b.backend_mut(0).unwrap().active_conns = 4;
@@ -499,6 +506,7 @@ mod tests {
             conntrack_evictions,
             arp_replies,
             ndp_adverts,
+            tables_refused,
             drops: _,
             services: _,
             backends: _,
@@ -511,7 +519,7 @@ mod tests {
         assert_eq!(a.dropped_total(), 3);
         assert_eq!((rx, tx, passed, reverse_nat), (5, 3, 3, 4));
         assert_eq!((icmp_too_big, conntrack_evictions), (6, 9));
-        assert_eq!((arp_replies, ndp_adverts), (2, 1));
+        assert_eq!((arp_replies, ndp_adverts, tables_refused), (2, 1, 7));
         assert_eq!(a.services[1].packets, 7);
         assert_eq!(a.backends[0].counters.active_conns, 7);
     }

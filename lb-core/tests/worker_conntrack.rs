@@ -156,6 +156,46 @@ fn tables_of_another_builder_never_move_a_flow_to_another_backend_of_its_service
     }
 }
 
+/// A worker sizes its per-slot arrays from its first tables' `Limits`: it refuses tables with larger
+/// ones (their slots could lie past those arrays, uncounted and without rr cursors), keeps serving
+/// its own, counts the refusal, and hands the refused tables back.
+#[test]
+fn a_worker_refuses_tables_with_larger_limits_and_keeps_serving_its_own() {
+    use lb_core::service::Limits;
+    use std::sync::Arc;
+    let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
+    let mut small = TableBuilder::with_limits(Limits { max_services: 2, max_backends: 4 });
+    let first = small.build(&cfg).unwrap();
+    let mut w = Worker::new(first.clone(), WorkerConfig::single_core(1024));
+    let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+    assert_eq!(dsr_backend(&out), 1);
+
+    let mut other = cfg.clone();
+    other.services[0].backends = vec![backend("10.1.0.3", 80)];
+    let larger = TableBuilder::new().build(&other).unwrap();
+    let back = w.swap_tables(larger.clone());
+    assert!(Arc::ptr_eq(&back, &larger), "the refused tables come back");
+    assert!(Arc::ptr_eq(w.tables(), &first), "the worker keeps its tables");
+    assert_eq!(w.stats().tables_refused, 1);
+    // Still served from the first tables: the flow keeps its backend, new flows take turns on 1
+    // and 2 (never 3, which only the refused tables have), each counted.
+    let (v, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 1));
+    let picks: Vec<u8> = (2..6)
+        .map(|i| dsr_backend(&run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(2)).1))
+        .collect();
+    assert_eq!(picks, [2, 1, 2, 1]);
+    let new_flows: Vec<u64> =
+        first.services()[0].backends.iter().map(|b| w.stats().backend(b.slot()).new_flows).collect();
+    assert_eq!(new_flows, [3, 2]);
+
+    // Tables within the worker's limits are installed.
+    let next = small.build(&other).unwrap();
+    drop(w.swap_tables(next.clone()));
+    assert!(Arc::ptr_eq(w.tables(), &next));
+    assert_eq!(w.stats().tables_refused, 1);
+}
+
 #[test]
 fn draining_backend_keeps_its_flows_and_gets_no_new_ones() {
     let mut cfg = dsr_config(SchedulerKind::Maglev, &["10.1.0.1", "10.1.0.2"]);

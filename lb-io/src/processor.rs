@@ -49,8 +49,9 @@ impl BurstProcessor for MacRewrite {
     }
 }
 
-/// The load balancer: lb-core's per-core worker. Updates are whole new tables; the old ones go back
-/// to the control side to be dropped there.
+/// The load balancer: lb-core's per-core worker. Updates are whole new tables; the old ones (or new
+/// ones the worker refused, see `Worker::swap_tables`) go back to the control side to be dropped
+/// there.
 impl BurstProcessor for lb_core::worker::Worker {
     type Update = std::sync::Arc<lb_core::service::Tables>;
 

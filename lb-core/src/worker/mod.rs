@@ -35,8 +35,9 @@
 //! as if alone (a test holds that).
 //!
 //! Everything a worker touches per packet was allocated in [`Worker::new`]: the conntrack table, the
-//! per-slot counters and scheduler cursors. [`Worker::swap_tables`] installs new [`Tables`] between
-//! bursts and hands the old ones back, so they are freed off the fast path; conntrack survives.
+//! per-slot counters and scheduler cursors (sized by the first tables' [`Limits`]).
+//! [`Worker::swap_tables`] installs new [`Tables`] between bursts and hands the old ones back, so
+//! they are freed off the fast path; conntrack survives. It refuses tables with larger limits.
 //!
 //! **Choices a network engineer should know.**
 //! - Fragments to a VIP (first or later) are dropped and counted as [`DropReason::Fragment`]: without
@@ -85,7 +86,7 @@ use crate::frame::{Frame, Verdict};
 use crate::neighbour::NeighbourResponder;
 use crate::packet::{Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
 use crate::schedule::{CoreState, FlowInput, Scheduler};
-use crate::service::{Backend, BackendRef, RingRef, Service, ServiceSummary, Tables};
+use crate::service::{Backend, BackendRef, Limits, RingRef, Service, ServiceSummary, Tables};
 use crate::stats::{DropReason, Stats};
 use crate::time::Instant;
 
@@ -135,6 +136,8 @@ pub struct Worker {
 struct Core {
     conntrack: ConntrackTable,
     stats: Stats,
+    /// The limits of the first tables, which sized every per-slot array here and in `stats`.
+    limits: Limits,
     /// Scheduler cursor per service slot (rr, wrr).
     cursors: Box<[u32]>,
     /// Generation each service slot's counters and cursor belong to.
@@ -185,12 +188,14 @@ struct FlowHashes<'k> {
 type Outcome = Result<Verdict, DropReason>;
 
 impl Worker {
-    /// A worker serving `tables`. Allocates everything the fast path will use, once.
+    /// A worker serving `tables`. Allocates everything the fast path will use, once: per-slot arrays
+    /// as `tables.limits()` allows, which bound the tables it will take later.
     pub fn new(tables: Arc<Tables>, config: WorkerConfig) -> Worker {
         let limits = tables.limits();
         let core = Core {
             conntrack: ConntrackTable::with_capacity(config.conntrack_capacity),
             stats: Stats::new(limits.max_services, limits.max_backends),
+            limits,
             cursors: vec![0; limits.max_services].into_boxed_slice(),
             service_generations: vec![0; limits.max_services].into_boxed_slice(),
             snat_ports: None,
@@ -217,7 +222,17 @@ impl Worker {
 
     /// Installs new tables between bursts and returns the old ones (drop them off the fast path).
     /// Conntrack survives: flows keep their backends wherever the new tables still have them.
+    ///
+    /// Tables whose [`Limits`] exceed those of the tables the worker was built with are refused:
+    /// their slots could lie beyond the per-slot arrays sized then, uncounted and without scheduler
+    /// cursors. The worker keeps its tables, counts [`Stats::tables_refused`], and returns the
+    /// refused ones (also to be dropped off the fast path).
     pub fn swap_tables(&mut self, tables: Arc<Tables>) -> Arc<Tables> {
+        let (new, have) = (tables.limits(), self.core.limits);
+        if new.max_services > have.max_services || new.max_backends > have.max_backends {
+            self.core.stats.tables_refused += 1;
+            return tables;
+        }
         self.install(tables)
     }
 
