@@ -64,16 +64,24 @@ services:
     y
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
+/// A fake API server holding the `web` Service (cluster IP 10.96.12.34) and its IPv4 slice, with a
+/// kubeconfig for it in a fresh directory named after `name`: (the server, the directory, the
+/// kubeconfig's path).
+async fn web_cluster(name: &str) -> (FakeApi, std::path::PathBuf, std::path::PathBuf) {
     let api = FakeApi::new();
     let mut web = fixture("service-web.json");
     web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
     api.upsert(SERVICES, web);
     api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
     let (port, _reqs) = start(api.clone()).await;
-    let dir = std::env::temp_dir().join(format!("lb-k8s-control-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let kc = kubeconfig(&dir, port);
+    (api, dir, kc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
+    let (api, dir, kc) = web_cluster("lb-k8s-control").await;
     let path = dir.join("lb.yaml");
     std::fs::write(&path, file_yaml(&kc, false)).unwrap();
     let settings = file::load(&path).unwrap();
@@ -188,14 +196,7 @@ fn mode_of(t: &Tables, key: &str) -> Option<ForwardMode> {
 /// its `kubernetes.default_mode` must not reach the feed's node view.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_reload_does_not_change_how_cluster_services_are_translated() {
-    let api = FakeApi::new();
-    let mut web = fixture("service-web.json");
-    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
-    api.upsert(SERVICES, web);
-    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
-    let (port, _reqs) = start(api.clone()).await;
-    let dir = std::env::temp_dir().join(format!("lb-k8s-refused-view-{}", std::process::id()));
-    let kc = kubeconfig(&dir, port);
+    let (api, dir, kc) = web_cluster("lb-k8s-refused-view").await;
     let path = dir.join("lb.yaml");
     let yaml = |extra_k8s: &str, extra_service: &str| {
         format!(

@@ -107,16 +107,20 @@ fn ipv4_options_move_the_transport_header() {
     assert_eq!(p.flow.dst_port(), 443);
 }
 
+/// An Ethernet II header from `MAC_A` to `MAC_B`, to append a packet to.
+fn ethernet(ether_type: etherparse::EtherType) -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::Ethernet2Header { source: MAC_A, destination: MAC_B, ether_type }.write(&mut v).unwrap();
+    v
+}
+
 fn v4_fragment(offset_units: u16, more: bool, payload: &[u8]) -> Vec<u8> {
     let mut h = Ipv4Header::new(0, 64, IpNumber::UDP, C4, V4).unwrap();
     h.more_fragments = more;
     h.fragment_offset = IpFragOffset::try_new(offset_units).unwrap();
     h.total_len = (20 + payload.len()) as u16;
     h.header_checksum = h.calc_header_checksum();
-    let mut v = Vec::new();
-    etherparse::Ethernet2Header { source: MAC_A, destination: MAC_B, ether_type: etherparse::EtherType::IPV4 }
-        .write(&mut v)
-        .unwrap();
+    let mut v = ethernet(etherparse::EtherType::IPV4);
     h.write(&mut v).unwrap();
     v.extend_from_slice(payload);
     v
@@ -192,10 +196,7 @@ fn v6_raw(next: IpNumber, payload: &[u8]) -> Vec<u8> {
         destination: V6,
         ..Default::default()
     };
-    let mut v = Vec::new();
-    etherparse::Ethernet2Header { source: MAC_A, destination: MAC_B, ether_type: etherparse::EtherType::IPV6 }
-        .write(&mut v)
-        .unwrap();
+    let mut v = ethernet(etherparse::EtherType::IPV6);
     h.write(&mut v).unwrap();
     v.extend_from_slice(payload);
     v
@@ -249,16 +250,23 @@ fn ipv6_later_fragment_data_is_not_parsed_as_extension_headers() {
     }
 }
 
-#[test]
-fn icmpv6_error_quoting_a_later_fragment_names_its_three_tuple() {
-    let data = [6u8, 0xff, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
-    let quoted = v6_later_fragment(IpNumber::IPV6_DESTINATION_OPTIONS, &data);
+/// An ICMPv6 Packet Too Big (MTU 1280) from the VIP to the client quoting `quoted`'s IPv6 packet
+/// (the frame without its Ethernet header).
+fn packet_too_big(quoted: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv6(V6, C6, 60)
         .icmpv6_raw(2, 0, 1280u32.to_be_bytes())
         .write(&mut v, &quoted[14..])
         .unwrap();
+    v
+}
+
+#[test]
+fn icmpv6_error_quoting_a_later_fragment_names_its_three_tuple() {
+    let data = [6u8, 0xff, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14];
+    let quoted = v6_later_fragment(IpNumber::IPV6_DESTINATION_OPTIONS, &data);
+    let v = packet_too_big(&quoted);
     let quote_at = 14 + 40 + 8;
     let want = Parsed {
         flow: FlowKey::v6(V6, C6, 58, 0, 0),
@@ -386,12 +394,7 @@ fn icmpv4_error_exposes_the_quoted_flow() {
 #[test]
 fn icmpv6_packet_too_big_exposes_the_quoted_flow() {
     let quoted = v6_with_exts(Ipv6Extensions::default(), &[0; 40]);
-    let mut v = Vec::new();
-    PacketBuilder::ethernet2(MAC_A, MAC_B)
-        .ipv6(V6, C6, 60)
-        .icmpv6_raw(2, 0, 1280u32.to_be_bytes())
-        .write(&mut v, &quoted[14..])
-        .unwrap();
+    let v = packet_too_big(&quoted);
     let p = parse(&v).unwrap();
     let L4::IcmpError(e) = p.l4 else { panic!("{:?}", p.l4) };
     assert_eq!(e.kind, IcmpErrorKind::PacketTooBig { mtu: 1280 });
