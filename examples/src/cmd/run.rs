@@ -78,20 +78,29 @@ struct Workers {
 
 /// Refuses NAT services when `loops` poll loops share the node and nothing steers their replies: a
 /// reply is translated back only by the core that owns its SNAT port (`snat_port_owner`), and the
-/// NIC's RSS hash sends it to any queue.
+/// NIC's RSS hash sends it to any queue. Also when `node.snat_ports` has fewer ports than loops:
+/// each loop takes a share of its own (`snat_port_share`), and a loop without one would drop every
+/// NAT flow it gets as `NoSnatPort`.
 fn check_nat_replies(config: &Config, loops: usize, steered: bool) -> Result<(), String> {
+    let Some(s) = config.services.iter().find(|s| s.mode == ForwardMode::Nat) else { return Ok(()) };
+    let (first, last) = config.node.snat_ports;
+    let ports = usize::from(last.saturating_sub(first)) + 1;
+    if ports < loops {
+        return Err(format!(
+            "service {} uses NAT, but node.snat_ports {first}-{last} holds {ports} ports for {loops} poll loops, \
+             each of which needs a share of its own: widen the range",
+            s.name
+        ));
+    }
     if loops <= 1 || steered {
         return Ok(());
     }
-    match config.services.iter().find(|s| s.mode == ForwardMode::Nat) {
-        Some(s) => Err(format!(
-            "service {} uses NAT, but {loops} poll loops run and nothing steers NAT replies to the loop that \
-             owns their SNAT port: serve NAT on one queue, or steer each loop's SNAT port share (logged at \
-             start) to its queue and pass --nat-replies-steered",
-            s.name
-        )),
-        None => Ok(()),
-    }
+    Err(format!(
+        "service {} uses NAT, but {loops} poll loops run and nothing steers NAT replies to the loop that owns \
+         their SNAT port: serve NAT on one queue, or steer each loop's SNAT port share (logged at start) to \
+         its queue and pass --nat-replies-steered",
+        s.name
+    ))
 }
 
 /// Refuses a configuration whose steering would not fit the XDP program's maps: its addresses (VIPs,
@@ -289,6 +298,13 @@ services:
         assert!(check_nat_replies(&cfg, 4, true).is_ok());
         let dsr_only = Config { node: cfg.node.clone(), services: cfg.services[..1].to_vec() };
         assert!(check_nat_replies(&dsr_only, 4, false).is_ok(), "DSR needs no reply path");
+        // Fewer SNAT ports than loops: some loop would have no share, steered or not.
+        let mut narrow = cfg.clone();
+        narrow.node.snat_ports = (40000, 40002);
+        assert!(check_nat_replies(&narrow, 3, true).is_ok(), "one port a loop");
+        let err = check_nat_replies(&narrow, 4, true).expect_err("3 ports for 4 loops");
+        assert!(err.contains("node.snat_ports 40000-40002 holds 3 ports for 4 poll loops"), "{err}");
+        assert!(check_nat_replies(&Config { node: narrow.node, ..dsr_only }, 4, true).is_ok(), "no NAT service");
         // The shares the log names partition the range: every port has exactly one owner.
         for port in [40000, 42500, 45000, 50000] {
             assert!(snat_port_owner(cfg.node.snat_ports, 4, port).is_some(), "port {port}");
