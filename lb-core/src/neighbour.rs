@@ -279,6 +279,8 @@ impl Advert {
 /// link-layer option). Neighbours that cached another MAC for `addr` (a load balancer that failed
 /// over, a VIP that moved) update their entry at once instead of when it goes stale.
 pub fn announcement(mac: [u8; 6], addr: IpAddr, buf: &mut [u8]) -> Option<usize> {
+    /// The shortest Ethernet frame, FCS excluded.
+    const MIN_FRAME_LEN: usize = 60;
     match addr {
         IpAddr::V4(a) => {
             let arp = ArpRepr::EthernetIpv4 {
@@ -288,11 +290,15 @@ pub fn announcement(mac: [u8; 6], addr: IpAddr, buf: &mut [u8]) -> Option<usize>
                 target_hardware_addr: EthernetAddress([0; 6]),
                 target_protocol_addr: a,
             };
-            let len = ETHERNET_LEN + arp.buffer_len();
+            // Padded with zeros to Ethernet's 60-byte minimum (without FCS): a NIC pads a short
+            // frame itself, but a veth or a capture passes the 42 bytes on as they are.
+            let len = (ETHERNET_LEN + arp.buffer_len()).max(MIN_FRAME_LEN);
             let (eth, rest) = buf.get_mut(..len)?.split_at_mut(ETHERNET_LEN);
             set_macs(eth, [0xff; 6], mac);
             eth[12..].copy_from_slice(&ETHERTYPE_ARP.to_be_bytes());
-            arp.emit(&mut ArpPacket::new_unchecked(rest));
+            let (arp_bytes, padding) = rest.split_at_mut(arp.buffer_len());
+            arp.emit(&mut ArpPacket::new_unchecked(arp_bytes));
+            padding.fill(0);
             Some(len)
         }
         IpAddr::V6(a) => {

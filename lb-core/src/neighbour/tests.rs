@@ -366,13 +366,15 @@ fn the_worker_answers_when_given_a_mac_and_passes_otherwise() {
 #[test]
 fn announcements_are_a_gratuitous_arp_and_an_unsolicited_advertisement() {
     let mut buf = [0u8; 128];
-    let n = announcement(MAC, IpAddr::V4(VIP4), &mut buf).unwrap();
     let mut want = eth([0xff; 6], MAC, None, 0x0806);
     want.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     want.extend_from_slice(&MAC);
     want.extend_from_slice(&VIP4.octets());
     want.extend_from_slice(&[0; 6]);
     want.extend_from_slice(&VIP4.octets());
+    want.resize(60, 0); // padded to Ethernet's minimum
+    buf.fill(0xaa);
+    let n = announcement(MAC, IpAddr::V4(VIP4), &mut buf).unwrap();
     assert_eq!(&buf[..n], &want[..]);
 
     let n = announcement(MAC, IpAddr::V6(VIP6), &mut buf).unwrap();
@@ -382,7 +384,7 @@ fn announcements_are_a_gratuitous_arp_and_an_unsolicited_advertisement() {
     assert_eq!(icmpv6_sum(VIP6, all_nodes, &buf[14 + 40..n]), 0);
 
     assert_eq!(announcement(MAC, IpAddr::V6(VIP6), &mut [0u8; 85]), None, "one byte short");
-    assert_eq!(announcement(MAC, IpAddr::V4(VIP4), &mut [0u8; 41]), None);
+    assert_eq!(announcement(MAC, IpAddr::V4(VIP4), &mut [0u8; 59]), None);
 }
 
 proptest::proptest! {
