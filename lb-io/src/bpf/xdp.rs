@@ -431,10 +431,18 @@ impl VipSteering {
         Ok(VipSteering { program, addrs, services, xsks, current: SteeringSet::default() })
     }
 
-    /// Makes the kernel maps steer exactly `want`: new entries first, then stale ones removed, so
-    /// traffic that stays steered is never passed to the kernel in between.
+    /// Makes the kernel maps steer exactly `want`: stale entries removed first, then new and changed
+    /// ones written. Traffic that stays steered is never passed to the kernel in between (its entries
+    /// are kept, or changed in place), and a `want` that fits the maps always fits, even when the
+    /// old and the new sets together would not (what the control side checks before it publishes).
     pub fn set(&mut self, want: SteeringSet) -> Result<(), BpfError> {
         let (old, new) = (self.current.addresses(), want.addresses());
+        for addr in old.keys().filter(|a| !new.contains_key(a)) {
+            self.addrs.delete(&vip_key(*addr))?;
+        }
+        for &(addr, port, proto) in self.current.services.difference(&want.services) {
+            self.services.delete(&service_key(addr, port, proto))?;
+        }
         for &(addr, port, proto) in want.services.difference(&self.current.services) {
             self.services.update(&service_key(addr, port, proto), &1u32.to_ne_bytes())?;
         }
@@ -442,12 +450,6 @@ impl VipSteering {
             if old.get(addr) != Some(entry) {
                 self.addrs.update(&vip_key(*addr), &entry.bytes())?;
             }
-        }
-        for addr in old.keys().filter(|a| !new.contains_key(a)) {
-            self.addrs.delete(&vip_key(*addr))?;
-        }
-        for &(addr, port, proto) in self.current.services.difference(&want.services) {
-            self.services.delete(&service_key(addr, port, proto))?;
         }
         self.current = want;
         Ok(())
@@ -910,6 +912,32 @@ mod tests {
             let Some(verdict) = verdict else { return Ok(()) };
             proptest::prop_assert_eq!(verdict == XdpAction::Drop, model(&set, &frame), "frame {:02x?}", frame);
         }
+    }
+
+    /// With the maps full, a new set that fits them replaces the old one: stale entries go before
+    /// new ones are written (written first, the third address found the two-entry map full, after
+    /// the workers already had the tables that needed it).
+    #[test]
+    fn a_set_that_fits_the_maps_replaces_a_full_one() {
+        let cfg = SteeringConfig {
+            max_vips: 2,
+            max_services: 2,
+            missing_socket: MissingSocket::Drop,
+            ..SteeringConfig::default()
+        };
+        let mut s = match VipSteering::load(cfg) {
+            Ok(s) => s,
+            Err(e) if e.is_refused() => return println!("SKIPPED: bpf(2) refused ({e}); run as root"),
+            Err(e) => panic!("{e}"),
+        };
+        let other = Ipv4Addr::new(10, 77, 0, 101);
+        let services = |a: Ipv4Addr, b: Ipv4Addr| [(IpAddr::V4(a), 80, 6), (IpAddr::V4(b), 80, 6)];
+        s.set_services(services(VIP4, Ipv4Addr::new(10, 77, 0, 102)), []).unwrap();
+        s.set_services(services(VIP4, other), []).expect("two services replace two in maps of two");
+        let tcp_to = |dst| v4_with(dst, 6, 0, &[0, 1, 0, 80, 0, 0, 0, 0, 0, 0, 0, 0, 0x50, 0x02, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(s.test_run(&tcp_to(other)).unwrap(), XdpAction::Drop, "the new service is steered");
+        assert_eq!(s.test_run(&tcp_to(Ipv4Addr::new(10, 77, 0, 102))).unwrap(), XdpAction::Pass, "the old is not");
+        assert_eq!(s.test_run(&tcp_to(VIP4)).unwrap(), XdpAction::Drop, "the kept one still is");
     }
 
     #[test]
