@@ -612,11 +612,17 @@ impl XskDevice {
         }
     }
 
+    /// Frames on the TX ring that the kernel has not taken yet (queued ones not yet on the ring are
+    /// [`Device::pending_tx`]).
+    pub fn tx_unsent(&mut self) -> u32 {
+        self.tx.unconsumed()
+    }
+
     /// Queues up to `n` new frames for transmission, each written by `write` into a free chunk (it
     /// gets the chunk from the packet's first byte on and returns the packet length; 0 skips).
     /// Returns how many were queued; send them with [`Device::flush`]. For traffic generators.
     pub fn transmit_new(&mut self, n: usize, mut write: impl FnMut(&mut [u8]) -> usize) -> usize {
-        // Keep half the free chunks for the receive side.
+        // Keep a quarter of the chunks free for the receive side.
         let reserve = self.frames / 4;
         let mut queued = 0;
         let headroom = 256usize;
@@ -721,6 +727,14 @@ impl Device for XskDevice {
             if self.busy_poll || self.fill.needs_wakeup() {
                 self.wake_rx();
             }
+            // Frames a flush's kicks could not move (the completion ring full, the driver busy) stay
+            // on the TX ring with nothing queued behind them, and the loop flushes only while
+            // something is queued: an idle loop, spinning or between waits, passes here instead, so
+            // it kicks them on. (Without this a spinning loop left them there until new traffic came.)
+            if self.tx.unconsumed() > 0 && (self.tx.needs_wakeup() || !self.zero_copy) {
+                self.kick_tx()?;
+                self.reap();
+            }
             return Ok(Received::frames(0));
         }
         let mask = !(self.frame_size - 1);
@@ -785,6 +799,9 @@ impl Device for XskDevice {
         // that find the ring empty; a kick that moves nothing (the driver is busy) ends the round.
         if self.tx.unconsumed() > 0 && (self.tx.needs_wakeup() || !self.zero_copy) {
             for _ in 0..MAX_KICKS_PER_FLUSH {
+                // Completions taken back first: the kernel sends only as many frames as the
+                // completion ring has room for.
+                completed += self.reap();
                 let before = self.tx.unconsumed();
                 self.kick_tx()?;
                 let after = self.tx.unconsumed();
