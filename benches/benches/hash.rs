@@ -66,6 +66,18 @@ fn maglev_build(c: &mut Criterion) {
             });
         }
     }
+    // Weighted, skewed 64 to 1: once the heavy backends are done, the light ones take a turn only
+    // every 64 rounds. One w64 and one w1, and one w64 among 999 of w1.
+    for &m in &SIZES {
+        for &n in &[2usize, 1000] {
+            let mut set = backends(n);
+            set[0].weight = 64;
+            let id = format!("N={n}/M={m}");
+            group.bench_with_input(BenchmarkId::new("lb-hash-skew64", &id), &set, |b, set| {
+                b.iter(|| MaglevTable::new(black_box(set), m).expect("valid set"));
+            });
+        }
+    }
     group.finish();
 
     // The crate materialises N x M permutation entries of 8 bytes: 0.5 GB at N=1000, M=65537, and
