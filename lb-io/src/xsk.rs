@@ -413,7 +413,8 @@ impl XskDevice {
                 why: "must be 2048 or 4096",
             });
         }
-        if config.headroom + 256 + 64 > config.frame_size / 2 {
+        // (Saturating: an absurd headroom is refused here, not wrapped into a small one.)
+        if config.headroom.saturating_add(256 + 64) > config.frame_size / 2 {
             return Err(XskError::Config {
                 field: "headroom",
                 value: config.headroom,
@@ -865,8 +866,11 @@ mod tests {
         assert_eq!(refused_field(&fill), Some("fill_ring_size"));
         let tx = XskConfig { tx_ring_size: 500, ..good.clone() };
         assert_eq!(refused_field(&tx), Some("tx_ring_size"));
-        let rx = XskConfig { ring_size: 1000, ..good };
+        let rx = XskConfig { ring_size: 1000, ..good.clone() };
         assert_eq!(refused_field(&rx), Some("ring_size"));
+        // Near u32::MAX the headroom check once overflowed (a panic in debug builds).
+        let headroom = XskConfig { headroom: u32::MAX - 100, ..good };
+        assert_eq!(refused_field(&headroom), Some("headroom"));
     }
 
     #[test]
