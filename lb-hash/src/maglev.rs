@@ -506,15 +506,15 @@ fn fill_with(backends: &[Backend], m: u32, tail_free_slots: usize, events: bool,
     let stop = tail_free_slots.min(m as usize);
     if fillers.iter().all(|f| f.rate == TURN) {
         if events {
-            rounds::<false>(&mut fillers, &mut slots, m, (m as usize / EVENTS_FROM).max(stop));
+            rounds::<false, true>(&mut fillers, &mut slots, m, (m as usize / EVENTS_FROM).max(stop));
             let wake = events_equal_weights(&mut fillers, &mut slots, m, stop, ring);
             tail::<false>(&fillers, &wake, &mut slots, m);
         } else {
-            rounds::<false>(&mut fillers, &mut slots, m, stop);
+            rounds::<false, true>(&mut fillers, &mut slots, m, stop);
             tail::<false>(&fillers, &vec![0; fillers.len()], &mut slots, m);
         }
     } else {
-        rounds::<true>(&mut fillers, &mut slots, m, stop);
+        rounds::<true, true>(&mut fillers, &mut slots, m, stop);
         tail::<true>(&fillers, &vec![0; fillers.len()], &mut slots, m);
     }
     // The spare slot holds whatever the last idle visit wrote: clear it, so equal tables are equal.
@@ -530,10 +530,16 @@ fn fill_with(backends: &[Backend], m: u32, tail_free_slots: usize, events: bool,
 /// weights, a run of [`IDLE_BEFORE_SKIP`] rounds in which no backend takes a turn is followed by a
 /// jump over the idle rounds after it: a light backend takes a turn only every `TURN / rate` rounds,
 /// so once only light ones are left most rounds are idle (weights 1 and 64 at M = 6553621: 1.1 s
-/// stepping every round, 0.25 s skipping).
+/// stepping every round, 0.25 s skipping). `SKIP_IDLE` off steps every round, as the fill did
+/// before: the reference the tests compare the skipping fill with.
 // Kept out of line: inlined into `fill_with` it loses registers and runs 30 % slower (measured).
 #[inline(never)]
-fn rounds<const WEIGHTED: bool>(fillers: &mut Vec<Filler>, slots: &mut Slots, m: u32, stop: usize) {
+fn rounds<const WEIGHTED: bool, const SKIP_IDLE: bool>(
+    fillers: &mut Vec<Filler>,
+    slots: &mut Slots,
+    m: u32,
+    stop: usize,
+) {
     let mut finished = 0usize;
     // Locals, so the claim count stays in a register rather than round-tripping through memory.
     let occupied = &mut slots.occupied[..];
@@ -582,7 +588,7 @@ fn rounds<const WEIGHTED: bool>(fillers: &mut Vec<Filler>, slots: &mut Slots, m:
         for f in pairs.into_remainder() {
             visit(f);
         }
-        if WEIGHTED {
+        if WEIGHTED && SKIP_IDLE {
             idle = if took { 0 } else { idle + 1 };
             if idle >= IDLE_BEFORE_SKIP {
                 skip_idle_rounds(fillers);
@@ -618,69 +624,13 @@ fn skip_idle_rounds(fillers: &mut [Filler]) {
     }
 }
 
-/// [`rounds`] as it was before idle rounds were skipped: every round steps every backend. The
-/// reference the tests compare the fill against.
-#[cfg(test)]
-fn rounds_every_round<const WEIGHTED: bool>(fillers: &mut Vec<Filler>, slots: &mut Slots, m: u32, stop: usize) {
-    let mut finished = 0usize;
-    // Locals, so the claim count stays in a register rather than round-tripping through memory.
-    let occupied = &mut slots.occupied[..];
-    let Some(entries) = Arc::get_mut(&mut slots.entries) else {
-        return; // Never: the fill holds the only reference.
-    };
-    let mut claimed = slots.claimed;
-    while claimed + stop < m as usize {
-        let mut visit = |f: &mut Filler| {
-            if WEIGHTED {
-                f.credit += f.rate;
-                if f.credit < TURN {
-                    return;
-                }
-                f.credit -= TURN;
-            }
-            let c = f.next;
-            let word = &mut occupied[(c >> 6) as usize];
-            // Whether the slot was taken, as a number (the compiler then tests the bit only once).
-            let taken = u32::from(*word >> (c & 63) & 1 == 1);
-            *word |= 1 << (c & 63);
-            entries[core::hint::select_unpredictable(taken == 0, c, m) as usize] = f.index;
-            claimed += (taken ^ 1) as usize;
-            f.left -= taken ^ 1;
-            f.next = step(c, f.back, m);
-            if f.left == 0 {
-                // Park it on the always-occupied slot m: it visits only that from now on.
-                f.next = m;
-                f.back = 0;
-                finished += 1;
-                f.left = u32::MAX;
-            }
-        };
-        // Two visits per loop iteration, in turn order (measured: 5 % faster than one).
-        let mut pairs = fillers.chunks_exact_mut(2);
-        for pair in &mut pairs {
-            visit(&mut pair[0]);
-            visit(&mut pair[1]);
-        }
-        for f in pairs.into_remainder() {
-            visit(f);
-        }
-        // Finished backends cost a wasted visit each round (and queue on one word of the bitset);
-        // drop them once they are a sixteenth (measured: a quarter made the phase 25 % slower).
-        if finished * 16 > fillers.len() {
-            fillers.retain(|f| f.next != m);
-            finished = 0;
-        }
-    }
-    slots.claimed = claimed;
-}
-
-/// The weighted [`fill_with`] with [`rounds_every_round`] in place of [`rounds`]: the table as it
-/// was built before idle rounds were skipped.
+/// The weighted [`fill_with`] with [`rounds`] stepping every round (`SKIP_IDLE` off): the table as
+/// it was built before idle rounds were skipped.
 #[cfg(test)]
 fn fill_every_round(backends: &[Backend], m: u32, tail_free_slots: usize) -> Arc<[u16]> {
     let mut fillers = fillers(backends, m);
     let mut slots = Slots::new(m);
-    rounds_every_round::<true>(&mut fillers, &mut slots, m, tail_free_slots.min(m as usize));
+    rounds::<true, false>(&mut fillers, &mut slots, m, tail_free_slots.min(m as usize));
     tail::<true>(&fillers, &vec![0; fillers.len()], &mut slots, m);
     let mut entries = slots.entries;
     if let Some(spare) = Arc::get_mut(&mut entries).and_then(|e| e.get_mut(m as usize)) {
