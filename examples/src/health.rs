@@ -153,9 +153,8 @@ impl HealthChecker {
 
     /// Probes exactly the backends of `services` that have a health check: new ones start (up),
     /// gone ones stop and are forgotten, ones whose check changed restart (up, with a new
-    /// generation). Returns the started and restarted ones ([`starting`](Self::starting)). Must run
-    /// inside tokio.
-    pub fn sync(&mut self, services: &[ServiceSpec]) -> HashSet<Target> {
+    /// generation): the ones [`starting`](Self::starting) named beforehand. Must run inside tokio.
+    pub fn sync(&mut self, services: &[ServiceSpec]) {
         let wanted = wanted(services);
         self.tasks.retain(|target, (check, _, task)| {
             let keep = wanted.get(target) == Some(check);
@@ -165,7 +164,6 @@ impl HealthChecker {
             }
             keep
         });
-        let mut started = HashSet::new();
         for (target, check) in wanted {
             if self.tasks.contains_key(&target) {
                 continue;
@@ -176,9 +174,7 @@ impl HealthChecker {
             let probe = Probing { target, generation, check: check.clone() };
             let task = tokio::spawn(run_target(probe, self.status.clone(), self.events.clone()));
             self.tasks.insert(target, (check, generation, task));
-            started.insert(target);
         }
-        started
     }
 }
 
