@@ -124,6 +124,20 @@ impl SchedulerKind {
         SchedulerKind::Ecmp,
     ];
 
+    /// True when the scheduler's pick is a function of the flow and the tables alone (mh, sh, dh,
+    /// hrw, ecmp): every core, and every load balancer with the same tables, gives a flow the same
+    /// backend. The others (rr, wrr, lc, wlc, sed, nq) also read per-core state.
+    pub const fn picks_from_flow_alone(self) -> bool {
+        matches!(
+            self,
+            SchedulerKind::Maglev
+                | SchedulerKind::Rendezvous
+                | SchedulerKind::Ecmp
+                | SchedulerKind::SourceHashing
+                | SchedulerKind::DestinationHashing
+        )
+    }
+
     /// The short name, as `ipvsadm -Ln` prints it.
     pub const fn name(self) -> &'static str {
         match self {

@@ -510,6 +510,77 @@ fn icmp_error_follows_its_flow_to_the_backend() {
     assert_eq!(run(&mut w, &icmp, secs(2)).0, Verdict::Drop(DropReason::IcmpNoFlow));
 }
 
+/// A router's "fragmentation needed" about the VIP:80 -> `client`:1000 segment a DSR backend sent.
+fn frag_needed_about(client: std::net::IpAddr) -> Vec<u8> {
+    let quoted = &tcp(v4(VIP), 80, client, 1000, Tcp::Ack, b"")[14..];
+    let mut icmp = Vec::new();
+    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LOCAL_MAC)
+        .ipv4([203, 0, 113, 1], [192, 0, 2, 1], 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ))
+        .write(&mut icmp, &quoted[..28])
+        .unwrap();
+    icmp
+}
+
+/// An ICMP error about a DSR flow reaches the flow's backend on whichever core it arrives. The error
+/// (router -> VIP) is spread by RSS on its own addresses, not on the quoted flow's 5-tuple, so with
+/// several queues it usually lands on a core that never saw the flow (the README runs DSR and the
+/// tunnel modes "on any number of queues"). For a service whose scheduler picks from the flow alone
+/// every core knows the flow's backend, as for a mid-stream segment after a restart, and the error
+/// goes there (untracked: the other core's table stays empty). The schedulers with per-core state
+/// cannot know it: their errors stay counted as `IcmpNoFlow`.
+#[test]
+fn icmp_error_about_a_dsr_flow_reaches_its_backend_from_any_core() {
+    for kind in SchedulerKind::ALL {
+        let cfg = dsr_config(kind, &["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"]);
+        let tables = TableBuilder::new().build(&cfg).unwrap();
+        let core =
+            |i| Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 1024, core_index: i, core_count: 2 });
+        let (mut flow_core, mut other_core) = (core(0), core(1));
+        for i in 0..8 {
+            let (v, out) = run(&mut flow_core, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+            assert_eq!(v, Verdict::Tx);
+            let backend = dsr_backend(&out);
+            let (v, out) = run(&mut other_core, &frag_needed_about(client(i)), secs(2));
+            if kind.picks_from_flow_alone() {
+                assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, backend), "{kind}, client {i}");
+            } else {
+                assert_eq!(v, Verdict::Drop(DropReason::IcmpNoFlow), "{kind}, client {i}");
+            }
+        }
+        assert_eq!(other_core.conntrack().len(), 0, "{kind}: an error is not a flow");
+    }
+}
+
+/// An error about an untracked flow is not sent on a guess: not for ClientIP affinity (the client's
+/// backend is per-core state), not for NAT (the flow's SNAT port is the tracking core's), and not
+/// for a client the service's source ranges refuse.
+#[test]
+fn icmp_error_about_an_untracked_flow_is_not_sent_on_a_guess() {
+    let base = dsr_config(SchedulerKind::Maglev, &["10.1.0.1", "10.1.0.2"]);
+    let mut affinity = base.clone();
+    affinity.services[0].affinity_timeout = Some(dur(60));
+    let mut nat = base.clone();
+    nat.services[0].mode = ForwardMode::Nat;
+    let mut ranges = base.clone();
+    ranges.services[0].source_ranges = vec!["10.9.0.0/16".parse().unwrap()];
+    let cases = [
+        ("affinity", affinity, DropReason::IcmpNoFlow),
+        ("nat", nat, DropReason::IcmpNoFlow),
+        ("source ranges", ranges, DropReason::SourceNotAllowed),
+    ];
+    for (name, cfg, reason) in cases {
+        let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+        let (v, _) = run(&mut w, &frag_needed_about(client(3)), secs(2));
+        assert_eq!(v, Verdict::Drop(reason), "{name}");
+    }
+    // The base service sends it.
+    let mut w = Worker::new(TableBuilder::new().build(&base).unwrap(), WorkerConfig::single_core(1024));
+    assert_eq!(run(&mut w, &frag_needed_about(client(3)), secs(2)).0, Verdict::Tx);
+}
+
 /// A DSR service with the Drop policy, two round-robin backends and short timeouts; `flows` TCP flows
 /// from clients `0..flows` (port 1000) handshake at 1 s. Returns the worker, the builder's config and
 /// the backend (MAC byte) of each flow.

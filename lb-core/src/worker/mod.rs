@@ -55,8 +55,11 @@
 //!   [`snat_port_owner`]). Replies are sent to `NodeConfig::gateway_mac`.
 //! - ICMP errors follow the flow they quote: to a VIP, to the flow's backend (DSR and tunnels carry
 //!   them unchanged, NAT translates the error and its quote); to a SNAT address, back to the client
-//!   translated. Errors about untracked flows are counted as [`DropReason::IcmpNoFlow`] or
-//!   [`DropReason::NoReverseFlow`]. Other ICMP to a VIP (echo) passes to the kernel.
+//!   translated. An error to a VIP about a flow this core does not track (RSS hands errors to any
+//!   core) still reaches the flow's backend when the service picks from the flow alone (mh, sh, dh,
+//!   hrw, ecmp; DSR or tunnel; no affinity), as Katran does; other errors about untracked flows are
+//!   counted as [`DropReason::IcmpNoFlow`] or [`DropReason::NoReverseFlow`]. Other ICMP to a VIP
+//!   (echo) passes to the kernel.
 //! - [`RemovedBackendPolicy::Drop`]: the first packet of a flow whose backend left turns its entry
 //!   into a [`ConnState::BackendGone`] tombstone, and every packet of that 5-tuple (retransmissions,
 //!   ACKs, a SYN) is dropped as [`DropReason::BackendRemoved`] until the tombstone idles out or, after
@@ -807,10 +810,10 @@ impl Core {
         now: u32,
     ) -> Outcome {
         let key = ConnKey::from_flow(flow);
-        let index = self.conntrack.find(&key, key.hash()).ok_or(DropReason::IcmpNoFlow)?;
-        if !self.conntrack.is_live(index, now) {
-            return Err(DropReason::IcmpNoFlow);
-        }
+        let tracked = self.conntrack.find(&key, key.hash()).filter(|&i| self.conntrack.is_live(i, now));
+        let Some(index) = tracked else {
+            return self.icmp_error_untracked(tables, frame, p, flow);
+        };
         let entry = self.conntrack.get(index).copied().ok_or(DropReason::IcmpNoFlow)?;
         if entry.state == ConnState::BackendGone {
             return Err(DropReason::BackendRemoved);
@@ -820,6 +823,46 @@ impl Core {
         let backend = service.backends.get(bi).ok_or(DropReason::IcmpNoFlow)?;
         let hash = self.flow_hash(flow);
         self.rewrite(tables, frame, p, service.mode, backend, entry.snat_port, Some(hash))?;
+        Ok(Verdict::Tx)
+    }
+
+    /// An ICMP error about a flow this core does not track. RSS spreads errors over the queues by
+    /// the error's own addresses (a router's), not by the flow they quote, so with several queues
+    /// most errors about a flow land on a core that never saw it. When the flow's service picks
+    /// from the flow alone ([`crate::config::SchedulerKind::picks_from_flow_alone`], no ClientIP affinity) in DSR
+    /// or a tunnel mode, every core knows the flow's backend, and the error goes there as Katran
+    /// sends it (the backend's path MTU discovery needs the "fragmentation needed" / "packet too
+    /// big" its replies to the client cause). Nothing is tracked for it. A flow still on a draining
+    /// backend gets its error sent to the backend the scheduler gives new flows instead, which
+    /// ignores an error about a connection it does not have. NAT flows need the tracking core's
+    /// SNAT port, and the other schedulers per-core state: [`DropReason::IcmpNoFlow`].
+    #[inline(never)]
+    fn icmp_error_untracked(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, flow: &FlowKey) -> Outcome {
+        let service = tables.lookup_flow(flow).and_then(|i| tables.service(i)).ok_or(DropReason::IcmpNoFlow)?;
+        if service.mode == ForwardMode::Nat
+            || service.affinity_timeout_secs.is_some()
+            || !service.scheduler.kind().picks_from_flow_alone()
+        {
+            return Err(DropReason::IcmpNoFlow);
+        }
+        if !service.allows(flow.src_ip()) {
+            return Err(DropReason::SourceNotAllowed);
+        }
+        let flow_hash = self.flow_hash(flow);
+        let input = FlowInput {
+            src: flow.src_ip(),
+            dst: flow.dst_ip(),
+            proto: flow.proto(),
+            sport: flow.src_port(),
+            dport: flow.dst_port(),
+            flow_hash,
+            hasher: self.hasher,
+        };
+        // These schedulers read no per-core state: a spare cursor and no connection counts.
+        let mut cursor = 0;
+        let bi = service.scheduler.pick(&input, &service.backends, &mut CoreState::new(&mut cursor));
+        let backend = bi.and_then(|i| service.backends.get(i)).ok_or(DropReason::IcmpNoFlow)?;
+        self.rewrite(tables, frame, p, service.mode, backend, 0, Some(flow_hash))?;
         Ok(Verdict::Tx)
     }
 
