@@ -848,8 +848,9 @@ services:
         let snap = shared.lock().unwrap().to_snapshot();
         assert_eq!((snap.rx, snap.tx), (1, 1));
         let svc = &tables.services()[0];
-        assert_eq!(snap.services[&svc.slot.0].new_flows, 1);
-        let per_backend: u64 = svc.backends.iter().map(|b| snap.backends[&b.id.slot].active_conns).sum();
+        assert_eq!(snap.services[&(svc.slot.0, svc.generation)].new_flows, 1);
+        let per_backend: u64 =
+            svc.backends.iter().map(|b| snap.backends[&(b.id.slot, b.id.generation)].active_conns).sum();
         assert_eq!(per_backend, 1, "one backend holds the new flow");
         assert!(snap.conntrack_entries >= 1 && snap.conntrack_capacity >= 1024);
 

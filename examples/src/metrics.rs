@@ -44,10 +44,10 @@ pub struct CoreSnapshot {
     pub icmp_too_big: u64,
     /// Drops by reason, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
-    /// Service counters by service slot.
-    pub services: HashMap<u32, ServiceCounters>,
-    /// Backend counters by backend slot.
-    pub backends: HashMap<u32, BackendCounters>,
+    /// Service counters by service slot and generation.
+    pub services: HashMap<SlotKey, ServiceCounters>,
+    /// Backend counters by backend slot and generation.
+    pub backends: HashMap<SlotKey, BackendCounters>,
     /// Conntrack entries in use on this core.
     pub conntrack_entries: u64,
     /// Conntrack capacity of this core.
@@ -70,9 +70,9 @@ impl CoreSnapshot {
             ..Default::default()
         };
         for svc in tables.services() {
-            s.services.insert(svc.slot.0, stats.service(svc.slot));
+            s.services.insert((svc.slot.0, svc.generation), stats.service(svc.slot));
             for b in &svc.backends {
-                s.backends.insert(b.id.slot, stats.backend(b.slot()));
+                s.backends.insert((b.id.slot, b.id.generation), stats.backend(b.slot()));
             }
         }
         s
@@ -91,8 +91,8 @@ pub struct CoreCounters {
     ndp_adverts: u64,
     icmp_too_big: u64,
     drops: [u64; DropReason::COUNT],
-    services: Vec<(u32, ServiceCounters)>,
-    backends: Vec<(u32, BackendCounters)>,
+    services: Vec<(SlotKey, ServiceCounters)>,
+    backends: Vec<(SlotKey, BackendCounters)>,
     conntrack_entries: u64,
     conntrack_capacity: u64,
 }
@@ -123,11 +123,11 @@ impl CoreCounters {
         self.backends.clear();
         for s in tables.services() {
             if self.services.len() < self.services.capacity() {
-                self.services.push((s.slot.0, stats.service(s.slot)));
+                self.services.push(((s.slot.0, s.generation), stats.service(s.slot)));
             }
             for b in &s.backends {
                 if self.backends.len() < self.backends.capacity() {
-                    self.backends.push((b.id.slot, stats.backend(b.slot())));
+                    self.backends.push(((b.id.slot, b.id.generation), stats.backend(b.slot())));
                 }
             }
         }
@@ -150,6 +150,13 @@ impl CoreCounters {
         }
     }
 }
+
+/// A service or backend slot with the generation of its holder ([`lb_core::service::BackendRef`],
+/// `Service::generation`): the builder reuses freed slots, and a core still on older tables (between
+/// a publish and its swap, or idle since) reports a slot's former holder's counts under the old
+/// generation, which the live tables never ask for, so a newcomer never shows its predecessor's
+/// counts (nor goes backwards when that core catches up).
+pub type SlotKey = (u32, u32);
 
 /// Per-core counter buffers the poll threads publish into and `/metrics` reads.
 #[derive(Debug, Clone, Default)]
@@ -183,8 +190,8 @@ struct Totals {
     ndp_adverts: u64,
     icmp_too_big: u64,
     drops: [u64; DropReason::COUNT],
-    services: HashMap<u32, ServiceCounters>,
-    backends: HashMap<u32, BackendCounters>,
+    services: HashMap<SlotKey, ServiceCounters>,
+    backends: HashMap<SlotKey, BackendCounters>,
 }
 
 fn sum(cores: &[CoreSnapshot]) -> Totals {
@@ -241,7 +248,7 @@ pub fn state_view(live: &LiveState, cores: &[CoreSnapshot]) -> StateView {
     };
     let Some(tables) = &live.tables else { return view };
     for svc in tables.services() {
-        let sc = totals.services.get(&svc.slot.0).copied().unwrap_or_default();
+        let sc = totals.services.get(&(svc.slot.0, svc.generation)).copied().unwrap_or_default();
         view.services.push(ServiceView {
             name: svc.name.clone(),
             proto: proto_name(svc.key.proto).to_string(),
@@ -258,7 +265,7 @@ pub fn state_view(live: &LiveState, cores: &[CoreSnapshot]) -> StateView {
                 .backends
                 .iter()
                 .map(|b| {
-                    let bc = totals.backends.get(&b.id.slot).copied().unwrap_or_default();
+                    let bc = totals.backends.get(&(b.id.slot, b.id.generation)).copied().unwrap_or_default();
                     let target = Target { service: svc.key, backend: SocketAddr::new(b.addr, b.port) };
                     BackendView {
                         addr: b.addr,
@@ -544,11 +551,11 @@ services:
                 };
                 c.drops[DropReason::NoBackend.index()] = k;
                 c.services.insert(
-                    web.slot.0,
+                    (web.slot.0, web.generation),
                     ServiceCounters { packets: 50 * k, bytes: 5000 * k, new_flows: 5 * k, drops: k },
                 );
                 c.backends.insert(
-                    web.backends[0].id.slot,
+                    (web.backends[0].id.slot, web.backends[0].id.generation),
                     BackendCounters {
                         packets: 40 * k,
                         bytes: 4000,
@@ -592,6 +599,53 @@ services:
             let value = l.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "bad sample {l:?}");
         }
+    }
+
+    /// A UDP datagram from 192.0.2.7:`sport` to 10.0.0.53:53 (checksums are not checked).
+    fn dns_query(sport: u16) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0xc1, 0x08, 0x00];
+        f.extend_from_slice(&[0x45, 0, 0, 36, 0, 0, 0x40, 0, 64, 17, 0, 0, 192, 0, 2, 7, 10, 0, 0, 53]);
+        f.extend_from_slice(&sport.to_be_bytes());
+        f.extend_from_slice(&[0, 53, 0, 16, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+        f
+    }
+
+    /// Backend 10.1.0.9 leaves dns and 10.1.0.8 joins (the builder gives it the freed slot). A
+    /// core still on the old tables (between the control side's publish and that core's swap, or
+    /// whose publish after the swap missed the lock and that has had no traffic since) reports the
+    /// slot with the old backend's counts; `sum` adds them by slot number alone, so the newcomer's
+    /// series shows packets it never got, and falls back when that core catches up (a counter
+    /// going backwards).
+    #[tokio::test]
+    async fn a_reused_backend_slot_does_not_show_its_former_backends_counts() {
+        let before = YAML;
+        let after = YAML.replace("backends: [{ addr: 10.1.0.9 }]", "backends: [{ addr: 10.1.0.8 }]");
+        let mut control = Control::new(RecordingSink::default());
+        let old = control.apply(ControlInput::File(Box::new(parse(before).unwrap()))).unwrap();
+        let new = control.apply(ControlInput::File(Box::new(parse(&after).unwrap()))).unwrap();
+        let dns = |t: &Arc<Tables>| t.services().iter().find(|s| s.name == "dns").unwrap().backends[0].id.slot;
+        let (old_dns, new_dns) = (dns(&old), dns(&new));
+        assert_eq!(old_dns, new_dns, "the slot is reused");
+
+        let core = |tables: &Arc<Tables>, queries: u16| {
+            let mut w = lb_core::Worker::new(tables.clone(), lb_core::WorkerConfig::single_core(1024));
+            for sport in 0..queries {
+                let mut buf = dns_query(40000 + sport);
+                let mut frames = [lb_core::Frame::whole(&mut buf)];
+                let mut verdicts = [lb_core::Verdict::Pass];
+                w.process_burst(&mut frames, lb_core::Instant::from_nanos(1_000_000_000), &mut verdicts);
+                assert_eq!(verdicts[0], lb_core::Verdict::Tx);
+            }
+            CoreSnapshot::from_stats(w.stats(), w.tables(), 0, 1024)
+        };
+        // Core 0 forwarded 5 queries to 10.1.0.9 and still runs the old tables; core 1 runs the new.
+        let cores = [core(&old, 5), core(&new, 0)];
+        let live = control.subscribe().borrow().clone();
+        let text = render(&live, &cores);
+        let newcomer =
+            r#"lb_backend_packets_total{service="dns",proto="udp",vip="10.0.0.53",port="53",backend="10.1.0.8:53"}"#;
+        let line = text.lines().find(|l| l.starts_with(newcomer)).unwrap();
+        assert_eq!(line, format!("{newcomer} 0"), "10.1.0.8 was sent nothing");
     }
 
     #[tokio::test]
