@@ -22,7 +22,9 @@ impl BackendId {
     /// IPv4: `1 << 48 | address << 16 | port`, which is injective, so two IPv4 backends never share an
     /// identity. IPv6: the [`FlowHasher`] algorithm over the address words and port (kind tag 0x0B06,
     /// seed 0); distinct IPv6 backends collide with probability about 2^-64, and a collision is
-    /// reported by builders as [`BuildError::DuplicateBackend`], never silently merged.
+    /// reported by builders as [`BuildError::DuplicateBackend`], never silently merged. Seed 0 is
+    /// public, so addresses can still be crafted to collide (for example, one interface ID zeroes the
+    /// hash state whatever the prefix); only whoever picks the backends' addresses can do that.
     #[must_use]
     pub fn from_socket_addr(addr: SocketAddr) -> Self {
         match addr.ip() {
@@ -113,6 +115,21 @@ mod tests {
         let c = BackendId::from_socket_addr(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), 80));
         assert_ne!(a, b);
         assert_ne!(a, c);
+    }
+
+    /// Version 1 of the flow hash zeroed its state on a second pair word equal to its public constant
+    /// K1, so IPv6 backends with that interface ID and one port shared an identity whatever their
+    /// prefix, and such a configuration was refused as a duplicate.
+    #[test]
+    fn ipv6_identity_keeps_the_prefix_when_the_interface_id_is_the_hash_constant() {
+        const K1: u128 = 0x1319_8a2e_0370_7344; // lb-hash's flow::K1
+        let at = |prefix: u128| SocketAddr::new(Ipv6Addr::from(prefix << 64 | K1).into(), 8080);
+        let backends: Vec<Backend> =
+            [0x2001_0db8_0000_0001, 0x2001_0db8_0000_0002, 0xfd00_0000_0000_0000].map(|p| Backend::at(at(p), 1)).into();
+        assert_ne!(backends[0].id, backends[1].id);
+        assert_ne!(backends[0].id, backends[2].id);
+        assert_ne!(backends[1].id, backends[2].id);
+        assert!(sorted_backends(&backends).is_ok(), "distinct backends refused: {backends:?}");
     }
 
     #[test]

@@ -1,17 +1,17 @@
 //! Flow hashing: a seedable 64-bit hash of a flow key that is the same on every node, architecture
 //! and release, so that load-balancer nodes behind one ECMP router agree on every flow's backend.
 //!
-//! # The algorithm (version 1; a change is a breaking release)
+//! # The algorithm (version 2; a change is a breaking release)
 //!
 //! All arithmetic is on unsigned 64-bit words, wrapping; `fold(a, b)` is the 128-bit product `a * b`
-//! with its high and low 64-bit halves XORed together.
+//! with its high and low 64-bit halves XORed together; `rotl(s, 23)` rotates `s` left by 23 bits.
 //!
 //! ```text
 //! K0 = 0x243f6a8885a308d3  K1 = 0x13198a2e03707344  K2 = 0xa4093822299f31d0  K3 = 0x082efa98ec4e6c89
 //! T  = 0x9e3779b97f4a7c15
 //! s  = seed ^ (kind * T)                      kind: the 16-bit tag of the key kind (table below)
 //! for each pair (a, b) of key words, in order (an odd last word is paired with b = 0):
-//!     s = fold(a ^ s ^ K0, b ^ K1)
+//!     s = fold(a ^ s ^ K0, b ^ rotl(s, 23) ^ K1)
 //! hash = fold(s ^ K2, K3)
 //! ```
 //!
@@ -36,6 +36,20 @@
 //! depend on all input bits, so both `hash % M` (Maglev, low bits) and `hash * n >> 64` (hash-threshold,
 //! high bits) are well spread. It is not a keyed PRF: someone who knows the seed can craft colliding
 //! keys, so keep the seed out of reach when that matters.
+//!
+//! The running state `s` goes into both operands of each product. A product is 0 when either operand
+//! is, and a zero state forgets the seed and every word before it; with `s` in both operands that takes
+//! `a == s ^ K0` or `b == rotl(s, 23) ^ K1`, values that depend on the seed. The second operand takes
+//! `s` rotated, not `s` itself, because the product commutes: with `b ^ s ^ K1` the pairs `(a, b)` and
+//! `(b ^ K0 ^ K1, a ^ K0 ^ K1)` would swap operands and collide under every seed. With the rotation the
+//! swapped pair is `(b ^ d ^ K0 ^ K1, a ^ d ^ K0 ^ K1)`, `d = s ^ rotl(s, 23)`, again seed-dependent
+//! (an odd rotation, so `d` takes 2^63 values, where a 32-bit one would leave 2^32).
+//!
+//! Version 1 computed `s = fold(a ^ s ^ K0, b ^ K1)`: a second pair word equal to the public `K1`
+//! zeroed the state whatever the seed. An IPv6 source with interface ID K1 got a 5-tuple hash that
+//! ignored the seed and its prefix (so it could predict which backend each of its source ports
+//! reaches), a VIP with that interface ID did the same for every client, and IPv6 backends with that
+//! interface ID and one port shared a [`crate::BackendId`].
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -94,10 +108,10 @@ fn hash_words(seed: u64, kind: KeyKind, words: &[u64]) -> u64 {
     let mut s = seed ^ (kind as u64).wrapping_mul(T);
     let mut pairs = words.chunks_exact(2);
     for pair in &mut pairs {
-        s = fold(pair[0] ^ s ^ K0, pair[1] ^ K1);
+        s = fold(pair[0] ^ s ^ K0, pair[1] ^ s.rotate_left(23) ^ K1);
     }
     if let [last] = pairs.remainder() {
-        s = fold(last ^ s ^ K0, K1);
+        s = fold(last ^ s ^ K0, s.rotate_left(23) ^ K1);
     }
     fold(s ^ K2, K3)
 }
@@ -336,7 +350,9 @@ mod tests {
         while i < words.len() {
             let a = words[i];
             let b = words.get(i + 1).copied().unwrap_or(0);
-            s = mul_fold(a ^ s ^ 0x243f_6a88_85a3_08d3, b ^ 0x1319_8a2e_0370_7344);
+            #[expect(clippy::manual_rotate, reason = "spelled out from the text, not with the code's rotate_left")]
+            let rotl23 = s << 23 | s >> 41;
+            s = mul_fold(a ^ s ^ 0x243f_6a88_85a3_08d3, b ^ rotl23 ^ 0x1319_8a2e_0370_7344);
             i += 2;
         }
         mul_fold(s ^ 0xa409_3822_299f_31d0, 0x082e_fa98_ec4e_6c89)
@@ -416,8 +432,79 @@ mod tests {
         assert_ne!(h.source_v4(a), FlowHasher::new(1).source_v4(a));
     }
 
-    /// Known answers, pinned: these must never change, or nodes running different releases would
-    /// send the same flow to different backends during an upgrade.
+    /// Seeds and /64 prefixes for the tests below.
+    const SEEDS: [u64; 4] = [FlowHasher::DEFAULT_SEED, 0, 1, 0xfedc_ba98_7654_3210];
+    const PREFIXES: [u64; 4] =
+        [0x2001_0db8_0000_0000, 0x2001_0db8_0000_0001, 0x2001_0db8_ffff_0000, 0xfd00_0000_0000_0000];
+
+    /// The address `prefix::iid`: high 64 bits `prefix`, interface ID (low 64 bits) `iid`.
+    fn addr(prefix: u64, iid: u64) -> Ipv6Addr {
+        Ipv6Addr::from(u128::from(prefix) << 64 | u128::from(iid))
+    }
+
+    /// Asserts that all `hashes` differ: each is over a different (seed, key), so an equal pair means
+    /// the hash lost the seed or a key word.
+    fn assert_all_differ(what: &str, hashes: &[u64]) {
+        let mut sorted = hashes.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), hashes.len(), "{what}: equal hashes for different seeds or keys: {hashes:#018x?}");
+    }
+
+    /// Version 1 multiplied the second word of a pair by `b ^ K1` alone, so an interface ID equal to the
+    /// public K1 zeroed the state: the hash forgot the seed and the prefix, and a client could predict
+    /// its backend. The state is now in both operands, so the word values that zero it depend on the seed.
+    #[test]
+    fn a_source_interface_id_equal_to_k1_keeps_seed_and_prefix() {
+        let dst = addr(0x2001_0db8_0001_0000, 0x7);
+        let hashes: Vec<u64> = SEEDS
+            .iter()
+            .flat_map(|&seed| {
+                PREFIXES.iter().map(move |&p| FlowHasher::new(seed).five_tuple_v6(addr(p, K1), dst, 6, 40_000, 443))
+            })
+            .collect();
+        assert_all_differ("five_tuple_v6, source ::K1", &hashes);
+        let hashes: Vec<u64> = SEEDS
+            .iter()
+            .flat_map(|&seed| PREFIXES.iter().map(move |&p| FlowHasher::new(seed).source_v6(addr(p, K1))))
+            .collect();
+        assert_all_differ("source_v6, ::K1", &hashes);
+    }
+
+    /// The same for a destination (a VIP) with interface ID K1: in version 1 it zeroed the state for
+    /// every client, so the hash ignored the seed, the client's address and the VIP's prefix.
+    #[test]
+    fn a_destination_interface_id_equal_to_k1_keeps_seed_source_and_prefix() {
+        let sources =
+            [addr(0x2001_0db8_00ff_0000, 0x7), addr(0x2001_0db8_00ff_0000, 0x8), addr(0x2001_0db8_00fe_0000, 0x7)];
+        let mut hashes = Vec::new();
+        for seed in SEEDS {
+            for p in PREFIXES {
+                for src in sources {
+                    hashes.push(FlowHasher::new(seed).five_tuple_v6(src, addr(p, K1), 6, 40_000, 443));
+                }
+            }
+        }
+        assert_all_differ("five_tuple_v6, destination ::K1", &hashes);
+    }
+
+    /// The product commutes, so had both operands taken the state the same way (`a ^ s ^ K0`,
+    /// `b ^ s ^ K1`), the pairs `(a, b)` and `(b ^ K0 ^ K1, a ^ K0 ^ K1)` would collide under every seed.
+    /// The second operand takes the state rotated, which keeps the swap seed-dependent.
+    #[test]
+    fn swapping_the_operands_of_a_pair_is_not_a_seed_independent_collision() {
+        for seed in SEEDS {
+            let h = FlowHasher::new(seed);
+            for (p, iid) in [(PREFIXES[0], 0x7), (PREFIXES[3], K1), (0, 0)] {
+                let swapped = addr(iid ^ K0 ^ K1, p ^ K0 ^ K1);
+                assert_ne!(h.source_v6(addr(p, iid)), h.source_v6(swapped), "seed {seed:#x}, {}", addr(p, iid));
+            }
+        }
+    }
+
+    /// Known answers of version 2, pinned: a change here is a new version and a breaking release, as
+    /// nodes running different releases would send the same flow to different backends during an
+    /// upgrade. The values agree with a separate (Python) implementation of the module comment.
     #[test]
     fn known_answers_are_stable_across_releases() {
         let h = FlowHasher::default();
@@ -442,16 +529,16 @@ mod tests {
     }
 
     const PINNED: [u64; 11] = [
-        0xb192_c0de_ee0c_5d59,
-        0x60e2_97ec_ac8f_7d34,
-        0xccc8_a7e0_a8d9_ad5f,
-        0xfa0e_db10_1dd2_4792,
-        0x3ffe_70f7_9d2d_405b,
-        0xe27f_8a1c_0f99_535f,
-        0x3f4c_54da_6c93_fac9,
-        0x576a_721f_0bef_8559,
-        0x844c_b505_4b64_7ea0,
-        0x34ec_d55b_6a12_231d,
-        0x945a_f24f_0d30_f011,
+        0x8b1f_b3eb_ea0e_1ab4,
+        0xc083_e437_61c7_c9f6,
+        0x8648_6da8_4e48_9303,
+        0xf768_0010_ca73_00c7,
+        0xc049_8ac0_84f4_3c24,
+        0x8a1e_2fe3_df22_0b16,
+        0x2c65_80a3_a12b_2050,
+        0x413f_5059_b2a4_ad9d,
+        0xd613_fe0c_cfcc_db3f,
+        0x0f91_7cc8_0b85_159f,
+        0x231d_ad88_8848_a27d,
     ];
 }
