@@ -353,7 +353,8 @@ impl<S: TablesSink> Control<S> {
     /// Applies one input: build, publish, commit; or reject and keep everything as it was.
     ///
     /// A reloaded file that changes what only a start sets up ([`Settings::restart_needed`]: the
-    /// Kubernetes feed on or off, interfaces, ...) is rejected whole: applying the rest would leave
+    /// Kubernetes feed on or off, interfaces, the SNAT addresses and ports, ...) is rejected whole:
+    /// applying the rest would leave
     /// the instance running something other than the file says (a removed `kubernetes:` section
     /// with the feed still serving the cluster, say).
     pub fn apply(&mut self, input: ControlInput) -> Result<Arc<Tables>, ControlError> {
@@ -1192,6 +1193,48 @@ services:
         let t = control.apply(ControlInput::File(Box::new(weight))).unwrap();
         assert_eq!(t.services().len(), 2, "the cluster's Service is still served");
         assert_eq!(t.services()[0].backends[0].weight, 7);
+    }
+
+    /// A reload that changes the SNAT addresses or port range is rejected whole, naming the fields
+    /// and why: live NAT flows would break. The running tables keep the old SNAT settings, and the
+    /// same file with only what can change applies.
+    #[tokio::test]
+    async fn a_reload_that_changes_snat_needs_a_restart() {
+        let sink = RecordingSink::default();
+        let mut control = Control::new(sink.clone());
+        let live = control.subscribe();
+        let first = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        assert_eq!(first.services()[0].mode, ForwardMode::Nat);
+
+        let reload = |from: &str, to: &str| {
+            let mut s = parse(&GOOD.replace(from, to)).unwrap();
+            s.services[0].config.backends[0].weight = 7;
+            Box::new(s)
+        };
+        let cases = [
+            (reload("snat_v4: 10.0.0.2", "snat_v4: 10.0.0.3"), "node.snat_v4"),
+            (reload("snat_v4: 10.0.0.2", "snat_v4: 10.0.0.2, snat_v6: \"fd00::2\""), "node.snat_v6"),
+            (reload("snat_v4: 10.0.0.2", "snat_v4: 10.0.0.2, snat_ports: [40000, 50000]"), "node.snat_ports"),
+        ];
+        for (file, field) in cases {
+            let err = control.apply(ControlInput::File(file)).unwrap_err();
+            assert!(matches!(err, ControlError::NeedsRestart(ref f) if f.len() == 1), "{err}");
+            assert!(err.to_string().contains(&format!("{field} (NAT flows in progress would break")), "{err}");
+            assert!(err.to_string().contains("restart lb to apply the file"), "{err}");
+        }
+        let all = reload("snat_v4: 10.0.0.2", "snat_v4: 10.0.0.3, snat_v6: \"fd00::3\", snat_ports: [1024, 2047]");
+        let err = control.apply(ControlInput::File(all)).unwrap_err();
+        assert!(matches!(err, ControlError::NeedsRestart(ref f) if f.len() == 3), "{err}");
+        assert_eq!(sink.0.lock().unwrap().len(), 1, "nothing published");
+        {
+            let l = live.borrow();
+            assert!(Arc::ptr_eq(l.tables.as_ref().unwrap(), &first), "the running tables stay");
+            assert_eq!((l.applied, l.rejected), (1, 4));
+        }
+
+        let t = control.apply(ControlInput::File(reload("10.1.0.2", "10.1.0.2"))).unwrap();
+        assert_eq!(t.services()[0].backends[0].weight, 7);
+        assert_eq!((t.node().snat_v4, t.node().snat_ports), (first.node().snat_v4, first.node().snat_ports));
     }
 
     /// A translation refused whole stays the cluster's desired state: other inputs still apply

@@ -143,7 +143,15 @@ pub struct Settings {
 impl Settings {
     /// What differs between `self` (the running file) and `new` that only a restart applies: the
     /// Kubernetes feed on or off and its kubeconfig (the client is built once), the interfaces and
-    /// queues (the poll loops start once), the metrics address (bound once). Empty if none.
+    /// queues (the poll loops start once), the metrics address (bound once), and the SNAT addresses
+    /// and port range. Empty if none.
+    ///
+    /// SNAT settings always need a restart, NAT services or not: a live NAT flow keeps the port it
+    /// was given and is rewritten with the current address, replies to the old address are no
+    /// longer taken for NAT replies, and each poll loop's port share (set up at start, logged for
+    /// the NIC's steering rules) would move, so flows in progress would break. Whether some NAT
+    /// flow is live is not known here (a Service can turn NAT with any cluster update, and flows
+    /// outlive their service), so the rule does not depend on the services.
     pub fn restart_needed(&self, new: &Settings) -> Vec<&'static str> {
         let mut fields = Vec::new();
         match (&self.kubernetes, &new.kubernetes) {
@@ -156,6 +164,16 @@ impl Settings {
         }
         if self.metrics_listen != new.metrics_listen {
             fields.push("metrics.listen");
+        }
+        let (old, node) = (&self.node, &new.node);
+        if old.snat_v4 != node.snat_v4 {
+            fields.push("node.snat_v4 (NAT flows in progress would break)");
+        }
+        if old.snat_v6 != node.snat_v6 {
+            fields.push("node.snat_v6 (NAT flows in progress would break)");
+        }
+        if old.snat_ports != node.snat_ports {
+            fields.push("node.snat_ports (NAT flows in progress would break, and the poll loops' port shares move)");
         }
         fields
     }
