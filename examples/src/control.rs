@@ -93,15 +93,60 @@ pub trait TablesSink: Send {
         Ok(())
     }
 
-    /// Hands `tables` to every worker; an error names the worker that is gone.
+    /// Hands `tables` to every worker, without blocking (it runs on the control loop's runtime);
+    /// an error names the worker that is gone. A worker that has no room yet may get them later,
+    /// through [`TablesSink::deliver_pending`].
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String>;
+
+    /// Whether some worker has not been handed the last published tables yet (it had no room).
+    fn has_pending(&self) -> bool {
+        false
+    }
+
+    /// Hands waiting tables to the workers that now have room, without blocking; an error names
+    /// the worker that is gone. The control loop calls it every [`RETRY_PENDING_EVERY`] while
+    /// [`TablesSink::has_pending`] says so.
+    fn deliver_pending(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
+/// How often the control loop retries handing tables to a worker whose queue was full.
+pub const RETRY_PENDING_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The poll loops' update channels. A loop whose queue is full (stuck, or far behind) must not
+/// block the control loop's runtime, which also runs the Kubernetes feed, the health probes and
+/// `/metrics`; since each publish carries the whole tables, such a loop needs only the newest:
+/// it is kept back for that loop (`UpdateSender::send_latest`, older waiting tables dropped here)
+/// and handed over by a later publish or [`TablesSink::deliver_pending`] once the loop has room.
+/// Retired tables still come back through the channel and are dropped on this side. (A blocking
+/// send moved to another thread would hold a thread per stuck loop and deliver every stale
+/// version first.)
 impl TablesSink for Vec<lb_io::poll::UpdateSender<Arc<Tables>>> {
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
-        for (i, tx) in self.iter().enumerate() {
-            // Bounded channel: blocks only if a loop has 8 unapplied updates, i.e. it is stuck.
-            tx.send(tables.clone()).map_err(|e| format!("worker {i}: {e}"))?;
+        for (i, tx) in self.iter_mut().enumerate() {
+            let waiting = tx.has_pending();
+            let delivery = tx.send_latest(tables.clone()).map_err(|e| format!("worker {i}: {e}"))?;
+            if delivery == lb_io::Delivery::Pending && !waiting {
+                tracing::warn!(
+                    worker = i,
+                    version = tables.version(),
+                    "poll loop has a full queue of unapplied tables (stuck?); the newest wait for it"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn has_pending(&self) -> bool {
+        self.iter().any(lb_io::poll::UpdateSender::has_pending)
+    }
+
+    fn deliver_pending(&mut self) -> Result<(), String> {
+        for (i, tx) in self.iter_mut().enumerate().filter(|(_, tx)| tx.has_pending()) {
+            if tx.retry_pending().map_err(|e| format!("worker {i}: {e}"))? == lb_io::Delivery::Queued {
+                tracing::info!(worker = i, "poll loop has room again; the newest tables are queued for it");
+            }
         }
         Ok(())
     }
@@ -537,12 +582,24 @@ impl<S: TablesSink> Control<S> {
         e
     }
 
-    /// Runs until `inputs` closes, applying inputs and health events as they come.
+    /// Runs until `inputs` closes, applying inputs and health events as they come, and retrying
+    /// tables a worker had no room for every [`RETRY_PENDING_EVERY`] while there are any.
     pub async fn run(mut self, mut inputs: mpsc::Receiver<ControlInput>) {
+        let mut retry = tokio::time::interval(RETRY_PENDING_EVERY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let pending = self.sink.has_pending();
             let input = tokio::select! {
                 i = inputs.recv() => match i { Some(i) => i, None => return },
                 Some(e) = self.health_rx.recv() => ControlInput::Health(e),
+                _ = retry.tick(), if pending => {
+                    if let Err(e) = self.sink.deliver_pending() {
+                        tracing::error!("tables not delivered: {e}");
+                        // What the workers hold is no longer known (as after a failed publish).
+                        self.running = None;
+                    }
+                    continue;
+                }
             };
             // Errors are logged and counted in apply.
             let _ = self.apply(input);
@@ -991,6 +1048,109 @@ services:
         assert_eq!(auto.neighbour.iter().copied().collect::<Vec<_>>(), ["192.0.2.10".parse::<IpAddr>().unwrap()]);
         let all = steering_for(&tables, NeighbourResponder::All);
         assert_eq!(all.neighbour.len(), 2);
+    }
+
+    /// A poll loop's processor that holds each update until the test opens its gate (a stuck
+    /// loop), then reports the version it applied.
+    struct Gated {
+        tables: Arc<Tables>,
+        gate: std::sync::mpsc::Receiver<()>,
+        applied: std::sync::mpsc::Sender<u64>,
+    }
+
+    impl lb_io::BurstProcessor for Gated {
+        type Update = Arc<Tables>;
+
+        fn process_burst(&mut self, _: &mut [lb_core::Frame<'_>], _: lb_core::Instant, _: &mut [lb_core::Verdict]) {}
+
+        fn apply(&mut self, update: Arc<Tables>) -> Arc<Tables> {
+            let _ = self.gate.recv(); // returns at once once the gate's sender is dropped
+            let _ = self.applied.send(update.version());
+            std::mem::replace(&mut self.tables, update)
+        }
+    }
+
+    /// A device that never receives anything and never ends.
+    struct Idle;
+
+    impl lb_io::Device for Idle {
+        fn receive<'a>(&'a mut self, _: &mut [lb_core::Frame<'a>]) -> Result<lb_io::Received, lb_io::DeviceError> {
+            Ok(lb_io::Received::frames(0))
+        }
+        fn settle(&mut self, _: &[Option<lb_io::Span>]) -> Result<usize, lb_io::DeviceError> {
+            Ok(0)
+        }
+        fn flush(&mut self) -> Result<lb_io::FlushProgress, lb_io::DeviceError> {
+            Ok(lb_io::FlushProgress::default())
+        }
+        fn pending_tx(&self) -> usize {
+            0
+        }
+        fn discard_pending(&mut self) -> usize {
+            0
+        }
+    }
+
+    /// A poll loop stuck on an update (its queue full) does not stall the control side: every
+    /// publish returns and the control loop keeps applying inputs; once the loop moves again it
+    /// gets the newest tables, from the control loop's retry alone (no later input), having
+    /// skipped those they replaced while it had no room.
+    #[test]
+    fn a_stuck_poll_loop_does_not_stall_the_control_side_and_gets_the_newest_tables() {
+        use std::sync::mpsc::channel;
+        let bound = std::time::Duration::from_secs(30); // failure bound only; nothing waits for it
+        let settings = parse(GOOD).unwrap();
+        let empty = TableBuilder::new().build(&Config { node: settings.node.clone(), services: vec![] }).unwrap();
+        let (gate_tx, gate) = channel();
+        let (applied, applied_rx) = channel();
+        let (tx, rx) = lb_io::update_channel();
+        let stop = lb_io::StopFlag::new();
+        let poll_loop = lb_io::PollLoop::new(
+            Idle,
+            Gated { tables: empty, gate, applied },
+            rx,
+            stop.clone(),
+            lb_io::LoopConfig::default(),
+        )
+        .spawn("stuck".into(), None)
+        .unwrap();
+
+        let (published_tx, published) = channel();
+        let (inputs_tx, inputs) = mpsc::channel(1);
+        let control_side = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let mut control = Control::new(vec![tx]);
+                // One update for the loop to hold, 8 for its queue, and more: with a blocking send
+                // the tenth publish would wait for the loop.
+                let versions: Vec<u64> = (1..=12)
+                    .map(|w| {
+                        let mut s = parse(GOOD).unwrap();
+                        s.services[0].config.backends[0].weight = w;
+                        control.apply(ControlInput::File(Box::new(s))).unwrap().version()
+                    })
+                    .collect();
+                published_tx.send((versions, control.sink().has_pending())).unwrap();
+                control.run(inputs).await;
+            });
+        });
+        let (versions, pending) = published.recv_timeout(bound).expect("publishing stalled on the stuck loop");
+        assert!(pending, "the newest tables wait for the loop");
+
+        drop(gate_tx);
+        let newest = *versions.last().unwrap();
+        let mut seen = Vec::new();
+        while seen.last() != Some(&newest) {
+            seen.push(applied_rx.recv_timeout(bound).unwrap_or_else(|_| panic!("applied {seen:?} of {versions:?}")));
+        }
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order: {seen:?}");
+        assert!(seen.len() < versions.len(), "the replaced pending tables were skipped: {seen:?}");
+        assert!(seen.iter().all(|v| versions.contains(v)), "only published tables: {seen:?} of {versions:?}");
+
+        drop(inputs_tx);
+        control_side.join().unwrap();
+        stop.stop();
+        poll_loop.join().unwrap().unwrap();
     }
 
     /// A sink that records every publish and then fails the ones `fail_next` asks to, as `lb run`'s

@@ -36,8 +36,8 @@ pub use device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
 pub use memory::{MemoryConfig, MemoryDevice};
 pub use pcap::PcapDevice;
 pub use poll::{
-    LoopConfig, LoopCounters, LoopGone, LoopReport, LoopStats, PollLoop, SpawnError, UpdateReceiver, UpdateSender,
-    pin_to_core, update_channel,
+    Delivery, LoopConfig, LoopCounters, LoopGone, LoopReport, LoopStats, PollLoop, SpawnError, UpdateReceiver,
+    UpdateSender, pin_to_core, update_channel,
 };
 pub use processor::{BurstProcessor, MacRewrite};
 pub use stop::StopFlag;

@@ -120,10 +120,26 @@ impl LoopCounters {
 }
 
 /// The control side's end of a loop's update channel.
+///
+/// [`send`](Self::send) blocks while the loop's queue is full; [`send_latest`](Self::send_latest)
+/// never does: for updates that each replace the whole state (lb-core's tables), it keeps the
+/// newest one back as *pending* while the loop has no room, and [`retry_pending`](Self::retry_pending)
+/// hands it over later. Use one or the other on a sender: `send` does not wait for a pending update.
 #[derive(Debug)]
 pub struct UpdateSender<U> {
     updates: Sender<U>,
     retired: Receiver<U>,
+    /// The newest update offered by `send_latest` that the loop had no room for.
+    pending: Option<U>,
+}
+
+/// Where [`UpdateSender::send_latest`] or [`UpdateSender::retry_pending`] left the newest update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// In the loop's queue (or nothing was pending).
+    Queued,
+    /// Kept back on the control side: the loop's queue is full. Retry once it has room.
+    Pending,
 }
 
 /// The loop's end of the update channel.
@@ -141,9 +157,9 @@ pub struct UpdateReceiver<U> {
 const UPDATE_QUEUE: usize = 8;
 
 /// Room for retired states not yet collected: one more than [`UPDATE_QUEUE`], so the loop never
-/// finds it full. Every [`UpdateSender::send`] collects before it sends; between two collections
-/// the loop can apply at most what was queued at the first (up to `UPDATE_QUEUE`) and the one
-/// update that send adds. With only `UPDATE_QUEUE` slots the ninth was parked, and a parked loop
+/// finds it full. Every [`UpdateSender::send`] (and `send_latest`, `retry_pending`) collects before
+/// it queues; between two collections the loop can apply at most what was queued at the first (up
+/// to `UPDATE_QUEUE`) and the one update that call adds. With only `UPDATE_QUEUE` slots the ninth was parked, and a parked loop
 /// applies nothing until the control side sends again: after a burst of updates the last one
 /// could wait, unapplied, for as long as the configuration stayed unchanged.
 const RETIRED_QUEUE: usize = UPDATE_QUEUE + 1;
@@ -152,7 +168,10 @@ const RETIRED_QUEUE: usize = UPDATE_QUEUE + 1;
 pub fn update_channel<U>() -> (UpdateSender<U>, UpdateReceiver<U>) {
     let (tx, rx) = crossbeam_channel::bounded(UPDATE_QUEUE);
     let (rtx, rrx) = crossbeam_channel::bounded(RETIRED_QUEUE);
-    (UpdateSender { updates: tx, retired: rrx }, UpdateReceiver { updates: rx, retired: rtx, parked: None })
+    (
+        UpdateSender { updates: tx, retired: rrx, pending: None },
+        UpdateReceiver { updates: rx, retired: rtx, parked: None },
+    )
 }
 
 /// The loop has gone (stopped or failed); the update was not delivered.
@@ -166,6 +185,37 @@ impl<U> UpdateSender<U> {
     pub fn send(&self, update: U) -> Result<(), LoopGone> {
         self.collect_retired();
         self.updates.send(update).map_err(|_| LoopGone)
+    }
+
+    /// Hands `update` to the loop without blocking. While the loop's queue is full (a loop stuck
+    /// or far behind), `update` is kept back as the pending update instead, replacing (and dropping,
+    /// here) an older pending one that the loop then never applies: only for updates each of which
+    /// supersedes the ones before. Nothing newer is lost: the pending update goes out with the next
+    /// `send_latest` or [`retry_pending`](Self::retry_pending) that finds room, after everything
+    /// queued before it. Like `send`, collects retired states first (the retired queue's bound holds).
+    pub fn send_latest(&mut self, update: U) -> Result<Delivery, LoopGone> {
+        self.pending = Some(update);
+        self.retry_pending()
+    }
+
+    /// Tries again to queue the pending update, without blocking; [`Delivery::Queued`] when nothing
+    /// is pending any more.
+    pub fn retry_pending(&mut self) -> Result<Delivery, LoopGone> {
+        let Some(update) = self.pending.take() else { return Ok(Delivery::Queued) };
+        self.collect_retired();
+        match self.updates.try_send(update) {
+            Ok(()) => Ok(Delivery::Queued),
+            Err(TrySendError::Full(update)) => {
+                self.pending = Some(update);
+                Ok(Delivery::Pending)
+            }
+            Err(TrySendError::Disconnected(_)) => Err(LoopGone),
+        }
+    }
+
+    /// Whether an update waits for room in the loop's queue.
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_some()
     }
 
     /// Drops retired states sent back by the loop; returns how many.
@@ -560,6 +610,39 @@ mod tests {
             assert_eq!(*p.generation, sent, "the loop applied up to {}, {sent} sent", p.generation);
         }
         assert_eq!(tx.collect_retired(), UPDATE_QUEUE + 1, "every replaced state came back");
+    }
+
+    /// `send_latest` to a loop that does not drain its queue returns at once, keeping only the
+    /// newest update back; once the loop has room, a retry queues it, and the loop ends on it,
+    /// having skipped the ones it replaced while pending.
+    #[test]
+    fn send_latest_to_a_stuck_loop_keeps_the_newest_pending() {
+        let (mut tx, mut rx) = update_channel();
+        let mut p = Tagger { generation: Box::new(0), seen: vec![] };
+        for g in 1..=UPDATE_QUEUE as u32 {
+            assert_eq!(tx.send_latest(Box::new(g)).unwrap(), Delivery::Queued);
+        }
+        let newest = 3 * UPDATE_QUEUE as u32;
+        for g in UPDATE_QUEUE as u32 + 1..=newest {
+            assert_eq!(tx.send_latest(Box::new(g)).unwrap(), Delivery::Pending, "update {g}");
+        }
+        assert!(tx.has_pending());
+        assert_eq!(tx.retry_pending().unwrap(), Delivery::Pending, "the loop has applied nothing yet");
+
+        assert!(rx.poll(&mut p));
+        assert_eq!(tx.retry_pending().unwrap(), Delivery::Queued);
+        assert!(!tx.has_pending());
+        let mut applied = vec![*p.generation];
+        while rx.poll(&mut p) {
+            applied.push(*p.generation);
+        }
+        let mut want: Vec<u32> = (1..=UPDATE_QUEUE as u32).collect();
+        want.push(newest);
+        assert_eq!(applied, want);
+        assert_eq!(tx.collect_retired(), UPDATE_QUEUE, "the rest of the replaced states came back");
+
+        drop(rx);
+        assert!(tx.send_latest(Box::new(0)).is_err(), "a gone loop is reported");
     }
 
     #[test]

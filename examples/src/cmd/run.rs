@@ -137,6 +137,14 @@ impl TablesSink for Workers {
         check_steering_capacity(config, &self.steering_config)
     }
 
+    fn has_pending(&self) -> bool {
+        self.loops.has_pending()
+    }
+
+    fn deliver_pending(&mut self) -> Result<(), String> {
+        self.loops.deliver_pending()
+    }
+
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.loops.publish(tables)?;
         let want = steering_for(tables, self.responder);
