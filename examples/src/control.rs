@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use lb_core::config::{Config, ForwardMode, ServiceKey};
+use lb_core::config::{Config, ForwardMode, NodeConfig, ServiceKey};
 use lb_core::service::{TableBuilder, Tables};
 use lb_io::bpf::xdp::SteeringSet;
 use tokio::sync::{mpsc, watch};
@@ -60,16 +60,7 @@ pub enum NeighbourResponder {
 /// and, as `responder` says, ARP requests and neighbour solicitations for the VIPs and NAT source
 /// addresses. Everything else to those addresses stays with the kernel (see `lb_io::bpf::xdp`).
 pub fn steering_for(tables: &Tables, responder: NeighbourResponder) -> SteeringSet {
-    let services = tables.services();
-    let node = tables.node();
-    let mut set = SteeringSet {
-        services: services.iter().map(|s| (s.key.vip, s.key.port, s.key.proto.number())).collect(),
-        ..SteeringSet::default()
-    };
-    if services.iter().any(|s| s.mode == ForwardMode::Nat) {
-        let snat = [node.snat_v4.map(IpAddr::V4), node.snat_v6.map(IpAddr::V6)];
-        set.snat = snat.into_iter().flatten().map(|a| (a, node.snat_ports)).collect();
-    }
+    let mut set = services_and_replies(tables.services().iter().map(|s| (s.key, s.mode)), tables.node());
     let own: HashSet<IpAddr> = match responder {
         NeighbourResponder::Off => return set,
         NeighbourResponder::All => HashSet::new(),
@@ -82,6 +73,29 @@ pub fn steering_for(tables: &Tables, responder: NeighbourResponder) -> SteeringS
         },
     };
     set.neighbour = lb_core::neighbour::addresses(tables).filter(|a| !own.contains(a)).collect();
+    set
+}
+
+/// What [`steering_for`] gives the tables `config` builds into, less the responder's addresses
+/// (VIPs and SNAT addresses, which the set holds already): for checking, before anything is built,
+/// that the steering fits the XDP program's maps ([`SteeringSet::address_count`]).
+pub fn steering_for_config(config: &Config) -> SteeringSet {
+    services_and_replies(config.services.iter().map(|s| (s.key, s.mode)), &config.node)
+}
+
+/// Each service's (VIP, port, protocol), and the SNAT addresses with the port range when one of
+/// them uses full NAT.
+fn services_and_replies(services: impl Iterator<Item = (ServiceKey, ForwardMode)>, node: &NodeConfig) -> SteeringSet {
+    let mut set = SteeringSet::default();
+    let mut nat = false;
+    for (key, mode) in services {
+        set.services.insert((key.vip, key.port, key.proto.number()));
+        nat |= mode == ForwardMode::Nat;
+    }
+    if nat {
+        let snat = [node.snat_v4.map(IpAddr::V4), node.snat_v6.map(IpAddr::V6)];
+        set.snat = snat.into_iter().flatten().map(|a| (a, node.snat_ports)).collect();
+    }
     set
 }
 
@@ -1027,6 +1041,34 @@ services:
         assert_eq!((all.services, all.snat), (nat.services, nat.snat));
         let dsr_all = steering_for(&build(&yaml("dsr")), NeighbourResponder::All);
         assert_eq!(dsr_all.neighbour.iter().copied().collect::<Vec<_>>(), [vip]);
+    }
+
+    /// The steering checked before a build (`steering_for_config`) is what the built tables steer,
+    /// and the responder's addresses take no entry of their own: what `lb run` counts against the
+    /// maps is what it will write.
+    #[test]
+    fn steering_for_a_configuration_is_what_its_tables_steer() {
+        for mode in ["nat", "dsr"] {
+            let settings = parse(&format!(
+                r#"
+node: {{ local_mac: "02:00:00:00:00:01", gateway_mac: "02:00:00:00:00:fe", snat_v4: 10.0.0.2, snat_v6: "fd00::2" }}
+services:
+  - {{ name: a, vip: 10.0.0.10, port: 80, mode: dsr, backends: [{{ addr: 10.1.0.1, port: 80, mac: "02:aa:bb:cc:dd:ee" }}] }}
+  - {{ name: b, vip: 10.0.0.11, port: 53, protocol: udp, mode: {mode}, backends: [{{ addr: 10.1.0.2, port: 53 }}] }}
+  - {{ name: c, vip: "fd00::10", port: 443, mode: dsr, backends: [{{ addr: "fd01::1", port: 443, mac: "02:aa:bb:cc:dd:ee" }}] }}
+"#
+            ))
+            .unwrap();
+            let config =
+                Config { node: settings.node, services: settings.services.into_iter().map(|s| s.config).collect() };
+            let tables = TableBuilder::new().build(&config).unwrap();
+            let checked = steering_for_config(&config);
+            assert_eq!(checked, steering_for(&tables, NeighbourResponder::Off), "{mode}");
+            let all = steering_for(&tables, NeighbourResponder::All);
+            assert!(!all.neighbour.is_empty());
+            assert_eq!(all.address_count(), checked.address_count(), "{mode}");
+            assert_eq!(checked.address_count(), if mode == "nat" { 5 } else { 3 }, "{mode}");
+        }
     }
 
     #[test]

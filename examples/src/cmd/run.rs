@@ -20,7 +20,9 @@ use std::sync::Arc;
 use lb_core::config::{Config, ForwardMode};
 use lb_core::service::{TableBuilder, Tables};
 use lb_core::worker::{Worker, WorkerConfig, snat_port_share};
-use lb_examples::control::{LbProcessor, NeighbourResponder, TablesSink, run_blocking, steering_for};
+use lb_examples::control::{
+    LbProcessor, NeighbourResponder, TablesSink, run_blocking, steering_for, steering_for_config,
+};
 use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
@@ -108,23 +110,21 @@ fn check_nat_replies(config: &Config, loops: usize, steered: bool) -> Result<(),
 /// and the SNAT addresses when a service uses NAT; the responder's addresses are among these) and
 /// its (VIP, port, protocol) services. Checked before anything is built, because a map update that
 /// fails only after the workers have the new tables leaves them serving what is not steered.
+/// The counts are lb-io's own ([`lb_io::bpf::xdp::SteeringSet::address_count`]) over the set
+/// `publish` will write (`steering_for_config`), so the check cannot drift from the maps.
 fn check_steering_capacity(config: &Config, steering: &SteeringConfig) -> Result<(), String> {
-    let mut addresses: BTreeSet<IpAddr> = config.services.iter().map(|s| s.key.vip).collect();
-    if config.services.iter().any(|s| s.mode == ForwardMode::Nat) {
-        addresses.extend(config.node.snat_v4.map(IpAddr::V4));
-        addresses.extend(config.node.snat_v6.map(IpAddr::V6));
-    }
-    if addresses.len() > steering.max_vips as usize {
+    let want = steering_for_config(config);
+    let addresses = want.address_count();
+    if addresses > steering.max_vips as usize {
         return Err(format!(
-            "{} addresses to steer (VIPs and SNAT addresses), the XDP program holds at most {}",
-            addresses.len(),
+            "{addresses} addresses to steer (VIPs and SNAT addresses), the XDP program holds at most {}",
             steering.max_vips
         ));
     }
-    if config.services.len() > steering.max_services as usize {
+    if want.services.len() > steering.max_services as usize {
         return Err(format!(
             "{} services to steer, the XDP program holds at most {}",
-            config.services.len(),
+            want.services.len(),
             steering.max_services
         ));
     }

@@ -389,6 +389,12 @@ pub struct SteeringSet {
 }
 
 impl SteeringSet {
+    /// How many entries of the address map ([`SteeringConfig::max_vips`]) this set takes: each
+    /// address once, whatever it is steered for.
+    pub fn address_count(&self) -> usize {
+        self.addresses().len()
+    }
+
     /// The address map this set needs.
     fn addresses(&self) -> BTreeMap<IpAddr, AddrEntry> {
         let mut m: BTreeMap<IpAddr, AddrEntry> = BTreeMap::new();
