@@ -348,6 +348,15 @@ pub enum ControlError {
     NeedsRestart(Vec<&'static str>),
 }
 
+/// What a [`Control::build`] is to the input it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// Trying the translation refused earlier; if it fails, another build follows for the input.
+    Trial,
+    /// The build whose outcome stands for the input.
+    Final,
+}
+
 /// The control loop's state.
 pub struct Control<S: TablesSink> {
     builder: TableBuilder,
@@ -449,10 +458,11 @@ impl<S: TablesSink> Control<S> {
         }
         // A translation refused earlier is still the cluster's desired state: every later input
         // tries it first (a file reload may have made room), then, if it still does not fit, what
-        // runs. A new translation replaces it.
+        // runs. A new translation replaces it. The trial is quiet: only the attempt whose outcome
+        // stands logs the Services it leaves out, so each input logs each of them once.
         let mut pending = if kubernetes.is_none() { self.pending_kubernetes.take() } else { None };
         let result = match &pending {
-            Some(p) => match self.build(file.as_ref(), Some(p), down.clone()) {
+            Some(p) => match self.build(file.as_ref(), Some(p), down.clone(), Attempt::Trial) {
                 Ok(tables) => {
                     tracing::info!("the cluster translation refused earlier now applies");
                     self.kubernetes = pending.take().unwrap_or_default();
@@ -460,10 +470,10 @@ impl<S: TablesSink> Control<S> {
                 }
                 Err(e) => {
                     tracing::debug!("the cluster translation refused earlier still does not apply: {e}");
-                    self.build(file.as_ref(), None, down)
+                    self.build(file.as_ref(), None, down, Attempt::Final)
                 }
             },
-            None => self.build(file.as_ref(), kubernetes.as_ref(), down),
+            None => self.build(file.as_ref(), kubernetes.as_ref(), down, Attempt::Final),
         };
         self.pending_kubernetes = pending;
         match result {
@@ -497,11 +507,13 @@ impl<S: TablesSink> Control<S> {
     /// Builds the tables of `file` and `kubernetes` (the running ones where `None`) with `down`
     /// overlaid, and publishes them unless they change nothing; on success commits the running
     /// configuration, the down set, the probes and the live state (the caller commits the inputs).
+    /// Logs the Kubernetes Services left out unless `attempt` is a trial that fails.
     fn build(
         &mut self,
         file: Option<&Settings>,
         kubernetes: Option<&Translation>,
         mut down: HashSet<Target>,
+        attempt: Attempt,
     ) -> Result<Arc<Tables>, ControlError> {
         let (desired, left_out) =
             desired_services(file.unwrap_or(&self.file), kubernetes.unwrap_or(&self.kubernetes), |c| {
@@ -534,6 +546,11 @@ impl<S: TablesSink> Control<S> {
                 .and_then(|()| self.builder.build(&config).map_err(ControlError::from))
                 .and_then(|t| self.sink.publish(&t).map(|()| t).map_err(ControlError::Publish)),
         };
+        if result.is_ok() || attempt == Attempt::Final {
+            for why in &left_out {
+                tracing::warn!("kubernetes service left out: {why}");
+            }
+        }
         match result {
             Ok(tables) => {
                 if changed {
@@ -799,7 +816,7 @@ pub fn run_blocking<S: TablesSink + 'static>(
 /// workers refuse on their own (`servable`: e.g. NAT over several queues whose replies nothing
 /// steers) is left out, so one bad Service cannot block every later cluster update. The file's
 /// services are not checked here: a file the workers refuse is rejected whole by the caller.
-/// Returns the reasons for what was left out.
+/// Returns the reasons for what was left out (the caller logs them).
 fn desired_services(
     file: &Settings,
     k8s: &Translation,
@@ -827,9 +844,6 @@ fn desired_services(
             continue;
         }
         out.push(s.clone());
-    }
-    for why in &left_out {
-        tracing::warn!("kubernetes service left out: {why}");
     }
     (out, left_out)
 }
@@ -1473,6 +1487,73 @@ services:
         let names: Vec<&str> = t.services().iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["default/svc-9000:http", "default/svc-9001:http"]);
         assert_eq!(recorder.0.lock().unwrap().len(), 3);
+    }
+
+    /// A log line buffer for a test's tracing subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        /// Lines logged since the last call that contain `text`.
+        fn take_count(&self, text: &str) -> usize {
+            let lines = String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap();
+            lines.lines().filter(|l| l.contains(text)).count()
+        }
+    }
+
+    /// While a refused translation is pending, each input logs a Service left out once: the trial
+    /// of the pending translation is quiet when it fails, and only the build that stands logs.
+    #[tokio::test]
+    async fn a_pending_translation_logs_what_it_leaves_out_once_per_input() {
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let left_out = "kubernetes service left out: default/bad:http";
+
+        let mut control = Control::new(PickySink { recorder: RecordingSink::default(), max_services: 2 });
+        control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        // A Service lb-core rejects on its own (backends of both families): left out of every build.
+        let mut bad = parse(GOOD).unwrap().services.remove(0);
+        bad.config.name = "default/bad:http".into();
+        bad.config.key.port = 8000;
+        bad.config.backends[1].addr = "fd00::2".parse().unwrap();
+        let cluster = |ports: &[u16]| {
+            let mut services = vec![bad.clone()];
+            for &port in ports {
+                let mut s = parse(GOOD).unwrap().services.remove(0);
+                s.config.name = format!("default/svc-{port}:http");
+                s.config.key.port = port;
+                services.push(s);
+            }
+            Translation { services, ..Translation::default() }
+        };
+        control.apply(ControlInput::Kubernetes(cluster(&[]))).unwrap();
+        assert_eq!(log.take_count(left_out), 1);
+        let err = control.apply(ControlInput::Kubernetes(cluster(&[9000, 9001]))).unwrap_err();
+        assert!(err.to_string().contains("3 services, these workers serve 2"), "{err}");
+        assert_eq!(log.take_count(left_out), 1, "the refused translation's own build");
+
+        let mut weight = parse(GOOD).unwrap();
+        weight.services[0].config.backends[0].weight = 2;
+        let t = control.apply(ControlInput::File(Box::new(weight))).unwrap();
+        assert_eq!((t.services().len(), t.services()[0].backends[0].weight), (1, 2));
+        assert_eq!(log.take_count(left_out), 1, "one input, one warning (the pending one still refused)");
+
+        let no_services = GOOD.split("services:").next().unwrap().to_string() + "services: []\n";
+        let t = control.apply(ControlInput::File(Box::new(parse(&no_services).unwrap()))).unwrap();
+        assert_eq!(t.services().len(), 2, "the pending translation applies");
+        assert_eq!(log.take_count(left_out), 1);
     }
 
     /// An update that changes nothing the workers serve (the same file again) is neither built nor
