@@ -42,6 +42,8 @@ pub struct CoreSnapshot {
     pub ndp_adverts: u64,
     /// Packets too big for the tunnel path answered with ICMP (`node.tunnel_mtu`).
     pub icmp_too_big: u64,
+    /// Tables the worker refused (larger limits than it was built with; it kept serving its own).
+    pub tables_refused: u64,
     /// Drops by reason, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
     /// Service counters by service slot and generation.
@@ -64,6 +66,7 @@ impl CoreSnapshot {
             arp_replies: stats.arp_replies,
             ndp_adverts: stats.ndp_adverts,
             icmp_too_big: stats.icmp_too_big,
+            tables_refused: stats.tables_refused,
             drops: stats.drops,
             conntrack_entries,
             conntrack_capacity,
@@ -90,6 +93,7 @@ pub struct CoreCounters {
     arp_replies: u64,
     ndp_adverts: u64,
     icmp_too_big: u64,
+    tables_refused: u64,
     drops: [u64; DropReason::COUNT],
     services: Vec<(SlotKey, ServiceCounters)>,
     backends: Vec<(SlotKey, BackendCounters)>,
@@ -116,6 +120,7 @@ impl CoreCounters {
         self.arp_replies = stats.arp_replies;
         self.ndp_adverts = stats.ndp_adverts;
         self.icmp_too_big = stats.icmp_too_big;
+        self.tables_refused = stats.tables_refused;
         self.drops = stats.drops;
         self.conntrack_entries = conntrack_entries as u64;
         self.conntrack_capacity = conntrack_capacity as u64;
@@ -142,6 +147,7 @@ impl CoreCounters {
             arp_replies: self.arp_replies,
             ndp_adverts: self.ndp_adverts,
             icmp_too_big: self.icmp_too_big,
+            tables_refused: self.tables_refused,
             drops: self.drops,
             services: self.services.iter().copied().collect(),
             backends: self.backends.iter().copied().collect(),
@@ -189,6 +195,7 @@ struct Totals {
     arp_replies: u64,
     ndp_adverts: u64,
     icmp_too_big: u64,
+    tables_refused: u64,
     drops: [u64; DropReason::COUNT],
     services: HashMap<SlotKey, ServiceCounters>,
     backends: HashMap<SlotKey, BackendCounters>,
@@ -203,6 +210,7 @@ fn sum(cores: &[CoreSnapshot]) -> Totals {
         t.arp_replies += c.arp_replies;
         t.ndp_adverts += c.ndp_adverts;
         t.icmp_too_big += c.icmp_too_big;
+        t.tables_refused += c.tables_refused;
         for (a, b) in t.drops.iter_mut().zip(c.drops) {
             *a += b;
         }
@@ -329,6 +337,11 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
             "lb_icmp_too_big_total",
             "Packets too big for the tunnel path (node.tunnel_mtu) answered with ICMP fragmentation needed / packet too big.",
             totals.icmp_too_big,
+        ),
+        (
+            "lb_tables_refused_total",
+            "Tables a worker refused because their slot limits exceed its own; it kept serving its tables (an embedder's builder mismatch).",
+            totals.tables_refused,
         ),
     ] {
         f.head(name, "counter", help);
@@ -545,6 +558,7 @@ services:
                     arp_replies: 3 * k,
                     ndp_adverts: k,
                     icmp_too_big: 2 * k,
+                    tables_refused: k,
                     conntrack_entries: 10 * k,
                     conntrack_capacity: 1000,
                     ..Default::default()
@@ -581,6 +595,7 @@ services:
             "lb_arp_replies_total 9".into(),
             "lb_ndp_adverts_total 3".into(),
             "lb_icmp_too_big_total 6".into(),
+            "lb_tables_refused_total 3".into(),
             "lb_dropped_packets_total{reason=\"no_backend\"} 3".into(),
             "lb_dropped_packets_total{reason=\"conntrack_full\"} 0".into(),
             "lb_conntrack_entries{core=\"1\"} 20".into(),
