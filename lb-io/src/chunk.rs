@@ -34,7 +34,10 @@ impl ChunkPool {
             position: vec![NOT_LENT; count],
             lent: Vec::with_capacity(MAX_BURST),
             tx_queue: VecDeque::with_capacity(count),
-            headroom,
+            // A headroom past the buffer's end leaves no room for a packet: the buffers lend an
+            // empty slice, and every input frame is counted oversize (a headroom beyond the buffer
+            // found no slice to lend, took nothing from the input, and the loop spun).
+            headroom: headroom.min(size),
         }
     }
 

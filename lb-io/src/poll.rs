@@ -507,6 +507,18 @@ mod tests {
         assert_eq!(r.device.unaccounted_buffers(), 0);
     }
 
+    /// A headroom as large as the buffers leaves no room for a packet: every input frame is counted
+    /// oversize and the input drains (the loop used to find no buffer it could lend, take nothing
+    /// from the input and spin).
+    #[test]
+    fn a_headroom_beyond_the_buffer_drops_every_frame_as_oversize() {
+        let cfg = MemoryConfig { buffer_size: 256, headroom: 512, ..MemoryConfig::default() };
+        let mut r = run(device_with(10, cfg), MacRewrite { src: SRC, dst: DST }, LoopConfig::default());
+        assert_eq!(r.device.oversize_dropped(), 10);
+        assert_eq!(r.stats.rx, 0);
+        assert!(r.device.take_transmitted().is_empty());
+    }
+
     #[test]
     fn slow_transmit_side_is_back_pressure_not_loss() {
         let cfg = MemoryConfig { buffers: 32, tx_per_flush: 3, ..MemoryConfig::default() };
