@@ -785,6 +785,97 @@ mod tests {
         assert_eq!(s.test_run(&v6_with(other6, 6, &ports(80))).unwrap(), kernel);
     }
 
+    /// lb-core's verdict for `frame` under one IPv4 and one IPv6 NAT service whose SNAT addresses are
+    /// `node` and `node6` with ports 40000-40999 (what `steering_for` steers for them).
+    fn lb_core_verdict(node: Ipv4Addr, node6: Ipv6Addr, frame: &[u8]) -> lb_core::Verdict {
+        use lb_core::config::{BackendConfig, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
+        let key = |vip, proto| ServiceKey { vip, port: 80, proto };
+        let backend = |a: IpAddr| BackendConfig { mac: Some([2, 0, 0, 0, 0, 0xbe]), ..BackendConfig::new(a, 80) };
+        let config = Config {
+            node: NodeConfig {
+                snat_v4: Some(node),
+                snat_v6: Some(node6),
+                snat_ports: (40000, 40999),
+                gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]),
+                ..NodeConfig::default()
+            },
+            services: vec![
+                ServiceConfig::new(
+                    "v4",
+                    key(IpAddr::V4(VIP4), Protocol::Tcp),
+                    ForwardMode::Nat,
+                    vec![backend(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1)))],
+                ),
+                ServiceConfig::new(
+                    "v6",
+                    key(IpAddr::V6(VIP6), Protocol::Tcp),
+                    ForwardMode::Nat,
+                    vec![backend(IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1)))],
+                ),
+            ],
+        };
+        let tables = lb_core::service::TableBuilder::new().build(&config).unwrap();
+        let mut w = lb_core::Worker::new(tables, lb_core::WorkerConfig::single_core(1024));
+        let mut buf = frame.to_vec();
+        let mut frames = [lb_core::Frame::whole(&mut buf)];
+        let mut verdicts = [lb_core::Verdict::Pass];
+        w.process_burst(&mut frames, lb_core::Instant::from_nanos(1_000_000_000), &mut verdicts);
+        verdicts[0]
+    }
+
+    /// README: "The SNAT address may be the node's own: the XDP program steers only TCP/UDP to the
+    /// `snat_ports` range (and ICMP errors)". But every ICMP error, every IPv4 fragment and every IPv6
+    /// packet with an extension header to that address is steered, including the node's own traffic
+    /// (a "fragmentation needed" for the node's SSH session, a fragmented DNS answer to the node).
+    /// lb-core drops those (no NAT flow has them), and a frame on an AF_XDP socket cannot go back to
+    /// the kernel: the node's path MTU discovery and fragmented datagrams are black-holed.
+    #[test]
+    fn the_nodes_own_icmp_errors_and_fragments_to_its_snat_address_stay_with_the_kernel() {
+        let Some(mut s) = steering() else { return };
+        let node = Ipv4Addr::new(10, 77, 0, 2);
+        let node6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+        let client = Ipv4Addr::new(198, 51, 100, 7);
+        let client6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
+        s.set_services(
+            [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 80, 6)],
+            [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))],
+        )
+        .unwrap();
+        // The first 28 bytes of a TCP segment the node sent from port 22 (its SSH server) to a
+        // client: a full IPv4 header and 8 bytes of TCP.
+        let mut quote4 = vec![0x45, 0, 0x05, 0xdc, 0, 0, 0x40, 0, 63, 6, 0, 0];
+        quote4.extend_from_slice(&node.octets());
+        quote4.extend_from_slice(&client.octets());
+        quote4.extend_from_slice(&[0, 22, 0xc3, 0x50, 0, 0, 0, 1]);
+        // Type 3 code 4, next-hop MTU 1400.
+        let frag_needed = v4_with(node, 1, 0, &[[3, 4, 0, 0, 0, 0, 0x05, 0x78].as_slice(), &quote4].concat());
+        let mut quote6 = vec![0x60, 0, 0, 0, 0x05, 0x8c, 6, 63];
+        quote6.extend_from_slice(&node6.octets());
+        quote6.extend_from_slice(&client6.octets());
+        quote6.extend_from_slice(&[0, 22, 0xc3, 0x50, 0, 0, 0, 1]);
+        let too_big = v6_with(node6, 58, &[[2, 0, 0, 0, 0, 0, 0x05, 0x78].as_slice(), &quote6].concat());
+        // UDP from the node's DNS server's upstream (port 53) to the node's resolver port 5353.
+        let dns = [0, 53, 0x14, 0xe9, 0x05, 0xc8, 0, 0];
+        let first_fragment = v4_with(node, 17, 0x2000, &[dns.as_slice(), &[0u8; 16]].concat());
+        let later_fragment = v4_with(node, 17, 185, &[0u8; 24]);
+        let v6_fragment = v6_with(node6, 44, &[[17, 0, 0, 1, 0, 0, 0, 1].as_slice(), &dns, &[0u8; 16]].concat());
+        let kernel = XdpAction::Pass;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("fragmentation needed about the node's own TCP (port 22)", frag_needed),
+            ("packet too big about the node's own TCP (port 22)", too_big),
+            ("first IPv4 fragment of a UDP datagram to the node's port 5353", first_fragment),
+            ("later IPv4 fragment to the node", later_fragment),
+            ("IPv6 fragment of a UDP datagram to the node's port 5353", v6_fragment),
+        ];
+        let mut lost = Vec::new();
+        for (name, frame) in cases {
+            if s.test_run(&frame).unwrap() != kernel {
+                lost.push(format!("{name}: steered, and lb-core gives it {:?}", lb_core_verdict(node, node6, &frame)));
+            }
+        }
+        assert!(lost.is_empty(), "the node's own traffic taken from the kernel:\n{}", lost.join("\n"));
+    }
+
     /// The steering rules of the module comment, written plainly over the frame's bytes: whether the
     /// program must send `frame` to the socket under `set`.
     fn model(set: &SteeringSet, frame: &[u8]) -> bool {
