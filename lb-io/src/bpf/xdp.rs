@@ -876,6 +876,45 @@ mod tests {
         assert!(lost.is_empty(), "the node's own traffic taken from the kernel:\n{}", lost.join("\n"));
     }
 
+    /// Frames lb-core parses and serves (`lb_core::packet`: up to two tags, TPIDs 0x8100, 0x88a8 and
+    /// 0x9100; IPv6 AH as an extension header) must reach it: the program reads one 0x8100 tag and
+    /// no AH, so these pass to the kernel, which has no service on the VIP.
+    #[test]
+    fn frames_lb_core_serves_are_steered() {
+        let Some(mut s) = steering() else { return };
+        let node = Ipv4Addr::new(10, 77, 0, 2);
+        let node6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+        s.set_services(
+            [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 80, 6)],
+            [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))],
+        )
+        .unwrap();
+        // A SYN from port 40000 to port 80: a full 20-byte TCP header.
+        let syn = [[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff].as_slice(), &[0u8; 4]].concat();
+        let tag = |mut f: Vec<u8>, tpid: u16, tci: u16| {
+            f.splice(12..12, tpid.to_be_bytes().into_iter().chain(tci.to_be_bytes()));
+            f
+        };
+        let syn4 = v4_with(VIP4, 6, 0x4000, &syn);
+        // An Authentication Header (next header TCP, length 4: 24 bytes) before the TCP header.
+        let ah = [[6, 4, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1].as_slice(), &[0u8; 12]].concat();
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("one 802.1ad tag (0x88a8)", tag(syn4.clone(), 0x88a8, 7)),
+            ("QinQ: 802.1ad outer, 802.1Q inner", tag(tag(syn4.clone(), 0x8100, 42), 0x88a8, 7)),
+            ("two 802.1Q tags", tag(tag(syn4.clone(), 0x8100, 42), 0x8100, 7)),
+            ("IPv6 TCP after an Authentication Header", v6_with(VIP6, 51, &[ah.as_slice(), &syn].concat())),
+        ];
+        let mut missed = Vec::new();
+        for (name, frame) in cases {
+            let core = lb_core_verdict(node, node6, &frame);
+            assert_eq!(core, lb_core::Verdict::Tx, "{name}: lb-core serves it");
+            if s.test_run(&frame).unwrap() != XdpAction::Drop {
+                missed.push(name);
+            }
+        }
+        assert!(missed.is_empty(), "served by lb-core, passed to the kernel by the program: {missed:?}");
+    }
+
     /// The steering rules of the module comment, written plainly over the frame's bytes: whether the
     /// program must send `frame` to the socket under `set`.
     fn model(set: &SteeringSet, frame: &[u8]) -> bool {
