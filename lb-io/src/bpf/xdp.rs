@@ -1076,6 +1076,47 @@ mod tests {
         assert_eq!(s.test_run(&tcp_to(VIP4)).unwrap(), XdpAction::Drop, "the kept one still is");
     }
 
+    /// A `set` that fails part-way (here a map too small for it) has already deleted stale entries
+    /// and written some new ones, but keeps the old set as `current`. The control side then sends
+    /// again ("what they hold is no longer known, so the next update is built and sent even if it
+    /// equals the configuration last known to run"), yet `set` diffs against that stale `current`:
+    /// sending the old set again writes nothing, and the old VIP stays unsteered while the failed
+    /// set's services stay in the map.
+    #[test]
+    fn a_set_after_a_failed_one_steers_exactly_what_it_asks() {
+        let cfg = SteeringConfig {
+            max_vips: 4,
+            max_services: 2,
+            missing_socket: MissingSocket::Drop,
+            ..SteeringConfig::default()
+        };
+        let mut s = match VipSteering::load(cfg) {
+            Ok(s) => s,
+            Err(e) if e.is_refused() => return println!("SKIPPED: bpf(2) refused ({e}); run as root"),
+            Err(e) => panic!("{e}"),
+        };
+        let other = Ipv4Addr::new(10, 77, 0, 101);
+        let tcp_to = |dst, port: u16| {
+            let mut l4 = vec![0, 1];
+            l4.extend_from_slice(&port.to_be_bytes());
+            l4.extend_from_slice(&[0u8; 16]);
+            v4_with(dst, 6, 0, &l4)
+        };
+        s.set_services([(IpAddr::V4(VIP4), 80, 6), (IpAddr::V4(VIP4), 81, 6)], []).unwrap();
+        let three = [(IpAddr::V4(other), 80, 6), (IpAddr::V4(other), 81, 6), (IpAddr::V4(other), 82, 6)];
+        assert!(s.set_services(three, []).is_err(), "three services do not fit a map of two");
+        // The control side sends the running set again.
+        s.set_services([(IpAddr::V4(VIP4), 80, 6), (IpAddr::V4(VIP4), 81, 6)], []).unwrap();
+        let verdicts = [
+            ("VIP4:80, asked for", s.test_run(&tcp_to(VIP4, 80)).unwrap(), XdpAction::Drop),
+            ("VIP4:81, asked for", s.test_run(&tcp_to(VIP4, 81)).unwrap(), XdpAction::Drop),
+            ("the failed set's address", s.test_run(&tcp_to(other, 80)).unwrap(), XdpAction::Pass),
+        ];
+        let wrong: Vec<_> = verdicts.iter().filter(|(_, got, want)| got != want).collect();
+        assert!(wrong.is_empty(), "steered (Drop) or not (Pass), against what was asked: {wrong:?}");
+        assert!(s.has_vip(IpAddr::V4(VIP4)).unwrap(), "the address map holds the VIP");
+    }
+
     #[test]
     fn an_empty_socket_slot_falls_back_to_pass_by_default() {
         let s = match VipSteering::load(SteeringConfig::default()) {
