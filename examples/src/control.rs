@@ -56,9 +56,10 @@ pub enum NeighbourResponder {
 }
 
 /// What the XDP program must steer to the sockets for `tables`: each service's (VIP, port, protocol),
-/// and, when a service uses full NAT, the SNAT addresses with the node's SNAT port range (the replies);
-/// and, as `responder` says, ARP requests and neighbour solicitations for the VIPs and NAT source
-/// addresses. Everything else to those addresses stays with the kernel (see `lb_io::bpf::xdp`).
+/// and, for each family with a full-NAT service, that family's SNAT address with the node's SNAT port
+/// range (the replies; NAT backends are of the VIP's family, as lb-core's neighbour responder counts
+/// them); and, as `responder` says, ARP requests and neighbour solicitations for the VIPs and NAT
+/// source addresses. Everything else to those addresses stays with the kernel (see `lb_io::bpf::xdp`).
 pub fn steering_for(tables: &Tables, responder: NeighbourResponder) -> SteeringSet {
     let mut set = services_and_replies(tables.services().iter().map(|s| (s.key, s.mode)), tables.node());
     let own: HashSet<IpAddr> = match responder {
@@ -83,19 +84,19 @@ pub fn steering_for_config(config: &Config) -> SteeringSet {
     services_and_replies(config.services.iter().map(|s| (s.key, s.mode)), &config.node)
 }
 
-/// Each service's (VIP, port, protocol), and the SNAT addresses with the port range when one of
-/// them uses full NAT.
+/// Each service's (VIP, port, protocol), and for each family with a full-NAT service that family's
+/// SNAT address with the port range (NAT backends are of the VIP's family, as lb-core's neighbour
+/// responder counts them).
 fn services_and_replies(services: impl Iterator<Item = (ServiceKey, ForwardMode)>, node: &NodeConfig) -> SteeringSet {
     let mut set = SteeringSet::default();
-    let mut nat = false;
+    let (mut nat_v4, mut nat_v6) = (false, false);
     for (key, mode) in services {
         set.services.insert((key.vip, key.port, key.proto.number()));
-        nat |= mode == ForwardMode::Nat;
+        let nat = if key.vip.is_ipv6() { &mut nat_v6 } else { &mut nat_v4 };
+        *nat |= mode == ForwardMode::Nat;
     }
-    if nat {
-        let snat = [node.snat_v4.map(IpAddr::V4), node.snat_v6.map(IpAddr::V6)];
-        set.snat = snat.into_iter().flatten().map(|a| (a, node.snat_ports)).collect();
-    }
+    let snat = [node.snat_v4.map(IpAddr::V4).filter(|_| nat_v4), node.snat_v6.map(IpAddr::V6).filter(|_| nat_v6)];
+    set.snat = snat.into_iter().flatten().map(|a| (a, node.snat_ports)).collect();
     set
 }
 
@@ -1040,13 +1041,21 @@ services:
         let vip: IpAddr = "10.0.0.10".parse().unwrap();
         let nat = steering_for(&build(&yaml("nat")), NeighbourResponder::Off);
         assert_eq!(nat.services.iter().copied().collect::<Vec<_>>(), [(vip, 53, 17), (vip, 80, 6)]);
+        // Only the v4 SNAT address: no service of the other family uses NAT.
         let snat: Vec<(IpAddr, (u16, u16))> = nat.snat.iter().map(|(&a, &p)| (a, p)).collect();
-        assert_eq!(snat, [("10.0.0.2".parse().unwrap(), (40000, 50000)), ("fd00::2".parse().unwrap(), (40000, 50000))]);
+        assert_eq!(snat, [("10.0.0.2".parse().unwrap(), (40000, 50000))]);
         assert!(nat.whole.is_empty() && nat.neighbour.is_empty());
         // Without a NAT service the SNAT addresses (perhaps the node's own) are left alone.
         let dsr = steering_for(&build(&yaml("dsr")), NeighbourResponder::Off);
         assert_eq!(dsr.services, nat.services);
         assert!(dsr.snat.is_empty());
+        // An IPv6 NAT service brings the v6 SNAT address alone.
+        let v6 = yaml("dsr").replace(
+            "vip: 10.0.0.10, port: 53, protocol: udp, mode: dsr, backends: [{ addr: 10.1.0.2,",
+            r#"vip: "fd00::10", port: 53, protocol: udp, mode: nat, backends: [{ addr: "fd00:1::2","#,
+        );
+        let v6 = steering_for(&build(&v6), NeighbourResponder::Off);
+        assert_eq!(v6.snat.into_iter().collect::<Vec<_>>(), [("fd00::2".parse().unwrap(), (40000, 50000))]);
 
         // The responder answers for the VIP and the SNAT address of the NAT service's family only.
         let all = steering_for(&build(&yaml("nat")), NeighbourResponder::All);
@@ -1081,7 +1090,8 @@ services:
             let all = steering_for(&tables, NeighbourResponder::All);
             assert!(!all.neighbour.is_empty());
             assert_eq!(all.address_count(), checked.address_count(), "{mode}");
-            assert_eq!(checked.address_count(), if mode == "nat" { 5 } else { 3 }, "{mode}");
+            // With NAT, the v4 SNAT address only: no IPv6 service uses NAT.
+            assert_eq!(checked.address_count(), if mode == "nat" { 4 } else { 3 }, "{mode}");
         }
     }
 

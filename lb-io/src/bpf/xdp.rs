@@ -4,18 +4,29 @@
 //! For each frame: parse Ethernet (with at most one 802.1Q tag) and IPv4 / IPv6, look the destination
 //! address up in the address map (16-byte keys; IPv4 as `::ffff:a.b.c.d`). No entry: `XDP_PASS`. An
 //! entry says what of that address's traffic the load balancer wants:
-//! - **services** (a VIP): TCP and UDP frames whose (address, destination port, protocol) is in the
-//!   service map;
-//! - **SNAT port range** (a full-NAT source address, which may be the node's own): TCP and UDP frames to a
-//!   port in the range, the replies of NAT flows;
 //! - **whole address**: every frame (tests and benchmarks);
+//! - **services** (a VIP): TCP and UDP frames whose (address, destination port, protocol) is in the
+//!   service map, or whose port is in the entry's SNAT range if it has one (a VIP that is also a
+//!   SNAT address); ICMP errors (IPv4 types 3, 11, 12; ICMPv6 types below 128), which lb-core
+//!   translates for the flow they quote; IPv4 fragments and IPv6 extension headers (0, 43, 44, 60),
+//!   which lb-core parses or counts; frames too short for their L4 header, which lb-core counts;
+//! - **SNAT port range** alone (a full-NAT source address, which may be the node's own): only what
+//!   lb-core can map to a NAT flow, so the node's own traffic to the address stays with the kernel:
+//!   - TCP and UDP frames to a port in the range (the replies of NAT flows), or too short for their
+//!     ports; in IPv6, after up to four extension headers: hop-by-hop options (first only), routing,
+//!     destination options, and a Fragment header that makes no fragment (offset 0, M clear);
+//!   - ICMP errors (IPv4 types 3, 11, 12; ICMPv6 types 1 to 4, the ones lb-core maps) whose quoted
+//!     packet is one a NAT flow sent: TCP or UDP from the address itself and a port in the range, not
+//!     a later fragment (in IPv6 behind up to four extension headers, as above);
+//!   - no fragment, IPv4 or IPv6: lb-core drops every one, so a fragmented datagram to the node
+//!     reaches the kernel whole. What is lost: a NAT reply (or an error's quote) behind more than four
+//!     extension headers passes to the kernel, which drops it, where lb-core would translate it;
+//! - **neighbour** alone: no IP frame (only the neighbour discovery below).
 //!
-//! and for services and SNAT addresses also: ICMP errors (IPv4 types 3, 11, 12; ICMPv6 types below 128),
-//! which lb-core translates for the flow they quote; IPv4 fragments and IPv6 extension headers (0, 43,
-//! 44, 60), which lb-core parses or counts; frames too short for their L4 header, which lb-core counts.
 //! Everything else to those addresses (ping, SSH to a node address used for SNAT, a port no service
-//! has) passes to the kernel, so it is answered or refused there instead of being dropped in userspace.
-//! Steered frames go to the XSKMAP slot of their RX queue (`bpf_redirect_map`).
+//! has, an ICMP error about the node's own connection) passes to the kernel, so it is answered or
+//! refused there instead of being dropped in userspace. Steered frames go to the XSKMAP slot of their
+//! RX queue (`bpf_redirect_map`).
 //!
 //! **Neighbour discovery** for addresses whose entry has the neighbour flag (the addresses lb-core's
 //! ARP / NDP responder answers for, `lb_core::neighbour`), whatever else the entry steers:
@@ -33,7 +44,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 
-use super::asm::{Asm, Cond, Reg, Size};
+use super::asm::{Asm, Cond, Label, Reg, Size};
 use super::{AttachMode, BpfError, Link, MAP_TYPE_HASH, MAP_TYPE_XSKMAP, Map, Program};
 
 /// XDP verdicts (enum xdp_action).
@@ -162,11 +173,21 @@ const ENTRY_FLAGS: i16 = -32;
 const ENTRY_FIRST_PORT: i16 = -28;
 const ENTRY_LAST_PORT: i16 = -26;
 
+/// r9's low 16 bits: nonzero when a frame to a service address goes to userspace whatever its port
+/// (the IPv4 fragment bits, or 1 for a bad header length or an IPv6 extension header).
+const R9_ALWAYS: i32 = 0xffff;
+/// r9's bit for an IPv6 frame.
+const R9_V6: i32 = 0x1_0000;
+
+/// Most IPv6 extension headers walked before the transport header of a frame to a SNAT address, and
+/// again in the packet an ICMPv6 error to it quotes (each step costs the verifier a branch per kind).
+const EXTENSION_STEPS: usize = 4;
+
 /// Builds the program text with `addrs`, `services` and `xsks` as the map descriptors.
 ///
 /// Registers across the lookups: r6 = ctx, r7 = the L4 header (a packet pointer), r8 = the L4
-/// protocol, r9 = 1 if the frame goes to userspace whatever its port (IPv4 fragment or bad header
-/// length, IPv6 extension header).
+/// protocol, r9 = [`R9_V6`] for IPv6 and, in [`R9_ALWAYS`], whether a frame to a service address goes
+/// to userspace whatever its port (IPv4 fragment or bad header length, IPv6 extension header).
 pub fn steering_program(
     addrs: i32,
     services: i32,
@@ -185,6 +206,15 @@ pub fn steering_program(
     let lookup = a.new_label();
     let icmp4 = a.new_label();
     let icmp6 = a.new_label();
+    let services_rules = a.new_label();
+    let snat_rules = a.new_label();
+    let snat6 = a.new_label();
+    let snat6_l4 = a.new_label();
+    let snat_icmp4 = a.new_label();
+    let snat_icmp6 = a.new_label();
+    let quote_l4 = a.new_label();
+    let quote_port = a.new_label();
+    let snat_icmp4_quote = a.new_label();
     let ports = a.new_label();
     let service = a.new_label();
     let v4 = [a.new_label(), a.new_label()];
@@ -282,15 +312,17 @@ pub fn steering_program(
             .store(Size::DW, R10, KEY + 8, R5)
             .mov(R7, R2)
             .add_imm(R7, i32::from(l3) + 40)
-            .mov_imm(R9, 0);
+            .mov_imm(R9, R9_V6);
         for ext in [0, 43, 44, 60] {
             a.jmp_imm(Cond::Eq, R8, ext, v6_extension[i]);
         }
         a.ja(lookup);
-        a.bind(v6_extension[i]).mov_imm(R9, 1).ja(lookup);
+        a.bind(v6_extension[i]).mov_imm(R9, R9_V6 | 1).ja(lookup);
     }
 
-    // An address the load balancer wants something of? Keep its entry on the stack.
+    // An address the load balancer wants something of? Keep its entry on the stack, and sort by what
+    // it steers: everything; a service address's rules; a SNAT address's; nothing but neighbour
+    // discovery (already steered above), so every IP frame to it passes.
     a.bind(lookup).ld_map_fd(R1, addrs).mov(R2, R10).add_imm(R2, i32::from(KEY)).call(HELPER_MAP_LOOKUP_ELEM);
     a.jmp_imm(Cond::Eq, R0, 0, pass);
     a.load(Size::W, R1, R0, 0)
@@ -299,11 +331,16 @@ pub fn steering_program(
         .store(Size::H, R10, ENTRY_FIRST_PORT, R2)
         .load(Size::H, R2, R0, 6)
         .store(Size::H, R10, ENTRY_LAST_PORT, R2);
-    a.and_imm(R1, STEER_WHOLE as i32).jmp_imm(Cond::Ne, R1, 0, redirect);
-    a.jmp_imm(Cond::Ne, R9, 0, redirect);
     // data_end again (the helper call clobbered r3).
-    a.load(Size::W, R3, R6, XDP_MD_DATA_END)
-        .jmp_imm(Cond::Eq, R8, 6, ports)
+    a.load(Size::W, R3, R6, XDP_MD_DATA_END);
+    a.mov(R2, R1).and_imm(R2, STEER_WHOLE as i32).jmp_imm(Cond::Ne, R2, 0, redirect);
+    a.mov(R2, R1).and_imm(R2, STEER_SERVICES as i32).jmp_imm(Cond::Ne, R2, 0, services_rules);
+    a.mov(R2, R1).and_imm(R2, STEER_SNAT as i32).jmp_imm(Cond::Ne, R2, 0, snat_rules);
+    a.ja(pass);
+
+    // A service address (perhaps also a SNAT address): fragments, extension headers, ICMP errors.
+    a.bind(services_rules).mov(R1, R9).and_imm(R1, R9_ALWAYS).jmp_imm(Cond::Ne, R1, 0, redirect);
+    a.jmp_imm(Cond::Eq, R8, 6, ports)
         .jmp_imm(Cond::Eq, R8, 17, ports)
         .jmp_imm(Cond::Eq, R8, 1, icmp4)
         .jmp_imm(Cond::Eq, R8, 58, icmp6)
@@ -320,6 +357,78 @@ pub fn steering_program(
     // ICMPv6: types below 128 are errors.
     a.bind(icmp6).mov(R4, R7).add_imm(R4, 1).jmp(Cond::Gt, R4, R3, redirect);
     a.load(Size::B, R4, R7, 0).jmp_imm(Cond::Lt, R4, 128, redirect).ja(pass);
+
+    // Only a SNAT address (perhaps the node's own): NAT replies and ICMP errors about NAT flows. An
+    // IPv4 fragment (or a bad header length) stays with the kernel: lb-core drops every fragment.
+    a.bind(snat_rules).mov(R1, R9).and_imm(R1, R9_V6).jmp_imm(Cond::Ne, R1, 0, snat6);
+    a.jmp_imm(Cond::Ne, R9, 0, pass)
+        .jmp_imm(Cond::Eq, R8, 6, ports)
+        .jmp_imm(Cond::Eq, R8, 17, ports)
+        .jmp_imm(Cond::Eq, R8, 1, snat_icmp4)
+        .ja(pass);
+    // IPv6: past the extension headers lb-core parses, to the transport header.
+    a.bind(snat6);
+    walk_extensions(&mut a, false, snat6_l4, redirect, pass);
+    a.bind(snat6_l4)
+        .jmp_imm(Cond::Eq, R8, 6, ports)
+        .jmp_imm(Cond::Eq, R8, 17, ports)
+        .jmp_imm(Cond::Eq, R8, 58, snat_icmp6)
+        .ja(pass);
+
+    // An ICMP error about a NAT flow quotes a packet the node sent: from the SNAT address (the key on
+    // the stack) and a port of its range, TCP or UDP, to a backend. lb-core finds the flow by that
+    // port (a quoted later fragment has none); anything else to the address is the kernel's.
+    // IPv4: types 3, 11, 12; the quoted header (version 4, IHL at least 5) and 8 bytes after it.
+    a.bind(snat_icmp4).mov(R4, R7).add_imm(R4, 8 + 20).jmp(Cond::Gt, R4, R3, pass);
+    a.load(Size::B, R4, R7, 0)
+        .jmp_imm(Cond::Eq, R4, 3, snat_icmp4_quote)
+        .jmp_imm(Cond::Eq, R4, 11, snat_icmp4_quote)
+        .jmp_imm(Cond::Ne, R4, 12, pass);
+    a.bind(snat_icmp4_quote)
+        .load(Size::B, R5, R7, 8)
+        .mov(R4, R5)
+        .and_imm(R4, 0xf0)
+        .jmp_imm(Cond::Ne, R4, 0x40, pass)
+        .and_imm(R5, 0xf)
+        .lsh_imm(R5, 2)
+        .jmp_imm(Cond::Lt, R5, 20, pass)
+        .load(Size::H, R4, R7, 8 + 6)
+        .and_imm(R4, i32::from(u16::from_ne_bytes([0x1f, 0xff])))
+        .jmp_imm(Cond::Ne, R4, 0, pass)
+        .load(Size::W, R4, R7, 8 + 12)
+        .load(Size::W, R1, R10, KEY + 12)
+        .jmp(Cond::Ne, R4, R1, pass)
+        .load(Size::B, R8, R7, 8 + 9)
+        .add(R7, R5)
+        .add_imm(R7, 8)
+        .ja(quote_l4);
+    // IPv6: types 1 to 4; the quoted fixed header (version 6) and its extension headers.
+    a.bind(snat_icmp6).mov(R4, R7).add_imm(R4, 8 + 40).jmp(Cond::Gt, R4, R3, pass);
+    a.load(Size::B, R4, R7, 0)
+        .jmp_imm(Cond::Eq, R4, 0, pass)
+        .jmp_imm(Cond::Gt, R4, 4, pass)
+        .load(Size::B, R4, R7, 8)
+        .and_imm(R4, 0xf0)
+        .jmp_imm(Cond::Ne, R4, 0x60, pass)
+        .load(Size::DW, R4, R7, 8 + 8)
+        .load(Size::DW, R1, R10, KEY)
+        .jmp(Cond::Ne, R4, R1, pass)
+        .load(Size::DW, R4, R7, 8 + 16)
+        .load(Size::DW, R1, R10, KEY + 8)
+        .jmp(Cond::Ne, R4, R1, pass)
+        .load(Size::B, R8, R7, 8 + 6)
+        .add_imm(R7, 8 + 40);
+    walk_extensions(&mut a, true, quote_l4, pass, pass);
+    // The quoted transport header: TCP or UDP with its source port in the range.
+    a.bind(quote_l4).jmp_imm(Cond::Eq, R8, 6, quote_port).jmp_imm(Cond::Ne, R8, 17, pass);
+    a.bind(quote_port).mov(R4, R7).add_imm(R4, 8).jmp(Cond::Gt, R4, R3, pass);
+    a.load(Size::H, R5, R7, 0)
+        .be16(R5)
+        .load(Size::H, R1, R10, ENTRY_FIRST_PORT)
+        .jmp(Cond::Lt, R5, R1, pass)
+        .load(Size::H, R1, R10, ENTRY_LAST_PORT)
+        .jmp(Cond::Gt, R5, R1, pass)
+        .ja(redirect);
 
     // TCP / UDP: r4 = the destination port as on the wire.
     a.bind(ports).mov(R4, R7).add_imm(R4, 4).jmp(Cond::Gt, R4, R3, redirect);
@@ -371,6 +480,40 @@ pub fn steering_program(
 
     a.bind(pass).ret(XDP_PASS);
     Ok(a.finish()?)
+}
+
+/// Emits a walk over the IPv6 extension headers lb-core parses (`lb_core::packet`), from the header
+/// r7 points at, of type r8: hop-by-hop options (first only), routing and destination options are
+/// stepped over by their length, a Fragment header by its 8 bytes when its offset is 0 and, unless in
+/// a `quote`, no more fragments follow (lb-core drops fragments; a quote's first fragment has its
+/// ports). Jumps to `done` with r7 and r8 at the first other header (or an extension header after
+/// [`EXTENSION_STEPS`]), to `pass` at a fragment, to `short` at a header the frame cuts. Uses r4 and
+/// r5; r3 is data_end.
+fn walk_extensions(a: &mut Asm, quote: bool, done: Label, short: Label, pass: Label) {
+    use Reg::*;
+    let fragment_bits = if quote { [0xff, 0xf8] } else { [0xff, 0xf9] };
+    for step in 0..EXTENSION_STEPS {
+        let (options, fragment, next) = (a.new_label(), a.new_label(), a.new_label());
+        if step == 0 {
+            a.jmp_imm(Cond::Eq, R8, 0, options);
+        }
+        a.jmp_imm(Cond::Eq, R8, 43, options)
+            .jmp_imm(Cond::Eq, R8, 60, options)
+            .jmp_imm(Cond::Eq, R8, 44, fragment)
+            .ja(done);
+        // Next header in byte 0, length in 8-byte units past the first 8 in byte 1.
+        a.bind(options).mov(R4, R7).add_imm(R4, 8).jmp(Cond::Gt, R4, R3, short);
+        a.load(Size::B, R5, R7, 1).add_imm(R5, 1).lsh_imm(R5, 3).load(Size::B, R8, R7, 0).add(R7, R5).ja(next);
+        // Bytes 2-3 loaded as one u16: the 13-bit offset and the M bit.
+        a.bind(fragment).mov(R4, R7).add_imm(R4, 8).jmp(Cond::Gt, R4, R3, short);
+        a.load(Size::H, R4, R7, 2)
+            .and_imm(R4, i32::from(u16::from_ne_bytes(fragment_bits)))
+            .jmp_imm(Cond::Ne, R4, 0, pass)
+            .load(Size::B, R8, R7, 0)
+            .add_imm(R7, 8);
+        a.bind(next);
+    }
+    a.ja(done);
 }
 
 /// What the steering program sends to the sockets; everything else to these addresses, and all
@@ -678,6 +821,55 @@ mod tests {
         vec![kind, 0, 0, 0, 0, 0, 0, 0]
     }
 
+    /// What an ICMP error quotes of an IPv4 packet of protocol `proto` from `src`:`sport` to
+    /// 10.1.0.1:80 with the flags/offset field `frag` and an `ihl`-word header: the header and 8 bytes.
+    fn quote4(src: Ipv4Addr, proto: u8, sport: u16, frag: u16, ihl: u8) -> Vec<u8> {
+        let mut q = vec![0x40 | ihl, 0, 0x05, 0xdc, 0, 0];
+        q.extend_from_slice(&frag.to_be_bytes());
+        q.extend_from_slice(&[63, proto, 0, 0]);
+        q.extend_from_slice(&src.octets());
+        q.extend_from_slice(&[10, 1, 0, 1]);
+        q.resize(q.len() + usize::from(ihl.saturating_sub(5)) * 4, 0);
+        q.extend_from_slice(&sport.to_be_bytes());
+        q.extend_from_slice(&[0, 80, 0, 0, 0, 1]);
+        q
+    }
+
+    /// What an ICMPv6 error quotes of an IPv6 packet of protocol `proto` from `src`:`sport` to
+    /// [fd00:1::1]:80 behind the extension headers `exts` (see [`extensions`]): all of it.
+    fn quote6(src: Ipv6Addr, exts: &[(u8, u16)], proto: u8, sport: u16) -> Vec<u8> {
+        let transport = [sport.to_be_bytes().as_slice(), &[0, 80, 0, 0, 0, 1]].concat();
+        let (first, payload) = extensions(exts, proto, &transport);
+        let mut q = vec![0x60, 0, 0, 0];
+        q.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        q.extend_from_slice(&[first, 63]);
+        q.extend_from_slice(&src.octets());
+        q.extend_from_slice(&Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1).octets());
+        q.extend_from_slice(&payload);
+        q
+    }
+
+    /// `l4` (of protocol `proto`) behind the IPv6 extension headers `exts`, each a type and, for a
+    /// Fragment header (44), its offset / M field: options headers 8 bytes long, every second one 16;
+    /// an Authentication Header (51) 24. Returns the first header's type and the bytes.
+    fn extensions(exts: &[(u8, u16)], proto: u8, l4: &[u8]) -> (u8, Vec<u8>) {
+        let mut bytes = Vec::new();
+        for (i, &(kind, field)) in exts.iter().enumerate() {
+            let next = exts.get(i + 1).map_or(proto, |e| e.0);
+            match kind {
+                44 => bytes.extend_from_slice(&[[next, 0].as_slice(), &field.to_be_bytes(), &[0, 0, 0, 1]].concat()),
+                51 => bytes.extend_from_slice(&[[next, 4, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1].as_slice(), &[0; 12]].concat()),
+                _ => {
+                    let units = (i % 2) as u8;
+                    bytes.extend_from_slice(&[next, units]);
+                    bytes.resize(bytes.len() + 6 + 8 * usize::from(units), 0);
+                }
+            }
+        }
+        bytes.extend_from_slice(l4);
+        (exts.first().map_or(proto, |e| e.0), bytes)
+    }
+
     #[test]
     fn steers_service_ports_snat_replies_and_icmp_errors_and_passes_the_rest() {
         let Some(mut s) = steering() else { return };
@@ -713,7 +905,11 @@ mod tests {
             ("SSH to the node address used for SNAT", v4_with(node, 6, 0, &ports(22)), kernel),
             ("just past the range", v4_with(node, 6, 0, &ports(41000)), kernel),
             ("ping to the node", v4_with(node, 1, 0, &icmp(8)), kernel),
-            ("an ICMP error about a NAT flow", v4_with(node, 1, 0, &icmp(3)), steered),
+            (
+                "an ICMP error about a NAT flow",
+                v4_with(node, 1, 0, &[icmp(3), quote4(node, 6, 40500, 0, 5)].concat()),
+                steered,
+            ),
             ("TCP to an IPv6 service", v6_with(VIP6, 6, &ports(443)), steered),
             ("TCP to the IPv6 VIP on another port", v6_with(VIP6, 6, &ports(80)), kernel),
             ("ICMPv6 echo to the VIP", v6_with(VIP6, 58, &icmp(128)), kernel),
@@ -739,6 +935,107 @@ mod tests {
         s.remove_vip(IpAddr::V4(VIP4)).unwrap();
         assert_eq!(s.test_run(&v4_with(VIP4, 1, 0, &icmp(8))).unwrap(), kernel);
         assert_eq!(s.test_run(&v4_with(VIP4, 17, 0, &ports(53))).unwrap(), steered);
+    }
+
+    /// To an address that is only a SNAT address (perhaps the node's own), exactly what lb-core can
+    /// map to a NAT flow: replies to a port of the range (IPv6 ones after extension headers too) and
+    /// ICMP errors quoting a packet sent from the address and such a port; no fragment.
+    #[test]
+    fn steers_to_a_snat_address_only_replies_and_errors_of_nat_flows() {
+        let Some(mut s) = steering() else { return };
+        let node = Ipv4Addr::new(10, 77, 0, 2);
+        let node6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+        s.set_services(
+            [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 80, 6)],
+            [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))],
+        )
+        .unwrap();
+        let steered = XdpAction::Drop;
+        let kernel = XdpAction::Pass;
+        let error4 = |kind: u8, quote: Vec<u8>| v4_with(node, 1, 0, &[icmp(kind), quote].concat());
+        let error6 = |kind: u8, quote: Vec<u8>| v6_with(node6, 58, &[icmp(kind), quote].concat());
+        let behind = |exts: &[(u8, u16)], proto: u8, l4: &[u8]| {
+            let (first, bytes) = extensions(exts, proto, l4);
+            v6_with(node6, first, &bytes)
+        };
+        let quote_options = quote4(node, 17, 40500, 0, 6);
+        let client = Ipv4Addr::new(198, 51, 100, 7);
+        let cases: Vec<(&str, Vec<u8>, XdpAction)> = vec![
+            ("fragmentation needed about a NAT flow", error4(3, quote4(node, 6, 40000, 0x4000, 5)), steered),
+            ("time exceeded about a NAT flow (UDP)", error4(11, quote4(node, 17, 40999, 0, 5)), steered),
+            ("parameter problem about a NAT flow", error4(12, quote4(node, 6, 40500, 0, 5)), steered),
+            ("an error quoting a header with options", error4(3, quote_options), steered),
+            ("an error quoting a first fragment", error4(3, quote4(node, 17, 40500, 0x2000, 5)), steered),
+            ("an error quoting a later fragment", error4(3, quote4(node, 17, 40500, 0x2001, 5)), kernel),
+            ("an error about the node's own port 22", error4(3, quote4(node, 6, 22, 0, 5)), kernel),
+            ("an error about a port past the range", error4(3, quote4(node, 6, 41000, 0, 5)), kernel),
+            ("an error quoting another source", error4(3, quote4(client, 6, 40500, 0, 5)), kernel),
+            ("an error quoting ICMP", error4(3, quote4(node, 1, 40500, 0, 5)), kernel),
+            ("an error whose quote is cut", error4(3, quote4(node, 6, 40500, 0, 5)[..26].to_vec()), kernel),
+            ("an error quoting a header length below 20", error4(3, quote4(node, 6, 40500, 0, 4)), kernel),
+            ("a source quench (type 4)", error4(4, quote4(node, 6, 40500, 0, 5)), kernel),
+            ("an IPv4 fragment of a NAT reply", v4_with(node, 6, 0x2000, &ports(40500)), kernel),
+            ("packet too big about a NAT flow", error6(2, quote6(node6, &[], 6, 40500)), steered),
+            ("unreachable about a NAT flow (UDP)", error6(1, quote6(node6, &[], 17, 40000)), steered),
+            ("an error quoting extension headers", error6(3, quote6(node6, &[(0, 0), (60, 0)], 6, 40500)), steered),
+            ("an error quoting a first fragment", error6(4, quote6(node6, &[(44, 1)], 17, 40500)), steered),
+            ("an error quoting a later fragment", error6(4, quote6(node6, &[(44, 8)], 17, 40500)), kernel),
+            ("an error about the node's own port 22", error6(2, quote6(node6, &[], 6, 22)), kernel),
+            ("an error quoting another source", error6(2, quote6(VIP6, &[], 6, 40500)), kernel),
+            ("an ICMPv6 type 5 (no error lb-core knows)", error6(5, quote6(node6, &[], 6, 40500)), kernel),
+            ("ICMPv6 echo to the node", v6_with(node6, 58, &icmp(128)), kernel),
+            ("a NAT reply after hop-by-hop options", behind(&[(0, 0)], 6, &ports(40500)), steered),
+            (
+                "a NAT reply after four extension headers",
+                behind(&[(0, 0), (60, 0), (43, 0), (44, 0)], 17, &ports(40500)),
+                steered,
+            ),
+            (
+                "a NAT reply after five",
+                behind(&[(0, 0), (60, 0), (43, 0), (44, 0), (60, 0)], 17, &ports(40500)),
+                kernel,
+            ),
+            ("SSH after destination options", behind(&[(60, 0)], 6, &ports(22)), kernel),
+            ("hop-by-hop options not first", behind(&[(60, 0), (0, 0)], 6, &ports(40500)), kernel),
+            ("an IPv6 first fragment of a NAT reply", behind(&[(44, 1)], 17, &ports(40500)), kernel),
+            ("an IPv6 later fragment", behind(&[(44, 8)], 17, &ports(40500)), kernel),
+            (
+                "an ICMPv6 error after an extension header",
+                behind(&[(60, 0)], 58, &[icmp(2), quote6(node6, &[], 6, 40500)].concat()),
+                steered,
+            ),
+            ("an extension header cut short", behind(&[(60, 0)], 6, &ports(40500))[..14 + 40 + 6].to_vec(), steered),
+        ];
+        let wrong: Vec<_> = cases.iter().filter(|(_, f, want)| s.test_run(f).unwrap() != *want).map(|c| c.0).collect();
+        assert!(wrong.is_empty(), "steered against the rules: {wrong:?}");
+    }
+
+    /// An address with only the neighbour flag (the responder answers for it; no service, no SNAT
+    /// range) has its ARP requests and solicitations steered and no IP frame at all.
+    #[test]
+    fn a_neighbour_only_address_steers_neighbour_discovery_alone() {
+        let Some(mut s) = steering() else { return };
+        let lone = Ipv4Addr::new(10, 77, 0, 8);
+        let lone6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 8);
+        s.set_neighbours([IpAddr::V4(lone), IpAddr::V6(lone6)]).unwrap();
+        let mut ihl4 = v4_with(lone, 6, 0, &ports(80));
+        ihl4[14] = 0x44;
+        let frames: Vec<(&str, Vec<u8>)> = vec![
+            ("an IPv4 fragment", v4_with(lone, 17, 0x2000, &ports(40500))),
+            ("a later IPv4 fragment", v4_with(lone, 17, 185, &[0u8; 8])),
+            ("IPv4 header length below 20", ihl4),
+            ("an ICMP error", v4_with(lone, 1, 0, &[icmp(3), quote4(lone, 6, 40500, 0, 5)].concat())),
+            ("a TCP header cut before the ports", v4_with(lone, 6, 0, &[0x9c, 0x40, 0])),
+            ("an IPv6 fragment", v6_with(lone6, 44, &[17, 0, 0, 1, 0, 0, 0, 1])),
+            ("IPv6 hop-by-hop options", v6_with(lone6, 0, &[6, 0, 0, 0, 0, 0, 0, 0])),
+            ("an ICMPv6 error", v6_with(lone6, 58, &[icmp(2), quote6(lone6, &[], 6, 40500)].concat())),
+            ("an ICMPv6 header cut", v6_with(lone6, 58, &[])),
+        ];
+        let steered: Vec<_> =
+            frames.iter().filter(|(_, f)| s.test_run(f).unwrap() != XdpAction::Pass).map(|c| c.0).collect();
+        assert!(steered.is_empty(), "IP frames to a neighbour-only address taken from the kernel: {steered:?}");
+        assert_eq!(s.test_run(&arp_for(lone)).unwrap(), XdpAction::Drop, "its ARP requests are steered");
+        assert_eq!(s.test_run(&ns(group(lone6), lone6)).unwrap(), XdpAction::Drop, "its solicitations are");
     }
 
     #[test]
@@ -945,40 +1242,123 @@ mod tests {
         {
             return true;
         }
-        let (key, proto, l4, always): ([u8; 16], u8, usize, bool) = match ethertype {
+        let (key, proto, l4, always, v6): ([u8; 16], u8, usize, bool, bool) = match ethertype {
             0x0800 if frame.len() >= l3 + 20 => {
                 let mut key = Ipv4Addr::UNSPECIFIED.to_ipv6_mapped().octets();
                 key[12..].copy_from_slice(&frame[l3 + 16..l3 + 20]);
                 let ihl = usize::from(frame[l3] & 0xf) * 4;
                 let fragment = be16(l3 + 6) & 0x3fff != 0;
-                (key, frame[l3 + 9], l3 + ihl, fragment || ihl < 20)
+                (key, frame[l3 + 9], l3 + ihl, fragment || ihl < 20, false)
             }
             0x86dd if frame.len() >= l3 + 40 => {
                 let key: [u8; 16] = frame[l3 + 24..l3 + 40].try_into().unwrap();
                 let next = frame[l3 + 6];
-                (key, next, l3 + 40, [0, 43, 44, 60].contains(&next))
+                (key, next, l3 + 40, [0, 43, 44, 60].contains(&next), true)
             }
             _ => return false,
         };
         let Some((addr, entry)) = set.addresses().into_iter().find(|(a, _)| vip_key(*a) == key) else {
             return false;
         };
-        if entry.flags & STEER_WHOLE != 0 || always {
+        let in_range = |port: u16| (entry.ports.0..=entry.ports.1).contains(&port);
+        let to_port = |l4: usize, proto: u8| {
+            frame.len() < l4 + 4 || {
+                let port = be16(l4 + 2);
+                (entry.flags & STEER_SNAT != 0 && in_range(port)) || set.services.contains(&(addr, port, proto))
+            }
+        };
+        if entry.flags & STEER_WHOLE != 0 {
             return true;
         }
-        match proto {
-            6 | 17 => {
-                if frame.len() < l4 + 4 {
-                    return true;
+        // A service address: its ports, fragments, extension headers, ICMP errors, short frames.
+        if entry.flags & STEER_SERVICES != 0 {
+            return always
+                || match proto {
+                    6 | 17 => to_port(l4, proto),
+                    1 => frame.len() < l4 + 1 || [3, 11, 12].contains(&frame[l4]),
+                    58 => frame.len() < l4 + 1 || frame[l4] < 128,
+                    _ => false,
+                };
+        }
+        // Only neighbour discovery: no IP frame.
+        if entry.flags & STEER_SNAT == 0 {
+            return false;
+        }
+        // Only a SNAT address: NAT replies and ICMP errors about NAT flows, no fragment.
+        let (proto, l4) = match (v6, always) {
+            (false, true) => return false,
+            (false, false) => (proto, l4),
+            (true, _) => match walk(frame, proto, l4, false) {
+                Walk::To(proto, l4) => (proto, l4),
+                Walk::Short => return true,
+                Walk::Fragment => return false,
+            },
+        };
+        // The quoted packet's transport header at `at`: TCP or UDP from a port of the range.
+        let quoted = |proto: u8, at: usize| [6, 17].contains(&proto) && frame.len() >= at + 8 && in_range(be16(at));
+        let q = l4 + 8;
+        match (proto, v6) {
+            (6 | 17, _) => to_port(l4, proto),
+            (1, false) => {
+                if frame.len() < q + 20 || ![3, 11, 12].contains(&frame[l4]) || frame[q] >> 4 != 4 {
+                    return false;
                 }
-                let port = be16(l4 + 2);
-                (entry.flags & STEER_SNAT != 0 && (entry.ports.0..=entry.ports.1).contains(&port))
-                    || set.services.contains(&(addr, port, proto))
+                let ihl = usize::from(frame[q] & 0xf) * 4;
+                ihl >= 20
+                    && be16(q + 6) & 0x1fff == 0
+                    && frame[q + 12..q + 16] == key[12..]
+                    && quoted(frame[q + 9], q + ihl)
             }
-            1 => frame.len() < l4 + 1 || [3, 11, 12].contains(&frame[l4]),
-            58 => frame.len() < l4 + 1 || frame[l4] < 128,
+            (58, true) => {
+                if frame.len() < q + 40
+                    || !(1..=4).contains(&frame[l4])
+                    || frame[q] >> 4 != 6
+                    || frame[q + 8..q + 24] != key
+                {
+                    return false;
+                }
+                matches!(walk(frame, frame[q + 6], q + 40, true), Walk::To(proto, at) if quoted(proto, at))
+            }
             _ => false,
         }
+    }
+
+    /// Where [`walk`] ends.
+    enum Walk {
+        /// At a header of this type (not an extension header, or one past the steps) at this offset.
+        To(u8, usize),
+        /// In a header the frame cuts.
+        Short,
+        /// At a Fragment header of a fragment (in a quote: of a later fragment).
+        Fragment,
+    }
+
+    /// The model of `walk_extensions`: from the header of type `next` at `at`, past at most
+    /// [`EXTENSION_STEPS`] extension headers.
+    fn walk(frame: &[u8], mut next: u8, mut at: usize, quote: bool) -> Walk {
+        for step in 0..EXTENSION_STEPS {
+            let options = match next {
+                0 => step == 0,
+                43 | 60 => true,
+                44 => false,
+                _ => return Walk::To(next, at),
+            };
+            if !options && next == 0 {
+                return Walk::To(next, at);
+            }
+            if frame.len() < at + 8 {
+                return Walk::Short;
+            }
+            let fragment_bits =
+                u16::from_be_bytes([frame[at + 2], frame[at + 3]]) & if quote { 0xfff8 } else { 0xfff9 };
+            if !options && fragment_bits != 0 {
+                return Walk::Fragment;
+            }
+            let len = if options { (usize::from(frame[at + 1]) + 1) * 8 } else { 8 };
+            next = frame[at];
+            at += len;
+        }
+        Walk::To(next, at)
     }
 
     thread_local! {
@@ -987,7 +1367,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig { cases: 3000, ..Default::default() })]
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 5000, ..Default::default() })]
 
         /// For frames built from the values the rules care about (and cut anywhere in their second
         /// half), the program's verdict is the model's: steered exactly when the rules say.
@@ -997,22 +1377,37 @@ mod tests {
             v6 in proptest::prelude::any::<bool>(),
             arp_op in proptest::sample::select(vec![0u8, 1, 2]),
             target in 0usize..4,
-            dst in 0usize..4,
-            proto in proptest::sample::select(vec![6u8, 17, 1, 58, 47, 0, 44, 43, 60]),
+            dst in proptest::sample::select(vec![0usize, 1, 1, 2, 3, 4]),
+            proto in proptest::sample::select(vec![6u8, 17, 1, 58, 1, 58, 47, 0, 44, 43, 60, 51]),
             port in proptest::sample::select(vec![80u16, 53, 443, 22, 39999, 40000, 40500, 40999, 41000]),
             ihl in proptest::sample::select(vec![5u8, 6, 4, 0, 15]),
             frag in proptest::sample::select(vec![0u16, 0x4000, 0x2000, 0x0001, 0x1fff, 0x8000]),
-            icmp_type in proptest::sample::select(vec![0u8, 2, 3, 4, 8, 11, 12, 13, 127, 128, 129, 135, 255]),
+            icmp_type in proptest::sample::select(vec![0u8, 1, 2, 3, 4, 5, 8, 11, 12, 13, 127, 128, 129, 135, 255]),
+            exts in proptest::collection::vec(extension(), 0..6),
+            // The packet an ICMP error quotes: from the SNAT address or not, its protocol, source
+            // port, IPv4 header length and flags / offset field, IPv6 extension headers.
+            (quote_src, quote_proto, quote_port, quote_ihl, quote_frag, quote_exts) in (
+                proptest::prelude::any::<bool>(),
+                proptest::sample::select(vec![6u8, 17, 1]),
+                proptest::sample::select(vec![22u16, 40000, 40500, 40999, 41000]),
+                proptest::sample::select(vec![5u8, 6, 4]),
+                proptest::sample::select(vec![0u16, 0x4000, 0x2000, 0x0001]),
+                proptest::collection::vec(extension(), 0..6),
+            ),
             cut in proptest::prelude::any::<proptest::sample::Index>(),
         ) {
             let node = Ipv4Addr::new(10, 77, 0, 2);
             let node6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+            let lone = Ipv4Addr::new(10, 77, 0, 8);
+            let lone6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 8);
             let set = SteeringSet {
                 services: [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V4(VIP4), 53, 17), (IpAddr::V6(VIP6), 443, 6)].into(),
                 snat: [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))].into(),
                 whole: BTreeSet::new(),
-                // The v6 SNAT address is in the map, but not for neighbour discovery.
-                neighbour: [IpAddr::V4(VIP4), IpAddr::V4(node), IpAddr::V6(VIP6)].into(),
+                // The v6 SNAT address is in the map, but not for neighbour discovery; `lone` and
+                // `lone6` are for nothing else.
+                neighbour: [IpAddr::V4(VIP4), IpAddr::V4(node), IpAddr::V6(VIP6), IpAddr::V4(lone), IpAddr::V6(lone6)]
+                    .into(),
             };
             let mut l4 = match proto {
                 1 | 58 => icmp(icmp_type),
@@ -1021,15 +1416,22 @@ mod tests {
             if proto == 58 && icmp_type == 135 {
                 // A solicitation's target (the 8 header bytes are followed by it).
                 l4.extend_from_slice(&[VIP6, node6, VIP4.to_ipv6_mapped(), Ipv6Addr::LOCALHOST][target].octets());
+            } else if proto == 1 || proto == 58 {
+                l4.extend_from_slice(&if v6 {
+                    quote6(if quote_src { node6 } else { VIP6 }, &quote_exts, quote_proto, quote_port)
+                } else {
+                    quote4(if quote_src { node } else { VIP4 }, quote_proto, quote_port, quote_frag, quote_ihl)
+                });
             }
             l4.extend_from_slice(&[0u8; 8]);
             let frame = if arp_op != 0 {
                 arp_with(arp_op, [VIP4, node, Ipv4Addr::new(10, 77, 0, 9), VIP4][target])
             } else if v6 {
-                let dst = [VIP6, node6, VIP4.to_ipv6_mapped(), Ipv6Addr::LOCALHOST][dst];
-                v6_with(dst, proto, &l4)
+                let dst = [VIP6, node6, VIP4.to_ipv6_mapped(), Ipv6Addr::LOCALHOST, lone6][dst];
+                let (first, bytes) = extensions(&exts, proto, &l4);
+                v6_with(dst, first, &bytes)
             } else {
-                let dst = [VIP4, node, Ipv4Addr::new(10, 77, 0, 9), VIP4][dst];
+                let dst = [VIP4, node, Ipv4Addr::new(10, 77, 0, 9), VIP4, lone][dst];
                 let mut options = vec![0u8; usize::from(ihl.saturating_sub(5)) * 4];
                 options.extend_from_slice(&l4);
                 let mut f = v4_with(dst, proto, frag, &options);
@@ -1048,6 +1450,80 @@ mod tests {
             let Some(verdict) = verdict else { return Ok(()) };
             proptest::prop_assert_eq!(verdict == XdpAction::Drop, model(&set, &frame), "frame {:02x?}", frame);
         }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 3000, ..Default::default() })]
+
+        /// The same for the frames whose steering to a SNAT address depends on most bytes: replies
+        /// behind IPv6 extension headers and ICMP errors with their quotes, to the SNAT address, whole
+        /// or cut anywhere.
+        #[test]
+        fn the_program_steers_to_a_snat_address_what_the_rules_say(
+            v6 in proptest::prelude::any::<bool>(),
+            error in proptest::prelude::any::<bool>(),
+            transport in proptest::sample::select(vec![6u8, 17]),
+            icmp_type in proptest::sample::select(vec![1u8, 2, 3, 4, 11, 12, 0, 5, 8, 128]),
+            port in proptest::sample::select(vec![22u16, 40000, 40500, 40999, 41000]),
+            frag in proptest::sample::select(vec![0u16, 0x4000, 0x2000, 0x0001]),
+            exts in proptest::collection::vec(extension(), 0..6),
+            (quote_src, quote_proto, quote_port, quote_ihl, quote_frag, quote_exts) in (
+                proptest::prelude::any::<bool>(),
+                proptest::sample::select(vec![6u8, 17, 1]),
+                proptest::sample::select(vec![22u16, 40000, 40500, 40999, 41000]),
+                proptest::sample::select(vec![5u8, 6, 4]),
+                proptest::sample::select(vec![0u16, 0x4000, 0x2000, 0x0001]),
+                proptest::collection::vec(extension(), 0..4),
+            ),
+            cut in proptest::option::of(proptest::prelude::any::<proptest::sample::Index>()),
+        ) {
+            let node = Ipv4Addr::new(10, 77, 0, 2);
+            let node6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+            let set = SteeringSet {
+                services: [(IpAddr::V4(VIP4), 80, 6)].into(),
+                snat: [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))].into(),
+                ..SteeringSet::default()
+            };
+            let l4 = match (error, v6) {
+                (false, _) => ports(port),
+                (true, false) => {
+                    let src = if quote_src { node } else { Ipv4Addr::new(198, 51, 100, 7) };
+                    [icmp(icmp_type), quote4(src, quote_proto, quote_port, quote_frag, quote_ihl)].concat()
+                }
+                (true, true) => {
+                    let src = if quote_src { node6 } else { VIP6 };
+                    [icmp(icmp_type), quote6(src, &quote_exts, quote_proto, quote_port)].concat()
+                }
+            };
+            let proto = match (error, v6) {
+                (false, _) => transport,
+                (true, false) => 1,
+                (true, true) => 58,
+            };
+            let mut frame = if v6 {
+                let (first, bytes) = extensions(&exts, proto, &l4);
+                v6_with(node6, first, &bytes)
+            } else {
+                v4_with(node, proto, frag, &l4)
+            };
+            if let Some(cut) = cut {
+                frame.truncate(cut.index(frame.len() + 1).max(14));
+            }
+            let verdict = LOADED.with(|l| {
+                let mut l = l.borrow_mut();
+                let s = l.get_or_insert_with(steering).as_mut()?;
+                s.set(set.clone()).unwrap();
+                Some(s.test_run(&frame).unwrap())
+            });
+            let Some(verdict) = verdict else { return Ok(()) };
+            proptest::prop_assert_eq!(verdict == XdpAction::Drop, model(&set, &frame), "frame {:02x?}", frame);
+        }
+    }
+
+    /// An IPv6 extension header for [`extensions`]: its type and, for a Fragment header, an offset / M
+    /// field (none, first, later, later and more).
+    fn extension() -> impl proptest::strategy::Strategy<Value = (u8, u16)> {
+        (proptest::sample::select(vec![0u8, 43, 60, 44, 44, 51]), proptest::sample::select(vec![0u16, 1, 8, 9]))
     }
 
     /// With the maps full, a new set that fits them replaces the old one: stale entries go before
