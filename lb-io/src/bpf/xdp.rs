@@ -1,20 +1,22 @@
 //! The XDP program that steers load-balancer traffic to the AF_XDP sockets and leaves everything else
 //! to the kernel, as Katran's program does in BPF.
 //!
-//! For each frame: parse Ethernet (with at most one 802.1Q tag) and IPv4 / IPv6, look the destination
-//! address up in the address map (16-byte keys; IPv4 as `::ffff:a.b.c.d`). No entry: `XDP_PASS`. An
-//! entry says what of that address's traffic the load balancer wants:
+//! For each frame: parse Ethernet (behind up to two VLAN tags, TPIDs 0x8100, 0x88a8 or 0x9100, as
+//! lb-core reads them; a third passes) and IPv4 / IPv6, look the destination address up in the
+//! address map (16-byte keys; IPv4 as `::ffff:a.b.c.d`). No entry: `XDP_PASS`. An entry says what of
+//! that address's traffic the load balancer wants:
 //! - **whole address**: every frame (tests and benchmarks);
 //! - **services** (a VIP): TCP and UDP frames whose (address, destination port, protocol) is in the
 //!   service map, or whose port is in the entry's SNAT range if it has one (a VIP that is also a
 //!   SNAT address); ICMP errors (IPv4 types 3, 11, 12; ICMPv6 types below 128), which lb-core
-//!   translates for the flow they quote; IPv4 fragments and IPv6 extension headers (0, 43, 44, 60),
-//!   which lb-core parses or counts; frames too short for their L4 header, which lb-core counts;
+//!   translates for the flow they quote; IPv4 fragments and IPv6 extension headers (0, 43, 44, 51,
+//!   60), which lb-core parses or counts; frames too short for their L4 header, which lb-core counts;
 //! - **SNAT port range** alone (a full-NAT source address, which may be the node's own): only what
 //!   lb-core can map to a NAT flow, so the node's own traffic to the address stays with the kernel:
 //!   - TCP and UDP frames to a port in the range (the replies of NAT flows), or too short for their
 //!     ports; in IPv6, after up to four extension headers: hop-by-hop options (first only), routing,
-//!     destination options, and a Fragment header that makes no fragment (offset 0, M clear);
+//!     destination options, authentication, and a Fragment header that makes no fragment (offset 0,
+//!     M clear);
 //!   - ICMP errors (IPv4 types 3, 11, 12; ICMPv6 types 1 to 4, the ones lb-core maps) whose quoted
 //!     packet is one a NAT flow sent: TCP or UDP from the address itself and a port in the range, not
 //!     a later fragment (in IPv6 behind up to four extension headers, as above);
@@ -198,11 +200,11 @@ pub fn steering_program(
     let mut a = Asm::new();
     let pass = a.new_label();
     let redirect = a.new_label();
-    let vlan = a.new_label();
+    let vlan = [a.new_label(), a.new_label()];
     let neighbour = a.new_label();
-    let arp = [a.new_label(), a.new_label()];
-    let not_ours = [a.new_label(), a.new_label()];
-    let v6_dst = [a.new_label(), a.new_label()];
+    let arp = [a.new_label(), a.new_label(), a.new_label()];
+    let not_ours = [a.new_label(), a.new_label(), a.new_label()];
+    let v6_dst = [a.new_label(), a.new_label(), a.new_label()];
     let lookup = a.new_label();
     let icmp4 = a.new_label();
     let icmp6 = a.new_label();
@@ -217,32 +219,35 @@ pub fn steering_program(
     let snat_icmp4_quote = a.new_label();
     let ports = a.new_label();
     let service = a.new_label();
-    let v4 = [a.new_label(), a.new_label()];
-    let v6 = [a.new_label(), a.new_label()];
-    let v4_bad_header = [a.new_label(), a.new_label()];
-    let v6_extension = [a.new_label(), a.new_label()];
-    // Offsets of the L3 header: untagged, one 802.1Q tag.
-    const L3: [i16; 2] = [14, 18];
+    let v4 = [a.new_label(), a.new_label(), a.new_label()];
+    let v6 = [a.new_label(), a.new_label(), a.new_label()];
+    let v4_bad_header = [a.new_label(), a.new_label(), a.new_label()];
+    let v6_extension = [a.new_label(), a.new_label(), a.new_label()];
+    // Offsets of the L3 header: untagged, one VLAN tag, two (QinQ).
+    const L3: [i16; 3] = [14, 18, 22];
 
     // r6 = ctx (kept across helper calls); r2 = data; r3 = data_end.
     a.mov(R6, R1).load(Size::W, R2, R6, XDP_MD_DATA).load(Size::W, R3, R6, XDP_MD_DATA_END);
 
-    // Ethernet header present? Dispatch on the ethertype.
-    a.mov(R4, R2).add_imm(R4, 14).jmp(Cond::Gt, R4, R3, pass);
-    a.load(Size::H, R5, R2, 12)
-        .jmp_imm(Cond::Eq, R5, ethertype(0x0800), v4[0])
-        .jmp_imm(Cond::Eq, R5, ethertype(0x86dd), v6[0])
-        .jmp_imm(Cond::Eq, R5, ethertype(0x8100), vlan)
-        .jmp_imm(Cond::Eq, R5, ethertype(0x0806), arp[0])
-        .ja(pass);
-
-    // One VLAN tag: the inner ethertype sits 4 bytes later.
-    a.bind(vlan).mov(R4, R2).add_imm(R4, 18).jmp(Cond::Gt, R4, R3, pass);
-    a.load(Size::H, R5, R2, 16)
-        .jmp_imm(Cond::Eq, R5, ethertype(0x0800), v4[1])
-        .jmp_imm(Cond::Eq, R5, ethertype(0x86dd), v6[1])
-        .jmp_imm(Cond::Eq, R5, ethertype(0x0806), arp[1])
-        .ja(pass);
+    // Ethernet header present? Dispatch on the ethertype; up to two VLAN tags (802.1Q, 802.1ad, the
+    // older QinQ 0x9100, in any order, as lb-core reads them), each moving the next ethertype 4 bytes
+    // on. A third tag passes (lb-core passes it too).
+    for (i, l3) in L3.into_iter().enumerate() {
+        if i > 0 {
+            a.bind(vlan[i - 1]);
+        }
+        a.mov(R4, R2).add_imm(R4, i32::from(l3)).jmp(Cond::Gt, R4, R3, pass);
+        a.load(Size::H, R5, R2, l3 - 2)
+            .jmp_imm(Cond::Eq, R5, ethertype(0x0800), v4[i])
+            .jmp_imm(Cond::Eq, R5, ethertype(0x86dd), v6[i])
+            .jmp_imm(Cond::Eq, R5, ethertype(0x0806), arp[i]);
+        if let Some(&tag) = vlan.get(i) {
+            for tpid in [0x8100, 0x88a8, 0x9100] {
+                a.jmp_imm(Cond::Eq, R5, ethertype(tpid), tag);
+            }
+        }
+        a.ja(pass);
+    }
 
     for (i, l3) in L3.into_iter().enumerate() {
         // IPv4: key = ::ffff:<daddr>; r8 = protocol; r9 = fragment bits (MF, offset); r7 = L4.
@@ -313,7 +318,7 @@ pub fn steering_program(
             .mov(R7, R2)
             .add_imm(R7, i32::from(l3) + 40)
             .mov_imm(R9, R9_V6);
-        for ext in [0, 43, 44, 60] {
+        for ext in [0, 43, 44, 51, 60] {
             a.jmp_imm(Cond::Eq, R8, ext, v6_extension[i]);
         }
         a.ja(lookup);
@@ -483,27 +488,31 @@ pub fn steering_program(
 }
 
 /// Emits a walk over the IPv6 extension headers lb-core parses (`lb_core::packet`), from the header
-/// r7 points at, of type r8: hop-by-hop options (first only), routing and destination options are
-/// stepped over by their length, a Fragment header by its 8 bytes when its offset is 0 and, unless in
-/// a `quote`, no more fragments follow (lb-core drops fragments; a quote's first fragment has its
-/// ports). Jumps to `done` with r7 and r8 at the first other header (or an extension header after
-/// [`EXTENSION_STEPS`]), to `pass` at a fragment, to `short` at a header the frame cuts. Uses r4 and
-/// r5; r3 is data_end.
+/// r7 points at, of type r8: hop-by-hop options (first only), routing, destination options and
+/// authentication headers are stepped over by their length, a Fragment header by its 8 bytes when
+/// its offset is 0 and, unless in a `quote`, no more fragments follow (lb-core drops fragments; a
+/// quote's first fragment has its ports). Jumps to `done` with r7 and r8 at the first other header
+/// (or an extension header after [`EXTENSION_STEPS`]), to `pass` at a fragment, to `short` at a
+/// header the frame cuts. Uses r4 and r5; r3 is data_end.
 fn walk_extensions(a: &mut Asm, quote: bool, done: Label, short: Label, pass: Label) {
     use Reg::*;
     let fragment_bits = if quote { [0xff, 0xf8] } else { [0xff, 0xf9] };
     for step in 0..EXTENSION_STEPS {
-        let (options, fragment, next) = (a.new_label(), a.new_label(), a.new_label());
+        let (options, auth, fragment, next) = (a.new_label(), a.new_label(), a.new_label(), a.new_label());
         if step == 0 {
             a.jmp_imm(Cond::Eq, R8, 0, options);
         }
         a.jmp_imm(Cond::Eq, R8, 43, options)
             .jmp_imm(Cond::Eq, R8, 60, options)
+            .jmp_imm(Cond::Eq, R8, 51, auth)
             .jmp_imm(Cond::Eq, R8, 44, fragment)
             .ja(done);
         // Next header in byte 0, length in 8-byte units past the first 8 in byte 1.
         a.bind(options).mov(R4, R7).add_imm(R4, 8).jmp(Cond::Gt, R4, R3, short);
         a.load(Size::B, R5, R7, 1).add_imm(R5, 1).lsh_imm(R5, 3).load(Size::B, R8, R7, 0).add(R7, R5).ja(next);
+        // Authentication Header: at least 12 bytes; length in 4-byte units past the first 8.
+        a.bind(auth).mov(R4, R7).add_imm(R4, 12).jmp(Cond::Gt, R4, R3, short);
+        a.load(Size::B, R5, R7, 1).add_imm(R5, 2).lsh_imm(R5, 2).load(Size::B, R8, R7, 0).add(R7, R5).ja(next);
         // Bytes 2-3 loaded as one u16: the 13-bit offset and the M bit.
         a.bind(fragment).mov(R4, R7).add_imm(R4, 8).jmp(Cond::Gt, R4, R3, short);
         a.load(Size::H, R4, R7, 2)
@@ -694,6 +703,14 @@ mod tests {
     /// UDP from port 12345 to port 80, length 8.
     const UDP_TO_80: [u8; 8] = [0x30, 0x39, 0, 80, 0, 8, 0, 0];
 
+    /// `frame` with VLAN tags of the TPIDs `tpids` (outermost first) inserted after the MAC addresses.
+    fn with_tags(mut frame: Vec<u8>, tpids: &[u16]) -> Vec<u8> {
+        for (i, &tpid) in tpids.iter().enumerate().rev() {
+            frame.splice(12..12, tpid.to_be_bytes().into_iter().chain((7 + i as u16).to_be_bytes()));
+        }
+        frame
+    }
+
     /// `frame` with an 802.1Q tag `tci` inserted after the MAC addresses, if given.
     fn tagged(mut frame: Vec<u8>, vlan: Option<u16>) -> Vec<u8> {
         if let Some(tci) = vlan {
@@ -768,6 +785,11 @@ mod tests {
             ("IPv4 to the VIP cut after the source address", v4(VIP4, None)[..30].to_vec(), kernel),
             ("IPv6 to the VIP cut inside the destination", v6(VIP6, None)[..50].to_vec(), kernel),
             ("VLAN header cut short", v4(VIP4, Some(1))[..16].to_vec(), kernel),
+            ("802.1ad-tagged IPv4 to the VIP", with_tags(v4(VIP4, None), &[0x88a8]), steered),
+            ("QinQ-tagged IPv6 to the VIP", with_tags(v6(VIP6, None), &[0x88a8, 0x8100]), steered),
+            ("two 0x9100 tags", with_tags(v4(VIP4, None), &[0x9100, 0x9100]), steered),
+            ("three tags: more than lb-core reads", with_tags(v4(VIP4, None), &[0x88a8, 0x8100, 0x8100]), kernel),
+            ("second tag cut short", with_tags(v4(VIP4, None), &[0x88a8, 0x8100])[..20].to_vec(), kernel),
             ("an IPv4 ethertype and nothing after it", eth(0x0800), kernel),
         ];
         for (name, frame, want) in cases {
@@ -996,6 +1018,13 @@ mod tests {
                 kernel,
             ),
             ("SSH after destination options", behind(&[(60, 0)], 6, &ports(22)), kernel),
+            ("a NAT reply after an authentication header", behind(&[(51, 0)], 6, &ports(40500)), steered),
+            ("an error quoting an authentication header", error6(1, quote6(node6, &[(51, 0)], 17, 40500)), steered),
+            (
+                "an authentication header cut short",
+                behind(&[(51, 0)], 6, &ports(40500))[..14 + 40 + 10].to_vec(),
+                steered,
+            ),
             ("hop-by-hop options not first", behind(&[(60, 0), (0, 0)], 6, &ports(40500)), kernel),
             ("an IPv6 first fragment of a NAT reply", behind(&[(44, 1)], 17, &ports(40500)), kernel),
             ("an IPv6 later fragment", behind(&[(44, 8)], 17, &ports(40500)), kernel),
@@ -1053,12 +1082,14 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>, XdpAction)> = vec![
             ("ARP request for the VIP", arp_for(VIP4), steered),
             ("VLAN-tagged ARP request for the VIP", tagged(arp_for(VIP4), Some(42)), steered),
+            ("QinQ-tagged ARP request for the VIP", with_tags(arp_for(VIP4), &[0x88a8, 0x8100]), steered),
             ("ARP request for another address", arp_for(Ipv4Addr::new(10, 77, 0, 9)), kernel),
             ("ARP request for a steered address without the neighbour flag", arp_for(node), kernel),
             ("ARP reply about the VIP", arp_with(2, VIP4), kernel),
             ("ARP request cut inside the target address", arp_for(VIP4)[..40].to_vec(), kernel),
             ("NS for the VIP to its solicited-node group", ns(group(VIP6), VIP6), steered),
             ("VLAN-tagged NS for the VIP", tagged(ns(group(VIP6), VIP6), Some(42)), steered),
+            ("QinQ-tagged NS for the VIP", with_tags(ns(group(VIP6), VIP6), &[0x9100, 0x8100]), steered),
             ("NS for the VIP sent to the VIP (unreachability detection)", ns(VIP6, VIP6), steered),
             ("NS for another target", ns(group(other6), other6), kernel),
             ("NS for another target sent to the VIP", ns(VIP6, other6), kernel),
@@ -1219,11 +1250,17 @@ mod tests {
         if frame.len() < 14 {
             return false;
         }
-        let (l3, ethertype) = match be16(12) {
-            0x8100 if frame.len() >= 18 => (18, be16(16)),
-            0x8100 => return false,
-            t => (14, t),
-        };
+        // Up to two VLAN tags of any of the three TPIDs.
+        let (mut l3, mut ethertype) = (14, be16(12));
+        for _ in 0..2 {
+            if ![0x8100, 0x88a8, 0x9100].contains(&ethertype) {
+                break;
+            }
+            if frame.len() < l3 + 4 {
+                return false;
+            }
+            (l3, ethertype) = (l3 + 4, be16(l3 + 2));
+        }
         let neighbour = |key: &[u8]| set.neighbour.iter().any(|a| vip_key(*a) == key);
         // ARP: an Ethernet / IPv4 request for a neighbour address.
         if ethertype == 0x0806 {
@@ -1253,7 +1290,7 @@ mod tests {
             0x86dd if frame.len() >= l3 + 40 => {
                 let key: [u8; 16] = frame[l3 + 24..l3 + 40].try_into().unwrap();
                 let next = frame[l3 + 6];
-                (key, next, l3 + 40, [0, 43, 44, 60].contains(&next), true)
+                (key, next, l3 + 40, [0, 43, 44, 51, 60].contains(&next), true)
             }
             _ => return false,
         };
@@ -1337,26 +1374,23 @@ mod tests {
     /// [`EXTENSION_STEPS`] extension headers.
     fn walk(frame: &[u8], mut next: u8, mut at: usize, quote: bool) -> Walk {
         for step in 0..EXTENSION_STEPS {
-            let options = match next {
-                0 => step == 0,
-                43 | 60 => true,
-                44 => false,
+            // The bytes each kind needs, and its length from its second byte.
+            let (needs, len): (usize, fn(u8) -> usize) = match next {
+                0 if step == 0 => (8, |n| (usize::from(n) + 1) * 8),
+                43 | 60 => (8, |n| (usize::from(n) + 1) * 8),
+                51 => (12, |n| (usize::from(n) + 2) * 4),
+                44 => (8, |_| 8),
                 _ => return Walk::To(next, at),
             };
-            if !options && next == 0 {
-                return Walk::To(next, at);
-            }
-            if frame.len() < at + 8 {
+            if frame.len() < at + needs {
                 return Walk::Short;
             }
             let fragment_bits =
                 u16::from_be_bytes([frame[at + 2], frame[at + 3]]) & if quote { 0xfff8 } else { 0xfff9 };
-            if !options && fragment_bits != 0 {
+            if next == 44 && fragment_bits != 0 {
                 return Walk::Fragment;
             }
-            let len = if options { (usize::from(frame[at + 1]) + 1) * 8 } else { 8 };
-            next = frame[at];
-            at += len;
+            (next, at) = (frame[at], at + len(frame[at + 1]));
         }
         Walk::To(next, at)
     }
@@ -1373,7 +1407,7 @@ mod tests {
         /// half), the program's verdict is the model's: steered exactly when the rules say.
         #[test]
         fn the_program_steers_exactly_what_the_rules_say(
-            vlan in proptest::prelude::any::<bool>(),
+            tags in proptest::collection::vec(proptest::sample::select(vec![0x8100u16, 0x88a8, 0x9100]), 0..4),
             v6 in proptest::prelude::any::<bool>(),
             arp_op in proptest::sample::select(vec![0u8, 1, 2]),
             target in 0usize..4,
@@ -1438,7 +1472,7 @@ mod tests {
                 f[14] = 0x40 | ihl;
                 f
             };
-            let mut frame = tagged(frame, vlan.then_some(42));
+            let mut frame = with_tags(frame, &tags);
             let len = cut.index(frame.len() + 1);
             frame.truncate(len.max(frame.len() / 2));
             let verdict = LOADED.with(|l| {
@@ -1460,6 +1494,7 @@ mod tests {
         /// or cut anywhere.
         #[test]
         fn the_program_steers_to_a_snat_address_what_the_rules_say(
+            tags in proptest::collection::vec(proptest::sample::select(vec![0x8100u16, 0x88a8, 0x9100]), 0..3),
             v6 in proptest::prelude::any::<bool>(),
             error in proptest::prelude::any::<bool>(),
             transport in proptest::sample::select(vec![6u8, 17]),
@@ -1500,12 +1535,13 @@ mod tests {
                 (true, false) => 1,
                 (true, true) => 58,
             };
-            let mut frame = if v6 {
+            let frame = if v6 {
                 let (first, bytes) = extensions(&exts, proto, &l4);
                 v6_with(node6, first, &bytes)
             } else {
                 v4_with(node, proto, frag, &l4)
             };
+            let mut frame = with_tags(frame, &tags);
             if let Some(cut) = cut {
                 frame.truncate(cut.index(frame.len() + 1).max(14));
             }
