@@ -575,7 +575,18 @@ pub struct VipSteering {
     addrs: Map,
     services: Map,
     xsks: Map,
+    /// The set last written in full.
     current: SteeringSet,
+    /// What the maps hold.
+    held: Held,
+}
+
+/// What the kernel maps hold, entry by entry as written and removed: after a [`VipSteering::set`]
+/// that failed part-way, part of the old set and part of the new one.
+#[derive(Debug, Default)]
+struct Held {
+    addrs: BTreeMap<IpAddr, AddrEntry>,
+    services: BTreeSet<(IpAddr, u16, u8)>,
 }
 
 impl VipSteering {
@@ -586,27 +597,39 @@ impl VipSteering {
         let xsks = Map::create(MAP_TYPE_XSKMAP, 4, 4, config.queues.max(1))?;
         let insns = steering_program(addrs.fd(), services.fd(), xsks.fd(), config.missing_socket)?;
         let program = Program::load_xdp("lb_vip_steer", &insns)?;
-        Ok(VipSteering { program, addrs, services, xsks, current: SteeringSet::default() })
+        Ok(VipSteering { program, addrs, services, xsks, current: SteeringSet::default(), held: Held::default() })
     }
 
     /// Makes the kernel maps steer exactly `want`: stale entries removed first, then new and changed
     /// ones written. Traffic that stays steered is never passed to the kernel in between (its entries
     /// are kept, or changed in place), and a `want` that fits the maps always fits, even when the
     /// old and the new sets together would not (what the control side checks before it publishes).
+    ///
+    /// The diff is against what the maps hold, not against the last set: after an error part-way
+    /// (a full map, say), the next call removes what the failed one left and writes all `want` needs,
+    /// even when `want` is the set that ran before.
     pub fn set(&mut self, want: SteeringSet) -> Result<(), BpfError> {
-        let (old, new) = (self.current.addresses(), want.addresses());
-        for addr in old.keys().filter(|a| !new.contains_key(a)) {
-            self.addrs.delete(&vip_key(*addr))?;
+        let new = want.addresses();
+        let held = &mut self.held;
+        let stale: Vec<IpAddr> = held.addrs.keys().filter(|a| !new.contains_key(a)).copied().collect();
+        for addr in stale {
+            self.addrs.delete(&vip_key(addr))?;
+            held.addrs.remove(&addr);
         }
-        for &(addr, port, proto) in self.current.services.difference(&want.services) {
+        let stale: Vec<_> = held.services.difference(&want.services).copied().collect();
+        for service @ (addr, port, proto) in stale {
             self.services.delete(&service_key(addr, port, proto))?;
+            held.services.remove(&service);
         }
-        for &(addr, port, proto) in want.services.difference(&self.current.services) {
+        let fresh: Vec<_> = want.services.difference(&held.services).copied().collect();
+        for service @ (addr, port, proto) in fresh {
             self.services.update(&service_key(addr, port, proto), &1u32.to_ne_bytes())?;
+            held.services.insert(service);
         }
-        for (addr, entry) in &new {
-            if old.get(addr) != Some(entry) {
-                self.addrs.update(&vip_key(*addr), &entry.bytes())?;
+        for (addr, entry) in new {
+            if held.addrs.get(&addr) != Some(&entry) {
+                self.addrs.update(&vip_key(addr), &entry.bytes())?;
+                held.addrs.insert(addr, entry);
             }
         }
         self.current = want;
@@ -662,7 +685,8 @@ impl VipSteering {
         self.addrs.contains(&vip_key(vip))
     }
 
-    /// What is steered, as the control side set it.
+    /// What is steered, as the control side last set it in full (after a failed [`VipSteering::set`]
+    /// the maps also hold part of the set that failed, until the next `set`).
     pub fn steering(&self) -> &SteeringSet {
         &self.current
     }
@@ -1627,6 +1651,33 @@ mod tests {
         let wrong: Vec<_> = verdicts.iter().filter(|(_, got, want)| got != want).collect();
         assert!(wrong.is_empty(), "steered (Drop) or not (Pass), against what was asked: {wrong:?}");
         assert!(s.has_vip(IpAddr::V4(VIP4)).unwrap(), "the address map holds the VIP");
+    }
+
+    /// A set that fails part-way never removes what both it and the running set steer, and the next
+    /// set removes what the failed one wrote and the new one does not want.
+    #[test]
+    fn a_failed_set_keeps_what_both_sets_steer() {
+        let cfg = SteeringConfig {
+            max_vips: 4,
+            max_services: 2,
+            missing_socket: MissingSocket::Drop,
+            ..SteeringConfig::default()
+        };
+        let mut s = match VipSteering::load(cfg) {
+            Ok(s) => s,
+            Err(e) if e.is_refused() => return println!("SKIPPED: bpf(2) refused ({e}); run as root"),
+            Err(e) => panic!("{e}"),
+        };
+        let other = Ipv4Addr::new(10, 77, 0, 101);
+        let tcp_to = |dst| v4_with(dst, 6, 0, &[[0, 1, 0, 80].as_slice(), &[0u8; 16]].concat());
+        s.set_services([(IpAddr::V4(VIP4), 80, 6)], []).unwrap();
+        let three = [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V4(other), 80, 6), (IpAddr::V4(other), 81, 6)];
+        assert!(s.set_services(three, []).is_err(), "three services do not fit a map of two");
+        assert_eq!(s.test_run(&tcp_to(VIP4)).unwrap(), XdpAction::Drop, "kept through the failed set");
+        s.set_services([(IpAddr::V4(VIP4), 80, 6)], []).unwrap();
+        assert_eq!(s.test_run(&tcp_to(VIP4)).unwrap(), XdpAction::Drop, "still steered");
+        assert_eq!(s.test_run(&tcp_to(other)).unwrap(), XdpAction::Pass, "what the failed set wrote is gone");
+        assert!(!s.has_vip(IpAddr::V4(other)).unwrap());
     }
 
     #[test]
