@@ -74,3 +74,33 @@ fn a_missing_capture_names_the_file() {
     let err = PcapDevice::open(&scratch("does-not-exist.pcap"), &scratch("x.pcap")).unwrap_err();
     assert!(err.to_string().contains("does-not-exist.pcap"), "{err}");
 }
+
+/// A capture taken with a snap length (`tcpdump -s 128`) holds long frames cut short: their records
+/// say `orig_len` > snaplen. Such a capture replays: the frames that were captured whole are all
+/// read, and the replay does not stop with a read error at the first cut one.
+#[test]
+fn a_capture_with_a_snap_length_replays() {
+    use pcap_file::pcap::PcapHeader;
+    let input = scratch("snaplen-in.pcap");
+    let output = scratch("snaplen-out.pcap");
+    {
+        let header = PcapHeader { snaplen: 128, ..PcapHeader::default() };
+        let mut w = PcapWriter::with_header(std::fs::File::create(&input).unwrap(), header).unwrap();
+        let mut f = vec![0u8; 64];
+        w.write_packet(&PcapPacket::new(Duration::from_secs(1), 64, &f)).unwrap();
+        // A 1514-byte frame of which the first 128 bytes were captured.
+        f.resize(128, 0);
+        f[15] = 1;
+        w.write_packet(&PcapPacket::new(Duration::from_secs(2), 1514, &f)).unwrap();
+        f.truncate(64);
+        f[15] = 2;
+        w.write_packet(&PcapPacket::new(Duration::from_secs(3), 64, &f)).unwrap();
+    }
+    let dev = PcapDevice::open(&input, &output).unwrap();
+    let (_tx, rx) = update_channel();
+    let result = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), LoopConfig::default()).run();
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&output);
+    let report = result.expect("a snaplen-truncated capture is a valid capture");
+    assert!(report.stats.rx >= 2, "the two whole frames are read: {:?}", report.stats);
+}
