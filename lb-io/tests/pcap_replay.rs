@@ -104,3 +104,24 @@ fn a_capture_with_a_snap_length_replays() {
     let report = result.expect("a snaplen-truncated capture is a valid capture");
     assert!(report.stats.rx >= 2, "the two whole frames are read: {:?}", report.stats);
 }
+
+/// `lb replay` reads Ethernet captures only (its `--in` says so): a capture of another link type
+/// (Linux cooked capture, `tcpdump -i any`) is refused when opened, naming the link type, rather than
+/// having its frames parsed as Ethernet and the output written as an Ethernet capture.
+#[test]
+fn a_capture_of_another_link_type_is_refused() {
+    use pcap_file::DataLink;
+    use pcap_file::pcap::PcapHeader;
+    let input = scratch("sll-in.pcap");
+    let output = scratch("sll-out.pcap");
+    {
+        let header = PcapHeader { datalink: DataLink::LINUX_SLL, ..PcapHeader::default() };
+        let mut w = PcapWriter::with_header(std::fs::File::create(&input).unwrap(), header).unwrap();
+        w.write_packet(&PcapPacket::new(Duration::from_secs(1), 64, &[0u8; 64])).unwrap();
+    }
+    let opened = PcapDevice::open(&input, &output);
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&output);
+    let err = opened.expect_err("a Linux cooked capture is not Ethernet");
+    assert!(err.to_string().to_lowercase().contains("link"), "{err}");
+}
