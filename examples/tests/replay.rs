@@ -104,3 +104,36 @@ services:
     assert_eq!(n, 2);
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A `tcpdump -s 128` capture replays: the frame captured whole goes through, the one cut short is
+/// skipped and reported (replayed, it would be a Truncated drop that never happened on the wire).
+#[test]
+fn replay_skips_and_reports_frames_cut_short_by_the_snap_length() {
+    use pcap_file::pcap::PcapHeader;
+    let dir = std::env::temp_dir().join(format!("lb-replay-snaplen-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, output) = (dir.join("in.pcap"), dir.join("out.pcap"));
+    {
+        let header = PcapHeader { snaplen: 128, ..PcapHeader::default() };
+        let mut w = PcapWriter::with_header(std::fs::File::create(&input).unwrap(), header).unwrap();
+        let whole = udp4([192, 0, 2, 1], [10, 0, 0, 10], 40000, 53);
+        w.write_packet(&PcapPacket::new(Duration::from_secs(1), whole.len() as u32, &whole)).unwrap();
+        w.write_packet(&PcapPacket::new(Duration::from_secs(2), 1514, &[0u8; 128])).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["--log", "warn", "replay", "--in"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&output)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let count = |label: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label:?} in\n{text}"));
+        line.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    assert_eq!(count("frames read"), 1, "{text}");
+    assert_eq!(count("skipped, cut short by the snap length"), 1, "{text}");
+}

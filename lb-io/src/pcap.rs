@@ -1,5 +1,11 @@
 //! A capture-file device: reads frames from a pcap file, writes transmitted frames to another, and
 //! gives the loop the capture's timestamps as its clock so a replay is deterministic.
+//!
+//! Records are read raw and checked here, not by pcap-file's `next_packet`: that one refuses any
+//! record whose `orig_len` exceeds the header's snaplen, which is every cut-short frame of a
+//! `tcpdump -s N` capture. A cut-short frame (fewer bytes captured than were on the wire) is skipped
+//! and counted, not replayed: lb-core would count its captured part as a Truncated drop, a drop that
+//! never happened on the wire.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
@@ -7,6 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use lb_core::{Frame, Instant};
+use pcap_file::TsResolution;
 use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
 
 use crate::chunk::ChunkPool;
@@ -21,6 +28,8 @@ const HEADROOM: usize = 256;
 pub struct PcapDevice {
     pool: ChunkPool,
     reader: PcapReader<BufReader<File>>,
+    /// The input's timestamp resolution, needed to read its records raw.
+    ts_resolution: TsResolution,
     writer: PcapWriter<BufWriter<File>>,
     in_path: String,
     out_path: String,
@@ -29,6 +38,8 @@ pub struct PcapDevice {
     last_ts: Duration,
     /// Frames skipped because they were longer than a buffer (jumbo frames).
     oversize: u64,
+    /// Records skipped because the capture holds only the start of the frame (snap length).
+    truncated: u64,
     read_error: Option<String>,
 }
 
@@ -49,6 +60,7 @@ impl PcapDevice {
             path: in_path.clone(),
             message: e.to_string(),
         })?;
+        let ts_resolution = reader.header().ts_resolution;
         let file =
             File::create(output).map_err(|e| DeviceError::Io { op: "create", device: out_path.clone(), source: e })?;
         let writer = PcapWriter::new(BufWriter::new(file)).map_err(|e| DeviceError::Pcap {
@@ -59,12 +71,14 @@ impl PcapDevice {
         Ok(PcapDevice {
             pool: ChunkPool::new(MAX_BURST * 2, BUFFER_SIZE, HEADROOM),
             reader,
+            ts_resolution,
             writer,
             in_path,
             out_path,
             at_end: false,
             last_ts: Duration::ZERO,
             oversize: 0,
+            truncated: 0,
             read_error: None,
         })
     }
@@ -72,6 +86,12 @@ impl PcapDevice {
     /// Frames skipped because they did not fit a buffer.
     pub fn oversize_dropped(&self) -> u64 {
         self.oversize
+    }
+
+    /// Records skipped because the capture cut the frame short (`tcpdump -s N`): replaying the part
+    /// that was captured would feed the worker a frame shorter than its IP header says.
+    pub fn truncated_records(&self) -> u64 {
+        self.truncated
     }
 
     /// Flushes the output file; call once the loop has stopped.
@@ -90,13 +110,20 @@ impl Device for PcapDevice {
         }
         let room = self.pool.packet_room();
         let reader = &mut self.reader;
+        let ts_resolution = self.ts_resolution;
         let at_end = &mut self.at_end;
         let last_ts = &mut self.last_ts;
         let oversize = &mut self.oversize;
+        let truncated = &mut self.truncated;
         let read_error = &mut self.read_error;
         let count = self.pool.lend(frames, |buf| {
             loop {
-                match reader.next_packet() {
+                // Every check of pcap-file's but the snaplen ones (see the module comment): the
+                // timestamp, and no more bytes captured than were on the wire.
+                let record = reader
+                    .next_raw_packet()
+                    .map(|r| r.and_then(|raw| raw.try_into_pcap_packet(ts_resolution, u32::MAX)));
+                match record {
                     None => {
                         *at_end = true;
                         return None;
@@ -106,6 +133,7 @@ impl Device for PcapDevice {
                         *read_error = Some(e.to_string());
                         return None;
                     }
+                    Some(Ok(pkt)) if pkt.data.len() < pkt.orig_len as usize => *truncated += 1,
                     Some(Ok(pkt)) if pkt.data.len() > room => *oversize += 1,
                     Some(Ok(pkt)) => {
                         *last_ts = pkt.timestamp;

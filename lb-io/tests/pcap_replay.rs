@@ -103,6 +103,10 @@ fn a_capture_with_a_snap_length_replays() {
     let _ = std::fs::remove_file(&output);
     let report = result.expect("a snaplen-truncated capture is a valid capture");
     assert!(report.stats.rx >= 2, "the two whole frames are read: {:?}", report.stats);
+    // The cut frame is skipped and counted: replayed, it would be a Truncated drop that never was.
+    assert_eq!(report.stats.rx, 2, "{:?}", report.stats);
+    assert_eq!(report.device.truncated_records(), 1);
+    assert_eq!(report.device.oversize_dropped(), 0);
 }
 
 /// `lb replay` reads Ethernet captures only (its `--in` says so): a capture of another link type

@@ -32,8 +32,9 @@ pub fn main(args: Args) -> CmdResult {
     let Some(path) = &args.config else {
         let processor = MacRewrite { src: [0x02, 0, 0, 0, 0, 1], dst: [0x02, 0, 0, 0, 0, 2] };
         let (stats, device) = replay(device, processor)?;
-        device.finish()?;
         print_counts(&stats);
+        print_skipped(&device);
+        device.finish()?;
         return Ok(());
     };
     let settings = lb_examples::config::file::load(path)?;
@@ -45,8 +46,6 @@ pub fn main(args: Args) -> CmdResult {
     let worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
     let (_updates, rx) = update_channel();
     let report = PollLoop::new(device, worker, rx, StopFlag::new(), LoopConfig::default()).run()?;
-    let skipped = report.device.oversize_dropped();
-    report.device.finish()?;
     print_counts(&report.stats);
     let w = report.processor.stats();
     println!("  of which reverse NAT {:>5}", w.reverse_nat);
@@ -56,9 +55,8 @@ pub fn main(args: Args) -> CmdResult {
             println!("  drop {:<20} {n:>5}", reason.name());
         }
     }
-    if skipped > 0 {
-        println!("  skipped (longer than a 2 KiB buffer) {skipped}");
-    }
+    print_skipped(&report.device);
+    report.device.finish()?;
     Ok(())
 }
 
@@ -69,11 +67,19 @@ pub fn replay<P: BurstProcessor>(
 ) -> Result<(LoopStats, PcapDevice), lb_io::DeviceError> {
     let (_updates, rx) = update_channel();
     let report = PollLoop::new(device, processor, rx, StopFlag::new(), LoopConfig::default()).run()?;
-    let skipped = report.device.oversize_dropped();
-    if skipped > 0 {
-        eprintln!("note: {skipped} frames longer than a 2 KiB buffer were skipped");
-    }
     Ok((report.stats, report.device))
+}
+
+/// Records of the capture that were not replayed, and why (not counted in "frames read").
+fn print_skipped(device: &PcapDevice) {
+    let oversize = device.oversize_dropped();
+    if oversize > 0 {
+        println!("skipped, longer than a 2 KiB buffer      {oversize:>10}");
+    }
+    let truncated = device.truncated_records();
+    if truncated > 0 {
+        println!("skipped, cut short by the snap length    {truncated:>10}");
+    }
 }
 
 fn print_counts(s: &LoopStats) {
