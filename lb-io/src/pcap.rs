@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use lb_core::{Frame, Instant};
-use pcap_file::TsResolution;
 use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
+use pcap_file::{DataLink, TsResolution};
 
 use crate::chunk::ChunkPool;
 use crate::device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
@@ -50,7 +50,8 @@ impl std::fmt::Debug for PcapDevice {
 }
 
 impl PcapDevice {
-    /// Opens `input` for reading and creates `output` (truncating it).
+    /// Opens `input` for reading and creates `output` (truncating it). Only an Ethernet capture is
+    /// accepted: another link type (Linux cooked, raw IP) is refused, naming it.
     pub fn open(input: &Path, output: &Path) -> Result<Self, DeviceError> {
         let in_path = input.display().to_string();
         let out_path = output.display().to_string();
@@ -60,7 +61,24 @@ impl PcapDevice {
             path: in_path.clone(),
             message: e.to_string(),
         })?;
-        let ts_resolution = reader.header().ts_resolution;
+        let header = reader.header();
+        if header.datalink != DataLink::ETHERNET {
+            // Refused before the output is created: a replay parses every frame as Ethernet.
+            let number = u32::from(header.datalink);
+            let name = match header.datalink {
+                DataLink::Unknown(_) => "unknown".to_string(),
+                known => format!("{known:?}"),
+            };
+            return Err(DeviceError::Pcap {
+                op: "read",
+                path: in_path,
+                message: format!(
+                    "link type {name} ({number}) is not Ethernet, the only one replayed; capture on an \
+                     interface (tcpdump -i eth0), not on `any` (which writes Linux cooked frames)"
+                ),
+            });
+        }
+        let ts_resolution = header.ts_resolution;
         let file =
             File::create(output).map_err(|e| DeviceError::Io { op: "create", device: out_path.clone(), source: e })?;
         let writer = PcapWriter::new(BufWriter::new(file)).map_err(|e| DeviceError::Pcap {

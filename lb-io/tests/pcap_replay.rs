@@ -124,8 +124,11 @@ fn a_capture_of_another_link_type_is_refused() {
         w.write_packet(&PcapPacket::new(Duration::from_secs(1), 64, &[0u8; 64])).unwrap();
     }
     let opened = PcapDevice::open(&input, &output);
+    let output_created = output.exists();
     let _ = std::fs::remove_file(&input);
     let _ = std::fs::remove_file(&output);
     let err = opened.expect_err("a Linux cooked capture is not Ethernet");
     assert!(err.to_string().to_lowercase().contains("link"), "{err}");
+    assert!(err.to_string().contains("LINUX_SLL (113)"), "names the link type: {err}");
+    assert!(!output_created, "the output is not created for a refused input");
 }
