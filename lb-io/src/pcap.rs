@@ -13,8 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use lb_core::{Frame, Instant};
-use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
-use pcap_file::{DataLink, TsResolution};
+use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
+use pcap_file::{DataLink, Endianness, TsResolution};
 
 use crate::chunk::ChunkPool;
 use crate::device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
@@ -81,7 +81,10 @@ impl PcapDevice {
         let ts_resolution = header.ts_resolution;
         let file =
             File::create(output).map_err(|e| DeviceError::Io { op: "create", device: out_path.clone(), source: e })?;
-        let writer = PcapWriter::new(BufWriter::new(file)).map_err(|e| DeviceError::Pcap {
+        // The output keeps the input's timestamp resolution (a nanosecond capture stays one); the
+        // rest is PcapWriter::new's header: Ethernet, snaplen 65535, native byte order.
+        let out_header = PcapHeader { ts_resolution, endianness: Endianness::native(), ..PcapHeader::default() };
+        let writer = PcapWriter::with_header(BufWriter::new(file), out_header).map_err(|e| DeviceError::Pcap {
             op: "write",
             path: out_path.clone(),
             message: e.to_string(),

@@ -132,3 +132,31 @@ fn a_capture_of_another_link_type_is_refused() {
     assert!(err.to_string().contains("LINUX_SLL (113)"), "names the link type: {err}");
     assert!(!output_created, "the output is not created for a refused input");
 }
+
+/// A nanosecond capture (magic 0xa1b23c4d) is written out as one: its timestamps keep their
+/// nanoseconds rather than being cut to microseconds.
+#[test]
+fn a_nanosecond_capture_replays_into_a_nanosecond_capture() {
+    use pcap_file::TsResolution;
+    use pcap_file::pcap::PcapHeader;
+    let input = scratch("nanos-in.pcap");
+    let output = scratch("nanos-out.pcap");
+    let ts = Duration::new(1, 123_456_789);
+    {
+        let header = PcapHeader { ts_resolution: TsResolution::NanoSecond, ..PcapHeader::default() };
+        let mut w = PcapWriter::with_header(std::fs::File::create(&input).unwrap(), header).unwrap();
+        w.write_packet(&PcapPacket::new(ts, 64, &[0u8; 64])).unwrap();
+    }
+    let dev = PcapDevice::open(&input, &output).unwrap();
+    let (_tx, rx) = update_channel();
+    let report = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), LoopConfig::default()).run().unwrap();
+    assert_eq!(report.stats.tx, 1);
+    report.device.finish().unwrap();
+    let mut r = PcapReader::new(std::fs::File::open(&output).unwrap()).unwrap();
+    let resolution = r.header().ts_resolution;
+    let written = r.next_packet().unwrap().unwrap().timestamp;
+    let _ = std::fs::remove_file(input);
+    let _ = std::fs::remove_file(output);
+    assert_eq!(resolution, TsResolution::NanoSecond);
+    assert_eq!(written, ts);
+}
