@@ -47,11 +47,13 @@ impl ChunkPool {
     }
 
     /// Lends up to `frames.len()` buffers, filling each with `next` (which copies one packet into the
-    /// slice it is given and returns its length, or `None` when there is no more input).
+    /// slice it is given and returns its length, or `None` when there is no more input). `next` also
+    /// gets the buffer's index (below the pool's buffer count), which [`ChunkPool::flush`] hands back
+    /// with the frame, so a device can keep something per frame (the pcap device: its timestamp).
     pub(crate) fn lend<'a>(
         &'a mut self,
         frames: &mut [Frame<'a>],
-        mut next: impl FnMut(&mut [u8]) -> Option<usize>,
+        mut next: impl FnMut(usize, &mut [u8]) -> Option<usize>,
     ) -> usize {
         debug_assert!(self.lent.is_empty(), "receive called twice without settle");
         let mut lens = [0usize; MAX_BURST];
@@ -64,7 +66,7 @@ impl ChunkPool {
             let Some(room) = chunk.get_mut(self.headroom..) else {
                 break;
             };
-            let Some(len) = next(room) else { break };
+            let Some(len) = next(idx, room) else { break };
             self.free.pop();
             lens[self.lent.len()] = len.min(room.len());
             if let Some(p) = self.position.get_mut(idx) {
@@ -103,11 +105,12 @@ impl ChunkPool {
         queued
     }
 
-    /// Hands up to `room` queued frames to `sink` in order and returns their buffers to the pool.
+    /// Hands up to `room` queued frames to `sink` in order, each with the index of its buffer (as
+    /// [`ChunkPool::lend`] gave it), and returns their buffers to the pool.
     pub(crate) fn flush<E>(
         &mut self,
         room: usize,
-        mut sink: impl FnMut(&[u8]) -> Result<(), E>,
+        mut sink: impl FnMut(usize, &[u8]) -> Result<(), E>,
     ) -> Result<FlushProgress, E> {
         let mut done = 0;
         while done < room {
@@ -119,7 +122,7 @@ impl ChunkPool {
                 .get(idx)
                 .and_then(|c| c.get(span.start..span.start.saturating_add(span.len)))
                 .unwrap_or(&[]);
-            sink(bytes)?;
+            sink(idx, bytes)?;
             self.tx_queue.pop_front();
             self.free.push(idx);
             done += 1;

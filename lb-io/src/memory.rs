@@ -79,7 +79,7 @@ impl Device for MemoryDevice {
         let room = self.pool.packet_room();
         let input = &mut self.input;
         let oversize = &mut self.oversize;
-        Ok(Received::frames(self.pool.lend(frames, |buf| {
+        Ok(Received::frames(self.pool.lend(frames, |_, buf| {
             while let Some(pkt) = input.pop_front() {
                 if pkt.len() > room {
                     *oversize += 1;
@@ -98,7 +98,7 @@ impl Device for MemoryDevice {
 
     fn flush(&mut self) -> Result<FlushProgress, DeviceError> {
         let out = &mut self.transmitted;
-        self.pool.flush(self.tx_per_flush, |bytes| {
+        self.pool.flush(self.tx_per_flush, |_, bytes| {
             out.push(bytes.to_vec());
             Ok::<(), DeviceError>(())
         })

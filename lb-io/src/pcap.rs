@@ -1,5 +1,6 @@
 //! A capture-file device: reads frames from a pcap file, writes transmitted frames to another, and
-//! gives the loop the capture's timestamps as its clock so a replay is deterministic.
+//! gives the loop the capture's timestamps as its clock so a replay is deterministic. Each written
+//! frame carries the timestamp of the frame it was read as, however the loop batched its flushes.
 //!
 //! Records are read raw and checked here, not by pcap-file's `next_packet`: that one refuses any
 //! record whose `orig_len` exceeds the header's snaplen, which is every cut-short frame of a
@@ -23,6 +24,8 @@ use crate::device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Spa
 const BUFFER_SIZE: usize = 2048;
 /// Headroom before each packet, as an AF_XDP UMEM gives (XDP_PACKET_HEADROOM).
 const HEADROOM: usize = 256;
+/// Buffers in the pool: two bursts.
+const BUFFERS: usize = MAX_BURST * 2;
 
 /// Reads one capture, writes another.
 pub struct PcapDevice {
@@ -34,8 +37,10 @@ pub struct PcapDevice {
     in_path: String,
     out_path: String,
     at_end: bool,
-    /// Timestamp of the last frame received, used as the loop's clock and as the output timestamp.
+    /// Timestamp of the last frame received, used as the loop's clock.
     last_ts: Duration,
+    /// Input timestamp of the frame in each buffer, by buffer index: the frame's output timestamp.
+    stamps: Vec<Duration>,
     /// Frames skipped because they were longer than a buffer (jumbo frames).
     oversize: u64,
     /// Records skipped because the capture holds only the start of the frame (snap length).
@@ -90,7 +95,7 @@ impl PcapDevice {
             message: e.to_string(),
         })?;
         Ok(PcapDevice {
-            pool: ChunkPool::new(MAX_BURST * 2, BUFFER_SIZE, HEADROOM),
+            pool: ChunkPool::new(BUFFERS, BUFFER_SIZE, HEADROOM),
             reader,
             ts_resolution,
             writer,
@@ -98,6 +103,7 @@ impl PcapDevice {
             out_path,
             at_end: false,
             last_ts: Duration::ZERO,
+            stamps: vec![Duration::ZERO; BUFFERS],
             oversize: 0,
             truncated: 0,
             read_error: None,
@@ -134,10 +140,11 @@ impl Device for PcapDevice {
         let ts_resolution = self.ts_resolution;
         let at_end = &mut self.at_end;
         let last_ts = &mut self.last_ts;
+        let stamps = &mut self.stamps;
         let oversize = &mut self.oversize;
         let truncated = &mut self.truncated;
         let read_error = &mut self.read_error;
-        let count = self.pool.lend(frames, |buf| {
+        let count = self.pool.lend(frames, |buffer, buf| {
             loop {
                 // Every check of pcap-file's but the snaplen ones (see the module comment): the
                 // timestamp, and no more bytes captured than were on the wire.
@@ -158,6 +165,9 @@ impl Device for PcapDevice {
                     Some(Ok(pkt)) if pkt.data.len() > room => *oversize += 1,
                     Some(Ok(pkt)) => {
                         *last_ts = pkt.timestamp;
+                        if let Some(stamp) = stamps.get_mut(buffer) {
+                            *stamp = pkt.timestamp;
+                        }
                         buf.get_mut(..pkt.data.len())?.copy_from_slice(&pkt.data);
                         return Some(pkt.data.len());
                     }
@@ -174,9 +184,11 @@ impl Device for PcapDevice {
 
     fn flush(&mut self) -> Result<FlushProgress, DeviceError> {
         let writer = &mut self.writer;
-        let ts = self.last_ts;
+        let stamps = &self.stamps;
+        let last_ts = self.last_ts;
         let path = &self.out_path;
-        self.pool.flush(usize::MAX, |bytes| {
+        self.pool.flush(usize::MAX, |buffer, bytes| {
+            let ts = stamps.get(buffer).copied().unwrap_or(last_ts);
             let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
             writer.write_packet(&PcapPacket::new(ts, len, bytes)).map(|_| ()).map_err(|e| DeviceError::Pcap {
                 op: "write",

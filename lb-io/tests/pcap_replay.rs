@@ -160,3 +160,38 @@ fn a_nanosecond_capture_replays_into_a_nanosecond_capture() {
     assert_eq!(resolution, TsResolution::NanoSecond);
     assert_eq!(written, ts);
 }
+
+/// Each written frame carries the timestamp of the frame it was read as, whatever the loop's
+/// flushing: frames queued across several bursts (a TX batch bigger than one burst's transmits, a
+/// flush deadline never reached) are not all stamped with the time of the burst that flushed them,
+/// so the output does not depend on how fast the replay ran.
+#[test]
+fn each_written_frame_keeps_its_own_timestamp() {
+    let input = scratch("stamps-in.pcap");
+    let output = scratch("stamps-out.pcap");
+    {
+        let mut w = PcapWriter::new(std::fs::File::create(&input).unwrap()).unwrap();
+        for i in 0u8..200 {
+            let mut f = vec![0u8; 64];
+            f[15] = i;
+            w.write_packet(&PcapPacket::new(Duration::from_millis(u64::from(i) * 10), 64, &f)).unwrap();
+        }
+    }
+    let dev = PcapDevice::open(&input, &output).unwrap();
+    let (_tx, rx) = update_channel();
+    let config = LoopConfig { tx_batch: 64, flush_interval: Duration::from_secs(3600), ..LoopConfig::default() };
+    let report = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), config).run().unwrap();
+    assert_eq!(report.stats.tx, 100);
+    report.device.finish().unwrap();
+    let mut r = PcapReader::new(std::fs::File::open(&output).unwrap()).unwrap();
+    let mut stamps = Vec::new();
+    while let Some(p) = r.next_packet() {
+        let p = p.unwrap();
+        stamps.push((p.data[15], p.timestamp));
+    }
+    let _ = std::fs::remove_file(input);
+    let _ = std::fs::remove_file(output);
+    let want: Vec<(u8, Duration)> =
+        (0u8..200).step_by(2).map(|i| (i, Duration::from_millis(u64::from(i) * 10))).collect();
+    assert_eq!(stamps, want);
+}
