@@ -1666,4 +1666,41 @@ services:
         assert!(names.contains(&"default/good:http") && !names.contains(&"default/bad:http"), "{names:?}");
         assert_eq!(live.borrow().k8s_skipped, 1);
     }
+
+    /// A file edited while `lb run` starts (after it was loaded, before the watcher took its first
+    /// look) is still applied: the watcher must compare against what was loaded, not against what it
+    /// first finds on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_edited_while_starting_is_applied() {
+        let path = std::env::temp_dir().join(format!("lb-start-race-{}.yaml", std::process::id()));
+        std::fs::write(&path, GOOD).unwrap();
+        let loaded = crate::config::file::load(&path).unwrap();
+        // The ConfigMap changes between the load and the control plane's start.
+        let two = GOOD.to_string() + "  - { name: api, vip: 10.0.0.11, port: 80, backends: [{ addr: 10.1.0.3 }] }\n";
+        std::fs::write(&path, &two).unwrap();
+
+        let (sink, mut tables) = mpsc::unbounded_channel::<Arc<Tables>>();
+        let stats: Arc<dyn crate::metrics::StatsSource> = Arc::new(Vec::<crate::metrics::CoreSnapshot>::new);
+        let plane = ControlPlane::start(path.clone(), loaded, sink, stats, std::time::Duration::from_millis(20))
+            .await
+            .unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(plane.run(async move {
+            let _ = stop_rx.await;
+        }));
+        let got_two = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+            while let Some(t) = tables.recv().await {
+                if t.services().len() == 2 {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or(false);
+        let _ = stop_tx.send(());
+        let _ = task.await;
+        let _ = std::fs::remove_file(&path);
+        assert!(got_two, "the file on disk (2 services) was never applied: the watcher took it as already loaded");
+    }
 }
