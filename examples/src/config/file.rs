@@ -885,6 +885,38 @@ services:
         }
     }
 
+    /// A VIP or a backend must be an address a packet can be sent to or received for: the
+    /// unspecified address, broadcast and multicast are refused with the field and the value, as a
+    /// mistyped address must not become a service that steers or forwards to nowhere (or everywhere).
+    #[test]
+    fn unusable_vip_and_backend_addresses_are_refused() {
+        let file = |vip: &str, backend: &str| {
+            format!(
+                "node: {{ snat_v4: 10.0.0.2, snat_v6: \"fd00::2\", gateway_mac: \"02:00:00:00:00:fe\" }}\n\
+                 services: [{{ vip: \"{vip}\", port: 80, backends: [{{ addr: \"{backend}\" }}] }}]\n"
+            )
+        };
+        for (vip, backend, field) in [
+            ("0.0.0.0", "10.1.0.1", "services[0].vip"),
+            ("255.255.255.255", "10.1.0.1", "services[0].vip"),
+            ("224.0.0.5", "10.1.0.1", "services[0].vip"),
+            ("::", "fd00::1", "services[0].vip"),
+            ("ff02::1", "fd00::1", "services[0].vip"),
+            ("10.0.0.1", "0.0.0.0", "services[0].backends[0].addr"),
+            ("10.0.0.1", "255.255.255.255", "services[0].backends[0].addr"),
+            ("10.0.0.1", "224.0.0.1", "services[0].backends[0].addr"),
+            ("fd00::10", "::", "services[0].backends[0].addr"),
+            ("fd00::10", "ff02::1", "services[0].backends[0].addr"),
+        ] {
+            match parse(&file(vip, backend)) {
+                Err(ConfigError::Invalid(errs)) => {
+                    assert!(errs.iter().any(|e| e.field == field), "{vip} / {backend}: {errs:?}")
+                }
+                other => panic!("vip {vip}, backend {backend} accepted: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn unknown_key_is_a_syntax_error_with_its_name() {
         let err = parse("services:\n  - { vip: 10.0.0.1, port: 80, wieght: 3 }\n").unwrap_err();
