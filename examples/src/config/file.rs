@@ -917,6 +917,26 @@ services:
         }
     }
 
+    /// A setting that the rest of the entry makes meaningless is refused, not dropped: `path` on a TCP
+    /// check (the user meant `type: http` and would get a bare connect check), `gue_port` on a service
+    /// that is not GUE, `maglev_table_size` on a scheduler without a Maglev table.
+    #[test]
+    fn settings_the_entry_cannot_use_are_refused() {
+        let file = |service: &str| {
+            format!("node: {{ snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }}\nservices: [{service}]\n")
+        };
+        for (service, field) in [
+            ("{ vip: 10.0.0.1, port: 80, health_check: { type: tcp, path: /healthz } }", "services[0].health_check.path"),
+            ("{ vip: 10.0.0.1, port: 80, mode: nat, gue_port: 6080 }", "services[0].gue_port"),
+            ("{ vip: 10.0.0.1, port: 80, scheduler: rr, maglev_table_size: 65537 }", "services[0].maglev_table_size"),
+        ] {
+            match parse(&file(service)) {
+                Err(ConfigError::Invalid(errs)) => assert!(errs.iter().any(|e| e.field == field), "{service}: {errs:?}"),
+                other => panic!("{service} accepted: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn unknown_key_is_a_syntax_error_with_its_name() {
         let err = parse("services:\n  - { vip: 10.0.0.1, port: 80, wieght: 3 }\n").unwrap_err();
