@@ -937,6 +937,22 @@ services:
         }
     }
 
+    /// A `kubernetes:` section turned off with `enabled: false` is still checked: a bad value in it is
+    /// reported now, not when the section is turned back on (which then also needs a restart).
+    #[test]
+    fn a_disabled_kubernetes_section_is_still_validated() {
+        let yaml = "kubernetes: { enabled: false, debounce: soon, node_addresses: [node-a], default_mode: teleport }\n";
+        match parse(yaml) {
+            Err(ConfigError::Invalid(errs)) => {
+                let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+                for want in ["kubernetes.debounce", "kubernetes.node_addresses[0]", "kubernetes.default_mode"] {
+                    assert!(fields.contains(&want), "missing {want} in {errs:?}");
+                }
+            }
+            other => panic!("bad values in a disabled kubernetes section accepted: {other:?}"),
+        }
+    }
+
     #[test]
     fn unknown_key_is_a_syntax_error_with_its_name() {
         let err = parse("services:\n  - { vip: 10.0.0.1, port: 80, wieght: 3 }\n").unwrap_err();
