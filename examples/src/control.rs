@@ -1681,9 +1681,8 @@ services:
 
         let (sink, mut tables) = mpsc::unbounded_channel::<Arc<Tables>>();
         let stats: Arc<dyn crate::metrics::StatsSource> = Arc::new(Vec::<crate::metrics::CoreSnapshot>::new);
-        let plane = ControlPlane::start(path.clone(), loaded, sink, stats, std::time::Duration::from_millis(20))
-            .await
-            .unwrap();
+        let plane =
+            ControlPlane::start(path.clone(), loaded, sink, stats, std::time::Duration::from_millis(20)).await.unwrap();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(plane.run(async move {
             let _ = stop_rx.await;

@@ -926,12 +926,17 @@ services:
             format!("node: {{ snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }}\nservices: [{service}]\n")
         };
         for (service, field) in [
-            ("{ vip: 10.0.0.1, port: 80, health_check: { type: tcp, path: /healthz } }", "services[0].health_check.path"),
+            (
+                "{ vip: 10.0.0.1, port: 80, health_check: { type: tcp, path: /healthz } }",
+                "services[0].health_check.path",
+            ),
             ("{ vip: 10.0.0.1, port: 80, mode: nat, gue_port: 6080 }", "services[0].gue_port"),
             ("{ vip: 10.0.0.1, port: 80, scheduler: rr, maglev_table_size: 65537 }", "services[0].maglev_table_size"),
         ] {
             match parse(&file(service)) {
-                Err(ConfigError::Invalid(errs)) => assert!(errs.iter().any(|e| e.field == field), "{service}: {errs:?}"),
+                Err(ConfigError::Invalid(errs)) => {
+                    assert!(errs.iter().any(|e| e.field == field), "{service}: {errs:?}")
+                }
                 other => panic!("{service} accepted: {other:?}"),
             }
         }
