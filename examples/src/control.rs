@@ -28,6 +28,7 @@ use lb_core::service::{TableBuilder, Tables};
 use lb_io::bpf::xdp::SteeringSet;
 use tokio::sync::{mpsc, watch};
 
+use crate::config::file::LoadedFile;
 use crate::config::{ServiceSpec, Settings};
 use crate::health::{HealthChecker, HealthEvent, StatusTable, Target, apply_health};
 use crate::k8s::Translation;
@@ -667,11 +668,12 @@ pub struct ControlPlane<S: TablesSink> {
 impl<S: TablesSink + 'static> ControlPlane<S> {
     /// Starts the control side: applies the initial configuration (already loaded from `path`;
     /// `NODE_NAME`/`NODE_IPS` fill its Kubernetes gaps) and spawns file reloads (SIGHUP, content
-    /// change polled every `poll`), the Kubernetes feed if the file enables it, and the metrics
-    /// endpoint if `metrics.listen` is set. Tables go to `sink` (one update sender per worker).
+    /// change polled every `poll`, compared with the text `loaded` was parsed from, so an edit made
+    /// since is applied), the Kubernetes feed if the file enables it, and the metrics endpoint if
+    /// `metrics.listen` is set. Tables go to `sink` (one update sender per worker).
     pub async fn start(
         path: std::path::PathBuf,
-        mut settings: Settings,
+        loaded: LoadedFile,
         sink: S,
         stats: Arc<dyn crate::metrics::StatsSource>,
         poll: std::time::Duration,
@@ -679,6 +681,7 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
         use crate::config::reload::{FileWatch, watch as watch_file};
         use crate::k8s::feed::{Feed, client};
 
+        let LoadedFile { mut settings, digest } = loaded;
         settings.fill_from_env(|k| std::env::var(k).ok());
         let mut control = Control::new(sink);
         control.apply(ControlInput::File(Box::new(settings.clone())))?;
@@ -701,9 +704,9 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
             });
         }
 
-        // File reloads. The first check only records the content already loaded.
-        let mut fw = FileWatch::new(path);
-        let _ = fw.check(false);
+        // File reloads, from the text loaded: one written since (a ConfigMap updated while this
+        // started) is a change, sent at the first check.
+        let fw = FileWatch::loaded(path, digest);
         let (f_tx, mut f_rx) = mpsc::channel(4);
         tokio::spawn(watch_file(fw, poll, f_tx));
         tokio::spawn(async move {
@@ -747,21 +750,18 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
 /// [`ControlPlane::start`] then [`ControlPlane::run`], polling the file every 2 s.
 pub async fn run_control_plane<S: TablesSink + 'static>(
     path: std::path::PathBuf,
-    settings: Settings,
+    loaded: LoadedFile,
     sink: S,
     stats: Arc<dyn crate::metrics::StatsSource>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
-    ControlPlane::start(path, settings, sink, stats, std::time::Duration::from_secs(2)).await?.run(stop).await;
+    ControlPlane::start(path, loaded, sink, stats, std::time::Duration::from_secs(2)).await?.run(stop).await;
     Ok(())
 }
 
 /// Why `lb run` stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The configuration file is unreadable or invalid.
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
     /// The control plane could not start.
     #[error(transparent)]
     Start(#[from] StartError),
@@ -770,15 +770,16 @@ pub enum RunError {
     Runtime(std::io::Error),
 }
 
-/// `lb run`'s control side, blocking: loads `path`, runs the control plane on a small tokio runtime
-/// of its own (the workers' cores stay free) until SIGINT or SIGTERM. With no `sink` workers (e.g.
-/// `interfaces: []`) it still builds and serves the tables on `/state`, a dry run of the translation.
+/// `lb run`'s control side, blocking: runs the control plane from `loaded` (the file at `path` as
+/// the workers were set up from it) on a small tokio runtime of its own (the workers' cores stay
+/// free) until SIGINT or SIGTERM. With no `sink` workers (e.g. `interfaces: []`) it still builds and
+/// serves the tables on `/state`, a dry run of the translation.
 pub fn run_blocking<S: TablesSink + 'static>(
     path: &std::path::Path,
+    loaded: LoadedFile,
     sink: S,
     stats: Arc<dyn crate::metrics::StatsSource>,
 ) -> Result<(), RunError> {
-    let settings = crate::config::file::load(path)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("lb-control")
@@ -807,7 +808,7 @@ pub fn run_blocking<S: TablesSink + 'static>(
                 let _ = tokio::signal::ctrl_c().await;
             }
         };
-        run_control_plane(path.to_owned(), settings, sink, stats, stop).await
+        run_control_plane(path.to_owned(), loaded, sink, stats, stop).await
     })?;
     Ok(())
 }

@@ -37,7 +37,7 @@ pub fn main(args: Args) -> CmdResult {
         device.finish()?;
         return Ok(());
     };
-    let settings = lb_examples::config::file::load(path)?;
+    let settings = lb_examples::config::file::load(path)?.settings;
     let config = lb_core::config::Config {
         node: settings.node.clone(),
         services: settings.services.iter().map(|s| s.config.clone()).collect(),

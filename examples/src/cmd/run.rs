@@ -185,7 +185,8 @@ impl TablesSink for Workers {
 
 /// Starts the loops, runs the control plane until SIGINT/SIGTERM, stops the loops.
 pub fn main(args: Args) -> CmdResult {
-    let settings = lb_examples::config::file::load(&args.config)?;
+    let loaded = lb_examples::config::file::load(&args.config)?;
+    let settings = &loaded.settings;
     StopFlag::watch_signals()?;
     let stop = StopFlag::new();
     // Workers start on empty tables of the file's node settings (no flows can exist before the
@@ -256,7 +257,9 @@ pub fn main(args: Args) -> CmdResult {
         workers.steering.push(steering);
     }
     tracing::info!(loops = queues.len(), "poll loops running");
-    let result = run_blocking(&args.config, workers, Arc::new(counters));
+    // The control plane starts from the same load, so it knows the interfaces and SNAT settings the
+    // loops were set up with, and applies an edit made since as a reload.
+    let result = run_blocking(&args.config, loaded, workers, Arc::new(counters));
     stop.stop();
     for h in handles {
         match h.join() {

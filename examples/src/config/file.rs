@@ -44,6 +44,7 @@ use lb_core::config::{
 };
 use serde::Deserialize;
 
+use super::reload::ContentDigest;
 use super::{FailurePolicy, HealthCheck, InterfaceConfig, KubernetesSettings, Probe, ServiceSpec, Settings};
 
 /// Largest backend weight, as `ipvsadm -w` allows.
@@ -233,10 +234,20 @@ struct FileHealthCheck {
 // ---------------------------------------------------------------------------------------------
 // Entry points.
 
+/// A configuration file as [`load`] read it: its settings and the digest of the text they come from,
+/// from which a [`FileWatch`](super::reload::FileWatch) tells whether the file changed since.
+#[derive(Debug, Clone)]
+pub struct LoadedFile {
+    /// What the file says.
+    pub settings: Settings,
+    /// The digest of the text parsed.
+    pub digest: ContentDigest,
+}
+
 /// Reads and validates the configuration file at `path`.
-pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+pub fn load(path: &Path) -> Result<LoadedFile, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-    parse(&text)
+    Ok(LoadedFile { settings: parse(&text)?, digest: ContentDigest::of(&text) })
 }
 
 /// Parses and validates a configuration given as YAML text.

@@ -16,11 +16,24 @@ use tokio::sync::mpsc;
 use super::Settings;
 use super::file::{self, ConfigError};
 
+/// A digest of a configuration file's text, to tell one version of the file from another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ContentDigest(u64);
+
+impl ContentDigest {
+    /// The digest of `text`.
+    pub fn of(text: &str) -> Self {
+        let mut h = DefaultHasher::new();
+        text.hash(&mut h);
+        ContentDigest(h.finish())
+    }
+}
+
 /// Remembers the last content seen at a path, to tell when it changed.
 #[derive(Debug)]
 pub struct FileWatch {
     path: PathBuf,
-    last: Option<u64>,
+    last: Option<ContentDigest>,
 }
 
 /// What one check of the file found.
@@ -40,6 +53,12 @@ impl FileWatch {
         FileWatch { path: path.into(), last: None }
     }
 
+    /// Watches `path`, whose text with `digest` is loaded already ([`file::load`]): the first
+    /// [`FileWatch::check`] loads only if the file holds something else by then (edited since).
+    pub fn loaded(path: impl Into<PathBuf>, digest: ContentDigest) -> Self {
+        FileWatch { path: path.into(), last: Some(digest) }
+    }
+
     /// The watched path.
     pub fn path(&self) -> &std::path::Path {
         &self.path
@@ -51,9 +70,7 @@ impl FileWatch {
             Ok(t) => t,
             Err(source) => return Reload::Rejected(ConfigError::Read { path: self.path.clone(), source }),
         };
-        let mut h = DefaultHasher::new();
-        text.hash(&mut h);
-        let digest = h.finish();
+        let digest = ContentDigest::of(&text);
         if !force && self.last == Some(digest) {
             return Reload::Unchanged;
         }
@@ -68,7 +85,8 @@ impl FileWatch {
 
 /// Sends every new version of the file to `tx`, on SIGHUP and on content change (polled every
 /// `poll`): the settings if valid, else the error (already logged) so the control loop can count it.
-/// Returns when `tx` is closed. The caller loads the first version itself.
+/// Returns when `tx` is closed. The caller loads the first version itself and starts `fw` with it
+/// ([`FileWatch::loaded`]), so a version written in between is sent.
 pub async fn watch(mut fw: FileWatch, poll: Duration, tx: mpsc::Sender<Result<Settings, ConfigError>>) {
     #[cfg(unix)]
     let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -143,5 +161,22 @@ mod tests {
 
         std::fs::remove_file(&path).unwrap();
         assert!(matches!(fw.check(false), Reload::Rejected(ConfigError::Read { .. })));
+    }
+
+    /// A watch started from a load compares with the text that load parsed: the same text is
+    /// unchanged, a text written since is loaded at the first check.
+    #[test]
+    fn a_watch_started_from_a_load_sees_what_was_written_since() {
+        let path = temp_path("loaded");
+        std::fs::write(&path, "node: { snat_v4: 10.0.0.2 }\nservices: [{ vip: 10.0.0.1, port: 80 }]\n").unwrap();
+        let loaded = file::load(&path).unwrap();
+        assert!(matches!(FileWatch::loaded(&path, loaded.digest).check(false), Reload::Unchanged));
+
+        std::fs::write(&path, "node: { snat_v4: 10.0.0.2 }\nservices: []\n").unwrap();
+        let mut fw = FileWatch::loaded(&path, loaded.digest);
+        let Reload::Loaded(s) = fw.check(false) else { panic!("the edited file loads") };
+        assert!(s.services.is_empty());
+        assert!(matches!(fw.check(false), Reload::Unchanged));
+        std::fs::remove_file(&path).unwrap();
     }
 }
