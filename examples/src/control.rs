@@ -1098,21 +1098,31 @@ services:
 
     #[test]
     fn auto_leaves_the_nodes_own_addresses_to_the_kernel() {
-        // 127.0.0.1 is on this namespace's loopback; 192.0.2.10 (TEST-NET-1) on no interface.
-        let settings = parse(
+        // An IPv4 address an interface of this namespace holds (not loopback, which cannot be a
+        // VIP); 192.0.2.10 (TEST-NET-1) on no interface.
+        let foreign: IpAddr = "192.0.2.10".parse().unwrap();
+        let own = lb_io::interface::local_addresses()
+            .unwrap()
+            .into_iter()
+            .find(|a| a.is_ipv4() && *a != foreign && lb_core::config::SpecialAddress::of(*a).is_none());
+        let Some(own) = own else {
+            eprintln!("skipped: no interface here holds a non-loopback IPv4 address to serve as a VIP");
+            return;
+        };
+        let settings = parse(&format!(
             r#"
-node: { local_mac: "02:00:00:00:00:01" }
+node: {{ local_mac: "02:00:00:00:00:01" }}
 services:
-  - { name: own, vip: 127.0.0.1, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 80, mac: "02:aa:bb:cc:dd:ee" }] }
-  - { name: foreign, vip: 192.0.2.10, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 80, mac: "02:aa:bb:cc:dd:ee" }] }
-"#,
-        )
+  - {{ name: own, vip: {own}, port: 80, mode: dsr, backends: [{{ addr: 10.1.0.1, port: 80, mac: "02:aa:bb:cc:dd:ee" }}] }}
+  - {{ name: foreign, vip: {foreign}, port: 80, mode: dsr, backends: [{{ addr: 10.1.0.1, port: 80, mac: "02:aa:bb:cc:dd:ee" }}] }}
+"#
+        ))
         .unwrap();
         let config =
             Config { node: settings.node, services: settings.services.into_iter().map(|s| s.config).collect() };
         let tables = TableBuilder::new().build(&config).unwrap();
         let auto = steering_for(&tables, NeighbourResponder::Auto);
-        assert_eq!(auto.neighbour.iter().copied().collect::<Vec<_>>(), ["192.0.2.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(auto.neighbour.iter().copied().collect::<Vec<_>>(), [foreign]);
         let all = steering_for(&tables, NeighbourResponder::All);
         assert_eq!(all.neighbour.len(), 2);
     }
@@ -1600,43 +1610,50 @@ services:
     #[tokio::test]
     async fn a_restarted_probe_brings_its_backend_back_and_ignores_the_old_probes_events() {
         let mut control = Control::new(RecordingSink::default());
-        // Probes go to loopback only (nothing listens there; one probe per hour, fall 3: no transition).
+        // Probes go to TEST-NET-2 (RFC 5737: no host holds it; loopback cannot be a backend), one per
+        // hour with fall 3: no transition of their own.
         let file = |interval: &str| {
-            let yaml = GOOD.replace("10.1.0.", "127.0.0.")
+            let yaml = GOOD.replace("10.1.0.", "198.51.100.")
                 + &format!("    health_check: {{ type: tcp, interval: {interval}, timeout: 1s }}\n");
             Box::new(parse(&yaml).unwrap())
         };
         let first = control.apply(ControlInput::File(file("1h"))).unwrap();
-        let target = Target { service: first.services()[0].key, backend: "127.0.0.2:8080".parse().unwrap() };
+        let target = Target { service: first.services()[0].key, backend: "198.51.100.2:8080".parse().unwrap() };
         let old = control.health.generation(&target).expect("probed");
         let down = HealthEvent { target, healthy: false, generation: old };
         let t = control.apply(ControlInput::Health(down)).unwrap();
-        assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Draining));
+        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining));
 
         let t = control.apply(ControlInput::File(file("2h"))).unwrap();
-        assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Active), "the new probe starts up");
+        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Active), "the new probe starts up");
         assert!(control.health.status().lock().unwrap()[&target].healthy);
         assert_ne!(control.health.generation(&target), Some(old));
 
         let t = control.apply(ControlInput::Health(down)).unwrap();
-        assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Active), "the old probe's event is stale");
+        assert_eq!(
+            backends(&t)[1],
+            ("198.51.100.2:8080".into(), BackendState::Active),
+            "the old probe's event is stale"
+        );
     }
 
     #[tokio::test]
     async fn health_overlay_and_file_wins_over_kubernetes() {
         let sink = RecordingSink::default();
         let mut control = Control::new(sink.clone());
-        // Probes go to loopback only (nothing listens there; one probe per hour, fall 3: no transition).
-        let yaml = GOOD.replace("10.1.0.", "127.0.0.") + "    health_check: { type: tcp, interval: 1h, timeout: 1s }\n";
+        // Probes go to TEST-NET-2 (RFC 5737: no host holds it; loopback cannot be a backend), one per
+        // hour with fall 3: no transition of their own.
+        let yaml =
+            GOOD.replace("10.1.0.", "198.51.100.") + "    health_check: { type: tcp, interval: 1h, timeout: 1s }\n";
         let settings = parse(&yaml).unwrap();
         let key = settings.services[0].config.key;
         control.apply(ControlInput::File(Box::new(settings))).unwrap();
-        let target = Target { service: key, backend: "127.0.0.2:8080".parse().unwrap() };
+        let target = Target { service: key, backend: "198.51.100.2:8080".parse().unwrap() };
         let generation = control.health.generation(&target).expect("probed");
         let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: false, generation })).unwrap();
-        assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Draining));
+        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining));
         let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: true, generation })).unwrap();
-        assert_eq!(backends(&t)[1], ("127.0.0.2:8080".into(), BackendState::Active));
+        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Active));
 
         // A Kubernetes service on the same key is left out; one on another key is added.
         let mut k8s = Translation::default();

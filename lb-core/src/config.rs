@@ -303,6 +303,52 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// An address that cannot be a VIP, a backend or a node's source address: no packet to or from it
+/// travels the wire between two hosts as unicast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SpecialAddress {
+    /// `0.0.0.0` or `::`: "no address", never a destination.
+    Unspecified,
+    /// `255.255.255.255`: every host of the link.
+    Broadcast,
+    /// `224.0.0.0/4` or `ff00::/8`: a group, not a host.
+    Multicast,
+    /// `127.0.0.0/8` or `::1`: a host's own loopback, dropped as a martian when it comes off the wire.
+    Loopback,
+    /// `::ffff:0:0/96`: an IPv4 address written as IPv6, which no IPv6 packet carries; inside the
+    /// load balancer (flow keys, steering) it is the IPv4 address itself.
+    Ipv4Mapped,
+}
+
+impl SpecialAddress {
+    /// What keeps `addr` from being a VIP, a backend or a node address; `None` if nothing does.
+    pub const fn of(addr: IpAddr) -> Option<Self> {
+        match addr {
+            IpAddr::V4(a) if a.is_unspecified() => Some(SpecialAddress::Unspecified),
+            IpAddr::V4(a) if a.is_broadcast() => Some(SpecialAddress::Broadcast),
+            IpAddr::V4(a) if a.is_multicast() => Some(SpecialAddress::Multicast),
+            IpAddr::V4(a) if a.is_loopback() => Some(SpecialAddress::Loopback),
+            IpAddr::V6(a) if a.is_unspecified() => Some(SpecialAddress::Unspecified),
+            IpAddr::V6(a) if a.is_multicast() => Some(SpecialAddress::Multicast),
+            IpAddr::V6(a) if a.is_loopback() => Some(SpecialAddress::Loopback),
+            IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => Some(SpecialAddress::Ipv4Mapped),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SpecialAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SpecialAddress::Unspecified => "the unspecified address",
+            SpecialAddress::Broadcast => "the broadcast address",
+            SpecialAddress::Multicast => "a multicast address",
+            SpecialAddress::Loopback => "a loopback address",
+            SpecialAddress::Ipv4Mapped => "an IPv4-mapped IPv6 address (write the IPv4 address)",
+        })
+    }
+}
+
 /// One virtual service and everything about how it balances.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceConfig {
@@ -496,5 +542,31 @@ mod tests {
         assert_eq!("Maglev".parse::<SchedulerKind>().unwrap(), SchedulerKind::Maglev);
         let err = "lblc".parse::<SchedulerKind>().unwrap_err();
         assert!(err.to_string().contains("lblc"));
+    }
+
+    #[test]
+    fn special_addresses_are_told_from_unicast_ones() {
+        use SpecialAddress::*;
+        for (addr, want) in [
+            ("0.0.0.0", Some(Unspecified)),
+            ("::", Some(Unspecified)),
+            ("255.255.255.255", Some(Broadcast)),
+            ("224.0.0.5", Some(Multicast)),
+            ("239.255.255.250", Some(Multicast)),
+            ("ff02::1", Some(Multicast)),
+            ("127.0.0.1", Some(Loopback)),
+            ("127.255.0.9", Some(Loopback)),
+            ("::1", Some(Loopback)),
+            ("::ffff:10.0.0.1", Some(Ipv4Mapped)),
+            ("10.0.0.1", None),
+            ("192.0.2.255", None),
+            ("223.255.255.255", None),
+            ("240.0.0.1", None),
+            ("2001:db8::1", None),
+            ("fe80::1", None),
+            ("::2", None),
+        ] {
+            assert_eq!(SpecialAddress::of(addr.parse().unwrap()), want, "{addr}");
+        }
     }
 }

@@ -52,7 +52,7 @@ use crate::packet::{Family, FlowKey};
 
 use crate::config::{
     BackendConfig, BackendState, Cidr, Config, ForwardMode, NodeConfig, RemovedBackendPolicy, SchedulerKind,
-    ServiceConfig, ServiceKey, Timeouts,
+    ServiceConfig, ServiceKey, SpecialAddress, Timeouts,
 };
 use crate::schedule::ServiceScheduler;
 
@@ -712,6 +712,29 @@ pub enum ConfigError {
         /// Service name.
         service: String,
     },
+    /// A VIP or backend address that no packet can carry to one host (unspecified, broadcast,
+    /// multicast, loopback, IPv4-mapped IPv6).
+    #[error("service {service}: {role} {addr} is {kind}; a {role} must be a unicast address a host holds")]
+    UnusableAddress {
+        /// Service name.
+        service: String,
+        /// `VIP` or `backend`.
+        role: &'static str,
+        /// The address.
+        addr: IpAddr,
+        /// What it is.
+        kind: SpecialAddress,
+    },
+    /// A node address (SNAT or tunnel source) that cannot be a packet's source on the wire.
+    #[error("node.{field} {addr} is {kind}; it must be a unicast address of this node")]
+    UnusableNodeAddress {
+        /// `snat_v4`, `snat_v6`, `tunnel_src_v4` or `tunnel_src_v6`.
+        field: &'static str,
+        /// The address.
+        addr: IpAddr,
+        /// What it is.
+        kind: SpecialAddress,
+    },
     /// A conntrack timeout under one second or beyond `u32` seconds. The worker counts whole
     /// seconds, so a shorter timeout expires every entry at once: each packet would be a new flow,
     /// scheduled afresh, and a flow's packets could go to several backends.
@@ -899,6 +922,11 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         ("tunnel_src_v4", node.tunnel_src_v4.map(IpAddr::V4)),
         ("tunnel_src_v6", node.tunnel_src_v6.map(IpAddr::V6)),
     ];
+    for (field, addr) in node_addrs {
+        if let Some((addr, kind)) = addr.and_then(|a| SpecialAddress::of(a).map(|k| (a, k))) {
+            return Err(ConfigError::UnusableNodeAddress { field, addr, kind });
+        }
+    }
     for s in &cfg.services {
         let service = || s.name.clone();
         if let Some(prev) = keys.insert(s.key, &s.name) {
@@ -908,6 +936,9 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             return Err(ConfigError::ServicePortZero { service: service(), key: s.key });
         }
         let vip = s.key.vip;
+        if let Some(kind) = SpecialAddress::of(vip) {
+            return Err(ConfigError::UnusableAddress { service: service(), role: "VIP", addr: vip, kind });
+        }
         for (field, addr) in node_addrs {
             if addr == Some(vip) {
                 return Err(ConfigError::NodeAddressIsVip { field, addr: vip, service: service() });
@@ -972,6 +1003,9 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             let name = || backend_name(b.addr, b.port);
             if !seen.insert((b.addr, b.port)) {
                 return Err(ConfigError::DuplicateBackend { service: service(), backend: name() });
+            }
+            if let Some(kind) = SpecialAddress::of(b.addr) {
+                return Err(ConfigError::UnusableAddress { service: service(), role: "backend", addr: b.addr, kind });
             }
             if b.addr.is_ipv4() != vip.is_ipv4() {
                 return Err(ConfigError::FamilyMismatch {
@@ -1328,15 +1362,17 @@ mod tests {
     #[test]
     fn service_index_finds_every_service_and_nothing_else() {
         // 3 000 services on IPv4 and IPv6 VIPs, several ports and both protocols per VIP, including
-        // an IPv6 VIP that is the IPv4-mapped form of an IPv4 one (a different family: a different key).
+        // an IPv6 VIP that ends in an IPv4 one's bits (::a.b.c.d; a different family: a different
+        // key). The IPv4-mapped form (::ffff:a.b.c.d, the IPv4 key's own bytes) cannot be a VIP; a
+        // lookup of it misses.
         let mut cfg = good();
         cfg.node.snat_v4 = None;
         cfg.services.clear();
         for i in 0..500u32 {
             let v4 = core::net::Ipv4Addr::from(0xc633_0000 + i);
             let v6 = core::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i));
-            let mapped = v4.to_ipv6_mapped();
-            for (n, vip) in [IpAddr::V4(v4), IpAddr::V6(v6), IpAddr::V6(mapped)].into_iter().enumerate() {
+            let compatible = v4.to_ipv6_compatible();
+            for (n, vip) in [IpAddr::V4(v4), IpAddr::V6(v6), IpAddr::V6(compatible)].into_iter().enumerate() {
                 for (port, proto) in [(80, Protocol::Tcp), (443, Protocol::Tcp)] {
                     let mut sc = service(
                         &alloc::format!("s{i}-{n}-{port}"),
@@ -1364,6 +1400,9 @@ mod tests {
             assert!(t.lookup(&ServiceKey { proto: Protocol::Udp, ..sc.key }).is_none());
             assert!(t.lookup(&ServiceKey { port: 8080, ..sc.key }).is_none());
             assert_eq!(t.lookup_flow(&flow.with_ports(1234, 8080)), None);
+            if let IpAddr::V4(v4) = sc.key.vip {
+                assert!(t.lookup(&ServiceKey { vip: IpAddr::V6(v4.to_ipv6_mapped()), ..sc.key }).is_none());
+            }
         }
         let other = core::net::Ipv4Addr::from(0xc633_0000 + 500);
         assert!(t.lookup(&ServiceKey { vip: IpAddr::V4(other), port: 80, proto: Protocol::Tcp }).is_none());
@@ -1500,6 +1539,44 @@ mod tests {
         let mut c = good();
         c.services[1].mode = ForwardMode::Gue { port: 0 };
         rejects(&c, "service dns uses GUE with UDP port 0");
+
+        for (vip, kind) in [
+            ("0.0.0.0", "the unspecified address"),
+            ("255.255.255.255", "the broadcast address"),
+            ("224.0.0.5", "a multicast address"),
+            ("127.0.0.1", "a loopback address"),
+        ] {
+            let mut c = good();
+            c.services[1].key.vip = vip.parse().unwrap();
+            rejects(&c, &format!("service dns: VIP {vip} is {kind}; a VIP must be a unicast address a host holds"));
+        }
+        for (vip, backend, kind) in [
+            ("192.0.2.1", "0.0.0.0", "the unspecified address"),
+            ("192.0.2.1", "239.1.1.1", "a multicast address"),
+            ("192.0.2.1", "127.0.0.2", "a loopback address"),
+            ("2001:db8::1", "::", "the unspecified address"),
+            ("2001:db8::1", "ff02::1", "a multicast address"),
+            ("2001:db8::1", "::1", "a loopback address"),
+            ("2001:db8::1", "::ffff:10.0.0.9", "an IPv4-mapped IPv6 address"),
+        ] {
+            let mut c = good();
+            c.services[1].key.vip = vip.parse().unwrap();
+            c.services[1].backends[0].addr = backend.parse().unwrap();
+            rejects(&c, &format!("service dns: backend {backend} is {kind}"));
+        }
+        let mut c = good();
+        c.services[1].key.vip = "::ffff:192.0.2.9".parse().unwrap();
+        c.services[1].backends[0].addr = "fd00::9".parse().unwrap();
+        rejects(&c, "service dns: VIP ::ffff:192.0.2.9 is an IPv4-mapped IPv6 address (write the IPv4 address)");
+        let mut c = good();
+        c.node.snat_v4 = Some("0.0.0.0".parse().unwrap());
+        rejects(&c, "node.snat_v4 0.0.0.0 is the unspecified address; it must be a unicast address of this node");
+        let mut c = good();
+        c.node.tunnel_src_v6 = Some("ff02::2".parse().unwrap());
+        rejects(&c, "node.tunnel_src_v6 ff02::2 is a multicast address");
+        let mut c = good();
+        c.node.snat_v6 = Some("::ffff:10.0.0.100".parse().unwrap());
+        rejects(&c, "node.snat_v6 ::ffff:10.0.0.100 is an IPv4-mapped IPv6 address");
     }
 
     #[test]

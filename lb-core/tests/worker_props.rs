@@ -145,7 +145,7 @@ proptest! {
     #[test]
     fn bad_config_is_rejected_whole_and_old_tables_keep_serving(
         flows in 1u32..30,
-        defect in 0usize..9,
+        defect in 0usize..12,
         also_add in any::<bool>(),
     ) {
         let cfg = all_modes_config();
@@ -173,6 +173,11 @@ proptest! {
             // Port 0: a NAT service (backends on 8080, so no port remap to report), a NAT backend.
             6 => bad.services[0].key.port = 0,
             7 => bad.services[0].backends[1].port = 0,
+            // Addresses no packet can carry to one host: multicast backend, loopback VIP, and a
+            // node source address that is unspecified.
+            8 => bad.services[4].backends[0].addr = v4("224.0.0.9"),
+            9 => bad.services[2].key.vip = v4("127.0.0.1"),
+            10 => bad.node.snat_v4 = Some(Ipv4Addr::UNSPECIFIED),
             _ => { let d = bad.services[4].clone(); bad.services.push(d); }
         }
         let old_version = w.tables().version();

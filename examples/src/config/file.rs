@@ -4,7 +4,10 @@
 //! as strings, numbers as `u64`), rejecting unknown keys; then `validate` checks every field and
 //! collects *all* problems, each naming the field path and the value, e.g.
 //! `services[2].backends[1].weight: 70000 is out of range (0..=65535)`. A file with any problem is
-//! rejected whole, so a reload never applies half a file.
+//! rejected whole, so a reload never applies half a file. VIPs, backends, the node's SNAT and tunnel
+//! source addresses and `kubernetes.node_addresses` must be unicast addresses a host holds: the
+//! unspecified address, broadcast, multicast, loopback and IPv4-mapped IPv6 (`::ffff:a.b.c.d`) are
+//! refused (lb-core's `SpecialAddress`, which its own validation applies too).
 //!
 //! ```yaml
 //! node:
@@ -40,7 +43,7 @@ use std::time::Duration;
 
 use lb_core::config::{
     BackendConfig, BackendState, Cidr, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy, SchedulerKind,
-    ServiceConfig, ServiceKey, Timeouts,
+    ServiceConfig, ServiceKey, SpecialAddress, Timeouts,
 };
 use serde::Deserialize;
 
@@ -304,6 +307,14 @@ impl Problems {
         }
     }
 
+    /// Records `addr` (written `value`) if no packet can carry it to one host (`SpecialAddress`);
+    /// `must` says what the field needs instead.
+    fn unicast(&mut self, field: &str, value: &str, addr: IpAddr, must: &str) {
+        if let Some(kind) = SpecialAddress::of(addr) {
+            self.push(field, quoted(value), format!("is {kind}; {must}"));
+        }
+    }
+
     fn mac(&mut self, field: &str, value: &str) -> Option<[u8; 6]> {
         let m = parse_mac(value);
         if m.is_none() {
@@ -443,6 +454,17 @@ fn validate_node(n: &FileNode, p: &mut Problems) -> NodeConfig {
         n.tunnel_src_v4.as_deref().and_then(|a| p.parse::<Ipv4Addr>("node.tunnel_src_v4", a, "is not an IPv4 address"));
     node.tunnel_src_v6 =
         n.tunnel_src_v6.as_deref().and_then(|a| p.parse::<Ipv6Addr>("node.tunnel_src_v6", a, "is not an IPv6 address"));
+    let sources = [
+        ("node.snat_v4", &n.snat_v4, node.snat_v4.map(IpAddr::V4)),
+        ("node.snat_v6", &n.snat_v6, node.snat_v6.map(IpAddr::V6)),
+        ("node.tunnel_src_v4", &n.tunnel_src_v4, node.tunnel_src_v4.map(IpAddr::V4)),
+        ("node.tunnel_src_v6", &n.tunnel_src_v6, node.tunnel_src_v6.map(IpAddr::V6)),
+    ];
+    for (field, written, addr) in sources {
+        if let (Some(written), Some(addr)) = (written, addr) {
+            p.unicast(field, written, addr, "packets leave from it, so it must be a unicast address of this node");
+        }
+    }
     if let Some((lo, hi)) = n.snat_ports {
         let lo16 = p.u16_in("node.snat_ports[0]", lo, 1);
         let hi16 = p.u16_in("node.snat_ports[1]", hi, 1);
@@ -478,7 +500,9 @@ fn validate_kubernetes(k: &FileKubernetes, p: &mut Problems) -> KubernetesSettin
     let mut s =
         KubernetesSettings { kubeconfig: k.kubeconfig.clone(), node_name: k.node_name.clone(), ..Default::default() };
     for (i, a) in k.node_addresses.iter().enumerate() {
-        if let Some(ip) = p.parse::<IpAddr>(&format!("kubernetes.node_addresses[{i}]"), a, "is not an IP address") {
+        let field = format!("kubernetes.node_addresses[{i}]");
+        if let Some(ip) = p.parse::<IpAddr>(&field, a, "is not an IP address") {
+            p.unicast(&field, a, ip, "NodePort services listen on it, so it must be a unicast address of this node");
             s.node_addresses.push(ip);
         }
     }
@@ -524,6 +548,9 @@ fn validate_service(
     let f = format!("services[{i}]");
     let before = p.0.len();
     let vip = p.parse::<IpAddr>(&format!("{f}.vip"), &s.vip, "is not an IP address");
+    if let Some(v) = vip {
+        p.unicast(&format!("{f}.vip"), &s.vip, v, "a VIP must be a unicast address a host holds");
+    }
     let port = p.u16_in(&format!("{f}.port"), s.port, 1);
     let proto = match s.protocol.to_ascii_lowercase().as_str() {
         "tcp" => Some(Protocol::Tcp),
@@ -606,6 +633,9 @@ fn validate_service(
     for (j, b) in s.backends.iter().enumerate() {
         let bf = format!("{f}.backends[{j}]");
         let addr = p.parse::<IpAddr>(&format!("{bf}.addr"), &b.addr, "is not an IP address");
+        if let Some(a) = addr {
+            p.unicast(&format!("{bf}.addr"), &b.addr, a, "a backend must be a unicast address a host holds");
+        }
         let bport = match b.port {
             Some(bp) => p.u16_in(&format!("{bf}.port"), bp, 1),
             None => port,
@@ -926,6 +956,52 @@ services:
                 other => panic!("vip {vip}, backend {backend} accepted: {other:?}"),
             }
         }
+    }
+
+    /// Loopback and IPv4-mapped addresses never cross the wire either, as VIPs or backends; the
+    /// node's source addresses and the Kubernetes node addresses (NodePort VIPs) are held to the
+    /// same rule. Each problem names the field, the value and what the address is.
+    #[test]
+    fn loopback_mapped_and_node_addresses_are_refused() {
+        let file = |vip: &str, backend: &str| {
+            format!(
+                "node: {{ snat_v4: 10.0.0.2, snat_v6: \"fd00::2\", gateway_mac: \"02:00:00:00:00:fe\" }}\n\
+                 services: [{{ vip: \"{vip}\", port: 80, backends: [{{ addr: \"{backend}\" }}] }}]\n"
+            )
+        };
+        for (vip, backend, want) in [
+            ("127.0.0.1", "10.1.0.1", "services[0].vip: \"127.0.0.1\" is a loopback address; a VIP must be"),
+            ("::1", "fd00::1", "services[0].vip: \"::1\" is a loopback address"),
+            ("::ffff:10.0.0.1", "fd00::1", "services[0].vip: \"::ffff:10.0.0.1\" is an IPv4-mapped IPv6 address"),
+            ("10.0.0.1", "127.0.0.2", "services[0].backends[0].addr: \"127.0.0.2\" is a loopback address; a backend"),
+            ("fd00::10", "::1", "services[0].backends[0].addr: \"::1\" is a loopback address"),
+            ("fd00::10", "::ffff:10.1.0.1", "services[0].backends[0].addr: \"::ffff:10.1.0.1\" is an IPv4-mapped"),
+        ] {
+            let msg = parse(&file(vip, backend)).unwrap_err().to_string();
+            assert!(msg.contains(want), "{vip} / {backend}: {msg}");
+        }
+        assert!(parse(&file("192.0.2.10", "10.1.0.1")).is_ok());
+
+        let yaml = "node: { snat_v4: 0.0.0.0, snat_v6: \"::1\", tunnel_src_v4: 224.0.0.1, tunnel_src_v6: \"ff02::1\", \
+                    gateway_mac: \"02:00:00:00:00:fe\" }\nkubernetes: { node_addresses: [127.0.0.1, 192.168.1.10] }\n";
+        let Err(ConfigError::Invalid(errs)) = parse(yaml) else { panic!("unusable node addresses accepted") };
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "node.snat_v4",
+                "node.snat_v6",
+                "node.tunnel_src_v4",
+                "node.tunnel_src_v6",
+                "kubernetes.node_addresses[0]"
+            ],
+            "{errs:?}"
+        );
+        assert_eq!(
+            errs[0].to_string(),
+            "node.snat_v4: \"0.0.0.0\" is the unspecified address; packets leave from it, so it must be a unicast \
+             address of this node"
+        );
     }
 
     /// A setting that the rest of the entry makes meaningless is refused, not dropped: `path` on a TCP
