@@ -124,6 +124,12 @@ impl SchedulerKind {
         SchedulerKind::Ecmp,
     ];
 
+    /// True when the scheduler picks from a Maglev table (mh, sh, dh), the only ones a service's
+    /// `maglev_table_size` applies to.
+    pub const fn uses_maglev_table(self) -> bool {
+        matches!(self, SchedulerKind::Maglev | SchedulerKind::SourceHashing | SchedulerKind::DestinationHashing)
+    }
+
     /// True when the scheduler's pick is a function of the flow and the tables alone (mh, sh, dh,
     /// hrw, ecmp): every core, and every load balancer with the same tables, gives a flow the same
     /// backend. The others (rr, wrr, lc, wlc, sed, nq) also read per-core state.

@@ -1031,15 +1031,11 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
                 return Err(ConfigError::NoMac { service: service(), backend: name() });
             }
         }
-        if let Some(size) = s.maglev_table_size {
-            let hashed = matches!(
-                s.scheduler,
-                SchedulerKind::Maglev | SchedulerKind::SourceHashing | SchedulerKind::DestinationHashing
-            );
-            if hashed {
-                check_maglev_size(size, s.backends.len())
-                    .map_err(|source| ConfigError::Selection { service: service(), source })?;
-            }
+        if let Some(size) = s.maglev_table_size
+            && s.scheduler.uses_maglev_table()
+        {
+            check_maglev_size(size, s.backends.len())
+                .map_err(|source| ConfigError::Selection { service: service(), source })?;
         }
     }
     Ok(())

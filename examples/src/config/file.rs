@@ -513,11 +513,22 @@ fn validate_kubernetes(k: &FileKubernetes, p: &mut Problems) -> KubernetesSettin
         }
     }
     let gue_port = k.gue_port.and_then(|g| p.u16_in("kubernetes.gue_port", g, 1));
+    let mut mode_known = true;
     if let Some(mode) = &k.default_mode {
         match parse_mode(mode, gue_port) {
             Ok(m) => s.default_mode = m,
-            Err(e) => p.push("kubernetes.default_mode", quoted(mode), e),
+            Err(e) => {
+                p.push("kubernetes.default_mode", quoted(mode), e);
+                mode_known = false;
+            }
         }
+    }
+    // Only the default mode takes it: the mode annotation carries its own port (gue:PORT).
+    if let Some(g) = k.gue_port
+        && mode_known
+        && !matches!(s.default_mode, ForwardMode::Gue { .. })
+    {
+        p.push("kubernetes.gue_port", g, "is only used with default_mode: gue");
     }
     if let Some(d) = &k.debounce {
         match parse_duration(d) {
@@ -581,6 +592,11 @@ fn validate_service(
             None
         }
     };
+    if let (Some(g), Some(m)) = (s.gue_port, mode)
+        && !matches!(m, ForwardMode::Gue { .. })
+    {
+        p.push(format!("{f}.gue_port"), g, "is only used with mode: gue");
+    }
     let affinity_timeout = s.affinity_timeout.as_deref().and_then(|a| p.duration(&format!("{f}.affinity_timeout"), a));
     let mut source_ranges = Vec::new();
     for (j, r) in s.source_ranges.iter().enumerate() {
@@ -602,6 +618,11 @@ fn validate_service(
         }
         u32::try_from(n).ok()
     });
+    if let (Some(n), Some(k)) = (s.maglev_table_size, scheduler)
+        && !k.uses_maglev_table()
+    {
+        p.push(format!("{f}.maglev_table_size"), n, "is only used with scheduler mh, sh or dh (a Maglev table)");
+    }
     let on_backend_removed = match &s.on_backend_removed {
         None => RemovedBackendPolicy::default(),
         Some(v) => parse_removed_policy(v).unwrap_or_else(|| {
@@ -708,7 +729,12 @@ fn validate_service(
 fn validate_health(f: &str, h: &FileHealthCheck, p: &mut Problems) -> Option<HealthCheck> {
     let before = p.0.len();
     let probe = match h.kind.to_ascii_lowercase().as_str() {
-        "tcp" => Probe::Tcp,
+        "tcp" => {
+            if let Some(path) = &h.path {
+                p.push(format!("{f}.path"), quoted(path), "is only used with type: http (a TCP check only connects)");
+            }
+            Probe::Tcp
+        }
         "http" => {
             let path = h.path.clone().unwrap_or_else(|| "/".into());
             if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -1027,6 +1053,53 @@ services:
                 other => panic!("{service} accepted: {other:?}"),
             }
         }
+    }
+
+    /// What each refusal says, and the entries that use those settings still pass: `path` with an
+    /// HTTP check, `gue_port` with GUE (a service's, or the Kubernetes default mode's), the table size
+    /// with each Maglev-table scheduler.
+    #[test]
+    fn settings_the_entry_uses_pass_and_the_others_say_where_they_belong() {
+        let file = |service: &str| {
+            format!(
+                "node: {{ snat_v4: 10.0.0.2, tunnel_src_v4: 10.0.0.3, gateway_mac: \"02:00:00:00:00:fe\" }}\n\
+                 services: [{service}]\n"
+            )
+        };
+        for (service, want) in [
+            (
+                "{ vip: 10.0.0.1, port: 80, health_check: { type: tcp, path: /healthz } }",
+                "services[0].health_check.path: \"/healthz\" is only used with type: http",
+            ),
+            (
+                "{ vip: 10.0.0.1, port: 80, mode: ipip, gue_port: 6080 }",
+                "services[0].gue_port: 6080 is only used with mode: gue",
+            ),
+            (
+                "{ vip: 10.0.0.1, port: 80, scheduler: hrw, maglev_table_size: 251 }",
+                "services[0].maglev_table_size: 251 is only used with scheduler mh, sh or dh",
+            ),
+        ] {
+            let msg = parse(&file(service)).unwrap_err().to_string();
+            assert!(msg.contains(want), "{service}: {msg}");
+        }
+        for service in [
+            "{ vip: 10.0.0.1, port: 80, health_check: { type: http, path: /healthz } }",
+            "{ vip: 10.0.0.1, port: 80, mode: gue, gue_port: 6080 }",
+            "{ vip: 10.0.0.1, port: 80, scheduler: mh, maglev_table_size: 251 }",
+            "{ vip: 10.0.0.1, port: 80, scheduler: sh, maglev_table_size: 251 }",
+            "{ vip: 10.0.0.1, port: 80, scheduler: dh, maglev_table_size: 251 }",
+        ] {
+            parse(&file(service)).unwrap_or_else(|e| panic!("{service}: {e}"));
+        }
+
+        let k8s = |section: &str| format!("node: {{ gateway_mac: \"02:00:00:00:00:fe\" }}\nkubernetes: {section}\n");
+        let msg = parse(&k8s("{ gue_port: 6080 }")).unwrap_err().to_string();
+        assert!(msg.contains("kubernetes.gue_port: 6080 is only used with default_mode: gue"), "{msg}");
+        let msg = parse(&k8s("{ default_mode: dsr, gue_port: 6080 }")).unwrap_err().to_string();
+        assert!(msg.contains("kubernetes.gue_port: 6080"), "{msg}");
+        let k = parse(&k8s("{ default_mode: gue, gue_port: 6080 }")).unwrap().kubernetes.unwrap();
+        assert_eq!(k.default_mode, ForwardMode::Gue { port: 6080 });
     }
 
     /// A `kubernetes:` section turned off with `enabled: false` is still checked: a bad value in it is
