@@ -422,7 +422,12 @@ fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     let metrics_listen =
         file.metrics.as_ref().and_then(|m| p.parse::<SocketAddr>("metrics.listen", &m.listen, "is not ADDRESS:PORT"));
 
-    let kubernetes = file.kubernetes.as_ref().filter(|k| k.enabled).map(|k| validate_kubernetes(k, &mut p));
+    // Checked even when turned off, so a bad value shows now rather than when it is turned on
+    // (which needs a restart too).
+    let kubernetes = file.kubernetes.as_ref().and_then(|k| {
+        let settings = validate_kubernetes(k, &mut p);
+        k.enabled.then_some(settings)
+    });
     if kubernetes.is_some() && node.gateway_mac.is_none() {
         p.push("node.gateway_mac", "(none)", "is needed by the Kubernetes feed (endpoints have no MAC of their own)");
     }
@@ -1116,6 +1121,14 @@ services:
             }
             other => panic!("bad values in a disabled kubernetes section accepted: {other:?}"),
         }
+    }
+
+    /// A valid section turned off leaves the feed off, and asks nothing of the rest of the file
+    /// (the feed's need for node.gateway_mac).
+    #[test]
+    fn a_valid_disabled_kubernetes_section_leaves_the_feed_off() {
+        let s = parse("kubernetes: { enabled: false, debounce: 1s, node_addresses: [192.168.1.10] }\n").unwrap();
+        assert!(s.kubernetes.is_none());
     }
 
     #[test]
