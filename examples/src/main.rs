@@ -1,8 +1,8 @@
 //! `lb`: the sample load balancer binary. Each subcommand lives in its own module under `cmd/`.
 //!
 //! ```text
-//! lb run     --config lb.yaml          serve the configured interfaces and queues (issue 6)
-//! lb list    ...                       show services, backends and counters of a running lb (issue 6)
+//! lb run     --config lb.yaml          serve the configured interfaces and queues; reload, health, Kubernetes
+//! lb list    [--endpoint ADDR:PORT]    show services, backends and counters of a running lb, as ipvsadm -Ln
 //! lb replay  --in x.pcap --out y.pcap  run the fast path over a capture, no root
 //! lb demo    [--mode nat|dsr|ipip]     build namespaces, balance real TCP/UDP flows, clean up (root)
 //! ```
@@ -31,9 +31,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the configured interfaces and queues (filled in by issue 6).
+    /// Serve the configured interfaces and queues over AF_XDP (file reloads, health checks, Kubernetes feed).
     Run(cmd::run::Args),
-    /// Show services, backends and counters of a running load balancer (filled in by issue 6).
+    /// Show a running load balancer's services, backends and counters (its /state), as `ipvsadm -Ln` does.
     List(cmd::list::Args),
     /// Run the fast path over a pcap capture and write the transmitted frames to another.
     Replay(cmd::replay::Args),
@@ -70,6 +70,31 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// The command line is well formed, and no help text is a placeholder for work still to come.
+    #[test]
+    fn help_texts_describe_what_each_command_does() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut texts = vec![cli.get_about().map(ToString::to_string).unwrap_or_default()];
+        for sub in cli.get_subcommands() {
+            let about = sub.get_about().map(ToString::to_string).unwrap_or_default();
+            assert!(!about.is_empty(), "lb {} has no help text", sub.get_name());
+            texts.push(about);
+            texts.extend(sub.get_arguments().filter_map(|a| a.get_help()).map(ToString::to_string));
+        }
+        for text in &texts {
+            let lower = text.to_ascii_lowercase();
+            assert!(!lower.contains("filled in") && !lower.contains("issue"), "placeholder help text: {text:?}");
         }
     }
 }
