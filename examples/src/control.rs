@@ -19,7 +19,7 @@
 //! out (logged, counted in `lb_kubernetes_skipped`), so one such Service cannot block every later
 //! cluster update. File services get no such leniency: a file the workers refuse is rejected whole.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -272,6 +272,9 @@ pub struct LiveState {
     pub services: Vec<ServiceSpec>,
     /// Health of checked backends.
     pub health: StatusTable,
+    /// Checked services failing open: every backend that would take new flows is down, so the
+    /// checks are set aside and all of them do (see `health`'s module docs).
+    pub fail_open: BTreeSet<ServiceKey>,
     /// Updates applied (built and published; one that changes nothing the workers serve is not).
     pub applied: u64,
     /// Updates rejected.
@@ -527,7 +530,7 @@ impl<S: TablesSink> Control<S> {
             down.remove(&t);
         }
         let mut built = desired.clone();
-        apply_health(&mut built, &down);
+        let fail_open = apply_health(&mut built, &down);
         let config = Config {
             node: file.unwrap_or(&self.file).node.clone(),
             services: built.iter().map(|s| s.config.clone()).collect(),
@@ -564,6 +567,7 @@ impl<S: TablesSink> Control<S> {
                 let status = self.health.status();
                 self.down.retain(|t| status.lock().map(|s| s.contains_key(t)).unwrap_or(true));
                 let k8s_skipped = kubernetes.unwrap_or(&self.kubernetes).skipped.len() + left_out.len();
+                log_fail_open(&self.live.borrow().fail_open, &fail_open, &built);
                 let moves = self
                     .live
                     .borrow()
@@ -579,6 +583,7 @@ impl<S: TablesSink> Control<S> {
                     }
                     l.tables = Some(tables.clone());
                     l.services = built;
+                    l.fail_open = fail_open;
                     l.applied += u64::from(changed);
                     l.k8s_skipped = k8s_skipped;
                 });
@@ -637,6 +642,25 @@ impl<S: TablesSink> Control<S> {
             // Errors are logged and counted in apply.
             let _ = self.apply(input);
         }
+    }
+}
+
+/// Logs each service that starts failing open (a warning: its checks fail on every backend) and each
+/// that stops (back to its checks, or gone), once per transition.
+fn log_fail_open(before: &BTreeSet<ServiceKey>, now: &BTreeSet<ServiceKey>, services: &[ServiceSpec]) {
+    let name = |key: &ServiceKey| {
+        services.iter().find(|s| s.config.key == *key).map_or_else(String::new, |s| s.config.name.clone())
+    };
+    for key in now.difference(before) {
+        tracing::warn!(
+            service = %key,
+            name = %name(key),
+            "every checked backend of the service is down: failing open, all of them take new flows as if no check \
+             ran (a check failing everywhere is more often the checker's problem than every backend's)"
+        );
+    }
+    for key in before.difference(now) {
+        tracing::info!(service = %key, name = %name(key), "no longer failing open: health checks apply again");
     }
 }
 
@@ -1635,6 +1659,53 @@ services:
             ("198.51.100.2:8080".into(), BackendState::Active),
             "the old probe's event is stale"
         );
+    }
+
+    /// Fail open: with one of two checked backends down only the other takes new flows; with both
+    /// down both take new flows again (and `lb_health_fail_open` says so); with one back up, only it.
+    #[tokio::test]
+    async fn a_service_whose_every_checked_backend_is_down_fails_open() {
+        let mut control = Control::new(RecordingSink::default());
+        let live = control.subscribe();
+        // Probes go to TEST-NET-2 (RFC 5737: no host holds it), one per hour with fall 3: only the
+        // events below change health.
+        let yaml =
+            GOOD.replace("10.1.0.", "198.51.100.") + "    health_check: { type: tcp, interval: 1h, timeout: 1s }\n";
+        let t = control.apply(ControlInput::File(Box::new(parse(&yaml).unwrap()))).unwrap();
+        let key = t.services()[0].key;
+        let (a, b) = ("198.51.100.1:8080", "198.51.100.2:8080");
+        let event = |control: &Control<RecordingSink>, backend: &str, healthy: bool| {
+            let target = Target { service: key, backend: backend.parse().unwrap() };
+            ControlInput::Health(HealthEvent {
+                target,
+                healthy,
+                generation: control.health.generation(&target).unwrap(),
+            })
+        };
+        let active = |t: &Tables| -> Vec<String> {
+            backends(t).into_iter().filter(|(_, s)| *s == BackendState::Active).map(|(addr, _)| addr).collect()
+        };
+        let gauge = || {
+            let text = crate::metrics::render(&live.borrow(), &[]);
+            let line = text.lines().find(|l| l.starts_with("lb_health_fail_open{service=\"web\"")).unwrap();
+            line.rsplit(' ').next().unwrap().to_string()
+        };
+        assert_eq!((active(&t), gauge()), (vec![a.to_string(), b.to_string()], "0".to_string()));
+
+        let t = control.apply(event(&control, a, false)).unwrap();
+        assert_eq!(active(&t), [b], "one down: only the healthy one takes new flows");
+        assert!(live.borrow().fail_open.is_empty());
+        assert_eq!(gauge(), "0");
+
+        let t = control.apply(event(&control, b, false)).unwrap();
+        assert_eq!(active(&t), [a, b], "both down: both take new flows again");
+        assert_eq!(live.borrow().fail_open, BTreeSet::from([key]));
+        assert_eq!(gauge(), "1");
+
+        let t = control.apply(event(&control, a, true)).unwrap();
+        assert_eq!(active(&t), [a], "one back up: only it");
+        assert!(live.borrow().fail_open.is_empty());
+        assert_eq!(gauge(), "0");
     }
 
     #[tokio::test]

@@ -7,10 +7,17 @@
 //! applies [`apply_health`]: a down backend becomes Draining (no new flows, established flows stay)
 //! or is removed (established flows then follow the service's `on_backend_removed`).
 //!
+//! A service whose every backend that would take new flows is down *fails open*: the checks are
+//! set aside and all of them take new flows, as AWS ALB / NLB and Envoy's panic mode do. A check
+//! failing everywhere is more often the checker's own problem (a partition between the load balancer
+//! and the backends, a wrong path or port) than every backend being down, and dropping every new
+//! flow would turn that into a full outage. The control loop logs each service entering and
+//! leaving that state and exports it as `lb_health_fail_open`.
+//!
 //! Backends start *up*: a restart of the load balancer must not take every backend out of service
 //! for `fall` intervals. [`HealthChecker::sync`] starts and stops probe tasks as services change.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -259,10 +266,13 @@ async fn run_target(probing: Probing, status: StatusTable, events: mpsc::Sender<
 }
 
 /// Applies health to desired services: a down backend of a checked service becomes Draining or is
-/// removed, per its check's [`FailurePolicy`].
-pub fn apply_health(services: &mut [ServiceSpec], down: &HashSet<Target>) {
+/// removed, per its check's [`FailurePolicy`], unless every backend of the service that would take
+/// new flows (active, weight above 0) is down: then the service fails open, served as if no check
+/// ran (see the module docs). Returns the services failing open.
+pub fn apply_health(services: &mut [ServiceSpec], down: &HashSet<Target>) -> BTreeSet<ServiceKey> {
+    let mut fail_open = BTreeSet::new();
     if down.is_empty() {
-        return;
+        return fail_open;
     }
     for s in services {
         let Some(check) = &s.health_check else { continue };
@@ -270,6 +280,11 @@ pub fn apply_health(services: &mut [ServiceSpec], down: &HashSet<Target>) {
         let is_down = |b: &lb_core::config::BackendConfig| {
             down.contains(&Target { service: key, backend: SocketAddr::new(b.addr, b.port) })
         };
+        let serving = || s.config.backends.iter().filter(|b| b.state == BackendState::Active && b.weight > 0);
+        if serving().next().is_some() && serving().all(is_down) {
+            fail_open.insert(key);
+            continue;
+        }
         match check.on_failure {
             FailurePolicy::Drain => {
                 for b in &mut s.config.backends {
@@ -281,6 +296,7 @@ pub fn apply_health(services: &mut [ServiceSpec], down: &HashSet<Target>) {
             FailurePolicy::Remove => s.config.backends.retain(|b| !is_down(b)),
         }
     }
+    fail_open
 }
 
 #[cfg(test)]
@@ -402,21 +418,65 @@ mod tests {
         drop(listener);
     }
 
+    /// `service` with a second backend, 10.1.0.2:80.
+    fn two_backends(mut s: ServiceSpec) -> ServiceSpec {
+        let other = BackendConfig { addr: "10.1.0.2".parse().unwrap(), ..s.config.backends[0].clone() };
+        s.config.backends.push(other);
+        s
+    }
+
     #[test]
     fn apply_health_drains_or_removes_per_policy() {
         let addr: SocketAddr = "10.1.0.1:80".parse().unwrap();
-        let mut drain = vec![service(addr, check(Probe::Tcp))];
+        let mut drain = vec![two_backends(service(addr, check(Probe::Tcp)))];
         let target = Target { service: drain[0].config.key, backend: addr };
         let down = HashSet::from([target]);
-        apply_health(&mut drain, &down);
+        assert!(apply_health(&mut drain, &down).is_empty());
         assert_eq!(drain[0].config.backends[0].state, BackendState::Draining);
+        assert_eq!(drain[0].config.backends[1].state, BackendState::Active);
 
-        let mut remove = vec![service(addr, HealthCheck { on_failure: FailurePolicy::Remove, ..check(Probe::Tcp) })];
-        apply_health(&mut remove, &down);
-        assert!(remove[0].config.backends.is_empty());
+        let remove_check = HealthCheck { on_failure: FailurePolicy::Remove, ..check(Probe::Tcp) };
+        let mut remove = vec![two_backends(service(addr, remove_check))];
+        assert!(apply_health(&mut remove, &down).is_empty());
+        assert_eq!(remove[0].config.backends.len(), 1);
+        assert_eq!(remove[0].config.backends[0].addr.to_string(), "10.1.0.2");
 
         let mut unchecked = vec![ServiceSpec { health_check: None, ..service(addr, check(Probe::Tcp)) }];
         apply_health(&mut unchecked, &down);
         assert_eq!(unchecked[0].config.backends[0].state, BackendState::Active, "no check, no overlay");
+    }
+
+    /// Every backend that would take new flows down: the service fails open, whatever the policy;
+    /// a backend drained or of weight 0 by configuration does not count, and stays as configured.
+    #[test]
+    fn a_service_whose_every_serving_backend_is_down_fails_open() {
+        let addr: SocketAddr = "10.1.0.1:80".parse().unwrap();
+        let other: SocketAddr = "10.1.0.2:80".parse().unwrap();
+        for on_failure in [FailurePolicy::Drain, FailurePolicy::Remove] {
+            let mut services = vec![two_backends(service(addr, HealthCheck { on_failure, ..check(Probe::Tcp) }))];
+            let key = services[0].config.key;
+            let down = HashSet::from([Target { service: key, backend: addr }, Target { service: key, backend: other }]);
+            let before = services.clone();
+            assert_eq!(apply_health(&mut services, &down), BTreeSet::from([key]), "{on_failure:?}");
+            assert_eq!(services, before, "{on_failure:?}: served as if no check ran");
+        }
+
+        // 10.1.0.2 is drained by configuration: 10.1.0.1 alone takes new flows, and it is down.
+        let mut services = vec![two_backends(service(addr, check(Probe::Tcp)))];
+        services[0].config.backends[1].state = BackendState::Draining;
+        let key = services[0].config.key;
+        let before = services.clone();
+        let down = HashSet::from([Target { service: key, backend: addr }]);
+        assert_eq!(apply_health(&mut services, &down), BTreeSet::from([key]));
+        assert_eq!(services, before);
+        // Weight 0 the same.
+        services[0].config.backends[1].state = BackendState::Active;
+        services[0].config.backends[1].weight = 0;
+        assert_eq!(apply_health(&mut services, &down), BTreeSet::from([key]));
+
+        // No backend would take new flows anyway: nothing to open.
+        services[0].config.backends[0].weight = 0;
+        assert!(apply_health(&mut services, &down).is_empty());
+        assert_eq!(services[0].config.backends[0].state, BackendState::Draining);
     }
 }

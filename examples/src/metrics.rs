@@ -437,6 +437,24 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
         f.line("lb_health_transitions_total", &format!("{},to=\"up\"", target_labels(t)), s.went_up);
     }
 
+    f.head(
+        "lb_health_fail_open",
+        "gauge",
+        "1 while every backend of the checked service that would take new flows fails its check, so the checks \
+         are set aside and all of them take new flows (fail open).",
+    );
+    for s in live.services.iter().filter(|s| s.health_check.is_some()) {
+        let key = s.config.key;
+        let labels = format!(
+            "service=\"{}\",proto=\"{}\",vip=\"{}\",port=\"{}\"",
+            esc(&s.config.name),
+            proto_name(key.proto),
+            key.vip,
+            key.port
+        );
+        f.line("lb_health_fail_open", &labels, u8::from(live.fail_open.contains(&key)));
+    }
+
     f.head("lb_config_updates_total", "counter", "Configuration updates, by result.");
     f.line("lb_config_updates_total", "result=\"applied\"", live.applied);
     f.line("lb_config_updates_total", "result=\"rejected\"", live.rejected);

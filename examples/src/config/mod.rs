@@ -67,7 +67,8 @@ pub enum Probe {
     },
 }
 
-/// What a backend that failed its health check becomes.
+/// What a backend that failed its health check becomes. Neither applies while every backend of the
+/// service that would take new flows is down: the service then fails open (`health`'s module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailurePolicy {
     /// Draining: no new flows, established flows stay (the safe default for TCP).
