@@ -185,6 +185,14 @@ fn translate_service(
 
     let ann = annotations::service(svc.metadata.annotations.as_ref())?;
     let scheduler = ann.scheduler.unwrap_or(settings.default_scheduler);
+    if let Some(size) = ann.maglev_table_size
+        && !scheduler.uses_maglev_table()
+    {
+        return Err(format!(
+            "annotation {}: \"{size}\" is only used with scheduler mh, sh or dh (this Service's is {scheduler})",
+            annotations::MAGLEV_TABLE_SIZE
+        ));
+    }
     let mode = ann.mode.unwrap_or(settings.default_mode);
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
         spec.session_affinity_config
@@ -688,6 +696,17 @@ mod tests {
         svc.metadata.annotations.as_mut().unwrap().insert(annotations::SCHEDULER.into(), "fastest".into());
         let t = translate([&svc], [], &settings(), &node());
         assert!(t.skipped[0].reason.contains("lb.example.dev/scheduler"), "{:?}", t.skipped);
+
+        // A Maglev table size for a scheduler without a Maglev table is refused, not ignored.
+        let a = svc.metadata.annotations.as_mut().unwrap();
+        a.insert(annotations::MAGLEV_TABLE_SIZE.into(), "251".into());
+        a.insert(annotations::SCHEDULER.into(), "rr".into());
+        let t = translate([&svc], [], &settings(), &node());
+        assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+        assert!(t.skipped[0].reason.contains("only used with scheduler mh, sh or dh"), "{:?}", t.skipped);
+        svc.metadata.annotations.as_mut().unwrap().insert(annotations::SCHEDULER.into(), "sh".into());
+        let t = translate([&svc], [], &settings(), &node());
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     }
 
     #[test]
