@@ -5,6 +5,11 @@
 //! writes in one second share an mtime on some filesystems. Files are small, so reading one every
 //! couple of seconds costs nothing and no inotify crate is needed. A file that fails validation is
 //! logged with every problem and the running configuration stays.
+//!
+//! A changed content is applied once two polls in a row read it (SIGHUP applies at once). A file
+//! written in place (`cat > lb.yaml`, some copy tools) can be read half-written, and a YAML file cut
+//! after a whole entry is still valid with fewer services: applied, it would withdraw the rest. The
+//! price is one poll interval of delay per edit.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -34,6 +39,8 @@ impl ContentDigest {
 pub struct FileWatch {
     path: PathBuf,
     last: Option<ContentDigest>,
+    /// A content different from `last`, read at the last poll: applied if the next reads it again.
+    settling: Option<ContentDigest>,
 }
 
 /// What one check of the file found.
@@ -41,6 +48,9 @@ pub struct FileWatch {
 pub enum Reload {
     /// The content is what it was; nothing to do.
     Unchanged,
+    /// The content changed since the last poll (maybe a file still being written); it is applied
+    /// if the next poll reads the same.
+    Settling,
     /// The content changed (or a reload was forced) and is valid.
     Loaded(Box<Settings>),
     /// The content changed (or a reload was forced) and is rejected; keep the running config.
@@ -50,13 +60,13 @@ pub enum Reload {
 impl FileWatch {
     /// Watches `path`; the first [`FileWatch::check`] always loads.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        FileWatch { path: path.into(), last: None }
+        FileWatch { path: path.into(), last: None, settling: None }
     }
 
     /// Watches `path`, whose text with `digest` is loaded already ([`file::load`]): the first
     /// [`FileWatch::check`] loads only if the file holds something else by then (edited since).
     pub fn loaded(path: impl Into<PathBuf>, digest: ContentDigest) -> Self {
-        FileWatch { path: path.into(), last: Some(digest) }
+        FileWatch { path: path.into(), last: Some(digest), settling: None }
     }
 
     /// The watched path.
@@ -64,16 +74,26 @@ impl FileWatch {
         &self.path
     }
 
-    /// Reads the file; loads it if its content changed since the last check or if `force` (SIGHUP).
+    /// Reads the file; loads it if `force` (SIGHUP), at the first check of a [`FileWatch::new`], or
+    /// when the previous check read the same changed content (see the module docs).
     pub fn check(&mut self, force: bool) -> Reload {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
-            Err(source) => return Reload::Rejected(ConfigError::Read { path: self.path.clone(), source }),
+            Err(source) => {
+                self.settling = None;
+                return Reload::Rejected(ConfigError::Read { path: self.path.clone(), source });
+            }
         };
         let digest = ContentDigest::of(&text);
         if !force && self.last == Some(digest) {
+            self.settling = None;
             return Reload::Unchanged;
         }
+        if !force && self.last.is_some() && self.settling != Some(digest) {
+            self.settling = Some(digest);
+            return Reload::Settling;
+        }
+        self.settling = None;
         // Remember rejected content too, so a bad file is reported once, not every poll.
         self.last = Some(digest);
         match file::parse(&text) {
@@ -111,7 +131,7 @@ pub async fn watch(mut fw: FileWatch, poll: Duration, tx: mpsc::Sender<Result<Se
             () = tx.closed() => return,
         };
         match fw.check(force) {
-            Reload::Unchanged => {}
+            Reload::Unchanged | Reload::Settling => {}
             Reload::Loaded(s) => {
                 tracing::info!(path = %fw.path().display(), services = s.services.len(), forced = force, "configuration file reloaded");
                 if tx.send(Ok(*s)).await.is_err() {
@@ -146,6 +166,7 @@ mod tests {
         assert!(matches!(fw.check(false), Reload::Unchanged));
 
         std::fs::write(&path, "services: [{ vip: 10.0.0.1, port: 99999 }]\n").unwrap();
+        assert!(matches!(fw.check(false), Reload::Settling));
         let Reload::Rejected(e) = fw.check(false) else { panic!("bad file is rejected") };
         assert!(e.to_string().contains("services[0].port: 99999"), "{e}");
         assert!(matches!(fw.check(false), Reload::Unchanged), "a bad file is reported once");
@@ -155,6 +176,7 @@ mod tests {
             "node: { snat_v4: 10.0.0.2 }\nservices: [{ vip: 10.0.0.1, port: 80 }, { vip: 10.0.0.2, port: 80 }]\n",
         )
         .unwrap();
+        assert!(matches!(fw.check(false), Reload::Settling));
         let Reload::Loaded(s) = fw.check(false) else { panic!("fixed file loads") };
         assert_eq!(s.services.len(), 2);
         assert!(matches!(fw.check(true), Reload::Loaded(_)), "SIGHUP reloads unchanged content");
@@ -163,8 +185,36 @@ mod tests {
         assert!(matches!(fw.check(false), Reload::Rejected(ConfigError::Read { .. })));
     }
 
+    /// A file read while it is being written in place can be valid YAML with fewer services: a
+    /// change is applied only once two polls in a row read it, so the half-written version, which
+    /// the next poll no longer sees, never is. SIGHUP applies at once.
+    #[test]
+    fn a_half_written_file_is_not_applied() {
+        let path = temp_path("half");
+        let whole = "node: { snat_v4: 10.0.0.2 }\nservices:\n  - { vip: 10.0.0.1, port: 80 }\n  - { vip: 10.0.0.1, port: 443 }\n  - { vip: 10.0.0.1, port: 8080 }\n";
+        std::fs::write(&path, whole).unwrap();
+        let mut fw = FileWatch::new(&path);
+        assert!(matches!(fw.check(false), Reload::Loaded(_)));
+
+        // The writer rewrites the file in place and has written two of its three services so far.
+        let edited = whole.replace("8080", "8081");
+        let cut = edited.len() - "  - { vip: 10.0.0.1, port: 8081 }\n".len();
+        std::fs::write(&path, &edited[..cut]).unwrap();
+        assert_eq!(file::parse(&edited[..cut]).unwrap().services.len(), 2, "the cut file is valid YAML");
+        assert!(matches!(fw.check(false), Reload::Settling), "not applied at the first read");
+        std::fs::write(&path, &edited).unwrap();
+        assert!(matches!(fw.check(false), Reload::Settling), "changed again: still settling");
+        let Reload::Loaded(s) = fw.check(false) else { panic!("the finished file loads") };
+        assert_eq!(s.services.len(), 3);
+
+        std::fs::write(&path, whole).unwrap();
+        assert!(matches!(fw.check(true), Reload::Loaded(_)), "SIGHUP does not wait");
+        assert!(matches!(fw.check(false), Reload::Unchanged));
+        std::fs::remove_file(&path).unwrap();
+    }
+
     /// A watch started from a load compares with the text that load parsed: the same text is
-    /// unchanged, a text written since is loaded at the first check.
+    /// unchanged, a text written since is loaded once it reads the same twice.
     #[test]
     fn a_watch_started_from_a_load_sees_what_was_written_since() {
         let path = temp_path("loaded");
@@ -174,6 +224,7 @@ mod tests {
 
         std::fs::write(&path, "node: { snat_v4: 10.0.0.2 }\nservices: []\n").unwrap();
         let mut fw = FileWatch::loaded(&path, loaded.digest);
+        assert!(matches!(fw.check(false), Reload::Settling));
         let Reload::Loaded(s) = fw.check(false) else { panic!("the edited file loads") };
         assert!(s.services.is_empty());
         assert!(matches!(fw.check(false), Reload::Unchanged));
