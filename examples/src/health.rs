@@ -66,6 +66,11 @@ pub struct TargetStatus {
     pub went_up: u64,
     /// The last failure, for logs and `lb list`.
     pub last_error: Option<String>,
+    /// The probe task that writes this entry ([`HealthChecker::generation`]). A task that finds
+    /// another generation here was replaced (its check changed) while it probed, and stops without
+    /// writing: aborting a task takes effect at its next await, and on a multi-threaded runtime it
+    /// could otherwise write its last result into its successor's fresh entry.
+    pub generation: u64,
 }
 
 /// Shared table of every probed backend's status.
@@ -177,7 +182,7 @@ impl HealthChecker {
             }
             let generation = self.next_generation;
             self.next_generation += 1;
-            lock(&self.status).insert(target, TargetStatus { healthy: true, ..Default::default() });
+            lock(&self.status).insert(target, TargetStatus { healthy: true, generation, ..Default::default() });
             let probe = Probing { target, generation, check: check.clone() };
             let task = tokio::spawn(run_target(probe, self.status.clone(), self.events.clone()));
             self.tasks.insert(target, (check, generation, task));
@@ -235,7 +240,8 @@ async fn run_target(probing: Probing, status: StatusTable, events: mpsc::Sender<
         let flip = streak >= if healthy { check.fall } else { check.rise };
         {
             let mut table = lock(&status);
-            let Some(s) = table.get_mut(&target) else { return }; // stopped by sync
+            // Stopped by sync, or replaced by a task of another generation.
+            let Some(s) = table.get_mut(&target).filter(|s| s.generation == generation) else { return };
             s.probes += 1;
             if let Err(e) = &result {
                 s.failures += 1;
@@ -345,6 +351,25 @@ mod tests {
 
     async fn next(rx: &mut mpsc::Receiver<HealthEvent>) -> HealthEvent {
         tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("no health event").expect("closed")
+    }
+
+    /// A probe task whose entry a newer task took over (sync replaced it while it probed) stops at
+    /// its next result without writing into the newer entry.
+    #[tokio::test]
+    async fn a_replaced_probe_task_leaves_its_successors_status_alone() {
+        // A port with no listener: every probe fails at once, and fall 1 flips at the first.
+        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let target = Target { service: service(addr, check(Probe::Tcp)).config.key, backend: addr };
+        let status = StatusTable::default();
+        let fresh = TargetStatus { healthy: true, generation: 2, ..Default::default() };
+        lock(&status).insert(target, fresh.clone());
+        let (tx, mut rx) = mpsc::channel(8);
+        let old = Probing { target, generation: 1, check: HealthCheck { fall: 1, ..check(Probe::Tcp) } };
+        tokio::time::timeout(Duration::from_secs(30), run_target(old, status.clone(), tx))
+            .await
+            .expect("the replaced task stops");
+        assert_eq!(lock(&status)[&target], fresh, "the successor's entry is untouched");
+        assert!(rx.try_recv().is_err(), "and no event was sent");
     }
 
     #[tokio::test]
