@@ -33,6 +33,10 @@
 //! ones are Active instead of Draining, so a single-replica rollout keeps taking new connections. Under
 //! `Local` the test is node-local: ready endpoints on other nodes do not turn this node's off.
 //!
+//! A key on one of the node's own source addresses (`node.snat_v4` / `snat_v6`, `tunnel_src_v4` /
+//! `tunnel_src_v6`; e.g. a NodePort when the SNAT address is a node address) is left out alone and
+//! reported: lb-core refuses a VIP that is a source address, and would refuse the whole Service.
+//!
 //! ExternalName and headless Services are skipped (debug log). A Service with a bad annotation, or a
 //! key already taken by an older Service, is skipped whole and reported in [`Translation::skipped`].
 //! Nothing here does I/O; the feed calls [`translate`] on its store after every change.
@@ -342,6 +346,17 @@ fn cannot_forward(
     backends: &[BackendConfig],
     node: &NodeConfig,
 ) -> Option<String> {
+    // lb-core refuses a VIP that is one of the node's source addresses (a reply to it could not be
+    // told from service traffic), and would refuse the whole Service: leave out this key alone.
+    let sources = [
+        (node.snat_v4.map(IpAddr::V4), "node.snat_v4"),
+        (node.snat_v6.map(IpAddr::V6), "node.snat_v6"),
+        (node.tunnel_src_v4.map(IpAddr::V4), "node.tunnel_src_v4"),
+        (node.tunnel_src_v6.map(IpAddr::V6), "node.tunnel_src_v6"),
+    ];
+    if let Some((_, field)) = sources.iter().find(|(a, _)| *a == Some(key.vip)) {
+        return Some(format!("{key}: the address is also {field}, and a VIP cannot be a source address of the node"));
+    }
     let v4 = key.vip.is_ipv4();
     let missing = match mode {
         ForwardMode::Nat if v4 && node.snat_v4.is_none() => Some("node.snat_v4"),
@@ -454,10 +469,11 @@ mod tests {
         }
     }
 
+    /// SNAT addresses apart from the node addresses that serve NodePorts (`settings`).
     fn node() -> NodeConfig {
         NodeConfig {
-            snat_v4: Some(Ipv4Addr::new(192, 168, 1, 10)),
-            snat_v6: Some("fd00::10".parse::<Ipv6Addr>().unwrap()),
+            snat_v4: Some(Ipv4Addr::new(192, 168, 1, 100)),
+            snat_v6: Some("fd00::100".parse::<Ipv6Addr>().unwrap()),
             ..Default::default()
         }
     }
@@ -707,6 +723,41 @@ mod tests {
         svc.metadata.annotations.as_mut().unwrap().insert(annotations::SCHEDULER.into(), "sh".into());
         let t = translate([&svc], [], &settings(), &node());
         assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+    }
+
+    /// A node address that serves NodePorts and is also the SNAT address: lb-core refuses a VIP that
+    /// is a source address of the node, which would leave the whole Service out (its cluster IP
+    /// too); the translation leaves out the NodePort keys on that address alone, saying why.
+    #[test]
+    fn a_node_port_on_the_snat_address_is_left_out_alone() {
+        let svc: Service = fixture!("service-web.json");
+        let mut lb: Service = fixture!("service-web.json");
+        lb.metadata.name = Some("web-np".into());
+        let spec = lb.spec.as_mut().unwrap();
+        spec.type_ = Some("NodePort".into());
+        spec.cluster_ip = Some("10.96.0.99".into());
+        spec.cluster_ips = Some(vec!["10.96.0.99".into()]);
+        for (i, p) in spec.ports.iter_mut().flatten().enumerate() {
+            p.node_port = Some(30080 + i as i32);
+        }
+        let on_snat = NodeConfig { snat_v4: Some(Ipv4Addr::new(192, 168, 1, 10)), ..node() };
+        let t = translate([&svc, &lb], [], &settings(), &on_snat);
+        let keys: Vec<String> = t.services.iter().map(|s| s.config.key.to_string()).collect();
+        assert!(keys.iter().any(|k| k.contains(" 10.96.0.99:")), "the cluster IP stays: {keys:?}");
+        assert!(keys.iter().all(|k| !k.contains(" 192.168.1.10:")), "{keys:?}");
+        assert_eq!(t.skipped.len(), 2, "both node ports on 192.168.1.10: {:?}", t.skipped);
+        assert!(!t.skipped.is_empty());
+        assert!(t.skipped.iter().all(|s| s.reason.contains("is also node.snat_v4")), "{:?}", t.skipped);
+        // Every service left is one lb-core accepts.
+        let config = lb_core::config::Config {
+            node: NodeConfig { gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]), ..on_snat },
+            services: t.services.iter().map(|s| s.config.clone()).collect(),
+        };
+        let mut config = config;
+        for s in &mut config.services {
+            s.backends.clear();
+        }
+        lb_core::service::TableBuilder::new().build(&config).unwrap();
     }
 
     #[test]
