@@ -478,38 +478,6 @@ fn reply_without_flow_and_fragments_are_counted() {
     assert_eq!(v, Verdict::Drop(DropReason::Fragment));
 }
 
-#[test]
-fn icmp_error_follows_its_flow_to_the_backend() {
-    let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
-    let mut sent_to = vec![];
-    for i in 0..2 {
-        let (_, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
-        sent_to.push(dsr_backend(&out));
-    }
-    // A router on the way back to client 1 reports "fragmentation needed" about VIP:80 -> client:1000.
-    let quoted = &tcp(v4(VIP), 80, client(1), 1000, Tcp::Ack, b"")[14..];
-    let mut icmp = Vec::new();
-    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LOCAL_MAC)
-        .ipv4([203, 0, 113, 1], [192, 0, 2, 1], 64)
-        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
-            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
-        ))
-        .write(&mut icmp, &quoted[..28])
-        .unwrap();
-    let (v, out) = run(&mut w, &icmp, secs(2));
-    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, sent_to[1]));
-    // About a flow nobody tracks: counted.
-    let quoted = &tcp(v4(VIP), 80, client(77), 1000, Tcp::Ack, b"")[14..];
-    let mut icmp = Vec::new();
-    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LOCAL_MAC)
-        .ipv4([203, 0, 113, 1], [192, 0, 2, 1], 64)
-        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Host))
-        .write(&mut icmp, &quoted[..28])
-        .unwrap();
-    assert_eq!(run(&mut w, &icmp, secs(2)).0, Verdict::Drop(DropReason::IcmpNoFlow));
-}
-
 /// A router's "fragmentation needed" about the VIP:80 -> `client`:1000 segment a DSR backend sent.
 fn frag_needed_about(client: std::net::IpAddr) -> Vec<u8> {
     let quoted = &tcp(v4(VIP), 80, client, 1000, Tcp::Ack, b"")[14..];
@@ -522,6 +490,29 @@ fn frag_needed_about(client: std::net::IpAddr) -> Vec<u8> {
         .write(&mut icmp, &quoted[..28])
         .unwrap();
     icmp
+}
+
+#[test]
+fn icmp_error_follows_its_flow_to_the_backend() {
+    let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
+    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    let mut sent_to = vec![];
+    for i in 0..2 {
+        let (_, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+        sent_to.push(dsr_backend(&out));
+    }
+    // A router on the way back to client 1 reports "fragmentation needed" about VIP:80 -> client:1000.
+    let (v, out) = run(&mut w, &frag_needed_about(client(1)), secs(2));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, sent_to[1]));
+    // About a flow nobody tracks: counted.
+    let quoted = &tcp(v4(VIP), 80, client(77), 1000, Tcp::Ack, b"")[14..];
+    let mut icmp = Vec::new();
+    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LOCAL_MAC)
+        .ipv4([203, 0, 113, 1], [192, 0, 2, 1], 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Host))
+        .write(&mut icmp, &quoted[..28])
+        .unwrap();
+    assert_eq!(run(&mut w, &icmp, secs(2)).0, Verdict::Drop(DropReason::IcmpNoFlow));
 }
 
 /// An ICMP error about a DSR flow reaches the flow's backend on whichever core it arrives. The error

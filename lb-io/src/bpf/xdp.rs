@@ -779,7 +779,13 @@ mod tests {
     /// Loads the program with VIP frames dropped (no socket in the test), so "steered" shows as
     /// Drop and "left to the kernel" as Pass. Skips with a reason when bpf(2) is refused.
     fn steering() -> Option<VipSteering> {
-        let cfg = SteeringConfig { missing_socket: MissingSocket::Drop, ..SteeringConfig::default() };
+        steering_with(SteeringConfig::default())
+    }
+
+    /// The program loaded with `cfg` and frames to a queue without a socket dropped (so "steered"
+    /// reads as `Drop`, "for the kernel" as `Pass`), or `None` (printed) where bpf(2) is refused.
+    fn steering_with(cfg: SteeringConfig) -> Option<VipSteering> {
+        let cfg = SteeringConfig { missing_socket: MissingSocket::Drop, ..cfg };
         match VipSteering::load(cfg) {
             Ok(s) => Some(s),
             Err(e) if e.is_refused() => {
@@ -1591,17 +1597,8 @@ mod tests {
     /// the workers already had the tables that needed it).
     #[test]
     fn a_set_that_fits_the_maps_replaces_a_full_one() {
-        let cfg = SteeringConfig {
-            max_vips: 2,
-            max_services: 2,
-            missing_socket: MissingSocket::Drop,
-            ..SteeringConfig::default()
-        };
-        let mut s = match VipSteering::load(cfg) {
-            Ok(s) => s,
-            Err(e) if e.is_refused() => return println!("SKIPPED: bpf(2) refused ({e}); run as root"),
-            Err(e) => panic!("{e}"),
-        };
+        let cfg = SteeringConfig { max_vips: 2, max_services: 2, ..SteeringConfig::default() };
+        let Some(mut s) = steering_with(cfg) else { return };
         let other = Ipv4Addr::new(10, 77, 0, 101);
         let services = |a: Ipv4Addr, b: Ipv4Addr| [(IpAddr::V4(a), 80, 6), (IpAddr::V4(b), 80, 6)];
         s.set_services(services(VIP4, Ipv4Addr::new(10, 77, 0, 102)), []).unwrap();
@@ -1620,17 +1617,8 @@ mod tests {
     /// set's services stay in the map.
     #[test]
     fn a_set_after_a_failed_one_steers_exactly_what_it_asks() {
-        let cfg = SteeringConfig {
-            max_vips: 4,
-            max_services: 2,
-            missing_socket: MissingSocket::Drop,
-            ..SteeringConfig::default()
-        };
-        let mut s = match VipSteering::load(cfg) {
-            Ok(s) => s,
-            Err(e) if e.is_refused() => return println!("SKIPPED: bpf(2) refused ({e}); run as root"),
-            Err(e) => panic!("{e}"),
-        };
+        let cfg = SteeringConfig { max_vips: 4, max_services: 2, ..SteeringConfig::default() };
+        let Some(mut s) = steering_with(cfg) else { return };
         let other = Ipv4Addr::new(10, 77, 0, 101);
         let tcp_to = |dst, port: u16| {
             let mut l4 = vec![0, 1];
@@ -1657,17 +1645,8 @@ mod tests {
     /// set removes what the failed one wrote and the new one does not want.
     #[test]
     fn a_failed_set_keeps_what_both_sets_steer() {
-        let cfg = SteeringConfig {
-            max_vips: 4,
-            max_services: 2,
-            missing_socket: MissingSocket::Drop,
-            ..SteeringConfig::default()
-        };
-        let mut s = match VipSteering::load(cfg) {
-            Ok(s) => s,
-            Err(e) if e.is_refused() => return println!("SKIPPED: bpf(2) refused ({e}); run as root"),
-            Err(e) => panic!("{e}"),
-        };
+        let cfg = SteeringConfig { max_vips: 4, max_services: 2, ..SteeringConfig::default() };
+        let Some(mut s) = steering_with(cfg) else { return };
         let other = Ipv4Addr::new(10, 77, 0, 101);
         let tcp_to = |dst| v4_with(dst, 6, 0, &[[0, 1, 0, 80].as_slice(), &[0u8; 16]].concat());
         s.set_services([(IpAddr::V4(VIP4), 80, 6)], []).unwrap();
