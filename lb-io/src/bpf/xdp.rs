@@ -778,6 +778,22 @@ mod tests {
 
     /// Loads the program with VIP frames dropped (no socket in the test), so "steered" shows as
     /// Drop and "left to the kernel" as Pass. Skips with a reason when bpf(2) is refused.
+    /// A node's IPv4 and IPv6 SNAT addresses in the tests, with ports 40000-40999.
+    const NODE4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+    const NODE6: Ipv6Addr = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+
+    /// The program steering one TCP service on port 80 of each VIP and NAT replies to [`NODE4`] and
+    /// [`NODE6`], ports 40000-40999 (what `lb_core_verdict`'s configuration needs).
+    fn nat_steering() -> Option<VipSteering> {
+        let mut s = steering()?;
+        s.set_services(
+            [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 80, 6)],
+            [(IpAddr::V4(NODE4), (40000, 40999)), (IpAddr::V6(NODE6), (40000, 40999))],
+        )
+        .unwrap();
+        Some(s)
+    }
+
     fn steering() -> Option<VipSteering> {
         steering_with(SteeringConfig::default())
     }
@@ -925,7 +941,7 @@ mod tests {
     #[test]
     fn steers_service_ports_snat_replies_and_icmp_errors_and_passes_the_rest() {
         let Some(mut s) = steering() else { return };
-        let node = Ipv4Addr::new(10, 77, 0, 2);
+        let node = NODE4;
         s.set_services(
             [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V4(VIP4), 53, 17), (IpAddr::V6(VIP6), 443, 6)],
             [(IpAddr::V4(node), (40000, 40999))],
@@ -994,14 +1010,8 @@ mod tests {
     /// ICMP errors quoting a packet sent from the address and such a port; no fragment.
     #[test]
     fn steers_to_a_snat_address_only_replies_and_errors_of_nat_flows() {
-        let Some(mut s) = steering() else { return };
-        let node = Ipv4Addr::new(10, 77, 0, 2);
-        let node6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
-        s.set_services(
-            [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 80, 6)],
-            [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))],
-        )
-        .unwrap();
+        let Some(s) = nat_steering() else { return };
+        let (node, node6) = (NODE4, NODE6);
         let steered = XdpAction::Drop;
         let kernel = XdpAction::Pass;
         let error4 = |kind: u8, quote: Vec<u8>| v4_with(node, 1, 0, &[icmp(kind), quote].concat());
@@ -1100,7 +1110,7 @@ mod tests {
     #[test]
     fn steers_arp_requests_and_solicitations_for_neighbour_addresses_only() {
         let Some(mut s) = steering() else { return };
-        let node = Ipv4Addr::new(10, 77, 0, 2);
+        let node = NODE4;
         let other6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0x99);
         s.set_services([(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 80, 6)], [(IpAddr::V4(node), (40000, 40999))])
             .unwrap();
@@ -1144,15 +1154,15 @@ mod tests {
     }
 
     /// lb-core's verdict for `frame` under one IPv4 and one IPv6 NAT service whose SNAT addresses are
-    /// `node` and `node6` with ports 40000-40999 (what `steering_for` steers for them).
-    fn lb_core_verdict(node: Ipv4Addr, node6: Ipv6Addr, frame: &[u8]) -> lb_core::Verdict {
+    /// [`NODE4`] and [`NODE6`] with ports 40000-40999 (what [`nat_steering`] steers).
+    fn lb_core_verdict(frame: &[u8]) -> lb_core::Verdict {
         use lb_core::config::{BackendConfig, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
         let key = |vip, proto| ServiceKey { vip, port: 80, proto };
         let backend = |a: IpAddr| BackendConfig { mac: Some([2, 0, 0, 0, 0, 0xbe]), ..BackendConfig::new(a, 80) };
         let config = Config {
             node: NodeConfig {
-                snat_v4: Some(node),
-                snat_v6: Some(node6),
+                snat_v4: Some(NODE4),
+                snat_v6: Some(NODE6),
                 snat_ports: (40000, 40999),
                 gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]),
                 ..NodeConfig::default()
@@ -1189,16 +1199,10 @@ mod tests {
     /// the kernel: the node's path MTU discovery and fragmented datagrams are black-holed.
     #[test]
     fn the_nodes_own_icmp_errors_and_fragments_to_its_snat_address_stay_with_the_kernel() {
-        let Some(mut s) = steering() else { return };
-        let node = Ipv4Addr::new(10, 77, 0, 2);
-        let node6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+        let Some(s) = nat_steering() else { return };
+        let (node, node6) = (NODE4, NODE6);
         let client = Ipv4Addr::new(198, 51, 100, 7);
         let client6 = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
-        s.set_services(
-            [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 80, 6)],
-            [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))],
-        )
-        .unwrap();
         // The first 28 bytes of a TCP segment the node sent from port 22 (its SSH server) to a
         // client: a full IPv4 header and 8 bytes of TCP.
         let mut quote4 = vec![0x45, 0, 0x05, 0xdc, 0, 0, 0x40, 0, 63, 6, 0, 0];
@@ -1228,25 +1232,18 @@ mod tests {
         let mut lost = Vec::new();
         for (name, frame) in cases {
             if s.test_run(&frame).unwrap() != kernel {
-                lost.push(format!("{name}: steered, and lb-core gives it {:?}", lb_core_verdict(node, node6, &frame)));
+                lost.push(format!("{name}: steered, and lb-core gives it {:?}", lb_core_verdict(&frame)));
             }
         }
         assert!(lost.is_empty(), "the node's own traffic taken from the kernel:\n{}", lost.join("\n"));
     }
 
     /// Frames lb-core parses and serves (`lb_core::packet`: up to two tags, TPIDs 0x8100, 0x88a8 and
-    /// 0x9100; IPv6 AH as an extension header) must reach it: the program reads one 0x8100 tag and
-    /// no AH, so these pass to the kernel, which has no service on the VIP.
+    /// 0x9100; IPv6 AH as an extension header) must reach it, not the kernel, which has no service
+    /// on the VIP (the program once read one 0x8100 tag and no AH).
     #[test]
     fn frames_lb_core_serves_are_steered() {
-        let Some(mut s) = steering() else { return };
-        let node = Ipv4Addr::new(10, 77, 0, 2);
-        let node6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
-        s.set_services(
-            [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 80, 6)],
-            [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))],
-        )
-        .unwrap();
+        let Some(s) = nat_steering() else { return };
         // A SYN from port 40000 to port 80: a full 20-byte TCP header.
         let syn = [[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff].as_slice(), &[0u8; 4]].concat();
         let tag = |mut f: Vec<u8>, tpid: u16, tci: u16| {
@@ -1264,7 +1261,7 @@ mod tests {
         ];
         let mut missed = Vec::new();
         for (name, frame) in cases {
-            let core = lb_core_verdict(node, node6, &frame);
+            let core = lb_core_verdict(&frame);
             assert_eq!(core, lb_core::Verdict::Tx, "{name}: lb-core serves it");
             if s.test_run(&frame).unwrap() != XdpAction::Drop {
                 missed.push(name);
@@ -1460,8 +1457,8 @@ mod tests {
             ),
             cut in proptest::prelude::any::<proptest::sample::Index>(),
         ) {
-            let node = Ipv4Addr::new(10, 77, 0, 2);
-            let node6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+            let node = NODE4;
+            let node6 = NODE6;
             let lone = Ipv4Addr::new(10, 77, 0, 8);
             let lone6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 8);
             let set = SteeringSet {
@@ -1542,8 +1539,8 @@ mod tests {
             ),
             cut in proptest::option::of(proptest::prelude::any::<proptest::sample::Index>()),
         ) {
-            let node = Ipv4Addr::new(10, 77, 0, 2);
-            let node6 = Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+            let node = NODE4;
+            let node6 = NODE6;
             let set = SteeringSet {
                 services: [(IpAddr::V4(VIP4), 80, 6)].into(),
                 snat: [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))].into(),
