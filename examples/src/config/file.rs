@@ -959,17 +959,19 @@ services:
         }
     }
 
+    /// A file with one service on `vip`, port 80, and one backend at `backend`.
+    fn one_service_file(vip: &str, backend: &str) -> String {
+        format!(
+            "node: {{ snat_v4: 10.0.0.2, snat_v6: \"fd00::2\", gateway_mac: \"02:00:00:00:00:fe\" }}\n\
+             services: [{{ vip: \"{vip}\", port: 80, backends: [{{ addr: \"{backend}\" }}] }}]\n"
+        )
+    }
+
     /// A VIP or a backend must be an address a packet can be sent to or received for: the
     /// unspecified address, broadcast and multicast are refused with the field and the value, as a
     /// mistyped address must not become a service that steers or forwards to nowhere (or everywhere).
     #[test]
     fn unusable_vip_and_backend_addresses_are_refused() {
-        let file = |vip: &str, backend: &str| {
-            format!(
-                "node: {{ snat_v4: 10.0.0.2, snat_v6: \"fd00::2\", gateway_mac: \"02:00:00:00:00:fe\" }}\n\
-                 services: [{{ vip: \"{vip}\", port: 80, backends: [{{ addr: \"{backend}\" }}] }}]\n"
-            )
-        };
         for (vip, backend, field) in [
             ("0.0.0.0", "10.1.0.1", "services[0].vip"),
             ("255.255.255.255", "10.1.0.1", "services[0].vip"),
@@ -982,7 +984,7 @@ services:
             ("fd00::10", "::", "services[0].backends[0].addr"),
             ("fd00::10", "ff02::1", "services[0].backends[0].addr"),
         ] {
-            match parse(&file(vip, backend)) {
+            match parse(&one_service_file(vip, backend)) {
                 Err(ConfigError::Invalid(errs)) => {
                     assert!(errs.iter().any(|e| e.field == field), "{vip} / {backend}: {errs:?}")
                 }
@@ -996,12 +998,6 @@ services:
     /// same rule. Each problem names the field, the value and what the address is.
     #[test]
     fn loopback_mapped_and_node_addresses_are_refused() {
-        let file = |vip: &str, backend: &str| {
-            format!(
-                "node: {{ snat_v4: 10.0.0.2, snat_v6: \"fd00::2\", gateway_mac: \"02:00:00:00:00:fe\" }}\n\
-                 services: [{{ vip: \"{vip}\", port: 80, backends: [{{ addr: \"{backend}\" }}] }}]\n"
-            )
-        };
         for (vip, backend, want) in [
             ("127.0.0.1", "10.1.0.1", "services[0].vip: \"127.0.0.1\" is a loopback address; a VIP must be"),
             ("::1", "fd00::1", "services[0].vip: \"::1\" is a loopback address"),
@@ -1010,10 +1006,10 @@ services:
             ("fd00::10", "::1", "services[0].backends[0].addr: \"::1\" is a loopback address"),
             ("fd00::10", "::ffff:10.1.0.1", "services[0].backends[0].addr: \"::ffff:10.1.0.1\" is an IPv4-mapped"),
         ] {
-            let msg = parse(&file(vip, backend)).unwrap_err().to_string();
+            let msg = parse(&one_service_file(vip, backend)).unwrap_err().to_string();
             assert!(msg.contains(want), "{vip} / {backend}: {msg}");
         }
-        assert!(parse(&file("192.0.2.10", "10.1.0.1")).is_ok());
+        assert!(parse(&one_service_file("192.0.2.10", "10.1.0.1")).is_ok());
 
         let yaml = "node: { snat_v4: 0.0.0.0, snat_v6: \"::1\", tunnel_src_v4: 224.0.0.1, tunnel_src_v6: \"ff02::1\", \
                     gateway_mac: \"02:00:00:00:00:fe\" }\nkubernetes: { node_addresses: [127.0.0.1, 192.168.1.10] }\n";
