@@ -482,6 +482,18 @@ impl NodeConfig {
         }
     }
 
+    /// The node's own source addresses by field name (`snat_v4`, `snat_v6`, `tunnel_src_v4`,
+    /// `tunnel_src_v6`), set or not. None of them may be a VIP: a reply to it could not be told from
+    /// service traffic ([`ConfigError::NodeAddressIsVip`](crate::service::ConfigError::NodeAddressIsVip)).
+    pub fn source_addresses(&self) -> [(&'static str, Option<IpAddr>); 4] {
+        [
+            ("snat_v4", self.snat_v4.map(IpAddr::V4)),
+            ("snat_v6", self.snat_v6.map(IpAddr::V6)),
+            ("tunnel_src_v4", self.tunnel_src_v4.map(IpAddr::V4)),
+            ("tunnel_src_v6", self.tunnel_src_v6.map(IpAddr::V6)),
+        ]
+    }
+
     /// The outer source address of a tunnelled frame (IP-in-IP, GUE) to a backend at `backend`:
     /// `tunnel_src_v4` or `tunnel_src_v6` by its family, if set.
     pub fn tunnel_src_for(&self, backend: IpAddr) -> Option<IpAddr> {

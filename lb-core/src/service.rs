@@ -916,12 +916,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             return Err(ConfigError::BadTimeout { field, value });
         }
     }
-    let node_addrs = [
-        ("snat_v4", node.snat_v4.map(IpAddr::V4)),
-        ("snat_v6", node.snat_v6.map(IpAddr::V6)),
-        ("tunnel_src_v4", node.tunnel_src_v4.map(IpAddr::V4)),
-        ("tunnel_src_v6", node.tunnel_src_v6.map(IpAddr::V6)),
-    ];
+    let node_addrs = node.source_addresses();
     for (field, addr) in node_addrs {
         if let Some((addr, kind)) = addr.and_then(|a| SpecialAddress::of(a).map(|k| (a, k))) {
             return Err(ConfigError::UnusableNodeAddress { field, addr, kind });

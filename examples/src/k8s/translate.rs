@@ -348,14 +348,10 @@ fn cannot_forward(
 ) -> Option<String> {
     // lb-core refuses a VIP that is one of the node's source addresses (a reply to it could not be
     // told from service traffic), and would refuse the whole Service: leave out this key alone.
-    let sources = [
-        (node.snat_v4.map(IpAddr::V4), "node.snat_v4"),
-        (node.snat_v6.map(IpAddr::V6), "node.snat_v6"),
-        (node.tunnel_src_v4.map(IpAddr::V4), "node.tunnel_src_v4"),
-        (node.tunnel_src_v6.map(IpAddr::V6), "node.tunnel_src_v6"),
-    ];
-    if let Some((_, field)) = sources.iter().find(|(a, _)| *a == Some(key.vip)) {
-        return Some(format!("{key}: the address is also {field}, and a VIP cannot be a source address of the node"));
+    if let Some((field, _)) = node.source_addresses().into_iter().find(|(_, a)| *a == Some(key.vip)) {
+        return Some(format!(
+            "{key}: the address is also node.{field}, and a VIP cannot be a source address of the node"
+        ));
     }
     let v4 = key.vip.is_ipv4();
     let missing = match mode {
