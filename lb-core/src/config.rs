@@ -434,6 +434,40 @@ impl Default for Timeouts {
     }
 }
 
+/// Why a VIP cannot be on one of the node's source addresses ([`NodeConfig::vip_conflict`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VipConflict {
+    /// The VIP is the tunnel source address `field` (`tunnel_src_v4` or `tunnel_src_v6`).
+    TunnelSource {
+        /// The node field holding the address.
+        field: &'static str,
+    },
+    /// The VIP is the SNAT address `field` (`snat_v4` or `snat_v6`) and the service's port is in
+    /// `snat_ports`, where the address's NAT replies arrive.
+    PortInSnatRange {
+        /// The node field holding the address.
+        field: &'static str,
+        /// `NodeConfig::snat_ports`.
+        ports: (u16, u16),
+    },
+}
+
+impl fmt::Display for VipConflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            VipConflict::TunnelSource { field } => write!(
+                f,
+                "the address is node.{field}, and a tunnel source address cannot be a VIP (errors about tunnelled frames come back to it)"
+            ),
+            VipConflict::PortInSnatRange { field, ports: (first, last) } => write!(
+                f,
+                "the address is node.{field} and the port is in node.snat_ports {first}-{last}, where NAT replies arrive; \
+                 a VIP on the SNAT address needs a port outside that range"
+            ),
+        }
+    }
+}
+
 /// Node-wide settings the rewrite needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -483,15 +517,36 @@ impl NodeConfig {
     }
 
     /// The node's own source addresses by field name (`snat_v4`, `snat_v6`, `tunnel_src_v4`,
-    /// `tunnel_src_v6`), set or not. None of them may be a VIP: a reply to it could not be told from
-    /// service traffic ([`ConfigError::NodeAddressIsVip`](crate::service::ConfigError::NodeAddressIsVip)).
+    /// `tunnel_src_v6`), set or not. Which of them a service may use as its VIP:
+    /// [`NodeConfig::vip_conflict`].
     pub fn source_addresses(&self) -> [(&'static str, Option<IpAddr>); 4] {
-        [
-            ("snat_v4", self.snat_v4.map(IpAddr::V4)),
-            ("snat_v6", self.snat_v6.map(IpAddr::V6)),
-            ("tunnel_src_v4", self.tunnel_src_v4.map(IpAddr::V4)),
-            ("tunnel_src_v6", self.tunnel_src_v6.map(IpAddr::V6)),
-        ]
+        let ([s4, s6], [t4, t6]) = (self.snat_addresses(), self.tunnel_sources());
+        [s4, s6, t4, t6]
+    }
+
+    fn snat_addresses(&self) -> [(&'static str, Option<IpAddr>); 2] {
+        [("snat_v4", self.snat_v4.map(IpAddr::V4)), ("snat_v6", self.snat_v6.map(IpAddr::V6))]
+    }
+
+    fn tunnel_sources(&self) -> [(&'static str, Option<IpAddr>); 2] {
+        [("tunnel_src_v4", self.tunnel_src_v4.map(IpAddr::V4)), ("tunnel_src_v6", self.tunnel_src_v6.map(IpAddr::V6))]
+    }
+
+    /// Why a service at `key` cannot have its VIP on one of the node's source addresses, if it
+    /// cannot. A SNAT address may be a VIP for ports outside `snat_ports` (a node address that
+    /// serves NodePorts and is the source of NAT flows, as with kube-proxy's masquerade): a frame to
+    /// it is then a NAT reply by its destination port (an ICMP error by its quote's source port) and
+    /// service traffic otherwise. A port inside the range could be either. A tunnel source address
+    /// may not be a VIP at all: the ICMP errors about tunnelled frames that come back to it could not
+    /// be told from errors about service flows.
+    pub fn vip_conflict(&self, key: &ServiceKey) -> Option<VipConflict> {
+        let on = |(_, a): &(&'static str, Option<IpAddr>)| *a == Some(key.vip);
+        if let Some((field, _)) = self.tunnel_sources().into_iter().find(on) {
+            return Some(VipConflict::TunnelSource { field });
+        }
+        let (field, _) = self.snat_addresses().into_iter().find(on)?;
+        let (first, last) = self.snat_ports;
+        (first..=last).contains(&key.port).then_some(VipConflict::PortInSnatRange { field, ports: self.snat_ports })
     }
 
     /// The outer source address of a tunnelled frame (IP-in-IP, GUE) to a backend at `backend`:

@@ -52,7 +52,7 @@ use crate::packet::{Family, FlowKey};
 
 use crate::config::{
     BackendConfig, BackendState, Cidr, Config, ForwardMode, NodeConfig, RemovedBackendPolicy, SchedulerKind,
-    ServiceConfig, ServiceKey, SpecialAddress, Timeouts,
+    ServiceConfig, ServiceKey, SpecialAddress, Timeouts, VipConflict,
 };
 use crate::schedule::ServiceScheduler;
 
@@ -702,15 +702,16 @@ pub enum ConfigError {
         /// The least accepted.
         min: u16,
     },
-    /// A node address (SNAT or tunnel source) that is also a VIP, so replies could not be told apart.
-    #[error("node.{field} {addr} is also the VIP of service {service}")]
+    /// A service on one of the node's source addresses where replies or errors to the node could
+    /// not be told from its traffic ([`NodeConfig::vip_conflict`]).
+    #[error("service {service} ({key}): {conflict}")]
     NodeAddressIsVip {
-        /// `snat_v4`, `snat_v6`, `tunnel_src_v4` or `tunnel_src_v6`.
-        field: &'static str,
-        /// The address.
-        addr: IpAddr,
         /// Service name.
         service: String,
+        /// The service's key.
+        key: ServiceKey,
+        /// Which address, and why.
+        conflict: VipConflict,
     },
     /// A VIP or backend address that no packet can carry to one host (unspecified, broadcast,
     /// multicast, loopback, IPv4-mapped IPv6).
@@ -916,8 +917,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             return Err(ConfigError::BadTimeout { field, value });
         }
     }
-    let node_addrs = node.source_addresses();
-    for (field, addr) in node_addrs {
+    for (field, addr) in node.source_addresses() {
         if let Some((addr, kind)) = addr.and_then(|a| SpecialAddress::of(a).map(|k| (a, k))) {
             return Err(ConfigError::UnusableNodeAddress { field, addr, kind });
         }
@@ -934,10 +934,8 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
         if let Some(kind) = SpecialAddress::of(vip) {
             return Err(ConfigError::UnusableAddress { service: service(), role: "VIP", addr: vip, kind });
         }
-        for (field, addr) in node_addrs {
-            if addr == Some(vip) {
-                return Err(ConfigError::NodeAddressIsVip { field, addr: vip, service: service() });
-            }
+        if let Some(conflict) = node.vip_conflict(&s.key) {
+            return Err(ConfigError::NodeAddressIsVip { service: service(), key: s.key, conflict });
         }
         if s.backends.len() > MAX_BACKENDS_PER_SERVICE {
             return Err(ConfigError::TooManyBackendsInService {
@@ -1518,9 +1516,20 @@ mod tests {
         c.node.snat_ports = (5000, 4000);
         rejects(&c, "node.snat_ports 5000-4000");
 
+        // A VIP on the SNAT address: only for ports outside snat_ports (a NAT reply is told by its port).
         let mut c = good();
         c.node.snat_v4 = Some("192.0.2.1".parse().unwrap());
-        rejects(&c, "node.snat_v4 192.0.2.1 is also the VIP of service web");
+        TableBuilder::new().build(&c).expect("ports 80 and 53 are outside 32768-60999");
+        c.node.snat_ports = (50, 60);
+        rejects(
+            &c,
+            "service dns (tcp 192.0.2.1:53): the address is node.snat_v4 and the port is in node.snat_ports 50-60",
+        );
+        // A VIP on a tunnel source address: never, whatever its port (and though it is the SNAT address too).
+        let mut c = good();
+        (c.node.snat_v4, c.node.tunnel_src_v4) =
+            (Some("192.0.2.1".parse().unwrap()), Some("192.0.2.1".parse().unwrap()));
+        rejects(&c, "service web (tcp 192.0.2.1:80): the address is node.tunnel_src_v4, and a tunnel source address");
 
         let mut c = good();
         c.node.gateway_mac = None;

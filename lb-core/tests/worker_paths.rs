@@ -5,6 +5,8 @@
 mod worker_common;
 
 use lb_core::stats::DropReason;
+use std::net::IpAddr;
+
 use lb_core::{Verdict, Worker, WorkerConfig};
 use worker_common::*;
 
@@ -123,4 +125,109 @@ fn a_burst_decides_exactly_as_frames_one_by_one() {
         assert_eq!((*v, out.as_slice()), (verdicts[i], f.data()), "frame {i}");
     }
     assert_eq!(w1.stats(), w2.stats());
+}
+
+/// An ICMP error from a router at `from` to `to`, quoting the first bytes of `quoted` (a frame as
+/// `tcp` builds it): destination unreachable (port) in IPv4, packet too big in IPv6.
+fn icmp_error(from: IpAddr, to: IpAddr, quoted: &[u8]) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, Icmpv6Type, PacketBuilder, icmpv4::DestUnreachableHeader};
+    let eth = PacketBuilder::ethernet2(CLIENT_MAC, LOCAL_MAC);
+    let ip = &quoted[14..];
+    let mut out = Vec::new();
+    match (from, to) {
+        (IpAddr::V4(f), IpAddr::V4(t)) => eth
+            .ipv4(f.octets(), t.octets(), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::Port))
+            .write(&mut out, &ip[..28]),
+        (IpAddr::V6(f), IpAddr::V6(t)) => eth
+            .ipv6(f.octets(), t.octets(), 64)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+            .write(&mut out, &ip[..48]),
+        _ => panic!("mixed families"),
+    }
+    .unwrap();
+    out
+}
+
+/// The outer destination of an ICMP error as sent, and the (source, destination) of the packet it quotes.
+fn icmp_seen(frame: &[u8]) -> (IpAddr, (IpAddr, u16), (IpAddr, u16)) {
+    let (_, dst, proto, _, _, payload) = worker_common::smoltcp_ip(&frame[14..]);
+    assert!(proto == 1 || proto == 58, "ICMP, not {proto}");
+    // The quote is cut short, so its lengths do not hold: read it by hand.
+    let q = &payload[8..];
+    let (qsrc, qdst, l4): (IpAddr, IpAddr, &[u8]) = match q[0] >> 4 {
+        4 => {
+            assert_eq!(q[9], 6, "quotes TCP");
+            let ip4 = |i: usize| IpAddr::from(<[u8; 4]>::try_from(&q[i..i + 4]).unwrap());
+            (ip4(12), ip4(16), &q[usize::from(q[0] & 15) * 4..])
+        }
+        _ => {
+            assert_eq!(q[6], 6, "quotes TCP");
+            let ip6 = |i: usize| IpAddr::from(<[u8; 16]>::try_from(&q[i..i + 16]).unwrap());
+            (ip6(8), ip6(24), &q[40..])
+        }
+    };
+    let port = |i: usize| u16::from_be_bytes([l4[i], l4[i + 1]]);
+    (dst, (qsrc, port(0)), (qdst, port(2)))
+}
+
+/// A SNAT address that is also a VIP (a node address serving NodePorts while NAT flows leave from
+/// it, as with kube-proxy's masquerade): frames to it are NAT replies by their port (ICMP errors by
+/// their quote's source port), service traffic otherwise, and errors about the host's own
+/// connections pass to the kernel.
+#[test]
+fn a_snat_address_that_is_also_a_vip_serves_both() {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let mut cfg = all_modes_config();
+    // The VIPs become the SNAT addresses; the services' ports 80-83 are outside 40000-40999.
+    cfg.node.snat_v4 = Some(Ipv4Addr::new(192, 0, 2, 1));
+    cfg.node.snat_v6 = Some("2001:db8::1".parse::<Ipv6Addr>().unwrap());
+    let mut w = worker(&cfg);
+    for (vip, client, router) in [
+        (v4("192.0.2.1"), v4("198.51.100.7"), v4("203.0.113.1")),
+        (v4("2001:db8::1"), v4("2001:db8:ff::7"), v4("2001:db8:fe::1")),
+    ] {
+        // A client's NAT flow leaves from the VIP itself, from a port in the range.
+        let (v, out) = run(&mut w, &tcp(client, 5555, vip, 80, Tcp::Syn, b""), secs(1));
+        assert_eq!(v, Verdict::Tx, "{vip}");
+        let s = seen(&out);
+        assert_eq!(s.src, vip);
+        assert!((40000..=40999).contains(&s.sport), "SNAT port {}", s.sport);
+        let (backend, snat_port) = (s.dst, s.sport);
+
+        // The backend's reply to that port is translated back to the client.
+        let (v, back) = run(&mut w, &tcp(backend, 8080, vip, snat_port, Tcp::Ack, b"hi"), secs(2));
+        assert_eq!(v, Verdict::Tx, "{vip}");
+        let r = seen(&back);
+        assert_eq!((r.src, r.sport, r.dst, r.dport), (vip, 80, client, 5555));
+
+        // The other services on the address still work (DSR on 81).
+        let (v, out) = run(&mut w, &tcp(client, 5556, vip, 81, Tcp::Syn, b""), secs(2));
+        assert_eq!((v, seen(&out).dst, seen(&out).dport), (Verdict::Tx, vip, 81));
+
+        // An error about the NAT flow's packet to the backend (quoted source: VIP and SNAT port)
+        // goes back to the client, translated: it quotes client -> VIP:80.
+        let quoted = tcp(vip, snat_port, backend, 8080, Tcp::Ack, b"");
+        let (v, out) = run(&mut w, &icmp_error(router, vip, &quoted), secs(3));
+        assert_eq!(v, Verdict::Tx, "{vip}");
+        assert_eq!(icmp_seen(&out), (client, (client, 5555), (vip, 80)));
+
+        // An error about the reply VIP:80 -> client (quoted source port outside the range) goes to
+        // the flow's backend, translated: it quotes SNAT address and port -> backend.
+        let quoted = tcp(vip, 80, client, 5555, Tcp::Ack, b"");
+        let (v, out) = run(&mut w, &icmp_error(router, vip, &quoted), secs(3));
+        assert_eq!(v, Verdict::Tx, "{vip}");
+        assert_eq!(icmp_seen(&out), (backend, (backend, 8080), (vip, snat_port)));
+
+        // An error about the host's own connection (its SSH server's reply) is the kernel's.
+        let quoted = tcp(vip, 22, client, 50000, Tcp::Ack, b"");
+        assert_eq!(run(&mut w, &icmp_error(router, vip, &quoted), secs(3)).0, Verdict::Pass, "{vip}");
+
+        // A port in the range with no NAT flow, and a port of no service outside it.
+        let (v, _) = run(&mut w, &tcp(backend, 8080, vip, snat_port + 1, Tcp::Ack, b""), secs(3));
+        assert_eq!(v, Verdict::Drop(DropReason::NoReverseFlow), "{vip}");
+        let (v, _) = run(&mut w, &tcp(client, 5557, vip, 9999, Tcp::Syn, b""), secs(3));
+        assert_eq!(v, Verdict::Drop(DropReason::NoService), "{vip}");
+    }
+    assert_eq!(w.stats().reverse_nat, 4);
 }

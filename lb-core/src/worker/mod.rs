@@ -58,8 +58,13 @@
 //!   translated. An error to a VIP about a flow this core does not track (RSS hands errors to any
 //!   core) still reaches the flow's backend when the service picks from the flow alone (mh, sh, dh,
 //!   hrw, ecmp; DSR or tunnel; no affinity), as Katran does; other errors about untracked flows are
-//!   counted as [`DropReason::IcmpNoFlow`] or [`DropReason::NoReverseFlow`]. Other ICMP to a VIP
-//!   (echo) passes to the kernel.
+//!   counted as [`DropReason::IcmpNoFlow`] or [`DropReason::NoReverseFlow`]. An error to a VIP about
+//!   a flow of no service (the host's own, on a VIP that is a node address) and other ICMP to a VIP
+//!   (echo) pass to the kernel.
+//! - A SNAT address may also be a VIP for ports outside `snat_ports` (a node address that serves
+//!   NodePorts and masquerades NAT flows): frames to it go to NAT reply translation by their port
+//!   (an ICMP error's by its quote's source port), to the services otherwise
+//!   ([`crate::config::NodeConfig::vip_conflict`]).
 //! - [`RemovedBackendPolicy::Drop`]: the first packet of a flow whose backend left turns its entry
 //!   into a [`ConnState::BackendGone`] tombstone, and every packet of that 5-tuple (retransmissions,
 //!   ACKs, a SYN) is dropped as [`DropReason::BackendRemoved`] until the tombstone idles out or, after
@@ -499,6 +504,9 @@ impl Core {
             return self.answer_neighbour(tables, frame);
         }
         let dst = p.flow.dst_ip();
+        if is_for_a_nat_flow(tables, p, dst) {
+            return self.nat_reply(tables, frame, p, now);
+        }
         if tables.is_vip(dst) {
             if p.fragment != Fragment::None {
                 return Err(DropReason::Fragment);
@@ -509,9 +517,6 @@ impl Core {
                 L4::IcmpEcho { .. } | L4::Ndp | L4::OtherIcmp => Ok(Verdict::Pass),
                 L4::Other => Err(DropReason::Unsupported),
             };
-        }
-        if tables.is_snat_addr(dst) {
-            return self.nat_reply(tables, frame, p, now);
         }
         Ok(Verdict::Pass)
     }
@@ -838,7 +843,11 @@ impl Core {
     /// SNAT port, and the other schedulers per-core state: [`DropReason::IcmpNoFlow`].
     #[inline(never)]
     fn icmp_error_untracked(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, flow: &FlowKey) -> Outcome {
-        let service = tables.lookup_flow(flow).and_then(|i| tables.service(i)).ok_or(DropReason::IcmpNoFlow)?;
+        // About no service's flow: the host's own (a VIP that is a node address serving NodePorts
+        // also carries the node's connections, whose path MTU discovery needs these errors).
+        let Some(service) = tables.lookup_flow(flow).and_then(|i| tables.service(i)) else {
+            return Ok(Verdict::Pass);
+        };
         if service.mode == ForwardMode::Nat
             || service.affinity_timeout_secs.is_some()
             || !service.scheduler.kind().picks_from_flow_alone()
@@ -1032,6 +1041,28 @@ impl Core {
 }
 
 /// The conntrack key of `client`'s ClientIP affinity record for `service`.
+/// True for a frame to `dst` that belongs to a NAT flow if to any: a frame to a SNAT address, unless
+/// the address is a VIP as well (for ports outside `snat_ports`, [`NodeConfig::vip_conflict`]) and
+/// the frame's port says service traffic: a TCP or UDP destination port, or the source port of the
+/// packet an ICMP error quotes (sent from the address), outside the range.
+///
+/// [`NodeConfig::vip_conflict`]: crate::config::NodeConfig::vip_conflict
+fn is_for_a_nat_flow(tables: &Tables, p: &Parsed, dst: IpAddr) -> bool {
+    if !tables.is_snat_addr(dst) {
+        return false;
+    }
+    if !tables.is_vip(dst) {
+        return true;
+    }
+    let port = match p.l4 {
+        L4::Tcp | L4::Udp => p.flow.dst_port(),
+        L4::IcmpError(e) => e.inner.src_port(),
+        _ => return false,
+    };
+    let (first, last) = tables.node().snat_ports;
+    (first..=last).contains(&port)
+}
+
 fn affinity_key(service: &Service, client: IpAddr) -> ConnKey {
     ConnKey::affinity(client, service.key.vip, service.key.port, service.key.proto.number())
 }

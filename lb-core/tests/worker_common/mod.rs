@@ -190,7 +190,7 @@ pub struct Seen {
     pub ttl: u8,
 }
 
-fn smoltcp_ip(bytes: &[u8]) -> (IpAddr, IpAddr, u8, u8, usize, Vec<u8>) {
+pub fn smoltcp_ip(bytes: &[u8]) -> (IpAddr, IpAddr, u8, u8, usize, Vec<u8>) {
     use smoltcp::wire::{Ipv4Packet, Ipv6Packet};
     match bytes[0] >> 4 {
         4 => {
