@@ -8,9 +8,12 @@
 //! - **whole address**: every frame (tests and benchmarks);
 //! - **services** (a VIP): TCP and UDP frames whose (address, destination port, protocol) is in the
 //!   service map, or whose port is in the entry's SNAT range if it has one (a VIP that is also a
-//!   SNAT address); ICMP errors (IPv4 types 3, 11, 12; ICMPv6 types below 128), which lb-core
-//!   translates for the flow they quote; IPv4 fragments and IPv6 extension headers (0, 43, 44, 51,
-//!   60), which lb-core parses or counts; frames too short for their L4 header, which lb-core counts;
+//!   SNAT address, such as a node address serving NodePorts); ICMP errors about the load balancer's
+//!   flows, which lb-core translates for the flow they quote: the quoted packet is TCP or UDP from
+//!   the address and a service's port or a port of the SNAT range, as for SNAT addresses below (an
+//!   error about the host's own connection on a node address stays with the kernel); IPv4
+//!   fragments and IPv6 extension headers (0, 43, 44, 51, 60), which lb-core parses or counts;
+//!   frames too short for their L4 header, which lb-core counts;
 //! - **SNAT port range** alone (a full-NAT source address, which may be the node's own): only what
 //!   lb-core can map to a NAT flow, so the node's own traffic to the address stays with the kernel:
 //!   - TCP and UDP frames to a port in the range (the replies of NAT flows), or too short for their
@@ -206,17 +209,17 @@ pub fn steering_program(
     let not_ours = [a.new_label(), a.new_label(), a.new_label()];
     let v6_dst = [a.new_label(), a.new_label(), a.new_label()];
     let lookup = a.new_label();
-    let icmp4 = a.new_label();
-    let icmp6 = a.new_label();
+    let services_v6 = a.new_label();
     let services_rules = a.new_label();
     let snat_rules = a.new_label();
     let snat6 = a.new_label();
     let snat6_l4 = a.new_label();
-    let snat_icmp4 = a.new_label();
-    let snat_icmp6 = a.new_label();
+    let icmp4_error = a.new_label();
+    let icmp6_error = a.new_label();
     let quote_l4 = a.new_label();
     let quote_port = a.new_label();
-    let snat_icmp4_quote = a.new_label();
+    let icmp4_quote = a.new_label();
+    let port_check = a.new_label();
     let ports = a.new_label();
     let service = a.new_label();
     let v4 = [a.new_label(), a.new_label(), a.new_label()];
@@ -343,25 +346,13 @@ pub fn steering_program(
     a.mov(R2, R1).and_imm(R2, STEER_SNAT as i32).jmp_imm(Cond::Ne, R2, 0, snat_rules);
     a.ja(pass);
 
-    // A service address (perhaps also a SNAT address): fragments, extension headers, ICMP errors.
+    // A service address (perhaps also a SNAT address): fragments, extension headers, TCP and UDP by
+    // their port, ICMP errors by the packet they quote.
     a.bind(services_rules).mov(R1, R9).and_imm(R1, R9_ALWAYS).jmp_imm(Cond::Ne, R1, 0, redirect);
-    a.jmp_imm(Cond::Eq, R8, 6, ports)
-        .jmp_imm(Cond::Eq, R8, 17, ports)
-        .jmp_imm(Cond::Eq, R8, 1, icmp4)
-        .jmp_imm(Cond::Eq, R8, 58, icmp6)
-        .ja(pass);
-
-    // ICMP: errors (destination unreachable, time exceeded, parameter problem) quote a flow; a frame
-    // too short for the type goes to userspace to be counted.
-    a.bind(icmp4).mov(R4, R7).add_imm(R4, 1).jmp(Cond::Gt, R4, R3, redirect);
-    a.load(Size::B, R4, R7, 0)
-        .jmp_imm(Cond::Eq, R4, 3, redirect)
-        .jmp_imm(Cond::Eq, R4, 11, redirect)
-        .jmp_imm(Cond::Eq, R4, 12, redirect)
-        .ja(pass);
-    // ICMPv6: types below 128 are errors.
-    a.bind(icmp6).mov(R4, R7).add_imm(R4, 1).jmp(Cond::Gt, R4, R3, redirect);
-    a.load(Size::B, R4, R7, 0).jmp_imm(Cond::Lt, R4, 128, redirect).ja(pass);
+    a.jmp_imm(Cond::Eq, R8, 6, ports).jmp_imm(Cond::Eq, R8, 17, ports);
+    a.mov(R1, R9).and_imm(R1, R9_V6).jmp_imm(Cond::Ne, R1, 0, services_v6);
+    a.jmp_imm(Cond::Eq, R8, 1, icmp4_error).ja(pass);
+    a.bind(services_v6).jmp_imm(Cond::Eq, R8, 58, icmp6_error).ja(pass);
 
     // Only a SNAT address (perhaps the node's own): NAT replies and ICMP errors about NAT flows. An
     // IPv4 fragment (or a bad header length) stays with the kernel: lb-core drops every fragment.
@@ -369,7 +360,7 @@ pub fn steering_program(
     a.jmp_imm(Cond::Ne, R9, 0, pass)
         .jmp_imm(Cond::Eq, R8, 6, ports)
         .jmp_imm(Cond::Eq, R8, 17, ports)
-        .jmp_imm(Cond::Eq, R8, 1, snat_icmp4)
+        .jmp_imm(Cond::Eq, R8, 1, icmp4_error)
         .ja(pass);
     // IPv6: past the extension headers lb-core parses, to the transport header.
     a.bind(snat6);
@@ -377,19 +368,23 @@ pub fn steering_program(
     a.bind(snat6_l4)
         .jmp_imm(Cond::Eq, R8, 6, ports)
         .jmp_imm(Cond::Eq, R8, 17, ports)
-        .jmp_imm(Cond::Eq, R8, 58, snat_icmp6)
+        .jmp_imm(Cond::Eq, R8, 58, icmp6_error)
         .ja(pass);
 
-    // An ICMP error about a NAT flow quotes a packet the node sent: from the SNAT address (the key on
-    // the stack) and a port of its range, TCP or UDP, to a backend. lb-core finds the flow by that
-    // port (a quoted later fragment has none); anything else to the address is the kernel's.
+    // An ICMP error about a flow of ours quotes a packet the load balancer sent from the address (the
+    // key on the stack), TCP or UDP: a NAT flow's to a backend, from a port of the SNAT range; a
+    // service's reply to a client, from the service's port (in DSR and tunnel modes the backend
+    // sent it, from the VIP). lb-core finds the flow by that port (a quoted later fragment has
+    // none); any other error (about the host's own connections, on a node address) is the kernel's.
     // IPv4: types 3, 11, 12; the quoted header (version 4, IHL at least 5) and 8 bytes after it.
-    a.bind(snat_icmp4).mov(R4, R7).add_imm(R4, 8 + 20).jmp(Cond::Gt, R4, R3, pass);
-    a.load(Size::B, R4, R7, 0)
-        .jmp_imm(Cond::Eq, R4, 3, snat_icmp4_quote)
-        .jmp_imm(Cond::Eq, R4, 11, snat_icmp4_quote)
-        .jmp_imm(Cond::Ne, R4, 12, pass);
-    a.bind(snat_icmp4_quote)
+    a.bind(icmp4_error).mov(R4, R7).add_imm(R4, 8 + 20).jmp(Cond::Gt, R4, R3, pass);
+    a.load(Size::B, R4, R7, 0).jmp_imm(Cond::Eq, R4, 3, icmp4_quote).jmp_imm(Cond::Eq, R4, 11, icmp4_quote).jmp_imm(
+        Cond::Ne,
+        R4,
+        12,
+        pass,
+    );
+    a.bind(icmp4_quote)
         .load(Size::B, R5, R7, 8)
         .mov(R4, R5)
         .and_imm(R4, 0xf0)
@@ -408,7 +403,7 @@ pub fn steering_program(
         .add_imm(R7, 8)
         .ja(quote_l4);
     // IPv6: types 1 to 4; the quoted fixed header (version 6) and its extension headers.
-    a.bind(snat_icmp6).mov(R4, R7).add_imm(R4, 8 + 40).jmp(Cond::Gt, R4, R3, pass);
+    a.bind(icmp6_error).mov(R4, R7).add_imm(R4, 8 + 40).jmp(Cond::Gt, R4, R3, pass);
     a.load(Size::B, R4, R7, 0)
         .jmp_imm(Cond::Eq, R4, 0, pass)
         .jmp_imm(Cond::Gt, R4, 4, pass)
@@ -424,22 +419,22 @@ pub fn steering_program(
         .load(Size::B, R8, R7, 8 + 6)
         .add_imm(R7, 8 + 40);
     walk_extensions(&mut a, true, quote_l4, pass, pass);
-    // The quoted transport header: TCP or UDP with its source port in the range.
+    // The quoted transport header: TCP or UDP; its source port (r4, as on the wire) is then judged
+    // as a frame's destination port is.
     a.bind(quote_l4).jmp_imm(Cond::Eq, R8, 6, quote_port).jmp_imm(Cond::Ne, R8, 17, pass);
     a.bind(quote_port).mov(R4, R7).add_imm(R4, 8).jmp(Cond::Gt, R4, R3, pass);
-    a.load(Size::H, R5, R7, 0)
-        .be16(R5)
-        .load(Size::H, R1, R10, ENTRY_FIRST_PORT)
-        .jmp(Cond::Lt, R5, R1, pass)
-        .load(Size::H, R1, R10, ENTRY_LAST_PORT)
-        .jmp(Cond::Gt, R5, R1, pass)
-        .ja(redirect);
+    a.load(Size::H, R4, R7, 0).ja(port_check);
 
     // TCP / UDP: r4 = the destination port as on the wire.
     a.bind(ports).mov(R4, R7).add_imm(R4, 4).jmp(Cond::Gt, R4, R3, redirect);
     a.load(Size::H, R4, R7, 2);
     // In the SNAT range? (port as a number in r5)
-    a.load(Size::W, R1, R10, ENTRY_FLAGS).and_imm(R1, STEER_SNAT as i32).jmp_imm(Cond::Eq, R1, 0, service);
+    a.bind(port_check).load(Size::W, R1, R10, ENTRY_FLAGS).and_imm(R1, STEER_SNAT as i32).jmp_imm(
+        Cond::Eq,
+        R1,
+        0,
+        service,
+    );
     a.mov(R5, R4)
         .be16(R5)
         .load(Size::H, R1, R10, ENTRY_FIRST_PORT)
@@ -939,7 +934,7 @@ mod tests {
     }
 
     #[test]
-    fn steers_service_ports_snat_replies_and_icmp_errors_and_passes_the_rest() {
+    fn steers_service_ports_snat_replies_and_errors_about_their_flows_and_passes_the_rest() {
         let Some(mut s) = steering() else { return };
         let node = NODE4;
         s.set_services(
@@ -964,8 +959,29 @@ mod tests {
             ("a first IPv4 fragment (MF set)", v4_with(VIP4, 6, 0x2000, &ports(22)), steered),
             ("DF set is not a fragment", v4_with(VIP4, 6, 0x4000, &ports(22)), kernel),
             ("ping to the VIP", v4_with(VIP4, 1, 0, &icmp(8)), kernel),
-            ("destination unreachable to the VIP", v4_with(VIP4, 1, 0, &icmp(3)), steered),
-            ("time exceeded to the VIP", v4_with(VIP4, 1, 0, &icmp(11)), steered),
+            // ICMP errors by what they quote: a packet the VIP sent from a service's port is a
+            // service flow's; from any other port, the host's own (the VIP may be a node address).
+            (
+                "destination unreachable about a TCP service's reply",
+                v4_with(VIP4, 1, 0, &[icmp(3), quote4(VIP4, 6, 80, 0, 5)].concat()),
+                steered,
+            ),
+            (
+                "time exceeded about a UDP service's reply",
+                v4_with(VIP4, 1, 0, &[icmp(11), quote4(VIP4, 17, 53, 0, 5)].concat()),
+                steered,
+            ),
+            (
+                "an error about the host's own SSH connection",
+                v4_with(VIP4, 1, 0, &[icmp(3), quote4(VIP4, 6, 22, 0, 5)].concat()),
+                kernel,
+            ),
+            (
+                "an error quoting TCP from a port only a UDP service has",
+                v4_with(VIP4, 1, 0, &[icmp(3), quote4(VIP4, 6, 53, 0, 5)].concat()),
+                kernel,
+            ),
+            ("an error with nothing quoted", v4_with(VIP4, 1, 0, &icmp(3)), kernel),
             ("TCP header cut before the ports", v4_with(VIP4, 6, 0, &[0x9c, 0x40, 0]), steered),
             ("GRE to the VIP", v4_with(VIP4, 47, 0, &[0u8; 8]), kernel),
             ("a NAT reply to the node's SNAT range", v4_with(node, 6, 0, &ports(40500)), steered),
@@ -981,7 +997,16 @@ mod tests {
             ("TCP to an IPv6 service", v6_with(VIP6, 6, &ports(443)), steered),
             ("TCP to the IPv6 VIP on another port", v6_with(VIP6, 6, &ports(80)), kernel),
             ("ICMPv6 echo to the VIP", v6_with(VIP6, 58, &icmp(128)), kernel),
-            ("ICMPv6 packet too big to the VIP", v6_with(VIP6, 58, &icmp(2)), steered),
+            (
+                "ICMPv6 packet too big about a service's reply",
+                v6_with(VIP6, 58, &[icmp(2), quote6(VIP6, &[], 6, 443)].concat()),
+                steered,
+            ),
+            (
+                "ICMPv6 packet too big about the host's own connection",
+                v6_with(VIP6, 58, &[icmp(2), quote6(VIP6, &[], 6, 22)].concat()),
+                kernel,
+            ),
             ("IPv6 fragment header", v6_with(VIP6, 44, &[6, 0, 0, 1, 0, 0, 0, 1]), steered),
             ("IPv6 hop-by-hop options", v6_with(VIP6, 0, &[6, 0, 0, 0, 0, 0, 0, 0]), steered),
             ("TCP to another address", v4_with(Ipv4Addr::new(10, 77, 0, 9), 6, 0, &ports(80)), kernel),
@@ -1191,6 +1216,68 @@ mod tests {
         verdicts[0]
     }
 
+    /// A node address that serves a NodePort (30080) and is the SNAT address too (kube-proxy's
+    /// masquerade): the program steers the NodePort's traffic, the NAT replies, and ICMP errors about
+    /// either; the node's own traffic (SSH, and errors about it) stays with the kernel, as lb-core,
+    /// which passes such an error, would want.
+    #[test]
+    fn a_node_address_serving_node_ports_and_nat_steers_both_and_leaves_the_node_its_own() {
+        let Some(mut s) = steering() else { return };
+        let (node, node6) = (NODE4, NODE6);
+        s.set_services(
+            [(IpAddr::V4(node), 30080, 6), (IpAddr::V6(node6), 30080, 6)],
+            [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))],
+        )
+        .unwrap();
+        let (steered, kernel) = (XdpAction::Drop, XdpAction::Pass);
+        let error4 = |sport| v4_with(node, 1, 0, &[icmp(3), quote4(node, 6, sport, 0, 5)].concat());
+        let error6 = |sport| v6_with(node6, 58, &[icmp(2), quote6(node6, &[], 6, sport)].concat());
+        let cases: Vec<(&str, Vec<u8>, XdpAction)> = vec![
+            ("the NodePort", v4_with(node, 6, 0, &ports(30080)), steered),
+            ("a NAT reply", v4_with(node, 6, 0, &ports(40500)), steered),
+            ("SSH to the node", v4_with(node, 6, 0, &ports(22)), kernel),
+            ("an error about a NodePort flow", error4(30080), steered),
+            ("an error about a NAT flow", error4(40500), steered),
+            ("an error about the node's SSH session", error4(22), kernel),
+            ("IPv6: the NodePort", v6_with(node6, 6, &ports(30080)), steered),
+            ("IPv6: a NAT reply", v6_with(node6, 6, &ports(40500)), steered),
+            ("IPv6: an error about a NodePort flow", error6(30080), steered),
+            ("IPv6: an error about a NAT flow", error6(40500), steered),
+            ("IPv6: an error about the node's SSH session", error6(22), kernel),
+        ];
+        for (name, frame, want) in &cases {
+            assert_eq!(s.test_run(frame).unwrap(), *want, "{name}");
+        }
+        // lb-core, with the same NodePort as a NAT service, passes the errors the program passes.
+        use lb_core::config::{BackendConfig, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
+        let service = |vip: IpAddr, backend: IpAddr| {
+            let key = ServiceKey { vip, port: 30080, proto: Protocol::Tcp };
+            let backend = BackendConfig { mac: Some([2, 0, 0, 0, 0, 0xbe]), ..BackendConfig::new(backend, 80) };
+            ServiceConfig::new("node-port", key, ForwardMode::Nat, vec![backend])
+        };
+        let config = Config {
+            node: NodeConfig {
+                snat_v4: Some(node),
+                snat_v6: Some(node6),
+                snat_ports: (40000, 40999),
+                gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]),
+                ..NodeConfig::default()
+            },
+            services: vec![
+                service(IpAddr::V4(node), IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1))),
+                service(IpAddr::V6(node6), IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1))),
+            ],
+        };
+        let tables = lb_core::service::TableBuilder::new().build(&config).unwrap();
+        let mut w = lb_core::Worker::new(tables, lb_core::WorkerConfig::single_core(1024));
+        for frame in [error4(22), error6(22)] {
+            let mut buf = frame.clone();
+            let mut verdicts = [lb_core::Verdict::Tx];
+            w.process_burst(&mut [lb_core::Frame::whole(&mut buf)], lb_core::Instant::from_nanos(1), &mut verdicts);
+            assert_eq!(verdicts[0], lb_core::Verdict::Pass, "{frame:02x?}");
+        }
+    }
+
     /// README: "The SNAT address may be the node's own: the XDP program steers only TCP/UDP to the
     /// `snat_ports` range (and ICMP errors)". But every ICMP error, every IPv4 fragment and every IPv6
     /// packet with an extension header to that address is steered, including the node's own traffic
@@ -1331,17 +1418,49 @@ mod tests {
                 (entry.flags & STEER_SNAT != 0 && in_range(port)) || set.services.contains(&(addr, port, proto))
             }
         };
+        // An ICMP error (its ICMP header at `l4`) quoting a TCP or UDP packet sent from the address
+        // and a port steered as a destination port would be: in the SNAT range, or a service's.
+        let about_ours = |proto: u8, l4: usize| {
+            let quoted = |proto: u8, at: usize| {
+                [6, 17].contains(&proto) && frame.len() >= at + 8 && {
+                    let port = be16(at);
+                    (entry.flags & STEER_SNAT != 0 && in_range(port)) || set.services.contains(&(addr, port, proto))
+                }
+            };
+            let q = l4 + 8;
+            match (proto, v6) {
+                (1, false) => {
+                    if frame.len() < q + 20 || ![3, 11, 12].contains(&frame[l4]) || frame[q] >> 4 != 4 {
+                        return false;
+                    }
+                    let ihl = usize::from(frame[q] & 0xf) * 4;
+                    ihl >= 20
+                        && be16(q + 6) & 0x1fff == 0
+                        && frame[q + 12..q + 16] == key[12..]
+                        && quoted(frame[q + 9], q + ihl)
+                }
+                (58, true) => {
+                    if frame.len() < q + 40
+                        || !(1..=4).contains(&frame[l4])
+                        || frame[q] >> 4 != 6
+                        || frame[q + 8..q + 24] != key
+                    {
+                        return false;
+                    }
+                    matches!(walk(frame, frame[q + 6], q + 40, true), Walk::To(proto, at) if quoted(proto, at))
+                }
+                _ => false,
+            }
+        };
         if entry.flags & STEER_WHOLE != 0 {
             return true;
         }
-        // A service address: its ports, fragments, extension headers, ICMP errors, short frames.
+        // A service address: fragments, extension headers, its ports, ICMP errors about its flows.
         if entry.flags & STEER_SERVICES != 0 {
             return always
                 || match proto {
                     6 | 17 => to_port(l4, proto),
-                    1 => frame.len() < l4 + 1 || [3, 11, 12].contains(&frame[l4]),
-                    58 => frame.len() < l4 + 1 || frame[l4] < 128,
-                    _ => false,
+                    _ => about_ours(proto, l4),
                 };
         }
         // Only neighbour discovery: no IP frame.
@@ -1358,32 +1477,9 @@ mod tests {
                 Walk::Fragment => return false,
             },
         };
-        // The quoted packet's transport header at `at`: TCP or UDP from a port of the range.
-        let quoted = |proto: u8, at: usize| [6, 17].contains(&proto) && frame.len() >= at + 8 && in_range(be16(at));
-        let q = l4 + 8;
-        match (proto, v6) {
-            (6 | 17, _) => to_port(l4, proto),
-            (1, false) => {
-                if frame.len() < q + 20 || ![3, 11, 12].contains(&frame[l4]) || frame[q] >> 4 != 4 {
-                    return false;
-                }
-                let ihl = usize::from(frame[q] & 0xf) * 4;
-                ihl >= 20
-                    && be16(q + 6) & 0x1fff == 0
-                    && frame[q + 12..q + 16] == key[12..]
-                    && quoted(frame[q + 9], q + ihl)
-            }
-            (58, true) => {
-                if frame.len() < q + 40
-                    || !(1..=4).contains(&frame[l4])
-                    || frame[q] >> 4 != 6
-                    || frame[q + 8..q + 24] != key
-                {
-                    return false;
-                }
-                matches!(walk(frame, frame[q + 6], q + 40, true), Walk::To(proto, at) if quoted(proto, at))
-            }
-            _ => false,
+        match proto {
+            6 | 17 => to_port(l4, proto),
+            _ => about_ours(proto, l4),
         }
     }
 
@@ -1517,22 +1613,23 @@ mod tests {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 3000, ..Default::default() })]
 
         /// The same for the frames whose steering to a SNAT address depends on most bytes: replies
-        /// behind IPv6 extension headers and ICMP errors with their quotes, to the SNAT address, whole
-        /// or cut anywhere.
+        /// behind IPv6 extension headers and ICMP errors with their quotes, to the SNAT address (alone,
+        /// or also serving NodePorts), whole or cut anywhere.
         #[test]
         fn the_program_steers_to_a_snat_address_what_the_rules_say(
             tags in proptest::collection::vec(proptest::sample::select(vec![0x8100u16, 0x88a8, 0x9100]), 0..3),
             v6 in proptest::prelude::any::<bool>(),
+            node_ports in proptest::prelude::any::<bool>(),
             error in proptest::prelude::any::<bool>(),
             transport in proptest::sample::select(vec![6u8, 17]),
             icmp_type in proptest::sample::select(vec![1u8, 2, 3, 4, 11, 12, 0, 5, 8, 128]),
-            port in proptest::sample::select(vec![22u16, 40000, 40500, 40999, 41000]),
+            port in proptest::sample::select(vec![22u16, 30080, 40000, 40500, 40999, 41000]),
             frag in proptest::sample::select(vec![0u16, 0x4000, 0x2000, 0x0001]),
             exts in proptest::collection::vec(extension(), 0..6),
             (quote_src, quote_proto, quote_port, quote_ihl, quote_frag, quote_exts) in (
                 proptest::prelude::any::<bool>(),
                 proptest::sample::select(vec![6u8, 17, 1]),
-                proptest::sample::select(vec![22u16, 40000, 40500, 40999, 41000]),
+                proptest::sample::select(vec![22u16, 30080, 40000, 40500, 40999, 41000]),
                 proptest::sample::select(vec![5u8, 6, 4]),
                 proptest::sample::select(vec![0u16, 0x4000, 0x2000, 0x0001]),
                 proptest::collection::vec(extension(), 0..4),
@@ -1541,11 +1638,14 @@ mod tests {
         ) {
             let node = NODE4;
             let node6 = NODE6;
-            let set = SteeringSet {
+            let mut set = SteeringSet {
                 services: [(IpAddr::V4(VIP4), 80, 6)].into(),
                 snat: [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))].into(),
                 ..SteeringSet::default()
             };
+            if node_ports {
+                set.services.extend([(IpAddr::V4(node), 30080, 6), (IpAddr::V6(node6), 30080, 17)]);
+            }
             let l4 = match (error, v6) {
                 (false, _) => ports(port),
                 (true, false) => {
