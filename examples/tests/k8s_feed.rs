@@ -62,7 +62,9 @@ async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
         debounce: Duration::from_millis(5),
         ..Default::default()
     };
-    let node = NodeConfig { snat_v4: Some("192.168.1.100".parse().unwrap()), ..Default::default() };
+    // The SNAT address is the node address that serves the NodePort (kube-proxy's masquerade):
+    // NodePorts are outside the default snat_ports, so the key is served.
+    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
     let client = feed::client(&settings).await.unwrap();
     let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
     let (tx, mut rx) = mpsc::channel(16);

@@ -33,9 +33,11 @@
 //! ones are Active instead of Draining, so a single-replica rollout keeps taking new connections. Under
 //! `Local` the test is node-local: ready endpoints on other nodes do not turn this node's off.
 //!
-//! A key on one of the node's own source addresses (`node.snat_v4` / `snat_v6`, `tunnel_src_v4` /
-//! `tunnel_src_v6`; e.g. a NodePort when the SNAT address is a node address) is left out alone and
-//! reported: lb-core refuses a VIP that is a source address, and would refuse the whole Service.
+//! NodePorts may be on the SNAT address (a node address, as with kube-proxy's masquerade) when
+//! `node.snat_ports` leaves the NodePort range out (the default 32768-60999 does). A key lb-core
+//! would refuse on one of the node's own source addresses (a port inside `snat_ports` on a SNAT
+//! address; any key on `tunnel_src_v4` / `tunnel_src_v6`: `NodeConfig::vip_conflict`) is left out
+//! alone and reported, instead of the whole Service being refused.
 //!
 //! ExternalName and headless Services are skipped (debug log). A Service with a bad annotation, or a
 //! key already taken by an older Service, is skipped whole and reported in [`Translation::skipped`].
@@ -346,12 +348,10 @@ fn cannot_forward(
     backends: &[BackendConfig],
     node: &NodeConfig,
 ) -> Option<String> {
-    // lb-core refuses a VIP that is one of the node's source addresses (a reply to it could not be
-    // told from service traffic), and would refuse the whole Service: leave out this key alone.
-    if let Some((field, _)) = node.source_addresses().into_iter().find(|(_, a)| *a == Some(key.vip)) {
-        return Some(format!(
-            "{key}: the address is also node.{field}, and a VIP cannot be a source address of the node"
-        ));
+    // lb-core refuses a VIP on one of the node's source addresses where replies to the node could
+    // not be told from service traffic, and would refuse the whole Service: leave out this key alone.
+    if let Some(conflict) = node.vip_conflict(&key) {
+        return Some(format!("{key}: {conflict}"));
     }
     let v4 = key.vip.is_ipv4();
     let missing = match mode {
@@ -721,11 +721,11 @@ mod tests {
         assert!(t.skipped.is_empty(), "{:?}", t.skipped);
     }
 
-    /// A node address that serves NodePorts and is also the SNAT address: lb-core refuses a VIP that
-    /// is a source address of the node, which would leave the whole Service out (its cluster IP
-    /// too); the translation leaves out the NodePort keys on that address alone, saying why.
+    /// A node address that serves NodePorts and is also the SNAT address (kube-proxy's masquerade):
+    /// served while `snat_ports` leaves the NodePorts out. A NodePort inside the range is left out
+    /// alone, saying why, rather than lb-core refusing the whole Service (its cluster IP too).
     #[test]
-    fn a_node_port_on_the_snat_address_is_left_out_alone() {
+    fn node_ports_on_the_snat_address_are_served_outside_its_port_range() {
         let svc: Service = fixture!("service-web.json");
         let mut lb: Service = fixture!("service-web.json");
         lb.metadata.name = Some("web-np".into());
@@ -736,24 +736,47 @@ mod tests {
         for (i, p) in spec.ports.iter_mut().flatten().enumerate() {
             p.node_port = Some(30080 + i as i32);
         }
-        let on_snat = NodeConfig { snat_v4: Some(Ipv4Addr::new(192, 168, 1, 10)), ..node() };
-        let t = translate([&svc, &lb], [], &settings(), &on_snat);
-        let keys: Vec<String> = t.services.iter().map(|s| s.config.key.to_string()).collect();
-        assert!(keys.iter().any(|k| k.contains(" 10.96.0.99:")), "the cluster IP stays: {keys:?}");
-        assert!(keys.iter().all(|k| !k.contains(" 192.168.1.10:")), "{keys:?}");
-        assert_eq!(t.skipped.len(), 2, "both node ports on 192.168.1.10: {:?}", t.skipped);
-        assert!(!t.skipped.is_empty());
-        assert!(t.skipped.iter().all(|s| s.reason.contains("is also node.snat_v4")), "{:?}", t.skipped);
-        // Every service left is one lb-core accepts.
-        let config = lb_core::config::Config {
-            node: NodeConfig { gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]), ..on_snat },
-            services: t.services.iter().map(|s| s.config.clone()).collect(),
+        let keys = |t: &Translation| -> Vec<String> { t.services.iter().map(|s| s.config.key.to_string()).collect() };
+        // Every service translated is one lb-core accepts.
+        let accepted = |t: &Translation, node: &NodeConfig| {
+            let mut config = lb_core::config::Config {
+                node: NodeConfig { gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]), ..node.clone() },
+                services: t.services.iter().map(|s| s.config.clone()).collect(),
+            };
+            for s in &mut config.services {
+                s.backends.clear();
+            }
+            lb_core::service::TableBuilder::new().build(&config).unwrap();
         };
-        let mut config = config;
-        for s in &mut config.services {
-            s.backends.clear();
-        }
-        lb_core::service::TableBuilder::new().build(&config).unwrap();
+        let on_snat = NodeConfig { snat_v4: Some(Ipv4Addr::new(192, 168, 1, 10)), ..node() };
+        assert_eq!(on_snat.snat_ports, (32768, 60999), "the default range leaves NodePorts out");
+        let t = translate([&svc, &lb], [], &settings(), &on_snat);
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert_eq!(keys(&t).iter().filter(|k| k.contains(" 192.168.1.10:3008")).count(), 2, "{:?}", keys(&t));
+        accepted(&t, &on_snat);
+
+        // A range that holds the first NodePort: that key alone is left out.
+        let narrow = NodeConfig { snat_ports: (30000, 30080), ..on_snat };
+        let t = translate([&svc, &lb], [], &settings(), &narrow);
+        assert!(keys(&t).iter().any(|k| k.contains(" 10.96.0.99:")), "the cluster IP stays: {:?}", keys(&t));
+        assert!(keys(&t).iter().any(|k| k.contains(" 192.168.1.10:30081")), "{:?}", keys(&t));
+        assert!(keys(&t).iter().all(|k| !k.contains(" 192.168.1.10:30080")), "{:?}", keys(&t));
+        assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+        assert!(
+            t.skipped[0].reason.contains(
+                "192.168.1.10:30080: the address is node.snat_v4 and the port is in node.snat_ports 30000-30080"
+            ),
+            "{:?}",
+            t.skipped
+        );
+        accepted(&t, &narrow);
+
+        // On a tunnel source address, no key.
+        let on_tunnel = NodeConfig { tunnel_src_v4: Some(Ipv4Addr::new(192, 168, 1, 10)), ..node() };
+        let t = translate([&svc, &lb], [], &settings(), &on_tunnel);
+        assert_eq!(t.skipped.len(), 2, "{:?}", t.skipped);
+        assert!(t.skipped.iter().all(|s| s.reason.contains("is node.tunnel_src_v4")), "{:?}", t.skipped);
+        accepted(&t, &on_tunnel);
     }
 
     #[test]
