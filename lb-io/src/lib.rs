@@ -24,6 +24,7 @@ pub mod device;
 pub mod interface;
 pub mod memory;
 pub mod netns;
+pub mod offload;
 pub mod pcap;
 pub mod poll;
 pub mod processor;

@@ -183,6 +183,29 @@ impl TablesSink for Workers {
     }
 }
 
+/// Turns off `name`'s receive VLAN offloads (`lb_io::offload`), so tagged frames reach XDP and lb-core
+/// tagged and leave tagged; logs what it did, and warns when a feature stays on.
+fn rx_vlan_offload_off(name: &str) -> Option<lb_io::offload::RxVlanOff> {
+    match lb_io::offload::rx_vlan_off(name) {
+        Ok(r) => {
+            if !r.turned_off.is_empty() {
+                tracing::info!(interface = name, features = ?r.turned_off, "receive VLAN offloads turned off until exit, so VLAN tags reach the load balancer");
+            }
+            if !r.still_on.is_empty() {
+                tracing::warn!(interface = name, features = ?r.still_on, "receive VLAN offloads cannot be turned off: VLAN-tagged frames reach the load balancer untagged and leave untagged; serve untagged traffic on this interface");
+            }
+            Some(r)
+        }
+        Err(e) => {
+            tracing::warn!(
+                interface = name,
+                "cannot read or turn off the receive VLAN offloads ({e}); VLAN-tagged frames may reach the load balancer untagged"
+            );
+            None
+        }
+    }
+}
+
 /// Starts the loops, runs the control plane until SIGINT/SIGTERM, stops the loops.
 pub fn main(args: Args) -> CmdResult {
     let loaded = lb_examples::config::file::load(&args.config)?;
@@ -210,7 +233,10 @@ pub fn main(args: Args) -> CmdResult {
     let mut counters = PublishedCounters::default();
     let mut handles = Vec::new();
     let mut links = Vec::new();
+    // Held to the end: dropping them turns back on the VLAN offloads they turned off.
+    let mut vlan_offloads = Vec::new();
     for iface in &settings.interfaces {
+        vlan_offloads.extend(rx_vlan_offload_off(&iface.name));
         let steering = VipSteering::load(steering_config)?;
         // The MAC ARP / NDP answers carry: this interface's own.
         let mac = match args.neighbour_responder {
@@ -269,6 +295,7 @@ pub fn main(args: Args) -> CmdResult {
         }
     }
     drop(links);
+    drop(vlan_offloads);
     result?;
     Ok(())
 }

@@ -1,0 +1,263 @@
+//! The NIC's receive VLAN offloads, turned off so the XDP program and lb-core see VLAN tags.
+//!
+//! With `rx-vlan-hw-parse` on (`ethtool -K eth0 rxvlan on`, most NICs' default), the NIC strips each
+//! frame's 802.1Q tag into its receive descriptor: XDP sees the frame untagged, the steering program
+//! and lb-core read it as untagged, and the frame lb-core transmits leaves untagged, on the port's
+//! native VLAN instead of its own. `rx-vlan-stag-hw-parse` does the same to 802.1ad (QinQ outer)
+//! tags. The XDP and AF_XDP guides give the same advice (`ethtool -K IF rxvlan off`). [`rx_vlan_off`]
+//! turns both off as `ethtool -K IF rxvlan off rx-vlan-stag-hw-parse off` would, over the SIOCETHTOOL
+//! ioctl (`ETHTOOL_GFEATURES` / `ETHTOOL_SFEATURES`, features found by name in the kernel's
+//! `ETH_SS_FEATURES` strings, as ethtool finds them), and gives back a guard that turns on again what
+//! it turned off. A feature the driver has fixed on stays on, and is reported.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// The receive VLAN offloads [`rx_vlan_off`] turns off, by their kernel names.
+pub const RX_VLAN_FEATURES: [&str; 2] = ["rx-vlan-hw-parse", "rx-vlan-stag-hw-parse"];
+
+// include/uapi/linux/ethtool.h
+const ETHTOOL_GSTRINGS: u32 = 0x1b;
+const ETHTOOL_GSSET_INFO: u32 = 0x37;
+const ETHTOOL_GFEATURES: u32 = 0x3a;
+const ETHTOOL_SFEATURES: u32 = 0x3b;
+const ETH_SS_FEATURES: u32 = 4;
+const ETH_GSTRING_LEN: usize = 32;
+
+/// One feature of an interface, as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Feature {
+    /// Its kernel name (`rx-vlan-hw-parse`).
+    pub name: &'static str,
+    /// On now.
+    pub active: bool,
+    /// The driver never lets it change (`[fixed]` in `ethtool -k`).
+    pub fixed: bool,
+}
+
+/// What [`rx_vlan_off`] did on one interface; dropping it turns back on what it turned off.
+#[derive(Debug)]
+pub struct RxVlanOff {
+    interface: String,
+    /// The features that were on and are now off.
+    pub turned_off: Vec<&'static str>,
+    /// The features still on: fixed by the driver, or refused. Tagged frames then reach XDP
+    /// untagged (for that kind of tag).
+    pub still_on: Vec<&'static str>,
+}
+
+impl Drop for RxVlanOff {
+    fn drop(&mut self) {
+        if self.turned_off.is_empty() {
+            return;
+        }
+        let on: Vec<(&'static str, bool)> = self.turned_off.iter().map(|&n| (n, true)).collect();
+        if let Err(e) = set_features(&self.interface, &on) {
+            eprintln!("warning: {}: could not turn {:?} back on: {e}", self.interface, self.turned_off);
+        }
+    }
+}
+
+/// Turns off the receive VLAN offloads ([`RX_VLAN_FEATURES`]) of interface `name` in the calling
+/// thread's network namespace. A feature the interface does not have is left out of both lists.
+pub fn rx_vlan_off(name: &str) -> io::Result<RxVlanOff> {
+    let before = features(name, &RX_VLAN_FEATURES)?;
+    let wanted: Vec<(&'static str, bool)> =
+        before.iter().filter(|f| f.active && !f.fixed).map(|f| (f.name, false)).collect();
+    let after = if wanted.is_empty() { before.clone() } else { set_features(name, &wanted)? };
+    let was_on = |n: &str| before.iter().any(|f| f.name == n && f.active);
+    Ok(RxVlanOff {
+        interface: name.to_string(),
+        turned_off: after.iter().filter(|f| !f.active && was_on(f.name)).map(|f| f.name).collect(),
+        still_on: after.iter().filter(|f| f.active).map(|f| f.name).collect(),
+    })
+}
+
+/// The state of the features `names` of interface `name` (those it has; an unknown name is left out).
+pub fn features(name: &str, names: &[&'static str]) -> io::Result<Vec<Feature>> {
+    let ctl = Ethtool::open(name)?;
+    let index = ctl.feature_names()?;
+    let blocks = ctl.get_features()?;
+    Ok(names
+        .iter()
+        .filter_map(|&n| {
+            let i = index.iter().position(|s| s == n)?;
+            let block = blocks.get(i / 32)?;
+            let bit = 1u32 << (i % 32);
+            Some(Feature { name: n, active: block.active & bit != 0, fixed: block.never_changed & bit != 0 })
+        })
+        .collect())
+}
+
+/// Sets each named feature of interface `name` on or off; returns their state after (the kernel may
+/// leave some as they were: a fixed feature, or one a dependency holds).
+pub fn set_features(name: &str, wanted: &[(&'static str, bool)]) -> io::Result<Vec<Feature>> {
+    let ctl = Ethtool::open(name)?;
+    let index = ctl.feature_names()?;
+    let words = ctl.get_features()?.len();
+    // struct ethtool_sfeatures: cmd, size, then per 32 features { valid, requested }.
+    let mut buf = vec![0u32; 2 + 2 * words];
+    buf[0] = ETHTOOL_SFEATURES;
+    buf[1] = words as u32;
+    for &(n, on) in wanted {
+        let i = index.iter().position(|s| s == n).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{name} has no feature {n} (`ethtool -k {name}`)"))
+        })?;
+        let (word, bit) = (i / 32, 1u32 << (i % 32));
+        buf[2 + 2 * word] |= bit;
+        if on {
+            buf[2 + 2 * word + 1] |= bit;
+        }
+    }
+    // A positive result (ETHTOOL_F_WISH and friends) says some change did not take: the state read
+    // back below shows which.
+    ctl.ioctl(buf.as_mut_ptr().cast())?;
+    let names: Vec<&'static str> = wanted.iter().map(|&(n, _)| n).collect();
+    features(name, &names)
+}
+
+/// One 32-feature block of `ETHTOOL_GFEATURES`.
+#[derive(Debug, Clone, Copy)]
+struct GetBlock {
+    active: u32,
+    never_changed: u32,
+}
+
+/// A socket to issue SIOCETHTOOL on, for one interface.
+struct Ethtool {
+    fd: OwnedFd,
+    name: [libc::c_char; libc::IFNAMSIZ],
+}
+
+impl Ethtool {
+    fn open(name: &str) -> io::Result<Self> {
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("interface name {name:?}")));
+        }
+        // SAFETY: socket(2) with constant arguments; the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a socket just opened and owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut ifname = [0 as libc::c_char; libc::IFNAMSIZ];
+        for (d, s) in ifname.iter_mut().zip(name.bytes()) {
+            *d = s as libc::c_char;
+        }
+        Ok(Ethtool { fd, name: ifname })
+    }
+
+    /// SIOCETHTOOL with `data` (an ethtool command struct the caller sized for what the command
+    /// writes); returns the ioctl's non-negative result.
+    fn ioctl(&self, data: *mut libc::c_void) -> io::Result<i32> {
+        // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        req.ifr_name = self.name;
+        req.ifr_ifru.ifru_data = data.cast();
+        // SAFETY: `req` names the interface and points at `data`, which every caller allocates with
+        // room for all the kernel writes for its command (sized from the counts the kernel gave).
+        let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), libc::SIOCETHTOOL, &mut req) };
+        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(rc) }
+    }
+
+    /// The kernel's feature names, by bit index.
+    fn feature_names(&self) -> io::Result<Vec<String>> {
+        // struct ethtool_sset_info: cmd, reserved, u64 sset_mask, then one u32 per set asked for.
+        let mut info = [0u64; 3];
+        info[0] = u64::from(ETHTOOL_GSSET_INFO);
+        info[1] = 1 << ETH_SS_FEATURES;
+        self.ioctl(info.as_mut_ptr().cast())?;
+        if info[1] & (1 << ETH_SS_FEATURES) == 0 {
+            return Err(io::Error::new(io::ErrorKind::Unsupported, "the kernel names no features"));
+        }
+        let count = (info[2] & 0xffff_ffff) as usize;
+        // struct ethtool_gstrings: cmd, string_set, len, then len strings of 32 bytes.
+        let mut buf = vec![0u32; 3 + count * ETH_GSTRING_LEN / 4];
+        buf[..3].copy_from_slice(&[ETHTOOL_GSTRINGS, ETH_SS_FEATURES, count as u32]);
+        self.ioctl(buf.as_mut_ptr().cast())?;
+        let bytes: Vec<u8> = buf[3..].iter().flat_map(|w| w.to_ne_bytes()).collect();
+        Ok(bytes
+            .chunks(ETH_GSTRING_LEN)
+            .map(|s| String::from_utf8_lossy(&s[..s.iter().position(|&b| b == 0).unwrap_or(s.len())]).into_owned())
+            .collect())
+    }
+
+    /// `ETHTOOL_GFEATURES`: every block of 32 features (as many as the kernel has).
+    fn get_features(&self) -> io::Result<Vec<GetBlock>> {
+        // Asked with room for none first, the kernel says how many blocks it has in `size`.
+        let mut head = [ETHTOOL_GFEATURES, 0];
+        self.ioctl(head.as_mut_ptr().cast())?;
+        let words = head[1] as usize;
+        // struct ethtool_gfeatures: cmd, size, then per block { available, requested, active, never_changed }.
+        let mut buf = vec![0u32; 2 + 4 * words];
+        buf[..2].copy_from_slice(&[ETHTOOL_GFEATURES, words as u32]);
+        self.ioctl(buf.as_mut_ptr().cast())?;
+        Ok(buf[2..].chunks(4).map(|b| GetBlock { active: b[2], never_changed: b[3] }).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netns::{Netns, can_create_namespaces, enter_netns, veth_pair};
+
+    /// `ethtool -k`'s line for a feature in namespace `ns`: "on", "off", "on [fixed]"...
+    fn ethtool_says(ns: &Netns, dev: &str, label: &str) -> String {
+        let out = ns.exec("ethtool", &["-k", dev]).unwrap();
+        let line = out.lines().find_map(|l| l.trim().strip_prefix(&format!("{label}:")).map(str::trim));
+        line.unwrap_or_else(|| panic!("no {label} in {out}")).to_string()
+    }
+
+    /// A veth has both receive VLAN offloads on and changeable: turned off, `ethtool -k` agrees; a
+    /// second call finds nothing to do; dropping the first guard turns them back on.
+    #[test]
+    fn rx_vlan_offloads_are_turned_off_and_back_on() {
+        if let Err(why) = can_create_namespaces() {
+            println!("SKIPPED: {why}");
+            return;
+        }
+        if crate::netns::run("ethtool", &["--version"]).is_err() {
+            println!("SKIPPED: no ethtool to check the result with (.ci/run installs it)");
+            return;
+        }
+        let tag = format!("lbo{}", std::process::id());
+        let (a, b) = (Netns::create(&format!("{tag}a")).unwrap(), Netns::create(&format!("{tag}b")).unwrap());
+        veth_pair(&a, "o0", &b, "o1").unwrap();
+        assert_eq!(ethtool_says(&a, "o0", "rx-vlan-offload"), "on", "a veth starts with it on");
+        assert_eq!(ethtool_says(&a, "o0", "rx-vlan-stag-hw-parse"), "on");
+        let ns = a.name().to_string();
+        let (first, second) = std::thread::spawn(move || {
+            enter_netns(&ns).unwrap();
+            let first = rx_vlan_off("o0").unwrap();
+            let second = rx_vlan_off("o0").unwrap();
+            (first, second)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(first.turned_off, RX_VLAN_FEATURES.to_vec());
+        assert!(first.still_on.is_empty(), "{first:?}");
+        assert_eq!(ethtool_says(&a, "o0", "rx-vlan-offload"), "off");
+        assert_eq!(ethtool_says(&a, "o0", "rx-vlan-stag-hw-parse"), "off");
+        assert!(second.turned_off.is_empty() && second.still_on.is_empty(), "{second:?}");
+        assert_eq!(ethtool_says(&b, "o1", "rx-vlan-offload"), "on", "the peer is not touched");
+        // The guards are dropped in the interface's namespace.
+        let ns = a.name().to_string();
+        std::thread::spawn(move || {
+            enter_netns(&ns).unwrap();
+            drop(second);
+            drop(first);
+        })
+        .join()
+        .unwrap();
+        assert_eq!(ethtool_says(&a, "o0", "rx-vlan-offload"), "on");
+        assert_eq!(ethtool_says(&a, "o0", "rx-vlan-stag-hw-parse"), "on");
+    }
+
+    #[test]
+    fn an_unknown_interface_is_an_error() {
+        let e = rx_vlan_off("lbnosuchif0").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENODEV), "{e}");
+        assert!(rx_vlan_off("a-name-far-too-long-for-linux").is_err());
+    }
+}
