@@ -60,21 +60,17 @@ pub enum NeighbourResponder {
 /// and, for each family with a full-NAT service, that family's SNAT address with the node's SNAT port
 /// range (the replies; NAT backends are of the VIP's family, as lb-core's neighbour responder counts
 /// them); and, as `responder` says, ARP requests and neighbour solicitations for the VIPs and NAT
-/// source addresses. Everything else to those addresses stays with the kernel (see `lb_io::bpf::xdp`).
+/// source addresses. Those of the addresses the node holds are marked so: their fragments, and ICMP
+/// errors about the node's own connections, stay with the kernel. Everything else to those addresses
+/// stays with the kernel (see `lb_io::bpf::xdp`).
 pub fn steering_for(tables: &Tables, responder: NeighbourResponder) -> SteeringSet {
-    let mut set = services_and_replies(tables.services().iter().map(|s| (s.key, s.mode)), tables.node());
-    let own: HashSet<IpAddr> = match responder {
-        NeighbourResponder::Off => return set,
-        NeighbourResponder::All => HashSet::new(),
-        NeighbourResponder::Auto => match lb_io::interface::local_addresses() {
-            Ok(own) => own.into_iter().collect(),
-            Err(e) => {
-                tracing::warn!("cannot list the node's addresses ({e}); answering ARP / NDP for all VIPs");
-                HashSet::new()
-            }
-        },
+    let own = own_addresses();
+    let mut set = services_and_replies(tables.services().iter().map(|s| (s.key, s.mode)), tables.node(), &own);
+    set.neighbour = match responder {
+        NeighbourResponder::Off => BTreeSet::new(),
+        NeighbourResponder::All => lb_core::neighbour::addresses(tables).collect(),
+        NeighbourResponder::Auto => lb_core::neighbour::addresses(tables).filter(|a| !own.contains(a)).collect(),
     };
-    set.neighbour = lb_core::neighbour::addresses(tables).filter(|a| !own.contains(a)).collect();
     set
 }
 
@@ -82,13 +78,31 @@ pub fn steering_for(tables: &Tables, responder: NeighbourResponder) -> SteeringS
 /// (VIPs and SNAT addresses, which the set holds already): for checking, before anything is built,
 /// that the steering fits the XDP program's maps ([`SteeringSet::address_count`]).
 pub fn steering_for_config(config: &Config) -> SteeringSet {
-    services_and_replies(config.services.iter().map(|s| (s.key, s.mode)), &config.node)
+    services_and_replies(config.services.iter().map(|s| (s.key, s.mode)), &config.node, &own_addresses())
+}
+
+/// The node's own addresses (empty, with a warning, when they cannot be listed).
+fn own_addresses() -> HashSet<IpAddr> {
+    match lb_io::interface::local_addresses() {
+        Ok(own) => own.into_iter().collect(),
+        Err(e) => {
+            tracing::warn!(
+                "cannot list the node's addresses ({e}); the node's own fragments to its addresses that are VIPs \
+                 are steered, and ARP / NDP is answered for all VIPs"
+            );
+            HashSet::new()
+        }
+    }
 }
 
 /// Each service's (VIP, port, protocol), and for each family with a full-NAT service that family's
 /// SNAT address with the port range (NAT backends are of the VIP's family, as lb-core's neighbour
-/// responder counts them).
-fn services_and_replies(services: impl Iterator<Item = (ServiceKey, ForwardMode)>, node: &NodeConfig) -> SteeringSet {
+/// responder counts them); those of the addresses in `own` (the node's) are marked as the host's.
+fn services_and_replies(
+    services: impl Iterator<Item = (ServiceKey, ForwardMode)>,
+    node: &NodeConfig,
+    own: &HashSet<IpAddr>,
+) -> SteeringSet {
     let mut set = SteeringSet::default();
     let (mut nat_v4, mut nat_v6) = (false, false);
     for (key, mode) in services {
@@ -98,6 +112,8 @@ fn services_and_replies(services: impl Iterator<Item = (ServiceKey, ForwardMode)
     }
     let snat = [node.snat_v4.map(IpAddr::V4).filter(|_| nat_v4), node.snat_v6.map(IpAddr::V6).filter(|_| nat_v6)];
     set.snat = snat.into_iter().flatten().map(|a| (a, node.snat_ports)).collect();
+    set.host =
+        set.services.iter().map(|&(a, _, _)| a).chain(set.snat.keys().copied()).filter(|a| own.contains(a)).collect();
     set
 }
 
@@ -1121,7 +1137,7 @@ services:
     }
 
     #[test]
-    fn auto_leaves_the_nodes_own_addresses_to_the_kernel() {
+    fn the_nodes_own_addresses_are_marked_and_auto_leaves_their_neighbour_discovery_to_the_kernel() {
         // An IPv4 address an interface of this namespace holds (not loopback, which cannot be a
         // VIP); 192.0.2.10 (TEST-NET-1) on no interface.
         let foreign: IpAddr = "192.0.2.10".parse().unwrap();
@@ -1149,6 +1165,11 @@ services:
         assert_eq!(auto.neighbour.iter().copied().collect::<Vec<_>>(), [foreign]);
         let all = steering_for(&tables, NeighbourResponder::All);
         assert_eq!(all.neighbour.len(), 2);
+        // Whatever the responder, the node's own address is marked as the host's (its fragments and
+        // its own connections' ICMP errors stay with the kernel), and the other VIP is not.
+        for set in [&auto, &all, &steering_for(&tables, NeighbourResponder::Off)] {
+            assert_eq!(set.host.iter().copied().collect::<Vec<_>>(), [own]);
+        }
     }
 
     /// A poll loop's processor that holds each update until the test opens its gate (a stuck

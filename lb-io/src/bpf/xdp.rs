@@ -26,7 +26,13 @@
 //!   - no fragment, IPv4 or IPv6: lb-core drops every one, so a fragmented datagram to the node
 //!     reaches the kernel whole. What is lost: a NAT reply (or an error's quote) behind more than four
 //!     extension headers passes to the kernel, which drops it, where lb-core would translate it;
-//! - **neighbour** alone: no IP frame (only the neighbour discovery below).
+//! - **neighbour** alone: no IP frame (only the neighbour discovery below);
+//! - **held by the host** (with services or a SNAT range: a node address serving NodePorts, a SNAT
+//!   address that is the node's): the SNAT address rules above, with the service map's ports added
+//!   wherever the SNAT range is judged (TCP and UDP destination ports, the quoted source port of an
+//!   ICMP error). No fragment and no IPv4 header lb-core would count as bad is steered, so the
+//!   host's own fragmented datagrams reach the kernel whole (a fragment of a service's is dropped by
+//!   the kernel instead of counted by lb-core).
 //!
 //! Everything else to those addresses (ping, SSH to a node address used for SNAT, a port no service
 //! has, an ICMP error about the node's own connection) passes to the kernel, so it is answered or
@@ -139,6 +145,7 @@ const STEER_WHOLE: u32 = 1;
 const STEER_SERVICES: u32 = 2;
 const STEER_SNAT: u32 = 4;
 const STEER_NEIGHBOUR: u32 = 8;
+const STEER_HOST: u32 = 16;
 
 /// The address map's value: which traffic to the address is steered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -211,9 +218,9 @@ pub fn steering_program(
     let lookup = a.new_label();
     let services_v6 = a.new_label();
     let services_rules = a.new_label();
-    let snat_rules = a.new_label();
-    let snat6 = a.new_label();
-    let snat6_l4 = a.new_label();
+    let strict_rules = a.new_label();
+    let strict6 = a.new_label();
+    let strict6_l4 = a.new_label();
     let icmp4_error = a.new_label();
     let icmp6_error = a.new_label();
     let quote_l4 = a.new_label();
@@ -342,8 +349,9 @@ pub fn steering_program(
     // data_end again (the helper call clobbered r3).
     a.load(Size::W, R3, R6, XDP_MD_DATA_END);
     a.mov(R2, R1).and_imm(R2, STEER_WHOLE as i32).jmp_imm(Cond::Ne, R2, 0, redirect);
+    a.mov(R2, R1).and_imm(R2, STEER_HOST as i32).jmp_imm(Cond::Ne, R2, 0, strict_rules);
     a.mov(R2, R1).and_imm(R2, STEER_SERVICES as i32).jmp_imm(Cond::Ne, R2, 0, services_rules);
-    a.mov(R2, R1).and_imm(R2, STEER_SNAT as i32).jmp_imm(Cond::Ne, R2, 0, snat_rules);
+    a.mov(R2, R1).and_imm(R2, STEER_SNAT as i32).jmp_imm(Cond::Ne, R2, 0, strict_rules);
     a.ja(pass);
 
     // A service address (perhaps also a SNAT address): fragments, extension headers, TCP and UDP by
@@ -354,18 +362,20 @@ pub fn steering_program(
     a.jmp_imm(Cond::Eq, R8, 1, icmp4_error).ja(pass);
     a.bind(services_v6).jmp_imm(Cond::Eq, R8, 58, icmp6_error).ja(pass);
 
-    // Only a SNAT address (perhaps the node's own): NAT replies and ICMP errors about NAT flows. An
-    // IPv4 fragment (or a bad header length) stays with the kernel: lb-core drops every fragment.
-    a.bind(snat_rules).mov(R1, R9).and_imm(R1, R9_V6).jmp_imm(Cond::Ne, R1, 0, snat6);
+    // A SNAT address without services, or any address the host holds: TCP and UDP to a port of the
+    // SNAT range or of a service, and ICMP errors about such flows. An IPv4 fragment (or a bad header
+    // length) stays with the kernel: lb-core drops every fragment, and the host's own datagrams
+    // must reach the kernel whole.
+    a.bind(strict_rules).mov(R1, R9).and_imm(R1, R9_V6).jmp_imm(Cond::Ne, R1, 0, strict6);
     a.jmp_imm(Cond::Ne, R9, 0, pass)
         .jmp_imm(Cond::Eq, R8, 6, ports)
         .jmp_imm(Cond::Eq, R8, 17, ports)
         .jmp_imm(Cond::Eq, R8, 1, icmp4_error)
         .ja(pass);
     // IPv6: past the extension headers lb-core parses, to the transport header.
-    a.bind(snat6);
-    walk_extensions(&mut a, false, snat6_l4, redirect, pass);
-    a.bind(snat6_l4)
+    a.bind(strict6);
+    walk_extensions(&mut a, false, strict6_l4, redirect, pass);
+    a.bind(strict6_l4)
         .jmp_imm(Cond::Eq, R8, 6, ports)
         .jmp_imm(Cond::Eq, R8, 17, ports)
         .jmp_imm(Cond::Eq, R8, 58, icmp6_error)
@@ -533,6 +543,10 @@ pub struct SteeringSet {
     /// Addresses whose ARP requests and Neighbour Solicitations are steered, for the worker's
     /// responder to answer (`lb_core::neighbour::addresses`); empty when the responder is off.
     pub neighbour: BTreeSet<IpAddr>,
+    /// Of the addresses above, those the host holds (a node address serving NodePorts, a SNAT
+    /// address that is the node's): their fragments, and ICMP errors about no flow of ours, stay
+    /// with the kernel, which needs them for the host's own traffic. Adds no address.
+    pub host: BTreeSet<IpAddr>,
 }
 
 impl SteeringSet {
@@ -558,6 +572,11 @@ impl SteeringSet {
         }
         for &addr in &self.neighbour {
             m.entry(addr).or_default().flags |= STEER_NEIGHBOUR;
+        }
+        for addr in &self.host {
+            if let Some(e) = m.get_mut(addr) {
+                e.flags |= STEER_HOST;
+            }
         }
         m
     }
@@ -631,7 +650,7 @@ impl VipSteering {
         Ok(())
     }
 
-    /// Steers the services and SNAT ranges given, keeping the whole-address and neighbour entries.
+    /// Steers the services and SNAT ranges given, keeping the whole-address, neighbour and host sets.
     pub fn set_services(
         &mut self,
         services: impl IntoIterator<Item = (IpAddr, u16, u8)>,
@@ -642,6 +661,7 @@ impl VipSteering {
             snat: snat.into_iter().collect(),
             whole: self.current.whole.clone(),
             neighbour: self.current.neighbour.clone(),
+            host: self.current.host.clone(),
         };
         self.set(want)
     }
@@ -1218,16 +1238,18 @@ mod tests {
 
     /// A node address that serves a NodePort (30080) and is the SNAT address too (kube-proxy's
     /// masquerade): the program steers the NodePort's traffic, the NAT replies, and ICMP errors about
-    /// either; the node's own traffic (SSH, and errors about it) stays with the kernel, as lb-core,
-    /// which passes such an error, would want.
+    /// either; the node's own traffic (SSH, errors about it, fragmented datagrams) stays with the
+    /// kernel, as lb-core, which passes such an error, would want.
     #[test]
     fn a_node_address_serving_node_ports_and_nat_steers_both_and_leaves_the_node_its_own() {
         let Some(mut s) = steering() else { return };
         let (node, node6) = (NODE4, NODE6);
-        s.set_services(
-            [(IpAddr::V4(node), 30080, 6), (IpAddr::V6(node6), 30080, 6)],
-            [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))],
-        )
+        s.set(SteeringSet {
+            services: [(IpAddr::V4(node), 30080, 6), (IpAddr::V6(node6), 30080, 6)].into(),
+            snat: [(IpAddr::V4(node), (40000, 40999)), (IpAddr::V6(node6), (40000, 40999))].into(),
+            host: [IpAddr::V4(node), IpAddr::V6(node6)].into(),
+            ..SteeringSet::default()
+        })
         .unwrap();
         let (steered, kernel) = (XdpAction::Drop, XdpAction::Pass);
         let error4 = |sport| v4_with(node, 1, 0, &[icmp(3), quote4(node, 6, sport, 0, 5)].concat());
@@ -1244,10 +1266,28 @@ mod tests {
             ("IPv6: an error about a NodePort flow", error6(30080), steered),
             ("IPv6: an error about a NAT flow", error6(40500), steered),
             ("IPv6: an error about the node's SSH session", error6(22), kernel),
+            // Fragments: the host's own datagrams reassemble in the kernel (a NodePort's first
+            // fragment goes there too; lb-core would only drop it).
+            ("a first IPv4 fragment (DNS answer to the node)", v4_with(node, 17, 0x2000, &ports(5353)), kernel),
+            ("a later IPv4 fragment", v4_with(node, 17, 185, &[0u8; 8]), kernel),
+            ("a first IPv4 fragment to the NodePort", v4_with(node, 6, 0x2000, &ports(30080)), kernel),
+            (
+                "an IPv6 fragment",
+                v6_with(node6, 44, &[[17, 0, 0, 1, 0, 0, 0, 1].as_slice(), &ports(5353)].concat()),
+                kernel,
+            ),
+            (
+                "IPv6: the NodePort behind a destination options header",
+                v6_with(node6, 60, &[[6, 0, 1, 4, 0, 0, 0, 0].as_slice(), &ports(30080)].concat()),
+                steered,
+            ),
         ];
         for (name, frame, want) in &cases {
             assert_eq!(s.test_run(frame).unwrap(), *want, "{name}");
         }
+        // Not held by the host (a VIP of its own), the address's fragments are lb-core's to count.
+        s.set(SteeringSet { host: BTreeSet::new(), ..s.steering().clone() }).unwrap();
+        assert_eq!(s.test_run(&v4_with(node, 17, 185, &[0u8; 8])).unwrap(), steered);
         // lb-core, with the same NodePort as a NAT service, passes the errors the program passes.
         use lb_core::config::{BackendConfig, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
         let service = |vip: IpAddr, backend: IpAddr| {
@@ -1411,22 +1451,17 @@ mod tests {
         let Some((addr, entry)) = set.addresses().into_iter().find(|(a, _)| vip_key(*a) == key) else {
             return false;
         };
-        let in_range = |port: u16| (entry.ports.0..=entry.ports.1).contains(&port);
-        let to_port = |l4: usize, proto: u8| {
-            frame.len() < l4 + 4 || {
-                let port = be16(l4 + 2);
-                (entry.flags & STEER_SNAT != 0 && in_range(port)) || set.services.contains(&(addr, port, proto))
-            }
+        // A port of the SNAT range, or of a service of the address.
+        let ours = |port: u16, proto: u8| {
+            (entry.flags & STEER_SNAT != 0 && (entry.ports.0..=entry.ports.1).contains(&port))
+                || set.services.contains(&(addr, port, proto))
         };
+        let to_port = |l4: usize, proto: u8| frame.len() < l4 + 4 || ours(be16(l4 + 2), proto);
         // An ICMP error (its ICMP header at `l4`) quoting a TCP or UDP packet sent from the address
-        // and a port steered as a destination port would be: in the SNAT range, or a service's.
+        // and a port steered as a destination port would be.
         let about_ours = |proto: u8, l4: usize| {
-            let quoted = |proto: u8, at: usize| {
-                [6, 17].contains(&proto) && frame.len() >= at + 8 && {
-                    let port = be16(at);
-                    (entry.flags & STEER_SNAT != 0 && in_range(port)) || set.services.contains(&(addr, port, proto))
-                }
-            };
+            let quoted =
+                |proto: u8, at: usize| [6, 17].contains(&proto) && frame.len() >= at + 8 && ours(be16(at), proto);
             let q = l4 + 8;
             match (proto, v6) {
                 (1, false) => {
@@ -1455,8 +1490,9 @@ mod tests {
         if entry.flags & STEER_WHOLE != 0 {
             return true;
         }
-        // A service address: fragments, extension headers, its ports, ICMP errors about its flows.
-        if entry.flags & STEER_SERVICES != 0 {
+        // A service address the host does not hold: fragments, extension headers, its ports, ICMP
+        // errors about its flows.
+        if entry.flags & STEER_SERVICES != 0 && entry.flags & STEER_HOST == 0 {
             return always
                 || match proto {
                     6 | 17 => to_port(l4, proto),
@@ -1464,10 +1500,11 @@ mod tests {
                 };
         }
         // Only neighbour discovery: no IP frame.
-        if entry.flags & STEER_SNAT == 0 {
+        if entry.flags & (STEER_SNAT | STEER_HOST) == 0 {
             return false;
         }
-        // Only a SNAT address: NAT replies and ICMP errors about NAT flows, no fragment.
+        // A SNAT address without services, or an address the host holds: its ports (the SNAT
+        // range's and its services'), ICMP errors about its flows, no fragment.
         let (proto, l4) = match (v6, always) {
             (false, true) => return false,
             (false, false) => (proto, l4),
@@ -1541,12 +1578,14 @@ mod tests {
             frag in proptest::sample::select(vec![0u16, 0x4000, 0x2000, 0x0001, 0x1fff, 0x8000]),
             icmp_type in proptest::sample::select(vec![0u8, 1, 2, 3, 4, 5, 8, 11, 12, 13, 127, 128, 129, 135, 255]),
             exts in proptest::collection::vec(extension(), 0..6),
+            // Whether the host holds the VIPs (node addresses serving NodePorts).
+            host in proptest::prelude::any::<bool>(),
             // The packet an ICMP error quotes: from the SNAT address or not, its protocol, source
             // port, IPv4 header length and flags / offset field, IPv6 extension headers.
             (quote_src, quote_proto, quote_port, quote_ihl, quote_frag, quote_exts) in (
                 proptest::prelude::any::<bool>(),
                 proptest::sample::select(vec![6u8, 17, 1]),
-                proptest::sample::select(vec![22u16, 40000, 40500, 40999, 41000]),
+                proptest::sample::select(vec![22u16, 53, 80, 443, 40000, 40500, 40999, 41000]),
                 proptest::sample::select(vec![5u8, 6, 4]),
                 proptest::sample::select(vec![0u16, 0x4000, 0x2000, 0x0001]),
                 proptest::collection::vec(extension(), 0..6),
@@ -1565,6 +1604,7 @@ mod tests {
                 // `lone6` are for nothing else.
                 neighbour: [IpAddr::V4(VIP4), IpAddr::V4(node), IpAddr::V6(VIP6), IpAddr::V4(lone), IpAddr::V6(lone6)]
                     .into(),
+                host: if host { [IpAddr::V4(VIP4), IpAddr::V6(VIP6)].into() } else { BTreeSet::new() },
             };
             let mut l4 = match proto {
                 1 | 58 => icmp(icmp_type),
@@ -1620,6 +1660,7 @@ mod tests {
             tags in proptest::collection::vec(proptest::sample::select(vec![0x8100u16, 0x88a8, 0x9100]), 0..3),
             v6 in proptest::prelude::any::<bool>(),
             node_ports in proptest::prelude::any::<bool>(),
+            host in proptest::prelude::any::<bool>(),
             error in proptest::prelude::any::<bool>(),
             transport in proptest::sample::select(vec![6u8, 17]),
             icmp_type in proptest::sample::select(vec![1u8, 2, 3, 4, 11, 12, 0, 5, 8, 128]),
@@ -1645,6 +1686,9 @@ mod tests {
             };
             if node_ports {
                 set.services.extend([(IpAddr::V4(node), 30080, 6), (IpAddr::V6(node6), 30080, 17)]);
+            }
+            if host {
+                set.host.extend([IpAddr::V4(node), IpAddr::V6(node6)]);
             }
             let l4 = match (error, v6) {
                 (false, _) => ports(port),
