@@ -50,6 +50,13 @@ enum Change {
     BadMaglevSize {
         service: u8,
     },
+    /// The SNAT addresses become the VIPs (a node address serving services and masquerading NAT
+    /// flows), or go back. With `cover` the SNAT port range also covers the service ports: invalid
+    /// on the VIPs, valid (and live NAT flows break, as documented) elsewhere.
+    SnatOnVip {
+        on: bool,
+        cover: bool,
+    },
 }
 
 #[derive(Debug, Arbitrary)]
@@ -175,10 +182,14 @@ fn apply(cfg: &mut lb_core::config::Config, change: &Change, n: usize) -> bool {
         Change::BadMaglevSize { service } => {
             let s = &mut cfg.services[svc(service)];
             s.maglev_table_size = Some(1000);
-            return matches!(
-                s.scheduler,
-                SchedulerKind::Maglev | SchedulerKind::SourceHashing | SchedulerKind::DestinationHashing
-            );
+            // (A scheduler without a Maglev table ignores the size.)
+            return s.scheduler.uses_maglev_table();
+        }
+        Change::SnatOnVip { on, cover } => {
+            let (v4, v6) = if *on { (lb_fuzz::VIP4, lb_fuzz::VIP6) } else { (lb_fuzz::SNAT4, lb_fuzz::SNAT6) };
+            (cfg.node.snat_v4, cfg.node.snat_v6) = (Some(v4), Some(v6));
+            cfg.node.snat_ports = if *cover { (80, 40015) } else { (40000, 40015) };
+            return *on && *cover;
         }
     }
     false
