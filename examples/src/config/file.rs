@@ -19,7 +19,7 @@
 //! interfaces:
 //!   - { name: eth0, queues: [0, 1] }
 //! metrics: { listen: "127.0.0.1:9100" }
-//! kubernetes: { node_name: node-a, node_addresses: [192.168.1.10] }
+//! kubernetes: { node_name: node-a, node_zone: zone-a, node_addresses: [192.168.1.10] }
 //! services:
 //!   - name: web
 //!     vip: 10.0.0.10
@@ -162,6 +162,7 @@ struct FileKubernetes {
     enabled: bool,
     kubeconfig: Option<PathBuf>,
     node_name: Option<String>,
+    node_zone: Option<String>,
     #[serde(default)]
     node_addresses: Vec<String>,
     default_scheduler: Option<String>,
@@ -504,8 +505,12 @@ fn validate_node(n: &FileNode, p: &mut Problems) -> NodeConfig {
 }
 
 fn validate_kubernetes(k: &FileKubernetes, p: &mut Problems) -> KubernetesSettings {
-    let mut s =
-        KubernetesSettings { kubeconfig: k.kubeconfig.clone(), node_name: k.node_name.clone(), ..Default::default() };
+    let mut s = KubernetesSettings {
+        kubeconfig: k.kubeconfig.clone(),
+        node_name: k.node_name.clone(),
+        node_zone: k.node_zone.clone(),
+        ..Default::default()
+    };
     for (i, a) in k.node_addresses.iter().enumerate() {
         let field = format!("kubernetes.node_addresses[{i}]");
         if let Some(ip) = p.parse::<IpAddr>(&field, a, "is not an IP address") {
@@ -807,7 +812,7 @@ node:
 interfaces:
   - { name: eth0, queues: [0, 1] }
 metrics: { listen: "127.0.0.1:9100" }
-kubernetes: { node_name: node-a, node_addresses: [192.168.1.10, "fd00::10"], default_scheduler: wrr, debounce: 50ms }
+kubernetes: { node_name: node-a, node_zone: zone-a, node_addresses: [192.168.1.10, "fd00::10"], default_scheduler: wrr, debounce: 50ms }
 services:
   - name: web
     vip: 10.0.0.10
@@ -851,6 +856,7 @@ services:
         assert_eq!(s.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
         let k = s.kubernetes.unwrap();
         assert_eq!(k.node_name.as_deref(), Some("node-a"));
+        assert_eq!(k.node_zone.as_deref(), Some("zone-a"));
         assert_eq!(k.node_addresses.len(), 2);
         assert_eq!(k.default_scheduler, SchedulerKind::WeightedRoundRobin);
         assert_eq!(k.debounce, Duration::from_millis(50));

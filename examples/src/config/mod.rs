@@ -101,8 +101,12 @@ pub struct InterfaceConfig {
 pub struct KubernetesSettings {
     /// Kubeconfig to use; `None` uses the in-cluster service account or `$KUBECONFIG`.
     pub kubeconfig: Option<PathBuf>,
-    /// This node's name (endpoint `nodeName`), for `externalTrafficPolicy: Local`.
+    /// This node's name (endpoint `nodeName`), for `externalTrafficPolicy: Local` and same-node
+    /// topology hints.
     pub node_name: Option<String>,
+    /// This node's zone (its `topology.kubernetes.io/zone` label), for same-zone topology hints
+    /// (`trafficDistribution: PreferClose`, `service.kubernetes.io/topology-mode: Auto`).
+    pub node_zone: Option<String>,
     /// This node's addresses, on which NodePort services listen.
     pub node_addresses: Vec<IpAddr>,
     /// Scheduler of Services without the scheduler annotation.
@@ -118,6 +122,7 @@ impl Default for KubernetesSettings {
         KubernetesSettings {
             kubeconfig: None,
             node_name: None,
+            node_zone: None,
             node_addresses: Vec::new(),
             default_scheduler: SchedulerKind::Maglev,
             default_mode: ForwardMode::Nat,
@@ -180,12 +185,16 @@ impl Settings {
     }
 
     /// Fills what the file left out of the Kubernetes settings from the downward API's environment:
-    /// `NODE_NAME` (spec.nodeName) and `NODE_IPS` (status.hostIPs, comma-separated). Unparsable
-    /// addresses are skipped with a warning.
+    /// `NODE_NAME` (spec.nodeName) and `NODE_IPS` (status.hostIPs, comma-separated), and `NODE_ZONE`
+    /// (which the downward API cannot give: set it from the node's zone label when deploying).
+    /// Unparsable addresses are skipped with a warning.
     pub fn fill_from_env(&mut self, var: impl Fn(&str) -> Option<String>) {
         let Some(k) = self.kubernetes.as_mut() else { return };
         if k.node_name.is_none() {
             k.node_name = var("NODE_NAME").filter(|n| !n.is_empty());
+        }
+        if k.node_zone.is_none() {
+            k.node_zone = var("NODE_ZONE").filter(|n| !n.is_empty());
         }
         if k.node_addresses.is_empty()
             && let Some(ips) = var("NODE_IPS")
@@ -209,12 +218,14 @@ mod tests {
         let env = |k: &str| match k {
             "NODE_NAME" => Some("node-a".to_string()),
             "NODE_IPS" => Some("192.168.1.10,fd00::10,bogus".to_string()),
+            "NODE_ZONE" => Some("zone-a".to_string()),
             _ => None,
         };
         let mut s = Settings { kubernetes: Some(KubernetesSettings::default()), ..Default::default() };
         s.fill_from_env(env);
         let k = s.kubernetes.as_ref().unwrap();
         assert_eq!(k.node_name.as_deref(), Some("node-a"));
+        assert_eq!(k.node_zone.as_deref(), Some("zone-a"));
         assert_eq!(k.node_addresses, vec!["192.168.1.10".parse::<IpAddr>().unwrap(), "fd00::10".parse().unwrap()]);
 
         let mut s = Settings {

@@ -33,6 +33,13 @@
 //! ones are Active instead of Draining, so a single-replica rollout keeps taking new connections. Under
 //! `Local` the test is node-local: ready endpoints on other nodes do not turn this node's off.
 //!
+//! Topology hints (kube-proxy's `topologyModeFromHints`, KEP-2433 and KEP-3015), for keys of a
+//! `Cluster` policy: when every ready endpoint of the key has node hints and one is for this node
+//! (`trafficDistribution: PreferSameNode`), only those hinted for this node take new flows; else
+//! when every one has zone hints and one is for `node_zone` (`PreferClose`, `topology-mode: Auto`),
+//! only those hinted for the zone do. The ready endpoints left out are Draining: they keep their
+//! established flows, where kube-proxy would leave them out (and the flows with them).
+//!
 //! NodePorts may be on the SNAT address (a node address, as with kube-proxy's masquerade) when
 //! `node.snat_ports` leaves the NodePort range out (the default 32768-60999 does). A key lb-core
 //! would refuse on one of the node's own source addresses (a port inside `snat_ports` on a SNAT
@@ -84,6 +91,53 @@ pub struct Skipped {
 struct Endpoint {
     backend: BackendConfig,
     local: bool,
+    /// Topology hints (`hints.forNodes`, `hints.forZones`): the nodes and zones whose proxies the
+    /// EndpointSlice controller meant it for; empty when it has none.
+    for_nodes: Vec<String>,
+    for_zones: Vec<String>,
+}
+
+/// Which of a key's ready endpoints take new flows, from their topology hints (kube-proxy's
+/// `topologyModeFromHints`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology<'a> {
+    /// All of them.
+    Any,
+    /// Those hinted for this node (`trafficDistribution: PreferSameNode`).
+    Node(&'a str),
+    /// Those hinted for this node's zone (`PreferClose`, `topology-mode: Auto`).
+    Zone(&'a str),
+}
+
+impl<'a> Topology<'a> {
+    /// As kube-proxy decides: same-node when every ready endpoint has node hints and one is for
+    /// this node; else same-zone when every ready endpoint has zone hints and one is for this
+    /// node's zone; else any. Endpoints that are not ready take no part.
+    fn from_hints(endpoints: &[&Endpoint], node: Option<&'a str>, zone: Option<&'a str>) -> Self {
+        let ready: Vec<&&Endpoint> = endpoints.iter().filter(|e| e.backend.state == BackendState::Active).collect();
+        let decide = |name: Option<&'a str>, hints: fn(&Endpoint) -> &[String]| {
+            name.filter(|n| {
+                !ready.is_empty()
+                    && ready.iter().all(|e| !hints(e).is_empty())
+                    && ready.iter().any(|e| hints(e).iter().any(|h| h == n))
+            })
+        };
+        if let Some(n) = decide(node, |e| &e.for_nodes) {
+            Topology::Node(n)
+        } else if let Some(z) = decide(zone, |e| &e.for_zones) {
+            Topology::Zone(z)
+        } else {
+            Topology::Any
+        }
+    }
+
+    fn admits(self, e: &Endpoint) -> bool {
+        match self {
+            Topology::Any => true,
+            Topology::Node(n) => e.for_nodes.iter().any(|h| h == n),
+            Topology::Zone(z) => e.for_zones.iter().any(|h| h == z),
+        }
+    }
 }
 
 /// Which of a Service's backends a key uses.
@@ -287,10 +341,26 @@ fn translate_service(
                 Reach::Internal => internal_local,
                 Reach::External | Reach::LoadBalancer => external_local,
             };
-            let mut backends: Vec<BackendConfig> = endpoints
+            let usable: Vec<&Endpoint> = endpoints
                 .iter()
                 .filter(|e| e.backend.addr.is_ipv4() == vip.is_ipv4() && (!local_only || e.local))
-                .map(|e| e.backend.clone())
+                .collect();
+            // Topology hints narrow a Cluster policy's new flows; a ready endpoint they leave out
+            // keeps its established flows (Draining) rather than losing them.
+            let topology = if local_only {
+                Topology::Any
+            } else {
+                Topology::from_hints(&usable, settings.node_name.as_deref(), settings.node_zone.as_deref())
+            };
+            let mut backends: Vec<BackendConfig> = usable
+                .iter()
+                .map(|e| {
+                    let mut b = e.backend.clone();
+                    if b.state == BackendState::Active && !topology.admits(e) {
+                        b.state = BackendState::Draining;
+                    }
+                    b
+                })
                 .collect();
             serve_terminating_if_none_ready(&mut backends);
             if let Some(why) = cannot_forward(mode, key, target_port(port), &backends, node) {
@@ -430,7 +500,23 @@ fn endpoints_for(
             // Addresses are fungible; consumers may use the first only (EndpointSlice API).
             let Some(addr) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
             let local = node_name.is_some() && ep.node_name.as_deref() == node_name;
-            let e = Endpoint { backend: BackendConfig { addr, port: target_port, weight, mac: None, state }, local };
+            let hints = ep.hints.as_ref();
+            let e = Endpoint {
+                backend: BackendConfig { addr, port: target_port, weight, mac: None, state },
+                local,
+                for_nodes: hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| n.name.clone())
+                    .collect(),
+                for_zones: hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| z.name.clone())
+                    .collect(),
+            };
             match found.get(&(addr, target_port)) {
                 Some(prev) if prev.backend.state == BackendState::Active => {}
                 _ => {
@@ -808,6 +894,57 @@ mod tests {
         // key has no endpoints here, so only its (IPv4) twin reveals the mismatch.
         assert!(t.services.iter().all(|s| s.config.key.port == 9090 || !s.config.key.vip.is_ipv4()), "{t:#?}");
         assert!(t.skipped.iter().any(|s| s.reason.contains("only NAT")));
+    }
+
+    /// Topology hints (what the EndpointSlice controller writes for `trafficDistribution:
+    /// PreferClose` or `service.kubernetes.io/topology-mode: Auto`) narrow the new flows of a
+    /// Cluster-policy key as kube-proxy does; the endpoints left out keep their established flows.
+    #[test]
+    fn topology_hints_keep_new_flows_in_the_nodes_zone_or_node() {
+        use BackendState::{Active, Draining};
+        use k8s_openapi::api::discovery::v1::{EndpointConditions, ForNode};
+        let svc: Service = fixture!("service-api-nodeport-local.json");
+        let slice: EndpointSlice = fixture!("endpointslice-api-zoned.json");
+        let on = |node: &str, zone: Option<&str>| KubernetesSettings {
+            node_name: Some(node.into()),
+            node_zone: zone.map(Into::into),
+            ..settings()
+        };
+        let states = |slice: &EndpointSlice, settings: &KubernetesSettings, key: &str| -> Vec<(String, BackendState)> {
+            let t = translate([&svc], [slice], settings, &node());
+            backends(find(&t, key)).into_iter().map(|(b, s, _)| (b, s)).collect()
+        };
+        let want = |s: [BackendState; 3]| -> Vec<(String, BackendState)> {
+            ["10.244.1.10:8080", "10.244.2.20:8080", "10.244.3.21:8080"].iter().map(|b| b.to_string()).zip(s).collect()
+        };
+        let cluster_ip = "tcp 10.96.40.2:80";
+        // node-a in zone-a: zone-a's two endpoints take new flows; zone-b's keeps its flows.
+        assert_eq!(states(&slice, &on("node-a", Some("zone-a")), cluster_ip), want([Active, Draining, Active]));
+        assert_eq!(states(&slice, &on("node-b", Some("zone-b")), cluster_ip), want([Draining, Active, Draining]));
+        // externalTrafficPolicy Local ignores hints: this node's endpoint only.
+        assert_eq!(
+            states(&slice, &on("node-a", Some("zone-a")), "tcp 192.168.1.10:30080"),
+            vec![("10.244.1.10:8080".to_string(), Active)]
+        );
+        // No endpoint hinted for the node's zone, or the zone unknown: hints ignored.
+        assert_eq!(states(&slice, &on("node-a", Some("zone-c")), cluster_ip), want([Active; 3]));
+        assert_eq!(states(&slice, &on("node-a", None), cluster_ip), want([Active; 3]));
+        // One ready endpoint without hints (the controller mid-update): hints ignored.
+        let mut partial = slice.clone();
+        partial.endpoints[1].hints = None;
+        assert_eq!(states(&partial, &on("node-a", Some("zone-a")), cluster_ip), want([Active; 3]));
+        // ...unless it is terminating: only ready endpoints take part.
+        partial.endpoints[1].conditions =
+            Some(EndpointConditions { ready: Some(false), serving: Some(true), terminating: Some(true) });
+        assert_eq!(states(&partial, &on("node-a", Some("zone-a")), cluster_ip), want([Active, Draining, Active]));
+        // Node hints (PreferSameNode) come first: on node-b, its own endpoint alone, whatever the zone.
+        let mut by_node = slice.clone();
+        for ep in &mut by_node.endpoints {
+            ep.hints.as_mut().unwrap().for_nodes = Some(vec![ForNode { name: ep.node_name.clone().unwrap() }]);
+        }
+        assert_eq!(states(&by_node, &on("node-b", Some("zone-a")), cluster_ip), want([Draining, Active, Draining]));
+        // A node no endpoint is hinted for falls back to the zone hints.
+        assert_eq!(states(&by_node, &on("node-z", Some("zone-a")), cluster_ip), want([Active, Draining, Active]));
     }
 
     #[test]
