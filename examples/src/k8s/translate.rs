@@ -486,9 +486,10 @@ fn endpoints_for(
         };
         for ep in &slice.endpoints {
             let c = ep.conditions.as_ref();
-            // API semantics: a nil `ready` means ready; nil `serving` follows `ready`; nil `terminating` is false.
+            // API semantics, read as kube-proxy reads them: a nil `ready` or `serving` is true, a nil
+            // `terminating` false.
             let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let serving = c.and_then(|c| c.serving).unwrap_or(true);
             let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
             let state = if ready {
                 BackendState::Active
@@ -954,10 +955,20 @@ mod tests {
         spec.session_affinity = Some("ClientIP".into());
         let mut slice: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
         slice.endpoints[0].conditions = None;
+        // Not ready, terminating, `serving` unset: serving, as kube-proxy reads a nil `serving`.
+        let mut going = slice.endpoints[0].clone();
+        going.addresses = vec!["10.244.4.11".into()];
+        going.conditions = Some(k8s_openapi::api::discovery::v1::EndpointConditions {
+            ready: Some(false),
+            serving: None,
+            terminating: Some(true),
+        });
+        slice.endpoints.push(going);
         let t = translate([&svc], [&slice], &settings(), &node());
         let s = find(&t, "tcp 10.96.80.80:80");
         assert_eq!(s.affinity_timeout, Some(DEFAULT_AFFINITY_TIMEOUT));
         assert_eq!(s.backends[0].state, BackendState::Active, "nil conditions mean ready");
+        assert_eq!(s.backends[1].state, BackendState::Draining, "a nil serving means serving");
     }
 }
 
@@ -1012,7 +1023,7 @@ mod proptests {
             for (e, (ready, serving, terminating)) in &eps {
                 if local && e.node_name.as_deref() != Some("node-0") { continue; }
                 let ready = ready.unwrap_or(true);
-                let serving = serving.unwrap_or(ready);
+                let serving = serving.unwrap_or(true);
                 let state = if ready { BackendState::Active }
                     else if serving && terminating.unwrap_or(false) { BackendState::Draining }
                     else { continue };
