@@ -36,6 +36,7 @@ pub struct LoopConfig {
     /// Flush at least this often while frames are queued, so a lone frame never waits for company.
     pub flush_interval: Duration,
     /// Stop receiving while this many frames wait for the transmit side (back-pressure, not drops).
+    /// At least 1 (0 would never receive).
     pub max_pending_tx: usize,
     /// Empty receive rounds before the loop calls [`Device::wait`]; `usize::MAX` spins (busy poll).
     pub idle_spins: usize,
@@ -292,7 +293,12 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         stop: StopFlag,
         config: LoopConfig,
     ) -> Self {
-        let config = LoopConfig { burst: config.burst.clamp(1, MAX_BURST), tx_batch: config.tx_batch.max(1), ..config };
+        let config = LoopConfig {
+            burst: config.burst.clamp(1, MAX_BURST),
+            tx_batch: config.tx_batch.max(1),
+            max_pending_tx: config.max_pending_tx.max(1),
+            ..config
+        };
         PollLoop {
             device,
             processor,
@@ -539,6 +545,20 @@ mod tests {
         // Every give-up came after exactly `max_stalled_flushes` fruitless flushes.
         assert!(r.stats.stalled_flushes >= 5 && r.stats.stalled_flushes.is_multiple_of(5), "{:?}", r.stats);
         assert_eq!(r.device.unaccounted_buffers(), 0);
+    }
+
+    /// A `max_pending_tx` of 0 is read as 1: the loop still receives and ends at the end of the
+    /// input (with 0 it saw "0 >= 0 queued", only flushed, and spun forever without receiving).
+    #[test]
+    fn a_zero_max_pending_tx_still_receives() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let loop_cfg = LoopConfig { max_pending_tx: 0, ..LoopConfig::default() };
+            let mut r = run(device_with(10, MemoryConfig::default()), MacRewrite { src: SRC, dst: DST }, loop_cfg);
+            let _ = done_tx.send((r.stats.rx, r.device.take_transmitted().len()));
+        });
+        let done = done_rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(done.ok(), Some((10, 10)), "the loop never received (or never ended)");
     }
 
     #[test]
