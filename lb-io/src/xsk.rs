@@ -620,7 +620,9 @@ impl XskDevice {
     }
 
     /// Queues up to `n` new frames for transmission, each written by `write` into a free chunk (it
-    /// gets the chunk from the packet's first byte on and returns the packet length; 0 skips).
+    /// gets the chunk from the packet's first byte on and returns the packet length; 0, or a length
+    /// that does not fit, skips that frame). `write` is called at most `n` times: a declined chunk
+    /// goes back, and asking again for it would loop for as long as `write` declines.
     /// Returns how many were queued; send them with [`Device::flush`]. For traffic generators.
     pub fn transmit_new(&mut self, n: usize, mut write: impl FnMut(&mut [u8]) -> usize) -> usize {
         // Keep a quarter of the chunks free for the receive side.
@@ -628,14 +630,17 @@ impl XskDevice {
         let mut queued = 0;
         let headroom = 256usize;
         let size = self.frame_size as usize;
-        while queued < n && self.free.len() > reserve {
+        for _ in 0..n {
+            if self.free.len() <= reserve {
+                break;
+            }
             let Some(base) = self.free.pop() else { break };
             // SAFETY: `base` is a free chunk start inside the UMEM (from our free list, so neither the
             // kernel nor a lent frame holds it); the slice covers that chunk only and ends before
             // this function returns.
             let chunk = unsafe { std::slice::from_raw_parts_mut(self.umem.ptr.add(base as usize), size) };
             let len = chunk.get_mut(headroom..).map_or(0, &mut write);
-            if len == 0 || headroom + len > size {
+            if len == 0 || len > size - headroom {
                 self.free.push(base);
                 continue;
             }
