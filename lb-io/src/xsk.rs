@@ -700,10 +700,11 @@ impl XskDevice {
     }
 
     /// `recvfrom(fd, NULL, 0, MSG_DONTWAIT)`: wakes the kernel to use the fill ring / busy-poll.
-    fn wake_rx(&mut self) {
+    /// ENXIO (the socket was unbound: its interface is gone) is an error; the rest are transient.
+    fn wake_rx(&mut self) -> Result<(), DeviceError> {
         self.wakeups += 1;
         // SAFETY: a zero-length receive with no buffer on our own socket.
-        unsafe {
+        let rc = unsafe {
             libc::recvfrom(
                 self.fd(),
                 std::ptr::null_mut(),
@@ -713,6 +714,13 @@ impl XskDevice {
                 std::ptr::null_mut(),
             )
         };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                return Err(DeviceError::Io { op: "recvfrom (RX wakeup)", device: self.name.clone(), source: e });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -731,7 +739,7 @@ impl Device for XskDevice {
         if n == 0 {
             // With busy polling, the empty receive itself drives the queue's NAPI (recvfrom busy-polls).
             if self.busy_poll || self.fill.needs_wakeup() {
-                self.wake_rx();
+                self.wake_rx()?;
             }
             // Frames a flush's kicks could not move (the completion ring full, the driver busy) stay
             // on the TX ring with nothing queued behind them, and the loop flushes only while
@@ -843,6 +851,17 @@ impl Device for XskDevice {
             if e.raw_os_error() != Some(libc::EINTR) {
                 return Err(DeviceError::Io { op: "poll", device: self.name.clone(), source: e });
             }
+        }
+        // When its interface is unregistered the kernel unbinds the socket and leaves ENETDOWN as
+        // its error, and poll reports nothing: without this check an idle loop waited, timed out
+        // and received nothing, for good, without a word.
+        let mut err: i32 = 0;
+        if getsockopt(self.fd(), libc::SOL_SOCKET, libc::SO_ERROR, &mut err).is_ok() && err != 0 {
+            return Err(DeviceError::Io {
+                op: "poll (the socket was unbound: its interface is gone)",
+                device: self.name.clone(),
+                source: std::io::Error::from_raw_os_error(err),
+            });
         }
         Ok(())
     }

@@ -1,0 +1,69 @@
+//! A poll loop whose interface goes away ends with an error naming the device. The kernel unbinds
+//! the socket when its interface is unregistered (a veth deleted, a namespace removed, a driver
+//! unloaded) and leaves ENETDOWN as the socket's error; poll(2) on the socket then reports nothing,
+//! so an idle loop used to wait, time out and receive nothing, for good, without a word. A veth
+//! pair in namespaces of its own. Needs root; skips with the reason otherwise.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use lb_io::netns::{Netns, can_create_namespaces, enter_netns, veth_pair};
+use lb_io::{LoopConfig, MacRewrite, PollLoop, StopFlag, XskConfig, XskDevice, update_channel};
+
+#[test]
+fn an_idle_loop_whose_interface_is_deleted_ends_with_an_error() {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbu{}", std::process::id());
+    let peer = Netns::create(&format!("{tag}p")).unwrap();
+    let lb = Netns::create(&format!("{tag}l")).unwrap();
+    veth_pair(&peer, "p0", &lb, "l0").unwrap();
+    let (opened_tx, opened_rx) = mpsc::channel::<Result<(), String>>();
+    let (done_tx, done_rx) = mpsc::channel::<Result<(), String>>();
+    let stop = StopFlag::new();
+    let name = lb.name().to_string();
+    let loop_stop = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let opened = enter_netns(&name).map_err(|e| e.to_string()).and_then(|()| {
+            XskDevice::open(&XskConfig::new("l0", 0))
+                .map_err(|e| if e.is_refused() { format!("SKIPPED: AF_XDP refused ({e})") } else { e.to_string() })
+        });
+        let dev = match opened {
+            Ok(dev) => {
+                opened_tx.send(Ok(())).unwrap();
+                dev
+            }
+            Err(e) => {
+                opened_tx.send(Err(e)).unwrap();
+                return;
+            }
+        };
+        let (_updates, rx) = update_channel();
+        let processor = MacRewrite { src: [2, 0, 0, 0, 0, 1], dst: [2, 0, 0, 0, 0, 2] };
+        let result = PollLoop::new(dev, processor, rx, loop_stop, LoopConfig::default()).run();
+        let _ = done_tx.send(result.map(|_| ()).map_err(|e| e.to_string()));
+    });
+    match opened_rx.recv().unwrap() {
+        Ok(()) => {}
+        Err(skip) if skip.starts_with("SKIPPED") => {
+            println!("{skip}");
+            thread.join().unwrap();
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    }
+    // The socket is bound and the loop idles; the interface goes away under it.
+    lb.ip(&["link", "del", "l0"]).unwrap();
+    let result = done_rx.recv_timeout(Duration::from_secs(10));
+    stop.stop();
+    thread.join().unwrap();
+    drop((peer, lb));
+    match result {
+        Err(_) => panic!("the loop kept polling a socket whose interface is gone (10 s)"),
+        Ok(Ok(())) => panic!("the loop ended without an error"),
+        Ok(Err(e)) => assert!(e.contains("l0#0"), "{e}"),
+    }
+}
