@@ -812,13 +812,15 @@ pub enum RunError {
 
 /// `lb run`'s control side, blocking: runs the control plane from `loaded` (the file at `path` as
 /// the workers were set up from it) on a small tokio runtime of its own (the workers' cores stay
-/// free) until SIGINT or SIGTERM. With no `sink` workers (e.g. `interfaces: []`) it still builds and
+/// free) until SIGINT or SIGTERM, or until `until` completes (`lb run`: a poll loop failed). With no
+/// `sink` workers (e.g. `interfaces: []`) it still builds and
 /// serves the tables on `/state`, a dry run of the translation.
 pub fn run_blocking<S: TablesSink + 'static>(
     path: &std::path::Path,
     loaded: LoadedFile,
     sink: S,
     stats: Arc<dyn crate::metrics::StatsSource>,
+    until: impl std::future::Future<Output = ()>,
 ) -> Result<(), RunError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -836,16 +838,23 @@ pub fn run_blocking<S: TablesSink + 'static>(
                         tokio::select! {
                             _ = tokio::signal::ctrl_c() => {}
                             _ = term.recv() => {}
+                            () = until => {}
                         }
                     }
                     Err(_) => {
-                        let _ = tokio::signal::ctrl_c().await;
+                        tokio::select! {
+                            _ = tokio::signal::ctrl_c() => {}
+                            () = until => {}
+                        }
                     }
                 }
             }
             #[cfg(not(unix))]
             {
-                let _ = tokio::signal::ctrl_c().await;
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    () = until => {}
+                }
             }
         };
         run_control_plane(path.to_owned(), loaded, sink, stats, stop).await

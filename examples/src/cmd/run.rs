@@ -231,6 +231,9 @@ pub fn main(args: Args) -> CmdResult {
         answered: BTreeSet::new(),
     };
     let mut counters = PublishedCounters::default();
+    // A loop that ends before it is asked to (its device failed: say the interface went away) stops
+    // `lb run` with an error, so a supervisor restarts it, instead of serving on with a dead queue.
+    let loop_failed = Arc::new(tokio::sync::Notify::new());
     let mut handles = Vec::new();
     let mut links = Vec::new();
     // Held to the end: dropping them turns back on the VLAN offloads they turned off.
@@ -276,7 +279,19 @@ pub fn main(args: Args) -> CmdResult {
             workers.loops.push(tx);
             let core = args.first_core.map(|c| c + i);
             let lp = PollLoop::new(dev, processor, rx, stop.clone(), LoopConfig::default());
-            handles.push(lp.spawn(format!("lb-{}-q{q}", iface.name), core)?);
+            let name = format!("lb-{}-q{q}", iface.name);
+            let running = lp.spawn(name.clone(), core)?;
+            let failed = loop_failed.clone();
+            handles.push(std::thread::spawn(move || {
+                let why = match running.join() {
+                    Ok(Ok(_)) => return None,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "panicked".to_string(),
+                };
+                tracing::error!(poll_loop = name, "poll loop failed: {why}; stopping");
+                failed.notify_one();
+                Some(format!("poll loop {name} failed: {why}"))
+            }));
         }
         let ifindex = lb_io::xsk::ifindex(&iface.name).ok_or_else(|| format!("no interface {}", iface.name))?;
         links.push(steering.attach(ifindex, mode)?);
@@ -285,18 +300,17 @@ pub fn main(args: Args) -> CmdResult {
     tracing::info!(loops = queues.len(), "poll loops running");
     // The control plane starts from the same load, so it knows the interfaces and SNAT settings the
     // loops were set up with, and applies an edit made since as a reload.
-    let result = run_blocking(&args.config, loaded, workers, Arc::new(counters));
+    let result = run_blocking(&args.config, loaded, workers, Arc::new(counters), async move {
+        loop_failed.notified().await;
+    });
     stop.stop();
-    for h in handles {
-        match h.join() {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::error!("poll loop failed: {e}"),
-            Err(_) => tracing::error!("poll loop panicked"),
-        }
-    }
+    let failures: Vec<String> = handles.into_iter().filter_map(|h| h.join().ok().flatten()).collect();
     drop(links);
     drop(vlan_offloads);
     result?;
+    if !failures.is_empty() {
+        return Err(failures.join("; ").into());
+    }
     Ok(())
 }
 
