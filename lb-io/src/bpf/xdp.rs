@@ -12,8 +12,9 @@
 //!   flows, which lb-core translates for the flow they quote: the quoted packet is TCP or UDP from
 //!   the address and a service's port or a port of the SNAT range, as for SNAT addresses below (an
 //!   error about the host's own connection on a node address stays with the kernel); IPv4
-//!   fragments and IPv6 extension headers (0, 43, 44, 51, 60), which lb-core parses or counts;
-//!   frames too short for their L4 header, which lb-core counts;
+//!   fragments and IPv6 extension headers (0, 43, 44, 51, 60), which lb-core parses or counts (but
+//!   ICMPv6 behind up to four of them is judged as without them: lb-core passes an echo or an error
+//!   about no flow of ours); frames too short for their L4 header, which lb-core counts;
 //! - **SNAT port range** alone (a full-NAT source address, which may be the node's own): only what
 //!   lb-core can map to a NAT flow, so the node's own traffic to the address stays with the kernel:
 //!   - TCP and UDP frames to a port in the range (the replies of NAT flows), or too short for their
@@ -217,6 +218,8 @@ pub fn steering_program(
     let v6_dst = [a.new_label(), a.new_label(), a.new_label()];
     let lookup = a.new_label();
     let services_v6 = a.new_label();
+    let services_always = a.new_label();
+    let services6_l4 = a.new_label();
     let services_rules = a.new_label();
     let strict_rules = a.new_label();
     let strict6 = a.new_label();
@@ -356,11 +359,16 @@ pub fn steering_program(
 
     // A service address (perhaps also a SNAT address): fragments, extension headers, TCP and UDP by
     // their port, ICMP errors by the packet they quote.
-    a.bind(services_rules).mov(R1, R9).and_imm(R1, R9_ALWAYS).jmp_imm(Cond::Ne, R1, 0, redirect);
+    a.bind(services_rules).mov(R1, R9).and_imm(R1, R9_ALWAYS).jmp_imm(Cond::Ne, R1, 0, services_always);
     a.jmp_imm(Cond::Eq, R8, 6, ports).jmp_imm(Cond::Eq, R8, 17, ports);
     a.mov(R1, R9).and_imm(R1, R9_V6).jmp_imm(Cond::Ne, R1, 0, services_v6);
     a.jmp_imm(Cond::Eq, R8, 1, icmp4_error).ja(pass);
     a.bind(services_v6).jmp_imm(Cond::Eq, R8, 58, icmp6_error).ja(pass);
+    // An IPv4 fragment or bad header; IPv6 extension headers, past which ICMPv6 is judged as without
+    // them (lb-core passes an echo, or an error about no flow of ours: on AF_XDP, a drop).
+    a.bind(services_always).mov(R1, R9).and_imm(R1, R9_V6).jmp_imm(Cond::Eq, R1, 0, redirect);
+    walk_extensions(&mut a, false, services6_l4, redirect, redirect);
+    a.bind(services6_l4).jmp_imm(Cond::Eq, R8, 58, icmp6_error).ja(redirect);
 
     // A SNAT address without services, or any address the host holds: TCP and UDP to a port of the
     // SNAT range or of a service, and ICMP errors about such flows. An IPv4 fragment (or a bad header
@@ -1236,6 +1244,25 @@ mod tests {
         verdicts[0]
     }
 
+    /// ICMPv6 behind an extension header to a VIP the host does not hold is judged as without one:
+    /// an error about a service's flow is steered, and lb-core acts on it; an error about no flow of
+    /// ours, or an echo, lb-core passes (on AF_XDP, a drop counted as passed), so it stays with the
+    /// kernel.
+    #[test]
+    fn icmpv6_behind_extension_headers_is_judged_by_what_it_is() {
+        let Some(s) = nat_steering() else { return };
+        // A destination options header (8 bytes: PadN) before the ICMPv6 message.
+        let behind_options = |l4: &[u8]| v6_with(VIP6, 60, &[[58, 0, 1, 4, 0, 0, 0, 0].as_slice(), l4].concat());
+        let error = |sport| behind_options(&[icmp(1), quote6(VIP6, &[], 6, sport)].concat());
+        let ours = error(80);
+        assert_ne!(lb_core_verdict(&ours), lb_core::Verdict::Pass, "lb-core acts on an error about VIP:80");
+        assert_eq!(s.test_run(&ours).unwrap(), XdpAction::Drop, "steered");
+        for (name, frame) in [("an error about port 22", error(22)), ("an echo request", behind_options(&icmp(128)))] {
+            assert_eq!(lb_core_verdict(&frame), lb_core::Verdict::Pass, "{name}: lb-core passes it");
+            assert_eq!(s.test_run(&frame).unwrap(), XdpAction::Pass, "{name}: steered, where lb-core passes it");
+        }
+    }
+
     /// A node address that serves a NodePort (30080) and is the SNAT address too (kube-proxy's
     /// masquerade): the program steers the NodePort's traffic, the NAT replies, and ICMP errors about
     /// either; the node's own traffic (SSH, errors about it, fragmented datagrams) stays with the
@@ -1491,8 +1518,14 @@ mod tests {
             return true;
         }
         // A service address the host does not hold: fragments, extension headers, its ports, ICMP
-        // errors about its flows.
+        // errors about its flows (also behind extension headers; other ICMPv6 behind them is not).
         if entry.flags & STEER_SERVICES != 0 && entry.flags & STEER_HOST == 0 {
+            if v6 && always {
+                return match walk(frame, proto, l4, false) {
+                    Walk::To(58, at) => about_ours(58, at),
+                    _ => true,
+                };
+            }
             return always
                 || match proto {
                     6 | 17 => to_port(l4, proto),
