@@ -1040,7 +1040,6 @@ impl Core {
     }
 }
 
-/// The conntrack key of `client`'s ClientIP affinity record for `service`.
 /// True for a frame to `dst` that belongs to a NAT flow if to any: a frame to a SNAT address, unless
 /// the address is a VIP as well (for ports outside `snat_ports`, [`NodeConfig::vip_conflict`]) and
 /// the frame's port says service traffic: a TCP or UDP destination port, or the source port of the
@@ -1063,6 +1062,7 @@ fn is_for_a_nat_flow(tables: &Tables, p: &Parsed, dst: IpAddr) -> bool {
     (first..=last).contains(&port)
 }
 
+/// The conntrack key of `client`'s ClientIP affinity record for `service`.
 fn affinity_key(service: &Service, client: IpAddr) -> ConnKey {
     ConnKey::affinity(client, service.key.vip, service.key.port, service.key.proto.number())
 }
