@@ -172,15 +172,20 @@ impl Ethtool {
 
     /// The kernel's feature names, by bit index.
     fn feature_names(&self) -> io::Result<Vec<String>> {
-        // struct ethtool_sset_info: cmd, reserved, u64 sset_mask, then one u32 per set asked for.
-        let mut info = [0u64; 3];
-        info[0] = u64::from(ETHTOOL_GSSET_INFO);
-        info[1] = 1 << ETH_SS_FEATURES;
-        self.ioctl(info.as_mut_ptr().cast())?;
-        if info[1] & (1 << ETH_SS_FEATURES) == 0 {
+        // struct ethtool_sset_info, with room for the one count asked for (in either byte order).
+        #[repr(C)]
+        struct SsetInfo {
+            cmd: u32,
+            reserved: u32,
+            sset_mask: u64,
+            data: [u32; 2],
+        }
+        let mut info = SsetInfo { cmd: ETHTOOL_GSSET_INFO, reserved: 0, sset_mask: 1 << ETH_SS_FEATURES, data: [0; 2] };
+        self.ioctl((&raw mut info).cast())?;
+        if info.sset_mask & (1 << ETH_SS_FEATURES) == 0 {
             return Err(io::Error::new(io::ErrorKind::Unsupported, "the kernel names no features"));
         }
-        let count = (info[2] & 0xffff_ffff) as usize;
+        let count = info.data[0] as usize;
         // struct ethtool_gstrings: cmd, string_set, len, then len strings of 32 bytes.
         let mut buf = vec![0u32; 3 + count * ETH_GSTRING_LEN / 4];
         buf[..3].copy_from_slice(&[ETHTOOL_GSTRINGS, ETH_SS_FEATURES, count as u32]);

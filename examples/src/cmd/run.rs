@@ -206,10 +206,58 @@ fn rx_vlan_offload_off(name: &str) -> Option<lb_io::offload::RxVlanOff> {
     }
 }
 
+/// How many ports of `snat` the kernel may also hand out as ephemeral source ports: those in `local`
+/// (`net.ipv4.ip_local_port_range`, which IPv6 shares) and not in `reserved`
+/// (`net.ipv4.ip_local_reserved_ports`: "40000-40999,50000", empty for none; an unparsable part is
+/// read as reserving nothing).
+fn ephemeral_overlap(snat: (u16, u16), local: (u16, u16), reserved: &str) -> u32 {
+    let reserved: Vec<(u16, u16)> = reserved
+        .trim()
+        .split(',')
+        .filter_map(|r| {
+            let (a, b) = r.trim().split_once('-').unwrap_or((r.trim(), r.trim()));
+            Some((a.parse().ok()?, b.parse().ok()?))
+        })
+        .collect();
+    let (lo, hi) = (snat.0.max(local.0), snat.1.min(local.1));
+    (lo..=hi).filter(|p| !reserved.iter().any(|&(a, b)| (a..=b).contains(p))).count() as u32
+}
+
+/// Warns when a SNAT address is one of the node's own and the kernel may pick source ports of
+/// `snat_ports` for the node's own connections: the replies to those are steered to the load
+/// balancer and dropped as `no_reverse_flow` (README, "The SNAT address").
+fn warn_if_snat_ports_are_ephemeral(node: &lb_core::config::NodeConfig) {
+    let own = lb_io::interface::local_addresses().unwrap_or_default();
+    let Some(addr) =
+        [node.snat_v4.map(IpAddr::V4), node.snat_v6.map(IpAddr::V6)].into_iter().flatten().find(|a| own.contains(a))
+    else {
+        return;
+    };
+    let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}")).ok();
+    let Some(local) = read("ip_local_port_range").and_then(|r| {
+        let mut it = r.split_whitespace().map(|p| p.parse::<u16>().ok());
+        Some((it.next()??, it.next()??))
+    }) else {
+        return;
+    };
+    let n = ephemeral_overlap(node.snat_ports, local, &read("ip_local_reserved_ports").unwrap_or_default());
+    if n > 0 {
+        let (first, last) = node.snat_ports;
+        tracing::warn!(
+            "node.snat_ports {first}-{last} on {addr}, an address of this node, shares {n} ports with the kernel's \
+             ephemeral range {}-{}: replies to the node's own connections from those ports would be dropped; \
+             reserve them (sysctl net.ipv4.ip_local_reserved_ports={first}-{last}) or move the range",
+            local.0,
+            local.1
+        );
+    }
+}
+
 /// Starts the loops, runs the control plane until SIGINT/SIGTERM, stops the loops.
 pub fn main(args: Args) -> CmdResult {
     let loaded = lb_examples::config::file::load(&args.config)?;
     let settings = &loaded.settings;
+    warn_if_snat_ports_are_ephemeral(&settings.node);
     StopFlag::watch_signals()?;
     let stop = StopFlag::new();
     // Workers start on empty tables of the file's node settings (no flows can exist before the
@@ -321,7 +369,19 @@ mod tests {
 
     use lb_io::bpf::xdp::SteeringConfig;
 
-    use super::{check_nat_replies, check_steering_capacity};
+    use super::{check_nat_replies, check_steering_capacity, ephemeral_overlap};
+
+    #[test]
+    fn snat_ports_the_kernel_may_also_use_are_counted_less_the_reserved() {
+        // The default range on a stock kernel: every port shared.
+        assert_eq!(ephemeral_overlap((32768, 60999), (32768, 60999), ""), 28232);
+        // Reserved: none shared; partly reserved: the rest.
+        assert_eq!(ephemeral_overlap((40000, 50000), (32768, 60999), "40000-50000\n"), 0);
+        assert_eq!(ephemeral_overlap((40000, 50000), (32768, 60999), "40000-44999,50000"), 5000);
+        // Outside the kernel's range: nothing shared.
+        assert_eq!(ephemeral_overlap((61000, 65000), (32768, 60999), ""), 0);
+        assert_eq!(ephemeral_overlap((1000, 32768), (32768, 60999), "junk"), 1);
+    }
 
     /// Two services, DSR and NAT, as a configuration file gives them.
     fn config() -> Config {

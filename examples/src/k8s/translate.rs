@@ -41,7 +41,8 @@
 //! established flows, where kube-proxy would leave them out (and the flows with them).
 //!
 //! NodePorts may be on the SNAT address (a node address, as with kube-proxy's masquerade) when
-//! `node.snat_ports` leaves the NodePort range out (the default 32768-60999 does). A key lb-core
+//! `node.snat_ports` leaves the NodePort range out (the default 32768-60999 does; on a node address
+//! keep it out of the kernel's ephemeral ports too, which `lb run` warns about). A key lb-core
 //! would refuse on one of the node's own source addresses (a port inside `snat_ports` on a SNAT
 //! address; any key on `tunnel_src_v4` / `tunnel_src_v6`: `NodeConfig::vip_conflict`) is left out
 //! alone and reported, instead of the whole Service being refused.

@@ -32,8 +32,9 @@
 //!   address that is the node's): the SNAT address rules above, with the service map's ports added
 //!   wherever the SNAT range is judged (TCP and UDP destination ports, the quoted source port of an
 //!   ICMP error). No fragment and no IPv4 header lb-core would count as bad is steered, so the
-//!   host's own fragmented datagrams reach the kernel whole (a fragment of a service's is dropped by
-//!   the kernel instead of counted by lb-core).
+//!   host's own fragmented datagrams reach the kernel whole (a fragmented datagram to one of its
+//!   services goes there too, and the kernel answers it as for a port with no listener, where
+//!   lb-core would drop and count it).
 //!
 //! Everything else to those addresses (ping, SSH to a node address used for SNAT, a port no service
 //! has, an ICMP error about the node's own connection) passes to the kernel, so it is answered or
