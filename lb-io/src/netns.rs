@@ -92,6 +92,23 @@ impl Netns {
     pub fn checksum_offload_off(&self, dev: &str) -> Result<(), CommandError> {
         self.exec("ethtool", &["-K", dev, "tx", "off"]).map(|_| ())
     }
+
+    /// What `ethtool -k` says of feature `label` on `dev` ("on", "off", "on [fixed]"...): a reading
+    /// independent of lb-io's own ioctls, for tests.
+    pub fn ethtool_feature(&self, dev: &str, label: &str) -> Result<String, CommandError> {
+        let out = self.exec("ethtool", &["-k", dev])?;
+        let value = out.lines().find_map(|l| l.trim().strip_prefix(&format!("{label}:")).map(str::trim));
+        value
+            .map(str::to_string)
+            .ok_or(CommandError { command: format!("ethtool -k {dev}"), detail: format!("no {label} in {out}") })
+    }
+}
+
+/// Why tests that check with `ethtool` cannot run here, if they cannot (`.ci/run` installs it).
+pub fn can_run_ethtool() -> Result<(), String> {
+    run("ethtool", &["--version"])
+        .map(|_| ())
+        .map_err(|e| format!("no ethtool to check with ({e}); .ci/run installs it"))
 }
 
 impl Drop for Netns {

@@ -214,25 +214,23 @@ impl Ethtool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netns::{Netns, can_create_namespaces, enter_netns, veth_pair};
+    use crate::netns::{Netns, can_create_namespaces, can_run_ethtool, enter_netns, veth_pair};
 
-    /// `ethtool -k`'s line for a feature in namespace `ns`: "on", "off", "on [fixed]"...
     fn ethtool_says(ns: &Netns, dev: &str, label: &str) -> String {
-        let out = ns.exec("ethtool", &["-k", dev]).unwrap();
-        let line = out.lines().find_map(|l| l.trim().strip_prefix(&format!("{label}:")).map(str::trim));
-        line.unwrap_or_else(|| panic!("no {label} in {out}")).to_string()
+        ns.ethtool_feature(dev, label).unwrap()
+    }
+
+    /// Why these tests cannot run here (namespaces, or ethtool to check with), if they cannot.
+    fn cannot_run() -> Option<String> {
+        can_create_namespaces().and_then(|()| can_run_ethtool()).err()
     }
 
     /// A veth has both receive VLAN offloads on and changeable: turned off, `ethtool -k` agrees; a
     /// second call finds nothing to do; dropping the first guard turns them back on.
     #[test]
     fn rx_vlan_offloads_are_turned_off_and_back_on() {
-        if let Err(why) = can_create_namespaces() {
+        if let Some(why) = cannot_run() {
             println!("SKIPPED: {why}");
-            return;
-        }
-        if crate::netns::run("ethtool", &["--version"]).is_err() {
-            println!("SKIPPED: no ethtool to check the result with (.ci/run installs it)");
             return;
         }
         let tag = format!("lbo{}", std::process::id());
@@ -272,12 +270,8 @@ mod tests {
     /// (loopback's VLAN offloads, outside its `hw_features`) as well as one it never changes.
     #[test]
     fn fixed_is_what_ethtool_marks_fixed() {
-        if let Err(why) = can_create_namespaces() {
+        if let Some(why) = cannot_run() {
             println!("SKIPPED: {why}");
-            return;
-        }
-        if crate::netns::run("ethtool", &["--version"]).is_err() {
-            println!("SKIPPED: no ethtool to check the result with (.ci/run installs it)");
             return;
         }
         let ns = Netns::create(&format!("lbf{}", std::process::id())).unwrap();
