@@ -1210,8 +1210,13 @@ mod tests {
     /// lb-core's verdict for `frame` under one IPv4 and one IPv6 NAT service whose SNAT addresses are
     /// [`NODE4`] and [`NODE6`] with ports 40000-40999 (what [`nat_steering`] steers).
     fn lb_core_verdict(frame: &[u8]) -> lb_core::Verdict {
+        lb_core_verdict_for(frame, (VIP4, VIP6), 80)
+    }
+
+    /// The same with the services on `vips` and TCP `port` (the VIPs may be the SNAT addresses).
+    fn lb_core_verdict_for(frame: &[u8], (vip4, vip6): (Ipv4Addr, Ipv6Addr), port: u16) -> lb_core::Verdict {
         use lb_core::config::{BackendConfig, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
-        let key = |vip, proto| ServiceKey { vip, port: 80, proto };
+        let key = |vip, proto| ServiceKey { vip, port, proto };
         let backend = |a: IpAddr| BackendConfig { mac: Some([2, 0, 0, 0, 0, 0xbe]), ..BackendConfig::new(a, 80) };
         let config = Config {
             node: NodeConfig {
@@ -1224,13 +1229,13 @@ mod tests {
             services: vec![
                 ServiceConfig::new(
                     "v4",
-                    key(IpAddr::V4(VIP4), Protocol::Tcp),
+                    key(IpAddr::V4(vip4), Protocol::Tcp),
                     ForwardMode::Nat,
                     vec![backend(IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1)))],
                 ),
                 ServiceConfig::new(
                     "v6",
-                    key(IpAddr::V6(VIP6), Protocol::Tcp),
+                    key(IpAddr::V6(vip6), Protocol::Tcp),
                     ForwardMode::Nat,
                     vec![backend(IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1)))],
                 ),
@@ -1317,32 +1322,8 @@ mod tests {
         s.set(SteeringSet { host: BTreeSet::new(), ..s.steering().clone() }).unwrap();
         assert_eq!(s.test_run(&v4_with(node, 17, 185, &[0u8; 8])).unwrap(), steered);
         // lb-core, with the same NodePort as a NAT service, passes the errors the program passes.
-        use lb_core::config::{BackendConfig, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
-        let service = |vip: IpAddr, backend: IpAddr| {
-            let key = ServiceKey { vip, port: 30080, proto: Protocol::Tcp };
-            let backend = BackendConfig { mac: Some([2, 0, 0, 0, 0, 0xbe]), ..BackendConfig::new(backend, 80) };
-            ServiceConfig::new("node-port", key, ForwardMode::Nat, vec![backend])
-        };
-        let config = Config {
-            node: NodeConfig {
-                snat_v4: Some(node),
-                snat_v6: Some(node6),
-                snat_ports: (40000, 40999),
-                gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]),
-                ..NodeConfig::default()
-            },
-            services: vec![
-                service(IpAddr::V4(node), IpAddr::V4(Ipv4Addr::new(10, 1, 0, 1))),
-                service(IpAddr::V6(node6), IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1))),
-            ],
-        };
-        let tables = lb_core::service::TableBuilder::new().build(&config).unwrap();
-        let mut w = lb_core::Worker::new(tables, lb_core::WorkerConfig::single_core(1024));
         for frame in [error4(22), error6(22)] {
-            let mut buf = frame.clone();
-            let mut verdicts = [lb_core::Verdict::Tx];
-            w.process_burst(&mut [lb_core::Frame::whole(&mut buf)], lb_core::Instant::from_nanos(1), &mut verdicts);
-            assert_eq!(verdicts[0], lb_core::Verdict::Pass, "{frame:02x?}");
+            assert_eq!(lb_core_verdict_for(&frame, (node, node6), 30080), lb_core::Verdict::Pass, "{frame:02x?}");
         }
     }
 
