@@ -308,9 +308,10 @@ impl<T: Copy> Ring<T> {
 /// Counters from the kernel (XDP_STATISTICS) and from the device.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct XskStats {
-    /// Frames the kernel dropped for this socket (RX ring full or other).
+    /// Frames the kernel dropped for this socket for other reasons than a full RX ring (one longer
+    /// than a chunk, say); a full RX ring's drops are `rx_ring_full`.
     pub rx_dropped: u64,
-    /// Bad descriptors we put on the fill ring.
+    /// Invalid descriptors on the RX ring, as the kernel counts them (it writes none: 0).
     pub rx_invalid_descs: u64,
     /// Bad descriptors we put on the TX ring.
     pub tx_invalid_descs: u64,
