@@ -38,7 +38,8 @@
 //! (`trafficDistribution: PreferSameNode`), only those hinted for this node take new flows; else
 //! when every one has zone hints and one is for `node_zone` (`PreferClose`, `topology-mode: Auto`),
 //! only those hinted for the zone do. The ready endpoints left out are Draining: they keep their
-//! established flows, where kube-proxy would leave them out (and the flows with them).
+//! established flows, where kube-proxy would leave them out (and the flows with them). Endpoints of
+//! a slice weighted 0 take no new flows, so they count as not ready here.
 //!
 //! NodePorts may be on the SNAT address (a node address, as with kube-proxy's masquerade) when
 //! `node.snat_ports` leaves the NodePort range out (the default 32768-60999 does; on a node address
@@ -113,9 +114,12 @@ enum Topology<'a> {
 impl<'a> Topology<'a> {
     /// As kube-proxy decides: same-node when every ready endpoint has node hints and one is for
     /// this node; else same-zone when every ready endpoint has zone hints and one is for this
-    /// node's zone; else any. Endpoints that are not ready take no part.
+    /// node's zone; else any. Endpoints that take no new flows (not ready, or of a slice weighted
+    /// 0) take no part, so a node or zone whose hinted endpoints all have weight 0 is as one with
+    /// none rather than one whose new flows find no backend.
     fn from_hints(endpoints: &[&Endpoint], node: Option<&'a str>, zone: Option<&'a str>) -> Self {
-        let ready: Vec<&&Endpoint> = endpoints.iter().filter(|e| e.backend.state == BackendState::Active).collect();
+        let ready: Vec<&&Endpoint> =
+            endpoints.iter().filter(|e| e.backend.state == BackendState::Active && e.backend.weight > 0).collect();
         let decide = |name: Option<&'a str>, hints: fn(&Endpoint) -> &[String]| {
             name.filter(|n| {
                 !ready.is_empty()
@@ -947,6 +951,31 @@ mod tests {
         assert_eq!(states(&by_node, &on("node-b", Some("zone-a")), cluster_ip), want([Draining, Active, Draining]));
         // A node no endpoint is hinted for falls back to the zone hints.
         assert_eq!(states(&by_node, &on("node-z", Some("zone-a")), cluster_ip), want([Active, Draining, Active]));
+    }
+
+    /// Zone hints on endpoints of a slice weighted 0 (`lb.example.dev/weight`: a canary turned off):
+    /// those take no new flows, so a zone with no other hinted endpoint is as one with none, and
+    /// the hints are ignored, rather than this node's new flows finding no backend at all.
+    #[test]
+    fn topology_hints_for_a_zone_whose_endpoints_take_no_new_flows_are_ignored() {
+        let svc: Service = fixture!("service-api-nodeport-local.json");
+        let zoned: EndpointSlice = fixture!("endpointslice-api-zoned.json");
+        // zone-b's endpoint in the stable slice; zone-a's two in a canary slice weighted 0.
+        let mut stable = zoned.clone();
+        stable.endpoints.retain(|e| e.zone.as_deref() == Some("zone-b"));
+        let mut canary = zoned.clone();
+        canary.metadata.name = Some("api-canary".into());
+        canary.metadata.annotations = Some([(annotations::WEIGHT.to_string(), "0".to_string())].into_iter().collect());
+        canary.endpoints.retain(|e| e.zone.as_deref() == Some("zone-a"));
+        assert_eq!((stable.endpoints.len(), canary.endpoints.len()), (1, 2));
+        let on_a = KubernetesSettings { node_zone: Some("zone-a".into()), ..settings() };
+        let t = translate([&svc], [&stable, &canary], &on_a, &node());
+        let s = find(&t, "tcp 10.96.40.2:80");
+        assert!(
+            s.backends.iter().any(|b| b.state == BackendState::Active && b.weight > 0),
+            "no backend takes new flows: {:?}",
+            backends(s)
+        );
     }
 
     #[test]
