@@ -812,7 +812,8 @@ pub enum RunError {
 
 /// `lb run`'s control side, blocking: runs the control plane from `loaded` (the file at `path` as
 /// the workers were set up from it) on a small tokio runtime of its own (the workers' cores stay
-/// free) until SIGINT or SIGTERM, or until `until` completes (`lb run`: a poll loop failed). With no
+/// free) until SIGINT or SIGTERM (also one that came before it started, when lb-io's
+/// `StopFlag::watch_signals` caught it), or until `until` completes (`lb run`: a poll loop failed). With no
 /// `sink` workers (e.g. `interfaces: []`) it still builds and
 /// serves the tables on `/state`, a dry run of the translation.
 pub fn run_blocking<S: TablesSink + 'static>(
@@ -833,15 +834,23 @@ pub fn run_blocking<S: TablesSink + 'static>(
             #[cfg(unix)]
             {
                 use tokio::signal::unix::{SignalKind, signal};
-                match signal(SignalKind::terminate()) {
-                    Ok(mut term) => {
+                // This is first polled once the control plane has started. A signal from now on is
+                // tokio's to see; one that came before (in `lb run`, from the start: the loops
+                // already stopped on it) only set lb-io's flag, so read that after registering.
+                let term = signal(SignalKind::terminate());
+                let int = signal(SignalKind::interrupt());
+                if lb_io::StopFlag::signalled() {
+                    return;
+                }
+                match (term, int) {
+                    (Ok(mut term), Ok(mut int)) => {
                         tokio::select! {
-                            _ = tokio::signal::ctrl_c() => {}
+                            _ = int.recv() => {}
                             _ = term.recv() => {}
                             () = until => {}
                         }
                     }
-                    Err(_) => {
+                    _ => {
                         tokio::select! {
                             _ = tokio::signal::ctrl_c() => {}
                             () = until => {}

@@ -25,6 +25,12 @@ impl Running {
     /// Starts `lb run` with `services` (YAML list items, may be empty) and waits for its log line
     /// saying the loops run (an event, not a delay). `None` (printed) where the kernel refused XDP.
     fn start(tag: &str, services: &str) -> Option<Running> {
+        Running::start_with(tag, "", services, "")
+    }
+
+    /// As [`Running::start`], with `node_extra` inside the `node:` map (`, key: value`) and `tail`
+    /// (top-level sections) after the services.
+    fn start_with(tag: &str, node_extra: &str, services: &str, tail: &str) -> Option<Running> {
         let tag = format!("{tag}{}", std::process::id());
         let (lb_ns, peer) = (Netns::create(&format!("{tag}l")).unwrap(), Netns::create(&format!("{tag}p")).unwrap());
         veth_pair(&lb_ns, "l0", &peer, "p0").unwrap();
@@ -32,7 +38,7 @@ impl Running {
         std::fs::write(
             &config,
             format!(
-                "node: {{ local_mac: \"02:00:00:00:00:01\" }}\ninterfaces: [{{ name: l0, queues: [0] }}]\nservices:\n{services}"
+                "node: {{ local_mac: \"02:00:00:00:00:01\"{node_extra} }}\ninterfaces: [{{ name: l0, queues: [0] }}]\nservices:\n{services}{tail}"
             ),
         )
         .unwrap();
@@ -109,4 +115,62 @@ fn lb_run_turns_the_receive_vlan_offloads_off_while_it_runs() {
     assert_eq!(lb.ethtool_says("rx-vlan-offload"), "on", "turned back on at exit");
     assert_eq!(lb.ethtool_says("rx-vlan-stag-hw-parse"), "on");
     assert_eq!(lb.peer.ethtool_feature("p0", "rx-vlan-offload").unwrap(), "on", "the peer is not touched");
+}
+
+/// SIGTERM while the control plane is still starting (here: reading its kubeconfig, a FIFO the test
+/// writes only after the signal) stops `lb run` cleanly once it has started: the poll loops stop on
+/// the signal at once, and the control plane must not wait for a second one.
+#[test]
+fn lb_run_stops_on_a_sigterm_that_comes_while_the_control_plane_starts() {
+    use std::io::Write;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let fifo = std::env::temp_dir().join(format!("lb-run-kubeconfig-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path that lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0, "mkfifo {}", fifo.display());
+    let tail = format!("kubernetes: {{ kubeconfig: {}, node_name: node-a }}\n", fifo.display());
+    let Some(mut lb) = Running::start_with("lbk", ", gateway_mac: \"02:00:00:00:00:fe\"", "", &tail) else {
+        let _ = std::fs::remove_file(&fifo);
+        return;
+    };
+    // Opening the FIFO for writing returns once `lb run` has opened it to read the kubeconfig: its
+    // control plane is starting, before it waits for signals.
+    let (opened_tx, opened) = mpsc::channel();
+    let writer_path = fifo.clone();
+    std::thread::spawn(move || {
+        let _ = opened_tx.send(std::fs::OpenOptions::new().write(true).open(writer_path));
+    });
+    let mut writer = opened.recv_timeout(Duration::from_secs(30)).expect("lb run never read its kubeconfig").unwrap();
+    let _ = Command::new("kill").args(["-TERM", &lb.child.id().to_string()]).status();
+    writer
+        .write_all(
+            b"apiVersion: v1\nkind: Config\nclusters: [{ name: c, cluster: { server: \"https://127.0.0.1:1\" } }]\n\
+              users: [{ name: u, user: { token: t } }]\ncontexts: [{ name: x, context: { cluster: c, user: u } }]\n\
+              current-context: x\n",
+        )
+        .unwrap();
+    drop(writer);
+    let _ = std::fs::remove_file(&fifo);
+    // `finish` in a thread: a deadline for the verdict, not a delay.
+    let pid = lb.child.id();
+    let (done_tx, done) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let r = lb.finish();
+        let _ = done_tx.send(r);
+        lb
+    });
+    let Ok((status, log)) = done.recv_timeout(Duration::from_secs(30)) else {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let (_, log) = done.recv().unwrap();
+        drop(waiter.join());
+        panic!("lb run was still running 30 s after SIGTERM:\n{log}");
+    };
+    drop(waiter.join());
+    assert!(status.success(), "lb run stops cleanly on SIGTERM: {status:?}\n{log}");
 }
