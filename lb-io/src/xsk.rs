@@ -715,11 +715,24 @@ impl XskDevice {
                 std::ptr::null_mut(),
             )
         };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ENXIO) {
-                return Err(DeviceError::Io { op: "recvfrom (RX wakeup)", device: self.name.clone(), source: e });
-            }
+        // ENXIO also comes from some drivers' wakeup while a queue is reconfigured (ixgbe without a
+        // pool yet): only an unbound socket, which carries the kernel's ENETDOWN, is an error.
+        if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+            self.unbound("recvfrom (RX wakeup): the socket was unbound, its interface is gone")?;
+        }
+        Ok(())
+    }
+
+    /// The error an unbound socket carries (the kernel sets ENETDOWN when the socket's interface is
+    /// unregistered; reading it clears it), as a [`DeviceError`] for `op`.
+    fn unbound(&self, op: &'static str) -> Result<(), DeviceError> {
+        let mut err: i32 = 0;
+        if getsockopt(self.fd(), libc::SOL_SOCKET, libc::SO_ERROR, &mut err).is_ok() && err != 0 {
+            return Err(DeviceError::Io {
+                op,
+                device: self.name.clone(),
+                source: std::io::Error::from_raw_os_error(err),
+            });
         }
         Ok(())
     }
@@ -856,15 +869,7 @@ impl Device for XskDevice {
         // When its interface is unregistered the kernel unbinds the socket and leaves ENETDOWN as
         // its error, and poll reports nothing: without this check an idle loop waited, timed out
         // and received nothing, for good, without a word.
-        let mut err: i32 = 0;
-        if getsockopt(self.fd(), libc::SOL_SOCKET, libc::SO_ERROR, &mut err).is_ok() && err != 0 {
-            return Err(DeviceError::Io {
-                op: "poll (the socket was unbound: its interface is gone)",
-                device: self.name.clone(),
-                source: std::io::Error::from_raw_os_error(err),
-            });
-        }
-        Ok(())
+        self.unbound("poll (the socket was unbound: its interface is gone)")
     }
 }
 
