@@ -398,8 +398,9 @@ fn translate_service(
 
 /// kube-proxy's terminating-endpoint fallback: with no ready (Active) backend in the set a key uses,
 /// the serving-terminating (Draining) ones take new flows, as better than dropping every new connection.
+/// A ready backend of a slice weighted 0 takes no new flows either, so it does not count as ready.
 fn serve_terminating_if_none_ready(backends: &mut [BackendConfig]) {
-    if backends.iter().all(|b| b.state != BackendState::Active) {
+    if !backends.iter().any(|b| b.state == BackendState::Active && b.weight > 0) {
         for b in backends {
             b.state = BackendState::Active;
         }
@@ -780,6 +781,30 @@ mod tests {
             vec![
                 ("10.244.4.10:8080".into(), BackendState::Active, 90),
                 ("10.244.5.10:8080".into(), BackendState::Active, 10),
+            ]
+        );
+    }
+
+    /// A rollout with the new version's slice weighted 0 (a canary turned off) while the stable
+    /// version's pods are all terminating: the weighted-0 ready ones take no new flows, so the
+    /// terminating fallback still lets the serving-terminating ones take them.
+    #[test]
+    fn terminating_fallback_ignores_ready_endpoints_weighted_0() {
+        use k8s_openapi::api::discovery::v1::EndpointConditions;
+        let svc: Service = fixture!("service-checkout-canary.json");
+        let mut stable: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
+        let mut next: EndpointSlice = fixture!("endpointslice-checkout-next.json");
+        for ep in &mut stable.endpoints {
+            ep.conditions =
+                Some(EndpointConditions { ready: Some(false), serving: Some(true), terminating: Some(true) });
+        }
+        next.metadata.annotations.get_or_insert_default().insert(annotations::WEIGHT.into(), "0".into());
+        let t = translate([&svc], [&next, &stable], &settings(), &node());
+        assert_eq!(
+            backends(find(&t, "tcp 10.96.80.80:80")),
+            vec![
+                ("10.244.4.10:8080".into(), BackendState::Active, 90),
+                ("10.244.5.10:8080".into(), BackendState::Active, 0)
             ]
         );
     }
