@@ -950,3 +950,39 @@ fn a_bursts_frames_see_the_conntrack_changes_of_the_frames_before_them() {
         assert_eq!(state_of(&w, client(i), 1000).map(|(s, _)| s), want, "flow {i}");
     }
 }
+
+/// Under the drop policy, a flow the client had already closed (its FIN seen: closing; or
+/// time-wait) when its backend left is buried closed: the tombstone lasts the close timeout, which
+/// later packets do not extend, and the client's SYN reusing the port starts a new flow, as on a
+/// time-wait flow. (The tombstone took the flow's idle timeout, renewed by each straggling ACK, and
+/// dropped the client's next connection on that port meanwhile.)
+#[test]
+fn drop_policy_buries_a_flow_the_client_closed_as_closed() {
+    for rst in [false, true] {
+        let (mut w, mut cfg, on, mut b) = drop_policy_setup(1024, 1);
+        assert_eq!(on, vec![1]);
+        let c = client(0);
+        let close = if rst { Tcp::Rst } else { Tcp::Fin };
+        assert_eq!(run(&mut w, &tcp(c, 1000, v4(VIP), 80, close, b""), secs(2)).0, Verdict::Tx);
+        remove_first_backend(&mut w, &mut cfg, &mut b);
+        // The client's ACK of the backend's FIN (DSR: never seen here) finds the backend gone.
+        let ack = tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"");
+        assert_eq!(run(&mut w, &ack, secs(3)).0, Verdict::Drop(DropReason::BackendRemoved));
+        let (state, expires) = state_of(&w, c, 1000).unwrap();
+        assert_eq!(state, ConnState::BackendGone);
+        assert!(expires <= 3 + 30, "rst {rst}: the closed flow's tombstone lives until {expires}");
+        assert_eq!(run(&mut w, &ack, secs(20)).0, Verdict::Drop(DropReason::BackendRemoved));
+        assert!(state_of(&w, c, 1000).unwrap().1 <= 33, "rst {rst}: a straggler extended the tombstone");
+        // The client reuses its port for a new connection: scheduled.
+        let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(21));
+        assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2), "rst {rst}");
+    }
+    // The same when that SYN is the first packet after the backend left.
+    let (mut w, mut cfg, _, mut b) = drop_policy_setup(1024, 1);
+    let c = client(0);
+    run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Fin, b""), secs(2));
+    remove_first_backend(&mut w, &mut cfg, &mut b);
+    let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(3));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
+    assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::SynSeen));
+}

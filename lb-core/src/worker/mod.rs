@@ -68,7 +68,8 @@
 //! - [`RemovedBackendPolicy::Drop`]: the first packet of a flow whose backend left turns its entry
 //!   into a [`ConnState::BackendGone`] tombstone, and every packet of that 5-tuple (retransmissions,
 //!   ACKs, a SYN) is dropped as [`DropReason::BackendRemoved`] until the tombstone idles out or, after
-//!   the client's FIN or RST, its time-wait timeout ends (a SYN then starts a new flow). Tombstones
+//!   the client's FIN or RST (before or after the backend left), its time-wait timeout ends (a SYN
+//!   then starts a new flow). Tombstones
 //!   count as no backend's connection, keep no NAT reverse entry, and are evicted like closing flows.
 //! - ARP requests and IPv6 neighbour solicitations for the tables' VIPs and NAT source addresses are
 //!   answered in place (verdict Tx) once the worker has a MAC ([`Worker::set_neighbour_mac`], off by
@@ -105,7 +106,7 @@ mod state;
 use batch::{BATCH, Lookahead};
 use snat::{ReplyHint, hint_for, nat_target_of};
 pub use snat::{snat_port_owner, snat_port_share};
-use state::{StateTimeouts, advance, advance_new};
+use state::{StateTimeouts, advance, advance_new, client_closed, entomb};
 
 /// Conntrack buckets swept for expired entries per burst (see [`ConntrackTable::sweep_bucket`]).
 const SWEEP_BUCKETS_PER_BURST: usize = 4;
@@ -570,7 +571,8 @@ impl Core {
                 // see `crate::service`. Comparing costs nothing here.)
                 match tables.resolve_backend(entry.backend) {
                     Some((si, backend)) if si == summary.index as usize => known = Some((index, backend)),
-                    _ if drop_policy => {
+                    // (The client's SYN after its own close is a new connection: scheduled.)
+                    _ if drop_policy && !(flags.is_syn_only() && client_closed(&entry)) => {
                         self.bury(index, flags, now);
                         return Err(DropReason::BackendRemoved);
                     }
@@ -987,16 +989,15 @@ impl Core {
 
     /// Turns the forward entry at `index`, whose backend left, into a [`ConnState::BackendGone`]
     /// tombstone: it stops counting as a connection of its backend, its NAT reverse entry goes (the
-    /// backend's replies then translate to nothing), and `flags` (the packet that found it) apply.
+    /// backend's replies then translate to nothing), and `flags` (the packet that found it) apply
+    /// (see `state::entomb`: a flow the client had closed is buried closed).
     fn bury(&mut self, index: u32, flags: TcpFlags, now: u32) {
         let Some(e) = self.conntrack.get(index).copied() else { return };
         self.forget(index, &e);
         let timeouts = &self.timeouts;
         self.conntrack.update(index, |e| {
-            e.state = ConnState::BackendGone;
-            e.fins = 0;
             e.link = NO_LINK;
-            advance(e, flags, true, timeouts, now);
+            entomb(e, flags, timeouts, now);
         });
     }
 

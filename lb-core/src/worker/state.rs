@@ -50,6 +50,29 @@ pub(super) fn advance_new(e: &mut Entry, flags: TcpFlags, t: &StateTimeouts, now
     e.expires = now.saturating_add(timeout_of(e.state, t));
 }
 
+/// True when the client has ended the flow: time-wait (both FINs, or an RST), or closing after its
+/// own FIN. A flow whose backend left is buried closed then, and the client's SYN on its 5-tuple is
+/// a new connection, as on a time-wait flow.
+pub(super) fn client_closed(e: &Entry) -> bool {
+    e.state == ConnState::TimeWait || (e.state == ConnState::Closing && e.fins & 1 != 0)
+}
+
+/// Turns a forward entry whose backend left into a [`ConnState::BackendGone`] tombstone, with the
+/// packet that found it (`flags`, from the client) applied. A flow the client had closed
+/// ([`client_closed`]) is buried closed: it keeps at most the time-wait timeout from now, which no
+/// later packet extends (losing its FIN here gave it the idle timeout, renewed by each straggler).
+pub(super) fn entomb(e: &mut Entry, flags: TcpFlags, t: &StateTimeouts, now: u32) {
+    let closed = client_closed(e);
+    e.state = ConnState::BackendGone;
+    if closed {
+        e.fins = GONE_CLOSED;
+        e.expires = e.expires.min(now.saturating_add(timeout_of(ConnState::TimeWait, t)));
+    } else {
+        e.fins = 0;
+        advance(e, flags, true, t, now);
+    }
+}
+
 /// The state after a packet of a known flow, from the client (`from_client`) or the backend (NAT
 /// replies). IPVS-like: the client's ACK after SYN establishes, a FIN closes, both FINs or an RST
 /// reach time-wait. Each packet refreshes the idle timeout of the state it leaves the flow in.
