@@ -986,3 +986,29 @@ fn drop_policy_buries_a_flow_the_client_closed_as_closed() {
     assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
     assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::SynSeen));
 }
+
+/// A clock that steps back (a replayed capture's timestamps out of order) never brings an expired
+/// NAT flow back to life after its reverse entry was reclaimed: the worker keeps its time from going
+/// backwards, so a packet of such a flow starts a new flow, whose replies reach the client. (The
+/// sweep reclaims the reverse entry of an expired forward entry in another bucket first; the
+/// revived flow was then forwarded from a SNAT port whose replies were dropped, or, once the port
+/// went to another flow to the same backend, delivered to that flow's client.)
+#[test]
+fn time_stepping_back_never_revives_an_expired_nat_flow() {
+    let mut cfg = all_modes_config();
+    cfg.node.timeouts.udp = dur(20);
+    for j in 0..16 {
+        // Eight buckets, four swept a burst.
+        let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(64));
+        let c = client(1000 + j);
+        assert_eq!(run(&mut w, &udp(c, 1000, v4(VIP), 80, b"q"), secs(100)).0, Verdict::Tx);
+        // The flow expires at 120; a burst then sweeps the other half of the table.
+        run(&mut w, &udp(client(1), 53, v4("192.0.2.99"), 80, b"pass"), secs(120));
+        // The clock steps back a second.
+        let (v, out) = run(&mut w, &udp(c, 1000, v4(VIP), 80, b"q"), secs(119));
+        assert_eq!(v, Verdict::Tx);
+        let s = seen(&out);
+        let (v, _) = run(&mut w, &udp(s.dst, s.dport, s.src, s.sport, b"r"), secs(119));
+        assert_eq!(v, Verdict::Tx, "client {j}: the reply to the flow's SNAT port {} found no flow", s.sport);
+    }
+}

@@ -174,6 +174,11 @@ struct Core {
     sweep_out: [(u32, Entry); WAYS],
     /// Answers ARP / NDP for the tables' addresses when set ([`Worker::set_neighbour_mac`]).
     neighbour: Option<NeighbourResponder>,
+    /// The latest second a burst came with: a burst from earlier (a replayed capture's timestamps
+    /// out of order, a clock stepped back) is decided at this second instead. Conntrack judges
+    /// entries by the time it is given; stepping back would bring expired flows back to life,
+    /// some without the NAT reverse entry the sweep had already reclaimed.
+    clock: u32,
 }
 
 /// A new flow's conntrack key with its hash, its lb-hash 5-tuple hash (for schedulers and GUE), and
@@ -222,6 +227,7 @@ impl Worker {
             timeouts: StateTimeouts::new(&tables.node().timeouts),
             sweep_out: [(0, Entry::default()); WAYS],
             neighbour: None,
+            clock: 0,
             config,
         };
         let mut w = Worker { tables: tables.clone(), core, ahead: [Lookahead::NONE; BATCH] };
@@ -274,11 +280,14 @@ impl Worker {
 
     /// Decides a verdict for each frame (pairs `frames[i]` with `verdicts[i]`; extra entries of the
     /// longer slice are left alone) and rewrites frames to transmit in place. Then reclaims a few
-    /// buckets of expired conntrack entries.
+    /// buckets of expired conntrack entries. A `now` earlier than a previous burst's is taken as
+    /// that burst's time.
     pub fn process_burst(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
-        let now_s = secs(now);
         let tables = &*self.tables;
         let core = &mut self.core;
+        // Time never steps back here (see `Core::clock`).
+        let now_s = secs(now).max(core.clock);
+        core.clock = now_s;
         for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
             // 1. Parse every frame of the batch and hash its flow.
             let ahead = &mut self.ahead[..frames.len().min(BATCH)];
