@@ -1012,3 +1012,41 @@ fn time_stepping_back_never_revives_an_expired_nat_flow() {
         assert_eq!(v, Verdict::Tx, "client {j}: the reply to the flow's SNAT port {} found no flow", s.sport);
     }
 }
+
+/// The client's SYN on a closing flow is a new connection: it restarts the flow on the same backend
+/// only while that backend takes new flows; a draining (or weight 0) backend gets no new
+/// connections, so the SYN is scheduled afresh, as on a time-wait flow.
+#[test]
+fn a_syn_on_a_closing_flow_of_a_draining_backend_is_scheduled_afresh() {
+    for drain in [true, false] {
+        let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
+        let mut b = TableBuilder::new();
+        let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+        let c = client(1);
+        let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+        assert_eq!(dsr_backend(&out), 1);
+        run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+        run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Fin, b""), secs(2));
+        if drain {
+            cfg.services[0].backends[0].state = BackendState::Draining;
+        } else {
+            cfg.services[0].backends[0].weight = 0;
+        }
+        w.swap_tables(b.build(&cfg).unwrap());
+        // The closing flow's own packets still reach its backend.
+        let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(3));
+        assert_eq!(dsr_backend(&out), 1);
+        let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(4));
+        assert_eq!(
+            (v, dsr_backend(&out)),
+            (Verdict::Tx, 2),
+            "drain {drain}: a new connection went to a backend that takes none"
+        );
+        let slots: Vec<_> = w.tables().services()[0].backends.iter().map(|b| b.slot()).collect();
+        let active: Vec<u64> = slots.iter().map(|&s| w.stats().backend(s).active_conns).collect();
+        assert_eq!(active, vec![0, 1], "drain {drain}");
+        run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(4));
+        let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(5));
+        assert_eq!(dsr_backend(&out), 2);
+    }
+}

@@ -48,7 +48,8 @@
 //! - A client's SYN on a 5-tuple in time-wait starts a new flow (scheduled afresh); on a closing one
 //!   (one FIN seen; in DSR and tunnel modes the backend's never is) it restarts the flow half-open on
 //!   the same backend, as IPVS does, so a client reusing its port soon after a close is established
-//!   again by its ACK.
+//!   again by its ACK; unless that backend takes no new flows (draining, weight 0): then the SYN is
+//!   scheduled afresh, as on a time-wait one.
 //! - UDP entries are half-open until a second packet or a reply is seen.
 //! - Full NAT: each core takes a disjoint share of `NodeConfig::snat_ports` ([`snat_port_share`]);
 //!   replies must reach the core that owns their destination port (the I/O layer steers them, see
@@ -469,6 +470,9 @@ impl Core {
                 return None;
             }
             let (summary, backend) = tables.resolve_known(e.backend).filter(|(s, _)| s.all_clients)?;
+            if restarts_elsewhere(e.state, flags, backend) {
+                return None;
+            }
             let change = advance(e, flags, true, timeouts, now);
             Some((summary, backend, change, e.snat_port))
         })?;
@@ -579,7 +583,13 @@ impl Core {
                 // (A reference resolves only in its own service, but for generations that wrapped:
                 // see `crate::service`. Comparing costs nothing here.)
                 match tables.resolve_backend(entry.backend) {
-                    Some((si, backend)) if si == summary.index as usize => known = Some((index, backend)),
+                    Some((si, backend)) if si == summary.index as usize => {
+                        if restarts_elsewhere(entry.state, flags, backend) {
+                            self.remove(index);
+                        } else {
+                            known = Some((index, backend));
+                        }
+                    }
                     // (The client's SYN after its own close is a new connection: scheduled.)
                     _ if drop_policy && !(flags.is_syn_only() && client_closed(&entry)) => {
                         self.bury(index, flags, now);
@@ -1070,6 +1080,13 @@ fn is_for_a_nat_flow(tables: &Tables, p: &Parsed, dst: IpAddr) -> bool {
     };
     let (first, last) = tables.node().snat_ports;
     (first..=last).contains(&port)
+}
+
+/// True for the client's SYN on a closing flow whose backend takes no new flows (draining, weight
+/// 0): a new connection, scheduled afresh rather than restarted on that backend (see `advance`).
+#[inline]
+fn restarts_elsewhere(state: ConnState, flags: TcpFlags, backend: &Backend) -> bool {
+    state == ConnState::Closing && flags.is_syn_only() && !backend.takes_new_flows()
 }
 
 /// The conntrack key of `client`'s ClientIP affinity record for `service`.
