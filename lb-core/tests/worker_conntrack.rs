@@ -1050,3 +1050,42 @@ fn a_syn_on_a_closing_flow_of_a_draining_backend_is_scheduled_afresh() {
         assert_eq!(dsr_backend(&out), 2);
     }
 }
+
+/// A SNAT port held by a NAT flow that has expired is free for a new flow, whether or not the sweep
+/// has reached the flow's entries yet (in a large table it takes many bursts to come round): the
+/// port search took the expired flow's reply key for a live one, and with every port of the share
+/// so held, new flows were dropped as out of ports while no flow used any.
+#[test]
+fn snat_ports_of_expired_flows_are_free_before_the_sweep_reclaims_them() {
+    let mut cfg = all_modes_config();
+    cfg.services[0].backends.truncate(1);
+    cfg.node.snat_ports = (40000, 40003);
+    cfg.node.timeouts.tcp_syn = dur(10);
+    // 8192 buckets: the sweep (four a burst) reaches few of them here.
+    let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(1 << 16));
+    for i in 0..4 {
+        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1)).0, Verdict::Tx);
+    }
+    assert_eq!(
+        run(&mut w, &tcp(client(9), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(2)).0,
+        Verdict::Drop(DropReason::NoSnatPort),
+        "four live flows hold the four ports"
+    );
+    // Long after those flows expired, new flows take their ports, with working replies.
+    let slot = w.tables().services()[0].backends[0].slot();
+    for i in 10..14 {
+        let (v, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(100));
+        assert_eq!(v, Verdict::Tx, "client {i}");
+        let s = seen(&out);
+        let (v, _) = run(&mut w, &tcp(s.dst, 8080, s.src, s.sport, Tcp::Ack, b""), secs(100));
+        assert_eq!(v, Verdict::Tx, "client {i}: the reply to port {}", s.sport);
+    }
+    // The expired flows' packets start new flows; none finds a port (four live flows again).
+    let (v, _) = run(&mut w, &tcp(client(0), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(101));
+    assert_eq!(v, Verdict::Drop(DropReason::NoSnatPort));
+    // Once everything is reclaimed, each backend count is exact.
+    for _ in 0..4096 {
+        w.process_burst(&mut [], secs(100_000), &mut []);
+    }
+    assert_eq!((w.conntrack().len(), w.stats().backend(slot).active_conns), (0, 0));
+}

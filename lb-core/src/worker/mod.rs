@@ -654,7 +654,7 @@ impl Core {
         let reply_hint = self.reply_hint(slot);
         let reply = match summary.mode {
             ForwardMode::Nat => {
-                let reply = self.pick_snat_port(tables, p.flow.proto(), backend, reply_hint);
+                let reply = self.pick_snat_port(tables, p.flow.proto(), backend, reply_hint, now);
                 Some(reply.ok_or(DropReason::NoSnatPort)?)
             }
             _ => None,

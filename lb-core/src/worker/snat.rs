@@ -4,7 +4,7 @@
 use core::net::IpAddr;
 
 use super::Core;
-use crate::conntrack::{ConnKey, InsertHint};
+use crate::conntrack::{ConnKey, EntryKind, InsertHint};
 use crate::packet::FlowKey;
 use crate::service::{Backend, Tables};
 
@@ -78,8 +78,9 @@ pub(super) fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend:
 }
 
 impl Core {
-    /// A free SNAT port from this core's share for a flow to `backend`: free means no reply key
-    /// (backend, SNAT address, backend port, port) is tracked. Probes from the port after the last
+    /// A free SNAT port from this core's share for a flow to `backend`: free means no live reply key
+    /// (backend, SNAT address, backend port, port) is tracked; the reverse entry of a flow that has
+    /// expired (which the sweep may not reach for many bursts) is removed to free its port. Probes from the port after the last
     /// one this core gave a flow to this backend, as RFC 6056's per-destination counter does (its
     /// algorithm 4, the backend being the destination): a port comes back to a backend only after
     /// every other port of the share has gone to it, so the first probe is free while the backend
@@ -93,26 +94,41 @@ impl Core {
         proto: u8,
         backend: &Backend,
         hint: Option<ReplyHint>,
+        now: u32,
     ) -> Option<ReplyKey> {
         let SnatProbe { mut key, snat, lo, span, start } = self.snat_probe(tables, proto, backend, 0)?;
         let tries = SNAT_PORT_TRIES.min(span);
         // The key is built once and only its port changes between probes.
+        let conntrack = &self.conntrack;
         let found = (0..tries).find_map(|i| {
             let port = u16::try_from(u32::from(lo) + (start + i) % span).ok()?;
             key.dport = port;
             let hash = key.hash();
             // The warm-up's guess, if this is the key it guessed, may spare the lookup.
-            let found = self.conntrack.find_hinted(&key, hash, hint_for(hint, hash));
-            found.is_none().then_some((i, port, hash))
+            match conntrack.find_hinted(&key, hash, hint_for(hint, hash)) {
+                None => Some((i, port, hash, None)),
+                // An expired flow's reverse entry: the port is free once it goes.
+                Some(r)
+                    if !conntrack.is_live(r, now) && conntrack.get(r).is_some_and(|e| e.kind == EntryKind::Reverse) =>
+                {
+                    Some((i, port, hash, Some(r)))
+                }
+                Some(_) => None,
+            }
         });
+        // (A reverse entry needs no accounting; its expired forward entry, which goes in its turn,
+        // no longer finds it.)
+        if let Some((.., Some(stale))) = found {
+            self.conntrack.remove(stale);
+        }
         // Past the port given out, or past every port tried.
-        let next = start + found.map_or(tries, |(i, _, _)| i + 1);
+        let next = start + found.map_or(tries, |(i, ..)| i + 1);
         if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
             *n = u16::try_from(next % span).unwrap_or(0);
         }
         // The reply key built afresh rather than copied from `key`, whose copy's loads would span
         // the port store just made (a store-forwarding stall).
-        let (_, port, hash) = found?;
+        let (_, port, hash, _) = found?;
         Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash })
     }
 
