@@ -33,7 +33,9 @@
 //! (TCP SYN seen, or UDP seen in one direction once), then the oldest closing entry (FIN, RST, time-wait),
 //! affinity record or backend-gone tombstone. It never evicts a live established flow: then the insert fails and the caller
 //! counts [`DropReason::ConntrackFull`](crate::stats::DropReason::ConntrackFull). A SYN flood therefore
-//! only ever replaces its own half-open entries and cannot push established connections out.
+//! only ever replaces its own half-open entries and cannot push established connections out. What is
+//! best effort (a ClientIP affinity record) goes in only where it evicts nothing
+//! ([`ConntrackTable::insert_without_evicting`]).
 //!
 //! Times are whole seconds (`u32`) to keep an entry within 64 bytes.
 
@@ -916,6 +918,32 @@ impl ConntrackTable {
         spare: u32,
         hint: Option<InsertHint>,
     ) -> Result<Inserted, ConntrackFull> {
+        self.insert_into(entry, hash, now, (spare, hint), true)
+    }
+
+    /// As [`ConntrackTable::insert_sparing`], but only into a free way or an expired entry's: it never
+    /// evicts a live entry, and fails instead. For what is best effort (a ClientIP affinity record),
+    /// which must not cost another flow its entry.
+    pub fn insert_without_evicting(
+        &mut self,
+        entry: Entry,
+        hash: u64,
+        now: u32,
+        spare: u32,
+    ) -> Result<Inserted, ConntrackFull> {
+        self.insert_into(entry, hash, now, (spare, None), false)
+    }
+
+    /// [`ConntrackTable::insert_hinted`], evicting a live entry only when `evict`.
+    #[inline(always)]
+    fn insert_into(
+        &mut self,
+        entry: Entry,
+        hash: u64,
+        now: u32,
+        (spare, hint): (u32, Option<InsertHint>),
+        evict: bool,
+    ) -> Result<Inserted, ConntrackFull> {
         let b = (hash as usize) & self.bucket_mask;
         let Some(bucket) = self.buckets.get(b) else { return Err(ConntrackFull) };
         // The head by reference, not copied: a 64-byte copy was ~9 instructions an insert.
@@ -933,7 +961,7 @@ impl ConntrackTable {
             Some(choice) => choice,
             None => self.choose_way_with_reverse(b, head, now, spare_way, hash).ok_or(ConntrackFull)?,
         };
-        if way >= WAYS {
+        if way >= WAYS || (!evict && evicted == Some(true)) {
             return Err(ConntrackFull);
         }
         let index = b * WAYS + way;

@@ -1089,3 +1089,28 @@ fn snat_ports_of_expired_flows_are_free_before_the_sweep_reclaims_them() {
     }
     assert_eq!((w.conntrack().len(), w.stats().backend(slot).active_conns), (0, 0));
 }
+
+/// A ClientIP affinity record is best effort: in a bucket with no free or expired way it is left
+/// out rather than evicting another client's flow (its half-open or closing entry, whose next
+/// packet would then be scheduled afresh, perhaps to another backend).
+#[test]
+fn an_affinity_record_never_evicts_a_flow() {
+    let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
+    cfg.services[0].affinity_timeout = Some(dur(100));
+    // One 8-way bucket.
+    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(8));
+    // Seven UDP flows of the other service, each seen once (half-open).
+    let mut on = vec![];
+    for i in 0..7 {
+        let (v, out) = run(&mut w, &udp(client(i), 1000, v4(VIP), 80, b"q"), secs(1));
+        assert_eq!(v, Verdict::Tx);
+        on.push(dsr_backend(&out));
+    }
+    // A new TCP flow of the affinity service takes the eighth way.
+    assert_eq!(run(&mut w, &tcp(client(100), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(2)).0, Verdict::Tx);
+    assert_eq!(w.stats().conntrack_evictions, 0, "the affinity record evicted a flow");
+    for i in 0..7 {
+        let (v, out) = run(&mut w, &udp(client(i), 1000, v4(VIP), 80, b"q"), secs(3));
+        assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, on[i as usize]), "flow {i}");
+    }
+}

@@ -90,7 +90,9 @@ use core::net::IpAddr;
 use lb_hash::FlowHasher;
 
 use crate::config::{ForwardMode, RemovedBackendPolicy};
-use crate::conntrack::{ConnKey, ConnState, ConntrackTable, Entry, EntryKind, GONE_CLOSED, InsertHint, NO_LINK, WAYS};
+use crate::conntrack::{
+    ConnKey, ConnState, ConntrackTable, Entry, EntryKind, GONE_CLOSED, InsertHint, Inserted, NO_LINK, WAYS,
+};
 use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
 use crate::frame::{Frame, Verdict};
 use crate::neighbour::NeighbourResponder;
@@ -789,8 +791,13 @@ impl Core {
             link: NO_LINK,
             ..Entry::default()
         };
-        // Affinity is best effort: a full bucket only costs stickiness.
-        let _ = self.insert(record, h, now, flow_index, None);
+        // Affinity is best effort: a bucket without a free or expired way only costs stickiness,
+        // never another flow's entry.
+        if let Ok(Inserted { displaced: Some(d), .. }) =
+            self.conntrack.insert_without_evicting(record, h, now, flow_index)
+        {
+            self.forget(d.index, &d.entry);
+        }
     }
 
     /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow): find its NAT
