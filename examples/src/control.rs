@@ -253,6 +253,16 @@ impl lb_io::BurstProcessor for LbProcessor {
         self.publish();
         old
     }
+
+    /// With no traffic, expired flows are still reclaimed (and stop counting as their backends'
+    /// connections), and the counters of the last bursts are still published.
+    fn idle(&mut self, now: lb_core::Instant) {
+        self.worker.sweep(now, lb_io::processor::IDLE_SWEEP_BUCKETS);
+        if now >= self.next_publish {
+            self.publish();
+            self.next_publish = now.saturating_add(PUBLISH_EVERY);
+        }
+    }
 }
 
 /// A sink that keeps every published version (tests, and `lb list` without workers).
@@ -972,7 +982,7 @@ services:
     }
 
     #[test]
-    fn lb_processor_forwards_and_publishes_counters() {
+    fn lb_processor_forwards_publishes_counters_and_sweeps_while_idle() {
         use lb_io::BurstProcessor;
         let settings = parse(GOOD).unwrap();
         let mut builder = TableBuilder::new();
@@ -999,6 +1009,13 @@ services:
             svc.backends.iter().map(|b| snap.backends[&(b.id.slot, b.id.generation)].active_conns).sum();
         assert_eq!(per_backend, 1, "one backend holds the new flow");
         assert!(snap.conntrack_entries >= 1 && snap.conntrack_capacity >= 1024);
+
+        // No traffic for long after: an idle loop's turn reclaims the expired flow, and publishes so.
+        p.idle(lb_core::Instant::from_secs(1000));
+        let snap = shared.lock().unwrap().to_snapshot();
+        let per_backend: u64 =
+            svc.backends.iter().map(|b| snap.backends[&(b.id.slot, b.id.generation)].active_conns).sum();
+        assert_eq!((per_backend, snap.conntrack_entries), (0, 0), "reclaimed while idle");
 
         // A table swap hands the old tables back (to be dropped on the control side).
         let next = builder.build(&config).unwrap();

@@ -312,6 +312,32 @@ fn expired_flows_are_reclaimed_and_counts_fall() {
     assert_eq!((active, w.conntrack().len()), (0, 0));
 }
 
+/// With no traffic at all, `Worker::sweep` (which lb-io's poll loop calls before it waits) reclaims
+/// expired flows, a given number of buckets at a time, and their counts fall.
+#[test]
+fn an_idle_worker_reclaims_expired_flows_by_sweep() {
+    let cfg = dsr_config(SchedulerKind::LeastConnections, &["10.1.0.1", "10.1.0.2"]);
+    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    for i in 0..40 {
+        run(&mut w, &udp(client(i), 53, v4(VIP), 80, b"q"), secs(10));
+    }
+    let slots: Vec<_> = w.tables().services()[1].backends.iter().map(|b| b.slot()).collect();
+    let active = |w: &Worker| -> u64 { slots.iter().map(|&s| w.stats().backend(s).active_conns).sum() };
+    assert_eq!((active(&w), w.conntrack().len()), (40, 40));
+    // Not yet expired: nothing goes, however much is swept.
+    w.sweep(secs(20), 1024);
+    assert_eq!(w.conntrack().len(), 40);
+    // Expired (UDP: 300 s): one bucket at a time, the table empties within one round of it.
+    let buckets = w.conntrack().capacity() / lb_core::conntrack::WAYS;
+    let mut swept = 0;
+    while !w.conntrack().is_empty() && swept <= buckets {
+        w.sweep(secs(1000), 1);
+        swept += 1;
+    }
+    assert_eq!((active(&w), w.conntrack().len()), (0, 0), "after {swept} of {buckets} buckets");
+    assert!(swept > 1, "one bucket at a time");
+}
+
 #[test]
 fn service_counters_keep_what_a_departed_backend_counted_and_start_at_zero_on_a_reused_slot() {
     let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);

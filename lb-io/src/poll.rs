@@ -343,6 +343,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
                     if idle >= self.config.idle_spins {
                         idle = 0;
                         self.stats.idle_waits += 1;
+                        self.processor.idle(self.now());
                         self.device.wait(self.config.idle_wait)?;
                     }
                 }
@@ -364,6 +365,11 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         Ok(LoopReport { device: self.device, processor: self.processor, stats: self.stats })
     }
 
+    /// The loop's clock, for a burst whose device gives no time of its own (and for idle calls).
+    fn now(&self) -> Instant {
+        elapsed(&self.clock)
+    }
+
     /// Receives one burst, runs the processor on it and settles it; returns the burst size.
     fn round(&mut self) -> Result<usize, DeviceError> {
         let burst = self.config.burst;
@@ -373,10 +379,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         if n == 0 {
             return Ok(0);
         }
-        let now = match received.clock {
-            Some(t) => t,
-            None => Instant::from_nanos(u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX)),
-        };
+        let now = received.clock.unwrap_or_else(|| elapsed(&self.clock));
         let mut verdicts = [Verdict::Pass; MAX_BURST];
         self.processor.process_burst(&mut frames[..n], now, &mut verdicts[..n]);
         let mut spans: [Option<Span>; MAX_BURST] = [None; MAX_BURST];
@@ -448,6 +451,11 @@ where
     }
 }
 
+/// The time since `start`, as the processor's clock.
+fn elapsed(start: &std::time::Instant) -> Instant {
+    Instant::from_nanos(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))
+}
+
 /// Why a spawned loop ended in error.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -469,6 +477,7 @@ pub fn pin_to_core(core: usize) -> Result<(), SpawnError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::{FlushProgress, Received};
     use crate::memory::{MemoryConfig, MemoryDevice};
     use crate::processor::MacRewrite;
 
@@ -596,6 +605,70 @@ mod tests {
         fn apply(&mut self, update: Box<u32>) -> Box<u32> {
             std::mem::replace(&mut self.generation, update)
         }
+    }
+
+    /// A device that never receives and never ends; its third wait stops the loop.
+    struct Silent {
+        waits: u32,
+        stop: StopFlag,
+    }
+
+    impl Device for Silent {
+        fn receive<'a>(&'a mut self, _frames: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
+            Ok(Received::frames(0))
+        }
+        fn settle(&mut self, _spans: &[Option<Span>]) -> Result<usize, DeviceError> {
+            Ok(0)
+        }
+        fn flush(&mut self) -> Result<FlushProgress, DeviceError> {
+            Ok(FlushProgress::default())
+        }
+        fn pending_tx(&self) -> usize {
+            0
+        }
+        fn discard_pending(&mut self) -> usize {
+            0
+        }
+        fn wait(&mut self, _timeout: Duration) -> Result<(), DeviceError> {
+            self.waits += 1;
+            if self.waits == 3 {
+                self.stop.stop();
+            }
+            Ok(())
+        }
+    }
+
+    /// Records the times it was called idle with.
+    #[derive(Default)]
+    struct Housekeeper {
+        idle: Vec<Instant>,
+    }
+
+    impl BurstProcessor for Housekeeper {
+        type Update = ();
+        fn process_burst(&mut self, _: &mut [Frame<'_>], _: Instant, _: &mut [Verdict]) {
+            panic!("no frame came");
+        }
+        fn apply(&mut self, u: ()) {
+            u
+        }
+        fn idle(&mut self, now: Instant) {
+            self.idle.push(now);
+        }
+    }
+
+    /// With nothing to receive the processor still gets its turn (`idle`) before each wait, so it
+    /// can reclaim expired state and publish counters; the load balancer's worker sweeps then.
+    #[test]
+    fn an_idle_loop_calls_the_processor_before_each_wait() {
+        let stop = StopFlag::new();
+        let dev = Silent { waits: 0, stop: stop.clone() };
+        let (_tx, rx) = update_channel();
+        let cfg = LoopConfig { idle_spins: 4, ..LoopConfig::default() };
+        let r = PollLoop::new(dev, Housekeeper::default(), rx, stop, cfg).run().unwrap();
+        assert_eq!((r.device.waits, r.stats.idle_waits), (3, 3));
+        assert_eq!(r.processor.idle.len(), 3, "once before each wait");
+        assert!(r.processor.idle.windows(2).all(|w| w[0] <= w[1]), "{:?}", r.processor.idle);
     }
 
     #[test]

@@ -281,6 +281,16 @@ impl Worker {
         &self.core.conntrack
     }
 
+    /// Reclaims the expired conntrack entries of up to `buckets` buckets (each burst does a few), so
+    /// they stop counting as their backends' connections: for a worker that receives nothing, whose
+    /// bursts do not come (lb-io's poll loop calls it before it waits). `now` as for
+    /// [`Worker::process_burst`]; a sweep goes round the whole table in `capacity / WAYS` buckets.
+    pub fn sweep(&mut self, now: Instant, buckets: usize) {
+        let now_s = secs(now).max(self.core.clock);
+        self.core.clock = now_s;
+        self.core.sweep_buckets(now_s, buckets);
+    }
+
     /// Decides a verdict for each frame (pairs `frames[i]` with `verdicts[i]`; extra entries of the
     /// longer slice are left alone) and rewrites frames to transmit in place. Then reclaims a few
     /// buckets of expired conntrack entries. A `now` earlier than a previous burst's is taken as
@@ -388,7 +398,12 @@ impl Core {
 
     /// Reclaims expired entries of a few conntrack buckets.
     fn sweep(&mut self, now: u32) {
-        for _ in 0..SWEEP_BUCKETS_PER_BURST {
+        self.sweep_buckets(now, SWEEP_BUCKETS_PER_BURST);
+    }
+
+    /// Reclaims the expired entries of the next `buckets` conntrack buckets.
+    fn sweep_buckets(&mut self, now: u32, buckets: usize) {
+        for _ in 0..buckets {
             let n = self.conntrack.sweep_bucket(now, &mut self.sweep_out);
             for k in 0..n.min(WAYS) {
                 let (index, entry) = self.sweep_out[k];
