@@ -1575,6 +1575,17 @@ mod tests {
         static LOADED: std::cell::RefCell<Option<Option<VipSteering>>> = const { std::cell::RefCell::new(None) };
     }
 
+    /// Whether the program (loaded once per thread) steers `frame` with its maps holding `set`;
+    /// `None` where bpf(2) is refused.
+    fn steered_under(set: &SteeringSet, frame: &[u8]) -> Option<bool> {
+        LOADED.with(|l| {
+            let mut l = l.borrow_mut();
+            let s = l.get_or_insert_with(steering).as_mut()?;
+            s.set(set.clone()).unwrap();
+            Some(s.test_run(frame).unwrap() == XdpAction::Drop)
+        })
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig { cases: 5000, ..Default::default() })]
 
@@ -1653,14 +1664,8 @@ mod tests {
             let mut frame = with_tags(frame, &tags);
             let len = cut.index(frame.len() + 1);
             frame.truncate(len.max(frame.len() / 2));
-            let verdict = LOADED.with(|l| {
-                let mut l = l.borrow_mut();
-                let s = l.get_or_insert_with(steering).as_mut()?;
-                s.set(set.clone()).unwrap();
-                Some(s.test_run(&frame).unwrap())
-            });
-            let Some(verdict) = verdict else { return Ok(()) };
-            proptest::prop_assert_eq!(verdict == XdpAction::Drop, model(&set, &frame), "frame {:02x?}", frame);
+            let Some(steered) = steered_under(&set, &frame) else { return Ok(()) };
+            proptest::prop_assert_eq!(steered, model(&set, &frame), "frame {:02x?}", frame);
         }
     }
 
@@ -1731,14 +1736,8 @@ mod tests {
             if let Some(cut) = cut {
                 frame.truncate(cut.index(frame.len() + 1).max(14));
             }
-            let verdict = LOADED.with(|l| {
-                let mut l = l.borrow_mut();
-                let s = l.get_or_insert_with(steering).as_mut()?;
-                s.set(set.clone()).unwrap();
-                Some(s.test_run(&frame).unwrap())
-            });
-            let Some(verdict) = verdict else { return Ok(()) };
-            proptest::prop_assert_eq!(verdict == XdpAction::Drop, model(&set, &frame), "frame {:02x?}", frame);
+            let Some(steered) = steered_under(&set, &frame) else { return Ok(()) };
+            proptest::prop_assert_eq!(steered, model(&set, &frame), "frame {:02x?}", frame);
         }
     }
 
