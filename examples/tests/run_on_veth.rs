@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Lines};
 use std::path::PathBuf;
 use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 
-use lb_io::netns::{Netns, can_create_namespaces, can_run_ethtool, veth_pair};
+use lb_io::netns::{Netns, can_create_namespaces, can_run_ethtool, lb_and_peer};
 
 /// `lb run` in its own namespace on veth `l0` (peer `p0` in another), started.
 struct Running {
@@ -32,8 +32,7 @@ impl Running {
     /// (top-level sections) after the services.
     fn start_with(tag: &str, node_extra: &str, services: &str, tail: &str) -> Option<Running> {
         let tag = format!("{tag}{}", std::process::id());
-        let (lb_ns, peer) = (Netns::create(&format!("{tag}l")).unwrap(), Netns::create(&format!("{tag}p")).unwrap());
-        veth_pair(&lb_ns, "l0", &peer, "p0").unwrap();
+        let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
         let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
         std::fs::write(
             &config,

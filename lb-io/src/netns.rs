@@ -119,6 +119,15 @@ impl Drop for Netns {
     }
 }
 
+/// An AF_XDP test's wiring: namespaces `{tag}l` (interface `l0`) and `{tag}p` (interface `p0`)
+/// joined by a veth pair, both ends up; returned as (load balancer side, peer side).
+pub fn lb_and_peer(tag: &str) -> Result<(Netns, Netns), CommandError> {
+    let peer = Netns::create(&format!("{tag}p"))?;
+    let lb = Netns::create(&format!("{tag}l"))?;
+    veth_pair(&peer, "p0", &lb, "l0")?;
+    Ok((lb, peer))
+}
+
 /// Moves the calling thread into the named namespace (for threads that do not hold the guard).
 pub fn enter_netns(name: &str) -> std::io::Result<()> {
     let f = File::open(format!("/var/run/netns/{name}"))?;

@@ -8,7 +8,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use lb_io::netns::{Netns, can_create_namespaces, enter_netns, veth_pair};
+use lb_io::netns::{can_create_namespaces, enter_netns, lb_and_peer};
 use lb_io::{Device, XskConfig, XskDevice};
 
 #[test]
@@ -18,9 +18,7 @@ fn a_writer_that_declines_ends_transmit_new() {
         return;
     }
     let tag = format!("lbn{}", std::process::id());
-    let peer = Netns::create(&format!("{tag}p")).unwrap();
-    let lb = Netns::create(&format!("{tag}l")).unwrap();
-    veth_pair(&peer, "p0", &lb, "l0").unwrap();
+    let (lb, peer) = lb_and_peer(&tag).unwrap();
     let name = lb.name().to_string();
     let (done_tx, done_rx) = mpsc::channel::<Result<Vec<(usize, usize)>, String>>();
     std::thread::spawn(move || {

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use lb_io::netns::{Netns, can_create_namespaces, enter_netns, veth_pair};
+use lb_io::netns::{can_create_namespaces, enter_netns, lb_and_peer};
 use lb_io::{Device, XskConfig, XskDevice};
 
 #[test]
@@ -22,9 +22,7 @@ fn frames_left_on_the_tx_ring_leave_while_the_loop_only_receives() {
         return;
     }
     let tag = format!("lbt{}", std::process::id());
-    let peer = Netns::create(&format!("{tag}p")).unwrap();
-    let lb = Netns::create(&format!("{tag}l")).unwrap();
-    veth_pair(&peer, "p0", &lb, "l0").unwrap();
+    let (lb, peer) = lb_and_peer(&tag).unwrap();
     let name = lb.name().to_string();
     let result = std::thread::spawn(move || -> Result<(u32, u32, u32), String> {
         enter_netns(&name).map_err(|e| e.to_string())?;

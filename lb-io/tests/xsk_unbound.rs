@@ -8,7 +8,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use lb_io::netns::{Netns, can_create_namespaces, enter_netns, veth_pair};
+use lb_io::netns::{can_create_namespaces, enter_netns, lb_and_peer};
 use lb_io::{LoopConfig, MacRewrite, PollLoop, StopFlag, XskConfig, XskDevice, update_channel};
 
 #[test]
@@ -18,9 +18,7 @@ fn an_idle_loop_whose_interface_is_deleted_ends_with_an_error() {
         return;
     }
     let tag = format!("lbu{}", std::process::id());
-    let peer = Netns::create(&format!("{tag}p")).unwrap();
-    let lb = Netns::create(&format!("{tag}l")).unwrap();
-    veth_pair(&peer, "p0", &lb, "l0").unwrap();
+    let (lb, peer) = lb_and_peer(&tag).unwrap();
     let (opened_tx, opened_rx) = mpsc::channel::<Result<(), String>>();
     let (done_tx, done_rx) = mpsc::channel::<Result<(), String>>();
     let stop = StopFlag::new();
