@@ -545,8 +545,13 @@ impl NodeConfig {
             return Some(VipConflict::TunnelSource { field });
         }
         let (field, _) = self.snat_addresses().into_iter().find(on)?;
-        let (first, last) = self.snat_ports;
-        (first..=last).contains(&key.port).then_some(VipConflict::PortInSnatRange { field, ports: self.snat_ports })
+        self.is_snat_port(key.port).then_some(VipConflict::PortInSnatRange { field, ports: self.snat_ports })
+    }
+
+    /// True if `port` is in `snat_ports`, where NAT replies arrive.
+    #[inline]
+    pub fn is_snat_port(&self, port: u16) -> bool {
+        (self.snat_ports.0..=self.snat_ports.1).contains(&port)
     }
 
     /// The outer source address of a tunnelled frame (IP-in-IP, GUE) to a backend at `backend`:

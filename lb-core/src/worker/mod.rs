@@ -286,8 +286,7 @@ impl Worker {
     /// bursts do not come (lb-io's poll loop calls it before it waits). `now` as for
     /// [`Worker::process_burst`]; a sweep goes round the whole table in `capacity / WAYS` buckets.
     pub fn sweep(&mut self, now: Instant, buckets: usize) {
-        let now_s = secs(now).max(self.core.clock);
-        self.core.clock = now_s;
+        let now_s = self.core.tick(now);
         self.core.sweep_buckets(now_s, buckets);
     }
 
@@ -298,9 +297,7 @@ impl Worker {
     pub fn process_burst(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
         let tables = &*self.tables;
         let core = &mut self.core;
-        // Time never steps back here (see `Core::clock`).
-        let now_s = secs(now).max(core.clock);
-        core.clock = now_s;
+        let now_s = core.tick(now);
         for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
             // 1. Parse every frame of the batch and hash its flow.
             let ahead = &mut self.ahead[..frames.len().min(BATCH)];
@@ -394,6 +391,13 @@ impl Core {
             Some(r) => r.answer(tables, frame).count(&mut self.stats),
             None => Ok(Verdict::Pass),
         }
+    }
+
+    /// The second to decide at for `now`: never earlier than a previous call's (see `Core::clock`).
+    #[inline]
+    fn tick(&mut self, now: Instant) -> u32 {
+        self.clock = secs(now).max(self.clock);
+        self.clock
     }
 
     /// Reclaims expired entries of a few conntrack buckets.
@@ -1100,8 +1104,7 @@ fn is_for_a_nat_flow(tables: &Tables, p: &Parsed, dst: IpAddr) -> bool {
         L4::IcmpError(e) => e.inner.src_port(),
         _ => return false,
     };
-    let (first, last) = tables.node().snat_ports;
-    (first..=last).contains(&port)
+    tables.node().is_snat_port(port)
 }
 
 /// True for the client's SYN on a closing flow whose backend takes no new flows (draining, weight
