@@ -222,6 +222,14 @@ impl LbProcessor {
         &self.worker
     }
 
+    /// Publishes at most once per `PUBLISH_EVERY`.
+    fn publish_if_due(&mut self, now: lb_core::Instant) {
+        if now >= self.next_publish {
+            self.publish();
+            self.next_publish = now.saturating_add(PUBLISH_EVERY);
+        }
+    }
+
     fn publish(&mut self) {
         let ct = self.worker.conntrack();
         self.local.fill(self.worker.stats(), self.worker.tables(), ct.len(), ct.capacity());
@@ -241,10 +249,7 @@ impl lb_io::BurstProcessor for LbProcessor {
         verdicts: &mut [lb_core::Verdict],
     ) {
         self.worker.process_burst(frames, now, verdicts);
-        if now >= self.next_publish {
-            self.publish();
-            self.next_publish = now.saturating_add(PUBLISH_EVERY);
-        }
+        self.publish_if_due(now);
     }
 
     fn apply(&mut self, update: Arc<Tables>) -> Arc<Tables> {
@@ -258,10 +263,7 @@ impl lb_io::BurstProcessor for LbProcessor {
     /// connections), and the counters of the last bursts are still published.
     fn idle(&mut self, now: lb_core::Instant) {
         self.worker.sweep(now, lb_io::processor::IDLE_SWEEP_BUCKETS);
-        if now >= self.next_publish {
-            self.publish();
-            self.next_publish = now.saturating_add(PUBLISH_EVERY);
-        }
+        self.publish_if_due(now);
     }
 }
 
