@@ -286,7 +286,7 @@ pub fn apply_health(services: &mut [ServiceSpec], down: &HashSet<Target>) -> BTr
         let is_down = |b: &lb_core::config::BackendConfig| {
             down.contains(&Target { service: key, backend: SocketAddr::new(b.addr, b.port) })
         };
-        let serving = || s.config.backends.iter().filter(|b| b.state == BackendState::Active && b.weight > 0);
+        let serving = || s.config.backends.iter().filter(|b| b.takes_new_flows());
         if serving().next().is_some() && serving().all(is_down) {
             fail_open.insert(key);
             continue;

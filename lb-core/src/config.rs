@@ -227,6 +227,12 @@ impl BackendConfig {
     pub fn new(addr: IpAddr, port: u16) -> Self {
         BackendConfig { addr, port, weight: 1, mac: None, state: BackendState::Active }
     }
+
+    /// True if the backend takes new flows: active, with a weight above 0 (as the built tables'
+    /// `Backend::takes_new_flows` says).
+    pub fn takes_new_flows(&self) -> bool {
+        self.state == BackendState::Active && self.weight > 0
+    }
 }
 
 /// What happens to an established flow whose backend left the service. A service switched into or

@@ -118,8 +118,7 @@ impl<'a> Topology<'a> {
     /// 0) take no part, so a node or zone whose hinted endpoints all have weight 0 is as one with
     /// none rather than one whose new flows find no backend.
     fn from_hints(endpoints: &[&Endpoint], node: Option<&'a str>, zone: Option<&'a str>) -> Self {
-        let ready: Vec<&&Endpoint> =
-            endpoints.iter().filter(|e| e.backend.state == BackendState::Active && e.backend.weight > 0).collect();
+        let ready: Vec<&&Endpoint> = endpoints.iter().filter(|e| e.backend.takes_new_flows()).collect();
         let decide = |name: Option<&'a str>, hints: fn(&Endpoint) -> &[String]| {
             name.filter(|n| {
                 !ready.is_empty()
@@ -400,7 +399,7 @@ fn translate_service(
 /// the serving-terminating (Draining) ones take new flows, as better than dropping every new connection.
 /// A ready backend of a slice weighted 0 takes no new flows either, so it does not count as ready.
 fn serve_terminating_if_none_ready(backends: &mut [BackendConfig]) {
-    if !backends.iter().any(|b| b.state == BackendState::Active && b.weight > 0) {
+    if !backends.iter().any(BackendConfig::takes_new_flows) {
         for b in backends {
             b.state = BackendState::Active;
         }
@@ -996,11 +995,7 @@ mod tests {
         let on_a = KubernetesSettings { node_zone: Some("zone-a".into()), ..settings() };
         let t = translate([&svc], [&stable, &canary], &on_a, &node());
         let s = find(&t, "tcp 10.96.40.2:80");
-        assert!(
-            s.backends.iter().any(|b| b.state == BackendState::Active && b.weight > 0),
-            "no backend takes new flows: {:?}",
-            backends(s)
-        );
+        assert!(s.backends.iter().any(BackendConfig::takes_new_flows), "no backend takes new flows: {:?}", backends(s));
     }
 
     #[test]
