@@ -300,6 +300,13 @@ pub enum ParseError {
         /// The data offset field.
         data_offset: u8,
     },
+    /// A UDP length field below the 8-byte header. (One above the IP payload is
+    /// [`ParseError::Truncated`]: the datagram ends before its own length.)
+    #[error("UDP length field is {length}, below the header's 8 bytes")]
+    BadUdpLength {
+        /// The UDP length field.
+        length: u16,
+    },
     /// A first fragment too short to hold its transport header (RFC 1858 tiny fragment).
     #[error("first fragment too short for its {layer:?} header: {len} bytes")]
     TinyFragment {
@@ -422,7 +429,11 @@ pub(crate) fn parse_common_into(frame: &[u8], out: &mut Result<Parsed, ParseErro
             }
             (L4::Tcp, t[13])
         }
-        proto::UDP if l4.len() >= 8 => (L4::Udp, 0),
+        // The UDP length within the IP payload (the kernel trims to it; above it, or below the
+        // header, [`parse_general`] says what is wrong).
+        proto::UDP if l4.len() >= 8 && (8..=l4.len()).contains(&usize::from(u16::from_be_bytes([l4[4], l4[5]]))) => {
+            (L4::Udp, 0)
+        }
         _ => return None,
     };
     let ports = l4.first_chunk::<4>()?;
@@ -735,6 +746,24 @@ fn parse_transport(net: &Net, payload: &[u8], quote: bool) -> Result<Transport, 
         proto::UDP => {
             if payload.len() < 8 {
                 return Err(short(Layer::Udp, 8));
+            }
+            // The length field of a whole datagram (not a quote's, which may be cut, nor a first
+            // fragment's, which counts the later fragments too): below the header it is malformed,
+            // above the IP payload the datagram is cut short. Netfilter's conntrack calls both
+            // invalid, and the backend's kernel would drop them; within the payload, the kernel
+            // trims the datagram to it, so shorter is forwarded as it is.
+            let length = be16(payload, 4);
+            if !quote && net.fragment == Fragment::None {
+                if length < 8 {
+                    return Err(ParseError::BadUdpLength { length });
+                }
+                if usize::from(length) > payload.len() {
+                    return Err(ParseError::Truncated {
+                        layer: Layer::Udp,
+                        needed: usize::from(length),
+                        len: payload.len(),
+                    });
+                }
             }
             Ok(Transport::Ports { kind: L4::Udp, src_port: be16(payload, 0), dst_port: be16(payload, 2), flags: 0 })
         }

@@ -425,6 +425,37 @@ fn malformed_ip_headers_are_drops_with_reasons() {
     let mut g = f.clone();
     g[34 + 12] = 0x40;
     assert_eq!(parse(&g).unwrap_err(), ParseError::BadTcpDataOffset { data_offset: 4 });
+    // UDP length fields below the header and beyond the IP payload; within it, the datagram is
+    // trimmed by the receiver and parses (as the kernel reads it).
+    let mut u = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(C4, V4, 64).udp(5353, 53).write(&mut u, b"abcd").unwrap();
+    for (length, want) in [
+        (7u16, Err(ParseError::BadUdpLength { length: 7 })),
+        (0, Err(ParseError::BadUdpLength { length: 0 })),
+        (13, Err(ParseError::Truncated { layer: Layer::Udp, needed: 13, len: 12 })),
+        (12, Ok(())),
+        (8, Ok(())),
+    ] {
+        let mut g = u.clone();
+        g[34 + 4..34 + 6].copy_from_slice(&length.to_be_bytes());
+        assert_eq!(parse(&g).map(|_| ()), want, "UDP length {length}");
+        assert_eq!(parse_general(&g).map(|_| ()), want, "UDP length {length}");
+        assert_eq!(parse_common(&g).is_some(), want.is_ok(), "UDP length {length}");
+        if let Err(e) = want {
+            assert_eq!(e.disposition(), Disposition::Drop);
+        }
+    }
+    // A quote's UDP length is not checked: an error quotes a cut datagram.
+    let mut quoted = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(V4, C4, 64).udp(53, 5353).write(&mut quoted, &[0; 100]).unwrap();
+    let mut err = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(C4, V4, 64)
+        .icmpv4_raw(3, 4, [0, 0, 5, 0xdc])
+        .write(&mut err, &quoted[14..14 + 28])
+        .unwrap();
+    let L4::IcmpError(e) = parse(&err).unwrap().l4 else { panic!("not an ICMP error") };
+    assert_eq!(e.inner, FlowKey::v4(V4, C4, 17, 53, 5353));
     // A frame that ends inside the Ethernet header.
     assert!(matches!(parse(&f[..10]).unwrap_err(), ParseError::Truncated { layer: Layer::Ethernet, .. }));
     // IPv6 payload length 0 with a TCP next header is truncated TCP, not "the rest of the frame".
