@@ -158,6 +158,16 @@ fn a_packet_that_cannot_be_told_to_shrink_is_a_counted_drop() {
     assert_eq!(icmp_error(&out, &big).2, 1480);
     assert_eq!(w.stats().dropped(DropReason::TooBig), 1);
     assert_eq!(w.stats().icmp_too_big, 1);
+    // The dropped first packet left no flow behind, and none counted as scheduled: the TCP one's
+    // backend got nothing, the UDP one's (told to shrink, the flow kept) one new flow.
+    let tables = w.tables().clone();
+    let counted = |name: &str| {
+        let s = tables.services().iter().find(|s| s.name == name).unwrap();
+        let c = w.stats().backend(s.backends[0].slot());
+        (c.new_flows, c.active_conns)
+    };
+    assert_eq!(counted("v4-82"), (0, 0), "the dropped TCP flow");
+    assert_eq!(counted("v4u-82"), (1, 1), "the UDP flow told to shrink");
 }
 
 #[test]

@@ -651,7 +651,7 @@ impl Core {
         if let Err(reason) = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, flow_hash) {
             if known.is_none() {
                 // A flow whose first frame cannot be sent leaves no state behind.
-                self.remove(index);
+                self.unschedule(index, backend);
             }
             return Err(reason);
         }
@@ -705,7 +705,7 @@ impl Core {
                     self.conntrack.update(index, |e| e.link = r);
                 }
                 Err(e) => {
-                    self.remove(index);
+                    self.unschedule(index, backend);
                     return Err(e);
                 }
             }
@@ -1050,6 +1050,16 @@ impl Core {
     fn remove(&mut self, index: u32) {
         if let Some(e) = self.conntrack.remove(index) {
             self.forget(index, &e);
+        }
+    }
+
+    /// Removes the flow [`Worker::new_flow`] just scheduled to `backend` when its first frame
+    /// cannot go (no reverse entry, a failed rewrite): its connection and its new-flow count go, so
+    /// `new_flows` counts only flows a backend was sent.
+    fn unschedule(&mut self, index: u32, backend: &Backend) {
+        self.remove(index);
+        if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
+            c.new_flows = c.new_flows.saturating_sub(1);
         }
     }
 
