@@ -71,7 +71,8 @@ pub struct LoopStats {
     /// Frames with verdict Pass (recycled: an AF_XDP socket cannot hand a frame back to the kernel;
     /// the XDP program keeps non-VIP traffic in the kernel so these are rare).
     pub pass: u64,
-    /// Frames with verdict Drop.
+    /// Frames with verdict Drop, and frames marked Tx that the device could not queue (an empty
+    /// packet, or one past its buffer), so that `rx = tx + pass + drop`.
     pub drop: u64,
     /// Non-empty bursts.
     pub bursts: u64,
@@ -383,16 +384,23 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         let mut verdicts = [Verdict::Pass; MAX_BURST];
         self.processor.process_burst(&mut frames[..n], now, &mut verdicts[..n]);
         let mut spans: [Option<Span>; MAX_BURST] = [None; MAX_BURST];
+        let mut tx = 0usize;
         for ((frame, verdict), span) in frames.iter().zip(verdicts.iter()).zip(spans.iter_mut()).take(n) {
             match verdict {
-                Verdict::Tx => *span = Some(Span::of(frame)),
+                Verdict::Tx => {
+                    *span = Some(Span::of(frame));
+                    tx += 1;
+                }
                 Verdict::Pass => self.stats.pass += 1,
                 Verdict::Drop(_) => self.stats.drop += 1,
             }
         }
         self.stats.rx += n as u64;
         self.stats.bursts += 1;
-        self.stats.tx += self.device.settle(&spans[..n])? as u64;
+        let queued = self.device.settle(&spans[..n])?;
+        self.stats.tx += queued as u64;
+        // What the device declined (it recycles those buffers) is lost: a drop.
+        self.stats.drop += tx.saturating_sub(queued) as u64;
         Ok(n)
     }
 
@@ -605,6 +613,50 @@ mod tests {
         fn apply(&mut self, update: Box<u32>) -> Box<u32> {
             std::mem::replace(&mut self.generation, update)
         }
+    }
+
+    /// A device that lends `left` frames one burst at a time and declines to send any of them, as an
+    /// AF_XDP device declines an empty span or one past its chunk.
+    struct Declining {
+        left: usize,
+        buffers: Vec<Vec<u8>>,
+    }
+
+    impl Device for Declining {
+        fn receive<'a>(&'a mut self, frames: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
+            let n = self.left.min(frames.len()).min(self.buffers.len());
+            self.left -= n;
+            for (f, b) in frames.iter_mut().zip(self.buffers.iter_mut()).take(n) {
+                *f = Frame::whole(b);
+            }
+            Ok(Received::frames(n))
+        }
+        fn settle(&mut self, _spans: &[Option<Span>]) -> Result<usize, DeviceError> {
+            Ok(0)
+        }
+        fn flush(&mut self) -> Result<FlushProgress, DeviceError> {
+            Ok(FlushProgress::default())
+        }
+        fn pending_tx(&self) -> usize {
+            0
+        }
+        fn discard_pending(&mut self) -> usize {
+            0
+        }
+        fn at_end(&self) -> bool {
+            self.left == 0
+        }
+    }
+
+    #[test]
+    fn a_tx_the_device_declines_counts_as_a_drop() {
+        let dev = Declining { left: 40, buffers: (0..16).map(frame).collect() };
+        let (_tx, rx) = update_channel();
+        let r = PollLoop::new(dev, MacRewrite { src: SRC, dst: DST }, rx, StopFlag::new(), LoopConfig::default())
+            .run()
+            .unwrap();
+        let s = r.stats;
+        assert_eq!((s.rx, s.tx, s.pass, s.drop), (40, 0, 0, 40));
     }
 
     /// A device that never receives and never ends; its third wait stops the loop.
