@@ -39,6 +39,8 @@ pub struct LoopConfig {
     /// At least 1 (0 would never receive).
     pub max_pending_tx: usize,
     /// Empty receive rounds before the loop calls [`Device::wait`]; `usize::MAX` spins (busy poll).
+    /// A loop that spins still gives the processor its idle turn ([`BurstProcessor::idle`]) about
+    /// once per `idle_wait` while nothing comes.
     pub idle_spins: usize,
     /// How long [`Device::wait`] may block when idle.
     pub idle_wait: Duration,
@@ -322,6 +324,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         let mut idle = 0usize;
         let mut stalls = 0u32;
         let mut last_flush = self.clock.elapsed();
+        let mut last_idle_call = last_flush;
         loop {
             if self.stop.is_set() {
                 break;
@@ -345,7 +348,16 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
                         idle = 0;
                         self.stats.idle_waits += 1;
                         self.processor.idle(self.now());
+                        last_idle_call = self.clock.elapsed();
                         self.device.wait(self.config.idle_wait)?;
+                    } else if idle.is_multiple_of(SPIN_CLOCK_ROUNDS)
+                        && self.clock.elapsed().saturating_sub(last_idle_call) >= self.config.idle_wait
+                    {
+                        // A loop that spins rather than waits (busy poll) gets the idle turn as
+                        // often as a waiting loop would: its worker's expired flows are reclaimed
+                        // and its counters published while no traffic comes.
+                        self.processor.idle(self.now());
+                        last_idle_call = self.clock.elapsed();
                     }
                 }
                 _ => {
@@ -458,6 +470,10 @@ where
         })
     }
 }
+
+/// Empty rounds between the spinning loop's looks at the clock for its idle turn (a clock read each
+/// empty round would slow the receive polls that a spinning loop is for).
+const SPIN_CLOCK_ROUNDS: usize = 64;
 
 /// The time since `start`, as the processor's clock.
 fn elapsed(start: &std::time::Instant) -> Instant {
@@ -721,6 +737,47 @@ mod tests {
         assert_eq!((r.device.waits, r.stats.idle_waits), (3, 3));
         assert_eq!(r.processor.idle.len(), 3, "once before each wait");
         assert!(r.processor.idle.windows(2).all(|w| w[0] <= w[1]), "{:?}", r.processor.idle);
+    }
+
+    /// Stops its loop at its third idle call.
+    struct StopWhenIdle {
+        calls: u32,
+        stop: StopFlag,
+    }
+
+    impl BurstProcessor for StopWhenIdle {
+        type Update = ();
+        fn process_burst(&mut self, _: &mut [Frame<'_>], _: Instant, _: &mut [Verdict]) {
+            panic!("no frame came");
+        }
+        fn apply(&mut self, u: ()) {
+            u
+        }
+        fn idle(&mut self, _now: Instant) {
+            self.calls += 1;
+            if self.calls == 3 {
+                self.stop.stop();
+            }
+        }
+    }
+
+    /// A loop that spins (`idle_spins: usize::MAX`, busy poll) never waits, but its processor still
+    /// gets idle turns (before, it got none: expired flows stayed and counters went unpublished).
+    #[test]
+    fn a_spinning_loop_still_gives_the_processor_its_idle_turns() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let stop = StopFlag::new();
+            let dev = Silent { waits: 0, stop: StopFlag::new() };
+            let (_tx, rx) = update_channel();
+            let cfg =
+                LoopConfig { idle_spins: usize::MAX, idle_wait: Duration::from_millis(1), ..LoopConfig::default() };
+            let p = StopWhenIdle { calls: 0, stop: stop.clone() };
+            let r = PollLoop::new(dev, p, rx, stop, cfg).run().unwrap();
+            let _ = done_tx.send((r.processor.calls, r.device.waits, r.stats.idle_waits));
+        });
+        let done = done_rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(done.ok(), Some((3, 0, 0)), "no idle turn came (or the loop waited)");
     }
 
     #[test]
