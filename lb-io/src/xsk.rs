@@ -308,8 +308,9 @@ impl<T: Copy> Ring<T> {
 /// Counters from the kernel (XDP_STATISTICS) and from the device.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct XskStats {
-    /// Frames the kernel dropped for this socket for other reasons than a full RX ring (one longer
-    /// than a chunk, say); a full RX ring's drops are `rx_ring_full`.
+    /// Frames the kernel dropped for this socket for other reasons than a full RX ring: one longer
+    /// than a chunk, or one that found no chunk to go in (the fill ring empty, also counted in
+    /// `rx_fill_ring_empty`). A full RX ring's drops are `rx_ring_full`.
     pub rx_dropped: u64,
     /// Invalid descriptors on the RX ring, as the kernel counts them (it writes none: 0).
     pub rx_invalid_descs: u64,
