@@ -23,16 +23,16 @@
 //! | wlc | `weighted_least_connections` | smallest overhead per unit of weight |
 //! | sed | `shortest_expected_delay` | smallest (connections + 1) / weight |
 //! | nq | `never_queue` | an idle backend if any, else as sed |
-//!
-//! lc and wlc weigh connections as IPVS does (`ip_vs_dest_conn_overhead`): an established TCP
-//! connection counts 256, every other tracked entry 1. sed and nq count every tracked entry alike;
-//! IPVS counts only its active connections there, which never include UDP, so a UDP service under
-//! IPVS sed sends every new flow to the heaviest backend: not copied.
 //! | sh | `source_hashing` | Maglev table over the client address hash (lb-hash) |
 //! | dh | `destination_hashing` | Maglev table over the destination address hash (lb-hash) |
 //! | mh | `maglev` | Maglev table over the 5-tuple hash (lb-hash) |
 //! | hrw | `rendezvous` | weighted rendezvous over the 5-tuple hash (lb-hash) |
 //! | ecmp | `ecmp` | RFC 2992 hash-threshold over the (source, destination) hash (lb-hash) |
+//!
+//! lc and wlc weigh connections as IPVS does (`ip_vs_dest_conn_overhead`): an established TCP
+//! connection counts 256, every other tracked entry 1. sed and nq count every tracked entry alike;
+//! IPVS counts only its active connections there, which never include UDP, so a UDP service under
+//! IPVS sed sends every new flow to the heaviest backend: not copied.
 
 mod destination_hashing;
 mod ecmp;
