@@ -17,8 +17,8 @@
 //! - **Agreement**: every node computes the same answer. The flow hash is a fixed, documented
 //!   algorithm (see [`flow`]), and builders sort backends by their [`BackendId`], so the order in which
 //!   a node learned its backends does not matter.
-//! - **Balance**: a Maglev table with `M >= 100 x N` gives each backend its weighted share of the
-//!   table to within 1 % (see [`maglev`]).
+//! - **Balance**: a Maglev table gives each backend its weighted share `M w_i / W` of the table to
+//!   within one entry, so to within 1 % for `M >= 100 x N` and equal weights (see [`maglev`]).
 //! - **Low disruption**: removing a backend moves its own flows and few others; adding it back restores
 //!   the previous table exactly.
 //!

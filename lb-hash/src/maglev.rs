@@ -165,7 +165,8 @@ const fn next_prime(n: u32) -> u32 {
 }
 
 /// The smallest prime `>= 100 x backends` (at least 101): a table size that keeps every backend
-/// within 1 % of its share. `backends` above [`MaglevTable::MAX_BACKENDS`] count as that maximum.
+/// within 1 % of its share when weights are equal (within one entry, whatever the weights).
+/// `backends` above [`MaglevTable::MAX_BACKENDS`] count as that maximum.
 #[must_use]
 pub const fn maglev_table_size_for(backends: usize) -> u32 {
     let n = if backends == 0 {
