@@ -1053,7 +1053,7 @@ impl Core {
         }
     }
 
-    /// Removes the flow [`Worker::new_flow`] just scheduled to `backend` when its first frame
+    /// Removes the flow [`Core::new_flow`] just scheduled to `backend` when its first frame
     /// cannot go (no reverse entry, a failed rewrite): its connection and its new-flow count go, so
     /// `new_flows` counts only flows a backend was sent.
     fn unschedule(&mut self, index: u32, backend: &Backend) {
