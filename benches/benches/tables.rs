@@ -7,6 +7,10 @@
 //! - `one-changed/default-size`: a warm builder, each update differing from the last in one service's
 //!   backends: what an EndpointSlice change costs once unchanged services reuse their tables.
 //!
+//! - `one-service/{wrr,mh}/backends=65535`: one service at the per-service maximum of backends,
+//!   built cold: the control side's cost that grows with a service's backends rather than with the
+//!   number of services.
+//!
 //! Figures and the command: BENCHMARKS.md ("control side").
 
 use std::hint::black_box;
@@ -14,7 +18,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use lb_core::config::{BackendConfig, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
+use lb_core::config::{
+    BackendConfig, Config, ForwardMode, NodeConfig, Protocol, SchedulerKind, ServiceConfig, ServiceKey,
+};
 use lb_core::service::TableBuilder;
 
 const SERVICES: u32 = 1000;
@@ -65,6 +71,32 @@ fn tables(c: &mut Criterion) {
         });
     });
     g.finish();
+
+    let mut g = c.benchmark_group("table_build");
+    g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(5));
+    for (name, scheduler) in [("wrr", SchedulerKind::WeightedRoundRobin), ("mh", SchedulerKind::Maglev)] {
+        let one = one_service(scheduler, 65_535);
+        g.bench_function(format!("one-service/{name}/backends=65535"), |b| {
+            b.iter(|| black_box(TableBuilder::new().build(&one).expect("valid config")));
+        });
+    }
+    g.finish();
+}
+
+/// One DSR service of `n` backends with weights 1 to 100 under `scheduler`.
+fn one_service(scheduler: SchedulerKind, n: u32) -> Config {
+    let backends = (0..n)
+        .map(|b| BackendConfig {
+            weight: 1 + b % 100,
+            ..BackendConfig::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + b)), 80)
+        })
+        .collect();
+    let key = ServiceKey { vip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), port: 80, proto: Protocol::Tcp };
+    let service = ServiceConfig { scheduler, ..ServiceConfig::new("big", key, ForwardMode::Dsr, backends) };
+    Config {
+        node: NodeConfig { gateway_mac: Some([2, 0, 0, 0, 0, 1]), ..NodeConfig::default() },
+        services: vec![service],
+    }
 }
 
 criterion_group!(benches, tables);
