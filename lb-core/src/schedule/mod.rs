@@ -18,7 +18,7 @@
 //! | kind | file | picks by |
 //! |---|---|---|
 //! | rr | `round_robin` | cursor over eligible backends |
-//! | wrr | `weighted_round_robin` | cursor over a precomputed smooth weighted sequence |
+//! | wrr | `weighted_round_robin` | cursor times a golden-ratio stride over the weights laid end to end: exact shares, interleaved |
 //! | lc | `least_connections` | smallest overhead on this core (established x 256 + other entries, as IPVS) |
 //! | wlc | `weighted_least_connections` | smallest overhead per unit of weight |
 //! | sed | `shortest_expected_delay` | smallest (connections + 1) / weight |

@@ -40,7 +40,7 @@ fn picks(kind: SchedulerKind, b: &[Backend], conns: &[BackendLine], n: usize) ->
     (0..n)
         .map(|i| {
             let mut core = CoreState { cursor: &mut cursor, conns };
-            s.pick(&flow(i as u32, 1000 + i as u16), b, &mut core).unwrap()
+            s.pick(&flow(i as u32, 1000u16.wrapping_add(i as u16)), b, &mut core).unwrap()
         })
         .collect()
 }
@@ -87,11 +87,29 @@ fn weighted_round_robin_is_proportional_and_interleaved() {
 }
 
 #[test]
-fn weighted_round_robin_scales_huge_weights() {
+fn weighted_round_robin_is_exact_for_any_weights() {
+    // Huge weights: exactly one pick in 1 000 001 for the light backend, as IPVS gives it.
     let b = backends(&[1_000_000, 1]);
-    // Every backend still appears: the light one is picked within one sequence length.
-    let p = picks(SchedulerKind::WeightedRoundRobin, &b, &[], 4096);
-    assert!(p.contains(&1));
+    let p = picks(SchedulerKind::WeightedRoundRobin, &b, &[], 1_000_001);
+    assert_eq!(histogram(&p, 2), vec![1_000_000, 1]);
+    // Weights 1 to 100 (5 050 a period; a 4 096-entry sequence gave weight 2 38 % less than its
+    // share); a weight-0 and a draining backend get nothing. Any window of one period is exact.
+    let mut weights: Vec<u32> = (1..=100).collect();
+    weights.extend([0, 7]);
+    let mut b = backends(&weights);
+    b[101].state = BackendState::Draining;
+    let p = picks(SchedulerKind::WeightedRoundRobin, &b, &[], 5050 + 777);
+    for window in [&p[..5050], &p[777..]] {
+        let h = histogram(window, b.len());
+        let want: Vec<usize> =
+            weights.iter().enumerate().map(|(i, &w)| if i == 101 { 0 } else { w as usize }).collect();
+        assert_eq!(h, want);
+    }
+    // A common divisor does not lengthen the period: 300 and 100 alternate 3:1 in every 4 picks.
+    let p = picks(SchedulerKind::WeightedRoundRobin, &backends(&[300, 100]), &[], 40);
+    for w in p.windows(4) {
+        assert_eq!(histogram(w, 2), vec![3, 1], "{p:?}");
+    }
 }
 
 /// Counters with `active` tracked entries of which `established` are established TCP connections.
