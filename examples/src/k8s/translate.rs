@@ -24,7 +24,9 @@
 //! Backends come from the EndpointSlices labelled `kubernetes.io/service-name`, of the key's address
 //! family, on the slice port with the Service port's name (the slice port already holds the resolved
 //! `targetPort`). Endpoint conditions map to states: `ready` -> Active; `serving && terminating` ->
-//! Draining (keeps its flows, gets no new ones); anything else -> not a backend. A `Local` traffic
+//! Draining (keeps its flows, gets no new ones); anything else -> not a backend. An endpoint whose
+//! address is none a host holds (multicast, broadcast, unparsable) is left out alone, with a warning,
+//! rather than have lb-core refuse the key and its other endpoints. A `Local` traffic
 //! policy keeps only endpoints whose `nodeName` is this node; with none left the service stays, with no
 //! backends, so its packets are dropped and counted rather than sent to the host stack.
 //!
@@ -59,7 +61,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lb_core::config::{
-    BackendConfig, BackendState, Cidr, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey,
+    BackendConfig, BackendState, Cidr, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey, SpecialAddress,
 };
 
 use super::annotations;
@@ -504,7 +506,18 @@ fn endpoints_for(
                 continue;
             };
             // Addresses are fungible; consumers may use the first only (EndpointSlice API).
-            let Some(addr) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else { continue };
+            let Some(first) = ep.addresses.first() else { continue };
+            // An address lb-core would refuse (multicast, broadcast: the API server lets them through
+            // in a hand-written slice) would take the whole key, every other endpoint with it.
+            let Some(addr) = first.parse::<IpAddr>().ok().filter(|a| SpecialAddress::of(*a).is_none()) else {
+                tracing::warn!(
+                    namespace = slice.metadata.namespace.as_deref().unwrap_or_default(),
+                    slice = slice.metadata.name.as_deref().unwrap_or_default(),
+                    address = %first,
+                    "endpoint left out: not a unicast address a host holds"
+                );
+                continue;
+            };
             let local = node_name.is_some() && ep.node_name.as_deref() == node_name;
             let hints = ep.hints.as_ref();
             let e = Endpoint {
@@ -996,6 +1009,28 @@ mod tests {
         let t = translate([&svc], [&stable, &canary], &on_a, &node());
         let s = find(&t, "tcp 10.96.40.2:80");
         assert!(s.backends.iter().any(BackendConfig::takes_new_flows), "no backend takes new flows: {:?}", backends(s));
+    }
+
+    /// A hand-managed slice (the canary's) with an address no host holds (multicast, broadcast:
+    /// the API server lets them through) or one that is no address: that endpoint is left out alone, and
+    /// the key with its other endpoints is one lb-core accepts, rather than one it refuses whole.
+    #[test]
+    fn an_endpoint_address_no_host_holds_is_left_out_alone() {
+        let svc: Service = fixture!("service-checkout-canary.json");
+        let mut slice: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
+        for bad in ["239.1.2.3", "255.255.255.255", "10.244.4.300"] {
+            let mut ep = slice.endpoints[0].clone();
+            ep.addresses = vec![bad.into()];
+            slice.endpoints.push(ep);
+        }
+        let t = translate([&svc], [&slice], &settings(), &node());
+        let s = find(&t, "tcp 10.96.80.80:80");
+        assert_eq!(backends(s), vec![("10.244.4.10:8080".into(), BackendState::Active, 90)]);
+        let config = lb_core::config::Config {
+            node: NodeConfig { gateway_mac: Some([2, 0, 0, 0, 0, 0xfe]), ..node() },
+            services: vec![s.clone()],
+        };
+        lb_core::service::validate(&config).unwrap();
     }
 
     #[test]
