@@ -50,8 +50,9 @@
 //! address; any key on `tunnel_src_v4` / `tunnel_src_v6`: `NodeConfig::vip_conflict`) is left out
 //! alone and reported, instead of the whole Service being refused.
 //!
-//! ExternalName and headless Services are skipped (debug log). A Service with a bad annotation, or a
-//! key already taken by an older Service, is skipped whole and reported in [`Translation::skipped`].
+//! ExternalName and headless Services are skipped (debug log). A Service with a bad annotation is
+//! skipped whole; a key already taken by an older Service, or one on an address that does not parse,
+//! is left out alone; both are reported in [`Translation::skipped`].
 //! Nothing here does I/O; the feed calls [`translate`] on its store after every change.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -297,12 +298,18 @@ fn translate_service(
             return Err(format!("spec.ports[].port: {} is out of range", port.port));
         };
         let port_name = port.name.as_deref().unwrap_or("");
+        let shown = if port_name.is_empty() { port.port.to_string() } else { port_name.to_string() };
         let endpoints = endpoints_for(slices, &weights, port_name, proto, settings.node_name.as_deref());
 
         let mut keys: Vec<(IpAddr, u16, Reach)> = Vec::new();
+        // An address that is none is left out alone, reported with the keys left out for other reasons.
         let mut push_ip = |ip: &str, port: u16, reach: Reach, field: &str| match ip.trim().parse::<IpAddr>() {
             Ok(ip) => keys.push((ip, port, reach)),
-            Err(_) => tracing::debug!(service = name, field, value = ip, "ignoring unparsable address"),
+            Err(_) if ip.trim().is_empty() => {} // an empty field is no address, not a wrong one
+            Err(_) => skipped.push(Skipped {
+                service: name.to_string(),
+                reason: format!("{field}: {ip:?} is not an IP address, so port {shown} is not served on it"),
+            }),
         };
         for ip in &cluster_ips {
             push_ip(ip, svc_port, Reach::Internal, "spec.clusterIPs");
@@ -373,7 +380,6 @@ fn translate_service(
                 skipped.push(Skipped { service: name.to_string(), reason: why });
                 continue;
             }
-            let shown = if port_name.is_empty() { port.port.to_string() } else { port_name.to_string() };
             out.push(ServiceSpec {
                 config: ServiceConfig {
                     name: format!("{name}:{shown}"),
@@ -771,6 +777,26 @@ mod tests {
         // spec.loadBalancerIP given to a Proxy-mode load balancer is not served either.
         svc.status = status(serde_json::json!([{ "ip": "203.0.113.10", "ipMode": "Proxy" }]));
         assert!(keys(&svc).is_empty(), "{:?}", keys(&svc));
+    }
+
+    /// An address of the Service that is none (an old object, a cloud controller's typo) leaves out
+    /// the keys it would have made, and says so where skipped keys are counted; the others serve.
+    #[test]
+    fn an_unparsable_service_address_is_reported_and_the_others_served() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        svc.spec.as_mut().unwrap().external_ips = Some(vec!["198.51.100.20".into(), "198.51.100".into()]);
+        let t = translate([&svc], [], &settings(), &node());
+        find(&t, "tcp 198.51.100.20:443");
+        find(&t, "udp 198.51.100.20:443");
+        let reasons: Vec<&str> = t.skipped.iter().map(|s| s.reason.as_str()).collect();
+        assert_eq!(
+            reasons,
+            [
+                "spec.externalIPs: \"198.51.100\" is not an IP address, so port https is not served on it",
+                "spec.externalIPs: \"198.51.100\" is not an IP address, so port quic is not served on it",
+            ]
+        );
+        assert!(t.skipped.iter().all(|s| s.service == "ingress/edge"));
     }
 
     #[test]
