@@ -63,7 +63,8 @@ pub fn service(annotations: Option<&BTreeMap<String, String>>) -> Result<Service
     }
     if let Some(v) = a.get(MAGLEV_TABLE_SIZE) {
         let n: u64 = v.trim().parse().map_err(|_| bad(MAGLEV_TABLE_SIZE, v, "is not a number"))?;
-        if !is_prime(n) || n > MAX_MAGLEV_TABLE_SIZE {
+        // The size first: trial division of a number near 2^64 would stall the feed (see the test).
+        if n > MAX_MAGLEV_TABLE_SIZE || !is_prime(n) {
             return Err(bad(MAGLEV_TABLE_SIZE, v, &format!("must be a prime no larger than {MAX_MAGLEV_TABLE_SIZE}")));
         }
         out.maglev_table_size = u32::try_from(n).ok();
@@ -138,6 +139,20 @@ mod tests {
         assert_eq!(s.on_backend_removed, Some(RemovedBackendPolicy::Drop));
         assert_eq!(s.health_check.unwrap().probe, Probe::Http { path: "/ready".into() });
         assert_eq!(service(None).unwrap(), ServiceAnnotations::default());
+    }
+
+    /// Any user who may annotate a Service can write any number: one too large is refused by its
+    /// size before a primality test, whose trial division up to the square root of a prime near 2^64
+    /// takes billions of steps and then overflows, stalling or killing the feed (and every later
+    /// cluster update) on each translation. The timeout only turns that stall into a failure.
+    #[test]
+    fn a_huge_maglev_table_size_is_refused_at_once() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(service(Some(&map(&[(MAGLEV_TABLE_SIZE, "18446744073709551557")]))));
+        });
+        let result = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("the annotation is judged");
+        assert!(result.unwrap_err().contains("must be a prime no larger than 1048573"));
     }
 
     #[test]
