@@ -77,7 +77,12 @@ pub fn service(annotations: Option<&BTreeMap<String, String>>) -> Result<Service
             }
             None => (v.as_str(), None),
         };
-        out.mode = Some(parse_mode(name, port).map_err(|e| bad(MODE, v, &e))?);
+        let mode = parse_mode(name, port).map_err(|e| bad(MODE, v, &e))?;
+        // Only GUE has a port; dropping one given to another mode would be a guess at what was meant.
+        if port.is_some() && !matches!(mode, ForwardMode::Gue { .. }) {
+            return Err(bad(MODE, v, "has a port, which only gue takes (e.g. gue:6080)"));
+        }
+        out.mode = Some(mode);
     }
     if let Some(v) = a.get(ON_BACKEND_REMOVED) {
         out.on_backend_removed = Some(
@@ -163,6 +168,8 @@ mod tests {
             (MODE, "gue"),
             (MODE, "gue:0"),
             (MODE, "warp"),
+            (MODE, "dsr:6080"),
+            (MODE, "nat:8080"),
             (ON_BACKEND_REMOVED, "keep"),
             (HEALTH_CHECK, "icmp"),
             (HEALTH_CHECK, "http:healthz"),
