@@ -50,9 +50,10 @@
 //! address; any key on `tunnel_src_v4` / `tunnel_src_v6`: `NodeConfig::vip_conflict`) is left out
 //! alone and reported, instead of the whole Service being refused.
 //!
-//! ExternalName and headless Services are skipped (debug log). A Service with a bad annotation is
-//! skipped whole; a key already taken by an older Service, or one on an address that does not parse,
-//! is left out alone; both are reported in [`Translation::skipped`].
+//! ExternalName and headless Services, and those labelled `service.kubernetes.io/service-proxy-name`
+//! (meant for another proxy, which kube-proxy leaves alone too), are skipped (debug log). A Service
+//! with a bad annotation is skipped whole; a key already taken by an older Service, or one on an
+//! address that does not parse, is left out alone; both are reported in [`Translation::skipped`].
 //! Nothing here does I/O; the feed calls [`translate`] on its store after every change.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -70,6 +71,8 @@ use crate::config::{KubernetesSettings, ServiceSpec};
 
 /// Label tying an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label on a Service meant for another proxy implementation, which kube-proxy ignores.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Kubernetes' default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
 
@@ -236,6 +239,10 @@ fn translate_service(
         tracing::debug!(service = name, "skipping service without spec");
         return Ok((Vec::new(), Vec::new()));
     };
+    if let Some(proxy) = svc.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)) {
+        tracing::debug!(service = name, proxy = %proxy, "skipping service meant for another proxy");
+        return Ok((Vec::new(), Vec::new()));
+    }
     let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
     if kind == "ExternalName" {
         tracing::debug!(service = name, "skipping ExternalName service: DNS only, nothing to balance");
@@ -806,6 +813,19 @@ mod tests {
         let t = translate([&a, &b], [], &settings(), &node());
         assert!(t.services.is_empty());
         assert!(t.skipped.is_empty(), "skipping them is not an error");
+    }
+
+    /// A Service labelled `service.kubernetes.io/service-proxy-name` asks for another proxy: kube-proxy
+    /// leaves it alone (its informers select on the label's absence), and so does this feed.
+    #[test]
+    fn services_meant_for_another_proxy_are_skipped_quietly() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        let slice: EndpointSlice = fixture!("endpointslice-edge.json");
+        assert!(!translate([&svc], [&slice], &settings(), &node()).services.is_empty());
+        svc.metadata.labels.get_or_insert_default().insert(SERVICE_PROXY_NAME_LABEL.into(), "other-proxy".into());
+        let t = translate([&svc], [&slice], &settings(), &node());
+        assert!(t.services.is_empty(), "{t:#?}");
+        assert!(t.skipped.is_empty(), "skipping it is not an error");
     }
 
     #[test]
