@@ -19,7 +19,7 @@
 //! interfaces:
 //!   - { name: eth0, queues: [0, 1] }
 //! metrics: { listen: "127.0.0.1:9100" }
-//! kubernetes: { node_name: node-a, node_zone: zone-a, node_addresses: [192.168.1.10] }
+//! kubernetes: { node_name: node-a, node_zone: zone-a, node_addresses: [192.168.1.10] }  # service_proxy_name: lb
 //! services:
 //!   - name: web
 //!     vip: 10.0.0.10
@@ -165,6 +165,7 @@ struct FileKubernetes {
     node_zone: Option<String>,
     #[serde(default)]
     node_addresses: Vec<String>,
+    service_proxy_name: Option<String>,
     default_scheduler: Option<String>,
     default_mode: Option<String>,
     gue_port: Option<u64>,
@@ -509,6 +510,7 @@ fn validate_kubernetes(k: &FileKubernetes, p: &mut Problems) -> KubernetesSettin
         kubeconfig: k.kubeconfig.clone(),
         node_name: k.node_name.clone(),
         node_zone: k.node_zone.clone(),
+        service_proxy_name: k.service_proxy_name.clone().filter(|n| !n.is_empty()),
         ..Default::default()
     };
     for (i, a) in k.node_addresses.iter().enumerate() {
@@ -812,7 +814,7 @@ node:
 interfaces:
   - { name: eth0, queues: [0, 1] }
 metrics: { listen: "127.0.0.1:9100" }
-kubernetes: { node_name: node-a, node_zone: zone-a, node_addresses: [192.168.1.10, "fd00::10"], default_scheduler: wrr, debounce: 50ms }
+kubernetes: { node_name: node-a, node_zone: zone-a, node_addresses: [192.168.1.10, "fd00::10"], default_scheduler: wrr, debounce: 50ms, service_proxy_name: lb }
 services:
   - name: web
     vip: 10.0.0.10
@@ -857,6 +859,7 @@ services:
         let k = s.kubernetes.unwrap();
         assert_eq!(k.node_name.as_deref(), Some("node-a"));
         assert_eq!(k.node_zone.as_deref(), Some("zone-a"));
+        assert_eq!(k.service_proxy_name.as_deref(), Some("lb"));
         assert_eq!(k.node_addresses.len(), 2);
         assert_eq!(k.default_scheduler, SchedulerKind::WeightedRoundRobin);
         assert_eq!(k.debounce, Duration::from_millis(50));

@@ -109,6 +109,10 @@ pub struct KubernetesSettings {
     pub node_zone: Option<String>,
     /// This node's addresses, on which NodePort services listen.
     pub node_addresses: Vec<IpAddr>,
+    /// The `service.kubernetes.io/service-proxy-name` this feed answers to: `None` serves the
+    /// Services without that label (as kube-proxy does), `Some(name)` only those labelled `name`
+    /// (to run beside kube-proxy on Services set aside for it, as Cilium's `serviceProxyName`).
+    pub service_proxy_name: Option<String>,
     /// Scheduler of Services without the scheduler annotation.
     pub default_scheduler: SchedulerKind,
     /// Forwarding mode of Services without the mode annotation.
@@ -124,6 +128,7 @@ impl Default for KubernetesSettings {
             node_name: None,
             node_zone: None,
             node_addresses: Vec::new(),
+            service_proxy_name: None,
             default_scheduler: SchedulerKind::Maglev,
             default_mode: ForwardMode::Nat,
             debounce: Duration::from_millis(200),

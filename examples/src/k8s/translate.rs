@@ -50,8 +50,9 @@
 //! address; any key on `tunnel_src_v4` / `tunnel_src_v6`: `NodeConfig::vip_conflict`) is left out
 //! alone and reported, instead of the whole Service being refused.
 //!
-//! ExternalName and headless Services, and those labelled `service.kubernetes.io/service-proxy-name`
-//! (meant for another proxy, which kube-proxy leaves alone too), are skipped (debug log). A Service
+//! ExternalName and headless Services, and those whose `service.kubernetes.io/service-proxy-name`
+//! label is not `kubernetes.service_proxy_name` (by default: those with the label, meant for another
+//! proxy, which kube-proxy leaves alone too), are skipped (debug log). A Service
 //! with a bad annotation is skipped whole; a key already taken by an older Service, or one on an
 //! address that does not parse, is left out alone; both are reported in [`Translation::skipped`].
 //! Nothing here does I/O; the feed calls [`translate`] on its store after every change.
@@ -239,8 +240,9 @@ fn translate_service(
         tracing::debug!(service = name, "skipping service without spec");
         return Ok((Vec::new(), Vec::new()));
     };
-    if let Some(proxy) = svc.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL)) {
-        tracing::debug!(service = name, proxy = %proxy, "skipping service meant for another proxy");
+    let proxy = svc.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+    if proxy != settings.service_proxy_name.as_ref() {
+        tracing::debug!(service = name, proxy = ?proxy, "skipping service meant for another proxy");
         return Ok((Vec::new(), Vec::new()));
     }
     let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
@@ -826,6 +828,11 @@ mod tests {
         let t = translate([&svc], [&slice], &settings(), &node());
         assert!(t.services.is_empty(), "{t:#?}");
         assert!(t.skipped.is_empty(), "skipping it is not an error");
+        // A feed named as that proxy serves it, and only the Services labelled with its name.
+        let named = KubernetesSettings { service_proxy_name: Some("other-proxy".into()), ..settings() };
+        assert!(!translate([&svc], [&slice], &named, &node()).services.is_empty());
+        let unlabelled: Service = fixture!("service-edge-loadbalancer.json");
+        assert!(translate([&unlabelled], [&slice], &named, &node()).services.is_empty());
     }
 
     #[test]
