@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use lb_core::{Frame, Instant};
 use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
-use pcap_file::{DataLink, Endianness, TsResolution};
+use pcap_file::{DataLink, Endianness, PcapError, TsResolution};
 
 use crate::chunk::ChunkPool;
 use crate::device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
@@ -64,7 +64,7 @@ impl PcapDevice {
         let reader = PcapReader::new(BufReader::new(file)).map_err(|e| DeviceError::Pcap {
             op: "read",
             path: in_path.clone(),
-            message: e.to_string(),
+            message: header_problem(input, &e),
         })?;
         let header = reader.header();
         if header.datalink != DataLink::ETHERNET {
@@ -130,6 +130,36 @@ impl PcapDevice {
     }
 }
 
+/// pcapng's first four bytes (its section header block type), the same in either byte order.
+const PCAPNG_MAGIC: [u8; 4] = [0x0a, 0x0d, 0x0d, 0x0a];
+
+/// What is wrong with the start of `input`, which pcap-file refused with `e`: pcapng, too short to be
+/// a capture, or pcap-file's own reason.
+fn header_problem(input: &Path, e: &PcapError) -> String {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let read = File::open(input).and_then(|mut f| f.read_exact(&mut magic));
+    if read.is_ok() && magic == PCAPNG_MAGIC {
+        return "the file is pcapng, and only pcap is read: convert it with `editcap -F pcap IN OUT` (or capture \
+                with `tcpdump -w`, which writes pcap)"
+            .to_string();
+    }
+    match e {
+        PcapError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "the file is shorter than a 24-byte pcap header".to_string()
+        }
+        _ => with_source(e),
+    }
+}
+
+/// `e` with the I/O error under it: pcap-file's own message for one is only "Error reading bytes".
+fn with_source(e: &PcapError) -> String {
+    match e {
+        PcapError::IoError(io) => format!("{e}: {io}"),
+        _ => e.to_string(),
+    }
+}
+
 impl Device for PcapDevice {
     fn receive<'a>(&'a mut self, frames: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
         if let Some(message) = self.read_error.take() {
@@ -158,7 +188,7 @@ impl Device for PcapDevice {
                     }
                     Some(Err(e)) => {
                         *at_end = true;
-                        *read_error = Some(e.to_string());
+                        *read_error = Some(with_source(&e));
                         return None;
                     }
                     Some(Ok(pkt)) if pkt.data.len() < pkt.orig_len as usize => *truncated += 1,

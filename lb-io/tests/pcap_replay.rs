@@ -195,3 +195,43 @@ fn each_written_frame_keeps_its_own_timestamp() {
         (0u8..200).step_by(2).map(|i| (i, Duration::from_millis(u64::from(i) * 10))).collect();
     assert_eq!(stamps, want);
 }
+
+/// A pcapng capture (what Wireshark and `dumpcap` write by default) is refused when opened with a
+/// message that says so and how to convert it, not pcap-file's "wrong magic number".
+#[test]
+fn a_pcapng_capture_is_refused_naming_the_format() {
+    let input = scratch("ng-in.cap");
+    let output = scratch("ng-out.pcap");
+    // A pcapng section header block: type 0x0a0d0d0a, length 28, byte-order magic, version 1.0,
+    // section length unknown (-1), length again.
+    let mut shb = Vec::new();
+    shb.extend_from_slice(&0x0a0d_0d0a_u32.to_le_bytes());
+    shb.extend_from_slice(&28u32.to_le_bytes());
+    shb.extend_from_slice(&0x1a2b_3c4d_u32.to_le_bytes());
+    shb.extend_from_slice(&1u16.to_le_bytes());
+    shb.extend_from_slice(&0u16.to_le_bytes());
+    shb.extend_from_slice(&(-1i64).to_le_bytes());
+    shb.extend_from_slice(&28u32.to_le_bytes());
+    std::fs::write(&input, &shb).unwrap();
+    let opened = PcapDevice::open(&input, &output);
+    let output_created = output.exists();
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&output);
+    let err = opened.expect_err("pcapng is not read");
+    assert!(err.to_string().contains("pcapng"), "names the format: {err}");
+    assert!(err.to_string().contains("editcap"), "says how to convert it: {err}");
+    assert!(!output_created, "the output is not created for a refused input");
+}
+
+/// A file too short to hold a pcap header is refused saying so, not "Error reading bytes".
+#[test]
+fn a_file_shorter_than_a_pcap_header_is_refused_saying_so() {
+    let input = scratch("short-in.pcap");
+    let output = scratch("short-out.pcap");
+    std::fs::write(&input, [0xd4, 0xc3, 0xb2, 0xa1, 2, 0]).unwrap();
+    let opened = PcapDevice::open(&input, &output);
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&output);
+    let err = opened.expect_err("6 bytes are no capture");
+    assert!(err.to_string().contains("24-byte pcap header"), "{err}");
+}
