@@ -6,7 +6,9 @@
 //! record whose `orig_len` exceeds the header's snaplen, which is every cut-short frame of a
 //! `tcpdump -s N` capture. A cut-short frame (fewer bytes captured than were on the wire) is skipped
 //! and counted, not replayed: lb-core would count its captured part as a Truncated drop, a drop that
-//! never happened on the wire.
+//! never happened on the wire. A capture that ends inside a record (tcpdump killed mid-write, a
+//! copy of a capture still being written) replays its whole records and then ends, saying so
+//! ([`PcapDevice::ends_inside_a_record`]), as Wireshark and `tcpdump -r` read such a file.
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
@@ -45,6 +47,8 @@ pub struct PcapDevice {
     oversize: u64,
     /// Records skipped because the capture holds only the start of the frame (snap length).
     truncated: u64,
+    /// The file ended inside a record: the whole ones before it were read.
+    cut_off: bool,
     read_error: Option<String>,
 }
 
@@ -106,6 +110,7 @@ impl PcapDevice {
             stamps: vec![Duration::ZERO; BUFFERS],
             oversize: 0,
             truncated: 0,
+            cut_off: false,
             read_error: None,
         })
     }
@@ -119,6 +124,12 @@ impl PcapDevice {
     /// that was captured would feed the worker a frame shorter than its IP header says.
     pub fn truncated_records(&self) -> u64 {
         self.truncated
+    }
+
+    /// Whether the capture ended inside a record (the file cut off while being written, or a
+    /// corrupt record length): every whole record before it was read, the cut one was not.
+    pub fn ends_inside_a_record(&self) -> bool {
+        self.cut_off
     }
 
     /// Flushes the output file; call once the loop has stopped.
@@ -173,6 +184,7 @@ impl Device for PcapDevice {
         let stamps = &mut self.stamps;
         let oversize = &mut self.oversize;
         let truncated = &mut self.truncated;
+        let cut_off = &mut self.cut_off;
         let read_error = &mut self.read_error;
         let count = self.pool.lend(frames, |buffer, buf| {
             loop {
@@ -184,6 +196,12 @@ impl Device for PcapDevice {
                 match record {
                     None => {
                         *at_end = true;
+                        return None;
+                    }
+                    // pcap-file's word for a record that goes past the end of the file.
+                    Some(Err(PcapError::IoError(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        *at_end = true;
+                        *cut_off = true;
                         return None;
                     }
                     Some(Err(e)) => {

@@ -223,6 +223,40 @@ fn a_pcapng_capture_is_refused_naming_the_format() {
     assert!(!output_created, "the output is not created for a refused input");
 }
 
+/// A capture cut off inside its last record (tcpdump killed, a copy of a capture still being
+/// written) replays every whole record before the cut, and the device says a record was cut off,
+/// instead of the replay failing with pcap-file's bare "Error reading bytes" and no counts.
+#[test]
+fn a_capture_cut_inside_its_last_record_replays_the_whole_ones() {
+    let input = scratch("cut-in.pcap");
+    let output = scratch("cut-out.pcap");
+    {
+        let mut w = PcapWriter::new(std::fs::File::create(&input).unwrap()).unwrap();
+        for i in 0u8..10 {
+            let mut f = vec![0u8; 64];
+            f[15] = i;
+            w.write_packet(&PcapPacket::new(Duration::from_secs(u64::from(i)), 64, &f)).unwrap();
+        }
+    }
+    let len = std::fs::metadata(&input).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&input).unwrap().set_len(len - 20).unwrap();
+    let dev = PcapDevice::open(&input, &output).unwrap();
+    let (_tx, rx) = update_channel();
+    let result = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), LoopConfig::default()).run();
+    let _ = std::fs::remove_file(&input);
+    let report = result.expect("the whole records replay");
+    assert_eq!((report.stats.rx, report.stats.tx), (9, 5), "{:?}", report.stats);
+    assert!(report.device.ends_inside_a_record());
+    report.device.finish().unwrap();
+    let mut r = PcapReader::new(std::fs::File::open(&output).unwrap()).unwrap();
+    let mut seen = Vec::new();
+    while let Some(p) = r.next_packet() {
+        seen.push(p.unwrap().data[15]);
+    }
+    let _ = std::fs::remove_file(&output);
+    assert_eq!(seen, vec![0, 2, 4, 6, 8]);
+}
+
 /// A file too short to hold a pcap header is refused saying so, not "Error reading bytes".
 #[test]
 fn a_file_shorter_than_a_pcap_header_is_refused_saying_so() {

@@ -80,6 +80,12 @@ fn print_skipped(device: &PcapDevice) {
     if truncated > 0 {
         println!("skipped, cut short by the snap length    {truncated:>10}");
     }
+    if device.ends_inside_a_record() {
+        println!(
+            "the capture ends inside a record (cut off while being written, or a corrupt record length): \
+             the rest of the file was not replayed"
+        );
+    }
 }
 
 fn print_counts(s: &LoopStats) {
