@@ -697,9 +697,9 @@ fn validate_service(
                 BackendState::Active
             }
         };
+        // DSR too: its backend holds the VIP, so it is of the VIP's family (lb-core refuses it as well).
         if let (Some(a), Some(v)) = (addr, vip)
             && a.is_ipv4() != v.is_ipv4()
-            && !matches!(mode, Some(ForwardMode::Dsr))
         {
             p.push(format!("{bf}.addr"), a, format!("is not of the VIP's address family ({v})"));
         }
@@ -1136,6 +1136,24 @@ services:
     fn a_valid_disabled_kubernetes_section_leaves_the_feed_off() {
         let s = parse("kubernetes: { enabled: false, debounce: 1s, node_addresses: [192.168.1.10] }\n").unwrap();
         assert!(s.kubernetes.is_none());
+    }
+
+    /// A backend of the other address family is refused by the file's own validation in every
+    /// mode, DSR included (lb-core refuses it too: the backend must hold the VIP), so the error
+    /// names the field like every other problem of the file, listed with the rest.
+    #[test]
+    fn a_backend_of_the_other_family_is_refused_in_every_mode() {
+        for mode in ["nat", "dsr", "ipip", "gue, gue_port: 6080"] {
+            let yaml = format!(
+                "node: {{ snat_v4: 10.0.0.2, tunnel_src_v4: 10.0.0.3, gateway_mac: \"02:00:00:00:00:fe\" }}\n\
+                 services: [{{ vip: 10.0.0.1, port: 80, mode: {mode}, backends: [{{ addr: \"fd00::1\" }}] }}]\n"
+            );
+            let msg = parse(&yaml).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                msg.contains("services[0].backends[0].addr: fd00::1 is not of the VIP's address family (10.0.0.1)"),
+                "{mode}: {msg}"
+            );
+        }
     }
 
     #[test]
