@@ -165,14 +165,18 @@ impl HealthChecker {
 
     /// Probes exactly the backends of `services` that have a health check: new ones start (up),
     /// gone ones stop and are forgotten, ones whose check changed restart (up, with a new
-    /// generation): the ones [`starting`](Self::starting) named beforehand. Must run inside tokio.
+    /// generation, their counters kept): the ones [`starting`](Self::starting) named beforehand.
+    /// Must run inside tokio.
     pub fn sync(&mut self, services: &[ServiceSpec]) {
         let wanted = wanted(services);
         self.tasks.retain(|target, (check, _, task)| {
             let keep = wanted.get(target) == Some(check);
             if !keep {
                 task.abort();
-                lock(&self.status).remove(target);
+                // One still wanted restarts below, from this entry's counters.
+                if !wanted.contains_key(target) {
+                    lock(&self.status).remove(target);
+                }
             }
             keep
         });
@@ -182,7 +186,12 @@ impl HealthChecker {
             }
             let generation = self.next_generation;
             self.next_generation += 1;
-            lock(&self.status).insert(target, TargetStatus { healthy: true, generation, ..Default::default() });
+            // The counters go on across a restart: they are Prometheus counters, which a reload
+            // must not send back to zero.
+            let mut table = lock(&self.status);
+            let before = table.remove(&target).unwrap_or_default();
+            table.insert(target, TargetStatus { healthy: true, generation, ..before });
+            drop(table);
             let probe = Probing { target, generation, check: check.clone() };
             let task = tokio::spawn(run_target(probe, self.status.clone(), self.events.clone()));
             self.tasks.insert(target, (check, generation, task));
@@ -398,6 +407,38 @@ mod tests {
         // Removing the service stops its probes and forgets it.
         hc.sync(&[]);
         assert!(hc.status().lock().unwrap().is_empty());
+    }
+
+    /// A reload that changes a backend's check restarts its probe (up again, a new generation), but
+    /// its counters carry on: `lb_health_check_failures_total` and `lb_health_transitions_total`
+    /// are counters, and a reload must not send them back to zero. A backend that leaves is
+    /// forgotten.
+    #[tokio::test]
+    async fn a_restarted_probe_keeps_its_counters() {
+        // A port with no listener: every probe fails, and fall 1 takes the backend down at the first.
+        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut hc = HealthChecker::new(tx);
+        let svc = service(addr, HealthCheck { fall: 1, ..check(Probe::Tcp) });
+        hc.sync(std::slice::from_ref(&svc));
+        let target = Target { service: svc.config.key, backend: addr };
+        assert!(!next(&mut rx).await.healthy);
+        let before = hc.status().lock().unwrap()[&target].clone();
+        assert!(before.failures >= 1 && before.went_down == 1, "{before:?}");
+
+        let changed = service(addr, HealthCheck { fall: 2, ..check(Probe::Tcp) });
+        hc.sync(std::slice::from_ref(&changed));
+        let after = hc.status().lock().unwrap()[&target].clone();
+        assert!(after.healthy, "a restarted probe starts up");
+        assert_ne!(after.generation, before.generation);
+        assert_eq!(
+            (after.probes, after.failures, after.went_down, after.went_up),
+            (before.probes, before.failures, before.went_down, before.went_up),
+            "counters carry over the restart"
+        );
+
+        hc.sync(&[]);
+        assert!(hc.status().lock().unwrap().is_empty(), "a backend that left is forgotten");
     }
 
     #[tokio::test]
