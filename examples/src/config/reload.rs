@@ -41,12 +41,14 @@ pub struct FileWatch {
     last: Option<ContentDigest>,
     /// A content different from `last`, read at the last poll: applied if the next reads it again.
     settling: Option<ContentDigest>,
+    /// The last poll could not read the file: reported then, not again until it reads or SIGHUP.
+    unreadable: bool,
 }
 
 /// What one check of the file found.
 #[derive(Debug)]
 pub enum Reload {
-    /// The content is what it was; nothing to do.
+    /// The content is what it was (or the file is still unreadable, as reported); nothing to do.
     Unchanged,
     /// The content changed since the last poll (maybe a file still being written); it is applied
     /// if the next poll reads the same.
@@ -60,13 +62,13 @@ pub enum Reload {
 impl FileWatch {
     /// Watches `path`; the first [`FileWatch::check`] always loads.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        FileWatch { path: path.into(), last: None, settling: None }
+        FileWatch { path: path.into(), last: None, settling: None, unreadable: false }
     }
 
     /// Watches `path`, whose text with `digest` is loaded already ([`file::load`]): the first
     /// [`FileWatch::check`] loads only if the file holds something else by then (edited since).
     pub fn loaded(path: impl Into<PathBuf>, digest: ContentDigest) -> Self {
-        FileWatch { path: path.into(), last: Some(digest), settling: None }
+        FileWatch { path: path.into(), last: Some(digest), settling: None, unreadable: false }
     }
 
     /// The watched path.
@@ -81,9 +83,15 @@ impl FileWatch {
             Ok(t) => t,
             Err(source) => {
                 self.settling = None;
+                // Reported once, as a bad content is: each report is an error logged and counted.
+                if self.unreadable && !force {
+                    return Reload::Unchanged;
+                }
+                self.unreadable = true;
                 return Reload::Rejected(ConfigError::Read { path: self.path.clone(), source });
             }
         };
+        self.unreadable = false;
         let digest = ContentDigest::of(&text);
         if !force && self.last == Some(digest) {
             self.settling = None;
@@ -211,6 +219,28 @@ mod tests {
         assert!(matches!(fw.check(true), Reload::Loaded(_)), "SIGHUP does not wait");
         assert!(matches!(fw.check(false), Reload::Unchanged));
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A file that cannot be read (deleted, its mount gone) is reported once, as a bad file is,
+    /// not at every poll: each report is logged as an error and counted as a rejected update.
+    /// SIGHUP reports it again; once it reads again, it is compared with what runs as before.
+    #[test]
+    fn an_unreadable_file_is_reported_once() {
+        let path = temp_path("gone");
+        let text = "node: { snat_v4: 10.0.0.2 }\nservices: [{ vip: 10.0.0.1, port: 80 }]\n";
+        std::fs::write(&path, text).unwrap();
+        let mut fw = FileWatch::new(&path);
+        assert!(matches!(fw.check(false), Reload::Loaded(_)));
+
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(fw.check(false), Reload::Rejected(ConfigError::Read { .. })));
+        assert!(matches!(fw.check(false), Reload::Unchanged), "reported once");
+        assert!(matches!(fw.check(true), Reload::Rejected(ConfigError::Read { .. })), "SIGHUP reports it again");
+
+        std::fs::write(&path, text).unwrap();
+        assert!(matches!(fw.check(false), Reload::Unchanged), "back as it runs");
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(fw.check(false), Reload::Rejected(ConfigError::Read { .. })), "gone again: reported");
     }
 
     /// A watch started from a load compares with the text that load parsed: the same text is
