@@ -381,13 +381,15 @@ pub fn parse_removed_policy(name: &str) -> Option<RemovedBackendPolicy> {
     }
 }
 
-/// True if `n` is prime (trial division; table sizes are at most ~2^20).
+/// True if `n` is prime, by trial division: meant for table sizes (at most ~2^20), so check a size's
+/// bound before asking (a prime near 2^64 takes minutes).
 pub fn is_prime(n: u64) -> bool {
     if n < 2 {
         return false;
     }
     let mut d = 2;
-    while d * d <= n {
+    // Not `d * d <= n`, which overflows for n near 2^64.
+    while d <= n / d {
         if n.is_multiple_of(d) {
             return false;
         }
@@ -622,7 +624,8 @@ fn validate_service(
         }
     }
     let maglev_table_size = s.maglev_table_size.and_then(|n| {
-        if !is_prime(n) || n > MAX_MAGLEV_TABLE_SIZE {
+        // The bound first: it keeps the trial division short.
+        if n > MAX_MAGLEV_TABLE_SIZE || !is_prime(n) {
             p.push(
                 format!("{f}.maglev_table_size"),
                 n,
@@ -1152,6 +1155,24 @@ services:
             assert!(
                 msg.contains("services[0].backends[0].addr: fd00::1 is not of the VIP's address family (10.0.0.1)"),
                 "{mode}: {msg}"
+            );
+        }
+    }
+
+    /// A table size beyond the limit is refused by its size alone: the primality test is trial
+    /// division, which for a prime near 2^64 (18446744073709551557) ran for minutes, then
+    /// overflowed, while the control loop waited on it.
+    #[test]
+    fn a_table_size_beyond_the_limit_is_refused_without_a_primality_test() {
+        for n in ["18446744073709551557", "1048583"] {
+            let yaml = format!(
+                "node: {{ snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }}\n\
+                 services: [{{ vip: 10.0.0.1, port: 80, maglev_table_size: {n} }}]\n"
+            );
+            let msg = parse(&yaml).map(|_| ()).unwrap_err().to_string();
+            assert!(
+                msg.contains(&format!("services[0].maglev_table_size: {n} must be a prime no larger than")),
+                "{msg}"
             );
         }
     }
