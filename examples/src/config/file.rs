@@ -107,9 +107,9 @@ struct FileConfig {
     node: FileNode,
     #[serde(default)]
     interfaces: Vec<FileInterface>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     metrics: Option<FileMetrics>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "section")]
     kubernetes: Option<FileKubernetes>,
     #[serde(default)]
     services: Vec<FileService>,
@@ -176,6 +176,25 @@ fn yes() -> bool {
     true
 }
 
+/// An optional section that, when its key is written, is there even with nothing under it (every
+/// field left to its default or commented out, which YAML reads as null): read as `{}`, so
+/// `kubernetes:` alone turns the feed on with its defaults and `metrics:` alone is refused for its
+/// missing `listen`, where null read as no section would drop either without a word.
+fn section<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    match Option::<T>::deserialize(d)? {
+        Some(t) => Ok(Some(t)),
+        None => {
+            use serde::de::value::{Error, MapDeserializer};
+            let empty = MapDeserializer::<_, Error>::new(std::iter::empty::<(&str, &str)>());
+            T::deserialize(empty).map(Some).map_err(serde::de::Error::custom)
+        }
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileService {
@@ -194,6 +213,7 @@ struct FileService {
     source_ranges: Vec<String>,
     maglev_table_size: Option<u64>,
     on_backend_removed: Option<String>,
+    #[serde(default, deserialize_with = "section")]
     health_check: Option<FileHealthCheck>,
     #[serde(default)]
     backends: Vec<FileBackend>,
@@ -1182,6 +1202,24 @@ services:
         let err = parse("services:\n  - { vip: 10.0.0.1, port: 80, wieght: 3 }\n").unwrap_err();
         assert!(matches!(err, ConfigError::Syntax(_)));
         assert!(err.to_string().contains("wieght"), "{err}");
+    }
+
+    /// A section written with nothing under it (its fields left to their defaults, or commented
+    /// out), which YAML reads as null, is that section empty, not no section: `kubernetes:` turns the
+    /// feed on with every default, as `kubernetes: {}` does, and a `metrics:` or `health_check:`
+    /// without its required field is refused, naming it, instead of being dropped without a word.
+    #[test]
+    fn a_section_with_nothing_under_it_is_an_empty_section() {
+        let s =
+            parse("node: { gateway_mac: \"02:00:00:00:00:fe\" }\nkubernetes:\n  # defaults: mh, nat, 200ms\n").unwrap();
+        assert_eq!(s.kubernetes, Some(KubernetesSettings::default()), "the feed is on");
+
+        let err = parse("metrics:\n").map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
+        let yaml = "node: { snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }\n\
+                    services:\n  - vip: 10.0.0.1\n    port: 80\n    health_check:\n";
+        let err = parse(yaml).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("type"), "{err}");
     }
 
     #[test]
