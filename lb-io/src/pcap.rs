@@ -87,6 +87,14 @@ impl PcapDevice {
                 ),
             });
         }
+        // Creating the output truncates it: if it is the input, the capture would be lost.
+        if same_file(input, output) {
+            return Err(DeviceError::Pcap {
+                op: "write",
+                path: out_path,
+                message: format!("is the capture being read ({in_path}); write the replay to another file"),
+            });
+        }
         let ts_resolution = header.ts_resolution;
         let file =
             File::create(output).map_err(|e| DeviceError::Io { op: "create", device: out_path.clone(), source: e })?;
@@ -138,6 +146,15 @@ impl PcapDevice {
         let path = self.out_path.clone();
         self.flush()?;
         self.writer.into_writer().flush().map_err(|e| DeviceError::Io { op: "write", device: path, source: e })
+    }
+}
+
+/// Whether `a` and `b` name one file (the same path, a link, another spelling of it).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 

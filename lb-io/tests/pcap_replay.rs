@@ -269,3 +269,29 @@ fn a_file_shorter_than_a_pcap_header_is_refused_saying_so() {
     let err = opened.expect_err("6 bytes are no capture");
     assert!(err.to_string().contains("24-byte pcap header"), "{err}");
 }
+
+/// `--out` naming the capture being read (the same path, or another path to the same file) is
+/// refused before anything is written: creating the output would truncate the input, losing the
+/// capture and replaying only what the reader had buffered of it.
+#[test]
+fn an_output_that_is_the_input_is_refused_and_the_capture_kept() {
+    let input = scratch("same.pcap");
+    {
+        let mut w = PcapWriter::new(std::fs::File::create(&input).unwrap()).unwrap();
+        w.write_packet(&PcapPacket::new(Duration::from_secs(1), 64, &[0u8; 64])).unwrap();
+    }
+    let before = std::fs::read(&input).unwrap();
+    let link = scratch("same-link.pcap");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&input, &link).unwrap();
+    let same = PcapDevice::open(&input, &input).map(|_| ());
+    let linked = PcapDevice::open(&input, &link).map(|_| ());
+    let after = std::fs::read(&input).unwrap();
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&link);
+    assert_eq!(after, before, "the capture is untouched");
+    for (how, opened) in [("same path", same), ("symlink", linked)] {
+        let err = opened.expect_err(how);
+        assert!(err.to_string().contains("is the capture being read"), "{how}: {err}");
+    }
+}
