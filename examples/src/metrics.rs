@@ -496,7 +496,11 @@ pub async fn serve(listener: TcpListener, live: watch::Receiver<LiveState>, sour
         let (sock, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
+                // Out of descriptors (EMFILE), the waiting connection stays in the backlog and every
+                // accept fails at once: retried at once, this would spin a control thread and flood
+                // the log. As hyper does, wait a second.
+                tracing::warn!(error = %e, "metrics accept failed; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
