@@ -104,7 +104,7 @@ impl PcapDevice {
         let writer = PcapWriter::with_header(BufWriter::new(file), out_header).map_err(|e| DeviceError::Pcap {
             op: "write",
             path: out_path.clone(),
-            message: e.to_string(),
+            message: reason(&e),
         })?;
         Ok(PcapDevice {
             pool: ChunkPool::new(BUFFERS, BUFFER_SIZE, HEADROOM),
@@ -176,14 +176,15 @@ fn header_problem(input: &Path, e: &PcapError) -> String {
         PcapError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             "the file is shorter than a 24-byte pcap header".to_string()
         }
-        _ => with_source(e),
+        _ => reason(e),
     }
 }
 
-/// `e` with the I/O error under it: pcap-file's own message for one is only "Error reading bytes".
-fn with_source(e: &PcapError) -> String {
+/// What went wrong in `e`: for an I/O error the system's own message, since pcap-file's is only
+/// "Error reading bytes" (for a failed write too).
+fn reason(e: &PcapError) -> String {
     match e {
-        PcapError::IoError(io) => format!("{e}: {io}"),
+        PcapError::IoError(io) => io.to_string(),
         _ => e.to_string(),
     }
 }
@@ -223,7 +224,7 @@ impl Device for PcapDevice {
                     }
                     Some(Err(e)) => {
                         *at_end = true;
-                        *read_error = Some(with_source(&e));
+                        *read_error = Some(reason(&e));
                         return None;
                     }
                     Some(Ok(pkt)) if pkt.data.len() < pkt.orig_len as usize => *truncated += 1,
@@ -258,7 +259,7 @@ impl Device for PcapDevice {
             writer.write_packet(&PcapPacket::new(ts, len, bytes)).map(|_| ()).map_err(|e| DeviceError::Pcap {
                 op: "write",
                 path: path.clone(),
-                message: e.to_string(),
+                message: reason(&e),
             })
         })
     }

@@ -295,3 +295,27 @@ fn an_output_that_is_the_input_is_refused_and_the_capture_kept() {
         assert!(err.to_string().contains("is the capture being read"), "{how}: {err}");
     }
 }
+
+/// An output that cannot be written (here a full disk, `/dev/full`) stops the replay with the
+/// system's reason, not pcap-file's "Error reading bytes" for every I/O error.
+#[test]
+fn a_write_error_says_what_failed() {
+    let input = scratch("full-in.pcap");
+    {
+        let mut w = PcapWriter::new(std::fs::File::create(&input).unwrap()).unwrap();
+        // More than the output's write buffer, so frames are written before the end.
+        for i in 0u8..200 {
+            let mut f = vec![0u8; 64];
+            f[15] = i & !1;
+            w.write_packet(&PcapPacket::new(Duration::from_secs(1), 64, &f)).unwrap();
+        }
+    }
+    let dev = PcapDevice::open(&input, std::path::Path::new("/dev/full")).unwrap();
+    let (_tx, rx) = update_channel();
+    let result = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), LoopConfig::default()).run();
+    let _ = std::fs::remove_file(&input);
+    let err = result.map(|_| ()).expect_err("/dev/full takes nothing");
+    let msg = err.to_string();
+    assert!(msg.contains("/dev/full") && msg.contains("No space left on device"), "{msg}");
+    assert!(!msg.contains("reading"), "{msg}");
+}
