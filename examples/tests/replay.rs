@@ -137,3 +137,33 @@ fn replay_skips_and_reports_frames_cut_short_by_the_snap_length() {
     assert_eq!(count("frames read"), 1, "{text}");
     assert_eq!(count("skipped, cut short by the snap length"), 1, "{text}");
 }
+
+/// A configuration that is refused leaves `--out` as it was: the file is checked before the output
+/// is created (which truncates it), so a rejected replay does not wipe the last replay's output.
+#[test]
+fn a_refused_configuration_leaves_the_output_alone() {
+    let dir = std::env::temp_dir().join(format!("lb-replay-refused-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, output, config) = (dir.join("in.pcap"), dir.join("out.pcap"), dir.join("lb.yaml"));
+    {
+        let mut w = PcapWriter::new(std::fs::File::create(&input).unwrap()).unwrap();
+        let f = udp4([192, 0, 2, 1], [10, 0, 0, 10], 40000, 53);
+        w.write_packet(&PcapPacket::new(Duration::from_secs(1), f.len() as u32, &f)).unwrap();
+    }
+    std::fs::write(&output, b"the last replay's output").unwrap();
+    std::fs::write(&config, "services: [{ vip: 10.0.0.10, port: 0 }]\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["--log", "warn", "replay", "--in"])
+        .arg(&input)
+        .arg("--out")
+        .arg(&output)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let kept = std::fs::read(&output).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("services[0].port: 0"), "{stderr}");
+    assert_eq!(kept, b"the last replay's output", "the output is untouched");
+}

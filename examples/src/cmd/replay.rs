@@ -28,8 +28,8 @@ pub struct Args {
 
 /// Runs the replay and prints per-verdict counts.
 pub fn main(args: Args) -> CmdResult {
-    let device = PcapDevice::open(&args.input, &args.output)?;
     let Some(path) = &args.config else {
+        let device = PcapDevice::open(&args.input, &args.output)?;
         let processor = MacRewrite { src: [0x02, 0, 0, 0, 0, 1], dst: [0x02, 0, 0, 0, 0, 2] };
         let (stats, device) = replay(device, processor)?;
         print_counts(&stats);
@@ -37,12 +37,15 @@ pub fn main(args: Args) -> CmdResult {
         device.finish()?;
         return Ok(());
     };
+    // The configuration first: opening the device creates (truncates) the output, which a refused
+    // configuration must leave as it was.
     let settings = lb_examples::config::file::load(path)?.settings;
     let config = lb_core::config::Config {
         node: settings.node.clone(),
         services: settings.services.iter().map(|s| s.config.clone()).collect(),
     };
     let tables = lb_core::service::TableBuilder::new().build(&config)?;
+    let device = PcapDevice::open(&args.input, &args.output)?;
     let worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
     let (_updates, rx) = update_channel();
     let report = PollLoop::new(device, worker, rx, StopFlag::new(), LoopConfig::default()).run()?;
