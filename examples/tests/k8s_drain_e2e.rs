@@ -8,9 +8,10 @@
 //! Real kernel TCP clients in the lab's client namespace hold connections through the VIPs (IPv4 and
 //! IPv6, NAT) to three echo backends that the cluster knows as the endpoints of Service `lab/echo`.
 //!
-//! 1. One endpoint turns serving-but-terminating, then leaves the EndpointSlices. Every held
-//!    connection does a round trip after each change: those to serving endpoints never break, those
-//!    to the terminating one keep working while it terminates, new connections avoid it, and once it
+//! 1. One endpoint fails its readiness probe (not ready, not serving), recovers, turns
+//!    serving-but-terminating, then leaves the EndpointSlices. Every held connection does a round trip
+//!    after each change: those to serving endpoints never break, those to the not-ready and the
+//!    terminating one keep working meanwhile, new connections avoid it, and once it
 //!    is gone its connections end as the Service's `on-backend-removed` annotation says (reset by the
 //!    backend they are rescheduled to, or dropped so the client's read times out).
 //! 2. Bad configuration file reloads (broken YAML; a field out of range; a file lb-core's table builder
@@ -81,6 +82,8 @@ impl TablesSink for CountedSink {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Endpoint {
     Ready,
+    /// Failing its readiness probe: not ready, not serving, not terminating.
+    NotReady,
     /// Pod deleted, still serving during its grace period.
     Terminating,
     /// Pod gone: not in the slices.
@@ -128,10 +131,14 @@ impl Cluster {
                     .map(|(name, e)| {
                         let b = lab.backend_named(name).unwrap();
                         let addr = if *family == "IPv4" { b.v4.to_string() } else { b.v6.to_string() };
-                        let ready = *e == Endpoint::Ready;
+                        let (ready, serving, terminating) = match e {
+                            Endpoint::Ready => (true, true, false),
+                            Endpoint::NotReady => (false, false, false),
+                            _ => (false, true, true),
+                        };
                         json!({ "addresses": [addr], "nodeName": "node-a",
                                 "targetRef": { "kind": "Pod", "namespace": "lab", "name": format!("echo-{name}") },
-                                "conditions": { "ready": ready, "serving": true, "terminating": !ready } })
+                                "conditions": { "ready": ready, "serving": serving, "terminating": terminating } })
                     })
                     .collect();
                 json!({
@@ -191,7 +198,7 @@ fn expected(cluster: &Cluster) -> BTreeMap<(&'static str, bool), BackendState> {
     for (name, e) in &cluster.endpoints {
         let state = match e {
             Endpoint::Ready => BackendState::Active,
-            Endpoint::Terminating => BackendState::Draining,
+            Endpoint::NotReady | Endpoint::Terminating => BackendState::Draining,
             Endpoint::Gone => continue,
         };
         for v4 in [true, false] {
@@ -515,6 +522,20 @@ fn drain_then_remove(prefix: &str, policy: RemovedBackendPolicy) {
     let victim: &'static str = BACKENDS.iter().copied().max_by_key(|b| spread.get(*b).copied().unwrap_or(0)).unwrap();
     let on_victim = spread[victim];
     assert!(on_victim < 2 * CONNS_PER_FAMILY, "every connection went to {victim}: {spread:?}");
+
+    // 0. The victim fails its readiness probe for a while: its held connections go on (as with
+    //    kube-proxy's conntrack), new ones avoid it; then it recovers.
+    cluster.endpoints.insert(victim, Endpoint::NotReady);
+    cluster.publish_slices(&h.api, &h.lab);
+    h.wait_for_cluster(&cluster, &format!("{victim} not ready"));
+    assert_all_kept(&client.round(None), &format!("{victim} not ready"));
+    let fresh = client.fresh(CONNS_PER_FAMILY, PORT);
+    assert!(!fresh.contains_key(victim), "a new connection went to the not-ready {victim}: {fresh:?}");
+    assert_eq!(fresh.values().sum::<usize>(), 2 * CONNS_PER_FAMILY);
+    cluster.endpoints.insert(victim, Endpoint::Ready);
+    cluster.publish_slices(&h.api, &h.lab);
+    h.wait_for_cluster(&cluster, &format!("{victim} ready again"));
+    assert_all_kept(&client.round(None), &format!("{victim} ready again"));
 
     // 1. The victim's pod is deleted: serving, terminating, not ready.
     cluster.endpoints.insert(victim, Endpoint::Terminating);

@@ -99,11 +99,30 @@ pub struct Skipped {
 #[derive(Debug, Clone)]
 struct Endpoint {
     backend: BackendConfig,
+    /// How the endpoint's conditions rank it: which backend state it gets, whether the terminating
+    /// fallback may give it new flows, and which of two copies of an address wins.
+    condition: Condition,
     local: bool,
     /// Topology hints (`hints.forNodes`, `hints.forZones`): the nodes and zones whose proxies the
     /// EndpointSlice controller meant it for; empty when it has none.
     for_nodes: Vec<String>,
     for_zones: Vec<String>,
+}
+
+/// An endpoint's conditions, read as kube-proxy reads them, best last. Every endpoint in a slice keeps
+/// its established flows (kube-proxy's conntrack entries outlive a failed readiness probe, and IPVS
+/// mode drains by weight), so only leaving the slice removes a backend; the condition decides new
+/// flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Condition {
+    /// Not ready and not both serving and terminating (a failing readiness probe, or a terminating
+    /// pod that stopped serving): Draining, never given new flows.
+    NotServing,
+    /// Serving and terminating: Draining, but new flows while none of the key's endpoints is ready
+    /// (kube-proxy's terminating fallback).
+    Terminating,
+    /// Ready: Active.
+    Ready,
 }
 
 /// Which of a key's ready endpoints take new flows, from their topology hints (kube-proxy's
@@ -384,7 +403,8 @@ fn translate_service(
                     b
                 })
                 .collect();
-            serve_terminating_if_none_ready(&mut backends);
+            let fallback: Vec<bool> = usable.iter().map(|e| e.condition != Condition::NotServing).collect();
+            serve_terminating_if_none_ready(&mut backends, &fallback);
             if let Some(why) = cannot_forward(mode, key, target_port(port), &backends, node) {
                 skipped.push(Skipped { service: name.to_string(), reason: why });
                 continue;
@@ -415,9 +435,11 @@ fn translate_service(
 /// kube-proxy's terminating-endpoint fallback: with no ready (Active) backend in the set a key uses,
 /// the serving-terminating (Draining) ones take new flows, as better than dropping every new connection.
 /// A ready backend of a slice weighted 0 takes no new flows either, so it does not count as ready.
-fn serve_terminating_if_none_ready(backends: &mut [BackendConfig]) {
+/// Only the backends marked in `fallback` (ready or serving-terminating, not the not-serving ones)
+/// are given new flows.
+fn serve_terminating_if_none_ready(backends: &mut [BackendConfig], fallback: &[bool]) {
     if !backends.iter().any(BackendConfig::takes_new_flows) {
-        for b in backends {
+        for (b, _) in backends.iter_mut().zip(fallback).filter(|(_, f)| **f) {
             b.state = BackendState::Active;
         }
     }
@@ -480,8 +502,8 @@ fn target_port(port: &ServicePort) -> Option<u16> {
     }
 }
 
-/// Every endpoint address serving `port_name`/`proto`, deduplicated (an endpoint moving between
-/// slices can appear in two; the better state wins).
+/// Every endpoint address of `port_name`/`proto`, deduplicated (an endpoint moving between slices
+/// can appear in two; the better [`Condition`] wins).
 fn endpoints_for(
     slices: &[&EndpointSlice],
     weights: &[u32],
@@ -513,13 +535,14 @@ fn endpoints_for(
             let ready = c.and_then(|c| c.ready).unwrap_or(true);
             let serving = c.and_then(|c| c.serving).unwrap_or(true);
             let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            let state = if ready {
-                BackendState::Active
+            let condition = if ready {
+                Condition::Ready
             } else if serving && terminating {
-                BackendState::Draining
+                Condition::Terminating
             } else {
-                continue;
+                Condition::NotServing
             };
+            let state = if ready { BackendState::Active } else { BackendState::Draining };
             // Addresses are fungible; consumers may use the first only (EndpointSlice API).
             let Some(first) = ep.addresses.first() else { continue };
             // An address lb-core would refuse (multicast, broadcast: the API server lets them through
@@ -537,6 +560,7 @@ fn endpoints_for(
             let hints = ep.hints.as_ref();
             let e = Endpoint {
                 backend: BackendConfig { addr, port: target_port, weight, mac: None, state },
+                condition,
                 local,
                 for_nodes: hints
                     .and_then(|h| h.for_nodes.as_ref())
@@ -552,7 +576,7 @@ fn endpoints_for(
                     .collect(),
             };
             match found.get(&(addr, target_port)) {
-                Some(prev) if prev.backend.state == BackendState::Active => {}
+                Some(prev) if prev.condition >= e.condition => {}
                 _ => {
                     found.insert((addr, target_port), e);
                 }
@@ -620,13 +644,15 @@ mod tests {
         assert_eq!(http.scheduler, SchedulerKind::WeightedRoundRobin);
         assert_eq!(http.affinity_timeout, Some(Duration::from_secs(600)));
         assert!(http.source_ranges.is_empty());
-        // ready -> Active, serving+terminating -> Draining, not serving -> gone; named targetPort "http" -> 8080.
+        // ready -> Active; serving+terminating and not serving -> Draining (their established flows
+        // kept, as kube-proxy's conntrack keeps them); named targetPort "http" -> 8080.
         assert_eq!(
             backends(http),
             vec![
                 ("10.244.1.5:8080".into(), BackendState::Active, 100),
                 ("10.244.1.9:8080".into(), BackendState::Draining, 100),
                 ("10.244.2.7:8080".into(), BackendState::Active, 100),
+                ("10.244.2.8:8080".into(), BackendState::Draining, 100),
             ]
         );
         let metrics = find(&t, "tcp 10.96.12.34:9090");
@@ -669,11 +695,15 @@ mod tests {
         let mut slice: EndpointSlice = fixture!("endpointslice-api-rollout.json");
         let on = |n: &str| KubernetesSettings { node_name: Some(n.into()), ..settings() };
         let old_active = vec![("10.244.2.20:8080".into(), BackendState::Active, 100)];
+        let new_waiting = ("10.244.3.22:8080".into(), BackendState::Draining, 100);
         let t = translate([&svc], [&slice], &on("node-b"), &node());
-        assert_eq!(backends(find(&t, "tcp 10.96.40.2:80")), old_active, "Cluster: no ready endpoint anywhere");
+        let mut both = old_active.clone();
+        both.push(new_waiting.clone());
+        // (The replacement, not yet serving, is no fallback: it waits, Draining, with no flows.)
+        assert_eq!(backends(find(&t, "tcp 10.96.40.2:80")), both, "Cluster: no ready endpoint anywhere");
         assert_eq!(backends(find(&t, "tcp 192.168.1.10:30080")), old_active, "Local: none ready on node-b");
         let t = translate([&svc], [&slice], &on("node-c"), &node());
-        assert!(find(&t, "tcp 192.168.1.10:30080").backends.is_empty(), "Local: node-c has no serving endpoint");
+        assert_eq!(backends(find(&t, "tcp 192.168.1.10:30080")), vec![new_waiting], "Local: none serving on node-c");
 
         // The replacement turns ready: the old pod keeps its flows and takes no new ones, except
         // under Local on its own node, where it is still the only serving endpoint.
@@ -1134,9 +1164,9 @@ mod proptests {
     }
 
     proptest! {
-        /// Whatever the conditions and placement: an endpoint is Active iff ready (nil = ready),
-        /// Draining iff not ready but serving and terminating, and absent otherwise; Local keeps
-        /// exactly this node's endpoints; with none of those ready, the Draining ones are Active.
+        /// Whatever the conditions and placement: an endpoint is Active iff ready (nil = ready) and
+        /// Draining otherwise (its established flows kept); Local keeps exactly this node's
+        /// endpoints; with none of those ready, the serving and terminating ones are Active.
         #[test]
         fn conditions_and_locality(eps in proptest::collection::vec(endpoint(), 0..12), local in any::<bool>()) {
             let mut svc: Service = serde_json::from_str(include_str!("../../tests/fixtures/service-api-nodeport-local.json")).unwrap();
@@ -1156,24 +1186,22 @@ mod proptests {
             let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
             let t = translate([&svc], [&slice], &settings, &node);
             let cluster = t.services.iter().find(|s| s.config.key.port == 80).unwrap();
-            // Expected: an address seen twice keeps the Active state if any occurrence is Active.
-            let mut want: BTreeMap<IpAddr, BackendState> = BTreeMap::new();
+            // Expected, by rank (2 ready, 1 serving and terminating, 0 neither): an address seen
+            // twice keeps its best rank.
+            let mut rank: BTreeMap<IpAddr, u8> = BTreeMap::new();
             for (e, (ready, serving, terminating)) in &eps {
                 if local && e.node_name.as_deref() != Some("node-0") { continue; }
-                let ready = ready.unwrap_or(true);
-                let serving = serving.unwrap_or(true);
-                let state = if ready { BackendState::Active }
-                    else if serving && terminating.unwrap_or(false) { BackendState::Draining }
-                    else { continue };
-                let addr: IpAddr = e.addresses[0].parse().unwrap();
-                match want.get(&addr) {
-                    Some(BackendState::Active) => {}
-                    _ => { want.insert(addr, state); }
-                }
+                let r = if ready.unwrap_or(true) { 2 }
+                    else if serving.unwrap_or(true) && terminating.unwrap_or(false) { 1 }
+                    else { 0 };
+                let best = rank.entry(e.addresses[0].parse().unwrap()).or_insert(r);
+                *best = (*best).max(r);
             }
-            if !want.values().any(|s| *s == BackendState::Active) {
-                want.values_mut().for_each(|s| *s = BackendState::Active);
-            }
+            let none_ready = !rank.values().any(|&r| r == 2);
+            let want: BTreeMap<IpAddr, BackendState> = rank
+                .iter()
+                .map(|(&a, &r)| (a, if r == 2 || (none_ready && r == 1) { BackendState::Active } else { BackendState::Draining }))
+                .collect();
             let got: BTreeMap<IpAddr, BackendState> = cluster.config.backends.iter().map(|b| (b.addr, b.state)).collect();
             prop_assert_eq!(got, want);
             prop_assert!(cluster.config.backends.iter().all(|b| b.port == 8080 && b.weight == annotations::DEFAULT_WEIGHT));
