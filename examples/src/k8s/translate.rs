@@ -480,8 +480,10 @@ fn cannot_forward(
     if let Some(field) = missing {
         return Some(format!("{key}: forwarding needs {field} in the configuration file"));
     }
-    // Judge by the numeric targetPort when there is one, so the decision does not flip as endpoints come and go.
-    let other = target_port.or_else(|| backends.first().map(|b| b.port)).filter(|&p| p != key.port);
+    // Judge by the numeric targetPort when there is one, so the decision does not flip as endpoints
+    // come and go; a named one may resolve to another port in each slice, so then every backend's.
+    let other =
+        target_port.or_else(|| backends.iter().map(|b| b.port).find(|&p| p != key.port)).filter(|&p| p != key.port);
     if mode != ForwardMode::Nat
         && let Some(p) = other
     {
@@ -836,6 +838,30 @@ mod tests {
             ]
         );
         assert!(t.skipped.iter().all(|s| s.service == "ingress/edge"));
+    }
+
+    /// A named targetPort may be a different number in each slice (pods of two versions): in DSR,
+    /// which cannot change ports, one backend on another port than the service's leaves the key out
+    /// alone. (Judging by the first backend only let it through, and lb-core then refused the whole
+    /// configuration, every other Service's update with it.)
+    #[test]
+    fn a_named_target_port_on_another_number_in_any_slice_leaves_a_dsr_key_out() {
+        let mut svc: Service = fixture!("service-web.json");
+        svc.metadata.annotations.get_or_insert_default().insert(annotations::MODE.into(), "dsr".into());
+        let mut on_80: EndpointSlice = fixture!("endpointslice-web-ipv4.json");
+        on_80.metadata.name = Some("web-v4-on-80".into());
+        on_80.ports.as_mut().unwrap()[0].port = Some(80);
+        on_80.endpoints[0].addresses = vec!["10.244.0.1".into()];
+        on_80.endpoints.truncate(1);
+        let on_8080: EndpointSlice = fixture!("endpointslice-web-ipv4.json");
+        let t = translate([&svc], [&on_80, &on_8080], &settings(), &node());
+        assert!(t.services.iter().all(|s| s.config.key.to_string() != "tcp 10.96.12.34:80"), "{t:#?}");
+        assert!(t.skipped.iter().any(|s| s.reason.contains("10.96.12.34:80") && s.reason.contains("8080")), "{t:#?}");
+        assert!(t.services.iter().any(|s| s.config.key.port == 9090), "the other port is served");
+        // What is left builds: lb-core accepts it whole.
+        let node = NodeConfig { gateway_mac: Some([2, 0, 0, 0, 0, 1]), ..node() };
+        let config = lb_core::config::Config { node, services: t.services.iter().map(|s| s.config.clone()).collect() };
+        lb_core::service::TableBuilder::new().build(&config).expect("the translation builds");
     }
 
     #[test]
