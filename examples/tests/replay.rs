@@ -3,7 +3,8 @@
 //! the NAT-rewritten frames and the counts name each verdict.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use pcap_file::pcap::{PcapPacket, PcapReader, PcapWriter};
@@ -29,6 +30,16 @@ fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     f.extend_from_slice(&dport.to_be_bytes());
     f.extend_from_slice(&[0, 12, 0, 0, b'p', b'i', b'n', b'g']);
     f
+}
+
+/// Runs `lb replay --in input --out output [--config config]`.
+fn replay(input: &Path, output: &Path, config: Option<&Path>) -> Output {
+    let mut lb = Command::new(env!("CARGO_BIN_EXE_lb"));
+    lb.args(["--log", "warn", "replay", "--in"]).arg(input).arg("--out").arg(output);
+    if let Some(config) = config {
+        lb.arg("--config").arg(config);
+    }
+    lb.output().unwrap()
 }
 
 #[test]
@@ -67,15 +78,7 @@ services:
             w.write_packet(&PcapPacket::new(Duration::from_secs(i as u64), f.len() as u32, f)).unwrap();
         }
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_lb"))
-        .args(["--log", "warn", "replay", "--in"])
-        .arg(&input)
-        .arg("--out")
-        .arg(&output)
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = replay(&input, &output, Some(&config));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     let count = |label: &str| -> u64 {
@@ -120,13 +123,7 @@ fn replay_skips_and_reports_frames_cut_short_by_the_snap_length() {
         w.write_packet(&PcapPacket::new(Duration::from_secs(1), whole.len() as u32, &whole)).unwrap();
         w.write_packet(&PcapPacket::new(Duration::from_secs(2), 1514, &[0u8; 128])).unwrap();
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_lb"))
-        .args(["--log", "warn", "replay", "--in"])
-        .arg(&input)
-        .arg("--out")
-        .arg(&output)
-        .output()
-        .unwrap();
+    let out = replay(&input, &output, None);
     let text = String::from_utf8_lossy(&out.stdout);
     let _ = std::fs::remove_dir_all(&dir);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
@@ -152,15 +149,7 @@ fn a_refused_configuration_leaves_the_output_alone() {
     }
     std::fs::write(&output, b"the last replay's output").unwrap();
     std::fs::write(&config, "services: [{ vip: 10.0.0.10, port: 0 }]\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_lb"))
-        .args(["--log", "warn", "replay", "--in"])
-        .arg(&input)
-        .arg("--out")
-        .arg(&output)
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out = replay(&input, &output, Some(&config));
     let kept = std::fs::read(&output).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
