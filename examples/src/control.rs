@@ -715,6 +715,8 @@ pub enum StartError {
 pub struct ControlPlane<S: TablesSink> {
     control: Control<S>,
     inputs: mpsc::Receiver<ControlInput>,
+    /// The health check node ports being answered (with the Kubernetes feed).
+    node_health: Option<watch::Receiver<Vec<crate::k8s::translate::NodeHealthCheck>>>,
 }
 
 impl<S: TablesSink + 'static> ControlPlane<S> {
@@ -738,6 +740,7 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
         let mut control = Control::new(sink);
         control.apply(ControlInput::File(Box::new(settings.clone())))?;
         let (in_tx, inputs) = mpsc::channel::<ControlInput>(64);
+        let mut node_health = None;
 
         // Kubernetes feed, with node settings that follow accepted file reloads.
         if let Some(k) = &settings.kubernetes {
@@ -746,9 +749,23 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
             control.live.send_modify(|l| l.feed = Some(counters));
             let (k_tx, mut k_rx) = mpsc::channel(4);
             tokio::spawn(feed.run(k_tx));
+            // The health check node ports of the translation's Local LoadBalancer Services, answered
+            // on every node address as kube-proxy answers them.
+            let (hc_tx, hc_rx) = watch::channel(Vec::new());
+            let (served_tx, served_rx) = watch::channel(Vec::new());
+            node_health = Some(served_rx);
+            let any = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+            tokio::spawn(crate::k8s::node_health::serve(any, hc_rx, served_tx));
             let in_tx = in_tx.clone();
             tokio::spawn(async move {
                 while let Some(t) = k_rx.recv().await {
+                    hc_tx.send_if_modified(|h| {
+                        let changed = *h != t.health_checks;
+                        if changed {
+                            h.clone_from(&t.health_checks);
+                        }
+                        changed
+                    });
                     if in_tx.send(ControlInput::Kubernetes(t)).await.is_err() {
                         return;
                     }
@@ -782,12 +799,18 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
             tracing::info!(%addr, "serving /metrics and /state");
             tokio::spawn(crate::metrics::serve(listener, control.subscribe(), stats));
         }
-        Ok(ControlPlane { control, inputs })
+        Ok(ControlPlane { control, inputs, node_health })
     }
 
     /// A receiver of the live state.
     pub fn live(&self) -> watch::Receiver<LiveState> {
         self.control.subscribe()
+    }
+
+    /// A receiver of the health check node ports being answered (`None` without the Kubernetes
+    /// feed): see [`crate::k8s::node_health`].
+    pub fn node_health(&self) -> Option<watch::Receiver<Vec<crate::k8s::translate::NodeHealthCheck>>> {
+        self.node_health.clone()
     }
 
     /// Applies inputs until `stop` completes.

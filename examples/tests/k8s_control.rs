@@ -251,3 +251,57 @@ async fn a_refused_reload_does_not_change_how_cluster_services_are_translated() 
     tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A LoadBalancer Service with `externalTrafficPolicy: Local` gets its `healthCheckNodePort`
+/// answered, as kube-proxy answers it: 200 with this node's ready endpoints, 503 once it has none, and
+/// the port closed once the Service goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_load_balancers_health_check_node_port_answers_for_this_node() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (api, dir, kc) = web_cluster("lb-k8s-node-health").await;
+    // A port nothing listens on (bound, then released).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut edge = fixture("service-edge-loadbalancer.json");
+    edge["spec"]["externalTrafficPolicy"] = json!("Local");
+    edge["spec"]["healthCheckNodePort"] = json!(port);
+    api.upsert(SERVICES, edge);
+    api.upsert(SLICES, fixture("endpointslice-edge.json")); // one ready endpoint, on node-a
+    let path = dir.join("lb.yaml");
+    std::fs::write(&path, file_yaml(&kc, false)).unwrap();
+    let settings = file::load(&path).unwrap();
+    let (sink, _tables) = mpsc::unbounded_channel();
+    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
+    let plane = ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)).await.unwrap();
+    let mut served = plane.node_health().expect("the feed runs");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(plane.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let mut answered_with = async |n: usize| {
+        tokio::time::timeout(FAILSAFE, served.wait_for(|s| s.iter().any(|h| h.port == port && h.local_endpoints == n)))
+            .await
+            .unwrap_or_else(|_| panic!("never served with {n} local endpoints"))
+            .unwrap();
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: node-a\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let ok = answered_with(1).await;
+    assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.contains("\"localEndpoints\":1"), "{ok}");
+
+    let mut slice = fixture("endpointslice-edge.json");
+    slice["endpoints"] = json!([endpoint("10.244.1.30", "node-b", true, true, false)]);
+    api.upsert(SLICES, slice);
+    let none = answered_with(0).await;
+    assert!(none.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{none}");
+
+    api.delete(SERVICES, "ingress/edge");
+    tokio::time::timeout(FAILSAFE, served.wait_for(|s| s.iter().all(|h| h.port != port))).await.unwrap().unwrap();
+    assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(), "the port closed with its Service");
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -4,6 +4,7 @@
 
 pub mod annotations;
 pub mod feed;
+pub mod node_health;
 pub mod translate;
 
 pub use translate::{Skipped, Translation, translate};

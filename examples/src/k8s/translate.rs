@@ -84,6 +84,25 @@ pub struct Translation {
     pub services: Vec<ServiceSpec>,
     /// Services (or single keys) left out because they are wrong or conflict, with the reason.
     pub skipped: Vec<Skipped>,
+    /// The `healthCheckNodePort`s this node answers, sorted by port (see [`NodeHealthCheck`]).
+    pub health_checks: Vec<NodeHealthCheck>,
+}
+
+/// A LoadBalancer Service with `externalTrafficPolicy: Local` and its `spec.healthCheckNodePort`:
+/// the cloud load balancer asks that port on every node whether the node has endpoints of the
+/// Service, and sends traffic only to nodes that answer 200. kube-proxy answers it; so does `lb run`
+/// ([`super::node_health`]), with the same answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeHealthCheck {
+    /// `spec.healthCheckNodePort`.
+    pub port: u16,
+    /// The Service's namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// This node's ready endpoints of the Service (distinct addresses; kube-proxy's
+    /// `localEndpoints`): 0 answers 503.
+    pub local_endpoints: usize,
 }
 
 /// A Service, or one of its keys, the translation left out, and why.
@@ -216,6 +235,11 @@ pub fn translate<'a>(
         match translate_service(svc, &name, slices, settings, node) {
             Ok((specs, skipped)) => {
                 out.skipped.extend(skipped);
+                if !specs.is_empty()
+                    && let Some(hc) = node_health_check(svc, slices, settings)
+                {
+                    out.health_checks.push(hc);
+                }
                 for spec in specs {
                     if let Some(owner) = taken.get(&spec.config.key) {
                         out.skipped.push(Skipped {
@@ -232,6 +256,9 @@ pub fn translate<'a>(
         }
     }
     out.services.sort_by(|a, b| a.config.name.cmp(&b.config.name).then(a.config.key.cmp(&b.config.key)));
+    // (The API server allocates each port once; of two claims, the older Service's stays.)
+    out.health_checks.sort_by_key(|h| h.port);
+    out.health_checks.dedup_by_key(|h| h.port);
     for s in &out.skipped {
         tracing::warn!(service = %s.service, "kubernetes service skipped: {}", s.reason);
     }
@@ -443,6 +470,36 @@ fn serve_terminating_if_none_ready(backends: &mut [BackendConfig], fallback: &[b
             b.state = BackendState::Active;
         }
     }
+}
+
+/// The health check node port `svc` asks this node to answer, if any: a LoadBalancer Service with
+/// `externalTrafficPolicy: Local` and a `healthCheckNodePort`, counted as kube-proxy counts it (this
+/// node's ready endpoints).
+fn node_health_check(
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    settings: &KubernetesSettings,
+) -> Option<NodeHealthCheck> {
+    let spec = svc.spec.as_ref()?;
+    if spec.type_.as_deref() != Some("LoadBalancer") || spec.external_traffic_policy.as_deref() != Some("Local") {
+        return None;
+    }
+    let port = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0)?;
+    let node = settings.node_name.as_deref();
+    let local_endpoints: HashSet<&str> = slices
+        .iter()
+        .filter(|s| matches!(s.address_type.as_str(), "IPv4" | "IPv6"))
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| node.is_some() && e.node_name.as_deref() == node)
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .filter_map(|e| e.addresses.first().map(String::as_str))
+        .collect();
+    Some(NodeHealthCheck {
+        port,
+        namespace: svc.metadata.namespace.clone().unwrap_or_default(),
+        name: svc.metadata.name.clone().unwrap_or_default(),
+        local_endpoints: local_endpoints.len(),
+    })
 }
 
 /// kube-proxy's `IsVIPMode`: an ingress IP is programmed when its `ipMode` is `VIP` or unset.
@@ -862,6 +919,34 @@ mod tests {
         let node = NodeConfig { gateway_mac: Some([2, 0, 0, 0, 0, 1]), ..node() };
         let config = lb_core::config::Config { node, services: t.services.iter().map(|s| s.config.clone()).collect() };
         lb_core::service::TableBuilder::new().build(&config).expect("the translation builds");
+    }
+
+    /// A LoadBalancer Service with `externalTrafficPolicy: Local` asks every node on its
+    /// `healthCheckNodePort` whether it has local endpoints: counted as kube-proxy counts them (ready
+    /// endpoints on this node), and none for Cluster policy.
+    #[test]
+    fn local_load_balancers_get_their_health_check_node_port_with_this_nodes_ready_endpoints() {
+        use k8s_openapi::api::discovery::v1::EndpointConditions;
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        let mut slice: EndpointSlice = fixture!("endpointslice-edge.json");
+        let on = |n: &str| KubernetesSettings { node_name: Some(n.into()), ..settings() };
+        assert!(translate([&svc], [&slice], &on("node-a"), &node()).health_checks.is_empty(), "Cluster policy");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32100);
+        let want = |n| {
+            vec![NodeHealthCheck { port: 32100, namespace: "ingress".into(), name: "edge".into(), local_endpoints: n }]
+        };
+        assert_eq!(translate([&svc], [&slice], &on("node-a"), &node()).health_checks, want(1));
+        assert_eq!(translate([&svc], [&slice], &on("node-b"), &node()).health_checks, want(0));
+        // A second local endpoint that is not ready does not count; a ready one does.
+        let mut second = slice.endpoints[0].clone();
+        second.addresses = vec!["10.244.1.31".into()];
+        second.conditions = Some(EndpointConditions { ready: Some(false), serving: Some(false), terminating: None });
+        slice.endpoints.push(second);
+        assert_eq!(translate([&svc], [&slice], &on("node-a"), &node()).health_checks, want(1));
+        slice.endpoints[1].conditions = None;
+        assert_eq!(translate([&svc], [&slice], &on("node-a"), &node()).health_checks, want(2));
     }
 
     #[test]

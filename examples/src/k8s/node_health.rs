@@ -1,0 +1,190 @@
+//! The health check node ports of LoadBalancer Services with `externalTrafficPolicy: Local`
+//! ([`NodeHealthCheck`]), answered as kube-proxy answers them: a cloud load balancer asks each node
+//! and sends the Service's traffic only to nodes that answer 200, so a node with no local endpoint
+//! (where `lb` drops such traffic, counted as `no_backend`) is taken out of rotation.
+//!
+//! Every request on the port, whatever its path, gets
+//! `{"service":{"namespace":NS,"name":NAME},"localEndpoints":N,"serviceProxyHealthy":true}` with
+//! status 200 when N > 0 and 503 otherwise, and kube-proxy's `X-Load-Balancing-Endpoint-Weight: N`
+//! header. The listeners follow the translations: a port is opened when a Service asks for it and
+//! closed when none does. The kernel, not the XDP program, receives these connections (the port is
+//! no service's), so they reach the node's own stack and this server.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::translate::NodeHealthCheck;
+
+/// How long a client may take to send its request before the answer goes out anyway.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What each open port answers, by port.
+type Answers = Arc<RwLock<HashMap<u16, NodeHealthCheck>>>;
+
+/// Serves the health check node ports that `checks` lists, on `addr` (the unspecified address: every
+/// node address), until `checks` closes. After each change, `served` holds the checks being answered
+/// (those whose port is open). A port that cannot be bound (in use) is logged and tried again at the
+/// next change.
+pub async fn serve(
+    addr: IpAddr,
+    mut checks: watch::Receiver<Vec<NodeHealthCheck>>,
+    served: watch::Sender<Vec<NodeHealthCheck>>,
+) {
+    let answers: Answers = Arc::default();
+    let mut listeners: HashMap<u16, JoinHandle<()>> = HashMap::new();
+    loop {
+        let wanted = checks.borrow_and_update().clone();
+        if let Ok(mut a) = answers.write() {
+            *a = wanted.iter().map(|c| (c.port, c.clone())).collect();
+        }
+        let gone: Vec<u16> = listeners.keys().copied().filter(|p| !wanted.iter().any(|c| c.port == *p)).collect();
+        for port in gone {
+            if let Some(task) = listeners.remove(&port) {
+                // Awaited once aborted, so the listener is closed before `served` says so.
+                task.abort();
+                let _ = task.await;
+                tracing::info!(port, "health check node port closed");
+            }
+        }
+        for c in &wanted {
+            if listeners.contains_key(&c.port) {
+                continue;
+            }
+            // (The IPv6 unspecified address takes IPv4 too; on a node without IPv6, IPv4's alone.)
+            let bound = match TcpListener::bind(SocketAddr::new(addr, c.port)).await {
+                Err(e) if addr == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
+                    TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), c.port)).await.map_err(|_| e)
+                }
+                bound => bound,
+            };
+            match bound {
+                Ok(l) => {
+                    tracing::info!(port = c.port, service = %format!("{}/{}", c.namespace, c.name), "health check node port open");
+                    listeners.insert(c.port, tokio::spawn(accept(l, c.port, answers.clone())));
+                }
+                Err(e) => tracing::warn!(port = c.port, "cannot open health check node port: {e}"),
+            }
+        }
+        served.send_replace(wanted.into_iter().filter(|c| listeners.contains_key(&c.port)).collect());
+        if checks.changed().await.is_err() {
+            break;
+        }
+    }
+    for task in listeners.values() {
+        task.abort();
+    }
+}
+
+async fn accept(listener: TcpListener, port: u16, answers: Answers) {
+    loop {
+        match listener.accept().await {
+            Ok((conn, _)) => {
+                tokio::spawn(answer(conn, port, answers.clone()));
+            }
+            // (Out of descriptors, say: as the metrics endpoint, wait rather than spin.)
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// Reads the request (up to its blank line, 4 KiB or [`READ_TIMEOUT`]) and answers it.
+async fn answer(mut conn: TcpStream, port: u16, answers: Answers) {
+    let mut buf = [0u8; 4096];
+    let mut read = 0;
+    let _ = tokio::time::timeout(READ_TIMEOUT, async {
+        while read < buf.len() && !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf[read..]).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
+    let check = answers.read().ok().and_then(|a| a.get(&port).cloned());
+    let Some(c) = check else { return };
+    let _ = conn.write_all(response(&c).as_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
+/// The HTTP response for `c`, as kube-proxy's `hcHandler` writes it.
+fn response(c: &NodeHealthCheck) -> String {
+    let n = c.local_endpoints;
+    let status = if n > 0 { "200 OK" } else { "503 Service Unavailable" };
+    let body = format!(
+        "{{\"service\":{{\"namespace\":{:?},\"name\":{:?}}},\"localEndpoints\":{n},\"serviceProxyHealthy\":true}}",
+        c.namespace, c.name
+    );
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n\
+         X-Load-Balancing-Endpoint-Weight: {n}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(port: u16, local_endpoints: usize) -> NodeHealthCheck {
+        NodeHealthCheck { port, namespace: "ingress".into(), name: "edge".into(), local_endpoints }
+    }
+
+    /// A port nothing listens on (bound, then released).
+    async fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
+    }
+
+    async fn get(port: u16) -> std::io::Result<String> {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).await?;
+        c.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\n\r\n").await?;
+        let mut out = String::new();
+        c.read_to_string(&mut out).await?;
+        Ok(out)
+    }
+
+    /// The port opens when a Service asks for it, answers 200 with the count while the node has local
+    /// endpoints and 503 when it has none, and closes when no Service asks for it.
+    #[tokio::test]
+    async fn answers_follow_the_local_endpoints_and_the_port_closes_with_its_service() {
+        let port = free_port().await;
+        let (tx, rx) = watch::channel(vec![check(port, 2)]);
+        let (served_tx, served) = watch::channel(Vec::new());
+        let server = tokio::spawn(serve(IpAddr::from([127, 0, 0, 1]), rx, served_tx));
+        let applied = |want: Vec<NodeHealthCheck>| {
+            let mut served = served.clone();
+            async move {
+                let wait = served.wait_for(|s| *s == want);
+                tokio::time::timeout(Duration::from_secs(10), wait).await.expect("applied").map(|_| ()).unwrap();
+            }
+        };
+        applied(vec![check(port, 2)]).await;
+        let first = get(port).await.unwrap();
+        assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{first}");
+        assert!(first.contains("X-Load-Balancing-Endpoint-Weight: 2\r\n"), "{first}");
+        let body = first.split("\r\n\r\n").nth(1).unwrap();
+        let json: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(json["service"]["namespace"], "ingress");
+        assert_eq!(json["service"]["name"], "edge");
+        assert_eq!(json["localEndpoints"], 2);
+
+        tx.send(vec![check(port, 0)]).unwrap();
+        applied(vec![check(port, 0)]).await;
+        let answer = get(port).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{answer}");
+        assert!(answer.contains("\"localEndpoints\":0"), "{answer}");
+
+        tx.send(vec![]).unwrap();
+        applied(vec![]).await;
+        let closed = TcpStream::connect(("127.0.0.1", port)).await;
+        assert!(closed.is_err(), "the port closed with its Service: {closed:?}");
+        drop(tx);
+        server.await.unwrap();
+    }
+}
