@@ -81,6 +81,7 @@ async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
             ("10.244.1.5:8080".into(), BackendState::Active),
             ("10.244.1.9:8080".into(), BackendState::Draining),
             ("10.244.2.7:8080".into(), BackendState::Active),
+            ("10.244.2.8:8080".into(), BackendState::Draining),
         ]
     );
     let w = reqs.next("services watch", |r| r.path == SERVICES && r.is_watch()).await;
@@ -96,7 +97,8 @@ async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
     let t = until(&mut rx, "shop/api added", |t| backends(t, "tcp 10.96.40.2:80").is_some_and(|b| b.len() == 2)).await;
     assert_eq!(backends(&t, "tcp 192.168.1.10:30080"), Some(vec![]), "Local policy, no endpoint on node-a");
 
-    // 3. Update: an endpoint starts terminating (still serving) -> Draining; another stops serving -> gone.
+    // 3. Update: an endpoint starts terminating (still serving) -> Draining; another stops serving ->
+    //    Draining too (its established flows kept); one leaves the slice (10.244.2.8) -> gone.
     let mut slice = web_slice.clone();
     slice["endpoints"] = json!([
         endpoint("10.244.1.5", "node-a", false, true, true),
@@ -105,12 +107,16 @@ async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
     ]);
     api.upsert(SLICES, slice);
     let t = until(&mut rx, "web endpoint draining", |t| {
-        backends(t, "tcp 10.96.12.34:80").is_some_and(|b| b.len() == 2 && b[0].1 == BackendState::Draining)
+        backends(t, "tcp 10.96.12.34:80").is_some_and(|b| b.len() == 3 && b[0].1 == BackendState::Draining)
     })
     .await;
     assert_eq!(
         backends(&t, "tcp 10.96.12.34:80").unwrap(),
-        vec![("10.244.1.5:8080".into(), BackendState::Draining), ("10.244.2.7:8080".into(), BackendState::Active)]
+        vec![
+            ("10.244.1.5:8080".into(), BackendState::Draining),
+            ("10.244.1.9:8080".into(), BackendState::Draining),
+            ("10.244.2.7:8080".into(), BackendState::Active)
+        ]
     );
 
     // 4. Delete the api Service.
