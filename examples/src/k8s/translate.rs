@@ -307,13 +307,24 @@ fn translate_service(
 
     let ann = annotations::service(svc.metadata.annotations.as_ref())?;
     let scheduler = ann.scheduler.unwrap_or(settings.default_scheduler);
-    if let Some(size) = ann.maglev_table_size
+    let mut maglev_table_size = ann.maglev_table_size;
+    if let Some(size) = maglev_table_size
         && !scheduler.uses_maglev_table()
     {
-        return Err(format!(
-            "annotation {}: \"{size}\" is only used with scheduler mh, sh or dh (this Service's is {scheduler})",
+        // Both annotations on the Service contradict each other: refused. A size meant for the
+        // default scheduler that a file reload has since changed is only unused: the Service stays.
+        if ann.scheduler.is_some() {
+            return Err(format!(
+                "annotation {}: \"{size}\" is only used with scheduler mh, sh or dh (this Service's is {scheduler})",
+                annotations::MAGLEV_TABLE_SIZE
+            ));
+        }
+        tracing::warn!(
+            service = name,
+            "annotation {}: \"{size}\" unused: the default scheduler {scheduler} has no Maglev table",
             annotations::MAGLEV_TABLE_SIZE
-        ));
+        );
+        maglev_table_size = None;
     }
     let mode = ann.mode.unwrap_or(settings.default_mode);
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -449,7 +460,7 @@ fn translate_service(
                     } else {
                         Vec::new()
                     },
-                    maglev_table_size: ann.maglev_table_size,
+                    maglev_table_size,
                     on_backend_removed: ann.on_backend_removed.unwrap_or_default(),
                 },
                 health_check: ann.health_check.clone(),
@@ -1042,6 +1053,18 @@ mod tests {
         svc.metadata.annotations.as_mut().unwrap().insert(annotations::SCHEDULER.into(), "sh".into());
         let t = translate([&svc], [], &settings(), &node());
         assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        // With the scheduler left to the file's default, a default without a Maglev table (a reload
+        // changed it) leaves the size unused rather than the Service out.
+        svc.metadata.annotations.as_mut().unwrap().remove(annotations::SCHEDULER);
+        let rr = KubernetesSettings { default_scheduler: SchedulerKind::RoundRobin, ..settings() };
+        let t = translate([&svc], [], &rr, &node());
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        assert!(
+            t.services
+                .iter()
+                .all(|s| s.config.scheduler == SchedulerKind::RoundRobin && s.config.maglev_table_size.is_none())
+        );
+        assert!(!t.services.is_empty());
     }
 
     /// A node address that serves NodePorts and is also the SNAT address (kube-proxy's masquerade):
