@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lb_core::config::{ForwardMode, NodeConfig, SchedulerKind, ServiceConfig};
+use lb_core::config::{ForwardMode, NodeConfig, SchedulerKind, ServiceConfig, SpecialAddress};
 
 pub use file::{ConfigError, FieldError};
 
@@ -192,7 +192,8 @@ impl Settings {
     /// Fills what the file left out of the Kubernetes settings from the downward API's environment:
     /// `NODE_NAME` (spec.nodeName) and `NODE_IPS` (status.hostIPs, comma-separated), and `NODE_ZONE`
     /// (which the downward API cannot give: set it from the node's zone label when deploying).
-    /// Unparsable addresses are skipped with a warning.
+    /// Unparsable addresses, and those no NodePort could be served on (loopback, multicast and the
+    /// like, which the file refuses in `kubernetes.node_addresses`), are skipped with a warning.
     pub fn fill_from_env(&mut self, var: impl Fn(&str) -> Option<String>) {
         let Some(k) = self.kubernetes.as_mut() else { return };
         if k.node_name.is_none() {
@@ -205,8 +206,11 @@ impl Settings {
             && let Some(ips) = var("NODE_IPS")
         {
             for ip in ips.split([',', ' ']).filter(|s| !s.is_empty()) {
-                match ip.parse() {
-                    Ok(ip) => k.node_addresses.push(ip),
+                match ip.parse::<IpAddr>() {
+                    Ok(addr) => match SpecialAddress::of(addr) {
+                        None => k.node_addresses.push(addr),
+                        Some(kind) => tracing::warn!(value = ip, "NODE_IPS address skipped: it is {kind}"),
+                    },
                     Err(_) => tracing::warn!(value = ip, "NODE_IPS holds something that is not an IP address"),
                 }
             }
@@ -222,7 +226,7 @@ mod tests {
     fn env_fills_only_what_the_file_left_out() {
         let env = |k: &str| match k {
             "NODE_NAME" => Some("node-a".to_string()),
-            "NODE_IPS" => Some("192.168.1.10,fd00::10,bogus".to_string()),
+            "NODE_IPS" => Some("192.168.1.10,fd00::10,bogus,127.0.0.1,::1,224.0.0.1".to_string()),
             "NODE_ZONE" => Some("zone-a".to_string()),
             _ => None,
         };
