@@ -1729,7 +1729,7 @@ services:
         let t = control.apply(ControlInput::Health(down)).unwrap();
         assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining));
 
-        let t = control.apply(ControlInput::File(file("2h"))).unwrap();
+        let t = control.apply(ControlInput::File(file("30m"))).unwrap();
         assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Active), "the new probe starts up");
         assert!(control.health.status().lock().unwrap()[&target].healthy);
         assert_ne!(control.health.generation(&target), Some(old));

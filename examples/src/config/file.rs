@@ -348,6 +348,10 @@ impl Problems {
     }
 }
 
+/// The shortest and longest health check interval a file may set.
+const HEALTH_INTERVAL_MIN: Duration = Duration::from_millis(100);
+const HEALTH_INTERVAL_MAX: Duration = Duration::from_secs(3600);
+
 fn quoted(s: &str) -> String {
     format!("{s:?}")
 }
@@ -792,7 +796,14 @@ fn validate_health(f: &str, h: &FileHealthCheck, p: &mut Problems) -> Option<Hea
     if let Some(t) = &h.timeout {
         hc.timeout = p.duration(&format!("{f}.timeout"), t).unwrap_or(hc.timeout);
     }
-    if hc.timeout > hc.interval {
+    // Below 100 ms a service's backends are probed in a storm; above an hour a dead one goes unseen
+    // for hours. A timeout of 0 fails every probe (and the service fails open).
+    if !(HEALTH_INTERVAL_MIN..=HEALTH_INTERVAL_MAX).contains(&hc.interval) {
+        p.push(format!("{f}.interval"), format!("{:?}", hc.interval), "is out of range (100ms..=1h)");
+    }
+    if hc.timeout.is_zero() {
+        p.push(format!("{f}.timeout"), "0s", "is 0: every probe would fail");
+    } else if hc.timeout > hc.interval {
         p.push(
             format!("{f}.timeout"),
             format!("{:?}", hc.timeout),
@@ -943,6 +954,8 @@ services:
   - { vip: 10.0.0.1, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 8080 }, { addr: 10.1.0.1, port: 8080 }] }
   - { vip: 10.0.0.1, port: 80, mode: dsr }
   - { vip: 10.0.0.2, port: 80, backends: [{ addr: "fd00::1" }] }
+  - { vip: 10.0.0.3, port: 80, backends: [{ addr: 10.1.0.3 }], health_check: { type: tcp, interval: 1ms } }
+  - { vip: 10.0.0.4, port: 80, backends: [{ addr: 10.1.0.4 }], health_check: { type: tcp, interval: 2h, timeout: 0s } }
 "#;
         let Err(ConfigError::Invalid(errs)) = parse(yaml) else { panic!("expected Invalid") };
         let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
@@ -966,6 +979,9 @@ services:
             "services[2]",
             "services[3].mode",
             "services[3].backends[0].addr",
+            "services[4].health_check.interval",
+            "services[5].health_check.interval",
+            "services[5].health_check.timeout",
         ] {
             assert!(fields.contains(&want), "missing {want} in {errs:#?}");
         }
