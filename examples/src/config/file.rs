@@ -598,6 +598,10 @@ fn validate_service(
 ) -> Option<ServiceSpec> {
     let f = format!("services[{i}]");
     let before = p.0.len();
+    // The name labels the service's metrics and logs: an empty one would leave them unnamed.
+    if s.name.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        p.push(format!("{f}.name"), "\"\"", "is empty: leave it out to be named after the VIP, port and protocol");
+    }
     let vip = p.parse::<IpAddr>(&format!("{f}.vip"), &s.vip, "is not an IP address");
     if let Some(v) = vip {
         p.unicast(&format!("{f}.vip"), &s.vip, v, "a VIP must be a unicast address a host holds");
@@ -954,7 +958,7 @@ services:
   - { vip: 10.0.0.1, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 8080 }, { addr: 10.1.0.1, port: 8080 }] }
   - { vip: 10.0.0.1, port: 80, mode: dsr }
   - { vip: 10.0.0.2, port: 80, backends: [{ addr: "fd00::1" }] }
-  - { vip: 10.0.0.3, port: 80, backends: [{ addr: 10.1.0.3 }], health_check: { type: tcp, interval: 1ms } }
+  - { name: " ", vip: 10.0.0.3, port: 80, backends: [{ addr: 10.1.0.3 }], health_check: { type: tcp, interval: 1ms } }
   - { vip: 10.0.0.4, port: 80, backends: [{ addr: 10.1.0.4 }], health_check: { type: tcp, interval: 2h, timeout: 0s } }
 "#;
         let Err(ConfigError::Invalid(errs)) = parse(yaml) else { panic!("expected Invalid") };
@@ -979,6 +983,7 @@ services:
             "services[2]",
             "services[3].mode",
             "services[3].backends[0].addr",
+            "services[4].name",
             "services[4].health_check.interval",
             "services[5].health_check.interval",
             "services[5].health_check.timeout",
