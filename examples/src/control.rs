@@ -796,6 +796,8 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
         if let Some(addr) = settings.metrics_listen {
             let listener =
                 tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Metrics { addr, source })?;
+            // (The address bound: port 0 in the file takes a free one.)
+            let addr = listener.local_addr().unwrap_or(addr);
             tracing::info!(%addr, "serving /metrics and /state");
             tokio::spawn(crate::metrics::serve(listener, control.subscribe(), stats));
         }
