@@ -4,7 +4,7 @@
 
 mod worker_common;
 
-use lb_core::config::{BackendState, Config, ForwardMode, Protocol, RemovedBackendPolicy, SchedulerKind};
+use lb_core::config::{BackendState, Config, ForwardMode, Protocol, RemovedBackendPolicy, SchedulerKind, ServiceKey};
 use lb_core::conntrack::{ConnKey, ConnState};
 use lb_core::service::TableBuilder;
 use lb_core::stats::DropReason;
@@ -502,6 +502,10 @@ fn reply_without_flow_and_fragments_are_counted() {
     f[24..26].copy_from_slice(&csum.to_be_bytes());
     let (v, _) = run(&mut w, &f, secs(1));
     assert_eq!(v, Verdict::Drop(DropReason::Fragment));
+    // The first fragment names the service by its ports: the drop is the service's too.
+    let key = ServiceKey { vip: v4(VIP), port: 81, proto: Protocol::Udp };
+    let service = w.tables().lookup(&key).unwrap().1.slot;
+    assert_eq!(w.stats().service(service).drops, 1);
 }
 
 /// A router's "fragmentation needed" about the VIP:80 -> `client`:1000 segment a DSR backend sent.

@@ -443,7 +443,10 @@ impl Core {
             return self.not_for_a_service(tables, frame, p, now);
         };
         if p.fragment != Fragment::None {
-            return Err(DropReason::Fragment);
+            // A first fragment names the service by its ports: its drop is the service's too.
+            let outcome = Err(DropReason::Fragment);
+            self.count_service_drop(&summary, &outcome);
+            return outcome;
         }
         let computed;
         let (key, hash) = match ahead.conn_hash {
