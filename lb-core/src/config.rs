@@ -210,7 +210,8 @@ pub enum BackendState {
 /// One backend of a service.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct BackendConfig {
-    /// The backend's address. Must be of the VIP's family in NAT and tunnel modes.
+    /// The backend's address, of the VIP's family in every mode (NAT and the tunnels rewrite to one
+    /// family; a DSR backend holds the VIP itself).
     pub addr: IpAddr,
     /// The backend's port; for DSR and tunnel modes it must equal the service port.
     pub port: u16,

@@ -1458,6 +1458,10 @@ mod tests {
         let mut c = good();
         c.services[0].backends.push(backend("fd00::7", 8080));
         rejects(&c, "backend [fd00::7]:8080 of service web is not of the VIP's family");
+        // DSR too, though it rewrites no address: its backend holds the VIP.
+        let mut c = good();
+        c.services[1].backends[0].addr = "fd00::9".parse().unwrap();
+        rejects(&c, "backend [fd00::9]:53 of service dns is not of the VIP's family (192.0.2.1); DSR needs one family");
 
         let mut c = good();
         c.node.snat_v4 = None;
