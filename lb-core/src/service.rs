@@ -595,6 +595,22 @@ pub enum ConfigError {
         /// The backend, `addr:port`.
         backend: String,
     },
+    /// Two IPv6 backends of a hashing scheduler (mh, sh, dh, hrw, ecmp) with one lb-hash identity,
+    /// which that scheduler cannot tell apart (see [`lb_hash::BackendId::from_socket_addr`]).
+    #[error(
+        "backends {first} and {second} of service {service} have the same lb-hash identity, which {scheduler} \
+         cannot tell apart: change one's address, or use a scheduler that does not hash"
+    )]
+    SameBackendIdentity {
+        /// Service name.
+        service: String,
+        /// The first backend, `addr:port`.
+        first: String,
+        /// The second backend, `addr:port`.
+        second: String,
+        /// The service's scheduler.
+        scheduler: SchedulerKind,
+    },
     /// A backend of the other family than the VIP (NAT and tunnels rewrite to one family; for DSR a
     /// mixed family is a configuration mistake, the backend must hold the VIP).
     #[error("backend {backend} of service {service} is not of the VIP's family ({vip}); {mode} needs one family")]
@@ -992,10 +1008,26 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             _ => {}
         }
         let mut seen: HashSet<(IpAddr, u16)> = HashSet::with_capacity(s.backends.len());
+        // lb-hash identities of IPv6 backends, for a hashing scheduler (an IPv4 one's is its
+        // address and port): checked whatever the backends' states, so that a backend turning
+        // ready is never what makes `build` fail.
+        let hashes = s.scheduler.picks_from_flow_alone();
+        let mut identities: HashMap<lb_hash::BackendId, &BackendConfig> = HashMap::new();
         for b in &s.backends {
             let name = || backend_name(b.addr, b.port);
             if !seen.insert((b.addr, b.port)) {
                 return Err(ConfigError::DuplicateBackend { service: service(), backend: name() });
+            }
+            if hashes && b.addr.is_ipv6() {
+                let id = lb_hash::BackendId::from_socket_addr(core::net::SocketAddr::new(b.addr, b.port));
+                if let Some(first) = identities.insert(id, b) {
+                    return Err(ConfigError::SameBackendIdentity {
+                        service: service(),
+                        first: backend_name(first.addr, first.port),
+                        second: name(),
+                        scheduler: s.scheduler,
+                    });
+                }
             }
             if let Some(kind) = SpecialAddress::of(b.addr) {
                 return Err(ConfigError::UnusableAddress { service: service(), role: "backend", addr: b.addr, kind });
@@ -1581,6 +1613,44 @@ mod tests {
         let mut c = good();
         c.node.snat_v6 = Some("::ffff:10.0.0.100".parse().unwrap());
         rejects(&c, "node.snat_v6 ::ffff:10.0.0.100 is an IPv4-mapped IPv6 address");
+    }
+
+    /// Two IPv6 backends whose lb-hash identities collide (this interface ID zeroes the identity
+    /// hash's state whatever the prefix; see `lb_hash::BackendId::from_socket_addr`): a hashing
+    /// scheduler cannot tell them apart, so `validate` refuses them, naming both, as `build` would
+    /// (the control side screens each Kubernetes Service with `validate` alone, and one that passed
+    /// it but failed `build` failed every later update), and whatever their state (so a backend
+    /// turning ready is not what fails). Schedulers that hash nothing keep them.
+    #[test]
+    fn backends_a_hashing_scheduler_cannot_tell_apart_are_refused() {
+        let (a, b) = ("fd00:1::7b8e:3c9:bc7b:b0ad", "fd00:2::7b8e:3c9:bc7b:b0ad");
+        let id =
+            |addr: &str| lb_hash::BackendId::from_socket_addr(core::net::SocketAddr::new(addr.parse().unwrap(), 53));
+        assert_eq!(id(a), id(b), "the test's premise: the two identities collide");
+        let mut c = good();
+        c.services.remove(0);
+        c.services[0].key.vip = "2001:db8::53".parse().unwrap();
+        c.services[0].backends = vec![backend(a, 53), backend(b, 53)];
+        for kind in SchedulerKind::ALL {
+            for state in [BackendState::Active, BackendState::Draining] {
+                c.services[0].scheduler = kind;
+                c.services[0].backends.iter_mut().for_each(|be| be.state = state);
+                let built = TableBuilder::new().build(&c);
+                if !kind.picks_from_flow_alone() {
+                    assert!(built.is_ok(), "{kind}, {state:?}: {built:?}");
+                    continue;
+                }
+                let err = validate(&c).map(|()| "accepted".to_string()).unwrap_or_else(|e| e.to_string());
+                assert_eq!(
+                    err,
+                    format!(
+                        "backends [{a}]:53 and [{b}]:53 of service dns have the same lb-hash identity, which {kind} \
+                         cannot tell apart: change one's address, or use a scheduler that does not hash"
+                    ),
+                    "{kind}, {state:?}"
+                );
+            }
+        }
     }
 
     #[test]
