@@ -231,3 +231,26 @@ fn a_snat_address_that_is_also_a_vip_serves_both() {
     }
     assert_eq!(w.stats().reverse_nat, 4);
 }
+
+/// A SNAT address that is no VIP is usually the node's own: only frames for the SNAT port range (and
+/// errors about packets sent from it) are NAT replies; the node's other traffic to it (its SSH
+/// server, an error about its own connection, UDP to a port of its own) passes to the kernel, as the
+/// XDP program leaves it there. (It was all taken for NAT replies and dropped as `NoReverseFlow`.)
+#[test]
+fn the_nodes_own_traffic_to_a_snat_address_passes() {
+    let mut w = worker(&all_modes_config());
+    for (snat, client, router) in [
+        (v4("10.0.0.100"), v4("198.51.100.7"), v4("203.0.113.1")),
+        (v4("fd00::100"), v4("2001:db8:ff::7"), v4("2001:db8:fe::1")),
+    ] {
+        let (v, _) = run(&mut w, &tcp(client, 50000, snat, 22, Tcp::Syn, b""), secs(1));
+        assert_eq!(v, Verdict::Pass, "SSH to {snat}");
+        let (v, _) = run(&mut w, &udp(client, 5353, snat, 53, b"q"), secs(1));
+        assert_eq!(v, Verdict::Pass, "DNS to {snat}");
+        let quoted = tcp(snat, 22, client, 50000, Tcp::Ack, b"");
+        assert_eq!(run(&mut w, &icmp_error(router, snat, &quoted), secs(1)).0, Verdict::Pass, "{snat}");
+        // In the range, with no NAT flow: a NAT reply that has lost its flow.
+        let (v, _) = run(&mut w, &tcp(client, 8080, snat, 40001, Tcp::Ack, b""), secs(1));
+        assert_eq!(v, Verdict::Drop(DropReason::NoReverseFlow), "{snat}");
+    }
+}

@@ -1099,18 +1099,17 @@ impl Core {
     }
 }
 
-/// True for a frame to `dst` that belongs to a NAT flow if to any: a frame to a SNAT address, unless
-/// the address is a VIP as well (for ports outside `snat_ports`, [`NodeConfig::vip_conflict`]) and
-/// the frame's port says service traffic: a TCP or UDP destination port, or the source port of the
-/// packet an ICMP error quotes (sent from the address), outside the range.
+/// True for a frame to `dst` that belongs to a NAT flow if to any: a frame to a SNAT address whose
+/// port is in `snat_ports`, a TCP or UDP destination port, or the source port of the packet an ICMP
+/// error quotes (sent from the address). Other ports are the address's other users': a VIP's
+/// services (for ports outside the range, [`NodeConfig::vip_conflict`]), or the node's own traffic,
+/// which passes to the kernel (the SNAT address is usually the node's, and the XDP program leaves
+/// those frames to the kernel too).
 ///
 /// [`NodeConfig::vip_conflict`]: crate::config::NodeConfig::vip_conflict
 fn is_for_a_nat_flow(tables: &Tables, p: &Parsed, dst: IpAddr) -> bool {
     if !tables.is_snat_addr(dst) {
         return false;
-    }
-    if !tables.is_vip(dst) {
-        return true;
     }
     let port = match p.l4 {
         L4::Tcp | L4::Udp => p.flow.dst_port(),
