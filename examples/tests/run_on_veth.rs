@@ -33,14 +33,16 @@ impl Running {
     fn start_with(tag: &str, node_extra: &str, services: &str, tail: &str) -> Option<Running> {
         let tag = format!("{tag}{}", std::process::id());
         let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
+        let text = format!(
+            "node: {{ local_mac: \"02:00:00:00:00:01\"{node_extra} }}\ninterfaces: [{{ name: l0, queues: [0] }}]\nservices:\n{services}{tail}"
+        );
+        Running::launch(&tag, lb_ns, peer, &text)
+    }
+
+    /// Starts `lb run` in `lb_ns` with the configuration `text`, as [`Running::start`] does.
+    fn launch(tag: &str, lb_ns: Netns, peer: Netns, text: &str) -> Option<Running> {
         let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
-        std::fs::write(
-            &config,
-            format!(
-                "node: {{ local_mac: \"02:00:00:00:00:01\"{node_extra} }}\ninterfaces: [{{ name: l0, queues: [0] }}]\nservices:\n{services}{tail}"
-            ),
-        )
-        .unwrap();
+        std::fs::write(&config, text).unwrap();
         let mut child = Command::new("ip")
             .args(["netns", "exec", lb_ns.name(), env!("CARGO_BIN_EXE_lb"), "--log", "info", "run", "--config"])
             .arg(&config)
@@ -95,6 +97,29 @@ fn lb_run_exits_with_an_error_when_its_interface_goes_away() {
     let (status, log) = lb.finish();
     assert!(!status.success(), "lb run must fail: {status:?}\n{log}");
     assert!(log.contains("poll loop lb-l0-q0 failed"), "{log}");
+}
+
+/// A queue index the configuration allows (a NIC with more than 64 queues, serving queue 100)
+/// gets its socket into the XDP program's queue map: the map is sized for the queues served, and
+/// `lb run` starts.
+#[test]
+fn lb_run_serves_a_queue_above_63() {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbq{}", std::process::id());
+    let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
+    let queues = ["numtxqueues", "128", "numrxqueues", "128"];
+    let add = [["link", "add", "m0"].as_slice(), &queues, &["type", "veth", "peer", "name", "m1"], &queues].concat();
+    lb_ns.ip(&add).unwrap();
+    lb_ns.ip(&["link", "set", "m0", "up"]).unwrap();
+    lb_ns.ip(&["link", "set", "m1", "up"]).unwrap();
+    let text = "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: m0, queues: [100] }]\nservices: []\n";
+    let Some(mut lb) = Running::launch(&tag, lb_ns, peer, text) else { return };
+    let _ = Command::new("kill").args(["-TERM", &lb.child.id().to_string()]).status();
+    let (status, log) = lb.finish();
+    assert!(status.success(), "lb run stops cleanly on SIGTERM: {status:?}\n{log}");
 }
 
 #[test]

@@ -288,7 +288,10 @@ pub fn main(args: Args) -> CmdResult {
     let mut vlan_offloads = Vec::new();
     for iface in &settings.interfaces {
         vlan_offloads.extend(rx_vlan_offload_off(&iface.name));
-        let steering = VipSteering::load(steering_config)?;
+        // The queue map needs a slot up to the highest queue served (a NIC may have more than the
+        // default's 64 queues); frames of the queues past its end go to the kernel.
+        let queues = iface.queues.iter().max().map_or(1, |q| q.saturating_add(1));
+        let steering = VipSteering::load(SteeringConfig { queues, ..steering_config })?;
         // The MAC ARP / NDP answers carry: this interface's own.
         let mac = match args.neighbour_responder {
             NeighbourResponder::Off => None,
