@@ -43,22 +43,9 @@ impl Running {
     fn launch(tag: &str, lb_ns: Netns, peer: Netns, text: &str) -> Option<Running> {
         let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
         std::fs::write(&config, text).unwrap();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", lb_ns.name(), env!("CARGO_BIN_EXE_lb"), "--log", "info", "run", "--config"])
-            .arg(&config)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (child, lines) = spawn_lb_run(&lb_ns, &config);
         let mut lb = Running { lb_ns, peer, child, lines, log: Vec::new(), config };
-        let started = loop {
-            let Some(line) = lb.lines.next().map(Result::unwrap) else { break false };
-            lb.log.push(line);
-            if lb.log.last().unwrap().contains("poll loops running") {
-                break true;
-            }
-        };
-        if started {
+        if started(&mut lb.lines, &mut lb.log) {
             return Some(lb);
         }
         let (_, log) = lb.finish();
@@ -67,6 +54,11 @@ impl Running {
             return None;
         }
         panic!("lb run did not start:\n{log}");
+    }
+
+    /// Sends `signal` (`-TERM`, `-KILL`) to `lb run`.
+    fn signal(&self, signal: &str) {
+        let _ = Command::new("kill").args([signal, &self.child.id().to_string()]).status();
     }
 
     fn ethtool_says(&self, label: &str) -> String {
@@ -81,6 +73,30 @@ impl Running {
         let _ = std::fs::remove_file(&self.config);
         (status, self.log.join("\n"))
     }
+}
+
+/// `lb run --config config` in `ns`, its log (stderr) read line by line.
+fn spawn_lb_run(ns: &Netns, config: &std::path::Path) -> (Child, Lines<BufReader<ChildStderr>>) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns.name(), env!("CARGO_BIN_EXE_lb"), "--log", "info", "run", "--config"])
+        .arg(config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// Reads `lines` into `log` until `lb run` says its loops run (true) or its log ends (false).
+fn started(lines: &mut Lines<BufReader<ChildStderr>>, log: &mut Vec<String>) -> bool {
+    for line in lines.map(Result::unwrap) {
+        let running = line.contains("poll loops running");
+        log.push(line);
+        if running {
+            return true;
+        }
+    }
+    false
 }
 
 /// A poll loop whose interface goes away (the kernel unbinds its socket) stops `lb run` with an
@@ -120,6 +136,44 @@ fn lb_run_serves_a_queue_above_63() {
     let _ = Command::new("kill").args(["-TERM", &lb.child.id().to_string()]).status();
     let (status, log) = lb.finish();
     assert!(status.success(), "lb run stops cleanly on SIGTERM: {status:?}\n{log}");
+}
+
+/// A second `lb run` on the queue one already serves fails at once, saying why. After the first is
+/// killed (SIGKILL: no clean-up of its own), its XDP program is gone from the interface and its
+/// socket from the queue, so `lb run` started again (a supervisor's restart) serves it.
+#[test]
+fn after_a_sigkill_lb_run_starts_again_on_the_same_interface() {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbx{}", std::process::id());
+    let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
+    let text = "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: l0, queues: [0] }]\nservices:\n  - { name: web, vip: 10.0.0.10, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 80, mac: \"02:aa:bb:cc:dd:ee\" }] }\n";
+    let Some(mut first) = Running::launch(&tag, lb_ns, peer, text) else { return };
+    let xdp_on_l0 = |ns: &Netns| ns.ip(&["-d", "link", "show", "l0"]).unwrap().contains("xdp");
+    assert!(xdp_on_l0(&first.lb_ns), "the steering program is attached while lb run runs");
+
+    let (mut beside, mut lines) = spawn_lb_run(&first.lb_ns, &first.config);
+    let mut log = Vec::new();
+    if started(&mut lines, &mut log) {
+        let _ = beside.kill();
+        panic!("a second lb run started on a queue the first serves:\n{}", log.join("\n"));
+    }
+    let status = beside.wait().unwrap();
+    let log = log.join("\n");
+    assert!(!status.success() && log.contains("l0") && log.contains("another socket is bound"), "{log}");
+
+    first.signal("-KILL");
+    first.child.wait().unwrap();
+    assert!(!xdp_on_l0(&first.lb_ns), "the kernel detached the program of the killed lb run");
+    let Running { lb_ns, peer, .. } = first;
+    let Some(mut again) = Running::launch(&tag, lb_ns, peer, text) else { return };
+    assert!(xdp_on_l0(&again.lb_ns));
+    again.signal("-TERM");
+    let (status, log) = again.finish();
+    assert!(status.success(), "{log}");
+    assert!(!xdp_on_l0(&again.lb_ns), "detached at a clean exit");
 }
 
 #[test]
