@@ -99,6 +99,14 @@ fn started(lines: &mut Lines<BufReader<ChildStderr>>, log: &mut Vec<String>) -> 
     false
 }
 
+/// A test that fails part-way leaves no `lb run` behind (it would hold its namespace's interfaces).
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A poll loop whose interface goes away (the kernel unbinds its socket) stops `lb run` with an
 /// error naming the loop, so a supervisor restarts it, rather than serving on with a dead queue.
 #[test]
@@ -167,13 +175,57 @@ fn after_a_sigkill_lb_run_starts_again_on_the_same_interface() {
     first.signal("-KILL");
     first.child.wait().unwrap();
     assert!(!xdp_on_l0(&first.lb_ns), "the kernel detached the program of the killed lb run");
-    let Running { lb_ns, peer, .. } = first;
-    let Some(mut again) = Running::launch(&tag, lb_ns, peer, text) else { return };
+    // Started again in its place.
+    let mut again = first;
+    (again.child, again.lines) = spawn_lb_run(&again.lb_ns, &again.config);
+    again.log.clear();
+    assert!(started(&mut again.lines, &mut again.log), "{}", again.log.join("\n"));
     assert!(xdp_on_l0(&again.lb_ns));
     again.signal("-TERM");
     let (status, log) = again.finish();
     assert!(status.success(), "{log}");
     assert!(!xdp_on_l0(&again.lb_ns), "detached at a clean exit");
+}
+
+/// A second `lb run` on another queue of an interface the first serves binds its socket, but the
+/// interface already has the first one's XDP program: it fails at start, naming the interface and
+/// the reason, and the first keeps its program.
+#[test]
+fn a_second_lb_run_on_another_queue_of_the_interface_fails_naming_it() {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbo{}", std::process::id());
+    let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
+    let queues = ["numtxqueues", "2", "numrxqueues", "2"];
+    let add = [["link", "add", "m0"].as_slice(), &queues, &["type", "veth", "peer", "name", "m1"], &queues].concat();
+    lb_ns.ip(&add).unwrap();
+    lb_ns.ip(&["link", "set", "m0", "up"]).unwrap();
+    lb_ns.ip(&["link", "set", "m1", "up"]).unwrap();
+    let config = |q: u32| {
+        format!(
+            "node: {{ local_mac: \"02:00:00:00:00:01\" }}\ninterfaces: [{{ name: m0, queues: [{q}] }}]\nservices: []\n"
+        )
+    };
+    let Some(mut first) = Running::launch(&tag, lb_ns, peer, &config(0)) else { return };
+    let other = std::env::temp_dir().join(format!("lb-run-{tag}-q1.yaml"));
+    std::fs::write(&other, config(1)).unwrap();
+    let (mut beside, mut lines) = spawn_lb_run(&first.lb_ns, &other);
+    let mut log = Vec::new();
+    let running = started(&mut lines, &mut log);
+    if running {
+        let _ = beside.kill();
+    }
+    let status = beside.wait().unwrap();
+    let _ = std::fs::remove_file(&other);
+    let log = log.join("\n");
+    assert!(!running && !status.success(), "a second program on m0:\n{log}");
+    let error = log.lines().find(|l| l.starts_with("error")).unwrap_or_default();
+    assert!(error.contains("m0") && error.contains("another XDP program"), "{log}");
+    first.signal("-TERM");
+    let (status, log) = first.finish();
+    assert!(status.success(), "{log}");
 }
 
 #[test]

@@ -345,7 +345,9 @@ pub fn main(args: Args) -> CmdResult {
             }));
         }
         let ifindex = lb_io::xsk::ifindex(&iface.name).ok_or_else(|| format!("no interface {}", iface.name))?;
-        links.push(steering.attach(ifindex, mode)?);
+        links.push(
+            steering.attach(ifindex, mode).map_err(|e| format!("{}: attaching the XDP program: {e}", iface.name))?,
+        );
         workers.steering.push(steering);
     }
     tracing::info!(loops = queues.len(), "poll loops running");

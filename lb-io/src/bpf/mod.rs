@@ -19,7 +19,7 @@ const BPF_LINK_CREATE: libc::c_long = 28;
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     /// The kernel refused a command.
-    #[error("bpf({command}) failed: {source}{}", hint(source))]
+    #[error("bpf({command}) failed: {source}{}", hint(command, source))]
     Syscall {
         /// The bpf(2) command.
         command: &'static str,
@@ -39,10 +39,14 @@ pub enum BpfError {
     Asm(#[from] asm::AsmError),
 }
 
-fn hint(e: &std::io::Error) -> &'static str {
+fn hint(command: &str, e: &std::io::Error) -> &'static str {
     match e.raw_os_error() {
         Some(libc::EPERM) => " (needs root or CAP_BPF + CAP_NET_ADMIN)",
         Some(libc::ENOSYS) => " (kernel built without BPF)",
+        // An interface holds one XDP program (of another `lb run`, or another tool).
+        Some(libc::EBUSY) if command == "BPF_LINK_CREATE" => {
+            " (another XDP program is attached to the interface: `ip link show`)"
+        }
         _ => "",
     }
 }
