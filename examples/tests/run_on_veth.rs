@@ -146,6 +146,33 @@ fn lb_run_serves_a_queue_above_63() {
     assert!(status.success(), "lb run stops cleanly on SIGTERM: {status:?}\n{log}");
 }
 
+/// A queue the interface does not have (a typo: 4294967295) is refused at start by its socket's
+/// bind, naming the interface and the queue, before the steering program sizes a map for it.
+#[test]
+fn lb_run_names_a_queue_the_interface_does_not_have() {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbn{}", std::process::id());
+    let (lb_ns, _peer) = lb_and_peer(&tag).unwrap();
+    let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
+    let text =
+        "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: l0, queues: [4294967295] }]\nservices: []\n";
+    std::fs::write(&config, text).unwrap();
+    let (mut child, mut lines) = spawn_lb_run(&lb_ns, &config);
+    let mut log = Vec::new();
+    let running = started(&mut lines, &mut log);
+    if running {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let _ = std::fs::remove_file(&config);
+    let log = log.join("\n");
+    let error = log.lines().find(|l| l.starts_with("error")).unwrap_or_default();
+    assert!(!running && !status.success() && error.contains("l0") && error.contains("4294967295"), "{log}");
+}
+
 /// A second `lb run` on the queue one already serves fails at once, saying why. After the first is
 /// killed (SIGKILL: no clean-up of its own), its XDP program is gone from the interface and its
 /// socket from the queue, so `lb run` started again (a supervisor's restart) serves it.

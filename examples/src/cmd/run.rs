@@ -289,8 +289,10 @@ pub fn main(args: Args) -> CmdResult {
     for iface in &settings.interfaces {
         vlan_offloads.extend(rx_vlan_offload_off(&iface.name));
         // The queue map needs a slot up to the highest queue served (a NIC may have more than the
-        // default's 64 queues); frames of the queues past its end go to the kernel.
-        let queues = iface.queues.iter().max().map_or(1, |q| q.saturating_add(1));
+        // default's 64 queues); frames of the queues past its end go to the kernel. No interface has
+        // more than 4096 (rtnetlink's limit): a queue beyond is left to its socket's bind to refuse,
+        // naming it, rather than sizing a map of gigabytes.
+        let queues = iface.queues.iter().max().map_or(1, |q| q.saturating_add(1)).min(4096);
         let steering = VipSteering::load(SteeringConfig { queues, ..steering_config })?;
         // The MAC ARP / NDP answers carry: this interface's own.
         let mac = match args.neighbour_responder {
