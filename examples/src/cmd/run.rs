@@ -210,6 +210,33 @@ fn rx_vlan_offload_off(name: &str) -> Option<lb_io::offload::RxVlanOff> {
 /// (`net.ipv4.ip_local_port_range`, which IPv6 shares) and not in `reserved`
 /// (`net.ipv4.ip_local_reserved_ports`: "40000-40999,50000", empty for none; an unparsable part is
 /// read as reserving nothing).
+/// The receive queues of interface `name` (its `/sys/class/net/NAME/queues/rx-N`) that `served`
+/// leaves out, in order; empty when they cannot be read.
+fn unserved_rx_queues(name: &str, served: &[u32]) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir(format!("/sys/class/net/{name}/queues")) else { return Vec::new() };
+    let mut out: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("rx-")?.parse().ok())
+        .filter(|q| !served.contains(q))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// Warns when the NIC's RSS can put frames on queues no poll loop serves: the XDP program finds no
+/// socket there and leaves them to the kernel, which knows no VIP, so part of the traffic is lost
+/// without a counter of ours.
+fn warn_if_queues_are_unserved(name: &str, served: &[u32]) {
+    let unserved = unserved_rx_queues(name, served);
+    if !unserved.is_empty() {
+        tracing::warn!(
+            interface = name,
+            queues = ?unserved,
+            "receive queues not served: their frames go to the kernel, not the load balancer; serve them, or \
+             leave the NIC only the served ones (ethtool -L {name} combined N) or steer VIP traffic away (ethtool -X / -N)"
+        );
+    }
+}
+
 fn ephemeral_overlap(snat: (u16, u16), local: (u16, u16), reserved: &str) -> u32 {
     let reserved: Vec<(u16, u16)> = reserved
         .trim()
@@ -288,6 +315,7 @@ pub fn main(args: Args) -> CmdResult {
     let mut vlan_offloads = Vec::new();
     for iface in &settings.interfaces {
         vlan_offloads.extend(rx_vlan_offload_off(&iface.name));
+        warn_if_queues_are_unserved(&iface.name, &iface.queues);
         // The queue map needs a slot up to the highest queue served (a NIC may have more than the
         // default's 64 queues); frames of the queues past its end go to the kernel. No interface has
         // more than 4096 (rtnetlink's limit): a queue beyond is left to its socket's bind to refuse,
@@ -376,7 +404,7 @@ mod tests {
 
     use lb_io::bpf::xdp::SteeringConfig;
 
-    use super::{check_nat_replies, check_steering_capacity, ephemeral_overlap};
+    use super::{check_nat_replies, check_steering_capacity, ephemeral_overlap, unserved_rx_queues};
 
     #[test]
     fn snat_ports_the_kernel_may_also_use_are_counted_less_the_reserved() {
@@ -391,6 +419,14 @@ mod tests {
     }
 
     /// Two services, DSR and NAT, as a configuration file gives them.
+    /// Loopback has one receive queue, rx-0.
+    #[test]
+    fn the_queues_an_interface_has_and_lb_run_does_not_serve_are_listed() {
+        assert_eq!(unserved_rx_queues("lo", &[0]), Vec::<u32>::new());
+        assert_eq!(unserved_rx_queues("lo", &[]), vec![0]);
+        assert_eq!(unserved_rx_queues("no-such-interface", &[]), Vec::<u32>::new());
+    }
+
     fn config() -> Config {
         let settings = lb_examples::config::file::parse(
             r#"
