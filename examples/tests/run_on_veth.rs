@@ -123,6 +123,15 @@ fn lb_run_exits_with_an_error_when_its_interface_goes_away() {
     assert!(log.contains("poll loop lb-l0-q0 failed"), "{log}");
 }
 
+/// A veth pair `m0` / `m1` inside `ns`, `queues` receive and transmit queues each, both up.
+fn multi_queue_veth(ns: &Netns, queues: &str) {
+    let q = ["numtxqueues", queues, "numrxqueues", queues];
+    let add = [["link", "add", "m0"].as_slice(), &q, &["type", "veth", "peer", "name", "m1"], &q].concat();
+    ns.ip(&add).unwrap();
+    ns.ip(&["link", "set", "m0", "up"]).unwrap();
+    ns.ip(&["link", "set", "m1", "up"]).unwrap();
+}
+
 /// A queue index the configuration allows (a NIC with more than 64 queues, serving queue 100)
 /// gets its socket into the XDP program's queue map: the map is sized for the queues served, and
 /// `lb run` starts.
@@ -134,11 +143,7 @@ fn lb_run_serves_a_queue_above_63() {
     }
     let tag = format!("lbq{}", std::process::id());
     let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
-    let queues = ["numtxqueues", "128", "numrxqueues", "128"];
-    let add = [["link", "add", "m0"].as_slice(), &queues, &["type", "veth", "peer", "name", "m1"], &queues].concat();
-    lb_ns.ip(&add).unwrap();
-    lb_ns.ip(&["link", "set", "m0", "up"]).unwrap();
-    lb_ns.ip(&["link", "set", "m1", "up"]).unwrap();
+    multi_queue_veth(&lb_ns, "128");
     let text = "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: m0, queues: [100] }]\nservices: []\n";
     let Some(mut lb) = Running::launch(&tag, lb_ns, peer, text) else { return };
     let _ = Command::new("kill").args(["-TERM", &lb.child.id().to_string()]).status();
@@ -225,11 +230,7 @@ fn a_second_lb_run_on_another_queue_of_the_interface_fails_naming_it() {
     }
     let tag = format!("lbo{}", std::process::id());
     let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
-    let queues = ["numtxqueues", "2", "numrxqueues", "2"];
-    let add = [["link", "add", "m0"].as_slice(), &queues, &["type", "veth", "peer", "name", "m1"], &queues].concat();
-    lb_ns.ip(&add).unwrap();
-    lb_ns.ip(&["link", "set", "m0", "up"]).unwrap();
-    lb_ns.ip(&["link", "set", "m1", "up"]).unwrap();
+    multi_queue_veth(&lb_ns, "2");
     let config = |q: u32| {
         format!(
             "node: {{ local_mac: \"02:00:00:00:00:01\" }}\ninterfaces: [{{ name: m0, queues: [{q}] }}]\nservices: []\n"
