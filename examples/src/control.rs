@@ -141,10 +141,21 @@ pub trait TablesSink: Send {
     fn deliver_pending(&mut self) -> Result<(), String> {
         Ok(())
     }
+
+    /// Brings up to date what the sink derives from the node rather than from the tables (which of
+    /// the steered addresses the node holds); the control loop calls it every [`REFRESH_EVERY`].
+    /// Default: nothing.
+    fn refresh(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// How often the control loop retries handing tables to a worker whose queue was full.
 pub const RETRY_PENDING_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How often the control loop has the sink [`refresh`](TablesSink::refresh) what it derives from
+/// the node (an address added to or removed from it without a configuration change).
+pub const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The poll loops' update channels. A loop whose queue is full (stuck, or far behind) must not
 /// block the control loop's runtime, which also runs the Kubernetes feed, the health probes and
@@ -653,6 +664,8 @@ impl<S: TablesSink> Control<S> {
     pub async fn run(mut self, mut inputs: mpsc::Receiver<ControlInput>) {
         let mut retry = tokio::time::interval(RETRY_PENDING_EVERY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refresh = tokio::time::interval(REFRESH_EVERY);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let pending = self.sink.has_pending();
             let input = tokio::select! {
@@ -663,6 +676,12 @@ impl<S: TablesSink> Control<S> {
                         tracing::error!("tables not delivered: {e}");
                         // What the workers hold is no longer known (as after a failed publish).
                         self.running = None;
+                    }
+                    continue;
+                }
+                _ = refresh.tick() => {
+                    if let Err(e) = self.sink.refresh() {
+                        tracing::warn!("refreshing the steering from the node's addresses: {e}");
                     }
                     continue;
                 }

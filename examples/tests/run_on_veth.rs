@@ -56,6 +56,29 @@ impl Running {
         panic!("lb run did not start:\n{log}");
     }
 
+    /// Reads the log until a line contains `text` (true) or the log ends (false). A watchdog kills
+    /// `lb run` after 30 s, which ends the log: it only turns a hang into a failure.
+    fn wait_for_log(&mut self, text: &str) -> bool {
+        let pid = self.child.id().to_string();
+        let (done, watch) = std::sync::mpsc::channel::<()>();
+        let watchdog = std::thread::spawn(move || {
+            if watch.recv_timeout(std::time::Duration::from_secs(30)).is_err() {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+        });
+        let mut found = false;
+        for line in self.lines.by_ref().map(Result::unwrap) {
+            found = line.contains(text);
+            self.log.push(line);
+            if found {
+                break;
+            }
+        }
+        let _ = done.send(());
+        let _ = watchdog.join();
+        found
+    }
+
     /// Sends `signal` (`-TERM`, `-KILL`) to `lb run`.
     fn signal(&self, signal: &str) {
         let _ = Command::new("kill").args([signal, &self.child.id().to_string()]).status();
@@ -331,4 +354,29 @@ fn lb_run_stops_on_a_sigterm_that_comes_while_the_control_plane_starts() {
     };
     drop(waiter.join());
     assert!(status.success(), "lb run stops cleanly on SIGTERM: {status:?}\n{log}");
+}
+
+/// An address the node takes after `lb run` started (a VIP moved onto it by kube-vip or a cloud
+/// agent) is marked as the host's at the next refresh, with no configuration change: the node's
+/// own fragmented datagram to it then reaches the kernel whole, which answers it (here: port
+/// unreachable, so the sender's socket is refused). Before, its fragments went on being steered to
+/// lb-core, which drops fragments, until the next configuration change: the sender timed out.
+#[test]
+fn an_address_the_node_takes_later_is_marked_as_the_hosts() {
+    let service = "  - { name: web, vip: 10.9.9.9, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 80, mac: \"02:aa:bb:cc:dd:ee\" }] }\n";
+    let Some(mut lb) = Running::start("lbh", service) else { return };
+    lb.lb_ns.ip(&["addr", "add", "10.50.0.1/24", "dev", "l0"]).unwrap();
+    lb.peer.ip(&["addr", "add", "10.50.0.2/24", "dev", "p0"]).unwrap();
+    lb.peer.ip(&["route", "add", "10.9.9.9/32", "via", "10.50.0.1"]).unwrap();
+    lb.lb_ns.ip(&["addr", "add", "10.9.9.9/32", "dev", "l0"]).unwrap();
+    assert!(lb.wait_for_log("steering updated"), "no refresh of the host marks:\n{}", lb.log.join("\n"));
+    // 3000 bytes of UDP over a 1500-byte MTU leave the peer in fragments.
+    let probe = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.connect(('10.9.9.9', 9999))\n\
+                 s.send(b'x' * 3000)\ns.settimeout(5)\ntry:\n    s.recv(100)\n    print('answered')\n\
+                 except ConnectionRefusedError:\n    print('refused')\nexcept socket.timeout:\n    print('timeout')\n";
+    let out = lb.peer.exec("python3", &["-c", probe]).unwrap();
+    assert_eq!(out.trim(), "refused", "the kernel did not get the datagram whole");
+    lb.signal("-TERM");
+    let (status, log) = lb.finish();
+    assert!(status.success(), "{status:?}\n{log}");
 }

@@ -25,7 +25,7 @@ use lb_examples::control::{
 };
 use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
-use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
+use lb_io::bpf::xdp::{SteeringConfig, SteeringSet, VipSteering};
 use lb_io::interface::{MulticastGroups, PacketSocket};
 use lb_io::{LoopConfig, PollLoop, StopFlag, UpdateSender, XskConfig, XskDevice, update_channel};
 
@@ -76,6 +76,10 @@ struct Workers {
     announcers: Vec<(String, PacketSocket, [u8; 6])>,
     /// The addresses answered for so far (announced when they joined the set).
     answered: BTreeSet<IpAddr>,
+    /// The last tables published, and the steering set applied for them (host marks included), or
+    /// `None` when applying it failed: [`TablesSink::refresh`] applies it again, and re-derives it
+    /// when the node's addresses change.
+    published: Option<(Arc<Tables>, Option<SteeringSet>)>,
 }
 
 /// Refuses NAT services when `loops` poll loops share the node and nothing steers their replies: a
@@ -147,7 +151,35 @@ impl TablesSink for Workers {
 
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.loops.publish(tables)?;
+        self.published = Some((tables.clone(), None));
         let want = steering_for(tables, self.responder);
+        self.apply_steering(&want)?;
+        self.published = Some((tables.clone(), Some(want)));
+        Ok(())
+    }
+
+    /// An address added to or removed from the node changes which steered addresses are the host's
+    /// (their fragments and foreign ICMP go to the kernel) and, with `--neighbour-responder auto`,
+    /// which are answered for: applied here without waiting for a configuration change. A steering
+    /// update that failed is tried again here too.
+    fn refresh(&mut self) -> Result<(), String> {
+        let Some((tables, applied)) = &self.published else { return Ok(()) };
+        let want = steering_for(tables, self.responder);
+        if applied.as_ref() == Some(&want) {
+            return Ok(());
+        }
+        let tables = tables.clone();
+        self.apply_steering(&want)?;
+        tracing::info!(host = ?want.host, "the node's addresses changed (or a steering update had failed): steering updated");
+        self.published = Some((tables, Some(want)));
+        Ok(())
+    }
+}
+
+impl Workers {
+    /// Sets every interface's steering maps to `want`, joins the IPv6 solicited-node groups of the
+    /// addresses answered for, and announces those new to the set.
+    fn apply_steering(&mut self, want: &SteeringSet) -> Result<(), String> {
         for s in &mut self.steering {
             s.set(want.clone()).map_err(|e| format!("steering services: {e}"))?;
         }
@@ -178,7 +210,7 @@ impl TablesSink for Workers {
                 }
             }
         }
-        self.answered = want.neighbour;
+        self.answered.clone_from(&want.neighbour);
         Ok(())
     }
 }
@@ -304,6 +336,7 @@ pub fn main(args: Args) -> CmdResult {
         groups: Vec::new(),
         announcers: Vec::new(),
         answered: BTreeSet::new(),
+        published: None,
     };
     let mut counters = PublishedCounters::default();
     // A loop that ends before it is asked to (its device failed: say the interface went away) stops
