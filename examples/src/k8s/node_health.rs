@@ -117,10 +117,12 @@ async fn answer(mut conn: TcpStream, port: u16, answers: Answers) {
 fn response(c: &NodeHealthCheck) -> String {
     let n = c.local_endpoints;
     let status = if n > 0 { "200 OK" } else { "503 Service Unavailable" };
-    let body = format!(
-        "{{\"service\":{{\"namespace\":{:?},\"name\":{:?}}},\"localEndpoints\":{n},\"serviceProxyHealthy\":true}}",
-        c.namespace, c.name
-    );
+    let body = serde_json::json!({
+        "service": { "namespace": c.namespace, "name": c.name },
+        "localEndpoints": n,
+        "serviceProxyHealthy": true,
+    })
+    .to_string();
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n\
          X-Load-Balancing-Endpoint-Weight: {n}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
