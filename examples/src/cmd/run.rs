@@ -423,7 +423,12 @@ pub fn main(args: Args) -> CmdResult {
     let failures: Vec<String> = handles.into_iter().filter_map(|h| h.join().ok().flatten()).collect();
     drop(links);
     drop(vlan_offloads);
-    result?;
+    match result {
+        // A SIGTERM or SIGINT while the control plane starts stops the loops it is publishing to, so
+        // its first tables cannot be delivered: that is the stop asked for, not a failure.
+        Err(e) if StopFlag::signalled() => tracing::info!("stopped while starting: {e}"),
+        result => result?,
+    }
     if !failures.is_empty() {
         return Err(failures.join("; ").into());
     }
