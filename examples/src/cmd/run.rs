@@ -238,10 +238,6 @@ fn rx_vlan_offload_off(name: &str) -> Option<lb_io::offload::RxVlanOff> {
     }
 }
 
-/// How many ports of `snat` the kernel may also hand out as ephemeral source ports: those in `local`
-/// (`net.ipv4.ip_local_port_range`, which IPv6 shares) and not in `reserved`
-/// (`net.ipv4.ip_local_reserved_ports`: "40000-40999,50000", empty for none; an unparsable part is
-/// read as reserving nothing).
 /// The receive queues of interface `name` (its `/sys/class/net/NAME/queues/rx-N`) that `served`
 /// leaves out, in order; empty when they cannot be read.
 fn unserved_rx_queues(name: &str, served: &[u32]) -> Vec<u32> {
@@ -269,6 +265,10 @@ fn warn_if_queues_are_unserved(name: &str, served: &[u32]) {
     }
 }
 
+/// How many ports of `snat` the kernel may also hand out as ephemeral source ports: those in `local`
+/// (`net.ipv4.ip_local_port_range`, which IPv6 shares) and not in `reserved`
+/// (`net.ipv4.ip_local_reserved_ports`: "40000-40999,50000", empty for none; an unparsable part is
+/// read as reserving nothing).
 fn ephemeral_overlap(snat: (u16, u16), local: (u16, u16), reserved: &str) -> u32 {
     let reserved: Vec<(u16, u16)> = reserved
         .trim()
@@ -456,7 +456,6 @@ mod tests {
         assert_eq!(ephemeral_overlap((1000, 32768), (32768, 60999), "junk"), 1);
     }
 
-    /// Two services, DSR and NAT, as a configuration file gives them.
     /// Loopback has one receive queue, rx-0.
     #[test]
     fn the_queues_an_interface_has_and_lb_run_does_not_serve_are_listed() {
@@ -465,6 +464,7 @@ mod tests {
         assert_eq!(unserved_rx_queues("no-such-interface", &[]), Vec::<u32>::new());
     }
 
+    /// Two services, DSR and NAT, as a configuration file gives them.
     fn config() -> Config {
         let settings = lb_examples::config::file::parse(
             r#"
