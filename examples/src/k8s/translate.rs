@@ -62,7 +62,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint as SliceEndpoint, EndpointSlice};
 use lb_core::config::{
     BackendConfig, BackendState, Cidr, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey, SpecialAddress,
 };
@@ -142,6 +142,31 @@ enum Condition {
     Terminating,
     /// Ready: Active.
     Ready,
+}
+
+impl Condition {
+    /// `ep`'s conditions read as kube-proxy reads them: a nil `ready` or `serving` is true, a nil
+    /// `terminating` false.
+    fn of(ep: &SliceEndpoint) -> Condition {
+        let c = ep.conditions.as_ref();
+        if c.and_then(|c| c.ready).unwrap_or(true) {
+            Condition::Ready
+        } else if c.and_then(|c| c.serving).unwrap_or(true) && c.and_then(|c| c.terminating).unwrap_or(false) {
+            Condition::Terminating
+        } else {
+            Condition::NotServing
+        }
+    }
+}
+
+/// True when `ep` runs on this node (`node_name`, if known).
+fn is_local(ep: &SliceEndpoint, node_name: Option<&str>) -> bool {
+    node_name.is_some() && ep.node_name.as_deref() == node_name
+}
+
+/// True for a slice of IP addresses (not an FQDN slice, which carries names).
+fn holds_addresses(slice: &EndpointSlice) -> bool {
+    matches!(slice.address_type.as_str(), "IPv4" | "IPv6")
 }
 
 /// Which of a key's ready endpoints take new flows, from their topology hints (kube-proxy's
@@ -499,10 +524,9 @@ fn node_health_check(
     let node = settings.node_name.as_deref();
     let local_endpoints: HashSet<&str> = slices
         .iter()
-        .filter(|s| matches!(s.address_type.as_str(), "IPv4" | "IPv6"))
+        .filter(|s| holds_addresses(s))
         .flat_map(|s| s.endpoints.iter())
-        .filter(|e| node.is_some() && e.node_name.as_deref() == node)
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .filter(|e| is_local(e, node) && Condition::of(e) == Condition::Ready)
         .filter_map(|e| e.addresses.first().map(String::as_str))
         .collect();
     Some(NodeHealthCheck {
@@ -583,8 +607,8 @@ fn endpoints_for(
 ) -> Vec<Endpoint> {
     let mut found: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
     for (slice, &weight) in slices.iter().zip(weights) {
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-            continue; // FQDN slices carry names, not addresses
+        if !holds_addresses(slice) {
+            continue;
         }
         let target = slice.ports.iter().flatten().find(|p| {
             p.name.as_deref().unwrap_or("") == port_name
@@ -599,20 +623,8 @@ fn endpoints_for(
             continue;
         };
         for ep in &slice.endpoints {
-            let c = ep.conditions.as_ref();
-            // API semantics, read as kube-proxy reads them: a nil `ready` or `serving` is true, a nil
-            // `terminating` false.
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(true);
-            let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            let condition = if ready {
-                Condition::Ready
-            } else if serving && terminating {
-                Condition::Terminating
-            } else {
-                Condition::NotServing
-            };
-            let state = if ready { BackendState::Active } else { BackendState::Draining };
+            let condition = Condition::of(ep);
+            let state = if condition == Condition::Ready { BackendState::Active } else { BackendState::Draining };
             // Addresses are fungible; consumers may use the first only (EndpointSlice API).
             let Some(first) = ep.addresses.first() else { continue };
             // An address lb-core would refuse (multicast, broadcast: the API server lets them through
@@ -626,7 +638,7 @@ fn endpoints_for(
                 );
                 continue;
             };
-            let local = node_name.is_some() && ep.node_name.as_deref() == node_name;
+            let local = is_local(ep, node_name);
             let hints = ep.hints.as_ref();
             let e = Endpoint {
                 backend: BackendConfig { addr, port: target_port, weight, mac: None, state },
