@@ -344,20 +344,21 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
                 0 if self.device.at_end() => break,
                 0 => {
                     idle += 1;
-                    if idle >= self.config.idle_spins {
+                    let wait = idle >= self.config.idle_spins;
+                    // The idle turn comes before each wait; a loop that spins rather than waits (busy
+                    // poll) gets it as often as a waiting loop would, so its worker's expired flows
+                    // are reclaimed and its counters published while no traffic comes.
+                    if wait
+                        || (idle.is_multiple_of(SPIN_CLOCK_ROUNDS)
+                            && self.clock.elapsed().saturating_sub(last_idle_call) >= self.config.idle_wait)
+                    {
+                        self.processor.idle(self.now());
+                        last_idle_call = self.clock.elapsed();
+                    }
+                    if wait {
                         idle = 0;
                         self.stats.idle_waits += 1;
-                        self.processor.idle(self.now());
-                        last_idle_call = self.clock.elapsed();
                         self.device.wait(self.config.idle_wait)?;
-                    } else if idle.is_multiple_of(SPIN_CLOCK_ROUNDS)
-                        && self.clock.elapsed().saturating_sub(last_idle_call) >= self.config.idle_wait
-                    {
-                        // A loop that spins rather than waits (busy poll) gets the idle turn as
-                        // often as a waiting loop would: its worker's expired flows are reclaimed
-                        // and its counters published while no traffic comes.
-                        self.processor.idle(self.now());
-                        last_idle_call = self.clock.elapsed();
                     }
                 }
                 _ => {
