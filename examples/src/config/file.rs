@@ -405,21 +405,11 @@ pub fn parse_removed_policy(name: &str) -> Option<RemovedBackendPolicy> {
     }
 }
 
-/// True if `n` is prime, by trial division: meant for table sizes (at most ~2^20), so check a size's
-/// bound before asking (a prime near 2^64 takes minutes).
-pub fn is_prime(n: u64) -> bool {
-    if n < 2 {
-        return false;
-    }
-    let mut d = 2;
-    // Not `d * d <= n`, which overflows for n near 2^64.
-    while d <= n / d {
-        if n.is_multiple_of(d) {
-            return false;
-        }
-        d += 1;
-    }
-    true
+/// `n` as a Maglev table size (file or annotation): a prime no larger than
+/// [`MAX_MAGLEV_TABLE_SIZE`]. The bound is checked first, so any number written is judged at once
+/// (the primality test is trial division: for a prime near 2^64 it ran for minutes).
+pub fn maglev_table_size(n: u64) -> Option<u32> {
+    u32::try_from(n).ok().filter(|&m| n <= MAX_MAGLEV_TABLE_SIZE && lb_hash::is_prime(m))
 }
 
 fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
@@ -652,16 +642,15 @@ fn validate_service(
         }
     }
     let maglev_table_size = s.maglev_table_size.and_then(|n| {
-        // The bound first: it keeps the trial division short.
-        if n > MAX_MAGLEV_TABLE_SIZE || !is_prime(n) {
+        let size = maglev_table_size(n);
+        if size.is_none() {
             p.push(
                 format!("{f}.maglev_table_size"),
                 n,
                 format!("must be a prime no larger than {MAX_MAGLEV_TABLE_SIZE}"),
             );
-            return None;
         }
-        u32::try_from(n).ok()
+        size
     });
     if let (Some(n), Some(k)) = (s.maglev_table_size, scheduler)
         && !k.uses_maglev_table()
@@ -1261,6 +1250,6 @@ services:
         assert_eq!(parse_mac("02-00-00-00-00-0A"), Some([2, 0, 0, 0, 0, 10]));
         assert_eq!(parse_mac("02:00:00:00:00"), None);
         assert_eq!(parse_mac("02:00:00:00:00:00:00"), None);
-        assert!(is_prime(65537) && is_prime(251) && !is_prime(65536) && !is_prime(1));
+        assert_eq!([65537, 251, 65536, 1].map(maglev_table_size), [Some(65537), Some(251), None, None]);
     }
 }

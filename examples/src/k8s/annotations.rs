@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 
 use lb_core::config::{ForwardMode, RemovedBackendPolicy, SchedulerKind};
 
-use crate::config::file::{MAX_MAGLEV_TABLE_SIZE, MAX_WEIGHT, is_prime, parse_mode, parse_removed_policy};
+use crate::config::file::{MAX_MAGLEV_TABLE_SIZE, MAX_WEIGHT, maglev_table_size, parse_mode, parse_removed_policy};
 use crate::config::{HealthCheck, Probe};
 
 /// The one prefix of every annotation the load balancer reads.
@@ -63,11 +63,10 @@ pub fn service(annotations: Option<&BTreeMap<String, String>>) -> Result<Service
     }
     if let Some(v) = a.get(MAGLEV_TABLE_SIZE) {
         let n: u64 = v.trim().parse().map_err(|_| bad(MAGLEV_TABLE_SIZE, v, "is not a number"))?;
-        // The size first: trial division of a number near 2^64 would stall the feed (see the test).
-        if n > MAX_MAGLEV_TABLE_SIZE || !is_prime(n) {
-            return Err(bad(MAGLEV_TABLE_SIZE, v, &format!("must be a prime no larger than {MAX_MAGLEV_TABLE_SIZE}")));
-        }
-        out.maglev_table_size = u32::try_from(n).ok();
+        // (Judged at once, whatever the number: a near-2^64 prime once stalled the feed, see the test.)
+        out.maglev_table_size = Some(maglev_table_size(n).ok_or_else(|| {
+            bad(MAGLEV_TABLE_SIZE, v, &format!("must be a prime no larger than {MAX_MAGLEV_TABLE_SIZE}"))
+        })?);
     }
     if let Some(v) = a.get(MODE) {
         let (name, port) = match v.split_once(':') {
