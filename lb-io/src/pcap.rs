@@ -11,7 +11,7 @@
 //! ([`PcapDevice::ends_inside_a_record`]), as Wireshark and `tcpdump -r` read such a file.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufRead, BufReader, BufWriter};
 use std::path::Path;
 use std::time::Duration;
 
@@ -65,10 +65,13 @@ impl PcapDevice {
         let in_path = input.display().to_string();
         let out_path = output.display().to_string();
         let file = File::open(input).map_err(|e| DeviceError::Io { op: "open", device: in_path.clone(), source: e })?;
-        let reader = PcapReader::new(BufReader::new(file)).map_err(|e| DeviceError::Pcap {
+        let mut buffered = BufReader::new(file);
+        // The first bytes, looked at (not consumed) to name what pcap-file may refuse.
+        let pcapng = buffered.fill_buf().is_ok_and(|b| b.starts_with(&PCAPNG_MAGIC));
+        let reader = PcapReader::new(buffered).map_err(|e| DeviceError::Pcap {
             op: "read",
             path: in_path.clone(),
-            message: header_problem(input, &e),
+            message: header_problem(pcapng, &e),
         })?;
         let header = reader.header();
         if header.datalink != DataLink::ETHERNET {
@@ -161,13 +164,10 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// pcapng's first four bytes (its section header block type), the same in either byte order.
 const PCAPNG_MAGIC: [u8; 4] = [0x0a, 0x0d, 0x0d, 0x0a];
 
-/// What is wrong with the start of `input`, which pcap-file refused with `e`: pcapng, too short to be
-/// a capture, or pcap-file's own reason.
-fn header_problem(input: &Path, e: &PcapError) -> String {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let read = File::open(input).and_then(|mut f| f.read_exact(&mut magic));
-    if read.is_ok() && magic == PCAPNG_MAGIC {
+/// What is wrong with the start of a capture that pcap-file refused with `e`: pcapng (`pcapng`: its
+/// first bytes say so), too short to be a capture, or pcap-file's own reason.
+fn header_problem(pcapng: bool, e: &PcapError) -> String {
+    if pcapng {
         return "the file is pcapng, and only pcap is read: convert it with `editcap -F pcap IN OUT` (or capture \
                 with `tcpdump -w`, which writes pcap)"
             .to_string();
