@@ -22,6 +22,13 @@ pub enum Verdict {
     Pass,
     /// Drop it. The reason has been counted already (in [`crate::stats::Stats::drops`]).
     Drop(crate::stats::DropReason),
+    /// Another core's: a full-NAT reply (or an ICMP error about a NAT flow) to a SNAT port in the
+    /// share of the worker with this `core_index` (see [`crate::worker::snat_port_owner`]), which
+    /// alone tracks its flow. The frame is unchanged: hand it to that worker's next burst, which
+    /// translates it and says [`Verdict::Tx`]. RSS spreads replies over the queues by the backend's
+    /// address and ports, not by the client flow's, so most replies land on a core that does not own
+    /// their port unless the NIC steers them. Counted in [`crate::stats::Stats::handed_off`].
+    Handoff(u16),
 }
 
 impl<'a> Frame<'a> {

@@ -212,6 +212,9 @@ pub struct Stats {
     pub passed: u64,
     /// NAT replies translated back to the client.
     pub reverse_nat: u64,
+    /// Frames given [`Verdict::Handoff`](crate::Verdict::Handoff): NAT replies for another core,
+    /// which counts them in its `rx` again when it is handed them.
+    pub handed_off: u64,
     /// Packets too big for the tunnel path (`NodeConfig::tunnel_mtu`) answered with ICMP
     /// "fragmentation needed" / "packet too big" (each also counts at the backend it was headed for).
     pub icmp_too_big: u64,
@@ -247,6 +250,7 @@ impl Stats {
             tx: 0,
             passed: 0,
             reverse_nat: 0,
+            handed_off: 0,
             icmp_too_big: 0,
             conntrack_evictions: 0,
             arp_replies: 0,
@@ -314,6 +318,7 @@ impl Stats {
         self.tx += other.tx;
         self.passed += other.passed;
         self.reverse_nat += other.reverse_nat;
+        self.handed_off += other.handed_off;
         self.icmp_too_big += other.icmp_too_big;
         self.conntrack_evictions += other.conntrack_evictions;
         self.arp_replies += other.arp_replies;
@@ -486,6 +491,7 @@ mod tests {
         (a.tx, b.tx) = (1, 2);
         b.passed = 3;
         a.reverse_nat = 4;
+        (a.handed_off, b.handed_off) = (10, 20);
         b.icmp_too_big = 6;
         (a.conntrack_evictions, b.conntrack_evictions) = (8, 1);
         b.arp_replies = 2;
@@ -502,6 +508,7 @@ mod tests {
             tx,
             passed,
             reverse_nat,
+            handed_off,
             icmp_too_big,
             conntrack_evictions,
             arp_replies,
@@ -517,7 +524,7 @@ mod tests {
         assert_eq!(a.dropped(DropReason::NoBackend), 2);
         assert_eq!(a.dropped(DropReason::Malformed), 1);
         assert_eq!(a.dropped_total(), 3);
-        assert_eq!((rx, tx, passed, reverse_nat), (5, 3, 3, 4));
+        assert_eq!((rx, tx, passed, reverse_nat, handed_off), (5, 3, 3, 4, 30));
         assert_eq!((icmp_too_big, conntrack_evictions), (6, 9));
         assert_eq!((arp_replies, ndp_adverts, tables_refused), (2, 1, 7));
         assert_eq!(a.services[1].packets, 7);

@@ -483,6 +483,59 @@ fn snat_port_shares_are_disjoint_and_cover_the_range() {
     }
     assert_eq!((prev_hi, covered), (range.1, 28232));
     assert_eq!(snat_port_share((1, 2), 0, 3), None);
+    // Every port's owner is the core whose share holds it, for ranges that divide evenly and that
+    // leave a remainder to the last share; none outside the range or without shares.
+    for (range, cores) in [((40000, 40999), 2), ((1, 7), 3), ((60000, 65535), 7), ((5, 5), 1), ((1, 65535), 64)] {
+        for port in 0..=u16::MAX {
+            let holder = (0..cores)
+                .find(|&c| snat_port_share(range, c, cores).is_some_and(|(lo, hi)| (lo..=hi).contains(&port)));
+            assert_eq!(snat_port_owner(range, cores, port), holder, "{range:?} over {cores}, port {port}");
+        }
+    }
+    assert_eq!(snat_port_owner((1, 2), 3, 1), None);
+    assert_eq!(snat_port_owner((0, 100), 2, 50), None);
+    assert_eq!(snat_port_owner((40000, 40999), 0, 40000), None);
+}
+
+/// RSS spreads NAT replies over the queues by the backend's address and ports, so a reply mostly
+/// lands on a core that does not track its flow. That core hands it, unchanged, to the core whose
+/// SNAT port share holds its destination port (an ICMP error about the flow too, by its quote's
+/// source port), and the owner translates it as if it had arrived there. A reply to a port of the
+/// core's own share that it has no flow for stays a drop, as does one outside `snat_ports`.
+#[test]
+fn a_nat_reply_on_another_core_is_handed_to_the_owner_of_its_snat_port() {
+    let cfg = all_modes_config();
+    let tables = build(&cfg);
+    let core = |i| Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 1024, core_index: i, core_count: 2 });
+    let mut cores = [core(0), core(1)];
+    let (lo1, _) = lb_core::worker::snat_port_share(cfg.node.snat_ports, 1, 2).unwrap();
+    for (owner, client_port) in [(0usize, 1000u16), (1, 2000)] {
+        let c = client(u32::from(client_port));
+        let (v, out) = run(&mut cores[owner], &tcp(c, client_port, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+        assert_eq!(v, Verdict::Tx);
+        let s = seen(&out);
+        assert_eq!(s.sport >= lo1, owner == 1, "core {owner} took SNAT port {} from its own share", s.sport);
+        let reply = tcp(s.dst, s.dport, s.src, s.sport, Tcp::Ack, b"");
+        let other = 1 - owner;
+        let (handed_before, tracked_before) = (cores[other].stats().handed_off, cores[other].conntrack().len());
+        let (v, unchanged) = run(&mut cores[other], &reply, secs(1));
+        assert_eq!(v, Verdict::Handoff(u16::try_from(owner).unwrap()), "core {other} hands the reply on");
+        assert_eq!(unchanged, reply, "a handed-off frame is not touched");
+        assert_eq!(cores[other].stats().handed_off, handed_before + 1);
+        assert_eq!(cores[other].conntrack().len(), tracked_before, "the other core tracks nothing of it");
+        let (v, out) = run(&mut cores[owner], &unchanged, secs(1));
+        assert_eq!(v, Verdict::Tx, "the owner translates it");
+        let back = seen(&out);
+        assert_eq!((back.src, back.sport, back.dst, back.dport), (v4(VIP), 80, c, client_port));
+    }
+    // The owner's own port with no flow: a drop; a port outside snat_ports: the host's. No handoffs.
+    for port in [lo1, 39999] {
+        let (v, _) = run(&mut cores[1], &tcp(v4("10.1.0.1"), 8080, v4("10.0.0.100"), port, Tcp::Ack, b""), secs(2));
+        let expected = if port == lo1 { Verdict::Drop(DropReason::NoReverseFlow) } else { Verdict::Pass };
+        assert_eq!(v, expected, "port {port}");
+    }
+    let total: u64 = cores.iter().map(|w| w.stats().handed_off).sum();
+    assert_eq!(total, 2);
 }
 
 #[test]

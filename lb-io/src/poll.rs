@@ -406,6 +406,8 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
                 }
                 Verdict::Pass => self.stats.pass += 1,
                 Verdict::Drop(_) => self.stats.drop += 1,
+                // No way to another loop yet: lost.
+                Verdict::Handoff(_) => self.stats.drop += 1,
             }
         }
         self.stats.rx += n as u64;

@@ -52,8 +52,10 @@
 //!   scheduled afresh, as on a time-wait one.
 //! - UDP entries are half-open until a second packet or a reply is seen.
 //! - Full NAT: each core takes a disjoint share of `NodeConfig::snat_ports` ([`snat_port_share`]);
-//!   replies must reach the core that owns their destination port (the I/O layer steers them, see
-//!   [`snat_port_owner`]). Replies are sent to `NodeConfig::gateway_mac`.
+//!   a reply is translated back by the core that owns its destination port ([`snat_port_owner`]);
+//!   any other core gives it [`Verdict::Handoff`] to that core, for the I/O layer to pass on
+//!   (unless the NIC steers replies by port, most land elsewhere: RSS spreads them by the backend's
+//!   address and ports). Replies are sent to `NodeConfig::gateway_mac`.
 //! - ICMP errors follow the flow they quote: to a VIP, to the flow's backend (DSR and tunnels carry
 //!   them unchanged, NAT translates the error and its quote); to a SNAT address, back to the client
 //!   translated. An error to a VIP about a flow this core does not track (RSS hands errors to any
@@ -333,6 +335,10 @@ impl Worker {
                     Ok(Verdict::Pass) => {
                         core.stats.passed += 1;
                         Verdict::Pass
+                    }
+                    Ok(Verdict::Handoff(owner)) => {
+                        core.stats.handed_off += 1;
+                        Verdict::Handoff(owner)
                     }
                     Ok(Verdict::Drop(reason)) | Err(reason) => {
                         core.stats.count_drop(reason);
@@ -833,13 +839,16 @@ impl Core {
     /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow): find its NAT
     /// flow by the reverse entry and translate it back to VIP -> client.
     fn nat_reply(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, now: u32) -> Outcome {
-        let key = match p.l4 {
-            L4::Tcp | L4::Udp => ConnKey::from_flow(&p.flow),
-            L4::IcmpError(e) => ConnKey::from_flow(&e.inner.reverse()),
+        let (key, port) = match p.l4 {
+            L4::Tcp | L4::Udp => (ConnKey::from_flow(&p.flow), p.flow.dst_port()),
+            L4::IcmpError(e) => (ConnKey::from_flow(&e.inner.reverse()), e.inner.src_port()),
             _ => return Ok(Verdict::Pass),
         };
         if p.fragment != Fragment::None {
             return Err(DropReason::Fragment);
+        }
+        if !self.snat_ports.is_some_and(|(lo, hi)| (lo..=hi).contains(&port)) {
+            return self.not_my_snat_port(tables, port);
         }
         let index = self.conntrack.find(&key, key.hash()).ok_or(DropReason::NoReverseFlow)?;
         if !self.conntrack.is_live(index, now) {
@@ -860,6 +869,18 @@ impl Core {
         self.nat_rewrite(frame, p, to, (node.local_mac, node.gateway_mac.unwrap_or(node.local_mac)))?;
         self.stats.reverse_nat += 1;
         Ok(Verdict::Tx)
+    }
+
+    /// A NAT reply to a SNAT port outside this core's share: the owner's, to hand over, or (no
+    /// owner, this core's share being empty) a drop. Cold: with several queues, a NIC that steers
+    /// replies by SNAT port never sends one here.
+    #[cold]
+    #[inline(never)]
+    fn not_my_snat_port(&self, tables: &Tables, port: u16) -> Outcome {
+        match snat_port_owner(tables.node().snat_ports, self.config.core_count, port) {
+            Some(owner) if owner != self.config.core_index => Ok(Verdict::Handoff(owner)),
+            _ => Err(DropReason::NoReverseFlow),
+        }
     }
 
     /// An ICMP error addressed to a VIP, about the flow `flow` (client to VIP): send it where the flow

@@ -29,9 +29,21 @@ pub fn snat_port_share(ports: (u16, u16), core_index: u16, core_count: u16) -> O
     Some((u16::try_from(lo).ok()?, u16::try_from(hi).ok()?))
 }
 
-/// The worker that owns SNAT port `port`, for steering NAT replies to the right core.
+/// The worker that owns SNAT port `port` (whose [`snat_port_share`] holds it), for steering NAT
+/// replies to the right core; `None` for a port outside `ports` or with no share. O(1): a worker
+/// hands every reply it does not own to the owner (see [`crate::Verdict::Handoff`]).
 pub fn snat_port_owner(ports: (u16, u16), core_count: u16, port: u16) -> Option<u16> {
-    (0..core_count).find(|&c| snat_port_share(ports, c, core_count).is_some_and(|(lo, hi)| (lo..=hi).contains(&port)))
+    let (first, last) = ports;
+    if first == 0 || first > last || core_count == 0 || !(first..=last).contains(&port) {
+        return None;
+    }
+    let per = (u32::from(last) - u32::from(first) + 1) / u32::from(core_count);
+    if per == 0 {
+        return None;
+    }
+    // The last share takes the remainder.
+    let owner = ((u32::from(port) - u32::from(first)) / per).min(u32::from(core_count) - 1);
+    u16::try_from(owner).ok()
 }
 
 /// A full-NAT flow's first SNAT probe as the warm-up guessed it: the reply key's hash, and the
