@@ -130,6 +130,23 @@ impl ChunkPool {
         Ok(FlushProgress { submitted: done, completed: done, pending: self.tx_queue.len() })
     }
 
+    /// Queues a copy of `packet` for transmission from a free buffer, at the headroom; false when no
+    /// buffer is free or the packet does not fit one. Not between [`ChunkPool::lend`] and
+    /// [`ChunkPool::settle`].
+    pub(crate) fn queue_copy(&mut self, packet: &[u8]) -> bool {
+        debug_assert!(self.lent.is_empty(), "queue_copy while a burst is lent");
+        let Some(&idx) = self.free.last() else { return false };
+        let start = self.headroom;
+        let Some(room) = self.chunks.get_mut(idx).and_then(|c| c.get_mut(start..start.saturating_add(packet.len())))
+        else {
+            return false;
+        };
+        room.copy_from_slice(packet);
+        self.free.pop();
+        self.tx_queue.push_back((idx, Span { start, len: packet.len() }));
+        true
+    }
+
     /// Drops every queued frame, returning its buffer to the pool.
     pub(crate) fn discard(&mut self) -> usize {
         let n = self.tx_queue.len();

@@ -119,4 +119,23 @@ pub trait Device {
     fn at_end(&self) -> bool {
         false
     }
+
+    /// Queues a copy of `packet` for transmission from a buffer of the device's own (a frame another
+    /// loop handed over, see [`crate::handoff`]); false when it cannot (no free buffer, too long, or
+    /// a device that does not send copies, as by default). Send it with [`Device::flush`].
+    fn transmit_copy(&mut self, packet: &[u8]) -> bool {
+        let _ = packet;
+        false
+    }
+
+    /// As [`Device::wait`], returning early too once `wake` is readable (another loop handed this
+    /// one a frame). By default the same as `wait`, which suits a device that does not block.
+    fn wait_or_wake(
+        &mut self,
+        timeout: std::time::Duration,
+        wake: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), DeviceError> {
+        let _ = wake;
+        self.wait(timeout)
+    }
 }

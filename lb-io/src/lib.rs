@@ -21,6 +21,7 @@ pub mod alloc;
 pub mod bpf;
 mod chunk;
 pub mod device;
+pub mod handoff;
 pub mod interface;
 pub mod memory;
 pub mod netns;
@@ -34,6 +35,7 @@ pub mod xsk;
 
 pub use alloc::HugePageAlloc;
 pub use device::{Device, DeviceError, FlushProgress, MAX_BURST, Received, Span};
+pub use handoff::{Handoff, HandoffConfig, HandoffError, mesh};
 pub use memory::{MemoryConfig, MemoryDevice};
 pub use pcap::PcapDevice;
 pub use poll::{

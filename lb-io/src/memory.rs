@@ -115,4 +115,8 @@ impl Device for MemoryDevice {
     fn at_end(&self) -> bool {
         self.input.is_empty()
     }
+
+    fn transmit_copy(&mut self, packet: &[u8]) -> bool {
+        self.pool.queue_copy(packet)
+    }
 }

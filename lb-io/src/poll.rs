@@ -5,8 +5,10 @@
 //!     stop?                       -> flush what is queued, leave
 //!     control update waiting?     -> processor.apply(update); send the old state back
 //!     transmit side behind?       -> flush; no progress => counted back-off, give up after a limit
+//!     frames handed over by other loops?  -> process them, transmit copies (see crate::handoff)
 //!     n = device.receive(burst)   -> none: flush / wait (idle) / leave at the end of a capture
 //!     processor.process_burst(frames[..n], now, verdicts)
+//!     Handoff(i) frames => copied to loop i's inbox
 //!     device.settle(Tx frames => transmit, the rest => recycle)
 //!     TX batch full or flush deadline passed -> device.flush()
 //! }
@@ -22,6 +24,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use lb_core::{Frame, Instant, Verdict};
 
 use crate::device::{Device, DeviceError, MAX_BURST, Span};
+use crate::handoff::{self, Handoff};
 use crate::processor::BurstProcessor;
 use crate::stop::StopFlag;
 
@@ -73,9 +76,18 @@ pub struct LoopStats {
     /// Frames with verdict Pass (recycled: an AF_XDP socket cannot hand a frame back to the kernel;
     /// the XDP program keeps non-VIP traffic in the kernel so these are rare).
     pub pass: u64,
-    /// Frames with verdict Drop, and frames marked Tx that the device could not queue (an empty
-    /// packet, or one past its buffer), so that `rx = tx + pass + drop`.
+    /// Frames with verdict Drop, frames marked Tx that the device could not queue (an empty
+    /// packet, one past its buffer, or no buffer for a handed-in copy), frames for another loop
+    /// that it had no room for (`handoff_lost` too), and handed-in frames not sent, so that
+    /// `rx + handed_in = tx + pass + drop + handed_off`.
     pub drop: u64,
+    /// Frames handed to another loop ([`lb_core::Verdict::Handoff`]), copied into its inbox.
+    pub handed_off: u64,
+    /// Frames for another loop lost because its inbox had no free buffer, or there was no such loop
+    /// (also counted in `drop`).
+    pub handoff_lost: u64,
+    /// Frames other loops handed to this one, processed here.
+    pub handed_in: u64,
     /// Non-empty bursts.
     pub bursts: u64,
     /// Control updates applied.
@@ -95,6 +107,9 @@ pub struct LoopCounters {
     tx: AtomicU64,
     pass: AtomicU64,
     drop: AtomicU64,
+    handed_off: AtomicU64,
+    handoff_lost: AtomicU64,
+    handed_in: AtomicU64,
     stalled_flushes: AtomicU64,
     tx_abandoned: AtomicU64,
 }
@@ -105,6 +120,9 @@ impl LoopCounters {
         self.tx.store(s.tx, Ordering::Relaxed);
         self.pass.store(s.pass, Ordering::Relaxed);
         self.drop.store(s.drop, Ordering::Relaxed);
+        self.handed_off.store(s.handed_off, Ordering::Relaxed);
+        self.handoff_lost.store(s.handoff_lost, Ordering::Relaxed);
+        self.handed_in.store(s.handed_in, Ordering::Relaxed);
         self.stalled_flushes.store(s.stalled_flushes, Ordering::Relaxed);
         self.tx_abandoned.store(s.tx_abandoned, Ordering::Relaxed);
     }
@@ -116,6 +134,9 @@ impl LoopCounters {
             tx: self.tx.load(Ordering::Relaxed),
             pass: self.pass.load(Ordering::Relaxed),
             drop: self.drop.load(Ordering::Relaxed),
+            handed_off: self.handed_off.load(Ordering::Relaxed),
+            handoff_lost: self.handoff_lost.load(Ordering::Relaxed),
+            handed_in: self.handed_in.load(Ordering::Relaxed),
             stalled_flushes: self.stalled_flushes.load(Ordering::Relaxed),
             tx_abandoned: self.tx_abandoned.load(Ordering::Relaxed),
             ..LoopStats::default()
@@ -268,6 +289,8 @@ pub struct PollLoop<D, P: BurstProcessor> {
     counters: Arc<LoopCounters>,
     stats: LoopStats,
     clock: std::time::Instant,
+    /// This loop's end of the handoff between loops, if it has one.
+    handoff: Option<Handoff>,
 }
 
 impl<D: std::fmt::Debug, P: BurstProcessor> std::fmt::Debug for PollLoop<D, P> {
@@ -311,7 +334,17 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
             counters: Arc::default(),
             stats: LoopStats::default(),
             clock: std::time::Instant::now(),
+            handoff: None,
         }
+    }
+
+    /// Joins the loop to a [`handoff::mesh`] through its end `handoff`: frames its processor gives
+    /// [`Verdict::Handoff`]`(i)` go to the loop holding end `i`, and frames handed to this one are
+    /// processed and sent from this loop's device. Without a mesh such frames are lost (counted).
+    #[must_use]
+    pub fn with_handoff(mut self, handoff: Handoff) -> Self {
+        self.handoff = Some(handoff);
+        self
     }
 
     /// Live counters, readable from another thread while the loop runs.
@@ -357,8 +390,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
                     }
                     if wait {
                         idle = 0;
-                        self.stats.idle_waits += 1;
-                        self.device.wait(self.config.idle_wait)?;
+                        self.wait()?;
                     }
                 }
                 _ => {
@@ -384,14 +416,78 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         elapsed(&self.clock)
     }
 
-    /// Receives one burst, runs the processor on it and settles it; returns the burst size.
+    /// Blocks in the device's wait while nothing comes, waking early when another loop hands this
+    /// one a frame.
+    fn wait(&mut self) -> Result<(), DeviceError> {
+        let timeout = self.config.idle_wait;
+        let Some(h) = &self.handoff else {
+            self.stats.idle_waits += 1;
+            return self.device.wait(timeout);
+        };
+        if !h.will_wait() {
+            return Ok(());
+        }
+        self.stats.idle_waits += 1;
+        let waited = match h.wake_fd() {
+            Some(fd) => self.device.wait_or_wake(timeout, fd),
+            None => self.device.wait(timeout),
+        };
+        h.woke();
+        waited
+    }
+
+    /// Runs up to a burst of the frames other loops handed to this one through the processor and
+    /// queues copies of those to transmit on this loop's device; returns how many it took.
+    fn handed_in(&mut self) -> usize {
+        let Some(h) = &self.handoff else { return 0 };
+        let burst = self.config.burst;
+        let mut slots: [Option<handoff::Slot>; MAX_BURST] = [const { None }; MAX_BURST];
+        let mut n = 0;
+        while n < burst
+            && let Some(slot) = h.take()
+        {
+            slots[n] = Some(slot);
+            n += 1;
+        }
+        if n == 0 {
+            return 0;
+        }
+        let mut frames: [Frame<'_>; MAX_BURST] = std::array::from_fn(|_| Frame::whole(&mut []));
+        for (frame, slot) in frames.iter_mut().zip(slots.iter_mut()).take(n) {
+            if let Some(slot) = slot {
+                *frame = Frame::new(&mut slot.buf, handoff::HEADROOM, slot.len);
+            }
+        }
+        let mut verdicts = [Verdict::Pass; MAX_BURST];
+        self.processor.process_burst(&mut frames[..n], elapsed(&self.clock), &mut verdicts[..n]);
+        for (frame, verdict) in frames.iter().zip(verdicts.iter()).take(n) {
+            // A copy cannot go to the kernel, and is never handed on again (no ping-pong between
+            // loops whose tables disagree for a moment).
+            if *verdict == Verdict::Tx && self.device.transmit_copy(frame.data()) {
+                self.stats.tx += 1;
+            } else {
+                self.stats.drop += 1;
+            }
+        }
+        for slot in slots.iter_mut().take(n) {
+            if let Some(slot) = slot.take() {
+                h.give_back(slot);
+            }
+        }
+        self.stats.handed_in += n as u64;
+        n
+    }
+
+    /// Receives one burst, runs the processor on it and settles it; returns the burst size (with
+    /// the frames handed in by other loops).
     fn round(&mut self) -> Result<usize, DeviceError> {
+        let handed = self.handed_in();
         let burst = self.config.burst;
         let mut frames: [Frame<'_>; MAX_BURST] = std::array::from_fn(|_| Frame::whole(&mut []));
         let received = self.device.receive(&mut frames[..burst])?;
         let n = received.count.min(burst);
         if n == 0 {
-            return Ok(0);
+            return Ok(handed);
         }
         let now = received.clock.unwrap_or_else(|| elapsed(&self.clock));
         let mut verdicts = [Verdict::Pass; MAX_BURST];
@@ -406,8 +502,14 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
                 }
                 Verdict::Pass => self.stats.pass += 1,
                 Verdict::Drop(_) => self.stats.drop += 1,
-                // No way to another loop yet: lost.
-                Verdict::Handoff(_) => self.stats.drop += 1,
+                Verdict::Handoff(to) => {
+                    if self.handoff.as_ref().is_some_and(|h| h.send(usize::from(*to), frame.data())) {
+                        self.stats.handed_off += 1;
+                    } else {
+                        self.stats.handoff_lost += 1;
+                        self.stats.drop += 1;
+                    }
+                }
             }
         }
         self.stats.rx += n as u64;
@@ -416,7 +518,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         self.stats.tx += queued as u64;
         // What the device declined (it recycles those buffers) is lost: a drop.
         self.stats.drop += tx.saturating_sub(queued) as u64;
-        Ok(n)
+        Ok(n + handed)
     }
 
     /// Flushes; when nothing moves, backs off (spin, then yield, then a short sleep) and, after
@@ -911,5 +1013,150 @@ mod tests {
         assert_eq!(r.stats.updates, 20);
         assert_eq!(*r.processor.generation, 20);
         assert!(r.processor.seen.windows(2).all(|w| w[0] <= w[1]), "generations go forward only");
+    }
+
+    /// Sends a frame to the loop its first byte names; its own frames it marks (second byte) and
+    /// transmits.
+    struct Router {
+        me: u8,
+    }
+
+    impl BurstProcessor for Router {
+        type Update = Box<u32>;
+        fn process_burst(&mut self, frames: &mut [Frame<'_>], _now: Instant, verdicts: &mut [Verdict]) {
+            for (f, v) in frames.iter_mut().zip(verdicts.iter_mut()) {
+                let to = f.data()[0];
+                *v = if to == self.me {
+                    f.data_mut()[1] = 0xee;
+                    Verdict::Tx
+                } else {
+                    Verdict::Handoff(u16::from(to))
+                };
+            }
+        }
+        fn apply(&mut self, update: Box<u32>) -> Box<u32> {
+            update
+        }
+    }
+
+    fn routed(to: u8, i: u8) -> Vec<u8> {
+        let mut f = vec![0u8; 60];
+        (f[0], f[2]) = (to, i);
+        f
+    }
+
+    #[test]
+    fn frames_for_another_loop_are_handed_to_it_and_sent_from_its_device() {
+        let ends = handoff::mesh(3, handoff::HandoffConfig { buffers: 4, buffer_size: 512 }).unwrap();
+        let loop_of = |me: u8, input: &[Vec<u8>]| {
+            let mut dev = MemoryDevice::new(MemoryConfig::default());
+            for f in input {
+                dev.push_rx(f);
+            }
+            let (_tx, rx) = update_channel();
+            PollLoop::new(dev, Router { me }, rx, StopFlag::new(), LoopConfig::default())
+                .with_handoff(ends[usize::from(me)].clone())
+        };
+        // Loop 0 gets one frame of its own, four for loop 1 and two for loop 2, then one more for
+        // loop 1, whose inbox (four buffers) is full by then: lost, counted. And one for a loop 7
+        // that does not exist.
+        let input: Vec<Vec<u8>> = [(0, 0), (1, 1), (1, 2), (2, 3), (1, 4), (1, 5), (2, 6), (1, 7), (7, 8)]
+            .map(|(t, i)| routed(t, i))
+            .to_vec();
+        let mut r0 = loop_of(0, &input).run().unwrap();
+        assert_eq!(
+            r0.device.take_transmitted(),
+            vec![{
+                let mut f = routed(0, 0);
+                f[1] = 0xee;
+                f
+            }]
+        );
+        let s = r0.stats;
+        assert_eq!((s.rx, s.tx, s.handed_off, s.handoff_lost, s.drop, s.handed_in), (9, 1, 6, 2, 2, 0));
+        // Loop 1 takes what it was handed, in order, and sends it marked from its own buffers, before
+        // and beside its own input.
+        let mut r1 = loop_of(1, &[routed(1, 9)]).run().unwrap();
+        let sent: Vec<(u8, u8)> = r1.device.take_transmitted().iter().map(|f| (f[1], f[2])).collect();
+        assert_eq!(sent, [(0xee, 1), (0xee, 2), (0xee, 4), (0xee, 5), (0xee, 9)]);
+        let s = r1.stats;
+        assert_eq!((s.rx, s.handed_in, s.tx, s.drop), (1, 4, 5, 0));
+        assert_eq!(s.rx + s.handed_in, s.tx + s.pass + s.drop + s.handed_off);
+        // Its buffers are free again: four more fit.
+        assert!((0..4).all(|i| ends[0].send(1, &routed(1, i))));
+        let r2 = loop_of(2, &[]).run().unwrap();
+        assert_eq!(r2.stats.handed_in, 2);
+        // A frame handed in that its new loop would hand on again is dropped, not bounced: loop 2
+        // receives one for loop 0 through its inbox.
+        assert!(ends[1].send(2, &routed(0, 10)));
+        let r2 = loop_of(2, &[]).run().unwrap();
+        assert_eq!((r2.stats.handed_in, r2.stats.drop, r2.stats.handed_off), (1, 1, 0));
+        assert_eq!(ends[0].pending(), 0);
+    }
+
+    #[test]
+    fn a_waiting_loop_wakes_for_a_frame_handed_to_it() {
+        /// Receives nothing; waits as an AF_XDP socket does (poll on its wake-up), saying when it
+        /// starts to; hands what it sends to the test.
+        struct Sleeper {
+            waiting: Sender<()>,
+            sent: Sender<Vec<u8>>,
+        }
+        impl Device for Sleeper {
+            fn receive<'a>(&'a mut self, _f: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
+                Ok(Received::frames(0))
+            }
+            fn settle(&mut self, _s: &[Option<Span>]) -> Result<usize, DeviceError> {
+                Ok(0)
+            }
+            fn flush(&mut self) -> Result<FlushProgress, DeviceError> {
+                Ok(FlushProgress::default())
+            }
+            fn pending_tx(&self) -> usize {
+                0
+            }
+            fn discard_pending(&mut self) -> usize {
+                0
+            }
+            fn transmit_copy(&mut self, packet: &[u8]) -> bool {
+                self.sent.send(packet.to_vec()).is_ok()
+            }
+            fn wait_or_wake(
+                &mut self,
+                timeout: Duration,
+                wake: std::os::fd::BorrowedFd<'_>,
+            ) -> Result<(), DeviceError> {
+                use std::os::fd::AsRawFd;
+                let _ = self.waiting.try_send(());
+                let mut pfd = libc::pollfd { fd: wake.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+                // SAFETY: one valid pollfd for the duration of the call.
+                unsafe { libc::poll(&mut pfd, 1, ms) };
+                Ok(())
+            }
+        }
+        let ends = handoff::mesh(2, handoff::HandoffConfig::default()).unwrap();
+        let (waiting_tx, waiting) = crossbeam_channel::bounded(1);
+        let (sent_tx, sent) = crossbeam_channel::unbounded();
+        let stop = StopFlag::new();
+        let (_updates, rx) = update_channel();
+        // Waits of ten minutes: only the wake-up can end one within the test's deadline.
+        let config = LoopConfig { idle_spins: 1, idle_wait: Duration::from_secs(600), ..LoopConfig::default() };
+        let h =
+            PollLoop::new(Sleeper { waiting: waiting_tx, sent: sent_tx }, Router { me: 1 }, rx, stop.clone(), config)
+                .with_handoff(ends[1].clone())
+                .spawn("handoff-wake".into(), None)
+                .unwrap();
+        for i in 0..3 {
+            waiting.recv_timeout(Duration::from_secs(30)).expect("the loop went to wait");
+            assert!(ends[0].send(1, &routed(1, i)));
+            let got = sent.recv_timeout(Duration::from_secs(30)).expect("woken by the handoff, not by its timeout");
+            assert_eq!((got[1], got[2]), (0xee, i));
+        }
+        stop.stop();
+        // The loop leaves at its next look at the flag: wake it once more.
+        assert!(ends[0].send(1, &routed(1, 99)));
+        let r = h.join().unwrap().unwrap();
+        assert!(r.stats.handed_in >= 3);
     }
 }

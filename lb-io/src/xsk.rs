@@ -857,10 +857,36 @@ impl Device for XskDevice {
     }
 
     fn wait(&mut self, timeout: Duration) -> Result<(), DeviceError> {
-        let mut pfd = libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 };
+        self.poll_for(timeout, None)
+    }
+
+    fn wait_or_wake(&mut self, timeout: Duration, wake: std::os::fd::BorrowedFd<'_>) -> Result<(), DeviceError> {
+        self.poll_for(timeout, Some(wake))
+    }
+
+    /// One frame copied into a free chunk (a quarter of them stay for the receive side).
+    fn transmit_copy(&mut self, packet: &[u8]) -> bool {
+        self.transmit_new(1, |chunk| match chunk.get_mut(..packet.len()) {
+            Some(room) => {
+                room.copy_from_slice(packet);
+                packet.len()
+            }
+            None => 0,
+        }) == 1
+    }
+}
+
+impl XskDevice {
+    /// Waits up to `timeout` for a frame on the socket, or for `wake` to become readable.
+    fn poll_for(&mut self, timeout: Duration, wake: Option<std::os::fd::BorrowedFd<'_>>) -> Result<(), DeviceError> {
+        use std::os::fd::AsRawFd;
+        let mut pfds = [
+            libc::pollfd { fd: self.fd(), events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: wake.map_or(-1, |w| w.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+        ];
         let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: two valid pollfds for the duration of the call (a negative fd is ignored).
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EINTR) {
