@@ -210,23 +210,38 @@ impl Lab {
     /// backend namespace with `backend_exe demo-backend` (the `lb` binary). `prefix` must be unique
     /// per kind of caller (e.g. `lbd` for the demo, one per test) so parallel runs do not clash.
     pub fn build(prefix: &str, mode: Mode, backend_exe: &Path) -> Result<Lab, LabError> {
+        Lab::build_with_queues(prefix, mode, backend_exe, 1)
+    }
+
+    /// As [`Lab::build`], with `lb_queues` receive and transmit queues on the load balancer's link
+    /// (both ends), for [`start_lb_on_queues`]: frames reach its queues by the bridge port's flow
+    /// hash, as a NIC's RSS spreads them.
+    pub fn build_with_queues(prefix: &str, mode: Mode, backend_exe: &Path, lb_queues: u32) -> Result<Lab, LabError> {
         sweep_stale(prefix);
         let tag = format!("{prefix}{}", std::process::id());
         let sw = Netns::create(&format!("{tag}-sw"))?;
         // No multicast snooping: neighbour solicitations reach every port from the first packet.
         sw.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
         sw.ip(&["link", "set", "br0", "up"])?;
-        let attach = |role: &str, v4: &str, v6: &str| -> Result<Netns, LabError> {
+        let attach_queues = |role: &str, v4: &str, v6: &str, queues: u32| -> Result<Netns, LabError> {
             let ns = Netns::create(&format!("{tag}-{role}"))?;
-            ns.ip(&["link", "add", "eth0", "type", "veth", "peer", "name", role, "netns", sw.name()])?;
+            let q = queues.max(1).to_string();
+            let queues = ["numtxqueues", q.as_str(), "numrxqueues", q.as_str()];
+            let mut args = vec!["link", "add", "eth0"];
+            args.extend(queues);
+            args.extend(["type", "veth", "peer", "name", role]);
+            args.extend(queues);
+            args.extend(["netns", sw.name()]);
+            ns.ip(&args)?;
             sw.ip(&["link", "set", role, "master", "br0", "up"])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
             ns.ip(&["addr", "add", v4, "dev", "eth0"])?;
             ns.ip(&["addr", "add", v6, "dev", "eth0", "nodad"])?;
             Ok(ns)
         };
+        let attach = |role: &str, v4: &str, v6: &str| attach_queues(role, v4, v6, 1);
         let client = attach("cl", &format!("{CLIENT4}/24"), &format!("{CLIENT6}/64"))?;
-        let lb = attach("lb", "10.77.0.2/24", "fd77::2/64")?;
+        let lb = attach_queues("lb", "10.77.0.2/24", "fd77::2/64", lb_queues)?;
         let lb_mac = lb.mac("eth0")?;
         let client_mac = client.mac("eth0")?;
         let mut backends = Vec::new();
@@ -494,15 +509,17 @@ pub struct RunningLb {
     /// that runs its own control plane takes it as the plane's [`TablesSink`] (`None` after).
     pub sink: Option<LabSink>,
     stop: StopFlag,
-    /// `None` once [`RunningLb::stop`] has joined it.
-    thread: Option<std::thread::JoinHandle<Result<LbOutcome, String>>>,
+    /// `None` once [`RunningLb::stop`] has joined it. Runs the first queue's loop, then joins the
+    /// others'; returns every loop's outcome, in queue order.
+    thread: Option<std::thread::JoinHandle<Result<Vec<LbOutcome>, String>>>,
 }
 
 /// Hands tables to the lab's poll loop, waits (up to `wait`) until the worker has swapped them in,
 /// then steers their services, so no frame of a service the worker now serves is passed to the kernel.
 #[derive(Debug)]
 pub struct LabSink {
-    updates: UpdateSender<Arc<Tables>>,
+    /// One per poll loop.
+    updates: Vec<UpdateSender<Arc<Tables>>>,
     steering: VipSteering,
     /// How long the worker may take to apply tables.
     pub wait: std::time::Duration,
@@ -510,8 +527,10 @@ pub struct LabSink {
 
 impl TablesSink for LabSink {
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
-        self.updates.send(tables.clone()).map_err(|e| e.to_string())?;
-        self.updates.wait_retired(self.wait).ok_or("the worker did not apply the tables")?;
+        for updates in &self.updates {
+            updates.send(tables.clone()).map_err(|e| e.to_string())?;
+            updates.wait_retired(self.wait).ok_or("the worker did not apply the tables")?;
+        }
         self.steering
             .set(crate::control::steering_for(tables, NeighbourResponder::All))
             .map_err(|e| format!("steering: {e}"))
@@ -526,8 +545,13 @@ impl RunningLb {
         sink.publish(tables)
     }
 
-    /// Stops the poll loop and returns what it did.
-    pub fn stop(mut self) -> Result<LbOutcome, String> {
+    /// Stops the poll loop and returns what it did (the first queue's, with several).
+    pub fn stop(self) -> Result<LbOutcome, String> {
+        self.stop_all()?.into_iter().next().ok_or_else(|| "no poll loop ran".to_string())
+    }
+
+    /// Stops every poll loop and returns what each did, in queue order.
+    pub fn stop_all(mut self) -> Result<Vec<LbOutcome>, String> {
         self.stop.stop();
         let thread = self.thread.take().ok_or("the load balancer was already stopped")?;
         thread.join().map_err(|_| "the load balancer thread panicked".to_string())?
@@ -549,12 +573,31 @@ impl Drop for RunningLb {
 /// address to the socket, and ARP / NDP for them to its responder); returns once it is attached and
 /// polling.
 pub fn start_lb(lab: &Lab, tables: Arc<Tables>, core: Option<usize>, mode: AttachMode) -> Result<RunningLb, String> {
+    start_lb_on_queues(lab, tables, core, mode, 1)
+}
+
+/// As [`start_lb`], with a poll loop on each of the first `queues` queues (a lab built with as many,
+/// [`Lab::build_with_queues`]), as `lb run` serves several: worker `i` of `queues` on queue `i`
+/// (pinned to `core + i` when `core` is given), the loops joined by a handoff mesh.
+pub fn start_lb_on_queues(
+    lab: &Lab,
+    tables: Arc<Tables>,
+    core: Option<usize>,
+    mode: AttachMode,
+    queues: u32,
+) -> Result<RunningLb, String> {
     let ns = lab.lb.name().to_string();
     // Neither the VIPs nor the SNAT addresses are on the LB namespace's interfaces: answer for all.
     let steer = crate::control::steering_for(&tables, NeighbourResponder::All);
     let stop = StopFlag::new();
     let loop_stop = stop.clone();
-    let (updates, updates_rx) = update_channel();
+    let queues = queues.max(1);
+    let (mut updates, mut updates_rx) = (Vec::new(), Vec::new());
+    for _ in 0..queues {
+        let (tx, rx) = update_channel();
+        updates.push(tx);
+        updates_rx.push(rx);
+    }
     let (ready_tx, ready_rx) = mpsc::channel::<Result<VipSteering, String>>();
     let thread = std::thread::Builder::new()
         .name("lb-poll-q0".into())
@@ -564,32 +607,79 @@ pub fn start_lb(lab: &Lab, tables: Arc<Tables>, core: Option<usize>, mode: Attac
                 if let Some(c) = core {
                     lb_io::pin_to_core(c).map_err(|e| e.to_string())?;
                 }
-                let mut steering = VipSteering::load(SteeringConfig::default()).map_err(|e| e.to_string())?;
+                let mut steering = VipSteering::load(SteeringConfig { queues, ..SteeringConfig::default() })
+                    .map_err(|e| e.to_string())?;
                 steering.set(steer).map_err(|e| e.to_string())?;
-                let dev = XskDevice::open(&XskConfig::new("eth0", 0)).map_err(|e| e.to_string())?;
-                steering.set_socket(0, dev.fd()).map_err(|e| e.to_string())?;
+                let mut devs = Vec::new();
+                for q in 0..queues {
+                    let dev = XskDevice::open(&XskConfig::new("eth0", q)).map_err(|e| e.to_string())?;
+                    steering.set_socket(q, dev.fd()).map_err(|e| e.to_string())?;
+                    devs.push(dev);
+                }
                 let ifindex = lb_io::xsk::ifindex("eth0").ok_or("eth0 missing in the LB namespace")?;
                 let link = steering.attach(ifindex, mode).map_err(|e| e.to_string())?;
                 // The MAC as this thread's namespace reports it: the one ARP / NDP answers carry.
                 let mac = lb_io::interface::mac_address("eth0").map_err(|e| format!("eth0: {e}"))?;
-                Ok((steering, dev, link, mac))
+                let handoff = if queues > 1 {
+                    lb_io::handoff::mesh(queues as usize, lb_io::HandoffConfig::default()).map_err(|e| e.to_string())?
+                } else {
+                    Vec::new()
+                };
+                Ok((steering, devs, link, mac, handoff))
             };
-            let (steering, dev, link, mac) = match setup() {
+            let (steering, devs, link, mac, handoff) = match setup() {
                 Ok(parts) => parts,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e.clone()));
                     return Err(e);
                 }
             };
-            let zero_copy = dev.is_zero_copy();
-            let mut worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
-            worker.set_neighbour_mac(Some(mac));
+            let core_count = u16::try_from(queues).map_err(|_| "too many queues".to_string())?;
+            let mut loops = Vec::new();
+            let mut handoff = handoff.into_iter();
+            for (i, (dev, rx)) in devs.into_iter().zip(updates_rx).enumerate() {
+                let core_index = u16::try_from(i).map_err(|_| "too many queues".to_string())?;
+                let zero_copy = dev.is_zero_copy();
+                let mut worker =
+                    Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 1 << 16, core_index, core_count });
+                worker.set_neighbour_mac(Some(mac));
+                let mut lp = PollLoop::new(dev, worker, rx, loop_stop.clone(), LoopConfig::default());
+                if let Some(end) = handoff.next() {
+                    lp = lp.with_handoff(end);
+                }
+                loops.push((lp, zero_copy));
+            }
             // The maps go to the caller; the program stays attached while `link` lives here.
             let _ = ready_tx.send(Ok(steering));
-            let report = PollLoop::new(dev, worker, updates_rx, loop_stop, LoopConfig::default()).run();
+            let outcome = |report: lb_io::LoopReport<XskDevice, Worker>, zero_copy| LbOutcome {
+                stats: report.stats,
+                xsk: report.device.stats(),
+                zero_copy,
+                worker: report.processor,
+            };
+            let mut loops = loops.into_iter();
+            let (first, first_zero_copy) = loops.next().ok_or("no queue")?;
+            // The other loops on threads of their own (pinned to the next cores), the first on this one.
+            let mut others = Vec::new();
+            for (i, (lp, zero_copy)) in loops.enumerate() {
+                let h = lp.spawn(format!("lb-poll-q{}", i + 1), core.map(|c| c + i + 1)).map_err(|e| e.to_string());
+                others.push((h, zero_copy));
+            }
+            let report = first.run();
+            // A loop that failed to start stops the rest.
+            loop_stop.stop();
+            let mut outcomes = Vec::new();
+            let first = report.map_err(|e| e.to_string()).map(|r| outcome(r, first_zero_copy));
+            outcomes.push(first);
+            for (h, zero_copy) in others {
+                let r = h.and_then(|h| match h.join() {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("a poll loop panicked".to_string()),
+                });
+                outcomes.push(r.map(|r| outcome(r, zero_copy)));
+            }
             drop(link);
-            let report = report.map_err(|e| e.to_string())?;
-            Ok(LbOutcome { stats: report.stats, xsk: report.device.stats(), zero_copy, worker: report.processor })
+            outcomes.into_iter().collect::<Result<Vec<_>, String>>()
         })
         .map_err(|e| e.to_string())?;
     match ready_rx.recv() {

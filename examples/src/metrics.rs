@@ -36,6 +36,8 @@ pub struct CoreSnapshot {
     pub tx: u64,
     /// Frames passed to the kernel.
     pub passed: u64,
+    /// NAT replies handed to the core that owns their SNAT port.
+    pub handed_off: u64,
     /// ARP requests answered by the neighbour responder.
     pub arp_replies: u64,
     /// IPv6 neighbour solicitations answered by the neighbour responder.
@@ -63,6 +65,7 @@ impl CoreSnapshot {
             rx: stats.rx,
             tx: stats.tx,
             passed: stats.passed,
+            handed_off: stats.handed_off,
             arp_replies: stats.arp_replies,
             ndp_adverts: stats.ndp_adverts,
             icmp_too_big: stats.icmp_too_big,
@@ -90,6 +93,7 @@ pub struct CoreCounters {
     rx: u64,
     tx: u64,
     passed: u64,
+    handed_off: u64,
     arp_replies: u64,
     ndp_adverts: u64,
     icmp_too_big: u64,
@@ -117,6 +121,7 @@ impl CoreCounters {
         self.rx = stats.rx;
         self.tx = stats.tx;
         self.passed = stats.passed;
+        self.handed_off = stats.handed_off;
         self.arp_replies = stats.arp_replies;
         self.ndp_adverts = stats.ndp_adverts;
         self.icmp_too_big = stats.icmp_too_big;
@@ -144,6 +149,7 @@ impl CoreCounters {
             rx: self.rx,
             tx: self.tx,
             passed: self.passed,
+            handed_off: self.handed_off,
             arp_replies: self.arp_replies,
             ndp_adverts: self.ndp_adverts,
             icmp_too_big: self.icmp_too_big,
@@ -192,6 +198,7 @@ struct Totals {
     rx: u64,
     tx: u64,
     passed: u64,
+    handed_off: u64,
     arp_replies: u64,
     ndp_adverts: u64,
     icmp_too_big: u64,
@@ -207,6 +214,7 @@ fn sum(cores: &[CoreSnapshot]) -> Totals {
         t.rx += c.rx;
         t.tx += c.tx;
         t.passed += c.passed;
+        t.handed_off += c.handed_off;
         t.arp_replies += c.arp_replies;
         t.ndp_adverts += c.ndp_adverts;
         t.icmp_too_big += c.icmp_too_big;
@@ -327,6 +335,11 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
         ("lb_rx_packets_total", "Frames received by the workers.", totals.rx),
         ("lb_tx_packets_total", "Frames transmitted by the workers.", totals.tx),
         ("lb_passed_packets_total", "Frames passed to the kernel (not for a VIP).", totals.passed),
+        (
+            "lb_nat_replies_handed_off_total",
+            "NAT replies that arrived on a queue whose core does not own their SNAT port, handed to the core that does (counted in lb_rx_packets_total on both).",
+            totals.handed_off,
+        ),
         ("lb_arp_replies_total", "ARP requests for the load balancer's addresses answered.", totals.arp_replies),
         (
             "lb_ndp_adverts_total",
@@ -577,6 +590,7 @@ services:
                 let mut c = CoreSnapshot {
                     rx: 100 * k,
                     tx: 90 * k,
+                    handed_off: 4 * k,
                     arp_replies: 3 * k,
                     ndp_adverts: k,
                     icmp_too_big: 2 * k,
@@ -615,6 +629,7 @@ services:
         for want in [
             "lb_rx_packets_total 300".to_string(),
             "lb_arp_replies_total 9".into(),
+            "lb_nat_replies_handed_off_total 12".into(),
             "lb_ndp_adverts_total 3".into(),
             "lb_icmp_too_big_total 6".into(),
             "lb_tables_refused_total 3".into(),

@@ -20,9 +20,9 @@ fn configmap_file_validates() {
     assert_eq!(s.kubernetes.unwrap().node_name.as_deref(), Some("n1"));
 }
 
-/// What `lb run` refuses (its `check_nat_replies`): NAT over more than one poll loop unless
-/// `--nat-replies-steered` is passed. The deployed file and arguments must not fall into it, or
-/// every cluster Service in the default NAT mode is refused.
+/// What `lb run` refuses (its `check_nat_replies`): NAT with fewer SNAT ports than poll loops, each
+/// of which needs a share of its own. The deployed file must not fall into it, or every cluster
+/// Service in the default NAT mode is refused.
 #[test]
 fn deployment_can_serve_nat_services() {
     let cm = manifest("configmap.yaml");
@@ -30,17 +30,11 @@ fn deployment_can_serve_nat_services() {
     let queues: usize = s.interfaces.iter().map(|i| i.queues.len()).sum();
     let nat = s.kubernetes.as_ref().is_some_and(|k| k.default_mode == lb_core::config::ForwardMode::Nat)
         || s.services.iter().any(|svc| svc.config.mode == lb_core::config::ForwardMode::Nat);
-    let ds = manifest("daemonset.yaml");
-    let args: Vec<&str> = ds["spec"]["template"]["spec"]["containers"][0]["args"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    let steered = args.contains(&"--nat-replies-steered");
+    let (first, last) = s.node.snat_ports;
+    let ports = usize::from(last.saturating_sub(first)) + 1;
     assert!(
-        !nat || queues <= 1 || steered,
-        "NAT Services over {queues} queues without --nat-replies-steered would all be refused (args {args:?})"
+        !nat || (first != 0 && ports >= queues),
+        "NAT Services with snat_ports {first}-{last} over {queues} queues"
     );
 }
 

@@ -12,6 +12,9 @@
 //!         ▲                                 │                                               │
 //!         └──────── retired state ──────────┘                       XSK TX ring ◄──────────┘
 //! ```
+//! Loops on several queues of one node are joined by a [`handoff`] mesh: a frame one loop's processor
+//! says belongs to another (a NAT reply to another core's SNAT port) is copied into that loop's inbox.
+//!
 //! This is the only crate of the workspace with `unsafe` (system calls, the UMEM and ring mappings);
 //! every block says why it holds.
 

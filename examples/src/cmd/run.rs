@@ -27,7 +27,7 @@ use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, SteeringSet, VipSteering};
 use lb_io::interface::{MulticastGroups, PacketSocket};
-use lb_io::{LoopConfig, PollLoop, StopFlag, UpdateSender, XskConfig, XskDevice, update_channel};
+use lb_io::{HandoffConfig, LoopConfig, PollLoop, StopFlag, UpdateSender, XskConfig, XskDevice, update_channel};
 
 use super::CmdResult;
 
@@ -46,11 +46,10 @@ pub struct Args {
     /// Attach the XDP program in generic (SKB) mode instead of native.
     #[arg(long)]
     pub generic: bool,
-    /// Serve NAT services with several poll loops: say that each loop's queue receives the replies
-    /// to its own SNAT port share (logged at start), e.g. by NIC flow-steering rules. Without it,
-    /// NAT services are refused when more than one queue is served: RSS would deliver most replies
-    /// to a core that does not own their SNAT port, and those connections would fail.
-    #[arg(long)]
+    /// Say that NIC flow-steering rules send each loop's queue the NAT replies to its own SNAT port
+    /// share (logged at start). No longer needed: a loop hands a reply for another loop's port to
+    /// that loop. Kept so command lines that pass it still start.
+    #[arg(long, hide = true)]
     pub nat_replies_steered: bool,
     /// Answer ARP and IPv6 neighbour solicitations for the VIPs and NAT source addresses with the
     /// interface's MAC (an L2 deployment, VIPs not routed to this node; on one node per segment):
@@ -66,8 +65,6 @@ struct Workers {
     steering: Vec<VipSteering>,
     /// The steering maps' sizes (every interface's program is loaded with these).
     steering_config: SteeringConfig,
-    /// Whether NAT replies reach the loop that owns their SNAT port (`--nat-replies-steered`).
-    nat_replies_steered: bool,
     /// Which addresses ARP / NDP is answered for (`--neighbour-responder`).
     responder: NeighbourResponder,
     /// Per interface (responder on), the solicited-node groups of the IPv6 addresses answered for.
@@ -82,12 +79,11 @@ struct Workers {
     published: Option<(Arc<Tables>, Option<SteeringSet>)>,
 }
 
-/// Refuses NAT services when `loops` poll loops share the node and nothing steers their replies: a
-/// reply is translated back only by the core that owns its SNAT port (`snat_port_owner`), and the
-/// NIC's RSS hash sends it to any queue. Also when `node.snat_ports` has fewer ports than loops:
-/// each loop takes a share of its own (`snat_port_share`), and a loop without one would drop every
-/// NAT flow it gets as `NoSnatPort`.
-fn check_nat_replies(config: &Config, loops: usize, steered: bool) -> Result<(), String> {
+/// Refuses NAT services when `node.snat_ports` has fewer ports than there are poll loops: each loop
+/// takes a share of its own (`snat_port_share`), and a loop without one would drop every NAT flow it
+/// gets as `NoSnatPort`. (A reply that RSS delivers to a loop that does not own its SNAT port is
+/// handed to the owner: `lb_io::handoff`.)
+fn check_nat_replies(config: &Config, loops: usize) -> Result<(), String> {
     let Some(s) = config.services.iter().find(|s| s.mode == ForwardMode::Nat) else { return Ok(()) };
     let (first, last) = config.node.snat_ports;
     let ports = usize::from(last.saturating_sub(first)) + 1;
@@ -99,15 +95,7 @@ fn check_nat_replies(config: &Config, loops: usize, steered: bool) -> Result<(),
             s.name
         ));
     }
-    if loops <= 1 || steered {
-        return Ok(());
-    }
-    Err(format!(
-        "service {} uses NAT, but {loops} poll loops run and nothing steers NAT replies to the loop that owns \
-         their SNAT port: serve NAT on one queue, or steer each loop's SNAT port share (logged at start) to \
-         its queue and pass --nat-replies-steered",
-        s.name
-    ))
+    Ok(())
 }
 
 /// Refuses a configuration whose steering would not fit the XDP program's maps: its addresses (VIPs,
@@ -137,7 +125,7 @@ fn check_steering_capacity(config: &Config, steering: &SteeringConfig) -> Result
 
 impl TablesSink for Workers {
     fn check(&self, config: &Config) -> Result<(), String> {
-        check_nat_replies(config, self.loops.len(), self.nat_replies_steered)?;
+        check_nat_replies(config, self.loops.len())?;
         check_steering_capacity(config, &self.steering_config)
     }
 
@@ -327,11 +315,17 @@ pub fn main(args: Args) -> CmdResult {
     let cores = u16::try_from(queues.len()).map_err(|_| "too many queues")?;
     let mode = if args.generic { AttachMode::Generic } else { AttachMode::Auto };
     let steering_config = SteeringConfig::default();
+    if args.nat_replies_steered {
+        tracing::info!("--nat-replies-steered is no longer needed: loops hand each other the replies RSS misdelivers");
+    }
+    // With several loops, each hands the NAT replies to another loop's SNAT ports to that loop: the
+    // NIC's RSS hash spreads replies over the queues by the backend's address and ports.
+    let mut handoff =
+        if cores > 1 { lb_io::handoff::mesh(queues.len(), HandoffConfig::default())? } else { Vec::new() }.into_iter();
     let mut workers = Workers {
         loops: Vec::new(),
         steering: Vec::new(),
         steering_config,
-        nat_replies_steered: args.nat_replies_steered,
         responder: args.neighbour_responder,
         groups: Vec::new(),
         announcers: Vec::new(),
@@ -385,14 +379,18 @@ pub fn main(args: Args) -> CmdResult {
             );
             worker.set_neighbour_mac(mac);
             if let Some((lo, hi)) = snat_port_share(settings.node.snat_ports, core_index, cores) {
-                tracing::info!(interface = %iface.name, queue = q, "NAT replies to SNAT ports {lo}-{hi} must reach this queue");
+                tracing::info!(interface = %iface.name, queue = q, "NAT replies to SNAT ports {lo}-{hi} are translated on this queue's loop (handed over from any other)");
             }
             let (processor, published) = LbProcessor::new(worker);
             counters.0.push(published);
             let (tx, rx) = update_channel();
             workers.loops.push(tx);
             let core = args.first_core.map(|c| c + i);
-            let lp = PollLoop::new(dev, processor, rx, stop.clone(), LoopConfig::default());
+            let mut lp = PollLoop::new(dev, processor, rx, stop.clone(), LoopConfig::default());
+            // The mesh's ends are in loop (core_index) order.
+            if let Some(end) = handoff.next() {
+                lp = lp.with_handoff(end);
+            }
             let name = format!("lb-{}-q{q}", iface.name);
             let running = lp.spawn(name.clone(), core)?;
             let failed = loop_failed.clone();
@@ -483,22 +481,19 @@ services:
     }
 
     #[test]
-    fn nat_over_several_queues_is_refused_unless_replies_are_steered() {
+    fn nat_over_several_queues_needs_a_snat_port_share_for_each_loop() {
         let cfg = config();
         assert_eq!(cfg.services[1].mode, ForwardMode::Nat);
-        assert!(check_nat_replies(&cfg, 1, false).is_ok(), "one loop owns every SNAT port");
-        let err = check_nat_replies(&cfg, 4, false).expect_err("NAT over 4 unsteered queues");
-        assert!(err.contains("service nat uses NAT") && err.contains("--nat-replies-steered"), "{err}");
-        assert!(check_nat_replies(&cfg, 4, true).is_ok());
+        assert!(check_nat_replies(&cfg, 1).is_ok(), "one loop owns every SNAT port");
+        assert!(check_nat_replies(&cfg, 4).is_ok(), "replies RSS misdelivers are handed to their loop");
         let dsr_only = Config { node: cfg.node.clone(), services: cfg.services[..1].to_vec() };
-        assert!(check_nat_replies(&dsr_only, 4, false).is_ok(), "DSR needs no reply path");
-        // Fewer SNAT ports than loops: some loop would have no share, steered or not.
+        // Fewer SNAT ports than loops: some loop would have no share.
         let mut narrow = cfg.clone();
         narrow.node.snat_ports = (40000, 40002);
-        assert!(check_nat_replies(&narrow, 3, true).is_ok(), "one port a loop");
-        let err = check_nat_replies(&narrow, 4, true).expect_err("3 ports for 4 loops");
+        assert!(check_nat_replies(&narrow, 3).is_ok(), "one port a loop");
+        let err = check_nat_replies(&narrow, 4).expect_err("3 ports for 4 loops");
         assert!(err.contains("node.snat_ports 40000-40002 holds 3 ports for 4 poll loops"), "{err}");
-        assert!(check_nat_replies(&Config { node: narrow.node, ..dsr_only }, 4, true).is_ok(), "no NAT service");
+        assert!(check_nat_replies(&Config { node: narrow.node, ..dsr_only }, 4).is_ok(), "no NAT service");
         // The shares the log names partition the range: every port has exactly one owner.
         for port in [40000, 42500, 45000, 50000] {
             assert!(snat_port_owner(cfg.node.snat_ports, 4, port).is_some(), "port {port}");
