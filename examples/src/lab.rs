@@ -499,6 +499,9 @@ pub struct LbOutcome {
     pub zero_copy: bool,
     /// The worker, with its counters and connection table.
     pub worker: Worker,
+    /// Frames other loops handed to this one that were still in its inbox when every loop had
+    /// stopped (with several queues; the replies to connections closing as the loops stopped).
+    pub left_in_inbox: usize,
 }
 
 /// A running load balancer: its thread, its update channel and its stop flag.
@@ -635,6 +638,7 @@ pub fn start_lb_on_queues(
                 }
             };
             let core_count = u16::try_from(queues).map_err(|_| "too many queues".to_string())?;
+            let mesh = handoff.clone();
             let mut loops = Vec::new();
             let mut handoff = handoff.into_iter();
             for (i, (dev, rx)) in devs.into_iter().zip(updates_rx).enumerate() {
@@ -656,6 +660,7 @@ pub fn start_lb_on_queues(
                 xsk: report.device.stats(),
                 zero_copy,
                 worker: report.processor,
+                left_in_inbox: 0,
             };
             let mut loops = loops.into_iter();
             let (first, first_zero_copy) = loops.next().ok_or("no queue")?;
@@ -679,7 +684,12 @@ pub fn start_lb_on_queues(
                 outcomes.push(r.map(|r| outcome(r, zero_copy)));
             }
             drop(link);
-            outcomes.into_iter().collect::<Result<Vec<_>, String>>()
+            let mut outcomes = outcomes.into_iter().collect::<Result<Vec<_>, String>>()?;
+            // Every loop has stopped: nothing is handed over any more.
+            for (o, end) in outcomes.iter_mut().zip(&mesh) {
+                o.left_in_inbox = end.pending();
+            }
+            Ok(outcomes)
         })
         .map_err(|e| e.to_string())?;
     match ready_rx.recv() {

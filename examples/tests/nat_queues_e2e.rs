@@ -56,25 +56,10 @@ fn bulk(vip: IpAddr) -> std::io::Result<usize> {
     Ok(reply.iter().filter(|b| **b == b'x').count())
 }
 
-#[test]
-fn nat_over_two_queues_hands_replies_to_the_loop_that_owns_their_snat_port() {
-    if let Err(why) = can_create_namespaces() {
-        println!("SKIPPED: {why}");
-        return;
-    }
-    let lab = Lab::build_with_queues("lbnq", Mode::Nat, Path::new(env!("CARGO_BIN_EXE_lb")), 2)
-        .unwrap_or_else(|e| panic!("building the lab: {e}"));
-    let mut builder = TableBuilder::new();
-    let tables = tables(&mut builder, &lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule)).unwrap();
-    let lb = match start_lb_on_queues(&lab, tables, None, AttachMode::Native, 2) {
-        Ok(lb) => lb,
-        Err(e) if e.contains("Operation not permitted") || e.contains("not supported") => {
-            println!("SKIPPED: the kernel refused XDP / AF_XDP: {e}");
-            return;
-        }
-        Err(e) => panic!("starting the load balancer: {e}"),
-    };
-
+/// From the lab's client namespace: [`CONNS_PER_FAMILY`] held TCP connections per family, each
+/// answered twice by the same backend, bulk exchanges, and UDP flows; returns the connections
+/// answered (any failure panics, naming the flow).
+fn client_traffic(lab: &Lab) -> usize {
     let client_ns = lab.client.name().to_string();
     let client = std::thread::spawn(move || {
         enter_netns(&client_ns).unwrap();
@@ -108,7 +93,29 @@ fn nat_over_two_queues_hands_replies_to_the_loop_that_owns_their_snat_port() {
         }
         answered
     });
-    let answered = client.join().expect("client thread");
+    client.join().expect("client thread")
+}
+
+#[test]
+fn nat_over_two_queues_hands_replies_to_the_loop_that_owns_their_snat_port() {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let lab = Lab::build_with_queues("lbnq", Mode::Nat, Path::new(env!("CARGO_BIN_EXE_lb")), 2)
+        .unwrap_or_else(|e| panic!("building the lab: {e}"));
+    let mut builder = TableBuilder::new();
+    let tables = tables(&mut builder, &lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule)).unwrap();
+    let lb = match start_lb_on_queues(&lab, tables, None, AttachMode::Native, 2) {
+        Ok(lb) => lb,
+        Err(e) if e.contains("Operation not permitted") || e.contains("not supported") => {
+            println!("SKIPPED: the kernel refused XDP / AF_XDP: {e}");
+            return;
+        }
+        Err(e) => panic!("starting the load balancer: {e}"),
+    };
+
+    let answered = client_traffic(&lab);
     assert_eq!(answered, 2 * CONNS_PER_FAMILY);
 
     let outcomes = lb.stop_all().unwrap();
@@ -116,8 +123,8 @@ fn nat_over_two_queues_hands_replies_to_the_loop_that_owns_their_snat_port() {
     for (q, o) in outcomes.iter().enumerate() {
         let (s, w) = (o.stats, o.worker.stats());
         println!(
-            "queue {q}: rx {} handed in {} handed off {} lost {} tx {} drop {}; worker reverse NAT {} handed off {}",
-            s.rx, s.handed_in, s.handed_off, s.handoff_lost, s.tx, s.drop, w.reverse_nat, w.handed_off
+            "queue {q}: rx {} handed in {} handed off {} lost {} tx {} drop {} left in inbox {}; worker reverse NAT {} handed off {}",
+            s.rx, s.handed_in, s.handed_off, s.handoff_lost, s.tx, s.drop, o.left_in_inbox, w.reverse_nat, w.handed_off
         );
         assert!(s.rx > 0, "queue {q} received nothing: the lab did not spread frames over the queues");
         assert_eq!(s.handoff_lost, 0, "queue {q} lost handoffs");
@@ -128,7 +135,133 @@ fn nat_over_two_queues_hands_replies_to_the_loop_that_owns_their_snat_port() {
     }
     let handed_off: u64 = outcomes.iter().map(|o| o.stats.handed_off).sum();
     let handed_in: u64 = outcomes.iter().map(|o| o.stats.handed_in).sum();
+    let left: usize = outcomes.iter().map(|o| o.left_in_inbox).sum();
     assert!(handed_off > 0, "no reply landed on the other queue: nothing was handed over");
-    assert_eq!(handed_in, handed_off, "every frame handed over was taken");
+    assert_eq!(handed_in + left as u64, handed_off, "every frame handed over was taken, or waits in an inbox");
     drop(lab);
+}
+
+/// The lab's NAT services as an `lb run` configuration file, serving queues 0 and 1 of `eth0`,
+/// with the metrics endpoint on the load balancer namespace's loopback.
+fn run_config(lab: &Lab, metrics: &str) -> String {
+    let mac = lb_io::netns::format_mac;
+    let cfg = lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule);
+    let node = &cfg.node;
+    let mut text = format!(
+        "node:\n  local_mac: \"{}\"\n  gateway_mac: \"{}\"\n  snat_v4: {}\n  snat_v6: \"{}\"\n",
+        mac(node.local_mac),
+        mac(node.gateway_mac.unwrap()),
+        node.snat_v4.unwrap(),
+        node.snat_v6.unwrap()
+    );
+    text +=
+        &format!("interfaces: [{{ name: eth0, queues: [0, 1] }}]\nmetrics: {{ listen: \"{metrics}\" }}\nservices:\n");
+    for s in &cfg.services {
+        let proto = if s.key.proto == lb_core::config::Protocol::Udp { "udp" } else { "tcp" };
+        text += &format!(
+            "  - {{ name: {}, vip: \"{}\", port: {}, protocol: {proto}, mode: nat, scheduler: mh, backends: [",
+            s.name, s.key.vip, s.key.port
+        );
+        let backends: Vec<String> = s
+            .backends
+            .iter()
+            .map(|b| format!("{{ addr: \"{}\", port: {}, mac: \"{}\" }}", b.addr, b.port, mac(b.mac.unwrap())))
+            .collect();
+        text += &backends.join(", ");
+        text += "] }\n";
+    }
+    text
+}
+
+/// GET `path` from `addr` inside namespace `ns`; the body.
+fn http_get(ns: &str, addr: &str, path: &str) -> String {
+    let (ns, addr, path) = (ns.to_string(), addr.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        enter_netns(&ns).unwrap();
+        let mut c = TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(c, "GET {path} HTTP/1.0\r\nHost: lb\r\n\r\n").unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        body
+    })
+    .join()
+    .unwrap()
+}
+
+/// The value of the metric line that starts with `name` (labels included), if present.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()
+}
+
+/// The same through the `lb` binary: `lb run` with NAT services on two queues starts (it refused
+/// them before), serves the traffic through both loops, and its metrics count the handoffs.
+#[test]
+fn lb_run_serves_nat_over_two_queues() {
+    use std::io::BufRead;
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let lab = Lab::build_with_queues("lbnr", Mode::Nat, Path::new(env!("CARGO_BIN_EXE_lb")), 2)
+        .unwrap_or_else(|e| panic!("building the lab: {e}"));
+    lab.lb.ip(&["link", "set", "lo", "up"]).unwrap();
+    let metrics = "127.0.0.1:9100";
+    let config = std::env::temp_dir().join(format!("lb-nat-queues-{}.yaml", std::process::id()));
+    std::fs::write(&config, run_config(&lab, metrics)).unwrap();
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", lab.lb.name(), env!("CARGO_BIN_EXE_lb"), "--log", "info", "run"])
+        .args(["--neighbour-responder", "all", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut child = Kill(child);
+    // The tables reach both loops (and the steering) before the log says so: an event, not a delay.
+    let mut log = Vec::new();
+    let published = lines.by_ref().map_while(Result::ok).any(|l| {
+        let done = l.contains("tables published to workers");
+        log.push(l);
+        done
+    });
+    if !published {
+        let _ = child.0.wait();
+        let log = log.join("\n");
+        if log.contains("Operation not permitted") || log.contains("not supported") {
+            println!("SKIPPED: the kernel refused XDP / AF_XDP:\n{log}");
+            return;
+        }
+        panic!("lb run did not publish its tables:\n{log}");
+    }
+    // The log goes on being read, so lb run never blocks on a full pipe.
+    let reader = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+
+    assert_eq!(client_traffic(&lab), 2 * CONNS_PER_FAMILY);
+    // The loops publish their counters once a second; the handoffs show once they have.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = http_get(lab.lb.name(), metrics, "/metrics");
+        if metric(&text, "lb_nat_replies_handed_off_total").unwrap_or(0) > 0 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::yield_now();
+    };
+    let handed = metric(&text, "lb_nat_replies_handed_off_total");
+    let no_flow = metric(&text, "lb_dropped_packets_total{reason=\"no_reverse_flow\"}");
+    println!("lb run over two queues: handed off {handed:?}, no_reverse_flow {no_flow:?}");
+    assert!(handed.unwrap_or(0) > 0, "no handoff counted:\n{text}");
+    assert_eq!(no_flow, Some(0), "a reply found no flow");
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status();
+    let status = child.0.wait().unwrap();
+    let rest = reader.join().unwrap();
+    let _ = std::fs::remove_file(&config);
+    assert!(status.success(), "lb run ended with {status}:\n{}\n{}", log.join("\n"), rest.join("\n"));
 }
