@@ -7,8 +7,9 @@
 //! them land elsewhere. Without NIC rules that steer replies by port (flow director, as DPVS uses),
 //! the loop that receives one copies it into a buffer of the owner's inbox; the owner's loop takes
 //! it in its next round, runs it through its worker like a frame of its own, and sends the result
-//! from a buffer of its own device ([`crate::Device::transmit_copy`]). That costs a copy each way
-//! (~2 x 100 ns for a full-size frame), which only replies that land on the wrong queue pay.
+//! from a buffer of its own device ([`crate::Device::transmit_copy`]). That costs two copies of the
+//! frame (into the inbox, out to the device) and a second parse, which only the replies that land
+//! on the wrong queue pay. (Not measured in a benchmark: the veth lab's figures are the kernel's.)
 //!
 //! ```text
 //!   loop A: receive ► worker: Handoff(B) ► copy into one of B's free buffers ► B's inbox ─┐
