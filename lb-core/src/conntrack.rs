@@ -31,7 +31,12 @@
 //!
 //! When every way of a bucket is live, an insert evicts, in this order: the oldest half-open entry
 //! (TCP SYN seen, or UDP seen in one direction once), then the oldest closing entry (FIN, RST, time-wait),
-//! affinity record or backend-gone tombstone. It never evicts a live established flow: then the insert fails and the caller
+//! affinity record or backend-gone tombstone. "Oldest" is judged by expiry, the one time a bucket's
+//! head keeps per way: the entry nearest its timeout goes first. Among entries of one state that is
+//! the one idle longest; across states it weighs the state's timeout, so a SYN seen now (60 s by
+//! default) goes before a one-way UDP entry idle for less than 240 s (300 s). Such a SYN's flow is
+//! not lost: its next segment is scheduled again, to the same backend under a scheduler that picks
+//! from the flow. It never evicts a live established flow: then the insert fails and the caller
 //! counts [`DropReason::ConntrackFull`](crate::stats::DropReason::ConntrackFull). A SYN flood therefore
 //! only ever replaces its own half-open entries and cannot push established connections out. What is
 //! best effort (a ClientIP affinity record) goes in only where it evicts nothing
