@@ -263,6 +263,16 @@ impl lb_io::BurstProcessor for LbProcessor {
         self.publish_if_due(now);
     }
 
+    fn process_handed(
+        &mut self,
+        frames: &mut [lb_core::Frame<'_>],
+        now: lb_core::Instant,
+        verdicts: &mut [lb_core::Verdict],
+    ) {
+        self.worker.process_handed_burst(frames, now, verdicts);
+        self.publish_if_due(now);
+    }
+
     fn apply(&mut self, update: Arc<Tables>) -> Arc<Tables> {
         let old = self.worker.swap_tables(update);
         // Counters of the new tables' slots show up at once, not a second later.

@@ -29,6 +29,11 @@ pub enum Verdict {
     /// address and ports, not by the client flow's, so most replies land on a core that does not own
     /// their port unless the NIC steers them. Counted in [`crate::stats::Stats::handed_off`].
     Handoff(u16),
+    /// Every other core's, to find the one it is for: an ICMP error to a VIP about a full-NAT flow
+    /// this core does not track (RSS sends errors by the router's address, not the flow's). Hand a
+    /// copy to each other worker through [`crate::Worker::process_handed_burst`]: the one tracking
+    /// the flow translates it, the others count it as `icmp_no_flow`. Counted in `handed_off`.
+    HandoffAll,
 }
 
 impl<'a> Frame<'a> {

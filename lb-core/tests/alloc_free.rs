@@ -102,7 +102,7 @@ fn drive(
                 Verdict::Pass => tally[1] += 1,
                 Verdict::Drop(_) => tally[2] += 1,
                 // One core of one: every SNAT port is its own.
-                Verdict::Handoff(_) => unreachable!("a single core hands nothing off"),
+                Verdict::Handoff(_) | Verdict::HandoffAll => unreachable!("a single core hands nothing off"),
             }
             if let Some(out) = outputs.as_deref_mut() {
                 out.push(f.data().to_vec());

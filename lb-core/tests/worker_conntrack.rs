@@ -628,6 +628,52 @@ fn icmp_error_about_a_dsr_flow_reaches_its_backend_from_any_core() {
     }
 }
 
+/// An ICMP error to a VIP about a full-NAT flow lands on any core (RSS spreads errors by the
+/// router's address), and only the core that tracks the flow knows its SNAT port. The others hand
+/// it to every other core; the tracking one translates it to the backend, the rest, handed it,
+/// count it as `icmp_no_flow` and hand nothing on (nor a reply to another core's port).
+#[test]
+fn an_icmp_error_about_a_nat_flow_on_another_core_is_handed_to_every_core() {
+    let cfg = all_modes_config();
+    let tables = build(&cfg);
+    let core = |i| Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 1024, core_index: i, core_count: 3 });
+    let mut cores = [core(0), core(1), core(2)];
+    let c = client(7);
+    let (v, out) = run(&mut cores[1], &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+    assert_eq!(v, Verdict::Tx);
+    let to_backend = seen(&out);
+    let error = frag_needed_about(c);
+    let (v, unchanged) = run(&mut cores[0], &error, secs(2));
+    assert_eq!(v, Verdict::HandoffAll);
+    assert_eq!(unchanged, error, "a handed-off frame is not touched");
+    assert_eq!(cores[0].stats().handed_off, 1);
+    let handed = |w: &mut Worker, frame: &[u8]| {
+        let mut buf = vec![0u8; 64 + frame.len()];
+        buf[64..].copy_from_slice(frame);
+        let mut frames = [lb_core::Frame::new(&mut buf, 64, frame.len())];
+        let mut v = [Verdict::Pass];
+        w.process_handed_burst(&mut frames, secs(2), &mut v);
+        (v[0], frames[0].data().to_vec())
+    };
+    // The core that never saw the flow, handed it: a counted drop, not another handoff.
+    assert_eq!(handed(&mut cores[2], &error).0, Verdict::Drop(DropReason::IcmpNoFlow));
+    assert_eq!(cores[2].stats().handed_off, 0);
+    // The tracking core sends it to the flow's backend, translated as the flow is (from the SNAT
+    // address to the backend).
+    let (v, out) = handed(&mut cores[1], &error);
+    assert_eq!(v, Verdict::Tx);
+    let addr = |b: &[u8]| std::net::IpAddr::from(<[u8; 4]>::try_from(b).unwrap());
+    let outer = |f: &[u8]| (addr(&f[26..30]), addr(&f[30..34]));
+    assert_eq!(outer(&out), (to_backend.src, to_backend.dst), "the error goes where the flow goes");
+    // A NAT reply to core 1's port handed to core 2 (tables disagreeing for a moment): a drop there.
+    let reply = tcp(to_backend.dst, to_backend.dport, to_backend.src, to_backend.sport, Tcp::Ack, b"");
+    assert_eq!(run(&mut cores[2], &reply, secs(2)).0, Verdict::Handoff(1));
+    assert_eq!(handed(&mut cores[2], &reply).0, Verdict::Drop(DropReason::NoReverseFlow));
+    // One core of one has no one to ask.
+    let mut alone = Worker::new(tables.clone(), WorkerConfig::single_core(1024));
+    assert_eq!(run(&mut alone, &error, secs(2)).0, Verdict::Drop(DropReason::IcmpNoFlow));
+}
+
 /// An error about an untracked flow is not sent on a guess: not for ClientIP affinity (the client's
 /// backend is per-core state), not for NAT (the flow's SNAT port is the tracking core's), and not
 /// for a client the service's source ranges refuse.

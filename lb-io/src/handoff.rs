@@ -151,6 +151,20 @@ impl Handoff {
         true
     }
 
+    /// Copies `packet` into the inbox of every other loop of the mesh (see [`Handoff::send`]);
+    /// returns how many copies went and how many were lost.
+    pub fn send_to_others(&self, packet: &[u8]) -> (usize, usize) {
+        let (mut sent, mut lost) = (0, 0);
+        for to in (0..self.inboxes.len()).filter(|&to| to != self.me) {
+            if self.send(to, packet) {
+                sent += 1;
+            } else {
+                lost += 1;
+            }
+        }
+        (sent, lost)
+    }
+
     fn inbox(&self) -> Option<&Inbox> {
         self.inboxes.get(self.me)
     }

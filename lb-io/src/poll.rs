@@ -81,10 +81,11 @@ pub struct LoopStats {
     /// that it had no room for (`handoff_lost` too), and handed-in frames not sent, so that
     /// `rx + handed_in = tx + pass + drop + handed_off`.
     pub drop: u64,
-    /// Frames handed to another loop ([`lb_core::Verdict::Handoff`]), copied into its inbox.
+    /// Frames handed to other loops ([`lb_core::Verdict::Handoff`], copied into that loop's inbox;
+    /// [`lb_core::Verdict::HandoffAll`], copied into every other loop's, counted once).
     pub handed_off: u64,
-    /// Frames for another loop lost because its inbox had no free buffer, or there was no such loop
-    /// (also counted in `drop`).
+    /// Copies for another loop lost because its inbox had no free buffer, or there was no such
+    /// loop. A frame none of whose copies went also counts in `drop`.
     pub handoff_lost: u64,
     /// Frames other loops handed to this one, processed here.
     pub handed_in: u64,
@@ -459,7 +460,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
             }
         }
         let mut verdicts = [Verdict::Pass; MAX_BURST];
-        self.processor.process_burst(&mut frames[..n], elapsed(&self.clock), &mut verdicts[..n]);
+        self.processor.process_handed(&mut frames[..n], elapsed(&self.clock), &mut verdicts[..n]);
         for (frame, verdict) in frames.iter().zip(verdicts.iter()).take(n) {
             // A copy cannot go to the kernel, and is never handed on again (no ping-pong between
             // loops whose tables disagree for a moment).
@@ -507,6 +508,16 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
                         self.stats.handed_off += 1;
                     } else {
                         self.stats.handoff_lost += 1;
+                        self.stats.drop += 1;
+                    }
+                }
+                Verdict::HandoffAll => {
+                    // A copy to every other loop: handed off once any copy went.
+                    let (sent, lost) = self.handoff.as_ref().map_or((0, 1), |h| h.send_to_others(frame.data()));
+                    self.stats.handoff_lost += lost as u64;
+                    if sent > 0 {
+                        self.stats.handed_off += 1;
+                    } else {
                         self.stats.drop += 1;
                     }
                 }
@@ -1015,11 +1026,13 @@ mod tests {
         assert!(r.processor.seen.windows(2).all(|w| w[0] <= w[1]), "generations go forward only");
     }
 
-    /// Sends a frame to the loop its first byte names; its own frames it marks (second byte) and
-    /// transmits.
+    /// Sends a frame to the loop its first byte names (0xff: to every other loop); its own frames
+    /// it marks (second byte) and transmits, and so those handed to it for all.
     struct Router {
         me: u8,
     }
+
+    const TO_ALL: u8 = 0xff;
 
     impl BurstProcessor for Router {
         type Update = Box<u32>;
@@ -1029,10 +1042,20 @@ mod tests {
                 *v = if to == self.me {
                     f.data_mut()[1] = 0xee;
                     Verdict::Tx
+                } else if to == TO_ALL {
+                    Verdict::HandoffAll
                 } else {
                     Verdict::Handoff(u16::from(to))
                 };
             }
+        }
+        fn process_handed(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
+            for f in frames.iter_mut() {
+                if f.data()[0] == TO_ALL {
+                    f.data_mut()[0] = self.me;
+                }
+            }
+            self.process_burst(frames, now, verdicts);
         }
         fn apply(&mut self, update: Box<u32>) -> Box<u32> {
             update
@@ -1092,6 +1115,23 @@ mod tests {
         let r2 = loop_of(2, &[]).run().unwrap();
         assert_eq!((r2.stats.handed_in, r2.stats.drop, r2.stats.handed_off), (1, 1, 0));
         assert_eq!(ends[0].pending(), 0);
+        // A frame for every other loop: a copy to each, counted once where it came in (loop 1 takes
+        // the four it holds first).
+        assert_eq!(loop_of(1, &[]).run().unwrap().stats.handed_in, 4);
+        let r0 = loop_of(0, &[routed(TO_ALL, 11)]).run().unwrap();
+        assert_eq!((r0.stats.handed_off, r0.stats.handoff_lost, r0.stats.drop), (1, 0, 0));
+        for me in [1, 2] {
+            let mut r = loop_of(me, &[]).run().unwrap();
+            let sent: Vec<(u8, u8, u8)> = r.device.take_transmitted().iter().map(|f| (f[0], f[1], f[2])).collect();
+            assert_eq!(sent, [(me, 0xee, 11)], "loop {me} got its copy through process_handed");
+        }
+        // With loop 2's inbox full, its copy is lost and counted; loop 1's goes.
+        for i in 0..4 {
+            assert!(ends[1].send(2, &routed(2, i)));
+        }
+        let r0 = loop_of(0, &[routed(TO_ALL, 12)]).run().unwrap();
+        assert_eq!((r0.stats.handed_off, r0.stats.handoff_lost, r0.stats.drop), (1, 1, 0));
+        assert_eq!((ends[1].pending(), ends[2].pending()), (1, 4));
     }
 
     #[test]

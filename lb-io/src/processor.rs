@@ -13,6 +13,13 @@ pub trait BurstProcessor {
     /// transmit in place.
     fn process_burst(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]);
 
+    /// As [`BurstProcessor::process_burst`], for frames another loop's processor handed to this one
+    /// ([`Verdict::Handoff`], [`Verdict::HandoffAll`]; see [`crate::handoff`]). The loop never hands
+    /// these on again: a processor that can tell should decide them as its own or drop them.
+    fn process_handed(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
+        self.process_burst(frames, now, verdicts);
+    }
+
     /// Installs `update` between bursts and returns the state it replaces, which the loop sends back
     /// to the control side so it is dropped there, never on the fast path.
     fn apply(&mut self, update: Self::Update) -> Self::Update;
@@ -68,6 +75,10 @@ impl BurstProcessor for lb_core::worker::Worker {
 
     fn process_burst(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
         lb_core::worker::Worker::process_burst(self, frames, now, verdicts);
+    }
+
+    fn process_handed(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
+        self.process_handed_burst(frames, now, verdicts);
     }
 
     fn apply(&mut self, update: Self::Update) -> Self::Update {

@@ -60,8 +60,10 @@
 //!   them unchanged, NAT translates the error and its quote); to a SNAT address, back to the client
 //!   translated. An error to a VIP about a flow this core does not track (RSS hands errors to any
 //!   core) still reaches the flow's backend when the service picks from the flow alone (mh, sh, dh,
-//!   hrw, ecmp; DSR or tunnel; no affinity), as Katran does; other errors about untracked flows are
-//!   counted as [`DropReason::IcmpNoFlow`] or [`DropReason::NoReverseFlow`]. An error to a VIP about
+//!   hrw, ecmp; DSR or tunnel; no affinity), as Katran does; about a full-NAT flow it goes to every
+//!   other core ([`Verdict::HandoffAll`]), whose tracking one translates it; other errors about
+//!   untracked flows are counted as [`DropReason::IcmpNoFlow`] or [`DropReason::NoReverseFlow`]
+//!   (so is a handed-over frame that is not the receiving core's either). An error to a VIP about
 //!   a flow of no service (the host's own, on a VIP that is a node address) and other ICMP to a VIP
 //!   (echo) pass to the kernel.
 //! - A SNAT address may also be a VIP for ports outside `snat_ports` (a node address that serves
@@ -184,6 +186,9 @@ struct Core {
     /// entries by the time it is given; stepping back would bring expired flows back to life,
     /// some without the NAT reverse entry the sweep had already reclaimed.
     clock: u32,
+    /// True while deciding frames another core handed over ([`Worker::process_handed_burst`]):
+    /// they are never handed on again.
+    handed_in: bool,
 }
 
 /// A new flow's conntrack key with its hash, its lb-hash 5-tuple hash (for schedulers and GUE), and
@@ -221,6 +226,7 @@ impl Worker {
             snat_next: vec![0; limits.max_backends].into_boxed_slice(),
             reply_hints: [None; BATCH],
             reply_hints_live: false,
+            handed_in: false,
             nat_target: NatTarget { flow: FlowKey::v4([0; 4], [0; 4], 0, 0, 0), macs: Macs::default() },
             tunnel_target: TunnelTarget {
                 src: IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
@@ -292,6 +298,16 @@ impl Worker {
         self.core.sweep_buckets(now_s, buckets);
     }
 
+    /// As [`Worker::process_burst`], for frames another core's worker handed over
+    /// ([`Verdict::Handoff`], [`Verdict::HandoffAll`]): a frame that is not this core's either is
+    /// dropped and counted (`no_reverse_flow`, `icmp_no_flow`), never handed on again, so a frame
+    /// cannot go round between cores whose tables disagree for a moment.
+    pub fn process_handed_burst(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
+        self.core.handed_in = true;
+        self.process_burst(frames, now, verdicts);
+        self.core.handed_in = false;
+    }
+
     /// Decides a verdict for each frame (pairs `frames[i]` with `verdicts[i]`; extra entries of the
     /// longer slice are left alone) and rewrites frames to transmit in place. Then reclaims a few
     /// buckets of expired conntrack entries. A `now` earlier than a previous burst's is taken as
@@ -336,9 +352,9 @@ impl Worker {
                         core.stats.passed += 1;
                         Verdict::Pass
                     }
-                    Ok(Verdict::Handoff(owner)) => {
+                    Ok(verdict @ (Verdict::Handoff(_) | Verdict::HandoffAll)) => {
                         core.stats.handed_off += 1;
-                        Verdict::Handoff(owner)
+                        verdict
                     }
                     Ok(Verdict::Drop(reason)) | Err(reason) => {
                         core.stats.count_drop(reason);
@@ -878,7 +894,7 @@ impl Core {
     #[inline(never)]
     fn not_my_snat_port(&self, tables: &Tables, port: u16) -> Outcome {
         match snat_port_owner(tables.node().snat_ports, self.config.core_count, port) {
-            Some(owner) if owner != self.config.core_index => Ok(Verdict::Handoff(owner)),
+            Some(owner) if owner != self.config.core_index && !self.handed_in => Ok(Verdict::Handoff(owner)),
             _ => Err(DropReason::NoReverseFlow),
         }
     }
@@ -919,7 +935,8 @@ impl Core {
     /// big" its replies to the client cause). Nothing is tracked for it. A flow still on a draining
     /// backend gets its error sent to the backend the scheduler gives new flows instead, which
     /// ignores an error about a connection it does not have. NAT flows need the tracking core's
-    /// SNAT port, and the other schedulers per-core state: [`DropReason::IcmpNoFlow`].
+    /// SNAT port: the error goes to every other core ([`Verdict::HandoffAll`]), where only the
+    /// tracking one finds it. The other schedulers keep per-core state: [`DropReason::IcmpNoFlow`].
     #[inline(never)]
     fn icmp_error_untracked(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, flow: &FlowKey) -> Outcome {
         // About no service's flow: the host's own (a VIP that is a node address serving NodePorts
@@ -927,10 +944,15 @@ impl Core {
         let Some(service) = tables.lookup_flow(flow).and_then(|i| tables.service(i)) else {
             return Ok(Verdict::Pass);
         };
-        if service.mode == ForwardMode::Nat
-            || service.affinity_timeout_secs.is_some()
-            || !service.scheduler.kind().picks_from_flow_alone()
-        {
+        if service.mode == ForwardMode::Nat {
+            // Only the core that tracks the flow has its SNAT port: ask the others.
+            return if self.config.core_count > 1 && !self.handed_in {
+                Ok(Verdict::HandoffAll)
+            } else {
+                Err(DropReason::IcmpNoFlow)
+            };
+        }
+        if service.affinity_timeout_secs.is_some() || !service.scheduler.kind().picks_from_flow_alone() {
             return Err(DropReason::IcmpNoFlow);
         }
         if !service.allows(flow.src_ip()) {
