@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use lb_core::config::RemovedBackendPolicy;
-use lb_examples::lab::{BACKENDS, CLIENT4, CLIENT6, Lab, Mode, PORT, VIP4, VIP6, start_lb, tables};
+use lb_examples::lab::{BACKENDS, CLIENT4, CLIENT6, Lab, Mode, PORT, VIP4, VIP6, start_lb_on_queues, tables};
 use lb_io::StopFlag;
 use lb_io::bpf::AttachMode;
 use lb_io::netns::{can_create_namespaces, enter_netns};
@@ -29,9 +29,13 @@ pub struct Args {
     /// Flows per protocol and address family.
     #[arg(long, default_value_t = 24)]
     pub flows: usize,
-    /// Core to pin the poll loop to.
+    /// Core to pin the (first) poll loop to; loop i goes to CORE+i.
     #[arg(long)]
     pub core: Option<usize>,
+    /// Receive queues on the load balancer's link, one poll loop each (full-NAT replies that land on
+    /// another loop's queue are handed to the loop that owns their SNAT port).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub queues: u32,
     /// Attach the XDP program in generic (SKB) mode instead of native.
     #[arg(long)]
     pub generic: bool,
@@ -145,7 +149,7 @@ pub fn main(args: Args) -> CmdResult {
     can_create_namespaces().map_err(|why| format!("lb demo needs root: {why}"))?;
     StopFlag::watch_signals()?;
     println!("building namespaces (client, load balancer, 3 backends, bridge) ...");
-    let lab = Lab::build("lbd", args.mode, &std::env::current_exe()?)?;
+    let lab = Lab::build_with_queues("lbd", args.mode, &std::env::current_exe()?, args.queues)?;
     println!("namespaces: {}-{{sw,cl,lb,b1,b2,b3}}, mode {:?}", lab.tag, args.mode);
     if let Some(path) = lab.decap {
         println!("backends decapsulate with {path}");
@@ -153,17 +157,23 @@ pub fn main(args: Args) -> CmdResult {
     let config = lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule);
     let attach = if args.generic { AttachMode::Generic } else { AttachMode::Native };
     let mut builder = lb_core::service::TableBuilder::new();
-    let lb = start_lb(&lab, tables(&mut builder, &config)?, args.core, attach)?;
+    let lb = start_lb_on_queues(&lab, tables(&mut builder, &config)?, args.core, attach, args.queues)?;
     println!(
-        "load balancer attached to {}-lb eth0 queue 0 (AF_XDP); sending {} flows per protocol and family",
-        lab.tag, args.flows
+        "load balancer attached to {}-lb eth0, {} (AF_XDP); sending {} flows per protocol and family",
+        lab.tag,
+        if args.queues == 1 {
+            "queue 0".to_string()
+        } else {
+            format!("queues 0-{}, a poll loop each", args.queues - 1)
+        },
+        args.flows
     );
 
     let client_ns = lab.client.name().to_string();
     let flows = args.flows;
     let client = std::thread::spawn(move || run_client(&client_ns, flows));
     let client = client.join().map_err(|_| "client thread panicked")?;
-    let outcome = lb.stop()?;
+    let outcomes = lb.stop_all()?;
     let (spread, failed) = client?;
 
     println!();
@@ -180,14 +190,22 @@ pub fn main(args: Args) -> CmdResult {
     }
     println!("failed flows: {failed}");
 
-    let w = outcome.worker.stats();
+    let first = outcomes.first().ok_or("no poll loop ran")?;
+    // Every worker runs the same tables: their counters sum slot by slot.
+    let mut w = first.worker.stats().clone();
+    for o in &outcomes[1..] {
+        w.merge(o.worker.stats());
+    }
+    let w = &w;
     println!();
     println!(
-        "worker: rx {} tx {} passed {} reverse-NAT {} dropped {}; answered ARP {} NDP {}",
+        "worker{}: rx {} tx {} passed {} reverse-NAT {} handed off {} dropped {}; answered ARP {} NDP {}",
+        if outcomes.len() > 1 { "s (summed)" } else { "" },
         w.rx,
         w.tx,
         w.passed,
         w.reverse_nat,
+        w.handed_off,
         w.dropped_total(),
         w.arp_replies,
         w.ndp_adverts
@@ -198,7 +216,7 @@ pub fn main(args: Args) -> CmdResult {
             println!("  drop {reason}: {n}");
         }
     }
-    let tables = outcome.worker.tables();
+    let tables = first.worker.tables();
     for svc in tables.services() {
         let sc = w.service(svc.slot);
         let per: Vec<String> = svc
@@ -211,21 +229,23 @@ pub fn main(args: Args) -> CmdResult {
             .collect();
         println!("  {:<14} {} new flows, {} packets: {}", svc.name, sc.new_flows, sc.packets, per.join(", "));
     }
-    let s = outcome.stats;
-    println!(
-        "poll loop: rx {} tx {} pass {} drop {} bursts {} stalled flushes {}",
-        s.rx, s.tx, s.pass, s.drop, s.bursts, s.stalled_flushes
-    );
-    let x = outcome.xsk;
-    println!(
-        "AF_XDP ({}): kernel rx_dropped {} rx_ring_full {} fill_ring_empty {} tx_kicks {} rx_wakeups {}",
-        if outcome.zero_copy { "zero-copy" } else { "copy mode" },
-        x.rx_dropped,
-        x.rx_ring_full,
-        x.rx_fill_ring_empty,
-        x.tx_kicks,
-        x.rx_wakeups
-    );
+    for (q, outcome) in outcomes.iter().enumerate() {
+        let s = outcome.stats;
+        println!(
+            "poll loop q{q}: rx {} tx {} pass {} drop {} handed off {} handed in {} bursts {} stalled flushes {}",
+            s.rx, s.tx, s.pass, s.drop, s.handed_off, s.handed_in, s.bursts, s.stalled_flushes
+        );
+        let x = outcome.xsk;
+        println!(
+            "  AF_XDP ({}): kernel rx_dropped {} rx_ring_full {} fill_ring_empty {} tx_kicks {} rx_wakeups {}",
+            if outcome.zero_copy { "zero-copy" } else { "copy mode" },
+            x.rx_dropped,
+            x.rx_ring_full,
+            x.rx_fill_ring_empty,
+            x.tx_kicks,
+            x.rx_wakeups
+        );
+    }
     println!("removing namespaces ...");
     drop(lab);
     if failed > 0 {
