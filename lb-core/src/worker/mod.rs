@@ -352,12 +352,14 @@ impl Worker {
                         core.stats.passed += 1;
                         Verdict::Pass
                     }
+                    Ok(verdict @ (Verdict::Handoff(_) | Verdict::HandoffAll)) => {
+                        core.stats.handed_off += 1;
+                        verdict
+                    }
                     Ok(Verdict::Drop(reason)) | Err(reason) => {
                         core.stats.count_drop(reason);
                         Verdict::Drop(reason)
                     }
-                    // Counted in `handed_off` where they are decided (cold paths).
-                    Ok(handoff) => handoff,
                 };
             }
         }
@@ -890,12 +892,9 @@ impl Core {
     /// replies by SNAT port never sends one here.
     #[cold]
     #[inline(never)]
-    fn not_my_snat_port(&mut self, tables: &Tables, port: u16) -> Outcome {
+    fn not_my_snat_port(&self, tables: &Tables, port: u16) -> Outcome {
         match snat_port_owner(tables.node().snat_ports, self.config.core_count, port) {
-            Some(owner) if owner != self.config.core_index && !self.handed_in => {
-                self.stats.handed_off += 1;
-                Ok(Verdict::Handoff(owner))
-            }
+            Some(owner) if owner != self.config.core_index && !self.handed_in => Ok(Verdict::Handoff(owner)),
             _ => Err(DropReason::NoReverseFlow),
         }
     }
@@ -948,7 +947,6 @@ impl Core {
         if service.mode == ForwardMode::Nat {
             // Only the core that tracks the flow has its SNAT port: ask the others.
             return if self.config.core_count > 1 && !self.handed_in {
-                self.stats.handed_off += 1;
                 Ok(Verdict::HandoffAll)
             } else {
                 Err(DropReason::IcmpNoFlow)
