@@ -56,6 +56,10 @@ pub struct CoreSnapshot {
     pub conntrack_entries: u64,
     /// Conntrack capacity of this core.
     pub conntrack_capacity: u64,
+    /// Copies of frames for another core that its poll loop had no room for (its poll loop's count).
+    pub handoff_lost: u64,
+    /// Frames this core's poll loop gave up on a stuck transmit ring (its poll loop's count).
+    pub tx_abandoned: u64,
 }
 
 impl CoreSnapshot {
@@ -159,6 +163,9 @@ impl CoreCounters {
             backends: self.backends.iter().copied().collect(),
             conntrack_entries: self.conntrack_entries,
             conntrack_capacity: self.conntrack_capacity,
+            // The poll loop's, added by `PublishedCounters`.
+            handoff_lost: 0,
+            tx_abandoned: 0,
         }
     }
 }
@@ -170,13 +177,20 @@ impl CoreCounters {
 /// counts (nor goes backwards when that core catches up).
 pub type SlotKey = (u32, u32);
 
-/// Per-core counter buffers the poll threads publish into and `/metrics` reads.
+/// Per-core counter buffers the poll threads publish into and `/metrics` reads: the workers', and
+/// (in the same order, where given) their poll loops' own.
 #[derive(Debug, Clone, Default)]
-pub struct PublishedCounters(pub Vec<Arc<Mutex<CoreCounters>>>);
+pub struct PublishedCounters(pub Vec<Arc<Mutex<CoreCounters>>>, pub Vec<Arc<lb_io::LoopCounters>>);
 
 impl StatsSource for PublishedCounters {
     fn snapshots(&self) -> Vec<CoreSnapshot> {
-        self.0.iter().filter_map(|c| c.lock().ok().map(|c| c.to_snapshot())).collect()
+        let mut cores: Vec<CoreSnapshot> =
+            self.0.iter().filter_map(|c| c.lock().ok().map(|c| c.to_snapshot())).collect();
+        for (core, counters) in cores.iter_mut().zip(&self.1) {
+            let s = counters.snapshot();
+            (core.handoff_lost, core.tx_abandoned) = (s.handoff_lost, s.tx_abandoned);
+        }
+        cores
     }
 }
 
@@ -363,6 +377,21 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
     f.head("lb_dropped_packets_total", "counter", "Frames dropped, by reason.");
     for r in DropReason::ALL {
         f.line("lb_dropped_packets_total", &format!("reason=\"{}\"", r.name()), totals.drops[r.index()]);
+    }
+    for (name, help, v) in [
+        (
+            "lb_handoff_lost_total",
+            "NAT replies (or ICMP error copies) for another core lost because that core's inbox was full.",
+            cores.iter().map(|c| c.handoff_lost).sum::<u64>(),
+        ),
+        (
+            "lb_tx_abandoned_total",
+            "Frames given up after the transmit ring made no progress for many flushes.",
+            cores.iter().map(|c| c.tx_abandoned).sum(),
+        ),
+    ] {
+        f.head(name, "counter", help);
+        f.line(name, "", v);
     }
     f.head("lb_conntrack_entries", "gauge", "Connection-table entries in use, per core.");
     for (i, c) in cores.iter().enumerate() {
@@ -591,6 +620,8 @@ services:
                     rx: 100 * k,
                     tx: 90 * k,
                     handed_off: 4 * k,
+                    handoff_lost: 5 * k,
+                    tx_abandoned: 6 * k,
                     arp_replies: 3 * k,
                     ndp_adverts: k,
                     icmp_too_big: 2 * k,
@@ -619,6 +650,25 @@ services:
             .collect()
     }
 
+    /// The poll loops' own counts (here: frames abandoned on a stuck transmit ring) reach each
+    /// core's snapshot beside its worker's.
+    #[test]
+    fn published_counters_carry_each_poll_loops_counts() {
+        use lb_io::{LoopConfig, MemoryConfig, MemoryDevice, PollLoop, StopFlag, update_channel};
+        let mut dev = MemoryDevice::new(MemoryConfig { tx_per_flush: 0, ..MemoryConfig::default() });
+        for _ in 0..3 {
+            dev.push_rx(&[0u8; 60]);
+        }
+        let (_tx, rx) = update_channel::<lb_io::MacRewrite>();
+        let config = LoopConfig { max_stalled_flushes: 2, ..LoopConfig::default() };
+        let lp = PollLoop::new(dev, lb_io::MacRewrite { src: [2; 6], dst: [4; 6] }, rx, StopFlag::new(), config);
+        let published = PublishedCounters(vec![Arc::new(Mutex::new(CoreCounters::default()))], vec![lp.counters()]);
+        let report = lp.run().unwrap();
+        assert_eq!(report.stats.tx_abandoned, 3);
+        let cores = published.snapshots();
+        assert_eq!((cores.len(), cores[0].tx_abandoned, cores[0].handoff_lost), (1, 3, 0));
+    }
+
     #[tokio::test]
     async fn metrics_sum_cores_and_label_everything() {
         let mut control = Control::new(RecordingSink::default());
@@ -630,6 +680,8 @@ services:
             "lb_rx_packets_total 300".to_string(),
             "lb_arp_replies_total 9".into(),
             "lb_nat_replies_handed_off_total 12".into(),
+            "lb_handoff_lost_total 15".into(),
+            "lb_tx_abandoned_total 18".into(),
             "lb_ndp_adverts_total 3".into(),
             "lb_icmp_too_big_total 6".into(),
             "lb_tables_refused_total 3".into(),

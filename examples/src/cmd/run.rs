@@ -387,6 +387,7 @@ pub fn main(args: Args) -> CmdResult {
             workers.loops.push(tx);
             let core = args.first_core.map(|c| c + i);
             let mut lp = PollLoop::new(dev, processor, rx, stop.clone(), LoopConfig::default());
+            counters.1.push(lp.counters());
             // The mesh's ends are in loop (core_index) order.
             if let Some(end) = handoff.next() {
                 lp = lp.with_handoff(end);
