@@ -453,6 +453,28 @@ impl Lab {
     }
 }
 
+/// Sends `msg` on `conn` to a lab backend and returns the answering backend's name (a backend
+/// answers each read with its name and what it read). An answer that does not echo `msg` is an
+/// `InvalidData` error.
+pub fn ask(conn: &mut std::net::TcpStream, msg: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    conn.write_all(msg.as_bytes())?;
+    let mut buf = [0u8; 256];
+    let n = conn.read(&mut buf)?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let (name, echoed) = reply.split_once(' ').unwrap_or((&reply, ""));
+    if echoed != msg {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the backend answered {reply:?} to {msg:?}"),
+        ));
+    }
+    Ok(name.to_string())
+}
+
 /// Sets up the kernel's own decapsulation for `mode` in a backend namespace: the fallback tunnel
 /// devices `tunl0` / `ip6tnl0` (they take IP-in-IP from any source) and, for GUE, `fou` on
 /// [`GUE_PORT`] handing the inner packets to them. False when this kernel lacks any of it.

@@ -31,7 +31,7 @@ use std::time::Duration;
 use lb_core::config::{Protocol, RemovedBackendPolicy};
 use lb_core::service::{TableBuilder, Tables};
 use lb_examples::lab::{
-    BACKENDS, CLIENT4, CLIENT6, Lab, Mode, NO_TUNNELS, PORT, SNAT4, SNAT6, VIP4, VIP6, start_lb, tables,
+    BACKENDS, CLIENT4, CLIENT6, Lab, Mode, NO_TUNNELS, PORT, SNAT4, SNAT6, VIP4, VIP6, ask, start_lb, tables,
 };
 use lb_io::bpf::AttachMode;
 use lb_io::netns::{Netns, can_create_namespaces, enter_netns, format_mac};
@@ -51,20 +51,6 @@ const BULK: usize = 64 * 1024;
 
 fn vips() -> [IpAddr; 2] {
     [IpAddr::V4(VIP4), IpAddr::V6(VIP6)]
-}
-
-/// Sends `msg` and returns the answering backend's name.
-fn ask(conn: &mut TcpStream, msg: &str) -> std::io::Result<String> {
-    conn.write_all(msg.as_bytes())?;
-    let mut buf = [0u8; 256];
-    let n = conn.read(&mut buf)?;
-    if n == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
-    let (name, echoed) = reply.split_once(' ').unwrap_or((&reply, ""));
-    assert_eq!(echoed, msg, "the backend echoes what it got");
-    Ok(name.to_string())
 }
 
 /// Sends [`BULK`] bytes on a new connection and reads the echo to its end: full-size segments both

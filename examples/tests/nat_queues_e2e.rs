@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use lb_core::config::RemovedBackendPolicy;
 use lb_core::service::TableBuilder;
-use lb_examples::lab::{BACKENDS, CLIENT4, CLIENT6, Lab, Mode, PORT, VIP4, VIP6, start_lb_on_queues, tables};
+use lb_examples::lab::{BACKENDS, CLIENT4, CLIENT6, Lab, Mode, PORT, VIP4, VIP6, ask, start_lb_on_queues, tables};
 use lb_io::bpf::AttachMode;
 use lb_io::netns::{can_create_namespaces, enter_netns};
 
@@ -30,20 +30,6 @@ const CONNS_PER_FAMILY: usize = 24;
 /// UDP flows per address family.
 const UDP_PER_FAMILY: usize = 12;
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Sends `msg` and returns the answering backend's name.
-fn ask(conn: &mut TcpStream, msg: &str) -> std::io::Result<String> {
-    conn.write_all(msg.as_bytes())?;
-    let mut buf = [0u8; 256];
-    let n = conn.read(&mut buf)?;
-    if n == 0 {
-        return Err(std::io::ErrorKind::UnexpectedEof.into());
-    }
-    let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
-    let (name, echoed) = reply.split_once(' ').unwrap_or((&reply, ""));
-    assert_eq!(echoed, msg, "the backend echoes what it got");
-    Ok(name.to_string())
-}
 
 /// 64 KiB each way on a new connection: many full-size segments, many replies to hand over.
 fn bulk(vip: IpAddr) -> std::io::Result<usize> {
