@@ -1570,7 +1570,9 @@ services:
 
     /// A reload that changes the SNAT addresses or port range is rejected whole, naming the fields
     /// and why: live NAT flows would break. The running tables keep the old SNAT settings, and the
-    /// same file with only what can change applies.
+    /// same file with only what can change applies. A family's first SNAT address (no NAT flow of
+    /// that family can exist without one) applies, and so does any SNAT setting of a node that had
+    /// none.
     #[tokio::test]
     async fn a_reload_that_changes_snat_needs_a_restart() {
         let sink = RecordingSink::default();
@@ -1586,7 +1588,6 @@ services:
         };
         let cases = [
             (reload("snat_v4: 10.0.0.2", "snat_v4: 10.0.0.3"), "node.snat_v4"),
-            (reload("snat_v4: 10.0.0.2", "snat_v4: 10.0.0.2, snat_v6: \"fd00::2\""), "node.snat_v6"),
             (reload("snat_v4: 10.0.0.2", "snat_v4: 10.0.0.2, snat_ports: [40000, 50000]"), "node.snat_ports"),
         ];
         for (file, field) in cases {
@@ -1597,17 +1598,46 @@ services:
         }
         let all = reload("snat_v4: 10.0.0.2", "snat_v4: 10.0.0.3, snat_v6: \"fd00::3\", snat_ports: [1024, 2047]");
         let err = control.apply(ControlInput::File(all)).unwrap_err();
-        assert!(matches!(err, ControlError::NeedsRestart(ref f) if f.len() == 3), "{err}");
+        assert!(matches!(err, ControlError::NeedsRestart(ref f) if f.len() == 2), "{err}");
         assert_eq!(sink.0.lock().unwrap().len(), 1, "nothing published");
         {
             let l = live.borrow();
             assert!(Arc::ptr_eq(l.tables.as_ref().unwrap(), &first), "the running tables stay");
-            assert_eq!((l.applied, l.rejected), (1, 4));
+            assert_eq!((l.applied, l.rejected), (1, 3));
         }
 
         let t = control.apply(ControlInput::File(reload("10.1.0.2", "10.1.0.2"))).unwrap();
         assert_eq!(t.services()[0].backends[0].weight, 7);
         assert_eq!((t.node().snat_v4, t.node().snat_ports), (first.node().snat_v4, first.node().snat_ports));
+        // IPv6 had no SNAT address: its first one applies.
+        let t = control
+            .apply(ControlInput::File(reload("snat_v4: 10.0.0.2", "snat_v4: 10.0.0.2, snat_v6: \"fd00::2\"")))
+            .unwrap();
+        assert_eq!(t.node().snat_v6, Some("fd00::2".parse().unwrap()));
+        // Once it is there, it stays.
+        let err = control
+            .apply(ControlInput::File(reload("snat_v4: 10.0.0.2", "snat_v4: 10.0.0.2, snat_v6: \"fd00::3\"")))
+            .unwrap_err();
+        assert!(err.to_string().contains("node.snat_v6 (NAT flows in progress would break"), "{err}");
+    }
+
+    /// A node that ran with no SNAT address at all (DSR only) takes its first NAT service, SNAT
+    /// address and port range by reload: no NAT flow can be in progress.
+    #[tokio::test]
+    async fn the_first_nat_service_applies_by_reload() {
+        let mut control = Control::new(RecordingSink::default());
+        let dsr_only = r#"
+node: { gateway_mac: "02:00:00:00:00:fe", snat_ports: [50000, 50999] }
+services:
+  - { name: web, vip: 10.0.0.10, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 80, mac: "02:00:00:00:00:01" }] }
+"#;
+        let Ok(first) = control.apply(ControlInput::File(Box::new(parse(dsr_only).unwrap()))) else {
+            panic!("GOOD without SNAT, in DSR, applies")
+        };
+        assert_eq!(first.node().snat_v4, None);
+        let t = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        assert_eq!(t.services()[0].mode, ForwardMode::Nat);
+        assert_eq!(t.node().snat_v4, Some("10.0.0.2".parse().unwrap()));
     }
 
     /// A translation refused whole stays the cluster's desired state: other inputs still apply

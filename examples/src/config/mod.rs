@@ -176,14 +176,17 @@ impl Settings {
         if self.metrics_listen != new.metrics_listen {
             fields.push("metrics.listen");
         }
+        // A family without a SNAT address has no NAT flows, so one may be added (the first NAT
+        // service of that family then needs no restart); one in use may not change or go. Without
+        // any, no NAT flow holds a port either.
         let (old, node) = (&self.node, &new.node);
-        if old.snat_v4 != node.snat_v4 {
+        if old.snat_v4.is_some() && old.snat_v4 != node.snat_v4 {
             fields.push("node.snat_v4 (NAT flows in progress would break)");
         }
-        if old.snat_v6 != node.snat_v6 {
+        if old.snat_v6.is_some() && old.snat_v6 != node.snat_v6 {
             fields.push("node.snat_v6 (NAT flows in progress would break)");
         }
-        if old.snat_ports != node.snat_ports {
+        if (old.snat_v4.is_some() || old.snat_v6.is_some()) && old.snat_ports != node.snat_ports {
             fields.push("node.snat_ports (NAT flows in progress would break, and the poll loops' port shares move)");
         }
         fields
