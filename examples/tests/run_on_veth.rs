@@ -380,3 +380,30 @@ fn an_address_the_node_takes_later_is_marked_as_the_hosts() {
     let (status, log) = lb.finish();
     assert!(status.success(), "{status:?}\n{log}");
 }
+
+/// A run killed with SIGKILL cannot turn the receive VLAN offloads back on; the next `lb run` on the
+/// interface takes that over from the record the killed one left (under /run/lb), and turns them on
+/// at its clean exit. Before, the next run found them off, left them off, and so did every run after.
+#[test]
+fn offloads_a_killed_lb_run_left_off_are_turned_on_by_the_next_at_its_exit() {
+    if let Err(why) = can_create_namespaces().and_then(|()| can_run_ethtool()) {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let service = "  - { name: web, vip: 10.0.0.10, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 80, mac: \"02:aa:bb:cc:dd:ee\" }] }\n";
+    let Some(mut first) = Running::start("lbv", service) else { return };
+    assert_eq!(first.ethtool_says("rx-vlan-offload"), "off");
+    first.signal("-KILL");
+    first.child.wait().unwrap();
+    assert_eq!(first.ethtool_says("rx-vlan-offload"), "off", "a killed run leaves them off");
+    let mut again = first;
+    (again.child, again.lines) = spawn_lb_run(&again.lb_ns, &again.config);
+    again.log.clear();
+    assert!(started(&mut again.lines, &mut again.log), "{}", again.log.join("\n"));
+    assert_eq!(again.ethtool_says("rx-vlan-offload"), "off");
+    again.signal("-TERM");
+    let (status, log) = again.finish();
+    assert!(status.success(), "{log}");
+    assert_eq!(again.ethtool_says("rx-vlan-offload"), "on", "turned on at the next run's exit:\n{log}");
+    assert_eq!(again.ethtool_says("rx-vlan-stag-hw-parse"), "on");
+}

@@ -9,9 +9,15 @@
 //! ioctl (`ETHTOOL_GFEATURES` / `ETHTOOL_SFEATURES`, features found by name in the kernel's
 //! `ETH_SS_FEATURES` strings, as ethtool finds them), and gives back a guard that turns on again what
 //! it turned off. A feature the driver has fixed on stays on, and is reported.
+//!
+//! A run killed before its guard drops (SIGKILL, a crash) leaves them off, and the next run would
+//! find them off and leave them so. [`rx_vlan_off_recorded`] keeps what it turned off in a file
+//! (under `/run`, gone at a reboot, when the NIC's defaults come back anyway) until the guard turns
+//! them on again, and takes over what a killed run's file lists.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 
 /// The receive VLAN offloads [`rx_vlan_off`] turns off, by their kernel names.
 pub const RX_VLAN_FEATURES: [&str; 2] = ["rx-vlan-hw-parse", "rx-vlan-stag-hw-parse"];
@@ -45,6 +51,8 @@ pub struct RxVlanOff {
     /// The features still on: fixed by the driver, or refused. Tagged frames then reach XDP
     /// untagged (for that kind of tag).
     pub still_on: Vec<&'static str>,
+    /// The file that lists `turned_off` while they are off ([`rx_vlan_off_recorded`]).
+    record: Option<PathBuf>,
 }
 
 impl Drop for RxVlanOff {
@@ -53,10 +61,58 @@ impl Drop for RxVlanOff {
             return;
         }
         let on: Vec<(&'static str, bool)> = self.turned_off.iter().map(|&n| (n, true)).collect();
-        if let Err(e) = set_features(&self.interface, &on) {
+        let result = set_features(&self.interface, &on);
+        // Back on, or the interface is gone (a new one of the name starts with its own defaults):
+        // nothing is left for a later run to turn on.
+        if result.as_ref().map_or_else(|e| e.raw_os_error() == Some(libc::ENODEV), |_| true)
+            && let Some(record) = &self.record
+        {
+            let _ = std::fs::remove_file(record);
+        }
+        if let Err(e) = result {
             eprintln!("warning: {}: could not turn {:?} back on: {e}", self.interface, self.turned_off);
         }
     }
+}
+
+/// As [`rx_vlan_off`], remembering in the file `record` what it turned off until the guard turns it
+/// on again. A `record` left by a run that was killed first lists features that run turned off:
+/// those still off (and changeable) are this guard's to turn on too, as the interface had them on
+/// before any run. The file goes when the guard has turned them on; it is not written when nothing
+/// was turned off. Its directory is made if missing.
+pub fn rx_vlan_off_recorded(name: &str, record: &Path) -> io::Result<RxVlanOff> {
+    let left: Vec<&'static str> = match std::fs::read_to_string(record) {
+        Ok(text) => RX_VLAN_FEATURES.into_iter().filter(|f| text.lines().any(|l| l.trim() == *f)).collect(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let mut off = rx_vlan_off(name)?;
+    // What the killed run turned off and is off still (this call found it off: not in `turned_off`).
+    let now = features(name, &left)?;
+    for f in now.iter().filter(|f| !f.active && !f.fixed) {
+        if !off.turned_off.contains(&f.name) {
+            off.turned_off.push(f.name);
+        }
+    }
+    if off.turned_off.is_empty() {
+        let _ = std::fs::remove_file(record);
+    } else {
+        if let Some(dir) = record.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(record, off.turned_off.join("\n") + "\n")?;
+        off.record = Some(record.to_path_buf());
+    }
+    Ok(off)
+}
+
+/// Where `lb` records the offloads it turned off on interface `name` of the calling thread's network
+/// namespace, under `dir`: one file per namespace and interface (a namespace is named by its inode,
+/// so runs in different namespaces with same-named interfaces keep apart).
+pub fn record_path(dir: &Path, name: &str) -> io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+    Ok(dir.join(format!("rx-vlan-off.{ns}.{name}")))
 }
 
 /// Turns off the receive VLAN offloads ([`RX_VLAN_FEATURES`]) of interface `name` in the calling
@@ -77,6 +133,7 @@ pub fn rx_vlan_off(name: &str) -> io::Result<RxVlanOff> {
         interface: name.to_string(),
         turned_off: after.iter().filter(|f| !f.active && was_on(f.name)).map(|f| f.name).collect(),
         still_on: after.iter().filter(|f| f.active).map(|f| f.name).collect(),
+        record: None,
     })
 }
 
@@ -264,6 +321,51 @@ mod tests {
         .unwrap();
         assert_eq!(ethtool_says(&a, "o0", "rx-vlan-offload"), "on");
         assert_eq!(ethtool_says(&a, "o0", "rx-vlan-stag-hw-parse"), "on");
+    }
+
+    /// A run killed with the offloads off (its guard never dropped) leaves its record: the next
+    /// run's guard turns them on at its end, and removes the record. Without the record, the next
+    /// run found them off and left them off for good.
+    #[test]
+    fn offloads_a_killed_run_left_off_are_turned_on_by_the_next() {
+        if let Some(why) = cannot_run() {
+            println!("SKIPPED: {why}");
+            return;
+        }
+        let tag = format!("lbk{}", std::process::id());
+        let (a, b) = (Netns::create(&format!("{tag}a")).unwrap(), Netns::create(&format!("{tag}b")).unwrap());
+        veth_pair(&a, "k0", &b, "k1").unwrap();
+        let dir = std::env::temp_dir().join(format!("lb-offload-test-{tag}"));
+        let ns = a.name().to_string();
+        let (record, first_record) = std::thread::spawn(move || {
+            enter_netns(&ns).unwrap();
+            let record = record_path(&dir, "k0").unwrap();
+            let first = rx_vlan_off_recorded("k0", &record).unwrap();
+            let first_record = std::fs::read_to_string(&record).unwrap();
+            // Killed: the guard never drops.
+            std::mem::forget(first);
+            (record, first_record)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(first_record, "rx-vlan-hw-parse\nrx-vlan-stag-hw-parse\n");
+        assert_eq!(ethtool_says(&a, "k0", "rx-vlan-offload"), "off", "left off by the killed run");
+        let ns = a.name().to_string();
+        let path = record.clone();
+        let second = std::thread::spawn(move || {
+            enter_netns(&ns).unwrap();
+            let second = rx_vlan_off_recorded("k0", &path).unwrap();
+            let turned_off = second.turned_off.clone();
+            drop(second);
+            turned_off
+        })
+        .join()
+        .unwrap();
+        assert_eq!(second, RX_VLAN_FEATURES.to_vec(), "the next run took over what the killed one turned off");
+        assert_eq!(ethtool_says(&a, "k0", "rx-vlan-offload"), "on");
+        assert_eq!(ethtool_says(&a, "k0", "rx-vlan-stag-hw-parse"), "on");
+        assert!(!record.exists(), "the record goes once they are back on");
+        let _ = std::fs::remove_dir(record.parent().unwrap());
     }
 
     /// `fixed` is what `ethtool -k` marks `[fixed]`: a feature the driver does not offer to change

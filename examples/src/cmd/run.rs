@@ -203,10 +203,28 @@ impl Workers {
     }
 }
 
+/// Where `lb run` records the receive VLAN offloads it turned off, one file per namespace and
+/// interface, until it turns them on again (`lb_io::offload::rx_vlan_off_recorded`).
+const OFFLOAD_RECORDS: &str = "/run/lb";
+
 /// Turns off `name`'s receive VLAN offloads (`lb_io::offload`), so tagged frames reach XDP and lb-core
 /// tagged and leave tagged; logs what it did, and warns when a feature stays on.
 fn rx_vlan_offload_off(name: &str) -> Option<lb_io::offload::RxVlanOff> {
-    match lb_io::offload::rx_vlan_off(name) {
+    // Recorded under /run until turned back on, so a run killed before it could (SIGKILL) leaves
+    // them to the next run to turn on, rather than off for good.
+    let recorded = lb_io::offload::record_path(std::path::Path::new(OFFLOAD_RECORDS), name)
+        .and_then(|record| lb_io::offload::rx_vlan_off_recorded(name, &record));
+    let off = match recorded {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            tracing::warn!(
+                interface = name,
+                "cannot record the receive VLAN offloads under {OFFLOAD_RECORDS} ({e}); a run killed with SIGKILL would leave them off"
+            );
+            lb_io::offload::rx_vlan_off(name)
+        }
+    };
+    match off {
         Ok(r) => {
             if !r.turned_off.is_empty() {
                 tracing::info!(interface = name, features = ?r.turned_off, "receive VLAN offloads turned off until exit, so VLAN tags reach the load balancer");
