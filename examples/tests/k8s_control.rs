@@ -305,3 +305,48 @@ async fn a_local_load_balancers_health_check_node_port_answers_for_this_node() {
     tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A live Service edited wrong (a typo in its scheduler annotation) is reported, and keeps being
+/// served with its last good annotations while its endpoints still follow the cluster: the feed
+/// remembers each Service's last good translation. Before, the Service was left out of the next
+/// tables, its VIP unserved and its connections broken, for a typo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_service_edited_wrong_keeps_being_served() {
+    let (api, dir, kc) = web_cluster("lb-k8s-typo").await;
+    let path = dir.join("lb.yaml");
+    std::fs::write(&path, file_yaml(&kc, false)).unwrap();
+    let settings = file::load(&path).unwrap();
+    let (sink, mut tables) = mpsc::unbounded_channel();
+    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
+    let plane = ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)).await.unwrap();
+    let mut live = plane.live();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(plane.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let web_key = "tcp 10.96.12.34:80";
+    let t = until(&mut tables, "shop/web", |t| has(t, web_key)).await;
+    let scheduler = t.services().iter().find(|s| s.key.to_string() == web_key).unwrap().scheduler.kind();
+
+    let mut web = fixture("service-web.json");
+    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
+    web["metadata"]["annotations"] = json!({ "lb.example.dev/scheduler": "mgl" });
+    api.upsert(SERVICES, web);
+    let mut slice = fixture("endpointslice-web-ipv4.json");
+    slice["endpoints"] = json!([endpoint("10.244.2.7", "node-b", true, true, false)]);
+    api.upsert(SLICES, slice);
+    let t = until(&mut tables, "web on one endpoint", |t| {
+        t.services().iter().any(|s| s.key.to_string() == web_key && s.backends.len() == 1)
+    })
+    .await;
+    let web = t.services().iter().find(|s| s.key.to_string() == web_key).unwrap();
+    assert_eq!(web.scheduler.kind(), scheduler, "served with its last good annotations");
+    let l =
+        tokio::time::timeout(FAILSAFE, live.wait_for(|l| l.k8s_skipped >= 1)).await.expect("typo reported").unwrap();
+    assert!(l.tables.as_ref().is_some_and(|t| has(t, web_key)));
+    drop(l);
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

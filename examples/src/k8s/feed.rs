@@ -32,7 +32,7 @@ use kube::{Client, Resource, ResourceExt};
 use lb_core::config::NodeConfig;
 use tokio::sync::{mpsc, watch};
 
-use super::translate::{Translation, translate};
+use super::translate::Translation;
 use crate::config::KubernetesSettings;
 
 /// What the translation needs from the configuration file; replaced on reload.
@@ -242,6 +242,8 @@ async fn run_streams(
     let mut eps_store = Store::<EndpointSlice>::new();
     let mut due: Option<tokio::time::Instant> = None;
     let mut view_open = true;
+    // What each Service last translated to without error: a bad edit of a live one keeps it served.
+    let mut last_good = super::LastGood::default();
     loop {
         let dirty = tokio::select! {
             ev = services.next() => match ev {
@@ -258,7 +260,13 @@ async fn run_streams(
             () = async { match due { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 due = None;
                 let v = view.borrow_and_update().clone();
-                let t = translate(svc_store.objects.values(), eps_store.objects.values(), &v.settings, &v.node);
+                let t = super::translate_keeping(
+                    svc_store.objects.values(),
+                    eps_store.objects.values(),
+                    &v.settings,
+                    &v.node,
+                    &mut last_good,
+                );
                 counters.translations.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(services = t.services.len(), skipped = t.skipped.len(), "kubernetes translation");
                 if tx.send(t).await.is_err() {

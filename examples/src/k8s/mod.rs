@@ -7,4 +7,4 @@ pub mod feed;
 pub mod node_health;
 pub mod translate;
 
-pub use translate::{Skipped, Translation, translate};
+pub use translate::{LastGood, Skipped, Translation, translate, translate_keeping};

@@ -55,6 +55,9 @@
 //! proxy, which kube-proxy leaves alone too), are skipped (debug log). A Service
 //! with a bad annotation is skipped whole; a key already taken by an older Service, or one on an
 //! address that does not parse, is left out alone; both are reported in [`Translation::skipped`].
+//! A Service that served and then stops translating (an annotation or a field edited wrong) is not
+//! taken away ([`translate_keeping`]): it is translated again with its last good annotations, its
+//! endpoints followed as ever, or, if that fails too, keeps its last good translation whole.
 //! Nothing here does I/O; the feed calls [`translate`] on its store after every change.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -225,6 +228,17 @@ enum Reach {
     LoadBalancer,
 }
 
+/// What each Service last translated to without error, for [`translate_keeping`].
+#[derive(Debug, Clone, Default)]
+pub struct LastGood(HashMap<String, GoodService>);
+
+/// A Service's annotations and keys from its last translation without error.
+#[derive(Debug, Clone)]
+struct GoodService {
+    annotations: Option<BTreeMap<String, String>>,
+    specs: Vec<ServiceSpec>,
+}
+
 /// Translates Services and EndpointSlices into services for this node.
 ///
 /// `node` is the file's node settings: keys of a family the node cannot forward in the chosen
@@ -234,6 +248,22 @@ pub fn translate<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     settings: &KubernetesSettings,
     node: &NodeConfig,
+) -> Translation {
+    translate_keeping(services, slices, settings, node, &mut LastGood::default())
+}
+
+/// As [`translate`], keeping what a Service served while a later version of it does not translate:
+/// a bad edit of a live Service is reported (in [`Translation::skipped`]) and takes nothing away.
+/// Such a Service is translated again with the annotations of its last good translation (`last`),
+/// its endpoints followed as ever; if that fails too (the fault is in its spec, or an EndpointSlice
+/// weight), its last good keys stand as they were. `last` is then updated to this translation's
+/// good ones; a Service that is gone is forgotten.
+pub fn translate_keeping<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    settings: &KubernetesSettings,
+    node: &NodeConfig,
+    last: &mut LastGood,
 ) -> Translation {
     let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
@@ -252,12 +282,38 @@ pub fn translate<'a>(
 
     let mut out = Translation::default();
     let mut taken: HashMap<ServiceKey, String> = HashMap::new();
+    let mut good = HashMap::new();
     for svc in services {
         let name = full_name(svc);
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
         let own = svc.metadata.name.clone().unwrap_or_default();
         let slices = by_service.get(&(ns, own)).map(Vec::as_slice).unwrap_or(&[]);
-        match translate_service(svc, &name, slices, settings, node) {
+        let result = match translate_service(svc, &name, slices, settings, node) {
+            Ok(r) => {
+                let kept = GoodService { annotations: svc.metadata.annotations.clone(), specs: r.0.clone() };
+                good.insert(name.clone(), kept);
+                Ok(r)
+            }
+            Err(reason) => match last.0.remove(&name) {
+                Some(mut kept) => {
+                    let mut before = svc.clone();
+                    before.metadata.annotations.clone_from(&kept.annotations);
+                    let (r, how) = match translate_service(&before, &name, slices, settings, node) {
+                        Ok(r) => {
+                            kept.specs.clone_from(&r.0);
+                            (r, "with its last good annotations")
+                        }
+                        Err(_) => ((kept.specs.clone(), Vec::new()), "as last translated"),
+                    };
+                    out.skipped
+                        .push(Skipped { service: name.clone(), reason: format!("{reason}; still served {how}") });
+                    good.insert(name.clone(), kept);
+                    Ok(r)
+                }
+                None => Err(reason),
+            },
+        };
+        match result {
             Ok((specs, skipped)) => {
                 out.skipped.extend(skipped);
                 if !specs.is_empty()
@@ -280,6 +336,7 @@ pub fn translate<'a>(
             Err(reason) => out.skipped.push(Skipped { service: name, reason }),
         }
     }
+    last.0 = good;
     out.services.sort_by(|a, b| a.config.name.cmp(&b.config.name).then(a.config.key.cmp(&b.config.key)));
     // (The API server allocates each port once; of two claims, the older Service's stays.)
     out.health_checks.sort_by_key(|h| h.port);
@@ -1036,6 +1093,57 @@ mod tests {
                 ("10.244.5.10:8080".into(), BackendState::Active, 0)
             ]
         );
+    }
+
+    /// A live Service edited wrong keeps serving: with its last good annotations while its
+    /// endpoints still follow the slices, or, when the fault is not in its annotations, as last
+    /// translated; reported each time. Fixed, the edit applies. A Service that never translated,
+    /// or that went away and came back wrong, is skipped as before.
+    #[test]
+    fn a_live_service_edited_wrong_keeps_serving_what_it_served() {
+        let mut svc: Service = fixture!("service-checkout-canary.json");
+        let stable: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
+        let next: EndpointSlice = fixture!("endpointslice-checkout-next.json");
+        let mut last = LastGood::default();
+        let key = "tcp 10.96.80.80:80";
+        let t = translate_keeping([&svc], [&stable], &settings(), &node(), &mut last);
+        assert_eq!((t.skipped.len(), find(&t, key).scheduler), (0, SchedulerKind::Maglev));
+        assert_eq!(backends(find(&t, key)).len(), 1);
+
+        // A typo in the scheduler, and a new slice: still mh, and the new endpoint is in.
+        svc.metadata.annotations.as_mut().unwrap().insert(annotations::SCHEDULER.into(), "mgl".into());
+        let t = translate_keeping([&svc], [&stable, &next], &settings(), &node(), &mut last);
+        assert_eq!(find(&t, key).scheduler, SchedulerKind::Maglev);
+        assert_eq!(backends(find(&t, key)).len(), 2, "endpoints still follow the slices");
+        assert_eq!(t.skipped.len(), 1);
+        let reason = &t.skipped[0].reason;
+        assert!(
+            reason.contains("\"mgl\"") && reason.contains("still served with its last good annotations"),
+            "{reason}"
+        );
+        assert!(translate([&svc], [&stable], &settings(), &node()).services.is_empty(), "without memory: skipped");
+
+        // A fault outside the annotations too: as last translated (two endpoints), whatever the
+        // slices say now.
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["nope".into()]);
+        let t = translate_keeping([&svc], [&stable], &settings(), &node(), &mut last);
+        assert_eq!(backends(find(&t, key)).len(), 2);
+        assert!(t.skipped[0].reason.contains("still served as last translated"), "{:?}", t.skipped);
+
+        // Fixed: the edit applies (rr), with the slices of now.
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges = None;
+        svc.metadata.annotations.as_mut().unwrap().insert(annotations::SCHEDULER.into(), "rr".into());
+        let t = translate_keeping([&svc], [&stable], &settings(), &node(), &mut last);
+        assert_eq!((t.skipped.len(), find(&t, key).scheduler), (0, SchedulerKind::RoundRobin));
+        assert_eq!(backends(find(&t, key)).len(), 1);
+
+        // Gone, then back wrong: nothing to keep.
+        let t = translate_keeping([], [&stable], &settings(), &node(), &mut last);
+        assert!(t.services.is_empty());
+        svc.metadata.annotations.as_mut().unwrap().insert(annotations::SCHEDULER.into(), "mgl".into());
+        let t = translate_keeping([&svc], [&stable], &settings(), &node(), &mut last);
+        assert!(t.services.is_empty(), "{t:#?}");
+        assert!(!t.skipped[0].reason.contains("still served"), "{:?}", t.skipped);
     }
 
     #[test]
