@@ -235,6 +235,9 @@ pub struct LastGood(HashMap<String, GoodService>);
 /// A Service's annotations and keys from its last translation without error.
 #[derive(Debug, Clone)]
 struct GoodService {
+    /// `metadata.uid`: a Service deleted and created again under its name (between two
+    /// translations, or while the watch was down) is another Service, which inherits nothing.
+    uid: Option<String>,
     annotations: Option<BTreeMap<String, String>>,
     specs: Vec<ServiceSpec>,
 }
@@ -257,7 +260,8 @@ pub fn translate<'a>(
 /// Such a Service is translated again with the annotations of its last good translation (`last`),
 /// its endpoints followed as ever; if that fails too (the fault is in its spec, or an EndpointSlice
 /// weight), its last good keys stand as they were. `last` is then updated to this translation's
-/// good ones; a Service that is gone is forgotten.
+/// good ones; a Service that is gone is forgotten, and one created again under its name (another
+/// `metadata.uid`) inherits nothing.
 pub fn translate_keeping<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
@@ -290,11 +294,15 @@ pub fn translate_keeping<'a>(
         let slices = by_service.get(&(ns, own)).map(Vec::as_slice).unwrap_or(&[]);
         let result = match translate_service(svc, &name, slices, settings, node) {
             Ok(r) => {
-                let kept = GoodService { annotations: svc.metadata.annotations.clone(), specs: r.0.clone() };
+                let kept = GoodService {
+                    uid: svc.metadata.uid.clone(),
+                    annotations: svc.metadata.annotations.clone(),
+                    specs: r.0.clone(),
+                };
                 good.insert(name.clone(), kept);
                 Ok(r)
             }
-            Err(reason) => match last.0.remove(&name) {
+            Err(reason) => match last.0.remove(&name).filter(|k| k.uid == svc.metadata.uid) {
                 Some(mut kept) => {
                     let mut before = svc.clone();
                     before.metadata.annotations.clone_from(&kept.annotations);
@@ -1144,6 +1152,33 @@ mod tests {
         let t = translate_keeping([&svc], [&stable], &settings(), &node(), &mut last);
         assert!(t.services.is_empty(), "{t:#?}");
         assert!(!t.skipped[0].reason.contains("still served"), "{:?}", t.skipped);
+    }
+
+    /// A Service deleted and created again under its name (within one debounce, or while the watch
+    /// was down, so no translation saw it gone) is another Service: created wrong, it is skipped,
+    /// not served with the annotations, or the keys (a cluster IP it may no longer hold), of the one
+    /// before.
+    #[test]
+    fn a_service_created_again_under_its_name_inherits_nothing() {
+        let svc: Service = fixture!("service-checkout-canary.json");
+        let stable: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
+        let mut last = LastGood::default();
+        let t = translate_keeping([&svc], [&stable], &settings(), &node(), &mut last);
+        assert_eq!(t.services.len(), 1);
+
+        let mut again = svc.clone();
+        again.metadata.uid = Some("another-uid".into());
+        again.metadata.annotations.as_mut().unwrap().insert(annotations::SCHEDULER.into(), "mgl".into());
+        let t = translate_keeping([&again], [&stable], &settings(), &node(), &mut last);
+        assert!(t.services.is_empty(), "{t:#?}");
+        assert!(!t.skipped[0].reason.contains("still served"), "{:?}", t.skipped);
+
+        // Its spec wrong too (where the one before would be kept as last translated): skipped.
+        let t = translate_keeping([&svc], [&stable], &settings(), &node(), &mut last);
+        assert_eq!(t.services.len(), 1);
+        again.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["nope".into()]);
+        let t = translate_keeping([&again], [&stable], &settings(), &node(), &mut last);
+        assert!(t.services.is_empty(), "{t:#?}");
     }
 
     #[test]
