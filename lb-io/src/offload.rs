@@ -13,7 +13,8 @@
 //! A run killed before its guard drops (SIGKILL, a crash) leaves them off, and the next run would
 //! find them off and leave them so. [`rx_vlan_off_recorded`] keeps what it turned off in a file
 //! (under `/run`, gone at a reboot, when the NIC's defaults come back anyway) until the guard turns
-//! them on again, and takes over what a killed run's file lists.
+//! them on again, and takes over what a killed run's file lists: only from a run that is gone (the
+//! file's lock is free), and only on the interface the file names.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -51,8 +52,9 @@ pub struct RxVlanOff {
     /// The features still on: fixed by the driver, or refused. Tagged frames then reach XDP
     /// untagged (for that kind of tag).
     pub still_on: Vec<&'static str>,
-    /// The file that lists `turned_off` while they are off ([`rx_vlan_off_recorded`]).
-    record: Option<PathBuf>,
+    /// The file that lists `turned_off` while they are off, with its lock held
+    /// ([`rx_vlan_off_recorded`]).
+    record: Option<(PathBuf, std::fs::File)>,
 }
 
 impl Drop for RxVlanOff {
@@ -65,7 +67,7 @@ impl Drop for RxVlanOff {
         // Back on, or the interface is gone (a new one of the name starts with its own defaults):
         // nothing is left for a later run to turn on.
         if result.as_ref().map_or_else(|e| e.raw_os_error() == Some(libc::ENODEV), |_| true)
-            && let Some(record) = &self.record
+            && let Some((record, _)) = &self.record
         {
             let _ = std::fs::remove_file(record);
         }
@@ -79,12 +81,32 @@ impl Drop for RxVlanOff {
 /// on again. A `record` left by a run that was killed first lists features that run turned off:
 /// those still off (and changeable) are this guard's to turn on too, as the interface had them on
 /// before any run. The file goes when the guard has turned them on; it is not written when nothing
-/// was turned off. Its directory is made if missing.
+/// was turned off. Its directory is made if missing, before anything is turned off.
+///
+/// The guard holds the record's lock (`flock`) while it lives, and the kernel lets it go with a
+/// killed run: a record still locked is a live run's, and a second run on the interface (one that
+/// will fail to bind its queues, say) takes nothing of it over, so cannot turn the offloads on
+/// under the first. A record names the interface it was written for (its ifindex, and its network
+/// namespace's cookie, which unlike the namespace's inode is never reused before a reboot): one of
+/// another interface since given the name, or of a namespace since gone, is not taken over, and the
+/// offloads such an interface has off are left as they are.
 pub fn rx_vlan_off_recorded(name: &str, record: &Path) -> io::Result<RxVlanOff> {
-    let left: Vec<&'static str> = match std::fs::read_to_string(record) {
-        Ok(text) => RX_VLAN_FEATURES.into_iter().filter(|f| text.lines().any(|l| l.trim() == *f)).collect(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e),
+    if let Some(dir) = record.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let Some(file) = lock_record(record)? else {
+        // Another run holds the interface, and what it turned off is its to turn on.
+        return rx_vlan_off(name);
+    };
+    let identity = record_identity(name)?;
+    let mut text = String::new();
+    io::Read::read_to_string(&mut &file, &mut text)?;
+    let mut lines = text.lines();
+    let left: Vec<&'static str> = if lines.next() == Some(identity.as_str()) {
+        let listed: Vec<&str> = lines.map(str::trim).collect();
+        RX_VLAN_FEATURES.into_iter().filter(|f| listed.contains(f)).collect()
+    } else {
+        Vec::new()
     };
     let mut off = rx_vlan_off(name)?;
     // What the killed run turned off and is off still (this call found it off: not in `turned_off`).
@@ -97,13 +119,57 @@ pub fn rx_vlan_off_recorded(name: &str, record: &Path) -> io::Result<RxVlanOff> 
     if off.turned_off.is_empty() {
         let _ = std::fs::remove_file(record);
     } else {
-        if let Some(dir) = record.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(record, off.turned_off.join("\n") + "\n")?;
-        off.record = Some(record.to_path_buf());
+        use std::os::unix::fs::FileExt;
+        file.set_len(0)?;
+        file.write_all_at(format!("{identity}\n{}\n", off.turned_off.join("\n")).as_bytes(), 0)?;
+        off.record = Some((record.to_path_buf(), file));
     }
     Ok(off)
+}
+
+/// Opens (or creates) `record` and takes its lock without waiting; `None` when another process
+/// holds it. Retries when the file was removed between the open and the lock (its holder finished),
+/// so the lock held is always that of the file at `record`.
+fn lock_record(record: &Path) -> io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(record)?;
+        // SAFETY: flock(2) on the descriptor `file` owns, open for the call's length.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            return if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(None) } else { Err(e) };
+        }
+        let held = file.metadata()?;
+        if std::fs::metadata(record).is_ok_and(|m| (m.dev(), m.ino()) == (held.dev(), held.ino())) {
+            return Ok(Some(file));
+        }
+    }
+}
+
+/// The first line of a record: which interface it is of (ifindex, and the network namespace's
+/// cookie; 0 where the kernel has none, before 5.14).
+fn record_identity(name: &str) -> io::Result<String> {
+    let ifindex = crate::xsk::ifindex(name)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("no interface {name}")))?;
+    Ok(format!("interface {ifindex} netns {}", netns_cookie().unwrap_or(0)))
+}
+
+/// The calling thread's network namespace's cookie (`SO_NETNS_COOKIE`): unique until reboot.
+fn netns_cookie() -> io::Result<u64> {
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a socket just opened and owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes, and `len` is `cookie`'s size.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_NETNS_COOKIE, (&raw mut cookie).cast(), &mut len)
+    };
+    if rc != 0 { Err(io::Error::last_os_error()) } else { Ok(cookie) }
 }
 
 /// Where `lb` records the offloads it turned off on interface `name` of the calling thread's network
@@ -273,6 +339,15 @@ mod tests {
     use super::*;
     use crate::netns::{Netns, can_create_namespaces, can_run_ethtool, enter_netns, veth_pair};
 
+    impl RxVlanOff {
+        /// As a run killed with SIGKILL leaves it: its record's lock let go by the kernel, the
+        /// offloads it turned off never turned on.
+        fn killed(mut self) {
+            self.record.take();
+            std::mem::forget(self);
+        }
+    }
+
     fn ethtool_says(ns: &Netns, dev: &str, label: &str) -> String {
         ns.ethtool_feature(dev, label).unwrap()
     }
@@ -343,12 +418,13 @@ mod tests {
             let first = rx_vlan_off_recorded("k0", &record).unwrap();
             let first_record = std::fs::read_to_string(&record).unwrap();
             // Killed: the guard never drops.
-            std::mem::forget(first);
+            first.killed();
             (record, first_record)
         })
         .join()
         .unwrap();
-        assert_eq!(first_record, "rx-vlan-hw-parse\nrx-vlan-stag-hw-parse\n");
+        assert!(first_record.starts_with("interface "), "{first_record}");
+        assert!(first_record.ends_with("\nrx-vlan-hw-parse\nrx-vlan-stag-hw-parse\n"), "{first_record}");
         assert_eq!(ethtool_says(&a, "k0", "rx-vlan-offload"), "off", "left off by the killed run");
         let ns = a.name().to_string();
         let path = record.clone();
@@ -366,6 +442,115 @@ mod tests {
         assert_eq!(ethtool_says(&a, "k0", "rx-vlan-stag-hw-parse"), "on");
         assert!(!record.exists(), "the record goes once they are back on");
         let _ = std::fs::remove_dir(record.parent().unwrap());
+    }
+
+    /// A second run on an interface whose offloads a live run turned off (it will fail to bind the
+    /// queues the first holds) takes nothing of the first's record over: ending, it leaves them
+    /// off under the first, whose record stays until the first ends.
+    #[test]
+    fn a_second_run_takes_nothing_over_from_a_live_one() {
+        if let Some(why) = cannot_run() {
+            println!("SKIPPED: {why}");
+            return;
+        }
+        let tag = format!("lbs{}", std::process::id());
+        let (a, b) = (Netns::create(&format!("{tag}a")).unwrap(), Netns::create(&format!("{tag}b")).unwrap());
+        veth_pair(&a, "s0", &b, "s1").unwrap();
+        let dir = std::env::temp_dir().join(format!("lb-offload-test-{tag}"));
+        let ns = a.name().to_string();
+        let (second, still_off, record_kept, first_back_on) = std::thread::spawn(move || {
+            enter_netns(&ns).unwrap();
+            let record = record_path(&dir, "s0").unwrap();
+            let first = rx_vlan_off_recorded("s0", &record).unwrap();
+            let second = rx_vlan_off_recorded("s0", &record).unwrap();
+            let taken = second.turned_off.clone();
+            drop(second);
+            let still_off = features("s0", &RX_VLAN_FEATURES).unwrap().iter().all(|f| !f.active);
+            let record_kept = record.exists();
+            drop(first);
+            let back_on = features("s0", &RX_VLAN_FEATURES).unwrap().iter().all(|f| f.active) && !record.exists();
+            let _ = std::fs::remove_dir(&dir);
+            (taken, still_off, record_kept, back_on)
+        })
+        .join()
+        .unwrap();
+        assert!(second.is_empty(), "the second run took over {second:?}");
+        assert!(still_off, "the second run's end left them off under the first");
+        assert!(record_kept, "the first run's record stays while it runs");
+        assert!(first_back_on, "the first run turns them on at its end and removes its record");
+    }
+
+    /// A record names its interface: a killed run's record is not taken over by a run on another
+    /// interface since given the name (deleted and made again), nor by one in another namespace
+    /// that got the record's namespace inode, so the offloads such an interface has off (its
+    /// administrator's choice) stay off after the run.
+    #[test]
+    fn a_record_of_another_interface_of_the_name_is_not_taken_over() {
+        if let Some(why) = cannot_run() {
+            println!("SKIPPED: {why}");
+            return;
+        }
+        let tag = format!("lbr{}", std::process::id());
+        let (a, b) = (Netns::create(&format!("{tag}a")).unwrap(), Netns::create(&format!("{tag}b")).unwrap());
+        veth_pair(&a, "r0", &b, "r1").unwrap();
+        let dir = std::env::temp_dir().join(format!("lb-offload-test-{tag}"));
+        let ns = a.name().to_string();
+        let in_ns = move |f: Box<dyn FnOnce() -> Vec<&'static str> + Send>| {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                enter_netns(&ns).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        };
+        let record = in_ns(Box::new({
+            let dir = dir.clone();
+            move || {
+                let record = record_path(&dir, "r0").unwrap();
+                // Killed: the guard never drops.
+                rx_vlan_off_recorded("r0", &record).unwrap().killed();
+                Vec::new()
+            }
+        }));
+        assert!(record.is_empty());
+        // Replaced: a new r0, whose administrator turned its offloads off.
+        a.ip(&["link", "del", "r0"]).unwrap();
+        veth_pair(&a, "r0", &b, "r1").unwrap();
+        a.exec("ethtool", &["-K", "r0", "rxvlan", "off", "rx-vlan-stag-hw-parse", "off"]).unwrap();
+        let run = {
+            let dir = dir.clone();
+            move || {
+                let record = record_path(&dir, "r0").unwrap();
+                let off = rx_vlan_off_recorded("r0", &record).unwrap();
+                off.turned_off.clone()
+            }
+        };
+        let taken = in_ns(Box::new(run.clone()));
+        assert!(taken.is_empty(), "took over {taken:?} from the interface replaced");
+        assert_eq!(ethtool_says(&a, "r0", "rx-vlan-offload"), "off", "the administrator's choice stays");
+
+        // A record of this interface's ifindex, written in another namespace of this inode.
+        let forged = in_ns(Box::new({
+            let dir = dir.clone();
+            move || {
+                let record = record_path(&dir, "r0").unwrap();
+                let ifindex = crate::xsk::ifindex("r0").unwrap();
+                let other = netns_cookie().unwrap_or(0) + 1;
+                std::fs::write(
+                    &record,
+                    format!("interface {ifindex} netns {other}\n{}\n", RX_VLAN_FEATURES.join("\n")),
+                )
+                .unwrap();
+                Vec::new()
+            }
+        }));
+        assert!(forged.is_empty());
+        let taken = in_ns(Box::new(run));
+        assert!(taken.is_empty(), "took over {taken:?} from another namespace");
+        assert_eq!(ethtool_says(&a, "r0", "rx-vlan-offload"), "off", "the administrator's choice stays");
+        assert_eq!(ethtool_says(&a, "r0", "rx-vlan-stag-hw-parse"), "off");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// `fixed` is what `ethtool -k` marks `[fixed]`: a feature the driver does not offer to change
