@@ -77,6 +77,17 @@ struct Workers {
     /// `None` when applying it failed: [`TablesSink::refresh`] applies it again, and re-derives it
     /// when the node's addresses change.
     published: Option<(Arc<Tables>, Option<SteeringSet>)>,
+    /// The SNAT settings last checked against the kernel's ephemeral ports
+    /// ([`warn_if_snat_ports_are_ephemeral`]): at start, and again when a reload brings others (a
+    /// family's first SNAT address, or the range of a node that had none).
+    snat_checked: SnatSettings,
+}
+
+/// A node's SNAT addresses and port range.
+type SnatSettings = (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>, (u16, u16));
+
+fn snat_settings(node: &lb_core::config::NodeConfig) -> SnatSettings {
+    (node.snat_v4, node.snat_v6, node.snat_ports)
 }
 
 /// Refuses NAT services when `node.snat_ports` has fewer ports than there are poll loops: each loop
@@ -140,6 +151,11 @@ impl TablesSink for Workers {
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.loops.publish(tables)?;
         self.published = Some((tables.clone(), None));
+        let snat = snat_settings(tables.node());
+        if snat != self.snat_checked {
+            warn_if_snat_ports_are_ephemeral(tables.node());
+            self.snat_checked = snat;
+        }
         let want = steering_for(tables, self.responder);
         self.apply_steering(&want)?;
         self.published = Some((tables.clone(), Some(want)));
@@ -349,6 +365,7 @@ pub fn main(args: Args) -> CmdResult {
         announcers: Vec::new(),
         answered: BTreeSet::new(),
         published: None,
+        snat_checked: snat_settings(&settings.node),
     };
     let mut counters = PublishedCounters::default();
     // A loop that ends before it is asked to (its device failed: say the interface went away) stops
@@ -459,7 +476,88 @@ mod tests {
 
     use lb_io::bpf::xdp::SteeringConfig;
 
-    use super::{check_nat_replies, check_steering_capacity, ephemeral_overlap, unserved_rx_queues};
+    use super::{
+        NeighbourResponder, TableBuilder, TablesSink, Workers, check_nat_replies, check_steering_capacity,
+        ephemeral_overlap, snat_settings, unserved_rx_queues,
+    };
+    use std::collections::BTreeSet;
+    use std::net::IpAddr;
+    use std::sync::{Arc, Mutex};
+
+    /// A log line buffer for a test's tracing subscriber.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("not poisoned").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A reload that gives a node its first SNAT address (one of the node's own, its range inside
+    /// the kernel's ephemeral ports) gets the warning `lb run` gives such a file at start: the
+    /// node's own connections from those ports would lose their replies. Before, only the file
+    /// `lb run` started with was checked, and a SNAT address added by reload went unwarned.
+    #[test]
+    fn a_snat_address_a_reload_adds_is_checked_against_the_ephemeral_ports() {
+        let read = |f: &str| std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}")).ok();
+        let local = read("ip_local_port_range").and_then(|r| {
+            let mut it = r.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        });
+        let own = lb_io::interface::local_addresses().unwrap_or_default();
+        let addr = own.iter().find_map(|a| match a {
+            IpAddr::V4(a) if !a.is_loopback() => Some(*a),
+            _ => None,
+        });
+        let (Some(local), Some(addr)) = (local, addr) else {
+            println!("SKIPPED: no ephemeral port range to read, or no non-loopback IPv4 address here");
+            return;
+        };
+        if ephemeral_overlap(local, local, &read("ip_local_reserved_ports").unwrap_or_default()) == 0 {
+            println!("SKIPPED: the kernel's ephemeral ports are all reserved here");
+            return;
+        }
+        let log = Captured::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        // (Another thread registering the callsite meanwhile could leave it uninterested.)
+        tracing::callsite::rebuild_interest_cache();
+
+        let started = config().node;
+        let mut started = lb_core::config::NodeConfig { snat_v4: None, snat_v6: None, ..started };
+        started.snat_ports = local;
+        let mut workers = Workers {
+            loops: Vec::new(),
+            steering: Vec::new(),
+            steering_config: SteeringConfig::default(),
+            responder: NeighbourResponder::Off,
+            groups: Vec::new(),
+            announcers: Vec::new(),
+            answered: BTreeSet::new(),
+            published: None,
+            snat_checked: snat_settings(&started),
+        };
+        let reloaded = lb_core::config::NodeConfig { snat_v4: Some(addr), ..started };
+        let tables = Arc::new(
+            TableBuilder::new()
+                .build(&Config { node: reloaded, services: Vec::new() })
+                .expect("a node of own SNAT address"),
+        );
+        workers.publish(&tables).expect("no loops to refuse them");
+        let text = String::from_utf8_lossy(&log.0.lock().expect("not poisoned")).into_owned();
+        let warned = format!("on {addr}, an address of this node, shares");
+        assert_eq!(text.matches(&warned).count(), 1, "{text}");
+        // The same settings again: nothing new to say.
+        workers.publish(&tables).expect("no loops to refuse them");
+        let text = String::from_utf8_lossy(&log.0.lock().expect("not poisoned")).into_owned();
+        assert_eq!(text.matches(&warned).count(), 1, "{text}");
+    }
 
     #[test]
     fn snat_ports_the_kernel_may_also_use_are_counted_less_the_reserved() {

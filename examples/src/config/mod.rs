@@ -157,12 +157,14 @@ impl Settings {
     /// queues (the poll loops start once), the metrics address (bound once), and the SNAT addresses
     /// and port range. Empty if none.
     ///
-    /// SNAT settings always need a restart, NAT services or not: a live NAT flow keeps the port it
+    /// SNAT settings in use need a restart, NAT services or not: a live NAT flow keeps the port it
     /// was given and is rewritten with the current address, replies to the old address are no
-    /// longer taken for NAT replies, and each poll loop's port share (set up at start, logged for
-    /// the NIC's steering rules) would move, so flows in progress would break. Whether some NAT
-    /// flow is live is not known here (a Service can turn NAT with any cluster update, and flows
-    /// outlive their service), so the rule does not depend on the services.
+    /// longer taken for NAT replies, and each poll loop's port share would move, so flows in
+    /// progress would break. Whether some NAT flow is live is not known here (a Service can turn
+    /// NAT with any cluster update, and flows outlive their service), so the rule does not depend
+    /// on the services. A family without a SNAT address has no NAT flow, though: its first one may
+    /// be added, and a node with none may change the range (`lb run` then checks the new settings
+    /// against the kernel's ephemeral ports, as it checks the file's at start).
     pub fn restart_needed(&self, new: &Settings) -> Vec<&'static str> {
         let mut fields = Vec::new();
         match (&self.kubernetes, &new.kubernetes) {
