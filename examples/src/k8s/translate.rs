@@ -57,7 +57,8 @@
 //! address that does not parse, is left out alone; both are reported in [`Translation::skipped`].
 //! A Service that served and then stops translating (an annotation or a field edited wrong) is not
 //! taken away ([`translate_keeping`]): it is translated again with its last good annotations, its
-//! endpoints followed as ever, or, if that fails too, keeps its last good translation whole.
+//! endpoints followed as ever, or, if that fails too, keeps its last good translation whole, less
+//! any key another Service claims now (the kept keys may include one it has given up since).
 //! Nothing here does I/O; the feed calls [`translate`] on its store after every change.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -242,6 +243,9 @@ struct GoodService {
     specs: Vec<ServiceSpec>,
 }
 
+/// How a Service kept whole from its last good translation is reported.
+const AS_LAST_TRANSLATED: &str = "as last translated";
+
 /// Translates Services and EndpointSlices into services for this node.
 ///
 /// `node` is the file's node settings: keys of a family the node cannot forward in the chosen
@@ -259,7 +263,8 @@ pub fn translate<'a>(
 /// a bad edit of a live Service is reported (in [`Translation::skipped`]) and takes nothing away.
 /// Such a Service is translated again with the annotations of its last good translation (`last`),
 /// its endpoints followed as ever; if that fails too (the fault is in its spec, or an EndpointSlice
-/// weight), its last good keys stand as they were. `last` is then updated to this translation's
+/// weight), its last good keys stand as they were, yielding any of them another Service claims now
+/// (one it has given up may have gone to another). `last` is then updated to this translation's
 /// good ones; a Service that is gone is forgotten, and one created again under its name (another
 /// `metadata.uid`) inherits nothing.
 pub fn translate_keeping<'a>(
@@ -287,6 +292,8 @@ pub fn translate_keeping<'a>(
     let mut out = Translation::default();
     let mut taken: HashMap<ServiceKey, String> = HashMap::new();
     let mut good = HashMap::new();
+    // Services kept as last translated, with their keys: placed after the others.
+    let mut stale: Vec<(String, &Service, &[&EndpointSlice], Vec<ServiceSpec>)> = Vec::new();
     for svc in services {
         let name = full_name(svc);
         let ns = svc.metadata.namespace.clone().unwrap_or_default();
@@ -311,11 +318,15 @@ pub fn translate_keeping<'a>(
                             kept.specs.clone_from(&r.0);
                             (r, "with its last good annotations")
                         }
-                        Err(_) => ((kept.specs.clone(), Vec::new()), "as last translated"),
+                        Err(_) => ((kept.specs.clone(), Vec::new()), AS_LAST_TRANSLATED),
                     };
                     out.skipped
                         .push(Skipped { service: name.clone(), reason: format!("{reason}; still served {how}") });
                     good.insert(name.clone(), kept);
+                    if how == AS_LAST_TRANSLATED {
+                        stale.push((name.clone(), svc, slices, r.0));
+                        continue;
+                    }
                     Ok(r)
                 }
                 None => Err(reason),
@@ -342,6 +353,27 @@ pub fn translate_keeping<'a>(
                 }
             }
             Err(reason) => out.skipped.push(Skipped { service: name, reason }),
+        }
+    }
+    // Keys kept as last translated may be ones the Service has since given up (a nodePort, a
+    // load-balancer IP) and the cluster has given to another: they come last, after every key a
+    // Service claims now, whatever their age.
+    for (name, svc, slices, specs) in stale {
+        if !specs.is_empty()
+            && let Some(hc) = node_health_check(svc, slices, settings)
+        {
+            out.health_checks.push(hc);
+        }
+        for spec in specs {
+            if let Some(owner) = taken.get(&spec.config.key) {
+                out.skipped.push(Skipped {
+                    service: name.clone(),
+                    reason: format!("{} (kept as last translated) is now used by {owner}", spec.config.key),
+                });
+                continue;
+            }
+            taken.insert(spec.config.key, name.clone());
+            out.services.push(spec);
         }
     }
     last.0 = good;
@@ -1179,6 +1211,37 @@ mod tests {
         again.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["nope".into()]);
         let t = translate_keeping([&again], [&stable], &settings(), &node(), &mut last);
         assert!(t.services.is_empty(), "{t:#?}");
+    }
+
+    /// A Service kept as last translated (a slice weight gone wrong) keeps keys it may since have
+    /// given up: here its nodePort, as it turned ClusterIP, which the API server then gave to a
+    /// younger Service. The younger one's claim stands; the kept key yields, reported.
+    #[test]
+    fn a_key_kept_as_last_translated_yields_to_a_service_that_claims_it_now() {
+        let mut api: Service = fixture!("service-api-nodeport-local.json");
+        let mut api_slice: EndpointSlice = fixture!("endpointslice-api.json");
+        let mut checkout: Service = fixture!("service-checkout-canary.json");
+        let stable: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
+        let node_port = "tcp 192.168.1.10:30080";
+        let mut last = LastGood::default();
+        let t = translate_keeping([&api, &checkout], [&api_slice, &stable], &settings(), &node(), &mut last);
+        assert_eq!(find(&t, node_port).name, "shop/api:80");
+
+        api_slice.metadata.annotations.get_or_insert_default().insert(annotations::WEIGHT.into(), "ninety".into());
+        let spec = api.spec.as_mut().unwrap();
+        spec.type_ = Some("ClusterIP".into());
+        spec.ports.as_mut().unwrap()[0].node_port = None;
+        let spec = checkout.spec.as_mut().unwrap();
+        spec.type_ = Some("NodePort".into());
+        spec.ports.as_mut().unwrap()[0].node_port = Some(30080);
+        let t = translate_keeping([&api, &checkout], [&api_slice, &stable], &settings(), &node(), &mut last);
+        assert!(find(&t, node_port).name.starts_with("shop/checkout:"), "{t:#?}");
+        assert_eq!(find(&t, "tcp 10.96.40.2:80").name, "shop/api:80", "the rest of api is kept");
+        assert!(
+            t.skipped.iter().any(|s| s.service == "shop/api" && s.reason.contains("is now used by shop/checkout")),
+            "{:?}",
+            t.skipped
+        );
     }
 
     #[test]
