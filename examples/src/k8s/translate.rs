@@ -229,7 +229,7 @@ enum Reach {
     LoadBalancer,
 }
 
-/// What each Service last translated to without error, for [`translate_keeping`].
+/// What each Service that serves last translated to without error, for [`translate_keeping`].
 #[derive(Debug, Clone, Default)]
 pub struct LastGood(HashMap<String, GoodService>);
 
@@ -300,6 +300,9 @@ pub fn translate_keeping<'a>(
         let own = svc.metadata.name.clone().unwrap_or_default();
         let slices = by_service.get(&(ns, own)).map(Vec::as_slice).unwrap_or(&[]);
         let result = match translate_service(svc, &name, slices, settings, node) {
+            // Only a Service that serves is kept: one that translates to nothing (ExternalName, meant
+            // for another proxy, no ports) has annotations nobody checked, and nothing to keep.
+            Ok(r) if r.0.is_empty() => Ok(r),
             Ok(r) => {
                 let kept = GoodService {
                     uid: svc.metadata.uid.clone(),
@@ -1242,6 +1245,28 @@ mod tests {
             "{:?}",
             t.skipped
         );
+    }
+
+    /// A Service that translated to nothing (ExternalName, whose annotations nobody checks) and
+    /// then turns into one to serve, with a bad annotation, never served: it is skipped, as a new
+    /// Service would be, not served with the annotations it had then (here none: the defaults).
+    #[test]
+    fn a_service_that_served_nothing_is_not_kept() {
+        let mut svc: Service = fixture!("service-external-name.json");
+        let mut last = LastGood::default();
+        let t = translate_keeping([&svc], [], &settings(), &node(), &mut last);
+        assert!(t.services.is_empty() && t.skipped.is_empty(), "{t:#?}");
+
+        let spec = svc.spec.as_mut().unwrap();
+        spec.type_ = Some("ClusterIP".into());
+        spec.external_name = None;
+        spec.cluster_ip = Some("10.96.90.9".into());
+        spec.cluster_ips = Some(vec!["10.96.90.9".into()]);
+        spec.ports = Some(vec![ServicePort { port: 443, protocol: Some("TCP".into()), ..Default::default() }]);
+        svc.metadata.annotations = Some([(annotations::SCHEDULER.to_string(), "mgl".to_string())].into());
+        let t = translate_keeping([&svc], [], &settings(), &node(), &mut last);
+        assert!(t.services.is_empty(), "{t:#?}");
+        assert!(!t.skipped[0].reason.contains("still served"), "{:?}", t.skipped);
     }
 
     #[test]
