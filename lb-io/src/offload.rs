@@ -47,6 +47,9 @@ pub struct Feature {
 #[derive(Debug)]
 pub struct RxVlanOff {
     interface: String,
+    /// The interface's index: the guard turns the offloads on again on that interface, under the
+    /// name it has then (renamed since, say), and not on another one since given its name.
+    ifindex: Option<u32>,
     /// The features that were on and are now off.
     pub turned_off: Vec<&'static str>,
     /// The features still on: fixed by the driver, or refused. Tagged frames then reach XDP
@@ -63,7 +66,14 @@ impl Drop for RxVlanOff {
             return;
         }
         let on: Vec<(&'static str, bool)> = self.turned_off.iter().map(|&n| (n, true)).collect();
-        let result = set_features(&self.interface, &on);
+        let name = match self.ifindex {
+            Some(index) => interface_name(index),
+            None => Some(self.interface.clone()),
+        };
+        let result = match &name {
+            Some(name) => set_features(name, &on),
+            None => Err(io::Error::from_raw_os_error(libc::ENODEV)),
+        };
         // Back on, or the interface is gone (a new one of the name starts with its own defaults):
         // nothing is left for a later run to turn on.
         if result.as_ref().map_or_else(|e| e.raw_os_error() == Some(libc::ENODEV), |_| true)
@@ -146,6 +156,19 @@ fn lock_record(record: &Path) -> io::Result<Option<std::fs::File>> {
     }
 }
 
+/// The name of the interface with index `index` in the calling thread's namespace, if there is one.
+fn interface_name(index: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname(3) may write, NUL included.
+    let named = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if named.is_null() {
+        return None;
+    }
+    // SAFETY: on success `buf` holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
 /// The first line of a record: which interface it is of (ifindex, and the network namespace's
 /// cookie; 0 where the kernel has none, before 5.14).
 fn record_identity(name: &str) -> io::Result<String> {
@@ -184,6 +207,7 @@ pub fn record_path(dir: &Path, name: &str) -> io::Result<PathBuf> {
 /// Turns off the receive VLAN offloads ([`RX_VLAN_FEATURES`]) of interface `name` in the calling
 /// thread's network namespace. A feature the interface does not have is left out of both lists.
 pub fn rx_vlan_off(name: &str) -> io::Result<RxVlanOff> {
+    let ifindex = crate::xsk::ifindex(name);
     let before = features(name, &RX_VLAN_FEATURES)?;
     let wanted: Vec<(&'static str, bool)> =
         before.iter().filter(|f| f.active && !f.fixed).map(|f| (f.name, false)).collect();
@@ -197,6 +221,7 @@ pub fn rx_vlan_off(name: &str) -> io::Result<RxVlanOff> {
     let was_on = |n: &str| before.iter().any(|f| f.name == n && f.active);
     Ok(RxVlanOff {
         interface: name.to_string(),
+        ifindex,
         turned_off: after.iter().filter(|f| !f.active && was_on(f.name)).map(|f| f.name).collect(),
         still_on: after.iter().filter(|f| f.active).map(|f| f.name).collect(),
         record: None,
@@ -551,6 +576,59 @@ mod tests {
         assert_eq!(ethtool_says(&a, "r0", "rx-vlan-offload"), "off", "the administrator's choice stays");
         assert_eq!(ethtool_says(&a, "r0", "rx-vlan-stag-hw-parse"), "off");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The guard turns the offloads on again on the interface it turned them off on: under its
+    /// new name when it was renamed while the run ran, and not on another interface since given
+    /// its old name (whose offloads, here off by its administrator, stay off).
+    #[test]
+    fn offloads_are_turned_on_on_the_interface_turned_off_whatever_its_name() {
+        if let Some(why) = cannot_run() {
+            println!("SKIPPED: {why}");
+            return;
+        }
+        let tag = format!("lbn{}", std::process::id());
+        let (a, b) = (Netns::create(&format!("{tag}a")).unwrap(), Netns::create(&format!("{tag}b")).unwrap());
+        veth_pair(&a, "n0", &b, "n1").unwrap();
+        let dir = std::env::temp_dir().join(format!("lb-offload-test-{tag}"));
+        let ns = a.name().to_string();
+        let (ns_a, ns_b) = (a.name().to_string(), b.name().to_string());
+        let record = std::thread::spawn(move || {
+            enter_netns(&ns).unwrap();
+            let record = record_path(&dir, "n0").unwrap();
+            let off = rx_vlan_off_recorded("n0", &record).unwrap();
+            // While it runs: n0 renamed n9, and a new n0 whose offloads are off.
+            let ip = |args: &[&str]| crate::netns::run("ip", &[&["-n", ns_a.as_str()], args].concat()).unwrap();
+            ip(&["link", "set", "n0", "down"]);
+            ip(&["link", "set", "n0", "name", "n9"]);
+            ip(&["link", "add", "n0", "type", "veth", "peer", "name", "n2", "netns", ns_b.as_str()]);
+            crate::netns::run(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    ns_a.as_str(),
+                    "ethtool",
+                    "-K",
+                    "n0",
+                    "rxvlan",
+                    "off",
+                    "rx-vlan-stag-hw-parse",
+                    "off",
+                ],
+            )
+            .unwrap();
+            drop(off);
+            let _ = std::fs::remove_dir(&dir);
+            record
+        })
+        .join()
+        .unwrap();
+        assert_eq!(ethtool_says(&a, "n9", "rx-vlan-offload"), "on", "turned on under its new name");
+        assert_eq!(ethtool_says(&a, "n9", "rx-vlan-stag-hw-parse"), "on");
+        assert_eq!(ethtool_says(&a, "n0", "rx-vlan-offload"), "off", "the new n0's are its administrator's");
+        assert_eq!(ethtool_says(&a, "n0", "rx-vlan-stag-hw-parse"), "off");
+        assert!(!record.exists());
     }
 
     /// `fixed` is what `ethtool -k` marks `[fixed]`: a feature the driver does not offer to change
