@@ -240,7 +240,42 @@ struct GoodService {
     /// translations, or while the watch was down) is another Service, which inherits nothing.
     uid: Option<String>,
     annotations: Option<BTreeMap<String, String>>,
+    /// Each EndpointSlice's weight annotation, by slice name (`None`: it had none).
+    weights: HashMap<String, Option<String>>,
     specs: Vec<ServiceSpec>,
+}
+
+/// The weight annotation of each of `slices`, by slice name, for [`GoodService::weights`].
+fn slice_weights(slices: &[&EndpointSlice]) -> HashMap<String, Option<String>> {
+    slices
+        .iter()
+        .map(|s| {
+            let weight = s.metadata.annotations.as_ref().and_then(|a| a.get(annotations::WEIGHT)).cloned();
+            (s.metadata.name.clone().unwrap_or_default(), weight)
+        })
+        .collect()
+}
+
+/// `slices`, with the weight annotation of each one whose weight does not parse put back as it was
+/// in `kept` (a slice it does not know keeps its bad weight).
+fn with_kept_weights(slices: &[&EndpointSlice], kept: &HashMap<String, Option<String>>) -> Vec<EndpointSlice> {
+    slices
+        .iter()
+        .map(|&s| {
+            let mut s = s.clone();
+            let name = s.metadata.name.clone().unwrap_or_default();
+            if annotations::weight(s.metadata.annotations.as_ref()).is_err()
+                && let Some(weight) = kept.get(&name)
+            {
+                let a = s.metadata.annotations.get_or_insert_default();
+                match weight {
+                    Some(w) => a.insert(annotations::WEIGHT.to_string(), w.clone()),
+                    None => a.remove(annotations::WEIGHT),
+                };
+            }
+            s
+        })
+        .collect()
 }
 
 /// How a Service kept whole from its last good translation is reported.
@@ -261,9 +296,10 @@ pub fn translate<'a>(
 
 /// As [`translate`], keeping what a Service served while a later version of it does not translate:
 /// a bad edit of a live Service is reported (in [`Translation::skipped`]) and takes nothing away.
-/// Such a Service is translated again with the annotations of its last good translation (`last`),
-/// its endpoints followed as ever; if that fails too (the fault is in its spec, or an EndpointSlice
-/// weight), its last good keys stand as they were, yielding any of them another Service claims now
+/// Such a Service is translated again with the annotations of its last good translation (`last`):
+/// its own, and the weights of its EndpointSlices whose weight no longer parses; its endpoints
+/// followed as ever. If that fails too (the fault is in its spec, or in the weight of a slice it did
+/// not have then), its last good keys stand as they were, yielding any of them another Service claims now
 /// (one it has given up may have gone to another). `last` is then updated to this translation's
 /// good ones; a Service that is gone is forgotten, and one created again under its name (another
 /// `metadata.uid`) inherits nothing.
@@ -307,6 +343,7 @@ pub fn translate_keeping<'a>(
                 let kept = GoodService {
                     uid: svc.metadata.uid.clone(),
                     annotations: svc.metadata.annotations.clone(),
+                    weights: slice_weights(slices),
                     specs: r.0.clone(),
                 };
                 good.insert(name.clone(), kept);
@@ -316,9 +353,12 @@ pub fn translate_keeping<'a>(
                 Some(mut kept) => {
                     let mut before = svc.clone();
                     before.metadata.annotations.clone_from(&kept.annotations);
-                    let (r, how) = match translate_service(&before, &name, slices, settings, node) {
+                    let before_slices = with_kept_weights(slices, &kept.weights);
+                    let before_refs: Vec<&EndpointSlice> = before_slices.iter().collect();
+                    let (r, how) = match translate_service(&before, &name, &before_refs, settings, node) {
                         Ok(r) => {
                             kept.specs.clone_from(&r.0);
+                            kept.weights = slice_weights(&before_refs);
                             (r, "with its last good annotations")
                         }
                         Err(_) => ((kept.specs.clone(), Vec::new()), AS_LAST_TRANSLATED),
@@ -1222,7 +1262,7 @@ mod tests {
     #[test]
     fn a_key_kept_as_last_translated_yields_to_a_service_that_claims_it_now() {
         let mut api: Service = fixture!("service-api-nodeport-local.json");
-        let mut api_slice: EndpointSlice = fixture!("endpointslice-api.json");
+        let api_slice: EndpointSlice = fixture!("endpointslice-api.json");
         let mut checkout: Service = fixture!("service-checkout-canary.json");
         let stable: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
         let node_port = "tcp 192.168.1.10:30080";
@@ -1230,8 +1270,9 @@ mod tests {
         let t = translate_keeping([&api, &checkout], [&api_slice, &stable], &settings(), &node(), &mut last);
         assert_eq!(find(&t, node_port).name, "shop/api:80");
 
-        api_slice.metadata.annotations.get_or_insert_default().insert(annotations::WEIGHT.into(), "ninety".into());
         let spec = api.spec.as_mut().unwrap();
+        // A field that does not parse: kept as last translated.
+        spec.load_balancer_source_ranges = Some(vec!["nope".into()]);
         spec.type_ = Some("ClusterIP".into());
         spec.ports.as_mut().unwrap()[0].node_port = None;
         let spec = checkout.spec.as_mut().unwrap();
@@ -1267,6 +1308,35 @@ mod tests {
         let t = translate_keeping([&svc], [], &settings(), &node(), &mut last);
         assert!(t.services.is_empty(), "{t:#?}");
         assert!(!t.skipped[0].reason.contains("still served"), "{:?}", t.skipped);
+    }
+
+    /// A bad weight on a live Service's EndpointSlice takes that slice's last good weight, and its
+    /// endpoints are followed as ever; a slice the Service did not have then, with a bad weight,
+    /// leaves it as last translated.
+    #[test]
+    fn a_bad_slice_weight_on_a_live_service_keeps_the_slices_last_good_weight() {
+        let svc: Service = fixture!("service-checkout-canary.json");
+        let mut stable: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
+        let mut next: EndpointSlice = fixture!("endpointslice-checkout-next.json");
+        let mut last = LastGood::default();
+        let key = "tcp 10.96.80.80:80";
+        let t = translate_keeping([&svc], [&next, &stable], &settings(), &node(), &mut last);
+        let weights = |t: &Translation| backends(find(t, key)).into_iter().map(|b| b.2).collect::<Vec<_>>();
+        assert_eq!(weights(&t), [90, 10]);
+        // The canary's weight typed wrong, and a pod more in the stable slice.
+        next.metadata.annotations.as_mut().unwrap().insert(annotations::WEIGHT.into(), "ten".into());
+        stable.endpoints.push(stable.endpoints[0].clone());
+        stable.endpoints[1].addresses = vec!["10.244.4.11".into()];
+        let t = translate_keeping([&svc], [&next, &stable], &settings(), &node(), &mut last);
+        assert_eq!(weights(&t), [90, 90, 10], "the canary keeps 10, the new pod is in");
+        assert!(t.skipped[0].reason.contains("\"ten\"") && t.skipped[0].reason.contains("last good annotations"));
+        // A third slice, new and bad: as last translated.
+        let mut third = next.clone();
+        third.metadata.name = Some("checkout-third".into());
+        third.endpoints[0].addresses = vec!["10.244.6.1".into()];
+        let t = translate_keeping([&svc], [&next, &stable, &third], &settings(), &node(), &mut last);
+        assert_eq!(weights(&t), [90, 90, 10]);
+        assert!(t.skipped[0].reason.contains("as last translated"), "{:?}", t.skipped);
     }
 
     #[test]
