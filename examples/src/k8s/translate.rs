@@ -239,10 +239,19 @@ struct GoodService {
     /// `metadata.uid`: a Service deleted and created again under its name (between two
     /// translations, or while the watch was down) is another Service, which inherits nothing.
     uid: Option<String>,
+    /// Its annotations under [`annotations::PREFIX`] (the only ones translation reads; not, say,
+    /// a `last-applied-configuration` copy of the whole object).
     annotations: Option<BTreeMap<String, String>>,
     /// Each EndpointSlice's weight annotation, by slice name (`None`: it had none).
     weights: HashMap<String, Option<String>>,
     specs: Vec<ServiceSpec>,
+}
+
+/// The annotations of `all` under [`annotations::PREFIX`].
+fn ours(all: Option<&BTreeMap<String, String>>) -> Option<BTreeMap<String, String>> {
+    all.map(|a| {
+        a.iter().filter(|(k, _)| k.starts_with(annotations::PREFIX)).map(|(k, v)| (k.clone(), v.clone())).collect()
+    })
 }
 
 /// The weight annotation of each of `slices`, by slice name, for [`GoodService::weights`].
@@ -342,7 +351,7 @@ pub fn translate_keeping<'a>(
             Ok(r) => {
                 let kept = GoodService {
                     uid: svc.metadata.uid.clone(),
-                    annotations: svc.metadata.annotations.clone(),
+                    annotations: ours(svc.metadata.annotations.as_ref()),
                     weights: slice_weights(slices),
                     specs: r.0.clone(),
                 };
@@ -352,7 +361,11 @@ pub fn translate_keeping<'a>(
             Err(reason) => match last.0.remove(&name).filter(|k| k.uid == svc.metadata.uid) {
                 Some(mut kept) => {
                     let mut before = svc.clone();
-                    before.metadata.annotations.clone_from(&kept.annotations);
+                    // Its own annotations of now, ours as they were.
+                    let mut merged = before.metadata.annotations.take().unwrap_or_default();
+                    merged.retain(|k, _| !k.starts_with(annotations::PREFIX));
+                    merged.extend(kept.annotations.clone().unwrap_or_default());
+                    before.metadata.annotations = Some(merged);
                     let before_slices = with_kept_weights(slices, &kept.weights);
                     let before_refs: Vec<&EndpointSlice> = before_slices.iter().collect();
                     let (r, how) = match translate_service(&before, &name, &before_refs, settings, node) {
