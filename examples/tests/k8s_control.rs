@@ -79,26 +79,51 @@ async fn web_cluster(name: &str) -> (FakeApi, std::path::PathBuf, std::path::Pat
     (api, dir, kc)
 }
 
+/// The control plane of `lb run` on the file `file_yaml(kc, false)` written into `dir`, running and
+/// publishing to a channel where the workers would be.
+struct Plane {
+    tables: mpsc::UnboundedReceiver<Arc<Tables>>,
+    live: tokio::sync::watch::Receiver<lb_examples::control::LiveState>,
+    node_health: Option<tokio::sync::watch::Receiver<Vec<lb_examples::k8s::translate::NodeHealthCheck>>>,
+    path: std::path::PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Plane {
+    async fn start(dir: &std::path::Path, kc: &std::path::Path) -> Plane {
+        let path = dir.join("lb.yaml");
+        std::fs::write(&path, file_yaml(kc, false)).unwrap();
+        let settings = file::load(&path).unwrap();
+        let (sink, tables) = mpsc::unbounded_channel();
+        let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
+        let plane = ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)).await.unwrap();
+        let (live, node_health) = (plane.live(), plane.node_health());
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(plane.run(async move {
+            let _ = stop_rx.await;
+        }));
+        Plane { tables, live, node_health, path, stop, task }
+    }
+
+    /// Stops the plane and removes `dir`.
+    async fn stop(self, dir: &std::path::Path) {
+        self.stop.send(()).unwrap();
+        tokio::time::timeout(FAILSAFE, self.task).await.unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
     let (api, dir, kc) = web_cluster("lb-k8s-control").await;
-    let path = dir.join("lb.yaml");
-    std::fs::write(&path, file_yaml(&kc, false)).unwrap();
-    let settings = file::load(&path).unwrap();
-
-    let (sink, mut tables) = mpsc::unbounded_channel();
-    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
-    let plane = ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)).await.unwrap();
-    let mut live = plane.live();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(plane.run(async move {
-        let _ = stop_rx.await;
-    }));
+    let mut plane = Plane::start(&dir, &kc).await;
+    let (tables, live, path) = (&mut plane.tables, &mut plane.live, plane.path.clone());
 
     // The file's service first, then the cluster's.
-    let t = until(&mut tables, "the file service", |t| has(t, "tcp 10.0.0.10:80")).await;
+    let t = until(tables, "the file service", |t| has(t, "tcp 10.0.0.10:80")).await;
     assert_eq!(t.services().len(), 1, "{:?}", names(&t));
-    let t = until(&mut tables, "shop/web", |t| has(t, "tcp 10.96.12.34:80")).await;
+    let t = until(tables, "shop/web", |t| has(t, "tcp 10.96.12.34:80")).await;
     let web = t.services().iter().find(|s| s.key.to_string() == "tcp 10.96.12.34:80").unwrap();
     let states: Vec<_> = web.backends.iter().map(|b| (b.addr.to_string(), b.state)).collect();
     assert!(states.contains(&("10.244.1.9".into(), BackendState::Draining)), "{states:?}");
@@ -112,7 +137,7 @@ async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
         endpoint("10.244.2.7", "node-b", true, true, false)
     ]);
     api.upsert(SLICES, slice);
-    let t = until(&mut tables, "terminating endpoint gone", |t| {
+    let t = until(tables, "terminating endpoint gone", |t| {
         t.services().iter().any(|s| s.key.to_string() == "tcp 10.96.12.34:80" && s.backends.len() == 2)
     })
     .await;
@@ -132,7 +157,7 @@ async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
     ]);
     api.upsert(SLICES, three);
     api.upsert(SERVICES, fixture("service-edge-loadbalancer.json"));
-    let t = until(&mut tables, "edge", |t| has(t, "tcp 203.0.113.11:443")).await;
+    let t = until(tables, "edge", |t| has(t, "tcp 203.0.113.11:443")).await;
     assert!(!has(&t, "tcp 10.96.80.80:80"), "checkout has a too-small Maglev table: {:?}", names(&t));
     // Tables go to the workers before the live state is updated, and the checkout Service and its
     // slice may arrive in separate updates: wait for the skip to be recorded, then catch the channel up
@@ -146,7 +171,7 @@ async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
         .unwrap();
     assert!(!has(&seen, "tcp 10.96.80.80:80"), "{:?}", names(&seen));
     if t.version() != seen.version() {
-        until(&mut tables, "the tables the live state holds", |t| t.version() == seen.version()).await;
+        until(tables, "the tables the live state holds", |t| t.version() == seen.version()).await;
     }
 
     // A bad file reload is rejected (seen in the live state) and publishes nothing; a good one applies.
@@ -163,12 +188,10 @@ async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
     assert!(err.contains("services[0].backends[0].weight: 70000"), "{err}");
     assert!(tables.try_recv().is_err(), "nothing published for a bad file");
     std::fs::write(&path, file_yaml(&kc, true)).unwrap();
-    let t = until(&mut tables, "static2 after reload", |t| has(t, "tcp 10.0.0.11:80")).await;
+    let t = until(tables, "static2 after reload", |t| has(t, "tcp 10.0.0.11:80")).await;
     assert!(has(&t, "tcp 203.0.113.11:443") && has(&t, "tcp 10.0.0.10:80"), "{:?}", names(&t));
 
-    stop_tx.send(()).unwrap();
-    tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(dir);
+    plane.stop(&dir).await;
 }
 
 /// Publishes to a channel and refuses, as workers can, any configuration with a service named
@@ -266,17 +289,8 @@ async fn a_local_load_balancers_health_check_node_port_answers_for_this_node() {
     edge["spec"]["healthCheckNodePort"] = json!(port);
     api.upsert(SERVICES, edge);
     api.upsert(SLICES, fixture("endpointslice-edge.json")); // one ready endpoint, on node-a
-    let path = dir.join("lb.yaml");
-    std::fs::write(&path, file_yaml(&kc, false)).unwrap();
-    let settings = file::load(&path).unwrap();
-    let (sink, _tables) = mpsc::unbounded_channel();
-    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
-    let plane = ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)).await.unwrap();
-    let mut served = plane.node_health().expect("the feed runs");
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(plane.run(async move {
-        let _ = stop_rx.await;
-    }));
+    let mut plane = Plane::start(&dir, &kc).await;
+    let mut served = plane.node_health.take().expect("the feed runs");
     let mut answered_with = async |n: usize| {
         tokio::time::timeout(FAILSAFE, served.wait_for(|s| s.iter().any(|h| h.port == port && h.local_endpoints == n)))
             .await
@@ -301,9 +315,7 @@ async fn a_local_load_balancers_health_check_node_port_answers_for_this_node() {
     tokio::time::timeout(FAILSAFE, served.wait_for(|s| s.iter().all(|h| h.port != port))).await.unwrap().unwrap();
     assert!(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err(), "the port closed with its Service");
 
-    stop_tx.send(()).unwrap();
-    tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(dir);
+    plane.stop(&dir).await;
 }
 
 /// A live Service edited wrong (a typo in its scheduler annotation) is reported, and keeps being
@@ -313,19 +325,10 @@ async fn a_local_load_balancers_health_check_node_port_answers_for_this_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_service_edited_wrong_keeps_being_served() {
     let (api, dir, kc) = web_cluster("lb-k8s-typo").await;
-    let path = dir.join("lb.yaml");
-    std::fs::write(&path, file_yaml(&kc, false)).unwrap();
-    let settings = file::load(&path).unwrap();
-    let (sink, mut tables) = mpsc::unbounded_channel();
-    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
-    let plane = ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)).await.unwrap();
-    let mut live = plane.live();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(plane.run(async move {
-        let _ = stop_rx.await;
-    }));
+    let mut plane = Plane::start(&dir, &kc).await;
+    let (tables, live) = (&mut plane.tables, &mut plane.live);
     let web_key = "tcp 10.96.12.34:80";
-    let t = until(&mut tables, "shop/web", |t| has(t, web_key)).await;
+    let t = until(tables, "shop/web", |t| has(t, web_key)).await;
     let scheduler = t.services().iter().find(|s| s.key.to_string() == web_key).unwrap().scheduler.kind();
 
     let mut web = fixture("service-web.json");
@@ -335,7 +338,7 @@ async fn a_live_service_edited_wrong_keeps_being_served() {
     let mut slice = fixture("endpointslice-web-ipv4.json");
     slice["endpoints"] = json!([endpoint("10.244.2.7", "node-b", true, true, false)]);
     api.upsert(SLICES, slice);
-    let t = until(&mut tables, "web on one endpoint", |t| {
+    let t = until(tables, "web on one endpoint", |t| {
         t.services().iter().any(|s| s.key.to_string() == web_key && s.backends.len() == 1)
     })
     .await;
@@ -346,7 +349,5 @@ async fn a_live_service_edited_wrong_keeps_being_served() {
     assert!(l.tables.as_ref().is_some_and(|t| has(t, web_key)));
     drop(l);
 
-    stop_tx.send(()).unwrap();
-    tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
-    let _ = std::fs::remove_dir_all(dir);
+    plane.stop(&dir).await;
 }

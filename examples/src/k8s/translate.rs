@@ -391,22 +391,7 @@ pub fn translate_keeping<'a>(
         match result {
             Ok((specs, skipped)) => {
                 out.skipped.extend(skipped);
-                if !specs.is_empty()
-                    && let Some(hc) = node_health_check(svc, slices, settings)
-                {
-                    out.health_checks.push(hc);
-                }
-                for spec in specs {
-                    if let Some(owner) = taken.get(&spec.config.key) {
-                        out.skipped.push(Skipped {
-                            service: name.clone(),
-                            reason: format!("{} is already used by {owner}", spec.config.key),
-                        });
-                        continue;
-                    }
-                    taken.insert(spec.config.key, name.clone());
-                    out.services.push(spec);
-                }
+                place(&mut out, &mut taken, (&name, svc, slices), specs, settings, "is already used by");
             }
             Err(reason) => out.skipped.push(Skipped { service: name, reason }),
         }
@@ -415,22 +400,8 @@ pub fn translate_keeping<'a>(
     // load-balancer IP) and the cluster has given to another: they come last, after every key a
     // Service claims now, whatever their age.
     for (name, svc, slices, specs) in stale {
-        if !specs.is_empty()
-            && let Some(hc) = node_health_check(svc, slices, settings)
-        {
-            out.health_checks.push(hc);
-        }
-        for spec in specs {
-            if let Some(owner) = taken.get(&spec.config.key) {
-                out.skipped.push(Skipped {
-                    service: name.clone(),
-                    reason: format!("{} (kept as last translated) is now used by {owner}", spec.config.key),
-                });
-                continue;
-            }
-            taken.insert(spec.config.key, name.clone());
-            out.services.push(spec);
-        }
+        let yields = "(kept as last translated) is now used by";
+        place(&mut out, &mut taken, (&name, svc, slices), specs, settings, yields);
     }
     last.0 = good;
     out.services.sort_by(|a, b| a.config.name.cmp(&b.config.name).then(a.config.key.cmp(&b.config.key)));
@@ -441,6 +412,32 @@ pub fn translate_keeping<'a>(
         tracing::warn!(service = %s.service, "kubernetes service skipped: {}", s.reason);
     }
     out
+}
+
+/// Adds a Service's keys (and its health-check port, if it has keys) to `out`, each unless another
+/// Service took it first (in `taken`): that one is reported as `"{key} {taken_by} {owner}"`.
+fn place(
+    out: &mut Translation,
+    taken: &mut HashMap<ServiceKey, String>,
+    (name, svc, slices): (&str, &Service, &[&EndpointSlice]),
+    specs: Vec<ServiceSpec>,
+    settings: &KubernetesSettings,
+    taken_by: &str,
+) {
+    if !specs.is_empty()
+        && let Some(hc) = node_health_check(svc, slices, settings)
+    {
+        out.health_checks.push(hc);
+    }
+    for spec in specs {
+        if let Some(owner) = taken.get(&spec.config.key) {
+            out.skipped
+                .push(Skipped { service: name.to_string(), reason: format!("{} {taken_by} {owner}", spec.config.key) });
+            continue;
+        }
+        taken.insert(spec.config.key, name.to_string());
+        out.services.push(spec);
+    }
 }
 
 fn full_name(svc: &Service) -> String {
