@@ -127,6 +127,38 @@ fn nat_over_two_queues_hands_replies_to_the_loop_that_owns_their_snat_port() {
     drop(lab);
 }
 
+/// A poll loop that cannot start (here: pinned to a core that does not exist) fails the start and
+/// names why. The lab used to report the load balancer running while the first loop served alone:
+/// the other queue's frames and the replies handed to its loop were lost, and the error came only
+/// when the test stopped it.
+#[test]
+fn a_loop_that_cannot_start_fails_the_start_naming_why() {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    // The last core this process may use takes queue 0's loop; queue 1's would go on the next.
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let last = cores - 1;
+    let pins = |core: usize| std::thread::spawn(move || lb_io::pin_to_core(core).is_ok()).join().unwrap();
+    if !pins(last) || pins(last + 1) {
+        println!("SKIPPED: core {last} is not the last core this process may use");
+        return;
+    }
+    let lab = Lab::build_with_queues("lbnp", Mode::Nat, Path::new(env!("CARGO_BIN_EXE_lb")), 2)
+        .unwrap_or_else(|e| panic!("building the lab: {e}"));
+    let mut builder = TableBuilder::new();
+    let tables = tables(&mut builder, &lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule)).unwrap();
+    match start_lb_on_queues(&lab, tables, Some(last), AttachMode::Native, 2) {
+        Ok(lb) => panic!("started with queue 1's loop unable to run; stopping it says {:?}", lb.stop_all().err()),
+        Err(e) if e.contains("Operation not permitted") || e.contains("not supported") => {
+            println!("SKIPPED: the kernel refused XDP / AF_XDP: {e}");
+        }
+        Err(e) => assert!(e.contains(&format!("cannot pin the poll loop to core {}", last + 1)), "{e}"),
+    }
+    drop(lab);
+}
+
 /// The lab's NAT services as an `lb run` configuration file, serving queues 0 and 1 of `eth0`,
 /// with the metrics endpoint on the load balancer namespace's loopback.
 fn run_config(lab: &Lab, metrics: &str) -> String {
