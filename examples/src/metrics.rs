@@ -351,7 +351,7 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
         ("lb_passed_packets_total", "Frames passed to the kernel (not for a VIP).", totals.passed),
         (
             "lb_nat_replies_handed_off_total",
-            "NAT replies that arrived on a queue whose core does not own their SNAT port, handed to the core that does (counted in lb_rx_packets_total on both).",
+            "Frames a core handed to another: NAT replies that arrived on a queue whose core does not own their SNAT port (to the core that does), ICMP errors about NAT flows it does not track (to every other core). Counted once per frame when handed; copies that found no room count in lb_handoff_lost_total; a frame handed over counts in lb_rx_packets_total on both cores.",
             totals.handed_off,
         ),
         ("lb_arp_replies_total", "ARP requests for the load balancer's addresses answered.", totals.arp_replies),

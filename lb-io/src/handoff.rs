@@ -67,6 +67,8 @@ struct Inbox {
     waiting: AtomicBool,
     /// An eventfd the owner's wait also watches.
     wake: OwnedFd,
+    /// How many buffers the inbox has.
+    buffers: usize,
 }
 
 /// One loop's end of a [`mesh`]: hands frames to the other loops and takes those handed to it.
@@ -104,6 +106,7 @@ pub fn mesh(loops: usize, config: HandoffConfig) -> Result<Vec<Handoff>, Handoff
             free: crossbeam_channel::bounded(buffers),
             waiting: AtomicBool::new(false),
             wake,
+            buffers,
         };
         for _ in 0..buffers {
             // Room for every buffer: the channel holds `buffers`.
@@ -152,11 +155,15 @@ impl Handoff {
     }
 
     /// Copies `packet` into the inbox of every other loop of the mesh (see [`Handoff::send`]);
-    /// returns how many copies went and how many were lost.
+    /// returns how many copies went and how many were lost. A copy goes only into an inbox that
+    /// keeps at least half its buffers free after it: a flood of frames for every loop (crafted ICMP errors about
+    /// NAT flows, each copied to every other loop) cannot fill an inbox and crowd out the NAT
+    /// replies handed to one loop alone.
     pub fn send_to_others(&self, packet: &[u8]) -> (usize, usize) {
         let (mut sent, mut lost) = (0, 0);
         for to in (0..self.inboxes.len()).filter(|&to| to != self.me) {
-            if self.send(to, packet) {
+            let room = self.inboxes.get(to).is_some_and(|i| 2 * i.free.1.len().saturating_sub(1) >= i.buffers);
+            if room && self.send(to, packet) {
                 sent += 1;
             } else {
                 lost += 1;
@@ -237,6 +244,19 @@ mod tests {
         assert!(!ends[0].send(3, b"none"));
         assert!(!ends[0].send(1, &[0u8; 101]));
         assert!(ends[0].send(1, &[0u8; 100]));
+    }
+
+    /// Frames for every loop take at most half an inbox: the rest stays for frames handed to that
+    /// loop alone.
+    #[test]
+    fn frames_for_every_loop_leave_half_of_each_inbox_to_the_rest() {
+        let ends = mesh(3, HandoffConfig { buffers: 4, buffer_size: HEADROOM + 100 }).unwrap();
+        assert_eq!(ends[0].send_to_others(b"all"), (2, 0));
+        assert_eq!(ends[0].send_to_others(b"all"), (2, 0));
+        assert_eq!(ends[0].send_to_others(b"all"), (0, 2), "half of each inbox is taken");
+        assert!(ends[0].send(1, b"one") && ends[0].send(1, b"one"), "the other half is still there");
+        assert!(!ends[0].send(1, b"one"));
+        assert_eq!((ends[1].pending(), ends[2].pending()), (4, 2));
     }
 
     #[test]
