@@ -1,5 +1,8 @@
 //! Frames one poll loop hands to another: the full-NAT replies that land on a queue whose core does
-//! not own their SNAT port ([`lb_core::Verdict::Handoff`]).
+//! not own their SNAT port ([`lb_core::Verdict::Handoff`]), and the ICMP errors about full-NAT
+//! flows the receiving core does not track, which go to every other loop
+//! ([`lb_core::Verdict::HandoffAll`]; such copies take at most half of an inbox, see
+//! [`Handoff::send_to_others`]).
 //!
 //! Each core keeps its NAT flows in its own table and owns a share of the SNAT ports, so a reply is
 //! translated back only by the core that owns its destination port. The NIC's RSS hash spreads the
