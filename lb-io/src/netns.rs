@@ -93,7 +93,7 @@ impl Netns {
         self.exec("ethtool", &["-K", dev, "tx", "off"]).map(|_| ())
     }
 
-    /// What `ethtool -k` says of feature `label` on `dev` ("on", "off", "on [fixed]"...): a reading
+    /// What `ethtool -k` says of feature `label` on `dev` ("on", "off", "on \[fixed\]"...): a reading
     /// independent of lb-io's own ioctls, for tests.
     pub fn ethtool_feature(&self, dev: &str, label: &str) -> Result<String, CommandError> {
         let out = self.exec("ethtool", &["-k", dev])?;

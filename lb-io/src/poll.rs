@@ -206,7 +206,7 @@ pub fn update_channel<U>() -> (UpdateSender<U>, UpdateReceiver<U>) {
 pub struct LoopGone;
 
 impl<U> UpdateSender<U> {
-    /// Sends an update, blocking while the loop has [`UPDATE_QUEUE`] unapplied ones, and drops the
+    /// Sends an update, blocking while the loop has `UPDATE_QUEUE` unapplied ones, and drops the
     /// states the loop retired so far (here, on the control thread).
     pub fn send(&self, update: U) -> Result<(), LoopGone> {
         self.collect_retired();

@@ -200,7 +200,7 @@ const EXTENSION_STEPS: usize = 4;
 /// Builds the program text with `addrs`, `services` and `xsks` as the map descriptors.
 ///
 /// Registers across the lookups: r6 = ctx, r7 = the L4 header (a packet pointer), r8 = the L4
-/// protocol, r9 = [`R9_V6`] for IPv6 and, in [`R9_ALWAYS`], whether a frame to a service address goes
+/// protocol, r9 = `R9_V6` for IPv6 and, in `R9_ALWAYS`, whether a frame to a service address goes
 /// to userspace whatever its port (IPv4 fragment or bad header length, IPv6 extension header).
 pub fn steering_program(
     addrs: i32,
