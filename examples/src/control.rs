@@ -1676,36 +1676,11 @@ services:
         assert_eq!(recorder.0.lock().unwrap().len(), 3);
     }
 
-    /// A log line buffer for a test's tracing subscriber.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Captured {
-        /// Lines logged since the last call that contain `text`.
-        fn take_count(&self, text: &str) -> usize {
-            let lines = String::from_utf8(std::mem::take(&mut *self.0.lock().unwrap())).unwrap();
-            lines.lines().filter(|l| l.contains(text)).count()
-        }
-    }
-
     /// While a refused translation is pending, each input logs a Service left out once: the trial
     /// of the pending translation is quiet when it fails, and only the build that stands logs.
     #[tokio::test]
     async fn a_pending_translation_logs_what_it_leaves_out_once_per_input() {
-        let log = Captured::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (log, _guard) = crate::log_capture::Captured::install();
         let left_out = "kubernetes service left out: default/bad:http";
         // Tests on other threads hit this warning's callsite too; one registering it while this
         // subscriber is being installed can leave tracing's interest cache saying nobody wants it

@@ -10,4 +10,5 @@ pub mod health;
 pub mod k8s;
 pub mod lab;
 pub mod list;
+pub mod log_capture;
 pub mod metrics;

@@ -5,24 +5,11 @@
 //! Alone in its own test binary: it lowers the process's descriptor limit.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use lb_examples::control::LiveState;
+use lb_examples::log_capture::Captured;
 use lb_examples::metrics::{CoreSnapshot, StatsSource, serve};
-
-/// A log line buffer for the test's tracing subscriber.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// Sets the soft limit on open descriptors so that none is left: the lowest free one is the limit.
 fn no_descriptor_left() {
@@ -42,10 +29,7 @@ fn no_descriptor_left() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn accept_errors_back_off_instead_of_spinning() {
-    let log = Captured::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (log, _guard) = Captured::install();
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     // A client waiting in the backlog, connected before the descriptors run out.
@@ -59,7 +43,7 @@ async fn accept_errors_back_off_instead_of_spinning() {
     for _ in 0..1000 {
         tokio::task::yield_now().await;
     }
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let text = log.text();
     let failures = text.lines().filter(|l| l.contains("metrics accept failed")).count();
     assert!(failures >= 1, "accept failed (EMFILE): {text}");
     assert!(failures <= 2, "{failures} accept failures logged in 1000 turns: the loop spins");

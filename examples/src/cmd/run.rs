@@ -482,21 +482,7 @@ mod tests {
     };
     use std::collections::BTreeSet;
     use std::net::IpAddr;
-    use std::sync::{Arc, Mutex};
-
-    /// A log line buffer for a test's tracing subscriber.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("not poisoned").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use std::sync::Arc;
 
     /// A reload that gives a node its first SNAT address (one of the node's own, its range inside
     /// the kernel's ephemeral ports) gets the warning `lb run` gives such a file at start: the
@@ -522,12 +508,7 @@ mod tests {
             println!("SKIPPED: the kernel's ephemeral ports are all reserved here");
             return;
         }
-        let log = Captured::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt().with_ansi(false).with_writer(move || writer.clone()).finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
-        // (Another thread registering the callsite meanwhile could leave it uninterested.)
-        tracing::callsite::rebuild_interest_cache();
+        let (log, _guard) = lb_examples::log_capture::Captured::install();
 
         let started = config().node;
         let mut started = lb_core::config::NodeConfig { snat_v4: None, snat_v6: None, ..started };
@@ -550,12 +531,12 @@ mod tests {
                 .expect("a node of own SNAT address"),
         );
         workers.publish(&tables).expect("no loops to refuse them");
-        let text = String::from_utf8_lossy(&log.0.lock().expect("not poisoned")).into_owned();
+        let text = log.text();
         let warned = format!("on {addr}, an address of this node, shares");
         assert_eq!(text.matches(&warned).count(), 1, "{text}");
         // The same settings again: nothing new to say.
         workers.publish(&tables).expect("no loops to refuse them");
-        let text = String::from_utf8_lossy(&log.0.lock().expect("not poisoned")).into_owned();
+        let text = log.text();
         assert_eq!(text.matches(&warned).count(), 1, "{text}");
     }
 
