@@ -572,8 +572,8 @@ impl Core {
             return self.answer_neighbour(tables, frame);
         }
         let dst = p.flow.dst_ip();
-        if is_for_a_nat_flow(tables, p, dst) {
-            return self.nat_reply(tables, frame, p, now);
+        if let Some(reply) = nat_reply_flow(tables, p, dst) {
+            return self.nat_reply(tables, frame, p, &reply, now);
         }
         if tables.is_vip(dst) {
             if p.fragment != Fragment::None {
@@ -852,14 +852,11 @@ impl Core {
         }
     }
 
-    /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow): find its NAT
-    /// flow by the reverse entry and translate it back to VIP -> client.
-    fn nat_reply(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, now: u32) -> Outcome {
-        let (key, port) = match p.l4 {
-            L4::Tcp | L4::Udp => (ConnKey::from_flow(&p.flow), p.flow.dst_port()),
-            L4::IcmpError(e) => (ConnKey::from_flow(&e.inner.reverse()), e.inner.src_port()),
-            _ => return Ok(Verdict::Pass),
-        };
+    /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow), `reply` the
+    /// flow its reverse entry is keyed by ([`nat_reply_flow`]): find its NAT flow by that entry and
+    /// translate it back to VIP -> client.
+    fn nat_reply(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, reply: &FlowKey, now: u32) -> Outcome {
+        let (key, port) = (ConnKey::from_flow(reply), reply.dst_port());
         if p.fragment != Fragment::None {
             return Err(DropReason::Fragment);
         }
@@ -1150,24 +1147,25 @@ impl Core {
     }
 }
 
-/// True for a frame to `dst` that belongs to a NAT flow if to any: a frame to a SNAT address whose
-/// port is in `snat_ports`, a TCP or UDP destination port, or the source port of the packet an ICMP
-/// error quotes (sent from the address). Other ports are the address's other users': a VIP's
-/// services (for ports outside the range, [`NodeConfig::vip_conflict`]), or the node's own traffic,
-/// which passes to the kernel (the SNAT address is usually the node's, and the XDP program leaves
-/// those frames to the kernel too).
+/// For a frame to `dst` that belongs to a NAT flow if to any, the flow (backend -> SNAT address
+/// and port) its flow's reverse entry is keyed by: the frame's own for a TCP or UDP reply, the
+/// quoted packet's reversed for an ICMP error about one (the quote was sent from the address). It
+/// belongs to one when its SNAT port, that flow's destination port, is in `snat_ports`. Other ports
+/// are the address's other users': a VIP's services (for ports outside the range,
+/// [`NodeConfig::vip_conflict`]), or the node's own traffic, which passes to the kernel (the SNAT
+/// address is usually the node's, and the XDP program leaves those frames to the kernel too).
 ///
 /// [`NodeConfig::vip_conflict`]: crate::config::NodeConfig::vip_conflict
-fn is_for_a_nat_flow(tables: &Tables, p: &Parsed, dst: IpAddr) -> bool {
+fn nat_reply_flow(tables: &Tables, p: &Parsed, dst: IpAddr) -> Option<FlowKey> {
     if !tables.is_snat_addr(dst) {
-        return false;
+        return None;
     }
-    let port = match p.l4 {
-        L4::Tcp | L4::Udp => p.flow.dst_port(),
-        L4::IcmpError(e) => e.inner.src_port(),
-        _ => return false,
+    let reply = match p.l4 {
+        L4::Tcp | L4::Udp => p.flow,
+        L4::IcmpError(e) => e.inner.reverse(),
+        _ => return None,
     };
-    tables.node().is_snat_port(port)
+    tables.node().is_snat_port(reply.dst_port()).then_some(reply)
 }
 
 /// True for the client's SYN on a closing flow whose backend takes no new flows (draining, weight
