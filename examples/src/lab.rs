@@ -685,39 +685,18 @@ pub fn start_lb_on_queues(
             let mut loops = loops.into_iter();
             let (first, first_zero_copy) = loops.next().ok_or("no queue")?;
             // The other loops on threads of their own (pinned to the next cores), the first on this one.
-            // Each says it is pinned before the caller hears that the load balancer runs, and one that
-            // fails, then or later, stops the rest, as in `lb run`: a loop left serving alone would
-            // lose its dead neighbour's queue and every reply it hands there.
+            // `spawn` returns once a loop is pinned, before the caller hears that the load balancer
+            // runs, and a loop that fails later stops the rest, as in `lb run`: a loop left serving
+            // alone would lose its dead neighbour's queue and every reply it hands there.
             let mut others = Vec::new();
             let mut failed = None;
             for (i, (lp, zero_copy)) in loops.enumerate() {
-                let (started_tx, started_rx) = mpsc::channel::<Result<(), String>>();
-                let (stop, pin) = (loop_stop.clone(), core.map(|c| c + i + 1));
-                let spawned = std::thread::Builder::new().name(format!("lb-poll-q{}", i + 1)).spawn(move || {
-                    if let Some(c) = pin
-                        && let Err(e) = lb_io::pin_to_core(c)
-                    {
-                        let _ = started_tx.send(Err(e.to_string()));
-                        stop.stop();
-                        return Err(e.to_string());
+                match lp.spawn(format!("lb-poll-q{}", i + 1), core.map(|c| c + i + 1)) {
+                    Ok(h) => others.push((h, zero_copy)),
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
                     }
-                    let _ = started_tx.send(Ok(()));
-                    let report = lp.run().map_err(|e| e.to_string());
-                    if report.is_err() {
-                        stop.stop();
-                    }
-                    report
-                });
-                let started = match spawned {
-                    Ok(h) => {
-                        others.push((h, zero_copy));
-                        started_rx.recv().unwrap_or_else(|_| Err("a poll loop ended before it started".into()))
-                    }
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = started {
-                    failed = Some(e);
-                    break;
                 }
             }
             if let Some(e) = failed {
@@ -737,7 +716,8 @@ pub fn start_lb_on_queues(
             let first = report.map_err(|e| e.to_string()).map(|r| outcome(r, first_zero_copy));
             outcomes.push(first);
             for (h, zero_copy) in others {
-                let r = h.join().unwrap_or_else(|_| Err("a poll loop panicked".to_string()));
+                let r =
+                    h.join().map_or_else(|_| Err("a poll loop panicked".to_string()), |r| r.map_err(|e| e.to_string()));
                 outcomes.push(r.map(|r| outcome(r, zero_copy)));
             }
             drop(link);

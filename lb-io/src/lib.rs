@@ -42,7 +42,7 @@ pub use handoff::{Handoff, HandoffConfig, HandoffError, mesh};
 pub use memory::{MemoryConfig, MemoryDevice};
 pub use pcap::PcapDevice;
 pub use poll::{
-    Delivery, LoopConfig, LoopCounters, LoopGone, LoopReport, LoopStats, PollLoop, SpawnError, UpdateReceiver,
+    Delivery, LoopConfig, LoopCounters, LoopGone, LoopReport, LoopStats, PollLoop, Running, SpawnError, UpdateReceiver,
     UpdateSender, pin_to_core, update_channel,
 };
 pub use processor::{BurstProcessor, MacRewrite};

@@ -571,21 +571,41 @@ where
     D: Device + Send + 'static,
     P: BurstProcessor + Send + 'static,
 {
-    /// Runs the loop on its own thread named `name`, pinned to `core` when given (a core that does
-    /// not exist is reported as an error by the thread before it polls).
-    pub fn spawn(
-        self,
-        name: String,
-        core: Option<usize>,
-    ) -> std::io::Result<JoinHandle<Result<LoopReport<D, P>, SpawnError>>> {
-        std::thread::Builder::new().name(name).spawn(move || {
-            if let Some(core) = core {
-                pin_to_core(core)?;
+    /// Runs the loop on its own thread named `name`, pinned to `core` when given, and returns once
+    /// the thread is pinned: a core that does not exist (or the affinity mask excludes) is this
+    /// call's error, and no loop runs. A loop whose device fails sets the stop flag it was made
+    /// with, so the loops that share it (one node's) stop too rather than serve on without its
+    /// queue, and the replies handed to it.
+    pub fn spawn(self, name: String, core: Option<usize>) -> Result<Running<D, P>, SpawnError> {
+        let (pinned_tx, pinned) = std::sync::mpsc::channel::<bool>();
+        let stop = self.stop.clone();
+        let handle = std::thread::Builder::new().name(name).spawn(move || {
+            if let Some(core) = core
+                && let Err(e) = pin_to_core(core)
+            {
+                let _ = pinned_tx.send(false);
+                return Err(e);
             }
-            self.run().map_err(SpawnError::Device)
-        })
+            let _ = pinned_tx.send(true);
+            let report = self.run().map_err(SpawnError::Device);
+            if report.is_err() {
+                stop.stop();
+            }
+            report
+        })?;
+        match pinned.recv() {
+            Ok(true) => Ok(handle),
+            // Not pinned: the thread ended with why.
+            _ => Err(match handle.join() {
+                Ok(Err(e)) => e,
+                _ => SpawnError::Pin(core.unwrap_or_default()),
+            }),
+        }
     }
 }
+
+/// A poll loop running on its own thread ([`PollLoop::spawn`]): what it hands back when it ends.
+pub type Running<D, P> = JoinHandle<Result<LoopReport<D, P>, SpawnError>>;
 
 /// Empty rounds between the spinning loop's looks at the clock for its idle turn (a clock read each
 /// empty round would slow the receive polls that a spinning loop is for).
@@ -605,6 +625,9 @@ pub enum SpawnError {
     /// The device failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// The thread could not be made.
+    #[error("cannot start the poll loop's thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 /// Pins the calling thread to `core` (an index into the cores this process may use).

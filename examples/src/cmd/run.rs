@@ -428,7 +428,8 @@ pub fn main(args: Args) -> CmdResult {
                 lp = lp.with_handoff(end);
             }
             let name = format!("lb-{}-q{q}", iface.name);
-            let running = lp.spawn(name.clone(), core)?;
+            // Pinned before this returns; a core that cannot be had stops the loops already running.
+            let running = lp.spawn(name.clone(), core).inspect_err(|_| stop.stop())?;
             let failed = loop_failed.clone();
             handles.push(std::thread::spawn(move || {
                 let why = match running.join() {
