@@ -46,6 +46,10 @@ pub struct CoreSnapshot {
     pub icmp_too_big: u64,
     /// Tables the worker refused (larger limits than it was built with; it kept serving its own).
     pub tables_refused: u64,
+    /// Conntrack entries evicted for room for a new flow.
+    pub conntrack_evictions: u64,
+    /// Half-open full-NAT flows evicted for their SNAT port.
+    pub snat_port_evictions: u64,
     /// Drops by reason, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
     /// Service counters by service slot and generation.
@@ -74,6 +78,8 @@ impl CoreSnapshot {
             ndp_adverts: stats.ndp_adverts,
             icmp_too_big: stats.icmp_too_big,
             tables_refused: stats.tables_refused,
+            conntrack_evictions: stats.conntrack_evictions,
+            snat_port_evictions: stats.snat_port_evictions,
             drops: stats.drops,
             conntrack_entries,
             conntrack_capacity,
@@ -102,6 +108,8 @@ pub struct CoreCounters {
     ndp_adverts: u64,
     icmp_too_big: u64,
     tables_refused: u64,
+    conntrack_evictions: u64,
+    snat_port_evictions: u64,
     drops: [u64; DropReason::COUNT],
     services: Vec<(SlotKey, ServiceCounters)>,
     backends: Vec<(SlotKey, BackendCounters)>,
@@ -130,6 +138,8 @@ impl CoreCounters {
         self.ndp_adverts = stats.ndp_adverts;
         self.icmp_too_big = stats.icmp_too_big;
         self.tables_refused = stats.tables_refused;
+        self.conntrack_evictions = stats.conntrack_evictions;
+        self.snat_port_evictions = stats.snat_port_evictions;
         self.drops = stats.drops;
         self.conntrack_entries = conntrack_entries as u64;
         self.conntrack_capacity = conntrack_capacity as u64;
@@ -158,6 +168,8 @@ impl CoreCounters {
             ndp_adverts: self.ndp_adverts,
             icmp_too_big: self.icmp_too_big,
             tables_refused: self.tables_refused,
+            conntrack_evictions: self.conntrack_evictions,
+            snat_port_evictions: self.snat_port_evictions,
             drops: self.drops,
             services: self.services.iter().copied().collect(),
             backends: self.backends.iter().copied().collect(),
@@ -217,6 +229,8 @@ struct Totals {
     ndp_adverts: u64,
     icmp_too_big: u64,
     tables_refused: u64,
+    conntrack_evictions: u64,
+    snat_port_evictions: u64,
     drops: [u64; DropReason::COUNT],
     services: HashMap<SlotKey, ServiceCounters>,
     backends: HashMap<SlotKey, BackendCounters>,
@@ -233,6 +247,8 @@ fn sum(cores: &[CoreSnapshot]) -> Totals {
         t.ndp_adverts += c.ndp_adverts;
         t.icmp_too_big += c.icmp_too_big;
         t.tables_refused += c.tables_refused;
+        t.conntrack_evictions += c.conntrack_evictions;
+        t.snat_port_evictions += c.snat_port_evictions;
         for (a, b) in t.drops.iter_mut().zip(c.drops) {
             *a += b;
         }
@@ -369,6 +385,16 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
             "lb_tables_refused_total",
             "Tables a worker refused because their slot limits exceed its own; it kept serving its tables (an embedder's builder mismatch).",
             totals.tables_refused,
+        ),
+        (
+            "lb_conntrack_evictions_total",
+            "Connection-table entries evicted to make room for a new flow (oldest half-open first, then closing; never an established one).",
+            totals.conntrack_evictions,
+        ),
+        (
+            "lb_snat_port_evictions_total",
+            "Half-open full-NAT flows evicted for their SNAT port: a new flow found every port it tried held by a live flow (a SYN flood, or node.snat_ports too small for the load).",
+            totals.snat_port_evictions,
         ),
     ] {
         f.head(name, "counter", help);
@@ -626,6 +652,8 @@ services:
                     ndp_adverts: k,
                     icmp_too_big: 2 * k,
                     tables_refused: k,
+                    conntrack_evictions: 7 * k,
+                    snat_port_evictions: 8 * k,
                     conntrack_entries: 10 * k,
                     conntrack_capacity: 1000,
                     ..Default::default()
@@ -685,6 +713,8 @@ services:
             "lb_ndp_adverts_total 3".into(),
             "lb_icmp_too_big_total 6".into(),
             "lb_tables_refused_total 3".into(),
+            "lb_conntrack_evictions_total 21".into(),
+            "lb_snat_port_evictions_total 24".into(),
             "lb_dropped_packets_total{reason=\"no_backend\"} 3".into(),
             "lb_dropped_packets_total{reason=\"conntrack_full\"} 0".into(),
             "lb_conntrack_entries{core=\"1\"} 20".into(),

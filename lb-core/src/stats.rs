@@ -220,6 +220,9 @@ pub struct Stats {
     pub icmp_too_big: u64,
     /// Conntrack entries evicted to make room for a new flow.
     pub conntrack_evictions: u64,
+    /// Half-open full-NAT flows evicted for their SNAT port: a new flow found every port it tried
+    /// held by a live flow (a SYN flood, or a SNAT port range too small for the load).
+    pub snat_port_evictions: u64,
     /// ARP requests for the load balancer's addresses answered (see [`crate::neighbour`]).
     pub arp_replies: u64,
     /// IPv6 Neighbour Solicitations for the load balancer's addresses answered.
@@ -253,6 +256,7 @@ impl Stats {
             handed_off: 0,
             icmp_too_big: 0,
             conntrack_evictions: 0,
+            snat_port_evictions: 0,
             arp_replies: 0,
             ndp_adverts: 0,
             tables_refused: 0,
@@ -321,6 +325,7 @@ impl Stats {
         self.handed_off += other.handed_off;
         self.icmp_too_big += other.icmp_too_big;
         self.conntrack_evictions += other.conntrack_evictions;
+        self.snat_port_evictions += other.snat_port_evictions;
         self.arp_replies += other.arp_replies;
         self.ndp_adverts += other.ndp_adverts;
         self.tables_refused += other.tables_refused;
@@ -494,6 +499,7 @@ mod tests {
         (a.handed_off, b.handed_off) = (10, 20);
         b.icmp_too_big = 6;
         (a.conntrack_evictions, b.conntrack_evictions) = (8, 1);
+        (a.snat_port_evictions, b.snat_port_evictions) = (3, 4);
         b.arp_replies = 2;
         a.ndp_adverts = 1;
         (a.tables_refused, b.tables_refused) = (2, 5);
@@ -511,6 +517,7 @@ mod tests {
             handed_off,
             icmp_too_big,
             conntrack_evictions,
+            snat_port_evictions,
             arp_replies,
             ndp_adverts,
             tables_refused,
@@ -525,7 +532,7 @@ mod tests {
         assert_eq!(a.dropped(DropReason::Malformed), 1);
         assert_eq!(a.dropped_total(), 3);
         assert_eq!((rx, tx, passed, reverse_nat, handed_off), (5, 3, 3, 4, 30));
-        assert_eq!((icmp_too_big, conntrack_evictions), (6, 9));
+        assert_eq!((icmp_too_big, conntrack_evictions, snat_port_evictions), (6, 9, 7));
         assert_eq!((arp_replies, ndp_adverts, tables_refused), (2, 1, 7));
         assert_eq!(a.services[1].packets, 7);
         assert_eq!(a.backends[0].counters.active_conns, 7);

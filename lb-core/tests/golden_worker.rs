@@ -229,8 +229,10 @@ fn every_drop_reason_has_a_golden_frame() {
         HEADROOM,
         DropReason::NoReverseFlow,
     );
-    // NoSnatPort: the one SNAT port is taken by a flow to the same backend.
+    // NoSnatPort: the one SNAT port is taken by an established flow to the same backend (a
+    // half-open one would be evicted for it).
     run(&mut w, &tcp(c, 3, vip, 80, Tcp::Syn, b""), secs(10));
+    run(&mut w, &tcp(c, 3, vip, 80, Tcp::Ack, b""), secs(10));
     check(&mut w, &tcp(c, 4, vip, 80, Tcp::Syn, b""), HEADROOM, DropReason::NoSnatPort);
     // An error about an untracked flow of the NAT service (an untracked flow of a DSR Maglev
     // service has a backend any core knows, and its error goes there).

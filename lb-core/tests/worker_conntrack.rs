@@ -419,6 +419,8 @@ fn a_reused_backend_slot_counts_only_its_new_backends_connections() {
     assert_eq!(w.stats().backend(slot_of(&w, "10.1.0.2").unwrap()).active_conns, 0);
 }
 
+/// Established flows hold their SNAT ports: a new flow that finds every port held by one is dropped
+/// (counted), not given an established connection's port.
 #[test]
 fn snat_ports_are_unique_per_backend_and_run_out_counted() {
     let mut cfg = all_modes_config();
@@ -430,10 +432,71 @@ fn snat_ports_are_unique_per_backend_and_run_out_counted() {
         let (v, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
         assert_eq!(v, Verdict::Tx);
         ports.insert(seen(&out).sport);
+        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1)).0, Verdict::Tx);
     }
     assert_eq!(ports.into_iter().collect::<Vec<_>>(), vec![40000, 40001, 40002, 40003]);
     let (v, _) = run(&mut w, &tcp(client(9), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
     assert_eq!(v, Verdict::Drop(DropReason::NoSnatPort));
+    assert_eq!(w.stats().snat_port_evictions, 0);
+    // Every established flow still has its port: its packets go out from it.
+    for i in 0..4 {
+        let (v, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b"x"), secs(2));
+        assert_eq!((v, seen(&out).sport), (Verdict::Tx, 40000 + i as u16), "client {i}");
+    }
+}
+
+/// A SYN flood to a full-NAT service holds a SNAT port per SYN for the SYN timeout; once every port
+/// of the share is held, a new flow takes the port of the oldest half-open flow (which is evicted,
+/// counted, its backend's connection count with it), never an established flow's, as conntrack
+/// evicts the oldest half-open entry for room. Before, every new connection was dropped as out of
+/// ports until the flood's entries expired.
+#[test]
+fn a_syn_flood_holding_every_snat_port_gives_way_oldest_first_to_new_flows() {
+    let mut cfg = all_modes_config();
+    cfg.services[0].backends.truncate(1);
+    cfg.node.snat_ports = (40000, 40007);
+    let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(1024));
+    let slot = w.tables().services()[0].backends[0].slot();
+    // Two established connections, then six flooding SYNs a second apart: every port held.
+    let mut port_of = std::collections::HashMap::new();
+    for i in 0..8u32 {
+        let (v, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1 + u64::from(i)));
+        assert_eq!(v, Verdict::Tx);
+        port_of.insert(i, seen(&out).sport);
+        if i < 2 {
+            let ack = tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b"");
+            assert_eq!(run(&mut w, &ack, secs(1 + u64::from(i))).0, Verdict::Tx);
+        }
+    }
+    assert_eq!(w.stats().backend(slot).active_conns, 8);
+    // Six new clients: each takes the port of the oldest flooding SYN left, in order.
+    for (k, i) in (100..106u32).enumerate() {
+        let (v, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(20));
+        assert_eq!(v, Verdict::Tx, "client {i}");
+        let s = seen(&out);
+        let evicted = 2 + k as u32;
+        assert_eq!(s.sport, port_of[&evicted], "client {i} took the port of flood SYN {evicted}");
+        // Its replies reach it.
+        let (v, back) = run(&mut w, &tcp(s.dst, 8080, s.src, s.sport, Tcp::Ack, b""), secs(20));
+        assert_eq!(v, Verdict::Tx);
+        assert_eq!(seen(&back).dst, client(i), "the reply to port {} went to the new client", s.sport);
+        assert_eq!(w.stats().snat_port_evictions, k as u64 + 1);
+    }
+    // The evicted flows are gone (their next segment is a new flow) and the counts are exact.
+    assert_eq!(w.stats().backend(slot).active_conns, 8);
+    assert_eq!(w.conntrack().len(), 16, "eight flows, each with its reverse entry");
+    // Only established (and the new, half-open, flows') ports are left: the newest half-open flow
+    // goes last, and established ones never.
+    for i in 0..2 {
+        let (v, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b"x"), secs(21));
+        assert_eq!((v, seen(&out).sport), (Verdict::Tx, port_of[&i]), "established client {i} kept its port");
+    }
+    for i in 100..106u32 {
+        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(21)).0, Verdict::Tx);
+    }
+    let (v, _) = run(&mut w, &tcp(client(200), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(22));
+    assert_eq!(v, Verdict::Drop(DropReason::NoSnatPort), "every port held by an established flow");
+    assert_eq!(w.stats().snat_port_evictions, 6);
 }
 
 /// SNAT ports go to a backend in turn (RFC 6056's per-destination counter): each new flow takes
@@ -1190,10 +1253,13 @@ fn snat_ports_of_expired_flows_are_free_before_the_sweep_reclaims_them() {
     cfg.services[0].backends.truncate(1);
     cfg.node.snat_ports = (40000, 40003);
     cfg.node.timeouts.tcp_syn = dur(10);
+    cfg.node.timeouts.tcp_established = dur(10);
     // 8192 buckets: the sweep (four a burst) reaches few of them here.
     let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(1 << 16));
+    // Established, so that a new flow cannot evict them for their ports.
     for i in 0..4 {
         assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1)).0, Verdict::Tx);
+        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1)).0, Verdict::Tx);
     }
     assert_eq!(
         run(&mut w, &tcp(client(9), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(2)).0,
@@ -1208,7 +1274,9 @@ fn snat_ports_of_expired_flows_are_free_before_the_sweep_reclaims_them() {
         let s = seen(&out);
         let (v, _) = run(&mut w, &tcp(s.dst, 8080, s.src, s.sport, Tcp::Ack, b""), secs(100));
         assert_eq!(v, Verdict::Tx, "client {i}: the reply to port {}", s.sport);
+        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(100)).0, Verdict::Tx);
     }
+    assert_eq!(w.stats().snat_port_evictions, 0, "expired flows' ports are free, not evicted for");
     // The expired flows' packets start new flows; none finds a port (four live flows again).
     let (v, _) = run(&mut w, &tcp(client(0), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(101));
     assert_eq!(v, Verdict::Drop(DropReason::NoSnatPort));

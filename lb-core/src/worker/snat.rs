@@ -4,7 +4,7 @@
 use core::net::IpAddr;
 
 use super::Core;
-use crate::conntrack::{ConnKey, EntryKind, InsertHint};
+use crate::conntrack::{ConnKey, ConnState, EntryKind, InsertHint};
 use crate::packet::FlowKey;
 use crate::service::{Backend, Tables};
 
@@ -138,10 +138,55 @@ impl Core {
         if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
             *n = u16::try_from(next % span).unwrap_or(0);
         }
+        let (port, hash) = match found {
+            Some((_, port, hash, _)) => (port, hash),
+            None => self.reclaim_half_open_port(SnatProbe { key, snat, lo, span, start }, tries)?,
+        };
         // The reply key built afresh rather than copied from `key`, whose copy's loads would span
         // the port store just made (a store-forwarding stall).
-        let (_, port, hash, _) = found?;
         Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash })
+    }
+
+    /// When every port [`Core::pick_snat_port`] tried is held by a live flow: the port of the
+    /// oldest (soonest to expire) half-open flow among them ([`ConnState::SynSeen`] or
+    /// [`ConnState::UdpNew`]), which is evicted for it, as conntrack evicts the oldest half-open
+    /// entry for room; `None` when established or closing flows hold them all. So a SYN flood to a
+    /// full-NAT service, which holds a port per SYN for the SYN timeout, cannot shut new
+    /// connections out, nor take a port an established connection holds. Counted in
+    /// [`Stats::snat_port_evictions`](crate::stats::Stats::snat_port_evictions). The evicted
+    /// flow's late replies (a backend's SYN-ACK) then reach the new flow's client, whose TCP
+    /// answers them with a reset, as after a conntrack eviction that freed the port.
+    ///
+    /// Out of line: only a share exhausted by live flows comes here, and the probes' buckets are
+    /// still in cache from the search.
+    #[cold]
+    #[inline(never)]
+    fn reclaim_half_open_port(&mut self, probe: SnatProbe, tries: u32) -> Option<(u16, u64)> {
+        let SnatProbe { mut key, lo, span, start, .. } = probe;
+        let conntrack = &self.conntrack;
+        // (expiry, port, hash, forward entry) of the best candidate so far.
+        let mut best: Option<(u32, u16, u64, u32)> = None;
+        for i in 0..tries {
+            let Ok(port) = u16::try_from(u32::from(lo) + (start + i) % span) else { continue };
+            key.dport = port;
+            let hash = key.hash();
+            let Some(r) = conntrack.find(&key, hash) else { continue };
+            let Some(reverse) = conntrack.get(r).filter(|e| e.kind == EntryKind::Reverse) else { continue };
+            let Some(forward) = conntrack.get(reverse.link) else { continue };
+            let half_open = matches!(forward.state, ConnState::SynSeen | ConnState::UdpNew);
+            if forward.kind == EntryKind::Forward
+                && forward.link == r
+                && half_open
+                && best.is_none_or(|(expires, ..)| forward.expires < expires)
+            {
+                best = Some((forward.expires, port, hash, reverse.link));
+            }
+        }
+        let (_, port, hash, forward) = best?;
+        // The forward entry, with its backend's connection count and its reverse entry (the port).
+        self.remove(forward);
+        self.stats.snat_port_evictions += 1;
+        Some((port, hash))
     }
 
     /// The reply hint of the frame at `slot` of the batch being decided, if the warm-up made one.
