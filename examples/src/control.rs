@@ -498,7 +498,8 @@ impl<S: TablesSink> Control<S> {
             }
             ControlInput::Kubernetes(t) => kubernetes = Some(t),
             // An event from a probe task since stopped or restarted is stale: its target, if still
-            // probed, starts up again under a new task that reports only changes from there.
+            // probed, goes on under a new task from the health applied here, and that task reports
+            // only changes from there.
             ControlInput::Health(e) if !self.health.is_current(&e) => {
                 tracing::debug!(service = %e.target.service, backend = %e.target.backend, "stale health event ignored");
             }
@@ -566,18 +567,13 @@ impl<S: TablesSink> Control<S> {
         &mut self,
         file: Option<&Settings>,
         kubernetes: Option<&Translation>,
-        mut down: HashSet<Target>,
+        down: HashSet<Target>,
         attempt: Attempt,
     ) -> Result<Arc<Tables>, ControlError> {
         let (desired, left_out) =
             desired_services(file.unwrap_or(&self.file), kubernetes.unwrap_or(&self.kubernetes), |c| {
                 self.sink.check(c)
             });
-        // Backends whose probe (re)starts with this update start up, as their status will say;
-        // kept down, they would drain until a transition the new task never reports.
-        for t in self.health.starting(&desired) {
-            down.remove(&t);
-        }
         let mut built = desired.clone();
         let fail_open = apply_health(&mut built, &down);
         let config = Config {
@@ -611,7 +607,7 @@ impl<S: TablesSink> Control<S> {
                     self.running = Some(config);
                 }
                 self.down = down;
-                self.health.sync(&desired);
+                self.health.sync(&desired, &self.down);
                 // Forget health of backends that left (their probes stopped).
                 let status = self.health.status();
                 self.down.retain(|t| status.lock().map(|s| s.contains_key(t)).unwrap_or(true));
@@ -1746,10 +1742,12 @@ services:
         assert_eq!((next.version(), sink.0.lock().unwrap().len(), live.borrow().applied), (first.version() + 1, 2, 2));
     }
 
-    /// A backend down when its health check changes comes back Active with the restarted probe (which
-    /// starts up and reports only changes), and a "down" still queued from the old probe is ignored.
+    /// A backend down when its health check changes stays Draining under the restarted probe,
+    /// which goes on from the health applied here (before, it came back Active until the new probe
+    /// had failed `fall` times: new flows went to a backend known to be down); a "down" still
+    /// queued from the old probe is ignored, and the new probe's "up" brings it back.
     #[tokio::test]
-    async fn a_restarted_probe_brings_its_backend_back_and_ignores_the_old_probes_events() {
+    async fn a_restarted_probe_keeps_its_backend_down_and_ignores_the_old_probes_events() {
         let mut control = Control::new(RecordingSink::default());
         // Probes go to TEST-NET-2 (RFC 5737: no host holds it; loopback cannot be a backend), one per
         // hour with fall 3: no transition of their own.
@@ -1766,16 +1764,20 @@ services:
         assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining));
 
         let t = control.apply(ControlInput::File(file("30m"))).unwrap();
-        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Active), "the new probe starts up");
-        assert!(control.health.status().lock().unwrap()[&target].healthy);
-        assert_ne!(control.health.generation(&target), Some(old));
+        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining), "still down");
+        assert!(!control.health.status().lock().unwrap()[&target].healthy, "the new probe starts down");
+        let new = control.health.generation(&target).expect("probed");
+        assert_ne!(new, old);
 
-        let t = control.apply(ControlInput::Health(down)).unwrap();
+        let stale_up = HealthEvent { target, healthy: true, generation: old };
+        let t = control.apply(ControlInput::Health(stale_up)).unwrap();
         assert_eq!(
             backends(&t)[1],
-            ("198.51.100.2:8080".into(), BackendState::Active),
+            ("198.51.100.2:8080".into(), BackendState::Draining),
             "the old probe's event is stale"
         );
+        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: true, generation: new })).unwrap();
+        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Active), "the new probe's is not");
     }
 
     /// Fail open: with one of two checked backends down only the other takes new flows; with both

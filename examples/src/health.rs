@@ -15,7 +15,10 @@
 //! leaving that state and exports it as `lb_health_fail_open`.
 //!
 //! Backends start *up*: a restart of the load balancer must not take every backend out of service
-//! for `fall` intervals. [`HealthChecker::sync`] starts and stops probe tasks as services change.
+//! for `fall` intervals. [`HealthChecker::sync`] starts and stops probe tasks as services change; a
+//! probe restarted because its check changed goes on from its backend's health (a down backend
+//! needs `rise` successes of the new check), so a reload does not send new flows to a backend
+//! known to be down.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -153,21 +156,12 @@ impl HealthChecker {
         self.generation(&event.target) == Some(event.generation)
     }
 
-    /// The backends of `services` [`sync`](Self::sync) would start or restart: they start up, so
-    /// whatever was known of their health no longer holds.
-    pub fn starting(&self, services: &[ServiceSpec]) -> HashSet<Target> {
-        wanted(services)
-            .into_iter()
-            .filter(|(target, check)| self.tasks.get(target).is_none_or(|(running, _, _)| running != check))
-            .map(|(target, _)| target)
-            .collect()
-    }
-
-    /// Probes exactly the backends of `services` that have a health check: new ones start (up),
-    /// gone ones stop and are forgotten, ones whose check changed restart (up, with a new
-    /// generation, their counters kept): the ones [`starting`](Self::starting) named beforehand.
-    /// Must run inside tokio.
-    pub fn sync(&mut self, services: &[ServiceSpec]) {
+    /// Probes exactly the backends of `services` that have a health check: gone ones stop and are
+    /// forgotten; new ones and ones whose check changed start a task of a new generation, up unless
+    /// `down` (the health the caller applies, so that the two agree: an event the old task had
+    /// queued is stale, [`HealthChecker::is_current`]) names them, their counters kept. Must run
+    /// inside tokio.
+    pub fn sync(&mut self, services: &[ServiceSpec], down: &HashSet<Target>) {
         let wanted = wanted(services);
         self.tasks.retain(|target, (check, _, task)| {
             let keep = wanted.get(target) == Some(check);
@@ -190,9 +184,10 @@ impl HealthChecker {
             // must not send back to zero.
             let mut table = lock(&self.status);
             let before = table.remove(&target).unwrap_or_default();
-            table.insert(target, TargetStatus { healthy: true, generation, ..before });
+            let healthy = !down.contains(&target);
+            table.insert(target, TargetStatus { healthy, generation, ..before });
             drop(table);
-            let probe = Probing { target, generation, check: check.clone() };
+            let probe = Probing { target, generation, healthy, check: check.clone() };
             let task = tokio::spawn(run_target(probe, self.status.clone(), self.events.clone()));
             self.tasks.insert(target, (check, generation, task));
         }
@@ -215,6 +210,8 @@ fn wanted(services: &[ServiceSpec]) -> HashMap<Target, HealthCheck> {
 struct Probing {
     target: Target,
     generation: u64,
+    /// The health it starts from.
+    healthy: bool,
     check: HealthCheck,
 }
 
@@ -232,11 +229,11 @@ fn lock(t: &StatusTable) -> std::sync::MutexGuard<'_, HashMap<Target, TargetStat
 }
 
 async fn run_target(probing: Probing, status: StatusTable, events: mpsc::Sender<HealthEvent>) {
-    let Probing { target, generation, check } = probing;
+    let Probing { target, generation, healthy, check } = probing;
     let addr = SocketAddr::new(target.backend.ip(), check.port.unwrap_or(target.backend.port()));
     let mut tick = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut healthy, mut streak) = (true, 0u32);
+    let (mut healthy, mut streak) = (healthy, 0u32);
     loop {
         tick.tick().await;
         let result = probe(&check, addr).await;
@@ -373,7 +370,7 @@ mod tests {
         let fresh = TargetStatus { healthy: true, generation: 2, ..Default::default() };
         lock(&status).insert(target, fresh.clone());
         let (tx, mut rx) = mpsc::channel(8);
-        let old = Probing { target, generation: 1, check: HealthCheck { fall: 1, ..check(Probe::Tcp) } };
+        let old = Probing { target, generation: 1, healthy: true, check: HealthCheck { fall: 1, ..check(Probe::Tcp) } };
         tokio::time::timeout(Duration::from_secs(30), run_target(old, status.clone(), tx))
             .await
             .expect("the replaced task stops");
@@ -388,7 +385,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         let mut hc = HealthChecker::new(tx);
         let svc = service(addr, check(Probe::Tcp));
-        hc.sync(std::slice::from_ref(&svc));
+        hc.sync(std::slice::from_ref(&svc), &HashSet::new());
         let target = Target { service: svc.config.key, backend: addr };
         let generation = hc.generation(&target).unwrap();
 
@@ -405,39 +402,48 @@ mod tests {
         assert_eq!(hc.status().lock().unwrap()[&target].went_up, 1);
 
         // Removing the service stops its probes and forgets it.
-        hc.sync(&[]);
+        hc.sync(&[], &HashSet::new());
         assert!(hc.status().lock().unwrap().is_empty());
     }
 
-    /// A reload that changes a backend's check restarts its probe (up again, a new generation), but
-    /// its counters carry on: `lb_health_check_failures_total` and `lb_health_transitions_total`
-    /// are counters, and a reload must not send them back to zero. A backend that leaves is
-    /// forgotten.
+    /// A reload that changes a backend's check restarts its probe (a new generation) from the
+    /// backend's health as the caller applies it: a down backend stays down until `rise` successes
+    /// of the new check. Its counters carry on: `lb_health_check_failures_total` and
+    /// `lb_health_transitions_total` are counters, and a reload must not send them back to zero.
+    /// A backend that leaves is forgotten.
     #[tokio::test]
-    async fn a_restarted_probe_keeps_its_counters() {
+    async fn a_restarted_probe_keeps_its_backends_health_and_counters() {
         // A port with no listener: every probe fails, and fall 1 takes the backend down at the first.
-        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
         let (tx, mut rx) = mpsc::channel(8);
         let mut hc = HealthChecker::new(tx);
         let svc = service(addr, HealthCheck { fall: 1, ..check(Probe::Tcp) });
-        hc.sync(std::slice::from_ref(&svc));
+        hc.sync(std::slice::from_ref(&svc), &HashSet::new());
         let target = Target { service: svc.config.key, backend: addr };
         assert!(!next(&mut rx).await.healthy);
         let before = hc.status().lock().unwrap()[&target].clone();
         assert!(before.failures >= 1 && before.went_down == 1, "{before:?}");
 
-        let changed = service(addr, HealthCheck { fall: 2, ..check(Probe::Tcp) });
-        hc.sync(std::slice::from_ref(&changed));
+        let changed = service(addr, HealthCheck { fall: 2, rise: 2, ..check(Probe::Tcp) });
+        hc.sync(std::slice::from_ref(&changed), &HashSet::from([target]));
         let after = hc.status().lock().unwrap()[&target].clone();
-        assert!(after.healthy, "a restarted probe starts up");
+        assert!(!after.healthy, "a restarted probe goes on from its backend's health");
         assert_ne!(after.generation, before.generation);
         assert_eq!(
             (after.probes, after.failures, after.went_down, after.went_up),
             (before.probes, before.failures, before.went_down, before.went_up),
             "counters carry over the restart"
         );
+        // It comes back only when the new check passes, with an event of the new generation.
+        let _listener = TcpListener::bind(addr).await.unwrap();
+        let up = next(&mut rx).await;
+        assert!(up.healthy && hc.is_current(&up), "{up:?}");
+        let now = hc.status().lock().unwrap()[&target].clone();
+        assert_eq!((now.healthy, now.went_up), (true, 1));
 
-        hc.sync(&[]);
+        hc.sync(&[], &HashSet::new());
         assert!(hc.status().lock().unwrap().is_empty(), "a backend that left is forgotten");
     }
 
@@ -462,7 +468,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         let mut hc = HealthChecker::new(tx);
         let svc = service(addr, check(Probe::Http { path: "/healthz".into() }));
-        hc.sync(std::slice::from_ref(&svc));
+        hc.sync(std::slice::from_ref(&svc), &HashSet::new());
         assert_eq!(path_rx.recv().await.unwrap(), "GET /healthz HTTP/1.1");
 
         code.store(503, Ordering::SeqCst);
