@@ -138,9 +138,9 @@ impl Core {
         if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
             *n = u16::try_from(next % span).unwrap_or(0);
         }
-        let (port, hash) = match found {
-            Some((_, port, hash, _)) => (port, hash),
-            None => self.reclaim_half_open_port(SnatProbe { key, snat, lo, span, start }, tries)?,
+        let Some((_, port, hash, _)) = found else {
+            let (port, hash) = self.reclaim_half_open_port(SnatProbe { key, snat, lo, span, start }, tries)?;
+            return Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash });
         };
         // The reply key built afresh rather than copied from `key`, whose copy's loads would span
         // the port store just made (a store-forwarding stall).
