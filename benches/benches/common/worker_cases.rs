@@ -6,6 +6,9 @@
 //! table full (`dsr_syn`, `nat_syn`: every insert evicts) and at the rate of a busy node, with the
 //! table about half full (`*_half_full`: inserts take free and expired ways); see [`clock`].
 //! `dsr_syn_cache_hot` floods a 2 048-entry table that stays in cache: a new flow's compute floor.
+//! `nat_syn_ports_exhausted` floods a full-NAT service whose SNAT ports are all held by the flood's
+//! half-open flows: each SYN takes the port of the oldest (the cost of `Core::pick_snat_port`'s
+//! reclaim).
 //!
 //! Each iteration copies 64 template frames into the burst's buffers (NAT and tunnel rewrites change
 //! them) and processes the burst; `copy_only` measures the copy alone in the same run, as a baseline
@@ -334,6 +337,7 @@ pub(crate) fn new_flows(c: &mut Criterion<ThreadCpuTime>, group: &str) {
         (ForwardMode::Nat, "nat_syn_half_full", 10),
         (ForwardMode::Dsr, "dsr_syn_cache_hot", 10),
         (ForwardMode::Nat, "nat_syn_cache_hot", 10),
+        (ForwardMode::Nat, "nat_syn_ports_exhausted", 10),
     ] {
         let per_second =
             if name.ends_with("half_full") { HALF_FULL_BURSTS_PER_SECOND } else { FLOOD_BURSTS_PER_SECOND };
@@ -352,10 +356,21 @@ pub(crate) fn new_flows(c: &mut Criterion<ThreadCpuTime>, group: &str) {
         };
         g.bench_function(BenchmarkId::new(name, format!("{services}_services")), |b| {
             let w = worker.get_or_insert_with(|| {
-                let tables = TableBuilder::new().build(&config(services, mode)).unwrap();
+                let mut config = config(services, mode);
+                // A SYN flood that holds every SNAT port: 64 a backend, 1 280 flows (2 560 entries)
+                // in a table of 16 384 that never fills, so each SYN evicts the oldest half-open
+                // flow for its port, after the search found all 32 ports it tried taken.
+                if name.ends_with("ports_exhausted") {
+                    config.node.snat_ports = (40000, 40063);
+                }
+                let tables = TableBuilder::new().build(&config).unwrap();
                 // The cache-hot case's table (256 buckets, 147 KiB) stays in L2: a new flow's
                 // compute floor, as `dsr_cache_hot` is an established packet's.
-                let capacity = if name.ends_with("cache_hot") { 2048 } else { CONNTRACK };
+                let capacity = match name {
+                    _ if name.ends_with("cache_hot") => 2048,
+                    _ if name.ends_with("ports_exhausted") => 16_384,
+                    _ => CONNTRACK,
+                };
                 let mut w = Worker::new(tables, WorkerConfig::single_core(capacity));
                 // Fill the table first, so every measured SYN meets the steady state of a SYN flood
                 // (a full table, each insert evicting the oldest half-open entry) however many
@@ -363,6 +378,12 @@ pub(crate) fn new_flows(c: &mut Criterion<ThreadCpuTime>, group: &str) {
                 for _ in 0..2 * CONNTRACK / BURST {
                     next_syns(&mut templates);
                     burst(&mut w, &mut bufs, &templates, clock(per_second, &mut bursts));
+                }
+                if name.ends_with("ports_exhausted") {
+                    let s = w.stats();
+                    // (Every SYN but the first 1 280 reclaims a port, but for the few whose bucket was full.)
+                    assert!(s.snat_port_evictions + 2 * 1280 >= s.rx, "not the reclaim: {s:?}");
+                    assert_eq!(s.dropped_total(), 0);
                 }
                 w
             });

@@ -4,7 +4,7 @@
 use core::net::IpAddr;
 
 use super::Core;
-use crate::conntrack::{ConnKey, ConnState, EntryKind, InsertHint};
+use crate::conntrack::{ConnKey, ConnState, ConntrackTable, EntryKind, InsertHint};
 use crate::packet::FlowKey;
 use crate::service::{Backend, Tables};
 
@@ -89,6 +89,19 @@ pub(super) fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend:
     FlowKey::from_ips(snat, backend.addr, proto, snat_port, backend.port)
 }
 
+/// For the live reverse entry at `r` whose port a new flow's search found taken: the expiry and
+/// index of its forward entry if that flow is half-open ([`ConnState::SynSeen`] or
+/// [`ConnState::UdpNew`]), which [`Core::evict_for_port`] may evict for the port. Out of line: only
+/// a taken port (most new flows' first probe is free) reads the forward entry.
+#[cold]
+#[inline(never)]
+fn half_open_holder(conntrack: &ConntrackTable, r: u32) -> Option<(u32, u32)> {
+    let reverse = conntrack.get(r).filter(|e| e.kind == EntryKind::Reverse)?;
+    let forward = conntrack.get(reverse.link)?;
+    let half_open = matches!(forward.state, ConnState::SynSeen | ConnState::UdpNew);
+    (forward.kind == EntryKind::Forward && forward.link == r && half_open).then_some((forward.expires, reverse.link))
+}
+
 impl Core {
     /// A free SNAT port from this core's share for a flow to `backend`: free means no live reply key
     /// (backend, SNAT address, backend port, port) is tracked; the reverse entry of a flow that has
@@ -112,6 +125,8 @@ impl Core {
         let tries = SNAT_PORT_TRIES.min(span);
         // The key is built once and only its port changes between probes.
         let conntrack = &self.conntrack;
+        // The oldest half-open flow holding a port tried: (expiry, port, hash, forward entry).
+        let mut oldest: Option<(u32, u16, u64, u32)> = None;
         let found = (0..tries).find_map(|i| {
             let port = u16::try_from(u32::from(lo) + (start + i) % span).ok()?;
             key.dport = port;
@@ -125,7 +140,14 @@ impl Core {
                 {
                     Some((i, port, hash, Some(r)))
                 }
-                Some(_) => None,
+                Some(r) => {
+                    if let Some((expires, forward)) = half_open_holder(conntrack, r)
+                        && oldest.is_none_or(|(x, ..)| expires < x)
+                    {
+                        oldest = Some((expires, port, hash, forward));
+                    }
+                    None
+                }
             }
         });
         // (A reverse entry needs no accounting; its expired forward entry, which goes in its turn,
@@ -139,7 +161,9 @@ impl Core {
             *n = u16::try_from(next % span).unwrap_or(0);
         }
         let Some((_, port, hash, _)) = found else {
-            let (port, hash) = self.reclaim_half_open_port(SnatProbe { key, snat, lo, span, start }, tries)?;
+            // Every port tried is held by a live flow: the oldest half-open one gives its port up.
+            let (_, port, hash, forward) = oldest?;
+            self.evict_for_port(forward);
             return Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash });
         };
         // The reply key built afresh rather than copied from `key`, whose copy's loads would span
@@ -147,46 +171,22 @@ impl Core {
         Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash })
     }
 
-    /// When every port [`Core::pick_snat_port`] tried is held by a live flow: the port of the
-    /// oldest (soonest to expire) half-open flow among them ([`ConnState::SynSeen`] or
-    /// [`ConnState::UdpNew`]), which is evicted for it, as conntrack evicts the oldest half-open
-    /// entry for room; `None` when established or closing flows hold them all. So a SYN flood to a
-    /// full-NAT service, which holds a port per SYN for the SYN timeout, cannot shut new
-    /// connections out, nor take a port an established connection holds. Counted in
-    /// [`Stats::snat_port_evictions`](crate::stats::Stats::snat_port_evictions). The evicted
-    /// flow's late replies (a backend's SYN-ACK) then reach the new flow's client, whose TCP
-    /// answers them with a reset, as after a conntrack eviction that freed the port.
-    ///
-    /// Out of line: only a share exhausted by live flows comes here, and the probes' buckets are
-    /// still in cache from the search.
+    /// Evicts the half-open flow whose forward entry is at `forward` for its SNAT port, when every
+    /// port [`Core::pick_snat_port`] tried is held by a live flow. The oldest (soonest to expire)
+    /// half-open flow among them ([`ConnState::SynSeen`] or [`ConnState::UdpNew`]) goes, as
+    /// conntrack evicts the oldest half-open entry for room; none goes when established or closing
+    /// flows hold them all (the new flow is dropped as out of ports). So a SYN flood to a full-NAT
+    /// service, which holds a port per SYN for the SYN timeout, cannot shut new connections out,
+    /// nor take a port an established connection holds. Counted in
+    /// [`Stats::snat_port_evictions`](crate::stats::Stats::snat_port_evictions). The evicted flow's
+    /// late replies (a backend's SYN-ACK) then reach the new flow's client, whose TCP answers them
+    /// with a reset, as after a conntrack eviction that freed the port.
     #[cold]
     #[inline(never)]
-    fn reclaim_half_open_port(&mut self, probe: SnatProbe, tries: u32) -> Option<(u16, u64)> {
-        let SnatProbe { mut key, lo, span, start, .. } = probe;
-        let conntrack = &self.conntrack;
-        // (expiry, port, hash, forward entry) of the best candidate so far.
-        let mut best: Option<(u32, u16, u64, u32)> = None;
-        for i in 0..tries {
-            let Ok(port) = u16::try_from(u32::from(lo) + (start + i) % span) else { continue };
-            key.dport = port;
-            let hash = key.hash();
-            let Some(r) = conntrack.find(&key, hash) else { continue };
-            let Some(reverse) = conntrack.get(r).filter(|e| e.kind == EntryKind::Reverse) else { continue };
-            let Some(forward) = conntrack.get(reverse.link) else { continue };
-            let half_open = matches!(forward.state, ConnState::SynSeen | ConnState::UdpNew);
-            if forward.kind == EntryKind::Forward
-                && forward.link == r
-                && half_open
-                && best.is_none_or(|(expires, ..)| forward.expires < expires)
-            {
-                best = Some((forward.expires, port, hash, reverse.link));
-            }
-        }
-        let (_, port, hash, forward) = best?;
+    fn evict_for_port(&mut self, forward: u32) {
         // The forward entry, with its backend's connection count and its reverse entry (the port).
         self.remove(forward);
         self.stats.snat_port_evictions += 1;
-        Some((port, hash))
     }
 
     /// The reply hint of the frame at `slot` of the batch being decided, if the warm-up made one.
