@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use lb_core::config::{Config, ForwardMode, Protocol, SchedulerKind};
-use lb_core::conntrack::EntryKind;
+use lb_core::conntrack::{ConnKey, ConnState, Entry, EntryKind};
 use lb_core::service::TableBuilder;
 use lb_core::{Verdict, Worker, WorkerConfig};
 use proptest::prelude::*;
@@ -192,5 +192,226 @@ proptest! {
         let again = b.build(&cfg).unwrap();
         let slots = |t: &lb_core::service::Tables| t.services().iter().map(|s| (s.slot, s.backends.iter().map(|b| b.id).collect::<Vec<_>>())).collect::<Vec<_>>();
         prop_assert_eq!(slots(&again), slots(w.tables()));
+    }
+}
+
+/// One step of [`full_nat_ports_stay_unique_and_paired`]: a client's frame (clients of a small
+/// pool, each from port 1000), a backend's reply to a SNAT port, a burst of several, or time.
+#[derive(Debug, Clone)]
+enum NatStep {
+    Syn(u32),
+    Ack(u32),
+    Fin(u32),
+    Rst(u32),
+    Udp(u32),
+    /// From backend `.0` (modulo the backends), to SNAT port offset `.1`, UDP if `.2`, with TCP
+    /// flags `.3` (an ACK, a FIN or an RST).
+    Reply(usize, u16, bool, Tcp),
+    /// Several of the above as one burst.
+    Burst(Vec<NatStep>),
+    Wait(u64),
+}
+
+fn nat_frame() -> impl Strategy<Value = NatStep> {
+    let c = 0u32..6;
+    prop_oneof![
+        4 => c.clone().prop_map(NatStep::Syn),
+        3 => c.clone().prop_map(NatStep::Ack),
+        1 => c.clone().prop_map(NatStep::Fin),
+        1 => c.clone().prop_map(NatStep::Rst),
+        2 => c.prop_map(NatStep::Udp),
+        3 => (0usize..3, 0u16..8, any::<bool>(), prop_oneof![6 => Just(Tcp::Ack), 1 => Just(Tcp::Fin), 1 => Just(Tcp::Rst)])
+            .prop_map(|(b, p, u, f)| NatStep::Reply(b, p, u, f)),
+    ]
+}
+
+fn nat_step() -> impl Strategy<Value = NatStep> {
+    prop_oneof![
+        12 => nat_frame(),
+        // Up to 20 frames: a burst's second batch too (16 frames are decided together).
+        2 => proptest::collection::vec(nat_frame(), 2..20).prop_map(NatStep::Burst),
+        // Mostly short; sometimes past the SYN and UDP timeouts, sometimes past every timeout.
+        3 => prop_oneof![4 => 0u64..3, 2 => Just(5u64), 1 => Just(15u64)].prop_map(NatStep::Wait),
+    ]
+}
+
+/// The live forward entries of NAT flows (not tombstones) among `entries` (index and entry).
+fn live_nat_flows(w: &Worker, entries: &[(u32, Entry)], now: u32) -> Vec<(u32, Entry)> {
+    let forward = |e: &Entry| e.kind == EntryKind::Forward && e.state != ConnState::BackendGone;
+    entries.iter().filter(|(i, e)| forward(e) && w.conntrack().is_live(*i, now)).copied().collect()
+}
+
+fn entries_of(w: &Worker) -> Vec<(u32, Entry)> {
+    w.conntrack().iter().map(|(i, e)| (i, *e)).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Full NAT with a share of a few SNAT ports, a few backends and small timeouts, under SYNs
+    /// (more than there are ports), ACKs, closes, UDP, the backends' replies to any port, bursts
+    /// and time: after every step, no two live flows to one backend hold one SNAT port; every live
+    /// NAT flow's reverse entry is keyed by its backend, SNAT address and port and links back; each
+    /// backend's counts are its entries; an established flow keeps its backend and port while it
+    /// lives; the table stays within its capacity; and a reply to a port reaches exactly the
+    /// client whose flow holds it.
+    #[test]
+    fn full_nat_ports_stay_unique_and_paired(
+        v6 in any::<bool>(),
+        ports in 4u16..9,
+        backends in 1usize..4,
+        // Small tables (every bucket swept every few bursts) and one whose sweep comes round
+        // rarely, where expired flows keep their entries and ports until a new flow needs them.
+        capacity in prop_oneof![8usize..48, Just(4096)],
+        steps in proptest::collection::vec(nat_step(), 1..120),
+    ) {
+        let (vip, bases): (&str, [&str; 3]) = if v6 {
+            ("2001:db8::1", ["fd00:1::1", "fd00:1::2", "fd00:1::3"])
+        } else {
+            (VIP, ["10.1.0.1", "10.1.0.2", "10.1.0.3"])
+        };
+        let client = |i: u32| if v6 { IpAddr::V6(std::net::Ipv6Addr::from(0x2001_0db8_0000_0000_0000_0000_0000_0100 + u128::from(i))) } else { client(i) };
+        let backend_list: Vec<_> = bases[..backends].iter().map(|a| backend(a, 8080)).collect();
+        let mut cfg = Config {
+            node: node(),
+            services: vec![
+                service("tcp", vip, 80, Protocol::Tcp, ForwardMode::Nat, backend_list.clone()),
+                service("udp", vip, 80, Protocol::Udp, ForwardMode::Nat, backend_list),
+            ],
+        };
+        cfg.node.snat_ports = (40000, 40000 + ports - 1);
+        let t = &mut cfg.node.timeouts;
+        (t.tcp_syn, t.tcp_established, t.tcp_fin, t.tcp_time_wait, t.udp) = (dur(4), dur(12), dur(4), dur(3), dur(6));
+        let snat = if v6 { v4("fd00::100") } else { v4("10.0.0.100") };
+        let vip = v4(vip);
+        let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(capacity));
+        let cap = w.conntrack().capacity();
+        // The TCP service's backends, then the UDP service's (the same addresses).
+        let backend_refs: Vec<_> = w.tables().services().iter().flat_map(|s| s.backends.iter()).map(|b| (b.id, b.slot(), b.addr, b.port)).collect();
+        let frame = |s: &NatStep| -> Vec<u8> {
+            match *s {
+                NatStep::Syn(c) => tcp(client(c), 1000, vip, 80, Tcp::Syn, b""),
+                NatStep::Ack(c) => tcp(client(c), 1000, vip, 80, Tcp::Ack, b""),
+                NatStep::Fin(c) => tcp(client(c), 1000, vip, 80, Tcp::Fin, b""),
+                NatStep::Rst(c) => tcp(client(c), 1000, vip, 80, Tcp::Rst, b""),
+                NatStep::Udp(c) => udp(client(c), 1000, vip, 80, b"u"),
+                NatStep::Reply(b, p, u, f) => {
+                    let (_, _, addr, port) = backend_refs[b % backends];
+                    let dport = 40000 + p % ports;
+                    if u { udp(addr, port, snat, dport, b"r") } else { tcp(addr, port, snat, dport, f, b"") }
+                }
+                NatStep::Burst(_) | NatStep::Wait(_) => unreachable!(),
+            }
+        };
+        let mut now = 1u64;
+        // Per client 5-tuple (key), the live established flows' (backend, SNAT port, expiry).
+        let mut established: HashMap<ConnKey, (lb_core::service::BackendRef, u16, u32)> = HashMap::new();
+        for step in &steps {
+            match step {
+                NatStep::Wait(s) => {
+                    now += s;
+                    w.process_burst(&mut [], secs(now), &mut []);
+                }
+                NatStep::Burst(frames) => {
+                    let frames: Vec<Vec<u8>> = frames.iter().map(frame).collect();
+                    run_burst(&mut w, &frames, secs(now));
+                }
+                NatStep::Reply(b, p, u, _) => {
+                    // Exactly the flow holding the port (to that backend, of that protocol) gets it.
+                    let port = 40000 + p % ports;
+                    let proto = if *u { 17 } else { 6 };
+                    let (id, ..) = backend_refs[b % backends + if *u { backends } else { 0 }];
+                    let holders: Vec<_> = live_nat_flows(&w, &entries_of(&w), now as u32)
+                        .into_iter()
+                        .filter(|(_, e)| e.backend == id && e.snat_port == port && e.key.proto == proto)
+                        .collect();
+                    prop_assert!(holders.len() <= 1, "port {} held by {:?}", port, holders);
+                    let (v, out) = run(&mut w, &frame(step), secs(now));
+                    match holders.first() {
+                        Some((_, e)) => {
+                            prop_assert_eq!(v, Verdict::Tx, "reply to port {} of {:?}", port, e);
+                            let s = seen(&out);
+                            prop_assert_eq!((s.src, s.sport, s.dst, s.dport), (vip, 80, e.key.src_ip(), e.key.sport));
+                        }
+                        None => prop_assert_eq!(v, Verdict::Drop(lb_core::stats::DropReason::NoReverseFlow), "reply to free port {}", port),
+                    }
+                }
+                s => {
+                    run(&mut w, &frame(s), secs(now));
+                }
+            }
+            let now = now as u32;
+            let ct = w.conntrack();
+            let entries = entries_of(&w);
+            // (e) The table never grows past its capacity.
+            prop_assert!(ct.len() <= cap);
+            prop_assert_eq!(entries.len(), ct.len());
+            let live = live_nat_flows(&w, &entries, now);
+            // (a) No two live flows to one backend (address and port, of one protocol) hold one
+            // SNAT port.
+            let mut holders = HashMap::new();
+            for (i, e) in &live {
+                let (_, _, addr, port) = *backend_refs.iter().find(|b| b.0 == e.backend).unwrap();
+                if let Some(other) = holders.insert((addr, port, e.key.proto, e.snat_port), *i) {
+                    prop_assert!(false, "SNAT port {} held by entries {} and {}", e.snat_port, other, i);
+                }
+            }
+            // (b) Each live NAT flow's reverse entry: keyed by its reply flow, linking back, live.
+            for (i, e) in &live {
+                let (_, _, addr, port) = *backend_refs.iter().find(|b| b.0 == e.backend).unwrap();
+                let r = ct.get(e.link);
+                prop_assert!(r.is_some(), "flow {} ({:?}) has no reverse entry", i, e);
+                let r = r.unwrap();
+                prop_assert_eq!(r.kind, EntryKind::Reverse);
+                prop_assert_eq!(r.key, ConnKey::flow(addr, snat, port, e.snat_port, e.key.proto));
+                prop_assert_eq!(r.link, *i);
+                prop_assert!(ct.is_live(e.link, now));
+            }
+            // Every reverse entry links to a forward entry that links back (none dangles).
+            for (i, e) in &entries {
+                let i = *i;
+                if e.kind == EntryKind::Reverse {
+                    let f = ct.get(e.link);
+                    prop_assert!(f.is_some_and(|f| f.kind == EntryKind::Forward && f.link == i), "dangling reverse entry {} {:?}", i, e);
+                }
+            }
+            // (c) Each backend's counts are its forward entries (tombstones and reverse entries aside).
+            for (id, slot, ..) in &backend_refs {
+                let mine = || entries.iter().filter(|(_, e)| e.kind == EntryKind::Forward && e.state != ConnState::BackendGone && e.backend == *id);
+                let c = w.stats().backend(*slot);
+                prop_assert_eq!(c.active_conns, mine().count() as u64);
+                prop_assert_eq!(c.established_conns, mine().filter(|(_, e)| e.state == ConnState::Established).count() as u64);
+            }
+            // (d) An established flow that has not expired keeps its backend and SNAT port (unless
+            // its client closed it in this step: a closing flow may be evicted for room by a frame
+            // after it in the burst, and a SYN after an RST starts a new flow on the 5-tuple).
+            // (The same for a flow whose backend's FIN or RST came in this step.)
+            let closes = |f: &NatStep| match *f {
+                NatStep::Fin(c) | NatStep::Rst(c) => Some(Ok(c)),
+                NatStep::Reply(b, p, false, Tcp::Fin | Tcp::Rst) => Some(Err((backend_refs[b % backends].0, 40000 + p % ports))),
+                _ => None,
+            };
+            let closed: Vec<_> = match step {
+                NatStep::Burst(frames) => frames.iter().filter_map(closes).collect(),
+                s => closes(s).into_iter().collect(),
+            };
+            for (key, (backend, port, expires)) in &established {
+                let by_either = |c: &Result<u32, _>| match *c {
+                    Ok(c) => key.src_ip() == client(c),
+                    Err(held) => key.proto == 6 && held == (*backend, *port),
+                };
+                if now < *expires && !closed.iter().any(by_either) {
+                    let e = entries.iter().find(|(_, e)| e.kind == EntryKind::Forward && e.key == *key).map(|(_, e)| *e);
+                    prop_assert!(e.is_some(), "established flow {:?} lost its entry", key);
+                    let e = e.unwrap();
+                    prop_assert_eq!((e.backend, e.snat_port), (*backend, *port), "established flow {:?} moved", key);
+                }
+            }
+            established = live
+                .iter()
+                .filter(|(_, e)| e.state == ConnState::Established)
+                .map(|(_, e)| (e.key, (e.backend, e.snat_port, e.expires)))
+                .collect();
+        }
     }
 }
