@@ -212,7 +212,7 @@ impl ConnState {
     ];
 
     /// Eviction class: 0 = half-open, 1 = closing or affinity, 2 = never evicted while live.
-    fn eviction_class(self) -> u8 {
+    pub(crate) fn eviction_class(self) -> u8 {
         match self {
             ConnState::SynSeen | ConnState::UdpNew => 0,
             ConnState::Closing | ConnState::TimeWait | ConnState::Affinity | ConnState::BackendGone => 1,

@@ -1243,6 +1243,52 @@ fn a_syn_on_a_closing_flow_of_a_draining_backend_is_scheduled_afresh() {
     }
 }
 
+/// Stray RSTs and FINs to a full-NAT service (a flood of them, spoofed) each open a flow that holds
+/// a SNAT port for the time-wait or FIN timeout. Once they hold every port tried, a new flow takes
+/// the port of the oldest of them, after any half-open flow's and never an established flow's, as
+/// conntrack evicts for room. Before, only half-open flows gave their ports up, and such a flood
+/// shut new connections out for two minutes.
+#[test]
+fn stray_rsts_and_fins_holding_every_snat_port_give_way_after_half_open_flows() {
+    let mut cfg = all_modes_config();
+    cfg.services[0].backends.truncate(1);
+    cfg.node.snat_ports = (40000, 40007);
+    let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(1024));
+    let slot = w.tables().services()[0].backends[0].slot();
+    let mut port_of = std::collections::HashMap::new();
+    let mut open = |w: &mut Worker, i: u32, flags: Tcp, at: u64| {
+        let (v, out) = run(w, &tcp(client(i), 1000, v4(VIP), 80, flags, b""), secs(at));
+        assert_eq!(v, Verdict::Tx, "client {i}");
+        port_of.insert(i, seen(&out).sport);
+    };
+    // Two established connections; stray RSTs from clients 2-4, FINs from 5-6, one SYN from 7.
+    for i in 0..2 {
+        open(&mut w, i, Tcp::Syn, 1);
+        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1)).0, Verdict::Tx);
+    }
+    for (i, flags) in [(2, Tcp::Rst), (3, Tcp::Rst), (4, Tcp::Rst), (5, Tcp::Fin), (6, Tcp::Fin), (7, Tcp::Syn)] {
+        open(&mut w, i, flags, 1 + u64::from(i));
+    }
+    assert_eq!(w.stats().backend(slot).active_conns, 8);
+    // Each new client (its connection established at once) takes, in turn, the port of the SYN,
+    // then of the stray RSTs and FINs, oldest first.
+    for (k, (i, evicted)) in [(100, 7), (101, 2), (102, 3), (103, 4), (104, 5), (105, 6)].into_iter().enumerate() {
+        let (v, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(20));
+        assert_eq!(v, Verdict::Tx, "client {i}");
+        assert_eq!(seen(&out).sport, port_of[&evicted], "client {i} took the port of client {evicted}");
+        assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(20)).0, Verdict::Tx);
+        assert_eq!(w.stats().snat_port_evictions, k as u64 + 1);
+    }
+    assert_eq!(w.stats().backend(slot).active_conns, 8);
+    // Established flows hold every port now.
+    let (v, _) = run(&mut w, &tcp(client(200), 1000, v4(VIP), 80, Tcp::Rst, b""), secs(21));
+    assert_eq!(v, Verdict::Drop(DropReason::NoSnatPort));
+    for i in 0..2 {
+        let (v, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b"x"), secs(21));
+        assert_eq!((v, seen(&out).sport), (Verdict::Tx, port_of[&i]), "established client {i} kept its port");
+    }
+}
+
 /// A SNAT port held by a NAT flow that has expired is free for a new flow, whether or not the sweep
 /// has reached the flow's entries yet (in a large table it takes many bursts to come round): the
 /// port search took the expired flow's reply key for a live one, and with every port of the share

@@ -4,7 +4,7 @@
 use core::net::IpAddr;
 
 use super::Core;
-use crate::conntrack::{ConnKey, ConnState, ConntrackTable, EntryKind, InsertHint};
+use crate::conntrack::{ConnKey, ConntrackTable, EntryKind, InsertHint};
 use crate::packet::FlowKey;
 use crate::service::{Backend, Tables};
 
@@ -89,17 +89,20 @@ pub(super) fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend:
     FlowKey::from_ips(snat, backend.addr, proto, snat_port, backend.port)
 }
 
-/// For the live reverse entry at `r` whose port a new flow's search found taken: the expiry and
-/// index of its forward entry if that flow is half-open ([`ConnState::SynSeen`] or
-/// [`ConnState::UdpNew`]), which [`Core::evict_for_port`] may evict for the port. Out of line: only
-/// a taken port (most new flows' first probe is free) reads the forward entry.
+/// For the live reverse entry at `r` whose port a new flow's search found taken: the eviction rank
+/// and index of its forward entry if that flow may give its port up, which [`Core::evict_for_port`]
+/// may then do: a half-open flow ([`ConnState::SynSeen`](crate::conntrack::ConnState::SynSeen), [`ConnState::UdpNew`](crate::conntrack::ConnState::UdpNew)) before a closing one
+/// ([`ConnState::Closing`](crate::conntrack::ConnState::Closing), [`ConnState::TimeWait`](crate::conntrack::ConnState::TimeWait)), the sooner to expire first within each, as
+/// conntrack evicts for room; an established flow never. Out of line: only a taken port (most new
+/// flows' first probe is free) reads the forward entry.
 #[cold]
 #[inline(never)]
-fn half_open_holder(conntrack: &ConntrackTable, r: u32) -> Option<(u32, u32)> {
+fn yielding_holder(conntrack: &ConntrackTable, r: u32) -> Option<(u64, u32)> {
     let reverse = conntrack.get(r).filter(|e| e.kind == EntryKind::Reverse)?;
     let forward = conntrack.get(reverse.link)?;
-    let half_open = matches!(forward.state, ConnState::SynSeen | ConnState::UdpNew);
-    (forward.kind == EntryKind::Forward && forward.link == r && half_open).then_some((forward.expires, reverse.link))
+    let class = forward.state.eviction_class();
+    let rank = (u64::from(class) << 32) | u64::from(forward.expires);
+    (forward.kind == EntryKind::Forward && forward.link == r && class < 2).then_some((rank, reverse.link))
 }
 
 impl Core {
@@ -125,8 +128,9 @@ impl Core {
         let tries = SNAT_PORT_TRIES.min(span);
         // The key is built once and only its port changes between probes.
         let conntrack = &self.conntrack;
-        // The oldest half-open flow holding a port tried: (expiry, port, hash, forward entry).
-        let mut oldest: Option<(u32, u16, u64, u32)> = None;
+        // The flow holding a port tried that gives its port up first: (rank, port, hash, forward
+        // entry), see `yielding_holder`.
+        let mut oldest: Option<(u64, u16, u64, u32)> = None;
         let found = (0..tries).find_map(|i| {
             let port = u16::try_from(u32::from(lo) + (start + i) % span).ok()?;
             key.dport = port;
@@ -141,10 +145,10 @@ impl Core {
                     Some((i, port, hash, Some(r)))
                 }
                 Some(r) => {
-                    if let Some((expires, forward)) = half_open_holder(conntrack, r)
-                        && oldest.is_none_or(|(x, ..)| expires < x)
+                    if let Some((rank, forward)) = yielding_holder(conntrack, r)
+                        && oldest.is_none_or(|(x, ..)| rank < x)
                     {
-                        oldest = Some((expires, port, hash, forward));
+                        oldest = Some((rank, port, hash, forward));
                     }
                     None
                 }
@@ -161,7 +165,8 @@ impl Core {
             *n = u16::try_from(next % span).unwrap_or(0);
         }
         let Some((_, port, hash, _)) = found else {
-            // Every port tried is held by a live flow: the oldest half-open one gives its port up.
+            // Every port tried is held by a live flow: the oldest half-open one gives its port up
+            // (else the oldest closing one).
             let (_, port, hash, forward) = oldest?;
             self.evict_for_port(forward);
             return Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash });
@@ -171,13 +176,14 @@ impl Core {
         Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash })
     }
 
-    /// Evicts the half-open flow whose forward entry is at `forward` for its SNAT port, when every
-    /// port [`Core::pick_snat_port`] tried is held by a live flow. The oldest (soonest to expire)
-    /// half-open flow among them ([`ConnState::SynSeen`] or [`ConnState::UdpNew`]) goes, as
-    /// conntrack evicts the oldest half-open entry for room; none goes when established or closing
-    /// flows hold them all (the new flow is dropped as out of ports). So a SYN flood to a full-NAT
-    /// service, which holds a port per SYN for the SYN timeout, cannot shut new connections out,
-    /// nor take a port an established connection holds. Counted in
+    /// Evicts the flow whose forward entry is at `forward` for its SNAT port, when every port
+    /// [`Core::pick_snat_port`] tried is held by a live flow. The oldest (soonest to expire)
+    /// half-open flow among them ([`ConnState::SynSeen`](crate::conntrack::ConnState::SynSeen) or [`ConnState::UdpNew`](crate::conntrack::ConnState::UdpNew)) goes, else the
+    /// oldest closing one ([`ConnState::Closing`](crate::conntrack::ConnState::Closing), [`ConnState::TimeWait`](crate::conntrack::ConnState::TimeWait)), as conntrack evicts
+    /// for room; none goes when established flows hold them all (the new flow is dropped as out of
+    /// ports). So a flood of SYNs (each holds a port for the SYN timeout) or of stray FINs or RSTs
+    /// (the FIN or time-wait timeout) to a full-NAT service cannot shut new connections out, nor
+    /// take a port an established connection holds. Counted in
     /// [`Stats::snat_port_evictions`](crate::stats::Stats::snat_port_evictions). The evicted flow's
     /// late replies (a backend's SYN-ACK) then reach the new flow's client, whose TCP answers them
     /// with a reset, as after a conntrack eviction that freed the port.
