@@ -48,7 +48,7 @@ pub struct CoreSnapshot {
     pub tables_refused: u64,
     /// Conntrack entries evicted for room for a new flow.
     pub conntrack_evictions: u64,
-    /// Half-open full-NAT flows evicted for their SNAT port.
+    /// Full-NAT flows (half-open, else closing) evicted for their SNAT port.
     pub snat_port_evictions: u64,
     /// Drops by reason, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
@@ -393,7 +393,7 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
         ),
         (
             "lb_snat_port_evictions_total",
-            "Half-open full-NAT flows evicted for their SNAT port: a new flow found every port it tried held by a live flow (a SYN flood, or node.snat_ports too small for the load).",
+            "Full-NAT flows (half-open, else closing) evicted for their SNAT port: a new flow found every port it tried held by a live flow (a flood of SYNs or stray RSTs, or node.snat_ports too small for the load).",
             totals.snat_port_evictions,
         ),
     ] {

@@ -220,8 +220,8 @@ pub struct Stats {
     pub icmp_too_big: u64,
     /// Conntrack entries evicted to make room for a new flow.
     pub conntrack_evictions: u64,
-    /// Half-open full-NAT flows evicted for their SNAT port: a new flow found every port it tried
-    /// held by a live flow (a SYN flood, or a SNAT port range too small for the load).
+    /// Full-NAT flows (half-open, else closing) evicted for their SNAT port: a new flow found every
+    /// port it tried held by a live flow (a SYN flood, or a SNAT port range too small for the load).
     pub snat_port_evictions: u64,
     /// ARP requests for the load balancer's addresses answered (see [`crate::neighbour`]).
     pub arp_replies: u64,
