@@ -91,10 +91,10 @@ pub(super) fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend:
 
 /// For the live reverse entry at `r` whose port a new flow's search found taken: the eviction rank
 /// and index of its forward entry if that flow may give its port up, which [`Core::evict_for_port`]
-/// may then do: a half-open flow ([`ConnState::SynSeen`](crate::conntrack::ConnState::SynSeen), [`ConnState::UdpNew`](crate::conntrack::ConnState::UdpNew)) before a closing one
-/// ([`ConnState::Closing`](crate::conntrack::ConnState::Closing), [`ConnState::TimeWait`](crate::conntrack::ConnState::TimeWait)), the sooner to expire first within each, as
-/// conntrack evicts for room; an established flow never. Out of line: only a taken port (most new
-/// flows' first probe is free) reads the forward entry.
+/// may then do: a half-open flow (`SynSeen`, `UdpNew`) before a closing one (`Closing`,
+/// `TimeWait`), the sooner to expire first within each, as conntrack evicts for room (see
+/// [`ConnState`](crate::conntrack::ConnState)); an established flow never. Out of line: only a
+/// taken port (most new flows' first probe is free) reads the forward entry.
 #[cold]
 #[inline(never)]
 fn yielding_holder(conntrack: &ConntrackTable, r: u32) -> Option<(u64, u32)> {
@@ -178,12 +178,11 @@ impl Core {
 
     /// Evicts the flow whose forward entry is at `forward` for its SNAT port, when every port
     /// [`Core::pick_snat_port`] tried is held by a live flow. The oldest (soonest to expire)
-    /// half-open flow among them ([`ConnState::SynSeen`](crate::conntrack::ConnState::SynSeen) or [`ConnState::UdpNew`](crate::conntrack::ConnState::UdpNew)) goes, else the
-    /// oldest closing one ([`ConnState::Closing`](crate::conntrack::ConnState::Closing), [`ConnState::TimeWait`](crate::conntrack::ConnState::TimeWait)), as conntrack evicts
-    /// for room; none goes when established flows hold them all (the new flow is dropped as out of
-    /// ports). So a flood of SYNs (each holds a port for the SYN timeout) or of stray FINs or RSTs
-    /// (the FIN or time-wait timeout) to a full-NAT service cannot shut new connections out, nor
-    /// take a port an established connection holds. Counted in
+    /// half-open flow among them goes, else the oldest closing one, as conntrack evicts for room;
+    /// none goes when established flows hold them all (the new flow is dropped as out of ports).
+    /// So a flood of SYNs (each holds a port for the SYN timeout) or of stray FINs or RSTs (the FIN
+    /// or time-wait timeout) to a full-NAT service cannot shut new connections out, nor take a port
+    /// an established connection holds. Counted in
     /// [`Stats::snat_port_evictions`](crate::stats::Stats::snat_port_evictions). The evicted flow's
     /// late replies (a backend's SYN-ACK) then reach the new flow's client, whose TCP answers them
     /// with a reset, as after a conntrack eviction that freed the port.
