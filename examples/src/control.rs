@@ -472,7 +472,8 @@ impl<S: TablesSink> Control<S> {
         &self.sink
     }
 
-    /// Applies one input: build, publish, commit; or reject and keep everything as it was.
+    /// Applies one input: build, publish, commit; or reject and keep everything as it was, but for
+    /// a health event, which later builds go on from (its probe will not report it again).
     ///
     /// A reloaded file that changes what only a start sets up ([`Settings::restart_needed`]: the
     /// Kubernetes feed on or off, interfaces, the SNAT addresses and ports, ...) is rejected whole:
@@ -481,6 +482,7 @@ impl<S: TablesSink> Control<S> {
     /// with the feed still serving the cluster, say).
     pub fn apply(&mut self, input: ControlInput) -> Result<Arc<Tables>, ControlError> {
         let (mut file, mut kubernetes, mut down) = (None, None, self.down.clone());
+        let mut event = None;
         match input {
             ControlInput::File(s) => {
                 let restart = if self.file_accepted { self.file.restart_needed(&s) } else { Vec::new() };
@@ -509,6 +511,7 @@ impl<S: TablesSink> Control<S> {
                 } else {
                     down.insert(e.target);
                 }
+                event = Some(e);
             }
         }
         // A translation refused earlier is still the cluster's desired state: every later input
@@ -553,6 +556,15 @@ impl<S: TablesSink> Control<S> {
             Err(e) => {
                 if let Some(k) = kubernetes {
                     self.pending_kubernetes = Some(k);
+                }
+                // A probe reports only changes: its event holds whatever became of this build (a
+                // publish that failed may have reached the workers), and later builds go on from it.
+                if let Some(h) = event {
+                    if h.healthy {
+                        self.down.remove(&h.target);
+                    } else {
+                        self.down.insert(h.target);
+                    }
                 }
                 Err(self.reject(e))
             }
@@ -1400,6 +1412,28 @@ services:
         assert!(Arc::ptr_eq(&published[2], &again) && !Arc::ptr_eq(&again, &first));
         assert_eq!(again.services()[0].backends[0].weight, 1);
         assert_eq!((live.borrow().applied, live.borrow().rejected), (2, 1));
+    }
+
+    /// A health event whose tables reached the workers but whose publish then failed (a steering
+    /// map update, say) still holds: its probe reports only changes, so an update built without it
+    /// would serve the backend again while its check says it is down, until the check changes.
+    #[tokio::test]
+    async fn a_health_event_whose_publish_failed_still_holds() {
+        let recorder = RecordingSink::default();
+        let mut control = Control::new(FailingAfterDelivery { recorder: recorder.clone(), fail_next: false });
+        // Probes go to TEST-NET-2 (RFC 5737), one per hour with fall 3: only the event below changes health.
+        let yaml =
+            GOOD.replace("10.1.0.", "198.51.100.") + "    health_check: { type: tcp, interval: 1h, timeout: 1s }\n";
+        let first = control.apply(ControlInput::File(Box::new(parse(&yaml).unwrap()))).unwrap();
+        let target = Target { service: first.services()[0].key, backend: "198.51.100.2:8080".parse().unwrap() };
+        let generation = control.health.generation(&target).expect("probed");
+        control.sink.fail_next = true;
+        let err = control.apply(ControlInput::Health(HealthEvent { target, healthy: false, generation })).unwrap_err();
+        assert!(matches!(err, ControlError::Publish(_)), "{err}");
+
+        // The next update (the same file again) is built with the backend down.
+        let t = control.apply(ControlInput::File(Box::new(parse(&yaml).unwrap()))).unwrap();
+        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining), "the event holds");
     }
 
     /// A sink that refuses configurations with more than `max_services` services.
