@@ -579,13 +579,16 @@ impl<S: TablesSink> Control<S> {
         &mut self,
         file: Option<&Settings>,
         kubernetes: Option<&Translation>,
-        down: HashSet<Target>,
+        mut down: HashSet<Target>,
         attempt: Attempt,
     ) -> Result<Arc<Tables>, ControlError> {
         let (desired, left_out) =
             desired_services(file.unwrap_or(&self.file), kubernetes.unwrap_or(&self.kubernetes), |c| {
                 self.sink.check(c)
             });
+        // A probe this update restarts goes on from down if the old one last found its backend
+        // down, though that event, queued behind this update and stale once it restarts, is not here.
+        down.extend(self.health.restarting_down(&desired));
         let mut built = desired.clone();
         let fail_open = apply_health(&mut built, &down);
         let config = Config {
@@ -1812,6 +1815,38 @@ services:
         );
         let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: true, generation: new })).unwrap();
         assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Active), "the new probe's is not");
+    }
+
+    /// A reload that restarts a probe (its check changed) while the old probe's last transition
+    /// waits in the queue behind it goes on from that transition, which the checker's table holds:
+    /// the queued event is stale once the probe restarts, so a backend the old probe had just found
+    /// down would otherwise come back Active (and `lb_backend_healthy` say 1 with no transition up)
+    /// until the new probe failed `fall` times.
+    #[tokio::test]
+    async fn a_restarted_probe_goes_on_from_the_old_probes_queued_transition() {
+        let mut control = Control::new(RecordingSink::default());
+        // Probes go to TEST-NET-2 (RFC 5737), one per hour with fall 3: no transition of their own.
+        let file = |interval: &str| {
+            let yaml = GOOD.replace("10.1.0.", "198.51.100.")
+                + &format!("    health_check: {{ type: tcp, interval: {interval}, timeout: 1s }}\n");
+            Box::new(parse(&yaml).unwrap())
+        };
+        let first = control.apply(ControlInput::File(file("1h"))).unwrap();
+        let target = Target { service: first.services()[0].key, backend: "198.51.100.2:8080".parse().unwrap() };
+        // The old probe finds the backend down, as run_target does: the table first, then the event,
+        // which the reload below overtakes.
+        {
+            let status = control.health.status();
+            let mut table = status.lock().unwrap();
+            let s = table.get_mut(&target).unwrap();
+            s.healthy = false;
+            s.went_down += 1;
+        }
+
+        let t = control.apply(ControlInput::File(file("30m"))).unwrap();
+        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining), "still down");
+        let s = control.health.status().lock().unwrap()[&target].clone();
+        assert_eq!((s.healthy, s.went_down, s.went_up), (false, 1, 0), "{s:?}");
     }
 
     /// Fail open: with one of two checked backends down only the other takes new flows; with both

@@ -156,6 +156,19 @@ impl HealthChecker {
         self.generation(&event.target) == Some(event.generation)
     }
 
+    /// The backends of `services` whose probe [`sync`](Self::sync) would restart (their check
+    /// changed) and that this checker's table holds down: the old probe's "down" may still be queued
+    /// for the caller, and once the probe restarts it is stale and never arrives.
+    pub fn restarting_down(&self, services: &[ServiceSpec]) -> Vec<Target> {
+        let table = lock(&self.status);
+        wanted(services)
+            .into_iter()
+            .filter(|(target, check)| self.tasks.get(target).is_some_and(|(running, _, _)| running != check))
+            .filter(|(target, _)| table.get(target).is_some_and(|s| !s.healthy))
+            .map(|(target, _)| target)
+            .collect()
+    }
+
     /// Probes exactly the backends of `services` that have a health check: gone ones stop and are
     /// forgotten; new ones and ones whose check changed start a task of a new generation, up unless
     /// `down` (the health the caller applies, so that the two agree: an event the old task had
