@@ -73,6 +73,8 @@ pub struct XskConfig {
     pub ring_size: u32,
     /// Entries in the fill ring. Power of two. Chunks waiting here are what the kernel can receive
     /// into while the loop is busy; when it runs dry the kernel drops after doing the receive work.
+    /// At most half the UMEM's chunks wait here, however large the ring: the rest cover frames in
+    /// flight and the copies of frames other loops hand over.
     pub fill_ring_size: u32,
     /// Entries in the TX ring. Power of two. Chunks queued here wait for the peer; a TX ring much
     /// deeper than the fill ring lets a slow peer hold the chunks the fill ring needs.
@@ -347,6 +349,8 @@ pub struct XskDevice {
     zero_copy: bool,
     /// Chunks in the UMEM.
     frames: usize,
+    /// Most chunks the fill ring holds, whatever its size: half the UMEM (see `refill`).
+    fill_target: u32,
     /// Busy polling configured: every empty receive makes a system call that polls the NAPI.
     busy_poll: bool,
     /// Frames the kernel sends per TX kick in copy mode (32 unless XDP_MAX_TX_SKB_BUDGET took).
@@ -504,6 +508,7 @@ impl XskDevice {
             pending: VecDeque::with_capacity(config.frames as usize),
             zero_copy: false,
             frames: config.frames as usize,
+            fill_target: (config.frames / 2).max(1).min(config.fill_ring_size),
             busy_poll: config.busy_poll.is_some(),
             tx_budget: 32,
             name: format!("{}#{}", config.interface, config.queue),
@@ -511,7 +516,7 @@ impl XskDevice {
             wakeups: 0,
         };
         // Up to half the chunks wait on the fill ring for packets; the rest cover frames in flight.
-        dev.refill((config.frames / 2).min(config.fill_ring_size));
+        dev.refill(dev.fill_target);
 
         if let Some(bp) = config.busy_poll {
             let one: i32 = 1;
@@ -652,11 +657,19 @@ impl XskDevice {
         queued
     }
 
-    /// Moves up to `max` free chunks to the fill ring, in steps, taking whatever room there is.
+    /// Moves up to `max` free chunks to the fill ring, in steps, taking whatever room there is up to
+    /// `fill_target` chunks on the ring. A fill ring as deep as the UMEM once took every free chunk,
+    /// and `transmit_copy` (which leaves a quarter of the chunks free) then never found one.
     fn refill(&mut self, max: u32) -> u32 {
         let mut done = 0;
         while done < max && !self.free.is_empty() {
-            let room = self.fill.free(REFILL_STEP).min(REFILL_STEP).min(max - done);
+            // The kernel's consumer index is read again only when the cached one says "at the target".
+            let held = match self.fill.cached_prod.wrapping_sub(self.fill.cached_cons) {
+                held if held < self.fill_target => held,
+                _ => self.fill.unconsumed(),
+            };
+            let room =
+                self.fill.free(REFILL_STEP).min(self.fill_target.saturating_sub(held)).min(REFILL_STEP).min(max - done);
             if room == 0 {
                 break;
             }
