@@ -21,6 +21,8 @@
 //! Figures and the command: BENCHMARKS.md.
 #![allow(missing_docs, clippy::unwrap_used, reason = "a benchmark binary")]
 
+#[path = "common/frames.rs"]
+mod frames;
 #[path = "common/thread_cpu_time.rs"]
 mod thread_cpu_time;
 
@@ -28,6 +30,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use frames::tcp_frame;
 use lb_core::config::{BackendConfig, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey};
 use lb_core::service::TableBuilder;
 use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
@@ -56,27 +59,6 @@ fn config() -> Config {
     let backends = (0..2).map(|b| BackendConfig::new(IpAddr::V4(Ipv4Addr::new(172, 16, 1, 10 + b)), 80)).collect();
     let key = ServiceKey { vip: IpAddr::V4(VIP), port: 80, proto: Protocol::Tcp };
     Config { node, services: vec![ServiceConfig::new("web", key, ForwardMode::Nat, backends)] }
-}
-
-/// Ethernet + IPv4 + TCP (20-byte header) + 6 bytes of payload: a 60-byte minimum frame.
-fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8) -> [u8; 60] {
-    let mut f = [0u8; 60];
-    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
-    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0xc1]);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&46u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let tcp = &mut f[34..54];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
-    f
 }
 
 /// The verdicts of `w` for `frames` (one burst), and the frames as it left them.

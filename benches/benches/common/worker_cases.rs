@@ -59,6 +59,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
+use frames::tcp_frame;
 use lb_core::config::{
     BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey,
 };
@@ -66,6 +67,8 @@ use lb_core::conntrack::ConnKey;
 use lb_core::service::TableBuilder;
 use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
 
+#[path = "frames.rs"]
+mod frames;
 #[path = "thread_cpu_time.rs"]
 mod thread_cpu_time;
 pub(crate) use thread_cpu_time::ThreadCpuTime;
@@ -113,27 +116,6 @@ fn config(services: usize, mode: ForwardMode) -> Config {
         })
         .collect();
     Config { node, services }
-}
-
-/// Ethernet + IPv4 + TCP (20-byte header) + 6 bytes of payload: a 60-byte minimum frame.
-fn tcp_frame(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, flags: u8) -> [u8; 60] {
-    let mut f = [0u8; 60];
-    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
-    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0xc1]);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&46u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 6;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let tcp = &mut f[34..54];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
-    f
 }
 
 const SYN: u8 = 0x02;
@@ -215,8 +197,10 @@ fn established_worker(
 ) -> (Worker, Vec<[u8; 60]>) {
     let tables = TableBuilder::new().build(&config(services, mode)).unwrap();
     let mut w = Worker::new(tables, WorkerConfig::single_core(CONNTRACK));
-    let flows: Vec<[u8; 60]> = (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), ACK)).collect();
-    let syns: Vec<[u8; 60]> = (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), SYN)).collect();
+    let flows: Vec<[u8; 60]> =
+        (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), 80, ACK)).collect();
+    let syns: Vec<[u8; 60]> =
+        (0..n_flows).map(|i| tcp_frame(client(i), sport(i), vip(i % services), 80, SYN)).collect();
     for chunk in syns.chunks(BURST).chain(flows.chunks(BURST)) {
         assert_eq!(burst(&mut w, bufs, chunk, Instant::from_secs(1)), BURST);
     }
@@ -263,7 +247,7 @@ pub(crate) fn established(c: &mut Criterion<ThreadCpuTime>, group: &str) {
         }
     }
     g.bench_function("copy_only", |b| {
-        let t = [tcp_frame(client(1), 1, vip(0), ACK); BURST];
+        let t = [tcp_frame(client(1), 1, vip(0), 80, ACK); BURST];
         b.iter(|| {
             copy_templates(&mut bufs, &t);
             black_box(&bufs);
@@ -291,7 +275,7 @@ pub(crate) fn new_flows(c: &mut Criterion<ThreadCpuTime>, group: &str) {
             if name.ends_with("half_full") { HALF_FULL_BURSTS_PER_SECOND } else { FLOOD_BURSTS_PER_SECOND };
         let mut worker: Option<Worker> = None;
         let mut bursts = 0u64;
-        let mut templates = [tcp_frame(client(0), 1, vip(0), SYN); BURST];
+        let mut templates = [tcp_frame(client(0), 1, vip(0), 80, SYN); BURST];
         let mut n: usize = 0;
         // A never-seen client address and port for every frame.
         let mut next_syns = move |templates: &mut [[u8; 60]; BURST]| {
