@@ -254,3 +254,40 @@ fn the_nodes_own_traffic_to_a_snat_address_passes() {
         assert_eq!(v, Verdict::Drop(DropReason::NoReverseFlow), "{snat}");
     }
 }
+
+/// An ICMP error about the node's own ping from a SNAT address (traceroute's "time exceeded", a
+/// "host unreachable") is the kernel's, whatever the ping's identifier: an identifier inside the
+/// SNAT port range names no NAT flow (NAT translates TCP and UDP only). It was taken for a NAT
+/// reply by its identifier, dropped as `NoReverseFlow` on the owning core and handed over from the
+/// others.
+#[test]
+fn an_error_about_the_nodes_own_ping_from_a_snat_address_passes() {
+    use etherparse::PacketBuilder;
+    let tables = build(&all_modes_config());
+    for core_count in [1, 2] {
+        for core_index in 0..core_count {
+            let mut w = Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 1024, core_index, core_count });
+            for (snat, host, router) in [
+                (v4("10.0.0.100"), v4("198.51.100.7"), v4("203.0.113.1")),
+                (v4("fd00::100"), v4("2001:db8:ff::7"), v4("2001:db8:fe::1")),
+            ] {
+                for id in [7, 40000, 40700] {
+                    let eth = PacketBuilder::ethernet2(LOCAL_MAC, CLIENT_MAC);
+                    let mut ping = Vec::new();
+                    match (snat, host) {
+                        (IpAddr::V4(s), IpAddr::V4(h)) => {
+                            eth.ipv4(s.octets(), h.octets(), 1).icmpv4_echo_request(id, 1).write(&mut ping, b"")
+                        }
+                        (IpAddr::V6(s), IpAddr::V6(h)) => {
+                            eth.ipv6(s.octets(), h.octets(), 1).icmpv6_echo_request(id, 1).write(&mut ping, b"")
+                        }
+                        _ => unreachable!(),
+                    }
+                    .unwrap();
+                    let (v, _) = run(&mut w, &icmp_error(router, snat, &ping), secs(1));
+                    assert_eq!(v, Verdict::Pass, "{snat}, ping id {id}, core {core_index} of {core_count}");
+                }
+            }
+        }
+    }
+}

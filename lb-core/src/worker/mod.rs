@@ -100,7 +100,7 @@ use crate::conntrack::{
 use crate::forward::{self, Macs, TunnelTarget, nat::NatTarget};
 use crate::frame::{Frame, Verdict};
 use crate::neighbour::NeighbourResponder;
-use crate::packet::{Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags};
+use crate::packet::{Disposition, FlowKey, Fragment, L4, ParseError, Parsed, TcpFlags, proto};
 use crate::schedule::{CoreState, FlowInput, Scheduler};
 use crate::service::{Backend, BackendRef, Limits, RingRef, Service, ServiceSummary, Tables};
 use crate::stats::{DropReason, Stats};
@@ -1162,7 +1162,9 @@ fn nat_reply_flow(tables: &Tables, p: &Parsed, dst: IpAddr) -> Option<FlowKey> {
     }
     let reply = match p.l4 {
         L4::Tcp | L4::Udp => p.flow,
-        L4::IcmpError(e) => e.inner.reverse(),
+        // Only TCP and UDP are translated: a quoted ICMP echo's identifier (in its ports) is no
+        // SNAT port, even inside the range (an error about the node's own ping).
+        L4::IcmpError(e) if matches!(e.inner.proto(), proto::TCP | proto::UDP) => e.inner.reverse(),
         _ => return None,
     };
     tables.node().is_snat_port(reply.dst_port()).then_some(reply)
