@@ -200,6 +200,10 @@ struct ProgLoadAttr {
     expected_attach_type: u32,
 }
 
+/// How many times a program load interrupted by a signal (EAGAIN) is tried, as libbpf's
+/// `PROG_LOAD_ATTEMPTS`.
+const PROG_LOAD_ATTEMPTS: usize = 5;
+
 /// `BPF_PROG_TYPE_XDP`.
 const PROG_TYPE_XDP: u32 = 6;
 /// `BPF_XDP` attach type.
@@ -228,7 +232,18 @@ impl Program {
             expected_attach_type: ATTACH_TYPE_XDP,
             ..ProgLoadAttr::default()
         };
-        match sys_bpf(BPF_PROG_LOAD, "BPF_PROG_LOAD", &mut attr) {
+        // A signal that arrives while the verifier runs makes the load fail with EAGAIN (a SIGHUP
+        // as `lb run` starts, say): tried again, as libbpf does, a few times.
+        let mut loaded = sys_bpf(BPF_PROG_LOAD, "BPF_PROG_LOAD", &mut attr);
+        for _ in 1..PROG_LOAD_ATTEMPTS {
+            match &loaded {
+                Err(BpfError::Syscall { source, .. }) if source.raw_os_error() == Some(libc::EAGAIN) => {
+                    loaded = sys_bpf(BPF_PROG_LOAD, "BPF_PROG_LOAD", &mut attr);
+                }
+                _ => break,
+            }
+        }
+        match loaded {
             Ok(fd) => Ok(Program { fd: owned_fd(fd) }),
             Err(BpfError::Syscall { source, .. })
                 if source.raw_os_error() == Some(libc::EACCES) || source.raw_os_error() == Some(libc::EINVAL) =>

@@ -1826,3 +1826,48 @@ mod tests {
         assert_eq!(s.test_run(&v4(VIP4, None)).unwrap(), XdpAction::Pass);
     }
 }
+
+/// A signal that comes while the verifier checks the program (a SIGHUP asking `lb run` to reload as
+/// it starts) makes bpf(2) fail with EAGAIN; the load is tried again, as libbpf does.
+#[cfg(test)]
+mod interrupted_load {
+    use super::{SteeringConfig, VipSteering};
+    use std::time::{Duration, Instant};
+
+    extern "C" fn nothing(_sig: libc::c_int) {}
+
+    #[test]
+    fn a_load_a_signal_interrupts_is_tried_again() {
+        let start = Instant::now();
+        match VipSteering::load(SteeringConfig::default()) {
+            Ok(_) => {}
+            Err(e) if e.is_refused() => return println!("SKIPPED: bpf(2) refused ({e})"),
+            Err(e) => panic!("{e}"),
+        }
+        let took = start.elapsed();
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; `nothing` does nothing.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = nothing as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGUSR2, &sa, std::ptr::null_mut())
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        for _ in 0..5 {
+            // One signal to this thread halfway through a load as long as the first.
+            let signaller = std::thread::spawn(move || {
+                std::thread::sleep(took / 2);
+                // SAFETY: `me` is this test's thread, alive until it joins the signaller.
+                unsafe { libc::pthread_kill(me, libc::SIGUSR2) };
+            });
+            let loaded = VipSteering::load(SteeringConfig::default());
+            signaller.join().unwrap();
+            if let Err(e) = loaded {
+                panic!("a load interrupted by a signal failed (took {took:?} uninterrupted): {e}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
