@@ -407,3 +407,41 @@ fn offloads_a_killed_lb_run_left_off_are_turned_on_by_the_next_at_its_exit() {
     assert_eq!(again.ethtool_says("rx-vlan-offload"), "on", "turned on at the next run's exit:\n{log}");
     assert_eq!(again.ethtool_says("rx-vlan-stag-hw-parse"), "on");
 }
+
+/// A SIGHUP while `lb run` starts (a reloader signalling as the pod comes up: here, once it has
+/// turned the interface's VLAN offloads off, before its control plane listens for SIGHUP) does not
+/// end it: it starts, serves, and on SIGTERM turns the offloads back on. Before, SIGHUP's default
+/// action killed it there, leaving the offloads off.
+#[test]
+fn a_sighup_while_lb_run_starts_does_not_kill_it() {
+    if let Err(why) = can_create_namespaces().and_then(|()| can_run_ethtool()) {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbu{}", std::process::id());
+    let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
+    let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
+    let text = "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: l0, queues: [0] }]\nservices: []\n";
+    std::fs::write(&config, text).unwrap();
+    let (child, lines) = spawn_lb_run(&lb_ns, &config);
+    let mut lb = Running { lb_ns, peer, child, lines, log: Vec::new(), config };
+    if !lb.wait_for_log("receive VLAN offloads turned off") {
+        let (_, log) = lb.finish();
+        println!("SKIPPED: no receive VLAN offload turned off on the veth:\n{log}");
+        return;
+    }
+    lb.signal("-HUP");
+    let running = started(&mut lb.lines, &mut lb.log);
+    if !running {
+        let (status, log) = lb.finish();
+        if log.contains("Operation not permitted") || log.contains("not supported") {
+            println!("SKIPPED: the kernel refused XDP / AF_XDP:\n{log}");
+            return;
+        }
+        panic!("lb run did not survive a SIGHUP while starting: {status:?}\n{log}");
+    }
+    lb.signal("-TERM");
+    let (status, log) = lb.finish();
+    assert!(status.success(), "lb run stops cleanly on SIGTERM: {status:?}\n{log}");
+    assert_eq!(lb.ethtool_says("rx-vlan-offload"), "on", "turned back on at exit:\n{log}");
+}

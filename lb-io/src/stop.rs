@@ -55,3 +55,22 @@ impl StopFlag {
         Ok(())
     }
 }
+
+extern "C" fn on_hangup(_sig: libc::c_int) {}
+
+/// Installs a SIGHUP handler that does nothing, so a SIGHUP that comes before the program listens
+/// for it (`lb run` reloads on SIGHUP once its control plane has started) does not end the process,
+/// which is SIGHUP's default action, with none of its clean-up (its interfaces' offloads). A handler
+/// installed later (tokio's) takes over; unlike `SIG_IGN`, a handler is not inherited across `exec`.
+pub fn survive_hangup() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction is a valid "empty mask" value; `on_hangup` does nothing, so is
+    // async-signal-safe, and lives for the whole program.
+    let rc = unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_hangup as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGHUP, &sa, std::ptr::null_mut())
+    };
+    if rc != 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}

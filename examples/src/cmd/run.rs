@@ -336,6 +336,8 @@ fn warn_if_snat_ports_are_ephemeral(node: &lb_core::config::NodeConfig) {
 
 /// Starts the loops, runs the control plane until SIGINT/SIGTERM, stops the loops.
 pub fn main(args: Args) -> CmdResult {
+    // Until the control plane listens for SIGHUP (a reload), one must not end the run half set up.
+    lb_io::stop::survive_hangup()?;
     let loaded = lb_examples::config::file::load(&args.config)?;
     let settings = &loaded.settings;
     warn_if_snat_ports_are_ephemeral(&settings.node);
