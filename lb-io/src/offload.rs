@@ -104,11 +104,12 @@ pub fn rx_vlan_off_recorded(name: &str, record: &Path) -> io::Result<RxVlanOff> 
     if let Some(dir) = record.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    // Looked up before the record is made: an interface that is not there leaves none behind.
+    let identity = record_identity(name)?;
     let Some(file) = lock_record(record)? else {
         // Another run holds the interface, and what it turned off is its to turn on.
         return rx_vlan_off(name);
     };
-    let identity = record_identity(name)?;
     let mut text = String::new();
     io::Read::read_to_string(&mut &file, &mut text)?;
     let mut lines = text.lines();
@@ -380,6 +381,18 @@ mod tests {
     /// Why these tests cannot run here (namespaces, or ethtool to check with), if they cannot.
     fn cannot_run() -> Option<String> {
         can_create_namespaces().and_then(|()| can_run_ethtool()).err()
+    }
+
+    /// An interface that is not there (a typo in `lb run`'s file) is an error, and leaves no record
+    /// behind: before, the record was made before the interface was looked up, and stayed, empty.
+    #[test]
+    fn no_record_is_left_for_an_interface_that_is_not_there() {
+        let dir = std::env::temp_dir().join(format!("lb-offload-records-{}", std::process::id()));
+        let record = dir.join("rx-vlan-off.0.nosuch0");
+        assert!(rx_vlan_off_recorded("nosuch0", &record).is_err());
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(left.is_empty(), "left behind: {left:?}");
     }
 
     /// A veth has both receive VLAN offloads on and changeable: turned off, `ethtool -k` agrees; a
