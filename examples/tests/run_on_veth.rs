@@ -445,3 +445,32 @@ fn a_sighup_while_lb_run_starts_does_not_kill_it() {
     assert!(status.success(), "lb run stops cleanly on SIGTERM: {status:?}\n{log}");
     assert_eq!(lb.ethtool_says("rx-vlan-offload"), "on", "turned back on at exit:\n{log}");
 }
+
+/// A `--conntrack-entries` whose tables no memory holds (2^40 entries: tens of terabytes) is refused
+/// at start, naming the option, before the interface is touched. Before, the allocation failed half
+/// set up: `lb run` aborted ("memory allocation of ... bytes failed"), the offloads left off.
+#[test]
+fn conntrack_tables_larger_than_memory_are_refused_naming_the_option() {
+    if let Err(why) = can_create_namespaces().and_then(|()| can_run_ethtool()) {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbm{}", std::process::id());
+    let (lb_ns, _peer) = lb_and_peer(&tag).unwrap();
+    let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
+    let text = "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: l0, queues: [0] }]\nservices: []\n";
+    std::fs::write(&config, text).unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", lb_ns.name(), env!("CARGO_BIN_EXE_lb"), "run", "--conntrack-entries"])
+        .arg((1u64 << 40).to_string())
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&config);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let error = log.lines().find(|l| l.starts_with("error")).unwrap_or_default();
+    assert!(error.contains("--conntrack-entries"), "{log}");
+    assert_eq!(lb_ns.ethtool_feature("l0", "rx-vlan-offload").unwrap(), "on", "{log}");
+}

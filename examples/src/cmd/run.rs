@@ -334,6 +334,36 @@ fn warn_if_snat_ports_are_ephemeral(node: &lb_core::config::NodeConfig) {
     }
 }
 
+/// Refuses connection tables larger than this node's memory (`mem_total` bytes; `None` when unknown:
+/// not checked): each of `loops` poll loops has one of `entries` (rounded up as lb-core sizes it), at
+/// least an `Entry` each. Checked before anything is set up: an allocation that fails aborts `lb
+/// run` on the spot, with the interfaces half set up (their receive VLAN offloads left off).
+fn check_conntrack_memory(entries: usize, loops: usize, mem_total: Option<u64>) -> Result<(), String> {
+    use lb_core::conntrack::{Entry, WAYS};
+    let Some(mem_total) = mem_total.filter(|_| loops > 0) else { return Ok(()) };
+    let bytes = entries
+        .div_ceil(WAYS)
+        .max(1)
+        .checked_next_power_of_two()
+        .and_then(|buckets| u128::try_from(buckets).ok())
+        .map(|buckets| buckets * (WAYS * std::mem::size_of::<Entry>() * loops) as u128);
+    match bytes {
+        Some(b) if b <= u128::from(mem_total) => Ok(()),
+        _ => Err(format!(
+            "--conntrack-entries {entries}: the connection tables of {loops} poll loop(s) would need more than this              node's {} MiB of memory; give fewer entries per core (the default is {})",
+            mem_total >> 20,
+            1 << 18
+        )),
+    }
+}
+
+/// This node's memory (`MemTotal` of /proc/meminfo) in bytes, if it can be read.
+fn mem_total() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?.trim();
+    kib.parse::<u64>().ok()?.checked_mul(1024)
+}
+
 /// Starts the loops, runs the control plane until SIGINT/SIGTERM, stops the loops.
 pub fn main(args: Args) -> CmdResult {
     // Until the control plane listens for SIGHUP (a reload), one must not end the run half set up.
@@ -349,6 +379,7 @@ pub fn main(args: Args) -> CmdResult {
     let queues: Vec<(String, u32)> =
         settings.interfaces.iter().flat_map(|i| i.queues.iter().map(move |q| (i.name.clone(), *q))).collect();
     let cores = u16::try_from(queues.len()).map_err(|_| "too many queues")?;
+    check_conntrack_memory(args.conntrack_entries, queues.len(), mem_total())?;
     let mode = if args.generic { AttachMode::Generic } else { AttachMode::Auto };
     let steering_config = SteeringConfig::default();
     if args.nat_replies_steered {
@@ -480,8 +511,8 @@ mod tests {
     use lb_io::bpf::xdp::SteeringConfig;
 
     use super::{
-        NeighbourResponder, TableBuilder, TablesSink, Workers, check_nat_replies, check_steering_capacity,
-        ephemeral_overlap, snat_settings, unserved_rx_queues,
+        NeighbourResponder, TableBuilder, TablesSink, Workers, check_conntrack_memory, check_nat_replies,
+        check_steering_capacity, ephemeral_overlap, mem_total, snat_settings, unserved_rx_queues,
     };
     use std::collections::BTreeSet;
     use std::net::IpAddr;
@@ -541,6 +572,20 @@ mod tests {
         workers.publish(&tables).expect("no loops to refuse them");
         let text = log.text();
         assert_eq!(text.matches(&warned).count(), 1, "{text}");
+    }
+
+    /// Connection tables are checked against the node's memory before anything is set up.
+    #[test]
+    fn conntrack_tables_must_fit_the_nodes_memory() {
+        let gib = 1u64 << 30;
+        assert!(check_conntrack_memory(1 << 18, 2, Some(gib)).is_ok(), "the default, on a small node");
+        let err = check_conntrack_memory(4_000_000_000, 1, Some(23 * gib)).expect_err("2^32 entries in 23 GiB");
+        assert!(err.contains("--conntrack-entries 4000000000") && err.contains("23552 MiB"), "{err}");
+        assert!(check_conntrack_memory(1 << 24, 4, Some(gib)).is_err(), "4 loops of 16 M entries in 1 GiB");
+        assert!(check_conntrack_memory(usize::MAX, 1, Some(u64::MAX)).is_err(), "beyond any table");
+        assert!(check_conntrack_memory(usize::MAX, 0, Some(gib)).is_ok(), "no loops, no tables");
+        assert!(check_conntrack_memory(1 << 30, 1, None).is_ok(), "memory unknown: not checked");
+        assert!(mem_total().is_some_and(|m| m > 0), "/proc/meminfo");
     }
 
     #[test]
