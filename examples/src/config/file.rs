@@ -622,6 +622,13 @@ fn validate_service(
     let mode = match parse_mode(&s.mode, gue_port) {
         Ok(m) => Some(m),
         Err(e) => {
+            // The annotation's form (`gue:6080`): the file takes the port in a field of its own.
+            let e = match s.mode.trim().split_once(':') {
+                Some((m, port)) if m.trim().eq_ignore_ascii_case("gue") => {
+                    format!("{e}; in the file, write the port apart: mode: gue, gue_port: {}", port.trim())
+                }
+                _ => e,
+            };
             p.push(format!("{f}.mode"), quoted(&s.mode), e);
             None
         }
@@ -1230,6 +1237,16 @@ services:
                     services:\n  - vip: 10.0.0.1\n    port: 80\n    health_check:\n";
         let err = parse(yaml).map(|_| ()).unwrap_err().to_string();
         assert!(err.contains("type"), "{err}");
+    }
+
+    /// A mode written as the annotation writes it (README's mode table: `gue:PORT`) says how the
+    /// file takes the port. Before: only "is not a forwarding mode (nat, dsr, ipip, gue)".
+    #[test]
+    fn a_gue_mode_written_with_its_port_says_to_use_gue_port() {
+        let yaml = "node: { tunnel_src_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }\n\
+                    services: [{ vip: 10.0.0.1, port: 80, mode: \"gue:6080\", backends: [{ addr: 10.1.0.1 }] }]\n";
+        let err = parse(yaml).map(|_| ()).unwrap_err().to_string();
+        assert!(err.contains("services[0].mode: \"gue:6080\"") && err.contains("mode: gue, gue_port: 6080"), "{err}");
     }
 
     #[test]
