@@ -68,3 +68,19 @@ fn daemonset_passes_node_identity_and_mounts_the_config() {
     let mount = c["volumeMounts"][0]["mountPath"].as_str().unwrap();
     assert!(config.starts_with(mount), "--config {config} is inside the ConfigMap mount {mount}");
 }
+
+/// `lb run` records the receive VLAN offloads it turned off under /run/lb until it turns them back
+/// on, so that after a crash or SIGKILL the next run does (README, "VLANs"). In the pod that needs a
+/// directory that outlives the container: the node's /run/lb. Before, nothing was mounted there and
+/// the root filesystem is read-only: every start warned that it could not record them, and a
+/// container killed (OOM, liveness probe) left the node's offloads off for good.
+#[test]
+fn daemonset_keeps_the_offload_records_on_the_node() {
+    let ds = manifest("daemonset.yaml");
+    let pod = &ds["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let mount = c["volumeMounts"].as_sequence().unwrap().iter().find(|m| m["mountPath"].as_str() == Some("/run/lb"));
+    let name = mount.expect("a volume mounted at /run/lb")["name"].as_str().unwrap();
+    let volume = pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"].as_str() == Some(name)).unwrap();
+    assert_eq!(volume["hostPath"]["path"].as_str(), Some("/run/lb"), "{volume:?}");
+}
