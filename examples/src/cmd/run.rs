@@ -350,7 +350,7 @@ fn check_conntrack_memory(entries: usize, loops: usize, mem_total: Option<u64>) 
     match bytes {
         Some(b) if b <= u128::from(mem_total) => Ok(()),
         _ => Err(format!(
-            "--conntrack-entries {entries}: the connection tables of {loops} poll loop(s) would need more than this              node's {} MiB of memory; give fewer entries per core (the default is {})",
+            "--conntrack-entries {entries}: the connection tables of {loops} poll loop(s) would need more than this node's {} MiB of memory; give fewer entries per core (the default is {})",
             mem_total >> 20,
             1 << 18
         )),
