@@ -1001,6 +1001,14 @@ services:
     backends: [{ addr: 10.1.0.1, port: 8080 }, { addr: 10.1.0.2, port: 8080 }]
 "#;
 
+    /// `GOOD` with its backends in TEST-NET-2 (RFC 5737: no host should hold it; loopback cannot be a
+    /// backend) and a TCP health check every `interval`, fall 3: with an interval of an hour, no
+    /// transition of the probes' own comes during a test.
+    fn checked(interval: &str) -> String {
+        GOOD.replace("10.1.0.", "198.51.100.")
+            + &format!("    health_check: {{ type: tcp, interval: {interval}, timeout: 1s }}\n")
+    }
+
     fn backends(t: &Tables) -> Vec<(String, BackendState)> {
         t.services()[0].backends.iter().map(|b| (format!("{}:{}", b.addr, b.port), b.state)).collect()
     }
@@ -1425,8 +1433,7 @@ services:
         let recorder = RecordingSink::default();
         let mut control = Control::new(FailingAfterDelivery { recorder: recorder.clone(), fail_next: false });
         // Probes go to TEST-NET-2 (RFC 5737), one per hour with fall 3: only the event below changes health.
-        let yaml =
-            GOOD.replace("10.1.0.", "198.51.100.") + "    health_check: { type: tcp, interval: 1h, timeout: 1s }\n";
+        let yaml = checked("1h");
         let first = control.apply(ControlInput::File(Box::new(parse(&yaml).unwrap()))).unwrap();
         let target = Target { service: first.services()[0].key, backend: "198.51.100.2:8080".parse().unwrap() };
         let generation = control.health.generation(&target).expect("probed");
@@ -1788,11 +1795,7 @@ services:
         let mut control = Control::new(RecordingSink::default());
         // Probes go to TEST-NET-2 (RFC 5737: no host holds it; loopback cannot be a backend), one per
         // hour with fall 3: no transition of their own.
-        let file = |interval: &str| {
-            let yaml = GOOD.replace("10.1.0.", "198.51.100.")
-                + &format!("    health_check: {{ type: tcp, interval: {interval}, timeout: 1s }}\n");
-            Box::new(parse(&yaml).unwrap())
-        };
+        let file = |interval: &str| Box::new(parse(&checked(interval)).unwrap());
         let first = control.apply(ControlInput::File(file("1h"))).unwrap();
         let target = Target { service: first.services()[0].key, backend: "198.51.100.2:8080".parse().unwrap() };
         let old = control.health.generation(&target).expect("probed");
@@ -1826,11 +1829,7 @@ services:
     async fn a_restarted_probe_goes_on_from_the_old_probes_queued_transition() {
         let mut control = Control::new(RecordingSink::default());
         // Probes go to TEST-NET-2 (RFC 5737), one per hour with fall 3: no transition of their own.
-        let file = |interval: &str| {
-            let yaml = GOOD.replace("10.1.0.", "198.51.100.")
-                + &format!("    health_check: {{ type: tcp, interval: {interval}, timeout: 1s }}\n");
-            Box::new(parse(&yaml).unwrap())
-        };
+        let file = |interval: &str| Box::new(parse(&checked(interval)).unwrap());
         let first = control.apply(ControlInput::File(file("1h"))).unwrap();
         let target = Target { service: first.services()[0].key, backend: "198.51.100.2:8080".parse().unwrap() };
         // The old probe finds the backend down, as run_target does: the table first, then the event,
@@ -1857,8 +1856,7 @@ services:
         let live = control.subscribe();
         // Probes go to TEST-NET-2 (RFC 5737: no host holds it), one per hour with fall 3: only the
         // events below change health.
-        let yaml =
-            GOOD.replace("10.1.0.", "198.51.100.") + "    health_check: { type: tcp, interval: 1h, timeout: 1s }\n";
+        let yaml = checked("1h");
         let t = control.apply(ControlInput::File(Box::new(parse(&yaml).unwrap()))).unwrap();
         let key = t.services()[0].key;
         let (a, b) = ("198.51.100.1:8080", "198.51.100.2:8080");
@@ -1902,8 +1900,7 @@ services:
         let mut control = Control::new(sink.clone());
         // Probes go to TEST-NET-2 (RFC 5737: no host holds it; loopback cannot be a backend), one per
         // hour with fall 3: no transition of their own.
-        let yaml =
-            GOOD.replace("10.1.0.", "198.51.100.") + "    health_check: { type: tcp, interval: 1h, timeout: 1s }\n";
+        let yaml = checked("1h");
         let settings = parse(&yaml).unwrap();
         let key = settings.services[0].config.key;
         control.apply(ControlInput::File(Box::new(settings))).unwrap();
