@@ -22,8 +22,9 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "lb", version)]
 struct Cli {
-    /// Log filter (tracing-subscriber EnvFilter syntax), e.g. `info` or `lb_io=debug`.
-    #[arg(long, global = true, default_value = "info")]
+    /// Log filter (tracing-subscriber EnvFilter syntax), e.g. `info` or `lb_io=debug`; RUST_LOG
+    /// when not given.
+    #[arg(long, global = true, env = "RUST_LOG", default_value = "info")]
     log: String,
     #[command(subcommand)]
     command: Command,
@@ -52,10 +53,16 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .init();
+    // A filter that does not parse is an error, not a silent `info`: a typo would hide the very
+    // lines it asked for.
+    let filter = match tracing_subscriber::EnvFilter::try_new(&cli.log) {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("error: --log (or RUST_LOG) {:?} is not a log filter: {e}", cli.log);
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let result = match cli.command {
         Command::Run(args) => cmd::run::main(args),
         Command::List(args) => cmd::list::main(args),

@@ -156,3 +156,28 @@ fn a_refused_configuration_leaves_the_output_alone() {
     assert!(!out.status.success() && stderr.contains("services[0].port: 0"), "{stderr}");
     assert_eq!(kept, b"the last replay's output", "the output is untouched");
 }
+
+/// The log filter comes from `--log`, else from RUST_LOG (which the shipped DaemonSet sets; it was
+/// ignored), and one that does not parse is an error naming it, checked before anything runs (it
+/// fell back to `info` without a word, hiding the lines a typo had asked for).
+#[test]
+fn rust_log_sets_the_log_filter_and_a_bad_one_is_an_error() {
+    let run = |rust_log: &str, log: Option<&str>| {
+        let mut lb = Command::new(env!("CARGO_BIN_EXE_lb"));
+        lb.env("RUST_LOG", rust_log);
+        if let Some(log) = log {
+            lb.args(["--log", log]);
+        }
+        let out =
+            lb.args(["replay", "--in", "/nonexistent/in.pcap", "--out", "/nonexistent/out.pcap"]).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = run("lb_io=bogus", None);
+    assert!(!ok && err.contains("RUST_LOG") && err.contains("\"lb_io=bogus\" is not a log filter"), "{err}");
+    assert!(!err.contains("open failed"), "the filter is checked first: {err}");
+    // `--log` wins over RUST_LOG: the run gets as far as the missing capture.
+    let (ok, err) = run("lb_io=bogus", Some("warn"));
+    assert!(!ok && err.contains("open failed") && !err.contains("not a log filter"), "{err}");
+    let (ok, err) = run("warn", None);
+    assert!(!ok && err.contains("open failed"), "{err}");
+}
