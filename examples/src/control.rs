@@ -672,7 +672,11 @@ impl<S: TablesSink> Control<S> {
 
     /// Logs and counts a rejected update; the running state stays.
     fn reject(&self, e: ControlError) -> ControlError {
-        tracing::error!("update rejected, workers keep the running tables: {e}");
+        if self.live.borrow().tables.is_some() {
+            tracing::error!("update rejected, workers keep the running tables: {e}");
+        } else {
+            tracing::error!("update rejected, no tables run yet: {e}");
+        }
         self.live.send_modify(|l| {
             l.rejected += 1;
             l.last_error = Some(e.to_string());
@@ -1470,20 +1474,25 @@ services:
         let recorder = RecordingSink::default();
         let mut control = Control::new(PickySink { recorder: recorder.clone(), max_services: 1 });
         let live = control.subscribe();
-        let first = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
-
+        let (log, _guard) = crate::log_capture::Captured::install();
         let mut two = parse(GOOD).unwrap();
         let mut svc = two.services[0].clone();
         svc.config.key = ServiceKey { port: 81, ..svc.config.key };
         two.services.push(svc);
+        // Refused before anything ran, the log does not speak of running tables.
+        assert!(control.apply(ControlInput::File(Box::new(two.clone()))).is_err());
+        assert_eq!(log.take_count("update rejected, no tables run yet: "), 1);
+        let first = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+
         let err = control.apply(ControlInput::File(Box::new(two))).unwrap_err();
         assert!(matches!(err, ControlError::Unservable(_)), "{err}");
         assert!(err.to_string().contains("2 services, these workers serve 1"), "{err}");
+        assert_eq!(log.take_count("update rejected, workers keep the running tables: "), 1);
         assert_eq!(recorder.0.lock().unwrap().len(), 1, "nothing published");
         {
             let l = live.borrow();
             assert!(Arc::ptr_eq(l.tables.as_ref().unwrap(), &first));
-            assert_eq!((l.applied, l.rejected), (1, 1));
+            assert_eq!((l.applied, l.rejected), (1, 2));
         }
         // Nothing was built either: the next accepted version follows the first one directly.
         let mut changed = parse(GOOD).unwrap();
