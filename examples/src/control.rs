@@ -781,6 +781,14 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
 
         let LoadedFile { mut settings, digest } = loaded;
         settings.fill_from_env(|k| std::env::var(k).ok());
+        // The metrics port first: one that cannot be had (another exporter on it) fails the start
+        // before the first tables reach the workers, so no VIP is served by a run about to exit.
+        let metrics = match settings.metrics_listen {
+            Some(addr) => {
+                Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Metrics { addr, source })?)
+            }
+            None => None,
+        };
         let mut control = Control::new(sink);
         control.apply(ControlInput::File(Box::new(settings.clone())))?;
         let (in_tx, inputs) = mpsc::channel::<ControlInput>(64);
@@ -837,12 +845,11 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
             }
         });
 
-        if let Some(addr) = settings.metrics_listen {
-            let listener =
-                tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Metrics { addr, source })?;
+        if let Some(listener) = metrics {
             // (The address bound: port 0 in the file takes a free one.)
-            let addr = listener.local_addr().unwrap_or(addr);
-            tracing::info!(%addr, "serving /metrics and /state");
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "serving /metrics and /state");
+            }
             tokio::spawn(crate::metrics::serve(listener, control.subscribe(), stats));
         }
         Ok(ControlPlane { control, inputs, node_health })
@@ -1948,6 +1955,25 @@ services:
         let names: Vec<&str> = t.services().iter().map(|s| s.name.as_str()).collect();
         assert!(names.contains(&"default/good:http") && !names.contains(&"default/bad:http"), "{names:?}");
         assert_eq!(live.borrow().k8s_skipped, 1);
+    }
+
+    /// A metrics port that cannot be had fails the start before the first tables are published:
+    /// the run is about to exit, and its workers should serve no VIP meanwhile (they did, from the
+    /// first tables, until the bind failed).
+    #[tokio::test]
+    async fn a_metrics_port_in_use_fails_the_start_before_any_tables_are_published() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let path = std::env::temp_dir().join(format!("lb-metrics-in-use-{}.yaml", std::process::id()));
+        std::fs::write(&path, format!("{GOOD}metrics: {{ listen: \"{addr}\" }}\n")).unwrap();
+        let loaded = crate::config::file::load(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(loaded.settings.metrics_listen, Some(addr));
+        let (sink, mut tables) = mpsc::unbounded_channel::<Arc<Tables>>();
+        let stats: Arc<dyn crate::metrics::StatsSource> = Arc::new(Vec::<crate::metrics::CoreSnapshot>::new);
+        let err = ControlPlane::start(path, loaded, sink, stats, std::time::Duration::from_secs(60)).await.err();
+        assert!(matches!(err, Some(StartError::Metrics { addr: a, .. }) if a == addr), "{err:?}");
+        assert!(tables.try_recv().is_err(), "tables were published");
     }
 
     /// A file edited while `lb run` starts (after it was loaded, before the watcher took its first
