@@ -630,7 +630,8 @@ pub enum SpawnError {
     Thread(#[from] std::io::Error),
 }
 
-/// Pins the calling thread to `core` (an index into the cores this process may use).
+/// Pins the calling thread to CPU number `core` (as `taskset` and /proc/cpuinfo number them); an
+/// error when the CPU does not exist or is outside this process's affinity mask.
 pub fn pin_to_core(core: usize) -> Result<(), SpawnError> {
     let ids = core_affinity::get_core_ids().unwrap_or_default();
     let id = ids.into_iter().find(|c| c.id == core).ok_or(SpawnError::Pin(core))?;
