@@ -32,7 +32,7 @@ pub enum Verdict {
     /// Every other core's, to find the one it is for: an ICMP error to a VIP about a full-NAT flow
     /// this core does not track (RSS sends errors by the router's address, not the flow's). Hand a
     /// copy to each other worker through [`crate::Worker::process_handed_burst`]: the one tracking
-    /// the flow translates it, the others count it as `icmp_no_flow`. Counted in `handed_off`.
+    /// the flow translates it, the others count it as `icmp_copy_untracked`. Counted in `handed_off`.
     HandoffAll,
 }
 

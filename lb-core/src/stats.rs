@@ -61,11 +61,17 @@ pub enum DropReason {
     /// `NodeConfig::tunnel_mtu`, than the path to the backend, and its sender cannot be told to send
     /// less (an IPv4 packet without DF, an ICMP error): see `forward::too_big`.
     TooBig,
+    /// A copy of an ICMP error about a full-NAT flow, handed to every core
+    /// ([`Verdict::HandoffAll`](crate::Verdict::HandoffAll)), on a core that does not track the
+    /// flow either: the core that does, if any, translates its own copy. Counted apart from
+    /// [`DropReason::IcmpNoFlow`], which would otherwise count every error such a core handled once
+    /// for each core but two.
+    IcmpCopyUntracked,
 }
 
 impl DropReason {
     /// The number of reasons (length of [`Stats::drops`]).
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -84,6 +90,7 @@ impl DropReason {
         DropReason::NoReverseFlow,
         DropReason::IcmpNoFlow,
         DropReason::TooBig,
+        DropReason::IcmpCopyUntracked,
     ];
 
     /// A short snake_case name for metrics labels.
@@ -104,6 +111,7 @@ impl DropReason {
             DropReason::NoReverseFlow => "no_reverse_flow",
             DropReason::IcmpNoFlow => "icmp_no_flow",
             DropReason::TooBig => "too_big",
+            DropReason::IcmpCopyUntracked => "icmp_copy_untracked",
         }
     }
 

@@ -171,12 +171,22 @@ fn every_mode_family_and_protocol_matches_its_golden_frame() {
 /// Runs `input` after `setup` and checks the verdict is `Drop(reason)` and that exactly that counter
 /// moved by one.
 fn assert_drop(w: &mut Worker, input: &[u8], headroom: usize, reason: DropReason) {
+    assert_drop_of(w, input, headroom, reason, false);
+}
+
+/// [`assert_drop`], for a frame another core handed over (`handed`: through
+/// `Worker::process_handed_burst`).
+fn assert_drop_of(w: &mut Worker, input: &[u8], headroom: usize, reason: DropReason, handed: bool) {
     let before = w.stats().drops;
     let mut buf = vec![0u8; headroom + input.len()];
     buf[headroom..].copy_from_slice(input);
     let mut frames = [Frame::new(&mut buf, headroom, input.len())];
     let mut verdicts = [Verdict::Pass];
-    w.process_burst(&mut frames, secs(10), &mut verdicts);
+    if handed {
+        w.process_handed_burst(&mut frames, secs(10), &mut verdicts);
+    } else {
+        w.process_burst(&mut frames, secs(10), &mut verdicts);
+    }
     assert_eq!(verdicts[0], Verdict::Drop(reason));
     let after = w.stats().drops;
     for r in DropReason::ALL {
@@ -244,6 +254,14 @@ fn every_drop_reason_has_a_golden_frame() {
         .write(&mut icmp, &quoted[..28])
         .unwrap();
     check(&mut w, &icmp, HEADROOM, DropReason::IcmpNoFlow);
+    // IcmpCopyUntracked: the same error on a core of two, which hands it to the other core; that
+    // core, not tracking the flow either, drops its copy.
+    let two = |i| {
+        Worker::new(build(&golden_config()), WorkerConfig { conntrack_capacity: 1024, core_index: i, core_count: 2 })
+    };
+    assert_eq!(run(&mut two(0), &icmp, secs(10)).0, Verdict::HandoffAll);
+    assert_drop_of(&mut two(1), &icmp, HEADROOM, DropReason::IcmpCopyUntracked, true);
+    let handed_covered = [DropReason::IcmpCopyUntracked];
     // TooBig: a 65 535-byte IPv4 datagram cannot get a 20-byte outer header.
     let big = udp(c, 5, vip, 82, &vec![0u8; 65_535 - 28]);
     check(&mut w, &big, HEADROOM, DropReason::TooBig);
@@ -276,6 +294,7 @@ fn every_drop_reason_has_a_golden_frame() {
     }
     check(&mut w, &tcp(c, 100, vip, 81, Tcp::Syn, b""), HEADROOM, DropReason::ConntrackFull);
 
+    covered.extend(handed_covered);
     covered.sort();
     covered.dedup();
     assert_eq!(covered, DropReason::ALL.to_vec(), "a drop reason has no golden frame");

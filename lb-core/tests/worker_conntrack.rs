@@ -694,7 +694,8 @@ fn icmp_error_about_a_dsr_flow_reaches_its_backend_from_any_core() {
 /// An ICMP error to a VIP about a full-NAT flow lands on any core (RSS spreads errors by the
 /// router's address), and only the core that tracks the flow knows its SNAT port. The others hand
 /// it to every other core; the tracking one translates it to the backend, the rest, handed it,
-/// count it as `icmp_no_flow` and hand nothing on (nor a reply to another core's port).
+/// count their copy as `icmp_copy_untracked` (not `icmp_no_flow`: the error was handled) and hand
+/// nothing on (nor a reply to another core's port).
 #[test]
 fn an_icmp_error_about_a_nat_flow_on_another_core_is_handed_to_every_core() {
     let cfg = all_modes_config();
@@ -719,8 +720,9 @@ fn an_icmp_error_about_a_nat_flow_on_another_core_is_handed_to_every_core() {
         (v[0], frames[0].data().to_vec())
     };
     // The core that never saw the flow, handed it: a counted drop, not another handoff.
-    assert_eq!(handed(&mut cores[2], &error).0, Verdict::Drop(DropReason::IcmpNoFlow));
+    assert_eq!(handed(&mut cores[2], &error).0, Verdict::Drop(DropReason::IcmpCopyUntracked));
     assert_eq!(cores[2].stats().handed_off, 0);
+    assert_eq!(cores.iter().map(|w| w.stats().dropped(DropReason::IcmpNoFlow)).sum::<u64>(), 0);
     // The tracking core sends it to the flow's backend, translated as the flow is (from the SNAT
     // address to the backend).
     let (v, out) = handed(&mut cores[1], &error);

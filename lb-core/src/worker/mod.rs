@@ -63,7 +63,8 @@
 //!   hrw, ecmp; DSR or tunnel; no affinity), as Katran does; about a full-NAT flow it goes to every
 //!   other core ([`Verdict::HandoffAll`]), whose tracking one translates it; other errors about
 //!   untracked flows are counted as [`DropReason::IcmpNoFlow`] or [`DropReason::NoReverseFlow`]
-//!   (so is a handed-over frame that is not the receiving core's either). An error to a VIP about
+//!   (so is a handed-over frame that is not the receiving core's either, a copy of an error handed
+//!   to every core as [`DropReason::IcmpCopyUntracked`]). An error to a VIP about
 //!   a flow of no service (the host's own, on a VIP that is a node address) and other ICMP to a VIP
 //!   (echo) pass to the kernel.
 //! - A SNAT address may also be a VIP for ports outside `snat_ports` (a node address that serves
@@ -300,7 +301,7 @@ impl Worker {
 
     /// As [`Worker::process_burst`], for frames another core's worker handed over
     /// ([`Verdict::Handoff`], [`Verdict::HandoffAll`]): a frame that is not this core's either is
-    /// dropped and counted (`no_reverse_flow`, `icmp_no_flow`), never handed on again, so a frame
+    /// dropped and counted (`no_reverse_flow`, `icmp_copy_untracked`), never handed on again, so a frame
     /// cannot go round between cores whose tables disagree for a moment.
     pub fn process_handed_burst(&mut self, frames: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
         self.core.handed_in = true;
@@ -942,8 +943,11 @@ impl Core {
             return Ok(Verdict::Pass);
         };
         if service.mode == ForwardMode::Nat {
-            // Only the core that tracks the flow has its SNAT port: ask the others.
-            return if self.config.core_count > 1 && !self.handed_in {
+            // Only the core that tracks the flow has its SNAT port: ask the others. A copy handed
+            // here is one of several, counted apart.
+            return if self.handed_in {
+                Err(DropReason::IcmpCopyUntracked)
+            } else if self.config.core_count > 1 {
                 Ok(Verdict::HandoffAll)
             } else {
                 Err(DropReason::IcmpNoFlow)
