@@ -36,6 +36,15 @@ fn client(i: u32) -> std::net::IpAddr {
     std::net::IpAddr::V4(std::net::Ipv4Addr::from(0xc633_6400 + i))
 }
 
+/// [`all_modes_config`] with its full-NAT service on one backend and SNAT ports 40000 to `last`: a
+/// share small enough for a test to use up.
+fn one_backend_nat(last: u16) -> Config {
+    let mut cfg = all_modes_config();
+    cfg.services[0].backends.truncate(1);
+    cfg.node.snat_ports = (40000, last);
+    cfg
+}
+
 const VIP: &str = "192.0.2.1";
 
 #[test]
@@ -423,9 +432,7 @@ fn a_reused_backend_slot_counts_only_its_new_backends_connections() {
 /// (counted), not given an established connection's port.
 #[test]
 fn snat_ports_are_unique_per_backend_and_run_out_counted() {
-    let mut cfg = all_modes_config();
-    cfg.services[0].backends.truncate(1);
-    cfg.node.snat_ports = (40000, 40003);
+    let cfg = one_backend_nat(40003);
     let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(1024));
     let mut ports = std::collections::BTreeSet::new();
     for i in 0..4 {
@@ -452,9 +459,7 @@ fn snat_ports_are_unique_per_backend_and_run_out_counted() {
 /// ports until the flood's entries expired.
 #[test]
 fn a_syn_flood_holding_every_snat_port_gives_way_oldest_first_to_new_flows() {
-    let mut cfg = all_modes_config();
-    cfg.services[0].backends.truncate(1);
-    cfg.node.snat_ports = (40000, 40007);
+    let cfg = one_backend_nat(40007);
     let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(1024));
     let slot = w.tables().services()[0].backends[0].slot();
     // Two established connections, then six flooding SYNs a second apart: every port held.
@@ -504,9 +509,7 @@ fn a_syn_flood_holding_every_snat_port_gives_way_oldest_first_to_new_flows() {
 /// comes back to the backend only after the rest of the range has gone to it.
 #[test]
 fn snat_ports_go_to_a_backend_in_turn() {
-    let mut cfg = all_modes_config();
-    cfg.services[0].backends.truncate(1);
-    cfg.node.snat_ports = (40000, 40005);
+    let cfg = one_backend_nat(40005);
     let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(1024));
     let syn = |w: &mut Worker, i: u32, at: u64| {
         let (v, out) = run(w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(at));
@@ -1252,9 +1255,7 @@ fn a_syn_on_a_closing_flow_of_a_draining_backend_is_scheduled_afresh() {
 /// shut new connections out for two minutes.
 #[test]
 fn stray_rsts_and_fins_holding_every_snat_port_give_way_after_half_open_flows() {
-    let mut cfg = all_modes_config();
-    cfg.services[0].backends.truncate(1);
-    cfg.node.snat_ports = (40000, 40007);
+    let cfg = one_backend_nat(40007);
     let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(1024));
     let slot = w.tables().services()[0].backends[0].slot();
     let mut port_of = std::collections::HashMap::new();
@@ -1297,9 +1298,7 @@ fn stray_rsts_and_fins_holding_every_snat_port_give_way_after_half_open_flows() 
 /// so held, new flows were dropped as out of ports while no flow used any.
 #[test]
 fn snat_ports_of_expired_flows_are_free_before_the_sweep_reclaims_them() {
-    let mut cfg = all_modes_config();
-    cfg.services[0].backends.truncate(1);
-    cfg.node.snat_ports = (40000, 40003);
+    let mut cfg = one_backend_nat(40003);
     cfg.node.timeouts.tcp_syn = dur(10);
     cfg.node.timeouts.tcp_established = dur(10);
     // 8192 buckets: the sweep (four a burst) reaches few of them here.
