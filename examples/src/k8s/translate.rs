@@ -53,8 +53,9 @@
 //! ExternalName and headless Services, and those whose `service.kubernetes.io/service-proxy-name`
 //! label is not `kubernetes.service_proxy_name` (by default: those with the label, meant for another
 //! proxy, which kube-proxy leaves alone too), are skipped (debug log). A Service
-//! with a bad annotation is skipped whole; a key already taken by an older Service, or one on an
-//! address that does not parse, is left out alone; both are reported in [`Translation::skipped`].
+//! with a bad annotation is skipped whole; a key already taken by an older Service, one on an
+//! address that does not parse, or a port of another protocol than TCP and UDP (SCTP, which
+//! kube-proxy serves) is left out alone; all are reported in [`Translation::skipped`].
 //! A Service that served and then stops translating (an annotation or a field edited wrong) is not
 //! taken away ([`translate_keeping`]): it is translated again with its last good annotations, its
 //! endpoints followed as ever, or, if that fails too, keeps its last good translation whole, less
@@ -531,7 +532,15 @@ fn translate_service(
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             other => {
-                tracing::debug!(service = name, protocol = other, "skipping port: protocol not balanced");
+                // kube-proxy serves SCTP: leaving the port out must show, as any other key left out.
+                let shown =
+                    port.name.as_deref().filter(|n| !n.is_empty()).map_or(port.port.to_string(), str::to_string);
+                skipped.push(Skipped {
+                    service: name.to_string(),
+                    reason: format!(
+                        "port {shown}: protocol {other} is not balanced (TCP and UDP only), so it is not served"
+                    ),
+                });
                 continue;
             }
         };
@@ -1147,6 +1156,32 @@ mod tests {
         assert!(!translate([&svc], [&slice], &named, &node()).services.is_empty());
         let unlabelled: Service = fixture!("service-edge-loadbalancer.json");
         assert!(translate([&unlabelled], [&slice], &named, &node()).services.is_empty());
+    }
+
+    /// kube-proxy serves SCTP ports; lb does not. Such a port is left out, reported like any other
+    /// key left out (logged at warn, counted), while the Service's other ports are served.
+    #[test]
+    fn an_sctp_port_is_reported_and_the_other_ports_served() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        let mut slice: EndpointSlice = fixture!("endpointslice-edge.json");
+        svc.spec.as_mut().unwrap().ports.as_mut().unwrap().push(ServicePort {
+            name: Some("signalling".into()),
+            port: 3868,
+            protocol: Some("SCTP".into()),
+            ..Default::default()
+        });
+        slice.ports.as_mut().unwrap().push(k8s_openapi::api::discovery::v1::EndpointPort {
+            name: Some("signalling".into()),
+            port: Some(3868),
+            protocol: Some("SCTP".into()),
+            app_protocol: None,
+        });
+        let t = translate([&svc], [&slice], &settings(), &node());
+        assert!(t.services.iter().any(|s| s.config.key.to_string() == "tcp 10.96.7.7:443"), "{t:#?}");
+        assert!(t.services.iter().all(|s| s.config.key.port != 3868));
+        assert_eq!(t.skipped.len(), 1, "{:?}", t.skipped);
+        assert_eq!(t.skipped[0].service, "ingress/edge");
+        assert!(t.skipped[0].reason.contains("signalling") && t.skipped[0].reason.contains("SCTP"), "{:?}", t.skipped);
     }
 
     #[test]
