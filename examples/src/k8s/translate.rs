@@ -24,7 +24,9 @@
 //! Backends come from the EndpointSlices labelled `kubernetes.io/service-name`, of the key's address
 //! family, on the slice port with the Service port's name (the slice port already holds the resolved
 //! `targetPort`). Endpoint conditions map to states: `ready` -> Active; `serving && terminating` ->
-//! Draining (keeps its flows, gets no new ones); anything else -> not a backend. An endpoint whose
+//! Draining (keeps its flows, gets no new ones); anything else -> Draining too, except on a UDP port
+//! while an endpoint of the family serves: not a backend (kube-proxy clears its UDP conntrack entries,
+//! `CleanStaleEntries`). An endpoint whose
 //! address is none a host holds (multicast, broadcast, unparsable) is left out alone, with a warning,
 //! rather than have lb-core refuse the key and its other endpoints. A `Local` traffic
 //! policy keeps only endpoints whose `nodeName` is this node; with none left the service stays, with no
@@ -136,7 +138,8 @@ struct Endpoint {
 /// An endpoint's conditions, read as kube-proxy reads them, best last. Every endpoint in a slice keeps
 /// its established flows (kube-proxy's conntrack entries outlive a failed readiness probe, and IPVS
 /// mode drains by weight), so only leaving the slice removes a backend; the condition decides new
-/// flows.
+/// flows. Except on UDP, where kube-proxy deletes the entries of a `NotServing` endpoint while the
+/// port has a serving one: it is then no backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Condition {
     /// Not ready and not both serving and terminating (a failing readiness probe, or a terminating
@@ -604,9 +607,16 @@ fn translate_service(
                 Reach::Internal => internal_local,
                 Reach::External | Reach::LoadBalancer => external_local,
             };
+            // kube-proxy deletes the UDP conntrack entries of the endpoints that are not serving
+            // while one of the family serves (whatever the policy); TCP connections keep theirs.
+            let clear_not_serving = proto == Protocol::Udp
+                && endpoints
+                    .iter()
+                    .any(|e| e.backend.addr.is_ipv4() == vip.is_ipv4() && e.condition != Condition::NotServing);
             let usable: Vec<&Endpoint> = endpoints
                 .iter()
                 .filter(|e| e.backend.addr.is_ipv4() == vip.is_ipv4() && (!local_only || e.local))
+                .filter(|e| !(clear_not_serving && e.condition == Condition::NotServing))
                 .collect();
             // Topology hints narrow a Cluster policy's new flows; a ready endpoint they leave out
             // keeps its established flows (Draining) rather than losing them.
@@ -1156,6 +1166,47 @@ mod tests {
         assert!(!translate([&svc], [&slice], &named, &node()).services.is_empty());
         let unlabelled: Service = fixture!("service-edge-loadbalancer.json");
         assert!(translate([&unlabelled], [&slice], &named, &node()).services.is_empty());
+    }
+
+    /// A UDP "flow" of a client that keeps sending (QUIC, syslog, a DNS client on one port) never
+    /// ends: kube-proxy deletes the UDP conntrack entries of endpoints that are not serving as soon
+    /// as the port has a serving endpoint of the family (`conntrack::CleanStaleEntries`, whatever the
+    /// traffic policy), so such a client moves on; its TCP connections keep their endpoint. With no
+    /// serving endpoint at all it deletes nothing.
+    #[test]
+    fn udp_flows_leave_an_endpoint_that_is_not_serving_while_another_serves() {
+        use k8s_openapi::api::discovery::v1::EndpointConditions;
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        let mut slice: EndpointSlice = fixture!("endpointslice-edge.json");
+        // A second pod, on node-b, failing its readiness probe.
+        let mut failing = slice.endpoints[0].clone();
+        failing.addresses = vec!["10.244.2.31".into()];
+        failing.node_name = Some("node-b".into());
+        failing.conditions =
+            Some(EndpointConditions { ready: Some(false), serving: Some(false), terminating: Some(false) });
+        slice.endpoints.push(failing);
+        let ready = ("10.244.1.30:8443".to_string(), BackendState::Active, 100);
+        let draining = ("10.244.2.31:8443".to_string(), BackendState::Draining, 100);
+        let t = translate([&svc], [&slice], &settings(), &node());
+        assert_eq!(backends(find(&t, "tcp 203.0.113.11:443")), vec![ready.clone(), draining.clone()]);
+        assert_eq!(backends(find(&t, "udp 203.0.113.11:443")), vec![ready.clone()]);
+        assert_eq!(backends(find(&t, "udp 10.96.7.7:443")), vec![ready.clone()]);
+
+        // Under Local on node-b, whose only endpoint is the failing one: the serving one elsewhere
+        // still clears it.
+        svc.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
+        let on_b = KubernetesSettings { node_name: Some("node-b".into()), ..settings() };
+        let t = translate([&svc], [&slice], &on_b, &node());
+        assert_eq!(backends(find(&t, "tcp 192.168.1.10:31443")), vec![draining.clone()]);
+        assert_eq!(backends(find(&t, "udp 192.168.1.10:31443")), vec![]);
+
+        // No endpoint serving: nothing to move to, the flows stay.
+        svc.spec.as_mut().unwrap().external_traffic_policy = Some("Cluster".into());
+        slice.endpoints[0].conditions =
+            Some(EndpointConditions { ready: Some(false), serving: Some(false), terminating: Some(false) });
+        let t = translate([&svc], [&slice], &settings(), &node());
+        let both = vec![("10.244.1.30:8443".to_string(), BackendState::Draining, 100), draining];
+        assert_eq!(backends(find(&t, "udp 203.0.113.11:443")), both);
     }
 
     /// kube-proxy serves SCTP ports; lb does not. Such a port is left out, reported like any other
