@@ -20,6 +20,8 @@
 //! program it: that cloud load balancer proxies to the nodes itself (TLS, PROXY protocol) and
 //! in-cluster clients of the IP must reach it rather than be short-circuited to the endpoints here.
 //! A `spec.loadBalancerIP` that the status lists with such a mode is left out for the same reason.
+//! One the status does not list (nor `spec.externalIPs`) is only a request, which the cloud may have
+//! ignored and kube-proxy does not serve: its keys yield to every key another Service claims otherwise.
 //!
 //! Backends come from the EndpointSlices labelled `kubernetes.io/service-name`, of the key's address
 //! family, on the slice port with the Service port's name (the slice port already holds the resolved
@@ -341,6 +343,8 @@ pub fn translate_keeping<'a>(
     let mut out = Translation::default();
     let mut taken: HashMap<ServiceKey, String> = HashMap::new();
     let mut good = HashMap::new();
+    // Keys of a requested load-balancer IP only, by Service: placed after the others claimed now.
+    let mut requests: Vec<(String, &Service, &[&EndpointSlice], Vec<ServiceSpec>)> = Vec::new();
     // Services kept as last translated, with their keys: placed after the others.
     let mut stale: Vec<(String, &Service, &[&EndpointSlice], Vec<ServiceSpec>)> = Vec::new();
     for svc in services {
@@ -395,10 +399,22 @@ pub fn translate_keeping<'a>(
         match result {
             Ok((specs, skipped)) => {
                 out.skipped.extend(skipped);
-                place(&mut out, &mut taken, (&name, svc, slices), specs, settings, "is already used by");
+                let requested = requested_load_balancer_ip(svc);
+                let (asked, firm): (Vec<ServiceSpec>, Vec<ServiceSpec>) =
+                    specs.into_iter().partition(|s| Some(s.config.key.vip) == requested);
+                place(&mut out, &mut taken, (&name, svc, slices), firm, settings, "is already used by");
+                if !asked.is_empty() {
+                    requests.push((name, svc, slices, asked));
+                }
             }
             Err(reason) => out.skipped.push(Skipped { service: name, reason }),
         }
+    }
+    // A `spec.loadBalancerIP` the cloud has not (yet) given is a request, which kube-proxy does not
+    // serve: it yields to a Service whose status, external IPs or node ports claim the key.
+    for (name, svc, slices, specs) in requests {
+        let yields = "(spec.loadBalancerIP, not in its status) is used by";
+        place(&mut out, &mut taken, (&name, svc, slices), specs, settings, yields);
     }
     // Keys kept as last translated may be ones the Service has since given up (a nodePort, a
     // load-balancer IP) and the cluster has given to another: they come last, after every key a
@@ -704,6 +720,18 @@ fn node_health_check(
         name: svc.metadata.name.clone().unwrap_or_default(),
         local_endpoints: local_endpoints.len(),
     })
+}
+
+/// The `spec.loadBalancerIP` of `svc` while it is only requested: in none of its
+/// `status.loadBalancer.ingress` IPs nor its external IPs (a cloud may ignore the request and give
+/// the IP to another Service).
+fn requested_load_balancer_ip(svc: &Service) -> Option<IpAddr> {
+    let spec = svc.spec.as_ref()?;
+    let ip: IpAddr = spec.load_balancer_ip.as_deref()?.trim().parse().ok()?;
+    let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+    let given = ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()?.trim().parse::<IpAddr>().ok());
+    let external = spec.external_ips.iter().flatten().filter_map(|e| e.trim().parse::<IpAddr>().ok());
+    (!given.chain(external).any(|a| a == ip)).then_some(ip)
 }
 
 /// kube-proxy's `IsVIPMode`: an ingress IP is programmed when its `ipMode` is `VIP` or unset.
@@ -1546,6 +1574,40 @@ mod tests {
         assert!(find(&t, "tcp 203.0.113.11:443").name.starts_with("ingress/edge:"));
         assert!(find(&t, "tcp 10.96.7.8:443").name.starts_with("ingress/edge-copy:"));
         assert!(t.skipped.iter().any(|s| s.service == "ingress/edge-copy" && s.reason.contains("203.0.113.11")));
+    }
+
+    /// `spec.loadBalancerIP` is a request the cloud may ignore (kube-proxy never reads it; it serves
+    /// `status.loadBalancer.ingress` only). When the cloud gave that IP to another Service, the
+    /// traffic to it is that Service's, however old the Service that asked for it.
+    #[test]
+    fn a_requested_load_balancer_ip_yields_to_the_service_whose_status_has_it() {
+        // edge asked for 203.0.113.10 and was given 203.0.113.11.
+        let older: Service = fixture!("service-edge-loadbalancer.json");
+        let mut newer: Service = fixture!("service-edge-loadbalancer.json");
+        newer.metadata.name = Some("portal".into());
+        newer.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-11-03T00:00:00Z".parse().unwrap()));
+        let spec = newer.spec.as_mut().unwrap();
+        spec.cluster_ips = Some(vec!["10.96.7.8".into()]);
+        spec.load_balancer_ip = None;
+        for p in spec.ports.iter_mut().flatten() {
+            p.node_port = Some(31444);
+        }
+        newer.status = Some(
+            serde_json::from_value(serde_json::json!({ "loadBalancer": { "ingress": [{ "ip": "203.0.113.10" }] } }))
+                .unwrap(),
+        );
+        for order in [[&older, &newer], [&newer, &older]] {
+            let t = translate(order, [], &settings(), &node());
+            assert!(find(&t, "tcp 203.0.113.10:443").name.starts_with("ingress/portal:"), "{t:#?}");
+            assert!(find(&t, "udp 203.0.113.10:443").name.starts_with("ingress/portal:"));
+            assert!(find(&t, "tcp 203.0.113.11:443").name.starts_with("ingress/edge:"));
+            assert!(t.skipped.iter().all(|s| s.service == "ingress/edge" && s.reason.contains("203.0.113.10")));
+            assert_eq!(t.skipped.len(), 2, "{:?}", t.skipped);
+        }
+        // Nobody else has it: the requested IP is served, as before.
+        let t = translate([&older], [], &settings(), &node());
+        assert!(find(&t, "tcp 203.0.113.10:443").name.starts_with("ingress/edge:"));
     }
 
     #[test]
