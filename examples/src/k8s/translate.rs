@@ -10,6 +10,9 @@
 //! | every node address (NodePort and LoadBalancer) | (node address, `nodePort`) | `externalTrafficPolicy` | - |
 //! | `spec.loadBalancerIP`, `status.loadBalancer.ingress[].ip` (`ipMode` `VIP` or unset) | (IP, `port`) | `externalTrafficPolicy` | `loadBalancerSourceRanges` of the IP's family |
 //!
+//! Only addresses of the Service's IP families (those of its cluster IPs) are keys, as kube-proxy runs
+//! one proxier per family; an external or load-balancer IP of another family is reported.
+//!
 //! Source ranges are split by family as kube-proxy's `MapCIDRsByIPFamily` does: an IPv6 key gets the
 //! IPv6 ranges only. When the Service lists ranges but none of the key's family, the key allows every
 //! client, as kube-proxy (which then installs no firewall for that family) does: an IPv4-only list on
@@ -571,9 +574,19 @@ fn translate_service(
         let endpoints = endpoints_for(slices, &weights, port_name, proto, settings.node_name.as_deref());
 
         let mut keys: Vec<(IpAddr, u16, Reach)> = Vec::new();
+        // Like kube-proxy's per-family proxiers: a Service is served only in the families of its
+        // cluster IPs (node ports, external and load-balancer IPs alike).
+        let families: Vec<bool> =
+            cluster_ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()).map(|ip| ip.is_ipv4()).collect();
         // An address that is none is left out alone, reported with the keys left out for other reasons.
         let mut push_ip = |ip: &str, port: u16, reach: Reach, field: &str| match ip.trim().parse::<IpAddr>() {
-            Ok(ip) => keys.push((ip, port, reach)),
+            Ok(a) if reach == Reach::Internal || families.contains(&a.is_ipv4()) => keys.push((a, port, reach)),
+            Ok(_) => skipped.push(Skipped {
+                service: name.to_string(),
+                reason: format!(
+                    "{field}: {ip:?} is of none of the Service's IP families, so port {shown} is not served on it"
+                ),
+            }),
             Err(_) if ip.trim().is_empty() => {} // an empty field is no address, not a wrong one
             Err(_) => skipped.push(Skipped {
                 service: name.to_string(),
@@ -605,9 +618,6 @@ fn translate_service(
         if matches!(kind, "NodePort" | "LoadBalancer")
             && let Some(np) = node_port(port)
         {
-            // Like kube-proxy's per-family proxiers: node ports only on addresses of the Service's families.
-            let families: Vec<bool> =
-                cluster_ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()).map(|ip| ip.is_ipv4()).collect();
             for ip in settings.node_addresses.iter().filter(|ip| families.contains(&ip.is_ipv4())) {
                 keys.push((*ip, np, Reach::External));
             }
@@ -1608,6 +1618,38 @@ mod tests {
         // Nobody else has it: the requested IP is served, as before.
         let t = translate([&older], [], &settings(), &node());
         assert!(find(&t, "tcp 203.0.113.10:443").name.starts_with("ingress/edge:"));
+    }
+
+    /// kube-proxy runs one proxier per family and a Service only in those of its cluster IPs: an
+    /// external or load-balancer IP of another family is not served (it has no endpoints of that
+    /// family). Served with no backends, it dropped its traffic, and took the key from a newer
+    /// Service of that family listing the same IP.
+    #[test]
+    fn external_and_load_balancer_ips_of_another_family_than_the_services_are_left_out() {
+        let mut v4_only: Service = fixture!("service-api-nodeport-local.json");
+        v4_only.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time("2026-11-01T00:00:00Z".parse().unwrap()));
+        let spec = v4_only.spec.as_mut().unwrap();
+        spec.external_ips = Some(vec!["2001:db8::5".into()]);
+        spec.type_ = Some("LoadBalancer".into());
+        v4_only.status = Some(
+            serde_json::from_value(serde_json::json!({ "loadBalancer": { "ingress": [{ "ip": "2001:db8::6" }] } }))
+                .unwrap(),
+        );
+        let mut dual: Service = fixture!("service-web.json");
+        dual.spec.as_mut().unwrap().external_ips = Some(vec!["2001:db8::5".into()]);
+        let v6: EndpointSlice = fixture!("endpointslice-web-ipv6.json");
+        let t = translate([&v4_only, &dual], [&v6], &settings(), &node());
+        let ext = find(&t, "tcp [2001:db8::5]:80");
+        assert_eq!(ext.name, "shop/web:http");
+        assert_eq!(backends(ext), vec![("[fd00:10:244:1::5]:8080".into(), BackendState::Active, 100)]);
+        assert!(!t.services.iter().any(|s| s.config.key.vip == "2001:db8::6".parse::<IpAddr>().unwrap()), "{t:#?}");
+        assert!(t.services.iter().any(|s| s.config.key.to_string() == "tcp 10.96.40.2:80"));
+        let api: Vec<&str> = t.skipped.iter().filter(|s| s.service == "shop/api").map(|s| s.reason.as_str()).collect();
+        assert!(
+            api.iter().any(|r| r.contains("2001:db8::5")) && api.iter().any(|r| r.contains("2001:db8::6")),
+            "{api:?}"
+        );
     }
 
     #[test]
