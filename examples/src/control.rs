@@ -732,7 +732,12 @@ fn log_fail_open(before: &BTreeSet<ServiceKey>, now: &BTreeSet<ServiceKey>, serv
         );
     }
     for key in before.difference(now) {
-        tracing::info!(service = %key, name = %name(key), "no longer failing open: health checks apply again");
+        let why = match services.iter().find(|s| s.config.key == *key) {
+            None => "the service is gone",
+            Some(s) if s.health_check.is_none() => "its health check was removed",
+            Some(_) => "health checks apply again",
+        };
+        tracing::info!(service = %key, name = %name(key), "no longer failing open: {why}");
     }
 }
 
@@ -1904,10 +1909,28 @@ services:
         assert_eq!(live.borrow().fail_open, BTreeSet::from([key]));
         assert_eq!(gauge(), "1");
 
+        let (log, _guard) = crate::log_capture::Captured::install();
         let t = control.apply(event(&control, a, true)).unwrap();
         assert_eq!(active(&t), [a], "one back up: only it");
         assert!(live.borrow().fail_open.is_empty());
         assert_eq!(gauge(), "0");
+        assert_eq!(log.take_count("no longer failing open: health checks apply again"), 1);
+
+        // Failing open again, then the check is removed: the log says so, rather than that checks
+        // apply again; and so when the service goes.
+        control.apply(event(&control, a, false)).unwrap();
+        assert_eq!(live.borrow().fail_open, BTreeSet::from([key]));
+        let t = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        assert!(live.borrow().fail_open.is_empty() && t.services()[0].key == key);
+        assert_eq!(log.take_count("no longer failing open: its health check was removed"), 1);
+        control.apply(ControlInput::File(Box::new(parse(&yaml).unwrap()))).unwrap();
+        for backend in [a, b] {
+            control.apply(event(&control, backend, false)).unwrap();
+        }
+        assert_eq!(live.borrow().fail_open, BTreeSet::from([key]));
+        let none = GOOD.split("services:").next().unwrap().to_string() + "services: []\n";
+        control.apply(ControlInput::File(Box::new(parse(&none).unwrap()))).unwrap();
+        assert_eq!(log.take_count("no longer failing open: the service is gone"), 1);
     }
 
     #[tokio::test]
