@@ -21,6 +21,14 @@ struct Running {
     config: PathBuf,
 }
 
+/// `lb run`'s configuration on the lab's `l0` queue 0: `node_extra` inside the `node:` map (`, key:
+/// value`), `services` (YAML list items, may be empty) and `tail` (top-level sections) after them.
+fn config_text(node_extra: &str, services: &str, tail: &str) -> String {
+    format!(
+        "node: {{ local_mac: \"02:00:00:00:00:01\"{node_extra} }}\ninterfaces: [{{ name: l0, queues: [0] }}]\nservices:\n{services}{tail}"
+    )
+}
+
 impl Running {
     /// Starts `lb run` with `services` (YAML list items, may be empty) and waits for its log line
     /// saying the loops run (an event, not a delay). `None` (printed) where the kernel refused XDP.
@@ -33,18 +41,20 @@ impl Running {
     fn start_with(tag: &str, node_extra: &str, services: &str, tail: &str) -> Option<Running> {
         let tag = format!("{tag}{}", std::process::id());
         let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
-        let text = format!(
-            "node: {{ local_mac: \"02:00:00:00:00:01\"{node_extra} }}\ninterfaces: [{{ name: l0, queues: [0] }}]\nservices:\n{services}{tail}"
-        );
-        Running::launch(&tag, lb_ns, peer, &text)
+        Running::launch(&tag, lb_ns, peer, &config_text(node_extra, services, tail))
+    }
+
+    /// Writes the configuration `text` and spawns `lb run` on it in `lb_ns`, without waiting.
+    fn spawn(tag: &str, lb_ns: Netns, peer: Netns, text: &str) -> Running {
+        let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
+        std::fs::write(&config, text).unwrap();
+        let (child, lines) = spawn_lb_run(&lb_ns, &config);
+        Running { lb_ns, peer, child, lines, log: Vec::new(), config }
     }
 
     /// Starts `lb run` in `lb_ns` with the configuration `text`, as [`Running::start`] does.
     fn launch(tag: &str, lb_ns: Netns, peer: Netns, text: &str) -> Option<Running> {
-        let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
-        std::fs::write(&config, text).unwrap();
-        let (child, lines) = spawn_lb_run(&lb_ns, &config);
-        let mut lb = Running { lb_ns, peer, child, lines, log: Vec::new(), config };
+        let mut lb = Running::spawn(tag, lb_ns, peer, text);
         if started(&mut lb.lines, &mut lb.log) {
             return Some(lb);
         }
@@ -420,11 +430,7 @@ fn a_sighup_while_lb_run_starts_does_not_kill_it() {
     }
     let tag = format!("lbu{}", std::process::id());
     let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
-    let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
-    let text = "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: l0, queues: [0] }]\nservices: []\n";
-    std::fs::write(&config, text).unwrap();
-    let (child, lines) = spawn_lb_run(&lb_ns, &config);
-    let mut lb = Running { lb_ns, peer, child, lines, log: Vec::new(), config };
+    let mut lb = Running::spawn(&tag, lb_ns, peer, &config_text("", "", ""));
     if !lb.wait_for_log("receive VLAN offloads turned off") {
         let (_, log) = lb.finish();
         println!("SKIPPED: no receive VLAN offload turned off on the veth:\n{log}");
@@ -458,8 +464,7 @@ fn conntrack_tables_larger_than_memory_are_refused_naming_the_option() {
     let tag = format!("lbm{}", std::process::id());
     let (lb_ns, _peer) = lb_and_peer(&tag).unwrap();
     let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
-    let text = "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: l0, queues: [0] }]\nservices: []\n";
-    std::fs::write(&config, text).unwrap();
+    std::fs::write(&config, config_text("", "", "")).unwrap();
     let out = Command::new("ip")
         .args(["netns", "exec", lb_ns.name(), env!("CARGO_BIN_EXE_lb"), "run", "--conntrack-entries"])
         .arg((1u64 << 40).to_string())
