@@ -1,0 +1,52 @@
+//! What the AF_XDP integration tests share: a device on the lab's veth, in namespaces of its own.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use lb_io::netns::{can_create_namespaces, enter_netns, lb_and_peer};
+use lb_io::{XskConfig, XskDevice};
+
+/// Runs `test` on an AF_XDP device opened with `config` (its interface `l0`) in a pair of
+/// namespaces named from `tag` and this process's id, on a thread inside the load balancer's
+/// namespace, and removes the namespaces. `None`, with the reason printed, where namespaces cannot
+/// be made or the kernel refuses AF_XDP. Panics on an error, or when the thread has not finished
+/// within `limit` (`what` names it): a hang becomes a failure.
+pub(crate) fn with_xsk<T: Send + 'static>(
+    tag: &str,
+    config: XskConfig,
+    limit: Duration,
+    what: &str,
+    test: impl FnOnce(&mut XskDevice) -> Result<T, String> + Send + 'static,
+) -> Option<T> {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return None;
+    }
+    let tag = format!("{tag}{}", std::process::id());
+    let (lb, peer) = lb_and_peer(&tag).unwrap();
+    let name = lb.name().to_string();
+    let (done_tx, done_rx) = mpsc::channel::<Result<T, String>>();
+    std::thread::spawn(move || {
+        let run = || -> Result<T, String> {
+            enter_netns(&name).map_err(|e| e.to_string())?;
+            let mut dev = match XskDevice::open(&config) {
+                Ok(d) => d,
+                Err(e) if e.is_refused() => return Err(format!("SKIPPED: AF_XDP refused ({e})")),
+                Err(e) => return Err(e.to_string()),
+            };
+            test(&mut dev)
+        };
+        let _ = done_tx.send(run());
+    });
+    let result = done_rx.recv_timeout(limit);
+    drop((peer, lb));
+    match result {
+        Err(_) => panic!("{what} did not finish within {limit:?}"),
+        Ok(Err(skip)) if skip.starts_with("SKIPPED") => {
+            println!("{skip}");
+            None
+        }
+        Ok(Err(e)) => panic!("{e}"),
+        Ok(Ok(t)) => Some(t),
+    }
+}
