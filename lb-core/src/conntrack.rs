@@ -615,6 +615,13 @@ impl ConntrackTable {
         }
     }
 
+    /// Bytes [`ConntrackTable::with_capacity`] allocates for `capacity` entries (its rounding, whole
+    /// buckets with their heads), so a caller can check that the tables fit before it builds them;
+    /// `None` beyond any address space.
+    pub fn bytes_for(capacity: usize) -> Option<usize> {
+        capacity.div_ceil(WAYS).max(1).checked_next_power_of_two()?.checked_mul(core::mem::size_of::<Bucket>())
+    }
+
     /// Entries the table holds at most. Fixed for the table's life.
     pub fn capacity(&self) -> usize {
         self.buckets.len() * WAYS
@@ -1449,6 +1456,16 @@ mod tests {
             let k = key(n);
             assert!(t.find(&k, k.hash()).is_some(), "established flow {n} was evicted");
         }
+    }
+
+    #[test]
+    fn bytes_for_is_what_with_capacity_allocates() {
+        for capacity in [0, 1, 8, 9, 1000, 1 << 16] {
+            let t = ConntrackTable::with_capacity(capacity);
+            let bytes = t.buckets.len() * core::mem::size_of::<Bucket>();
+            assert_eq!(ConntrackTable::bytes_for(capacity), Some(bytes), "{capacity}");
+        }
+        assert_eq!(ConntrackTable::bytes_for(usize::MAX), None);
     }
 
     #[test]

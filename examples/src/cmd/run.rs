@@ -335,18 +335,14 @@ fn warn_if_snat_ports_are_ephemeral(node: &lb_core::config::NodeConfig) {
 }
 
 /// Refuses connection tables larger than this node's memory (`mem_total` bytes; `None` when unknown:
-/// not checked): each of `loops` poll loops has one of `entries` (rounded up as lb-core sizes it), at
-/// least an `Entry` each. Checked before anything is set up: an allocation that fails aborts `lb
-/// run` on the spot, with the interfaces half set up (their receive VLAN offloads left off).
+/// not checked): each of `loops` poll loops has one of `entries` (as lb-core sizes it,
+/// `ConntrackTable::bytes_for`). Checked before anything is set up: an allocation that fails aborts
+/// `lb run` on the spot, with the interfaces half set up (their receive VLAN offloads left off).
 fn check_conntrack_memory(entries: usize, loops: usize, mem_total: Option<u64>) -> Result<(), String> {
-    use lb_core::conntrack::{Entry, WAYS};
     let Some(mem_total) = mem_total.filter(|_| loops > 0) else { return Ok(()) };
-    let bytes = entries
-        .div_ceil(WAYS)
-        .max(1)
-        .checked_next_power_of_two()
-        .and_then(|buckets| u128::try_from(buckets).ok())
-        .map(|buckets| buckets * (WAYS * std::mem::size_of::<Entry>() * loops) as u128);
+    let bytes = lb_core::conntrack::ConntrackTable::bytes_for(entries)
+        .and_then(|table| u128::try_from(table).ok())
+        .map(|table| table * loops as u128);
     match bytes {
         Some(b) if b <= u128::from(mem_total) => Ok(()),
         _ => Err(format!(
