@@ -59,7 +59,8 @@ pub enum DropReason {
     IcmpNoFlow,
     /// The encapsulated packet would be longer than an IP length field holds, or, with
     /// `NodeConfig::tunnel_mtu`, than the path to the backend, and its sender cannot be told to send
-    /// less (an IPv4 packet without DF, an ICMP error): see `forward::too_big`.
+    /// less (an IPv4 packet without DF, an ICMP error, a packet from a source that names no single
+    /// host): see `forward::too_big`.
     TooBig,
     /// A copy of an ICMP error about a full-NAT flow, handed to every core
     /// ([`Verdict::HandoffAll`](crate::Verdict::HandoffAll)), on a core that does not track the

@@ -176,3 +176,38 @@ fn a_path_mtu_below_ipv6_minimum_plus_headers_is_rejected() {
     assert!(matches!(err, ConfigError::TunnelMtuTooSmall { mtu: 1331, min: 1332 }), "{err}");
     assert!(TableBuilder::new().build(&config(Some(1332))).is_ok());
 }
+
+/// RFC 1122 3.2.2 and RFC 4443 2.4 (e): no ICMP error to a source that names no single host
+/// (unspecified, broadcast, multicast, loopback, IPv4 class E), which a spoofed packet can carry.
+#[test]
+fn no_icmp_error_to_a_source_that_names_no_single_host() {
+    let sources = [
+        "0.0.0.0",
+        "255.255.255.255",
+        "224.0.0.5",
+        "239.1.2.3",
+        "240.0.0.1",
+        "127.0.0.1",
+        "::",
+        "ff02::1",
+        "ff0e::5",
+        "::1",
+    ];
+    for src in sources {
+        let client: IpAddr = src.parse().unwrap();
+        let (vip, header): (IpAddr, usize) =
+            if client.is_ipv4() { (v4(VIP4), 40) } else { (VIP6.parse().unwrap(), 60) };
+        let mut w = worker(Some(1500));
+        let mut big = tcp(client, 40000, vip, 82, Tcp::Ack, &vec![7; 1500 - header]);
+        if client.is_ipv4() {
+            set_df(&mut big, true);
+        }
+        let (verdict, _) = run(&mut w, &big, secs(1));
+        assert_eq!(verdict, Verdict::Drop(DropReason::TooBig), "from {src}");
+        assert_eq!(w.stats().icmp_too_big, 0, "from {src}");
+    }
+    // A unicast sender is still told.
+    let mut w = worker(Some(1500));
+    let (verdict, out) = run(&mut w, &segment(VIP4, 82, 1500, true), secs(1));
+    assert_eq!((verdict, out.len()), (Verdict::Tx, 14 + 576));
+}

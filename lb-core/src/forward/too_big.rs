@@ -9,6 +9,8 @@
 //!  IPv4, DF clear ─► dropped and counted: the outer packet could be fragmented, but one frame in
 //!                    makes one frame out here, and the kernel does not fragment AF_XDP frames
 //!  an ICMP error  ─► dropped and counted: no ICMP error about an ICMP error (RFC 1122, RFC 4443)
+//!  from a source that names no single host (unspecified, broadcast, multicast, loopback, IPv4
+//!  class E: spoofed) ─► dropped and counted: no ICMP error to it (RFC 1122 3.2.2, RFC 4443 2.4 (e))
 //! ```
 //!
 //! The error is built in place, in the frame's own buffer, and leaves the way the packet came: the
@@ -20,7 +22,7 @@
 use core::net::IpAddr;
 
 use super::{RewriteError, checksum, set_macs, write16};
-use crate::config::ForwardMode;
+use crate::config::{ForwardMode, SpecialAddress};
 use crate::frame::Frame;
 use crate::packet::{Family, L4, Parsed};
 
@@ -47,16 +49,24 @@ pub fn tunnel_overhead(mode: ForwardMode, family: Family) -> Option<u16> {
     u16::try_from(bytes).ok()
 }
 
-/// Whether the packet can be told to shrink: TCP, UDP or another non-error packet, and for IPv4 one
-/// with DF set. The rest are dropped when too big.
+/// Whether the packet can be told to shrink: TCP, UDP or another non-error packet, from a source
+/// that names a single host, and for IPv4 one with DF set. The rest are dropped when too big.
 pub fn can_signal(frame: &Frame<'_>, p: &Parsed) -> bool {
-    if matches!(p.l4, L4::IcmpError(_)) {
+    if matches!(p.l4, L4::IcmpError(_)) || !names_one_host(p.flow.src_ip()) {
         return false;
     }
     match p.family() {
         Family::V6 => true,
         Family::V4 => frame.data().get(p.l3_offset as usize + 6).is_some_and(|&flags| flags & 0x40 != 0),
     }
+}
+
+/// False for a source address an ICMP error must not be sent to, as it names no single host: RFC
+/// 1122 3.2.2 (zero, loopback, broadcast, multicast, class E) and RFC 4443 2.4 (e) (unspecified,
+/// multicast); what [`SpecialAddress`] names (which no VIP or backend may be either), and class E.
+fn names_one_host(src: IpAddr) -> bool {
+    let class_e = matches!(src, IpAddr::V4(a) if a.octets()[0] >= 240);
+    SpecialAddress::of(src).is_none() && !class_e
 }
 
 /// Turns the frame into the ICMP error telling the packet's sender to keep packets to `mtu` bytes,
