@@ -26,13 +26,17 @@ use lb_core::service::TableBuilder;
 const SERVICES: u32 = 1000;
 const BACKENDS: u32 = 3;
 
+/// A DSR backend on port 80, with the MAC of its own DSR needs.
+fn backend(addr: IpAddr) -> BackendConfig {
+    BackendConfig { mac: Some([2, 0, 0, 0, 1, 1]), ..BackendConfig::new(addr, 80) }
+}
+
 /// `SERVICES` DSR services of `BACKENDS` backends; service 0 gets one more backend when `bump`.
 fn config(size: Option<u32>, bump: bool) -> Config {
     let services = (0..SERVICES)
         .map(|i| {
             let n = BACKENDS + u32::from(bump && i == 0);
-            let backends =
-                (0..n).map(|b| BackendConfig::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 64 + b)), 80)).collect();
+            let backends = (0..n).map(|b| backend(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 64 + b)))).collect();
             ServiceConfig {
                 maglev_table_size: size,
                 ..ServiceConfig::new(
@@ -86,10 +90,7 @@ fn tables(c: &mut Criterion) {
 /// One DSR service of `n` backends with weights 1 to 100 under `scheduler`.
 fn one_service(scheduler: SchedulerKind, n: u32) -> Config {
     let backends = (0..n)
-        .map(|b| BackendConfig {
-            weight: 1 + b % 100,
-            ..BackendConfig::new(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + b)), 80)
-        })
+        .map(|b| BackendConfig { weight: 1 + b % 100, ..backend(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + b))) })
         .collect();
     let key = ServiceKey { vip: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), port: 80, proto: Protocol::Tcp };
     let service = ServiceConfig { scheduler, ..ServiceConfig::new("big", key, ForwardMode::Dsr, backends) };

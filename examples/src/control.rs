@@ -1122,8 +1122,8 @@ services:
         let yaml = |n: usize| {
             let backends: Vec<String> = (1..=n).map(|i| format!("{{ addr: 10.1.0.{i}, port: 80 }}")).collect();
             format!(
-                "node: {{ gateway_mac: \"02:00:00:00:00:fe\" }}\nservices:\n  - {{ name: web, vip: 10.0.0.10, port: 80, \
-                 mode: dsr, scheduler: mh, backends: [{}] }}\n",
+                "node: {{ tunnel_src_v4: 10.0.0.3, gateway_mac: \"02:00:00:00:00:fe\" }}\nservices:\n  - {{ name: web, \
+                 vip: 10.0.0.10, port: 80, mode: ipip, scheduler: mh, backends: [{}] }}\n",
                 backends.join(", ")
             )
         };
@@ -1244,7 +1244,7 @@ services:
 node: {{ local_mac: "02:00:00:00:00:01", gateway_mac: "02:00:00:00:00:fe", snat_v4: 10.0.0.2, snat_v6: "fd00::2" }}
 services:
   - {{ name: a, vip: 10.0.0.10, port: 80, mode: dsr, backends: [{{ addr: 10.1.0.1, port: 80, mac: "02:aa:bb:cc:dd:ee" }}] }}
-  - {{ name: b, vip: 10.0.0.11, port: 53, protocol: udp, mode: {mode}, backends: [{{ addr: 10.1.0.2, port: 53 }}] }}
+  - {{ name: b, vip: 10.0.0.11, port: 53, protocol: udp, mode: {mode}, backends: [{{ addr: 10.1.0.2, port: 53, mac: "02:aa:bb:cc:dd:ef" }}] }}
   - {{ name: c, vip: "fd00::10", port: 443, mode: dsr, backends: [{{ addr: "fd01::1", port: 443, mac: "02:aa:bb:cc:dd:ee" }}] }}
 "#
             ))
@@ -1537,24 +1537,27 @@ services:
         let recorder = RecordingSink::default();
         let mut control = Control::new(NatRefusingSink(recorder.clone()));
         let live = control.subscribe();
-        let dsr_file = GOOD.replace("port: 80\n", "port: 80\n    mode: dsr\n").replace("port: 8080", "port: 80");
-        control.apply(ControlInput::File(Box::new(parse(&dsr_file).unwrap()))).unwrap();
+        let ipip_file = GOOD
+            .replace("snat_v4: 10.0.0.2,", "snat_v4: 10.0.0.2, tunnel_src_v4: 10.0.0.3,")
+            .replace("port: 80\n", "port: 80\n    mode: ipip\n")
+            .replace("port: 8080", "port: 80");
+        control.apply(ControlInput::File(Box::new(parse(&ipip_file).unwrap()))).unwrap();
 
         let mut nat = parse(GOOD).unwrap().services.remove(0);
         nat.config.name = "default/nat:http".into();
         nat.config.key.port = 9000;
         assert_eq!(nat.config.mode, ForwardMode::Nat);
-        let mut dsr = parse(&dsr_file).unwrap().services.remove(0);
-        dsr.config.name = "default/dsr:http".into();
-        dsr.config.key.port = 9001;
-        for b in &mut dsr.config.backends {
-            b.port = 9001; // DSR cannot change the port
+        let mut ipip = parse(&ipip_file).unwrap().services.remove(0);
+        ipip.config.name = "default/ipip:http".into();
+        ipip.config.key.port = 9001;
+        for b in &mut ipip.config.backends {
+            b.port = 9001; // IP-in-IP cannot change the port
         }
-        let k8s = Translation { services: vec![nat, dsr], ..Translation::default() };
+        let k8s = Translation { services: vec![nat, ipip], ..Translation::default() };
         let t = control.apply(ControlInput::Kubernetes(k8s)).unwrap();
         let names: Vec<&str> = t.services().iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names.len(), 2, "{names:?}");
-        assert!(names.contains(&"default/dsr:http") && !names.contains(&"default/nat:http"), "{names:?}");
+        assert!(names.contains(&"default/ipip:http") && !names.contains(&"default/nat:http"), "{names:?}");
         {
             let l = live.borrow();
             assert_eq!((l.applied, l.rejected, l.k8s_skipped), (2, 0, 1));
@@ -1576,8 +1579,8 @@ services:
         let mut view = control.node_view();
         assert_eq!(view.borrow_and_update().settings.default_mode, ForwardMode::Nat);
 
-        let dsr = nat.replace("default_mode: nat", "default_mode: dsr");
-        let mut refused = parse(&dsr).unwrap();
+        let ipip = nat.replace("default_mode: nat", "default_mode: ipip");
+        let mut refused = parse(&ipip).unwrap();
         let mut svc = refused.services[0].clone();
         svc.config.key.port = 81;
         refused.services.push(svc);
@@ -1585,10 +1588,10 @@ services:
         assert!(matches!(err, ControlError::Unservable(_)), "{err}");
         assert!(!view.has_changed().unwrap(), "a refused file left the view alone");
 
-        control.apply(ControlInput::File(Box::new(parse(&dsr).unwrap()))).unwrap();
+        control.apply(ControlInput::File(Box::new(parse(&ipip).unwrap()))).unwrap();
         assert!(view.has_changed().unwrap());
-        assert_eq!(view.borrow_and_update().settings.default_mode, ForwardMode::Dsr);
-        control.apply(ControlInput::File(Box::new(parse(&dsr).unwrap()))).unwrap();
+        assert_eq!(view.borrow_and_update().settings.default_mode, ForwardMode::IpIp);
+        control.apply(ControlInput::File(Box::new(parse(&ipip).unwrap()))).unwrap();
         assert!(!view.has_changed().unwrap(), "the same file again does not re-translate the cluster");
     }
 

@@ -223,7 +223,7 @@ async fn a_refused_reload_does_not_change_how_cluster_services_are_translated() 
     let path = dir.join("lb.yaml");
     let yaml = |extra_k8s: &str, extra_service: &str| {
         format!(
-            "node: {{ snat_v4: 192.168.1.10, gateway_mac: \"02:00:00:00:00:fe\" }}\nkubernetes:\n  kubeconfig: {}\n  \
+            "node: {{ snat_v4: 192.168.1.10, tunnel_src_v4: 192.168.1.11, gateway_mac: \"02:00:00:00:00:fe\" }}\nkubernetes:\n  kubeconfig: {}\n  \
              node_name: node-a\n  debounce: 5ms\n{extra_k8s}services:\n  - {{ name: static, vip: 10.0.0.10, port: 80, \
              backends: [{{ addr: 10.1.0.1 }}] }}\n{extra_service}",
             kc.display()
@@ -241,13 +241,13 @@ async fn a_refused_reload_does_not_change_how_cluster_services_are_translated() 
     let task = tokio::spawn(plane.run(async move {
         let _ = stop_rx.await;
     }));
-    // web's metrics port keeps its number, so it could be DSR; the default mode makes it NAT.
+    // web's metrics port keeps its number, so it could be IP-in-IP; the default mode makes it NAT.
     let t = until(&mut tables, "web:9090", |t| has(t, "tcp 10.96.12.34:9090")).await;
     assert_eq!(mode_of(&t, "tcp 10.96.12.34:9090"), Some(ForwardMode::Nat));
 
     let before = live.borrow().rejected;
     let refused = "  - { name: refused, vip: 10.0.0.11, port: 80, backends: [{ addr: 10.1.0.2 }] }\n";
-    std::fs::write(&path, yaml("  default_mode: dsr\n", refused)).unwrap();
+    std::fs::write(&path, yaml("  default_mode: ipip\n", refused)).unwrap();
     let err = tokio::time::timeout(FAILSAFE, live.wait_for(|l| l.rejected > before))
         .await
         .expect("refused reload counted")

@@ -130,7 +130,7 @@ fn apply(cfg: &mut lb_core::config::Config, change: &Change, n: usize) -> bool {
                     addr,
                     port,
                     weight: 1,
-                    mac: None,
+                    mac: Some([2, 0, 0, 0, 2, *which]),
                     state: BackendState::Active,
                 });
             }

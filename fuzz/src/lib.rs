@@ -61,7 +61,8 @@ pub fn config() -> Config {
                             addr: backend_addr(v6, i),
                             port: bport,
                             weight: 1,
-                            mac: None,
+                            // Its own MAC, which DSR needs.
+                            mac: Some([2, 0, 0, 0, 1, i]),
                             state: BackendState::Active,
                         })
                         .collect(),

@@ -217,7 +217,9 @@ pub struct BackendConfig {
     pub port: u16,
     /// Relative weight; 0 takes no new flows, as [`BackendState::Draining`].
     pub weight: u32,
-    /// The backend's (or its next hop's) MAC address. `None` uses the node's gateway MAC.
+    /// The backend's (or its next hop's) MAC address. `None` uses the node's gateway MAC, except in
+    /// DSR, which needs the backend's own (the frame stays addressed to the VIP, so a router would
+    /// send it back): a DSR backend without one is a configuration error.
     pub mac: Option<[u8; 6]>,
     /// Active or draining.
     pub state: BackendState,
@@ -480,7 +482,8 @@ impl fmt::Display for VipConflict {
 pub struct NodeConfig {
     /// MAC address of the port frames leave by (Ethernet source of every transmitted frame).
     pub local_mac: [u8; 6],
-    /// Next-hop MAC for destinations with no MAC of their own (backends without `mac`).
+    /// Next-hop MAC for destinations with no MAC of their own (backends without `mac`, in every mode
+    /// but DSR; NAT's replies to clients).
     pub gateway_mac: Option<[u8; 6]>,
     /// Source address for full NAT of IPv4 services. Changing it (or `snat_v6`, `snat_ports`) in
     /// tables swapped in while NAT flows are live breaks those flows: they keep their port but are

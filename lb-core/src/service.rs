@@ -674,6 +674,19 @@ pub enum ConfigError {
         /// The backend, `addr:port`.
         backend: String,
     },
+    /// A DSR backend with no MAC of its own. DSR leaves the packet addressed to the VIP and sends it
+    /// to the backend's MAC; sent to `node.gateway_mac` instead, a router would route it by the VIP,
+    /// back to the load balancer.
+    #[error(
+        "backend {backend} of service {service} has no mac: DSR sends frames still addressed to the VIP to the \
+         backend's own MAC (node.gateway_mac would route them back to the VIP); give its mac, or use ipip, gue or nat"
+    )]
+    DsrBackendWithoutMac {
+        /// Service name.
+        service: String,
+        /// The backend, `addr:port`.
+        backend: String,
+    },
     /// A NAT service with nowhere to send the translated replies.
     #[error("service {service} uses NAT, whose replies to clients go to node.gateway_mac, which is not set")]
     NoGatewayForNat {
@@ -1051,6 +1064,9 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
                     service_port: s.key.port,
                     mode: mode_name(s.mode),
                 });
+            }
+            if b.mac.is_none() && s.mode == ForwardMode::Dsr {
+                return Err(ConfigError::DsrBackendWithoutMac { service: service(), backend: name() });
             }
             if b.mac.is_none() && node.gateway_mac.is_none() {
                 return Err(ConfigError::NoMac { service: service(), backend: name() });
@@ -1508,8 +1524,13 @@ mod tests {
         c.services[1].backends[0].port = 5353;
         rejects(&c, "backend 10.0.0.9:5353 of service dns uses port 5353, but DSR cannot change ports: use 53");
 
+        // A DSR backend needs its own MAC, gateway or not; other modes may go through the gateway.
         let mut c = good();
         c.services[1].backends[0].mac = None;
+        assert!(c.node.gateway_mac.is_some());
+        rejects(&c, "backend 10.0.0.9:53 of service dns has no mac: DSR sends frames still addressed to the VIP");
+        c.services[1].mode = ForwardMode::IpIp;
+        TableBuilder::new().build(&c).expect("an IP-in-IP backend without a mac goes through the gateway");
         c.node.gateway_mac = None;
         c.services.remove(0);
         rejects(&c, "backend 10.0.0.9:53 of service dns has no mac and node.gateway_mac is not set");

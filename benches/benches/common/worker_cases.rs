@@ -98,7 +98,8 @@ fn config(services: usize, mode: ForwardMode) -> Config {
                     addr: IpAddr::V4(Ipv4Addr::from(0xac10_0000 + (i as u32) * 2 + b + 10)),
                     port: 80,
                     weight: 1,
-                    mac: None,
+                    // Its own MAC, which DSR needs (the other modes would do with the gateway's).
+                    mac: Some([2, 0, 0, 0, 1, b as u8]),
                     state: BackendState::Active,
                 })
                 .collect();

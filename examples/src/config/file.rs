@@ -385,6 +385,12 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
+/// Why the Kubernetes feed serves no key in DSR mode: DSR sends the frame, still addressed to the
+/// VIP, to the backend's own MAC, and an endpoint has an address only (`node.gateway_mac` would route
+/// the frame by its VIP, back to this node).
+pub const DSR_NEEDS_MACS: &str = "cannot be dsr: dsr sends frames still addressed to the VIP to each backend's own MAC, \
+     and Kubernetes endpoints have none (node.gateway_mac would route them back to the VIP); use ipip, gue or nat";
+
 /// Parses a forwarding mode name; `gue` needs its port.
 pub fn parse_mode(name: &str, gue_port: Option<u16>) -> Result<ForwardMode, String> {
     match name.trim().to_ascii_lowercase().as_str() {
@@ -546,6 +552,7 @@ fn validate_kubernetes(k: &FileKubernetes, p: &mut Problems) -> KubernetesSettin
     let mut mode_known = true;
     if let Some(mode) = &k.default_mode {
         match parse_mode(mode, gue_port) {
+            Ok(ForwardMode::Dsr) => p.push("kubernetes.default_mode", quoted(mode), DSR_NEEDS_MACS),
             Ok(m) => s.default_mode = m,
             Err(e) => {
                 p.push("kubernetes.default_mode", quoted(mode), e);
@@ -709,7 +716,14 @@ fn validate_service(
             u32::try_from(b.weight).ok()
         };
         let mac = b.mac.as_deref().and_then(|m| p.mac(&format!("{bf}.mac"), m));
-        if b.mac.is_none() && node.gateway_mac.is_none() {
+        if b.mac.is_none() && mode == Some(ForwardMode::Dsr) {
+            p.push(
+                format!("{bf}.mac"),
+                "(none)",
+                "is needed in dsr mode: the frame, still addressed to the VIP, goes to the backend's own MAC \
+                 (node.gateway_mac would route it back to the VIP)",
+            );
+        } else if b.mac.is_none() && node.gateway_mac.is_none() {
             p.push(format!("{bf}.mac"), "(none)", "is needed when node.gateway_mac is not set");
         }
         let state = match b.state.as_deref().map(str::to_ascii_lowercase).as_deref() {
@@ -1105,6 +1119,29 @@ services:
                 other => panic!("{service} accepted: {other:?}"),
             }
         }
+    }
+
+    /// DSR leaves the frame addressed to the VIP, so only the backend's own MAC can take it: a DSR
+    /// backend without `mac` is refused even with `node.gateway_mac` set (the gateway would route the
+    /// frame back to the VIP), and so is DSR as the Kubernetes feed's default mode (endpoints have no
+    /// MAC). Other modes still go through the gateway.
+    #[test]
+    fn dsr_backends_need_their_own_mac() {
+        let node = "node: { snat_v4: 10.0.0.2, tunnel_src_v4: 10.0.0.3, gateway_mac: \"02:00:00:00:00:fe\" }\n";
+        let service = |mode: &str, mac: &str| {
+            format!(
+                "{node}services: [{{ vip: 10.0.0.1, port: 80, mode: {mode}, backends: [{{ addr: 10.1.0.1{mac} }}] }}]\n"
+            )
+        };
+        let msg = parse(&service("dsr", "")).unwrap_err().to_string();
+        assert!(msg.contains("services[0].backends[0].mac: (none) is needed in dsr mode"), "{msg}");
+        parse(&service("dsr", ", mac: \"02:00:00:00:01:01\"")).expect("a DSR backend with its MAC");
+        for mode in ["nat", "ipip"] {
+            parse(&service(mode, "")).unwrap_or_else(|e| panic!("{mode} through the gateway: {e}"));
+        }
+        let msg = parse(&format!("{node}kubernetes: {{ default_mode: dsr }}\n")).unwrap_err().to_string();
+        assert!(msg.contains("kubernetes.default_mode: \"dsr\" cannot be dsr"), "{msg}");
+        assert!(msg.contains("Kubernetes endpoints have none"), "{msg}");
     }
 
     /// What each refusal says, and the entries that use those settings still pass: `path` with an

@@ -766,6 +766,9 @@ fn cannot_forward(
     if let Some(conflict) = node.vip_conflict(&key) {
         return Some(format!("{key}: {conflict}"));
     }
+    if mode == ForwardMode::Dsr {
+        return Some(format!("{key}: {}", crate::config::file::DSR_NEEDS_MACS));
+    }
     let v4 = key.vip.is_ipv4();
     let missing = match mode {
         ForwardMode::Nat if v4 && node.snat_v4.is_none() => Some("node.snat_v4"),
@@ -1127,14 +1130,15 @@ mod tests {
         assert!(t.skipped.iter().all(|s| s.service == "ingress/edge"));
     }
 
-    /// A named targetPort may be a different number in each slice (pods of two versions): in DSR,
-    /// which cannot change ports, one backend on another port than the service's leaves the key out
-    /// alone. (Judging by the first backend only let it through, and lb-core then refused the whole
-    /// configuration, every other Service's update with it.)
+    /// A named targetPort may be a different number in each slice (pods of two versions): in
+    /// IP-in-IP, which cannot change ports, one backend on another port than the service's leaves the
+    /// key out alone. (Judging by the first backend only let it through, and lb-core then refused the
+    /// whole configuration, every other Service's update with it.)
     #[test]
-    fn a_named_target_port_on_another_number_in_any_slice_leaves_a_dsr_key_out() {
+    fn a_named_target_port_on_another_number_in_any_slice_leaves_a_tunnel_key_out() {
         let mut svc: Service = fixture!("service-web.json");
-        svc.metadata.annotations.get_or_insert_default().insert(annotations::MODE.into(), "dsr".into());
+        svc.metadata.annotations.get_or_insert_default().insert(annotations::MODE.into(), "ipip".into());
+        let node = || NodeConfig { tunnel_src_v4: Some(Ipv4Addr::new(192, 168, 1, 101)), ..node() };
         let mut on_80: EndpointSlice = fixture!("endpointslice-web-ipv4.json");
         on_80.metadata.name = Some("web-v4-on-80".into());
         on_80.ports.as_mut().unwrap()[0].port = Some(80);
@@ -1661,12 +1665,29 @@ mod tests {
         assert_eq!(t.services.len(), 2, "IPv6 keys skipped: {t:#?}");
         assert!(t.skipped.iter().all(|s| s.reason.contains("node.snat_v6")));
 
-        let dsr = KubernetesSettings { default_mode: ForwardMode::Dsr, ..settings() };
-        let t = translate([&svc], [&v4], &dsr, &node());
-        // http: 80 -> 8080 (named "http") cannot be DSR; metrics: 9090 -> 9090 can. The IPv6 http
-        // key has no endpoints here, so only its (IPv4) twin reveals the mismatch.
-        assert!(t.services.iter().all(|s| s.config.key.port == 9090 || !s.config.key.vip.is_ipv4()), "{t:#?}");
+        let tunnel = NodeConfig { tunnel_src_v4: Some(Ipv4Addr::new(192, 168, 1, 101)), ..node() };
+        let ipip = KubernetesSettings { default_mode: ForwardMode::IpIp, ..settings() };
+        let t = translate([&svc], [&v4], &ipip, &tunnel);
+        // http: 80 -> 8080 (named "http") cannot be IP-in-IP; metrics: 9090 -> 9090 can. The IPv6
+        // keys have no tunnel source.
+        let served: Vec<String> = t.services.iter().map(|s| s.config.key.to_string()).collect();
+        assert_eq!(served, ["tcp 10.96.12.34:9090"], "{t:#?}");
         assert!(t.skipped.iter().any(|s| s.reason.contains("only NAT")));
+        assert!(t.skipped.iter().any(|s| s.reason.contains("node.tunnel_src_v6")));
+    }
+
+    /// DSR leaves the frame addressed to the VIP and needs the backend's own MAC; endpoints have
+    /// none, and the gateway's would send the frame back to this node (a loop until its TTL runs
+    /// out). A Service annotated `dsr` is skipped, reported, whatever its ports and endpoints.
+    #[test]
+    fn a_dsr_service_is_skipped_as_endpoints_have_no_mac() {
+        let mut svc: Service = fixture!("service-web.json");
+        svc.metadata.annotations.get_or_insert_default().insert(annotations::MODE.into(), "dsr".into());
+        let v4: EndpointSlice = fixture!("endpointslice-web-ipv4.json");
+        let t = translate([&svc], [&v4], &settings(), &node());
+        assert!(t.services.is_empty(), "{t:#?}");
+        assert!(!t.skipped.is_empty());
+        assert!(t.skipped.iter().all(|s| s.reason.contains("cannot be dsr") && s.reason.contains("own MAC")), "{t:#?}");
     }
 
     /// Topology hints (what the EndpointSlice controller writes for `trafficDistribution:
