@@ -7,7 +7,9 @@
 //! rejected whole, so a reload never applies half a file. VIPs, backends, the node's SNAT and tunnel
 //! source addresses and `kubernetes.node_addresses` must be unicast addresses a host holds: the
 //! unspecified address, broadcast, multicast, loopback and IPv4-mapped IPv6 (`::ffff:a.b.c.d`) are
-//! refused (lb-core's `SpecialAddress`, which its own validation applies too).
+//! refused (lb-core's `SpecialAddress`, which its own validation applies too). A source range is
+//! written as its network (`10.0.0.0/8`): one with host bits set (`10.1.2.3/8`) is refused, as
+//! `ip route` refuses it, rather than widened to the network without a word.
 //!
 //! ```yaml
 //! node:
@@ -651,6 +653,12 @@ fn validate_service(
         if let Some(c) = p.parse::<Cidr>(&format!("{f}.source_ranges[{j}]"), r, "is not a CIDR (e.g. 10.0.0.0/8)") {
             if vip.is_some_and(|v| v.is_ipv4() != c.addr().is_ipv4()) {
                 p.push(format!("{f}.source_ranges[{j}]"), quoted(r), "is not of the VIP's address family");
+            } else if let Some(host) = host_bits_set(r, &c) {
+                p.push(
+                    format!("{f}.source_ranges[{j}]"),
+                    quoted(r),
+                    format!("has host bits set: the prefix is {c} (write that, or {host} for the one address)"),
+                );
             }
             source_ranges.push(c);
         }
@@ -779,6 +787,13 @@ fn validate_service(
         },
         health_check,
     })
+}
+
+/// `written/len` with `c` what it parsed as: the address alone as a one-address prefix when the
+/// written address is not `c`'s network (host bits set, which `Cidr` clears), `None` when it is.
+fn host_bits_set(written: &str, c: &Cidr) -> Option<String> {
+    let addr = written.trim().split_once('/')?.0.parse::<IpAddr>().ok()?;
+    (addr != c.addr()).then(|| format!("{addr}/{}", if addr.is_ipv4() { 32 } else { 128 }))
 }
 
 fn validate_health(f: &str, h: &FileHealthCheck, p: &mut Problems) -> Option<HealthCheck> {
@@ -1249,6 +1264,40 @@ services:
                 "{msg}"
             );
         }
+    }
+
+    /// A source range with host bits set (`10.1.2.3/8`) is refused, naming the prefix it would have
+    /// been, rather than widened without a word to the whole network: an allowlist written
+    /// `192.168.1.10/16` for one client let 65 536 in. Written as the network, it passes.
+    #[test]
+    fn a_source_range_with_host_bits_set_is_refused() {
+        let file = |range: &str| {
+            format!(
+                "node: {{ snat_v4: 10.0.0.2, snat_v6: \"fd00::2\", gateway_mac: \"02:00:00:00:00:fe\" }}\n\
+                 services:\n  - {{ vip: 10.0.0.1, port: 80, source_ranges: [\"{range}\"] }}\n  \
+                 - {{ vip: \"fd00::1\", port: 80, source_ranges: [\"fd00:1::1/64\"] }}\n"
+            )
+        };
+        for (range, want) in [
+            ("10.1.2.3/8", "services[0].source_ranges[0]: \"10.1.2.3/8\" has host bits set: the prefix is 10.0.0.0/8"),
+            ("192.168.1.10/16", "\"192.168.1.10/16\" has host bits set: the prefix is 192.168.0.0/16"),
+        ] {
+            let msg = parse(&file(range)).map(|_| ()).unwrap_err().to_string();
+            assert!(msg.contains(want), "{range}: {msg}");
+            assert!(
+                msg.contains(
+                    "services[1].source_ranges[0]: \"fd00:1::1/64\" has host bits set: the prefix is fd00:1::/64"
+                ),
+                "{msg}"
+            );
+        }
+        let yaml = "node: { snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }\n\
+                    services: [{ vip: 10.0.0.1, port: 80, source_ranges: [10.0.0.0/8, 10.1.2.3, 0.0.0.0/0] }]\n";
+        let ranges = &parse(yaml).unwrap().services[0].config.source_ranges;
+        assert_eq!(
+            ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["10.0.0.0/8", "10.1.2.3/32", "0.0.0.0/0"]
+        );
     }
 
     #[test]
