@@ -479,3 +479,45 @@ fn conntrack_tables_larger_than_memory_are_refused_naming_the_option() {
     assert!(error.contains("--conntrack-entries"), "{log}");
     assert_eq!(lb_ns.ethtool_feature("l0", "rx-vlan-offload").unwrap(), "on", "{log}");
 }
+
+/// `lb run` sends the frames it forwards from its interface's own MAC, not from `node.local_mac`
+/// (here the lab's 02:00:00:00:00:01, as deploy/'s ConfigMap gives every node): one MAC seen on
+/// every node's switch port, and dropped where the network checks a port's source MAC (cloud VPCs,
+/// hypervisors refusing forged transmits).
+#[test]
+fn lb_run_forwards_from_its_interfaces_own_mac() {
+    let service = "  - { name: dns, vip: 10.9.9.9, port: 53, protocol: udp, mode: dsr, backends: [{ addr: 10.1.0.1, port: 53, mac: \"02:aa:bb:cc:dd:ee\" }] }\n";
+    let Some(mut lb) = Running::start("lbm", service) else { return };
+    assert!(lb.wait_for_log("tables published to workers"), "{}", lb.log.join("\n"));
+    let l0 = lb_io::netns::format_mac(lb.lb_ns.mac("l0").unwrap());
+    assert_ne!(l0, "02:00:00:00:00:01");
+    lb.lb_ns.ip(&["addr", "add", "10.50.0.1/24", "dev", "l0"]).unwrap();
+    lb.peer.ip(&["addr", "add", "10.50.0.2/24", "dev", "p0"]).unwrap();
+    lb.peer.ip(&["route", "add", "10.9.9.9/32", "via", "10.50.0.1"]).unwrap();
+    // The peer sends to the VIP (again every half second, until the steering is in place) and
+    // captures on p0 the frame forwarded to the backend's MAC: its source MAC is printed.
+    let probe = r"
+import socket, time
+r = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+r.bind(('p0', 0))
+r.settimeout(0.5)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.time() + 10
+while time.time() < end:
+    s.sendto(b'q', ('10.9.9.9', 53))
+    try:
+        while True:
+            f = r.recv(2048)
+            if f[:6] == bytes.fromhex('02aabbccddee'):
+                print(f[6:12].hex(':'))
+                raise SystemExit
+    except socket.timeout:
+        pass
+print('nothing forwarded')
+";
+    let out = lb.peer.exec("python3", &["-c", probe]).unwrap();
+    lb.signal("-TERM");
+    let (status, log) = lb.finish();
+    assert_eq!(out.trim(), l0, "the forwarded frame's source MAC\n{log}");
+    assert!(status.success(), "{status:?}\n{log}");
+}

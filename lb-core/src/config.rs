@@ -480,7 +480,9 @@ impl fmt::Display for VipConflict {
 /// Node-wide settings the rewrite needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
-    /// MAC address of the port frames leave by (Ethernet source of every transmitted frame).
+    /// MAC address of the port frames leave by (Ethernet source of every transmitted frame), for a
+    /// worker not given its interface's own ([`crate::worker::Worker::set_source_mac`]; `lb run`
+    /// gives each its interface's, as one value cannot be every interface's and every node's).
     pub local_mac: [u8; 6],
     /// Next-hop MAC for destinations with no MAC of their own (backends without `mac`, in every mode
     /// but DSR; NAT's replies to clients).

@@ -291,3 +291,47 @@ fn an_error_about_the_nodes_own_ping_from_a_snat_address_passes() {
         }
     }
 }
+
+/// A worker given its interface's MAC ([`Worker::set_source_mac`]) sends every frame from it: each
+/// mode and family forwarded, a NAT reply translated back, an ICMP "too big" answer. `lb run` gives
+/// each loop its interface's MAC, where `node.local_mac` is one value for every interface of every
+/// node that shares the file: switches saw one MAC on several ports, and networks that check a
+/// port's source MAC (cloud VPCs, hypervisors refusing forged transmits) dropped the frames.
+#[test]
+fn a_worker_with_a_source_mac_sends_every_frame_from_it() {
+    const IFACE_MAC: [u8; 6] = [0x02, 0x11, 0x22, 0x33, 0x44, 0x55];
+    let mut cfg = all_modes_config();
+    cfg.node.tunnel_mtu = Some(1400);
+    let mut w = worker(&cfg);
+    w.set_source_mac(Some(IFACE_MAC));
+    for vip in ["192.0.2.1", "2001:db8::1"] {
+        let vip = v4(vip);
+        let client = if vip.is_ipv4() { v4("198.51.100.7") } else { v4("2001:db8:ff::7") };
+        for port in 80..=83u16 {
+            let (v, out) = run(&mut w, &tcp(client, 4000, vip, port, Tcp::Syn, b"x"), secs(1));
+            assert_eq!(v, Verdict::Tx, "{vip} port {port}");
+            assert_eq!(seen(&out).src_mac, IFACE_MAC, "{vip} port {port}");
+            if port == 80 {
+                let s = seen(&out);
+                let (v, back) = run(&mut w, &tcp(s.dst, 8080, s.src, s.sport, Tcp::Ack, b"y"), secs(1));
+                assert_eq!(v, Verdict::Tx);
+                assert_eq!((back[6..12].to_vec(), back[..6].to_vec()), (IFACE_MAC.to_vec(), GATEWAY_MAC.to_vec()));
+            }
+        }
+        // Too big for the tunnel's path: answered with ICMP from the interface's MAC.
+        let mut big = tcp(client, 4001, vip, 82, Tcp::Ack, &[0u8; 1400]);
+        if vip.is_ipv4() {
+            // Don't fragment: answered rather than dropped.
+            big[20] |= 0x40;
+            smoltcp::wire::Ipv4Packet::new_unchecked(&mut big[14..34]).fill_checksum();
+        }
+        let (v, answer) = run(&mut w, &big, secs(2));
+        assert_eq!(v, Verdict::Tx, "{vip}: too big");
+        assert_eq!(answer[6..12], IFACE_MAC, "{vip}: the ICMP answer's source MAC");
+    }
+    assert_eq!(w.stats().icmp_too_big, 2);
+    // Without it, node.local_mac, as before.
+    w.set_source_mac(None);
+    let (_, out) = run(&mut w, &tcp(v4("198.51.100.8"), 4000, v4("192.0.2.1"), 81, Tcp::Syn, b"x"), secs(3));
+    assert_eq!(seen(&out).src_mac, LOCAL_MAC);
+}

@@ -413,7 +413,19 @@ pub fn main(args: Args) -> CmdResult {
         // naming it, rather than sizing a map of gigabytes.
         let queues = iface.queues.iter().max().map_or(1, |q| q.saturating_add(1)).min(4096);
         let steering = VipSteering::load(SteeringConfig { queues, ..steering_config })?;
-        // The MAC ARP / NDP answers carry: this interface's own.
+        // This interface's own MAC: the source of every frame its loops send, and the MAC ARP / NDP
+        // answers carry. (`node.local_mac` is one value for every interface, and for every node
+        // sharing the file; a switch or a cloud network checking source MACs drops the others.)
+        let own_mac = lb_io::interface::mac_address(&iface.name).map_err(|e| format!("{}: {e}", iface.name))?;
+        if own_mac != settings.node.local_mac {
+            tracing::info!(
+                interface = %iface.name,
+                "frames leave {} from its own MAC {}, not node.local_mac {}",
+                iface.name,
+                lb_io::netns::format_mac(own_mac),
+                lb_io::netns::format_mac(settings.node.local_mac)
+            );
+        }
         let mac = match args.neighbour_responder {
             NeighbourResponder::Off => None,
             _ => {
@@ -424,12 +436,11 @@ pub fn main(args: Args) -> CmdResult {
                         iface.name
                     ),
                 }
-                let mac = lb_io::interface::mac_address(&iface.name).map_err(|e| format!("{}: {e}", iface.name))?;
                 match PacketSocket::open(&iface.name) {
-                    Ok(s) => workers.announcers.push((iface.name.clone(), s, mac)),
+                    Ok(s) => workers.announcers.push((iface.name.clone(), s, own_mac)),
                     Err(e) => tracing::warn!(interface = %iface.name, "no announcements of the VIPs: {e}"),
                 }
-                Some(mac)
+                Some(own_mac)
             }
         };
         for &q in &iface.queues {
@@ -442,6 +453,7 @@ pub fn main(args: Args) -> CmdResult {
                 WorkerConfig { conntrack_capacity: args.conntrack_entries, core_index, core_count: cores },
             );
             worker.set_neighbour_mac(mac);
+            worker.set_source_mac(Some(own_mac));
             if let Some((lo, hi)) = snat_port_share(settings.node.snat_ports, core_index, cores) {
                 tracing::info!(interface = %iface.name, queue = q, "NAT replies to SNAT ports {lo}-{hi} are translated on this queue's loop (handed over from any other)");
             }

@@ -13,7 +13,7 @@
 //!
 //! ```yaml
 //! node:
-//!   local_mac: "02:00:00:00:00:01"
+//!   local_mac: "02:00:00:00:00:01"   # frames' source in lb replay; lb run sends from each interface's own MAC
 //!   gateway_mac: "02:00:00:00:00:fe"
 //!   snat_v4: 10.0.0.2
 //!   snat_ports: [32768, 60999]

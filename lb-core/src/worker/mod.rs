@@ -182,6 +182,9 @@ struct Core {
     sweep_out: [(u32, Entry); WAYS],
     /// Answers ARP / NDP for the tables' addresses when set ([`Worker::set_neighbour_mac`]).
     neighbour: Option<NeighbourResponder>,
+    /// The Ethernet source of the frames this worker sends, in place of `node.local_mac` when set
+    /// ([`Worker::set_source_mac`]).
+    source_mac: Option<[u8; 6]>,
     /// The latest second a burst came with: a burst from earlier (a replayed capture's timestamps
     /// out of order, a clock stepped back) is decided at this second instead. Conntrack judges
     /// entries by the time it is given; stepping back would bring expired flows back to life,
@@ -239,6 +242,7 @@ impl Worker {
             timeouts: StateTimeouts::new(&tables.node().timeouts),
             sweep_out: [(0, Entry::default()); WAYS],
             neighbour: None,
+            source_mac: None,
             clock: 0,
             config,
         };
@@ -273,6 +277,14 @@ impl Worker {
     /// pass to the kernel). See [`crate::neighbour`].
     pub fn set_neighbour_mac(&mut self, mac: Option<[u8; 6]>) {
         self.core.neighbour = mac.map(|m| NeighbourResponder::new(m, &self.tables));
+    }
+
+    /// Sends every frame (forwarded, translated back, an ICMP error answering one) from `mac`, this
+    /// worker's interface's own MAC, instead of the tables' `node.local_mac`, which is one value for
+    /// every interface (`None`, the default: `node.local_mac`). A switch port or a cloud network
+    /// that checks source MACs takes only the interface's.
+    pub fn set_source_mac(&mut self, mac: Option<[u8; 6]>) {
+        self.core.source_mac = mac;
     }
 
     /// The tables in use.
@@ -880,7 +892,8 @@ impl Core {
         self.count_established(backend, change);
         let to = flow_key(&client_key).ok_or(DropReason::NoReverseFlow)?.reverse();
         let node = tables.node();
-        self.nat_rewrite(frame, p, to, (node.local_mac, node.gateway_mac.unwrap_or(node.local_mac)))?;
+        let src = self.source_mac.unwrap_or(node.local_mac);
+        self.nat_rewrite(frame, p, to, (src, node.gateway_mac.unwrap_or(src)))?;
         self.stats.reverse_nat += 1;
         Ok(Verdict::Tx)
     }
@@ -998,7 +1011,7 @@ impl Core {
         // The MACs are written in each arm, into the frame (DSR) or the target the rewrite reads
         // (`Core::nat_target`, `Core::tunnel_target`), never into a copy built before the match (16
         // instructions a DSR packet, callgrind, and a store-forwarding stall a NAT one).
-        let local_mac = tables.node().local_mac;
+        let local_mac = self.source_mac.unwrap_or(tables.node().local_mac);
         match mode {
             ForwardMode::Nat => {
                 // (`let else` rather than `ok_or(..)?`: the 40-byte key then goes straight into the
@@ -1062,7 +1075,7 @@ impl Core {
         if !forward::too_big::can_signal(frame, p) {
             return Err(DropReason::TooBig);
         }
-        forward::too_big::reply(frame, p, mtu.saturating_sub(overhead), node.local_mac)?;
+        forward::too_big::reply(frame, p, mtu.saturating_sub(overhead), self.source_mac.unwrap_or(node.local_mac))?;
         self.stats.icmp_too_big += 1;
         Ok(true)
     }
