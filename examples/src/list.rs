@@ -114,6 +114,9 @@ pub enum ListError {
         /// What was wrong.
         what: String,
     },
+    /// The listing could not be written out (other than to a reader that went away).
+    #[error("cannot write the listing: {0}")]
+    Output(std::io::Error),
 }
 
 /// Fetches `/state` from a running instance's metrics address.
@@ -133,11 +136,15 @@ pub fn fetch(addr: SocketAddr, timeout: Duration) -> Result<StateView, ListError
     serde_json::from_str(body).map_err(|e| bad(format!("state JSON: {e}")))
 }
 
-/// `lb list`: fetches the state from `addr` and prints it to stdout.
+/// `lb list`: fetches the state from `addr` and prints it to stdout. A reader that stops reading
+/// (`lb list | head`) ends the listing there, as for any command, not with an error.
 pub fn print(addr: SocketAddr) -> Result<(), ListError> {
     let view = fetch(addr, Duration::from_secs(5))?;
-    print!("{}", format_ipvsadm(&view));
-    Ok(())
+    let mut out = std::io::stdout().lock();
+    match out.write_all(format_ipvsadm(&view).as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(ListError::Output(e)),
+        _ => Ok(()),
+    }
 }
 
 fn endpoint(addr: IpAddr, port: u16) -> String {
