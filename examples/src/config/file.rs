@@ -9,7 +9,9 @@
 //! unspecified address, broadcast, multicast, loopback and IPv4-mapped IPv6 (`::ffff:a.b.c.d`) are
 //! refused (lb-core's `SpecialAddress`, which its own validation applies too). A source range is
 //! written as its network (`10.0.0.0/8`): one with host bits set (`10.1.2.3/8`) is refused, as
-//! `ip route` refuses it, rather than widened to the network without a word.
+//! `ip route` refuses it, rather than widened to the network without a word. MACs frames go to
+//! (`gateway_mac`, a backend's `mac`) may be neither all zeros nor broadcast, and `local_mac` no
+//! group MAC.
 //!
 //! ```yaml
 //! node:
@@ -348,6 +350,32 @@ impl Problems {
         }
         m
     }
+
+    /// A MAC frames are sent to (a gateway's, a backend's): not all zeros (a placeholder, which no
+    /// interface answers to) nor broadcast (every frame flooded to the whole segment).
+    fn destination_mac(&mut self, field: &str, value: &str) -> Option<[u8; 6]> {
+        let m = self.mac(field, value)?;
+        let problem = match m {
+            _ if m == [0; 6] => "is all zeros: give the next hop's MAC",
+            _ if m == [0xff; 6] => "is the broadcast MAC: every frame would flood the segment; give the next hop's MAC",
+            _ => return Some(m),
+        };
+        self.push(field, quoted(value), problem);
+        None
+    }
+
+    /// A MAC frames come from: an interface's own, so neither all zeros nor a group MAC (its first
+    /// byte's lowest bit set), which no frame may carry as its source.
+    fn source_mac(&mut self, field: &str, value: &str) -> Option<[u8; 6]> {
+        let m = self.mac(field, value)?;
+        let problem = match m {
+            _ if m == [0; 6] => "is all zeros: give the interface's MAC",
+            _ if m[0] & 1 == 1 => "is a group (multicast) MAC, which no frame may come from: give the interface's MAC",
+            _ => return Some(m),
+        };
+        self.push(field, quoted(value), problem);
+        None
+    }
 }
 
 /// The shortest and longest health check interval a file may set.
@@ -379,7 +407,8 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut parts = s.trim().split([':', '-']);
     for byte in &mut mac {
         let p = parts.next()?;
-        if p.len() != 2 {
+        // Two hex digits: `u8::from_str_radix` alone would take "+2" for 2.
+        if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
             return None;
         }
         *byte = u8::from_str_radix(p, 16).ok()?;
@@ -478,9 +507,9 @@ fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
 fn validate_node(n: &FileNode, p: &mut Problems) -> NodeConfig {
     let mut node = NodeConfig::default();
     if let Some(m) = &n.local_mac {
-        node.local_mac = p.mac("node.local_mac", m).unwrap_or(node.local_mac);
+        node.local_mac = p.source_mac("node.local_mac", m).unwrap_or(node.local_mac);
     }
-    node.gateway_mac = n.gateway_mac.as_deref().and_then(|m| p.mac("node.gateway_mac", m));
+    node.gateway_mac = n.gateway_mac.as_deref().and_then(|m| p.destination_mac("node.gateway_mac", m));
     node.snat_v4 = n.snat_v4.as_deref().and_then(|a| p.parse::<Ipv4Addr>("node.snat_v4", a, "is not an IPv4 address"));
     node.snat_v6 = n.snat_v6.as_deref().and_then(|a| p.parse::<Ipv6Addr>("node.snat_v6", a, "is not an IPv6 address"));
     node.tunnel_src_v4 =
@@ -723,7 +752,7 @@ fn validate_service(
         } else {
             u32::try_from(b.weight).ok()
         };
-        let mac = b.mac.as_deref().and_then(|m| p.mac(&format!("{bf}.mac"), m));
+        let mac = b.mac.as_deref().and_then(|m| p.destination_mac(&format!("{bf}.mac"), m));
         if b.mac.is_none() && mode == Some(ForwardMode::Dsr) {
             p.push(
                 format!("{bf}.mac"),
@@ -1298,6 +1327,35 @@ services:
             ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
             ["10.0.0.0/8", "10.1.2.3/32", "0.0.0.0/0"]
         );
+    }
+
+    /// A MAC no frame can be sent to (all zeros, a placeholder; broadcast, which floods every
+    /// frame) is refused as a gateway or backend MAC, and a group MAC as the node's own (no frame may
+    /// come from one), each naming the field; as is a MAC with a sign in it (`+2`, which the number
+    /// parser took for 2).
+    #[test]
+    fn macs_no_frame_can_use_are_refused() {
+        let file = |node_mac: &str, gateway: &str, backend: &str| {
+            format!(
+                "node: {{ local_mac: \"{node_mac}\", gateway_mac: \"{gateway}\", snat_v4: 10.0.0.2 }}\n\
+                 services: [{{ vip: 10.0.0.1, port: 80, backends: [{{ addr: 10.1.0.1, mac: \"{backend}\" }}] }}]\n"
+            )
+        };
+        let good = "02:00:00:00:00:01";
+        for (node_mac, gateway, backend, want) in [
+            (good, "00:00:00:00:00:00", good, "node.gateway_mac: \"00:00:00:00:00:00\" is all zeros"),
+            (good, "ff:ff:ff:ff:ff:ff", good, "node.gateway_mac: \"ff:ff:ff:ff:ff:ff\" is the broadcast MAC"),
+            (good, good, "00-00-00-00-00-00", "services[0].backends[0].mac: \"00-00-00-00-00-00\" is all zeros"),
+            (good, good, "FF:FF:FF:FF:FF:FF", "services[0].backends[0].mac: \"FF:FF:FF:FF:FF:FF\" is the broadcast"),
+            ("01:00:5e:00:00:01", good, good, "node.local_mac: \"01:00:5e:00:00:01\" is a group (multicast) MAC"),
+            ("00:00:00:00:00:00", good, good, "node.local_mac: \"00:00:00:00:00:00\" is all zeros"),
+            (good, "+2:00:00:00:00:fe", good, "node.gateway_mac: \"+2:00:00:00:00:fe\" is not a MAC address"),
+        ] {
+            let msg = parse(&file(node_mac, gateway, backend)).map(|_| ()).unwrap_err().to_string();
+            assert!(msg.contains(want), "{want}: {msg}");
+        }
+        // A multicast next hop is not refused (a cluster MAC, as NLB's multicast mode uses).
+        assert!(parse(&file(good, "03:bf:0a:00:00:01", "01:00:5e:00:00:09")).is_ok());
     }
 
     #[test]
