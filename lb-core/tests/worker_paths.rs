@@ -330,8 +330,18 @@ fn a_worker_with_a_source_mac_sends_every_frame_from_it() {
         assert_eq!(answer[6..12], IFACE_MAC, "{vip}: the ICMP answer's source MAC");
     }
     assert_eq!(w.stats().icmp_too_big, 2);
-    // Without it, node.local_mac, as before.
+    // New tables with another node.local_mac: the interface's MAC stays.
+    const OTHER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x77];
+    let mut other = cfg.clone();
+    other.node.local_mac = OTHER_MAC;
+    w.swap_tables(build(&other));
+    let (_, out) = run(&mut w, &tcp(v4("198.51.100.9"), 4000, v4("192.0.2.1"), 81, Tcp::Syn, b"x"), secs(3));
+    assert_eq!(seen(&out).src_mac, IFACE_MAC, "kept across a table swap");
+    // Without it, node.local_mac, as before, and the one of the tables swapped in next.
     w.set_source_mac(None);
     let (_, out) = run(&mut w, &tcp(v4("198.51.100.8"), 4000, v4("192.0.2.1"), 81, Tcp::Syn, b"x"), secs(3));
+    assert_eq!(seen(&out).src_mac, OTHER_MAC);
+    w.swap_tables(build(&cfg));
+    let (_, out) = run(&mut w, &tcp(v4("198.51.100.10"), 4000, v4("192.0.2.1"), 81, Tcp::Syn, b"x"), secs(3));
     assert_eq!(seen(&out).src_mac, LOCAL_MAC);
 }

@@ -185,6 +185,9 @@ struct Core {
     /// The Ethernet source of the frames this worker sends, in place of `node.local_mac` when set
     /// ([`Worker::set_source_mac`]).
     source_mac: Option<[u8; 6]>,
+    /// `source_mac`, else the tables' `node.local_mac`: worked out when either changes, so a packet
+    /// reads one field, as it read `node.local_mac` before.
+    local_mac: [u8; 6],
     /// The latest second a burst came with: a burst from earlier (a replayed capture's timestamps
     /// out of order, a clock stepped back) is decided at this second instead. Conntrack judges
     /// entries by the time it is given; stepping back would bring expired flows back to life,
@@ -243,6 +246,7 @@ impl Worker {
             sweep_out: [(0, Entry::default()); WAYS],
             neighbour: None,
             source_mac: None,
+            local_mac: tables.node().local_mac,
             clock: 0,
             config,
         };
@@ -285,6 +289,7 @@ impl Worker {
     /// that checks source MACs takes only the interface's.
     pub fn set_source_mac(&mut self, mac: Option<[u8; 6]>) {
         self.core.source_mac = mac;
+        self.core.local_mac = mac.unwrap_or(self.tables.node().local_mac);
     }
 
     /// The tables in use.
@@ -415,6 +420,7 @@ impl Core {
         self.snat_ports = snat_port_share(node.snat_ports, self.config.core_index, self.config.core_count);
         self.hasher = FlowHasher::new(node.hash_seed);
         self.timeouts = StateTimeouts::new(&node.timeouts);
+        self.local_mac = self.source_mac.unwrap_or(node.local_mac);
         if let Some(r) = &mut self.neighbour {
             r.install(tables);
         }
@@ -892,7 +898,7 @@ impl Core {
         self.count_established(backend, change);
         let to = flow_key(&client_key).ok_or(DropReason::NoReverseFlow)?.reverse();
         let node = tables.node();
-        let src = self.source_mac.unwrap_or(node.local_mac);
+        let src = self.local_mac;
         self.nat_rewrite(frame, p, to, (src, node.gateway_mac.unwrap_or(src)))?;
         self.stats.reverse_nat += 1;
         Ok(Verdict::Tx)
@@ -1011,7 +1017,7 @@ impl Core {
         // The MACs are written in each arm, into the frame (DSR) or the target the rewrite reads
         // (`Core::nat_target`, `Core::tunnel_target`), never into a copy built before the match (16
         // instructions a DSR packet, callgrind, and a store-forwarding stall a NAT one).
-        let local_mac = self.source_mac.unwrap_or(tables.node().local_mac);
+        let local_mac = self.local_mac;
         match mode {
             ForwardMode::Nat => {
                 // (`let else` rather than `ok_or(..)?`: the 40-byte key then goes straight into the
@@ -1075,7 +1081,7 @@ impl Core {
         if !forward::too_big::can_signal(frame, p) {
             return Err(DropReason::TooBig);
         }
-        forward::too_big::reply(frame, p, mtu.saturating_sub(overhead), self.source_mac.unwrap_or(node.local_mac))?;
+        forward::too_big::reply(frame, p, mtu.saturating_sub(overhead), self.local_mac)?;
         self.stats.icmp_too_big += 1;
         Ok(true)
     }
