@@ -676,7 +676,14 @@ fn validate_service(
     {
         p.push(format!("{f}.gue_port"), g, "is only used with mode: gue");
     }
-    let affinity_timeout = s.affinity_timeout.as_deref().and_then(|a| p.duration(&format!("{f}.affinity_timeout"), a));
+    let affinity_field = format!("{f}.affinity_timeout");
+    let affinity_timeout = s.affinity_timeout.as_deref().and_then(|a| p.duration(&affinity_field, a));
+    // Kept in whole seconds (lb-core would name it "0 s", which is not what was written).
+    if let (Some(d), Some(a)) = (affinity_timeout, &s.affinity_timeout)
+        && d < Duration::from_secs(1)
+    {
+        p.push(affinity_field, quoted(a), "is shorter than a second: affinity is kept in whole seconds (e.g. 1s, 3h)");
+    }
     let mut source_ranges = Vec::new();
     for (j, r) in s.source_ranges.iter().enumerate() {
         if let Some(c) = p.parse::<Cidr>(&format!("{f}.source_ranges[{j}]"), r, "is not a CIDR (e.g. 10.0.0.0/8)") {
@@ -1293,6 +1300,21 @@ services:
                 "{msg}"
             );
         }
+    }
+
+    /// An affinity timeout under a second is refused as written: affinity is kept in whole seconds,
+    /// and lb-core's refusal of what it came to would say "0 s".
+    #[test]
+    fn an_affinity_timeout_under_a_second_is_refused_as_written() {
+        let file = |t: &str| {
+            format!(
+                "node: {{ snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }}\nservices: [{{ vip: 10.0.0.1, port: \
+                 80, affinity_timeout: {t} }}]\n"
+            )
+        };
+        let msg = parse(&file("500ms")).unwrap_err().to_string();
+        assert!(msg.contains("services[0].affinity_timeout: \"500ms\" is shorter than a second"), "{msg}");
+        assert_eq!(parse(&file("1s")).unwrap().services[0].config.affinity_timeout, Some(Duration::from_secs(1)));
     }
 
     /// A source range with host bits set (`10.1.2.3/8`) is refused, naming the prefix it would have
