@@ -64,6 +64,9 @@ pub struct CoreSnapshot {
     pub handoff_lost: u64,
     /// Frames this core's poll loop gave up on a stuck transmit ring (its poll loop's count).
     pub tx_abandoned: u64,
+    /// Frames the kernel dropped on their way to this core's AF_XDP socket (its receive ring full,
+    /// or no fill-ring buffer), as its poll loop last read them.
+    pub xsk_rx_dropped: u64,
 }
 
 impl CoreSnapshot {
@@ -178,6 +181,7 @@ impl CoreCounters {
             // The poll loop's, added by `PublishedCounters`.
             handoff_lost: 0,
             tx_abandoned: 0,
+            xsk_rx_dropped: 0,
         }
     }
 }
@@ -200,7 +204,8 @@ impl StatsSource for PublishedCounters {
             self.0.iter().filter_map(|c| c.lock().ok().map(|c| c.to_snapshot())).collect();
         for (core, counters) in cores.iter_mut().zip(&self.1) {
             let s = counters.snapshot();
-            (core.handoff_lost, core.tx_abandoned) = (s.handoff_lost, s.tx_abandoned);
+            (core.handoff_lost, core.tx_abandoned, core.xsk_rx_dropped) =
+                (s.handoff_lost, s.tx_abandoned, s.kernel_rx_dropped);
         }
         cores
     }
@@ -414,6 +419,11 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
             "lb_tx_abandoned_total",
             "Frames given up after the transmit ring made no progress for many flushes.",
             cores.iter().map(|c| c.tx_abandoned).sum(),
+        ),
+        (
+            "lb_xsk_rx_dropped_total",
+            "Frames the kernel steered to the load balancer but dropped before its poll loops saw them: an AF_XDP socket's receive ring was full (a loop fell behind) or had no free buffer.",
+            cores.iter().map(|c| c.xsk_rx_dropped).sum(),
         ),
     ] {
         f.head(name, "counter", help);
@@ -648,6 +658,7 @@ services:
                     handed_off: 4 * k,
                     handoff_lost: 5 * k,
                     tx_abandoned: 6 * k,
+                    xsk_rx_dropped: 9 * k,
                     arp_replies: 3 * k,
                     ndp_adverts: k,
                     icmp_too_big: 2 * k,
@@ -695,6 +706,14 @@ services:
         assert_eq!(report.stats.tx_abandoned, 3);
         let cores = published.snapshots();
         assert_eq!((cores.len(), cores[0].tx_abandoned, cores[0].handoff_lost), (1, 3, 0));
+        // And what the kernel dropped before the loop's device (an AF_XDP socket's full ring).
+        let mut dev = MemoryDevice::new(MemoryConfig::default());
+        dev.count_kernel_rx_dropped(4);
+        let (_tx, rx) = update_channel::<lb_io::MacRewrite>();
+        let lp = PollLoop::new(dev, lb_io::MacRewrite { src: [2; 6], dst: [4; 6] }, rx, StopFlag::new(), config);
+        let published = PublishedCounters(vec![Arc::new(Mutex::new(CoreCounters::default()))], vec![lp.counters()]);
+        lp.run().unwrap();
+        assert_eq!(published.snapshots()[0].xsk_rx_dropped, 4);
     }
 
     #[tokio::test]
@@ -710,6 +729,7 @@ services:
             "lb_nat_replies_handed_off_total 12".into(),
             "lb_handoff_lost_total 15".into(),
             "lb_tx_abandoned_total 18".into(),
+            "lb_xsk_rx_dropped_total 27".into(),
             "lb_ndp_adverts_total 3".into(),
             "lb_icmp_too_big_total 6".into(),
             "lb_tables_refused_total 3".into(),

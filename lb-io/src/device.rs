@@ -120,6 +120,13 @@ pub trait Device {
         false
     }
 
+    /// Frames the kernel dropped on their way to this device, as it counts them so far: for an
+    /// AF_XDP socket, those that found its receive ring full (the loop fell behind) or no buffer on
+    /// its fill ring. They never reach the loop. 0 for a device the kernel does not feed.
+    fn kernel_rx_dropped(&self) -> u64 {
+        0
+    }
+
     /// Queues a copy of `packet` for transmission from a buffer of the device's own (a frame another
     /// loop handed over, see [`crate::handoff`]); false when it cannot (no free buffer, too long, or
     /// a device that does not send copies, as by default). Send it with [`Device::flush`].

@@ -34,6 +34,7 @@ pub struct MemoryDevice {
     transmitted: Vec<Vec<u8>>,
     tx_per_flush: usize,
     oversize: u64,
+    kernel_dropped: u64,
 }
 
 impl MemoryDevice {
@@ -45,6 +46,7 @@ impl MemoryDevice {
             transmitted: Vec::new(),
             tx_per_flush: config.tx_per_flush,
             oversize: 0,
+            kernel_dropped: 0,
         }
     }
 
@@ -68,6 +70,12 @@ impl MemoryDevice {
         self.oversize
     }
 
+    /// Counts `n` more frames as dropped before they reached the device, as the kernel counts an
+    /// AF_XDP socket's ([`Device::kernel_rx_dropped`]).
+    pub fn count_kernel_rx_dropped(&mut self, n: u64) {
+        self.kernel_dropped += n;
+    }
+
     #[cfg(test)]
     pub(crate) fn unaccounted_buffers(&self) -> usize {
         self.pool.unaccounted()
@@ -75,6 +83,10 @@ impl MemoryDevice {
 }
 
 impl Device for MemoryDevice {
+    fn kernel_rx_dropped(&self) -> u64 {
+        self.kernel_dropped
+    }
+
     fn receive<'a>(&'a mut self, frames: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
         let room = self.pool.packet_room();
         let input = &mut self.input;

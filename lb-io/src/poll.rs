@@ -99,6 +99,11 @@ pub struct LoopStats {
     pub tx_abandoned: u64,
     /// Times the loop blocked in [`Device::wait`].
     pub idle_waits: u64,
+    /// Frames the kernel dropped before they reached the device ([`Device::kernel_rx_dropped`]: an
+    /// AF_XDP socket's receive ring full, or no fill-ring buffer), as last read: at most every
+    /// `KERNEL_DROPS_EVERY` (1 s), busy or idle, and at the end. Not in `drop`: the loop never
+    /// received them.
+    pub kernel_rx_dropped: u64,
 }
 
 /// Live counters of a running loop, published once per round (plain stores, one writer).
@@ -113,6 +118,7 @@ pub struct LoopCounters {
     handed_in: AtomicU64,
     stalled_flushes: AtomicU64,
     tx_abandoned: AtomicU64,
+    kernel_rx_dropped: AtomicU64,
 }
 
 impl LoopCounters {
@@ -126,6 +132,7 @@ impl LoopCounters {
         self.handed_in.store(s.handed_in, Ordering::Relaxed);
         self.stalled_flushes.store(s.stalled_flushes, Ordering::Relaxed);
         self.tx_abandoned.store(s.tx_abandoned, Ordering::Relaxed);
+        self.kernel_rx_dropped.store(s.kernel_rx_dropped, Ordering::Relaxed);
     }
 
     /// A snapshot (fields not published live are zero).
@@ -140,6 +147,7 @@ impl LoopCounters {
             handed_in: self.handed_in.load(Ordering::Relaxed),
             stalled_flushes: self.stalled_flushes.load(Ordering::Relaxed),
             tx_abandoned: self.tx_abandoned.load(Ordering::Relaxed),
+            kernel_rx_dropped: self.kernel_rx_dropped.load(Ordering::Relaxed),
             ..LoopStats::default()
         }
     }
@@ -359,6 +367,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         let mut stalls = 0u32;
         let mut last_flush = self.clock.elapsed();
         let mut last_idle_call = last_flush;
+        let mut last_drops_read = last_flush;
         loop {
             if self.stop.is_set() {
                 break;
@@ -388,6 +397,10 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
                     {
                         self.processor.idle(self.now());
                         last_idle_call = self.clock.elapsed();
+                        if last_idle_call.saturating_sub(last_drops_read) >= KERNEL_DROPS_EVERY {
+                            self.stats.kernel_rx_dropped = self.device.kernel_rx_dropped();
+                            last_drops_read = last_idle_call;
+                        }
                     }
                     if wait {
                         idle = 0;
@@ -397,6 +410,11 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
                 _ => {
                     idle = 0;
                     let now = self.clock.elapsed();
+                    // A loop that falls behind is never idle: the kernel's drops are read here too.
+                    if now.saturating_sub(last_drops_read) >= KERNEL_DROPS_EVERY {
+                        self.stats.kernel_rx_dropped = self.device.kernel_rx_dropped();
+                        last_drops_read = now;
+                    }
                     if self.device.pending_tx() >= self.config.tx_batch
                         || now.saturating_sub(last_flush) >= self.config.flush_interval
                     {
@@ -408,6 +426,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
             self.counters.publish(&self.stats);
         }
         self.drain(&mut stalls)?;
+        self.stats.kernel_rx_dropped = self.device.kernel_rx_dropped();
         self.counters.publish(&self.stats);
         Ok(LoopReport { device: self.device, processor: self.processor, stats: self.stats })
     }
@@ -607,6 +626,10 @@ where
 /// A poll loop running on its own thread ([`PollLoop::spawn`]): what it hands back when it ends.
 pub type Running<D, P> = JoinHandle<Result<LoopReport<D, P>, SpawnError>>;
 
+/// How often a loop that receives frames reads the kernel's drops on their way to its device (a
+/// system call for an AF_XDP socket).
+const KERNEL_DROPS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Empty rounds between the spinning loop's looks at the clock for its idle turn (a clock read each
 /// empty round would slow the receive polls that a spinning loop is for).
 const SPIN_CLOCK_ROUNDS: usize = 64;
@@ -696,6 +719,21 @@ mod tests {
         assert_eq!(r.device.oversize_dropped(), 10);
         assert_eq!(r.stats.rx, 0);
         assert!(r.device.take_transmitted().is_empty());
+    }
+
+    /// Frames the kernel dropped before they reached the device (an AF_XDP socket's full receive
+    /// ring) show in the loop's stats and live counters, apart from the frames it received: they
+    /// were counted nowhere the operator could see.
+    #[test]
+    fn the_kernels_drops_before_the_device_are_counted() {
+        let mut dev = device_with(5, MemoryConfig::default());
+        dev.count_kernel_rx_dropped(7);
+        let (_tx, rx) = update_channel();
+        let lp = PollLoop::new(dev, MacRewrite { src: SRC, dst: DST }, rx, StopFlag::new(), LoopConfig::default());
+        let live = lp.counters();
+        let r = lp.run().unwrap();
+        assert_eq!((r.stats.rx, r.stats.drop, r.stats.kernel_rx_dropped), (5, 0, 7));
+        assert_eq!(live.snapshot().kernel_rx_dropped, 7);
     }
 
     #[test]

@@ -753,6 +753,13 @@ impl XskDevice {
 }
 
 impl Device for XskDevice {
+    /// `rx_dropped` (no fill-ring buffer, a frame too large for a chunk) and `rx_ring_full` of the
+    /// kernel's XDP_STATISTICS.
+    fn kernel_rx_dropped(&self) -> u64 {
+        let s = self.stats();
+        s.rx_dropped + s.rx_ring_full
+    }
+
     fn receive<'a>(&'a mut self, frames: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
         debug_assert_eq!(self.lent_n, 0, "receive called twice without settle");
         // Take back the chunks the kernel has finished sending, then keep the fill ring stocked, a
