@@ -1814,6 +1814,78 @@ mod tests {
         assert!(!s.has_vip(IpAddr::V4(other)).unwrap());
     }
 
+    /// A reload rewrites the maps while frames arrive: every frame of a service (or SNAT range) that
+    /// both the old and the new set steer must be steered throughout, never passed to the kernel in
+    /// between (as it would be if the maps were emptied and filled again, or an address's entry
+    /// deleted and written back when only its flags change). The program runs on another thread
+    /// while the sets alternate.
+    #[test]
+    fn frames_of_what_stays_steered_are_never_passed_while_the_maps_change() {
+        let Some(mut s) = steering() else { return };
+        let other = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 101));
+        let base = SteeringSet {
+            services: [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 443, 6)].into(),
+            snat: [(IpAddr::V4(NODE4), (40000, 40999))].into(),
+            ..SteeringSet::default()
+        };
+        let with = |f: &dyn Fn(&mut SteeringSet)| {
+            let mut set = base.clone();
+            f(&mut set);
+            set
+        };
+        let sets = [
+            base.clone(),
+            // Services and a SNAT address come and go beside the kept ones.
+            with(&|set| {
+                set.services.extend([(IpAddr::V4(VIP4), 53, 17), (other, 80, 6)]);
+                set.snat.insert(IpAddr::V6(NODE6), (40000, 40999));
+            }),
+            // The kept addresses' entries change in place: held by the host, answered for, a NodePort.
+            with(&|set| set.host.extend([IpAddr::V4(VIP4), IpAddr::V4(NODE4)])),
+            with(&|set| {
+                set.whole.insert(other);
+                set.neighbour.extend([IpAddr::V4(VIP4), IpAddr::V6(VIP6)]);
+            }),
+            with(&|set| {
+                set.services.insert((IpAddr::V4(NODE4), 30080, 6));
+                set.host.insert(IpAddr::V4(NODE4));
+            }),
+        ];
+        let frames = [
+            ("TCP to VIP4:80", v4_with(VIP4, 6, 0, &ports(80))),
+            ("TCP to [VIP6]:443", v6_with(VIP6, 6, &ports(443))),
+            ("a NAT reply to NODE4:40500", v4_with(NODE4, 6, 0, &ports(40500))),
+        ];
+        s.set(base.clone()).unwrap();
+        // The same program through a second descriptor, run while `s` rewrites its maps.
+        let program = Program { fd: s.program.fd.try_clone().unwrap() };
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (runs, passed) = std::thread::scope(|scope| {
+            let runner = scope.spawn(|| {
+                let (mut runs, mut passed) = (0u64, Vec::new());
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    for (name, frame) in &frames {
+                        let verdict = XdpAction::from(program.test_run(frame).unwrap());
+                        runs += 1;
+                        if verdict != XdpAction::Drop && passed.len() < 10 {
+                            passed.push(format!("{name}: {verdict:?}"));
+                        }
+                    }
+                }
+                (runs, passed)
+            });
+            for _ in 0..2000 {
+                for set in &sets {
+                    s.set(set.clone()).unwrap();
+                }
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            runner.join().unwrap()
+        });
+        assert!(runs > 0, "the program never ran during the updates");
+        assert!(passed.is_empty(), "passed to the kernel during a reload ({runs} runs): {passed:?}");
+    }
+
     #[test]
     fn an_empty_socket_slot_falls_back_to_pass_by_default() {
         let s = match VipSteering::load(SteeringConfig::default()) {
