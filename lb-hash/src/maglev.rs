@@ -77,6 +77,10 @@
 //! entries and adding it back restores the table exactly; on fixed samples of random sets, at
 //! `M = 65537` the mean stays under 0.5 % and the 99th percentile under 1 % for N from 3 to 200, and at
 //! `M = 100 N` the mean stays under 1 % from N = 100 up and under 2 % at N = 10.
+//! With unequal weights (a removal, an addition, a weight change, the heaviest's included), the
+//! entries that move beyond those the new quotas force stay under a quarter of those plus 3 % of the
+//! table at `M = 65537` for any set of 2 to 30 backends (measured: mean 0.4 to 1.1 %, largest 5.1 %
+//! of the table over 20 000 random changes, at N = 2 with 28 % forced).
 //!
 //! # Why it is fast
 //! Offsets and skips are computed once per backend; stepping along a permutation is a subtract and

@@ -35,6 +35,22 @@ fn owners(t: &MaglevTable) -> Vec<BackendId> {
     t.entries().iter().map(|&e| t.backends()[usize::from(e)].id).collect()
 }
 
+/// Entries whose owner changed from `before` to `after`, and the fewest that had to: the sum, over
+/// identities, of the entries each owned that the new quotas no longer give it.
+fn moved_and_needed(before: &MaglevTable, after: &MaglevTable) -> (u32, u32) {
+    let (old, new) = (owners(before), owners(after));
+    let moved = old.iter().zip(&new).filter(|(a, b)| a != b).count() as u32;
+    let mut change = std::collections::BTreeMap::<BackendId, i64>::new();
+    for id in &old {
+        *change.entry(*id).or_default() += 1;
+    }
+    for id in &new {
+        *change.entry(*id).or_default() -= 1;
+    }
+    let needed = change.values().filter(|&&d| d > 0).sum::<i64>() as u32;
+    (moved, needed)
+}
+
 /// At the default size, few entries move between survivors: under 0.5 % on average and under 1 %
 /// for 99 % of removals, for small and large sets (the long tail of single removals above 1 % is
 /// rarer than one in a hundred; see the `maglev` module comment).
@@ -168,6 +184,43 @@ proptest! {
         let b = MaglevTable::new(&without, m).expect("valid set");
         prop_assert_eq!(owners(&a), owners(&b));
         prop_assert_eq!(a.position(set[k].id).map(|i| a.backends()[i as usize].weight), Some(0));
+    }
+
+    /// With unequal weights, removing a backend, adding one or changing one's weight (the heaviest's
+    /// too, which changes every other backend's turn rate) moves few entries beyond those the new
+    /// quotas force to move: at most a quarter of those plus 3 % of the table. Measured over 20 000
+    /// random changes (2 to 30 backends, weights up to 1000, M = 65537): mean excess 0.4 to 1.1 % of
+    /// the table, the largest 5.1 %, with 28 % forced, at N = 2, where every extra move is a swap.
+    #[test]
+    fn weighted_changes_move_little_beyond_what_the_quotas_force(
+        ids in ids(3..=31),
+        weights in prop::collection::vec(1u32..=1000, 31),
+        which in any::<prop::sample::Index>(),
+        change in 0u8..4,
+        new_weight in 1u32..=1000,
+    ) {
+        let mut set: Vec<Backend> = ids.iter().zip(&weights).map(|(&id, &w)| Backend::new(id, w)).collect();
+        // The last identity is the one added; the others make the set before.
+        let newcomer = set.pop().expect("at least 3 identities");
+        let k = which.index(set.len());
+        let heaviest = set.iter().enumerate().max_by_key(|&(_, b)| b.weight).map(|(i, _)| i).expect("not empty");
+        let mut changed = set.clone();
+        match change {
+            0 => { changed.remove(k); }
+            1 => changed.push(Backend::new(newcomer.id.0, new_weight)),
+            2 => changed[k].weight = new_weight,
+            _ => changed[heaviest].weight = new_weight,
+        }
+        let m = MaglevTable::DEFAULT_SIZE;
+        let before = MaglevTable::new(&set, m).expect("valid set");
+        let after = MaglevTable::new(&changed, m).expect("valid set");
+        let (moved, needed) = moved_and_needed(&before, &after);
+        let bound = needed + needed / 4 + m * 3 / 100;
+        prop_assert!(
+            moved <= bound,
+            "{moved} entries moved where {needed} had to (bound {bound}); weights {:?}, change {change}",
+            set.iter().map(|b| b.weight).collect::<Vec<_>>()
+        );
     }
 
     /// Bad input is an error value, never a panic.
