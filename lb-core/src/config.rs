@@ -382,7 +382,11 @@ pub struct ServiceConfig {
     /// go to the same backend. Each new flow renews it; packets of flows already open do not (as
     /// kube-proxy's iptables mode, whose `recent` match sees only new connections; IPVS persistence
     /// also holds while the client has connections open). `None` disables it. Kubernetes' default
-    /// timeout is 10800 s.
+    /// timeout is 10800 s. Records are per core, and RSS spreads a client's flows over the queues:
+    /// under mh and hrw a client's first pick therefore hashes its address, not the 5-tuple, so every
+    /// core and node picks the same backend for it (sh, dh and ecmp hash addresses anyway); under rr,
+    /// wrr, lc, wlc, sed and nq each core picks on its own, so a client's flows may reach one backend
+    /// per queue.
     pub affinity_timeout: Option<Duration>,
     /// When non-empty, only clients inside one of these prefixes reach the service; others are
     /// dropped and counted as `SourceNotAllowed`.

@@ -246,6 +246,33 @@ fn client_ip_affinity_holds_until_its_timeout() {
     assert!(seen.len() > 1, "affinity outlived its timeout: {seen:?}");
 }
 
+/// ClientIP affinity under a scheduler that picks from the flow alone holds across cores: RSS spreads
+/// a client's flows (other source ports) over the queues, and each core keeps its own records, so a
+/// core without the client's record must pick the backend the client's first flow went to on another.
+#[test]
+fn client_ip_affinity_agrees_between_cores_under_hashing_schedulers() {
+    let backends: Vec<String> = (1..=8).map(|i| format!("10.1.0.{i}")).collect();
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    for scheduler in [SchedulerKind::Maglev, SchedulerKind::Rendezvous] {
+        let mut cfg = dsr_config(scheduler, &backends);
+        cfg.services[0].affinity_timeout = Some(dur(600));
+        let tables = TableBuilder::new().build(&cfg).unwrap();
+        let mut cores: Vec<Worker> = (0..2)
+            .map(|i| {
+                Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 1024, core_index: i, core_count: 2 })
+            })
+            .collect();
+        for c in 0..16 {
+            let (_, out) = run(&mut cores[0], &tcp(client(c), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+            let sticky = dsr_backend(&out);
+            for port in 2000..2004 {
+                let (_, out) = run(&mut cores[1], &tcp(client(c), port, v4(VIP), 80, Tcp::Syn, b""), secs(2));
+                assert_eq!(dsr_backend(&out), sticky, "{scheduler:?}: client {c}'s flow from port {port} on core 1");
+            }
+        }
+    }
+}
+
 #[test]
 fn syn_flood_does_not_push_out_established_flows() {
     let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
@@ -1070,8 +1097,8 @@ fn established_count_follows_tcp_states_as_ipvsadm_active_conn() {
 
 /// A Maglev service's new flows go to the backend its scheduler picks for the flow's lb-hash 5-tuple
 /// hash, whether the worker takes it from the flat ring (no affinity) or from the scheduler (with
-/// ClientIP affinity, the general path), with weights and a draining backend in the set; and the
-/// flows' packets after the first stay there.
+/// ClientIP affinity, the general path, where the hash is the client address's), with weights and
+/// a draining backend in the set; and the flows' packets after the first stay there.
 #[test]
 fn maglev_new_flows_get_the_schedulers_pick_on_either_path() {
     let backends = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"];
@@ -1087,7 +1114,10 @@ fn maglev_new_flows_get_the_schedulers_pick_on_either_path() {
         let mut per_backend = [0u32; 5];
         for i in 0..2000 {
             let (c, sport) = (client(i), 1000 + (i % 7) as u16);
-            let h = hasher.five_tuple(c, v4(VIP), 6, sport, 80);
+            let h = match affinity {
+                None => hasher.five_tuple(c, v4(VIP), 6, sport, 80),
+                Some(_) => hasher.source(c),
+            };
             let want = svc.scheduler.likely_pick(h).map(|bi| svc.backends[bi].mac[5]).unwrap();
             let (v, out) = run(&mut w, &tcp(c, sport, v4(VIP), 80, Tcp::Syn, b""), secs(1));
             assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, want), "flow {i}, affinity {affinity:?}");

@@ -82,7 +82,9 @@ pub struct FlowInput {
     pub sport: u16,
     /// Service port.
     pub dport: u16,
-    /// The lb-hash 5-tuple hash of the flow (computed once per packet by the worker).
+    /// The lb-hash 5-tuple hash of the flow (computed once per packet by the worker), what mh and hrw
+    /// pick by; for a service with ClientIP affinity, the hash of the client address instead (as sh
+    /// hashes), so that cores and nodes without the client's affinity record pick alike.
     pub flow_hash: u64,
     /// The node's flow hasher, for schedulers that hash another key (sh, dh, ecmp).
     pub hasher: FlowHasher,

@@ -806,6 +806,14 @@ impl Core {
         let backend_index = match sticky {
             Some(bi) => bi,
             None => {
+                // With ClientIP affinity mh and hrw hash the client address, not the 5-tuple: each
+                // core keeps its own affinity records while RSS spreads a client's flows over the
+                // queues, so a core without the client's record must pick what another core (or node)
+                // picked for the client's first flow.
+                let flow_hash = match service.affinity_timeout_secs {
+                    Some(_) => self.hasher.source(client),
+                    None => flow_hash,
+                };
                 let flow = FlowInput {
                     src: client,
                     dst: p.flow.dst_ip(),
