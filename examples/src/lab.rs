@@ -430,7 +430,8 @@ impl Lab {
     /// port to: lb-core's own scheduler over the same hash the worker computes, so a test can
     /// check that the backend which answered is the one the load balancer had to pick. Only for
     /// schedulers that depend on nothing but the flow (mh, as [`Lab::config`] sets, sh, dh, hrw,
-    /// ecmp); `None` when no service or backend matches.
+    /// ecmp), and with ClientIP affinity for a client without an affinity record; `None` when no
+    /// service or backend matches.
     pub fn scheduled_backend(
         &self,
         tables: &Tables,
@@ -441,7 +442,11 @@ impl Lab {
         let (_, service) = tables.lookup(&ServiceKey { vip, port: PORT, proto })?;
         let hasher = FlowHasher::new(tables.node().hash_seed);
         let (src, sport, proto) = (client.ip(), client.port(), proto.number());
-        let flow_hash = hasher.five_tuple(src, vip, proto, sport, PORT);
+        // With ClientIP affinity the worker's first pick hashes the client address.
+        let flow_hash = match service.affinity_timeout_secs {
+            Some(_) => hasher.source(src),
+            None => hasher.five_tuple(src, vip, proto, sport, PORT),
+        };
         let flow = FlowInput { src, dst: vip, proto, sport, dport: PORT, flow_hash, hasher };
         let mut cursor = 0;
         let mut core = CoreState::new(&mut cursor);
