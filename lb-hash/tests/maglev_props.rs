@@ -84,6 +84,60 @@ fn disruption_at_one_hundred_entries_per_backend() {
     }
 }
 
+/// Entries moved beyond what the new quotas force (in % of the table) for each of `sets` random sets
+/// of `n` backends of weights 1 to 1000 at the default size, under one random change each: a
+/// removal, an addition, a weight change, the heaviest's weight change (which changes every other
+/// backend's turn rate). Sorted; a fixed seed per `n`, so every run checks the same sets.
+fn weighted_excess_sample(n: usize, sets: usize) -> Vec<f64> {
+    let m = MaglevTable::DEFAULT_SIZE;
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ (n as u64) << 40;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut excess = Vec::with_capacity(sets * 4);
+    for _ in 0..sets {
+        let set: Vec<Backend> = (0..n).map(|_| Backend::new(next(), (next() % 1000 + 1) as u32)).collect();
+        let before = MaglevTable::new(&set, m).expect("valid set");
+        let k = (next() % n as u64) as usize;
+        let heaviest = set.iter().enumerate().max_by_key(|&(_, b)| b.weight).map_or(0, |(i, _)| i);
+        for change in 0..4 {
+            let mut changed = set.clone();
+            let w = (next() % 1000 + 1) as u32;
+            match change {
+                0 => drop(changed.remove(k)),
+                1 => changed.push(Backend::new(next(), w)),
+                2 => changed[k].weight = w,
+                _ => changed[heaviest].weight = w,
+            }
+            let after = MaglevTable::new(&changed, m).expect("valid set");
+            let (moved, needed) = moved_and_needed(&before, &after);
+            excess.push(f64::from(moved - needed) / f64::from(m) * 100.0);
+        }
+    }
+    excess.sort_by(f64::total_cmp);
+    excess
+}
+
+/// With unequal weights, a removal, an addition or a weight change moves few entries beyond those
+/// the new quotas force. Like the equal-weight disruption above this is a distribution, not a
+/// bound: pairs of backends with related permutations (equal skips the extreme case) make a long
+/// tail, longer with weights, since a weight change moves the boundary between such a pair along
+/// their whole shared walk (measured: a 3-backend set whose first and third share skip 14466 at
+/// M = 65537 moves 18.5 % of the table for a weight change of 325 to 300 that forces 1.9 %).
+#[test]
+fn weighted_disruption_beyond_the_forced_moves_is_small_on_average() {
+    for (n, sets, mean_bound, p99_bound) in [(3, 60, 1.5, 4.0), (8, 40, 1.5, 2.0), (30, 15, 1.5, 2.0)] {
+        let s = weighted_excess_sample(n, sets);
+        let (avg, p99) = (mean(&s), percentile(&s, 0.99));
+        println!("N = {n}, {} changes: mean {avg:.3} %, p99 {p99:.3} %, max {:.3} %", s.len(), s[s.len() - 1]);
+        assert!(avg <= mean_bound, "N = {n}: mean {avg} % of the table moved beyond the forced moves");
+        assert!(p99 <= p99_bound, "N = {n}: 99th percentile {p99} % of the table moved beyond the forced moves");
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
@@ -187,10 +241,12 @@ proptest! {
     }
 
     /// With unequal weights, removing a backend, adding one or changing one's weight (the heaviest's
-    /// too, which changes every other backend's turn rate) moves few entries beyond those the new
-    /// quotas force to move: at most a quarter of those plus 3 % of the table. Measured over 20 000
-    /// random changes (2 to 30 backends, weights up to 1000, M = 65537): mean excess 0.4 to 1.1 % of
-    /// the table, the largest 5.1 %, with 28 % forced, at N = 2, where every extra move is a swap.
+    /// too, which changes every other backend's turn rate) never reshuffles the table: the entries
+    /// that move beyond those the new quotas force stay under a quarter of those plus a quarter of
+    /// the table. Not tighter: pairs of backends with related permutations make a long tail (see
+    /// `weighted_disruption_beyond_the_forced_moves_is_small_on_average`; over 20 000 random changes
+    /// at N = 3, one set with two equal skips moved 24 % beyond 22 % forced). Permutations that
+    /// depended on the weights would move about half the table and fail this.
     #[test]
     fn weighted_changes_move_little_beyond_what_the_quotas_force(
         ids in ids(3..=31),
@@ -215,7 +271,7 @@ proptest! {
         let before = MaglevTable::new(&set, m).expect("valid set");
         let after = MaglevTable::new(&changed, m).expect("valid set");
         let (moved, needed) = moved_and_needed(&before, &after);
-        let bound = needed + needed / 4 + m * 3 / 100;
+        let bound = needed + needed / 4 + m / 4;
         prop_assert!(
             moved <= bound,
             "{moved} entries moved where {needed} had to (bound {bound}); weights {:?}, change {change}",
