@@ -273,6 +273,25 @@ fn client_ip_affinity_agrees_between_cores_under_hashing_schedulers() {
     }
 }
 
+/// Each core's round-robin cursor starts at its own index: at a low rate of new flows the cores do
+/// not all send their first flows to the first backend (they did: each core's first pick was it).
+#[test]
+fn each_cores_round_robin_starts_at_its_own_backend() {
+    let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
+    let tables = TableBuilder::new().build(&cfg).unwrap();
+    let mut cores: Vec<Worker> = (0..3)
+        .map(|i| Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 1024, core_index: i, core_count: 3 }))
+        .collect();
+    let first = |cores: &mut Vec<Worker>, c: u32, at: u64| -> Vec<u8> {
+        cores
+            .iter_mut()
+            .map(|w| dsr_backend(&run(w, &tcp(client(c), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(at)).1))
+            .collect()
+    };
+    assert_eq!(first(&mut cores, 1, 1), [1, 2, 3]);
+    assert_eq!(first(&mut cores, 2, 1), [2, 3, 1]);
+}
+
 #[test]
 fn syn_flood_does_not_push_out_established_flows() {
     let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);

@@ -9,8 +9,8 @@
 //! **Per core.** "Least connections" means the connections *this core* tracks to each backend (its
 //! conntrack entries that point at the backend), not a node-wide count: cores share nothing on the fast
 //! path. With RSS spreading flows evenly over cores this approximates the node-wide choice; each core
-//! balances its own share. Round-robin cursors are per core too, so two cores may both start at the
-//! first backend.
+//! balances its own share. Round-robin cursors are per core too; each core's start at its own index
+//! (core k's first rr pick is the k-th eligible backend), so the cores do not all begin with the first.
 //!
 //! Only backends that take new flows (active, weight above 0) are ever picked; draining backends keep
 //! their established flows through conntrack.

@@ -227,7 +227,9 @@ impl Worker {
             conntrack: ConntrackTable::with_capacity(config.conntrack_capacity),
             stats: Stats::new(limits.max_services, limits.max_backends),
             limits,
-            cursors: vec![0; limits.max_services].into_boxed_slice(),
+            // Each core's round-robin cursors start at its own index, so cores do not all send
+            // their first flows to the first backend.
+            cursors: vec![u32::from(config.core_index); limits.max_services].into_boxed_slice(),
             service_generations: vec![0; limits.max_services].into_boxed_slice(),
             snat_ports: None,
             snat_next: vec![0; limits.max_backends].into_boxed_slice(),
@@ -402,7 +404,7 @@ impl Core {
                 *g = s.generation;
                 self.stats.reset_service(i);
                 if let Some(c) = self.cursors.get_mut(i) {
-                    *c = 0;
+                    *c = u32::from(self.config.core_index);
                 }
             }
         }
