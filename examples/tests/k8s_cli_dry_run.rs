@@ -25,12 +25,15 @@ fn run_dry_then_list() {
         .unwrap();
     // Wait for the log line saying the endpoint is bound (an event, not a delay).
     let mut lines = BufReader::new(lb.stderr.take().unwrap()).lines();
+    let mut said_dry_run = false;
     loop {
         let line = lines.next().expect("lb run exited before serving").unwrap();
+        said_dry_run |= line.contains("WARN") && line.contains("no interfaces configured: a dry run");
         if line.contains("serving /metrics and /state") {
             break;
         }
     }
+    assert!(said_dry_run, "lb run warns that it serves no packet without interfaces");
     let out = Command::new(env!("CARGO_BIN_EXE_lb"))
         .args(["list", "--endpoint", &format!("127.0.0.1:{port}")])
         .output()

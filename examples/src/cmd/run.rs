@@ -489,7 +489,14 @@ pub fn main(args: Args) -> CmdResult {
         );
         workers.steering.push(steering);
     }
-    tracing::info!(loops = queues.len(), "poll loops running");
+    if queues.is_empty() {
+        tracing::warn!(
+            "no interfaces configured: a dry run of the control plane; its tables are built and shown by \
+             `lb list`, but no packet is served"
+        );
+    } else {
+        tracing::info!(loops = queues.len(), "poll loops running");
+    }
     // The control plane starts from the same load, so it knows the interfaces and SNAT settings the
     // loops were set up with, and applies an edit made since as a reload.
     let result = run_blocking(&args.config, loaded, workers, Arc::new(counters), async move {
