@@ -162,3 +162,57 @@ async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
     tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A list the API server refuses (a ClusterRole without `list` on EndpointSlices, a token it does not
+/// take) is tried again after a back-off that doubles while the refusals go on, as client-go's
+/// reflector does, not every first step forever: the watcher's `Init` before each list attempt must
+/// not count as progress. Nothing is published meanwhile, every refusal is counted, and once the
+/// permission is granted the feed lists and publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_lists_back_off_longer_each_time_and_the_feed_recovers() {
+    let api = FakeApi::new();
+    let mut web = fixture("service-web.json");
+    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
+    api.upsert(SERVICES, web);
+    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    api.refuse(SLICES, Some(403));
+    let (port, mut reqs) = start(api.clone()).await;
+    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-refused-{}", std::process::id()));
+    let settings = KubernetesSettings {
+        kubeconfig: Some(kubeconfig(&dir, port)),
+        node_name: Some("node-a".into()),
+        node_addresses: vec!["192.168.1.10".parse().unwrap()],
+        debounce: Duration::from_millis(5),
+        ..Default::default()
+    };
+    let client = feed::client(&settings).await.unwrap();
+    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
+    let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
+    let (tx, mut rx) = mpsc::channel(16);
+    let first = Duration::from_millis(20);
+    let feed = Feed::new(client, view_rx).with_backoff(ExpBackoff::new(first, Duration::from_secs(10)));
+    let counters = feed.counters();
+    let feed_task = tokio::spawn(feed.run(tx));
+
+    let mut lists = Vec::new();
+    for i in 0..6 {
+        lists.push(reqs.next(&format!("slices list {i}"), |r| r.path == SLICES && !r.is_watch()).await.at);
+    }
+    // The k-th refusal is followed by a pause of first * 2^(k-1) before the next attempt.
+    for k in 1..6 {
+        let gap = lists[k] - lists[k - 1];
+        let pause = first * 2u32.pow(u32::try_from(k - 1).unwrap());
+        assert!(gap >= pause, "attempt {} came {gap:?} after the one before, not after {pause:?}", k + 1);
+    }
+    assert!(rx.try_recv().is_err(), "nothing is published while EndpointSlices cannot be listed");
+    use std::sync::atomic::Ordering::Relaxed;
+    assert!(counters.watch_errors.load(Relaxed) >= 5, "each refusal is counted");
+
+    api.refuse(SLICES, None);
+    let t = until(&mut rx, "web once slices list", |t| backends(t, "tcp 10.96.12.34:80").is_some()).await;
+    assert_eq!(backends(&t, "tcp 10.96.12.34:80").unwrap().len(), 4);
+
+    drop(rx);
+    tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

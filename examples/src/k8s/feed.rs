@@ -4,7 +4,7 @@
 //! start), `watch=true&allowWatchBookmarks=true` from that version, bookmarks moving the version on
 //! without events, a re-list when the server answers 410 Gone (our history is compacted away), and a
 //! re-watch from the last version when the connection drops. We add back-off between failed
-//! attempts ([`WatchStreamExt::backoff`]) and the store.
+//! attempts ([`backing_off`], which starts over only on progress) and the store.
 //!
 //! The store is applied *atomically per re-list*: `Init` starts a fresh buffer, `InitApply` fills it,
 //! `InitDone` replaces the store, so objects deleted while we were disconnected disappear and nothing
@@ -25,7 +25,6 @@ use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::Api;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -220,12 +219,43 @@ impl Feed {
 
     /// Runs until `tx` is closed, sending a translation after every (debounced) change.
     pub async fn run(self, tx: mpsc::Sender<Translation>) {
-        let services = watcher(Api::<Service>::all(self.client.clone()), self.watcher_config.clone())
-            .backoff(self.backoff.clone());
-        let slices = watcher(Api::<EndpointSlice>::all(self.client.clone()), self.watcher_config.clone())
-            .backoff(self.backoff.clone());
+        let services = backing_off(
+            watcher(Api::<Service>::all(self.client.clone()), self.watcher_config.clone()),
+            self.backoff.clone(),
+        );
+        let slices = backing_off(
+            watcher(Api::<EndpointSlice>::all(self.client.clone()), self.watcher_config.clone()),
+            self.backoff.clone(),
+        );
         run_streams(services, slices, self.view, tx, self.counters).await;
     }
+}
+
+/// `events` with a pause of `backoff`'s next step after each error, before the attempt that follows.
+/// The back-off starts over only on progress: a complete list or a watch event. The watcher yields
+/// `Init` before every list attempt, so kube's `StreamBackoff`, which starts over on any event, would
+/// try a list the API server keeps refusing (RBAC, an overloaded or unreachable server) at the first
+/// step forever, from every node at once.
+fn backing_off<K>(
+    events: impl Stream<Item = watcher::Result<Event<K>>>,
+    backoff: ExpBackoff,
+) -> impl Stream<Item = watcher::Result<Event<K>>> {
+    let state = (Box::pin(events), backoff, None::<Duration>);
+    futures::stream::unfold(state, |(mut events, mut backoff, pause)| async move {
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
+        let item = events.next().await?;
+        let pause = match &item {
+            Err(_) => backoff.next(),
+            Ok(Event::Init | Event::InitApply(_)) => None,
+            Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)) => {
+                backoff.reset();
+                None
+            }
+        };
+        Some((item, (events, backoff, pause)))
+    })
 }
 
 /// The feed's loop over any two event streams (the watchers in production).

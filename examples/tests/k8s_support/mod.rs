@@ -26,6 +26,8 @@ pub const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
 pub struct Request {
     pub path: String,
     pub query: HashMap<String, String>,
+    /// When the server had read it.
+    pub at: std::time::Instant,
 }
 
 impl Request {
@@ -54,6 +56,8 @@ pub struct Collection {
 pub struct State {
     rv: u64,
     collections: HashMap<&'static str, Collection>,
+    /// Paths whose every request (list or watch) is answered with this status, as RBAC refuses.
+    refused: HashMap<&'static str, u16>,
 }
 
 #[derive(Clone)]
@@ -74,7 +78,7 @@ impl FakeApi {
         let mut collections = HashMap::new();
         collections.insert(SERVICES, Collection::default());
         collections.insert(SLICES, Collection::default());
-        FakeApi { state: Arc::new(Mutex::new(State { rv: 100, collections })) }
+        FakeApi { state: Arc::new(Mutex::new(State { rv: 100, collections, refused: HashMap::new() })) }
     }
 
     pub fn rv(&self) -> u64 {
@@ -138,6 +142,16 @@ impl FakeApi {
         }
     }
 
+    /// Answers every later request on `path` with `code` (401 or 403) and a Status body, as the API
+    /// server does without credentials or RBAC permission; `None` serves it again.
+    pub fn refuse(&self, path: &'static str, code: Option<u16>) {
+        let mut st = self.state.lock().unwrap();
+        match code {
+            Some(c) => st.refused.insert(path, c),
+            None => st.refused.remove(path),
+        };
+    }
+
     /// Closes every live watch connection on `path` abruptly.
     pub fn drop_watches(&self, path: &'static str) {
         let mut st = self.state.lock().unwrap();
@@ -186,7 +200,7 @@ pub async fn handle(
     let (path, qs) = target.split_once('?').unwrap_or((&target, ""));
     let query: HashMap<String, String> =
         qs.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let req = Request { path: path.to_string(), query };
+    let req = Request { path: path.to_string(), query, at: std::time::Instant::now() };
     let _ = requests.send(req.clone());
     let Some(path) = [SERVICES, SLICES].into_iter().find(|p| *p == req.path) else {
         let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
@@ -196,6 +210,21 @@ pub async fn handle(
         );
         return sock.write_all(resp.as_bytes()).await;
     };
+
+    let refused = api.state.lock().unwrap().refused.get(path).copied();
+    if let Some(code) = refused {
+        let (reason, phrase) = if code == 401 { ("Unauthorized", "Unauthorized") } else { ("Forbidden", "Forbidden") };
+        let resource = if path == SERVICES { "services" } else { "endpointslices.discovery.k8s.io" };
+        let body = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": format!("{resource} is forbidden: User \"system:serviceaccount:lb:lb\" cannot list resource \"{resource}\" at the cluster scope"),
+            "reason": reason, "code": code })
+        .to_string();
+        let resp = format!(
+            "HTTP/1.1 {code} {phrase}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        return sock.write_all(resp.as_bytes()).await;
+    }
 
     if !req.is_watch() {
         let body = {
