@@ -7,10 +7,11 @@
 //! `{"service":{"namespace":NS,"name":NAME},"localEndpoints":N,"serviceProxyHealthy":true}` with
 //! status 200 when N > 0 and 503 otherwise, and kube-proxy's `X-Load-Balancing-Endpoint-Weight: N`
 //! header. The listeners follow the translations: a port is opened when a Service asks for it and
-//! closed when none does. The kernel, not the XDP program, receives these connections (the port is
+//! closed when none does; a port another process holds is tried again every 2 s until it
+//! opens. The kernel, not the XDP program, receives these connections (the port is
 //! no service's), so they reach the node's own stack and this server.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -25,20 +26,36 @@ use super::translate::NodeHealthCheck;
 /// How long a client may take to send its request before the answer goes out anyway.
 const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How often a port that could not be opened (another process holds it) is tried again while a
+/// Service still asks for it.
+const BIND_RETRY: Duration = Duration::from_secs(2);
+
 /// What each open port answers, by port.
 type Answers = Arc<RwLock<HashMap<u16, NodeHealthCheck>>>;
 
 /// Serves the health check node ports that `checks` lists, on `addr` (the unspecified address: every
 /// node address), until `checks` closes. After each change, `served` holds the checks being answered
 /// (those whose port is open). A port that cannot be bound (in use) is logged and tried again at the
-/// next change.
+/// change or after 2 s, whichever comes first.
 pub async fn serve(
+    addr: IpAddr,
+    checks: watch::Receiver<Vec<NodeHealthCheck>>,
+    served: watch::Sender<Vec<NodeHealthCheck>>,
+) {
+    serve_retrying(addr, checks, served, BIND_RETRY).await;
+}
+
+/// [`serve`], trying ports that could not be opened again every `retry`.
+async fn serve_retrying(
     addr: IpAddr,
     mut checks: watch::Receiver<Vec<NodeHealthCheck>>,
     served: watch::Sender<Vec<NodeHealthCheck>>,
+    retry: Duration,
 ) {
     let answers: Answers = Arc::default();
     let mut listeners: HashMap<u16, JoinHandle<()>> = HashMap::new();
+    // Ports whose failure to open was logged as a warning (later failures are logged at debug).
+    let mut refused: HashSet<u16> = HashSet::new();
     loop {
         let wanted = checks.borrow_and_update().clone();
         if let Ok(mut a) = answers.write() {
@@ -66,14 +83,30 @@ pub async fn serve(
             };
             match bound {
                 Ok(l) => {
+                    refused.remove(&c.port);
                     tracing::info!(port = c.port, service = %format!("{}/{}", c.namespace, c.name), "health check node port open");
                     listeners.insert(c.port, tokio::spawn(accept(l, c.port, answers.clone())));
                 }
-                Err(e) => tracing::warn!(port = c.port, "cannot open health check node port: {e}"),
+                Err(e) if refused.insert(c.port) => {
+                    tracing::warn!(
+                        port = c.port,
+                        "cannot open health check node port (tried again every {retry:?}): {e}"
+                    );
+                }
+                Err(e) => tracing::debug!(port = c.port, "cannot open health check node port yet: {e}"),
             }
         }
+        refused.retain(|p| wanted.iter().any(|c| c.port == *p));
         served.send_replace(wanted.into_iter().filter(|c| listeners.contains_key(&c.port)).collect());
-        if checks.changed().await.is_err() {
+        let changed = if refused.is_empty() {
+            checks.changed().await
+        } else {
+            tokio::select! {
+                changed = checks.changed() => changed,
+                () = tokio::time::sleep(retry) => Ok(()),
+            }
+        };
+        if changed.is_err() {
             break;
         }
     }
@@ -186,6 +219,30 @@ mod tests {
         applied(vec![]).await;
         let closed = TcpStream::connect(("127.0.0.1", port)).await;
         assert!(closed.is_err(), "the port closed with its Service: {closed:?}");
+        drop(tx);
+        server.await.unwrap();
+    }
+
+    /// A port another process holds when its Service asks for it (kube-proxy, still serving the
+    /// Service before it took the service-proxy-name label; an `lb` still stopping) opens once it is
+    /// freed, though no Service changes: a cloud load balancer must not find the node's check
+    /// refused until the next cluster change, which in a quiet cluster may never come.
+    #[tokio::test]
+    async fn a_port_in_use_opens_once_freed_without_a_cluster_change() {
+        let holder = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = holder.local_addr().unwrap().port();
+        let (tx, rx) = watch::channel(vec![check(port, 1)]);
+        let (served_tx, mut served) = watch::channel(Vec::new());
+        let server =
+            tokio::spawn(serve_retrying(IpAddr::from([127, 0, 0, 1]), rx, served_tx, Duration::from_millis(20)));
+        // The first attempt finds the port taken: nothing is served yet.
+        tokio::time::timeout(Duration::from_secs(10), served.changed()).await.expect("first attempt").unwrap();
+        assert_eq!(*served.borrow_and_update(), vec![]);
+        drop(holder);
+        let open = served.wait_for(|s| *s == vec![check(port, 1)]);
+        tokio::time::timeout(Duration::from_secs(10), open).await.expect("the freed port opens").unwrap();
+        let answer = get(port).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         drop(tx);
         server.await.unwrap();
     }
