@@ -216,3 +216,66 @@ async fn refused_lists_back_off_longer_each_time_and_the_feed_recovers() {
     tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A re-list of EndpointSlices alone (410 Gone on their watch, a slice deleted while the history was
+/// lost) while the Services watch goes on: the slices store is replaced whole when the re-list is
+/// done, so no translation in between drops a Service's backends (a Service change that arrives
+/// during the re-list is translated against the slices as they were), and the lost slice's
+/// backends are gone once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpointslices_relist_never_publishes_a_service_without_its_backends() {
+    let api = FakeApi::new();
+    let mut web = fixture("service-web.json");
+    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
+    api.upsert(SERVICES, web);
+    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    let mut svc_api = fixture("service-api-nodeport-local.json");
+    api.upsert(SERVICES, svc_api.clone());
+    api.upsert(SLICES, fixture("endpointslice-api.json"));
+    let (port, mut reqs) = start(api.clone()).await;
+    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-slices-relist-{}", std::process::id()));
+    let settings = KubernetesSettings {
+        kubeconfig: Some(kubeconfig(&dir, port)),
+        node_name: Some("node-a".into()),
+        node_addresses: vec!["192.168.1.10".parse().unwrap()],
+        debounce: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let client = feed::client(&settings).await.unwrap();
+    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
+    let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
+    let (tx, mut rx) = mpsc::channel(64);
+    let feed =
+        Feed::new(client, view_rx).with_backoff(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50)));
+    let counters = feed.counters();
+    let feed_task = tokio::spawn(feed.run(tx));
+    let both = |t: &Translation| {
+        backends(t, "tcp 10.96.12.34:80").is_some_and(|b| b.len() == 4)
+            && backends(t, "tcp 10.96.40.2:80").is_some_and(|b| b.len() == 2)
+    };
+    until(&mut rx, "both listed", both).await;
+    reqs.next("slices watch", |r| r.path == SLICES && r.is_watch()).await;
+    reqs.clear();
+
+    api.hold_lists(SLICES);
+    api.lose_history_and_expire(SLICES, "shop/web-x7k2p");
+    reqs.next("slices re-list", |r| r.path == SLICES && !r.is_watch()).await;
+    // While the slices' re-list is under way, a Service change arrives on the live watch: api moves
+    // to port 81, and is translated against the slices as they were before the re-list.
+    svc_api["spec"]["ports"][0]["port"] = json!(81);
+    api.upsert(SERVICES, svc_api);
+    let t = until(&mut rx, "api on port 81", |t| backends(t, "tcp 10.96.40.2:81").is_some()).await;
+    assert_eq!(backends(&t, "tcp 10.96.40.2:81").map(|b| b.len()), Some(2), "api keeps its backends");
+    assert_eq!(backends(&t, "tcp 10.96.12.34:80").map(|b| b.len()), Some(4), "web too, until the re-list is done");
+    api.release_lists(SLICES);
+    let last =
+        until(&mut rx, "web's lost slice gone", |t| backends(t, "tcp 10.96.12.34:80").is_some_and(|b| b.is_empty()))
+            .await;
+    assert_eq!(backends(&last, "tcp 10.96.40.2:81").map(|b| b.len()), Some(2), "api's slice was listed again");
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(counters.lists.load(Relaxed), 3, "two initial lists and the slices' re-list");
+
+    drop(rx);
+    tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

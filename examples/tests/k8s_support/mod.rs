@@ -63,6 +63,8 @@ pub struct State {
 #[derive(Clone)]
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
+    /// Paths whose list requests are held (not answered) until released.
+    held_lists: Arc<tokio::sync::watch::Sender<Vec<&'static str>>>,
 }
 
 pub fn key(obj: &Value) -> String {
@@ -78,7 +80,10 @@ impl FakeApi {
         let mut collections = HashMap::new();
         collections.insert(SERVICES, Collection::default());
         collections.insert(SLICES, Collection::default());
-        FakeApi { state: Arc::new(Mutex::new(State { rv: 100, collections, refused: HashMap::new() })) }
+        FakeApi {
+            state: Arc::new(Mutex::new(State { rv: 100, collections, refused: HashMap::new() })),
+            held_lists: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
+        }
     }
 
     pub fn rv(&self) -> u64 {
@@ -150,6 +155,17 @@ impl FakeApi {
             Some(c) => st.refused.insert(path, c),
             None => st.refused.remove(path),
         };
+    }
+
+    /// Holds the answers to list requests on `path` (a slow list) until [`FakeApi::release_lists`];
+    /// a held list answers with the objects as they are when it is released.
+    pub fn hold_lists(&self, path: &'static str) {
+        self.held_lists.send_modify(|h| h.push(path));
+    }
+
+    /// Answers the held list requests on `path`, and later ones at once.
+    pub fn release_lists(&self, path: &'static str) {
+        self.held_lists.send_modify(|h| h.retain(|p| *p != path));
     }
 
     /// Closes every live watch connection on `path` abruptly.
@@ -227,6 +243,7 @@ pub async fn handle(
     }
 
     if !req.is_watch() {
+        let _ = api.held_lists.subscribe().wait_for(|h| !h.contains(&path)).await;
         let body = {
             let st = api.state.lock().unwrap();
             let c = &st.collections[path];
