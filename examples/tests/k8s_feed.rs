@@ -279,3 +279,48 @@ async fn an_endpointslices_relist_never_publishes_a_service_without_its_backends
     tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Watches that end at once with no event (a proxy in front of the API server that cuts streamed
+/// answers short) are started again no more than once a second per resource, not as fast as the
+/// connection allows: kube's watcher re-watches a closed stream at once and yields nothing to back
+/// off on, so without pacing each node would send the API server thousands of watches a second.
+/// The lists went through, so the feed still publishes what they held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_that_end_at_once_are_started_again_at_most_once_a_second() {
+    let api = FakeApi::new();
+    let mut web = fixture("service-web.json");
+    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
+    api.upsert(SERVICES, web);
+    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    api.end_watches_at_once(SERVICES);
+    let (port, mut reqs) = start(api.clone()).await;
+    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-short-watches-{}", std::process::id()));
+    let settings = KubernetesSettings {
+        kubeconfig: Some(kubeconfig(&dir, port)),
+        node_name: Some("node-a".into()),
+        node_addresses: vec!["192.168.1.10".parse().unwrap()],
+        debounce: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let client = feed::client(&settings).await.unwrap();
+    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
+    let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
+    let (tx, mut rx) = mpsc::channel(16);
+    let feed_task = tokio::spawn(Feed::new(client, view_rx).run(tx));
+
+    let mut watches = Vec::new();
+    for i in 0..3 {
+        watches.push(reqs.next(&format!("services watch {i}"), |r| r.path == SERVICES && r.is_watch()).await.at);
+    }
+    // (Seen at the server, after each request's connection set-up, which may take a little less
+    // time for the later one: hence a tenth of the second left.)
+    for w in watches.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(gap >= Duration::from_millis(900), "a services watch {gap:?} after the one before");
+    }
+    until(&mut rx, "web from the lists", |t| backends(t, "tcp 10.96.12.34:80").is_some()).await;
+
+    drop(rx);
+    tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -3,8 +3,9 @@
 //! kube-rs's [`watcher()`] speaks the protocol: an initial list (its `resourceVersion` becomes the watch
 //! start), `watch=true&allowWatchBookmarks=true` from that version, bookmarks moving the version on
 //! without events, a re-list when the server answers 410 Gone (our history is compacted away), and a
-//! re-watch from the last version when the connection drops. We add back-off between failed
-//! attempts ([`backing_off`], which starts over only on progress) and the store.
+//! re-watch from the last version when the connection drops (at most once a second per resource:
+//! [`WatchPacing`]). We add back-off between failed
+//! attempts (`backing_off`, which starts over only on progress) and the store.
 //!
 //! The store is applied *atomically per re-list*: `Init` starts a fresh buffer, `InitApply` fills it,
 //! `InitDone` replaces the store, so objects deleted while we were disconnected disappear and nothing
@@ -84,7 +85,80 @@ pub async fn client(settings: &KubernetesSettings) -> Result<Client, FeedError> 
         }
         None => kube::Config::infer().await?,
     };
-    Ok(Client::try_from(config)?)
+    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&WatchPacing::default()).build())
+}
+
+/// The shortest time between the starts of two watches of one resource.
+const MIN_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A client layer that starts the watches of each resource (each request path) at least a second
+/// apart (`MIN_WATCH_INTERVAL`). kube's watcher starts a new watch as soon as one ends, and a watch
+/// that ends at once with no event (a proxy in front of the API server that cuts streamed answers
+/// short) gives it nothing to back off on: it would send thousands of watches a second. client-go
+/// treats such a "very short watch" as an error; this is the same bound. A watch ending after minutes
+/// (the API server's timeout) is started again at once.
+#[derive(Debug, Clone, Default)]
+pub struct WatchPacing {
+    /// When the last watch of each path started (or is due to).
+    started: Arc<std::sync::Mutex<HashMap<String, tokio::time::Instant>>>,
+}
+
+impl WatchPacing {
+    /// When a watch of `path` asked for now may start: `None` for at once.
+    fn start_at(&self, path: &str, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let Ok(mut started) = self.started.lock() else { return None };
+        let at = started.get(path).map(|last| *last + MIN_WATCH_INTERVAL).filter(|at| *at > now);
+        started.insert(path.to_owned(), at.unwrap_or(now));
+        at
+    }
+}
+
+impl<S> tower::Layer<S> for WatchPacing {
+    type Service = PacedWatches<S>;
+    fn layer(&self, inner: S) -> PacedWatches<S> {
+        PacedWatches { inner: Arc::new(tokio::sync::Mutex::new(inner)), pacing: self.clone() }
+    }
+}
+
+/// The client's service under [`WatchPacing`].
+#[derive(Debug)]
+pub struct PacedWatches<S> {
+    inner: Arc<tokio::sync::Mutex<S>>,
+    pacing: WatchPacing,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for PacedWatches<S>
+where
+    S: tower::Service<http::Request<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    /// Always ready: the inner service's readiness is awaited in each call, after any pause.
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let is_watch = req.uri().query().is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+        let at = if is_watch { self.pacing.start_at(req.uri().path(), tokio::time::Instant::now()) } else { None };
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            if let Some(at) = at {
+                tracing::debug!(path = req.uri().path(), "watch started again within a second: paced");
+                tokio::time::sleep_until(at).await;
+            }
+            let call = {
+                let mut inner = inner.lock().await;
+                futures::future::poll_fn(|cx| inner.poll_ready(cx)).await?;
+                inner.call(req)
+            };
+            call.await
+        })
+    }
 }
 
 /// Back-off between failed list/watch attempts: exponential with jitter-free doubling, capped.

@@ -56,6 +56,9 @@ pub struct Collection {
 pub struct State {
     rv: u64,
     collections: HashMap<&'static str, Collection>,
+    /// Paths whose watches end at once, with no event (a proxy in front of the API server that cuts
+    /// streamed answers short, say).
+    watches_end_at_once: Vec<&'static str>,
     /// Paths whose every request (list or watch) is answered with this status, as RBAC refuses.
     refused: HashMap<&'static str, u16>,
 }
@@ -81,7 +84,12 @@ impl FakeApi {
         collections.insert(SERVICES, Collection::default());
         collections.insert(SLICES, Collection::default());
         FakeApi {
-            state: Arc::new(Mutex::new(State { rv: 100, collections, refused: HashMap::new() })),
+            state: Arc::new(Mutex::new(State {
+                rv: 100,
+                collections,
+                watches_end_at_once: Vec::new(),
+                refused: HashMap::new(),
+            })),
             held_lists: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
         }
     }
@@ -155,6 +163,11 @@ impl FakeApi {
             Some(c) => st.refused.insert(path, c),
             None => st.refused.remove(path),
         };
+    }
+
+    /// Ends every later watch on `path` as soon as its answer's head is sent, with no event.
+    pub fn end_watches_at_once(&self, path: &'static str) {
+        self.state.lock().unwrap().watches_end_at_once.push(path);
     }
 
     /// Holds the answers to list requests on `path` (a slow list) until [`FakeApi::release_lists`];
@@ -260,6 +273,14 @@ pub async fn handle(
         return sock.write_all(resp.as_bytes()).await;
     }
 
+    if api.state.lock().unwrap().watches_end_at_once.contains(&path) {
+        return sock
+            .write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
+                  Connection: close\r\n\r\n0\r\n\r\n",
+            )
+            .await;
+    }
     // A watch: replay the history after the requested version (or 410 if it is compacted away),
     // then register for live events.
     let since = req.rv().unwrap_or(0);
