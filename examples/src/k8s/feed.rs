@@ -406,4 +406,79 @@ mod tests {
         assert_eq!(debounce_deadline(now, Duration::MAX), now + crate::config::file::MAX_DEBOUNCE);
         assert_eq!(debounce_deadline(now, Duration::from_millis(200)), now + Duration::from_millis(200));
     }
+
+    fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// web's slice with `n` ready endpoints 10.244.9.1.. on node-a.
+    fn web_slice(n: u8) -> EndpointSlice {
+        let mut slice: EndpointSlice = fixture("endpointslice-web-ipv4.json");
+        let mut endpoint = slice.endpoints[0].clone();
+        slice.endpoints = (1..=n)
+            .map(|i| {
+                endpoint.addresses = vec![format!("10.244.9.{i}")];
+                endpoint.clone()
+            })
+            .collect();
+        slice
+    }
+
+    async fn recv(rx: &mut mpsc::Receiver<Translation>) -> Translation {
+        tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("a translation").unwrap()
+    }
+
+    fn web_backends(t: &Translation) -> Option<usize> {
+        t.services.iter().find(|s| s.config.key.to_string() == "tcp 10.96.12.34:80").map(|s| s.config.backends.len())
+    }
+
+    /// A burst of changes inside one debounce (the lists' and those that follow) is one translation, of the burst's last state; a
+    /// change after it, with nothing following, is published too (its own deadline, no later event).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_is_one_translation_of_its_last_state_and_a_lone_change_is_published() {
+        let mut web: Service = fixture("service-web.json");
+        if let Some(spec) = web.spec.as_mut() {
+            spec.cluster_ips = Some(vec!["10.96.12.34".into()]);
+        }
+        let (svc_tx, svc_rx) = futures::channel::mpsc::unbounded::<watcher::Result<Event<Service>>>();
+        let (eps_tx, eps_rx) = futures::channel::mpsc::unbounded::<watcher::Result<Event<EndpointSlice>>>();
+        let settings = KubernetesSettings {
+            node_name: Some("node-a".into()),
+            node_addresses: vec!["192.168.1.10".parse().unwrap()],
+            // Far longer than the burst (ten changes 10 ms apart).
+            debounce: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
+        let (_view_tx, view) = watch::channel(NodeView { settings, node });
+        let (tx, mut rx) = mpsc::channel(16);
+        let counters = Arc::new(FeedCounters::default());
+
+        // The lists, then a burst of slice changes (2 to 10 endpoints), 10 ms apart: the feed reads
+        // each as it comes.
+        for e in [Event::Init, Event::InitApply(web), Event::InitDone] {
+            svc_tx.unbounded_send(Ok(e)).unwrap();
+        }
+        for e in [Event::Init, Event::InitApply(web_slice(1)), Event::InitDone] {
+            eps_tx.unbounded_send(Ok(e)).unwrap();
+        }
+        let feed = tokio::spawn(run_streams(svc_rx, eps_rx, view, tx, counters.clone()));
+        for n in 2..=10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            eps_tx.unbounded_send(Ok(Event::Apply(web_slice(n)))).unwrap();
+        }
+        let first = recv(&mut rx).await;
+        assert_eq!(web_backends(&first), Some(10), "the burst's last state");
+        assert_eq!(counters.translations.load(Ordering::Relaxed), 1, "one translation for the burst");
+
+        // One more change, and nothing after it: published at its own deadline.
+        eps_tx.unbounded_send(Ok(Event::Apply(web_slice(3)))).unwrap();
+        let second = recv(&mut rx).await;
+        assert_eq!(web_backends(&second), Some(3));
+        assert_eq!(counters.translations.load(Ordering::Relaxed), 2);
+
+        drop(rx);
+        tokio::time::timeout(Duration::from_secs(30), feed).await.expect("the feed stops with its receiver").unwrap();
+    }
 }
