@@ -351,3 +351,60 @@ async fn a_live_service_edited_wrong_keeps_being_served() {
 
     plane.stop(&dir).await;
 }
+
+/// With the API server refusing every request (down, or the node's credentials revoked) after the
+/// feed has listed, the workers keep the tables they have, the health check node port keeps
+/// answering 200 for the node's local endpoint, and the failed re-watches are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_api_server_refusing_the_tables_and_the_health_check_node_port_stay() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let api = FakeApi::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut edge = fixture("service-edge-loadbalancer.json");
+    edge["spec"]["externalTrafficPolicy"] = json!("Local");
+    edge["spec"]["healthCheckNodePort"] = json!(port);
+    api.upsert(SERVICES, edge);
+    api.upsert(SLICES, fixture("endpointslice-edge.json")); // one ready endpoint, on node-a
+    let (api_port, mut reqs) = start(api.clone()).await;
+    let dir = std::env::temp_dir().join(format!("lb-k8s-api-down-{}", std::process::id()));
+    let kc = kubeconfig(&dir, api_port);
+    let mut plane = Plane::start(&dir, &kc).await;
+    let mut served = plane.node_health.take().expect("the feed runs");
+    let get = async || {
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: node-a\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        c.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    let edge_key = "tcp 203.0.113.11:443";
+    let tables = until(&mut plane.tables, "edge served", |t| has(t, edge_key)).await;
+    tokio::time::timeout(FAILSAFE, served.wait_for(|s| s.iter().any(|h| h.port == port && h.local_endpoints == 1)))
+        .await
+        .expect("health check node port served")
+        .unwrap();
+    assert!(get().await.starts_with("HTTP/1.1 200 OK\r\n"));
+    reqs.next("services watch", |r| r.path == SERVICES && r.is_watch()).await;
+    reqs.next("slices watch", |r| r.path == SLICES && r.is_watch()).await;
+
+    for path in [SERVICES, SLICES] {
+        api.refuse(path, Some(403));
+        api.drop_watches(path);
+    }
+    reqs.clear();
+    // Two refused re-watches of each: the first refusal has reached the feed.
+    for path in [SERVICES, SLICES] {
+        for i in 0..2 {
+            reqs.next(&format!("{path} re-watch {i}"), |r| r.path == path).await;
+        }
+    }
+    let live = plane.live.borrow().clone();
+    let errors = live.feed.as_ref().expect("feed counters").watch_errors.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(errors >= 2, "refused re-watches are counted: {errors}");
+    assert_eq!(live.tables.as_ref().map(|t| t.version()), Some(tables.version()), "the workers keep their tables");
+    assert!(plane.tables.try_recv().is_err(), "nothing new was published");
+    let answer = get().await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("\"localEndpoints\":1"), "{answer}");
+
+    plane.stop(&dir).await;
+}
