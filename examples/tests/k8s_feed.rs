@@ -324,3 +324,47 @@ async fn watches_that_end_at_once_are_started_again_at_most_once_a_second() {
     tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An ERROR event other than 410 in a live watch (the API server's 500 "internal error", a 429) is
+/// counted and the watch goes on from where it was: no re-list, later events applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_event_in_a_watch_is_counted_and_the_watch_goes_on() {
+    let api = FakeApi::new();
+    let mut web = fixture("service-web.json");
+    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
+    api.upsert(SERVICES, web);
+    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    let (port, mut reqs) = start(api.clone()).await;
+    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-error-event-{}", std::process::id()));
+    let settings = KubernetesSettings {
+        kubeconfig: Some(kubeconfig(&dir, port)),
+        node_name: Some("node-a".into()),
+        node_addresses: vec!["192.168.1.10".parse().unwrap()],
+        debounce: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let client = feed::client(&settings).await.unwrap();
+    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
+    let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
+    let (tx, mut rx) = mpsc::channel(16);
+    let feed =
+        Feed::new(client, view_rx).with_backoff(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50)));
+    let counters = feed.counters();
+    let feed_task = tokio::spawn(feed.run(tx));
+    until(&mut rx, "web listed", |t| backends(t, "tcp 10.96.12.34:80").is_some()).await;
+    reqs.next("services watch", |r| r.path == SERVICES && r.is_watch()).await;
+    reqs.clear();
+
+    let error = json!({ "type": "ERROR", "object": { "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500 } });
+    api.send_raw(SERVICES, &format!("{error}\n"));
+    api.upsert(SERVICES, fixture("service-edge-loadbalancer.json"));
+    until(&mut rx, "edge after the error event", |t| backends(t, "tcp 203.0.113.11:443").is_some()).await;
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(counters.watch_errors.load(Relaxed), 1, "the error event is counted");
+    assert_eq!(counters.lists.load(Relaxed), 2, "no re-list");
+
+    drop(rx);
+    tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -181,6 +181,12 @@ impl FakeApi {
         self.held_lists.send_modify(|h| h.retain(|p| *p != path));
     }
 
+    /// Sends `line` (a JSON watch event and its newline) to the live watchers of `path`, as is.
+    pub fn send_raw(&self, path: &'static str, line: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.collections.get_mut(path).unwrap().watchers.retain(|w| w.send(WatchMsg::Line(line.to_string())).is_ok());
+    }
+
     /// Closes every live watch connection on `path` abruptly.
     pub fn drop_watches(&self, path: &'static str) {
         let mut st = self.state.lock().unwrap();
