@@ -368,3 +368,47 @@ async fn an_error_event_in_a_watch_is_counted_and_the_watch_goes_on() {
     tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A list whose answer stops half-way, the connection left open (the API server's node gone without a
+/// reset), fails after the client's read timeout and is tried again, so the feed publishes once
+/// the lists answer whole: it does not wait on the dead connection for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_that_stalls_half_way_is_given_up_and_tried_again() {
+    let api = FakeApi::new();
+    let mut web = fixture("service-web.json");
+    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
+    api.upsert(SERVICES, web);
+    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    api.stall_lists(SLICES, true);
+    let (port, mut reqs) = start(api.clone()).await;
+    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-stalled-list-{}", std::process::id()));
+    let settings = KubernetesSettings {
+        kubeconfig: Some(kubeconfig(&dir, port)),
+        node_name: Some("node-a".into()),
+        node_addresses: vec!["192.168.1.10".parse().unwrap()],
+        debounce: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let client = feed::client_with_read_timeout(&settings, Duration::from_millis(300)).await.unwrap();
+    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
+    let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
+    let (tx, mut rx) = mpsc::channel(16);
+    let feed =
+        Feed::new(client, view_rx).with_backoff(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50)));
+    let counters = feed.counters();
+    let feed_task = tokio::spawn(feed.run(tx));
+
+    reqs.next("the slices list that stalls", |r| r.path == SLICES && !r.is_watch()).await;
+    reqs.next("the slices list tried again", |r| r.path == SLICES && !r.is_watch()).await;
+    use std::sync::atomic::Ordering::Relaxed;
+    assert!(counters.watch_errors.load(Relaxed) >= 1, "the stalled list is counted");
+    api.stall_lists(SLICES, false);
+    until(&mut rx, "web once the slices list whole", |t| {
+        backends(t, "tcp 10.96.12.34:80").is_some_and(|b| b.len() == 4)
+    })
+    .await;
+
+    drop(rx);
+    tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

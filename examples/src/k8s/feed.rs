@@ -72,7 +72,22 @@ pub enum FeedError {
 
 /// Builds a client from the kubeconfig file if one is given, else in-cluster or `$KUBECONFIG`.
 pub async fn client(settings: &KubernetesSettings) -> Result<Client, FeedError> {
-    let config = match &settings.kubeconfig {
+    client_with_read_timeout(settings, READ_TIMEOUT).await
+}
+
+/// How long a read from the API server may wait before its request fails (and is tried again, after
+/// the back-off), unless the configuration sets it: kube sets none, so a list whose answer stopped
+/// half-way (the API server's node gone without a reset, a NAT entry expired) hung the feed for good,
+/// with nothing logged. Beyond the watches' server-side timeout (290 s), so a quiet watch is never cut.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(295);
+
+/// [`client`], with `read_timeout` where the configuration sets none (tests take less than
+/// [`READ_TIMEOUT`]).
+pub async fn client_with_read_timeout(
+    settings: &KubernetesSettings,
+    read_timeout: Duration,
+) -> Result<Client, FeedError> {
+    let mut config = match &settings.kubeconfig {
         Some(path) => {
             let err = |e: Box<dyn std::error::Error + Send + Sync>| FeedError::Kubeconfig {
                 path: path.display().to_string(),
@@ -85,6 +100,7 @@ pub async fn client(settings: &KubernetesSettings) -> Result<Client, FeedError> 
         }
         None => kube::Config::infer().await?,
     };
+    config.read_timeout.get_or_insert(read_timeout);
     Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&WatchPacing::default()).build())
 }
 

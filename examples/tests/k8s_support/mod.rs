@@ -68,6 +68,8 @@ pub struct FakeApi {
     state: Arc<Mutex<State>>,
     /// Paths whose list requests are held (not answered) until released.
     held_lists: Arc<tokio::sync::watch::Sender<Vec<&'static str>>>,
+    /// Paths whose lists send half their answer and then nothing more, the connection left open.
+    stalled_lists: Arc<tokio::sync::watch::Sender<Vec<&'static str>>>,
 }
 
 pub fn key(obj: &Value) -> String {
@@ -91,6 +93,7 @@ impl FakeApi {
                 refused: HashMap::new(),
             })),
             held_lists: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
+            stalled_lists: Arc::new(tokio::sync::watch::Sender::new(Vec::new())),
         }
     }
 
@@ -187,6 +190,17 @@ impl FakeApi {
         st.collections.get_mut(path).unwrap().watchers.retain(|w| w.send(WatchMsg::Line(line.to_string())).is_ok());
     }
 
+    /// Makes the lists of `path` stall (`true`: half the answer is sent, then nothing, the
+    /// connection left open, as from a peer gone without a reset) or answer again (`false`).
+    pub fn stall_lists(&self, path: &'static str, stall: bool) {
+        self.stalled_lists.send_modify(|h| {
+            h.retain(|p| *p != path);
+            if stall {
+                h.push(path);
+            }
+        });
+    }
+
     /// Closes every live watch connection on `path` abruptly.
     pub fn drop_watches(&self, path: &'static str) {
         let mut st = self.state.lock().unwrap();
@@ -276,6 +290,11 @@ pub async fn handle(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
+        if api.stalled_lists.borrow().contains(&path) {
+            sock.write_all(&resp.as_bytes()[..resp.len() - body.len() / 2]).await?;
+            let _ = api.stalled_lists.subscribe().wait_for(|h| !h.contains(&path)).await;
+            return Ok(());
+        }
         return sock.write_all(resp.as_bytes()).await;
     }
 
