@@ -423,6 +423,22 @@ mod tests {
         assert_eq!(debounce_deadline(now, Duration::from_millis(200)), now + Duration::from_millis(200));
     }
 
+    /// Watches of one path start a second apart, those asked for together one after the other; another
+    /// path is paced on its own, and a watch asked for a second or more after the last starts at once.
+    #[test]
+    fn watches_of_a_path_start_a_second_apart() {
+        let pacing = WatchPacing::default();
+        let t0 = tokio::time::Instant::now();
+        let services = "/api/v1/services";
+        assert_eq!(pacing.start_at(services, t0), None);
+        assert_eq!(pacing.start_at(services, t0 + Duration::from_millis(10)), Some(t0 + MIN_WATCH_INTERVAL));
+        assert_eq!(pacing.start_at(services, t0 + Duration::from_millis(20)), Some(t0 + 2 * MIN_WATCH_INTERVAL));
+        assert_eq!(pacing.start_at("/apis/discovery.k8s.io/v1/endpointslices", t0), None);
+        let later = t0 + 5 * MIN_WATCH_INTERVAL;
+        assert_eq!(pacing.start_at(services, later), None);
+        assert_eq!(pacing.start_at(services, later + MIN_WATCH_INTERVAL), None);
+    }
+
     fn fixture<T: serde::de::DeserializeOwned>(name: &str) -> T {
         let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
