@@ -478,7 +478,7 @@ mod tests {
         let settings = KubernetesSettings {
             node_name: Some("node-a".into()),
             node_addresses: vec!["192.168.1.10".parse().unwrap()],
-            // Far longer than the burst (ten changes 10 ms apart).
+            // Far longer than the burst (ten changes sent back to back).
             debounce: Duration::from_secs(1),
             ..Default::default()
         };
@@ -487,8 +487,8 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(16);
         let counters = Arc::new(FeedCounters::default());
 
-        // The lists, then a burst of slice changes (2 to 10 endpoints), 10 ms apart: the feed reads
-        // each as it comes.
+        // The lists, then a burst of slice changes (2 to 10 endpoints), each sent after a yield so the
+        // feed may read it as it comes (no sleep: the burst's timing must not decide the test).
         for e in [Event::Init, Event::InitApply(web), Event::InitDone] {
             svc_tx.unbounded_send(Ok(e)).unwrap();
         }
@@ -497,7 +497,7 @@ mod tests {
         }
         let feed = tokio::spawn(run_streams(svc_rx, eps_rx, view, tx, counters.clone()));
         for n in 2..=10 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::task::yield_now().await;
             eps_tx.unbounded_send(Ok(Event::Apply(web_slice(n)))).unwrap();
         }
         let first = recv(&mut rx).await;
