@@ -685,31 +685,66 @@ impl<S: TablesSink> Control<S> {
     }
 
     /// Runs until `inputs` closes, applying inputs and health events as they come, and retrying
-    /// tables a worker had no room for every [`RETRY_PENDING_EVERY`] while there are any.
+    /// tables a worker had no room for every [`RETRY_PENDING_EVERY`] while there are any. Of cluster
+    /// translations queued back to back (builds slower than the feed's debounce), only the last is
+    /// applied: each is the whole cluster, and building every stale one would put the newest ever
+    /// further behind.
     pub async fn run(mut self, mut inputs: mpsc::Receiver<ControlInput>) {
+        // An input read while looking past a translation, applied next.
+        let mut held: Option<ControlInput> = None;
         let mut retry = tokio::time::interval(RETRY_PENDING_EVERY);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut refresh = tokio::time::interval(REFRESH_EVERY);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let pending = self.sink.has_pending();
-            let input = tokio::select! {
-                i = inputs.recv() => match i { Some(i) => i, None => return },
-                Some(e) = self.health_rx.recv() => ControlInput::Health(e),
-                _ = retry.tick(), if pending => {
-                    if let Err(e) = self.sink.deliver_pending() {
-                        tracing::error!("tables not delivered: {e}");
-                        // What the workers hold is no longer known (as after a failed publish).
-                        self.running = None;
+            let input = if let Some(i) = held.take() {
+                i
+            } else {
+                tokio::select! {
+                    i = inputs.recv() => match i { Some(i) => i, None => return },
+                    Some(e) = self.health_rx.recv() => ControlInput::Health(e),
+                    _ = retry.tick(), if pending => {
+                        if let Err(e) = self.sink.deliver_pending() {
+                            tracing::error!("tables not delivered: {e}");
+                            // What the workers hold is no longer known (as after a failed publish).
+                            self.running = None;
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                _ = refresh.tick() => {
-                    if let Err(e) = self.sink.refresh() {
-                        tracing::warn!("refreshing the steering from the node's addresses: {e}");
+                    _ = refresh.tick() => {
+                        if let Err(e) = self.sink.refresh() {
+                            tracing::warn!("refreshing the steering from the node's addresses: {e}");
+                        }
+                        continue;
                     }
-                    continue;
                 }
+            };
+            let input = match input {
+                ControlInput::Kubernetes(mut t) => {
+                    let mut superseded = 0u32;
+                    loop {
+                        match inputs.try_recv() {
+                            Ok(ControlInput::Kubernetes(newer)) => {
+                                t = newer;
+                                superseded += 1;
+                            }
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if superseded > 0 {
+                        tracing::debug!(
+                            superseded,
+                            "cluster translations queued behind a newer one: only it is applied"
+                        );
+                    }
+                    ControlInput::Kubernetes(t)
+                }
+                other => other,
             };
             // Errors are logged and counted in apply.
             let _ = self.apply(input);
@@ -1528,6 +1563,37 @@ services:
         fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
             self.0.publish(tables)
         }
+    }
+
+    /// Cluster translations queued back to back (tables built slower than the feed's debounce) are
+    /// each the whole cluster: only the last of a run is built and published, and an input queued
+    /// between two runs (a rejected file here) keeps its place.
+    #[tokio::test]
+    async fn of_translations_queued_back_to_back_only_the_last_is_applied() {
+        let recorder = RecordingSink::default();
+        let mut control = Control::new(recorder.clone());
+        let live = control.subscribe();
+        control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let cluster = |port: u16| {
+            let mut s = parse(GOOD).unwrap().services.remove(0);
+            s.config.name = format!("default/svc-{port}:http");
+            s.config.key.port = port;
+            ControlInput::Kubernetes(Translation { services: vec![s], ..Translation::default() })
+        };
+        let (tx, rx) = mpsc::channel(8);
+        for input in [cluster(9001), cluster(9002), cluster(9003)] {
+            tx.send(input).await.unwrap();
+        }
+        tx.send(ControlInput::FileRejected("a bad edit".into())).await.unwrap();
+        tx.send(cluster(9004)).await.unwrap();
+        drop(tx);
+        control.run(rx).await;
+
+        let ports = |t: &Tables| -> Vec<u16> { t.services().iter().map(|s| s.key.port).collect() };
+        let published: Vec<Vec<u16>> = recorder.0.lock().unwrap().iter().map(|t| ports(t)).collect();
+        assert_eq!(published, [vec![80], vec![80, 9003], vec![80, 9004]]);
+        let l = live.borrow();
+        assert_eq!((l.applied, l.rejected), (3, 1), "the file, 9003 and 9004; the bad edit");
     }
 
     /// One Kubernetes Service the workers cannot serve is left out and counted; the cluster's other
