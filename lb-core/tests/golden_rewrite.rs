@@ -148,9 +148,9 @@ fn golden(mode: Mode, f: &Family, proto: Proto) {
             (input, want.frame(), got)
         }
         Mode::IpIp | Mode::Gue => {
-            let t = TunnelTarget { src: f.tunnel, dst: f.backend, macs: TO_BACKEND, flow_hash: HASH };
+            let t = TunnelTarget { src: f.tunnel, dst: f.backend, macs: TO_BACKEND, flow_hash: HASH, ip_id: 0 };
             let gue = matches!(mode, Mode::Gue).then_some((forward::gue::source_port(HASH), GUE_PORT));
-            let outer = Outer { src: f.tunnel, dst: f.backend, gue, flow_label: HASH & 0xfffff };
+            let outer = Outer { src: f.tunnel, dst: f.backend, gue, flow_label: HASH & 0xfffff, ip_id: 0 };
             let want = encapsulated(&from_client, &outer, MAC_NODE, MAC_BACKEND);
             let input = from_client.frame();
             let got = match mode {
@@ -206,8 +206,8 @@ fn tunnels_keep_vlan_tags() {
     let mut input = Spec::udp(f.client, f.vip, CPORT, VPORT);
     input.vlans = vec![42];
     input.tos = 0x2e;
-    let t = TunnelTarget { src: f.tunnel, dst: f.backend, macs: TO_BACKEND, flow_hash: 7 };
-    let outer = Outer { src: f.tunnel, dst: f.backend, gue: None, flow_label: 7 };
+    let t = TunnelTarget { src: f.tunnel, dst: f.backend, macs: TO_BACKEND, flow_hash: 7, ip_id: 0 };
+    let outer = Outer { src: f.tunnel, dst: f.backend, gue: None, flow_label: 7, ip_id: 0 };
     let got = run(&input.frame(), |fr, pa| forward::ipip::encap(fr, pa, &t)).unwrap();
     assert_frame("IPIP v6 VLAN", &got, &encapsulated(&input, &outer, MAC_NODE, MAC_BACKEND));
 }
@@ -218,12 +218,13 @@ fn gue_carries_ipv4_over_ipv6() {
     let f4 = v4();
     let f6 = v6();
     let input = Spec::tcp(f4.client, f4.vip, CPORT, VPORT);
-    let t = TunnelTarget { src: f6.tunnel, dst: f6.backend, macs: TO_BACKEND, flow_hash: HASH };
+    let t = TunnelTarget { src: f6.tunnel, dst: f6.backend, macs: TO_BACKEND, flow_hash: HASH, ip_id: 0 };
     let outer = Outer {
         src: f6.tunnel,
         dst: f6.backend,
         gue: Some((forward::gue::source_port(HASH), GUE_PORT)),
         flow_label: HASH,
+        ip_id: 0,
     };
     let got = run(&input.frame(), |fr, pa| forward::gue::encap(fr, pa, &t, GUE_PORT)).unwrap();
     assert_frame("GUE 4in6", &got, &encapsulated(&input, &outer, MAC_NODE, MAC_BACKEND));
@@ -238,8 +239,8 @@ fn tunnel_drops_ethernet_padding() {
     let mut padded = input.frame();
     assert!(padded.len() < 60);
     padded.resize(60, 0);
-    let t = TunnelTarget { src: f.tunnel, dst: f.backend, macs: TO_BACKEND, flow_hash: 0 };
-    let outer = Outer { src: f.tunnel, dst: f.backend, gue: None, flow_label: 0 };
+    let t = TunnelTarget { src: f.tunnel, dst: f.backend, macs: TO_BACKEND, flow_hash: 0, ip_id: 0 };
+    let outer = Outer { src: f.tunnel, dst: f.backend, gue: None, flow_label: 0, ip_id: 0 };
     let got = run(&padded, |fr, pa| forward::ipip::encap(fr, pa, &t)).unwrap();
     assert_frame("IPIP padded", &got, &encapsulated(&input, &outer, MAC_NODE, MAC_BACKEND));
 }
@@ -384,7 +385,7 @@ fn refusals() {
 fn tunnel_without_headroom_leaves_the_frame_alone() {
     let f = v6();
     let input = Spec::tcp(f.client, f.vip, CPORT, VPORT).frame();
-    let t = TunnelTarget { src: f.tunnel, dst: f.backend, macs: TO_BACKEND, flow_hash: 0 };
+    let t = TunnelTarget { src: f.tunnel, dst: f.backend, macs: TO_BACKEND, flow_hash: 0, ip_id: 0 };
     let mut buf = buffer(&input, 51);
     let before = buf.clone();
     let mut frame = lb_core::Frame::new(&mut buf, 51, input.len());
@@ -394,22 +395,23 @@ fn tunnel_without_headroom_leaves_the_frame_alone() {
     assert_eq!((frame.start(), frame.len()), (51, input.len()));
     assert_eq!(buf, before);
     // Mixed tunnel endpoint families are refused too.
-    let bad = TunnelTarget { src: addr::tunnel4(), dst: f.backend, macs: TO_BACKEND, flow_hash: 0 };
+    let bad = TunnelTarget { src: addr::tunnel4(), dst: f.backend, macs: TO_BACKEND, flow_hash: 0, ip_id: 0 };
     let err = run(&input, |fr, pa| forward::ipip::encap(fr, pa, &bad)).unwrap_err();
     assert_eq!(err, RewriteError::MixedTunnelFamilies);
 }
 
-/// An inner IPv4 packet without DF: the outer header leaves DF clear too and carries the inner
-/// identification, so a fragmenting router downstream has a usable one.
+/// An inner IPv4 packet without DF: the outer header leaves DF clear too and carries the tunnel's
+/// own identification (`TunnelTarget::ip_id`), not the inner one: many clients' packets share the
+/// tunnel's addresses, and a fragmenting router's reassembly needs one unique per those.
 #[test]
-fn ipip_copies_df_and_identification() {
+fn ipip_leaves_df_clear_with_the_tunnels_identification() {
     let f = v4();
     let mut input = Spec::tcp(f.client, f.vip, CPORT, VPORT);
     input.fragmentable_id = Some(0xbeef);
-    let t = TunnelTarget { src: f.tunnel, dst: f.backend, macs: TO_BACKEND, flow_hash: 0 };
-    let outer = Outer { src: f.tunnel, dst: f.backend, gue: None, flow_label: 0 };
+    let t = TunnelTarget { src: f.tunnel, dst: f.backend, macs: TO_BACKEND, flow_hash: 0, ip_id: 0x1234 };
+    let outer = Outer { src: f.tunnel, dst: f.backend, gue: None, flow_label: 0, ip_id: 0x1234 };
     let got = run(&input.frame(), |fr, pa| forward::ipip::encap(fr, pa, &t)).unwrap();
     let want = encapsulated(&input, &outer, MAC_NODE, MAC_BACKEND);
-    assert_eq!(&want[14 + 4..14 + 8], &[0xbe, 0xef, 0, 0], "the expectation itself: id copied, DF clear");
+    assert_eq!(&want[14 + 4..14 + 8], &[0x12, 0x34, 0, 0], "the expectation itself: the tunnel's id, DF clear");
     assert_frame("IPIP without DF", &got, &want);
 }

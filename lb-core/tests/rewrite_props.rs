@@ -210,7 +210,7 @@ proptest! {
     /// verifies, the outer addresses are the tunnel's, and the inner IP packet is the original.
     #[test]
     fn tunnels(s in spec(), outer_v4 in any::<bool>(), src in any::<[u8; 16]>(), dst in any::<[u8; 16]>(), hash in any::<u32>(), gue in any::<bool>()) {
-        let t = TunnelTarget { src: addr_of(outer_v4, src), dst: addr_of(outer_v4, dst), macs: TO_BACKEND, flow_hash: hash };
+        let t = TunnelTarget { src: addr_of(outer_v4, src), dst: addr_of(outer_v4, dst), macs: TO_BACKEND, flow_hash: hash, ip_id: 0 };
         let original = s.frame();
         let out = if gue {
             rewritten(&original, |f, p| forward::gue::encap(f, p, &t, GUE_PORT))
@@ -248,7 +248,7 @@ proptest! {
         let payload_len = u16::from_be_bytes([original[l3 + 4], original[l3 + 5]]) + surplus.len() as u16;
         original[l3 + 4..l3 + 6].copy_from_slice(&payload_len.to_be_bytes());
         original.extend_from_slice(&surplus);
-        let t = TunnelTarget { src: addr_of(false, src), dst: addr_of(false, dst), macs: TO_BACKEND, flow_hash: 0 };
+        let t = TunnelTarget { src: addr_of(false, src), dst: addr_of(false, dst), macs: TO_BACKEND, flow_hash: 0, ip_id: 0 };
         let out = rewritten(&original, |f, p| forward::gue::encap(f, p, &t, GUE_PORT)).unwrap();
         check_frame_in(&out, Gue::Yes)?;
         let p = packet::parse(&out).unwrap();
@@ -329,7 +329,7 @@ fn exercise(bytes: &[u8]) -> Result<(), TestCaseError> {
     let a = addr_of(v4, [9; 16]);
     let b = addr_of(v4, [7; 16]);
     let nat = NatTarget { flow: FlowKey::from_ips(a, b, p.flow.proto(), 1, 2).unwrap(), macs: TO_BACKEND };
-    let tunnel = TunnelTarget { src: a, dst: b, macs: TO_BACKEND, flow_hash: 1 };
+    let tunnel = TunnelTarget { src: a, dst: b, macs: TO_BACKEND, flow_hash: 1, ip_id: 0 };
     for mode in 0..4 {
         let mut buf = buffer(bytes, HEADROOM);
         let mut frame = Frame::new(&mut buf, HEADROOM, bytes.len());
@@ -442,7 +442,7 @@ proptest! {
         let bytes = b.frame();
         let v4 = p.family() == packet::Family::V4;
         let nat = NatTarget { flow: FlowKey::from_ips(addr_of(v4, [1; 16]), addr_of(v4, [2; 16]), 6, 1, 2).unwrap(), macs: TO_BACKEND };
-        let tunnel = TunnelTarget { src: addr_of(!v4, [1; 16]), dst: addr_of(!v4, [2; 16]), macs: TO_BACKEND, flow_hash: 3 };
+        let tunnel = TunnelTarget { src: addr_of(!v4, [1; 16]), dst: addr_of(!v4, [2; 16]), macs: TO_BACKEND, flow_hash: 3, ip_id: 0 };
         for headroom in [0, HEADROOM] {
             for mode in 0..3 {
                 let mut buf = buffer(&bytes, headroom);

@@ -345,3 +345,32 @@ fn a_worker_with_a_source_mac_sends_every_frame_from_it() {
     let (_, out) = run(&mut w, &tcp(v4("198.51.100.10"), 4000, v4("192.0.2.1"), 81, Tcp::Syn, b"x"), secs(3));
     assert_eq!(seen(&out).src_mac, LOCAL_MAC);
 }
+
+/// IPv4 packets without DF leave a tunnel (IP-in-IP, GUE) with outer identifications of the
+/// tunnel's own, unique across clients and cores, as RFC 6864 asks of a packet that may be
+/// fragmented: they carried the inner packet's, and clients' own identifications collide (here all
+/// are 0), so a router fragmenting two of them on the way could have the backend reassemble one
+/// from the other's fragments.
+#[test]
+fn tunnelled_packets_without_df_get_identifications_of_their_own() {
+    let tables = build(&all_modes_config());
+    let mut cores: Vec<Worker> = (0..2)
+        .map(|i| Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 1024, core_index: i, core_count: 2 }))
+        .collect();
+    let mut ids = std::collections::HashSet::new();
+    for port in [82u16, 83] {
+        for w in &mut cores {
+            for client in 1..=4 {
+                let mut frame = tcp(v4(&format!("198.51.100.{client}")), 4000, v4("192.0.2.1"), port, Tcp::Syn, b"x");
+                frame[20] &= !0x40; // no DF
+                smoltcp::wire::Ipv4Packet::new_unchecked(&mut frame[14..34]).fill_checksum();
+                assert_eq!(&frame[18..20], &[0, 0], "the inner packet's id");
+                let (v, out) = run(w, &frame, secs(1));
+                assert_eq!(v, Verdict::Tx, "port {port}");
+                assert_eq!(out[20] & 0x40, 0, "port {port}: DF stays clear");
+                let id = u16::from_be_bytes([out[18], out[19]]);
+                assert!(ids.insert(id), "port {port}, client {client}: outer id {id} given twice");
+            }
+        }
+    }
+}

@@ -370,7 +370,7 @@ mod tests {
         let mut frame = Frame::new(&mut buf, Frame::HEADROOM_NEEDED, plain.len());
         let p = parse(frame.data()).unwrap();
         let (src, dst): (IpAddr, IpAddr) = if v6 { (LB6.into(), B6.into()) } else { (LB4.into(), B4.into()) };
-        let t = TunnelTarget { src, dst, macs: Macs::default(), flow_hash: 0x1234_5678 };
+        let t = TunnelTarget { src, dst, macs: Macs::default(), flow_hash: 0x1234_5678, ip_id: 0 };
         match port {
             Some(port) => lb_gue::encap(&mut frame, &p, &t, port).unwrap(),
             None => lb_ipip::encap(&mut frame, &p, &t).unwrap(),

@@ -6,7 +6,8 @@
 //! VIP on a loopback, answers the client directly.
 //!
 //! The outer header: IPv4 with DSCP/ECN copied from the inner packet, DF copied from the inner IPv4
-//! packet (always set for IPv6), identification 0 when DF is set and the inner one otherwise, TTL 64,
+//! packet (always set for IPv6), identification 0 when DF is set and otherwise the
+//! caller's per-core counter ([`super::TunnelTarget::ip_id`]), TTL 64,
 //! checksum computed over its 20 bytes; or
 //! IPv6 with the traffic class copied, the flow label taken from the flow hash and hop limit 64.
 //! The frame grows by 20 or 40 bytes at the front; the Ethernet header and VLAN tags move with it,

@@ -50,6 +50,12 @@ pub struct TunnelTarget {
     /// The flow's hash: GUE takes its UDP source port from it, an outer IPv6 header its flow label,
     /// so the backend's NIC (RSS) and the routers (ECMP) spread flows while keeping each in order.
     pub flow_hash: u32,
+    /// The outer IPv4 identification of a packet that may be fragmented on the way (an inner IPv4
+    /// packet without DF): the caller's counter, as RFC 6864 asks one unique per source,
+    /// destination and protocol while fragments may meet. Not the inner packet's: many clients'
+    /// packets share the tunnel's addresses, and their own identifications collide. Unused for a
+    /// packet with DF (0: atomic) and for an outer IPv6 header.
+    pub ip_id: u16,
 }
 
 /// Why a frame could not be rewritten. Each maps to a counted drop reason.
@@ -196,9 +202,9 @@ fn encapsulate<'f>(
     }
     // Read what the outer header copies from the inner one before anything moves.
     let inner = frame.data().get(l3..l3 + 8).ok_or(RewriteError::Inconsistent)?;
-    let (tos, inner_df, inner_id) = match p.family() {
-        Family::V4 => (inner[1], inner[6] & 0x40 != 0, [inner[4], inner[5]]),
-        Family::V6 => ((inner[0] << 4) | (inner[1] >> 4), true, [0, 0]),
+    let (tos, inner_df) = match p.family() {
+        Family::V4 => (inner[1], inner[6] & 0x40 != 0),
+        Family::V6 => ((inner[0] << 4) | (inner[1] >> 4), true),
     };
     // Drop Ethernet padding so it does not end up inside the outer packet.
     frame.set_len(end).ok_or(RewriteError::Inconsistent)?;
@@ -215,8 +221,8 @@ fn encapsulate<'f>(
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             let total = u16::try_from(outer_total).map_err(|_| RewriteError::TooBig { len: outer_total })?;
             // An atomic datagram (DF set) needs no identification (RFC 6864); one that may be
-            // fragmented on the way takes the inner packet's, unique per source as the sender keeps it.
-            let (df, [id_hi, id_lo]) = if inner_df { (0x40, [0, 0]) } else { (0, inner_id) };
+            // fragmented on the way takes the caller's, unique per tunnel (see `TunnelTarget::ip_id`).
+            let (df, [id_hi, id_lo]) = if inner_df { (0x40, [0, 0]) } else { (0, t.ip_id.to_be_bytes()) };
             let [tl_hi, tl_lo] = total.to_be_bytes();
             let [s0, s1, s2, s3] = s.octets();
             let [d0, d1, d2, d3] = d.octets();

@@ -242,6 +242,9 @@ impl Worker {
                 dst: IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
                 macs: Macs::default(),
                 flow_hash: 0,
+                // Cores count apart (this core's index, then every `core_count`-th), so no two give
+                // one outer identification at once.
+                ip_id: config.core_index,
             },
             hasher: FlowHasher::new(tables.node().hash_seed),
             timeouts: StateTimeouts::new(&tables.node().timeouts),
@@ -1051,6 +1054,9 @@ impl Core {
                     ForwardMode::Gue { port } => forward::gue::encap(frame, p, &self.tunnel_target, port)?,
                     _ => forward::ipip::encap(frame, p, &self.tunnel_target)?,
                 }
+                // The next outer identification (used only by a packet without DF).
+                let t = &mut self.tunnel_target;
+                t.ip_id = t.ip_id.wrapping_add(self.config.core_count.max(1));
             }
         }
         Ok(())

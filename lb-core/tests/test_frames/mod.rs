@@ -274,10 +274,12 @@ pub struct Outer {
     pub gue: Option<(u16, u16)>,
     /// The IPv6 flow label.
     pub flow_label: u32,
+    /// The outer IPv4 identification of an inner IPv4 packet without DF (the tunnel's counter).
+    pub ip_id: u16,
 }
 
 /// The expected encapsulation of `inner`: its L2 header (MACs replaced) and VLAN tags, an outer IP
-/// header as lb-core documents it (TOS copied, DF copied, id 0, TTL 64), the UDP and GUE headers for
+/// header as lb-core documents it (TOS copied, DF copied, id 0 with DF and `outer.ip_id` without, TTL 64), the UDP and GUE headers for
 /// GUE (UDP checksum 0 over IPv4, etherparse's over IPv6), then `inner`'s IP packet unchanged.
 pub fn encapsulated(inner: &Spec, outer: &Outer, src_mac: [u8; 6], dst_mac: [u8; 6]) -> Vec<u8> {
     let inner_ip = inner.ip_packet();
@@ -320,10 +322,10 @@ pub fn encapsulated(inner: &Spec, outer: &Outer, src_mac: [u8; 6], dst_mac: [u8;
             let mut h = Ipv4Header::new(0, 64, proto, s.octets(), d.octets()).unwrap();
             h.dscp = IpDscp::try_new(inner.tos >> 2).unwrap();
             h.ecn = IpEcn::try_new(inner.tos & 3).unwrap();
-            // DF copied from an IPv4 inner packet (set for IPv6); without DF the inner identification.
-            if let (Some(id), true) = (inner.fragmentable_id, inner.src.is_ipv4()) {
+            // DF copied from an IPv4 inner packet (set for IPv6); without DF the tunnel's identification.
+            if let (Some(_), true) = (inner.fragmentable_id, inner.src.is_ipv4()) {
                 h.dont_fragment = false;
-                h.identification = id;
+                h.identification = outer.ip_id;
             }
             h.set_payload_len(after_ip.len()).unwrap();
             h.write(&mut out).unwrap();
