@@ -24,7 +24,8 @@ fuzz_target!(|frames: Vec<Input>| {
         if let Some(p) = lb_core::packet::parse_common(&bytes) {
             assert_eq!(Ok(p), lb_core::packet::parse_general(&bytes));
         }
-        let (v, out) = lb_fuzz::run(&mut w, &bytes, usize::from(headroom), Instant::from_secs(t as u64));
-        lb_fuzz::check(&w, v, &out);
+        let now = Instant::from_secs(t as u64);
+        let (v, out) = lb_fuzz::run(&mut w, &bytes, usize::from(headroom), now);
+        lb_fuzz::check(&w, v, &bytes, &out, now);
     }
 });

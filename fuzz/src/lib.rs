@@ -10,7 +10,7 @@ use lb_core::config::{
     BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy, SchedulerKind,
     ServiceConfig, ServiceKey,
 };
-use lb_core::conntrack::EntryKind;
+use lb_core::conntrack::{ConnState, EntryKind};
 use lb_core::service::{Limits, TableBuilder};
 use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
 
@@ -109,7 +109,9 @@ pub struct FrameSpec {
     pub v6: bool,
     pub tcp: bool,
     pub flags: u8,
-    /// 0..=3: a service port; 4: a VIP port nobody serves; 5: to the SNAT address; else: not ours.
+    /// 0..=3: a service port; 4: a VIP port nobody serves; 5: to the SNAT address; 6: an ARP request
+    /// (IPv4) or a Neighbour Solicitation (IPv6, hop limit 255 for an odd `ttl`) for the VIP (even
+    /// `client`) or the SNAT address (odd); else: not ours.
     pub target: u8,
     pub client: u8,
     pub sport: u16,
@@ -119,6 +121,13 @@ pub struct FrameSpec {
     /// 1300 more bytes of payload: with the tunnel modes, past [`config`]'s `tunnel_mtu` (ICMP too big).
     pub big: bool,
     pub headroom: u8,
+    /// VLAN tags (0x8100) inserted after the Ethernet addresses: `vlan % 4` of them (3 is one more
+    /// than lb-core takes).
+    pub vlan: u8,
+    /// Instead of the packet, an ICMP error ("fragmentation needed" / "packet too big") from a router
+    /// to its destination, quoting the packet of the reverse direction: to a VIP about a VIP ->
+    /// client packet, to a SNAT address about a NAT flow's packet to its backend.
+    pub icmp_error: bool,
     /// (offset, xor) pairs applied after building.
     pub mutations: Vec<(u16, u8)>,
     /// Cut the frame to this length, if set.
@@ -143,7 +152,26 @@ impl FrameSpec {
             _ => (client, backend_addr(self.v6, 9), self.dport),
         };
         let payload = usize::from(self.payload_len) + if self.big { 1300 } else { 0 };
-        let mut out = build(src, self.sport, dst, dport, self.tcp, self.flags, self.ttl, payload);
+        let mut out = if self.target == 6 {
+            let vip = self.client.is_multiple_of(2);
+            let ours = if vip { IpAddr::V4(VIP4) } else { IpAddr::V4(SNAT4) };
+            let ours6 = if vip { VIP6 } else { SNAT6 };
+            match (src, ours) {
+                (IpAddr::V4(s), IpAddr::V4(t)) if !self.v6 => arp_request(s, t),
+                (IpAddr::V6(s), _) => solicitation(s, ours6, if self.ttl % 2 == 1 { 255 } else { self.ttl }),
+                _ => Vec::new(),
+            }
+        } else if self.icmp_error {
+            let quote = build(dst, dport, src, self.sport, self.tcp, self.flags, self.ttl, payload % 64);
+            icmp_error(dst, quote.get(14..).unwrap_or_default())
+        } else {
+            build(src, self.sport, dst, dport, self.tcp, self.flags, self.ttl, payload)
+        };
+        if out.len() >= 14 {
+            for _ in 0..self.vlan % 4 {
+                out.splice(12..12, [0x81, 0x00, 0x00, self.vlan]);
+            }
+        }
         for &(at, x) in &self.mutations {
             let n = out.len();
             if n > 0 {
@@ -201,40 +229,145 @@ pub fn build(
     out
 }
 
+/// An ARP request from `sender` for `target`, broadcast.
+pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut out = vec![0xff; 6];
+    out.extend([2, 0, 0, 0, 0, 0xc1, 0x08, 0x06]);
+    out.extend([0, 1, 0x08, 0x00, 6, 4, 0, 1, 2, 0, 0, 0, 0, 0xc1]);
+    out.extend(sender.octets());
+    out.extend([0; 6]);
+    out.extend(target.octets());
+    out
+}
+
+/// An ICMPv6 Neighbour Solicitation from `src` for `target` with a source link-layer address
+/// option, to the target's solicited-node group.
+pub fn solicitation(src: Ipv6Addr, target: Ipv6Addr, hop_limit: u8) -> Vec<u8> {
+    let t = target.octets();
+    let group = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xff00 | u16::from(t[13]), u16::from_be_bytes([t[14], t[15]]));
+    let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xc1], [0x33, 0x33, 0xff, t[13], t[14], t[15]]);
+    let mut body = t.to_vec();
+    body.extend([1, 1, 2, 0, 0, 0, 0, 0xc1]);
+    let mut out = Vec::new();
+    if eth.ipv6(src.octets(), group.octets(), hop_limit).icmpv6_raw(135, 0, [0; 4]).write(&mut out, &body).is_err() {
+        out.clear();
+    }
+    out
+}
+
+/// Ethernet + IP + an ICMP error from a router to `dst` quoting the IP packet `quote`.
+pub fn icmp_error(dst: IpAddr, quote: &[u8]) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, Icmpv6Type, icmpv4::DestUnreachableHeader};
+    let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xc1], [2, 0, 0, 0, 0, 1]);
+    let mut out = Vec::new();
+    let written = match dst {
+        IpAddr::V4(d) => eth
+            .ipv4([203, 0, 113, 1], d.octets(), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: 1200,
+            }))
+            .write(&mut out, quote),
+        IpAddr::V6(d) => eth
+            .ipv6(Ipv6Addr::new(0x2001, 0xdb8, 0xffff, 0, 0, 0, 0, 1).octets(), d.octets(), 64)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+            .write(&mut out, quote),
+    };
+    if written.is_err() {
+        out.clear();
+    }
+    out
+}
+
 /// Runs one frame with `headroom` bytes in front; returns the verdict and the bytes after.
 pub fn run(w: &mut Worker, bytes: &[u8], headroom: usize, now: Instant) -> (Verdict, Vec<u8>) {
-    let mut buf = vec![0u8; headroom + bytes.len()];
-    buf[headroom..].copy_from_slice(bytes);
-    let mut frames = [Frame::new(&mut buf, headroom, bytes.len())];
-    let mut verdicts = [Verdict::Pass];
-    w.process_burst(&mut frames, now, &mut verdicts);
-    let out = frames[0].data().to_vec();
-    (verdicts[0], out)
+    run_burst(w, &[(bytes.to_vec(), headroom)], now, false).remove(0)
+}
+
+/// Runs `frames` (bytes, headroom) as one burst, as frames handed over by another core when
+/// `handed`; returns each frame's verdict and bytes after.
+pub fn run_burst(w: &mut Worker, frames: &[(Vec<u8>, usize)], now: Instant, handed: bool) -> Vec<(Verdict, Vec<u8>)> {
+    let mut bufs: Vec<Vec<u8>> = frames
+        .iter()
+        .map(|(bytes, headroom)| {
+            let mut buf = vec![0u8; headroom + bytes.len()];
+            buf[*headroom..].copy_from_slice(bytes);
+            buf
+        })
+        .collect();
+    let mut fs: Vec<Frame<'_>> =
+        bufs.iter_mut().zip(frames).map(|(buf, (bytes, headroom))| Frame::new(buf, *headroom, bytes.len())).collect();
+    let mut verdicts = vec![Verdict::Pass; fs.len()];
+    if handed {
+        w.process_handed_burst(&mut fs, now, &mut verdicts);
+    } else {
+        w.process_burst(&mut fs, now, &mut verdicts);
+    }
+    fs.iter().zip(verdicts).map(|(f, v)| (v, f.data().to_vec())).collect()
 }
 
 /// The worker invariants: the verdict counters add up, conntrack stays within its capacity, every
-/// NAT reverse entry has its forward entry, per-backend connection counts equal the forward entries,
-/// and a transmitted frame parses.
-pub fn check(w: &Worker, verdict: Verdict, out: &[u8]) {
-    let s = w.stats();
-    assert_eq!(s.tx + s.passed + s.dropped_total(), s.rx, "every frame gets exactly one counted verdict");
-    let ct = w.conntrack();
-    assert!(ct.len() <= ct.capacity());
-    let forward = ct.iter().filter(|(_, e)| e.kind == EntryKind::Forward).count() as u64;
-    let counted: u64 = w
-        .tables()
-        .services()
-        .iter()
-        .flat_map(|s| s.backends.iter())
-        .map(|b| w.stats().backend(b.slot()).active_conns)
-        .sum();
-    assert!(counted <= forward, "connection counts {counted} exceed forward entries {forward}");
-    for (i, e) in ct.iter() {
-        if e.kind == EntryKind::Reverse {
-            assert!(ct.get(e.link).is_some_and(|f| f.link == i), "orphan reverse entry");
-        }
+/// NAT reverse entry has its forward entry and every live forward entry's link its reverse entry (an
+/// expired flow's reverse entry may go first, to free its port for a new flow), each
+/// backend's connection counts equal its forward entries (all, and established), a transmitted
+/// frame parses, and a passed one is unchanged. `now` is the latest time the worker was given.
+pub fn check(w: &Worker, verdict: Verdict, input: &[u8], out: &[u8], now: Instant) {
+    check_state(w, now);
+    check_verdict(verdict, input, out);
+}
+
+/// A transmitted frame parses (or is an ARP reply); a frame passed to the kernel or handed to another
+/// core is unchanged (`input` its bytes before).
+pub fn check_verdict(verdict: Verdict, input: &[u8], out: &[u8]) {
+    if matches!(verdict, Verdict::Pass | Verdict::Handoff(_) | Verdict::HandoffAll) {
+        assert_eq!(input, out, "a frame with verdict {verdict:?} was changed");
     }
     if verdict == Verdict::Tx {
-        assert!(lb_core::packet::parse(out).is_ok(), "a transmitted frame does not parse: {out:02x?}");
+        let parsed = lb_core::packet::parse(out);
+        assert!(
+            parsed.is_ok() || parsed == Err(lb_core::packet::ParseError::Arp),
+            "a transmitted frame does not parse: {out:02x?}"
+        );
+    }
+}
+
+/// The invariants of [`check`] that read the worker only.
+pub fn check_state(w: &Worker, now: Instant) {
+    let now = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
+    let s = w.stats();
+    assert_eq!(
+        s.tx + s.passed + s.dropped_total() + s.handed_off,
+        s.rx,
+        "every frame gets exactly one counted verdict"
+    );
+    let ct = w.conntrack();
+    assert!(ct.len() <= ct.capacity());
+    for (i, e) in ct.iter() {
+        match e.kind {
+            EntryKind::Reverse => {
+                assert!(ct.get(e.link).is_some_and(|f| f.link == i), "orphan reverse entry");
+            }
+            EntryKind::Forward if e.link != lb_core::conntrack::NO_LINK && !e.is_expired(now) => {
+                assert!(
+                    ct.get(e.link).is_some_and(|r| r.kind == EntryKind::Reverse && r.link == i),
+                    "a forward entry's link names no reverse entry of it: {e:?}"
+                );
+            }
+            _ => {}
+        }
+    }
+    // Per backend reference: its forward entries, and how many of them are established.
+    let mut conns = std::collections::HashMap::<_, (u64, u64)>::new();
+    for (_, e) in ct.iter() {
+        if e.kind == EntryKind::Forward && e.state != ConnState::BackendGone {
+            let c = conns.entry(e.backend).or_default();
+            c.0 += 1;
+            c.1 += u64::from(e.state == ConnState::Established);
+        }
+    }
+    for b in w.tables().services().iter().flat_map(|s| s.backends.iter()) {
+        let c = s.backend(b.slot());
+        let (all, established) = conns.get(&b.id).copied().unwrap_or_default();
+        assert_eq!(c.active_conns, all, "active connections of {:?}", b.id);
+        assert_eq!(c.established_conns, established, "established connections of {:?}", b.id);
     }
 }
