@@ -14,8 +14,9 @@ use std::time::Duration;
 use lb_core::config::{BackendState, NodeConfig};
 use lb_examples::config::KubernetesSettings;
 use lb_examples::k8s::Translation;
-use lb_examples::k8s::feed::{self, ExpBackoff, Feed, NodeView};
+use lb_examples::k8s::feed::{self, ExpBackoff, Feed, FeedCounters, NodeView};
 use serde_json::json;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 mod k8s_support;
@@ -41,6 +42,68 @@ fn backends(t: &Translation, key: &str) -> Option<Vec<(String, BackendState)>> {
     })
 }
 
+/// shop/web (its IPv4 cluster IP only) and its IPv4 slice: the cluster most tests start from.
+fn web_cluster() -> FakeApi {
+    let api = FakeApi::new();
+    let mut web = fixture("service-web.json");
+    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
+    api.upsert(SERVICES, web);
+    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    api
+}
+
+/// What ends a test's feed: its task, its kubeconfig's directory, and its node view's sender (kept
+/// open while the feed runs).
+struct FeedEnd {
+    task: tokio::task::JoinHandle<()>,
+    dir: std::path::PathBuf,
+    _view: tokio::sync::watch::Sender<NodeView>,
+}
+
+impl FeedEnd {
+    /// Waits for the feed to stop (drop its receiver first) and removes its directory.
+    async fn join(self) {
+        tokio::time::timeout(FAILSAFE, self.task).await.expect("feed stops when its receiver is dropped").unwrap();
+        let _ = std::fs::remove_dir_all(self.dir);
+    }
+}
+
+/// Runs the feed as node-a against the local API server on `port`, with `debounce`, `backoff` (else
+/// the default) and the client's `read_timeout` (else the default): its translations, its
+/// counters, and what ends it. The SNAT address is the node address that serves the NodePort
+/// (kube-proxy's masquerade): NodePorts are outside the default snat_ports, so such keys are served.
+async fn run_feed(
+    name: &str,
+    port: u16,
+    debounce: Duration,
+    backoff: Option<ExpBackoff>,
+    read_timeout: Option<Duration>,
+) -> (mpsc::Receiver<Translation>, Arc<FeedCounters>, FeedEnd) {
+    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-{name}-{}", std::process::id()));
+    let settings = KubernetesSettings {
+        kubeconfig: Some(kubeconfig(&dir, port)),
+        node_name: Some("node-a".into()),
+        node_addresses: vec!["192.168.1.10".parse().unwrap()],
+        debounce,
+        ..Default::default()
+    };
+    let client = match read_timeout {
+        Some(t) => feed::client_with_read_timeout(&settings, t).await,
+        None => feed::client(&settings).await,
+    }
+    .unwrap();
+    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
+    let (view, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
+    let (tx, rx) = mpsc::channel(64);
+    let mut feed = Feed::new(client, view_rx);
+    if let Some(b) = backoff {
+        feed = feed.with_backoff(b);
+    }
+    let counters = feed.counters();
+    let task = tokio::spawn(feed.run(tx));
+    (rx, counters, FeedEnd { task, dir, _view: view })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
     let api = FakeApi::new();
@@ -52,26 +115,14 @@ async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
     api.upsert(SLICES, web_slice.clone());
 
     let (port, mut reqs) = start(api.clone()).await;
-    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-{}", std::process::id()));
-    let kubeconfig = kubeconfig(&dir, port);
-
-    let settings = KubernetesSettings {
-        kubeconfig: Some(kubeconfig),
-        node_name: Some("node-a".into()),
-        node_addresses: vec!["192.168.1.10".parse().unwrap()],
-        debounce: Duration::from_millis(5),
-        ..Default::default()
-    };
-    // The SNAT address is the node address that serves the NodePort (kube-proxy's masquerade):
-    // NodePorts are outside the default snat_ports, so the key is served.
-    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
-    let client = feed::client(&settings).await.unwrap();
-    let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
-    let (tx, mut rx) = mpsc::channel(16);
-    let feed =
-        Feed::new(client, view_rx).with_backoff(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50)));
-    let counters = feed.counters();
-    let feed_task = tokio::spawn(feed.run(tx));
+    let (mut rx, counters, end) = run_feed(
+        "follows",
+        port,
+        Duration::from_millis(5),
+        Some(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50))),
+        None,
+    )
+    .await;
 
     // 1. Initial list, then a watch from the list's version with bookmarks on.
     let t = until(&mut rx, "shop/web listed", |t| backends(t, "tcp 10.96.12.34:80").is_some()).await;
@@ -159,8 +210,7 @@ async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
     assert_eq!(counters.lists.load(Relaxed), 3, "two initial lists and one re-list, no more");
 
     drop(rx);
-    tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
-    let _ = std::fs::remove_dir_all(dir);
+    end.join().await;
 }
 
 /// A list the API server refuses (a ClusterRole without `list` on EndpointSlices, a token it does not
@@ -170,29 +220,18 @@ async fn feed_follows_list_watch_bookmarks_410_and_dropped_connections() {
 /// permission is granted the feed lists and publishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_lists_back_off_longer_each_time_and_the_feed_recovers() {
-    let api = FakeApi::new();
-    let mut web = fixture("service-web.json");
-    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
-    api.upsert(SERVICES, web);
-    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    let api = web_cluster();
     api.refuse(SLICES, Some(403));
     let (port, mut reqs) = start(api.clone()).await;
-    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-refused-{}", std::process::id()));
-    let settings = KubernetesSettings {
-        kubeconfig: Some(kubeconfig(&dir, port)),
-        node_name: Some("node-a".into()),
-        node_addresses: vec!["192.168.1.10".parse().unwrap()],
-        debounce: Duration::from_millis(5),
-        ..Default::default()
-    };
-    let client = feed::client(&settings).await.unwrap();
-    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
-    let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
-    let (tx, mut rx) = mpsc::channel(16);
     let first = Duration::from_millis(20);
-    let feed = Feed::new(client, view_rx).with_backoff(ExpBackoff::new(first, Duration::from_secs(10)));
-    let counters = feed.counters();
-    let feed_task = tokio::spawn(feed.run(tx));
+    let (mut rx, counters, end) = run_feed(
+        "refused",
+        port,
+        Duration::from_millis(5),
+        Some(ExpBackoff::new(first, Duration::from_secs(10))),
+        None,
+    )
+    .await;
 
     let mut lists = Vec::new();
     for i in 0..6 {
@@ -213,8 +252,7 @@ async fn refused_lists_back_off_longer_each_time_and_the_feed_recovers() {
     assert_eq!(backends(&t, "tcp 10.96.12.34:80").unwrap().len(), 4);
 
     drop(rx);
-    tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
-    let _ = std::fs::remove_dir_all(dir);
+    end.join().await;
 }
 
 /// A re-list of EndpointSlices alone (410 Gone on their watch, a slice deleted while the history was
@@ -224,31 +262,19 @@ async fn refused_lists_back_off_longer_each_time_and_the_feed_recovers() {
 /// backends are gone once it is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpointslices_relist_never_publishes_a_service_without_its_backends() {
-    let api = FakeApi::new();
-    let mut web = fixture("service-web.json");
-    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
-    api.upsert(SERVICES, web);
-    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    let api = web_cluster();
     let mut svc_api = fixture("service-api-nodeport-local.json");
     api.upsert(SERVICES, svc_api.clone());
     api.upsert(SLICES, fixture("endpointslice-api.json"));
     let (port, mut reqs) = start(api.clone()).await;
-    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-slices-relist-{}", std::process::id()));
-    let settings = KubernetesSettings {
-        kubeconfig: Some(kubeconfig(&dir, port)),
-        node_name: Some("node-a".into()),
-        node_addresses: vec!["192.168.1.10".parse().unwrap()],
-        debounce: Duration::from_millis(1),
-        ..Default::default()
-    };
-    let client = feed::client(&settings).await.unwrap();
-    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
-    let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
-    let (tx, mut rx) = mpsc::channel(64);
-    let feed =
-        Feed::new(client, view_rx).with_backoff(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50)));
-    let counters = feed.counters();
-    let feed_task = tokio::spawn(feed.run(tx));
+    let (mut rx, counters, end) = run_feed(
+        "slices-relist",
+        port,
+        Duration::from_millis(1),
+        Some(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50))),
+        None,
+    )
+    .await;
     let both = |t: &Translation| {
         backends(t, "tcp 10.96.12.34:80").is_some_and(|b| b.len() == 4)
             && backends(t, "tcp 10.96.40.2:80").is_some_and(|b| b.len() == 2)
@@ -276,8 +302,7 @@ async fn an_endpointslices_relist_never_publishes_a_service_without_its_backends
     assert_eq!(counters.lists.load(Relaxed), 3, "two initial lists and the slices' re-list");
 
     drop(rx);
-    tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
-    let _ = std::fs::remove_dir_all(dir);
+    end.join().await;
 }
 
 /// Watches that end at once with no event (a proxy in front of the API server that cuts streamed
@@ -287,26 +312,10 @@ async fn an_endpointslices_relist_never_publishes_a_service_without_its_backends
 /// The lists went through, so the feed still publishes what they held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watches_that_end_at_once_are_started_again_at_most_once_a_second() {
-    let api = FakeApi::new();
-    let mut web = fixture("service-web.json");
-    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
-    api.upsert(SERVICES, web);
-    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    let api = web_cluster();
     api.end_watches_at_once(SERVICES);
     let (port, mut reqs) = start(api.clone()).await;
-    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-short-watches-{}", std::process::id()));
-    let settings = KubernetesSettings {
-        kubeconfig: Some(kubeconfig(&dir, port)),
-        node_name: Some("node-a".into()),
-        node_addresses: vec!["192.168.1.10".parse().unwrap()],
-        debounce: Duration::from_millis(1),
-        ..Default::default()
-    };
-    let client = feed::client(&settings).await.unwrap();
-    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
-    let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
-    let (tx, mut rx) = mpsc::channel(16);
-    let feed_task = tokio::spawn(Feed::new(client, view_rx).run(tx));
+    let (mut rx, _, end) = run_feed("short-watches", port, Duration::from_millis(1), None, None).await;
 
     let mut watches = Vec::new();
     for i in 0..3 {
@@ -321,36 +330,23 @@ async fn watches_that_end_at_once_are_started_again_at_most_once_a_second() {
     until(&mut rx, "web from the lists", |t| backends(t, "tcp 10.96.12.34:80").is_some()).await;
 
     drop(rx);
-    tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
-    let _ = std::fs::remove_dir_all(dir);
+    end.join().await;
 }
 
 /// An ERROR event other than 410 in a live watch (the API server's 500 "internal error", a 429) is
 /// counted and the watch goes on from where it was: no re-list, later events applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_error_event_in_a_watch_is_counted_and_the_watch_goes_on() {
-    let api = FakeApi::new();
-    let mut web = fixture("service-web.json");
-    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
-    api.upsert(SERVICES, web);
-    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    let api = web_cluster();
     let (port, mut reqs) = start(api.clone()).await;
-    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-error-event-{}", std::process::id()));
-    let settings = KubernetesSettings {
-        kubeconfig: Some(kubeconfig(&dir, port)),
-        node_name: Some("node-a".into()),
-        node_addresses: vec!["192.168.1.10".parse().unwrap()],
-        debounce: Duration::from_millis(1),
-        ..Default::default()
-    };
-    let client = feed::client(&settings).await.unwrap();
-    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
-    let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
-    let (tx, mut rx) = mpsc::channel(16);
-    let feed =
-        Feed::new(client, view_rx).with_backoff(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50)));
-    let counters = feed.counters();
-    let feed_task = tokio::spawn(feed.run(tx));
+    let (mut rx, counters, end) = run_feed(
+        "error-event",
+        port,
+        Duration::from_millis(1),
+        Some(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50))),
+        None,
+    )
+    .await;
     until(&mut rx, "web listed", |t| backends(t, "tcp 10.96.12.34:80").is_some()).await;
     reqs.next("services watch", |r| r.path == SERVICES && r.is_watch()).await;
     reqs.clear();
@@ -365,8 +361,7 @@ async fn an_error_event_in_a_watch_is_counted_and_the_watch_goes_on() {
     assert_eq!(counters.lists.load(Relaxed), 2, "no re-list");
 
     drop(rx);
-    tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
-    let _ = std::fs::remove_dir_all(dir);
+    end.join().await;
 }
 
 /// A list whose answer stops half-way, the connection left open (the API server's node gone without a
@@ -374,29 +369,17 @@ async fn an_error_event_in_a_watch_is_counted_and_the_watch_goes_on() {
 /// the lists answer whole: it does not wait on the dead connection for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_list_that_stalls_half_way_is_given_up_and_tried_again() {
-    let api = FakeApi::new();
-    let mut web = fixture("service-web.json");
-    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
-    api.upsert(SERVICES, web);
-    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    let api = web_cluster();
     api.stall_lists(SLICES, true);
     let (port, mut reqs) = start(api.clone()).await;
-    let dir = std::env::temp_dir().join(format!("lb-k8s-feed-stalled-list-{}", std::process::id()));
-    let settings = KubernetesSettings {
-        kubeconfig: Some(kubeconfig(&dir, port)),
-        node_name: Some("node-a".into()),
-        node_addresses: vec!["192.168.1.10".parse().unwrap()],
-        debounce: Duration::from_millis(1),
-        ..Default::default()
-    };
-    let client = feed::client_with_read_timeout(&settings, Duration::from_millis(300)).await.unwrap();
-    let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
-    let (_view_tx, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
-    let (tx, mut rx) = mpsc::channel(16);
-    let feed =
-        Feed::new(client, view_rx).with_backoff(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50)));
-    let counters = feed.counters();
-    let feed_task = tokio::spawn(feed.run(tx));
+    let (mut rx, counters, end) = run_feed(
+        "stalled-list",
+        port,
+        Duration::from_millis(1),
+        Some(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50))),
+        Some(Duration::from_millis(300)),
+    )
+    .await;
 
     reqs.next("the slices list that stalls", |r| r.path == SLICES && !r.is_watch()).await;
     reqs.next("the slices list tried again", |r| r.path == SLICES && !r.is_watch()).await;
@@ -409,6 +392,5 @@ async fn a_list_that_stalls_half_way_is_given_up_and_tried_again() {
     .await;
 
     drop(rx);
-    tokio::time::timeout(FAILSAFE, feed_task).await.expect("feed stops when its receiver is dropped").unwrap();
-    let _ = std::fs::remove_dir_all(dir);
+    end.join().await;
 }
