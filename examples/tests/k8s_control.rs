@@ -194,6 +194,16 @@ async fn cluster_and_file_updates_reach_the_workers_and_bad_ones_do_not() {
     plane.stop(&dir).await;
 }
 
+/// ingress/edge as a LoadBalancer with `externalTrafficPolicy: Local` and its health check node port
+/// on `port`, and its slice: one ready endpoint, on node-a.
+fn add_local_edge(api: &FakeApi, port: u16) {
+    let mut edge = fixture("service-edge-loadbalancer.json");
+    edge["spec"]["externalTrafficPolicy"] = json!("Local");
+    edge["spec"]["healthCheckNodePort"] = json!(port);
+    api.upsert(SERVICES, edge);
+    api.upsert(SLICES, fixture("endpointslice-edge.json"));
+}
+
 /// Publishes to a channel and refuses, as workers can, any configuration with a service named
 /// `refused`.
 struct RefusingSink(mpsc::UnboundedSender<Arc<Tables>>);
@@ -284,11 +294,7 @@ async fn a_local_load_balancers_health_check_node_port_answers_for_this_node() {
     let (api, dir, kc) = web_cluster("lb-k8s-node-health").await;
     // A port nothing listens on (bound, then released).
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut edge = fixture("service-edge-loadbalancer.json");
-    edge["spec"]["externalTrafficPolicy"] = json!("Local");
-    edge["spec"]["healthCheckNodePort"] = json!(port);
-    api.upsert(SERVICES, edge);
-    api.upsert(SLICES, fixture("endpointslice-edge.json")); // one ready endpoint, on node-a
+    add_local_edge(&api, port);
     let mut plane = Plane::start(&dir, &kc).await;
     let mut served = plane.node_health.take().expect("the feed runs");
     let mut answered_with = async |n: usize| {
@@ -360,11 +366,7 @@ async fn with_the_api_server_refusing_the_tables_and_the_health_check_node_port_
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let api = FakeApi::new();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut edge = fixture("service-edge-loadbalancer.json");
-    edge["spec"]["externalTrafficPolicy"] = json!("Local");
-    edge["spec"]["healthCheckNodePort"] = json!(port);
-    api.upsert(SERVICES, edge);
-    api.upsert(SLICES, fixture("endpointslice-edge.json")); // one ready endpoint, on node-a
+    add_local_edge(&api, port);
     let (api_port, mut reqs) = start(api.clone()).await;
     let dir = std::env::temp_dir().join(format!("lb-k8s-api-down-{}", std::process::id()));
     let kc = kubeconfig(&dir, api_port);
