@@ -1297,6 +1297,54 @@ fn a_syn_on_a_closing_flow_of_a_draining_backend_is_scheduled_afresh() {
     }
 }
 
+/// A client's SYN on a half-open flow (its SYN retransmitted: the backend has not answered) or on an
+/// established one (a new connection on the 5-tuple) goes to a backend that takes new flows: while
+/// the flow's backend does, it stays there; once that backend is draining or at weight 0 (a health
+/// check took it down, its pod is not ready), it is scheduled afresh, as on a closing flow. Before,
+/// such SYNs stayed with the draining backend, each renewing the flow's entry, so a client whose
+/// first SYN reached a backend just before it went down retried there until it gave up.
+#[test]
+fn a_syn_on_a_half_open_or_established_flow_of_a_draining_backend_is_scheduled_afresh() {
+    for established in [false, true] {
+        for change in ["none", "drain", "weight 0"] {
+            let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
+            let mut b = TableBuilder::new();
+            let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+            let c = client(1);
+            let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+            assert_eq!(dsr_backend(&out), 1);
+            if established {
+                run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+            }
+            match change {
+                "drain" => cfg.services[0].backends[0].state = BackendState::Draining,
+                "weight 0" => cfg.services[0].backends[0].weight = 0,
+                _ => {}
+            }
+            w.swap_tables(b.build(&cfg).unwrap());
+            let want = if change == "none" { 1 } else { 2 };
+            let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(3));
+            assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, want), "established {established}, {change}");
+            let slots: Vec<_> = w.tables().services()[0].backends.iter().map(|b| b.slot()).collect();
+            let counts: Vec<(u64, u64)> = slots
+                .iter()
+                .map(|&s| (w.stats().backend(s).active_conns, w.stats().backend(s).established_conns))
+                .collect();
+            let on_first = u64::from(want == 1);
+            let kept_established = u64::from(want == 1 && established);
+            assert_eq!(
+                counts,
+                vec![(on_first, kept_established), (1 - on_first, 0)],
+                "established {established}, {change}"
+            );
+            // The new connection's packets stay where its SYN went.
+            run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(3));
+            let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(4));
+            assert_eq!(dsr_backend(&out), want, "established {established}, {change}");
+        }
+    }
+}
+
 /// Stray RSTs and FINs to a full-NAT service (a flood of them, spoofed) each open a flow that holds
 /// a SNAT port for the time-wait or FIN timeout. Once they hold every port tried, a new flow takes
 /// the port of the oldest of them, after any half-open flow's and never an established flow's, as

@@ -49,7 +49,9 @@
 //!   (one FIN seen; in DSR and tunnel modes the backend's never is) it restarts the flow half-open on
 //!   the same backend, as IPVS does, so a client reusing its port soon after a close is established
 //!   again by its ACK; unless that backend takes no new flows (draining, weight 0): then the SYN is
-//!   scheduled afresh, as on a time-wait one.
+//!   scheduled afresh, as on a time-wait one. So is a SYN on a half-open flow (retransmitted: a
+//!   backend that went down just after the first one never answers) or an established one of such
+//!   a backend; while the backend takes new flows, those stay with it.
 //! - UDP entries are half-open until a second packet or a reply is seen.
 //! - Full NAT: each core takes a disjoint share of `NodeConfig::snat_ports` ([`snat_port_share`]);
 //!   a reply is translated back by the core that owns its destination port ([`snat_port_owner`]);
@@ -528,14 +530,12 @@ impl Core {
         let flags = p.tcp_flags;
         let timeouts = &self.timeouts;
         let (_, (summary, backend, change, snat_port)) = self.conntrack.find_update(key, hash, |e| {
-            // A SYN on a closing flow (rare) takes the general path, which restarts it on its backend
-            // or, if that backend takes no new flows, schedules it afresh (`restarts_elsewhere`):
-            // checked here on every packet, that cost ~4 instructions (callgrind, session 22).
-            let usable = match e.state {
-                ConnState::BackendGone => false,
-                ConnState::TimeWait | ConnState::Closing => !flags.is_syn_only(),
-                _ => true,
-            };
+            // A client's SYN on a known flow (rare: a retransmitted SYN, a port reused) takes the
+            // general path, which keeps it on its backend, restarts a closing flow there or, if that
+            // backend takes no new flows, schedules it afresh (`restarts_elsewhere`; checking the
+            // backend here, on every packet, cost ~4 instructions: callgrind, session 22). A UDP
+            // frame has no TCP flags.
+            let usable = e.state != ConnState::BackendGone && !flags.is_syn_only();
             if !usable || e.kind != EntryKind::Forward || e.is_expired(now) {
                 return None;
             }
@@ -1209,11 +1209,16 @@ fn nat_reply_flow(tables: &Tables, p: &Parsed, dst: IpAddr) -> Option<FlowKey> {
     tables.node().is_snat_port(reply.dst_port()).then_some(reply)
 }
 
-/// True for the client's SYN on a closing flow whose backend takes no new flows (draining, weight
-/// 0): a new connection, scheduled afresh rather than restarted on that backend (see `advance`).
+/// True for the client's SYN on a half-open, established or closing flow whose backend takes no
+/// new flows (draining, weight 0): a connection attempt (a retransmitted SYN, the backend having
+/// not answered) or a new connection on the 5-tuple, scheduled afresh rather than kept on or
+/// restarted on that backend (see `advance`), as IPVS does with `expire_nodest_conn` (which
+/// kube-proxy sets) for a destination of weight 0.
 #[inline]
 fn restarts_elsewhere(state: ConnState, flags: TcpFlags, backend: &Backend) -> bool {
-    state == ConnState::Closing && flags.is_syn_only() && !backend.takes_new_flows()
+    matches!(state, ConnState::SynSeen | ConnState::Established | ConnState::Closing)
+        && flags.is_syn_only()
+        && !backend.takes_new_flows()
 }
 
 /// The conntrack key of `client`'s ClientIP affinity record for `service`.

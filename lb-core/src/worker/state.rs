@@ -82,7 +82,7 @@ pub(super) fn entomb(e: &mut Entry, flags: TcpFlags, t: &StateTimeouts, now: u32
 /// the backend's FIN is never seen, so a finished flow stays closing for `tcp_fin`, and a client
 /// reusing its port within that time opens a new connection that must reach established (its count,
 /// its idle timeout). A SYN on a time-wait flow is no packet of it: the worker starts a new flow (as
-/// it does for a SYN on a closing flow whose backend takes no new flows).
+/// it does for a SYN on a half-open, established or closing flow whose backend takes no new flows).
 ///
 /// A [`ConnState::BackendGone`] tombstone stays one: any packet refreshes its idle timeout (UDP's for
 /// a UDP flow), until the client's FIN or RST starts a fixed time-wait timeout that later packets do
