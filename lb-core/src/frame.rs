@@ -114,7 +114,7 @@ impl<'a> Frame<'a> {
 
     /// Sets the packet length, keeping the start; `None` (unchanged) if it would pass the buffer's end.
     pub fn set_len(&mut self, len: usize) -> Option<()> {
-        if self.start + len > self.buf.len() {
+        if self.start.checked_add(len).is_none_or(|end| end > self.buf.len()) {
             return None;
         }
         self.len = len;
@@ -151,5 +151,19 @@ mod tests {
         let mut buf = [0u8; 8];
         let f = Frame::new(&mut buf, 100, 1);
         assert_eq!((f.start(), f.len()), (8, 0));
+    }
+
+    /// A length whose end would pass `usize::MAX` is past the buffer's end too: refused, the frame
+    /// unchanged (`start + len` overflowed: a panic in a debug build, and in a release build a
+    /// frame longer than its buffer).
+    #[test]
+    fn set_len_refuses_a_length_past_the_address_space() {
+        let mut buf = [0u8; 16];
+        let mut f = Frame::new(&mut buf, 4, 8);
+        assert!(f.set_len(usize::MAX).is_none());
+        assert!(f.set_len(usize::MAX - 3).is_none());
+        assert_eq!((f.start(), f.len(), f.data().len()), (4, 8, 8));
+        assert!(f.push_front(4).is_some());
+        assert_eq!((f.start(), f.len()), (0, 12));
     }
 }
