@@ -393,6 +393,27 @@ fn an_idle_worker_reclaims_expired_flows_by_sweep() {
     assert!(swept > 1, "one bucket at a time");
 }
 
+/// A sweep of more buckets than the table has goes round it once: `sweep(now, usize::MAX)`, "sweep
+/// everything", returns with every expired flow reclaimed (it went round 2^64 buckets, for ever).
+#[test]
+fn a_sweep_of_more_buckets_than_the_table_has_goes_round_it_once() {
+    let cfg = dsr_config(SchedulerKind::LeastConnections, &["10.1.0.1", "10.1.0.2"]);
+    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1 << 16));
+    for i in 0..40 {
+        run(&mut w, &udp(client(i), 53, v4(VIP), 80, b"q"), secs(10));
+    }
+    assert_eq!(w.conntrack().len(), 40);
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        w.sweep(secs(1000), usize::MAX);
+        let _ = done_tx.send(w);
+    });
+    let w = done.recv_timeout(std::time::Duration::from_secs(60)).expect("sweep(now, usize::MAX) returns");
+    let slots: Vec<_> = w.tables().services()[1].backends.iter().map(|b| b.slot()).collect();
+    let active: u64 = slots.iter().map(|&s| w.stats().backend(s).active_conns).sum();
+    assert_eq!((active, w.conntrack().len()), (0, 0));
+}
+
 #[test]
 fn service_counters_keep_what_a_departed_backend_counted_and_start_at_zero_on_a_reused_slot() {
     let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);

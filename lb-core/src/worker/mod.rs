@@ -317,9 +317,12 @@ impl Worker {
     /// Reclaims the expired conntrack entries of up to `buckets` buckets (each burst does a few), so
     /// they stop counting as their backends' connections: for a worker that receives nothing, whose
     /// bursts do not come (lb-io's poll loop calls it before it waits). `now` as for
-    /// [`Worker::process_burst`]; a sweep goes round the whole table in `capacity / WAYS` buckets.
+    /// [`Worker::process_burst`]; a sweep goes round the whole table in `capacity / WAYS` buckets,
+    /// and `buckets` beyond that (`usize::MAX`: all of them) go round it once.
     pub fn sweep(&mut self, now: Instant, buckets: usize) {
         let now_s = self.core.tick(now);
+        // A second round in one call would find nothing the first left.
+        let buckets = buckets.min(self.core.conntrack.capacity() / WAYS);
         self.core.sweep_buckets(now_s, buckets);
     }
 
