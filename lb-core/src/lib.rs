@@ -60,20 +60,25 @@
 //!     .write(&mut buf, &[])
 //!     .unwrap();
 //! let len = buf.len() - Frame::HEADROOM_NEEDED;
+//! let sent = buf[Frame::HEADROOM_NEEDED..].to_vec();
 //! let mut frames = [Frame::new(&mut buf, Frame::HEADROOM_NEEDED, len)];
 //! let mut verdicts = [Verdict::Tx; 1];
 //! worker.process_burst(&mut frames, Instant::from_secs(1), &mut verdicts);
 //!
-//! // DSR: only the Ethernet destination changed, to the chosen backend's MAC.
+//! // DSR: only the Ethernet addresses changed: the destination to the chosen backend's MAC, the
+//! // source to the node's (`node.local_mac`, or the worker's `set_source_mac`).
 //! assert_eq!(verdicts[0], Verdict::Tx);
-//! let dst_mac = &frames[0].data()[..6];
-//! assert_eq!(&dst_mac[..5], &[2, 0xbe, 0, 0, 0]);
-//! assert!((1..=3).contains(&dst_mac[5]));
+//! let out = frames[0].data();
+//! assert_eq!(&out[..5], &[2, 0xbe, 0, 0, 0]);
+//! assert!((1..=3).contains(&out[5]));
+//! assert_eq!(out[6..12], config.node.local_mac);
+//! assert_eq!(out[12..], sent[12..]);
 //! assert_eq!(worker.stats().tx, 1);
 //!
 //! // Later, between bursts: a new configuration replaces the tables whole; conntrack survives.
 //! config.services[0].backends.pop();
 //! let old = worker.swap_tables(builder.build(&config).expect("valid config"));
+//! assert_eq!(worker.conntrack().len(), 1); // the flow's entry, on whichever backend it went to
 //! drop(old); // freed here, on the control side, never inside the burst
 //! ```
 #![no_std]
