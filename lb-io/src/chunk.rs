@@ -26,8 +26,11 @@ pub(crate) struct ChunkPool {
 }
 
 impl ChunkPool {
-    /// `count` buffers of `size` bytes; packets are received `headroom` bytes into a buffer.
+    /// `count` buffers (at least one) of `size` bytes; packets are received `headroom` bytes into a
+    /// buffer.
     pub(crate) fn new(count: usize, size: usize, headroom: usize) -> Self {
+        // With no buffer a device could lend nothing and never take its input: the loop spun.
+        let count = count.max(1);
         ChunkPool {
             chunks: (0..count).map(|_| vec![0u8; size].into_boxed_slice()).collect(),
             free: (0..count).rev().collect(),

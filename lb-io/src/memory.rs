@@ -10,7 +10,7 @@ use crate::device::{Device, DeviceError, FlushProgress, Received, Span};
 /// Sizes of a [`MemoryDevice`].
 #[derive(Debug, Clone, Copy)]
 pub struct MemoryConfig {
-    /// Number of frame buffers.
+    /// Number of frame buffers (at least one is made).
     pub buffers: usize,
     /// Bytes per buffer, headroom included.
     pub buffer_size: usize,

@@ -721,6 +721,23 @@ mod tests {
         assert!(r.device.take_transmitted().is_empty());
     }
 
+    /// A memory device configured with no buffers gets one, as a handoff mesh does: the loop
+    /// forwards every frame and ends with the input (with none it could lend nothing, took nothing
+    /// from the input and spun for ever).
+    #[test]
+    fn a_memory_device_with_no_buffers_still_forwards_and_ends() {
+        let cfg = MemoryConfig { buffers: 0, ..MemoryConfig::default() };
+        let dev = device_with(10, cfg);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(run(dev, MacRewrite { src: SRC, dst: DST }, LoopConfig::default()));
+        });
+        let mut r = done.recv_timeout(Duration::from_secs(60)).expect("the loop ends with its input");
+        assert_eq!((r.stats.rx, r.stats.tx), (10, 10));
+        assert_eq!(r.device.take_transmitted().len(), 10);
+        assert_eq!(r.device.unaccounted_buffers(), 0);
+    }
+
     /// Frames the kernel dropped before they reached the device (an AF_XDP socket's full receive
     /// ring) show in the loop's stats and live counters, apart from the frames it received: they
     /// were counted nowhere the operator could see.
