@@ -297,6 +297,7 @@ pub struct PollLoop<D, P: BurstProcessor> {
     config: LoopConfig,
     counters: Arc<LoopCounters>,
     stats: LoopStats,
+    /// The origin of the processor's time ([`clock_origin`], shared by every loop).
     clock: std::time::Instant,
     /// This loop's end of the handoff between loops, if it has one.
     handoff: Option<Handoff>,
@@ -342,7 +343,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
             config,
             counters: Arc::default(),
             stats: LoopStats::default(),
-            clock: std::time::Instant::now(),
+            clock: clock_origin(),
             handoff: None,
         }
     }
@@ -633,6 +634,16 @@ const KERNEL_DROPS_EVERY: std::time::Duration = std::time::Duration::from_secs(1
 /// Empty rounds between the spinning loop's looks at the clock for its idle turn (a clock read each
 /// empty round would slow the receive polls that a spinning loop is for).
 const SPIN_CLOCK_ROUNDS: usize = 64;
+
+/// The origin of every loop's clock, one for the process: a processor moved from a finished loop
+/// into a new one (a worker kept, with its flows, across a restart of its loop) sees its time go
+/// on. With an origin per loop the new loop's times started again at zero, and a worker, which
+/// takes a time earlier than its last burst's as that one, held its clock there: no flow expired
+/// until the new loop's clock caught up with the old one's.
+fn clock_origin() -> std::time::Instant {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(std::time::Instant::now)
+}
 
 /// The time since `start`, as the processor's clock.
 fn elapsed(start: &std::time::Instant) -> Instant {
@@ -932,6 +943,49 @@ mod tests {
         assert_eq!((r.device.waits, r.stats.idle_waits), (3, 3));
         assert_eq!(r.processor.idle.len(), 3, "once before each wait");
         assert!(r.processor.idle.windows(2).all(|w| w[0] <= w[1]), "{:?}", r.processor.idle);
+    }
+
+    /// Records the time of each burst; holds the first burst for `hold` (so the loop's clock has
+    /// moved on by the next one). Passes every frame.
+    struct Clocked {
+        nows: Vec<Instant>,
+        hold: Duration,
+    }
+
+    impl BurstProcessor for Clocked {
+        type Update = ();
+        fn process_burst(&mut self, _: &mut [Frame<'_>], now: Instant, verdicts: &mut [Verdict]) {
+            self.nows.push(now);
+            verdicts.fill(Verdict::Pass);
+            if self.nows.len() == 1 {
+                let start = std::time::Instant::now();
+                while start.elapsed() < self.hold {
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        fn apply(&mut self, u: ()) {
+            u
+        }
+    }
+
+    /// A processor taken from a finished loop's report into a new loop (a worker kept, with its
+    /// flows, across a restart of its loop) sees its time go on. Each loop's clock started at zero
+    /// when it was made, so the new loop's times were earlier than the old one's: a worker then
+    /// holds its clock at its last burst's, and no flow expires until the new clock catches up.
+    #[test]
+    fn a_processor_moved_to_a_new_loop_sees_its_time_go_on() {
+        let cfg = LoopConfig { burst: 1, ..LoopConfig::default() };
+        let p = Clocked { nows: vec![], hold: Duration::from_millis(200) };
+        let (_tx, rx) = update_channel();
+        let first = PollLoop::new(device_with(2, MemoryConfig::default()), p, rx, StopFlag::new(), cfg).run().unwrap();
+        let (_tx, rx) = update_channel();
+        let dev = device_with(1, MemoryConfig::default());
+        let second = PollLoop::new(dev, first.processor, rx, StopFlag::new(), cfg).run().unwrap();
+        let nows = &second.processor.nows;
+        assert_eq!(nows.len(), 3);
+        assert!(nows[1].saturating_since(nows[0]) >= Duration::from_millis(200), "{nows:?}");
+        assert!(nows[2] >= nows[1], "the second loop's first burst came before the first loop's last: {nows:?}");
     }
 
     /// Stops its loop at its third idle call.
