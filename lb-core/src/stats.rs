@@ -221,8 +221,10 @@ pub struct Stats {
     pub passed: u64,
     /// NAT replies translated back to the client.
     pub reverse_nat: u64,
-    /// Frames given [`Verdict::Handoff`](crate::Verdict::Handoff): NAT replies for another core,
-    /// which counts them in its `rx` again when it is handed them.
+    /// Frames given [`Verdict::Handoff`](crate::Verdict::Handoff) (NAT replies for another core) or
+    /// [`Verdict::HandoffAll`](crate::Verdict::HandoffAll) (ICMP errors about a NAT flow, a copy
+    /// for every other core). The cores handed them count them in their `rx` again, one per copy:
+    /// a node's frames received from the wire are the sum of `rx` less what the others were handed.
     pub handed_off: u64,
     /// Packets too big for the tunnel path (`NodeConfig::tunnel_mtu`) answered with ICMP
     /// "fragmentation needed" / "packet too big" (each also counts at the backend it was headed for).
