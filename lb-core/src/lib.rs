@@ -100,4 +100,4 @@ pub mod worker;
 
 pub use frame::{Frame, Verdict};
 pub use time::Instant;
-pub use worker::{Worker, WorkerConfig};
+pub use worker::{Worker, WorkerConfig, WorkerConfigError};

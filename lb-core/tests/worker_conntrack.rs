@@ -8,7 +8,7 @@ use lb_core::config::{BackendState, Config, ForwardMode, Protocol, RemovedBacken
 use lb_core::conntrack::{ConnKey, ConnState};
 use lb_core::service::TableBuilder;
 use lb_core::stats::DropReason;
-use lb_core::{Verdict, Worker, WorkerConfig};
+use lb_core::{Verdict, Worker, WorkerConfig, WorkerConfigError};
 use worker_common::*;
 
 fn dsr_config(scheduler: SchedulerKind, backends: &[&str]) -> Config {
@@ -46,6 +46,29 @@ fn one_backend_nat(last: u16) -> Config {
 }
 
 const VIP: &str = "192.0.2.1";
+
+/// A worker numbered outside its node (no workers, or an index not below the count) is refused with
+/// the reason: such a worker owned no share of the SNAT ports, so it dropped every new full-NAT flow
+/// as `no_snat_port`, as if the range were exhausted. Numbered within, each takes its share.
+#[test]
+fn a_worker_numbered_outside_its_node_is_refused() {
+    let tables = TableBuilder::new().build(&one_backend_nat(40099)).unwrap();
+    let at = |core_index, core_count| WorkerConfig { conntrack_capacity: 1024, core_index, core_count };
+    let refused = |c| Worker::try_new(tables.clone(), c).err();
+    assert_eq!(refused(at(0, 0)), Some(WorkerConfigError::NoCores));
+    assert_eq!(refused(at(2, 2)), Some(WorkerConfigError::IndexOutOfRange { index: 2, count: 2 }));
+    assert_eq!(refused(at(u16::MAX, 3)), Some(WorkerConfigError::IndexOutOfRange { index: u16::MAX, count: 3 }));
+    let msg = WorkerConfigError::IndexOutOfRange { index: 2, count: 2 }.to_string();
+    assert!(msg.contains("core_index 2") && msg.contains("core_count 2"), "{msg}");
+    for i in 0..2 {
+        let mut w = Worker::try_new(tables.clone(), at(i, 2)).unwrap();
+        let (v, _) = run(&mut w, &tcp(client(u32::from(i)), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+        assert_eq!(v, Verdict::Tx, "core {i} of 2");
+    }
+    let panicked = std::panic::catch_unwind(|| Worker::new(tables.clone(), at(2, 2))).err().unwrap();
+    let text = panicked.downcast_ref::<String>().unwrap();
+    assert!(text.contains("core_index 2 is not below core_count 2"), "{text}");
+}
 
 #[test]
 fn removed_backend_policy_reschedule_or_drop() {

@@ -137,6 +137,33 @@ impl WorkerConfig {
     pub fn single_core(conntrack_capacity: usize) -> Self {
         WorkerConfig { conntrack_capacity, core_index: 0, core_count: 1 }
     }
+
+    /// Whether the numbering names one worker of a node: `core_count` at least 1, `core_index` below
+    /// it. A worker numbered outside its node owns no share of the SNAT ports (every new full-NAT
+    /// flow would be dropped as `no_snat_port`, as if the range were exhausted) and no NAT reply.
+    pub fn check(&self) -> Result<(), WorkerConfigError> {
+        match (self.core_index, self.core_count) {
+            (_, 0) => Err(WorkerConfigError::NoCores),
+            (index, count) if index >= count => Err(WorkerConfigError::IndexOutOfRange { index, count }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why a [`WorkerConfig`] names no worker of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum WorkerConfigError {
+    /// `core_count` 0.
+    #[error("core_count is 0: a node has at least one worker")]
+    NoCores,
+    /// `core_index` not below `core_count`.
+    #[error("core_index {index} is not below core_count {count} (workers are numbered 0 to core_count - 1)")]
+    IndexOutOfRange {
+        /// The index given.
+        index: u16,
+        /// The count given.
+        count: u16,
+    },
 }
 
 /// One core's load balancer. See the module docs.
@@ -223,7 +250,20 @@ type Outcome = Result<Verdict, DropReason>;
 impl Worker {
     /// A worker serving `tables`. Allocates everything the fast path will use, once: per-slot arrays
     /// as `tables.limits()` allows, which bound the tables it will take later.
+    ///
+    /// # Panics
+    /// If `config` names no worker of a node ([`WorkerConfig::check`]); [`Worker::try_new`] returns
+    /// the error instead.
     pub fn new(tables: Arc<Tables>, config: WorkerConfig) -> Worker {
+        match Worker::try_new(tables, config) {
+            Ok(w) => w,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// [`Worker::new`], or why `config` names no worker of a node.
+    pub fn try_new(tables: Arc<Tables>, config: WorkerConfig) -> Result<Worker, WorkerConfigError> {
+        config.check()?;
         let limits = tables.limits();
         let core = Core {
             conntrack: ConntrackTable::with_capacity(config.conntrack_capacity),
@@ -259,7 +299,7 @@ impl Worker {
         };
         let mut w = Worker { tables: tables.clone(), core, ahead: [Lookahead::NONE; BATCH] };
         w.install(tables);
-        w
+        Ok(w)
     }
 
     /// Installs new tables between bursts and returns the old ones (drop them off the fast path).
