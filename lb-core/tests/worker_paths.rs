@@ -374,3 +374,62 @@ fn tunnelled_packets_without_df_get_identifications_of_their_own() {
         }
     }
 }
+
+/// `frame` (untagged IPv6) with the extension header `ext` (its next header byte filled in) of type
+/// `ext_type` put straight after the IPv6 header, and the IPv6 destination set to `dst`.
+fn with_v6_ext(frame: &[u8], ext_type: u8, ext: &[u8], dst: IpAddr) -> Vec<u8> {
+    let IpAddr::V6(dst) = dst else { panic!("IPv6 only") };
+    let mut out = frame[..14 + 40].to_vec();
+    let mut ext = ext.to_vec();
+    ext[0] = out[14 + 6];
+    out[14 + 6] = ext_type;
+    let payload_len = u16::from_be_bytes([out[18], out[19]]) + ext.len() as u16;
+    out[18..20].copy_from_slice(&payload_len.to_be_bytes());
+    out[14 + 24..14 + 40].copy_from_slice(&dst.octets());
+    out.extend_from_slice(&ext);
+    out.extend_from_slice(&frame[14 + 40..]);
+    out
+}
+
+/// A Segment Routing Header (RFC 8754, routing type 4) listing `segments` (the last segment, the
+/// packet's final destination, first) with `left` of them still to visit.
+fn srh(segments: &[IpAddr], left: u8) -> Vec<u8> {
+    let mut h = vec![0, (2 * segments.len()) as u8, 4, left, segments.len() as u8 - 1, 0, 0, 0];
+    for s in segments {
+        let IpAddr::V6(s) = s else { panic!("IPv6 only") };
+        h.extend_from_slice(&s.octets());
+    }
+    h
+}
+
+/// A packet to a VIP with a routing header that still has segments left is on its way to another
+/// destination (the last segment), which its transport header and checksum (RFC 8200 8.1) are for:
+/// no mode may balance it (NAT would patch a checksum the VIP is not in and send the backend a
+/// packet it must route on). It is dropped and counted; with no segment left the VIP is the final
+/// destination and the packet is forwarded, its checksum still valid.
+#[test]
+fn an_ipv6_routing_header_with_segments_left_to_a_vip_is_not_balanced() {
+    let (client, vip, next) = (v4("2001:db8:ff::7"), v4("2001:db8::1"), v4("2001:db8:99::9"));
+    for port in 80..=83u16 {
+        let mut w = worker(&all_modes_config());
+        // In transit: the client's checksum covers `next`, the final destination.
+        let syn = tcp(client, 4000, next, port, Tcp::Syn, b"x");
+        let f = with_v6_ext(&syn, 43, &srh(&[next, vip], 1), vip);
+        let (v, _) = run(&mut w, &f, secs(1));
+        assert_eq!(v, Verdict::Drop(DropReason::Unsupported), "port {port}");
+        // Arrived: the VIP is the last segment and the destination.
+        let syn = tcp(client, 4000, vip, port, Tcp::Syn, b"x");
+        let f = with_v6_ext(&syn, 43, &srh(&[vip, next], 0), vip);
+        let (v, out) = run(&mut w, &f, secs(1));
+        assert_eq!(v, Verdict::Tx, "port {port}");
+        if port == 80 {
+            // NAT: the checksum is patched for the addresses and ports, behind the routing header.
+            let (src, dst, proto, _, _, l4) = smoltcp_ip(&out[14..]);
+            assert_eq!(proto, 43);
+            let tcp = smoltcp::wire::TcpPacket::new_checked(&l4[40..]).unwrap();
+            assert!(tcp.verify_checksum(&src.into(), &dst.into()), "TCP checksum after NAT");
+            assert_eq!(tcp.dst_port(), 8080);
+        }
+        assert_eq!(w.stats().dropped_total(), 1, "port {port}");
+    }
+}

@@ -171,7 +171,8 @@ pub enum L4 {
     Ndp,
     /// Any other ICMP message.
     OtherIcmp,
-    /// Any other protocol, or a later fragment of an ICMP message; no ports.
+    /// Any other protocol, a later fragment of an ICMP message, or an IPv6 packet whose routing
+    /// header has segments left (its protocol is then 43, routing); no ports.
     Other,
 }
 
@@ -190,7 +191,8 @@ pub struct Parsed {
     /// Offset of the IP header (14 + 4 per VLAN tag).
     pub l3_offset: u32,
     /// Offset of the transport header, after IPv4 options or IPv6 extension headers. For a later
-    /// fragment, the offset of the fragment's payload.
+    /// fragment, the offset of the fragment's payload; for an IPv6 routing header with segments
+    /// left, the offset of that header.
     pub l4_offset: u32,
     /// Length of the IP packet, header included (IPv4 total length; IPv6 40 + payload length).
     pub ip_len: u32,
@@ -642,10 +644,12 @@ fn parse_ipv6(ip: &[u8], quote: bool) -> Result<(Net, Transport), ParseError> {
 
 /// The IPv6 extension headers at the start of a packet's payload.
 struct Ipv6Exts {
-    /// Protocol of what follows them: the transport header, or for a later fragment the protocol
-    /// its data continues (the Fragment header's next header).
+    /// Protocol of what follows them: the transport header, for a later fragment the protocol its
+    /// data continues (the Fragment header's next header), or 43 for a routing header with segments
+    /// left.
     next: u8,
-    /// Bytes of extension headers: the transport header, or a later fragment's data, starts here.
+    /// Bytes of extension headers: the transport header, a later fragment's data, or a routing
+    /// header with segments left starts here.
     len: usize,
     fragment: Fragment,
 }
@@ -653,7 +657,11 @@ struct Ipv6Exts {
 /// Walks the IPv6 extension headers at the start of `payload`, `first` naming the first. Stops at
 /// a header that is not an extension header, or right after a Fragment header with a nonzero offset:
 /// what follows it in a later fragment is data, even where it continues a Destination Options header
-/// or AH that the first fragment began (RFC 8200 4.1 puts both in the fragmentable part).
+/// or AH that the first fragment began (RFC 8200 4.1 puts both in the fragmentable part). Stops too
+/// at a Routing header with segments left (any routing type), which it names as the protocol: the
+/// packet is on its way to another destination, the last segment, whose transport header follows
+/// (its checksum covers that destination, RFC 8200 8.1), so it is no flow of the destination
+/// address's and the load balancer must not translate or balance it.
 fn parse_ipv6_exts(first: IpNumber, payload: &[u8]) -> Result<Ipv6Exts, ParseError> {
     let ext_len = |e: LenError| truncated(Layer::Ipv6Extension, e);
     let mut next = first;
@@ -667,6 +675,10 @@ fn parse_ipv6_exts(first: IpNumber, payload: &[u8]) -> Result<Ipv6Exts, ParseErr
             ip_number::IPV6_HOP_BY_HOP if len != 0 => return Err(ParseError::BadIpv6Extension),
             ip_number::IPV6_HOP_BY_HOP | ip_number::IPV6_ROUTE | ip_number::IPV6_DEST_OPTIONS => {
                 let h = Ipv6RawExtHeaderSlice::from_slice(rest).map_err(ext_len)?;
+                // Segments left: byte 1 of the routing data, byte 3 of the header.
+                if next == ip_number::IPV6_ROUTE && h.payload().get(1).is_some_and(|&left| left != 0) {
+                    return Ok(Ipv6Exts { next: next.0, len, fragment });
+                }
                 next = h.next_header();
                 h.slice().len()
             }

@@ -302,6 +302,28 @@ fn ipv6_first_fragment_walks_on_to_the_transport_header() {
     assert_eq!((p.fragment, p.flow, p.l4_offset), (Fragment::First, FlowKey::v6(C6, V6, 17, 5000, 53), 14 + 40 + 16));
 }
 
+/// A routing header with segments left ends the walk: what follows is the final destination's
+/// (RFC 8200 4.4), so the packet has no ports here, whatever its routing type; with none left the
+/// walk goes on to the transport header.
+#[test]
+fn ipv6_routing_header_with_segments_left_stops_the_walk() {
+    let udp = [0x13, 0x88, 0, 53, 0, 8, 0, 0];
+    for (routing_type, left) in [(0u8, 1u8), (2, 1), (3, 2), (4, 1), (4, 0), (0, 0)] {
+        // Routing header (8 bytes of header and 16 of one address) -> UDP.
+        let mut payload = std::vec![17, 2, routing_type, left, 0, 0, 0, 0];
+        payload.extend_from_slice(&[0x20; 16]);
+        payload.extend_from_slice(&udp);
+        let p = parse(&v6_raw(IpNumber::IPV6_ROUTE_HEADER, &payload)).unwrap();
+        if left == 0 {
+            assert_eq!((p.flow, p.l4, p.l4_offset), (FlowKey::v6(C6, V6, 17, 5000, 53), L4::Udp, 14 + 40 + 24));
+        } else {
+            let want = (FlowKey::v6(C6, V6, 43, 0, 0), L4::Other, 14 + 40);
+            assert_eq!((p.flow, p.l4, p.l4_offset), want, "type {routing_type}");
+            assert!(!p.has_ports());
+        }
+    }
+}
+
 #[test]
 fn malformed_ipv6_extension_chains_keep_their_reasons() {
     let dest_opts = IpNumber::IPV6_DESTINATION_OPTIONS.0;

@@ -42,6 +42,9 @@
 //! **Choices a network engineer should know.**
 //! - Fragments to a VIP (first or later) are dropped and counted as [`DropReason::Fragment`]: without
 //!   reassembly the later fragments carry no ports and cannot follow their flow (Katran does the same).
+//! - An IPv6 packet to a VIP whose routing header has segments left is on its way through the VIP to
+//!   another destination, whose transport header and checksum it carries: dropped and counted as
+//!   [`DropReason::Unsupported`], never balanced (see `packet::parse_ipv6_exts`).
 //! - A TCP segment of an unknown flow is scheduled even without SYN, so flows survive a restart of the
 //!   load balancer (consistent schedulers give the same backend); the entry stays half-open until the
 //!   client's next segment, so a stream of random ACKs cannot fill the table with established entries.
