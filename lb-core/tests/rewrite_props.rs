@@ -1,7 +1,8 @@
 //! Property tests of the rewrite, checked by implementations other than lb-core's:
 //! - every rewritten frame (every mode, both families, TCP and UDP, random addresses, ports, payload
-//!   lengths, VLAN tags, IPv4 options, TOS, TTL) re-parses with etherparse, and smoltcp verifies all
-//!   of its checksums (outer and inner IPv4 headers, TCP, UDP, the GUE outer UDP over IPv6);
+//!   lengths, VLAN tags, IPv4 options, IPv6 extension headers, TOS, TTL) re-parses with etherparse,
+//!   and smoltcp verifies all of its checksums (outer and inner IPv4 headers, TCP, UDP, the GUE
+//!   outer UDP over IPv6), as it does for NAT-ed ICMP errors of every kind lb-core maps;
 //! - NAT then the reverse NAT restores the original frame (bar TTL and MACs), and a backend's reply
 //!   translated for the client is exactly the frame etherparse builds for it;
 //! - a tunnel carries the original IP packet unchanged;
@@ -44,6 +45,7 @@ prop_compose! {
         flow_label in any::<u32>(),
         fragmentable_id in any::<Option<u16>>(),
         options in (0usize..=10).prop_flat_map(|words| prop::collection::vec(any::<u8>(), words * 4)),
+        v6_exts in v6_exts(),
         vlans in prop::collection::vec(1u16..4095, 0..=2),
         payload in prop::collection::vec(any::<u8>(), 0..300),
     ) -> Spec {
@@ -63,9 +65,44 @@ prop_compose! {
             options: if v4 { options } else { vec![] },
             flow_label,
             fragmentable_id,
+            v6_exts: if v4 { vec![] } else { v6_exts },
             transport,
             payload,
         }
+    }
+}
+
+/// IPv6 extension headers that leave the transport checksum's pseudo-header alone (their next
+/// header bytes are filled in by `Spec`): hop-by-hop options (first, if at all), then any of
+/// destination options (8 or 16 bytes), a routing header with no segments left (an SRH of one
+/// segment or a type 0 one), an atomic Fragment header (offset 0, no more fragments) and an
+/// Authentication Header.
+fn v6_exts() -> impl Strategy<Value = Vec<(u8, Vec<u8>)>> {
+    let ext = prop_oneof![
+        Just((60u8, vec![0, 0, 1, 4, 0, 0, 0, 0])),
+        Just((60u8, [[0u8, 1, 1, 12].as_slice(), &[0; 12]].concat())),
+        any::<[u8; 16]>().prop_map(|seg| (43u8, [[0u8, 2, 4, 0, 0, 0, 0, 0].as_slice(), &seg].concat())),
+        Just((43u8, vec![0, 0, 0, 0, 0, 0, 0, 0])),
+        any::<u32>().prop_map(|id| (44u8, [[0u8, 0, 0, 0].as_slice(), &id.to_be_bytes()].concat())),
+        any::<[u8; 8]>().prop_map(|spi_seq| (51u8, [[0u8, 4, 0, 0].as_slice(), &spi_seq, &[0; 12]].concat())),
+    ];
+    (any::<bool>(), prop::collection::vec(ext, 0..=3)).prop_map(|(hop_by_hop, rest)| {
+        let first = hop_by_hop.then(|| (0u8, vec![0, 0, 1, 4, 0, 0, 0, 0]));
+        first.into_iter().chain(rest).collect()
+    })
+}
+
+/// The transport protocol and its offset in `ip` (an IPv6 packet), past the extension headers.
+fn v6_transport(ip: &[u8]) -> (u8, usize) {
+    let (mut next, mut at) = (ip[6], 40);
+    loop {
+        let len = match next {
+            0 | 43 | 60 => (usize::from(ip[at + 1]) + 1) * 8,
+            44 => 8,
+            51 => (usize::from(ip[at + 1]) + 2) * 4,
+            _ => return (next, at),
+        };
+        (next, at) = (ip[at], at + len);
     }
 }
 
@@ -106,7 +143,8 @@ fn check_ip(ip: &[u8], gue: Gue) -> Result<(), TestCaseError> {
         Some(6) => {
             let p = Ipv6Packet::new_checked(ip).map_err(|e| TestCaseError::fail(format!("IPv6: {e}")))?;
             let len = 40 + p.payload_len() as usize;
-            (p.src_addr().into(), p.dst_addr().into(), p.next_header(), &ip[40..len])
+            let (proto, at) = v6_transport(ip);
+            (p.src_addr().into(), p.dst_addr().into(), IpProtocol::from(proto), &ip[at..len])
         }
         v => return Err(TestCaseError::fail(format!("IP version {v:?}"))),
     };
@@ -344,14 +382,16 @@ fn exercise(bytes: &[u8]) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    /// An ICMP error quoting a translated packet, NAT-ed back: the outer ICMP checksum and the quoted
-    /// IPv4 header checksum verify with smoltcp, and the quote names the client's flow.
+    /// An ICMP error (each kind lb-core maps) quoting a translated packet (IPv6 with extension
+    /// headers too, cut anywhere after its ports), NAT-ed back: the outer ICMP checksum and the
+    /// quoted IPv4 header checksum verify with smoltcp, and the quote names the client's flow.
     #[test]
     fn nat_icmp_error_checksums(
         s in spec(),
         vip in any::<[u8; 16]>(),
         vport in any::<u16>(),
         quote_len in 0usize..200,
+        kind in 0usize..4,
     ) {
         // `s` is what the node sent to a backend; the error comes back from a router near it.
         let v4 = s.src.is_ipv4();
@@ -359,13 +399,21 @@ proptest! {
         // Cut the quote (keeping at least IP header + 8 bytes), fixing the outer lengths and
         // checksums with etherparse by rebuilding.
         let quote_full = s.ip_packet();
-        let min = if v4 { 20 + s.options.len() + 8 } else { 48 };
+        let min = if v4 { 20 + s.options.len() + 8 } else { 40 + s.v6_exts_len() + 8 };
         let keep = (min + quote_len).min(quote_full.len());
         let quote = &quote_full[..keep];
         bytes.clear();
         match (s.src, s.dst) {
-            (IpAddr::V4(a), IpAddr::V4(b)) => PacketBuilder::ethernet2(MAC_ROUTER, MAC_NODE).ipv4(b.octets(), a.octets(), 64).icmpv4_raw(11, 0, [0; 4]).write(&mut bytes, quote).unwrap(),
-            (IpAddr::V6(a), IpAddr::V6(b)) => PacketBuilder::ethernet2(MAC_ROUTER, MAC_NODE).ipv6(b.octets(), a.octets(), 64).icmpv6_raw(3, 0, [0; 4]).write(&mut bytes, quote).unwrap(),
+            // Destination unreachable (port; fragmentation needed), time exceeded, parameter problem.
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let (ty, code, rest) = [(3, 3, [0; 4]), (3, 4, [0, 0, 5, 0xdc]), (11, 0, [0; 4]), (12, 0, [20, 0, 0, 0])][kind];
+                PacketBuilder::ethernet2(MAC_ROUTER, MAC_NODE).ipv4(b.octets(), a.octets(), 64).icmpv4_raw(ty, code, rest).write(&mut bytes, quote).unwrap()
+            }
+            // Destination unreachable (port), packet too big, time exceeded, parameter problem.
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let (ty, code, rest) = [(1, 4, [0; 4]), (2, 0, [0, 0, 5, 0]), (3, 0, [0; 4]), (4, 1, [0, 0, 0, 6])][kind];
+                PacketBuilder::ethernet2(MAC_ROUTER, MAC_NODE).ipv6(b.octets(), a.octets(), 64).icmpv6_raw(ty, code, rest).write(&mut bytes, quote).unwrap()
+            }
             _ => unreachable!(),
         }
         let parsed = packet::parse(&bytes).unwrap();
@@ -409,7 +457,7 @@ proptest! {
     fn common_parse_agrees_with_general(s in spec()) {
         let bytes = s.frame();
         let common = packet::parse_common(&bytes);
-        prop_assert_eq!(common.is_some(), s.options.is_empty());
+        prop_assert_eq!(common.is_some(), s.options.is_empty() && s.v6_exts.is_empty());
         let general = packet::parse_general(&bytes).unwrap();
         if let Some(c) = common {
             prop_assert_eq!(c, general);

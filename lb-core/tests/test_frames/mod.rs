@@ -83,6 +83,10 @@ pub struct Spec {
     /// IPv4: `None` sets DF with identification 0 (etherparse's default); `Some(id)` clears DF and
     /// uses `id`.
     pub fragmentable_id: Option<u16>,
+    /// IPv6 extension headers between the IPv6 header and the transport header, in order: each its
+    /// type and its bytes, whose first (the next header) [`Spec::ip_packet`] fills in. None may
+    /// change the transport checksum's pseudo-header (a routing header has no segments left).
+    pub v6_exts: Vec<(u8, Vec<u8>)>,
     pub transport: Transport,
     pub payload: Vec<u8>,
 }
@@ -101,6 +105,7 @@ impl Spec {
             options: vec![],
             flow_label: 0,
             fragmentable_id: None,
+            v6_exts: vec![],
             transport: Transport::Tcp { sport, dport, seq: 1000, syn: true, ack: false, fin: false },
             payload: b"GET / HTTP/1.1\r\n".to_vec(),
         }
@@ -142,11 +147,31 @@ impl Spec {
                 self.ipv4_header(s.octets(), d.octets(), proto, l4.len()).write(&mut out).unwrap()
             }
             (IpAddr::V6(s), IpAddr::V6(d)) => {
-                self.ipv6_header(s.octets(), d.octets(), proto, l4.len()).write(&mut out).unwrap()
+                let exts = self.v6_ext_bytes(proto);
+                let mut h = self.ipv6_header(s.octets(), d.octets(), proto, exts.len() + l4.len());
+                h.next_header = self.v6_exts.first().map_or(proto, |e| IpNumber(e.0));
+                h.write(&mut out).unwrap();
+                out.extend_from_slice(&exts);
             }
             _ => panic!("mixed families"),
         }
         out.extend_from_slice(&l4);
+        out
+    }
+
+    /// Length of the IPv6 extension headers.
+    pub fn v6_exts_len(&self) -> usize {
+        self.v6_exts.iter().map(|e| e.1.len()).sum()
+    }
+
+    /// The IPv6 extension headers chained: each names the next, the last `proto`.
+    fn v6_ext_bytes(&self, proto: IpNumber) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, (_, bytes)) in self.v6_exts.iter().enumerate() {
+            let next = self.v6_exts.get(i + 1).map_or(proto.0, |e| e.0);
+            out.push(next);
+            out.extend_from_slice(&bytes[1..]);
+        }
         out
     }
 
