@@ -179,6 +179,8 @@ fn a_path_mtu_below_ipv6_minimum_plus_headers_is_rejected() {
 
 /// RFC 1122 3.2.2 and RFC 4443 2.4 (e): no ICMP error to a source that names no single host
 /// (unspecified, broadcast, multicast, loopback, IPv4 class E), which a spoofed packet can carry.
+/// The worker starts no flow from such a source (`SourceNotAllowed`), and the rewrite would not
+/// signal it either.
 #[test]
 fn no_icmp_error_to_a_source_that_names_no_single_host() {
     let sources = [
@@ -203,8 +205,12 @@ fn no_icmp_error_to_a_source_that_names_no_single_host() {
             set_df(&mut big, true);
         }
         let (verdict, _) = run(&mut w, &big, secs(1));
-        assert_eq!(verdict, Verdict::Drop(DropReason::TooBig), "from {src}");
+        assert_eq!(verdict, Verdict::Drop(DropReason::SourceNotAllowed), "from {src}");
         assert_eq!(w.stats().icmp_too_big, 0, "from {src}");
+        let mut buf = big.clone();
+        let frame = lb_core::Frame::whole(&mut buf);
+        let parsed = lb_core::packet::parse(frame.data()).unwrap();
+        assert!(!lb_core::forward::too_big::can_signal(&frame, &parsed), "from {src}");
     }
     // A unicast sender is still told.
     let mut w = worker(Some(1500));

@@ -433,3 +433,37 @@ fn an_ipv6_routing_header_with_segments_left_to_a_vip_is_not_balanced() {
         assert_eq!(w.stats().dropped_total(), 1, "port {port}");
     }
 }
+
+/// A packet whose source names no single host (unspecified, multicast, loopback, an IPv4-mapped
+/// address in IPv6; in IPv4 also 0/8, broadcast and class E) is one no host sends and no router
+/// forwards (RFC 4291 2.5.5.2 and 2.7, RFC 1812 5.3.7; Linux drops it on receipt, so IPVS never
+/// sees it): it starts no flow in any mode, so nothing (a NAT-ed reply least of all) is sent to such
+/// an address, and it is counted.
+#[test]
+fn a_source_that_names_no_single_host_starts_no_flow() {
+    let sources = [
+        ("2001:db8::1", ["::ffff:198.51.100.7", "ff0e::1", "ff02::1", "::", "::1"].as_slice()),
+        ("192.0.2.1", ["224.0.0.1", "255.255.255.255", "0.0.0.0", "0.1.2.3", "127.0.0.1", "240.0.0.1"].as_slice()),
+    ];
+    for (vip, sources) in sources {
+        for src in sources {
+            for port in 80..=83u16 {
+                let mut w = worker(&all_modes_config());
+                for frame in
+                    [tcp(v4(src), 4000, v4(vip), port, Tcp::Syn, b"x"), udp(v4(src), 4000, v4(vip), port, b"q")]
+                {
+                    let (v, _) = run(&mut w, &frame, secs(1));
+                    assert_eq!(v, Verdict::Drop(DropReason::SourceNotAllowed), "from {src} to {vip}:{port}");
+                }
+                assert_eq!(w.stats().dropped(DropReason::SourceNotAllowed), 2);
+                assert_eq!(w.conntrack().len(), 0, "from {src}");
+            }
+        }
+    }
+    // A client that does name one is served (the test's own sanity).
+    let mut w = worker(&all_modes_config());
+    assert_eq!(
+        run(&mut w, &tcp(v4("2001:db8:ff::7"), 4000, v4("2001:db8::1"), 80, Tcp::Syn, b""), secs(1)).0,
+        Verdict::Tx
+    );
+}

@@ -154,6 +154,18 @@ impl FlowKey {
         &self.dst
     }
 
+    /// False when the source address names no single host, as no host sends from and no router
+    /// forwards from (RFC 1812 5.3.7, RFC 4291 2.5.5.2 and 2.7): in IPv4 `0.0.0.0/8`, loopback,
+    /// multicast, class E and broadcast; in IPv6 unspecified, loopback, multicast and IPv4-mapped.
+    /// Read from the key's bytes, without building an address.
+    pub const fn src_names_one_host(&self) -> bool {
+        let a = u128::from_be_bytes(self.src);
+        match self.family {
+            Family::V4 => !matches!(self.src[12], 0 | 127 | 224..),
+            Family::V6 => !(a >> 120 == 0xff || a <= 1 || a >> 32 == 0xffff),
+        }
+    }
+
     /// Source address bytes in wire form: 4 bytes for IPv4, 16 for IPv6.
     pub fn src_wire(&self) -> &[u8] {
         wire(&self.src, self.family)
@@ -194,6 +206,23 @@ mod tests {
         let m = FlowKey::v6(*k.src_bytes(), *k.dst_bytes(), 6, 40000, 80);
         assert_ne!(k, m);
         assert_eq!(m.src_wire().len(), 16);
+    }
+
+    #[test]
+    fn sources_that_name_no_single_host() {
+        let from = |s: &str| FlowKey::from_ips(s.parse().unwrap(), s.parse().unwrap(), 6, 1, 2).unwrap();
+        for s in ["0.0.0.0", "0.255.1.2", "127.0.0.1", "224.0.0.1", "239.1.1.1", "240.0.0.1", "255.255.255.255"] {
+            assert!(!from(s).src_names_one_host(), "{s}");
+        }
+        for s in ["::", "::1", "ff02::1", "ff0e::1", "::ffff:10.0.0.1", "::ffff:0.0.0.0"] {
+            assert!(!from(s).src_names_one_host(), "{s}");
+        }
+        for s in ["1.0.0.0", "10.0.0.1", "126.255.255.255", "128.0.0.1", "223.255.255.255", "::2", "::10.0.0.1"] {
+            assert!(from(s).src_names_one_host(), "{s}");
+        }
+        for s in ["fe80::1", "2001:db8::1", "::fffe:10.0.0.1", "64:ff9b::10.0.0.1", "feff::1"] {
+            assert!(from(s).src_names_one_host(), "{s}");
+        }
     }
 
     #[test]

@@ -56,6 +56,9 @@
 //!   backend that went down just after the first one never answers) or an established one of such
 //!   a backend; while the backend takes new flows, those stay with it.
 //! - UDP entries are half-open until a second packet or a reply is seen.
+//! - A packet from a source that names no single host (unspecified, loopback, multicast, IPv4
+//!   `0/8`, class E and broadcast, IPv4-mapped in IPv6: spoofed or misrouted, as a router sees it,
+//!   RFC 1812 5.3.7) starts no flow: [`DropReason::SourceNotAllowed`].
 //! - Full NAT: each core takes a disjoint share of `NodeConfig::snat_ports` ([`snat_port_share`]);
 //!   a reply is translated back by the core that owns its destination port ([`snat_port_owner`]);
 //!   any other core gives it [`Verdict::Handoff`] to that core, for the I/O layer to pass on
@@ -773,6 +776,12 @@ impl Core {
         now: u32,
     ) -> Result<(u32, &'t Backend, u16), DropReason> {
         let FlowHashes { key, hash, flow_hash, insert_hint, ring_slot, slot } = hashes;
+        // A spoofed or misrouted source starts nothing: no state, and no reply (a NAT-ed one
+        // least of all) to an address that names no host. (A handful of compares on the key's bytes,
+        // new flows only.)
+        if !p.flow.src_names_one_host() {
+            return Err(DropReason::SourceNotAllowed);
+        }
         let backend = self.pick_backend(tables, p, (flow_hash, ring_slot), ring, service, now)?;
         // Full NAT: the SNAT port, with the reply key it frees up and that key's hash.
         let reply_hint = self.reply_hint(slot);
