@@ -467,3 +467,65 @@ fn a_source_that_names_no_single_host_starts_no_flow() {
         Verdict::Tx
     );
 }
+
+/// IPv6 behind extension headers (hop-by-hop options, destination options) end to end: every mode
+/// forwards it; in full NAT the backend's reply, with its own destination options, comes back to
+/// the client translated, and a router's "packet too big" to the VIP quoting that reply (its
+/// extension headers included) reaches the backend translated, every checksum valid (smoltcp).
+#[test]
+fn ipv6_behind_extension_headers_end_to_end() {
+    let (client, vip) = (v4("2001:db8:ff::7"), v4("2001:db8::1"));
+    let hop_by_hop = [0, 0, 1, 4, 0, 0, 0, 0];
+    let dest_opts = [0, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let behind = |f: &[u8], dst| with_v6_ext(&with_v6_ext(f, 60, &dest_opts, dst), 0, &hop_by_hop, dst);
+    let mut w = worker(&all_modes_config());
+    for port in 80..=83u16 {
+        let (v, out) = run(&mut w, &behind(&tcp(client, 4000, vip, port, Tcp::Syn, b"x"), vip), secs(1));
+        assert_eq!(v, Verdict::Tx, "port {port}");
+        let inner = if port >= 82 { &out[out.len() - (40 + 24 + 20 + 1)..] } else { &out[14..] };
+        let (src, dst, proto, _, _, l4) = smoltcp_ip(inner);
+        assert_eq!(proto, 0, "port {port}: the extension headers are kept");
+        let tcp = smoltcp::wire::TcpPacket::new_checked(&l4[24..]).unwrap();
+        assert!(tcp.verify_checksum(&src.into(), &dst.into()), "port {port}: TCP checksum");
+    }
+    // Full NAT: the SYN went to a backend from the SNAT address.
+    let (_, out) = run(&mut w, &behind(&tcp(client, 4001, vip, 80, Tcp::Syn, b"x"), vip), secs(1));
+    let (snat, backend, _, _, _, l4) = smoltcp_ip(&out[14..]);
+    let sport = u16::from_be_bytes([l4[24], l4[25]]);
+    let reply = with_v6_ext(&tcp(backend, 8080, snat, sport, Tcp::Ack, b"hello"), 60, &dest_opts, snat);
+    let (v, back) = run(&mut w, &reply, secs(2));
+    assert_eq!(v, Verdict::Tx);
+    let (src, dst, proto, _, _, l4) = smoltcp_ip(&back[14..]);
+    assert_eq!((src, dst, proto), (vip, client, 60));
+    let tcp = smoltcp::wire::TcpPacket::new_checked(&l4[16..]).unwrap();
+    assert!(tcp.verify_checksum(&src.into(), &dst.into()), "the reply's TCP checksum");
+    assert_eq!((tcp.src_port(), tcp.dst_port()), (80, 4001));
+    // A router near the client: "packet too big" about that reply, quoting all of it.
+    let router = v4("2001:db8:ff::1");
+    let mut ptb = Vec::new();
+    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LOCAL_MAC)
+        .ipv6(v6_octets(router), v6_octets(vip), 64)
+        .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 })
+        .write(&mut ptb, &back[14..])
+        .unwrap();
+    let (v, err) = run(&mut w, &ptb, secs(3));
+    assert_eq!(v, Verdict::Tx);
+    let (esrc, edst, proto, _, _, icmp) = smoltcp_ip(&err[14..]);
+    assert_eq!((esrc, edst, proto), (snat, backend, 58));
+    let packet = smoltcp::wire::Icmpv6Packet::new_checked(&icmp[..]).unwrap();
+    let (s6, d6) = (v6_octets(esrc).into(), v6_octets(edst).into());
+    assert!(packet.verify_checksum(&s6, &d6), "ICMPv6 checksum");
+    // The quote is the backend's reply again, behind its destination options, checksum valid.
+    let (qsrc, qdst, proto, _, _, l4) = smoltcp_ip(&icmp[8..]);
+    assert_eq!((qsrc, qdst, proto), (backend, snat, 60));
+    let tcp = smoltcp::wire::TcpPacket::new_checked(&l4[16..]).unwrap();
+    assert!(tcp.verify_checksum(&qsrc.into(), &qdst.into()), "the quoted TCP checksum");
+    assert_eq!((tcp.src_port(), tcp.dst_port()), (8080, sport));
+    assert_eq!(w.stats().dropped_total(), 0);
+}
+
+/// The 16 bytes of an IPv6 address.
+fn v6_octets(a: IpAddr) -> [u8; 16] {
+    let IpAddr::V6(a) = a else { panic!("IPv6 only") };
+    a.octets()
+}
