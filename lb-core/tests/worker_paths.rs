@@ -529,3 +529,28 @@ fn v6_octets(a: IpAddr) -> [u8; 16] {
     let IpAddr::V6(a) = a else { panic!("IPv6 only") };
     a.octets()
 }
+
+/// IPv6 fragments to a VIP, as the worker's documentation says: the first (which has ports, and so
+/// names its service) and a later one (which has none) are dropped and counted as fragments in every
+/// mode, the first as its service's drop too; an atomic fragment (offset 0, no more) is no fragment
+/// and is forwarded.
+#[test]
+fn ipv6_fragments_to_a_vip_are_counted_drops_and_an_atomic_one_is_forwarded() {
+    let (client, vip) = (v4("2001:db8:ff::7"), v4("2001:db8::1"));
+    let fragment = |field: u16| [[0u8, 0].as_slice(), &field.to_be_bytes(), &[0, 0, 0, 7]].concat();
+    for port in 80..=83u16 {
+        let mut w = worker(&all_modes_config());
+        let syn = tcp(client, 4000, vip, port, Tcp::Syn, b"x");
+        let first = with_v6_ext(&syn, 44, &fragment(0x0001), vip);
+        let later = with_v6_ext(&syn, 44, &fragment(0x0008), vip);
+        for (name, f) in [("first", &first), ("later", &later)] {
+            assert_eq!(run(&mut w, f, secs(1)).0, Verdict::Drop(DropReason::Fragment), "{name}, port {port}");
+        }
+        assert_eq!(w.stats().dropped(DropReason::Fragment), 2);
+        let key = lb_core::config::ServiceKey { vip, port, proto: lb_core::config::Protocol::Tcp };
+        let service = w.tables().lookup(&key).unwrap().1.slot;
+        assert_eq!(w.stats().service(service).drops, 1, "the first fragment is the service's drop");
+        let atomic = with_v6_ext(&syn, 44, &fragment(0), vip);
+        assert_eq!(run(&mut w, &atomic, secs(1)).0, Verdict::Tx, "atomic, port {port}");
+    }
+}
