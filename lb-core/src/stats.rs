@@ -40,7 +40,7 @@ pub enum DropReason {
     /// The service has no backend that takes new flows.
     NoBackend,
     /// The client is outside the service's allowed source ranges, or a new flow's source names no
-    /// single host (unspecified, loopback, multicast, IPv4 `0/8`, class E and broadcast,
+    /// single host (unspecified, loopback, multicast, IPv4 `0/8` and broadcast,
     /// IPv4-mapped in IPv6), as no host sends from and no router forwards from.
     SourceNotAllowed,
     /// The flow's backend left the service and the service's policy is to drop such flows.

@@ -156,12 +156,13 @@ impl FlowKey {
 
     /// False when the source address names no single host, as no host sends from and no router
     /// forwards from (RFC 1812 5.3.7, RFC 4291 2.5.5.2 and 2.7): in IPv4 `0.0.0.0/8`, loopback,
-    /// multicast, class E and broadcast; in IPv6 unspecified, loopback, multicast and IPv4-mapped.
-    /// Read from the key's bytes, without building an address.
+    /// multicast and broadcast; in IPv6 unspecified, loopback, multicast and IPv4-mapped. Class E
+    /// (`240.0.0.0/4`) names hosts: Linux takes it as unicast, and clusters number pods in it
+    /// (GKE's class E pod ranges). Read from the key's bytes, without building an address.
     pub const fn src_names_one_host(&self) -> bool {
         let a = u128::from_be_bytes(self.src);
         match self.family {
-            Family::V4 => !matches!(self.src[12], 0 | 127 | 224..),
+            Family::V4 => !(matches!(self.src[12], 0 | 127 | 224..=239) || a as u32 == u32::MAX),
             Family::V6 => !(a >> 120 == 0xff || a <= 1 || a >> 32 == 0xffff),
         }
     }
@@ -211,13 +212,17 @@ mod tests {
     #[test]
     fn sources_that_name_no_single_host() {
         let from = |s: &str| FlowKey::from_ips(s.parse().unwrap(), s.parse().unwrap(), 6, 1, 2).unwrap();
-        for s in ["0.0.0.0", "0.255.1.2", "127.0.0.1", "224.0.0.1", "239.1.1.1", "240.0.0.1", "255.255.255.255"] {
+        for s in ["0.0.0.0", "0.255.1.2", "127.0.0.1", "224.0.0.1", "239.1.1.1", "255.255.255.255"] {
             assert!(!from(s).src_names_one_host(), "{s}");
         }
         for s in ["::", "::1", "ff02::1", "ff0e::1", "::ffff:10.0.0.1", "::ffff:0.0.0.0"] {
             assert!(!from(s).src_names_one_host(), "{s}");
         }
         for s in ["1.0.0.0", "10.0.0.1", "126.255.255.255", "128.0.0.1", "223.255.255.255", "::2", "::10.0.0.1"] {
+            assert!(from(s).src_names_one_host(), "{s}");
+        }
+        // Class E, up to the broadcast address: unicast to Linux, and pod ranges on some clusters.
+        for s in ["240.0.0.1", "250.1.2.3", "255.255.255.254"] {
             assert!(from(s).src_names_one_host(), "{s}");
         }
         for s in ["fe80::1", "2001:db8::1", "::fffe:10.0.0.1", "64:ff9b::10.0.0.1", "feff::1"] {

@@ -57,7 +57,7 @@
 //!   a backend; while the backend takes new flows, those stay with it.
 //! - UDP entries are half-open until a second packet or a reply is seen.
 //! - A packet from a source that names no single host (unspecified, loopback, multicast, IPv4
-//!   `0/8`, class E and broadcast, IPv4-mapped in IPv6: spoofed or misrouted, as a router sees it,
+//!   `0/8` and broadcast, IPv4-mapped in IPv6: spoofed or misrouted, as a router sees it,
 //!   RFC 1812 5.3.7) starts no flow: [`DropReason::SourceNotAllowed`].
 //! - Full NAT: each core takes a disjoint share of `NodeConfig::snat_ports` ([`snat_port_share`]);
 //!   a reply is translated back by the core that owns its destination port ([`snat_port_owner`]);
