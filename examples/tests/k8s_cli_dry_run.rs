@@ -48,3 +48,54 @@ fn run_dry_then_list() {
     assert!(text.contains("draining"), "{text}");
     assert!(status.success(), "lb run stops cleanly on SIGTERM: {status:?}");
 }
+
+/// `lb run` started with the soft limit on open files a container under containerd 2 or a systemd
+/// service inherits (1024; here 256) under a higher hard limit raises it to the hard limit, as Go
+/// programs (kube-proxy) do at start. Before, it kept the soft limit: every health probe, Kubernetes
+/// watch, `/metrics` client and health check node port client takes a descriptor, and once they
+/// ran out (a thousand probed backends, a client holding connections to the metrics port) probes of
+/// healthy backends failed with EMFILE and took them out of service.
+#[test]
+fn lb_run_raises_its_open_files_limit_to_the_hard_limit() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let path = std::env::temp_dir().join(format!("lb-nofile-{}.yaml", std::process::id()));
+    std::fs::write(
+        &path,
+        format!(
+            "node: {{ snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }}\nmetrics: {{ listen: \"127.0.0.1:{port}\" }}\n\
+             services: []\n"
+        ),
+    )
+    .unwrap();
+    // prlimit sets the limits, then executes `lb` in its own place (the same process).
+    let Ok(mut lb) = Command::new("prlimit")
+        .args(["--nofile=256:4096", env!("CARGO_BIN_EXE_lb"), "--log", "info", "run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        println!("SKIPPED: no prlimit (util-linux) here");
+        return;
+    };
+    let mut lines = BufReader::new(lb.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    loop {
+        let Some(Ok(line)) = lines.next() else { panic!("lb run exited before serving: {log:#?}") };
+        let serving = line.contains("serving /metrics and /state");
+        log.push(line);
+        if serving {
+            break;
+        }
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", lb.id())).unwrap();
+    let _ = Command::new("kill").args(["-TERM", &lb.id().to_string()]).status();
+    let status = lb.wait().unwrap();
+    let _ = std::fs::remove_file(&path);
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).expect("a line for open files");
+    let (soft, hard) = {
+        let mut words = open_files.split_whitespace().skip(3);
+        (words.next().unwrap().to_string(), words.next().unwrap().to_string())
+    };
+    assert_eq!((soft.as_str(), hard.as_str()), ("4096", "4096"), "{open_files}\n{log:#?}");
+    assert!(status.success(), "{status:?}");
+}

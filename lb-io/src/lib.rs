@@ -26,6 +26,7 @@ mod chunk;
 pub mod device;
 pub mod handoff;
 pub mod interface;
+pub mod limits;
 pub mod memory;
 pub mod netns;
 pub mod offload;

@@ -364,6 +364,15 @@ fn mem_total() -> Option<u64> {
 pub fn main(args: Args) -> CmdResult {
     // Until the control plane listens for SIGHUP (a reload), one must not end the run half set up.
     lb_io::stop::survive_hangup()?;
+    // Health probes, watches and clients of the metrics and health check node ports each take a
+    // descriptor: run out of them (the soft limit is often 1024) and probes of healthy backends fail.
+    match lb_io::limits::raise_open_files_limit() {
+        Ok((soft, hard)) if soft < hard => {
+            tracing::debug!("soft limit on open files raised from {soft} to the hard limit, {hard}");
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the soft limit on open files to the hard limit: {e}"),
+    }
     let loaded = lb_examples::config::file::load(&args.config)?;
     let settings = &loaded.settings;
     warn_if_snat_ports_are_ephemeral(&settings.node);
