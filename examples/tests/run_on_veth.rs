@@ -521,3 +521,29 @@ print('nothing forwarded')
     assert_eq!(out.trim(), l0, "the forwarded frame's source MAC\n{log}");
     assert!(status.success(), "{status:?}\n{log}");
 }
+
+/// An interface of the file that does not exist (a typo, or one not yet renamed by udev) after one
+/// that does fails the start naming it, before any interface is touched. Before, the interfaces
+/// before it were set up first, then torn down: their receive VLAN offloads turned off and on and
+/// the XDP program attached and detached, each of which resets the rings of many NICs (the node's
+/// link down for a moment), again at every restart of a crash-looping DaemonSet; and the error said
+/// "interface nosuch0 has no Ethernet address", as if it existed.
+#[test]
+fn an_interface_that_does_not_exist_fails_the_start_before_any_is_touched() {
+    if let Err(why) = can_create_namespaces().and_then(|()| can_run_ethtool()) {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbx{}", std::process::id());
+    let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
+    let text = "node: { local_mac: \"02:00:00:00:00:01\" }\n\
+                interfaces: [{ name: l0, queues: [0] }, { name: nosuch0, queues: [0] }]\nservices: []\n";
+    let mut lb = Running::spawn(&tag, lb_ns, peer, text);
+    let (status, log) = lb.finish();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("error: interfaces[1]: no interface nosuch0"), "{log}");
+    for touched in ["receive VLAN offloads", "AF_XDP socket bound", "frames leave l0"] {
+        assert!(!log.contains(touched), "l0 was set up ({touched:?}):\n{log}");
+    }
+    assert_eq!(lb.ethtool_says("rx-vlan-offload"), "on");
+}

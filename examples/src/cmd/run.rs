@@ -360,6 +360,24 @@ fn mem_total() -> Option<u64> {
     kib.parse::<u64>().ok()?.checked_mul(1024)
 }
 
+/// The index and MAC of each interface of `interfaces`, in order; an error names the first that
+/// does not exist, or has no MAC. The MAC is the source of every frame the interface's loops send
+/// and the one ARP / NDP answers carry (`node.local_mac` is one value for every interface, and for
+/// every node sharing the file; a switch or a cloud network checking source MACs drops the others).
+fn interfaces_found(interfaces: &[lb_examples::config::InterfaceConfig]) -> Result<Vec<(u32, [u8; 6])>, String> {
+    interfaces
+        .iter()
+        .enumerate()
+        .map(|(i, iface)| {
+            let name = &iface.name;
+            let ifindex = lb_io::xsk::ifindex(name)
+                .ok_or_else(|| format!("interfaces[{i}]: no interface {name} in this network namespace"))?;
+            let mac = lb_io::interface::mac_address(name).map_err(|e| format!("interfaces[{i}]: {name}: {e}"))?;
+            Ok((ifindex, mac))
+        })
+        .collect()
+}
+
 /// Starts the loops, runs the control plane until SIGINT/SIGTERM, stops the loops.
 pub fn main(args: Args) -> CmdResult {
     // Until the control plane listens for SIGHUP (a reload), one must not end the run half set up.
@@ -413,7 +431,11 @@ pub fn main(args: Args) -> CmdResult {
     let mut links = Vec::new();
     // Held to the end: dropping them turns back on the VLAN offloads they turned off.
     let mut vlan_offloads = Vec::new();
-    for iface in &settings.interfaces {
+    // Every interface is looked up before any is set up: one missing (a typo) must not cost the
+    // others before it an attach and detach of the XDP program and a toggle of their offloads, each
+    // of which resets the rings of many NICs, at every restart of a crash-looping DaemonSet.
+    let found = interfaces_found(&settings.interfaces)?;
+    for (iface, &(ifindex, own_mac)) in settings.interfaces.iter().zip(&found) {
         vlan_offloads.extend(rx_vlan_offload_off(&iface.name));
         warn_if_queues_are_unserved(&iface.name, &iface.queues);
         // The queue map needs a slot up to the highest queue served (a NIC may have more than the
@@ -422,10 +444,7 @@ pub fn main(args: Args) -> CmdResult {
         // naming it, rather than sizing a map of gigabytes.
         let queues = iface.queues.iter().max().map_or(1, |q| q.saturating_add(1)).min(4096);
         let steering = VipSteering::load(SteeringConfig { queues, ..steering_config })?;
-        // This interface's own MAC: the source of every frame its loops send, and the MAC ARP / NDP
-        // answers carry. (`node.local_mac` is one value for every interface, and for every node
-        // sharing the file; a switch or a cloud network checking source MACs drops the others.)
-        let own_mac = lb_io::interface::mac_address(&iface.name).map_err(|e| format!("{}: {e}", iface.name))?;
+        // Frames its loops send leave from this interface's own MAC (see `interfaces_found`).
         if own_mac != settings.node.local_mac {
             tracing::info!(
                 interface = %iface.name,
@@ -492,7 +511,6 @@ pub fn main(args: Args) -> CmdResult {
                 Some(format!("poll loop {name} failed: {why}"))
             }));
         }
-        let ifindex = lb_io::xsk::ifindex(&iface.name).ok_or_else(|| format!("no interface {}", iface.name))?;
         links.push(
             steering.attach(ifindex, mode).map_err(|e| format!("{}: attaching the XDP program: {e}", iface.name))?,
         );
