@@ -8,7 +8,8 @@
 //! wants to own the values) would only add a copy.
 //!
 //! The HTTP server is a few lines over tokio: GET only, one request per connection, bounded head,
-//! bounded time. It serves two read-only routes to scrapers and `lb list`, nothing else.
+//! bounded time, one render at a time on a blocking thread (never on the control runtime's own).
+//! It serves two read-only routes to scrapers and `lb list`, nothing else.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -569,7 +570,13 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
 }
 
 /// Serves `GET /metrics` and `GET /state` on `listener` until the task is dropped.
+///
+/// Counters are gathered and rendered on tokio's blocking threads, one request at a time: the
+/// runtime's own threads also run the control loop, the health probes, the Kubernetes feed and the
+/// health check node ports, and a large state's render, or many scrapes at once, would hold them
+/// (probes then time out, and healthy backends go down). A scrape waits for the one before it.
 pub async fn serve(listener: TcpListener, live: watch::Receiver<LiveState>, source: Arc<dyn StatsSource>) {
+    let renders = Arc::new(tokio::sync::Semaphore::new(1));
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -584,15 +591,49 @@ pub async fn serve(listener: TcpListener, live: watch::Receiver<LiveState>, sour
         };
         let live = live.clone();
         let source = source.clone();
+        let renders = renders.clone();
         tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(Duration::from_secs(5), answer(sock, live, source)).await {
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(5), answer(sock, live, source, renders)).await {
                 tracing::debug!(%peer, error = %e, "metrics request timed out");
             }
         });
     }
 }
 
-async fn answer(mut sock: TcpStream, live: watch::Receiver<LiveState>, source: Arc<dyn StatsSource>) {
+/// What a route answers with: the live state and the cores' counters, as text.
+type Render = fn(&LiveState, &[CoreSnapshot]) -> String;
+
+/// `render` of the live state and of `source`'s snapshots, on a blocking thread once `renders` has
+/// a permit; `None` if that thread panicked. The permit is held until the render ends, even when
+/// the request that asked for it has timed out, so renders never pile up.
+async fn off_runtime(
+    render: Render,
+    live: &watch::Receiver<LiveState>,
+    source: Arc<dyn StatsSource>,
+    renders: Arc<tokio::sync::Semaphore>,
+) -> Option<String> {
+    let permit = renders.acquire_owned().await.ok()?;
+    let live = live.clone();
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        // Rendered from a copy, so the control loop's updates never wait on a render.
+        let live = live.borrow().clone();
+        render(&live, &source.snapshots())
+    })
+    .await
+    .ok()
+}
+
+fn state_json(live: &LiveState, cores: &[CoreSnapshot]) -> String {
+    serde_json::to_string(&state_view(live, cores)).unwrap_or_default()
+}
+
+async fn answer(
+    mut sock: TcpStream,
+    live: watch::Receiver<LiveState>,
+    source: Arc<dyn StatsSource>,
+    renders: Arc<tokio::sync::Semaphore>,
+) {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -608,18 +649,18 @@ async fn answer(mut sock: TcpStream, live: watch::Receiver<LiveState>, source: A
     let mut words = text.split_whitespace();
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
-    let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => {
-            let cores = source.snapshots();
-            ("200 OK", "text/plain; version=0.0.4; charset=utf-8", render(&live.borrow(), &cores))
-        }
-        ("GET", "/state") => {
-            let cores = source.snapshots();
-            let view = state_view(&live.borrow(), &cores);
-            ("200 OK", "application/json", serde_json::to_string(&view).unwrap_or_default())
-        }
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics or /state\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+    let route: Option<(Render, &str)> = match (method, path) {
+        ("GET", "/metrics") => Some((render, "text/plain; version=0.0.4; charset=utf-8")),
+        ("GET", "/state") => Some((state_json, "application/json")),
+        _ => None,
+    };
+    let (status, ctype, body) = match (route, method) {
+        (Some((f, ctype)), _) => match off_runtime(f, &live, source, renders).await {
+            Some(body) => ("200 OK", ctype, body),
+            None => ("500 Internal Server Error", "text/plain", "rendering failed\n".to_string()),
+        },
+        (None, "GET") => ("404 Not Found", "text/plain", "try /metrics or /state\n".to_string()),
+        (None, _) => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
     };
     let resp = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -800,6 +841,54 @@ services:
             r#"lb_backend_packets_total{service="dns",proto="udp",vip="10.0.0.53",port="53",backend="10.1.0.8:53"}"#;
         let line = text.lines().find(|l| l.starts_with(newcomer)).unwrap();
         assert_eq!(line, format!("{newcomer} 0"), "10.1.0.8 was sent nothing");
+    }
+
+    /// A scrape whose counters take long to gather and render (a large state, or many scrapes at
+    /// once) must not hold the control runtime's threads, which also run the control loop, the
+    /// health probes, the Kubernetes feed and the health check node ports: here the runtime has one
+    /// thread, the only scrape's snapshot waits until released, and another request on the endpoint
+    /// (a path that renders nothing) is answered meanwhile. Before, the snapshot and the render ran
+    /// on the runtime's thread: nothing else ran until they were done.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_scrape_does_not_hold_the_control_runtime() {
+        use std::io::{Read as _, Write as _};
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let held = gate.clone();
+        let entered_tx = Mutex::new(entered_tx);
+        let source: Arc<dyn StatsSource> = Arc::new(move || {
+            let _ = entered_tx.lock().unwrap().send(());
+            let (open, cv) = &*held;
+            let _open = cv.wait_while(open.lock().unwrap(), |o| !*o).unwrap();
+            Vec::new()
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let live = watch::Sender::new(LiveState::default());
+        tokio::spawn(serve(listener, live.subscribe(), source));
+
+        // From threads of their own: the runtime's one thread may be held.
+        let get = move |path: &str| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).map(|_| out)
+        };
+        let scrape = std::thread::spawn(move || get("/metrics"));
+        let other = std::thread::spawn(move || {
+            entered.recv().unwrap();
+            let answer = get("/nope");
+            let (open, cv) = &*gate;
+            *open.lock().unwrap() = true;
+            cv.notify_all();
+            answer
+        });
+        let (other, scrape) =
+            tokio::task::spawn_blocking(move || (other.join().unwrap(), scrape.join().unwrap())).await.unwrap();
+        let other = other.expect("the other request is answered while the scrape's snapshot waits");
+        assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+        assert!(scrape.unwrap().starts_with("HTTP/1.1 200 OK"));
     }
 
     #[tokio::test]
