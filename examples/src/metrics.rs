@@ -569,7 +569,14 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
     out
 }
 
+/// Connections one client address may hold open at once; the next is closed as soon as accepted.
+const CONNECTIONS_PER_PEER: usize = 16;
+
 /// Serves `GET /metrics` and `GET /state` on `listener` until the task is dropped.
+///
+/// Each client address holds at most [`CONNECTIONS_PER_PEER`] connections at once: one that opens
+/// connections and sends nothing (slowloris) would otherwise hold as many descriptors as it likes,
+/// 5 s each, in the process that also probes the backends and watches the cluster.
 ///
 /// Counters are gathered and rendered on tokio's blocking threads, one request at a time: the
 /// runtime's own threads also run the control loop, the health probes, the Kubernetes feed and the
@@ -577,6 +584,7 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
 /// (probes then time out, and healthy backends go down). A scrape waits for the one before it.
 pub async fn serve(listener: TcpListener, live: watch::Receiver<LiveState>, source: Arc<dyn StatsSource>) {
     let renders = Arc::new(tokio::sync::Semaphore::new(1));
+    let open: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     loop {
         let (sock, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -589,14 +597,50 @@ pub async fn serve(listener: TcpListener, live: watch::Receiver<LiveState>, sour
                 continue;
             }
         };
+        let Some(held) = PeerConnection::open(&open, peer.ip()) else {
+            tracing::debug!(%peer, "metrics client holds {CONNECTIONS_PER_PEER} connections already; closed");
+            continue;
+        };
         let live = live.clone();
         let source = source.clone();
         let renders = renders.clone();
         tokio::spawn(async move {
+            let _held = held;
             if let Err(e) = tokio::time::timeout(Duration::from_secs(5), answer(sock, live, source, renders)).await {
                 tracing::debug!(%peer, error = %e, "metrics request timed out");
             }
         });
+    }
+}
+
+/// One open connection of a client address, counted in the endpoint's table until dropped.
+struct PeerConnection {
+    open: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    peer: std::net::IpAddr,
+}
+
+impl PeerConnection {
+    /// Counts a connection of `peer`, unless it holds [`CONNECTIONS_PER_PEER`] already.
+    fn open(open: &Arc<Mutex<HashMap<std::net::IpAddr, usize>>>, peer: std::net::IpAddr) -> Option<Self> {
+        let mut table = open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = table.entry(peer).or_default();
+        if *n >= CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerConnection { open: open.clone(), peer })
+    }
+}
+
+impl Drop for PeerConnection {
+    fn drop(&mut self) {
+        let mut table = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = table.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                table.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -889,6 +933,43 @@ services:
         let other = other.expect("the other request is answered while the scrape's snapshot waits");
         assert!(other.starts_with("HTTP/1.1 404"), "{other}");
         assert!(scrape.unwrap().starts_with("HTTP/1.1 200 OK"));
+    }
+
+    /// A client that opens connections and sends nothing (slowloris) holds at most
+    /// `CONNECTIONS_PER_PEER` of them: the next from its address is closed at once, while another
+    /// address (the node's Prometheus, `lb list`) is still answered. Before, each was held until the
+    /// 5 s request timeout, as many as the client opened, each a descriptor of the process that also
+    /// probes backends and watches the cluster.
+    #[tokio::test]
+    async fn a_client_holding_idle_connections_gets_no_more_than_its_share() {
+        let source: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let live = watch::Sender::new(LiveState::default());
+        tokio::spawn(serve(listener, live.subscribe(), source));
+
+        let mut idle = Vec::new();
+        for _ in 0..CONNECTIONS_PER_PEER {
+            // (Accepted in the order they connect.)
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(3), extra.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0) | Err(_))),
+            "a connection beyond the peer's share is closed at once: {closed:?}"
+        );
+
+        let other = std::net::SocketAddr::new(std::net::Ipv4Addr::new(127, 0, 0, 2).into(), 0);
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind(other).unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
+        s.write_all(b"GET /state HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        drop(idle);
     }
 
     #[tokio::test]
