@@ -547,3 +547,86 @@ fn an_interface_that_does_not_exist_fails_the_start_before_any_is_touched() {
     }
     assert_eq!(lb.ethtool_says("rx-vlan-offload"), "on");
 }
+
+/// `ip monitor link` in a namespace, its lines sent to `events`; ended when dropped.
+struct LinkMonitor {
+    child: Child,
+    events: std::sync::mpsc::Receiver<String>,
+}
+
+impl LinkMonitor {
+    /// Starts one in `ns` and returns it once it listens (it printed an MTU change of `m1`).
+    fn start(ns: &Netns) -> LinkMonitor {
+        let mut child =
+            Command::new("ip").args(["-n", ns.name(), "monitor", "link"]).stdout(Stdio::piped()).spawn().unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (tx, events) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let monitor = LinkMonitor { child, events };
+        for i in 0..100 {
+            ns.ip(&["link", "set", "m1", "mtu", &(1400 + i).to_string()]).unwrap();
+            // Pacing only: the change is made again until the monitor, which may not listen yet, shows one.
+            if monitor.events.recv_timeout(std::time::Duration::from_millis(100)).is_ok() {
+                return monitor;
+            }
+        }
+        panic!("ip monitor printed nothing");
+    }
+}
+
+impl Drop for LinkMonitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A queue of a later interface that cannot be opened (the interface has fewer queues) fails the
+/// start before the XDP program is attached to any interface: attaching and detaching it resets
+/// the rings of many NICs (the node's link down for a moment), at every restart of a crash-looping
+/// DaemonSet. Before, each interface's program was attached as soon as its sockets were open, so
+/// the first interface had it (seen in its link events) when the second failed.
+#[test]
+fn a_later_interface_that_fails_to_open_leaves_no_program_attached_meanwhile() {
+    if let Err(why) = can_create_namespaces().and_then(|()| can_run_ethtool()) {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbw{}", std::process::id());
+    let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
+    multi_queue_veth(&lb_ns, "1");
+    let monitor = LinkMonitor::start(&lb_ns);
+    let text = "node: { local_mac: \"02:00:00:00:00:01\" }\n\
+                interfaces: [{ name: l0, queues: [0] }, { name: m0, queues: [9] }]\nservices: []\n";
+    let mut lb = Running::spawn(&tag, lb_ns, peer, text);
+    let (status, log) = lb.finish();
+    // Every event before this one has been printed once this one is.
+    lb.lb_ns.ip(&["link", "set", "m1", "mtu", "1300"]).unwrap();
+    let mut l0 = Vec::new();
+    loop {
+        // (A bound that only turns a hang into a failure.)
+        let line =
+            monitor.events.recv_timeout(std::time::Duration::from_secs(10)).expect("the monitor shows the last change");
+        if line.contains(": m1@") && line.contains("mtu 1300 ") {
+            break;
+        }
+        if line.contains(": l0@") {
+            l0.push(line);
+        }
+    }
+    drop(monitor);
+    if log.contains("Operation not permitted") || log.contains("not supported") {
+        println!("SKIPPED: the kernel refused XDP / AF_XDP:\n{log}");
+        return;
+    }
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("error: bind on m0 queue 9 failed"), "{log}");
+    assert!(!l0.is_empty(), "l0's offloads were turned off and on again: events seen\n{log}");
+    assert!(l0.iter().all(|e| !e.contains("xdp")), "an XDP program was attached to l0:\n{l0:#?}\n{log}");
+}

@@ -435,7 +435,7 @@ pub fn main(args: Args) -> CmdResult {
     // others before it an attach and detach of the XDP program and a toggle of their offloads, each
     // of which resets the rings of many NICs, at every restart of a crash-looping DaemonSet.
     let found = interfaces_found(&settings.interfaces)?;
-    for (iface, &(ifindex, own_mac)) in settings.interfaces.iter().zip(&found) {
+    for (iface, &(_, own_mac)) in settings.interfaces.iter().zip(&found) {
         vlan_offloads.extend(rx_vlan_offload_off(&iface.name));
         warn_if_queues_are_unserved(&iface.name, &iface.queues);
         // The queue map needs a slot up to the highest queue served (a NIC may have more than the
@@ -511,10 +511,15 @@ pub fn main(args: Args) -> CmdResult {
                 Some(format!("poll loop {name} failed: {why}"))
             }));
         }
+        workers.steering.push(steering);
+    }
+    // Attached once every interface's sockets are open, so a socket that cannot be (a queue the
+    // interface does not have, one another program holds) fails the start with no program attached
+    // anywhere: attaching and detaching one resets the rings of many NICs.
+    for ((iface, &(ifindex, _)), steering) in settings.interfaces.iter().zip(&found).zip(&workers.steering) {
         links.push(
             steering.attach(ifindex, mode).map_err(|e| format!("{}: attaching the XDP program: {e}", iface.name))?,
         );
-        workers.steering.push(steering);
     }
     if queues.is_empty() {
         tracing::warn!(
