@@ -829,14 +829,19 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
             }
             None => None,
         };
+        // The Kubernetes client too (a kubeconfig that cannot be read, no in-cluster configuration).
+        let kubernetes = match &settings.kubernetes {
+            Some(k) => Some(client(k).await?),
+            None => None,
+        };
         let mut control = Control::new(sink);
         control.apply(ControlInput::File(Box::new(settings.clone())))?;
         let (in_tx, inputs) = mpsc::channel::<ControlInput>(64);
         let mut node_health = None;
 
         // Kubernetes feed, with node settings that follow accepted file reloads.
-        if let Some(k) = &settings.kubernetes {
-            let feed = Feed::new(client(k).await?, control.node_view());
+        if let Some(client) = kubernetes {
+            let feed = Feed::new(client, control.node_view());
             let counters = feed.counters();
             control.live.send_modify(|l| l.feed = Some(counters));
             let (k_tx, mut k_rx) = mpsc::channel(4);
@@ -2065,6 +2070,26 @@ services:
         let stats: Arc<dyn crate::metrics::StatsSource> = Arc::new(Vec::<crate::metrics::CoreSnapshot>::new);
         let err = ControlPlane::start(path, loaded, sink, stats, std::time::Duration::from_secs(60)).await.err();
         assert!(matches!(err, Some(StartError::Metrics { addr: a, .. }) if a == addr), "{err:?}");
+        assert!(tables.try_recv().is_err(), "tables were published");
+    }
+
+    /// A Kubernetes client that cannot be built (a kubeconfig that cannot be read, no in-cluster
+    /// configuration) fails the start before the first tables reach the workers, as a metrics port
+    /// in use does. Before, the file's services were published first, so a run about to exit
+    /// served their VIPs for a moment (and, with the neighbour responder, announced them by
+    /// gratuitous ARP, taking them from the node that serves them), at every restart of a
+    /// crash-looping DaemonSet.
+    #[tokio::test]
+    async fn a_kubernetes_client_that_cannot_be_built_fails_the_start_before_any_tables_are_published() {
+        let path = std::env::temp_dir().join(format!("lb-no-kubeconfig-{}.yaml", std::process::id()));
+        let kubeconfig = std::env::temp_dir().join(format!("lb-no-such-kubeconfig-{}", std::process::id()));
+        std::fs::write(&path, format!("{GOOD}kubernetes: {{ kubeconfig: {} }}\n", kubeconfig.display())).unwrap();
+        let loaded = crate::config::file::load(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let (sink, mut tables) = mpsc::unbounded_channel::<Arc<Tables>>();
+        let stats: Arc<dyn crate::metrics::StatsSource> = Arc::new(Vec::<crate::metrics::CoreSnapshot>::new);
+        let err = ControlPlane::start(path, loaded, sink, stats, std::time::Duration::from_secs(60)).await.err();
+        assert!(matches!(err, Some(StartError::Kubernetes(_))), "{:?}", err.map(|e| e.to_string()));
         assert!(tables.try_recv().is_err(), "tables were published");
     }
 
