@@ -8,7 +8,7 @@
 //! wants to own the values) would only add a copy.
 //!
 //! The HTTP server is a few lines over tokio: GET only, one request per connection, bounded head,
-//! bounded time, one render at a time on a blocking thread (never on the control runtime's own).
+//! bounded time, renders on blocking threads, two at a time (never on the control runtime's own).
 //! It serves two read-only routes to scrapers and `lb list`, nothing else.
 
 use std::collections::HashMap;
@@ -569,6 +569,10 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
     out
 }
 
+/// Requests rendered at once: two, so a liveness probe (`deploy/`: `/metrics`, 1 s timeout) or
+/// `lb list` is not queued behind a Prometheus scrape alone.
+const RENDERS: usize = 2;
+
 /// Connections one client address may hold open at once; the next is closed as soon as accepted.
 const CONNECTIONS_PER_PEER: usize = 16;
 
@@ -578,12 +582,12 @@ const CONNECTIONS_PER_PEER: usize = 16;
 /// connections and sends nothing (slowloris) would otherwise hold as many descriptors as it likes,
 /// 5 s each, in the process that also probes the backends and watches the cluster.
 ///
-/// Counters are gathered and rendered on tokio's blocking threads, one request at a time: the
-/// runtime's own threads also run the control loop, the health probes, the Kubernetes feed and the
-/// health check node ports, and a large state's render, or many scrapes at once, would hold them
-/// (probes then time out, and healthy backends go down). A scrape waits for the one before it.
+/// Counters are gathered and rendered on tokio's blocking threads, [`RENDERS`] requests at a time:
+/// the runtime's own threads also run the control loop, the health probes, the Kubernetes feed and
+/// the health check node ports, and a large state's render, or many scrapes at once, would hold
+/// them (probes then time out, and healthy backends go down). Further requests wait their turn.
 pub async fn serve(listener: TcpListener, live: watch::Receiver<LiveState>, source: Arc<dyn StatsSource>) {
-    let renders = Arc::new(tokio::sync::Semaphore::new(1));
+    let renders = Arc::new(tokio::sync::Semaphore::new(RENDERS));
     let open: Arc<Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
     loop {
         let (sock, peer) = match listener.accept().await {
