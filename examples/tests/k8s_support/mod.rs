@@ -250,7 +250,13 @@ pub async fn handle(
     let query: HashMap<String, String> =
         qs.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let req = Request { path: path.to_string(), query, at: std::time::Instant::now() };
-    let _ = requests.send(req.clone());
+    // A watch of a collection is recorded once it is registered for live events (below), so a test
+    // that waits for the watch request and then sends an event knows the event reaches it.
+    let refused = api.state.lock().unwrap().refused.get(req.path.as_str()).copied();
+    let is_collection = [SERVICES, SLICES].contains(&req.path.as_str());
+    if !(req.is_watch() && is_collection && refused.is_none()) {
+        let _ = requests.send(req.clone());
+    }
     let Some(path) = [SERVICES, SLICES].into_iter().find(|p| *p == req.path) else {
         let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
         let resp = format!(
@@ -260,7 +266,6 @@ pub async fn handle(
         return sock.write_all(resp.as_bytes()).await;
     };
 
-    let refused = api.state.lock().unwrap().refused.get(path).copied();
     if let Some(code) = refused {
         let (reason, phrase) = if code == 401 { ("Unauthorized", "Unauthorized") } else { ("Forbidden", "Forbidden") };
         let resource = if path == SERVICES { "services" } else { "endpointslices.discovery.k8s.io" };
@@ -299,6 +304,7 @@ pub async fn handle(
     }
 
     if api.state.lock().unwrap().watches_end_at_once.contains(&path) {
+        let _ = requests.send(req);
         return sock
             .write_all(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\
@@ -325,6 +331,7 @@ pub async fn handle(
             c.watchers.push(tx);
         }
     }
+    let _ = requests.send(req);
     sock.write_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
     )
