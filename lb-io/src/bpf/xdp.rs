@@ -12,15 +12,16 @@
 //!   flows, which lb-core translates for the flow they quote: the quoted packet is TCP or UDP from
 //!   the address and a service's port or a port of the SNAT range, as for SNAT addresses below (an
 //!   error about the host's own connection on a node address stays with the kernel); IPv4
-//!   fragments and IPv6 extension headers (0, 43, 44, 51, 60), which lb-core parses or counts (but
+//!   fragments and IPv6 extension headers (0, 43, 44, 51, 60; a routing header with segments left
+//!   ends the walk, the packet being on its way elsewhere), which lb-core parses or counts (but
 //!   ICMPv6 behind up to four of them is judged as without them: lb-core passes an echo or an error
 //!   about no flow of ours); frames too short for their L4 header, which lb-core counts;
 //! - **SNAT port range** alone (a full-NAT source address, which may be the node's own): only what
 //!   lb-core can map to a NAT flow, so the node's own traffic to the address stays with the kernel:
 //!   - TCP and UDP frames to a port in the range (the replies of NAT flows), or too short for their
-//!     ports; in IPv6, after up to four extension headers: hop-by-hop options (first only), routing,
-//!     destination options, authentication, and a Fragment header that makes no fragment (offset 0,
-//!     M clear);
+//!     ports; in IPv6, after up to four extension headers: hop-by-hop options (first only), routing
+//!     with no segments left, destination options, authentication, and a Fragment header that
+//!     makes no fragment (offset 0, M clear);
 //!   - ICMP errors (IPv4 types 3, 11, 12; ICMPv6 types 1 to 4, the ones lb-core maps) whose quoted
 //!     packet is one a NAT flow sent: TCP or UDP from the address itself and a port in the range, not
 //!     a later fragment (in IPv6 behind up to four extension headers, as above);
@@ -502,7 +503,8 @@ pub fn steering_program(
 }
 
 /// Emits a walk over the IPv6 extension headers lb-core parses (`lb_core::packet`), from the header
-/// r7 points at, of type r8: hop-by-hop options (first only), routing, destination options and
+/// r7 points at, of type r8: hop-by-hop options (first only), routing (with no segments left; one
+/// with segments left ends the walk there, as a header of type 43), destination options and
 /// authentication headers are stepped over by their length, a Fragment header by its 8 bytes when
 /// its offset is 0 and, unless in a `quote`, no more fragments follow (lb-core drops fragments; a
 /// quote's first fragment has its ports). Jumps to `done` with r7 and r8 at the first other header
@@ -512,15 +514,20 @@ fn walk_extensions(a: &mut Asm, quote: bool, done: Label, short: Label, pass: La
     use Reg::*;
     let fragment_bits = if quote { [0xff, 0xf8] } else { [0xff, 0xf9] };
     for step in 0..EXTENSION_STEPS {
-        let (options, auth, fragment, next) = (a.new_label(), a.new_label(), a.new_label(), a.new_label());
+        let (routing, options, auth, fragment, next) =
+            (a.new_label(), a.new_label(), a.new_label(), a.new_label(), a.new_label());
         if step == 0 {
             a.jmp_imm(Cond::Eq, R8, 0, options);
         }
-        a.jmp_imm(Cond::Eq, R8, 43, options)
+        a.jmp_imm(Cond::Eq, R8, 43, routing)
             .jmp_imm(Cond::Eq, R8, 60, options)
             .jmp_imm(Cond::Eq, R8, 51, auth)
             .jmp_imm(Cond::Eq, R8, 44, fragment)
             .ja(done);
+        // A routing header with segments left (byte 3) ends the walk, as in lb-core: the packet is
+        // on its way to another destination, so what follows is no flow of this address's.
+        a.bind(routing).mov(R4, R7).add_imm(R4, 8).jmp(Cond::Gt, R4, R3, short);
+        a.load(Size::B, R5, R7, 3).jmp_imm(Cond::Ne, R5, 0, done);
         // Next header in byte 0, length in 8-byte units past the first 8 in byte 1.
         a.bind(options).mov(R4, R7).add_imm(R4, 8).jmp(Cond::Gt, R4, R3, short);
         a.load(Size::B, R5, R7, 1).add_imm(R5, 1).lsh_imm(R5, 3).load(Size::B, R8, R7, 0).add(R7, R5).ja(next);
@@ -1559,6 +1566,9 @@ mod tests {
             };
             if frame.len() < at + needs {
                 return Walk::Short;
+            }
+            if next == 43 && frame[at + 3] != 0 {
+                return Walk::To(next, at);
             }
             let fragment_bits =
                 u16::from_be_bytes([frame[at + 2], frame[at + 3]]) & if quote { 0xfff8 } else { 0xfff9 };
