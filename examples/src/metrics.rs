@@ -43,6 +43,8 @@ pub struct CoreSnapshot {
     pub arp_replies: u64,
     /// IPv6 neighbour solicitations answered by the neighbour responder.
     pub ndp_adverts: u64,
+    /// Full-NAT replies translated back to their clients.
+    pub reverse_nat: u64,
     /// Packets too big for the tunnel path answered with ICMP (`node.tunnel_mtu`).
     pub icmp_too_big: u64,
     /// Tables the worker refused (larger limits than it was built with; it kept serving its own).
@@ -80,6 +82,7 @@ impl CoreSnapshot {
             handed_off: stats.handed_off,
             arp_replies: stats.arp_replies,
             ndp_adverts: stats.ndp_adverts,
+            reverse_nat: stats.reverse_nat,
             icmp_too_big: stats.icmp_too_big,
             tables_refused: stats.tables_refused,
             conntrack_evictions: stats.conntrack_evictions,
@@ -110,6 +113,7 @@ pub struct CoreCounters {
     handed_off: u64,
     arp_replies: u64,
     ndp_adverts: u64,
+    reverse_nat: u64,
     icmp_too_big: u64,
     tables_refused: u64,
     conntrack_evictions: u64,
@@ -140,6 +144,7 @@ impl CoreCounters {
         self.handed_off = stats.handed_off;
         self.arp_replies = stats.arp_replies;
         self.ndp_adverts = stats.ndp_adverts;
+        self.reverse_nat = stats.reverse_nat;
         self.icmp_too_big = stats.icmp_too_big;
         self.tables_refused = stats.tables_refused;
         self.conntrack_evictions = stats.conntrack_evictions;
@@ -170,6 +175,7 @@ impl CoreCounters {
             handed_off: self.handed_off,
             arp_replies: self.arp_replies,
             ndp_adverts: self.ndp_adverts,
+            reverse_nat: self.reverse_nat,
             icmp_too_big: self.icmp_too_big,
             tables_refused: self.tables_refused,
             conntrack_evictions: self.conntrack_evictions,
@@ -233,6 +239,7 @@ struct Totals {
     handed_off: u64,
     arp_replies: u64,
     ndp_adverts: u64,
+    reverse_nat: u64,
     icmp_too_big: u64,
     tables_refused: u64,
     conntrack_evictions: u64,
@@ -251,6 +258,7 @@ fn sum(cores: &[CoreSnapshot]) -> Totals {
         t.handed_off += c.handed_off;
         t.arp_replies += c.arp_replies;
         t.ndp_adverts += c.ndp_adverts;
+        t.reverse_nat += c.reverse_nat;
         t.icmp_too_big += c.icmp_too_big;
         t.tables_refused += c.tables_refused;
         t.conntrack_evictions += c.conntrack_evictions;
@@ -381,6 +389,11 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
             "lb_ndp_adverts_total",
             "IPv6 neighbour solicitations for the load balancer's addresses answered.",
             totals.ndp_adverts,
+        ),
+        (
+            "lb_nat_replies_total",
+            "Full-NAT replies from backends translated back to their clients (on the core that owns their SNAT port).",
+            totals.reverse_nat,
         ),
         (
             "lb_icmp_too_big_total",
@@ -751,6 +764,7 @@ services:
                     arp_replies: 3 * k,
                     ndp_adverts: k,
                     icmp_too_big: 2 * k,
+                    reverse_nat: 11 * k,
                     tables_refused: k,
                     conntrack_evictions: 7 * k,
                     snat_port_evictions: 8 * k,
@@ -821,6 +835,7 @@ services:
             "lb_xsk_rx_dropped_total 27".into(),
             "lb_ndp_adverts_total 3".into(),
             "lb_icmp_too_big_total 6".into(),
+            "lb_nat_replies_total 33".into(),
             "lb_tables_refused_total 3".into(),
             "lb_conntrack_evictions_total 21".into(),
             "lb_snat_port_evictions_total 24".into(),
