@@ -586,9 +586,16 @@ impl<S: TablesSink> Control<S> {
             desired_services(file.unwrap_or(&self.file), kubernetes.unwrap_or(&self.kubernetes), |c| {
                 self.sink.check(c)
             });
-        // A probe this update restarts goes on from down if the old one last found its backend
-        // down, though that event, queued behind this update and stale once it restarts, is not here.
-        down.extend(self.health.restarting_down(&desired));
+        // A probe this update restarts goes on from what the old one last found of its backend
+        // (down, or back up), though that event, queued behind this update and stale once the probe
+        // restarts, is not here.
+        for (target, healthy) in self.health.restarting(&desired) {
+            if healthy {
+                down.remove(&target);
+            } else {
+                down.insert(target);
+            }
+        }
         let mut built = desired.clone();
         let fail_open = apply_health(&mut built, &down);
         let config = Config {
@@ -1894,6 +1901,8 @@ services:
         let first = control.apply(ControlInput::File(file("1h"))).unwrap();
         let target = Target { service: first.services()[0].key, backend: "198.51.100.2:8080".parse().unwrap() };
         let old = control.health.generation(&target).expect("probed");
+        // The old probe finds the backend down, as run_target does: the table first, then the event.
+        control.health.status().lock().unwrap().get_mut(&target).unwrap().healthy = false;
         let down = HealthEvent { target, healthy: false, generation: old };
         let t = control.apply(ControlInput::Health(down)).unwrap();
         assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining));
@@ -1941,6 +1950,45 @@ services:
         assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining), "still down");
         let s = control.health.status().lock().unwrap()[&target].clone();
         assert_eq!((s.healthy, s.went_down, s.went_up), (false, 1, 0), "{s:?}");
+    }
+
+    /// The same the other way: a reload that restarts a probe while the old probe's "up" waits in
+    /// the queue behind it goes on from up. The queued event is stale once the probe restarts, so a
+    /// backend the old probe had just found back would otherwise stay Draining (and
+    /// `lb_backend_healthy` say 0 after a transition up) until the new probe passed `rise` times.
+    #[tokio::test]
+    async fn a_restarted_probe_goes_on_from_the_old_probes_queued_recovery() {
+        let mut control = Control::new(RecordingSink::default());
+        // Probes go to TEST-NET-2 (RFC 5737), one per hour with fall 3: no transition of their own.
+        let file = |interval: &str| Box::new(parse(&checked(interval)).unwrap());
+        let first = control.apply(ControlInput::File(file("1h"))).unwrap();
+        let target = Target { service: first.services()[0].key, backend: "198.51.100.2:8080".parse().unwrap() };
+        let old = control.health.generation(&target).expect("probed");
+        // The old probe finds the backend down (the table, then the event, applied) ...
+        let status = control.health.status();
+        {
+            let mut table = status.lock().unwrap();
+            let s = table.get_mut(&target).unwrap();
+            s.healthy = false;
+            s.went_down += 1;
+        }
+        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: false, generation: old })).unwrap();
+        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining));
+        // ... then back up: the table, then the event, which the reload below overtakes.
+        {
+            let mut table = status.lock().unwrap();
+            let s = table.get_mut(&target).unwrap();
+            s.healthy = true;
+            s.went_up += 1;
+        }
+
+        let t = control.apply(ControlInput::File(file("30m"))).unwrap();
+        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Active), "back up");
+        let s = status.lock().unwrap()[&target].clone();
+        assert_eq!((s.healthy, s.went_down, s.went_up), (true, 1, 1), "{s:?}");
+        // The old probe's queued "up" is stale, and changes nothing.
+        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: true, generation: old })).unwrap();
+        assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Active));
     }
 
     /// Fail open: with one of two checked backends down only the other takes new flows; with both

@@ -157,15 +157,15 @@ impl HealthChecker {
     }
 
     /// The backends of `services` whose probe [`sync`](Self::sync) would restart (their check
-    /// changed) and that this checker's table holds down: the old probe's "down" may still be queued
-    /// for the caller, and once the probe restarts it is stale and never arrives.
-    pub fn restarting_down(&self, services: &[ServiceSpec]) -> Vec<Target> {
+    /// changed), with the health this checker's table holds for them (the old probe's last
+    /// verdict): the old probe's last transition may still be queued for the caller, and once the
+    /// probe restarts it is stale and never arrives.
+    pub fn restarting(&self, services: &[ServiceSpec]) -> Vec<(Target, bool)> {
         let table = lock(&self.status);
         wanted(services)
             .into_iter()
             .filter(|(target, check)| self.tasks.get(target).is_some_and(|(running, _, _)| running != check))
-            .filter(|(target, _)| table.get(target).is_some_and(|s| !s.healthy))
-            .map(|(target, _)| target)
+            .filter_map(|(target, _)| table.get(&target).map(|s| (target, s.healthy)))
             .collect()
     }
 
