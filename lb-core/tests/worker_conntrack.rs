@@ -1303,53 +1303,17 @@ fn time_stepping_back_never_revives_an_expired_nat_flow() {
     }
 }
 
-/// The client's SYN on a closing flow is a new connection: it restarts the flow on the same backend
-/// only while that backend takes new flows; a draining (or weight 0) backend gets no new
-/// connections, so the SYN is scheduled afresh, as on a time-wait flow.
+/// A client's SYN on a flow it already has goes to a backend that takes new flows: on a half-open
+/// flow (its SYN retransmitted: the backend has not answered), an established one (a new connection on
+/// the 5-tuple) or a closing one (a new connection), it stays with (or restarts on) the flow's backend
+/// while that backend takes new flows; once the backend is draining or at weight 0 (a health check
+/// took it down, its pod is not ready), the SYN is scheduled afresh, as on a time-wait flow. Before,
+/// SYNs on half-open and established flows stayed with a draining backend, each renewing the flow's
+/// entry, so a client whose first SYN reached a backend just before it went down retried there until
+/// it gave up.
 #[test]
-fn a_syn_on_a_closing_flow_of_a_draining_backend_is_scheduled_afresh() {
-    for drain in [true, false] {
-        let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
-        let mut b = TableBuilder::new();
-        let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
-        let c = client(1);
-        let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
-        assert_eq!(dsr_backend(&out), 1);
-        run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
-        run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Fin, b""), secs(2));
-        if drain {
-            cfg.services[0].backends[0].state = BackendState::Draining;
-        } else {
-            cfg.services[0].backends[0].weight = 0;
-        }
-        w.swap_tables(b.build(&cfg).unwrap());
-        // The closing flow's own packets still reach its backend.
-        let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(3));
-        assert_eq!(dsr_backend(&out), 1);
-        let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(4));
-        assert_eq!(
-            (v, dsr_backend(&out)),
-            (Verdict::Tx, 2),
-            "drain {drain}: a new connection went to a backend that takes none"
-        );
-        let slots: Vec<_> = w.tables().services()[0].backends.iter().map(|b| b.slot()).collect();
-        let active: Vec<u64> = slots.iter().map(|&s| w.stats().backend(s).active_conns).collect();
-        assert_eq!(active, vec![0, 1], "drain {drain}");
-        run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(4));
-        let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(5));
-        assert_eq!(dsr_backend(&out), 2);
-    }
-}
-
-/// A client's SYN on a half-open flow (its SYN retransmitted: the backend has not answered) or on an
-/// established one (a new connection on the 5-tuple) goes to a backend that takes new flows: while
-/// the flow's backend does, it stays there; once that backend is draining or at weight 0 (a health
-/// check took it down, its pod is not ready), it is scheduled afresh, as on a closing flow. Before,
-/// such SYNs stayed with the draining backend, each renewing the flow's entry, so a client whose
-/// first SYN reached a backend just before it went down retried there until it gave up.
-#[test]
-fn a_syn_on_a_half_open_or_established_flow_of_a_draining_backend_is_scheduled_afresh() {
-    for established in [false, true] {
+fn a_syn_on_a_known_flow_of_a_draining_backend_is_scheduled_afresh() {
+    for state in ["half-open", "established", "closing"] {
         for change in ["none", "drain", "weight 0"] {
             let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
             let mut b = TableBuilder::new();
@@ -1357,8 +1321,11 @@ fn a_syn_on_a_half_open_or_established_flow_of_a_draining_backend_is_scheduled_a
             let c = client(1);
             let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
             assert_eq!(dsr_backend(&out), 1);
-            if established {
+            if state != "half-open" {
                 run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+            }
+            if state == "closing" {
+                run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Fin, b""), secs(2));
             }
             match change {
                 "drain" => cfg.services[0].backends[0].state = BackendState::Draining,
@@ -1366,25 +1333,27 @@ fn a_syn_on_a_half_open_or_established_flow_of_a_draining_backend_is_scheduled_a
                 _ => {}
             }
             w.swap_tables(b.build(&cfg).unwrap());
+            let case = format!("{state}, {change}");
+            if state == "closing" {
+                // The closing flow's own packets still reach its backend.
+                let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(3));
+                assert_eq!(dsr_backend(&out), 1, "{case}");
+            }
             let want = if change == "none" { 1 } else { 2 };
             let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(3));
-            assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, want), "established {established}, {change}");
+            assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, want), "{case}");
             let slots: Vec<_> = w.tables().services()[0].backends.iter().map(|b| b.slot()).collect();
             let counts: Vec<(u64, u64)> = slots
                 .iter()
                 .map(|&s| (w.stats().backend(s).active_conns, w.stats().backend(s).established_conns))
                 .collect();
             let on_first = u64::from(want == 1);
-            let kept_established = u64::from(want == 1 && established);
-            assert_eq!(
-                counts,
-                vec![(on_first, kept_established), (1 - on_first, 0)],
-                "established {established}, {change}"
-            );
+            let kept_established = u64::from(want == 1 && state == "established");
+            assert_eq!(counts, vec![(on_first, kept_established), (1 - on_first, 0)], "{case}");
             // The new connection's packets stay where its SYN went.
             run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(3));
             let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data"), secs(4));
-            assert_eq!(dsr_backend(&out), want, "established {established}, {change}");
+            assert_eq!(dsr_backend(&out), want, "{case}");
         }
     }
 }
