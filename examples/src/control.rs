@@ -130,14 +130,16 @@ pub trait TablesSink: Send {
     /// through [`TablesSink::deliver_pending`].
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String>;
 
-    /// Whether some worker has not been handed the last published tables yet (it had no room).
+    /// Whether some worker has not been handed the last published tables yet (it had no room), or
+    /// something else waits for the workers (`lb run` steers new services once every worker has
+    /// swapped in the tables that serve them).
     fn has_pending(&self) -> bool {
         false
     }
 
-    /// Hands waiting tables to the workers that now have room, without blocking; an error names
-    /// the worker that is gone. The control loop calls it every [`RETRY_PENDING_EVERY`] while
-    /// [`TablesSink::has_pending`] says so.
+    /// Hands waiting tables to the workers that now have room, and does what waited for the
+    /// workers to apply them, without blocking; an error names the worker that is gone. The control
+    /// loop calls it every [`RETRY_PENDING_EVERY`] while [`TablesSink::has_pending`] says so.
     fn deliver_pending(&mut self) -> Result<(), String> {
         Ok(())
     }

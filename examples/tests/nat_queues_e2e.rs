@@ -243,10 +243,11 @@ fn lb_run_serves_nat_over_two_queues() {
     }
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
     let mut child = Kill(child);
-    // The tables reach both loops (and the steering) before the log says so: an event, not a delay.
+    // Both loops run the tables and their services are steered before the log says so: an event,
+    // not a delay.
     let mut log = Vec::new();
     let published = lines.by_ref().map_while(Result::ok).any(|l| {
-        let done = l.contains("tables published to workers");
+        let done = l.contains("every poll loop runs the new tables: their services are steered");
         log.push(l);
         done
     });

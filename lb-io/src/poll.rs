@@ -16,7 +16,7 @@
 //! The burst arrays live on the stack; nothing in the round allocates, locks or panics.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -159,12 +159,18 @@ impl LoopCounters {
 /// never does: for updates that each replace the whole state (lb-core's tables), it keeps the
 /// newest one back as *pending* while the loop has no room, and [`retry_pending`](Self::retry_pending)
 /// hands it over later. Use one or the other on a sender: `send` does not wait for a pending update.
+/// [`is_applied`](Self::is_applied) tells, without blocking, whether the loop runs the last update
+/// handed to it.
 #[derive(Debug)]
 pub struct UpdateSender<U> {
     updates: Sender<U>,
     retired: Receiver<U>,
     /// The newest update offered by `send_latest` that the loop had no room for.
     pending: Option<U>,
+    /// Updates queued to the loop whose retired state has not come back yet: the loop has not
+    /// applied them (or, with a parked retired state, not yet said so). Atomic only so that the
+    /// collecting methods can keep taking `&self`.
+    unapplied: AtomicUsize,
 }
 
 /// Where [`UpdateSender::send_latest`] or [`UpdateSender::retry_pending`] left the newest update.
@@ -203,7 +209,7 @@ pub fn update_channel<U>() -> (UpdateSender<U>, UpdateReceiver<U>) {
     let (tx, rx) = crossbeam_channel::bounded(UPDATE_QUEUE);
     let (rtx, rrx) = crossbeam_channel::bounded(RETIRED_QUEUE);
     (
-        UpdateSender { updates: tx, retired: rrx, pending: None },
+        UpdateSender { updates: tx, retired: rrx, pending: None, unapplied: AtomicUsize::new(0) },
         UpdateReceiver { updates: rx, retired: rtx, parked: None },
     )
 }
@@ -218,7 +224,12 @@ impl<U> UpdateSender<U> {
     /// states the loop retired so far (here, on the control thread).
     pub fn send(&self, update: U) -> Result<(), LoopGone> {
         self.collect_retired();
-        self.updates.send(update).map_err(|_| LoopGone)
+        // Counted before it can be applied, so a retired state never comes back uncounted.
+        self.unapplied.fetch_add(1, Ordering::Relaxed);
+        self.updates.send(update).map_err(|_| {
+            self.unapplied.fetch_sub(1, Ordering::Relaxed);
+            LoopGone
+        })
     }
 
     /// Hands `update` to the loop without blocking. While the loop's queue is full (a loop stuck
@@ -237,13 +248,18 @@ impl<U> UpdateSender<U> {
     pub fn retry_pending(&mut self) -> Result<Delivery, LoopGone> {
         let Some(update) = self.pending.take() else { return Ok(Delivery::Queued) };
         self.collect_retired();
+        self.unapplied.fetch_add(1, Ordering::Relaxed);
         match self.updates.try_send(update) {
             Ok(()) => Ok(Delivery::Queued),
             Err(TrySendError::Full(update)) => {
+                self.unapplied.fetch_sub(1, Ordering::Relaxed);
                 self.pending = Some(update);
                 Ok(Delivery::Pending)
             }
-            Err(TrySendError::Disconnected(_)) => Err(LoopGone),
+            Err(TrySendError::Disconnected(_)) => {
+                self.unapplied.fetch_sub(1, Ordering::Relaxed);
+                Err(LoopGone)
+            }
         }
     }
 
@@ -252,14 +268,32 @@ impl<U> UpdateSender<U> {
         self.pending.is_some()
     }
 
+    /// Whether the loop has applied every update handed to it and none is pending: it runs the
+    /// last one sent. Never blocks (collects the retired states that came back). False while an
+    /// update waits in the loop's queue or, pending, on the control side.
+    pub fn is_applied(&self) -> bool {
+        self.collect_retired();
+        self.pending.is_none() && self.unapplied.load(Ordering::Relaxed) == 0
+    }
+
     /// Drops retired states sent back by the loop; returns how many.
     pub fn collect_retired(&self) -> usize {
-        self.retired.try_iter().count()
+        let n = self.retired.try_iter().count();
+        self.retire(n);
+        n
     }
 
     /// Waits up to `timeout` for the loop to retire one state (i.e. to have applied an update).
     pub fn wait_retired(&self, timeout: Duration) -> Option<U> {
-        self.retired.recv_timeout(timeout).ok()
+        let old = self.retired.recv_timeout(timeout).ok()?;
+        self.retire(1);
+        Some(old)
+    }
+
+    /// Counts `n` updates as applied (their retired states came back).
+    fn retire(&self, n: usize) {
+        // Never below zero: the loop retires one state for each update it applies.
+        let _ = self.unapplied.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(n)));
     }
 }
 
@@ -1106,6 +1140,40 @@ mod tests {
 
         drop(rx);
         assert!(tx.send_latest(Box::new(0)).is_err(), "a gone loop is reported");
+    }
+
+    /// `is_applied` says whether the loop runs the last update handed to it: not while one waits in
+    /// its queue, nor while one is pending on the control side, and again once the loop has applied
+    /// all of them; it never blocks.
+    #[test]
+    fn is_applied_tells_when_the_loop_runs_the_last_update() {
+        let (mut tx, mut rx) = update_channel();
+        let mut p = Tagger { generation: Box::new(0), seen: vec![] };
+        assert!(tx.is_applied(), "nothing sent: the loop runs what it started with");
+        tx.send(Box::new(1)).unwrap();
+        assert!(!tx.is_applied(), "queued, not applied");
+        assert!(rx.poll(&mut p));
+        assert!(tx.is_applied());
+        for g in 2..=UPDATE_QUEUE as u32 + 1 {
+            tx.send_latest(Box::new(g)).unwrap();
+        }
+        let newest = UPDATE_QUEUE as u32 + 2;
+        assert_eq!(tx.send_latest(Box::new(newest)).unwrap(), Delivery::Pending);
+        while rx.poll(&mut p) {}
+        assert!(!tx.is_applied(), "the newest is still pending on the control side");
+        assert_eq!(tx.retry_pending().unwrap(), Delivery::Queued);
+        assert!(!tx.is_applied(), "queued, not applied");
+        assert!(rx.poll(&mut p));
+        assert_eq!(*p.generation, newest);
+        assert!(tx.is_applied());
+        // Retired states taken by `wait_retired` count as well.
+        tx.send(Box::new(0)).unwrap();
+        assert!(rx.poll(&mut p));
+        assert!(tx.wait_retired(Duration::ZERO).is_some());
+        assert!(tx.is_applied());
+        drop(rx);
+        assert!(tx.send(Box::new(0)).is_err());
+        assert!(tx.is_applied(), "an update that was not delivered is not waited for");
     }
 
     #[test]

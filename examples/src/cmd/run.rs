@@ -4,18 +4,32 @@
 //! One poll loop per (interface, queue): an AF_XDP socket, lb-core's `Worker` (as
 //! `lb_examples::control::LbProcessor`) and an update channel. Per interface, the steering XDP program
 //! sends the services' frames (VIP, port, protocol) and NAT replies to the sockets; everything else
-//! stays with the kernel. The control side builds tables, sends them to every loop, then updates the
-//! steering maps (`control::steering_for`). With `--neighbour-responder auto|all`, each worker also
-//! answers ARP / NDP for the VIPs and NAT source addresses with its interface's MAC (an L2
-//! deployment; see `control::NeighbourResponder` for which addresses), and each interface joins the
-//! solicited-node groups of the IPv6 ones (`lb_io::interface::MulticastGroups`); addresses new to the
-//! responder are announced once on each interface (gratuitous ARP, unsolicited neighbour advertisement).
+//! stays with the kernel. The control side builds tables and sends them to every loop; a loop swaps
+//! them in at its next round. The steering maps (`control::steering_for`) follow so that no frame
+//! reaches a loop whose tables do not serve it (such a frame is passed, and a frame an AF_XDP
+//! socket passes is lost: the kernel never sees it):
+//! 1. before the tables go out, the maps steer only what both the running and the new tables serve
+//!    (`SteeringSet::intersection`): a removed service's frames go to the kernel from then on (a
+//!    removed NodePort's clients get its reset), and a new service's are not steered yet;
+//! 2. the tables go to every loop (a loop with a full queue gets them later);
+//! 3. once every loop has swapped them in (`UpdateSender::is_applied`, checked on the control loop's
+//!    tick every `control::RETRY_PENDING_EVERY`, never waited for), the maps steer all they serve.
+//!
+//! A loop that does not swap them in keeps the new services unsteered, with a warning after
+//! `SLOW_SWAP_WARNING`; what both tables serve stays steered meanwhile.
+//!
+//! With `--neighbour-responder auto|all`, each worker also answers ARP / NDP for the VIPs and NAT
+//! source addresses with its interface's MAC (an L2 deployment; see `control::NeighbourResponder`
+//! for which addresses), and each interface joins the solicited-node groups of the IPv6 ones
+//! (`lb_io::interface::MulticastGroups`); addresses new to the responder are announced once on each
+//! interface (gratuitous ARP, unsolicited neighbour advertisement), once the loops answer for them.
 //! With `interfaces: []` it runs the control plane alone: a dry run whose tables `lb list` shows.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lb_core::config::{Config, ForwardMode};
 use lb_core::service::{TableBuilder, Tables};
@@ -59,10 +73,24 @@ pub struct Args {
     pub neighbour_responder: NeighbourResponder,
 }
 
-/// Sends tables to every loop, then steers exactly their services and NAT replies to the sockets.
-struct Workers {
+/// Where [`Workers`] writes the steering: each interface's XDP maps ([`VipSteering`]; a recorder in
+/// tests).
+trait SteeringMaps: Send {
+    /// Makes the maps steer exactly `want`.
+    fn steer(&mut self, want: SteeringSet) -> Result<(), String>;
+}
+
+impl SteeringMaps for VipSteering {
+    fn steer(&mut self, want: SteeringSet) -> Result<(), String> {
+        self.set(want).map_err(|e| e.to_string())
+    }
+}
+
+/// Sends tables to every loop and steers exactly their services and NAT replies to the sockets, in
+/// the order the module comment gives.
+struct Workers<M: SteeringMaps = VipSteering> {
     loops: Vec<UpdateSender<Arc<Tables>>>,
-    steering: Vec<VipSteering>,
+    steering: Vec<M>,
     /// The steering maps' sizes (every interface's program is loaded with these).
     steering_config: SteeringConfig,
     /// Which addresses ARP / NDP is answered for (`--neighbour-responder`).
@@ -73,15 +101,37 @@ struct Workers {
     announcers: Vec<(String, PacketSocket, [u8; 6])>,
     /// The addresses answered for so far (announced when they joined the set).
     answered: BTreeSet<IpAddr>,
-    /// The last tables published, and the steering set applied for them (host marks included), or
-    /// `None` when applying it failed: [`TablesSink::refresh`] applies it again, and re-derives it
-    /// when the node's addresses change.
-    published: Option<(Arc<Tables>, Option<SteeringSet>)>,
+    /// The last tables published, and where their steering stands.
+    published: Option<(Arc<Tables>, Steering)>,
+    /// The set the maps were last set to (or, after a write that failed, were being set to): every
+    /// table a loop holds or has queued serves all it steers.
+    steered: SteeringSet,
+    /// How long the loops may take to swap in the last tables before a warning
+    /// ([`SLOW_SWAP_WARNING`]).
+    slow_swap_warning: Duration,
     /// The SNAT settings last checked against the kernel's ephemeral ports
     /// ([`warn_if_snat_ports_are_ephemeral`]): at start, and again when a reload brings others (a
     /// family's first SNAT address, or the range of a node that had none).
     snat_checked: SnatSettings,
 }
+
+/// Where the steering of the last tables published stands.
+#[derive(Debug)]
+enum Steering {
+    /// Some loop has not swapped them in yet: the maps steer only what every table a loop may
+    /// hold serves. Checked every [`lb_examples::control::RETRY_PENDING_EVERY`]; `warned` once
+    /// the wait passed [`Workers::slow_swap_warning`].
+    Waiting { since: std::time::Instant, warned: bool },
+    /// Every loop runs them, and the maps steer this set, theirs (host marks included):
+    /// [`TablesSink::refresh`] re-derives it when the node's addresses change.
+    Applied(SteeringSet),
+    /// Every loop runs them, but writing their steering failed: [`TablesSink::refresh`] tries again.
+    Failed,
+}
+
+/// How long the poll loops may take to swap in new tables (a loop applies them at its next round,
+/// within milliseconds) before a warning that the steering of the services they add waits for them.
+const SLOW_SWAP_WARNING: Duration = Duration::from_secs(5);
 
 /// A node's SNAT addresses and port range.
 type SnatSettings = (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>, (u16, u16));
@@ -114,7 +164,9 @@ fn check_nat_replies(config: &Config, loops: usize) -> Result<(), String> {
 /// its (VIP, port, protocol) services. Checked before anything is built, because a map update that
 /// fails only after the workers have the new tables leaves them serving what is not steered.
 /// The counts are lb-io's own ([`lb_io::bpf::xdp::SteeringSet::address_count`]) over the set
-/// `publish` will write (`steering_for_config`), so the check cannot drift from the maps.
+/// `publish` will write (`steering_for_config`), so the check cannot drift from the maps. The set
+/// written while the loops swap the tables in, the intersection of the running and the new ones,
+/// is never larger than either, and the maps drop stale entries before they take new ones.
 fn check_steering_capacity(config: &Config, steering: &SteeringConfig) -> Result<(), String> {
     let want = steering_for_config(config);
     let addresses = want.address_count();
@@ -134,58 +186,165 @@ fn check_steering_capacity(config: &Config, steering: &SteeringConfig) -> Result
     Ok(())
 }
 
-impl TablesSink for Workers {
+impl<M: SteeringMaps> TablesSink for Workers<M> {
     fn check(&self, config: &Config) -> Result<(), String> {
         check_nat_replies(config, self.loops.len())?;
         check_steering_capacity(config, &self.steering_config)
     }
 
+    /// Tables a loop had no room for wait, or the steering of the tables waits for the loops.
     fn has_pending(&self) -> bool {
-        self.loops.has_pending()
+        self.loops.has_pending() || matches!(self.published, Some((_, Steering::Waiting { .. })))
     }
 
+    /// Hands waiting tables over, then steers the last tables' services if every loop runs them
+    /// now (warning once if that takes long).
     fn deliver_pending(&mut self) -> Result<(), String> {
-        self.loops.deliver_pending()
+        self.loops.deliver_pending()?;
+        self.steer_if_swapped();
+        Ok(())
     }
 
+    /// Steers what both the running and the new tables serve, hands the new tables to every loop,
+    /// and steers all they serve once every loop has swapped them in (see the module comment).
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
-        self.loops.publish(tables)?;
-        self.published = Some((tables.clone(), None));
+        let want = steering_for(tables, self.responder);
+        // What every loop's tables serve: the last tables' steering if every loop runs them, or
+        // else what is steered (served by every table a loop may hold, as that was in its turn).
+        let before = match &self.published {
+            Some((last, _)) if self.loops_swapped() => steering_for(last, self.responder),
+            _ => self.steered.clone(),
+        };
+        let during = before.intersection(&want);
+        // A wait that goes on (a loop still has not swapped in the last tables) keeps its start,
+        // and its one warning.
+        let waiting = match &self.published {
+            Some((_, Steering::Waiting { since, warned })) => Steering::Waiting { since: *since, warned: *warned },
+            _ => Steering::Waiting { since: std::time::Instant::now(), warned: false },
+        };
+        if let Err(e) = self.apply_steering(&during) {
+            // The loops keep the last tables; their own steering is written again once they run
+            // them (it may be written already, but the maps now hold part of `during`).
+            if let Some((_, steering)) = &mut self.published {
+                *steering = waiting;
+            }
+            return Err(e);
+        }
+        // A loop that is gone fails the run; those before it may have the tables, so they are
+        // waited for all the same.
+        let delivered = self.loops.publish(tables);
+        self.published = Some((tables.clone(), waiting));
+        delivered?;
         let snat = snat_settings(tables.node());
         if snat != self.snat_checked {
             warn_if_snat_ports_are_ephemeral(tables.node());
             self.snat_checked = snat;
         }
-        let want = steering_for(tables, self.responder);
-        self.apply_steering(&want)?;
-        self.published = Some((tables.clone(), Some(want)));
+        // No loops (a dry run): nothing to wait for. (Loops are checked again on the control
+        // loop's next tick, which also warns when they take long.)
+        if self.loops_swapped() {
+            self.steer_if_swapped();
+        }
         Ok(())
     }
 
     /// An address added to or removed from the node changes which steered addresses are the host's
     /// (their fragments and foreign ICMP go to the kernel) and, with `--neighbour-responder auto`,
     /// which are answered for: applied here without waiting for a configuration change. A steering
-    /// update that failed is tried again here too.
+    /// update that failed is tried again here too. Steering that waits for the loops is left to
+    /// [`TablesSink::deliver_pending`].
     fn refresh(&mut self) -> Result<(), String> {
-        let Some((tables, applied)) = &self.published else { return Ok(()) };
+        let Some((tables, steering)) = &self.published else { return Ok(()) };
         let want = steering_for(tables, self.responder);
-        if applied.as_ref() == Some(&want) {
-            return Ok(());
+        match steering {
+            Steering::Waiting { .. } => return Ok(()),
+            Steering::Applied(applied) if *applied == want => return Ok(()),
+            Steering::Applied(_) | Steering::Failed => {}
         }
         let tables = tables.clone();
-        self.apply_steering(&want)?;
+        if let Err(e) = self.apply_steering(&want) {
+            self.published = Some((tables, Steering::Failed));
+            return Err(e);
+        }
         tracing::info!(host = ?want.host, "the node's addresses changed (or a steering update had failed): steering updated");
-        self.published = Some((tables, Some(want)));
+        self.published = Some((tables, Steering::Applied(want)));
         Ok(())
     }
 }
 
-impl Workers {
+impl<M: SteeringMaps> Workers<M> {
+    /// No loops and no interfaces yet; `snat_checked` the SNAT settings already checked.
+    fn new(steering_config: SteeringConfig, responder: NeighbourResponder, snat_checked: SnatSettings) -> Self {
+        Workers {
+            loops: Vec::new(),
+            steering: Vec::new(),
+            steering_config,
+            responder,
+            groups: Vec::new(),
+            announcers: Vec::new(),
+            answered: BTreeSet::new(),
+            published: None,
+            steered: SteeringSet::default(),
+            slow_swap_warning: SLOW_SWAP_WARNING,
+            snat_checked,
+        }
+    }
+
+    /// Whether every loop runs the last tables published.
+    fn loops_swapped(&self) -> bool {
+        self.loops.iter().all(UpdateSender::is_applied)
+    }
+
+    /// Writes the last tables' steering if they wait for the loops and every loop runs them now;
+    /// warns once when some loop has not after [`Workers::slow_swap_warning`] (what is steered in
+    /// the meantime, served by both tables, stays). A failed write is logged and left to
+    /// [`TablesSink::refresh`].
+    fn steer_if_swapped(&mut self) {
+        let Some((_, Steering::Waiting { since, warned })) = &self.published else { return };
+        let (since, was_warned) = (*since, *warned);
+        if !self.loops_swapped() {
+            if !was_warned && since.elapsed() >= self.slow_swap_warning {
+                let waiting: Vec<usize> = (0..self.loops.len()).filter(|&i| !self.loops[i].is_applied()).collect();
+                if let Some((tables, Steering::Waiting { warned, .. })) = &mut self.published {
+                    *warned = true;
+                    tracing::warn!(
+                        workers = ?waiting,
+                        version = tables.version(),
+                        "poll loops have not swapped in the new tables after {:?} (stuck?): the services and NAT \
+                         addresses the tables add are steered to the loops once they do; meanwhile what the old and \
+                         the new tables both serve stays steered",
+                        since.elapsed()
+                    );
+                }
+            }
+            return;
+        }
+        let Some((tables, _)) = &self.published else { return };
+        let version = tables.version();
+        let tables = tables.clone();
+        let want = steering_for(&tables, self.responder);
+        match self.apply_steering(&want) {
+            Ok(()) => {
+                if was_warned {
+                    tracing::warn!(version, "every poll loop runs the new tables now: their services are steered");
+                } else {
+                    tracing::info!(version, "every poll loop runs the new tables: their services are steered");
+                }
+                self.published = Some((tables, Steering::Applied(want)));
+            }
+            Err(e) => {
+                tracing::error!("{e}; tried again every {:?}", lb_examples::control::REFRESH_EVERY);
+                self.published = Some((tables, Steering::Failed));
+            }
+        }
+    }
+
     /// Sets every interface's steering maps to `want`, joins the IPv6 solicited-node groups of the
     /// addresses answered for, and announces those new to the set.
     fn apply_steering(&mut self, want: &SteeringSet) -> Result<(), String> {
+        self.steered.clone_from(want);
         for s in &mut self.steering {
-            s.set(want.clone()).map_err(|e| format!("steering services: {e}"))?;
+            s.steer(want.clone()).map_err(|e| format!("steering services: {e}"))?;
         }
         // Solicitations for the IPv6 addresses reach this node only if it listens to their groups.
         let groups: Vec<_> = want
@@ -412,17 +571,7 @@ pub fn main(args: Args) -> CmdResult {
     // NIC's RSS hash spreads replies over the queues by the backend's address and ports.
     let mut handoff =
         if cores > 1 { lb_io::handoff::mesh(queues.len(), HandoffConfig::default())? } else { Vec::new() }.into_iter();
-    let mut workers = Workers {
-        loops: Vec::new(),
-        steering: Vec::new(),
-        steering_config,
-        responder: args.neighbour_responder,
-        groups: Vec::new(),
-        announcers: Vec::new(),
-        answered: BTreeSet::new(),
-        published: None,
-        snat_checked: snat_settings(&settings.node),
-    };
+    let mut workers = Workers::new(steering_config, args.neighbour_responder, snat_settings(&settings.node));
     let mut counters = PublishedCounters::default();
     // A loop that ends before it is asked to (its device failed: say the interface went away) stops
     // `lb run` with an error, so a supervisor restarts it, instead of serving on with a dead queue.
@@ -558,12 +707,19 @@ mod tests {
     use lb_io::bpf::xdp::SteeringConfig;
 
     use super::{
-        NeighbourResponder, TableBuilder, TablesSink, Workers, check_conntrack_memory, check_nat_replies,
-        check_steering_capacity, ephemeral_overlap, mem_total, snat_settings, unserved_rx_queues,
+        NeighbourResponder, SteeringMaps, TableBuilder, TablesSink, Workers, check_conntrack_memory, check_nat_replies,
+        check_steering_capacity, ephemeral_overlap, mem_total, snat_settings, steering_for, unserved_rx_queues,
+    };
+    use lb_core::service::Tables;
+    use lb_core::{Frame, Instant, Verdict};
+    use lb_io::bpf::xdp::SteeringSet;
+    use lb_io::{
+        BurstProcessor, Device, DeviceError, FlushProgress, LoopConfig, PollLoop, Received, Span, StopFlag,
+        update_channel,
     };
     use std::collections::BTreeSet;
     use std::net::IpAddr;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex, mpsc};
 
     /// A reload that gives a node its first SNAT address (one of the node's own, its range inside
     /// the kernel's ephemeral ports) gets the warning `lb run` gives such a file at start: the
@@ -594,17 +750,8 @@ mod tests {
         let started = config().node;
         let mut started = lb_core::config::NodeConfig { snat_v4: None, snat_v6: None, ..started };
         started.snat_ports = local;
-        let mut workers = Workers {
-            loops: Vec::new(),
-            steering: Vec::new(),
-            steering_config: SteeringConfig::default(),
-            responder: NeighbourResponder::Off,
-            groups: Vec::new(),
-            announcers: Vec::new(),
-            answered: BTreeSet::new(),
-            published: None,
-            snat_checked: snat_settings(&started),
-        };
+        let mut workers: Workers =
+            Workers::new(SteeringConfig::default(), NeighbourResponder::Off, snat_settings(&started));
         let reloaded = lb_core::config::NodeConfig { snat_v4: Some(addr), ..started };
         let tables = Arc::new(
             TableBuilder::new()
@@ -619,6 +766,197 @@ mod tests {
         workers.publish(&tables).expect("no loops to refuse them");
         let text = log.text();
         assert_eq!(text.matches(&warned).count(), 1, "{text}");
+    }
+
+    /// Records every steering set written.
+    #[derive(Clone, Default)]
+    struct Recorder(Arc<Mutex<Vec<SteeringSet>>>);
+
+    impl SteeringMaps for Recorder {
+        fn steer(&mut self, want: SteeringSet) -> Result<(), String> {
+            self.0.lock().map_err(|_| "recorder poisoned")?.push(want);
+            Ok(())
+        }
+    }
+
+    impl Recorder {
+        /// The set last written (nothing steered before the first).
+        fn last(&self) -> SteeringSet {
+            self.0.lock().expect("recorder").last().cloned().unwrap_or_default()
+        }
+    }
+
+    /// A poll loop's device that receives nothing and stops in each receive until the test lets it
+    /// go on: while it is stopped there, its loop applies no update.
+    struct Gate {
+        at_receive: mpsc::Sender<()>,
+        go: mpsc::Receiver<()>,
+    }
+
+    impl Device for Gate {
+        fn receive<'a>(&'a mut self, _frames: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
+            let _ = self.at_receive.send(());
+            let _ = self.go.recv();
+            Ok(Received::frames(0))
+        }
+        fn settle(&mut self, _spans: &[Option<Span>]) -> Result<usize, DeviceError> {
+            Ok(0)
+        }
+        fn flush(&mut self) -> Result<FlushProgress, DeviceError> {
+            Ok(FlushProgress::default())
+        }
+        fn pending_tx(&self) -> usize {
+            0
+        }
+        fn discard_pending(&mut self) -> usize {
+            0
+        }
+    }
+
+    /// Holds the tables its loop applied, as lb-core's worker does.
+    struct Holder(Arc<Tables>);
+
+    impl BurstProcessor for Holder {
+        type Update = Arc<Tables>;
+        fn process_burst(&mut self, _frames: &mut [Frame<'_>], _now: Instant, verdicts: &mut [Verdict]) {
+            verdicts.fill(Verdict::Pass);
+        }
+        fn apply(&mut self, update: Arc<Tables>) -> Arc<Tables> {
+            std::mem::replace(&mut self.0, update)
+        }
+    }
+
+    /// A poll loop on a [`Gate`], in a thread of its own, whose update channel `Workers` holds.
+    struct GatedLoop {
+        at_receive: mpsc::Receiver<()>,
+        go: mpsc::Sender<()>,
+        stop: StopFlag,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl GatedLoop {
+        /// Starts a loop on `tables` and returns once it stands in its first receive.
+        fn start<M: SteeringMaps>(workers: &mut Workers<M>, tables: &Arc<Tables>) -> Self {
+            let (tx, rx) = update_channel();
+            workers.loops.push(tx);
+            let (at_tx, at_receive) = mpsc::channel();
+            let (go, go_rx) = mpsc::channel();
+            let stop = StopFlag::new();
+            let device = Gate { at_receive: at_tx, go: go_rx };
+            let lp = PollLoop::new(device, Holder(tables.clone()), rx, stop.clone(), LoopConfig::default());
+            let thread = std::thread::spawn(move || {
+                lp.run().expect("the gated loop runs");
+            });
+            at_receive.recv().expect("the loop reaches its first receive");
+            GatedLoop { at_receive, go, stop, thread: Some(thread) }
+        }
+
+        /// Lets the loop run one round (applying the update waiting, if any) to its next receive.
+        fn step(&self) {
+            self.go.send(()).expect("the loop runs");
+            self.at_receive.recv().expect("the loop reaches its next receive");
+        }
+    }
+
+    impl Drop for GatedLoop {
+        fn drop(&mut self) {
+            self.stop.stop();
+            let _ = self.go.send(());
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// Two loops on empty tables, `Workers` over them and a recorder of the steering.
+    fn gated_workers(cfg: &Config, builder: &mut TableBuilder) -> (Workers<Recorder>, Recorder, Vec<GatedLoop>) {
+        let recorder = Recorder::default();
+        let mut workers = Workers::new(SteeringConfig::default(), NeighbourResponder::Off, snat_settings(&cfg.node));
+        workers.steering.push(recorder.clone());
+        let empty = builder.build(&Config { node: cfg.node.clone(), services: Vec::new() }).expect("empty tables");
+        let loops = vec![GatedLoop::start(&mut workers, &empty), GatedLoop::start(&mut workers, &empty)];
+        (workers, recorder, loops)
+    }
+
+    /// A service's frames are steered to the sockets only while every poll loop's tables serve it:
+    /// a new service once every loop has swapped in the tables that have it, and a removed one no
+    /// longer from the moment the tables without it go out. Before, `publish` steered the new
+    /// tables' services at once, while the loops still held the old tables, which pass a new
+    /// service's frames (lost on AF_XDP); and a removed service stayed steered while loops that had
+    /// swapped passed its frames (lost: no reset from the kernel for a removed NodePort).
+    #[test]
+    fn steering_follows_the_tables_every_loop_has_swapped_in() {
+        let cfg = config();
+        let (dsr, nat) = (cfg.services[0].clone(), cfg.services[1].clone());
+        let mut old = dsr.clone();
+        old.name = "old".into();
+        old.key.vip = "10.0.0.12".parse().expect("address");
+        let mut builder = TableBuilder::new();
+        let (mut workers, recorder, loops) = gated_workers(&cfg, &mut builder);
+        let steered = |t: &Arc<Tables>| steering_for(t, NeighbourResponder::Off);
+        let key = |s: &lb_core::config::ServiceConfig| (s.key.vip, s.key.port, s.key.proto.number());
+
+        // The first tables: nothing is steered until both loops run them.
+        let first = builder.build(&Config { node: cfg.node.clone(), services: vec![dsr.clone(), old.clone()] });
+        let first = first.expect("dsr and old");
+        workers.publish(&first).expect("published");
+        assert_eq!(recorder.last(), SteeringSet::default(), "steered before a loop swapped the tables in");
+        assert!(workers.has_pending(), "the steering waits for the loops");
+        loops[0].step();
+        workers.deliver_pending().expect("nothing to fail");
+        assert_eq!(recorder.last(), SteeringSet::default(), "steered before loop 1 swapped the tables in");
+        loops[1].step();
+        workers.deliver_pending().expect("steered");
+        assert_eq!(recorder.last(), steered(&first));
+        assert!(!workers.has_pending());
+
+        // A reload: old goes, nat (with its SNAT address) comes. Only dsr, in both, stays steered
+        // while a loop may hold either tables.
+        let second = builder.build(&Config { node: cfg.node.clone(), services: vec![dsr.clone(), nat.clone()] });
+        let second = second.expect("dsr and nat");
+        workers.publish(&second).expect("published");
+        let during = recorder.last();
+        assert_eq!(during.services, BTreeSet::from([key(&dsr)]), "{during:?}");
+        assert!(during.snat.is_empty(), "the SNAT address steered before the loops serve NAT: {during:?}");
+        loops[1].step();
+        workers.deliver_pending().expect("nothing to fail");
+        assert_eq!(recorder.last(), during, "steered before loop 0 swapped the tables in");
+        loops[0].step();
+        workers.deliver_pending().expect("steered");
+        assert_eq!(recorder.last(), steered(&second));
+        assert!(steered(&second).services.contains(&key(&nat)) && !steered(&second).snat.is_empty());
+        assert!(!workers.has_pending());
+        drop(loops);
+    }
+
+    /// A loop that does not swap the new tables in keeps their new services unsteered (what both
+    /// tables serve stays steered), with one warning naming it once the wait is long; when it
+    /// catches up, the steering follows.
+    #[test]
+    fn a_loop_slow_to_swap_the_tables_in_is_warned_of_and_waited_for() {
+        let cfg = config();
+        let mut builder = TableBuilder::new();
+        let (mut workers, recorder, loops) = gated_workers(&cfg, &mut builder);
+        workers.slow_swap_warning = std::time::Duration::ZERO;
+        let (log, _guard) = lb_examples::log_capture::Captured::install();
+        let tables = builder.build(&cfg).expect("dsr and nat");
+        workers.publish(&tables).expect("published");
+        loops[0].step();
+        let warned = "poll loops have not swapped in the new tables";
+        for _ in 0..3 {
+            workers.deliver_pending().expect("nothing to fail");
+            assert_eq!(recorder.last(), SteeringSet::default(), "steered before loop 1 swapped the tables in");
+            assert!(workers.has_pending());
+        }
+        let text = log.text();
+        assert_eq!(text.matches(warned).count(), 1, "{text}");
+        assert!(text.contains("workers=[1]"), "{text}");
+        loops[1].step();
+        workers.deliver_pending().expect("steered");
+        assert_eq!(recorder.last(), steering_for(&tables, NeighbourResponder::Off));
+        assert!(!workers.has_pending());
+        let text = log.text();
+        assert!(text.contains("every poll loop runs the new tables now: their services are steered"), "{text}");
     }
 
     /// Connection tables are checked against the node's memory before anything is set up.

@@ -572,6 +572,34 @@ impl SteeringSet {
         self.addresses().len()
     }
 
+    /// What both `self` and `other` steer, field by field: the services, whole addresses and
+    /// neighbour addresses of both; each SNAT address of both with the ports both ranges hold (none
+    /// in common: not steered); and the host marks of either, since a mark steers less of its
+    /// address (no fragments, no ICMP error about the host's own connections). Every frame it steers
+    /// is steered by each set, and it needs no more map entries than either.
+    ///
+    /// The control side steers it while the workers change from tables steered by one set to
+    /// tables steered by the other, so that no frame reaches a worker whose tables do not serve it.
+    #[must_use]
+    pub fn intersection(&self, other: &SteeringSet) -> SteeringSet {
+        let snat = self
+            .snat
+            .iter()
+            .filter_map(|(addr, &(lo, hi))| {
+                let &(other_lo, other_hi) = other.snat.get(addr)?;
+                let (lo, hi) = (lo.max(other_lo), hi.min(other_hi));
+                (lo <= hi).then_some((*addr, (lo, hi)))
+            })
+            .collect();
+        SteeringSet {
+            services: self.services.intersection(&other.services).copied().collect(),
+            snat,
+            whole: self.whole.intersection(&other.whole).copied().collect(),
+            neighbour: self.neighbour.intersection(&other.neighbour).copied().collect(),
+            host: self.host.union(&other.host).copied().collect(),
+        }
+    }
+
     /// The address map this set needs.
     fn addresses(&self) -> BTreeMap<IpAddr, AddrEntry> {
         let mut m: BTreeMap<IpAddr, AddrEntry> = BTreeMap::new();
@@ -1906,6 +1934,76 @@ mod tests {
         let mut s = s;
         s.add_vip(IpAddr::V4(VIP4)).unwrap();
         assert_eq!(s.test_run(&v4(VIP4, None)).unwrap(), XdpAction::Pass);
+    }
+
+    /// The intersection of two sets steers no frame that either set leaves to the kernel (judged by
+    /// the module comment's rules, `model`), and takes no more map entries than either: what the
+    /// control side steers while workers change tables. A SNAT address keeps the ports both ranges
+    /// hold; a host mark of either set stays (it steers less).
+    #[test]
+    fn the_intersection_steers_only_what_both_sets_steer() {
+        let other = Ipv4Addr::new(10, 77, 0, 101);
+        let base = SteeringSet {
+            services: [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 443, 6)].into(),
+            snat: [(IpAddr::V4(NODE4), (40000, 40999))].into(),
+            ..SteeringSet::default()
+        };
+        let with = |f: &dyn Fn(&mut SteeringSet)| {
+            let mut set = base.clone();
+            f(&mut set);
+            set
+        };
+        let sets = [
+            base.clone(),
+            SteeringSet::default(),
+            with(&|set| {
+                set.services.extend([(IpAddr::V4(VIP4), 53, 17), (IpAddr::V4(other), 80, 6)]);
+                set.snat.insert(IpAddr::V6(NODE6), (40000, 40999));
+            }),
+            with(&|set| set.host.extend([IpAddr::V4(VIP4), IpAddr::V4(NODE4)])),
+            with(&|set| {
+                set.whole.insert(IpAddr::V4(other));
+                set.neighbour.extend([IpAddr::V4(VIP4), IpAddr::V6(VIP6)]);
+            }),
+            with(&|set| {
+                set.services.insert((IpAddr::V4(NODE4), 30080, 6));
+                set.host.insert(IpAddr::V4(NODE4));
+            }),
+            // The SNAT range moves (overlapping), and moves away.
+            with(&|set| _ = set.snat.insert(IpAddr::V4(NODE4), (40500, 41999))),
+            with(&|set| _ = set.snat.insert(IpAddr::V4(NODE4), (42000, 42999))),
+        ];
+        let mut frames = vec![arp_with(1, VIP4), arp_with(1, other), v6_with(VIP6, 6, &ports(443))];
+        for dst in [VIP4, NODE4, other] {
+            for port in [53, 80, 30080, 39999, 40000, 40499, 40500, 40999, 41000, 41999, 42000, 42999] {
+                frames.push(v4_with(dst, 6, 0, &ports(port)));
+                frames.push(v4_with(dst, 17, 0, &ports(port)));
+                frames.push(v4_with(dst, 6, 0x2000, &ports(port)));
+                let error = [icmp(3), quote4(dst, 6, port, 0, 5)].concat();
+                frames.push(v4_with(dst, 1, 0, &error));
+            }
+            frames.push(v4_with(dst, 1, 0, &icmp(8)));
+        }
+        for a in &sets {
+            for b in &sets {
+                let both = a.intersection(b);
+                assert_eq!(both, b.intersection(a));
+                assert!(both.address_count() <= a.address_count().min(b.address_count()), "{a:?} {b:?}");
+                assert!(both.services.len() <= a.services.len().min(b.services.len()));
+                for (i, f) in frames.iter().enumerate() {
+                    if model(&both, f) {
+                        assert!(model(a, f) && model(b, f), "frame {i} steered by {both:?}, not by {a:?} and {b:?}");
+                    }
+                }
+            }
+            assert_eq!(a.intersection(a), *a, "a set and itself");
+        }
+        assert_eq!(sets[0].intersection(&sets[6]).snat, [(IpAddr::V4(NODE4), (40500, 40999))].into());
+        assert!(sets[0].intersection(&sets[7]).snat.is_empty(), "no port in common");
+        assert_eq!(sets[0].intersection(&sets[3]).host, sets[3].host);
+        // And it is not trivially empty: what both steer stays steered.
+        let kept = v4_with(VIP4, 6, 0, &ports(80));
+        assert!(model(&sets[0].intersection(&sets[2]), &kept));
     }
 }
 
