@@ -464,7 +464,7 @@ fn conntrack_tables_larger_than_memory_are_refused_naming_the_option() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbm{}", std::process::id());
+    let tag = format!("lbc{}", std::process::id());
     let (lb_ns, _peer) = lb_and_peer(&tag).unwrap();
     let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
     std::fs::write(&config, config_text("", "", "")).unwrap();
@@ -537,7 +537,7 @@ fn an_interface_that_does_not_exist_fails_the_start_before_any_is_touched() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbx{}", std::process::id());
+    let tag = format!("lbi{}", std::process::id());
     let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
     let text = "node: { local_mac: \"02:00:00:00:00:01\" }\n\
                 interfaces: [{ name: l0, queues: [0] }, { name: nosuch0, queues: [0] }]\nservices: []\n";
