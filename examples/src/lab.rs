@@ -544,8 +544,10 @@ pub struct RunningLb {
     thread: Option<std::thread::JoinHandle<Result<Vec<LbOutcome>, String>>>,
 }
 
-/// Hands tables to the lab's poll loop, waits (up to `wait`) until the worker has swapped them in,
-/// then steers their services, so no frame of a service the worker now serves is passed to the kernel.
+/// Hands tables to the lab's poll loops, waits (up to `wait`) until every worker has swapped them in,
+/// then steers their services, as `lb run` orders it: before the tables go out, only what both the
+/// running and the new tables serve stays steered, so no frame reaches a worker whose tables would
+/// pass it (lost on AF_XDP), and a removed service's frames go to the kernel.
 #[derive(Debug)]
 pub struct LabSink {
     /// One per poll loop.
@@ -557,13 +559,14 @@ pub struct LabSink {
 
 impl TablesSink for LabSink {
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+        let want = crate::control::steering_for(tables, NeighbourResponder::All);
+        let during = self.steering.steering().intersection(&want);
+        self.steering.set(during).map_err(|e| format!("steering: {e}"))?;
         for updates in &self.updates {
             updates.send(tables.clone()).map_err(|e| e.to_string())?;
             updates.wait_retired(self.wait).ok_or("the worker did not apply the tables")?;
         }
-        self.steering
-            .set(crate::control::steering_for(tables, NeighbourResponder::All))
-            .map_err(|e| format!("steering: {e}"))
+        self.steering.set(want).map_err(|e| format!("steering: {e}"))
     }
 }
 
