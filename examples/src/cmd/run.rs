@@ -230,11 +230,13 @@ impl<M: SteeringMaps> TablesSink for Workers<M> {
             }
             return Err(e);
         }
-        // A loop that is gone fails the run; those before it may have the tables, so they are
-        // waited for all the same.
-        let delivered = self.loops.publish(tables);
+        if let Err(e) = self.loops.publish(tables) {
+            // A loop has gone (which stops the run): the loops before it have the new tables, those
+            // after it do not, and none can be waited for. What both tables serve stays steered.
+            self.published = None;
+            return Err(e);
+        }
         self.published = Some((tables.clone(), waiting));
-        delivered?;
         let snat = snat_settings(tables.node());
         if snat != self.snat_checked {
             warn_if_snat_ports_are_ephemeral(tables.node());
@@ -957,6 +959,38 @@ mod tests {
         assert!(!workers.has_pending());
         let text = log.text();
         assert!(text.contains("every poll loop runs the new tables now: their services are steered"), "{text}");
+    }
+
+    /// A publish that fails because a loop has gone (which stops `lb run`) leaves unknown which
+    /// tables the other loops run: what both the running and the new tables serve stays steered,
+    /// and nothing more. Before, the loops after the gone one, never handed the new tables, counted
+    /// as having applied them, and the new tables' services were steered to them.
+    #[test]
+    fn a_publish_a_gone_loop_fails_steers_no_more_than_both_tables_serve() {
+        let cfg = config();
+        let (dsr, nat) = (cfg.services[0].clone(), cfg.services[1].clone());
+        let mut builder = TableBuilder::new();
+        let (mut workers, recorder, mut loops) = gated_workers(&cfg, &mut builder);
+        let first = builder.build(&Config { node: cfg.node.clone(), services: vec![dsr.clone()] }).expect("dsr");
+        workers.publish(&first).expect("published");
+        for l in &loops {
+            l.step();
+        }
+        workers.deliver_pending().expect("steered");
+        assert_eq!(recorder.last(), steering_for(&first, NeighbourResponder::Off));
+        drop(loops.remove(0));
+        let second = builder.build(&Config { node: cfg.node.clone(), services: vec![dsr, nat] }).expect("both");
+        let err = workers.publish(&second).expect_err("loop 0 is gone");
+        assert!(err.contains("worker 0"), "{err}");
+        loops[0].step();
+        workers.deliver_pending().expect("nothing to fail");
+        workers.refresh().expect("nothing to fail");
+        assert_eq!(
+            recorder.last(),
+            steering_for(&first, NeighbourResponder::Off),
+            "loop 1 still runs the first tables"
+        );
+        assert!(!workers.has_pending());
     }
 
     /// Connection tables are checked against the node's memory before anything is set up.
