@@ -92,7 +92,7 @@ pub enum Mode {
     Dsr,
     /// IP-in-IP: frames are wrapped towards the backend, which decapsulates and answers directly.
     Ipip,
-    /// GUE (variant 0) to UDP port [`GUE_PORT`]: as IP-in-IP, behind an outer UDP + GUE header.
+    /// GUE (variant 0) to UDP port 6080 (`GUE_PORT`): as IP-in-IP, behind an outer UDP + GUE header.
     Gue,
 }
 

@@ -4,7 +4,7 @@
 //! lb run     --config lb.yaml          serve the configured interfaces and queues; reload, health, Kubernetes
 //! lb list    [--endpoint ADDR:PORT]    show services, backends and counters of a running lb, as ipvsadm -Ln
 //! lb replay  --in x.pcap --out y.pcap  run the fast path over a capture, no root
-//! lb demo    [--mode nat|dsr|ipip]     build namespaces, balance real TCP/UDP flows, clean up (root)
+//! lb demo    [--mode nat|dsr|ipip|gue] build namespaces, balance real TCP/UDP flows, clean up (root)
 //! ```
 
 #![allow(unreachable_pub, reason = "a binary: `pub` marks what a subcommand module offers the others")]
@@ -98,10 +98,17 @@ mod tests {
             assert!(!about.is_empty(), "lb {} has no help text", sub.get_name());
             texts.push(about);
             texts.extend(sub.get_arguments().filter_map(|a| a.get_help()).map(ToString::to_string));
+            // The help of each value an argument takes (`lb demo --mode`'s, `lb run
+            // --neighbour-responder`'s), which clap takes from the doc comments of the value enum.
+            for arg in sub.get_arguments() {
+                texts.extend(arg.get_possible_values().iter().filter_map(|v| v.get_help()).map(ToString::to_string));
+            }
         }
         for text in &texts {
             let lower = text.to_ascii_lowercase();
             assert!(!lower.contains("filled in") && !lower.contains("issue"), "placeholder help text: {text:?}");
+            // A rustdoc link means nothing on a terminal: `[`GUE_PORT`]` where the port was meant.
+            assert!(!text.contains("[`"), "help text with a rustdoc link: {text:?}");
         }
     }
 }
