@@ -2032,12 +2032,19 @@ services:
         assert_eq!(active(&t), [a, b], "both down: both take new flows again");
         assert_eq!(live.borrow().fail_open, BTreeSet::from([key]));
         assert_eq!(gauge(), "1");
+        // `lb list` says so too: beside two backends marked down, the service taking new flows on
+        // both would otherwise read as one serving nothing.
+        let listing = |live: &LiveState| crate::list::format_ipvsadm(&crate::metrics::state_view(live, &[]));
+        let text = listing(&live.borrow());
+        let service_line = text.lines().find(|l| l.starts_with("TCP  10.0.0.10:80")).unwrap();
+        assert!(service_line.ends_with(" fail-open"), "{text}");
 
         let (log, _guard) = crate::log_capture::Captured::install();
         let t = control.apply(event(&control, a, true)).unwrap();
         assert_eq!(active(&t), [a], "one back up: only it");
         assert!(live.borrow().fail_open.is_empty());
         assert_eq!(gauge(), "0");
+        assert!(!listing(&live.borrow()).contains("fail-open"), "{}", listing(&live.borrow()));
         assert_eq!(log.take_count("no longer failing open: health checks apply again"), 1);
 
         // Failing open again, then the check is removed: the log says so, rather than that checks

@@ -13,7 +13,9 @@
 //! Columns and widths follow ipvsadm, and so do the counts: ActiveConn is the backend's TCP
 //! connections in the established state, InActConn its other connection-table entries (handshakes,
 //! closing, time-wait, UDP), summed over the cores.
-//! A trailing word marks a backend that is draining or failing its health check.
+//! A trailing word marks a backend that is draining or failing its health check, and `fail-open` a
+//! service whose every backend that would take new flows fails its check, so that all of them take
+//! new flows as if no check ran (`health`'s module docs).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
@@ -65,6 +67,10 @@ pub struct ServiceView {
     pub new_flows: u64,
     /// Frames dropped.
     pub drops: u64,
+    /// Every backend that would take new flows fails its health check, so the checks are set aside
+    /// and all of them take new flows (fail open).
+    #[serde(default)]
+    pub fail_open: bool,
     /// Backends.
     pub backends: Vec<BackendView>,
 }
@@ -163,6 +169,9 @@ pub fn format_ipvsadm(view: &StateView) -> String {
         if let Some(t) = s.persistent_secs {
             out.push_str(&format!(" persistent {t}"));
         }
+        if s.fail_open {
+            out.push_str(" fail-open");
+        }
         out.push('\n');
         for b in &s.backends {
             let mut line = format!(
@@ -228,6 +237,7 @@ mod tests {
                     bytes: 0,
                     new_flows: 0,
                     drops: 0,
+                    fail_open: false,
                     backends: vec![
                         b("10.244.1.5", 8080, 100, (16, 12), false, Some(true)),
                         b("10.244.1.9", 8080, 100, (3, 3), true, None),
@@ -245,6 +255,7 @@ mod tests {
                     bytes: 0,
                     new_flows: 0,
                     drops: 0,
+                    fail_open: false,
                     backends: vec![b("fd00::1:1", 53, 1, (5, 0), false, Some(false))],
                 },
             ],

@@ -321,6 +321,7 @@ pub fn state_view(live: &LiveState, cores: &[CoreSnapshot]) -> StateView {
             bytes: sc.bytes,
             new_flows: sc.new_flows,
             drops: sc.drops,
+            fail_open: live.fail_open.contains(&svc.key),
             backends: svc
                 .backends
                 .iter()

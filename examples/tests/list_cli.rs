@@ -23,6 +23,7 @@ fn state(services: u32) -> StateView {
             bytes: 0,
             new_flows: 0,
             drops: 0,
+            fail_open: false,
             backends: vec![BackendView {
                 addr: std::net::Ipv4Addr::from(0x0a01_0000 + i).into(),
                 port: 8080,
