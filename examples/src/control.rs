@@ -636,7 +636,10 @@ impl<S: TablesSink> Control<S> {
                 let status = self.health.status();
                 self.down.retain(|t| status.lock().map(|s| s.contains_key(t)).unwrap_or(true));
                 let k8s_skipped = kubernetes.unwrap_or(&self.kubernetes).skipped.len() + left_out.len();
-                log_fail_open(&self.live.borrow().fail_open, &fail_open, &built);
+                {
+                    let live = self.live.borrow();
+                    log_fail_open(&live.fail_open, &fail_open, &built, &live.services);
+                }
                 let moves = self
                     .live
                     .borrow()
@@ -762,10 +765,20 @@ impl<S: TablesSink> Control<S> {
 }
 
 /// Logs each service that starts failing open (a warning: its checks fail on every backend) and each
-/// that stops (back to its checks, or gone), once per transition.
-fn log_fail_open(before: &BTreeSet<ServiceKey>, now: &BTreeSet<ServiceKey>, services: &[ServiceSpec]) {
+/// that stops (back to its checks, or gone), once per transition. A gone service is named as in
+/// `previous`, the services as last built.
+fn log_fail_open(
+    before: &BTreeSet<ServiceKey>,
+    now: &BTreeSet<ServiceKey>,
+    services: &[ServiceSpec],
+    previous: &[ServiceSpec],
+) {
     let name = |key: &ServiceKey| {
-        services.iter().find(|s| s.config.key == *key).map_or_else(String::new, |s| s.config.name.clone())
+        services
+            .iter()
+            .chain(previous)
+            .find(|s| s.config.key == *key)
+            .map_or_else(String::new, |s| s.config.name.clone())
     };
     for key in now.difference(before) {
         tracing::warn!(
@@ -2061,7 +2074,8 @@ services:
         assert_eq!(live.borrow().fail_open, BTreeSet::from([key]));
         let none = GOOD.split("services:").next().unwrap().to_string() + "services: []\n";
         control.apply(ControlInput::File(Box::new(parse(&none).unwrap()))).unwrap();
-        assert_eq!(log.take_count("no longer failing open: the service is gone"), 1);
+        // Named as it was, though the new configuration no longer holds it.
+        assert_eq!(log.take_count("no longer failing open: the service is gone service=tcp 10.0.0.10:80 name=web"), 1);
     }
 
     #[tokio::test]
