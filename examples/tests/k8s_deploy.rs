@@ -84,3 +84,14 @@ fn daemonset_keeps_the_offload_records_on_the_node() {
     let volume = pod["volumes"].as_sequence().unwrap().iter().find(|v| v["name"].as_str() == Some(name)).unwrap();
     assert_eq!(volume["hostPath"]["path"].as_str(), Some("/run/lb"), "{volume:?}");
 }
+
+/// The DaemonSet runs the version this tree builds. Before, it named the 0.1.0 image after the
+/// crates moved to 0.2.0 (which changes the flow hash, README "Upgrading from 0.1 to 0.2"):
+/// `kubectl apply -k deploy/` rolled out the old release.
+#[test]
+fn daemonset_runs_the_version_built_here() {
+    let ds = manifest("daemonset.yaml");
+    let image = ds["spec"]["template"]["spec"]["containers"][0]["image"].as_str().unwrap();
+    let tag = image.rsplit_once(':').map(|(_, tag)| tag);
+    assert_eq!(tag, Some(env!("CARGO_PKG_VERSION")), "deploy/daemonset.yaml's image {image}");
+}
