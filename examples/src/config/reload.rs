@@ -141,7 +141,7 @@ pub async fn watch(mut fw: FileWatch, poll: Duration, tx: mpsc::Sender<Result<Se
         match fw.check(force) {
             Reload::Unchanged | Reload::Settling => {}
             Reload::Loaded(s) => {
-                tracing::info!(path = %fw.path().display(), services = s.services.len(), forced = force, "configuration file reloaded");
+                tracing::info!(path = %fw.path().display(), services = s.services.len(), forced = force, "configuration file read; handing it to the control loop, which applies or rejects it");
                 if tx.send(Ok(*s)).await.is_err() {
                     return;
                 }
