@@ -200,7 +200,8 @@ pub fn main(args: Args) -> CmdResult {
     println!();
     println!(
         "worker{}: rx {} tx {} passed {} reverse-NAT {} handed off {} dropped {}; answered ARP {} NDP {}",
-        if outcomes.len() > 1 { "s (summed)" } else { "" },
+        // A frame handed from one loop to another counts in both workers' rx.
+        if outcomes.len() > 1 { "s (summed; a handed-over frame counts in rx at both)" } else { "" },
         w.rx,
         w.tx,
         w.passed,
