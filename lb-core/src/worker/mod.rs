@@ -259,7 +259,10 @@ impl Worker {
     ///
     /// # Panics
     /// If `config` names no worker of a node ([`WorkerConfig::check`]); [`Worker::try_new`] returns
-    /// the error instead.
+    /// the error instead. Both abort, as any allocation that fails, when the connection table
+    /// (`config.conntrack_capacity`: check it first with
+    /// [`ConntrackTable::bytes_for`](crate::conntrack::ConntrackTable::bytes_for)) or the per-slot
+    /// arrays `tables.limits()` asks for do not fit in memory.
     pub fn new(tables: Arc<Tables>, config: WorkerConfig) -> Worker {
         match Worker::try_new(tables, config) {
             Ok(w) => w,
