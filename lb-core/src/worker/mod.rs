@@ -259,7 +259,8 @@ impl Worker {
     ///
     /// # Panics
     /// If `config` names no worker of a node ([`WorkerConfig::check`]); [`Worker::try_new`] returns
-    /// the error instead. Both abort, as any allocation that fails, when the connection table
+    /// the error instead. Both fail as an allocation does (a capacity-overflow panic beyond the
+    /// address space, else the allocator's abort) when the connection table
     /// (`config.conntrack_capacity`: check it first with
     /// [`ConntrackTable::bytes_for`](crate::conntrack::ConntrackTable::bytes_for)) or the per-slot
     /// arrays `tables.limits()` asks for do not fit in memory.
