@@ -312,6 +312,9 @@ pub enum ControlInput {
     Kubernetes(Translation),
     /// A backend changed health.
     Health(HealthEvent),
+    /// Backends changed health, in the order their probes saw it: events queued together, applied
+    /// in one build (see [`Control::run`]).
+    HealthEvents(Vec<HealthEvent>),
 }
 
 /// What the running instance serves, for `/metrics` and `lb list`.
@@ -484,14 +487,14 @@ impl<S: TablesSink> Control<S> {
     /// with the feed still serving the cluster, say).
     pub fn apply(&mut self, input: ControlInput) -> Result<Arc<Tables>, ControlError> {
         let (mut file, mut kubernetes, mut down) = (None, None, self.down.clone());
-        let mut event = None;
-        match input {
+        let health = match input {
             ControlInput::File(s) => {
                 let restart = if self.file_accepted { self.file.restart_needed(&s) } else { Vec::new() };
                 if !restart.is_empty() {
                     return Err(self.reject(ControlError::NeedsRestart(restart)));
                 }
                 file = Some(*s);
+                Vec::new()
             }
             ControlInput::FileRejected(why) => {
                 self.live.send_modify(|l| {
@@ -500,21 +503,28 @@ impl<S: TablesSink> Control<S> {
                 });
                 return Err(ControlError::File(why));
             }
-            ControlInput::Kubernetes(t) => kubernetes = Some(t),
+            ControlInput::Kubernetes(t) => {
+                kubernetes = Some(t);
+                Vec::new()
+            }
+            ControlInput::Health(e) => vec![e],
+            ControlInput::HealthEvents(events) => events,
+        };
+        let mut events = Vec::with_capacity(health.len());
+        for e in health {
             // An event from a probe task since stopped or restarted is stale: its target, if still
             // probed, goes on under a new task from the health applied here, and that task reports
             // only changes from there.
-            ControlInput::Health(e) if !self.health.is_current(&e) => {
+            if !self.health.is_current(&e) {
                 tracing::debug!(service = %e.target.service, backend = %e.target.backend, "stale health event ignored");
+                continue;
             }
-            ControlInput::Health(e) => {
-                if e.healthy {
-                    down.remove(&e.target);
-                } else {
-                    down.insert(e.target);
-                }
-                event = Some(e);
+            if e.healthy {
+                down.remove(&e.target);
+            } else {
+                down.insert(e.target);
             }
+            events.push(e);
         }
         // A translation refused earlier is still the cluster's desired state: every later input
         // tries it first (a file reload may have made room), then, if it still does not fit, what
@@ -561,7 +571,7 @@ impl<S: TablesSink> Control<S> {
                 }
                 // A probe reports only changes: its event holds whatever became of this build (a
                 // publish that failed may have reached the workers), and later builds go on from it.
-                if let Some(h) = event {
+                for h in events {
                     if h.healthy {
                         self.down.remove(&h.target);
                     } else {
@@ -700,7 +710,10 @@ impl<S: TablesSink> Control<S> {
     /// tables a worker had no room for every [`RETRY_PENDING_EVERY`] while there are any. Of cluster
     /// translations queued back to back (builds slower than the feed's debounce), only the last is
     /// applied: each is the whole cluster, and building every stale one would put the newest ever
-    /// further behind.
+    /// further behind. Health events queued together (backends failing in the same probe round, a
+    /// checker cut off from all of them) are applied in one build, so the tables never pass through
+    /// the states between: one backend of ten left taking every new flow until the last event puts
+    /// the service into fail-open, say, with a build and a swap for each.
     pub async fn run(mut self, mut inputs: mpsc::Receiver<ControlInput>) {
         // An input read while looking past a translation, applied next.
         let mut held: Option<ControlInput> = None;
@@ -715,7 +728,7 @@ impl<S: TablesSink> Control<S> {
             } else {
                 tokio::select! {
                     i = inputs.recv() => match i { Some(i) => i, None => return },
-                    Some(e) = self.health_rx.recv() => ControlInput::Health(e),
+                    Some(e) = self.health_rx.recv() => with_queued_events(e, &mut self.health_rx),
                     _ = retry.tick(), if pending => {
                         if let Err(e) = self.sink.deliver_pending() {
                             tracing::error!("tables not delivered: {e}");
@@ -762,6 +775,15 @@ impl<S: TablesSink> Control<S> {
             let _ = self.apply(input);
         }
     }
+}
+
+/// The health event `first` with the events queued behind it, as one input (see [`Control::run`]).
+fn with_queued_events(first: HealthEvent, rx: &mut mpsc::Receiver<HealthEvent>) -> ControlInput {
+    let mut events = vec![first];
+    while let Ok(e) = rx.try_recv() {
+        events.push(e);
+    }
+    ControlInput::HealthEvents(events)
 }
 
 /// Logs each service that starts failing open (a warning: its checks fail on every backend) and each
@@ -2076,6 +2098,53 @@ services:
         control.apply(ControlInput::File(Box::new(parse(&none).unwrap()))).unwrap();
         // Named as it was, though the new configuration no longer holds it.
         assert_eq!(log.take_count("no longer failing open: the service is gone service=tcp 10.0.0.10:80 name=web"), 1);
+    }
+
+    /// Health events queued together (both backends of a service failing in one probe round) are
+    /// applied in one build: the tables go from both taking new flows straight to fail-open, never
+    /// through the one where the second backend alone took every new flow, as when each event was
+    /// built and published on its own. A stale event among them is ignored, the others applied.
+    #[tokio::test]
+    async fn health_events_queued_together_are_applied_in_one_build() {
+        let sink = RecordingSink::default();
+        let mut control = Control::new(sink.clone());
+        let live = control.subscribe();
+        // Probes go to TEST-NET-2 (RFC 5737), one per hour with fall 3: only the events below change
+        // health.
+        let t = control.apply(ControlInput::File(Box::new(parse(&checked("1h")).unwrap()))).unwrap();
+        let key = t.services()[0].key;
+        let target = |backend: &str| Target { service: key, backend: backend.parse().unwrap() };
+        let (a, b) = (target("198.51.100.1:8080"), target("198.51.100.2:8080"));
+        let down = |control: &Control<RecordingSink>, t: Target| HealthEvent {
+            target: t,
+            healthy: false,
+            generation: control.health.generation(&t).unwrap(),
+        };
+        let stale = HealthEvent { generation: down(&control, a).generation + 100, ..down(&control, a) };
+
+        let (tx, mut rx) = mpsc::channel(8);
+        for e in [stale, down(&control, b)] {
+            tx.try_send(e).unwrap();
+        }
+        let input = with_queued_events(down(&control, a), &mut rx);
+        assert!(matches!(&input, ControlInput::HealthEvents(es) if es.len() == 3), "{input:?}");
+        let t = control.apply(input).unwrap();
+        assert!(backends(&t).iter().all(|(_, s)| *s == BackendState::Active), "{:?}", backends(&t));
+        assert_eq!(live.borrow().fail_open, BTreeSet::from([key]));
+        assert!(control.down.contains(&a) && control.down.contains(&b));
+        // Failing open serves what the file's tables served: nothing new reached the workers.
+        assert_eq!(sink.0.lock().unwrap().len(), 1, "only the file's tables were published");
+
+        // Applied one by one, as before, the same two events published the state between.
+        let sink = RecordingSink::default();
+        let mut control = Control::new(sink.clone());
+        control.apply(ControlInput::File(Box::new(parse(&checked("1h")).unwrap()))).unwrap();
+        for t in [a, b] {
+            control.apply(ControlInput::Health(down(&control, t))).unwrap();
+        }
+        let published = sink.0.lock().unwrap().clone();
+        let between: Vec<_> = backends(&published[1]).into_iter().filter(|(_, s)| *s == BackendState::Active).collect();
+        assert_eq!(between, [("198.51.100.2:8080".to_string(), BackendState::Active)], "one by one");
     }
 
     #[tokio::test]
