@@ -232,6 +232,38 @@ fn a_snat_address_that_is_also_a_vip_serves_both() {
     assert_eq!(w.stats().reverse_nat, 4);
 }
 
+/// An ICMP error is about a packet the address it came to sent: one that quotes a packet from
+/// another address (a spoofed error, or one misrouted) names no flow of this address's, whatever its
+/// ports, and passes to the kernel, as the XDP program leaves it there. To a SNAT address, with a
+/// port of the range in the quote, it was taken for a NAT reply and dropped as `no_reverse_flow`
+/// (lb-core alone: replay, an embedder's device); to a VIP it already passed.
+#[test]
+fn an_icmp_error_quoting_a_packet_from_another_address_passes() {
+    let mut w = worker(&all_modes_config());
+    for (vip, snat, other, client, router) in [
+        (v4("192.0.2.1"), v4("10.0.0.100"), v4("192.0.2.99"), v4("198.51.100.7"), v4("203.0.113.1")),
+        (v4("2001:db8::1"), v4("fd00::100"), v4("2001:db8::99"), v4("2001:db8:ff::7"), v4("2001:db8:fe::1")),
+    ] {
+        // A NAT flow (port 80) and a DSR flow (port 81), each with a quoted packet the LB or the
+        // backend sent.
+        let (_, out) = run(&mut w, &tcp(client, 5555, vip, 80, Tcp::Syn, b""), secs(1));
+        let s = seen(&out);
+        let (backend, snat_port) = (s.dst, s.sport);
+        assert_eq!(s.src, snat);
+        run(&mut w, &tcp(client, 5556, vip, 81, Tcp::Syn, b""), secs(1));
+        // As sent: both errors are acted on.
+        let to_snat = tcp(snat, snat_port, backend, 8080, Tcp::Ack, b"");
+        assert_eq!(run(&mut w, &icmp_error(router, snat, &to_snat), secs(2)).0, Verdict::Tx, "{snat}");
+        let from_vip = tcp(vip, 81, client, 5556, Tcp::Ack, b"");
+        assert_eq!(run(&mut w, &icmp_error(router, vip, &from_vip), secs(2)).0, Verdict::Tx, "{vip}");
+        // Quoting a packet from another address, with the same ports: the kernel's.
+        let forged = tcp(other, snat_port, backend, 8080, Tcp::Ack, b"");
+        assert_eq!(run(&mut w, &icmp_error(router, snat, &forged), secs(2)).0, Verdict::Pass, "to {snat}");
+        let forged = tcp(other, 81, client, 5556, Tcp::Ack, b"");
+        assert_eq!(run(&mut w, &icmp_error(router, vip, &forged), secs(2)).0, Verdict::Pass, "to {vip}");
+    }
+}
+
 /// A SNAT address that is no VIP is usually the node's own: only frames for the SNAT port range (and
 /// errors about packets sent from it) are NAT replies; the node's other traffic to it (its SSH
 /// server, an error about its own connection, UDP to a port of its own) passes to the kernel, as the

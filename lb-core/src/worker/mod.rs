@@ -1247,7 +1247,7 @@ impl Core {
 
 /// For a frame to `dst` that belongs to a NAT flow if to any, the flow (backend -> SNAT address
 /// and port) its flow's reverse entry is keyed by: the frame's own for a TCP or UDP reply, the
-/// quoted packet's reversed for an ICMP error about one (the quote was sent from the address). It
+/// quoted packet's reversed for an ICMP error about one (the quote sent from the address). It
 /// belongs to one when its SNAT port, that flow's destination port, is in `snat_ports`. Other ports
 /// are the address's other users': a VIP's services (for ports outside the range,
 /// [`NodeConfig::vip_conflict`]), or the node's own traffic, which passes to the kernel (the SNAT
@@ -1261,8 +1261,12 @@ fn nat_reply_flow(tables: &Tables, p: &Parsed, dst: IpAddr) -> Option<FlowKey> {
     let reply = match p.l4 {
         L4::Tcp | L4::Udp => p.flow,
         // Only TCP and UDP are translated: a quoted ICMP echo's identifier (in its ports) is no
-        // SNAT port, even inside the range (an error about the node's own ping).
-        L4::IcmpError(e) if matches!(e.inner.proto(), proto::TCP | proto::UDP) => e.inner.reverse(),
+        // SNAT port, even inside the range (an error about the node's own ping). And only a quote
+        // the address sent: one from another address is about no flow of this one's (the XDP
+        // program leaves it to the kernel too).
+        L4::IcmpError(e) if matches!(e.inner.proto(), proto::TCP | proto::UDP) && e.inner.src_ip() == dst => {
+            e.inner.reverse()
+        }
         _ => return None,
     };
     tables.node().is_snat_port(reply.dst_port()).then_some(reply)
