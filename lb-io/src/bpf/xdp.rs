@@ -1852,14 +1852,10 @@ mod tests {
         assert!(!s.has_vip(IpAddr::V4(other)).unwrap());
     }
 
-    /// A reload rewrites the maps while frames arrive: every frame of a service (or SNAT range) that
-    /// both the old and the new set steer must be steered throughout, never passed to the kernel in
-    /// between (as it would be if the maps were emptied and filled again, or an address's entry
-    /// deleted and written back when only its flags change). The program runs on another thread
-    /// while the sets alternate.
-    #[test]
-    fn frames_of_what_stays_steered_are_never_passed_while_the_maps_change() {
-        let Some(mut s) = steering() else { return };
+    /// A steering set (two services, a SNAT range) and its changes, each keeping part of it: services
+    /// and a SNAT address that come and go beside the kept ones, then the kept addresses' entries
+    /// changing in place (held by the host, answered for, a NodePort).
+    fn changing_sets() -> [SteeringSet; 5] {
         let other = IpAddr::V4(Ipv4Addr::new(10, 77, 0, 101));
         let base = SteeringSet {
             services: [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 443, 6)].into(),
@@ -1871,14 +1867,12 @@ mod tests {
             f(&mut set);
             set
         };
-        let sets = [
+        [
             base.clone(),
-            // Services and a SNAT address come and go beside the kept ones.
             with(&|set| {
                 set.services.extend([(IpAddr::V4(VIP4), 53, 17), (other, 80, 6)]);
                 set.snat.insert(IpAddr::V6(NODE6), (40000, 40999));
             }),
-            // The kept addresses' entries change in place: held by the host, answered for, a NodePort.
             with(&|set| set.host.extend([IpAddr::V4(VIP4), IpAddr::V4(NODE4)])),
             with(&|set| {
                 set.whole.insert(other);
@@ -1888,7 +1882,19 @@ mod tests {
                 set.services.insert((IpAddr::V4(NODE4), 30080, 6));
                 set.host.insert(IpAddr::V4(NODE4));
             }),
-        ];
+        ]
+    }
+
+    /// A reload rewrites the maps while frames arrive: every frame of a service (or SNAT range) that
+    /// both the old and the new set steer must be steered throughout, never passed to the kernel in
+    /// between (as it would be if the maps were emptied and filled again, or an address's entry
+    /// deleted and written back when only its flags change). The program runs on another thread
+    /// while the sets alternate.
+    #[test]
+    fn frames_of_what_stays_steered_are_never_passed_while_the_maps_change() {
+        let Some(mut s) = steering() else { return };
+        let sets = changing_sets();
+        let base = sets[0].clone();
         let frames = [
             ("TCP to VIP4:80", v4_with(VIP4, 6, 0, &ports(80))),
             ("TCP to [VIP6]:443", v6_with(VIP6, 6, &ports(443))),
@@ -1942,37 +1948,18 @@ mod tests {
     /// hold; a host mark of either set stays (it steers less).
     #[test]
     fn the_intersection_steers_only_what_both_sets_steer() {
+        // (The address `changing_sets` adds and removes.)
         let other = Ipv4Addr::new(10, 77, 0, 101);
-        let base = SteeringSet {
-            services: [(IpAddr::V4(VIP4), 80, 6), (IpAddr::V6(VIP6), 443, 6)].into(),
-            snat: [(IpAddr::V4(NODE4), (40000, 40999))].into(),
-            ..SteeringSet::default()
-        };
-        let with = |f: &dyn Fn(&mut SteeringSet)| {
-            let mut set = base.clone();
-            f(&mut set);
+        let mut sets = changing_sets().to_vec();
+        let moved = |range| {
+            let mut set = sets[0].clone();
+            set.snat.insert(IpAddr::V4(NODE4), range);
             set
         };
-        let sets = [
-            base.clone(),
-            SteeringSet::default(),
-            with(&|set| {
-                set.services.extend([(IpAddr::V4(VIP4), 53, 17), (IpAddr::V4(other), 80, 6)]);
-                set.snat.insert(IpAddr::V6(NODE6), (40000, 40999));
-            }),
-            with(&|set| set.host.extend([IpAddr::V4(VIP4), IpAddr::V4(NODE4)])),
-            with(&|set| {
-                set.whole.insert(IpAddr::V4(other));
-                set.neighbour.extend([IpAddr::V4(VIP4), IpAddr::V6(VIP6)]);
-            }),
-            with(&|set| {
-                set.services.insert((IpAddr::V4(NODE4), 30080, 6));
-                set.host.insert(IpAddr::V4(NODE4));
-            }),
-            // The SNAT range moves (overlapping), and moves away.
-            with(&|set| _ = set.snat.insert(IpAddr::V4(NODE4), (40500, 41999))),
-            with(&|set| _ = set.snat.insert(IpAddr::V4(NODE4), (42000, 42999))),
-        ];
+        // Nothing steered; the SNAT range moves (overlapping), and moves away.
+        let (overlapping, away) = (moved((40500, 41999)), moved((42000, 42999)));
+        sets.insert(1, SteeringSet::default());
+        sets.extend([overlapping, away]);
         let mut frames = vec![arp_with(1, VIP4), arp_with(1, other), v6_with(VIP6, 6, &ports(443))];
         for dst in [VIP4, NODE4, other] {
             for port in [53, 80, 30080, 39999, 40000, 40499, 40500, 40999, 41000, 41999, 42000, 42999] {
