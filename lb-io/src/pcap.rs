@@ -8,7 +8,10 @@
 //! and counted, not replayed: lb-core would count its captured part as a Truncated drop, a drop that
 //! never happened on the wire. A capture that ends inside a record (tcpdump killed mid-write, a
 //! copy of a capture still being written) replays its whole records and then ends, saying so
-//! ([`PcapDevice::ends_inside_a_record`]), as Wireshark and `tcpdump -r` read such a file.
+//! ([`PcapDevice::ends_inside_a_record`]), as Wireshark and `tcpdump -r` read such a file. A record
+//! whose length field is corrupt (more than any frame, as Wireshark judges it) is a read error naming
+//! its offset: pcap-file reports it as the end of the file, as it does a record longer than its 8 MB
+//! read buffer, so the record's header is read again here to tell the two apart.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter};
@@ -49,6 +52,10 @@ pub struct PcapDevice {
     truncated: u64,
     /// The file ended inside a record: the whole ones before it were read.
     cut_off: bool,
+    /// Where the next record starts: the pcap header and every record read so far.
+    offset: u64,
+    /// The input, read again at `offset` when pcap-file reports the end of the file in a record.
+    input: Records,
     read_error: Option<String>,
 }
 
@@ -65,6 +72,7 @@ impl PcapDevice {
         let in_path = input.display().to_string();
         let out_path = output.display().to_string();
         let file = File::open(input).map_err(|e| DeviceError::Io { op: "open", device: in_path.clone(), source: e })?;
+        let again = file.try_clone().map_err(|e| DeviceError::Io { op: "open", device: in_path.clone(), source: e })?;
         let mut buffered = BufReader::new(file);
         // The first bytes, looked at (not consumed) to name what pcap-file may refuse.
         let pcapng = buffered.fill_buf().is_ok_and(|b| b.starts_with(&PCAPNG_MAGIC));
@@ -99,6 +107,7 @@ impl PcapDevice {
             });
         }
         let ts_resolution = header.ts_resolution;
+        let input = Records { file: again, endianness: header.endianness, snaplen: header.snaplen };
         let file =
             File::create(output).map_err(|e| DeviceError::Io { op: "create", device: out_path.clone(), source: e })?;
         // The output keeps the input's timestamp resolution (a nanosecond capture stays one); the
@@ -122,6 +131,8 @@ impl PcapDevice {
             oversize: 0,
             truncated: 0,
             cut_off: false,
+            offset: PCAP_HEADER_LEN,
+            input,
             read_error: None,
         })
     }
@@ -137,8 +148,8 @@ impl PcapDevice {
         self.truncated
     }
 
-    /// Whether the capture ended inside a record (the file cut off while being written, or a
-    /// corrupt record length): every whole record before it was read, the cut one was not.
+    /// Whether the capture ended inside a record (the file cut off while being written): every
+    /// whole record before it was read, the cut one was not.
     pub fn ends_inside_a_record(&self) -> bool {
         self.cut_off
     }
@@ -180,6 +191,48 @@ fn header_problem(pcapng: bool, e: &PcapError) -> String {
     }
 }
 
+/// The pcap header's length, before the first record.
+const PCAP_HEADER_LEN: u64 = 24;
+/// A record header's length: timestamp, captured length, length on the wire.
+const RECORD_HEADER_LEN: u64 = 16;
+/// The longest frame a record may hold whatever its header's snap length says: Wireshark's limit
+/// for Ethernet (`WTAP_MAX_PACKET_SIZE_STANDARD`), past which it calls a capture corrupt.
+const MAX_RECORD_LEN: u32 = 262_144;
+
+/// The capture file again, to read a record's header where pcap-file reported the end of the file.
+struct Records {
+    file: File,
+    endianness: Endianness,
+    snaplen: u32,
+}
+
+impl Records {
+    /// Why the record at `offset` cannot be read, if it is not cut off by the end of the file: a
+    /// length past any frame's (a corrupt length field), or one that would fit in the file but
+    /// not in pcap-file's 8 MB read buffer. `None` when the file ends inside the record.
+    fn unreadable(&self, offset: u64) -> Option<String> {
+        use std::os::unix::fs::FileExt;
+        let mut header = [0u8; RECORD_HEADER_LEN as usize];
+        // Fewer than 16 bytes left (or none readable): the file ends inside the record's header.
+        self.file.read_exact_at(&mut header, offset).ok()?;
+        let field = [header[8], header[9], header[10], header[11]];
+        let len = match self.endianness {
+            Endianness::Big => u32::from_be_bytes(field),
+            Endianness::Little => u32::from_le_bytes(field),
+        };
+        let most = MAX_RECORD_LEN.max(self.snaplen);
+        if len > most {
+            return Some(format!(
+                "the record at byte {offset} says it holds {len} bytes, more than any frame ({most}): \
+                 the capture is corrupt from there"
+            ));
+        }
+        let file_len = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        (offset + RECORD_HEADER_LEN + u64::from(len) <= file_len)
+            .then(|| format!("the record at byte {offset} holds {len} bytes, more than the 8 MB the reader can take"))
+    }
+}
+
 /// What went wrong in `e`: for an I/O error the system's own message, since pcap-file's is only
 /// "Error reading bytes" (for a failed write too).
 fn reason(e: &PcapError) -> String {
@@ -203,6 +256,8 @@ impl Device for PcapDevice {
         let oversize = &mut self.oversize;
         let truncated = &mut self.truncated;
         let cut_off = &mut self.cut_off;
+        let offset = &mut self.offset;
+        let input = &self.input;
         let read_error = &mut self.read_error;
         let count = self.pool.lend(frames, |buffer, buf| {
             loop {
@@ -211,6 +266,9 @@ impl Device for PcapDevice {
                 let record = reader
                     .next_raw_packet()
                     .map(|r| r.and_then(|raw| raw.try_into_pcap_packet(ts_resolution, u32::MAX)));
+                if let Some(Ok(pkt)) = &record {
+                    *offset += RECORD_HEADER_LEN + pkt.data.len() as u64;
+                }
                 match record {
                     None => {
                         *at_end = true;
@@ -219,7 +277,10 @@ impl Device for PcapDevice {
                     // pcap-file's word for a record that goes past the end of the file.
                     Some(Err(PcapError::IoError(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                         *at_end = true;
-                        *cut_off = true;
+                        match input.unreadable(*offset) {
+                            None => *cut_off = true,
+                            Some(problem) => *read_error = Some(problem),
+                        }
                         return None;
                     }
                     Some(Err(e)) => {

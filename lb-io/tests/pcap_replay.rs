@@ -257,6 +257,44 @@ fn a_capture_cut_inside_its_last_record_replays_the_whole_ones() {
     assert_eq!(seen, vec![0, 2, 4, 6, 8]);
 }
 
+/// A record whose length field is corrupt (more bytes than any frame, here in the middle of a capture
+/// larger than pcap-file's 8 MB read buffer, and at the end of a small one) fails the replay naming
+/// the record's offset and length: it is no cut-off capture, which would end the replay with exit 0
+/// and the rest of the file silently not replayed.
+#[test]
+fn a_corrupt_record_length_fails_the_replay_naming_it() {
+    for (name, frames_after) in [("corrupt-big", 140_000u32), ("corrupt-small", 3)] {
+        let input = scratch(&format!("{name}-in.pcap"));
+        let output = scratch(&format!("{name}-out.pcap"));
+        let corrupt_at = {
+            let mut w = PcapWriter::new(std::fs::File::create(&input).unwrap()).unwrap();
+            for i in 0u8..4 {
+                w.write_packet(&PcapPacket::new(Duration::from_secs(u64::from(i)), 64, &[i; 64])).unwrap();
+            }
+            let at = 24 + 4 * (16 + 64);
+            for i in 0..=frames_after {
+                w.write_packet(&PcapPacket::new(Duration::from_secs(10 + u64::from(i)), 64, &[0; 64])).unwrap();
+            }
+            at
+        };
+        // The fifth record's incl_len (native byte order, as PcapWriter writes) becomes 2 GiB.
+        let mut bytes = std::fs::read(&input).unwrap();
+        bytes[corrupt_at + 8..corrupt_at + 12].copy_from_slice(&0x7fff_ffffu32.to_ne_bytes());
+        std::fs::write(&input, &bytes).unwrap();
+        let dev = PcapDevice::open(&input, &output).unwrap();
+        let (_tx, rx) = update_channel();
+        let result = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), LoopConfig::default()).run();
+        let _ = std::fs::remove_file(&input);
+        let _ = std::fs::remove_file(&output);
+        let err = result.map(|r| r.stats).expect_err("a corrupt record is no end of the capture");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("record at byte {corrupt_at}")) && text.contains("2147483647"),
+            "{name}: {text}"
+        );
+    }
+}
+
 /// A file too short to hold a pcap header is refused saying so, not "Error reading bytes".
 #[test]
 fn a_file_shorter_than_a_pcap_header_is_refused_saying_so() {

@@ -85,7 +85,7 @@ fn print_skipped(device: &PcapDevice) {
     }
     if device.ends_inside_a_record() {
         println!(
-            "the capture ends inside a record (cut off while being written, or a corrupt record length): \
+            "the capture ends inside a record (cut off while being written): \
              the rest of the file was not replayed"
         );
     }
