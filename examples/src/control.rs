@@ -152,8 +152,16 @@ pub trait TablesSink: Send {
     }
 }
 
-/// How often the control loop retries handing tables to a worker whose queue was full.
+/// How often the control loop retries handing tables to a worker whose queue was full, or checks
+/// whether what waits for the workers can go ahead, once the first quick retries
+/// ([`FIRST_RETRY_AFTER`], doubling) have not seen it through.
 pub const RETRY_PENDING_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The first retry after an update that left something pending; each later one waits twice as long,
+/// up to [`RETRY_PENDING_EVERY`]. A poll loop swaps new tables in at its next round, within its
+/// idle wait (10 ms) when it has no traffic, so `lb run` steers a new service a few milliseconds
+/// after its tables go out rather than on a fixed 100 ms tick (up to 100 ms, ~50 on average).
+pub const FIRST_RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// How often the control loop has the sink [`refresh`](TablesSink::refresh) what it derives from
 /// the node (an address added to or removed from it without a configuration change).
@@ -707,7 +715,8 @@ impl<S: TablesSink> Control<S> {
     }
 
     /// Runs until `inputs` closes, applying inputs and health events as they come, and retrying
-    /// tables a worker had no room for every [`RETRY_PENDING_EVERY`] while there are any. Of cluster
+    /// what is pending ([`TablesSink::deliver_pending`]) while there is any: [`FIRST_RETRY_AFTER`]
+    /// an update, then twice as long each time, up to every [`RETRY_PENDING_EVERY`]. Of cluster
     /// translations queued back to back (builds slower than the feed's debounce), only the last is
     /// applied: each is the whole cluster, and building every stale one would put the newest ever
     /// further behind. Health events queued together (backends failing in the same probe round, a
@@ -717,8 +726,9 @@ impl<S: TablesSink> Control<S> {
     pub async fn run(mut self, mut inputs: mpsc::Receiver<ControlInput>) {
         // An input read while looking past a translation, applied next.
         let mut held: Option<ControlInput> = None;
-        let mut retry = tokio::time::interval(RETRY_PENDING_EVERY);
-        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry_in = FIRST_RETRY_AFTER;
+        let retry = tokio::time::sleep(retry_in);
+        tokio::pin!(retry);
         let mut refresh = tokio::time::interval(REFRESH_EVERY);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -729,12 +739,14 @@ impl<S: TablesSink> Control<S> {
                 tokio::select! {
                     i = inputs.recv() => match i { Some(i) => i, None => return },
                     Some(e) = self.health_rx.recv() => with_queued_events(e, &mut self.health_rx),
-                    _ = retry.tick(), if pending => {
+                    () = &mut retry, if pending => {
                         if let Err(e) = self.sink.deliver_pending() {
                             tracing::error!("tables not delivered: {e}");
                             // What the workers hold is no longer known (as after a failed publish).
                             self.running = None;
                         }
+                        retry_in = (retry_in * 2).min(RETRY_PENDING_EVERY);
+                        retry.as_mut().reset(tokio::time::Instant::now() + retry_in);
                         continue;
                     }
                     _ = refresh.tick() => {
@@ -773,6 +785,8 @@ impl<S: TablesSink> Control<S> {
             };
             // Errors are logged and counted in apply.
             let _ = self.apply(input);
+            retry_in = FIRST_RETRY_AFTER;
+            retry.as_mut().reset(tokio::time::Instant::now() + retry_in);
         }
     }
 }
@@ -1643,6 +1657,66 @@ services:
         assert_eq!(published, [vec![80], vec![80, 9003], vec![80, 9004]]);
         let l = live.borrow();
         assert_eq!((l.applied, l.rejected), (3, 1), "the file, 9003 and 9004; the bad edit");
+    }
+
+    /// A sink whose publish leaves something pending (as `lb run`'s steering waits for the poll loops
+    /// to swap the tables in) until `deliver_pending` has been called `pending_for` times; it records
+    /// when each call came.
+    struct SlowToSwapSink {
+        pending_for: usize,
+        published_at: Option<tokio::time::Instant>,
+        calls: Arc<std::sync::Mutex<Vec<std::time::Duration>>>,
+    }
+
+    impl TablesSink for SlowToSwapSink {
+        fn publish(&mut self, _tables: &Arc<Tables>) -> Result<(), String> {
+            self.published_at = Some(tokio::time::Instant::now());
+            Ok(())
+        }
+
+        fn has_pending(&self) -> bool {
+            self.published_at.is_some() && self.calls.lock().unwrap().len() < self.pending_for
+        }
+
+        fn deliver_pending(&mut self) -> Result<(), String> {
+            let since = self.published_at.map(|t| t.elapsed()).unwrap_or_default();
+            self.calls.lock().unwrap().push(since);
+            Ok(())
+        }
+    }
+
+    /// What an update leaves pending is retried 1 ms after it, then at doubling waits up to every
+    /// 100 ms: a new service's steering follows the loops' swap within milliseconds (it waited for
+    /// the next fixed 100 ms tick, up to 100 ms), and a loop that stays stuck is not polled every
+    /// millisecond. Paused time: the runtime's clock moves only when every task waits.
+    #[tokio::test(start_paused = true)]
+    async fn what_an_update_leaves_pending_is_retried_at_once_then_less_and_less_often() {
+        let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ms = std::time::Duration::from_millis;
+        for (pending_for, run_for) in [(3, ms(50)), (usize::MAX, ms(1_000))] {
+            calls.lock().unwrap().clear();
+            let sink = SlowToSwapSink { pending_for, published_at: None, calls: calls.clone() };
+            let control = Control::new(sink);
+            let (tx, rx) = mpsc::channel(8);
+            // The loop starts idle for a while, so that a fixed tick would be anywhere in its period.
+            tokio::time::sleep(ms(37)).await;
+            tx.send(ControlInput::File(Box::new(parse(GOOD).unwrap()))).await.unwrap();
+            let running = tokio::spawn(control.run(rx));
+            tokio::time::sleep(run_for).await;
+            drop(tx);
+            running.await.unwrap();
+            let calls = calls.lock().unwrap().clone();
+            if pending_for == 3 {
+                assert_eq!(calls.len(), 3, "no retry once nothing is pending: {calls:?}");
+                assert!(calls[2] <= ms(10), "the third retry came {:?} after the publish: {calls:?}", calls[2]);
+            } else {
+                // 1, 3, 7, 15, 31, 63, 127 ms, then every 100 ms: 15 in the first second.
+                assert!((12..=20).contains(&calls.len()), "{} retries in a second: {calls:?}", calls.len());
+                let gaps: Vec<_> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+                assert!(gaps.iter().all(|g| *g <= RETRY_PENDING_EVERY), "{gaps:?}");
+                assert!(gaps.iter().rev().take(5).all(|g| *g == RETRY_PENDING_EVERY), "{gaps:?}");
+            }
+        }
     }
 
     /// One Kubernetes Service the workers cannot serve is left out and counted; the cluster's other

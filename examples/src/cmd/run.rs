@@ -12,8 +12,9 @@
 //!    (`SteeringSet::intersection`): a removed service's frames go to the kernel from then on (a
 //!    removed NodePort's clients get its reset), and a new service's are not steered yet;
 //! 2. the tables go to every loop (a loop with a full queue gets them later);
-//! 3. once every loop has swapped them in (`UpdateSender::is_applied`, checked on the control loop's
-//!    tick every `control::RETRY_PENDING_EVERY`, never waited for), the maps steer all they serve.
+//! 3. once every loop has swapped them in (`UpdateSender::is_applied`, checked by the control loop
+//!    `control::FIRST_RETRY_AFTER` the publish, then at doubling waits up to every
+//!    `control::RETRY_PENDING_EVERY`, never waited for), the maps steer all they serve.
 //!
 //! A loop that does not swap them in keeps the new services unsteered, with a warning after
 //! `SLOW_SWAP_WARNING`; what both tables serve stays steered meanwhile.
@@ -119,7 +120,8 @@ struct Workers<M: SteeringMaps = VipSteering> {
 #[derive(Debug)]
 enum Steering {
     /// Some loop has not swapped them in yet: the maps steer only what every table a loop may
-    /// hold serves. Checked every [`lb_examples::control::RETRY_PENDING_EVERY`]; `warned` once
+    /// hold serves. Checked by the control loop's retries (1 ms after the publish, then
+    /// less and less often, up to every [`lb_examples::control::RETRY_PENDING_EVERY`]); `warned` once
     /// the wait passed [`Workers::slow_swap_warning`].
     Waiting { since: std::time::Instant, warned: bool },
     /// Every loop runs them, and the maps steer this set, theirs (host marks included):
