@@ -458,6 +458,19 @@ impl Lab {
     }
 }
 
+/// Runs `io` again while it fails with `Interrupted`. A socket read with a timeout
+/// (`set_read_timeout`, SO_RCVTIMEO) is never restarted after a signal, whatever the handler's
+/// SA_RESTART says (signal(7)), nor after the process is stopped and continued: the read fails
+/// with EINTR, which is no answer from the load balancer. `read_exact` and `write_all` retry on their own.
+pub fn retrying<T>(mut io: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    loop {
+        match io() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Sends `msg` on `conn` to a lab backend and returns the answering backend's name (a backend
 /// answers each read with its name and what it read). An answer that does not echo `msg` is an
 /// `InvalidData` error.
@@ -465,7 +478,7 @@ pub fn ask(conn: &mut std::net::TcpStream, msg: &str) -> std::io::Result<String>
     use std::io::{Read, Write};
     conn.write_all(msg.as_bytes())?;
     let mut buf = [0u8; 256];
-    let n = conn.read(&mut buf)?;
+    let n = retrying(|| conn.read(&mut buf))?;
     if n == 0 {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
@@ -745,5 +758,28 @@ pub fn start_lb_on_queues(
         }),
         Ok(Err(e)) => Err(e),
         Err(_) => Err("the load balancer thread ended during setup".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retrying;
+    use std::io::{Error, ErrorKind};
+
+    /// An interrupted read is tried again until it gives an answer or another error; nothing else is.
+    #[test]
+    fn retrying_tries_again_only_what_a_signal_interrupted() {
+        let mut calls = 0;
+        let got = retrying(|| {
+            calls += 1;
+            if calls < 3 { Err(Error::from(ErrorKind::Interrupted)) } else { Ok(calls) }
+        });
+        assert_eq!(got.unwrap(), 3);
+        let mut calls = 0;
+        let got: std::io::Result<()> = retrying(|| {
+            calls += 1;
+            Err(Error::from(ErrorKind::WouldBlock))
+        });
+        assert_eq!((got.unwrap_err().kind(), calls), (ErrorKind::WouldBlock, 1), "a timeout is no interruption");
     }
 }

@@ -39,7 +39,9 @@ use lb_core::config::{BackendState, Protocol, RemovedBackendPolicy};
 use lb_core::service::{TableBuilder, Tables};
 use lb_examples::config::file;
 use lb_examples::control::{ControlPlane, LiveState, TablesSink};
-use lb_examples::lab::{BACKENDS, Lab, LabSink, Mode, PORT, RunningLb, SNAT4, SNAT6, VIP4, VIP6, start_lb, tables};
+use lb_examples::lab::{
+    BACKENDS, Lab, LabSink, Mode, PORT, RunningLb, SNAT4, SNAT6, VIP4, VIP6, retrying, start_lb, tables,
+};
 use lb_examples::metrics::{CoreSnapshot, StatsSource};
 use lb_io::bpf::AttachMode;
 use lb_io::netns::{can_create_namespaces, enter_netns, format_mac};
@@ -216,7 +218,7 @@ fn send(conn: &mut TcpStream, msg: &str) -> std::io::Result<()> {
 /// Reads the answer to `msg`; returns the answering backend's name.
 fn answer(conn: &mut TcpStream, msg: &str) -> std::io::Result<String> {
     let mut buf = [0u8; 256];
-    let n = conn.read(&mut buf)?;
+    let n = retrying(|| conn.read(&mut buf))?;
     if n == 0 {
         return Err(ErrorKind::UnexpectedEof.into());
     }

@@ -31,7 +31,7 @@ use std::time::Duration;
 use lb_core::config::{Protocol, RemovedBackendPolicy};
 use lb_core::service::{TableBuilder, Tables};
 use lb_examples::lab::{
-    BACKENDS, CLIENT4, CLIENT6, Lab, Mode, NO_TUNNELS, PORT, SNAT4, SNAT6, VIP4, VIP6, ask, start_lb, tables,
+    BACKENDS, CLIENT4, CLIENT6, Lab, Mode, NO_TUNNELS, PORT, SNAT4, SNAT6, VIP4, VIP6, ask, retrying, start_lb, tables,
 };
 use lb_io::bpf::AttachMode;
 use lb_io::netns::{Netns, can_create_namespaces, enter_netns, format_mac};
@@ -79,7 +79,7 @@ fn udp_ask(vip: IpAddr, msg: &str) -> std::io::Result<(SocketAddr, String)> {
     s.connect((vip, PORT))?;
     s.send(msg.as_bytes())?;
     let mut buf = [0u8; 256];
-    let n = s.recv(&mut buf)?;
+    let n = retrying(|| s.recv(&mut buf))?;
     let name = String::from_utf8_lossy(&buf[..n]).split(' ').next().unwrap_or_default().to_string();
     Ok((s.local_addr()?, name))
 }

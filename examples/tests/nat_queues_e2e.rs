@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use lb_core::config::RemovedBackendPolicy;
 use lb_core::service::TableBuilder;
-use lb_examples::lab::{BACKENDS, CLIENT4, CLIENT6, Lab, Mode, PORT, VIP4, VIP6, ask, start_lb_on_queues, tables};
+use lb_examples::lab::{
+    BACKENDS, CLIENT4, CLIENT6, Lab, Mode, PORT, VIP4, VIP6, ask, retrying, start_lb_on_queues, tables,
+};
 use lb_io::bpf::AttachMode;
 use lb_io::netns::{can_create_namespaces, enter_netns};
 
@@ -74,7 +76,7 @@ fn client_traffic(lab: &Lab) -> usize {
                 s.connect((vip, PORT)).unwrap();
                 s.send(format!("datagram {i}").as_bytes()).unwrap();
                 let mut buf = [0u8; 256];
-                s.recv(&mut buf).unwrap_or_else(|e| panic!("UDP {vip} #{i}: {e}"));
+                retrying(|| s.recv(&mut buf)).unwrap_or_else(|e| panic!("UDP {vip} #{i}: {e}"));
             }
         }
         answered

@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use lb_core::config::RemovedBackendPolicy;
-use lb_examples::lab::{BACKENDS, CLIENT4, CLIENT6, Lab, Mode, PORT, VIP4, VIP6, start_lb_on_queues, tables};
+use lb_examples::lab::{BACKENDS, CLIENT4, CLIENT6, Lab, Mode, PORT, VIP4, VIP6, retrying, start_lb_on_queues, tables};
 use lb_io::StopFlag;
 use lb_io::bpf::AttachMode;
 use lb_io::netns::{can_create_namespaces, enter_netns};
@@ -97,6 +97,15 @@ pub fn backend_main(args: BackendArgs) -> CmdResult {
     Ok(())
 }
 
+/// `io`, unless the demo was stopped (Ctrl-C): a read a signal interrupts is tried again
+/// ([`retrying`]) only while the demo goes on.
+fn unless_stopped<T>(io: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+    if StopFlag::signalled() {
+        return Err(std::io::Error::other("interrupted"));
+    }
+    io()
+}
+
 /// Which backend answered each flow, per (protocol, family).
 type Spread = BTreeMap<(&'static str, &'static str), BTreeMap<String, usize>>;
 
@@ -117,7 +126,7 @@ fn run_client(client_ns: &str, flows: usize) -> Result<(Spread, usize), String> 
                 s.set_read_timeout(timeout)?;
                 s.write_all(format!("hello {i}").as_bytes())?;
                 let mut buf = [0u8; 256];
-                let n = s.read(&mut buf)?;
+                let n = retrying(|| unless_stopped(|| s.read(&mut buf)))?;
                 Ok(String::from_utf8_lossy(&buf[..n]).split_whitespace().next().unwrap_or("?").to_string())
             })();
             let udp = (|| -> std::io::Result<String> {
@@ -127,7 +136,7 @@ fn run_client(client_ns: &str, flows: usize) -> Result<(Spread, usize), String> 
                 s.connect(to)?;
                 s.send(format!("hello {i}").as_bytes())?;
                 let mut buf = [0u8; 256];
-                let n = s.recv(&mut buf)?;
+                let n = retrying(|| unless_stopped(|| s.recv(&mut buf)))?;
                 Ok(String::from_utf8_lossy(&buf[..n]).split_whitespace().next().unwrap_or("?").to_string())
             })();
             for (proto, r) in [("TCP", tcp), ("UDP", udp)] {
