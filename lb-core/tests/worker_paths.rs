@@ -264,6 +264,51 @@ fn an_icmp_error_quoting_a_packet_from_another_address_passes() {
     }
 }
 
+/// An ICMP error to one VIP that quotes a packet from another VIP (a spoofed error, or one a
+/// middlebox readdressed) is about no flow of the VIP it came to, and passes to the kernel, as the XDP
+/// program leaves it there (it steers an error only when its quote comes from the address it is
+/// sent to). It was sent to the quoted flow's backend as if the router had sent it to that flow's
+/// VIP: a tracked flow of any mode, and an untracked one of a DSR or tunnel service that picks from
+/// the flow alone (lb-core alone: replay, an embedder's device).
+#[test]
+fn an_icmp_error_to_a_vip_quoting_another_vips_packet_passes() {
+    let mut cfg = all_modes_config();
+    let extra: Vec<_> = cfg
+        .services
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            s.name = format!("{}-b", s.name);
+            s.key.vip = match s.key.vip {
+                IpAddr::V4(_) => v4("192.0.2.2"),
+                IpAddr::V6(_) => v4("2001:db8::2"),
+            };
+            s
+        })
+        .collect();
+    cfg.services.extend(extra);
+    let mut w = worker(&cfg);
+    for (vip, other_vip, client, router) in [
+        (v4("192.0.2.1"), v4("192.0.2.2"), v4("198.51.100.7"), v4("203.0.113.1")),
+        (v4("2001:db8::1"), v4("2001:db8::2"), v4("2001:db8:ff::7"), v4("2001:db8:fe::1")),
+    ] {
+        for port in [80, 81, 82, 83] {
+            // A tracked flow to the other VIP; the service's reply to its client, as quoted.
+            let (v, _) = run(&mut w, &tcp(client, 5555, other_vip, port, Tcp::Syn, b""), secs(1));
+            assert_eq!(v, Verdict::Tx, "{other_vip}:{port}");
+            let quoted = tcp(other_vip, port, client, 5555, Tcp::Ack, b"");
+            let (v, _) = run(&mut w, &icmp_error(router, other_vip, &quoted), secs(2));
+            assert_eq!(v, Verdict::Tx, "to {other_vip}, about its own flow on {port}");
+            let (v, _) = run(&mut w, &icmp_error(router, vip, &quoted), secs(2));
+            assert_eq!(v, Verdict::Pass, "to {vip}, about {other_vip}'s tracked flow on {port}");
+            // An untracked flow (picked from the flow alone in DSR and tunnel modes).
+            let quoted = tcp(other_vip, port, client, 6666, Tcp::Ack, b"");
+            let (v, _) = run(&mut w, &icmp_error(router, vip, &quoted), secs(2));
+            assert_eq!(v, Verdict::Pass, "to {vip}, about {other_vip}'s untracked flow on {port}");
+        }
+    }
+}
+
 /// A SNAT address that is no VIP is usually the node's own: only frames for the SNAT port range (and
 /// errors about packets sent from it) are NAT replies; the node's other traffic to it (its SSH
 /// server, an error about its own connection, UDP to a port of its own) passes to the kernel, as the

@@ -505,8 +505,9 @@ fn cases() -> Vec<Case> {
         ts.extend(others.iter().map(|&t| Transport::Icmp(t)));
         for &kind in errors {
             // From the address the error goes to (about a flow of ours, or the host's own), or from
-            // another (the client's packet: no flow of the load balancer's sends from there).
-            for src in [None, Some(Addr::Client)] {
+            // another: the client's packet (no flow of the load balancer's sends from there), or
+            // another VIP's (about no flow of the address the error goes to).
+            for src in [None, Some(Addr::Client), Some(Addr::Vip), Some(Addr::Dsr)] {
                 for proto in [6u8, 17, if ipv6 { 58 } else { 1 }] {
                     for &sport in &quote_ports {
                         let q = Quote { src, proto, sport, ihl: 5, frag: 0x4000, exts: vec![] };

@@ -73,8 +73,9 @@
 //!   untracked flows are counted as [`DropReason::IcmpNoFlow`] or [`DropReason::NoReverseFlow`]
 //!   (so is a handed-over frame that is not the receiving core's either, a copy of an error handed
 //!   to every core as [`DropReason::IcmpCopyUntracked`]). An error to a VIP about
-//!   a flow of no service (the host's own, on a VIP that is a node address) and other ICMP to a VIP
-//!   (echo) pass to the kernel.
+//!   a flow of no service (the host's own, on a VIP that is a node address), an error quoting a
+//!   packet from another address than the one it came to (another VIP's: spoofed, or readdressed on
+//!   its way) and other ICMP to a VIP (echo) pass to the kernel.
 //! - A SNAT address may also be a VIP for ports outside `snat_ports` (a node address that serves
 //!   NodePorts and masquerades NAT flows): frames to it go to NAT reply translation by their port
 //!   (an ICMP error's by its quote's source port), to the services otherwise
@@ -658,7 +659,13 @@ impl Core {
             }
             return match p.l4 {
                 L4::Tcp | L4::Udp => Err(DropReason::NoService),
-                L4::IcmpError(e) => self.icmp_error_to_vip(tables, frame, p, &e.inner.reverse(), now),
+                // An error is about a packet the address it came to sent: one quoting a packet from
+                // another address (another VIP's, spoofed or readdressed) names no flow of this
+                // one's, and the kernel has it, as the XDP program leaves it there.
+                L4::IcmpError(e) if e.inner.src_ip() == dst => {
+                    self.icmp_error_to_vip(tables, frame, p, &e.inner.reverse(), now)
+                }
+                L4::IcmpError(_) => Ok(Verdict::Pass),
                 L4::IcmpEcho { .. } | L4::Ndp | L4::OtherIcmp => Ok(Verdict::Pass),
                 L4::Other => Err(DropReason::Unsupported),
             };
