@@ -17,7 +17,8 @@
 //! keeps its backend across any table swap that keeps the backend (weight changes, other backends
 //! added or removed), and a flow whose backend left is recognised as such even if the slot went to a
 //! newcomer. A service switched into or out of NAT has new backends in this sense: its flows, which
-//! NAT and the other modes track differently, follow its [`RemovedBackendPolicy`].
+//! NAT and the other modes track differently, follow its [`RemovedBackendPolicy`]. Each keeps its
+//! slot number with a new generation, and its counters carry on (the same backend to the metrics).
 //! Per-core counters are indexed by slot; [`Limits`] bound the slot numbers so a worker sizes its
 //! arrays once.
 //!
@@ -218,6 +219,9 @@ pub struct Tables {
     backend_locations: Vec<BackendLocation>,
     limits: Limits,
     version: u64,
+    /// Backend slots whose backend's service switched into or out of NAT in this build, each with
+    /// the generation the backend had before (sorted by slot): see [`Tables::carries_counters_of`].
+    successions: Box<[(u32, u32)]>,
 }
 
 impl Tables {
@@ -392,6 +396,14 @@ impl Tables {
     /// Backend slots this version uses (for a worker to notice slots handed to new backends).
     pub(crate) fn backend_slot_generations(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
         self.backend_locations.iter().enumerate().filter(|(_, l)| l.generation != 0).map(|(i, l)| (i, l.generation))
+    }
+
+    /// Whether the backend in `slot` is the one that held it under `generation` before its service
+    /// switched into or out of NAT (see [`BackendKey`]): a new generation for its flows, which cannot
+    /// cross the switch, but the same backend for its counters, which carry on.
+    pub(crate) fn carries_counters_of(&self, slot: usize, generation: u32) -> bool {
+        let slot = u32::try_from(slot).unwrap_or(u32::MAX);
+        self.successions.binary_search_by_key(&slot, |&(s, _)| s).is_ok_and(|k| self.successions[k].1 == generation)
     }
 }
 
@@ -851,8 +863,9 @@ impl SlotAllocator {
 /// What a backend slot stands for: the service key, the backend's address and port, and whether the
 /// service uses full NAT. A NAT flow's entry holds a SNAT port and a reverse entry that a DSR or
 /// tunnel flow's has not, and its backend sees another 4-tuple, so no flow can cross that change:
-/// the backend gets a new slot or generation, and its flows follow the service's
-/// [`RemovedBackendPolicy`] (rescheduled as new flows, or dropped). DSR and the tunnels deliver the
+/// the backend gets a new generation of its slot, and its flows follow the service's
+/// [`RemovedBackendPolicy`] (rescheduled as new flows, or dropped), while its counters carry on
+/// ([`Tables::carries_counters_of`]). DSR and the tunnels deliver the
 /// client's own packet, so flows keep their backend across a change among those.
 type BackendKey = (ServiceKey, IpAddr, u16, bool);
 
@@ -1145,13 +1158,22 @@ impl TableBuilder {
             keep
         });
         let mut backend_slots = self.backend_slots.clone();
-        backend_slots.retain(|k, (slot, _)| {
+        // A backend whose service switched into or out of NAT is wanted under its other key: it
+        // keeps its slot number, with a new generation (its counters carry on, its flows do not).
+        let mut switched: HashMap<BackendKey, (u32, u32)> = HashMap::new();
+        backend_slots.retain(|k, &mut (slot, generation)| {
             let keep = wanted_backends.contains(k);
             if !keep {
-                backend_alloc.release(*slot);
+                let other_mode = (k.0, k.1, k.2, !k.3);
+                if wanted_backends.contains(&other_mode) {
+                    switched.insert(other_mode, (slot, generation));
+                } else {
+                    backend_alloc.release(slot);
+                }
             }
             keep
         });
+        let mut successions = Vec::with_capacity(switched.len());
 
         let node = cfg.node.clone();
         let mut services = Vec::with_capacity(cfg.services.len());
@@ -1176,10 +1198,18 @@ impl TableBuilder {
                 let (bslot, bgen) = match backend_slots.get(&bkey) {
                     Some(&s) => s,
                     None => {
-                        let s = backend_alloc.alloc(self.limits.max_backends).ok_or(ConfigError::TooManyBackends {
-                            count: total_backends,
-                            max: self.limits.max_backends,
-                        })?;
+                        let s = match switched.get(&bkey) {
+                            Some(&(slot, before)) => {
+                                successions.push((slot, before));
+                                (slot, next_generation())
+                            }
+                            None => {
+                                backend_alloc.alloc(self.limits.max_backends).ok_or(ConfigError::TooManyBackends {
+                                    count: total_backends,
+                                    max: self.limits.max_backends,
+                                })?
+                            }
+                        };
                         backend_slots.insert(bkey, s);
                         s
                     }
@@ -1255,6 +1285,10 @@ impl TableBuilder {
             backend_locations,
             limits: self.limits,
             version: self.version,
+            successions: {
+                successions.sort_unstable();
+                successions.into_boxed_slice()
+            },
         }))
     }
 }
@@ -1773,9 +1807,10 @@ mod tests {
         assert_eq!((ta.resolve(nc), tc.resolve(na)), (None, None));
     }
 
-    /// A service switched into or out of NAT gets new backend slots or generations (its flows cannot
-    /// cross the switch), and its Maglev ring names the new slots; a switch among DSR and the tunnels
-    /// keeps them.
+    /// A service switched into or out of NAT gets new backend generations (its flows cannot cross the
+    /// switch) of the same slots (its counters carry on), even when a newcomer takes a free slot in
+    /// the same build, and its Maglev ring names those slots; a switch among DSR and the tunnels
+    /// keeps slots and generations.
     #[test]
     fn a_switch_into_or_out_of_nat_gives_the_backends_new_slots_and_ring() {
         let ids = |t: &Tables, i: usize| -> Vec<BackendRef> { t.services()[i].backends.iter().map(|b| b.id).collect() };
@@ -1789,14 +1824,18 @@ mod tests {
         let t2 = b.build(&c).unwrap();
         assert_eq!((ids(&t1, 0), ids(&t1, 1)), (ids(&t2, 0), ids(&t2, 1)));
 
-        // Web leaves NAT. A new service listed first takes one of the slots web's backends free, so
-        // web's backends get other slot numbers, not only new generations.
+        // Web leaves NAT, and a new service listed first takes a slot.
         c.services[0].mode = ForwardMode::Dsr;
         c.services.insert(0, service("new", "192.0.2.9", 80, ForwardMode::Dsr, vec![backend("10.9.9.9", 80)]));
         let t3 = b.build(&c).unwrap();
-        for old in ids(&t2, 0) {
+        for (old, new) in ids(&t2, 0).into_iter().zip(ids(&t3, 1)) {
             assert_eq!(t3.resolve(old), None, "{old:?}");
+            assert_eq!(new.slot, old.slot, "{old:?}");
+            assert!(t3.carries_counters_of(new.slot as usize, old.generation), "{old:?}");
         }
+        let newcomer = t3.services()[0].backends[0].id;
+        assert!(ids(&t2, 0).iter().all(|old| old.slot != newcomer.slot));
+        assert!(!t3.carries_counters_of(newcomer.slot as usize, newcomer.generation));
         let slots: HashSet<u32> = t3.services()[1].backends.iter().map(|b| b.id.slot).collect();
         let ring = t3.services()[1].scheduler.ring().unwrap();
         assert!(ring.iter().all(|s| slots.contains(s)), "ring names slots {:?}, web has {slots:?}", {
@@ -1809,8 +1848,15 @@ mod tests {
         // And back into NAT.
         c.services[1].mode = ForwardMode::Nat;
         let t4 = b.build(&c).unwrap();
-        for old in ids(&t3, 1) {
+        for (old, new) in ids(&t3, 1).into_iter().zip(ids(&t4, 1)) {
             assert_eq!(t4.resolve(old), None, "{old:?}");
+            assert!(t4.carries_counters_of(new.slot as usize, old.generation), "{old:?}");
+        }
+        // A build with no switch carries nothing on.
+        let t5 = b.build(&c).unwrap();
+        for (old, new) in ids(&t4, 1).into_iter().zip(ids(&t5, 1)) {
+            assert_eq!(old, new);
+            assert!(!t5.carries_counters_of(new.slot as usize, old.generation), "{old:?}");
         }
     }
 

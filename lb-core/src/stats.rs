@@ -8,7 +8,9 @@
 //! Service and backend counters are indexed by the stable slot numbers that
 //! [`TableBuilder`](crate::service::TableBuilder) hands out ([`ServiceSlot`](crate::service::ServiceSlot),
 //! [`BackendSlot`](crate::service::BackendSlot)), so they survive table swaps. A slot with a new
-//! generation (a newcomer's, or any slot of tables from another builder) starts at zero.
+//! generation (a newcomer's, or any slot of tables from another builder) starts at zero, but for a
+//! backend whose service switched into or out of NAT: the same backend, whose packets, bytes and new
+//! flows carry on (its connections, which cannot cross the switch, start at zero).
 //!
 //! A forwarded packet or a new flow is counted once, at its backend: a service's packets, bytes
 //! and new flows are the sums over its backends, added up when [`Stats::service`] is asked (plus
@@ -435,6 +437,24 @@ impl Stats {
     pub(crate) fn reset_backend(&mut self, slot: usize, generation: u32) {
         if let Some(b) = self.backends.get_mut(slot) {
             *b = BackendLine { counters: BackendCounters::default(), generation };
+        }
+    }
+
+    /// Gives a backend slot's counters to generation `generation` of the same backend (its service
+    /// switched into or out of NAT): its packets, bytes and new flows carry on; its connections,
+    /// the old generation's flows, are no longer its.
+    pub(crate) fn carry_backend(&mut self, slot: usize, generation: u32) {
+        if let Some(b) = self.backends.get_mut(slot) {
+            let c = b.counters;
+            *b = BackendLine {
+                counters: BackendCounters {
+                    packets: c.packets,
+                    bytes: c.bytes,
+                    new_flows: c.new_flows,
+                    ..Default::default()
+                },
+                generation,
+            };
         }
     }
 

@@ -1069,11 +1069,12 @@ fn a_switch_into_or_out_of_nat_follows_the_removed_backend_policy() {
                 continue;
             }
             assert_eq!(v, Verdict::Tx, "{ctx}");
-            // A new flow, half-open until the client's next segment, counted at the backend.
+            // A new flow, half-open until the client's next segment, counted at the backend (after
+            // the flow before the switch: its new flows carry on, its connections do not).
             assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::SynSeen), "{ctx}");
             let slot = w.tables().services()[0].backends[0].slot();
             let counts = w.stats().backend(slot);
-            assert_eq!((counts.new_flows, counts.active_conns, counts.established_conns), (1, 1, 0), "{ctx}");
+            assert_eq!((counts.new_flows, counts.active_conns, counts.established_conns), (2, 1, 0), "{ctx}");
             let s = seen(&out);
             if to == ForwardMode::Nat {
                 assert_eq!((s.src, s.dst, s.dport), (v4("10.0.0.100"), v4("10.1.0.1"), 80), "{ctx}");
@@ -1089,6 +1090,46 @@ fn a_switch_into_or_out_of_nat_follows_the_removed_backend_policy() {
                 assert_eq!(reverse, 0, "the NAT flow's reverse entry went with it: {ctx}");
             }
         }
+    }
+}
+
+/// A backend's counters carry on across a switch of its service into or out of NAT: its flows follow
+/// the removed-backend policy (the test above), but it is the same backend, under the same labels in
+/// the metrics, whose packets, bytes and new flows are counters that never go down (Prometheus takes
+/// a fall for a restart). They started again at zero. Its connections start at zero (the old flows
+/// are no longer its), and its service's sums count nothing twice.
+#[test]
+fn a_backends_counters_carry_on_across_a_switch_into_or_out_of_nat() {
+    for (from, to) in [(ForwardMode::Dsr, ForwardMode::Nat), (ForwardMode::Nat, ForwardMode::Dsr)] {
+        let ctx = format!("{from:?} to {to:?}");
+        let mut cfg = dsr_config(SchedulerKind::Maglev, &["10.1.0.1"]);
+        cfg.services.truncate(1);
+        cfg.services[0].mode = from;
+        let mut b = TableBuilder::new();
+        let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+        for i in 0..3 {
+            assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1)).0, Verdict::Tx);
+            assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1)).0, Verdict::Tx);
+        }
+        let service = w.tables().services()[0].slot;
+        let backend = w.tables().services()[0].backends[0].slot();
+        let (before, service_before) = (w.stats().backend(backend), w.stats().service(service));
+        assert_eq!((before.packets, before.new_flows, before.active_conns), (6, 3, 3), "{ctx}");
+
+        cfg.services[0].mode = to;
+        w.swap_tables(b.build(&cfg).unwrap());
+        let backend = w.tables().services()[0].backends[0].slot();
+        let after = w.stats().backend(backend);
+        assert_eq!((after.packets, after.bytes, after.new_flows), (6, before.bytes, 3), "{ctx}");
+        assert_eq!((after.active_conns, after.established_conns), (0, 0), "{ctx}");
+        assert_eq!(w.stats().service(service), service_before, "{ctx}");
+
+        // A new flow after the switch counts on top, at the backend and once at its service.
+        assert_eq!(run(&mut w, &tcp(client(9), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(2)).0, Verdict::Tx);
+        let after = w.stats().backend(backend);
+        assert_eq!((after.packets, after.new_flows, after.active_conns), (7, 4, 1), "{ctx}");
+        let s = w.stats().service(service);
+        assert_eq!((s.packets, s.new_flows), (7, 4), "{ctx}");
     }
 }
 

@@ -449,10 +449,15 @@ impl Worker {
 impl Core {
     fn install(&mut self, tables: &Tables) {
         // A service's counters are its backends' sums: what a backend leaving it had counted stays
-        // with the service.
+        // with the service. (A backend whose service switched into or out of NAT stays, under a new
+        // generation of its slot, and keeps its counts: see below.)
         self.stats.retire_backends(|service_slot, b, generation| {
             let r = BackendRef { slot: u32::try_from(b).unwrap_or(u32::MAX), generation };
-            tables.resolve(r).and_then(|(si, _)| tables.service(si)).is_some_and(|s| s.slot.index() == service_slot)
+            tables.carries_counters_of(b, generation)
+                || tables
+                    .resolve(r)
+                    .and_then(|(si, _)| tables.service(si))
+                    .is_some_and(|s| s.slot.index() == service_slot)
         });
         // Slots handed to a new service or backend start with zeroed counters.
         for s in tables.services() {
@@ -471,7 +476,11 @@ impl Core {
             if let Some(g) = self.stats.backend_generation(i)
                 && g != generation
             {
-                self.stats.reset_backend(i, generation);
+                if tables.carries_counters_of(i, g) {
+                    self.stats.carry_backend(i, generation);
+                } else {
+                    self.stats.reset_backend(i, generation);
+                }
             }
         }
         self.stats.map_backends(
