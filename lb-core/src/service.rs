@@ -219,8 +219,9 @@ pub struct Tables {
     backend_locations: Vec<BackendLocation>,
     limits: Limits,
     version: u64,
-    /// Backend slots whose backend's service switched into or out of NAT in this build, each with
-    /// the generation the backend had before (sorted by slot): see [`Tables::carries_counters_of`].
+    /// Backend slots whose backend's service switched into or out of NAT (in this build or an earlier
+    /// one), each with the generation the backend had before (sorted by slot): see
+    /// [`Tables::carries_counters_of`].
     successions: Box<[(u32, u32)]>,
 }
 
@@ -883,6 +884,11 @@ pub struct TableBuilder {
     limits: Limits,
     service_slots: HashMap<ServiceKey, (u32, u32)>,
     backend_slots: HashMap<BackendKey, (u32, u32)>,
+    /// For a backend whose service switched into or out of NAT, the generation it had before the
+    /// last switch, kept as long as the backend is: every later build names it
+    /// ([`Tables::carries_counters_of`]), for workers that skip the build of the switch (a poll
+    /// loop far behind gets only the latest tables).
+    predecessors: HashMap<BackendKey, u32>,
     services: SlotAllocator,
     backends: SlotAllocator,
     version: u64,
@@ -1173,7 +1179,8 @@ impl TableBuilder {
             }
             keep
         });
-        let mut successions = Vec::with_capacity(switched.len());
+        let mut predecessors = self.predecessors.clone();
+        predecessors.retain(|k, _| wanted_backends.contains(k));
 
         let node = cfg.node.clone();
         let mut services = Vec::with_capacity(cfg.services.len());
@@ -1200,7 +1207,7 @@ impl TableBuilder {
                     None => {
                         let s = match switched.get(&bkey) {
                             Some(&(slot, before)) => {
-                                successions.push((slot, before));
+                                predecessors.insert(bkey, before);
                                 (slot, next_generation())
                             }
                             None => {
@@ -1273,7 +1280,13 @@ impl TableBuilder {
         self.services = service_alloc;
         self.backends = backend_alloc;
         self.service_slots = service_slots;
+        let mut successions: Vec<(u32, u32)> = predecessors
+            .iter()
+            .filter_map(|(k, &before)| backend_slots.get(k).map(|&(slot, _)| (slot, before)))
+            .collect();
+        successions.sort_unstable();
         self.backend_slots = backend_slots;
+        self.predecessors = predecessors;
         self.schedulers = schedulers;
         self.version += 1;
         let index = ServiceIndex::new(&services);
@@ -1285,10 +1298,7 @@ impl TableBuilder {
             backend_locations,
             limits: self.limits,
             version: self.version,
-            successions: {
-                successions.sort_unstable();
-                successions.into_boxed_slice()
-            },
+            successions: successions.into_boxed_slice(),
         }))
     }
 }
@@ -1852,12 +1862,23 @@ mod tests {
             assert_eq!(t4.resolve(old), None, "{old:?}");
             assert!(t4.carries_counters_of(new.slot as usize, old.generation), "{old:?}");
         }
-        // A build with no switch carries nothing on.
+        // A later build still names the succession (for a worker that skipped t4), and nothing else.
         let t5 = b.build(&c).unwrap();
-        for (old, new) in ids(&t4, 1).into_iter().zip(ids(&t5, 1)) {
+        for ((before, old), new) in ids(&t3, 1).into_iter().zip(ids(&t4, 1)).zip(ids(&t5, 1)) {
             assert_eq!(old, new);
+            assert!(t5.carries_counters_of(new.slot as usize, before.generation), "{old:?}");
             assert!(!t5.carries_counters_of(new.slot as usize, old.generation), "{old:?}");
         }
+        // A backend that leaves takes its succession with it: a newcomer on its slot carries nothing.
+        let gone = t5.services()[1].backends[0];
+        let before = ids(&t3, 1).into_iter().find(|r| r.slot == gone.id.slot).unwrap().generation;
+        c.services[1].backends.retain(|b| b.addr != gone.addr);
+        b.build(&c).unwrap();
+        c.services.push(service("later", "192.0.2.10", 80, ForwardMode::Dsr, vec![backend("10.9.9.10", 80)]));
+        let t7 = b.build(&c).unwrap();
+        let newcomer = t7.services()[3].backends[0].id;
+        assert_eq!(newcomer.slot, gone.id.slot, "the freed slot is reused");
+        assert!(!t7.carries_counters_of(newcomer.slot as usize, before));
     }
 
     #[test]
