@@ -114,6 +114,8 @@ struct Workers<M: SteeringMaps = VipSteering> {
     /// ([`warn_if_snat_ports_are_ephemeral`]): at start, and again when a reload brings others (a
     /// family's first SNAT address, or the range of a node that had none).
     snat_checked: SnatSettings,
+    /// Per interface, its receive queues no loop serves, read again at each refresh.
+    queues: Vec<UnservedQueues>,
 }
 
 /// Where the steering of the last tables published stands.
@@ -256,8 +258,12 @@ impl<M: SteeringMaps> TablesSink for Workers<M> {
     /// (their fragments and foreign ICMP go to the kernel) and, with `--neighbour-responder auto`,
     /// which are answered for: applied here without waiting for a configuration change. A steering
     /// update that failed is tried again here too. Steering that waits for the loops is left to
-    /// [`TablesSink::deliver_pending`].
+    /// [`TablesSink::deliver_pending`]. Each interface's receive queues are read again too, and
+    /// queues no loop serves warned of when they change ([`UnservedQueues`]).
     fn refresh(&mut self) -> Result<(), String> {
+        for queues in &mut self.queues {
+            queues.check();
+        }
         let Some((tables, steering)) = &self.published else { return Ok(()) };
         let want = steering_for(tables, self.responder);
         match steering {
@@ -291,6 +297,7 @@ impl<M: SteeringMaps> Workers<M> {
             steered: SteeringSet::default(),
             slow_swap_warning: SLOW_SWAP_WARNING,
             snat_checked,
+            queues: Vec::new(),
         }
     }
 
@@ -424,29 +431,58 @@ fn rx_vlan_offload_off(name: &str) -> Option<lb_io::offload::RxVlanOff> {
 }
 
 /// The receive queues of interface `name` (its `/sys/class/net/NAME/queues/rx-N`) that `served`
-/// leaves out, in order; empty when they cannot be read.
-fn unserved_rx_queues(name: &str, served: &[u32]) -> Vec<u32> {
-    let Ok(dir) = std::fs::read_dir(format!("/sys/class/net/{name}/queues")) else { return Vec::new() };
+/// leaves out, in order; `None` when they cannot be read (no such interface).
+fn unserved_rx_queues(name: &str, served: &[u32]) -> Option<Vec<u32>> {
+    let dir = std::fs::read_dir(format!("/sys/class/net/{name}/queues")).ok()?;
     let mut out: Vec<u32> = dir
         .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("rx-")?.parse().ok())
         .filter(|q| !served.contains(q))
         .collect();
     out.sort_unstable();
-    out
+    Some(out)
 }
 
-/// Warns when the NIC's RSS can put frames on queues no poll loop serves: the XDP program finds no
-/// socket there and leaves them to the kernel, which knows no VIP, so part of the traffic is lost
-/// without a counter of ours.
-fn warn_if_queues_are_unserved(name: &str, served: &[u32]) {
-    let unserved = unserved_rx_queues(name, served);
-    if !unserved.is_empty() {
-        tracing::warn!(
-            interface = name,
-            queues = ?unserved,
-            "receive queues not served: their frames go to the kernel, not the load balancer; serve them, or \
-             leave the NIC only the served ones (ethtool -L {name} combined N) or steer VIP traffic away (ethtool -X / -N)"
-        );
+/// The receive queues of one interface that no poll loop serves, watched: the NIC's RSS can put
+/// frames on them, the XDP program finds no socket there and leaves them to the kernel, which knows
+/// no VIP, so part of the traffic is lost without a counter of ours. Warned of at start and again
+/// whenever they change while `lb run` runs (`ethtool -L IF combined N` giving the NIC more queues:
+/// the flows RSS moves to them are lost), so a change is never silent.
+#[derive(Debug)]
+struct UnservedQueues {
+    interface: String,
+    served: Vec<u32>,
+    /// The queues not served, as last read.
+    unserved: Vec<u32>,
+}
+
+impl UnservedQueues {
+    /// Reads `interface`'s queues and warns when some are not among `served`.
+    fn new(interface: &str, served: &[u32]) -> Self {
+        let mut queues =
+            UnservedQueues { interface: interface.to_string(), served: served.to_vec(), unserved: Vec::new() };
+        queues.check();
+        queues
+    }
+
+    /// Reads the queues again; warns when those not served changed and some are, says so when none
+    /// is any more. Nothing when they cannot be read (an interface that is gone fails its loops).
+    fn check(&mut self) {
+        let Some(unserved) = unserved_rx_queues(&self.interface, &self.served) else { return };
+        if unserved == self.unserved {
+            return;
+        }
+        let name = self.interface.as_str();
+        if unserved.is_empty() {
+            tracing::info!(interface = name, "every receive queue of {name} is served again");
+        } else {
+            tracing::warn!(
+                interface = name,
+                queues = ?unserved,
+                "receive queues not served: their frames go to the kernel, not the load balancer; serve them, or \
+                 leave the NIC only the served ones (ethtool -L {name} combined N) or steer VIP traffic away (ethtool -X / -N)"
+            );
+        }
+        self.unserved = unserved;
     }
 }
 
@@ -590,7 +626,7 @@ pub fn main(args: Args) -> CmdResult {
     let found = interfaces_found(&settings.interfaces)?;
     for (iface, &(_, own_mac)) in settings.interfaces.iter().zip(&found) {
         vlan_offloads.extend(rx_vlan_offload_off(&iface.name));
-        warn_if_queues_are_unserved(&iface.name, &iface.queues);
+        workers.queues.push(UnservedQueues::new(&iface.name, &iface.queues));
         // The queue map needs a slot up to the highest queue served (a NIC may have more than the
         // default's 64 queues); frames of the queues past its end go to the kernel. No interface has
         // more than 4096 (rtnetlink's limit): a queue beyond is left to its socket's bind to refuse,
@@ -1024,9 +1060,9 @@ mod tests {
     /// Loopback has one receive queue, rx-0.
     #[test]
     fn the_queues_an_interface_has_and_lb_run_does_not_serve_are_listed() {
-        assert_eq!(unserved_rx_queues("lo", &[0]), Vec::<u32>::new());
-        assert_eq!(unserved_rx_queues("lo", &[]), vec![0]);
-        assert_eq!(unserved_rx_queues("no-such-interface", &[]), Vec::<u32>::new());
+        assert_eq!(unserved_rx_queues("lo", &[0]), Some(Vec::new()));
+        assert_eq!(unserved_rx_queues("lo", &[]), Some(vec![0]));
+        assert_eq!(unserved_rx_queues("no-such-interface", &[]), None);
     }
 
     /// Two services, DSR and NAT, as a configuration file gives them.
