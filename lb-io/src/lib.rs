@@ -43,8 +43,8 @@ pub use handoff::{Handoff, HandoffConfig, HandoffError, mesh};
 pub use memory::{MemoryConfig, MemoryDevice};
 pub use pcap::PcapDevice;
 pub use poll::{
-    Delivery, LoopConfig, LoopCounters, LoopGone, LoopReport, LoopStats, PollLoop, Running, SpawnError, UpdateReceiver,
-    UpdateSender, pin_to_core, update_channel,
+    Delivery, LoopConfig, LoopCounters, LoopFailed, LoopGone, LoopReport, LoopStats, PollLoop, Running, SpawnError,
+    UpdateReceiver, UpdateSender, pin_to_core, update_channel,
 };
 pub use processor::{BurstProcessor, MacRewrite};
 pub use stop::StopFlag;

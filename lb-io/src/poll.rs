@@ -354,6 +354,33 @@ pub struct LoopReport<D, P> {
     pub stats: LoopStats,
 }
 
+/// A loop that ended on a device error, with what it held ([`PollLoop::run_keeping_parts`]).
+pub struct LoopFailed<D, P> {
+    /// Why the device failed.
+    pub error: DeviceError,
+    /// The device, the processor and the loop's counts up to the failure (boxed: the device is
+    /// large, and the error path is no fast path).
+    pub report: Box<LoopReport<D, P>>,
+}
+
+impl<D, P> std::fmt::Debug for LoopFailed<D, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoopFailed").field("error", &self.error).field("stats", &self.report.stats).finish()
+    }
+}
+
+impl<D, P> std::fmt::Display for LoopFailed<D, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl<D, P> std::error::Error for LoopFailed<D, P> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
 impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
     /// A loop over `device` and `processor`, taking updates from `updates`, stopping on `stop`.
     pub fn new(
@@ -397,7 +424,32 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
     }
 
     /// Runs until the stop flag is set or a finite device reaches its end and has sent everything.
-    pub fn run(mut self) -> Result<LoopReport<D, P>, DeviceError> {
+    /// A device error ends it with that error alone; [`run_keeping_parts`](Self::run_keeping_parts)
+    /// hands back the processor too.
+    pub fn run(self) -> Result<LoopReport<D, P>, DeviceError> {
+        self.run_keeping_parts().map_err(|failed| failed.error)
+    }
+
+    /// As [`run`](Self::run), but a loop that fails on its device hands back what it held
+    /// ([`LoopFailed`]): the processor with its state (a worker's flows), to go on with on a new
+    /// device, the device, and the counts up to the failure, published to the live counters too.
+    /// The frames still queued for transmission are dropped and counted in `tx_abandoned`.
+    pub fn run_keeping_parts(mut self) -> Result<LoopReport<D, P>, LoopFailed<D, P>> {
+        let served = self.serve();
+        if served.is_err() {
+            self.stats.tx_abandoned += self.device.discard_pending() as u64;
+        }
+        self.stats.kernel_rx_dropped = self.device.kernel_rx_dropped();
+        self.counters.publish(&self.stats);
+        let report = LoopReport { device: self.device, processor: self.processor, stats: self.stats };
+        match served {
+            Ok(()) => Ok(report),
+            Err(error) => Err(LoopFailed { error, report: Box::new(report) }),
+        }
+    }
+
+    /// The loop itself, up to the stop flag, the end of a finite device, or a device error.
+    fn serve(&mut self) -> Result<(), DeviceError> {
         let mut idle = 0usize;
         let mut stalls = 0u32;
         let mut last_flush = self.clock.elapsed();
@@ -460,10 +512,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
             }
             self.counters.publish(&self.stats);
         }
-        self.drain(&mut stalls)?;
-        self.stats.kernel_rx_dropped = self.device.kernel_rx_dropped();
-        self.counters.publish(&self.stats);
-        Ok(LoopReport { device: self.device, processor: self.processor, stats: self.stats })
+        self.drain(&mut stalls)
     }
 
     /// The loop's clock, for a burst whose device gives no time of its own (and for idle calls).
@@ -627,39 +676,42 @@ where
 {
     /// Runs the loop on its own thread named `name`, pinned to `core` when given, and returns once
     /// the thread is pinned: a core that does not exist (or the affinity mask excludes) is this
-    /// call's error, and no loop runs. A loop whose device fails sets the stop flag it was made
-    /// with, so the loops that share it (one node's) stop too rather than serve on without its
-    /// queue, and the replies handed to it.
+    /// call's error, and no loop runs. The thread ends as [`run_keeping_parts`](Self::run_keeping_parts)
+    /// does: a loop whose device fails hands back its processor with the error. It also sets the
+    /// stop flag it was made with, so the loops that share it (one node's) stop too rather than
+    /// serve on without its queue, and the replies handed to it.
     pub fn spawn(self, name: String, core: Option<usize>) -> Result<Running<D, P>, SpawnError> {
-        let (pinned_tx, pinned) = std::sync::mpsc::channel::<bool>();
+        let (pinned_tx, pinned) = std::sync::mpsc::channel::<Result<(), SpawnError>>();
         let stop = self.stop.clone();
         let handle = std::thread::Builder::new().name(name).spawn(move || {
             if let Some(core) = core
                 && let Err(e) = pin_to_core(core)
             {
-                let _ = pinned_tx.send(false);
-                return Err(e);
+                let _ = pinned_tx.send(Err(e));
+                // Never seen: `spawn` returns the pinning error and drops this thread's handle.
+                return Ok(LoopReport { device: self.device, processor: self.processor, stats: self.stats });
             }
-            let _ = pinned_tx.send(true);
-            let report = self.run().map_err(SpawnError::Device);
+            let _ = pinned_tx.send(Ok(()));
+            let report = self.run_keeping_parts();
             if report.is_err() {
                 stop.stop();
             }
             report
         })?;
         match pinned.recv() {
-            Ok(true) => Ok(handle),
-            // Not pinned: the thread ended with why.
-            _ => Err(match handle.join() {
-                Ok(Err(e)) => e,
-                _ => SpawnError::Pin(core.unwrap_or_default()),
-            }),
+            Ok(Ok(())) => Ok(handle),
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                Err(e)
+            }
+            // The thread ended before it said (it panicked).
+            Err(_) => Err(SpawnError::Pin(core.unwrap_or_default())),
         }
     }
 }
 
 /// A poll loop running on its own thread ([`PollLoop::spawn`]): what it hands back when it ends.
-pub type Running<D, P> = JoinHandle<Result<LoopReport<D, P>, SpawnError>>;
+pub type Running<D, P> = JoinHandle<Result<LoopReport<D, P>, LoopFailed<D, P>>>;
 
 /// How often a loop that receives frames reads the kernel's drops on their way to its device (a
 /// system call for an AF_XDP socket).
@@ -684,15 +736,12 @@ fn elapsed(start: &std::time::Instant) -> Instant {
     Instant::from_nanos(u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// Why a spawned loop ended in error.
+/// Why a poll loop could not be spawned.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     /// The core to pin to does not exist or refused the thread.
     #[error("cannot pin the poll loop to core {0}: it does not exist or the affinity mask excludes it")]
     Pin(usize),
-    /// The device failed.
-    #[error(transparent)]
-    Device(#[from] DeviceError),
     /// The thread could not be made.
     #[error("cannot start the poll loop's thread: {0}")]
     Thread(#[from] std::io::Error),
@@ -1020,6 +1069,82 @@ mod tests {
         assert_eq!(nows.len(), 3);
         assert!(nows[1].saturating_since(nows[0]) >= Duration::from_millis(200), "{nows:?}");
         assert!(nows[2] >= nows[1], "the second loop's first burst came before the first loop's last: {nows:?}");
+    }
+
+    /// A memory device whose wire is stuck and that fails, as an unbound AF_XDP socket does, once
+    /// its input is used up.
+    struct FailsWhenEmpty(MemoryDevice);
+
+    impl Device for FailsWhenEmpty {
+        fn receive<'a>(&'a mut self, f: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
+            if self.0.at_end() {
+                return Err(DeviceError::Io {
+                    op: "recvfrom (RX wakeup)",
+                    device: "gone0#0".into(),
+                    source: std::io::Error::from_raw_os_error(libc::ENETDOWN),
+                });
+            }
+            self.0.receive(f)
+        }
+        fn settle(&mut self, s: &[Option<Span>]) -> Result<usize, DeviceError> {
+            self.0.settle(s)
+        }
+        fn flush(&mut self) -> Result<FlushProgress, DeviceError> {
+            self.0.flush()
+        }
+        fn pending_tx(&self) -> usize {
+            self.0.pending_tx()
+        }
+        fn discard_pending(&mut self) -> usize {
+            self.0.discard_pending()
+        }
+    }
+
+    fn failing_device(frames: u16) -> FailsWhenEmpty {
+        let mut dev = device_with(frames, MemoryConfig::default());
+        dev.set_tx_per_flush(0);
+        FailsWhenEmpty(dev)
+    }
+
+    /// A loop that fails on its device hands back its processor, with its state (here the bursts it
+    /// saw; a worker's flows), so an embedder can go on with it on a new device; its counts up to
+    /// the failure are published, the frames it had queued to send counted as abandoned. Spawned,
+    /// the same comes back through its thread, and the loops sharing its stop flag are stopped.
+    /// Before, the error alone came back: the processor, and a worker's connection table in it,
+    /// were dropped with the loop.
+    #[test]
+    fn a_loop_that_fails_on_its_device_hands_back_its_processor() {
+        let (_tx, rx) = update_channel();
+        let p = Tagger { generation: Box::new(3), seen: vec![] };
+        let lp = PollLoop::new(failing_device(10), p, rx, StopFlag::new(), LoopConfig::default());
+        let counters = lp.counters();
+        let Err(failed) = lp.run_keeping_parts() else { panic!("the device failed, the loop did not") };
+        assert!(failed.to_string().contains("gone0#0"), "{failed}");
+        let r = &failed.report;
+        assert_eq!(r.processor.seen, [3], "the processor came back with the burst it processed");
+        assert_eq!((r.stats.rx, r.stats.tx, r.stats.tx_abandoned), (10, 10, 10));
+        assert_eq!(r.device.pending_tx(), 0);
+        assert_eq!(counters.snapshot().tx_abandoned, 10, "published");
+        // Its processor goes on in a new loop.
+        let (_tx, rx) = update_channel();
+        let again = PollLoop::new(
+            device_with(1, MemoryConfig::default()),
+            failed.report.processor,
+            rx,
+            StopFlag::new(),
+            LoopConfig::default(),
+        );
+        assert_eq!(again.run().unwrap().processor.seen, [3, 3]);
+
+        let stop = StopFlag::new();
+        let (_tx, rx) = update_channel();
+        let p = Tagger { generation: Box::new(4), seen: vec![] };
+        let h = PollLoop::new(failing_device(2), p, rx, stop.clone(), LoopConfig::default())
+            .spawn("failing".into(), None)
+            .unwrap();
+        let Err(failed) = h.join().unwrap() else { panic!("the device failed, the loop did not") };
+        assert_eq!(failed.report.processor.seen, [4]);
+        assert!(stop.is_set(), "the loops sharing the flag are stopped");
     }
 
     /// Stops its loop at its third idle call.

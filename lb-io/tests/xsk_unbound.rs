@@ -1,8 +1,9 @@
 //! A poll loop whose interface goes away ends with an error naming the device. The kernel unbinds
 //! the socket when its interface is unregistered (a veth deleted, a namespace removed, a driver
 //! unloaded) and leaves ENETDOWN as the socket's error; poll(2) on the socket then reports nothing,
-//! so an idle loop used to wait, time out and receive nothing, for good, without a word. A veth
-//! pair in namespaces of its own. Needs root; skips with the reason otherwise.
+//! so an idle loop used to wait, time out and receive nothing, for good, without a word. The
+//! failed loop hands back its processor (a worker, with its flows, to go on with on another device).
+//! A veth pair in namespaces of its own. Needs root; skips with the reason otherwise.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::mpsc;
@@ -10,6 +11,9 @@ use std::time::Duration;
 
 use lb_io::netns::{can_create_namespaces, enter_netns, lb_and_peer};
 use lb_io::{LoopConfig, MacRewrite, PollLoop, StopFlag, XskConfig, XskDevice, update_channel};
+
+/// The loop's processor, to be handed back.
+const PROCESSOR: MacRewrite = MacRewrite { src: [2, 0, 0, 0, 0, 1], dst: [2, 0, 0, 0, 0, 2] };
 
 #[test]
 fn an_idle_loop_whose_interface_is_deleted_ends_with_an_error() {
@@ -20,7 +24,8 @@ fn an_idle_loop_whose_interface_is_deleted_ends_with_an_error() {
     let tag = format!("lbu{}", std::process::id());
     let (lb, peer) = lb_and_peer(&tag).unwrap();
     let (opened_tx, opened_rx) = mpsc::channel::<Result<(), String>>();
-    let (done_tx, done_rx) = mpsc::channel::<Result<(), String>>();
+    // How the loop ended: its error and the processor it handed back.
+    let (done_tx, done_rx) = mpsc::channel::<Result<(), (String, MacRewrite)>>();
     let stop = StopFlag::new();
     let name = lb.name().to_string();
     let loop_stop = stop.clone();
@@ -40,9 +45,8 @@ fn an_idle_loop_whose_interface_is_deleted_ends_with_an_error() {
             }
         };
         let (_updates, rx) = update_channel();
-        let processor = MacRewrite { src: [2, 0, 0, 0, 0, 1], dst: [2, 0, 0, 0, 0, 2] };
-        let result = PollLoop::new(dev, processor, rx, loop_stop, LoopConfig::default()).run();
-        let _ = done_tx.send(result.map(|_| ()).map_err(|e| e.to_string()));
+        let result = PollLoop::new(dev, PROCESSOR, rx, loop_stop, LoopConfig::default()).run_keeping_parts();
+        let _ = done_tx.send(result.map(|_| ()).map_err(|failed| (failed.to_string(), failed.report.processor)));
     });
     match opened_rx.recv().unwrap() {
         Ok(()) => {}
@@ -62,6 +66,9 @@ fn an_idle_loop_whose_interface_is_deleted_ends_with_an_error() {
     match result {
         Err(_) => panic!("the loop kept polling a socket whose interface is gone (10 s)"),
         Ok(Ok(())) => panic!("the loop ended without an error"),
-        Ok(Err(e)) => assert!(e.contains("l0#0"), "{e}"),
+        Ok(Err((e, processor))) => {
+            assert!(e.contains("l0#0"), "{e}");
+            assert_eq!(processor, PROCESSOR, "the processor came back");
+        }
     }
 }
