@@ -67,6 +67,10 @@ pub struct CoreSnapshot {
     pub handoff_lost: u64,
     /// Frames this core's poll loop gave up on a stuck transmit ring (its poll loop's count).
     pub tx_abandoned: u64,
+    /// Frames the worker marked for transmission (and counted in `tx`) that its poll loop's device
+    /// could not queue, such as a reply handed over from another core with no free buffer to copy
+    /// it into (its poll loop's count).
+    pub tx_declined: u64,
     /// Frames the kernel dropped on their way to this core's AF_XDP socket (its receive ring full,
     /// or no fill-ring buffer), as its poll loop last read them.
     pub xsk_rx_dropped: u64,
@@ -188,6 +192,7 @@ impl CoreCounters {
             // The poll loop's, added by `PublishedCounters`.
             handoff_lost: 0,
             tx_abandoned: 0,
+            tx_declined: 0,
             xsk_rx_dropped: 0,
         }
     }
@@ -211,8 +216,8 @@ impl StatsSource for PublishedCounters {
             self.0.iter().filter_map(|c| c.lock().ok().map(|c| c.to_snapshot())).collect();
         for (core, counters) in cores.iter_mut().zip(&self.1) {
             let s = counters.snapshot();
-            (core.handoff_lost, core.tx_abandoned, core.xsk_rx_dropped) =
-                (s.handoff_lost, s.tx_abandoned, s.kernel_rx_dropped);
+            (core.handoff_lost, core.tx_abandoned, core.tx_declined, core.xsk_rx_dropped) =
+                (s.handoff_lost, s.tx_abandoned, s.tx_declined, s.kernel_rx_dropped);
         }
         cores
     }
@@ -434,6 +439,11 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
             "lb_tx_abandoned_total",
             "Frames given up after the transmit ring made no progress for many flushes.",
             cores.iter().map(|c| c.tx_abandoned).sum(),
+        ),
+        (
+            "lb_tx_declined_total",
+            "Frames a worker marked for transmission (counted in lb_tx_packets_total) that its poll loop's device could not queue, and so lost: NAT replies (or ICMP errors) handed over from another core with no free buffer to copy them into (the transmit side backed up), or packets past their buffer.",
+            cores.iter().map(|c| c.tx_declined).sum(),
         ),
         (
             "lb_xsk_rx_dropped_total",
@@ -761,6 +771,7 @@ services:
                     handed_off: 4 * k,
                     handoff_lost: 5 * k,
                     tx_abandoned: 6 * k,
+                    tx_declined: 8 * k,
                     xsk_rx_dropped: 9 * k,
                     arp_replies: 3 * k,
                     ndp_adverts: k,
@@ -818,6 +829,20 @@ services:
         let published = PublishedCounters(vec![Arc::new(Mutex::new(CoreCounters::default()))], vec![lp.counters()]);
         lp.run().unwrap();
         assert_eq!(published.snapshots()[0].xsk_rx_dropped, 4);
+        // And what its device declined: three frames handed over by another loop, which its device
+        // (one buffer, the wire stuck) has room to copy once.
+        let ends = lb_io::mesh(2, lb_io::HandoffConfig::default()).unwrap();
+        for _ in 0..3 {
+            assert!(ends[0].send(1, &[0u8; 60]));
+        }
+        let dev = MemoryDevice::new(MemoryConfig { buffers: 1, tx_per_flush: 0, ..MemoryConfig::default() });
+        let (_tx, rx) = update_channel::<lb_io::MacRewrite>();
+        let lp = PollLoop::new(dev, lb_io::MacRewrite { src: [2; 6], dst: [4; 6] }, rx, StopFlag::new(), config)
+            .with_handoff(ends[1].clone());
+        let published = PublishedCounters(vec![Arc::new(Mutex::new(CoreCounters::default()))], vec![lp.counters()]);
+        let report = lp.run().unwrap();
+        assert_eq!((report.stats.handed_in, report.stats.tx_declined), (3, 2));
+        assert_eq!(published.snapshots()[0].tx_declined, 2);
     }
 
     #[tokio::test]
@@ -833,6 +858,7 @@ services:
             "lb_nat_replies_handed_off_total 12".into(),
             "lb_handoff_lost_total 15".into(),
             "lb_tx_abandoned_total 18".into(),
+            "lb_tx_declined_total 24".into(),
             "lb_xsk_rx_dropped_total 27".into(),
             "lb_ndp_adverts_total 3".into(),
             "lb_icmp_too_big_total 6".into(),

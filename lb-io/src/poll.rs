@@ -76,8 +76,8 @@ pub struct LoopStats {
     /// Frames with verdict Pass (recycled: an AF_XDP socket cannot hand a frame back to the kernel;
     /// the XDP program keeps non-VIP traffic in the kernel so these are rare).
     pub pass: u64,
-    /// Frames with verdict Drop, frames marked Tx that the device could not queue (an empty
-    /// packet, one past its buffer, or no buffer for a handed-in copy), frames for another loop
+    /// Frames with verdict Drop, frames marked Tx that the device could not queue (`tx_declined`
+    /// too), frames for another loop
     /// that it had no room for (`handoff_lost` too), and handed-in frames not sent, so that
     /// `rx + handed_in = tx + pass + drop + handed_off`.
     pub drop: u64,
@@ -97,6 +97,10 @@ pub struct LoopStats {
     pub stalled_flushes: u64,
     /// Frames dropped because the transmit side stayed stuck for `max_stalled_flushes` flushes.
     pub tx_abandoned: u64,
+    /// Frames the processor marked Tx (and counted as sent) that the device could not queue: a
+    /// handed-in copy with no free buffer (the transmit side backed up), an empty packet or one past
+    /// its buffer. Also in `drop`.
+    pub tx_declined: u64,
     /// Times the loop blocked in [`Device::wait`].
     pub idle_waits: u64,
     /// Frames the kernel dropped before they reached the device ([`Device::kernel_rx_dropped`]: an
@@ -118,6 +122,7 @@ pub struct LoopCounters {
     handed_in: AtomicU64,
     stalled_flushes: AtomicU64,
     tx_abandoned: AtomicU64,
+    tx_declined: AtomicU64,
     kernel_rx_dropped: AtomicU64,
 }
 
@@ -132,6 +137,7 @@ impl LoopCounters {
         self.handed_in.store(s.handed_in, Ordering::Relaxed);
         self.stalled_flushes.store(s.stalled_flushes, Ordering::Relaxed);
         self.tx_abandoned.store(s.tx_abandoned, Ordering::Relaxed);
+        self.tx_declined.store(s.tx_declined, Ordering::Relaxed);
         self.kernel_rx_dropped.store(s.kernel_rx_dropped, Ordering::Relaxed);
     }
 
@@ -147,6 +153,7 @@ impl LoopCounters {
             handed_in: self.handed_in.load(Ordering::Relaxed),
             stalled_flushes: self.stalled_flushes.load(Ordering::Relaxed),
             tx_abandoned: self.tx_abandoned.load(Ordering::Relaxed),
+            tx_declined: self.tx_declined.load(Ordering::Relaxed),
             kernel_rx_dropped: self.kernel_rx_dropped.load(Ordering::Relaxed),
             ..LoopStats::default()
         }
@@ -567,9 +574,12 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         for (frame, verdict) in frames.iter().zip(verdicts.iter()).take(n) {
             // A copy cannot go to the kernel, and is never handed on again (no ping-pong between
             // loops whose tables disagree for a moment).
-            if *verdict == Verdict::Tx && self.device.transmit_copy(frame.data()) {
+            if *verdict != Verdict::Tx {
+                self.stats.drop += 1;
+            } else if self.device.transmit_copy(frame.data()) {
                 self.stats.tx += 1;
             } else {
+                self.stats.tx_declined += 1;
                 self.stats.drop += 1;
             }
         }
@@ -631,7 +641,9 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         let queued = self.device.settle(&spans[..n])?;
         self.stats.tx += queued as u64;
         // What the device declined (it recycles those buffers) is lost: a drop.
-        self.stats.drop += tx.saturating_sub(queued) as u64;
+        let declined = tx.saturating_sub(queued) as u64;
+        self.stats.tx_declined += declined;
+        self.stats.drop += declined;
         Ok(n + handed)
     }
 
@@ -1458,6 +1470,27 @@ mod tests {
         let r0 = loop_of(0, &[routed(TO_ALL, 12)]).run().unwrap();
         assert_eq!((r0.stats.handed_off, r0.stats.handoff_lost, r0.stats.drop), (1, 1, 0));
         assert_eq!((ends[1].pending(), ends[2].pending()), (1, 4));
+    }
+
+    /// Frames handed to a loop whose device has no free buffer to copy them into (its transmit side
+    /// backed up) are counted as declined, published with the loop's live counters, beside the
+    /// drop they also are. Before, only `drop` counted them, which `/metrics` does not show, while
+    /// the worker counted them as sent: NAT replies lost with no number going up.
+    #[test]
+    fn handed_in_frames_the_device_has_no_buffer_for_are_counted_as_declined() {
+        let ends = handoff::mesh(2, handoff::HandoffConfig { buffers: 4, buffer_size: 512 }).unwrap();
+        for i in 0..4 {
+            assert!(ends[0].send(1, &routed(1, i)));
+        }
+        // Two buffers, and a wire that takes nothing.
+        let dev = MemoryDevice::new(MemoryConfig { buffers: 2, tx_per_flush: 0, ..MemoryConfig::default() });
+        let (_tx, rx) = update_channel();
+        let config = LoopConfig { max_stalled_flushes: 2, ..LoopConfig::default() };
+        let lp = PollLoop::new(dev, Router { me: 1 }, rx, StopFlag::new(), config).with_handoff(ends[1].clone());
+        let counters = lp.counters();
+        let s = lp.run().unwrap().stats;
+        assert_eq!((s.handed_in, s.tx, s.tx_declined, s.drop, s.tx_abandoned), (4, 2, 2, 2, 2));
+        assert_eq!(counters.snapshot().tx_declined, 2);
     }
 
     #[test]
