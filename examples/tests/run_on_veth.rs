@@ -769,3 +769,66 @@ fn receive_queues_an_interface_gains_while_lb_run_runs_are_warned_of() {
     assert!(line.contains("l0") && line.contains("[1, 2, 3]"), "{line}");
     assert!(status.success(), "{status:?}\n{log}");
 }
+
+/// Sends one datagram to `sys.argv[1]`:53 from each of the source ports 20000 to 20000 + N - 1
+/// (`sys.argv[2]`) of the peer's `p0`, again every 0.2 s for those not yet seen forwarded, and prints
+/// each port with the backend MAC its datagram was forwarded to (frames to 02:aa:bb:cc:dd:xx), one
+/// per line in port order, once all are seen or after 10 s (a bound, not a wait).
+const FLOWS: &str = r"
+import socket, sys, time
+dst, n = sys.argv[1], int(sys.argv[2])
+r = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+r.bind(('p0', 0))
+r.settimeout(0.05)
+socks = {}
+for i in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(('10.50.0.2', 20000 + i))
+    socks[20000 + i] = s
+seen = {}
+end = time.time() + 10
+while time.time() < end and len(seen) < n:
+    for port, s in socks.items():
+        if port not in seen:
+            s.sendto(b'q', (dst, 53))
+    resend = time.time() + 0.2
+    while time.time() < resend and len(seen) < n:
+        try:
+            f = r.recv(2048)
+        except socket.timeout:
+            continue
+        if f[:5] == bytes.fromhex('02aabbccdd') and f[12:14] == b'\x08\x00' and f[23] == 17:
+            l4 = 14 + (f[14] & 15) * 4
+            seen.setdefault(int.from_bytes(f[l4:l4 + 2], 'big'), f[5])
+for port in sorted(socks):
+    print(port, seen.get(port, 'lost'))
+";
+
+/// A link flap (`ip link set l0 down; ... up`) and MTU changes under `lb run` cost it nothing: it
+/// serves on, and each established flow stays with its backend (its connection table survives: the
+/// poll loop's socket stays bound through them). The flows are spread by `rr`, which would give each
+/// of the 21 flows the other backend had they been forgotten.
+#[test]
+fn established_flows_survive_a_link_flap_and_mtu_changes() {
+    let service = "  - { name: dns, vip: 10.9.9.9, port: 53, protocol: udp, mode: dsr, scheduler: rr, backends: [{ addr: 10.1.0.1, port: 53, mac: \"02:aa:bb:cc:dd:01\" }, { addr: 10.1.0.2, port: 53, mac: \"02:aa:bb:cc:dd:02\" }] }\n";
+    let Some(mut lb) = Running::start("lbfl", service) else { return };
+    lb.lb_ns.ip(&["addr", "add", "10.50.0.1/24", "dev", "l0"]).unwrap();
+    lb.peer.ip(&["addr", "add", "10.50.0.2/24", "dev", "p0"]).unwrap();
+    lb.peer.ip(&["route", "add", "10.9.9.9/32", "via", "10.50.0.1"]).unwrap();
+    assert!(lb.wait_for_log("their services are steered"), "{}", lb.log.join("\n"));
+    let flows = |lb: &Running| lb.peer.exec("python3", &["-c", FLOWS, "10.9.9.9", "21"]).unwrap();
+    let before = flows(&lb);
+    lb.lb_ns.ip(&["link", "set", "l0", "down"]).unwrap();
+    lb.lb_ns.ip(&["link", "set", "l0", "up"]).unwrap();
+    let after_flap = flows(&lb);
+    lb.lb_ns.ip(&["link", "set", "l0", "mtu", "1400"]).unwrap();
+    let after_mtu = flows(&lb);
+    lb.lb_ns.ip(&["link", "set", "l0", "mtu", "1500"]).unwrap();
+    lb.signal("-TERM");
+    let (status, log) = lb.finish();
+    assert!(!before.contains("lost"), "{before}\n{log}");
+    assert!(before.contains(" 1\n") && before.contains(" 2\n"), "rr spreads the flows over both backends: {before}");
+    assert_eq!(after_flap, before, "after the link flap\n{log}");
+    assert_eq!(after_mtu, before, "after the MTU change\n{log}");
+    assert!(status.success(), "lb run serves on and stops cleanly: {status:?}\n{log}");
+}
