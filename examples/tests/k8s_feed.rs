@@ -14,7 +14,7 @@ use std::time::Duration;
 use lb_core::config::{BackendState, NodeConfig};
 use lb_examples::config::KubernetesSettings;
 use lb_examples::k8s::Translation;
-use lb_examples::k8s::feed::{self, ExpBackoff, Feed, FeedCounters, NodeView};
+use lb_examples::k8s::feed::{self, ClientTimings, ExpBackoff, Feed, FeedCounters, NodeView};
 use serde_json::json;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -69,7 +69,7 @@ impl FeedEnd {
 }
 
 /// Runs the feed as node-a against the local API server on `port`, with `debounce`, `backoff` (else
-/// the default) and the client's `read_timeout` (else the default): its translations, its
+/// the default) and the client's `timings` (else the default): its translations, its
 /// counters, and what ends it. The SNAT address is the node address that serves the NodePort
 /// (kube-proxy's masquerade): NodePorts are outside the default snat_ports, so such keys are served.
 async fn run_feed(
@@ -77,7 +77,7 @@ async fn run_feed(
     port: u16,
     debounce: Duration,
     backoff: Option<ExpBackoff>,
-    read_timeout: Option<Duration>,
+    timings: Option<ClientTimings>,
 ) -> (mpsc::Receiver<Translation>, Arc<FeedCounters>, FeedEnd) {
     let dir = std::env::temp_dir().join(format!("lb-k8s-feed-{name}-{}", std::process::id()));
     let settings = KubernetesSettings {
@@ -87,11 +87,7 @@ async fn run_feed(
         debounce,
         ..Default::default()
     };
-    let client = match read_timeout {
-        Some(t) => feed::client_with_read_timeout(&settings, t).await,
-        None => feed::client(&settings).await,
-    }
-    .unwrap();
+    let client = feed::client_with(&settings, &timings.unwrap_or_default()).await.unwrap();
     let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
     let (view, view_rx) = tokio::sync::watch::channel(NodeView { settings, node });
     let (tx, rx) = mpsc::channel(64);
@@ -377,7 +373,7 @@ async fn a_list_that_stalls_half_way_is_given_up_and_tried_again() {
         port,
         Duration::from_millis(1),
         Some(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50))),
-        Some(Duration::from_millis(300)),
+        Some(ClientTimings { read_timeout: Duration::from_millis(300), ..Default::default() }),
     )
     .await;
 
@@ -393,4 +389,82 @@ async fn a_list_that_stalls_half_way_is_given_up_and_tried_again() {
 
     drop(rx);
     end.join().await;
+}
+
+/// A watch whose connection dies without a FIN or a reset (the API server's node gone, a NAT or
+/// conntrack entry lost between) is given up within the client's TCP keepalive bound and resumed
+/// from its last version, so a change made meanwhile is published: not after kube's idle timeout
+/// (the watch's 290 s and 5 s more), minutes in which the node served stale Services. In a namespace
+/// of its own, where an nftables rule drops every packet of the two watch connections (and of
+/// nothing else) from the moment they are live; the timings are the test's (a second).
+#[test]
+fn a_watch_on_a_dead_connection_is_given_up_and_resumed_within_the_keepalive_bound() {
+    use lb_io::netns::{Netns, can_create_namespaces, enter_netns};
+    use std::sync::atomic::Ordering::Relaxed;
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let ns = Netns::create(&format!("lbk8sdead{}", std::process::id())).unwrap();
+    let name = ns.name().to_string();
+    let blackhole = |ports: &[u16]| {
+        let set = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        let nft = |rule: &str| ns.exec("nft", &[rule]).unwrap_or_else(|e| panic!("nft: {e}"));
+        nft("add table inet dead");
+        nft("add chain inet dead input { type filter hook input priority 0; policy accept; }");
+        nft(&format!("add rule inet dead input tcp sport {{ {set} }} drop"));
+        nft(&format!("add rule inet dead input tcp dport {{ {set} }} drop"));
+    };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // Sockets opened by this thread, and by the runtime's threads it starts, live in `ns`.
+                enter_netns(&name).unwrap();
+                let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+                rt.block_on(async {
+                    let api = web_cluster();
+                    let (port, mut reqs) = start(api.clone()).await;
+                    let (mut rx, counters, end) = run_feed(
+                        "dead-watch",
+                        port,
+                        Duration::from_millis(1),
+                        Some(ExpBackoff::new(Duration::from_millis(5), Duration::from_millis(50))),
+                        Some(ClientTimings {
+                            keepalive_idle: Duration::from_secs(1),
+                            keepalive_interval: Duration::from_secs(1),
+                            keepalive_probes: 2,
+                            ..Default::default()
+                        }),
+                    )
+                    .await;
+                    until(&mut rx, "web listed", |t| backends(t, "tcp 10.96.12.34:80").is_some_and(|b| b.len() == 4))
+                        .await;
+                    let services = reqs.next("the services watch", |r| r.path == SERVICES && r.is_watch()).await;
+                    let slices = reqs.next("the slices watch", |r| r.path == SLICES && r.is_watch()).await;
+                    let dead = [services.peer.unwrap().port(), slices.peer.unwrap().port()];
+                    blackhole(&dead);
+
+                    // A change the dead connection never carries.
+                    let mut slice = fixture("endpointslice-web-ipv4.json");
+                    slice["endpoints"].as_array_mut().unwrap().truncate(2);
+                    api.upsert(SLICES, slice);
+                    let resumed = reqs
+                        .next("the slices watch resumed on a new connection", |r| {
+                            r.path == SLICES && r.is_watch() && r.peer.is_some_and(|p| !dead.contains(&p.port()))
+                        })
+                        .await;
+                    assert_eq!(resumed.rv(), slices.rv(), "resumed from the last version seen");
+                    until(&mut rx, "the change made while the connection was dead", |t| {
+                        backends(t, "tcp 10.96.12.34:80").is_some_and(|b| b.len() == 2)
+                    })
+                    .await;
+                    assert!(counters.watch_errors.load(Relaxed) >= 1, "the dead connection is counted");
+                    assert_eq!(counters.lists.load(Relaxed), 2, "no re-list");
+                    drop(rx);
+                    end.join().await;
+                });
+            })
+            .join()
+            .unwrap();
+    });
 }

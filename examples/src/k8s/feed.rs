@@ -72,7 +72,7 @@ pub enum FeedError {
 
 /// Builds a client from the kubeconfig file if one is given, else in-cluster or `$KUBECONFIG`.
 pub async fn client(settings: &KubernetesSettings) -> Result<Client, FeedError> {
-    client_with_read_timeout(settings, READ_TIMEOUT).await
+    client_with(settings, &ClientTimings::default()).await
 }
 
 /// How long a read from the API server may wait before its request fails (and is tried again, after
@@ -81,12 +81,41 @@ pub async fn client(settings: &KubernetesSettings) -> Result<Client, FeedError> 
 /// with nothing logged. Beyond the watches' server-side timeout (290 s), so a quiet watch is never cut.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(295);
 
-/// [`client`], with `read_timeout` where the configuration sets none (tests take less than
-/// [`READ_TIMEOUT`]).
-pub async fn client_with_read_timeout(
-    settings: &KubernetesSettings,
-    read_timeout: Duration,
-) -> Result<Client, FeedError> {
+/// How the client gives up on an API server that no longer answers.
+///
+/// A watch only reads, and a quiet cluster sends it nothing for minutes: when the connection dies
+/// without a FIN or a reset (the API server's node gone, a NAT or conntrack entry lost between),
+/// only the read timeout (and kube's idle timeout, as long) would end it, minutes in which the node
+/// balanced with stale Services and endpoints. TCP keepalive probes a connection idle for
+/// `keepalive_idle`, every `keepalive_interval`, and the kernel closes it (the watch fails, and is
+/// resumed on a new connection from its last version) when `keepalive_probes` of them go
+/// unanswered: 45 s by default, as long as client-go's HTTP/2 health check (a ping after 30 s
+/// without a frame, 15 s for its answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimings {
+    /// The read timeout where the configuration sets none ([`READ_TIMEOUT`]).
+    pub read_timeout: Duration,
+    /// How long a connection is idle before the first keepalive probe.
+    pub keepalive_idle: Duration,
+    /// The time between unanswered keepalive probes.
+    pub keepalive_interval: Duration,
+    /// How many unanswered probes close the connection.
+    pub keepalive_probes: u32,
+}
+
+impl Default for ClientTimings {
+    fn default() -> Self {
+        ClientTimings {
+            read_timeout: READ_TIMEOUT,
+            keepalive_idle: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(5),
+            keepalive_probes: 3,
+        }
+    }
+}
+
+/// [`client`], with `timings` (tests take seconds).
+pub async fn client_with(settings: &KubernetesSettings, timings: &ClientTimings) -> Result<Client, FeedError> {
     let mut config = match &settings.kubeconfig {
         Some(path) => {
             let err = |e: Box<dyn std::error::Error + Send + Sync>| FeedError::Kubeconfig {
@@ -100,8 +129,42 @@ pub async fn client_with_read_timeout(
         }
         None => kube::Config::infer().await?,
     };
-    config.read_timeout.get_or_insert(read_timeout);
-    Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&WatchPacing::default()).build())
+    config.read_timeout.get_or_insert(timings.read_timeout);
+    build_client(config, timings)
+}
+
+/// kube's client stack (`ClientBuilder::try_from`: timeouts, TLS, retries of 429/503/504, the
+/// credentials, the configured headers) on a connector with TCP keepalive, which kube's lacks,
+/// under [`WatchPacing`]. A proxy in the configuration is left to kube's own stack, which refuses
+/// it (this build has none of kube's proxy features) as it always did.
+fn build_client(config: kube::Config, timings: &ClientTimings) -> Result<Client, FeedError> {
+    use kube::client::ConfigExt;
+    if config.proxy_url.is_some() {
+        return Ok(kube::client::ClientBuilder::try_from(config)?.with_layer(&WatchPacing::default()).build());
+    }
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_keepalive(Some(timings.keepalive_idle));
+    tcp.set_keepalive_interval(Some(timings.keepalive_interval));
+    tcp.set_keepalive_retries(Some(timings.keepalive_probes));
+    let mut connector = hyper_timeout::TimeoutConnector::new(config.rustls_https_connector_with_connector(tcp)?);
+    connector.set_connect_timeout(config.connect_timeout);
+    connector.set_read_timeout(config.read_timeout);
+    connector.set_write_timeout(config.write_timeout);
+    connector.set_reset_reader_on_write(config.reset_reader_on_write);
+    let http: hyper_util::client::legacy::Client<_, kube::client::Body> =
+        hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new()).build(connector);
+    let retry =
+        config.default_retry.then(|| tower::retry::RetryLayer::new(kube::client::retry::RetryPolicy::server_retry()));
+    let service = tower::ServiceBuilder::new()
+        .layer(WatchPacing::default())
+        .layer(config.base_uri_layer())
+        .option_layer(retry)
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(http);
+    Ok(kube::client::ClientBuilder::new(service, config.default_namespace).build())
 }
 
 /// The shortest time between the starts of two watches of one resource.

@@ -28,6 +28,8 @@ pub struct Request {
     pub query: HashMap<String, String>,
     /// When the server had read it.
     pub at: std::time::Instant,
+    /// The client's address (its connection's own port).
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 impl Request {
@@ -249,7 +251,7 @@ pub async fn handle(
     let (path, qs) = target.split_once('?').unwrap_or((&target, ""));
     let query: HashMap<String, String> =
         qs.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let req = Request { path: path.to_string(), query, at: std::time::Instant::now() };
+    let req = Request { path: path.to_string(), query, at: std::time::Instant::now(), peer: sock.peer_addr().ok() };
     // A watch of a collection is recorded once it is registered for live events (below), so a test
     // that waits for the watch request and then sends an event knows the event reaches it.
     let refused = api.state.lock().unwrap().refused.get(req.path.as_str()).copied();
