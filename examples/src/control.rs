@@ -345,6 +345,11 @@ pub struct LiveState {
     pub last_error: Option<String>,
     /// Kubernetes Services (or keys) skipped by the last translation.
     pub k8s_skipped: usize,
+    /// The health check node ports of the cluster translation the tables were built from, each
+    /// answering for what the tables serve: 0 local endpoints for a Service none of whose keys they
+    /// hold (left out by lb-core or the workers, or its keys taken by others). See
+    /// [`crate::k8s::node_health`].
+    pub node_health_checks: Vec<crate::k8s::translate::NodeHealthCheck>,
     /// The Kubernetes feed's counters, when the feed runs.
     pub feed: Option<Arc<crate::k8s::feed::FeedCounters>>,
     /// Maglev entries (mh, sh, dh) that changed owner over all applied updates, by cause.
@@ -571,6 +576,12 @@ impl<S: TablesSink> Control<S> {
                 if let Some(k) = kubernetes {
                     self.kubernetes = k;
                 }
+                let checks = served_health_checks(&self.kubernetes, &self.live.borrow().services);
+                self.live.send_if_modified(|l| {
+                    let modified = l.node_health_checks != checks;
+                    l.node_health_checks = checks;
+                    modified
+                });
                 Ok(tables)
             }
             Err(e) => {
@@ -906,21 +917,30 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
             tokio::spawn(feed.run(k_tx));
             // The health check node ports of the translation's Local LoadBalancer Services, answered
             // on every node address as kube-proxy answers them.
+            // They answer for the translation the tables run, once they run it: not for one the
+            // control loop refused, nor for a Service it left out.
             let (hc_tx, hc_rx) = watch::channel(Vec::new());
             let (served_tx, served_rx) = watch::channel(Vec::new());
             node_health = Some(served_rx);
             let any = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
             tokio::spawn(crate::k8s::node_health::serve(any, hc_rx, served_tx));
+            let mut live = control.subscribe();
+            tokio::spawn(async move {
+                loop {
+                    let checks = live.borrow_and_update().node_health_checks.clone();
+                    hc_tx.send_if_modified(|h| {
+                        let changed = *h != checks;
+                        *h = checks;
+                        changed
+                    });
+                    if live.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
             let in_tx = in_tx.clone();
             tokio::spawn(async move {
                 while let Some(t) = k_rx.recv().await {
-                    hc_tx.send_if_modified(|h| {
-                        let changed = *h != t.health_checks;
-                        if changed {
-                            h.clone_from(&t.health_checks);
-                        }
-                        changed
-                    });
                     if in_tx.send(ControlInput::Kubernetes(t)).await.is_err() {
                         return;
                     }
@@ -1060,6 +1080,29 @@ pub fn run_blocking<S: TablesSink + 'static>(
         run_control_plane(path.to_owned(), loaded, sink, stats, stop).await
     })?;
     Ok(())
+}
+
+/// The health check node ports of `k8s`, each with the local endpoints that `built` (the services
+/// the tables serve) serves: those of the translation while one of the Service's keys is in
+/// `built` as translated, else 0 (the node drops the Service's traffic: a cloud load balancer
+/// must send it elsewhere).
+fn served_health_checks(k8s: &Translation, built: &[ServiceSpec]) -> Vec<crate::k8s::translate::NodeHealthCheck> {
+    k8s.health_checks
+        .iter()
+        .map(|c| {
+            // (A translated key is named `namespace/name:port`.)
+            let prefix = format!("{}/{}:", c.namespace, c.name);
+            let served = built.iter().any(|b| {
+                b.config.name.starts_with(&prefix)
+                    && k8s.services.iter().any(|s| s.config.key == b.config.key && s.config.name == b.config.name)
+            });
+            let mut c = c.clone();
+            if !served {
+                c.local_endpoints = 0;
+            }
+            c
+        })
+        .collect()
 }
 
 /// The file's services plus the cluster's. The file wins a shared key, and a Kubernetes service that
@@ -1577,6 +1620,48 @@ services:
         fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
             self.recorder.publish(tables)
         }
+    }
+
+    /// The health check node ports answer for the translation the tables run: a Service left out
+    /// (its only key the file's) with 0 local endpoints, and a translation refused whole changes
+    /// nothing they say (its counts would have drawn a cloud load balancer's traffic to Services
+    /// the workers do not serve).
+    #[tokio::test]
+    async fn node_health_checks_follow_the_translation_the_tables_run() {
+        use crate::k8s::translate::NodeHealthCheck;
+        let mut control = Control::new(PickySink { recorder: RecordingSink::default(), max_services: 2 });
+        let live = control.subscribe();
+        control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let service = |name: &str, port: u16| {
+            let mut s = parse(GOOD).unwrap().services.remove(0);
+            s.config.name = name.into();
+            s.config.key.port = port;
+            s
+        };
+        let check = |port: u16, name: &str, local_endpoints: usize| NodeHealthCheck {
+            port,
+            namespace: "edge".into(),
+            name: name.into(),
+            local_endpoints,
+        };
+        let k8s = Translation {
+            services: vec![service("edge/a:http", 9000), service("edge/b:http", 80)],
+            health_checks: vec![check(30001, "a", 2), check(30002, "b", 1)],
+            ..Translation::default()
+        };
+        control.apply(ControlInput::Kubernetes(k8s)).unwrap();
+        let served = vec![check(30001, "a", 2), check(30002, "b", 0)];
+        assert_eq!(live.borrow().node_health_checks, served);
+
+        // Four services with the file's: more than these workers serve.
+        let k8s = Translation {
+            services: vec![service("edge/a:http", 9000), service("edge/c:http", 9001), service("edge/d:http", 9002)],
+            health_checks: vec![check(30001, "a", 5), check(30003, "c", 1)],
+            ..Translation::default()
+        };
+        let err = control.apply(ControlInput::Kubernetes(k8s)).unwrap_err();
+        assert!(matches!(err, ControlError::Unservable(_)), "{err}");
+        assert_eq!(live.borrow().node_health_checks, served);
     }
 
     #[tokio::test]

@@ -410,3 +410,62 @@ async fn with_the_api_server_refusing_the_tables_and_the_health_check_node_port_
 
     plane.stop(&dir).await;
 }
+
+/// Publishes to a channel and refuses, as workers can, any service of ingress/edge.
+struct RefusingEdge(mpsc::UnboundedSender<Arc<Tables>>);
+
+impl TablesSink for RefusingEdge {
+    fn check(&self, config: &lb_core::config::Config) -> Result<(), String> {
+        match config.services.iter().any(|s| s.name.starts_with("ingress/edge:")) {
+            true => Err("ingress/edge cannot be served here".into()),
+            false => Ok(()),
+        }
+    }
+
+    fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+        self.0.publish(tables)
+    }
+}
+
+/// The health check node port answers for what the tables serve: a Local LoadBalancer Service the
+/// data plane leaves out (here the workers refuse it; a key the file's service holds, a Maglev
+/// table too small) has no local endpoint this node serves, so the port answers 503 and a cloud
+/// load balancer sends its traffic elsewhere. It answered 200 with the translation's count, and the
+/// cloud load balancer sent the Service's traffic to a node that served none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_node_port_answers_503_for_a_service_the_tables_leave_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (api, dir, kc) = web_cluster("lb-k8s-node-health-left-out").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    add_local_edge(&api, port);
+    let path = dir.join("lb.yaml");
+    std::fs::write(&path, file_yaml(&kc, false)).unwrap();
+    let settings = file::load(&path).unwrap();
+    let (tx, mut tables) = mpsc::unbounded_channel();
+    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
+    let plane =
+        ControlPlane::start(path.clone(), settings, RefusingEdge(tx), stats, Duration::from_millis(20)).await.unwrap();
+    let mut live = plane.live();
+    let mut served = plane.node_health().expect("the feed runs");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(plane.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let t = until(&mut tables, "shop/web", |t| has(t, "tcp 10.96.12.34:80")).await;
+    assert!(t.services().iter().all(|s| !s.name.starts_with("ingress/edge:")), "{:?}", names(&t));
+    tokio::time::timeout(FAILSAFE, live.wait_for(|l| l.k8s_skipped >= 1)).await.expect("edge left out").unwrap();
+    tokio::time::timeout(FAILSAFE, served.wait_for(|s| s.iter().any(|h| h.port == port)))
+        .await
+        .expect("the port is open")
+        .unwrap();
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: node-a\r\n\r\n").await.unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{answer}");
+    assert!(answer.contains("\"localEndpoints\":0"), "{answer}");
+
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -6,9 +6,11 @@
 //! Every request on the port, whatever its path, gets
 //! `{"service":{"namespace":NS,"name":NAME},"localEndpoints":N,"serviceProxyHealthy":true}` with
 //! status 200 when N > 0 and 503 otherwise, and kube-proxy's `X-Load-Balancing-Endpoint-Weight: N`
-//! header. The listeners follow the translations: a port is opened when a Service asks for it and
-//! closed when none does; a port another process holds is tried again every 2 s until it
-//! opens. The kernel, not the XDP program, receives these connections (the port is
+//! header. The listeners follow the translation the tables run (once the control loop has applied
+//! it; not one it refused), and N is what the tables serve: 0 for a Service none of whose keys they
+//! hold (left out by lb-core or the workers), as the node drops its traffic. A port is opened when a
+//! Service asks for it and closed when none does; a port another process holds is tried again
+//! every 2 s until it opens. The kernel, not the XDP program, receives these connections (the port is
 //! no service's), so they reach the node's own stack and this server.
 
 use std::collections::{HashMap, HashSet};
