@@ -350,6 +350,9 @@ pub struct LiveState {
     /// hold (left out by lb-core or the workers, or its keys taken by others). See
     /// [`crate::k8s::node_health`].
     pub node_health_checks: Vec<crate::k8s::translate::NodeHealthCheck>,
+    /// Since when the workers have not taken or applied the last tables ([`TablesSink::has_pending`]
+    /// at every turn of the control loop since): a stuck poll loop. `None` while they run them.
+    pub workers_behind_since: Option<std::time::Instant>,
     /// The Kubernetes feed's counters, when the feed runs.
     pub feed: Option<Arc<crate::k8s::feed::FeedCounters>>,
     /// Maglev entries (mh, sh, dh) that changed owner over all applied updates, by cause.
@@ -744,6 +747,17 @@ impl<S: TablesSink> Control<S> {
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let pending = self.sink.has_pending();
+            self.live.send_if_modified(|l| match (pending, l.workers_behind_since) {
+                (true, None) => {
+                    l.workers_behind_since = Some(std::time::Instant::now());
+                    true
+                }
+                (false, Some(_)) => {
+                    l.workers_behind_since = None;
+                    true
+                }
+                _ => false,
+            });
             let input = if let Some(i) = held.take() {
                 i
             } else {
@@ -919,15 +933,25 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
             // on every node address as kube-proxy answers them.
             // They answer for the translation the tables run, once they run it: not for one the
             // control loop refused, nor for a Service it left out.
+            // Unhealthy while the workers are behind.
             let (hc_tx, hc_rx) = watch::channel(Vec::new());
+            let (behind_tx, behind_rx) = watch::channel(None);
             let (served_tx, served_rx) = watch::channel(Vec::new());
             node_health = Some(served_rx);
             let any = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
-            tokio::spawn(crate::k8s::node_health::serve(any, hc_rx, served_tx));
+            tokio::spawn(crate::k8s::node_health::serve(any, hc_rx, behind_rx, served_tx));
             let mut live = control.subscribe();
             tokio::spawn(async move {
                 loop {
-                    let checks = live.borrow_and_update().node_health_checks.clone();
+                    let (checks, behind) = {
+                        let l = live.borrow_and_update();
+                        (l.node_health_checks.clone(), l.workers_behind_since)
+                    };
+                    behind_tx.send_if_modified(|b| {
+                        let changed = *b != behind;
+                        *b = behind;
+                        changed
+                    });
                     hc_tx.send_if_modified(|h| {
                         let changed = *h != checks;
                         *h = checks;
@@ -1540,6 +1564,57 @@ services:
         control_side.join().unwrap();
         stop.stop();
         poll_loop.join().unwrap().unwrap();
+    }
+
+    /// A sink whose workers have not taken or applied the last tables while `stuck` says so.
+    struct StuckSink {
+        recorder: RecordingSink,
+        stuck: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl TablesSink for StuckSink {
+        fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+            self.recorder.publish(tables)
+        }
+
+        fn has_pending(&self) -> bool {
+            self.stuck.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    /// The live state says since when the workers have left the last tables unapplied (from then on
+    /// the health check node ports count towards answering unhealthy), and clears it once they apply
+    /// them.
+    #[tokio::test]
+    async fn the_live_state_says_since_when_the_workers_are_behind() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stuck = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let control = Control::new(StuckSink { recorder: RecordingSink::default(), stuck: stuck.clone() });
+        let mut live = control.subscribe();
+        let (tx, rx) = mpsc::channel(4);
+        let task = tokio::spawn(control.run(rx));
+        let file = |weight| {
+            let mut s = parse(GOOD).unwrap();
+            s.services[0].config.backends[0].weight = weight;
+            ControlInput::File(Box::new(s))
+        };
+        let wait = async |live: &mut watch::Receiver<LiveState>, what: &str, pred: fn(&LiveState) -> bool| {
+            let state = tokio::time::timeout(std::time::Duration::from_secs(10), live.wait_for(pred));
+            state.await.unwrap_or_else(|_| panic!("never {what}")).unwrap().workers_behind_since
+        };
+        tx.send(file(1)).await.unwrap();
+        assert_eq!(wait(&mut live, "applied", |l| l.applied == 1).await, None);
+
+        stuck.store(true, Relaxed);
+        let before = std::time::Instant::now();
+        tx.send(file(2)).await.unwrap();
+        let since = wait(&mut live, "behind", |l| l.applied == 2 && l.workers_behind_since.is_some()).await;
+        assert!(since.is_some_and(|s| s >= before), "{since:?}");
+
+        stuck.store(false, Relaxed);
+        assert_eq!(wait(&mut live, "caught up", |l| l.workers_behind_since.is_none()).await, None);
+        drop(tx);
+        task.await.unwrap();
     }
 
     /// A sink that records every publish and then fails the ones `fail_next` asks to, as `lb run`'s

@@ -4,9 +4,11 @@
 //! (where `lb` drops such traffic, counted as `no_backend`) is taken out of rotation.
 //!
 //! Every request on the port, whatever its path, gets
-//! `{"service":{"namespace":NS,"name":NAME},"localEndpoints":N,"serviceProxyHealthy":true}` with
-//! status 200 when N > 0 and 503 otherwise, and kube-proxy's `X-Load-Balancing-Endpoint-Weight: N`
-//! header. The listeners follow the translation the tables run (once the control loop has applied
+//! `{"service":{"namespace":NS,"name":NAME},"localEndpoints":N,"serviceProxyHealthy":H}` with
+//! status 200 when N > 0 and H, 503 otherwise, and kube-proxy's `X-Load-Balancing-Endpoint-Weight: N`
+//! header. H is false, as kube-proxy's is when an update waits unapplied for twice its sync period,
+//! once the poll loops have not taken or swapped in the last tables for [`PROXY_HEALTH_TIMEOUT`]
+//! (a stuck loop: the node serves neither the cluster as it is nor, on that loop's queue, at all). The listeners follow the translation the tables run (once the control loop has applied
 //! it; not one it refused), and N is what the tables serve: 0 for a Service none of whose keys they
 //! hold (left out by lb-core or the workers), as the node drops its traffic. A port is opened when a
 //! Service asks for it and closed when none does; a port another process holds is tried again
@@ -32,25 +34,35 @@ const READ_TIMEOUT: Duration = Duration::from_secs(2);
 /// Service still asks for it.
 const BIND_RETRY: Duration = Duration::from_secs(2);
 
+/// How long the poll loops may leave the last tables unapplied before the node answers unhealthy:
+/// kube-proxy's 60 s (twice its default sync period).
+pub const PROXY_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Since when the poll loops have not applied the last tables (`None`: they run them).
+pub type BehindSince = watch::Receiver<Option<std::time::Instant>>;
+
 /// What each open port answers, by port.
 type Answers = Arc<RwLock<HashMap<u16, NodeHealthCheck>>>;
 
 /// Serves the health check node ports that `checks` lists, on `addr` (the unspecified address: every
-/// node address), until `checks` closes. After each change, `served` holds the checks being answered
-/// (those whose port is open). A port that cannot be bound (in use) is logged and tried again at the
+/// node address), until `checks` closes, unhealthy while `behind` is older than
+/// [`PROXY_HEALTH_TIMEOUT`]. After each change, `served` holds the checks being answered (those
+/// whose port is open). A port that cannot be bound (in use) is logged and tried again at the
 /// change or after 2 s, whichever comes first.
 pub async fn serve(
     addr: IpAddr,
     checks: watch::Receiver<Vec<NodeHealthCheck>>,
+    behind: BehindSince,
     served: watch::Sender<Vec<NodeHealthCheck>>,
 ) {
-    serve_retrying(addr, checks, served, BIND_RETRY).await;
+    serve_retrying(addr, checks, behind, served, BIND_RETRY).await;
 }
 
 /// [`serve`], trying ports that could not be opened again every `retry`.
 async fn serve_retrying(
     addr: IpAddr,
     mut checks: watch::Receiver<Vec<NodeHealthCheck>>,
+    behind: BehindSince,
     served: watch::Sender<Vec<NodeHealthCheck>>,
     retry: Duration,
 ) {
@@ -87,7 +99,7 @@ async fn serve_retrying(
                 Ok(l) => {
                     refused.remove(&c.port);
                     tracing::info!(port = c.port, service = %format!("{}/{}", c.namespace, c.name), "health check node port open");
-                    listeners.insert(c.port, tokio::spawn(accept(l, c.port, answers.clone())));
+                    listeners.insert(c.port, tokio::spawn(accept(l, c.port, answers.clone(), behind.clone())));
                 }
                 Err(e) if refused.insert(c.port) => {
                     tracing::warn!(
@@ -117,11 +129,11 @@ async fn serve_retrying(
     }
 }
 
-async fn accept(listener: TcpListener, port: u16, answers: Answers) {
+async fn accept(listener: TcpListener, port: u16, answers: Answers, behind: BehindSince) {
     loop {
         match listener.accept().await {
             Ok((conn, _)) => {
-                tokio::spawn(answer(conn, port, answers.clone()));
+                tokio::spawn(answer(conn, port, answers.clone(), behind.clone()));
             }
             // (Out of descriptors, say: as the metrics endpoint, wait rather than spin.)
             Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
@@ -130,7 +142,7 @@ async fn accept(listener: TcpListener, port: u16, answers: Answers) {
 }
 
 /// Reads the request (up to its blank line, 4 KiB or [`READ_TIMEOUT`]) and answers it.
-async fn answer(mut conn: TcpStream, port: u16, answers: Answers) {
+async fn answer(mut conn: TcpStream, port: u16, answers: Answers, behind: BehindSince) {
     let mut buf = [0u8; 4096];
     let mut read = 0;
     let _ = tokio::time::timeout(READ_TIMEOUT, async {
@@ -144,18 +156,19 @@ async fn answer(mut conn: TcpStream, port: u16, answers: Answers) {
     .await;
     let check = answers.read().ok().and_then(|a| a.get(&port).cloned());
     let Some(c) = check else { return };
-    let _ = conn.write_all(response(&c).as_bytes()).await;
+    let healthy = behind.borrow().is_none_or(|since| since.elapsed() < PROXY_HEALTH_TIMEOUT);
+    let _ = conn.write_all(response(&c, healthy).as_bytes()).await;
     let _ = conn.shutdown().await;
 }
 
 /// The HTTP response for `c`, as kube-proxy's `hcHandler` writes it.
-fn response(c: &NodeHealthCheck) -> String {
+fn response(c: &NodeHealthCheck, healthy: bool) -> String {
     let n = c.local_endpoints;
-    let status = if n > 0 { "200 OK" } else { "503 Service Unavailable" };
+    let status = if n > 0 && healthy { "200 OK" } else { "503 Service Unavailable" };
     let body = serde_json::json!({
         "service": { "namespace": c.namespace, "name": c.name },
         "localEndpoints": n,
-        "serviceProxyHealthy": true,
+        "serviceProxyHealthy": healthy,
     })
     .to_string();
     format!(
@@ -193,7 +206,8 @@ mod tests {
         let port = free_port().await;
         let (tx, rx) = watch::channel(vec![check(port, 2)]);
         let (served_tx, served) = watch::channel(Vec::new());
-        let server = tokio::spawn(serve(IpAddr::from([127, 0, 0, 1]), rx, served_tx));
+        let (_behind_tx, behind) = watch::channel(None);
+        let server = tokio::spawn(serve(IpAddr::from([127, 0, 0, 1]), rx, behind, served_tx));
         let applied = |want: Vec<NodeHealthCheck>| {
             let mut served = served.clone();
             async move {
@@ -225,6 +239,39 @@ mod tests {
         server.await.unwrap();
     }
 
+    /// While the poll loops have left the last tables unapplied for [`PROXY_HEALTH_TIMEOUT`] the
+    /// node is unhealthy, as kube-proxy is when its updates wait: 503 and `serviceProxyHealthy`
+    /// false though it has local endpoints; healthy again within the timeout and once they apply.
+    #[tokio::test]
+    async fn a_node_whose_loops_are_behind_answers_unhealthy() {
+        let port = free_port().await;
+        let (tx, rx) = watch::channel(vec![check(port, 2)]);
+        let (served_tx, mut served) = watch::channel(Vec::new());
+        let (behind_tx, behind) = watch::channel(None);
+        let server = tokio::spawn(serve(IpAddr::from([127, 0, 0, 1]), rx, behind, served_tx));
+        let open = served.wait_for(|s| *s == vec![check(port, 2)]);
+        tokio::time::timeout(Duration::from_secs(10), open).await.expect("the port opens").unwrap();
+
+        let now = std::time::Instant::now();
+        let long_ago = now.checked_sub(PROXY_HEALTH_TIMEOUT + Duration::from_secs(1)).unwrap();
+        behind_tx.send(Some(long_ago)).unwrap();
+        let stuck = get(port).await.unwrap();
+        assert!(stuck.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{stuck}");
+        assert!(stuck.contains("\"serviceProxyHealthy\":false") && stuck.contains("\"localEndpoints\":2"), "{stuck}");
+
+        behind_tx.send(Some(now)).unwrap();
+        let within = get(port).await.unwrap();
+        assert!(within.starts_with("HTTP/1.1 200 OK\r\n"), "{within}");
+        behind_tx.send(None).unwrap();
+        let applied = get(port).await.unwrap();
+        assert!(
+            applied.starts_with("HTTP/1.1 200 OK\r\n") && applied.contains("\"serviceProxyHealthy\":true"),
+            "{applied}"
+        );
+        drop(tx);
+        server.await.unwrap();
+    }
+
     /// A port another process holds when its Service asks for it (kube-proxy, still serving the
     /// Service before it took the service-proxy-name label; an `lb` still stopping) opens once it is
     /// freed, though no Service changes: a cloud load balancer must not find the node's check
@@ -235,8 +282,14 @@ mod tests {
         let port = holder.local_addr().unwrap().port();
         let (tx, rx) = watch::channel(vec![check(port, 1)]);
         let (served_tx, mut served) = watch::channel(Vec::new());
-        let server =
-            tokio::spawn(serve_retrying(IpAddr::from([127, 0, 0, 1]), rx, served_tx, Duration::from_millis(20)));
+        let (_behind_tx, behind) = watch::channel(None);
+        let server = tokio::spawn(serve_retrying(
+            IpAddr::from([127, 0, 0, 1]),
+            rx,
+            behind,
+            served_tx,
+            Duration::from_millis(20),
+        ));
         // The first attempt finds the port taken: nothing is served yet.
         tokio::time::timeout(Duration::from_secs(10), served.changed()).await.expect("first attempt").unwrap();
         assert_eq!(*served.borrow_and_update(), vec![]);
