@@ -112,8 +112,8 @@ pub struct NodeHealthCheck {
     pub namespace: String,
     /// The Service's name.
     pub name: String,
-    /// This node's ready endpoints of the Service (distinct addresses; kube-proxy's
-    /// `localEndpoints`): 0 answers 503.
+    /// This node's ready endpoints of the Service, in slices with one of its TCP or UDP ports
+    /// (distinct addresses; kube-proxy's `localEndpoints`): 0 answers 503.
     pub local_endpoints: usize,
 }
 
@@ -717,9 +717,21 @@ fn node_health_check(
     }
     let port = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0)?;
     let node = settings.node_name.as_deref();
+    // Only slices with a port of the Service hold its backends (kube-proxy too ignores a slice with
+    // `ports: null`, which the EndpointSlice controller writes for pods without the named targetPort).
+    let serves_a_port = |s: &EndpointSlice| {
+        spec.ports.iter().flatten().any(|p| {
+            let proto = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                _ => return false,
+            };
+            slice_port(s, p.name.as_deref().unwrap_or(""), proto).is_some()
+        })
+    };
     let local_endpoints: HashSet<&str> = slices
         .iter()
-        .filter(|s| holds_addresses(s))
+        .filter(|s| holds_addresses(s) && serves_a_port(s))
         .flat_map(|s| s.endpoints.iter())
         .filter(|e| is_local(e, node) && Condition::of(e) == Condition::Ready)
         .filter_map(|e| e.addresses.first().map(String::as_str))
@@ -806,6 +818,20 @@ fn target_port(port: &ServicePort) -> Option<u16> {
     }
 }
 
+/// The port number `slice` gives the Service port named `port_name` of `proto`, if it has one (not
+/// zero).
+fn slice_port(slice: &EndpointSlice, port_name: &str, proto: Protocol) -> Option<u16> {
+    let target = slice.ports.iter().flatten().find(|p| {
+        p.name.as_deref().unwrap_or("") == port_name
+            && match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => proto == Protocol::Tcp,
+                "UDP" => proto == Protocol::Udp,
+                _ => false,
+            }
+    });
+    target.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0)
+}
+
 /// Every endpoint address of `port_name`/`proto`, deduplicated (an endpoint moving between slices
 /// can appear in two; the better [`Condition`] wins).
 fn endpoints_for(
@@ -820,18 +846,7 @@ fn endpoints_for(
         if !holds_addresses(slice) {
             continue;
         }
-        let target = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && match p.protocol.as_deref().unwrap_or("TCP") {
-                    "TCP" => proto == Protocol::Tcp,
-                    "UDP" => proto == Protocol::Udp,
-                    _ => false,
-                }
-        });
-        let Some(target_port) = target.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0)
-        else {
-            continue;
-        };
+        let Some(target_port) = slice_port(slice, port_name, proto) else { continue };
         for ep in &slice.endpoints {
             let condition = Condition::of(ep);
             let state = if condition == Condition::Ready { BackendState::Active } else { BackendState::Draining };
@@ -1181,6 +1196,63 @@ mod tests {
         assert_eq!(translate([&svc], [&slice], &on("node-a"), &node()).health_checks, want(1));
         slice.endpoints[1].conditions = None;
         assert_eq!(translate([&svc], [&slice], &on("node-a"), &node()).health_checks, want(2));
+    }
+
+    /// Pods the Service's selector matches but whose container has no port of the named targetPort
+    /// (a second Deployment under the same labels) get a slice with `ports: null` from the
+    /// EndpointSlice controller: no backend of any key, and no endpoint to kube-proxy, whose health
+    /// check answers 503 on a node with only those. Counted, they made the node answer 200, and the
+    /// cloud load balancer sent it traffic that the Local keys, with no backend, dropped.
+    #[test]
+    fn endpoints_in_a_slice_without_the_services_ports_are_no_local_endpoints() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        let slice: EndpointSlice = fixture!("endpointslice-edge.json");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32100);
+        let mut portless: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "edge-k9m2x",
+                "namespace": "ingress",
+                "labels": {
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                    "kubernetes.io/service-name": "edge"
+                }
+            },
+            "addressType": "IPv4",
+            "endpoints": [{
+                "addresses": ["10.244.2.40"],
+                "conditions": { "ready": true, "serving": true, "terminating": false },
+                "nodeName": "node-b"
+            }],
+            "ports": null
+        }))
+        .unwrap();
+        let on_b = KubernetesSettings { node_name: Some("node-b".into()), ..settings() };
+        let local_endpoints = |slices: &[&EndpointSlice]| {
+            let t = translate([&svc], slices.iter().copied(), &on_b, &node());
+            assert!(find(&t, "tcp 192.168.1.10:31443").backends.is_empty(), "no backend on node-b");
+            t.health_checks.iter().map(|h| h.local_endpoints).collect::<Vec<_>>()
+        };
+        assert_eq!(local_endpoints(&[&slice, &portless]), [0]);
+        // Ports of another name than the Service's (a port renamed in the pods) are none of its either.
+        portless.ports = Some(vec![k8s_openapi::api::discovery::v1::EndpointPort {
+            name: Some("metrics".into()),
+            port: Some(9090),
+            protocol: Some("TCP".into()),
+            app_protocol: None,
+        }]);
+        assert_eq!(local_endpoints(&[&slice, &portless]), [0]);
+        // Named as the Service's port, it is a backend and counts.
+        portless.ports.as_mut().unwrap()[0].name = Some("https".into());
+        let t = translate([&svc], [&slice, &portless], &on_b, &node());
+        assert_eq!(
+            backends(find(&t, "tcp 192.168.1.10:31443")),
+            [("10.244.2.40:9090".into(), BackendState::Active, 100)]
+        );
+        assert_eq!(t.health_checks.iter().map(|h| h.local_endpoints).collect::<Vec<_>>(), [1]);
     }
 
     #[test]
