@@ -833,7 +833,7 @@ fn slice_port(slice: &EndpointSlice, port_name: &str, proto: Protocol) -> Option
 }
 
 /// Every endpoint address of `port_name`/`proto`, deduplicated (an endpoint moving between slices
-/// can appear in two; the better [`Condition`] wins).
+/// can appear in two; the better [`Condition`] wins, then the copy on this node).
 fn endpoints_for(
     slices: &[&EndpointSlice],
     weights: &[u32],
@@ -882,8 +882,10 @@ fn endpoints_for(
                     .map(|z| z.name.clone())
                     .collect(),
             };
+            // The better condition wins; of two alike, the local one (as in kube-proxy, which keeps a
+            // local copy over any other).
             match found.get(&(addr, target_port)) {
-                Some(prev) if prev.condition >= e.condition => {}
+                Some(prev) if (prev.condition, prev.local) >= (e.condition, e.local) => {}
                 _ => {
                     found.insert((addr, target_port), e);
                 }
@@ -1253,6 +1255,35 @@ mod tests {
             [("10.244.2.40:9090".into(), BackendState::Active, 100)]
         );
         assert_eq!(t.health_checks.iter().map(|h| h.local_endpoints).collect::<Vec<_>>(), [1]);
+    }
+
+    /// One endpoint in two slices of a Service, as while Endpoints are mirrored and the same
+    /// addresses written as an EndpointSlice too: the mirrored copy without `nodeName`, the other with
+    /// this node's. Of two copies alike but for that, kube-proxy keeps the local one. Keeping the
+    /// one first in the store's order left a Local key with no backend while the health check,
+    /// counting the local copy, answered 200: that node's traffic was dropped.
+    #[test]
+    fn of_two_copies_of_an_endpoint_alike_but_for_its_node_the_local_one_is_kept() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32100);
+        let written: EndpointSlice = fixture!("endpointslice-edge.json");
+        let mut mirrored = written.clone();
+        mirrored.metadata.name = Some("edge-mirror-x7q2p".into());
+        mirrored
+            .metadata
+            .labels
+            .get_or_insert_default()
+            .insert("endpointslice.kubernetes.io/managed-by".into(), "endpointslicemirroring-controller.k8s.io".into());
+        mirrored.endpoints[0].node_name = None;
+        for order in [[&mirrored, &written], [&written, &mirrored]] {
+            let t = translate([&svc], order, &settings(), &node());
+            let want = [("10.244.1.30:8443".into(), BackendState::Active, 100)];
+            assert_eq!(backends(find(&t, "tcp 192.168.1.10:31443")), want, "{:?}", order.map(|s| &s.metadata.name));
+            assert_eq!(backends(find(&t, "tcp 203.0.113.11:443")), want);
+            assert_eq!(t.health_checks[0].local_endpoints, 1);
+        }
     }
 
     #[test]
