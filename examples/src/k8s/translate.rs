@@ -113,7 +113,7 @@ pub struct NodeHealthCheck {
     /// The Service's name.
     pub name: String,
     /// This node's ready endpoints of the Service, in slices with one of its TCP or UDP ports
-    /// (distinct addresses; kube-proxy's `localEndpoints`): 0 answers 503.
+    /// and not weighted 0 (distinct addresses; kube-proxy's `localEndpoints`): 0 answers 503.
     pub local_endpoints: usize,
 }
 
@@ -705,7 +705,7 @@ fn serve_terminating_if_none_ready(backends: &mut [BackendConfig], fallback: &[b
 
 /// The health check node port `svc` asks this node to answer, if any: a LoadBalancer Service with
 /// `externalTrafficPolicy: Local` and a `healthCheckNodePort`, counted as kube-proxy counts it (this
-/// node's ready endpoints).
+/// node's ready endpoints), less those of a slice weighted 0, which take no new flows.
 fn node_health_check(
     svc: &Service,
     slices: &[&EndpointSlice],
@@ -729,9 +729,11 @@ fn node_health_check(
             slice_port(s, p.name.as_deref().unwrap_or(""), proto).is_some()
         })
     };
+    // Nor does a slice weighted 0 hold any that takes new flows.
+    let weighted_0 = |s: &EndpointSlice| annotations::weight(s.metadata.annotations.as_ref()) == Ok(0);
     let local_endpoints: HashSet<&str> = slices
         .iter()
-        .filter(|s| holds_addresses(s) && serves_a_port(s))
+        .filter(|s| holds_addresses(s) && serves_a_port(s) && !weighted_0(s))
         .flat_map(|s| s.endpoints.iter())
         .filter(|e| is_local(e, node) && Condition::of(e) == Condition::Ready)
         .filter_map(|e| e.addresses.first().map(String::as_str))
@@ -1255,6 +1257,29 @@ mod tests {
             [("10.244.2.40:9090".into(), BackendState::Active, 100)]
         );
         assert_eq!(t.health_checks.iter().map(|h| h.local_endpoints).collect::<Vec<_>>(), [1]);
+    }
+
+    /// A slice weighted 0 (a canary turned off) takes no new flows: a node whose only ready local
+    /// endpoints are in it has nothing for the new connections of its Local keys, so its health
+    /// check answers 503 and the cloud load balancer sends them to nodes that take them. It answered
+    /// 200, and the node dropped them.
+    #[test]
+    fn endpoints_weighted_0_are_no_local_endpoints_to_the_health_check() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32100);
+        let mut slice: EndpointSlice = fixture!("endpointslice-edge.json");
+        let count = |slice: &EndpointSlice| {
+            let t = translate([&svc], [slice], &settings(), &node());
+            t.health_checks.iter().map(|h| h.local_endpoints).collect::<Vec<_>>()
+        };
+        assert_eq!(count(&slice), [1]);
+        slice.metadata.annotations.get_or_insert_default().insert(annotations::WEIGHT.into(), "0".into());
+        let t = translate([&svc], [&slice], &settings(), &node());
+        let np = find(&t, "tcp 192.168.1.10:31443");
+        assert!(!np.backends.iter().any(BackendConfig::takes_new_flows), "{np:?}");
+        assert_eq!(count(&slice), [0]);
     }
 
     /// One endpoint in two slices of a Service, as while Endpoints are mirrored and the same
