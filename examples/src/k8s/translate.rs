@@ -31,7 +31,9 @@
 //! `targetPort`). Endpoint conditions map to states: `ready` -> Active; `serving && terminating` ->
 //! Draining (keeps its flows, gets no new ones); anything else -> Draining too, except on a UDP port
 //! while an endpoint of the family serves: not a backend (kube-proxy clears its UDP conntrack entries,
-//! `CleanStaleEntries`). An endpoint whose
+//! `CleanStaleEntries`). An endpoint in two of the slices (moving between them, or mirrored and
+//! written again) is one backend: the copy with the better conditions, then the one on this node (as
+//! kube-proxy keeps), then the one of the slice whose name sorts first. An endpoint whose
 //! address is none a host holds (multicast, broadcast, unparsable) is left out alone, with a warning,
 //! rather than have lb-core refuse the key and its other endpoints. A `Local` traffic
 //! policy keeps only endpoints whose `nodeName` is this node; with none left the service stays, with no
@@ -334,6 +336,11 @@ pub fn translate_keeping<'a>(
         if let Some(name) = slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
             by_service.entry((ns, name.clone())).or_default().push(slice);
         }
+    }
+    // By name, so that of two copies of an endpoint alike but for their slice (its weight, its
+    // hints), the one kept does not change with the store's order.
+    for slices in by_service.values_mut() {
+        slices.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     }
     // Oldest Service first (then by name), so that when two claim one key the older one keeps it,
     // whatever order the store hands them over in.
@@ -835,7 +842,8 @@ fn slice_port(slice: &EndpointSlice, port_name: &str, proto: Protocol) -> Option
 }
 
 /// Every endpoint address of `port_name`/`proto`, deduplicated (an endpoint moving between slices
-/// can appear in two; the better [`Condition`] wins, then the copy on this node).
+/// can appear in two; the better [`Condition`] wins, then the copy on this node, then the one of the
+/// slice first in `slices`).
 fn endpoints_for(
     slices: &[&EndpointSlice],
     weights: &[u32],
@@ -1257,6 +1265,26 @@ mod tests {
             [("10.244.2.40:9090".into(), BackendState::Active, 100)]
         );
         assert_eq!(t.health_checks.iter().map(|h| h.local_endpoints).collect::<Vec<_>>(), [1]);
+    }
+
+    /// A canary pod promoted by adding it to the stable slice before taking it out of the canary's:
+    /// for a moment both slices hold it, alike but for their weight. The copy kept was the first in
+    /// the store's order, which a re-list (a new map) changes: the backend's weight, and the tables,
+    /// changed with no change in the cluster. The copy of the slice whose name sorts first is kept.
+    #[test]
+    fn which_copy_of_an_endpoint_is_kept_does_not_depend_on_the_order_of_the_slices() {
+        let svc: Service = fixture!("service-checkout-canary.json");
+        let mut stable: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
+        let next: EndpointSlice = fixture!("endpointslice-checkout-next.json");
+        stable.endpoints.push(next.endpoints[0].clone());
+        let want = vec![
+            ("10.244.4.10:8080".into(), BackendState::Active, 90),
+            ("10.244.5.10:8080".into(), BackendState::Active, 10),
+        ];
+        for order in [[&next, &stable], [&stable, &next]] {
+            let t = translate([&svc], order, &settings(), &node());
+            assert_eq!(backends(find(&t, "tcp 10.96.80.80:80")), want, "{:?}", order.map(|s| &s.metadata.name));
+        }
     }
 
     /// A slice weighted 0 (a canary turned off) takes no new flows: a node whose only ready local
