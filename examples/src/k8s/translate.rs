@@ -803,10 +803,12 @@ fn cannot_forward(
     if let Some(field) = missing {
         return Some(format!("{key}: forwarding needs {field} in the configuration file"));
     }
-    // Judge by the numeric targetPort when there is one, so the decision does not flip as endpoints
-    // come and go; a named one may resolve to another port in each slice, so then every backend's.
+    // A numeric targetPort other than the key's leaves the key out whatever its endpoints, so the
+    // decision does not flip as they come and go. Every backend is judged too: a named targetPort may
+    // resolve to another port in each slice, and a numeric one only says what the EndpointSlice
+    // controller writes (not what a hand-written slice holds, nor one not yet rewritten after an edit).
     let other =
-        target_port.or_else(|| backends.iter().map(|b| b.port).find(|&p| p != key.port)).filter(|&p| p != key.port);
+        target_port.filter(|&p| p != key.port).or_else(|| backends.iter().map(|b| b.port).find(|&p| p != key.port));
     if mode != ForwardMode::Nat
         && let Some(p) = other
     {
@@ -1285,6 +1287,36 @@ mod tests {
             let t = translate([&svc], order, &settings(), &node());
             assert_eq!(backends(find(&t, "tcp 10.96.80.80:80")), want, "{:?}", order.map(|s| &s.metadata.name));
         }
+    }
+
+    /// A numeric targetPort says which port the EndpointSlice controller writes, not which one a
+    /// slice holds: a selector-less Service's slices are written by hand (its targetPort, defaulted
+    /// to its port, means nothing), and a selector's slices follow an edited targetPort only after
+    /// it. In IP-in-IP a backend on another port than the key's leaves the key out; judged by the
+    /// targetPort alone, the key passed as served (its health check node port answered) and was left
+    /// out only later, by lb-core's check in the control loop.
+    #[test]
+    fn a_backend_on_another_port_than_a_numeric_target_port_leaves_a_tunnel_key_out() {
+        let mut svc: Service = fixture!("service-checkout-canary.json");
+        svc.metadata.annotations.get_or_insert_default().insert(annotations::MODE.into(), "ipip".into());
+        svc.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].target_port =
+            Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(80));
+        let node = || NodeConfig { tunnel_src_v4: Some(Ipv4Addr::new(192, 168, 1, 101)), ..node() };
+        let stable: EndpointSlice = fixture!("endpointslice-checkout-stable.json");
+        let t = translate([&svc], [&stable], &settings(), &node());
+        assert!(t.services.is_empty(), "{t:#?}");
+        assert!(t.skipped.iter().any(|s| s.reason.contains("10.96.80.80:80") && s.reason.contains("8080")), "{t:#?}");
+        let node = NodeConfig { gateway_mac: Some([2, 0, 0, 0, 0, 1]), ..node() };
+        let config = lb_core::config::Config {
+            node: node.clone(),
+            services: t.services.iter().map(|s| s.config.clone()).collect(),
+        };
+        lb_core::service::TableBuilder::new().build(&config).expect("the translation builds");
+        // On the key's port, it is served.
+        let mut on_80 = stable.clone();
+        on_80.ports.as_mut().unwrap()[0].port = Some(80);
+        let t = translate([&svc], [&on_80], &settings(), &node);
+        assert_eq!(backends(find(&t, "tcp 10.96.80.80:80")), [("10.244.4.10:80".into(), BackendState::Active, 90)]);
     }
 
     /// A slice weighted 0 (a canary turned off) takes no new flows: a node whose only ready local
