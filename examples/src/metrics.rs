@@ -602,11 +602,11 @@ const CONNECTIONS_PER_PEER: usize = 16;
 
 /// Serves `GET /metrics` and `GET /state` on `listener` until the task is dropped.
 ///
-/// Each client address holds at most [`CONNECTIONS_PER_PEER`] connections at once: one that opens
+/// Each client address holds at most 16 connections (`CONNECTIONS_PER_PEER`) at once: one that opens
 /// connections and sends nothing (slowloris) would otherwise hold as many descriptors as it likes,
 /// 5 s each, in the process that also probes the backends and watches the cluster.
 ///
-/// Counters are gathered and rendered on tokio's blocking threads, [`RENDERS`] requests at a time:
+/// Counters are gathered and rendered on tokio's blocking threads, two requests at a time (`RENDERS`):
 /// the runtime's own threads also run the control loop, the health probes, the Kubernetes feed and
 /// the health check node ports, and a large state's render, or many scrapes at once, would hold
 /// them (probes then time out, and healthy backends go down). Further requests wait their turn.

@@ -1161,8 +1161,8 @@ mod tests {
 
     /// A named targetPort may be a different number in each slice (pods of two versions): in
     /// IP-in-IP, which cannot change ports, one backend on another port than the service's leaves the
-    /// key out alone. (Judging by the first backend only let it through, and lb-core then refused the
-    /// whole configuration, every other Service's update with it.)
+    /// key out alone. (Judging by the first backend only let it through, for lb-core to refuse it
+    /// later, after the translation had reported it served.)
     #[test]
     fn a_named_target_port_on_another_number_in_any_slice_leaves_a_tunnel_key_out() {
         let mut svc: Service = fixture!("service-web.json");
