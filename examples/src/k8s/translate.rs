@@ -610,10 +610,15 @@ fn translate_service(
             let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
             let (vip, proxied): (Vec<&LoadBalancerIngress>, Vec<&LoadBalancerIngress>) =
                 ingress.into_iter().flatten().filter(|i| i.ip.is_some()).partition(|i| is_vip_mode(i));
-            let proxied: Vec<IpAddr> = proxied.iter().filter_map(|i| i.ip.as_deref()?.trim().parse().ok()).collect();
+            // spec.loadBalancerIP is a request: once the status gives the Service addresses, they
+            // are the answer (kube-proxy serves them alone), and a request the cloud did not grant
+            // is no address of this Service; serving it would answer ARP for an address the cloud
+            // may have given another host. With no address in the status (no controller assigns
+            // them: bare metal, the load balancer being this node), the request is served.
+            let given = vip.len() + proxied.len();
             for ip in spec.load_balancer_ip.iter().filter(|s| !s.is_empty()) {
-                if ip.trim().parse::<IpAddr>().is_ok_and(|a| proxied.contains(&a)) {
-                    tracing::debug!(service = name, ip = %ip, "skipping spec.loadBalancerIP: its ingress is ipMode Proxy");
+                if given > 0 {
+                    tracing::debug!(service = name, ip = %ip, "not serving spec.loadBalancerIP: the status gives the Service its addresses");
                     continue;
                 }
                 push_ip(ip, svc_port, Reach::LoadBalancer, "spec.loadBalancerIP");
@@ -1067,7 +1072,6 @@ mod tests {
         let keys: Vec<String> = t.services.iter().map(|s| s.config.key.to_string()).collect();
         for want in [
             "tcp 10.96.7.7:443",
-            "tcp 203.0.113.10:443",
             "tcp 203.0.113.11:443",
             "tcp 192.168.1.10:31443",
             "udp 203.0.113.11:443",
@@ -1075,6 +1079,8 @@ mod tests {
         ] {
             assert!(keys.contains(&want.to_string()), "missing {want} in {keys:?}");
         }
+        // It asked for 203.0.113.10 and was given 203.0.113.11: the request is no address of it.
+        assert!(!keys.iter().any(|k| k.contains("203.0.113.10:")), "{keys:?}");
         let lb = find(&t, "tcp 203.0.113.11:443");
         assert_eq!(lb.source_ranges.len(), 2);
         assert!(lb.source_ranges[0].contains("198.51.100.7".parse().unwrap()));
@@ -1130,10 +1136,10 @@ mod tests {
             { "ip": "203.0.113.12" },
             { "hostname": "edge.example.net", "ipMode": "Proxy" },
         ]));
-        assert_eq!(
-            keys(&svc),
-            ["tcp 203.0.113.10:443", "tcp 203.0.113.12:443", "udp 203.0.113.10:443", "udp 203.0.113.12:443"]
-        );
+        assert_eq!(keys(&svc), ["tcp 203.0.113.12:443", "udp 203.0.113.12:443"]);
+        // No address in the status (no controller gives them): the request is served.
+        svc.status = status(serde_json::json!([]));
+        assert_eq!(keys(&svc), ["tcp 203.0.113.10:443", "udp 203.0.113.10:443"]);
         // spec.loadBalancerIP given to a Proxy-mode load balancer is not served either.
         svc.status = status(serde_json::json!([{ "ip": "203.0.113.10", "ipMode": "Proxy" }]));
         assert!(keys(&svc).is_empty(), "{:?}", keys(&svc));
@@ -1783,8 +1789,10 @@ mod tests {
     /// traffic to it is that Service's, however old the Service that asked for it.
     #[test]
     fn a_requested_load_balancer_ip_yields_to_the_service_whose_status_has_it() {
-        // edge asked for 203.0.113.10 and was given 203.0.113.11.
-        let older: Service = fixture!("service-edge-loadbalancer.json");
+        // edge asked for 203.0.113.10 and has no address in its status yet (no controller gave it
+        // one), so its request is served, but only where no other Service claims the key.
+        let mut older: Service = fixture!("service-edge-loadbalancer.json");
+        older.status = None;
         let mut newer: Service = fixture!("service-edge-loadbalancer.json");
         newer.metadata.name = Some("portal".into());
         newer.metadata.creation_timestamp =
@@ -1803,13 +1811,17 @@ mod tests {
             let t = translate(order, [], &settings(), &node());
             assert!(find(&t, "tcp 203.0.113.10:443").name.starts_with("ingress/portal:"), "{t:#?}");
             assert!(find(&t, "udp 203.0.113.10:443").name.starts_with("ingress/portal:"));
-            assert!(find(&t, "tcp 203.0.113.11:443").name.starts_with("ingress/edge:"));
             assert!(t.skipped.iter().all(|s| s.service == "ingress/edge" && s.reason.contains("203.0.113.10")));
             assert_eq!(t.skipped.len(), 2, "{:?}", t.skipped);
         }
-        // Nobody else has it: the requested IP is served, as before.
+        // Nobody else has it: the requested IP is served.
         let t = translate([&older], [], &settings(), &node());
         assert!(find(&t, "tcp 203.0.113.10:443").name.starts_with("ingress/edge:"));
+        // Once the status gives edge another address, its request is no address of it, whoever has it.
+        let given: Service = fixture!("service-edge-loadbalancer.json");
+        let t = translate([&given], [], &settings(), &node());
+        assert!(t.services.iter().all(|s| s.config.key.vip != "203.0.113.10".parse::<IpAddr>().unwrap()), "{t:#?}");
+        assert!(find(&t, "tcp 203.0.113.11:443").name.starts_with("ingress/edge:"));
     }
 
     /// kube-proxy runs one proxier per family and a Service only in those of its cluster IPs: an
