@@ -330,6 +330,33 @@ pub struct XskStats {
     pub rx_wakeups: u64,
 }
 
+/// What an error from a TX kick means for the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KickRefusal {
+    /// The ring is busy, the driver has no room or the link is down: the next flush tries again.
+    Transient,
+    /// An error only when the socket carries one (it was unbound: its interface is gone); else the
+    /// driver's wakeup refused while a queue is reconfigured, and the next flush tries again.
+    UnlessUnbound,
+    /// An error.
+    Fatal,
+}
+
+/// How `errno` from `sendto` on the socket is taken.
+fn tx_kick_refusal(errno: i32) -> KickRefusal {
+    match errno {
+        // The kernel's (ENOBUFS, ENETDOWN, EAGAIN, EBUSY: the ones the kernel's xdpsock sample
+        // ignores) and the drivers' (ixgbe, i40e: the device down or being reconfigured).
+        libc::EAGAIN | libc::EBUSY | libc::ENOBUFS | libc::EINTR | libc::ENETDOWN => KickRefusal::Transient,
+        // The kernel returns ENXIO for an unbound socket, and zero-copy drivers' wakeups return ENXIO
+        // (ixgbe) or EINVAL (i40e, ice, mlx5) while a queue has no buffer pool or XDP program during
+        // a reset (`ethtool -G` / `-L`, a link down). One that stays refused leaves the TX ring full,
+        // and the poll loop gives up on the frames queued behind it and counts them (`tx_abandoned`).
+        libc::ENXIO | libc::EINVAL => KickRefusal::UnlessUnbound,
+        _ => KickRefusal::Fatal,
+    }
+}
+
 /// An AF_XDP socket bound to one queue, as a [`Device`].
 pub struct XskDevice {
     fd: OwnedFd,
@@ -703,12 +730,14 @@ impl XskDevice {
         let rc = unsafe { libc::sendto(self.fd(), std::ptr::null(), 0, libc::MSG_DONTWAIT, std::ptr::null(), 0) };
         if rc < 0 {
             let e = std::io::Error::last_os_error();
-            // Transient: the ring is busy or the driver has no room; the next flush tries again.
-            if !matches!(
-                e.raw_os_error(),
-                Some(libc::EAGAIN | libc::EBUSY | libc::ENOBUFS | libc::EINTR | libc::ENETDOWN)
-            ) {
-                return Err(DeviceError::Io { op: "sendto (TX kick)", device: self.name.clone(), source: e });
+            match tx_kick_refusal(e.raw_os_error().unwrap_or(0)) {
+                KickRefusal::Transient => {}
+                KickRefusal::UnlessUnbound => {
+                    self.unbound("sendto (TX kick): the socket was unbound, its interface is gone")?;
+                }
+                KickRefusal::Fatal => {
+                    return Err(DeviceError::Io { op: "sendto (TX kick)", device: self.name.clone(), source: e });
+                }
             }
         }
         Ok(())
@@ -948,6 +977,23 @@ mod tests {
         // Near u32::MAX the headroom check once overflowed (a panic in debug builds).
         let headroom = XskConfig { headroom: u32::MAX - 100, ..good };
         assert_eq!(refused_field(&headroom), Some("headroom"));
+    }
+
+    /// A zero-copy driver's wakeup refuses while a queue's buffer pool is missing during a reset
+    /// (`ethtool -G` / `-L`, a link down): ixgbe with ENXIO, i40e, ice and mlx5 with EINVAL, and
+    /// some with ENETDOWN, EAGAIN or EBUSY. None of these may end the loop (and lose every flow);
+    /// the kernel's own ENXIO, an unbound socket, is told apart by the error the socket carries.
+    #[test]
+    fn a_tx_kick_refused_during_a_driver_reset_is_not_an_error() {
+        for errno in [libc::EAGAIN, libc::EBUSY, libc::ENOBUFS, libc::EINTR, libc::ENETDOWN] {
+            assert_eq!(tx_kick_refusal(errno), KickRefusal::Transient, "errno {errno}");
+        }
+        for errno in [libc::ENXIO, libc::EINVAL] {
+            assert_eq!(tx_kick_refusal(errno), KickRefusal::UnlessUnbound, "errno {errno}");
+        }
+        for errno in [libc::EFAULT, libc::EBADF, libc::EOPNOTSUPP, libc::ENOTSOCK] {
+            assert_eq!(tx_kick_refusal(errno), KickRefusal::Fatal, "errno {errno}");
+        }
     }
 
     #[test]

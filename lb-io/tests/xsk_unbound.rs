@@ -72,3 +72,45 @@ fn an_idle_loop_whose_interface_is_deleted_ends_with_an_error() {
         }
     }
 }
+
+/// A TX kick refused because the link is down is tried again at the next flush; one on a socket
+/// whose interface was deleted is an error naming the device. (Zero-copy drivers refuse kicks with
+/// ENXIO or EINVAL while a queue is reset, and the kernel refuses an unbound socket's with ENXIO
+/// too: the error the socket carries tells them apart.)
+#[test]
+fn a_tx_kick_on_a_down_link_is_tried_again_and_on_a_deleted_interface_is_an_error() {
+    use lb_io::Device;
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbk{}", std::process::id());
+    let (lb, peer) = lb_and_peer(&tag).unwrap();
+    let name = lb.name().to_string();
+    let opened = std::thread::spawn(move || {
+        enter_netns(&name).map_err(|e| e.to_string()).and_then(|()| {
+            XskDevice::open(&XskConfig::new("l0", 0))
+                .map_err(|e| if e.is_refused() { format!("SKIPPED: AF_XDP refused ({e})") } else { e.to_string() })
+        })
+    })
+    .join()
+    .unwrap();
+    let mut dev = match opened {
+        Ok(dev) => dev,
+        Err(skip) if skip.starts_with("SKIPPED") => return println!("{skip}"),
+        Err(e) => panic!("{e}"),
+    };
+    let frame = [0u8; 60];
+    lb.ip(&["link", "set", "l0", "down"]).unwrap();
+    assert!(dev.transmit_copy(&frame));
+    let kicks = dev.stats().tx_kicks;
+    dev.flush().expect("a kick on a down link is tried again later");
+    assert!(dev.stats().tx_kicks > kicks, "the flush kicked");
+    assert_eq!(dev.tx_unsent(), 1, "the frame waits on the TX ring");
+    lb.ip(&["link", "del", "l0"]).unwrap();
+    let e = dev.flush().expect_err("a kick on an unbound socket is an error");
+    let msg = e.to_string();
+    assert!(msg.contains("l0#0") && msg.contains("TX kick"), "{msg}");
+    drop(dev);
+    drop((peer, lb));
+}
