@@ -109,8 +109,24 @@ pub struct Map {
 
 /// `BPF_MAP_TYPE_HASH`.
 pub const MAP_TYPE_HASH: u32 = 1;
+/// `BPF_MAP_TYPE_PERCPU_ARRAY`: an array with one copy of each value per CPU.
+pub const MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 /// `BPF_MAP_TYPE_XSKMAP`: queue index -> AF_XDP socket.
 pub const MAP_TYPE_XSKMAP: u32 = 17;
+
+/// Copies of each value a per-CPU map holds: one per possible CPU (the kernel's lookup writes one
+/// for each, in order). Read as the highest CPU in /sys/devices/system/cpu/possible plus one, at
+/// least as many as the CPUs the file names; the count of configured CPUs if it cannot be read.
+fn possible_cpus() -> usize {
+    let highest = std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|s| s.trim().split(',').filter_map(|r| r.rsplit('-').next()?.trim().parse::<usize>().ok()).max());
+    match highest {
+        Some(h) => h + 1,
+        // SAFETY: sysconf has no memory-safety preconditions.
+        None => usize::try_from(unsafe { libc::sysconf(libc::_SC_NPROCESSORS_CONF) }).unwrap_or(1).max(1),
+    }
+}
 
 impl Map {
     /// Creates a map of `map_type`.
@@ -163,6 +179,31 @@ impl Map {
             Err(BpfError::Syscall { source, .. }) if source.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// Another descriptor of the same map (to read it from another thread).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(Map { fd: self.fd.try_clone()?, key_size: self.key_size, value_size: self.value_size })
+    }
+
+    /// The sum over every CPU of the u64 at `key` of a per-CPU map with 8-byte values.
+    pub fn per_cpu_sum(&self, key: &[u8]) -> Result<u64, BpfError> {
+        self.check(key, None)?;
+        if self.value_size != 8 {
+            return Err(BpfError::Syscall {
+                command: "per-CPU sum (value size check)",
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        let mut values = vec![0u64; possible_cpus()];
+        let mut attr = MapElemAttr {
+            map_fd: self.fd() as u32,
+            key: key.as_ptr() as u64,
+            value: values.as_mut_ptr() as u64,
+            ..MapElemAttr::default()
+        };
+        sys_bpf(BPF_MAP_LOOKUP_ELEM, "BPF_MAP_LOOKUP_ELEM", &mut attr)?;
+        Ok(values.iter().fold(0u64, |sum, v| sum.wrapping_add(*v)))
     }
 
     /// True if `key` is present.

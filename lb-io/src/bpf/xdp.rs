@@ -40,7 +40,8 @@
 //! Everything else to those addresses (ping, SSH to a node address used for SNAT, a port no service
 //! has, an ICMP error about the node's own connection) passes to the kernel, so it is answered or
 //! refused there instead of being dropped in userspace. Steered frames go to the XSKMAP slot of their
-//! RX queue (`bpf_redirect_map`).
+//! RX queue (`bpf_redirect_map`); one whose slot is empty (a queue no loop serves, a socket not yet
+//! bound) gets the [`MissingSocket`] action and is counted ([`SteeringCounters::no_socket`]).
 //!
 //! **Neighbour discovery** for addresses whose entry has the neighbour flag (the addresses lb-core's
 //! ARP / NDP responder answers for, `lb_core::neighbour`), whatever else the entry steers:
@@ -59,7 +60,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 use super::asm::{Asm, Cond, Label, Reg, Size};
-use super::{AttachMode, BpfError, Link, MAP_TYPE_HASH, MAP_TYPE_XSKMAP, Map, Program};
+use super::{AttachMode, BpfError, Link, MAP_TYPE_HASH, MAP_TYPE_PERCPU_ARRAY, MAP_TYPE_XSKMAP, Map, Program};
 
 /// XDP verdicts (enum xdp_action).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,6 +130,7 @@ const XDP_MD_DATA_END: i16 = 4;
 const XDP_MD_RX_QUEUE_INDEX: i16 = 16;
 const XDP_PASS: i32 = 2;
 const XDP_DROP: i32 = 1;
+const XDP_REDIRECT: i32 = 4;
 
 /// An ethertype as the program sees it after a 16-bit load of the wire bytes.
 fn ethertype(t: u16) -> i32 {
@@ -198,7 +200,8 @@ const R9_V6: i32 = 0x1_0000;
 /// again in the packet an ICMPv6 error to it quotes (each step costs the verifier a branch per kind).
 const EXTENSION_STEPS: usize = 4;
 
-/// Builds the program text with `addrs`, `services` and `xsks` as the map descriptors.
+/// Builds the program text with `addrs`, `services`, `xsks` and `no_socket` (a per-CPU array of one
+/// u64: steered frames whose RX queue had no socket) as the map descriptors.
 ///
 /// Registers across the lookups: r6 = ctx, r7 = the L4 header (a packet pointer), r8 = the L4
 /// protocol, r9 = `R9_V6` for IPv6 and, in `R9_ALWAYS`, whether a frame to a service address goes
@@ -207,6 +210,7 @@ pub fn steering_program(
     addrs: i32,
     services: i32,
     xsks: i32,
+    no_socket: i32,
     missing_socket: MissingSocket,
 ) -> Result<Vec<super::asm::Insn>, BpfError> {
     use Reg::*;
@@ -483,12 +487,29 @@ pub fn steering_program(
         MissingSocket::Pass => XDP_PASS,
         MissingSocket::Drop => XDP_DROP,
     };
+    // A frame whose queue has no socket (a queue no loop serves, a socket not yet bound) gets the
+    // fallback and is counted: a compare more per redirected frame, the counting only on a miss.
+    let missed = a.new_label();
+    let counted = a.new_label();
     a.bind(redirect)
         .load(Size::W, R2, R6, XDP_MD_RX_QUEUE_INDEX)
         .ld_map_fd(R1, xsks)
         .mov_imm(R3, fallback)
         .call(HELPER_REDIRECT_MAP)
+        .jmp_imm(Cond::Ne, R0, XDP_REDIRECT, missed)
         .exit();
+    a.bind(missed)
+        .store_imm(Size::W, R10, KEY, 0)
+        .ld_map_fd(R1, no_socket)
+        .mov(R2, R10)
+        .add_imm(R2, i32::from(KEY))
+        .call(HELPER_MAP_LOOKUP_ELEM)
+        .jmp_imm(Cond::Eq, R0, 0, counted)
+        // This CPU's own copy: no other CPU writes it, so no atomic add is needed.
+        .load(Size::DW, R1, R0, 0)
+        .add_imm(R1, 1)
+        .store(Size::DW, R0, 0, R1);
+    a.bind(counted).ret(fallback);
 
     // ARP for an address with the neighbour flag: to the responder.
     a.bind(neighbour).ld_map_fd(R1, addrs).mov(R2, R10).add_imm(R2, i32::from(KEY)).call(HELPER_MAP_LOOKUP_ELEM);
@@ -633,6 +654,8 @@ pub struct VipSteering {
     addrs: Map,
     services: Map,
     xsks: Map,
+    /// Steered frames whose RX queue had no socket, per CPU.
+    no_socket: Map,
     /// The set last written in full.
     current: SteeringSet,
     /// What the maps hold.
@@ -653,9 +676,18 @@ impl VipSteering {
         let addrs = Map::create(MAP_TYPE_HASH, 16, 8, config.max_vips.max(1))?;
         let services = Map::create(MAP_TYPE_HASH, 20, 4, config.max_services.max(1))?;
         let xsks = Map::create(MAP_TYPE_XSKMAP, 4, 4, config.queues.max(1))?;
-        let insns = steering_program(addrs.fd(), services.fd(), xsks.fd(), config.missing_socket)?;
+        let no_socket = Map::create(MAP_TYPE_PERCPU_ARRAY, 4, 8, 1)?;
+        let insns = steering_program(addrs.fd(), services.fd(), xsks.fd(), no_socket.fd(), config.missing_socket)?;
         let program = Program::load_xdp("lb_vip_steer", &insns)?;
-        Ok(VipSteering { program, addrs, services, xsks, current: SteeringSet::default(), held: Held::default() })
+        Ok(VipSteering {
+            program,
+            addrs,
+            services,
+            xsks,
+            no_socket,
+            current: SteeringSet::default(),
+            held: Held::default(),
+        })
     }
 
     /// Makes the kernel maps steer exactly `want`: stale entries removed first, then new and changed
@@ -755,6 +787,13 @@ impl VipSteering {
         self.xsks.update(&queue.to_ne_bytes(), &(xsk_fd as u32).to_ne_bytes())
     }
 
+    /// The program's counters, readable from another thread while this steering is edited.
+    pub fn counters(&self) -> Result<SteeringCounters, BpfError> {
+        let no_socket =
+            self.no_socket.try_clone().map_err(|source| BpfError::Syscall { command: "dup (counter map)", source })?;
+        Ok(SteeringCounters { no_socket })
+    }
+
     /// Attaches to interface `ifindex`; detached when the returned link drops.
     pub fn attach(&self, ifindex: u32, mode: AttachMode) -> Result<Link, BpfError> {
         self.program.attach_xdp(ifindex, mode)
@@ -763,6 +802,20 @@ impl VipSteering {
     /// Runs the program on one frame (BPF_PROG_TEST_RUN) and returns its verdict.
     pub fn test_run(&self, frame: &[u8]) -> Result<XdpAction, BpfError> {
         self.program.test_run(frame).map(XdpAction::from)
+    }
+}
+
+/// The steering program's counters (a descriptor of its counter map of its own).
+#[derive(Debug)]
+pub struct SteeringCounters {
+    no_socket: Map,
+}
+
+impl SteeringCounters {
+    /// Frames the program steered to an RX queue with no AF_XDP socket in its slot (a queue no loop
+    /// serves, or a socket not yet bound), which got the [`MissingSocket`] action instead.
+    pub fn no_socket(&self) -> Result<u64, BpfError> {
+        self.no_socket.per_cpu_sum(&0u32.to_ne_bytes())
     }
 }
 
@@ -1940,6 +1993,31 @@ mod tests {
         let mut s = s;
         s.add_vip(IpAddr::V4(VIP4)).unwrap();
         assert_eq!(s.test_run(&v4(VIP4, None)).unwrap(), XdpAction::Pass);
+    }
+
+    /// A frame steered to a queue with no socket is counted, once per frame, whatever the action it
+    /// falls back to; a frame that is not steered is not.
+    #[test]
+    fn frames_steered_to_an_empty_socket_slot_are_counted() {
+        for missing_socket in [MissingSocket::Pass, MissingSocket::Drop] {
+            let mut s = match VipSteering::load(SteeringConfig { missing_socket, ..SteeringConfig::default() }) {
+                Ok(s) => s,
+                Err(e) if e.is_refused() => return println!("SKIPPED: bpf(2) refused ({e})"),
+                Err(e) => panic!("{e}"),
+            };
+            s.add_vip(IpAddr::V4(VIP4)).unwrap();
+            let counters = s.counters().unwrap();
+            assert_eq!(counters.no_socket().unwrap(), 0);
+            let want = match missing_socket {
+                MissingSocket::Pass => XdpAction::Pass,
+                MissingSocket::Drop => XdpAction::Drop,
+            };
+            for _ in 0..3 {
+                assert_eq!(s.test_run(&v4(VIP4, None)).unwrap(), want);
+            }
+            assert_eq!(s.test_run(&v4(Ipv4Addr::new(10, 77, 0, 99), None)).unwrap(), XdpAction::Pass);
+            assert_eq!(counters.no_socket().unwrap(), 3, "{missing_socket:?}");
+        }
     }
 
     /// The intersection of two sets steers no frame that either set leaves to the kernel (judged by
