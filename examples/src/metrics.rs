@@ -205,12 +205,41 @@ impl CoreCounters {
 /// counts (nor goes backwards when that core catches up).
 pub type SlotKey = (u32, u32);
 
+/// One interface's counters, read at scrape time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterfaceSnapshot {
+    /// The interface's name.
+    pub interface: String,
+    /// Frames its XDP program steered to a receive queue with no AF_XDP socket (passed to the
+    /// kernel instead).
+    pub xdp_no_socket: u64,
+}
+
 /// Per-core counter buffers the poll threads publish into and `/metrics` reads: the workers', and
-/// (in the same order, where given) their poll loops' own.
-#[derive(Debug, Clone, Default)]
-pub struct PublishedCounters(pub Vec<Arc<Mutex<CoreCounters>>>, pub Vec<Arc<lb_io::LoopCounters>>);
+/// (in the same order, where given) their poll loops' own; and each interface's XDP program's
+/// counters, by interface name.
+#[derive(Debug, Default)]
+pub struct PublishedCounters(
+    pub Vec<Arc<Mutex<CoreCounters>>>,
+    pub Vec<Arc<lb_io::LoopCounters>>,
+    pub Vec<(String, lb_io::bpf::xdp::SteeringCounters)>,
+);
 
 impl StatsSource for PublishedCounters {
+    /// An interface whose counter map cannot be read is left out (and the failure logged).
+    fn interfaces(&self) -> Vec<InterfaceSnapshot> {
+        self.2
+            .iter()
+            .filter_map(|(interface, counters)| match counters.no_socket() {
+                Ok(n) => Some(InterfaceSnapshot { interface: interface.clone(), xdp_no_socket: n }),
+                Err(e) => {
+                    tracing::warn!(interface = %interface, "reading the XDP program's counters: {e}");
+                    None
+                }
+            })
+            .collect()
+    }
+
     fn snapshots(&self) -> Vec<CoreSnapshot> {
         let mut cores: Vec<CoreSnapshot> =
             self.0.iter().filter_map(|c| c.lock().ok().map(|c| c.to_snapshot())).collect();
@@ -227,6 +256,11 @@ impl StatsSource for PublishedCounters {
 pub trait StatsSource: Send + Sync {
     /// One snapshot per core, as recent as the source has.
     fn snapshots(&self) -> Vec<CoreSnapshot>;
+
+    /// One snapshot per interface served (none by default).
+    fn interfaces(&self) -> Vec<InterfaceSnapshot> {
+        Vec::new()
+    }
 }
 
 impl<F: Fn() -> Vec<CoreSnapshot> + Send + Sync> StatsSource for F {
@@ -376,6 +410,11 @@ impl Family<'_> {
 
 /// Renders the Prometheus text exposition (format 0.0.4) of the live state and the summed cores.
 pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
+    render_with(live, cores, &[])
+}
+
+/// [`render`] with the interfaces' counters.
+pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[InterfaceSnapshot]) -> String {
     let totals = sum(cores);
     let view = state_view(live, cores);
     let mut out = String::with_capacity(4096);
@@ -453,6 +492,17 @@ pub fn render(live: &LiveState, cores: &[CoreSnapshot]) -> String {
     ] {
         f.head(name, "counter", help);
         f.line(name, "", v);
+    }
+    if !interfaces.is_empty() {
+        let name = "lb_xdp_no_socket_total";
+        f.head(
+            name,
+            "counter",
+            "Frames an interface's XDP program steered to the load balancer that found no AF_XDP socket on their receive queue (a queue no poll loop serves, a socket not yet bound), passed to the kernel instead.",
+        );
+        for i in interfaces {
+            f.line(name, &format!("interface=\"{}\"", esc(&i.interface)), i.xdp_no_socket);
+        }
     }
     f.head("lb_conntrack_entries", "gauge", "Connection-table entries in use, per core.");
     for (i, c) in cores.iter().enumerate() {
@@ -672,8 +722,8 @@ impl Drop for PeerConnection {
     }
 }
 
-/// What a route answers with: the live state and the cores' counters, as text.
-type Render = fn(&LiveState, &[CoreSnapshot]) -> String;
+/// What a route answers with: the live state, the cores' and the interfaces' counters, as text.
+type Render = fn(&LiveState, &[CoreSnapshot], &[InterfaceSnapshot]) -> String;
 
 /// `render` of the live state and of `source`'s snapshots, on a blocking thread once `renders` has
 /// a permit; `None` if that thread panicked. The permit is held until the render ends, even when
@@ -690,13 +740,13 @@ async fn off_runtime(
         let _permit = permit;
         // Rendered from a copy, so the control loop's updates never wait on a render.
         let live = live.borrow().clone();
-        render(&live, &source.snapshots())
+        render(&live, &source.snapshots(), &source.interfaces())
     })
     .await
     .ok()
 }
 
-fn state_json(live: &LiveState, cores: &[CoreSnapshot]) -> String {
+fn state_json(live: &LiveState, cores: &[CoreSnapshot], _interfaces: &[InterfaceSnapshot]) -> String {
     serde_json::to_string(&state_view(live, cores)).unwrap_or_default()
 }
 
@@ -722,7 +772,7 @@ async fn answer(
     let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
     let route: Option<(Render, &str)> = match (method, path) {
-        ("GET", "/metrics") => Some((render, "text/plain; version=0.0.4; charset=utf-8")),
+        ("GET", "/metrics") => Some((render_with, "text/plain; version=0.0.4; charset=utf-8")),
         ("GET", "/state") => Some((state_json, "application/json")),
         _ => None,
     };
@@ -816,7 +866,8 @@ services:
         let (_tx, rx) = update_channel::<lb_io::MacRewrite>();
         let config = LoopConfig { max_stalled_flushes: 2, ..LoopConfig::default() };
         let lp = PollLoop::new(dev, lb_io::MacRewrite { src: [2; 6], dst: [4; 6] }, rx, StopFlag::new(), config);
-        let published = PublishedCounters(vec![Arc::new(Mutex::new(CoreCounters::default()))], vec![lp.counters()]);
+        let published =
+            PublishedCounters(vec![Arc::new(Mutex::new(CoreCounters::default()))], vec![lp.counters()], Vec::new());
         let report = lp.run().unwrap();
         assert_eq!(report.stats.tx_abandoned, 3);
         let cores = published.snapshots();
@@ -826,7 +877,8 @@ services:
         dev.count_kernel_rx_dropped(4);
         let (_tx, rx) = update_channel::<lb_io::MacRewrite>();
         let lp = PollLoop::new(dev, lb_io::MacRewrite { src: [2; 6], dst: [4; 6] }, rx, StopFlag::new(), config);
-        let published = PublishedCounters(vec![Arc::new(Mutex::new(CoreCounters::default()))], vec![lp.counters()]);
+        let published =
+            PublishedCounters(vec![Arc::new(Mutex::new(CoreCounters::default()))], vec![lp.counters()], Vec::new());
         lp.run().unwrap();
         assert_eq!(published.snapshots()[0].xsk_rx_dropped, 4);
         // And what its device declined: three frames handed over by another loop, which its device
@@ -839,10 +891,49 @@ services:
         let (_tx, rx) = update_channel::<lb_io::MacRewrite>();
         let lp = PollLoop::new(dev, lb_io::MacRewrite { src: [2; 6], dst: [4; 6] }, rx, StopFlag::new(), config)
             .with_handoff(ends[1].clone());
-        let published = PublishedCounters(vec![Arc::new(Mutex::new(CoreCounters::default()))], vec![lp.counters()]);
+        let published =
+            PublishedCounters(vec![Arc::new(Mutex::new(CoreCounters::default()))], vec![lp.counters()], Vec::new());
         let report = lp.run().unwrap();
         assert_eq!((report.stats.handed_in, report.stats.tx_declined), (3, 2));
         assert_eq!(published.snapshots()[0].tx_declined, 2);
+    }
+
+    /// Frames each interface's XDP program steered to a queue with no AF_XDP socket are in
+    /// /metrics, per interface, as the program's counter map reads.
+    #[test]
+    fn frames_steered_to_a_queue_with_no_socket_are_in_the_metrics_per_interface() {
+        use lb_io::bpf::xdp::{SteeringConfig, VipSteering, XdpAction};
+        let mut steering = match VipSteering::load(SteeringConfig::default()) {
+            Ok(s) => s,
+            Err(e) if e.is_refused() => return println!("SKIPPED: bpf(2) refused ({e})"),
+            Err(e) => panic!("{e}"),
+        };
+        steering.set_vips(["10.0.0.10".parse().unwrap()]).unwrap();
+        let mut frame = vec![0u8; 14 + 20 + 8];
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        frame[14] = 0x45;
+        frame[14 + 9] = 17;
+        frame[14 + 16..14 + 20].copy_from_slice(&[10, 0, 0, 10]);
+        for _ in 0..5 {
+            assert_eq!(steering.test_run(&frame).unwrap(), XdpAction::Pass, "no socket in queue 0's slot");
+        }
+        let published = PublishedCounters(
+            Vec::new(),
+            Vec::new(),
+            vec![("eth1".into(), steering.counters().unwrap()), ("eth2".into(), steering.counters().unwrap())],
+        );
+        let interfaces = published.interfaces();
+        assert_eq!(interfaces.len(), 2);
+        assert_eq!((interfaces[0].interface.as_str(), interfaces[0].xdp_no_socket), ("eth1", 5));
+        let live = Control::new(RecordingSink::default()).subscribe().borrow().clone();
+        let text = render_with(&live, &published.snapshots(), &interfaces);
+        for want in [
+            "# TYPE lb_xdp_no_socket_total counter",
+            "lb_xdp_no_socket_total{interface=\"eth1\"} 5",
+            "lb_xdp_no_socket_total{interface=\"eth2\"} 5",
+        ] {
+            assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
+        }
     }
 
     #[tokio::test]

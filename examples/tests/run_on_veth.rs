@@ -770,6 +770,87 @@ fn receive_queues_an_interface_gains_while_lb_run_runs_are_warned_of() {
     assert!(status.success(), "{status:?}\n{log}");
 }
 
+/// `GET path` from the metrics endpoint `addr` inside namespace `ns`: the response, head and body.
+fn http_get(ns: &str, addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let (ns, addr, path) = (ns.to_string(), addr.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        lb_io::netns::enter_netns(&ns).unwrap();
+        let mut c = std::net::TcpStream::connect(&addr).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        write!(c, "GET {path} HTTP/1.0\r\nHost: lb\r\n\r\n").unwrap();
+        let mut body = String::new();
+        c.read_to_string(&mut body).unwrap();
+        body
+    })
+    .join()
+    .unwrap()
+}
+
+/// The value of the metric line that starts with `name` (labels included), if present.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()
+}
+
+/// The frames of the flows lost on the receive queues an interface gained (the XDP program finds no
+/// socket there and passes them to the kernel) are counted in /metrics, per interface, as
+/// `lb_xdp_no_socket_total`: before, the metrics looked as before while most flows went unanswered.
+#[test]
+fn frames_on_queues_no_loop_serves_are_counted_in_the_metrics() {
+    if let Err(why) = can_create_namespaces().and_then(|()| can_run_ethtool()) {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbns{}", std::process::id());
+    let peer = Netns::create(&format!("{tag}p")).unwrap();
+    let lb_ns = Netns::create(&format!("{tag}l")).unwrap();
+    // As in `receive_queues_an_interface_gains_while_lb_run_runs_are_warned_of`.
+    let q = |n| ["numtxqueues", n, "numrxqueues", n];
+    let add = [
+        ["link", "add", "l0"].as_slice(),
+        &q("4"),
+        &["type", "veth", "peer", "name", "p0"],
+        &q("4"),
+        &["netns", peer.name()],
+    ]
+    .concat();
+    lb_ns.ip(&add).unwrap();
+    lb_ns.exec("ethtool", &["-L", "l0", "rx", "1", "tx", "1"]).unwrap();
+    peer.exec("ethtool", &["-L", "p0", "rx", "1", "tx", "1"]).unwrap();
+    lb_ns.ip(&["link", "set", "l0", "up"]).unwrap();
+    peer.ip(&["link", "set", "p0", "up"]).unwrap();
+    let service = "  - { name: dns, vip: 10.9.9.9, port: 53, protocol: udp, mode: dsr, scheduler: rr, backends: [{ addr: 10.1.0.1, port: 53, mac: \"02:aa:bb:cc:dd:01\" }] }\n";
+    let metrics = "127.0.0.1:9100";
+    let text = config_text("", service, &format!("metrics: {{ listen: \"{metrics}\" }}\n"));
+    let Some(mut lb) = Running::launch(&tag, lb_ns, peer, &text) else { return };
+    lb.lb_ns.ip(&["addr", "add", "10.50.0.1/24", "dev", "l0"]).unwrap();
+    lb.peer.ip(&["addr", "add", "10.50.0.2/24", "dev", "p0"]).unwrap();
+    lb.peer.ip(&["route", "add", "10.9.9.9/32", "via", "10.50.0.1"]).unwrap();
+    assert!(lb.wait_for_log("their services are steered"), "{}", lb.log.join("\n"));
+    let name = "lb_xdp_no_socket_total{interface=\"l0\"}";
+    let scrape = |lb: &Running| metric(&http_get(lb.lb_ns.name(), metrics, "/metrics"), name);
+    let flows = |lb: &Running| lb.peer.exec("python3", &["-c", FLOWS, "10.9.9.9", "40"]).unwrap();
+    let served = flows(&lb);
+    let before = scrape(&lb);
+    // l0 gains three receive queues, and the peer sends on four (the veth's XDP wants no more
+    // transmit queues on the peer than receive queues on l0), spread by the flows' hash.
+    lb.lb_ns.exec("ethtool", &["-L", "l0", "rx", "4"]).unwrap();
+    lb.peer.exec("ethtool", &["-L", "p0", "tx", "4"]).unwrap();
+    assert!(lb.wait_for_log("receive queues not served"), "{}", lb.log.join("\n"));
+    let after = flows(&lb);
+    let counted = scrape(&lb);
+    lb.signal("-TERM");
+    let (status, log) = lb.finish();
+    assert!(!served.contains("lost"), "{served}\n{log}");
+    assert_eq!(before, Some(0), "one queue, served: nothing counted\n{log}");
+    let lost = after.lines().filter(|l| l.ends_with("lost")).count() as u64;
+    println!("{lost} of 40 flows lost on the queues l0 gained; {counted:?} frames counted");
+    assert!(lost > 0, "RSS put no flow on the queues l0 gained: {after}");
+    // Each lost flow's datagram was sent again every 0.2 s for 10 s.
+    assert!(counted.is_some_and(|n| n >= lost), "{lost} flows lost, {counted:?} frames counted\n{log}");
+    assert!(status.success(), "{status:?}\n{log}");
+}
+
 /// Sends one datagram to `sys.argv[1]`:53 from each of the source ports 20000 to 20000 + N - 1
 /// (`sys.argv[2]`) of the peer's `p0`, again every 0.2 s for those not yet seen forwarded, and prints
 /// each port with the backend MAC its datagram was forwarded to (frames to 02:aa:bb:cc:dd:xx), one

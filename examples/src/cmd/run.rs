@@ -633,6 +633,7 @@ pub fn main(args: Args) -> CmdResult {
         // naming it, rather than sizing a map of gigabytes.
         let queues = iface.queues.iter().max().map_or(1, |q| q.saturating_add(1)).min(4096);
         let steering = VipSteering::load(SteeringConfig { queues, ..steering_config })?;
+        counters.2.push((iface.name.clone(), steering.counters()?));
         // Frames its loops send leave from this interface's own MAC (see `interfaces_found`).
         if own_mac != settings.node.local_mac {
             tracing::info!(
