@@ -1,5 +1,6 @@
-//! The manifests in deploy/ are consistent with the binary: the ConfigMap's file validates, and the
-//! ClusterRole grants exactly get/list/watch on Services and EndpointSlices.
+//! The manifests in deploy/ are consistent with the binary: the ConfigMap's file validates, the
+//! ClusterRole grants exactly get/list/watch on Services and EndpointSlices, and the DaemonSet adds
+//! exactly the capabilities `lb run` needs (root: run in a namespace of the test's own).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use serde_yaml::Value;
@@ -94,4 +95,101 @@ fn daemonset_runs_the_version_built_here() {
     let image = ds["spec"]["template"]["spec"]["containers"][0]["image"].as_str().unwrap();
     let tag = image.rsplit_once(':').map(|(_, tag)| tag);
     assert_eq!(tag, Some(env!("CARGO_PKG_VERSION")), "deploy/daemonset.yaml's image {image}");
+}
+
+/// The capabilities the DaemonSet adds (it drops all others), as the manifest spells them.
+fn granted_capabilities() -> Vec<String> {
+    let ds = manifest("daemonset.yaml");
+    let sc = &ds["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    let drop: Vec<&str> =
+        sc["capabilities"]["drop"].as_sequence().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(drop, ["ALL"], "the container starts from no capability");
+    sc["capabilities"]["add"].as_sequence().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect()
+}
+
+/// How `lb run` on `l0` ended with only the capabilities `caps` (a container's root: its bounding
+/// set, nothing inheritable) and a 64 KiB locked-memory limit (a container runtime's default): `Ok`
+/// when its poll loops ran (it is then stopped with SIGTERM), else its log.
+fn lb_run_with_capabilities(ns: &lb_io::netns::Netns, config: &std::path::Path, caps: &[String]) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    let bounding: String = std::iter::once("-all".to_string())
+        .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns.name(), "prlimit", "--memlock=65536:65536", "setpriv"])
+        .arg(format!("--bounding-set={bounding}"))
+        .args(["--inh-caps=-all", env!("CARGO_BIN_EXE_lb"), "--log", "info", "run", "--config"])
+        .arg(config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = Vec::new();
+    let mut running = false;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines().map(Result::unwrap) {
+        running = line.contains("poll loops running");
+        log.push(line);
+        if running {
+            let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            break;
+        }
+    }
+    let _ = child.wait();
+    if running { Ok(()) } else { Err(log.join("\n")) }
+}
+
+/// The DaemonSet adds exactly the capabilities `lb run` needs on a kernel that has CAP_BPF and
+/// CAP_PERFMON (5.8 on): it starts with them, and fails without any one of them. Before, it added
+/// CAP_SYS_ADMIN, "for kernels before 5.8", but the XDP program's verifier needs perfmon-capable
+/// (pointer arithmetic that `!root` may not do), which only CAP_SYS_ADMIN gave it: a container
+/// with nearly every privilege, and one that crash-looped once SYS_ADMIN was removed as the
+/// comment allowed. Needs root, `setpriv` and `prlimit`; skips with the reason otherwise.
+#[test]
+fn daemonset_adds_exactly_the_capabilities_lb_run_needs() {
+    let caps = granted_capabilities();
+    assert!(
+        !caps.iter().any(|c| c == "SYS_ADMIN"),
+        "deploy/daemonset.yaml adds SYS_ADMIN (nearly root); CAP_BPF + CAP_PERFMON do on 5.8 and later: {caps:?}"
+    );
+    if let Err(why) = lb_io::netns::can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    for tool in ["setpriv", "prlimit"] {
+        if std::process::Command::new(tool).arg("--version").output().is_err() {
+            println!("SKIPPED: no {tool} here");
+            return;
+        }
+    }
+    let tag = format!("cap{}", std::process::id());
+    let (ns, _peer) = lb_io::netns::lb_and_peer(&tag).unwrap();
+    let config = std::env::temp_dir().join(format!("lb-{tag}.yaml"));
+    std::fs::write(
+        &config,
+        "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: l0, queues: [0] }]\nservices: []\n",
+    )
+    .unwrap();
+    let all: Vec<String> = ["NET_ADMIN", "NET_RAW", "BPF", "PERFMON", "IPC_LOCK", "SYS_ADMIN"].map(String::from).into();
+    if let Err(log) = lb_run_with_capabilities(&ns, &config, &all) {
+        println!(
+            "SKIPPED: lb run does not start here even with CAP_SYS_ADMIN (no CAP_BPF / CAP_PERFMON, or no XDP):\n{log}"
+        );
+        let _ = std::fs::remove_file(&config);
+        return;
+    }
+    let with = lb_run_with_capabilities(&ns, &config, &caps);
+    let without: Vec<(String, Result<(), String>)> = caps
+        .iter()
+        .map(|c| {
+            let fewer: Vec<String> = caps.iter().filter(|o| *o != c).cloned().collect();
+            (c.clone(), lb_run_with_capabilities(&ns, &config, &fewer))
+        })
+        .collect();
+    let _ = std::fs::remove_file(&config);
+    if let Err(log) = with {
+        panic!("lb run does not start with the DaemonSet's capabilities {caps:?}:\n{log}");
+    }
+    for (cap, ran) in without {
+        assert!(ran.is_err(), "lb run starts without {cap}: the DaemonSet need not add it");
+    }
 }
