@@ -355,8 +355,29 @@ pub struct LiveState {
     pub workers_behind_since: Option<std::time::Instant>,
     /// The Kubernetes feed's counters, when the feed runs.
     pub feed: Option<Arc<crate::k8s::feed::FeedCounters>>,
+    /// Whether a cluster translation (the feed's first sends the whole cluster, once Services and
+    /// EndpointSlices are both listed) has been built into the tables.
+    pub cluster_applied: bool,
     /// Maglev entries (mh, sh, dh) that changed owner over all applied updates, by cause.
     pub maglev_moves: MaglevMoves,
+}
+
+impl LiveState {
+    /// Why this node does not serve what it was configured to, or `None` when it does: its tables
+    /// built, the cluster's Services in them when the feed runs, and every poll loop running them.
+    /// [`crate::metrics::READY_PATH`] answers this, so a DaemonSet's rolling update moves on to the
+    /// next node only once this one serves again.
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.tables.is_none() {
+            Some("no tables built yet")
+        } else if self.feed.is_some() && !self.cluster_applied {
+            Some("the cluster's Services and EndpointSlices are not listed and built into the tables yet")
+        } else if self.workers_behind_since.is_some() {
+            Some("the poll loops have not applied the last tables yet")
+        } else {
+            None
+        }
+    }
 }
 
 /// Maglev table entries that changed owner from one build of a service to the next, summed over
@@ -547,11 +568,13 @@ impl<S: TablesSink> Control<S> {
         // runs. A new translation replaces it. The trial is quiet: only the attempt whose outcome
         // stands logs the Services it leaves out, so each input logs each of them once.
         let mut pending = if kubernetes.is_none() { self.pending_kubernetes.take() } else { None };
+        let mut cluster_applied = false;
         let result = match &pending {
             Some(p) => match self.build(file.as_ref(), Some(p), down.clone(), Attempt::Trial) {
                 Ok(tables) => {
                     tracing::info!("the cluster translation refused earlier now applies");
                     self.kubernetes = pending.take().unwrap_or_default();
+                    cluster_applied = true;
                     Ok(tables)
                 }
                 Err(e) => {
@@ -578,11 +601,13 @@ impl<S: TablesSink> Control<S> {
                 }
                 if let Some(k) = kubernetes {
                     self.kubernetes = k;
+                    cluster_applied = true;
                 }
                 let checks = served_health_checks(&self.kubernetes, &self.live.borrow().services);
                 self.live.send_if_modified(|l| {
-                    let modified = l.node_health_checks != checks;
+                    let modified = l.node_health_checks != checks || (cluster_applied && !l.cluster_applied);
                     l.node_health_checks = checks;
+                    l.cluster_applied |= cluster_applied;
                     modified
                 });
                 Ok(tables)

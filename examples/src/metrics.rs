@@ -643,6 +643,11 @@ pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[Inter
     out
 }
 
+/// The path that answers 200 once the node serves what it was configured to, 503 (saying why)
+/// until then: [`LiveState::not_ready`]. The DaemonSet's readiness probe (deploy/), so that a rolling
+/// update waits for each node to serve its cluster's Services before it restarts the next.
+pub const READY_PATH: &str = "/ready";
+
 /// Requests rendered at once: two, so a liveness probe (`deploy/`: `/metrics`, 1 s timeout) or
 /// `lb list` is not queued behind a Prometheus scrape alone.
 const RENDERS: usize = 2;
@@ -650,7 +655,7 @@ const RENDERS: usize = 2;
 /// Connections one client address may hold open at once; the next is closed as soon as accepted.
 const CONNECTIONS_PER_PEER: usize = 16;
 
-/// Serves `GET /metrics` and `GET /state` on `listener` until the task is dropped.
+/// Serves `GET /metrics`, `GET /state` and `GET` [`READY_PATH`] on `listener` until the task is dropped.
 ///
 /// Each client address holds at most 16 connections (`CONNECTIONS_PER_PEER`) at once: one that opens
 /// connections and sends nothing (slowloris) would otherwise hold as many descriptors as it likes,
@@ -781,7 +786,12 @@ async fn answer(
             Some(body) => ("200 OK", ctype, body),
             None => ("500 Internal Server Error", "text/plain", "rendering failed\n".to_string()),
         },
-        (None, "GET") => ("404 Not Found", "text/plain", "try /metrics or /state\n".to_string()),
+        // Nothing to render: answered at once, never queued behind a scrape.
+        (None, "GET") if path == READY_PATH => match live.borrow().not_ready() {
+            None => ("200 OK", "text/plain", "ready\n".to_string()),
+            Some(why) => ("503 Service Unavailable", "text/plain", format!("not ready: {why}\n")),
+        },
+        (None, "GET") => ("404 Not Found", "text/plain", format!("try /metrics, /state or {READY_PATH}\n")),
         (None, _) => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
     };
     let resp = format!(

@@ -469,3 +469,59 @@ async fn a_health_check_node_port_answers_503_for_a_service_the_tables_leave_out
     tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The readiness probe of deploy/daemonset.yaml: its path and the container port it names.
+fn daemonset_readiness_path() -> String {
+    let path = format!("{}/../deploy/daemonset.yaml", env!("CARGO_MANIFEST_DIR"));
+    let ds: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let probe = &ds["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"];
+    probe["path"].as_str().unwrap().to_string()
+}
+
+/// `GET path` on `port` (127.0.0.1): the status line.
+async fn status_of(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(FAILSAFE, s.read_to_string(&mut out)).await.unwrap().unwrap();
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+/// The DaemonSet's readiness probe answers 503 while the cluster's Services are not served yet (a
+/// slow first list from the API server), and 200 once they are in the tables. Before, it probed
+/// `/state`, which answers 200 as soon as the metrics port listens: a rolling update took each
+/// new pod as ready at once and restarted the next node's load balancer while this one still
+/// served none of the cluster's Services, so a rollout faster than the first list took several
+/// nodes out at once, whatever `maxUnavailable` said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readiness_probe_waits_for_the_cluster_to_be_served() {
+    let (api, dir, kc) = web_cluster("lb-k8s-ready").await;
+    api.hold_lists(SLICES);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let path = dir.join("lb.yaml");
+    std::fs::write(&path, format!("{}metrics: {{ listen: \"127.0.0.1:{port}\" }}\n", file_yaml(&kc, false))).unwrap();
+    let settings = file::load(&path).unwrap();
+    let (sink, mut tables) = mpsc::unbounded_channel();
+    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
+    let plane = ControlPlane::start(path.clone(), settings, sink, stats, Duration::from_millis(20)).await.unwrap();
+    let mut live = plane.live();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(plane.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let ready = daemonset_readiness_path();
+
+    // The file's tables run; the cluster's slices are still being listed.
+    until(&mut tables, "the file service", |t| has(t, "tcp 10.0.0.10:80")).await;
+    assert_eq!(status_of(port, &ready).await, "HTTP/1.1 503 Service Unavailable", "{ready} before the first list");
+
+    api.release_lists(SLICES);
+    until(&mut tables, "shop/web", |t| has(t, "tcp 10.96.12.34:80")).await;
+    tokio::time::timeout(FAILSAFE, live.wait_for(|l| l.not_ready().is_none())).await.unwrap().unwrap();
+    assert_eq!(status_of(port, &ready).await, "HTTP/1.1 200 OK", "{ready} once the cluster is served");
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
