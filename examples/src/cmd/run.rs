@@ -533,10 +533,11 @@ fn warn_if_snat_ports_are_ephemeral(node: &lb_core::config::NodeConfig) {
     }
 }
 
-/// Refuses connection tables larger than this node's memory (`mem_total` bytes; `None` when unknown:
-/// not checked): each of `loops` poll loops has one of `entries` (as lb-core sizes it,
-/// `ConntrackTable::bytes_for`). Checked before anything is set up: an allocation that fails aborts
-/// `lb run` on the spot, with the interfaces half set up (their receive VLAN offloads left off).
+/// Refuses connection tables larger than the memory `lb run` may use (`mem_total` bytes, from
+/// [`memory_limit`]; `None` when unknown: not checked): each of `loops` poll loops has one of
+/// `entries` (as lb-core sizes it, `ConntrackTable::bytes_for`). Checked before anything is set up:
+/// an allocation that fails aborts `lb run` on the spot, with the interfaces half set up (their
+/// receive VLAN offloads left off), and tables beyond a container's limit get it OOMKilled.
 fn check_conntrack_memory(entries: usize, loops: usize, mem_total: Option<u64>) -> Result<(), String> {
     let Some(mem_total) = mem_total.filter(|_| loops > 0) else { return Ok(()) };
     let bytes = lb_core::conntrack::ConntrackTable::bytes_for(entries)
@@ -545,7 +546,7 @@ fn check_conntrack_memory(entries: usize, loops: usize, mem_total: Option<u64>) 
     match bytes {
         Some(b) if b <= u128::from(mem_total) => Ok(()),
         _ => Err(format!(
-            "--conntrack-entries {entries}: the connection tables of {loops} poll loop(s) would need more than this node's {} MiB of memory; give fewer entries per core (the default is {})",
+            "--conntrack-entries {entries}: the connection tables of {loops} poll loop(s) would need more than the {} MiB of memory this process may use (the node's, or its cgroup's limit where lower: a container's memory limit); give fewer entries per core (the default is {}) or raise the limit",
             mem_total >> 20,
             1 << 18
         )),
@@ -557,6 +558,36 @@ fn mem_total() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?.trim();
     kib.parse::<u64>().ok()?.checked_mul(1024)
+}
+
+/// The memory `lb run` may use: the node's (`node`, [`mem_total`]), or its cgroup's limit
+/// (`cgroup`, [`cgroup_memory_limit`]) where lower, as in a container with a memory limit, beyond
+/// which the kernel kills it however much the node has.
+fn memory_limit(node: Option<u64>, cgroup: Option<u64>) -> Option<u64> {
+    match (node, cgroup) {
+        (Some(n), Some(c)) => Some(n.min(c)),
+        (n, c) => n.or(c),
+    }
+}
+
+/// The memory limit of the cgroup that `proc_self_cgroup` (the text of /proc/self/cgroup) names,
+/// cgroupfs mounted at `root`: v2's `memory.max`, v1's memory controller's `memory.limit_in_bytes`
+/// (a huge number for none); `None` for no limit (`max`) or none readable. Each is looked for in the
+/// cgroup's directory under the mount, then at the mount's root, where a container that is not in
+/// a cgroup namespace of its own has its cgroup mounted.
+fn cgroup_memory_limit(proc_self_cgroup: &str, root: &std::path::Path) -> Option<u64> {
+    let read = |file: std::path::PathBuf| std::fs::read_to_string(file).ok()?.trim().parse::<u64>().ok();
+    proc_self_cgroup.lines().find_map(|line| {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let (mount, file) = match controllers {
+            "" => (root.to_path_buf(), "memory.max"),
+            c if c.split(',').any(|c| c == "memory") => (root.join("memory"), "memory.limit_in_bytes"),
+            _ => return None,
+        };
+        let own = mount.join(path.trim_start_matches('/')).join(file);
+        if own.exists() { read(own) } else { read(mount.join(file)) }
+    })
 }
 
 /// The index and MAC of each interface of `interfaces`, in order; an error names the first that
@@ -601,7 +632,10 @@ pub fn main(args: Args) -> CmdResult {
     let queues: Vec<(String, u32)> =
         settings.interfaces.iter().flat_map(|i| i.queues.iter().map(move |q| (i.name.clone(), *q))).collect();
     let cores = u16::try_from(queues.len()).map_err(|_| "too many queues")?;
-    check_conntrack_memory(args.conntrack_entries, queues.len(), mem_total())?;
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|c| cgroup_memory_limit(&c, std::path::Path::new("/sys/fs/cgroup")));
+    check_conntrack_memory(args.conntrack_entries, queues.len(), memory_limit(mem_total(), cgroup))?;
     let mode = if args.generic { AttachMode::Generic } else { AttachMode::Auto };
     let steering_config = SteeringConfig::default();
     if args.nat_replies_steered {
@@ -748,8 +782,9 @@ mod tests {
     use lb_io::bpf::xdp::SteeringConfig;
 
     use super::{
-        NeighbourResponder, SteeringMaps, TableBuilder, TablesSink, Workers, check_conntrack_memory, check_nat_replies,
-        check_steering_capacity, ephemeral_overlap, mem_total, snat_settings, steering_for, unserved_rx_queues,
+        NeighbourResponder, SteeringMaps, TableBuilder, TablesSink, Workers, cgroup_memory_limit,
+        check_conntrack_memory, check_nat_replies, check_steering_capacity, ephemeral_overlap, mem_total, memory_limit,
+        snat_settings, steering_for, unserved_rx_queues,
     };
     use lb_core::service::Tables;
     use lb_core::{Frame, Instant, Verdict};
@@ -1044,6 +1079,47 @@ mod tests {
         assert!(check_conntrack_memory(usize::MAX, 0, Some(gib)).is_ok(), "no loops, no tables");
         assert!(check_conntrack_memory(1 << 30, 1, None).is_ok(), "memory unknown: not checked");
         assert!(mem_total().is_some_and(|m| m > 0), "/proc/meminfo");
+    }
+
+    /// In a container the memory `lb run` may use is its cgroup's limit (the DaemonSet's
+    /// `resources.limits.memory`), not the node's: connection tables that fit the node but not the
+    /// limit must be refused at start, naming the limit. Before, only MemTotal was checked, and
+    /// `--conntrack-entries` too large for the pod's limit started, then was OOMKilled (every
+    /// connection through the node lost, and again at each restart).
+    #[test]
+    fn conntrack_tables_must_fit_the_containers_memory_limit() {
+        let root = std::env::temp_dir().join(format!("lb-cgroup-{}", std::process::id()));
+        let write = |rel: &str, text: &str| {
+            let file = root.join(rel);
+            std::fs::create_dir_all(file.parent().expect("a file in a directory"))
+                .expect("a directory under the temporary one");
+            std::fs::write(file, text).expect("a file under the temporary directory");
+        };
+        let gib = 1u64 << 30;
+        // cgroup v2, in the container's own cgroup namespace: its limit at the mount's root.
+        write("memory.max", "1073741824\n");
+        assert_eq!(cgroup_memory_limit("0::/\n", &root), Some(gib));
+        // No namespace (the host's path), the container's cgroup mounted at the root.
+        assert_eq!(cgroup_memory_limit("0::/kubepods/burstable/pod1/c1\n", &root), Some(gib));
+        // The host's view: the cgroup's own directory.
+        write("kubepods/pod2/c2/memory.max", "536870912\n");
+        assert_eq!(cgroup_memory_limit("0::/kubepods/pod2/c2\n", &root), Some(gib / 2));
+        // No limit.
+        write("kubepods/pod3/c3/memory.max", "max\n");
+        assert_eq!(cgroup_memory_limit("0::/kubepods/pod3/c3\n", &root), None);
+        // cgroup v1: the memory controller's hierarchy.
+        write("memory/kubepods/pod4/c4/memory.limit_in_bytes", "268435456\n");
+        assert_eq!(cgroup_memory_limit("4:memory:/kubepods/pod4/c4\n0::/\n", &root), Some(gib / 4));
+        let _ = std::fs::remove_dir_all(&root);
+        assert_eq!(cgroup_memory_limit("0::/\n", &root), None, "nothing to read: no limit known");
+
+        // 16 loops of the default 2^18 entries (~300 MiB) on a 64 GiB node under a 256 MiB limit.
+        let limited = memory_limit(Some(64 * gib), Some(gib / 4));
+        let err = check_conntrack_memory(1 << 18, 16, limited).expect_err("over the container's limit");
+        assert!(err.contains("256 MiB"), "{err}");
+        assert_eq!(memory_limit(Some(gib), None), Some(gib));
+        assert_eq!(memory_limit(None, Some(gib)), Some(gib));
+        assert!(memory_limit(Some(gib), Some(u64::MAX)) == Some(gib), "v1's 'unlimited' is a huge number");
     }
 
     #[test]
