@@ -470,12 +470,12 @@ async fn a_health_check_node_port_answers_503_for_a_service_the_tables_leave_out
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// The readiness probe of deploy/daemonset.yaml: its path and the container port it names.
-fn daemonset_readiness_path() -> String {
+/// The path of the DaemonSet's `probe` (`readinessProbe`, `livenessProbe`) in deploy/daemonset.yaml.
+fn daemonset_probe_path(probe: &str) -> String {
     let path = format!("{}/../deploy/daemonset.yaml", env!("CARGO_MANIFEST_DIR"));
     let ds: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let probe = &ds["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"];
-    probe["path"].as_str().unwrap().to_string()
+    let get = &ds["spec"]["template"]["spec"]["containers"][0][probe]["httpGet"];
+    get["path"].as_str().unwrap().to_string()
 }
 
 /// `GET path` on `port` (127.0.0.1): the status line.
@@ -489,7 +489,8 @@ async fn status_of(port: u16, path: &str) -> String {
 }
 
 /// The DaemonSet's readiness probe answers 503 while the cluster's Services are not served yet (a
-/// slow first list from the API server), and 200 once they are in the tables. Before, it probed
+/// slow first list from the API server), and 200 once they are in the tables; its liveness probe
+/// answers 200 throughout. Before, it probed
 /// `/state`, which answers 200 as soon as the metrics port listens: a rolling update took each
 /// new pod as ready at once and restarted the next node's load balancer while this one still
 /// served none of the cluster's Services, so a rollout faster than the first list took several
@@ -510,11 +511,13 @@ async fn the_readiness_probe_waits_for_the_cluster_to_be_served() {
     let task = tokio::spawn(plane.run(async move {
         let _ = stop_rx.await;
     }));
-    let ready = daemonset_readiness_path();
+    let (ready, alive) = (daemonset_probe_path("readinessProbe"), daemonset_probe_path("livenessProbe"));
 
-    // The file's tables run; the cluster's slices are still being listed.
+    // The file's tables run; the cluster's slices are still being listed. Not ready, but alive: a
+    // slow first list must not get the container killed (and restarted into the same slow list).
     until(&mut tables, "the file service", |t| has(t, "tcp 10.0.0.10:80")).await;
     assert_eq!(status_of(port, &ready).await, "HTTP/1.1 503 Service Unavailable", "{ready} before the first list");
+    assert_eq!(status_of(port, &alive).await, "HTTP/1.1 200 OK", "{alive} before the first list");
 
     api.release_lists(SLICES);
     until(&mut tables, "shop/web", |t| has(t, "tcp 10.96.12.34:80")).await;
