@@ -193,3 +193,36 @@ fn daemonset_adds_exactly_the_capabilities_lb_run_needs() {
         assert!(ran.is_err(), "lb run starts without {cap}: the DaemonSet need not add it");
     }
 }
+
+/// The port of `lb list`'s default `--endpoint`, from its help.
+fn lb_list_default_port() -> u16 {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lb")).args(["list", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let default = help.split("[default: ").nth(1).and_then(|d| d.split(']').next()).unwrap();
+    default.parse::<std::net::SocketAddr>().unwrap().port()
+}
+
+/// The metrics port is one port everywhere (the file's `metrics.listen`, the container port the
+/// probes name, the Prometheus annotation, `lb list`'s default endpoint) and not node_exporter's
+/// 9100. Before, it was 9100: with host networking the container port is a host port, so on a
+/// cluster running Prometheus's node exporter on every node (as kube-prometheus does, on the
+/// host's network too) the scheduler found no node with the port free and every `lb` pod stayed
+/// Pending; with node_exporter run outside Kubernetes, `lb run` could not bind it and crash-looped.
+#[test]
+fn daemonset_metrics_port_is_one_port_and_not_node_exporters() {
+    let cm = manifest("configmap.yaml");
+    let s = lb_examples::config::file::parse(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    let listen = s.metrics_listen.unwrap().port();
+    let ds = manifest("daemonset.yaml");
+    let pod = &ds["spec"]["template"];
+    assert_eq!(pod["spec"]["hostNetwork"].as_bool(), Some(true), "the container port is a host port");
+    let c = &pod["spec"]["containers"][0];
+    let port = c["ports"].as_sequence().unwrap().iter().find(|p| p["name"].as_str() == Some("metrics")).unwrap();
+    let container = u16::try_from(port["containerPort"].as_u64().unwrap()).unwrap();
+    let annotated: u16 = pod["metadata"]["annotations"]["prometheus.io/port"].as_str().unwrap().parse().unwrap();
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["port"].as_str(), Some("metrics"), "{probe}");
+    }
+    assert_eq!((container, annotated, lb_list_default_port()), (listen, listen, listen), "metrics.listen's port");
+    assert_ne!(listen, 9100, "node_exporter's port, held on the host's network of most monitored nodes");
+}

@@ -7,7 +7,7 @@ use super::CmdResult;
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Address of the running load balancer's metrics/state endpoint (its `metrics.listen`).
-    #[arg(long, default_value = "127.0.0.1:9100")]
+    #[arg(long, default_value = "127.0.0.1:9472")]
     pub endpoint: String,
 }
 

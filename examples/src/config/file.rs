@@ -22,7 +22,7 @@
 //!   timeouts: { tcp_established: 15m, udp: 5m }
 //! interfaces:
 //!   - { name: eth0, queues: [0, 1] }
-//! metrics: { listen: "127.0.0.1:9100" }
+//! metrics: { listen: "127.0.0.1:9472" }
 //! kubernetes: { node_name: node-a, node_zone: zone-a, node_addresses: [192.168.1.10] }  # service_proxy_name: lb
 //! services:
 //!   - name: web
