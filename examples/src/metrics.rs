@@ -648,14 +648,20 @@ pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[Inter
 /// update waits for each node to serve its cluster's Services before it restarts the next.
 pub const READY_PATH: &str = "/ready";
 
-/// Requests rendered at once: two, so a liveness probe (`deploy/`: `/metrics`, 1 s timeout) or
-/// `lb list` is not queued behind a Prometheus scrape alone.
+/// The path that answers 200 at once, rendering nothing, while the control plane's runtime answers
+/// at all: the DaemonSet's liveness probe (deploy/). `/metrics` renders every series of every
+/// service and backend (megabytes for a large cluster), which a probe every few seconds must not
+/// cost, nor wait its turn for behind Prometheus's scrapes under the kubelet's 1 s timeout.
+pub const LIVE_PATH: &str = "/livez";
+
+/// Requests rendered at once: two, so `lb list` is not queued behind a Prometheus scrape alone.
 const RENDERS: usize = 2;
 
 /// Connections one client address may hold open at once; the next is closed as soon as accepted.
 const CONNECTIONS_PER_PEER: usize = 16;
 
-/// Serves `GET /metrics`, `GET /state` and `GET` [`READY_PATH`] on `listener` until the task is dropped.
+/// Serves `GET /metrics`, `GET /state`, [`READY_PATH`] and [`LIVE_PATH`] on `listener` until the task
+/// is dropped.
 ///
 /// Each client address holds at most 16 connections (`CONNECTIONS_PER_PEER`) at once: one that opens
 /// connections and sends nothing (slowloris) would otherwise hold as many descriptors as it likes,
@@ -791,7 +797,10 @@ async fn answer(
             None => ("200 OK", "text/plain", "ready\n".to_string()),
             Some(why) => ("503 Service Unavailable", "text/plain", format!("not ready: {why}\n")),
         },
-        (None, "GET") => ("404 Not Found", "text/plain", format!("try /metrics, /state or {READY_PATH}\n")),
+        (None, "GET") if path == LIVE_PATH => ("200 OK", "text/plain", "alive\n".to_string()),
+        (None, "GET") => {
+            ("404 Not Found", "text/plain", format!("try /metrics, /state, {READY_PATH} or {LIVE_PATH}\n"))
+        }
         (None, _) => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
     };
     let resp = format!(

@@ -226,3 +226,62 @@ fn daemonset_metrics_port_is_one_port_and_not_node_exporters() {
     assert_eq!((container, annotated, lb_list_default_port()), (listen, listen, listen), "metrics.listen's port");
     assert_ne!(listen, 9100, "node_exporter's port, held on the host's network of most monitored nodes");
 }
+
+/// `GET path` from `lb run` at `addr`: the status line and the body's length.
+fn get(addr: std::net::SocketAddr, path: &str) -> (String, usize) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n").as_bytes()).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.len())
+}
+
+/// The liveness probe's answer does not grow with the tables: it renders nothing. Before, it
+/// probed `/metrics`, which renders every series of every service and backend (tens of MB and
+/// about a second of a core for a few thousand Services every 10 s, in a debug build), queued behind
+/// Prometheus's scrapes for its two render slots, under the kubelet's 1 s timeout: a node with a
+/// large cluster's tables could have its healthy load balancer killed, and its connections lost.
+#[test]
+fn daemonset_liveness_probe_renders_nothing() {
+    let ds = manifest("daemonset.yaml");
+    let alive = ds["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut text = format!(
+        "node: {{ snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }}\nmetrics: {{ listen: \"{addr}\" }}\nservices:\n"
+    );
+    for i in 0..200u32 {
+        let backends: Vec<String> = (1..=10).map(|b| format!("{{ addr: 10.1.{i}.{b}, port: 8080 }}")).collect();
+        text.push_str(&format!(
+            "  - {{ name: s{i}, vip: 10.200.{}.{}, port: 80, backends: [{}] }}\n",
+            i / 250,
+            i % 250 + 1,
+            backends.join(", ")
+        ));
+    }
+    let path = std::env::temp_dir().join(format!("lb-liveness-{}.yaml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let mut lb = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["--log", "info", "run", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(lb.stderr.take().unwrap()).lines();
+    while !lines.next().expect("lb run exited before serving").unwrap().contains("serving /metrics and /state") {}
+    let (status, live) = get(addr, &alive);
+    let (_, metrics) = get(addr, "/metrics");
+    let _ = std::process::Command::new("kill").args(["-TERM", &lb.id().to_string()]).status();
+    let _ = lb.wait();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(status, "HTTP/1.1 200 OK", "{alive}");
+    assert!(live < 64, "{alive} answers {live} bytes for 200 services of 10 backends (/metrics: {metrics})");
+}
