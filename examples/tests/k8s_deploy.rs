@@ -285,3 +285,24 @@ fn daemonset_liveness_probe_renders_nothing() {
     assert_eq!(status, "HTTP/1.1 200 OK", "{alive}");
     assert!(live < 64, "{alive} answers {live} bytes for 200 services of 10 backends (/metrics: {metrics})");
 }
+
+/// Every node running the ConfigMap's one file has a SNAT address of its own, one pods route back
+/// to it: its own address, from the downward API. Before, the file named one address
+/// (192.168.1.10) for every node: a NAT flow's replies went to whichever node held it (or nowhere),
+/// and full NAT, the default mode of cluster Services, served through one node at most.
+#[test]
+fn each_node_gets_its_own_snat_address() {
+    let cm = manifest("configmap.yaml");
+    let text = cm["data"]["config.yaml"].as_str().unwrap();
+    let on = |ips: &'static str| {
+        let mut s = lb_examples::config::file::parse(text).unwrap();
+        s.fill_from_env(|k| match k {
+            "NODE_NAME" => Some("n".to_string()),
+            "NODE_IPS" => Some(ips.to_string()),
+            _ => None,
+        });
+        (s.node.snat_v4, s.node.snat_v6)
+    };
+    assert_eq!(on("10.0.0.1,fd00::1"), (Some("10.0.0.1".parse().unwrap()), None), "the file asks for IPv4 NAT only");
+    assert_eq!(on("10.0.0.2"), (Some("10.0.0.2".parse().unwrap()), None));
+}

@@ -17,7 +17,7 @@
 //! node:
 //!   local_mac: "02:00:00:00:00:01"   # frames' source in lb replay; lb run sends from each interface's own MAC
 //!   gateway_mac: "02:00:00:00:00:fe"
-//!   snat_v4: 10.0.0.2
+//!   snat_v4: 10.0.0.2                # or `node`: the node's own IPv4 (kubernetes.node_addresses, $NODE_IPS)
 //!   snat_ports: [32768, 60999]
 //!   timeouts: { tcp_established: 15m, udp: 5m }
 //! interfaces:
@@ -54,7 +54,9 @@ use lb_core::config::{
 use serde::Deserialize;
 
 use super::reload::ContentDigest;
-use super::{FailurePolicy, HealthCheck, InterfaceConfig, KubernetesSettings, Probe, ServiceSpec, Settings};
+use super::{
+    FailurePolicy, HealthCheck, InterfaceConfig, KubernetesSettings, Probe, ServiceSpec, Settings, SnatFromNode,
+};
 
 /// Largest backend weight, as `ipvsadm -w` allows.
 pub const MAX_WEIGHT: u64 = 65535;
@@ -481,10 +483,23 @@ fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
 
     // Checked even when turned off, so a bad value shows now rather than when it is turned on
     // (which needs a restart too).
+    let snat_from_node = SnatFromNode {
+        v4: file.node.snat_v4.as_deref() == Some(SNAT_FROM_NODE),
+        v6: file.node.snat_v6.as_deref() == Some(SNAT_FROM_NODE),
+    };
     let kubernetes = file.kubernetes.as_ref().and_then(|k| {
-        let settings = validate_kubernetes(k, &mut p);
+        let settings = KubernetesSettings { snat_from_node, ..validate_kubernetes(k, &mut p) };
         k.enabled.then_some(settings)
     });
+    for (field, from_node) in [("node.snat_v4", snat_from_node.v4), ("node.snat_v6", snat_from_node.v6)] {
+        if from_node && kubernetes.is_none() {
+            p.push(
+                field,
+                quoted(SNAT_FROM_NODE),
+                "is the node's address from the Kubernetes settings (kubernetes.node_addresses, $NODE_IPS): it needs the kubernetes section",
+            );
+        }
+    }
     if kubernetes.is_some() && node.gateway_mac.is_none() {
         p.push("node.gateway_mac", "(none)", "is needed by the Kubernetes feed (endpoints have no MAC of their own)");
     }
@@ -492,7 +507,7 @@ fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     let mut services = Vec::new();
     let mut keys = HashSet::new();
     for (i, s) in file.services.iter().enumerate() {
-        if let Some(spec) = validate_service(i, s, &node, &mut keys, &mut p) {
+        if let Some(spec) = validate_service(i, s, &node, snat_from_node, &mut keys, &mut p) {
             services.push(spec);
         }
     }
@@ -504,14 +519,23 @@ fn validate(file: &FileConfig) -> Result<Settings, ConfigError> {
     }
 }
 
+/// What `node.snat_v4` and `node.snat_v6` say for "this node's own address".
+const SNAT_FROM_NODE: &str = "node";
+
 fn validate_node(n: &FileNode, p: &mut Problems) -> NodeConfig {
     let mut node = NodeConfig::default();
     if let Some(m) = &n.local_mac {
         node.local_mac = p.source_mac("node.local_mac", m).unwrap_or(node.local_mac);
     }
     node.gateway_mac = n.gateway_mac.as_deref().and_then(|m| p.destination_mac("node.gateway_mac", m));
-    node.snat_v4 = n.snat_v4.as_deref().and_then(|a| p.parse::<Ipv4Addr>("node.snat_v4", a, "is not an IPv4 address"));
-    node.snat_v6 = n.snat_v6.as_deref().and_then(|a| p.parse::<Ipv6Addr>("node.snat_v6", a, "is not an IPv6 address"));
+    // `node`: this node's own address, filled in from the Kubernetes settings (`fill_from_env`).
+    let (v4, v6) = (n.snat_v4.as_deref(), n.snat_v6.as_deref());
+    node.snat_v4 = v4
+        .filter(|a| *a != SNAT_FROM_NODE)
+        .and_then(|a| p.parse::<Ipv4Addr>("node.snat_v4", a, "is not an IPv4 address"));
+    node.snat_v6 = v6
+        .filter(|a| *a != SNAT_FROM_NODE)
+        .and_then(|a| p.parse::<Ipv6Addr>("node.snat_v6", a, "is not an IPv6 address"));
     node.tunnel_src_v4 =
         n.tunnel_src_v4.as_deref().and_then(|a| p.parse::<Ipv4Addr>("node.tunnel_src_v4", a, "is not an IPv4 address"));
     node.tunnel_src_v6 =
@@ -621,6 +645,7 @@ fn validate_service(
     i: usize,
     s: &FileService,
     node: &NodeConfig,
+    snat_from_node: SnatFromNode,
     keys: &mut HashSet<ServiceKey>,
     p: &mut Problems,
 ) -> Option<ServiceSpec> {
@@ -724,10 +749,10 @@ fn validate_service(
     };
     if let (Some(v), Some(m)) = (vip, mode) {
         match (m, v) {
-            (ForwardMode::Nat, IpAddr::V4(_)) if node.snat_v4.is_none() => {
+            (ForwardMode::Nat, IpAddr::V4(_)) if node.snat_v4.is_none() && !snat_from_node.v4 => {
                 p.push(format!("{f}.mode"), "\"nat\"", "needs node.snat_v4 for an IPv4 VIP")
             }
-            (ForwardMode::Nat, IpAddr::V6(_)) if node.snat_v6.is_none() => {
+            (ForwardMode::Nat, IpAddr::V6(_)) if node.snat_v6.is_none() && !snat_from_node.v6 => {
                 p.push(format!("{f}.mode"), "\"nat\"", "needs node.snat_v6 for an IPv6 VIP")
             }
             (ForwardMode::IpIp | ForwardMode::Gue { .. }, IpAddr::V4(_)) if node.tunnel_src_v4.is_none() => {

@@ -119,6 +119,19 @@ pub struct KubernetesSettings {
     pub default_mode: ForwardMode,
     /// How long the feed waits for more changes before it rebuilds the configuration.
     pub debounce: Duration,
+    /// The SNAT addresses the file leaves to the node (`node.snat_v4: node`, `node.snat_v6: node`):
+    /// [`Settings::fill_from_env`] takes this node's first address of the family from
+    /// `node_addresses`, so one file (a DaemonSet's ConfigMap) gives each node its own.
+    pub snat_from_node: SnatFromNode,
+}
+
+/// Which families' SNAT address is this node's own address ([`KubernetesSettings::snat_from_node`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SnatFromNode {
+    /// `node.snat_v4: node`.
+    pub v4: bool,
+    /// `node.snat_v6: node`.
+    pub v6: bool,
 }
 
 impl Default for KubernetesSettings {
@@ -132,6 +145,7 @@ impl Default for KubernetesSettings {
             default_scheduler: SchedulerKind::Maglev,
             default_mode: ForwardMode::Nat,
             debounce: Duration::from_millis(200),
+            snat_from_node: SnatFromNode::default(),
         }
     }
 }
@@ -199,6 +213,9 @@ impl Settings {
     /// (which the downward API cannot give: set it from the node's zone label when deploying).
     /// Unparsable addresses, and those no NodePort could be served on (loopback, multicast and the
     /// like, which the file refuses in `kubernetes.node_addresses`), are skipped with a warning.
+    /// A SNAT address the file leaves to the node (`node.snat_v4: node`) is then the node's first
+    /// address of its family; with none, it stays unset (warned), and NAT Services of that family
+    /// are refused.
     pub fn fill_from_env(&mut self, var: impl Fn(&str) -> Option<String>) {
         let Some(k) = self.kubernetes.as_mut() else { return };
         if k.node_name.is_none() {
@@ -218,6 +235,23 @@ impl Settings {
                     },
                     Err(_) => tracing::warn!(value = ip, "NODE_IPS holds something that is not an IP address"),
                 }
+            }
+        }
+        let first = |v4: bool| k.node_addresses.iter().copied().find(|a| a.is_ipv4() == v4);
+        if k.snat_from_node.v4 && self.node.snat_v4.is_none() {
+            match first(true) {
+                Some(IpAddr::V4(a)) => self.node.snat_v4 = Some(a),
+                _ => tracing::warn!(
+                    "node.snat_v4 is the node's address, but it has none of IPv4 (kubernetes.node_addresses, $NODE_IPS)"
+                ),
+            }
+        }
+        if k.snat_from_node.v6 && self.node.snat_v6.is_none() {
+            match first(false) {
+                Some(IpAddr::V6(a)) => self.node.snat_v6 = Some(a),
+                _ => tracing::warn!(
+                    "node.snat_v6 is the node's address, but it has none of IPv6 (kubernetes.node_addresses, $NODE_IPS)"
+                ),
             }
         }
     }
@@ -248,5 +282,35 @@ mod tests {
         };
         s.fill_from_env(env);
         assert_eq!(s.kubernetes.unwrap().node_name.as_deref(), Some("file"), "the file wins");
+    }
+
+    /// `node.snat_v4: node` / `snat_v6: node` is the node's first address of the family, from the
+    /// Kubernetes settings: one file serves every node, each NAT-ing to its own address. A NAT
+    /// service of the file takes it as written; without the kubernetes section there is no address
+    /// to take.
+    #[test]
+    fn a_snat_address_left_to_the_node_is_its_own() {
+        let yaml = |k8s: &str| {
+            format!(
+                "node: {{ snat_v4: node, snat_v6: node, gateway_mac: \"02:00:00:00:00:fe\" }}\n{k8s}\
+                 services: [{{ vip: 10.0.0.10, port: 80, backends: [{{ addr: 10.1.0.1 }}] }}]\n"
+            )
+        };
+        let text = yaml("kubernetes: { node_name: n }\n");
+        let mut s = crate::config::file::parse(&text).unwrap();
+        assert_eq!((s.node.snat_v4, s.node.snat_v6), (None, None), "filled in later");
+        s.fill_from_env(|k| (k == "NODE_IPS").then(|| "fd00::10,192.168.1.10,192.168.1.11".to_string()));
+        assert_eq!(s.node.snat_v4, Some("192.168.1.10".parse().unwrap()));
+        assert_eq!(s.node.snat_v6, Some("fd00::10".parse().unwrap()));
+
+        let mut s = crate::config::file::parse(&text).unwrap();
+        s.fill_from_env(|k| (k == "NODE_IPS").then(|| "192.168.1.12".to_string()));
+        assert_eq!((s.node.snat_v4, s.node.snat_v6), (Some("192.168.1.12".parse().unwrap()), None), "no IPv6 address");
+
+        let err = crate::config::file::parse(&yaml("")).unwrap_err().to_string();
+        assert!(
+            err.contains("node.snat_v4") && err.contains("node.snat_v6") && err.contains("kubernetes section"),
+            "{err}"
+        );
     }
 }
