@@ -306,3 +306,22 @@ fn each_node_gets_its_own_snat_address() {
     assert_eq!(on("10.0.0.1,fd00::1"), (Some("10.0.0.1".parse().unwrap()), None), "the file asks for IPv4 NAT only");
     assert_eq!(on("10.0.0.2"), (Some("10.0.0.2".parse().unwrap()), None));
 }
+
+/// Where the SNAT address is the node's own, the SNAT ports are the node's too: a frame to one of
+/// them is taken as a NAT reply. The deployed range must leave out the kernel's default ephemeral
+/// ports (lb-core's default range, 32768-60999, is that range), which the node's own connections
+/// (the kubelet's, the container runtime's) take their source ports from, and Kubernetes' default
+/// NodePort range. With the node's address as SNAT address and 40000-60999, a stock node lost
+/// the replies of most of its own connections until someone reserved those ports by hand.
+#[test]
+fn snat_ports_on_the_node_address_leave_its_own_connections_alone() {
+    let cm = manifest("configmap.yaml");
+    let s = lb_examples::config::file::parse(cm["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    let from_node = s.kubernetes.as_ref().unwrap().snat_from_node;
+    let (first, last) = s.node.snat_ports;
+    let overlaps = |(lo, hi): (u16, u16)| first <= hi && lo <= last;
+    let ephemeral = lb_core::config::NodeConfig::default().snat_ports;
+    assert!(from_node.v4 || from_node.v6, "the deployed file NATs to each node's own address");
+    assert!(!overlaps(ephemeral), "snat_ports {first}-{last} share ports with the kernel's ephemeral {ephemeral:?}");
+    assert!(!overlaps((30000, 32767)), "snat_ports {first}-{last} share ports with the NodePort range");
+}
