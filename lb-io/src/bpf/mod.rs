@@ -27,7 +27,7 @@ pub enum BpfError {
         source: std::io::Error,
     },
     /// The verifier rejected the program.
-    #[error("the verifier rejected the XDP program: {source}\n{log}")]
+    #[error("the verifier rejected the XDP program: {source}{}\n{log}", verifier_hint(log))]
     Verifier {
         /// The OS error.
         source: std::io::Error,
@@ -37,6 +37,12 @@ pub enum BpfError {
     /// The program could not be assembled (a bug in the program text).
     #[error(transparent)]
     Asm(#[from] asm::AsmError),
+}
+
+/// What a verifier log refusing the program "for !root" means: the loader lacks CAP_PERFMON
+/// (CAP_BPF alone loads a program only under the checks for unprivileged ones).
+fn verifier_hint(log: &str) -> &'static str {
+    if log.contains("!root") { " (needs CAP_PERFMON beside CAP_BPF + CAP_NET_ADMIN, or root)" } else { "" }
 }
 
 fn hint(command: &str, e: &std::io::Error) -> &'static str {
@@ -407,5 +413,24 @@ impl Link {
     /// The mode it was attached in.
     pub fn mode(&self) -> AttachMode {
         self.mode
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BpfError;
+
+    /// A loader with CAP_BPF and CAP_NET_ADMIN but not CAP_PERFMON (a container given the first
+    /// two) has the program refused "for !root": the error says which capability is missing.
+    /// Before, it gave the verifier's log alone, which names no capability.
+    #[test]
+    fn a_program_refused_for_lack_of_perfmon_says_so() {
+        let refused = |log: &str| {
+            BpfError::Verifier { source: std::io::Error::from_raw_os_error(libc::EACCES), log: log.to_string() }
+                .to_string()
+        };
+        let log = "784: (0f) r7 += r5\nR7 has pointer with unsupported alu operation, pointer arithmetic with it prohibited for !root\n";
+        assert!(refused(log).contains("needs CAP_PERFMON"), "{}", refused(log));
+        assert!(!refused("R1 invalid mem access 'scalar'\n").contains("CAP_PERFMON"), "a fault of the program itself");
     }
 }
