@@ -4,6 +4,7 @@
 //! resourceVersion and an event history, as etcd does: a list returns the objects and the current
 //! version; `watch=true&resourceVersion=N` replays the history after N and then streams live events as
 //! chunked JSON lines; a version older than the compacted history gets a 410 Gone ERROR event.
+//! [`start`] serves plain HTTP; [`start_tls`] serves the same behind TLS, as a real API server is.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -12,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 pub const FAILSAFE: Duration = Duration::from_secs(30);
@@ -30,6 +31,8 @@ pub struct Request {
     pub at: std::time::Instant,
     /// The client's address (its connection's own port).
     pub peer: Option<std::net::SocketAddr>,
+    /// The `Authorization` header's value, if the request had one.
+    pub authorization: Option<String>,
 }
 
 impl Request {
@@ -227,14 +230,44 @@ pub async fn serve(api: FakeApi, listener: TcpListener, requests: mpsc::Unbounde
         let api = api.clone();
         let requests = requests.clone();
         tokio::spawn(async move {
-            let _ = handle(api, sock, requests).await;
+            let peer = sock.peer_addr().ok();
+            let _ = handle(api, sock, peer, requests).await;
         });
     }
 }
 
-pub async fn handle(
+/// [`serve`] behind TLS: each accepted connection's handshake result goes to `handshakes` (`Err`
+/// with the reason, e.g. the client's alert for a certificate it does not trust), and the requests
+/// on the connections whose handshake succeeded are answered as [`serve`] answers them.
+pub async fn serve_tls(
     api: FakeApi,
-    mut sock: TcpStream,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    requests: mpsc::UnboundedSender<Request>,
+    handshakes: mpsc::UnboundedSender<Result<(), String>>,
+) {
+    loop {
+        let Ok((sock, peer)) = listener.accept().await else { return };
+        let (api, acceptor, requests, handshakes) =
+            (api.clone(), acceptor.clone(), requests.clone(), handshakes.clone());
+        tokio::spawn(async move {
+            match acceptor.accept(sock).await {
+                Ok(tls) => {
+                    let _ = handshakes.send(Ok(()));
+                    let _ = handle(api, tls, Some(peer), requests).await;
+                }
+                Err(e) => {
+                    let _ = handshakes.send(Err(e.to_string()));
+                }
+            }
+        });
+    }
+}
+
+pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
+    api: FakeApi,
+    mut sock: S,
+    peer: Option<std::net::SocketAddr>,
     requests: mpsc::UnboundedSender<Request>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
@@ -251,7 +284,12 @@ pub async fn handle(
     let (path, qs) = target.split_once('?').unwrap_or((&target, ""));
     let query: HashMap<String, String> =
         qs.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let req = Request { path: path.to_string(), query, at: std::time::Instant::now(), peer: sock.peer_addr().ok() };
+    let authorization = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("authorization"))
+        .map(|(_, value)| value.trim().to_string());
+    let req = Request { path: path.to_string(), query, at: std::time::Instant::now(), peer, authorization };
     // A watch of a collection is recorded once it is registered for live events (below), so a test
     // that waits for the watch request and then sends an event knows the event reaches it.
     let refused = api.state.lock().unwrap().refused.get(req.path.as_str()).copied();
@@ -394,6 +432,39 @@ pub async fn start(api: FakeApi) -> (u16, Requests) {
     let (req_tx, req_rx) = mpsc::unbounded_channel();
     tokio::spawn(serve(api, listener, req_tx));
     (port, Requests { rx: req_rx, pending: Vec::new() })
+}
+
+/// Starts the server on 127.0.0.1 behind TLS with `acceptor`; returns its port, the log of requests
+/// and the connections' handshake results ([`serve_tls`]).
+pub async fn start_tls(
+    api: FakeApi,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> (u16, Requests, mpsc::UnboundedReceiver<Result<(), String>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (req_tx, req_rx) = mpsc::unbounded_channel();
+    let (hs_tx, hs_rx) = mpsc::unbounded_channel();
+    tokio::spawn(serve_tls(api, listener, acceptor, req_tx, hs_tx));
+    (port, Requests { rx: req_rx, pending: Vec::new() }, hs_rx)
+}
+
+/// Writes a kubeconfig for `https://127.0.0.1:port` into `dir`: the server is verified against
+/// `ca_data` (base64 of the CA's PEM, as `certificate-authority-data` holds it) and the user sends
+/// `token`.
+pub fn kubeconfig_tls(dir: &Path, port: u16, ca_data: &str, token: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: https://127.0.0.1:{port}\n\
+             \x20   certificate-authority-data: {ca_data}\n\
+             users:\n- name: test\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: test\n\
+             current-context: fake\n"
+        ),
+    )
+    .unwrap();
+    path
 }
 
 /// Writes a kubeconfig for `http://127.0.0.1:port` into `dir`.
