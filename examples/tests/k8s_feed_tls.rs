@@ -1,9 +1,9 @@
 //! The Kubernetes feed against the local API server (k8s_support/) behind TLS, as a real API server
 //! always is: the feed's client (kube's stack rebuilt on a connector with TCP keepalive) must speak
 //! TLS, verify the server against the kubeconfig's `certificate-authority-data`, and send the
-//! user's bearer token on every list and watch.
+//! user's bearer token on every list and watch, or present the user's client certificate.
 //!
-//! The CA and the server's certificate (for 127.0.0.1, an IP SAN) are made at test time with the
+//! The CA, the server's certificate (for 127.0.0.1, an IP SAN) and a client's are made at test time with the
 //! `openssl` command-line tool; without it the tests print why they are skipped and pass.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -46,6 +46,11 @@ extendedKeyUsage = serverAuth
 subjectAltName = IP:127.0.0.1
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
+[client]
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature
+extendedKeyUsage = clientAuth
+authorityKeyIdentifier = keyid
 ";
 
 /// Why the tests cannot run here, if they cannot.
@@ -70,6 +75,10 @@ struct Pki {
     server_pem: Vec<u8>,
     /// The server's private key (PEM).
     server_key_pem: Vec<u8>,
+    /// A client's certificate (PEM), for a node's user, signed by the CA.
+    client_pem: Vec<u8>,
+    /// The client's private key (PEM).
+    client_key_pem: Vec<u8>,
 }
 
 fn make_ca(dir: &Path, name: &str) -> PathBuf {
@@ -150,7 +159,52 @@ fn make_pki(dir: &Path) -> Pki {
             "server",
         ],
     );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-config",
+            "openssl.cnf",
+            "-subj",
+            "/O=system:nodes/CN=system:node:node-a",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "3",
+            "-days",
+            "2",
+            "-out",
+            "client.pem",
+            "-extfile",
+            "openssl.cnf",
+            "-extensions",
+            "client",
+        ],
+    );
     Pki {
+        client_pem: std::fs::read(dir.join("client.pem")).unwrap(),
+        client_key_pem: std::fs::read(dir.join("client.key")).unwrap(),
         ca_pem: std::fs::read(ca).unwrap(),
         server_pem: std::fs::read(dir.join("server.pem")).unwrap(),
         server_key_pem: std::fs::read(dir.join("server.key")).unwrap(),
@@ -175,16 +229,23 @@ fn base64(data: &[u8]) -> String {
     out
 }
 
-fn acceptor(pki: &Pki) -> tokio_rustls::TlsAcceptor {
+/// The server's TLS side; with `client_certs`, a handshake needs a client certificate the CA signed.
+fn acceptor(pki: &Pki, client_certs: bool) -> tokio_rustls::TlsAcceptor {
     let certs = CertificateDer::pem_slice_iter(&pki.server_pem).collect::<Result<Vec<_>, _>>().unwrap();
     let key = PrivateKeyDer::from_pem_slice(&pki.server_key_pem).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().unwrap();
+    let builder = if client_certs {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(&pki.ca_pem).unwrap()).unwrap();
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).build().unwrap();
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    tokio_rustls::TlsAcceptor::from(Arc::new(builder.with_single_cert(certs, key).unwrap()))
 }
 
 /// Receives translations until one satisfies `pred`.
@@ -258,8 +319,8 @@ async fn the_feed_lists_and_watches_over_tls_verifying_the_cluster_ca_and_sendin
     let dir = temp_dir("ok");
     let pki = make_pki(&dir);
     let api = web_cluster();
-    let (port, mut reqs, mut handshakes) = start_tls(api.clone(), acceptor(&pki)).await;
-    let kc = kubeconfig_tls(&dir, port, &base64(&pki.ca_pem), TOKEN);
+    let (port, mut reqs, mut handshakes) = start_tls(api.clone(), acceptor(&pki, false)).await;
+    let kc = kubeconfig_tls(&dir, port, &base64(&pki.ca_pem), &[("token", TOKEN)]);
     let (mut rx, counters, task, _view) = run_feed(settings(kc)).await;
 
     let t = until(&mut rx, "shop/web listed over TLS", |t| backends(t, "tcp 10.96.12.34:80").is_some()).await;
@@ -302,8 +363,8 @@ async fn a_server_the_kubeconfigs_ca_did_not_sign_is_refused_with_a_certificate_
     let pki = make_pki(&dir);
     let other_ca = std::fs::read(make_ca(&dir, "other-ca")).unwrap();
     let api = web_cluster();
-    let (port, _reqs, mut handshakes) = start_tls(api.clone(), acceptor(&pki)).await;
-    let kc = kubeconfig_tls(&dir, port, &base64(&other_ca), TOKEN);
+    let (port, _reqs, mut handshakes) = start_tls(api.clone(), acceptor(&pki, false)).await;
+    let kc = kubeconfig_tls(&dir, port, &base64(&other_ca), &[("token", TOKEN)]);
 
     // One request, as the feed's watchers make it: the error says why.
     let client = feed::client_with(&settings(kc), &ClientTimings::default()).await.unwrap();
@@ -324,8 +385,8 @@ async fn a_server_the_kubeconfigs_ca_did_not_sign_is_refused_with_a_certificate_
     // The feed, on a server of its own (every handshake it sees is the feed's): both watchers'
     // lists fail at the handshake; a third handshake is one watcher's second attempt, after its
     // first failure was counted and its back-off passed.
-    let (port, mut reqs, mut handshakes) = start_tls(api.clone(), acceptor(&pki)).await;
-    let kc = kubeconfig_tls(&dir, port, &base64(&other_ca), TOKEN);
+    let (port, mut reqs, mut handshakes) = start_tls(api.clone(), acceptor(&pki, false)).await;
+    let kc = kubeconfig_tls(&dir, port, &base64(&other_ca), &[("token", TOKEN)]);
     let (mut rx, counters, task, _view) = run_feed(settings(kc)).await;
     for i in 0..3 {
         let h = tokio::time::timeout(FAILSAFE, handshakes.recv()).await.expect("the feed tries again").unwrap();
@@ -337,6 +398,40 @@ async fn a_server_the_kubeconfigs_ca_did_not_sign_is_refused_with_a_certificate_
         tokio::time::timeout(Duration::ZERO, reqs.next("any request", |_| true)).await.is_err(),
         "no request reached the server"
     );
+
+    drop(rx);
+    tokio::time::timeout(FAILSAFE, task).await.expect("feed stops when its receiver is dropped").unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A user that authenticates with a client certificate (`client-certificate-data`,
+/// `client-key-data`, as a node's kubeconfig has): the feed's TLS presents it, and lists and
+/// watches a server that requires one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_feed_presents_the_kubeconfigs_client_certificate() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let dir = temp_dir("client-cert");
+    let pki = make_pki(&dir);
+    let api = web_cluster();
+    let (port, mut reqs, mut handshakes) = start_tls(api.clone(), acceptor(&pki, true)).await;
+    let (cert, key) = (base64(&pki.client_pem), base64(&pki.client_key_pem));
+    let user = [("client-certificate-data", cert.as_str()), ("client-key-data", key.as_str())];
+    let kc = kubeconfig_tls(&dir, port, &base64(&pki.ca_pem), &user);
+    let (mut rx, counters, task, _view) = run_feed(settings(kc)).await;
+
+    let t = until(&mut rx, "shop/web listed over TLS", |t| backends(t, "tcp 10.96.12.34:80").is_some()).await;
+    assert_eq!(backends(&t, "tcp 10.96.12.34:80").unwrap().len(), 4);
+    for (path, watch) in [(SERVICES, false), (SLICES, false), (SERVICES, true), (SLICES, true)] {
+        let what = format!("{path} {}", if watch { "watch" } else { "list" });
+        let r = reqs.next(&what, |r| r.path == path && r.is_watch() == watch).await;
+        assert_eq!(r.authorization, None, "{what}: the certificate is the credential");
+    }
+    let h = tokio::time::timeout(FAILSAFE, handshakes.recv()).await.unwrap().unwrap();
+    assert_eq!(h, Ok(()), "the server took the client's certificate");
+    assert_eq!(counters.watch_errors.load(Relaxed), 0, "no failed request");
 
     drop(rx);
     tokio::time::timeout(FAILSAFE, task).await.expect("feed stops when its receiver is dropped").unwrap();

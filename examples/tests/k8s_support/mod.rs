@@ -449,9 +449,11 @@ pub async fn start_tls(
 }
 
 /// Writes a kubeconfig for `https://127.0.0.1:port` into `dir`: the server is verified against
-/// `ca_data` (base64 of the CA's PEM, as `certificate-authority-data` holds it) and the user sends
-/// `token`.
-pub fn kubeconfig_tls(dir: &Path, port: u16, ca_data: &str, token: &str) -> PathBuf {
+/// `ca_data` (base64 of the CA's PEM, as `certificate-authority-data` holds it) and the user's
+/// credentials are `user` (its fields and values: `token`, or `client-certificate-data` and
+/// `client-key-data`).
+pub fn kubeconfig_tls(dir: &Path, port: u16, ca_data: &str, user: &[(&str, &str)]) -> PathBuf {
+    let user: String = user.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("kubeconfig");
     std::fs::write(
@@ -459,7 +461,7 @@ pub fn kubeconfig_tls(dir: &Path, port: u16, ca_data: &str, token: &str) -> Path
         format!(
             "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: https://127.0.0.1:{port}\n\
              \x20   certificate-authority-data: {ca_data}\n\
-             users:\n- name: test\n  user:\n    token: {token}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: test\n\
+             users:\n- name: test\n  user:\n{user}contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: test\n\
              current-context: fake\n"
         ),
     )
