@@ -22,6 +22,12 @@ use lb_core::service::Tables;
 use lb_core::stats::{BackendCounters, DropReason, ServiceCounters, Stats};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+// `lb_icmp_time_exceeded_total`'s help names the budget.
+const _: () = assert!(
+    lb_core::forward::time_exceeded::TIME_EXCEEDED_PER_SECOND == 1000,
+    "update lb_icmp_time_exceeded_total's help"
+);
 use tokio::sync::watch;
 
 use crate::control::LiveState;
@@ -47,6 +53,8 @@ pub struct CoreSnapshot {
     pub reverse_nat: u64,
     /// Packets too big for the tunnel path answered with ICMP (`node.tunnel_mtu`).
     pub icmp_too_big: u64,
+    /// Full-NAT packets whose TTL / hop limit expired answered with ICMP time exceeded.
+    pub icmp_time_exceeded: u64,
     /// Tables the worker refused (larger limits than it was built with; it kept serving its own).
     pub tables_refused: u64,
     /// Conntrack entries evicted for room for a new flow.
@@ -88,6 +96,7 @@ impl CoreSnapshot {
             ndp_adverts: stats.ndp_adverts,
             reverse_nat: stats.reverse_nat,
             icmp_too_big: stats.icmp_too_big,
+            icmp_time_exceeded: stats.icmp_time_exceeded,
             tables_refused: stats.tables_refused,
             conntrack_evictions: stats.conntrack_evictions,
             snat_port_evictions: stats.snat_port_evictions,
@@ -119,6 +128,7 @@ pub struct CoreCounters {
     ndp_adverts: u64,
     reverse_nat: u64,
     icmp_too_big: u64,
+    icmp_time_exceeded: u64,
     tables_refused: u64,
     conntrack_evictions: u64,
     snat_port_evictions: u64,
@@ -150,6 +160,7 @@ impl CoreCounters {
         self.ndp_adverts = stats.ndp_adverts;
         self.reverse_nat = stats.reverse_nat;
         self.icmp_too_big = stats.icmp_too_big;
+        self.icmp_time_exceeded = stats.icmp_time_exceeded;
         self.tables_refused = stats.tables_refused;
         self.conntrack_evictions = stats.conntrack_evictions;
         self.snat_port_evictions = stats.snat_port_evictions;
@@ -181,6 +192,7 @@ impl CoreCounters {
             ndp_adverts: self.ndp_adverts,
             reverse_nat: self.reverse_nat,
             icmp_too_big: self.icmp_too_big,
+            icmp_time_exceeded: self.icmp_time_exceeded,
             tables_refused: self.tables_refused,
             conntrack_evictions: self.conntrack_evictions,
             snat_port_evictions: self.snat_port_evictions,
@@ -280,6 +292,7 @@ struct Totals {
     ndp_adverts: u64,
     reverse_nat: u64,
     icmp_too_big: u64,
+    icmp_time_exceeded: u64,
     tables_refused: u64,
     conntrack_evictions: u64,
     snat_port_evictions: u64,
@@ -299,6 +312,7 @@ fn sum(cores: &[CoreSnapshot]) -> Totals {
         t.ndp_adverts += c.ndp_adverts;
         t.reverse_nat += c.reverse_nat;
         t.icmp_too_big += c.icmp_too_big;
+        t.icmp_time_exceeded += c.icmp_time_exceeded;
         t.tables_refused += c.tables_refused;
         t.conntrack_evictions += c.conntrack_evictions;
         t.snat_port_evictions += c.snat_port_evictions;
@@ -444,6 +458,11 @@ pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[Inter
             "lb_icmp_too_big_total",
             "Packets too big for the tunnel path (node.tunnel_mtu) answered with ICMP fragmentation needed / packet too big.",
             totals.icmp_too_big,
+        ),
+        (
+            "lb_icmp_time_exceeded_total",
+            "Full-NAT packets whose TTL / hop limit expired at a VIP or a SNAT address answered with ICMP time exceeded (at most 1000 a second per core; the rest count as ttl_expired drops).",
+            totals.icmp_time_exceeded,
         ),
         (
             "lb_tables_refused_total",
@@ -845,6 +864,7 @@ services:
                     arp_replies: 3 * k,
                     ndp_adverts: k,
                     icmp_too_big: 2 * k,
+                    icmp_time_exceeded: 5 * k,
                     reverse_nat: 11 * k,
                     tables_refused: k,
                     conntrack_evictions: 7 * k,
@@ -972,6 +992,7 @@ services:
             "lb_xsk_rx_dropped_total 27".into(),
             "lb_ndp_adverts_total 3".into(),
             "lb_icmp_too_big_total 6".into(),
+            "lb_icmp_time_exceeded_total 15".into(),
             "lb_nat_replies_total 33".into(),
             "lb_tables_refused_total 3".into(),
             "lb_conntrack_evictions_total 21".into(),

@@ -51,7 +51,10 @@ pub enum DropReason {
     ConntrackFull,
     /// Full NAT found no free source port in this core's share of the node's SNAT ports.
     NoSnatPort,
-    /// IPv4 TTL or IPv6 hop limit would reach zero on a routed (NAT) rewrite.
+    /// IPv4 TTL or IPv6 hop limit would reach zero on a routed (NAT) rewrite, and the packet is
+    /// not answered with ICMP time exceeded (an ICMP error, a source that names no single host, a
+    /// frame sent to a link-layer broadcast or multicast address, or past the worker's budget of
+    /// errors a second): see `forward::time_exceeded`.
     TtlExpired,
     /// The frame lacks the room its rewrite needs: headroom for a tunnel header (see
     /// [`Frame::HEADROOM_NEEDED`](crate::Frame::HEADROOM_NEEDED)), or tailroom for a neighbour
@@ -233,6 +236,10 @@ pub struct Stats {
     /// Packets too big for the tunnel path (`NodeConfig::tunnel_mtu`) answered with ICMP
     /// "fragmentation needed" / "packet too big" (each also counts at the backend it was headed for).
     pub icmp_too_big: u64,
+    /// Full-NAT packets whose TTL / hop limit expired answered with ICMP "time exceeded" (see
+    /// `forward::time_exceeded`; counted in `tx`, neither a drop of their service nor a packet of
+    /// a backend).
+    pub icmp_time_exceeded: u64,
     /// Conntrack entries evicted to make room for a new flow.
     pub conntrack_evictions: u64,
     /// Full-NAT flows (half-open, else closing) evicted for their SNAT port: a new flow found every
@@ -270,6 +277,7 @@ impl Stats {
             reverse_nat: 0,
             handed_off: 0,
             icmp_too_big: 0,
+            icmp_time_exceeded: 0,
             conntrack_evictions: 0,
             snat_port_evictions: 0,
             arp_replies: 0,
@@ -339,6 +347,7 @@ impl Stats {
         self.reverse_nat += other.reverse_nat;
         self.handed_off += other.handed_off;
         self.icmp_too_big += other.icmp_too_big;
+        self.icmp_time_exceeded += other.icmp_time_exceeded;
         self.conntrack_evictions += other.conntrack_evictions;
         self.snat_port_evictions += other.snat_port_evictions;
         self.arp_replies += other.arp_replies;
@@ -531,6 +540,7 @@ mod tests {
         a.reverse_nat = 4;
         (a.handed_off, b.handed_off) = (10, 20);
         b.icmp_too_big = 6;
+        (a.icmp_time_exceeded, b.icmp_time_exceeded) = (5, 6);
         (a.conntrack_evictions, b.conntrack_evictions) = (8, 1);
         (a.snat_port_evictions, b.snat_port_evictions) = (3, 4);
         b.arp_replies = 2;
@@ -549,6 +559,7 @@ mod tests {
             reverse_nat,
             handed_off,
             icmp_too_big,
+            icmp_time_exceeded,
             conntrack_evictions,
             snat_port_evictions,
             arp_replies,
@@ -565,7 +576,7 @@ mod tests {
         assert_eq!(a.dropped(DropReason::Malformed), 1);
         assert_eq!(a.dropped_total(), 3);
         assert_eq!((rx, tx, passed, reverse_nat, handed_off), (5, 3, 3, 4, 30));
-        assert_eq!((icmp_too_big, conntrack_evictions, snat_port_evictions), (6, 9, 7));
+        assert_eq!((icmp_too_big, icmp_time_exceeded, conntrack_evictions, snat_port_evictions), (6, 11, 9, 7));
         assert_eq!((arp_replies, ndp_adverts, tables_refused), (2, 1, 7));
         assert_eq!(a.services[1].packets, 7);
         assert_eq!(a.backends[0].counters.active_conns, 7);

@@ -3,7 +3,8 @@
 //!
 //! The mix: new and established TCP and UDP flows, IPv4 and IPv6, every forwarding mode (NAT with its
 //! replies, DSR, IP-in-IP, GUE), ClientIP affinity, traffic that passes (not a VIP), ARP requests and
-//! IPv6 neighbour solicitations for the VIPs (answered), every cheap drop (malformed, truncated, no
+//! IPv6 neighbour solicitations for the VIPs (answered), full-NAT packets whose TTL expires (answered
+//! with ICMP time exceeded), every cheap drop (malformed, truncated, no
 //! service, source not allowed, fragment), and a table swap in the middle.
 #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
@@ -198,6 +199,19 @@ fn hundred_thousand_mixed_frames_allocate_nothing() {
             }
             // VIP without that port, and a source outside the allowed range.
             8 => mix.push(tcp(client(i, v6), 1, vip, 9999, Tcp::Syn, b"")),
+            // A full-NAT packet whose TTL expires: answered with ICMP time exceeded in place.
+            9 if i / 10 % 4 == 1 => {
+                // (Frames 9, 19, ... are all odd: the family alternates by tens instead.)
+                let v6 = i / 10 % 8 == 1;
+                let vip = if v6 { vip6 } else { vip4 };
+                let mut f = tcp(client(i, v6), 30_000, vip, 80, Tcp::Syn, b"probe");
+                if v6 {
+                    f[14 + 7] = 1;
+                } else {
+                    f[14 + 8] = 1;
+                }
+                mix.push(f);
+            }
             _ => mix.push(udp(v4("203.0.113.9"), 1, vip4, 81, b"not allowed")),
         }
         i += 1;
@@ -226,6 +240,7 @@ fn hundred_thousand_mixed_frames_allocate_nothing() {
     assert_eq!(w.stats().rx, (warm.len() + FRAMES) as u64);
     assert_eq!(w.stats().arp_replies + w.stats().ndp_adverts, (FRAMES / 20) as u64, "every request answered");
     assert!(w.stats().arp_replies > 0 && w.stats().ndp_adverts > 0);
+    assert!(w.stats().icmp_time_exceeded > 0, "expired packets answered");
 }
 
 /// An ARP request (IPv4) or a neighbour solicitation with a source link-layer option (IPv6) for `vip`,

@@ -229,8 +229,11 @@ fn every_drop_reason_has_a_golden_frame() {
     f[14..34].copy_from_slice(&hb);
     check(&mut w, &f, HEADROOM, DropReason::Fragment);
     check(&mut w, &tcp(c, 1, vip, 9999, Tcp::Syn, b""), HEADROOM, DropReason::NoService);
+    // TTL 1 (checksum no longer matters: the TTL check comes first), sent to the broadcast MAC:
+    // not answered with time exceeded (RFC 1812 4.3.2.7).
     let mut t = tcp(c, 1, vip, 80, Tcp::Syn, b"");
-    t[22] = 1; // TTL 1 (checksum no longer matters: the TTL check comes first)
+    t[22] = 1;
+    t[..6].copy_from_slice(&[0xff; 6]);
     check(&mut w, &t, HEADROOM, DropReason::TtlExpired);
     check(&mut w, &tcp(c, 2, vip, 82, Tcp::Syn, b""), 10, DropReason::NoHeadroom);
     check(

@@ -13,13 +13,16 @@
 //! headroom. On error the frame may be partly rewritten and must be dropped (the worker counts the
 //! reason). Tunnel modes grow the frame into its headroom: [`crate::Frame::HEADROOM_NEEDED`] (64
 //! bytes) covers the largest, GUE over IPv6 (52). With `NodeConfig::tunnel_mtu` set, a packet the
-//! tunnel would push past it is answered by [`too_big`] instead.
+//! tunnel would push past it is answered by [`too_big`] instead, and a full-NAT packet whose TTL
+//! expires by [`time_exceeded`].
 
 pub mod checksum;
 pub mod dsr;
 pub mod gue;
+mod icmp_error;
 pub mod ipip;
 pub mod nat;
+pub mod time_exceeded;
 pub mod too_big;
 
 use core::net::IpAddr;
@@ -61,7 +64,8 @@ pub struct TunnelTarget {
 /// Why a frame could not be rewritten. Each maps to a counted drop reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum RewriteError {
-    /// The TTL or hop limit was 1 or 0: a router must not forward it.
+    /// The TTL or hop limit was 1 or 0: a router must not forward it. The frame is unchanged (the
+    /// worker answers it: see [`time_exceeded`]).
     #[error("TTL/hop limit {ttl} expired in transit")]
     TtlExpired {
         /// The TTL found.

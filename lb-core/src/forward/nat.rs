@@ -15,9 +15,11 @@
 //! passes the same target as for that direction's data packets.
 //!
 //! TTL / hop limit is decremented, as a router does; a frame that arrives with 1 or 0 is refused with
-//! [`RewriteError::TtlExpired`]. Checksums are patched incrementally (RFC 1624), never recomputed. A
-//! non-first fragment has no ports: only its addresses change (the first fragment's transport checksum
-//! already accounts for them), so every fragment of a datagram must get the same target.
+//! [`RewriteError::TtlExpired`], unchanged (the TTL is checked before anything is written), for the
+//! worker to answer ([`super::time_exceeded`]). Checksums are patched incrementally (RFC 1624),
+//! never recomputed. A non-first fragment has no ports: only its addresses change (the first
+//! fragment's transport checksum already accounts for them), so every fragment of a datagram must
+//! get the same target.
 
 use super::checksum::ChecksumDelta;
 use super::{Macs, field};

@@ -89,6 +89,12 @@
 //! - ARP requests and IPv6 neighbour solicitations for the tables' VIPs and NAT source addresses are
 //!   answered in place (verdict Tx) once the worker has a MAC ([`Worker::set_neighbour_mac`], off by
 //!   default); all other ARP / NDP passes. See [`crate::neighbour`].
+//! - Full NAT routes: a packet to a VIP, or a backend's reply to a SNAT address, that arrives with
+//!   TTL / hop limit 1 or 0 is answered with ICMP time exceeded from that address (traceroute shows
+//!   the hop), as IPVS answers it; not an ICMP error, a source that names no single host or a
+//!   link-layer broadcast, nor more than [`forward::time_exceeded::TIME_EXCEEDED_PER_SECOND`] a
+//!   second per core: those are counted as [`DropReason::TtlExpired`]. DSR and the tunnels leave
+//!   the TTL alone.
 //! - Rewrites are lb-core's [`forward`] module; headroom needed: [`Frame::HEADROOM_NEEDED`].
 //!
 //! **Where the parts are.** This file holds the per-packet path, from [`Worker::process_burst`]
@@ -232,6 +238,9 @@ struct Core {
     /// True while deciding frames another core handed over ([`Worker::process_handed_burst`]):
     /// they are never handed on again.
     handed_in: bool,
+    /// The second of the last ICMP time exceeded sent, and how many were sent in it (at most
+    /// [`forward::time_exceeded::TIME_EXCEEDED_PER_SECOND`]).
+    time_exceeded_sent: (u32, u32),
 }
 
 /// A new flow's conntrack key with its hash, its lb-hash 5-tuple hash (for schedulers and GUE), and
@@ -289,6 +298,7 @@ impl Worker {
             reply_hints: [None; BATCH],
             reply_hints_live: false,
             handed_in: false,
+            time_exceeded_sent: (0, 0),
             nat_target: NatTarget { flow: FlowKey::v4([0; 4], [0; 4], 0, 0, 0), macs: Macs::default() },
             tunnel_target: TunnelTarget {
                 src: IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
@@ -607,10 +617,13 @@ impl Core {
             Some((summary, backend, change, e.snat_port))
         })?;
         self.count_established(backend.id, change);
-        let outcome = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, None).map(|()| {
-            self.count_forwarded(backend, p);
-            Verdict::Tx
-        });
+        let outcome = match self.rewrite(tables, frame, p, summary.mode, backend, snat_port, None) {
+            Ok(()) => {
+                self.count_forwarded(backend, p);
+                Ok(Verdict::Tx)
+            }
+            Err(reason) => self.refused(frame, p, reason),
+        };
         self.count_service_drop(&summary, &outcome);
         Some(outcome)
     }
@@ -779,7 +792,7 @@ impl Core {
                 // A flow whose first frame cannot be sent leaves no state behind.
                 self.unschedule(index, backend);
             }
-            return Err(reason);
+            return self.refused(frame, p, reason);
         }
         self.count_forwarded(backend, p);
         Ok(Verdict::Tx)
@@ -987,7 +1000,9 @@ impl Core {
         let to = flow_key(&client_key).ok_or(DropReason::NoReverseFlow)?.reverse();
         let node = tables.node();
         let src = self.local_mac;
-        self.nat_rewrite(frame, p, to, (src, node.gateway_mac.unwrap_or(src)))?;
+        if let Err(e) = self.nat_rewrite(frame, p, to, (src, node.gateway_mac.unwrap_or(src))) {
+            return self.refused(frame, p, e.into());
+        }
         self.stats.reverse_nat += 1;
         Ok(Verdict::Tx)
     }
@@ -1150,6 +1165,35 @@ impl Core {
         let t = &mut self.nat_target;
         (t.flow, t.macs.src, t.macs.dst) = (flow, src, dst);
         forward::nat::rewrite(frame, p, &self.nat_target)
+    }
+
+    /// The outcome for a frame its rewrite refused for `reason`: a drop, but for a full-NAT frame
+    /// refused with its TTL / hop limit expired, unchanged (see [`forward::nat::rewrite`]), which
+    /// becomes the ICMP time exceeded error for its sender when it may be answered
+    /// ([`forward::time_exceeded::can_answer`]) and this second's budget allows (then neither a
+    /// drop of its service nor a packet of a backend). Cold and out of line, called only on the
+    /// rewrite's error path. (Answered from `process_burst`'s outcome instead, the frame and its
+    /// parse stayed live across the decision: 16 instructions more a new full-NAT flow, callgrind.)
+    #[cold]
+    #[inline(never)]
+    fn refused(&mut self, frame: &mut Frame<'_>, p: &Parsed, reason: DropReason) -> Outcome {
+        if reason != DropReason::TtlExpired {
+            return Err(reason);
+        }
+        let now = self.clock;
+        let (second, sent) = self.time_exceeded_sent;
+        let sent = if second == now { sent } else { 0 };
+        // (The TTL the parse saw is still the frame's: nothing was written.)
+        if p.ttl > 1
+            || sent >= forward::time_exceeded::TIME_EXCEEDED_PER_SECOND
+            || !forward::time_exceeded::can_answer(frame, p)
+        {
+            return Err(reason);
+        }
+        forward::time_exceeded::reply(frame, p, self.local_mac)?;
+        self.time_exceeded_sent = (now, sent + 1);
+        self.stats.icmp_time_exceeded += 1;
+        Ok(Verdict::Tx)
     }
 
     /// With a tunnel path MTU set, whether the packet would exceed it once encapsulated; if so the
