@@ -219,3 +219,23 @@ fn no_icmp_error_to_a_source_that_names_no_single_host() {
     let (verdict, out) = run(&mut w, &segment(VIP4, 82, 1500, true), secs(1));
     assert_eq!((verdict, out.len()), (Verdict::Tx, 14 + 576));
 }
+
+/// RFC 1812 4.3.2.7: no ICMP error about an IPv4 packet sent to a link-layer broadcast or multicast
+/// address (a host sending to every station on the link does not learn from each). RFC 4443 2.4
+/// (e.3, e.4) lets Packet Too Big answer an IPv6 link-layer multicast, so that one is answered.
+#[test]
+fn no_fragmentation_needed_about_an_ipv4_packet_sent_to_a_link_layer_group() {
+    for (dst_mac, family) in [([0xff; 6], 4), ([0x01, 0x00, 0x5e, 0, 0, 1], 4), ([0x33, 0x33, 0, 0, 0, 1], 6)] {
+        let mut w = worker(Some(1500));
+        let mut big = if family == 4 { segment(VIP4, 82, 1500, true) } else { segment(VIP6, 82, 1500, true) };
+        big[..6].copy_from_slice(&dst_mac);
+        let (verdict, _) = run(&mut w, &big, secs(1));
+        if family == 4 {
+            assert_eq!(verdict, Verdict::Drop(DropReason::TooBig), "to {dst_mac:02x?}");
+            assert_eq!(w.stats().icmp_too_big, 0, "to {dst_mac:02x?}");
+        } else {
+            assert_eq!(verdict, Verdict::Tx, "to {dst_mac:02x?}");
+            assert_eq!(w.stats().icmp_too_big, 1, "to {dst_mac:02x?}");
+        }
+    }
+}

@@ -11,6 +11,8 @@
 //!  an ICMP error  ─► dropped and counted: no ICMP error about an ICMP error (RFC 1122, RFC 4443)
 //!  from a source that names no single host (unspecified, broadcast, multicast, loopback, IPv4
 //!  class E: spoofed) ─► dropped and counted: no ICMP error to it (RFC 1122 3.2.2, RFC 4443 2.4 (e))
+//!  IPv4 sent to a link-layer broadcast or multicast address ─► dropped and counted (RFC 1812
+//!                    4.3.2.7; IPv6 is answered: RFC 4443 2.4 (e.3) excepts Packet Too Big)
 //! ```
 //!
 //! The error is built in place, in the frame's own buffer, and leaves the way the packet came: the
@@ -45,14 +47,20 @@ pub fn tunnel_overhead(mode: ForwardMode, family: Family) -> Option<u16> {
 }
 
 /// Whether the packet can be told to shrink: TCP, UDP or another non-error packet, from a source
-/// that names a single host, and for IPv4 one with DF set. The rest are dropped when too big.
+/// that names a single host, and for IPv4 one with DF set, sent to the worker's own link-layer
+/// address (RFC 1812 4.3.2.7: no error about a link-layer broadcast or multicast; RFC 4443 2.4
+/// (e.3, e.4) lets Packet Too Big answer one). The rest are dropped when too big.
 pub fn can_signal(frame: &Frame<'_>, p: &Parsed) -> bool {
     if matches!(p.l4, L4::IcmpError(_)) || !names_one_host(p.flow.src_ip()) {
         return false;
     }
     match p.family() {
         Family::V6 => true,
-        Family::V4 => frame.data().get(p.l3_offset as usize + 6).is_some_and(|&flags| flags & 0x40 != 0),
+        Family::V4 => {
+            let data = frame.data();
+            let to_group = data.first().is_none_or(|&b| b & 1 != 0);
+            !to_group && data.get(p.l3_offset as usize + 6).is_some_and(|&flags| flags & 0x40 != 0)
+        }
     }
 }
 
