@@ -9,7 +9,8 @@
 //!
 //! The HTTP server is a few lines over tokio: GET only, one request per connection, bounded head,
 //! bounded time, renders on blocking threads, two at a time (never on the control runtime's own).
-//! It serves two read-only routes to scrapers and `lb list`, nothing else.
+//! It serves four read-only routes, nothing else: `/metrics` to scrapers, `/state` to `lb list`, and
+//! [`READY_PATH`] and [`LIVE_PATH`], which render nothing, to the DaemonSet's probes.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

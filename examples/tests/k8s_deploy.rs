@@ -1,6 +1,7 @@
 //! The manifests in deploy/ are consistent with the binary: the ConfigMap's file validates, the
 //! ClusterRole grants exactly get/list/watch on Services and EndpointSlices, and the DaemonSet adds
-//! exactly the capabilities `lb run` needs (root: run in a namespace of the test's own).
+//! exactly the capabilities `lb run` needs (root: run in a namespace of the test's own), and the
+//! README's commands for a node fetch the deployed metrics port and paths `lb run` answers.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use serde_yaml::Value;
@@ -324,4 +325,52 @@ fn snat_ports_on_the_node_address_leave_its_own_connections_alone() {
     assert!(from_node.v4 || from_node.v6, "the deployed file NATs to each node's own address");
     assert!(!overlaps(ephemeral), "snat_ports {first}-{last} share ports with the kernel's ephemeral {ephemeral:?}");
     assert!(!overlaps((30000, 32767)), "snat_ports {first}-{last} share ports with the NodePort range");
+}
+
+/// What the README's Kubernetes section has a reader run on a node works as written: its `curl`
+/// lines and `lb list --endpoint` name the deployed metrics port, and each path they fetch is one
+/// `lb run` answers with 200 (a dry run here, on a port of the test's own).
+#[test]
+fn readme_fetches_the_deployed_port_and_paths_lb_run_answers() {
+    let readme = std::fs::read_to_string(format!("{}/../README.md", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let cm = manifest("configmap.yaml");
+    let listen = lb_examples::config::file::parse(cm["data"]["config.yaml"].as_str().unwrap())
+        .unwrap()
+        .metrics_listen
+        .unwrap()
+        .port();
+    let mut paths = Vec::new();
+    for line in readme.lines().filter(|l| l.starts_with("curl -s 127.0.0.1:") || l.starts_with("lb list --endpoint ")) {
+        let target = line.split_whitespace().find(|w| w.starts_with("127.0.0.1:")).unwrap();
+        let (port, path) = target["127.0.0.1:".len()..].split_once('/').unwrap_or((&target["127.0.0.1:".len()..], ""));
+        assert_eq!(port.parse::<u16>().unwrap(), listen, "README: {line}");
+        if !path.is_empty() {
+            paths.push(format!("/{path}"));
+        }
+    }
+    assert!(paths.len() >= 3, "README's curl lines: {paths:?}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let text = format!(
+        "node: {{ snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }}\ninterfaces: []\nmetrics: {{ listen: \"{addr}\" }}\nservices:\n  - {{ name: web, vip: 10.0.0.10, port: 80, backends: [{{ addr: 10.1.0.1, port: 8080 }}] }}\n"
+    );
+    let path = std::env::temp_dir().join(format!("lb-readme-paths-{}.yaml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    let mut lb = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["--log", "info", "run", "--config"])
+        .arg(&path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(lb.stderr.take().unwrap()).lines();
+    while !lines.next().expect("lb run exited before serving").unwrap().contains("serving /metrics and /state") {}
+    let answers: Vec<(String, String)> = paths.iter().map(|p| (p.clone(), get(addr, p).0)).collect();
+    let _ = std::process::Command::new("kill").args(["-TERM", &lb.id().to_string()]).status();
+    let _ = lb.wait();
+    let _ = std::fs::remove_file(&path);
+    for (path, status) in answers {
+        assert_eq!(status, "HTTP/1.1 200 OK", "README's {path}");
+    }
 }

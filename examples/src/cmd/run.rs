@@ -1,5 +1,6 @@
 //! `lb run`: serve the configured interfaces and queues, with the control plane (configuration file,
-//! reloads, Kubernetes feed, health checks, `/metrics`, `/state`) of `lb_examples::control`.
+//! reloads, Kubernetes feed, health checks, `/metrics`, `/state`, `/ready`, `/livez`) of
+//! `lb_examples::control`.
 //!
 //! One poll loop per (interface, queue): an AF_XDP socket, lb-core's `Worker` (as
 //! `lb_examples::control::LbProcessor`) and an update channel. Per interface, the steering XDP program

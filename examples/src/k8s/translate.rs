@@ -24,7 +24,9 @@
 //! in-cluster clients of the IP must reach it rather than be short-circuited to the endpoints here.
 //! A `spec.loadBalancerIP` that the status lists with such a mode is left out for the same reason.
 //! One the status does not list (nor `spec.externalIPs`) is only a request, which the cloud may have
-//! ignored and kube-proxy does not serve: its keys yield to every key another Service claims otherwise.
+//! ignored and kube-proxy does not serve: it is served only while the status gives the Service no
+//! address at all (no controller assigns them), and its keys yield to every key another Service
+//! claims otherwise.
 //!
 //! Backends come from the EndpointSlices labelled `kubernetes.io/service-name`, of the key's address
 //! family, on the slice port with the Service port's name (the slice port already holds the resolved
