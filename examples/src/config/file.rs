@@ -18,7 +18,7 @@
 //!   local_mac: "02:00:00:00:00:01"   # frames' source in lb replay; lb run sends from each interface's own MAC
 //!   gateway_mac: "02:00:00:00:00:fe"
 //!   snat_v4: 10.0.0.2                # or `node`: the node's own IPv4 (kubernetes.node_addresses, $NODE_IPS)
-//!   snat_ports: [32768, 60999]
+//!   snat_ports: [32768, 60999]       # the default, the kernel's ephemeral ports; with `node`, above them: [61000, 65535]
 //!   timeouts: { tcp_established: 15m, udp: 5m }
 //! interfaces:
 //!   - { name: eth0, queues: [0, 1] }
@@ -924,6 +924,32 @@ fn validate_health(f: &str, h: &FileHealthCheck, p: &mut Problems) -> Option<Hea
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The example file of the module comment is one `lb run` takes, and says what it says: the
+    /// keys and defaults a reader copies from it are real.
+    #[test]
+    fn the_module_comments_example_file_validates() {
+        let example: String = include_str!("file.rs")
+            .lines()
+            .map_while(|l| l.strip_prefix("//!"))
+            .skip_while(|l| l.trim() != "```yaml")
+            .skip(1)
+            .take_while(|l| l.trim() != "```")
+            .map(|l| format!("{}\n", l.strip_prefix(' ').unwrap_or(l)))
+            .collect();
+        assert!(example.contains("services:"), "the example: {example}");
+        let s = parse(&example).unwrap_or_else(|e| panic!("the module comment's example: {e}\n{example}"));
+        assert_eq!(s.metrics_listen.map(|a| a.port()), Some(9472));
+        assert_eq!(s.node.snat_ports, NodeConfig::default().snat_ports, "the example writes the default range");
+        assert_eq!(s.services.len(), 1);
+        // `snat_v4: node`, as its comment offers: the node's first IPv4 of kubernetes.node_addresses.
+        let written = example.lines().find(|l| l.trim_start().starts_with("snat_v4:")).unwrap();
+        let address = written.split_whitespace().nth(1).unwrap();
+        let mut s = parse(&example.replace(written, &written.replace(address, SNAT_FROM_NODE))).unwrap();
+        s.fill_from_env(|_| None);
+        let node_address = s.kubernetes.as_ref().unwrap().node_addresses.iter().find(|a| a.is_ipv4()).copied();
+        assert_eq!(s.node.snat_v4.map(IpAddr::V4), node_address);
+    }
 
     const GOOD: &str = r#"
 node:
