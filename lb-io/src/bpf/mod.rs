@@ -47,7 +47,11 @@ fn verifier_hint(log: &str) -> &'static str {
 
 fn hint(command: &str, e: &std::io::Error) -> &'static str {
     match e.raw_os_error() {
-        Some(libc::EPERM) => " (needs root or CAP_BPF + CAP_NET_ADMIN)",
+        // All three, though EPERM means CAP_BPF or CAP_NET_ADMIN is missing: without CAP_PERFMON
+        // the verifier refuses the program next.
+        Some(libc::EPERM) => {
+            " (needs root or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN; before Linux 5.8, CAP_SYS_ADMIN + CAP_NET_ADMIN)"
+        }
         Some(libc::ENOSYS) => " (kernel built without BPF)",
         // An interface holds one XDP program (of another `lb run`, or another tool).
         Some(libc::EBUSY) if command == "BPF_LINK_CREATE" => {
@@ -432,5 +436,19 @@ mod tests {
         let log = "784: (0f) r7 += r5\nR7 has pointer with unsupported alu operation, pointer arithmetic with it prohibited for !root\n";
         assert!(refused(log).contains("needs CAP_PERFMON"), "{}", refused(log));
         assert!(!refused("R1 invalid mem access 'scalar'\n").contains("CAP_PERFMON"), "a fault of the program itself");
+    }
+
+    /// A bpf(2) call refused with EPERM (no CAP_BPF, or no CAP_NET_ADMIN) names every capability
+    /// loading the program takes, as deploy/'s DaemonSet adds them. Before, it named CAP_BPF and
+    /// CAP_NET_ADMIN alone: a container given those two got past it only to have the program
+    /// refused by the verifier for want of CAP_PERFMON, a second crash loop.
+    #[test]
+    fn a_call_refused_for_lack_of_privilege_names_every_capability_loading_takes() {
+        for command in ["BPF_MAP_CREATE", "BPF_PROG_LOAD", "BPF_LINK_CREATE"] {
+            let e = BpfError::Syscall { command, source: std::io::Error::from_raw_os_error(libc::EPERM) }.to_string();
+            for cap in ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"] {
+                assert!(e.contains(cap), "{command}: {e}");
+            }
+        }
     }
 }
