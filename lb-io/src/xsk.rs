@@ -134,7 +134,7 @@ pub enum XskError {
         why: &'static str,
     },
     /// A setup system call failed.
-    #[error("{op} on {interface} queue {queue} failed: {source}{}", xsk_hint(source))]
+    #[error("{op} on {interface} queue {queue} failed: {source}{}", xsk_hint(op, source))]
     Sys {
         /// The call.
         op: &'static str,
@@ -147,8 +147,12 @@ pub enum XskError {
     },
 }
 
-fn xsk_hint(e: &std::io::Error) -> &'static str {
+fn xsk_hint(op: &str, e: &std::io::Error) -> &'static str {
     match e.raw_os_error() {
+        // The kernel's refusal of a UMEM beyond RLIMIT_MEMLOCK (xdp_umem_account_pages).
+        Some(libc::ENOBUFS) if op == "XDP_UMEM_REG" => {
+            " (the UMEM is more than the locked-memory limit allows: needs CAP_IPC_LOCK, or a higher `ulimit -l`)"
+        }
         Some(libc::EPERM) => " (needs root or CAP_NET_RAW + CAP_NET_ADMIN)",
         Some(libc::EOPNOTSUPP) => " (the driver has no zero-copy support; use copy mode)",
         Some(libc::EBUSY) => " (another socket is bound to this queue)",
@@ -952,6 +956,25 @@ impl XskDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A UMEM registration refused with ENOBUFS, which the kernel returns when the UMEM's pages are
+    /// more than the locked-memory limit allows a process without CAP_IPC_LOCK, says so. Before, it
+    /// said 'No buffer space available' alone: a container without IPC_LOCK (deploy/'s DaemonSet
+    /// adds it) under a runtime's 64 KiB limit crash-looped with nothing naming either.
+    #[test]
+    fn a_umem_over_the_locked_memory_limit_says_so() {
+        let e = |op: &'static str| {
+            XskError::Sys {
+                op,
+                interface: "eth0".into(),
+                queue: 0,
+                source: std::io::Error::from_raw_os_error(libc::ENOBUFS),
+            }
+            .to_string()
+        };
+        assert!(e("XDP_UMEM_REG").contains("CAP_IPC_LOCK"), "{}", e("XDP_UMEM_REG"));
+        assert!(!e("bind").contains("CAP_IPC_LOCK"), "{}", e("bind"));
+    }
 
     fn refused_field(config: &XskConfig) -> Option<&'static str> {
         match XskDevice::open(config) {
