@@ -1020,7 +1020,7 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
         if let Some(listener) = metrics {
             // (The address bound: port 0 in the file takes a free one.)
             if let Ok(addr) = listener.local_addr() {
-                tracing::info!(%addr, "serving /metrics and /state");
+                tracing::info!(%addr, "serving /metrics and /state (and /ready, /livez)");
             }
             tokio::spawn(crate::metrics::serve(listener, control.subscribe(), stats));
         }
