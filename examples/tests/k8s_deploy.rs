@@ -228,6 +228,22 @@ fn daemonset_metrics_port_is_one_port_and_not_node_exporters() {
     assert_ne!(listen, 9100, "node_exporter's port, held on the host's network of most monitored nodes");
 }
 
+/// `lb run --config path`, once it serves its metrics port, with its log (kept open while it runs).
+fn serving_lb(
+    path: &std::path::Path,
+) -> (std::process::Child, std::io::Lines<std::io::BufReader<std::process::ChildStderr>>) {
+    use std::io::BufRead;
+    let mut lb = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
+        .args(["--log", "info", "run", "--config"])
+        .arg(path)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(lb.stderr.take().unwrap()).lines();
+    while !lines.next().expect("lb run exited before serving").unwrap().contains("serving /metrics and /state") {}
+    (lb, lines)
+}
+
 /// `GET path` from `lb run` at `addr`: the status line and the body's length.
 fn get(addr: std::net::SocketAddr, path: &str) -> (String, usize) {
     use std::io::{Read, Write};
@@ -269,15 +285,7 @@ fn daemonset_liveness_probe_renders_nothing() {
     }
     let path = std::env::temp_dir().join(format!("lb-liveness-{}.yaml", std::process::id()));
     std::fs::write(&path, text).unwrap();
-    let mut lb = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
-        .args(["--log", "info", "run", "--config"])
-        .arg(&path)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(lb.stderr.take().unwrap()).lines();
-    while !lines.next().expect("lb run exited before serving").unwrap().contains("serving /metrics and /state") {}
+    let (mut lb, _log) = serving_lb(&path);
     let (status, live) = get(addr, &alive);
     let (_, metrics) = get(addr, "/metrics");
     let _ = std::process::Command::new("kill").args(["-TERM", &lb.id().to_string()]).status();
@@ -357,15 +365,7 @@ fn readme_fetches_the_deployed_port_and_paths_lb_run_answers() {
     );
     let path = std::env::temp_dir().join(format!("lb-readme-paths-{}.yaml", std::process::id()));
     std::fs::write(&path, text).unwrap();
-    let mut lb = std::process::Command::new(env!("CARGO_BIN_EXE_lb"))
-        .args(["--log", "info", "run", "--config"])
-        .arg(&path)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::BufRead;
-    let mut lines = std::io::BufReader::new(lb.stderr.take().unwrap()).lines();
-    while !lines.next().expect("lb run exited before serving").unwrap().contains("serving /metrics and /state") {}
+    let (mut lb, _log) = serving_lb(&path);
     let answers: Vec<(String, String)> = paths.iter().map(|p| (p.clone(), get(addr, p).0)).collect();
     let _ = std::process::Command::new("kill").args(["-TERM", &lb.id().to_string()]).status();
     let _ = lb.wait();

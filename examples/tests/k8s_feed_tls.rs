@@ -24,7 +24,9 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 mod k8s_support;
-use k8s_support::{FAILSAFE, FakeApi, SERVICES, SLICES, endpoint, fixture, kubeconfig_tls, start_tls};
+use k8s_support::{
+    FAILSAFE, SERVICES, SLICES, backends, endpoint, fixture, kubeconfig_tls, start_tls, until, web_cluster,
+};
 
 const TOKEN: &str = "lb-test-token-3f9a";
 
@@ -246,36 +248,6 @@ fn acceptor(pki: &Pki, client_certs: bool) -> tokio_rustls::TlsAcceptor {
         builder.with_no_client_auth()
     };
     tokio_rustls::TlsAcceptor::from(Arc::new(builder.with_single_cert(certs, key).unwrap()))
-}
-
-/// Receives translations until one satisfies `pred`.
-async fn until(rx: &mut mpsc::Receiver<Translation>, what: &str, pred: impl Fn(&Translation) -> bool) -> Translation {
-    tokio::time::timeout(FAILSAFE, async {
-        loop {
-            let t = rx.recv().await.expect("feed stopped");
-            if pred(&t) {
-                return t;
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no translation with {what}"))
-}
-
-fn backends(t: &Translation, key: &str) -> Option<Vec<(String, BackendState)>> {
-    t.services.iter().find(|s| s.config.key.to_string() == key).map(|s| {
-        s.config.backends.iter().map(|b| (std::net::SocketAddr::new(b.addr, b.port).to_string(), b.state)).collect()
-    })
-}
-
-/// shop/web (its IPv4 cluster IP only) and its IPv4 slice.
-fn web_cluster() -> FakeApi {
-    let api = FakeApi::new();
-    let mut web = fixture("service-web.json");
-    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
-    api.upsert(SERVICES, web);
-    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
-    api
 }
 
 fn settings(kubeconfig: PathBuf) -> KubernetesSettings {

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lb_core::config::BackendState;
+use lb_examples::k8s::Translation;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -489,4 +491,38 @@ pub fn kubeconfig(dir: &Path, port: u16) -> PathBuf {
 pub fn endpoint(ip: &str, node: &str, ready: bool, serving: bool, terminating: bool) -> Value {
     json!({ "addresses": [ip], "nodeName": node,
             "conditions": { "ready": ready, "serving": serving, "terminating": terminating } })
+}
+
+/// Receives translations until one satisfies `pred`.
+pub async fn until(
+    rx: &mut mpsc::Receiver<Translation>,
+    what: &str,
+    pred: impl Fn(&Translation) -> bool,
+) -> Translation {
+    tokio::time::timeout(FAILSAFE, async {
+        loop {
+            let t = rx.recv().await.expect("feed stopped");
+            if pred(&t) {
+                return t;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no translation with {what}"))
+}
+
+pub fn backends(t: &Translation, key: &str) -> Option<Vec<(String, BackendState)>> {
+    t.services.iter().find(|s| s.config.key.to_string() == key).map(|s| {
+        s.config.backends.iter().map(|b| (std::net::SocketAddr::new(b.addr, b.port).to_string(), b.state)).collect()
+    })
+}
+
+/// shop/web (its IPv4 cluster IP only) and its IPv4 slice: the cluster most tests start from.
+pub fn web_cluster() -> FakeApi {
+    let api = FakeApi::new();
+    let mut web = fixture("service-web.json");
+    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
+    api.upsert(SERVICES, web);
+    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    api
 }
