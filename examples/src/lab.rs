@@ -458,6 +458,29 @@ impl Lab {
     }
 }
 
+/// `GET path` over HTTP/1.0 from `addr` (the metrics endpoint), inside namespace `ns`: the whole
+/// response, head and body.
+pub fn http_get_in(ns: &str, addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let (ns, addr, path) = (ns.to_string(), addr.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        enter_netns(&ns).unwrap_or_else(|e| panic!("entering {ns}: {e}"));
+        let mut c = std::net::TcpStream::connect(&addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap_or_else(|e| panic!("{e}"));
+        write!(c, "GET {path} HTTP/1.0\r\nHost: lb\r\n\r\n").unwrap_or_else(|e| panic!("{addr}: {e}"));
+        let mut response = String::new();
+        c.read_to_string(&mut response).unwrap_or_else(|e| panic!("{addr}: {e}"));
+        response
+    })
+    .join()
+    .unwrap_or_else(|_| panic!("the GET thread panicked"))
+}
+
+/// The value of the Prometheus line of `text` that starts with `name` (labels included), if present.
+pub fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()
+}
+
 /// Runs `io` again while it fails with `Interrupted`. A socket read with a timeout
 /// (`set_read_timeout`, SO_RCVTIMEO) is never restarted after a signal, whatever the handler's
 /// SA_RESTART says (signal(7)), nor after the process is stopped and continued: the read fails

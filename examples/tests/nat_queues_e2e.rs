@@ -22,7 +22,8 @@ use std::time::Duration;
 use lb_core::config::RemovedBackendPolicy;
 use lb_core::service::TableBuilder;
 use lb_examples::lab::{
-    BACKENDS, CLIENT4, CLIENT6, Lab, Mode, PORT, VIP4, VIP6, ask, retrying, start_lb_on_queues, tables,
+    BACKENDS, CLIENT4, CLIENT6, Lab, Mode, PORT, VIP4, VIP6, ask, http_get_in, metric_value, retrying,
+    start_lb_on_queues, tables,
 };
 use lb_io::bpf::AttachMode;
 use lb_io::netns::{can_create_namespaces, enter_netns};
@@ -193,27 +194,6 @@ fn run_config(lab: &Lab, metrics: &str) -> String {
     text
 }
 
-/// GET `path` from `addr` inside namespace `ns`; the body.
-fn http_get(ns: &str, addr: &str, path: &str) -> String {
-    let (ns, addr, path) = (ns.to_string(), addr.to_string(), path.to_string());
-    std::thread::spawn(move || {
-        enter_netns(&ns).unwrap();
-        let mut c = TcpStream::connect(&addr).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(c, "GET {path} HTTP/1.0\r\nHost: lb\r\n\r\n").unwrap();
-        let mut body = String::new();
-        c.read_to_string(&mut body).unwrap();
-        body
-    })
-    .join()
-    .unwrap()
-}
-
-/// The value of the metric line that starts with `name` (labels included), if present.
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()
-}
-
 /// The same through the `lb` binary: `lb run` with NAT services on two queues starts (it refused
 /// them before), serves the traffic through both loops, and its metrics count the handoffs.
 #[test]
@@ -269,14 +249,16 @@ fn lb_run_serves_nat_over_two_queues() {
     // The loops publish their counters once a second; the handoffs show once they have.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let text = loop {
-        let text = http_get(lab.lb.name(), metrics, "/metrics");
-        if metric(&text, "lb_nat_replies_handed_off_total").unwrap_or(0) > 0 || std::time::Instant::now() > deadline {
+        let text = http_get_in(lab.lb.name(), metrics, "/metrics");
+        if metric_value(&text, "lb_nat_replies_handed_off_total").unwrap_or(0) > 0
+            || std::time::Instant::now() > deadline
+        {
             break text;
         }
         std::thread::yield_now();
     };
-    let handed = metric(&text, "lb_nat_replies_handed_off_total");
-    let no_flow = metric(&text, "lb_dropped_packets_total{reason=\"no_reverse_flow\"}");
+    let handed = metric_value(&text, "lb_nat_replies_handed_off_total");
+    let no_flow = metric_value(&text, "lb_dropped_packets_total{reason=\"no_reverse_flow\"}");
     println!("lb run over two queues: handed off {handed:?}, no_reverse_flow {no_flow:?}");
     assert!(handed.unwrap_or(0) > 0, "no handoff counted:\n{text}");
     assert_eq!(no_flow, Some(0), "a reply found no flow");

@@ -770,28 +770,6 @@ fn receive_queues_an_interface_gains_while_lb_run_runs_are_warned_of() {
     assert!(status.success(), "{status:?}\n{log}");
 }
 
-/// `GET path` from the metrics endpoint `addr` inside namespace `ns`: the response, head and body.
-fn http_get(ns: &str, addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let (ns, addr, path) = (ns.to_string(), addr.to_string(), path.to_string());
-    std::thread::spawn(move || {
-        lb_io::netns::enter_netns(&ns).unwrap();
-        let mut c = std::net::TcpStream::connect(&addr).unwrap();
-        c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
-        write!(c, "GET {path} HTTP/1.0\r\nHost: lb\r\n\r\n").unwrap();
-        let mut body = String::new();
-        c.read_to_string(&mut body).unwrap();
-        body
-    })
-    .join()
-    .unwrap()
-}
-
-/// The value of the metric line that starts with `name` (labels included), if present.
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()
-}
-
 /// The frames of the flows lost on the receive queues an interface gained (the XDP program finds no
 /// socket there and passes them to the kernel) are counted in /metrics, per interface, as
 /// `lb_xdp_no_socket_total`: before, the metrics looked as before while most flows went unanswered.
@@ -828,7 +806,9 @@ fn frames_on_queues_no_loop_serves_are_counted_in_the_metrics() {
     lb.peer.ip(&["route", "add", "10.9.9.9/32", "via", "10.50.0.1"]).unwrap();
     assert!(lb.wait_for_log("their services are steered"), "{}", lb.log.join("\n"));
     let name = "lb_xdp_no_socket_total{interface=\"l0\"}";
-    let scrape = |lb: &Running| metric(&http_get(lb.lb_ns.name(), metrics, "/metrics"), name);
+    let scrape = |lb: &Running| {
+        lb_examples::lab::metric_value(&lb_examples::lab::http_get_in(lb.lb_ns.name(), metrics, "/metrics"), name)
+    };
     let flows = |lb: &Running| lb.peer.exec("python3", &["-c", FLOWS, "10.9.9.9", "40"]).unwrap();
     let served = flows(&lb);
     let before = scrape(&lb);
