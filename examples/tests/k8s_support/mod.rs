@@ -456,30 +456,25 @@ pub async fn start_tls(
 /// `client-key-data`).
 pub fn kubeconfig_tls(dir: &Path, port: u16, ca_data: &str, user: &[(&str, &str)]) -> PathBuf {
     let user: String = user.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
-    std::fs::create_dir_all(dir).unwrap();
-    let path = dir.join("kubeconfig");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: https://127.0.0.1:{port}\n\
-             \x20   certificate-authority-data: {ca_data}\n\
-             users:\n- name: test\n  user:\n{user}contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: test\n\
-             current-context: fake\n"
-        ),
-    )
-    .unwrap();
-    path
+    let cluster = format!("    server: https://127.0.0.1:{port}\n    certificate-authority-data: {ca_data}\n");
+    write_kubeconfig(dir, &cluster, &format!("  user:\n{user}"))
 }
 
 /// Writes a kubeconfig for `http://127.0.0.1:port` into `dir`.
 pub fn kubeconfig(dir: &Path, port: u16) -> PathBuf {
+    write_kubeconfig(dir, &format!("    server: http://127.0.0.1:{port}\n"), "  user: {}\n")
+}
+
+/// Writes `dir/kubeconfig`: one cluster (`cluster`, its fields' lines), one user (`user`, its
+/// `user:` lines) and the context that joins them.
+fn write_kubeconfig(dir: &Path, cluster: &str, user: &str) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join("kubeconfig");
     std::fs::write(
         &path,
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\n\
-             users:\n- name: test\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: test\n\
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n{cluster}\
+             users:\n- name: test\n{user}contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: test\n\
              current-context: fake\n"
         ),
     )
