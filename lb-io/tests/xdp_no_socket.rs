@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use lb_core::Frame;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, VipSteering};
-use lb_io::netns::{Netns, can_create_namespaces, enter_netns, format_mac, veth_pair};
+use lb_io::netns::{can_create_namespaces, enter_netns};
 use lb_io::{Device, XskConfig, XskDevice};
+
+mod common;
 
 const VIP4: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
 /// Frames sent in each round.
@@ -25,14 +27,7 @@ fn frames_steered_to_a_queue_with_no_socket_are_counted() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbn{}", std::process::id());
-    let client = Netns::create(&format!("{tag}c")).unwrap();
-    let lb = Netns::create(&format!("{tag}l")).unwrap();
-    veth_pair(&client, "c0", &lb, "l0").unwrap();
-    client.ip(&["addr", "add", "10.77.0.1/24", "dev", "c0"]).unwrap();
-    lb.ip(&["addr", "add", "10.77.0.2/24", "dev", "l0"]).unwrap();
-    let lb_mac = format_mac(lb.mac("l0").unwrap());
-    client.static_neighbour(&VIP4.to_string(), &lb_mac, "c0").unwrap();
+    let (client, lb) = common::client_and_lb("lbn", VIP4);
 
     // The program is attached with queue 0's slot empty.
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();

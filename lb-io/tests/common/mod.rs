@@ -1,9 +1,12 @@
-//! What the AF_XDP integration tests share: a device on the lab's veth, in namespaces of its own.
+//! What the AF_XDP integration tests share: a device on the lab's veth, in namespaces of its own,
+//! and a client and a load balancer namespace joined by a veth pair. (Each test file uses a part.)
+#![allow(dead_code)]
 
+use std::net::Ipv4Addr;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use lb_io::netns::{can_create_namespaces, enter_netns, lb_and_peer};
+use lb_io::netns::{Netns, can_create_namespaces, enter_netns, format_mac, lb_and_peer, veth_pair};
 use lb_io::{XskConfig, XskDevice};
 
 /// Runs `test` on an AF_XDP device opened with `config` (its interface `l0`) in a pair of
@@ -49,4 +52,19 @@ pub(crate) fn with_xsk<T: Send + 'static>(
         Ok(Err(e)) => panic!("{e}"),
         Ok(Ok(t)) => Some(t),
     }
+}
+
+/// A client namespace (`c0`, 10.77.0.1/24) and a load balancer namespace (`l0`, 10.77.0.2/24), named
+/// from `tag` and this process's id and joined by a veth pair; the client sends to `vip` through
+/// `l0`'s MAC. Dropping the two removes them.
+pub(crate) fn client_and_lb(tag: &str, vip: Ipv4Addr) -> (Netns, Netns) {
+    let tag = format!("{tag}{}", std::process::id());
+    let client = Netns::create(&format!("{tag}c")).unwrap();
+    let lb = Netns::create(&format!("{tag}l")).unwrap();
+    veth_pair(&client, "c0", &lb, "l0").unwrap();
+    client.ip(&["addr", "add", "10.77.0.1/24", "dev", "c0"]).unwrap();
+    lb.ip(&["addr", "add", "10.77.0.2/24", "dev", "l0"]).unwrap();
+    let lb_mac = format_mac(lb.mac("l0").unwrap());
+    client.static_neighbour(&vip.to_string(), &lb_mac, "c0").unwrap();
+    (client, lb)
 }
