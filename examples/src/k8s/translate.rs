@@ -546,7 +546,7 @@ fn translate_service(
     let mut source_ranges = Vec::new();
     for r in spec.load_balancer_source_ranges.iter().flatten() {
         source_ranges
-            .push(r.trim().parse::<Cidr>().map_err(|_| format!("spec.loadBalancerSourceRanges: {r:?} is not a CIDR"))?);
+            .push(parse_cidr(r.trim()).ok_or_else(|| format!("spec.loadBalancerSourceRanges: {r:?} is not a CIDR"))?);
     }
     let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
@@ -586,18 +586,18 @@ fn translate_service(
         // Like kube-proxy's per-family proxiers: a Service is served only in the families of its
         // cluster IPs (node ports, external and load-balancer IPs alike).
         let families: Vec<bool> =
-            cluster_ips.iter().filter_map(|ip| ip.parse::<IpAddr>().ok()).map(|ip| ip.is_ipv4()).collect();
+            cluster_ips.iter().filter_map(|ip| parse_ip(ip.trim())).map(|ip| ip.is_ipv4()).collect();
         // An address that is none is left out alone, reported with the keys left out for other reasons.
-        let mut push_ip = |ip: &str, port: u16, reach: Reach, field: &str| match ip.trim().parse::<IpAddr>() {
-            Ok(a) if reach == Reach::Internal || families.contains(&a.is_ipv4()) => keys.push((a, port, reach)),
-            Ok(_) => skipped.push(Skipped {
+        let mut push_ip = |ip: &str, port: u16, reach: Reach, field: &str| match parse_ip(ip.trim()) {
+            Some(a) if reach == Reach::Internal || families.contains(&a.is_ipv4()) => keys.push((a, port, reach)),
+            Some(_) => skipped.push(Skipped {
                 service: name.to_string(),
                 reason: format!(
                     "{field}: {ip:?} is of none of the Service's IP families, so port {shown} is not served on it"
                 ),
             }),
-            Err(_) if ip.trim().is_empty() => {} // an empty field is no address, not a wrong one
-            Err(_) => skipped.push(Skipped {
+            None if ip.trim().is_empty() => {} // an empty field is no address, not a wrong one
+            None => skipped.push(Skipped {
                 service: name.to_string(),
                 reason: format!("{field}: {ip:?} is not an IP address, so port {shown} is not served on it"),
             }),
@@ -760,15 +760,44 @@ fn node_health_check(
     })
 }
 
+/// An address as the API server and kube-proxy read it (`netutils.ParseIPSloppy`, Go's parser before
+/// 1.17): an IPv4 octet may have leading zeros and is decimal (`010.0.0.1` is 10.0.0.1, not octal),
+/// and an IPv4-mapped IPv6 address is the IPv4 address. The API server accepted such addresses in
+/// every field until strict validation, and objects written then are still served by kube-proxy.
+fn parse_ip(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    let mut octets = [0u8; 4];
+    let mut parts = s.split('.');
+    for o in &mut octets {
+        // (`u8::from_str` takes leading zeros, and a `+`, which Go's parser does not.)
+        let part = parts.next().filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))?;
+        *o = part.parse().ok()?;
+    }
+    parts.next().is_none().then_some(IpAddr::from(octets))
+}
+
+/// A CIDR as the API server and kube-proxy read it (`netutils.ParseCIDRSloppy`): an IPv4 address
+/// in it may have leading zeros, as [`parse_ip`] reads one.
+fn parse_cidr(s: &str) -> Option<Cidr> {
+    if let Ok(c) = s.parse::<Cidr>() {
+        return Some(c);
+    }
+    let (addr, len) = s.split_once('/')?;
+    let addr = parse_ip(addr).filter(|_| !addr.contains(':'))?;
+    Cidr::new(addr, len.parse().ok().filter(|_| len.bytes().all(|b| b.is_ascii_digit()))?)
+}
+
 /// The `spec.loadBalancerIP` of `svc` while it is only requested: in none of its
 /// `status.loadBalancer.ingress` IPs nor its external IPs (a cloud may ignore the request and give
 /// the IP to another Service).
 fn requested_load_balancer_ip(svc: &Service) -> Option<IpAddr> {
     let spec = svc.spec.as_ref()?;
-    let ip: IpAddr = spec.load_balancer_ip.as_deref()?.trim().parse().ok()?;
+    let ip = parse_ip(spec.load_balancer_ip.as_deref()?.trim())?;
     let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
-    let given = ingress.into_iter().flatten().filter_map(|i| i.ip.as_deref()?.trim().parse::<IpAddr>().ok());
-    let external = spec.external_ips.iter().flatten().filter_map(|e| e.trim().parse::<IpAddr>().ok());
+    let given = ingress.into_iter().flatten().filter_map(|i| parse_ip(i.ip.as_deref()?.trim()));
+    let external = spec.external_ips.iter().flatten().filter_map(|e| parse_ip(e.trim()));
     (!given.chain(external).any(|a| a == ip)).then_some(ip)
 }
 
@@ -873,7 +902,7 @@ fn endpoints_for(
             let Some(first) = ep.addresses.first() else { continue };
             // An address lb-core would refuse (multicast, broadcast: the API server lets them through
             // in a hand-written slice) would take the whole key, every other endpoint with it.
-            let Some(addr) = first.parse::<IpAddr>().ok().filter(|a| SpecialAddress::of(*a).is_none()) else {
+            let Some(addr) = parse_ip(first.trim()).filter(|a| SpecialAddress::of(*a).is_none()) else {
                 tracing::warn!(
                     namespace = slice.metadata.namespace.as_deref().unwrap_or_default(),
                     slice = slice.metadata.name.as_deref().unwrap_or_default(),
@@ -1165,6 +1194,42 @@ mod tests {
             ]
         );
         assert!(t.skipped.iter().all(|s| s.service == "ingress/edge"));
+    }
+
+    /// Addresses written with leading zeros, which the API server accepted before strict validation
+    /// and kube-proxy reads as decimal, and IPv4-mapped ones, which kube-proxy reads as IPv4: the
+    /// Service is served at the addresses kube-proxy serves, to the same endpoints and sources.
+    #[test]
+    fn addresses_with_leading_zeros_or_ipv4_mapped_are_read_as_kube_proxy_reads_them() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.cluster_ips = Some(vec!["010.096.007.007".into()]);
+        spec.cluster_ip = Some("010.096.007.007".into());
+        spec.external_ips = Some(vec!["::ffff:198.51.100.20".into(), "198.051.100.021".into()]);
+        spec.load_balancer_source_ranges = Some(vec!["198.051.100.000/24".into()]);
+        svc.status = Some(
+            serde_json::from_value(serde_json::json!({ "loadBalancer": { "ingress": [{ "ip": "203.000.113.011" }] } }))
+                .unwrap(),
+        );
+        let mut slice: EndpointSlice = fixture!("endpointslice-edge.json");
+        slice.endpoints[0].addresses = vec!["010.244.001.030".into()];
+        let t = translate([&svc], [&slice], &settings(), &node());
+        let keys: Vec<String> = t.services.iter().map(|s| s.config.key.to_string()).collect();
+        for want in ["tcp 10.96.7.7:443", "tcp 198.51.100.20:443", "tcp 198.51.100.21:443", "tcp 203.0.113.11:443"] {
+            assert!(keys.contains(&want.to_string()), "missing {want} in {keys:?}");
+        }
+        // The request (203.0.113.10) is not among the given addresses, so it is not served.
+        assert!(!keys.iter().any(|k| k.contains("203.0.113.10:")), "{keys:?}");
+        assert!(keys.iter().all(|k| !k.contains("ffff")), "{keys:?}");
+        let quic = find(&t, "udp 203.0.113.11:443");
+        assert_eq!(backends(quic), vec![("10.244.1.30:8443".into(), BackendState::Active, 100)]);
+        let lb = find(&t, "tcp 203.0.113.11:443");
+        assert_eq!(lb.source_ranges.iter().map(ToString::to_string).collect::<Vec<_>>(), ["198.51.100.0/24"]);
+        // A `+` is no digit for Go's parser either: that range is refused, and the Service with it.
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges.as_mut().unwrap().push("+10.0.0.0/8".into());
+        let t = translate([&svc], [&slice], &settings(), &node());
+        assert!(t.services.is_empty(), "{t:#?}");
+        assert!(t.skipped.iter().any(|s| s.reason.contains("\"+10.0.0.0/8\" is not a CIDR")), "{:?}", t.skipped);
     }
 
     /// A named targetPort may be a different number in each slice (pods of two versions): in
