@@ -115,20 +115,24 @@ impl MulticastGroups {
         Ok(MulticastGroups { socket, interface: name.to_string(), ifindex, joined: BTreeSet::new() })
     }
 
-    /// Makes the joined groups exactly `groups`: joins the new ones, leaves the rest. On an error
-    /// (naming the group) the groups handled so far stay as they are now.
+    /// Makes the joined groups exactly `groups`: leaves the old ones, then joins the new ones (the
+    /// socket's memberships share its option memory, `net.core.optmem_max`, so the leaves make room
+    /// for the joins). On an error (naming the group) the groups handled so far stay as they are now,
+    /// [`Self::joined`] says which are held, and the next `set` goes on from there.
     pub fn set(&mut self, groups: impl IntoIterator<Item = Ipv6Addr>) -> io::Result<()> {
         let want: BTreeSet<Ipv6Addr> = groups.into_iter().collect();
         let context = |what: &str, g: &Ipv6Addr, e: io::Error| {
             io::Error::new(e.kind(), format!("{what} {g} on {}: {e}", self.interface))
         };
-        for g in want.difference(&self.joined) {
-            self.socket.join_multicast_v6(g, self.ifindex).map_err(|e| context("joining", g, e))?;
+        let leave: Vec<Ipv6Addr> = self.joined.difference(&want).copied().collect();
+        for g in leave {
+            self.socket.leave_multicast_v6(&g, self.ifindex).map_err(|e| context("leaving", &g, e))?;
+            self.joined.remove(&g);
         }
-        for g in self.joined.difference(&want) {
-            self.socket.leave_multicast_v6(g, self.ifindex).map_err(|e| context("leaving", g, e))?;
+        for g in want.difference(&self.joined).copied().collect::<Vec<_>>() {
+            self.socket.join_multicast_v6(&g, self.ifindex).map_err(|e| context("joining", &g, e))?;
+            self.joined.insert(g);
         }
-        self.joined = want;
         Ok(())
     }
 
@@ -314,5 +318,69 @@ mod tests {
         holder.join().unwrap();
         assert!(!maddr().contains("ff02::1:ff00:3"), "dropping leaves the groups");
         assert!(MulticastGroups::new("no-such-if0").unwrap_err().to_string().contains("no-such-if0"));
+    }
+
+    /// The socket's memberships are bounded by its option memory (`net.core.optmem_max`, lowered here
+    /// in the test's own namespace). After a `set` that joined only some of its groups, a smaller set
+    /// that fits is taken, and at the limit a set that swaps one group for another is too.
+    #[test]
+    fn groups_converge_after_a_set_that_did_not_fit() {
+        use crate::netns::{Netns, can_create_namespaces, enter_netns};
+        if let Err(reason) = can_create_namespaces() {
+            return println!("SKIPPED: {reason}");
+        }
+        let ns = Netns::create(&format!("lbmg{}", std::process::id())).unwrap();
+        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]).unwrap();
+        ns.ip(&["link", "set", "v0", "up"]).unwrap();
+        let group = |i: u16| Ipv6Addr::new(0xff02, 0, 0, 0, 0, 1, 0xffab, 0xcd00 + i);
+        let all: Vec<Ipv6Addr> = (0..64).map(group).collect();
+        // The groups of `all` the interface holds, read from the kernel.
+        let held = || {
+            let m = ns.ip(&["-6", "maddr", "show", "dev", "v0"]).unwrap();
+            all.iter().filter(|g| m.split_whitespace().any(|w| w == g.to_string())).copied().collect::<Vec<_>>()
+        };
+        let name = ns.name().to_string();
+        let (tx, rx) = std::sync::mpsc::channel::<Vec<Ipv6Addr>>();
+        let (done_tx, done) = std::sync::mpsc::channel::<io::Result<()>>();
+        let holder = std::thread::spawn(move || {
+            enter_netns(&name).unwrap();
+            // This namespace's own limit (a per-namespace setting on recent kernels; on older ones
+            // only the initial namespace has the file, and the test is skipped).
+            let limited = std::fs::write("/proc/sys/net/core/optmem_max", "1024");
+            let ready = limited.is_ok();
+            done_tx.send(limited).unwrap();
+            if !ready {
+                return;
+            }
+            let mut g = MulticastGroups::new("v0").unwrap();
+            while let Ok(groups) = rx.recv() {
+                let r = g.set(groups.iter().copied());
+                if r.is_ok() {
+                    assert_eq!(g.joined().copied().collect::<Vec<_>>(), groups);
+                }
+                done_tx.send(r).unwrap();
+            }
+        });
+        if let Err(e) = done.recv().unwrap() {
+            holder.join().unwrap();
+            return println!("SKIPPED: net.core.optmem_max cannot be set in a namespace of this kernel: {e}");
+        }
+        let set = |groups: &[Ipv6Addr]| {
+            tx.send(groups.to_vec()).unwrap();
+            done.recv().unwrap()
+        };
+        let err = set(&all).expect_err("64 groups do not fit in 1024 bytes of option memory");
+        let fit = held().len();
+        assert!(fit > 1 && fit < all.len(), "{fit} groups joined before the error ({err})");
+        assert_eq!(held(), all[..fit], "joined in order up to the error");
+
+        set(&all[..fit / 2]).unwrap_or_else(|e| panic!("a set of {} groups that fits: {e}", fit / 2));
+        assert_eq!(held(), all[..fit / 2]);
+        set(&all[..fit]).unwrap();
+        set(&all[1..=fit]).unwrap_or_else(|e| panic!("swapping one of {fit} groups at the limit: {e}"));
+        assert_eq!(held(), all[1..=fit]);
+        drop(tx);
+        holder.join().unwrap();
+        assert!(held().is_empty(), "dropping leaves the groups");
     }
 }
