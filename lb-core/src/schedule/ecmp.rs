@@ -1,6 +1,12 @@
 //! L3 ECMP ("ecmp"): RFC 2992 hash-threshold over the (source, destination) address hash, from lb-hash,
 //! as a router spreads flows over equal-cost next hops: ports do not matter, so all of a client's flows
 //! to a VIP take one backend.
+//!
+//! It is not consistent hashing: a backend that joins, leaves or drains shifts every region's
+//! boundaries, so flows hashed to backends that stay can move as well (up to a third of them when one
+//! of four leaves), where Maglev (mh) moves almost none. Conntrack keeps established flows on their
+//! backend; a flow that the router upstream moves to another load-balancer node, which has no entry
+//! for it, takes the backend of the new regions there.
 
 use lb_hash::{BuildError, EcmpHashThreshold};
 
