@@ -610,14 +610,15 @@ fn translate_service(
         }
         if kind == "LoadBalancer" {
             let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
-            let (vip, proxied): (Vec<&LoadBalancerIngress>, Vec<&LoadBalancerIngress>) =
-                ingress.into_iter().flatten().filter(|i| i.ip.is_some()).partition(|i| is_vip_mode(i));
+            let vip = ingress.into_iter().flatten().filter(|i| i.ip.is_some() && is_vip_mode(i));
             // spec.loadBalancerIP is a request: once the status gives the Service addresses, they
             // are the answer (kube-proxy serves them alone), and a request the cloud did not grant
             // is no address of this Service; serving it would answer ARP for an address the cloud
-            // may have given another host. With no address in the status (no controller assigns
-            // them: bare metal, the load balancer being this node), the request is served.
-            let given = vip.len() + proxied.len();
+            // may have given another host. A hostname (an AWS ELB's) is an answer too: the cloud
+            // serves the Service by name, at addresses of its own. With nothing in the status (no
+            // controller answers: bare metal, the load balancer being this node), the request is
+            // served.
+            let given = ingress.into_iter().flatten().filter(|i| i.ip.is_some() || i.hostname.is_some()).count();
             for ip in spec.load_balancer_ip.iter().filter(|s| !s.is_empty()) {
                 if given > 0 {
                     tracing::debug!(service = name, ip = %ip, "not serving spec.loadBalancerIP: the status gives the Service its addresses");
@@ -625,7 +626,7 @@ fn translate_service(
                 }
                 push_ip(ip, svc_port, Reach::LoadBalancer, "spec.loadBalancerIP");
             }
-            for ip in vip.iter().filter_map(|i| i.ip.as_deref()) {
+            for ip in vip.filter_map(|i| i.ip.as_deref()) {
                 push_ip(ip, svc_port, Reach::LoadBalancer, "status.loadBalancer.ingress[].ip");
             }
         }
@@ -1174,6 +1175,11 @@ mod tests {
         // spec.loadBalancerIP given to a Proxy-mode load balancer is not served either.
         svc.status = status(serde_json::json!([{ "ip": "203.0.113.10", "ipMode": "Proxy" }]));
         assert!(keys(&svc).is_empty(), "{:?}", keys(&svc));
+        // Nor a request the cloud answered with a hostname only (an AWS ELB), nor with both.
+        svc.status = status(serde_json::json!([{ "hostname": "edge.elb.example.net" }]));
+        assert!(keys(&svc).is_empty(), "{:?}", keys(&svc));
+        svc.status = status(serde_json::json!([{ "hostname": "edge.elb.example.net" }, { "ip": "203.0.113.12" }]));
+        assert_eq!(keys(&svc), ["tcp 203.0.113.12:443", "udp 203.0.113.12:443"]);
     }
 
     /// An address of the Service that is none (an old object, a cloud controller's typo) leaves out
