@@ -394,15 +394,28 @@ pub struct MaglevMoves {
 }
 
 impl MaglevMoves {
-    /// What changed in each service (same VIP, port and protocol) from `before` to `after` whose
-    /// table size stayed; logs each service where entries moved between kept backends.
+    /// What changed in each service (same VIP, port and protocol) from `before` to `after`; logs
+    /// each service where entries moved between kept backends, and each whose table changed size
+    /// (counted in the new table's entries, see [`lb_hash::MaglevTable::changes_from`]).
     pub fn between(before: &Tables, after: &Tables) -> Self {
         let mut total = MaglevMoves::default();
         for new in after.services() {
             let Some((_, old)) = before.lookup(&new.key) else { continue };
             let (Some(t1), Some(t0)) = (new.scheduler.maglev_table(), old.scheduler.maglev_table()) else { continue };
-            let Some(c) = t1.changes_from(t0) else { continue };
-            if c.departed + c.arrived + c.between_stayed > 0 {
+            let c = t1.changes_from(t0);
+            let moved = u64::from(c.departed) + u64::from(c.arrived) + u64::from(c.between_stayed);
+            if t1.size() != t0.size() {
+                tracing::warn!(
+                    service = %new.name,
+                    size_before = t0.size(),
+                    size = t1.size(),
+                    departed = c.departed,
+                    arrived = c.arrived,
+                    between_kept = c.between_stayed,
+                    "Maglev table resized: {:.1} % of new flows change backend",
+                    moved as f64 * 100.0 / f64::from(t1.size())
+                );
+            } else if moved > 0 {
                 tracing::info!(
                     service = %new.name,
                     departed = c.departed,
@@ -1334,6 +1347,28 @@ services:
         control.apply(ControlInput::File(Box::new(parse(&yaml(5)).unwrap()))).unwrap();
         let m = live.borrow().maglev_moves;
         assert_eq!((m.departed, m.arrived, m.between_kept), (share, share, 2 * after_removal.between_kept));
+    }
+
+    /// A table that changes size (crossing 655 backends, or a new `maglev_table_size`) remaps nearly
+    /// every new flow: the update is counted, in the new table's entries, not skipped. Five equal
+    /// backends keep a flow's backend with probability about 1/5, so about 4/5 of 65537 move.
+    #[tokio::test]
+    async fn maglev_moves_count_a_table_resize() {
+        let yaml = |size: u32| {
+            let backends: Vec<String> = (1..=5).map(|i| format!("{{ addr: 10.1.0.{i}, port: 80 }}")).collect();
+            format!(
+                "node: {{ tunnel_src_v4: 10.0.0.3, gateway_mac: \"02:00:00:00:00:fe\" }}\nservices:\n  - {{ name: web, \
+                 vip: 10.0.0.10, port: 80, mode: ipip, scheduler: mh, maglev_table_size: {size}, backends: [{}] }}\n",
+                backends.join(", ")
+            )
+        };
+        let mut control = Control::new(RecordingSink::default());
+        let live = control.subscribe();
+        control.apply(ControlInput::File(Box::new(parse(&yaml(1009)).unwrap()))).unwrap();
+        control.apply(ControlInput::File(Box::new(parse(&yaml(65537)).unwrap()))).unwrap();
+        let m = live.borrow().maglev_moves;
+        assert_eq!((m.departed, m.arrived), (0, 0), "{m:?}");
+        assert!(m.between_kept.abs_diff(65537 * 4 / 5) <= 10, "{m:?}");
     }
 
     #[tokio::test]

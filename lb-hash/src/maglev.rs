@@ -324,20 +324,27 @@ impl MaglevTable {
         position_of(&self.backends, id)
     }
 
-    /// How the entries changed owner from `before` to this table, by backend identity; `None` if the
-    /// two tables differ in size. With connection tracking in front, only flows without an entry
-    /// feel a moved entry; this is the figure to log when a control plane swaps a table in.
+    /// How the entries changed owner from `before` to this table, by backend identity. With
+    /// connection tracking in front, only flows without an entry feel a moved entry; this is the
+    /// figure to log when a control plane swaps a table in.
+    ///
+    /// Tables of one size are compared entry by entry. Tables of two sizes (a resize, which moves
+    /// nearly every flow) are compared flow by flow: both sizes are prime, so a flow's slots in the
+    /// two, `hash % M` and `hash % M'`, are independent, and the share of flows that go from backend
+    /// `a` to backend `b` is `a`'s share of `before` times `b`'s share of this table. Each count is
+    /// then such shares, summed over the pairs of its cause, times this table's size, rounded: the
+    /// entries of this table whose flows changed owner, on average over the flows.
     #[must_use]
-    pub fn changes_from(&self, before: &Self) -> Option<TableChanges> {
-        if before.size != self.size {
-            return None;
-        }
+    pub fn changes_from(&self, before: &Self) -> TableChanges {
         // Per backend index, once: does the old owner still serve, did the new one serve before?
         let serves_in = |t: &Self, id: BackendId| {
             t.position(id).and_then(|i| t.backends.get(i as usize)).is_some_and(Backend::is_serving)
         };
         let still_serving: Vec<bool> = before.backends.iter().map(|b| serves_in(self, b.id)).collect();
         let served_before: Vec<bool> = self.backends.iter().map(|b| serves_in(before, b.id)).collect();
+        if before.size != self.size {
+            return self.changes_from_resized(before, &still_serving, &served_before);
+        }
         let mut changes = TableChanges { departed: 0, arrived: 0, between_stayed: 0 };
         for (&old, &new) in before.entries().iter().zip(self.entries()) {
             let (old, new) = (usize::from(old), usize::from(new));
@@ -352,7 +359,36 @@ impl MaglevTable {
                 changes.between_stayed += 1;
             }
         }
-        Some(changes)
+        changes
+    }
+
+    /// [`Self::changes_from`] for a `before` of another size, from the entry counts alone: with `c`
+    /// and `c'` a backend's entries in `before` (size `M`) and in this table (size `M'`), a flow goes
+    /// from `a` to `b` with probability `c_a c'_b / (M M')`, so this table's entries' worth is
+    /// `c_a c'_b / M`, summed over the pairs of each cause (less `sum c c' / M` for a backend kept
+    /// with itself).
+    fn changes_from_resized(&self, before: &Self, still_serving: &[bool], served_before: &[bool]) -> TableChanges {
+        let (old_counts, new_counts) = (before.entry_counts(), self.entry_counts());
+        let (m0, m1) = (u128::from(before.size), u128::from(self.size));
+        let sum_where = |counts: &[u32], keep: &[bool], want: bool| -> u128 {
+            counts.iter().zip(keep).filter(|&(_, &k)| k == want).map(|(&c, _)| u128::from(c)).sum()
+        };
+        // Entries of `before` whose owner serves on, and of this table whose owner served before.
+        let (staying, stayed) =
+            (sum_where(&old_counts, still_serving, true), sum_where(&new_counts, served_before, true));
+        let unmoved: u128 = self
+            .backends
+            .iter()
+            .zip(&new_counts)
+            .filter_map(|(b, &c)| Some(u128::from(*old_counts.get(before.position(b.id)? as usize)?) * u128::from(c)))
+            .sum();
+        // This table's entries, rounded to the nearest: each is at most m1, a u32.
+        let entries = |pairs: u128| u32::try_from((pairs + m0 / 2) / m0).unwrap_or(u32::MAX);
+        TableChanges {
+            departed: entries((m0 - staying) * m1),
+            arrived: entries(staying * (m1 - stayed)),
+            between_stayed: entries((staying * stayed).saturating_sub(unmoved)),
+        }
     }
 
     /// How many entries each backend owns, by index into [`Self::backends`].
@@ -368,9 +404,10 @@ impl MaglevTable {
     }
 }
 
-/// Entries that changed owner between two tables of the same size ([`MaglevTable::changes_from`]).
-/// For one removal, `departed` is the removed backend's share and `between_stayed` the disruption
-/// the `maglev` module comment measures; for one addition, `arrived` is the new backend's share.
+/// Entries that changed owner between two tables ([`MaglevTable::changes_from`]; between tables of
+/// two sizes, the new table's entries whose flows changed owner, on average). For one removal,
+/// `departed` is the removed backend's share and `between_stayed` the disruption the `maglev` module
+/// comment measures; for one addition, `arrived` is the new backend's share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableChanges {
     /// Entries whose old owner no longer serves (removed, or drained to weight 0).
@@ -853,17 +890,17 @@ mod tests {
     fn changes_from_sorts_moves_by_cause() {
         let m = 1009;
         let five = MaglevTable::new(&equal(5), m).expect("valid");
-        assert_eq!(five.changes_from(&five), Some(TableChanges { departed: 0, arrived: 0, between_stayed: 0 }));
+        assert_eq!(five.changes_from(&five), TableChanges { departed: 0, arrived: 0, between_stayed: 0 });
 
         let four = MaglevTable::new(&equal(4), m).expect("valid");
         let share_of_last = five.entry_counts()[4];
-        let removal = four.changes_from(&five).expect("same size");
+        let removal = four.changes_from(&five);
         assert_eq!((removal.departed, removal.arrived), (share_of_last, 0));
         let between = five.entries().iter().zip(four.entries()).filter(|&(&a, &b)| a != 4 && a != b).count();
         assert_eq!(removal.between_stayed as usize, between);
 
         // Adding it back: the same entries, seen from the other side.
-        let addition = five.changes_from(&four).expect("same size");
+        let addition = five.changes_from(&four);
         assert_eq!(
             addition,
             TableChanges { departed: 0, arrived: share_of_last, between_stayed: removal.between_stayed }
@@ -873,9 +910,58 @@ mod tests {
         let mut drained = equal(5);
         drained[4].weight = 0;
         let drained = MaglevTable::new(&drained, m).expect("valid");
-        assert_eq!(drained.changes_from(&five), Some(removal));
+        assert_eq!(drained.changes_from(&five), removal);
+    }
 
-        assert_eq!(MaglevTable::new(&equal(4), 1013).expect("valid").changes_from(&five), None);
+    /// Between tables of two sizes, `changes_from` counts what every pair of slots `(hash % M,
+    /// hash % M')` gives, all `M M'` of them enumerated here (each pair holds the same share of flow
+    /// hashes, the sizes being distinct primes), scaled to the new table's `M'` entries: a removal, an
+    /// addition, a drain with weights changed, a whole new set.
+    #[test]
+    fn changes_between_sizes_count_every_pair_of_slots() {
+        let weighted =
+            |ids: &[u64]| -> Vec<Backend> { ids.iter().map(|&id| Backend::new(id, 1 + (id % 3) as u32)).collect() };
+        let mut drained = weighted(&[1, 2, 3, 4]);
+        drained[1].weight = 0;
+        drained[3].weight = 9;
+        let cases = [
+            (weighted(&[1, 2, 3, 4]), weighted(&[1, 2, 4]), 101, 307),
+            (weighted(&[1, 2, 3]), weighted(&[1, 2, 3, 4, 5]), 307, 101),
+            (weighted(&[1, 2, 3, 4]), drained, 211, 199),
+            (weighted(&[1, 2]), weighted(&[3, 4]), 103, 101),
+            (equal(5), equal(5), 1009, 211),
+        ];
+        for (old, new, m0, m1) in cases {
+            let (before, after) =
+                (MaglevTable::new(&old, m0).expect("valid"), MaglevTable::new(&new, m1).expect("valid"));
+            let serving =
+                |t: &MaglevTable, id: BackendId| t.position(id).is_some_and(|i| t.backends()[i as usize].is_serving());
+            let mut pairs = [0u64; 3];
+            for &a in before.entries() {
+                for &b in after.entries() {
+                    let (a, b) = (before.backends()[usize::from(a)].id, after.backends()[usize::from(b)].id);
+                    if a == b {
+                        continue;
+                    }
+                    let cause = if !serving(&after, a) {
+                        0
+                    } else if !serving(&before, b) {
+                        1
+                    } else {
+                        2
+                    };
+                    pairs[cause] += 1;
+                }
+            }
+            // Pairs over M M' in units of M' entries: pairs / M, rounded to the nearest.
+            let entries = |p: u64| ((p + u64::from(m0) / 2) / u64::from(m0)) as u32;
+            let want = TableChanges {
+                departed: entries(pairs[0]),
+                arrived: entries(pairs[1]),
+                between_stayed: entries(pairs[2]),
+            };
+            assert_eq!(after.changes_from(&before), want, "{m0} -> {m1}: {old:?} -> {new:?}");
+        }
     }
 
     #[test]
