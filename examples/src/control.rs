@@ -396,12 +396,28 @@ pub struct MaglevMoves {
 impl MaglevMoves {
     /// What changed in each service (same VIP, port and protocol) from `before` to `after`; logs
     /// each service where entries moved between kept backends, and each whose table changed size
-    /// (counted in the new table's entries, see [`lb_hash::MaglevTable::changes_from`]).
+    /// (counted in the new table's entries, see [`lb_hash::MaglevTable::changes_from`]). A service
+    /// of mh, sh or dh has no table while no backend takes new flows: all its entries depart when
+    /// the last one stops, and all arrive when one takes them again.
     pub fn between(before: &Tables, after: &Tables) -> Self {
         let mut total = MaglevMoves::default();
         for new in after.services() {
             let Some((_, old)) = before.lookup(&new.key) else { continue };
-            let (Some(t1), Some(t0)) = (new.scheduler.maglev_table(), old.scheduler.maglev_table()) else { continue };
+            let both_maglev = new.scheduler.kind().uses_maglev_table() && old.scheduler.kind().uses_maglev_table();
+            let (t1, t0) = match (new.scheduler.maglev_table(), old.scheduler.maglev_table()) {
+                (Some(t1), Some(t0)) => (t1, t0),
+                (None, Some(t0)) if both_maglev => {
+                    tracing::warn!(service = %new.name, departed = t0.size(), "Maglev table gone: no backend takes new flows");
+                    total.departed += u64::from(t0.size());
+                    continue;
+                }
+                (Some(t1), None) if both_maglev => {
+                    tracing::info!(service = %new.name, arrived = t1.size(), "Maglev table back: a backend takes new flows");
+                    total.arrived += u64::from(t1.size());
+                    continue;
+                }
+                _ => continue,
+            };
             let c = t1.changes_from(t0);
             let moved = u64::from(c.departed) + u64::from(c.arrived) + u64::from(c.between_stayed);
             if t1.size() != t0.size() {
@@ -1369,6 +1385,29 @@ services:
         let m = live.borrow().maglev_moves;
         assert_eq!((m.departed, m.arrived), (0, 0), "{m:?}");
         assert!(m.between_kept.abs_diff(65537 * 4 / 5) <= 10, "{m:?}");
+    }
+
+    /// A service whose backends all stop taking new flows has no table until one takes them again:
+    /// every entry departs, then every entry arrives, rather than neither being counted.
+    #[tokio::test]
+    async fn maglev_moves_count_a_service_left_without_serving_backends() {
+        let yaml = |weight: u32| {
+            let backends: Vec<String> =
+                (1..=3).map(|i| format!("{{ addr: 10.1.0.{i}, port: 80, weight: {weight} }}")).collect();
+            format!(
+                "node: {{ tunnel_src_v4: 10.0.0.3, gateway_mac: \"02:00:00:00:00:fe\" }}\nservices:\n  - {{ name: web, \
+                 vip: 10.0.0.10, port: 80, mode: ipip, scheduler: mh, maglev_table_size: 1009, backends: [{}] }}\n",
+                backends.join(", ")
+            )
+        };
+        let mut control = Control::new(RecordingSink::default());
+        let live = control.subscribe();
+        control.apply(ControlInput::File(Box::new(parse(&yaml(1)).unwrap()))).unwrap();
+        let drained = control.apply(ControlInput::File(Box::new(parse(&yaml(0)).unwrap()))).unwrap();
+        assert!(drained.services()[0].scheduler.maglev_table().is_none(), "no backend takes new flows");
+        assert_eq!(live.borrow().maglev_moves, MaglevMoves { departed: 1009, arrived: 0, between_kept: 0 });
+        control.apply(ControlInput::File(Box::new(parse(&yaml(1)).unwrap()))).unwrap();
+        assert_eq!(live.borrow().maglev_moves, MaglevMoves { departed: 1009, arrived: 1009, between_kept: 0 });
     }
 
     #[tokio::test]
