@@ -63,9 +63,9 @@
 //!   walks are related by an affine map of their indices; for some pairs (equal skips are the extreme
 //!   case, probability about `N^2 / 2M` per set) the two compete for the same runs of slots and a
 //!   removal elsewhere shifts the boundary between them. That is the long tail above (up to 4.6 % at
-//!   N = 4, M = 65537; for backends 0, 7794742793732278837 and 9407302975774784627 at M = 103651, the
-//!   last two sharing skip 47685, removing one moves 4.2 %, 0.05 % and 14.9 %; 29.4 %, 6.5 % and
-//!   8.0 % with the paper's rule). An experiment with a non-linear family, `offset + h * g^j` for a
+//!   N = 4, M = 65537; for backends 0, 1872500205781721582 and 12988412332294560676 at M = 103651,
+//!   the last two sharing skip 97743, removing one moves 3.8 %, 12.2 % and 0.35 %; 23.8 %, 7.6 % and
+//!   3.7 % with the paper's rule). An experiment with a non-linear family, `offset + h * g^j` for a
 //!   per-backend generator `g` of the multiplicative group, had no removal above 0.44 % at M = 65537
 //!   (6600 removals, N = 3 to 8, though with higher means there: 0.06 % against 0.01 % at N = 3;
 //!   within 0.03 points of this rule's means for N = 30 to 300), but each step
@@ -962,6 +962,29 @@ mod tests {
             };
             assert_eq!(after.changes_from(&before), want, "{m0} -> {m1}: {old:?} -> {new:?}");
         }
+    }
+
+    /// The module comment's example of correlated permutations: two of three backends share a skip
+    /// at M = 103651, and removing one of the three moves far more than the usual fraction of a
+    /// percent between the other two.
+    #[test]
+    fn the_module_comments_backends_with_one_skip_share_it() {
+        let (m, ids) = (103_651u32, [0u64, 1_872_500_205_781_721_582, 12_988_412_332_294_560_676]);
+        let skip = |id: u64| FlowHasher::new(0).words(KeyKind::MaglevSkip, &[id]) % u64::from(m - 1) + 1;
+        assert_eq!((skip(ids[1]), skip(ids[2])), (97_743, 97_743));
+        assert_ne!(skip(ids[0]), 97_743);
+        let set: Vec<Backend> = ids.iter().map(|&id| Backend::new(id, 1)).collect();
+        let before = MaglevTable::new(&set, m).expect("valid");
+        let moved: Vec<u32> = ids
+            .iter()
+            .map(|&gone| {
+                let rest: Vec<Backend> = set.iter().copied().filter(|b| b.id.0 != gone).collect();
+                MaglevTable::new(&rest, m).expect("valid").changes_from(&before).between_stayed
+            })
+            .collect();
+        // 3.8 %, 12.2 % and 0.35 % of the table, as the comment says.
+        let percent: Vec<u32> = moved.iter().map(|&e| (u64::from(e) * 10_000 / u64::from(m)) as u32).collect();
+        assert_eq!(percent, [382, 1217, 34], "hundredths of a percent moved: {moved:?} entries");
     }
 
     #[test]
