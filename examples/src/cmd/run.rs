@@ -99,6 +99,9 @@ struct Workers<M: SteeringMaps = VipSteering> {
     responder: NeighbourResponder,
     /// Per interface (responder on), the solicited-node groups of the IPv6 addresses answered for.
     groups: Vec<MulticastGroups>,
+    /// Some interface holds fewer of those groups than asked for (a join failed): each refresh
+    /// tries again ([`Workers::join_groups`]).
+    groups_short: bool,
     /// Per interface (responder on), a socket for announcements and the MAC they carry.
     announcers: Vec<(String, PacketSocket, [u8; 6])>,
     /// The addresses answered for so far (announced when they joined the set).
@@ -258,7 +261,8 @@ impl<M: SteeringMaps> TablesSink for Workers<M> {
     /// An address added to or removed from the node changes which steered addresses are the host's
     /// (their fragments and foreign ICMP go to the kernel) and, with `--neighbour-responder auto`,
     /// which are answered for: applied here without waiting for a configuration change. A steering
-    /// update that failed is tried again here too. Steering that waits for the loops is left to
+    /// update that failed is tried again here too, and so are IPv6 groups that could not be joined.
+    /// Steering that waits for the loops is left to
     /// [`TablesSink::deliver_pending`]. Each interface's receive queues are read again too, and
     /// queues no loop serves warned of when they change ([`UnservedQueues`]).
     fn refresh(&mut self) -> Result<(), String> {
@@ -269,7 +273,12 @@ impl<M: SteeringMaps> TablesSink for Workers<M> {
         let want = steering_for(tables, self.responder);
         match steering {
             Steering::Waiting { .. } => return Ok(()),
-            Steering::Applied(applied) if *applied == want => return Ok(()),
+            Steering::Applied(applied) if *applied == want => {
+                if self.groups_short {
+                    self.join_groups(&want.neighbour);
+                }
+                return Ok(());
+            }
             Steering::Applied(_) | Steering::Failed => {}
         }
         let tables = tables.clone();
@@ -292,6 +301,7 @@ impl<M: SteeringMaps> Workers<M> {
             steering_config,
             responder,
             groups: Vec::new(),
+            groups_short: false,
             announcers: Vec::new(),
             answered: BTreeSet::new(),
             published: None,
@@ -351,6 +361,43 @@ impl<M: SteeringMaps> Workers<M> {
         }
     }
 
+    /// Makes every interface hold exactly the solicited-node groups of the IPv6 ones of `addresses`:
+    /// solicitations for an address reach this node only if it listens to its group. A failure (a
+    /// socket's memberships are bounded by its option memory, `net.core.optmem_max`) is warned of
+    /// once and tried again at each refresh until every group is held.
+    fn join_groups(&mut self, addresses: &BTreeSet<IpAddr>) {
+        let groups: Vec<_> = addresses
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(a) => Some(lb_core::neighbour::solicited_node(*a)),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        let mut short = false;
+        for g in &mut self.groups {
+            if let Err(e) = g.set(groups.iter().copied()) {
+                if !self.groups_short {
+                    let hint = if e.kind() == std::io::ErrorKind::OutOfMemory {
+                        "each group takes option memory of the socket, at most net.core.optmem_max bytes: raise it \
+                         (sysctl -w net.core.optmem_max=N)"
+                    } else {
+                        "or let every multicast frame in instead: ip link set IF allmulticast on"
+                    };
+                    tracing::warn!(
+                        "{e}; IPv6 neighbour solicitations for the addresses of the groups not joined may not arrive \
+                         (tried again every {:?}): {hint}",
+                        lb_examples::control::REFRESH_EVERY
+                    );
+                }
+                short = true;
+            }
+        }
+        if self.groups_short && !short {
+            tracing::info!("every IPv6 solicited-node group of the addresses answered for is joined now");
+        }
+        self.groups_short = short;
+    }
+
     /// Sets every interface's steering maps to `want`, joins the IPv6 solicited-node groups of the
     /// addresses answered for, and announces those new to the set.
     fn apply_steering(&mut self, want: &SteeringSet) -> Result<(), String> {
@@ -358,20 +405,7 @@ impl<M: SteeringMaps> Workers<M> {
         for s in &mut self.steering {
             s.steer(want.clone()).map_err(|e| format!("steering services: {e}"))?;
         }
-        // Solicitations for the IPv6 addresses reach this node only if it listens to their groups.
-        let groups: Vec<_> = want
-            .neighbour
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V6(a) => Some(lb_core::neighbour::solicited_node(*a)),
-                IpAddr::V4(_) => None,
-            })
-            .collect();
-        for g in &mut self.groups {
-            if let Err(e) = g.set(groups.iter().copied()) {
-                tracing::warn!("{e}; IPv6 neighbour solicitations may not arrive (ip link set IF allmulticast on)");
-            }
-        }
+        self.join_groups(&want.neighbour);
         // Addresses new to the responder are announced (gratuitous ARP, unsolicited NA), so
         // neighbours holding another MAC for them (a previous owner) switch now, not when it goes stale.
         let mut frame = [0u8; 128];
@@ -1066,6 +1100,83 @@ mod tests {
             "loop 1 still runs the first tables"
         );
         assert!(!workers.has_pending());
+    }
+
+    /// Tables of `n` DSR services, each on an IPv6 VIP of its own (fd00::1, fd00::2, ...), each
+    /// with a solicited-node group of its own.
+    fn ipv6_vips(n: u16) -> Arc<Tables> {
+        let services: String = (1..=n)
+            .map(|i| {
+                format!(
+                    "  - {{ name: s{i}, vip: \"fd00::{i:x}\", port: 80, mode: dsr, backends: [{{ addr: \"fd01::1\", \
+                     port: 80, mac: \"02:aa:bb:cc:dd:ee\" }}] }}\n"
+                )
+            })
+            .collect();
+        let text = format!("node: {{ local_mac: \"02:00:00:00:00:01\" }}\nservices:\n{services}");
+        let settings = lb_examples::config::file::parse(&text).expect("valid file");
+        let cfg = Config { node: settings.node, services: settings.services.into_iter().map(|s| s.config).collect() };
+        TableBuilder::new().build(&cfg).expect("IPv6 DSR services")
+    }
+
+    /// The solicited-node groups of the IPv6 addresses `tables` answers ARP / NDP for.
+    fn groups_of(tables: &Tables) -> Vec<std::net::Ipv6Addr> {
+        let want: BTreeSet<_> = steering_for(tables, NeighbourResponder::All)
+            .neighbour
+            .into_iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(a) => Some(lb_core::neighbour::solicited_node(a)),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        want.into_iter().collect()
+    }
+
+    /// IPv6 groups that did not fit the socket's option memory (`net.core.optmem_max`) are joined by
+    /// a later refresh once the limit is raised, and the warning names the setting. Before, the
+    /// failure was warned of once and the steering counted as applied: no refresh tried again until
+    /// the tables or the node's addresses changed, and solicitations for the VIPs left out did not
+    /// arrive (behind a NIC filter or an MLD-snooping switch) however high the limit was set.
+    #[test]
+    fn ipv6_groups_that_did_not_fit_are_joined_by_a_refresh_once_they_fit() {
+        use lb_io::interface::MulticastGroups;
+        use lb_io::netns::{Netns, can_create_namespaces, enter_netns};
+        if let Err(reason) = can_create_namespaces() {
+            return println!("SKIPPED: {reason}");
+        }
+        let ns = Netns::create(&format!("lbgj{}", std::process::id())).expect("namespace");
+        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]).expect("veth");
+        ns.ip(&["link", "set", "v0", "up"]).expect("v0 up");
+        let name = ns.name().to_string();
+        // In a thread of its own, so this test's thread stays in its namespace.
+        let joined = std::thread::spawn(move || {
+            enter_netns(&name).expect("entering the namespace");
+            let (log, _guard) = lb_examples::log_capture::Captured::install();
+            let optmem = "/proc/sys/net/core/optmem_max";
+            let Ok(before) = std::fs::read_to_string(optmem) else { return None };
+            // This namespace's own limit (a per-namespace setting on recent kernels).
+            if std::fs::write(optmem, "1024").is_err() {
+                return None;
+            }
+            let tables = ipv6_vips(64);
+            let mut workers: Workers<Recorder> =
+                Workers::new(SteeringConfig::default(), NeighbourResponder::All, snat_settings(tables.node()));
+            workers.groups.push(MulticastGroups::new("v0").expect("groups on v0"));
+            workers.publish(&tables).expect("no loops to refuse them");
+            let held = |w: &Workers<Recorder>| w.groups[0].joined().copied().collect::<Vec<_>>();
+            let first = held(&workers);
+            std::fs::write(optmem, before).expect("the limit back as it was");
+            workers.refresh().expect("nothing to fail");
+            Some((first, held(&workers), groups_of(&tables), log.text()))
+        })
+        .join()
+        .expect("the namespace's thread");
+        let Some((first, after, want, text)) = joined else {
+            return println!("SKIPPED: net.core.optmem_max cannot be set in a namespace of this kernel");
+        };
+        assert!(first.len() < want.len(), "64 groups fitted in 1024 bytes of option memory");
+        assert_eq!(after, want, "the groups left out, joined once they fit");
+        assert!(text.contains("net.core.optmem_max"), "{text}");
     }
 
     /// Connection tables are checked against the node's memory before anything is set up.
