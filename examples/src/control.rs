@@ -145,7 +145,8 @@ pub trait TablesSink: Send {
     }
 
     /// Brings up to date what the sink derives from the node rather than from the tables (which of
-    /// the steered addresses the node holds); the control loop calls it every [`REFRESH_EVERY`].
+    /// the steered addresses the node holds), and does what is due by the clock (`lb run` repeats
+    /// its announcements of new addresses); the control loop calls it every [`REFRESH_EVERY`].
     /// Default: nothing.
     fn refresh(&mut self) -> Result<(), String> {
         Ok(())

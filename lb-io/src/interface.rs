@@ -191,6 +191,31 @@ impl PacketSocket {
             Err(_) => Err(io::Error::last_os_error()),
         }
     }
+
+    /// A socket receiving every frame of `name`, sent or received, giving up after `timeout` per
+    /// receive: for tests and diagnostics, which see what the interface carries.
+    pub fn capture(name: &str, timeout: std::time::Duration) -> io::Result<Self> {
+        let s = Self::bound(name, (libc::ETH_P_ALL as u16).to_be())?;
+        let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: 0 };
+        let len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+        // SAFETY: `tv` is a valid timeval of `len` bytes for the duration of the call.
+        let rc = unsafe {
+            libc::setsockopt(s.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), len)
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+
+    /// The next frame captured (an error once the timeout passes).
+    pub fn recv(&self) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; 2048];
+        // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        buf.truncate(usize::try_from(n).map_err(|_| io::Error::last_os_error())?);
+        Ok(buf)
+    }
 }
 
 #[cfg(test)]
@@ -204,32 +229,6 @@ mod tests {
         assert_eq!(mac_address("lo").unwrap(), [0; 6]);
         let err = mac_address("no-such-if0").unwrap_err();
         assert!(err.to_string().contains("no-such-if0"), "{err}");
-    }
-
-    impl PacketSocket {
-        /// A socket receiving every frame of `name`, giving up after `timeout` per receive.
-        fn capture(name: &str, timeout: std::time::Duration) -> io::Result<Self> {
-            let s = Self::bound(name, (libc::ETH_P_ALL as u16).to_be())?;
-            let tv = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: 0 };
-            let len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
-            // SAFETY: `tv` is a valid timeval of `len` bytes for the duration of the call.
-            let rc = unsafe {
-                libc::setsockopt(s.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&raw const tv).cast(), len)
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(s)
-        }
-
-        /// The next frame received (an error once the timeout passes).
-        fn recv(&self) -> io::Result<Vec<u8>> {
-            let mut buf = vec![0u8; 2048];
-            // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the duration of the call.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            buf.truncate(usize::try_from(n).map_err(|_| io::Error::last_os_error())?);
-            Ok(buf)
-        }
     }
 
     #[test]

@@ -23,8 +23,9 @@
 //! With `--neighbour-responder auto|all`, each worker also answers ARP / NDP for the VIPs and NAT
 //! source addresses with its interface's MAC (an L2 deployment; see `control::NeighbourResponder`
 //! for which addresses), and each interface joins the solicited-node groups of the IPv6 ones
-//! (`lb_io::interface::MulticastGroups`); addresses new to the responder are announced once on each
-//! interface (gratuitous ARP, unsolicited neighbour advertisement), once the loops answer for them.
+//! (`lb_io::interface::MulticastGroups`); addresses new to the responder are announced, untagged, on
+//! each interface (gratuitous ARP, unsolicited neighbour advertisement) once the loops answer for
+//! them, and again at the refreshes after ([`announcements_of`], [`ANNOUNCE_AGAIN_AFTER`]).
 //! With `interfaces: []` it runs the control plane alone: a dry run whose tables `lb list` shows.
 
 use std::collections::BTreeSet;
@@ -106,6 +107,11 @@ struct Workers<M: SteeringMaps = VipSteering> {
     announcers: Vec<(String, PacketSocket, [u8; 6])>,
     /// The addresses answered for so far (announced when they joined the set).
     answered: BTreeSet<IpAddr>,
+    /// The addresses answered for whose announcements are not all sent: how many are left, and
+    /// when the next is due ([`Workers::announce_due`]).
+    announcing: std::collections::BTreeMap<IpAddr, (u8, std::time::Instant)>,
+    /// The least time between two announcements of one address ([`ANNOUNCE_AGAIN_AFTER`]).
+    announce_again_after: Duration,
     /// The last tables published, and where their steering stands.
     published: Option<(Arc<Tables>, Steering)>,
     /// The set the maps were last set to (or, after a write that failed, were being set to): every
@@ -136,6 +142,19 @@ enum Steering {
     /// Every loop runs them, but writing their steering failed: [`TablesSink::refresh`] tries again.
     Failed,
 }
+
+/// How many times an address is announced when the responder starts answering for it: an IPv4 one
+/// twice (RFC 5227's ANNOUNCE_NUM), an IPv6 one three times (RFC 4861's MAX_NEIGHBOR_ADVERTISEMENT),
+/// so that one lost frame does not leave neighbours on a previous owner's MAC until their entry goes
+/// stale.
+fn announcements_of(addr: IpAddr) -> u8 {
+    if addr.is_ipv6() { 3 } else { 2 }
+}
+
+/// The least time between two announcements of one address: RFC 4861's RetransTimer. The repeats go
+/// out with the control loop's refresh, every 2 s (RFC 5227's ANNOUNCE_INTERVAL), the first at the
+/// first refresh at least this long after the first announcement.
+const ANNOUNCE_AGAIN_AFTER: Duration = Duration::from_secs(1);
 
 /// How long the poll loops may take to swap in new tables (a loop applies them at its next round,
 /// within milliseconds) before a warning that the steering of the services they add waits for them.
@@ -261,7 +280,8 @@ impl<M: SteeringMaps> TablesSink for Workers<M> {
     /// An address added to or removed from the node changes which steered addresses are the host's
     /// (their fragments and foreign ICMP go to the kernel) and, with `--neighbour-responder auto`,
     /// which are answered for: applied here without waiting for a configuration change. A steering
-    /// update that failed is tried again here too, and so are IPv6 groups that could not be joined.
+    /// update that failed is tried again here too, and so are IPv6 groups that could not be joined;
+    /// the repeats of the announcements that are due go out.
     /// Steering that waits for the loops is left to
     /// [`TablesSink::deliver_pending`]. Each interface's receive queues are read again too, and
     /// queues no loop serves warned of when they change ([`UnservedQueues`]).
@@ -269,6 +289,7 @@ impl<M: SteeringMaps> TablesSink for Workers<M> {
         for queues in &mut self.queues {
             queues.check();
         }
+        self.announce_due(std::time::Instant::now());
         let Some((tables, steering)) = &self.published else { return Ok(()) };
         let want = steering_for(tables, self.responder);
         match steering {
@@ -304,6 +325,8 @@ impl<M: SteeringMaps> Workers<M> {
             groups_short: false,
             announcers: Vec::new(),
             answered: BTreeSet::new(),
+            announcing: std::collections::BTreeMap::new(),
+            announce_again_after: ANNOUNCE_AGAIN_AFTER,
             published: None,
             steered: SteeringSet::default(),
             slow_swap_warning: SLOW_SWAP_WARNING,
@@ -361,6 +384,31 @@ impl<M: SteeringMaps> Workers<M> {
         }
     }
 
+    /// Sends on every interface the announcements due at `now` (gratuitous ARP, unsolicited NA), so
+    /// neighbours holding another MAC for an address (a previous owner) switch now, not when their
+    /// entry goes stale; each address again no sooner than [`Workers::announce_again_after`], until
+    /// [`announcements_of`] it are sent.
+    fn announce_due(&mut self, now: std::time::Instant) {
+        let mut frame = [0u8; 128];
+        let (announcers, again) = (&self.announcers, self.announce_again_after);
+        self.announcing.retain(|addr, (left, due)| {
+            if now < *due {
+                return true;
+            }
+            for (name, socket, mac) in announcers {
+                let sent = lb_core::neighbour::announcement(*mac, *addr, &mut frame)
+                    .ok_or_else(|| std::io::Error::other("frame buffer too short"))
+                    .and_then(|n| socket.send(&frame[..n]));
+                if let Err(e) = sent {
+                    tracing::warn!(interface = %name, "announcing {addr}: {e}");
+                }
+            }
+            *left = left.saturating_sub(1);
+            *due = now + again;
+            *left > 0
+        });
+    }
+
     /// Makes every interface hold exactly the solicited-node groups of the IPv6 ones of `addresses`:
     /// solicitations for an address reach this node only if it listens to its group. A failure (a
     /// socket's memberships are bounded by its option memory, `net.core.optmem_max`) is warned of
@@ -406,20 +454,14 @@ impl<M: SteeringMaps> Workers<M> {
             s.steer(want.clone()).map_err(|e| format!("steering services: {e}"))?;
         }
         self.join_groups(&want.neighbour);
-        // Addresses new to the responder are announced (gratuitous ARP, unsolicited NA), so
-        // neighbours holding another MAC for them (a previous owner) switch now, not when it goes stale.
-        let mut frame = [0u8; 128];
+        // Addresses new to the responder are announced now, and again by the refreshes after.
+        let now = std::time::Instant::now();
         for addr in want.neighbour.difference(&self.answered) {
-            for (name, socket, mac) in &self.announcers {
-                let sent = lb_core::neighbour::announcement(*mac, *addr, &mut frame)
-                    .ok_or_else(|| std::io::Error::other("frame buffer too short"))
-                    .and_then(|n| socket.send(&frame[..n]));
-                if let Err(e) = sent {
-                    tracing::warn!(interface = %name, "announcing {addr}: {e}");
-                }
-            }
+            self.announcing.insert(*addr, (announcements_of(*addr), now));
         }
+        self.announcing.retain(|addr, _| want.neighbour.contains(addr));
         self.answered.clone_from(&want.neighbour);
+        self.announce_due(now);
         Ok(())
     }
 }
@@ -1177,6 +1219,100 @@ mod tests {
         assert!(first.len() < want.len(), "64 groups fitted in 1024 bytes of option memory");
         assert_eq!(after, want, "the groups left out, joined once they fit");
         assert!(text.contains("net.core.optmem_max"), "{text}");
+    }
+
+    /// Tables of one DSR service on `v4` and one on `v6`.
+    fn dual_stack(v4: IpAddr, v6: IpAddr) -> Arc<Tables> {
+        let backend = |vip: IpAddr| {
+            let addr = if vip.is_ipv6() { "fd01::1" } else { "10.1.0.1" };
+            format!("backends: [{{ addr: \"{addr}\", port: 80, mac: \"02:aa:bb:cc:dd:ee\" }}]")
+        };
+        let text = format!(
+            "node: {{ local_mac: \"02:00:00:00:00:01\" }}\nservices:\n\
+             - {{ name: a, vip: \"{v4}\", port: 80, mode: dsr, {} }}\n\
+             - {{ name: b, vip: \"{v6}\", port: 80, mode: dsr, {} }}\n",
+            backend(v4),
+            backend(v6)
+        );
+        let settings = lb_examples::config::file::parse(&text).expect("valid file");
+        let cfg = Config { node: settings.node, services: settings.services.into_iter().map(|s| s.config).collect() };
+        TableBuilder::new().build(&cfg).expect("a service of each family")
+    }
+
+    /// What a capture on one end of a veth saw the other end send since the last call: the
+    /// announcements of `addrs` from one of `macs`, in order, as (address, MAC). Reads up to a
+    /// marker frame `marker` sends (the end's frames arrive in order), so no wait ends a round.
+    fn announced(
+        capture: &lb_io::interface::PacketSocket,
+        marker: &lb_io::interface::PacketSocket,
+        addrs: &[IpAddr],
+        macs: &[[u8; 6]],
+    ) -> Vec<(IpAddr, [u8; 6])> {
+        let frame = |mac: [u8; 6], addr: IpAddr| {
+            let mut buf = [0u8; 128];
+            let n = lb_core::neighbour::announcement(mac, addr, &mut buf).expect("room for an announcement");
+            buf[..n].to_vec()
+        };
+        let end = frame([0x02, 0, 0, 0, 0xee, 0xee], "10.255.255.254".parse().expect("address"));
+        marker.send(&end).expect("the marker sent");
+        let mut seen = Vec::new();
+        loop {
+            let got = capture.recv().expect("the marker arrives");
+            if got == end {
+                return seen;
+            }
+            for (&addr, &mac) in addrs.iter().flat_map(|a| macs.iter().map(move |m| (a, m))) {
+                if got == frame(mac, addr) {
+                    seen.push((addr, mac));
+                }
+            }
+        }
+    }
+
+    /// An address the responder starts answering for is announced more than once, so that one lost
+    /// frame does not leave the segment's neighbours on a previous owner's MAC until their entry
+    /// goes stale: an IPv4 one twice (RFC 5227's ANNOUNCE_NUM), an IPv6 one three times (RFC 4861's
+    /// MAX_NEIGHBOR_ADVERTISEMENT), each again no sooner than `announce_again_after` after the one
+    /// before. Before, each was announced once.
+    #[test]
+    fn a_new_address_is_announced_again_until_its_count_is_sent() {
+        use lb_io::interface::PacketSocket;
+        use lb_io::netns::{Netns, can_create_namespaces, enter_netns};
+        if let Err(reason) = can_create_namespaces() {
+            return println!("SKIPPED: {reason}");
+        }
+        let ns = Netns::create(&format!("lban{}", std::process::id())).expect("namespace");
+        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]).expect("veth");
+        ns.ip(&["link", "set", "v0", "up"]).expect("v0 up");
+        ns.ip(&["link", "set", "v1", "up"]).expect("v1 up");
+        let name = ns.name().to_string();
+        let v4: IpAddr = "10.0.0.10".parse().expect("address");
+        let v6: IpAddr = "fd00::10".parse().expect("address");
+        let hour = std::time::Duration::from_secs(3600);
+        let (mac, rounds) = std::thread::spawn(move || {
+            enter_netns(&name).expect("entering the namespace");
+            let mac = lb_io::interface::mac_address("v0").expect("v0's MAC");
+            let capture = PacketSocket::capture("v1", std::time::Duration::from_secs(5)).expect("capture on v1");
+            let marker = PacketSocket::open("v0").expect("a socket on v0");
+            let tables = dual_stack(v4, v6);
+            let mut workers: Workers<Recorder> =
+                Workers::new(SteeringConfig::default(), NeighbourResponder::All, snat_settings(tables.node()));
+            workers.announce_again_after = hour;
+            workers.announcers.push(("v0".into(), PacketSocket::open("v0").expect("a socket on v0"), mac));
+            let sent = || announced(&capture, &marker, &[v4, v6], &[mac]);
+            workers.publish(&tables).expect("no loops to refuse them");
+            let start = std::time::Instant::now();
+            let mut rounds = vec![sent()];
+            for later in 0..4 {
+                workers.announce_due(start + hour * later);
+                rounds.push(sent());
+            }
+            (mac, rounds)
+        })
+        .join()
+        .expect("the namespace's thread");
+        let both = vec![(v4, mac), (v6, mac)];
+        assert_eq!(rounds, [both.clone(), vec![], both, vec![(v6, mac)], vec![]]);
     }
 
     /// Connection tables are checked against the node's memory before anything is set up.
