@@ -212,6 +212,34 @@ impl TablesSink for mpsc::UnboundedSender<Arc<Tables>> {
     }
 }
 
+/// One interface's MAC, shared between the control side, which reads it again at each refresh
+/// (`lb run`), and the interface's poll loops, which answer ARP / NDP with it and send from it
+/// ([`LbProcessor::follow_mac`]).
+#[derive(Debug)]
+pub struct InterfaceMac(std::sync::atomic::AtomicU64);
+
+impl InterfaceMac {
+    /// Holds `mac`.
+    pub fn new(mac: [u8; 6]) -> Self {
+        InterfaceMac(std::sync::atomic::AtomicU64::new(Self::pack(mac)))
+    }
+
+    /// The MAC held now.
+    pub fn get(&self) -> [u8; 6] {
+        let b = self.0.load(std::sync::atomic::Ordering::Relaxed).to_be_bytes();
+        [b[2], b[3], b[4], b[5], b[6], b[7]]
+    }
+
+    /// Holds `mac` from now on.
+    pub fn set(&self, mac: [u8; 6]) {
+        self.0.store(Self::pack(mac), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn pack(m: [u8; 6]) -> u64 {
+        u64::from_be_bytes([0, 0, m[0], m[1], m[2], m[3], m[4], m[5]])
+    }
+}
+
 /// The load balancer as a poll loop sees it: lb-core's [`Worker`](lb_core::worker::Worker), plus a
 /// copy of its counters published about once a second for `/metrics` (into preallocated buffers,
 /// under `try_lock`, so the poll thread neither allocates nor waits).
@@ -220,6 +248,8 @@ pub struct LbProcessor {
     local: crate::metrics::CoreCounters,
     shared: Arc<std::sync::Mutex<crate::metrics::CoreCounters>>,
     next_publish: lb_core::Instant,
+    /// The interface's MAC as the control side last read it, and the one the worker uses.
+    mac: Option<(Arc<InterfaceMac>, [u8; 6])>,
 }
 
 /// How often a poll loop publishes its counters.
@@ -235,8 +265,35 @@ impl LbProcessor {
             local: crate::metrics::CoreCounters::with_capacity(limits),
             shared: shared.clone(),
             next_publish: lb_core::Instant::from_nanos(0),
+            mac: None,
         };
         (p, shared)
+    }
+
+    /// Has the worker send from `mac` and answer ARP / NDP with it (if it answers), and follow it
+    /// when it changes (a bond's failover, `ip link set IF address`): checked before each burst.
+    pub fn follow_mac(&mut self, mac: Arc<InterfaceMac>) {
+        let now = mac.get();
+        self.use_mac(now);
+        self.mac = Some((mac, now));
+    }
+
+    /// Takes up the interface's MAC if it changed since the last burst: one atomic load.
+    #[inline]
+    fn follow_mac_change(&mut self) {
+        let Some((shared, used)) = &mut self.mac else { return };
+        let now = shared.get();
+        if now != *used {
+            *used = now;
+            self.use_mac(now);
+        }
+    }
+
+    fn use_mac(&mut self, mac: [u8; 6]) {
+        if self.worker.neighbour_mac().is_some() {
+            self.worker.set_neighbour_mac(Some(mac));
+        }
+        self.worker.set_source_mac(Some(mac));
     }
 
     /// The worker.
@@ -270,6 +327,7 @@ impl lb_io::BurstProcessor for LbProcessor {
         now: lb_core::Instant,
         verdicts: &mut [lb_core::Verdict],
     ) {
+        self.follow_mac_change();
         self.worker.process_burst(frames, now, verdicts);
         self.publish_if_due(now);
     }
@@ -280,6 +338,7 @@ impl lb_io::BurstProcessor for LbProcessor {
         now: lb_core::Instant,
         verdicts: &mut [lb_core::Verdict],
     ) {
+        self.follow_mac_change();
         self.worker.process_handed_burst(frames, now, verdicts);
         self.publish_if_due(now);
     }
@@ -1290,6 +1349,49 @@ services:
         let c = fold(sum(tcp, sum(&pseudo, 0)));
         tcp[16..18].copy_from_slice(&c.to_be_bytes());
         f
+    }
+
+    /// A processor that follows its interface's MAC answers ARP and sends from the new MAC at the
+    /// first burst after it changes (a bond's failover: `lb run` reads the MAC again every 2 s).
+    /// Before, the MAC read at start was used for good, and every answer sent the segment's
+    /// neighbours back to a MAC the interface no longer had.
+    #[test]
+    fn lb_processor_answers_and_sends_from_the_mac_it_follows() {
+        use lb_io::BurstProcessor;
+        let settings = parse(GOOD).unwrap();
+        let config = Config {
+            node: settings.node.clone(),
+            services: settings.services.iter().map(|s| s.config.clone()).collect(),
+        };
+        let tables = TableBuilder::new().build(&config).unwrap();
+        let (old, new) = ([2, 0, 0, 0, 0x10, 1], [2, 0, 0, 0, 0x10, 2]);
+        let mut worker = lb_core::worker::Worker::new(tables, lb_core::worker::WorkerConfig::single_core(1024));
+        worker.set_neighbour_mac(Some(old));
+        let (mut p, _) = LbProcessor::new(worker);
+        let shared = Arc::new(InterfaceMac::new(old));
+        p.follow_mac(shared.clone());
+        // An ARP request for the VIP; the reply's Ethernet source and sender MAC.
+        let asker = [2, 0, 0, 0, 0, 0xaa];
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&asker);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&asker);
+        arp.extend_from_slice(&[192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 10]);
+        let mut burst = |frame: &[u8], at: u64| {
+            let mut buf = vec![0u8; 64 + frame.len() + 64];
+            buf[64..64 + frame.len()].copy_from_slice(frame);
+            let mut frames = [lb_core::Frame::new(&mut buf, 64, frame.len())];
+            let mut verdicts = [lb_core::Verdict::Pass];
+            p.process_burst(&mut frames, lb_core::Instant::from_secs(at), &mut verdicts);
+            assert_eq!(verdicts[0], lb_core::Verdict::Tx);
+            let out = frames[0].data().to_vec();
+            (out[6..12].to_vec(), out.get(22..28).map(<[u8]>::to_vec))
+        };
+        assert_eq!(burst(&arp, 1), (old.to_vec(), Some(old.to_vec())));
+        shared.set(new);
+        assert_eq!(burst(&arp, 2), (new.to_vec(), Some(new.to_vec())), "the ARP reply");
+        let (source, _) = burst(&syn([192, 0, 2, 1], 40000, [10, 0, 0, 10], 80), 3);
+        assert_eq!(source, new, "a forwarded frame's source");
     }
 
     #[test]

@@ -25,7 +25,9 @@
 //! for which addresses), and each interface joins the solicited-node groups of the IPv6 ones
 //! (`lb_io::interface::MulticastGroups`); addresses new to the responder are announced, untagged, on
 //! each interface (gratuitous ARP, unsolicited neighbour advertisement) once the loops answer for
-//! them, and again at the refreshes after ([`announcements_of`], [`ANNOUNCE_AGAIN_AFTER`]).
+//! them, and again at the refreshes after ([`announcements_of`], [`ANNOUNCE_AGAIN_AFTER`]). Each
+//! interface's MAC, which its loops send from and answer with, is read again at each refresh, and a
+//! new one is announced ([`Workers::reread_macs`]).
 //! With `interfaces: []` it runs the control plane alone: a dry run whose tables `lb list` shows.
 
 use std::collections::BTreeSet;
@@ -38,7 +40,7 @@ use lb_core::config::{Config, ForwardMode};
 use lb_core::service::{TableBuilder, Tables};
 use lb_core::worker::{Worker, WorkerConfig, snat_port_share};
 use lb_examples::control::{
-    LbProcessor, NeighbourResponder, TablesSink, run_blocking, steering_for, steering_for_config,
+    InterfaceMac, LbProcessor, NeighbourResponder, TablesSink, run_blocking, steering_for, steering_for_config,
 };
 use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
@@ -103,8 +105,11 @@ struct Workers<M: SteeringMaps = VipSteering> {
     /// Some interface holds fewer of those groups than asked for (a join failed): each refresh
     /// tries again ([`Workers::join_groups`]).
     groups_short: bool,
+    /// Per interface, its MAC as last read, shared with its poll loops (which answer ARP / NDP with
+    /// it and send from it): read again at each refresh ([`Workers::reread_macs`]).
+    macs: Vec<(String, Arc<InterfaceMac>)>,
     /// Per interface (responder on), a socket for announcements and the MAC they carry.
-    announcers: Vec<(String, PacketSocket, [u8; 6])>,
+    announcers: Vec<(String, PacketSocket, Arc<InterfaceMac>)>,
     /// The addresses answered for so far (announced when they joined the set).
     answered: BTreeSet<IpAddr>,
     /// The addresses answered for whose announcements are not all sent: how many are left, and
@@ -281,15 +286,17 @@ impl<M: SteeringMaps> TablesSink for Workers<M> {
     /// (their fragments and foreign ICMP go to the kernel) and, with `--neighbour-responder auto`,
     /// which are answered for: applied here without waiting for a configuration change. A steering
     /// update that failed is tried again here too, and so are IPv6 groups that could not be joined;
-    /// the repeats of the announcements that are due go out.
-    /// Steering that waits for the loops is left to
-    /// [`TablesSink::deliver_pending`]. Each interface's receive queues are read again too, and
-    /// queues no loop serves warned of when they change ([`UnservedQueues`]).
+    /// each interface's MAC is read again (a change is announced), and the announcements that are
+    /// due go out. Steering that waits for the loops is left to [`TablesSink::deliver_pending`].
+    /// Each interface's receive queues are read again too, and queues no loop serves warned of
+    /// when they change ([`UnservedQueues`]).
     fn refresh(&mut self) -> Result<(), String> {
         for queues in &mut self.queues {
             queues.check();
         }
-        self.announce_due(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        self.reread_macs(now);
+        self.announce_due(now);
         let Some((tables, steering)) = &self.published else { return Ok(()) };
         let want = steering_for(tables, self.responder);
         match steering {
@@ -323,6 +330,7 @@ impl<M: SteeringMaps> Workers<M> {
             responder,
             groups: Vec::new(),
             groups_short: false,
+            macs: Vec::new(),
             announcers: Vec::new(),
             answered: BTreeSet::new(),
             announcing: std::collections::BTreeMap::new(),
@@ -384,6 +392,39 @@ impl<M: SteeringMaps> Workers<M> {
         }
     }
 
+    /// Reads each interface's MAC again. When one changed (a bond's failover with
+    /// `fail_over_mac=active`, `ip link set IF address`), the interface's loops answer ARP / NDP with
+    /// the new one and send from it from their next burst, and every address answered for is
+    /// announced again from `now`, so neighbours stop sending to the old MAC.
+    fn reread_macs(&mut self, now: std::time::Instant) {
+        let mut changed = false;
+        for (name, mac) in &self.macs {
+            // An interface that is gone fails its loops, which stops `lb run`.
+            let Ok(new) = lb_io::interface::mac_address(name) else { continue };
+            let old = mac.get();
+            if new != old {
+                mac.set(new);
+                changed = true;
+                let answers = if self.responder == NeighbourResponder::Off {
+                    ""
+                } else {
+                    ", ARP / NDP answers carry it, and the addresses answered for are announced again"
+                };
+                tracing::warn!(
+                    interface = %name,
+                    "the MAC of {name} changed from {} to {}: frames leave from it from now on{answers}",
+                    lb_io::netns::format_mac(old),
+                    lb_io::netns::format_mac(new)
+                );
+            }
+        }
+        if changed {
+            for addr in &self.answered {
+                self.announcing.insert(*addr, (announcements_of(*addr), now));
+            }
+        }
+    }
+
     /// Sends on every interface the announcements due at `now` (gratuitous ARP, unsolicited NA), so
     /// neighbours holding another MAC for an address (a previous owner) switch now, not when their
     /// entry goes stale; each address again no sooner than [`Workers::announce_again_after`], until
@@ -396,7 +437,7 @@ impl<M: SteeringMaps> Workers<M> {
                 return true;
             }
             for (name, socket, mac) in announcers {
-                let sent = lb_core::neighbour::announcement(*mac, *addr, &mut frame)
+                let sent = lb_core::neighbour::announcement(mac.get(), *addr, &mut frame)
                     .ok_or_else(|| std::io::Error::other("frame buffer too short"))
                     .and_then(|n| socket.send(&frame[..n]));
                 if let Err(e) = sent {
@@ -755,7 +796,10 @@ pub fn main(args: Args) -> CmdResult {
                 lb_io::netns::format_mac(settings.node.local_mac)
             );
         }
-        let mac = match args.neighbour_responder {
+        // Read again at each refresh; the loops follow it.
+        let mac = Arc::new(InterfaceMac::new(own_mac));
+        workers.macs.push((iface.name.clone(), mac.clone()));
+        let neighbour_mac = match args.neighbour_responder {
             NeighbourResponder::Off => None,
             _ => {
                 match MulticastGroups::new(&iface.name) {
@@ -766,7 +810,7 @@ pub fn main(args: Args) -> CmdResult {
                     ),
                 }
                 match PacketSocket::open(&iface.name) {
-                    Ok(s) => workers.announcers.push((iface.name.clone(), s, own_mac)),
+                    Ok(s) => workers.announcers.push((iface.name.clone(), s, mac.clone())),
                     Err(e) => tracing::warn!(interface = %iface.name, "no announcements of the VIPs: {e}"),
                 }
                 Some(own_mac)
@@ -781,12 +825,13 @@ pub fn main(args: Args) -> CmdResult {
                 empty.clone(),
                 WorkerConfig { conntrack_capacity: args.conntrack_entries, core_index, core_count: cores },
             );
-            worker.set_neighbour_mac(mac);
+            worker.set_neighbour_mac(neighbour_mac);
             worker.set_source_mac(Some(own_mac));
             if let Some((lo, hi)) = snat_port_share(settings.node.snat_ports, core_index, cores) {
                 tracing::info!(interface = %iface.name, queue = q, "NAT replies to SNAT ports {lo}-{hi} are translated on this queue's loop (handed over from any other)");
             }
-            let (processor, published) = LbProcessor::new(worker);
+            let (mut processor, published) = LbProcessor::new(worker);
+            processor.follow_mac(mac.clone());
             counters.0.push(published);
             let (tx, rx) = update_channel();
             workers.loops.push(tx);
@@ -859,7 +904,7 @@ mod tests {
     use lb_io::bpf::xdp::SteeringConfig;
 
     use super::{
-        NeighbourResponder, SteeringMaps, TableBuilder, TablesSink, Workers, cgroup_memory_limit,
+        InterfaceMac, NeighbourResponder, SteeringMaps, TableBuilder, TablesSink, Workers, cgroup_memory_limit,
         check_conntrack_memory, check_nat_replies, check_steering_capacity, ephemeral_overlap, mem_total, memory_limit,
         snat_settings, steering_for, unserved_rx_queues,
     };
@@ -1298,7 +1343,8 @@ mod tests {
             let mut workers: Workers<Recorder> =
                 Workers::new(SteeringConfig::default(), NeighbourResponder::All, snat_settings(tables.node()));
             workers.announce_again_after = hour;
-            workers.announcers.push(("v0".into(), PacketSocket::open("v0").expect("a socket on v0"), mac));
+            let shared = Arc::new(InterfaceMac::new(mac));
+            workers.announcers.push(("v0".into(), PacketSocket::open("v0").expect("a socket on v0"), shared));
             let sent = || announced(&capture, &marker, &[v4, v6], &[mac]);
             workers.publish(&tables).expect("no loops to refuse them");
             let start = std::time::Instant::now();
@@ -1313,6 +1359,57 @@ mod tests {
         .expect("the namespace's thread");
         let both = vec![(v4, mac), (v6, mac)];
         assert_eq!(rounds, [both.clone(), vec![], both, vec![(v6, mac)], vec![]]);
+    }
+
+    /// The interface's MAC is read again at each refresh: when it changes (a bond's failover with
+    /// `fail_over_mac=active`, `ip link set IF address`), every address answered for is announced
+    /// again from the new MAC, and the loops answer with it. Before, the MAC read at start was kept:
+    /// the neighbours kept sending to the old MAC, and each answer told them to.
+    #[test]
+    fn a_changed_interface_mac_is_announced_for_every_address_answered_for() {
+        use lb_io::interface::PacketSocket;
+        use lb_io::netns::{Netns, can_create_namespaces, enter_netns};
+        if let Err(reason) = can_create_namespaces() {
+            return println!("SKIPPED: {reason}");
+        }
+        let ns = Netns::create(&format!("lbmc{}", std::process::id())).expect("namespace");
+        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]).expect("veth");
+        ns.ip(&["link", "set", "v0", "up"]).expect("v0 up");
+        ns.ip(&["link", "set", "v1", "up"]).expect("v1 up");
+        let name = ns.name().to_string();
+        let v4: IpAddr = "10.0.0.10".parse().expect("address");
+        let v6: IpAddr = "fd00::10".parse().expect("address");
+        let new = [0x02, 0x00, 0x5e, 0x00, 0xab, 0xcd];
+        let (old, rounds) = std::thread::spawn(move || {
+            enter_netns(&name).expect("entering the namespace");
+            let old = lb_io::interface::mac_address("v0").expect("v0's MAC");
+            let capture = PacketSocket::capture("v1", std::time::Duration::from_secs(5)).expect("capture on v1");
+            let marker = PacketSocket::open("v0").expect("a socket on v0");
+            let tables = dual_stack(v4, v6);
+            let mut workers: Workers<Recorder> =
+                Workers::new(SteeringConfig::default(), NeighbourResponder::All, snat_settings(tables.node()));
+            workers.announce_again_after = std::time::Duration::from_secs(3600);
+            let shared = Arc::new(InterfaceMac::new(old));
+            workers.macs.push(("v0".into(), shared.clone()));
+            workers.announcers.push(("v0".into(), PacketSocket::open("v0").expect("a socket on v0"), shared.clone()));
+            let sent = || announced(&capture, &marker, &[v4, v6], &[old, new]);
+            workers.publish(&tables).expect("no loops to refuse them");
+            let mut rounds = vec![sent()];
+            workers.refresh().expect("nothing to fail");
+            rounds.push(sent());
+            let status = std::process::Command::new("ip")
+                .args(["link", "set", "v0", "address", &lb_io::netns::format_mac(new)])
+                .status()
+                .expect("ip runs");
+            assert!(status.success(), "ip link set v0 address");
+            workers.refresh().expect("nothing to fail");
+            rounds.push(sent());
+            assert_eq!(shared.get(), new, "the MAC the loops follow");
+            (old, rounds)
+        })
+        .join()
+        .expect("the namespace's thread");
+        assert_eq!(rounds, [vec![(v4, old), (v6, old)], vec![], vec![(v4, new), (v6, new)]]);
     }
 
     /// Connection tables are checked against the node's memory before anything is set up.

@@ -351,6 +351,11 @@ impl Worker {
         self.core.neighbour = mac.map(|m| NeighbourResponder::new(m, &self.tables));
     }
 
+    /// The MAC ARP / NDP answers carry (`None`: not answering), as [`Worker::set_neighbour_mac`] set it.
+    pub fn neighbour_mac(&self) -> Option<[u8; 6]> {
+        self.core.neighbour.as_ref().map(NeighbourResponder::mac)
+    }
+
     /// Sends every frame (forwarded, translated back, an ICMP error answering one) from `mac`, this
     /// worker's interface's own MAC, instead of the tables' `node.local_mac`, which is one value for
     /// every interface (`None`, the default: `node.local_mac`). A switch port or a cloud network
