@@ -379,9 +379,10 @@ pub struct ServiceConfig {
     /// the tunnels; a change into or out of NAT gives them to `on_backend_removed`.
     pub mode: ForwardMode,
     /// ClientIP session affinity: while a client has started a flow within this time, its new flows
-    /// go to the same backend. Each new flow renews it; packets of flows already open do not (as
-    /// kube-proxy's iptables mode, whose `recent` match sees only new connections; IPVS persistence
-    /// also holds while the client has connections open). `None` disables it. Kubernetes' default
+    /// go to the same backend (up to a second longer: conntrack counts whole seconds). Each new flow
+    /// renews it; packets of flows already open do not (as kube-proxy's iptables mode, whose `recent`
+    /// match sees only new connections; IPVS persistence also holds while the client has connections
+    /// open). `None` disables it. Kubernetes' default
     /// timeout is 10800 s. Records are per core, and RSS spreads a client's flows over the queues:
     /// under mh and hrw a client's first pick therefore hashes its address, not the 5-tuple, so every
     /// core and node picks the same backend for it (sh, dh and ecmp hash addresses anyway); under rr,

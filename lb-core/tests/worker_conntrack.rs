@@ -269,6 +269,28 @@ fn client_ip_affinity_holds_until_its_timeout() {
     assert!(seen.len() > 1, "affinity outlived its timeout: {seen:?}");
 }
 
+/// ClientIP affinity holds for the whole timeout after a client's last new flow, whatever the
+/// fraction of a second that flow started at (conntrack counts whole seconds): with a 1-s timeout
+/// a flow 0.2 s after the first one, or exactly 1 s after it, goes to the same backend; one more
+/// than a second after is picked afresh. The record expired at the next whole second, so a flow
+/// started at 1.9 s kept its affinity for 0.1 s, and round robin sent the client's next flow elsewhere.
+#[test]
+fn client_ip_affinity_lasts_its_whole_timeout_from_any_fraction_of_a_second() {
+    let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
+    cfg.services[0].affinity_timeout = Some(dur(1));
+    let ms = lb_core::Instant::from_millis;
+    for (first, later) in [(1900, 2100), (1900, 2900), (1000, 2000), (1999, 2999)] {
+        let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+        let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), ms(first));
+        let sticky = dsr_backend(&out);
+        let (_, out) = run(&mut w, &tcp(client(1), 1001, v4(VIP), 80, Tcp::Syn, b""), ms(later));
+        assert_eq!(dsr_backend(&out), sticky, "a flow {} ms after the first, at {later} ms", later - first);
+        // Renewed at `later`: past a second after it (and the rounding), round robin decides again.
+        let (_, out) = run(&mut w, &tcp(client(1), 1002, v4(VIP), 80, Tcp::Syn, b""), ms(later + 2000));
+        assert_ne!(dsr_backend(&out), sticky, "affinity outlived its timeout (from {later} ms)");
+    }
+}
+
 /// ClientIP affinity under a scheduler that picks from the flow alone holds across cores: RSS spreads
 /// a client's flows (other source ports) over the queues, and each core keeps its own records, so a
 /// core without the client's record must pick the backend the client's first flow went to on another.

@@ -944,7 +944,10 @@ impl Core {
     }
 
     /// Records (or renews) the client's affinity to `backend` for `timeout` seconds, never
-    /// displacing the new flow's own entry at `flow_index`.
+    /// displacing the new flow's own entry at `flow_index`. `now` is the whole second the flow
+    /// started in, any fraction of it: the record lasts one second more, so that a flow `timeout`
+    /// seconds later still finds it (as kube-proxy's `recent` match counts the timeout itself in),
+    /// and affinity lasts at least the timeout, at most a second more.
     #[inline(never)]
     fn record_affinity(
         &mut self,
@@ -963,7 +966,7 @@ impl Core {
             key: k,
             state: ConnState::Affinity,
             kind: EntryKind::Affinity,
-            expires: now.saturating_add(timeout),
+            expires: now.saturating_add(timeout).saturating_add(1),
             backend,
             link: NO_LINK,
             ..Entry::default()
