@@ -245,7 +245,8 @@ pub enum RemovedBackendPolicy {
     /// Pick a new backend for the flow's next packet (right for UDP and for stateless backends).
     #[default]
     Reschedule,
-    /// Drop the flow's packets (counted) so the client sees the failure quickly.
+    /// Drop the flow's packets (counted) so the client sees the failure quickly. A UDP flow's packets
+    /// are dropped for the UDP timeout, however often they come; then they start a new flow.
     Drop,
 }
 

@@ -968,6 +968,38 @@ fn drop_policy_tombstone_idles_out_then_the_tuple_is_new() {
     assert_eq!(w.stats().dropped(DropReason::BackendRemoved), 3);
 }
 
+/// Under the drop policy a UDP flow whose backend left is dropped for the UDP timeout from the
+/// first packet that found it gone, however often the client sends; then its packets are a new
+/// flow, scheduled to a backend that is there (as IPVS drops a flow of a dead destination without
+/// restarting its timer). A UDP client has no connection to give up on: one that keeps its port and
+/// sends more often than the timeout (NTP from port 123, a resolver or a log shipper on a fixed port)
+/// renewed its tombstone with each packet and was cut off for as long as it kept sending, as
+/// Kubernetes' stale UDP conntrack entries once cut DNS clients off from a replaced DNS pod.
+#[test]
+fn drop_policy_udp_tombstone_lasts_the_udp_timeout_however_often_the_client_sends() {
+    let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
+    cfg.services[1].on_backend_removed = RemovedBackendPolicy::Drop;
+    cfg.node.timeouts.udp = dur(300);
+    let mut b = TableBuilder::new();
+    let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    let c = client(0);
+    let datagram = udp(c, 123, v4(VIP), 80, b"ntp");
+    let (v, out) = run(&mut w, &datagram, secs(1));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 1), "round robin's first pick");
+    assert_eq!(run(&mut w, &datagram, secs(1)).0, Verdict::Tx);
+    cfg.services[1].backends.retain(|b| b.addr != v4("10.1.0.1"));
+    w.swap_tables(b.build(&cfg).unwrap());
+    // The client sends every 60 s: dropped until 300 s after the first datagram that found the
+    // backend gone (at 2 s), then scheduled to the backend that is left.
+    for t in (2..302).step_by(60) {
+        assert_eq!(run(&mut w, &datagram, secs(t)).0, Verdict::Drop(DropReason::BackendRemoved), "at {t} s");
+    }
+    let (v, out) = run(&mut w, &datagram, secs(302));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2), "at 302 s");
+    let (v, out) = run(&mut w, &datagram, secs(303));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2), "at 303 s");
+}
+
 #[test]
 fn drop_policy_tombstone_closes_on_the_clients_rst() {
     let (mut w, mut cfg, _, mut b) = drop_policy_setup(1024, 1);

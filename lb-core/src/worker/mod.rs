@@ -84,7 +84,8 @@
 //!   into a [`ConnState::BackendGone`] tombstone, and every packet of that 5-tuple (retransmissions,
 //!   ACKs, a SYN) is dropped as [`DropReason::BackendRemoved`] until the tombstone idles out or, after
 //!   the client's FIN or RST (before or after the backend left), its time-wait timeout ends (a SYN
-//!   then starts a new flow). Tombstones
+//!   then starts a new flow); a UDP flow's, which no client closes, after the UDP timeout from its
+//!   burial, however often the client sends (then its next packet starts a new flow). Tombstones
 //!   count as no backend's connection, keep no NAT reverse entry, and are evicted like closing flows.
 //! - ARP requests and IPv6 neighbour solicitations for the tables' VIPs and NAT source addresses are
 //!   answered in place (verdict Tx) once the worker has a MAC ([`Worker::set_neighbour_mac`], off by

@@ -61,12 +61,18 @@ pub(super) fn client_closed(e: &Entry) -> bool {
 /// packet that found it (`flags`, from the client) applied. A flow the client had closed
 /// ([`client_closed`]) is buried closed: it keeps at most the time-wait timeout from now, which no
 /// later packet extends (losing its FIN here gave it the idle timeout, renewed by each straggler).
+/// A UDP flow's tombstone lasts the UDP timeout from now, which no later packet extends either: a
+/// UDP client never gives up on its flow, and one sending from a fixed port more often than the
+/// timeout (NTP, a resolver, a log shipper) would otherwise be cut off for as long as it sends.
 pub(super) fn entomb(e: &mut Entry, flags: TcpFlags, t: &StateTimeouts, now: u32) {
     let closed = client_closed(e);
     e.state = ConnState::BackendGone;
     if closed {
         e.fins = GONE_CLOSED;
         e.expires = e.expires.min(now.saturating_add(timeout_of(ConnState::TimeWait, t)));
+    } else if e.key.proto == UDP {
+        e.fins = 0;
+        e.expires = now.saturating_add(timeout_of(ConnState::UdpAssured, t));
     } else {
         e.fins = 0;
         advance(e, flags, true, t, now);
@@ -84,9 +90,9 @@ pub(super) fn entomb(e: &mut Entry, flags: TcpFlags, t: &StateTimeouts, now: u32
 /// its idle timeout). A SYN on a time-wait flow is no packet of it: the worker starts a new flow (as
 /// it does for a SYN on a half-open, established or closing flow whose backend takes no new flows).
 ///
-/// A [`ConnState::BackendGone`] tombstone stays one: any packet refreshes its idle timeout (UDP's for
-/// a UDP flow), until the client's FIN or RST starts a fixed time-wait timeout that later packets do
-/// not extend.
+/// A [`ConnState::BackendGone`] tombstone stays one: any packet refreshes a TCP flow's idle
+/// timeout, until the client's FIN or RST starts a fixed time-wait timeout that later packets do
+/// not extend; a UDP flow's keeps the fixed timeout it was buried with ([`entomb`]).
 ///
 /// Returns 1 when the flow became established, -1 when it left that state, 0 otherwise.
 #[inline]
@@ -110,12 +116,10 @@ fn is_renewal(e: &Entry, flags: TcpFlags) -> bool {
 fn advance_any(e: &mut Entry, flags: TcpFlags, from_client: bool, t: &StateTimeouts, now: u32) -> i8 {
     let was_established = e.state == ConnState::Established;
     if e.state == ConnState::BackendGone {
-        if e.fins & GONE_CLOSED == 0 {
+        if e.fins & GONE_CLOSED == 0 && e.key.proto != UDP {
             let timeout = if from_client && (flags.contains(TcpFlags::FIN) || flags.contains(TcpFlags::RST)) {
                 e.fins |= GONE_CLOSED;
                 timeout_of(ConnState::TimeWait, t)
-            } else if e.key.proto == UDP {
-                timeout_of(ConnState::UdpAssured, t)
             } else {
                 timeout_of(ConnState::BackendGone, t)
             };
