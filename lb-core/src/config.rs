@@ -386,9 +386,11 @@ pub struct ServiceConfig {
     /// open). `None` disables it. Kubernetes' default
     /// timeout is 10800 s. Records are per core, and RSS spreads a client's flows over the queues:
     /// under mh and hrw a client's first pick therefore hashes its address, not the 5-tuple, so every
-    /// core and node picks the same backend for it (sh, dh and ecmp hash addresses anyway); under rr,
-    /// wrr, lc, wlc, sed and nq each core picks on its own, so a client's flows may reach one backend
-    /// per queue.
+    /// core and node picks the same backend for it (sh, dh and ecmp hash addresses anyway) while the
+    /// backends stay the same; under rr, wrr, lc, wlc, sed and nq each core picks on its own, so a
+    /// client's flows may reach one backend per queue. Once the backends change, a core holding the
+    /// client's record keeps it on its backend and one holding none picks from the new set: a client
+    /// whose pick moved may reach two backends until its records idle out.
     pub affinity_timeout: Option<Duration>,
     /// When non-empty, only clients inside one of these prefixes reach the service; others are
     /// dropped and counted as `SourceNotAllowed`.

@@ -318,6 +318,39 @@ fn client_ip_affinity_agrees_between_cores_under_hashing_schedulers() {
     }
 }
 
+/// What the per-core records mean once the backends change: a core that holds a client's record
+/// keeps the client's new flows on its backend, while a core without one picks by the client's
+/// address from the new set, so until the record idles out (each new flow on its core renews it) the
+/// client's flows may reach two backends. The README and `ServiceConfig::affinity_timeout` say so.
+#[test]
+fn client_ip_affinity_records_are_per_core_so_a_backend_change_can_split_a_client() {
+    let backends: Vec<String> = (1..=4).map(|i| format!("10.1.0.{i}")).collect();
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    let mut cfg = dsr_config(SchedulerKind::Maglev, &backends);
+    cfg.services[0].affinity_timeout = Some(dur(600));
+    let mut b = TableBuilder::new();
+    let tables = b.build(&cfg).unwrap();
+    let mut cores: Vec<Worker> = (0..2)
+        .map(|i| Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 4096, core_index: i, core_count: 2 }))
+        .collect();
+    let mut first = vec![];
+    for c in 0..64 {
+        first.push(dsr_backend(&run(&mut cores[0], &tcp(client(c), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1)).1));
+    }
+    cfg.services[0].backends.extend(["10.1.0.5", "10.1.0.6", "10.1.0.7", "10.1.0.8"].map(|a| backend(a, 80)));
+    let tables = b.build(&cfg).unwrap();
+    cores.iter_mut().for_each(|w| drop(w.swap_tables(tables.clone())));
+    let mut split = 0;
+    for c in 0..64u32 {
+        let on =
+            |w: &mut Worker, port| dsr_backend(&run(w, &tcp(client(c), port, v4(VIP), 80, Tcp::Syn, b""), secs(2)).1);
+        let (kept, picked) = (on(&mut cores[0], 2000), on(&mut cores[1], 2000));
+        assert_eq!(kept, first[c as usize], "client {c}: core 0 holds its record");
+        split += usize::from(picked != kept);
+    }
+    assert!(split > 0, "no client's hash moved to a new backend: the test shows nothing");
+}
+
 /// Each core's round-robin cursor starts at its own index: at a low rate of new flows the cores do
 /// not all send their first flows to the first backend (they did: each core's first pick was it).
 #[test]
