@@ -393,7 +393,9 @@ pub struct ServiceConfig {
     /// whose pick moved may reach two backends until its records idle out.
     pub affinity_timeout: Option<Duration>,
     /// When non-empty, only clients inside one of these prefixes reach the service; others are
-    /// dropped and counted as `SourceNotAllowed`.
+    /// dropped and counted as `SourceNotAllowed`. Every packet is checked, so tables that narrow
+    /// the list cut the established flows of the clients they leave out (kube-proxy checks new
+    /// connections only); their entries stay, and a list widened again lets them go on.
     pub source_ranges: Vec<Cidr>,
     /// Maglev table size (prime) for mh, sh and dh. `None`: 65 537 up to 655 backends (then 655 373,
     /// 6 553 621), a size that stays put as backends come and go, so a change moves few flows; 128 KiB

@@ -351,6 +351,38 @@ fn client_ip_affinity_records_are_per_core_so_a_backend_change_can_split_a_clien
     assert!(split > 0, "no client's hash moved to a new backend: the test shows nothing");
 }
 
+/// Source ranges apply to every packet, not only to new flows: a list narrowed by an update cuts the
+/// established flows of the clients it leaves out at their next packet (kube-proxy checks new
+/// connections only, so its established ones go on), while the other clients' flows go on; widened
+/// again, a cut flow's entry is still there and it resumes on its backend. The README and
+/// `ServiceConfig::source_ranges` say so.
+#[test]
+fn narrowed_source_ranges_cut_established_flows_of_the_clients_left_out() {
+    let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
+    let outside = v4("203.0.113.9");
+    cfg.services[0].source_ranges = vec!["198.51.100.0/24".parse().unwrap(), "203.0.113.0/24".parse().unwrap()];
+    let mut b = TableBuilder::new();
+    let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    let mut on = vec![];
+    for c in [client(1), outside] {
+        let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+        assert_eq!(v, Verdict::Tx, "{c}");
+        assert_eq!(run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1)).0, Verdict::Tx, "{c}");
+        on.push(dsr_backend(&out));
+    }
+    cfg.services[0].source_ranges.truncate(1);
+    w.swap_tables(b.build(&cfg).unwrap());
+    let (v, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b"x"), secs(2));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, on[0]), "a client still inside the ranges");
+    let (v, _) = run(&mut w, &tcp(outside, 1000, v4(VIP), 80, Tcp::Ack, b"x"), secs(2));
+    assert_eq!(v, Verdict::Drop(DropReason::SourceNotAllowed), "the established flow of a client left out");
+    cfg.services[0].source_ranges.clear();
+    w.swap_tables(b.build(&cfg).unwrap());
+    let (v, out) = run(&mut w, &tcp(outside, 1000, v4(VIP), 80, Tcp::Ack, b"y"), secs(3));
+    assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, on[1]), "every client allowed again");
+    assert_eq!(state_of(&w, outside, 1000).map(|s| s.0), Some(ConnState::Established));
+}
+
 /// Each core's round-robin cursor starts at its own index: at a low rate of new flows the cores do
 /// not all send their first flows to the first backend (they did: each core's first pick was it).
 #[test]
