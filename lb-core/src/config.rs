@@ -289,6 +289,16 @@ impl Cidr {
         self.prefix_len
     }
 
+    /// The IPv4 prefix an IPv4-mapped IPv6 prefix stands for (`::ffff:10.0.0.0/104` is
+    /// `10.0.0.0/8`), as Go's `net` and so kube-proxy take it; `None` for any other prefix. No
+    /// packet comes from a mapped address: as an IPv6 prefix it contains no client.
+    pub fn ipv4_mapped(&self) -> Option<Cidr> {
+        match self.addr {
+            IpAddr::V6(a) if self.prefix_len >= 96 => Cidr::new(IpAddr::V4(a.to_ipv4_mapped()?), self.prefix_len - 96),
+            _ => None,
+        }
+    }
+
     /// True if `ip` lies inside this prefix (never across families).
     pub fn contains(&self, ip: IpAddr) -> bool {
         match Cidr::new(ip, self.prefix_len) {

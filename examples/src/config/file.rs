@@ -9,7 +9,8 @@
 //! unspecified address, broadcast, multicast, loopback and IPv4-mapped IPv6 (`::ffff:a.b.c.d`) are
 //! refused (lb-core's `SpecialAddress`, which its own validation applies too). A source range is
 //! written as its network (`10.0.0.0/8`): one with host bits set (`10.1.2.3/8`) is refused, as
-//! `ip route` refuses it, rather than widened to the network without a word. MACs frames go to
+//! `ip route` refuses it, rather than widened to the network without a word; so is one written
+//! IPv4-mapped (`::ffff:10.0.0.0/104`), which no packet comes from. MACs frames go to
 //! (`gateway_mac`, a backend's `mac`) may be neither all zeros nor broadcast, and `local_mac` no
 //! group MAC.
 //!
@@ -712,7 +713,13 @@ fn validate_service(
     let mut source_ranges = Vec::new();
     for (j, r) in s.source_ranges.iter().enumerate() {
         if let Some(c) = p.parse::<Cidr>(&format!("{f}.source_ranges[{j}]"), r, "is not a CIDR (e.g. 10.0.0.0/8)") {
-            if vip.is_some_and(|v| v.is_ipv4() != c.addr().is_ipv4()) {
+            if let Some(v4) = c.ipv4_mapped() {
+                p.push(
+                    format!("{f}.source_ranges[{j}]"),
+                    quoted(r),
+                    format!("is an IPv4-mapped IPv6 prefix, which no packet comes from: write the IPv4 prefix {v4}"),
+                );
+            } else if vip.is_some_and(|v| v.is_ipv4() != c.addr().is_ipv4()) {
                 p.push(format!("{f}.source_ranges[{j}]"), quoted(r), "is not of the VIP's address family");
             } else if let Some(host) = host_bits_set(r, &c) {
                 p.push(
@@ -1400,6 +1407,28 @@ services:
             ranges.iter().map(ToString::to_string).collect::<Vec<_>>(),
             ["10.0.0.0/8", "10.1.2.3/32", "0.0.0.0/0"]
         );
+    }
+
+    /// An IPv4-mapped IPv6 source range (`::ffff:10.0.0.0/104`) is refused, naming the IPv4 prefix
+    /// to write: no IPv6 packet comes from a mapped address, so on an IPv6 VIP it let no client in
+    /// (and on an IPv4 VIP it was only "not of the VIP's address family").
+    #[test]
+    fn an_ipv4_mapped_source_range_is_refused_naming_the_ipv4_prefix() {
+        for vip in ["10.0.0.1", "\"fd00::1\""] {
+            let yaml = format!(
+                "node: {{ snat_v4: 10.0.0.2, snat_v6: \"fd00::2\", gateway_mac: \"02:00:00:00:00:fe\" }}\n\
+                 services: [{{ vip: {vip}, port: 80, source_ranges: [\"::ffff:10.0.0.0/104\", \"::ffff:192.0.2.7\"] }}]\n"
+            );
+            let msg = parse(&yaml).map(|_| ()).unwrap_err().to_string();
+            for (i, range, ipv4) in [(0, "::ffff:10.0.0.0/104", "10.0.0.0/8"), (1, "::ffff:192.0.2.7", "192.0.2.7/32")]
+            {
+                let want = format!(
+                    "services[0].source_ranges[{i}]: \"{range}\" is an IPv4-mapped IPv6 prefix, which no packet comes \
+                     from: write the IPv4 prefix {ipv4}"
+                );
+                assert!(msg.contains(&want), "VIP {vip}: {msg}");
+            }
+        }
     }
 
     /// A MAC no frame can be sent to (all zeros, a placeholder; broadcast, which floods every

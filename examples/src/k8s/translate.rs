@@ -14,7 +14,7 @@
 //! one proxier per family; an external or load-balancer IP of another family is reported.
 //!
 //! Source ranges are split by family as kube-proxy's `MapCIDRsByIPFamily` does: an IPv6 key gets the
-//! IPv6 ranges only. When the Service lists ranges but none of the key's family, the key allows every
+//! IPv6 ranges only, and an IPv4-mapped IPv6 range (`::ffff:10.0.0.0/104`) is the IPv4 range it maps. When the Service lists ranges but none of the key's family, the key allows every
 //! client, as kube-proxy (which then installs no firewall for that family) does: an IPv4-only list on
 //! a dual-stack Service leaves its IPv6 load-balancer IPs open. Dropping them all instead would
 //! diverge from every other node's kube-proxy; list ranges of both families to restrict both.
@@ -780,10 +780,11 @@ fn parse_ip(s: &str) -> Option<IpAddr> {
 }
 
 /// A CIDR as the API server and kube-proxy read it (`netutils.ParseCIDRSloppy`): an IPv4 address
-/// in it may have leading zeros, as [`parse_ip`] reads one.
+/// in it may have leading zeros, as [`parse_ip`] reads one, and an IPv4-mapped range is the IPv4
+/// range it maps (kube-proxy's `IPFamilyOfCIDR` goes by `To4`).
 fn parse_cidr(s: &str) -> Option<Cidr> {
     if let Ok(c) = s.parse::<Cidr>() {
-        return Some(c);
+        return Some(c.ipv4_mapped().unwrap_or(c));
     }
     let (addr, len) = s.split_once('/')?;
     let addr = parse_ip(addr).filter(|_| !addr.contains(':'))?;
@@ -1150,6 +1151,13 @@ mod tests {
         assert_eq!(ranges(&svc, "tcp 203.0.113.11:443"), ["198.51.100.0/24", "192.0.2.128/25"]);
         assert_eq!(ranges(&svc, "tcp [2001:db8:7::11]:443"), ["2001:db8:100::/48"]);
         assert_eq!(ranges(&svc, "udp [2001:db8:7::11]:443"), ["2001:db8:100::/48"]);
+
+        // An IPv4-mapped IPv6 range is the IPv4 range it maps, as kube-proxy (whose IPFamilyOfCIDR
+        // goes by To4) takes it: it restricts the IPv4 LB IP, and it is no IPv6 range (no IPv6
+        // packet comes from a mapped address, so as one it shut out every IPv6 client).
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["::ffff:198.51.100.0/120".into()]);
+        assert_eq!(ranges(&svc, "tcp 203.0.113.11:443"), ["198.51.100.0/24"]);
+        assert!(ranges(&svc, "tcp [2001:db8:7::11]:443").is_empty());
     }
 
     #[test]
