@@ -383,6 +383,48 @@ fn narrowed_source_ranges_cut_established_flows_of_the_clients_left_out() {
     assert_eq!(state_of(&w, outside, 1000).map(|s| s.0), Some(ConnState::Established));
 }
 
+/// A client's affinity follows its backend out: once the backend is removed, drained (a health
+/// check's drain) or at weight 0, the client's next new flow is picked afresh, and that pick is its
+/// new affinity, kept when the old backend comes back; the client's established flow stays on the
+/// drained or weight-0 backend meanwhile.
+#[test]
+fn client_ip_affinity_moves_once_its_backend_takes_no_new_flows_and_stays_moved() {
+    for scheduler in [SchedulerKind::RoundRobin, SchedulerKind::Maglev] {
+        for change in ["removed", "drained", "weight 0"] {
+            let case = format!("{scheduler:?}, {change}");
+            let mut cfg = dsr_config(scheduler, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
+            cfg.services[0].affinity_timeout = Some(dur(600));
+            let mut b = TableBuilder::new();
+            let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+            let c = client(7);
+            let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+            run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+            let first = dsr_backend(&out);
+            let before = cfg.clone();
+            let at = cfg.services[0].backends.iter().position(|be| be.addr == v4(&format!("10.1.0.{first}"))).unwrap();
+            match change {
+                "removed" => drop(cfg.services[0].backends.remove(at)),
+                "drained" => cfg.services[0].backends[at].state = BackendState::Draining,
+                _ => cfg.services[0].backends[at].weight = 0,
+            }
+            w.swap_tables(b.build(&cfg).unwrap());
+            if change != "removed" {
+                let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"x"), secs(2));
+                assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, first), "{case}: the established flow");
+            }
+            let (v, out) = run(&mut w, &tcp(c, 1001, v4(VIP), 80, Tcp::Syn, b""), secs(3));
+            let moved = dsr_backend(&out);
+            assert_eq!(v, Verdict::Tx, "{case}");
+            assert_ne!(moved, first, "{case}: a new flow went to a backend that takes none");
+            w.swap_tables(b.build(&before).unwrap());
+            for port in 1002..1006 {
+                let (_, out) = run(&mut w, &tcp(c, port, v4(VIP), 80, Tcp::Syn, b""), secs(4));
+                assert_eq!(dsr_backend(&out), moved, "{case}: the new affinity, with the old backend back");
+            }
+        }
+    }
+}
+
 /// Each core's round-robin cursor starts at its own index: at a low rate of new flows the cores do
 /// not all send their first flows to the first backend (they did: each core's first pick was it).
 #[test]
