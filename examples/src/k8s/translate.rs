@@ -14,10 +14,12 @@
 //! one proxier per family; an external or load-balancer IP of another family is reported.
 //!
 //! Source ranges are split by family as kube-proxy's `MapCIDRsByIPFamily` does: an IPv6 key gets the
-//! IPv6 ranges only, and an IPv4-mapped IPv6 range (`::ffff:10.0.0.0/104`) is the IPv4 range it maps. When the Service lists ranges but none of the key's family, the key allows every
-//! client, as kube-proxy (which then installs no firewall for that family) does: an IPv4-only list on
-//! a dual-stack Service leaves its IPv6 load-balancer IPs open. Dropping them all instead would
-//! diverge from every other node's kube-proxy; list ranges of both families to restrict both.
+//! IPv6 ranges only, and an IPv4-mapped IPv6 range (`::ffff:10.0.0.0/104`) is the IPv4 range it maps;
+//! IPv4 octets with leading zeros, which the API server accepts, are read as decimal, as there. When
+//! the Service lists ranges but none of the key's family, the key allows every client, as kube-proxy
+//! (which then installs no firewall for that family) does: an IPv4-only list on a dual-stack Service
+//! leaves its IPv6 load-balancer IPs open. Dropping them all instead would diverge from every other
+//! node's kube-proxy; list ranges of both families to restrict both.
 //!
 //! An ingress IP with any other `ipMode` (`Proxy`, KEP-1860) is not served, as kube-proxy does not
 //! program it: that cloud load balancer proxies to the nodes itself (TLS, PROXY protocol) and
@@ -1158,6 +1160,13 @@ mod tests {
         svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["::ffff:198.51.100.0/120".into()]);
         assert_eq!(ranges(&svc, "tcp 203.0.113.11:443"), ["198.51.100.0/24"]);
         assert!(ranges(&svc, "tcp [2001:db8:7::11]:443").is_empty());
+
+        // IPv4 octets with leading zeros, which the API server's ParseCIDRSloppy accepts (as decimal)
+        // and kube-proxy serves: the Service was refused ("is not a CIDR").
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["198.051.100.000/24".into()]);
+        assert_eq!(ranges(&svc, "tcp 203.0.113.11:443"), ["198.51.100.0/24"]);
+        svc.spec.as_mut().unwrap().load_balancer_source_ranges = Some(vec!["198.051.100.256/24".into()]);
+        assert!(translate([&svc], [], &settings(), &node()).services.is_empty(), "an octet above 255");
     }
 
     #[test]
