@@ -161,6 +161,7 @@ pub struct Lab {
     pub decap: Option<DecapPath>,
     /// The userspace decapsulators, one per backend, named by backend (stopped first on drop).
     decapsulators: Vec<(&'static str, Decapsulator)>,
+    /// The backend servers; the pipe to each one's stdin stays open here, and a backend exits when it closes.
     children: Vec<Child>,
     /// The client namespace.
     pub client: Netns,
@@ -337,7 +338,8 @@ impl Lab {
                 args.extend(["--udp-bind".to_string(), addr]);
             }
             let name = b.name;
-            let mut child = Command::new("ip").args(&args).stdout(Stdio::piped()).spawn()?;
+            // Its stdin stays open in `children`: the backend exits when it closes, with this process.
+            let mut child = Command::new("ip").args(&args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
             let out = child.stdout.take().ok_or("backend stdout")?;
             lab.children.push(child);
             // Readiness: the backend prints `ready` once its sockets are bound.

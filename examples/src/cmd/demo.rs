@@ -58,13 +58,21 @@ pub struct BackendArgs {
 }
 
 /// A demo backend: answers every TCP connection and UDP datagram with its name; prints `ready` once
-/// both sockets are bound (the parent waits for that line, not for a timer).
+/// both sockets are bound (the parent waits for that line, not for a timer). It exits when its
+/// standard input ends: the lab holds the other end of that pipe, so a lab that goes without its
+/// Drop (`lb demo` killed with SIGKILL) takes its backends with it, and leaves no server running
+/// in a namespace the next run's sweep removes the name of.
 pub fn backend_main(args: BackendArgs) -> CmdResult {
     let tcp = TcpListener::bind((Ipv6Addr::UNSPECIFIED, args.port))?;
     let mut udp = Vec::new();
     for addr in &args.udp_bind {
         udp.push(UdpSocket::bind((*addr, args.port))?);
     }
+    std::thread::spawn(|| {
+        // Nothing is written to it: end of file (or an error) means the lab is gone.
+        let _ = std::io::copy(&mut std::io::stdin().lock(), &mut std::io::sink());
+        std::process::exit(0);
+    });
     println!("ready");
     std::io::stdout().flush()?;
     for sock in udp {
