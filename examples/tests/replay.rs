@@ -181,3 +181,38 @@ fn rust_log_sets_the_log_filter_and_a_bad_one_is_an_error() {
     let (ok, err) = run("warn", None);
     assert!(!ok && err.contains("open failed"), "{err}");
 }
+
+/// A file whose SNAT address is the node's own (`node.snat_v4: node`, as deploy/'s ConfigMap
+/// writes it) replays as `lb run` serves it: NAT from the node's first IPv4 address of the
+/// Kubernetes settings. Replay read the file without filling it in and refused every NAT service
+/// ("node.snat_v4 is not set").
+#[test]
+fn a_snat_address_left_to_the_node_is_the_node_address_in_a_replay() {
+    let dir = std::env::temp_dir().join(format!("lb-replay-snat-node-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, output, config) = (dir.join("in.pcap"), dir.join("out.pcap"), dir.join("lb.yaml"));
+    std::fs::write(
+        &config,
+        r#"
+node: { snat_v4: node, gateway_mac: "02:00:00:00:00:99" }
+kubernetes: { node_name: node-a, node_addresses: [10.0.0.2] }
+services:
+  - { vip: 10.0.0.10, port: 53, protocol: udp, backends: [{ addr: 10.1.0.1, mac: "02:00:00:00:01:01" }] }
+"#,
+    )
+    .unwrap();
+    {
+        let mut w = PcapWriter::new(std::fs::File::create(&input).unwrap()).unwrap();
+        let f = udp4([192, 0, 2, 1], [10, 0, 0, 10], 40000, 53);
+        w.write_packet(&PcapPacket::new(Duration::from_secs(1), f.len() as u32, &f)).unwrap();
+    }
+    let out = replay(&input, &output, Some(&config));
+    let written = std::fs::read(&output).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut r = PcapReader::new(written.as_slice()).unwrap();
+    let d = r.next_packet().expect("the frame is forwarded").unwrap().data.into_owned();
+    assert_eq!(&d[26..30], &[10, 0, 0, 2], "from the node's address");
+    assert_eq!(&d[30..34], &[10, 1, 0, 1], "to the backend");
+    assert!(r.next_packet().is_none());
+}
