@@ -99,3 +99,31 @@ fn lb_run_raises_its_open_files_limit_to_the_hard_limit() {
     assert_eq!((soft.as_str(), hard.as_str()), ("4096", "4096"), "{open_files}\n{log:#?}");
     assert!(status.success(), "{status:?}");
 }
+
+/// A configuration file that `lb run` or `lb replay` refuses is named in the error, with the field
+/// or the line: `lb replay` reads a capture and a file, and a DaemonSet's log shows one line, in
+/// which "1 invalid field(s)" or "unknown field `servics` at line 4" said nothing of which file.
+#[test]
+fn a_refused_configuration_names_its_file() {
+    let dir = std::env::temp_dir().join(format!("lb-refused-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let invalid = dir.join("invalid.yaml");
+    std::fs::write(&invalid, "node: { snat_ports: [1000, 70000] }\n").unwrap();
+    let unknown = dir.join("unknown.yaml");
+    std::fs::write(&unknown, "node: {}\nservics: []\n").unwrap();
+    let lb = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_lb")).args(["--log", "warn"]).args(args).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let pcap = dir.join("in.pcap").display().to_string();
+    let out = dir.join("out.pcap").display().to_string();
+    for (file, what) in [(&invalid, "node.snat_ports[1]: 70000"), (&unknown, "unknown field `servics`")] {
+        let path = file.display().to_string();
+        for args in [vec!["run", "--config", &path], vec!["replay", "--in", &pcap, "--out", &out, "--config", &path]] {
+            let (ok, err) = lb(&args);
+            assert!(!ok, "lb {args:?} accepted {path}");
+            assert!(err.contains(&format!("{path}: ")) && err.contains(what), "lb {args:?}: {err}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

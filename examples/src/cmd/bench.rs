@@ -309,7 +309,7 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
         }
         "lb" => {
             let path = a.config.as_deref().ok_or("--config is required for --processor lb")?;
-            let settings = lb_examples::config::file::load(path)?.settings;
+            let settings = lb_examples::config::file::load(path).map_err(|e| e.naming(path))?.settings;
             let config = lb_core::config::Config {
                 node: settings.node.clone(),
                 services: settings.services.iter().map(|s| s.config.clone()).collect(),

@@ -739,7 +739,7 @@ pub fn main(args: Args) -> CmdResult {
         Ok(_) => {}
         Err(e) => tracing::warn!("cannot raise the soft limit on open files to the hard limit: {e}"),
     }
-    let loaded = lb_examples::config::file::load(&args.config)?;
+    let loaded = lb_examples::config::file::load(&args.config).map_err(|e| e.naming(&args.config))?;
     let settings = &loaded.settings;
     warn_if_snat_ports_are_ephemeral(&settings.node);
     StopFlag::watch_signals()?;

@@ -104,6 +104,17 @@ pub enum ConfigError {
     Invalid(Vec<FieldError>),
 }
 
+impl ConfigError {
+    /// The error as a message naming `path`, the file [`load`] read: `lb.yaml: 1 invalid field(s)...`
+    /// (a read error names it already).
+    pub fn naming(&self, path: &Path) -> String {
+        match self {
+            ConfigError::Read { .. } => self.to_string(),
+            _ => format!("{}: {self}", path.display()),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The serde shape of the file.
 
