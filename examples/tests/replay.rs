@@ -216,3 +216,32 @@ services:
     assert_eq!(&d[30..34], &[10, 1, 0, 1], "to the backend");
     assert!(r.next_packet().is_none());
 }
+
+/// `--out /dev/stdout` pipes the replay to `tcpdump -r -` or Wireshark: standard output then holds
+/// the capture alone, and the counts go to standard error. They went to standard output too, before
+/// the capture's first byte, and tcpdump said "unknown file format".
+#[test]
+fn a_replay_written_to_standard_output_is_a_capture_alone() {
+    let dir = std::env::temp_dir().join(format!("lb-replay-stdout-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("in.pcap");
+    {
+        let mut w = PcapWriter::new(std::fs::File::create(&input).unwrap()).unwrap();
+        for i in 0..3u16 {
+            let f = udp4([192, 0, 2, 1], [10, 0, 0, 10], 40000 + i, 53);
+            w.write_packet(&PcapPacket::new(Duration::from_secs(u64::from(i)), f.len() as u32, &f)).unwrap();
+        }
+    }
+    let out = replay(&input, Path::new("/dev/stdout"), None);
+    let _ = std::fs::remove_dir_all(&dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let mut r = PcapReader::new(out.stdout.as_slice()).expect("standard output is a capture");
+    let mut n = 0;
+    while let Some(p) = r.next_packet() {
+        p.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, 3, "every frame written");
+    assert!(stderr.lines().any(|l| l.starts_with("frames read") && l.ends_with(" 3")), "counts on stderr: {stderr}");
+}

@@ -17,7 +17,8 @@ pub struct Args {
     /// Capture to read (pcap, Ethernet link type).
     #[arg(long = "in")]
     pub input: PathBuf,
-    /// Capture to write the transmitted frames to.
+    /// Capture to write the transmitted frames to; `/dev/stdout` pipes it to `tcpdump -r -` (the
+    /// counts then go to standard error).
     #[arg(long = "out")]
     pub output: PathBuf,
     /// Load-balancer configuration (YAML). Without it, frames only get their MAC addresses rewritten
@@ -26,16 +27,18 @@ pub struct Args {
     pub config: Option<PathBuf>,
 }
 
-/// Runs the replay and prints per-verdict counts.
+/// Runs the replay and prints per-verdict counts: to standard output, or to standard error when
+/// the capture goes there.
 pub fn main(args: Args) -> CmdResult {
+    let to_stderr = is_standard_output(&args.output);
     let Some(path) = &args.config else {
         let device = PcapDevice::open(&args.input, &args.output)?;
         let processor = MacRewrite { src: [0x02, 0, 0, 0, 0, 1], dst: [0x02, 0, 0, 0, 0, 2] };
         let (stats, device) = replay(device, processor)?;
-        print_counts(&stats);
-        print_skipped(&device);
+        let mut text = counts(&stats);
+        text.push_str(&skipped(&device));
         device.finish()?;
-        return Ok(());
+        return print_summary(&text, to_stderr);
     };
     // The configuration first: opening the device creates (truncates) the output, which a refused
     // configuration must leave as it was.
@@ -52,18 +55,42 @@ pub fn main(args: Args) -> CmdResult {
     let worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
     let (_updates, rx) = update_channel();
     let report = PollLoop::new(device, worker, rx, StopFlag::new(), LoopConfig::default()).run()?;
-    print_counts(&report.stats);
+    let mut text = counts(&report.stats);
     let w = report.processor.stats();
-    println!("  of which reverse NAT {:>5}", w.reverse_nat);
+    text.push_str(&format!("  of which reverse NAT {:>5}\n", w.reverse_nat));
     for reason in DropReason::ALL {
         let n = w.dropped(reason);
         if n > 0 {
-            println!("  drop {:<20} {n:>5}", reason.name());
+            text.push_str(&format!("  drop {:<20} {n:>5}\n", reason.name()));
         }
     }
-    print_skipped(&report.device);
+    text.push_str(&skipped(&report.device));
     report.device.finish()?;
-    Ok(())
+    print_summary(&text, to_stderr)
+}
+
+/// Whether `path` names this process's standard output (`/dev/stdout`, `/proc/self/fd/1`, the file
+/// it is redirected to), where the capture then goes.
+fn is_standard_output(path: &std::path::Path) -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() else { return false };
+    match (std::fs::File::from(fd).metadata(), std::fs::metadata(path)) {
+        (Ok(out), Ok(path)) => (out.dev(), out.ino()) == (path.dev(), path.ino()),
+        _ => false,
+    }
+}
+
+/// Writes the summary to standard output, or to standard error (`to_stderr`); a reader that went
+/// away (`| head`) is no error.
+fn print_summary(text: &str, to_stderr: bool) -> CmdResult {
+    use std::io::Write;
+    let mut stream: Box<dyn Write> =
+        if to_stderr { Box::new(std::io::stderr().lock()) } else { Box::new(std::io::stdout().lock()) };
+    match stream.write_all(text.as_bytes()).and_then(|()| stream.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
 /// Runs `processor` over every frame of the capture.
@@ -77,26 +104,28 @@ pub fn replay<P: BurstProcessor>(
 }
 
 /// Records of the capture that were not replayed, and why (not counted in "frames read").
-fn print_skipped(device: &PcapDevice) {
+fn skipped(device: &PcapDevice) -> String {
+    let mut text = String::new();
     let oversize = device.oversize_dropped();
     if oversize > 0 {
-        println!("skipped, longer than a 2 KiB buffer      {oversize:>10}");
+        text.push_str(&format!("skipped, longer than a 2 KiB buffer      {oversize:>10}\n"));
     }
     let truncated = device.truncated_records();
     if truncated > 0 {
-        println!("skipped, cut short by the snap length    {truncated:>10}");
+        text.push_str(&format!("skipped, cut short by the snap length    {truncated:>10}\n"));
     }
     if device.ends_inside_a_record() {
-        println!(
+        text.push_str(
             "the capture ends inside a record (cut off while being written): \
-             the rest of the file was not replayed"
+             the rest of the file was not replayed\n",
         );
     }
+    text
 }
 
-fn print_counts(s: &LoopStats) {
-    println!("frames read     {:>10}", s.rx);
-    println!("  tx (written)  {:>10}", s.tx);
-    println!("  pass          {:>10}", s.pass);
-    println!("  drop          {:>10}", s.drop);
+fn counts(s: &LoopStats) -> String {
+    format!(
+        "frames read     {:>10}\n  tx (written)  {:>10}\n  pass          {:>10}\n  drop          {:>10}\n",
+        s.rx, s.tx, s.pass, s.drop
+    )
 }
