@@ -87,6 +87,21 @@ mod tests {
 
     use super::Cli;
 
+    /// A connection table of no entries is refused, naming the option: `--conntrack-entries 0` ran
+    /// with a table's smallest, 8 entries per core, in which a few NAT flows (two entries each)
+    /// evicted one another.
+    #[test]
+    fn a_connection_table_of_no_entries_is_refused() {
+        use clap::Parser;
+        for sub in [&["run", "--config", "lb.yaml"][..], &["bench-forward", "--iface", "eth0"][..]] {
+            let args =
+                |n: &'static str| ["lb"].into_iter().chain(sub.iter().copied()).chain(["--conntrack-entries", n]);
+            let err = Cli::try_parse_from(args("0")).expect_err("no entries");
+            assert!(err.to_string().contains("--conntrack-entries"), "{err}");
+            assert!(Cli::try_parse_from(args("1")).is_ok(), "lb {sub:?} --conntrack-entries 1");
+        }
+    }
+
     /// The command line is well formed, and no help text is a placeholder for work still to come.
     #[test]
     fn help_texts_describe_what_each_command_does() {

@@ -100,7 +100,7 @@ pub struct ForwardArgs {
     #[arg(long)]
     pub tx_budget: Option<u32>,
     /// Connection-table entries (`lb run`'s default, and the kernel's nf_conntrack_max here).
-    #[arg(long, default_value_t = 1 << 18)]
+    #[arg(long, default_value_t = 1 << 18, value_parser = super::run::conntrack_entries)]
     pub conntrack_entries: usize,
     /// The socket's send buffer in bytes (copy mode: caps the frames in flight to the peer).
     #[arg(long)]

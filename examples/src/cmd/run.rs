@@ -57,7 +57,7 @@ pub struct Args {
     #[arg(long)]
     pub config: PathBuf,
     /// Connection-table entries per core (a NAT flow takes two).
-    #[arg(long, default_value_t = 1 << 18)]
+    #[arg(long, default_value_t = 1 << 18, value_parser = conntrack_entries)]
     pub conntrack_entries: usize,
     /// Pin poll loop i to core FIRST+i.
     #[arg(long)]
@@ -76,6 +76,16 @@ pub struct Args {
     /// default) to leave all ARP / NDP to the kernel.
     #[arg(long, value_enum, default_value_t = NeighbourResponder::Off)]
     pub neighbour_responder: NeighbourResponder,
+}
+
+/// Parses `--conntrack-entries`: at least one (0 would be a table's smallest, 8 entries, in which
+/// a few NAT flows, two entries each, evict one another).
+pub fn conntrack_entries(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("a connection table needs at least 1 entry per core (the default is 262144)".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Where [`Workers`] writes the steering: each interface's XDP maps ([`VipSteering`]; a recorder in
