@@ -112,6 +112,16 @@ pub enum ListError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The connection was taken but no answer came in time.
+    #[error(
+        "{addr} took the connection but sent no answer within {timeout:?} (is it the load balancer's metrics.listen?)"
+    )]
+    Silent {
+        /// The metrics address.
+        addr: SocketAddr,
+        /// How long the answer was waited for.
+        timeout: Duration,
+    },
     /// The answer was not a 200 with a JSON state.
     #[error("unexpected answer from {addr}: {what}")]
     Answer {
@@ -132,7 +142,11 @@ pub fn fetch(addr: SocketAddr, timeout: Duration) -> Result<StateView, ListError
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.write_all(format!("GET /state HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).map_err(io)?;
     let mut resp = String::new();
-    s.read_to_string(&mut resp).map_err(io)?;
+    s.read_to_string(&mut resp).map_err(|e| match e.kind() {
+        // What a read timeout returns (EAGAIN), or TimedOut on some systems.
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ListError::Silent { addr, timeout },
+        _ => io(e),
+    })?;
     let bad = |what: String| ListError::Answer { addr, what };
     let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| bad("no HTTP header".into()))?;
     let status = head.lines().next().unwrap_or_default();
@@ -272,6 +286,18 @@ UDP  [fd00::53]:53 rr
   -> [fd00::1:1]:53               Route   1      0          5          down
 ";
         assert_eq!(format_ipvsadm(&view), want);
+    }
+
+    /// An address that takes the connection but never answers (not the load balancer's metrics
+    /// port, or one that hangs) is named as such. It was "cannot reach the load balancer at ...:
+    /// Resource temporarily unavailable (os error 11)", the read timeout's errno.
+    #[test]
+    fn fetch_reports_an_instance_that_does_not_answer() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let err = fetch(addr, Duration::from_millis(200)).unwrap_err().to_string();
+        drop(listener);
+        assert!(err.contains("no answer within 200ms") && !err.contains("os error"), "{err}");
     }
 
     #[test]
