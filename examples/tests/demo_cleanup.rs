@@ -1,7 +1,8 @@
 //! `lb demo` leaves nothing running when it is killed: its backend servers (`lb demo-backend`, one per
 //! backend namespace) go with it, even on SIGKILL, which no guard's Drop sees. The namespaces' names
 //! a killed run leaves are swept by the next run (`lab::sweep_stale`); a process left inside one
-//! would keep it, its veth and its sockets alive out of sight of `ip netns list`.
+//! would keep it, its veth and its sockets alive out of sight of `ip netns list`. A hang-up (the
+//! terminal closed) stops it as Ctrl-C does, removing its namespaces itself.
 //!
 //! Synchronisation is by events only: the demo prints when its load balancer is attached (every
 //! backend has said `ready` by then); the backends inherit the demo's stderr, so reading that pipe
@@ -10,7 +11,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -23,13 +24,11 @@ fn pids_in(name: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect()
 }
 
-#[test]
-fn a_killed_demo_leaves_no_backend_running() {
-    if let Err(why) = can_create_namespaces() {
-        println!("SKIPPED: {why}");
-        return;
-    }
-    // More flows than it sends before the kill: the demo is still running when killed.
+/// Starts `lb demo` with more flows than it sends before the test is done with it, and reads its
+/// stdout until its load balancer is attached. Returns the demo, its name tag, the log (its stderr,
+/// sent once every holder of the pipe, the demo and its backends, has closed it) and whether it
+/// attached (not if its stdout ended first).
+fn attached_demo() -> (Child, String, mpsc::Receiver<String>, bool) {
     let mut demo = Command::new(env!("CARGO_BIN_EXE_lb"))
         .args(["--log", "warn", "demo", "--flows", "1000000"])
         .stdout(Stdio::piped())
@@ -46,12 +45,68 @@ fn a_killed_demo_leaves_no_backend_running() {
     });
     let mut attached = false;
     for line in BufReader::new(demo.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        if line.starts_with("load balancer attached") {
+        if line.unwrap().starts_with("load balancer attached") {
             attached = true;
             break;
         }
     }
+    (demo, tag, done, attached)
+}
+
+/// The namespaces named `{tag}-*`.
+fn namespaces_of(tag: &str) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let prefix = format!("{tag}-");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Skips (true) where the kernel refused XDP / AF_XDP, else fails: the demo never attached.
+fn refused(log: &str) -> bool {
+    if log.contains("Operation not permitted") || log.contains("not supported") {
+        println!("SKIPPED: the kernel refused XDP / AF_XDP:\n{log}");
+        return true;
+    }
+    panic!("lb demo never attached its load balancer:\n{log}");
+}
+
+/// SIGHUP (the terminal closed under a demo run over SSH) stops the demo as Ctrl-C does: it
+/// removes its namespaces and exits with an error. SIGHUP's default action ended it at once,
+/// leaving its six namespaces, their veths and the XDP program until a later run swept them.
+#[test]
+fn a_demo_hung_up_on_removes_its_namespaces() {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let (mut demo, tag, done, attached) = attached_demo();
+    let before = namespaces_of(&tag);
+    let _ = Command::new("kill").args(["-HUP", &demo.id().to_string()]).status();
+    let status = demo.wait().unwrap();
+    let log = done.recv_timeout(Duration::from_secs(30)).unwrap_or_default();
+    let left = namespaces_of(&tag);
+    for ns in &left {
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+    if !attached && refused(&log) {
+        return;
+    }
+    assert_eq!(before.len(), 6, "the demo's namespaces while it ran: {before:?}");
+    assert!(left.is_empty(), "namespaces left after SIGHUP ({status}): {left:?}\n{log}");
+    assert_eq!(status.code(), Some(1), "an interrupted demo fails: {status}\n{log}");
+}
+
+#[test]
+fn a_killed_demo_leaves_no_backend_running() {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let (mut demo, tag, done, attached) = attached_demo();
     let backends: Vec<(String, Vec<String>)> =
         BACKENDS.iter().map(|b| format!("{tag}-{b}")).map(|ns| (ns.clone(), pids_in(&ns))).collect();
     demo.kill().unwrap();
@@ -65,16 +120,11 @@ fn a_killed_demo_leaves_no_backend_running() {
             left.push(format!("{pid} in {ns}"));
         }
     }
-    for role in ["sw", "cl", "lb"].iter().chain(BACKENDS.iter()) {
-        let _ = Command::new("ip").args(["netns", "del", &format!("{tag}-{role}")]).status();
+    for ns in namespaces_of(&tag) {
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     }
-    if !attached {
-        let log = log.unwrap_or_default();
-        if log.contains("Operation not permitted") || log.contains("not supported") {
-            println!("SKIPPED: the kernel refused XDP / AF_XDP:\n{log}");
-            return;
-        }
-        panic!("lb demo never attached its load balancer:\n{log}");
+    if !attached && refused(&log.clone().unwrap_or_default()) {
+        return;
     }
     assert!(backends.iter().all(|(_, pids)| !pids.is_empty()), "no backend server was running: {backends:?}");
     assert!(log.is_ok(), "backends of the killed demo still running 30 s after it: {left:?}");

@@ -1,5 +1,6 @@
 //! Clean shutdown: a flag every poll loop checks once per round, set by the program or by SIGINT /
-//! SIGTERM once [`StopFlag::watch_signals`] installed the handler.
+//! SIGTERM once [`StopFlag::watch_signals`] installed the handler (and SIGHUP after
+//! [`StopFlag::watch_signals_and_hangup`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,33 +28,46 @@ impl StopFlag {
         self.0.store(true, Ordering::Relaxed);
     }
 
-    /// True once [`StopFlag::stop`] was called or SIGINT / SIGTERM arrived (after `watch_signals`).
+    /// True once [`StopFlag::stop`] was called or a watched signal arrived (SIGINT / SIGTERM after
+    /// `watch_signals`; SIGHUP too after `watch_signals_and_hangup`).
     pub fn is_set(&self) -> bool {
         self.0.load(Ordering::Relaxed) || SIGNALLED.load(Ordering::Relaxed)
     }
 
-    /// True once SIGINT or SIGTERM arrived.
+    /// True once a watched signal arrived.
     pub fn signalled() -> bool {
         SIGNALLED.load(Ordering::Relaxed)
     }
 
     /// Installs the SIGINT / SIGTERM handler that sets every flag. Idempotent.
     pub fn watch_signals() -> std::io::Result<()> {
-        for sig in [libc::SIGINT, libc::SIGTERM] {
-            // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value, and `on_signal` is
-            // async-signal-safe (one atomic store) and lives for the whole program.
-            let rc = unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-                libc::sigemptyset(&mut sa.sa_mask);
-                libc::sigaction(sig, &sa, std::ptr::null_mut())
-            };
-            if rc != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-        Ok(())
+        watch(&[libc::SIGINT, libc::SIGTERM])
     }
+
+    /// As [`StopFlag::watch_signals`], and SIGHUP too, for a program with no reload to do on it
+    /// (`lb demo`): a terminal that closes (an SSH session that drops) then stops it as Ctrl-C
+    /// does, with its clean-up, where SIGHUP's default action ended it with none.
+    pub fn watch_signals_and_hangup() -> std::io::Result<()> {
+        watch(&[libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+    }
+}
+
+/// Installs the handler that sets every flag for each of `signals`.
+fn watch(signals: &[libc::c_int]) -> std::io::Result<()> {
+    for &sig in signals {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value, and `on_signal` is
+        // async-signal-safe (one atomic store) and lives for the whole program.
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 extern "C" fn on_hangup(_sig: libc::c_int) {}

@@ -4,8 +4,9 @@
 //! AF_XDP) and three backends, each in its own namespace.
 //! The client opens TCP connections and sends UDP datagrams to the VIP (10.77.0.100 and fd77::100,
 //! port 80); each backend answers with its own name, so the client can count how flows spread.
-//! Everything is created under a name tag with this process's id and removed on exit, on failure and
-//! on Ctrl-C (a guard's Drop); namespaces left by a killed run are swept at the next start.
+//! Everything is created under a name tag with this process's id and removed on exit, on failure,
+//! on Ctrl-C, SIGTERM and SIGHUP (a guard's Drop); namespaces left by a killed run are swept at the
+//! next start.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -164,7 +165,8 @@ fn run_client(client_ns: &str, flows: usize) -> Result<(Spread, usize), String> 
 /// `lb demo`.
 pub fn main(args: Args) -> CmdResult {
     can_create_namespaces().map_err(|why| format!("lb demo needs root: {why}"))?;
-    StopFlag::watch_signals()?;
+    // A terminal that closes stops the demo as Ctrl-C does: its namespaces are removed.
+    StopFlag::watch_signals_and_hangup()?;
     println!("building namespaces (client, load balancer, 3 backends, bridge) ...");
     let lab = Lab::build_with_queues("lbd", args.mode, &std::env::current_exe()?, args.queues)?;
     println!("namespaces: {}-{{sw,cl,lb,b1,b2,b3}}, mode {:?}", lab.tag, args.mode);
