@@ -245,3 +245,31 @@ fn a_replay_written_to_standard_output_is_a_capture_alone() {
     assert_eq!(n, 3, "every frame written");
     assert!(stderr.lines().any(|l| l.starts_with("frames read") && l.ends_with(" 3")), "counts on stderr: {stderr}");
 }
+
+/// A frame too long for a buffer is skipped, and the count names the longest frame replayed: 1792
+/// bytes (a 2 KiB buffer less the headroom kept for encapsulation). It said "longer than a 2 KiB
+/// buffer", which an 1800-byte frame (a link with an MTU of 1786) is not.
+#[test]
+fn a_frame_too_long_is_skipped_naming_the_longest_replayed() {
+    let dir = std::env::temp_dir().join(format!("lb-replay-long-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, output) = (dir.join("in.pcap"), dir.join("out.pcap"));
+    {
+        let mut w = PcapWriter::new(std::fs::File::create(&input).unwrap()).unwrap();
+        for len in [1792usize, 1800] {
+            let mut f = udp4([192, 0, 2, 1], [10, 0, 0, 10], 40000, 53);
+            f.resize(len, 0);
+            w.write_packet(&PcapPacket::new(Duration::from_secs(1), len as u32, &f)).unwrap();
+        }
+    }
+    let out = replay(&input, &output, None);
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let count = |label: &str| -> u64 {
+        let line = text.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label:?} in\n{text}"));
+        line.split_whitespace().last().unwrap().parse().unwrap()
+    };
+    assert_eq!(count("frames read"), 1, "{text}");
+    assert_eq!(count("skipped, longer than 1792 bytes"), 1, "{text}");
+}

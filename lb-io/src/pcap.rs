@@ -137,9 +137,15 @@ impl PcapDevice {
         })
     }
 
-    /// Frames skipped because they did not fit a buffer.
+    /// Frames skipped because they did not fit a buffer (longer than [`PcapDevice::longest_frame`]).
     pub fn oversize_dropped(&self) -> u64 {
         self.oversize
+    }
+
+    /// The longest frame replayed: a buffer less the headroom kept for the headers a tunnel adds,
+    /// as an AF_XDP chunk leaves it.
+    pub fn longest_frame(&self) -> usize {
+        self.pool.packet_room()
     }
 
     /// Records skipped because the capture cut the frame short (`tcpdump -s N`): replaying the part

@@ -108,7 +108,8 @@ fn skipped(device: &PcapDevice) -> String {
     let mut text = String::new();
     let oversize = device.oversize_dropped();
     if oversize > 0 {
-        text.push_str(&format!("skipped, longer than a 2 KiB buffer      {oversize:>10}\n"));
+        let what = format!("skipped, longer than {} bytes", device.longest_frame());
+        text.push_str(&format!("{what:<41}{oversize:>10}\n"));
     }
     let truncated = device.truncated_records();
     if truncated > 0 {
