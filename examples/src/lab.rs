@@ -483,6 +483,33 @@ pub fn metric_value(text: &str, name: &str) -> Option<u64> {
     text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()
 }
 
+/// A TCP port for a test's server (a metrics or health check port) that nothing holds now on any
+/// address, and that no other call in this process has handed out. It is taken from 20000-32767,
+/// below Linux's default ephemeral range (32768-60999): a port bound and released by `bind(:0)` is
+/// an ephemeral one, which the kernel may give next to an outgoing connection (a watch on the API
+/// server) that then holds it while the test's server tries to bind it.
+pub fn unused_port() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20000;
+    const SPAN: u16 = 12768;
+    // Processes start at different places (a test binary's and a concurrent run's).
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    for _ in 0..SPAN {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) % SPAN;
+        let bind = |a: IpAddr| std::net::TcpListener::bind(SocketAddr::new(a, port)).map(drop);
+        // (A host with IPv6 disabled refuses `::` with another error than "in use".)
+        let v6_free = || match bind(Ipv6Addr::UNSPECIFIED.into()) {
+            Err(e) => e.kind() != std::io::ErrorKind::AddrInUse,
+            Ok(()) => true,
+        };
+        if bind(Ipv4Addr::UNSPECIFIED.into()).is_ok() && v6_free() {
+            return port;
+        }
+    }
+    panic!("no TCP port free in {FIRST}-{}", FIRST + SPAN - 1)
+}
+
 /// Runs `io` again while it fails with `Interrupted`. A socket read with a timeout
 /// (`set_read_timeout`, SO_RCVTIMEO) is never restarted after a signal, whatever the handler's
 /// SA_RESTART says (signal(7)), nor after the process is stopped and continued: the read fails

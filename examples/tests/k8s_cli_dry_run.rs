@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 #[test]
 fn run_dry_then_list() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = lb_examples::lab::unused_port();
     let path = std::env::temp_dir().join(format!("lb-dry-run-{}.yaml", std::process::id()));
     std::fs::write(
         &path,
@@ -57,7 +57,7 @@ fn run_dry_then_list() {
 /// healthy backends failed with EMFILE and took them out of service.
 #[test]
 fn lb_run_raises_its_open_files_limit_to_the_hard_limit() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = lb_examples::lab::unused_port();
     let path = std::env::temp_dir().join(format!("lb-nofile-{}.yaml", std::process::id()));
     std::fs::write(
         &path,

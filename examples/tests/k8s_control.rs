@@ -292,8 +292,7 @@ async fn a_refused_reload_does_not_change_how_cluster_services_are_translated() 
 async fn a_local_load_balancers_health_check_node_port_answers_for_this_node() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (api, dir, kc) = web_cluster("lb-k8s-node-health").await;
-    // A port nothing listens on (bound, then released).
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = lb_examples::lab::unused_port();
     add_local_edge(&api, port);
     let mut plane = Plane::start(&dir, &kc).await;
     let mut served = plane.node_health.take().expect("the feed runs");
@@ -365,7 +364,7 @@ async fn a_live_service_edited_wrong_keeps_being_served() {
 async fn with_the_api_server_refusing_the_tables_and_the_health_check_node_port_stay() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let api = FakeApi::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = lb_examples::lab::unused_port();
     add_local_edge(&api, port);
     let (api_port, mut reqs) = start(api.clone()).await;
     let dir = std::env::temp_dir().join(format!("lb-k8s-api-down-{}", std::process::id()));
@@ -436,7 +435,7 @@ impl TablesSink for RefusingEdge {
 async fn a_health_check_node_port_answers_503_for_a_service_the_tables_leave_out() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (api, dir, kc) = web_cluster("lb-k8s-node-health-left-out").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = lb_examples::lab::unused_port();
     add_local_edge(&api, port);
     let path = dir.join("lb.yaml");
     std::fs::write(&path, file_yaml(&kc, false)).unwrap();
@@ -499,7 +498,7 @@ async fn status_of(port: u16, path: &str) -> String {
 async fn the_readiness_probe_waits_for_the_cluster_to_be_served() {
     let (api, dir, kc) = web_cluster("lb-k8s-ready").await;
     api.hold_lists(SLICES);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = lb_examples::lab::unused_port();
     let path = dir.join("lb.yaml");
     std::fs::write(&path, format!("{}metrics: {{ listen: \"127.0.0.1:{port}\" }}\n", file_yaml(&kc, false))).unwrap();
     let settings = file::load(&path).unwrap();

@@ -269,7 +269,7 @@ fn daemonset_liveness_probe_renders_nothing() {
         .as_str()
         .unwrap()
         .to_string();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = lb_examples::lab::unused_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut text = format!(
         "node: {{ snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }}\nmetrics: {{ listen: \"{addr}\" }}\nservices:\n"
@@ -358,7 +358,7 @@ fn readme_fetches_the_deployed_port_and_paths_lb_run_answers() {
     }
     assert!(paths.len() >= 3, "README's curl lines: {paths:?}");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = lb_examples::lab::unused_port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let text = format!(
         "node: {{ snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }}\ninterfaces: []\nmetrics: {{ listen: \"{addr}\" }}\nservices:\n  - {{ name: web, vip: 10.0.0.10, port: 80, backends: [{{ addr: 10.1.0.1, port: 8080 }}] }}\n"

@@ -186,9 +186,9 @@ mod tests {
         NodeHealthCheck { port, namespace: "ingress".into(), name: "edge".into(), local_endpoints }
     }
 
-    /// A port nothing listens on (bound, then released).
+    /// A port nothing listens on, which no outgoing connection takes meanwhile.
     async fn free_port() -> u16 {
-        TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port()
+        crate::lab::unused_port()
     }
 
     async fn get(port: u16) -> std::io::Result<String> {
