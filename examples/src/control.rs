@@ -1308,20 +1308,55 @@ services:
         t.services()[0].backends.iter().map(|b| (format!("{}:{}", b.addr, b.port), b.state)).collect()
     }
 
-    /// Ethernet + IPv4 + TCP SYN with valid checksums.
-    fn syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
-        fn sum(data: &[u8], mut acc: u32) -> u32 {
-            for c in data.chunks(2) {
-                acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-            }
-            acc
+    /// The one's-complement sum of `data` as 16-bit words, added to `acc`.
+    fn sum(data: &[u8], mut acc: u32) -> u32 {
+        for c in data.chunks(2) {
+            acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
         }
-        fn fold(mut acc: u32) -> u16 {
-            while acc > 0xffff {
-                acc = (acc & 0xffff) + (acc >> 16);
-            }
-            !(acc as u16)
+        acc
+    }
+
+    /// A checksum from a sum.
+    fn fold(mut acc: u32) -> u16 {
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
         }
+        !(acc as u16)
+    }
+
+    /// Ethernet + IPv4 + UDP with `payload` and valid checksums.
+    fn datagram(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+        let udp_len = 8 + payload.len();
+        let mut f = vec![0u8; 14 + 20 + udp_len];
+        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0xaa]);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let ip = &mut f[14..34];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&u16::try_from(20 + udp_len).unwrap().to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&src);
+        ip[16..20].copy_from_slice(&dst);
+        let c = fold(sum(ip, 0));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let udp = &mut f[34..];
+        udp[0..2].copy_from_slice(&sport.to_be_bytes());
+        udp[2..4].copy_from_slice(&dport.to_be_bytes());
+        udp[4..6].copy_from_slice(&u16::try_from(udp_len).unwrap().to_be_bytes());
+        udp[8..].copy_from_slice(payload);
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&src);
+        pseudo.extend_from_slice(&dst);
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&u16::try_from(udp_len).unwrap().to_be_bytes());
+        let c = fold(sum(udp, sum(&pseudo, 0)));
+        udp[6..8].copy_from_slice(&c.to_be_bytes());
+        f
+    }
+
+    /// Ethernet + IPv4 + TCP with `flags` (0x02 a SYN, 0x10 an ACK) and valid checksums.
+    fn segment(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> Vec<u8> {
         let mut f = vec![0u8; 14 + 20 + 20];
         f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
         f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0xaa]);
@@ -1340,7 +1375,7 @@ services:
         tcp[2..4].copy_from_slice(&dport.to_be_bytes());
         tcp[4..8].copy_from_slice(&1u32.to_be_bytes());
         tcp[12] = 5 << 4;
-        tcp[13] = 0x02;
+        tcp[13] = flags;
         tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
         let mut pseudo = Vec::new();
         pseudo.extend_from_slice(&src);
@@ -1349,6 +1384,11 @@ services:
         let c = fold(sum(tcp, sum(&pseudo, 0)));
         tcp[16..18].copy_from_slice(&c.to_be_bytes());
         f
+    }
+
+    /// A TCP SYN ([`segment`]).
+    fn syn(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        segment(src, sport, dst, dport, 0x02)
     }
 
     /// A processor that follows its interface's MAC answers ARP and sends from the new MAC at the
@@ -2534,6 +2574,97 @@ services:
         control.apply(ControlInput::File(Box::new(parse(&none).unwrap()))).unwrap();
         // Named as it was, though the new configuration no longer holds it.
         assert_eq!(log.take_count("no longer failing open: the service is gone service=tcp 10.0.0.10:80 name=web"), 1);
+    }
+
+    /// A UDP "flow" of a client that sends from one port more often than the UDP timeout (a DNS
+    /// forwarder, NTP, syslog, QUIC) never expires. Under `on_failure: drain` (the default) a backend
+    /// that fails its check was drained in a UDP service too, so such a client stayed on the dead
+    /// backend for as long as it kept sending. A UDP service now has it removed, as kube-proxy clears
+    /// the UDP conntrack entries of endpoints that stop serving: the flow's next datagram follows
+    /// `on_backend_removed` (reschedule: another backend), while a TCP service keeps its connection
+    /// on the drained backend. A flow that moved stays where it went when the backend passes again,
+    /// and a service failing open removes nothing (its flows stay where they are).
+    #[tokio::test]
+    async fn a_udp_flow_leaves_a_backend_that_fails_its_health_check() {
+        use std::net::SocketAddr;
+
+        use lb_core::config::Protocol;
+        let mut control = Control::new(RecordingSink::default());
+        // Probes go to TEST-NET-2 (RFC 5737), one per hour with fall 3: only the events below change
+        // health.
+        let service = |proto: &str| {
+            format!(
+                "  - name: dns-{proto}\n    vip: 10.0.0.10\n    port: 53\n    protocol: {proto}\n    \
+                 backends: [{{ addr: 198.51.100.1, port: 53 }}, {{ addr: 198.51.100.2, port: 53 }}]\n    \
+                 health_check: {{ type: tcp, interval: 1h, timeout: 1s }}\n"
+            )
+        };
+        let yaml = format!(
+            "node: {{ snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }}\nservices:\n{}{}",
+            service("udp"),
+            service("tcp")
+        );
+        let first = control.apply(ControlInput::File(Box::new(parse(&yaml).unwrap()))).unwrap();
+        let key = |proto: Protocol| first.services().iter().find(|s| s.key.proto == proto).unwrap().key;
+        let (udp, tcp) = (key(Protocol::Udp), key(Protocol::Tcp));
+        let health = |control: &mut Control<RecordingSink>, service: ServiceKey, backend: [u8; 4], healthy: bool| {
+            let target = Target { service, backend: SocketAddr::from((backend, 53)) };
+            let generation = control.health.generation(&target).unwrap();
+            control.apply(ControlInput::Health(HealthEvent { target, healthy, generation })).unwrap()
+        };
+        let mut worker = lb_core::worker::Worker::new(first, lb_core::worker::WorkerConfig::single_core(1024));
+        // Sends one frame at second `at`; the backend it went to (NAT: the rewritten destination).
+        let send = |worker: &mut lb_core::worker::Worker, frame: &[u8], at: u64| -> [u8; 4] {
+            let mut buf = vec![0u8; 64 + frame.len() + 64];
+            buf[64..64 + frame.len()].copy_from_slice(frame);
+            let mut frames = [lb_core::Frame::new(&mut buf, 64, frame.len())];
+            let mut verdicts = [lb_core::Verdict::Pass];
+            worker.process_burst(&mut frames, lb_core::Instant::from_secs(at), &mut verdicts);
+            assert_eq!(verdicts[0], lb_core::Verdict::Tx, "at {at} s");
+            frames[0].data()[30..34].try_into().unwrap()
+        };
+        let (client, vip) = ([192, 0, 2, 1], [10, 0, 0, 10]);
+        let query = datagram(client, 5353, vip, 53, b"query");
+        let other = |b: [u8; 4]| if b == [198, 51, 100, 1] { [198, 51, 100, 2] } else { [198, 51, 100, 1] };
+
+        // One datagram a second from the same port, far within the UDP timeout: one flow.
+        let first_pick = send(&mut worker, &query, 1);
+        assert_eq!(send(&mut worker, &query, 2), first_pick);
+        // A TCP connection, established.
+        let on_tcp = send(&mut worker, &syn(client, 40000, vip, 53), 1);
+        assert_eq!(send(&mut worker, &segment(client, 40000, vip, 53, 0x10), 2), on_tcp);
+
+        // Each service's backend of those flows fails its check.
+        health(&mut control, udp, first_pick, false);
+        let t = health(&mut control, tcp, on_tcp, false);
+        let of = |t: &Tables, key: ServiceKey| -> Vec<(IpAddr, BackendState)> {
+            t.services().iter().find(|s| s.key == key).unwrap().backends.iter().map(|b| (b.addr, b.state)).collect()
+        };
+        worker.swap_tables(t.clone());
+        let moved = send(&mut worker, &query, 3);
+        assert_eq!(moved, other(first_pick), "the UDP flow's next datagram goes to the healthy backend");
+        assert_eq!(send(&mut worker, &query, 4), moved);
+        assert_eq!(send(&mut worker, &segment(client, 40000, vip, 53, 0x10), 3), on_tcp, "TCP stays");
+        assert_eq!(of(&t, udp), [(IpAddr::from(moved), BackendState::Active)], "removed from UDP");
+        assert!(of(&t, tcp).contains(&(IpAddr::from(on_tcp), BackendState::Draining)), "drained in TCP");
+
+        // Back up: the backend takes new flows again, and the moved flow stays where it went.
+        let t = health(&mut control, udp, first_pick, true);
+        assert!(of(&t, udp).contains(&(IpAddr::from(first_pick), BackendState::Active)));
+        worker.swap_tables(t);
+        assert_eq!(send(&mut worker, &query, 5), moved, "no flip back");
+
+        // The flow's backend fails now: it moves back to the first, the one left.
+        let t = health(&mut control, udp, moved, false);
+        worker.swap_tables(t);
+        assert_eq!(send(&mut worker, &query, 6), first_pick);
+        // Both down: the service fails open, served as if no check ran; nothing is removed, and the
+        // flow stays where it is.
+        let t = health(&mut control, udp, first_pick, false);
+        assert_eq!(of(&t, udp).len(), 2, "failing open");
+        assert!(control.live.borrow().fail_open.contains(&udp));
+        worker.swap_tables(t);
+        assert_eq!(send(&mut worker, &query, 7), first_pick, "failing open moves no flow");
     }
 
     /// Health events queued together (both backends of a service failing in one probe round) are

@@ -5,7 +5,19 @@
 //! healthy backend down, `rise` consecutive successes bring it back (as HAProxy and keepalived do);
 //! every transition is logged and counted and sent as a [`HealthEvent`] to the control loop, which
 //! applies [`apply_health`]: a down backend becomes Draining (no new flows, established flows stay)
-//! or is removed (established flows then follow the service's `on_backend_removed`).
+//! or is removed (established flows then follow the service's `on_backend_removed`), per the check's
+//! `on_failure`.
+//!
+//! A down backend of a UDP service is removed under either policy. A UDP flow has no end but the
+//! UDP timeout, which a client sending from one port more often than that (a DNS forwarder, NTP,
+//! syslog, QUIC) never lets run out: drained, its flow would stay on the dead backend for as long as
+//! it sends. Removed, its next datagram follows `on_backend_removed` (`reschedule`: another backend;
+//! `drop`: dropped until the UDP timeout after the first, then a new flow), as kube-proxy clears the
+//! UDP conntrack entries of endpoints that stop serving. A flow that moved stays where it went when
+//! the backend passes again (it comes back as a new backend to lb-core); one that sent nothing while
+//! it was down meets its backend's removal at its next datagram, as after any removal and return.
+//! TCP services keep `drain` as written: a connection is closed by its ends, and a backend that
+//! fails its check may still be finishing the ones it has.
 //!
 //! A service whose every backend that would take new flows is down *fails open*: the checks are
 //! set aside and all of them take new flows, as AWS ALB / NLB and Envoy's panic mode do. A check
@@ -25,7 +37,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lb_core::config::{BackendState, ServiceKey};
+use lb_core::config::{BackendState, Protocol, ServiceKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -291,9 +303,10 @@ async fn run_target(probing: Probing, status: StatusTable, events: mpsc::Sender<
 }
 
 /// Applies health to desired services: a down backend of a checked service becomes Draining or is
-/// removed, per its check's [`FailurePolicy`], unless every backend of the service that would take
-/// new flows (active, weight above 0) is down: then the service fails open, served as if no check
-/// ran (see the module docs). Returns the services failing open.
+/// removed, per its check's [`FailurePolicy`] (a UDP service's is removed under either), unless
+/// every backend of the service that would take new flows (active, weight above 0) is down: then
+/// the service fails open, served as if no check ran (see the module docs). Returns the services
+/// failing open.
 pub fn apply_health(services: &mut [ServiceSpec], down: &HashSet<Target>) -> BTreeSet<ServiceKey> {
     let mut fail_open = BTreeSet::new();
     if down.is_empty() {
@@ -311,14 +324,18 @@ pub fn apply_health(services: &mut [ServiceSpec], down: &HashSet<Target>) -> BTr
             continue;
         }
         match check.on_failure {
-            FailurePolicy::Drain => {
+            FailurePolicy::Drain if key.proto == Protocol::Tcp => {
                 for b in &mut s.config.backends {
                     if is_down(b) {
                         b.state = BackendState::Draining;
                     }
                 }
             }
-            FailurePolicy::Remove => s.config.backends.retain(|b| !is_down(b)),
+            // A UDP flow ends only when its client stops sending for the UDP timeout: drained, a
+            // client sending from one port more often (DNS, NTP, syslog, QUIC) would stay on the
+            // dead backend for good. Removed, as kube-proxy clears the UDP conntrack entries of
+            // endpoints that stop serving, its flows follow `on_backend_removed`.
+            FailurePolicy::Drain | FailurePolicy::Remove => s.config.backends.retain(|b| !is_down(b)),
         }
     }
     fail_open
@@ -328,7 +345,7 @@ pub fn apply_health(services: &mut [ServiceSpec], down: &HashSet<Target>) -> BTr
 mod tests {
     use std::sync::atomic::{AtomicU16, Ordering};
 
-    use lb_core::config::{BackendConfig, ForwardMode, Protocol, SchedulerKind, ServiceConfig};
+    use lb_core::config::{BackendConfig, ForwardMode, SchedulerKind, ServiceConfig};
     use tokio::net::TcpListener;
 
     use super::*;
@@ -531,19 +548,38 @@ mod tests {
         assert_eq!(unchecked[0].config.backends[0].state, BackendState::Active, "no check, no overlay");
     }
 
+    /// A UDP service's down backend is removed under `drain` too: a client that keeps sending from
+    /// one port has a flow that never idles out, which Draining would keep on the dead backend.
+    #[test]
+    fn apply_health_removes_a_udp_services_down_backend_under_either_policy() {
+        let addr: SocketAddr = "10.1.0.1:53".parse().unwrap();
+        for on_failure in [FailurePolicy::Drain, FailurePolicy::Remove] {
+            let mut services = vec![two_backends(service(addr, HealthCheck { on_failure, ..check(Probe::Tcp) }))];
+            services[0].config.key.proto = Protocol::Udp;
+            let down = HashSet::from([Target { service: services[0].config.key, backend: addr }]);
+            assert!(apply_health(&mut services, &down).is_empty());
+            let left: Vec<_> = services[0].config.backends.iter().map(|b| (b.addr.to_string(), b.state)).collect();
+            assert_eq!(left, [("10.1.0.2".to_string(), BackendState::Active)], "{on_failure:?}");
+        }
+    }
+
     /// Every backend that would take new flows down: the service fails open, whatever the policy;
     /// a backend drained or of weight 0 by configuration does not count, and stays as configured.
     #[test]
     fn a_service_whose_every_serving_backend_is_down_fails_open() {
         let addr: SocketAddr = "10.1.0.1:80".parse().unwrap();
         let other: SocketAddr = "10.1.0.2:80".parse().unwrap();
-        for on_failure in [FailurePolicy::Drain, FailurePolicy::Remove] {
+        for (on_failure, proto) in [FailurePolicy::Drain, FailurePolicy::Remove]
+            .into_iter()
+            .flat_map(|f| [(f, Protocol::Tcp), (f, Protocol::Udp)])
+        {
             let mut services = vec![two_backends(service(addr, HealthCheck { on_failure, ..check(Probe::Tcp) }))];
+            services[0].config.key.proto = proto;
             let key = services[0].config.key;
             let down = HashSet::from([Target { service: key, backend: addr }, Target { service: key, backend: other }]);
             let before = services.clone();
-            assert_eq!(apply_health(&mut services, &down), BTreeSet::from([key]), "{on_failure:?}");
-            assert_eq!(services, before, "{on_failure:?}: served as if no check ran");
+            assert_eq!(apply_health(&mut services, &down), BTreeSet::from([key]), "{on_failure:?} {proto:?}");
+            assert_eq!(services, before, "{on_failure:?} {proto:?}: served as if no check ran");
         }
 
         // 10.1.0.2 is drained by configuration: 10.1.0.1 alone takes new flows, and it is down.

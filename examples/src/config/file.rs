@@ -34,8 +34,9 @@
 //!     mode: nat                   # nat | dsr | ipip | gue (with gue_port)
 //!     affinity_timeout: 3h
 //!     source_ranges: [10.0.0.0/8]
-//!     # path only with type: http. A down backend is drained (or removed); if every backend that
-//!     # would take new flows is down, the service fails open: all take new flows, as if unchecked.
+//!     # path only with type: http. A down backend is drained (or removed; a UDP service's is removed
+//!     # under either, its flows following on_backend_removed); if every backend that would take
+//!     # new flows is down, the service fails open: all take new flows, as if unchecked.
 //!     health_check: { type: http, path: /healthz, interval: 2s, timeout: 1s, rise: 2, fall: 3, on_failure: drain }
 //!     backends:
 //!       - { addr: 10.1.0.1, port: 8080, weight: 100 }

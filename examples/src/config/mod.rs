@@ -71,7 +71,9 @@ pub enum Probe {
 /// service that would take new flows is down: the service then fails open (`health`'s module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FailurePolicy {
-    /// Draining: no new flows, established flows stay (the safe default for TCP).
+    /// Draining: no new flows, established flows stay (the safe default for TCP). In a UDP service,
+    /// removed as by [`FailurePolicy::Remove`]: a UDP flow whose client keeps sending never idles
+    /// out, and would stay on the dead backend.
     #[default]
     Drain,
     /// Removed: established flows follow the service's `on_backend_removed` policy.

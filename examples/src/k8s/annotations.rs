@@ -6,7 +6,7 @@
 //! | Service | `lb.example.dev/maglev-table-size` | a prime, at most 1048573 | 65537 (655373 above 655 endpoints) |
 //! | Service | `lb.example.dev/mode` | `nat`, `ipip`, `gue:PORT` (`dsr` parses, but the Service is skipped: endpoints have no MAC) | file's `kubernetes.default_mode` (nat) |
 //! | Service | `lb.example.dev/on-backend-removed` | `reschedule`, `drop` | `reschedule` |
-//! | Service | `lb.example.dev/health-check` | `tcp` or `http:/path` (2 s interval, 1 s timeout, rise 2, fall 3, drain) | none |
+//! | Service | `lb.example.dev/health-check` | `tcp` or `http:/path` (2 s interval, 1 s timeout, rise 2, fall 3, drain; on a UDP port, remove) | none |
 //! | EndpointSlice | `lb.example.dev/weight` | 0..=65535, the weight of *each* endpoint in the slice | 100 |
 //!
 //! A bad value makes the translation skip that Service (logged at warn, counted), never guess.
