@@ -62,6 +62,8 @@ pub struct CoreSnapshot {
     pub conntrack_evictions: u64,
     /// Full-NAT flows (half-open, else closing) evicted for their SNAT port.
     pub snat_port_evictions: u64,
+    /// ClientIP affinity records not stored for want of room in the connection table.
+    pub affinity_not_recorded: u64,
     /// Drops by reason, indexed by [`DropReason::index`].
     pub drops: [u64; DropReason::COUNT],
     /// Service counters by service slot and generation.
@@ -101,6 +103,7 @@ impl CoreSnapshot {
             tables_refused: stats.tables_refused,
             conntrack_evictions: stats.conntrack_evictions,
             snat_port_evictions: stats.snat_port_evictions,
+            affinity_not_recorded: stats.affinity_not_recorded,
             drops: stats.drops,
             conntrack_entries,
             conntrack_capacity,
@@ -133,6 +136,7 @@ pub struct CoreCounters {
     tables_refused: u64,
     conntrack_evictions: u64,
     snat_port_evictions: u64,
+    affinity_not_recorded: u64,
     drops: [u64; DropReason::COUNT],
     services: Vec<(SlotKey, ServiceCounters)>,
     backends: Vec<(SlotKey, BackendCounters)>,
@@ -165,6 +169,7 @@ impl CoreCounters {
         self.tables_refused = stats.tables_refused;
         self.conntrack_evictions = stats.conntrack_evictions;
         self.snat_port_evictions = stats.snat_port_evictions;
+        self.affinity_not_recorded = stats.affinity_not_recorded;
         self.drops = stats.drops;
         self.conntrack_entries = conntrack_entries as u64;
         self.conntrack_capacity = conntrack_capacity as u64;
@@ -197,6 +202,7 @@ impl CoreCounters {
             tables_refused: self.tables_refused,
             conntrack_evictions: self.conntrack_evictions,
             snat_port_evictions: self.snat_port_evictions,
+            affinity_not_recorded: self.affinity_not_recorded,
             drops: self.drops,
             services: self.services.iter().copied().collect(),
             backends: self.backends.iter().copied().collect(),
@@ -297,6 +303,7 @@ struct Totals {
     tables_refused: u64,
     conntrack_evictions: u64,
     snat_port_evictions: u64,
+    affinity_not_recorded: u64,
     drops: [u64; DropReason::COUNT],
     services: HashMap<SlotKey, ServiceCounters>,
     backends: HashMap<SlotKey, BackendCounters>,
@@ -317,6 +324,7 @@ fn sum(cores: &[CoreSnapshot]) -> Totals {
         t.tables_refused += c.tables_refused;
         t.conntrack_evictions += c.conntrack_evictions;
         t.snat_port_evictions += c.snat_port_evictions;
+        t.affinity_not_recorded += c.affinity_not_recorded;
         for (a, b) in t.drops.iter_mut().zip(c.drops) {
             *a += b;
         }
@@ -479,6 +487,11 @@ pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[Inter
             "lb_snat_port_evictions_total",
             "Full-NAT flows (half-open, else closing) evicted for their SNAT port: a new flow found every port it tried held by a live flow (a flood of SYNs or stray RSTs, or node.snat_ports too small for the load).",
             totals.snat_port_evictions,
+        ),
+        (
+            "lb_affinity_not_recorded_total",
+            "ClientIP affinity records not stored: the client's bucket in the connection table held only live entries, which a record never evicts, so the client's next flow is picked afresh and may reach another backend.",
+            totals.affinity_not_recorded,
         ),
     ] {
         f.head(name, "counter", help);
@@ -870,6 +883,7 @@ services:
                     tables_refused: k,
                     conntrack_evictions: 7 * k,
                     snat_port_evictions: 8 * k,
+                    affinity_not_recorded: 12 * k,
                     conntrack_entries: 10 * k,
                     conntrack_capacity: 1000,
                     ..Default::default()
@@ -998,6 +1012,7 @@ services:
             "lb_tables_refused_total 3".into(),
             "lb_conntrack_evictions_total 21".into(),
             "lb_snat_port_evictions_total 24".into(),
+            "lb_affinity_not_recorded_total 36".into(),
             "lb_dropped_packets_total{reason=\"no_backend\"} 3".into(),
             "lb_dropped_packets_total{reason=\"conntrack_full\"} 0".into(),
             "lb_conntrack_entries{core=\"1\"} 20".into(),
@@ -1015,6 +1030,44 @@ services:
         for l in text.lines().filter(|l| !l.starts_with('#')) {
             let value = l.rsplit(' ').next().unwrap();
             assert!(value.parse::<f64>().is_ok(), "bad sample {l:?}");
+        }
+    }
+
+    /// A TCP SYN from 192.0.2.8:40000 to 10.0.0.10:80 (checksums are not checked).
+    fn web_syn() -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 0xc1, 0x08, 0x00];
+        f.extend_from_slice(&[0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0, 192, 0, 2, 8, 10, 0, 0, 10]);
+        f.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xfa, 0xf0, 0, 0, 0, 0]);
+        f
+    }
+
+    /// ClientIP affinity records the connection table had no room for reach /metrics, from the
+    /// buffer a poll loop publishes into as from a snapshot.
+    #[tokio::test]
+    async fn affinity_records_left_out_for_want_of_room_are_in_the_metrics() {
+        let mut control = Control::new(RecordingSink::default());
+        let tables = control.apply(ControlInput::File(Box::new(parse(YAML).unwrap()))).unwrap();
+        // One 8-way bucket: three NAT-ed queries (a forward and a reverse entry each) and the web
+        // client's flow fill it, and that client's affinity record finds no room.
+        let mut w = lb_core::Worker::new(tables, lb_core::WorkerConfig::single_core(8));
+        let mut send = |mut buf: Vec<u8>| {
+            let mut frames = [lb_core::Frame::whole(&mut buf)];
+            let mut verdicts = [lb_core::Verdict::Pass];
+            w.process_burst(&mut frames, lb_core::Instant::from_nanos(1_000_000_000), &mut verdicts);
+            assert_eq!(verdicts[0], lb_core::Verdict::Tx);
+        };
+        for sport in 0..3 {
+            send(dns_query(40000 + sport));
+        }
+        send(web_syn());
+        assert_eq!((w.conntrack().len(), w.stats().affinity_not_recorded), (8, 1));
+        let mut published = CoreCounters::with_capacity(lb_core::service::Limits { max_services: 4, max_backends: 8 });
+        published.fill(w.stats(), w.tables(), w.conntrack().len(), w.conntrack().capacity());
+        let live = control.subscribe().borrow().clone();
+        for cores in [vec![published.to_snapshot()], vec![CoreSnapshot::from_stats(w.stats(), w.tables(), 8, 8)]] {
+            let text = render(&live, &cores);
+            assert!(text.lines().any(|l| l == "lb_affinity_not_recorded_total 1"), "{text}");
+            assert!(text.contains("# TYPE lb_affinity_not_recorded_total counter"), "{text}");
         }
     }
 

@@ -400,7 +400,10 @@ pub struct ServiceConfig {
     /// backends stay the same; under rr, wrr, lc, wlc, sed and nq each core picks on its own, so a
     /// client's flows may reach one backend per queue. Once the backends change, a core holding the
     /// client's record keeps it on its backend and one holding none picks from the new set: a client
-    /// whose pick moved may reach two backends until its records idle out.
+    /// whose pick moved may reach two backends until its records idle out. Records share the
+    /// connection table and never push a flow out: one whose bucket holds only live entries is not
+    /// kept (the client's next flow is picked afresh), and counted in
+    /// [`Stats::affinity_not_recorded`](crate::stats::Stats::affinity_not_recorded).
     pub affinity_timeout: Option<Duration>,
     /// When non-empty, only clients inside one of these prefixes reach the service; others are
     /// dropped and counted as `SourceNotAllowed`. Every packet is checked, so tables that narrow

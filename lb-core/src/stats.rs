@@ -245,6 +245,9 @@ pub struct Stats {
     /// Full-NAT flows (half-open, else closing) evicted for their SNAT port: a new flow found every
     /// port it tried held by a live flow (a SYN flood, or a SNAT port range too small for the load).
     pub snat_port_evictions: u64,
+    /// ClientIP affinity records not stored: the bucket of the client's record held only live
+    /// entries, which a record never evicts, so the client's next flow may go to another backend.
+    pub affinity_not_recorded: u64,
     /// ARP requests for the load balancer's addresses answered (see [`crate::neighbour`]).
     pub arp_replies: u64,
     /// IPv6 Neighbour Solicitations for the load balancer's addresses answered.
@@ -280,6 +283,7 @@ impl Stats {
             icmp_time_exceeded: 0,
             conntrack_evictions: 0,
             snat_port_evictions: 0,
+            affinity_not_recorded: 0,
             arp_replies: 0,
             ndp_adverts: 0,
             tables_refused: 0,
@@ -350,6 +354,7 @@ impl Stats {
         self.icmp_time_exceeded += other.icmp_time_exceeded;
         self.conntrack_evictions += other.conntrack_evictions;
         self.snat_port_evictions += other.snat_port_evictions;
+        self.affinity_not_recorded += other.affinity_not_recorded;
         self.arp_replies += other.arp_replies;
         self.ndp_adverts += other.ndp_adverts;
         self.tables_refused += other.tables_refused;
@@ -543,6 +548,7 @@ mod tests {
         (a.icmp_time_exceeded, b.icmp_time_exceeded) = (5, 6);
         (a.conntrack_evictions, b.conntrack_evictions) = (8, 1);
         (a.snat_port_evictions, b.snat_port_evictions) = (3, 4);
+        (a.affinity_not_recorded, b.affinity_not_recorded) = (2, 9);
         b.arp_replies = 2;
         a.ndp_adverts = 1;
         (a.tables_refused, b.tables_refused) = (2, 5);
@@ -562,6 +568,7 @@ mod tests {
             icmp_time_exceeded,
             conntrack_evictions,
             snat_port_evictions,
+            affinity_not_recorded,
             arp_replies,
             ndp_adverts,
             tables_refused,
@@ -577,7 +584,7 @@ mod tests {
         assert_eq!(a.dropped_total(), 3);
         assert_eq!((rx, tx, passed, reverse_nat, handed_off), (5, 3, 3, 4, 30));
         assert_eq!((icmp_too_big, icmp_time_exceeded, conntrack_evictions, snat_port_evictions), (6, 11, 9, 7));
-        assert_eq!((arp_replies, ndp_adverts, tables_refused), (2, 1, 7));
+        assert_eq!((arp_replies, ndp_adverts, tables_refused, affinity_not_recorded), (2, 1, 7, 11));
         assert_eq!(a.services[1].packets, 7);
         assert_eq!(a.backends[0].counters.active_conns, 7);
     }

@@ -1653,6 +1653,40 @@ fn snat_ports_of_expired_flows_are_free_before_the_sweep_reclaims_them() {
     assert_eq!((w.conntrack().len(), w.stats().backend(slot).active_conns), (0, 0));
 }
 
+/// An affinity record left out for want of room (its bucket full of live entries, which a record
+/// never evicts) is counted: the client's next flow may then go to another backend, and the
+/// counter says why. A record that finds room is not counted.
+#[test]
+fn an_affinity_record_that_finds_no_room_is_counted() {
+    let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
+    cfg.services[0].affinity_timeout = Some(dur(100));
+    // One 8-way bucket.
+    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(8));
+    // A first client's flow and its record take two ways.
+    assert_eq!(run(&mut w, &tcp(client(100), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1)).0, Verdict::Tx);
+    assert_eq!((w.conntrack().len(), w.stats().affinity_not_recorded), (2, 0));
+    // Five UDP flows of the other service, each seen once (half-open), leave one way.
+    for i in 0..5 {
+        assert_eq!(run(&mut w, &udp(client(i), 1000, v4(VIP), 80, b"q"), secs(1)).0, Verdict::Tx);
+    }
+    // A second client's flow takes it; its record finds none.
+    let (v, out) = run(&mut w, &tcp(client(101), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(2));
+    assert_eq!(v, Verdict::Tx);
+    let first = dsr_backend(&out);
+    assert_eq!(w.stats().affinity_not_recorded, 1);
+    assert_eq!(w.stats().conntrack_evictions, 0);
+    // Its next flow (room made by evicting a half-open UDP flow) has no record to follow: round
+    // robin gives it another backend, and its record is left out again.
+    let (v, out) = run(&mut w, &tcp(client(101), 1001, v4(VIP), 80, Tcp::Syn, b""), secs(3));
+    assert_eq!(v, Verdict::Tx);
+    assert_ne!(dsr_backend(&out), first, "no record kept it on its backend");
+    assert_eq!((w.stats().conntrack_evictions, w.stats().affinity_not_recorded), (1, 2));
+    // Summed over cores like the other counters.
+    let mut total = w.stats().clone();
+    total.merge(w.stats());
+    assert_eq!(total.affinity_not_recorded, 4);
+}
+
 /// A ClientIP affinity record is best effort: in a bucket with no free or expired way it is left
 /// out rather than evicting another client's flow (its half-open or closing entry, whose next
 /// packet would then be scheduled afresh, perhaps to another backend).

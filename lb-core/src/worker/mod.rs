@@ -948,7 +948,8 @@ impl Core {
     /// displacing the new flow's own entry at `flow_index`. `now` is the whole second the flow
     /// started in, any fraction of it: the record lasts one second more, so that a flow `timeout`
     /// seconds later still finds it (as kube-proxy's `recent` match counts the timeout itself in),
-    /// and affinity lasts at least the timeout, at most a second more.
+    /// and affinity lasts at least the timeout, at most a second more. A record that finds no free
+    /// or expired way is left out and counted in [`Stats::affinity_not_recorded`].
     #[inline(never)]
     fn record_affinity(
         &mut self,
@@ -973,11 +974,11 @@ impl Core {
             ..Entry::default()
         };
         // Affinity is best effort: a bucket without a free or expired way only costs stickiness,
-        // never another flow's entry.
-        if let Ok(Inserted { displaced: Some(d), .. }) =
-            self.conntrack.insert_without_evicting(record, h, now, flow_index)
-        {
-            self.forget(d.index, &d.entry);
+        // never another flow's entry; counted, as the client's next flow may then go elsewhere.
+        match self.conntrack.insert_without_evicting(record, h, now, flow_index) {
+            Ok(Inserted { displaced: Some(d), .. }) => self.forget(d.index, &d.entry),
+            Ok(_) => {}
+            Err(_) => self.stats.affinity_not_recorded += 1,
         }
     }
 
