@@ -2665,6 +2665,11 @@ services:
         assert!(control.live.borrow().fail_open.contains(&udp));
         worker.swap_tables(t);
         assert_eq!(send(&mut worker, &query, 7), first_pick, "failing open moves no flow");
+        // The other passes again: no longer failing open, the flow's backend, still down, is removed.
+        let t = health(&mut control, udp, moved, true);
+        assert!(!control.live.borrow().fail_open.contains(&udp));
+        worker.swap_tables(t);
+        assert_eq!(send(&mut worker, &query, 8), moved, "leaving fail-open moves the down backend's flows");
     }
 
     /// Health events queued together (both backends of a service failing in one probe round) are
