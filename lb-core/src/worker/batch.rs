@@ -163,19 +163,24 @@ impl Core {
     /// as its reorder window, a few hundred instructions; a prefetch retires at once. That is the
     /// likely reason prefetches measured 3-17 % faster here than plain loads with 100 000
     /// services: BENCHMARKS.md, lb-core, session 18.)
-    /// Returns, per frame, the entry at the way its insert will take and whether it displaces it
-    /// (for [`Core::warm_nat`]).
-    pub(super) fn warm_second(
-        &self,
+    /// Sets, per frame, the entry at the way its insert will take and whether it displaces it in
+    /// `insert_ways` (all `None` on entry; for [`Core::warm_nat`]). Returns whether any frame of
+    /// the batch needs its service looked up.
+    pub(super) fn warm_second<'c>(
+        &'c self,
         tables: &Tables,
         ahead: &mut [Lookahead],
+        insert_ways: &mut [Option<(&'c Entry, bool)>; BATCH],
         now: u32,
-    ) -> [Option<(&Entry, bool)>; BATCH] {
-        // Per frame, the entry at the way its insert will take, and whether it displaces one.
-        let mut insert_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
+    ) -> bool {
         let mut new_flows = false;
+        let mut lookups = false;
         for (a, way) in ahead.iter_mut().zip(insert_ways.iter_mut()) {
-            let Some(h) = a.conn_hash else { continue };
+            let Some(h) = a.conn_hash else {
+                // (A parsed frame without ports needs its service, as `fill` set.)
+                lookups |= a.needs_service;
+                continue;
+            };
             match self.conntrack.likely(h, now) {
                 Likely::Hit(e) => {
                     a.likely_hit = true;
@@ -195,7 +200,7 @@ impl Core {
             new_flows = true;
         }
         if !new_flows {
-            return insert_ways;
+            return lookups;
         }
         for (a, way) in ahead.iter_mut().zip(insert_ways.iter()) {
             match way {
@@ -208,7 +213,7 @@ impl Core {
                 tables.touch_lookup(a.lookup_hash);
             }
         }
-        insert_ways
+        true
     }
 
     /// For the likely new full-NAT flows of the batch, reads ahead the lines their second half will
@@ -304,9 +309,19 @@ impl Core {
     /// scheduler hash, computed with its service lookup and kept for the decision) or, for a service
     /// without a ring, its service line, then that service's scheduler line, backends and (Maglev) the
     /// table entry its pick will read; last the picked backend's location and counters.
-    /// (Service counters are their backends' sums: a packet adds to its backend's only.) Returns whether
-    /// the batch holds a likely new flow of a full-NAT service (see [`Core::warm_nat`]).
-    pub(super) fn warm(&self, tables: &Tables, ahead: &mut [Lookahead]) -> bool {
+    /// (Service counters are their backends' sums: a packet adds to its backend's only.) `services`
+    /// says whether any frame of the batch has its service (else only the first loop's backend lines
+    /// are read). Returns whether the batch holds a likely new flow of a full-NAT service (see
+    /// [`Core::warm_nat`]).
+    pub(super) fn warm(&self, tables: &Tables, ahead: &mut [Lookahead], services: bool) -> bool {
+        if !services {
+            // A batch without a service (likely hits, established flows, only): the service loops
+            // below would test each frame's service three times for nothing.
+            for a in ahead.iter() {
+                self.touch_likely_backend(tables, a);
+            }
+            return false;
+        }
         let mut fold = 0u64;
         let mut nat = false;
         for a in ahead.iter_mut() {
@@ -318,15 +333,7 @@ impl Core {
                     a.ring_slot = tables.ring_slot(ring, h);
                 }
             }
-            if let Some(b) = a.likely_backend {
-                // The location only for the frame's own entry: forgetting a displaced entry reads
-                // its backend's counters (with their generation), not its location.
-                if a.likely_hit {
-                    tables.touch_location(b.slot);
-                }
-                // Its counters: a packet adds to them, a displaced entry's backend loses a connection.
-                self.stats.touch_backend(BackendSlot(b.slot));
-            }
+            self.touch_likely_backend(tables, a);
         }
         for a in ahead.iter_mut() {
             let Some((s, ring)) = a.service else { continue };
@@ -363,6 +370,20 @@ impl Core {
         }
         core::hint::black_box(fold);
         nat
+    }
+
+    /// Reads the lines of the backend of the conntrack entry the warm-up read for `a`, if any.
+    #[inline(always)]
+    fn touch_likely_backend(&self, tables: &Tables, a: &Lookahead) {
+        if let Some(b) = a.likely_backend {
+            // The location only for the frame's own entry: forgetting a displaced entry reads
+            // its backend's counters (with their generation), not its location.
+            if a.likely_hit {
+                tables.touch_location(b.slot);
+            }
+            // Its counters: a packet adds to them, a displaced entry's backend loses a connection.
+            self.stats.touch_backend(BackendSlot(b.slot));
+        }
     }
 
     /// The lb-hash 5-tuple hash of a frame the warm-up judges a likely new flow (no likely conntrack
