@@ -1139,7 +1139,9 @@ impl Core {
     ) -> Result<(), DropReason> {
         // The MACs are written in each arm, into the frame (DSR) or the target the rewrite reads
         // (`Core::nat_target`, `Core::tunnel_target`), never into a copy built before the match (16
-        // instructions a DSR packet, callgrind, and a store-forwarding stall a NAT one).
+        // instructions a DSR packet, callgrind, and a store-forwarding stall a NAT one). DSR reads
+        // `self.local_mac` itself: through this copy, made before the match, it went by the stack
+        // (10 instructions a DSR packet).
         let local_mac = self.local_mac;
         match mode {
             ForwardMode::Nat => {
@@ -1150,7 +1152,7 @@ impl Core {
                 };
                 self.nat_rewrite(frame, p, flow, (local_mac, backend.mac))?;
             }
-            ForwardMode::Dsr => forward::dsr::rewrite(frame, &Macs { src: local_mac, dst: backend.mac })?,
+            ForwardMode::Dsr => forward::dsr::rewrite(frame, &Macs { src: self.local_mac, dst: backend.mac })?,
             ForwardMode::IpIp | ForwardMode::Gue { .. } if self.too_big_for_tunnel(tables, frame, p, mode)? => {}
             ForwardMode::IpIp | ForwardMode::Gue { .. } => {
                 let src = tables.node().tunnel_src_for(backend.addr).ok_or(DropReason::Unsupported)?;
