@@ -419,13 +419,21 @@ impl Bucket {
 
     /// The way holding `key` (`hash` is `key.hash()`): its home way first, where most keys are,
     /// then the tags in order.
-    #[inline]
+    // The home way's test inlined, the search out of line: as one function LLVM called it out of
+    // line, ~5 instructions of call an established packet (callgrind).
+    #[inline(always)]
     fn way_of(&self, key: &ConnKey, hash: u64) -> Option<usize> {
         let tag = tag_of(hash);
         let home = home_way(hash);
         if self.head.tags[home] == tag && self.entries[home].0.key == *key {
             return Some(home);
         }
+        self.search(key, tag)
+    }
+
+    /// The way holding `key` under `tag`, searched in way order.
+    #[inline(never)]
+    fn search(&self, key: &ConnKey, tag: u16) -> Option<usize> {
         self.head.tags.iter().zip(&self.entries).position(|(t, e)| *t == tag && e.0.key == *key)
     }
 }
