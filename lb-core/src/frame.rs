@@ -61,13 +61,14 @@ impl<'a> Frame<'a> {
     pub fn data(&self) -> &[u8] {
         // `start + len <= buf.len()` holds by construction (`new` clamps, the rest keep it); `get`
         // leaves no panic path even so, and inlined the check mostly folds into the caller's.
-        self.buf.get(self.start..self.start.saturating_add(self.len)).unwrap_or_default()
+        // (`start..start + len` with a saturating add cost 2-4 instructions a packet more, callgrind.)
+        self.buf.get(self.start..).and_then(|b| b.get(..self.len)).unwrap_or_default()
     }
 
     /// The packet bytes, mutably.
     #[inline]
     pub fn data_mut(&mut self) -> &mut [u8] {
-        self.buf.get_mut(self.start..self.start.saturating_add(self.len)).unwrap_or_default()
+        self.buf.get_mut(self.start..).and_then(|b| b.get_mut(..self.len)).unwrap_or_default()
     }
 
     /// Offset of the packet's first byte in the buffer (the headroom left before it).
