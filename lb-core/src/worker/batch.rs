@@ -129,24 +129,23 @@ impl Lookahead {
 }
 
 impl Core {
-    /// Reads what depends only on the frames' hashes: each conntrack bucket's head and, for a frame
-    /// other than a lone SYN, the entry at its key's home way (its own entry, mostly; see
-    /// [`crate::conntrack`]), and for a frame without ports the service index slot where its lookup
-    /// starts. One tight loop of prefetch hints ([`lb_prefetch`]), so the batch's cache misses
-    /// overlap.
-    pub(super) fn warm_first(&self, tables: &Tables, ahead: &[Lookahead]) {
-        for a in ahead {
-            if let Some(h) = a.conn_hash {
-                // A lone SYN most likely starts a flow: its home entry would be a wasted read.
-                let syn = matches!(&a.parsed, Ok(p) if p.tcp_flags.is_syn_only());
-                if syn {
-                    self.conntrack.touch_bucket(h);
-                } else {
-                    self.conntrack.touch_bucket_and_home(h);
-                }
-            } else if a.needs_service {
-                tables.touch_lookup(a.lookup_hash);
+    /// Reads what depends only on a frame's hash, as soon as [`Lookahead::fill`] has it: its
+    /// conntrack bucket's head and, for a frame other than a lone SYN, the entry at its key's home
+    /// way (its own entry, mostly; see [`crate::conntrack`]), and for a frame without ports the
+    /// service index slot where its lookup starts. Prefetch hints ([`lb_prefetch`]), which wait
+    /// for nothing, so the batch's cache misses overlap.
+    #[inline(always)]
+    pub(super) fn warm_first(&self, tables: &Tables, a: &Lookahead) {
+        if let Some(h) = a.conn_hash {
+            // A lone SYN most likely starts a flow: its home entry would be a wasted read.
+            let syn = matches!(&a.parsed, Ok(p) if p.tcp_flags.is_syn_only());
+            if syn {
+                self.conntrack.touch_bucket(h);
+            } else {
+                self.conntrack.touch_bucket_and_home(h);
             }
+        } else if a.needs_service {
+            tables.touch_lookup(a.lookup_hash);
         }
     }
 

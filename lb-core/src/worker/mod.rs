@@ -22,11 +22,12 @@
 //! ring entry and the backend's location, and neither the service record nor its scheduler nor its
 //! backends (the ring names exactly the scheduler's picks).
 //!
-//! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them and
-//! hashes their 5-tuples; then tight loops of prefetch hints ([`lb_prefetch`]; plain loads where a
-//! later round needs the value) pull what the batch will need into the cache in rounds, each needing
-//! only the one before (conntrack bucket heads with, but for a lone SYN, the
-//! entry at the key's home way, where most keys sit; likely entries (mostly in already) or, for a
+//! Frames are decided in batches of 16 (32 and 64 measured no faster): one pass parses them,
+//! hashes their 5-tuples and issues each frame's first reads as soon as it has its hash; then tight
+//! loops of prefetch hints ([`lb_prefetch`]; plain loads where a later round needs the value) pull
+//! what the batch will need into the cache in rounds, each needing only the one before (conntrack
+//! bucket heads with, but for a lone SYN, the entry at the key's home way, where most keys sit,
+//! in the first pass; likely entries (mostly in already) or, for a
 //! likely new flow, the way its insert will take, and for frames without a likely hit the service
 //! index slots; backend locations and counters, and for likely new
 //! flows their ring entries or, for services without a ring, the service records, then their
@@ -412,14 +413,16 @@ impl Worker {
         let core = &mut self.core;
         let now_s = core.tick(now);
         for (frames, verdicts) in frames.chunks_mut(BATCH).zip(verdicts.chunks_mut(BATCH)) {
-            // 1. Parse every frame of the batch and hash its flow.
+            // 1. Parse every frame of the batch and hash its flow, and issue the first reads its
+            //    hash decides (prefetch hints, which wait for nothing: in a loop of their own, they
+            //    cost the loop and reading each slot back, ~10 instructions a packet, callgrind).
             let ahead = &mut self.ahead[..frames.len().min(BATCH)];
             for (a, frame) in ahead.iter_mut().zip(frames.iter()) {
                 a.fill(tables, frame.data());
+                core.warm_first(tables, a);
             }
             // 2. Find each frame's service, and pull what step 3 will read into the cache, all loads
             //    of the batch in flight together rather than one cache miss after another.
-            core.warm_first(tables, ahead);
             // Per frame, the entry at the way its insert will take, and whether it displaces one.
             // (Filled in place: returned, the 256-byte array was copied, by a `memcpy` call.)
             let mut insert_ways = [None; BATCH];
