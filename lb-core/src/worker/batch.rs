@@ -29,10 +29,10 @@ pub(super) struct Lookahead {
     /// The service at the frame's (destination, port, protocol), if `needs_service` and any, with
     /// where its ring is (a Maglev service's new flows pick from it).
     pub(super) service: Option<(ServiceSummary, RingRef)>,
-    /// The backend of the conntrack entry the warm-up read for this frame (its own, or the one its
-    /// insert will likely displace), kept so the later warm-up rounds do not search the bucket again.
-    pub(super) likely_backend: Option<BackendRef>,
-    /// True when that entry is a tag hit, i.e. most likely the frame's own flow.
+    /// The backend of the conntrack entry a likely new flow's insert will displace, kept so the
+    /// later warm-up rounds do not search the bucket again.
+    pub(super) displaced_backend: Option<BackendRef>,
+    /// True when the warm-up found an entry with the frame's tag, i.e. most likely its own flow.
     pub(super) likely_hit: bool,
     /// The lb-hash 5-tuple hash of a likely new flow of a service (its scheduler's input), computed
     /// in the warm-up to read ahead what the scheduler will read; `None` for any other frame.
@@ -54,7 +54,7 @@ impl Lookahead {
         lookup_hash: 0,
         needs_service: false,
         service: None,
-        likely_backend: None,
+        displaced_backend: None,
         likely_hit: false,
         flow_hash: None,
         ring_slot: None,
@@ -75,7 +75,7 @@ impl Lookahead {
         // reach the cache, twice a packet, ahead of the conntrack hash (25-35 % of an established
         // packet's time; BENCHMARKS.md, lb-core, session 16).
         self.service = None;
-        self.likely_backend = None;
+        self.displaced_backend = None;
         self.likely_hit = false;
         self.flow_hash = None;
         self.ring_slot = None;
@@ -155,7 +155,8 @@ impl Core {
     /// service: hash its key and read the index slot its lookup starts at. A likely hit needs no
     /// lookup: its backend's location holds its service's summary.
     ///
-    /// A likely hit's entry line mostly came with its head (its home way), so it is read at once. A
+    /// A likely hit's entry line mostly came with its head (its home way), so it is read at once,
+    /// and its backend's location and counters are read from it in the same loop. A
     /// likely new flow's two reads (the insert's way, the index slot) wait for a second loop that
     /// only prefetches, so the way choice and the lookup hash do not stand between them. (A plain
     /// load that misses cannot retire until its line arrives, and the core runs ahead only as far
@@ -183,7 +184,12 @@ impl Core {
             match self.conntrack.likely(h, now) {
                 Likely::Hit(e) => {
                     a.likely_hit = true;
-                    a.likely_backend = Some(e.backend);
+                    // Its backend's location (which holds its service's summary) and counters
+                    // (which the packet adds to), read at once: the entry is read already, and
+                    // a round of their own cost a loop, ~10 instructions an established packet
+                    // (callgrind).
+                    tables.touch_location(e.backend.slot);
+                    self.stats.touch_backend(BackendSlot(e.backend.slot));
                     continue;
                 }
                 Likely::Insert { entry, displaces, hint } => {
@@ -203,7 +209,7 @@ impl Core {
         }
         for (a, way) in ahead.iter_mut().zip(insert_ways.iter()) {
             match way {
-                Some((e, true)) => a.likely_backend = Some(e.backend),
+                Some((e, true)) => a.displaced_backend = Some(e.backend),
                 Some((e, false)) => lb_prefetch::line(*e),
                 None => {}
             }
@@ -302,23 +308,20 @@ impl Core {
     }
 
     /// Reads, in three more tight loops over the batch, what deciding its frames will read once the
-    /// services are known: the backend location (a copy of the backend and its service's summary) of
-    /// each likely hit, the backend counters of each likely entry (the frame's own, or the one a new
-    /// flow's insert will displace), and for a likely new flow its ring entry (from the flow's
+    /// services are known (a likely hit's backend lines were read by [`Core::warm_second`]): the
+    /// backend counters of the entry a likely new flow's insert will displace, and for a likely new
+    /// flow its ring entry (from the flow's
     /// scheduler hash, computed with its service lookup and kept for the decision) or, for a service
     /// without a ring, its service line, then that service's scheduler line, backends and (Maglev) the
     /// table entry its pick will read; last the picked backend's location and counters.
     /// (Service counters are their backends' sums: a packet adds to its backend's only.) `services`
-    /// says whether any frame of the batch has its service (else only the first loop's backend lines
-    /// are read). Returns whether the batch holds a likely new flow of a full-NAT service (see
+    /// says whether any frame of the batch has its service: with none, there is nothing to read.
+    /// Returns whether the batch holds a likely new flow of a full-NAT service (see
     /// [`Core::warm_nat`]).
     pub(super) fn warm(&self, tables: &Tables, ahead: &mut [Lookahead], services: bool) -> bool {
         if !services {
-            // A batch without a service (likely hits, established flows, only): the service loops
-            // below would test each frame's service three times for nothing.
-            for a in ahead.iter() {
-                self.touch_likely_backend(tables, a);
-            }
+            // A batch without a service (likely hits, established flows, only): the loops below
+            // would test each frame three times for nothing.
             return false;
         }
         let mut fold = 0u64;
@@ -332,7 +335,11 @@ impl Core {
                     a.ring_slot = tables.ring_slot(ring, h);
                 }
             }
-            self.touch_likely_backend(tables, a);
+            // The displaced entry's backend loses a connection: its counters (with their
+            // generation), not its location.
+            if let Some(b) = a.displaced_backend {
+                self.stats.touch_backend(BackendSlot(b.slot));
+            }
         }
         for a in ahead.iter_mut() {
             let Some((s, ring)) = a.service else { continue };
@@ -369,20 +376,6 @@ impl Core {
         }
         core::hint::black_box(fold);
         nat
-    }
-
-    /// Reads the lines of the backend of the conntrack entry the warm-up read for `a`, if any.
-    #[inline(always)]
-    fn touch_likely_backend(&self, tables: &Tables, a: &Lookahead) {
-        if let Some(b) = a.likely_backend {
-            // The location only for the frame's own entry: forgetting a displaced entry reads
-            // its backend's counters (with their generation), not its location.
-            if a.likely_hit {
-                tables.touch_location(b.slot);
-            }
-            // Its counters: a packet adds to them, a displaced entry's backend loses a connection.
-            self.stats.touch_backend(BackendSlot(b.slot));
-        }
     }
 
     /// The lb-hash 5-tuple hash of a frame the warm-up judges a likely new flow (no likely conntrack

@@ -27,9 +27,9 @@
 //! loops of prefetch hints ([`lb_prefetch`]; plain loads where a later round needs the value) pull
 //! what the batch will need into the cache in rounds, each needing only the one before (conntrack
 //! bucket heads with, but for a lone SYN, the entry at the key's home way, where most keys sit,
-//! in the first pass; likely entries (mostly in already) or, for a
-//! likely new flow, the way its insert will take, and for frames without a likely hit the service
-//! index slots; backend locations and counters, and for likely new
+//! in the first pass; likely entries (mostly in already), with a likely hit's backend location
+//! and counters, or, for a likely new flow, the way its insert will take, and for frames without a
+//! likely hit the service index slots; displaced entries' backend counters, and for likely new
 //! flows their ring entries or, for services without a ring, the service records, then their
 //! schedulers' tables; last the picked backends' locations and counters), with the service lookups
 //! after the second, so the misses of a round overlap; then each frame is decided in order, exactly
