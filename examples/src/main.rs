@@ -102,6 +102,22 @@ mod tests {
         }
     }
 
+    /// `bench-gen --flows` above 55 536 took source ports past 65 535: they wrapped to 0 and up in a
+    /// release build (and panicked in a debug one).
+    #[test]
+    fn more_flows_than_source_ports_from_10000_are_refused() {
+        use clap::Parser;
+        let args = |n: &'static str| {
+            let to = ["--dst-mac", "02:00:00:00:00:01", "--src-ip", "10.0.0.1", "--dst-ip", "10.0.0.2"];
+            ["lb", "bench-gen", "--iface", "eth0"].into_iter().chain(to).chain(["--flows", n])
+        };
+        assert!(Cli::try_parse_from(args("55536")).is_ok());
+        for n in ["55537", "0"] {
+            let err = Cli::try_parse_from(args(n)).expect_err(n);
+            assert!(err.to_string().contains("--flows"), "{err}");
+        }
+    }
+
     /// The command line is well formed, and no help text is a placeholder for work still to come.
     #[test]
     fn help_texts_describe_what_each_command_does() {

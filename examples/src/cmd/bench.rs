@@ -39,8 +39,8 @@ pub struct GenArgs {
     /// Destination UDP port.
     #[arg(long, default_value_t = 80)]
     pub dst_port: u16,
-    /// Number of flows (source ports).
-    #[arg(long, default_value_t = 1024)]
+    /// Number of flows (source ports 10000 and up).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u16).range(1..=55536))]
     pub flows: u16,
     /// Offered rate in packets per second; 0 sends as fast as the ring takes them.
     #[arg(long, default_value_t = 0)]
