@@ -1229,6 +1229,21 @@ mod tests {
         want.into_iter().collect()
     }
 
+    /// A namespace of this test's own (`tag` and the process id) with a veth pair v0 / v1 in it, up,
+    /// and its name, or `None` (said as a skip) where namespaces cannot be made.
+    fn namespace_with_veth(tag: &str) -> Option<(lb_io::netns::Netns, String)> {
+        if let Err(reason) = lb_io::netns::can_create_namespaces() {
+            println!("SKIPPED: {reason}");
+            return None;
+        }
+        let ns = lb_io::netns::Netns::create(&format!("{tag}{}", std::process::id())).expect("namespace");
+        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]).expect("veth");
+        ns.ip(&["link", "set", "v0", "up"]).expect("v0 up");
+        ns.ip(&["link", "set", "v1", "up"]).expect("v1 up");
+        let name = ns.name().to_string();
+        Some((ns, name))
+    }
+
     /// IPv6 groups that did not fit the socket's option memory (`net.core.optmem_max`) are joined by
     /// a later refresh once the limit is raised, and the warning names the setting. Before, the
     /// failure was warned of once and the steering counted as applied: no refresh tried again until
@@ -1237,14 +1252,8 @@ mod tests {
     #[test]
     fn ipv6_groups_that_did_not_fit_are_joined_by_a_refresh_once_they_fit() {
         use lb_io::interface::MulticastGroups;
-        use lb_io::netns::{Netns, can_create_namespaces, enter_netns};
-        if let Err(reason) = can_create_namespaces() {
-            return println!("SKIPPED: {reason}");
-        }
-        let ns = Netns::create(&format!("lbgj{}", std::process::id())).expect("namespace");
-        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]).expect("veth");
-        ns.ip(&["link", "set", "v0", "up"]).expect("v0 up");
-        let name = ns.name().to_string();
+        use lb_io::netns::enter_netns;
+        let Some((_ns, name)) = namespace_with_veth("lbgj") else { return };
         // In a thread of its own, so this test's thread stays in its namespace.
         let joined = std::thread::spawn(move || {
             enter_netns(&name).expect("entering the namespace");
@@ -1332,15 +1341,8 @@ mod tests {
     #[test]
     fn a_new_address_is_announced_again_until_its_count_is_sent() {
         use lb_io::interface::PacketSocket;
-        use lb_io::netns::{Netns, can_create_namespaces, enter_netns};
-        if let Err(reason) = can_create_namespaces() {
-            return println!("SKIPPED: {reason}");
-        }
-        let ns = Netns::create(&format!("lban{}", std::process::id())).expect("namespace");
-        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]).expect("veth");
-        ns.ip(&["link", "set", "v0", "up"]).expect("v0 up");
-        ns.ip(&["link", "set", "v1", "up"]).expect("v1 up");
-        let name = ns.name().to_string();
+        use lb_io::netns::enter_netns;
+        let Some((_ns, name)) = namespace_with_veth("lban") else { return };
         let v4: IpAddr = "10.0.0.10".parse().expect("address");
         let v6: IpAddr = "fd00::10".parse().expect("address");
         let hour = std::time::Duration::from_secs(3600);
@@ -1378,15 +1380,8 @@ mod tests {
     #[test]
     fn a_changed_interface_mac_is_announced_for_every_address_answered_for() {
         use lb_io::interface::PacketSocket;
-        use lb_io::netns::{Netns, can_create_namespaces, enter_netns};
-        if let Err(reason) = can_create_namespaces() {
-            return println!("SKIPPED: {reason}");
-        }
-        let ns = Netns::create(&format!("lbmc{}", std::process::id())).expect("namespace");
-        ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]).expect("veth");
-        ns.ip(&["link", "set", "v0", "up"]).expect("v0 up");
-        ns.ip(&["link", "set", "v1", "up"]).expect("v1 up");
-        let name = ns.name().to_string();
+        use lb_io::netns::enter_netns;
+        let Some((_ns, name)) = namespace_with_veth("lbmc") else { return };
         let v4: IpAddr = "10.0.0.10".parse().expect("address");
         let v6: IpAddr = "fd00::10".parse().expect("address");
         let new = [0x02, 0x00, 0x5e, 0x00, 0xab, 0xcd];
