@@ -67,6 +67,10 @@ pub const MAX_MAGLEV_TABLE_SIZE: u64 = 1_048_573;
 /// Longest `kubernetes.debounce` accepted: cluster changes wait this long at most before they are
 /// served, and the feed's deadline (now + debounce) stays far from the clock's limit.
 pub const MAX_DEBOUNCE: Duration = Duration::from_secs(60);
+/// Deepest nesting of flow collections (`[...]`, `{...}`) a file may have: the YAML reader's own
+/// limit, which it checks only after reading the whole file, in a time that grows with the square of
+/// the depth.
+pub const MAX_NESTING: usize = 128;
 
 /// One problem in a configuration: the field path, its value, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +104,15 @@ pub enum ConfigError {
     /// carries the line and column.
     #[error("{0}")]
     Syntax(#[from] serde_yaml::Error),
+    /// Flow collections (`[...]`, `{...}`) nest deeper than [`MAX_NESTING`]: refused before the
+    /// YAML reader, which would take minutes over a file of brackets to say the same.
+    #[error("line {line}: collections nest deeper than {max} levels")]
+    TooDeep {
+        /// The line of the first bracket too deep.
+        line: usize,
+        /// [`MAX_NESTING`].
+        max: usize,
+    },
     /// The file parsed but some fields are invalid; every problem is listed.
     #[error("{} invalid field(s):\n  {}", .0.len(), .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
     Invalid(Vec<FieldError>),
@@ -298,9 +311,59 @@ pub fn load(path: &Path) -> Result<LoadedFile, ConfigError> {
 
 /// Parses and validates a configuration given as YAML text.
 pub fn parse(yaml: &str) -> Result<Settings, ConfigError> {
+    if let Some(line) = nested_too_deep(yaml) {
+        return Err(ConfigError::TooDeep { line, max: MAX_NESTING });
+    }
     // An empty file is an empty configuration, not a syntax error.
     let file: FileConfig = if yaml.trim().is_empty() { FileConfig::default() } else { serde_yaml::from_str(yaml)? };
     validate(&file)
+}
+
+/// The line of the first flow collection in `yaml` nested deeper than [`MAX_NESTING`], if any.
+/// Brackets in comments and quoted scalars do not count. A quote or `#` within a plain scalar does
+/// not start either; a block scalar's text is read as if it were not one, which can only miss a
+/// file too deep (the YAML reader then refuses it, slowly), not refuse a file it would take.
+fn nested_too_deep(yaml: &str) -> Option<usize> {
+    let (mut depth, mut line, mut prev) = (0usize, 1, '\n');
+    let mut chars = yaml.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' => line += 1,
+            '#' if prev.is_whitespace() => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        line += 1;
+                        break;
+                    }
+                }
+                prev = '\n';
+                continue;
+            }
+            // A quoted scalar starts a value, a key or an item (`''` in a single-quoted one is a quote).
+            '"' | '\'' if prev.is_whitespace() || matches!(prev, '[' | '{' | ',' | ':' | '-') || prev == c => {
+                let mut escaped = false;
+                for q in chars.by_ref() {
+                    if q == '\n' {
+                        line += 1;
+                    }
+                    if q == c && !escaped {
+                        break;
+                    }
+                    escaped = c == '"' && q == '\\' && !escaped;
+                }
+            }
+            '[' | '{' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Some(line);
+                }
+            }
+            ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = c;
+    }
+    None
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1470,6 +1533,33 @@ services:
         }
         // A multicast next hop is not refused (a cluster MAC, as NLB's multicast mode uses).
         assert!(parse(&file(good, "03:bf:0a:00:00:01", "01:00:5e:00:00:09")).is_ok());
+    }
+
+    /// Flow collections nested deeper than the YAML reader's own limit (128 levels, which it checks
+    /// only after reading the whole file) are refused before the file is read: the reader's time grows
+    /// with the square of the depth, so a 100 KB file of brackets held `lb run` (a start, or every
+    /// reload of the file) for a minute before "recursion limit exceeded". The timeout only turns
+    /// that stall into a failure. Brackets in quoted strings and comments do not count.
+    #[test]
+    fn a_deeply_nested_file_is_refused_at_once() {
+        let depth = 50_000;
+        let yaml = format!("node: {{}}\nservices: {}{}\n", "[".repeat(depth), "]".repeat(depth));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(parse(&yaml).map(|_| ()).map_err(|e| e.to_string()));
+        });
+        let err = rx.recv_timeout(Duration::from_secs(10)).expect("the file is judged").unwrap_err();
+        assert_eq!(err, format!("line 2: collections nest deeper than {MAX_NESTING} levels"));
+        // At the limit, the reader judges the file as ever.
+        let at_limit = format!("services: {}{}\n", "[".repeat(MAX_NESTING), "]".repeat(MAX_NESTING));
+        assert!(matches!(parse(&at_limit), Err(ConfigError::Syntax(_))));
+        let brackets = "[".repeat(MAX_NESTING + 1);
+        let quoted = format!(
+            "# {brackets}\nnode: {{ snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }}\n\
+             services: [{{ name: \"{brackets}\", vip: 10.0.0.1, port: 80, backends: [{{ addr: 10.1.0.1 }}] }},\n\
+             {{ name: '{brackets}', vip: 10.0.0.2, port: 80, backends: [{{ addr: 10.1.0.1 }}] }}]\n"
+        );
+        assert_eq!(parse(&quoted).unwrap().services[0].config.name, brackets);
     }
 
     #[test]
