@@ -4,6 +4,9 @@
 #     test mode). Namespace and AF_XDP tests need root and skip with a printed reason without it;
 #  2. every cargo-fuzz target for FUZZ_SECONDS each (default 60) when cargo-fuzz is installed
 #     (.ci/run installs it; set FUZZ_SECONDS=0 to skip).
+#     fuzz-control/ (configuration files, Kubernetes objects) is not run here: building the whole lb crate
+#     with the fuzzer's instrumentation takes longer than CI can give it. Run it by hand:
+#     RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz-control -s none -O config_file (or k8s_translate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,0 +1,56 @@
+//! Arbitrary configuration files through what `lb run` does with one: `config::file::parse` (what
+//! `load` does after reading the file), the node addresses from the environment, then the control
+//! loop's build (lb-core's validation, the table build). Raw bytes, and YAML written from arbitrary
+//! values (`lb_fuzz_control::FileSpec`); a second file is a reload of the first.
+//! No panic, and a small file is judged in well under a second (the fuzzer's -timeout and
+//! -rss_limit_mb catch a file that asks for a huge table or many of them and gets it).
+//!
+//! `cargo fuzz run --fuzz-dir fuzz-control -s none -O config_file -- -dict=fuzz-control/dict/config_file.dict
+//! -timeout=2 -max_len=8192`.
+#![no_main]
+
+use arbitrary::Arbitrary;
+use lb_examples::config::file::parse;
+use lb_examples::control::ControlInput;
+use lb_fuzz_control::{FileSpec, drive, without_probes};
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Debug, Arbitrary)]
+enum File {
+    Raw(Vec<u8>),
+    Built(FileSpec),
+}
+
+impl File {
+    fn text(&self) -> Option<String> {
+        match self {
+            // `load` reads the file as UTF-8 and refuses any other.
+            File::Raw(bytes) => String::from_utf8(bytes.clone()).ok(),
+            File::Built(spec) => spec.yaml(),
+        }
+    }
+}
+
+fuzz_target!(|files: (File, Option<File>)| {
+    let mut inputs = Vec::new();
+    for file in [Some(&files.0), files.1.as_ref()].into_iter().flatten() {
+        let Some(text) = file.text() else { continue };
+        match parse(&text) {
+            Ok(mut settings) => {
+                // Every rejection names a field; an accepted file has the node's addresses filled in.
+                settings.fill_from_env(|k| (k == "NODE_IPS").then(|| "192.168.1.10,fd00::10".to_string()));
+                let _ = lb_examples::control::steering_for_config(&lb_core::config::Config {
+                    node: settings.node.clone(),
+                    services: settings.services.iter().map(|s| s.config.clone()).collect(),
+                });
+                inputs.push(ControlInput::File(Box::new(without_probes(settings))));
+            }
+            Err(e) => {
+                let message = e.to_string();
+                assert!(!message.is_empty());
+                inputs.push(ControlInput::FileRejected(message));
+            }
+        }
+    }
+    drive(inputs);
+});
