@@ -179,6 +179,9 @@ pub struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if let Ok(mut live) = LIVE_TAGS.lock() {
+            live.retain(|t| *t != self.tag);
+        }
         self.decapsulators.clear();
         for c in &mut self.children {
             let _ = c.kill();
@@ -187,8 +190,15 @@ impl Drop for Lab {
     }
 }
 
-/// Removes namespaces `<prefix><pid>-*` whose process no longer exists (a run killed with SIGKILL).
+/// The tags of this process's labs that are built (their namespaces are not stale).
+static LIVE_TAGS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Removes namespaces `<prefix><pid>-*` whose process no longer exists (a run killed with SIGKILL),
+/// and those with this process's own id that no lab of it holds: a killed run's whose id this
+/// process was given again (a container, where `lb` is always the same process id).
 fn sweep_stale(prefix: &str) {
+    let own = std::process::id().to_string();
+    let live = LIVE_TAGS.lock().map(|t| t.clone()).unwrap_or_default();
     let Ok(list) = run("ip", &["netns", "list"]) else {
         return;
     };
@@ -199,7 +209,9 @@ fn sweep_stale(prefix: &str) {
         let Some((pid, _)) = rest.split_once('-') else {
             continue;
         };
-        if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+        let gone = !Path::new(&format!("/proc/{pid}")).exists();
+        let ours_unheld = pid == own && !live.contains(&format!("{prefix}{pid}"));
+        if pid.parse::<u32>().is_ok() && (gone || ours_unheld) {
             tracing::info!("removing namespace {name} left by a killed run");
             let _ = run("ip", &["netns", "del", name]);
         }
@@ -325,6 +337,9 @@ impl Lab {
             backends,
             _switch: sw,
         };
+        if let Ok(mut live) = LIVE_TAGS.lock() {
+            live.push(lab.tag.clone());
+        }
         let exe = backend_exe.to_string_lossy().into_owned();
         for i in 0..lab.backends.len() {
             let b = &lab.backends[i];
@@ -817,6 +832,31 @@ pub fn start_lb_on_queues(
 mod tests {
     use super::retrying;
     use std::io::{Error, ErrorKind};
+
+    /// A namespace named with this process's own id that no lab of it holds is a killed run's whose
+    /// id this process was given again (in a container, `lb` is always the same process id): the
+    /// sweep removes it, where it was left, and the next lab failed with "File exists". One a live
+    /// lab holds stays.
+    #[test]
+    fn a_leftover_with_this_process_id_is_swept_unless_a_lab_holds_it() {
+        use lb_io::netns::{Netns, can_create_namespaces};
+        if let Err(reason) = can_create_namespaces() {
+            return println!("SKIPPED: {reason}");
+        }
+        let exists = |name: &str| super::run("ip", &["netns", "list"]).unwrap().lines().any(|l| l.starts_with(name));
+        let tag = format!("lbsw{}", std::process::id());
+        let leftover = Netns::create(&format!("{tag}-sw")).expect("namespace");
+        let name = leftover.name().to_string();
+        std::mem::forget(leftover); // left as a killed run leaves it
+        super::LIVE_TAGS.lock().unwrap().push(tag.clone());
+        super::sweep_stale("lbsw");
+        assert!(exists(&name), "a live lab's namespace was swept");
+        super::LIVE_TAGS.lock().unwrap().retain(|t| *t != tag);
+        super::sweep_stale("lbsw");
+        let left = exists(&name);
+        let _ = super::run("ip", &["netns", "del", &name]);
+        assert!(!left, "{name} was left");
+    }
 
     /// An interrupted read is tried again until it gives an answer or another error; nothing else is.
     #[test]
