@@ -779,11 +779,18 @@ fn validate_service(
     }
     let affinity_field = format!("{f}.affinity_timeout");
     let affinity_timeout = s.affinity_timeout.as_deref().and_then(|a| p.duration(&affinity_field, a));
-    // Kept in whole seconds (lb-core would name it "0 s", which is not what was written).
-    if let (Some(d), Some(a)) = (affinity_timeout, &s.affinity_timeout)
-        && d < Duration::from_secs(1)
-    {
-        p.push(affinity_field, quoted(a), "is shorter than a second: affinity is kept in whole seconds (e.g. 1s, 3h)");
+    // Kept in whole seconds (lb-core would name it "0 s", which is not what was written, and would
+    // cut 1500ms to 1 s without a word).
+    if let (Some(d), Some(a)) = (affinity_timeout, &s.affinity_timeout) {
+        if d < Duration::from_secs(1) {
+            p.push(
+                affinity_field,
+                quoted(a),
+                "is shorter than a second: affinity is kept in whole seconds (e.g. 1s, 3h)",
+            );
+        } else if d.subsec_nanos() != 0 {
+            p.push(affinity_field, quoted(a), "is not whole seconds: affinity is kept in whole seconds (e.g. 1s, 3h)");
+        }
     }
     let mut source_ranges = Vec::new();
     for (j, r) in s.source_ranges.iter().enumerate() {
@@ -1435,8 +1442,9 @@ services:
         }
     }
 
-    /// An affinity timeout under a second is refused as written: affinity is kept in whole seconds,
-    /// and lb-core's refusal of what it came to would say "0 s".
+    /// An affinity timeout under a second, or with a fraction of one, is refused as written: affinity
+    /// is kept in whole seconds, lb-core's refusal of what it came to would say "0 s", and 1500ms was
+    /// kept as 1 s.
     #[test]
     fn an_affinity_timeout_under_a_second_is_refused_as_written() {
         let file = |t: &str| {
@@ -1448,6 +1456,10 @@ services:
         let msg = parse(&file("500ms")).unwrap_err().to_string();
         assert!(msg.contains("services[0].affinity_timeout: \"500ms\" is shorter than a second"), "{msg}");
         assert_eq!(parse(&file("1s")).unwrap().services[0].config.affinity_timeout, Some(Duration::from_secs(1)));
+        // Nor a fraction above a second, which was cut to the whole seconds without a word.
+        let msg = parse(&file("1500ms")).unwrap_err().to_string();
+        assert!(msg.contains("services[0].affinity_timeout: \"1500ms\" is not whole seconds"), "{msg}");
+        assert_eq!(parse(&file("2000ms")).unwrap().services[0].config.affinity_timeout, Some(Duration::from_secs(2)));
     }
 
     /// A source range with host bits set (`10.1.2.3/8`) is refused, naming the prefix it would have
