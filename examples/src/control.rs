@@ -406,8 +406,8 @@ pub struct LiveState {
     /// Kubernetes Services (or keys) skipped by the last translation.
     pub k8s_skipped: usize,
     /// The health check node ports of the cluster translation the tables were built from, each
-    /// answering for what the tables serve: 0 local endpoints for a Service none of whose keys they
-    /// hold (left out by lb-core or the workers, or its keys taken by others). See
+    /// answering for what the tables serve: only the ports one of whose external keys they hold
+    /// count (not those left out by lb-core or the workers, or whose keys others took). See
     /// [`crate::k8s::node_health`].
     pub node_health_checks: Vec<crate::k8s::translate::NodeHealthCheck>,
     /// Since when the workers have not taken or applied the last tables ([`TablesSink::has_pending`]
@@ -1221,23 +1221,18 @@ pub fn run_blocking<S: TablesSink + 'static>(
 }
 
 /// The health check node ports of `k8s`, each with the local endpoints that `built` (the services
-/// the tables serve) serves: those of the translation while one of the Service's keys is in
-/// `built` as translated, else 0 (the node drops the Service's traffic: a cloud load balancer
-/// must send it elsewhere).
+/// the tables serve) serves: those of each of the Service's ports while one of its external keys
+/// (node port, external or load-balancer IP) is in `built` as translated. A port left out (the
+/// file's key, one lb-core or the workers refuse) drops its traffic here, so its endpoints must not
+/// draw a cloud load balancer's traffic; with none left the node answers 0 (503).
 fn served_health_checks(k8s: &Translation, built: &[ServiceSpec]) -> Vec<crate::k8s::translate::NodeHealthCheck> {
     k8s.health_checks
         .iter()
         .map(|c| {
-            // (A translated key is named `namespace/name:port`.)
-            let prefix = format!("{}/{}:", c.namespace, c.name);
-            let served = built.iter().any(|b| {
-                b.config.name.starts_with(&prefix)
-                    && k8s.services.iter().any(|s| s.config.key == b.config.key && s.config.name == b.config.name)
-            });
             let mut c = c.clone();
-            if !served {
-                c.local_endpoints = 0;
-            }
+            c.ports.retain(|p| {
+                p.external_keys.iter().any(|k| built.iter().any(|b| b.config.key == *k && b.config.name == p.name))
+            });
             c
         })
         .collect()
@@ -1955,30 +1950,89 @@ services:
             s.config.key.port = port;
             s
         };
-        let check = |port: u16, name: &str, local_endpoints: usize| NodeHealthCheck {
-            port,
-            namespace: "edge".into(),
-            name: name.into(),
-            local_endpoints,
+        let counts = |checks: &[NodeHealthCheck]| -> Vec<(u16, usize)> {
+            checks.iter().map(|c| (c.port, c.local_endpoints())).collect()
         };
         let k8s = Translation {
             services: vec![service("edge/a:http", 9000), service("edge/b:http", 80)],
-            health_checks: vec![check(30001, "a", 2), check(30002, "b", 1)],
+            health_checks: vec![
+                health_check(30001, "a", &[("http", 9000, 2)]),
+                health_check(30002, "b", &[("http", 80, 1)]),
+            ],
             ..Translation::default()
         };
         control.apply(ControlInput::Kubernetes(k8s)).unwrap();
-        let served = vec![check(30001, "a", 2), check(30002, "b", 0)];
-        assert_eq!(live.borrow().node_health_checks, served);
+        assert_eq!(counts(&live.borrow().node_health_checks), [(30001, 2), (30002, 0)]);
 
         // Four services with the file's: more than these workers serve.
         let k8s = Translation {
             services: vec![service("edge/a:http", 9000), service("edge/c:http", 9001), service("edge/d:http", 9002)],
-            health_checks: vec![check(30001, "a", 5), check(30003, "c", 1)],
+            health_checks: vec![
+                health_check(30001, "a", &[("http", 9000, 5)]),
+                health_check(30003, "c", &[("http", 9001, 1)]),
+            ],
             ..Translation::default()
         };
         let err = control.apply(ControlInput::Kubernetes(k8s)).unwrap_err();
         assert!(matches!(err, ControlError::Unservable(_)), "{err}");
-        assert_eq!(live.borrow().node_health_checks, served);
+        assert_eq!(counts(&live.borrow().node_health_checks), [(30001, 2), (30002, 0)]);
+    }
+
+    /// A Service whose ports the tables serve only in part (a key the file's, one the workers
+    /// refuse) counts on its health check node port the endpoints of the ports they serve alone:
+    /// a cloud load balancer sends every port's traffic to a node answering 200, and this node drops
+    /// that of the ports left out. It counted every port's endpoints.
+    #[tokio::test]
+    async fn a_partly_served_services_health_check_counts_only_its_served_ports_endpoints() {
+        use lb_core::config::Protocol;
+        let mut control = Control::new(RecordingSink::default());
+        let live = control.subscribe();
+        control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let mut http = parse(GOOD).unwrap().services.remove(0);
+        http.config.name = "edge/a:http".into();
+        http.config.key.port = 9000;
+        let mut dns = http.clone();
+        dns.config.name = "edge/a:dns".into();
+        dns.config.key = ServiceKey { port: 80, ..dns.config.key };
+        let mut dns_udp = dns.clone();
+        dns_udp.config.key.proto = Protocol::Udp;
+        // dns: TCP on the file's key (left out), UDP served; metrics: its only key the file's.
+        let mut metrics = dns.clone();
+        metrics.config.name = "edge/a:metrics".into();
+        let mut check = health_check(30001, "a", &[("http", 9000, 1), ("dns", 80, 2), ("metrics", 80, 3)]);
+        check.ports[1].external_keys.push(dns_udp.config.key);
+        check.ports[1].addrs = ["10.1.0.1".parse().unwrap(), "10.1.1.1".parse().unwrap()].into();
+        let k8s = Translation {
+            services: vec![http, dns, dns_udp, metrics],
+            health_checks: vec![check],
+            ..Translation::default()
+        };
+        control.apply(ControlInput::Kubernetes(k8s)).unwrap();
+        let served = live.borrow().node_health_checks.clone();
+        let ports: Vec<&str> = served[0].ports.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(ports, ["edge/a:http", "edge/a:dns"]);
+        assert_eq!(served[0].local_endpoints(), 2, "{served:?}");
+    }
+
+    /// A health check of Service `edge/NAME` with one port per `(port name, key port, n)`: reached on
+    /// `GOOD`'s VIP at the key port, with `n` local endpoints (10.1.0.1, 10.1.0.2...; the same
+    /// addresses in every port, as one pod serves them all).
+    fn health_check(port: u16, name: &str, ports: &[(&str, u16, u8)]) -> crate::k8s::translate::NodeHealthCheck {
+        use crate::k8s::translate::{LocalEndpoints, NodeHealthCheck};
+        let vip = parse(GOOD).unwrap().services[0].config.key;
+        NodeHealthCheck {
+            port,
+            namespace: "edge".into(),
+            name: name.into(),
+            ports: ports
+                .iter()
+                .map(|&(port_name, key_port, n)| LocalEndpoints {
+                    name: format!("edge/{name}:{port_name}"),
+                    external_keys: vec![ServiceKey { port: key_port, ..vip }],
+                    addrs: (1..=n).map(|i| std::net::IpAddr::from([10, 1, 0, i])).collect(),
+                })
+                .collect(),
+        }
     }
 
     #[tokio::test]

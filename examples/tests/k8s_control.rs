@@ -297,10 +297,13 @@ async fn a_local_load_balancers_health_check_node_port_answers_for_this_node() {
     let mut plane = Plane::start(&dir, &kc).await;
     let mut served = plane.node_health.take().expect("the feed runs");
     let mut answered_with = async |n: usize| {
-        tokio::time::timeout(FAILSAFE, served.wait_for(|s| s.iter().any(|h| h.port == port && h.local_endpoints == n)))
-            .await
-            .unwrap_or_else(|_| panic!("never served with {n} local endpoints"))
-            .unwrap();
+        tokio::time::timeout(
+            FAILSAFE,
+            served.wait_for(|s| s.iter().any(|h| h.port == port && h.local_endpoints() == n)),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("never served with {n} local endpoints"))
+        .unwrap();
         let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         c.write_all(b"GET / HTTP/1.1\r\nHost: node-a\r\n\r\n").await.unwrap();
         let mut out = String::new();
@@ -380,7 +383,7 @@ async fn with_the_api_server_refusing_the_tables_and_the_health_check_node_port_
     };
     let edge_key = "tcp 203.0.113.11:443";
     let tables = until(&mut plane.tables, "edge served", |t| has(t, edge_key)).await;
-    tokio::time::timeout(FAILSAFE, served.wait_for(|s| s.iter().any(|h| h.port == port && h.local_endpoints == 1)))
+    tokio::time::timeout(FAILSAFE, served.wait_for(|s| s.iter().any(|h| h.port == port && h.local_endpoints() == 1)))
         .await
         .expect("health check node port served")
         .unwrap();

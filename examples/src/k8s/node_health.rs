@@ -9,8 +9,9 @@
 //! header. H is false, as kube-proxy's is when an update waits unapplied for twice its sync period,
 //! once the poll loops have not taken or swapped in the last tables for [`PROXY_HEALTH_TIMEOUT`]
 //! (a stuck loop: the node serves neither the cluster as it is nor, on that loop's queue, at all). The listeners follow the translation the tables run (once the control loop has applied
-//! it; not one it refused), and N is what the tables serve: 0 for a Service none of whose keys they
-//! hold (left out by lb-core or the workers), as the node drops its traffic. A port is opened when a
+//! it; not one it refused), and N is what the tables serve: the endpoints of the Service's ports one
+//! of whose node port or load-balancer keys they hold (not one left out by lb-core or the workers,
+//! whose traffic the node drops), 0 when they hold none. A port is opened when a
 //! Service asks for it and closed when none does; a port another process holds is tried again
 //! every 2 s until it opens. The kernel, not the XDP program, receives these connections (the port is
 //! no service's), so they reach the node's own stack and this server.
@@ -163,7 +164,7 @@ async fn answer(mut conn: TcpStream, port: u16, answers: Answers, behind: Behind
 
 /// The HTTP response for `c`, as kube-proxy's `hcHandler` writes it.
 fn response(c: &NodeHealthCheck, healthy: bool) -> String {
-    let n = c.local_endpoints;
+    let n = c.local_endpoints();
     let status = if n > 0 && healthy { "200 OK" } else { "503 Service Unavailable" };
     let body = serde_json::json!({
         "service": { "namespace": c.namespace, "name": c.name },
@@ -182,8 +183,13 @@ fn response(c: &NodeHealthCheck, healthy: bool) -> String {
 mod tests {
     use super::*;
 
-    fn check(port: u16, local_endpoints: usize) -> NodeHealthCheck {
-        NodeHealthCheck { port, namespace: "ingress".into(), name: "edge".into(), local_endpoints }
+    fn check(port: u16, local_endpoints: u8) -> NodeHealthCheck {
+        let ports = vec![super::super::translate::LocalEndpoints {
+            name: "ingress/edge:https".into(),
+            external_keys: Vec::new(),
+            addrs: (1..=local_endpoints).map(|i| IpAddr::from([10, 244, 1, i])).collect(),
+        }];
+        NodeHealthCheck { port, namespace: "ingress".into(), name: "edge".into(), ports }
     }
 
     /// A port nothing listens on, which no outgoing connection takes meanwhile.

@@ -118,9 +118,29 @@ pub struct NodeHealthCheck {
     pub namespace: String,
     /// The Service's name.
     pub name: String,
-    /// This node's ready endpoints of the Service, in slices with one of its TCP or UDP ports
-    /// and not weighted 0 (distinct addresses; kube-proxy's `localEndpoints`): 0 answers 503.
-    pub local_endpoints: usize,
+    /// This node's ready endpoints of the Service, by TCP or UDP port.
+    pub ports: Vec<LocalEndpoints>,
+}
+
+impl NodeHealthCheck {
+    /// kube-proxy's `localEndpoints`: this node's ready endpoints of the Service's ports (distinct
+    /// addresses: a pod serving two ports is one endpoint); 0 answers 503.
+    pub fn local_endpoints(&self) -> usize {
+        self.ports.iter().flat_map(|p| &p.addrs).collect::<HashSet<_>>().len()
+    }
+}
+
+/// One port of a [`NodeHealthCheck`]'s Service: where it is reached from outside the cluster, and
+/// its ready endpoints on this node. The control loop keeps only the ports whose keys the tables
+/// serve, so that a port left out (its traffic dropped here) draws no cloud load balancer traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalEndpoints {
+    /// The name its keys have (`namespace/name:port`).
+    pub name: String,
+    /// Its keys under `externalTrafficPolicy` (node ports, external and load-balancer IPs), as translated.
+    pub external_keys: Vec<ServiceKey>,
+    /// This node's ready endpoints on it, less those of a slice weighted 0 (they take no new flows).
+    pub addrs: std::collections::BTreeSet<IpAddr>,
 }
 
 /// A Service, or one of its keys, the translation left out, and why.
@@ -459,7 +479,7 @@ fn place(
     taken_by: &str,
 ) {
     if !specs.is_empty()
-        && let Some(hc) = node_health_check(svc, slices, settings)
+        && let Some(hc) = node_health_check(svc, slices, settings, &specs)
     {
         out.health_checks.push(hc);
     }
@@ -722,44 +742,62 @@ fn serve_terminating_if_none_ready(backends: &mut [BackendConfig], fallback: &[b
 
 /// The health check node port `svc` asks this node to answer, if any: a LoadBalancer Service with
 /// `externalTrafficPolicy: Local` and a `healthCheckNodePort`, counted as kube-proxy counts it (this
-/// node's ready endpoints), less those of a slice weighted 0, which take no new flows.
+/// node's ready endpoints, of the copy of each kept as a backend), less those of a slice weighted 0,
+/// which take no new flows, by port with the port's external keys among `specs` (its translation).
 fn node_health_check(
     svc: &Service,
     slices: &[&EndpointSlice],
     settings: &KubernetesSettings,
+    specs: &[ServiceSpec],
 ) -> Option<NodeHealthCheck> {
     let spec = svc.spec.as_ref()?;
     if spec.type_.as_deref() != Some("LoadBalancer") || spec.external_traffic_policy.as_deref() != Some("Local") {
         return None;
     }
     let port = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()).filter(|&p| p != 0)?;
-    let node = settings.node_name.as_deref();
-    // Only slices with a port of the Service hold its backends (kube-proxy too ignores a slice with
-    // `ports: null`, which the EndpointSlice controller writes for pods without the named targetPort).
-    let serves_a_port = |s: &EndpointSlice| {
-        spec.ports.iter().flatten().any(|p| {
-            let proto = match p.protocol.as_deref().unwrap_or("TCP") {
-                "TCP" => Protocol::Tcp,
-                "UDP" => Protocol::Udp,
-                _ => return false,
-            };
-            slice_port(s, p.name.as_deref().unwrap_or(""), proto).is_some()
-        })
-    };
-    // Nor does a slice weighted 0 hold any that takes new flows.
-    let weighted_0 = |s: &EndpointSlice| annotations::weight(s.metadata.annotations.as_ref()) == Ok(0);
-    let local_endpoints: HashSet<&str> = slices
+    let full = full_name(svc);
+    let cluster_ips: HashSet<IpAddr> = spec
+        .cluster_ips
         .iter()
-        .filter(|s| holds_addresses(s) && serves_a_port(s) && !weighted_0(s))
-        .flat_map(|s| s.endpoints.iter())
-        .filter(|e| is_local(e, node) && Condition::of(e) == Condition::Ready)
-        .filter_map(|e| e.addresses.first().map(String::as_str))
+        .flatten()
+        .chain(spec.cluster_ip.as_ref())
+        .filter_map(|ip| parse_ip(ip.trim()))
         .collect();
+    // (A weight that does not parse is the default's: such a Service is served as last translated.)
+    let weights: Vec<u32> = slices
+        .iter()
+        .map(|s| annotations::weight(s.metadata.annotations.as_ref()).unwrap_or(annotations::DEFAULT_WEIGHT))
+        .collect();
+    let mut ports = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let proto = match p.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            _ => continue,
+        };
+        let port_name = p.name.as_deref().unwrap_or("");
+        let shown = if port_name.is_empty() { p.port.to_string() } else { port_name.to_string() };
+        let name = format!("{full}:{shown}");
+        let external_keys = specs
+            .iter()
+            .filter(|s| s.config.name == name && !cluster_ips.contains(&s.config.key.vip))
+            .map(|s| s.config.key)
+            .collect();
+        // Only slices with a port of the Service hold its backends (kube-proxy too ignores a slice
+        // with `ports: null`, which the EndpointSlice controller writes for pods without the named
+        // targetPort).
+        let addrs = endpoints_for(slices, &weights, port_name, proto, settings.node_name.as_deref())
+            .into_iter()
+            .filter(|e| e.local && e.condition == Condition::Ready && e.backend.weight > 0)
+            .map(|e| e.backend.addr)
+            .collect();
+        ports.push(LocalEndpoints { name, external_keys, addrs });
+    }
     Some(NodeHealthCheck {
         port,
         namespace: svc.metadata.namespace.clone().unwrap_or_default(),
         name: svc.metadata.name.clone().unwrap_or_default(),
-        local_endpoints: local_endpoints.len(),
+        ports,
     })
 }
 
@@ -1293,19 +1331,36 @@ mod tests {
         let spec = svc.spec.as_mut().unwrap();
         spec.external_traffic_policy = Some("Local".into());
         spec.health_check_node_port = Some(32100);
-        let want = |n| {
-            vec![NodeHealthCheck { port: 32100, namespace: "ingress".into(), name: "edge".into(), local_endpoints: n }]
+        let checks = |slice: &EndpointSlice, node_name: &str| -> Vec<(u16, String, String, usize)> {
+            let t = translate([&svc], [slice], &on(node_name), &node());
+            t.health_checks.iter().map(|h| (h.port, h.namespace.clone(), h.name.clone(), h.local_endpoints())).collect()
         };
-        assert_eq!(translate([&svc], [&slice], &on("node-a"), &node()).health_checks, want(1));
-        assert_eq!(translate([&svc], [&slice], &on("node-b"), &node()).health_checks, want(0));
+        let want = |n| vec![(32100, "ingress".to_string(), "edge".to_string(), n)];
+        assert_eq!(checks(&slice, "node-a"), want(1));
+        assert_eq!(checks(&slice, "node-b"), want(0));
+        // By port, with the keys that reach it from outside (not the cluster IP's), for the control
+        // loop to keep only the ports the tables serve.
+        let t = translate([&svc], [&slice], &on("node-a"), &node());
+        let ports: Vec<(&str, Vec<String>)> = t.health_checks[0]
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.external_keys.iter().map(ToString::to_string).collect()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("ingress/edge:https", vec!["tcp 203.0.113.11:443".to_string(), "tcp 192.168.1.10:31443".to_string()]),
+                ("ingress/edge:quic", vec!["udp 203.0.113.11:443".to_string(), "udp 192.168.1.10:31443".to_string()]),
+            ]
+        );
         // A second local endpoint that is not ready does not count; a ready one does.
         let mut second = slice.endpoints[0].clone();
         second.addresses = vec!["10.244.1.31".into()];
         second.conditions = Some(EndpointConditions { ready: Some(false), serving: Some(false), terminating: None });
         slice.endpoints.push(second);
-        assert_eq!(translate([&svc], [&slice], &on("node-a"), &node()).health_checks, want(1));
+        assert_eq!(checks(&slice, "node-a"), want(1));
         slice.endpoints[1].conditions = None;
-        assert_eq!(translate([&svc], [&slice], &on("node-a"), &node()).health_checks, want(2));
+        assert_eq!(checks(&slice, "node-a"), want(2));
     }
 
     /// Pods the Service's selector matches but whose container has no port of the named targetPort
@@ -1344,7 +1399,7 @@ mod tests {
         let local_endpoints = |slices: &[&EndpointSlice]| {
             let t = translate([&svc], slices.iter().copied(), &on_b, &node());
             assert!(find(&t, "tcp 192.168.1.10:31443").backends.is_empty(), "no backend on node-b");
-            t.health_checks.iter().map(|h| h.local_endpoints).collect::<Vec<_>>()
+            t.health_checks.iter().map(|h| h.local_endpoints()).collect::<Vec<_>>()
         };
         assert_eq!(local_endpoints(&[&slice, &portless]), [0]);
         // Ports of another name than the Service's (a port renamed in the pods) are none of its either.
@@ -1362,7 +1417,7 @@ mod tests {
             backends(find(&t, "tcp 192.168.1.10:31443")),
             [("10.244.2.40:9090".into(), BackendState::Active, 100)]
         );
-        assert_eq!(t.health_checks.iter().map(|h| h.local_endpoints).collect::<Vec<_>>(), [1]);
+        assert_eq!(t.health_checks.iter().map(|h| h.local_endpoints()).collect::<Vec<_>>(), [1]);
     }
 
     /// A canary pod promoted by adding it to the stable slice before taking it out of the canary's:
@@ -1428,7 +1483,7 @@ mod tests {
         let mut slice: EndpointSlice = fixture!("endpointslice-edge.json");
         let count = |slice: &EndpointSlice| {
             let t = translate([&svc], [slice], &settings(), &node());
-            t.health_checks.iter().map(|h| h.local_endpoints).collect::<Vec<_>>()
+            t.health_checks.iter().map(|h| h.local_endpoints()).collect::<Vec<_>>()
         };
         assert_eq!(count(&slice), [1]);
         slice.metadata.annotations.get_or_insert_default().insert(annotations::WEIGHT.into(), "0".into());
@@ -1463,7 +1518,7 @@ mod tests {
             let want = [("10.244.1.30:8443".into(), BackendState::Active, 100)];
             assert_eq!(backends(find(&t, "tcp 192.168.1.10:31443")), want, "{:?}", order.map(|s| &s.metadata.name));
             assert_eq!(backends(find(&t, "tcp 203.0.113.11:443")), want);
-            assert_eq!(t.health_checks[0].local_endpoints, 1);
+            assert_eq!(t.health_checks[0].local_endpoints(), 1);
         }
     }
 
