@@ -1951,7 +1951,7 @@ services:
             s
         };
         let counts = |checks: &[NodeHealthCheck]| -> Vec<(u16, usize)> {
-            checks.iter().map(|c| (c.port, c.local_endpoints())).collect()
+            checks.iter().map(|c| (c.port, c.local_endpoints(true))).collect()
         };
         let k8s = Translation {
             services: vec![service("edge/a:http", 9000), service("edge/b:http", 80)],
@@ -2011,7 +2011,7 @@ services:
         let served = live.borrow().node_health_checks.clone();
         let ports: Vec<&str> = served[0].ports.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(ports, ["edge/a:http", "edge/a:dns"]);
-        assert_eq!(served[0].local_endpoints(), 2, "{served:?}");
+        assert_eq!(served[0].local_endpoints(true), 2, "{served:?}");
     }
 
     /// A health check of Service `edge/NAME` with one port per `(port name, key port, n)`: reached on
@@ -2024,6 +2024,7 @@ services:
             port,
             namespace: "edge".into(),
             name: name.into(),
+            families: (true, false),
             ports: ports
                 .iter()
                 .map(|&(port_name, key_port, n)| LocalEndpoints {

@@ -299,7 +299,7 @@ async fn a_local_load_balancers_health_check_node_port_answers_for_this_node() {
     let mut answered_with = async |n: usize| {
         tokio::time::timeout(
             FAILSAFE,
-            served.wait_for(|s| s.iter().any(|h| h.port == port && h.local_endpoints() == n)),
+            served.wait_for(|s| s.iter().any(|h| h.port == port && h.local_endpoints(true) == n)),
         )
         .await
         .unwrap_or_else(|_| panic!("never served with {n} local endpoints"))
@@ -383,10 +383,13 @@ async fn with_the_api_server_refusing_the_tables_and_the_health_check_node_port_
     };
     let edge_key = "tcp 203.0.113.11:443";
     let tables = until(&mut plane.tables, "edge served", |t| has(t, edge_key)).await;
-    tokio::time::timeout(FAILSAFE, served.wait_for(|s| s.iter().any(|h| h.port == port && h.local_endpoints() == 1)))
-        .await
-        .expect("health check node port served")
-        .unwrap();
+    tokio::time::timeout(
+        FAILSAFE,
+        served.wait_for(|s| s.iter().any(|h| h.port == port && h.local_endpoints(true) == 1)),
+    )
+    .await
+    .expect("health check node port served")
+    .unwrap();
     assert!(get().await.starts_with("HTTP/1.1 200 OK\r\n"));
     reqs.next("services watch", |r| r.path == SERVICES && r.is_watch()).await;
     reqs.next("slices watch", |r| r.path == SLICES && r.is_watch()).await;

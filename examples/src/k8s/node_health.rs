@@ -6,7 +6,8 @@
 //! Every request on the port, whatever its path, gets
 //! `{"service":{"namespace":NS,"name":NAME},"localEndpoints":N,"serviceProxyHealthy":H}` with
 //! status 200 when N > 0 and H, 503 otherwise, and kube-proxy's `X-Load-Balancing-Endpoint-Weight: N`
-//! header. H is false, as kube-proxy's is when an update waits unapplied for twice its sync period,
+//! header. N counts the endpoints of the request's address family (of the Service's only one if it
+//! has one), as each of kube-proxy's per-family proxiers counts its own. H is false, as kube-proxy's is when an update waits unapplied for twice its sync period,
 //! once the poll loops have not taken or swapped in the last tables for [`PROXY_HEALTH_TIMEOUT`]
 //! (a stuck loop: the node serves neither the cluster as it is nor, on that loop's queue, at all). The listeners follow the translation the tables run (once the control loop has applied
 //! it; not one it refused), and N is what the tables serve: the endpoints of the Service's ports one
@@ -158,13 +159,16 @@ async fn answer(mut conn: TcpStream, port: u16, answers: Answers, behind: Behind
     let check = answers.read().ok().and_then(|a| a.get(&port).cloned());
     let Some(c) = check else { return };
     let healthy = behind.borrow().is_none_or(|since| since.elapsed() < PROXY_HEALTH_TIMEOUT);
-    let _ = conn.write_all(response(&c, healthy).as_bytes()).await;
+    // (On the IPv6 unspecified address an IPv4 client comes to an IPv4-mapped address.)
+    let to_ipv4 = conn.local_addr().map_or(true, |a| a.ip().to_canonical().is_ipv4());
+    let _ = conn.write_all(response(&c, healthy, to_ipv4).as_bytes()).await;
     let _ = conn.shutdown().await;
 }
 
-/// The HTTP response for `c`, as kube-proxy's `hcHandler` writes it.
-fn response(c: &NodeHealthCheck, healthy: bool) -> String {
-    let n = c.local_endpoints();
+/// The HTTP response for `c` to a request to an IPv4 address if `to_ipv4`, as kube-proxy's
+/// `hcHandler` writes it.
+fn response(c: &NodeHealthCheck, healthy: bool, to_ipv4: bool) -> String {
+    let n = c.local_endpoints(to_ipv4);
     let status = if n > 0 && healthy { "200 OK" } else { "503 Service Unavailable" };
     let body = serde_json::json!({
         "service": { "namespace": c.namespace, "name": c.name },
@@ -189,7 +193,7 @@ mod tests {
             external_keys: Vec::new(),
             addrs: (1..=local_endpoints).map(|i| IpAddr::from([10, 244, 1, i])).collect(),
         }];
-        NodeHealthCheck { port, namespace: "ingress".into(), name: "edge".into(), ports }
+        NodeHealthCheck { port, namespace: "ingress".into(), name: "edge".into(), families: (true, false), ports }
     }
 
     /// A port nothing listens on, which no outgoing connection takes meanwhile.
@@ -198,7 +202,11 @@ mod tests {
     }
 
     async fn get(port: u16) -> std::io::Result<String> {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).await?;
+        get_from(IpAddr::from([127, 0, 0, 1]), port).await
+    }
+
+    async fn get_from(addr: IpAddr, port: u16) -> std::io::Result<String> {
+        let mut c = TcpStream::connect((addr, port)).await?;
         c.write_all(b"GET /healthz HTTP/1.1\r\nHost: node\r\n\r\n").await?;
         let mut out = String::new();
         c.read_to_string(&mut out).await?;
@@ -241,6 +249,33 @@ mod tests {
         applied(vec![]).await;
         let closed = TcpStream::connect(("127.0.0.1", port)).await;
         assert!(closed.is_err(), "the port closed with its Service: {closed:?}");
+        drop(tx);
+        server.await.unwrap();
+    }
+
+    /// A dual-stack Service's count on one port, served on every address of both families: each
+    /// request gets its own family's endpoints, as from kube-proxy's proxier of that family. (It
+    /// answered both families' sum: a dual-stack pod counted twice.)
+    #[tokio::test]
+    async fn each_family_is_answered_its_own_local_endpoints() {
+        let port = free_port().await;
+        let mut dual = check(port, 1);
+        dual.families = (true, true);
+        dual.ports[0]
+            .addrs
+            .extend(["fd00:10:244:1::1".parse::<IpAddr>().unwrap(), "fd00:10:244:1::2".parse().unwrap()]);
+        let (tx, rx) = watch::channel(vec![dual.clone()]);
+        let (served_tx, mut served) = watch::channel(Vec::new());
+        let (_behind_tx, behind) = watch::channel(None);
+        let server = tokio::spawn(serve(IpAddr::V6(Ipv6Addr::UNSPECIFIED), rx, behind, served_tx));
+        let open = served.wait_for(|s| *s == vec![dual.clone()]);
+        tokio::time::timeout(Duration::from_secs(10), open).await.expect("the port opens").unwrap();
+        let v4 = get(port).await.unwrap();
+        assert!(v4.contains("X-Load-Balancing-Endpoint-Weight: 1\r\n") && v4.contains("\"localEndpoints\":1"), "{v4}");
+        // (Where the node has IPv6, as the test host may not.)
+        if let Ok(v6) = get_from(IpAddr::V6(Ipv6Addr::LOCALHOST), port).await {
+            assert!(v6.contains("\"localEndpoints\":2"), "{v6}");
+        }
         drop(tx);
         server.await.unwrap();
     }

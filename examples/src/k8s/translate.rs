@@ -118,15 +118,22 @@ pub struct NodeHealthCheck {
     pub namespace: String,
     /// The Service's name.
     pub name: String,
+    /// The Service's IP families (those of its cluster IPs): IPv4, IPv6.
+    pub families: (bool, bool),
     /// This node's ready endpoints of the Service, by TCP or UDP port.
     pub ports: Vec<LocalEndpoints>,
 }
 
 impl NodeHealthCheck {
-    /// kube-proxy's `localEndpoints`: this node's ready endpoints of the Service's ports (distinct
-    /// addresses: a pod serving two ports is one endpoint); 0 answers 503.
-    pub fn local_endpoints(&self) -> usize {
-        self.ports.iter().flat_map(|p| &p.addrs).collect::<HashSet<_>>().len()
+    /// kube-proxy's `localEndpoints` for a request to one of the node's addresses, IPv4 if `to_ipv4`:
+    /// this node's ready endpoints of the Service's ports (distinct addresses: a pod serving two
+    /// ports is one endpoint) of the request's family, or of the Service's only family if it is the
+    /// other. kube-proxy counts each family apart (one proxier, and one health check server, each;
+    /// kubernetes/kubernetes#114702): a dual-stack pod is one endpoint, not two. 0 answers 503.
+    pub fn local_endpoints(&self, to_ipv4: bool) -> usize {
+        let (v4, v6) = self.families;
+        let ipv4 = if to_ipv4 { v4 || !v6 } else { v4 && !v6 };
+        self.ports.iter().flat_map(|p| &p.addrs).filter(|a| a.is_ipv4() == ipv4).collect::<HashSet<_>>().len()
     }
 }
 
@@ -797,6 +804,7 @@ fn node_health_check(
         port,
         namespace: svc.metadata.namespace.clone().unwrap_or_default(),
         name: svc.metadata.name.clone().unwrap_or_default(),
+        families: (cluster_ips.iter().any(IpAddr::is_ipv4), cluster_ips.iter().any(IpAddr::is_ipv6)),
         ports,
     })
 }
@@ -1333,7 +1341,10 @@ mod tests {
         spec.health_check_node_port = Some(32100);
         let checks = |slice: &EndpointSlice, node_name: &str| -> Vec<(u16, String, String, usize)> {
             let t = translate([&svc], [slice], &on(node_name), &node());
-            t.health_checks.iter().map(|h| (h.port, h.namespace.clone(), h.name.clone(), h.local_endpoints())).collect()
+            t.health_checks
+                .iter()
+                .map(|h| (h.port, h.namespace.clone(), h.name.clone(), h.local_endpoints(true)))
+                .collect()
         };
         let want = |n| vec![(32100, "ingress".to_string(), "edge".to_string(), n)];
         assert_eq!(checks(&slice, "node-a"), want(1));
@@ -1361,6 +1372,40 @@ mod tests {
         assert_eq!(checks(&slice, "node-a"), want(1));
         slice.endpoints[1].conditions = None;
         assert_eq!(checks(&slice, "node-a"), want(2));
+    }
+
+    /// A dual-stack Service's pods have an address of each family, one in each family's slice: each
+    /// is one endpoint to a request of its family, as kube-proxy, whose proxier of each family
+    /// counts its own, answers. Counting both made every pod two, and a node with one pod weigh as
+    /// much as one with two (`X-Load-Balancing-Endpoint-Weight`). A single-stack Service counts its
+    /// family's endpoints whatever the request's.
+    #[test]
+    fn a_dual_stack_pod_is_one_local_endpoint_to_a_request_of_each_family() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32100);
+        let v4: EndpointSlice = fixture!("endpointslice-edge.json");
+        let mut v6 = v4.clone();
+        v6.metadata.name = Some("edge-v6".into());
+        v6.address_type = "IPv6".into();
+        v6.endpoints[0].addresses = vec!["fd00:10:244:1::30".into()];
+        let mut second = v6.endpoints[0].clone();
+        second.addresses = vec!["fd00:10:244:1::31".into()];
+        v6.endpoints.push(second);
+        let counts = |svc: &Service| {
+            let t = translate([svc], [&v4, &v6], &settings(), &node());
+            (t.health_checks[0].local_endpoints(true), t.health_checks[0].local_endpoints(false))
+        };
+        assert_eq!(counts(&svc), (1, 1), "IPv4 only");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.cluster_ips = Some(vec!["10.96.7.7".into(), "fd00:10:96::707".into()]);
+        spec.ip_families = Some(vec!["IPv4".into(), "IPv6".into()]);
+        assert_eq!(counts(&svc), (1, 2), "dual-stack");
+        let spec = svc.spec.as_mut().unwrap();
+        spec.cluster_ips = Some(vec!["fd00:10:96::707".into()]);
+        spec.cluster_ip = Some("fd00:10:96::707".into());
+        assert_eq!(counts(&svc), (2, 2), "IPv6 only");
     }
 
     /// Pods the Service's selector matches but whose container has no port of the named targetPort
@@ -1399,7 +1444,7 @@ mod tests {
         let local_endpoints = |slices: &[&EndpointSlice]| {
             let t = translate([&svc], slices.iter().copied(), &on_b, &node());
             assert!(find(&t, "tcp 192.168.1.10:31443").backends.is_empty(), "no backend on node-b");
-            t.health_checks.iter().map(|h| h.local_endpoints()).collect::<Vec<_>>()
+            t.health_checks.iter().map(|h| h.local_endpoints(true)).collect::<Vec<_>>()
         };
         assert_eq!(local_endpoints(&[&slice, &portless]), [0]);
         // Ports of another name than the Service's (a port renamed in the pods) are none of its either.
@@ -1417,7 +1462,7 @@ mod tests {
             backends(find(&t, "tcp 192.168.1.10:31443")),
             [("10.244.2.40:9090".into(), BackendState::Active, 100)]
         );
-        assert_eq!(t.health_checks.iter().map(|h| h.local_endpoints()).collect::<Vec<_>>(), [1]);
+        assert_eq!(t.health_checks.iter().map(|h| h.local_endpoints(true)).collect::<Vec<_>>(), [1]);
     }
 
     /// A canary pod promoted by adding it to the stable slice before taking it out of the canary's:
@@ -1483,7 +1528,7 @@ mod tests {
         let mut slice: EndpointSlice = fixture!("endpointslice-edge.json");
         let count = |slice: &EndpointSlice| {
             let t = translate([&svc], [slice], &settings(), &node());
-            t.health_checks.iter().map(|h| h.local_endpoints()).collect::<Vec<_>>()
+            t.health_checks.iter().map(|h| h.local_endpoints(true)).collect::<Vec<_>>()
         };
         assert_eq!(count(&slice), [1]);
         slice.metadata.annotations.get_or_insert_default().insert(annotations::WEIGHT.into(), "0".into());
@@ -1518,7 +1563,7 @@ mod tests {
             let want = [("10.244.1.30:8443".into(), BackendState::Active, 100)];
             assert_eq!(backends(find(&t, "tcp 192.168.1.10:31443")), want, "{:?}", order.map(|s| &s.metadata.name));
             assert_eq!(backends(find(&t, "tcp 203.0.113.11:443")), want);
-            assert_eq!(t.health_checks[0].local_endpoints(), 1);
+            assert_eq!(t.health_checks[0].local_endpoints(true), 1);
         }
     }
 
