@@ -1021,9 +1021,11 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
         // The metrics port first: one that cannot be had (another exporter on it) fails the start
         // before the first tables reach the workers, so no VIP is served by a run about to exit.
         let metrics = match settings.metrics_listen {
-            Some(addr) => {
-                Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Metrics { addr, source })?)
-            }
+            Some(addr) => Some(
+                crate::metrics::bind_listener(addr)
+                    .and_then(tokio::net::TcpListener::from_std)
+                    .map_err(|source| StartError::Metrics { addr, source })?,
+            ),
             None => None,
         };
         // The Kubernetes client too (a kubeconfig that cannot be read, no in-cluster configuration).

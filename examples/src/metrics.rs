@@ -687,6 +687,29 @@ pub const READY_PATH: &str = "/ready";
 /// cost, nor wait its turn for behind Prometheus's scrapes under the kubelet's 1 s timeout.
 pub const LIVE_PATH: &str = "/livez";
 
+/// A listening TCP socket on `addr`, for tokio's `TcpListener::from_std`. On the IPv6 unspecified
+/// address (`[::]`) it takes IPv4 clients too (`IPV6_V6ONLY` off, as Go's listeners, kube-proxy's,
+/// set it), whatever `net.ipv6.bindv6only` the node sets; on a kernel without IPv6 it is the IPv4
+/// unspecified address instead. So one `[::]:PORT` serves both families on any node.
+pub fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol as Proto, Socket, Type};
+    let any_v6 = addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+    let socket = match Socket::new(Domain::for_address(addr), Type::STREAM, Some(Proto::TCP)) {
+        Err(e) if any_v6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            return bind_listener(SocketAddr::from(([0, 0, 0, 0], addr.port())));
+        }
+        socket => socket?,
+    };
+    if any_v6 {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
 /// Requests rendered at once: two, so `lb list` is not queued behind a Prometheus scrape alone.
 const RENDERS: usize = 2;
 
@@ -849,6 +872,31 @@ mod tests {
     use super::*;
     use crate::config::file::parse;
     use crate::control::{Control, ControlInput, RecordingSink};
+
+    /// `[::]:PORT` takes IPv4 clients on a node whose `net.ipv6.bindv6only` is 1 (tokio's bind left
+    /// the kernel's default, so there the metrics endpoint and the health check node ports took IPv6
+    /// alone, and the probes and cloud health checks of IPv4 were refused). In a network namespace
+    /// of its own, as root.
+    #[test]
+    fn the_ipv6_unspecified_address_takes_ipv4_whatever_bindv6only_says() {
+        use lb_io::netns::{Netns, can_create_namespaces};
+        if let Err(reason) = can_create_namespaces() {
+            return println!("SKIPPED: {reason}");
+        }
+        let ns = Netns::create(&format!("lbv6only{}", std::process::id())).expect("namespace");
+        ns.exec("sysctl", &["-qw", "net.ipv6.bindv6only=1"]).expect("bindv6only");
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                ns.enter().expect("enter the namespace");
+                let listener = bind_listener("[::]:0".parse().unwrap()).unwrap();
+                let port = listener.local_addr().unwrap().port();
+                let v4 = std::net::TcpStream::connect(("127.0.0.1", port));
+                assert!(v4.is_ok(), "an IPv4 client of [::]:{port}: {v4:?}");
+                let v6 = std::net::TcpStream::connect(("::1", port));
+                assert!(v6.is_ok(), "an IPv6 client of [::]:{port}: {v6:?}");
+            });
+        });
+    }
 
     const YAML: &str = r#"
 node: { snat_v4: 10.0.0.2, gateway_mac: "02:00:00:00:00:fe" }

@@ -91,9 +91,11 @@ async fn serve_retrying(
                 continue;
             }
             // (The IPv6 unspecified address takes IPv4 too; on a node without IPv6, IPv4's alone.)
-            let bound = match TcpListener::bind(SocketAddr::new(addr, c.port)).await {
+            let bind =
+                |addr| crate::metrics::bind_listener(SocketAddr::new(addr, c.port)).and_then(TcpListener::from_std);
+            let bound = match bind(addr) {
                 Err(e) if addr == IpAddr::V6(Ipv6Addr::UNSPECIFIED) => {
-                    TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), c.port)).await.map_err(|_| e)
+                    bind(IpAddr::V4(Ipv4Addr::UNSPECIFIED)).map_err(|_| e)
                 }
                 bound => bound,
             };
