@@ -1055,6 +1055,9 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
             let (served_tx, served_rx) = watch::channel(Vec::new());
             node_health = Some(served_rx);
             let any = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+            if let Some(addr) = settings.kubernetes.as_ref().and_then(|k| k.proxy_healthz) {
+                tokio::spawn(crate::k8s::node_health::serve_proxy_healthz(addr, behind_rx.clone()));
+            }
             tokio::spawn(crate::k8s::node_health::serve(any, hc_rx, behind_rx, served_tx));
             let mut live = control.subscribe();
             tokio::spawn(async move {

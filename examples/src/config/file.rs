@@ -202,6 +202,7 @@ struct FileKubernetes {
     default_mode: Option<String>,
     gue_port: Option<u64>,
     debounce: Option<String>,
+    proxy_healthz: Option<String>,
 }
 
 fn yes() -> bool {
@@ -709,6 +710,10 @@ fn validate_kubernetes(k: &FileKubernetes, p: &mut Problems) -> KubernetesSettin
             None => p.push("kubernetes.debounce", quoted(d), "is not a duration (e.g. 200ms)"),
         }
     }
+    if let Some(a) = &k.proxy_healthz {
+        s.proxy_healthz =
+            p.parse::<SocketAddr>("kubernetes.proxy_healthz", a, "is not ADDRESS:PORT (e.g. \"[::]:10256\")");
+    }
     s
 }
 
@@ -1195,6 +1200,20 @@ services:
         assert_eq!(dup.to_string(), "services[1].backends[1]: 10.1.0.1:8080 appears twice in this service");
         let sched = errs.iter().find(|e| e.field == "services[0].scheduler").unwrap();
         assert!(sched.to_string().starts_with("services[0].scheduler: \"lblc\" is not a scheduler"), "{sched}");
+    }
+
+    /// `kubernetes.proxy_healthz`: off unless written; an address that is none is refused naming the
+    /// field; a change needs a restart (the port is bound once).
+    #[test]
+    fn proxy_healthz_is_an_address_and_off_by_default() {
+        let file = |extra: &str| format!("node: {{ gateway_mac: \"02:00:00:00:00:fe\" }}\nkubernetes: {{ {extra} }}\n");
+        assert_eq!(parse(&file("")).unwrap().kubernetes.unwrap().proxy_healthz, None);
+        let on = parse(&file("proxy_healthz: \"[::]:10256\"")).unwrap();
+        assert_eq!(on.kubernetes.as_ref().unwrap().proxy_healthz, Some("[::]:10256".parse().unwrap()));
+        let msg = parse(&file("proxy_healthz: 10256")).unwrap_err().to_string();
+        assert!(msg.contains("kubernetes.proxy_healthz: \"10256\" is not ADDRESS:PORT"), "{msg}");
+        let off = parse(&file("")).unwrap();
+        assert!(off.restart_needed(&on).contains(&"kubernetes.proxy_healthz"), "{:?}", off.restart_needed(&on));
     }
 
     /// A debounce beyond a minute is refused with its field, so the feed never computes a deadline

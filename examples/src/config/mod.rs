@@ -121,6 +121,11 @@ pub struct KubernetesSettings {
     pub default_mode: ForwardMode,
     /// How long the feed waits for more changes before it rebuilds the configuration.
     pub debounce: Duration,
+    /// Where to answer kube-proxy's own `/healthz` and `/livez` (its `--healthz-bind-address`,
+    /// `[::]:10256`), which cloud load balancers check for `externalTrafficPolicy: Cluster`
+    /// Services, on nodes where `lb` replaces kube-proxy; `None` (the default) leaves the port to
+    /// kube-proxy.
+    pub proxy_healthz: Option<SocketAddr>,
     /// The SNAT addresses the file leaves to the node (`node.snat_v4: node`, `node.snat_v6: node`):
     /// [`Settings::fill_from_env`] takes this node's first address of the family from
     /// `node_addresses`, so one file (a DaemonSet's ConfigMap) gives each node its own.
@@ -147,6 +152,7 @@ impl Default for KubernetesSettings {
             default_scheduler: SchedulerKind::Maglev,
             default_mode: ForwardMode::Nat,
             debounce: Duration::from_millis(200),
+            proxy_healthz: None,
             snat_from_node: SnatFromNode::default(),
         }
     }
@@ -186,6 +192,7 @@ impl Settings {
         match (&self.kubernetes, &new.kubernetes) {
             (Some(_), None) | (None, Some(_)) => fields.push("kubernetes (the feed on or off)"),
             (Some(a), Some(b)) if a.kubeconfig != b.kubeconfig => fields.push("kubernetes.kubeconfig"),
+            (Some(a), Some(b)) if a.proxy_healthz != b.proxy_healthz => fields.push("kubernetes.proxy_healthz"),
             _ => {}
         }
         if self.interfaces != new.interfaces {

@@ -145,8 +145,9 @@ async fn accept(listener: TcpListener, port: u16, answers: Answers, behind: Behi
     }
 }
 
-/// Reads the request (up to its blank line, 4 KiB or [`READ_TIMEOUT`]) and answers it.
-async fn answer(mut conn: TcpStream, port: u16, answers: Answers, behind: BehindSince) {
+/// Reads a request's head (up to its blank line, 4 KiB or [`READ_TIMEOUT`]) and returns its path
+/// (empty if it has none).
+async fn read_path(conn: &mut TcpStream) -> String {
     let mut buf = [0u8; 4096];
     let mut read = 0;
     let _ = tokio::time::timeout(READ_TIMEOUT, async {
@@ -158,6 +159,14 @@ async fn answer(mut conn: TcpStream, port: u16, answers: Answers, behind: Behind
         }
     })
     .await;
+    let head = String::from_utf8_lossy(&buf[..read]);
+    let target = head.split_whitespace().nth(1).unwrap_or_default();
+    target.split('?').next().unwrap_or_default().to_string()
+}
+
+/// Reads the request and answers it, whatever its path (as kube-proxy's health check server does).
+async fn answer(mut conn: TcpStream, port: u16, answers: Answers, behind: BehindSince) {
+    let _ = read_path(&mut conn).await;
     let check = answers.read().ok().and_then(|a| a.get(&port).cloned());
     let Some(c) = check else { return };
     let healthy = behind.borrow().is_none_or(|since| since.elapsed() < PROXY_HEALTH_TIMEOUT);
@@ -165,6 +174,76 @@ async fn answer(mut conn: TcpStream, port: u16, answers: Answers, behind: Behind
     let to_ipv4 = conn.local_addr().map_or(true, |a| a.ip().to_canonical().is_ipv4());
     let _ = conn.write_all(response(&c, healthy, to_ipv4).as_bytes()).await;
     let _ = conn.shutdown().await;
+}
+
+/// Serves kube-proxy's own health server on `addr` (its `--healthz-bind-address`, 10256) until the
+/// task is dropped: `/healthz` and `/livez` answer 200 while the poll loops run the last tables (or
+/// have left them unapplied less than [`PROXY_HEALTH_TIMEOUT`]) and 503 after, with kube-proxy's
+/// JSON; any other path 404. Cloud load balancers check `/healthz` on every node for their
+/// `externalTrafficPolicy: Cluster` Services (GKE; AWS and Azure with KEP-3458's checks): where
+/// `lb` replaces kube-proxy and nothing answered, every node was out of their rotation. The node
+/// is always eligible (`"nodeEligible": true`): kube-proxy's 503 for a node being deleted or
+/// tainted `ToBeDeletedByClusterAutoscaler` needs the Node, which `lb` does not watch. A port that
+/// cannot be had (kube-proxy still on it) is logged and tried again every 2 s.
+pub async fn serve_proxy_healthz(addr: SocketAddr, behind: BehindSince) {
+    let mut warned = false;
+    let listener = loop {
+        match crate::metrics::bind_listener(addr).and_then(TcpListener::from_std) {
+            Ok(l) => break l,
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(%addr, "cannot open kube-proxy's health port (tried again every {BIND_RETRY:?}): {e}");
+            }
+            Err(e) => tracing::debug!(%addr, "cannot open kube-proxy's health port yet: {e}"),
+        }
+        tokio::time::sleep(BIND_RETRY).await;
+    };
+    tracing::info!(%addr, "serving kube-proxy's /healthz and /livez");
+    loop {
+        match listener.accept().await {
+            Ok((mut conn, _)) => {
+                let behind = behind.clone();
+                tokio::spawn(async move {
+                    let path = read_path(&mut conn).await;
+                    let since = *behind.borrow();
+                    let _ = conn.write_all(proxy_health_response(&path, since).as_bytes()).await;
+                    let _ = conn.shutdown().await;
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+/// kube-proxy's `healthzHandler` and `livezHandler` answer to `path`, the poll loops behind since
+/// `since` (`None`: they run the last tables). Times are RFC 3339 (kube-proxy writes Go's
+/// `time.Time` string; cloud checks read the status alone).
+fn proxy_health_response(path: &str, since: Option<std::time::Instant>) -> String {
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+    let now = Timestamp::now();
+    let healthy = since.is_none_or(|s| s.elapsed() < PROXY_HEALTH_TIMEOUT);
+    // (Healthy, kube-proxy reports now as last updated; behind, since when.)
+    let last = match since {
+        Some(s) if !healthy => {
+            SignedDuration::try_from(s.elapsed()).ok().and_then(|d| now.checked_sub(d).ok()).unwrap_or(now)
+        }
+        _ => now,
+    };
+    let status = if healthy { "200 OK" } else { "503 Service Unavailable" };
+    let (status, ctype, body) = match path {
+        "/healthz" => (
+            status,
+            "application/json",
+            format!(r#"{{"lastUpdated": "{last}","currentTime": "{now}", "nodeEligible": true}}"#),
+        ),
+        "/livez" => (status, "application/json", format!(r#"{{"lastUpdated": "{last}","currentTime": "{now}"}}"#)),
+        _ => ("404 Not Found", "text/plain; charset=utf-8", "404 page not found\n".to_string()),
+    };
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nX-Content-Type-Options: nosniff\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
 
 /// The HTTP response for `c` to a request to an IPv4 address if `to_ipv4`, as kube-proxy's
@@ -280,6 +359,49 @@ mod tests {
         }
         drop(tx);
         server.await.unwrap();
+    }
+
+    /// kube-proxy's own `/healthz` (what clouds check for `externalTrafficPolicy: Cluster`
+    /// Services) and `/livez` answer 200 while the poll loops run the tables, 503 once they have
+    /// been behind [`PROXY_HEALTH_TIMEOUT`]; another path 404. Where `lb` replaced kube-proxy,
+    /// nothing answered, and the cloud took every node out of those Services' rotation.
+    #[tokio::test]
+    async fn kube_proxys_healthz_answers_while_the_loops_run_the_tables() {
+        let port = free_port().await;
+        let (behind_tx, behind) = watch::channel(None);
+        let server = tokio::spawn(serve_proxy_healthz(SocketAddr::from(([127, 0, 0, 1], port)), behind));
+        let get_path = |path: &'static str| async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match TcpStream::connect(("127.0.0.1", port)).await {
+                    Ok(mut c) => {
+                        c.write_all(format!("GET {path} HTTP/1.1\r\nHost: node\r\n\r\n").as_bytes()).await.unwrap();
+                        let mut out = String::new();
+                        c.read_to_string(&mut out).await.unwrap();
+                        return out;
+                    }
+                    Err(e) if tokio::time::Instant::now() > deadline => panic!("never opened: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        };
+        let healthz = get_path("/healthz").await;
+        assert!(healthz.starts_with("HTTP/1.1 200 OK\r\n"), "{healthz}");
+        let body: serde_json::Value = serde_json::from_str(healthz.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["nodeEligible"], true, "{body}");
+        assert!(body["lastUpdated"].is_string() && body["currentTime"].is_string(), "{body}");
+        assert!(get_path("/livez").await.starts_with("HTTP/1.1 200 OK\r\n"));
+        assert!(get_path("/metrics").await.starts_with("HTTP/1.1 404 Not Found\r\n"));
+
+        let long_ago = std::time::Instant::now().checked_sub(PROXY_HEALTH_TIMEOUT + Duration::from_secs(1)).unwrap();
+        behind_tx.send(Some(long_ago)).unwrap();
+        for path in ["/healthz", "/livez"] {
+            let stuck = get_path(path).await;
+            assert!(stuck.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{path}: {stuck}");
+        }
+        behind_tx.send(None).unwrap();
+        assert!(get_path("/healthz?verbose").await.starts_with("HTTP/1.1 200 OK\r\n"));
+        server.abort();
     }
 
     /// While the poll loops have left the last tables unapplied for [`PROXY_HEALTH_TIMEOUT`] the
