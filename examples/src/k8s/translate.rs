@@ -36,8 +36,12 @@
 //! Draining (keeps its flows, gets no new ones); anything else -> Draining too, except on a UDP port
 //! while an endpoint of the family serves: not a backend (kube-proxy clears its UDP conntrack entries,
 //! `CleanStaleEntries`). An endpoint in two of the slices (moving between them, or mirrored and
-//! written again) is one backend: the copy with the better conditions, then the one on this node (as
-//! kube-proxy keeps), then the one of the slice whose name sorts first. An endpoint whose
+//! written again, or a pod's IP reused while the old pod terminates) is one backend: the copy with the
+//! better conditions, then the one on this node, then the one of the slice whose name sorts first.
+//! kube-proxy 1.29-1.31 keeps a local copy whatever its conditions (`!exists || isLocal` in
+//! `EndpointSliceCache.addEndpoints`), so a terminating pod here shadowed a ready pod elsewhere that
+//! took its IP (kubernetes/kubernetes#135266); later releases prefer the copy not terminating
+//! (#135593), as the better conditions win here. An endpoint whose
 //! address is none a host holds (multicast, broadcast, unparsable) is left out alone, with a warning,
 //! rather than have lb-core refuse the key and its other endpoints. A `Local` traffic
 //! policy keeps only endpoints whose `nodeName` is this node; with none left the service stays, with no
@@ -980,8 +984,8 @@ fn endpoints_for(
                     .map(|z| z.name.clone())
                     .collect(),
             };
-            // The better condition wins; of two alike, the local one (as in kube-proxy, which keeps a
-            // local copy over any other).
+            // The better condition wins; of two alike, the local one (kube-proxy 1.29-1.31 keeps a
+            // local copy over any other, whatever its conditions: see the module's comment).
             match found.get(&(addr, target_port)) {
                 Some(prev) if (prev.condition, prev.local) >= (e.condition, e.local) => {}
                 _ => {
