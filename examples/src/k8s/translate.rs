@@ -492,7 +492,17 @@ fn place(
     if !specs.is_empty()
         && let Some(hc) = node_health_check(svc, slices, settings, &specs)
     {
-        out.health_checks.push(hc);
+        // (A Service placed in two steps, its requested load-balancer IP last: one check, with the
+        // external keys of both.)
+        let same = |h: &&mut NodeHealthCheck| h.port == hc.port && h.namespace == hc.namespace && h.name == hc.name;
+        match out.health_checks.iter_mut().find(same) {
+            Some(h) => {
+                for (port, more) in h.ports.iter_mut().zip(hc.ports) {
+                    port.external_keys.extend(more.external_keys);
+                }
+            }
+            None => out.health_checks.push(hc),
+        }
     }
     for spec in specs {
         if let Some(owner) = taken.get(&spec.config.key) {
@@ -1410,6 +1420,33 @@ mod tests {
         spec.cluster_ips = Some(vec!["fd00:10:96::707".into()]);
         spec.cluster_ip = Some("fd00:10:96::707".into());
         assert_eq!(counts(&svc), (2, 2), "IPv6 only");
+    }
+
+    /// A Service whose load-balancer keys are only its requested `spec.loadBalancerIP` (no status
+    /// yet, no node ports: `allocateLoadBalancerNodePorts: false`) is placed in two steps, its firm
+    /// keys first: its health check gives each port the external keys of both, so the control loop
+    /// counts the ports the tables serve on that IP. Only the first step's were kept, none of them
+    /// external, and the node answered 503 with local endpoints it served.
+    #[test]
+    fn a_requested_load_balancer_ip_is_an_external_key_of_the_health_check() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        svc.status = None;
+        let spec = svc.spec.as_mut().unwrap();
+        spec.external_traffic_policy = Some("Local".into());
+        spec.health_check_node_port = Some(32100);
+        spec.allocate_load_balancer_node_ports = Some(false);
+        for p in spec.ports.iter_mut().flatten() {
+            p.node_port = None;
+        }
+        let slice: EndpointSlice = fixture!("endpointslice-edge.json");
+        let t = translate([&svc], [&slice], &settings(), &node());
+        assert_eq!(t.health_checks.len(), 1, "{:?}", t.health_checks);
+        let keys: Vec<Vec<String>> = t.health_checks[0]
+            .ports
+            .iter()
+            .map(|p| p.external_keys.iter().map(ToString::to_string).collect())
+            .collect();
+        assert_eq!(keys, [["tcp 203.0.113.10:443"], ["udp 203.0.113.10:443"]]);
     }
 
     /// Pods the Service's selector matches but whose container has no port of the named targetPort
