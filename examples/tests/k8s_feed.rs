@@ -377,6 +377,10 @@ fn a_watch_on_a_dead_connection_is_given_up_and_resumed_within_the_keepalive_bou
         println!("SKIPPED: {why}");
         return;
     }
+    if let Err(e) = std::process::Command::new("nft").arg("--version").output() {
+        println!("SKIPPED: the nft command-line tool is not available ({e}); .ci/run installs nftables");
+        return;
+    }
     let ns = Netns::create(&format!("lbk8sdead{}", std::process::id())).unwrap();
     let name = ns.name().to_string();
     let blackhole = |ports: &[u16]| {
