@@ -408,7 +408,8 @@ pub struct ServiceConfig {
     /// When non-empty, only clients inside one of these prefixes reach the service; others are
     /// dropped and counted as `SourceNotAllowed`. Every packet is checked, so tables that narrow
     /// the list cut the established flows of the clients they leave out (kube-proxy checks new
-    /// connections only); their entries stay, and a list widened again lets them go on.
+    /// connections only); their entries stay, and a list widened again lets them go on. Each is of
+    /// the VIP's family and not IPv4-mapped: a table build refuses a range no client can be in.
     pub source_ranges: Vec<Cidr>,
     /// Maglev table size (prime) for mh, sh and dh. `None`: 65 537 up to 655 backends (then 655 373,
     /// 6 553 621), a size that stays put as backends come and go, so a change moves few flows; 128 KiB

@@ -768,6 +768,26 @@ pub enum ConfigError {
         /// What it is.
         kind: SpecialAddress,
     },
+    /// A source range no client of the service can be inside: of the other family than its VIP, or
+    /// IPv4-mapped IPv6 (no packet comes from such an address). It would match no client, and as the
+    /// service's only range it would refuse every one.
+    #[error(
+        "service {service}: source range {range} {}, so no client of the service is ever inside it; {}",
+        match .ipv4 { Some(_) => alloc::format!("is IPv4-mapped IPv6, which no packet comes from (VIP {vip})"),
+                      None => alloc::format!("is not of the family of its VIP {vip}") },
+        match .ipv4 { Some(v4) => alloc::format!("write the IPv4 prefix {v4} (on an IPv4 VIP's service)"),
+                      None => String::from("give ranges of the VIP's family only") }
+    )]
+    SourceRangeOfOtherFamily {
+        /// Service name.
+        service: String,
+        /// The range.
+        range: Cidr,
+        /// The VIP.
+        vip: IpAddr,
+        /// The IPv4 prefix an IPv4-mapped range stands for.
+        ipv4: Option<Cidr>,
+    },
     /// A node address (SNAT or tunnel source) that cannot be a packet's source on the wire.
     #[error("node.{field} {addr} is {kind}; it must be a unicast address of this node")]
     UnusableNodeAddress {
@@ -997,6 +1017,18 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
             if secs == 0 || secs > u64::from(u32::MAX) {
                 return Err(ConfigError::BadAffinityTimeout { service: service(), secs });
             }
+        }
+        // (The config file refuses such ranges, and the Kubernetes translation keeps each LB IP's
+        // own family's, reading a mapped range as the IPv4 one.)
+        if let Some(r) =
+            s.source_ranges.iter().find(|r| r.ipv4_mapped().is_some() || r.addr().is_ipv4() != vip.is_ipv4())
+        {
+            return Err(ConfigError::SourceRangeOfOtherFamily {
+                service: service(),
+                range: *r,
+                vip,
+                ipv4: r.ipv4_mapped(),
+            });
         }
         match (s.mode, vip) {
             (ForwardMode::Nat, IpAddr::V4(_)) if node.snat_v4.is_none() => {
@@ -1879,6 +1911,40 @@ mod tests {
         let newcomer = t7.services()[3].backends[0].id;
         assert_eq!(newcomer.slot, gone.id.slot, "the freed slot is reused");
         assert!(!t7.carries_counters_of(newcomer.slot as usize, before));
+    }
+
+    /// A source range of the other family than the VIP, or an IPv4-mapped one, can hold no client:
+    /// built, a service whose only range it was refused every client (each packet a
+    /// `source_not_allowed` drop) and one with other ranges carried it silently. The table build
+    /// refuses it, naming the service and the range.
+    #[test]
+    fn source_ranges_no_client_can_be_in_are_refused() {
+        for (vip, range, says) in [
+            ("192.0.2.1", "2001:db8::/32", "is not of the family of its VIP 192.0.2.1"),
+            (
+                "2001:db8::1",
+                "198.51.100.0/24",
+                "source range 198.51.100.0/24 is not of the family of its VIP 2001:db8::1",
+            ),
+            ("192.0.2.1", "::ffff:198.51.100.0/120", "write the IPv4 prefix 198.51.100.0/24"),
+            ("2001:db8::1", "::ffff:198.51.100.0/120", "is IPv4-mapped IPv6, which no packet comes from"),
+        ] {
+            let mut c = good();
+            c.node.tunnel_src_v6 = Some("2001:db8:1::101".parse().unwrap());
+            c.services[1].key.vip = vip.parse().unwrap();
+            c.services[1].mode = ForwardMode::IpIp;
+            c.services[1].backends[0].addr =
+                if vip.contains(':') { "2001:db8:1::9" } else { "10.0.0.9" }.parse().unwrap();
+            assert!(TableBuilder::new().build(&c).is_ok(), "{vip}");
+            // Alone, and beside a range of the VIP's family.
+            let ok: Cidr = if vip.contains(':') { "2001:db8:2::/48" } else { "203.0.113.0/24" }.parse().unwrap();
+            for ranges in [vec![range.parse().unwrap()], vec![ok, range.parse().unwrap()]] {
+                c.services[1].source_ranges = ranges;
+                let err = TableBuilder::new().build(&c).unwrap_err().to_string();
+                assert!(err.starts_with(&alloc::format!("service dns: source range {range} ")), "{err}");
+                assert!(err.contains(says), "{err}");
+            }
+        }
     }
 
     #[test]
