@@ -292,14 +292,21 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
     if a.busy_poll {
         cfg.busy_poll = Some(BusyPoll { usecs: 20, budget: 64 });
     }
+    // The load balancer's tables (`None`: the floor), read before the interface is touched, so a
+    // refused file attaches nothing.
+    let lb_tables = match a.processor.as_str() {
+        "floor" => None,
+        "lb" => Some(super::file_tables(a.config.as_deref().ok_or("--config is required for --processor lb")?)?),
+        other => return Err(format!("unknown --processor {other:?} (floor or lb)").into()),
+    };
     let (_steering, dev, _link) = open(&cfg, &a.steer, MissingSocket::Pass)?;
     let config_loop = LoopConfig {
         idle_spins: if a.busy_poll || a.spin { usize::MAX } else { LoopConfig::default().idle_spins },
         ..LoopConfig::default()
     };
     println!("ready");
-    let stats = match a.processor.as_str() {
-        "floor" => {
+    let stats = match lb_tables {
+        None => {
             let dst = parse_mac(a.dst_mac.as_deref().ok_or("--dst-mac is required for the floor")?)?;
             let p = MacRewrite { src: mac_of(&a.iface)?, dst };
             let (_updates, rx) = update_channel();
@@ -307,14 +314,7 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
             print_xsk(&report.device);
             report.stats
         }
-        "lb" => {
-            let path = a.config.as_deref().ok_or("--config is required for --processor lb")?;
-            let settings = lb_examples::config::file::load(path).map_err(|e| e.naming(path))?.settings;
-            let config = lb_core::config::Config {
-                node: settings.node.clone(),
-                services: settings.services.iter().map(|s| s.config.clone()).collect(),
-            };
-            let tables = lb_core::service::TableBuilder::new().build(&config)?;
+        Some(tables) => {
             let worker =
                 lb_core::worker::Worker::new(tables, lb_core::worker::WorkerConfig::single_core(a.conntrack_entries));
             let (_updates, rx) = update_channel();
@@ -329,7 +329,6 @@ pub fn forward_main(a: ForwardArgs) -> CmdResult {
             }
             report.stats
         }
-        other => return Err(format!("unknown --processor {other:?} (floor or lb)").into()),
     };
     // Context switches of this (the loop's) thread: how often it gave the core to l0's NAPI thread.
     let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();

@@ -42,15 +42,7 @@ pub fn main(args: Args) -> CmdResult {
     };
     // The configuration first: opening the device creates (truncates) the output, which a refused
     // configuration must leave as it was.
-    let mut settings = lb_examples::config::file::load(path).map_err(|e| e.naming(path))?.settings;
-    // As `lb run` reads it: a SNAT address left to the node (`node.snat_v4: node`) is the node's
-    // address from the Kubernetes settings (`kubernetes.node_addresses`, else $NODE_IPS).
-    settings.fill_from_env(|k| std::env::var(k).ok());
-    let config = lb_core::config::Config {
-        node: settings.node.clone(),
-        services: settings.services.iter().map(|s| s.config.clone()).collect(),
-    };
-    let tables = lb_core::service::TableBuilder::new().build(&config)?;
+    let tables = super::file_tables(path)?;
     let device = PcapDevice::open(&args.input, &args.output)?;
     let worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));
     let (_updates, rx) = update_channel();
