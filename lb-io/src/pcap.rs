@@ -11,7 +11,9 @@
 //! ([`PcapDevice::ends_inside_a_record`]), as Wireshark and `tcpdump -r` read such a file. A record
 //! whose length field is corrupt (more than any frame, as Wireshark judges it) is a read error naming
 //! its offset: pcap-file reports it as the end of the file, as it does a record longer than its 8 MB
-//! read buffer, so the record's header is read again here to tell the two apart.
+//! read buffer, so the record's header is read again here to tell the two apart. A record whose
+//! timestamp fraction is a second or more, or that holds more bytes than were on the wire, is a read
+//! error naming its offset too.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter};
@@ -19,7 +21,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use lb_core::{Frame, Instant};
-use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter};
+use pcap_file::pcap::{PcapHeader, PcapPacket, PcapReader, PcapWriter, RawPcapPacket};
 use pcap_file::{DataLink, Endianness, PcapError, TsResolution};
 
 use crate::chunk::ChunkPool;
@@ -239,6 +241,27 @@ impl Records {
     }
 }
 
+/// The record `raw`, checked as pcap-file checks it but for the snap length (see the module
+/// comment): a timestamp fraction under a second, and no more bytes captured than were on the wire.
+/// The error says what is wrong, for a message that names the record's offset (pcap-file's does
+/// not, and calls a microsecond fraction nanoseconds).
+fn checked(raw: RawPcapPacket<'_>, ts_resolution: TsResolution) -> Result<PcapPacket<'_>, String> {
+    let (nanos, unit, second) = match ts_resolution {
+        TsResolution::MicroSecond => (raw.ts_frac.checked_mul(1000), "microseconds", "1000000"),
+        TsResolution::NanoSecond => (Some(raw.ts_frac), "nanoseconds", "1000000000"),
+    };
+    let Some(nanos) = nanos.filter(|&n| n < 1_000_000_000) else {
+        return Err(format!(
+            "has a timestamp fraction of {} {unit}, which is a fraction of a second, below {second}",
+            raw.ts_frac
+        ));
+    };
+    if raw.incl_len > raw.orig_len {
+        return Err(format!("holds {} bytes, more than the {} it says were on the wire", raw.incl_len, raw.orig_len));
+    }
+    Ok(PcapPacket { timestamp: Duration::new(u64::from(raw.ts_sec), nanos), orig_len: raw.orig_len, data: raw.data })
+}
+
 /// What went wrong in `e`: for an I/O error the system's own message, since pcap-file's is only
 /// "Error reading bytes" (for a failed write too).
 fn reason(e: &PcapError) -> String {
@@ -267,13 +290,11 @@ impl Device for PcapDevice {
         let read_error = &mut self.read_error;
         let count = self.pool.lend(frames, |buffer, buf| {
             loop {
-                // Every check of pcap-file's but the snaplen ones (see the module comment): the
-                // timestamp, and no more bytes captured than were on the wire.
-                let record = reader
-                    .next_raw_packet()
-                    .map(|r| r.and_then(|raw| raw.try_into_pcap_packet(ts_resolution, u32::MAX)));
-                if let Some(Ok(pkt)) = &record {
-                    *offset += RECORD_HEADER_LEN + pkt.data.len() as u64;
+                let record = reader.next_raw_packet();
+                // Where this record starts, for its errors; then past it.
+                let at = *offset;
+                if let Some(Ok(raw)) = &record {
+                    *offset += RECORD_HEADER_LEN + raw.data.len() as u64;
                 }
                 match record {
                     None => {
@@ -283,7 +304,7 @@ impl Device for PcapDevice {
                     // pcap-file's word for a record that goes past the end of the file.
                     Some(Err(PcapError::IoError(e))) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                         *at_end = true;
-                        match input.unreadable(*offset) {
+                        match input.unreadable(at) {
                             None => *cut_off = true,
                             Some(problem) => *read_error = Some(problem),
                         }
@@ -294,16 +315,24 @@ impl Device for PcapDevice {
                         *read_error = Some(reason(&e));
                         return None;
                     }
-                    Some(Ok(pkt)) if pkt.data.len() < pkt.orig_len as usize => *truncated += 1,
-                    Some(Ok(pkt)) if pkt.data.len() > room => *oversize += 1,
-                    Some(Ok(pkt)) => {
-                        *last_ts = pkt.timestamp;
-                        if let Some(stamp) = stamps.get_mut(buffer) {
-                            *stamp = pkt.timestamp;
+                    Some(Ok(raw)) => match checked(raw, ts_resolution) {
+                        Err(problem) => {
+                            *at_end = true;
+                            *read_error =
+                                Some(format!("the record at byte {at} {problem}: the capture is corrupt there"));
+                            return None;
                         }
-                        buf.get_mut(..pkt.data.len())?.copy_from_slice(&pkt.data);
-                        return Some(pkt.data.len());
-                    }
+                        Ok(pkt) if pkt.data.len() < pkt.orig_len as usize => *truncated += 1,
+                        Ok(pkt) if pkt.data.len() > room => *oversize += 1,
+                        Ok(pkt) => {
+                            *last_ts = pkt.timestamp;
+                            if let Some(stamp) = stamps.get_mut(buffer) {
+                                *stamp = pkt.timestamp;
+                            }
+                            buf.get_mut(..pkt.data.len())?.copy_from_slice(&pkt.data);
+                            return Some(pkt.data.len());
+                        }
+                    },
                 }
             }
         });

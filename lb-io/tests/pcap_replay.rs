@@ -295,6 +295,50 @@ fn a_corrupt_record_length_fails_the_replay_naming_it() {
     }
 }
 
+/// A record whose timestamp fraction is a second or more (1 000 000 in a microsecond capture,
+/// 10^9 in a nanosecond one), or that holds more bytes than were on the wire, fails the replay
+/// naming the record's offset, as a corrupt length does. pcap-file's "Invalid field value:
+/// PacketHeader ts_nanosecond >= 1_000_000_000" named neither the record nor, for a microsecond
+/// capture, the unit.
+#[test]
+fn a_record_with_a_bad_timestamp_or_length_fails_the_replay_naming_its_offset() {
+    use pcap_file::TsResolution;
+    use pcap_file::pcap::PcapHeader;
+    let micro = TsResolution::MicroSecond;
+    let nano = TsResolution::NanoSecond;
+    // (the capture's resolution, the record header's field to corrupt (byte offset in it), its value,
+    // what the error says)
+    for (name, resolution, field, value, says) in [
+        ("frac-us", micro, 4, 1_000_000u32, "has a timestamp fraction of 1000000 microseconds"),
+        ("frac-us-overflow", micro, 4, 0xffff_ffff, "has a timestamp fraction of 4294967295 microseconds"),
+        ("frac-ns", nano, 4, 1_000_000_000, "has a timestamp fraction of 1000000000 nanoseconds"),
+        ("orig-len", micro, 12, 60, "holds 64 bytes, more than the 60 it says were on the wire"),
+    ] {
+        let input = scratch(&format!("{name}-in.pcap"));
+        let output = scratch(&format!("{name}-out.pcap"));
+        {
+            let endianness = pcap_file::Endianness::native();
+            let header = PcapHeader { ts_resolution: resolution, endianness, ..PcapHeader::default() };
+            let mut w = PcapWriter::with_header(std::fs::File::create(&input).unwrap(), header).unwrap();
+            for i in 0u8..4 {
+                w.write_packet(&PcapPacket::new(Duration::from_secs(u64::from(i)), 64, &[i; 64])).unwrap();
+            }
+        }
+        // The third record's field (native byte order, as PcapWriter writes).
+        let at = 24 + 2 * (16 + 64);
+        let mut bytes = std::fs::read(&input).unwrap();
+        bytes[at + field..at + field + 4].copy_from_slice(&value.to_ne_bytes());
+        std::fs::write(&input, &bytes).unwrap();
+        let dev = PcapDevice::open(&input, &output).unwrap();
+        let (_tx, rx) = update_channel();
+        let result = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), LoopConfig::default()).run();
+        let _ = std::fs::remove_file(&input);
+        let _ = std::fs::remove_file(&output);
+        let text = result.map(|r| r.stats).expect_err("a corrupt record fails the replay").to_string();
+        assert!(text.contains(&format!("the record at byte {at} {says}")), "{name}: {text}");
+    }
+}
+
 /// A file too short to hold a pcap header is refused saying so, not "Error reading bytes".
 #[test]
 fn a_file_shorter_than_a_pcap_header_is_refused_saying_so() {
