@@ -40,6 +40,8 @@ pub struct PcapDevice {
     reader: PcapReader<BufReader<File>>,
     /// The input's timestamp resolution, needed to read its records raw.
     ts_resolution: TsResolution,
+    /// Bytes of FCS at the end of each input frame (its header's link type field says), stripped.
+    fcs_len: usize,
     writer: PcapWriter<BufWriter<File>>,
     in_path: String,
     out_path: String,
@@ -69,7 +71,9 @@ impl std::fmt::Debug for PcapDevice {
 
 impl PcapDevice {
     /// Opens `input` for reading and creates `output` (truncating it). Only an Ethernet capture is
-    /// accepted: another link type (Linux cooked, raw IP) is refused, naming it.
+    /// accepted: another link type (Linux cooked, raw IP) is refused, naming it. A capture whose
+    /// header says its frames end with an FCS has it stripped from each frame; the output holds
+    /// frames without one, as sent.
     pub fn open(input: &Path, output: &Path) -> Result<Self, DeviceError> {
         let in_path = input.display().to_string();
         let out_path = output.display().to_string();
@@ -84,10 +88,11 @@ impl PcapDevice {
             message: header_problem(pcapng, &e),
         })?;
         let header = reader.header();
-        if header.datalink != DataLink::ETHERNET {
+        let (link_type, fcs_len) = link_type_and_fcs(u32::from(header.datalink));
+        if link_type != DataLink::ETHERNET {
             // Refused before the output is created: a replay parses every frame as Ethernet.
-            let number = u32::from(header.datalink);
-            let name = match header.datalink {
+            let number = u32::from(link_type);
+            let name = match link_type {
                 DataLink::Unknown(_) => "unknown".to_string(),
                 known => format!("{known:?}"),
             };
@@ -124,6 +129,7 @@ impl PcapDevice {
             pool: ChunkPool::new(BUFFERS, BUFFER_SIZE, HEADROOM),
             reader,
             ts_resolution,
+            fcs_len,
             writer,
             in_path,
             out_path,
@@ -197,6 +203,19 @@ fn header_problem(pcapng: bool, e: &PcapError) -> String {
         }
         _ => reason(e),
     }
+}
+
+/// The link type in a pcap header's link type field, and the bytes of FCS at the end of each frame:
+/// the field's upper bits may say how long the FCS is (bit 26 set, the length in 16-bit words in
+/// bits 28 to 31: draft-ietf-opsawg-pcap, "LinkType and additional information"; libpcap's
+/// `LT_FCS_LENGTH_PRESENT`), as captures taken with the FCS (`ethtool -K IF rx-fcs on`, capture
+/// cards) mark it; 0 when they do not. The reserved bits stay in the link type, so one that sets
+/// them is refused as an unknown type.
+fn link_type_and_fcs(field: u32) -> (DataLink, usize) {
+    const FCS_LENGTH_PRESENT: u32 = 0x0400_0000;
+    const FCS_LENGTH: u32 = 0xf000_0000;
+    let fcs_words = if field & FCS_LENGTH_PRESENT != 0 { field >> 28 } else { 0 };
+    (DataLink::from(field & !(FCS_LENGTH_PRESENT | FCS_LENGTH)), 2 * fcs_words as usize)
 }
 
 /// The pcap header's length, before the first record.
@@ -279,6 +298,7 @@ impl Device for PcapDevice {
         let room = self.pool.packet_room();
         let reader = &mut self.reader;
         let ts_resolution = self.ts_resolution;
+        let fcs_len = self.fcs_len;
         let at_end = &mut self.at_end;
         let last_ts = &mut self.last_ts;
         let stamps = &mut self.stamps;
@@ -323,15 +343,27 @@ impl Device for PcapDevice {
                             return None;
                         }
                         Ok(pkt) if pkt.data.len() < pkt.orig_len as usize => *truncated += 1,
-                        Ok(pkt) if pkt.data.len() > room => *oversize += 1,
-                        Ok(pkt) => {
-                            *last_ts = pkt.timestamp;
-                            if let Some(stamp) = stamps.get_mut(buffer) {
-                                *stamp = pkt.timestamp;
+                        // The frame without its FCS, if the capture holds one.
+                        Ok(pkt) => match pkt.data.len().checked_sub(fcs_len).and_then(|n| pkt.data.get(..n)) {
+                            None => {
+                                *at_end = true;
+                                *read_error = Some(format!(
+                                    "the record at byte {at} holds {} bytes, fewer than the {fcs_len}-byte FCS the \
+                                     file header says each frame ends with: the capture is corrupt there",
+                                    pkt.data.len()
+                                ));
+                                return None;
                             }
-                            buf.get_mut(..pkt.data.len())?.copy_from_slice(&pkt.data);
-                            return Some(pkt.data.len());
-                        }
+                            Some(frame) if frame.len() > room => *oversize += 1,
+                            Some(frame) => {
+                                *last_ts = pkt.timestamp;
+                                if let Some(stamp) = stamps.get_mut(buffer) {
+                                    *stamp = pkt.timestamp;
+                                }
+                                buf.get_mut(..frame.len())?.copy_from_slice(frame);
+                                return Some(frame.len());
+                            }
+                        },
                     },
                 }
             }

@@ -133,6 +133,61 @@ fn a_capture_of_another_link_type_is_refused() {
     assert!(!output_created, "the output is not created for a refused input");
 }
 
+/// A capture whose header marks an Ethernet FCS at the end of each frame (the link type field's
+/// FCS-present bit and FCS length, here 2 16-bit words: link type 0x24000001, as a capture taken
+/// with `rx-fcs` on marks it) replays with each frame's FCS stripped, and the output holds the
+/// frames without one, an Ethernet capture. Such captures were refused as an unknown link type. A
+/// record shorter than the FCS fails the replay naming its offset.
+#[test]
+fn a_capture_with_an_fcs_replays_without_it() {
+    use pcap_file::DataLink;
+    use pcap_file::pcap::PcapHeader;
+    let input = scratch("fcs-in.pcap");
+    let output = scratch("fcs-out.pcap");
+    let header = PcapHeader { datalink: DataLink::Unknown(0x2400_0001), ..PcapHeader::default() };
+    let fcs = [0xde, 0xad, 0xbe, 0xef];
+    {
+        let mut w = PcapWriter::with_header(std::fs::File::create(&input).unwrap(), header).unwrap();
+        for i in 0u8..4 {
+            let mut f = vec![i; 64];
+            f[15] = i;
+            f.extend_from_slice(&fcs);
+            w.write_packet(&PcapPacket::new(Duration::from_secs(u64::from(i)), 68, &f)).unwrap();
+        }
+    }
+    let dev = PcapDevice::open(&input, &output).unwrap();
+    let (_tx, rx) = update_channel();
+    let result = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), LoopConfig::default()).run();
+    let report = result.expect("a capture with an FCS replays");
+    assert_eq!((report.stats.rx, report.stats.tx), (4, 2), "{:?}", report.stats);
+    report.device.finish().unwrap();
+    let mut r = PcapReader::new(std::fs::File::open(&output).unwrap()).unwrap();
+    assert_eq!(r.header().datalink, DataLink::ETHERNET);
+    let mut seen = Vec::new();
+    while let Some(p) = r.next_packet() {
+        let p = p.unwrap();
+        assert_eq!((p.data.len(), p.orig_len), (64, 64), "the frame without its FCS");
+        assert!(p.data[16..].iter().all(|&b| b == p.data[15]), "its own bytes, no FCS: {:?}", p.data);
+        seen.push(p.data[15]);
+    }
+    assert_eq!(seen, vec![0, 2]);
+
+    // A record of 3 bytes cannot end with a 4-byte FCS.
+    {
+        let mut w = PcapWriter::with_header(std::fs::File::create(&input).unwrap(), header).unwrap();
+        w.write_packet(&PcapPacket::new(Duration::from_secs(1), 68, &[0; 68])).unwrap();
+        w.write_packet(&PcapPacket::new(Duration::from_secs(2), 3, &[0; 3])).unwrap();
+    }
+    let dev = PcapDevice::open(&input, &output).unwrap();
+    let (_tx, rx) = update_channel();
+    let result = PollLoop::new(dev, EvenOnly, rx, StopFlag::new(), LoopConfig::default()).run();
+    let _ = std::fs::remove_file(&input);
+    let _ = std::fs::remove_file(&output);
+    let text = result.map(|r| r.stats).expect_err("a record shorter than its FCS").to_string();
+    let at = 24 + 16 + 68;
+    assert!(text.contains(&format!("the record at byte {at} holds 3 bytes, fewer than the 4-byte FCS")), "{text}");
+}
+
 /// A nanosecond capture (magic 0xa1b23c4d) is written out as one: its timestamps keep their
 /// nanoseconds rather than being cut to microseconds.
 #[test]

@@ -14,7 +14,7 @@ use super::CmdResult;
 /// Arguments of `lb replay`.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Capture to read (pcap, Ethernet link type).
+    /// Capture to read (pcap, Ethernet link type; an FCS its header marks is stripped from each frame).
     #[arg(long = "in")]
     pub input: PathBuf,
     /// Capture to write the transmitted frames to; `/dev/stdout` pipes it to `tcpdump -r -` (the
