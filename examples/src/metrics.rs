@@ -470,7 +470,7 @@ pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[Inter
         ),
         (
             "lb_icmp_time_exceeded_total",
-            "Full-NAT packets whose TTL / hop limit expired at a VIP or a SNAT address answered with ICMP time exceeded (at most 1000 a second per core; the rest count as ttl_expired drops).",
+            "Full-NAT packets whose TTL / hop limit expired at a VIP or a SNAT address answered with ICMP time exceeded (at most node.time_exceeded_per_second, by default 1000, a second per core; the rest count as ttl_expired drops).",
             totals.icmp_time_exceeded,
         ),
         (

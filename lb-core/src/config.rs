@@ -536,6 +536,12 @@ pub struct NodeConfig {
     /// headers (up to 52 bytes), or full-size packets are lost on the way. At least 1332 (IPv6's 1280
     /// plus GUE over IPv6).
     pub tunnel_mtu: Option<u16>,
+    /// The most ICMP time exceeded errors each worker sends in a second, answering full-NAT packets
+    /// whose TTL / hop limit expired ([`crate::forward::time_exceeded`]); expired packets beyond it
+    /// are dropped and counted as `TtlExpired`. 0: none is sent (every expired packet is such a
+    /// drop, as where routers stay silent). Default
+    /// [`TIME_EXCEEDED_PER_SECOND`](crate::forward::time_exceeded::TIME_EXCEEDED_PER_SECOND), 1000.
+    pub time_exceeded_per_second: u32,
     /// Seed of the flow hash; give every node behind one ECMP router the same seed.
     pub hash_seed: u64,
     /// Conntrack idle timeouts.
@@ -611,6 +617,7 @@ impl Default for NodeConfig {
             tunnel_src_v4: None,
             tunnel_src_v6: None,
             tunnel_mtu: None,
+            time_exceeded_per_second: crate::forward::time_exceeded::TIME_EXCEEDED_PER_SECOND,
             hash_seed: 0,
             timeouts: Timeouts::default(),
         }

@@ -317,3 +317,29 @@ fn time_exceeded_replies_keep_to_a_budget_per_second() {
     assert_eq!(verdict, Verdict::Tx);
     assert_time_exceeded(&out, &frames[0], 14, v4(VIP4));
 }
+
+/// The budget is the node's `time_exceeded_per_second`: a node may send fewer (or none, with 0:
+/// every expired packet a counted drop) or more than the default, and tables swapped in bring
+/// their own budget from the next packet.
+#[test]
+fn the_time_exceeded_budget_is_the_nodes() {
+    let frames: Vec<Vec<u8>> =
+        (0..10).map(|i| with_ttl(udp(ip(CLIENT4), 2048 + i as u16, ip(VIP4), 80, b"probe"), 1)).collect();
+    let answered = |w: &mut lb_core::worker::Worker, at: u64| {
+        run_burst(w, &frames, secs(at)).iter().filter(|(v, _)| *v == Verdict::Tx).count()
+    };
+    let with_budget = |n: u32| {
+        let mut c = all_modes_config();
+        c.node.time_exceeded_per_second = n;
+        c
+    };
+    let mut w = worker(&with_budget(3));
+    assert_eq!(answered(&mut w, 5), 3);
+    assert_eq!((w.stats().icmp_time_exceeded, w.stats().dropped(DropReason::TtlExpired)), (3, 7));
+    // None sent under 0, from the next packet of tables that say so.
+    w.swap_tables(worker_common::build(&with_budget(0)));
+    assert_eq!(answered(&mut w, 6), 0);
+    assert_eq!((w.stats().icmp_time_exceeded, w.stats().dropped(DropReason::TtlExpired)), (3, 17));
+    w.swap_tables(worker_common::build(&with_budget(4000)));
+    assert_eq!(answered(&mut w, 7), 10);
+}

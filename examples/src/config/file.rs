@@ -21,6 +21,7 @@
 //!   snat_v4: 10.0.0.2                # or `node`: the node's own IPv4 (kubernetes.node_addresses, $NODE_IPS)
 //!   snat_ports: [32768, 60999]       # the default, the kernel's ephemeral ports; with `node`, above them: [61000, 65535]
 //!   timeouts: { tcp_established: 15m, udp: 5m }
+//!   time_exceeded_per_second: 1000  # the default: ICMP time exceeded errors a core sends a second at most (0: none)
 //! interfaces:
 //!   - { name: eth0, queues: [0, 1] }
 //! metrics: { listen: "127.0.0.1:9472" }
@@ -158,6 +159,7 @@ struct FileNode {
     tunnel_src_v4: Option<String>,
     tunnel_src_v6: Option<String>,
     tunnel_mtu: Option<u64>,
+    time_exceeded_per_second: Option<u64>,
     hash_seed: Option<u64>,
     #[serde(default)]
     timeouts: FileTimeouts,
@@ -641,6 +643,12 @@ fn validate_node(n: &FileNode, p: &mut Problems) -> NodeConfig {
     if let Some(mtu) = n.tunnel_mtu {
         node.tunnel_mtu = p.u16_in("node.tunnel_mtu", mtu, lb_core::forward::too_big::MIN_TUNNEL_MTU);
     }
+    if let Some(n) = n.time_exceeded_per_second {
+        match u32::try_from(n) {
+            Ok(n) => node.time_exceeded_per_second = n,
+            Err(_) => p.push("node.time_exceeded_per_second", n, "is out of range (0..=4294967295; 0 sends none)"),
+        }
+    }
     if let Some(seed) = n.hash_seed {
         node.hash_seed = seed;
     }
@@ -1035,6 +1043,7 @@ mod tests {
         let s = parse(&example).unwrap_or_else(|e| panic!("the module comment's example: {e}\n{example}"));
         assert_eq!(s.metrics_listen.map(|a| a.port()), Some(9472));
         assert_eq!(s.node.snat_ports, NodeConfig::default().snat_ports, "the example writes the default range");
+        assert_eq!(s.node.time_exceeded_per_second, NodeConfig::default().time_exceeded_per_second, "and budget");
         assert_eq!(s.services.len(), 1);
         // `snat_v4: node`, as its comment offers: the node's first IPv4 of kubernetes.node_addresses.
         let written = example.lines().find(|l| l.trim_start().starts_with("snat_v4:")).unwrap();
@@ -1054,6 +1063,7 @@ node:
   tunnel_src_v4: 10.0.0.2
   snat_ports: [40000, 50000]
   hash_seed: 7
+  time_exceeded_per_second: 50
   timeouts: { tcp_established: 15m, udp: 30s }
 interfaces:
   - { name: eth0, queues: [0, 1] }
@@ -1095,6 +1105,7 @@ services:
         assert_eq!(s.node.snat_v4, Some(Ipv4Addr::new(10, 0, 0, 2)));
         assert_eq!(s.node.snat_ports, (40000, 50000));
         assert_eq!(s.node.hash_seed, 7);
+        assert_eq!(s.node.time_exceeded_per_second, 50);
         assert_eq!(s.node.timeouts.tcp_established, Duration::from_secs(900));
         assert_eq!(s.node.timeouts.udp, Duration::from_secs(30));
         assert_eq!(s.node.timeouts.tcp_syn, Timeouts::default().tcp_syn);
@@ -1214,6 +1225,21 @@ services:
         assert!(msg.contains("kubernetes.proxy_healthz: \"10256\" is not ADDRESS:PORT"), "{msg}");
         let off = parse(&file("")).unwrap();
         assert!(off.restart_needed(&on).contains(&"kubernetes.proxy_healthz"), "{:?}", off.restart_needed(&on));
+    }
+
+    /// `node.time_exceeded_per_second` is the worker's budget of ICMP time exceeded errors: 0 (none
+    /// sent) is taken; a budget beyond a 32-bit count is refused naming the field.
+    #[test]
+    fn a_time_exceeded_budget_is_taken_within_its_range() {
+        let yaml = |n: &str| format!("node: {{ time_exceeded_per_second: {n} }}\n");
+        assert_eq!(parse(&yaml("0")).unwrap().node.time_exceeded_per_second, 0);
+        assert_eq!(parse(&yaml("4294967295")).unwrap().node.time_exceeded_per_second, u32::MAX);
+        let err = parse(&yaml("4294967296")).unwrap_err().to_string();
+        assert!(
+            err.contains("node.time_exceeded_per_second: 4294967296 is out of range (0..=4294967295; 0 sends none)"),
+            "{err}"
+        );
+        assert!(parse(&yaml("-1")).is_err());
     }
 
     /// A debounce beyond a minute is refused with its field, so the feed never computes a deadline

@@ -15,17 +15,18 @@
 //! Ethernet addresses swapped, VLAN tags kept), from the address the packet was sent to (the VIP, or
 //! for a backend's reply the SNAT address) back to its sender, TTL 64, quoting the packet as it
 //! came: as much as fits in 576 bytes (IPv4) or 1280 (IPv6). The worker answers at most
-//! [`TIME_EXCEEDED_PER_SECOND`] a second on each core: an error can be larger than the packet it
-//! answers (by its 28 or 48 bytes of headers), and its destination is the packet's source, which a
-//! flood may spoof.
+//! `node.time_exceeded_per_second` ([`TIME_EXCEEDED_PER_SECOND`] by default) a second on each core:
+//! an error can be larger than the packet it answers (by its 28 or 48 bytes of headers), and its
+//! destination is the packet's source, which a flood may spoof.
 
 use super::RewriteError;
 use super::icmp_error::{self, names_one_host};
 use crate::frame::Frame;
 use crate::packet::{Family, Fragment, L4, Parsed};
 
-/// The most time exceeded errors a worker sends in one second; expired packets beyond it are dropped
-/// and counted (Linux's `net.ipv4.icmp_msgs_per_sec` default, there for the whole host).
+/// The default of [`NodeConfig::time_exceeded_per_second`](crate::config::NodeConfig::time_exceeded_per_second),
+/// the most time exceeded errors a worker sends in one second (Linux's `net.ipv4.icmp_msgs_per_sec`
+/// default, there for the whole host).
 pub const TIME_EXCEEDED_PER_SECOND: u32 = 1000;
 
 /// Whether the expired packet may be answered: not an ICMP error, not a fragment but the first,

@@ -94,8 +94,9 @@
 //! - Full NAT routes: a packet to a VIP, or a backend's reply to a SNAT address, that arrives with
 //!   TTL / hop limit 1 or 0 is answered with ICMP time exceeded from that address (traceroute shows
 //!   the hop), as IPVS answers it; not an ICMP error, a source that names no single host or a
-//!   link-layer broadcast, nor more than [`forward::time_exceeded::TIME_EXCEEDED_PER_SECOND`] a
-//!   second per core: those are counted as [`DropReason::TtlExpired`]. DSR and the tunnels leave
+//!   link-layer broadcast, nor more than `node.time_exceeded_per_second` (default
+//!   [`forward::time_exceeded::TIME_EXCEEDED_PER_SECOND`]) a second per core: those are counted as
+//!   [`DropReason::TtlExpired`]. DSR and the tunnels leave
 //!   the TTL alone.
 //! - Rewrites are lb-core's [`forward`] module; headroom needed: [`Frame::HEADROOM_NEEDED`].
 //!
@@ -241,8 +242,10 @@ struct Core {
     /// they are never handed on again.
     handed_in: bool,
     /// The second of the last ICMP time exceeded sent, and how many were sent in it (at most
-    /// [`forward::time_exceeded::TIME_EXCEEDED_PER_SECOND`]).
+    /// `time_exceeded_budget`).
     time_exceeded_sent: (u32, u32),
+    /// The tables' `node.time_exceeded_per_second`.
+    time_exceeded_budget: u32,
 }
 
 /// A new flow's conntrack key with its hash, its lb-hash 5-tuple hash (for schedulers and GUE), and
@@ -301,6 +304,7 @@ impl Worker {
             reply_hints_live: false,
             handed_in: false,
             time_exceeded_sent: (0, 0),
+            time_exceeded_budget: tables.node().time_exceeded_per_second,
             nat_target: NatTarget { flow: FlowKey::v4([0; 4], [0; 4], 0, 0, 0), macs: Macs::default() },
             tunnel_target: TunnelTarget {
                 src: IpAddr::V4(core::net::Ipv4Addr::UNSPECIFIED),
@@ -520,6 +524,7 @@ impl Core {
         self.hasher = FlowHasher::new(node.hash_seed);
         self.timeouts = StateTimeouts::new(&node.timeouts);
         self.local_mac = self.source_mac.unwrap_or(node.local_mac);
+        self.time_exceeded_budget = node.time_exceeded_per_second;
         if let Some(r) = &mut self.neighbour {
             r.install(tables);
         }
@@ -1209,10 +1214,7 @@ impl Core {
         let (second, sent) = self.time_exceeded_sent;
         let sent = if second == now { sent } else { 0 };
         // (The TTL the parse saw is still the frame's: nothing was written.)
-        if p.ttl > 1
-            || sent >= forward::time_exceeded::TIME_EXCEEDED_PER_SECOND
-            || !forward::time_exceeded::can_answer(frame, p)
-        {
+        if p.ttl > 1 || sent >= self.time_exceeded_budget || !forward::time_exceeded::can_answer(frame, p) {
             return Err(reason);
         }
         forward::time_exceeded::reply(frame, p, self.local_mac)?;
