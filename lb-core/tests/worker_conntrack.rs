@@ -1055,6 +1055,37 @@ fn drop_policy_drops_every_later_packet_of_the_flow_and_schedules_new_ones() {
     assert_eq!(run(&mut w, &packets[0], secs(11)).0, Verdict::Drop(DropReason::BackendRemoved));
 }
 
+/// An ICMP error about a tombstoned flow (buried under the Drop policy) is dropped while the policy
+/// is Drop. Once tables bring Reschedule, the tombstone stands for nothing (the flow's next packet
+/// is scheduled afresh), and the error goes where an untracked flow's goes, as on any other core:
+/// for a scheduler that picks from the flow alone, to the backend that next packet will reach.
+/// It was dropped as `backend_removed` until that packet came.
+#[test]
+fn an_icmp_error_about_a_tombstone_follows_the_policy_of_the_tables() {
+    let mut cfg = dsr_config(SchedulerKind::Maglev, &["10.1.0.1", "10.1.0.2"]);
+    cfg.services[0].on_backend_removed = RemovedBackendPolicy::Drop;
+    let mut b = TableBuilder::new();
+    let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    // A client whose flow Maglev puts on the backend that will leave.
+    let c = (0..64)
+        .map(client)
+        .find(|&c| dsr_backend(&run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1)).1) == 1)
+        .unwrap();
+    remove_first_backend(&mut w, &mut cfg, &mut b);
+    let data = tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b"data");
+    assert_eq!(run(&mut w, &data, secs(2)).0, Verdict::Drop(DropReason::BackendRemoved));
+    assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::BackendGone));
+    assert_eq!(run(&mut w, &frag_needed_about(c), secs(3)).0, Verdict::Drop(DropReason::BackendRemoved));
+
+    cfg.services[0].on_backend_removed = RemovedBackendPolicy::Reschedule;
+    w.swap_tables(b.build(&cfg).unwrap());
+    let (v, error_to) = run(&mut w, &frag_needed_about(c), secs(4));
+    assert_eq!((v, dsr_backend(&error_to)), (Verdict::Tx, 2));
+    assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::BackendGone), "an error is not a flow's packet");
+    let (v, data_to) = run(&mut w, &data, secs(5));
+    assert_eq!((v, dsr_backend(&data_to)), (Verdict::Tx, 2), "the flow's next packet goes where its error went");
+}
+
 #[test]
 fn drop_policy_tombstone_idles_out_then_the_tuple_is_new() {
     let (mut w, mut cfg, _, mut b) = drop_policy_setup(1024, 1);

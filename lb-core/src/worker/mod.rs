@@ -88,6 +88,8 @@
 //!   then starts a new flow); a UDP flow's, which no client closes, after the UDP timeout from its
 //!   burial, however often the client sends (then its next packet starts a new flow). Tombstones
 //!   count as no backend's connection, keep no NAT reverse entry, and are evicted like closing flows.
+//!   An ICMP error about a tombstone is dropped so too; once tables bring Reschedule, the flow's
+//!   next packet is scheduled afresh, and an error about it goes where an untracked flow's goes.
 //! - ARP requests and IPv6 neighbour solicitations for the tables' VIPs and NAT source addresses are
 //!   answered in place (verdict Tx) once the worker has a MAC ([`Worker::set_neighbour_mac`], off by
 //!   default); all other ARP / NDP passes. See [`crate::neighbour`].
@@ -1064,7 +1066,18 @@ impl Core {
         };
         let entry = self.conntrack.get(index).copied().ok_or(DropReason::IcmpNoFlow)?;
         if entry.state == ConnState::BackendGone {
-            return Err(DropReason::BackendRemoved);
+            // Buried under the Drop policy. Under Reschedule now (the tables changed it since) the
+            // tombstone stands for nothing, as the flow's next packet finds: the error goes where
+            // an untracked flow's goes (the tombstone stays for that packet to clear).
+            let reschedule = tables
+                .lookup_flow(flow)
+                .and_then(|i| tables.service(i))
+                .is_some_and(|s| s.on_backend_removed == RemovedBackendPolicy::Reschedule);
+            return if reschedule {
+                self.icmp_error_untracked(tables, frame, p, flow)
+            } else {
+                Err(DropReason::BackendRemoved)
+            };
         }
         let (si, bi) = tables.resolve(entry.backend).ok_or(DropReason::IcmpNoFlow)?;
         let service = tables.service(si).ok_or(DropReason::IcmpNoFlow)?;
