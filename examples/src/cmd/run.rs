@@ -898,6 +898,9 @@ pub fn main(args: Args) -> CmdResult {
         // A SIGTERM or SIGINT while the control plane starts stops the loops it is publishing to, so
         // its first tables cannot be delivered: that is the stop asked for, not a failure.
         Err(e) if StopFlag::signalled() => tracing::info!("stopped while starting: {e}"),
+        // A loop that failed before its first tables reached it (its interface deleted at start)
+        // is why they were not delivered: name the loop first, not only the control plane's error.
+        Err(e) if !failures.is_empty() => return Err(format!("{}; and so {e}", failures.join("; ")).into()),
         result => result?,
     }
     if !failures.is_empty() {
