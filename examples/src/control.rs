@@ -41,6 +41,9 @@ use crate::k8s::feed::NodeView;
 /// it, on one node per segment; a routed one (VIPs routed to a node address, by BGP or a static
 /// route) does not. Off by default: several nodes answering for one VIP (a DaemonSet on one segment)
 /// would move clients between nodes at each answer, and full-NAT connections with them would break.
+/// Only VIPs clients on the segment ask for are answered, whatever the choice
+/// (`ServiceConfig::answer_neighbours`): every file VIP, Kubernetes external and load-balancer IPs,
+/// not cluster IPs nor NodePorts' node addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum NeighbourResponder {
     /// VIPs and NAT source addresses that no interface of the node holds; the node's kernel keeps
@@ -59,8 +62,9 @@ pub enum NeighbourResponder {
 /// What the XDP program must steer to the sockets for `tables`: each service's (VIP, port, protocol),
 /// and, for each family with a full-NAT service, that family's SNAT address with the node's SNAT port
 /// range (the replies; NAT backends are of the VIP's family, as lb-core's neighbour responder counts
-/// them); and, as `responder` says, ARP requests and neighbour solicitations for the VIPs and NAT
-/// source addresses. Those of the addresses the node holds are marked so: their fragments, and ICMP
+/// them); and, as `responder` says, ARP requests and neighbour solicitations for the VIPs clients on
+/// the segment ask for (`ServiceConfig::answer_neighbours`: not Kubernetes cluster IPs nor NodePorts'
+/// node addresses) and NAT source addresses. Those of the addresses the node holds are marked so: their fragments, and ICMP
 /// errors about the node's own connections, stay with the kernel. Everything else to those addresses
 /// stays with the kernel (see `lb_io::bpf::xdp`).
 pub fn steering_for(tables: &Tables, responder: NeighbourResponder) -> SteeringSet {

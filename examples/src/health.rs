@@ -380,6 +380,7 @@ mod tests {
                 source_ranges: vec![],
                 maglev_table_size: None,
                 on_backend_removed: Default::default(),
+                answer_neighbours: true,
             },
             health_check: Some(hc),
         }

@@ -404,6 +404,7 @@ impl Lab {
                     source_ranges: Vec::new(),
                     maglev_table_size: None,
                     on_backend_removed: policy,
+                    answer_neighbours: true,
                 });
             }
         }

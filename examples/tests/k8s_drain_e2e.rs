@@ -400,6 +400,14 @@ impl Harness {
         let lab = Lab::build(prefix, Mode::Nat, Path::new(env!("CARGO_BIN_EXE_lb")))
             .unwrap_or_else(|e| panic!("building the lab: {e}"));
         let gateway = lab.add_router().unwrap_or_else(|e| panic!("making the bridge a router: {e}"));
+        // The VIPs are the Service's cluster IPs, which the neighbour responder does not answer for
+        // (the cluster routes them; no client on a segment asks): the client is pointed at the load
+        // balancer as a node's route would point it.
+        for vip in vips() {
+            lab.client
+                .static_neighbour(&vip.to_string(), &format_mac(lab.lb_mac), "eth0")
+                .unwrap_or_else(|e| panic!("pinning {vip} on the client: {e}"));
+        }
         // Boot tables name the VIPs, so the XDP program steers them to the socket; the control plane
         // replaces them at once.
         let boot = tables(&mut TableBuilder::new(), &lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule)).unwrap();

@@ -74,6 +74,7 @@ pub fn config() -> Config {
                     // run building them (40x fewer runs a minute).
                     maglev_table_size: Some(251),
                     on_backend_removed: RemovedBackendPolicy::Reschedule,
+                    answer_neighbours: true,
                 });
             }
         }

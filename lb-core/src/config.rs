@@ -419,11 +419,19 @@ pub struct ServiceConfig {
     pub maglev_table_size: Option<u32>,
     /// What to do with established flows whose backend was removed.
     pub on_backend_removed: RemovedBackendPolicy,
+    /// Whether clients on the segment ask for the VIP (ARP, IPv6 neighbour solicitation), so the
+    /// neighbour responder answers and announces it ([`crate::neighbour`]): true for an address
+    /// that lives on the segment (MetalLB-L2's load-balancer IPs, a Service's external IPs); false
+    /// for one reached through a route (a Kubernetes cluster IP, in the cluster's service range) or
+    /// that the node holds and its kernel answers for (a NodePort's node address). A VIP is
+    /// answered for when any of its services says so.
+    pub answer_neighbours: bool,
 }
 
 impl ServiceConfig {
     /// A service with the defaults: Maglev scheduling, no session affinity, every client allowed, the
-    /// Maglev table size that stays put as backends come and go, and flows of a removed backend rescheduled.
+    /// Maglev table size that stays put as backends come and go, flows of a removed backend rescheduled,
+    /// and ARP / NDP for the VIP answered (when the neighbour responder runs).
     pub fn new(name: impl Into<String>, key: ServiceKey, mode: ForwardMode, backends: Vec<BackendConfig>) -> Self {
         ServiceConfig {
             name: name.into(),
@@ -435,6 +443,7 @@ impl ServiceConfig {
             source_ranges: Vec::new(),
             maglev_table_size: None,
             on_backend_removed: RemovedBackendPolicy::Reschedule,
+            answer_neighbours: true,
         }
     }
 }

@@ -42,6 +42,7 @@
 //!     source_ranges: vec![],
 //!     maglev_table_size: None,
 //!     on_backend_removed: RemovedBackendPolicy::Reschedule,
+//!     answer_neighbours: true,
 //! });
 //!
 //! // Control side: validate the whole configuration and build the tables (Maglev rings and all).

@@ -11,9 +11,11 @@
 //!  anything else (not a request, another target, truncated) ─► not ours: pass to the kernel
 //! ```
 //!
-//! "Ours" is every VIP of the installed [`Tables`] and the SNAT address of each family that a NAT
-//! service uses (replies from backends are addressed there). The VIP set is the tables' own (hashed,
-//! built with them); the SNAT addresses in use are derived by [`NeighbourResponder::install`] when
+//! "Ours" is every VIP of the installed [`Tables`] that a service has answered for
+//! ([`ServiceConfig::answer_neighbours`]: an address clients on the segment ask for, not a Kubernetes
+//! cluster IP, which the cluster routes) and the SNAT address of each family that a NAT service uses
+//! (replies from backends are addressed there). The VIP set is the tables' own (hashed, built with
+//! them); the SNAT addresses in use are derived by [`NeighbourResponder::install`] when
 //! tables are installed, so a lookup is a hash probe and two compares, never a scan or an allocation.
 //!
 //! Frames are parsed and the replies emitted with smoltcp's wire types (`ArpPacket` / `ArpRepr`,
@@ -34,6 +36,8 @@ use smoltcp::wire::{
 };
 
 use crate::config::ForwardMode;
+#[cfg(doc)]
+use crate::config::ServiceConfig;
 use crate::frame::{Frame, Verdict};
 use crate::packet::{ETHERNET_LEN, MAX_VLAN_TAGS, VLAN_TAG_LEN};
 use crate::service::Tables;
@@ -117,14 +121,15 @@ impl NeighbourResponder {
         self.mac
     }
 
-    /// True when `ip` is a VIP of `tables` or the SNAT address of a NAT service's family.
+    /// True when `ip` is a VIP of `tables` answered for ([`Tables::answers_neighbours_for`]) or the
+    /// SNAT address of a NAT service's family.
     #[inline]
     pub fn is_ours(&self, tables: &Tables, ip: IpAddr) -> bool {
         let snat = match ip {
             IpAddr::V4(a) => self.snat_v4 == Some(a),
             IpAddr::V6(a) => self.snat_v6 == Some(a),
         };
-        snat || tables.is_vip(ip)
+        snat || tables.answers_neighbours_for(ip)
     }
 
     /// Turns an ARP request or Neighbour Solicitation for one of our addresses into its answer, in
@@ -313,15 +318,16 @@ pub fn announcement(mac: [u8; 6], addr: IpAddr, buf: &mut [u8]) -> Option<usize>
     }
 }
 
-/// Every address a responder answers for under `tables` (VIPs, and the SNAT address of each family
-/// a NAT service uses), possibly with repeats: what the control side steers ARP / NDP for.
+/// Every address a responder answers for under `tables` (the VIPs of services that have it answer
+/// neighbours, and the SNAT address of each family a NAT service uses), possibly with repeats: what
+/// the control side steers ARP / NDP for, announces, and joins IPv6 solicited-node groups for.
 pub fn addresses(tables: &Tables) -> impl Iterator<Item = IpAddr> + '_ {
     let node = tables.node();
     let services = tables.services();
     let nat = |v6: bool| services.iter().any(|s| s.mode == ForwardMode::Nat && s.key.vip.is_ipv6() == v6);
     let snat =
         [node.snat_v4.filter(|_| nat(false)).map(IpAddr::V4), node.snat_v6.filter(|_| nat(true)).map(IpAddr::V6)];
-    services.iter().map(|s| s.key.vip).chain(snat.into_iter().flatten())
+    services.iter().filter(|s| s.answer_neighbours).map(|s| s.key.vip).chain(snat.into_iter().flatten())
 }
 
 /// The offset of the L3 header and its EtherType, after at most [`MAX_VLAN_TAGS`] tags.

@@ -172,6 +172,9 @@ pub struct Service {
     pub source_ranges: Vec<Cidr>,
     /// Name for logs and errors.
     pub name: String,
+    /// Whether the neighbour responder answers ARP / NDP for the VIP
+    /// ([`ServiceConfig::answer_neighbours`](crate::config::ServiceConfig::answer_neighbours)).
+    pub answer_neighbours: bool,
 }
 
 impl Service {
@@ -215,7 +218,8 @@ pub struct Tables {
     node: NodeConfig,
     services: Vec<Service>,
     index: ServiceIndex,
-    vips: HashSet<IpAddr>,
+    /// Every VIP, and whether a service on it has ARP / NDP answered for it.
+    vips: HashMap<IpAddr, bool>,
     backend_locations: Vec<BackendLocation>,
     limits: Limits,
     version: u64,
@@ -332,7 +336,14 @@ impl Tables {
     /// True if `ip` is the VIP of some service.
     #[inline]
     pub fn is_vip(&self, ip: IpAddr) -> bool {
-        self.vips.contains(&ip)
+        self.vips.contains_key(&ip)
+    }
+
+    /// True if `ip` is the VIP of some service that has ARP / NDP answered for it
+    /// ([`ServiceConfig::answer_neighbours`](crate::config::ServiceConfig::answer_neighbours)).
+    #[inline]
+    pub fn answers_neighbours_for(&self, ip: IpAddr) -> bool {
+        self.vips.get(&ip) == Some(&true)
     }
 
     /// True if `ip` is one of the node's SNAT addresses (where NAT replies arrive).
@@ -1216,7 +1227,7 @@ impl TableBuilder {
 
         let node = cfg.node.clone();
         let mut services = Vec::with_capacity(cfg.services.len());
-        let mut vips = HashSet::new();
+        let mut vips: HashMap<IpAddr, bool> = HashMap::new();
         let mut backend_locations: Vec<BackendLocation> = Vec::new();
         let mut schedulers = HashMap::with_capacity(cfg.services.len());
         for (si, sc) in cfg.services.iter().enumerate() {
@@ -1294,7 +1305,7 @@ impl TableBuilder {
                     .map_err(|source| ConfigError::Selection { service: sc.name.clone(), source })?,
             };
             schedulers.insert(sc.key, (inputs, scheduler.clone()));
-            vips.insert(sc.key.vip);
+            *vips.entry(sc.key.vip).or_default() |= sc.answer_neighbours;
             services.push(Service {
                 name: sc.name.clone(),
                 key: sc.key,
@@ -1306,6 +1317,7 @@ impl TableBuilder {
                 on_backend_removed: sc.on_backend_removed,
                 backends,
                 scheduler,
+                answer_neighbours: sc.answer_neighbours,
             });
         }
 

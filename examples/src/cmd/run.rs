@@ -70,8 +70,8 @@ pub struct Args {
     /// that loop. Kept so command lines that pass it still start.
     #[arg(long, hide = true)]
     pub nat_replies_steered: bool,
-    /// Answer ARP and IPv6 neighbour solicitations for the VIPs and NAT source addresses with the
-    /// interface's MAC (an L2 deployment, VIPs not routed to this node; on one node per segment):
+    /// Answer ARP and IPv6 neighbour solicitations for the VIPs (not Kubernetes cluster IPs nor
+    /// NodePorts) and NAT source addresses with the interface's MAC (an L2 deployment, VIPs not routed to this node; on one node per segment):
     /// `auto` for the addresses no interface of the node holds, `all` for every one, `off` (the
     /// default) to leave all ARP / NDP to the kernel.
     #[arg(long, value_enum, default_value_t = NeighbourResponder::Off)]
@@ -1374,6 +1374,60 @@ mod tests {
         .expect("the namespace's thread");
         let both = vec![(v4, mac), (v6, mac)];
         assert_eq!(rounds, [both.clone(), vec![], both, vec![(v6, mac)], vec![]]);
+    }
+
+    /// Kubernetes cluster IPs (services that do not answer neighbours) are neither announced nor
+    /// joined a solicited-node group for, while the Service's load-balancer IPs are. Before, every
+    /// VIP was: cluster IPs, routed by the cluster and asked for by no client on the segment, were
+    /// claimed there, and each IPv6 one took socket option memory (`net.core.optmem_max`) that the
+    /// groups of the addresses clients do ask for then lacked.
+    #[test]
+    fn cluster_ips_get_no_group_and_no_announcement_while_load_balancer_ips_do() {
+        use lb_io::interface::{MulticastGroups, PacketSocket};
+        use lb_io::netns::enter_netns;
+        let Some((_ns, name)) = namespace_with_veth("lbci") else { return };
+        let lb6_addr: std::net::Ipv6Addr = "fd00::10".parse().expect("address");
+        let (lb4, lb6): (IpAddr, IpAddr) = ("10.0.0.10".parse().expect("address"), IpAddr::V6(lb6_addr));
+        let (cluster4, cluster6): (IpAddr, IpAddr) =
+            ("10.96.0.10".parse().expect("address"), "fd00:96::a".parse().expect("address"));
+        let (mac, groups, sent) = std::thread::spawn(move || {
+            enter_netns(&name).expect("entering the namespace");
+            let mac = lb_io::interface::mac_address("v0").expect("v0's MAC");
+            let capture = PacketSocket::capture("v1", std::time::Duration::from_secs(5)).expect("capture on v1");
+            let marker = PacketSocket::open("v0").expect("a socket on v0");
+            let load_balancer = dual_stack(lb4, lb6);
+            let mut config = Config { node: load_balancer.node().clone(), services: Vec::new() };
+            for (tables, answer) in [(&load_balancer, true), (&dual_stack(cluster4, cluster6), false)] {
+                for s in tables.services() {
+                    let backends = s
+                        .backends
+                        .iter()
+                        .map(|b| lb_core::config::BackendConfig {
+                            addr: b.addr,
+                            port: b.port,
+                            weight: b.weight,
+                            mac: Some(b.mac),
+                            state: b.state,
+                        })
+                        .collect();
+                    let service = lb_core::config::ServiceConfig::new(&s.name, s.key, s.mode, backends);
+                    config.services.push(lb_core::config::ServiceConfig { answer_neighbours: answer, ..service });
+                }
+            }
+            let tables = TableBuilder::new().build(&config).expect("load-balancer and cluster IPs");
+            let mut workers: Workers<Recorder> =
+                Workers::new(SteeringConfig::default(), NeighbourResponder::All, snat_settings(tables.node()));
+            workers.groups.push(MulticastGroups::new("v0").expect("groups on v0"));
+            let shared = Arc::new(InterfaceMac::new(mac));
+            workers.announcers.push(("v0".into(), PacketSocket::open("v0").expect("a socket on v0"), shared));
+            workers.publish(&tables).expect("no loops to refuse them");
+            let sent = announced(&capture, &marker, &[lb4, lb6, cluster4, cluster6], &[mac]);
+            (mac, workers.groups[0].joined().copied().collect::<Vec<_>>(), sent)
+        })
+        .join()
+        .expect("the namespace's thread");
+        assert_eq!(groups, [lb_core::neighbour::solicited_node(lb6_addr)], "the groups joined on v0");
+        assert_eq!(sent, [(lb4, mac), (lb6, mac)], "the addresses announced");
     }
 
     /// The interface's MAC is read again at each refresh: when it changes (a bond's failover with

@@ -947,6 +947,8 @@ fn validate_service(
             source_ranges,
             maglev_table_size,
             on_backend_removed,
+            // A file's VIPs are the load balancer's own: on the clients' segment in an L2 deployment.
+            answer_neighbours: true,
         },
         health_check,
     })

@@ -10,6 +10,12 @@
 //! | every node address (NodePort and LoadBalancer) | (node address, `nodePort`) | `externalTrafficPolicy` | - |
 //! | `spec.loadBalancerIP`, `status.loadBalancer.ingress[].ip` (`ipMode` `VIP` or unset) | (IP, `port`) | `externalTrafficPolicy` | `loadBalancerSourceRanges` of the IP's family |
 //!
+//! With the neighbour responder on (an L2 deployment), ARP / NDP is answered, announced and joined
+//! a group for on external and load-balancer IPs only (`ServiceConfig::answer_neighbours`), as
+//! MetalLB-L2 answers for load-balancer IPs: a cluster IP is in the cluster's service range, which
+//! no client on the segment asks for (the cluster routes it), and a NodePort's node address is the
+//! node's own, which its kernel answers for.
+//!
 //! Only addresses of the Service's IP families (those of its cluster IPs) are keys, as kube-proxy runs
 //! one proxier per family; an external or load-balancer IP of another family is reported.
 //!
@@ -264,14 +270,17 @@ impl<'a> Topology<'a> {
     }
 }
 
-/// Which of a Service's backends a key uses.
+/// How clients reach a key: which of a Service's backends it uses, and whether clients on the
+/// segment ask for its address (ARP / NDP, answered by the neighbour responder).
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reach {
-    /// Cluster IPs: `internalTrafficPolicy`.
+    /// Cluster IPs: `internalTrafficPolicy`; in the service range, routed by the cluster.
     Internal,
-    /// Node ports, external IPs: `externalTrafficPolicy`.
+    /// External IPs: `externalTrafficPolicy`; on the clients' segment.
     External,
-    /// Load-balancer IPs: `externalTrafficPolicy` and source ranges.
+    /// Node ports: `externalTrafficPolicy`; the node's own addresses, which its kernel answers for.
+    NodePort,
+    /// Load-balancer IPs: `externalTrafficPolicy` and source ranges; on the clients' segment.
     LoadBalancer,
 }
 
@@ -677,7 +686,7 @@ fn translate_service(
             && let Some(np) = node_port(port)
         {
             for ip in settings.node_addresses.iter().filter(|ip| families.contains(&ip.is_ipv4())) {
-                keys.push((*ip, np, Reach::External));
+                keys.push((*ip, np, Reach::NodePort));
             }
         }
 
@@ -689,7 +698,7 @@ fn translate_service(
             }
             let local_only = match reach {
                 Reach::Internal => internal_local,
-                Reach::External | Reach::LoadBalancer => external_local,
+                Reach::External | Reach::NodePort | Reach::LoadBalancer => external_local,
             };
             // kube-proxy deletes the UDP conntrack entries of the endpoints that are not serving
             // while one of the family serves (whatever the policy); TCP connections keep theirs.
@@ -740,6 +749,7 @@ fn translate_service(
                     },
                     maglev_table_size,
                     on_backend_removed: ann.on_backend_removed.unwrap_or_default(),
+                    answer_neighbours: matches!(reach, Reach::External | Reach::LoadBalancer),
                 },
                 health_check: ann.health_check.clone(),
             });
@@ -1187,6 +1197,27 @@ mod tests {
         let quic = find(&t, "udp 203.0.113.11:443");
         assert_eq!(quic.name, "ingress/edge:quic");
         assert_eq!(backends(quic), vec![("10.244.1.30:8443".into(), BackendState::Active, 100)]);
+    }
+
+    /// With the neighbour responder on, ARP / NDP is answered for the addresses clients on the
+    /// segment ask for: load-balancer and external IPs, not cluster IPs (the service range, routed by
+    /// the cluster) nor a NodePort's node address (the node's own, answered by its kernel). Before,
+    /// every key's address was answered, announced and, for IPv6, joined a multicast group for.
+    #[test]
+    fn neighbours_are_answered_for_load_balancer_and_external_ips_only() {
+        let mut svc: Service = fixture!("service-edge-loadbalancer.json");
+        svc.spec.as_mut().unwrap().external_ips = Some(vec!["198.51.100.20".into()]);
+        let slice: EndpointSlice = fixture!("endpointslice-edge.json");
+        let t = translate([&svc], [&slice], &settings(), &node());
+        for (key, answered) in [
+            ("tcp 10.96.7.7:443", false),
+            ("tcp 192.168.1.10:31443", false),
+            ("tcp 203.0.113.11:443", true),
+            ("udp 203.0.113.11:443", true),
+            ("tcp 198.51.100.20:443", true),
+        ] {
+            assert_eq!(find(&t, key).answer_neighbours, answered, "{key}");
+        }
     }
 
     #[test]

@@ -27,6 +27,11 @@ const OTHER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x99);
 
 /// An IPv4 DSR service on VIP4, an IPv6 NAT service on VIP6; SNAT addresses of both families set.
 fn tables() -> Arc<Tables> {
+    TableBuilder::new().build(&config()).unwrap()
+}
+
+/// The configuration of [`tables`].
+fn config() -> Config {
     let backend = |addr: IpAddr| BackendConfig {
         addr,
         port: 80,
@@ -57,7 +62,7 @@ fn tables() -> Arc<Tables> {
         ForwardMode::Nat,
         vec![backend(IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)))],
     ));
-    TableBuilder::new().build(&config).unwrap()
+    config
 }
 
 /// An Ethernet header, with an 802.1Q tag `tci` when given.
@@ -312,6 +317,55 @@ fn addresses_are_the_vips_and_the_snat_address_of_nat_families() {
     let mut got: Vec<IpAddr> = addresses(&tables).collect();
     got.sort();
     assert_eq!(got, [IpAddr::V4(VIP4), IpAddr::V6(SNAT6), IpAddr::V6(VIP6)]);
+}
+
+/// Kubernetes cluster IPs (services that do not answer neighbours) get no ARP / NDP answer and are no
+/// address to steer, announce or join a group for, while a VIP that one of its services has
+/// answered is answered whatever its other services say. Before, every VIP was answered: cluster IPs,
+/// which the cluster routes, were claimed on the clients' segment and cost a multicast group each.
+#[test]
+fn vips_of_services_that_do_not_answer_neighbours_are_not_ours() {
+    const CLUSTER4: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+    const CLUSTER6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+    let mut config = config();
+    let not_answered = |vip: IpAddr, port: u16| {
+        // DSR: the backend listens on the service port.
+        let backend = if vip.is_ipv4() { "10.0.0.1" } else { "fd00::1" };
+        let backend = BackendConfig {
+            addr: backend.parse().unwrap(),
+            port,
+            weight: 1,
+            mac: Some([2, 0xbe, 0, 0, 0, 1]),
+            state: BackendState::Active,
+        };
+        let key = ServiceKey { vip, port, proto: Protocol::Tcp };
+        ServiceConfig {
+            answer_neighbours: false,
+            ..ServiceConfig::new("cluster-ip", key, ForwardMode::Dsr, vec![backend])
+        }
+    };
+    config.services.push(not_answered(IpAddr::V4(CLUSTER4), 80));
+    config.services.push(not_answered(IpAddr::V6(CLUSTER6), 80));
+    // Another port of an answered VIP, itself not answered: the VIP stays answered.
+    config.services.push(not_answered(IpAddr::V4(VIP4), 443));
+    let tables = TableBuilder::new().build(&config).unwrap();
+    let r = NeighbourResponder::new(MAC, &tables);
+    let run = |bytes: Vec<u8>| {
+        let mut buf = bytes.clone();
+        buf.resize(bytes.len() + 64, 0);
+        let mut frame = Frame::new(&mut buf, 0, bytes.len());
+        let a = r.answer(&tables, &mut frame);
+        (a, frame.data() == &bytes[..])
+    };
+    assert_eq!(run(arp(1, CLUSTER4, None)), (Answer::NotOurs, true), "ARP for a cluster IP");
+    assert_eq!(run(ns(ASKER6, CLUSTER6, true, 255, None)), (Answer::NotOurs, true), "NS for a cluster IP");
+    assert_eq!(run(arp(1, VIP4, None)).0, Answer::ArpReply, "ARP for a load-balancer IP");
+    assert_eq!(run(ns(ASKER6, VIP6, true, 255, None)).0, Answer::NeighbourAdvert);
+    let mut got: Vec<IpAddr> = addresses(&tables).collect();
+    got.sort();
+    got.dedup();
+    assert_eq!(got, [IpAddr::V4(VIP4), IpAddr::V6(SNAT6), IpAddr::V6(VIP6)]);
+    assert!(tables.is_vip(IpAddr::V4(CLUSTER4)) && tables.is_vip(IpAddr::V6(CLUSTER6)), "still served");
 }
 
 #[test]
