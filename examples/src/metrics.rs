@@ -50,6 +50,8 @@ pub struct CoreSnapshot {
     pub arp_replies: u64,
     /// IPv6 neighbour solicitations answered by the neighbour responder.
     pub ndp_adverts: u64,
+    /// ARP requests and replies from another host claiming an address the neighbour responder answers for.
+    pub arp_conflicts: u64,
     /// Full-NAT replies translated back to their clients.
     pub reverse_nat: u64,
     /// Packets too big for the tunnel path answered with ICMP (`node.tunnel_mtu`).
@@ -97,6 +99,7 @@ impl CoreSnapshot {
             handed_off: stats.handed_off,
             arp_replies: stats.arp_replies,
             ndp_adverts: stats.ndp_adverts,
+            arp_conflicts: stats.arp_conflicts,
             reverse_nat: stats.reverse_nat,
             icmp_too_big: stats.icmp_too_big,
             icmp_time_exceeded: stats.icmp_time_exceeded,
@@ -130,6 +133,7 @@ pub struct CoreCounters {
     handed_off: u64,
     arp_replies: u64,
     ndp_adverts: u64,
+    arp_conflicts: u64,
     reverse_nat: u64,
     icmp_too_big: u64,
     icmp_time_exceeded: u64,
@@ -163,6 +167,7 @@ impl CoreCounters {
         self.handed_off = stats.handed_off;
         self.arp_replies = stats.arp_replies;
         self.ndp_adverts = stats.ndp_adverts;
+        self.arp_conflicts = stats.arp_conflicts;
         self.reverse_nat = stats.reverse_nat;
         self.icmp_too_big = stats.icmp_too_big;
         self.icmp_time_exceeded = stats.icmp_time_exceeded;
@@ -196,6 +201,7 @@ impl CoreCounters {
             handed_off: self.handed_off,
             arp_replies: self.arp_replies,
             ndp_adverts: self.ndp_adverts,
+            arp_conflicts: self.arp_conflicts,
             reverse_nat: self.reverse_nat,
             icmp_too_big: self.icmp_too_big,
             icmp_time_exceeded: self.icmp_time_exceeded,
@@ -297,6 +303,7 @@ struct Totals {
     handed_off: u64,
     arp_replies: u64,
     ndp_adverts: u64,
+    arp_conflicts: u64,
     reverse_nat: u64,
     icmp_too_big: u64,
     icmp_time_exceeded: u64,
@@ -318,6 +325,7 @@ fn sum(cores: &[CoreSnapshot]) -> Totals {
         t.handed_off += c.handed_off;
         t.arp_replies += c.arp_replies;
         t.ndp_adverts += c.ndp_adverts;
+        t.arp_conflicts += c.arp_conflicts;
         t.reverse_nat += c.reverse_nat;
         t.icmp_too_big += c.icmp_too_big;
         t.icmp_time_exceeded += c.icmp_time_exceeded;
@@ -457,6 +465,11 @@ pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[Inter
             "lb_ndp_adverts_total",
             "IPv6 neighbour solicitations for the load balancer's addresses answered.",
             totals.ndp_adverts,
+        ),
+        (
+            "lb_arp_conflicts_total",
+            "ARP requests and replies from another host claiming an address the load balancer answers for (RFC 5227 conflicts, a gratuitous ARP of another owner: another node answering for the same VIPs, a backend announcing a VIP). Each address is defended with a broadcast ARP announcement at most once per 10 s.",
+            totals.arp_conflicts,
         ),
         (
             "lb_nat_replies_total",
@@ -925,6 +938,7 @@ services:
                     xsk_rx_dropped: 9 * k,
                     arp_replies: 3 * k,
                     ndp_adverts: k,
+                    arp_conflicts: 13 * k,
                     icmp_too_big: 2 * k,
                     icmp_time_exceeded: 5 * k,
                     reverse_nat: 11 * k,
@@ -1054,6 +1068,7 @@ services:
             "lb_tx_declined_total 24".into(),
             "lb_xsk_rx_dropped_total 27".into(),
             "lb_ndp_adverts_total 3".into(),
+            "lb_arp_conflicts_total 39".into(),
             "lb_icmp_too_big_total 6".into(),
             "lb_icmp_time_exceeded_total 15".into(),
             "lb_nat_replies_total 33".into(),

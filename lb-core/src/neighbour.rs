@@ -4,12 +4,29 @@
 //!
 //! ```text
 //!  ARP request, target = ours ──────────► ARP reply from `mac`, to the asker           ─► Tx
+//!  ARP request or reply from another MAC ─► broadcast ARP announcement of that address  ─► Tx
+//!    with sender = ours (a conflict)         (defence, RFC 5227), once per 10 s an address;
+//!                                            within those 10 s: counted drop (ArpConflict)
 //!  ICMPv6 Neighbour Solicitation,        ─► solicited Neighbour Advertisement, S + O,   ─► Tx
 //!    target = ours (RFC 4861 7.1.1 valid)    target link-layer option, from the target
 //!    from :: (duplicate address detection) ─► advertisement to ff02::1, S clear (7.2.4)  ─► Tx
 //!  ours but invalid (bad checksum, hop limit != 255, ...) ─► counted drop (Malformed)
 //!  anything else (not a request, another target, truncated) ─► not ours: pass to the kernel
 //! ```
+//!
+//! A conflict is another host claiming one of our addresses, typically with a gratuitous ARP (a
+//! previous owner, a second node running the responder, a backend that announces the VIP it holds
+//! on a loopback): the segment's neighbours that heard it now send to that host. RFC 5227 2.4 (c),
+//! for a host that must keep its address, defends it with one broadcast ARP announcement, so those
+//! neighbours switch back, and with no second defence of the address within DEFEND_INTERVAL (10 s):
+//! two hosts defending one address then exchange at most one announcement each per 10 s, and stop
+//! when no third frame comes, instead of answering each other forever. A responder remembers the
+//! last defence of up to [`DEFENDED_ADDRESSES`] addresses; a conflict on yet another address
+//! while all of those were defended in the last 10 s is not defended. (A unicast reply to the
+//! claimant, as before, told only the claimant.) Conflicts are counted in
+//! [`Stats::arp_conflicts`], defended or not. IPv6 has no such defence: RFC 4862 5.4.4 only has a
+//! node log an advertisement of its address by another, and the XDP program leaves advertisements
+//! to the kernel.
 //!
 //! "Ours" is every VIP of the installed [`Tables`] that a service has answered for
 //! ([`ServiceConfig::answer_neighbours`]: an address clients on the segment ask for, not a Kubernetes
@@ -64,6 +81,13 @@ pub enum Answer {
     ArpReply,
     /// The frame now holds a Neighbour Advertisement: transmit it.
     NeighbourAdvert,
+    /// An ARP request or reply from another host claimed one of our addresses (its sender
+    /// address): the frame now holds a broadcast ARP announcement of that address at our MAC. Transmit it.
+    ArpDefence,
+    /// An ARP request or reply from another host claimed one of our addresses that was defended less than
+    /// [`DEFEND_INTERVAL_SECS`] ago (or no room is left to remember a defence): not defended
+    /// again; the frame is unchanged. Drop it and count [`DropReason::ArpConflict`].
+    ArpConflict,
     /// A solicitation for one of our addresses that RFC 4861 says to discard, or an advertisement
     /// that does not fit the frame; the frame is unchanged. Drop it and count this reason.
     Invalid(DropReason),
@@ -82,10 +106,25 @@ impl Answer {
                 stats.ndp_adverts += 1;
                 Ok(Verdict::Tx)
             }
+            Answer::ArpDefence => {
+                stats.arp_conflicts += 1;
+                Ok(Verdict::Tx)
+            }
+            Answer::ArpConflict => {
+                stats.arp_conflicts += 1;
+                Err(DropReason::ArpConflict)
+            }
             Answer::Invalid(reason) => Err(reason),
         }
     }
 }
+
+/// RFC 5227's DEFEND_INTERVAL: an address is defended against a conflicting ARP at most once in
+/// this many seconds.
+pub const DEFEND_INTERVAL_SECS: u32 = 10;
+
+/// How many addresses a responder remembers the last defence of (see the module docs).
+pub const DEFENDED_ADDRESSES: usize = 16;
 
 /// Answers ARP and NDP for the load balancer's addresses with one interface's MAC. One per worker;
 /// see the module docs.
@@ -96,13 +135,16 @@ pub struct NeighbourResponder {
     snat_v4: Option<Ipv4Addr>,
     /// The node's IPv6 SNAT address, when a NAT service of that family uses it.
     snat_v6: Option<Ipv6Addr>,
+    /// Addresses defended against a conflict, each with the second (of the worker's clock) of its
+    /// last defence.
+    defended: [Option<(Ipv4Addr, u32)>; DEFENDED_ADDRESSES],
 }
 
 impl NeighbourResponder {
     /// A responder answering with `mac` (the MAC of the interface the frames arrive on) for the
     /// addresses of `tables`.
     pub fn new(mac: [u8; 6], tables: &Tables) -> Self {
-        let mut r = NeighbourResponder { mac, snat_v4: None, snat_v6: None };
+        let mut r = NeighbourResponder { mac, snat_v4: None, snat_v6: None, defended: [None; DEFENDED_ADDRESSES] };
         r.install(tables);
         r
     }
@@ -133,25 +175,29 @@ impl NeighbourResponder {
     }
 
     /// Turns an ARP request or Neighbour Solicitation for one of our addresses into its answer, in
-    /// place. Never panics and never allocates, whatever the bytes.
-    pub fn answer(&self, tables: &Tables, frame: &mut Frame<'_>) -> Answer {
+    /// place, or an ARP request from another host that claims one of them into its defence; `now`
+    /// is the worker's clock in seconds (never going back). Never panics and never allocates,
+    /// whatever the bytes.
+    pub fn answer(&mut self, tables: &Tables, frame: &mut Frame<'_>, now: u32) -> Answer {
         match l3_of(frame.data()) {
-            Some((l3, ETHERTYPE_ARP)) => self.answer_arp(tables, frame, l3),
+            Some((l3, ETHERTYPE_ARP)) => self.answer_arp(tables, frame, l3, now),
             Some((l3, ETHERTYPE_IPV6)) => self.answer_solicitation(tables, frame, l3),
             _ => Answer::NotOurs,
         }
     }
 
     /// An ARP request for one of our addresses becomes a reply: our MAC and the asked-for address as
-    /// sender, the asker as target, sent to the asker's hardware address (RFC 826).
-    fn answer_arp(&self, tables: &Tables, frame: &mut Frame<'_>, l3: usize) -> Answer {
+    /// sender, the asker as target, sent to the asker's hardware address (RFC 826). A request or
+    /// reply whose sender, another host, claims one of our addresses is a conflict
+    /// ([`Self::defend`]).
+    fn answer_arp(&mut self, tables: &Tables, frame: &mut Frame<'_>, l3: usize, now: u32) -> Answer {
         let Some(Ok(request)) =
             frame.data().get(l3..).map(|b| ArpPacket::new_checked(b).and_then(|p| ArpRepr::parse(&p)))
         else {
             return Answer::NotOurs;
         };
         let ArpRepr::EthernetIpv4 {
-            operation: ArpOperation::Request,
+            operation: operation @ (ArpOperation::Request | ArpOperation::Reply),
             source_hardware_addr: asker_mac,
             source_protocol_addr: asker_ip,
             target_protocol_addr: target,
@@ -160,7 +206,12 @@ impl NeighbourResponder {
         else {
             return Answer::NotOurs;
         };
-        if !self.is_ours(tables, IpAddr::V4(target)) {
+        // RFC 5227 2.4: a request or reply whose sender address is ours and whose sender hardware
+        // address is not.
+        if asker_mac.0 != self.mac && self.is_ours(tables, IpAddr::V4(asker_ip)) {
+            return self.defend(frame, l3, asker_ip, now);
+        }
+        if operation != ArpOperation::Request || !self.is_ours(tables, IpAddr::V4(target)) {
             return Answer::NotOurs;
         }
         let reply = ArpRepr::EthernetIpv4 {
@@ -176,6 +227,25 @@ impl NeighbourResponder {
         // `arp` passed `new_checked` above with the same hardware and protocol lengths.
         reply.emit(&mut ArpPacket::new_unchecked(arp));
         Answer::ArpReply
+    }
+
+    /// RFC 5227 2.4 (c): a conflict on `addr` becomes a broadcast ARP announcement of `addr` at our
+    /// MAC (VLAN tags kept), unless `addr` was defended less than [`DEFEND_INTERVAL_SECS`] ago, or
+    /// every slot holds a defence that recent (a defence not remembered could loop).
+    fn defend(&mut self, frame: &mut Frame<'_>, l3: usize, addr: Ipv4Addr, now: u32) -> Answer {
+        let fresh = |at: u32| now.saturating_sub(at) < DEFEND_INTERVAL_SECS;
+        if self.defended.iter().flatten().any(|&(a, at)| a == addr && fresh(at)) {
+            return Answer::ArpConflict;
+        }
+        let Some(slot) = self.defended.iter_mut().find(|e| e.is_none_or(|(a, at)| a == addr || !fresh(at))) else {
+            return Answer::ArpConflict;
+        };
+        let Some((eth, arp)) = split(frame.data_mut(), l3) else { return Answer::NotOurs };
+        *slot = Some((addr, now));
+        set_macs(eth, [0xff; 6], self.mac);
+        // `arp` passed `new_checked` in `answer_arp`, with the same hardware and protocol lengths.
+        announcement_arp(self.mac, addr).emit(&mut ArpPacket::new_unchecked(arp));
+        Answer::ArpDefence
     }
 
     /// A Neighbour Solicitation for one of our addresses becomes a Neighbour Advertisement
@@ -288,13 +358,7 @@ pub fn announcement(mac: [u8; 6], addr: IpAddr, buf: &mut [u8]) -> Option<usize>
     const MIN_FRAME_LEN: usize = 60;
     match addr {
         IpAddr::V4(a) => {
-            let arp = ArpRepr::EthernetIpv4 {
-                operation: ArpOperation::Request,
-                source_hardware_addr: EthernetAddress(mac),
-                source_protocol_addr: a,
-                target_hardware_addr: EthernetAddress([0; 6]),
-                target_protocol_addr: a,
-            };
+            let arp = announcement_arp(mac, a);
             // Padded with zeros to Ethernet's 60-byte minimum (without FCS): a NIC pads a short
             // frame itself, but a veth or a capture passes the 42 bytes on as they are.
             let len = (ETHERNET_LEN + arp.buffer_len()).max(MIN_FRAME_LEN);
@@ -315,6 +379,18 @@ pub fn announcement(mac: [u8; 6], addr: IpAddr, buf: &mut [u8]) -> Option<usize>
             advert.emit(rest);
             Some(len)
         }
+    }
+}
+
+/// An ARP announcement of `addr` at `mac` (RFC 5227): a request with both sender and target
+/// protocol address `addr` and a zero target hardware address.
+fn announcement_arp(mac: [u8; 6], addr: Ipv4Addr) -> ArpRepr {
+    ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: EthernetAddress(mac),
+        source_protocol_addr: addr,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: addr,
     }
 }
 

@@ -75,11 +75,15 @@ pub enum DropReason {
     /// [`DropReason::IcmpNoFlow`], which would otherwise count every error such a core handled once
     /// for each core but two.
     IcmpCopyUntracked,
+    /// An ARP request or reply from another host claiming an address the neighbour responder
+    /// answers for, which it defended less than 10 s ago (RFC 5227's DEFEND_INTERVAL): not defended
+    /// again, so two defenders cannot loop (see [`crate::neighbour`]).
+    ArpConflict,
 }
 
 impl DropReason {
     /// The number of reasons (length of [`Stats::drops`]).
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
 
     /// Every reason, in counter order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -99,6 +103,7 @@ impl DropReason {
         DropReason::IcmpNoFlow,
         DropReason::TooBig,
         DropReason::IcmpCopyUntracked,
+        DropReason::ArpConflict,
     ];
 
     /// A short snake_case name for metrics labels.
@@ -120,6 +125,7 @@ impl DropReason {
             DropReason::IcmpNoFlow => "icmp_no_flow",
             DropReason::TooBig => "too_big",
             DropReason::IcmpCopyUntracked => "icmp_copy_untracked",
+            DropReason::ArpConflict => "arp_conflict",
         }
     }
 
@@ -252,6 +258,10 @@ pub struct Stats {
     pub arp_replies: u64,
     /// IPv6 Neighbour Solicitations for the load balancer's addresses answered.
     pub ndp_adverts: u64,
+    /// ARP requests and replies from another host that claim an address the responder answers for (RFC 5227
+    /// conflicts: a gratuitous ARP of another owner), each defended with a broadcast announcement
+    /// unless that address was defended in the last 10 s (see [`crate::neighbour`]).
+    pub arp_conflicts: u64,
     /// Tables [`Worker::swap_tables`](crate::Worker::swap_tables) refused because their
     /// [`Limits`](crate::service::Limits) exceed those the worker was built with (it kept serving
     /// its tables).
@@ -286,6 +296,7 @@ impl Stats {
             affinity_not_recorded: 0,
             arp_replies: 0,
             ndp_adverts: 0,
+            arp_conflicts: 0,
             tables_refused: 0,
             drops: [0; DropReason::COUNT],
             services: vec![ServiceCounters::default(); services].into_boxed_slice(),
@@ -357,6 +368,7 @@ impl Stats {
         self.affinity_not_recorded += other.affinity_not_recorded;
         self.arp_replies += other.arp_replies;
         self.ndp_adverts += other.ndp_adverts;
+        self.arp_conflicts += other.arp_conflicts;
         self.tables_refused += other.tables_refused;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
@@ -551,6 +563,7 @@ mod tests {
         (a.affinity_not_recorded, b.affinity_not_recorded) = (2, 9);
         b.arp_replies = 2;
         a.ndp_adverts = 1;
+        (a.arp_conflicts, b.arp_conflicts) = (1, 12);
         (a.tables_refused, b.tables_refused) = (2, 5);
         b.service_mut(1).unwrap().packets = 7;
         a.backend_mut(0).unwrap().active_conns = 3;
@@ -571,6 +584,7 @@ mod tests {
             affinity_not_recorded,
             arp_replies,
             ndp_adverts,
+            arp_conflicts,
             tables_refused,
             drops: _,
             services: _,
@@ -585,6 +599,7 @@ mod tests {
         assert_eq!((rx, tx, passed, reverse_nat, handed_off), (5, 3, 3, 4, 30));
         assert_eq!((icmp_too_big, icmp_time_exceeded, conntrack_evictions, snat_port_evictions), (6, 11, 9, 7));
         assert_eq!((arp_replies, ndp_adverts, tables_refused, affinity_not_recorded), (2, 1, 7, 11));
+        assert_eq!(arp_conflicts, 13);
         assert_eq!(a.services[1].packets, 7);
         assert_eq!(a.backends[0].counters.active_conns, 7);
     }

@@ -297,6 +297,19 @@ fn every_drop_reason_has_a_golden_frame() {
     }
     check(&mut w, &tcp(c, 100, vip, 81, Tcp::Syn, b""), HEADROOM, DropReason::ConntrackFull);
 
+    // ArpConflict: another host's gratuitous ARP for the VIP, defended once, then within 10 s not.
+    let mut w = worker(&golden_config());
+    w.set_neighbour_mac(Some(LOCAL_MAC));
+    let mut claim = Vec::new();
+    claim.extend_from_slice(&[0xff; 6]);
+    claim.extend_from_slice(&CLIENT_MAC);
+    claim.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    claim.extend_from_slice(&CLIENT_MAC);
+    claim.extend_from_slice(&[192, 0, 2, 1, 0, 0, 0, 0, 0, 0, 192, 0, 2, 1]);
+    claim.resize(60, 0);
+    assert_eq!(run(&mut w, &claim, secs(10)).0, Verdict::Tx, "the first claim is defended");
+    check(&mut w, &claim, HEADROOM, DropReason::ArpConflict);
+
     covered.extend(handed_covered);
     covered.sort();
     covered.dedup();

@@ -151,11 +151,11 @@ fn na(to: Ipv6Addr, to_mac: [u8; 6], target: Ipv6Addr, flags: u8, vlan: Option<u
 /// Runs the responder on `bytes` in a buffer with 64 bytes of tailroom; the answer and the frame after.
 fn answer(bytes: &[u8]) -> (Answer, Vec<u8>) {
     let tables = tables();
-    let r = NeighbourResponder::new(MAC, &tables);
+    let mut r = NeighbourResponder::new(MAC, &tables);
     let mut buf = bytes.to_vec();
     buf.resize(bytes.len() + 64, 0xee);
     let mut frame = Frame::new(&mut buf, 0, bytes.len());
-    let a = r.answer(&tables, &mut frame);
+    let a = r.answer(&tables, &mut frame, 1);
     let out = frame.data().to_vec();
     (a, out)
 }
@@ -209,6 +209,85 @@ fn arp_not_for_us_or_not_a_request_is_left_alone() {
         assert_eq!(a, Answer::NotOurs, "{name}");
         assert_eq!(out, frame, "{name}: changed");
     }
+}
+
+/// A gratuitous ARP request (RFC 5227 announcement: sender and target both `addr`) from `mac`.
+fn gratuitous(mac: [u8; 6], addr: Ipv4Addr, vlan: Option<u16>) -> Vec<u8> {
+    let mut f = eth([0xff; 6], mac, vlan, 0x0806);
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&addr.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&addr.octets());
+    f.resize(f.len().max(60), 0);
+    f
+}
+
+/// Another host's gratuitous ARP for an address we answer for is defended as RFC 5227 2.4 (c)
+/// says: one broadcast ARP announcement of the address at our MAC (tags kept), then none for that
+/// address within DEFEND_INTERVAL (10 s: the claim is a counted drop, so two defenders cannot loop),
+/// and again after. Before, the claimant alone got a unicast reply, and every neighbour that heard
+/// the claim kept sending to the claimant.
+#[test]
+fn another_hosts_claim_is_defended_by_broadcast_once_per_defend_interval() {
+    const OTHER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+    let tables = tables();
+    let mut r = NeighbourResponder::new(MAC, &tables);
+    let mut run = |bytes: Vec<u8>, now: u32| {
+        let mut buf = bytes.clone();
+        let mut frame = Frame::whole(&mut buf);
+        let a = r.answer(&tables, &mut frame, now);
+        (a, frame.data().to_vec())
+    };
+    for (vlan, start) in [(None, 100), (Some(0x0123), 1000)] {
+        let claim = gratuitous(OTHER_MAC, VIP4, vlan);
+        assert_eq!(run(claim.clone(), start), (Answer::ArpDefence, gratuitous(MAC, VIP4, vlan)), "{vlan:?}");
+        for later in [0, 1, 9] {
+            assert_eq!(run(claim.clone(), start + later), (Answer::ArpConflict, claim.clone()), "{vlan:?} +{later}s");
+        }
+        assert_eq!(run(claim, start + 10).0, Answer::ArpDefence, "{vlan:?}: again after 10 s");
+    }
+    // A gratuitous ARP reply (MetalLB sends one with its request) is a claim as well.
+    let mut reply = gratuitous(OTHER_MAC, VIP4, None);
+    reply[21] = 2;
+    assert_eq!(run(reply.clone(), 3000), (Answer::ArpDefence, gratuitous(MAC, VIP4, None)));
+    assert_eq!(run(reply.clone(), 3001), (Answer::ArpConflict, reply));
+    // An ARP probe (sender 0.0.0.0) is no claim: answered, so the prober sees the address taken.
+    let mut probe = arp(1, VIP4, None);
+    probe[28..32].fill(0);
+    assert_eq!(run(probe, 2000).0, Answer::ArpReply);
+    // Nor is another host's request for the address: answered.
+    assert_eq!(run(arp(1, VIP4, None), 2000).0, Answer::ArpReply);
+    // A claim of an address not ours is the kernel's.
+    let other = gratuitous(OTHER_MAC, OTHER4, None);
+    assert_eq!(run(other.clone(), 2000), (Answer::NotOurs, other));
+}
+
+/// A responder remembers the defences of [`DEFENDED_ADDRESSES`] addresses: a conflict on one more
+/// address while all of those are fresh is not defended (a defence it could not remember could
+/// loop with another defender), and is once one of them is older than DEFEND_INTERVAL.
+#[test]
+fn conflicts_on_more_addresses_than_remembered_are_defended_once_a_slot_is_free() {
+    let mut config = config();
+    let backend = config.services[0].backends.clone();
+    let vip = |i: usize| Ipv4Addr::new(198, 51, 100, i as u8);
+    for i in 0..=DEFENDED_ADDRESSES {
+        let key = ServiceKey { vip: IpAddr::V4(vip(i)), port: 80, proto: Protocol::Tcp };
+        config.services.push(ServiceConfig::new("many", key, ForwardMode::Dsr, backend.clone()));
+    }
+    let tables = TableBuilder::new().build(&config).unwrap();
+    let mut r = NeighbourResponder::new(MAC, &tables);
+    let mut run = |addr: Ipv4Addr, now: u32| {
+        let mut buf = gratuitous([0x02, 0, 0, 0, 0, 0x0b], addr, None);
+        r.answer(&tables, &mut Frame::whole(&mut buf), now)
+    };
+    for i in 0..DEFENDED_ADDRESSES {
+        assert_eq!(run(vip(i), 5 + i as u32 % 2), Answer::ArpDefence, "{}", vip(i));
+    }
+    let last = vip(DEFENDED_ADDRESSES);
+    assert_eq!(run(last, 14), Answer::ArpConflict, "every slot defended less than 10 s ago");
+    assert_eq!(run(last, 15), Answer::ArpDefence, "the slots of second 5 are free at 15");
+    assert_eq!(run(vip(0), 15), Answer::ArpDefence, "its defence at 5 is 10 s old");
 }
 
 #[test]
@@ -303,10 +382,10 @@ fn solicitations_not_for_us_are_left_alone() {
 #[test]
 fn an_advertisement_that_does_not_fit_is_dropped_as_no_room() {
     let tables = tables();
-    let r = NeighbourResponder::new(MAC, &tables);
+    let mut r = NeighbourResponder::new(MAC, &tables);
     let mut bytes = ns(ASKER6, VIP6, false, 255, None);
     let before = bytes.clone();
-    let a = r.answer(&tables, &mut Frame::whole(&mut bytes));
+    let a = r.answer(&tables, &mut Frame::whole(&mut bytes), 1);
     assert_eq!(a, Answer::Invalid(DropReason::NoHeadroom));
     assert_eq!(bytes, before);
 }
@@ -349,12 +428,12 @@ fn vips_of_services_that_do_not_answer_neighbours_are_not_ours() {
     // Another port of an answered VIP, itself not answered: the VIP stays answered.
     config.services.push(not_answered(IpAddr::V4(VIP4), 443));
     let tables = TableBuilder::new().build(&config).unwrap();
-    let r = NeighbourResponder::new(MAC, &tables);
-    let run = |bytes: Vec<u8>| {
+    let mut r = NeighbourResponder::new(MAC, &tables);
+    let mut run = |bytes: Vec<u8>| {
         let mut buf = bytes.clone();
         buf.resize(bytes.len() + 64, 0);
         let mut frame = Frame::new(&mut buf, 0, bytes.len());
-        let a = r.answer(&tables, &mut frame);
+        let a = r.answer(&tables, &mut frame, 1);
         (a, frame.data() == &bytes[..])
     };
     assert_eq!(run(arp(1, CLUSTER4, None)), (Answer::NotOurs, true), "ARP for a cluster IP");
@@ -413,6 +492,12 @@ fn the_worker_answers_when_given_a_mac_and_passes_otherwise() {
     assert_eq!(run(&mut worker, &ns(ASKER6, SNAT6, true, 255, None)).0, Verdict::Pass);
     assert_eq!(run(&mut worker, &ns(ASKER6, VIP6, true, 255, None)).0, Verdict::Pass);
     assert_eq!(run(&mut worker, &arp_frame).0, Verdict::Tx);
+    // Another host's claim of the VIP: defended (broadcast), then, within 10 s, dropped; both counted.
+    let claim = gratuitous([0x02, 0, 0, 0, 0, 0x0b], VIP4, None);
+    assert_eq!(run(&mut worker, &claim), (Verdict::Tx, gratuitous(MAC, VIP4, None)));
+    assert_eq!(run(&mut worker, &claim), (Verdict::Drop(DropReason::ArpConflict), claim.clone()));
+    assert_eq!(worker.stats().arp_conflicts, 2);
+    assert_eq!(worker.stats().dropped(DropReason::ArpConflict), 1);
     worker.set_neighbour_mac(None);
     assert_eq!(run(&mut worker, &arp_frame).0, Verdict::Pass);
 }
@@ -463,12 +548,12 @@ proptest::proptest! {
         }
         frame.truncate(cut.index(frame.len() + 1));
         let tables = tables();
-        let r = NeighbourResponder::new(MAC, &tables);
+        let mut r = NeighbourResponder::new(MAC, &tables);
         let mut buf = frame.clone();
         buf.resize(frame.len() + tailroom, 0);
         let mut f = Frame::new(&mut buf, 0, frame.len());
-        let a = r.answer(&tables, &mut f);
-        if matches!(a, Answer::NotOurs | Answer::Invalid(_)) {
+        let a = r.answer(&tables, &mut f, 1);
+        if matches!(a, Answer::NotOurs | Answer::Invalid(_) | Answer::ArpConflict) {
             proptest::prop_assert_eq!(f.data(), &frame[..]);
         }
     }

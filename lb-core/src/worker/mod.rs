@@ -92,7 +92,9 @@
 //!   next packet is scheduled afresh, and an error about it goes where an untracked flow's goes.
 //! - ARP requests and IPv6 neighbour solicitations for the tables' VIPs and NAT source addresses are
 //!   answered in place (verdict Tx) once the worker has a MAC ([`Worker::set_neighbour_mac`], off by
-//!   default); all other ARP / NDP passes. See [`crate::neighbour`].
+//!   default), and an ARP request from another host claiming one of them is defended with a broadcast
+//!   announcement (RFC 5227, at most once per 10 s an address); all other ARP / NDP passes. See
+//!   [`crate::neighbour`].
 //! - Full NAT routes: a packet to a VIP, or a backend's reply to a SNAT address, that arrives with
 //!   TTL / hop limit 1 or 0 is answered with ICMP time exceeded from that address (traceroute shows
 //!   the hop), as IPVS answers it; not an ICMP error, a source that names no single host or a
@@ -533,9 +535,9 @@ impl Core {
     }
 
     /// The neighbour responder's answer to an ARP frame or an NDP message, or a pass when it is off.
-    fn answer_neighbour(&mut self, tables: &Tables, frame: &mut Frame<'_>) -> Outcome {
-        match &self.neighbour {
-            Some(r) => r.answer(tables, frame).count(&mut self.stats),
+    fn answer_neighbour(&mut self, tables: &Tables, frame: &mut Frame<'_>, now: u32) -> Outcome {
+        match &mut self.neighbour {
+            Some(r) => r.answer(tables, frame, now).count(&mut self.stats),
             None => Ok(Verdict::Pass),
         }
     }
@@ -573,7 +575,7 @@ impl Core {
     ) -> Outcome {
         let p = match &ahead.parsed {
             Ok(p) => p,
-            Err(ParseError::Arp) => return self.answer_neighbour(tables, frame),
+            Err(ParseError::Arp) => return self.answer_neighbour(tables, frame, now),
             Err(e) => return parse_failure(e),
         };
         if ahead.likely_hit
@@ -695,7 +697,7 @@ impl Core {
     /// not load-balancer traffic at all.
     fn not_for_a_service(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, now: u32) -> Outcome {
         if p.l4 == L4::Ndp {
-            return self.answer_neighbour(tables, frame);
+            return self.answer_neighbour(tables, frame, now);
         }
         let dst = p.flow.dst_ip();
         if let Some(reply) = nat_reply_flow(tables, p, dst) {

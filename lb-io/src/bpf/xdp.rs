@@ -47,11 +47,13 @@
 //! ARP / NDP responder answers for, `lb_core::neighbour`), whatever else the entry steers:
 //! - an ARP request (Ethernet / IPv4, operation 1) whose target protocol address (ARP offset 24) is
 //!   such an address;
+//! - an ARP request or reply (operation 2) whose sender protocol address (ARP offset 14) is such an
+//!   address: another host claiming it (a gratuitous ARP), which the responder defends (RFC 5227);
 //! - an ICMPv6 Neighbour Solicitation (next header 58 right after the fixed IPv6 header, type 135,
 //!   at least 24 bytes) whose target address (ICMPv6 offset 8) is such an address, whether sent to the
 //!   solicited-node group or (unreachability detection) to the address itself.
 //!
-//! Every other ARP and NDP frame (replies, other targets, the host's own neighbours, anything too
+//! Every other ARP and NDP frame (other replies, advertisements, other targets, the host's own neighbours, anything too
 //! short to hold its target) passes to the kernel, so the host's own ARP / NDP keeps working; without
 //! the flag (responder off) nothing of ARP / NDP is steered. The control side edits the maps live;
 //! the program never changes.
@@ -220,6 +222,8 @@ pub fn steering_program(
     let vlan = [a.new_label(), a.new_label()];
     let neighbour = a.new_label();
     let arp = [a.new_label(), a.new_label(), a.new_label()];
+    let arp_sender = [a.new_label(), a.new_label(), a.new_label()];
+    let arp_reload = [a.new_label(), a.new_label(), a.new_label()];
     let not_ours = [a.new_label(), a.new_label(), a.new_label()];
     let v6_dst = [a.new_label(), a.new_label(), a.new_label()];
     let lookup = a.new_label();
@@ -292,12 +296,36 @@ pub fn steering_program(
 
         // ARP: an Ethernet / IPv4 request (hardware type 1, protocol 0x0800, lengths 6 and 4,
         // operation 1: the first 8 bytes, as two words); key = ::ffff:<target protocol address>.
+        // A request for another target, and a reply (operation 2), are looked up by the sender
+        // protocol address: one from an address the responder answers for is another host
+        // claiming it (a gratuitous ARP), which the responder defends (RFC 5227).
         a.bind(arp[i]).mov(R4, R2).add_imm(R4, i32::from(l3) + 28).jmp(Cond::Gt, R4, R3, pass);
         a.load(Size::W, R5, R2, l3)
             .jmp_imm(Cond::Ne, R5, i32::from_ne_bytes([0, 1, 8, 0]), pass)
             .load(Size::W, R5, R2, l3 + 4)
+            .jmp_imm(Cond::Eq, R5, i32::from_ne_bytes([6, 4, 0, 2]), arp_sender[i])
             .jmp_imm(Cond::Ne, R5, i32::from_ne_bytes([6, 4, 0, 1]), pass)
             .load(Size::W, R5, R2, l3 + 24)
+            .store_imm(Size::DW, R10, KEY, 0)
+            .store_imm(Size::W, R10, KEY + 8, i32::from_ne_bytes([0, 0, 0xff, 0xff]))
+            .store(Size::W, R10, KEY + 12, R5)
+            .ld_map_fd(R1, addrs)
+            .mov(R2, R10)
+            .add_imm(R2, i32::from(KEY))
+            .call(HELPER_MAP_LOOKUP_ELEM)
+            .jmp_imm(Cond::Eq, R0, 0, arp_reload[i])
+            .load(Size::W, R1, R0, 0)
+            .and_imm(R1, STEER_NEIGHBOUR as i32)
+            .jmp_imm(Cond::Ne, R1, 0, redirect);
+        // Not a target of ours: the sender next (the helper call clobbered r2 and r3).
+        a.bind(arp_reload[i])
+            .load(Size::W, R2, R6, XDP_MD_DATA)
+            .load(Size::W, R3, R6, XDP_MD_DATA_END)
+            .mov(R4, R2)
+            .add_imm(R4, i32::from(l3) + 28)
+            .jmp(Cond::Gt, R4, R3, pass);
+        a.bind(arp_sender[i])
+            .load(Size::W, R5, R2, l3 + 14)
             .store_imm(Size::DW, R10, KEY, 0)
             .store_imm(Size::W, R10, KEY + 8, i32::from_ne_bytes([0, 0, 0xff, 0xff]))
             .store(Size::W, R10, KEY + 12, R5)
@@ -577,8 +605,9 @@ pub struct SteeringSet {
     pub snat: BTreeMap<IpAddr, (u16, u16)>,
     /// Addresses whose every frame is steered (tests and benchmarks).
     pub whole: BTreeSet<IpAddr>,
-    /// Addresses whose ARP requests and Neighbour Solicitations are steered, for the worker's
-    /// responder to answer (`lb_core::neighbour::addresses`); empty when the responder is off.
+    /// Addresses whose ARP requests and Neighbour Solicitations (and ARP frames from them) are
+    /// steered, for the worker's responder to answer (`lb_core::neighbour::addresses`); empty when
+    /// the responder is off.
     pub neighbour: BTreeSet<IpAddr>,
     /// Of the addresses above, those the host holds (a node address serving NodePorts, a SNAT
     /// address that is the node's): their fragments, and ICMP errors about no flow of ours, stay
@@ -873,6 +902,20 @@ mod tests {
         let mut f = eth(0x0806);
         f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, op, 2, 0, 0, 0, 0, 2, 10, 77, 0, 1, 0, 0, 0, 0, 0, 0]);
         f.extend_from_slice(&target.octets());
+        f
+    }
+
+    /// An ARP reply (gratuitous: sender and target `sender`) from `sender`.
+    fn arp_reply_from(sender: Ipv4Addr) -> Vec<u8> {
+        let mut f = arp_with(2, sender);
+        f[14 + 14..14 + 18].copy_from_slice(&sender.octets());
+        f
+    }
+
+    /// An ARP request from `sender` for another address (10.77.0.1).
+    fn arp_request_from(sender: Ipv4Addr) -> Vec<u8> {
+        let mut f = arp_for(Ipv4Addr::new(10, 77, 0, 1));
+        f[14 + 14..14 + 18].copy_from_slice(&sender.octets());
         f
     }
 
@@ -1267,7 +1310,15 @@ mod tests {
             ("QinQ-tagged ARP request for the VIP", with_tags(arp_for(VIP4), &[0x88a8, 0x8100]), steered),
             ("ARP request for another address", arp_for(Ipv4Addr::new(10, 77, 0, 9)), kernel),
             ("ARP request for a steered address without the neighbour flag", arp_for(node), kernel),
-            ("ARP reply about the VIP", arp_with(2, VIP4), kernel),
+            ("ARP reply to the VIP", arp_with(2, VIP4), kernel),
+            ("ARP reply from the VIP (another host claiming it)", arp_reply_from(VIP4), steered),
+            ("VLAN-tagged ARP reply from the VIP", tagged(arp_reply_from(VIP4), Some(42)), steered),
+            ("ARP reply from another address", arp_reply_from(Ipv4Addr::new(10, 77, 0, 9)), kernel),
+            ("ARP reply from a steered address without the neighbour flag", arp_reply_from(node), kernel),
+            ("ARP reply cut inside the target address", arp_reply_from(VIP4)[..40].to_vec(), kernel),
+            ("ARP request from the VIP for another address", arp_request_from(VIP4), steered),
+            ("QinQ-tagged ARP request from the VIP", with_tags(arp_request_from(VIP4), &[0x88a8, 0x8100]), steered),
+            ("ARP request from another address", arp_request_from(Ipv4Addr::new(10, 77, 0, 9)), kernel),
             ("ARP request cut inside the target address", arp_for(VIP4)[..40].to_vec(), kernel),
             ("NS for the VIP to its solicited-node group", ns(group(VIP6), VIP6), steered),
             ("VLAN-tagged NS for the VIP", tagged(ns(group(VIP6), VIP6), Some(42)), steered),
