@@ -1124,7 +1124,11 @@ services:
         }
         send(web_syn());
         assert_eq!((w.conntrack().len(), w.stats().affinity_not_recorded), (8, 1));
-        let mut published = CoreCounters::with_capacity(lb_core::service::Limits { max_services: 4, max_backends: 8 });
+        let mut published = CoreCounters::with_capacity(lb_core::service::Limits {
+            max_services: 4,
+            max_backends: 8,
+            ..Default::default()
+        });
         published.fill(w.stats(), w.tables(), w.conntrack().len(), w.conntrack().capacity());
         let live = control.subscribe().borrow().clone();
         for cores in [vec![published.to_snapshot()], vec![CoreSnapshot::from_stats(w.stats(), w.tables(), 8, 8)]] {

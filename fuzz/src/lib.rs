@@ -14,8 +14,9 @@ use lb_core::conntrack::{ConnState, EntryKind};
 use lb_core::service::{Limits, TableBuilder};
 use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
 
-/// Small limits so a worker is cheap to build per fuzz input.
-pub const LIMITS: Limits = Limits { max_services: 64, max_backends: 256 };
+/// Small limits so a worker is cheap to build per fuzz input (every service at the 251 Maglev entries
+/// `config` gives them).
+pub const LIMITS: Limits = Limits { max_services: 64, max_backends: 256, max_maglev_entries: 64 * 251 };
 /// Conntrack entries per worker: small, so eviction and "full" paths are reached.
 pub const CONNTRACK: usize = 64;
 

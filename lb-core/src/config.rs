@@ -413,8 +413,9 @@ pub struct ServiceConfig {
     pub source_ranges: Vec<Cidr>,
     /// Maglev table size (prime) for mh, sh and dh. `None`: 65 537 up to 655 backends (then 655 373,
     /// 6 553 621), a size that stays put as backends come and go, so a change moves few flows; 128 KiB
-    /// per service, and for mh without affinity 256 KiB more for the ring of backend slots new flows
-    /// pick from (see the worker). With many services of few backends, a smaller prime (at least 100 per backend:
+    /// per service, and for mh 256 KiB more for the ring of backend slots new flows pick from (see
+    /// the worker). The sizes summed over services are bounded by
+    /// [`Limits::max_maglev_entries`](crate::service::Limits::max_maglev_entries). With many services of few backends, a smaller prime (at least 100 per backend:
     /// `lb_hash::maglev_table_size_for`) saves memory, but then keep it fixed as the set changes.
     pub maglev_table_size: Option<u32>,
     /// What to do with established flows whose backend was removed.
@@ -429,6 +430,19 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
+    /// The entries of the Maglev table the table builder gives this service: `maglev_table_size`,
+    /// else the size that stays put for its backends; 0 for a scheduler without one (not mh, sh or
+    /// dh). Counted while no backend takes new flows too (when the service has no table), so that a
+    /// backend turning ready never takes the sum over
+    /// [`Limits::max_maglev_entries`](crate::service::Limits::max_maglev_entries).
+    pub fn maglev_entries(&self) -> usize {
+        if !self.scheduler.uses_maglev_table() {
+            return 0;
+        }
+        let size = self.maglev_table_size.unwrap_or_else(|| lb_hash::maglev_table_size_stable_for(self.backends.len()));
+        usize::try_from(size).unwrap_or(usize::MAX)
+    }
+
     /// A service with the defaults: Maglev scheduling, no session affinity, every client allowed, the
     /// Maglev table size that stays put as backends come and go, flows of a removed backend rescheduled,
     /// and ARP / NDP for the VIP answered (when the neighbour responder runs).

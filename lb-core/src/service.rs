@@ -88,23 +88,33 @@ pub struct BackendRef {
     pub generation: u32,
 }
 
-/// Upper bounds on slot numbers, so that a worker sizes its per-slot arrays once, from its first
-/// tables; it refuses later tables with a larger bound in either field
+/// Upper bounds on what one [`Tables`] holds, each summed over its services. The slot numbers
+/// (`max_services`, `max_backends`) size a worker's per-slot arrays once, from its first tables; it
+/// refuses later tables with a larger bound in either of those two
 /// ([`Worker::swap_tables`](crate::Worker::swap_tables)), so every builder feeding a worker needs
-/// limits no larger than those of the builder that made its first tables.
+/// those no larger than the builder that made its first tables. `max_maglev_entries` sizes nothing
+/// in a worker (the tables are shared by every core), which takes tables of any such budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Services at most.
     pub max_services: usize,
     /// Backends (summed over services) at most.
     pub max_backends: usize,
+    /// Maglev table entries (mh, sh, dh; summed over services, as
+    /// [`ServiceConfig::maglev_entries`] counts them) at most: each service's table size is bounded,
+    /// their sum only by this. Up to 6 bytes an entry (mh: 2 in the table, 4 in its ring of backend
+    /// slots; sh, dh: 2), held once for all cores (the workers share one `Arc<Tables>`), and twice
+    /// for a table an update rebuilds until every worker has let the old one go.
+    pub max_maglev_entries: usize,
 }
 
 impl Default for Limits {
     /// 131 072 services and 262 144 backends: about 20 MiB of counters per core (32 bytes a service
-    /// slot, a 64-byte cache line a backend slot: its counters and its backend's generation).
+    /// slot, a 64-byte cache line a backend slot: its counters and its backend's generation); and
+    /// 268 439 552 Maglev entries: 4 096 tables of the default 65 537 entries, 1.5 GiB under mh.
     fn default() -> Self {
-        Limits { max_services: 1 << 17, max_backends: 1 << 18 }
+        let maglev_entries = 4096 * lb_hash::MaglevTable::DEFAULT_SIZE as usize;
+        Limits { max_services: 1 << 17, max_backends: 1 << 18, max_maglev_entries: maglev_entries }
     }
 }
 
@@ -863,6 +873,20 @@ pub enum ConfigError {
         /// The limit.
         max: usize,
     },
+    /// More Maglev table entries, summed over services, than the builder's limit.
+    #[error(
+        "{count} Maglev table entries configured over all services (mh, sh, dh: up to 6 bytes an entry); this \
+         table builder holds at most {max} (Limits::max_maglev_entries): lower maglev_table_size on the largest \
+         tables ({largest}), or give them a scheduler without one"
+    )]
+    TooManyMaglevEntries {
+        /// Entries given.
+        count: usize,
+        /// The limit.
+        max: usize,
+        /// The largest tables, `service: entries`, largest first.
+        largest: String,
+    },
 }
 
 /// Hands out slot numbers, reusing freed ones, each time with a new generation from
@@ -1144,6 +1168,15 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The `n` largest Maglev tables of `services`, `name: entries`, largest first (then by name).
+fn largest_maglev_tables(services: &[ServiceConfig], n: usize) -> String {
+    let mut tables: Vec<(usize, &str)> =
+        services.iter().map(|s| (s.maglev_entries(), s.name.as_str())).filter(|&(e, _)| e > 0).collect();
+    tables.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+    let shown: Vec<String> = tables.iter().take(n).map(|(e, name)| format!("{name}: {e}")).collect();
+    shown.join(", ")
+}
+
 /// The size checks lb-hash makes, done even when no backend serves yet (so a bad size is reported
 /// when the service is configured, not later when a backend becomes ready).
 fn check_maglev_size(size: u32, backends: usize) -> Result<(), lb_hash::BuildError> {
@@ -1190,6 +1223,14 @@ impl TableBuilder {
         let total_backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
         if total_backends > self.limits.max_backends {
             return Err(ConfigError::TooManyBackends { count: total_backends, max: self.limits.max_backends });
+        }
+        let maglev_entries = cfg.services.iter().fold(0usize, |sum, s| sum.saturating_add(s.maglev_entries()));
+        if maglev_entries > self.limits.max_maglev_entries {
+            return Err(ConfigError::TooManyMaglevEntries {
+                count: maglev_entries,
+                max: self.limits.max_maglev_entries,
+                largest: largest_maglev_tables(&cfg.services, 3),
+            });
         }
 
         // Work on copies of the slot state; commit only on success.
@@ -1764,10 +1805,60 @@ mod tests {
 
     #[test]
     fn limits_are_enforced() {
-        let mut b = TableBuilder::with_limits(Limits { max_services: 1, max_backends: 10 });
+        let mut b = TableBuilder::with_limits(Limits { max_services: 1, max_backends: 10, ..Limits::default() });
         assert!(matches!(b.build(&good()), Err(ConfigError::TooManyServices { count: 2, max: 1 })));
-        let mut b = TableBuilder::with_limits(Limits { max_services: 10, max_backends: 2 });
+        let mut b = TableBuilder::with_limits(Limits { max_services: 10, max_backends: 2, ..Limits::default() });
         assert!(matches!(b.build(&good()), Err(ConfigError::TooManyBackends { count: 3, max: 2 })));
+    }
+
+    /// The Maglev table entries summed over services are bounded: a configuration over the budget is
+    /// refused whole, naming the total, the budget and the largest tables; a scheduler without a
+    /// table counts nothing, and a service with no backend taking new flows counts its table.
+    #[test]
+    fn maglev_entries_over_all_services_are_bounded() {
+        // Room for web's default table, dns's 1009 entries and not one table more.
+        let limits = Limits { max_maglev_entries: 2 * 65_537 + 1008, ..Limits::default() };
+        let mut cfg = good();
+        cfg.services[1].maglev_table_size = Some(1009);
+        TableBuilder::with_limits(limits).build(&cfg).unwrap();
+
+        let mut over = cfg.clone();
+        let mut big = service("big", "192.0.2.9", 80, ForwardMode::Dsr, vec![backend("10.0.0.9", 80)]);
+        big.backends[0].state = BackendState::Draining;
+        over.services.push(big);
+        let mut b = TableBuilder::with_limits(limits);
+        let Err(err) = b.build(&over) else { panic!("a configuration over the Maglev budget was built") };
+        let msg = err.to_string();
+        assert_eq!(
+            err,
+            ConfigError::TooManyMaglevEntries {
+                count: 2 * 65_537 + 1009,
+                max: limits.max_maglev_entries,
+                largest: "big: 65537, web: 65537, dns: 1009".into()
+            },
+            "{msg}"
+        );
+        assert!(msg.contains("lower maglev_table_size") && msg.contains("Limits::max_maglev_entries"), "{msg}");
+
+        over.services[2].scheduler = SchedulerKind::RoundRobin;
+        b.build(&over).unwrap();
+    }
+
+    /// The default budget holds 4 096 services at the default table size, and refuses one more (no
+    /// backend serves, so no table is built, but each is counted: one could serve at any time).
+    #[test]
+    fn the_default_maglev_budget_holds_4096_default_tables() {
+        let mut cfg = good();
+        cfg.services = (0..4097u32)
+            .map(|i| {
+                let vip = core::net::Ipv4Addr::from(0xC633_0000 + i).to_string(); // 198.51.0.0/16
+                service(&format!("s{i}"), &vip, 80, ForwardMode::Dsr, vec![])
+            })
+            .collect();
+        let Err(err) = TableBuilder::new().build(&cfg) else { panic!("4 097 default tables were built") };
+        assert!(matches!(err, ConfigError::TooManyMaglevEntries { count, .. } if count == 4097 * 65_537), "{err}");
+        cfg.services.pop();
+        TableBuilder::new().build(&cfg).unwrap();
     }
 
     #[test]

@@ -188,7 +188,7 @@ fn tables_of_another_builder_never_move_a_flow_to_another_backend_of_its_service
     }
 }
 
-/// A worker sizes its per-slot arrays from its first tables' `Limits`: it refuses tables with larger
+/// A worker sizes its per-slot arrays from its first tables' slot `Limits`: it refuses tables with larger
 /// ones (their slots could lie past those arrays, uncounted and without rr cursors), keeps serving
 /// its own, counts the refusal, and hands the refused tables back.
 #[test]
@@ -196,7 +196,7 @@ fn a_worker_refuses_tables_with_larger_limits_and_keeps_serving_its_own() {
     use lb_core::service::Limits;
     use std::sync::Arc;
     let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
-    let mut small = TableBuilder::with_limits(Limits { max_services: 2, max_backends: 4 });
+    let mut small = TableBuilder::with_limits(Limits { max_services: 2, max_backends: 4, ..Limits::default() });
     let first = small.build(&cfg).unwrap();
     let mut w = Worker::new(first.clone(), WorkerConfig::single_core(1024));
     let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
@@ -225,6 +225,12 @@ fn a_worker_refuses_tables_with_larger_limits_and_keeps_serving_its_own() {
     let next = small.build(&other).unwrap();
     drop(w.swap_tables(next.clone()));
     assert!(Arc::ptr_eq(w.tables(), &next));
+    assert_eq!(w.stats().tables_refused, 1);
+    // The Maglev budget sizes nothing in a worker: a larger one is no reason to refuse tables.
+    let budget = Limits { max_maglev_entries: usize::MAX, ..small.limits() };
+    let roomier = TableBuilder::with_limits(budget).build(&cfg).unwrap();
+    drop(w.swap_tables(roomier.clone()));
+    assert!(Arc::ptr_eq(w.tables(), &roomier));
     assert_eq!(w.stats().tables_refused, 1);
 }
 

@@ -38,7 +38,7 @@
 //! Everything a worker touches per packet was allocated in [`Worker::new`]: the conntrack table, the
 //! per-slot counters and scheduler cursors (sized by the first tables' [`Limits`]).
 //! [`Worker::swap_tables`] installs new [`Tables`] between bursts and hands the old ones back, so
-//! they are freed off the fast path; conntrack survives. It refuses tables with larger limits.
+//! they are freed off the fast path; conntrack survives. It refuses tables with larger slot limits.
 //!
 //! **Choices a network engineer should know.**
 //! - Fragments to a VIP (first or later) are dropped and counted as [`DropReason::Fragment`]: without
@@ -336,7 +336,8 @@ impl Worker {
     /// Installs new tables between bursts and returns the old ones (drop them off the fast path).
     /// Conntrack survives: flows keep their backends wherever the new tables still have them.
     ///
-    /// Tables whose [`Limits`] exceed those of the tables the worker was built with are refused:
+    /// Tables whose slot [`Limits`] (`max_services`, `max_backends`) exceed those of the tables the
+    /// worker was built with are refused:
     /// their slots could lie beyond the per-slot arrays sized then, uncounted and without scheduler
     /// cursors. The worker keeps its tables, counts [`Stats::tables_refused`], and returns the
     /// refused ones (also to be dropped off the fast path).
