@@ -17,14 +17,18 @@
 //! Kubernetes services whose key a file service already uses, that lb-core rejects on their own, or
 //! that the workers cannot serve (the sink's `check`, e.g. NAT over several unsteered queues) are left
 //! out (logged, counted in `lb_kubernetes_skipped`), so one such Service cannot block every later
-//! cluster update. File services get no such leniency: a file the workers refuse is rejected whole.
+//! cluster update. So is a Service that would take the sums over all services (services, backends,
+//! Maglev entries: lb-core's [`Limits`]) past the builder's limits: Services are admitted whole, after
+//! the file's, those the tables already serve first, then the others, each group by namespace/name,
+//! while the sums stay within the limits. File services get no such leniency: a file the workers
+//! refuse, or over a limit on its own, is rejected whole.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use lb_core::config::{Config, ForwardMode, NodeConfig, ServiceKey};
-use lb_core::service::{TableBuilder, Tables};
+use lb_core::config::{Config, ForwardMode, NodeConfig, ServiceConfig, ServiceKey};
+use lb_core::service::{Limits, TableBuilder, Tables};
 use lb_io::bpf::xdp::SteeringSet;
 use tokio::sync::{mpsc, watch};
 
@@ -407,7 +411,8 @@ pub struct LiveState {
     pub rejected: u64,
     /// Why the last rejected update was rejected.
     pub last_error: Option<String>,
-    /// Kubernetes Services (or keys) skipped by the last translation.
+    /// Kubernetes Services (or keys) left out of the last tables: skipped by the translation, refused
+    /// on their own, or beyond a limit of the sums over all services ([`Limits`]).
     pub k8s_skipped: usize,
     /// The health check node ports of the cluster translation the tables were built from, each
     /// answering for what the tables serve: only the ports one of whose external keys they hold
@@ -569,14 +574,21 @@ pub struct Control<S: TablesSink> {
 }
 
 impl<S: TablesSink> Control<S> {
-    /// A control loop publishing to `sink`. Nothing is built until the first input; call it with the
+    /// A control loop publishing to `sink`, building with lb-core's default [`Limits`] (those the
+    /// workers of `lb run` are built with). Nothing is built until the first input; call it with the
     /// initial file via [`Control::apply`]. Must be created inside a tokio runtime (probe tasks).
     pub fn new(sink: S) -> Self {
+        Self::with_limits(sink, Limits::default())
+    }
+
+    /// As [`Control::new`], building with `limits`: no larger in `max_services` or `max_backends` than
+    /// those of the tables `sink`'s workers were built with, which refuse tables with larger ones.
+    pub fn with_limits(sink: S, limits: Limits) -> Self {
         let (health_tx, health_rx) = mpsc::channel(256);
         let health = HealthChecker::new(health_tx);
         let live = watch::Sender::new(LiveState { health: health.status(), ..Default::default() });
         Control {
-            builder: TableBuilder::new(),
+            builder: TableBuilder::with_limits(limits),
             sink,
             file: Settings::default(),
             kubernetes: Translation::default(),
@@ -734,10 +746,16 @@ impl<S: TablesSink> Control<S> {
         mut down: HashSet<Target>,
         attempt: Attempt,
     ) -> Result<Arc<Tables>, ControlError> {
-        let (desired, left_out) =
-            desired_services(file.unwrap_or(&self.file), kubernetes.unwrap_or(&self.kubernetes), |c| {
-                self.sink.check(c)
-            });
+        // The Kubernetes Services the tables serve now, which newcomers do not push out of the limits.
+        let served: HashSet<String> =
+            self.live.borrow().services.iter().map(|s| kubernetes_service(&s.config).to_owned()).collect();
+        let (desired, left_out) = desired_services(
+            file.unwrap_or(&self.file),
+            kubernetes.unwrap_or(&self.kubernetes),
+            |c| self.sink.check(c),
+            self.builder.limits(),
+            &served,
+        );
         // A probe this update restarts goes on from what the old one last found of its backend
         // (down, or back up), though that event, queued behind this update and stale once the probe
         // restarts, is not here.
@@ -1250,18 +1268,23 @@ fn served_health_checks(k8s: &Translation, built: &[ServiceSpec]) -> Vec<crate::
 /// The file's services plus the cluster's. The file wins a shared key, and a Kubernetes service that
 /// lb-core rejects on its own (e.g. a Maglev table size too small for its endpoints) or that the
 /// workers refuse on their own (`servable`: e.g. NAT over several queues whose replies nothing
-/// steers) is left out, so one bad Service cannot block every later cluster update. The file's
-/// services are not checked here: a file the workers refuse is rejected whole by the caller.
-/// Returns the reasons for what was left out (the caller logs them).
+/// steers) is left out, so one bad Service cannot block every later cluster update. Then whole
+/// Services are admitted while the sums over all services stay within `limits` (see [`admit`]), those
+/// in `served` first. The file's services are not checked here: a file the workers refuse, or over a
+/// limit on its own, is rejected whole by the caller. Returns the reasons for what was left out, one
+/// for each key or Service (the caller logs them).
 fn desired_services(
     file: &Settings,
     k8s: &Translation,
     servable: impl Fn(&Config) -> Result<(), String>,
+    limits: Limits,
+    served: &HashSet<String>,
 ) -> (Vec<ServiceSpec>, Vec<String>) {
     let taken: HashMap<ServiceKey, &str> =
         file.services.iter().map(|s| (s.config.key, s.config.name.as_str())).collect();
     let mut out = file.services.clone();
     let mut left_out = Vec::new();
+    let mut candidates = Vec::with_capacity(k8s.services.len());
     for s in &k8s.services {
         if let Some(owner) = taken.get(&s.config.key) {
             left_out.push(format!(
@@ -1279,9 +1302,97 @@ fn desired_services(
             left_out.push(format!("{} ({}): refused by the data plane: {e}", s.config.name, s.config.key));
             continue;
         }
-        out.push(s.clone());
+        candidates.push(s);
     }
+    let admitted = admit(&file.services, &candidates, limits, served, &mut left_out);
+    out.extend(candidates.iter().zip(admitted).filter(|&(_, a)| a).map(|(s, _)| (*s).clone()));
     (out, left_out)
+}
+
+/// The Kubernetes Service a translated key belongs to: its name, `namespace/name:port`, up to the
+/// port (the name of a file service, whole).
+fn kubernetes_service(config: &ServiceConfig) -> &str {
+    config.name.rsplit_once(':').map_or(config.name.as_str(), |(service, _)| service)
+}
+
+/// What a set of services takes of lb-core's [`Limits`]: the sums `TableBuilder::build` checks.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sums {
+    services: usize,
+    backends: usize,
+    maglev_entries: usize,
+}
+
+impl Sums {
+    fn add(&mut self, s: &ServiceConfig) {
+        self.services = self.services.saturating_add(1);
+        self.backends = self.backends.saturating_add(s.backends.len());
+        self.maglev_entries = self.maglev_entries.saturating_add(s.maglev_entries());
+    }
+
+    /// The first of `limits` these sums exceed, as "the LIMIT to TOTAL, over the MAX ...".
+    fn over(&self, limits: &Limits) -> Option<String> {
+        let over = |what: &str, total: usize, max: usize, field: &str| {
+            (total > max).then(|| format!("{what} to {total}, over the {max} this node holds (Limits::{field})"))
+        };
+        over("the services (keys)", self.services, limits.max_services, "max_services")
+            .or_else(|| over("the backends summed over services", self.backends, limits.max_backends, "max_backends"))
+            .or_else(|| {
+                over(
+                    "the Maglev table entries summed over services",
+                    self.maglev_entries,
+                    limits.max_maglev_entries,
+                    "max_maglev_entries",
+                )
+                .map(|why| why + ": lower its lb.example.dev/maglev-table-size, or give it a scheduler without a table")
+            })
+    }
+}
+
+/// Which of `candidates` (Kubernetes keys, each fine on its own) fit beside the file's services
+/// within `limits`, the sums over all services lb-core checks: whole Services are admitted, those
+/// in `served` (the tables serve them now) first, then the others, each group by namespace/name,
+/// so the same cluster always gives the same choice and a newcomer never pushes a served Service
+/// out. A Service that would take a sum past its limit is left out whole, with a reason in
+/// `left_out`; the ones after it may still fit.
+fn admit(
+    file: &[ServiceSpec],
+    candidates: &[&ServiceSpec],
+    limits: Limits,
+    served: &HashSet<String>,
+    left_out: &mut Vec<String>,
+) -> Vec<bool> {
+    let mut sums = Sums::default();
+    for s in file {
+        sums.add(&s.config);
+    }
+    let mut by_service: std::collections::BTreeMap<(bool, &str), Vec<usize>> = std::collections::BTreeMap::new();
+    for (i, s) in candidates.iter().enumerate() {
+        let service = kubernetes_service(&s.config);
+        by_service.entry((!served.contains(service), service)).or_default().push(i);
+    }
+    let mut admitted = vec![false; candidates.len()];
+    for ((_, service), keys) in by_service {
+        let mut with = sums;
+        for &i in &keys {
+            with.add(&candidates[i].config);
+        }
+        match with.over(&limits) {
+            None => {
+                sums = with;
+                for i in keys {
+                    admitted[i] = true;
+                }
+            }
+            Some(why) => left_out.push(format!(
+                "{service} ({} key{}) is left out whole: it would bring {why}; the file's services and the \
+                 Services served already, then the others by namespace/name, come first",
+                keys.len(),
+                if keys.len() == 1 { "" } else { "s" }
+            )),
+        }
+    }
+    admitted
 }
 
 #[cfg(test)]
@@ -2357,6 +2468,103 @@ services:
         let t = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
         assert_eq!(t.services()[0].mode, ForwardMode::Nat);
         assert_eq!(t.node().snat_v4, Some("10.0.0.2".parse().unwrap()));
+    }
+
+    /// A Kubernetes service `namespace/name:http` on `port` of GOOD's VIP, with `backends` backends
+    /// (10.2.x.y:8080) and a Maglev table of `table` entries (`None`: the default, 65 537).
+    fn k8s_service(name: &str, port: u16, backends: u8, table: Option<u32>) -> ServiceSpec {
+        let mut s = parse(GOOD).unwrap().services.remove(0);
+        s.config.name = format!("{name}:http");
+        s.config.key.port = port;
+        s.config.backends = (0..backends)
+            .map(|i| {
+                let mut b = s.config.backends[0].clone();
+                b.addr = std::net::Ipv4Addr::new(10, 2, (port % 256) as u8, i + 1).into();
+                b
+            })
+            .collect();
+        s.config.maglev_table_size = table;
+        s
+    }
+
+    fn names(t: &Tables) -> Vec<&str> {
+        t.services().iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// One Service whose ports and endpoints take the backends summed over all services past the
+    /// limit is left out whole, and counted; the cluster's other Services are served, and a later
+    /// update of one of them applies (before, the whole translation was refused, and every later one
+    /// with it, while that Service stayed).
+    #[tokio::test]
+    async fn a_service_over_a_limit_of_the_sums_is_left_out_whole_not_every_later_update() {
+        let limits = Limits { max_services: 16, max_backends: 8, ..Limits::default() };
+        let recorder = RecordingSink::default();
+        let mut control = Control::with_limits(recorder.clone(), limits);
+        let live = control.subscribe();
+        control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        // The file's 2 backends, big's 3 ports of 3 (11 in all, over 8), small's 1.
+        let big = (0..3).map(|p| k8s_service("default/big", 9000 + p, 3, None));
+        let cluster = |small: u8| {
+            let services = big.clone().chain([k8s_service("default/small", 9100, small, None)]).collect();
+            Translation { services, ..Translation::default() }
+        };
+        let t = control.apply(ControlInput::Kubernetes(cluster(1))).unwrap();
+        assert_eq!(names(&t), ["web", "default/small:http"]);
+        let t = control.apply(ControlInput::Kubernetes(cluster(2))).unwrap();
+        assert_eq!(names(&t), ["web", "default/small:http"]);
+        assert_eq!(t.services()[1].backends.len(), 2, "small's update applied");
+        let l = live.borrow();
+        assert_eq!((l.applied, l.rejected, l.k8s_skipped), (3, 0, 1));
+        assert_eq!(recorder.0.lock().unwrap().len(), 3);
+    }
+
+    /// Services are admitted whole in a fixed order: those the tables serve before newcomers, each
+    /// group by namespace/name; one that does not fit does not stop the ones after it; and the
+    /// reason names the sum, the limit and what to do. A file over a limit alone is refused whole.
+    #[tokio::test]
+    async fn kubernetes_services_are_admitted_within_the_maglev_budget_served_ones_first() {
+        // Room for the file's default table (65 537), one table of 1009 entries and one of 251.
+        let limits = Limits { max_maglev_entries: 65_537 + 1009 + 500, ..Limits::default() };
+        let mut control = Control::with_limits(RecordingSink::default(), limits);
+        let live = control.subscribe();
+        control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let translation = |services: Vec<ServiceSpec>| Translation { services, ..Translation::default() };
+        let one = translation(vec![k8s_service("default/zz", 9003, 1, Some(1009))]);
+        let t = control.apply(ControlInput::Kubernetes(one)).unwrap();
+        assert_eq!(names(&t), ["web", "default/zz:http"]);
+
+        // aa sorts before zz, but zz is served: zz stays and aa does not fit; neither does bb's
+        // default table, while cc, after it, does.
+        let services = vec![
+            k8s_service("default/aa", 9000, 1, Some(1009)),
+            k8s_service("default/bb", 9001, 1, None),
+            k8s_service("default/cc", 9002, 1, Some(251)),
+            k8s_service("default/zz", 9003, 1, Some(1009)),
+        ];
+        let (_, left_out) = desired_services(
+            &parse(GOOD).unwrap(),
+            &translation(services.clone()),
+            |_| Ok(()),
+            limits,
+            &HashSet::from(["default/zz".to_string()]),
+        );
+        assert_eq!(left_out.len(), 2, "{left_out:?}");
+        assert!(left_out[0].starts_with("default/aa (1 key) is left out whole"), "{left_out:?}");
+        assert!(left_out[1].starts_with("default/bb (1 key) is left out whole"), "{left_out:?}");
+        let why = "the Maglev table entries summed over services to 132083, over the 67046 this node holds \
+                   (Limits::max_maglev_entries): lower its lb.example.dev/maglev-table-size";
+        assert!(left_out[1].contains(why), "{left_out:?}");
+        let t = control.apply(ControlInput::Kubernetes(translation(services))).unwrap();
+        assert_eq!(names(&t), ["web", "default/cc:http", "default/zz:http"]);
+        assert_eq!((live.borrow().rejected, live.borrow().k8s_skipped), (0, 2));
+
+        // The file alone over the budget: rejected whole, the running tables stay.
+        let mut file = parse(GOOD).unwrap();
+        file.services[0].config.maglev_table_size = Some(131_071);
+        let err = control.apply(ControlInput::File(Box::new(file))).unwrap_err();
+        assert!(err.to_string().contains("Limits::max_maglev_entries"), "{err}");
+        assert!(err.to_string().contains("lower maglev_table_size on the largest tables (web: 131071"), "{err}");
+        assert!(Arc::ptr_eq(live.borrow().tables.as_ref().unwrap(), &t));
     }
 
     /// A translation refused whole stays the cluster's desired state: other inputs still apply

@@ -669,7 +669,11 @@ pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[Inter
     for (cause, v) in [("departed", m.departed), ("arrived", m.arrived), ("between_kept", m.between_kept)] {
         f.line("lb_maglev_entries_moved_total", &format!("cause=\"{cause}\""), v);
     }
-    f.head("lb_kubernetes_skipped", "gauge", "Kubernetes Services or keys left out by the last translation.");
+    f.head(
+        "lb_kubernetes_skipped",
+        "gauge",
+        "Kubernetes Services or keys left out of the last tables: by the translation, refused on their own, or beyond a limit of the sums over all services.",
+    );
     f.line("lb_kubernetes_skipped", "", live.k8s_skipped);
     if let Some(feed) = &live.feed {
         use std::sync::atomic::Ordering::Relaxed;
