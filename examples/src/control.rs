@@ -17,11 +17,12 @@
 //! Kubernetes services whose key a file service already uses, that lb-core rejects on their own, or
 //! that the workers cannot serve (the sink's `check`, e.g. NAT over several unsteered queues) are left
 //! out (logged, counted in `lb_kubernetes_skipped`), so one such Service cannot block every later
-//! cluster update. So is a Service that would take the sums over all services (services, backends,
-//! Maglev entries: lb-core's [`Limits`]) past the builder's limits: Services are admitted whole, after
-//! the file's, those the tables already serve first, then the others, each group by namespace/name,
-//! while the sums stay within the limits. File services get no such leniency: a file the workers
-//! refuse, or over a limit on its own, is rejected whole.
+//! cluster update. So is a Service that would take a sum over all services past its limit (services,
+//! backends, Maglev entries: lb-core's [`Limits`]; the addresses the workers' steering holds,
+//! [`TablesSink::max_addresses`]): Services are admitted whole, after the file's, those the tables
+//! already serve first, then the others, each group by namespace/name, while the sums stay within the
+//! limits. File services get no such leniency: a file the workers refuse, or over a limit on its own,
+//! is rejected whole.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
@@ -131,6 +132,14 @@ pub trait TablesSink: Send {
     /// builder's slot numbering never runs ahead of what the workers hold). Default: all are fine.
     fn check(&self, _config: &Config) -> Result<(), String> {
         Ok(())
+    }
+
+    /// The most addresses (VIPs, and the SNAT address of each family with a NAT service) the workers
+    /// can be steered to, which [`TablesSink::check`] refuses a configuration beyond: a sum over all
+    /// services, which the control loop admits Kubernetes Services within as within lb-core's
+    /// [`Limits`]. Default: no such limit.
+    fn max_addresses(&self) -> Option<usize> {
+        None
     }
 
     /// Hands `tables` to every worker, without blocking (it runs on the control loop's runtime);
@@ -749,11 +758,12 @@ impl<S: TablesSink> Control<S> {
         // The Kubernetes Services the tables serve now, which newcomers do not push out of the limits.
         let served: HashSet<String> =
             self.live.borrow().services.iter().map(|s| kubernetes_service(&s.config).to_owned()).collect();
+        let limits = Admission { limits: self.builder.limits(), max_addresses: self.sink.max_addresses() };
         let (desired, left_out) = desired_services(
             file.unwrap_or(&self.file),
             kubernetes.unwrap_or(&self.kubernetes),
             |c| self.sink.check(c),
-            self.builder.limits(),
+            limits,
             &served,
         );
         // A probe this update restarts goes on from what the old one last found of its backend
@@ -1277,7 +1287,7 @@ fn desired_services(
     file: &Settings,
     k8s: &Translation,
     servable: impl Fn(&Config) -> Result<(), String>,
-    limits: Limits,
+    limits: Admission,
     served: &HashSet<String>,
 ) -> (Vec<ServiceSpec>, Vec<String>) {
     let taken: HashMap<ServiceKey, &str> =
@@ -1304,7 +1314,7 @@ fn desired_services(
         }
         candidates.push(s);
     }
-    let admitted = admit(&file.services, &candidates, limits, served, &mut left_out);
+    let admitted = admit(file, &candidates, limits, served, &mut left_out);
     out.extend(candidates.iter().zip(admitted).filter(|&(_, a)| a).map(|(s, _)| (*s).clone()));
     (out, left_out)
 }
@@ -1315,12 +1325,23 @@ fn kubernetes_service(config: &ServiceConfig) -> &str {
     config.name.rsplit_once(':').map_or(config.name.as_str(), |(service, _)| service)
 }
 
-/// What a set of services takes of lb-core's [`Limits`]: the sums `TableBuilder::build` checks.
+/// The limits of sums over all services that Kubernetes Services are admitted within: lb-core's, and
+/// the workers' steering's ([`TablesSink::max_addresses`]).
+#[derive(Debug, Clone, Copy)]
+struct Admission {
+    limits: Limits,
+    max_addresses: Option<usize>,
+}
+
+/// What a set of services takes of the [`Admission`] limits: the sums `TableBuilder::build` checks,
+/// and the addresses to steer (distinct VIPs, and the SNAT address of each family with a NAT
+/// service, as `steering_for_config` counts them).
 #[derive(Debug, Clone, Copy, Default)]
 struct Sums {
     services: usize,
     backends: usize,
     maglev_entries: usize,
+    addresses: usize,
 }
 
 impl Sums {
@@ -1331,41 +1352,74 @@ impl Sums {
     }
 
     /// The first of `limits` these sums exceed, as "the LIMIT to TOTAL, over the MAX ...".
-    fn over(&self, limits: &Limits) -> Option<String> {
+    fn over(&self, limits: &Admission) -> Option<String> {
         let over = |what: &str, total: usize, max: usize, field: &str| {
-            (total > max).then(|| format!("{what} to {total}, over the {max} this node holds (Limits::{field})"))
+            (total > max).then(|| format!("{what} to {total}, over the {max} this node holds ({field})"))
         };
-        over("the services (keys)", self.services, limits.max_services, "max_services")
-            .or_else(|| over("the backends summed over services", self.backends, limits.max_backends, "max_backends"))
+        let Admission { limits, max_addresses } = limits;
+        over("the services (keys)", self.services, limits.max_services, "Limits::max_services")
+            .or_else(|| {
+                let field = "Limits::max_backends";
+                over("the backends summed over services", self.backends, limits.max_backends, field)
+            })
             .or_else(|| {
                 over(
                     "the Maglev table entries summed over services",
                     self.maglev_entries,
                     limits.max_maglev_entries,
-                    "max_maglev_entries",
+                    "Limits::max_maglev_entries",
                 )
                 .map(|why| why + ": lower its lb.example.dev/maglev-table-size, or give it a scheduler without a table")
+            })
+            .or_else(|| {
+                let what = "the addresses to steer (VIPs and SNAT addresses)";
+                over(what, self.addresses, max_addresses.unwrap_or(usize::MAX), "the XDP program's address map")
             })
     }
 }
 
+/// The addresses to steer to: VIPs, and the SNAT address of each family with a NAT service.
+#[derive(Debug, Default)]
+struct Addresses(HashSet<IpAddr>);
+
+impl Addresses {
+    /// The addresses `s` adds to these, each once (`new` may hold some already).
+    fn added_by(&self, s: &ServiceConfig, node: &NodeConfig, new: &mut Vec<IpAddr>) {
+        let snat = match s.key.vip {
+            IpAddr::V4(_) => node.snat_v4.map(IpAddr::V4),
+            IpAddr::V6(_) => node.snat_v6.map(IpAddr::V6),
+        };
+        let nat = snat.filter(|_| s.mode == ForwardMode::Nat);
+        for a in std::iter::once(s.key.vip).chain(nat) {
+            if !self.0.contains(&a) && !new.contains(&a) {
+                new.push(a);
+            }
+        }
+    }
+}
+
 /// Which of `candidates` (Kubernetes keys, each fine on its own) fit beside the file's services
-/// within `limits`, the sums over all services lb-core checks: whole Services are admitted, those
-/// in `served` (the tables serve them now) first, then the others, each group by namespace/name,
-/// so the same cluster always gives the same choice and a newcomer never pushes a served Service
-/// out. A Service that would take a sum past its limit is left out whole, with a reason in
+/// within `limits`, the sums over all services that lb-core and the workers' steering check: whole
+/// Services are admitted, those in `served` (the tables serve them now) first, then the others, each
+/// group by namespace/name, so the same cluster always gives the same choice and a newcomer never
+/// pushes a served Service out. A Service that would take a sum past its limit is left out whole, with a reason in
 /// `left_out`; the ones after it may still fit.
 fn admit(
-    file: &[ServiceSpec],
+    file: &Settings,
     candidates: &[&ServiceSpec],
-    limits: Limits,
+    limits: Admission,
     served: &HashSet<String>,
     left_out: &mut Vec<String>,
 ) -> Vec<bool> {
     let mut sums = Sums::default();
-    for s in file {
+    let mut addresses = Addresses::default();
+    let mut new = Vec::new();
+    for s in &file.services {
         sums.add(&s.config);
+        addresses.added_by(&s.config, &file.node, &mut new);
+        addresses.0.extend(new.drain(..));
     }
+    sums.addresses = addresses.0.len();
     let mut by_service: std::collections::BTreeMap<(bool, &str), Vec<usize>> = std::collections::BTreeMap::new();
     for (i, s) in candidates.iter().enumerate() {
         let service = kubernetes_service(&s.config);
@@ -1374,12 +1428,16 @@ fn admit(
     let mut admitted = vec![false; candidates.len()];
     for ((_, service), keys) in by_service {
         let mut with = sums;
+        new.clear();
         for &i in &keys {
             with.add(&candidates[i].config);
+            addresses.added_by(&candidates[i].config, &file.node, &mut new);
         }
+        with.addresses = with.addresses.saturating_add(new.len());
         match with.over(&limits) {
             None => {
                 sums = with;
+                addresses.0.extend(new.drain(..));
                 for i in keys {
                     admitted[i] = true;
                 }
@@ -2545,7 +2603,7 @@ services:
             &parse(GOOD).unwrap(),
             &translation(services.clone()),
             |_| Ok(()),
-            limits,
+            Admission { limits, max_addresses: None },
             &HashSet::from(["default/zz".to_string()]),
         );
         assert_eq!(left_out.len(), 2, "{left_out:?}");
@@ -2565,6 +2623,71 @@ services:
         assert!(err.to_string().contains("Limits::max_maglev_entries"), "{err}");
         assert!(err.to_string().contains("lower maglev_table_size on the largest tables (web: 131071"), "{err}");
         assert!(Arc::ptr_eq(live.borrow().tables.as_ref().unwrap(), &t));
+    }
+
+    /// A sink whose steering holds at most `max` addresses (VIPs and SNAT addresses), as lb run's
+    /// XDP maps: it refuses a configuration beyond, and says so through `max_addresses`.
+    struct AddressSink {
+        recorder: RecordingSink,
+        max: usize,
+    }
+
+    impl TablesSink for AddressSink {
+        fn check(&self, config: &Config) -> Result<(), String> {
+            let count = steering_for_config(config).address_count();
+            if count > self.max {
+                return Err(format!("{count} addresses to steer, these workers steer {}", self.max));
+            }
+            Ok(())
+        }
+
+        fn max_addresses(&self) -> Option<usize> {
+            Some(self.max)
+        }
+
+        fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+            self.recorder.publish(tables)
+        }
+    }
+
+    /// A Service with more addresses (external IPs, say) than the workers' steering has room for
+    /// beside the others is left out whole; the others, and their later updates, are served (before,
+    /// the data plane refused the whole translation, and every later one with it).
+    #[tokio::test]
+    async fn a_service_over_the_steerings_addresses_is_left_out_whole() {
+        let recorder = RecordingSink::default();
+        let mut control = Control::new(AddressSink { recorder: recorder.clone(), max: 4 });
+        let live = control.subscribe();
+        // The file steers 2: its VIP and its NAT service's SNAT address.
+        control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let cluster = |small: u8| {
+            let mut services: Vec<ServiceSpec> = (1..=3)
+                .map(|i| {
+                    let mut s = k8s_service("default/external", 9000, 1, None);
+                    s.config.key.vip = std::net::Ipv4Addr::new(192, 0, 2, i).into();
+                    s
+                })
+                .collect();
+            // On the file's VIP: no address of its own.
+            services.push(k8s_service("default/small", 9100, small, None));
+            Translation { services, ..Translation::default() }
+        };
+        let t = control.apply(ControlInput::Kubernetes(cluster(1))).unwrap();
+        assert_eq!(names(&t), ["web", "default/small:http"]);
+        let t = control.apply(ControlInput::Kubernetes(cluster(2))).unwrap();
+        assert_eq!(t.services()[1].backends.len(), 2, "small's update applied");
+        let (_, left_out) = desired_services(
+            &parse(GOOD).unwrap(),
+            &cluster(1),
+            |_| Ok(()),
+            Admission { limits: Limits::default(), max_addresses: Some(4) },
+            &HashSet::new(),
+        );
+        let why = "default/external (3 keys) is left out whole: it would bring the addresses to steer (VIPs and \
+                   SNAT addresses) to 5, over the 4 this node holds";
+        assert!(left_out.len() == 1 && left_out[0].starts_with(why), "{left_out:?}");
+        assert_eq!((live.borrow().rejected, live.borrow().k8s_skipped), (0, 1));
+        assert_eq!(recorder.0.lock().unwrap().len(), 3);
     }
 
     /// A translation refused whole stays the cluster's desired state: other inputs still apply

@@ -234,6 +234,10 @@ impl<M: SteeringMaps> TablesSink for Workers<M> {
         check_steering_capacity(config, &self.steering_config)
     }
 
+    fn max_addresses(&self) -> Option<usize> {
+        Some(self.steering_config.max_vips as usize)
+    }
+
     /// Tables a loop had no room for wait, or the steering of the tables waits for the loops.
     fn has_pending(&self) -> bool {
         self.loops.has_pending() || matches!(self.published, Some((_, Steering::Waiting { .. })))
