@@ -134,6 +134,12 @@ pub trait TablesSink: Send {
         Ok(())
     }
 
+    /// The limits to build tables with: the slot limits of the tables the workers were built with,
+    /// and the Maglev budget this node's memory allows. Default: lb-core's.
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+
     /// The most addresses (VIPs, and the SNAT address of each family with a NAT service) the workers
     /// can be steered to, which [`TablesSink::check`] refuses a configuration beyond: a sum over all
     /// services, which the control loop admits Kubernetes Services within as within lb-core's
@@ -583,11 +589,12 @@ pub struct Control<S: TablesSink> {
 }
 
 impl<S: TablesSink> Control<S> {
-    /// A control loop publishing to `sink`, building with lb-core's default [`Limits`] (those the
-    /// workers of `lb run` are built with). Nothing is built until the first input; call it with the
-    /// initial file via [`Control::apply`]. Must be created inside a tokio runtime (probe tasks).
+    /// A control loop publishing to `sink`, building with the sink's [`TablesSink::limits`]. Nothing
+    /// is built until the first input; call it with the initial file via [`Control::apply`]. Must be
+    /// created inside a tokio runtime (probe tasks).
     pub fn new(sink: S) -> Self {
-        Self::with_limits(sink, Limits::default())
+        let limits = sink.limits();
+        Self::with_limits(sink, limits)
     }
 
     /// As [`Control::new`], building with `limits`: no larger in `max_services` or `max_backends` than
@@ -2688,6 +2695,34 @@ services:
         assert!(left_out.len() == 1 && left_out[0].starts_with(why), "{left_out:?}");
         assert_eq!((live.borrow().rejected, live.borrow().k8s_skipped), (0, 1));
         assert_eq!(recorder.0.lock().unwrap().len(), 3);
+    }
+
+    /// A sink that asks for a Maglev budget of one default table.
+    struct OneTableSink(RecordingSink);
+
+    impl TablesSink for OneTableSink {
+        fn limits(&self) -> Limits {
+            Limits { max_maglev_entries: 65_537, ..Limits::default() }
+        }
+
+        fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+            self.0.publish(tables)
+        }
+    }
+
+    /// The control loop builds with the limits its sink gives (lb run's workers: a Maglev budget
+    /// within the memory the process may use).
+    #[tokio::test]
+    async fn the_control_loop_builds_with_the_sinks_limits() {
+        let mut control = Control::new(OneTableSink(RecordingSink::default()));
+        control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let mut two = parse(GOOD).unwrap();
+        let mut other = two.services[0].clone();
+        other.config.name = "other".into();
+        other.config.key.port = 81;
+        two.services.push(other);
+        let Err(err) = control.apply(ControlInput::File(Box::new(two))) else { panic!("two tables built") };
+        assert!(err.to_string().contains("holds at most 65537 (Limits::max_maglev_entries)"), "{err}");
     }
 
     /// A translation refused whole stays the cluster's desired state: other inputs still apply

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lb_core::config::{Config, ForwardMode};
-use lb_core::service::{TableBuilder, Tables};
+use lb_core::service::{Limits, TableBuilder, Tables};
 use lb_core::worker::{Worker, WorkerConfig, snat_port_share};
 use lb_examples::control::{
     InterfaceMac, LbProcessor, NeighbourResponder, TablesSink, run_blocking, steering_for, steering_for_config,
@@ -141,6 +141,9 @@ struct Workers<M: SteeringMaps = VipSteering> {
     snat_checked: SnatSettings,
     /// Per interface, its receive queues no loop serves, read again at each refresh.
     queues: Vec<UnservedQueues>,
+    /// What the control loop builds tables with: lb-core's slot limits, as the loops' first tables
+    /// have them, and a Maglev budget within this process's memory ([`maglev_budget`]).
+    limits: Limits,
 }
 
 /// Where the steering of the last tables published stands.
@@ -232,6 +235,10 @@ impl<M: SteeringMaps> TablesSink for Workers<M> {
     fn check(&self, config: &Config) -> Result<(), String> {
         check_nat_replies(config, self.loops.len())?;
         check_steering_capacity(config, &self.steering_config)
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
     }
 
     fn max_addresses(&self) -> Option<usize> {
@@ -354,6 +361,7 @@ impl<M: SteeringMaps> Workers<M> {
             slow_swap_warning: SLOW_SWAP_WARNING,
             snat_checked,
             queues: Vec::new(),
+            limits: Limits::default(),
         }
     }
 
@@ -685,6 +693,18 @@ fn check_conntrack_memory(entries: usize, loops: usize, mem_total: Option<u64>) 
     }
 }
 
+/// The Maglev table entries (up to 6 bytes each, lb-core's `Limits::max_maglev_entries`) the tables
+/// may hold in `mem_total` bytes, the memory this process may use ([`memory_limit`]): lb-core's
+/// default, or what half of that memory holds where less (the rest is for the connection tables,
+/// UMEM, counters, the Kubernetes objects, and a rebuilt table's old copy), so a cluster's Services
+/// cannot have a container's tables grow past its memory limit and get it OOMKilled on every node:
+/// those beyond are left out, naming the limit.
+fn maglev_budget(mem_total: Option<u64>) -> usize {
+    let default = Limits::default().max_maglev_entries;
+    let fits = mem_total.map_or(u64::MAX, |m| m / 2 / 6);
+    usize::try_from(fits).map_or(default, |fits| fits.min(default))
+}
+
 /// This node's memory (`MemTotal` of /proc/meminfo) in bytes, if it can be read.
 fn mem_total() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -767,7 +787,16 @@ pub fn main(args: Args) -> CmdResult {
     let cgroup = std::fs::read_to_string("/proc/self/cgroup")
         .ok()
         .and_then(|c| cgroup_memory_limit(&c, std::path::Path::new("/sys/fs/cgroup")));
-    check_conntrack_memory(args.conntrack_entries, queues.len(), memory_limit(mem_total(), cgroup))?;
+    let memory = memory_limit(mem_total(), cgroup);
+    check_conntrack_memory(args.conntrack_entries, queues.len(), memory)?;
+    let maglev_entries = maglev_budget(memory);
+    if maglev_entries < Limits::default().max_maglev_entries {
+        tracing::info!(
+            maglev_entries,
+            memory_mib = memory.unwrap_or(0) >> 20,
+            "Maglev tables bounded to half the memory this process may use (6 bytes an entry): Kubernetes Services beyond are left out, a file beyond is rejected"
+        );
+    }
     let mode = if args.generic { AttachMode::Generic } else { AttachMode::Auto };
     let steering_config = SteeringConfig::default();
     if args.nat_replies_steered {
@@ -778,6 +807,7 @@ pub fn main(args: Args) -> CmdResult {
     let mut handoff =
         if cores > 1 { lb_io::handoff::mesh(queues.len(), HandoffConfig::default())? } else { Vec::new() }.into_iter();
     let mut workers = Workers::new(steering_config, args.neighbour_responder, snat_settings(&settings.node));
+    workers.limits.max_maglev_entries = maglev_entries;
     let mut counters = PublishedCounters::default();
     // A loop that ends before it is asked to (its device failed: say the interface went away) stops
     // `lb run` with an error, so a supervisor restarts it, instead of serving on with a dead queue.
@@ -921,9 +951,9 @@ mod tests {
     use lb_io::bpf::xdp::SteeringConfig;
 
     use super::{
-        InterfaceMac, NeighbourResponder, SteeringMaps, TableBuilder, TablesSink, Workers, cgroup_memory_limit,
-        check_conntrack_memory, check_nat_replies, check_steering_capacity, ephemeral_overlap, mem_total, memory_limit,
-        snat_settings, steering_for, unserved_rx_queues,
+        InterfaceMac, Limits, NeighbourResponder, SteeringMaps, TableBuilder, TablesSink, Workers, cgroup_memory_limit,
+        check_conntrack_memory, check_nat_replies, check_steering_capacity, ephemeral_overlap, maglev_budget,
+        mem_total, memory_limit, snat_settings, steering_for, unserved_rx_queues,
     };
     use lb_core::service::Tables;
     use lb_core::{Frame, Instant, Verdict};
@@ -1490,6 +1520,20 @@ mod tests {
         assert!(check_conntrack_memory(usize::MAX, 0, Some(gib)).is_ok(), "no loops, no tables");
         assert!(check_conntrack_memory(1 << 30, 1, None).is_ok(), "memory unknown: not checked");
         assert!(mem_total().is_some_and(|m| m > 0), "/proc/meminfo");
+    }
+
+    /// The Maglev budget is lb-core's default where the memory is plenty or unknown, and what half of
+    /// it holds where that is less: in the DaemonSet's 1 GiB, about 1 365 tables of the default size
+    /// rather than 4 096 (1.5 GiB, which would have the container OOMKilled).
+    #[test]
+    fn the_maglev_budget_fits_half_the_memory_lb_run_may_use() {
+        let default = Limits::default().max_maglev_entries;
+        assert_eq!(maglev_budget(None), default, "memory unknown");
+        assert_eq!(maglev_budget(Some(64 << 30)), default, "a large node");
+        let half = 1usize << 29;
+        let entries = maglev_budget(Some(1 << 30));
+        assert!(entries * 6 <= half && (entries + 1) * 6 > half, "{entries} in 1 GiB");
+        assert_eq!(entries / 65_537, 1365);
     }
 
     /// In a container the memory `lb run` may use is its cgroup's limit (the DaemonSet's
