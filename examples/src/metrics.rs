@@ -659,6 +659,33 @@ pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[Inter
     f.line("lb_config_updates_total", "result=\"rejected\"", live.rejected);
     f.head("lb_tables_version", "gauge", "Version of the tables the workers serve.");
     f.line("lb_tables_version", "", view.version);
+    if let Some(tables) = &live.tables {
+        let limits = tables.limits();
+        let services = live.services.iter().map(|s| &s.config);
+        let held = [
+            ("services", live.services.len(), limits.max_services),
+            ("backends", services.clone().map(|s| s.backends.len()).sum(), limits.max_backends),
+            ("maglev_entries", services.map(|s| s.maglev_entries()).sum(), limits.max_maglev_entries),
+        ];
+        f.head(
+            "lb_tables_held",
+            "gauge",
+            "What the tables hold, summed over services: services (keys), backends, Maglev table entries (mh, sh, \
+             dh; up to 6 bytes each).",
+        );
+        for (sum, v, _) in held {
+            f.line("lb_tables_held", &format!("sum=\"{sum}\""), v);
+        }
+        f.head(
+            "lb_tables_limit",
+            "gauge",
+            "The most the tables may hold of each sum: a Kubernetes Service that would pass one is left out, a \
+             file is rejected.",
+        );
+        for (sum, _, max) in held {
+            f.line("lb_tables_limit", &format!("sum=\"{sum}\""), max);
+        }
+    }
     f.head(
         "lb_maglev_entries_moved_total",
         "counter",
@@ -1051,6 +1078,29 @@ services:
             "# TYPE lb_xdp_no_socket_total counter",
             "lb_xdp_no_socket_total{interface=\"eth1\"} 5",
             "lb_xdp_no_socket_total{interface=\"eth2\"} 5",
+        ] {
+            assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
+        }
+    }
+
+    /// What the tables hold of each sum over services, beside the limit the control loop admits
+    /// Kubernetes Services and files within.
+    #[tokio::test]
+    async fn the_sums_over_services_are_shown_beside_their_limits() {
+        let limits = lb_core::service::Limits { max_services: 10, max_backends: 20, max_maglev_entries: 5000 };
+        let mut control = Control::with_limits(RecordingSink::default(), limits);
+        let yaml =
+            YAML.replace("scheduler: wlc\n    affinity_timeout: 600", "scheduler: mh\n    maglev_table_size: 1009");
+        control.apply(ControlInput::File(Box::new(parse(&yaml).unwrap()))).unwrap();
+        let text = render(&control.subscribe().borrow().clone(), &[]);
+        for want in [
+            "# TYPE lb_tables_held gauge",
+            "lb_tables_held{sum=\"services\"} 2",
+            "lb_tables_held{sum=\"backends\"} 3",
+            "lb_tables_held{sum=\"maglev_entries\"} 1009",
+            "lb_tables_limit{sum=\"services\"} 10",
+            "lb_tables_limit{sum=\"backends\"} 20",
+            "lb_tables_limit{sum=\"maglev_entries\"} 5000",
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
         }
