@@ -494,6 +494,37 @@ pub fn http_get_in(ns: &str, addr: &str, path: &str) -> String {
     .unwrap_or_else(|_| panic!("the GET thread panicked"))
 }
 
+/// The first IPv4 frame to `dst_mac` seen on `iface` in namespace `ns` while a UDP datagram goes to
+/// `vip:port` from there every half second (until the load balancer's steering is in place), for
+/// up to 10 s; `None` if none came. The tests of `lb run` and `lb bench-forward` that check what a
+/// forwarded frame carries (its source MAC, its NAT-ed address) read it from this.
+pub fn first_forwarded_frame(ns: &Netns, iface: &str, vip: Ipv4Addr, port: u16, dst_mac: [u8; 6]) -> Option<Vec<u8>> {
+    let dst = dst_mac.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let probe = format!(
+        r"
+import socket, time
+r = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+r.bind(('{iface}', 0))
+r.settimeout(0.5)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.time() + 10
+while time.time() < end:
+    s.sendto(b'q', ('{vip}', {port}))
+    try:
+        while True:
+            f = r.recv(2048)
+            if f[:6] == bytes.fromhex('{dst}') and f[12:14] == b'\x08\x00':
+                print(f.hex())
+                raise SystemExit
+    except socket.timeout:
+        pass
+"
+    );
+    let out = ns.exec("python3", &["-c", &probe]).unwrap_or_else(|e| panic!("the probe in {}: {e}", ns.name()));
+    let hex = out.trim();
+    (0..hex.len()).step_by(2).map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()
+}
+
 /// The value of the Prometheus line of `text` that starts with `name` (labels included), if present.
 pub fn metric_value(text: &str, name: &str) -> Option<u64> {
     text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))?.rsplit(' ').next()?.parse().ok()

@@ -58,29 +58,16 @@ fn bench_forward_nats_from_the_node_address_as_lb_run_does() {
     lb_ns.ip(&["addr", "add", "10.50.0.1/24", "dev", "l0"]).unwrap();
     peer.ip(&["addr", "add", "10.50.0.2/24", "dev", "p0"]).unwrap();
     peer.ip(&["route", "add", "10.9.9.9/32", "via", "10.50.0.1"]).unwrap();
-    // The peer sends to the VIP (again every half second) and captures on p0 the frame NAT-ed to
-    // the backend's MAC: its IPv4 source address is printed.
-    let probe = r"
-import socket, time
-r = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-r.bind(('p0', 0))
-r.settimeout(0.5)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-end = time.time() + 10
-while time.time() < end:
-    s.sendto(b'q', ('10.9.9.9', 53))
-    try:
-        while True:
-            f = r.recv(2048)
-            if f[:6] == bytes.fromhex('02aabbccddee') and f[12:14] == b'\x08\x00':
-                print(socket.inet_ntoa(f[26:30]))
-                raise SystemExit
-    except socket.timeout:
-        pass
-print('nothing forwarded')
-";
-    let out = peer.exec("python3", &["-c", probe]).unwrap();
+    // The peer sends to the VIP and captures on p0 the frame NAT-ed to the backend's MAC.
+    let frame = lb_examples::lab::first_forwarded_frame(
+        &peer,
+        "p0",
+        [10, 9, 9, 9].into(),
+        53,
+        [2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee],
+    );
     let (status, log) = finish(lb);
-    assert_eq!(out.trim(), "10.50.0.7", "the NAT-ed frame's source address\n{log}");
+    let source = frame.as_deref().and_then(|f| <[u8; 4]>::try_from(f.get(26..30)?).ok()).map(std::net::Ipv4Addr::from);
+    assert_eq!(source, Some([10, 50, 0, 7].into()), "the NAT-ed frame's source address\n{log}");
     assert!(status.success(), "{status:?}\n{log}");
 }

@@ -497,31 +497,18 @@ fn lb_run_forwards_from_its_interfaces_own_mac() {
     lb.lb_ns.ip(&["addr", "add", "10.50.0.1/24", "dev", "l0"]).unwrap();
     lb.peer.ip(&["addr", "add", "10.50.0.2/24", "dev", "p0"]).unwrap();
     lb.peer.ip(&["route", "add", "10.9.9.9/32", "via", "10.50.0.1"]).unwrap();
-    // The peer sends to the VIP (again every half second, until the steering is in place) and
-    // captures on p0 the frame forwarded to the backend's MAC: its source MAC is printed.
-    let probe = r"
-import socket, time
-r = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-r.bind(('p0', 0))
-r.settimeout(0.5)
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-end = time.time() + 10
-while time.time() < end:
-    s.sendto(b'q', ('10.9.9.9', 53))
-    try:
-        while True:
-            f = r.recv(2048)
-            if f[:6] == bytes.fromhex('02aabbccddee'):
-                print(f[6:12].hex(':'))
-                raise SystemExit
-    except socket.timeout:
-        pass
-print('nothing forwarded')
-";
-    let out = lb.peer.exec("python3", &["-c", probe]).unwrap();
+    // The peer sends to the VIP and captures on p0 the frame forwarded to the backend's MAC.
+    let frame = lb_examples::lab::first_forwarded_frame(
+        &lb.peer,
+        "p0",
+        [10, 9, 9, 9].into(),
+        53,
+        [2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee],
+    );
     lb.signal("-TERM");
     let (status, log) = lb.finish();
-    assert_eq!(out.trim(), l0, "the forwarded frame's source MAC\n{log}");
+    let source = frame.as_deref().and_then(|f| <[u8; 6]>::try_from(f.get(6..12)?).ok()).map(lb_io::netns::format_mac);
+    assert_eq!(source, Some(l0), "the forwarded frame's source MAC\n{log}");
     assert!(status.success(), "{status:?}\n{log}");
 }
 
