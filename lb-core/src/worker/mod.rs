@@ -876,7 +876,7 @@ impl Core {
             let reverse = Entry { key: reply.key, kind: EntryKind::Reverse, link: index, ..entry };
             match self.insert(reverse, reply.hash, now, index, hint_for(reply_hint, reply.hash)) {
                 Ok(r) => {
-                    self.conntrack.update(index, |e| e.link = r);
+                    self.conntrack.link_reverse(index, r);
                 }
                 Err(e) => {
                     self.unschedule(index, backend);
