@@ -1169,6 +1169,19 @@ impl Core {
         let local_mac = self.local_mac;
         match mode {
             ForwardMode::Nat => {
+                // An IPv4 TCP or UDP packet to an IPv4 backend (most of them) is rewritten from the
+                // addresses, ports and MACs where they are, with no target built.
+                if let (IpAddr::V4(to), Some(snat)) = (backend.addr, tables.node().snat_v4)
+                    && let Some(done) = forward::nat::rewrite_v4_ports(
+                        frame,
+                        p,
+                        (snat.octets(), snat_port),
+                        (to.octets(), backend.port),
+                        (&self.local_mac, &backend.mac),
+                    )
+                {
+                    return done.map_err(DropReason::from);
+                }
                 // (`let else` rather than `ok_or(..)?`: the 40-byte key then goes straight into the
                 // target rather than through an `Option` and a `Result`.)
                 let Some(flow) = nat_target_of(tables, p.flow.proto(), snat_port, backend) else {
