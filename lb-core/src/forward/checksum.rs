@@ -22,6 +22,14 @@ impl ChecksumDelta {
         self.0 += u64::from(!old) + u64::from(new);
     }
 
+    /// Records that a word's high byte, at least 1, fell by one (an IPv4 header's TTL, beside its
+    /// protocol): `!old + new` is then `0xffff - 0x100` whatever the word, so the old word need
+    /// not be read (the general `replace16` cost ~10 instructions more a full-NAT packet, callgrind).
+    #[inline]
+    pub fn decrement_high_byte(&mut self) {
+        self.0 += 0xffff - 0x100;
+    }
+
     /// Records that the two words `old` became `new`.
     #[inline]
     pub fn replace32(&mut self, old: u32, new: u32) {
@@ -115,6 +123,21 @@ pub fn pseudo_header(src: &[u8], dst: &[u8], proto: u8, len: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `decrement_high_byte` records what `replace16` records for every word whose high byte falls
+    /// by one.
+    #[test]
+    fn decrement_high_byte_is_replace16_of_the_decrement() {
+        for high in 1..=255u16 {
+            for low in 0..=255u16 {
+                let old = (high << 8) | low;
+                let (mut a, mut b) = (ChecksumDelta(7), ChecksumDelta(7));
+                a.replace16(old, old - 0x100);
+                b.decrement_high_byte();
+                assert_eq!(a, b, "{old:#06x}");
+            }
+        }
+    }
 
     /// The worked example of RFC 1071 §3: words 0001 f203 f4f5 f6f7 sum to ddf2.
     #[test]

@@ -144,7 +144,8 @@ fn rewrite_ipv4(pkt: &mut [u8], l3: usize, src: [u8; 4], dst: [u8; 4]) -> Result
     h[12..16].copy_from_slice(&src);
     h[16..20].copy_from_slice(&dst);
     let mut header = addrs;
-    header.replace16(u16::from_be_bytes([ttl, h[9]]), u16::from_be_bytes([ttl - 1, h[9]]));
+    // The (TTL, protocol) word: the TTL falls by one.
+    header.decrement_high_byte();
     h[8] = ttl - 1;
     let c = header.apply(u16::from_be_bytes([h[10], h[11]]));
     h[10..12].copy_from_slice(&c.to_be_bytes());
