@@ -30,6 +30,14 @@ impl ChecksumDelta {
         self.0 += 0xffff - 0x100;
     }
 
+    /// As [`ChecksumDelta::decrement_high_byte`], for a delta kept in the machine's byte order
+    /// (words read with `from_ne_bytes`, a sum as valid as the big-endian one, RFC 1071 2(B)): a
+    /// word's first byte, at least 1, fell by one.
+    #[inline]
+    pub fn decrement_first_byte_ne(&mut self) {
+        self.0 += u64::from(0xffff - u16::from_ne_bytes([1, 0]));
+    }
+
     /// Records that the two words `old` became `new`.
     #[inline]
     pub fn replace32(&mut self, old: u32, new: u32) {
@@ -123,6 +131,20 @@ pub fn pseudo_header(src: &[u8], dst: &[u8], proto: u8, len: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `decrement_first_byte_ne` records what `replace16` records, words read in the machine's
+    /// byte order, for every word whose first byte falls by one.
+    #[test]
+    fn decrement_first_byte_ne_is_replace16_of_the_decrement() {
+        for first in 1..=255u8 {
+            for second in 0..=255u8 {
+                let (mut a, mut b) = (ChecksumDelta(7), ChecksumDelta(7));
+                a.replace16(u16::from_ne_bytes([first, second]), u16::from_ne_bytes([first - 1, second]));
+                b.decrement_first_byte_ne();
+                assert_eq!(a, b, "{first} {second}");
+            }
+        }
+    }
 
     /// `decrement_high_byte` records what `replace16` records for every word whose high byte falls
     /// by one.

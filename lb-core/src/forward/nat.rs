@@ -111,11 +111,79 @@ fn rewrite_v4_ports_checked(
         return Err(RewriteError::Inconsistent);
     }
     let pkt = frame.data_mut();
-    let addrs = rewrite_ipv4(pkt, l3, src, dst)?;
-    rewrite_ports(pkt, l4, end, p.flow.proto(), addrs, ports)?;
+    let addrs = rewrite_ipv4_ne(pkt, l3, src, dst)?;
+    rewrite_ports_ne(pkt, l4, end, p.flow.proto(), addrs, ports)?;
     let eth = pkt.get_mut(..12).ok_or(RewriteError::Inconsistent)?;
     eth[..6].copy_from_slice(dst_mac);
     eth[6..].copy_from_slice(src_mac);
+    Ok(())
+}
+
+/// [`rewrite_ipv4`] with its checksum arithmetic in the machine's byte order: every word read and
+/// written with `from_ne_bytes` / `to_ne_bytes`, none swapped. A one's-complement sum of byte-swapped
+/// words is the byte-swapped sum (RFC 1071 2(B)), so the checksum written is the same (swapping
+/// the words to big-endian and back was ~12 instructions an IPv4 full-NAT packet, callgrind). The
+/// delta it returns is in the same order, for [`rewrite_ports_ne`] only.
+#[inline(always)]
+fn rewrite_ipv4_ne(pkt: &mut [u8], l3: usize, src: [u8; 4], dst: [u8; 4]) -> Result<ChecksumDelta, RewriteError> {
+    let h = field::<20>(pkt, l3)?;
+    let ttl = h[8];
+    if ttl <= 1 {
+        return Err(RewriteError::TtlExpired { ttl });
+    }
+    let mut addrs = ChecksumDelta::default();
+    addrs.replace32(u32::from_ne_bytes([h[12], h[13], h[14], h[15]]), u32::from_ne_bytes(src));
+    addrs.replace32(u32::from_ne_bytes([h[16], h[17], h[18], h[19]]), u32::from_ne_bytes(dst));
+    h[12..16].copy_from_slice(&src);
+    h[16..20].copy_from_slice(&dst);
+    let mut header = addrs;
+    // The (TTL, protocol) word: the TTL falls by one.
+    header.decrement_first_byte_ne();
+    h[8] = ttl - 1;
+    let c = header.apply(u16::from_ne_bytes([h[10], h[11]]));
+    h[10..12].copy_from_slice(&c.to_ne_bytes());
+    Ok(addrs)
+}
+
+/// [`rewrite_ports`] in the machine's byte order (see [`rewrite_ipv4_ne`]), `addrs` from
+/// [`rewrite_ipv4_ne`]. A UDP checksum of 0 and a result of 0 read the same in either order.
+#[inline(always)]
+fn rewrite_ports_ne(
+    pkt: &mut [u8],
+    l4: usize,
+    end: usize,
+    proto: u8,
+    addrs: ChecksumDelta,
+    new: u32,
+) -> Result<(), RewriteError> {
+    let new = new.to_be_bytes();
+    let mut delta = addrs;
+    if proto == proto::TCP {
+        if l4 + 18 > end {
+            return Err(RewriteError::Inconsistent);
+        }
+        let h = field::<18>(pkt, l4)?;
+        delta.replace32(u32::from_ne_bytes([h[0], h[1], h[2], h[3]]), u32::from_ne_bytes(new));
+        h[..4].copy_from_slice(&new);
+        let c = delta.apply(u16::from_ne_bytes([h[16], h[17]]));
+        h[16..18].copy_from_slice(&c.to_ne_bytes());
+    } else {
+        if l4 + 8 > end {
+            return Err(RewriteError::Inconsistent);
+        }
+        let h = field::<8>(pkt, l4)?;
+        delta.replace32(u32::from_ne_bytes([h[0], h[1], h[2], h[3]]), u32::from_ne_bytes(new));
+        h[..4].copy_from_slice(&new);
+        let old = u16::from_ne_bytes([h[6], h[7]]);
+        // As `rewrite_ports`: 0 stays 0, a result of 0 is sent as 0xffff.
+        if old != 0 {
+            let c = match delta.apply(old) {
+                0 => 0xffff,
+                c => c,
+            };
+            h[6..8].copy_from_slice(&c.to_ne_bytes());
+        }
+    }
     Ok(())
 }
 
@@ -131,7 +199,8 @@ fn v4_octets(a: &[u8; 16]) -> [u8; 4] {
 
 /// Sets the IPv4 header's addresses and decrements its TTL, patching its checksum; returns the
 /// address change for the transport checksum's pseudo-header.
-// Always inlined: LLVM left it out of line, a call a full-NAT packet (~25 instructions, callgrind).
+// Always inlined (into `rewrite`): out of line, it was a call a full-NAT packet (~25 instructions,
+// callgrind) while the worker's packets to IPv4 backends took it too.
 #[inline(always)]
 fn rewrite_ipv4(pkt: &mut [u8], l3: usize, src: [u8; 4], dst: [u8; 4]) -> Result<ChecksumDelta, RewriteError> {
     let h = field::<20>(pkt, l3)?;
@@ -282,17 +351,14 @@ mod tests {
     use alloc::vec::Vec;
     use etherparse::PacketBuilder;
 
-    const SNAT: [u8; 4] = [172, 16, 0, 1];
-    const BACKEND: [u8; 4] = [10, 1, 2, 3];
     const MACS: Macs = Macs { src: [2, 0, 0, 0, 0, 1], dst: [2, 0, 0, 0, 0, 2] };
+    /// Addresses whose sums carry and wrap every way.
+    const ADDRS: [[u8; 4]; 5] = [[172, 16, 0, 1], [10, 1, 2, 3], [255, 255, 255, 255], [0, 0, 0, 1], [128, 0, 255, 0]];
 
-    /// An Ethernet + IPv4 frame to a VIP with TTL `ttl`: TCP, UDP, UDP without a checksum, or ICMP echo.
-    fn frame(kind: u8, ttl: u8, payload: &[u8]) -> Vec<u8> {
-        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb]).ipv4(
-            [198, 51, 100, 7],
-            [192, 0, 2, 10],
-            ttl,
-        );
+    /// An Ethernet + IPv4 frame from `client` to a VIP with TTL `ttl`: TCP, UDP, UDP without a
+    /// checksum, or ICMP echo.
+    fn frame(kind: u8, client: [u8; 4], ttl: u8, payload: &[u8]) -> Vec<u8> {
+        let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb]).ipv4(client, [192, 0, 2, 10], ttl);
         let mut v = Vec::new();
         match kind {
             0 => b.tcp(40000, 80, 1, 1000).syn().write(&mut v, payload).unwrap(),
@@ -308,33 +374,44 @@ mod tests {
     }
 
     /// `rewrite_v4_ports` gives `rewrite`'s frame and result with the same target, for TCP and UDP
-    /// (with and without a checksum), any TTL (1 and 0 refused unchanged) and any ports, and
-    /// declines (`None`, the frame unchanged) what it is not for.
+    /// (with and without a checksum), any TTL (1 and 0 refused unchanged), addresses and ports whose
+    /// sums carry, and payloads, and declines (`None`, the frame unchanged) what it is not for.
     #[test]
     fn rewrite_v4_ports_is_rewrite_for_ipv4_ports() {
+        let payloads: [&[u8]; 3] = [b"", b"payload", &[0xff, 0xff, 0xff]];
         for kind in 0..4 {
             for ttl in [0, 1, 2, 64, 255] {
-                for (sport, dport) in [(1024, 80), (65535, 0), (40001, 8443)] {
-                    let original = frame(kind, ttl, b"payload");
-                    let p = parse(&original).unwrap();
-                    let target =
-                        NatTarget { flow: FlowKey::v4(SNAT, BACKEND, p.flow.proto(), sport, dport), macs: MACS };
-                    let (mut a, mut b) = (original.clone(), original.clone());
-                    let len = a.len();
-                    let general = rewrite(&mut Frame::new(&mut a, 0, len), &p, &target);
-                    let fast = rewrite_v4_ports(
-                        &mut Frame::new(&mut b, 0, len),
-                        &p,
-                        (SNAT, sport),
-                        (BACKEND, dport),
-                        (&MACS.src, &MACS.dst),
-                    );
-                    if kind == 3 {
-                        assert_eq!(fast, None, "ICMP is not for it");
-                        assert_eq!(b, original);
-                    } else {
-                        assert_eq!(fast, Some(general), "kind {kind} ttl {ttl}");
-                        assert_eq!(a, b, "kind {kind} ttl {ttl} ports {sport} {dport}");
+                for (sport, dport) in [(1024, 80), (65535, 0), (40001, 8443), (0, 65535)] {
+                    for (client, snat, backend) in ADDRS
+                        .iter()
+                        .flat_map(|c| ADDRS.iter().flat_map(move |s| ADDRS.iter().map(move |b| (*c, *s, *b))))
+                    {
+                        for payload in payloads {
+                            let original = frame(kind, client, ttl, payload);
+                            let p = parse(&original).unwrap();
+                            let flow = FlowKey::v4(snat, backend, p.flow.proto(), sport, dport);
+                            let target = NatTarget { flow, macs: MACS };
+                            let (mut a, mut b) = (original.clone(), original.clone());
+                            let len = a.len();
+                            let general = rewrite(&mut Frame::new(&mut a, 0, len), &p, &target);
+                            let fast = rewrite_v4_ports(
+                                &mut Frame::new(&mut b, 0, len),
+                                &p,
+                                (snat, sport),
+                                (backend, dport),
+                                (&MACS.src, &MACS.dst),
+                            );
+                            if kind == 3 {
+                                assert_eq!(fast, None, "ICMP is not for it");
+                                assert_eq!(b, original);
+                            } else {
+                                assert_eq!(fast, Some(general), "kind {kind} ttl {ttl}");
+                                assert_eq!(
+                                    a, b,
+                                    "kind {kind} ttl {ttl} {client:?} {snat:?} {backend:?} {sport} {dport}"
+                                );
+                            }
+                        }
                     }
                 }
             }
