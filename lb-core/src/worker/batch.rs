@@ -237,7 +237,8 @@ impl Core {
     /// batch's misses are in flight together.
     ///
     /// Returns, per frame, its first SNAT probe's reply hash with the conntrack's insert hint for
-    /// it, when no entry holds that key's tag (the port is then most likely free).
+    /// it, when no entry holds that key's tag (the port is then most likely free), and the backend
+    /// slot and SNAT port that key was made of (see [`Core::reply_guesses`]).
     #[inline(never)]
     pub(super) fn warm_nat(
         &self,
@@ -245,8 +246,9 @@ impl Core {
         ahead: &[Lookahead],
         forward_ways: &[Option<(&Entry, bool)>; BATCH],
         now: u32,
-    ) -> [Option<ReplyHint>; BATCH] {
-        // Per frame: the displaced NAT flow's reverse entry, and the first SNAT probe's reply hash.
+    ) -> ([Option<ReplyHint>; BATCH], [(u32, u16); BATCH]) {
+        // Per frame: the displaced NAT flow's reverse entry, and the first SNAT probe's reply hash
+        // with the backend slot and port its key was made of.
         let mut links = [NO_LINK; BATCH];
         let mut reply_hashes = [None; BATCH];
         // How many of the batch's NAT flows so far go to each backend slot: each earlier flow to the
@@ -276,29 +278,32 @@ impl Core {
             }
             let earlier = u32::from(seen_counts[cell]);
             let Some(probe) = self.snat_probe(tables, p.flow.proto(), b, earlier) else { continue };
-            *reply = Some(probe.key.hash());
+            *reply = Some((probe.key.hash(), slot, probe.key.dport));
             (seen_slots[cell], seen_counts[cell]) = (slot, seen_counts[cell] + 1);
             nat += 1;
         }
         let mut hints = [None; BATCH];
+        let mut guesses = [(u32::MAX, 0); BATCH];
         if nat == 0 {
-            return hints;
+            return (hints, guesses);
         }
         for (&link, reply) in links.iter().zip(reply_hashes.iter()) {
             if link != NO_LINK {
                 self.conntrack.touch_index(link);
             }
-            if let Some(rh) = *reply {
+            if let Some((rh, ..)) = *reply {
                 self.conntrack.touch_bucket_and_home(rh);
             }
         }
         let mut reverse_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
-        for ((reply, way), hint) in reply_hashes.iter().zip(reverse_ways.iter_mut()).zip(hints.iter_mut()) {
-            if let Some(rh) = *reply
+        let guessed = reverse_ways.iter_mut().zip(hints.iter_mut()).zip(guesses.iter_mut());
+        for (reply, ((way, hint), guess)) in reply_hashes.iter().zip(guessed) {
+            if let Some((rh, slot, port)) = *reply
                 && let Likely::Insert { entry, displaces, hint: h } = self.conntrack.likely(rh, now)
             {
                 *way = Some((entry, displaces));
                 *hint = Some((rh, h));
+                *guess = (slot, port);
             }
         }
         // Per frame: the reverse entry of the NAT flow the reverse insert will displace.
@@ -313,7 +318,7 @@ impl Core {
         for &link in reply_links.iter().filter(|&&l| l != NO_LINK) {
             self.conntrack.touch_index(link);
         }
-        hints
+        (hints, guesses)
     }
 
     /// Reads, in three more tight loops over the batch, what deciding its frames will read once the

@@ -217,6 +217,9 @@ struct Core {
     /// For the batch being decided, when `reply_hints_live`: per frame, the warm-up's guess at a
     /// full-NAT flow's reply key (its hash) with the conntrack's hint for it ([`Core::warm_nat`]).
     reply_hints: [Option<ReplyHint>; BATCH],
+    /// With `reply_hints`, per frame: the backend slot and SNAT port of the reply key its hint
+    /// guessed, which [`Core::pick_snat_port`] compares to spare hashing that key.
+    reply_guesses: [(u32, u16); BATCH],
     /// False for a batch without likely full-NAT new flows, whose `reply_hints` are left as they were.
     reply_hints_live: bool,
     /// Where a full-NAT rewrite's target is built, a field at a time, for the rewrite to read. Built
@@ -305,6 +308,7 @@ impl Worker {
             snat_ports: None,
             snat_next: vec![0; limits.max_backends].into_boxed_slice(),
             reply_hints: [None; BATCH],
+            reply_guesses: [(u32::MAX, 0); BATCH],
             reply_hints_live: false,
             handed_in: false,
             time_exceeded_sent: (0, 0),
@@ -454,8 +458,8 @@ impl Worker {
             let nat = core.warm(tables, ahead, services);
             let reply_hints = nat.then(|| core.warm_nat(tables, ahead, &insert_ways, now_s));
             core.reply_hints_live = nat;
-            if let Some(hints) = reply_hints {
-                core.reply_hints = hints;
+            if let Some((hints, guesses)) = reply_hints {
+                (core.reply_hints, core.reply_guesses) = (hints, guesses);
             }
             // 3. Decide each frame.
             for (i, ((frame, verdict), a)) in frames.iter_mut().zip(verdicts.iter_mut()).zip(ahead.iter()).enumerate() {
@@ -849,7 +853,7 @@ impl Core {
         let reply_hint = self.reply_hint(slot);
         let reply = match summary.mode {
             ForwardMode::Nat => {
-                let reply = self.pick_snat_port(tables, p.flow.proto(), backend, reply_hint, now);
+                let reply = self.pick_snat_port(tables, p.flow.proto(), backend, (reply_hint, slot), now);
                 Some(reply.ok_or(DropReason::NoSnatPort)?)
             }
             _ => None,

@@ -121,10 +121,24 @@ impl Core {
         tables: &Tables,
         proto: u8,
         backend: &Backend,
-        hint: Option<ReplyHint>,
+        (hint, slot): (Option<ReplyHint>, usize),
         now: u32,
     ) -> Option<ReplyKey> {
         let SnatProbe { mut key, snat, lo, span, start } = self.snat_probe(tables, proto, backend, 0)?;
+        // The warm-up's guess (the frame at `slot` of the batch), when it is of this very key
+        // (this backend's first probe: the batch's earlier flows to the backend took the ports it
+        // counted them to take), gives its hash and, while the bucket is unchanged, says the port
+        // is free, with no key hashed or looked up. The search below finds the same (it hashes the
+        // key to the guess's hash and takes the same hint); it runs for any other outcome.
+        if let Some((hash, insert)) = hint
+            && self.reply_guesses.get(slot) == Some(&(backend.slot().index() as u32, key.dport))
+            && self.conntrack.find_hinted(&key, hash, Some(insert)).is_none()
+        {
+            if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
+                *n = u16::try_from((start + 1) % span).unwrap_or(0);
+            }
+            return Some(ReplyKey { port: key.dport, key, hash });
+        }
         let tries = SNAT_PORT_TRIES.min(span);
         // The key is built once and only its port changes between probes.
         let conntrack = &self.conntrack;
