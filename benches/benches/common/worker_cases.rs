@@ -8,7 +8,8 @@
 //! `dsr_syn_cache_hot` floods a 2 048-entry table that stays in cache: a new flow's compute floor.
 //! `nat_syn_ports_exhausted` floods a full-NAT service whose SNAT ports are all held by the flood's
 //! half-open flows: each SYN takes the port of the oldest (the cost of `Core::pick_snat_port`'s
-//! reclaim).
+//! reclaim). `nat_reply` sends the established `nat` flows' replies (backend -> SNAT address and
+//! port), which the worker translates back to VIP -> client.
 //!
 //! Each iteration copies 64 template frames into the burst's buffers (NAT and tunnel rewrites change
 //! them) and processes the burst; `copy_only` measures the copy alone in the same run, as a baseline
@@ -209,6 +210,42 @@ fn established_worker(
     (w, order)
 }
 
+/// The replies of a full-NAT worker's established flows, `order`'s frames as the worker sends them
+/// to their backends (SNAT address and port -> backend), turned around: backend -> SNAT address and
+/// port, each an ACK of its flow, in `order`'s order. (The few flows the setup could not keep, their
+/// bucket full of other flows' entries, send none; the count is cut to whole bursts.)
+fn nat_replies(w: &mut Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], order: &[[u8; 60]]) -> Vec<[u8; 60]> {
+    let mut replies = Vec::with_capacity(order.len());
+    for chunk in order.chunks(BURST) {
+        copy_templates(bufs, chunk);
+        let mut verdicts = [Verdict::Pass; BURST];
+        let mut it = bufs.iter_mut();
+        let mut frames: [Frame<'_>; BURST] = std::array::from_fn(|_| Frame::new(it.next().unwrap(), HEADROOM, 60));
+        w.process_burst(&mut frames, Instant::from_secs(1), &mut verdicts);
+        for (f, v) in frames.iter().zip(verdicts) {
+            if v != Verdict::Tx {
+                continue;
+            }
+            let sent: [u8; 60] = f.data().try_into().unwrap();
+            let mut r = sent;
+            r[0..6].copy_from_slice(&sent[6..12]);
+            r[6..12].copy_from_slice(&sent[0..6]);
+            r[26..30].copy_from_slice(&sent[30..34]);
+            r[30..34].copy_from_slice(&sent[26..30]);
+            r[34..36].copy_from_slice(&sent[36..38]);
+            r[36..38].copy_from_slice(&sent[34..36]);
+            replies.push(r);
+        }
+    }
+    assert!(replies.len() + 16 >= order.len(), "only {} of {} flows forwarded", replies.len(), order.len());
+    replies.truncate(replies.len() / BURST * BURST);
+    // The replies are translated back, not dropped or passed.
+    let before = w.stats().reverse_nat;
+    assert_eq!(burst(w, bufs, &replies[..BURST], Instant::from_secs(1)), BURST);
+    assert_eq!(w.stats().reverse_nat, before + BURST as u64);
+    replies
+}
+
 pub(crate) fn established(c: &mut Criterion<ThreadCpuTime>, group: &str) {
     let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(BURST as u64));
@@ -218,6 +255,10 @@ pub(crate) fn established(c: &mut Criterion<ThreadCpuTime>, group: &str) {
         (10, "nat", ForwardMode::Nat, ESTABLISHED_FLOWS),
         (100_000, "dsr", ForwardMode::Dsr, ESTABLISHED_FLOWS),
         (100_000, "nat", ForwardMode::Nat, ESTABLISHED_FLOWS),
+        // The replies of the `nat` flows: backend -> SNAT address and port, translated back to
+        // VIP -> client.
+        (10, "nat_reply", ForwardMode::Nat, ESTABLISHED_FLOWS),
+        (100_000, "nat_reply", ForwardMode::Nat, ESTABLISHED_FLOWS),
         // 1 024 flows: everything the path touches stays in cache; the compute floor.
         (10, "dsr_cache_hot", ForwardMode::Dsr, 1024),
     ];
@@ -226,10 +267,14 @@ pub(crate) fn established(c: &mut Criterion<ThreadCpuTime>, group: &str) {
         let mut state: Option<(Worker, Vec<[u8; 60]>)> = None;
         let mut k = 0;
         g.bench_function(BenchmarkId::new(mode_name, format!("{services}_services")), |b| {
-            let (w, order) = state.get_or_insert_with(|| established_worker(&mut bufs, services, mode, n_flows));
+            let (w, order) = state.get_or_insert_with(|| {
+                let (mut w, order) = established_worker(&mut bufs, services, mode, n_flows);
+                let order = if mode_name == "nat_reply" { nat_replies(&mut w, &mut bufs, &order) } else { order };
+                (w, order)
+            });
             b.iter(|| {
                 let chunk = &order[k..k + BURST];
-                k = (k + BURST) % n_flows;
+                k = (k + BURST) % order.len();
                 black_box(burst(w, &mut bufs, chunk, Instant::from_secs(2)))
             });
         });
