@@ -594,7 +594,7 @@ impl Core {
         let Some((summary, ring, service)) =
             ahead.service(tables, p).and_then(|(s, ring)| Some((s, ring, tables.service(s.index as usize)?)))
         else {
-            return self.not_for_a_service(tables, frame, p, now);
+            return self.not_for_a_service(tables, frame, p, ahead.conn_hash, now);
         };
         if p.fragment != Fragment::None {
             return self.fragment_of_a_service(&summary);
@@ -700,13 +700,21 @@ impl Core {
 
     /// A frame that matches no service: ICMP about a flow, a NAT reply, a VIP port nobody serves, or
     /// not load-balancer traffic at all.
-    fn not_for_a_service(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, now: u32) -> Outcome {
+    /// `conn_hash` is the warm-up's hash of the frame's own conntrack key, if it made one.
+    fn not_for_a_service(
+        &mut self,
+        tables: &Tables,
+        frame: &mut Frame<'_>,
+        p: &Parsed,
+        conn_hash: Option<u64>,
+        now: u32,
+    ) -> Outcome {
         if p.l4 == L4::Ndp {
             return self.answer_neighbour(tables, frame, now);
         }
         let dst = p.flow.dst_ip();
         if let Some(reply) = nat_reply_flow(tables, p, dst) {
-            return self.nat_reply(tables, frame, p, &reply, now);
+            return self.nat_reply(tables, frame, p, (&reply, conn_hash), now);
         }
         if tables.is_vip(dst) {
             if p.fragment != Fragment::None {
@@ -1011,10 +1019,19 @@ impl Core {
 
     /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow), `reply` the
     /// flow its reverse entry is keyed by ([`nat_reply_flow`]): find its NAT flow by that entry and
-    /// translate it back to VIP -> client. (Out of line: inlined into `process_burst` with its IPv4
+    /// translate it back to VIP -> client. `conn_hash`, the warm-up's hash of the frame's own key, is
+    /// that entry's key's hash for a TCP or UDP reply (its flow is the frame's), not hashed again.
+    /// (Out of line: inlined into `process_burst` with its IPv4
     /// rewrite, it cost established DSR and full-NAT packets 5 or 6 instructions more, callgrind.)
     #[inline(never)]
-    fn nat_reply(&mut self, tables: &Tables, frame: &mut Frame<'_>, p: &Parsed, reply: &FlowKey, now: u32) -> Outcome {
+    fn nat_reply(
+        &mut self,
+        tables: &Tables,
+        frame: &mut Frame<'_>,
+        p: &Parsed,
+        (reply, conn_hash): (&FlowKey, Option<u64>),
+        now: u32,
+    ) -> Outcome {
         let (key, port) = (ConnKey::from_flow(reply), reply.dst_port());
         if p.fragment != Fragment::None {
             return Err(DropReason::Fragment);
@@ -1022,7 +1039,11 @@ impl Core {
         if !self.snat_ports.is_some_and(|(lo, hi)| (lo..=hi).contains(&port)) {
             return self.not_my_snat_port(tables, port);
         }
-        let index = self.conntrack.find(&key, key.hash()).ok_or(DropReason::NoReverseFlow)?;
+        let hash = match (p.l4, conn_hash) {
+            (L4::Tcp | L4::Udp, Some(h)) => h,
+            _ => key.hash(),
+        };
+        let index = self.conntrack.find(&key, hash).ok_or(DropReason::NoReverseFlow)?;
         if !self.conntrack.is_live(index, now) {
             return Err(DropReason::NoReverseFlow);
         }
