@@ -42,12 +42,14 @@
 //! Draining (keeps its flows, gets no new ones); anything else -> Draining too, except on a UDP port
 //! while an endpoint of the family serves: not a backend (kube-proxy clears its UDP conntrack entries,
 //! `CleanStaleEntries`). An endpoint in two of the slices (moving between them, or mirrored and
-//! written again, or a pod's IP reused while the old pod terminates) is one backend: the copy with the
-//! better conditions, then the one on this node, then the one of the slice whose name sorts first.
+//! written again, or a pod's IP reused while the old pod terminates) is one backend: a copy not
+//! terminating over a terminating one, whatever their readiness; then the copy with the better
+//! conditions, then the one on this node, then the one of the slice whose name sorts first.
 //! kube-proxy 1.29-1.31 keeps a local copy whatever its conditions (`!exists || isLocal` in
 //! `EndpointSliceCache.addEndpoints`), so a terminating pod here shadowed a ready pod elsewhere that
-//! took its IP (kubernetes/kubernetes#135266); later releases prefer the copy not terminating
-//! (#135593), as the better conditions win here. An endpoint whose
+//! took its IP (kubernetes/kubernetes#135266); later releases keep the copy not terminating
+//! (`!exists || !terminating`, #135593), as here: once the IP is reused the terminating pod no
+//! longer has it, and the new pod, ready or not, is what answers there. An endpoint whose
 //! address is none a host holds (multicast, broadcast, unparsable) is left out alone, with a warning,
 //! rather than have lb-core refuse the key and its other endpoints. A `Local` traffic
 //! policy keeps only endpoints whose `nodeName` is this node; with none left the service stays, with no
@@ -176,6 +178,8 @@ struct Endpoint {
     /// How the endpoint's conditions rank it: which backend state it gets, whether the terminating
     /// fallback may give it new flows, and which of two copies of an address wins.
     condition: Condition,
+    /// `conditions.terminating`: of two copies of an address, the one not terminating wins.
+    terminating: bool,
     local: bool,
     /// Topology hints (`hints.forNodes`, `hints.forZones`): the nodes and zones whose proxies the
     /// EndpointSlice controller meant it for; empty when it has none.
@@ -954,8 +958,8 @@ fn slice_port(slice: &EndpointSlice, port_name: &str, proto: Protocol) -> Option
 }
 
 /// Every endpoint address of `port_name`/`proto`, deduplicated (an endpoint moving between slices
-/// can appear in two; the better [`Condition`] wins, then the copy on this node, then the one of the
-/// slice first in `slices`).
+/// can appear in two; the copy not terminating wins, then the better [`Condition`], then the copy
+/// on this node, then the one of the slice first in `slices`).
 fn endpoints_for(
     slices: &[&EndpointSlice],
     weights: &[u32],
@@ -990,6 +994,7 @@ fn endpoints_for(
             let e = Endpoint {
                 backend: BackendConfig { addr, port: target_port, weight, mac: None, state },
                 condition,
+                terminating: ep.conditions.as_ref().and_then(|c| c.terminating).unwrap_or(false),
                 local,
                 for_nodes: hints
                     .and_then(|h| h.for_nodes.as_ref())
@@ -1004,10 +1009,13 @@ fn endpoints_for(
                     .map(|z| z.name.clone())
                     .collect(),
             };
-            // The better condition wins; of two alike, the local one (kube-proxy 1.29-1.31 keeps a
-            // local copy over any other, whatever its conditions: see the module's comment).
+            // A copy not terminating wins, as in kube-proxy's `EndpointSliceCache.addEndpoints`
+            // since #135593 (a pod's IP reused: the old pod no longer has it); then the better
+            // condition; of two alike, the local one (kube-proxy 1.29-1.31 keeps a local copy over
+            // any other, whatever its conditions: see the module's comment).
+            let rank = |e: &Endpoint| (!e.terminating, e.condition, e.local);
             match found.get(&(addr, target_port)) {
-                Some(prev) if (prev.condition, prev.local) >= (e.condition, e.local) => {}
+                Some(prev) if rank(prev) >= rank(&e) => {}
                 _ => {
                     found.insert((addr, target_port), e);
                 }
@@ -1637,6 +1645,60 @@ mod tests {
             assert_eq!(backends(find(&t, "tcp 203.0.113.11:443")), want);
             assert_eq!(t.health_checks[0].local_endpoints(true), 1);
         }
+    }
+
+    /// A pod's IP reused by the pod network while the old pod still terminates: for a while the old
+    /// pod's endpoint (serving, terminating) and the new pod's (not ready yet, not terminating) are
+    /// two copies of one address. The old pod no longer has the IP, so kube-proxy keeps the new
+    /// pod's copy (`EndpointSliceCache.addEndpoints`: `!exists || !terminating`, #135593), which
+    /// takes no new flows until it is ready. The serving-terminating copy was kept, and with no
+    /// ready endpoint anywhere the terminating fallback sent new connections to the new pod before
+    /// its readiness probe passed.
+    #[test]
+    fn of_two_copies_of_a_reused_ip_the_one_not_terminating_is_kept() {
+        let svc: Service = fixture!("service-api-nodeport-local.json");
+        let old: EndpointSlice = fixture!("endpointslice-api-rollout.json");
+        let mut reused: EndpointSlice = serde_json::from_value(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "api-9xk2m",
+                "namespace": "shop",
+                "labels": {
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                    "kubernetes.io/service-name": "api"
+                }
+            },
+            "addressType": "IPv4",
+            "endpoints": [{
+                "addresses": ["10.244.2.20"],
+                "conditions": { "ready": false, "serving": false, "terminating": false },
+                "nodeName": "node-b",
+                "targetRef": { "kind": "Pod", "name": "api-7f6b5c8d9-x2v8q", "namespace": "shop" },
+                "zone": "zone-b"
+            }],
+            "ports": [{ "name": "", "port": 8080, "protocol": "TCP" }]
+        }))
+        .unwrap();
+        let on_b = KubernetesSettings { node_name: Some("node-b".into()), ..settings() };
+        let waiting = vec![
+            ("10.244.2.20:8080".into(), BackendState::Draining, 100),
+            ("10.244.3.22:8080".into(), BackendState::Draining, 100),
+        ];
+        for order in [[&old, &reused], [&reused, &old]] {
+            let t = translate([&svc], order, &on_b, &node());
+            assert_eq!(backends(find(&t, "tcp 10.96.40.2:80")), waiting, "{:?}", order.map(|s| &s.metadata.name));
+            assert_eq!(backends(find(&t, "tcp 192.168.1.10:30080")), waiting[..1]);
+        }
+        // Both copies in one slice, as when the controller writes the new pod where the old one is.
+        let mut one = old.clone();
+        one.endpoints.insert(0, reused.endpoints[0].clone());
+        let t = translate([&svc], [&one], &on_b, &node());
+        assert_eq!(backends(find(&t, "tcp 10.96.40.2:80")), waiting);
+        // Ready, the new pod's copy takes new flows.
+        reused.endpoints[0].conditions.as_mut().unwrap().ready = Some(true);
+        let t = translate([&svc], [&old, &reused], &on_b, &node());
+        assert_eq!(backends(find(&t, "tcp 10.96.40.2:80"))[0], ("10.244.2.20:8080".into(), BackendState::Active, 100));
     }
 
     #[test]
@@ -2296,7 +2358,8 @@ mod proptests {
     proptest! {
         /// Whatever the conditions and placement: an endpoint is Active iff ready (nil = ready) and
         /// Draining otherwise (its established flows kept); Local keeps exactly this node's
-        /// endpoints; with none of those ready, the serving and terminating ones are Active.
+        /// endpoints; with none of those ready, the serving and terminating ones are Active; of
+        /// two copies of an address, one not terminating wins.
         #[test]
         fn conditions_and_locality(eps in proptest::collection::vec(endpoint(), 0..12), local in any::<bool>()) {
             let mut svc: Service = serde_json::from_str(include_str!("../../tests/fixtures/service-api-nodeport-local.json")).unwrap();
@@ -2317,16 +2380,18 @@ mod proptests {
             let t = translate([&svc], [&slice], &settings, &node);
             let cluster = t.services.iter().find(|s| s.config.key.port == 80).unwrap();
             // Expected, by rank (2 ready, 1 serving and terminating, 0 neither): an address seen
-            // twice keeps its best rank.
-            let mut rank: BTreeMap<IpAddr, u8> = BTreeMap::new();
+            // twice keeps the copy not terminating if it has one, then the best rank.
+            let mut best: BTreeMap<IpAddr, (bool, u8)> = BTreeMap::new();
             for (e, (ready, serving, terminating)) in &eps {
                 if local && e.node_name.as_deref() != Some("node-0") { continue; }
                 let r = if ready.unwrap_or(true) { 2 }
                     else if serving.unwrap_or(true) && terminating.unwrap_or(false) { 1 }
                     else { 0 };
-                let best = rank.entry(e.addresses[0].parse().unwrap()).or_insert(r);
-                *best = (*best).max(r);
+                let copy = (!terminating.unwrap_or(false), r);
+                let kept = best.entry(e.addresses[0].parse().unwrap()).or_insert(copy);
+                *kept = (*kept).max(copy);
             }
+            let rank: BTreeMap<IpAddr, u8> = best.into_iter().map(|(a, (_, r))| (a, r)).collect();
             let none_ready = !rank.values().any(|&r| r == 2);
             let want: BTreeMap<IpAddr, BackendState> = rank
                 .iter()
