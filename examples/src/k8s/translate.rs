@@ -36,9 +36,10 @@
 //! address at all (no controller assigns them), and its keys yield to every key another Service
 //! claims otherwise.
 //!
-//! Backends come from the EndpointSlices labelled `kubernetes.io/service-name`, of the key's address
-//! family, on the slice port with the Service port's name (the slice port already holds the resolved
-//! `targetPort`). Endpoint conditions map to states: `ready` -> Active; `serving && terminating` ->
+//! Backends come from the EndpointSlices labelled `kubernetes.io/service-name` whose `addressType` is
+//! the key's address family (an address of the other family in a slice is left out, as each of
+//! kube-proxy's per-family proxiers reads only its type's slices), on the slice port with the Service
+//! port's name (the slice port already holds the resolved `targetPort`). Endpoint conditions map to states: `ready` -> Active; `serving && terminating` ->
 //! Draining (keeps its flows, gets no new ones); anything else -> Draining too, except on a UDP port
 //! while an endpoint of the family serves: not a backend (kube-proxy clears its UDP conntrack entries,
 //! `CleanStaleEntries`). An endpoint in two of the slices (moving between them, or mirrored and
@@ -989,6 +990,19 @@ fn endpoints_for(
                 );
                 continue;
             };
+            // kube-proxy's proxier of each family reads only the slices of its address type
+            // (`EndpointsChangeTracker.EndpointSliceUpdate`): an address of the other family in a
+            // slice (which the API server's validation refuses) is an endpoint of neither.
+            if addr.is_ipv4() != (slice.address_type == "IPv4") {
+                tracing::warn!(
+                    namespace = slice.metadata.namespace.as_deref().unwrap_or_default(),
+                    slice = slice.metadata.name.as_deref().unwrap_or_default(),
+                    address = %first,
+                    address_type = slice.address_type,
+                    "endpoint left out: not of its slice's address type"
+                );
+                continue;
+            }
             let local = is_local(ep, node_name);
             let hints = ep.hints.as_ref();
             let e = Endpoint {
@@ -2306,6 +2320,32 @@ mod tests {
             services: vec![s.clone()],
         };
         lb_core::service::validate(&config).unwrap();
+    }
+
+    /// An address of the other family than its slice's `addressType` (an IPv4 address in an IPv6
+    /// slice: refused by the API server's validation, so only from a slice that bypassed it) is
+    /// an endpoint of neither family, as kube-proxy's proxier of each family reads only the slices
+    /// of its type (`EndpointsChangeTracker.EndpointSliceUpdate`). It was a backend of the IPv4 keys.
+    #[test]
+    fn an_address_of_another_family_than_its_slice_is_no_endpoint() {
+        let svc: Service = fixture!("service-web.json");
+        let v4: EndpointSlice = fixture!("endpointslice-web-ipv4.json");
+        let mut v6: EndpointSlice = fixture!("endpointslice-web-ipv6.json");
+        let mut stray = v6.endpoints[0].clone();
+        stray.addresses = vec!["10.244.1.77".into()];
+        v6.endpoints.push(stray);
+        let t = translate([&svc], [&v4, &v6], &settings(), &node());
+        let http = find(&t, "tcp 10.96.12.34:80");
+        assert!(http.backends.iter().all(|b| b.addr != IpAddr::from([10, 244, 1, 77])), "{:?}", backends(http));
+        assert_eq!(http.backends.len(), 4);
+        let http6 = find(&t, "tcp [fd00:10:96::1234]:80");
+        assert_eq!(backends(http6), vec![("[fd00:10:244:1::5]:8080".into(), BackendState::Active, 100)]);
+        // An IPv4-mapped address in an IPv4 slice (which validation lets through) is the IPv4 address.
+        let mut mapped = v4.clone();
+        mapped.endpoints.truncate(1);
+        mapped.endpoints[0].addresses = vec!["::ffff:10.244.1.78".into()];
+        let t = translate([&svc], [&mapped], &settings(), &node());
+        assert_eq!(backends(find(&t, "tcp 10.96.12.34:80")), [("10.244.1.78:8080".into(), BackendState::Active, 100)]);
     }
 
     #[test]
