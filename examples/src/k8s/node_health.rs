@@ -186,6 +186,7 @@ async fn answer(mut conn: TcpStream, port: u16, answers: Answers, behind: Behind
 /// tainted `ToBeDeletedByClusterAutoscaler` needs the Node, which `lb` does not watch. A port that
 /// cannot be had (kube-proxy still on it) is logged and tried again every 2 s.
 pub async fn serve_proxy_healthz(addr: SocketAddr, behind: BehindSince) {
+    STARTED.get_or_init(std::time::Instant::now);
     let mut warned = false;
     let listener = loop {
         match crate::metrics::bind_listener(addr).and_then(TcpListener::from_std) {
@@ -215,20 +216,34 @@ pub async fn serve_proxy_healthz(addr: SocketAddr, behind: BehindSince) {
     }
 }
 
+/// Where the monotonic readings of kube-proxy's health server's times count from: Go's count from
+/// the process's start, these from the server's (or the first answer's).
+static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 /// kube-proxy's `healthzHandler` and `livezHandler` answer to `path`, the poll loops behind since
-/// `since` (`None`: they run the last tables). Times are RFC 3339 (kube-proxy writes Go's
-/// `time.Time` string; cloud checks read the status alone).
+/// `since` (`None`: they run the last tables). Times are written as kube-proxy's `%q` of a Go
+/// `time.Time` writes them ([`go_time`]; cloud checks read the status alone).
 fn proxy_health_response(path: &str, since: Option<std::time::Instant>) -> String {
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
-    let now = Timestamp::now();
-    let healthy = since.is_none_or(|s| s.elapsed() < PROXY_HEALTH_TIMEOUT);
-    // (Healthy, kube-proxy reports now as last updated; behind, since when.)
+    let (now, now_mono) = (Timestamp::now(), std::time::Instant::now());
+    let started = *STARTED.get_or_init(|| now_mono);
+    // (Signed: `since` may be before the first answer.)
+    let mono = |at: std::time::Instant| match at.checked_duration_since(started) {
+        Some(d) => SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX),
+        None => -SignedDuration::try_from(started.duration_since(at)).unwrap_or(SignedDuration::MAX),
+    };
+    let healthy = since.is_none_or(|s| now_mono.duration_since(s) < PROXY_HEALTH_TIMEOUT);
+    // (Healthy, kube-proxy reports now as last updated; behind, its last sync, before the update
+    // left waiting: here since when that update waits, as the loops keep no time of their last.)
+    let current = go_time(now, mono(now_mono));
     let last = match since {
         Some(s) if !healthy => {
-            SignedDuration::try_from(s.elapsed()).ok().and_then(|d| now.checked_sub(d).ok()).unwrap_or(now)
+            let wall = SignedDuration::try_from(now_mono.duration_since(s)).ok().and_then(|d| now.checked_sub(d).ok());
+            go_time(wall.unwrap_or(now), mono(s))
         }
-        _ => now,
+        _ => current.clone(),
     };
+    let now = current;
     let status = if healthy { "200 OK" } else { "503 Service Unavailable" };
     let (status, ctype, body) = match path {
         "/healthz" => (
@@ -243,6 +258,27 @@ fn proxy_health_response(path: &str, since: Option<std::time::Instant>) -> Strin
         "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nX-Content-Type-Options: nosniff\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
+    )
+}
+
+/// `at`, with the monotonic reading `mono`, as Go's `time.Time.String()` writes a time of
+/// `time.Now()` in UTC: `2006-01-02 15:04:05.999999999 -0700 MST` (the fraction without its
+/// trailing zeros, none if whole) then ` m=±seconds.nanoseconds`.
+fn go_time(at: k8s_openapi::jiff::Timestamp, mono: k8s_openapi::jiff::SignedDuration) -> String {
+    let mut fraction = format!(".{:09}", at.subsec_nanosecond());
+    while fraction.ends_with('0') {
+        fraction.pop();
+    }
+    if fraction == "." {
+        fraction.clear();
+    }
+    let sign = if mono.is_negative() { '-' } else { '+' };
+    let mono = mono.abs();
+    format!(
+        "{}{fraction} +0000 UTC m={sign}{}.{:09}",
+        at.strftime("%Y-%m-%d %H:%M:%S"),
+        mono.as_secs(),
+        mono.subsec_nanos()
     )
 }
 
@@ -402,6 +438,52 @@ mod tests {
         behind_tx.send(None).unwrap();
         assert!(get_path("/healthz?verbose").await.starts_with("HTTP/1.1 200 OK\r\n"));
         server.abort();
+    }
+
+    /// kube-proxy prints `lastUpdated` and `currentTime` with `%q`, so as Go's `time.Time.String()`
+    /// writes them: `2026-12-07 02:07:22.123456789 +0000 UTC m=+3600.000000001`, the wall clock in
+    /// the node's zone (UTC in kube-proxy's image), then the monotonic reading. They were RFC 3339.
+    #[test]
+    fn healthz_times_are_written_as_go_writes_a_time() {
+        use k8s_openapi::jiff::Timestamp;
+        let body =
+            |r: String| -> serde_json::Value { serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap() };
+        // (wall clock, monotonic reading in seconds) of one of the times.
+        let read = |t: &serde_json::Value| -> (Timestamp, f64) {
+            let t = t.as_str().unwrap();
+            let fields: Vec<&str> = t.split(' ').collect();
+            assert_eq!(fields.len(), 5, "{t}");
+            assert_eq!(fields[2..4], ["+0000", "UTC"], "{t}");
+            let wall = format!("{}T{}Z", fields[0], fields[1]).parse().unwrap_or_else(|e| panic!("{t}: {e}"));
+            let mono = fields[4].strip_prefix("m=").unwrap_or_else(|| panic!("{t}"));
+            let (secs, nanos) = mono.split_once('.').unwrap();
+            assert!(secs.starts_with(['+', '-']) && nanos.len() == 9, "{t}");
+            (wall, mono.parse().unwrap())
+        };
+        let healthy = body(proxy_health_response("/healthz", None));
+        assert_eq!(healthy["lastUpdated"], healthy["currentTime"], "healthy: last updated now");
+        read(&healthy["currentTime"]);
+        // Behind for 65 s: the last update is that far back on both clocks.
+        let then = std::time::Instant::now().checked_sub(PROXY_HEALTH_TIMEOUT + Duration::from_secs(5)).unwrap();
+        let stuck = body(proxy_health_response("/livez", Some(then)));
+        let ((last, last_m), (now, now_m)) = (read(&stuck["lastUpdated"]), read(&stuck["currentTime"]));
+        let wall = now.duration_since(last).as_secs_f64();
+        assert!((wall - 65.0).abs() < 1.0 && (now_m - last_m - 65.0).abs() < 1.0, "{stuck}");
+
+        let at: Timestamp = "2026-12-07T02:07:22.1234Z".parse().unwrap();
+        assert_eq!(
+            go_time(at, k8s_openapi::jiff::SignedDuration::new(3600, 1)),
+            "2026-12-07 02:07:22.1234 +0000 UTC m=+3600.000000001"
+        );
+        let whole: Timestamp = "2026-12-07T02:07:22Z".parse().unwrap();
+        assert_eq!(
+            go_time(whole, k8s_openapi::jiff::SignedDuration::new(-61, -500_000_000)),
+            "2026-12-07 02:07:22 +0000 UTC m=-61.500000000"
+        );
+        assert_eq!(
+            go_time(whole, k8s_openapi::jiff::SignedDuration::ZERO),
+            "2026-12-07 02:07:22 +0000 UTC m=+0.000000000"
+        );
     }
 
     /// While the poll loops have left the last tables unapplied for [`PROXY_HEALTH_TIMEOUT`] the
