@@ -311,7 +311,7 @@ async fn a_local_load_balancers_health_check_node_port_answers_for_this_node() {
         out
     };
     let ok = answered_with(1).await;
-    assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.contains("\"localEndpoints\":1"), "{ok}");
+    assert!(ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.contains("\"localEndpoints\": 1"), "{ok}");
 
     let mut slice = fixture("endpointslice-edge.json");
     slice["endpoints"] = json!([endpoint("10.244.1.30", "node-b", true, true, false)]);
@@ -411,7 +411,7 @@ async fn with_the_api_server_refusing_the_tables_and_the_health_check_node_port_
     assert_eq!(live.tables.as_ref().map(|t| t.version()), Some(tables.version()), "the workers keep their tables");
     assert!(plane.tables.try_recv().is_err(), "nothing new was published");
     let answer = get().await;
-    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("\"localEndpoints\":1"), "{answer}");
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("\"localEndpoints\": 1"), "{answer}");
 
     plane.stop(&dir).await;
 }
@@ -468,7 +468,7 @@ async fn a_health_check_node_port_answers_503_for_a_service_the_tables_leave_out
     let mut answer = String::new();
     c.read_to_string(&mut answer).await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{answer}");
-    assert!(answer.contains("\"localEndpoints\":0"), "{answer}");
+    assert!(answer.contains("\"localEndpoints\": 0"), "{answer}");
 
     stop_tx.send(()).unwrap();
     tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();

@@ -3,9 +3,9 @@
 //! and sends the Service's traffic only to nodes that answer 200, so a node with no local endpoint
 //! (where `lb` drops such traffic, counted as `no_backend`) is taken out of rotation.
 //!
-//! Every request on the port, whatever its path, gets
-//! `{"service":{"namespace":NS,"name":NAME},"localEndpoints":N,"serviceProxyHealthy":H}` with
-//! status 200 when N > 0 and H, 503 otherwise, and kube-proxy's `X-Load-Balancing-Endpoint-Weight: N`
+//! Every request on the port, whatever its path, gets kube-proxy's body to the byte,
+//! `{"service": {"namespace": NS, "name": NAME}, "localEndpoints": N, "serviceProxyHealthy": H}`
+//! (on lines, indented by tabs), with status 200 when N > 0 and H, 503 otherwise, and kube-proxy's `X-Load-Balancing-Endpoint-Weight: N`
 //! header. N counts the endpoints of the request's address family (of the Service's only one if it
 //! has one), as each of kube-proxy's per-family proxiers counts its own. H is false, as kube-proxy's is when an update waits unapplied for twice its sync period,
 //! once the poll loops have not taken or swapped in the last tables for [`PROXY_HEALTH_TIMEOUT`]
@@ -287,12 +287,14 @@ fn go_time(at: k8s_openapi::jiff::Timestamp, mono: k8s_openapi::jiff::SignedDura
 fn response(c: &NodeHealthCheck, healthy: bool, to_ipv4: bool) -> String {
     let n = c.local_endpoints(to_ipv4);
     let status = if n > 0 && healthy { "200 OK" } else { "503 Service Unavailable" };
-    let body = serde_json::json!({
-        "service": { "namespace": c.namespace, "name": c.name },
-        "localEndpoints": n,
-        "serviceProxyHealthy": healthy,
-    })
-    .to_string();
+    // (kube-proxy's template, dedented and trimmed of newlines; `%q` of a namespace or a name, DNS
+    // labels both, is their JSON string.)
+    let quoted = |s: &str| serde_json::Value::from(s).to_string();
+    let body = format!(
+        "{{\n\t\"service\": {{\n\t\t\"namespace\": {},\n\t\t\"name\": {}\n\t}},\n\t\"localEndpoints\": {n},\n\t\"serviceProxyHealthy\": {healthy}\n}}",
+        quoted(&c.namespace),
+        quoted(&c.name)
+    );
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\n\
          X-Load-Balancing-Endpoint-Weight: {n}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -360,7 +362,7 @@ mod tests {
         applied(vec![check(port, 0)]).await;
         let answer = get(port).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{answer}");
-        assert!(answer.contains("\"localEndpoints\":0"), "{answer}");
+        assert!(answer.contains("\"localEndpoints\": 0"), "{answer}");
 
         tx.send(vec![]).unwrap();
         applied(vec![]).await;
@@ -388,10 +390,10 @@ mod tests {
         let open = served.wait_for(|s| *s == vec![dual.clone()]);
         tokio::time::timeout(Duration::from_secs(10), open).await.expect("the port opens").unwrap();
         let v4 = get(port).await.unwrap();
-        assert!(v4.contains("X-Load-Balancing-Endpoint-Weight: 1\r\n") && v4.contains("\"localEndpoints\":1"), "{v4}");
+        assert!(v4.contains("X-Load-Balancing-Endpoint-Weight: 1\r\n") && v4.contains("\"localEndpoints\": 1"), "{v4}");
         // (Where the node has IPv6, as the test host may not.)
         if let Ok(v6) = get_from(IpAddr::V6(Ipv6Addr::LOCALHOST), port).await {
-            assert!(v6.contains("\"localEndpoints\":2"), "{v6}");
+            assert!(v6.contains("\"localEndpoints\": 2"), "{v6}");
         }
         drop(tx);
         server.await.unwrap();
@@ -438,6 +440,19 @@ mod tests {
         behind_tx.send(None).unwrap();
         assert!(get_path("/healthz?verbose").await.starts_with("HTTP/1.1 200 OK\r\n"));
         server.abort();
+    }
+
+    /// The body is kube-proxy's `hcHandler`'s byte for byte: its template dedented (one tab a level,
+    /// a space after each colon) and trimmed of newlines. It was the same JSON written compact.
+    #[test]
+    fn the_health_check_body_is_kube_proxys_to_the_byte() {
+        let answer = response(&check(32100, 2), true, true);
+        let body = answer.split("\r\n\r\n").nth(1).unwrap();
+        assert_eq!(
+            body,
+            "{\n\t\"service\": {\n\t\t\"namespace\": \"ingress\",\n\t\t\"name\": \"edge\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
+        );
+        assert!(answer.contains(&format!("\r\nContent-Length: {}\r\n", body.len())), "{answer}");
     }
 
     /// kube-proxy prints `lastUpdated` and `currentTime` with `%q`, so as Go's `time.Time.String()`
@@ -504,7 +519,7 @@ mod tests {
         behind_tx.send(Some(long_ago)).unwrap();
         let stuck = get(port).await.unwrap();
         assert!(stuck.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{stuck}");
-        assert!(stuck.contains("\"serviceProxyHealthy\":false") && stuck.contains("\"localEndpoints\":2"), "{stuck}");
+        assert!(stuck.contains("\"serviceProxyHealthy\": false") && stuck.contains("\"localEndpoints\": 2"), "{stuck}");
 
         behind_tx.send(Some(now)).unwrap();
         let within = get(port).await.unwrap();
@@ -512,7 +527,7 @@ mod tests {
         behind_tx.send(None).unwrap();
         let applied = get(port).await.unwrap();
         assert!(
-            applied.starts_with("HTTP/1.1 200 OK\r\n") && applied.contains("\"serviceProxyHealthy\":true"),
+            applied.starts_with("HTTP/1.1 200 OK\r\n") && applied.contains("\"serviceProxyHealthy\": true"),
             "{applied}"
         );
         drop(tx);
