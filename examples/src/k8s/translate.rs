@@ -821,7 +821,11 @@ fn node_health_check(
             .collect();
         // Only slices with a port of the Service hold its backends (kube-proxy too ignores a slice
         // with `ports: null`, which the EndpointSlice controller writes for pods without the named
-        // targetPort).
+        // targetPort). kube-proxy does count the endpoints of a slice port whose name the Service
+        // no longer has (its port renamed, the slices not yet rewritten; a hand-written slice):
+        // `EndpointsMap.LocalReadyEndpoints` goes over every slice port, not the Service's. Not
+        // here: no key of the Service uses them, so a node with only those would answer 200 for
+        // traffic its Local keys drop (as kube-proxy's Local chains, with no endpoint, drop it).
         let addrs = endpoints_for(slices, &weights, port_name, proto, settings.node_name.as_deref())
             .into_iter()
             .filter(|e| e.local && e.condition == Condition::Ready && e.backend.weight > 0)
