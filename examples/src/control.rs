@@ -2720,6 +2720,7 @@ services:
         let mut other = two.services[0].clone();
         other.config.name = "other".into();
         other.config.key.port = 81;
+        other.config.backends[0].port = 8081; // (the same backends would share web's table)
         two.services.push(other);
         let Err(err) = control.apply(ControlInput::File(Box::new(two))) else { panic!("two tables built") };
         assert!(err.to_string().contains("holds at most 65537 (Limits::max_maglev_entries)"), "{err}");

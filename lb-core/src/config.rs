@@ -413,8 +413,9 @@ pub struct ServiceConfig {
     pub source_ranges: Vec<Cidr>,
     /// Maglev table size (prime) for mh, sh and dh. `None`: 65 537 up to 655 backends (then 655 373,
     /// 6 553 621), a size that stays put as backends come and go, so a change moves few flows; 128 KiB
-    /// per service, and for mh 256 KiB more for the ring of backend slots new flows pick from (see
-    /// the worker). The sizes summed over services are bounded by
+    /// per table, and for mh 256 KiB more for the ring of backend slots new flows pick from (see
+    /// the worker). Services of equal [`ServiceConfig::scheduler_inputs`] share one table and ring;
+    /// the sizes of the distinct tables summed are bounded by
     /// [`Limits::max_maglev_entries`](crate::service::Limits::max_maglev_entries). With many services of few backends, a smaller prime (at least 100 per backend:
     /// `lb_hash::maglev_table_size_for`) saves memory, but then keep it fixed as the set changes.
     pub maglev_table_size: Option<u32>,
@@ -429,12 +430,47 @@ pub struct ServiceConfig {
     pub answer_neighbours: bool,
 }
 
+/// What a service's scheduler is built from: its kind, Maglev table size and backends (address,
+/// port, weight, state; in a canonical order). Services with equal inputs (in Kubernetes, one
+/// Service port's cluster IP, NodePorts and load-balancer IPs) get one scheduler from the table
+/// builder, so one Maglev table and one ring of backend slots between them:
+/// [`Limits::max_maglev_entries`](crate::service::Limits::max_maglev_entries) counts such a table
+/// once. Nothing else of the service (its key, mode, affinity, source ranges, MACs) goes into it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SchedulerInputs {
+    kind: SchedulerKind,
+    maglev_table_size: Option<u32>,
+    /// Sorted by address and port (the builder refuses a backend listed twice).
+    backends: Vec<(IpAddr, u16, u32, BackendState)>,
+}
+
+impl SchedulerInputs {
+    /// The entries of the Maglev table built from these inputs: see [`ServiceConfig::maglev_entries`].
+    pub fn maglev_entries(&self) -> usize {
+        if !self.kind.uses_maglev_table() {
+            return 0;
+        }
+        let size = self.maglev_table_size.unwrap_or_else(|| lb_hash::maglev_table_size_stable_for(self.backends.len()));
+        usize::try_from(size).unwrap_or(usize::MAX)
+    }
+}
+
 impl ServiceConfig {
-    /// The entries of the Maglev table the table builder gives this service: `maglev_table_size`,
-    /// else the size that stays put for its backends; 0 for a scheduler without one (not mh, sh or
-    /// dh). Counted while no backend takes new flows too (when the service has no table), so that a
-    /// backend turning ready never takes the sum over
-    /// [`Limits::max_maglev_entries`](crate::service::Limits::max_maglev_entries).
+    /// What the table builder builds this service's scheduler from; see [`SchedulerInputs`].
+    pub fn scheduler_inputs(&self) -> SchedulerInputs {
+        let mut backends: Vec<(IpAddr, u16, u32, BackendState)> =
+            self.backends.iter().map(|b| (b.addr, b.port, b.weight, b.state)).collect();
+        backends.sort_unstable_by_key(|&(addr, port, ..)| (addr, port));
+        SchedulerInputs { kind: self.scheduler, maglev_table_size: self.maglev_table_size, backends }
+    }
+
+    /// The entries of the Maglev table this service picks from: `maglev_table_size`, else the size
+    /// that stays put for its backends; 0 for a scheduler without one (not mh, sh or dh). Counted
+    /// while no backend takes new flows too (when the service has no table), so that a backend
+    /// turning ready never takes the sum over
+    /// [`Limits::max_maglev_entries`](crate::service::Limits::max_maglev_entries). The table is
+    /// shared with every service of the same [`ServiceConfig::scheduler_inputs`], and that sum
+    /// counts it once: the entries held are those of the distinct tables, not this summed over services.
     pub fn maglev_entries(&self) -> usize {
         if !self.scheduler.uses_maglev_table() {
             return 0;

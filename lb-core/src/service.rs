@@ -52,10 +52,10 @@ use crate::conntrack::addr_bytes;
 use crate::packet::{Family, FlowKey};
 
 use crate::config::{
-    BackendConfig, BackendState, Cidr, Config, ForwardMode, NodeConfig, RemovedBackendPolicy, SchedulerKind,
-    ServiceConfig, ServiceKey, SpecialAddress, Timeouts, VipConflict,
+    BackendConfig, BackendState, Cidr, Config, ForwardMode, NodeConfig, RemovedBackendPolicy, SchedulerInputs,
+    SchedulerKind, ServiceConfig, ServiceKey, SpecialAddress, Timeouts, VipConflict,
 };
-use crate::schedule::ServiceScheduler;
+use crate::schedule::{ServiceScheduler, ring_base};
 
 /// A service's stable slot number (index of its per-core counters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -100,11 +100,13 @@ pub struct Limits {
     pub max_services: usize,
     /// Backends (summed over services) at most.
     pub max_backends: usize,
-    /// Maglev table entries (mh, sh, dh; summed over services, as
-    /// [`ServiceConfig::maglev_entries`] counts them) at most: each service's table size is bounded,
-    /// their sum only by this. Up to 6 bytes an entry (mh: 2 in the table, 4 in its ring of backend
-    /// slots; sh, dh: 2), held once for all cores (the workers share one `Arc<Tables>`), and twice
-    /// for a table an update rebuilds until every worker has let the old one go.
+    /// Maglev table entries (mh, sh, dh; summed over the distinct tables, each as
+    /// [`ServiceConfig::maglev_entries`] counts it) at most: each service's table size is bounded,
+    /// their sum only by this. Services of equal [`ServiceConfig::scheduler_inputs`] (in Kubernetes,
+    /// one Service port's cluster IP, NodePorts and load-balancer IPs) share one table, counted once.
+    /// Up to 6 bytes an entry (mh: 2 in the table, 4 in its ring of backend slots; sh, dh: 2), held
+    /// once for all cores (the workers share one `Arc<Tables>`), and twice for a table an update
+    /// rebuilds until every worker has let the old one go.
     pub max_maglev_entries: usize,
 }
 
@@ -232,6 +234,8 @@ pub struct Tables {
     vips: HashMap<IpAddr, bool>,
     backend_locations: Vec<BackendLocation>,
     limits: Limits,
+    /// Entries of the distinct Maglev tables (see [`Limits::max_maglev_entries`]).
+    maglev_entries: usize,
     version: u64,
     /// Backend slots whose backend's service switched into or out of NAT (in this build or an earlier
     /// one), each with the generation the backend had before (sorted by slot): see
@@ -312,13 +316,14 @@ impl Tables {
     /// Intel cores take up to ~90), once per new flow.
     #[inline]
     pub(crate) fn ring_slot(&self, ring: RingRef, flow_hash: u64) -> Option<u32> {
-        let entries = self.index.slots.get(ring.0 as usize)?.ring.as_deref()?;
+        let slot = self.index.slots.get(ring.0 as usize)?;
+        let entries = slot.ring.as_deref()?;
         // `hash % M` as the scheduler's table computes it. For the default size the divisor is a
         // constant, which compiles to multiplies and shifts rather than a 64-bit division.
         const DEFAULT_SIZE: u64 = lb_hash::MaglevTable::DEFAULT_SIZE as u64;
         let len = entries.len() as u64;
         let at = if len == DEFAULT_SIZE { flow_hash % DEFAULT_SIZE } else { flow_hash.checked_rem(len)? };
-        entries.get(usize::try_from(at).ok()?).copied()
+        entries.get(usize::try_from(at).ok()?).map(|&e| e.wrapping_add(slot.ring_base))
     }
 
     /// Brings the location of backend slot `slot` into the cache (the fast path's read-ahead, a
@@ -410,6 +415,12 @@ impl Tables {
         self.limits
     }
 
+    /// The Maglev table entries these tables hold: those of the distinct tables, each counted once
+    /// however many services share it (what [`Limits::max_maglev_entries`] bounds).
+    pub fn maglev_entries(&self) -> usize {
+        self.maglev_entries
+    }
+
     /// Counts builds of one builder: 1 for the first.
     pub fn version(&self) -> u64 {
         self.version
@@ -452,8 +463,11 @@ struct IndexSlot {
     /// 0: empty; 4 or 6: the VIP's IP version.
     family: u8,
     service: ServiceSummary,
-    /// The service's Maglev table with entries naming backend slots, when new flows may pick from
-    /// it alone (see [`RingRef`]).
+    /// What the ring's entries are relative to: the service's lowest backend slot.
+    ring_base: u32,
+    /// The service's Maglev table with entries naming backend slots (less `ring_base`), when new
+    /// flows may pick from it alone (see [`RingRef`]); shared by the services of equal scheduler
+    /// inputs whose backend slots are these shifted.
     ring: Option<Arc<[u32]>>,
 }
 
@@ -466,7 +480,9 @@ struct IndexSlot {
 /// schedulers, or no backend taking new flows have none ([`RingRef::NONE`]) and pick through their
 /// record. A ring names exactly the backends the scheduler's own table does (a test holds the two
 /// equal). The value is the index slot's position, so the worker's per-frame record holds no
-/// pointer.
+/// pointer. An entry names the slot less the service's ring base (kept beside the ring), so one ring
+/// serves every service of the same Maglev inputs whose backends' slots are its own shifted by one
+/// number (the builder hands slots out so, see [`TableBuilder`]): one addition per new flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RingRef(u32);
 
@@ -496,7 +512,7 @@ impl Default for IndexSlot {
             on_backend_removed: RemovedBackendPolicy::Reschedule,
             all_clients: true,
         };
-        IndexSlot { vip: [0; 16], port: 0, proto: 0, family: 0, service, ring: None }
+        IndexSlot { vip: [0; 16], port: 0, proto: 0, family: 0, service, ring_base: 0, ring: None }
     }
 }
 
@@ -536,21 +552,21 @@ impl ServiceSummary {
 }
 
 impl ServiceIndex {
-    fn new(services: &[Service]) -> Self {
+    /// The index of `services`, each with the ring its new flows pick from (`rings[i]`, `None`: its
+    /// record's scheduler).
+    fn new(services: &[Service], rings: Vec<Option<Arc<[u32]>>>) -> Self {
         let len = (services.len() * 2).next_power_of_two().max(2);
         let mut index =
             ServiceIndex { slots: alloc::vec![IndexSlot::default(); len].into_boxed_slice(), mask: len - 1 };
-        for (i, s) in services.iter().enumerate() {
+        for ((i, s), ring) in services.iter().enumerate().zip(rings) {
             let slot = IndexSlot {
                 vip: addr_bytes(s.key.vip),
                 port: s.key.port,
                 proto: s.key.proto.number(),
                 family: if s.key.vip.is_ipv6() { 6 } else { 4 },
                 service: ServiceSummary::of(i, s.slot, s.mode, s.on_backend_removed, &s.source_ranges),
-                ring: match s.affinity_timeout_secs {
-                    None => s.scheduler.ring().filter(|r| !r.is_empty()).cloned(),
-                    Some(_) => None,
-                },
+                ring_base: ring_base(&s.backends),
+                ring: ring.filter(|r| s.affinity_timeout_secs.is_none() && !r.is_empty()),
             };
             // Keys are unique (the builder rejects duplicates) and the array is at most half full.
             let mut at = index_hash(&slot.vip, slot.port, slot.proto) as usize & index.mask;
@@ -873,18 +889,20 @@ pub enum ConfigError {
         /// The limit.
         max: usize,
     },
-    /// More Maglev table entries, summed over services, than the builder's limit.
+    /// More Maglev table entries, summed over the distinct tables, than the builder's limit.
     #[error(
-        "{count} Maglev table entries configured over all services (mh, sh, dh: up to 6 bytes an entry); this \
-         table builder holds at most {max} (Limits::max_maglev_entries): lower maglev_table_size on the largest \
-         tables ({largest}), or give them a scheduler without one"
+        "{count} Maglev table entries configured over all distinct tables (mh, sh, dh: up to 6 bytes an entry; \
+         services of the same scheduler, table size and backends share one); this table builder holds at most \
+         {max} (Limits::max_maglev_entries): lower maglev_table_size on the largest tables ({largest}), or give \
+         them a scheduler without one"
     )]
     TooManyMaglevEntries {
-        /// Entries given.
+        /// Entries of the distinct tables.
         count: usize,
         /// The limit.
         max: usize,
-        /// The largest tables, `service: entries`, largest first.
+        /// The largest tables, `service: entries` (`service and N more: entries` for a table N more
+        /// services share), largest first.
         largest: String,
     },
 }
@@ -947,21 +965,12 @@ pub struct TableBuilder {
     services: SlotAllocator,
     backends: SlotAllocator,
     version: u64,
-    /// Each service's scheduler of the last build, with what it was built from: an update rebuilds
-    /// only the schedulers whose inputs changed (a 65 537-entry Maglev table takes about a
-    /// millisecond; an EndpointSlice change in a cluster of thousands of Services rebuilds one).
-    schedulers: HashMap<ServiceKey, (SchedulerInputs, ServiceScheduler)>,
-}
-
-/// What a service's scheduler is built from: equal inputs build an equal scheduler.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct SchedulerInputs {
-    kind: SchedulerKind,
-    maglev_table_size: Option<u32>,
-    /// Address, port, weight, state and slot of each backend, in the service's (sorted) order. A
-    /// Maglev ring names backend slots, so a backend that got another slot (see [`BackendKey`])
-    /// needs a new ring even if nothing else changed.
-    backends: Vec<(IpAddr, u16, u32, BackendState, u32)>,
+    /// The schedulers of the last build, one per distinct [`SchedulerInputs`], each with the
+    /// backend slots (less their lowest, see [`ring_base`]) its ring was made for: an update
+    /// rebuilds only the schedulers whose inputs changed (a 65 537-entry Maglev table takes about a
+    /// millisecond; an EndpointSlice change in a cluster of thousands of Services rebuilds one), and
+    /// services of equal inputs share one.
+    schedulers: HashMap<SchedulerInputs, (ServiceScheduler, Box<[u32]>)>,
 }
 
 /// The generation of a slot just handed to a service or backend, by any builder of the process:
@@ -1168,12 +1177,24 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// The `n` largest Maglev tables of `services`, `name: entries`, largest first (then by name).
-fn largest_maglev_tables(services: &[ServiceConfig], n: usize) -> String {
-    let mut tables: Vec<(usize, &str)> =
-        services.iter().map(|s| (s.maglev_entries(), s.name.as_str())).filter(|&(e, _)| e > 0).collect();
+/// The `n` largest of the distinct Maglev tables `tables` (each with its first service's name and
+/// how many services share it), `name: entries` or `name and N more: entries`, largest first (then
+/// by name).
+fn largest_maglev_tables(tables: &HashMap<&SchedulerInputs, (&str, usize)>, n: usize) -> String {
+    let mut tables: Vec<(usize, &str, usize)> = tables
+        .iter()
+        .map(|(inputs, &(name, sharing))| (inputs.maglev_entries(), name, sharing))
+        .filter(|&(e, ..)| e > 0)
+        .collect();
     tables.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
-    let shown: Vec<String> = tables.iter().take(n).map(|(e, name)| format!("{name}: {e}")).collect();
+    let shown: Vec<String> = tables
+        .iter()
+        .take(n)
+        .map(|&(e, name, sharing)| match sharing {
+            1 => format!("{name}: {e}"),
+            _ => format!("{name} and {} more: {e}", sharing - 1),
+        })
+        .collect();
     shown.join(", ")
 }
 
@@ -1224,12 +1245,18 @@ impl TableBuilder {
         if total_backends > self.limits.max_backends {
             return Err(ConfigError::TooManyBackends { count: total_backends, max: self.limits.max_backends });
         }
-        let maglev_entries = cfg.services.iter().fold(0usize, |sum, s| sum.saturating_add(s.maglev_entries()));
+        // Services of equal inputs share one scheduler, so one Maglev table: each counts once.
+        let inputs: Vec<SchedulerInputs> = cfg.services.iter().map(ServiceConfig::scheduler_inputs).collect();
+        let mut tables: HashMap<&SchedulerInputs, (&str, usize)> = HashMap::with_capacity(inputs.len());
+        for (i, sc) in inputs.iter().zip(&cfg.services) {
+            tables.entry(i).or_insert((sc.name.as_str(), 0)).1 += 1;
+        }
+        let maglev_entries = tables.keys().fold(0usize, |sum, i| sum.saturating_add(i.maglev_entries()));
         if maglev_entries > self.limits.max_maglev_entries {
             return Err(ConfigError::TooManyMaglevEntries {
                 count: maglev_entries,
                 max: self.limits.max_maglev_entries,
-                largest: largest_maglev_tables(&cfg.services, 3),
+                largest: largest_maglev_tables(&tables, 3),
             });
         }
 
@@ -1270,7 +1297,7 @@ impl TableBuilder {
         let mut services = Vec::with_capacity(cfg.services.len());
         let mut vips: HashMap<IpAddr, bool> = HashMap::new();
         let mut backend_locations: Vec<BackendLocation> = Vec::new();
-        let mut schedulers = HashMap::with_capacity(cfg.services.len());
+        let mut staged: Vec<(u32, u32, Vec<Backend>)> = Vec::with_capacity(cfg.services.len());
         for (si, sc) in cfg.services.iter().enumerate() {
             let (slot, generation) = match service_slots.get(&sc.key) {
                 Some(&s) => s,
@@ -1335,18 +1362,63 @@ impl TableBuilder {
                     };
                 }
             }
-            let inputs = SchedulerInputs {
-                kind: sc.scheduler,
-                maglev_table_size: sc.maglev_table_size,
-                backends: backends.iter().map(|b| (b.addr, b.port, b.weight, b.state, b.id.slot)).collect(),
-            };
-            let scheduler = match self.schedulers.get(&sc.key) {
-                Some((last, scheduler)) if *last == inputs => scheduler.clone(),
-                _ => ServiceScheduler::build(sc.scheduler, &backends, sc.maglev_table_size)
-                    .map_err(|source| ConfigError::Selection { service: sc.name.clone(), source })?,
-            };
-            schedulers.insert(sc.key, (inputs, scheduler.clone()));
             *vips.entry(sc.key.vip).or_default() |= sc.answer_neighbours;
+            staged.push((slot, generation, backends));
+        }
+
+        // One scheduler per distinct inputs: the last build's when it had them, else built from the
+        // backends of their first service. A ring (mh) names slots less their service's lowest
+        // (`ring_base`), so it serves each service of the inputs whose slots are its own shifted
+        // (as the builder hands them out to services listed alike), from the service index; any
+        // other service of the inputs picks through its scheduler, from the shared table. The last
+        // build's ring is kept when it serves a service; else the ring is made for the slots most
+        // of the services have.
+        let relative = |backends: &[Backend]| -> Box<[u32]> {
+            let base = ring_base(backends);
+            backends.iter().map(|b| b.id.slot.wrapping_sub(base)).collect()
+        };
+        let rel: Vec<Box<[u32]>> = staged.iter().map(|(.., backends)| relative(backends)).collect();
+        let mut members: HashMap<&SchedulerInputs, Vec<usize>> = HashMap::with_capacity(tables.len());
+        for (si, i) in inputs.iter().enumerate() {
+            members.entry(i).or_default().push(si);
+        }
+        // Keyed by the first service of the inputs.
+        let mut built_for: HashMap<usize, (ServiceScheduler, Box<[u32]>)> = HashMap::with_capacity(tables.len());
+        let mut shared: Vec<usize> = Vec::with_capacity(cfg.services.len());
+        for (si, (i, sc)) in inputs.iter().zip(&cfg.services).enumerate() {
+            let of = members.get(i).map_or(&[][..], Vec::as_slice);
+            let first = of.first().copied().unwrap_or(si);
+            shared.push(first);
+            if first != si {
+                continue;
+            }
+            let last = self.schedulers.get(i).filter(|(_, r)| of.iter().any(|&m| rel[m] == *r));
+            let built = match last {
+                Some(kept) => kept.clone(),
+                None => {
+                    // The service whose slots most of the inputs' services have (the first on a tie;
+                    // counted in one pass, as thousands of services without backends share inputs).
+                    let mut count: HashMap<&[u32], (usize, usize)> = HashMap::new();
+                    for &m in of {
+                        count.entry(&rel[m]).or_insert((0, m)).0 += 1;
+                    }
+                    let most = count.into_values().max_by_key(|&(n, m)| (n, core::cmp::Reverse(m)));
+                    let m = most.map_or(si, |(_, m)| m);
+                    let backends = &staged[m].2;
+                    let scheduler = match self.schedulers.get(i) {
+                        Some((scheduler, _)) => scheduler.with_ring_for(backends),
+                        None => ServiceScheduler::build(sc.scheduler, backends, sc.maglev_table_size)
+                            .map_err(|source| ConfigError::Selection { service: sc.name.clone(), source })?,
+                    };
+                    (scheduler, rel[m].clone())
+                }
+            };
+            built_for.insert(si, built);
+        }
+        let mut rings = Vec::with_capacity(cfg.services.len());
+        for (si, (sc, (slot, generation, backends))) in cfg.services.iter().zip(staged).enumerate() {
+            let (scheduler, ring_rel) = &built_for[&shared[si]];
+            rings.push(scheduler.ring().filter(|_| *ring_rel == rel[si]).cloned());
             services.push(Service {
                 name: sc.name.clone(),
                 key: sc.key,
@@ -1357,7 +1429,7 @@ impl TableBuilder {
                 source_ranges: sc.source_ranges.clone(),
                 on_backend_removed: sc.on_backend_removed,
                 backends,
-                scheduler,
+                scheduler: scheduler.clone(),
                 answer_neighbours: sc.answer_neighbours,
             });
         }
@@ -1372,9 +1444,9 @@ impl TableBuilder {
         successions.sort_unstable();
         self.backend_slots = backend_slots;
         self.predecessors = predecessors;
-        self.schedulers = schedulers;
+        self.schedulers = built_for.into_iter().map(|(si, built)| (inputs[si].clone(), built)).collect();
         self.version += 1;
-        let index = ServiceIndex::new(&services);
+        let index = ServiceIndex::new(&services, rings);
         Ok(Arc::new(Tables {
             node,
             services,
@@ -1382,6 +1454,7 @@ impl TableBuilder {
             vips,
             backend_locations,
             limits: self.limits,
+            maglev_entries,
             version: self.version,
             successions: successions.into_boxed_slice(),
         }))
@@ -1461,6 +1534,196 @@ mod tests {
         bad.services[1].maglev_table_size = Some(1000);
         assert!(b.build(&bad).is_err());
         assert_eq!(entries(&third, 1), entries(&b.build(&cfg).unwrap(), 1));
+    }
+
+    /// One Kubernetes Service port as the feed gives it: a cluster IP, and a NodePort on each of
+    /// `nodes` node addresses, all with the same `endpoints` backends (NAT, as NodePorts are).
+    fn service_port(cfg: &mut Config, n: u32, nodes: u32, endpoints: u32) {
+        let backends: Vec<BackendConfig> = (0..endpoints)
+            .map(|e| backend(&core::net::Ipv4Addr::from(0x0AF4_0000 + (n << 8) + e).to_string(), 8080))
+            .collect();
+        let cluster_ip = core::net::Ipv4Addr::from(0x0A60_0000 + n).to_string(); // 10.96.0.0/16
+        cfg.services.push(service(&format!("svc{n}:http"), &cluster_ip, 80, ForwardMode::Nat, backends.clone()));
+        for node in 0..nodes {
+            let node_ip = core::net::Ipv4Addr::new(192, 168, 1, 10 + node as u8).to_string();
+            let port = 30_000 + n as u16;
+            cfg.services.push(service(&format!("svc{n}:http"), &node_ip, port, ForwardMode::Nat, backends.clone()));
+        }
+    }
+
+    /// The backend slot a new flow of service `i` with hash `h` gets: from its ring through the
+    /// service index when it has one there, else from its scheduler's pick (what the worker does).
+    fn new_flow_backend(t: &Tables, i: usize, h: u64) -> Option<Backend> {
+        let s = &t.services()[i];
+        let flow = FlowKey::from_ips("198.51.100.1".parse().unwrap(), s.key.vip, 6, 40_000, s.key.port).unwrap();
+        let (_, ring) = t.lookup_flow_ring(&flow, t.lookup_hash(&flow)).unwrap();
+        if ring.is_some() {
+            return t.ring_backend(ring, h).copied();
+        }
+        s.scheduler.likely_pick(h).map(|bi| s.backends[bi])
+    }
+
+    /// The ring service `i`'s new flows pick from, if the service index holds one for it.
+    fn index_ring(t: &Tables, i: usize) -> Option<*const u32> {
+        let s = &t.services()[i];
+        let at = t
+            .index
+            .get_hashed(
+                index_hash(&addr_bytes(s.key.vip), s.key.port, 6),
+                &addr_bytes(s.key.vip),
+                false,
+                s.key.port,
+                6,
+            )?
+            .0;
+        t.index.slots[at].ring.as_ref().map(|r| r.as_ptr())
+    }
+
+    /// Every service of `t` gives each of many flow hashes the backend (address and port) a table
+    /// built for it alone gives, from its own slot.
+    fn picks_as_if_alone(t: &Tables, cfg: &Config) {
+        for (i, sc) in cfg.services.iter().enumerate() {
+            let alone = TableBuilder::new().build(&Config { services: vec![sc.clone()], ..cfg.clone() }).unwrap();
+            let slots: HashSet<u32> = t.services()[i].backends.iter().map(|b| b.id.slot).collect();
+            for k in 0..4_000u64 {
+                let h = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (k << 11);
+                let (got, want) = (new_flow_backend(t, i, h), new_flow_backend(&alone, 0, h));
+                let addr = |b: Option<Backend>| b.map(|b| (b.addr, b.port));
+                assert_eq!(addr(got), addr(want), "{} ({}) hash {h:#x}", sc.name, sc.key);
+                let got = got.unwrap();
+                assert!(slots.contains(&got.id.slot), "{}: slot {} is not its own", sc.key, got.id.slot);
+                assert_eq!(t.resolve_backend(got.id).map(|(si, _)| si), Some(i), "{}", sc.key);
+            }
+        }
+    }
+
+    /// Services of the same scheduler, table size and backends (a Service port's cluster IP and
+    /// NodePorts) hold one Maglev table and one ring; each still picks, for every flow, what a table
+    /// built for it alone picks, from its own backend slots. A backend changed on one key gives that
+    /// key a table of its own, and the others keep theirs; a later build keeps them all.
+    #[test]
+    fn services_of_equal_inputs_share_one_maglev_table_and_ring() {
+        let mut cfg = good();
+        cfg.services.clear();
+        service_port(&mut cfg, 1, 3, 10);
+        service_port(&mut cfg, 2, 3, 10);
+        let mut b = TableBuilder::new();
+        let t = b.build(&cfg).unwrap();
+        let entries = |t: &Tables, i: usize| t.services()[i].scheduler.maglev_table().unwrap().entries().as_ptr();
+        for port in [0..4, 4..8] {
+            for i in port.clone() {
+                assert_eq!(entries(&t, i), entries(&t, port.start), "{}", cfg.services[i].key);
+                assert!(index_ring(&t, i).is_some(), "{}", cfg.services[i].key);
+                assert_eq!(index_ring(&t, i), index_ring(&t, port.start), "{}", cfg.services[i].key);
+            }
+        }
+        assert_ne!(entries(&t, 0), entries(&t, 4), "two Service ports, two tables");
+        assert_eq!(t.maglev_entries(), 2 * 65_537);
+        picks_as_if_alone(&t, &cfg);
+
+        // One NodePort loses an endpoint (a Local policy, say): it alone gets a table of its own.
+        let mut changed = cfg.clone();
+        changed.services[2].backends.pop();
+        let t2 = b.build(&changed).unwrap();
+        assert_ne!(entries(&t2, 2), entries(&t2, 0));
+        for i in [1, 3] {
+            assert_eq!(entries(&t2, i), entries(&t, 0), "{}: kept", cfg.services[i].key);
+            assert_eq!(index_ring(&t2, i), index_ring(&t, 0), "{}: kept", cfg.services[i].key);
+        }
+        assert_eq!(t2.maglev_entries(), 3 * 65_537);
+        picks_as_if_alone(&t2, &changed);
+
+        // Back as it was: shared again (rebuilt once for the three it had served).
+        let t3 = b.build(&cfg).unwrap();
+        for i in 0..4 {
+            assert_eq!(entries(&t3, i), entries(&t, 0), "{}", cfg.services[i].key);
+        }
+        picks_as_if_alone(&t3, &cfg);
+    }
+
+    /// Services of equal inputs whose backend slots are not their ring's shifted (here, a key
+    /// recreated after its slots went to others) still share the table, and pick through their
+    /// scheduler exactly as a ring would.
+    #[test]
+    fn services_of_equal_inputs_on_other_slots_share_the_table_and_pick_alike() {
+        let mut cfg = good();
+        cfg.services.clear();
+        service_port(&mut cfg, 1, 2, 10);
+        let mut b = TableBuilder::new();
+        b.build(&cfg).unwrap();
+        // The second NodePort leaves, a newcomer takes some of its slots, and it comes back.
+        let (mut less, np) = (cfg.clone(), cfg.services.pop().unwrap());
+        less.services.pop();
+        less.services.push(service("other", "192.0.2.77", 80, ForwardMode::Dsr, vec![backend("10.9.0.1", 80)]));
+        b.build(&less).unwrap();
+        less.services.push(np);
+        let t = b.build(&less).unwrap();
+        let entries = |i: usize| t.services()[i].scheduler.maglev_table().unwrap().entries().as_ptr();
+        assert_eq!(entries(0), entries(1));
+        assert_eq!(entries(0), entries(3));
+        assert!(index_ring(&t, 0).is_some() && index_ring(&t, 3).is_none(), "the premise: slots not shifted alike");
+        assert_eq!(t.maglev_entries(), 2 * 65_537, "one table for the port, one for other");
+        picks_as_if_alone(&t, &less);
+    }
+
+    /// The budget counts a table once however many services share it: a Service port on many
+    /// addresses fits a budget of one table, and a second table is refused, named by its first
+    /// service with how many more share it.
+    #[test]
+    fn the_maglev_budget_counts_a_shared_table_once() {
+        let mut cfg = good();
+        cfg.services.clear();
+        service_port(&mut cfg, 1, 7, 10);
+        let limits = Limits { max_maglev_entries: 65_537, ..Limits::default() };
+        let t = TableBuilder::with_limits(limits).build(&cfg).unwrap();
+        assert_eq!(t.maglev_entries(), 65_537);
+        service_port(&mut cfg, 2, 2, 10);
+        let err = TableBuilder::with_limits(limits).build(&cfg).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::TooManyMaglevEntries {
+                count: 2 * 65_537,
+                max: 65_537,
+                largest: "svc1:http and 7 more: 65537, svc2:http and 2 more: 65537".into()
+            }
+        );
+    }
+
+    /// The memory the Maglev tables of a Kubernetes-shaped configuration hold: 1 000 Services of one
+    /// port, each on its cluster IP and a NodePort on 3 node addresses, 10 endpoints, default table
+    /// size (mh). Tables and rings are counted once each however many services hold them.
+    /// `cargo test -p lb-core --lib maglev_memory_of_a_kubernetes_shape -- --nocapture` prints it.
+    #[test]
+    fn maglev_memory_of_a_kubernetes_shape() {
+        extern crate std;
+        let mut cfg = good();
+        cfg.services.clear();
+        for n in 0..1000 {
+            service_port(&mut cfg, n, 3, 10);
+        }
+        let t = TableBuilder::new().build(&cfg).unwrap();
+        let (mut tables, mut rings) = (HashSet::new(), HashSet::new());
+        let mut bytes = 0usize;
+        for s in t.services() {
+            let table = s.scheduler.maglev_table().unwrap().entries();
+            if tables.insert(table.as_ptr()) {
+                bytes += core::mem::size_of_val(table);
+            }
+            let ring = s.scheduler.ring().unwrap();
+            if rings.insert(ring.as_ptr()) {
+                bytes += core::mem::size_of_val(&ring[..]);
+            }
+        }
+        std::println!(
+            "{} services: {} Maglev tables, {} rings, {bytes} bytes ({:.1} MiB)",
+            t.services().len(),
+            tables.len(),
+            rings.len(),
+            bytes as f64 / (1 << 20) as f64
+        );
+        assert_eq!((tables.len(), rings.len()), (1000, 1000), "one table and one ring a Service port");
+        assert_eq!(bytes, 1000 * 65_537 * 6);
+        assert_eq!(t.maglev_entries(), 1000 * 65_537);
     }
 
     /// A Maglev service's ring gives every flow hash the backend its scheduler picks (weights, a
@@ -1844,7 +2107,7 @@ mod tests {
         b.build(&over).unwrap();
     }
 
-    /// The default budget holds 4 096 services at the default table size, and refuses one more (no
+    /// The default budget holds 4 096 distinct tables at the default size, and refuses one more (no
     /// backend serves, so no table is built, but each is counted: one could serve at any time).
     #[test]
     fn the_default_maglev_budget_holds_4096_default_tables() {
@@ -1852,7 +2115,11 @@ mod tests {
         cfg.services = (0..4097u32)
             .map(|i| {
                 let vip = core::net::Ipv4Addr::from(0xC633_0000 + i).to_string(); // 198.51.0.0/16
-                service(&format!("s{i}"), &vip, 80, ForwardMode::Dsr, vec![])
+                // A backend of its own, so that no two services share a table.
+                let addr = core::net::Ipv4Addr::from(0x0A00_0000 + i).to_string();
+                let mut s = service(&format!("s{i}"), &vip, 80, ForwardMode::Dsr, vec![backend(&addr, 80)]);
+                s.backends[0].state = BackendState::Draining;
+                s
             })
             .collect();
         let Err(err) = TableBuilder::new().build(&cfg) else { panic!("4 097 default tables were built") };
@@ -1982,9 +2249,10 @@ mod tests {
         assert!(ids(&t2, 0).iter().all(|old| old.slot != newcomer.slot));
         assert!(!t3.carries_counters_of(newcomer.slot as usize, newcomer.generation));
         let slots: HashSet<u32> = t3.services()[1].backends.iter().map(|b| b.id.slot).collect();
-        let ring = t3.services()[1].scheduler.ring().unwrap();
+        let base = ring_base(&t3.services()[1].backends);
+        let ring: Vec<u32> = t3.services()[1].scheduler.ring().unwrap().iter().map(|&e| e + base).collect();
         assert!(ring.iter().all(|s| slots.contains(s)), "ring names slots {:?}, web has {slots:?}", {
-            let mut named: Vec<u32> = ring.iter().copied().collect();
+            let mut named: Vec<u32> = ring.clone();
             named.sort_unstable();
             named.dedup();
             named

@@ -12,11 +12,12 @@ use crate::service::Backend;
 #[derive(Debug, Clone)]
 pub struct Maglev {
     pub(super) selection: HashedSelection,
-    /// The table again, each entry naming its backend's slot (`Backend::id`) rather than its index:
-    /// what a worker's new flows pick from through the service index, reading neither the service
-    /// record nor this scheduler (see [`crate::service::Tables`]). Shared by the clones a builder keeps
-    /// while the service's backends stay the same (their slots stay too). `None` when no backend
-    /// takes new flows.
+    /// The table again, each entry naming its backend's slot (`Backend::id`) less the service's
+    /// ring base (its lowest backend slot) rather than its index: what a worker's new flows pick
+    /// from through the service index, reading neither the service record nor this scheduler (see
+    /// [`crate::service::Tables`]). Shared by the clones a builder keeps while the service's
+    /// backends stay the same (their slots stay too), and by the services of the same inputs whose
+    /// slots are these shifted. `None` when no backend takes new flows.
     pub(super) ring: Option<Arc<[u32]>>,
 }
 

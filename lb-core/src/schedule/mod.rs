@@ -260,6 +260,26 @@ impl ServiceScheduler {
     }
 }
 
+/// What a service's ring entries are relative to: its lowest backend slot (0 with no backend). A
+/// new flow's backend slot is its ring entry plus its service's base.
+pub(crate) fn ring_base(backends: &[Backend]) -> u32 {
+    backends.iter().map(|b| b.id.slot).min().unwrap_or(0)
+}
+
+impl ServiceScheduler {
+    /// This scheduler with its ring (mh) made for `backends` (of the same addresses, ports, weights
+    /// and states as those it was built from, on other slots): the Maglev table itself is shared,
+    /// not rebuilt. Other schedulers name no slot: a clone.
+    pub(crate) fn with_ring_for(&self, backends: &[Backend]) -> Self {
+        match self {
+            Self::Maglev(s) => {
+                Self::Maglev(Maglev { ring: s.selection.slot_ring(backends), selection: s.selection.clone() })
+            }
+            other => other.clone(),
+        }
+    }
+}
+
 impl Scheduler for ServiceScheduler {
     #[inline]
     fn pick(&self, flow: &FlowInput, backends: &[Backend], core: &mut CoreState<'_>) -> Option<usize> {
@@ -380,22 +400,24 @@ impl HashedSelection {
         self.backend_of(self.selector.as_ref()?.select(hash)?)
     }
 
-    /// For a Maglev selector, its table with each entry mapped to `backends[i].id.slot` (`i` the
-    /// entry's backend index in the service); `None` for other selectors and when an entry names no
-    /// backend of `backends`. One gather through a per-backend array: an update rebuilding one
-    /// default-size (65 537-entry) table costs ~0.1 ms more for it, against ~0.37 ms when each entry
-    /// was mapped on its own (`cargo bench -p lb-benches --bench tables`, one-changed).
+    /// For a Maglev selector, its table with each entry mapped to `backends[i].id.slot` less
+    /// [`ring_base`]`(backends)` (`i` the entry's backend index in the service); `None` for other
+    /// selectors and when an entry names no backend of `backends`. Relative to the base, the ring
+    /// serves every service whose backends have the same slots shifted by one number (see
+    /// [`crate::service::TableBuilder`]). One gather through a per-backend array: an update
+    /// rebuilding one default-size (65 537-entry) table costs ~0.1 ms more for it, against ~0.37 ms
+    /// when each entry was mapped on its own (`cargo bench -p lb-benches --bench tables`, one-changed).
     fn slot_ring(&self, backends: &[Backend]) -> Option<Arc<[u32]>> {
         let Some(AnySelector::Maglev(table)) = self.selector.as_ref() else { return None };
-        let slots: Vec<u32> = (0..table.backends().len())
+        let base = ring_base(backends);
+        let slots: Option<Vec<u32>> = (0..table.backends().len())
             .map(|i| {
                 let b = u32::try_from(i).ok().and_then(|i| self.backend_of(i)).and_then(|bi| backends.get(bi));
-                b.map_or(u32::MAX, |b| b.id.slot)
+                b.map(|b| b.id.slot.wrapping_sub(base))
             })
             .collect();
-        let ring: Arc<[u32]> =
-            table.entries().iter().map(|&e| slots.get(usize::from(e)).copied().unwrap_or(u32::MAX)).collect();
-        (!ring.contains(&u32::MAX)).then_some(ring)
+        let slots = slots?;
+        table.entries().iter().map(|&e| slots.get(usize::from(e)).copied()).collect()
     }
 
     /// The service's backend index of the selector's backend `i`.
