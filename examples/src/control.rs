@@ -28,7 +28,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use lb_core::config::{Config, ForwardMode, NodeConfig, ServiceConfig, ServiceKey};
+use lb_core::config::{Config, ForwardMode, NodeConfig, SchedulerInputs, ServiceConfig, ServiceKey};
 use lb_core::service::{Limits, TableBuilder, Tables};
 use lb_io::bpf::xdp::SteeringSet;
 use tokio::sync::{mpsc, watch};
@@ -1340,9 +1340,10 @@ struct Admission {
     max_addresses: Option<usize>,
 }
 
-/// What a set of services takes of the [`Admission`] limits: the sums `TableBuilder::build` checks,
-/// and the addresses to steer (distinct VIPs, and the SNAT address of each family with a NAT
-/// service, as `steering_for_config` counts them).
+/// What a set of services takes of the [`Admission`] limits: the sums `TableBuilder::build` checks
+/// (Maglev entries of the distinct tables, see [`MaglevTables`]), and the addresses to steer
+/// (distinct VIPs, and the SNAT address of each family with a NAT service, as
+/// `steering_for_config` counts them).
 #[derive(Debug, Clone, Copy, Default)]
 struct Sums {
     services: usize,
@@ -1352,10 +1353,11 @@ struct Sums {
 }
 
 impl Sums {
-    fn add(&mut self, s: &ServiceConfig) {
+    /// Adds `s`, with the Maglev entries it adds to the tables held (0 when it shares one).
+    fn add(&mut self, s: &ServiceConfig, maglev_entries: usize) {
         self.services = self.services.saturating_add(1);
         self.backends = self.backends.saturating_add(s.backends.len());
-        self.maglev_entries = self.maglev_entries.saturating_add(s.maglev_entries());
+        self.maglev_entries = self.maglev_entries.saturating_add(maglev_entries);
     }
 
     /// The first of `limits` these sums exceed, as "the LIMIT to TOTAL, over the MAX ...".
@@ -1371,7 +1373,7 @@ impl Sums {
             })
             .or_else(|| {
                 over(
-                    "the Maglev table entries summed over services",
+                    "the Maglev table entries summed over the distinct tables",
                     self.maglev_entries,
                     limits.max_maglev_entries,
                     "Limits::max_maglev_entries",
@@ -1382,6 +1384,29 @@ impl Sums {
                 let what = "the addresses to steer (VIPs and SNAT addresses)";
                 over(what, self.addresses, max_addresses.unwrap_or(usize::MAX), "the XDP program's address map")
             })
+    }
+}
+
+/// The distinct Maglev tables of a set of services, as `TableBuilder::build` counts them: services
+/// of equal scheduler inputs (a Kubernetes Service port's cluster IP, NodePorts and load-balancer
+/// IPs) share one.
+#[derive(Debug, Default)]
+struct MaglevTables(HashSet<SchedulerInputs>);
+
+impl MaglevTables {
+    /// The entries `s` adds to these (0 when it shares a table held, or one in `new`); its table's
+    /// inputs go into `new` when it adds one.
+    fn added_by(&self, s: &ServiceConfig, new: &mut Vec<SchedulerInputs>) -> usize {
+        let entries = s.maglev_entries();
+        if entries == 0 {
+            return 0;
+        }
+        let inputs = s.scheduler_inputs();
+        if self.0.contains(&inputs) || new.contains(&inputs) {
+            return 0;
+        }
+        new.push(inputs);
+        entries
     }
 }
 
@@ -1420,9 +1445,11 @@ fn admit(
 ) -> Vec<bool> {
     let mut sums = Sums::default();
     let mut addresses = Addresses::default();
-    let mut new = Vec::new();
+    let mut tables = MaglevTables::default();
+    let (mut new, mut new_tables) = (Vec::new(), Vec::new());
     for s in &file.services {
-        sums.add(&s.config);
+        sums.add(&s.config, tables.added_by(&s.config, &mut new_tables));
+        tables.0.extend(new_tables.drain(..));
         addresses.added_by(&s.config, &file.node, &mut new);
         addresses.0.extend(new.drain(..));
     }
@@ -1436,8 +1463,9 @@ fn admit(
     for ((_, service), keys) in by_service {
         let mut with = sums;
         new.clear();
+        new_tables.clear();
         for &i in &keys {
-            with.add(&candidates[i].config);
+            with.add(&candidates[i].config, tables.added_by(&candidates[i].config, &mut new_tables));
             addresses.added_by(&candidates[i].config, &file.node, &mut new);
         }
         with.addresses = with.addresses.saturating_add(new.len());
@@ -1445,6 +1473,7 @@ fn admit(
             None => {
                 sums = with;
                 addresses.0.extend(new.drain(..));
+                tables.0.extend(new_tables.drain(..));
                 for i in keys {
                     admitted[i] = true;
                 }
@@ -2616,7 +2645,7 @@ services:
         assert_eq!(left_out.len(), 2, "{left_out:?}");
         assert!(left_out[0].starts_with("default/aa (1 key) is left out whole"), "{left_out:?}");
         assert!(left_out[1].starts_with("default/bb (1 key) is left out whole"), "{left_out:?}");
-        let why = "the Maglev table entries summed over services to 132083, over the 67046 this node holds \
+        let why = "the Maglev table entries summed over the distinct tables to 132083, over the 67046 this node holds \
                    (Limits::max_maglev_entries): lower its lb.example.dev/maglev-table-size";
         assert!(left_out[1].contains(why), "{left_out:?}");
         let t = control.apply(ControlInput::Kubernetes(translation(services))).unwrap();
@@ -2630,6 +2659,30 @@ services:
         assert!(err.to_string().contains("Limits::max_maglev_entries"), "{err}");
         assert!(err.to_string().contains("lower maglev_table_size on the largest tables (web: 131071"), "{err}");
         assert!(Arc::ptr_eq(live.borrow().tables.as_ref().unwrap(), &t));
+    }
+
+    /// A Service port on many addresses (its cluster IP, NodePorts, load-balancer IPs: the same
+    /// backends) holds one Maglev table, and is admitted as one within the budget, as the table
+    /// builder counts it.
+    #[tokio::test]
+    async fn a_service_port_on_many_addresses_is_admitted_as_one_table() {
+        let limits = Limits { max_maglev_entries: 65_537 + 1009, ..Limits::default() };
+        let mut control = Control::with_limits(RecordingSink::default(), limits);
+        let keys: Vec<ServiceSpec> = (0..4u8)
+            .map(|i| {
+                let mut s = k8s_service("default/np", 9000, 3, Some(1009));
+                s.config.key.vip = std::net::Ipv4Addr::new(192, 168, 1, 10 + i).into();
+                s
+            })
+            .collect();
+        let translation = Translation { services: keys, ..Translation::default() };
+        let t = control
+            .apply(ControlInput::File(Box::new(parse(GOOD).unwrap())))
+            .and_then(|_| control.apply(ControlInput::Kubernetes(translation)));
+        let t = t.unwrap();
+        assert_eq!(t.services().len(), 5, "{:?}", names(&t));
+        assert_eq!(t.maglev_entries(), 65_537 + 1009);
+        assert_eq!(control.subscribe().borrow().k8s_skipped, 0);
     }
 
     /// A sink whose steering holds at most `max` addresses (VIPs and SNAT addresses), as lb run's

@@ -661,17 +661,17 @@ pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[Inter
     f.line("lb_tables_version", "", view.version);
     if let Some(tables) = &live.tables {
         let limits = tables.limits();
-        let services = live.services.iter().map(|s| &s.config);
         let held = [
             ("services", live.services.len(), limits.max_services),
-            ("backends", services.clone().map(|s| s.backends.len()).sum(), limits.max_backends),
-            ("maglev_entries", services.map(|s| s.maglev_entries()).sum(), limits.max_maglev_entries),
+            ("backends", live.services.iter().map(|s| s.config.backends.len()).sum(), limits.max_backends),
+            ("maglev_entries", tables.maglev_entries(), limits.max_maglev_entries),
         ];
         f.head(
             "lb_tables_held",
             "gauge",
             "What the tables hold, summed over services: services (keys), backends, Maglev table entries (mh, sh, \
-             dh; up to 6 bytes each).",
+             dh; up to 6 bytes each; of the distinct tables, one shared by services of the same scheduler, table \
+             size and backends counted once).",
         );
         for (sum, v, _) in held {
             f.line("lb_tables_held", &format!("sum=\"{sum}\""), v);
@@ -1104,6 +1104,27 @@ services:
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
         }
+    }
+
+    /// Services of the same scheduler, table size and backends hold one Maglev table: the entries
+    /// held count it once.
+    #[tokio::test]
+    async fn the_maglev_entries_held_count_a_shared_table_once() {
+        let limits = lb_core::service::Limits { max_services: 10, max_backends: 20, max_maglev_entries: 5000 };
+        let mut control = Control::with_limits(RecordingSink::default(), limits);
+        let service = |name: &str, vip: &str| {
+            format!(
+                "  - {{ name: {name}, vip: {vip}, port: 80, scheduler: mh, maglev_table_size: 1009, \
+                 backends: [{{ addr: 10.1.0.1, port: 8080 }}, {{ addr: 10.1.0.2, port: 8080 }}] }}\n"
+            )
+        };
+        let yaml = String::from("node: { snat_v4: 10.0.0.2, gateway_mac: \"02:00:00:00:00:fe\" }\nservices:\n")
+            + &service("a", "10.0.0.10")
+            + &service("b", "10.0.0.11");
+        control.apply(ControlInput::File(Box::new(parse(&yaml).unwrap()))).unwrap();
+        let text = render(&control.subscribe().borrow().clone(), &[]);
+        let want = "lb_tables_held{sum=\"maglev_entries\"} 1009";
+        assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
     }
 
     #[tokio::test]
