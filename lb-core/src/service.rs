@@ -46,6 +46,7 @@ use alloc::vec::Vec;
 use core::net::IpAddr;
 
 use alloc::boxed::Box;
+use alloc::collections::BTreeSet;
 use hashbrown::{HashMap, HashSet};
 
 use crate::conntrack::addr_bytes;
@@ -907,18 +908,21 @@ pub enum ConfigError {
     },
 }
 
-/// Hands out slot numbers, reusing freed ones, each time with a new generation from
-/// [`next_generation`].
+/// Hands out slot numbers, reusing freed ones (the lowest first), each time with a new generation
+/// from [`next_generation`].
 #[derive(Debug, Clone, Default)]
 struct SlotAllocator {
     /// Slots handed out so far (free or not): the next new slot's number.
     len: u32,
-    free: Vec<u32>,
+    free: BTreeSet<u32>,
 }
+
+/// How many free slots [`SlotAllocator::find_shift`] tries before the slots past the last.
+const SHIFT_TRIES: usize = 64;
 
 impl SlotAllocator {
     fn alloc(&mut self, limit: usize) -> Option<(u32, u32)> {
-        let slot = match self.free.pop() {
+        let slot = match self.free.pop_first() {
             Some(s) => s,
             None if (self.len as usize) < limit => {
                 self.len = self.len.checked_add(1)?;
@@ -930,7 +934,33 @@ impl SlotAllocator {
     }
 
     fn release(&mut self, slot: u32) {
-        self.free.push(slot);
+        self.free.insert(slot);
+    }
+
+    /// True when `slot` may be taken: free, or past the last handed out and within `limit`.
+    fn is_free(&self, slot: i64, limit: usize) -> bool {
+        let Ok(s) = u32::try_from(slot) else { return false };
+        (s as usize) < limit && (s >= self.len || self.free.contains(&s))
+    }
+
+    /// Takes `slot`, which [`SlotAllocator::is_free`] says may be taken (the slots skipped past
+    /// the last become free ones).
+    fn take(&mut self, slot: u32) {
+        if slot >= self.len {
+            self.free.extend(self.len..slot);
+            self.len = slot + 1;
+        } else {
+            self.free.remove(&slot);
+        }
+    }
+
+    /// A shift `d` such that every `slots[i] + d` may be taken (`slots` not empty): tried at a few
+    /// free slots, then past the last.
+    fn find_shift(&self, slots: &[i64], limit: usize) -> Option<i64> {
+        let low = *slots.iter().min()?;
+        let fits = |d: i64| slots.iter().all(|&s| self.is_free(s + d, limit));
+        let tail = i64::from(self.len) - low;
+        self.free.iter().take(SHIFT_TRIES).map(|&f| i64::from(f) - low).chain([tail]).find(|&d| fits(d))
     }
 }
 
@@ -1218,6 +1248,99 @@ fn check_maglev_size(size: u32, backends: usize) -> Result<(), lb_hash::BuildErr
     Ok(())
 }
 
+/// Slots for the new backends of services that share scheduler inputs, taken from `alloc`: placed
+/// so that each service's slots are those of the first service of its inputs shifted by one
+/// number, where such slots are free, so that they share its ring (see [`ring_base`]): a backend
+/// added to every service of the inputs gets a row of slots at their shifts, and a service whose
+/// backends are all new (a new key of a Kubernetes Service port) the first one's slots shifted.
+/// A backend without a planned slot gets the allocator's next (its service then picks through its
+/// scheduler). Groups in configuration order, so the same configuration gets the same slots.
+fn plan_shared_slots<'a>(
+    cfg: &'a Config,
+    members: &HashMap<&SchedulerInputs, Vec<usize>>,
+    backend_slots: &HashMap<BackendKey, (u32, u32)>,
+    switched: &HashMap<BackendKey, (u32, u32)>,
+    alloc: &mut SlotAllocator,
+    limits: Limits,
+) -> HashMap<BackendKey, u32> {
+    let limit = limits.max_backends;
+    let mut groups: Vec<&[usize]> = members.values().filter(|of| of.len() > 1).map(Vec::as_slice).collect();
+    groups.sort_unstable_by_key(|of| of.first().copied());
+    let mut planned: HashMap<BackendKey, u32> = HashMap::new();
+    let slot_of = |sc: &ServiceConfig, b: &BackendConfig, planned: &HashMap<BackendKey, u32>| {
+        let k = backend_key(sc, b);
+        let held = backend_slots.get(&k).or_else(|| switched.get(&k)).map(|&(s, _)| s);
+        held.or_else(|| planned.get(&k).copied()).map(i64::from)
+    };
+    for of in groups {
+        let Some((&lead, others)) = of.split_first() else { continue };
+        let lead = &cfg.services[lead];
+        // The other services, each with its backends by address and port (the same as the first's)
+        // and its shift from the first's slots, from a backend both have one for.
+        type ByAddr<'a> = HashMap<(IpAddr, u16), &'a BackendConfig>;
+        let by_addr =
+            |sc: &'a ServiceConfig| -> ByAddr<'a> { sc.backends.iter().map(|b| ((b.addr, b.port), b)).collect() };
+        let of_lead: HashMap<(IpAddr, u16), i64> =
+            lead.backends.iter().filter_map(|b| Some(((b.addr, b.port), slot_of(lead, b, &planned)?))).collect();
+        let others: Vec<(&ServiceConfig, ByAddr<'_>, Option<i64>)> = others
+            .iter()
+            .map(|&k| {
+                let sc = &cfg.services[k];
+                let shift =
+                    sc.backends.iter().find_map(|b| Some(slot_of(sc, b, &planned)? - of_lead.get(&(b.addr, b.port))?));
+                (sc, by_addr(sc), shift)
+            })
+            .collect();
+        // Each backend a service of a known shift lacks: the first's slot at that shift, if free;
+        // one the first lacks too, a row of slots free at each of those shifts.
+        for b in &lead.backends {
+            let lacking: Vec<(&ServiceConfig, &BackendConfig, i64)> = others
+                .iter()
+                .filter_map(|(sc, backends, d)| {
+                    let theirs = *backends.get(&(b.addr, b.port))?;
+                    slot_of(sc, theirs, &planned).is_none().then_some((*sc, theirs, (*d)?))
+                })
+                .collect();
+            let (x, lacking) = match slot_of(lead, b, &planned) {
+                Some(x) => {
+                    let free: Vec<_> = lacking.into_iter().filter(|&(.., d)| alloc.is_free(x + d, limit)).collect();
+                    (x, free)
+                }
+                None => {
+                    let row: Vec<i64> = core::iter::once(0).chain(lacking.iter().map(|&(.., d)| d)).collect();
+                    let Some(x) = alloc.find_shift(&row, limit) else { continue };
+                    let lead_too = core::iter::once((lead, b, 0)).chain(lacking);
+                    (x, lead_too.collect())
+                }
+            };
+            for (sc, theirs, d) in lacking {
+                let Ok(slot) = u32::try_from(x + d) else { continue };
+                alloc.take(slot);
+                planned.insert(backend_key(sc, theirs), slot);
+            }
+        }
+        // A service with no slot yet: the first's slots shifted where all of them are free.
+        let lead_slots: Option<Vec<(i64, &BackendConfig)>> =
+            lead.backends.iter().map(|b| Some((slot_of(lead, b, &planned)?, b))).collect();
+        let Some(lead_slots) = lead_slots.filter(|l| !l.is_empty()) else { continue };
+        let at: Vec<i64> = lead_slots.iter().map(|&(s, _)| s).collect();
+        for (sc, backends, _) in &others {
+            if sc.backends.iter().any(|b| slot_of(sc, b, &planned).is_some()) {
+                continue;
+            }
+            let Some(d) = alloc.find_shift(&at, limit) else { continue };
+            for &(s, lb) in &lead_slots {
+                let (Some(&theirs), Ok(slot)) = (backends.get(&(lb.addr, lb.port)), u32::try_from(s + d)) else {
+                    continue;
+                };
+                alloc.take(slot);
+                planned.insert(backend_key(sc, theirs), slot);
+            }
+        }
+    }
+    planned
+}
+
 impl TableBuilder {
     /// A builder with the default [`Limits`].
     pub fn new() -> Self {
@@ -1293,6 +1416,13 @@ impl TableBuilder {
         let mut predecessors = self.predecessors.clone();
         predecessors.retain(|k, _| wanted_backends.contains(k));
 
+        // The services of each inputs, in configuration order (groups by their first service).
+        let mut members: HashMap<&SchedulerInputs, Vec<usize>> = HashMap::with_capacity(tables.len());
+        for (si, i) in inputs.iter().enumerate() {
+            members.entry(i).or_default().push(si);
+        }
+        let planned = plan_shared_slots(cfg, &members, &backend_slots, &switched, &mut backend_alloc, self.limits);
+
         let node = cfg.node.clone();
         let mut services = Vec::with_capacity(cfg.services.len());
         let mut vips: HashMap<IpAddr, bool> = HashMap::new();
@@ -1321,6 +1451,7 @@ impl TableBuilder {
                                 predecessors.insert(bkey, before);
                                 (slot, next_generation())
                             }
+                            None if let Some(&slot) = planned.get(&bkey) => (slot, next_generation()),
                             None => {
                                 backend_alloc.alloc(self.limits.max_backends).ok_or(ConfigError::TooManyBackends {
                                     count: total_backends,
@@ -1378,10 +1509,6 @@ impl TableBuilder {
             backends.iter().map(|b| b.id.slot.wrapping_sub(base)).collect()
         };
         let rel: Vec<Box<[u32]>> = staged.iter().map(|(.., backends)| relative(backends)).collect();
-        let mut members: HashMap<&SchedulerInputs, Vec<usize>> = HashMap::with_capacity(tables.len());
-        for (si, i) in inputs.iter().enumerate() {
-            members.entry(i).or_default().push(si);
-        }
         // Keyed by the first service of the inputs.
         let mut built_for: HashMap<usize, (ServiceScheduler, Box<[u32]>)> = HashMap::with_capacity(tables.len());
         let mut shared: Vec<usize> = Vec::with_capacity(cfg.services.len());
@@ -1641,29 +1768,104 @@ mod tests {
         picks_as_if_alone(&t3, &cfg);
     }
 
-    /// Services of equal inputs whose backend slots are not their ring's shifted (here, a key
-    /// recreated after its slots went to others) still share the table, and pick through their
-    /// scheduler exactly as a ring would.
+    /// Services of equal inputs whose backend slots are not their ring's shifted (here, a NodePort
+    /// whose node had all but one endpoint, and gets that one when the slot at its shift is taken)
+    /// still share the table, and pick through their scheduler exactly as a ring would.
     #[test]
     fn services_of_equal_inputs_on_other_slots_share_the_table_and_pick_alike() {
         let mut cfg = good();
         cfg.services.clear();
-        service_port(&mut cfg, 1, 2, 10);
+        service_port(&mut cfg, 1, 1, 10);
+        let last = cfg.services[1].backends.pop().unwrap();
         let mut b = TableBuilder::new();
         b.build(&cfg).unwrap();
-        // The second NodePort leaves, a newcomer takes some of its slots, and it comes back.
-        let (mut less, np) = (cfg.clone(), cfg.services.pop().unwrap());
-        less.services.pop();
-        less.services.push(service("other", "192.0.2.77", 80, ForwardMode::Dsr, vec![backend("10.9.0.1", 80)]));
-        b.build(&less).unwrap();
-        less.services.push(np);
-        let t = b.build(&less).unwrap();
+        // A newcomer takes the next slot, the one at the NodePort's shift from the cluster IP's.
+        cfg.services.push(service("other", "192.0.2.77", 80, ForwardMode::Dsr, vec![backend("10.9.0.1", 80)]));
+        b.build(&cfg).unwrap();
+        cfg.services[1].backends.push(last);
+        let t = b.build(&cfg).unwrap();
         let entries = |i: usize| t.services()[i].scheduler.maglev_table().unwrap().entries().as_ptr();
         assert_eq!(entries(0), entries(1));
-        assert_eq!(entries(0), entries(3));
-        assert!(index_ring(&t, 0).is_some() && index_ring(&t, 3).is_none(), "the premise: slots not shifted alike");
+        assert!(index_ring(&t, 0).is_some() && index_ring(&t, 1).is_none(), "the premise: slots not shifted alike");
         assert_eq!(t.maglev_entries(), 2 * 65_537, "one table for the port, one for other");
-        picks_as_if_alone(&t, &less);
+        picks_as_if_alone(&t, &cfg);
+    }
+
+    /// The services of a Service port keep sharing one ring through endpoint changes and new keys:
+    /// the builder places the slots of a backend added to all of them, and of a key added later, at
+    /// the shifts of the port's first key, where other slots were freed meanwhile.
+    #[test]
+    fn services_of_equal_inputs_keep_one_ring_through_rolling_updates_and_new_keys() {
+        let mut cfg = good();
+        cfg.services.clear();
+        service_port(&mut cfg, 1, 3, 10);
+        service_port(&mut cfg, 2, 3, 10);
+        let mut b = TableBuilder::new();
+        let shared = |t: &Tables, keys: core::ops::Range<usize>| {
+            let first = index_ring(t, keys.start);
+            first.is_some() && keys.clone().all(|i| index_ring(t, i) == first)
+        };
+        b.build(&cfg).unwrap();
+        // A rolling update of port 1, one endpoint at a time, each on all four keys: one goes, a
+        // newcomer elsewhere takes the lowest slot it freed, and its replacement comes.
+        for e in 0..10u32 {
+            for s in &mut cfg.services[..4] {
+                s.backends.remove(0);
+            }
+            b.build(&cfg).unwrap();
+            let vip = core::net::Ipv4Addr::from(0xC000_0264 + e).to_string(); // 192.0.2.100..
+            let addr = core::net::Ipv4Addr::from(0x0A09_0000 + e).to_string();
+            cfg.services.push(service(&format!("other{e}"), &vip, 80, ForwardMode::Dsr, vec![backend(&addr, 80)]));
+            b.build(&cfg).unwrap();
+            for s in &mut cfg.services[..4] {
+                let addr = core::net::Ipv4Addr::from(0x0AF5_0000 + e).to_string();
+                s.backends.push(backend(&addr, 8080));
+            }
+            let t = b.build(&cfg).unwrap();
+            assert!(shared(&t, 0..4), "after replacing endpoint {e}");
+            assert!(shared(&t, 4..8));
+            if e % 3 == 0 {
+                picks_as_if_alone(&t, &cfg);
+            }
+        }
+        // Port 2 loses a key (its slots freed), a newcomer takes the lowest, and it gains two keys
+        // on other node addresses.
+        let mut np = cfg.services[7].clone();
+        cfg.services.remove(5);
+        b.build(&cfg).unwrap();
+        cfg.services.push(service("late", "192.0.2.99", 80, ForwardMode::Dsr, vec![backend("10.9.1.1", 80)]));
+        b.build(&cfg).unwrap();
+        for node in [20u8, 21] {
+            np.key.vip = core::net::Ipv4Addr::new(192, 168, 1, node).into();
+            cfg.services.push(np.clone());
+        }
+        let t = b.build(&cfg).unwrap();
+        assert!(shared(&t, 0..4));
+        let port2: Vec<usize> = (4..7).chain(cfg.services.len() - 2..cfg.services.len()).collect();
+        let first = index_ring(&t, 4);
+        assert!(port2.iter().all(|&i| index_ring(&t, i) == first), "the new keys share port 2's ring");
+        picks_as_if_alone(&t, &cfg);
+    }
+
+    /// A NodePort whose node had all but one endpoint gets its slot for that one at its shift from
+    /// the cluster IP's (not the lowest free one), so it joins the cluster IP's ring.
+    #[test]
+    fn a_key_gaining_the_endpoint_it_lacked_joins_the_ring() {
+        let mut cfg = good();
+        cfg.services.clear();
+        service_port(&mut cfg, 1, 1, 10);
+        let last = cfg.services[1].backends.pop().unwrap();
+        let early = service("early", "192.0.2.77", 80, ForwardMode::Dsr, vec![backend("10.9.0.1", 80)]);
+        cfg.services.insert(0, early);
+        let mut b = TableBuilder::new();
+        let t = b.build(&cfg).unwrap();
+        assert_ne!(index_ring(&t, 1), index_ring(&t, 2));
+        // The early service leaves a lower slot free than the one at the NodePort's shift.
+        cfg.services.remove(0);
+        cfg.services[1].backends.push(last);
+        let t = b.build(&cfg).unwrap();
+        assert!(index_ring(&t, 0).is_some() && index_ring(&t, 0) == index_ring(&t, 1));
+        picks_as_if_alone(&t, &cfg);
     }
 
     /// The budget counts a table once however many services share it: a Service port on many
