@@ -21,7 +21,7 @@
 //! fragment's transport checksum already accounts for them), so every fragment of a datagram must
 //! get the same target.
 
-use super::checksum::ChecksumDelta;
+use super::checksum::{BigEndian, ChecksumDelta, NativeEndian, WordOrder};
 use super::{Macs, field};
 use super::{RewriteError, ip_range, l4_checksum_offset, patch_checksum, replace, replace16, set_macs};
 use crate::frame::Frame;
@@ -55,7 +55,7 @@ pub fn rewrite(frame: &mut Frame<'_>, p: &Parsed, t: &NatTarget) -> Result<(), R
     let pkt = frame.data_mut();
     // Addresses and TTL first: they fail (TTL expired) before anything is written.
     let addrs = match family {
-        Family::V4 => rewrite_ipv4(pkt, l3, v4_octets(t.flow.src_bytes()), v4_octets(t.flow.dst_bytes()))?,
+        Family::V4 => rewrite_ipv4::<BigEndian>(pkt, l3, v4_octets(t.flow.src_bytes()), v4_octets(t.flow.dst_bytes()))?,
         Family::V6 => rewrite_ipv6(pkt, l3, &t.flow)?,
     };
     match p.l4 {
@@ -65,7 +65,7 @@ pub fn rewrite(frame: &mut Frame<'_>, p: &Parsed, t: &NatTarget) -> Result<(), R
             patch_checksum(pkt, l4 + 2, icmp)?;
         }
         _ if p.fragment == Fragment::Later => {}
-        _ => rewrite_ports(pkt, l4, end, p.flow.proto(), addrs, ports_word(&t.flow))?,
+        _ => rewrite_ports::<BigEndian>(pkt, l4, end, p.flow.proto(), addrs, ports_word(&t.flow))?,
     }
     set_macs(pkt, &t.macs)
 }
@@ -96,7 +96,10 @@ pub(crate) fn rewrite_v4_ports(
     ))
 }
 
-/// [`rewrite_v4_ports`] once its promise is checked.
+/// [`rewrite_v4_ports`] once its promise is checked. Its checksums are patched in the machine's
+/// byte order, none of their words swapped (swapping them to big-endian and back was ~12
+/// instructions an IPv4 full-NAT packet, callgrind); `rewrite` keeps big-endian, as the ICMP
+/// checksum it patches for an IPv6 error adds the address change to its own big-endian words.
 #[inline(always)]
 fn rewrite_v4_ports_checked(
     frame: &mut Frame<'_>,
@@ -111,79 +114,11 @@ fn rewrite_v4_ports_checked(
         return Err(RewriteError::Inconsistent);
     }
     let pkt = frame.data_mut();
-    let addrs = rewrite_ipv4_ne(pkt, l3, src, dst)?;
-    rewrite_ports_ne(pkt, l4, end, p.flow.proto(), addrs, ports)?;
+    let addrs = rewrite_ipv4::<NativeEndian>(pkt, l3, src, dst)?;
+    rewrite_ports::<NativeEndian>(pkt, l4, end, p.flow.proto(), addrs, ports)?;
     let eth = pkt.get_mut(..12).ok_or(RewriteError::Inconsistent)?;
     eth[..6].copy_from_slice(dst_mac);
     eth[6..].copy_from_slice(src_mac);
-    Ok(())
-}
-
-/// [`rewrite_ipv4`] with its checksum arithmetic in the machine's byte order: every word read and
-/// written with `from_ne_bytes` / `to_ne_bytes`, none swapped. A one's-complement sum of byte-swapped
-/// words is the byte-swapped sum (RFC 1071 2(B)), so the checksum written is the same (swapping
-/// the words to big-endian and back was ~12 instructions an IPv4 full-NAT packet, callgrind). The
-/// delta it returns is in the same order, for [`rewrite_ports_ne`] only.
-#[inline(always)]
-fn rewrite_ipv4_ne(pkt: &mut [u8], l3: usize, src: [u8; 4], dst: [u8; 4]) -> Result<ChecksumDelta, RewriteError> {
-    let h = field::<20>(pkt, l3)?;
-    let ttl = h[8];
-    if ttl <= 1 {
-        return Err(RewriteError::TtlExpired { ttl });
-    }
-    let mut addrs = ChecksumDelta::default();
-    addrs.replace32(u32::from_ne_bytes([h[12], h[13], h[14], h[15]]), u32::from_ne_bytes(src));
-    addrs.replace32(u32::from_ne_bytes([h[16], h[17], h[18], h[19]]), u32::from_ne_bytes(dst));
-    h[12..16].copy_from_slice(&src);
-    h[16..20].copy_from_slice(&dst);
-    let mut header = addrs;
-    // The (TTL, protocol) word: the TTL falls by one.
-    header.decrement_first_byte_ne();
-    h[8] = ttl - 1;
-    let c = header.apply(u16::from_ne_bytes([h[10], h[11]]));
-    h[10..12].copy_from_slice(&c.to_ne_bytes());
-    Ok(addrs)
-}
-
-/// [`rewrite_ports`] in the machine's byte order (see [`rewrite_ipv4_ne`]), `addrs` from
-/// [`rewrite_ipv4_ne`]. A UDP checksum of 0 and a result of 0 read the same in either order.
-#[inline(always)]
-fn rewrite_ports_ne(
-    pkt: &mut [u8],
-    l4: usize,
-    end: usize,
-    proto: u8,
-    addrs: ChecksumDelta,
-    new: u32,
-) -> Result<(), RewriteError> {
-    let new = new.to_be_bytes();
-    let mut delta = addrs;
-    if proto == proto::TCP {
-        if l4 + 18 > end {
-            return Err(RewriteError::Inconsistent);
-        }
-        let h = field::<18>(pkt, l4)?;
-        delta.replace32(u32::from_ne_bytes([h[0], h[1], h[2], h[3]]), u32::from_ne_bytes(new));
-        h[..4].copy_from_slice(&new);
-        let c = delta.apply(u16::from_ne_bytes([h[16], h[17]]));
-        h[16..18].copy_from_slice(&c.to_ne_bytes());
-    } else {
-        if l4 + 8 > end {
-            return Err(RewriteError::Inconsistent);
-        }
-        let h = field::<8>(pkt, l4)?;
-        delta.replace32(u32::from_ne_bytes([h[0], h[1], h[2], h[3]]), u32::from_ne_bytes(new));
-        h[..4].copy_from_slice(&new);
-        let old = u16::from_ne_bytes([h[6], h[7]]);
-        // As `rewrite_ports`: 0 stays 0, a result of 0 is sent as 0xffff.
-        if old != 0 {
-            let c = match delta.apply(old) {
-                0 => 0xffff,
-                c => c,
-            };
-            h[6..8].copy_from_slice(&c.to_ne_bytes());
-        }
-    }
     Ok(())
 }
 
@@ -197,28 +132,33 @@ fn v4_octets(a: &[u8; 16]) -> [u8; 4] {
     [a[12], a[13], a[14], a[15]]
 }
 
-/// Sets the IPv4 header's addresses and decrements its TTL, patching its checksum; returns the
-/// address change for the transport checksum's pseudo-header.
+/// Sets the IPv4 header's addresses and decrements its TTL, patching its checksum in word order
+/// `O`; returns the address change, in that order, for the transport checksum's pseudo-header.
 // Always inlined (into `rewrite`): out of line, it was a call a full-NAT packet (~25 instructions,
 // callgrind) while the worker's packets to IPv4 backends took it too.
 #[inline(always)]
-fn rewrite_ipv4(pkt: &mut [u8], l3: usize, src: [u8; 4], dst: [u8; 4]) -> Result<ChecksumDelta, RewriteError> {
+fn rewrite_ipv4<O: WordOrder>(
+    pkt: &mut [u8],
+    l3: usize,
+    src: [u8; 4],
+    dst: [u8; 4],
+) -> Result<ChecksumDelta, RewriteError> {
     let h = field::<20>(pkt, l3)?;
     let ttl = h[8];
     if ttl <= 1 {
         return Err(RewriteError::TtlExpired { ttl });
     }
     let mut addrs = ChecksumDelta::default();
-    addrs.replace_array(&[h[12], h[13], h[14], h[15]], &src);
-    addrs.replace_array(&[h[16], h[17], h[18], h[19]], &dst);
+    addrs.replace32(O::word32([h[12], h[13], h[14], h[15]]), O::word32(src));
+    addrs.replace32(O::word32([h[16], h[17], h[18], h[19]]), O::word32(dst));
     h[12..16].copy_from_slice(&src);
     h[16..20].copy_from_slice(&dst);
     let mut header = addrs;
     // The (TTL, protocol) word: the TTL falls by one.
-    header.decrement_high_byte();
+    header.decrement_first_byte::<O>();
     h[8] = ttl - 1;
-    let c = header.apply(u16::from_be_bytes([h[10], h[11]]));
-    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let c = header.apply(O::word16([h[10], h[11]]));
+    h[10..12].copy_from_slice(&O::bytes16(c));
     Ok(addrs)
 }
 
@@ -242,11 +182,11 @@ fn rewrite_ipv6(pkt: &mut [u8], l3: usize, to: &FlowKey) -> Result<ChecksumDelta
 }
 
 /// Sets the TCP or UDP ports to `new` (source port in the high half) and patches the transport
-/// checksum for them and the addresses.
+/// checksum for them and the addresses (`addrs`, in word order `O`).
 // Always inlined: as a call (LLVM left it out of line) its arguments (seven then) cost ~25
 // instructions a NAT packet, callgrind.
 #[inline(always)]
-fn rewrite_ports(
+fn rewrite_ports<O: WordOrder>(
     pkt: &mut [u8],
     l4: usize,
     end: usize,
@@ -254,6 +194,7 @@ fn rewrite_ports(
     addrs: ChecksumDelta,
     new: u32,
 ) -> Result<(), RewriteError> {
+    let new = new.to_be_bytes();
     let mut delta = addrs;
     // One bounds check covers ports and checksum: 18 bytes of TCP header, 8 of UDP.
     if proto == proto::TCP {
@@ -261,28 +202,28 @@ fn rewrite_ports(
             return Err(RewriteError::Inconsistent);
         }
         let h = field::<18>(pkt, l4)?;
-        delta.replace32(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), new);
-        h[..4].copy_from_slice(&new.to_be_bytes());
-        let c = delta.apply(u16::from_be_bytes([h[16], h[17]]));
-        h[16..18].copy_from_slice(&c.to_be_bytes());
+        delta.replace32(O::word32([h[0], h[1], h[2], h[3]]), O::word32(new));
+        h[..4].copy_from_slice(&new);
+        let c = delta.apply(O::word16([h[16], h[17]]));
+        h[16..18].copy_from_slice(&O::bytes16(c));
     } else {
         if l4 + 8 > end {
             return Err(RewriteError::Inconsistent);
         }
         let h = field::<8>(pkt, l4)?;
-        delta.replace32(u32::from_be_bytes([h[0], h[1], h[2], h[3]]), new);
-        h[..4].copy_from_slice(&new.to_be_bytes());
-        let old = u16::from_be_bytes([h[6], h[7]]);
-        // A checksum of 0 means "none" and stays 0; a result of 0 is sent as 0xffff (RFC 768).
-        // IPv6 allows 0 only for tunnels (RFC 6935), which accept it where configured to: patching
-        // it would give a checksum certain to be wrong, so it stays 0 there too, as Linux's NAT
-        // keeps it (`__udp_manip_pkt`).
+        delta.replace32(O::word32([h[0], h[1], h[2], h[3]]), O::word32(new));
+        h[..4].copy_from_slice(&new);
+        let old = O::word16([h[6], h[7]]);
+        // A checksum of 0 means "none" and stays 0; a result of 0 is sent as 0xffff (RFC 768): both
+        // read the same in either byte order. IPv6 allows 0 only for tunnels (RFC 6935), which
+        // accept it where configured to: patching it would give a checksum certain to be wrong, so
+        // it stays 0 there too, as Linux's NAT keeps it (`__udp_manip_pkt`).
         if old != 0 {
             let c = match delta.apply(old) {
                 0 => 0xffff,
                 c => c,
             };
-            h[6..8].copy_from_slice(&c.to_be_bytes());
+            h[6..8].copy_from_slice(&O::bytes16(c));
         }
     }
     Ok(())
