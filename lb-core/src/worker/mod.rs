@@ -1592,4 +1592,67 @@ mod tests {
         }
         assert!(translated_v4 > 0);
     }
+
+    /// A frame's service as `Lookahead::service` gives it to a frame the batch passes did not look
+    /// up (a likely conntrack hit off the established path) is the lookup's, also for frames to the
+    /// SNAT address, which it does not look up for a port in the SNAT range: a service on the SNAT
+    /// address (outside the range) is found, and no port inside the range has one.
+    #[test]
+    fn service_without_a_lookup_for_a_nat_reply_is_the_lookup() {
+        use crate::config::{BackendConfig, BackendState, Config, NodeConfig, Protocol, ServiceConfig, ServiceKey};
+        use crate::service::TableBuilder;
+        let snat = [10, 0, 0, 100];
+        let node = NodeConfig {
+            gateway_mac: Some([2, 0, 0, 0, 0, 0x99]),
+            snat_v4: Some(snat.into()),
+            snat_ports: (40000, 40999),
+            ..NodeConfig::default()
+        };
+        let b = BackendConfig {
+            addr: IpAddr::V4([10, 1, 0, 1].into()),
+            port: 8080,
+            weight: 1,
+            mac: Some([2, 0xbb, 0, 0, 0, 1]),
+            state: BackendState::Active,
+        };
+        let mut services = Vec::new();
+        for (vip, port) in [(snat, 39999), (snat, 41000), ([192, 0, 2, 1], 40000)] {
+            for proto in [Protocol::Tcp, Protocol::Udp] {
+                let key = ServiceKey { vip: IpAddr::V4(vip.into()), port, proto };
+                services.push(ServiceConfig::new(
+                    std::format!("s{port}{proto:?}"),
+                    key,
+                    ForwardMode::Nat,
+                    vec![b.clone()],
+                ));
+            }
+        }
+        let tables = TableBuilder::new().build(&Config { node, services }).unwrap();
+        let mut found = 0;
+        for dst in [snat, [192, 0, 2, 1], [10, 0, 0, 101]] {
+            for port in [0, 1, 39999, 40000, 40001, 40500, 40998, 40999, 41000, 65535] {
+                for udp in [false, true] {
+                    let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb]).ipv4(
+                        [10, 1, 0, 1],
+                        dst,
+                        64,
+                    );
+                    let mut v = Vec::new();
+                    if udp {
+                        b.udp(8080, port).write(&mut v, b"a").unwrap();
+                    } else {
+                        b.tcp(8080, port, 1, 1000).ack(1).write(&mut v, b"a").unwrap();
+                    }
+                    let mut ahead = Lookahead::NONE;
+                    ahead.fill(&tables, &v);
+                    let p = ahead.parsed.unwrap();
+                    assert!(!ahead.needs_service);
+                    let looked_up = tables.lookup_flow_ring(&p.flow, tables.lookup_hash(&p.flow));
+                    assert_eq!(ahead.service(&tables, &p), looked_up, "{dst:?} {port} {udp}");
+                    found += usize::from(looked_up.is_some());
+                }
+            }
+        }
+        assert_eq!(found, 6);
+    }
 }
