@@ -57,6 +57,15 @@ pub(super) fn hint_for(reply_hint: Option<ReplyHint>, hash: u64) -> Option<Inser
     reply_hint.filter(|(h, _)| *h == hash).map(|(_, hint)| hint)
 }
 
+/// `x % span` (`span` not 0), dividing only when `x` is not below `span`: a port search's offsets
+/// pass `span` only where they go round the share (a start plus a few ports), once in `span`
+/// flows to a backend. A new full-NAT flow took three 32-bit divisions (20-40 cycles each) for
+/// what a compare decides.
+#[inline(always)]
+pub(super) fn wrap(x: u32, span: u32) -> u32 {
+    if x < span { x } else { x % span }
+}
+
 /// The first probe of a SNAT port search: its reply key (port set), the core's port range (first
 /// port and span) and the first port's offset in it.
 pub(super) struct SnatProbe {
@@ -135,7 +144,7 @@ impl Core {
             && self.conntrack.find_hinted(&key, hash, Some(insert)).is_none()
         {
             if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
-                *n = u16::try_from((start + 1) % span).unwrap_or(0);
+                *n = u16::try_from(wrap(start + 1, span)).unwrap_or(0);
             }
             return Some(ReplyKey { port: key.dport, key, hash });
         }
@@ -146,7 +155,7 @@ impl Core {
         // entry), see `yielding_holder`.
         let mut oldest: Option<(u64, u16, u64, u32)> = None;
         let found = (0..tries).find_map(|i| {
-            let port = u16::try_from(u32::from(lo) + (start + i) % span).ok()?;
+            let port = u16::try_from(u32::from(lo) + wrap(start + i, span)).ok()?;
             key.dport = port;
             let hash = key.hash();
             // The warm-up's guess, if this is the key it guessed, may spare the lookup.
@@ -176,7 +185,7 @@ impl Core {
         // Past the port given out, or past every port tried.
         let next = start + found.map_or(tries, |(i, ..)| i + 1);
         if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
-            *n = u16::try_from(next % span).unwrap_or(0);
+            *n = u16::try_from(wrap(next, span)).unwrap_or(0);
         }
         let Some((_, port, hash, _)) = found else {
             // Every port tried is held by a live flow: the oldest half-open one gives its port up
@@ -222,8 +231,24 @@ impl Core {
         let snat = tables.node().snat_addr_for(backend.addr)?;
         let span = u32::from(hi) - u32::from(lo) + 1;
         let next = self.snat_next.get(backend.slot().index()).copied().unwrap_or(0);
-        let start = (u32::from(next) + ahead) % span;
+        let start = wrap(u32::from(next) + ahead, span);
         let port = u16::try_from(u32::from(lo) + start).ok()?;
         Some(SnatProbe { key: reply_key(backend, snat, port, proto), snat, lo, span, start })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wrap;
+
+    /// `wrap` is `%` for every span and every offset, below, between and beyond one and two spans.
+    #[test]
+    fn wrap_is_remainder() {
+        for span in (1..=70u32).chain([1023, 1024, 28_232, 65_535, 65_536, u32::MAX / 2, u32::MAX / 2 + 1, u32::MAX]) {
+            let offsets = (0..200u32).chain([span - 1, span, span.saturating_add(1), 2 * span.min(u32::MAX / 2) - 1]);
+            for x in offsets.chain([2 * span.min(u32::MAX / 2), u32::MAX - 1, u32::MAX]) {
+                assert_eq!(wrap(x, span), x % span, "{x} % {span}");
+            }
+        }
     }
 }
