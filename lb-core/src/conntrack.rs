@@ -586,6 +586,19 @@ fn live_ways(head: &BucketHead, now: u32) -> u32 {
     live
 }
 
+/// The lowest (expiry, way) of the ways of `ways` (a bit set) in a bucket head, as one word: the
+/// expiry above the way's three bits; `u64::MAX` for no way. A minimum taken as a tree, three
+/// compares deep rather than eight in a row.
+#[inline(always)]
+fn oldest_key(head: &BucketHead, ways: u32) -> u64 {
+    let key = |w: usize| {
+        let k = (u64::from(head.expiries[w]) << 3) | w as u64;
+        if ways & (1 << w) != 0 { k } else { u64::MAX }
+    };
+    let min4 = |w: usize| key(w).min(key(w + 1)).min(key(w + 2).min(key(w + 3)));
+    min4(0).min(min4(4))
+}
+
 /// The eviction candidate of a bucket: the way with the lowest (class, expiry), among classes 0
 /// and 1. Kept as one word, class above expiry, so each way costs one compare (comparing the pair
 /// as a tuple in an `Option` was about a tenth of a new flow's instructions, callgrind).
@@ -1036,10 +1049,47 @@ impl ConntrackTable {
     /// a branch or two a way, which a head of mixed empty, expired and live ways makes
     /// unpredictable: new flows into a half-full table measured ~260 -> ~140 ns with this form
     /// (BENCHMARKS.md, lb-core, session 13).
+    ///
+    /// A full bucket whose oldest way (of all, reverse ones by their vouch) is live, as in a SYN
+    /// flood, holds no expired way nor lapsed vouch: the oldest candidate goes, which is that way
+    /// itself when it is a candidate, with no way's liveness worked out and, mostly, no key masked.
+    /// (Masking each way's key by the candidates and the live ways was ~100 of a new DSR flow's
+    /// ~1 100 instructions, callgrind.) The rest take [`ConntrackTable::choose_way_by_classes`].
     #[inline]
     fn choose_way(head: &BucketHead, now: u32, spare_way: usize, hash: u64) -> Option<(usize, Option<bool>)> {
         let m = WayMasks::of(head);
         // An empty way wins over anything.
+        if m.empty != 0 {
+            return Some((home_or_first(m.empty, hash), None));
+        }
+        let oldest = oldest_key(head, WAY_BITS);
+        if oldest >> 3 <= u64::from(now) {
+            return Self::choose_way_by_classes(head, now, spare_way, hash);
+        }
+        // Every way is live: the oldest candidate goes, the oldest way itself when it is one.
+        let candidates = Self::candidates(&m, spare_way);
+        let victim = if candidates & (1 << (oldest & 7)) != 0 { oldest } else { oldest_key(head, candidates) };
+        Some((if victim == u64::MAX { WAYS } else { (victim & 7) as usize }, Some(true)))
+    }
+
+    /// The ways an eviction may take (see [`ConntrackTable::choose_way`]): the half-open ones but
+    /// reverse entries and `spare_way`, else the closing ones.
+    #[inline(always)]
+    fn candidates(m: &WayMasks, spare_way: usize) -> u32 {
+        let others = !m.reverse & !(1u32 << spare_way) & WAY_BITS;
+        let half_open = m.half_open & others;
+        if half_open != 0 { half_open } else { m.closing & others }
+    }
+
+    /// [`ConntrackTable::choose_way`] by each way's class and liveness, for every head.
+    #[inline]
+    fn choose_way_by_classes(
+        head: &BucketHead,
+        now: u32,
+        spare_way: usize,
+        hash: u64,
+    ) -> Option<(usize, Option<bool>)> {
+        let m = WayMasks::of(head);
         if m.empty != 0 {
             return Some((home_or_first(m.empty, hash), None));
         }
@@ -1053,16 +1103,7 @@ impl ConntrackTable {
             return Some((home_or_first(stale, hash), Some(false)));
         }
         // The oldest live half-open entry, else the oldest live closing one; the first of equals.
-        let half_open = m.half_open & others;
-        let candidates = if half_open != 0 { half_open } else { m.closing & others };
-        // Each way's (expiry, way) in one word, non-candidates the maximum; the minimum taken as a
-        // tree, three compares deep rather than eight in a row.
-        let key = |w: usize| {
-            let k = (u64::from(head.expiries[w]) << 3) | w as u64;
-            if candidates & (1 << w) != 0 { k } else { u64::MAX }
-        };
-        let min4 = |w: usize| key(w).min(key(w + 1)).min(key(w + 2).min(key(w + 3)));
-        let oldest = min4(0).min(min4(4));
+        let oldest = oldest_key(head, Self::candidates(&m, spare_way));
         Some((if oldest == u64::MAX { WAYS } else { (oldest & 7) as usize }, Some(true)))
     }
 
@@ -1272,6 +1313,26 @@ mod tests {
                 }
                 None => proptest::prop_assert!(full && lapsed),
             }
+        }
+
+        /// The oldest-way shortcut of `choose_way` agrees with the choice by classes and liveness
+        /// on full heads of every mix of half-open, closing, established and reverse ways, expiries
+        /// (ties among them) and spare ways.
+        #[test]
+        fn oldest_way_shortcut_matches_the_choice_by_classes(
+            ways in proptest::collection::vec((0u16..4, 0u32..8), WAYS),
+            now in 0u32..8,
+            spare_way in 0usize..=WAYS,
+            hash in proptest::prelude::any::<u64>(),
+        ) {
+            let mut head = BucketHead::default();
+            for (way, &(class, expires)) in ways.iter().enumerate() {
+                head.fill(way, 1, class, expires);
+            }
+            proptest::prop_assert_eq!(
+                ConntrackTable::choose_way(&head, now, spare_way, hash),
+                ConntrackTable::choose_way_by_classes(&head, now, spare_way, hash)
+            );
         }
 
         /// `likely_insert` names the way an insert then takes and whether it displaces an entry, for
