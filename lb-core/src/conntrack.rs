@@ -1055,7 +1055,7 @@ impl ConntrackTable {
     /// itself when it is a candidate, with no way's liveness worked out and, mostly, no key masked.
     /// (Masking each way's key by the candidates and the live ways was ~100 of a new DSR flow's
     /// ~1 100 instructions, callgrind.) The rest take [`ConntrackTable::choose_way_by_classes`].
-    #[inline]
+    #[inline(always)]
     fn choose_way(head: &BucketHead, now: u32, spare_way: usize, hash: u64) -> Option<(usize, Option<bool>)> {
         let m = WayMasks::of(head);
         // An empty way wins over anything.
@@ -1082,7 +1082,7 @@ impl ConntrackTable {
     }
 
     /// [`ConntrackTable::choose_way`] by each way's class and liveness, for every head.
-    #[inline]
+    #[inline(never)]
     fn choose_way_by_classes(
         head: &BucketHead,
         now: u32,
