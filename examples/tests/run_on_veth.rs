@@ -483,6 +483,42 @@ fn conntrack_tables_larger_than_memory_are_refused_naming_the_option() {
     assert_eq!(lb_ns.ethtool_feature("l0", "rx-vlan-offload").unwrap(), "on", "{log}");
 }
 
+/// `--maglev-entries` is the budget the file's tables are built within: a file whose Maglev table
+/// (mh at its default 65 537 entries) is over it is refused at start, naming the limit, and one that
+/// memory cannot hold is refused naming the option, before the interface is touched. Before, the
+/// budget could not be set: it was lb-core's default or half the memory, whatever the operator knew.
+#[test]
+fn the_maglev_budget_asked_for_bounds_the_files_tables() {
+    if let Err(why) = can_create_namespaces().and_then(|()| can_run_ethtool()) {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbm{}", std::process::id());
+    let (lb_ns, _peer) = lb_and_peer(&tag).unwrap();
+    let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
+    let service = "  - { name: web, vip: 10.9.9.9, port: 80, protocol: tcp, mode: dsr, scheduler: mh, backends: [{ addr: 10.1.0.1, port: 80, mac: \"02:aa:bb:cc:dd:01\" }] }\n";
+    std::fs::write(&config, config_text("", service, "")).unwrap();
+    let run = |entries: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", lb_ns.name(), env!("CARGO_BIN_EXE_lb"), "run", "--maglev-entries", entries])
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, log) = run("1000");
+    let (huge, huge_log) = run(&(1u64 << 50).to_string());
+    let _ = std::fs::remove_file(&config);
+    assert_eq!(code, Some(1), "{log}");
+    let error = log.lines().find(|l| l.starts_with("error")).unwrap_or_default();
+    assert!(error.contains("max_maglev_entries") && error.contains("1000"), "{log}");
+    assert_eq!(huge, Some(1), "{huge_log}");
+    let error = huge_log.lines().find(|l| l.starts_with("error")).unwrap_or_default();
+    assert!(error.contains("--maglev-entries"), "{huge_log}");
+    assert_eq!(lb_ns.ethtool_feature("l0", "rx-vlan-offload").unwrap(), "on", "{huge_log}");
+}
+
 /// `lb run` sends the frames it forwards from its interface's own MAC, not from `node.local_mac`
 /// (here the lab's 02:00:00:00:00:01, as deploy/'s ConfigMap gives every node): one MAC seen on
 /// every node's switch port, and dropped where the network checks a port's source MAC (cloud VPCs,

@@ -59,6 +59,13 @@ pub struct Args {
     /// Connection-table entries per core (a NAT flow takes two).
     #[arg(long, default_value_t = 1 << 18, value_parser = conntrack_entries)]
     pub conntrack_entries: usize,
+    /// Maglev table entries the tables may hold, summed over the distinct tables (mh, sh, dh; up to
+    /// 6 bytes an entry, held once for all loops). Default: 268439552 (4096 tables of the default
+    /// 65537 entries), or what half the memory this process may use holds where less. Given, it
+    /// must fit that memory beside the connection tables; Kubernetes Services beyond it are left
+    /// out, a file beyond it is rejected.
+    #[arg(long)]
+    pub maglev_entries: Option<usize>,
     /// Pin poll loop i to core FIRST+i.
     #[arg(long)]
     pub first_core: Option<usize>,
@@ -678,13 +685,19 @@ fn warn_if_snat_ports_are_ephemeral(node: &lb_core::config::NodeConfig) {
 /// `entries` (as lb-core sizes it, `ConntrackTable::bytes_for`). Checked before anything is set up:
 /// an allocation that fails aborts `lb run` on the spot, with the interfaces half set up (their
 /// receive VLAN offloads left off), and tables beyond a container's limit get it OOMKilled.
-fn check_conntrack_memory(entries: usize, loops: usize, mem_total: Option<u64>) -> Result<(), String> {
-    let Some(mem_total) = mem_total.filter(|_| loops > 0) else { return Ok(()) };
+/// Returns the tables' bytes, for the Maglev budget ([`maglev_budget`]).
+fn check_conntrack_memory(entries: usize, loops: usize, mem_total: Option<u64>) -> Result<u64, String> {
+    if loops == 0 {
+        return Ok(0);
+    }
     let bytes = lb_core::conntrack::ConntrackTable::bytes_for(entries)
         .and_then(|table| u128::try_from(table).ok())
         .map(|table| table * loops as u128);
+    let Some(mem_total) = mem_total else {
+        return Ok(bytes.and_then(|b| u64::try_from(b).ok()).unwrap_or(u64::MAX));
+    };
     match bytes {
-        Some(b) if b <= u128::from(mem_total) => Ok(()),
+        Some(b) if b <= u128::from(mem_total) => Ok(u64::try_from(b).unwrap_or(u64::MAX)),
         _ => Err(format!(
             "--conntrack-entries {entries}: the connection tables of {loops} poll loop(s) would need more than the {} MiB of memory this process may use (the node's, or its cgroup's limit where lower: a container's memory limit); give fewer entries per core (the default is {}) or raise the limit",
             mem_total >> 20,
@@ -694,16 +707,39 @@ fn check_conntrack_memory(entries: usize, loops: usize, mem_total: Option<u64>) 
 }
 
 /// The Maglev table entries (up to 6 bytes each, lb-core's `Limits::max_maglev_entries`) the tables
-/// may hold in `mem_total` bytes, the memory this process may use ([`memory_limit`]): lb-core's
-/// default, or what half of that memory holds where less (the rest is for the connection tables,
-/// UMEM, counters, the Kubernetes objects, and a rebuilt table's old copy), so a cluster's Services
-/// cannot have a container's tables grow past its memory limit and get it OOMKilled on every node:
-/// those beyond are left out, naming the limit.
-fn maglev_budget(mem_total: Option<u64>) -> usize {
-    let default = Limits::default().max_maglev_entries;
-    let fits = mem_total.map_or(u64::MAX, |m| m / 2 / 6);
-    usize::try_from(fits).map_or(default, |fits| fits.min(default))
+/// may hold in `mem_total` bytes, the memory this process may use ([`memory_limit`]), beside
+/// `conntrack_bytes` of connection tables.
+///
+/// Without `--maglev-entries` (`asked` `None`): lb-core's default, or what half of that memory holds
+/// where less (the rest is for the connection tables, UMEM, counters, the Kubernetes objects, and a
+/// rebuilt table's old copy), so a cluster's Services cannot have a container's tables grow past its
+/// memory limit and get it OOMKilled on every node: those beyond are left out, naming the limit.
+///
+/// With it: that many, above the default too, if they fit the memory left beside the connection
+/// tables; more is refused at start, naming both, as connection tables beyond the memory are
+/// ([`check_conntrack_memory`]): an operator who sets the budget says how the memory is shared.
+fn maglev_budget(asked: Option<usize>, mem_total: Option<u64>, conntrack_bytes: u64) -> Result<usize, String> {
+    let Some(asked) = asked else {
+        let default = Limits::default().max_maglev_entries;
+        let fits = mem_total.map_or(u64::MAX, |m| m / 2 / MAGLEV_ENTRY_BYTES);
+        return Ok(usize::try_from(fits).map_or(default, |fits| fits.min(default)));
+    };
+    let Some(mem_total) = mem_total else { return Ok(asked) };
+    let left = mem_total.saturating_sub(conntrack_bytes);
+    match u64::try_from(asked).ok().and_then(|n| n.checked_mul(MAGLEV_ENTRY_BYTES)) {
+        Some(bytes) if bytes <= left => Ok(asked),
+        _ => Err(format!(
+            "--maglev-entries {asked}: {MAGLEV_ENTRY_BYTES} bytes an entry would need more than the {} MiB of memory this process may use (the node's, or its cgroup's limit where lower) beside its {} MiB of connection tables; give at most {}, or raise the limit",
+            mem_total >> 20,
+            conntrack_bytes >> 20,
+            left / MAGLEV_ENTRY_BYTES
+        )),
+    }
 }
+
+/// Bytes a Maglev table entry takes at most: 2 in the table, and under mh 4 more in its ring of
+/// backend slots (lb-core's `Limits::max_maglev_entries`).
+const MAGLEV_ENTRY_BYTES: u64 = 6;
 
 /// This node's memory (`MemTotal` of /proc/meminfo) in bytes, if it can be read.
 fn mem_total() -> Option<u64> {
@@ -788,9 +824,9 @@ pub fn main(args: Args) -> CmdResult {
         .ok()
         .and_then(|c| cgroup_memory_limit(&c, std::path::Path::new("/sys/fs/cgroup")));
     let memory = memory_limit(mem_total(), cgroup);
-    check_conntrack_memory(args.conntrack_entries, queues.len(), memory)?;
-    let maglev_entries = maglev_budget(memory);
-    if maglev_entries < Limits::default().max_maglev_entries {
+    let conntrack_bytes = check_conntrack_memory(args.conntrack_entries, queues.len(), memory)?;
+    let maglev_entries = maglev_budget(args.maglev_entries, memory, conntrack_bytes)?;
+    if args.maglev_entries.is_none() && maglev_entries < Limits::default().max_maglev_entries {
         tracing::info!(
             maglev_entries,
             memory_mib = memory.unwrap_or(0) >> 20,
@@ -1528,12 +1564,41 @@ mod tests {
     #[test]
     fn the_maglev_budget_fits_half_the_memory_lb_run_may_use() {
         let default = Limits::default().max_maglev_entries;
-        assert_eq!(maglev_budget(None), default, "memory unknown");
-        assert_eq!(maglev_budget(Some(64 << 30)), default, "a large node");
+        let budget = |mem| maglev_budget(None, mem, 0).expect("a default budget is never refused");
+        assert_eq!(budget(None), default, "memory unknown");
+        assert_eq!(budget(Some(64 << 30)), default, "a large node");
         let half = 1usize << 29;
-        let entries = maglev_budget(Some(1 << 30));
+        let entries = budget(Some(1 << 30));
         assert!(entries * 6 <= half && (entries + 1) * 6 > half, "{entries} in 1 GiB");
         assert_eq!(entries / 65_537, 1365);
+    }
+
+    /// `--maglev-entries` sets the budget, above lb-core's default and above half the memory too,
+    /// where it fits the memory beside the connection tables; beyond, `lb run` refuses to start,
+    /// naming the most it could give, rather than take a budget the container is OOMKilled at.
+    #[test]
+    fn an_asked_maglev_budget_is_taken_where_it_fits_beside_the_connection_tables() {
+        let gib = 1u64 << 30;
+        let conntrack = check_conntrack_memory(1 << 18, 2, Some(gib)).expect("the default fits 1 GiB");
+        assert_eq!(
+            conntrack,
+            2 * lb_core::conntrack::ConntrackTable::bytes_for(1 << 18).expect("a table of 2^18 entries") as u64
+        );
+        // Three quarters of 1 GiB: more than the default budget's half.
+        let asked = (gib * 3 / 4 / 6) as usize;
+        assert_eq!(maglev_budget(Some(asked), Some(gib), conntrack), Ok(asked));
+        assert_eq!(maglev_budget(Some(1000), Some(gib), conntrack), Ok(1000), "a smaller budget");
+        assert_eq!(maglev_budget(Some(0), Some(gib), conntrack), Ok(0), "no Maglev tables at all");
+        let most = ((gib - conntrack) / 6) as usize;
+        assert_eq!(maglev_budget(Some(most), Some(gib), conntrack), Ok(most), "exactly what is left");
+        let err = maglev_budget(Some(most + 1), Some(gib), conntrack).expect_err("one entry past the memory");
+        assert!(err.contains("1024 MiB") && err.contains(&format!("at most {most}")), "{err}");
+        let err = maglev_budget(Some(usize::MAX), Some(gib), 0).expect_err("beyond any memory");
+        assert!(err.contains("--maglev-entries"), "{err}");
+        // Above lb-core's default, on a node with the memory for it.
+        let big = Limits::default().max_maglev_entries * 2;
+        assert_eq!(maglev_budget(Some(big), Some(64 * gib), conntrack), Ok(big));
+        assert_eq!(maglev_budget(Some(big), None, conntrack), Ok(big), "memory unknown: taken as asked");
     }
 
     /// In a container the memory `lb run` may use is its cgroup's limit (the DaemonSet's
