@@ -29,7 +29,7 @@ use k8s_support::{
 struct FeedEnd {
     task: tokio::task::JoinHandle<()>,
     dir: std::path::PathBuf,
-    _view: tokio::sync::watch::Sender<NodeView>,
+    view: tokio::sync::watch::Sender<NodeView>,
 }
 
 impl FeedEnd {
@@ -69,7 +69,7 @@ async fn run_feed(
     }
     let counters = feed.counters();
     let task = tokio::spawn(feed.run(tx));
-    (rx, counters, FeedEnd { task, dir, _view: view })
+    (rx, counters, FeedEnd { task, dir, view })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -443,4 +443,66 @@ fn a_watch_on_a_dead_connection_is_given_up_and_resumed_within_the_keepalive_bou
             .join()
             .unwrap();
     });
+}
+
+/// Services and EndpointSlices are listed and watched with kube-proxy's label selector
+/// (`!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`, on both: its
+/// informers' in cmd/kube-proxy/app/server.go), so the API server sends neither another proxy's
+/// Services and slices nor the slices of headless Services; a slice labelled so is not read though
+/// its Service is served. A reload naming this feed's proxy lists both again with its selector:
+/// then only the Services labelled with that name are sent, and every slice but headless ones.
+/// The lists and watches had no selector: the whole cluster's slices came, every StatefulSet's
+/// headless ones included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_and_slices_are_selected_as_kube_proxy_selects_them() {
+    const DEFAULT: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+    let api = web_cluster();
+    // shop/other, meant for another proxy, with its slice (the controller mirrors the label).
+    let mut other = fixture("service-web.json");
+    other["metadata"]["name"] = json!("other");
+    other["metadata"]["uid"] = json!("0c4a4c1e-7a52-4d8e-9b0b-3f3e1c2d4e50");
+    other["metadata"]["labels"] = json!({ "service.kubernetes.io/service-proxy-name": "other-proxy" });
+    other["spec"]["clusterIPs"] = json!(["10.96.50.1"]);
+    api.upsert(SERVICES, other);
+    let mut other_slice = fixture("endpointslice-web-ipv4.json");
+    other_slice["metadata"]["name"] = json!("other-abcde");
+    other_slice["metadata"]["labels"] =
+        json!({ "kubernetes.io/service-name": "other", "service.kubernetes.io/service-proxy-name": "other-proxy" });
+    other_slice["endpoints"] = json!([endpoint("10.244.5.1", "node-a", true, true, false)]);
+    api.upsert(SLICES, other_slice);
+    // A second slice of web still labelled for another proxy (written before web was taken back).
+    let mut stale = fixture("endpointslice-web-ipv4.json");
+    stale["metadata"]["name"] = json!("web-stale");
+    stale["metadata"]["labels"]["service.kubernetes.io/service-proxy-name"] = json!("other-proxy");
+    stale["endpoints"] = json!([endpoint("10.244.6.1", "node-a", true, true, false)]);
+    api.upsert(SLICES, stale);
+
+    let (port, mut reqs) = start(api.clone()).await;
+    let (mut rx, _counters, end) = run_feed("selected", port, Duration::from_millis(5), None, None).await;
+    let t = until(&mut rx, "shop/web listed", |t| backends(t, "tcp 10.96.12.34:80").is_some()).await;
+    let web = backends(&t, "tcp 10.96.12.34:80").unwrap();
+    assert!(!web.iter().any(|(b, _)| b.starts_with("10.244.6.1:")), "the stale slice is not read: {web:?}");
+    assert!(backends(&t, "tcp 10.96.50.1:80").is_none());
+    for path in [SERVICES, SLICES] {
+        for watch in [false, true] {
+            let r = reqs.next(path, |r| r.path == path && r.is_watch() == watch).await;
+            assert_eq!(r.query.get("labelSelector").map(String::as_str), Some(DEFAULT), "{path} watch={watch}");
+        }
+    }
+    // Named as the other proxy: its Service is served and web is not, after new lists with its selector.
+    reqs.clear();
+    end.view.send_modify(|v| v.settings.service_proxy_name = Some("other-proxy".into()));
+    let t = until(&mut rx, "shop/other served", |t| backends(t, "tcp 10.96.50.1:80").is_some()).await;
+    assert!(backends(&t, "tcp 10.96.12.34:80").is_none(), "web is not other-proxy's");
+    assert_eq!(backends(&t, "tcp 10.96.50.1:80").unwrap(), vec![("10.244.5.1:8080".into(), BackendState::Active)]);
+    let services = reqs.next("services re-list", |r| r.path == SERVICES && !r.is_watch()).await;
+    assert_eq!(
+        services.query.get("labelSelector").map(String::as_str),
+        Some("service.kubernetes.io/service-proxy-name=other-proxy,!service.kubernetes.io/headless")
+    );
+    let slices = reqs.next("slices re-list", |r| r.path == SLICES && !r.is_watch()).await;
+    assert_eq!(slices.query.get("labelSelector").map(String::as_str), Some("!service.kubernetes.io/headless"));
+
+    drop(rx);
+    end.join().await;
 }

@@ -718,11 +718,31 @@ fn validate_kubernetes(k: &FileKubernetes, p: &mut Problems) -> KubernetesSettin
             None => p.push("kubernetes.debounce", quoted(d), "is not a duration (e.g. 200ms)"),
         }
     }
+    // (It goes into the feed's label selector, which the API server refuses, every list failing,
+    // when the value is not one a label can have.)
+    if let Some(name) = &s.service_proxy_name
+        && !is_label_value(name)
+    {
+        p.push(
+            "kubernetes.service_proxy_name",
+            quoted(name),
+            "is not a label value (at most 63 letters, digits, '-', '_' and '.', beginning and ending with a letter or digit)",
+        );
+    }
     if let Some(a) = &k.proxy_healthz {
         s.proxy_healthz =
             p.parse::<SocketAddr>("kubernetes.proxy_healthz", a, "is not ADDRESS:PORT (e.g. \"[::]:10256\")");
     }
     s
+}
+
+/// Whether `v` is a Kubernetes label value (apimachinery's `IsValidLabelValue`), non-empty.
+fn is_label_value(v: &str) -> bool {
+    let inner = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    v.len() <= 63
+        && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && v.ends_with(|c: char| c.is_ascii_alphanumeric())
+        && v.chars().all(inner)
 }
 
 /// `UnknownScheduler`'s message starts with the value; keep only the explanation after it.
@@ -1257,6 +1277,22 @@ services:
             assert_eq!(errs.len(), 1, "{errs:?}");
             let msg = errs[0].to_string();
             assert!(msg.starts_with(&format!("kubernetes.debounce: \"{too_long}\" is longer than 60s")), "{msg}");
+        }
+    }
+
+    /// `service_proxy_name` goes into the feed's label selector: a value no label can have (which
+    /// the API server would refuse there, failing every list) is refused in the file.
+    #[test]
+    fn a_service_proxy_name_must_be_a_label_value() {
+        let file = |n: &str| {
+            format!("node: {{ gateway_mac: \"02:00:00:00:00:fe\" }}\nkubernetes: {{ service_proxy_name: \"{n}\" }}\n")
+        };
+        for good in ["lb", "lb-1.example_x", &"a".repeat(63)] {
+            assert_eq!(parse(&file(good)).unwrap().kubernetes.unwrap().service_proxy_name.as_deref(), Some(good));
+        }
+        for bad in ["my proxy", "-lb", "lb.", "a,b", "x=y", &"a".repeat(64)] {
+            let Err(ConfigError::Invalid(errs)) = parse(&file(bad)) else { panic!("{bad:?} accepted") };
+            assert!(errs[0].to_string().starts_with("kubernetes.service_proxy_name: "), "{errs:?}");
         }
     }
 

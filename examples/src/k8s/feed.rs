@@ -32,7 +32,7 @@ use kube::{Client, Resource, ResourceExt};
 use lb_core::config::NodeConfig;
 use tokio::sync::{mpsc, watch};
 
-use super::translate::Translation;
+use super::translate::{Selectors, Translation};
 use crate::config::KubernetesSettings;
 
 /// What the translation needs from the configuration file; replaced on reload.
@@ -364,23 +364,48 @@ impl Feed {
         self
     }
 
-    /// Replaces the watch options (e.g. a shorter server-side watch timeout).
+    /// Replaces the watch options (e.g. a shorter server-side watch timeout); their label selector
+    /// is replaced by the feed's own ([`Selectors`]).
     pub fn with_watcher_config(mut self, config: watcher::Config) -> Self {
         self.watcher_config = config;
         self
     }
 
-    /// Runs until `tx` is closed, sending a translation after every (debounced) change.
+    /// Runs until `tx` is closed, sending a translation after every (debounced) change. Services
+    /// and EndpointSlices are listed and watched with kube-proxy's label selectors ([`Selectors`]):
+    /// a reload that changes them (`kubernetes.service_proxy_name`) lists both again with the new
+    /// ones, and publishes nothing until both lists are in.
     pub async fn run(self, tx: mpsc::Sender<Translation>) {
-        let services = backing_off(
-            watcher(Api::<Service>::all(self.client.clone()), self.watcher_config.clone()),
-            self.backoff.clone(),
-        );
-        let slices = backing_off(
-            watcher(Api::<EndpointSlice>::all(self.client.clone()), self.watcher_config.clone()),
-            self.backoff.clone(),
-        );
-        run_streams(services, slices, self.view, tx, self.counters).await;
+        // What each Service last translated to without error, kept across such re-lists.
+        let mut last_good = super::LastGood::default();
+        loop {
+            let selectors = Selectors::of(&self.view.borrow().settings);
+            let config = |selector: &str| self.watcher_config.clone().labels(selector);
+            let services = backing_off(
+                watcher(Api::<Service>::all(self.client.clone()), config(&selectors.services)),
+                self.backoff.clone(),
+            );
+            let slices = backing_off(
+                watcher(Api::<EndpointSlice>::all(self.client.clone()), config(&selectors.slices)),
+                self.backoff.clone(),
+            );
+            let mut view = self.view.clone();
+            let reselected = async move {
+                let changed = view.wait_for(|v| Selectors::of(&v.settings) != selectors).await.is_ok();
+                // (With the file's reloads over, the selectors stay as they are.)
+                if !changed {
+                    std::future::pending::<()>().await;
+                }
+            };
+            let feed =
+                run_streams(services, slices, self.view.clone(), tx.clone(), self.counters.clone(), &mut last_good);
+            tokio::select! {
+                () = feed => return,
+                () = reselected => {
+                    tracing::info!("kubernetes.service_proxy_name changed: listing Services and EndpointSlices again");
+                }
+            }
+        }
     }
 }
 
@@ -418,6 +443,7 @@ async fn run_streams(
     mut view: watch::Receiver<NodeView>,
     tx: mpsc::Sender<Translation>,
     counters: Arc<FeedCounters>,
+    last_good: &mut super::LastGood,
 ) {
     let mut services = pin!(services);
     let mut slices = pin!(slices);
@@ -425,8 +451,6 @@ async fn run_streams(
     let mut eps_store = Store::<EndpointSlice>::new();
     let mut due: Option<tokio::time::Instant> = None;
     let mut view_open = true;
-    // What each Service last translated to without error: a bad edit of a live one keeps it served.
-    let mut last_good = super::LastGood::default();
     loop {
         let dirty = tokio::select! {
             ev = services.next() => match ev {
@@ -448,7 +472,7 @@ async fn run_streams(
                     eps_store.objects.values(),
                     &v.settings,
                     &v.node,
-                    &mut last_good,
+                    last_good,
                 );
                 counters.translations.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(services = t.services.len(), skipped = t.skipped.len(), "kubernetes translation");
@@ -558,7 +582,10 @@ mod tests {
         for e in [Event::Init, Event::InitApply(web_slice(1)), Event::InitDone] {
             eps_tx.unbounded_send(Ok(e)).unwrap();
         }
-        let feed = tokio::spawn(run_streams(svc_rx, eps_rx, view, tx, counters.clone()));
+        let feed_counters = counters.clone();
+        let feed = tokio::spawn(async move {
+            run_streams(svc_rx, eps_rx, view, tx, feed_counters, &mut crate::k8s::LastGood::default()).await;
+        });
         for n in 2..=10 {
             tokio::task::yield_now().await;
             eps_tx.unbounded_send(Ok(Event::Apply(web_slice(n)))).unwrap();

@@ -78,7 +78,9 @@
 //!
 //! ExternalName and headless Services, and those whose `service.kubernetes.io/service-proxy-name`
 //! label is not `kubernetes.service_proxy_name` (by default: those with the label, meant for another
-//! proxy, which kube-proxy leaves alone too), are skipped (debug log). A Service
+//! proxy, which kube-proxy leaves alone too), are skipped (debug log); the Services and
+//! EndpointSlices that kube-proxy's label selectors leave out ([`Selectors`]: labelled for another
+//! proxy, or headless) are not read, whatever their Service. A Service
 //! with a bad annotation is skipped whole; a key already taken by an older Service, one on an
 //! address that does not parse, or a port of another protocol than TCP and UDP (SCTP, which
 //! kube-proxy serves) is left out alone; all are reported in [`Translation::skipped`].
@@ -105,8 +107,55 @@ use crate::config::{KubernetesSettings, ServiceSpec};
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Label on a Service meant for another proxy implementation, which kube-proxy ignores.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Label the EndpointSlice controller puts on the slices of a headless Service, which kube-proxy
+/// does not watch (DNS serves them).
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// Kubernetes' default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
+
+/// The label selectors the feed lists and watches Services and EndpointSlices with, so the API
+/// server sends neither those meant for another proxy nor the slices of headless Services (large,
+/// and churning with every pod of a StatefulSet). kube-proxy's informers select
+/// `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless` on both
+/// (cmd/kube-proxy/app/server.go, `ProxyServer.Run`, through 1.35); with
+/// `kubernetes.service_proxy_name` set, the Services are those labelled with that name instead, and
+/// the slices are selected on the headless label alone (a slice written by hand, for a Service
+/// without a selector, has no proxy name label to match).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selectors {
+    /// The Services' selector.
+    pub services: String,
+    /// The EndpointSlices' selector.
+    pub slices: String,
+}
+
+impl Selectors {
+    /// The selectors for `settings`.
+    pub fn of(settings: &KubernetesSettings) -> Self {
+        let not_headless = format!("!{HEADLESS_LABEL}");
+        match &settings.service_proxy_name {
+            None => {
+                let both = format!("!{SERVICE_PROXY_NAME_LABEL},{not_headless}");
+                Selectors { services: both.clone(), slices: both }
+            }
+            Some(name) => Selectors {
+                services: format!("{SERVICE_PROXY_NAME_LABEL}={name},{not_headless}"),
+                slices: not_headless,
+            },
+        }
+    }
+
+    /// Whether `selector` (one of these: terms `!key` and `key=value`, comma-separated) selects an
+    /// object with `labels`: the feed's store holds only those, and the translation sees no other.
+    fn selects(selector: &str, labels: Option<&BTreeMap<String, String>>) -> bool {
+        let label = |k: &str| labels.and_then(|l| l.get(k));
+        selector.split(',').all(|term| match (term.strip_prefix('!'), term.split_once('=')) {
+            (Some(key), _) => label(key).is_none(),
+            (None, Some((key, value))) => label(key).is_some_and(|v| v == value),
+            (None, None) => label(term).is_some(),
+        })
+    }
+}
 
 /// The result of one translation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -379,6 +428,10 @@ pub fn translate_keeping<'a>(
     node: &NodeConfig,
     last: &mut LastGood,
 ) -> Translation {
+    // Only what the feed's selectors let through, as kube-proxy sees only what its informers do.
+    let selectors = Selectors::of(settings);
+    let slices = slices.into_iter().filter(|s| Selectors::selects(&selectors.slices, s.metadata.labels.as_ref()));
+    let services = services.into_iter().filter(|s| Selectors::selects(&selectors.services, s.metadata.labels.as_ref()));
     let mut by_service: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
     for slice in slices {
         let ns = slice.metadata.namespace.clone().unwrap_or_default();
@@ -1744,6 +1797,47 @@ mod tests {
         assert!(!translate([&svc], [&slice], &named, &node()).services.is_empty());
         let unlabelled: Service = fixture!("service-edge-loadbalancer.json");
         assert!(translate([&unlabelled], [&slice], &named, &node()).services.is_empty());
+    }
+
+    /// The EndpointSlices labelled `service.kubernetes.io/service-proxy-name` or
+    /// `service.kubernetes.io/headless` are not kube-proxy's (its informers' selector,
+    /// [`Selectors`]), whatever their Service: their endpoints are not served. A slice keeps the
+    /// labels its Service had until the controller writes it again, so a Service just taken back
+    /// from another proxy has no endpoints for kube-proxy meanwhile; it had them here. Nor is a
+    /// Service labelled headless served. With `service_proxy_name` set, the slices are selected on
+    /// the headless label alone.
+    #[test]
+    fn slices_labelled_for_another_proxy_or_headless_are_not_read() {
+        let svc: Service = fixture!("service-edge-loadbalancer.json");
+        let slice: EndpointSlice = fixture!("endpointslice-edge.json");
+        let served = |t: &Translation| t.services.iter().map(|s| s.config.backends.len()).sum::<usize>();
+        let all = served(&translate([&svc], [&slice], &settings(), &node()));
+        assert!(all > 0);
+        for label in [SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL] {
+            let mut labelled = slice.clone();
+            labelled.metadata.labels.get_or_insert_default().insert(label.into(), "other-proxy".into());
+            let t = translate([&svc], [&labelled], &settings(), &node());
+            assert!(!t.services.is_empty(), "{label}: the Service is still served");
+            assert_eq!(served(&t), 0, "{label}: without the slice's endpoints");
+        }
+        let mut headless = svc.clone();
+        headless.metadata.labels.get_or_insert_default().insert(HEADLESS_LABEL.into(), String::new());
+        assert!(translate([&headless], [&slice], &settings(), &node()).services.is_empty());
+
+        let named = KubernetesSettings { service_proxy_name: Some("lb".into()), ..settings() };
+        let mut ours = svc.clone();
+        ours.metadata.labels.get_or_insert_default().insert(SERVICE_PROXY_NAME_LABEL.into(), "lb".into());
+        assert_eq!(served(&translate([&ours], [&slice], &named, &node())), all, "a slice without the label");
+        let mut headless_slice = slice.clone();
+        headless_slice.metadata.labels.get_or_insert_default().insert(HEADLESS_LABEL.into(), String::new());
+        assert_eq!(served(&translate([&ours], [&headless_slice], &named, &node())), 0);
+        assert_eq!(
+            Selectors::of(&named),
+            Selectors {
+                services: "service.kubernetes.io/service-proxy-name=lb,!service.kubernetes.io/headless".into(),
+                slices: "!service.kubernetes.io/headless".into()
+            }
+        );
     }
 
     /// A UDP "flow" of a client that keeps sending (QUIC, syslog, a DNS client on one port) never

@@ -1,9 +1,11 @@
 //! A local Kubernetes API server speaking the real list/watch protocol, for the k8s_* tests.
 //!
-//! Hand-written HTTP/1.1 on 127.0.0.1. It keeps Services and EndpointSlices with a global
+//! Hand-written HTTP/1.1 on 127.0.0.1. It keeps Services, EndpointSlices and Nodes with a global
 //! resourceVersion and an event history, as etcd does: a list returns the objects and the current
 //! version; `watch=true&resourceVersion=N` replays the history after N and then streams live events as
 //! chunked JSON lines; a version older than the compacted history gets a 410 Gone ERROR event.
+//! A `labelSelector` or `fieldSelector` narrows a list and a watch as the API server does: a watch
+//! sees an object that comes to match as ADDED and one that stops matching as DELETED.
 //! [`start`] serves plain HTTP; [`start_tls`] serves the same behind TLS, as a real API server is.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
 
@@ -23,6 +25,9 @@ pub const FAILSAFE: Duration = Duration::from_secs(30);
 
 pub const SERVICES: &str = "/api/v1/services";
 pub const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+pub const NODES: &str = "/api/v1/nodes";
+/// The collections the server keeps.
+pub const COLLECTIONS: [&str; 3] = [SERVICES, SLICES, NODES];
 
 /// A request the server received.
 #[derive(Debug, Clone)]
@@ -48,6 +53,9 @@ impl Request {
 
 pub enum WatchMsg {
     Line(String),
+    /// An object written (its old and new state; `None`: created, or deleted), sent to each watch
+    /// as its selectors see it.
+    Change(Option<Value>, Option<Value>),
     /// Close the connection abruptly (no terminating chunk).
     Drop,
 }
@@ -55,7 +63,8 @@ pub enum WatchMsg {
 #[derive(Default)]
 pub struct Collection {
     objects: BTreeMap<String, Value>,
-    history: Vec<(u64, String)>,
+    /// Each write's version, the object before and after it.
+    history: Vec<(u64, Option<Value>, Option<Value>)>,
     compacted_below: u64,
     watchers: Vec<mpsc::UnboundedSender<WatchMsg>>,
 }
@@ -80,7 +89,74 @@ pub struct FakeApi {
 }
 
 pub fn key(obj: &Value) -> String {
-    format!("{}/{}", obj["metadata"]["namespace"].as_str().unwrap(), obj["metadata"]["name"].as_str().unwrap())
+    // (A Node has no namespace.)
+    format!("{}/{}", obj["metadata"]["namespace"].as_str().unwrap_or(""), obj["metadata"]["name"].as_str().unwrap())
+}
+
+/// Whether `obj` is selected by the request's `labelSelector` and `fieldSelector` (their terms as
+/// the API server takes them: `key`, `!key`, `key=v`, `key==v`, `key!=v`, comma-separated; a field
+/// is a dotted path such as `metadata.name`).
+pub fn selected(obj: &Value, query: &HashMap<String, String>) -> bool {
+    let terms = |name: &str| {
+        query
+            .get(name)
+            .map(|s| s.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    let label = |k: &str| obj["metadata"]["labels"][k].as_str().map(str::to_string);
+    let field = |path: &str| {
+        let v = path.split('.').fold(obj, |v, part| &v[part]);
+        Some(v.as_str().map_or_else(|| v.to_string(), str::to_string)).filter(|s| s != "null")
+    };
+    let holds = |t: &str, get: &dyn Fn(&str) -> Option<String>| {
+        if let Some((k, v)) = t.split_once("!=") {
+            get(k).as_deref() != Some(v)
+        } else if let Some((k, v)) = t.split_once("==").or_else(|| t.split_once('=')) {
+            get(k).as_deref() == Some(v)
+        } else if let Some(k) = t.strip_prefix('!') {
+            get(k).is_none()
+        } else {
+            get(t).is_some()
+        }
+    };
+    terms("labelSelector").iter().all(|t| holds(t, &label)) && terms("fieldSelector").iter().all(|t| holds(t, &field))
+}
+
+/// The watch event a watch with `query`'s selectors gets for a write from `old` to `new`, if any.
+fn change_line(old: Option<&Value>, new: Option<&Value>, query: &HashMap<String, String>) -> Option<String> {
+    let was = old.filter(|o| selected(o, query));
+    match (was, new.filter(|n| selected(n, query))) {
+        (Some(_), Some(n)) => Some(event_line("MODIFIED", n)),
+        (None, Some(n)) => Some(event_line("ADDED", n)),
+        // (An object that stops matching is gone for this watch: its new state, as DELETED.)
+        (Some(o), None) => Some(event_line("DELETED", new.unwrap_or(o))),
+        (None, None) => None,
+    }
+}
+
+/// `s` with its `%XX` escapes decoded (a query's values).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub fn event_line(kind: &str, obj: &Value) -> String {
@@ -89,9 +165,7 @@ pub fn event_line(kind: &str, obj: &Value) -> String {
 
 impl FakeApi {
     pub fn new() -> Self {
-        let mut collections = HashMap::new();
-        collections.insert(SERVICES, Collection::default());
-        collections.insert(SLICES, Collection::default());
+        let collections = COLLECTIONS.into_iter().map(|p| (p, Collection::default())).collect();
         FakeApi {
             state: Arc::new(Mutex::new(State {
                 rv: 100,
@@ -115,10 +189,9 @@ impl FakeApi {
         let rv = st.rv;
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         let c = st.collections.get_mut(path).unwrap();
-        let kind = if c.objects.insert(key(&obj), obj.clone()).is_some() { "MODIFIED" } else { "ADDED" };
-        let line = event_line(kind, &obj);
-        c.history.push((rv, line.clone()));
-        c.watchers.retain(|w| w.send(WatchMsg::Line(line.clone())).is_ok());
+        let old = c.objects.insert(key(&obj), obj.clone());
+        c.history.push((rv, old.clone(), Some(obj.clone())));
+        c.watchers.retain(|w| w.send(WatchMsg::Change(old.clone(), Some(obj.clone()))).is_ok());
     }
 
     pub fn delete(&self, path: &'static str, k: &str) {
@@ -128,17 +201,15 @@ impl FakeApi {
         let c = st.collections.get_mut(path).unwrap();
         let mut obj = c.objects.remove(k).unwrap();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let line = event_line("DELETED", &obj);
-        c.history.push((rv, line.clone()));
-        c.watchers.retain(|w| w.send(WatchMsg::Line(line.clone())).is_ok());
+        c.history.push((rv, Some(obj.clone()), None));
+        c.watchers.retain(|w| w.send(WatchMsg::Change(Some(obj.clone()), None)).is_ok());
     }
 
     /// Sends a BOOKMARK at the current version to the watchers of `path`; returns the version.
     pub fn bookmark(&self, path: &'static str) -> u64 {
         let mut st = self.state.lock().unwrap();
         let rv = st.rv;
-        let (kind, api_version) =
-            if path == SERVICES { ("Service", "v1") } else { ("EndpointSlice", "discovery.k8s.io/v1") };
+        let (kind, api_version) = kind_of(path);
         let line = format!(
             "{}\n",
             json!({ "type": "BOOKMARK", "object": { "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": rv.to_string() } } })
@@ -217,6 +288,15 @@ impl FakeApi {
     }
 }
 
+/// The kind and API version of the objects of `path`.
+fn kind_of(path: &str) -> (&'static str, &'static str) {
+    match path {
+        SERVICES => ("Service", "v1"),
+        NODES => ("Node", "v1"),
+        _ => ("EndpointSlice", "discovery.k8s.io/v1"),
+    }
+}
+
 pub fn gone_line(rv: u64) -> String {
     format!(
         "{}\n",
@@ -285,7 +365,7 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     let target = head.split_whitespace().nth(1).unwrap_or("/").to_string();
     let (path, qs) = target.split_once('?').unwrap_or((&target, ""));
     let query: HashMap<String, String> =
-        qs.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        qs.split('&').filter_map(|kv| kv.split_once('=')).map(|(k, v)| (k.to_string(), percent_decode(v))).collect();
     let authorization = head
         .lines()
         .filter_map(|l| l.split_once(':'))
@@ -295,11 +375,11 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     // A watch of a collection is recorded once it is registered for live events (below), so a test
     // that waits for the watch request and then sends an event knows the event reaches it.
     let refused = api.state.lock().unwrap().refused.get(req.path.as_str()).copied();
-    let is_collection = [SERVICES, SLICES].contains(&req.path.as_str());
+    let is_collection = COLLECTIONS.contains(&req.path.as_str());
     if !(req.is_watch() && is_collection && refused.is_none()) {
         let _ = requests.send(req.clone());
     }
-    let Some(path) = [SERVICES, SLICES].into_iter().find(|p| *p == req.path) else {
+    let Some(path) = COLLECTIONS.into_iter().find(|p| *p == req.path) else {
         let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"NotFound","code":404}"#;
         let resp = format!(
             "HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -310,7 +390,11 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
 
     if let Some(code) = refused {
         let (reason, phrase) = if code == 401 { ("Unauthorized", "Unauthorized") } else { ("Forbidden", "Forbidden") };
-        let resource = if path == SERVICES { "services" } else { "endpointslices.discovery.k8s.io" };
+        let resource = match path {
+            SERVICES => "services",
+            NODES => "nodes",
+            _ => "endpointslices.discovery.k8s.io",
+        };
         let body = json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": format!("{resource} is forbidden: User \"system:serviceaccount:lb:lb\" cannot list resource \"{resource}\" at the cluster scope"),
             "reason": reason, "code": code })
@@ -327,10 +411,9 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         let body = {
             let st = api.state.lock().unwrap();
             let c = &st.collections[path];
-            let (kind, api_version) =
-                if path == SERVICES { ("ServiceList", "v1") } else { ("EndpointSliceList", "discovery.k8s.io/v1") };
-            json!({ "kind": kind, "apiVersion": api_version, "metadata": { "resourceVersion": st.rv.to_string() },
-                    "items": c.objects.values().collect::<Vec<_>>() })
+            let (kind, api_version) = kind_of(path);
+            json!({ "kind": format!("{kind}List"), "apiVersion": api_version, "metadata": { "resourceVersion": st.rv.to_string() },
+                    "items": c.objects.values().filter(|o| selected(o, &req.query)).collect::<Vec<_>>() })
             .to_string()
         };
         let resp = format!(
@@ -365,26 +448,30 @@ pub async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         if since < c.compacted_below {
             let _ = tx.send(WatchMsg::Line(gone_line(rv)));
         } else {
-            for (v, line) in &c.history {
+            for (v, old, new) in &c.history {
                 if *v > since {
-                    let _ = tx.send(WatchMsg::Line(line.clone()));
+                    let _ = tx.send(WatchMsg::Change(old.clone(), new.clone()));
                 }
             }
             c.watchers.push(tx);
         }
     }
+    let query = req.query.clone();
     let _ = requests.send(req);
     sock.write_all(
         b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
     )
     .await?;
     while let Some(msg) = rx.recv().await {
-        match msg {
-            WatchMsg::Line(line) => {
-                sock.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).await?;
-            }
+        let line = match msg {
+            WatchMsg::Line(line) => line,
+            WatchMsg::Change(old, new) => match change_line(old.as_ref(), new.as_ref(), &query) {
+                Some(line) => line,
+                None => continue,
+            },
             WatchMsg::Drop => return Ok(()), // socket closed mid-stream, no final chunk
-        }
+        };
+        sock.write_all(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes()).await?;
     }
     // The sender went away after a 410 reply: end the stream cleanly.
     sock.write_all(b"0\r\n\r\n").await
