@@ -1079,9 +1079,9 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
 
         // Kubernetes feed, with node settings that follow accepted file reloads.
         if let Some(client) = kubernetes {
-            let feed = Feed::new(client, control.node_view());
+            let feed = Feed::new(client.clone(), control.node_view());
             let counters = feed.counters();
-            control.live.send_modify(|l| l.feed = Some(counters));
+            control.live.send_modify(|l| l.feed = Some(counters.clone()));
             let (k_tx, mut k_rx) = mpsc::channel(4);
             tokio::spawn(feed.run(k_tx));
             // The health check node ports of the translation's Local LoadBalancer Services, answered
@@ -1095,7 +1095,13 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
             node_health = Some(served_rx);
             let any = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
             if let Some(addr) = settings.kubernetes.as_ref().and_then(|k| k.proxy_healthz) {
-                tokio::spawn(crate::k8s::node_health::serve_proxy_healthz(addr, behind_rx.clone()));
+                // kube-proxy's /healthz says whether this node's Node is going away: watched only
+                // where it is answered.
+                let (eligible_tx, eligible_rx) = watch::channel(true);
+                let node = control.node_view();
+                let backoff = crate::k8s::feed::ExpBackoff::default();
+                tokio::spawn(crate::k8s::node::watch_eligibility(client, node, eligible_tx, backoff, counters));
+                tokio::spawn(crate::k8s::node_health::serve_proxy_healthz(addr, behind_rx.clone(), eligible_rx));
             }
             tokio::spawn(crate::k8s::node_health::serve(any, hc_rx, behind_rx, served_tx));
             let mut live = control.subscribe();

@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 mod k8s_support;
-use k8s_support::{FAILSAFE, FakeApi, SERVICES, SLICES, endpoint, fixture, kubeconfig, start};
+use k8s_support::{FAILSAFE, FakeApi, NODES, SERVICES, SLICES, endpoint, fixture, kubeconfig, start};
 
 async fn until(
     rx: &mut mpsc::UnboundedReceiver<Arc<Tables>>,
@@ -566,6 +566,97 @@ async fn kube_proxys_healthz_answers_where_proxy_healthz_is_set() {
     .await
     .expect("kube-proxy's health port opens");
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("\"nodeEligible\": true"), "{answer}");
+    stop.send(()).unwrap();
+    tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// GETs `path` on 127.0.0.1:`port` until the answer satisfies `pred` (the port may not be open
+/// yet, the answer may not have changed yet), and returns that answer.
+async fn answer_until(port: u16, path: &str, pred: impl Fn(&str) -> bool) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut last = String::new();
+    let found = tokio::time::timeout(FAILSAFE, async {
+        loop {
+            if let Ok(mut c) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                c.write_all(format!("GET {path} HTTP/1.1\r\nHost: node-a\r\n\r\n").as_bytes()).await.unwrap();
+                last.clear();
+                c.read_to_string(&mut last).await.unwrap();
+                if pred(&last) {
+                    return last.clone();
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("{path} never answered as expected; last: {last}"))
+}
+
+/// kube-proxy (1.31+, KEP-3836) answers `/healthz` 503 with `"nodeEligible": false` while its
+/// Node is tainted `ToBeDeletedByClusterAutoscaler` or being deleted, so the cloud load balancers
+/// drain the node before it goes; `/livez` stays 200. `lb run` watches its own Node (alone:
+/// `fieldSelector=metadata.name=node-a`) and answers so too: eligible until the Node is first
+/// seen, 503 once it is seen tainted, 200 again when the taint is removed, 503 once it is being
+/// deleted. It answered `"nodeEligible": true` always, and the clouds kept sending new connections
+/// to a node the autoscaler was removing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_proxys_healthz_drains_a_node_the_autoscaler_is_removing() {
+    let api = FakeApi::new();
+    let mut web = fixture("service-web.json");
+    web["spec"]["clusterIPs"] = json!(["10.96.12.34"]);
+    api.upsert(SERVICES, web);
+    api.upsert(SLICES, fixture("endpointslice-web-ipv4.json"));
+    let node = fixture("node-a.json");
+    let mut tainted = node.clone();
+    tainted["spec"]["taints"] = json!([
+        { "key": "ToBeDeletedByClusterAutoscaler", "value": "1765083600", "effect": "NoSchedule" }
+    ]);
+    api.upsert(NODES, tainted.clone());
+    // Another node, not this one: never looked at.
+    let mut other = node.clone();
+    other["metadata"]["name"] = json!("node-b");
+    other["metadata"]["uid"] = json!("9a0e7c2d-4b1f-4e3a-8d6c-5f2b1a0e9d87");
+    api.upsert(NODES, other);
+    api.hold_lists(NODES);
+    let (api_port, mut reqs) = start(api.clone()).await;
+    let dir = std::env::temp_dir().join(format!("lb-k8s-node-eligible-{}", std::process::id()));
+    let kc = kubeconfig(&dir, api_port);
+    let port = lb_examples::lab::unused_port();
+    let path = dir.join("lb.yaml");
+    let at = format!("  debounce: 5ms\n  proxy_healthz: \"127.0.0.1:{port}\"\n");
+    std::fs::write(&path, file_yaml(&kc, false).replace("  debounce: 5ms\n", &at)).unwrap();
+    let settings = file::load(&path).unwrap();
+    let (sink, _tables) = mpsc::unbounded_channel();
+    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
+    let plane = ControlPlane::start(path, settings, sink, stats, Duration::from_millis(20)).await.unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(plane.run(async move {
+        let _ = stop_rx.await;
+    }));
+    let ok = |a: &str| a.starts_with("HTTP/1.1 200 OK\r\n") && a.contains("\"nodeEligible\": true");
+    let draining =
+        |a: &str| a.starts_with("HTTP/1.1 503 Service Unavailable\r\n") && a.contains("\"nodeEligible\": false");
+
+    // The Node is being listed (the list held): not seen yet, so eligible, as kube-proxy starts.
+    let list = reqs.next("the Node's list", |r| r.path == NODES && !r.is_watch()).await;
+    assert_eq!(list.query.get("fieldSelector").map(String::as_str), Some("metadata.name=node-a"));
+    answer_until(port, "/healthz", ok).await;
+    api.release_lists(NODES);
+    answer_until(port, "/healthz", draining).await;
+    let livez = answer_until(port, "/livez", |_| true).await;
+    assert!(livez.starts_with("HTTP/1.1 200 OK\r\n"), "/livez ignores the Node: {livez}");
+
+    // The autoscaler gives up on removing it: the taint goes, and the node is eligible again.
+    api.upsert(NODES, node.clone());
+    answer_until(port, "/healthz", ok).await;
+    // Deleted (by hand, say: a finalizer holds it while its deletionTimestamp is set).
+    let mut deleting = node.clone();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-12-07T05:10:00Z");
+    deleting["metadata"]["finalizers"] = json!(["example.com/drain"]);
+    api.upsert(NODES, deleting);
+    answer_until(port, "/healthz", draining).await;
+
     stop.send(()).unwrap();
     tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);

@@ -1,5 +1,5 @@
 //! The manifests in deploy/ are consistent with the binary: the ConfigMap's file validates, the
-//! ClusterRole grants exactly get/list/watch on Services and EndpointSlices, and the DaemonSet adds
+//! ClusterRole grants exactly get/list/watch on Services, EndpointSlices and Nodes, and the DaemonSet adds
 //! exactly the capabilities `lb run` needs (root: run in a namespace of the test's own), and the
 //! README's commands for a node fetch the deployed metrics port and paths `lb run` answers.
 #![allow(clippy::unwrap_used, missing_docs)]
@@ -54,7 +54,8 @@ fn cluster_role_is_least_privilege() {
         }
     }
     grants.sort();
-    assert_eq!(grants, ["/services", "discovery.k8s.io/endpointslices"]);
+    // (Nodes: this node's own, for kube-proxy's /healthz's nodeEligible.)
+    assert_eq!(grants, ["/nodes", "/services", "discovery.k8s.io/endpointslices"]);
 }
 
 #[test]

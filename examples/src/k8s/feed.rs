@@ -414,7 +414,7 @@ impl Feed {
 /// `Init` before every list attempt, so kube's `StreamBackoff`, which starts over on any event, would
 /// try a list the API server keeps refusing (RBAC, an overloaded or unreachable server) at the first
 /// step forever, from every node at once.
-fn backing_off<K>(
+pub(crate) fn backing_off<K>(
     events: impl Stream<Item = watcher::Result<Event<K>>>,
     backoff: ExpBackoff,
 ) -> impl Stream<Item = watcher::Result<Event<K>>> {

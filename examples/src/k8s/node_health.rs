@@ -179,13 +179,14 @@ async fn answer(mut conn: TcpStream, port: u16, answers: Answers, behind: Behind
 /// Serves kube-proxy's own health server on `addr` (its `--healthz-bind-address`, 10256) until the
 /// task is dropped: `/healthz` and `/livez` answer 200 while the poll loops run the last tables (or
 /// have left them unapplied less than [`PROXY_HEALTH_TIMEOUT`]) and 503 after, with kube-proxy's
-/// JSON; any other path 404. Cloud load balancers check `/healthz` on every node for their
-/// `externalTrafficPolicy: Cluster` Services (GKE; AWS and Azure with KEP-3458's checks): where
-/// `lb` replaces kube-proxy and nothing answered, every node was out of their rotation. The node
-/// is always eligible (`"nodeEligible": true`): kube-proxy's 503 for a node being deleted or
-/// tainted `ToBeDeletedByClusterAutoscaler` needs the Node, which `lb` does not watch. A port that
-/// cannot be had (kube-proxy still on it) is logged and tried again every 2 s.
-pub async fn serve_proxy_healthz(addr: SocketAddr, behind: BehindSince) {
+/// JSON; any other path 404. `/healthz` answers 503 too while the node is not `eligible` (its Node
+/// being deleted or tainted `ToBeDeletedByClusterAutoscaler`: [`super::node`]), with
+/// `"nodeEligible": false`; `/livez` does not look at it. Cloud load balancers check `/healthz` on
+/// every node for their `externalTrafficPolicy: Cluster` Services (GKE; AWS and Azure with
+/// KEP-3458's checks): where `lb` replaces kube-proxy and nothing answered, every node was out of
+/// their rotation. A port that cannot be had (kube-proxy still on it) is logged and tried again
+/// every 2 s.
+pub async fn serve_proxy_healthz(addr: SocketAddr, behind: BehindSince, eligible: watch::Receiver<bool>) {
     STARTED.get_or_init(std::time::Instant::now);
     let mut warned = false;
     let listener = loop {
@@ -203,11 +204,11 @@ pub async fn serve_proxy_healthz(addr: SocketAddr, behind: BehindSince) {
     loop {
         match listener.accept().await {
             Ok((mut conn, _)) => {
-                let behind = behind.clone();
+                let (behind, eligible) = (behind.clone(), eligible.clone());
                 tokio::spawn(async move {
                     let path = read_path(&mut conn).await;
-                    let since = *behind.borrow();
-                    let _ = conn.write_all(proxy_health_response(&path, since).as_bytes()).await;
+                    let (since, eligible) = (*behind.borrow(), *eligible.borrow());
+                    let _ = conn.write_all(proxy_health_response(&path, since, eligible).as_bytes()).await;
                     let _ = conn.shutdown().await;
                 });
             }
@@ -221,9 +222,11 @@ pub async fn serve_proxy_healthz(addr: SocketAddr, behind: BehindSince) {
 static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 /// kube-proxy's `healthzHandler` and `livezHandler` answer to `path`, the poll loops behind since
-/// `since` (`None`: they run the last tables). Times are written as kube-proxy's `%q` of a Go
-/// `time.Time` writes them ([`go_time`]; cloud checks read the status alone).
-fn proxy_health_response(path: &str, since: Option<std::time::Instant>) -> String {
+/// `since` (`None`: they run the last tables), the node `eligible` or not (pkg/proxy/healthcheck/
+/// proxy_health.go: `/healthz` is healthy only if both, `/livez` ignores eligibility). Times are
+/// written as kube-proxy's `%q` of a Go `time.Time` writes them ([`go_time`]; cloud checks read the
+/// status alone).
+fn proxy_health_response(path: &str, since: Option<std::time::Instant>, eligible: bool) -> String {
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
     let (now, now_mono) = (Timestamp::now(), std::time::Instant::now());
     let started = *STARTED.get_or_init(|| now_mono);
@@ -244,14 +247,16 @@ fn proxy_health_response(path: &str, since: Option<std::time::Instant>) -> Strin
         _ => current.clone(),
     };
     let now = current;
-    let status = if healthy { "200 OK" } else { "503 Service Unavailable" };
+    let status = |healthy| if healthy { "200 OK" } else { "503 Service Unavailable" };
     let (status, ctype, body) = match path {
         "/healthz" => (
-            status,
+            status(healthy && eligible),
             "application/json",
-            format!(r#"{{"lastUpdated": "{last}","currentTime": "{now}", "nodeEligible": true}}"#),
+            format!(r#"{{"lastUpdated": "{last}","currentTime": "{now}", "nodeEligible": {eligible}}}"#),
         ),
-        "/livez" => (status, "application/json", format!(r#"{{"lastUpdated": "{last}","currentTime": "{now}"}}"#)),
+        "/livez" => {
+            (status(healthy), "application/json", format!(r#"{{"lastUpdated": "{last}","currentTime": "{now}"}}"#))
+        }
         _ => ("404 Not Found", "text/plain; charset=utf-8", "404 page not found\n".to_string()),
     };
     format!(
@@ -407,7 +412,8 @@ mod tests {
     async fn kube_proxys_healthz_answers_while_the_loops_run_the_tables() {
         let port = free_port().await;
         let (behind_tx, behind) = watch::channel(None);
-        let server = tokio::spawn(serve_proxy_healthz(SocketAddr::from(([127, 0, 0, 1], port)), behind));
+        let (eligible_tx, eligible) = watch::channel(true);
+        let server = tokio::spawn(serve_proxy_healthz(SocketAddr::from(([127, 0, 0, 1], port)), behind, eligible));
         let get_path = |path: &'static str| async move {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
@@ -439,6 +445,17 @@ mod tests {
         }
         behind_tx.send(None).unwrap();
         assert!(get_path("/healthz?verbose").await.starts_with("HTTP/1.1 200 OK\r\n"));
+
+        // A node being deleted (or tainted by the autoscaler): /healthz 503 with nodeEligible
+        // false, so the clouds drain it; /livez, which says whether the proxy works, 200.
+        eligible_tx.send(false).unwrap();
+        let draining = get_path("/healthz").await;
+        assert!(draining.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{draining}");
+        let body: serde_json::Value = serde_json::from_str(draining.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["nodeEligible"], false, "{body}");
+        assert!(get_path("/livez").await.starts_with("HTTP/1.1 200 OK\r\n"));
+        eligible_tx.send(true).unwrap();
+        assert!(get_path("/healthz").await.starts_with("HTTP/1.1 200 OK\r\n"));
         server.abort();
     }
 
@@ -475,12 +492,12 @@ mod tests {
             assert!(secs.starts_with(['+', '-']) && nanos.len() == 9, "{t}");
             (wall, mono.parse().unwrap())
         };
-        let healthy = body(proxy_health_response("/healthz", None));
+        let healthy = body(proxy_health_response("/healthz", None, true));
         assert_eq!(healthy["lastUpdated"], healthy["currentTime"], "healthy: last updated now");
         read(&healthy["currentTime"]);
         // Behind for 65 s: the last update is that far back on both clocks.
         let then = std::time::Instant::now().checked_sub(PROXY_HEALTH_TIMEOUT + Duration::from_secs(5)).unwrap();
-        let stuck = body(proxy_health_response("/livez", Some(then)));
+        let stuck = body(proxy_health_response("/livez", Some(then), true));
         let ((last, last_m), (now, now_m)) = (read(&stuck["lastUpdated"]), read(&stuck["currentTime"]));
         let wall = now.duration_since(last).as_secs_f64();
         assert!((wall - 65.0).abs() < 1.0 && (now_m - last_m - 65.0).abs() < 1.0, "{stuck}");
