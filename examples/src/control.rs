@@ -437,6 +437,10 @@ pub struct LiveState {
     /// Since when the workers have not taken or applied the last tables ([`TablesSink::has_pending`]
     /// at every turn of the control loop since): a stuck poll loop. `None` while they run them.
     pub workers_behind_since: Option<std::time::Instant>,
+    /// When the control loop last found the workers running the tables of the last applied update
+    /// (they took them, or it was applied and they had nothing left to take): kube-proxy's last
+    /// sync, its `/healthz`'s `lastUpdated` while it answers 503. `None` before the first time.
+    pub workers_synced_at: Option<std::time::Instant>,
     /// The Kubernetes feed's counters, when the feed runs.
     pub feed: Option<Arc<crate::k8s::feed::FeedCounters>>,
     /// Whether a cluster translation (the feed's first sends the whole cluster, once Services and
@@ -898,18 +902,29 @@ impl<S: TablesSink> Control<S> {
         tokio::pin!(retry);
         let mut refresh = tokio::time::interval(REFRESH_EVERY);
         refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The update (by `LiveState::applied`) whose tables the workers were last found running.
+        let mut synced_update = None;
         loop {
             let pending = self.sink.has_pending();
-            self.live.send_if_modified(|l| match (pending, l.workers_behind_since) {
-                (true, None) => {
-                    l.workers_behind_since = Some(std::time::Instant::now());
-                    true
+            self.live.send_if_modified(|l| {
+                let behind = match (pending, l.workers_behind_since) {
+                    (true, None) => {
+                        l.workers_behind_since = Some(std::time::Instant::now());
+                        true
+                    }
+                    (false, Some(_)) => {
+                        l.workers_behind_since = None;
+                        true
+                    }
+                    _ => false,
+                };
+                // (Nothing applied yet, the workers run no tables: not a sync.)
+                let synced = !pending && l.applied > 0 && synced_update != Some(l.applied);
+                if synced {
+                    synced_update = Some(l.applied);
+                    l.workers_synced_at = Some(std::time::Instant::now());
                 }
-                (false, Some(_)) => {
-                    l.workers_behind_since = None;
-                    true
-                }
-                _ => false,
+                behind || synced
             });
             let input = if let Some(i) = held.take() {
                 i
@@ -1091,6 +1106,7 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
             // Unhealthy while the workers are behind.
             let (hc_tx, hc_rx) = watch::channel(Vec::new());
             let (behind_tx, behind_rx) = watch::channel(None);
+            let (synced_tx, synced_rx) = watch::channel(None);
             let (served_tx, served_rx) = watch::channel(Vec::new());
             node_health = Some(served_rx);
             let any = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
@@ -1101,16 +1117,22 @@ impl<S: TablesSink + 'static> ControlPlane<S> {
                 let node = control.node_view();
                 let backoff = crate::k8s::feed::ExpBackoff::default();
                 tokio::spawn(crate::k8s::node::watch_eligibility(client, node, eligible_tx, backoff, counters));
-                tokio::spawn(crate::k8s::node_health::serve_proxy_healthz(addr, behind_rx.clone(), eligible_rx));
+                tokio::spawn(crate::k8s::node_health::serve_proxy_healthz(
+                    addr,
+                    behind_rx.clone(),
+                    synced_rx,
+                    eligible_rx,
+                ));
             }
             tokio::spawn(crate::k8s::node_health::serve(any, hc_rx, behind_rx, served_tx));
             let mut live = control.subscribe();
             tokio::spawn(async move {
                 loop {
-                    let (checks, behind) = {
+                    let (checks, behind, synced) = {
                         let l = live.borrow_and_update();
-                        (l.node_health_checks.clone(), l.workers_behind_since)
+                        (l.node_health_checks.clone(), l.workers_behind_since, l.workers_synced_at)
                     };
+                    synced_tx.send_if_modified(|s| std::mem::replace(s, synced) != synced);
                     behind_tx.send_if_modified(|b| {
                         let changed = *b != behind;
                         *b = behind;
@@ -2041,7 +2063,8 @@ services:
 
     /// The live state says since when the workers have left the last tables unapplied (from then on
     /// the health check node ports count towards answering unhealthy), and clears it once they apply
-    /// them.
+    /// them; and when they were last found running the last tables (kube-proxy's last sync, the
+    /// `lastUpdated` of its `/healthz`'s 503), which stays as it was while they are behind.
     #[tokio::test]
     async fn the_live_state_says_since_when_the_workers_are_behind() {
         use std::sync::atomic::Ordering::Relaxed;
@@ -2059,17 +2082,23 @@ services:
             let state = tokio::time::timeout(std::time::Duration::from_secs(10), live.wait_for(pred));
             state.await.unwrap_or_else(|_| panic!("never {what}")).unwrap().workers_behind_since
         };
+        let before = std::time::Instant::now();
         tx.send(file(1)).await.unwrap();
-        assert_eq!(wait(&mut live, "applied", |l| l.applied == 1).await, None);
+        assert_eq!(wait(&mut live, "applied", |l| l.applied == 1 && l.workers_synced_at.is_some()).await, None);
+        let synced = live.borrow().workers_synced_at.unwrap();
+        assert!(synced >= before);
 
         stuck.store(true, Relaxed);
         let before = std::time::Instant::now();
         tx.send(file(2)).await.unwrap();
         let since = wait(&mut live, "behind", |l| l.applied == 2 && l.workers_behind_since.is_some()).await;
         assert!(since.is_some_and(|s| s >= before), "{since:?}");
+        assert_eq!(live.borrow().workers_synced_at, Some(synced), "the last sync, before the update waited");
 
         stuck.store(false, Relaxed);
         assert_eq!(wait(&mut live, "caught up", |l| l.workers_behind_since.is_none()).await, None);
+        let caught_up = live.borrow().workers_synced_at.unwrap();
+        assert!(since.is_some_and(|s| caught_up >= s), "synced again once caught up: {caught_up:?}");
         drop(tx);
         task.await.unwrap();
     }

@@ -43,6 +43,10 @@ pub const PROXY_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 /// Since when the poll loops have not applied the last tables (`None`: they run them).
 pub type BehindSince = watch::Receiver<Option<std::time::Instant>>;
 
+/// When the poll loops were last found running the tables of the last update (`None`: not yet):
+/// kube-proxy's last sync.
+pub type SyncedAt = watch::Receiver<Option<std::time::Instant>>;
+
 /// What each open port answers, by port.
 type Answers = Arc<RwLock<HashMap<u16, NodeHealthCheck>>>;
 
@@ -181,12 +185,18 @@ async fn answer(mut conn: TcpStream, port: u16, answers: Answers, behind: Behind
 /// have left them unapplied less than [`PROXY_HEALTH_TIMEOUT`]) and 503 after, with kube-proxy's
 /// JSON; any other path 404. `/healthz` answers 503 too while the node is not `eligible` (its Node
 /// being deleted or tainted `ToBeDeletedByClusterAutoscaler`: [`super::node`]), with
-/// `"nodeEligible": false`; `/livez` does not look at it. Cloud load balancers check `/healthz` on
+/// `"nodeEligible": false`; `/livez` does not look at it. A 503's `lastUpdated` is when the loops
+/// were last found running the last tables (`synced`). Cloud load balancers check `/healthz` on
 /// every node for their `externalTrafficPolicy: Cluster` Services (GKE; AWS and Azure with
 /// KEP-3458's checks): where `lb` replaces kube-proxy and nothing answered, every node was out of
 /// their rotation. A port that cannot be had (kube-proxy still on it) is logged and tried again
 /// every 2 s.
-pub async fn serve_proxy_healthz(addr: SocketAddr, behind: BehindSince, eligible: watch::Receiver<bool>) {
+pub async fn serve_proxy_healthz(
+    addr: SocketAddr,
+    behind: BehindSince,
+    synced: SyncedAt,
+    eligible: watch::Receiver<bool>,
+) {
     STARTED.get_or_init(std::time::Instant::now);
     let mut warned = false;
     let listener = loop {
@@ -204,11 +214,12 @@ pub async fn serve_proxy_healthz(addr: SocketAddr, behind: BehindSince, eligible
     loop {
         match listener.accept().await {
             Ok((mut conn, _)) => {
-                let (behind, eligible) = (behind.clone(), eligible.clone());
+                let (behind, synced, eligible) = (behind.clone(), synced.clone(), eligible.clone());
                 tokio::spawn(async move {
                     let path = read_path(&mut conn).await;
-                    let (since, eligible) = (*behind.borrow(), *eligible.borrow());
-                    let _ = conn.write_all(proxy_health_response(&path, since, eligible).as_bytes()).await;
+                    let (since, synced, eligible) = (*behind.borrow(), *synced.borrow(), *eligible.borrow());
+                    let answer = proxy_health_response(&path, since, synced, eligible);
+                    let _ = conn.write_all(answer.as_bytes()).await;
                     let _ = conn.shutdown().await;
                 });
             }
@@ -222,11 +233,17 @@ pub async fn serve_proxy_healthz(addr: SocketAddr, behind: BehindSince, eligible
 static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
 /// kube-proxy's `healthzHandler` and `livezHandler` answer to `path`, the poll loops behind since
-/// `since` (`None`: they run the last tables), the node `eligible` or not (pkg/proxy/healthcheck/
+/// `since` (`None`: they run the last tables) and last found running the tables of the last
+/// update at `synced` (`None`: never yet), the node `eligible` or not (pkg/proxy/healthcheck/
 /// proxy_health.go: `/healthz` is healthy only if both, `/livez` ignores eligibility). Times are
 /// written as kube-proxy's `%q` of a Go `time.Time` writes them ([`go_time`]; cloud checks read the
 /// status alone).
-fn proxy_health_response(path: &str, since: Option<std::time::Instant>, eligible: bool) -> String {
+fn proxy_health_response(
+    path: &str,
+    since: Option<std::time::Instant>,
+    synced: Option<std::time::Instant>,
+    eligible: bool,
+) -> String {
     use k8s_openapi::jiff::{SignedDuration, Timestamp};
     let (now, now_mono) = (Timestamp::now(), std::time::Instant::now());
     let started = *STARTED.get_or_init(|| now_mono);
@@ -236,27 +253,28 @@ fn proxy_health_response(path: &str, since: Option<std::time::Instant>, eligible
         None => -SignedDuration::try_from(started.duration_since(at)).unwrap_or(SignedDuration::MAX),
     };
     let healthy = since.is_none_or(|s| now_mono.duration_since(s) < PROXY_HEALTH_TIMEOUT);
-    // (Healthy, kube-proxy reports now as last updated; behind, its last sync, before the update
-    // left waiting: here since when that update waits, as the loops keep no time of their last.)
+    let ok = if path == "/healthz" { healthy && eligible } else { healthy };
+    // kube-proxy's `lastUpdated`: now while it answers 200 (as its older releases, whose sync loop
+    // ran all the time); while it answers 503, behind or not eligible, its last sync (the latest
+    // `Updated`), Go's zero time before the first.
     let current = go_time(now, mono(now_mono));
-    let last = match since {
-        Some(s) if !healthy => {
+    let last = match synced {
+        _ if ok => current.clone(),
+        Some(s) => {
             let wall = SignedDuration::try_from(now_mono.duration_since(s)).ok().and_then(|d| now.checked_sub(d).ok());
             go_time(wall.unwrap_or(now), mono(s))
         }
-        _ => current.clone(),
+        None => "0001-01-01 00:00:00 +0000 UTC".to_string(),
     };
     let now = current;
-    let status = |healthy| if healthy { "200 OK" } else { "503 Service Unavailable" };
+    let status = if ok { "200 OK" } else { "503 Service Unavailable" };
     let (status, ctype, body) = match path {
         "/healthz" => (
-            status(healthy && eligible),
+            status,
             "application/json",
             format!(r#"{{"lastUpdated": "{last}","currentTime": "{now}", "nodeEligible": {eligible}}}"#),
         ),
-        "/livez" => {
-            (status(healthy), "application/json", format!(r#"{{"lastUpdated": "{last}","currentTime": "{now}"}}"#))
-        }
+        "/livez" => (status, "application/json", format!(r#"{{"lastUpdated": "{last}","currentTime": "{now}"}}"#)),
         _ => ("404 Not Found", "text/plain; charset=utf-8", "404 page not found\n".to_string()),
     };
     format!(
@@ -413,7 +431,9 @@ mod tests {
         let port = free_port().await;
         let (behind_tx, behind) = watch::channel(None);
         let (eligible_tx, eligible) = watch::channel(true);
-        let server = tokio::spawn(serve_proxy_healthz(SocketAddr::from(([127, 0, 0, 1], port)), behind, eligible));
+        let (_synced_tx, synced) = watch::channel(Some(std::time::Instant::now()));
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let server = tokio::spawn(serve_proxy_healthz(addr, behind, synced, eligible));
         let get_path = |path: &'static str| async move {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
@@ -472,35 +492,45 @@ mod tests {
         assert!(answer.contains(&format!("\r\nContent-Length: {}\r\n", body.len())), "{answer}");
     }
 
+    /// The JSON body of an HTTP answer.
+    fn body(r: String) -> serde_json::Value {
+        serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap()
+    }
+
+    /// (wall clock, monotonic reading in seconds) of a time as Go writes it.
+    fn read(t: &serde_json::Value) -> (k8s_openapi::jiff::Timestamp, f64) {
+        let t = t.as_str().unwrap();
+        let fields: Vec<&str> = t.split(' ').collect();
+        assert_eq!(fields.len(), 5, "{t}");
+        assert_eq!(fields[2..4], ["+0000", "UTC"], "{t}");
+        let wall = format!("{}T{}Z", fields[0], fields[1]).parse().unwrap_or_else(|e| panic!("{t}: {e}"));
+        let mono = fields[4].strip_prefix("m=").unwrap_or_else(|| panic!("{t}"));
+        let (secs, nanos) = mono.split_once('.').unwrap();
+        assert!(secs.starts_with(['+', '-']) && nanos.len() == 9, "{t}");
+        (wall, mono.parse().unwrap())
+    }
+
+    /// How many seconds `lastUpdated` is behind `currentTime` in `body`, on the wall clock and on
+    /// the monotonic one.
+    fn last_updated_behind(body: &serde_json::Value) -> (f64, f64) {
+        let ((last, last_m), (now, now_m)) = (read(&body["lastUpdated"]), read(&body["currentTime"]));
+        (now.duration_since(last).as_secs_f64(), now_m - last_m)
+    }
+
     /// kube-proxy prints `lastUpdated` and `currentTime` with `%q`, so as Go's `time.Time.String()`
     /// writes them: `2026-12-07 02:07:22.123456789 +0000 UTC m=+3600.000000001`, the wall clock in
     /// the node's zone (UTC in kube-proxy's image), then the monotonic reading. They were RFC 3339.
     #[test]
     fn healthz_times_are_written_as_go_writes_a_time() {
         use k8s_openapi::jiff::Timestamp;
-        let body =
-            |r: String| -> serde_json::Value { serde_json::from_str(r.split("\r\n\r\n").nth(1).unwrap()).unwrap() };
-        // (wall clock, monotonic reading in seconds) of one of the times.
-        let read = |t: &serde_json::Value| -> (Timestamp, f64) {
-            let t = t.as_str().unwrap();
-            let fields: Vec<&str> = t.split(' ').collect();
-            assert_eq!(fields.len(), 5, "{t}");
-            assert_eq!(fields[2..4], ["+0000", "UTC"], "{t}");
-            let wall = format!("{}T{}Z", fields[0], fields[1]).parse().unwrap_or_else(|e| panic!("{t}: {e}"));
-            let mono = fields[4].strip_prefix("m=").unwrap_or_else(|| panic!("{t}"));
-            let (secs, nanos) = mono.split_once('.').unwrap();
-            assert!(secs.starts_with(['+', '-']) && nanos.len() == 9, "{t}");
-            (wall, mono.parse().unwrap())
-        };
-        let healthy = body(proxy_health_response("/healthz", None, true));
+        let healthy = body(proxy_health_response("/healthz", None, None, true));
         assert_eq!(healthy["lastUpdated"], healthy["currentTime"], "healthy: last updated now");
         read(&healthy["currentTime"]);
-        // Behind for 65 s: the last update is that far back on both clocks.
+        // Behind for 65 s, last synced then: the last update is that far back on both clocks.
         let then = std::time::Instant::now().checked_sub(PROXY_HEALTH_TIMEOUT + Duration::from_secs(5)).unwrap();
-        let stuck = body(proxy_health_response("/livez", Some(then), true));
-        let ((last, last_m), (now, now_m)) = (read(&stuck["lastUpdated"]), read(&stuck["currentTime"]));
-        let wall = now.duration_since(last).as_secs_f64();
-        assert!((wall - 65.0).abs() < 1.0 && (now_m - last_m - 65.0).abs() < 1.0, "{stuck}");
+        let stuck = body(proxy_health_response("/livez", Some(then), Some(then), true));
+        let (wall, mono) = last_updated_behind(&stuck);
+        assert!((wall - 65.0).abs() < 1.0 && (mono - 65.0).abs() < 1.0, "{stuck}");
 
         let at: Timestamp = "2026-12-07T02:07:22.1234Z".parse().unwrap();
         assert_eq!(
@@ -516,6 +546,32 @@ mod tests {
             go_time(whole, k8s_openapi::jiff::SignedDuration::ZERO),
             "2026-12-07 02:07:22 +0000 UTC m=+0.000000000"
         );
+    }
+
+    /// While kube-proxy answers 503 its `lastUpdated` is its last sync (proxy_health.go:
+    /// `isHealthy`'s time, its proxiers' latest `Updated`), not when the update left waiting was
+    /// queued: here when the loops were last found running the last tables. So too on `/healthz`
+    /// while the node is only not eligible (its loops fine), and `/livez` then answers 200 with
+    /// now; before any sync, Go's zero time. `lastUpdated` was since when the update waited, and
+    /// now while the node was not eligible.
+    #[test]
+    fn a_503s_last_updated_is_the_last_sync() {
+        let now = std::time::Instant::now();
+        let synced = now.checked_sub(Duration::from_secs(300)).unwrap();
+        let behind = now.checked_sub(PROXY_HEALTH_TIMEOUT + Duration::from_secs(5)).unwrap();
+        let near_300 = |(wall, mono): (f64, f64)| (wall - 300.0).abs() < 1.0 && (mono - 300.0).abs() < 1.0;
+        for path in ["/healthz", "/livez"] {
+            let stuck = proxy_health_response(path, Some(behind), Some(synced), true);
+            assert!(stuck.starts_with("HTTP/1.1 503 "), "{stuck}");
+            assert!(near_300(last_updated_behind(&body(stuck.clone()))), "{path}: {stuck}");
+        }
+        let draining = proxy_health_response("/healthz", None, Some(synced), false);
+        assert!(draining.starts_with("HTTP/1.1 503 "), "{draining}");
+        assert!(near_300(last_updated_behind(&body(draining.clone()))), "{draining}");
+        let live = body(proxy_health_response("/livez", None, Some(synced), false));
+        assert_eq!(live["lastUpdated"], live["currentTime"], "/livez 200: now");
+        let never = body(proxy_health_response("/livez", Some(behind), None, true));
+        assert_eq!(never["lastUpdated"], "0001-01-01 00:00:00 +0000 UTC");
     }
 
     /// While the poll loops have left the last tables unapplied for [`PROXY_HEALTH_TIMEOUT`] the
