@@ -777,9 +777,10 @@ impl<S: TablesSink> Control<S> {
             limits,
             &served,
         );
-        // A probe this update restarts goes on from what the old one last found of its backend
-        // (down, or back up), though that event, queued behind this update and stale once the probe
-        // restarts, is not here.
+        // A backend this update moves to another probe goes on from that probe's verdict: a running
+        // probe's (a Service's new NodePort takes what its cluster IP's probe found), or for a probe
+        // that starts, what the old one last found of its backend (down, or back up), though that
+        // event, queued behind this update and stale once the backend moves, is not here.
         for (target, healthy) in self.health.restarting(&desired) {
             if healthy {
                 down.remove(&target);
@@ -2954,6 +2955,44 @@ services:
         );
         let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: true, generation: new })).unwrap();
         assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Active), "the new probe's is not");
+    }
+
+    /// A service added with the backends and check of one already probed (a Service's NodePort
+    /// beside its cluster IP) shares its probes and takes their verdicts in the tables that first
+    /// serve it: a backend they found down is Draining there at once, rather than taking new flows
+    /// until a probe of its own had failed `fall` times.
+    #[tokio::test]
+    async fn a_service_added_beside_a_probed_one_takes_its_probes_verdicts() {
+        let mut control = Control::new(RecordingSink::default());
+        // Probes go to TEST-NET-2 (RFC 5737), one per hour with fall 3: no transition of their own.
+        let web = checked("1h");
+        let web2 = web.clone()
+            + &web[web.find("  - name: web").unwrap()..].replace("web", "web2").replace("10.0.0.10", "10.0.0.11");
+        let t = control.apply(ControlInput::File(Box::new(parse(&web).unwrap()))).unwrap();
+        let first = t.services()[0].key;
+        let backend = "198.51.100.2:8080".parse().unwrap();
+        let down = control.health.found(&Target { service: first, backend }, false);
+        assert_eq!(down.len(), 1);
+        control.apply(ControlInput::HealthEvents(down)).unwrap();
+
+        let t = control.apply(ControlInput::File(Box::new(parse(&web2).unwrap()))).unwrap();
+        let states = |t: &Tables| -> Vec<_> {
+            t.services()
+                .iter()
+                .map(|s| (s.key.vip.to_string(), s.backends.iter().map(|b| b.state).collect::<Vec<_>>()))
+                .collect()
+        };
+        let expected = [BackendState::Active, BackendState::Draining];
+        assert_eq!(states(&t), [("10.0.0.10".into(), expected.to_vec()), ("10.0.0.11".into(), expected.to_vec())]);
+        let second = Target { service: t.services()[1].key, backend };
+        assert!(control.down.contains(&second) && !control.health.status().lock().unwrap()[&second].healthy);
+        assert!(control.health_rx.try_recv().is_err(), "nothing to tell: the tables agree with the probes");
+
+        // The probe's next transition reaches both services, in one input.
+        let up = control.health.found(&second, true);
+        assert_eq!(up.len(), 2);
+        let t = control.apply(ControlInput::HealthEvents(up)).unwrap();
+        assert!(states(&t).iter().all(|(_, s)| *s == [BackendState::Active; 2]), "{:?}", states(&t));
     }
 
     /// A reload that restarts a probe (its check changed) while the old probe's last transition

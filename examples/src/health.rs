@@ -1,12 +1,40 @@
 //! Health checks of backends, on the control side (tokio), never on the fast path.
 //!
-//! One task per (service, backend) probes at the check's interval: a TCP connect, or an HTTP/1.1 GET
+//! One task per distinct *probe* (a probe address: the backend's address at the check's `port`, or
+//! its own port; and the check) probes at the check's interval: a TCP connect, or an HTTP/1.1 GET
 //! that must answer 2xx or 3xx, each bounded by the timeout. `fall` consecutive failures take a
 //! healthy backend down, `rise` consecutive successes bring it back (as HAProxy and keepalived do);
 //! every transition is logged and counted and sent as a [`HealthEvent`] to the control loop, which
 //! applies [`apply_health`]: a down backend becomes Draining (no new flows, established flows stay)
 //! or is removed (established flows then follow the service's `on_backend_removed`), per the check's
 //! `on_failure`.
+//!
+//! A probe decides every [`Target`] (service, backend) that comes to it: a Kubernetes Service port
+//! is one service per address it is reached on (its cluster IP, each node address of a NodePort,
+//! its load balancer IPs), all with the same backends and check, and a file may list one backend
+//! under several services with the same check. Each endpoint is then probed once per interval, not
+//! once per address, and its targets are always up or down together: a transient failure cannot
+//! take a backend out through a NodePort while its cluster IP still sends to it (and services
+//! whose backends agree can share one Maglev table in lb-core). The probe sends one event per
+//! target on each transition. Its `on_failure` is not part of a probe: it is what the control loop
+//! does with the verdict. The rules as targets come and go:
+//! - a target that joins a probe already running takes the probe's current verdict, so the
+//!   services agree at once ([`HealthChecker::restarting`] tells the caller before it builds; if
+//!   the caller applied another, the probe sends the target an event with its verdict);
+//! - a target that leaves (its service or backend gone, or its check changed) leaves its probe,
+//!   which goes on for the others and stops with the last;
+//! - a target whose check changed joins the probe of its new check, running or new;
+//! - a probe that starts is up, unless one of its targets is known down (see the last paragraph).
+//!
+//! Each time a target joins a probe it gets a new generation ([`HealthChecker::generation`]), so
+//! the events a probe it left had queued for it are stale ([`HealthChecker::is_current`]), even if
+//! it comes back to that probe later.
+//!
+//! Counters are per target, for `/metrics` (`lb_health_check_failures_total{service,backend}`):
+//! every run of a shared probe counts as a probe (and a failure) of each target it decides at the
+//! time, so each target's series reads as if it were probed alone, and a sum over services counts
+//! one connection once per service. A transition counts for each target; a target that moves to a
+//! probe of another verdict counts that change too, one that joins for the first time none.
 //!
 //! A down backend of a UDP service is removed under either policy. A UDP flow has no end but the
 //! UDP timeout, which a client sending from one port more often than that (a DNS forwarder, NTP,
@@ -28,9 +56,9 @@
 //!
 //! Backends start *up*: a restart of the load balancer must not take every backend out of service
 //! for `fall` intervals. [`HealthChecker::sync`] starts and stops probe tasks as services change; a
-//! probe restarted because its check changed goes on from its backend's health (a down backend
-//! needs `rise` successes of the new check), so a reload does not send new flows to a backend
-//! known to be down.
+//! probe started because a backend's check changed goes on from its backend's health (a down
+//! backend needs `rise` successes of the new check), so a reload does not send new flows to a
+//! backend known to be down.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -40,7 +68,7 @@ use std::time::Duration;
 use lb_core::config::{BackendState, Protocol, ServiceKey};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::config::{FailurePolicy, HealthCheck, Probe, ServiceSpec};
@@ -61,8 +89,8 @@ pub struct HealthEvent {
     pub target: Target,
     /// Its new health.
     pub healthy: bool,
-    /// The probe task that saw it ([`HealthChecker::generation`]): an event from a task that has
-    /// since been stopped or restarted is stale ([`HealthChecker::is_current`]).
+    /// The target's generation in the probe that saw it ([`HealthChecker::generation`]): an event
+    /// from a probe the target has since left is stale ([`HealthChecker::is_current`]).
     pub generation: u64,
 }
 
@@ -71,9 +99,9 @@ pub struct HealthEvent {
 pub struct TargetStatus {
     /// Current health.
     pub healthy: bool,
-    /// Probes run.
+    /// Probes run (of a probe shared with other targets, each counts for all of them).
     pub probes: u64,
-    /// Probes failed.
+    /// Probes failed (the same).
     pub failures: u64,
     /// Up -> down transitions.
     pub went_down: u64,
@@ -81,10 +109,9 @@ pub struct TargetStatus {
     pub went_up: u64,
     /// The last failure, for logs and `lb list`.
     pub last_error: Option<String>,
-    /// The probe task that writes this entry ([`HealthChecker::generation`]). A task that finds
-    /// another generation here was replaced (its check changed) while it probed, and stops without
-    /// writing: aborting a task takes effect at its next await, and on a multi-threaded runtime it
-    /// could otherwise write its last result into its successor's fresh entry.
+    /// The target's generation in the probe that writes this entry ([`HealthChecker::generation`]).
+    /// A probe writes only the entries of its own targets' generations: one the target has left
+    /// (its check changed) must not write its last result into the entry of the probe it joined.
     pub generation: u64,
 }
 
@@ -130,20 +157,70 @@ async fn probe_inner(probe: &Probe, addr: SocketAddr) -> Result<(), String> {
     if (200..400).contains(&status) { Ok(()) } else { Err(format!("HTTP status {status}")) }
 }
 
+/// What one probe task probes: a probe address (the backend's address, at the check's `port` or
+/// the backend's own) under one check. Every [`Target`] that comes to the same key shares the task.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct ProbeKey {
+    addr: SocketAddr,
+    /// The check, with its `port` folded into `addr` and its `on_failure` left out: what the
+    /// control loop does with a down backend does not change what the probe finds.
+    check: HealthCheck,
+}
+
+impl ProbeKey {
+    fn of(backend: SocketAddr, check: &HealthCheck) -> Self {
+        let addr = SocketAddr::new(backend.ip(), check.port.unwrap_or(backend.port()));
+        ProbeKey { addr, check: HealthCheck { port: None, on_failure: FailurePolicy::Drain, ..check.clone() } }
+    }
+}
+
+/// One probe's verdict and the targets it decides, shared by the checker and the probe's task.
+#[derive(Debug)]
+struct Verdict {
+    healthy: bool,
+    /// Per target: the generation of its place in this probe ([`HealthChecker::generation`]), and
+    /// the health last reported for it (sent as an event, or the caller's own at
+    /// [`HealthChecker::sync`]). The task sends an event to each whose reported health is not the
+    /// verdict: every one after a transition, and one that joined holding another.
+    members: HashMap<Target, Member>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    generation: u64,
+    reported: bool,
+}
+
+/// A running probe.
+struct ProbeTask {
+    verdict: Arc<Mutex<Verdict>>,
+    /// Wakes the task to report to a target that joined holding another health than its verdict.
+    wake: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
 /// Starts and stops probe tasks as the set of checked backends changes.
 pub struct HealthChecker {
     events: mpsc::Sender<HealthEvent>,
     status: StatusTable,
-    /// Per probed backend: its check, its task's generation, the task.
-    tasks: HashMap<Target, (HealthCheck, u64, JoinHandle<()>)>,
-    /// The generation the next task started gets (never reused).
+    /// One per distinct probe address and check.
+    probes: HashMap<ProbeKey, ProbeTask>,
+    /// Per probed backend: its probe, and its generation there.
+    targets: HashMap<Target, (ProbeKey, u64)>,
+    /// The generation the next target to join a probe gets (never reused).
     next_generation: u64,
 }
 
 impl HealthChecker {
     /// A checker sending transitions to `events`.
     pub fn new(events: mpsc::Sender<HealthEvent>) -> Self {
-        HealthChecker { events, status: StatusTable::default(), tasks: HashMap::new(), next_generation: 1 }
+        HealthChecker {
+            events,
+            status: StatusTable::default(),
+            probes: HashMap::new(),
+            targets: HashMap::new(),
+            next_generation: 1,
+        }
     }
 
     /// The shared status table.
@@ -156,94 +233,156 @@ impl HealthChecker {
         lock(&self.status).iter().filter(|(_, s)| !s.healthy).map(|(t, _)| *t).collect()
     }
 
-    /// The generation of `target`'s probe task, if it is probed.
+    /// The generation of `target`'s place in its probe, if it is probed: new each time it joins
+    /// one (it is probed for the first time, or its check changed).
     pub fn generation(&self, target: &Target) -> Option<u64> {
-        self.tasks.get(target).map(|(_, g, _)| *g)
+        self.targets.get(target).map(|(_, g)| *g)
     }
 
-    /// Whether `event` comes from the task probing its target now. One from a stopped or restarted
-    /// task may still be queued; applied, it would mark a backend down that a new task calls up
-    /// and will report nothing more about until it changes.
+    /// Whether `event` comes from the probe deciding its target now. One from a probe the target
+    /// has since left may still be queued; applied, it would mark a backend down that its probe
+    /// now calls up and will report nothing more about until it changes.
     pub fn is_current(&self, event: &HealthEvent) -> bool {
         self.generation(&event.target) == Some(event.generation)
     }
 
-    /// The backends of `services` whose probe [`sync`](Self::sync) would restart (their check
-    /// changed), with the health this checker's table holds for them (the old probe's last
-    /// verdict): the old probe's last transition may still be queued for the caller, and once the
-    /// probe restarts it is stale and never arrives.
+    /// The backends of `services` that [`sync`](Self::sync) would put in another probe than now
+    /// (new ones whose probe runs already, ones whose check changed), with the health they start
+    /// from there: a running probe's verdict, or for a probe that starts, down if this checker's
+    /// table holds any of its backends down (the last verdict of the probe it leaves). The caller
+    /// applies these before building, so that its tables agree with the probes from the start; the
+    /// old probe's last transition may still be queued for it, and is stale once the target moves.
     pub fn restarting(&self, services: &[ServiceSpec]) -> Vec<(Target, bool)> {
+        let wanted = wanted(services);
         let table = lock(&self.status);
-        wanted(services)
-            .into_iter()
-            .filter(|(target, check)| self.tasks.get(target).is_some_and(|(running, _, _)| running != check))
-            .filter_map(|(target, _)| table.get(&target).map(|s| (target, s.healthy)))
+        let mut starting: HashMap<&ProbeKey, bool> = HashMap::new();
+        for (target, key) in wanted.iter().filter(|(_, key)| !self.probes.contains_key(*key)) {
+            *starting.entry(key).or_insert(true) &= table.get(target).is_none_or(|s| s.healthy);
+        }
+        drop(table);
+        wanted
+            .iter()
+            .filter(|(target, key)| self.targets.get(*target).map(|(k, _)| k) != Some(*key))
+            .filter(|(target, key)| self.targets.contains_key(*target) || self.probes.contains_key(*key))
+            .map(|(target, key)| {
+                let healthy = match self.probes.get(key) {
+                    Some(p) => lock_verdict(&p.verdict).healthy,
+                    None => starting[key],
+                };
+                (*target, healthy)
+            })
             .collect()
     }
 
-    /// Probes exactly the backends of `services` that have a health check: gone ones stop and are
-    /// forgotten; new ones and ones whose check changed start a task of a new generation, up unless
-    /// `down` (the health the caller applies, so that the two agree: an event the old task had
-    /// queued is stale, [`HealthChecker::is_current`]) names them, their counters kept. Must run
-    /// inside tokio.
+    /// Probes exactly the backends of `services` that have a health check, one probe per distinct
+    /// probe address and check: targets that left it leave their probe (and are forgotten if gone),
+    /// a probe left with none stops; a probe that starts is up unless `down` (the health the
+    /// caller applies) names one of its targets; a target joining a probe gets a new generation
+    /// and the probe's verdict, its counters kept, and if `down` gave it another health the probe
+    /// reports the verdict to it. Must run inside tokio.
     pub fn sync(&mut self, services: &[ServiceSpec], down: &HashSet<Target>) {
         let wanted = wanted(services);
-        self.tasks.retain(|target, (check, _, task)| {
-            let keep = wanted.get(target) == Some(check);
+        let leaving: Vec<Target> =
+            self.targets.iter().filter(|(t, (key, _))| wanted.get(*t) != Some(key)).map(|(t, _)| *t).collect();
+        for target in leaving {
+            let Some((key, _)) = self.targets.remove(&target) else { continue };
+            if let Some(p) = self.probes.get(&key) {
+                lock_verdict(&p.verdict).members.remove(&target);
+            }
+            // One still wanted joins another probe below, with this entry's counters.
+            if !wanted.contains_key(&target) {
+                lock(&self.status).remove(&target);
+            }
+        }
+        let wanted_keys: HashSet<&ProbeKey> = wanted.values().collect();
+        self.probes.retain(|key, p| {
+            let keep = wanted_keys.contains(key);
             if !keep {
-                task.abort();
-                // One still wanted restarts below, from this entry's counters.
-                if !wanted.contains_key(target) {
-                    lock(&self.status).remove(target);
-                }
+                p.task.abort();
             }
             keep
         });
-        for (target, check) in wanted {
-            if self.tasks.contains_key(&target) {
+        for key in wanted_keys {
+            if self.probes.contains_key(key) {
+                continue;
+            }
+            let healthy = !wanted.iter().any(|(t, k)| k == key && down.contains(t));
+            let verdict = Arc::new(Mutex::new(Verdict { healthy, members: HashMap::new() }));
+            let wake = Arc::new(Notify::new());
+            let run = run_probe(key.clone(), verdict.clone(), wake.clone(), self.status.clone(), self.events.clone());
+            self.probes.insert(key.clone(), ProbeTask { verdict, wake, task: tokio::spawn(run) });
+        }
+        for (target, key) in wanted {
+            if self.targets.contains_key(&target) {
                 continue;
             }
             let generation = self.next_generation;
             self.next_generation += 1;
-            // The counters go on across a restart: they are Prometheus counters, which a reload
-            // must not send back to zero.
+            let p = &self.probes[&key];
+            let reported = !down.contains(&target);
+            let mut verdict = lock_verdict(&p.verdict);
+            let healthy = verdict.healthy;
+            verdict.members.insert(target, Member { generation, reported });
+            // The counters go on across a move: they are Prometheus counters, which a reload must
+            // not send back to zero. A target that moves to a probe of another verdict changed health.
             let mut table = lock(&self.status);
-            let before = table.remove(&target).unwrap_or_default();
-            let healthy = !down.contains(&target);
-            table.insert(target, TargetStatus { healthy, generation, ..before });
-            drop(table);
-            let probe = Probing { target, generation, healthy, check: check.clone() };
-            let task = tokio::spawn(run_target(probe, self.status.clone(), self.events.clone()));
-            self.tasks.insert(target, (check, generation, task));
+            let mut before = table.remove(&target);
+            if let Some(b) = before.as_mut().filter(|b| b.healthy != healthy) {
+                if healthy {
+                    b.went_up += 1;
+                } else {
+                    b.went_down += 1;
+                }
+            }
+            table.insert(target, TargetStatus { healthy, generation, ..before.unwrap_or_default() });
+            drop((table, verdict));
+            if reported != healthy {
+                p.wake.notify_one();
+            }
+            self.targets.insert(target, (key, generation));
         }
+    }
+    /// Makes `target`'s probe find its backend `healthy`, as its task does on a transition: the
+    /// table entries of the probe's targets, then the events it would send them (returned, not sent).
+    #[cfg(test)]
+    pub(crate) fn found(&self, target: &Target, healthy: bool) -> Vec<HealthEvent> {
+        let Some((key, _)) = self.targets.get(target) else { return Vec::new() };
+        let mut verdict = lock_verdict(&self.probes[key].verdict);
+        verdict.healthy = healthy;
+        let mut table = lock(&self.status);
+        let mut events = Vec::new();
+        for (t, m) in &mut verdict.members {
+            let Some(s) = table.get_mut(t).filter(|s| s.healthy != healthy) else { continue };
+            s.healthy = healthy;
+            if healthy {
+                s.went_up += 1;
+            } else {
+                s.went_down += 1;
+            }
+            m.reported = healthy;
+            events.push(HealthEvent { target: *t, healthy, generation: m.generation });
+        }
+        events
     }
 }
 
-/// Every checked backend of `services` with its check.
-fn wanted(services: &[ServiceSpec]) -> HashMap<Target, HealthCheck> {
+/// Every checked backend of `services` with its probe.
+fn wanted(services: &[ServiceSpec]) -> HashMap<Target, ProbeKey> {
     let mut wanted = HashMap::new();
     for s in services {
         let Some(check) = &s.health_check else { continue };
         for b in &s.config.backends {
-            wanted.insert(Target { service: s.config.key, backend: SocketAddr::new(b.addr, b.port) }, check.clone());
+            let backend = SocketAddr::new(b.addr, b.port);
+            wanted.insert(Target { service: s.config.key, backend }, ProbeKey::of(backend, check));
         }
     }
     wanted
 }
 
-/// What one probe task probes.
-struct Probing {
-    target: Target,
-    generation: u64,
-    /// The health it starts from.
-    healthy: bool,
-    check: HealthCheck,
-}
-
 impl Drop for HealthChecker {
     fn drop(&mut self) {
-        for (_, _, task) in self.tasks.values() {
-            task.abort();
+        for p in self.probes.values() {
+            p.task.abort();
         }
     }
 }
@@ -253,49 +392,88 @@ fn lock(t: &StatusTable) -> std::sync::MutexGuard<'_, HashMap<Target, TargetStat
     t.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn run_target(probing: Probing, status: StatusTable, events: mpsc::Sender<HealthEvent>) {
-    let Probing { target, generation, healthy, check } = probing;
-    let addr = SocketAddr::new(target.backend.ip(), check.port.unwrap_or(target.backend.port()));
+/// Locked before the status table wherever both are.
+fn lock_verdict(v: &Mutex<Verdict>) -> std::sync::MutexGuard<'_, Verdict> {
+    v.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn run_probe(
+    key: ProbeKey,
+    verdict: Arc<Mutex<Verdict>>,
+    wake: Arc<Notify>,
+    status: StatusTable,
+    events: mpsc::Sender<HealthEvent>,
+) {
+    let ProbeKey { addr, check } = key;
     let mut tick = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut healthy, mut streak) = (healthy, 0u32);
+    let mut streak = 0u32;
     loop {
-        tick.tick().await;
-        let result = probe(&check, addr).await;
-        // Count consecutive results against the current state: failures while up, successes while down.
-        if result.is_ok() == healthy {
-            streak = 0;
-        } else {
-            streak += 1;
-        }
-        let flip = streak >= if healthy { check.fall } else { check.rise };
-        {
-            let mut table = lock(&status);
-            // Stopped by sync, or replaced by a task of another generation.
-            let Some(s) = table.get_mut(&target).filter(|s| s.generation == generation) else { return };
-            s.probes += 1;
-            if let Err(e) = &result {
-                s.failures += 1;
-                s.last_error = Some(e.clone());
-            }
-            if flip {
-                healthy = !healthy;
-                streak = 0;
-                s.healthy = healthy;
-                if healthy {
-                    s.went_up += 1;
+        tokio::select! {
+            _ = tick.tick() => {
+                let result = probe(&check, addr).await;
+                let mut v = lock_verdict(&verdict);
+                // Count consecutive results against the verdict: failures while up, successes while down.
+                if result.is_ok() == v.healthy {
+                    streak = 0;
                 } else {
-                    s.went_down += 1;
+                    streak += 1;
+                }
+                let flip = streak >= if v.healthy { check.fall } else { check.rise };
+                if flip {
+                    v.healthy = !v.healthy;
+                    streak = 0;
+                }
+                let mut table = lock(&status);
+                for (target, m) in &v.members {
+                    // An entry of another generation belongs to a probe the target joined since.
+                    let Some(s) = table.get_mut(target).filter(|s| s.generation == m.generation) else { continue };
+                    s.probes += 1;
+                    if let Err(e) = &result {
+                        s.failures += 1;
+                        s.last_error = Some(e.clone());
+                    }
+                    if flip {
+                        s.healthy = v.healthy;
+                        if v.healthy {
+                            s.went_up += 1;
+                        } else {
+                            s.went_down += 1;
+                        }
+                    }
+                }
+                drop(table);
+                if flip {
+                    let mut targets: Vec<String> =
+                        v.members.keys().map(|t| format!("{} {}", t.service, t.backend)).collect();
+                    targets.sort_unstable();
+                    let targets = targets.join(", ");
+                    if v.healthy {
+                        tracing::info!(probe = %addr, %targets, "backend recovered: {} successful probes", check.rise);
+                    } else {
+                        let error = result.as_ref().err().map(String::as_str).unwrap_or("");
+                        tracing::warn!(probe = %addr, %targets, error, "backend failed: {} failed probes", check.fall);
+                    }
                 }
             }
+            () = wake.notified() => {}
         }
-        if flip {
-            if healthy {
-                tracing::info!(service = %target.service, backend = %target.backend, "backend recovered: {} successful probes", check.rise);
-            } else {
-                tracing::warn!(service = %target.service, backend = %target.backend, error = result.as_ref().err().map(String::as_str).unwrap_or(""), "backend failed: {} failed probes", check.fall);
-            }
-            if events.send(HealthEvent { target, healthy, generation }).await.is_err() {
+        // Every target whose reported health is not the verdict hears it, from this one task, so
+        // a target's events arrive in the order its probe saw them.
+        let pending: Vec<HealthEvent> = {
+            let mut v = lock_verdict(&verdict);
+            let healthy = v.healthy;
+            v.members
+                .iter_mut()
+                .filter(|(_, m)| m.reported != healthy)
+                .map(|(target, m)| {
+                    m.reported = healthy;
+                    HealthEvent { target: *target, healthy, generation: m.generation }
+                })
+                .collect()
+        };
+        for e in pending {
+            if events.send(e).await.is_err() {
                 return;
             }
         }
@@ -390,23 +568,147 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("no health event").expect("closed")
     }
 
-    /// A probe task whose entry a newer task took over (sync replaced it while it probed) stops at
-    /// its next result without writing into the newer entry.
+    /// `s` at another address (a Service's NodePort beside its cluster IP, say).
+    fn on_vip(mut s: ServiceSpec, vip: &str) -> ServiceSpec {
+        s.config.key.vip = vip.parse().unwrap();
+        s
+    }
+
+    fn target(s: &ServiceSpec) -> Target {
+        let b = &s.config.backends[0];
+        Target { service: s.config.key, backend: SocketAddr::new(b.addr, b.port) }
+    }
+
+    /// A probe writes only the status entries of its targets' own generations: one its target has
+    /// since taken to another probe is left alone.
     #[tokio::test]
-    async fn a_replaced_probe_task_leaves_its_successors_status_alone() {
+    async fn a_probe_leaves_the_entry_of_a_target_that_moved_alone() {
         // A port with no listener: every probe fails at once, and fall 1 flips at the first.
         let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        let target = Target { service: service(addr, check(Probe::Tcp)).config.key, backend: addr };
+        let target = target(&service(addr, check(Probe::Tcp)));
         let status = StatusTable::default();
         let fresh = TargetStatus { healthy: true, generation: 2, ..Default::default() };
         lock(&status).insert(target, fresh.clone());
         let (tx, mut rx) = mpsc::channel(8);
-        let old = Probing { target, generation: 1, healthy: true, check: HealthCheck { fall: 1, ..check(Probe::Tcp) } };
-        tokio::time::timeout(Duration::from_secs(30), run_target(old, status.clone(), tx))
-            .await
-            .expect("the replaced task stops");
-        assert_eq!(lock(&status)[&target], fresh, "the successor's entry is untouched");
-        assert!(rx.try_recv().is_err(), "and no event was sent");
+        let members = HashMap::from([(target, Member { generation: 1, reported: true })]);
+        let verdict = Arc::new(Mutex::new(Verdict { healthy: true, members }));
+        let key = ProbeKey::of(addr, &HealthCheck { fall: 1, ..check(Probe::Tcp) });
+        let task = tokio::spawn(run_probe(key, verdict, Arc::new(Notify::new()), status.clone(), tx));
+        // The event (stale for the caller) follows the probe's table update.
+        assert_eq!(next(&mut rx).await, HealthEvent { target, healthy: false, generation: 1 });
+        task.abort();
+        assert_eq!(lock(&status)[&target], fresh, "the other probe's entry is untouched");
+    }
+
+    /// Two services with the same backend and check (a Service's cluster IP and its NodePort, say)
+    /// share one probe: one connection per interval, not one per service, and each hears the
+    /// probe's transitions.
+    #[tokio::test]
+    async fn services_with_the_same_backend_and_check_are_probed_once() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Probed once an hour: the first probe runs at once, the next long after the test. Both
+        // start down with rise 1, so that first probe is a transition each service hears.
+        let hourly = HealthCheck { interval: Duration::from_secs(3600), rise: 1, ..check(Probe::Tcp) };
+        let services = [service(addr, hourly.clone()), on_vip(service(addr, hourly), "10.0.0.2")];
+        let targets = [target(&services[0]), target(&services[1])];
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut hc = HealthChecker::new(tx);
+        hc.sync(&services, &HashSet::from(targets));
+        let mut up = [next(&mut rx).await, next(&mut rx).await];
+        up.sort_by_key(|e| e.target);
+        let generation = |t: &Target| hc.generation(t).unwrap();
+        assert_eq!(up, targets.map(|target| HealthEvent { target, healthy: true, generation: generation(&target) }));
+        // Every probe that reported has connected: the kernel's accept queue holds each connection.
+        let mut connections = 0;
+        loop {
+            match listener.accept() {
+                Ok(_) => connections += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        assert_eq!(connections, 1, "one probe for both services");
+        let status = hc.status().lock().unwrap().clone();
+        for t in targets {
+            assert_eq!((status[&t].healthy, status[&t].probes, status[&t].went_up), (true, 1, 1), "{t:?}");
+        }
+    }
+
+    /// Services sharing a probe go down together: one event each, with the same verdict, and the
+    /// same counters (each probe counts for both).
+    #[tokio::test]
+    async fn services_sharing_a_probe_go_down_together() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let services = [service(addr, check(Probe::Tcp)), on_vip(service(addr, check(Probe::Tcp)), "10.0.0.2")];
+        let targets = [target(&services[0]), target(&services[1])];
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut hc = HealthChecker::new(tx);
+        hc.sync(&services, &HashSet::new());
+        drop(listener);
+        let mut down = [next(&mut rx).await, next(&mut rx).await];
+        down.sort_by_key(|e| e.target);
+        let generation = |t: &Target| hc.generation(t).unwrap();
+        assert_eq!(down, targets.map(|target| HealthEvent { target, healthy: false, generation: generation(&target) }));
+        let status = hc.status().lock().unwrap().clone();
+        let [a, b] = targets.map(|t| status[&t].clone());
+        assert_eq!((a.healthy, a.went_down), (false, 1));
+        assert_eq!(TargetStatus { generation: 0, ..a }, TargetStatus { generation: 0, ..b }, "one verdict, one count");
+    }
+
+    /// A service that comes with the backend and check of a running probe (a NodePort added to a
+    /// Service already served) takes the probe's verdict at once: [`HealthChecker::restarting`]
+    /// tells the caller before it builds, and one the caller gave another health hears the verdict
+    /// from the probe. A service that leaves leaves the probe to the others; one whose check
+    /// changes moves to a probe of its own.
+    #[tokio::test]
+    async fn a_service_joining_a_running_probe_takes_its_verdict() {
+        // A port with no listener, probed once an hour: the first probe fails and fall 1 takes the
+        // backend down at once; nothing else happens during the test.
+        let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let hourly = HealthCheck { interval: Duration::from_secs(3600), fall: 1, ..check(Probe::Tcp) };
+        let [a, b, c] = ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|vip| on_vip(service(addr, hourly.clone()), vip));
+        let [ta, tb, tc] = [&a, &b, &c].map(target);
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut hc = HealthChecker::new(tx);
+        hc.sync(std::slice::from_ref(&a), &HashSet::new());
+        assert_eq!(
+            next(&mut rx).await,
+            HealthEvent { target: ta, healthy: false, generation: hc.generation(&ta).unwrap() }
+        );
+
+        let two = [a.clone(), b.clone()];
+        assert_eq!(hc.restarting(&two), [(tb, false)], "b joins a's probe, which finds the backend down");
+        hc.sync(&two, &HashSet::from([ta, tb]));
+        let s = hc.status().lock().unwrap()[&tb].clone();
+        assert_eq!((s.healthy, s.probes, s.went_down), (false, 0, 0), "down without a probe of its own");
+
+        // c's caller holds it up (the probe turned between `restarting` and `sync`, say): the probe
+        // tells it.
+        let three = [a.clone(), b.clone(), c.clone()];
+        hc.sync(&three, &HashSet::from([ta, tb]));
+        assert!(!hc.status().lock().unwrap()[&tc].healthy);
+        assert_eq!(
+            next(&mut rx).await,
+            HealthEvent { target: tc, healthy: false, generation: hc.generation(&tc).unwrap() }
+        );
+
+        // a leaves: the probe goes on for b and c, their generations kept.
+        let (gb, gc) = (hc.generation(&tb), hc.generation(&tc));
+        hc.sync(&[b.clone(), c.clone()], &HashSet::from([tb, tc]));
+        assert_eq!((hc.probes.len(), hc.generation(&ta), hc.generation(&tb), hc.generation(&tc)), (1, None, gb, gc));
+        assert!(!hc.status().lock().unwrap().contains_key(&ta));
+
+        // c's check changes: it moves to a probe of its own, from its health, with a new generation.
+        let c2 = on_vip(service(addr, HealthCheck { fall: 2, ..hourly }), "10.0.0.3");
+        let moved = [b, c2];
+        assert_eq!(hc.restarting(&moved), [(tc, false)]);
+        hc.sync(&moved, &HashSet::from([tb, tc]));
+        assert_eq!(hc.probes.len(), 2);
+        assert!(hc.generation(&tc).is_some() && hc.generation(&tc) != gc && hc.generation(&tb) == gb);
+        assert!(!hc.status().lock().unwrap()[&tc].healthy);
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@ use lb_core::config::{ForwardMode, NodeConfig, SchedulerKind, ServiceConfig, Spe
 pub use file::{ConfigError, FieldError};
 
 /// A health probe for every backend of one service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HealthCheck {
     /// What the probe does.
     pub probe: Probe,
@@ -56,7 +56,7 @@ impl HealthCheck {
 }
 
 /// The kind of health probe.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Probe {
     /// A TCP connect that completes within the timeout.
     Tcp,
@@ -69,7 +69,7 @@ pub enum Probe {
 
 /// What a backend that failed its health check becomes. Neither applies while every backend of the
 /// service that would take new flows is down: the service then fails open (`health`'s module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum FailurePolicy {
     /// Draining: no new flows, established flows stay (the safe default for TCP). In a UDP service,
     /// removed as by [`FailurePolicy::Remove`]: a UDP flow whose client keeps sending never idles
