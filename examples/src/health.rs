@@ -1,8 +1,9 @@
 //! Health checks of backends, on the control side (tokio), never on the fast path.
 //!
 //! One task per distinct *probe* (a probe address: the backend's address at the check's `port`, or
-//! its own port; and the check) probes at the check's interval: a TCP connect, or an HTTP/1.1 GET
-//! that must answer 2xx or 3xx, each bounded by the timeout. `fall` consecutive failures take a
+//! its own port; and the check) probes at the check's interval, first at a phase drawn from the
+//! probe so that probes started together do not all connect at once: a TCP connect, or an HTTP/1.1
+//! GET that must answer 2xx or 3xx, each bounded by the timeout. `fall` consecutive failures take a
 //! healthy backend down, `rise` consecutive successes bring it back (as HAProxy and keepalived do);
 //! every transition is logged and counted and sent as a [`HealthEvent`] to the control loop, which
 //! applies [`apply_health`]: a down backend becomes Draining (no new flows, established flows stay)
@@ -61,6 +62,7 @@
 //! backend known to be down.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -172,7 +174,28 @@ impl ProbeKey {
         let addr = SocketAddr::new(backend.ip(), check.port.unwrap_or(backend.port()));
         ProbeKey { addr, check: HealthCheck { port: None, on_failure: FailurePolicy::Drain, ..check.clone() } }
     }
+
+    /// How long after its start the probe first fires (then every interval): a whole millisecond
+    /// of `[0, min(interval, MAX_PHASE))` drawn from a hash of the key, so that probes started together
+    /// (every one at a start, many at a reload) do not all connect in the same instant of every
+    /// interval, as HAProxy's `spread-checks` and Envoy's `initial_jitter` spread theirs. The same
+    /// key gets the same phase, in every run of the same build.
+    fn phase(&self) -> Duration {
+        // Whole milliseconds: tokio's timers have no finer resolution.
+        let span = u64::try_from(self.check.interval.min(MAX_PHASE).as_millis()).unwrap_or(u64::MAX);
+        let mut h = std::hash::DefaultHasher::new();
+        self.hash(&mut h);
+        Duration::from_millis(h.finish().checked_rem(span).unwrap_or(0))
+    }
 }
+
+/// The most a probe's first run waits for its phase ([`ProbeKey::phase`]). Spread over the whole
+/// interval, a check of a long interval (up to an hour) would leave a backend that is down when it
+/// is added, or when the load balancer starts (backends start up), serving new flows for up to that
+/// long before its first probe; spread over a few seconds, starts and reloads already come as a
+/// trickle of connects rather than a burst, and a probe's first verdict comes within
+/// `fall` intervals plus a few seconds.
+const MAX_PHASE: Duration = Duration::from_secs(5);
 
 /// One probe's verdict and the targets it decides, shared by the checker and the probe's task.
 #[derive(Debug)]
@@ -404,8 +427,9 @@ async fn run_probe(
     status: StatusTable,
     events: mpsc::Sender<HealthEvent>,
 ) {
+    let first = tokio::time::Instant::now() + key.phase();
     let ProbeKey { addr, check } = key;
-    let mut tick = tokio::time::interval(check.interval.max(Duration::from_millis(1)));
+    let mut tick = tokio::time::interval_at(first, check.interval.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut streak = 0u32;
     loop {
@@ -603,13 +627,14 @@ mod tests {
     /// Two services with the same backend and check (a Service's cluster IP and its NodePort, say)
     /// share one probe: one connection per interval, not one per service, and each hears the
     /// probe's transitions.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn services_with_the_same_backend_and_check_are_probed_once() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        // Probed once an hour: the first probe runs at once, the next long after the test. Both
-        // start down with rise 1, so that first probe is a transition each service hears.
+        // Probed once an hour: the first probe at its phase (time is paused: the test waits for
+        // nothing), the next long after the test. Both start down with rise 1, so that first probe
+        // is a transition each service hears.
         let hourly = HealthCheck { interval: Duration::from_secs(3600), rise: 1, ..check(Probe::Tcp) };
         let services = [service(addr, hourly.clone()), on_vip(service(addr, hourly), "10.0.0.2")];
         let targets = [target(&services[0]), target(&services[1])];
@@ -663,10 +688,11 @@ mod tests {
     /// tells the caller before it builds, and one the caller gave another health hears the verdict
     /// from the probe. A service that leaves leaves the probe to the others; one whose check
     /// changes moves to a probe of its own.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_service_joining_a_running_probe_takes_its_verdict() {
-        // A port with no listener, probed once an hour: the first probe fails and fall 1 takes the
-        // backend down at once; nothing else happens during the test.
+        // A port with no listener, probed once an hour (time is paused: the first probe's phase
+        // passes at once): the first probe fails and fall 1 takes the backend down; nothing else
+        // happens during the test.
         let addr = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         let hourly = HealthCheck { interval: Duration::from_secs(3600), fall: 1, ..check(Probe::Tcp) };
         let [a, b, c] = ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|vip| on_vip(service(addr, hourly.clone()), vip));
@@ -709,6 +735,71 @@ mod tests {
         assert_eq!(hc.probes.len(), 2);
         assert!(hc.generation(&tc).is_some() && hc.generation(&tc) != gc && hc.generation(&tb) == gb);
         assert!(!hc.status().lock().unwrap()[&tc].healthy);
+    }
+
+    /// Probes started together first fire at distinct points of their interval, each at its key's
+    /// phase, and then every interval: connects come as a trickle, not a burst each interval.
+    #[tokio::test(start_paused = true)]
+    async fn probes_started_together_are_spread_over_their_interval() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let at = tokio::time::Instant::now();
+                let mut buf = [0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).to_string();
+                let _ = seen_tx.send((req.split_whitespace().nth(1).unwrap_or_default().to_string(), at));
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+            }
+        });
+        // Eight probes of one backend, one per path, every 4 s (below MAX_PHASE: spread over all of it).
+        let interval = Duration::from_secs(4);
+        let services: Vec<ServiceSpec> = (0..8)
+            .map(|i| {
+                let c = HealthCheck { interval, ..check(Probe::Http { path: format!("/{i}") }) };
+                on_vip(service(addr, c), &format!("10.0.0.{}", i + 1))
+            })
+            .collect();
+        let (tx, _rx) = mpsc::channel(8);
+        let mut hc = HealthChecker::new(tx);
+        let start = tokio::time::Instant::now();
+        hc.sync(&services, &HashSet::new());
+        let (mut first, mut second) = (HashMap::new(), HashMap::new());
+        while second.len() < services.len() {
+            let (path, at) = seen.recv().await.unwrap();
+            if let Some(f) = first.get(&path) {
+                second.entry(path).or_insert(at - *f);
+            } else {
+                first.insert(path, at);
+            }
+        }
+        for (i, s) in services.iter().enumerate() {
+            let path = format!("/{i}");
+            assert_eq!(first[&path] - start, ProbeKey::of(addr, s.health_check.as_ref().unwrap()).phase(), "{path}");
+            assert_eq!(second[&path], interval, "{path}: then every interval");
+        }
+        let offsets: BTreeSet<Duration> = first.values().map(|at| *at - start).collect();
+        assert_eq!(offsets.len(), services.len(), "distinct offsets: {offsets:?}");
+        assert!(offsets.iter().all(|o| *o < interval), "{offsets:?}");
+    }
+
+    /// Phases spread evenly over the interval, and never past MAX_PHASE, however long the interval.
+    #[test]
+    fn phases_spread_evenly_and_are_capped() {
+        let every_2s = HealthCheck { interval: Duration::from_secs(2), ..check(Probe::Tcp) };
+        let hourly = HealthCheck { interval: Duration::from_secs(3600), ..check(Probe::Tcp) };
+        let mut tenths = [0u32; 10];
+        for i in 0..1000u16 {
+            let [hi, lo] = i.to_be_bytes();
+            let backend = SocketAddr::from(([10, 0, hi, lo], 80));
+            let phase = ProbeKey::of(backend, &every_2s).phase();
+            tenths[usize::try_from(phase.as_millis() / 200).unwrap()] += 1;
+            assert!(ProbeKey::of(backend, &hourly).phase() < MAX_PHASE);
+        }
+        assert!(tenths.iter().all(|n| (60..=140).contains(n)), "{tenths:?}");
     }
 
     #[tokio::test]
