@@ -270,9 +270,9 @@ impl HealthChecker {
     }
 
     /// The backends of `services` that [`sync`](Self::sync) would put in another probe than now
-    /// (new ones whose probe runs already, ones whose check changed), with the health they start
-    /// from there: a running probe's verdict, or for a probe that starts, down if this checker's
-    /// table holds any of its backends down (the last verdict of the probe it leaves). The caller
+    /// (new ones, ones whose check changed), with the health they start from there: a running
+    /// probe's verdict, or for a probe that starts, down if this checker's table holds any of its
+    /// backends down (the last verdict of the probe one leaves), else up. The caller
     /// applies these before building, so that its tables agree with the probes from the start; the
     /// old probe's last transition may still be queued for it, and is stale once the target moves.
     pub fn restarting(&self, services: &[ServiceSpec]) -> Vec<(Target, bool)> {
@@ -286,7 +286,6 @@ impl HealthChecker {
         wanted
             .iter()
             .filter(|(target, key)| self.targets.get(*target).map(|(k, _)| k) != Some(*key))
-            .filter(|(target, key)| self.targets.contains_key(*target) || self.probes.contains_key(*key))
             .map(|(target, key)| {
                 let healthy = match self.probes.get(key) {
                     Some(p) => lock_verdict(&p.verdict).healthy,
@@ -687,7 +686,7 @@ mod tests {
     /// Service already served) takes the probe's verdict at once: [`HealthChecker::restarting`]
     /// tells the caller before it builds, and one the caller gave another health hears the verdict
     /// from the probe. A service that leaves leaves the probe to the others; one whose check
-    /// changes moves to a probe of its own.
+    /// changes moves to a probe of its own, which a new service with the same check joins.
     #[tokio::test(start_paused = true)]
     async fn a_service_joining_a_running_probe_takes_its_verdict() {
         // A port with no listener, probed once an hour (time is paused: the first probe's phase
@@ -728,13 +727,19 @@ mod tests {
         assert!(!hc.status().lock().unwrap().contains_key(&ta));
 
         // c's check changes: it moves to a probe of its own, from its health, with a new generation.
-        let c2 = on_vip(service(addr, HealthCheck { fall: 2, ..hourly }), "10.0.0.3");
-        let moved = [b, c2];
-        assert_eq!(hc.restarting(&moved), [(tc, false)]);
-        hc.sync(&moved, &HashSet::from([tb, tc]));
+        let c2 = on_vip(service(addr, HealthCheck { fall: 2, ..hourly.clone() }), "10.0.0.3");
+        // A new service with that check starts with it, down: the probe starts from c's health.
+        let d = on_vip(service(addr, HealthCheck { fall: 2, ..hourly }), "10.0.0.4");
+        let td = target(&d);
+        let moved = [b, c2, d];
+        let mut restarting = hc.restarting(&moved);
+        restarting.sort();
+        assert_eq!(restarting, [(tc, false), (td, false)]);
+        hc.sync(&moved, &HashSet::from([tb, tc, td]));
         assert_eq!(hc.probes.len(), 2);
         assert!(hc.generation(&tc).is_some() && hc.generation(&tc) != gc && hc.generation(&tb) == gb);
-        assert!(!hc.status().lock().unwrap()[&tc].healthy);
+        let status = hc.status().lock().unwrap().clone();
+        assert!(!status[&tc].healthy && !status[&td].healthy);
     }
 
     /// Probes started together first fire at distinct points of their interval, each at its key's
