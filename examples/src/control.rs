@@ -674,9 +674,9 @@ impl<S: TablesSink> Control<S> {
         };
         let mut events = Vec::with_capacity(health.len());
         for e in health {
-            // An event from a probe task since stopped or restarted is stale: its target, if still
-            // probed, goes on under a new task from the health applied here, and that task reports
-            // only changes from there.
+            // An event from a probe its target has since left is stale: the target, if still
+            // probed, goes on in another probe from the health applied here (that probe's
+            // verdict), and that probe reports only changes from there.
             if !self.health.is_current(&e) {
                 tracing::debug!(service = %e.target.service, backend = %e.target.backend, "stale health event ignored");
                 continue;
@@ -2934,10 +2934,10 @@ services:
         let first = control.apply(ControlInput::File(file("1h"))).unwrap();
         let target = Target { service: first.services()[0].key, backend: "198.51.100.2:8080".parse().unwrap() };
         let old = control.health.generation(&target).expect("probed");
-        // The old probe finds the backend down, as run_target does: the table first, then the event.
-        control.health.status().lock().unwrap().get_mut(&target).unwrap().healthy = false;
-        let down = HealthEvent { target, healthy: false, generation: old };
-        let t = control.apply(ControlInput::Health(down)).unwrap();
+        // The old probe finds the backend down: the table first, then the event.
+        let down = control.health.found(&target, false);
+        assert_eq!(down, [HealthEvent { target, healthy: false, generation: old }]);
+        let t = control.apply(ControlInput::HealthEvents(down)).unwrap();
         assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining));
 
         let t = control.apply(ControlInput::File(file("30m"))).unwrap();
@@ -3007,15 +3007,9 @@ services:
         let file = |interval: &str| Box::new(parse(&checked(interval)).unwrap());
         let first = control.apply(ControlInput::File(file("1h"))).unwrap();
         let target = Target { service: first.services()[0].key, backend: "198.51.100.2:8080".parse().unwrap() };
-        // The old probe finds the backend down, as run_target does: the table first, then the event,
-        // which the reload below overtakes.
-        {
-            let status = control.health.status();
-            let mut table = status.lock().unwrap();
-            let s = table.get_mut(&target).unwrap();
-            s.healthy = false;
-            s.went_down += 1;
-        }
+        // The old probe finds the backend down: the table first, then the event, which the reload
+        // below overtakes.
+        assert_eq!(control.health.found(&target, false).len(), 1);
 
         let t = control.apply(ControlInput::File(file("30m"))).unwrap();
         assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining), "still down");
@@ -3037,21 +3031,12 @@ services:
         let old = control.health.generation(&target).expect("probed");
         // The old probe finds the backend down (the table, then the event, applied) ...
         let status = control.health.status();
-        {
-            let mut table = status.lock().unwrap();
-            let s = table.get_mut(&target).unwrap();
-            s.healthy = false;
-            s.went_down += 1;
-        }
-        let t = control.apply(ControlInput::Health(HealthEvent { target, healthy: false, generation: old })).unwrap();
+        let down = control.health.found(&target, false);
+        assert_eq!(down, [HealthEvent { target, healthy: false, generation: old }]);
+        let t = control.apply(ControlInput::HealthEvents(down)).unwrap();
         assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Draining));
         // ... then back up: the table, then the event, which the reload below overtakes.
-        {
-            let mut table = status.lock().unwrap();
-            let s = table.get_mut(&target).unwrap();
-            s.healthy = true;
-            s.went_up += 1;
-        }
+        assert_eq!(control.health.found(&target, true).len(), 1);
 
         let t = control.apply(ControlInput::File(file("30m"))).unwrap();
         assert_eq!(backends(&t)[1], ("198.51.100.2:8080".into(), BackendState::Active), "back up");
