@@ -176,10 +176,10 @@ impl ProbeKey {
     }
 
     /// How long after its start the probe first fires (then every interval): a whole millisecond
-    /// of `[0, min(interval, MAX_PHASE))` drawn from a hash of the key, so that probes started together
-    /// (every one at a start, many at a reload) do not all connect in the same instant of every
-    /// interval, as HAProxy's `spread-checks` and Envoy's `initial_jitter` spread theirs. The same
-    /// key gets the same phase, in every run of the same build.
+    /// of `[0, min(interval, MAX_PHASE))` drawn from a hash of the key, so that probes started
+    /// together (every one at a start, many at a reload) do not all connect in the same instant of
+    /// every interval, as HAProxy's `spread-checks` and Envoy's `initial_jitter` spread theirs. The
+    /// same key gets the same phase, in every run of the same build.
     fn phase(&self) -> Duration {
         // Whole milliseconds: tokio's timers have no finer resolution.
         let span = u64::try_from(self.check.interval.min(MAX_PHASE).as_millis()).unwrap_or(u64::MAX);
@@ -289,7 +289,7 @@ impl HealthChecker {
             .map(|(target, key)| {
                 let healthy = match self.probes.get(key) {
                     Some(p) => lock_verdict(&p.verdict).healthy,
-                    None => starting[key],
+                    None => starting.get(key).copied().unwrap_or(true),
                 };
                 (*target, healthy)
             })
@@ -346,7 +346,8 @@ impl HealthChecker {
             let healthy = verdict.healthy;
             verdict.members.insert(target, Member { generation, reported });
             // The counters go on across a move: they are Prometheus counters, which a reload must
-            // not send back to zero. A target that moves to a probe of another verdict changed health.
+            // not send back to zero. A target that moves to a probe of another verdict changed
+            // health.
             let mut table = lock(&self.status);
             let mut before = table.remove(&target);
             if let Some(b) = before.as_mut().filter(|b| b.healthy != healthy) {
@@ -365,7 +366,8 @@ impl HealthChecker {
         }
     }
     /// Makes `target`'s probe find its backend `healthy`, as its task does on a transition: the
-    /// table entries of the probe's targets, then the events it would send them (returned, not sent).
+    /// table entries of the probe's targets, then the events it would send them (returned, not
+    /// sent).
     #[cfg(test)]
     pub(crate) fn found(&self, target: &Target, healthy: bool) -> Vec<HealthEvent> {
         let Some((key, _)) = self.targets.get(target) else { return Vec::new() };
@@ -436,7 +438,8 @@ async fn run_probe(
             _ = tick.tick() => {
                 let result = probe(&check, addr).await;
                 let mut v = lock_verdict(&verdict);
-                // Count consecutive results against the verdict: failures while up, successes while down.
+                // Count consecutive results against the verdict: failures while up, successes while
+                // down.
                 if result.is_ok() == v.healthy {
                     streak = 0;
                 } else {
