@@ -119,14 +119,13 @@ impl Lookahead {
     }
 
     /// The frame's service: the batch passes' answer, or (for a frame they did not look up, whose
-    /// likely conntrack hit did not take the established path) a lookup now. A full-NAT reply (to
-    /// a SNAT address and port) has none: `Tables` refuse a service there
-    /// (`NodeConfig::vip_conflict`), so it is not looked up (~40 instructions a reply, callgrind).
+    /// likely conntrack hit did not take the established path, and which is no NAT reply: see
+    /// `Core::process_frame`) a lookup now.
     #[inline]
     pub(super) fn service(&self, tables: &Tables, p: &Parsed) -> Option<(ServiceSummary, RingRef)> {
         if self.needs_service {
             self.service
-        } else if matches!(p.l4, L4::Tcp | L4::Udp) && super::nat_reply_flow(tables, p, p.flow.dst_ip()).is_none() {
+        } else if matches!(p.l4, L4::Tcp | L4::Udp) {
             tables.lookup_flow_ring(&p.flow, tables.lookup_hash(&p.flow))
         } else {
             None

@@ -589,6 +589,14 @@ impl Core {
         {
             return outcome;
         }
+        // A frame the batch passes did not look up (a likely hit off the established path) is
+        // mostly a full-NAT reply (its reverse entry): it goes to `nat_reply` here, its own flow
+        // being the reply flow (`nat_reply_flow` of a frame with ports), tested once and not
+        // copied. It has no service to look up: `Tables` refuse one on a SNAT address and port
+        // (`NodeConfig::vip_conflict`; looking it up cost ~40 instructions a reply, callgrind).
+        if !ahead.needs_service && p.has_ports() && is_nat_reply_flow(tables, &p.flow) {
+            return self.nat_reply(tables, frame, p, (&p.flow, ahead.conn_hash), now);
+        }
         // `service` is only a reference here: its record is read for new flows only (see
         // `ServiceSummary`).
         let Some((summary, ring, service)) =
@@ -1420,6 +1428,13 @@ fn nat_reply_flow(tables: &Tables, p: &Parsed, dst: IpAddr) -> Option<FlowKey> {
     tables.node().is_snat_port(reply.dst_port()).then_some(reply)
 }
 
+/// Whether a TCP or UDP frame's own flow `flow` is a NAT flow's reply flow: to a SNAT address and
+/// a port in `snat_ports`. For a frame with ports, [`nat_reply_flow`] is `flow` exactly then.
+#[inline]
+fn is_nat_reply_flow(tables: &Tables, flow: &FlowKey) -> bool {
+    tables.is_snat_addr(flow.dst_ip()) && tables.node().is_snat_port(flow.dst_port())
+}
+
 /// Rewrites a full-NAT reply back to its flow's client, `client` the flow's forward key (client ->
 /// VIP), with Ethernet source `src_mac` and destination `dst_mac`: [`forward::nat::rewrite`] to
 /// (VIP, service port) -> (client, client port), its target built in `target`. `Err` (no flow) for a
@@ -1596,10 +1611,11 @@ mod tests {
         assert!(translated_v4 > 0);
     }
 
-    /// A frame's service as `Lookahead::service` gives it to a frame the batch passes did not look
-    /// up (a likely conntrack hit off the established path) is the lookup's, also for frames to the
-    /// SNAT address, which it does not look up for a port in the SNAT range: a service on the SNAT
-    /// address (outside the range) is found, and no port inside the range has one.
+    /// A frame the batch passes did not look up (a likely conntrack hit off the established path)
+    /// is taken as a NAT reply, without a service lookup, exactly when `nat_reply_flow` gives its
+    /// own flow (`is_nat_reply_flow`, for frames to the SNAT address and a port in the SNAT range),
+    /// and the lookup finds no service for it; for any other, `Lookahead::service` gives the
+    /// lookup's service: a service on the SNAT address (outside the range) is found.
     #[test]
     fn service_without_a_lookup_for_a_nat_reply_is_the_lookup() {
         use crate::config::{BackendConfig, BackendState, Config, NodeConfig, Protocol, ServiceConfig, ServiceKey};
@@ -1631,7 +1647,7 @@ mod tests {
             }
         }
         let tables = TableBuilder::new().build(&Config { node, services }).unwrap();
-        let mut found = 0;
+        let (mut found, mut replies) = (0, 0);
         for dst in [snat, [192, 0, 2, 1], [10, 0, 0, 101]] {
             for port in [0, 1, 39999, 40000, 40001, 40500, 40998, 40999, 41000, 65535] {
                 for udp in [false, true] {
@@ -1651,11 +1667,15 @@ mod tests {
                     let p = ahead.parsed.unwrap();
                     assert!(!ahead.needs_service);
                     let looked_up = tables.lookup_flow_ring(&p.flow, tables.lookup_hash(&p.flow));
+                    let reply = is_nat_reply_flow(&tables, &p.flow);
+                    assert_eq!(reply.then_some(p.flow), nat_reply_flow(&tables, &p, p.flow.dst_ip()));
+                    assert!(!(reply && looked_up.is_some()), "{dst:?} {port} {udp}");
                     assert_eq!(ahead.service(&tables, &p), looked_up, "{dst:?} {port} {udp}");
                     found += usize::from(looked_up.is_some());
+                    replies += usize::from(reply);
                 }
             }
         }
-        assert_eq!(found, 6);
+        assert_eq!((found, replies), (6, 10));
     }
 }
