@@ -591,11 +591,12 @@ impl Core {
         }
         // A frame the batch passes did not look up (a likely hit off the established path) is
         // mostly a full-NAT reply (its reverse entry): it goes to `nat_reply` here, its own flow
-        // being the reply flow (`nat_reply_flow` of a frame with ports), tested once and not
-        // copied. It has no service to look up: `Tables` refuse one on a SNAT address and port
-        // (`NodeConfig::vip_conflict`; looking it up cost ~40 instructions a reply, callgrind).
+        // being the reply flow (`nat_reply_flow` of a frame with ports), tested once, with the
+        // warm-up's key and hash of it. It has no service to look up: `Tables` refuse one on a
+        // SNAT address and port (`NodeConfig::vip_conflict`; looking it up cost ~40 instructions
+        // a reply, callgrind).
         if !ahead.needs_service && p.has_ports() && is_nat_reply_flow(tables, &p.flow) {
-            return self.nat_reply(tables, frame, p, (&p.flow, ahead.conn_hash), now);
+            return self.nat_reply(tables, frame, p, (&ahead.conn_key, ahead.conn_hash), now);
         }
         // `service` is only a reference here: its record is read for new flows only (see
         // `ServiceSummary`).
@@ -722,7 +723,9 @@ impl Core {
         }
         let dst = p.flow.dst_ip();
         if let Some(reply) = nat_reply_flow(tables, p, dst) {
-            return self.nat_reply(tables, frame, p, (&reply, conn_hash), now);
+            // (A TCP or UDP reply's flow is the frame's own: `conn_hash` is its key's hash.)
+            let hash = conn_hash.filter(|_| matches!(p.l4, L4::Tcp | L4::Udp));
+            return self.nat_reply(tables, frame, p, (&ConnKey::from_flow(&reply), hash), now);
         }
         if tables.is_vip(dst) {
             if p.fragment != Fragment::None {
@@ -1025,10 +1028,10 @@ impl Core {
         }
     }
 
-    /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow), `reply` the
-    /// flow its reverse entry is keyed by ([`nat_reply_flow`]): find its NAT flow by that entry and
-    /// translate it back to VIP -> client. `conn_hash`, the warm-up's hash of the frame's own key, is
-    /// that entry's key's hash for a TCP or UDP reply (its flow is the frame's), not hashed again.
+    /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow), `key` its
+    /// reverse entry's key (of the flow [`nat_reply_flow`] gives) with, when known, its hash (for a
+    /// TCP or UDP reply, the warm-up's key and hash of the frame's own flow, not built or hashed
+    /// again): find its NAT flow by that entry and translate it back to VIP -> client.
     /// (Out of line: inlined into `process_burst` with its IPv4
     /// rewrite, it cost established DSR and full-NAT packets 5 or 6 instructions more, callgrind.)
     #[inline(never)]
@@ -1037,21 +1040,18 @@ impl Core {
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        (reply, conn_hash): (&FlowKey, Option<u64>),
+        (key, hash): (&ConnKey, Option<u64>),
         now: u32,
     ) -> Outcome {
-        let (key, port) = (ConnKey::from_flow(reply), reply.dst_port());
+        let port = key.dport;
         if p.fragment != Fragment::None {
             return Err(DropReason::Fragment);
         }
         if !self.snat_ports.is_some_and(|(lo, hi)| (lo..=hi).contains(&port)) {
             return self.not_my_snat_port(tables, port);
         }
-        let hash = match (p.l4, conn_hash) {
-            (L4::Tcp | L4::Udp, Some(h)) => h,
-            _ => key.hash(),
-        };
-        let index = self.conntrack.find(&key, hash).ok_or(DropReason::NoReverseFlow)?;
+        let hash = hash.unwrap_or_else(|| key.hash());
+        let index = self.conntrack.find(key, hash).ok_or(DropReason::NoReverseFlow)?;
         if !self.conntrack.is_live(index, now) {
             return Err(DropReason::NoReverseFlow);
         }
@@ -1615,7 +1615,8 @@ mod tests {
     /// is taken as a NAT reply, without a service lookup, exactly when `nat_reply_flow` gives its
     /// own flow (`is_nat_reply_flow`, for frames to the SNAT address and a port in the SNAT range),
     /// and the lookup finds no service for it; for any other, `Lookahead::service` gives the
-    /// lookup's service: a service on the SNAT address (outside the range) is found.
+    /// lookup's service: a service on the SNAT address (outside the range) is found. Such a reply's
+    /// reverse entry key is then the warm-up's key of its own flow.
     #[test]
     fn service_without_a_lookup_for_a_nat_reply_is_the_lookup() {
         use crate::config::{BackendConfig, BackendState, Config, NodeConfig, Protocol, ServiceConfig, ServiceKey};
@@ -1669,6 +1670,9 @@ mod tests {
                     let looked_up = tables.lookup_flow_ring(&p.flow, tables.lookup_hash(&p.flow));
                     let reply = is_nat_reply_flow(&tables, &p.flow);
                     assert_eq!(reply.then_some(p.flow), nat_reply_flow(&tables, &p, p.flow.dst_ip()));
+                    // The key and hash such a reply's reverse entry is found by, as the warm-up made them.
+                    assert_eq!(ahead.conn_key, ConnKey::from_flow(&p.flow));
+                    assert_eq!(ahead.conn_hash, Some(ahead.conn_key.hash()));
                     assert!(!(reply && looked_up.is_some()), "{dst:?} {port} {udp}");
                     assert_eq!(ahead.service(&tables, &p), looked_up, "{dst:?} {port} {udp}");
                     found += usize::from(looked_up.is_some());
