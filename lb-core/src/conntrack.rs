@@ -678,12 +678,15 @@ impl ConntrackTable {
     /// its key, kind or link) and returns a value. Returns the entry's index and that value; keeps the way's class
     /// and the head's expiry in step, as [`ConntrackTable::update`]. One bucket search for what
     /// `find`, `get` and `update` did in three (the established-flow fast path).
+    /// When `f` declines, `declined` is set to the entry's index (left as it was when there is no
+    /// such entry), so a caller that goes on with that entry does not search its bucket again.
     #[inline]
     pub(crate) fn find_update<R>(
         &mut self,
         key: &ConnKey,
         hash: u64,
         f: impl FnOnce(&mut Entry) -> Option<R>,
+        declined: &mut u32,
     ) -> Option<(u32, R)> {
         let b = (hash as usize) & self.bucket_mask;
         let bucket = self.buckets.get_mut(b)?;
@@ -693,7 +696,10 @@ impl ConntrackTable {
         let old_expires = e.expires;
         #[cfg(debug_assertions)]
         let pairing = (e.kind, e.link);
-        let r = f(e)?;
+        let Some(r) = f(e) else {
+            *declined = (b * WAYS + way) as u32;
+            return None;
+        };
         #[cfg(debug_assertions)]
         debug_assert!((e.kind, e.link) == pairing, "find_update changes neither kind nor link");
         let index = (b * WAYS + way) as u32;
@@ -1235,10 +1241,15 @@ mod tests {
                         }
                     }
                     2 => {
-                        t.find_update(&key(n), key(n).hash(), |e| {
-                            e.expires = now + x;
-                            Some(())
-                        });
+                        t.find_update(
+                            &key(n),
+                            key(n).hash(),
+                            |e| {
+                                e.expires = now + x;
+                                Some(())
+                            },
+                            &mut NO_LINK.clone(),
+                        );
                     }
                     3 => {
                         if let Some(i) = forward(&t, n) {
@@ -1395,12 +1406,23 @@ mod tests {
                         }
                     }
                     2 => {
-                        let r = t.find_update(&k, h, |e| {
-                            e.state = state;
-                            e.expires = now + x;
-                            Some(())
-                        });
+                        // Declined, it gives the index `find` gives, and changes nothing.
+                        let mut declined = NO_LINK;
+                        proptest::prop_assert!(t.find_update(&k, h, |_| None::<()>, &mut declined).is_none());
+                        proptest::prop_assert_eq!((declined != NO_LINK).then_some(declined), model[n as usize]);
+                        let mut declined = NO_LINK;
+                        let r = t.find_update(
+                            &k,
+                            h,
+                            |e| {
+                                e.state = state;
+                                e.expires = now + x;
+                                Some(())
+                            },
+                            &mut declined,
+                        );
                         proptest::prop_assert_eq!(r.map(|(i, ())| i), model[n as usize]);
+                        proptest::prop_assert_eq!(declined, NO_LINK);
                     }
                     3 => {
                         // A sweep takes exactly the expired entries of its bucket.
@@ -1611,8 +1633,11 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(t.find(&first, first.hash()), Some(a));
         assert_eq!(t.find(&second, second.hash()), Some(b));
-        let found = t.find_update(&second, second.hash(), |e| Some(e.key));
-        assert_eq!(found, Some((b, second)));
+        let mut declined = NO_LINK;
+        let found = t.find_update(&second, second.hash(), |e| Some(e.key), &mut declined);
+        assert_eq!((found, declined), (Some((b, second)), NO_LINK));
+        assert_eq!(t.find_update(&second, second.hash(), |_| None::<()>, &mut declined), None);
+        assert_eq!(declined, b);
     }
 
     #[test]

@@ -583,9 +583,12 @@ impl Core {
             Err(ParseError::Arp) => return self.answer_neighbour(tables, frame, now),
             Err(e) => return parse_failure(e),
         };
+        // The frame's conntrack entry if the established path found it but declined it (`NO_LINK`:
+        // none), for the reply path not to search its bucket again.
+        let mut entry = NO_LINK;
         if ahead.likely_hit
             && let Some(hash) = ahead.conn_hash
-            && let Some(outcome) = self.forward_established(tables, frame, p, (&ahead.conn_key, hash), now)
+            && let Some(outcome) = self.forward_established(tables, frame, p, (&ahead.conn_key, hash, &mut entry), now)
         {
             return outcome;
         }
@@ -596,7 +599,7 @@ impl Core {
         // SNAT address and port (`NodeConfig::vip_conflict`; looking it up cost ~40 instructions
         // a reply, callgrind).
         if !ahead.needs_service && p.has_ports() && is_nat_reply_flow(tables, &p.flow) {
-            return self.nat_reply(tables, frame, p, (&ahead.conn_key, ahead.conn_hash), now);
+            return self.nat_reply(tables, frame, p, (&ahead.conn_key, ahead.conn_hash, entry), now);
         }
         // `service` is only a reference here: its record is read for new flows only (see
         // `ServiceSummary`).
@@ -629,14 +632,15 @@ impl Core {
     /// destination is the service key that the backend's key includes, and a backend reference
     /// resolves only to the key it was made for, in tables of any builder: see [`crate::service`]);
     /// returns `None`, having changed nothing, for every other case (tombstone, expired, SYN on a
-    /// closing or closed flow, backend gone, source ranges to check), which the general path then takes.
+    /// closing or closed flow, backend gone, source ranges to check, a NAT flow's reverse entry),
+    /// which the general path then takes, the frame's entry's index in `declined` if it found one.
     #[inline(always)]
     fn forward_established(
         &mut self,
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        (key, hash): (&ConnKey, u64),
+        (key, hash, declined): (&ConnKey, u64, &mut u32),
         now: u32,
     ) -> Option<Outcome> {
         if p.fragment != Fragment::None {
@@ -644,20 +648,26 @@ impl Core {
         }
         let flags = p.tcp_flags;
         let timeouts = &self.timeouts;
-        let (_, (summary, backend, change, snat_port)) = self.conntrack.find_update(key, hash, |e| {
-            // A client's SYN on a known flow (rare: a retransmitted SYN, a port reused) takes the
-            // general path, which keeps it on its backend, restarts a closing flow there or, if that
-            // backend takes no new flows, schedules it afresh (`restarts_elsewhere`; checking the
-            // backend here, on every packet, cost ~4 instructions: callgrind, session 22). A UDP
-            // frame has no TCP flags.
-            let usable = e.state != ConnState::BackendGone && !flags.is_syn_only();
-            if !usable || e.kind != EntryKind::Forward || e.is_expired(now) {
-                return None;
-            }
-            let (summary, backend) = tables.resolve_known(e.backend).filter(|(s, _)| s.all_clients)?;
-            let change = advance(e, flags, true, timeouts, now);
-            Some((summary, backend, change, e.snat_port))
-        })?;
+        let found = self.conntrack.find_update(
+            key,
+            hash,
+            |e| {
+                // A client's SYN on a known flow (rare: a retransmitted SYN, a port reused) takes the
+                // general path, which keeps it on its backend, restarts a closing flow there or, if that
+                // backend takes no new flows, schedules it afresh (`restarts_elsewhere`; checking the
+                // backend here, on every packet, cost ~4 instructions: callgrind, session 22). A UDP
+                // frame has no TCP flags.
+                let usable = e.state != ConnState::BackendGone && !flags.is_syn_only();
+                if !usable || e.kind != EntryKind::Forward || e.is_expired(now) {
+                    return None;
+                }
+                let (summary, backend) = tables.resolve_known(e.backend).filter(|(s, _)| s.all_clients)?;
+                let change = advance(e, flags, true, timeouts, now);
+                Some((summary, backend, change, e.snat_port))
+            },
+            declined,
+        );
+        let (_, (summary, backend, change, snat_port)) = found?;
         self.count_established(backend.id, change);
         let outcome = match self.rewrite(tables, frame, p, summary.mode, backend, snat_port, None) {
             Ok(()) => {
@@ -725,7 +735,7 @@ impl Core {
         if let Some(reply) = nat_reply_flow(tables, p, dst) {
             // (A TCP or UDP reply's flow is the frame's own: `conn_hash` is its key's hash.)
             let hash = conn_hash.filter(|_| matches!(p.l4, L4::Tcp | L4::Udp));
-            return self.nat_reply(tables, frame, p, (&ConnKey::from_flow(&reply), hash), now);
+            return self.nat_reply(tables, frame, p, (&ConnKey::from_flow(&reply), hash, NO_LINK), now);
         }
         if tables.is_vip(dst) {
             if p.fragment != Fragment::None {
@@ -1031,8 +1041,8 @@ impl Core {
     /// A reply from a backend to the SNAT address (or an ICMP error about a NAT flow), `key` its
     /// reverse entry's key (of the flow [`nat_reply_flow`] gives) with, when known, its hash (for a
     /// TCP or UDP reply, the warm-up's key and hash of the frame's own flow, not built or hashed
-    /// again): find its NAT flow by that entry and translate it back to VIP -> client.
-    /// (Out of line: inlined into `process_burst` with its IPv4
+    /// again), and `entry` that entry's index if the established path found it (else `NO_LINK`):
+    /// find its NAT flow by that entry and translate it back to VIP -> client. (Out of line: inlined into `process_burst` with its IPv4
     /// rewrite, it cost established DSR and full-NAT packets 5 or 6 instructions more, callgrind.)
     #[inline(never)]
     fn nat_reply(
@@ -1040,7 +1050,7 @@ impl Core {
         tables: &Tables,
         frame: &mut Frame<'_>,
         p: &Parsed,
-        (key, hash): (&ConnKey, Option<u64>),
+        (key, hash, entry): (&ConnKey, Option<u64>, u32),
         now: u32,
     ) -> Outcome {
         let port = key.dport;
@@ -1050,8 +1060,10 @@ impl Core {
         if !self.snat_ports.is_some_and(|(lo, hi)| (lo..=hi).contains(&port)) {
             return self.not_my_snat_port(tables, port);
         }
-        let hash = hash.unwrap_or_else(|| key.hash());
-        let index = self.conntrack.find(key, hash).ok_or(DropReason::NoReverseFlow)?;
+        let index = match entry {
+            NO_LINK => self.conntrack.find(key, hash.unwrap_or_else(|| key.hash())).ok_or(DropReason::NoReverseFlow)?,
+            index => index,
+        };
         if !self.conntrack.is_live(index, now) {
             return Err(DropReason::NoReverseFlow);
         }
