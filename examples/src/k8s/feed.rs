@@ -389,6 +389,7 @@ impl Feed {
                 watcher(Api::<EndpointSlice>::all(self.client.clone()), config(&selectors.slices)),
                 self.backoff.clone(),
             );
+            let listed_with = selectors.clone();
             let mut view = self.view.clone();
             let reselected = async move {
                 let changed = view.wait_for(|v| Selectors::of(&v.settings) != selectors).await.is_ok();
@@ -397,8 +398,15 @@ impl Feed {
                     std::future::pending::<()>().await;
                 }
             };
-            let feed =
-                run_streams(services, slices, self.view.clone(), tx.clone(), self.counters.clone(), &mut last_good);
+            let feed = run_streams(
+                services,
+                slices,
+                listed_with,
+                self.view.clone(),
+                tx.clone(),
+                self.counters.clone(),
+                &mut last_good,
+            );
             tokio::select! {
                 () = feed => return,
                 () = reselected => {
@@ -436,10 +444,12 @@ pub(crate) fn backing_off<K>(
     })
 }
 
-/// The feed's loop over any two event streams (the watchers in production).
+/// The feed's loop over any two event streams (the watchers in production), listed and watched
+/// with `selectors`: once the view's differ, it publishes nothing (its caller lists again).
 async fn run_streams(
     services: impl Stream<Item = watcher::Result<Event<Service>>>,
     slices: impl Stream<Item = watcher::Result<Event<EndpointSlice>>>,
+    selectors: Selectors,
     mut view: watch::Receiver<NodeView>,
     tx: mpsc::Sender<Translation>,
     counters: Arc<FeedCounters>,
@@ -467,6 +477,13 @@ async fn run_streams(
             () = async { match due { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
                 due = None;
                 let v = view.borrow_and_update().clone();
+                // Stores listed with other selectors than the view's hold other objects than the
+                // view's selectors select (translated with them, Services listed for having no
+                // proxy name label would all be left out): [`Feed::run`] lists both again.
+                if Selectors::of(&v.settings) != selectors {
+                    tracing::debug!("label selectors changed: nothing published until both are listed again");
+                    continue;
+                }
                 let t = super::translate_keeping(
                     svc_store.objects.values(),
                     eps_store.objects.values(),
@@ -584,7 +601,8 @@ mod tests {
         }
         let feed_counters = counters.clone();
         let feed = tokio::spawn(async move {
-            run_streams(svc_rx, eps_rx, view, tx, feed_counters, &mut crate::k8s::LastGood::default()).await;
+            let selectors = Selectors::of(&view.borrow().settings);
+            run_streams(svc_rx, eps_rx, selectors, view, tx, feed_counters, &mut crate::k8s::LastGood::default()).await;
         });
         for n in 2..=10 {
             tokio::task::yield_now().await;
@@ -602,5 +620,48 @@ mod tests {
 
         drop(rx);
         tokio::time::timeout(Duration::from_secs(30), feed).await.expect("the feed stops with its receiver").unwrap();
+    }
+
+    /// A reload that changes the label selectors (`kubernetes.service_proxy_name`) while a
+    /// translation is due publishes nothing from the stores listed with the old ones: filtered by
+    /// the new selectors, a Service listed for having no proxy name label is not one labelled with
+    /// the new name, and every Service would leave the tables until the new lists are in.
+    #[tokio::test(start_paused = true)]
+    async fn stores_listed_with_the_old_selectors_publish_nothing_after_a_selector_change() {
+        let mut web: Service = fixture("service-web.json");
+        if let Some(spec) = web.spec.as_mut() {
+            spec.cluster_ips = Some(vec!["10.96.12.34".into()]);
+        }
+        let (svc_tx, svc_rx) = futures::channel::mpsc::unbounded::<watcher::Result<Event<Service>>>();
+        let (eps_tx, eps_rx) = futures::channel::mpsc::unbounded::<watcher::Result<Event<EndpointSlice>>>();
+        let settings = KubernetesSettings {
+            node_name: Some("node-a".into()),
+            node_addresses: vec!["192.168.1.10".parse().unwrap()],
+            debounce: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
+        let (view_tx, view) = watch::channel(NodeView { settings: settings.clone(), node });
+        let (tx, mut rx) = mpsc::channel(16);
+        let selectors = Selectors::of(&settings);
+        for e in [Event::Init, Event::InitApply(web), Event::InitDone] {
+            svc_tx.unbounded_send(Ok(e)).unwrap();
+        }
+        for e in [Event::Init, Event::InitApply(web_slice(1)), Event::InitDone] {
+            eps_tx.unbounded_send(Ok(e)).unwrap();
+        }
+        let feed = tokio::spawn(async move {
+            let counters = Arc::new(FeedCounters::default());
+            let mut last_good = crate::k8s::LastGood::default();
+            run_streams(svc_rx, eps_rx, selectors, view, tx, counters, &mut last_good).await;
+        });
+        assert_eq!(web_backends(&recv(&mut rx).await), Some(1));
+
+        // A change, then the reload, before the change's translation is due.
+        eps_tx.unbounded_send(Ok(Event::Apply(web_slice(2)))).unwrap();
+        view_tx.send_modify(|v| v.settings.service_proxy_name = Some("lb".into()));
+        let published = tokio::time::timeout(Duration::from_secs(120), rx.recv()).await;
+        assert!(published.is_err(), "published from the old lists: {published:?}");
+        feed.abort();
     }
 }
