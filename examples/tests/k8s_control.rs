@@ -538,37 +538,37 @@ async fn the_readiness_probe_waits_for_the_cluster_to_be_served() {
 /// which cloud load balancers check for `externalTrafficPolicy: Cluster` Services, answers there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kube_proxys_healthz_answers_where_proxy_healthz_is_set() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (_api, dir, kc) = web_cluster("lb-k8s-proxy-healthz").await;
-    let port = lb_examples::lab::unused_port();
-    let path = dir.join("lb.yaml");
-    let at = format!("  debounce: 5ms\n  proxy_healthz: \"127.0.0.1:{port}\"\n");
-    std::fs::write(&path, file_yaml(&kc, false).replace("  debounce: 5ms\n", &at)).unwrap();
-    let settings = file::load(&path).unwrap();
-    let (sink, _tables) = mpsc::unbounded_channel();
-    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
-    let plane = ControlPlane::start(path, settings, sink, stats, Duration::from_millis(20)).await.unwrap();
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(plane.run(async move {
-        let _ = stop_rx.await;
-    }));
-    let answer = tokio::time::timeout(FAILSAFE, async {
-        loop {
-            if let Ok(mut c) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                c.write_all(b"GET /healthz HTTP/1.1\r\nHost: node-a\r\n\r\n").await.unwrap();
-                let mut out = String::new();
-                c.read_to_string(&mut out).await.unwrap();
-                return out;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .expect("kube-proxy's health port opens");
+    let (port, stop, task) = plane_with_proxy_healthz(&dir, &kc).await;
+    let answer = answer_until(port, "/healthz", |_| true).await;
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("\"nodeEligible\": true"), "{answer}");
     stop.send(()).unwrap();
     tokio::time::timeout(FAILSAFE, task).await.unwrap().unwrap();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Starts a control plane on the cluster of kubeconfig `kc` (its file written in `dir`) with
+/// `kubernetes.proxy_healthz` on a free port of 127.0.0.1: that port, the sender that stops the
+/// plane, and the plane's task.
+async fn plane_with_proxy_healthz(
+    dir: &std::path::Path,
+    kc: &std::path::Path,
+) -> (u16, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let port = lb_examples::lab::unused_port();
+    let path = dir.join("lb.yaml");
+    let at = format!("  debounce: 5ms\n  proxy_healthz: \"127.0.0.1:{port}\"\n");
+    std::fs::write(&path, file_yaml(kc, false).replace("  debounce: 5ms\n", &at)).unwrap();
+    let settings = file::load(&path).unwrap();
+    let (sink, tables) = mpsc::unbounded_channel();
+    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
+    let plane = ControlPlane::start(path, settings, sink, stats, Duration::from_millis(20)).await.unwrap();
+    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(plane.run(async move {
+        // The tables' receiver lives as long as the plane: published tables are not refused.
+        let _tables = tables;
+        let _ = stop_rx.await;
+    }));
+    (port, stop, task)
 }
 
 /// GETs `path` on 127.0.0.1:`port` until the answer satisfies `pred` (the port may not be open
@@ -622,18 +622,7 @@ async fn kube_proxys_healthz_drains_a_node_the_autoscaler_is_removing() {
     let (api_port, mut reqs) = start(api.clone()).await;
     let dir = std::env::temp_dir().join(format!("lb-k8s-node-eligible-{}", std::process::id()));
     let kc = kubeconfig(&dir, api_port);
-    let port = lb_examples::lab::unused_port();
-    let path = dir.join("lb.yaml");
-    let at = format!("  debounce: 5ms\n  proxy_healthz: \"127.0.0.1:{port}\"\n");
-    std::fs::write(&path, file_yaml(&kc, false).replace("  debounce: 5ms\n", &at)).unwrap();
-    let settings = file::load(&path).unwrap();
-    let (sink, _tables) = mpsc::unbounded_channel();
-    let stats: Arc<dyn StatsSource> = Arc::new(Vec::<CoreSnapshot>::new);
-    let plane = ControlPlane::start(path, settings, sink, stats, Duration::from_millis(20)).await.unwrap();
-    let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(plane.run(async move {
-        let _ = stop_rx.await;
-    }));
+    let (port, stop, task) = plane_with_proxy_healthz(&dir, &kc).await;
     let ok = |a: &str| a.starts_with("HTTP/1.1 200 OK\r\n") && a.contains("\"nodeEligible\": true");
     let draining =
         |a: &str| a.starts_with("HTTP/1.1 503 Service Unavailable\r\n") && a.contains("\"nodeEligible\": false");

@@ -569,10 +569,23 @@ mod tests {
         t.services.iter().find(|s| s.config.key.to_string() == "tcp 10.96.12.34:80").map(|s| s.config.backends.len())
     }
 
-    /// A burst of changes inside one debounce (the lists' and those that follow) is one translation, of the burst's last state; a
-    /// change after it, with nothing following, is published too (its own deadline, no later event).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_burst_is_one_translation_of_its_last_state_and_a_lone_change_is_published() {
+    /// What [`web_feed`] sets up for a feed's test: the two event streams (listed: the web Service
+    /// with a cluster IP, its slice of one endpoint) with their senders, node-a's view, and the
+    /// translations' channel.
+    struct WebFeed {
+        svc_tx: futures::channel::mpsc::UnboundedSender<watcher::Result<Event<Service>>>,
+        svc_rx: futures::channel::mpsc::UnboundedReceiver<watcher::Result<Event<Service>>>,
+        eps_tx: futures::channel::mpsc::UnboundedSender<watcher::Result<Event<EndpointSlice>>>,
+        eps_rx: futures::channel::mpsc::UnboundedReceiver<watcher::Result<Event<EndpointSlice>>>,
+        _view_tx: watch::Sender<NodeView>,
+        view: watch::Receiver<NodeView>,
+        tx: mpsc::Sender<Translation>,
+        rx: mpsc::Receiver<Translation>,
+    }
+
+    /// A feed's streams with both lists sent (the web Service, its slice of one endpoint), on
+    /// node-a's settings with `debounce`.
+    fn web_feed(debounce: Duration) -> WebFeed {
         let mut web: Service = fixture("service-web.json");
         if let Some(spec) = web.spec.as_mut() {
             spec.cluster_ips = Some(vec!["10.96.12.34".into()]);
@@ -582,23 +595,33 @@ mod tests {
         let settings = KubernetesSettings {
             node_name: Some("node-a".into()),
             node_addresses: vec!["192.168.1.10".parse().unwrap()],
-            // Far longer than the burst (ten changes sent back to back).
-            debounce: Duration::from_secs(1),
+            debounce,
             ..Default::default()
         };
         let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
         let (_view_tx, view) = watch::channel(NodeView { settings, node });
-        let (tx, mut rx) = mpsc::channel(16);
-        let counters = Arc::new(FeedCounters::default());
-
-        // The lists, then a burst of slice changes (2 to 10 endpoints), each sent after a yield so the
-        // feed may read it as it comes (no sleep: the burst's timing must not decide the test).
+        let (tx, rx) = mpsc::channel(16);
         for e in [Event::Init, Event::InitApply(web), Event::InitDone] {
             svc_tx.unbounded_send(Ok(e)).unwrap();
         }
         for e in [Event::Init, Event::InitApply(web_slice(1)), Event::InitDone] {
             eps_tx.unbounded_send(Ok(e)).unwrap();
         }
+        WebFeed { svc_tx, svc_rx, eps_tx, eps_rx, _view_tx, view, tx, rx }
+    }
+
+    /// A burst of changes inside one debounce (the lists' and those that follow) is one translation, of the burst's last state; a
+    /// change after it, with nothing following, is published too (its own deadline, no later event).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_is_one_translation_of_its_last_state_and_a_lone_change_is_published() {
+        // Far longer than the burst (ten changes sent back to back).
+        // (The senders are held: a stream that ends stops the feed.)
+        let WebFeed { svc_tx: _svc_tx, svc_rx, eps_rx, eps_tx, _view_tx, view, tx, mut rx } =
+            web_feed(Duration::from_secs(1));
+        let counters = Arc::new(FeedCounters::default());
+
+        // The lists are in; then a burst of slice changes (2 to 10 endpoints), each sent after a
+        // yield so the feed may read it as it comes (no sleep: the burst's timing must not decide the test).
         let feed_counters = counters.clone();
         let feed = tokio::spawn(async move {
             let selectors = Selectors::of(&view.borrow().settings);
@@ -628,28 +651,9 @@ mod tests {
     /// the new name, and every Service would leave the tables until the new lists are in.
     #[tokio::test(start_paused = true)]
     async fn stores_listed_with_the_old_selectors_publish_nothing_after_a_selector_change() {
-        let mut web: Service = fixture("service-web.json");
-        if let Some(spec) = web.spec.as_mut() {
-            spec.cluster_ips = Some(vec!["10.96.12.34".into()]);
-        }
-        let (svc_tx, svc_rx) = futures::channel::mpsc::unbounded::<watcher::Result<Event<Service>>>();
-        let (eps_tx, eps_rx) = futures::channel::mpsc::unbounded::<watcher::Result<Event<EndpointSlice>>>();
-        let settings = KubernetesSettings {
-            node_name: Some("node-a".into()),
-            node_addresses: vec!["192.168.1.10".parse().unwrap()],
-            debounce: Duration::from_millis(200),
-            ..Default::default()
-        };
-        let node = NodeConfig { snat_v4: Some("192.168.1.10".parse().unwrap()), ..Default::default() };
-        let (view_tx, view) = watch::channel(NodeView { settings: settings.clone(), node });
-        let (tx, mut rx) = mpsc::channel(16);
-        let selectors = Selectors::of(&settings);
-        for e in [Event::Init, Event::InitApply(web), Event::InitDone] {
-            svc_tx.unbounded_send(Ok(e)).unwrap();
-        }
-        for e in [Event::Init, Event::InitApply(web_slice(1)), Event::InitDone] {
-            eps_tx.unbounded_send(Ok(e)).unwrap();
-        }
+        let WebFeed { svc_tx: _svc_tx, svc_rx, eps_rx, eps_tx, _view_tx: view_tx, view, tx, mut rx } =
+            web_feed(Duration::from_millis(200));
+        let selectors = Selectors::of(&view.borrow().settings);
         let feed = tokio::spawn(async move {
             let counters = Arc::new(FeedCounters::default());
             let mut last_good = crate::k8s::LastGood::default();
