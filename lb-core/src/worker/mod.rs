@@ -1405,10 +1405,8 @@ impl Core {
                 c.established_conns = c.established_conns.saturating_sub(1);
             }
         }
-        if e.link != NO_LINK
-            && self.conntrack.get(e.link).is_some_and(|r| r.kind == EntryKind::Reverse && r.link == index)
-        {
-            self.conntrack.remove(e.link);
+        if e.link != NO_LINK {
+            self.conntrack.remove_reverse(e.link, index);
         }
     }
 }
