@@ -844,8 +844,9 @@ impl ConntrackTable {
     /// general write's pairing repair (`rewrite_paired`, out of line: ~80 instructions a new
     /// full-NAT flow, callgrind). The forward way's head is not written: its tag, class and expiry
     /// stay as they were. `None`, changing nothing, if the way at `forward` is empty or not an
-    /// unlinked forward entry.
-    #[inline]
+    /// unlinked forward entry. (For tests, where pairs are made so and it defines what
+    /// [`ConntrackTable::insert_reverse`] does in one step; the worker takes that.)
+    #[cfg(test)]
     pub(crate) fn link_reverse(&mut self, forward: u32, reverse: u32) -> Option<()> {
         let (b, w) = split(forward as usize);
         let Bucket { head, entries } = self.buckets.get_mut(b)?;
@@ -956,6 +957,7 @@ impl ConntrackTable {
     /// (links back to it); true if it did. What `get` with that test and then `remove` do, with one
     /// look at the way and no copy of the entry: a displaced full-NAT flow's forward entry takes its
     /// reverse entry with it so (~30 instructions a new full-NAT flow in a full table, callgrind).
+    #[inline(never)]
     pub(crate) fn remove_reverse(&mut self, reverse: u32, forward: u32) -> bool {
         let (b, w) = split(reverse as usize);
         let Some(Bucket { head, entries }) = self.buckets.get_mut(b) else { return false };
@@ -998,6 +1000,40 @@ impl ConntrackTable {
         hint: Option<InsertHint>,
     ) -> Result<Inserted, ConntrackFull> {
         self.insert_into(entry, hash, now, (spare, hint), true)
+    }
+
+    /// Inserts a NAT flow's reverse entry `reverse` (under `hash`, taking the way `hint` names as
+    /// [`ConntrackTable::insert_hinted`] does) and links its forward entry (the one its `link`
+    /// names, just inserted unlinked, which the insert never displaces) to it, vouched for until
+    /// the forward entry's expiry: what `insert_hinted` and then `link_reverse` (tests) do, the
+    /// vouch written at the way just filled with no second test of its class and link (~25
+    /// instructions a new full-NAT flow, callgrind). A forward entry `link_reverse` would refuse
+    /// (an empty way, not a forward entry, linked already) is left alone, and the reverse entry
+    /// unvouched, as there.
+    pub(crate) fn insert_reverse(
+        &mut self,
+        reverse: Entry,
+        hash: u64,
+        now: u32,
+        hint: Option<InsertHint>,
+    ) -> Result<Inserted, ConntrackFull> {
+        let forward = reverse.link;
+        let ins = self.insert_into(reverse, hash, now, (forward, hint), true)?;
+        // (The insert spared the forward entry and changed nothing else of its way.)
+        let (b, w) = split(forward as usize);
+        let Some(Bucket { head, entries }) = self.buckets.get_mut(b) else { return Ok(ins) };
+        let Some(e) = entries.get_mut(w) else { return Ok(ins) };
+        if *head.tags.get(w).unwrap_or(&0) == 0 || e.0.kind != EntryKind::Forward || e.0.link != NO_LINK {
+            return Ok(ins);
+        }
+        e.0.link = ins.index;
+        let expires = e.0.expires;
+        // The reverse entry's vouch, at the way just filled (the insert stepped its head version).
+        let (b, w) = split(ins.index as usize);
+        if let Some(x) = self.buckets.get_mut(b).and_then(|bucket| bucket.head.expiries.get_mut(w)) {
+            *x = expires;
+        }
+        Ok(ins)
     }
 
     /// As [`ConntrackTable::insert_sparing`], but only into a free way or an expired entry's: it never
@@ -1749,6 +1785,56 @@ mod tests {
         assert_eq!(b.link_reverse(r, f), None, "a reverse entry");
         b.remove(f);
         assert_eq!(b.link_reverse(f, r), None, "an empty way");
+    }
+
+    /// `insert_reverse` leaves the table as `insert_sparing` (sparing the forward entry) and then
+    /// `link_reverse` do (entries, tags, classes, head expiries and vouches, length; only head
+    /// versions apart) and reports the same insert: for a reverse entry of every way of a table
+    /// of NAT pairs, plain entries, an orphaned reverse entry and empty ways, full buckets among
+    /// them, so forward entries unlinked, linked already, missing or not forward, and inserts into
+    /// free ways, stale ways and evictions (of NAT flows' forward entries too).
+    #[test]
+    fn insert_reverse_is_insert_then_link() {
+        let build = |fill: u32| {
+            let mut t = ConntrackTable::with_capacity(16);
+            for n in 0..fill {
+                nat_pair(&mut t, (key(2 * n), key(2 * n + 1)), (100 + n, 0), 0);
+            }
+            for n in 20..20 + fill {
+                t.insert(entry(key(n), ConnState::SynSeen, 10 + n % 3), key(n).hash(), 0).unwrap();
+            }
+            let f = t.insert(entry(key(50), ConnState::SynSeen, 70), key(50).hash(), 0).unwrap().index;
+            if let Some((f, _)) = nat_pair(&mut t, (key(40), key(41)), (90, 0), 0) {
+                t.remove(f);
+            }
+            (t, f)
+        };
+        let same = |a: &ConntrackTable, b: &ConntrackTable| {
+            assert_eq!(a.len, b.len);
+            a.buckets.iter().zip(b.buckets.iter()).all(|(x, y)| {
+                (x.head.tags, x.head.expiries, x.head.classes) == (y.head.tags, y.head.expiries, y.head.classes)
+                    && x.entries.iter().zip(y.entries.iter()).all(|(e, g)| e.0 == g.0)
+            })
+        };
+        let mut linked = 0;
+        for fill in [0, 2, 4] {
+            let capacity = build(fill).0.capacity() as u32;
+            for forward in (0..capacity).chain([build(fill).1]) {
+                for (n, now) in [(60, 0), (61, 11), (62, 200)] {
+                    let mut r = entry(key(n), ConnState::SynSeen, 70);
+                    (r.kind, r.link) = (EntryKind::Reverse, forward);
+                    let (mut a, _) = build(fill);
+                    let (mut b, _) = build(fill);
+                    let general = a.insert_sparing(r, key(n).hash(), now, forward);
+                    if let Ok(ins) = general {
+                        linked += usize::from(a.link_reverse(forward, ins.index).is_some());
+                    }
+                    assert_eq!(b.insert_reverse(r, key(n).hash(), now, None), general, "{fill} {forward} {n}");
+                    assert!(same(&a, &b), "fill {fill}, forward {forward}, key {n}");
+                }
+            }
+        }
+        assert!(linked > 0, "no case linked");
     }
 
     /// `remove_reverse(i, f)` leaves the table exactly as the test it stands in for with `remove`

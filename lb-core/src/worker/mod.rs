@@ -907,10 +907,9 @@ impl Core {
         }
         if let Some(reply) = reply {
             let reverse = Entry { key: reply.key, kind: EntryKind::Reverse, link: index, ..entry };
+            // (Inserted linked: `insert_reverse`.)
             match self.insert(reverse, reply.hash, now, index, hint_for(reply_hint, reply.hash)) {
-                Ok(r) => {
-                    self.conntrack.link_reverse(index, r);
-                }
+                Ok(_) => {}
                 Err(e) => {
                     self.unschedule(index, backend);
                     return Err(e);
@@ -1327,9 +1326,10 @@ impl Core {
     }
 
     /// Inserts an entry (never displacing the entry at `spare`; into the way `hint` names if it still
-    /// holds), accounting for whatever it displaced. Always inlined into `new_flow`'s two inserts:
-    /// as a call, each took its 64-byte entry through the stack and LLVM's prologue (~23
-    /// instructions a new DSR flow, ~35 a new full-NAT one, callgrind).
+    /// holds), accounting for whatever it displaced; a NAT flow's reverse entry (its `link` and
+    /// `spare` the forward entry) links its forward entry to it. Always inlined into `new_flow`'s
+    /// two inserts: as a call, each took its 64-byte entry through the stack and LLVM's prologue
+    /// (~23 instructions a new DSR flow, ~35 a new full-NAT one, callgrind).
     #[inline(always)]
     fn insert(
         &mut self,
@@ -1339,7 +1339,15 @@ impl Core {
         spare: u32,
         hint: Option<InsertHint>,
     ) -> Result<u32, DropReason> {
-        let ins = self.conntrack.insert_hinted(entry, hash, now, spare, hint).map_err(|_| DropReason::ConntrackFull)?;
+        // A reverse entry (spared its forward entry, `spare`) goes in linked to it (see
+        // `ConntrackTable::insert_reverse`).
+        let ins = if entry.kind == EntryKind::Reverse {
+            debug_assert_eq!(entry.link, spare, "a reverse entry spares its forward entry");
+            self.conntrack.insert_reverse(entry, hash, now, hint)
+        } else {
+            self.conntrack.insert_hinted(entry, hash, now, spare, hint)
+        };
+        let ins = ins.map_err(|_| DropReason::ConntrackFull)?;
         if let Some(d) = ins.displaced {
             if d.evicted {
                 self.stats.conntrack_evictions += 1;
