@@ -3,15 +3,20 @@
 //! module docs of [`crate::worker`]). Nothing here changes state; [`Core::process_frame`] then
 //! decides each frame exactly as if alone.
 
-use super::{Core, ReplyHint};
+use super::{Core, ReplyHint, snat};
 use crate::config::ForwardMode;
-use crate::conntrack::{ConnKey, Entry, EntryKind, InsertHint, Likely, NO_LINK};
+use crate::conntrack::{ConnKey, ConntrackTable, Entry, EntryKind, InsertHint, Likely, NO_LINK};
 use crate::packet::{self, L4, ParseError, Parsed};
 use crate::service::{Backend, BackendRef, BackendSlot, RingRef, ServiceSummary, Tables};
 
 /// Frames decided together: the first passes over a batch (parse, hash, service lookup, cache warm-up)
 /// let the memory accesses of different frames overlap.
 pub(super) const BATCH: usize = 16;
+
+/// Where [`Core::warm_nat`] writes its guesses: the core's `reply_hints`, `reply_guesses` and
+/// `reply_keys`.
+pub(super) type GuessesOut<'a> =
+    (&'a mut [Option<ReplyHint>; BATCH], &'a mut [(u32, u16); BATCH], &'a mut [ConnKey; BATCH]);
 
 /// Cells of [`Core::warm_nat`]'s count of flows per backend: four times the batch, so a probe
 /// mostly ends at its first cell.
@@ -169,10 +174,12 @@ impl Core {
     /// likely reason prefetches measured 3-17 % faster here than plain loads with 100 000
     /// services: BENCHMARKS.md, lb-core, session 18.)
     /// Sets, per frame, the entry at the way its insert will take and whether it displaces it in
-    /// `insert_ways` (all `None` on entry; for [`Core::warm_nat`]). Returns whether any frame of
+    /// `insert_ways` (all `None` on entry; for [`Core::warm_nat`]), from `conntrack` (the core's, so
+    /// borrowed apart: `warm_nat` then writes other fields of the core). Returns whether any frame of
     /// the batch needs its service looked up.
     pub(super) fn warm_second<'c>(
-        &'c self,
+        &self,
+        conntrack: &'c ConntrackTable,
         tables: &Tables,
         ahead: &mut [Lookahead],
         insert_ways: &mut [Option<(&'c Entry, bool)>; BATCH],
@@ -186,7 +193,7 @@ impl Core {
                 lookups |= a.needs_service;
                 continue;
             };
-            match self.conntrack.likely(h, now) {
+            match conntrack.likely(h, now) {
                 Likely::Hit(e) => {
                     a.likely_hit = true;
                     // Its backend's location (which holds its service's summary) and counters
@@ -237,17 +244,25 @@ impl Core {
     /// read in one loop (from lines already in the cache) and prefetches it in another, so the
     /// batch's misses are in flight together.
     ///
-    /// Returns, per frame, its first SNAT probe's reply hash with the conntrack's insert hint for
-    /// it, when no entry holds that key's tag (the port is then most likely free), and the backend
-    /// slot and SNAT port that key was made of (see [`Core::reply_guesses`]).
+    /// Writes, per frame, its first SNAT probe's reply hash with the conntrack's insert hint for
+    /// it, when no entry holds that key's tag (the port is then most likely free), to `hints`, the
+    /// backend slot and SNAT port that key was made of to `guesses` (see [`Core::reply_guesses`]),
+    /// and the key itself to `keys` (for a frame without a guess, whatever it was: unread), which
+    /// [`Core::pick_snat_port`] then takes rather than build it again. Those are the core's own
+    /// (`Core::reply_hints`, `reply_guesses`, `reply_keys`), written in place: returned, the arrays
+    /// were copied there (384 bytes without the keys, a `memcpy` call, ~10 instructions a new
+    /// full-NAT flow, callgrind). So the core comes in parts: its `conntrack`, and its `snat_ports`
+    /// and `snat_next` ([`snat::snat_probe`]).
     #[inline(never)]
     pub(super) fn warm_nat(
-        &self,
+        conntrack: &ConntrackTable,
+        snat: (Option<(u16, u16)>, &[u16]),
         tables: &Tables,
         ahead: &[Lookahead],
         forward_ways: &[Option<(&Entry, bool)>; BATCH],
         now: u32,
-    ) -> ([Option<ReplyHint>; BATCH], [(u32, u16); BATCH]) {
+        (hints, guesses, keys): GuessesOut<'_>,
+    ) {
         // Per frame: the displaced NAT flow's reverse entry, and the first SNAT probe's reply hash
         // with the backend slot and port its key was made of.
         let mut links = [NO_LINK; BATCH];
@@ -260,7 +275,7 @@ impl Core {
         let mut seen_counts = [0u8; SEEN];
         let mut nat = 0;
         let frames = ahead.iter().zip(forward_ways).zip(links.iter_mut()).zip(reply_hashes.iter_mut());
-        for (((a, forward_way), link), reply) in frames {
+        for ((((a, forward_way), link), reply), key) in frames.zip(keys.iter_mut()) {
             // (Only a likely new flow of a ring service has its ring slot.)
             let (Some(ring_slot), Some((s, _)), Ok(p)) = (a.ring_slot, a.service, &a.parsed) else { continue };
             if s.mode != ForwardMode::Nat {
@@ -278,29 +293,30 @@ impl Core {
                 cell = (cell + 1) % SEEN;
             }
             let earlier = u32::from(seen_counts[cell]);
-            let Some(probe) = self.snat_probe(tables, p.flow.proto(), b, earlier) else { continue };
-            *reply = Some((probe.key.hash(), slot, probe.key.dport));
+            let Some(probe) = snat::snat_probe(snat, tables, p.flow.proto(), b, earlier) else { continue };
+            *reply = Some((probe.hash(), slot, probe.dport));
+            *key = probe;
             (seen_slots[cell], seen_counts[cell]) = (slot, seen_counts[cell] + 1);
             nat += 1;
         }
-        let mut hints = [None; BATCH];
-        let mut guesses = [(u32::MAX, 0); BATCH];
+        *hints = [None; BATCH];
+        *guesses = [(u32::MAX, 0); BATCH];
         if nat == 0 {
-            return (hints, guesses);
+            return;
         }
         for (&link, reply) in links.iter().zip(reply_hashes.iter()) {
             if link != NO_LINK {
-                self.conntrack.touch_index(link);
+                conntrack.touch_index(link);
             }
             if let Some((rh, ..)) = *reply {
-                self.conntrack.touch_bucket_and_home(rh);
+                conntrack.touch_bucket_and_home(rh);
             }
         }
         let mut reverse_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
         let guessed = reverse_ways.iter_mut().zip(hints.iter_mut()).zip(guesses.iter_mut());
         for (reply, ((way, hint), guess)) in reply_hashes.iter().zip(guessed) {
             if let Some((rh, slot, port)) = *reply
-                && let Likely::Insert { entry, displaces, hint: h } = self.conntrack.likely(rh, now)
+                && let Likely::Insert { entry, displaces, hint: h } = conntrack.likely(rh, now)
             {
                 *way = Some((entry, displaces));
                 *hint = Some((rh, h));
@@ -317,9 +333,8 @@ impl Core {
             }
         }
         for &link in reply_links.iter().filter(|&&l| l != NO_LINK) {
-            self.conntrack.touch_index(link);
+            conntrack.touch_index(link);
         }
-        (hints, guesses)
     }
 
     /// Reads, in three more tight loops over the batch, what deciding its frames will read once the

@@ -220,6 +220,9 @@ struct Core {
     /// With `reply_hints`, per frame: the backend slot and SNAT port of the reply key its hint
     /// guessed, which [`Core::pick_snat_port`] compares to spare hashing that key.
     reply_guesses: [(u32, u16); BATCH],
+    /// With `reply_guesses`, per frame: the reply key its hint guessed, which
+    /// [`Core::pick_snat_port`] takes for a right guess rather than build it again.
+    reply_keys: [ConnKey; BATCH],
     /// False for a batch without likely full-NAT new flows, whose `reply_hints` are left as they were.
     reply_hints_live: bool,
     /// Where a full-NAT rewrite's target is built, a field at a time, for the rewrite to read. Built
@@ -309,6 +312,7 @@ impl Worker {
             snat_next: vec![0; limits.max_backends].into_boxed_slice(),
             reply_hints: [None; BATCH],
             reply_guesses: [(u32::MAX, 0); BATCH],
+            reply_keys: [ConnKey::default(); BATCH],
             reply_hints_live: false,
             handed_in: false,
             time_exceeded_sent: (0, 0),
@@ -439,7 +443,7 @@ impl Worker {
             // Per frame, the entry at the way its insert will take, and whether it displaces one.
             // (Filled in place: returned, the 256-byte array was copied, by a `memcpy` call.)
             let mut insert_ways = [None; BATCH];
-            let lookups = core.warm_second(tables, ahead, &mut insert_ways, now_s);
+            let lookups = core.warm_second(&core.conntrack, tables, ahead, &mut insert_ways, now_s);
             // A batch of established flows looks up no service, and then skips this loop and the
             // warm-up's service loops, which would only test each frame for one: -15 and -26
             // instructions an established packet (callgrind, the cache-hot DSR case).
@@ -456,10 +460,11 @@ impl Worker {
                 }
             }
             let nat = core.warm(tables, ahead, services);
-            let reply_hints = nat.then(|| core.warm_nat(tables, ahead, &insert_ways, now_s));
             core.reply_hints_live = nat;
-            if let Some((hints, guesses)) = reply_hints {
-                (core.reply_hints, core.reply_guesses) = (hints, guesses);
+            if nat {
+                let snat = (core.snat_ports, &core.snat_next[..]);
+                let out = (&mut core.reply_hints, &mut core.reply_guesses, &mut core.reply_keys);
+                Core::warm_nat(&core.conntrack, snat, tables, ahead, &insert_ways, now_s, out);
             }
             // 3. Decide each frame.
             for (i, ((frame, verdict), a)) in frames.iter_mut().zip(verdicts.iter_mut()).zip(ahead.iter()).enumerate() {
@@ -1699,5 +1704,87 @@ mod tests {
             }
         }
         assert_eq!((found, replies), (6, 10));
+    }
+
+    /// The reply key the warm-up keeps for each new full-NAT flow of a batch (`Core::reply_keys`),
+    /// which [`Core::pick_snat_port`] takes for a right guess rather than build it, is the key the
+    /// flow's replies arrive under: from its backend and port to the SNAT address and the port the
+    /// flow was given, of the flow's protocol, and hashes to the guess's hash. A batch of TCP and
+    /// UDP flows, several to each backend (so later guesses count the earlier flows); every guess
+    /// is right in an empty table.
+    #[test]
+    fn warm_nat_keeps_each_guess_reply_key() {
+        use crate::config::{BackendConfig, BackendState, Config, NodeConfig, Protocol, ServiceConfig, ServiceKey};
+        use crate::service::TableBuilder;
+        let node = NodeConfig {
+            gateway_mac: Some([2, 0, 0, 0, 0, 0x99]),
+            snat_v4: Some([10, 0, 0, 100].into()),
+            snat_ports: (40000, 40999),
+            ..NodeConfig::default()
+        };
+        let backend = |i: u8| BackendConfig {
+            addr: IpAddr::V4([10, 1, 0, i].into()),
+            port: 8080 + u16::from(i),
+            weight: 1,
+            mac: Some([2, 0xbb, 0, 0, 0, i]),
+            state: BackendState::Active,
+        };
+        let services = [Protocol::Tcp, Protocol::Udp]
+            .into_iter()
+            .map(|proto| {
+                let key = ServiceKey { vip: IpAddr::V4([192, 0, 2, 1].into()), port: 80, proto };
+                ServiceConfig::new(std::format!("s{proto:?}"), key, ForwardMode::Nat, vec![backend(1), backend(2)])
+            })
+            .collect();
+        let tables = TableBuilder::new().build(&Config { node, services }).unwrap();
+        let mut w = Worker::new(tables, WorkerConfig::single_core(4096));
+        let frames: Vec<Vec<u8>> = (0..BATCH as u16)
+            .map(|i| {
+                let b = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb]).ipv4(
+                    [198, 51, 100, 1 + i as u8],
+                    [192, 0, 2, 1],
+                    64,
+                );
+                let mut v = Vec::new();
+                if i % 3 == 2 {
+                    b.udp(1000 + i, 80).write(&mut v, b"a").unwrap();
+                } else {
+                    b.tcp(1000 + i, 80, 1, 1000).syn().write(&mut v, b"").unwrap();
+                }
+                v
+            })
+            .collect();
+        let head = Frame::HEADROOM_NEEDED;
+        let mut bufs: Vec<Vec<u8>> = frames
+            .iter()
+            .map(|f| {
+                let mut buf = vec![0u8; head + f.len() + 64];
+                buf[head..head + f.len()].copy_from_slice(f);
+                buf
+            })
+            .collect();
+        let mut burst: Vec<Frame<'_>> =
+            bufs.iter_mut().zip(&frames).map(|(buf, f)| Frame::new(buf, head, f.len())).collect();
+        let mut verdicts = vec![Verdict::Pass; BATCH];
+        w.process_burst(&mut burst, Instant::from_secs(1), &mut verdicts);
+        let core = &w.core;
+        assert!(core.reply_hints_live);
+        let mut backends = Vec::new();
+        for (i, f) in burst.iter().enumerate() {
+            assert_eq!(verdicts[i], Verdict::Tx, "frame {i}");
+            // The flow as it left, from the SNAT address and port to the backend: reversed, its
+            // replies' key.
+            let out = parse(f.data()).unwrap().flow;
+            let (hash, _) = core.reply_hints[i].unwrap();
+            let (slot, port) = core.reply_guesses[i];
+            assert_eq!(port, out.src_port(), "frame {i}: the guess was right");
+            assert_eq!(core.reply_keys[i], ConnKey::from_flow(&out.reverse()), "frame {i}");
+            assert_eq!(hash, core.reply_keys[i].hash(), "frame {i}");
+            backends.push(slot);
+        }
+        backends.sort_unstable();
+        let flows = backends.len();
+        backends.dedup();
+        assert!(backends.len() > 1 && flows > 2 * backends.len(), "several flows to each of {backends:?}");
     }
 }

@@ -66,17 +66,6 @@ pub(super) fn wrap(x: u32, span: u32) -> u32 {
     if x < span { x } else { x % span }
 }
 
-/// The first probe of a SNAT port search: its reply key (port set), the core's port range (first
-/// port and span) and the first port's offset in it.
-pub(super) struct SnatProbe {
-    pub(super) key: ConnKey,
-    /// The SNAT address of the backend's family (the key's destination).
-    pub(super) snat: IpAddr,
-    pub(super) lo: u16,
-    pub(super) span: u32,
-    pub(super) start: u32,
-}
-
 /// A full-NAT flow's SNAT port with the conntrack key its replies arrive under and that key's hash.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ReplyKey {
@@ -133,21 +122,30 @@ impl Core {
         (hint, slot): (Option<ReplyHint>, usize),
         now: u32,
     ) -> Option<ReplyKey> {
-        let SnatProbe { mut key, snat, lo, span, start } = self.snat_probe(tables, proto, backend, 0)?;
+        let (lo, hi) = self.snat_ports?;
+        let span = u32::from(hi) - u32::from(lo) + 1;
+        let next = self.snat_next.get(backend.slot().index()).copied().unwrap_or(0);
+        let start = wrap(u32::from(next), span);
+        let first = u16::try_from(u32::from(lo) + start).ok()?;
         // The warm-up's guess (the frame at `slot` of the batch), when it is of this very key
         // (this backend's first probe: the batch's earlier flows to the backend took the ports it
-        // counted them to take), gives its hash and, while the bucket is unchanged, says the port
-        // is free, with no key hashed or looked up. The search below finds the same (it hashes the
-        // key to the guess's hash and takes the same hint); it runs for any other outcome.
+        // counted them to take), gives the key (the warm-up built it from this frame's backend and
+        // protocol and these tables: [`snat_probe`]) and its hash and, while the bucket is
+        // unchanged, says the port is free, with no key built, hashed or looked up. The search
+        // below finds the same (it builds the key, hashes it to the guess's hash and takes the
+        // same hint); it runs for any other outcome.
         if let Some((hash, insert)) = hint
-            && self.reply_guesses.get(slot) == Some(&(backend.slot().index() as u32, key.dport))
+            && self.reply_guesses.get(slot) == Some(&(backend.slot().index() as u32, first))
+            && let Some(&key) = self.reply_keys.get(slot)
             && self.conntrack.find_hinted(&key, hash, Some(insert)).is_none()
         {
             if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
                 *n = u16::try_from(wrap(start + 1, span)).unwrap_or(0);
             }
-            return Some(ReplyKey { port: key.dport, key, hash });
+            return Some(ReplyKey { port: first, key, hash });
         }
+        let snat = tables.node().snat_addr_for(backend.addr)?;
+        let mut key = reply_key(backend, snat, first, proto);
         let tries = SNAT_PORT_TRIES.min(span);
         // The key is built once and only its port changes between probes.
         let conntrack = &self.conntrack;
@@ -222,19 +220,27 @@ impl Core {
     pub(super) fn reply_hint(&self, slot: usize) -> Option<ReplyHint> {
         if self.reply_hints_live { self.reply_hints.get(slot).copied().flatten() } else { None }
     }
+}
 
-    /// Where the SNAT port search for a flow to `backend` starts, `ahead` flows to the same backend
-    /// later (the warm-up's guess for the later flows of a batch; see [`Core::pick_snat_port`]).
-    #[inline]
-    pub(super) fn snat_probe(&self, tables: &Tables, proto: u8, backend: &Backend, ahead: u32) -> Option<SnatProbe> {
-        let (lo, hi) = self.snat_ports?;
-        let snat = tables.node().snat_addr_for(backend.addr)?;
-        let span = u32::from(hi) - u32::from(lo) + 1;
-        let next = self.snat_next.get(backend.slot().index()).copied().unwrap_or(0);
-        let start = wrap(u32::from(next) + ahead, span);
-        let port = u16::try_from(u32::from(lo) + start).ok()?;
-        Some(SnatProbe { key: reply_key(backend, snat, port, proto), snat, lo, span, start })
-    }
+/// The reply key of the first probe of a SNAT port search for a flow to `backend`, `ahead` flows to
+/// the same backend later (the warm-up's guess for the later flows of a batch; see
+/// [`Core::pick_snat_port`]), from the core's SNAT ports and search starts (`Core::snat_ports`,
+/// `Core::snat_next`), for [`Core::warm_nat`], which writes other fields of the core meanwhile.
+#[inline]
+pub(super) fn snat_probe(
+    (ports, next): (Option<(u16, u16)>, &[u16]),
+    tables: &Tables,
+    proto: u8,
+    backend: &Backend,
+    ahead: u32,
+) -> Option<ConnKey> {
+    let (lo, hi) = ports?;
+    let snat = tables.node().snat_addr_for(backend.addr)?;
+    let span = u32::from(hi) - u32::from(lo) + 1;
+    let next = next.get(backend.slot().index()).copied().unwrap_or(0);
+    let start = wrap(u32::from(next) + ahead, span);
+    let port = u16::try_from(u32::from(lo) + start).ok()?;
+    Some(reply_key(backend, snat, port, proto))
 }
 
 #[cfg(test)]
