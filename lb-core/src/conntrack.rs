@@ -145,6 +145,20 @@ impl ConnKey {
         addr_from_bytes(self.dst, self.is_v6())
     }
 
+    /// Source and destination address bytes when both are IPv4 (exactly when [`ConnKey::src_ip`]
+    /// and [`ConnKey::dst_ip`] are both `IpAddr::V4`), read where they are: building the two
+    /// `IpAddr`s to match them cost a full-NAT reply ~60 instructions (callgrind).
+    #[inline]
+    pub fn v4_addrs(&self) -> Option<([u8; 4], [u8; 4])> {
+        // Each 16-byte address as a 96-bit prefix and the 32-bit IPv4 address after it.
+        let split = |a: &[u8; 16]| {
+            let v = u128::from_be_bytes(*a);
+            (v >> 32, (v as u32).to_be_bytes())
+        };
+        let ((src_prefix, src), (dst_prefix, dst)) = (split(&self.src), split(&self.dst));
+        (!self.is_v6() && src_prefix == 0xffff && dst_prefix == 0xffff).then_some((src, dst))
+    }
+
     /// A 64-bit hash of the key. Hand-written rather than a `Hasher` because it is on the fast path
     /// and works on whole words: four 64-bit loads, multiply-fold, and a final avalanche (fmix64).
     pub fn hash(&self) -> u64 {
@@ -1546,6 +1560,41 @@ mod tests {
         let r = t.insert_sparing(r, rk.hash(), now, f).ok()?.index;
         t.link_reverse(f, r)?;
         Some((f, r))
+    }
+
+    /// `v4_addrs` holds a key's addresses exactly when `src_ip` and `dst_ip` are both IPv4, and
+    /// then holds theirs: for IPv4 and IPv6 keys, IPv4-mapped IPv6 keys, and IPv4 keys with any one
+    /// byte of either address's mapped prefix changed.
+    #[test]
+    fn v4_addrs_are_both_addresses_when_ipv4() {
+        let v4 = |a: [u8; 4]| IpAddr::V4(a.into());
+        let mut keys = alloc::vec![
+            ConnKey::flow(v4([10, 0, 0, 1]), v4([192, 0, 2, 1]), 40000, 80, 6),
+            ConnKey::flow(v4([255, 255, 255, 255]), v4([0, 0, 0, 0]), 1, 2, 17),
+            ConnKey::flow(IpAddr::V6(Ipv6Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST), 1, 2, 6),
+            ConnKey::flow(
+                IpAddr::V6(Ipv4Addr::new(10, 0, 0, 1).to_ipv6_mapped()),
+                IpAddr::V6(Ipv4Addr::new(10, 0, 0, 2).to_ipv6_mapped()),
+                1,
+                2,
+                6,
+            ),
+        ];
+        for at in 0..12 {
+            for dst in [false, true] {
+                let mut k = keys[0];
+                let a = if dst { &mut k.dst } else { &mut k.src };
+                a[at] ^= 0x21;
+                keys.push(k);
+            }
+        }
+        for k in keys {
+            let both = match (k.src_ip(), k.dst_ip()) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => Some((s.octets(), d.octets())),
+                _ => None,
+            };
+            assert_eq!(k.v4_addrs(), both, "{k:?}");
+        }
     }
 
     #[test]

@@ -1473,14 +1473,9 @@ fn rewrite_reply(
     (src_mac, dst_mac): (&[u8; 6], &[u8; 6]),
     target: &mut NatTarget,
 ) -> Result<Result<(), forward::RewriteError>, DropReason> {
-    if let (IpAddr::V4(c), IpAddr::V4(vip)) = (client.src_ip(), client.dst_ip())
-        && let Some(done) = forward::nat::rewrite_v4_ports(
-            frame,
-            p,
-            (vip.octets(), client.dport),
-            (c.octets(), client.sport),
-            (src_mac, dst_mac),
-        )
+    if let Some((c, vip)) = client.v4_addrs()
+        && let Some(done) =
+            forward::nat::rewrite_v4_ports(frame, p, (vip, client.dport), (c, client.sport), (src_mac, dst_mac))
     {
         return Ok(done);
     }
