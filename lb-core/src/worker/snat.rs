@@ -66,6 +66,17 @@ pub(super) fn wrap(x: u32, span: u32) -> u32 {
     if x < span { x } else { x % span }
 }
 
+/// Where a SNAT port search in the share `(lo, hi)` starts from offset `next` (the core's
+/// `snat_next` for the backend, plus the flows ahead for the warm-up's guess): the share's span, the
+/// start's offset into it and the first port tried. Both [`Core::pick_snat_port`] and the warm-up's
+/// guess ([`snat_probe`]) start here, so a guess names the port the search tries first.
+#[inline(always)]
+fn search_start((lo, hi): (u16, u16), next: u32) -> Option<(u32, u32, u16)> {
+    let span = u32::from(hi) - u32::from(lo) + 1;
+    let start = wrap(next, span);
+    Some((span, start, u16::try_from(u32::from(lo) + start).ok()?))
+}
+
 /// A full-NAT flow's SNAT port with the conntrack key its replies arrive under and that key's hash.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ReplyKey {
@@ -123,10 +134,8 @@ impl Core {
         now: u32,
     ) -> Option<ReplyKey> {
         let (lo, hi) = self.snat_ports?;
-        let span = u32::from(hi) - u32::from(lo) + 1;
         let next = self.snat_next.get(backend.slot().index()).copied().unwrap_or(0);
-        let start = wrap(u32::from(next), span);
-        let first = u16::try_from(u32::from(lo) + start).ok()?;
+        let (span, start, first) = search_start((lo, hi), u32::from(next))?;
         // The warm-up's guess (the frame at `slot` of the batch), when it is of this very key
         // (this backend's first probe: the batch's earlier flows to the backend took the ports it
         // counted them to take), gives the key (the warm-up built it from this frame's backend and
@@ -234,18 +243,43 @@ pub(super) fn snat_probe(
     backend: &Backend,
     ahead: u32,
 ) -> Option<ConnKey> {
-    let (lo, hi) = ports?;
+    let ports = ports?;
     let snat = tables.node().snat_addr_for(backend.addr)?;
-    let span = u32::from(hi) - u32::from(lo) + 1;
     let next = next.get(backend.slot().index()).copied().unwrap_or(0);
-    let start = wrap(u32::from(next) + ahead, span);
-    let port = u16::try_from(u32::from(lo) + start).ok()?;
+    let (.., port) = search_start(ports, u32::from(next) + ahead)?;
     Some(reply_key(backend, snat, port, proto))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
 mod tests {
-    use super::wrap;
+    use super::{search_start, wrap};
+
+    /// A search from offset `next` of the share `lo..=hi` starts `next` modulo the share's size
+    /// past `lo`: every offset below, at and past one and several spans, in shares of one port to
+    /// the whole port range, at either end.
+    #[test]
+    fn search_start_is_next_modulo_the_share() {
+        for (lo, hi) in
+            [(1, 1), (40000, 40000), (40000, 40999), (1024, 65535), (1, 65535), (65535, 65535), (60000, 65535)]
+        {
+            let span = u32::from(hi) - u32::from(lo) + 1;
+            let nexts = (0..100u32).chain([
+                span - 1,
+                span,
+                span + 1,
+                3 * span + 7,
+                u32::from(u16::MAX),
+                u32::from(u16::MAX) + 31,
+            ]);
+            for next in nexts {
+                let start = next % span;
+                let first = u16::try_from(u32::from(lo) + start).unwrap();
+                assert_eq!(search_start((lo, hi), next), Some((span, start, first)), "{next} in {lo}..={hi}");
+                assert!((lo..=hi).contains(&first));
+            }
+        }
+    }
 
     /// `wrap` is `%` for every span and every offset, below, between and beyond one and two spans.
     #[test]
