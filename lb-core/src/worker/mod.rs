@@ -221,7 +221,9 @@ struct Core {
     /// guessed, which [`Core::pick_snat_port`] compares to spare hashing that key.
     reply_guesses: [(u32, u16); BATCH],
     /// With `reply_guesses`, per frame: the reply key its hint guessed, which
-    /// [`Core::pick_snat_port`] takes for a right guess rather than build it again.
+    /// [`Core::pick_snat_port`] takes for a right guess rather than build it again; after the pick,
+    /// the reply key of the port it gave (a search writes it here), which the flow's reverse entry
+    /// takes (copied once, not returned and copied again).
     reply_keys: [ConnKey; BATCH],
     /// False for a batch without likely full-NAT new flows, whose `reply_hints` are left as they were.
     reply_hints_live: bool,
@@ -883,7 +885,8 @@ impl Core {
             return Err(DropReason::SourceNotAllowed);
         }
         let backend = self.pick_backend(tables, p, (flow_hash, ring_slot), ring, service, now)?;
-        // Full NAT: the SNAT port, with the reply key it frees up and that key's hash.
+        // Full NAT: the SNAT port, with the hash of the reply key it frees up (the key is left in
+        // `reply_keys`).
         let reply_hint = self.reply_hint(slot);
         let reply = match summary.mode {
             ForwardMode::Nat => {
@@ -911,7 +914,9 @@ impl Core {
             c.active_conns += 1;
         }
         if let Some(reply) = reply {
-            let reverse = Entry { key: reply.key, kind: EntryKind::Reverse, link: index, ..entry };
+            // (The pick left the reply key at the frame's slot; `slot` is below `BATCH`, the `%`
+            // only says so.)
+            let reverse = Entry { key: self.reply_keys[slot % BATCH], kind: EntryKind::Reverse, link: index, ..entry };
             // (Inserted linked: `insert_reverse`.)
             match self.insert(reverse, reply.hash, now, index, hint_for(reply_hint, reply.hash)) {
                 Ok(_) => {}

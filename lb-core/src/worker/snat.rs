@@ -3,7 +3,7 @@
 
 use core::net::IpAddr;
 
-use super::Core;
+use super::{BATCH, Core};
 use crate::conntrack::{ConnKey, ConntrackTable, EntryKind, InsertHint};
 use crate::packet::FlowKey;
 use crate::service::{Backend, Tables};
@@ -77,11 +77,11 @@ fn search_start((lo, hi): (u16, u16), next: u32) -> Option<(u32, u32, u16)> {
     Some((span, start, u16::try_from(u32::from(lo) + start).ok()?))
 }
 
-/// A full-NAT flow's SNAT port with the conntrack key its replies arrive under and that key's hash.
+/// A full-NAT flow's SNAT port with the hash of the conntrack key its replies arrive under (the key
+/// itself is left in `Core::reply_keys`: see [`Core::pick_snat_port`]).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct ReplyKey {
+pub(super) struct ReplyPort {
     pub(super) port: u16,
-    pub(super) key: ConnKey,
     pub(super) hash: u64,
 }
 
@@ -125,6 +125,10 @@ impl Core {
     /// a port (its TIME-WAIT) is as long gone as it can be. (A start from the flow hash met one of a
     /// busy backend's flows as often as the share was in use, ~40 % of new flows in the NAT flood
     /// benchmark, each collision a cache miss in another bucket, and reused a port at random.)
+    ///
+    /// The port's reply key is left at `slot` of `Core::reply_keys` (a right guess's is there
+    /// already), where the flow's reverse entry takes it: returned, the 38-byte key was copied out
+    /// and again into the entry (~20 instructions a new full-NAT flow, callgrind).
     pub(super) fn pick_snat_port(
         &mut self,
         tables: &Tables,
@@ -132,7 +136,7 @@ impl Core {
         backend: &Backend,
         (hint, slot): (Option<ReplyHint>, usize),
         now: u32,
-    ) -> Option<ReplyKey> {
+    ) -> Option<ReplyPort> {
         let (lo, hi) = self.snat_ports?;
         let next = self.snat_next.get(backend.slot().index()).copied().unwrap_or(0);
         let (span, start, first) = search_start((lo, hi), u32::from(next))?;
@@ -145,13 +149,13 @@ impl Core {
         // same hint); it runs for any other outcome.
         if let Some((hash, insert)) = hint
             && self.reply_guesses.get(slot) == Some(&(backend.slot().index() as u32, first))
-            && let Some(&key) = self.reply_keys.get(slot)
-            && self.conntrack.find_hinted(&key, hash, Some(insert)).is_none()
+            && let Some(key) = self.reply_keys.get(slot)
+            && self.conntrack.find_hinted(key, hash, Some(insert)).is_none()
         {
             if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
                 *n = u16::try_from(wrap(start + 1, span)).unwrap_or(0);
             }
-            return Some(ReplyKey { port: first, key, hash });
+            return Some(ReplyPort { port: first, hash });
         }
         let snat = tables.node().snat_addr_for(backend.addr)?;
         let mut key = reply_key(backend, snat, first, proto);
@@ -194,16 +198,21 @@ impl Core {
         if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
             *n = u16::try_from(wrap(next, span)).unwrap_or(0);
         }
-        let Some((_, port, hash, _)) = found else {
-            // Every port tried is held by a live flow: the oldest half-open one gives its port up
-            // (else the oldest closing one).
-            let (_, port, hash, forward) = oldest?;
-            self.evict_for_port(forward);
-            return Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash });
+        let (port, hash) = match found {
+            Some((_, port, hash, _)) => (port, hash),
+            None => {
+                // Every port tried is held by a live flow: the oldest half-open one gives its port
+                // up (else the oldest closing one).
+                let (_, port, hash, forward) = oldest?;
+                self.evict_for_port(forward);
+                (port, hash)
+            }
         };
         // The reply key built afresh rather than copied from `key`, whose copy's loads would span
-        // the port store just made (a store-forwarding stall).
-        Some(ReplyKey { port, key: reply_key(backend, snat, port, proto), hash })
+        // the port store just made (a store-forwarding stall). (`slot` is below `BATCH`: the `%`
+        // only says so.)
+        self.reply_keys[slot % BATCH] = reply_key(backend, snat, port, proto);
+        Some(ReplyPort { port, hash })
     }
 
     /// Evicts the flow whose forward entry is at `forward` for its SNAT port, when every port
