@@ -214,6 +214,45 @@ fn an_established_flows_expired_packet_is_answered_and_the_flow_goes_on() {
     }
 }
 
+/// The packets and bytes the backends of a NAT service's flows were sent, summed over its two.
+fn nat_backend_traffic(w: &lb_core::Worker, v6: bool) -> (u64, u64) {
+    let tables = w.tables().clone();
+    let name = format!("{}-80-tcp", if v6 { "v6" } else { "v4" });
+    let s = tables.services().iter().find(|s| s.name == name).unwrap();
+    s.backends.iter().fold((0, 0), |(n, b), backend| {
+        let c = w.stats().backend(backend.slot());
+        (n + c.packets, b + c.bytes)
+    })
+}
+
+/// A packet that expires at the VIP was not sent to a backend: it counts in none of a backend's
+/// packets or bytes, whether it would have started a flow (its first packet is counted with the
+/// new flow, then taken back) or belongs to one (on the general path, counted, then taken back);
+/// the packets forwarded count, byte for byte.
+#[test]
+fn an_expired_packet_counts_in_no_backends_traffic() {
+    for v6 in [false, true] {
+        let mut w = worker(&all_modes_config());
+        let (client, vip) = ends(v6);
+        let (verdict, _) = run(&mut w, &with_ttl(tcp(client, 40_001, vip, 80, Tcp::Syn, b"probe"), 1), secs(1));
+        assert_eq!(verdict, Verdict::Tx, "v6 {v6}");
+        assert_eq!(nat_backend_traffic(&w, v6), (0, 0), "v6 {v6}: a new flow's expired first packet");
+        let syn = tcp(client, 40_123, vip, 80, Tcp::Syn, b"");
+        assert_eq!(run(&mut w, &syn, secs(1)).0, Verdict::Tx);
+        // Expired: the SYN again (a known flow on the general path: the established path leaves
+        // a SYN to it), and a packet of the flow (the established path).
+        for expired in [tcp(client, 40_123, vip, 80, Tcp::Syn, b""), tcp(client, 40_123, vip, 80, Tcp::Ack, b"data")] {
+            let (verdict, _) = run(&mut w, &with_ttl(expired, 1), secs(2));
+            assert_eq!(verdict, Verdict::Tx, "v6 {v6}");
+        }
+        let ack = tcp(client, 40_123, vip, 80, Tcp::Ack, b"more data");
+        assert_eq!(run(&mut w, &ack, secs(3)).0, Verdict::Tx);
+        let bytes = (syn.len() - 14 + ack.len() - 14) as u64;
+        assert_eq!(nat_backend_traffic(&w, v6), (2, bytes), "v6 {v6}: the flow's two packets forwarded");
+        assert_eq!(w.stats().icmp_time_exceeded, 3, "v6 {v6}");
+    }
+}
+
 /// A backend's reply to the SNAT address that expires there is answered from the SNAT address.
 #[test]
 fn an_expired_nat_reply_is_answered_from_the_snat_address() {

@@ -703,6 +703,16 @@ impl Core {
         }
     }
 
+    /// Takes back [`Core::count_forwarded`] for a packet that could not go after all.
+    #[cold]
+    #[inline(never)]
+    fn uncount_forwarded(&mut self, backend: &Backend, p: &Parsed) {
+        if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
+            c.packets = c.packets.saturating_sub(1);
+            c.bytes = c.bytes.saturating_sub(u64::from(p.ip_len));
+        }
+    }
+
     /// A first fragment names the service by its ports: its drop is the service's too. (Cold and out
     /// of line, as the rare branch it is: inlined, a new full-NAT flow took 20 instructions more and a
     /// new DSR flow 3, callgrind.)
@@ -843,6 +853,9 @@ impl Core {
                     }
                     None => 0,
                 };
+                // Counted before the rewrite (taken back if it fails), as a new flow counts its
+                // first packet with it: the rewrite's success then counts nothing on either arm.
+                self.count_forwarded(backend, p);
                 (index, backend, snat_port, flow_hash)
             }
             None => {
@@ -859,11 +872,12 @@ impl Core {
         if let Err(reason) = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, flow_hash) {
             if known.is_none() {
                 // A flow whose first frame cannot be sent leaves no state behind.
-                self.unschedule(index, backend);
+                self.unschedule(index, backend, p);
+            } else {
+                self.uncount_forwarded(backend, p);
             }
             return self.refused(frame, p, reason);
         }
-        self.count_forwarded(backend, p);
         Ok(Verdict::Tx)
     }
 
@@ -908,10 +922,14 @@ impl Core {
         };
         advance_new(&mut entry, p.tcp_flags, &self.timeouts, now);
         let index = self.insert(entry, hash, now, NO_LINK, insert_hint)?;
-        // Counted as soon as it is in the table, so that any removal below un-counts it exactly.
+        // Counted as soon as it is in the table, so that any removal below un-counts it exactly;
+        // with its first packet, as forwarded (`count_forwarded`), which `unschedule` un-counts if
+        // it cannot go: one look at the backend's counters rather than two.
         if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
             c.new_flows += 1;
             c.active_conns += 1;
+            c.packets += 1;
+            c.bytes += u64::from(p.ip_len);
         }
         if let Some(reply) = reply {
             // (The pick left the reply key at the frame's slot; `slot` is below `BATCH`, the `%`
@@ -921,7 +939,7 @@ impl Core {
             match self.insert(reverse, reply.hash, now, index, hint_for(reply_hint, reply.hash)) {
                 Ok(_) => {}
                 Err(e) => {
-                    self.unschedule(index, backend);
+                    self.unschedule(index, backend, p);
                     return Err(e);
                 }
             }
@@ -1389,12 +1407,15 @@ impl Core {
     }
 
     /// Removes the flow [`Core::new_flow`] just scheduled to `backend` when its first frame
-    /// cannot go (no reverse entry, a failed rewrite): its connection and its new-flow count go, so
-    /// `new_flows` counts only flows a backend was sent.
-    fn unschedule(&mut self, index: u32, backend: &Backend) {
+    /// cannot go (no reverse entry, a failed rewrite): its connection, its new-flow count and its
+    /// first packet `p` (counted with it) go, so `new_flows` counts only flows a backend was sent and
+    /// `packets` and `bytes` only what it was sent.
+    fn unschedule(&mut self, index: u32, backend: &Backend, p: &Parsed) {
         self.remove(index);
         if let Some(c) = self.stats.backend_mut(backend.slot().index()) {
             c.new_flows = c.new_flows.saturating_sub(1);
+            c.packets = c.packets.saturating_sub(1);
+            c.bytes = c.bytes.saturating_sub(u64::from(p.ip_len));
         }
     }
 
