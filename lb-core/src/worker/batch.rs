@@ -293,9 +293,10 @@ impl Core {
                 cell = (cell + 1) % SEEN;
             }
             let earlier = u32::from(seen_counts[cell]);
-            let Some(probe) = snat::snat_probe(snat, tables, p.flow.proto(), b, earlier) else { continue };
-            *reply = Some((probe.hash(), slot, probe.dport));
-            *key = probe;
+            if snat::snat_probe(snat, tables, p.flow.proto(), b, earlier, key).is_none() {
+                continue;
+            }
+            *reply = Some((key.hash(), slot, key.dport));
             (seen_slots[cell], seen_counts[cell]) = (slot, seen_counts[cell] + 1);
             nat += 1;
         }
