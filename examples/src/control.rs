@@ -446,7 +446,8 @@ pub struct LiveState {
     /// Whether a cluster translation (the feed's first sends the whole cluster, once Services and
     /// EndpointSlices are both listed) has been built into the tables.
     pub cluster_applied: bool,
-    /// Maglev entries (mh, sh, dh) that changed owner over all applied updates, by cause.
+    /// Maglev entries (mh, sh, dh) that changed owner over all applied updates, by cause, and the
+    /// entries' worth of new flows that updates indexing a table anew moved.
     pub maglev_moves: MaglevMoves,
 }
 
@@ -471,6 +472,8 @@ impl LiveState {
 /// Maglev table entries that changed owner from one build of a service to the next, summed over
 /// services and updates. With conntrack in front only new flows (and flows another node tracked)
 /// feel a moved entry; `between_kept` is the disruption Maglev keeps small (lb-hash's `maglev` module).
+/// An update that changes what a table is indexed by moves new flows without moving entries; it
+/// counts in `rehashed` (see [`MaglevMoves::between`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MaglevMoves {
     /// Entries whose backend left or drained.
@@ -479,6 +482,36 @@ pub struct MaglevMoves {
     pub arrived: u64,
     /// Entries moved between backends serving before and after.
     pub between_kept: u64,
+    /// Entries' worth of new flows that change backend because the table is indexed anew: by another
+    /// key (a switch between mh, sh and dh, ClientIP affinity of mh on or off) or with another
+    /// `node.hash_seed`. Departures and arrivals of the same update are counted here, not above.
+    pub rehashed: u64,
+}
+
+/// What a service's Maglev table is indexed by: the hash of the key lb-core's worker picks a new
+/// flow's entry with (`Worker::pick_backend` and the mh, sh and dh schedulers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MaglevKey {
+    /// The flow (5-tuple, or 3-tuple without ports): mh.
+    Flow,
+    /// The client address: sh, and mh with ClientIP affinity (so cores and nodes without the
+    /// client's affinity record pick as the one that made it).
+    Client,
+    /// The destination address: dh.
+    Destination,
+}
+
+impl MaglevKey {
+    /// The key `service` hashes; `None` for a scheduler without a Maglev table.
+    fn of(service: &lb_core::service::Service) -> Option<Self> {
+        use lb_core::config::SchedulerKind;
+        match service.scheduler.kind() {
+            SchedulerKind::Maglev if service.affinity_timeout_secs.is_none() => Some(Self::Flow),
+            SchedulerKind::Maglev | SchedulerKind::SourceHashing => Some(Self::Client),
+            SchedulerKind::DestinationHashing => Some(Self::Destination),
+            _ => None,
+        }
+    }
 }
 
 impl MaglevMoves {
@@ -486,9 +519,13 @@ impl MaglevMoves {
     /// each service where entries moved between kept backends, and each whose table changed size
     /// (counted in the new table's entries, see [`lb_hash::MaglevTable::changes_from`]). A service
     /// of mh, sh or dh has no table while no backend takes new flows: all its entries depart when
-    /// the last one stops, and all arrive when one takes them again.
+    /// the last one stops, and all arrive when one takes them again. A service whose table is
+    /// indexed by another key or seed than before ([`Self::rehashed`]) is logged, and its new flows
+    /// compared flow by flow, as for a resize ([`lb_hash::MaglevTable::changes_from_rehashed`]):
+    /// even with the same table, about `1 - 1/n` of them move over `n` equal backends.
     pub fn between(before: &Tables, after: &Tables) -> Self {
         let mut total = MaglevMoves::default();
+        let seed_changed = before.node().hash_seed != after.node().hash_seed;
         for new in after.services() {
             let Some((_, old)) = before.lookup(&new.key) else { continue };
             let both_maglev = new.scheduler.kind().uses_maglev_table() && old.scheduler.kind().uses_maglev_table();
@@ -506,6 +543,28 @@ impl MaglevMoves {
                 }
                 _ => continue,
             };
+            let (key0, key1) = (MaglevKey::of(old), MaglevKey::of(new));
+            if seed_changed || key0 != key1 {
+                let c = t1.changes_from_rehashed(t0);
+                let moved = u64::from(c.departed) + u64::from(c.arrived) + u64::from(c.between_stayed);
+                let why = if key0 != key1 { "the hashed key changed" } else { "node.hash_seed changed" };
+                tracing::warn!(
+                    service = %new.name,
+                    scheduler_before = %old.scheduler.kind(),
+                    scheduler = %new.scheduler.kind(),
+                    client_ip_affinity_before = old.affinity_timeout_secs.is_some(),
+                    client_ip_affinity = new.affinity_timeout_secs.is_some(),
+                    size_before = t0.size(),
+                    size = t1.size(),
+                    departed = c.departed,
+                    arrived = c.arrived,
+                    between_kept = c.between_stayed,
+                    "Maglev table rehashed ({why}): {:.1} % of new flows change backend",
+                    moved as f64 * 100.0 / f64::from(t1.size())
+                );
+                total.rehashed += moved;
+                continue;
+            }
             let c = t1.changes_from(t0);
             let moved = u64::from(c.departed) + u64::from(c.arrived) + u64::from(c.between_stayed);
             if t1.size() != t0.size() {
@@ -842,6 +901,7 @@ impl<S: TablesSink> Control<S> {
                         l.maglev_moves.departed += m.departed;
                         l.maglev_moves.arrived += m.arrived;
                         l.maglev_moves.between_kept += m.between_kept;
+                        l.maglev_moves.rehashed += m.rehashed;
                     }
                     l.tables = Some(tables.clone());
                     l.services = built;
@@ -1786,9 +1846,106 @@ services:
         control.apply(ControlInput::File(Box::new(parse(&yaml(1)).unwrap()))).unwrap();
         let drained = control.apply(ControlInput::File(Box::new(parse(&yaml(0)).unwrap()))).unwrap();
         assert!(drained.services()[0].scheduler.maglev_table().is_none(), "no backend takes new flows");
-        assert_eq!(live.borrow().maglev_moves, MaglevMoves { departed: 1009, arrived: 0, between_kept: 0 });
+        assert_eq!(live.borrow().maglev_moves, MaglevMoves { departed: 1009, ..Default::default() });
         control.apply(ControlInput::File(Box::new(parse(&yaml(1)).unwrap()))).unwrap();
-        assert_eq!(live.borrow().maglev_moves, MaglevMoves { departed: 1009, arrived: 1009, between_kept: 0 });
+        assert_eq!(live.borrow().maglev_moves, MaglevMoves { departed: 1009, arrived: 1009, ..Default::default() });
+    }
+
+    /// A file of one service `web` over five equal backends with a 1009-entry Maglev table, of
+    /// `scheduler` with the service fields `extra`, on a node with flow hash seed `seed`.
+    fn maglev_yaml(scheduler: &str, extra: &str, seed: u64) -> String {
+        let backends: Vec<String> = (1..=5).map(|i| format!("{{ addr: 10.1.0.{i}, port: 80 }}")).collect();
+        format!(
+            "node: {{ tunnel_src_v4: 10.0.0.3, gateway_mac: \"02:00:00:00:00:fe\", hash_seed: {seed} }}\nservices:\n  - \
+             {{ name: web, vip: 10.0.0.10, port: 80, mode: ipip, scheduler: {scheduler}, maglev_table_size: 1009, \
+             {extra}backends: [{}] }}\n",
+            backends.join(", ")
+        )
+    }
+
+    /// Applies each of `files` in turn, returning the Maglev moves each update after the first added.
+    fn maglev_moves_of(files: &[String]) -> Vec<MaglevMoves> {
+        let mut control = Control::new(RecordingSink::default());
+        let live = control.subscribe();
+        let mut last = MaglevMoves::default();
+        let mut added = Vec::new();
+        for (i, yaml) in files.iter().enumerate() {
+            control.apply(ControlInput::File(Box::new(parse(yaml).unwrap()))).unwrap();
+            let now = live.borrow().maglev_moves;
+            if i > 0 {
+                added.push(MaglevMoves {
+                    departed: now.departed - last.departed,
+                    arrived: now.arrived - last.arrived,
+                    between_kept: now.between_kept - last.between_kept,
+                    rehashed: now.rehashed - last.rehashed,
+                });
+            }
+            last = now;
+        }
+        added
+    }
+
+    /// Five equal backends keep a rehashed flow's backend with probability about 1/5: about 4/5 of
+    /// the 1009 entries' worth of new flows move, all counted as rehashed.
+    fn assert_rehashed(m: MaglevMoves, what: &str) {
+        assert_eq!((m.departed, m.arrived, m.between_kept), (0, 0, 0), "{what}: {m:?}");
+        assert!(m.rehashed.abs_diff(1009 * 4 / 5) <= 2, "{what}: {m:?}");
+    }
+
+    /// mh, sh and dh share Maglev tables but index them by different keys (the flow, the client
+    /// address, the destination address): a switch between them leaves every entry's owner where
+    /// it was and yet sends most new flows elsewhere, so it counts as rehashed.
+    #[tokio::test]
+    async fn maglev_moves_count_a_switch_between_mh_sh_and_dh() {
+        let files = ["mh", "sh", "dh", "mh"].map(|s| maglev_yaml(s, "", 0));
+        let moves = maglev_moves_of(&files);
+        for (m, what) in moves.into_iter().zip(["mh to sh", "sh to dh", "dh to mh"]) {
+            assert_rehashed(m, what);
+        }
+    }
+
+    /// With ClientIP affinity mh hashes the client address rather than the flow: turning it on or
+    /// off re-points new flows without changing the table.
+    #[tokio::test]
+    async fn maglev_moves_count_a_client_ip_affinity_toggle() {
+        let files = ["", "affinity_timeout: 3h, ", ""].map(|a| maglev_yaml("mh", a, 0));
+        let moves = maglev_moves_of(&files);
+        for (m, what) in moves.into_iter().zip(["affinity on", "affinity off"]) {
+            assert_rehashed(m, what);
+        }
+    }
+
+    /// A new `node.hash_seed` changes every flow hash, whatever the scheduler hashes.
+    #[tokio::test]
+    async fn maglev_moves_count_a_new_hash_seed() {
+        for scheduler in ["mh", "sh", "dh"] {
+            let moves = maglev_moves_of(&[maglev_yaml(scheduler, "", 1), maglev_yaml(scheduler, "", 2)]);
+            assert_rehashed(moves[0], scheduler);
+        }
+    }
+
+    /// Updates that keep the key each table is indexed by and the seed move nothing: mh with
+    /// ClientIP affinity and sh both hash the client address, sh and dh hash the same key with
+    /// affinity or without, and an affinity timeout or a seed that stays changes no hash.
+    #[tokio::test]
+    async fn maglev_moves_count_nothing_when_the_hashed_key_stays() {
+        let sticky = |t: &str| format!("affinity_timeout: {t}, ");
+        let client = [
+            maglev_yaml("mh", &sticky("3h"), 5),
+            maglev_yaml("mh", &sticky("1h"), 5),
+            maglev_yaml("sh", &sticky("1h"), 5),
+            maglev_yaml("sh", "", 5),
+            maglev_yaml("sh", &sticky("1h"), 5),
+            maglev_yaml("mh", &sticky("1h"), 5),
+        ];
+        let destination = [maglev_yaml("dh", "", 5), maglev_yaml("dh", &sticky("1h"), 5), maglev_yaml("dh", "", 5)];
+        for files in [&client[..], &destination[..]] {
+            let moves = maglev_moves_of(files);
+            assert_eq!(moves.len(), files.len() - 1);
+            for (i, m) in moves.into_iter().enumerate() {
+                assert_eq!(m, MaglevMoves::default(), "update {} to {}", i + 1, files[i + 1]);
+            }
+        }
     }
 
     #[tokio::test]

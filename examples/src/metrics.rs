@@ -690,10 +690,15 @@ pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[Inter
         "lb_maglev_entries_moved_total",
         "counter",
         "Maglev table entries that changed owner across updates: departed (backend left or drained), arrived \
-         (new backend), between_kept (moved between backends serving before and after).",
+         (new backend), between_kept (moved between backends serving before and after); and rehashed, the \
+         entries' worth of new flows that changed backend because a table was indexed anew (a switch between mh, \
+         sh and dh, ClientIP affinity of mh on or off, a new node.hash_seed), that update's departures and \
+         arrivals included.",
     );
     let m = live.maglev_moves;
-    for (cause, v) in [("departed", m.departed), ("arrived", m.arrived), ("between_kept", m.between_kept)] {
+    let causes =
+        [("departed", m.departed), ("arrived", m.arrived), ("between_kept", m.between_kept), ("rehashed", m.rehashed)];
+    for (cause, v) in causes {
         f.line("lb_maglev_entries_moved_total", &format!("cause=\"{cause}\""), v);
     }
     f.head(
@@ -1125,6 +1130,17 @@ services:
         let text = render(&control.subscribe().borrow().clone(), &[]);
         let want = "lb_tables_held{sum=\"maglev_entries\"} 1009";
         assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
+    }
+
+    /// Each cause of moved Maglev entries has its line, a rehash's too.
+    #[test]
+    fn maglev_moves_are_exported_by_cause() {
+        let maglev_moves = crate::control::MaglevMoves { departed: 1, arrived: 2, between_kept: 3, rehashed: 807 };
+        let text = render(&LiveState { maglev_moves, ..Default::default() }, &[]);
+        for (cause, v) in [("departed", 1), ("arrived", 2), ("between_kept", 3), ("rehashed", 807)] {
+            let want = format!("lb_maglev_entries_moved_total{{cause=\"{cause}\"}} {v}");
+            assert!(text.lines().any(|l| l == want), "missing {want:?} in\n{text}");
+        }
     }
 
     #[tokio::test]

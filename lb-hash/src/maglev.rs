@@ -336,12 +336,7 @@ impl MaglevTable {
     /// entries of this table whose flows changed owner, on average over the flows.
     #[must_use]
     pub fn changes_from(&self, before: &Self) -> TableChanges {
-        // Per backend index, once: does the old owner still serve, did the new one serve before?
-        let serves_in = |t: &Self, id: BackendId| {
-            t.position(id).and_then(|i| t.backends.get(i as usize)).is_some_and(Backend::is_serving)
-        };
-        let still_serving: Vec<bool> = before.backends.iter().map(|b| serves_in(self, b.id)).collect();
-        let served_before: Vec<bool> = self.backends.iter().map(|b| serves_in(before, b.id)).collect();
+        let (still_serving, served_before) = self.serving_in_both(before);
         if before.size != self.size {
             return self.changes_from_resized(before, &still_serving, &served_before);
         }
@@ -362,7 +357,30 @@ impl MaglevTable {
         changes
     }
 
-    /// [`Self::changes_from`] for a `before` of another size, from the entry counts alone: with `c`
+    /// As [`Self::changes_from`] when flows are hashed anew for this table (by another key, say the
+    /// client address rather than the whole flow, or with another seed): a flow's slots in the two
+    /// tables are then independent whatever their sizes, so they are compared flow by flow as for a
+    /// resize. Even the same table rehashed moves every flow but the share `sum c^2 / M^2` that
+    /// lands on its old backend again (`c` each backend's entries).
+    #[must_use]
+    pub fn changes_from_rehashed(&self, before: &Self) -> TableChanges {
+        let (still_serving, served_before) = self.serving_in_both(before);
+        self.changes_from_resized(before, &still_serving, &served_before)
+    }
+
+    /// Per backend index, once: of `before`'s, whether each still serves in this table; of this
+    /// table's, whether each served in `before`.
+    fn serving_in_both(&self, before: &Self) -> (Vec<bool>, Vec<bool>) {
+        let serves_in = |t: &Self, id: BackendId| {
+            t.position(id).and_then(|i| t.backends.get(i as usize)).is_some_and(Backend::is_serving)
+        };
+        let still_serving = before.backends.iter().map(|b| serves_in(self, b.id)).collect();
+        let served_before = self.backends.iter().map(|b| serves_in(before, b.id)).collect();
+        (still_serving, served_before)
+    }
+
+    /// [`Self::changes_from`] for a `before` of another size, and [`Self::changes_from_rehashed`],
+    /// from the entry counts alone: with `c`
     /// and `c'` a backend's entries in `before` (size `M`) and in this table (size `M'`), a flow goes
     /// from `a` to `b` with probability `c_a c'_b / (M M')`, so this table's entries' worth is
     /// `c_a c'_b / M`, summed over the pairs of each cause (less `sum c c' / M` for a backend kept
@@ -405,7 +423,8 @@ impl MaglevTable {
 }
 
 /// Entries that changed owner between two tables ([`MaglevTable::changes_from`]; between tables of
-/// two sizes, the new table's entries whose flows changed owner, on average). For one removal,
+/// two sizes, or with flows hashed anew ([`MaglevTable::changes_from_rehashed`]), the new table's
+/// entries whose flows changed owner, on average). For one removal,
 /// `departed` is the removed backend's share and `between_stayed` the disruption the `maglev` module
 /// comment measures; for one addition, `arrived` is the new backend's share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -916,7 +935,9 @@ mod tests {
     /// Between tables of two sizes, `changes_from` counts what every pair of slots `(hash % M,
     /// hash % M')` gives, all `M M'` of them enumerated here (each pair holds the same share of flow
     /// hashes, the sizes being distinct primes), scaled to the new table's `M'` entries: a removal, an
-    /// addition, a drain with weights changed, a whole new set.
+    /// addition, a drain with weights changed, a whole new set. So does `changes_from_rehashed`, for
+    /// tables of one size too (two hashes of a flow are independent): the same table rehashed, a
+    /// removal.
     #[test]
     fn changes_between_sizes_count_every_pair_of_slots() {
         let weighted =
@@ -930,6 +951,8 @@ mod tests {
             (weighted(&[1, 2, 3, 4]), drained, 211, 199),
             (weighted(&[1, 2]), weighted(&[3, 4]), 103, 101),
             (equal(5), equal(5), 1009, 211),
+            (equal(5), equal(5), 211, 211),
+            (weighted(&[1, 2, 3, 4]), weighted(&[1, 2, 4]), 101, 101),
         ];
         for (old, new, m0, m1) in cases {
             let (before, after) =
@@ -960,7 +983,10 @@ mod tests {
                 arrived: entries(pairs[1]),
                 between_stayed: entries(pairs[2]),
             };
-            assert_eq!(after.changes_from(&before), want, "{m0} -> {m1}: {old:?} -> {new:?}");
+            if m0 != m1 {
+                assert_eq!(after.changes_from(&before), want, "{m0} -> {m1}: {old:?} -> {new:?}");
+            }
+            assert_eq!(after.changes_from_rehashed(&before), want, "rehashed {m0} -> {m1}: {old:?} -> {new:?}");
         }
     }
 
