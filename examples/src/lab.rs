@@ -639,7 +639,8 @@ pub struct LbOutcome {
     /// The worker, with its counters and connection table.
     pub worker: Worker,
     /// Frames other loops handed to this one that were still in its inbox when every loop had
-    /// stopped (with several queues; the replies to connections closing as the loops stopped).
+    /// stopped (with several queues): none, as a loop takes what waits in its inbox as it stops and
+    /// refuses what comes later (counted by the sender in `handoff_refused`).
     pub left_in_inbox: usize,
 }
 

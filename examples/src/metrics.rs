@@ -517,7 +517,8 @@ pub fn render_with(live: &LiveState, cores: &[CoreSnapshot], interfaces: &[Inter
     for (name, help, v) in [
         (
             "lb_handoff_lost_total",
-            "NAT replies (or ICMP error copies) for another core lost because that core's inbox was full.",
+            "NAT replies (or ICMP error copies) for another core lost because that core's inbox was full, or (as the \
+             loops stop) its loop had left.",
             cores.iter().map(|c| c.handoff_lost).sum::<u64>(),
         ),
         (

@@ -26,7 +26,10 @@
 //! free list are bounded crossbeam channels (arrays), over which buffers move as boxed slices. A full
 //! inbox (the owner fell behind by more than its buffers) loses the frame, counted by the sender.
 //! A loop that waits for its device also wakes when its inbox gets a frame: the sender writes the
-//! owner's eventfd when the owner said it is about to wait.
+//! owner's eventfd when the owner said it is about to wait. A loop that stops, or whose device
+//! fails, closes its inbox and takes what waits in it (see [`Handoff::is_closed`]): a frame handed
+//! to it after that is refused, and counted lost by its sender, rather than left in an inbox nobody
+//! reads.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
@@ -72,6 +75,9 @@ struct Inbox {
     waiting: AtomicBool,
     /// An eventfd the owner's wait also watches.
     wake: OwnedFd,
+    /// Set by the owner when it leaves for good ([`Handoff::close`]): senders then take back what
+    /// they hand it.
+    closed: AtomicBool,
     /// How many buffers the inbox has.
     buffers: usize,
 }
@@ -111,6 +117,7 @@ pub fn mesh(loops: usize, config: HandoffConfig) -> Result<Vec<Handoff>, Handoff
             free: crossbeam_channel::bounded(buffers),
             waiting: AtomicBool::new(false),
             wake,
+            closed: AtomicBool::new(false),
             buffers,
         };
         for _ in 0..buffers {
@@ -131,7 +138,8 @@ impl Handoff {
 
     /// Copies `packet` into a free buffer of loop `to`'s inbox and wakes that loop if it waits.
     /// False when it cannot: `to` is this loop or no loop of the mesh, the packet does not fit a
-    /// buffer, or the inbox has no free buffer (its loop is behind). The caller counts that as lost.
+    /// buffer, the inbox has no free buffer (its loop is behind), or its loop has closed it. The
+    /// caller counts that as lost.
     pub fn send(&self, to: usize, packet: &[u8]) -> bool {
         if to == self.me {
             return false;
@@ -148,6 +156,22 @@ impl Handoff {
         if inbox.ready.0.try_send(slot).is_err() {
             return false;
         }
+        // Pairs with `close`, as `waiting` with `will_wait` (the push's SeqCst tail update against
+        // the owner's SeqCst fence before it finds the inbox empty): either the owner, taking what
+        // waits after it closed, sees this frame, or this sees the flag and takes a frame back, so
+        // none is left behind. The frame taken back may be another sender's (whose send then said
+        // true): each is counted once, sent by the owner or lost here. Looked at after the push,
+        // not before, so that a refusal takes the same path as the race.
+        if inbox.closed.load(Ordering::SeqCst) {
+            return match inbox.ready.1.try_recv() {
+                Ok(slot) => {
+                    let _ = inbox.free.0.try_send(slot);
+                    false
+                }
+                // The owner took it.
+                Err(_) => true,
+            };
+        }
         // Pairs with `will_wait`: either the owner sees the frame before it waits, or this sees
         // its flag and wakes it.
         if inbox.waiting.load(Ordering::SeqCst) {
@@ -160,21 +184,29 @@ impl Handoff {
     }
 
     /// Copies `packet` into the inbox of every other loop of the mesh (see [`Handoff::send`]);
-    /// returns how many copies went and how many were lost. A copy goes only into an inbox that
+    /// returns how many copies went, how many were lost, and how many of those lost went to a loop
+    /// that had closed its inbox ([`Handoff::is_closed`]). A copy goes only into an inbox that
     /// keeps at least half its buffers free after it: a flood of frames for every loop (crafted ICMP errors about
     /// NAT flows, each copied to every other loop) cannot fill an inbox and crowd out the NAT
     /// replies handed to one loop alone.
-    pub fn send_to_others(&self, packet: &[u8]) -> (usize, usize) {
-        let (mut sent, mut lost) = (0, 0);
+    pub fn send_to_others(&self, packet: &[u8]) -> (usize, usize, usize) {
+        let (mut sent, mut lost, mut refused) = (0, 0, 0);
         for to in (0..self.inboxes.len()).filter(|&to| to != self.me) {
             let room = self.inboxes.get(to).is_some_and(|i| 2 * i.free.1.len().saturating_sub(1) >= i.buffers);
             if room && self.send(to, packet) {
                 sent += 1;
             } else {
                 lost += 1;
+                refused += usize::from(self.is_closed(to));
             }
         }
-        (sent, lost)
+        (sent, lost, refused)
+    }
+
+    /// Whether loop `to` has closed its inbox: it left (stopped, or its device failed), and takes
+    /// no more frames. False for a loop the mesh does not have.
+    pub fn is_closed(&self, to: usize) -> bool {
+        self.inboxes.get(to).is_some_and(|i| i.closed.load(Ordering::Relaxed))
     }
 
     fn inbox(&self) -> Option<&Inbox> {
@@ -190,6 +222,16 @@ impl Handoff {
     pub(crate) fn give_back(&self, slot: Slot) {
         if let Some(inbox) = self.inbox() {
             let _ = inbox.free.0.try_send(slot);
+        }
+    }
+
+    /// Closes this loop's inbox for good, as its loop leaves: frames handed to it from now on are
+    /// refused ([`Handoff::send`] says false). What waits in it, and what a sender that had not
+    /// seen the close hands it meanwhile, the loop then takes as usual ([`Handoff::take`]), until
+    /// it finds it empty.
+    pub(crate) fn close(&self) {
+        if let Some(inbox) = self.inbox() {
+            inbox.closed.store(true, Ordering::SeqCst);
         }
     }
 
@@ -232,6 +274,27 @@ impl Handoff {
 mod tests {
     use super::*;
 
+    /// A closed inbox refuses frames, each taken back with its buffer onto the free list. One that
+    /// waited there since before the close is taken back in place of the newer one (each still
+    /// counted once: lost by the sender refused, sent by the owner that takes the other).
+    #[test]
+    fn a_closed_inbox_refuses_frames_and_keeps_its_buffers() {
+        let ends = mesh(2, HandoffConfig { buffers: 2, buffer_size: HEADROOM + 100 }).unwrap();
+        assert!(ends[0].send(1, b"before"));
+        ends[1].close();
+        assert!(ends[0].is_closed(1) && !ends[1].is_closed(0) && !ends[0].is_closed(7));
+        assert!(!ends[0].send(1, b"after"));
+        let slot = ends[1].take().unwrap();
+        assert_eq!(&slot.buf[HEADROOM..HEADROOM + slot.len], b"after");
+        ends[1].give_back(slot);
+        for _ in 0..5 {
+            assert!(!ends[0].send(1, b"later"));
+        }
+        assert_eq!((ends[1].pending(), ends[1].inboxes[1].free.1.len()), (0, 2), "every buffer free");
+        assert_eq!(ends[1].send_to_others(b"all"), (1, 0, 0));
+        assert_eq!(ends[0].send_to_others(b"all"), (0, 1, 1));
+    }
+
     #[test]
     fn a_frame_goes_to_the_inbox_named_and_its_buffer_comes_back() {
         let ends = mesh(3, HandoffConfig { buffers: 2, buffer_size: HEADROOM + 100 }).unwrap();
@@ -256,9 +319,9 @@ mod tests {
     #[test]
     fn frames_for_every_loop_leave_half_of_each_inbox_to_the_rest() {
         let ends = mesh(3, HandoffConfig { buffers: 4, buffer_size: HEADROOM + 100 }).unwrap();
-        assert_eq!(ends[0].send_to_others(b"all"), (2, 0));
-        assert_eq!(ends[0].send_to_others(b"all"), (2, 0));
-        assert_eq!(ends[0].send_to_others(b"all"), (0, 2), "half of each inbox is taken");
+        assert_eq!(ends[0].send_to_others(b"all"), (2, 0, 0));
+        assert_eq!(ends[0].send_to_others(b"all"), (2, 0, 0));
+        assert_eq!(ends[0].send_to_others(b"all"), (0, 2, 0), "half of each inbox is taken");
         assert!(ends[0].send(1, b"one") && ends[0].send(1, b"one"), "the other half is still there");
         assert!(!ends[0].send(1, b"one"));
         assert_eq!((ends[1].pending(), ends[2].pending()), (4, 2));

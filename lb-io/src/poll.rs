@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! loop {
-//!     stop?                       -> flush what is queued, leave
+//!     stop?                       -> close the inbox, run what it holds, flush what is queued, leave
+//!                                    (a device error: the same, the queue abandoned, counted)
 //!     control update waiting?     -> processor.apply(update); send the old state back
 //!     transmit side behind?       -> flush; no progress => counted back-off, give up after a limit
 //!     frames handed over by other loops?  -> process them, transmit copies (see crate::handoff)
@@ -84,9 +85,13 @@ pub struct LoopStats {
     /// Frames handed to other loops ([`lb_core::Verdict::Handoff`], copied into that loop's inbox;
     /// [`lb_core::Verdict::HandoffAll`], copied into every other loop's, counted once).
     pub handed_off: u64,
-    /// Copies for another loop lost because its inbox had no free buffer, or there was no such
-    /// loop. A frame none of whose copies went also counts in `drop`.
+    /// Copies for another loop lost because its inbox had no free buffer, there was no such loop,
+    /// or that loop had left (`handoff_refused` too). A frame none of whose copies went also counts
+    /// in `drop`.
     pub handoff_lost: u64,
+    /// Of `handoff_lost`, the copies refused because their loop had left (stopped, or its device
+    /// failed) and closed its inbox: frames handed over as the loops stop.
+    pub handoff_refused: u64,
     /// Frames other loops handed to this one, processed here.
     pub handed_in: u64,
     /// Non-empty bursts.
@@ -444,6 +449,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
     pub fn run_keeping_parts(mut self) -> Result<LoopReport<D, P>, LoopFailed<D, P>> {
         let served = self.serve();
         if served.is_err() {
+            self.close_inbox();
             self.stats.tx_abandoned += self.device.discard_pending() as u64;
         }
         self.stats.kernel_rx_dropped = self.device.kernel_rx_dropped();
@@ -464,6 +470,7 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         let mut last_drops_read = last_flush;
         loop {
             if self.stop.is_set() {
+                self.close_inbox();
                 break;
             }
             if self.updates.poll(&mut self.processor) {
@@ -547,6 +554,24 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
         waited
     }
 
+    /// As the loop leaves for good (stopped, or its device failed), closes its inbox, so that frames
+    /// handed to it from then on are refused and counted lost by their senders, and runs what waits
+    /// there as in any round: sent with the rest of the queue on the way out, or counted (declined,
+    /// abandoned) on a failed device. Before, those frames stayed in the inbox, counted as handed
+    /// off by their senders and nowhere else. A loop that leaves at the end of a finite device keeps
+    /// its inbox open: it may be run again with the same end (tests, replays).
+    fn close_inbox(&mut self) {
+        let Some(h) = &self.handoff else { return };
+        h.close();
+        // Until it is empty: senders that see it closed take back what they hand it.
+        while self.handed_in() > 0 {
+            if self.device.pending_tx() >= self.config.max_pending_tx {
+                // Room for the next burst's copies; a stuck ring is given up on by the drain.
+                let _ = self.device.flush();
+            }
+        }
+    }
+
     /// Runs up to a burst of the frames other loops handed to this one through the processor and
     /// queues copies of those to transmit on this loop's device; returns how many it took.
     fn handed_in(&mut self) -> usize {
@@ -617,17 +642,22 @@ impl<D: Device, P: BurstProcessor> PollLoop<D, P> {
                 Verdict::Pass => self.stats.pass += 1,
                 Verdict::Drop(_) => self.stats.drop += 1,
                 Verdict::Handoff(to) => {
-                    if self.handoff.as_ref().is_some_and(|h| h.send(usize::from(*to), frame.data())) {
+                    let to = usize::from(*to);
+                    if self.handoff.as_ref().is_some_and(|h| h.send(to, frame.data())) {
                         self.stats.handed_off += 1;
                     } else {
                         self.stats.handoff_lost += 1;
+                        let closed = self.handoff.as_ref().is_some_and(|h| h.is_closed(to));
+                        self.stats.handoff_refused += u64::from(closed);
                         self.stats.drop += 1;
                     }
                 }
                 Verdict::HandoffAll => {
                     // A copy to every other loop: handed off once any copy went.
-                    let (sent, lost) = self.handoff.as_ref().map_or((0, 1), |h| h.send_to_others(frame.data()));
+                    let (sent, lost, refused) =
+                        self.handoff.as_ref().map_or((0, 1, 0), |h| h.send_to_others(frame.data()));
                     self.stats.handoff_lost += lost as u64;
+                    self.stats.handoff_refused += refused as u64;
                     if sent > 0 {
                         self.stats.handed_off += 1;
                     } else {
@@ -1491,6 +1521,90 @@ mod tests {
         let s = lp.run().unwrap().stats;
         assert_eq!((s.handed_in, s.tx, s.tx_declined, s.drop, s.tx_abandoned), (4, 2, 2, 2, 2));
         assert_eq!(counters.snapshot().tx_declined, 2);
+    }
+
+    /// Frames waiting in a loop's inbox when it stops are run and sent with the rest of its queue,
+    /// and its inbox closes: a frame handed to it from then on is refused and counted lost where it
+    /// came in (`handoff_lost`, `handoff_refused`, `drop`). Before, both kinds stayed in the inbox,
+    /// counted as handed off by their sender and nowhere else.
+    #[test]
+    fn frames_in_the_inbox_of_a_stopped_loop_are_sent_and_later_ones_counted_lost() {
+        let ends = handoff::mesh(2, handoff::HandoffConfig { buffers: 4, buffer_size: 512 }).unwrap();
+        for i in 0..3 {
+            assert!(ends[0].send(1, &routed(1, i)));
+        }
+        let stop = StopFlag::new();
+        stop.stop();
+        let (_tx, rx) = update_channel();
+        let dev = MemoryDevice::new(MemoryConfig::default());
+        let mut r = PollLoop::new(dev, Router { me: 1 }, rx, stop, LoopConfig::default())
+            .with_handoff(ends[1].clone())
+            .run()
+            .unwrap();
+        let sent: Vec<(u8, u8)> = r.device.take_transmitted().iter().map(|f| (f[1], f[2])).collect();
+        assert_eq!(sent, [(0xee, 0), (0xee, 1), (0xee, 2)]);
+        let s = r.stats;
+        assert_eq!((s.handed_in, s.tx, s.drop, ends[1].pending()), (3, 3, 0, 0));
+
+        // More than its buffers, each refused (and its buffer back on the free list).
+        for i in 0..6 {
+            assert!(!ends[0].send(1, &routed(1, i)), "handed to a stopped loop");
+        }
+        assert_eq!(ends[1].pending(), 0);
+        let mut dev = MemoryDevice::new(MemoryConfig::default());
+        dev.push_rx(&routed(1, 9));
+        dev.push_rx(&routed(TO_ALL, 10));
+        let (_tx, rx) = update_channel();
+        let r0 = PollLoop::new(dev, Router { me: 0 }, rx, StopFlag::new(), LoopConfig::default())
+            .with_handoff(ends[0].clone());
+        let s = r0.run().unwrap().stats;
+        assert_eq!((s.rx, s.handed_off, s.handoff_lost, s.handoff_refused, s.drop), (2, 0, 2, 2, 2));
+        assert_eq!(s.rx + s.handed_in, s.tx + s.pass + s.drop + s.handed_off);
+    }
+
+    /// A loop whose device fails takes what waits in its inbox too (counted: here declined, the
+    /// device having no buffer for a copy) and closes it.
+    #[test]
+    fn frames_in_the_inbox_of_a_failed_loop_are_counted_and_its_inbox_closes() {
+        /// Fails at its first receive, once another loop has handed this one a frame.
+        struct HandedThenFails(Handoff);
+        impl Device for HandedThenFails {
+            fn receive<'a>(&'a mut self, _f: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
+                assert!(self.0.send(1, &routed(1, 7)));
+                Err(DeviceError::Io {
+                    op: "recvfrom (RX wakeup)",
+                    device: "gone0#0".into(),
+                    source: std::io::Error::from_raw_os_error(libc::ENETDOWN),
+                })
+            }
+            fn settle(&mut self, _s: &[Option<Span>]) -> Result<usize, DeviceError> {
+                Ok(0)
+            }
+            fn flush(&mut self) -> Result<FlushProgress, DeviceError> {
+                Ok(FlushProgress::default())
+            }
+            fn pending_tx(&self) -> usize {
+                0
+            }
+            fn discard_pending(&mut self) -> usize {
+                0
+            }
+        }
+        let ends = handoff::mesh(2, handoff::HandoffConfig { buffers: 4, buffer_size: 512 }).unwrap();
+        let (_tx, rx) = update_channel();
+        let lp = PollLoop::new(
+            HandedThenFails(ends[0].clone()),
+            Router { me: 1 },
+            rx,
+            StopFlag::new(),
+            LoopConfig::default(),
+        )
+        .with_handoff(ends[1].clone());
+        let Err(failed) = lp.run_keeping_parts() else { panic!("the device failed, the loop did not") };
+        let s = failed.report.stats;
+        assert_eq!((s.handed_in, s.tx_declined, s.drop, ends[1].pending()), (1, 1, 1, 0));
+        assert!(!ends[0].send(1, &routed(1, 8)), "handed to a failed loop");
+        assert_eq!(ends[1].pending(), 0);
     }
 
     #[test]
