@@ -246,7 +246,8 @@ impl Core {
     ///
     /// Writes, per frame, its first SNAT probe's reply hash with the conntrack's insert hint for
     /// it, when no entry holds that key's tag (the port is then most likely free), to `hints`, the
-    /// backend slot and SNAT port that key was made of to `guesses` (see [`Core::reply_guesses`]),
+    /// backend slot and SNAT port that key was made of to `guesses` (for every probe; read only with
+    /// its hint: see [`Core::reply_guesses`]),
     /// and the key itself to `keys` (for a frame without a guess, whatever it was: unread), which
     /// [`Core::pick_snat_port`] then takes rather than build it again. Those are the core's own
     /// (`Core::reply_hints`, `reply_guesses`, `reply_keys`), written in place: returned, the arrays
@@ -264,9 +265,14 @@ impl Core {
         (hints, guesses, keys): GuessesOut<'_>,
     ) {
         // Per frame: the displaced NAT flow's reverse entry, and the first SNAT probe's reply hash
-        // with the backend slot and port its key was made of.
+        // (valid where `guesses` holds a backend slot: the probe's slot and port, written here at
+        // once; a guess without a hint is never read, see `Core::pick_snat_port`). Kept apart as
+        // (hash, slot, port) triples, they were written here, read back and copied to `guesses`
+        // (~8 instructions a new full-NAT flow, callgrind).
         let mut links = [NO_LINK; BATCH];
-        let mut reply_hashes = [None; BATCH];
+        let mut reply_hashes = [0u64; BATCH];
+        *hints = [None; BATCH];
+        *guesses = [(u32::MAX, 0); BATCH];
         // How many of the batch's NAT flows so far go to each backend slot: each earlier flow to the
         // same backend moves that backend's first SNAT probe on by one. An open-addressed table of
         // (slot, count), a count of 0 an empty cell, with room for four times the batch: counting
@@ -275,7 +281,7 @@ impl Core {
         let mut seen_counts = [0u8; SEEN];
         let mut nat = 0;
         let frames = ahead.iter().zip(forward_ways).zip(links.iter_mut()).zip(reply_hashes.iter_mut());
-        for ((((a, forward_way), link), reply), key) in frames.zip(keys.iter_mut()) {
+        for (((((a, forward_way), link), reply), key), guess) in frames.zip(keys.iter_mut()).zip(guesses.iter_mut()) {
             // (Only a likely new flow of a ring service has its ring slot.)
             let (Some(ring_slot), Some((s, _)), Ok(p)) = (a.ring_slot, a.service, &a.parsed) else { continue };
             if s.mode != ForwardMode::Nat {
@@ -296,32 +302,30 @@ impl Core {
             if snat::snat_probe(snat, tables, p.flow.proto(), b, earlier, key).is_none() {
                 continue;
             }
-            *reply = Some((key.hash(), slot, key.dport));
+            *reply = key.hash();
+            *guess = (slot, key.dport);
             (seen_slots[cell], seen_counts[cell]) = (slot, seen_counts[cell] + 1);
             nat += 1;
         }
-        *hints = [None; BATCH];
-        *guesses = [(u32::MAX, 0); BATCH];
         if nat == 0 {
             return;
         }
-        for (&link, reply) in links.iter().zip(reply_hashes.iter()) {
+        for ((&link, &rh), guess) in links.iter().zip(reply_hashes.iter()).zip(guesses.iter()) {
             if link != NO_LINK {
                 conntrack.touch_index(link);
             }
-            if let Some((rh, ..)) = *reply {
+            if guess.0 != u32::MAX {
                 conntrack.touch_bucket_and_home(rh);
             }
         }
         let mut reverse_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
-        let guessed = reverse_ways.iter_mut().zip(hints.iter_mut()).zip(guesses.iter_mut());
-        for (reply, ((way, hint), guess)) in reply_hashes.iter().zip(guessed) {
-            if let Some((rh, slot, port)) = *reply
+        let guessed = reverse_ways.iter_mut().zip(hints.iter_mut()).zip(guesses.iter());
+        for (&rh, ((way, hint), guess)) in reply_hashes.iter().zip(guessed) {
+            if guess.0 != u32::MAX
                 && let Likely::Insert { entry, displaces, hint: h } = conntrack.likely(rh, now)
             {
                 *way = Some((entry, displaces));
                 *hint = Some((rh, h));
-                *guess = (slot, port);
             }
         }
         // Per frame: the reverse entry of the NAT flow the reverse insert will displace.
