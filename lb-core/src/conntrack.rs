@@ -967,6 +967,28 @@ impl ConntrackTable {
         self.buckets.get(b)?.entries.get(w).map(|e| e.0)
     }
 
+    /// What the worker's inserts do for a displaced NAT flow's forward entry (at `forward`) and its
+    /// reverse entry (at `reverse`): withdraw the vouch (`vouch(forward, reverse, 0)`), as any
+    /// insert does, and then, with the displaced entry accounted for, `remove_reverse(reverse,
+    /// forward)`; true if it removed. The two looked at the same way twice, one of them in an out
+    /// of line call (~15 instructions a new full-NAT flow in a full table, callgrind): here the way
+    /// is looked at once. The test `worker_inserts_are_insert_then_remove_reverse` holds it to them.
+    #[inline(always)]
+    fn unpair(&mut self, reverse: u32, forward: u32) -> bool {
+        let (b, w) = split(reverse as usize);
+        let Some(Bucket { head, entries }) = self.buckets.get_mut(b) else { return false };
+        let (Some(&tag), Some(e)) = (head.tags.get(w), entries.get(w)) else { return false };
+        if tag == 0 || e.0.kind != EntryKind::Reverse || e.0.link != forward {
+            return false;
+        }
+        if let (Some(t), Some(x)) = (head.tags.get_mut(w), head.expiries.get_mut(w)) {
+            (*t, *x) = (0, 0);
+        }
+        head.clear_class(w);
+        self.len -= 1;
+        true
+    }
+
     /// Removes the entry at `reverse` if it is the reverse entry of the forward entry at `forward`
     /// (links back to it); true if it did. What `get` with that test and then `remove` do, with one
     /// look at the way and no copy of the entry: a displaced full-NAT flow's forward entry takes its
@@ -996,14 +1018,15 @@ impl ConntrackTable {
     /// of a pair being inserted, e.g. a NAT flow's forward entry while its reverse entry goes in).
     #[inline]
     pub fn insert_sparing(&mut self, entry: Entry, hash: u64, now: u32, spare: u32) -> Result<Inserted, ConntrackFull> {
-        self.insert_hinted(entry, hash, now, spare, None)
+        self.insert_into(entry, hash, now, (spare, None), (true, false))
     }
 
     /// As [`ConntrackTable::insert_sparing`], taking the way `hint` names when it still holds: made by
     /// [`ConntrackTable::likely_insert_hint`] for the same `hash` and `now` (the caller's promise,
     /// checked in debug builds, where the choice is made again and compared) and the bucket's head
     /// unchanged since (its version). A new flow's way choice (~100 instructions) then runs once, in
-    /// the warm-up, rather than twice.
+    /// the warm-up, rather than twice. A displaced NAT flow's forward entry takes its reverse entry
+    /// with it, and is reported unlinked (see `ConntrackTable::unpair`).
     #[inline]
     pub(crate) fn insert_hinted(
         &mut self,
@@ -1013,7 +1036,7 @@ impl ConntrackTable {
         spare: u32,
         hint: Option<InsertHint>,
     ) -> Result<Inserted, ConntrackFull> {
-        self.insert_into(entry, hash, now, (spare, hint), true)
+        self.insert_into(entry, hash, now, (spare, hint), (true, true))
     }
 
     /// Inserts a NAT flow's reverse entry `reverse` (under `hash`, taking the way `hint` names as
@@ -1023,7 +1046,8 @@ impl ConntrackTable {
     /// vouch written at the way just filled with no second test of its class and link (~25
     /// instructions a new full-NAT flow, callgrind). A forward entry `link_reverse` would refuse
     /// (an empty way, not a forward entry, linked already) is left alone, and the reverse entry
-    /// unvouched, as there.
+    /// unvouched, as there. A displaced NAT flow's forward entry takes its reverse entry with it, as
+    /// in `insert_hinted`.
     pub(crate) fn insert_reverse(
         &mut self,
         reverse: Entry,
@@ -1032,7 +1056,7 @@ impl ConntrackTable {
         hint: Option<InsertHint>,
     ) -> Result<Inserted, ConntrackFull> {
         let forward = reverse.link;
-        let ins = self.insert_into(reverse, hash, now, (forward, hint), true)?;
+        let ins = self.insert_into(reverse, hash, now, (forward, hint), (true, true))?;
         // (The insert spared the forward entry and changed nothing else of its way.)
         let (b, w) = split(forward as usize);
         let Some(Bucket { head, entries }) = self.buckets.get_mut(b) else { return Ok(ins) };
@@ -1060,10 +1084,12 @@ impl ConntrackTable {
         now: u32,
         spare: u32,
     ) -> Result<Inserted, ConntrackFull> {
-        self.insert_into(entry, hash, now, (spare, None), false)
+        self.insert_into(entry, hash, now, (spare, None), (false, false))
     }
 
-    /// [`ConntrackTable::insert_hinted`], evicting a live entry only when `evict`.
+    /// [`ConntrackTable::insert_hinted`], evicting a live entry only when `evict`. A displaced NAT
+    /// flow's forward entry withdraws its vouch from its reverse entry; with `unpair`, it takes that
+    /// entry with it instead, and is reported unlinked (see `ConntrackTable::unpair`).
     #[inline(always)]
     fn insert_into(
         &mut self,
@@ -1071,7 +1097,7 @@ impl ConntrackTable {
         hash: u64,
         now: u32,
         (spare, hint): (u32, Option<InsertHint>),
-        evict: bool,
+        (evict, unpair): (bool, bool),
     ) -> Result<Inserted, ConntrackFull> {
         let b = (hash as usize) & self.bucket_mask;
         let Some(bucket) = self.buckets.get(b) else { return Err(ConntrackFull) };
@@ -1096,7 +1122,7 @@ impl ConntrackTable {
         let index = b * WAYS + way;
         let Bucket { head, entries } = self.buckets.get_mut(b).ok_or(ConntrackFull)?;
         let Some(e) = entries.get_mut(way) else { return Err(ConntrackFull) };
-        let displaced = evicted.map(|evicted| Displaced { index: index as u32, entry: e.0, evicted });
+        let mut displaced = evicted.map(|evicted| Displaced { index: index as u32, entry: e.0, evicted });
         // A reverse entry starts unvouched: its forward entry vouches when it links to it.
         let expiry = if entry.kind == EntryKind::Reverse { 0 } else { entry.expires };
         head.fill(way, tag_of(hash), class_bits(&entry), expiry);
@@ -1105,7 +1131,13 @@ impl ConntrackTable {
             self.len += 1;
         }
         if let Some(Pairing::Forward { link, .. }) = displaced.map(|d| Pairing::of(&d.entry)) {
-            self.vouch(index as u32, link, 0);
+            if !unpair {
+                self.vouch(index as u32, link, 0);
+            } else if self.unpair(link, index as u32)
+                && let Some(d) = &mut displaced
+            {
+                d.entry.link = NO_LINK;
+            }
         }
         Ok(Inserted { index: index as u32, displaced })
     }
@@ -1836,7 +1868,8 @@ mod tests {
         assert_eq!(b.link_reverse(f, r), None, "an empty way");
     }
 
-    /// `insert_reverse` leaves the table as `insert_sparing` (sparing the forward entry) and then
+    /// `insert_reverse` leaves the table as `insert_sparing` (sparing the forward entry), the
+    /// `remove_reverse` of a displaced NAT flow's reverse entry (`general_worker_insert`), and then
     /// `link_reverse` do (entries, tags, classes, head expiries and vouches, length; only head
     /// versions apart) and reports the same insert: for a reverse entry of every way of a table
     /// of NAT pairs, plain entries, an orphaned reverse entry and empty ways, full buckets among
@@ -1874,7 +1907,7 @@ mod tests {
                     (r.kind, r.link) = (EntryKind::Reverse, forward);
                     let (mut a, _) = build(fill);
                     let (mut b, _) = build(fill);
-                    let general = a.insert_sparing(r, key(n).hash(), now, forward);
+                    let general = insert_then_remove_reverse(&mut a, r, key(n).hash(), now, forward);
                     if let Ok(ins) = general {
                         linked += usize::from(a.link_reverse(forward, ins.index).is_some());
                     }
@@ -1884,6 +1917,93 @@ mod tests {
             }
         }
         assert!(linked > 0, "no case linked");
+    }
+
+    /// What the worker does for an insert (`insert_hinted`, `insert_reverse`) in the general
+    /// terms its fast form stands in for: `insert_sparing`, then, for a displaced NAT flow's forward
+    /// entry, `remove_reverse` of its reverse entry, reporting the entry unlinked when that removed.
+    /// Returns the insert as reported, and whether it removed a reverse entry.
+    fn general_worker_insert(
+        t: &mut ConntrackTable,
+        e: Entry,
+        hash: u64,
+        now: u32,
+        spare: u32,
+    ) -> (Result<Inserted, ConntrackFull>, bool) {
+        let mut ins = t.insert_sparing(e, hash, now, spare);
+        let mut removed = false;
+        if let Ok(Inserted { displaced: Some(d), .. }) = &mut ins
+            && d.entry.kind == EntryKind::Forward
+            && d.entry.link != NO_LINK
+            && t.remove_reverse(d.entry.link, d.index)
+        {
+            d.entry.link = NO_LINK;
+            removed = true;
+        }
+        (ins, removed)
+    }
+
+    fn insert_then_remove_reverse(
+        t: &mut ConntrackTable,
+        e: Entry,
+        hash: u64,
+        now: u32,
+        spare: u32,
+    ) -> Result<Inserted, ConntrackFull> {
+        general_worker_insert(t, e, hash, now, spare).0
+    }
+
+    /// `insert_hinted` (no hint; a hint only names the way `insert_sparing` would choose, as the
+    /// tests of hints hold) leaves the table as `insert_sparing` and then `remove_reverse` of a
+    /// displaced NAT flow's reverse entry do (entries, tags, classes, head expiries, length; only
+    /// head versions apart) and reports the same insert, the displaced entry unlinked when its
+    /// reverse entry went: for forward entries of every spare way of tables of NAT pairs, plain
+    /// entries, an orphaned reverse entry and empty ways, full buckets among them, inserted into
+    /// free ways, stale ways and by eviction (of NAT flows' forward entries too).
+    #[test]
+    fn worker_inserts_are_insert_then_remove_reverse() {
+        let build = |fill: u32| {
+            let mut t = ConntrackTable::with_capacity(16);
+            for n in 0..fill {
+                nat_pair(&mut t, (key(2 * n), key(2 * n + 1)), (100 + n, 0), 0);
+            }
+            for n in 20..20 + fill {
+                // Established ones, which no insert evicts, leave the NAT flows' forward entries to go.
+                let e = if n % 2 == 0 {
+                    entry(key(n), ConnState::Established, 500)
+                } else {
+                    entry(key(n), ConnState::SynSeen, 10 + n % 3)
+                };
+                t.insert(e, key(n).hash(), 0).unwrap();
+            }
+            if let Some((f, _)) = nat_pair(&mut t, (key(40), key(41)), (90, 0), 0) {
+                t.remove(f);
+            }
+            t
+        };
+        let same = |a: &ConntrackTable, b: &ConntrackTable| {
+            assert_eq!(a.len, b.len);
+            a.buckets.iter().zip(b.buckets.iter()).all(|(x, y)| {
+                (x.head.tags, x.head.expiries, x.head.classes) == (y.head.tags, y.head.expiries, y.head.classes)
+                    && x.entries.iter().zip(y.entries.iter()).all(|(e, g)| e.0 == g.0)
+            })
+        };
+        let mut unpaired = 0;
+        for fill in [0, 2, 4, 6] {
+            let capacity = build(fill).capacity() as u32;
+            for spare in (0..capacity).chain([NO_LINK]) {
+                for (n, now) in [(60, 0), (61, 11), (62, 200), (63, 101), (64, 0), (65, 11)] {
+                    let e = entry(key(n), ConnState::SynSeen, 300);
+                    let (mut a, mut b) = (build(fill), build(fill));
+                    let (general, removed) = general_worker_insert(&mut a, e, key(n).hash(), now, spare);
+                    unpaired += usize::from(removed);
+                    let fast = b.insert_hinted(e, key(n).hash(), now, spare, None);
+                    assert_eq!(fast, general, "fill {fill}, spare {spare}, key {n}");
+                    assert!(same(&a, &b), "fill {fill}, spare {spare}, key {n}");
+                }
+            }
+        }
+        assert!(unpaired > 0, "no case displaced a NAT flow");
     }
 
     /// `remove_reverse(i, f)` leaves the table exactly as the test it stands in for with `remove`

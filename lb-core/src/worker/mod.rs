@@ -1376,6 +1376,8 @@ impl Core {
             self.conntrack.insert_hinted(entry, hash, now, spare, hint)
         };
         let ins = ins.map_err(|_| DropReason::ConntrackFull)?;
+        // (A displaced NAT flow's reverse entry went with it, and the entry comes unlinked: `forget`
+        // has only its counts to take back.)
         if let Some(d) = ins.displaced {
             if d.evicted {
                 self.stats.conntrack_evictions += 1;
