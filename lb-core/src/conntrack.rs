@@ -758,6 +758,31 @@ impl ConntrackTable {
         bucket.entries.get(way).map(|w| &w.0)
     }
 
+    /// [`ConntrackTable::likely_entry`] for a key most likely absent (a new flow's reply key): every
+    /// tag is compared first, and the home way's only on a match, so a miss compares each tag once
+    /// rather than the home way's twice.
+    #[inline]
+    fn likely_entry_of_new(&self, hash: u64) -> Option<&Entry> {
+        let tag = tag_of(hash);
+        let bucket = self.bucket_of(hash)?;
+        let first = bucket.head.tags.iter().position(|t| *t == tag)?;
+        let home = home_way(hash);
+        let way = if bucket.head.tags[home] == tag { home } else { first };
+        bucket.entries.get(way).map(|w| &w.0)
+    }
+
+    /// [`ConntrackTable::likely`] for a key most likely absent ([`ConntrackTable::likely_entry_of_new`]).
+    #[inline]
+    pub(crate) fn likely_new(&self, hash: u64, now: u32) -> Likely<'_> {
+        if let Some(e) = self.likely_entry_of_new(hash) {
+            return Likely::Hit(e);
+        }
+        match self.likely_insert_hint(hash, now) {
+            Some((entry, displaces, hint)) => Likely::Insert { entry, displaces, hint },
+            None => Likely::Unknown,
+        }
+    }
+
     /// The way an insert under `hash` at `now` would take, judged from the bucket's head alone as
     /// the insert judges it: its entry (the one it would displace, or a free way's old contents)
     /// and whether it displaces one (an expired entry, or the oldest half-open, else closing,
@@ -2004,6 +2029,46 @@ mod tests {
             }
         }
         assert!(unpaired > 0, "no case displaced a NAT flow");
+    }
+
+    /// `likely_new` says what `likely` says (the same entry, or the same insert's way and hint) for
+    /// every key: hashes of two tags, every home way and both buckets, over tables of 0 to 16
+    /// entries under those tags (so a tag held at its home way, at another way, at both, or
+    /// nowhere), at a time before and after their expiries.
+    #[test]
+    fn likely_new_is_likely() {
+        let hash = |tag: u64, home: u64, bucket: u64| (tag << 49) | (home << 45) | bucket;
+        let mut home_preferred = 0;
+        for fill in 0..=16u64 {
+            let mut t = ConntrackTable::with_capacity(16);
+            for n in 0..fill {
+                let h = hash(n % 2, (n * 3) % 8, n % 3 % 2);
+                let _ = t.insert(entry(key(n as u32), ConnState::SynSeen, 10 + n as u32), h, 0);
+            }
+            for now in [0, 15, 40] {
+                for probe in (0..2).flat_map(|tag| (0..8).flat_map(move |home| (0..2).map(move |b| hash(tag, home, b))))
+                {
+                    match (t.likely(probe, now), t.likely_new(probe, now)) {
+                        (Likely::Hit(a), Likely::Hit(b)) => {
+                            assert!(core::ptr::eq(a, b), "fill {fill}, hash {probe:x}");
+                            let bucket = t.bucket_of(probe).unwrap();
+                            let tag = tag_of(probe);
+                            home_preferred += usize::from(
+                                bucket.head.tags[home_way(probe)] == tag
+                                    && bucket.head.tags.iter().position(|x| *x == tag) != Some(home_way(probe)),
+                            );
+                        }
+                        (
+                            Likely::Insert { entry: a, displaces: x, hint: h },
+                            Likely::Insert { entry: b, displaces: y, hint: g },
+                        ) => assert!(core::ptr::eq(a, b) && x == y && h == g, "fill {fill}, hash {probe:x}"),
+                        (Likely::Unknown, Likely::Unknown) => {}
+                        _ => panic!("fill {fill}, hash {probe:x}: not the same guess"),
+                    }
+                }
+            }
+        }
+        assert!(home_preferred > 0, "no case had the tag at its home way after another way");
     }
 
     /// `remove_reverse(i, f)` leaves the table exactly as the test it stands in for with `remove`

@@ -322,7 +322,7 @@ impl Core {
         let guessed = reverse_ways.iter_mut().zip(hints.iter_mut()).zip(guesses.iter());
         for (&rh, ((way, hint), guess)) in reply_hashes.iter().zip(guessed) {
             if guess.0 != u32::MAX
-                && let Likely::Insert { entry, displaces, hint: h } = conntrack.likely(rh, now)
+                && let Likely::Insert { entry, displaces, hint: h } = conntrack.likely_new(rh, now)
             {
                 *way = Some((entry, displaces));
                 *hint = Some((rh, h));
