@@ -481,6 +481,14 @@ impl BucketHead {
         (((self.classes >> (w % WAYS)) & CLASS_LANES).trailing_zeros() / 8) as u16
     }
 
+    /// Whether way `w` is in [`CLASS_REVERSE`]: `class(w) == CLASS_REVERSE` as one bit test (a way is
+    /// in one class at most), for a reply's liveness check (`class`'s bit scan was ~3 instructions
+    /// more a reply, callgrind).
+    #[inline]
+    fn is_reverse(&self, w: usize) -> bool {
+        self.classes & (1 << (8 * usize::from(CLASS_REVERSE) + w % WAYS)) != 0
+    }
+
     /// Puts way `w` in eviction class `class` (0 to 3), out of any other.
     #[inline]
     fn set_class(&mut self, w: usize, class: u16) {
@@ -961,7 +969,7 @@ impl ConntrackTable {
         let Some(bucket) = self.buckets.get(b) else { return false };
         match bucket.head.tags.get(w) {
             None | Some(0) => false,
-            Some(_) if bucket.head.class(w) == CLASS_REVERSE => {
+            Some(_) if bucket.head.is_reverse(w) => {
                 // Vouched for (see `Pairing`), or else asked of the forward entry.
                 bucket.head.expiries.get(w).is_some_and(|x| now < *x) || self.forward_is_live(index, now)
             }
@@ -1347,6 +1355,19 @@ mod tests {
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     proptest::proptest! {
+        /// `is_reverse` answers as `class(w) == CLASS_REVERSE` for every way of any head the class
+        /// writes make (fills, moves between classes, emptied ways).
+        #[test]
+        fn is_reverse_is_the_class_test(ops in proptest::collection::vec((0usize..WAYS, 0u16..5), 0..40)) {
+            let mut head = BucketHead::default();
+            for (w, c) in ops {
+                if c == 4 { head.clear_class(w) } else { head.set_class(w, c) }
+                for v in 0..WAYS {
+                    proptest::prop_assert_eq!(head.is_reverse(v), head.class(v) == CLASS_REVERSE, "way {}", v);
+                }
+            }
+        }
+
         /// A reverse entry's vouch (see `Pairing`) never says live what the definition (its forward
         /// entry live and linked back) does not: NAT pairs made as the worker makes them, forward
         /// expiries that rise and fall, unlinks, removals of either half, lone inserts that
