@@ -892,6 +892,45 @@ impl ConntrackTable {
         Some(r)
     }
 
+    /// A full-NAT reply's write: when the entry at `reverse` is live at `now`, changes the entry its
+    /// link names with `f` (state, expiry; not its key, kind or link) and returns what `f` returns
+    /// with that entry. Exactly `is_live(reverse, now)`, `get(reverse)`'s link, `update` of it and
+    /// `get` of it again (a test holds them equal), in one pass: `update`'s check that the write
+    /// kept kind and link, its copy of them and the second `get` cost a reply ~10 instructions
+    /// (callgrind).
+    #[inline]
+    pub(crate) fn update_linked<R>(
+        &mut self,
+        reverse: u32,
+        now: u32,
+        f: impl FnOnce(&mut Entry) -> R,
+    ) -> Option<(R, &Entry)> {
+        if !self.is_live(reverse, now) {
+            return None;
+        }
+        let index = self.get(reverse)?.link;
+        let (b, w) = split(index as usize);
+        let Bucket { head, entries } = self.buckets.get_mut(b)?;
+        let e = &mut entries.get_mut(w)?.0;
+        if *head.tags.get(w)? == 0 {
+            return None;
+        }
+        let (old_state, old_expires) = (e.state, e.expires);
+        #[cfg(debug_assertions)]
+        let pairing = (e.kind, e.link);
+        let r = f(e);
+        #[cfg(debug_assertions)]
+        debug_assert!((e.kind, e.link) == pairing, "update_linked changes neither kind nor link");
+        if plain_head_write(e, old_expires) {
+            head.refresh(w, e, old_state);
+        } else {
+            head.set_class(w, class_bits(e));
+            let before = (e.kind, e.link, old_expires);
+            self.rewrite_paired(index, before);
+        }
+        Some((r, self.get(index)?))
+    }
+
     /// Links the forward entry at `forward`, just inserted unlinked, to its NAT flow's reverse entry
     /// at `reverse` (inserted since, linking back) and vouches for the reverse entry until the
     /// forward entry's expiry: what `update(forward, |e| e.link = reverse)` does there, without the
@@ -1365,6 +1404,64 @@ mod tests {
                 for v in 0..WAYS {
                     proptest::prop_assert_eq!(head.is_reverse(v), head.class(v) == CLASS_REVERSE, "way {}", v);
                 }
+            }
+        }
+
+        /// `update_linked` is `is_live`, `get`'s link, `update` and `get` in one: on twin tables
+        /// given the same NAT pairs, expiry writes, unlinks, removals of either half and time steps,
+        /// a write through any index (reverse entries, forward entries, empty ways, none) that moves
+        /// the state and the expiry either way gives the same answer and leaves the same table.
+        #[test]
+        fn update_linked_is_is_live_get_update_get(
+            ops in proptest::collection::vec((0u8..7, 0u32..12, 0u32..8, 0u8..8), 1..150),
+        ) {
+            let (mut a, mut b) = (ConntrackTable::with_capacity(2 * WAYS), ConntrackTable::with_capacity(2 * WAYS));
+            let mut now = 0u32;
+            for (op, n, x, s) in ops {
+                let state = ConnState::ALL[usize::from(s) % ConnState::ALL.len()];
+                let (fk, rk) = (key(n), key(n + 100));
+                for t in [&mut a, &mut b] {
+                    let forward = t.find(&fk, fk.hash());
+                    match op {
+                        0 if forward.is_none() && t.find(&rk, rk.hash()).is_none() => {
+                            nat_pair(t, (fk, rk), (now + x, now + x), now);
+                        }
+                        1 => {
+                            forward.map(|i| t.update(i, |e| e.expires = now + x));
+                        }
+                        2 => {
+                            forward.map(|i| t.update(i, |e| e.link = NO_LINK));
+                        }
+                        3 => {
+                            forward.map(|i| t.remove(i));
+                        }
+                        4 => {
+                            t.find(&rk, rk.hash()).map(|i| t.remove(i));
+                        }
+                        _ => {}
+                    }
+                }
+                match op {
+                    5 => {
+                        let index = if x == 7 { NO_LINK } else { (n + 12 * x) % (2 * WAYS as u32) };
+                        let write = |e: &mut Entry| {
+                            e.state = state;
+                            e.expires = now + x;
+                            e.backend
+                        };
+                        let fast = a.update_linked(index, now, write).map(|(r, e)| (r, *e));
+                        let slow = if b.is_live(index, now) {
+                            let link = b.get(index).map(|e| e.link);
+                            link.and_then(|l| b.update(l, write).and_then(|r| b.get(l).map(|e| (r, *e))))
+                        } else {
+                            None
+                        };
+                        proptest::prop_assert_eq!(fast, slow);
+                    }
+                    6 => now += x,
+                    _ => {}
+                }
+                proptest::prop_assert_eq!(format!("{:?}", a.buckets), format!("{:?}", b.buckets));
             }
         }
 

@@ -406,6 +406,20 @@ impl Stats {
         self.backends.get_mut(r.slot as usize).filter(|b| b.generation == r.generation).map(|b| &mut b.counters)
     }
 
+    /// Moves a flow of the backend `r` names into (`change` = 1) or out of (-1) the established
+    /// count that `lb list` shows as ActiveConn; a backend that has since left (another generation)
+    /// is not counted.
+    #[inline]
+    pub(crate) fn count_established(&mut self, r: BackendRef, change: i8) {
+        if change == 0 {
+            return;
+        }
+        if let Some(c) = self.backend_of(r) {
+            c.established_conns =
+                if change > 0 { c.established_conns + 1 } else { c.established_conns.saturating_sub(1) };
+        }
+    }
+
     /// The generation of the backend a slot's counters count.
     pub(crate) fn backend_generation(&self, slot: usize) -> Option<u32> {
         self.backends.get(slot).map(|c| c.generation)

@@ -1091,25 +1091,20 @@ impl Core {
             NO_LINK => self.conntrack.find(key, hash.unwrap_or_else(|| key.hash())).ok_or(DropReason::NoReverseFlow)?,
             index => index,
         };
-        if !self.conntrack.is_live(index, now) {
-            return Err(DropReason::NoReverseFlow);
-        }
-        let link = self.conntrack.get(index).map(|e| e.link).ok_or(DropReason::NoReverseFlow)?;
         let (flags, timeouts, is_error) = (p.tcp_flags, &self.timeouts, matches!(p.l4, L4::IcmpError(_)));
-        let (backend, change) = self
+        // The forward entry's key is read where it is (the update left it as it was): copied out
+        // of the update, it was copied byte by byte, ~45 instructions a reply (callgrind).
+        let ((backend, change), forward) = self
             .conntrack
-            .update(link, |forward| {
+            .update_linked(index, now, |forward| {
                 let change = if is_error { 0 } else { advance(forward, flags, false, timeouts, now) };
                 (forward.backend, change)
             })
             .ok_or(DropReason::NoReverseFlow)?;
-        self.count_established(backend, change);
+        self.stats.count_established(backend, change);
         let src = self.local_mac;
         let dst = tables.node().gateway_mac.unwrap_or(src);
-        // The forward entry's key, read where it is (the update left it as it was): copied out of
-        // the update, it was copied byte by byte, ~45 instructions a reply (callgrind).
-        let client_key = &self.conntrack.get(link).ok_or(DropReason::NoReverseFlow)?.key;
-        if let Err(e) = rewrite_reply(frame, p, client_key, (&src, &dst), &mut self.nat_target)? {
+        if let Err(e) = rewrite_reply(frame, p, &forward.key, (&src, &dst), &mut self.nat_target)? {
             return self.refused(frame, p, e.into());
         }
         self.stats.reverse_nat += 1;
@@ -1421,16 +1416,9 @@ impl Core {
         }
     }
 
-    /// Moves a flow of `backend` into (`change` = 1) or out of (-1) the established count that
-    /// `lb list` shows as ActiveConn; a backend that has since left (another generation) is not counted.
+    /// [`Stats::count_established`].
     fn count_established(&mut self, backend: BackendRef, change: i8) {
-        if change == 0 {
-            return;
-        }
-        if let Some(c) = self.stats.backend_of(backend) {
-            c.established_conns =
-                if change > 0 { c.established_conns + 1 } else { c.established_conns.saturating_sub(1) };
-        }
+        self.stats.count_established(backend, change);
     }
 
     /// Accounts for an entry that left the table (already removed): the backend's connection count,
