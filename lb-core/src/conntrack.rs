@@ -1008,11 +1008,13 @@ impl ConntrackTable {
         let Some(bucket) = self.buckets.get(b) else { return false };
         match bucket.head.tags.get(w) {
             None | Some(0) => false,
-            Some(_) if bucket.head.is_reverse(w) => {
-                // Vouched for (see `Pairing`), or else asked of the forward entry.
-                bucket.head.expiries.get(w).is_some_and(|x| now < *x) || self.forward_is_live(index, now)
+            // Before its head expiry (an entry's own, a reverse entry's vouch: see `Pairing`), or a
+            // reverse entry whose forward entry answers. (The head expiry first: a vouched reply
+            // takes no class test, and the two arms no second compare, ~4 instructions, callgrind.)
+            Some(_) => {
+                bucket.head.expiries.get(w).is_some_and(|x| now < *x)
+                    || (bucket.head.is_reverse(w) && self.forward_is_live(index, now))
             }
-            Some(_) => bucket.head.expiries.get(w).is_some_and(|x| now < *x),
         }
     }
 
@@ -1468,8 +1470,10 @@ mod tests {
         /// A reverse entry's vouch (see `Pairing`) never says live what the definition (its forward
         /// entry live and linked back) does not: NAT pairs made as the worker makes them, forward
         /// expiries that rise and fall, unlinks, removals of either half, lone inserts that
-        /// displace, sweeps and time steps, on a two-bucket table, checked after every step. (Fails
-        /// when a removal, a displacement, an unlink or a falling expiry leaves the vouch alone.)
+        /// displace, sweeps and time steps, on a two-bucket table, checked after every step, and
+        /// `is_live` answers for every way as that definition (an entry's own expiry for the rest)
+        /// does. (Fails when a removal, a displacement, an unlink or a falling expiry leaves the
+        /// vouch alone, or when `is_live` takes a reverse entry's lapsed vouch for its answer.)
         #[test]
         fn a_vouch_never_outlives_its_forward_entry(
             ops in proptest::collection::vec((0u8..8, 0u32..12, 0u32..8), 1..200),
@@ -1531,6 +1535,14 @@ mod tests {
                     for w in 0..WAYS {
                         let (tag, vouch) = (bucket.head.tags[w], bucket.head.expiries[w]);
                         let index = (b * WAYS + w) as u32;
+                        // Liveness by its definition: a reverse entry's is its forward entry's.
+                        let live = tag != 0
+                            && if bucket.head.class(w) == CLASS_REVERSE {
+                                t.forward_is_live(index, now)
+                            } else {
+                                !bucket.entries[w].0.is_expired(now)
+                            };
+                        proptest::prop_assert_eq!(t.is_live(index, now), live, "way {} at {}", index, now);
                         if tag != 0 && bucket.head.class(w) == CLASS_REVERSE && now < vouch {
                             proptest::prop_assert!(
                                 t.forward_is_live(index, now),
