@@ -109,9 +109,15 @@ pub enum RewriteError {
 
 /// Writes the Ethernet addresses.
 fn set_macs(pkt: &mut [u8], macs: &Macs) -> Result<(), RewriteError> {
+    set_macs_from(pkt, &macs.src, &macs.dst)
+}
+
+/// [`set_macs`] from addresses where they are, with no [`Macs`] built for them.
+#[inline]
+fn set_macs_from(pkt: &mut [u8], src: &[u8; 6], dst: &[u8; 6]) -> Result<(), RewriteError> {
     let eth = pkt.get_mut(..12).ok_or(RewriteError::Inconsistent)?;
-    eth[..6].copy_from_slice(&macs.dst);
-    eth[6..].copy_from_slice(&macs.src);
+    eth[..6].copy_from_slice(dst);
+    eth[6..].copy_from_slice(src);
     Ok(())
 }
 

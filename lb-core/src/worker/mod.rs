@@ -1260,7 +1260,7 @@ impl Core {
                 };
                 self.nat_rewrite(frame, p, flow, (local_mac, backend.mac))?;
             }
-            ForwardMode::Dsr => forward::dsr::rewrite(frame, &Macs { src: self.local_mac, dst: backend.mac })?,
+            ForwardMode::Dsr => forward::dsr::rewrite_from(frame, &self.local_mac, &backend.mac)?,
             ForwardMode::IpIp | ForwardMode::Gue { .. } if self.too_big_for_tunnel(tables, frame, p, mode)? => {}
             ForwardMode::IpIp | ForwardMode::Gue { .. } => {
                 let src = tables.node().tunnel_src_for(backend.addr).ok_or(DropReason::Unsupported)?;
