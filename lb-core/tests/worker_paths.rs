@@ -632,3 +632,25 @@ fn ipv6_fragments_to_a_vip_are_counted_drops_and_an_atomic_one_is_forwarded() {
         assert_eq!(run(&mut w, &atomic, secs(1)).0, Verdict::Tx, "atomic, port {port}");
     }
 }
+
+/// A burst counts received exactly the frames it decides: those paired with a verdict, whichever
+/// slice is the longer, across batches.
+#[test]
+fn received_counts_the_frames_with_a_verdict() {
+    let mut w = worker(&all_modes_config());
+    let mut expected = 0;
+    for (n_frames, n_verdicts) in [(20usize, 18usize), (3, 5), (16, 16), (33, 17)] {
+        let frames: Vec<Vec<u8>> =
+            (0..n_frames).map(|i| udp(v4("198.51.100.7"), 4000 + i as u16, v4("192.0.2.1"), 81, b"q")).collect();
+        let mut bufs: Vec<Vec<u8>> = frames.clone();
+        let mut burst: Vec<lb_core::Frame<'_>> =
+            bufs.iter_mut().zip(&frames).map(|(b, f)| lb_core::Frame::new(b, 0, f.len())).collect();
+        let mut verdicts = vec![Verdict::Pass; n_verdicts];
+        w.process_burst(&mut burst, secs(1), &mut verdicts);
+        let decided = n_frames.min(n_verdicts);
+        expected += decided as u64;
+        assert_eq!(w.stats().rx, expected, "{n_frames} frames, {n_verdicts} verdicts");
+        assert_eq!(w.stats().tx, expected, "{n_frames} frames, {n_verdicts} verdicts");
+        assert!(verdicts[..decided].iter().all(|v| *v == Verdict::Tx));
+    }
+}

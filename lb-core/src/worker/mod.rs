@@ -468,9 +468,10 @@ impl Worker {
                 let out = (&mut core.reply_hints, &mut core.reply_guesses, &mut core.reply_keys);
                 Core::warm_nat(&core.conntrack, snat, tables, ahead, &insert_ways, now_s, out);
             }
-            // 3. Decide each frame.
+            // 3. Decide each frame: those with a verdict, counted received once a batch (counted in
+            // the loop, a load and a store a frame).
+            core.stats.rx += ahead.len().min(verdicts.len()) as u64;
             for (i, ((frame, verdict), a)) in frames.iter_mut().zip(verdicts.iter_mut()).zip(ahead.iter()).enumerate() {
-                core.stats.rx += 1;
                 *verdict = match core.process_frame(tables, frame, (a, i), now_s) {
                     Ok(Verdict::Tx) => {
                         core.stats.tx += 1;
