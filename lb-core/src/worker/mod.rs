@@ -472,24 +472,27 @@ impl Worker {
             // the loop, a load and a store a frame).
             core.stats.rx += ahead.len().min(verdicts.len()) as u64;
             for (i, ((frame, verdict), a)) in frames.iter_mut().zip(verdicts.iter_mut()).zip(ahead.iter()).enumerate() {
-                *verdict = match core.process_frame(tables, frame, (a, i), now_s) {
+                // Each arm writes its own verdict: one write after the match joined the four, and a
+                // `Tx` then wrote the bytes of the others' payloads too, kept across the loop (~5
+                // instructions a packet, callgrind).
+                match core.process_frame(tables, frame, (a, i), now_s) {
                     Ok(Verdict::Tx) => {
                         core.stats.tx += 1;
-                        Verdict::Tx
+                        *verdict = Verdict::Tx;
                     }
                     Ok(Verdict::Pass) => {
                         core.stats.passed += 1;
-                        Verdict::Pass
+                        *verdict = Verdict::Pass;
                     }
-                    Ok(verdict @ (Verdict::Handoff(_) | Verdict::HandoffAll)) => {
+                    Ok(handoff @ (Verdict::Handoff(_) | Verdict::HandoffAll)) => {
                         core.stats.handed_off += 1;
-                        verdict
+                        *verdict = handoff;
                     }
                     Ok(Verdict::Drop(reason)) | Err(reason) => {
                         core.stats.count_drop(reason);
-                        Verdict::Drop(reason)
+                        *verdict = Verdict::Drop(reason);
                     }
-                };
+                }
             }
         }
         core.sweep(now_s);
