@@ -544,9 +544,10 @@ impl MaglevMoves {
                 _ => continue,
             };
             let (key0, key1) = (MaglevKey::of(old), MaglevKey::of(new));
-            if seed_changed || key0 != key1 {
-                let c = t1.changes_from_rehashed(t0);
-                let moved = u64::from(c.departed) + u64::from(c.arrived) + u64::from(c.between_stayed);
+            let rehashed = seed_changed || key0 != key1;
+            let c = if rehashed { t1.changes_from_rehashed(t0) } else { t1.changes_from(t0) };
+            let moved = u64::from(c.departed) + u64::from(c.arrived) + u64::from(c.between_stayed);
+            if rehashed {
                 let why = if key0 != key1 { "the hashed key changed" } else { "node.hash_seed changed" };
                 tracing::warn!(
                     service = %new.name,
@@ -565,8 +566,6 @@ impl MaglevMoves {
                 total.rehashed += moved;
                 continue;
             }
-            let c = t1.changes_from(t0);
-            let moved = u64::from(c.departed) + u64::from(c.arrived) + u64::from(c.between_stayed);
             if t1.size() != t0.size() {
                 tracing::warn!(
                     service = %new.name,

@@ -679,7 +679,7 @@ impl Core {
             declined,
         );
         let (_, (summary, backend, change, snat_port)) = found?;
-        self.count_established(backend.id, change);
+        self.stats.count_established(backend.id, change);
         let outcome = match self.rewrite(tables, frame, p, summary.mode, backend, snat_port, None) {
             Ok(()) => {
                 self.count_forwarded(backend, p);
@@ -852,7 +852,7 @@ impl Core {
                     self.conntrack.update(index, |e| (e.backend, advance(e, flags, true, timeouts, now), e.snat_port));
                 let snat_port = match change {
                     Some((backend, change, snat_port)) => {
-                        self.count_established(backend, change);
+                        self.stats.count_established(backend, change);
                         snat_port
                     }
                     None => 0,
@@ -1418,11 +1418,6 @@ impl Core {
             c.packets = c.packets.saturating_sub(1);
             c.bytes = c.bytes.saturating_sub(u64::from(p.ip_len));
         }
-    }
-
-    /// [`Stats::count_established`].
-    fn count_established(&mut self, backend: BackendRef, change: i8) {
-        self.stats.count_established(backend, change);
     }
 
     /// Accounts for an entry that left the table (already removed): the backend's connection count,
