@@ -14,7 +14,9 @@
 //! find them off and leave them so. [`rx_vlan_off_recorded`] keeps what it turned off in a file
 //! (under `/run`, gone at a reboot, when the NIC's defaults come back anyway) until the guard turns
 //! them on again, and takes over what a killed run's file lists: only from a run that is gone (the
-//! file's lock is free), and only on the interface the file names.
+//! file's lock is free), and only on the interface the file names. Recording, it removes the
+//! records no run can take over any more: of an interface gone from its namespace, or of a
+//! namespace gone.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -99,13 +101,16 @@ impl Drop for RxVlanOff {
 /// under the first. A record names the interface it was written for (its ifindex, and its network
 /// namespace's cookie, which unlike the namespace's inode is never reused before a reboot): one of
 /// another interface since given the name, or of a namespace since gone, is not taken over, and the
-/// offloads such an interface has off are left as they are.
+/// offloads such an interface has off are left as they are. The records beside `record` that
+/// name an interface or a namespace since gone are removed, with a log line
+/// (`remove_stale_records`).
 pub fn rx_vlan_off_recorded(name: &str, record: &Path) -> io::Result<RxVlanOff> {
     if let Some(dir) = record.parent() {
         std::fs::create_dir_all(dir)?;
     }
     // Looked up before the record is made: an interface that is not there leaves none behind.
     let identity = record_identity(name)?;
+    remove_stale_records(record, reachable_netns);
     let Some(file) = lock_record(record)? else {
         // Another run holds the interface, and what it turned off is its to turn on.
         return rx_vlan_off(name);
@@ -136,6 +141,176 @@ pub fn rx_vlan_off_recorded(name: &str, record: &Path) -> io::Result<RxVlanOff> 
         off.record = Some((record.to_path_buf(), file));
     }
     Ok(off)
+}
+
+/// Removes the records beside `record` (not it) that no run can take over, each with a log line:
+/// those of an interface gone from the calling thread's namespace (no interface of its index), and
+/// those of a namespace that is gone (none of the inode its file name gives is reachable on the
+/// host: no thread in it, no file open on it, no bind mount of it, or this namespace's inode is
+/// the record's but not its cookie). A record still locked is a live run's and stays, as does one
+/// of another namespace still there (judged by a run in that namespace), one whose first line is
+/// not an identity, and any other file. Without this a killed run's record of a namespace or
+/// interface since gone stayed in the directory for good.
+///
+/// `reachable` gives the namespaces reachable ([`reachable_netns`]).
+fn remove_stale_records(record: &Path, reachable: impl FnOnce() -> Option<std::collections::HashSet<u64>>) {
+    use std::os::unix::fs::MetadataExt;
+    let Some(dir) = record.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(here) = std::fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()) else { return };
+    let cookie = netns_cookie().unwrap_or(0);
+    // Looked for only if a record of another namespace is free: scanning /proc costs.
+    let mut reachable = Some(reachable);
+    let mut live: Option<Option<std::collections::HashSet<u64>>> = None;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path == record {
+            continue;
+        }
+        let file_name = entry.file_name();
+        let Some((ns, name)) = file_name.to_str().and_then(record_name) else { continue };
+        // Locked: a live run's. Gone meanwhile: its run has finished with it.
+        let Ok(Some(file)) = lock_existing(&path) else { continue };
+        let mut text = String::new();
+        if io::Read::read_to_string(&mut &file, &mut text).is_err() {
+            continue;
+        }
+        let mut lines = text.lines();
+        let identity = lines.next().and_then(parse_identity);
+        let listed: Vec<&str> = lines.map(str::trim).filter(|l| !l.is_empty()).collect();
+        let gone = if ns == here {
+            match identity {
+                None => None,
+                Some((_, c)) if c != 0 && cookie != 0 && c != cookie => {
+                    Some("its network namespace is gone (another one has its inode)".to_string())
+                }
+                Some((index, _)) if interface_name(index).is_none() => {
+                    Some(format!("no interface of its index ({index}) is left in its network namespace"))
+                }
+                Some(_) => None,
+            }
+        } else {
+            // Unknown (/proc not readable whole): kept.
+            let live = live.get_or_insert_with(|| reachable.take().and_then(|f| f()));
+            live.as_ref().is_some_and(|l| !l.contains(&ns)).then(|| "its network namespace is gone".to_string())
+        };
+        let Some(why) = gone else { continue };
+        if std::fs::remove_file(&path).is_ok() {
+            tracing::info!(
+                record = %path.display(),
+                interface = name,
+                features = ?listed,
+                "removed a receive VLAN offload record a killed run left, which no run can take over: {why} (a \
+                 physical interface that went back to the host's namespace with its namespace keeps the features off)"
+            );
+        }
+    }
+}
+
+/// The namespace inode and interface name a record's file name (`rx-vlan-off.NS.NAME`,
+/// [`record_path`]) gives.
+fn record_name(file: &str) -> Option<(u64, &str)> {
+    let (ns, name) = file.strip_prefix("rx-vlan-off.")?.split_once('.')?;
+    Some((ns.parse().ok()?, name))
+}
+
+/// The ifindex and namespace cookie of a record's first line ([`record_identity`]).
+fn parse_identity(line: &str) -> Option<(u32, u64)> {
+    let mut words = line.split(' ');
+    let (Some("interface"), Some(index), Some("netns"), Some(cookie), None) =
+        (words.next(), words.next(), words.next(), words.next(), words.next())
+    else {
+        return None;
+    };
+    Some((index.parse().ok()?, cookie.parse().ok()?))
+}
+
+/// The inodes of every network namespace reachable on the host: those of every thread, those open
+/// in any process, and those bind-mounted (`ip netns add`) in any process's mount namespace. `None`
+/// when some of it cannot be seen (not root, a process it may not look into, or a PID namespace
+/// other than the host's, as in a container without the host's PIDs): a namespace not found may
+/// then still be there.
+fn reachable_netns() -> Option<std::collections::HashSet<u64>> {
+    use std::os::unix::fs::MetadataExt;
+    // The host's PID namespace has this inode (the kernel's PROC_PID_INIT_INO).
+    const HOST_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+    if std::fs::metadata("/proc/self/ns/pid").ok()?.ino() != HOST_PID_NAMESPACE {
+        return None;
+    }
+    let nsfs = |link: &str| link.strip_prefix("net:[")?.strip_suffix(']')?.parse::<u64>().ok();
+    // A process or thread that ended while it was read is no longer there to say anything.
+    let vanished = |e: &io::Error| e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH);
+    let mut found = std::collections::HashSet::new();
+    let mut mount_namespaces = std::collections::HashSet::new();
+    for process in std::fs::read_dir("/proc").ok()?.flatten() {
+        if !process.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        let tasks = match std::fs::read_dir(process.path().join("task")) {
+            Ok(t) => t,
+            Err(e) if vanished(&e) => continue,
+            Err(_) => return None,
+        };
+        for task in tasks.flatten() {
+            match std::fs::metadata(task.path().join("ns/net")) {
+                Ok(m) => {
+                    found.insert(m.ino());
+                }
+                Err(e) if vanished(&e) => {}
+                Err(_) => return None,
+            }
+        }
+        let fds = match std::fs::read_dir(process.path().join("fd")) {
+            Ok(f) => f,
+            Err(e) if vanished(&e) => continue,
+            Err(_) => return None,
+        };
+        for fd in fds.flatten() {
+            if let Some(ino) = std::fs::read_link(fd.path()).ok().and_then(|l| l.to_str().and_then(nsfs)) {
+                found.insert(ino);
+            }
+        }
+        // Each mount namespace's bind mounts once. mountinfo lines: ID PARENT MAJ:MIN ROOT
+        // MOUNTPOINT ... - FSTYPE SOURCE OPTIONS, ROOT `net:[INODE]` for a namespace's.
+        let mounts = match std::fs::metadata(process.path().join("ns/mnt")) {
+            Ok(m) if !mount_namespaces.insert(m.ino()) => continue,
+            Ok(_) => std::fs::read_to_string(process.path().join("mountinfo")),
+            Err(e) => Err(e),
+        };
+        let mounts = match mounts {
+            Ok(m) => m,
+            Err(e) if vanished(&e) => continue,
+            Err(_) => return None,
+        };
+        for line in mounts.lines() {
+            let Some((fields, rest)) = line.split_once(" - ") else { continue };
+            if rest.split(' ').next() == Some("nsfs")
+                && let Some(ino) = fields.split(' ').nth(3).and_then(nsfs)
+            {
+                found.insert(ino);
+            }
+        }
+    }
+    Some(found)
+}
+
+/// Opens `record` if it is there and takes its lock without waiting; `None` when it is not there,
+/// another process holds it, or it was removed or replaced before the lock was taken.
+fn lock_existing(record: &Path) -> io::Result<Option<std::fs::File>> {
+    use std::os::unix::fs::MetadataExt;
+    let file = match std::fs::OpenOptions::new().read(true).write(true).open(record) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: flock(2) on the descriptor `file` owns, open for the call's length.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(None) } else { Err(e) };
+    }
+    let held = file.metadata()?;
+    let same = std::fs::metadata(record).is_ok_and(|m| (m.dev(), m.ino()) == (held.dev(), held.ino()));
+    Ok(same.then_some(file))
 }
 
 /// Opens (or creates) `record` and takes its lock without waiting; `None` when another process
@@ -393,6 +568,127 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         let _ = std::fs::remove_dir_all(&dir);
         assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    /// Recording an interface removes the records beside it that no run can take over: a killed
+    /// run's of an interface gone from this namespace, or of a namespace gone (its inode nowhere,
+    /// or this namespace's inode with another cookie). Those of a live interface, a locked record
+    /// (a live run's) and other files stay. Before, they all stayed in the directory for good.
+    #[test]
+    fn records_of_gone_interfaces_and_namespaces_are_removed() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = std::env::temp_dir().join(format!("lb-offload-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let here = std::fs::metadata("/proc/thread-self/ns/net").unwrap().ino();
+        let cookie = netns_cookie().unwrap_or(0);
+        let lo = crate::xsk::ifindex("lo").unwrap();
+        let features = RX_VLAN_FEATURES.join("\n");
+        let write = |file: &str, identity: &str| {
+            let path = dir.join(file);
+            std::fs::write(&path, format!("{identity}\n{features}\n")).unwrap();
+            path
+        };
+        let live = write(&format!("rx-vlan-off.{here}.lo0"), &format!("interface {lo} netns {cookie}"));
+        let gone = write(&format!("rx-vlan-off.{here}.gone0"), &format!("interface 4000000 netns {cookie}"));
+        let held = write(&format!("rx-vlan-off.{here}.held0"), &format!("interface 4000001 netns {cookie}"));
+        let unreadable = write(&format!("rx-vlan-off.{here}.odd0"), "not an identity");
+        let other = write("notes", &format!("interface 4000000 netns {cookie}"));
+        let reused = write(&format!("rx-vlan-off.{here}.old0"), &format!("interface {lo} netns {}", cookie + 1));
+        // No namespace has inode 1 (nsfs inodes start at 0xF0000000).
+        let no_ns = write("rx-vlan-off.1.eth0", &format!("interface {lo} netns {cookie}"));
+        let lock = lock_record(&held).unwrap().expect("the held record's lock");
+
+        let record = record_path(&dir, "lo").unwrap();
+        let off = rx_vlan_off_recorded("lo", &record).unwrap();
+        assert!(off.turned_off.is_empty(), "lo's VLAN offloads are fixed: {off:?}");
+        drop(off);
+        drop(lock);
+        let there = |p: &Path| p.exists();
+        let left = (there(&live), there(&gone), there(&held), there(&unreadable), there(&other));
+        let (reused_left, no_ns_left) = (there(&reused), there(&no_ns));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(left, (true, false, true, true, true), "(live, gone, held, odd, other file) left");
+        if cookie != 0 {
+            assert!(!reused_left, "the record of a namespace whose inode this one reuses stayed");
+        }
+        if reachable_netns().is_some() {
+            assert!(!no_ns_left, "the record of a namespace that is nowhere stayed");
+        } else {
+            println!("SKIPPED (a namespace gone): /proc cannot be read whole here, so the record stays");
+            assert!(no_ns_left, "a record of another namespace removed though /proc cannot be read whole");
+        }
+    }
+
+    /// A killed run's record of a veth since deleted is removed when the next run records an
+    /// interface of that namespace; the record of one still there stays.
+    #[test]
+    fn the_record_of_a_deleted_veth_is_removed_by_the_next_run() {
+        if let Some(why) = cannot_run() {
+            println!("SKIPPED: {why}");
+            return;
+        }
+        let tag = format!("lbg{}", std::process::id());
+        let (a, b) = (Netns::create(&format!("{tag}a")).unwrap(), Netns::create(&format!("{tag}b")).unwrap());
+        veth_pair(&a, "g0", &b, "g1").unwrap();
+        veth_pair(&a, "g2", &b, "g3").unwrap();
+        let dir = std::env::temp_dir().join(format!("lb-offload-test-{tag}"));
+        let in_a = |f: Box<dyn FnOnce() -> Vec<PathBuf> + Send>| {
+            let ns = a.name().to_string();
+            std::thread::spawn(move || {
+                enter_netns(&ns).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        };
+        let records = in_a(Box::new({
+            let dir = dir.clone();
+            move || {
+                ["g0", "g2"]
+                    .into_iter()
+                    .map(|name| {
+                        let record = record_path(&dir, name).unwrap();
+                        // Killed: the guard never drops.
+                        rx_vlan_off_recorded(name, &record).unwrap().killed();
+                        record
+                    })
+                    .collect()
+            }
+        }));
+        assert!(records.iter().all(|r| r.exists()));
+        a.ip(&["link", "del", "g0"]).unwrap();
+        in_a(Box::new({
+            let dir = dir.clone();
+            move || {
+                drop(rx_vlan_off_recorded("lo", &record_path(&dir, "lo").unwrap()).unwrap());
+                Vec::new()
+            }
+        }));
+        let left: Vec<bool> = records.iter().map(|r| r.exists()).collect();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(left, [false, true], "(deleted g0, live g2) records left");
+    }
+
+    /// A record of another namespace goes when no namespace of its inode is reachable, and stays
+    /// while one is, or while what is reachable is not known.
+    #[test]
+    fn a_record_of_another_namespace_goes_only_when_that_namespace_is_nowhere() {
+        let dir = std::env::temp_dir().join(format!("lb-offload-other-ns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |file: &str| {
+            let path = dir.join(file);
+            std::fs::write(&path, format!("interface 2 netns 7\n{}\n", RX_VLAN_FEATURES.join("\n"))).unwrap();
+            path
+        };
+        let (live, gone) = (write("rx-vlan-off.11.eth0"), write("rx-vlan-off.12.eth0"));
+        let own = dir.join("rx-vlan-off.13.eth0");
+        remove_stale_records(&own, || None);
+        assert!(live.exists() && gone.exists(), "removed though what is reachable is not known");
+        remove_stale_records(&own, || Some([11].into_iter().collect()));
+        let (live_left, gone_left) = (live.exists(), gone.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(live_left, "the record of a namespace still there was removed");
+        assert!(!gone_left, "the record of a namespace that is nowhere stayed");
     }
 
     /// A veth has both receive VLAN offloads on and changeable: turned off, `ethtool -k` agrees; a

@@ -537,7 +537,8 @@ impl<M: SteeringMaps> Workers<M> {
 }
 
 /// Where `lb run` records the receive VLAN offloads it turned off, one file per namespace and
-/// interface, until it turns them on again (`lb_io::offload::rx_vlan_off_recorded`).
+/// interface, until it turns them on again (`lb_io::offload::rx_vlan_off_recorded`, which also removes
+/// the records a killed run left of an interface or a namespace since gone).
 const OFFLOAD_RECORDS: &str = "/run/lb";
 
 /// Turns off `name`'s receive VLAN offloads (`lb_io::offload`), so tagged frames reach XDP and lb-core
