@@ -2,11 +2,14 @@
 //! `load` does after reading the file), the node addresses from the environment, then the control
 //! loop's build (lb-core's validation, the table build). Raw bytes, and YAML written from arbitrary
 //! values (`lb_fuzz_control::FileSpec`); a second file is a reload of the first.
-//! No panic, and a small file is judged in well under a second (the fuzzer's -timeout and
+//! No panic; every rejection says why; a file is taken or refused whole (the running tables stay);
+//! and a small file is judged in well under a second (the fuzzer's -timeout and
 //! -rss_limit_mb catch a file that asks for a huge table or many of them and gets it).
 //!
-//! `cargo fuzz run --fuzz-dir fuzz-control -s none -O config_file -- -dict=fuzz-control/dict/config_file.dict
-//! -timeout=2 -max_len=8192`.
+//! `cargo fuzz run --fuzz-dir fuzz-control -s none -O -a config_file -- -dict=fuzz-control/dict/config_file.dict
+//! -timeout=2 -max_len=8192 -len_control=0`. `-len_control=0` lets inputs reach `-max_len` at once:
+//! by default libFuzzer grows them slowly (357 bytes after 15 minutes), too short for most of what
+//! `FileSpec` writes. `-a` (debug assertions) makes an overflow a crash rather than a wrapped value.
 #![no_main]
 
 use arbitrary::Arbitrary;

@@ -1,8 +1,9 @@
 //! Arbitrary Kubernetes Services and EndpointSlices (JSON, as the API server sends them, read into
 //! k8s-openapi's types) through what the feed and the control loop do with them: `translate_keeping`
 //! (annotations included) in two rounds, each translation applied by the control loop (lb-core's
-//! validation of each service, the table build). No panic, and a small input is judged in well under
-//! a second (the fuzzer's -timeout and -rss_limit_mb catch one that asks for huge tables and gets
+//! validation of each service, the table build). No panic; the translation does not depend on the
+//! order the store hands objects over in; each translation is applied or refused whole (the running
+//! tables stay); and a small input is judged in well under a second (the fuzzer's -timeout and -rss_limit_mb catch one that asks for huge tables and gets
 //! them).
 //!
 //! The input: a first byte choosing the node's settings, then documents separated by a NUL byte,
@@ -53,7 +54,12 @@ fuzz_target!(|data: &[u8]| {
     let mut slices: HashMap<String, EndpointSlice> = HashMap::new();
     let mut last = LastGood::default();
     let mut round = |services: &HashMap<String, Service>, slices: &HashMap<String, EndpointSlice>| {
+        // The store hands its objects over in no set order: the translation may not depend on it.
+        let mut other = last.clone();
         let mut t = translate_keeping(services.values(), slices.values(), &k8s, &node, &mut last);
+        let (s, e): (Vec<&Service>, Vec<&EndpointSlice>) = (services.values().collect(), slices.values().collect());
+        let reversed = translate_keeping(s.into_iter().rev(), e.into_iter().rev(), &k8s, &node, &mut other);
+        assert_eq!(t, reversed, "the translation depends on the order the store hands objects over in");
         for s in &mut t.services {
             s.health_check = None;
         }

@@ -36,13 +36,31 @@ pub fn without_probes(mut settings: Settings) -> Settings {
     settings
 }
 
-/// A fresh control loop, fed `inputs` in order; every result is discarded (a rejected input keeps
-/// the running state, which the next input builds on).
+/// A fresh control loop, fed `inputs` in order. An input is taken or refused whole: one refused
+/// says why and leaves the running tables as they were (the next input builds on them); one taken
+/// runs the tables it returns.
 pub fn drive(inputs: impl IntoIterator<Item = ControlInput>) {
     let _guard = runtime().enter();
     let mut control = Control::new(NullSink);
+    let live = control.subscribe();
     for input in inputs {
-        let _ = control.apply(input);
+        let before = live.borrow().tables.clone();
+        match control.apply(input) {
+            Ok(tables) => {
+                let running = live.borrow().tables.clone();
+                assert!(running.is_some_and(|r| Arc::ptr_eq(&r, &tables)), "taken, but other tables run");
+            }
+            Err(e) => {
+                assert!(!e.to_string().is_empty());
+                let after = live.borrow().tables.clone();
+                let kept = match (&before, &after) {
+                    (Some(b), Some(a)) => Arc::ptr_eq(b, a),
+                    (None, None) => true,
+                    _ => false,
+                };
+                assert!(kept, "refused ({e}), but the running tables changed");
+            }
+        }
     }
 }
 
