@@ -439,10 +439,16 @@ impl Bucket {
     fn way_of(&self, key: &ConnKey, hash: u64) -> Option<usize> {
         let tag = tag_of(hash);
         let home = home_way(hash);
-        if self.head.tags[home] == tag && self.entries[home].0.key == *key {
+        if self.at_home(key, tag, home) {
             return Some(home);
         }
         self.search(key, tag)
+    }
+
+    /// Whether `key` (under `tag`) is at way `home`.
+    #[inline(always)]
+    fn at_home(&self, key: &ConnKey, tag: u16, home: usize) -> bool {
+        self.head.tags[home] == tag && self.entries[home].0.key == *key
     }
 
     /// The way holding `key` under `tag`, searched in way order.
@@ -719,7 +725,11 @@ impl ConntrackTable {
     ) -> Option<(u32, R)> {
         let b = (hash as usize) & self.bucket_mask;
         let bucket = self.buckets.get_mut(b)?;
-        let way = bucket.way_of(key, hash)?;
+        // `Bucket::way_of` spelled out: a key at its home way goes straight on, not through the
+        // `Option` that joins that way with the search's (~1-3 instructions an established packet,
+        // callgrind).
+        let (tag, home) = (tag_of(hash), home_way(hash));
+        let way = if bucket.at_home(key, tag, home) { home } else { bucket.search(key, tag)? };
         let Bucket { head, entries } = bucket;
         let e = &mut entries.get_mut(way)?.0;
         let (old_state, old_expires) = (e.state, e.expires);
