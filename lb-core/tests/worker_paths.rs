@@ -90,6 +90,38 @@ fn established_flow_keeps_its_backend() {
     }
 }
 
+/// An established flow's packets (the established path, which sends a full-NAT flow to its rewrite
+/// apart from `rewrite`'s match on the mode) go out as the flow's first packet did (the general
+/// path): every mode and family, TCP and UDP. (Fails when the established path takes a mode to
+/// another's rewrite.)
+#[test]
+fn established_packets_of_every_mode_go_out_as_their_first() {
+    let mut w = worker(&all_modes_config());
+    for vip in ["192.0.2.1", "2001:db8::1"] {
+        let vip = v4(vip);
+        let client = if vip.is_ipv4() { v4("198.51.100.7") } else { v4("2001:db8:ff::7") };
+        for port in 80..=83u16 {
+            for is_tcp in [true, false] {
+                let frame = |flags| {
+                    if is_tcp {
+                        tcp(client, 4000 + port, vip, port, flags, b"x")
+                    } else {
+                        udp(client, 4000 + port, vip, port, b"x")
+                    }
+                };
+                let (v, first) = run(&mut w, &frame(Tcp::Syn), secs(1));
+                assert_eq!(v, Verdict::Tx, "{vip} port {port} tcp={is_tcp}");
+                for t in 2..4 {
+                    let (v, next) = run(&mut w, &frame(Tcp::Ack), secs(t));
+                    assert_eq!(v, Verdict::Tx, "{vip} port {port} tcp={is_tcp}");
+                    assert_eq!(seen(&next), seen(&first), "{vip} port {port} tcp={is_tcp}");
+                }
+            }
+        }
+    }
+    assert_eq!(w.stats().dropped_total(), 0);
+}
+
 #[test]
 fn a_burst_decides_exactly_as_frames_one_by_one() {
     use lb_core::{Frame, Instant};

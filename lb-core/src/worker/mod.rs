@@ -680,15 +680,38 @@ impl Core {
         );
         let (_, (summary, backend, change, snat_port)) = found?;
         self.stats.count_established(backend.id, change);
-        let outcome = match self.rewrite(tables, frame, p, summary.mode, backend, snat_port, None) {
+        // A full-NAT flow's mode is tested alone, first: through `rewrite`'s match, a jump table,
+        // every established packet took ~5 instructions to find its arm. Each branch makes its own
+        // outcome: joined into one `Result` and matched after, the two cost more than the table
+        // (established full NAT 490 against 481 instructions, callgrind).
+        let outcome = if summary.mode == ForwardMode::Nat {
+            let rewritten = self.rewrite_nat(tables, frame, p, backend, snat_port);
+            self.forwarded(frame, p, backend, rewritten)
+        } else {
+            let rewritten = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, None);
+            self.forwarded(frame, p, backend, rewritten)
+        };
+        self.count_service_drop(&summary, &outcome);
+        Some(outcome)
+    }
+
+    /// The outcome of an established packet for `backend` once `rewritten`: sent and counted at
+    /// the backend, or refused.
+    #[inline(always)]
+    fn forwarded(
+        &mut self,
+        frame: &mut Frame<'_>,
+        p: &Parsed,
+        backend: &Backend,
+        rewritten: Result<(), DropReason>,
+    ) -> Outcome {
+        match rewritten {
             Ok(()) => {
                 self.count_forwarded(backend, p);
                 Ok(Verdict::Tx)
             }
             Err(reason) => self.refused(frame, p, reason),
-        };
-        self.count_service_drop(&summary, &outcome);
-        Some(outcome)
+        }
     }
 
     /// The lb-hash 5-tuple hash of `f` (schedulers for new flows, tunnels for the outer header).
@@ -1243,27 +1266,7 @@ impl Core {
         // (10 instructions a DSR packet).
         let local_mac = self.local_mac;
         match mode {
-            ForwardMode::Nat => {
-                // An IPv4 TCP or UDP packet to an IPv4 backend (most of them) is rewritten from the
-                // addresses, ports and MACs where they are, with no target built.
-                if let (IpAddr::V4(to), Some(snat)) = (backend.addr, tables.node().snat_v4)
-                    && let Some(done) = forward::nat::rewrite_v4_ports(
-                        frame,
-                        p,
-                        (snat.octets(), snat_port),
-                        (to.octets(), backend.port),
-                        (&self.local_mac, &backend.mac),
-                    )
-                {
-                    return done.map_err(DropReason::from);
-                }
-                // (`let else` rather than `ok_or(..)?`: the 40-byte key then goes straight into the
-                // target rather than through an `Option` and a `Result`.)
-                let Some(flow) = nat_target_of(tables, p.flow.proto(), snat_port, backend) else {
-                    return Err(DropReason::NoSnatPort);
-                };
-                self.nat_rewrite(frame, p, flow, (local_mac, backend.mac))?;
-            }
+            ForwardMode::Nat => self.rewrite_nat(tables, frame, p, backend, snat_port)?,
             ForwardMode::Dsr => forward::dsr::rewrite_from(frame, &self.local_mac, &backend.mac)?,
             ForwardMode::IpIp | ForwardMode::Gue { .. } if self.too_big_for_tunnel(tables, frame, p, mode)? => {}
             ForwardMode::IpIp | ForwardMode::Gue { .. } => {
@@ -1283,6 +1286,39 @@ impl Core {
                 t.ip_id = t.ip_id.wrapping_add(self.config.core_count.max(1));
             }
         }
+        Ok(())
+    }
+
+    /// [`Core::rewrite`] of a frame of a full-NAT service (its `ForwardMode::Nat` arm).
+    #[inline(always)]
+    fn rewrite_nat(
+        &mut self,
+        tables: &Tables,
+        frame: &mut Frame<'_>,
+        p: &Parsed,
+        backend: &Backend,
+        snat_port: u16,
+    ) -> Result<(), DropReason> {
+        // An IPv4 TCP or UDP packet to an IPv4 backend (most of them) is rewritten from the
+        // addresses, ports and MACs where they are, with no target built.
+        if let (IpAddr::V4(to), Some(snat)) = (backend.addr, tables.node().snat_v4)
+            && let Some(done) = forward::nat::rewrite_v4_ports(
+                frame,
+                p,
+                (snat.octets(), snat_port),
+                (to.octets(), backend.port),
+                (&self.local_mac, &backend.mac),
+            )
+        {
+            return done.map_err(DropReason::from);
+        }
+        // (`let else` rather than `ok_or(..)?`: the 40-byte key then goes straight into the
+        // target rather than through an `Option` and a `Result`.)
+        let Some(flow) = nat_target_of(tables, p.flow.proto(), snat_port, backend) else {
+            return Err(DropReason::NoSnatPort);
+        };
+        let local_mac = self.local_mac;
+        self.nat_rewrite(frame, p, flow, (local_mac, backend.mac))?;
         Ok(())
     }
 
