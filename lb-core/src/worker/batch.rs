@@ -55,6 +55,13 @@ pub(super) struct Lookahead {
     pub(super) insert_hint: Option<InsertHint>,
 }
 
+/// The conntrack key of a parsed flow, and its hash (`Lookahead::conn_key`, `conn_hash`).
+#[inline(always)]
+fn keyed(flow: &packet::FlowKey) -> (ConnKey, u64) {
+    let key = ConnKey::from_flow(flow);
+    (key, key.hash())
+}
+
 impl Lookahead {
     pub(super) const NONE: Lookahead = Lookahead {
         parsed: Err(ParseError::Arp),
@@ -78,7 +85,7 @@ impl Lookahead {
         // instructions per packet, callgrind), and through `parse_common`'s `Option` once more (14).
         // A frame with ports learns in the second warm-up round whether it needs its service
         // looked up; any other parsed frame does. The fast parser's frames all have ports, and it
-        // returns their flow, so the key and its hash come from registers. Reading the slot back
+        // makes their key and its hash (`keyed`) from registers, in each of its paths. Reading the slot back
         // loaded each address as one 16-byte vector from the two 8-byte stores the parser had just
         // made, and a load spanning two stores cannot be forwarded from them: it waited for both to
         // reach the cache, twice a packet, ahead of the conntrack hash (25-35 % of an established
@@ -89,12 +96,12 @@ impl Lookahead {
         self.flow_hash = None;
         self.ring_slot = None;
         self.insert_hint = None;
-        let flow = match packet::parse_common_into(frame, &mut self.parsed) {
-            Some(flow) => flow,
+        let (key, hash) = match packet::parse_common_into(frame, &mut self.parsed, keyed) {
+            Some((_, keyed)) => keyed,
             None => {
                 self.parsed = packet::parse_general(frame);
                 match &self.parsed {
-                    Ok(p) if p.has_ports() => p.flow,
+                    Ok(p) if p.has_ports() => keyed(&p.flow),
                     parsed => {
                         (self.conn_hash, self.needs_service, self.lookup_hash) = match parsed {
                             Ok(p) => (None, true, tables.lookup_hash(&p.flow)),
@@ -105,8 +112,8 @@ impl Lookahead {
                 }
             }
         };
-        self.conn_key = ConnKey::from_flow(&flow);
-        (self.conn_hash, self.needs_service, self.lookup_hash) = (Some(self.conn_key.hash()), false, 0);
+        self.conn_key = key;
+        (self.conn_hash, self.needs_service, self.lookup_hash) = (Some(hash), false, 0);
     }
 
     /// Service lookup: O(1) in the number of services.

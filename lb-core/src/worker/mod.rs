@@ -1752,6 +1752,68 @@ mod tests {
         assert_eq!((found, replies), (6, 10));
     }
 
+    proptest::proptest! {
+        /// `Lookahead::fill` keys and hashes a frame's flow in each of the fast parser's paths
+        /// (untagged and VLAN-tagged IPv4, IPv6; TCP and UDP), the IPv4 ones with the key's zero
+        /// words folded away, and in the general parser's (a first fragment): every time the
+        /// parsed flow's `ConnKey` and its hash. A frame without ports (ICMP) has none. (Fails when
+        /// any path's key or hash differs from the flow's.)
+        #[test]
+        fn fill_keys_and_hashes_the_parsed_flow_on_every_path(
+            (src4, dst4) in (proptest::prelude::any::<[u8; 4]>(), proptest::prelude::any::<[u8; 4]>()),
+            (src6, dst6) in (proptest::prelude::any::<[u8; 16]>(), proptest::prelude::any::<[u8; 16]>()),
+            (sport, dport) in (proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>()),
+            kind in 0u8..8,
+        ) {
+            use etherparse::VlanId;
+            let tables = crate::service::TableBuilder::new().build(&crate::config::Config::default()).unwrap();
+            let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb]);
+            let mut v = Vec::new();
+            match kind {
+                0 => eth.ipv4(src4, dst4, 64).tcp(sport, dport, 1, 1000).write(&mut v, b"a").unwrap(),
+                1 => eth.ipv4(src4, dst4, 64).udp(sport, dport).write(&mut v, b"a").unwrap(),
+                2 => eth
+                    .single_vlan(VlanId::try_new(7).unwrap())
+                    .ipv4(src4, dst4, 64)
+                    .udp(sport, dport)
+                    .write(&mut v, b"a")
+                    .unwrap(),
+                3 => eth.ipv6(src6, dst6, 64).tcp(sport, dport, 1, 1000).write(&mut v, b"a").unwrap(),
+                4 => eth
+                    .double_vlan(VlanId::try_new(100).unwrap(), VlanId::try_new(200).unwrap())
+                    .ipv6(src6, dst6, 64)
+                    .udp(sport, dport)
+                    .write(&mut v, b"a")
+                    .unwrap(),
+                5 | 6 => {
+                    // A first fragment (more fragments set): the general parser's, with its ports.
+                    let b = eth.ipv4(src4, dst4, 64);
+                    if kind == 5 {
+                        b.tcp(sport, dport, 1, 1000).write(&mut v, b"a").unwrap();
+                    } else {
+                        b.udp(sport, dport).write(&mut v, b"a").unwrap();
+                    }
+                    v[20] |= 0x20;
+                }
+                _ => eth.ipv4(src4, dst4, 64).icmpv4_echo_request(1, 2).write(&mut v, b"a").unwrap(),
+            }
+            let mut ahead = Lookahead::NONE;
+            ahead.fill(&tables, &v);
+            let p = ahead.parsed.unwrap();
+            if kind == 7 {
+                proptest::prop_assert!(!p.has_ports());
+                proptest::prop_assert_eq!(ahead.conn_hash, None);
+            } else {
+                proptest::prop_assert!(p.has_ports());
+                proptest::prop_assert_eq!(p.fragment != Fragment::None, kind == 5 || kind == 6);
+                let key = ConnKey::from_flow(&p.flow);
+                proptest::prop_assert_eq!(ahead.conn_key, key);
+                proptest::prop_assert_eq!(ahead.conn_hash, Some(key.hash()));
+                proptest::prop_assert_eq!((p.flow.src_port(), p.flow.dst_port()), (sport, dport));
+            }
+        }
+    }
+
     /// The reply key the warm-up keeps for each new full-NAT flow of a batch (`Core::reply_keys`),
     /// which [`Core::pick_snat_port`] takes for a right guess rather than build it, is the key the
     /// flow's replies arrive under: from its backend and port to the SNAT address and the port the
