@@ -122,6 +122,36 @@ fn established_packets_of_every_mode_go_out_as_their_first() {
     assert_eq!(w.stats().dropped_total(), 0);
 }
 
+/// A burst's frames are decided from what its own passes learned, never from what the burst before
+/// left in their batch slots: new flows of a service fill every slot, then bursts mixing their
+/// established packets, SYNs to a VIP port nobody serves and frames to no VIP take the same slots.
+/// (Fails when the service lookup leaves a slot's service from the burst before: the SYNs to the
+/// unserved port then go to port 80's backends.)
+#[test]
+fn each_burst_decides_from_its_own_passes() {
+    let mut w = worker(&all_modes_config());
+    let (client, vip) = (v4("198.51.100.7"), v4("192.0.2.1"));
+    let first: Vec<_> = (0..16).map(|i| tcp(client, 1000 + i, vip, 80, Tcp::Syn, b"")).collect();
+    assert!(run_burst(&mut w, &first, secs(1)).iter().all(|(v, _)| *v == Verdict::Tx));
+    for round in 0..3u16 {
+        let frames: Vec<_> = (0..16u16)
+            .map(|i| match (i + round) % 3 {
+                0 => tcp(client, 1000 + i, vip, 80, Tcp::Ack, b"data"),
+                1 => tcp(client, 3000 + 16 * round + i, vip, 84, Tcp::Syn, b""),
+                _ => udp(client, 4000 + i, v4("192.0.2.99"), 53, b"q"),
+            })
+            .collect();
+        for (i, (v, _)) in run_burst(&mut w, &frames, secs(2 + u64::from(round))).into_iter().enumerate() {
+            let expected = match (i as u16 + round) % 3 {
+                0 => Verdict::Tx,
+                1 => Verdict::Drop(DropReason::NoService),
+                _ => Verdict::Pass,
+            };
+            assert_eq!(v, expected, "round {round}, frame {i}");
+        }
+    }
+}
+
 #[test]
 fn a_burst_decides_exactly_as_frames_one_by_one() {
     use lb_core::{Frame, Instant};

@@ -36,12 +36,15 @@ pub(super) struct Lookahead {
     /// likely conntrack hit, which take their service from their backend's location instead.
     pub(super) needs_service: bool,
     /// The service at the frame's (destination, port, protocol), if `needs_service` and any, with
-    /// where its ring is (a Maglev service's new flows pick from it).
+    /// where its ring is (a Maglev service's new flows pick from it). Written for every frame of a
+    /// batch that looks services up ([`Lookahead::find_service`]), and read only in such a batch.
     pub(super) service: Option<(ServiceSummary, RingRef)>,
     /// The backend of the conntrack entry a likely new flow's insert will displace, kept so the
-    /// later warm-up rounds do not search the bucket again.
+    /// later warm-up rounds do not search the bucket again. Written for every frame of a batch that
+    /// looks services up ([`Core::warm_second`]), and read only in such a batch.
     pub(super) displaced_backend: Option<BackendRef>,
-    /// True when the warm-up found an entry with the frame's tag, i.e. most likely its own flow.
+    /// True when the warm-up found an entry with the frame's tag, i.e. most likely its own flow
+    /// (written by [`Core::warm_second`] for a frame with ports, by `fill` for one without).
     pub(super) likely_hit: bool,
     /// The lb-hash 5-tuple hash of a likely new flow of a service (its scheduler's input), computed
     /// in the warm-up to read ahead what the scheduler will read; `None` for any other frame.
@@ -90,9 +93,9 @@ impl Lookahead {
         // made, and a load spanning two stores cannot be forwarded from them: it waited for both to
         // reach the cache, twice a packet, ahead of the conntrack hash (25-35 % of an established
         // packet's time; BENCHMARKS.md, lb-core, session 16).
-        self.service = None;
-        self.displaced_backend = None;
-        self.likely_hit = false;
+        // (`service`, `displaced_backend` and `likely_hit` are written by the later passes, for
+        // every frame of a batch that reads them: here they were three stores an established
+        // packet, callgrind.)
         self.flow_hash = None;
         self.ring_slot = None;
         self.insert_hint = None;
@@ -103,6 +106,7 @@ impl Lookahead {
                 match &self.parsed {
                     Ok(p) if p.has_ports() => keyed(&p.flow),
                     parsed => {
+                        self.likely_hit = false;
                         (self.conn_hash, self.needs_service, self.lookup_hash) = match parsed {
                             Ok(p) => (None, true, tables.lookup_hash(&p.flow)),
                             Err(_) => (None, false, 0),
@@ -117,16 +121,19 @@ impl Lookahead {
     }
 
     /// Service lookup: O(1) in the number of services.
+    /// Writes `service` for every frame (`fill` leaves it), found or not.
     pub(super) fn find_service(&mut self, tables: &Tables) {
-        let Ok(p) = &self.parsed else { return };
-        // (`fill` set `service` to `None`.) Only a found service is written: assigning the lookup's
-        // `Option` joined its two paths through a stack copy whose loads spanned two of its stores,
-        // which the core cannot forward from (a store-forwarding stall a new flow).
-        if self.needs_service
+        // A found service and `None` are written apart: assigning the lookup's `Option` joined its
+        // two paths through a stack copy whose loads spanned two of its stores, which the core
+        // cannot forward from (a store-forwarding stall a new flow).
+        if let Ok(p) = &self.parsed
+            && self.needs_service
             && matches!(p.l4, L4::Tcp | L4::Udp)
             && let Some(found) = tables.lookup_flow_ring(&p.flow, self.lookup_hash)
         {
             self.service = Some(found);
+        } else {
+            self.service = None;
         }
     }
 
@@ -217,6 +224,7 @@ impl Core {
                 }
                 Likely::Unknown => {}
             }
+            a.likely_hit = false;
             if let Ok(p) = &a.parsed {
                 a.needs_service = true;
                 a.lookup_hash = tables.lookup_hash(&p.flow);
@@ -224,13 +232,23 @@ impl Core {
             new_flows = true;
         }
         if !new_flows {
+            // (No frame has its insert's way; `warm` reads `displaced_backend` past a lookup.)
+            if lookups {
+                for a in ahead.iter_mut() {
+                    a.displaced_backend = None;
+                }
+            }
             return lookups;
         }
         for (a, way) in ahead.iter_mut().zip(insert_ways.iter()) {
+            // (Every frame's `displaced_backend` is written here, `fill` leaves it.)
             match way {
                 Some((e, true)) => a.displaced_backend = Some(e.backend),
-                Some((e, false)) => lb_prefetch::line(*e),
-                None => {}
+                Some((e, false)) => {
+                    a.displaced_backend = None;
+                    lb_prefetch::line(*e);
+                }
+                None => a.displaced_backend = None,
             }
             // (A frame without ports had its index slot read in the first round.)
             if a.needs_service && a.conn_hash.is_some() {
