@@ -117,7 +117,8 @@ impl Lookahead {
             }
         };
         self.conn_key = key;
-        (self.conn_hash, self.needs_service, self.lookup_hash) = (Some(hash), false, 0);
+        // (`lookup_hash` is left: it is read only once `needs_service` is set, with it.)
+        (self.conn_hash, self.needs_service) = (Some(hash), false);
     }
 
     /// Service lookup: O(1) in the number of services.
