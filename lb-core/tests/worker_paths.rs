@@ -152,6 +152,28 @@ fn each_burst_decides_from_its_own_passes() {
     }
 }
 
+/// A frame the warm-up takes for a likely hit that the established path declines is scheduled by
+/// its own flow's hash: SYNs of flows whose entries have expired (still in the table, so likely
+/// hits) go to the backends a fresh worker picks for them, not to those of the new flows the burst
+/// before had in the same batch slots. (Fails when such a frame keeps the flow hash an earlier
+/// burst's frame left in its slot.)
+#[test]
+fn a_declined_likely_hit_is_scheduled_by_its_own_hash() {
+    let cfg = all_modes_config();
+    let (client, vip) = (v4("198.51.100.7"), v4("192.0.2.1"));
+    let syns = |base: u16| -> Vec<_> { (0..16).map(|i| tcp(client, base + i, vip, 81, Tcp::Syn, b"")).collect() };
+    let fresh: Vec<_> = run_burst(&mut worker(&cfg), &syns(5000), secs(1)).into_iter().map(|(_, f)| f).collect();
+    let mut w = worker(&cfg);
+    run_burst(&mut w, &syns(5000), secs(1));
+    // Other flows in the same slots, then the first flows again once their entries have expired.
+    run_burst(&mut w, &syns(6000), secs(2));
+    let again = run_burst(&mut w, &syns(5000), secs(100_000));
+    for (i, ((v, out), expected)) in again.iter().zip(&fresh).enumerate() {
+        assert_eq!(*v, Verdict::Tx, "frame {i}");
+        assert_eq!(out[..6], expected[..6], "frame {i}: not its own backend");
+    }
+}
+
 #[test]
 fn a_burst_decides_exactly_as_frames_one_by_one() {
     use lb_core::{Frame, Instant};

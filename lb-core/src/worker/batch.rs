@@ -48,10 +48,13 @@ pub(super) struct Lookahead {
     pub(super) likely_hit: bool,
     /// The lb-hash 5-tuple hash of a likely new flow of a service (its scheduler's input), computed
     /// in the warm-up to read ahead what the scheduler will read; `None` for any other frame.
+    /// Written for every frame of a batch that looks services up, and for a likely hit (which may
+    /// reach a service's path if the established path declines it) in every batch.
     pub(super) flow_hash: Option<u64>,
     /// For a likely new flow of a service with a ring, the backend slot its ring entry names, read
     /// in the warm-up (from `flow_hash`) and kept for its pick: the ring entry's remainder and
-    /// lookups are then done once rather than three times.
+    /// lookups are then done once rather than three times. Written for every frame with a service
+    /// ([`Core::warm`]), and read only with its `flow_hash`.
     pub(super) ring_slot: Option<u32>,
     /// For a likely new flow, the way its insert will take, as the warm-up chose it (to read its
     /// line ahead): the insert takes it rather than choosing again if the bucket is unchanged.
@@ -93,11 +96,9 @@ impl Lookahead {
         // made, and a load spanning two stores cannot be forwarded from them: it waited for both to
         // reach the cache, twice a packet, ahead of the conntrack hash (25-35 % of an established
         // packet's time; BENCHMARKS.md, lb-core, session 16).
-        // (`service`, `displaced_backend` and `likely_hit` are written by the later passes, for
-        // every frame of a batch that reads them: here they were three stores an established
-        // packet, callgrind.)
-        self.flow_hash = None;
-        self.ring_slot = None;
+        // (`service`, `displaced_backend`, `likely_hit`, `flow_hash` and `ring_slot` are written by
+        // the later passes, for every frame of a batch that reads them: here they were five stores
+        // an established packet, callgrind.)
         self.insert_hint = None;
         let (key, hash) = match packet::parse_common_into(frame, &mut self.parsed, keyed) {
             Some((_, keyed)) => keyed,
@@ -210,7 +211,9 @@ impl Core {
             };
             match conntrack.likely(h, now) {
                 Likely::Hit(e) => {
-                    a.likely_hit = true;
+                    // (A likely hit the established path declines takes a service's path with its
+                    // `flow_hash`: in a batch without lookups, only this writes it.)
+                    (a.likely_hit, a.flow_hash) = (true, None);
                     // Its backend's location (which holds its service's summary) and counters
                     // (which the packet adds to), read at once: the entry is read already, and
                     // a round of their own cost a loop, ~10 instructions an established packet
@@ -391,9 +394,10 @@ impl Core {
             if let Some((s, ring)) = a.service {
                 nat |= s.mode == ForwardMode::Nat;
                 if ring.is_none() {
+                    a.ring_slot = None;
                     fold ^= tables.service(s.index as usize).map_or(0, |s| u64::from(s.slot.0));
-                } else if let Some(h) = a.flow_hash {
-                    a.ring_slot = tables.ring_slot(ring, h);
+                } else {
+                    a.ring_slot = a.flow_hash.and_then(|h| tables.ring_slot(ring, h));
                 }
             }
             // The displaced entry's backend loses a connection: its counters (with their

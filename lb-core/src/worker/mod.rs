@@ -458,6 +458,8 @@ impl Worker {
                     if a.service.is_some() {
                         a.flow_hash = core.likely_new_flow_hash(a);
                         services = true;
+                    } else {
+                        a.flow_hash = None;
                     }
                 }
             }
