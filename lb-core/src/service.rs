@@ -49,7 +49,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeSet;
 use hashbrown::{HashMap, HashSet};
 
-use crate::conntrack::addr_bytes;
+use crate::conntrack::{PortKeys, addr_bytes};
 use crate::packet::{Family, FlowKey};
 
 use crate::config::{
@@ -151,6 +151,12 @@ impl Backend {
     pub fn slot(&self) -> BackendSlot {
         BackendSlot(self.id.slot)
     }
+
+    /// The conntrack keys a full-NAT flow's replies from this backend arrive under, from SNAT
+    /// address `snat`: from the backend's address and port to `snat`, to any SNAT port.
+    pub(crate) fn reply_keys(&self, snat: IpAddr) -> PortKeys {
+        PortKeys::flow(self.addr, snat, self.port)
+    }
 }
 
 /// One built virtual service.
@@ -234,6 +240,13 @@ pub struct Tables {
     /// Every VIP, and whether a service on it has ARP / NDP answered for it.
     vips: HashMap<IpAddr, bool>,
     backend_locations: Vec<BackendLocation>,
+    /// Per backend slot (as `backend_locations`), the backend's full-NAT reply keys (from the
+    /// backend and its port to the node's SNAT address of its family; `None` where the node has
+    /// none, or the slot no backend), made here with the tables, off the fast path, so that a new
+    /// full-NAT flow's SNAT port guess makes its reply key by a copy and hashes it in one round
+    /// of five ([`Tables::nat_backend_in_slot`]). 56 bytes a backend slot (one SNAT address a
+    /// backend); apart from the locations, whose 64 bytes have none to spare.
+    reply_keys: Vec<Option<PortKeys>>,
     limits: Limits,
     /// Entries of the distinct Maglev tables (see [`Limits::max_maglev_entries`]).
     maglev_entries: usize,
@@ -347,6 +360,16 @@ impl Tables {
     pub(crate) fn backend_in_slot(&self, slot: u32) -> Option<&Backend> {
         let loc = self.backend_locations.get(slot as usize)?;
         (loc.generation != 0).then_some(&loc.record)
+    }
+
+    /// As [`Tables::backend_in_slot`], with the backend's full-NAT reply keys (`Tables::reply_keys`,
+    /// from the backend to the node's SNAT address of its family), for a new full-NAT flow's SNAT
+    /// port guess; `None` as well where the node has no SNAT address of the backend's family.
+    #[inline]
+    pub(crate) fn nat_backend_in_slot(&self, slot: u32) -> Option<(&Backend, &PortKeys)> {
+        let loc = self.backend_locations.get(slot as usize)?;
+        let keys = self.reply_keys.get(slot as usize)?.as_ref()?;
+        (loc.generation != 0).then_some((&loc.record, keys))
     }
 
     /// True if `ip` is the VIP of some service.
@@ -1427,6 +1450,7 @@ impl TableBuilder {
         let mut services = Vec::with_capacity(cfg.services.len());
         let mut vips: HashMap<IpAddr, bool> = HashMap::new();
         let mut backend_locations: Vec<BackendLocation> = Vec::new();
+        let mut reply_keys: Vec<Option<PortKeys>> = Vec::new();
         let mut staged: Vec<(u32, u32, Vec<Backend>)> = Vec::with_capacity(cfg.services.len());
         for (si, sc) in cfg.services.iter().enumerate() {
             let (slot, generation) = match service_slots.get(&sc.key) {
@@ -1477,6 +1501,10 @@ impl TableBuilder {
                 let i = b.id.slot as usize;
                 if backend_locations.len() <= i {
                     backend_locations.resize(i + 1, BackendLocation::default());
+                    reply_keys.resize(i + 1, None);
+                }
+                if let Some(keys) = reply_keys.get_mut(i) {
+                    *keys = node.snat_addr_for(b.addr).map(|snat| b.reply_keys(snat));
                 }
                 if let Some(loc) = backend_locations.get_mut(i) {
                     *loc = BackendLocation {
@@ -1580,6 +1608,7 @@ impl TableBuilder {
             index,
             vips,
             backend_locations,
+            reply_keys,
             limits: self.limits,
             maglev_entries,
             version: self.version,
@@ -2046,6 +2075,47 @@ mod tests {
         let mut b = TableBuilder::new();
         let err = b.build(cfg).unwrap_err().to_string();
         assert!(err.contains(needle), "error {err:?} should mention {needle:?}");
+    }
+
+    /// The tables keep each backend's full-NAT reply keys (from the backend and its port to the
+    /// node's SNAT address of its family): the key they make for a port and protocol is that
+    /// reply key, with its hash, for backends of both families; tables built again with other SNAT
+    /// addresses keep the new addresses' keys, and with none of a family, none for its backends.
+    #[test]
+    fn tables_keep_each_backends_reply_keys() {
+        use crate::conntrack::ConnKey;
+        let mut cfg = good();
+        cfg.node.snat_v6 = Some("fd00::100".parse().unwrap());
+        let v6 = vec![backend("fd00::7", 443), backend("fd00::8", 443)];
+        cfg.services.push(service("web6", "2001:db8::1", 443, ForwardMode::Dsr, v6));
+        let check = |t: &Tables| {
+            let mut n = 0;
+            for b in t.services().iter().flat_map(|s| &s.backends) {
+                let Some(snat) = t.node().snat_addr_for(b.addr) else {
+                    assert!(t.nat_backend_in_slot(b.id.slot).is_none(), "{}", b.addr);
+                    continue;
+                };
+                let (record, keys) = t.nat_backend_in_slot(b.id.slot).unwrap();
+                assert_eq!(record, b);
+                for (port, proto) in [(40000, 6), (65535, 17), (1, 6)] {
+                    let want = ConnKey::flow(b.addr, snat, b.port, port, proto);
+                    let mut key = ConnKey::default();
+                    assert_eq!(keys.key(port, proto, &mut key), want.hash(), "{} port {port} from {snat}", b.addr);
+                    assert_eq!(key, want);
+                }
+                n += 1;
+            }
+            n
+        };
+        // (What the tables' doc comment says they cost a backend slot.)
+        assert_eq!(core::mem::size_of::<Option<PortKeys>>(), 56);
+        let mut builder = TableBuilder::new();
+        assert_eq!(check(&builder.build(&cfg).unwrap()), 5);
+        cfg.node.snat_v4 = Some("10.0.0.200".parse().unwrap());
+        cfg.node.snat_v6 = Some("fd00::200".parse().unwrap());
+        assert_eq!(check(&builder.build(&cfg).unwrap()), 5);
+        cfg.node.snat_v6 = None;
+        assert_eq!(check(&builder.build(&cfg).unwrap()), 3);
     }
 
     #[test]

@@ -321,17 +321,17 @@ impl Core {
             {
                 *link = e.link;
             }
-            let Some(b) = tables.backend_in_slot(ring_slot) else { continue };
+            let Some((b, keys)) = tables.nat_backend_in_slot(ring_slot) else { continue };
             let slot = b.slot().index() as u32;
             let mut cell = slot as usize % SEEN;
             while seen_counts[cell] != 0 && seen_slots[cell] != slot {
                 cell = (cell + 1) % SEEN;
             }
             let earlier = u32::from(seen_counts[cell]);
-            if snat::snat_probe(snat, tables, p.flow.proto(), b, earlier, key).is_none() {
+            let Some(hash) = snat::snat_probe(snat, (b, keys), p.flow.proto(), earlier, key) else {
                 continue;
-            }
-            *reply = key.hash();
+            };
+            *reply = hash;
             *guess = (slot, key.dport);
             (seen_slots[cell], seen_counts[cell]) = (slot, seen_counts[cell] + 1);
             nat += 1;
