@@ -236,6 +236,12 @@ impl PortKeys {
         self.hash(dport, proto)
     }
 
+    /// The key to port `dport` with protocol `proto`.
+    #[inline(always)]
+    pub(crate) fn to(&self, dport: u16, proto: u8) -> ConnKey {
+        ConnKey { dport, proto, ..self.base }
+    }
+
     /// The hash of the key to port `dport` with protocol `proto` ([`ConnKey::hash`]).
     #[inline(always)]
     pub(crate) fn hash(&self, dport: u16, proto: u8) -> u64 {

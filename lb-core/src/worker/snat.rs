@@ -1,8 +1,6 @@
 //! Full NAT's source ports: each core's share of the node's range, and the search for a free port
 //! for a new flow to a backend (with the batch warm-up's guess at its first probe).
 
-use core::net::IpAddr;
-
 use super::{BATCH, Core};
 use crate::conntrack::{ConnKey, ConntrackTable, EntryKind, InsertHint, PortKeys};
 use crate::packet::FlowKey;
@@ -85,12 +83,6 @@ pub(super) struct ReplyPort {
     pub(super) hash: u64,
 }
 
-/// The conntrack key a NAT flow's replies arrive under: from the backend to the SNAT address and port.
-#[inline]
-fn reply_key(backend: &Backend, snat: IpAddr, snat_port: u16, proto: u8) -> ConnKey {
-    ConnKey::flow(backend.addr, snat, backend.port, snat_port, proto)
-}
-
 /// The flow a NAT flow's client-to-backend frames leave with: the SNAT address and the flow's SNAT
 /// port (from its conntrack entry) to the backend.
 pub(super) fn nat_target_of(tables: &Tables, proto: u8, snat_port: u16, backend: &Backend) -> Option<FlowKey> {
@@ -157,12 +149,11 @@ impl Core {
             }
             return Some(ReplyPort { port: first, hash });
         }
-        let snat = tables.node().snat_addr_for(backend.addr)?;
-        let mut key = reply_key(backend, snat, first, proto);
+        // The flow's reply keys ([`Backend::reply_keys`]): the key is made once and only its port
+        // changes between probes, its addresses hashed once.
+        let keys = backend.reply_keys(tables.node().snat_addr_for(backend.addr)?);
+        let mut key = keys.to(first, proto);
         let tries = SNAT_PORT_TRIES.min(span);
-        // The key is built once and only its port changes between probes, and so is the hash of
-        // its addresses ([`Backend::reply_keys`]).
-        let keys = backend.reply_keys(snat);
         let conntrack = &self.conntrack;
         // The flow holding a port tried that gives its port up first: (rank, port, hash, forward
         // entry), see `yielding_holder`.
@@ -210,10 +201,10 @@ impl Core {
                 (port, hash)
             }
         };
-        // The reply key built afresh rather than copied from `key`, whose copy's loads would span
+        // The reply key made afresh rather than copied from `key`, whose copy's loads would span
         // the port store just made (a store-forwarding stall). (`slot` is below `BATCH`: the `%`
         // only says so.)
-        self.reply_keys[slot % BATCH] = reply_key(backend, snat, port, proto);
+        self.reply_keys[slot % BATCH] = keys.to(port, proto);
         Some(ReplyPort { port, hash })
     }
 
@@ -269,7 +260,7 @@ pub(super) fn snat_probe(
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
 mod tests {
-    use super::{reply_key, search_start, wrap};
+    use super::{search_start, wrap};
     use crate::config::BackendState;
     use crate::conntrack::ConnKey;
     use crate::service::{Backend, BackendRef};
@@ -277,8 +268,9 @@ mod tests {
 
     proptest::proptest! {
         /// A reply key made from the backend's reply keys ([`Backend::reply_keys`], as the tables
-        /// keep them per backend) is the key [`reply_key`] makes, with its hash, for backends and SNAT
-        /// addresses of either family, any backend port, SNAT port and protocol.
+        /// keep them per backend) is the key of the flow from the backend to the SNAT address and
+        /// port, with its hash, for backends and SNAT addresses of either family, any backend port,
+        /// SNAT port and protocol.
         #[test]
         fn reply_keys_make_the_reply_key(
             (v4, a4, s4) in (proptest::prelude::any::<bool>(), proptest::prelude::any::<u32>(), proptest::prelude::any::<u32>()),
@@ -292,12 +284,13 @@ mod tests {
             };
             let id = BackendRef { slot: 3, generation: 1 };
             let backend = Backend { addr, port, weight: 1, state: BackendState::Active, mac: [2; 6], id };
-            let want = reply_key(&backend, snat, snat_port, proto);
+            let want = ConnKey::flow(addr, snat, port, snat_port, proto);
             let mut key = ConnKey::default();
             let hash = backend.reply_keys(snat).key(snat_port, proto, &mut key);
             proptest::prop_assert_eq!(key, want);
             proptest::prop_assert_eq!(hash, want.hash());
             proptest::prop_assert_eq!(backend.reply_keys(snat).hash(snat_port, proto), want.hash());
+            proptest::prop_assert_eq!(backend.reply_keys(snat).to(snat_port, proto), want);
         }
     }
 
