@@ -244,7 +244,7 @@ pub struct Tables {
     /// backend and its port to the node's SNAT address of its family; `None` where the node has
     /// none, or the slot no backend), made here with the tables, off the fast path, so that a new
     /// full-NAT flow's SNAT port guess makes its reply key by a copy and hashes it in one round
-    /// of five ([`Tables::nat_backend_in_slot`]). 56 bytes a backend slot (one SNAT address a
+    /// of five ([`Tables::nat_reply_keys`]). 56 bytes a backend slot (one SNAT address a
     /// backend); apart from the locations, whose 64 bytes have none to spare.
     reply_keys: Vec<Option<PortKeys>>,
     limits: Limits,
@@ -362,14 +362,13 @@ impl Tables {
         (loc.generation != 0).then_some(&loc.record)
     }
 
-    /// As [`Tables::backend_in_slot`], with the backend's full-NAT reply keys (`Tables::reply_keys`,
-    /// from the backend to the node's SNAT address of its family), for a new full-NAT flow's SNAT
-    /// port guess; `None` as well where the node has no SNAT address of the backend's family.
+    /// The full-NAT reply keys of the backend in slot `slot` ([`Tables::backend_in_slot`]):
+    /// from the backend to the node's SNAT address of its family (`Tables::reply_keys`), for a new
+    /// full-NAT flow's SNAT port guess. `None` where the slot holds no backend, or the node has no
+    /// SNAT address of the backend's family.
     #[inline]
-    pub(crate) fn nat_backend_in_slot(&self, slot: u32) -> Option<(&Backend, &PortKeys)> {
-        let loc = self.backend_locations.get(slot as usize)?;
-        let keys = self.reply_keys.get(slot as usize)?.as_ref()?;
-        (loc.generation != 0).then_some((&loc.record, keys))
+    pub(crate) fn nat_reply_keys(&self, slot: u32) -> Option<&PortKeys> {
+        self.reply_keys.get(slot as usize)?.as_ref()
     }
 
     /// True if `ip` is the VIP of some service.
@@ -2091,12 +2090,12 @@ mod tests {
         let check = |t: &Tables| {
             let mut n = 0;
             for b in t.services().iter().flat_map(|s| &s.backends) {
+                assert_eq!(t.backend_in_slot(b.id.slot), Some(b));
                 let Some(snat) = t.node().snat_addr_for(b.addr) else {
-                    assert!(t.nat_backend_in_slot(b.id.slot).is_none(), "{}", b.addr);
+                    assert!(t.nat_reply_keys(b.id.slot).is_none(), "{}", b.addr);
                     continue;
                 };
-                let (record, keys) = t.nat_backend_in_slot(b.id.slot).unwrap();
-                assert_eq!(record, b);
+                let keys = t.nat_reply_keys(b.id.slot).unwrap();
                 for (port, proto) in [(40000, 6), (65535, 17), (1, 6)] {
                     let want = ConnKey::flow(b.addr, snat, b.port, port, proto);
                     let mut key = ConnKey::default();

@@ -321,14 +321,16 @@ impl Core {
             {
                 *link = e.link;
             }
-            let Some((b, keys)) = tables.nat_backend_in_slot(ring_slot) else { continue };
-            let slot = b.slot().index() as u32;
+            // (The backend in a ring slot is the one whose slot that is: its reply keys are found
+            // from the slot alone, its location not read.)
+            let slot = ring_slot;
+            let Some(keys) = tables.nat_reply_keys(slot) else { continue };
             let mut cell = slot as usize % SEEN;
             while seen_counts[cell] != 0 && seen_slots[cell] != slot {
                 cell = (cell + 1) % SEEN;
             }
             let earlier = u32::from(seen_counts[cell]);
-            let Some(hash) = snat::snat_probe(snat, (b, keys), p.flow.proto(), earlier, key) else {
+            let Some(hash) = snat::snat_probe(snat, (slot as usize, keys), p.flow.proto(), earlier, key) else {
                 continue;
             };
             *reply = hash;

@@ -233,26 +233,26 @@ impl Core {
     }
 }
 
-/// The reply key of the first probe of a SNAT port search for a flow to `backend`, `ahead` flows to
-/// the same backend later (the warm-up's guess for the later flows of a batch; see
+/// The reply key of the first probe of a SNAT port search for a flow to the backend in `slot`, whose
+/// reply keys are `keys`, `ahead` flows to the same backend later (the warm-up's guess for the later flows of a batch; see
 /// [`Core::pick_snat_port`]), from the core's SNAT ports and search starts (`Core::snat_ports`,
 /// `Core::snat_next`), for [`Core::warm_nat`], which writes other fields of the core meanwhile.
 /// Made in `key` (the frame's cell of `Core::reply_keys`), `None` leaving it as it was: returned,
 /// it was made on the stack and then copied there (~3 instructions a new full-NAT flow). Returns
 /// the key's hash. From the backend's reply keys as the tables keep them
-/// ([`Tables::nat_backend_in_slot`], [`Backend::reply_keys`]): the key copied and hashed in
+/// ([`Tables::nat_reply_keys`], [`Backend::reply_keys`]): the key copied and hashed in
 /// one round of five, not made from two `IpAddr`s and hashed whole (~20 instructions a new
 /// full-NAT flow, callgrind).
 #[inline]
 pub(super) fn snat_probe(
     (ports, next): (Option<(u16, u16)>, &[u16]),
-    (backend, keys): (&Backend, &PortKeys),
+    (slot, keys): (usize, &PortKeys),
     proto: u8,
     ahead: u32,
     key: &mut ConnKey,
 ) -> Option<u64> {
     let ports = ports?;
-    let next = next.get(backend.slot().index()).copied().unwrap_or(0);
+    let next = next.get(slot).copied().unwrap_or(0);
     let (.., port) = search_start(ports, u32::from(next) + ahead)?;
     Some(keys.key(port, proto, key))
 }
