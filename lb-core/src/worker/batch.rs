@@ -271,7 +271,8 @@ impl Core {
     /// ring entry without a scheduler). `forward_ways` are [`Core::warm_second`]'s insert ways (the
     /// forward inserts'; their lines are in the cache). As in `warm_second`, each round computes what to
     /// read in one loop (from lines already in the cache) and prefetches it in another, so the
-    /// batch's misses are in flight together.
+    /// batch's misses are in flight together; but the last, whose one read (the displaced way's
+    /// entry) was not read ahead anyway, goes in the loop that chooses the reverse inserts' ways.
     ///
     /// Writes, per frame, its first SNAT probe's reply hash with the conntrack's insert hint for
     /// it, when no entry holds that key's tag (the port is then most likely free), to `hints`, the
@@ -349,27 +350,22 @@ impl Core {
                 conntrack.touch_bucket_and_home(rh);
             }
         }
-        let mut reverse_ways: [Option<(&Entry, bool)>; BATCH] = [None; BATCH];
-        let guessed = reverse_ways.iter_mut().zip(hints.iter_mut()).zip(guesses.iter());
-        for (&rh, ((way, hint), guess)) in reply_hashes.iter().zip(guessed) {
+        for ((&rh, hint), guess) in reply_hashes.iter().zip(hints.iter_mut()).zip(guesses.iter()) {
             if guess.0 != u32::MAX
                 && let Likely::Insert { entry, displaces, hint: h } = conntrack.likely_new(rh, now)
             {
-                *way = Some((entry, displaces));
                 *hint = Some((rh, h));
+                // The line the reverse insert will take, or the reverse entry of the NAT flow it
+                // displaces, read ahead in the same loop: the way's entry, read for its kind and
+                // link, was a plain load in a loop of its own as well (not read ahead before), and
+                // two more loops over the batch, with their arrays of ways and links, cost ~15
+                // instructions a new full-NAT flow (callgrind).
+                if displaces && entry.kind == EntryKind::Forward {
+                    conntrack.touch_index(entry.link);
+                } else {
+                    lb_prefetch::line(entry);
+                }
             }
-        }
-        // Per frame: the reverse entry of the NAT flow the reverse insert will displace.
-        let mut reply_links = [NO_LINK; BATCH];
-        for (way, link) in reverse_ways.iter().zip(reply_links.iter_mut()) {
-            match way {
-                Some((e, true)) if e.kind == EntryKind::Forward => *link = e.link,
-                Some((e, _)) => lb_prefetch::line(*e),
-                None => {}
-            }
-        }
-        for &link in reply_links.iter().filter(|&&l| l != NO_LINK) {
-            conntrack.touch_index(link);
         }
     }
 
