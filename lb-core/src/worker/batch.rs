@@ -5,7 +5,7 @@
 
 use super::{Core, ReplyHint, snat};
 use crate::config::ForwardMode;
-use crate::conntrack::{ConnKey, ConntrackTable, Entry, EntryKind, InsertHint, Likely, NO_LINK};
+use crate::conntrack::{ConnKey, ConntrackTable, Entry, EntryKind, InsertHint, Likely};
 use crate::packet::{self, L4, ParseError, Parsed};
 use crate::service::{Backend, BackendRef, BackendSlot, RingRef, ServiceSummary, Tables};
 
@@ -269,10 +269,10 @@ impl Core {
     /// line the reverse entry's insert will take in that bucket; then the reverse entry of the NAT
     /// flow that insert will displace. Only Maglev services with a ring (the backend known from its
     /// ring entry without a scheduler). `forward_ways` are [`Core::warm_second`]'s insert ways (the
-    /// forward inserts'; their lines are in the cache). As in `warm_second`, each round computes what to
-    /// read in one loop (from lines already in the cache) and prefetches it in another, so the
-    /// batch's misses are in flight together; but the last, whose one read (the displaced way's
-    /// entry) was not read ahead anyway, goes in the loop that chooses the reverse inserts' ways.
+    /// forward inserts'; their lines are in the cache). Each round's reads are prefetches issued as
+    /// soon as their address is known, so the batch's misses are in flight together: the first
+    /// round's in the loop that makes the guesses, the next ones' in the loop that chooses the
+    /// reverse inserts' ways (whose one plain read, the displaced way's entry, was never read ahead).
     ///
     /// Writes, per frame, its first SNAT probe's reply hash with the conntrack's insert hint for
     /// it, when no entry holds that key's tag (the port is then most likely free), to `hints`, the
@@ -294,12 +294,10 @@ impl Core {
         now: u32,
         (hints, guesses, keys): GuessesOut<'_>,
     ) {
-        // Per frame: the displaced NAT flow's reverse entry, and the first SNAT probe's reply hash
-        // (valid where `guesses` holds a backend slot: the probe's slot and port, written here at
-        // once; a guess without a hint is never read, see `Core::pick_snat_port`). Kept apart as
-        // (hash, slot, port) triples, they were written here, read back and copied to `guesses`
-        // (~8 instructions a new full-NAT flow, callgrind).
-        let mut links = [NO_LINK; BATCH];
+        // Per frame: the first SNAT probe's reply hash (valid where `guesses` holds a backend slot:
+        // the probe's slot and port, written here at once; a guess without a hint is never read,
+        // see `Core::pick_snat_port`). Kept apart as (hash, slot, port) triples, they were written
+        // here, read back and copied to `guesses` (~8 instructions a new full-NAT flow, callgrind).
         let mut reply_hashes = [0u64; BATCH];
         *hints = [None; BATCH];
         *guesses = [(u32::MAX, 0); BATCH];
@@ -310,8 +308,8 @@ impl Core {
         let mut seen_slots = [0u32; SEEN];
         let mut seen_counts = [0u8; SEEN];
         let mut nat = 0;
-        let frames = ahead.iter().zip(forward_ways).zip(links.iter_mut()).zip(reply_hashes.iter_mut());
-        for (((((a, forward_way), link), reply), key), guess) in frames.zip(keys.iter_mut()).zip(guesses.iter_mut()) {
+        let frames = ahead.iter().zip(forward_ways).zip(reply_hashes.iter_mut());
+        for ((((a, forward_way), reply), key), guess) in frames.zip(keys.iter_mut()).zip(guesses.iter_mut()) {
             // (Only a likely new flow of a ring service has its ring slot.)
             let (Some(ring_slot), Some((s, _)), Ok(p)) = (a.ring_slot, a.service, &a.parsed) else { continue };
             if s.mode != ForwardMode::Nat {
@@ -320,7 +318,10 @@ impl Core {
             if let Some((e, true)) = forward_way
                 && e.kind == EntryKind::Forward
             {
-                *link = e.link;
+                // (Read ahead here, as the reply key's bucket below: from values in registers, where
+                // a loop of their own over the batch kept them in arrays and read them back, ~12
+                // instructions a new full-NAT flow, callgrind. A prefetch waits for nothing.)
+                conntrack.touch_index(e.link);
             }
             // (The backend in a ring slot is the one whose slot that is: its reply keys are found
             // from the slot alone, its location not read.)
@@ -335,20 +336,13 @@ impl Core {
                 continue;
             };
             *reply = hash;
+            conntrack.touch_bucket_and_home(hash);
             *guess = (slot, key.dport);
             (seen_slots[cell], seen_counts[cell]) = (slot, seen_counts[cell] + 1);
             nat += 1;
         }
         if nat == 0 {
             return;
-        }
-        for ((&link, &rh), guess) in links.iter().zip(reply_hashes.iter()).zip(guesses.iter()) {
-            if link != NO_LINK {
-                conntrack.touch_index(link);
-            }
-            if guess.0 != u32::MAX {
-                conntrack.touch_bucket_and_home(rh);
-            }
         }
         for ((&rh, hint), guess) in reply_hashes.iter().zip(hints.iter_mut()).zip(guesses.iter()) {
             if guess.0 != u32::MAX
