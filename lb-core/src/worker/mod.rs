@@ -1123,14 +1123,20 @@ impl Core {
         let (flags, timeouts, is_error) = (p.tcp_flags, &self.timeouts, matches!(p.l4, L4::IcmpError(_)));
         // The forward entry's key is read where it is (the update left it as it was): copied out
         // of the update, it was copied byte by byte, ~45 instructions a reply (callgrind).
-        let ((backend, change), forward) = self
+        // Only the state change comes out of the update; the backend is read from the entry when
+        // there is one to count (rarely: a renewal changes nothing). Taken out with the change, it
+        // was read and spilled every reply (~4 instructions, callgrind).
+        let (change, forward) = self
             .conntrack
-            .update_linked(index, now, |forward| {
-                let change = if is_error { 0 } else { advance(forward, flags, false, timeouts, now) };
-                (forward.backend, change)
-            })
+            .update_linked(
+                index,
+                now,
+                |forward| if is_error { 0 } else { advance(forward, flags, false, timeouts, now) },
+            )
             .ok_or(DropReason::NoReverseFlow)?;
-        self.stats.count_established(backend, change);
+        if change != 0 {
+            self.stats.count_established(forward.backend, change);
+        }
         let src = self.local_mac;
         let dst = tables.node().gateway_mac.unwrap_or(src);
         if let Err(e) = rewrite_reply(frame, p, &forward.key, (&src, &dst), &mut self.nat_target)? {
