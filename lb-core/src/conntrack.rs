@@ -904,13 +904,7 @@ impl ConntrackTable {
     /// [`ConntrackTable::likely`] for a key most likely absent ([`ConntrackTable::likely_entry_of_new`]).
     #[inline]
     pub(crate) fn likely_new(&self, hash: u64, now: u32) -> Likely<'_> {
-        if let Some(e) = self.likely_entry_of_new(hash) {
-            return Likely::Hit(e);
-        }
-        match self.likely_insert_hint(hash, now) {
-            Some((entry, displaces, hint)) => Likely::Insert { entry, displaces, hint },
-            None => Likely::Unknown,
-        }
+        self.hit_or_insert(self.likely_entry_of_new(hash), hash, now)
     }
 
     /// The way an insert under `hash` at `now` would take, judged from the bucket's head alone as
@@ -930,7 +924,14 @@ impl ConntrackTable {
     /// of searching and choosing again.
     #[inline]
     pub(crate) fn likely(&self, hash: u64, now: u32) -> Likely<'_> {
-        if let Some(e) = self.likely_entry(hash) {
+        self.hit_or_insert(self.likely_entry(hash), hash, now)
+    }
+
+    /// [`Likely::Hit`] of `hit`, else the way an insert under `hash` at `now` will take
+    /// ([`ConntrackTable::likely`] and [`ConntrackTable::likely_new`], which find `hit` apart).
+    #[inline(always)]
+    fn hit_or_insert<'a>(&'a self, hit: Option<&'a Entry>, hash: u64, now: u32) -> Likely<'a> {
+        if let Some(e) = hit {
             return Likely::Hit(e);
         }
         match self.likely_insert_hint(hash, now) {
