@@ -297,39 +297,54 @@ fn reachable_netns() -> Option<std::collections::HashSet<u64>> {
 /// Opens `record` if it is there and takes its lock without waiting; `None` when it is not there,
 /// another process holds it, or it was removed or replaced before the lock was taken.
 fn lock_existing(record: &Path) -> io::Result<Option<std::fs::File>> {
-    use std::os::unix::fs::MetadataExt;
-    let file = match std::fs::OpenOptions::new().read(true).write(true).open(record) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    // SAFETY: flock(2) on the descriptor `file` owns, open for the call's length.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(None) } else { Err(e) };
-    }
-    let held = file.metadata()?;
-    let same = std::fs::metadata(record).is_ok_and(|m| (m.dev(), m.ino()) == (held.dev(), held.ino()));
-    Ok(same.then_some(file))
+    Ok(match try_lock(record, false)? {
+        Lock::Held(file) => Some(file),
+        Lock::Busy | Lock::Gone => None,
+    })
 }
 
 /// Opens (or creates) `record` and takes its lock without waiting; `None` when another process
 /// holds it. Retries when the file was removed between the open and the lock (its holder finished),
 /// so the lock held is always that of the file at `record`.
 fn lock_record(record: &Path) -> io::Result<Option<std::fs::File>> {
-    use std::os::unix::fs::MetadataExt;
     loop {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(record)?;
-        // SAFETY: flock(2) on the descriptor `file` owns, open for the call's length.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(None) } else { Err(e) };
-        }
-        let held = file.metadata()?;
-        if std::fs::metadata(record).is_ok_and(|m| (m.dev(), m.ino()) == (held.dev(), held.ino())) {
-            return Ok(Some(file));
+        match try_lock(record, true)? {
+            Lock::Held(file) => return Ok(Some(file)),
+            Lock::Busy => return Ok(None),
+            Lock::Gone => {}
         }
     }
+}
+
+/// What one try at a record's lock ([`try_lock`]) found.
+enum Lock {
+    /// The lock of the file at the record's path, now held.
+    Held(std::fs::File),
+    /// Another process holds it.
+    Busy,
+    /// No file was there (and none was to be created), or the one opened was removed or replaced
+    /// before its lock was taken.
+    Gone,
+}
+
+/// Opens `record` (creating it if `create`) and takes its lock once, without waiting. The lock is
+/// held only if the file locked is still the one at `record`: a holder removes its record before
+/// it lets go of the lock, so a lock taken on a removed file guards nothing.
+fn try_lock(record: &Path, create: bool) -> io::Result<Lock> {
+    use std::os::unix::fs::MetadataExt;
+    let file = match std::fs::OpenOptions::new().read(true).write(true).create(create).truncate(false).open(record) {
+        Ok(f) => f,
+        Err(e) if !create && e.kind() == io::ErrorKind::NotFound => return Ok(Lock::Gone),
+        Err(e) => return Err(e),
+    };
+    // SAFETY: flock(2) on the descriptor `file` owns, open for the call's length.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EWOULDBLOCK) { Ok(Lock::Busy) } else { Err(e) };
+    }
+    let held = file.metadata()?;
+    let same = std::fs::metadata(record).is_ok_and(|m| (m.dev(), m.ino()) == (held.dev(), held.ino()));
+    Ok(if same { Lock::Held(file) } else { Lock::Gone })
 }
 
 /// The name of the interface with index `index` in the calling thread's namespace, if there is one.
