@@ -115,6 +115,46 @@ pub struct LoopStats {
     pub kernel_rx_dropped: u64,
 }
 
+/// Adds another loop's counts: several loops' totals (a node's, as `lb run` logs them when its
+/// loops end).
+impl std::ops::AddAssign<&LoopStats> for LoopStats {
+    fn add_assign(&mut self, other: &LoopStats) {
+        // Every field named: one added to the struct must be added here.
+        let LoopStats {
+            rx,
+            tx,
+            pass,
+            drop,
+            handed_off,
+            handoff_lost,
+            handoff_refused,
+            handed_in,
+            bursts,
+            updates,
+            stalled_flushes,
+            tx_abandoned,
+            tx_declined,
+            idle_waits,
+            kernel_rx_dropped,
+        } = *other;
+        self.rx += rx;
+        self.tx += tx;
+        self.pass += pass;
+        self.drop += drop;
+        self.handed_off += handed_off;
+        self.handoff_lost += handoff_lost;
+        self.handoff_refused += handoff_refused;
+        self.handed_in += handed_in;
+        self.bursts += bursts;
+        self.updates += updates;
+        self.stalled_flushes += stalled_flushes;
+        self.tx_abandoned += tx_abandoned;
+        self.tx_declined += tx_declined;
+        self.idle_waits += idle_waits;
+        self.kernel_rx_dropped += kernel_rx_dropped;
+    }
+}
+
 /// Live counters of a running loop, published once per round (plain stores, one writer).
 #[derive(Debug, Default)]
 pub struct LoopCounters {

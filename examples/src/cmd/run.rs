@@ -46,7 +46,10 @@ use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
 use lb_io::bpf::xdp::{SteeringConfig, SteeringSet, VipSteering};
 use lb_io::interface::{MulticastGroups, PacketSocket};
-use lb_io::{HandoffConfig, LoopConfig, PollLoop, StopFlag, UpdateSender, XskConfig, XskDevice, update_channel};
+use lb_io::{
+    HandoffConfig, LoopConfig, LoopStats, PollLoop, Running, StopFlag, UpdateSender, XskConfig, XskDevice,
+    update_channel,
+};
 
 use super::CmdResult;
 
@@ -797,6 +800,70 @@ fn interfaces_found(interfaces: &[lb_examples::config::InterfaceConfig]) -> Resu
         .collect()
 }
 
+/// How a poll loop of `lb run` ended: its counts (up to its failure, for one that failed; none
+/// for one that panicked) and, if it failed, why.
+struct LoopEnd {
+    stats: Option<LoopStats>,
+    failure: Option<String>,
+}
+
+/// Waits in a thread of its own for the loop `running`, named `name`, to end. One that fails is
+/// logged and told to `failed`, which stops `lb run`.
+fn watch_loop<D: Send + 'static, P: Send + 'static>(
+    running: Running<D, P>,
+    name: String,
+    failed: Arc<tokio::sync::Notify>,
+) -> std::thread::JoinHandle<LoopEnd> {
+    std::thread::spawn(move || {
+        let (stats, why) = match running.join() {
+            Ok(Ok(report)) => return LoopEnd { stats: Some(report.stats), failure: None },
+            Ok(Err(e)) => (Some(e.report.stats), e.to_string()),
+            Err(_) => (None, "panicked".to_string()),
+        };
+        tracing::error!(poll_loop = name, "poll loop failed: {why}; stopping");
+        failed.notify_one();
+        LoopEnd { stats, failure: Some(format!("poll loop {name} failed: {why}")) }
+    })
+}
+
+/// Waits for the loops' watchers ([`watch_loop`]) and logs the loops' counts, summed over them and
+/// over the run; returns why each loop that failed did. The loops stop after the control plane,
+/// `/metrics` with it, has gone: what they count as they stop (the frames they send from their
+/// inboxes and queues, those handed to a loop that had left, refused and lost) is seen in this
+/// line or nowhere. A last scrape is not waited for: it would hold up every restart by a scrape
+/// interval.
+fn join_loops(watchers: Vec<std::thread::JoinHandle<LoopEnd>>) -> Vec<String> {
+    let mut failures = Vec::new();
+    let mut total = LoopStats::default();
+    let mut loops = 0usize;
+    for end in watchers.into_iter().filter_map(|w| w.join().ok()) {
+        if let Some(stats) = &end.stats {
+            total += stats;
+            loops += 1;
+        }
+        failures.extend(end.failure);
+    }
+    if loops > 0 {
+        tracing::info!(
+            loops,
+            rx = total.rx,
+            tx = total.tx,
+            pass = total.pass,
+            drop = total.drop,
+            handed_off = total.handed_off,
+            handed_in = total.handed_in,
+            handoff_lost = total.handoff_lost,
+            handoff_refused = total.handoff_refused,
+            tx_declined = total.tx_declined,
+            tx_abandoned = total.tx_abandoned,
+            kernel_rx_dropped = total.kernel_rx_dropped,
+            "poll loops ended; their counts over the run, summed, with what they counted as they stopped, after \
+             /metrics had gone (handoff_refused: frames handed to a loop that had left, in handoff_lost and drop too)"
+        );
+    }
+    failures
+}
+
 /// Starts the loops, runs the control plane until SIGINT/SIGTERM, stops the loops.
 pub fn main(args: Args) -> CmdResult {
     // Until the control plane listens for SIGHUP (a reload), one must not end the run half set up.
@@ -926,17 +993,7 @@ pub fn main(args: Args) -> CmdResult {
             let name = format!("lb-{}-q{q}", iface.name);
             // Pinned before this returns; a core that cannot be had stops the loops already running.
             let running = lp.spawn(name.clone(), core).inspect_err(|_| stop.stop())?;
-            let failed = loop_failed.clone();
-            handles.push(std::thread::spawn(move || {
-                let why = match running.join() {
-                    Ok(Ok(_)) => return None,
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "panicked".to_string(),
-                };
-                tracing::error!(poll_loop = name, "poll loop failed: {why}; stopping");
-                failed.notify_one();
-                Some(format!("poll loop {name} failed: {why}"))
-            }));
+            handles.push(watch_loop(running, name, loop_failed.clone()));
         }
         workers.steering.push(steering);
     }
@@ -962,7 +1019,7 @@ pub fn main(args: Args) -> CmdResult {
         loop_failed.notified().await;
     });
     stop.stop();
-    let failures: Vec<String> = handles.into_iter().filter_map(|h| h.join().ok().flatten()).collect();
+    let failures = join_loops(handles);
     drop(links);
     drop(vlan_offloads);
     match result {
@@ -989,15 +1046,15 @@ mod tests {
 
     use super::{
         InterfaceMac, Limits, NeighbourResponder, SteeringMaps, TableBuilder, TablesSink, Workers, cgroup_memory_limit,
-        check_conntrack_memory, check_nat_replies, check_steering_capacity, ephemeral_overlap, maglev_budget,
-        mem_total, memory_limit, snat_settings, steering_for, unserved_rx_queues,
+        check_conntrack_memory, check_nat_replies, check_steering_capacity, ephemeral_overlap, join_loops,
+        maglev_budget, mem_total, memory_limit, snat_settings, steering_for, unserved_rx_queues, watch_loop,
     };
     use lb_core::service::Tables;
     use lb_core::{Frame, Instant, Verdict};
     use lb_io::bpf::xdp::SteeringSet;
     use lb_io::{
-        BurstProcessor, Device, DeviceError, FlushProgress, LoopConfig, PollLoop, Received, Span, StopFlag,
-        update_channel,
+        BurstProcessor, Device, DeviceError, FlushProgress, HandoffConfig, LoopConfig, MemoryConfig, MemoryDevice,
+        PollLoop, Received, Running, Span, StopFlag, update_channel,
     };
     use std::collections::BTreeSet;
     use std::net::IpAddr;
@@ -1716,5 +1773,69 @@ services:
         let err = check_steering_capacity(&cfg, &three).expect_err("2 services");
         assert!(err.contains("2 services to steer, the XDP program holds at most 1"), "{err}");
         assert!(check_steering_capacity(&cfg, &SteeringConfig::default()).is_ok());
+    }
+
+    /// Hands every frame it receives to loop `.0`, and sends every frame handed to it.
+    struct HandsOn(u16);
+
+    impl BurstProcessor for HandsOn {
+        type Update = Arc<Tables>;
+        fn process_burst(&mut self, _frames: &mut [Frame<'_>], _now: Instant, verdicts: &mut [Verdict]) {
+            verdicts.fill(Verdict::Handoff(self.0));
+        }
+        fn process_handed(&mut self, _frames: &mut [Frame<'_>], _now: Instant, verdicts: &mut [Verdict]) {
+            verdicts.fill(Verdict::Tx);
+        }
+        fn apply(&mut self, update: Arc<Tables>) -> Arc<Tables> {
+            update
+        }
+    }
+
+    /// As its loops end, `lb run` logs their counts summed over the loops and the run, what they
+    /// counted as they stopped included (`/metrics` has gone by then): here the frames waiting in a
+    /// stopped loop's inbox, sent, and those handed to it after, refused. Before, each loop's counts
+    /// were dropped as it joined, and what a loop counted after the last scrape showed nowhere.
+    #[test]
+    fn the_loops_counts_are_logged_as_they_end_what_they_counted_as_they_stopped_included() {
+        let (log, _guard) = lb_examples::log_capture::Captured::install();
+        let ends = lb_io::handoff::mesh(2, HandoffConfig { buffers: 4, buffer_size: 512 }).expect("a mesh");
+        let frame = [0u8; 60];
+        for _ in 0..3 {
+            assert!(ends[0].send(1, &frame), "loop 1's inbox has room");
+        }
+        // Loop 1 is stopped before its first round: it sends the three waiting and closes its inbox.
+        let stop = StopFlag::new();
+        stop.stop();
+        let (_updates, rx) = update_channel();
+        let stopped =
+            PollLoop::new(MemoryDevice::new(MemoryConfig::default()), HandsOn(0), rx, stop, LoopConfig::default())
+                .with_handoff(ends[1].clone())
+                .run_keeping_parts();
+        let stopped: Running<MemoryDevice, HandsOn> = std::thread::spawn(move || stopped);
+        // Loop 0 then hands it two more, refused, and reads five drops of the kernel's.
+        let mut device = MemoryDevice::new(MemoryConfig::default());
+        device.push_rx(&frame);
+        device.push_rx(&frame);
+        device.count_kernel_rx_dropped(5);
+        let (_updates, rx) = update_channel();
+        let other = PollLoop::new(device, HandsOn(1), rx, StopFlag::new(), LoopConfig::default())
+            .with_handoff(ends[0].clone())
+            .spawn("lb-v0-q0".into(), None)
+            .expect("a loop");
+        let failed = Arc::new(tokio::sync::Notify::new());
+        let failures = join_loops(vec![
+            watch_loop(other, "lb-v0-q0".into(), failed.clone()),
+            watch_loop(stopped, "lb-v0-q1".into(), failed),
+        ]);
+        assert!(failures.is_empty(), "{failures:?}");
+        let text = log.text();
+        let line = text.lines().find(|l| l.contains("poll loops ended")).unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            line.ends_with(
+                "loops=2 rx=2 tx=3 pass=0 drop=2 handed_off=0 handed_in=3 handoff_lost=2 handoff_refused=2 \
+                 tx_declined=0 tx_abandoned=0 kernel_rx_dropped=5"
+            ),
+            "{line}"
+        );
     }
 }
