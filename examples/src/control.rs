@@ -2119,27 +2119,6 @@ services:
         }
     }
 
-    /// A device that never receives anything and never ends.
-    struct Idle;
-
-    impl lb_io::Device for Idle {
-        fn receive<'a>(&'a mut self, _: &mut [lb_core::Frame<'a>]) -> Result<lb_io::Received, lb_io::DeviceError> {
-            Ok(lb_io::Received::frames(0))
-        }
-        fn settle(&mut self, _: &[Option<lb_io::Span>]) -> Result<usize, lb_io::DeviceError> {
-            Ok(0)
-        }
-        fn flush(&mut self) -> Result<lb_io::FlushProgress, lb_io::DeviceError> {
-            Ok(lb_io::FlushProgress::default())
-        }
-        fn pending_tx(&self) -> usize {
-            0
-        }
-        fn discard_pending(&mut self) -> usize {
-            0
-        }
-    }
-
     /// A poll loop stuck on an update (its queue full) does not stall the control side: every
     /// publish returns and the control loop keeps applying inputs; once the loop moves again it
     /// gets the newest tables, from the control loop's retry alone (no later input), having
@@ -2155,7 +2134,7 @@ services:
         let (tx, rx) = lb_io::update_channel();
         let stop = lb_io::StopFlag::new();
         let poll_loop = lb_io::PollLoop::new(
-            Idle,
+            lb_io::testing::NoTraffic::idle(),
             Gated { tables: empty, gate, applied },
             rx,
             stop.clone(),

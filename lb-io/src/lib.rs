@@ -34,6 +34,9 @@ pub mod pcap;
 pub mod poll;
 pub mod processor;
 pub mod stop;
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub mod testing;
 pub mod tun;
 pub mod xsk;
 

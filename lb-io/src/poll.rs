@@ -843,6 +843,7 @@ mod tests {
     use crate::device::{FlushProgress, Received};
     use crate::memory::{MemoryConfig, MemoryDevice};
     use crate::processor::MacRewrite;
+    use crate::testing::NoTraffic;
 
     const SRC: [u8; 6] = [2, 0, 0, 0, 0, 0xaa];
     const DST: [u8; 6] = [2, 0, 0, 0, 0, 0xbb];
@@ -1606,40 +1607,20 @@ mod tests {
     /// device having no buffer for a copy) and closes it.
     #[test]
     fn frames_in_the_inbox_of_a_failed_loop_are_counted_and_its_inbox_closes() {
-        /// Fails at its first receive, once another loop has handed this one a frame.
-        struct HandedThenFails(Handoff);
-        impl Device for HandedThenFails {
-            fn receive<'a>(&'a mut self, _f: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
-                assert!(self.0.send(1, &routed(1, 7)));
-                Err(DeviceError::Io {
-                    op: "recvfrom (RX wakeup)",
-                    device: "gone0#0".into(),
-                    source: std::io::Error::from_raw_os_error(libc::ENETDOWN),
-                })
-            }
-            fn settle(&mut self, _s: &[Option<Span>]) -> Result<usize, DeviceError> {
-                Ok(0)
-            }
-            fn flush(&mut self) -> Result<FlushProgress, DeviceError> {
-                Ok(FlushProgress::default())
-            }
-            fn pending_tx(&self) -> usize {
-                0
-            }
-            fn discard_pending(&mut self) -> usize {
-                0
-            }
-        }
         let ends = handoff::mesh(2, handoff::HandoffConfig { buffers: 4, buffer_size: 512 }).unwrap();
+        // Fails at its first receive, once another loop has handed this one a frame.
+        let other = ends[0].clone();
+        let device = NoTraffic(move || {
+            assert!(other.send(1, &routed(1, 7)));
+            Err(DeviceError::Io {
+                op: "recvfrom (RX wakeup)",
+                device: "gone0#0".into(),
+                source: std::io::Error::from_raw_os_error(libc::ENETDOWN),
+            })
+        });
         let (_tx, rx) = update_channel();
-        let lp = PollLoop::new(
-            HandedThenFails(ends[0].clone()),
-            Router { me: 1 },
-            rx,
-            StopFlag::new(),
-            LoopConfig::default(),
-        )
-        .with_handoff(ends[1].clone());
+        let lp = PollLoop::new(device, Router { me: 1 }, rx, StopFlag::new(), LoopConfig::default())
+            .with_handoff(ends[1].clone());
         let Err(failed) = lp.run_keeping_parts() else { panic!("the device failed, the loop did not") };
         let s = failed.report.stats;
         assert_eq!((s.handed_in, s.tx_declined, s.drop, ends[1].pending()), (1, 1, 1, 0));

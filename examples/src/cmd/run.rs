@@ -1052,9 +1052,10 @@ mod tests {
     use lb_core::service::Tables;
     use lb_core::{Frame, Instant, Verdict};
     use lb_io::bpf::xdp::SteeringSet;
+    use lb_io::testing::NoTraffic;
     use lb_io::{
-        BurstProcessor, Device, DeviceError, FlushProgress, HandoffConfig, LoopConfig, MemoryConfig, MemoryDevice,
-        PollLoop, Received, Running, Span, StopFlag, update_channel,
+        BurstProcessor, HandoffConfig, LoopConfig, MemoryConfig, MemoryDevice, PollLoop, Running, StopFlag,
+        update_channel,
     };
     use std::collections::BTreeSet;
     use std::net::IpAddr;
@@ -1125,33 +1126,6 @@ mod tests {
         }
     }
 
-    /// A poll loop's device that receives nothing and stops in each receive until the test lets it
-    /// go on: while it is stopped there, its loop applies no update.
-    struct Gate {
-        at_receive: mpsc::Sender<()>,
-        go: mpsc::Receiver<()>,
-    }
-
-    impl Device for Gate {
-        fn receive<'a>(&'a mut self, _frames: &mut [Frame<'a>]) -> Result<Received, DeviceError> {
-            let _ = self.at_receive.send(());
-            let _ = self.go.recv();
-            Ok(Received::frames(0))
-        }
-        fn settle(&mut self, _spans: &[Option<Span>]) -> Result<usize, DeviceError> {
-            Ok(0)
-        }
-        fn flush(&mut self) -> Result<FlushProgress, DeviceError> {
-            Ok(FlushProgress::default())
-        }
-        fn pending_tx(&self) -> usize {
-            0
-        }
-        fn discard_pending(&mut self) -> usize {
-            0
-        }
-    }
-
     /// Holds the tables its loop applied, as lb-core's worker does.
     struct Holder(Arc<Tables>);
 
@@ -1165,7 +1139,9 @@ mod tests {
         }
     }
 
-    /// A poll loop on a [`Gate`], in a thread of its own, whose update channel `Workers` holds.
+    /// A poll loop in a thread of its own, whose update channel `Workers` holds, on a device that
+    /// receives nothing and stops in each receive until the test lets it go on: while it is stopped
+    /// there, its loop applies no update.
     struct GatedLoop {
         at_receive: mpsc::Receiver<()>,
         go: mpsc::Sender<()>,
@@ -1181,7 +1157,11 @@ mod tests {
             let (at_tx, at_receive) = mpsc::channel();
             let (go, go_rx) = mpsc::channel();
             let stop = StopFlag::new();
-            let device = Gate { at_receive: at_tx, go: go_rx };
+            let device = NoTraffic(move || {
+                let _ = at_tx.send(());
+                let _ = go_rx.recv();
+                Ok(())
+            });
             let lp = PollLoop::new(device, Holder(tables.clone()), rx, stop.clone(), LoopConfig::default());
             let thread = std::thread::spawn(move || {
                 lp.run().expect("the gated loop runs");
