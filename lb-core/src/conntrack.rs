@@ -13,6 +13,10 @@
 //! each), and eviction reads only the head. An entry never moves once written, so
 //! its index is a stable handle: a NAT flow's forward and reverse entries point at each other by index.
 //!
+//! The hash is keyed: each table hashes under a seed of its own, fixed for its life
+//! ([`ConntrackSeed`], [`ConntrackTable::hash`]), so that a sender who does not know it cannot pick
+//! flows that all fall in one bucket.
+//!
 //! Each key has a *home way*, from hash bits that neither the bucket nor the tag use: an insert takes it
 //! when it is free (else the first free way), so in a table that is not nearly full most entries sit
 //! at their home way and the worker's warm-up reads the entry's likely line in the same round as its
@@ -159,11 +163,13 @@ impl ConnKey {
         (!self.is_v6() && src_prefix == 0xffff && dst_prefix == 0xffff).then_some((src, dst))
     }
 
-    /// A 64-bit hash of the key. Hand-written rather than a `Hasher` because it is on the fast path
-    /// and works on whole words: four 64-bit loads, multiply-fold, and a final avalanche (fmix64).
-    /// Unseeded: every table, on every core, hashes a key alike. Its first four rounds take only
-    /// the addresses, which `AddrsHash` keeps for keys that differ only past them.
-    pub fn hash(&self) -> u64 {
+    /// The key's 64-bit hash under `seed`: a table's hash ([`ConntrackTable::hash`]). Hand-written
+    /// rather than a `Hasher` because it is on the fast path and works on whole words: four 64-bit
+    /// loads, multiply-fold, and a final avalanche (fmix64), from a state that starts at the seed
+    /// (so a sender who does not know it cannot aim keys at one bucket). Its first four rounds take
+    /// only the addresses, which `AddrsHash` keeps for keys that differ only past them.
+    #[inline]
+    pub(crate) fn hash(&self, seed: ConntrackSeed) -> u64 {
         let w = |b: &[u8; 16], hi: bool| -> u64 {
             let mut x = [0u8; 8];
             let part = if hi { &b[8..] } else { &b[..8] };
@@ -171,7 +177,7 @@ impl ConnKey {
             u64::from_le_bytes(x)
         };
         let tail = hash_tail(self.sport, self.dport, self.proto, self.flags);
-        let mut h = HASH_K;
+        let mut h = seed.start();
         for word in [w(&self.src, false), w(&self.src, true), w(&self.dst, false), w(&self.dst, true), tail] {
             h = hash_round(h, word);
         }
@@ -179,7 +185,55 @@ impl ConnKey {
     }
 }
 
-/// [`ConnKey::hash`]'s multiplier, and its state before the first round.
+/// The secret a connection table's hash starts from ([`ConntrackTable::hash`]). Unseeded, anyone
+/// could compute the hash offline and pick flows (say source addresses of an IPv6 prefix they
+/// own) that all fall in one bucket, where they contend and evict each other's half-open entries;
+/// seeded at random and kept private, they cannot (as the kernel keys its hash maps, and so
+/// Katran's conntrack, with a random `hashrnd`).
+///
+/// A table's seed is fixed for its life (its entries sit where their hash put them), so a worker
+/// takes it from its first tables and refuses tables of another seed
+/// ([`Worker::swap_tables`](crate::worker::Worker::swap_tables)); the tables carry it because they
+/// hash full-NAT reply keys ahead ([`TableBuilder::with_conntrack_seed`](crate::service::TableBuilder::with_conntrack_seed)).
+/// lb-core draws no randomness: the embedder draws one per process and builds every table with it.
+/// Unlike `NodeConfig::hash_seed` (the schedulers' flow hash, equal on every node of a cluster), it
+/// should differ between processes and never be shown: its `Debug` hides it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ConntrackSeed {
+    /// The hash's state before its first round: the seed mixed in once, here, not per key (the
+    /// first round then costs what it did unseeded, callgrind).
+    start: u64,
+}
+
+impl ConntrackSeed {
+    /// No seed (0): the hash anyone can compute. For tests and tools, not for a node facing clients.
+    pub const UNSEEDED: ConntrackSeed = ConntrackSeed::new(0);
+
+    /// The seed `secret` (draw it at random, once per process).
+    pub const fn new(secret: u64) -> Self {
+        ConntrackSeed { start: HASH_K ^ secret }
+    }
+
+    /// The hash's state before its first round.
+    #[inline(always)]
+    fn start(self) -> u64 {
+        self.start
+    }
+}
+
+impl Default for ConntrackSeed {
+    fn default() -> Self {
+        ConntrackSeed::UNSEEDED
+    }
+}
+
+impl core::fmt::Debug for ConntrackSeed {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(if *self == ConntrackSeed::UNSEEDED { "ConntrackSeed(unseeded)" } else { "ConntrackSeed(..)" })
+    }
+}
+
+/// [`ConnKey::hash`]'s multiplier, and (with [`ConntrackSeed::UNSEEDED`]) its state before the first round.
 const HASH_K: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// One round of [`ConnKey::hash`]: one 64-bit word of the key folded in.
@@ -219,13 +273,14 @@ pub(crate) struct PortKeys {
 }
 
 impl PortKeys {
-    /// The keys of flows from `src` port `sport` to `dst` ([`ConnKey::flow`]'s).
-    pub(crate) fn flow(src: IpAddr, dst: IpAddr, sport: u16) -> Self {
+    /// The keys of flows from `src` port `sport` to `dst` ([`ConnKey::flow`]'s), hashed under `seed`.
+    pub(crate) fn flow(seed: ConntrackSeed, src: IpAddr, dst: IpAddr, sport: u16) -> Self {
         let base = ConnKey::flow(src, dst, sport, 0, 0);
-        PortKeys { base, addrs: AddrsHash::flow(src, dst).with(base.sport, base.flags) }
+        PortKeys { base, addrs: AddrsHash::flow(seed, src, dst).with(base.sport, base.flags) }
     }
 
-    /// Makes in `key` the key to port `dport` with protocol `proto`, and returns its hash.
+    /// Makes in `key` the key to port `dport` with protocol `proto`, and returns its hash (under
+    /// the seed these keys were made with).
     #[inline(always)]
     pub(crate) fn key(&self, dport: u16, proto: u8, key: &mut ConnKey) -> u64 {
         // Copied whole, then the two fields set: built as one value, the key went through a
@@ -242,7 +297,8 @@ impl PortKeys {
         ConnKey { dport, proto, ..self.base }
     }
 
-    /// The hash of the key to port `dport` with protocol `proto` ([`ConnKey::hash`]).
+    /// The hash of the key to port `dport` with protocol `proto` ([`ConnKey::hash`] under the seed
+    /// these keys were made with).
     #[inline(always)]
     pub(crate) fn hash(&self, dport: u16, proto: u8) -> u64 {
         // (The source port and flags are in `addrs` already: 0 here.)
@@ -251,17 +307,17 @@ impl PortKeys {
 }
 
 /// [`ConnKey::hash`] part done: its state once a key's two addresses are in (four of its five
-/// rounds), the same for every key with those addresses. [`AddrsHash::finish`] takes the rest of a
+/// rounds) under one seed, the same for every key with those addresses. [`AddrsHash::finish`] takes the rest of a
 /// key and gives its hash, one round and the avalanche, ~15 instructions fewer than hashing the
 /// whole key ([`PortKeys`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct AddrsHash(u64);
 
 impl AddrsHash {
-    /// The state of [`ConnKey::hash`] for keys from `src` to `dst` (as a [`ConnKey`] stores them:
-    /// [`addr_bytes`]).
-    pub(crate) fn of(src: &[u8; 16], dst: &[u8; 16]) -> Self {
-        let mut h = HASH_K;
+    /// The state of [`ConnKey::hash`] under `seed` for keys from `src` to `dst` (as a [`ConnKey`]
+    /// stores them: [`addr_bytes`]).
+    pub(crate) fn of(seed: ConntrackSeed, src: &[u8; 16], dst: &[u8; 16]) -> Self {
+        let mut h = seed.start();
         for a in [src, dst] {
             let v = u128::from_le_bytes(*a);
             h = hash_round(hash_round(h, v as u64), (v >> 64) as u64);
@@ -269,9 +325,10 @@ impl AddrsHash {
         AddrsHash(h)
     }
 
-    /// The state of [`ConnKey::hash`] for the keys of flows from `src` to `dst` ([`ConnKey::flow`]'s).
-    pub(crate) fn flow(src: IpAddr, dst: IpAddr) -> Self {
-        Self::of(&addr_bytes(src), &addr_bytes(dst))
+    /// The state of [`ConnKey::hash`] under `seed` for the keys of flows from `src` to `dst`
+    /// ([`ConnKey::flow`]'s).
+    pub(crate) fn flow(seed: ConntrackSeed, src: IpAddr, dst: IpAddr) -> Self {
+        Self::of(seed, &addr_bytes(src), &addr_bytes(dst))
     }
 
     /// This state with a key's source port and flags folded into it, which [`AddrsHash::finish`]
@@ -283,7 +340,8 @@ impl AddrsHash {
         AddrsHash(self.0 ^ hash_tail(sport, 0, 0, flags))
     }
 
-    /// [`ConnKey::hash`] of the key with these addresses and these ports, protocol and flags.
+    /// [`ConnKey::hash`] of the key with these addresses and these ports, protocol and flags (under
+    /// this state's seed).
     #[inline(always)]
     pub(crate) fn finish(self, sport: u16, dport: u16, proto: u8, flags: u8) -> u64 {
         hash_avalanche(hash_round(self.0, hash_tail(sport, dport, proto, flags)))
@@ -513,6 +571,8 @@ fn plain_head_write(e: &Entry, old_expires: u32) -> bool {
 pub struct ConntrackTable {
     buckets: Box<[Bucket]>,
     bucket_mask: usize,
+    /// The seed of every hash the table is given ([`ConntrackTable::hash`]).
+    seed: ConntrackSeed,
     len: usize,
     sweep_cursor: usize,
 }
@@ -536,7 +596,7 @@ impl Bucket {
         }
     }
 
-    /// The way holding `key` (`hash` is `key.hash()`): its home way first, where most keys are,
+    /// The way holding `key` (`hash` is [`ConntrackTable::hash`] of `key`): its home way first, where most keys are,
     /// then the tags in order.
     // The home way's test inlined, the search out of line: as one function LLVM called it out of
     // line, ~5 instructions of call an established packet (callgrind).
@@ -765,12 +825,14 @@ impl Victim {
 
 impl ConntrackTable {
     /// A table with room for at least `capacity` entries (rounded up to a power of two times 8 ways,
-    /// at least one bucket). All memory is allocated here, once.
-    pub fn with_capacity(capacity: usize) -> Self {
+    /// at least one bucket), hashing keys under `seed` ([`ConntrackTable::hash`]). All memory is
+    /// allocated here, once.
+    pub fn with_capacity(capacity: usize, seed: ConntrackSeed) -> Self {
         let buckets = capacity.div_ceil(WAYS).max(1).next_power_of_two();
         ConntrackTable {
             buckets: vec![Bucket::default(); buckets].into_boxed_slice(),
             bucket_mask: buckets - 1,
+            seed,
             len: 0,
             sweep_cursor: 0,
         }
@@ -781,6 +843,20 @@ impl ConntrackTable {
     /// `None` beyond any address space.
     pub fn bytes_for(capacity: usize) -> Option<usize> {
         capacity.div_ceil(WAYS).max(1).checked_next_power_of_two()?.checked_mul(core::mem::size_of::<Bucket>())
+    }
+
+    /// The seed the table hashes keys under, fixed for its life.
+    #[inline]
+    pub fn seed(&self) -> ConntrackSeed {
+        self.seed
+    }
+
+    /// The hash of `key` in this table: what every method taking a key's `hash` wants. Under the
+    /// table's seed, so only a table makes it (a hash made with another seed finds nothing and
+    /// puts an entry where no lookup finds it).
+    #[inline(always)]
+    pub fn hash(&self, key: &ConnKey) -> u64 {
+        key.hash(self.seed)
     }
 
     /// Entries the table holds at most. Fixed for the table's life.
@@ -804,7 +880,7 @@ impl ConntrackTable {
         self.buckets.get((hash as usize) & self.bucket_mask)
     }
 
-    /// The index of the entry with this key, if any (expired or not). `hash` is `key.hash()`.
+    /// The index of the entry with this key, if any (expired or not). `hash` is [`ConntrackTable::hash`] of `key`.
     #[inline]
     pub fn find(&self, key: &ConnKey, hash: u64) -> Option<u32> {
         let b = (hash as usize) & self.bucket_mask;
@@ -813,7 +889,7 @@ impl ConntrackTable {
         Some((b * WAYS + way) as u32)
     }
 
-    /// Finds the entry with this key (`hash` is `key.hash()`) and offers it to `f`, which either
+    /// Finds the entry with this key (`hash` is [`ConntrackTable::hash`] of `key`) and offers it to `f`, which either
     /// declines (`None`, and must then leave the entry as it was) or changes it (state, expiry; not
     /// its key, kind or link) and returns a value. Returns the entry's index and that value; keeps the way's class
     /// and the head's expiry in step, as [`ConntrackTable::update`]. One bucket search for what
@@ -1511,6 +1587,9 @@ mod tests {
     use alloc::format;
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+    /// The seed of the tests' tables and hashes: not 0, so they hold under a seed.
+    const SEED: ConntrackSeed = ConntrackSeed::new(0x0123_4567_89ab_cdef);
+
     proptest::proptest! {
         /// `is_reverse` answers as `class(w) == CLASS_REVERSE` for every way of any head the class
         /// writes make (fills, moves between classes, emptied ways).
@@ -1533,7 +1612,9 @@ mod tests {
             (src, dst) in (proptest::prelude::any::<[u8; 16]>(), proptest::prelude::any::<[u8; 16]>()),
             (v4, src4, dst4) in (proptest::prelude::any::<bool>(), proptest::prelude::any::<u32>(), proptest::prelude::any::<u32>()),
             (sport, dport, proto, flags) in (proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>(), proptest::prelude::any::<u8>(), 0u8..4),
+            seed in proptest::prelude::any::<u64>(),
         ) {
+            let seed = ConntrackSeed::new(seed);
             let (src, dst) = if v4 {
                 (Ipv4Addr::from(src4).to_ipv6_mapped().octets(), Ipv4Addr::from(dst4).to_ipv6_mapped().octets())
             } else {
@@ -1541,14 +1622,14 @@ mod tests {
             };
             let flags = if v4 { flags & !FLAG_V6 } else { flags | FLAG_V6 };
             let k = ConnKey { src, dst, sport, dport, proto, flags };
-            proptest::prop_assert_eq!(AddrsHash::of(&src, &dst).finish(sport, dport, proto, flags), k.hash());
+            proptest::prop_assert_eq!(AddrsHash::of(seed, &src, &dst).finish(sport, dport, proto, flags), k.hash(seed));
             // The same from the addresses as a flow's key holds them (`ConnKey::flow`).
             let f = ConnKey::flow(k.src_ip(), k.dst_ip(), sport, dport, proto);
-            proptest::prop_assert_eq!(AddrsHash::flow(k.src_ip(), k.dst_ip()).finish(sport, dport, proto, f.flags), f.hash());
+            proptest::prop_assert_eq!(AddrsHash::flow(seed, k.src_ip(), k.dst_ip()).finish(sport, dport, proto, f.flags), f.hash(seed));
             // And with the source port and flags folded in first, any part of them.
             let (sport_in, flags_in) = (sport & src4 as u16, flags & dst4 as u8);
-            let early = AddrsHash::of(&src, &dst).with(sport_in, flags_in);
-            proptest::prop_assert_eq!(early.finish(sport ^ sport_in, dport, proto, flags ^ flags_in), k.hash());
+            let early = AddrsHash::of(seed, &src, &dst).with(sport_in, flags_in);
+            proptest::prop_assert_eq!(early.finish(sport ^ sport_in, dport, proto, flags ^ flags_in), k.hash(seed));
         }
 
         /// `update_linked` is `is_live`, `get`'s link, `update` and `get` in one: on twin tables
@@ -1559,15 +1640,15 @@ mod tests {
         fn update_linked_is_is_live_get_update_get(
             ops in proptest::collection::vec((0u8..7, 0u32..12, 0u32..8, 0u8..8), 1..150),
         ) {
-            let (mut a, mut b) = (ConntrackTable::with_capacity(2 * WAYS), ConntrackTable::with_capacity(2 * WAYS));
+            let (mut a, mut b) = (ConntrackTable::with_capacity(2 * WAYS, SEED), ConntrackTable::with_capacity(2 * WAYS, SEED));
             let mut now = 0u32;
             for (op, n, x, s) in ops {
                 let state = ConnState::ALL[usize::from(s) % ConnState::ALL.len()];
                 let (fk, rk) = (key(n), key(n + 100));
                 for t in [&mut a, &mut b] {
-                    let forward = t.find(&fk, fk.hash());
+                    let forward = t.find(&fk, fk.hash(SEED));
                     match op {
-                        0 if forward.is_none() && t.find(&rk, rk.hash()).is_none() => {
+                        0 if forward.is_none() && t.find(&rk, rk.hash(SEED)).is_none() => {
                             nat_pair(t, (fk, rk), (now + x, now + x), now);
                         }
                         1 => {
@@ -1580,7 +1661,7 @@ mod tests {
                             forward.map(|i| t.remove(i));
                         }
                         4 => {
-                            t.find(&rk, rk.hash()).map(|i| t.remove(i));
+                            t.find(&rk, rk.hash(SEED)).map(|i| t.remove(i));
                         }
                         _ => {}
                     }
@@ -1620,15 +1701,15 @@ mod tests {
         fn a_vouch_never_outlives_its_forward_entry(
             ops in proptest::collection::vec((0u8..8, 0u32..12, 0u32..8), 1..200),
         ) {
-            let mut t = ConntrackTable::with_capacity(2 * WAYS);
+            let mut t = ConntrackTable::with_capacity(2 * WAYS, SEED);
             let mut now = 0u32;
             let mut out = [(0u32, Entry::default()); WAYS];
-            let forward = |t: &ConntrackTable, n: u32| t.find(&key(n), key(n).hash());
+            let forward = |t: &ConntrackTable, n: u32| t.find(&key(n), key(n).hash(SEED));
             for (op, n, x) in ops {
                 match op {
                     0 => {
                         let (fk, rk) = (key(n), key(n + 100));
-                        if forward(&t, n).is_none() && t.find(&rk, rk.hash()).is_none() {
+                        if forward(&t, n).is_none() && t.find(&rk, rk.hash(SEED)).is_none() {
                             nat_pair(&mut t, (fk, rk), (now + x, now + x), now);
                         }
                     }
@@ -1640,7 +1721,7 @@ mod tests {
                     2 => {
                         t.find_update(
                             &key(n),
-                            key(n).hash(),
+                            key(n).hash(SEED),
                             |e| {
                                 e.expires = now + x;
                                 Some(())
@@ -1660,14 +1741,14 @@ mod tests {
                     }
                     5 => {
                         let rk = key(n + 100);
-                        if let Some(i) = t.find(&rk, rk.hash()) {
+                        if let Some(i) = t.find(&rk, rk.hash(SEED)) {
                             t.remove(i);
                         }
                     }
                     6 => {
                         let k = key(n + 200);
-                        if t.find(&k, k.hash()).is_none() {
-                            let _ = t.insert(entry(k, ConnState::SynSeen, now + x), k.hash(), now);
+                        if t.find(&k, k.hash(SEED)).is_none() {
+                            let _ = t.insert(entry(k, ConnState::SynSeen, now + x), k.hash(SEED), now);
                         }
                         t.sweep_bucket(now, &mut out);
                     }
@@ -1719,7 +1800,7 @@ mod tests {
                     _ => head.fill(way, bits | 1, class, expires),
                 }
             }
-            let table = ConntrackTable::with_capacity(WAYS);
+            let table = ConntrackTable::with_capacity(WAYS, SEED);
             let slow = table.choose_way_with_reverse(0, &head, now, spare_way, hash);
             let full = ways.iter().all(|&(class, ..)| class != 3);
             let lapsed = ways.iter().any(|&(class, expires, _)| class == 4 && now >= expires);
@@ -1760,17 +1841,17 @@ mod tests {
             now in 0u32..6,
             n in 1000u32..,
         ) {
-            let mut t = ConntrackTable::with_capacity(WAYS); // one bucket
+            let mut t = ConntrackTable::with_capacity(WAYS, SEED); // one bucket
             for (i, &(class, expires)) in ways.iter().enumerate() {
                 let state = [ConnState::SynSeen, ConnState::Closing, ConnState::Affinity, ConnState::Established];
                 let k = key(i as u32);
                 // At most eight entries into eight ways: each takes a free one.
-                let ins = t.insert(entry(k, state[usize::from(class)], expires), k.hash(), 0).unwrap();
+                let ins = t.insert(entry(k, state[usize::from(class)], expires), k.hash(SEED), 0).unwrap();
                 proptest::prop_assert!(ins.displaced.is_none());
             }
             let k = key(n);
-            let likely = t.likely_insert(k.hash(), now).map(|(e, displaces)| (e as *const Entry, displaces));
-            match t.insert(entry(k, ConnState::SynSeen, now + 60), k.hash(), now) {
+            let likely = t.likely_insert(k.hash(SEED), now).map(|(e, displaces)| (e as *const Entry, displaces));
+            match t.insert(entry(k, ConnState::SynSeen, now + 60), k.hash(SEED), now) {
                 Ok(ins) => {
                     let taken = t.get(ins.index).map(|e| e as *const Entry);
                     proptest::prop_assert_eq!(likely, taken.map(|e| (e, ins.displaced.is_some())));
@@ -1788,14 +1869,14 @@ mod tests {
         fn lookups_and_heads_agree_with_a_model(
             ops in proptest::collection::vec((0u8..6, 0u32..40, 0u32..8, 0u8..8), 1..300),
         ) {
-            let mut t = ConntrackTable::with_capacity(4 * WAYS);
+            let mut t = ConntrackTable::with_capacity(4 * WAYS, SEED);
             // The model: the index each of the 40 keys is at, if present.
             let mut model = [None::<u32>; 40];
             let number_of = |k: &ConnKey| (0..40).position(|m| key(m) == *k).unwrap();
             let mut now = 0u32;
             for (op, n, x, s) in ops {
                 let k = key(n);
-                let h = k.hash();
+                let h = k.hash(SEED);
                 let state = ConnState::ALL[usize::from(s) % ConnState::ALL.len()];
                 match op {
                     0 if model[n as usize].is_none() => {
@@ -1870,7 +1951,7 @@ mod tests {
                 }
                 for n in 0..40 {
                     let k = key(n);
-                    proptest::prop_assert_eq!(t.find(&k, k.hash()), model[n as usize], "key {}", n);
+                    proptest::prop_assert_eq!(t.find(&k, k.hash(SEED)), model[n as usize], "key {}", n);
                 }
                 proptest::prop_assert_eq!(t.len(), model.iter().flatten().count());
             }
@@ -1900,11 +1981,11 @@ mod tests {
         (fx, rx): (u32, u32),
         now: u32,
     ) -> Option<(u32, u32)> {
-        let f = t.insert(entry(fk, ConnState::SynSeen, fx), fk.hash(), now).ok()?.index;
+        let f = t.insert(entry(fk, ConnState::SynSeen, fx), fk.hash(SEED), now).ok()?.index;
         let mut r = entry(rk, ConnState::SynSeen, rx);
         r.kind = EntryKind::Reverse;
         r.link = f;
-        let r = t.insert_sparing(r, rk.hash(), now, f).ok()?.index;
+        let r = t.insert_sparing(r, rk.hash(SEED), now, f).ok()?.index;
         t.link_reverse(f, r)?;
         Some((f, r))
     }
@@ -1969,32 +2050,32 @@ mod tests {
         assert_eq!(k.src_ip(), v4);
         let k6 = ConnKey::flow(v6, v6, 1, 2, 17);
         assert_eq!(k6.dst_ip(), v6);
-        assert_ne!(k.hash(), ConnKey::flow(v4, v4, 2, 1, 17).hash());
+        assert_ne!(k.hash(SEED), ConnKey::flow(v4, v4, 2, 1, 17).hash(SEED));
     }
 
     #[test]
     fn insert_find_remove() {
-        let mut t = ConntrackTable::with_capacity(64);
+        let mut t = ConntrackTable::with_capacity(64, SEED);
         assert_eq!(t.capacity(), 64);
         let k = key(1);
-        let ins = t.insert(entry(k, ConnState::Established, 100), k.hash(), 0).unwrap();
+        let ins = t.insert(entry(k, ConnState::Established, 100), k.hash(SEED), 0).unwrap();
         assert_eq!(ins.displaced, None);
-        assert_eq!(t.find(&k, k.hash()), Some(ins.index));
+        assert_eq!(t.find(&k, k.hash(SEED)), Some(ins.index));
         assert_eq!(t.len(), 1);
         assert_eq!(t.remove(ins.index).unwrap().key, k);
-        assert_eq!(t.find(&k, k.hash()), None);
+        assert_eq!(t.find(&k, k.hash(SEED)), None);
         assert!(t.is_empty());
     }
 
     #[test]
     fn expired_way_is_reused_and_reported() {
-        let mut t = ConntrackTable::with_capacity(8); // one bucket
+        let mut t = ConntrackTable::with_capacity(8, SEED); // one bucket
         for n in 0..8 {
             let k = key(n);
-            t.insert(entry(k, ConnState::Established, 10 + n), k.hash(), 0).unwrap();
+            t.insert(entry(k, ConnState::Established, 10 + n), k.hash(SEED), 0).unwrap();
         }
         let k = key(100);
-        let ins = t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 11).unwrap();
+        let ins = t.insert(entry(k, ConnState::SynSeen, 60), k.hash(SEED), 11).unwrap();
         let d = ins.displaced.unwrap();
         assert!(!d.evicted);
         assert!(d.entry.expires <= 11, "reused a live entry: {d:?}");
@@ -2004,28 +2085,63 @@ mod tests {
     #[test]
     fn syn_flood_never_evicts_established() {
         // One bucket: 6 established flows and a flood of SYNs from other clients.
-        let mut t = ConntrackTable::with_capacity(8);
+        let mut t = ConntrackTable::with_capacity(8, SEED);
         for n in 0..6 {
             let k = key(n);
-            t.insert(entry(k, ConnState::Established, 1000), k.hash(), 0).unwrap();
+            t.insert(entry(k, ConnState::Established, 1000), k.hash(SEED), 0).unwrap();
         }
         for n in 1000..3000 {
             let k = key(n);
-            let ins = t.insert(entry(k, ConnState::SynSeen, 60 + n), k.hash(), 1).unwrap();
+            let ins = t.insert(entry(k, ConnState::SynSeen, 60 + n), k.hash(SEED), 1).unwrap();
             if let Some(d) = ins.displaced {
                 assert_eq!(d.entry.state, ConnState::SynSeen, "a SYN pushed out {d:?}");
             }
         }
         for n in 0..6 {
             let k = key(n);
-            assert!(t.find(&k, k.hash()).is_some(), "established flow {n} was evicted");
+            assert!(t.find(&k, k.hash(SEED)).is_some(), "established flow {n} was evicted");
         }
+    }
+
+    /// Keys a sender picked offline to share one bucket of the unseeded hash (sources of one IPv6
+    /// /64 to one service) fill that bucket in an unseeded table, and a ninth cannot go in; in a
+    /// seeded table they spread, every one goes in and is found under the table's hash. The same
+    /// key hashes apart under two seeds, and a seed's `Debug` does not show it.
+    #[test]
+    fn a_seed_spreads_keys_aimed_at_one_bucket() {
+        let buckets = 1024;
+        let vip = IpAddr::V6("2001:db8::80".parse().unwrap());
+        let aimed: alloc::vec::Vec<ConnKey> = (0u128..)
+            .map(|n| ConnKey::flow(IpAddr::V6(Ipv6Addr::from((0x2001_0db8_0bad_0001 << 64) | n)), vip, 40000, 443, 6))
+            .filter(|k| (k.hash(ConntrackSeed::UNSEEDED) as usize).is_multiple_of(buckets))
+            .take(64)
+            .collect();
+        let mut unseeded = ConntrackTable::with_capacity(buckets * WAYS, ConntrackSeed::UNSEEDED);
+        let inserted = aimed
+            .iter()
+            .take_while(|k| unseeded.insert(entry(**k, ConnState::Established, 100), unseeded.hash(k), 0).is_ok())
+            .count();
+        assert_eq!(inserted, WAYS, "the aimed keys share one bucket unseeded");
+        let mut t = ConntrackTable::with_capacity(buckets * WAYS, SEED);
+        assert_eq!(t.seed(), SEED);
+        let mut per_bucket = alloc::vec![0; buckets];
+        for k in &aimed {
+            per_bucket[(t.hash(k) as usize) % buckets] += 1;
+            let i = t.insert(entry(*k, ConnState::Established, 100), t.hash(k), 0).unwrap().index;
+            assert_eq!(t.find(k, t.hash(k)), Some(i));
+        }
+        assert!(per_bucket.iter().all(|&n| n <= 4), "the aimed keys spread: {per_bucket:?}");
+        assert!(aimed.iter().all(|k| t.find(k, t.hash(k)).is_some()), "each found after all went in");
+        let other = ConntrackSeed::new(0x0123_4567_89ab_cdee);
+        assert!(aimed.iter().all(|k| k.hash(SEED) != k.hash(other) && k.hash(SEED) != k.hash(ConntrackSeed::UNSEEDED)));
+        let shown = format!("{SEED:?} {:?}", crate::service::TableBuilder::new().with_conntrack_seed(SEED));
+        assert!(!shown.contains("89ab") && !shown.contains("81985529216486895"), "{shown}");
     }
 
     #[test]
     fn bytes_for_is_what_with_capacity_allocates() {
         for capacity in [0, 1, 8, 9, 1000, 1 << 16] {
-            let t = ConntrackTable::with_capacity(capacity);
+            let t = ConntrackTable::with_capacity(capacity, SEED);
             let bytes = t.buckets.len() * core::mem::size_of::<Bucket>();
             assert_eq!(ConntrackTable::bytes_for(capacity), Some(bytes), "{capacity}");
         }
@@ -2034,32 +2150,32 @@ mod tests {
 
     #[test]
     fn oldest_half_open_goes_first_then_closing_then_full() {
-        let mut t = ConntrackTable::with_capacity(8);
+        let mut t = ConntrackTable::with_capacity(8, SEED);
         for n in 0..6 {
             let k = key(n);
-            t.insert(entry(k, ConnState::Established, 1000), k.hash(), 0).unwrap();
+            t.insert(entry(k, ConnState::Established, 1000), k.hash(SEED), 0).unwrap();
         }
         let (a, b) = (key(50), key(51));
-        t.insert(entry(a, ConnState::Closing, 100), a.hash(), 0).unwrap();
-        t.insert(entry(b, ConnState::SynSeen, 200), b.hash(), 0).unwrap();
+        t.insert(entry(a, ConnState::Closing, 100), a.hash(SEED), 0).unwrap();
+        t.insert(entry(b, ConnState::SynSeen, 200), b.hash(SEED), 0).unwrap();
         let c = key(52);
-        let d = t.insert(entry(c, ConnState::Established, 900), c.hash(), 0).unwrap().displaced.unwrap();
+        let d = t.insert(entry(c, ConnState::Established, 900), c.hash(SEED), 0).unwrap().displaced.unwrap();
         assert_eq!((d.entry.key, d.evicted), (b, true), "half-open goes before closing");
         let e = key(53);
-        let d = t.insert(entry(e, ConnState::Established, 900), e.hash(), 0).unwrap().displaced.unwrap();
+        let d = t.insert(entry(e, ConnState::Established, 900), e.hash(SEED), 0).unwrap().displaced.unwrap();
         assert_eq!(d.entry.key, a);
         let f = key(54);
-        assert_eq!(t.insert(entry(f, ConnState::SynSeen, 60), f.hash(), 0), Err(ConntrackFull));
+        assert_eq!(t.insert(entry(f, ConnState::SynSeen, 60), f.hash(SEED), 0), Err(ConntrackFull));
         assert_eq!(t.len(), 8);
     }
 
     #[test]
     fn inserts_take_their_home_way_when_it_is_free() {
-        let mut t = ConntrackTable::with_capacity(WAYS); // one bucket
+        let mut t = ConntrackTable::with_capacity(WAYS, SEED); // one bucket
         let mut taken = 0u32;
         for n in 0..WAYS as u32 {
             let k = key(n);
-            let h = k.hash();
+            let h = k.hash(SEED);
             let free = !taken;
             let index = t.insert(entry(k, ConnState::Established, 100), h, 0).unwrap().index;
             let expected = if free & (1 << home_way(h)) != 0 { home_way(h) } else { free.trailing_zeros() as usize };
@@ -2074,58 +2190,58 @@ mod tests {
     fn a_key_whose_home_way_holds_another_with_its_tag_is_still_found() {
         // Two keys of one bucket with the same tag and home way: the second cannot sit at home, and
         // the home way's tag matches it, so only the key comparison tells them apart.
-        let mut t = ConntrackTable::with_capacity(WAYS);
-        let sign = |k: &ConnKey| (tag_of(k.hash()), home_way(k.hash()));
+        let mut t = ConntrackTable::with_capacity(WAYS, SEED);
+        let sign = |k: &ConnKey| (tag_of(k.hash(SEED)), home_way(k.hash(SEED)));
         let first = key(0);
         let second = (1..1_000_000).map(key).find(|k| sign(k) == sign(&first)).unwrap();
-        let a = t.insert(entry(first, ConnState::Established, 100), first.hash(), 0).unwrap().index;
-        let b = t.insert(entry(second, ConnState::Established, 100), second.hash(), 0).unwrap().index;
-        assert_eq!(a as usize, home_way(first.hash()));
+        let a = t.insert(entry(first, ConnState::Established, 100), first.hash(SEED), 0).unwrap().index;
+        let b = t.insert(entry(second, ConnState::Established, 100), second.hash(SEED), 0).unwrap().index;
+        assert_eq!(a as usize, home_way(first.hash(SEED)));
         assert_ne!(a, b);
-        assert_eq!(t.find(&first, first.hash()), Some(a));
-        assert_eq!(t.find(&second, second.hash()), Some(b));
+        assert_eq!(t.find(&first, first.hash(SEED)), Some(a));
+        assert_eq!(t.find(&second, second.hash(SEED)), Some(b));
         let mut declined = NO_LINK;
-        let found = t.find_update(&second, second.hash(), |e| Some(e.key), &mut declined);
+        let found = t.find_update(&second, second.hash(SEED), |e| Some(e.key), &mut declined);
         assert_eq!((found, declined), (Some((b, second)), NO_LINK));
-        assert_eq!(t.find_update(&second, second.hash(), |_| None::<()>, &mut declined), None);
+        assert_eq!(t.find_update(&second, second.hash(SEED), |_| None::<()>, &mut declined), None);
         assert_eq!(declined, b);
     }
 
     #[test]
     fn update_keeps_eviction_class_and_expiry_in_step() {
-        let mut t = ConntrackTable::with_capacity(8);
+        let mut t = ConntrackTable::with_capacity(8, SEED);
         let mut idx = vec![];
         for n in 0..8 {
             let k = key(n);
-            idx.push(t.insert(entry(k, ConnState::SynSeen, 100), k.hash(), 0).unwrap().index);
+            idx.push(t.insert(entry(k, ConnState::SynSeen, 100), k.hash(SEED), 0).unwrap().index);
         }
         // Established now: no longer evictable.
         for &i in &idx {
             t.update(i, |e| e.state = ConnState::Established).unwrap();
         }
         let k = key(99);
-        assert_eq!(t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 0), Err(ConntrackFull));
+        assert_eq!(t.insert(entry(k, ConnState::SynSeen, 60), k.hash(SEED), 0), Err(ConntrackFull));
         // A refreshed expiry counts: entry 0 expires at 5, the rest stay live at 50.
         t.update(idx[0], |e| e.expires = 5).unwrap();
         assert!(!t.is_live(idx[0], 50) && t.is_live(idx[1], 50));
-        let d = t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 50).unwrap().displaced.unwrap();
+        let d = t.insert(entry(k, ConnState::SynSeen, 60), k.hash(SEED), 50).unwrap().displaced.unwrap();
         assert_eq!((d.index, d.evicted), (idx[0], false));
     }
 
     #[test]
     fn backend_gone_tombstone_yields_to_a_live_flow() {
-        let mut t = ConntrackTable::with_capacity(8);
+        let mut t = ConntrackTable::with_capacity(8, SEED);
         let mut idx = vec![];
         for n in 0..8 {
             let k = key(n);
-            idx.push(t.insert(entry(k, ConnState::Established, 1000), k.hash(), 0).unwrap().index);
+            idx.push(t.insert(entry(k, ConnState::Established, 1000), k.hash(SEED), 0).unwrap().index);
         }
         let k = key(99);
-        assert_eq!(t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 0), Err(ConntrackFull));
+        assert_eq!(t.insert(entry(k, ConnState::SynSeen, 60), k.hash(SEED), 0), Err(ConntrackFull));
         // The same entry, now a tombstone (still live until its own expiry): a new flow may take it.
         t.update(idx[3], |e| e.state = ConnState::BackendGone).unwrap();
         assert!(t.is_live(idx[3], 0));
-        let d = t.insert(entry(k, ConnState::SynSeen, 60), k.hash(), 0).unwrap().displaced.unwrap();
+        let d = t.insert(entry(k, ConnState::SynSeen, 60), k.hash(SEED), 0).unwrap().displaced.unwrap();
         assert_eq!((d.index, d.evicted, d.entry.state), (idx[3], true, ConnState::BackendGone));
     }
 
@@ -2134,7 +2250,7 @@ mod tests {
     /// entry), follows it down, and keeps it when it rises; past it the forward entry is asked.
     #[test]
     fn a_forward_entry_vouches_for_its_reverse_entry() {
-        let mut t = ConntrackTable::with_capacity(64);
+        let mut t = ConntrackTable::with_capacity(64, SEED);
         let (f, r) = nat_pair(&mut t, (key(1), key(2)), (60, 60), 0).unwrap();
         let vouch = |t: &ConntrackTable| t.buckets[r as usize / WAYS].head.expiries[r as usize % WAYS];
         assert_eq!(vouch(&t), 60, "vouched for once the forward entry links to it");
@@ -2160,11 +2276,11 @@ mod tests {
     #[test]
     fn link_reverse_is_the_general_link_write() {
         let pair = |link: fn(&mut ConntrackTable, u32, u32)| {
-            let mut t = ConntrackTable::with_capacity(64);
-            let f = t.insert(entry(key(1), ConnState::SynSeen, 60), key(1).hash(), 0).unwrap().index;
+            let mut t = ConntrackTable::with_capacity(64, SEED);
+            let f = t.insert(entry(key(1), ConnState::SynSeen, 60), key(1).hash(SEED), 0).unwrap().index;
             let mut r = entry(key(2), ConnState::SynSeen, 7);
             (r.kind, r.link) = (EntryKind::Reverse, f);
-            let r = t.insert_sparing(r, key(2).hash(), 0, f).unwrap().index;
+            let r = t.insert_sparing(r, key(2).hash(SEED), 0, f).unwrap().index;
             link(&mut t, f, r);
             (t, f, r)
         };
@@ -2193,14 +2309,14 @@ mod tests {
     #[test]
     fn insert_reverse_is_insert_then_link() {
         let build = |fill: u32| {
-            let mut t = ConntrackTable::with_capacity(16);
+            let mut t = ConntrackTable::with_capacity(16, SEED);
             for n in 0..fill {
                 nat_pair(&mut t, (key(2 * n), key(2 * n + 1)), (100 + n, 0), 0);
             }
             for n in 20..20 + fill {
-                t.insert(entry(key(n), ConnState::SynSeen, 10 + n % 3), key(n).hash(), 0).unwrap();
+                t.insert(entry(key(n), ConnState::SynSeen, 10 + n % 3), key(n).hash(SEED), 0).unwrap();
             }
-            let f = t.insert(entry(key(50), ConnState::SynSeen, 70), key(50).hash(), 0).unwrap().index;
+            let f = t.insert(entry(key(50), ConnState::SynSeen, 70), key(50).hash(SEED), 0).unwrap().index;
             if let Some((f, _)) = nat_pair(&mut t, (key(40), key(41)), (90, 0), 0) {
                 t.remove(f);
             }
@@ -2222,11 +2338,11 @@ mod tests {
                     (r.kind, r.link) = (EntryKind::Reverse, forward);
                     let (mut a, _) = build(fill);
                     let (mut b, _) = build(fill);
-                    let general = insert_then_remove_reverse(&mut a, r, key(n).hash(), now, forward);
+                    let general = insert_then_remove_reverse(&mut a, r, key(n).hash(SEED), now, forward);
                     if let Ok(ins) = general {
                         linked += usize::from(a.link_reverse(forward, ins.index).is_some());
                     }
-                    assert_eq!(b.insert_reverse(r, key(n).hash(), now, None), general, "{fill} {forward} {n}");
+                    assert_eq!(b.insert_reverse(r, key(n).hash(SEED), now, None), general, "{fill} {forward} {n}");
                     assert!(same(&a, &b), "fill {fill}, forward {forward}, key {n}");
                 }
             }
@@ -2278,7 +2394,7 @@ mod tests {
     #[test]
     fn worker_inserts_are_insert_then_remove_reverse() {
         let build = |fill: u32| {
-            let mut t = ConntrackTable::with_capacity(16);
+            let mut t = ConntrackTable::with_capacity(16, SEED);
             for n in 0..fill {
                 nat_pair(&mut t, (key(2 * n), key(2 * n + 1)), (100 + n, 0), 0);
             }
@@ -2289,7 +2405,7 @@ mod tests {
                 } else {
                     entry(key(n), ConnState::SynSeen, 10 + n % 3)
                 };
-                t.insert(e, key(n).hash(), 0).unwrap();
+                t.insert(e, key(n).hash(SEED), 0).unwrap();
             }
             if let Some((f, _)) = nat_pair(&mut t, (key(40), key(41)), (90, 0), 0) {
                 t.remove(f);
@@ -2310,9 +2426,9 @@ mod tests {
                 for (n, now) in [(60, 0), (61, 11), (62, 200), (63, 101), (64, 0), (65, 11)] {
                     let e = entry(key(n), ConnState::SynSeen, 300);
                     let (mut a, mut b) = (build(fill), build(fill));
-                    let (general, removed) = general_worker_insert(&mut a, e, key(n).hash(), now, spare);
+                    let (general, removed) = general_worker_insert(&mut a, e, key(n).hash(SEED), now, spare);
                     unpaired += usize::from(removed);
-                    let fast = b.insert_hinted(e, key(n).hash(), now, spare, None);
+                    let fast = b.insert_hinted(e, key(n).hash(SEED), now, spare, None);
                     assert_eq!(fast, general, "fill {fill}, spare {spare}, key {n}");
                     assert!(same(&a, &b), "fill {fill}, spare {spare}, key {n}");
                 }
@@ -2330,7 +2446,7 @@ mod tests {
         let hash = |tag: u64, home: u64, bucket: u64| (tag << 49) | (home << 45) | bucket;
         let mut home_preferred = 0;
         for fill in 0..=16u64 {
-            let mut t = ConntrackTable::with_capacity(16);
+            let mut t = ConntrackTable::with_capacity(16, SEED);
             for n in 0..fill {
                 let h = hash(n % 2, (n * 3) % 8, n % 3 % 2);
                 let _ = t.insert(entry(key(n as u32), ConnState::SynSeen, 10 + n as u32), h, 0);
@@ -2368,12 +2484,12 @@ mod tests {
     #[test]
     fn remove_reverse_is_get_then_remove() {
         let build = || {
-            let mut t = ConntrackTable::with_capacity(32);
+            let mut t = ConntrackTable::with_capacity(32, SEED);
             for n in 0..6 {
                 nat_pair(&mut t, (key(2 * n), key(2 * n + 1)), (100 + n, 0), 0).unwrap();
             }
             for n in 20..26 {
-                t.insert(entry(key(n), ConnState::Established, 500), key(n).hash(), 0).unwrap();
+                t.insert(entry(key(n), ConnState::Established, 500), key(n).hash(SEED), 0).unwrap();
             }
             let (f, _) = nat_pair(&mut t, (key(40), key(41)), (90, 0), 0).unwrap();
             t.remove(f);
@@ -2395,7 +2511,7 @@ mod tests {
 
     #[test]
     fn reverse_entry_lives_with_its_forward_entry() {
-        let mut t = ConntrackTable::with_capacity(64);
+        let mut t = ConntrackTable::with_capacity(64, SEED);
         let (f, r) = nat_pair(&mut t, (key(1), key(2)), (100, 0), 0).unwrap();
         assert!(t.is_live(r, 50), "reverse entry follows the live forward entry, not its own expiry");
         assert!(!t.is_live(r, 100));
@@ -2412,11 +2528,12 @@ mod tests {
 
     #[test]
     fn sweep_reclaims_only_expired() {
-        let mut t = ConntrackTable::with_capacity(1024);
+        // Room for eight times the entries: no bucket of live entries fills, under any seed.
+        let mut t = ConntrackTable::with_capacity(4096, SEED);
         for n in 0..500 {
             let k = key(n);
             let exp = if n % 2 == 0 { 10 } else { 1000 };
-            t.insert(entry(k, ConnState::UdpAssured, exp), k.hash(), 0).unwrap();
+            t.insert(entry(k, ConnState::UdpAssured, exp), k.hash(SEED), 0).unwrap();
         }
         let mut out = [(0, Entry::default()); WAYS];
         let mut swept = 0;

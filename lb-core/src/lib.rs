@@ -23,6 +23,7 @@
 //! use core::net::IpAddr;
 //! use lb_core::config::{BackendConfig, BackendState, Config, ForwardMode, Protocol, RemovedBackendPolicy,
 //!     SchedulerKind, ServiceConfig, ServiceKey};
+//! use lb_core::conntrack::ConntrackSeed;
 //! use lb_core::service::TableBuilder;
 //! use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
 //!
@@ -46,8 +47,10 @@
 //! });
 //!
 //! // Control side: validate the whole configuration and build the tables (Maglev rings and all).
-//! // Keep one builder for the process's life: it keeps backend slots stable across rebuilds.
-//! let mut builder = TableBuilder::new();
+//! // Keep one builder for the process's life: it keeps backend slots stable across rebuilds, and
+//! // gives every table the process's connection table seed (drawn at random at start: a sender
+//! // who knew it could aim flows at one conntrack bucket; see `ConntrackSeed`).
+//! let mut builder = TableBuilder::new().with_conntrack_seed(ConntrackSeed::new(0x243f_6a88_85a3_08d3));
 //! let tables = builder.build(&config).expect("valid config");
 //! // One worker per core, sized once; nothing allocates after this.
 //! let mut worker = Worker::new(tables, WorkerConfig::single_core(1 << 16));

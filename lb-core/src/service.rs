@@ -49,7 +49,7 @@ use alloc::boxed::Box;
 use alloc::collections::BTreeSet;
 use hashbrown::{HashMap, HashSet};
 
-use crate::conntrack::{PortKeys, addr_bytes};
+use crate::conntrack::{ConntrackSeed, PortKeys, addr_bytes};
 use crate::packet::{Family, FlowKey};
 
 use crate::config::{
@@ -153,9 +153,10 @@ impl Backend {
     }
 
     /// The conntrack keys a full-NAT flow's replies from this backend arrive under, from SNAT
-    /// address `snat`: from the backend's address and port to `snat`, to any SNAT port.
-    pub(crate) fn reply_keys(&self, snat: IpAddr) -> PortKeys {
-        PortKeys::flow(self.addr, snat, self.port)
+    /// address `snat`: from the backend's address and port to `snat`, to any SNAT port, hashed
+    /// under `seed` (the connection table's).
+    pub(crate) fn reply_keys(&self, seed: ConntrackSeed, snat: IpAddr) -> PortKeys {
+        PortKeys::flow(seed, self.addr, snat, self.port)
     }
 }
 
@@ -247,6 +248,9 @@ pub struct Tables {
     /// of five ([`Tables::nat_reply_keys`]). 56 bytes a backend slot (one SNAT address a
     /// backend); apart from the locations, whose 64 bytes have none to spare.
     reply_keys: Vec<Option<PortKeys>>,
+    /// The seed of the connection table hash `reply_keys` were hashed under: that of every
+    /// worker's table these tables may serve ([`Tables::conntrack_seed`]).
+    conntrack_seed: ConntrackSeed,
     limits: Limits,
     /// Entries of the distinct Maglev tables (see [`Limits::max_maglev_entries`]).
     maglev_entries: usize,
@@ -436,6 +440,14 @@ impl Tables {
     /// The slot limits of the builder that built these tables.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// The connection table seed of the builder that built these tables
+    /// ([`TableBuilder::with_conntrack_seed`]): a worker's table hashes under the seed of its first
+    /// tables, and it refuses tables of another.
+    #[inline]
+    pub fn conntrack_seed(&self) -> ConntrackSeed {
+        self.conntrack_seed
     }
 
     /// The Maglev table entries these tables hold: those of the distinct tables, each counted once
@@ -1007,6 +1019,8 @@ fn backend_key(s: &ServiceConfig, b: &BackendConfig) -> BackendKey {
 #[derive(Debug, Clone, Default)]
 pub struct TableBuilder {
     limits: Limits,
+    /// The connection table seed every build carries ([`TableBuilder::with_conntrack_seed`]).
+    conntrack_seed: ConntrackSeed,
     service_slots: HashMap<ServiceKey, (u32, u32)>,
     backend_slots: HashMap<BackendKey, (u32, u32)>,
     /// For a backend whose service switched into or out of NAT, the generation it had before the
@@ -1374,9 +1388,22 @@ impl TableBuilder {
         TableBuilder { limits, ..TableBuilder::default() }
     }
 
+    /// This builder, building tables for connection tables hashed under `seed` (default
+    /// [`ConntrackSeed::UNSEEDED`]): the tables hash full-NAT reply keys ahead under it, and a worker
+    /// takes it for its connection table from its first tables and refuses tables of another (see
+    /// [`ConntrackSeed`]). Draw it at random once per process and build every table with it.
+    pub fn with_conntrack_seed(self, seed: ConntrackSeed) -> Self {
+        TableBuilder { conntrack_seed: seed, ..self }
+    }
+
     /// The limits this builder enforces.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// The connection table seed of the tables this builder builds.
+    pub fn conntrack_seed(&self) -> ConntrackSeed {
+        self.conntrack_seed
     }
 
     /// Validates `cfg` whole and builds its tables. On error nothing changes: the builder's slots stay
@@ -1503,7 +1530,7 @@ impl TableBuilder {
                     reply_keys.resize(i + 1, None);
                 }
                 if let Some(keys) = reply_keys.get_mut(i) {
-                    *keys = node.snat_addr_for(b.addr).map(|snat| b.reply_keys(snat));
+                    *keys = node.snat_addr_for(b.addr).map(|snat| b.reply_keys(self.conntrack_seed, snat));
                 }
                 if let Some(loc) = backend_locations.get_mut(i) {
                     *loc = BackendLocation {
@@ -1608,6 +1635,7 @@ impl TableBuilder {
             vips,
             backend_locations,
             reply_keys,
+            conntrack_seed: self.conntrack_seed,
             limits: self.limits,
             maglev_entries,
             version: self.version,
@@ -2083,6 +2111,7 @@ mod tests {
     #[test]
     fn tables_keep_each_backends_reply_keys() {
         use crate::conntrack::ConnKey;
+        let seed = ConntrackSeed::new(0x5eed);
         let mut cfg = good();
         cfg.node.snat_v6 = Some("fd00::100".parse().unwrap());
         let v6 = vec![backend("fd00::7", 443), backend("fd00::8", 443)];
@@ -2099,7 +2128,8 @@ mod tests {
                 for (port, proto) in [(40000, 6), (65535, 17), (1, 6)] {
                     let want = ConnKey::flow(b.addr, snat, b.port, port, proto);
                     let mut key = ConnKey::default();
-                    assert_eq!(keys.key(port, proto, &mut key), want.hash(), "{} port {port} from {snat}", b.addr);
+                    let hash = keys.key(port, proto, &mut key);
+                    assert_eq!(hash, want.hash(seed), "{} port {port} from {snat}", b.addr);
                     assert_eq!(key, want);
                 }
                 n += 1;
@@ -2108,7 +2138,7 @@ mod tests {
         };
         // (What the tables' doc comment says they cost a backend slot.)
         assert_eq!(core::mem::size_of::<Option<PortKeys>>(), 56);
-        let mut builder = TableBuilder::new();
+        let mut builder = TableBuilder::new().with_conntrack_seed(seed);
         assert_eq!(check(&builder.build(&cfg).unwrap()), 5);
         cfg.node.snat_v4 = Some("10.0.0.200".parse().unwrap());
         cfg.node.snat_v6 = Some("fd00::200".parse().unwrap());

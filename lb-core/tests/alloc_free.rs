@@ -116,7 +116,7 @@ fn drive(
 #[test]
 fn hundred_thousand_mixed_frames_allocate_nothing() {
     let cfg = config();
-    let mut builder = lb_core::service::TableBuilder::new();
+    let mut builder = worker_common::table_builder();
     let tables = builder.build(&cfg).unwrap();
     let mut changed = cfg.clone();
     changed.services[0].backends.push(backend("10.1.0.3", 8080));

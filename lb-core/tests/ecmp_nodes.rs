@@ -12,7 +12,6 @@ mod worker_common;
 use std::net::IpAddr;
 
 use lb_core::config::{BackendConfig, Config, ForwardMode, Protocol, SchedulerKind, ServiceConfig};
-use lb_core::service::TableBuilder;
 use lb_core::{Verdict, Worker, WorkerConfig};
 use worker_common::{Tcp, backend, node, run, secs, seen, service, tcp, udp, v4};
 
@@ -61,7 +60,7 @@ fn disagreements(a: &mut Worker, b: &mut Worker, flows: u32) -> usize {
 /// Node B: a builder that saw other configurations first (more backends, another service, services and
 /// backends in other orders), a smaller connection table already holding other flows, and core 1 of 2.
 fn node_with_a_past(cfg: &Config) -> Worker {
-    let mut builder = TableBuilder::new();
+    let mut builder = worker_common::table_builder();
     let mut earlier = config(6);
     earlier.services.reverse();
     earlier.services.push(service(
@@ -91,7 +90,7 @@ fn node_with_a_past(cfg: &Config) -> Worker {
 #[test]
 fn nodes_with_different_histories_pick_the_same_backends() {
     let cfg = config(4);
-    let mut a = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1 << 16));
+    let mut a = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(1 << 16));
     let mut b = node_with_a_past(&cfg);
     assert_eq!(disagreements(&mut a, &mut b, 400), 0);
 }
@@ -101,8 +100,8 @@ fn nodes_with_different_seeds_disagree() {
     let cfg = config(4);
     let mut other = cfg.clone();
     other.node.hash_seed ^= 1;
-    let mut a = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1 << 16));
-    let mut b = Worker::new(TableBuilder::new().build(&other).unwrap(), WorkerConfig::single_core(1 << 16));
+    let mut a = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(1 << 16));
+    let mut b = Worker::new(worker_common::table_builder().build(&other).unwrap(), WorkerConfig::single_core(1 << 16));
     // With 4 backends, a flow agrees by chance a quarter of the time.
     let differ = disagreements(&mut a, &mut b, 400);
     assert!(differ > 1200 / 2, "{differ} of 1200 first packets went elsewhere");
@@ -118,8 +117,8 @@ fn after_a_backend_leaves_a_flow_moving_node_keeps_its_backend() {
     let mut sh_and_mh =
         |s: &mut ServiceConfig| s.backends.retain(|b| !matches!(b.addr.to_string().as_str(), "10.2.0.5" | "fd00:2::5"));
     after.services.iter_mut().for_each(&mut sh_and_mh);
-    let mut a = Worker::new(TableBuilder::new().build(&before).unwrap(), WorkerConfig::single_core(1 << 16));
-    let mut b = Worker::new(TableBuilder::new().build(&after).unwrap(), WorkerConfig::single_core(1 << 16));
+    let mut a = Worker::new(worker_common::table_builder().build(&before).unwrap(), WorkerConfig::single_core(1 << 16));
+    let mut b = Worker::new(worker_common::table_builder().build(&after).unwrap(), WorkerConfig::single_core(1 << 16));
     let gone = |backend: &str| backend.ends_with("05]") || backend == "fd00:2::5";
     let (mut kept, mut moved) = (0, 0);
     for frame in (0..2000).flat_map(first_packets) {

@@ -13,7 +13,6 @@ use std::net::IpAddr;
 
 use etherparse::{IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, PacketBuilder, UdpHeader};
 use lb_core::config::{BackendState, Config, RemovedBackendPolicy};
-use lb_core::service::TableBuilder;
 use lb_core::stats::DropReason;
 use lb_core::{Frame, Verdict, Worker, WorkerConfig};
 use worker_common::*;
@@ -281,7 +280,7 @@ fn every_drop_reason_has_a_golden_frame() {
     let mut cfg = golden_config();
     cfg.services[4].backends = vec![backend("10.1.0.1", 81), backend("10.1.0.2", 81)];
     cfg.services[4].on_backend_removed = RemovedBackendPolicy::Drop;
-    let mut b = TableBuilder::new();
+    let mut b = worker_common::table_builder();
     let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
     let (_, out) = run(&mut w, &tcp(c, 1, vip, 81, Tcp::Syn, b""), secs(1));
     let used = if out[5] == 1 { "10.1.0.1" } else { "10.1.0.2" };

@@ -9,7 +9,7 @@ mod worker_common;
 use std::net::IpAddr;
 
 use lb_core::config::{Config, ForwardMode, Protocol};
-use lb_core::service::{ConfigError, TableBuilder};
+use lb_core::service::ConfigError;
 use lb_core::stats::DropReason;
 use lb_core::{Verdict, Worker, WorkerConfig};
 use smoltcp::wire::{
@@ -51,7 +51,7 @@ fn config(mtu: Option<u16>) -> Config {
 }
 
 fn worker(mtu: Option<u16>) -> Worker {
-    Worker::new(TableBuilder::new().build(&config(mtu)).unwrap(), WorkerConfig::single_core(1024))
+    Worker::new(worker_common::table_builder().build(&config(mtu)).unwrap(), WorkerConfig::single_core(1024))
 }
 
 /// A TCP segment of `ip_len` bytes of IP packet from the client to `vip:port`, with DF as given.
@@ -172,9 +172,9 @@ fn a_packet_that_cannot_be_told_to_shrink_is_a_counted_drop() {
 
 #[test]
 fn a_path_mtu_below_ipv6_minimum_plus_headers_is_rejected() {
-    let err = TableBuilder::new().build(&config(Some(1331))).unwrap_err();
+    let err = worker_common::table_builder().build(&config(Some(1331))).unwrap_err();
     assert!(matches!(err, ConfigError::TunnelMtuTooSmall { mtu: 1331, min: 1332 }), "{err}");
-    assert!(TableBuilder::new().build(&config(Some(1332))).is_ok());
+    assert!(worker_common::table_builder().build(&config(Some(1332))).is_ok());
 }
 
 /// RFC 1122 3.2.2 and RFC 4443 2.4 (e): no ICMP error to a source that names no single host

@@ -52,7 +52,7 @@ const VIP: &str = "192.0.2.1";
 /// as `no_snat_port`, as if the range were exhausted. Numbered within, each takes its share.
 #[test]
 fn a_worker_numbered_outside_its_node_is_refused() {
-    let tables = TableBuilder::new().build(&one_backend_nat(40099)).unwrap();
+    let tables = worker_common::table_builder().build(&one_backend_nat(40099)).unwrap();
     let at = |core_index, core_count| WorkerConfig { conntrack_capacity: 1024, core_index, core_count };
     let refused = |c| Worker::try_new(tables.clone(), c).err();
     assert_eq!(refused(at(0, 0)), Some(WorkerConfigError::NoCores));
@@ -75,7 +75,7 @@ fn removed_backend_policy_reschedule_or_drop() {
     for policy in [RemovedBackendPolicy::Reschedule, RemovedBackendPolicy::Drop] {
         let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
         cfg.services[0].on_backend_removed = policy;
-        let mut b = TableBuilder::new();
+        let mut b = worker_common::table_builder();
         let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
         let mut on_first = vec![];
         for i in 0..10 {
@@ -101,7 +101,7 @@ fn removed_backend_policy_reschedule_or_drop() {
 fn tables_of_another_builder_never_send_a_flow_to_another_service() {
     // Builder one: backend 10.1.0.1 of "web" takes the first backend slot.
     let web = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1"]);
-    let mut w = Worker::new(TableBuilder::new().build(&web).unwrap(), WorkerConfig::single_core(1024));
+    let mut w = Worker::new(worker_common::table_builder().build(&web).unwrap(), WorkerConfig::single_core(1024));
     let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
     assert_eq!(dsr_backend(&out), 1);
     let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
@@ -113,7 +113,7 @@ fn tables_of_another_builder_never_send_a_flow_to_another_service() {
     cfg.services[0].backends = vec![backend("10.1.0.2", 80)];
     cfg.services
         .insert(0, service("other", "192.0.2.9", 80, Protocol::Tcp, ForwardMode::Dsr, vec![backend("10.1.0.9", 80)]));
-    w.swap_tables(TableBuilder::new().build(&cfg).unwrap());
+    w.swap_tables(worker_common::table_builder().build(&cfg).unwrap());
     for _ in 0..2 {
         let (v, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(2));
         assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 2));
@@ -125,9 +125,9 @@ fn tables_of_another_builder_never_send_a_flow_to_another_service() {
 #[test]
 fn a_worker_started_on_tables_of_its_own_builder_serves_the_control_planes() {
     let empty = Config { node: dsr_config(SchedulerKind::Maglev, &[]).node, services: vec![] };
-    let mut w = Worker::new(TableBuilder::new().build(&empty).unwrap(), WorkerConfig::single_core(1024));
+    let mut w = Worker::new(worker_common::table_builder().build(&empty).unwrap(), WorkerConfig::single_core(1024));
     let web = dsr_config(SchedulerKind::Maglev, &["10.1.0.1", "10.1.0.2"]);
-    let mut control = TableBuilder::new();
+    let mut control = worker_common::table_builder();
     w.swap_tables(control.build(&web).unwrap());
     let (_, first) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
     let (v, again) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
@@ -146,7 +146,7 @@ fn tables_of_another_builder_never_move_a_flow_to_another_backend_of_its_service
     for policy in [RemovedBackendPolicy::Drop, RemovedBackendPolicy::Reschedule] {
         let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
         cfg.services[0].on_backend_removed = policy;
-        let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+        let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
         let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
         assert_eq!(dsr_backend(&out), 1, "rr's first pick");
         let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
@@ -155,7 +155,7 @@ fn tables_of_another_builder_never_move_a_flow_to_another_backend_of_its_service
 
         let mut other = cfg.clone();
         other.services.iter_mut().for_each(|s| s.backends.reverse());
-        w.swap_tables(TableBuilder::new().build(&other).unwrap());
+        w.swap_tables(worker_common::table_builder().build(&other).unwrap());
         let web = w.tables().services()[0].clone();
         let counts = |w: &Worker| -> Vec<(u64, u64)> {
             web.backends
@@ -196,7 +196,8 @@ fn a_worker_refuses_tables_with_larger_limits_and_keeps_serving_its_own() {
     use lb_core::service::Limits;
     use std::sync::Arc;
     let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
-    let mut small = TableBuilder::with_limits(Limits { max_services: 2, max_backends: 4, ..Limits::default() });
+    let mut small = TableBuilder::with_limits(Limits { max_services: 2, max_backends: 4, ..Limits::default() })
+        .with_conntrack_seed(worker_common::SEED);
     let first = small.build(&cfg).unwrap();
     let mut w = Worker::new(first.clone(), WorkerConfig::single_core(1024));
     let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
@@ -204,7 +205,7 @@ fn a_worker_refuses_tables_with_larger_limits_and_keeps_serving_its_own() {
 
     let mut other = cfg.clone();
     other.services[0].backends = vec![backend("10.1.0.3", 80)];
-    let larger = TableBuilder::new().build(&other).unwrap();
+    let larger = worker_common::table_builder().build(&other).unwrap();
     let back = w.swap_tables(larger.clone());
     assert!(Arc::ptr_eq(&back, &larger), "the refused tables come back");
     assert!(Arc::ptr_eq(w.tables(), &first), "the worker keeps its tables");
@@ -228,16 +229,70 @@ fn a_worker_refuses_tables_with_larger_limits_and_keeps_serving_its_own() {
     assert_eq!(w.stats().tables_refused, 1);
     // The Maglev budget sizes nothing in a worker: a larger one is no reason to refuse tables.
     let budget = Limits { max_maglev_entries: usize::MAX, ..small.limits() };
-    let roomier = TableBuilder::with_limits(budget).build(&cfg).unwrap();
+    let roomier = TableBuilder::with_limits(budget).with_conntrack_seed(worker_common::SEED).build(&cfg).unwrap();
     drop(w.swap_tables(roomier.clone()));
     assert!(Arc::ptr_eq(w.tables(), &roomier));
     assert_eq!(w.stats().tables_refused, 1);
 }
 
+/// A worker's connection table hashes under its first tables' conntrack seed for its life: under
+/// one it serves full-NAT flows and their replies (whose reply keys the tables hashed ahead, under
+/// the same seed) with every entry where the table's hash finds it; it refuses tables of another
+/// seed (counted, its own kept, the refused handed back), since its entries would be lost to them,
+/// and goes on serving its flows both ways; tables of its seed go in.
+#[test]
+fn a_worker_refuses_tables_of_another_conntrack_seed() {
+    use lb_core::conntrack::ConntrackSeed;
+    use std::sync::Arc;
+    let cfg = one_backend_nat(40099);
+    let mut b = worker_common::table_builder();
+    let first = b.build(&cfg).unwrap();
+    assert_eq!(first.conntrack_seed(), worker_common::SEED);
+    let mut w = Worker::new(first.clone(), WorkerConfig::single_core(1024));
+    assert_eq!(w.conntrack().seed(), worker_common::SEED);
+    let both_ways = |w: &mut Worker, i: u32, port: u16, at: u64| {
+        let (v, out) = run(w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b"q"), secs(at));
+        assert_eq!((v, seen(&out).sport), (Verdict::Tx, port), "client {i}");
+        let (v, out) = run(w, &tcp(v4("10.1.0.1"), 8080, v4("10.0.0.100"), port, Tcp::Ack, b"r"), secs(at));
+        assert_eq!((v, seen(&out).dst, seen(&out).dport), (Verdict::Tx, client(i), 1000), "reply to client {i}");
+    };
+    let mut ports = vec![];
+    for i in 0..8 {
+        let (v, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+        assert_eq!(v, Verdict::Tx);
+        ports.push(seen(&out).sport);
+        both_ways(&mut w, i, ports[i as usize], 1);
+    }
+    assert_eq!(w.conntrack().len(), 16, "eight flows, each with its reverse entry");
+    let ct = w.conntrack();
+    assert!(ct.iter().all(|(i, e)| ct.find(&e.key, ct.hash(&e.key)) == Some(i)), "each entry where its hash is");
+
+    for other in [ConntrackSeed::UNSEEDED, ConntrackSeed::new(0x00ff_5eed)] {
+        let refused = lb_core::service::TableBuilder::new().with_conntrack_seed(other).build(&cfg).unwrap();
+        let back = w.swap_tables(refused.clone());
+        assert!(Arc::ptr_eq(&back, &refused), "the refused tables come back");
+        assert!(Arc::ptr_eq(w.tables(), &first), "the worker keeps its tables");
+    }
+    assert_eq!(w.stats().tables_refused, 2);
+    for i in 0..8 {
+        both_ways(&mut w, i, ports[i as usize], 2);
+    }
+    let next = b.build(&cfg).unwrap();
+    drop(w.swap_tables(next.clone()));
+    assert!(Arc::ptr_eq(w.tables(), &next));
+    assert_eq!(w.stats().tables_refused, 2);
+    for i in 0..8 {
+        both_ways(&mut w, i, ports[i as usize], 3);
+    }
+    let (v, _) = run(&mut w, &tcp(client(8), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(3));
+    assert_eq!(v, Verdict::Tx);
+    both_ways(&mut w, 8, 40008, 3);
+}
+
 #[test]
 fn draining_backend_keeps_its_flows_and_gets_no_new_ones() {
     let mut cfg = dsr_config(SchedulerKind::Maglev, &["10.1.0.1", "10.1.0.2"]);
-    let mut b = TableBuilder::new();
+    let mut b = worker_common::table_builder();
     let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
     let mut first = vec![];
     for i in 0..40 {
@@ -259,7 +314,7 @@ fn draining_backend_keeps_its_flows_and_gets_no_new_ones() {
 fn client_ip_affinity_holds_until_its_timeout() {
     let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
     cfg.services[0].affinity_timeout = Some(dur(100));
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
     let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
     let sticky = dsr_backend(&out);
     for port in 1001..1010 {
@@ -286,7 +341,7 @@ fn client_ip_affinity_lasts_its_whole_timeout_from_any_fraction_of_a_second() {
     cfg.services[0].affinity_timeout = Some(dur(1));
     let ms = lb_core::Instant::from_millis;
     for (first, later) in [(1900, 2100), (1900, 2900), (1000, 2000), (1999, 2999)] {
-        let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+        let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
         let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), ms(first));
         let sticky = dsr_backend(&out);
         let (_, out) = run(&mut w, &tcp(client(1), 1001, v4(VIP), 80, Tcp::Syn, b""), ms(later));
@@ -307,7 +362,7 @@ fn client_ip_affinity_agrees_between_cores_under_hashing_schedulers() {
     for scheduler in [SchedulerKind::Maglev, SchedulerKind::Rendezvous] {
         let mut cfg = dsr_config(scheduler, &backends);
         cfg.services[0].affinity_timeout = Some(dur(600));
-        let tables = TableBuilder::new().build(&cfg).unwrap();
+        let tables = worker_common::table_builder().build(&cfg).unwrap();
         let mut cores: Vec<Worker> = (0..2)
             .map(|i| {
                 Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 1024, core_index: i, core_count: 2 })
@@ -334,7 +389,7 @@ fn client_ip_affinity_records_are_per_core_so_a_backend_change_can_split_a_clien
     let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
     let mut cfg = dsr_config(SchedulerKind::Maglev, &backends);
     cfg.services[0].affinity_timeout = Some(dur(600));
-    let mut b = TableBuilder::new();
+    let mut b = worker_common::table_builder();
     let tables = b.build(&cfg).unwrap();
     let mut cores: Vec<Worker> = (0..2)
         .map(|i| Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 4096, core_index: i, core_count: 2 }))
@@ -367,7 +422,7 @@ fn narrowed_source_ranges_cut_established_flows_of_the_clients_left_out() {
     let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
     let outside = v4("203.0.113.9");
     cfg.services[0].source_ranges = vec!["198.51.100.0/24".parse().unwrap(), "203.0.113.0/24".parse().unwrap()];
-    let mut b = TableBuilder::new();
+    let mut b = worker_common::table_builder();
     let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
     let mut on = vec![];
     for c in [client(1), outside] {
@@ -400,7 +455,7 @@ fn client_ip_affinity_moves_once_its_backend_takes_no_new_flows_and_stays_moved(
             let case = format!("{scheduler:?}, {change}");
             let mut cfg = dsr_config(scheduler, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
             cfg.services[0].affinity_timeout = Some(dur(600));
-            let mut b = TableBuilder::new();
+            let mut b = worker_common::table_builder();
             let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
             let c = client(7);
             let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
@@ -436,7 +491,7 @@ fn client_ip_affinity_moves_once_its_backend_takes_no_new_flows_and_stays_moved(
 #[test]
 fn each_cores_round_robin_starts_at_its_own_backend() {
     let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
-    let tables = TableBuilder::new().build(&cfg).unwrap();
+    let tables = worker_common::table_builder().build(&cfg).unwrap();
     let mut cores: Vec<Worker> = (0..3)
         .map(|i| Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 1024, core_index: i, core_count: 3 }))
         .collect();
@@ -453,7 +508,7 @@ fn each_cores_round_robin_starts_at_its_own_backend() {
 #[test]
 fn syn_flood_does_not_push_out_established_flows() {
     let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(256));
+    let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(256));
     let mut backends = vec![];
     for i in 0..64 {
         let (_, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
@@ -508,7 +563,7 @@ fn tcp_states_and_timeouts() {
 #[test]
 fn expired_flows_are_reclaimed_and_counts_fall() {
     let cfg = dsr_config(SchedulerKind::LeastConnections, &["10.1.0.1", "10.1.0.2"]);
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(64));
+    let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(64));
     for i in 0..20 {
         run(&mut w, &udp(client(i), 53, v4(VIP), 80, b"q"), secs(1));
     }
@@ -530,7 +585,7 @@ fn expired_flows_are_reclaimed_and_counts_fall() {
 #[test]
 fn an_idle_worker_reclaims_expired_flows_by_sweep() {
     let cfg = dsr_config(SchedulerKind::LeastConnections, &["10.1.0.1", "10.1.0.2"]);
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
     for i in 0..40 {
         run(&mut w, &udp(client(i), 53, v4(VIP), 80, b"q"), secs(10));
     }
@@ -556,7 +611,7 @@ fn an_idle_worker_reclaims_expired_flows_by_sweep() {
 #[test]
 fn a_sweep_of_more_buckets_than_the_table_has_goes_round_it_once() {
     let cfg = dsr_config(SchedulerKind::LeastConnections, &["10.1.0.1", "10.1.0.2"]);
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1 << 16));
+    let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(1 << 16));
     for i in 0..40 {
         run(&mut w, &udp(client(i), 53, v4(VIP), 80, b"q"), secs(10));
     }
@@ -575,7 +630,7 @@ fn a_sweep_of_more_buckets_than_the_table_has_goes_round_it_once() {
 #[test]
 fn service_counters_keep_what_a_departed_backend_counted_and_start_at_zero_on_a_reused_slot() {
     let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
-    let mut b = TableBuilder::new();
+    let mut b = worker_common::table_builder();
     let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
     let slot = w.tables().services()[0].slot;
     let frame = |i, flags| tcp(client(i), 1000, v4(VIP), 80, flags, b"");
@@ -618,7 +673,7 @@ fn service_counters_keep_what_a_departed_backend_counted_and_start_at_zero_on_a_
 #[test]
 fn a_reused_backend_slot_counts_only_its_new_backends_connections() {
     let mut cfg = dsr_config(SchedulerKind::LeastConnections, &["10.1.0.1", "10.1.0.2"]);
-    let mut b = TableBuilder::new();
+    let mut b = worker_common::table_builder();
     let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(64));
     let slot_of = |w: &Worker, addr: &str| {
         w.tables().services()[1].backends.iter().find(|b| b.addr == v4(addr)).map(|b| b.slot())
@@ -869,7 +924,7 @@ fn frag_needed_about(client: std::net::IpAddr) -> Vec<u8> {
 #[test]
 fn icmp_error_follows_its_flow_to_the_backend() {
     let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
     let mut sent_to = vec![];
     for i in 0..2 {
         let (_, out) = run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
@@ -900,7 +955,7 @@ fn icmp_error_follows_its_flow_to_the_backend() {
 fn icmp_error_about_a_dsr_flow_reaches_its_backend_from_any_core() {
     for kind in SchedulerKind::ALL {
         let cfg = dsr_config(kind, &["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"]);
-        let tables = TableBuilder::new().build(&cfg).unwrap();
+        let tables = worker_common::table_builder().build(&cfg).unwrap();
         let core =
             |i| Worker::new(tables.clone(), WorkerConfig { conntrack_capacity: 1024, core_index: i, core_count: 2 });
         let (mut flow_core, mut other_core) = (core(0), core(1));
@@ -985,12 +1040,12 @@ fn icmp_error_about_an_untracked_flow_is_not_sent_on_a_guess() {
         ("source ranges", ranges, DropReason::SourceNotAllowed),
     ];
     for (name, cfg, reason) in cases {
-        let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+        let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
         let (v, _) = run(&mut w, &frag_needed_about(client(3)), secs(2));
         assert_eq!(v, Verdict::Drop(reason), "{name}");
     }
     // The base service sends it.
-    let mut w = Worker::new(TableBuilder::new().build(&base).unwrap(), WorkerConfig::single_core(1024));
+    let mut w = Worker::new(worker_common::table_builder().build(&base).unwrap(), WorkerConfig::single_core(1024));
     assert_eq!(run(&mut w, &frag_needed_about(client(3)), secs(2)).0, Verdict::Tx);
 }
 
@@ -1002,7 +1057,7 @@ fn drop_policy_setup(capacity: usize, flows: u32) -> (Worker, Config, Vec<u8>, T
     cfg.services[0].on_backend_removed = RemovedBackendPolicy::Drop;
     cfg.node.timeouts.tcp_established = dur(300);
     cfg.node.timeouts.tcp_time_wait = dur(30);
-    let mut b = TableBuilder::new();
+    let mut b = worker_common::table_builder();
     let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(capacity));
     let mut on = vec![];
     for i in 0..flows {
@@ -1070,7 +1125,7 @@ fn drop_policy_drops_every_later_packet_of_the_flow_and_schedules_new_ones() {
 fn an_icmp_error_about_a_tombstone_follows_the_policy_of_the_tables() {
     let mut cfg = dsr_config(SchedulerKind::Maglev, &["10.1.0.1", "10.1.0.2"]);
     cfg.services[0].on_backend_removed = RemovedBackendPolicy::Drop;
-    let mut b = TableBuilder::new();
+    let mut b = worker_common::table_builder();
     let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
     // A client whose flow Maglev puts on the backend that will leave.
     let c = (0..64)
@@ -1124,7 +1179,7 @@ fn drop_policy_udp_tombstone_lasts_the_udp_timeout_however_often_the_client_send
     let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
     cfg.services[1].on_backend_removed = RemovedBackendPolicy::Drop;
     cfg.node.timeouts.udp = dur(300);
-    let mut b = TableBuilder::new();
+    let mut b = worker_common::table_builder();
     let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
     let c = client(0);
     let datagram = udp(c, 123, v4(VIP), 80, b"ntp");
@@ -1207,7 +1262,7 @@ fn drop_policy_nat_flow_keeps_no_reverse_translation() {
     let mut cfg = all_modes_config();
     cfg.services[0].on_backend_removed = RemovedBackendPolicy::Drop;
     cfg.services[0].scheduler = SchedulerKind::RoundRobin;
-    let mut b = TableBuilder::new();
+    let mut b = worker_common::table_builder();
     let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
     let c = client(5);
     let (v, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
@@ -1249,7 +1304,7 @@ fn a_switch_into_or_out_of_nat_follows_the_removed_backend_policy() {
             cfg.services.truncate(1);
             cfg.services[0].mode = from;
             cfg.services[0].on_backend_removed = policy;
-            let mut b = TableBuilder::new();
+            let mut b = worker_common::table_builder();
             let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
             let c = client(1);
             run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
@@ -1305,7 +1360,7 @@ fn a_backends_counters_carry_on_across_a_switch_into_or_out_of_nat() {
         let mut cfg = dsr_config(SchedulerKind::Maglev, &["10.1.0.1"]);
         cfg.services.truncate(1);
         cfg.services[0].mode = from;
-        let mut b = TableBuilder::new();
+        let mut b = worker_common::table_builder();
         let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
         for i in 0..3 {
             assert_eq!(run(&mut w, &tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1)).0, Verdict::Tx);
@@ -1348,7 +1403,7 @@ fn a_syn_on_a_closing_flow_restarts_it_on_the_same_backend() {
     cfg.node.timeouts.tcp_syn = dur(30);
     cfg.node.timeouts.tcp_fin = dur(120);
     cfg.node.timeouts.tcp_established = dur(900);
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+    let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(1024));
     let c = client(1);
     let established = |w: &Worker| -> Vec<u64> {
         let s = &w.tables().services()[0];
@@ -1382,7 +1437,7 @@ fn a_syn_on_a_closing_flow_restarts_it_on_the_same_backend() {
 #[test]
 fn established_count_follows_tcp_states_as_ipvsadm_active_conn() {
     let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1"]);
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(64));
+    let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(64));
     let slot = w.tables().services()[0].backends[0].slot();
     let counts = |w: &Worker| (w.stats().backend(slot).active_conns, w.stats().backend(slot).established_conns);
     for i in 0..3 {
@@ -1416,7 +1471,7 @@ fn maglev_new_flows_get_the_schedulers_pick_on_either_path() {
         cfg.services[0].backends[1].weight = 4;
         cfg.services[0].backends[3].state = BackendState::Draining;
         cfg.services[0].affinity_timeout = affinity;
-        let tables = TableBuilder::new().build(&cfg).unwrap();
+        let tables = worker_common::table_builder().build(&cfg).unwrap();
         let svc = tables.services()[0].clone();
         let hasher = lb_hash::FlowHasher::new(node().hash_seed);
         let mut w = Worker::new(tables, WorkerConfig::single_core(1 << 14));
@@ -1449,7 +1504,7 @@ fn maglev_new_flows_get_the_schedulers_pick_on_either_path() {
 #[test]
 fn a_bursts_frames_see_the_conntrack_changes_of_the_frames_before_them() {
     let cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4"]);
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(8));
+    let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(8));
     assert_eq!(w.conntrack().capacity(), 8, "one bucket");
     let syn = |i: u32| tcp(client(i), 1000, v4(VIP), 80, Tcp::Syn, b"");
     let ack = |i: u32| tcp(client(i), 1000, v4(VIP), 80, Tcp::Ack, b"");
@@ -1562,7 +1617,7 @@ fn a_syn_on_a_known_flow_of_a_draining_backend_is_scheduled_afresh() {
     for state in ["half-open", "established", "closing"] {
         for change in ["none", "drain", "weight 0"] {
             let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2"]);
-            let mut b = TableBuilder::new();
+            let mut b = worker_common::table_builder();
             let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
             let c = client(1);
             let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
@@ -1698,7 +1753,7 @@ fn an_affinity_record_that_finds_no_room_is_counted() {
     let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
     cfg.services[0].affinity_timeout = Some(dur(100));
     // One 8-way bucket.
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(8));
+    let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(8));
     // A first client's flow and its record take two ways.
     assert_eq!(run(&mut w, &tcp(client(100), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1)).0, Verdict::Tx);
     assert_eq!((w.conntrack().len(), w.stats().affinity_not_recorded), (2, 0));
@@ -1732,7 +1787,7 @@ fn an_affinity_record_never_evicts_a_flow() {
     let mut cfg = dsr_config(SchedulerKind::RoundRobin, &["10.1.0.1", "10.1.0.2", "10.1.0.3"]);
     cfg.services[0].affinity_timeout = Some(dur(100));
     // One 8-way bucket.
-    let mut w = Worker::new(TableBuilder::new().build(&cfg).unwrap(), WorkerConfig::single_core(8));
+    let mut w = Worker::new(worker_common::table_builder().build(&cfg).unwrap(), WorkerConfig::single_core(8));
     // Seven UDP flows of the other service, each seen once (half-open).
     let mut on = vec![];
     for i in 0..7 {

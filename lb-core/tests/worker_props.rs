@@ -10,7 +10,6 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use lb_core::config::{Config, ForwardMode, Protocol, SchedulerKind};
 use lb_core::conntrack::{ConnKey, ConnState, Entry, EntryKind};
-use lb_core::service::TableBuilder;
 use lb_core::{Verdict, Worker, WorkerConfig};
 use proptest::prelude::*;
 use worker_common::*;
@@ -62,7 +61,7 @@ proptest! {
         let mut s = service("web", VIP, 80, proto, ForwardMode::Dsr, (0..initial).map(|i| backend(&backend_addr(i), 80)).collect());
         s.scheduler = kind;
         let mut cfg = Config { node: node(), services: vec![s] };
-        let mut b = TableBuilder::new();
+        let mut b = worker_common::table_builder();
         let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(4096));
         let send = |w: &mut Worker, i: u32, first: bool, t: u64| {
             let f = if udp_flows {
@@ -149,7 +148,7 @@ proptest! {
         also_add in any::<bool>(),
     ) {
         let cfg = all_modes_config();
-        let mut b = TableBuilder::new();
+        let mut b = worker_common::table_builder();
         let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
         let mut before = vec![];
         for i in 0..flows {

@@ -150,7 +150,7 @@ fn conntrack_reads(w: &Worker, bufs: &mut [[u8; HEADROOM + 128]; BURST], templat
         let mut hashes = [0u64; 16];
         for (h, b) in hashes.iter_mut().zip(batch) {
             if let Ok(p) = lb_core::packet::parse(&b[HEADROOM..HEADROOM + 60]) {
-                *h = ConnKey::from_flow(&p.flow).hash();
+                *h = table.hash(&ConnKey::from_flow(&p.flow));
             }
         }
         for h in hashes {

@@ -5,7 +5,7 @@
 
 use super::{Core, ReplyHint, snat};
 use crate::config::ForwardMode;
-use crate::conntrack::{ConnKey, ConntrackTable, Entry, EntryKind, InsertHint, Likely};
+use crate::conntrack::{ConnKey, ConntrackSeed, ConntrackTable, Entry, EntryKind, InsertHint, Likely};
 use crate::packet::{self, L4, ParseError, Parsed};
 use crate::service::{Backend, BackendRef, BackendSlot, RingRef, ServiceSummary, Tables};
 
@@ -61,11 +61,12 @@ pub(super) struct Lookahead {
     pub(super) insert_hint: Option<InsertHint>,
 }
 
-/// The conntrack key of a parsed flow, and its hash (`Lookahead::conn_key`, `conn_hash`).
+/// The conntrack key of a parsed flow, and its hash under the connection table's seed
+/// (`Lookahead::conn_key`, `conn_hash`).
 #[inline(always)]
-fn keyed(flow: &packet::FlowKey) -> (ConnKey, u64) {
+fn keyed(seed: ConntrackSeed, flow: &packet::FlowKey) -> (ConnKey, u64) {
     let key = ConnKey::from_flow(flow);
-    (key, key.hash())
+    (key, key.hash(seed))
 }
 
 impl Lookahead {
@@ -83,9 +84,10 @@ impl Lookahead {
         insert_hint: None,
     };
 
-    /// Parses `frame` into this slot and hashes its flow.
+    /// Parses `frame` into this slot and hashes its flow under `seed` (the worker's connection
+    /// table's: [`ConntrackTable::hash`]).
     #[inline]
-    pub(super) fn fill(&mut self, tables: &Tables, frame: &[u8]) {
+    pub(super) fn fill(&mut self, tables: &Tables, frame: &[u8], seed: ConntrackSeed) {
         // `packet::parse` spelled out, so the result is written straight into this slot: through
         // `parse`'s Option-to-Result step the 116-byte `Parsed` was built, then copied (~29
         // instructions per packet, callgrind), and through `parse_common`'s `Option` once more (14).
@@ -100,12 +102,12 @@ impl Lookahead {
         // the later passes, for every frame of a batch that reads them: here they were five stores
         // an established packet, callgrind.)
         self.insert_hint = None;
-        let (key, hash) = match packet::parse_common_into(frame, &mut self.parsed, keyed) {
+        let (key, hash) = match packet::parse_common_into(frame, &mut self.parsed, move |f| keyed(seed, f)) {
             Some((_, keyed)) => keyed,
             None => {
                 self.parsed = packet::parse_general(frame);
                 match &self.parsed {
-                    Ok(p) if p.has_ports() => keyed(&p.flow),
+                    Ok(p) if p.has_ports() => keyed(seed, &p.flow),
                     parsed => {
                         self.likely_hit = false;
                         (self.conn_hash, self.needs_service, self.lookup_hash) = match parsed {

@@ -303,7 +303,7 @@ impl Worker {
         config.check()?;
         let limits = tables.limits();
         let core = Core {
-            conntrack: ConntrackTable::with_capacity(config.conntrack_capacity),
+            conntrack: ConntrackTable::with_capacity(config.conntrack_capacity, tables.conntrack_seed()),
             stats: Stats::new(limits.max_services, limits.max_backends),
             limits,
             // Each core's round-robin cursors start at its own index, so cores do not all send
@@ -346,14 +346,20 @@ impl Worker {
     /// Installs new tables between bursts and returns the old ones (drop them off the fast path).
     /// Conntrack survives: flows keep their backends wherever the new tables still have them.
     ///
-    /// Tables whose slot [`Limits`] (`max_services`, `max_backends`) exceed those of the tables the
-    /// worker was built with are refused:
-    /// their slots could lie beyond the per-slot arrays sized then, uncounted and without scheduler
-    /// cursors. The worker keeps its tables, counts [`Stats::tables_refused`], and returns the
-    /// refused ones (also to be dropped off the fast path).
+    /// Refused are tables whose slot [`Limits`] (`max_services`, `max_backends`) exceed those of the
+    /// tables the worker was built with (their slots could lie beyond the per-slot arrays sized then,
+    /// uncounted and without scheduler cursors), and tables of another
+    /// [`conntrack_seed`](Tables::conntrack_seed) than those (the connection table hashes under
+    /// the seed of the worker's first tables, for its life, and their full-NAT reply keys are
+    /// hashed under theirs: see [`ConntrackSeed`](crate::conntrack::ConntrackSeed)). The worker
+    /// keeps its tables, counts [`Stats::tables_refused`], and returns the refused ones (also to
+    /// be dropped off the fast path).
     pub fn swap_tables(&mut self, tables: Arc<Tables>) -> Arc<Tables> {
         let (new, have) = (tables.limits(), self.core.limits);
-        if new.max_services > have.max_services || new.max_backends > have.max_backends {
+        if new.max_services > have.max_services
+            || new.max_backends > have.max_backends
+            || tables.conntrack_seed() != self.core.conntrack.seed()
+        {
             self.core.stats.tables_refused += 1;
             return tables;
         }
@@ -437,7 +443,7 @@ impl Worker {
             //    cost the loop and reading each slot back, ~10 instructions a packet, callgrind).
             let ahead = &mut self.ahead[..frames.len().min(BATCH)];
             for (a, frame) in ahead.iter_mut().zip(frames.iter()) {
-                a.fill(tables, frame.data());
+                a.fill(tables, frame.data(), core.conntrack.seed());
                 core.warm_first(tables, a);
             }
             // 2. Find each frame's service, and pull what step 3 will read into the cache, all loads
@@ -629,7 +635,7 @@ impl Core {
             Some(hash) => (&ahead.conn_key, hash),
             None => {
                 computed = conn_key(p);
-                (&computed, computed.hash())
+                (&computed, self.conntrack.hash(&computed))
             }
         };
         let hashes = (key, hash, ahead.flow_hash, ahead.ring_slot, ahead.insert_hint, slot);
@@ -1049,7 +1055,7 @@ impl Core {
     #[inline(never)]
     fn sticky_backend(&self, tables: &Tables, service: &Service, client: IpAddr, now: u32) -> Option<usize> {
         let k = affinity_key(service, client);
-        let i = self.conntrack.find(&k, k.hash())?;
+        let i = self.conntrack.find(&k, self.conntrack.hash(&k))?;
         let e = self.conntrack.get(i).filter(|e| !e.is_expired(now))?;
         let (si, bi) = tables.resolve(e.backend)?;
         let s = tables.service(si)?;
@@ -1072,7 +1078,7 @@ impl Core {
         now: u32,
     ) {
         let k = affinity_key(service, client);
-        let h = k.hash();
+        let h = self.conntrack.hash(&k);
         if let Some(i) = self.conntrack.find(&k, h) {
             self.remove(i);
         }
@@ -1117,7 +1123,10 @@ impl Core {
             return self.not_my_snat_port(tables, port);
         }
         let index = match entry {
-            NO_LINK => self.conntrack.find(key, hash.unwrap_or_else(|| key.hash())).ok_or(DropReason::NoReverseFlow)?,
+            NO_LINK => self
+                .conntrack
+                .find(key, hash.unwrap_or_else(|| self.conntrack.hash(key)))
+                .ok_or(DropReason::NoReverseFlow)?,
             index => index,
         };
         let (flags, timeouts) = (p.tcp_flags, &self.timeouts);
@@ -1169,7 +1178,7 @@ impl Core {
         now: u32,
     ) -> Outcome {
         let key = ConnKey::from_flow(flow);
-        let tracked = self.conntrack.find(&key, key.hash()).filter(|&i| self.conntrack.is_live(i, now));
+        let tracked = self.conntrack.find(&key, self.conntrack.hash(&key)).filter(|&i| self.conntrack.is_live(i, now));
         let Some(index) = tracked else {
             return self.icmp_error_untracked(tables, frame, p, flow);
         };
@@ -1595,6 +1604,9 @@ mod tests {
     use core::net::{Ipv4Addr, Ipv6Addr};
     use etherparse::PacketBuilder;
 
+    /// The connection table seed of these tests' tables: not 0, so they hold under a seed.
+    const SEED: crate::conntrack::ConntrackSeed = crate::conntrack::ConntrackSeed::new(0x9a5e_ed00_1234_5678);
+
     /// Addresses whose checksum sums carry and wrap every way.
     const ADDRS: [[u8; 4]; 4] = [[172, 16, 0, 1], [10, 1, 2, 3], [255, 255, 255, 255], [0, 0, 0, 1]];
     const MACS: ([u8; 6], [u8; 6]) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2]);
@@ -1724,7 +1736,7 @@ mod tests {
                 ));
             }
         }
-        let tables = TableBuilder::new().build(&Config { node, services }).unwrap();
+        let tables = TableBuilder::new().with_conntrack_seed(SEED).build(&Config { node, services }).unwrap();
         let (mut found, mut replies) = (0, 0);
         for dst in [snat, [192, 0, 2, 1], [10, 0, 0, 101]] {
             for port in [0, 1, 39999, 40000, 40001, 40500, 40998, 40999, 41000, 65535] {
@@ -1741,7 +1753,7 @@ mod tests {
                         b.tcp(8080, port, 1, 1000).ack(1).write(&mut v, b"a").unwrap();
                     }
                     let mut ahead = Lookahead::NONE;
-                    ahead.fill(&tables, &v);
+                    ahead.fill(&tables, &v, SEED);
                     let p = ahead.parsed.unwrap();
                     assert!(!ahead.needs_service);
                     let looked_up = tables.lookup_flow_ring(&p.flow, tables.lookup_hash(&p.flow));
@@ -1749,7 +1761,7 @@ mod tests {
                     assert_eq!(reply.then_some(p.flow), nat_reply_flow(&tables, &p, p.flow.dst_ip()));
                     // The key and hash such a reply's reverse entry is found by, as the warm-up made them.
                     assert_eq!(ahead.conn_key, ConnKey::from_flow(&p.flow));
-                    assert_eq!(ahead.conn_hash, Some(ahead.conn_key.hash()));
+                    assert_eq!(ahead.conn_hash, Some(ahead.conn_key.hash(SEED)));
                     assert!(!(reply && looked_up.is_some()), "{dst:?} {port} {udp}");
                     assert_eq!(ahead.service(&tables, &p), looked_up, "{dst:?} {port} {udp}");
                     found += usize::from(looked_up.is_some());
@@ -1774,7 +1786,10 @@ mod tests {
             kind in 0u8..8,
         ) {
             use etherparse::VlanId;
-            let tables = crate::service::TableBuilder::new().build(&crate::config::Config::default()).unwrap();
+            let tables = crate::service::TableBuilder::new()
+                .with_conntrack_seed(SEED)
+                .build(&crate::config::Config::default())
+                .unwrap();
             let eth = PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xa], [2, 0, 0, 0, 0, 0xb]);
             let mut v = Vec::new();
             match kind {
@@ -1806,7 +1821,7 @@ mod tests {
                 _ => eth.ipv4(src4, dst4, 64).icmpv4_echo_request(1, 2).write(&mut v, b"a").unwrap(),
             }
             let mut ahead = Lookahead::NONE;
-            ahead.fill(&tables, &v);
+            ahead.fill(&tables, &v, SEED);
             let p = ahead.parsed.unwrap();
             if kind == 7 {
                 proptest::prop_assert!(!p.has_ports());
@@ -1816,7 +1831,7 @@ mod tests {
                 proptest::prop_assert_eq!(p.fragment != Fragment::None, kind == 5 || kind == 6);
                 let key = ConnKey::from_flow(&p.flow);
                 proptest::prop_assert_eq!(ahead.conn_key, key);
-                proptest::prop_assert_eq!(ahead.conn_hash, Some(key.hash()));
+                proptest::prop_assert_eq!(ahead.conn_hash, Some(key.hash(SEED)));
                 proptest::prop_assert_eq!((p.flow.src_port(), p.flow.dst_port()), (sport, dport));
             }
         }
@@ -1852,7 +1867,7 @@ mod tests {
                 ServiceConfig::new(std::format!("s{proto:?}"), key, ForwardMode::Nat, vec![backend(1), backend(2)])
             })
             .collect();
-        let tables = TableBuilder::new().build(&Config { node, services }).unwrap();
+        let tables = TableBuilder::new().with_conntrack_seed(SEED).build(&Config { node, services }).unwrap();
         let mut w = Worker::new(tables, WorkerConfig::single_core(4096));
         let frames: Vec<Vec<u8>> = (0..BATCH as u16)
             .map(|i| {
@@ -1895,7 +1910,7 @@ mod tests {
             let (slot, port) = core.reply_guesses[i];
             assert_eq!(port, out.src_port(), "frame {i}: the guess was right");
             assert_eq!(core.reply_keys[i], ConnKey::from_flow(&out.reverse()), "frame {i}");
-            assert_eq!(hash, core.reply_keys[i].hash(), "frame {i}");
+            assert_eq!(hash, core.conntrack.hash(&core.reply_keys[i]), "frame {i}");
             backends.push(slot);
         }
         backends.sort_unstable();

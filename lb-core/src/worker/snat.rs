@@ -151,7 +151,7 @@ impl Core {
         }
         // The flow's reply keys ([`Backend::reply_keys`]): the key is made once and only its port
         // changes between probes, its addresses hashed once.
-        let keys = backend.reply_keys(tables.node().snat_addr_for(backend.addr)?);
+        let keys = backend.reply_keys(self.conntrack.seed(), tables.node().snat_addr_for(backend.addr)?);
         let mut key = keys.to(first, proto);
         let tries = SNAT_PORT_TRIES.min(span);
         let conntrack = &self.conntrack;
@@ -262,7 +262,7 @@ pub(super) fn snat_probe(
 mod tests {
     use super::{search_start, wrap};
     use crate::config::BackendState;
-    use crate::conntrack::ConnKey;
+    use crate::conntrack::{ConnKey, ConntrackSeed};
     use crate::service::{Backend, BackendRef};
     use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -276,7 +276,9 @@ mod tests {
             (v4, a4, s4) in (proptest::prelude::any::<bool>(), proptest::prelude::any::<u32>(), proptest::prelude::any::<u32>()),
             (a6, s6) in (proptest::prelude::any::<u128>(), proptest::prelude::any::<u128>()),
             (port, snat_port, proto) in (proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>(), proptest::prelude::any::<u8>()),
+            seed in proptest::prelude::any::<u64>(),
         ) {
+            let seed = ConntrackSeed::new(seed);
             let (addr, snat) = if v4 {
                 (IpAddr::V4(Ipv4Addr::from(a4)), IpAddr::V4(Ipv4Addr::from(s4)))
             } else {
@@ -286,11 +288,11 @@ mod tests {
             let backend = Backend { addr, port, weight: 1, state: BackendState::Active, mac: [2; 6], id };
             let want = ConnKey::flow(addr, snat, port, snat_port, proto);
             let mut key = ConnKey::default();
-            let hash = backend.reply_keys(snat).key(snat_port, proto, &mut key);
+            let hash = backend.reply_keys(seed, snat).key(snat_port, proto, &mut key);
             proptest::prop_assert_eq!(key, want);
-            proptest::prop_assert_eq!(hash, want.hash());
-            proptest::prop_assert_eq!(backend.reply_keys(snat).hash(snat_port, proto), want.hash());
-            proptest::prop_assert_eq!(backend.reply_keys(snat).to(snat_port, proto), want);
+            proptest::prop_assert_eq!(hash, want.hash(seed));
+            proptest::prop_assert_eq!(backend.reply_keys(seed, snat).hash(snat_port, proto), want.hash(seed));
+            proptest::prop_assert_eq!(backend.reply_keys(seed, snat).to(snat_port, proto), want);
         }
     }
 

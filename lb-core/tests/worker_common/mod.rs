@@ -17,6 +17,7 @@ use etherparse::PacketBuilder;
 use lb_core::config::{
     BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, ServiceConfig, ServiceKey,
 };
+use lb_core::conntrack::ConntrackSeed;
 use lb_core::service::{TableBuilder, Tables};
 use lb_core::{Frame, Instant, Verdict, Worker, WorkerConfig};
 
@@ -103,8 +104,16 @@ pub fn all_modes_config() -> Config {
     Config { node: node(), services }
 }
 
+/// The connection table seed of the tests' tables: not 0, so every worker test runs under a seed.
+pub const SEED: ConntrackSeed = ConntrackSeed::new(0x7e57_5eed_c0ff_ee01);
+
+/// A table builder of the tests' seed ([`SEED`]): the builder every worker test builds with.
+pub fn table_builder() -> TableBuilder {
+    TableBuilder::new().with_conntrack_seed(SEED)
+}
+
 pub fn build(cfg: &Config) -> Arc<Tables> {
-    TableBuilder::new().build(cfg).unwrap()
+    table_builder().build(cfg).unwrap()
 }
 
 pub fn worker(cfg: &Config) -> Worker {
