@@ -29,6 +29,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use lb_core::config::{Config, ForwardMode, NodeConfig, SchedulerInputs, ServiceConfig, ServiceKey};
+use lb_core::conntrack::ConntrackSeed;
 use lb_core::service::{Limits, TableBuilder, Tables};
 use lb_io::bpf::xdp::SteeringSet;
 use tokio::sync::{mpsc, watch};
@@ -140,6 +141,14 @@ pub trait TablesSink: Send {
         Limits::default()
     }
 
+    /// The connection table seed to build tables with, for the life of the control loop: that of
+    /// the tables the workers were started on, which they keep for good and refuse tables of another
+    /// (see [`ConntrackSeed`]). `lb run` draws one at start ([`draw_conntrack_seed`]). Default:
+    /// [`ConntrackSeed::UNSEEDED`], as [`TableBuilder::new`] builds.
+    fn conntrack_seed(&self) -> ConntrackSeed {
+        ConntrackSeed::UNSEEDED
+    }
+
     /// The most addresses (VIPs, and the SNAT address of each family with a NAT service) the workers
     /// can be steered to, which [`TablesSink::check`] refuses a configuration beyond: a sum over all
     /// services, which the control loop admits Kubernetes Services within as within lb-core's
@@ -233,6 +242,25 @@ impl TablesSink for mpsc::UnboundedSender<Arc<Tables>> {
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.send(tables.clone()).map_err(|_| "tables receiver dropped".to_string())
     }
+}
+
+/// A connection table seed drawn at random, for a process to build all its tables with (see
+/// [`ConntrackSeed`]: a seed a sender cannot know keeps it from aiming flows at one bucket of the
+/// workers' connection tables): eight bytes of `/dev/urandom`, or where that cannot be read, of
+/// std's per-process random `HashMap` keys. Never logged or shown.
+pub fn draw_conntrack_seed() -> ConntrackSeed {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    let seed = match read {
+        Ok(()) => u64::from_ne_bytes(bytes),
+        Err(_) => {
+            use std::hash::BuildHasher;
+            std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now())
+        }
+    };
+    // (0 is the unseeded hash: as unlikely as any other draw, but the one a sender would try.)
+    ConntrackSeed::new(seed.max(1))
 }
 
 /// One interface's MAC, shared between the control side, which reads it again at each refresh
@@ -666,7 +694,8 @@ impl<S: TablesSink> Control<S> {
         let health = HealthChecker::new(health_tx);
         let live = watch::Sender::new(LiveState { health: health.status(), ..Default::default() });
         Control {
-            builder: TableBuilder::with_limits(limits),
+            // One seed for every build (a reload too): the builder keeps it.
+            builder: TableBuilder::with_limits(limits).with_conntrack_seed(sink.conntrack_seed()),
             sink,
             file: Settings::default(),
             kubernetes: Translation::default(),

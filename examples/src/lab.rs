@@ -31,6 +31,7 @@ use lb_core::config::{
     BackendConfig, BackendState, Config, ForwardMode, NodeConfig, Protocol, RemovedBackendPolicy, SchedulerKind,
     ServiceConfig, ServiceKey,
 };
+use lb_core::conntrack::ConntrackSeed;
 use lb_core::schedule::{CoreState, FlowInput, Scheduler};
 use lb_core::service::{TableBuilder, Tables};
 use lb_core::worker::{Worker, WorkerConfig};
@@ -668,9 +669,15 @@ pub struct LabSink {
     steering: VipSteering,
     /// How long the worker may take to apply tables.
     pub wait: std::time::Duration,
+    /// The connection table seed of the tables the workers started on, which they keep.
+    conntrack_seed: ConntrackSeed,
 }
 
 impl TablesSink for LabSink {
+    fn conntrack_seed(&self) -> ConntrackSeed {
+        self.conntrack_seed
+    }
+
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         let want = crate::control::steering_for(tables, NeighbourResponder::All);
         let during = self.steering.steering().intersection(&want);
@@ -735,6 +742,7 @@ pub fn start_lb_on_queues(
     let ns = lab.lb.name().to_string();
     // Neither the VIPs nor the SNAT addresses are on the LB namespace's interfaces: answer for all.
     let steer = crate::control::steering_for(&tables, NeighbourResponder::All);
+    let conntrack_seed = tables.conntrack_seed();
     let stop = StopFlag::new();
     let loop_stop = stop.clone();
     let queues = queues.max(1);
@@ -852,7 +860,7 @@ pub fn start_lb_on_queues(
         .map_err(|e| e.to_string())?;
     match ready_rx.recv() {
         Ok(Ok(steering)) => Ok(RunningLb {
-            sink: Some(LabSink { updates, steering, wait: std::time::Duration::from_secs(10) }),
+            sink: Some(LabSink { updates, steering, wait: std::time::Duration::from_secs(10), conntrack_seed }),
             stop,
             thread: Some(thread),
         }),

@@ -73,6 +73,10 @@ struct CountedSink {
 }
 
 impl TablesSink for CountedSink {
+    fn conntrack_seed(&self) -> lb_core::conntrack::ConntrackSeed {
+        self.sink.conntrack_seed()
+    }
+
     fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
         self.sink.publish(tables)?;
         self.published.fetch_add(1, Ordering::SeqCst);

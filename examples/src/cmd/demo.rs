@@ -175,7 +175,9 @@ pub fn main(args: Args) -> CmdResult {
     }
     let config = lab.config(&BACKENDS, RemovedBackendPolicy::Reschedule);
     let attach = if args.generic { AttachMode::Generic } else { AttachMode::Native };
-    let mut builder = lb_core::service::TableBuilder::new();
+    // The process's connection table seed, as `lb run` draws one.
+    let seed = lb_examples::control::draw_conntrack_seed();
+    let mut builder = lb_core::service::TableBuilder::new().with_conntrack_seed(seed);
     let lb = start_lb_on_queues(&lab, tables(&mut builder, &config)?, args.core, attach, args.queues)?;
     println!(
         "load balancer attached to {}-lb eth0, {} (AF_XDP); sending {} flows per protocol and family",

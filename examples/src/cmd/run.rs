@@ -37,10 +37,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lb_core::config::{Config, ForwardMode};
+use lb_core::conntrack::ConntrackSeed;
 use lb_core::service::{Limits, TableBuilder, Tables};
 use lb_core::worker::{Worker, WorkerConfig, snat_port_share};
 use lb_examples::control::{
-    InterfaceMac, LbProcessor, NeighbourResponder, TablesSink, run_blocking, steering_for, steering_for_config,
+    InterfaceMac, LbProcessor, NeighbourResponder, TablesSink, draw_conntrack_seed, run_blocking, steering_for,
+    steering_for_config,
 };
 use lb_examples::metrics::PublishedCounters;
 use lb_io::bpf::AttachMode;
@@ -154,6 +156,9 @@ struct Workers<M: SteeringMaps = VipSteering> {
     /// What the control loop builds tables with: lb-core's slot limits, as the loops' first tables
     /// have them, and a Maglev budget within this process's memory ([`maglev_budget`]).
     limits: Limits,
+    /// The connection table seed of every table of this run, the loops' first ones too: drawn at
+    /// random when the run starts ([`draw_conntrack_seed`]), kept across reloads.
+    conntrack_seed: ConntrackSeed,
 }
 
 /// Where the steering of the last tables published stands.
@@ -249,6 +254,10 @@ impl<M: SteeringMaps> TablesSink for Workers<M> {
 
     fn limits(&self) -> Limits {
         self.limits
+    }
+
+    fn conntrack_seed(&self) -> ConntrackSeed {
+        self.conntrack_seed
     }
 
     fn max_addresses(&self) -> Option<usize> {
@@ -372,6 +381,7 @@ impl<M: SteeringMaps> Workers<M> {
             snat_checked,
             queues: Vec::new(),
             limits: Limits::default(),
+            conntrack_seed: draw_conntrack_seed(),
         }
     }
 
@@ -882,9 +892,6 @@ pub fn main(args: Args) -> CmdResult {
     warn_if_snat_ports_are_ephemeral(&settings.node);
     StopFlag::watch_signals()?;
     let stop = StopFlag::new();
-    // Workers start on empty tables of the file's node settings (no flows can exist before the
-    // control plane's first tables arrive, so its own builder's slot numbers are safe to take over).
-    let empty = TableBuilder::new().build(&Config { node: settings.node.clone(), services: Vec::new() })?;
     let queues: Vec<(String, u32)> =
         settings.interfaces.iter().flat_map(|i| i.queues.iter().map(move |q| (i.name.clone(), *q))).collect();
     let cores = u16::try_from(queues.len()).map_err(|_| "too many queues")?;
@@ -912,6 +919,12 @@ pub fn main(args: Args) -> CmdResult {
         if cores > 1 { lb_io::handoff::mesh(queues.len(), HandoffConfig::default())? } else { Vec::new() }.into_iter();
     let mut workers = Workers::new(steering_config, args.neighbour_responder, snat_settings(&settings.node));
     workers.limits.max_maglev_entries = maglev_entries;
+    // Workers start on empty tables of the file's node settings (no flows can exist before the
+    // control plane's first tables arrive, so its own builder's slot numbers are safe to take over),
+    // with the run's connection table seed, which the control plane's builder takes from `workers`.
+    let empty = TableBuilder::new()
+        .with_conntrack_seed(workers.conntrack_seed)
+        .build(&Config { node: settings.node.clone(), services: Vec::new() })?;
     let mut counters = PublishedCounters::default();
     // A loop that ends before it is asked to (its device failed: say the interface went away) stops
     // `lb run` with an error, so a supervisor restarts it, instead of serving on with a dead queue.
@@ -1195,6 +1208,39 @@ mod tests {
         let empty = builder.build(&Config { node: cfg.node.clone(), services: Vec::new() }).expect("empty tables");
         let loops = vec![GatedLoop::start(&mut workers, &empty), GatedLoop::start(&mut workers, &empty)];
         (workers, recorder, loops)
+    }
+
+    /// Each run draws a connection table seed of its own (so a sender cannot work it out from
+    /// another node or an earlier run) and builds every table with it: the loops' first tables and
+    /// the control plane's, at start and at each reload, which a worker started on the first
+    /// therefore takes (a worker refuses tables of another seed).
+    #[tokio::test]
+    async fn a_run_draws_its_own_conntrack_seed_and_keeps_it_across_reloads() {
+        use lb_core::conntrack::ConntrackSeed;
+        use lb_examples::control::{Control, ControlInput};
+        let new = || {
+            Workers::<Recorder>::new(SteeringConfig::default(), NeighbourResponder::Off, snat_settings(&config().node))
+        };
+        let (workers, other) = (new(), new());
+        let seed = workers.conntrack_seed;
+        assert_ne!(seed, other.conntrack_seed, "two runs, two seeds");
+        assert_ne!(seed, ConntrackSeed::UNSEEDED);
+        assert_eq!(TablesSink::conntrack_seed(&workers), seed);
+        let file = |backend: &str| {
+            let text = format!(
+                "node: {{ gateway_mac: \"02:00:00:00:00:fe\", snat_v4: 10.0.0.2, snat_ports: [40000, 50000] }}\nservices:\n  \
+                 - {{ name: nat, vip: 10.0.0.11, port: 80, mode: nat, backends: [{{ addr: {backend}, port: 8080 }}] }}\n"
+            );
+            ControlInput::File(Box::new(lb_examples::config::file::parse(&text).expect("a good file")))
+        };
+        let mut control = Control::new(workers);
+        let first = control.apply(file("10.1.0.2")).expect("the first file");
+        let reloaded = control.apply(file("10.1.0.3")).expect("a reload");
+        assert_eq!((first.conntrack_seed(), reloaded.conntrack_seed()), (seed, seed));
+        let mut worker = lb_core::worker::Worker::new(first, lb_core::worker::WorkerConfig::single_core(1024));
+        drop(worker.swap_tables(reloaded.clone()));
+        assert!(Arc::ptr_eq(worker.tables(), &reloaded));
+        assert_eq!(worker.stats().tables_refused, 0);
     }
 
     /// A service's frames are steered to the sockets only while every poll loop's tables serve it:
