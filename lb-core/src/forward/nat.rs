@@ -108,6 +108,22 @@ fn rewrite_v4_ports_checked(
     ports: u32,
     (src_mac, dst_mac): (&[u8; 6], &[u8; 6]),
 ) -> Result<(), RewriteError> {
+    // An untagged IPv4 header without options and a whole TCP header (most packets): every offset a
+    // constant, so one bounds check covers the headers (~12 checks fewer an established full-NAT
+    // packet, callgrind). The same writes and result as below, which takes every other frame.
+    let ip_len = p.ip_len as usize;
+    if (p.l3_offset, p.l4_offset) == (UNTAGGED_L3, UNTAGGED_L3 + 20)
+        && p.flow.proto() == proto::TCP
+        && ip_len >= 20 + 18
+        && let Some(h) =
+            frame.data_mut().get_mut(..UNTAGGED_L3 as usize + ip_len).and_then(|s| s.first_chunk_mut::<52>())
+    {
+        let addrs = rewrite_ipv4::<NativeEndian>(h, 14, src, dst)?;
+        rewrite_ports::<NativeEndian>(h, 34, 52, proto::TCP, addrs, ports)?;
+        h[..6].copy_from_slice(dst_mac);
+        h[6..12].copy_from_slice(src_mac);
+        return Ok(());
+    }
     let (l3, end) = ip_range(frame, p)?;
     let l4 = p.l4_offset as usize;
     if l4 < l3 || l4 > end {
@@ -121,6 +137,9 @@ fn rewrite_v4_ports_checked(
     eth[6..].copy_from_slice(src_mac);
     Ok(())
 }
+
+/// The IP header's offset in an untagged frame.
+const UNTAGGED_L3: u32 = 14;
 
 /// A flow's source and destination ports as one word, as the transport header holds them.
 fn ports_word(to: &FlowKey) -> u32 {
@@ -312,6 +331,38 @@ mod tests {
             v[41] = 0;
         }
         v
+    }
+
+    proptest::proptest! {
+        /// `rewrite_v4_ports` gives `rewrite`'s frame and result with the same target whether its
+        /// untagged TCP form takes the frame or not: TCP and UDP, untagged and behind a VLAN tag,
+        /// any TTL, addresses, ports and payload, frames cut short, and parses whose offsets and IP
+        /// length disagree with the frame (the untagged form must decline all it cannot do alike).
+        #[test]
+        fn rewrite_v4_ports_untagged_tcp_is_rewrite(
+            (udp, tagged, ttl) in (proptest::prelude::any::<bool>(), proptest::prelude::any::<bool>(), proptest::prelude::any::<u8>()),
+            (client, snat, backend) in (proptest::prelude::any::<[u8; 4]>(), proptest::prelude::any::<[u8; 4]>(), proptest::prelude::any::<[u8; 4]>()),
+            (sport, dport, payload) in (proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>(), 0usize..24),
+            (cut, ip_len, l3, l4) in (0usize..64, -24i64..8, -2i64..6, -4i64..8),
+        ) {
+            let mut original = frame(if udp { 1 } else { 0 }, client, ttl, &[0xa5; 24][..payload]);
+            if tagged {
+                original.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+            }
+            let mut p = parse(&original).unwrap();
+            let shift = |v: u32, by: i64| u32::try_from((i64::from(v) + by).max(0)).unwrap();
+            // Unchanged half the time, so the untagged form takes many frames whole.
+            if cut % 2 == 0 {
+                (p.ip_len, p.l3_offset, p.l4_offset) = (shift(p.ip_len, ip_len), shift(p.l3_offset, l3), shift(p.l4_offset, l4));
+            }
+            let len = original.len() - if cut % 3 == 0 { (cut / 3).min(original.len()) } else { 0 };
+            let target = NatTarget { flow: FlowKey::v4(snat, backend, p.flow.proto(), sport, dport), macs: MACS };
+            let (mut a, mut b) = (original.clone(), original.clone());
+            let general = rewrite(&mut Frame::new(&mut a, 0, len), &p, &target);
+            let fast = rewrite_v4_ports(&mut Frame::new(&mut b, 0, len), &p, (snat, sport), (backend, dport), (&MACS.src, &MACS.dst));
+            proptest::prop_assert_eq!(fast, Some(general));
+            proptest::prop_assert_eq!(a, b);
+        }
     }
 
     /// `rewrite_v4_ports` gives `rewrite`'s frame and result with the same target, for TCP and UDP
