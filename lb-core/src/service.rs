@@ -416,9 +416,9 @@ impl Tables {
     /// As [`Tables::resolve_backend`], with the [`ServiceSummary`] of the backend's service: what a
     /// packet of an established flow needs, from one cache line.
     #[inline]
-    pub fn resolve_known(&self, r: BackendRef) -> Option<(ServiceSummary, &Backend)> {
+    pub fn resolve_known(&self, r: BackendRef) -> Option<(&ServiceSummary, &Backend)> {
         let loc = self.backend_locations.get(r.slot as usize)?;
-        (r.generation != 0 && loc.generation == r.generation).then_some((loc.summary, &loc.record))
+        (r.generation != 0 && loc.generation == r.generation).then_some((&loc.summary, &loc.record))
     }
 
     /// Every service.

@@ -702,7 +702,7 @@ impl Core {
             let rewritten = self.rewrite(tables, frame, p, summary.mode, backend, snat_port, None);
             self.forwarded(frame, p, backend, rewritten)
         };
-        self.count_service_drop(&summary, &outcome);
+        self.count_service_drop(summary, &outcome);
         Some(outcome)
     }
 
