@@ -286,9 +286,7 @@ impl Tables {
     pub fn touch_lookup(&self, hash: u64) {
         let at = hash as usize & self.index.mask;
         for i in [at, at + 1] {
-            if let Some(slot) = self.index.slots.get(i & self.index.mask) {
-                lb_prefetch::line(slot);
-            }
+            lb_prefetch::element(&self.index.slots, i & self.index.mask);
         }
     }
 
@@ -348,9 +346,7 @@ impl Tables {
     /// prefetch hint).
     #[inline]
     pub(crate) fn touch_location(&self, slot: u32) {
-        if let Some(loc) = self.backend_locations.get(slot as usize) {
-            lb_prefetch::line(loc);
-        }
+        lb_prefetch::element(&self.backend_locations, slot as usize);
     }
 
     /// The backend [`Tables::ring_slot`] names: the copy kept in its location, one cache line.

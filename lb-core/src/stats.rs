@@ -349,9 +349,7 @@ impl Stats {
     /// accesses (the worker's warm-up, a prefetch hint).
     #[inline]
     pub(crate) fn touch_backend(&self, slot: crate::service::BackendSlot) {
-        if let Some(c) = self.backends.get(slot.index()) {
-            lb_prefetch::line(c);
-        }
+        lb_prefetch::element(&self.backends, slot.index());
     }
 
     /// Adds another core's counters into these (the control side's sum across cores).

@@ -13,7 +13,10 @@
 //! of the same line, much what the warm-up did before.
 //!
 //! A prefetch is only a hint: it never faults and never changes memory or program state, for any
-//! address. The function takes a reference, so the address is always a live value's anyway.
+//! address. [`line()`] takes a reference, so its address is always a live value's anyway;
+//! [`element`] takes a slice and an index it does not check on x86-64 (a hint past the end does
+//! nothing), for tables whose index is in bounds by construction, where the check was a compare and
+//! a branch a hint.
 //!
 //! The project keeps `unsafe` in lb-io, where the kernel interfaces are; this crate is the one
 //! other place, because lb-core cannot depend on lb-io (lb-io is built on it) and a prefetch
@@ -32,8 +35,36 @@ pub fn line<T: ?Sized>(x: &T) {
     }
 }
 
-/// The hint for the line holding the byte at `p`, which points into a live value (the caller
-/// above makes sure of that).
+/// Hints the line that holds the start of `s[i]`, with no bounds check on x86-64: a prefetch of
+/// an address past the slice's end is a hint about memory the program does not read, which neither
+/// faults nor changes anything (LLVM's `prefetch`: no effect on the program's behaviour), and the
+/// pointer to it is made by `wrapping_add`, never dereferenced. For a caller whose index is in
+/// bounds by construction (a table index from a mask, a slot of installed tables), where the check
+/// cost a compare and a branch a hint. Off x86-64 the hint is a load: an index past the end hints
+/// nothing there.
+#[inline(always)]
+pub fn element<T>(s: &[T], i: usize) {
+    element_at(s, i, 0);
+}
+
+/// As [`element`], for the line that holds byte `byte` of `s[i]` (a field of a large element;
+/// off x86-64, nothing when `byte` is not inside the element).
+#[inline(always)]
+pub fn element_at<T>(s: &[T], i: usize, byte: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if core::mem::size_of::<T>() != 0 {
+        at(s.as_ptr().wrapping_add(i).cast::<u8>().wrapping_add(byte));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    if let Some(x) = s.get(i)
+        && byte < core::mem::size_of::<T>()
+    {
+        at(core::ptr::from_ref(x).cast::<u8>().wrapping_add(byte));
+    }
+}
+
+/// The hint for the line holding the byte at `p`, which points into a live value (`line` makes
+/// sure of that) or, on x86-64 only, anywhere (`element`: a prefetch never faults).
 #[inline(always)]
 fn at(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
@@ -55,7 +86,7 @@ fn at(p: *const u8) {
 mod tests {
     extern crate std;
 
-    use super::line;
+    use super::{element, element_at, line};
 
     #[repr(C, align(64))]
     struct Line([u8; 64]);
@@ -82,5 +113,25 @@ mod tests {
         assert_eq!(lines_of[0].0, [1; 64]);
         assert_eq!(lines_of[1].0, [2; 64]);
         assert_eq!(*boxed, [7; 3]);
+    }
+
+    /// An indexed hint takes any index and any byte offset, in bounds or far past the end (where a
+    /// checked index would panic), and leaves every value as it was; an empty slice and zero-sized
+    /// elements too.
+    #[test]
+    fn element_hints_any_index_without_effect() {
+        let lines_of = [Line([1; 64]), Line([2; 64])];
+        for i in [0, 1, 2, 3, 1 << 20, usize::MAX / 64, usize::MAX] {
+            element(&lines_of, i);
+            for byte in [0, 63, 64, 4096, usize::MAX] {
+                element_at(&lines_of, i, byte);
+            }
+        }
+        let empty: &[u64] = &[];
+        element(empty, 0);
+        element_at(empty, 5, 8);
+        element(&[(); 4], 7);
+        assert_eq!(lines_of[0].0, [1; 64]);
+        assert_eq!(lines_of[1].0, [2; 64]);
     }
 }
