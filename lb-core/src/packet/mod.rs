@@ -370,23 +370,23 @@ fn is_vlan_tpid(ether_type: u16) -> bool {
 #[inline]
 pub fn parse_common(frame: &[u8]) -> Option<Parsed> {
     let mut out = Err(ParseError::Arp);
-    parse_common_into(frame, &mut out, |_| ())?;
+    parse_common_into(frame, &mut out, |_, _| ())?;
     out.ok()
 }
 
 /// [`parse_common`] writing its `Some` straight into `out` as `Ok` (and leaving `out` alone for its
 /// `None`): the worker's batch slot is a `Result`, and converting the returned `Option` into it
 /// copied the 116-byte `Parsed` once more (14 instructions a packet, callgrind). Returns the flow
-/// (always with ports) and what `keyed` makes of it, so the worker keys and hashes it from
-/// registers rather than reading the slot back. `keyed` is called in each of the parse's paths: in
-/// the untagged IPv4 one the words that are 0 in every IPv4 flow fold away (the worker's key hash
-/// ~2 instructions shorter, callgrind; returning only `keyed`'s result, not the flow too, had the
-/// flow copied through the stack, ~17 more).
+/// (always with ports) and what `keyed` makes of it and its TCP flags, so the worker keys and
+/// hashes it, and tells a lone SYN, from registers rather than reading the slot back. `keyed` is
+/// called in each of the parse's paths: in the untagged IPv4 one the words that are 0 in every
+/// IPv4 flow fold away (the worker's key hash ~2 instructions shorter, callgrind; returning only
+/// `keyed`'s result, not the flow too, had the flow copied through the stack, ~17 more).
 #[inline]
 pub(crate) fn parse_common_into<R>(
     frame: &[u8],
     out: &mut Result<Parsed, ParseError>,
-    keyed: impl FnOnce(&FlowKey) -> R,
+    keyed: impl FnOnce(&FlowKey, TcpFlags) -> R,
 ) -> Option<(FlowKey, R)> {
     let eth = frame.first_chunk::<ETHERNET_LEN>()?;
     let mut ether_type = u16::from_be_bytes([eth[12], eth[13]]);
@@ -420,7 +420,7 @@ fn ipv4_into<R>(
     l3: usize,
     vlan_tags: u8,
     out: &mut Result<Parsed, ParseError>,
-    keyed: impl FnOnce(&FlowKey) -> R,
+    keyed: impl FnOnce(&FlowKey, TcpFlags) -> R,
 ) -> Option<(FlowKey, R)> {
     let ip = frame.get(l3..)?;
     let h = ip.first_chunk::<20>()?;
@@ -440,7 +440,7 @@ fn ipv6_into<R>(
     l3: usize,
     vlan_tags: u8,
     out: &mut Result<Parsed, ParseError>,
-    keyed: impl FnOnce(&FlowKey) -> R,
+    keyed: impl FnOnce(&FlowKey, TcpFlags) -> R,
 ) -> Option<(FlowKey, R)> {
     let ip = frame.get(l3..)?;
     let h = ip.first_chunk::<40>()?;
@@ -464,7 +464,7 @@ fn transport_into<const L4_START: usize, R>(
     (flow, ttl, proto): (FlowKey, u8, u8),
     (l3, vlan_tags): (usize, u8),
     out: &mut Result<Parsed, ParseError>,
-    keyed: impl FnOnce(&FlowKey) -> R,
+    keyed: impl FnOnce(&FlowKey, TcpFlags) -> R,
 ) -> Option<(FlowKey, R)> {
     let l4 = ip.get(L4_START..ip_len)?;
     let (kind, flags, ports) = match proto {
@@ -499,7 +499,7 @@ fn transport_into<const L4_START: usize, R>(
         tcp_flags: TcpFlags(flags),
         fragment: Fragment::None,
     });
-    Some((flow, keyed(&flow)))
+    Some((flow, keyed(&flow, TcpFlags(flags))))
 }
 
 /// [`parse`] for any frame, through etherparse's header slices; the reference [`parse_common`] must

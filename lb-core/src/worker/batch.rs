@@ -6,7 +6,7 @@
 use super::{Core, ReplyHint, snat};
 use crate::config::ForwardMode;
 use crate::conntrack::{ConnKey, ConntrackSeed, ConntrackTable, Entry, EntryKind, InsertHint, Likely};
-use crate::packet::{self, L4, ParseError, Parsed};
+use crate::packet::{self, L4, ParseError, Parsed, TcpFlags};
 use crate::service::{Backend, BackendRef, BackendSlot, RingRef, ServiceSummary, Tables};
 
 /// Frames decided together: the first passes over a batch (parse, hash, service lookup, cache warm-up)
@@ -64,9 +64,9 @@ pub(super) struct Lookahead {
 /// The conntrack key of a parsed flow, and its hash under the connection table's seed
 /// (`Lookahead::conn_key`, `conn_hash`).
 #[inline(always)]
-fn keyed(seed: ConntrackSeed, flow: &packet::FlowKey) -> (ConnKey, u64) {
+fn keyed(seed: ConntrackSeed, flow: &packet::FlowKey, flags: TcpFlags) -> (ConnKey, u64, bool) {
     let key = ConnKey::from_flow(flow);
-    (key, key.hash(seed))
+    (key, key.hash(seed), flags.is_syn_only())
 }
 
 impl Lookahead {
@@ -85,9 +85,11 @@ impl Lookahead {
     };
 
     /// Parses `frame` into this slot and hashes its flow under `seed` (the worker's connection
-    /// table's: [`ConntrackTable::hash`]).
+    /// table's: [`ConntrackTable::hash`]). Returns the conntrack hash, if any, and whether the
+    /// frame is a lone SYN (for [`Core::warm_first`], from registers rather than read back from
+    /// this slot).
     #[inline]
-    pub(super) fn fill(&mut self, tables: &Tables, frame: &[u8], seed: ConntrackSeed) {
+    pub(super) fn fill(&mut self, tables: &Tables, frame: &[u8], seed: ConntrackSeed) -> Option<(u64, bool)> {
         // `packet::parse` spelled out, so the result is written straight into this slot: through
         // `parse`'s Option-to-Result step the 116-byte `Parsed` was built, then copied (~29
         // instructions per packet, callgrind), and through `parse_common`'s `Option` once more (14).
@@ -102,26 +104,28 @@ impl Lookahead {
         // the later passes, for every frame of a batch that reads them: here they were five stores
         // an established packet, callgrind.)
         self.insert_hint = None;
-        let (key, hash) = match packet::parse_common_into(frame, &mut self.parsed, move |f| keyed(seed, f)) {
-            Some((_, keyed)) => keyed,
-            None => {
-                self.parsed = packet::parse_general(frame);
-                match &self.parsed {
-                    Ok(p) if p.has_ports() => keyed(seed, &p.flow),
-                    parsed => {
-                        self.likely_hit = false;
-                        (self.conn_hash, self.needs_service, self.lookup_hash) = match parsed {
-                            Ok(p) => (None, true, tables.lookup_hash(&p.flow)),
-                            Err(_) => (None, false, 0),
-                        };
-                        return;
+        let (key, hash, syn) =
+            match packet::parse_common_into(frame, &mut self.parsed, move |f, flags| keyed(seed, f, flags)) {
+                Some((_, keyed)) => keyed,
+                None => {
+                    self.parsed = packet::parse_general(frame);
+                    match &self.parsed {
+                        Ok(p) if p.has_ports() => keyed(seed, &p.flow, p.tcp_flags),
+                        parsed => {
+                            self.likely_hit = false;
+                            (self.conn_hash, self.needs_service, self.lookup_hash) = match parsed {
+                                Ok(p) => (None, true, tables.lookup_hash(&p.flow)),
+                                Err(_) => (None, false, 0),
+                            };
+                            return None;
+                        }
                     }
                 }
-            }
-        };
+            };
         self.conn_key = key;
         // (`lookup_hash` is left: it is read only once `needs_service` is set, with it.)
         (self.conn_hash, self.needs_service) = (Some(hash), false);
+        Some((hash, syn))
     }
 
     /// Service lookup: O(1) in the number of services.
@@ -161,12 +165,12 @@ impl Core {
     /// conntrack bucket's head and, for a frame other than a lone SYN, the entry at its key's home
     /// way (its own entry, mostly; see [`crate::conntrack`]), and for a frame without ports the
     /// service index slot where its lookup starts. Prefetch hints ([`lb_prefetch`]), which wait
-    /// for nothing, so the batch's cache misses overlap.
+    /// for nothing, so the batch's cache misses overlap. `keyed` is what `fill` returned (the
+    /// lone SYN test read back from the slot was ~5 instructions a packet, callgrind).
     #[inline(always)]
-    pub(super) fn warm_first(&self, tables: &Tables, a: &Lookahead) {
-        if let Some(h) = a.conn_hash {
+    pub(super) fn warm_first(&self, tables: &Tables, a: &Lookahead, keyed: Option<(u64, bool)>) {
+        if let Some((h, syn)) = keyed {
             // A lone SYN most likely starts a flow: its home entry would be a wasted read.
-            let syn = matches!(&a.parsed, Ok(p) if p.tcp_flags.is_syn_only());
             if syn {
                 self.conntrack.touch_bucket(h);
             } else {

@@ -446,8 +446,8 @@ impl Worker {
             //    cost the loop and reading each slot back, ~10 instructions a packet, callgrind).
             let ahead = &mut self.ahead[..frames.len().min(BATCH)];
             for (a, frame) in ahead.iter_mut().zip(frames.iter()) {
-                a.fill(tables, frame.data(), seed);
-                core.warm_first(tables, a);
+                let keyed = a.fill(tables, frame.data(), seed);
+                core.warm_first(tables, a, keyed);
             }
             // 2. Find each frame's service, and pull what step 3 will read into the cache, all loads
             //    of the batch in flight together rather than one cache miss after another.
@@ -1787,14 +1787,15 @@ mod tests {
         /// `Lookahead::fill` keys and hashes a frame's flow in each of the fast parser's paths
         /// (untagged and VLAN-tagged IPv4, IPv6; TCP and UDP), the IPv4 ones with the key's zero
         /// words folded away, and in the general parser's (a first fragment): every time the
-        /// parsed flow's `ConnKey` and its hash. A frame without ports (ICMP) has none. (Fails when
-        /// any path's key or hash differs from the flow's.)
+        /// parsed flow's `ConnKey` and its hash, which it returns with whether the frame is a lone
+        /// SYN. A frame without ports (ICMP) has none. (Fails when any path's key or hash differs
+        /// from the flow's, or its SYN from the parsed flags.)
         #[test]
         fn fill_keys_and_hashes_the_parsed_flow_on_every_path(
             (src4, dst4) in (proptest::prelude::any::<[u8; 4]>(), proptest::prelude::any::<[u8; 4]>()),
             (src6, dst6) in (proptest::prelude::any::<[u8; 16]>(), proptest::prelude::any::<[u8; 16]>()),
             (sport, dport) in (proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>()),
-            kind in 0u8..8,
+            (kind, flags) in (0u8..8, proptest::prelude::any::<u8>()),
         ) {
             use etherparse::VlanId;
             let tables = crate::service::TableBuilder::new()
@@ -1831,9 +1832,16 @@ mod tests {
                 }
                 _ => eth.ipv4(src4, dst4, 64).icmpv4_echo_request(1, 2).write(&mut v, b"a").unwrap(),
             }
+            // Any TCP flags (the parse checks no checksum): `fill` says which frames are lone SYNs.
+            match kind {
+                0 | 5 => v[14 + 20 + 13] = flags,
+                3 => v[14 + 40 + 13] = flags,
+                _ => {}
+            }
             let mut ahead = Lookahead::NONE;
-            ahead.fill(&tables, &v, SEED);
+            let keyed = ahead.fill(&tables, &v, SEED);
             let p = ahead.parsed.unwrap();
+            proptest::prop_assert_eq!(keyed, ahead.conn_hash.map(|h| (h, p.tcp_flags.is_syn_only())));
             if kind == 7 {
                 proptest::prop_assert!(!p.has_ports());
                 proptest::prop_assert_eq!(ahead.conn_hash, None);
