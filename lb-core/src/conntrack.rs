@@ -58,7 +58,11 @@ use crate::service::BackendRef;
 pub const WAYS: usize = 8;
 
 /// What a conntrack entry is keyed by: the 5-tuple as received, addresses as 16 bytes (IPv4 mapped).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, Eq, Hash, Default)]
+#[expect(
+    clippy::derived_hash_with_manual_eq,
+    reason = "the manual `==` is field-by-field equality (`conn_key_eq_is_field_equality`), as the derived hash takes it"
+)]
 pub struct ConnKey {
     /// Source address (IPv4 as `::ffff:a.b.c.d`).
     pub src: [u8; 16],
@@ -72,6 +76,18 @@ pub struct ConnKey {
     pub proto: u8,
     /// Bit 0: IPv6. Bit 1: affinity record (client address to backend, not a flow).
     pub flags: u8,
+}
+
+/// Field by field, as derived, with the ports compared as one 32-bit word and protocol and flags as
+/// one 16-bit word (each pair adjacent, so each is one load): a bucket search compares a key at
+/// every packet, and four compares of two fields each were ~6 instructions more (callgrind).
+impl PartialEq for ConnKey {
+    #[inline(always)]
+    fn eq(&self, other: &ConnKey) -> bool {
+        let ports = |k: &ConnKey| u32::from(k.sport) | (u32::from(k.dport) << 16);
+        let rest = |k: &ConnKey| u16::from(k.proto) | (u16::from(k.flags) << 8);
+        ports(self) == ports(other) && rest(self) == rest(other) && self.src == other.src && self.dst == other.dst
+    }
 }
 
 const FLAG_V6: u8 = 1;
@@ -1588,6 +1604,33 @@ mod tests {
     const SEED: ConntrackSeed = ConntrackSeed::new(0x0123_4567_89ab_cdef);
 
     proptest::proptest! {
+        /// `ConnKey`'s `==` (ports and protocol-and-flags compared as words) is field-by-field
+        /// equality: for any key against itself, against the key with any one bit of any one field
+        /// flipped, and against the key with its ports or its protocol and flags swapped.
+        #[test]
+        fn conn_key_eq_is_field_equality(
+            (src, dst) in (proptest::prelude::any::<[u8; 16]>(), proptest::prelude::any::<[u8; 16]>()),
+            (sport, dport, proto, flags) in (proptest::prelude::any::<u16>(), proptest::prelude::any::<u16>(), proptest::prelude::any::<u8>(), proptest::prelude::any::<u8>()),
+            (field, bit) in (0usize..8, 0usize..128),
+        ) {
+            let fields = |k: &ConnKey| (k.src, k.dst, k.sport, k.dport, k.proto, k.flags);
+            let a = ConnKey { src, dst, sport, dport, proto, flags };
+            let mut b = a;
+            match field {
+                0 => b.src[bit / 8] ^= 1 << (bit % 8),
+                1 => b.dst[bit / 8] ^= 1 << (bit % 8),
+                2 => b.sport ^= 1 << (bit % 16),
+                3 => b.dport ^= 1 << (bit % 16),
+                4 => b.proto ^= 1 << (bit % 8),
+                5 => b.flags ^= 1 << (bit % 8),
+                6 => (b.sport, b.dport) = (a.dport, a.sport),
+                _ => (b.proto, b.flags) = (a.flags, a.proto),
+            }
+            proptest::prop_assert!(a == a);
+            proptest::prop_assert_eq!(a == b, fields(&a) == fields(&b));
+            proptest::prop_assert_eq!(b == a, fields(&a) == fields(&b));
+        }
+
         /// `is_reverse` answers as `class(w) == CLASS_REVERSE` for every way of any head the class
         /// writes make (fills, moves between classes, emptied ways).
         #[test]
