@@ -1329,7 +1329,8 @@ impl Core {
     ) -> Result<(), DropReason> {
         // An IPv4 TCP or UDP packet to an IPv4 backend (most of them) is rewritten from the
         // addresses, ports and MACs where they are, with no target built.
-        if let (IpAddr::V4(to), Some(snat)) = (backend.addr, tables.node().snat_v4)
+        if let IpAddr::V4(to) = backend.addr
+            && let Some(snat) = tables.node().snat_v4
             && let Some(done) = forward::nat::rewrite_v4_ports(
                 frame,
                 p,
