@@ -874,6 +874,104 @@ fn join_loops(watchers: Vec<std::thread::JoinHandle<LoopEnd>>) -> Vec<String> {
     failures
 }
 
+/// An interface whose queues [`Loops::start`] starts loops on.
+struct ServedInterface<'a> {
+    name: &'a str,
+    queues: &'a [u32],
+    /// Its MAC as read at start, which its loops send from.
+    own_mac: [u8; 6],
+    /// Its MAC as read at each refresh, which its loops follow.
+    mac: &'a Arc<InterfaceMac>,
+    /// The MAC its loops answer ARP / NDP with (`--neighbour-responder`), if they answer.
+    neighbour_mac: Option<[u8; 6]>,
+}
+
+/// The poll loops `lb run` has started, and what each next one starts from. Dropped before
+/// [`Loops::stop_and_join`] (a step of the setup failing after some loops started: the next
+/// queue's socket, the XDP program's attach), it stops and joins them, their counts logged
+/// ([`join_loops`]): none runs on while the sockets, programs and offloads set up for it are torn
+/// down, and none ends uncounted. Held in `main` after all those, so dropped before them.
+struct Loops {
+    /// Every loop's: set, they all stop.
+    stop: StopFlag,
+    /// Told when a loop fails ([`watch_loop`]).
+    failed: Arc<tokio::sync::Notify>,
+    watchers: Vec<std::thread::JoinHandle<LoopEnd>>,
+    /// The tables every loop starts on (see `main`).
+    empty: Arc<Tables>,
+    /// Each loop's connection-table entries (`--conntrack-entries`).
+    conntrack_entries: usize,
+    /// How many loops there are to be.
+    cores: u16,
+    /// Loop i is pinned to core `first_core + i` (`--first-core`).
+    first_core: Option<usize>,
+    snat_ports: (u16, u16),
+    /// The handoff mesh's ends, in loop order (none with one loop).
+    handoff: std::vec::IntoIter<lb_io::handoff::Handoff>,
+}
+
+impl Loops {
+    /// Starts a poll loop on each of `iface`'s queues, on the device `open` gives for it (its
+    /// socket, registered with the interface's steering), and hands its update channel to `senders`
+    /// and its counters to `counters`. An error leaves the loops started so far running, for
+    /// `self`'s drop to stop.
+    fn start<D: lb_io::Device + Send + 'static>(
+        &mut self,
+        iface: &ServedInterface<'_>,
+        senders: &mut Vec<UpdateSender<Arc<Tables>>>,
+        counters: &mut PublishedCounters,
+        mut open: impl FnMut(u32) -> Result<D, Box<dyn std::error::Error + Send + Sync>>,
+    ) -> CmdResult {
+        for &q in iface.queues {
+            let i = self.watchers.len();
+            let dev = open(q)?;
+            let core_index = u16::try_from(i)?;
+            let mut worker = Worker::new(
+                self.empty.clone(),
+                WorkerConfig { conntrack_capacity: self.conntrack_entries, core_index, core_count: self.cores },
+            );
+            worker.set_neighbour_mac(iface.neighbour_mac);
+            worker.set_source_mac(Some(iface.own_mac));
+            if let Some((lo, hi)) = snat_port_share(self.snat_ports, core_index, self.cores) {
+                tracing::info!(interface = %iface.name, queue = q, "NAT replies to SNAT ports {lo}-{hi} are translated on this queue's loop (handed over from any other)");
+            }
+            let (mut processor, published) = LbProcessor::new(worker);
+            processor.follow_mac(iface.mac.clone());
+            counters.0.push(published);
+            let (tx, rx) = update_channel();
+            senders.push(tx);
+            let core = self.first_core.map(|c| c + i);
+            let mut lp = PollLoop::new(dev, processor, rx, self.stop.clone(), LoopConfig::default());
+            counters.1.push(lp.counters());
+            // The mesh's ends are in loop (core_index) order.
+            if let Some(end) = self.handoff.next() {
+                lp = lp.with_handoff(end);
+            }
+            let name = format!("lb-{}-q{q}", iface.name);
+            // Pinned before this returns; a core that cannot be had stops the loops already running
+            // (as `self` drops).
+            let running = lp.spawn(name.clone(), core)?;
+            self.watchers.push(watch_loop(running, name, self.failed.clone()));
+        }
+        Ok(())
+    }
+
+    /// Stops the loops and waits for them, their counts logged; returns why each that failed did.
+    fn stop_and_join(mut self) -> Vec<String> {
+        self.stop.stop();
+        join_loops(std::mem::take(&mut self.watchers))
+    }
+}
+
+impl Drop for Loops {
+    fn drop(&mut self) {
+        if !self.watchers.is_empty() {
+            self.stop.stop();
+            join_loops(std::mem::take(&mut self.watchers));
+        }
+    }
+}
+
 /// Starts the loops, runs the control plane until SIGINT/SIGTERM, stops the loops.
 pub fn main(args: Args) -> CmdResult {
     // Until the control plane listens for SIGHUP (a reload), one must not end the run half set up.
@@ -891,7 +989,6 @@ pub fn main(args: Args) -> CmdResult {
     let settings = &loaded.settings;
     warn_if_snat_ports_are_ephemeral(&settings.node);
     StopFlag::watch_signals()?;
-    let stop = StopFlag::new();
     let queues: Vec<(String, u32)> =
         settings.interfaces.iter().flat_map(|i| i.queues.iter().map(move |q| (i.name.clone(), *q))).collect();
     let cores = u16::try_from(queues.len()).map_err(|_| "too many queues")?;
@@ -915,7 +1012,7 @@ pub fn main(args: Args) -> CmdResult {
     }
     // With several loops, each hands the NAT replies to another loop's SNAT ports to that loop: the
     // NIC's RSS hash spreads replies over the queues by the backend's address and ports.
-    let mut handoff =
+    let handoff =
         if cores > 1 { lb_io::handoff::mesh(queues.len(), HandoffConfig::default())? } else { Vec::new() }.into_iter();
     let mut workers = Workers::new(steering_config, args.neighbour_responder, snat_settings(&settings.node));
     workers.limits.max_maglev_entries = maglev_entries;
@@ -926,13 +1023,25 @@ pub fn main(args: Args) -> CmdResult {
         .with_conntrack_seed(workers.conntrack_seed)
         .build(&Config { node: settings.node.clone(), services: Vec::new() })?;
     let mut counters = PublishedCounters::default();
-    // A loop that ends before it is asked to (its device failed: say the interface went away) stops
-    // `lb run` with an error, so a supervisor restarts it, instead of serving on with a dead queue.
-    let loop_failed = Arc::new(tokio::sync::Notify::new());
-    let mut handles = Vec::new();
     let mut links = Vec::new();
     // Held to the end: dropping them turns back on the VLAN offloads they turned off.
     let mut vlan_offloads = Vec::new();
+    // After all it runs over, so dropped before them: a step below that fails stops and joins the
+    // loops started before it.
+    let mut loops = Loops {
+        stop: StopFlag::new(),
+        // A loop that ends before it is asked to (its device failed: say the interface went away)
+        // stops `lb run` with an error, so a supervisor restarts it, instead of serving on with a
+        // dead queue.
+        failed: Arc::new(tokio::sync::Notify::new()),
+        watchers: Vec::new(),
+        empty,
+        conntrack_entries: args.conntrack_entries,
+        cores,
+        first_core: args.first_core,
+        snat_ports: settings.node.snat_ports,
+        handoff,
+    };
     // Every interface is looked up before any is set up: one missing (a typo) must not cost the
     // others before it an attach and detach of the XDP program and a toggle of their offloads, each
     // of which resets the rings of many NICs, at every restart of a crash-looping DaemonSet.
@@ -947,6 +1056,9 @@ pub fn main(args: Args) -> CmdResult {
         let queues = iface.queues.iter().max().map_or(1, |q| q.saturating_add(1)).min(4096);
         let steering = VipSteering::load(SteeringConfig { queues, ..steering_config })?;
         counters.2.push((iface.name.clone(), steering.counters()?));
+        // Held by `workers` from here, so it outlives the loops on its sockets.
+        let n = workers.steering.len();
+        workers.steering.push(steering);
         // Frames its loops send leave from this interface's own MAC (see `interfaces_found`).
         if own_mac != settings.node.local_mac {
             tracing::info!(
@@ -977,38 +1089,13 @@ pub fn main(args: Args) -> CmdResult {
                 Some(own_mac)
             }
         };
-        for &q in &iface.queues {
-            let i = handles.len();
+        let served = ServedInterface { name: &iface.name, queues: &iface.queues, own_mac, mac: &mac, neighbour_mac };
+        let steering = &workers.steering[n];
+        loops.start(&served, &mut workers.loops, &mut counters, |q| {
             let dev = XskDevice::open(&XskConfig::new(&iface.name, q))?;
             steering.set_socket(q, dev.fd())?;
-            let core_index = u16::try_from(i)?;
-            let mut worker = Worker::new(
-                empty.clone(),
-                WorkerConfig { conntrack_capacity: args.conntrack_entries, core_index, core_count: cores },
-            );
-            worker.set_neighbour_mac(neighbour_mac);
-            worker.set_source_mac(Some(own_mac));
-            if let Some((lo, hi)) = snat_port_share(settings.node.snat_ports, core_index, cores) {
-                tracing::info!(interface = %iface.name, queue = q, "NAT replies to SNAT ports {lo}-{hi} are translated on this queue's loop (handed over from any other)");
-            }
-            let (mut processor, published) = LbProcessor::new(worker);
-            processor.follow_mac(mac.clone());
-            counters.0.push(published);
-            let (tx, rx) = update_channel();
-            workers.loops.push(tx);
-            let core = args.first_core.map(|c| c + i);
-            let mut lp = PollLoop::new(dev, processor, rx, stop.clone(), LoopConfig::default());
-            counters.1.push(lp.counters());
-            // The mesh's ends are in loop (core_index) order.
-            if let Some(end) = handoff.next() {
-                lp = lp.with_handoff(end);
-            }
-            let name = format!("lb-{}-q{q}", iface.name);
-            // Pinned before this returns; a core that cannot be had stops the loops already running.
-            let running = lp.spawn(name.clone(), core).inspect_err(|_| stop.stop())?;
-            handles.push(watch_loop(running, name, loop_failed.clone()));
-        }
-        workers.steering.push(steering);
+            Ok(dev)
+        })?;
     }
     // Attached once every interface's sockets are open, so a socket that cannot be (a queue the
     // interface does not have, one another program holds) fails the start with no program attached
@@ -1028,11 +1115,11 @@ pub fn main(args: Args) -> CmdResult {
     }
     // The control plane starts from the same load, so it knows the interfaces and SNAT settings the
     // loops were set up with, and applies an edit made since as a reload.
+    let loop_failed = loops.failed.clone();
     let result = run_blocking(&args.config, loaded, workers, Arc::new(counters), async move {
         loop_failed.notified().await;
     });
-    stop.stop();
-    let failures = join_loops(handles);
+    let failures = loops.stop_and_join();
     drop(links);
     drop(vlan_offloads);
     match result {
@@ -1058,9 +1145,10 @@ mod tests {
     use lb_io::bpf::xdp::SteeringConfig;
 
     use super::{
-        InterfaceMac, Limits, NeighbourResponder, SteeringMaps, TableBuilder, TablesSink, Workers, cgroup_memory_limit,
-        check_conntrack_memory, check_nat_replies, check_steering_capacity, ephemeral_overlap, join_loops,
-        maglev_budget, mem_total, memory_limit, snat_settings, steering_for, unserved_rx_queues, watch_loop,
+        InterfaceMac, Limits, Loops, NeighbourResponder, ServedInterface, SteeringMaps, TableBuilder, TablesSink,
+        Workers, cgroup_memory_limit, check_conntrack_memory, check_nat_replies, check_steering_capacity,
+        ephemeral_overlap, join_loops, maglev_budget, mem_total, memory_limit, snat_settings, steering_for,
+        unserved_rx_queues, watch_loop,
     };
     use lb_core::service::Tables;
     use lb_core::{Frame, Instant, Verdict};
@@ -1863,5 +1951,47 @@ services:
             ),
             "{line}"
         );
+    }
+
+    /// A setup step failing after some loops started (here the third queue's socket) stops and
+    /// joins those loops as `lb run` returns its error, their counts logged. Before, they ran on
+    /// until the process exited, under the sockets and offloads torn down as it returned, and their
+    /// counts were never logged.
+    #[test]
+    fn a_setup_failing_after_some_loops_started_stops_and_joins_them_and_logs_their_counts() {
+        let (log, _guard) = lb_examples::log_capture::Captured::install();
+        let tables =
+            TableBuilder::new().build(&Config { node: config().node, services: Vec::new() }).expect("empty tables");
+        let mut loops = Loops {
+            stop: StopFlag::new(),
+            failed: Arc::new(tokio::sync::Notify::new()),
+            watchers: Vec::new(),
+            empty: tables.clone(),
+            conntrack_entries: 1024,
+            cores: 3,
+            first_core: None,
+            snat_ports: (40000, 50000),
+            handoff: lb_io::handoff::mesh(3, HandoffConfig { buffers: 4, buffer_size: 512 })
+                .expect("a mesh")
+                .into_iter(),
+        };
+        let own_mac = [2, 0, 0, 0, 0, 1];
+        let mac = Arc::new(InterfaceMac::new(own_mac));
+        let iface = ServedInterface { name: "v0", queues: &[0, 1, 2], own_mac, mac: &mac, neighbour_mac: None };
+        let (mut senders, mut counters) = (Vec::new(), lb_examples::metrics::PublishedCounters::default());
+        let result = loops.start(&iface, &mut senders, &mut counters, |q| match q {
+            2 => Err("v0: no queue 2".into()),
+            _ => Ok(NoTraffic::idle()),
+        });
+        assert_eq!(result.expect_err("queue 2 fails").to_string(), "v0: no queue 2");
+        assert_eq!((senders.len(), counters.1.len()), (2, 2), "two loops started");
+        // As `lb run` returns the error.
+        drop(loops);
+        let text = log.text();
+        let line = text.lines().find(|l| l.contains("poll loops ended")).unwrap_or_else(|| panic!("{text}"));
+        assert!(line.contains("loops=2 rx=0 tx=0"), "{line}");
+        for s in &senders {
+            assert!(s.send(tables.clone()).is_err(), "the loops have ended");
+        }
     }
 }
