@@ -180,10 +180,12 @@ impl ConnKey {
     }
 
     /// The key's 64-bit hash under `seed`: a table's hash ([`ConntrackTable::hash`]). Hand-written
-    /// rather than a `Hasher` because it is on the fast path and works on whole words: four 64-bit
-    /// loads, multiply-fold, and a final avalanche (fmix64), from a state that starts at the seed
-    /// (so a sender who does not know it cannot aim keys at one bucket). Its first four rounds take
-    /// only the addresses, which `AddrsHash` keeps for keys that differ only past them.
+    /// rather than a `Hasher` because it is on the fast path and works on whole words: each
+    /// address's two 64-bit words, each XORed with a key of the seed's, multiplied together in
+    /// full (64 × 64 → 128 bits) and folded to 64 (`folded_multiply`), then the ports, protocol
+    /// and flags XORed into the source's product and that multiplied by the destination's: three
+    /// multiplies, the first two independent. `AddrsHash` keeps the two products for keys that
+    /// differ only past the addresses. See [`ConntrackSeed`] for why it is keyed so.
     #[inline]
     pub(crate) fn hash(&self, seed: ConntrackSeed) -> u64 {
         let w = |b: &[u8; 16], hi: bool| -> u64 {
@@ -192,16 +194,14 @@ impl ConnKey {
             x.copy_from_slice(part);
             u64::from_le_bytes(x)
         };
-        let tail = hash_tail(self.sport, self.dport, self.proto, self.flags);
-        let mut h = seed.start();
-        for word in [w(&self.src, false), w(&self.src, true), w(&self.dst, false), w(&self.dst, true), tail] {
-            h = hash_round(h, word);
-        }
-        hash_avalanche(h)
+        let [k0, k1, k2, k3] = seed.keys;
+        let src = folded_multiply(w(&self.src, false) ^ k0, w(&self.src, true) ^ k1);
+        let dst = folded_multiply(w(&self.dst, false) ^ k2, w(&self.dst, true) ^ k3);
+        AddrsHash { src, dst }.finish(self.sport, self.dport, self.proto, self.flags)
     }
 }
 
-/// The secret a connection table's hash starts from ([`ConntrackTable::hash`]). Unseeded, anyone
+/// The secret a connection table's hash is keyed by ([`ConntrackTable::hash`]). Unseeded, anyone
 /// could compute the hash offline and pick flows (say source addresses of an IPv6 prefix they
 /// own) that all fall in one bucket, where they contend and evict each other's half-open entries;
 /// seeded at random and kept private, they cannot (as the kernel keys its hash maps, and so
@@ -214,26 +214,46 @@ impl ConnKey {
 /// lb-core draws no randomness: the embedder draws one per process and builds every table with it.
 /// Unlike `NodeConfig::hash_seed` (the schedulers' flow hash, equal on every node of a cluster), it
 /// should differ between processes and never be shown: its `Debug` hides it.
+///
+/// The hash multiplies words of the key XORed with four keys drawn from the seed
+/// ([`ConntrackSeed::new`]), two by two, in full, and folds the 128-bit product to 64 bits (as
+/// foldhash and ahash do): every output bit then depends on every bit of both words, and what a
+/// change to one word does to the product depends on the other operand, which a key hides (a
+/// word's bit 63 flipped adds or takes 2^63 times it). A hash that starts from the seed and
+/// multiplies by a constant keeps a difference's structure whatever the seed: its multiply
+/// carries a word's bit 63 straight through, so two keys one bit apart there and in the next
+/// word collided under every seed. This holds only while the keys are secret: whoever knows
+/// them can make a word equal its key, which makes its product 0 whatever the other word is,
+/// and so any number of keys that collide ([`ConntrackSeed::UNSEEDED`]'s keys are public). It
+/// is not a cryptographic hash; it keeps a sender who sees only whether flows are served from
+/// aiming them at one bucket.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct ConntrackSeed {
-    /// The hash's state before its first round: the seed mixed in once, here, not per key (the
-    /// first round then costs what it did unseeded, callgrind).
-    start: u64,
+    /// The keys XORed into the source address's first and last eight bytes and the
+    /// destination's, before each address's multiply: drawn from the secret once, here, not per
+    /// key.
+    keys: [u64; 4],
 }
 
 impl ConntrackSeed {
     /// No seed (0): the hash anyone can compute. For tests and tools, not for a node facing clients.
     pub const UNSEEDED: ConntrackSeed = ConntrackSeed::new(0);
 
-    /// The seed `secret` (draw it at random, once per process).
+    /// The seed `secret` (draw it at random, once per process). Its keys are four steps of
+    /// SplitMix64 from `secret`: distinct, and each as unpredictable as the secret.
     pub const fn new(secret: u64) -> Self {
-        ConntrackSeed { start: HASH_K ^ secret }
-    }
-
-    /// The hash's state before its first round.
-    #[inline(always)]
-    fn start(self) -> u64 {
-        self.start
+        let mut keys = [0; 4];
+        let mut state = secret;
+        let mut i = 0;
+        while i < keys.len() {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            keys[i] = z ^ (z >> 31);
+            i += 1;
+        }
+        ConntrackSeed { keys }
     }
 }
 
@@ -249,13 +269,13 @@ impl core::fmt::Debug for ConntrackSeed {
     }
 }
 
-/// [`ConnKey::hash`]'s multiplier, and (with [`ConntrackSeed::UNSEEDED`]) its state before the first round.
-const HASH_K: u64 = 0x9E37_79B9_7F4A_7C15;
-
-/// One round of [`ConnKey::hash`]: one 64-bit word of the key folded in.
+/// `a` × `b` in full (64 × 64 → 128 bits), its two halves XORed: the folded multiply of
+/// foldhash and ahash, one `mul` on x86-64. The product's middle bits depend on every bit of both
+/// operands; the fold brings them to both ends of the result.
 #[inline(always)]
-fn hash_round(h: u64, word: u64) -> u64 {
-    (h ^ word).wrapping_mul(HASH_K).rotate_left(29)
+fn folded_multiply(a: u64, b: u64) -> u64 {
+    let r = u128::from(a) * u128::from(b);
+    (r as u64) ^ ((r >> 64) as u64)
 }
 
 /// [`ConnKey::hash`]'s last word: the ports, protocol and flags.
@@ -264,22 +284,12 @@ fn hash_tail(sport: u16, dport: u16, proto: u8, flags: u8) -> u64 {
     (u64::from(sport) << 32) | (u64::from(dport) << 16) | (u64::from(proto) << 8) | u64::from(flags)
 }
 
-/// [`ConnKey::hash`]'s final avalanche (fmix64).
-#[inline(always)]
-fn hash_avalanche(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
-
 /// The keys of the flows from one address and port to another address, to any port with any
-/// protocol, with their addresses' [`AddrsHash`]: a key from a copy and its hash in one round (of
-/// the hash's five), for keys made often with only their destination port and protocol new. Such
+/// protocol, with their addresses' [`AddrsHash`]: a key from a copy and its hash in one multiply
+/// (of the hash's three), for keys made often with only their destination port and protocol new. Such
 /// are a full-NAT backend's reply keys, from the backend to the node's SNAT address, one a new
 /// flow (see [`Backend::reply_keys`](crate::service::Backend::reply_keys); the tables keep them
-/// per backend). 48 bytes.
+/// per backend). 56 bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PortKeys {
     /// The key to destination port 0 with protocol 0.
@@ -322,45 +332,50 @@ impl PortKeys {
     }
 }
 
-/// [`ConnKey::hash`] part done: its state once a key's two addresses are in (four of its five
-/// rounds) under one seed, the same for every key with those addresses. [`AddrsHash::finish`] takes the rest of a
-/// key and gives its hash, one round and the avalanche, ~15 instructions fewer than hashing the
-/// whole key ([`PortKeys`]).
+/// [`ConnKey::hash`] part done: its two address products under one seed, the same for every key
+/// with those addresses. [`AddrsHash::finish`] takes the rest of a key and gives its hash, one
+/// multiply, fewer instructions than hashing the whole key ([`PortKeys`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct AddrsHash(u64);
+pub(crate) struct AddrsHash {
+    /// The source address's product, and then whatever of the last word [`AddrsHash::with`] put in.
+    src: u64,
+    /// The destination address's product.
+    dst: u64,
+}
 
 impl AddrsHash {
-    /// The state of [`ConnKey::hash`] under `seed` for keys from `src` to `dst` (as a [`ConnKey`]
-    /// stores them: [`addr_bytes`]).
+    /// The address products of [`ConnKey::hash`] under `seed` for keys from `src` to `dst` (as a
+    /// [`ConnKey`] stores them: [`addr_bytes`]).
     pub(crate) fn of(seed: ConntrackSeed, src: &[u8; 16], dst: &[u8; 16]) -> Self {
-        let mut h = seed.start();
-        for a in [src, dst] {
-            let v = u128::from_le_bytes(*a);
-            h = hash_round(hash_round(h, v as u64), (v >> 64) as u64);
+        let [k0, k1, k2, k3] = seed.keys;
+        let (s, d) = (u128::from_le_bytes(*src), u128::from_le_bytes(*dst));
+        AddrsHash {
+            src: folded_multiply(s as u64 ^ k0, (s >> 64) as u64 ^ k1),
+            dst: folded_multiply(d as u64 ^ k2, (d >> 64) as u64 ^ k3),
         }
-        AddrsHash(h)
     }
 
-    /// The state of [`ConnKey::hash`] under `seed` for the keys of flows from `src` to `dst`
-    /// ([`ConnKey::flow`]'s).
+    /// The address products of [`ConnKey::hash`] under `seed` for the keys of flows from `src` to
+    /// `dst` ([`ConnKey::flow`]'s).
     pub(crate) fn flow(seed: ConntrackSeed, src: IpAddr, dst: IpAddr) -> Self {
         Self::of(seed, &addr_bytes(src), &addr_bytes(dst))
     }
 
     /// This state with a key's source port and flags folded into it, which [`AddrsHash::finish`]
-    /// then takes as 0: the last round's word is the ports, protocol and flags side by side, and
-    /// the round takes it by `xor`, so a part of it may go in ahead of the rest. Spares a key
-    /// whose port and protocol alone change loading and placing the other two: ~16 instructions
-    /// a new full-NAT flow (callgrind), in a warm-up loop short of registers.
+    /// then takes as 0: the last word is the ports, protocol and flags side by side, and the hash
+    /// takes it by `xor` into the source's product, so a part of it may go in ahead of the rest.
+    /// Spares a key whose port and protocol alone change loading and placing the other two: ~16
+    /// instructions a new full-NAT flow (callgrind), in a warm-up loop short of registers.
     pub(crate) fn with(self, sport: u16, flags: u8) -> Self {
-        AddrsHash(self.0 ^ hash_tail(sport, 0, 0, flags))
+        AddrsHash { src: self.src ^ hash_tail(sport, 0, 0, flags), ..self }
     }
 
     /// [`ConnKey::hash`] of the key with these addresses and these ports, protocol and flags (under
-    /// this state's seed).
+    /// this state's seed): the last word XORed into the source's product, multiplied by the
+    /// destination's.
     #[inline(always)]
     pub(crate) fn finish(self, sport: u16, dport: u16, proto: u8, flags: u8) -> u64 {
-        hash_avalanche(hash_round(self.0, hash_tail(sport, dport, proto, flags)))
+        folded_multiply(self.src ^ hash_tail(sport, dport, proto, flags), self.dst)
     }
 }
 
@@ -2217,6 +2232,137 @@ mod tests {
         assert!(!shown.contains("89ab") && !shown.contains("81985529216486895"), "{shown}");
     }
 
+    /// `key` with `d` XORed into word `word` of its hash's input: 0 and 1 the source address's
+    /// first and last eight bytes (little-endian, as `ConnKey::hash` reads them), 2 and 3 the
+    /// destination's, 4 the ports, protocol and flags as `hash_tail` lays them out (`d` below 1 << 48).
+    fn with_word_flipped(mut key: ConnKey, word: usize, d: u64) -> ConnKey {
+        let flip = |a: &mut [u8; 16], at: usize| {
+            for (b, x) in a[at..at + 8].iter_mut().zip(d.to_le_bytes()) {
+                *b ^= x;
+            }
+        };
+        match word {
+            0 => flip(&mut key.src, 0),
+            1 => flip(&mut key.src, 8),
+            2 => flip(&mut key.dst, 0),
+            3 => flip(&mut key.dst, 8),
+            _ => {
+                key.sport ^= (d >> 32) as u16;
+                key.dport ^= (d >> 16) as u16;
+                key.proto ^= (d >> 8) as u8;
+                key.flags ^= d as u8;
+            }
+        }
+        key
+    }
+
+    /// Under several seeds (and unseeded), no key a few bits from another hashes as it does: every
+    /// key that differs from a flow's key of either family, or an affinity record's, in one or two
+    /// bits of one word of the hash's input, or in one bit of each of two words, hashes apart from
+    /// it. Under a seed an attacker does not know, each such pair should collide with chance
+    /// 2^-64, so one that collides here shows structure the seed does not hide: the hash once
+    /// started from the seed and then multiplied each word by a constant, which carries a
+    /// difference in a word's bit 63 through unchanged, so keys apart in bit 63 of the source's
+    /// first word and in bit 28 (where the round's rotation moved bit 63) of its second shared a
+    /// hash under every seed.
+    #[test]
+    fn keys_a_few_bits_apart_hash_apart_under_any_seed() {
+        let width = |word: usize| if word == 4 { 48 } else { 64 };
+        let mut diffs = alloc::vec::Vec::new();
+        for w in 0..5 {
+            for i in 0..width(w) {
+                diffs.push([(w, 1u64 << i), (w, 0)]);
+                for j in 0..i {
+                    diffs.push([(w, (1u64 << i) | (1u64 << j)), (w, 0)]);
+                }
+                for v in w + 1..5 {
+                    for j in 0..width(v) {
+                        diffs.push([(w, 1u64 << i), (v, 1u64 << j)]);
+                    }
+                }
+            }
+        }
+        assert!(diffs.contains(&[(0, 1 << 63), (1, (1u64 << 63).rotate_left(29))]));
+        let v4 = |a: u32| IpAddr::V4(Ipv4Addr::from(a));
+        let bases = [
+            ConnKey::flow(v4(0x0a01_0203), v4(0xc000_0250), 40000, 443, 6),
+            ConnKey::flow(
+                IpAddr::V6("2001:db8:bad::1".parse().unwrap()),
+                IpAddr::V6("2001:db8::80".parse().unwrap()),
+                40000,
+                443,
+                17,
+            ),
+            ConnKey::affinity(v4(0xc633_6407), v4(0xc000_0250), 80, 6),
+        ];
+        let seeds = [0x243f_6a88_85a3_08d3, 0x1319_8a2e_0370_7344, 0xa409_3822_299f_31d0, 0x082e_fa98_ec4e_6c89];
+        for seed in seeds.map(ConntrackSeed::new).into_iter().chain([SEED, ConntrackSeed::UNSEEDED]) {
+            for base in bases {
+                let h = base.hash(seed);
+                for [(w, d), (v, e)] in &diffs {
+                    let k = with_word_flipped(with_word_flipped(base, *w, *d), *v, *e);
+                    assert_ne!(k.hash(seed), h, "{seed:?}, {base:?}: word {w} ^ {d:#x}, word {v} ^ {e:#x}");
+                }
+            }
+        }
+    }
+
+    /// Pearson's chi-square statistic of `counts` against an even spread, and the bound a
+    /// uniform spread stays under all but about once in a billion (its mean, `counts.len() - 1`,
+    /// plus six of its standard deviations).
+    fn chi_square(counts: &[u32]) -> (f64, f64) {
+        let n: u32 = counts.iter().sum();
+        let expected = f64::from(n) / counts.len() as f64;
+        let chi = counts.iter().map(|&c| (f64::from(c) - expected) * (f64::from(c) - expected) / expected).sum();
+        let dof = (counts.len() - 1) as f64;
+        (chi, dof + 6.0 * libm_sqrt(2.0 * dof))
+    }
+
+    /// `x.sqrt()` (lb-core is `no_std`): Newton's method, enough for a test's bound.
+    fn libm_sqrt(x: f64) -> f64 {
+        (0..60).fold(x.max(1.0), |r, _| 0.5 * (r + x / r))
+    }
+
+    /// Keys that differ little spread evenly over a table's buckets, home ways and tags, under the
+    /// unseeded hash and two seeds: 65 536 sequential IPv4 sources (a /16) to one service, one
+    /// client's 65 536 source ports, 65 536 sources of one IPv6 /64 numbered from 1, and a
+    /// backend's reply keys to every SNAT port ([`PortKeys`]). Each set's counts over 1 024
+    /// buckets (the low ten bits, as a table of 1 024 buckets takes them), over the eight home
+    /// ways, and over 1 024 values of the top ten bits (where the tag lives) stay under a
+    /// chi-square bound that a hash leaving some key bits out of some of those bits exceeds.
+    #[test]
+    fn keys_that_differ_little_spread_evenly() {
+        let v4 = |a: u32| IpAddr::V4(Ipv4Addr::from(a));
+        let (vip, client) = (v4(0xc000_0250), v4(0xc633_6407));
+        let v6_vip = IpAddr::V6("2001:db8::80".parse().unwrap());
+        for seed in [ConntrackSeed::UNSEEDED, SEED, ConntrackSeed::new(0xa409_3822_299f_31d0)] {
+            let replies = PortKeys::flow(seed, v4(0x0a00_0007), v4(0x0a00_0001), 8080);
+            let v6 = |n: u32| {
+                let src = IpAddr::V6(Ipv6Addr::from((0x2001_0db8_0bad_0001u128 << 64) | u128::from(n + 1)));
+                ConnKey::flow(src, v6_vip, 40000, 443, 6).hash(seed)
+            };
+            let sets: [(&str, &dyn Fn(u32) -> u64); 4] = [
+                ("sources", &|n| ConnKey::flow(v4(0x0a0a_0000 | n), vip, 40000, 443, 6).hash(seed)),
+                ("ports", &|n| ConnKey::flow(client, vip, n as u16, 443, 6).hash(seed)),
+                ("v6", &v6),
+                ("replies", &|n| replies.hash(n as u16, 6)),
+            ];
+            for (name, hash) in &sets {
+                let (mut low, mut home, mut top) = ([0u32; 1024], [0u32; WAYS], [0u32; 1024]);
+                for n in 0..1 << 16 {
+                    let h = hash(n);
+                    low[(h & 1023) as usize] += 1;
+                    home[home_way(h)] += 1;
+                    top[(h >> 54) as usize] += 1;
+                }
+                for (part, counts) in [("bucket", &low[..]), ("home way", &home[..]), ("top bits", &top[..])] {
+                    let (chi, bound) = chi_square(counts);
+                    assert!(chi < bound, "{seed:?} {name}: {part} chi-square {chi:.0} over {bound:.0}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn bytes_for_is_what_with_capacity_allocates() {
         for capacity in [0, 1, 8, 9, 1000, 1 << 16] {
@@ -2502,7 +2648,7 @@ mod tests {
         for fill in [0, 2, 4, 6] {
             let capacity = build(fill).capacity() as u32;
             for spare in (0..capacity).chain([NO_LINK]) {
-                for (n, now) in [(60, 0), (61, 11), (62, 200), (63, 101), (64, 0), (65, 11)] {
+                for (n, now) in [(60, 0), (61, 11), (62, 200), (63, 101), (64, 0), (65, 11), (71, 101)] {
                     let e = entry(key(n), ConnState::SynSeen, 300);
                     let (mut a, mut b) = (build(fill), build(fill));
                     let (general, removed) = general_worker_insert(&mut a, e, key(n).hash(SEED), now, spare);
