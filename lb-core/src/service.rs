@@ -244,8 +244,8 @@ pub struct Tables {
     /// Per backend slot (as `backend_locations`), the backend's full-NAT reply keys (from the
     /// backend and its port to the node's SNAT address of its family; `None` where the node has
     /// none, or the slot no backend), made here with the tables, off the fast path, so that a new
-    /// full-NAT flow's SNAT port guess makes its reply key by a copy and hashes it in one multiply
-    /// of three ([`Tables::nat_reply_keys`]). 64 bytes a backend slot (one SNAT address a
+    /// full-NAT flow's SNAT port guess makes its reply key by a copy and hashes it in two multiplies
+    /// of four ([`Tables::nat_reply_keys`]). 64 bytes a backend slot (one SNAT address a
     /// backend); apart from the locations, whose 64 bytes have none to spare.
     reply_keys: Vec<Option<PortKeys>>,
     /// The seed of the connection table hash `reply_keys` were hashed under: that of every

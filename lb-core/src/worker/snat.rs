@@ -241,7 +241,7 @@ impl Core {
 /// it was made on the stack and then copied there (~3 instructions a new full-NAT flow). Returns
 /// the key's hash. From the backend's reply keys as the tables keep them
 /// ([`Tables::nat_reply_keys`], [`Backend::reply_keys`]): the key copied and hashed in
-/// one multiply of three, not made from two `IpAddr`s and hashed whole (~20 instructions a new
+/// two multiplies of four, not made from two `IpAddr`s and hashed whole (~20 instructions a new
 /// full-NAT flow, callgrind).
 #[inline]
 pub(super) fn snat_probe(
