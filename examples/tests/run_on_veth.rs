@@ -132,6 +132,20 @@ fn started(lines: &mut Lines<BufReader<ChildStderr>>, log: &mut Vec<String>) -> 
     false
 }
 
+/// `line` without its ANSI colour sequences (`ESC [ ... m`), as a field reads: `loops=1`.
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|&c| c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A test that fails part-way leaves no `lb run` behind (it would hold its namespace's interfaces).
 impl Drop for Running {
     fn drop(&mut self) {
@@ -211,6 +225,35 @@ fn lb_run_names_a_queue_the_interface_does_not_have() {
     assert!(!running && !status.success() && error.contains("l0") && error.contains("4294967295"), "{log}");
 }
 
+/// A queue that cannot be served after another's loop started (the second of `queues: [0,
+/// 4294967295]`) fails the start naming it, and the loop already started is stopped and joined, its
+/// counts logged, before `lb run` exits. Before, it ran on until the process exited, under the
+/// offloads turned back on as `lb run` returned, and its counts were never logged.
+#[test]
+fn a_queue_failing_after_a_loop_started_stops_that_loop_and_logs_its_counts() {
+    if let Err(why) = can_create_namespaces() {
+        println!("SKIPPED: {why}");
+        return;
+    }
+    let tag = format!("lbf{}", std::process::id());
+    let (lb_ns, _peer) = lb_and_peer(&tag).unwrap();
+    let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
+    let text = "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: l0, queues: [0, 4294967295] }]\nservices: []\n";
+    std::fs::write(&config, text).unwrap();
+    let (mut child, mut lines) = spawn_lb_run(&lb_ns, &config);
+    let mut log = Vec::new();
+    let running = started(&mut lines, &mut log);
+    if running {
+        let _ = child.kill();
+    }
+    let status = child.wait().unwrap();
+    let _ = std::fs::remove_file(&config);
+    let log = log.join("\n");
+    let error = log.lines().find(|l| l.starts_with("error")).unwrap_or_default();
+    assert!(!running && !status.success() && error.contains("l0") && error.contains("4294967295"), "{log}");
+    assert!(log.lines().map(plain).any(|l| l.contains("poll loops ended") && l.contains(" loops=1 ")), "{log}");
+}
+
 /// A second `lb run` on the queue one already serves fails at once, saying why. After the first is
 /// killed (SIGKILL: no clean-up of its own), its XDP program is gone from the interface and its
 /// socket from the queue, so `lb run` started again (a supervisor's restart) serves it.
@@ -284,6 +327,8 @@ fn a_second_lb_run_on_another_queue_of_the_interface_fails_naming_it() {
     assert!(!running && !status.success(), "a second program on m0:\n{log}");
     let error = log.lines().find(|l| l.starts_with("error")).unwrap_or_default();
     assert!(error.contains("m0") && error.contains("another XDP program"), "{log}");
+    // Its loop, started before the attach failed, was stopped and joined, its counts logged.
+    assert!(log.lines().map(plain).any(|l| l.contains("poll loops ended") && l.contains(" loops=1 ")), "{log}");
     first.signal("-TERM");
     let (status, log) = first.finish();
     assert!(status.success(), "{log}");
