@@ -6,7 +6,9 @@
 //! tables stay); and a small input is judged in well under a second (the fuzzer's -timeout and -rss_limit_mb catch one that asks for huge tables and gets
 //! them).
 //!
-//! The input: a first byte choosing the node's settings, then documents separated by a NUL byte,
+//! The input: a first byte choosing the node's settings (its low two bits) and the deliveries of
+//! tables the data plane refuses (the other six, `lb_fuzz_control::Sink`; see
+//! `lb_fuzz_control::drive` for what must hold then), then documents separated by a NUL byte,
 //! each `S` + a Service's JSON, `E` + an EndpointSlice's JSON, or `R` (the next round: the store as
 //! it is then is translated again, keeping the last good translations).
 //!
@@ -44,7 +46,7 @@ fn name(ns: &Option<String>, name: &Option<String>) -> String {
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, rest)) = data.split_first() else { return };
-    let Ok(mut settings) = parse(FILES[usize::from(which) % FILES.len()]) else { panic!("the node file is valid") };
+    let Ok(mut settings) = parse(FILES[usize::from(which & 3)]) else { panic!("the node file is valid") };
     settings.fill_from_env(|_| None);
     let k8s = settings.kubernetes.clone().unwrap_or_default();
     let node = settings.node.clone();
@@ -82,5 +84,5 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     inputs.push(round(&services, &slices));
-    drive(inputs);
+    drive(which >> 2, inputs);
 });

@@ -1,7 +1,7 @@
 //! What both control-side fuzz targets share: the control loop as `lb run` drives it, publishing
-//! to a sink that keeps nothing, and a YAML writer for configuration files built from arbitrary
-//! values (field names and values the validation knows, and odd ones: big and negative numbers,
-//! huge lists, duplicate keys, deep nesting).
+//! to a sink that refuses the deliveries the input picks, and a YAML writer for configuration files
+//! built from arbitrary values (field names and values the validation knows, and odd ones: big and
+//! negative numbers, huge lists, duplicate keys, deep nesting).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -9,14 +9,52 @@ use std::sync::Arc;
 use arbitrary::Arbitrary;
 use lb_core::service::Tables;
 use lb_examples::config::Settings;
-use lb_examples::control::{Control, ControlInput, TablesSink};
+use lb_examples::control::{Control, ControlError, ControlInput, TablesSink};
 
-/// A sink that takes every table set and keeps none (no worker runs).
-pub struct NullSink;
+/// A sink that keeps the last tables it took (no worker runs), and refuses the deliveries
+/// `refusals` picks, as `lb run`'s does when a poll loop has gone: the n-th (from 0) when bit
+/// `n % 8` is set.
+pub struct Sink {
+    refusals: u8,
+    /// Deliveries so far, refused or taken.
+    deliveries: u32,
+    /// The tables last taken: what the workers run.
+    taken: Option<Arc<Tables>>,
+    /// Why the last delivery was refused, if it was.
+    last_refused: Option<String>,
+    /// Whether a delivery was refused since the last taken: what the workers hold is not known.
+    refused_since_taken: bool,
+}
 
-impl TablesSink for NullSink {
-    fn publish(&mut self, _tables: &Arc<Tables>) -> Result<(), String> {
+impl Sink {
+    /// One refusing the deliveries `refusals` picks (none for 0).
+    pub fn new(refusals: u8) -> Self {
+        Sink { refusals, deliveries: 0, taken: None, last_refused: None, refused_since_taken: false }
+    }
+}
+
+impl TablesSink for Sink {
+    fn publish(&mut self, tables: &Arc<Tables>) -> Result<(), String> {
+        let n = self.deliveries;
+        self.deliveries += 1;
+        if (self.refusals >> (n % 8)) & 1 == 1 {
+            let why = format!("delivery {n} refused");
+            self.last_refused = Some(why.clone());
+            self.refused_since_taken = true;
+            return Err(why);
+        }
+        self.taken = Some(tables.clone());
+        self.last_refused = None;
+        self.refused_since_taken = false;
         Ok(())
+    }
+}
+
+fn same(a: &Option<Arc<Tables>>, b: &Option<Arc<Tables>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
     }
 }
 
@@ -36,29 +74,47 @@ pub fn without_probes(mut settings: Settings) -> Settings {
     settings
 }
 
-/// A fresh control loop, fed `inputs` in order. An input is taken or refused whole: one refused
-/// says why and leaves the running tables as they were (the next input builds on them); one taken
-/// runs the tables it returns.
-pub fn drive(inputs: impl IntoIterator<Item = ControlInput>) {
+/// A fresh control loop publishing to a [`Sink`] refusing the deliveries `refusals` picks, fed
+/// `inputs` in order. An input is taken or refused whole: one refused says why, is counted
+/// (`rejected`, `last_error`) and leaves the running tables as they were (the next input builds on
+/// them); one taken runs the tables it returns and is counted (`applied`) if they were delivered.
+/// What the live state says runs is what the sink took last; an input refused for its delivery
+/// says the sink's reason; and after a refused delivery, the next input that is taken is delivered
+/// (what the workers hold is not known), even if it changes nothing.
+pub fn drive(refusals: u8, inputs: impl IntoIterator<Item = ControlInput>) {
     let _guard = runtime().enter();
-    let mut control = Control::new(NullSink);
+    let mut control = Control::new(Sink::new(refusals));
     let live = control.subscribe();
     for input in inputs {
-        let before = live.borrow().tables.clone();
-        match control.apply(input) {
+        let (before, applied, rejected) = {
+            let l = live.borrow();
+            (l.tables.clone(), l.applied, l.rejected)
+        };
+        let deliveries = control.sink().deliveries;
+        let result = control.apply(input);
+        let sink = control.sink();
+        let delivered = sink.deliveries > deliveries;
+        let l = live.borrow();
+        assert!(same(&l.tables, &sink.taken), "the live tables are not those the sink took last");
+        match result {
             Ok(tables) => {
-                let running = live.borrow().tables.clone();
-                assert!(running.is_some_and(|r| Arc::ptr_eq(&r, &tables)), "taken, but other tables run");
+                assert!(l.tables.as_ref().is_some_and(|r| Arc::ptr_eq(r, &tables)), "taken, but other tables run");
+                assert!(sink.last_refused.is_none() || !delivered, "taken, but its delivery was refused");
+                assert!(
+                    delivered || !sink.refused_since_taken,
+                    "taken undelivered after a refused delivery: the workers may not run them"
+                );
+                assert_eq!((l.applied, l.rejected), (applied + u64::from(delivered), rejected));
             }
             Err(e) => {
                 assert!(!e.to_string().is_empty());
-                let after = live.borrow().tables.clone();
-                let kept = match (&before, &after) {
-                    (Some(b), Some(a)) => Arc::ptr_eq(b, a),
-                    (None, None) => true,
-                    _ => false,
-                };
-                assert!(kept, "refused ({e}), but the running tables changed");
+                assert!(same(&before, &l.tables), "refused ({e}), but the running tables changed");
+                assert_eq!((l.applied, l.rejected), (applied, rejected + 1), "refused ({e})");
+                let last = l.last_error.as_deref().unwrap_or_default();
+                assert!(!last.is_empty() && e.to_string().contains(last), "refused ({e}), last_error {last:?}");
+                if let ControlError::Publish(why) = &e {
+                    assert!(delivered && sink.last_refused.as_ref() == Some(why), "{e}, but no such refusal");
+                }
             }
         }
     }
