@@ -1056,7 +1056,8 @@ pub fn main(args: Args) -> CmdResult {
         let queues = iface.queues.iter().max().map_or(1, |q| q.saturating_add(1)).min(4096);
         let steering = VipSteering::load(SteeringConfig { queues, ..steering_config })?;
         counters.2.push((iface.name.clone(), steering.counters()?));
-        // Held by `workers` from here, so it outlives the loops on its sockets.
+        // Held by `workers` from here, so a start failing below drops it after the loops on its
+        // sockets (`loops` is declared after `workers`); the attached program keeps its maps anyway.
         let n = workers.steering.len();
         workers.steering.push(steering);
         // Frames its loops send leave from this interface's own MAC (see `interfaces_found`).
