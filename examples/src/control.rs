@@ -746,11 +746,14 @@ impl<S: TablesSink> Control<S> {
                 Vec::new()
             }
             ControlInput::FileRejected(why) => {
+                // Shown as every other rejection is: the error as `apply` returns it (the reason
+                // alone read as if something else had failed). Not logged again: the watcher has.
+                let e = ControlError::File(why);
                 self.live.send_modify(|l| {
                     l.rejected += 1;
-                    l.last_error = Some(why.clone());
+                    l.last_error = Some(e.to_string());
                 });
-                return Err(ControlError::File(why));
+                return Err(e);
             }
             ControlInput::Kubernetes(t) => {
                 kubernetes = Some(t);
@@ -2528,6 +2531,21 @@ services:
         assert_eq!(published, [vec![80], vec![80, 9003], vec![80, 9004]]);
         let l = live.borrow();
         assert_eq!((l.applied, l.rejected), (3, 1), "the file, 9003 and 9004; the bad edit");
+    }
+
+    /// A file that failed validation is counted, and its error shown (`last_error`: `lb list`,
+    /// `/metrics`' info) as `apply` returns it, as every other rejection is; the running tables stay.
+    #[tokio::test]
+    async fn a_rejected_file_shows_the_error_apply_returns() {
+        let mut control = Control::new(RecordingSink::default());
+        let live = control.subscribe();
+        let running = control.apply(ControlInput::File(Box::new(parse(GOOD).unwrap()))).unwrap();
+        let e = control.apply(ControlInput::FileRejected("services[0]: no backends".into())).unwrap_err();
+        let l = live.borrow();
+        assert_eq!(l.last_error.as_deref(), Some(e.to_string().as_str()));
+        assert_eq!(e.to_string(), "configuration file rejected: services[0]: no backends");
+        assert_eq!((l.applied, l.rejected), (1, 1));
+        assert!(l.tables.as_ref().is_some_and(|t| Arc::ptr_eq(t, &running)));
     }
 
     /// A sink whose publish leaves something pending (as `lb run`'s steering waits for the poll loops
