@@ -185,7 +185,8 @@ impl ConnKey {
     /// full (64 × 64 → 128 bits) and folded to 64 (`folded_multiply`), then the ports, protocol
     /// and flags XORed into the source's product, that multiplied by the destination's, and the
     /// result by a constant: four multiplies, the first two independent. `AddrsHash` makes, and
-    /// keeps, the two products for keys that differ only past the addresses. See [`ConntrackSeed`] for why it is keyed so.
+    /// keeps, the two products for keys that differ only past the addresses. See [`ConntrackSeed`]
+    /// for why it is keyed so.
     #[inline]
     pub(crate) fn hash(&self, seed: ConntrackSeed) -> u64 {
         AddrsHash::of(seed, &self.src, &self.dst).finish(self.sport, self.dport, self.proto, self.flags)
@@ -373,8 +374,8 @@ impl AddrsHash {
     /// word (one client's source ports, a backend's reply keys to each SNAT port) went, without
     /// the last multiply, through one product with one fixed operand, the destination's: linear in
     /// those bits at the bucket's and the tag's bits, and for some seeds (several of 40 tried)
-    /// bunched in a few buckets (`keys_that_differ_little_spread_evenly`). foldhash's quality variant ends
-    /// so too.
+    /// bunched in a few buckets (`keys_that_differ_little_spread_evenly`). foldhash's quality
+    /// variant ends so too.
     #[inline(always)]
     pub(crate) fn finish(self, sport: u16, dport: u16, proto: u8, flags: u8) -> u64 {
         folded_multiply(folded_multiply(self.src ^ hash_tail(sport, dport, proto, flags), self.dst), HASH_MIX)
