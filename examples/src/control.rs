@@ -748,12 +748,7 @@ impl<S: TablesSink> Control<S> {
             ControlInput::FileRejected(why) => {
                 // Shown as every other rejection is: the error as `apply` returns it (the reason
                 // alone read as if something else had failed). Not logged again: the watcher has.
-                let e = ControlError::File(why);
-                self.live.send_modify(|l| {
-                    l.rejected += 1;
-                    l.last_error = Some(e.to_string());
-                });
-                return Err(e);
+                return Err(self.count_rejected(ControlError::File(why)));
             }
             ControlInput::Kubernetes(t) => {
                 kubernetes = Some(t);
@@ -970,6 +965,11 @@ impl<S: TablesSink> Control<S> {
         } else {
             tracing::error!("update rejected, no tables run yet: {e}");
         }
+        self.count_rejected(e)
+    }
+
+    /// Counts `e` as a rejected update, shown as `last_error`; returns it.
+    fn count_rejected(&self, e: ControlError) -> ControlError {
         self.live.send_modify(|l| {
             l.rejected += 1;
             l.last_error = Some(e.to_string());
