@@ -789,8 +789,12 @@ mod tests {
             assert_eq!(first[&path] - start, ProbeKey::of(addr, s.health_check.as_ref().unwrap()).phase(), "{path}");
             assert_eq!(second[&path], interval, "{path}: then every interval");
         }
+        // Phases come from a hash of the key, which holds the listener's port (the kernel's pick):
+        // two of eight may share a millisecond (about 1 run in 140), so the test asks for a spread,
+        // not for eight distinct offsets. `phases_spread_evenly_and_are_capped` checks the spread
+        // itself on fixed keys.
         let offsets: BTreeSet<Duration> = first.values().map(|at| *at - start).collect();
-        assert_eq!(offsets.len(), services.len(), "distinct offsets: {offsets:?}");
+        assert!(offsets.len() > services.len() / 2, "offsets bunched: {offsets:?}");
         assert!(offsets.iter().all(|o| *o < interval), "{offsets:?}");
     }
 
