@@ -1,16 +1,26 @@
 //! Arbitrary Kubernetes Services and EndpointSlices (JSON, as the API server sends them, read into
 //! k8s-openapi's types) through what the feed and the control loop do with them: `translate_keeping`
-//! (annotations included) in two rounds, each translation applied by the control loop (lb-core's
+//! (annotations included) in rounds, each translation applied by the control loop (lb-core's
 //! validation of each service, the table build). No panic; the translation does not depend on the
 //! order the store hands objects over in; each translation is applied or refused whole (the running
-//! tables stay); and a small input is judged in well under a second (the fuzzer's -timeout and -rss_limit_mb catch one that asks for huge tables and gets
-//! them).
+//! tables stay); and a small input is judged in well under a second (the fuzzer's -timeout and
+//! -rss_limit_mb catch one that asks for huge tables and gets them).
 //!
 //! The input: a first byte choosing the node's settings (its low two bits) and the deliveries of
 //! tables the data plane refuses (the other six, `lb_fuzz_control::Sink`; see
-//! `lb_fuzz_control::drive` for what must hold then), then documents separated by a NUL byte,
-//! each `S` + a Service's JSON, `E` + an EndpointSlice's JSON, or `R` (the next round: the store as
-//! it is then is translated again, keeping the last good translations).
+//! `lb_fuzz_control::drive` for what must hold then), then documents separated by a NUL byte:
+//! - `S` + a Service's JSON, `E` + an EndpointSlice's JSON: the object written to the feed's store
+//!   (one per namespace/name, the last written);
+//! - `R`: the next round: the store as it is then is translated, keeping the last good
+//!   translations, and applied. One more round follows the last document;
+//! - `B` + a round's number in decimal (1 the first `R`; 0 or no digits the empty store before
+//!   any document; counted modulo the rounds so far + 1): the store goes back to what that round
+//!   translated, objects written since deleted or put back as they were (an edit undone).
+//!
+//! So "translation A taken, B refused, A again", which must be delivered again (the workers may
+//! hold B), is `\x10` `S{A}` `\0R` `\0S{B}` `\0R` `\0B1`: `\x10` picks the first node file and
+//! refuses delivery 2 (from 0: the node file's tables are delivery 0, A's 1, B's 2); that is
+//! `seeds/k8s_translate/round-refused-then-undone`.
 //!
 //! `seeds/k8s_translate` holds inputs to start from, `dict/k8s_translate.dict` the field names and values:
 //! `cargo fuzz run --fuzz-dir fuzz-control -s none -O k8s_translate fuzz-control/corpus/k8s_translate
@@ -67,6 +77,8 @@ fuzz_target!(|data: &[u8]| {
         }
         ControlInput::Kubernetes(t)
     };
+    // The store as each round translated it, the empty store before any document first.
+    let mut rounds = vec![(services.clone(), slices.clone())];
     for doc in rest.split(|&b| b == 0) {
         match doc.split_first() {
             Some((b'S', json)) => {
@@ -79,7 +91,17 @@ fuzz_target!(|data: &[u8]| {
                     slices.insert(name(&s.metadata.namespace, &s.metadata.name), s);
                 }
             }
-            Some((b'R', _)) => inputs.push(round(&services, &slices)),
+            Some((b'R', _)) => {
+                inputs.push(round(&services, &slices));
+                rounds.push((services.clone(), slices.clone()));
+            }
+            Some((b'B', number)) => {
+                let n = number
+                    .iter()
+                    .filter(|b| b.is_ascii_digit())
+                    .fold(0, |n, d| (n * 10 + usize::from(d - b'0')) % rounds.len());
+                (services, slices) = rounds[n].clone();
+            }
             _ => {}
         }
     }
