@@ -803,7 +803,10 @@ impl WayMasks {
     #[inline(always)]
     fn of(head: &BucketHead) -> WayMasks {
         let c = head.classes;
-        let occupied = (c | c >> 8 | c >> 16 | c >> 24) & WAY_BITS;
+        // The four class bytes ORed, as their sum: a way is in one class at most, so the bytes
+        // share no bit and their sum carries nothing (the ORs and shifts were ~5 instructions
+        // more a way choice, callgrind).
+        let occupied = (c.wrapping_mul(CLASS_LANES) >> 24) & WAY_BITS;
         WayMasks {
             empty: !occupied & WAY_BITS,
             reverse: c >> (8 * CLASS_REVERSE),
@@ -1686,6 +1689,19 @@ mod tests {
             proptest::prop_assert!(a == a);
             proptest::prop_assert_eq!(a == b, fields(&a) == fields(&b));
             proptest::prop_assert_eq!(b == a, fields(&a) == fields(&b));
+        }
+
+        /// `WayMasks::of`'s occupied ways (the class bytes summed) are the class bytes ORed, on any
+        /// head the class writes make (fills, moves between classes, emptied ways).
+        #[test]
+        fn occupied_ways_are_the_class_bytes_ored(ops in proptest::collection::vec((0usize..WAYS, 0u16..5), 0..40)) {
+            let mut head = BucketHead::default();
+            for (w, c) in ops {
+                if c == 4 { head.clear_class(w) } else { head.set_class(w, c) }
+                let x = head.classes;
+                let ored = (x | x >> 8 | x >> 16 | x >> 24) & WAY_BITS;
+                proptest::prop_assert_eq!(WayMasks::of(&head).empty, !ored & WAY_BITS, "classes {:#x}", x);
+            }
         }
 
         /// `is_reverse` answers as `class(w) == CLASS_REVERSE` for every way of any head the class
