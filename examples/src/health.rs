@@ -547,6 +547,7 @@ pub fn apply_health(services: &mut [ServiceSpec], down: &HashSet<Target>) -> BTr
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
     use std::sync::atomic::{AtomicU16, Ordering};
 
     use lb_core::config::{BackendConfig, ForwardMode, SchedulerKind, ServiceConfig};
@@ -594,6 +595,24 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("no health event").expect("closed")
     }
 
+    /// Runs `test` on paused time that moves only by `tokio::time::advance`: a blocking task, alive
+    /// until `test` is done, keeps the runtime from moving the clock on by itself (tokio holds
+    /// auto-advance while one runs), and fails the test after 30 s of real time. Auto-advance
+    /// moves the clock to the next timer whenever the runtime finds no socket ready at a glance:
+    /// while the kernel had not yet completed a probe's real connection (a loaded machine, a
+    /// deferred softirq), a probe's timeout, another probe's phase or the test's own timeout passed.
+    async fn on_held_clock<T>(test: impl std::future::Future<Output = T>) -> T {
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let failsafe = tokio::task::spawn_blocking(move || wait.recv_timeout(Duration::from_secs(30)));
+        tokio::select! {
+            out = test => {
+                drop(done);
+                out
+            }
+            _ = failsafe => panic!("not done within 30 s of real time"),
+        }
+    }
+
     /// `s` at another address (a Service's NodePort beside its cluster IP, say).
     fn on_vip(mut s: ServiceSpec, vip: &str) -> ServiceSpec {
         s.config.key.vip = vip.parse().unwrap();
@@ -634,16 +653,22 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        // Probed once an hour: the first probe at its phase (time is paused: the test waits for
-        // nothing), the next long after the test. Both start down with rise 1, so that first probe
-        // is a transition each service hears.
+        // Probed once an hour: the first probe at its phase (time is paused, and moved past every
+        // phase at once), the next long after the test. Both start down with rise 1, so that first
+        // probe is a transition each service hears.
         let hourly = HealthCheck { interval: Duration::from_secs(3600), rise: 1, ..check(Probe::Tcp) };
         let services = [service(addr, hourly.clone()), on_vip(service(addr, hourly), "10.0.0.2")];
         let targets = [target(&services[0]), target(&services[1])];
         let (tx, mut rx) = mpsc::channel(8);
         let mut hc = HealthChecker::new(tx);
         hc.sync(&services, &HashSet::from(targets));
-        let mut up = [next(&mut rx).await, next(&mut rx).await];
+        let mut up = on_held_clock(async {
+            // The probe's task, spawned by `sync`, takes its start at its first poll: after this.
+            tokio::task::yield_now().await;
+            tokio::time::advance(MAX_PHASE).await;
+            [next(&mut rx).await, next(&mut rx).await]
+        })
+        .await;
         up.sort_by_key(|e| e.target);
         let generation = |t: &Target| hc.generation(t).unwrap();
         assert_eq!(up, targets.map(|target| HealthEvent { target, healthy: true, generation: generation(&target) }));
@@ -773,22 +798,37 @@ mod tests {
             .collect();
         let (tx, _rx) = mpsc::channel(8);
         let mut hc = HealthChecker::new(tx);
-        let start = tokio::time::Instant::now();
-        hc.sync(&services, &HashSet::new());
-        let (mut first, mut second) = (HashMap::new(), HashMap::new());
-        while second.len() < services.len() {
-            let (path, at) = seen.recv().await.unwrap();
-            if let Some(f) = first.get(&path) {
-                second.entry(path).or_insert(at - *f);
-            } else {
-                first.insert(path, at);
+        // Each probe's GETs are due at its key's phase and then every interval.
+        let mut due: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
+        for (i, s) in services.iter().enumerate() {
+            let phase = ProbeKey::of(addr, s.health_check.as_ref().unwrap()).phase();
+            for at in [phase, phase + interval] {
+                due.entry(at).or_default().push(format!("/{i}"));
             }
         }
-        for (i, s) in services.iter().enumerate() {
-            let path = format!("/{i}");
-            assert_eq!(first[&path] - start, ProbeKey::of(addr, s.health_check.as_ref().unwrap()).phase(), "{path}");
-            assert_eq!(second[&path], interval, "{path}: then every interval");
-        }
+        let start = tokio::time::Instant::now();
+        hc.sync(&services, &HashSet::new());
+        // The clock moves from one due time to the next, and on only once the GETs due come, every
+        // one at that time: a GET early, late, or of a path not due then fails the test.
+        let mut first = HashMap::new();
+        on_held_clock(async {
+            // The probes' tasks, spawned by `sync`, take their start at their first poll: after this.
+            tokio::task::yield_now().await;
+            for (at, mut paths) in due {
+                tokio::time::advance(start + at - tokio::time::Instant::now()).await;
+                let mut came = Vec::new();
+                while came.len() < paths.len() {
+                    let (path, seen_at) = seen.recv().await.unwrap();
+                    assert_eq!(seen_at - start, at, "{path}");
+                    first.entry(path.clone()).or_insert(seen_at);
+                    came.push(path);
+                }
+                came.sort();
+                paths.sort();
+                assert_eq!(came, paths, "the GETs due {at:?} after the start");
+            }
+        })
+        .await;
         // Phases come from a hash of the key, which holds the listener's port (the kernel's pick):
         // two of eight may share a millisecond (about 1 run in 140), so the test asks for a spread,
         // not for eight distinct offsets. `phases_spread_evenly_and_are_capped` checks the spread
