@@ -302,8 +302,9 @@ UDP  [fd00::53]:53 rr
 
     #[test]
     fn fetch_reports_unreachable_instance() {
-        // Bind then drop to get a local port nothing listens on.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        // A port nothing listens on, nor takes meanwhile (one bound with `:0` and closed could go
+        // to another test's listener).
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], crate::lab::unused_port()));
         let err = fetch(addr, Duration::from_secs(2)).unwrap_err();
         assert!(err.to_string().contains("cannot reach"), "{err}");
     }
