@@ -3550,7 +3550,9 @@ services:
         let task = tokio::spawn(plane.run(async move {
             let _ = stop_rx.await;
         }));
-        let got_two = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+        // A failsafe, not a measure: the applied file comes within a few 20 ms polls, and a
+        // watcher that took it as loaded never applies it.
+        let got_two = tokio::time::timeout(std::time::Duration::from_secs(30), async {
             while let Some(t) = tables.recv().await {
                 if t.services().len() == 2 {
                     return true;
