@@ -1687,6 +1687,9 @@ mod tests {
             let got = sent.recv_timeout(Duration::from_secs(30)).expect("woken by the handoff, not by its timeout");
             assert_eq!((got[1], got[2]), (0xee, i));
         }
+        // Stopped only once it waits again: stopped sooner, the loop could see the flag before it
+        // waits, leave and close its inbox, and the send below find it closed.
+        waiting.recv_timeout(Duration::from_secs(30)).expect("the loop went to wait");
         stop.stop();
         // The loop leaves at its next look at the flag: wake it once more.
         assert!(ends[0].send(1, &routed(1, 99)));
