@@ -11,6 +11,18 @@ use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
 
 use lb_io::netns::{Netns, can_create_namespaces, can_run_ethtool, lb_and_peer};
 
+/// `<prefix><pid>`: the tag of one test's namespaces (`<tag>l`, `<tag>p`) and configuration file.
+/// The tests of this file run in parallel threads of one process, so two sharing a prefix name the
+/// same namespaces, and whichever comes second fails, or not, by timing. A prefix taken twice
+/// panics, whatever the timing.
+fn unique_tag(prefix: &str) -> String {
+    static TAKEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut taken = TAKEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    assert!(!taken.iter().any(|t| t == prefix), "tag prefix {prefix} is another test's: give this one its own");
+    taken.push(prefix.to_string());
+    format!("{prefix}{}", std::process::id())
+}
+
 /// `lb run` in its own namespace on veth `l0` (peer `p0` in another), started.
 struct Running {
     lb_ns: Netns,
@@ -39,7 +51,7 @@ impl Running {
     /// As [`Running::start`], with `node_extra` inside the `node:` map (`, key: value`) and `tail`
     /// (top-level sections) after the services.
     fn start_with(tag: &str, node_extra: &str, services: &str, tail: &str) -> Option<Running> {
-        let tag = format!("{tag}{}", std::process::id());
+        let tag = unique_tag(tag);
         let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
         Running::launch(&tag, lb_ns, peer, &config_text(node_extra, services, tail))
     }
@@ -188,7 +200,7 @@ fn lb_run_serves_a_queue_above_63() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbq{}", std::process::id());
+    let tag = unique_tag("lbq");
     let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
     multi_queue_veth(&lb_ns, "128");
     let text = "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: m0, queues: [100] }]\nservices: []\n";
@@ -214,7 +226,7 @@ fn lb_run_names_a_queue_the_interface_does_not_have() {
 /// Runs `lb run` on `l0` (in a namespace of its own, tagged `tag`) with `queues`, asserts it failed
 /// to start, and returns its log.
 fn start_refused(tag: &str, queues: &str) -> String {
-    let tag = format!("{tag}{}", std::process::id());
+    let tag = unique_tag(tag);
     let (lb_ns, _peer) = lb_and_peer(&tag).unwrap();
     let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
     let text = format!(
@@ -259,7 +271,7 @@ fn after_a_sigkill_lb_run_starts_again_on_the_same_interface() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbx{}", std::process::id());
+    let tag = unique_tag("lbx");
     let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
     let text = "node: { local_mac: \"02:00:00:00:00:01\" }\ninterfaces: [{ name: l0, queues: [0] }]\nservices:\n  - { name: web, vip: 10.0.0.10, port: 80, mode: dsr, backends: [{ addr: 10.1.0.1, port: 80, mac: \"02:aa:bb:cc:dd:ee\" }] }\n";
     let Some(mut first) = Running::launch(&tag, lb_ns, peer, text) else { return };
@@ -300,7 +312,7 @@ fn a_second_lb_run_on_another_queue_of_the_interface_fails_naming_it() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbo{}", std::process::id());
+    let tag = unique_tag("lbo");
     let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
     multi_queue_veth(&lb_ns, "2");
     let config = |q: u32| {
@@ -472,7 +484,7 @@ fn a_sighup_while_lb_run_starts_does_not_kill_it() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbu{}", std::process::id());
+    let tag = unique_tag("lbu");
     let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
     let mut lb = Running::spawn(&tag, lb_ns, peer, &config_text("", "", ""));
     if !lb.wait_for_log("receive VLAN offloads turned off") {
@@ -505,7 +517,7 @@ fn conntrack_tables_larger_than_memory_are_refused_naming_the_option() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbc{}", std::process::id());
+    let tag = unique_tag("lbc");
     let (lb_ns, _peer) = lb_and_peer(&tag).unwrap();
     let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
     std::fs::write(&config, config_text("", "", "")).unwrap();
@@ -534,7 +546,7 @@ fn the_maglev_budget_asked_for_bounds_the_files_tables() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbm{}", std::process::id());
+    let tag = unique_tag("lbmb");
     let (lb_ns, _peer) = lb_and_peer(&tag).unwrap();
     let config = std::env::temp_dir().join(format!("lb-run-{tag}.yaml"));
     let service = "  - { name: web, vip: 10.9.9.9, port: 80, protocol: tcp, mode: dsr, scheduler: mh, backends: [{ addr: 10.1.0.1, port: 80, mac: \"02:aa:bb:cc:dd:01\" }] }\n";
@@ -601,7 +613,7 @@ fn an_interface_that_does_not_exist_fails_the_start_before_any_is_touched() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbi{}", std::process::id());
+    let tag = unique_tag("lbi");
     let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
     let text = "node: { local_mac: \"02:00:00:00:00:01\" }\n\
                 interfaces: [{ name: l0, queues: [0] }, { name: nosuch0, queues: [0] }]\nservices: []\n";
@@ -665,7 +677,7 @@ fn a_later_interface_that_fails_to_open_leaves_no_program_attached_meanwhile() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbw{}", std::process::id());
+    let tag = unique_tag("lbw");
     let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
     multi_queue_veth(&lb_ns, "1");
     let monitor = LinkMonitor::start(&lb_ns);
@@ -792,7 +804,7 @@ fn receive_queues_an_interface_gains_while_lb_run_runs_are_warned_of() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbch{}", std::process::id());
+    let tag = unique_tag("lbch");
     let peer = Netns::create(&format!("{tag}p")).unwrap();
     let lb_ns = Netns::create(&format!("{tag}l")).unwrap();
     // l0 has room for four receive queues and uses one; the peer sends on one (the veth's XDP wants
@@ -843,7 +855,7 @@ fn frames_on_queues_no_loop_serves_are_counted_in_the_metrics() {
         println!("SKIPPED: {why}");
         return;
     }
-    let tag = format!("lbns{}", std::process::id());
+    let tag = unique_tag("lbns");
     let peer = Netns::create(&format!("{tag}p")).unwrap();
     let lb_ns = Netns::create(&format!("{tag}l")).unwrap();
     // As in `receive_queues_an_interface_gains_while_lb_run_runs_are_warned_of`.
