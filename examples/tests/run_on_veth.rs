@@ -81,6 +81,14 @@ impl Running {
     /// Reads the log until a line contains `text` (true) or the log ends (false). A watchdog kills
     /// `lb run` after 30 s, which ends the log: it only turns a hang into a failure.
     fn wait_for_log(&mut self, text: &str) -> bool {
+        self.wait_for_logs(&[text])
+    }
+
+    /// Reads the log until each of `texts` has been in a line, in any order (true), or the log ends
+    /// (false); bounded as [`Running::wait_for_log`]. For lines whose order is not fixed: `lb run`
+    /// says its services are steered as soon as every loop runs the new tables, which can be before
+    /// the control plane says it published them.
+    fn wait_for_logs(&mut self, texts: &[&str]) -> bool {
         let pid = self.child.id().to_string();
         let (done, watch) = std::sync::mpsc::channel::<()>();
         let watchdog = std::thread::spawn(move || {
@@ -88,17 +96,17 @@ impl Running {
                 let _ = Command::new("kill").args(["-KILL", &pid]).status();
             }
         });
-        let mut found = false;
+        let mut missing: Vec<&str> = texts.to_vec();
         for line in self.lines.by_ref().map(Result::unwrap) {
-            found = line.contains(text);
+            missing.retain(|text| !line.contains(text));
             self.log.push(line);
-            if found {
+            if missing.is_empty() {
                 break;
             }
         }
         let _ = done.send(());
         let _ = watchdog.join();
-        found
+        missing.is_empty()
     }
 
     /// Sends `signal` (`-TERM`, `-KILL`) to `lb run`.
@@ -770,8 +778,7 @@ fn a_reload_steers_what_it_adds_from_the_first_frame_and_unsteers_what_it_remove
         std::fs::write(&tmp, config_text("", services, "")).unwrap();
         std::fs::rename(&tmp, &lb.config).unwrap();
         lb.signal("-HUP");
-        assert!(lb.wait_for_log("tables published to workers"), "{}", lb.log.join("\n"));
-        assert!(lb.wait_for_log(steered), "{}", lb.log.join("\n"));
+        assert!(lb.wait_for_logs(&["tables published to workers", steered]), "{}", lb.log.join("\n"));
     };
     let probe = |lb: &Running, proto: &str, dst: &str, port: &str| {
         lb.peer.exec("python3", &["-c", PROBE, proto, dst, port]).unwrap().trim().to_string()
