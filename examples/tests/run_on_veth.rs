@@ -43,7 +43,8 @@ fn config_text(node_extra: &str, services: &str, tail: &str) -> String {
 
 impl Running {
     /// Starts `lb run` with `services` (YAML list items, may be empty) and waits for its log line
-    /// saying the loops run (an event, not a delay). `None` (printed) where the kernel refused XDP.
+    /// saying the loops run (an event, not a delay). `None` (printed) where namespaces cannot be
+    /// created (not root) or the kernel refused XDP.
     fn start(tag: &str, services: &str) -> Option<Running> {
         Running::start_with(tag, "", services, "")
     }
@@ -51,6 +52,10 @@ impl Running {
     /// As [`Running::start`], with `node_extra` inside the `node:` map (`, key: value`) and `tail`
     /// (top-level sections) after the services.
     fn start_with(tag: &str, node_extra: &str, services: &str, tail: &str) -> Option<Running> {
+        if let Err(why) = can_create_namespaces() {
+            println!("SKIPPED: {why}");
+            return None;
+        }
         let tag = unique_tag(tag);
         let (lb_ns, peer) = lb_and_peer(&tag).unwrap();
         Running::launch(&tag, lb_ns, peer, &config_text(node_extra, services, tail))
