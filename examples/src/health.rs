@@ -613,14 +613,6 @@ mod tests {
         }
     }
 
-    /// An address on 127.0.0.1 with no listener, which nothing else takes while the test runs, so
-    /// that a test can also listen there later ([`crate::lab::unused_port`]). A port bound with
-    /// `:0` and closed is an ephemeral one: the kernel may give it to the next `bind(:0)` of a
-    /// test running beside (about one chance in 14 000 each), which then answers the probes.
-    fn unlistened() -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], crate::lab::unused_port()))
-    }
-
     /// `s` at another address (a Service's NodePort beside its cluster IP, say).
     fn on_vip(mut s: ServiceSpec, vip: &str) -> ServiceSpec {
         s.config.key.vip = vip.parse().unwrap();
@@ -637,7 +629,7 @@ mod tests {
     #[tokio::test]
     async fn a_probe_leaves_the_entry_of_a_target_that_moved_alone() {
         // A port with no listener: every probe fails at once, and fall 1 flips at the first.
-        let addr = unlistened();
+        let addr = crate::lab::unused_loopback();
         let target = target(&service(addr, check(Probe::Tcp)));
         let status = StatusTable::default();
         let fresh = TargetStatus { healthy: true, generation: 2, ..Default::default() };
@@ -700,7 +692,7 @@ mod tests {
     /// same counters (each probe counts for both).
     #[tokio::test]
     async fn services_sharing_a_probe_go_down_together() {
-        let addr = unlistened();
+        let addr = crate::lab::unused_loopback();
         let listener = TcpListener::bind(addr).await.unwrap();
         let services = [service(addr, check(Probe::Tcp)), on_vip(service(addr, check(Probe::Tcp)), "10.0.0.2")];
         let targets = [target(&services[0]), target(&services[1])];
@@ -728,7 +720,7 @@ mod tests {
         // A port with no listener, probed once an hour (time is paused: the first probe's phase
         // passes at once): the first probe fails and fall 1 takes the backend down; nothing else
         // happens during the test.
-        let addr = unlistened();
+        let addr = crate::lab::unused_loopback();
         let hourly = HealthCheck { interval: Duration::from_secs(3600), fall: 1, ..check(Probe::Tcp) };
         let [a, b, c] = ["10.0.0.1", "10.0.0.2", "10.0.0.3"].map(|vip| on_vip(service(addr, hourly.clone()), vip));
         let [ta, tb, tc] = [&a, &b, &c].map(target);
@@ -864,7 +856,7 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_check_goes_down_when_listener_closes_and_up_when_it_returns() {
-        let addr = unlistened();
+        let addr = crate::lab::unused_loopback();
         let listener = TcpListener::bind(addr).await.unwrap();
         let (tx, mut rx) = mpsc::channel(8);
         let mut hc = HealthChecker::new(tx);
@@ -898,7 +890,7 @@ mod tests {
     #[tokio::test]
     async fn a_restarted_probe_keeps_its_backends_health_and_counters() {
         // A port with no listener: every probe fails, and fall 1 takes the backend down at the first.
-        let addr = unlistened();
+        let addr = crate::lab::unused_loopback();
         let (tx, mut rx) = mpsc::channel(8);
         let mut hc = HealthChecker::new(tx);
         let svc = service(addr, HealthCheck { fall: 1, ..check(Probe::Tcp) });

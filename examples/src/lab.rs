@@ -558,6 +558,14 @@ pub fn unused_port() -> u16 {
     panic!("no TCP port free in {FIRST}-{}", FIRST + SPAN - 1)
 }
 
+/// An address on 127.0.0.1 with no listener, which nothing else takes while the test runs, so that
+/// a test can also listen there later ([`unused_port`]). A port bound with `:0` and closed is an
+/// ephemeral one: the kernel may give it to the next `bind(:0)` of a test running beside, which then
+/// answers.
+pub fn unused_loopback() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, unused_port()))
+}
+
 /// Runs `io` again while it fails with `Interrupted`. A socket read with a timeout
 /// (`set_read_timeout`, SO_RCVTIMEO) is never restarted after a signal, whatever the handler's
 /// SA_RESTART says (signal(7)), nor after the process is stopped and continued: the read fails

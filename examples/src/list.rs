@@ -302,10 +302,7 @@ UDP  [fd00::53]:53 rr
 
     #[test]
     fn fetch_reports_unreachable_instance() {
-        // A port nothing listens on, nor takes meanwhile (one bound with `:0` and closed could go
-        // to another test's listener).
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], crate::lab::unused_port()));
-        let err = fetch(addr, Duration::from_secs(2)).unwrap_err();
+        let err = fetch(crate::lab::unused_loopback(), Duration::from_secs(2)).unwrap_err();
         assert!(err.to_string().contains("cannot reach"), "{err}");
     }
 }

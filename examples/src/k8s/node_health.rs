@@ -338,11 +338,6 @@ mod tests {
         NodeHealthCheck { port, namespace: "ingress".into(), name: "edge".into(), families: (true, false), ports }
     }
 
-    /// A port nothing listens on, which no outgoing connection takes meanwhile.
-    async fn free_port() -> u16 {
-        crate::lab::unused_port()
-    }
-
     async fn get(port: u16) -> std::io::Result<String> {
         get_from(IpAddr::from([127, 0, 0, 1]), port).await
     }
@@ -359,7 +354,7 @@ mod tests {
     /// endpoints and 503 when it has none, and closes when no Service asks for it.
     #[tokio::test]
     async fn answers_follow_the_local_endpoints_and_the_port_closes_with_its_service() {
-        let port = free_port().await;
+        let port = crate::lab::unused_port();
         let (tx, rx) = watch::channel(vec![check(port, 2)]);
         let (served_tx, served) = watch::channel(Vec::new());
         let (_behind_tx, behind) = watch::channel(None);
@@ -400,7 +395,7 @@ mod tests {
     /// answered both families' sum: a dual-stack pod counted twice.)
     #[tokio::test]
     async fn each_family_is_answered_its_own_local_endpoints() {
-        let port = free_port().await;
+        let port = crate::lab::unused_port();
         let mut dual = check(port, 1);
         dual.families = (true, true);
         dual.ports[0]
@@ -428,7 +423,7 @@ mod tests {
     /// nothing answered, and the cloud took every node out of those Services' rotation.
     #[tokio::test]
     async fn kube_proxys_healthz_answers_while_the_loops_run_the_tables() {
-        let port = free_port().await;
+        let port = crate::lab::unused_port();
         let (behind_tx, behind) = watch::channel(None);
         let (eligible_tx, eligible) = watch::channel(true);
         let (_synced_tx, synced) = watch::channel(Some(std::time::Instant::now()));
@@ -579,7 +574,7 @@ mod tests {
     /// false though it has local endpoints; healthy again within the timeout and once they apply.
     #[tokio::test]
     async fn a_node_whose_loops_are_behind_answers_unhealthy() {
-        let port = free_port().await;
+        let port = crate::lab::unused_port();
         let (tx, rx) = watch::channel(vec![check(port, 2)]);
         let (served_tx, mut served) = watch::channel(Vec::new());
         let (behind_tx, behind) = watch::channel(None);
