@@ -93,6 +93,13 @@ pub struct XskConfig {
     /// default (net.core.wmem_default, ~208 KB) stalls TX at ~270 frames in flight behind a slow peer.
     /// `None` keeps the default. Refused is logged, not fatal.
     pub send_buffer: Option<u32>,
+    /// How long a bind the kernel refuses with EBUSY (the queue has a socket) is tried again. The
+    /// kernel frees a closed socket's queue only after an RCU grace period (its buffer pool's
+    /// release is deferred work), ~30 ms after the close on this project's test machine, where 186
+    /// of 200 opens right after a close were refused. So a process restarted in place (by a
+    /// supervisor, after a crash) can find its queues still taken for a moment. A queue that
+    /// another live socket holds is still refused, after this long. `Duration::ZERO` tries once.
+    pub busy_wait: Duration,
 }
 
 impl XskConfig {
@@ -113,6 +120,7 @@ impl XskConfig {
             busy_poll: None,
             tx_budget: Some(128),
             send_buffer: Some(4 << 20),
+            busy_wait: Duration::from_secs(1),
         }
     }
 }
@@ -426,8 +434,24 @@ pub fn ifindex(name: &str) -> Option<u32> {
 }
 
 impl XskDevice {
-    /// Creates the UMEM and rings, fills the fill ring and binds to the queue.
+    /// Creates the UMEM and rings, fills the fill ring and binds to the queue. A bind refused with
+    /// EBUSY is tried again, from a new socket, for up to [`XskConfig::busy_wait`].
     pub fn open(config: &XskConfig) -> Result<Self, XskError> {
+        let start = std::time::Instant::now();
+        loop {
+            match XskDevice::open_once(config) {
+                Err(XskError::Sys { op: "bind", ref source, .. })
+                    if source.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < config.busy_wait =>
+                {
+                    // No event says when the kernel's deferred release has run: poll for it.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn open_once(config: &XskConfig) -> Result<Self, XskError> {
         let sys = |op: &'static str| {
             let interface = config.interface.clone();
             let queue = config.queue;

@@ -126,19 +126,9 @@ fn open(
     let mut steering =
         VipSteering::load(SteeringConfig { missing_socket, ..SteeringConfig::default() }).map_err(|e| e.to_string())?;
     steering.set_vips(steer.iter().copied()).map_err(|e| e.to_string())?;
-    // The kernel releases a closed AF_XDP socket's queue binding asynchronously: a run right after
-    // another may see EBUSY for a moment. Retry a bounded number of times.
-    let mut tries = 0;
-    let dev = loop {
-        match XskDevice::open(cfg) {
-            Ok(d) => break d,
-            Err(lb_io::XskError::Sys { source, .. }) if source.raw_os_error() == Some(libc::EBUSY) && tries < 100 => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e.to_string()),
-        }
-    };
+    // (A bind refused with EBUSY right after another run's socket closed is tried again:
+    // `XskConfig::busy_wait`.)
+    let dev = XskDevice::open(cfg).map_err(|e| e.to_string())?;
     // With `MissingSocket::Drop` the socket stays out of the map: steered frames are dropped.
     if missing_socket == MissingSocket::Pass {
         steering.set_socket(0, dev.fd()).map_err(|e| e.to_string())?;
