@@ -560,6 +560,41 @@ fn tcp_states_and_timeouts() {
     assert_eq!(state(&w).map(|s| s.0), Some(ConnState::SynSeen));
 }
 
+/// An RST ends a flow for good: a FIN that crossed it (the client's, sent before the backend's RST
+/// reached it; or the backend's, after the client's RST) leaves the flow in time-wait, as IPVS
+/// keeps it, and the client's SYN on the 5-tuple then starts a new flow, with a new SNAT port. (The
+/// FIN took it back to closing, with the FIN timeout, where the client's SYN restarted it on the
+/// same backend and SNAT port.)
+#[test]
+fn a_fin_after_an_rst_leaves_the_flow_in_time_wait() {
+    let mut cfg = all_modes_config();
+    cfg.node.timeouts.tcp_fin = dur(120);
+    cfg.node.timeouts.tcp_time_wait = dur(30);
+    for client_rst in [false, true] {
+        let mut w = Worker::new(build(&cfg), WorkerConfig::single_core(1024));
+        let c = client(1);
+        let (_, out) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(100));
+        run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Ack, b""), secs(100));
+        let s = seen(&out);
+        let from_backend = |flags| tcp(s.dst, 8080, s.src, s.sport, flags, b"");
+        let from_client = |flags| tcp(c, 1000, v4(VIP), 80, flags, b"");
+        let (rst, fin) = if client_rst {
+            (from_client(Tcp::Rst), from_backend(Tcp::Fin))
+        } else {
+            (from_backend(Tcp::Rst), from_client(Tcp::Fin))
+        };
+        assert_eq!(run(&mut w, &rst, secs(101)).0, Verdict::Tx);
+        assert_eq!(state_of(&w, c, 1000), Some((ConnState::TimeWait, 131)), "client RST {client_rst}");
+        assert_eq!(run(&mut w, &fin, secs(102)).0, Verdict::Tx);
+        assert_eq!(state_of(&w, c, 1000).map(|s| s.0), Some(ConnState::TimeWait), "client RST {client_rst}");
+        // The client's SYN on the tuple: a new flow, from another SNAT port.
+        let (v, again) = run(&mut w, &tcp(c, 1000, v4(VIP), 80, Tcp::Syn, b""), secs(103));
+        assert_eq!(v, Verdict::Tx);
+        assert_ne!(seen(&again).sport, s.sport, "client RST {client_rst}");
+        assert_eq!(w.stats().service(w.tables().services()[0].slot).new_flows, 2, "client RST {client_rst}");
+    }
+}
+
 #[test]
 fn expired_flows_are_reclaimed_and_counts_fall() {
     let cfg = dsr_config(SchedulerKind::LeastConnections, &["10.1.0.1", "10.1.0.2"]);

@@ -81,7 +81,8 @@ pub(super) fn entomb(e: &mut Entry, flags: TcpFlags, t: &StateTimeouts, now: u32
 
 /// The state after a packet of a known flow, from the client (`from_client`) or the backend (NAT
 /// replies). IPVS-like: the client's ACK after SYN establishes, a FIN closes, both FINs or an RST
-/// reach time-wait. Each packet refreshes the idle timeout of the state it leaves the flow in.
+/// reach time-wait, which a later FIN leaves as it is. Each packet refreshes the idle timeout of
+/// the state it leaves the flow in.
 ///
 /// The client's SYN on a closing flow restarts it half-open on the same backend (IPVS's FIN_WAIT,
 /// CLOSE_WAIT, LAST_ACK + SYN -> SYN_RECV, its default `conn_reuse_mode`): in DSR and tunnel modes
@@ -141,10 +142,10 @@ pub(super) fn advance_any(e: &mut Entry, flags: TcpFlags, from_client: bool, t: 
             let _ = s;
             ConnState::TimeWait
         }
+        // (Time-wait stays: a FIN that crossed an RST does not reopen the flow, as in IPVS.)
         s if flags.contains(TcpFlags::FIN) => {
-            let _ = s;
             e.fins |= if from_client { 1 } else { 2 };
-            if e.fins == 3 { ConnState::TimeWait } else { ConnState::Closing }
+            if e.fins == 3 || s == ConnState::TimeWait { ConnState::TimeWait } else { ConnState::Closing }
         }
         ConnState::SynSeen if from_client && flags.contains(TcpFlags::ACK) && !flags.contains(TcpFlags::SYN) => {
             ConnState::Established
