@@ -2071,6 +2071,108 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Hints taken ahead (`likely`, `likely_new`), held while other keys' flows go in and out of
+        /// the same buckets, change no outcome: on twin tables given the same steps, one finds and
+        /// inserts with the hints it took last (the worker's `find_hinted`, `insert_hinted` and
+        /// `insert_reverse`), the other with none (`find`, then the general insert, unpairing and
+        /// link), and both give the same answers and keep the same entries, tags, head expiries
+        /// (vouches) and classes. The steps: NAT flows and lone flows of any state and expiry
+        /// (some expired at the time, some never live), each found first as the worker does;
+        /// removals; expiry writes; sweeps; hints taken for every key at once; time steps (after
+        /// which the hints are dropped: a hint holds for its time only). Two buckets, so most
+        /// hints go stale and many inserts evict or take expired ways. (Fails when a hint outlives
+        /// a write to its bucket's head: a displaced NAT flow's reverse entry removed, a way
+        /// filled or emptied.)
+        #[test]
+        fn stale_hints_change_nothing(
+            ops in proptest::collection::vec((0u8..7, 0u32..16, 0u32..12, 0u8..8), 1..200),
+        ) {
+            let (mut a, mut b) = (ConntrackTable::with_capacity(2 * WAYS, SEED), ConntrackTable::with_capacity(2 * WAYS, SEED));
+            // Per key (16 flows' forward keys, then their reply keys), the hint `a` took for it.
+            let mut hints = [None::<InsertHint>; 32];
+            let mut now = 5u32;
+            let mut out = [(0u32, Entry::default()); WAYS];
+            let k = |n: u32| key(n * 7 + 3);
+            for (op, n, x, s) in ops {
+                let state = ConnState::ALL[usize::from(s) % ConnState::ALL.len()];
+                let (fk, rk) = (k(n), k(n + 16));
+                let (fh, rh) = (fk.hash(SEED), rk.hash(SEED));
+                // Expiries from before now (expired) to well after it.
+                let expires = now + x - 4;
+                match op {
+                    0 | 1 => {
+                        let found = a.find_hinted(&fk, fh, hints[n as usize]);
+                        proptest::prop_assert_eq!(found, b.find(&fk, fh));
+                        if found.is_some() {
+                            continue;
+                        }
+                        let e = entry(fk, state, expires);
+                        let fast = a.insert_hinted(e, fh, now, NO_LINK, hints[n as usize]);
+                        let (general, _) = general_worker_insert(&mut b, e, fh, now, NO_LINK);
+                        proptest::prop_assert_eq!(fast, general);
+                        // A NAT flow: its reverse entry, if its reply key is free, linked.
+                        if let (Ok(f), 1) = (fast, op) {
+                            let found = a.find_hinted(&rk, rh, hints[n as usize + 16]);
+                            proptest::prop_assert_eq!(found, b.find(&rk, rh));
+                            if found.is_none() {
+                                let r = Entry { kind: EntryKind::Reverse, link: f.index, ..entry(rk, state, expires) };
+                                let fast = a.insert_reverse(r, rh, now, hints[n as usize + 16]);
+                                let (general, _) = general_worker_insert(&mut b, r, rh, now, f.index);
+                                proptest::prop_assert_eq!(fast, general);
+                                if let Ok(r) = general {
+                                    b.link_reverse(f.index, r.index);
+                                }
+                            }
+                        }
+                    }
+                    2 => {
+                        for t in [&mut a, &mut b] {
+                            if let Some(i) = t.find(&fk, fh) {
+                                t.remove(i);
+                            }
+                        }
+                    }
+                    3 => {
+                        for t in [&mut a, &mut b] {
+                            if let Some(i) = t.find(&fk, fh) {
+                                t.update(i, |e| (e.state, e.expires) = (state, expires));
+                            }
+                        }
+                    }
+                    4 => {
+                        let (x, y) = (a.sweep_bucket(now, &mut out), b.sweep_bucket(now, &mut out));
+                        proptest::prop_assert_eq!(x, y);
+                    }
+                    5 => {
+                        for (m, hint) in hints.iter_mut().enumerate() {
+                            let h = k(m as u32).hash(SEED);
+                            let likely = if m < 16 { a.likely(h, now) } else { a.likely_new(h, now) };
+                            *hint = match likely {
+                                Likely::Insert { hint, .. } => Some(hint),
+                                _ => None,
+                            };
+                        }
+                    }
+                    _ => {
+                        now += x % 3;
+                        hints = [None; 32];
+                    }
+                }
+                proptest::prop_assert_eq!(a.len, b.len);
+                for (x, y) in a.buckets.iter().zip(b.buckets.iter()) {
+                    proptest::prop_assert_eq!(
+                        (x.head.tags, x.head.expiries, x.head.classes),
+                        (y.head.tags, y.head.expiries, y.head.classes)
+                    );
+                    for (e, g) in x.entries.iter().zip(y.entries.iter()) {
+                        proptest::prop_assert_eq!(e.0, g.0);
+                    }
+                }
+            }
+        }
+    }
+
     fn key(n: u32) -> ConnKey {
         ConnKey::flow(
             IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | n)),

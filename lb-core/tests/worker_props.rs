@@ -1,6 +1,7 @@
 //! Property tests of the worker: established flows keep their backend whatever backends are added or
-//! re-weighted, conntrack never exceeds its capacity and its per-backend counts stay exact, and a bad
-//! configuration is rejected whole while the old tables keep serving.
+//! re-weighted, conntrack never exceeds its capacity and its per-backend counts stay exact, a bad
+//! configuration is rejected whole while the old tables keep serving, full NAT's ports stay unique
+//! and paired, and a burst is decided exactly as its frames one by one.
 #![allow(clippy::unwrap_used, reason = "tests fail loudly")]
 
 mod worker_common;
@@ -411,6 +412,164 @@ proptest! {
                 .filter(|(_, e)| e.state == ConnState::Established)
                 .map(|(_, e)| (e.key, (e.backend, e.snat_port, e.expires)))
                 .collect();
+        }
+    }
+}
+
+/// A frame of [`a_burst_decides_as_its_frames_one_by_one`]: a client's (client `c` of a small
+/// pool, IPv6 if `v6`, from port `1000 + sport`, to the NAT service (port 80) or the DSR one (81);
+/// `what`: SYN, ACK, FIN, RST or UDP), or a backend's reply to SNAT port offset `port` (`what`:
+/// ACK, FIN, RST or UDP).
+#[derive(Debug, Clone)]
+enum BurstFrame {
+    Client { c: u32, v6: bool, sport: u16, nat: bool, what: u8 },
+    Reply { b: usize, v6: bool, port: u16, what: u8 },
+}
+
+/// A step of [`a_burst_decides_as_its_frames_one_by_one`].
+#[derive(Debug, Clone)]
+enum BurstStep {
+    Burst(Vec<BurstFrame>),
+    /// Time passes (then every expired entry is reclaimed, on both workers).
+    Wait(u64),
+    /// New tables: see `burst_config`.
+    Swap(u8),
+}
+
+fn burst_frame() -> impl Strategy<Value = BurstFrame> {
+    prop_oneof![
+        3 => (0u32..5, any::<bool>(), 0u16..2, prop_oneof![3 => Just(true), 1 => Just(false)], prop_oneof![4 => Just(0u8), 3 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8), 2 => Just(4u8)])
+            .prop_map(|(c, v6, sport, nat, what)| BurstFrame::Client { c, v6, sport, nat, what }),
+        2 => (0usize..3, any::<bool>(), 0u16..6, prop_oneof![5 => Just(0u8), 1 => Just(1u8), 1 => Just(2u8), 2 => Just(3u8)])
+            .prop_map(|(b, v6, port, what)| BurstFrame::Reply { b, v6, port, what }),
+    ]
+}
+
+fn burst_step() -> impl Strategy<Value = BurstStep> {
+    prop_oneof![
+        // Up to 40 frames: three batches of a burst.
+        8 => proptest::collection::vec(burst_frame(), 1..40).prop_map(BurstStep::Burst),
+        3 => prop_oneof![3 => 1u64..3, 1 => Just(4u64), 1 => Just(13u64)].prop_map(BurstStep::Wait),
+        1 => (0u8..4).prop_map(BurstStep::Swap),
+    ]
+}
+
+/// The tables of [`a_burst_decides_as_its_frames_one_by_one`]: NAT (port 80) and DSR (81)
+/// services, TCP and UDP, IPv4 and IPv6, of three backends each, a few SNAT ports and short
+/// timeouts. `variant` 0: every backend, reschedule; 1: the first backend removed, drop; 2: the
+/// first removed, reschedule; 3: the first draining, drop.
+fn burst_config(ports: u16, variant: u8) -> Config {
+    use lb_core::config::{BackendState, RemovedBackendPolicy};
+    let mut services = vec![];
+    for (vip, bases) in
+        [(VIP, ["10.1.0.1", "10.1.0.2", "10.1.0.3"]), ("2001:db8::1", ["fd00:1::1", "fd00:1::2", "fd00:1::3"])]
+    {
+        for (port, mode) in [(80, ForwardMode::Nat), (81, ForwardMode::Dsr)] {
+            for proto in [Protocol::Tcp, Protocol::Udp] {
+                let bport = if mode == ForwardMode::Nat { 8080 } else { port };
+                let mut backends: Vec<_> = bases.iter().map(|a| backend(a, bport)).collect();
+                match variant {
+                    1 | 2 => {
+                        backends.remove(0);
+                    }
+                    3 => backends[0].state = BackendState::Draining,
+                    _ => {}
+                }
+                let mut s = service(&format!("{vip}-{port}-{proto:?}"), vip, port, proto, mode, backends);
+                // The smallest Maglev table for three backends: built at every swap of every case.
+                s.maglev_table_size = Some(307);
+                s.on_backend_removed =
+                    if variant % 2 == 1 { RemovedBackendPolicy::Drop } else { RemovedBackendPolicy::Reschedule };
+                services.push(s);
+            }
+        }
+    }
+    let mut cfg = Config { node: node(), services };
+    cfg.node.snat_ports = (40000, 40000 + ports - 1);
+    let t = &mut cfg.node.timeouts;
+    (t.tcp_syn, t.tcp_established, t.tcp_fin, t.tcp_time_wait, t.udp) = (dur(4), dur(12), dur(4), dur(3), dur(6));
+    cfg
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// A burst is decided exactly as its frames one by one, in tables of one to four buckets where
+    /// new flows contend for ways and SNAT ports: a flow's frames, its NAT replies and other
+    /// flows' in one burst, so the warm-up's insert and reply hints are stale by the time of their
+    /// frame wherever an earlier frame inserted, evicted, removed, re-opened or buried an entry of
+    /// the same bucket; with time passing and backends removed (drop and reschedule policies) or
+    /// draining. After every burst the two workers' verdicts, frames, connection tables (every
+    /// entry at its index) and counters are equal. (Time passes between bursts only, with every
+    /// expired entry reclaimed then on both, so the sweep each burst makes has nothing to find and
+    /// the one-by-one worker's many sweeps change nothing.) Debug builds also check each hint the
+    /// insert takes against the choice made afresh. (Fails at once when `find_hinted` trusts a hint
+    /// whose bucket has changed since: a flow's second frame in a burst is then a new flow.)
+    #[test]
+    fn a_burst_decides_as_its_frames_one_by_one(
+        ports in 2u16..7,
+        capacity in prop_oneof![Just(8usize), Just(16), Just(32)],
+        steps in proptest::collection::vec(burst_step(), 1..40),
+    ) {
+        let mut builder = worker_common::table_builder();
+        let tables = builder.build(&burst_config(ports, 0)).unwrap();
+        let (mut burst_w, mut one_w) = (
+            Worker::new(tables.clone(), WorkerConfig::single_core(capacity)),
+            Worker::new(tables, WorkerConfig::single_core(capacity)),
+        );
+        let snat = |v6: bool| if v6 { v4("fd00::100") } else { v4("10.0.0.100") };
+        let frame = |f: &BurstFrame| -> Vec<u8> {
+            match *f {
+                BurstFrame::Client { c, v6, sport, nat, what } => {
+                    let (src, vip) = if v6 {
+                        (IpAddr::V6(std::net::Ipv6Addr::from(0x2001_0db8_00ff_0000_0000_0000_0000_0100 + u128::from(c))), v4("2001:db8::1"))
+                    } else {
+                        (client(c), v4(VIP))
+                    };
+                    let dport = if nat { 80 } else { 81 };
+                    let flags = [Tcp::Syn, Tcp::Ack, Tcp::Fin, Tcp::Rst];
+                    match what {
+                        4 => udp(src, 1000 + sport, vip, dport, b"u"),
+                        w => tcp(src, 1000 + sport, vip, dport, flags[usize::from(w)], b""),
+                    }
+                }
+                BurstFrame::Reply { b, v6, port, what } => {
+                    let addr = if v6 { format!("fd00:1::{}", b + 1) } else { format!("10.1.0.{}", b + 1) };
+                    let dport = 40000 + port % ports;
+                    let flags = [Tcp::Ack, Tcp::Fin, Tcp::Rst];
+                    match what {
+                        3 => udp(v4(&addr), 8080, snat(v6), dport, b"r"),
+                        w => tcp(v4(&addr), 8080, snat(v6), dport, flags[usize::from(w)], b""),
+                    }
+                }
+            }
+        };
+        let mut now = 1u64;
+        for (n, step) in steps.iter().enumerate() {
+            match step {
+                BurstStep::Wait(s) => {
+                    now += s;
+                    for w in [&mut burst_w, &mut one_w] {
+                        w.sweep(secs(now), usize::MAX);
+                    }
+                }
+                BurstStep::Swap(variant) => {
+                    let tables = builder.build(&burst_config(ports, *variant)).unwrap();
+                    burst_w.swap_tables(tables.clone());
+                    one_w.swap_tables(tables);
+                }
+                BurstStep::Burst(frames) => {
+                    let frames: Vec<Vec<u8>> = frames.iter().map(frame).collect();
+                    let together = run_burst(&mut burst_w, &frames, secs(now));
+                    let alone: Vec<_> = frames.iter().map(|f| run(&mut one_w, f, secs(now))).collect();
+                    for (i, (a, b)) in together.iter().zip(&alone).enumerate() {
+                        prop_assert_eq!(a, b, "step {}, frame {}", n, i);
+                    }
+                }
+            }
+            let entries = |w: &Worker| w.conntrack().iter().map(|(i, e)| (i, *e)).collect::<Vec<_>>();
+            prop_assert_eq!(entries(&burst_w), entries(&one_w), "step {}", n);
+            prop_assert_eq!(burst_w.stats(), one_w.stats(), "step {}", n);
         }
     }
 }
