@@ -570,20 +570,21 @@ pub struct NodeConfig {
     /// Next-hop MAC for destinations with no MAC of their own (backends without `mac`, in every mode
     /// but DSR; NAT's replies to clients).
     pub gateway_mac: Option<[u8; 6]>,
-    /// Source address for full NAT of IPv4 services. Changing it (or `snat_v6`, `snat_ports`) in
-    /// tables swapped in while NAT flows are live breaks those flows: they keep their port but are
-    /// rewritten with the new address, and their replies to the old one are no longer taken for
-    /// NAT replies. An embedder drains the NAT flows first or restarts the workers.
+    /// Source address for full NAT of IPv4 services. A NAT flow does not cross a change of it in
+    /// tables swapped in while it is live (its entry holds its SNAT port, not the address, and its
+    /// backend would see another 4-tuple): its backend gets a new generation, and the flow follows
+    /// its service's `on_backend_removed`, as when a backend leaves (see [`crate::service`]).
     pub snat_v4: Option<Ipv4Addr>,
-    /// Source address for full NAT of IPv6 services (changing it while NAT flows are live breaks
-    /// them, as for `snat_v4`).
+    /// Source address for full NAT of IPv6 services (NAT flows do not cross a change of it, as for
+    /// `snat_v4`).
     pub snat_v6: Option<Ipv6Addr>,
     /// Source ports the node owns for full NAT, inclusive. Each worker owns a share
     /// (`worker::snat_port_share`) and gives its ports to each backend in turn, the port after the
     /// last one that backend was given, skipping ports still in use (RFC 6056's per-destination
     /// counter), so a port returns to a backend only after the rest of the share has. Changing it
-    /// while NAT flows are live breaks them, as for `snat_v4`: the shares move, so with several
-    /// workers replies are steered to a worker that does not hold their flow.
+    /// while NAT flows are live breaks them: the shares move, so with several workers replies are
+    /// steered to a worker that does not hold their flow, which may give its port to a new flow to
+    /// the same backend. An embedder drains the NAT flows first or restarts the workers.
     pub snat_ports: (u16, u16),
     /// Outer source address for IPv4 tunnels.
     pub tunnel_src_v4: Option<Ipv4Addr>,

@@ -12,13 +12,15 @@
 //! ```
 //!
 //! **Slots.** Every service and every backend (a service key plus the backend's address and port, and
-//! whether the service uses full NAT) gets a slot number that the builder keeps across builds, with a
-//! generation. Conntrack entries name their backend by [`BackendRef`] (slot + generation), so a flow
-//! keeps its backend across any table swap that keeps the backend (weight changes, other backends
-//! added or removed), and a flow whose backend left is recognised as such even if the slot went to a
-//! newcomer. A service switched into or out of NAT has new backends in this sense: its flows, which
-//! NAT and the other modes track differently, follow its [`RemovedBackendPolicy`]. Each keeps its
-//! slot number with a new generation, and its counters carry on (the same backend to the metrics).
+//! whether the service uses full NAT, from which SNAT address) gets a slot number that the builder
+//! keeps across builds, with a generation. Conntrack entries name their backend by [`BackendRef`]
+//! (slot + generation), so a flow keeps its backend across any table swap that keeps the backend
+//! (weight changes, other backends added or removed), and a flow whose backend left is recognised as
+//! such even if the slot went to a newcomer. A service switched into or out of NAT has new backends
+//! in this sense: its flows, which NAT and the other modes track differently, follow its
+//! [`RemovedBackendPolicy`]; so has a NAT service whose backends' SNAT address changed (see
+//! `BackendKey`). Each keeps its slot number with a new generation, and its counters carry on (the
+//! same backend to the metrics).
 //! Per-core counters are indexed by slot; [`Limits`] bound the slot numbers so a worker sizes its
 //! arrays once.
 //!
@@ -255,9 +257,9 @@ pub struct Tables {
     /// Entries of the distinct Maglev tables (see [`Limits::max_maglev_entries`]).
     maglev_entries: usize,
     version: u64,
-    /// Backend slots whose backend's service switched into or out of NAT (in this build or an earlier
-    /// one), each with the generation the backend had before (sorted by slot): see
-    /// [`Tables::carries_counters_of`].
+    /// Backend slots whose backend's service switched into or out of NAT or whose SNAT address
+    /// changed (in this build or an earlier one), each with the generation the backend had before
+    /// (sorted by slot): see [`Tables::carries_counters_of`].
     successions: Box<[(u32, u32)]>,
 }
 
@@ -463,8 +465,9 @@ impl Tables {
     }
 
     /// Whether the backend in `slot` is the one that held it under `generation` before its service
-    /// switched into or out of NAT (see [`BackendKey`]): a new generation for its flows, which cannot
-    /// cross the switch, but the same backend for its counters, which carry on.
+    /// switched into or out of NAT or its SNAT address changed (see [`BackendKey`]): a new
+    /// generation for its flows, which cannot cross the switch, but the same backend for its
+    /// counters, which carry on.
     pub(crate) fn carries_counters_of(&self, slot: usize, generation: u32) -> bool {
         let slot = u32::try_from(slot).unwrap_or(u32::MAX);
         self.successions.binary_search_by_key(&slot, |&(s, _)| s).is_ok_and(|k| self.successions[k].1 == generation)
@@ -994,18 +997,22 @@ impl SlotAllocator {
     }
 }
 
-/// What a backend slot stands for: the service key, the backend's address and port, and whether the
-/// service uses full NAT. A NAT flow's entry holds a SNAT port and a reverse entry that a DSR or
-/// tunnel flow's has not, and its backend sees another 4-tuple, so no flow can cross that change:
-/// the backend gets a new generation of its slot, and its flows follow the service's
-/// [`RemovedBackendPolicy`] (rescheduled as new flows, or dropped), while its counters carry on
-/// ([`Tables::carries_counters_of`]). DSR and the tunnels deliver the
-/// client's own packet, so flows keep their backend across a change among those.
-type BackendKey = (ServiceKey, IpAddr, u16, bool);
+/// What a backend slot stands for: the service key, the backend's address and port, and, when the
+/// service uses full NAT, the node's SNAT address the backend's flows leave from (`None` for DSR
+/// and the tunnels). A NAT flow's entry holds a SNAT port and a reverse entry that a DSR or tunnel
+/// flow's has not, and its backend sees another 4-tuple, so no flow can cross that change; nor a
+/// change of the SNAT address, which its entry does not hold: its packets would leave from the new
+/// address with its port, where no reverse entry brings replies back and a new flow may be given
+/// that port. Either way the backend gets a new generation of its slot, and its flows follow the
+/// service's [`RemovedBackendPolicy`] (rescheduled as new flows, or dropped), while its counters
+/// carry on ([`Tables::carries_counters_of`]). DSR and the tunnels deliver the client's own packet,
+/// so flows keep their backend across a change among those.
+type BackendKey = (ServiceKey, IpAddr, u16, Option<IpAddr>);
 
-/// The slot key of backend `b` of service `s`.
-fn backend_key(s: &ServiceConfig, b: &BackendConfig) -> BackendKey {
-    (s.key, b.addr, b.port, s.mode == ForwardMode::Nat)
+/// The slot key of backend `b` of service `s` on node `node`.
+fn backend_key(node: &NodeConfig, s: &ServiceConfig, b: &BackendConfig) -> BackendKey {
+    let snat = if s.mode == ForwardMode::Nat { node.snat_addr_for(b.addr) } else { None };
+    (s.key, b.addr, b.port, snat)
 }
 
 /// Builds [`Tables`] from a [`Config`], keeping slot numbers stable across builds.
@@ -1019,10 +1026,10 @@ pub struct TableBuilder {
     conntrack_seed: ConntrackSeed,
     service_slots: HashMap<ServiceKey, (u32, u32)>,
     backend_slots: HashMap<BackendKey, (u32, u32)>,
-    /// For a backend whose service switched into or out of NAT, the generation it had before the
-    /// last switch, kept as long as the backend is: every later build names it
-    /// ([`Tables::carries_counters_of`]), for workers that skip the build of the switch (a poll
-    /// loop far behind gets only the latest tables).
+    /// For a backend whose service switched into or out of NAT or whose SNAT address changed, the
+    /// generation it had before the last switch, kept as long as the backend is: every later build
+    /// names it ([`Tables::carries_counters_of`]), for workers that skip the build of the switch (a
+    /// poll loop far behind gets only the latest tables).
     predecessors: HashMap<BackendKey, u32>,
     services: SlotAllocator,
     backends: SlotAllocator,
@@ -1300,7 +1307,7 @@ fn plan_shared_slots<'a>(
     groups.sort_unstable_by_key(|of| of.first().copied());
     let mut planned: HashMap<BackendKey, u32> = HashMap::new();
     let slot_of = |sc: &ServiceConfig, b: &BackendConfig, planned: &HashMap<BackendKey, u32>| {
-        let k = backend_key(sc, b);
+        let k = backend_key(&cfg.node, sc, b);
         let held = backend_slots.get(&k).or_else(|| switched.get(&k)).map(|&(s, _)| s);
         held.or_else(|| planned.get(&k).copied()).map(i64::from)
     };
@@ -1348,7 +1355,7 @@ fn plan_shared_slots<'a>(
             for (sc, theirs, d) in lacking {
                 let Ok(slot) = u32::try_from(x + d) else { continue };
                 alloc.take(slot);
-                planned.insert(backend_key(sc, theirs), slot);
+                planned.insert(backend_key(&cfg.node, sc, theirs), slot);
             }
         }
         // A service with no slot yet: the first's slots shifted where all of them are free.
@@ -1366,7 +1373,7 @@ fn plan_shared_slots<'a>(
                     continue;
                 };
                 alloc.take(slot);
-                planned.insert(backend_key(sc, theirs), slot);
+                planned.insert(backend_key(&cfg.node, sc, theirs), slot);
             }
         }
     }
@@ -1433,7 +1440,10 @@ impl TableBuilder {
         let mut backend_alloc = self.backends.clone();
         let wanted_services: HashSet<ServiceKey> = cfg.services.iter().map(|s| s.key).collect();
         let wanted_backends: HashSet<BackendKey> =
-            cfg.services.iter().flat_map(|s| s.backends.iter().map(move |b| backend_key(s, b))).collect();
+            cfg.services.iter().flat_map(|s| s.backends.iter().map(move |b| backend_key(&cfg.node, s, b))).collect();
+        // Each wanted key by its service, address and port: the key a backend switched to, if it did.
+        let wanted_by_backend: HashMap<(ServiceKey, IpAddr, u16), BackendKey> =
+            wanted_backends.iter().map(|k| ((k.0, k.1, k.2), *k)).collect();
         let mut service_slots = self.service_slots.clone();
         service_slots.retain(|k, (slot, _)| {
             let keep = wanted_services.contains(k);
@@ -1443,17 +1453,18 @@ impl TableBuilder {
             keep
         });
         let mut backend_slots = self.backend_slots.clone();
-        // A backend whose service switched into or out of NAT is wanted under its other key: it
-        // keeps its slot number, with a new generation (its counters carry on, its flows do not).
+        // A backend whose service switched into or out of NAT, or whose SNAT address changed, is
+        // wanted under another key: it keeps its slot number, with a new generation (its counters
+        // carry on, its flows do not).
         let mut switched: HashMap<BackendKey, (u32, u32)> = HashMap::new();
         backend_slots.retain(|k, &mut (slot, generation)| {
             let keep = wanted_backends.contains(k);
             if !keep {
-                let other_mode = (k.0, k.1, k.2, !k.3);
-                if wanted_backends.contains(&other_mode) {
-                    switched.insert(other_mode, (slot, generation));
-                } else {
-                    backend_alloc.release(slot);
+                match wanted_by_backend.get(&(k.0, k.1, k.2)) {
+                    Some(other) => {
+                        switched.insert(*other, (slot, generation));
+                    }
+                    None => backend_alloc.release(slot),
                 }
             }
             keep
@@ -1488,7 +1499,7 @@ impl TableBuilder {
             };
             let mut backends = Vec::with_capacity(sc.backends.len());
             for bc in &sc.backends {
-                let bkey = backend_key(sc, bc);
+                let bkey = backend_key(&cfg.node, sc, bc);
                 let (bslot, bgen) = match backend_slots.get(&bkey) {
                     Some(&s) => s,
                     None => {
@@ -2579,6 +2590,29 @@ mod tests {
         let newcomer = t7.services()[3].backends[0].id;
         assert_eq!(newcomer.slot, gone.id.slot, "the freed slot is reused");
         assert!(!t7.carries_counters_of(newcomer.slot as usize, before));
+    }
+
+    /// A change of the node's SNAT address gives the NAT services' backends of its family new
+    /// generations of their slots, as a switch out of NAT does (their flows, whose entries hold a
+    /// SNAT port but not the address, cannot cross it), with their counters carried on; backends of
+    /// other modes, and a build that changes nothing, keep theirs. (The NAT backends kept theirs, so
+    /// their flows went on from the new address with no reverse entry under it.)
+    #[test]
+    fn a_snat_address_change_gives_the_nat_backends_new_generations() {
+        let ids = |t: &Tables, i: usize| -> Vec<BackendRef> { t.services()[i].backends.iter().map(|b| b.id).collect() };
+        let mut b = TableBuilder::new();
+        let mut c = good();
+        let t1 = b.build(&c).unwrap();
+        c.node.snat_v4 = Some("10.0.0.200".parse().unwrap());
+        let t2 = b.build(&c).unwrap();
+        for (old, new) in ids(&t1, 0).into_iter().zip(ids(&t2, 0)) {
+            assert_eq!(t2.resolve(old), None, "{old:?}");
+            assert_eq!(new.slot, old.slot, "{old:?}");
+            assert!(t2.carries_counters_of(new.slot as usize, old.generation), "{old:?}");
+        }
+        assert_eq!(ids(&t1, 1), ids(&t2, 1), "the DSR service keeps its backends");
+        let t3 = b.build(&c).unwrap();
+        assert_eq!((ids(&t2, 0), ids(&t2, 1)), (ids(&t3, 0), ids(&t3, 1)), "nothing changed");
     }
 
     /// A source range of the other family than the VIP, or an IPv4-mapped one, can hold no client:

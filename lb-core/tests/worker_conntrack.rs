@@ -1381,6 +1381,54 @@ fn a_switch_into_or_out_of_nat_follows_the_removed_backend_policy() {
     }
 }
 
+/// A NAT flow does not cross a change of the node's SNAT address either: its entry holds its SNAT
+/// port, not the address, so its packets would leave from the new address with that port, where
+/// no reverse entry brings the backend's replies back and a new flow to the backend may be given
+/// the port. Its backend gets a new generation, as for a switch out of NAT: the flow follows the
+/// removed-backend policy (its next packet starts a new flow from the new address, whose replies
+/// come back to it, or is dropped), its reverse entry under the old address goes, and new flows'
+/// replies reach their own clients. (The flow's packets left from the new address and the old port,
+/// and a reply there was dropped as `no_reverse_flow`, or reached the new flow given that port.)
+#[test]
+fn a_snat_address_change_follows_the_removed_backend_policy() {
+    use lb_core::conntrack::EntryKind;
+    use std::net::Ipv4Addr;
+    for policy in [RemovedBackendPolicy::Reschedule, RemovedBackendPolicy::Drop] {
+        let mut cfg = one_backend_nat(40001);
+        cfg.services[0].on_backend_removed = policy;
+        let mut b = worker_common::table_builder();
+        let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+        let (old, new) = (v4("10.0.0.100"), v4("10.0.0.200"));
+        let send = |w: &mut Worker, c: u32, flags| run(w, &tcp(client(c), 1000, v4(VIP), 80, flags, b""), secs(2));
+        let (_, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+        assert_eq!(seen(&out).src, old);
+        run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Ack, b""), secs(1));
+
+        cfg.node.snat_v4 = Some(Ipv4Addr::new(10, 0, 0, 200));
+        w.swap_tables(b.build(&cfg).unwrap());
+        let (v, out) = send(&mut w, 1, Tcp::Ack);
+        let old_reverse = |w: &Worker| {
+            w.conntrack().iter().filter(|(_, e)| e.kind == EntryKind::Reverse && e.key.dst_ip() == old).count()
+        };
+        // The clients whose flows a reply to each port reaches.
+        let mut flows = vec![];
+        if policy == RemovedBackendPolicy::Drop {
+            assert_eq!(v, Verdict::Drop(DropReason::BackendRemoved));
+        } else {
+            assert_eq!(v, Verdict::Tx);
+            flows.push((1, seen(&out)));
+        }
+        flows.push((2, seen(&send(&mut w, 2, Tcp::Syn).1)));
+        for (c, s) in flows {
+            assert_eq!((s.src, s.dst), (new, v4("10.1.0.1")), "{policy:?}, client {c}");
+            let (v, back) = run(&mut w, &tcp(s.dst, s.dport, s.src, s.sport, Tcp::Ack, b""), secs(2));
+            assert_eq!(v, Verdict::Tx, "{policy:?}: the reply to client {c}'s port {}", s.sport);
+            assert_eq!(seen(&back).dst, client(c), "{policy:?}: the reply to client {c}'s port {}", s.sport);
+        }
+        assert_eq!(old_reverse(&w), 0, "{policy:?}");
+    }
+}
+
 /// A backend's counters carry on across a switch of its service into or out of NAT: its flows follow
 /// the removed-backend policy (the test above), but it is the same backend, under the same labels in
 /// the metrics, whose packets, bytes and new flows are counters that never go down (Prometheus takes
