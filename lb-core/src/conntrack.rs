@@ -685,6 +685,19 @@ impl BucketHead {
         self.classes & (1 << (8 * usize::from(CLASS_REVERSE) + w % WAYS)) != 0
     }
 
+    /// Whether any way holds `tag`: the eight compares made together, without branches (LLVM
+    /// makes them one vector compare, ~7 instructions), where a search that stops at the first
+    /// match compares the ways one at a time, 16 instructions when none holds it, as for most
+    /// new flows' keys.
+    #[inline(always)]
+    fn holds_tag(&self, tag: u16) -> bool {
+        let mut any = false;
+        for t in &self.tags {
+            any |= *t == tag;
+        }
+        any
+    }
+
     /// Whether any occupied way's head expiry is at or before `now`: every way
     /// [`ConntrackTable::sweep_bucket`] reclaims is one. Tested for all ways at once, without
     /// branches.
@@ -1013,12 +1026,16 @@ impl ConntrackTable {
     }
 
     /// [`ConntrackTable::likely_entry`] for a key most likely absent (a new flow's reply key): every
-    /// tag is compared first, and the home way's only on a match, so a miss compares each tag once
-    /// rather than the home way's twice.
+    /// tag is compared first, at once ([`BucketHead::holds_tag`]; a miss, most such keys, is then
+    /// ~7 instructions, where comparing each way in turn was 16: -11 a new full-NAT flow,
+    /// callgrind), and the ways one by one, the home way's first, only when one holds it.
     #[inline]
     fn likely_entry_of_new(&self, hash: u64) -> Option<&Entry> {
         let tag = tag_of(hash);
         let bucket = self.bucket_of(hash)?;
+        if !bucket.head.holds_tag(tag) {
+            return None;
+        }
         let first = bucket.head.tags.iter().position(|t| *t == tag)?;
         let home = home_way(hash);
         let way = if bucket.head.tags[home] == tag { home } else { first };
@@ -1701,6 +1718,25 @@ mod tests {
                 let x = head.classes;
                 let ored = (x | x >> 8 | x >> 16 | x >> 24) & WAY_BITS;
                 proptest::prop_assert_eq!(WayMasks::of(&head).empty, !ored & WAY_BITS, "classes {:#x}", x);
+            }
+        }
+
+        /// `holds_tag` (the eight compares at once) is whether the search in way order finds the
+        /// tag, for heads whose tags are drawn from a few values (so most tags asked for are held,
+        /// by one way or several, at any way) and for any tag.
+        #[test]
+        fn holds_tag_is_a_way_with_the_tag(
+            tags in proptest::prelude::any::<[u16; WAYS]>(),
+            few in proptest::collection::vec(0u16..4, WAYS),
+            tag in 0u16..4,
+            any_tag in proptest::prelude::any::<u16>(),
+        ) {
+            for tags in [tags, core::array::from_fn(|w| few[w])] {
+                let head = BucketHead { tags, ..BucketHead::default() };
+                for t in [tag, any_tag, tags[usize::from(tag) % WAYS]] {
+                    let found = head.tags.iter().position(|x| *x == t).is_some();
+                    proptest::prop_assert_eq!(head.holds_tag(t), found, "tag {} in {:?}", t, tags);
+                }
             }
         }
 
