@@ -64,15 +64,27 @@ pub(super) fn wrap(x: u32, span: u32) -> u32 {
     if x < span { x } else { x % span }
 }
 
-/// Where a SNAT port search in the share `(lo, hi)` starts from offset `next` (the core's
-/// `snat_next` for the backend, plus the flows ahead for the warm-up's guess): the share's span, the
-/// start's offset into it and the first port tried. Both [`Core::pick_snat_port`] and the warm-up's
-/// guess ([`snat_probe`]) start here, so a guess names the port the search tries first.
+/// Where a SNAT port search in the share `(lo, hi)` (`lo <= hi`, as [`snat_port_share`] makes
+/// it) starts from offset `next` (the core's `snat_next` for the backend, plus the flows ahead for
+/// the warm-up's guess): the share's span, the start's offset into it and the first port tried.
+/// Both [`Core::pick_snat_port`] and the warm-up's guess ([`snat_probe`]) start here, so a guess
+/// names the port the search tries first.
 #[inline(always)]
-fn search_start((lo, hi): (u16, u16), next: u32) -> Option<(u32, u32, u16)> {
+fn search_start((lo, hi): (u16, u16), next: u32) -> (u32, u32, u16) {
+    debug_assert!(lo <= hi, "a share's ports are in order");
     let span = u32::from(hi) - u32::from(lo) + 1;
     let start = wrap(next, span);
-    Some((span, start, u16::try_from(u32::from(lo) + start).ok()?))
+    // (`lo + start` is at most `hi`: the cast keeps it whole. Checked, it was a compare and a
+    // branch a new full-NAT flow, twice.)
+    (span, start, (u32::from(lo) + start) as u16)
+}
+
+/// `x % span` as a search start's offset into a share of `span` ports (`Core::snat_next`): below
+/// `span`, at most 2^16, so it is a `u16` whole (the cast truncates nothing; checked, it was ~3
+/// instructions a new full-NAT flow).
+#[inline(always)]
+fn offset_in(x: u32, span: u32) -> u16 {
+    wrap(x, span) as u16
 }
 
 /// A full-NAT flow's SNAT port with the hash of the conntrack key its replies arrive under (the key
@@ -130,8 +142,11 @@ impl Core {
         now: u32,
     ) -> Option<ReplyPort> {
         let (lo, hi) = self.snat_ports?;
-        let next = self.snat_next.get(backend.slot().index()).copied().unwrap_or(0);
-        let (span, start, first) = search_start((lo, hi), u32::from(next))?;
+        // The backend's search start, looked up once for its read and its write (looked up for
+        // each, its bounds were checked twice).
+        let mut next_start = self.snat_next.get_mut(backend.slot().index());
+        let next = next_start.as_deref().copied().unwrap_or(0);
+        let (span, start, first) = search_start((lo, hi), u32::from(next));
         // The warm-up's guess (the frame at `slot` of the batch), when it is of this very key
         // (this backend's first probe: the batch's earlier flows to the backend took the ports it
         // counted them to take), gives the key (the warm-up built it from this frame's backend and
@@ -144,8 +159,8 @@ impl Core {
             && let Some(key) = self.reply_keys.get(slot)
             && self.conntrack.find_hinted(key, hash, Some(insert)).is_none()
         {
-            if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
-                *n = u16::try_from(wrap(start + 1, span)).unwrap_or(0);
+            if let Some(n) = next_start {
+                *n = offset_in(start + 1, span);
             }
             return Some(ReplyPort { port: first, hash });
         }
@@ -188,8 +203,8 @@ impl Core {
         }
         // Past the port given out, or past every port tried.
         let next = start + found.map_or(tries, |(i, ..)| i + 1);
-        if let Some(n) = self.snat_next.get_mut(backend.slot().index()) {
-            *n = u16::try_from(wrap(next, span)).unwrap_or(0);
+        if let Some(n) = next_start.take() {
+            *n = offset_in(next, span);
         }
         let (port, hash) = match found {
             Some((_, port, hash, _)) => (port, hash),
@@ -253,14 +268,14 @@ pub(super) fn snat_probe(
 ) -> Option<u64> {
     let ports = ports?;
     let next = next.get(slot).copied().unwrap_or(0);
-    let (.., port) = search_start(ports, u32::from(next) + ahead)?;
+    let (.., port) = search_start(ports, u32::from(next) + ahead);
     Some(keys.key(port, proto, key))
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "a test that unwraps fails loudly, which is the point")]
 mod tests {
-    use super::{search_start, wrap};
+    use super::{offset_in, search_start, wrap};
     use crate::config::BackendState;
     use crate::conntrack::{ConnKey, ConntrackSeed};
     use crate::service::{Backend, BackendRef};
@@ -316,8 +331,19 @@ mod tests {
             for next in nexts {
                 let start = next % span;
                 let first = u16::try_from(u32::from(lo) + start).unwrap();
-                assert_eq!(search_start((lo, hi), next), Some((span, start, first)), "{next} in {lo}..={hi}");
+                assert_eq!(search_start((lo, hi), next), (span, start, first), "{next} in {lo}..={hi}");
                 assert!((lo..=hi).contains(&first));
+            }
+        }
+    }
+
+    /// `offset_in` is `x % span` as a `u16`, whole, for every span a share has (one port to all
+    /// 2^16) and offsets below, at and beyond one and two spans.
+    #[test]
+    fn offset_in_is_the_remainder_whole() {
+        for span in (1..=70u32).chain([1023, 1024, 28_232, 65_534, 65_535, 65_536]) {
+            for x in (0..200u32).chain([span - 1, span, span + 1, 2 * span - 1, 2 * span, 3 * span + 7, u32::MAX]) {
+                assert_eq!(Some(offset_in(x, span)), u16::try_from(x % span).ok(), "{x} % {span}");
             }
         }
     }
