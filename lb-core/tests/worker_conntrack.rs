@@ -1429,6 +1429,79 @@ fn a_snat_address_change_follows_the_removed_backend_policy() {
     }
 }
 
+/// Config with one full-NAT service, TCP `vip`:80 to 10.1.0.1:8080, on the tests' node (SNAT
+/// address 10.0.0.100, ports 40000 to 40999).
+fn nat_web_on(vip: &str) -> Config {
+    let web = service("web", vip, 80, Protocol::Tcp, ForwardMode::Nat, vec![backend("10.1.0.1", 8080)]);
+    Config { node: node(), services: vec![web] }
+}
+
+/// A router's "fragmentation needed", to `to`, about the segment `from` -> `about` it quotes.
+fn frag_needed(to: std::net::IpAddr, from: (std::net::IpAddr, u16), about: (std::net::IpAddr, u16)) -> Vec<u8> {
+    let quoted = &tcp(from.0, from.1, about.0, about.1, Tcp::Ack, b"")[14..];
+    let std::net::IpAddr::V4(to) = to else { unreachable!("an IPv4 test") };
+    let mut icmp = Vec::new();
+    etherparse::PacketBuilder::ethernet2(CLIENT_MAC, LOCAL_MAC)
+        .ipv4([203, 0, 113, 1], to.octets(), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ))
+        .write(&mut icmp, &quoted[..28])
+        .unwrap();
+    icmp
+}
+
+/// The outer addresses of an IPv4 frame (of any protocol), source first.
+fn v4_addrs(frame: &[u8]) -> (std::net::IpAddr, std::net::IpAddr) {
+    let addr = |b: &[u8]| std::net::IpAddr::from(<[u8; 4]>::try_from(b).unwrap());
+    (addr(&frame[26..30]), addr(&frame[30..34]))
+}
+
+/// A swap that puts the node's SNAT address and port range over a VIP:port with live full-NAT
+/// flows (its service gone or moved; `NodeConfig::vip_conflict` refuses the two together only
+/// within one build) leaves the flows' forward entries keyed by what is now a NAT reply flow. The
+/// client's next packet is then a frame to the SNAT address and a SNAT port with no reverse flow:
+/// dropped as `no_reverse_flow`, as is an ICMP error there about the VIP's segment to the client.
+/// (Both took the forward entry for a reverse entry: the client's packet went out "translated
+/// back" through its link, from the old SNAT address and port to the backend, counted as a
+/// reverse NAT reply, and the error went there too.)
+#[test]
+fn a_forward_entry_whose_key_becomes_a_nat_reply_flow_translates_nothing() {
+    use std::net::Ipv4Addr;
+    let c = client(1);
+    // (VIP, the node's SNAT address after the swap, the service's VIP after it if it moved.)
+    let cases = [
+        ("192.0.2.1", Ipv4Addr::new(192, 0, 2, 1), None),
+        ("192.0.2.1", Ipv4Addr::new(192, 0, 2, 1), Some("192.0.2.2")),
+        ("10.0.0.100", Ipv4Addr::new(10, 0, 0, 100), None),
+        ("10.0.0.100", Ipv4Addr::new(10, 0, 0, 100), Some("192.0.2.2")),
+    ];
+    for (vip, snat, moved) in cases {
+        let ctx = format!("VIP {vip}, SNAT address {snat}, the service moved to {moved:?}");
+        let mut cfg = nat_web_on(vip);
+        let mut b = worker_common::table_builder();
+        let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+        let (v, _) = run(&mut w, &tcp(c, 1000, v4(vip), 80, Tcp::Syn, b""), secs(1));
+        assert_eq!(v, Verdict::Tx, "{ctx}");
+        assert_eq!(run(&mut w, &tcp(c, 1000, v4(vip), 80, Tcp::Ack, b""), secs(1)).0, Verdict::Tx, "{ctx}");
+
+        match moved {
+            Some(to) => cfg.services[0].key.vip = v4(to),
+            None => cfg.services.clear(),
+        }
+        cfg.node.snat_v4 = Some(snat);
+        cfg.node.snat_ports = (80, 40999);
+        w.swap_tables(b.build(&cfg).unwrap());
+        let (v, out) = run(&mut w, &tcp(c, 1000, v4(vip), 80, Tcp::Ack, b"data"), secs(2));
+        assert_eq!(v, Verdict::Drop(DropReason::NoReverseFlow), "{ctx}: sent as {:?}", seen(&out));
+        let error = frag_needed(v4(vip), (v4(vip), 80), (c, 1000));
+        let (v, out) = run(&mut w, &error, secs(2));
+        assert_eq!(v, Verdict::Drop(DropReason::NoReverseFlow), "{ctx}: the error sent as {:?}", v4_addrs(&out));
+        assert_eq!(w.stats().reverse_nat, 0, "{ctx}");
+        assert_eq!(w.stats().dropped(DropReason::NoReverseFlow), 2, "{ctx}");
+    }
+}
+
 /// A backend's counters carry on across a switch of its service into or out of NAT: its flows follow
 /// the removed-backend policy (the test above), but it is the same backend, under the same labels in
 /// the metrics, whose packets, bytes and new flows are counters that never go down (Prometheus takes
