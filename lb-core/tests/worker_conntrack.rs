@@ -1502,6 +1502,53 @@ fn a_forward_entry_whose_key_becomes_a_nat_reply_flow_translates_nothing() {
     }
 }
 
+/// The other way round: a swap that takes a full-NAT flow's SNAT port out of the node's range (or
+/// moves the SNAT address) and puts a service on the old SNAT address and that port leaves the
+/// flow's reverse entry keyed by a flow to the service. A frame of that flow (its old backend now a
+/// client of the service) is the service's: scheduled as a new flow, whatever its removed-backend
+/// policy, and an ICMP error about it follows the service's rules for an error about a flow it
+/// does not track. (The frame found the reverse entry and took it for a flow whose backend had
+/// left: under the Drop policy it was dropped as `backend_removed` and the reverse entry turned
+/// into a tombstone; the error went to the NAT flow's backend, translated as its packets are.)
+#[test]
+fn a_reverse_entry_whose_key_becomes_a_service_flow_is_no_flow_of_the_service() {
+    use std::net::Ipv4Addr;
+    for policy in [RemovedBackendPolicy::Reschedule, RemovedBackendPolicy::Drop] {
+        for move_address in [false, true] {
+            let ctx = format!("{policy:?}, the SNAT address moved: {move_address}");
+            let mut cfg = nat_web_on(VIP);
+            let mut b = worker_common::table_builder();
+            let mut w = Worker::new(b.build(&cfg).unwrap(), WorkerConfig::single_core(1024));
+            let (v, out) = run(&mut w, &tcp(client(1), 1000, v4(VIP), 80, Tcp::Syn, b""), secs(1));
+            assert_eq!(v, Verdict::Tx, "{ctx}");
+            let s = seen(&out);
+            assert_eq!(s.src, v4("10.0.0.100"), "{ctx}");
+
+            if move_address {
+                cfg.node.snat_v4 = Some(Ipv4Addr::new(10, 0, 0, 200));
+            } else {
+                cfg.node.snat_ports = (41000, 41999);
+            }
+            let backend9 = backend("10.1.0.9", s.sport);
+            let mut other = service("other", "10.0.0.100", s.sport, Protocol::Tcp, ForwardMode::Dsr, vec![backend9]);
+            other.on_backend_removed = policy;
+            cfg.services.push(other);
+            w.swap_tables(b.build(&cfg).unwrap());
+            // An error about the service's segment to 10.1.0.1:8080: untracked, sent where the
+            // service's scheduler sends the flow (it picks from the flow alone).
+            let error = frag_needed(s.src, (s.src, s.sport), (s.dst, s.dport));
+            let (v, out) = run(&mut w, &error, secs(2));
+            assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 9), "{ctx}: the error sent as {:?}", v4_addrs(&out));
+            let (v, out) = run(&mut w, &tcp(s.dst, s.dport, s.src, s.sport, Tcp::Syn, b""), secs(2));
+            assert_eq!((v, dsr_backend(&out)), (Verdict::Tx, 9), "{ctx}");
+            let key = ServiceKey { vip: s.src, port: s.sport, proto: Protocol::Tcp };
+            let slot = w.tables().lookup(&key).unwrap().1.backends[0].slot();
+            assert_eq!((w.stats().backend(slot).new_flows, w.stats().backend(slot).active_conns), (1, 1), "{ctx}");
+            assert_eq!(w.stats().dropped(DropReason::BackendRemoved), 0, "{ctx}");
+        }
+    }
+}
+
 /// A backend's counters carry on across a switch of its service into or out of NAT: its flows follow
 /// the removed-backend policy (the test above), but it is the same backend, under the same labels in
 /// the metrics, whose packets, bytes and new flows are counters that never go down (Prometheus takes
