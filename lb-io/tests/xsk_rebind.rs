@@ -6,44 +6,23 @@
 //! otherwise.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use lb_io::netns::{can_create_namespaces, enter_netns, lb_and_peer};
-use lb_io::{XskConfig, XskDevice, XskError};
+use common::{in_lab, open, with_xsk};
+use lb_io::{XskConfig, XskDevice};
 
-/// Runs `body` on a thread inside a fresh lab namespace (veth `l0`) tagged `tag`; `None` (printed)
-/// where the test cannot run.
-fn in_lab<T: Send + 'static>(tag: &str, body: impl FnOnce() -> Result<T, XskError> + Send + 'static) -> Option<T> {
-    if let Err(why) = can_create_namespaces() {
-        println!("SKIPPED: {why}");
-        return None;
-    }
-    let (lb, peer) = lb_and_peer(&format!("{tag}{}", std::process::id())).unwrap();
-    let name = lb.name().to_string();
-    let result = std::thread::spawn(move || {
-        enter_netns(&name).unwrap();
-        body()
-    })
-    .join()
-    .unwrap();
-    drop((peer, lb));
-    match result {
-        Ok(t) => Some(t),
-        Err(e) if e.is_refused() => {
-            println!("SKIPPED: AF_XDP refused ({e})");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
+/// Bounds a run: a hang becomes a failure.
+const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn a_queue_is_bound_again_right_after_its_socket_closes() {
     // Without the retry, nearly every reopen here is refused (186 of 200 when measured).
-    let Some(opens) = in_lab("lbq", || {
+    let Some(opens) = in_lab("lbq", LIMIT, "twenty opens", || {
         let config = XskConfig::new("l0", 0);
         for _ in 0..20 {
-            drop(XskDevice::open(&config)?);
+            drop(open(&config)?);
         }
         Ok(20)
     }) else {
@@ -55,12 +34,11 @@ fn a_queue_is_bound_again_right_after_its_socket_closes() {
 #[test]
 fn a_queue_a_live_socket_holds_is_refused_after_the_wait() {
     let wait = Duration::from_millis(200);
-    let Some((refused, waited)) = in_lab("lbw", move || {
-        let config = XskConfig { busy_wait: wait, ..XskConfig::new("l0", 0) };
-        let _holder = XskDevice::open(&config)?;
+    let config = XskConfig { busy_wait: wait, ..XskConfig::new("l0", 0) };
+    let second = config.clone();
+    let Some((refused, waited)) = with_xsk("lbw", config, LIMIT, "a second open", move |_holder| {
         let start = Instant::now();
-        let second = XskDevice::open(&config);
-        Ok((second.map(drop), start.elapsed()))
+        Ok((XskDevice::open(&second).map(drop), start.elapsed()))
     }) else {
         return;
     };

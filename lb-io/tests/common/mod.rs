@@ -21,6 +21,17 @@ pub(crate) fn with_xsk<T: Send + 'static>(
     what: &str,
     test: impl FnOnce(&mut XskDevice) -> Result<T, String> + Send + 'static,
 ) -> Option<T> {
+    in_lab(tag, limit, what, move || test(&mut open(&config)?))
+}
+
+/// Runs `test` as [`with_xsk`] does, in the load balancer's namespace, with no device opened for it
+/// (it opens its own, with [`open`]).
+pub(crate) fn in_lab<T: Send + 'static>(
+    tag: &str,
+    limit: Duration,
+    what: &str,
+    test: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Option<T> {
     if let Err(why) = can_create_namespaces() {
         println!("SKIPPED: {why}");
         return None;
@@ -32,12 +43,7 @@ pub(crate) fn with_xsk<T: Send + 'static>(
     std::thread::spawn(move || {
         let run = || -> Result<T, String> {
             enter_netns(&name).map_err(|e| e.to_string())?;
-            let mut dev = match XskDevice::open(&config) {
-                Ok(d) => d,
-                Err(e) if e.is_refused() => return Err(format!("SKIPPED: AF_XDP refused ({e})")),
-                Err(e) => return Err(e.to_string()),
-            };
-            test(&mut dev)
+            test()
         };
         let _ = done_tx.send(run());
     });
@@ -52,6 +58,13 @@ pub(crate) fn with_xsk<T: Send + 'static>(
         Ok(Err(e)) => panic!("{e}"),
         Ok(Ok(t)) => Some(t),
     }
+}
+
+/// An AF_XDP device opened with `config`; an error starting "SKIPPED" where the kernel refuses
+/// AF_XDP (which [`in_lab`] prints and skips on).
+pub(crate) fn open(config: &XskConfig) -> Result<XskDevice, String> {
+    XskDevice::open(config)
+        .map_err(|e| if e.is_refused() { format!("SKIPPED: AF_XDP refused ({e})") } else { e.to_string() })
 }
 
 /// A client namespace (`c0`, 10.77.0.1/24) and a load balancer namespace (`l0`, 10.77.0.2/24), named
